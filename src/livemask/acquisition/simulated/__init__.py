@@ -1,0 +1,1 @@
+"""Simulated microscope: virtual samples with ground truth and Micro-Manager Python devices."""

@@ -1,0 +1,1 @@
+"""Synthetic training data and training loops (needs the ``train`` extra: torch, onnx)."""

@@ -62,7 +62,7 @@ def measure_objects(
     width = lab.shape[1]
     flat = lab.ravel()
     values = img.ravel()
-    fg_px = np.flatnonzero(flat)
+    fg_px = np.flatnonzero(flat != 0)  # a bool mask scans much faster than an int array
     ids_at_px = flat[fg_px]
     if ids_at_px.size and int(ids_at_px.min()) < 0:
         raise ValueError("labels must be >= 0 (0 = background)")

@@ -57,5 +57,5 @@ def _strided_sample(arr: np.ndarray, subsample: int) -> np.ndarray:
         stride -= 1
     if stride == 1:
         return arr
-    index = (Ellipsis, *(slice(None, None, stride) for _ in range(n_axes)))
-    return arr[index]
+    step = slice(None, None, stride)
+    return arr[..., step, step] if n_axes == 2 else arr[step]

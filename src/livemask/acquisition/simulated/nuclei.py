@@ -28,7 +28,7 @@ class NucleiParams:
     """Parameters of the virtual nuclei sample (lengths in pixels unless named)."""
 
     world_shape_px: tuple[int, int] = (2048, 2048)
-    density_per_mpx: float = 480.0  # nuclei per megapixel (≈125 per 512×512 field)
+    density_per_mpx: float = 480.0  # nuclei per megapixel (≈125 per 512x512 field)
     radius_px: float = 9.0
     radius_sd_px: float = 1.8
     max_aspect: float = 1.6
@@ -281,7 +281,9 @@ class NucleiSample:
         sigma = float(np.hypot(p.psf_sigma_px, p.defocus_sigma_px_per_um * abs(defocus_um)))
         blurred = ndimage.gaussian_filter(signal, sigma, mode="nearest", truncate=3.0)
         steps = self.step_count if bleach_steps is None else bleach_steps
-        drift = 1.0 + p.drift_amplitude * np.sin(2 * np.pi * self.step_count / 57.0 + self._drift_phase)
+        drift = 1.0 + p.drift_amplitude * np.sin(
+            2 * np.pi * self.step_count / 57.0 + self._drift_phase
+        )
         scale = p.photons_per_ms * exposure_ms * np.exp(-p.bleach_per_step * steps) * drift
         photons = (blurred + np.float32(p.background)) * self.illumination(origin_yx_px, shape)
         photons *= np.float32(scale)

@@ -1,0 +1,166 @@
+"""Open a Micro-Manager core from a ``.cfg`` file and describe it.
+
+``open_core`` picks the core class: pymmcore-plus' ``UniMMCore`` for configs with
+``#py `` lines (Python devices such as the simulated microscope, see
+``hardware/simulated.cfg``), ``CMMCorePlus`` for a real rig's config, which needs an
+installed Micro-Manager (``mmcore install`` or ``MICROMANAGER_PATH``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pymmcore_plus import CMMCorePlus, DeviceType
+from pymmcore_plus.experimental.unicore import UniMMCore
+
+from livemask.errors import AcquisitionError, ConfigError
+
+__all__ = ["CoreKind", "describe_core", "open_core"]
+
+logger = logging.getLogger("livemask")
+
+CoreKind = Literal["auto", "unicore", "cmmcore"]
+_SIMULATED_MODULE = "livemask.acquisition.simulated"
+_PY_LINE = re.compile(r"^\s*#py ", re.MULTILINE)
+
+
+def open_core(cfg_path: str | Path, *, core: CoreKind = "auto") -> CMMCorePlus:
+    """Load the Micro-Manager configuration ``cfg_path`` into a new core.
+
+    ``core="auto"`` uses ``UniMMCore`` if the file has ``#py `` lines, else
+    ``CMMCorePlus``. Raises :class:`ConfigError` if the file is missing or ``core`` is
+    unknown, :class:`AcquisitionError` if loading fails.
+    """
+    path = Path(cfg_path).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"Micro-Manager config file {str(path)!r} does not exist; check hardware.config_file"
+        )
+    kind = _choose_kind(path, core)
+    mmc: CMMCorePlus = UniMMCore() if kind == "unicore" else CMMCorePlus()
+    try:
+        mmc.loadSystemConfiguration(str(path.resolve()))
+    except Exception as exc:
+        hint = "" if kind == "unicore" else " and that Micro-Manager is installed (mmcore install)"
+        raise AcquisitionError(
+            f"could not load Micro-Manager config {str(path)!r} into {type(mmc).__name__}: "
+            f"{exc}; check hardware.config_file (and hardware.core){hint}"
+        ) from exc
+    _setup_shutter(mmc)
+    _ensure_pixel_size(mmc)
+    _check_simulated_pixel_size(mmc)
+    logger.info("opened %s from %s: %s", type(mmc).__name__, path, describe_core(mmc))
+    return mmc
+
+
+def _choose_kind(path: Path, core: str) -> str:
+    """Resolve ``"auto"`` from the file content; reject unknown kinds."""
+    if core not in ("auto", "unicore", "cmmcore"):
+        raise ConfigError(
+            f"unknown core {core!r}; set hardware.core to 'auto', 'unicore' or 'cmmcore'"
+        )
+    has_py = bool(_PY_LINE.search(path.read_text(errors="replace")))
+    if core == "cmmcore" and has_py:
+        logger.warning(
+            "%s has '#py ' lines (Python devices) that CMMCorePlus ignores; "
+            "set hardware.core to 'unicore' or 'auto' to load them",
+            path,
+        )
+    if core == "auto":
+        return "unicore" if has_py else "cmmcore"
+    return core
+
+
+def _setup_shutter(mmc: CMMCorePlus) -> None:
+    """Make autoshutter work with what is loaded.
+
+    Without a shutter device the MDA fails closing shutter ``""``: autoshutter off.
+    UniMMCore does not open a *Python* shutter around a snap, so autoshutter would
+    give dark frames: turn it off and keep the shutter open instead.
+    """
+    shutter = mmc.getShutterDevice()
+    if not shutter:
+        mmc.setAutoShutter(False)
+    elif isinstance(mmc, UniMMCore) and mmc.isPyDevice(shutter):
+        mmc.setAutoShutter(False)
+        mmc.setShutterOpen(True)
+
+
+def _ensure_pixel_size(mmc: CMMCorePlus) -> None:
+    """Activate the pixel size of a single preset the C++ core cannot match.
+
+    The C++ core matches pixel-size presets against *its* devices only, so a preset
+    bound to a Python device property (``ConfigPixelSize,Res,Camera,Binning,1``) is
+    never current. With exactly one preset, redefine it without conditions.
+    """
+    if mmc.getPixelSizeUm() > 0:
+        return
+    presets = list(mmc.getAvailablePixelSizeConfigs())
+    if len(presets) != 1:
+        if isinstance(mmc, UniMMCore) or presets:
+            logger.warning(
+                "no active pixel size (%d presets); measurements stay in pixels. "
+                "Calibrate the pixel size in the rig's .cfg (PixelSize_um)",
+                len(presets),
+            )
+        return
+    preset = presets[0]
+    size_um = mmc.getPixelSizeUmByID(preset)
+    affine = mmc.getPixelSizeAffineByID(preset)
+    mmc.deletePixelSizeConfig(preset)
+    mmc.definePixelSizeConfig(preset)
+    mmc.setPixelSizeUm(preset, size_um)
+    mmc.setPixelSizeAffine(preset, list(affine))
+    mmc.setPixelSizeConfig(preset)
+
+
+def _check_simulated_pixel_size(mmc: CMMCorePlus) -> None:
+    """Warn if the simulated world and the cfg disagree on the pixel size."""
+    camera = mmc.getCameraDevice()
+    if not camera or not mmc.getDeviceLibrary(camera).startswith(_SIMULATED_MODULE):
+        return
+    from livemask.acquisition.simulated.world import get_world
+
+    world_um, core_um = get_world().pixel_size_um, mmc.getPixelSizeUm()
+    if abs(world_um - core_um) > 1e-6 * world_um:
+        logger.warning(
+            "simulated world pixel size %.4g um differs from the config's %.4g um: stage "
+            "moves will not match image shifts; make configure_world(pixel_size_um=...) "
+            "and PixelSize_um in the .cfg agree",
+            world_um,
+            core_um,
+        )
+
+
+def describe_core(mmc: CMMCorePlus) -> dict[str, Any]:
+    """A JSON-ready summary of the core for status messages."""
+    camera = mmc.getCameraDevice()
+    group = mmc.getChannelGroup()
+    info: dict[str, Any] = {
+        "core": type(mmc).__name__,
+        "config_file": mmc.systemConfigurationFile() or "",
+        "camera": camera,
+        "image_shape": [mmc.getImageHeight(), mmc.getImageWidth()] if camera else None,
+        "bit_depth": mmc.getImageBitDepth() if camera else None,
+        "exposure_ms": mmc.getExposure() if camera else None,
+        "pixel_size_um": mmc.getPixelSizeUm(),
+        "xy_stage": mmc.getXYStageDevice(),
+        "focus": mmc.getFocusDevice(),
+        "shutter": mmc.getShutterDevice(),
+        "auto_shutter": mmc.getAutoShutter(),
+        "channel_group": group,
+        "channels": list(mmc.getAvailableConfigs(group)) if group else [],
+        "channel": mmc.getCurrentConfig(group) if group else "",
+        "python_devices": [
+            label
+            for label in mmc.getLoadedDevices()
+            if isinstance(mmc, UniMMCore) and mmc.isPyDevice(label)
+        ],
+        "devices": [
+            label for label in mmc.getLoadedDevices() if mmc.getDeviceType(label) != DeviceType.Core
+        ],
+    }
+    return info

@@ -1,0 +1,100 @@
+"""The event feed: an iterator of MDA events that the MDA runner consumes while it runs.
+
+The runner thread calls ``next()``; the service thread injects events at any time. In
+synchronized mode ``next()`` waits until every frame issued so far has been reported done,
+so each frame is analysed before the next event reaches the microscope.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator
+
+import useq
+
+log = logging.getLogger("livemask")
+
+
+class EventFeed(Iterator[useq.MDAEvent]):
+    """Planned events plus injected ones (injected first), consumed one at a time."""
+
+    def __init__(
+        self,
+        planned: Iterable[useq.MDAEvent],
+        *,
+        synchronized: bool = False,
+        sync_timeout_s: float = 10.0,
+    ) -> None:
+        self._planned = iter(planned)
+        self._injected: deque[useq.MDAEvent] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._planned_done = False
+        self.synchronized = synchronized
+        self.sync_timeout_s = sync_timeout_s
+        self.issued = 0
+        self.done = 0
+        self.sync_timeouts = 0
+
+    def __next__(self) -> useq.MDAEvent:
+        with self._cond:
+            waited = 0.0
+            while self.synchronized and self.done < self.issued and not self._closed:
+                if waited >= self.sync_timeout_s:
+                    log.warning(
+                        "synchronized mode: frame %d not analysed after %.1f s; releasing the "
+                        "next event (raise acquisition.frame_timeout_s if analysis is slow)",
+                        self.issued - 1,
+                        waited,
+                    )
+                    self.sync_timeouts += 1
+                    self.done = self.issued
+                    break
+                self._cond.wait(0.05)
+                waited += 0.05
+            if self._closed:
+                raise StopIteration
+            if self._injected:
+                event = self._injected.popleft()
+            else:
+                nxt = next(self._planned, None)
+                if nxt is None:
+                    self._planned_done = True
+                    raise StopIteration
+                event = nxt
+            self.issued += 1
+            return event
+
+    def inject(self, events: Iterable[useq.MDAEvent]) -> int:
+        """Queue events to run before the remaining planned ones; returns how many."""
+        items = list(events)
+        with self._cond:
+            self._injected.extend(items)
+            self._cond.notify_all()
+        return len(items)
+
+    def frame_done(self) -> None:
+        """Report that one issued frame has been analysed (or skipped) and published."""
+        with self._cond:
+            self.done += 1
+            self._cond.notify_all()
+
+    def set_synchronized(self, value: bool) -> None:
+        """Switch between free-run and synchronized while running."""
+        with self._cond:
+            self.synchronized = value
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Make the runner's next ``next()`` end the acquisition."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def pending(self) -> int:
+        """Injected events not yet consumed."""
+        with self._cond:
+            return len(self._injected)

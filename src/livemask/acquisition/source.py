@@ -1,0 +1,179 @@
+"""Frame sources: where the pipeline's frames come from.
+
+``MicroscopeSource`` runs the pymmcore-plus MDA runner on its own thread, fed by an
+:class:`~livemask.acquisition.feed.EventFeed`, and hands every frame to a callback from the
+camera thread (the callback must be quick and thread-safe: the service uses
+``loop.call_soon_threadsafe``). The ``FrameSource`` protocol lets tests use fakes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import useq
+
+from livemask.acquisition.feed import EventFeed
+from livemask.errors import AcquisitionError
+
+if TYPE_CHECKING:
+    from pymmcore_plus import CMMCorePlus
+
+log = logging.getLogger("livemask")
+
+
+class RawFrame:
+    """A frame as it leaves the camera thread."""
+
+    __slots__ = ("acquired", "event", "image", "position", "truth")
+
+    def __init__(
+        self,
+        image: np.ndarray,
+        event: useq.MDAEvent,
+        acquired: float,
+        position: dict[str, float | None],
+        truth: np.ndarray | None,
+    ) -> None:
+        self.image = image
+        self.event = event
+        self.acquired = acquired
+        self.position = position
+        self.truth = truth
+
+
+FrameCallback = Callable[[RawFrame], None]
+DoneCallback = Callable[[str | None], None]
+
+
+class FrameSource(Protocol):
+    """Something that acquires frames for the pipeline."""
+
+    @property
+    def running(self) -> bool:
+        """Whether an acquisition is in progress."""
+
+    def start(
+        self, events: Iterable[useq.MDAEvent], *, synchronized: bool, on_done: DoneCallback
+    ) -> None:
+        """Start acquiring ``events``; ``on_done(error or None)`` is called when it ends."""
+
+    def inject(self, events: Iterable[useq.MDAEvent]) -> int:
+        """Add events to the running acquisition."""
+
+    def frame_done(self) -> None:
+        """Report one frame fully handled (releases the next event in synchronized mode)."""
+
+    def set_synchronized(self, value: bool) -> None:
+        """Switch mode while running."""
+
+    def set_exposure(self, exposure_ms: float) -> None:
+        """Change the camera exposure."""
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the acquisition and wait for the runner to end."""
+
+    def close(self) -> None:
+        """Stop and release the hardware."""
+
+
+class MicroscopeSource:
+    """Frames from a pymmcore-plus core (real hardware or simulated Python devices)."""
+
+    def __init__(
+        self,
+        core: CMMCorePlus,
+        on_frame: FrameCallback,
+        *,
+        truth_lookup: Callable[[np.ndarray], np.ndarray | None] | None = None,
+        sync_timeout_s: float = 10.0,
+    ) -> None:
+        self.core = core
+        self._on_frame = on_frame
+        self._truth_lookup = truth_lookup
+        self._sync_timeout_s = sync_timeout_s
+        self._feed: EventFeed | None = None
+        self._thread: threading.Thread | None = None
+        self._on_done: DoneCallback | None = None
+        core.mda.events.frameReady.connect(self._frame_ready)
+
+    @property
+    def running(self) -> bool:
+        """Whether the MDA runner thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def _frame_ready(self, image: np.ndarray, event: useq.MDAEvent, meta: Any = None) -> None:
+        acquired = time.time()
+        truth = self._truth_lookup(image) if self._truth_lookup else None
+        position = {"x_um": event.x_pos, "y_um": event.y_pos, "z_um": event.z_pos}
+        self._on_frame(RawFrame(image, event, acquired, position, truth))
+
+    def start(
+        self, events: Iterable[useq.MDAEvent], *, synchronized: bool, on_done: DoneCallback
+    ) -> None:
+        """Run ``events`` through the MDA runner on a new thread."""
+        if self.running:
+            raise AcquisitionError("an acquisition is already running; stop it first")
+        self._feed = EventFeed(
+            events, synchronized=synchronized, sync_timeout_s=self._sync_timeout_s
+        )
+        self._on_done = on_done
+        self._thread = threading.Thread(
+            target=self._run, args=(self._feed,), name="livemask-mda", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, feed: EventFeed) -> None:
+        error: str | None = None
+        try:
+            self.core.mda.run(feed)
+        except Exception as exc:  # a hardware fault must not kill the service
+            log.exception("acquisition failed")
+            error = f"{type(exc).__name__}: {exc}"
+        finally:
+            if self._on_done is not None:
+                self._on_done(error)
+
+    def inject(self, events: Iterable[useq.MDAEvent]) -> int:
+        """Queue events on the running acquisition."""
+        if self._feed is None or not self.running:
+            raise AcquisitionError("no acquisition is running")
+        return self._feed.inject(events)
+
+    def frame_done(self) -> None:
+        """Forward to the feed (no-op when idle)."""
+        if self._feed is not None:
+            self._feed.frame_done()
+
+    def set_synchronized(self, value: bool) -> None:
+        """Switch mode for the running feed."""
+        if self._feed is not None:
+            self._feed.set_synchronized(value)
+
+    def set_exposure(self, exposure_ms: float) -> None:
+        """Set the camera exposure (takes effect from the next snap)."""
+        self.core.setExposure(exposure_ms)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Cancel the acquisition and join the runner thread."""
+        if self._feed is not None:
+            self._feed.close()
+        if self.running:
+            self.core.mda.cancel()
+            assert self._thread is not None
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.warning("MDA runner did not stop within %.1f s", timeout_s)
+
+    def close(self) -> None:
+        """Stop, disconnect and unload the devices."""
+        self.stop()
+        self.core.mda.events.frameReady.disconnect(self._frame_ready)
+        try:
+            self.core.unloadAllDevices()
+        except Exception:  # unloading is best effort at shutdown
+            log.exception("unloading devices failed")

@@ -1,0 +1,159 @@
+"""The ``livemask`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from livemask.errors import LivemaskError
+from livemask.log import setup_logging
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+log = logging.getLogger("livemask")
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="Service config (YAML).")
+]
+
+
+def _fail(exc: Exception) -> None:
+    typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(2)
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    pub: Annotated[str | None, typer.Option(help="PUB address, e.g. tcp://127.0.0.1:5555")] = None,
+    control: Annotated[str | None, typer.Option(help="Control (ROUTER) address.")] = None,
+    truth: Annotated[bool, typer.Option("--truth", help="Publish simulator ground truth.")] = False,
+    mode: Annotated[str | None, typer.Option(help="free-run or synchronized.")] = None,
+    frames: Annotated[int | None, typer.Option(help="Override the time-lapse length.")] = None,
+    interval: Annotated[float | None, typer.Option(help="Override the interval (s).")] = None,
+    view: Annotated[bool, typer.Option("--view", help="Show live measurements here.")] = False,
+    exit_when_done: Annotated[
+        bool, typer.Option("--exit-when-done", help="Exit when the acquisition finishes.")
+    ] = False,
+) -> None:
+    """Run the service until SIGINT/SIGTERM (exit code 0 after a clean shutdown)."""
+    from livemask.config import load_config
+
+    setup_logging(quiet=view)
+    try:
+        cfg = load_config(config)
+        if pub:
+            cfg.publish.pub_address = pub
+        if control:
+            cfg.publish.control_address = control
+        if truth:
+            cfg.simulation.truth = True
+        if mode:
+            cfg.acquisition.mode = mode  # type: ignore[assignment]
+        if frames is not None or interval is not None:
+            seq = dict(cfg.acquisition.sequence)
+            plan = dict(seq.get("time_plan") or {"interval": 0.1, "loops": 170})
+            if frames is not None:
+                plan["loops"] = frames
+            if interval is not None:
+                plan["interval"] = interval
+            seq["time_plan"] = plan
+            cfg.acquisition.sequence = seq
+    except (LivemaskError, ValueError) as exc:
+        _fail(exc)
+    try:
+        asyncio.run(_serve(cfg, view=view, exit_when_done=exit_when_done))
+    except LivemaskError as exc:
+        _fail(exc)
+
+
+async def _serve(cfg: Any, *, view: bool, exit_when_done: bool) -> None:
+    from livemask.service.app import Service
+    from livemask.viewer import watch_async
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with Service(cfg) as service:
+        tasks = []
+        if view:
+            address = service.publisher.bound_address
+            tasks.append(asyncio.create_task(
+                watch_async(address, truth=service.truth, stop=stop)))
+        if exit_when_done:
+            async def _wait_done() -> None:
+                while service.acquiring:
+                    await asyncio.sleep(0.1)
+                await service.pipeline.drain()
+                stop.set()
+            tasks.append(asyncio.create_task(_wait_done()))
+        await stop.wait()
+        log.info("shutting down")
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@app.command()
+def watch(
+    pub: Annotated[str, typer.Option(help="The service's PUB address.")] = "tcp://127.0.0.1:5555",
+    truth: Annotated[bool, typer.Option("--truth", help="Score labels against truth.")] = False,
+    duration: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
+) -> None:
+    """Show live measurements of a running service in the terminal."""
+    from livemask.viewer import watch as run_watch
+
+    try:
+        run_watch(pub, truth=truth, duration_s=duration)
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def segment(
+    input: Annotated[Path, typer.Argument(help="A 2-D image or a stack (TIFF).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Label TIFF to write.")],
+    model: Annotated[str, typer.Option(help="Model name or card path.")] = "nuclei",
+    table: Annotated[Path | None, typer.Option(help="Write measurements CSV here.")] = None,
+    pixel_size_um: Annotated[float, typer.Option(help="For µm columns.")] = 1.0,
+    threads: Annotated[int, typer.Option(help="CPU threads.")] = 2,
+) -> None:
+    """Segment an image or a stack offline and write a label TIFF."""
+    from livemask.offline import segment_file
+
+    setup_logging()
+    try:
+        n = segment_file(input, output, model=model, table=table,
+                         pixel_size_um=pixel_size_um, threads=threads)
+    except (LivemaskError, OSError, ValueError) as exc:
+        _fail(exc)
+    typer.echo(f"wrote {output} ({n} planes)" + (f" and {table}" if table else ""))
+
+
+@app.command()
+def models() -> None:
+    """List the shipped models."""
+    from livemask.inference.models import list_models
+
+    for card in list_models():
+        f1 = card.metrics.get("f1_iou50")
+        typer.echo(f"{card.name:12s} {card.task:8s} {card.architecture}  "
+                   f"F1@0.5={f1 if f1 is not None else '?'}  ({card.onnx_path.name})")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

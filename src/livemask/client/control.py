@@ -1,0 +1,157 @@
+"""Control client: JSON requests to a livemask service, with Lazy Pirate retries."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import Any
+
+import zmq
+
+from livemask import protocol
+from livemask.errors import ControlError, ControlTimeout
+
+__all__ = ["DEFAULT_CONTROL_ADDRESS", "ControlClient"]
+
+DEFAULT_CONTROL_ADDRESS = "tcp://127.0.0.1:5556"
+
+logger = logging.getLogger("livemask")
+
+
+def _plain(obj: Any) -> Any:
+    """pydantic models (e.g. ``useq.MDASequence``) to JSON-ready dicts; others unchanged."""
+    dump = getattr(obj, "model_dump", None)
+    if callable(dump):
+        return dump(mode="json")
+    return obj
+
+
+class ControlClient:
+    """Blocking client of the control channel (REQ socket, Lazy Pirate pattern).
+
+    Each request waits ``timeout_s`` for its reply; when none comes the socket is thrown
+    away and the request is resent on a fresh one, up to ``retries`` attempts in all,
+    then :class:`ControlTimeout` is raised. An ``ok: false`` reply raises
+    :class:`ControlError` with the service's code and message. A request that times out
+    may still have been executed by the service. Not thread-safe.
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_CONTROL_ADDRESS,
+        *,
+        timeout_s: float = 2.0,
+        retries: int = 3,
+        context: zmq.Context[Any] | None = None,
+    ) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if retries < 1:
+            raise ValueError(f"retries must be >= 1, got {retries}")
+        self.address = address
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self._context = context if context is not None else zmq.Context.instance()
+        self._socket: zmq.Socket[Any] | None = None
+        self._last_id = 0
+        self._closed = False
+
+    def _connect(self) -> zmq.Socket[Any]:
+        if self._socket is None:
+            sock = self._context.socket(zmq.REQ)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.address)
+            self._socket = sock
+        return self._socket
+
+    def _drop_socket(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    def request(self, cmd: str, /, **args: Any) -> Any:
+        """Send ``cmd`` with ``args`` and return the reply's ``result``."""
+        if self._closed:
+            raise RuntimeError("control client is closed")
+        self._last_id += 1
+        req_id = self._last_id
+        payload = protocol.dumps_json({"id": req_id, "cmd": cmd, "args": args})
+        timeout_ms = max(1, round(self.timeout_s * 1000))
+        for attempt in range(1, self.retries + 1):
+            sock = self._connect()
+            try:
+                sock.send(payload)
+                ready = sock.poll(timeout_ms, zmq.POLLIN)
+                raw = sock.recv() if ready else None
+            except BaseException:
+                self._drop_socket()  # a REQ socket mid-request can't be reused
+                raise
+            if raw is not None:
+                reply = protocol.parse_reply(raw)
+                if reply.get("id") == req_id:
+                    if reply["ok"]:
+                        return reply.get("result")
+                    err = reply["error"]
+                    raise ControlError(err["code"], err["message"])
+                logger.warning(
+                    "discarding control reply with id %r (expected %r)", reply.get("id"), req_id
+                )
+            else:
+                logger.debug(
+                    "no reply to %r from %s (attempt %d/%d)",
+                    cmd,
+                    self.address,
+                    attempt,
+                    self.retries,
+                )
+            self._drop_socket()  # Lazy Pirate: retry on a fresh socket
+        raise ControlTimeout(
+            f"no reply to {cmd!r} from {self.address} after {self.retries} attempt(s) of "
+            f"{self.timeout_s:g} s; check that `livemask serve` is running and that its "
+            "--control address matches this one (or raise the timeout)"
+        )
+
+    # Convenience wrappers for the service's commands (see docs/protocol.md).
+
+    def status(self) -> Any:
+        """The service status (state, mode, counters, latencies)."""
+        return self.request("status")
+
+    def start(self, sequence: Mapping[str, Any] | Any | None = None) -> Any:
+        """Start acquiring; ``sequence`` is a ``useq.MDASequence`` (or its JSON dict)."""
+        if sequence is None:
+            return self.request("start")
+        return self.request("start", sequence=_plain(sequence))
+
+    def stop(self) -> Any:
+        """Stop the running acquisition."""
+        return self.request("stop")
+
+    def enqueue(self, events: Iterable[Mapping[str, Any] | Any]) -> Any:
+        """Append ``useq.MDAEvent`` s (or their JSON dicts) to the running acquisition."""
+        return self.request("enqueue", events=[_plain(e) for e in events])
+
+    def snapshot(self) -> Any:
+        """Latest frame/labels/measurements headers and per-topic seq numbers."""
+        return self.request("snapshot")
+
+    def set(self, **settings: Any) -> Any:
+        """Change settings, e.g. ``set(exposure_ms=20, mode="synchronized")``."""
+        return self.request("set", **settings)
+
+    def close(self) -> None:
+        """Close the socket; idempotent."""
+        self._closed = True
+        self._drop_socket()
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

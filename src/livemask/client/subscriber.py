@@ -1,0 +1,242 @@
+"""Subscribing to a livemask service: sync and asyncio SUB clients with gap detection."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterable, Iterator
+from types import TracebackType
+from typing import Any, cast
+
+import zmq
+import zmq.asyncio
+
+from livemask import protocol
+from livemask.protocol import Message
+
+__all__ = ["DEFAULT_SUB_ADDRESS", "DEFAULT_TOPICS", "AsyncSubscriber", "Subscriber"]
+
+DEFAULT_SUB_ADDRESS = "tcp://127.0.0.1:5555"
+DEFAULT_TOPICS: tuple[str, ...] = ("measurements", "status", "event")
+
+logger = logging.getLogger("livemask")
+
+_ITER_POLL_S = 0.25  # how often iteration wakes up to notice close()
+
+
+def _timeout_ms(timeout_s: float | None) -> int | None:
+    if timeout_s is None:
+        return None
+    return max(0, round(timeout_s * 1000))
+
+
+class _SubscriberBase:
+    """Socket set-up and per-topic seq bookkeeping shared by both subscribers."""
+
+    _socket: zmq.Socket[Any] | None
+
+    def __init__(
+        self,
+        address: str,
+        topics: Iterable[str] | None,
+        latest_only: bool,
+        rcvhwm: int,
+        context: zmq.Context[Any],
+    ) -> None:
+        self.address = address
+        self.topics: tuple[str, ...] = tuple(topics or ())
+        self.latest_only = latest_only
+        self.rcvhwm = rcvhwm
+        self.received: dict[str, int] = {}
+        self.gaps: dict[str, int] = {}
+        self.skipped_latest = 0
+        self.last_seq: dict[str, int] = {}
+        sock = context.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        for topic in self.topics or ("",):
+            sock.setsockopt(zmq.SUBSCRIBE, topic.encode("ascii"))
+        sock.connect(address)
+        self._socket = sock
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._socket is None
+
+    def _track(self, msg: Message) -> Message:
+        """Count ``msg`` and add any jump in its topic's ``seq`` to :attr:`gaps`."""
+        topic = msg.topic
+        self.received[topic] = self.received.get(topic, 0) + 1
+        seq = msg.header.get("seq")
+        if isinstance(seq, int) and not isinstance(seq, bool):
+            last = self.last_seq.get(topic)
+            if last is not None and seq > last + 1:
+                missed = seq - last - 1
+                self.gaps[topic] = self.gaps.get(topic, 0) + missed
+                logger.debug("missed %d %r message(s) (seq %d -> %d)", missed, topic, last, seq)
+            elif last is not None and seq <= last:
+                logger.info("%r seq went back from %d to %d: publisher restarted", topic, last, seq)
+            self.last_seq[topic] = seq
+        return msg
+
+    def _drain(self, first: Message) -> Message:
+        """latest_only: read everything already queued, return the newest."""
+        assert self._socket is not None
+        newest = first
+        for _ in range(max(self.rcvhwm, 1) * 4):  # bounded even if the publisher outruns us
+            try:
+                frames = self._socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            newest = self._track(protocol.decode(frames))
+            self.skipped_latest += 1
+        return newest
+
+    def counters(self) -> dict[str, Any]:
+        """``received`` and ``gaps`` per topic, and ``skipped_latest``."""
+        return {
+            "received": dict(self.received),
+            "gaps": dict(self.gaps),
+            "skipped_latest": self.skipped_latest,
+        }
+
+    def close(self) -> None:
+        """Close the socket; idempotent."""
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+
+class Subscriber(_SubscriberBase):
+    """Blocking SUB client of the livemask stream.
+
+    Subscribes to ``topics`` (all topics when empty or None) and decodes each message
+    with its arrays as zero-copy views. ``gaps[topic]`` counts messages missed (jumps in
+    ``seq``), ``received[topic]`` those received. With ``latest_only=True`` each
+    :meth:`recv` drains the queue and returns only the newest message (for viewers that
+    must not lag); the others are counted in ``skipped_latest``. Not thread-safe.
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_SUB_ADDRESS,
+        topics: Iterable[str] | None = DEFAULT_TOPICS,
+        *,
+        latest_only: bool = False,
+        rcvhwm: int = 1000,
+        context: zmq.Context[Any] | None = None,
+    ) -> None:
+        ctx = context if context is not None else zmq.Context.instance()
+        super().__init__(address, topics, latest_only, rcvhwm, ctx)
+        self._poller = zmq.Poller()
+        assert self._socket is not None
+        self._poller.register(self._socket, zmq.POLLIN)
+
+    def recv(self, timeout_s: float | None = 1.0) -> Message | None:
+        """The next message, or None after ``timeout_s`` seconds (None: wait forever).
+
+        Raises :class:`ProtocolError` for a malformed message.
+        """
+        if self._socket is None:
+            raise RuntimeError("subscriber is closed")
+        events = dict(self._poller.poll(_timeout_ms(timeout_s)))
+        if self._socket not in events:
+            return None
+        frames = self._socket.recv_multipart(copy=False)
+        msg = self._track(protocol.decode(frames))
+        return self._drain(msg) if self.latest_only else msg
+
+    def __iter__(self) -> Iterator[Message]:
+        """Yield messages until the subscriber is closed."""
+        while self._socket is not None:
+            try:
+                msg = self.recv(timeout_s=_ITER_POLL_S)
+            except (zmq.ZMQError, RuntimeError):
+                if self._socket is None:  # closed while waiting
+                    return
+                raise
+            if msg is not None:
+                yield msg
+
+    def close(self) -> None:
+        """Close the socket; idempotent."""
+        if self._socket is not None:
+            self._poller.unregister(self._socket)
+        super().close()
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AsyncSubscriber(_SubscriberBase):
+    """asyncio SUB client with the same semantics as :class:`Subscriber`."""
+
+    _socket: zmq.asyncio.Socket | None
+
+    def __init__(
+        self,
+        address: str = DEFAULT_SUB_ADDRESS,
+        topics: Iterable[str] | None = DEFAULT_TOPICS,
+        *,
+        latest_only: bool = False,
+        rcvhwm: int = 1000,
+        context: zmq.asyncio.Context | None = None,
+    ) -> None:
+        ctx = context if context is not None else zmq.asyncio.Context.instance()
+        super().__init__(address, topics, latest_only, rcvhwm, ctx)
+
+    async def recv(self, timeout_s: float | None = 1.0) -> Message | None:
+        """The next message, or None after ``timeout_s`` seconds (None: wait forever)."""
+        sock = self._socket
+        if sock is None:
+            raise RuntimeError("subscriber is closed")
+        if not await sock.poll(_timeout_ms(timeout_s)):  # POLLIN; returns the event mask
+            return None
+        frames = await sock.recv_multipart(copy=False)
+        msg = self._track(protocol.decode(frames))
+        return await self._adrain(msg) if self.latest_only else msg
+
+    async def _adrain(self, first: Message) -> Message:
+        sock = self._socket
+        assert sock is not None
+        newest = first
+        for _ in range(max(self.rcvhwm, 1) * 4):
+            if not cast(int, sock.get(zmq.EVENTS)) & zmq.POLLIN:
+                break
+            frames = await sock.recv_multipart(copy=False)
+            newest = self._track(protocol.decode(frames))
+            self.skipped_latest += 1
+        return newest
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._aiter()
+
+    async def _aiter(self) -> AsyncIterator[Message]:
+        while self._socket is not None:
+            try:
+                msg = await self.recv(timeout_s=_ITER_POLL_S)
+            except (zmq.ZMQError, RuntimeError):
+                if self._socket is None:  # closed while waiting
+                    return
+                raise
+            if msg is not None:
+                yield msg
+
+    async def __aenter__(self) -> AsyncSubscriber:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

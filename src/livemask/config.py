@@ -1,0 +1,174 @@
+"""Service configuration: pydantic models loaded from YAML.
+
+Every field has a default, so an empty file is a valid configuration. Relative paths
+(``hardware.config_file``, ``model.path``) are resolved against the YAML file's folder.
+Errors name the field to change, e.g. ``acquisition.mode: Input should be 'free-run' ...``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import useq
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from livemask.errors import ConfigError
+
+Mode = Literal["free-run", "synchronized"]
+
+DEFAULT_SEQUENCE: dict[str, Any] = {
+    "time_plan": {"interval": 0.1, "loops": 170},
+    "channels": [{"config": "DAPI", "exposure": 10.0}],
+}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class HardwareConfig(_Section):
+    """Which Micro-Manager configuration to load, and into which core."""
+
+    config_file: Path = Field(
+        default=Path("hardware/simulated.cfg"),
+        description="Micro-Manager .cfg file; relative paths are resolved against the YAML file.",
+    )
+    core: Literal["auto", "unicore", "cmmcore"] = Field(
+        default="auto",
+        description="auto: UniMMCore when the .cfg has '#py' Python-device lines, else CMMCorePlus.",
+    )
+    pixel_size_um: float | None = Field(
+        default=None, gt=0, description="Overrides the core's pixel size calibration (µm/px)."
+    )
+
+
+class SimulationConfig(_Section):
+    """The simulated microscope (used when the .cfg loads livemask's Python devices)."""
+
+    sample: Literal["nuclei"] = "nuclei"
+    seed: int = 0
+    sensor_shape_px: tuple[int, int] = (512, 512)
+    pixel_size_um: float = Field(default=0.65, gt=0)
+    steps_per_frame: int = Field(default=1, ge=0, description="Sample time steps per snap.")
+    truth: bool = Field(default=False, description="Publish ground-truth labels on 'truth'.")
+
+
+class AcquisitionConfig(_Section):
+    """What to acquire and how analysis is coupled to the camera."""
+
+    mode: Mode = Field(
+        default="free-run",
+        description="free-run: the camera never waits, frames analysis cannot keep up with "
+        "skip analysis; synchronized: each frame is analysed before the next event runs.",
+    )
+    autostart: bool = Field(default=True, description="Start `sequence` when the service starts.")
+    sequence: dict[str, Any] = Field(
+        default_factory=lambda: dict(DEFAULT_SEQUENCE),
+        description="A useq.MDASequence (as YAML/JSON) run by `start` and on autostart.",
+    )
+    first_frame_timeout_s: float = Field(default=30.0, gt=0)
+    frame_timeout_s: float = Field(default=10.0, gt=0)
+
+    @field_validator("sequence")
+    @classmethod
+    def _valid_sequence(cls, value: dict[str, Any]) -> dict[str, Any]:
+        useq.MDASequence.model_validate(value)
+        return value
+
+    def mda_sequence(self) -> useq.MDASequence:
+        """The configured sequence as a useq object."""
+        return useq.MDASequence.model_validate(self.sequence)
+
+
+class ModelConfig(_Section):
+    """The segmentation model and the backend that runs it."""
+
+    name: str = Field(default="nuclei", description="A shipped model name (see `livemask models`).")
+    path: Path | None = Field(
+        default=None, description="A model card (.yaml) of your own; overrides `name`."
+    )
+    backend: Literal["auto", "onnxruntime"] = "auto"
+    threads: int = Field(default=2, ge=1, description="Intra-op threads of the CPU backend.")
+
+
+class AnalysisConfig(_Section):
+    """Post-processing from model output to instances; None means the model card's value."""
+
+    foreground_threshold: float | None = Field(default=None, gt=0, lt=1)
+    seed_threshold: float | None = Field(default=None, gt=0, lt=1)
+    min_area_px: int | None = Field(default=None, ge=0)
+
+
+class PublishConfig(_Section):
+    """ZeroMQ endpoints and what is published."""
+
+    pub_address: str = "tcp://127.0.0.1:5555"
+    control_address: str = "tcp://127.0.0.1:5556"
+    frame_every: int = Field(
+        default=1, ge=0, description="Publish every Nth frame on 'frame' (0 = never)."
+    )
+    sndhwm: int = Field(default=200, ge=1, description="PUB high-water mark (messages).")
+    heartbeat_s: float = Field(default=1.0, gt=0, description="Status interval.")
+
+
+class PipelineConfig(_Section):
+    """Queues between the stages."""
+
+    queue_size: int = Field(default=2, ge=1, description="Frames waiting for inference.")
+
+
+class ServiceConfig(_Section):
+    """The whole service configuration."""
+
+    hardware: HardwareConfig = Field(default_factory=HardwareConfig)
+    simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+    acquisition: AcquisitionConfig = Field(default_factory=AcquisitionConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+
+
+def _format_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def _resolve(path: Path | None, base: Path) -> Path | None:
+    if path is None or path.is_absolute():
+        return path
+    candidate = base / path
+    return candidate if candidate.exists() or not path.exists() else path
+
+
+def parse_config(data: dict[str, Any] | None, *, base_dir: Path | None = None, source: str = "config") -> ServiceConfig:
+    """Validate a config mapping; relative paths are resolved against ``base_dir``."""
+    try:
+        cfg = ServiceConfig.model_validate(data or {})
+    except ValidationError as exc:
+        raise ConfigError(f"invalid {source}:\n{_format_errors(exc)}") from None
+    if base_dir is not None:
+        cfg.hardware.config_file = _resolve(cfg.hardware.config_file, base_dir) or cfg.hardware.config_file
+        cfg.model.path = _resolve(cfg.model.path, base_dir)
+    return cfg
+
+
+def load_config(path: str | Path | None) -> ServiceConfig:
+    """Load a YAML config file (None = all defaults)."""
+    if path is None:
+        return parse_config({})
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist; pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p} is not valid YAML: {exc}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{p} must contain a mapping of sections (hardware:, acquisition:, ...)")
+    return parse_config(data, base_dir=p.parent, source=str(p))

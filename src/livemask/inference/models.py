@@ -1,0 +1,95 @@
+"""Model cards: what a model file expects and produces, validated with pydantic.
+
+A model is a card (``NAME.yaml``) next to its ONNX file. Shipped models live in the
+``livemask.models`` package folder; a user's own model is any card path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from livemask.errors import ModelError
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+
+
+class Normalization(BaseModel):
+    """Input normalisation: percentile ``low`` → 0 and ``high`` → 1."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["percentile"] = "percentile"
+    low: float = Field(default=1.0, ge=0, lt=100)
+    high: float = Field(default=99.8, gt=0, le=100)
+
+
+class PostProcessing(BaseModel):
+    """Defaults for turning the probability maps into instance labels."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["seeded-watershed"] = "seeded-watershed"
+    foreground_threshold: float = Field(default=0.5, gt=0, lt=1)
+    seed_threshold: float = Field(default=0.5, gt=0, lt=1)
+    min_area_px: int = Field(default=20, ge=0)
+
+
+class ModelCard(BaseModel):
+    """Everything needed to run a model and to judge it."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    name: str
+    version: str = "0"
+    task: Literal["nuclei", "grains"] = "nuclei"
+    file: str = Field(description="ONNX file, relative to the card.")
+    architecture: str = ""
+    input_name: str = "image"
+    output_name: str = "probabilities"
+    outputs: list[str] = Field(default_factory=lambda: ["foreground", "seeds"])
+    size_multiple: int = Field(default=8, ge=1, description="H and W are padded to a multiple.")
+    normalization: Normalization = Field(default_factory=Normalization)
+    postprocessing: PostProcessing = Field(default_factory=PostProcessing)
+    training: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    card_path: Path | None = Field(default=None, exclude=True)
+
+    @property
+    def onnx_path(self) -> Path:
+        """Absolute path of the ONNX file."""
+        base = self.card_path.parent if self.card_path else MODELS_DIR
+        return (base / self.file).resolve()
+
+
+def load_model_card(name_or_path: str | Path) -> ModelCard:
+    """Load a shipped model by name (``nuclei``) or any card by path."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = MODELS_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            known = ", ".join(c.name for c in list_models()) or "none"
+            raise ModelError(f"unknown model {name_or_path!r}; shipped models: {known} "
+                             "(or set model.path to your own model card .yaml)")
+    if not path.is_file():
+        raise ModelError(f"model card {path} does not exist; check model.path")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        card = ModelCard.model_validate(data)
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise ModelError(f"invalid model card {path}: {exc}") from None
+    card.card_path = path.resolve()
+    if not card.onnx_path.is_file():
+        raise ModelError(f"model card {path} names {card.file}, which does not exist")
+    return card
+
+
+def list_models() -> list[ModelCard]:
+    """All shipped models whose cards load."""
+    cards = []
+    for path in sorted(MODELS_DIR.glob("*.yaml")):
+        try:
+            cards.append(load_model_card(path))
+        except ModelError:
+            continue
+    return cards

@@ -1,0 +1,386 @@
+"""The livemask wire format (protocol v1): pure encode/decode, no sockets.
+
+Every published message is multipart ``[topic, header, *buffers]``:
+
+- ``topic``: ASCII bytes, one of :data:`TOPICS`;
+- ``header``: a UTF-8 JSON object with at least ``v``, ``topic`` and ``arrays`` (a list of
+  ``{name, dtype, shape}`` describing the buffers that follow, in order);
+- buffers: raw C-order array bytes (numpy ``dtype.str`` gives the byte order).
+
+Control requests and replies are single JSON objects (see :func:`parse_request`,
+:func:`ok_reply`, :func:`error_reply`). The full specification is ``docs/protocol.md``.
+This module never imports zmq: it is shared by the service, the clients and the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+
+from livemask.errors import CommandError, ProtocolError
+
+__all__ = [
+    "BAD_JSON",
+    "BAD_REQUEST",
+    "ERROR_CODES",
+    "INTERNAL",
+    "INVALID_ARGS",
+    "INVALID_STATE",
+    "PROTOCOL_VERSION",
+    "TOPICS",
+    "UNKNOWN_COMMAND",
+    "ControlRequest",
+    "Message",
+    "decode",
+    "dumps_json",
+    "encode",
+    "error_reply",
+    "format_validation_error",
+    "ok_reply",
+    "parse_reply",
+    "parse_request",
+    "peek_request_id",
+]
+
+PROTOCOL_VERSION = 1
+"""Version written into every header as ``v``; :func:`decode` rejects any other."""
+
+TOPICS: tuple[str, ...] = ("frame", "labels", "measurements", "status", "event", "truth")
+"""Topics a v1 publisher may send. No topic is a prefix of another."""
+
+# Control error codes: the only place they are spelled out.
+BAD_JSON = "bad_json"
+"""The request is not valid UTF-8 JSON, or not a JSON object."""
+BAD_REQUEST = "bad_request"
+"""The request object does not match ``{"id", "cmd", "args"}``."""
+UNKNOWN_COMMAND = "unknown_command"
+"""``cmd`` names no command of this service."""
+INVALID_ARGS = "invalid_args"
+"""The command's ``args`` failed validation."""
+INVALID_STATE = "invalid_state"
+"""The command is not allowed now (e.g. ``start`` while running)."""
+INTERNAL = "internal"
+"""The service failed while handling the command; see its log."""
+ERROR_CODES: tuple[str, ...] = (
+    BAD_JSON,
+    BAD_REQUEST,
+    UNKNOWN_COMMAND,
+    INVALID_ARGS,
+    INVALID_STATE,
+    INTERNAL,
+)
+
+
+@dataclass
+class Message:
+    """One decoded published message."""
+
+    topic: str
+    header: dict[str, Any]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def _json_default(obj: Any) -> Any:
+    """``json.dumps`` hook: numpy scalars and arrays become plain Python values."""
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=repr)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def _sanitize(obj: Any) -> Any:
+    """Return a JSON-safe copy: numpy values unwrapped, NaN/inf replaced by None."""
+    if isinstance(obj, float | np.floating):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    if isinstance(obj, Mapping):
+        return {_sanitize_key(k): _sanitize(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_sanitize(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _sanitize(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _sanitize(obj.item())
+    return obj
+
+
+def _sanitize_key(key: Any) -> Any:
+    if isinstance(key, np.generic):
+        return key.item()
+    return key
+
+
+def dumps_json(obj: Any) -> bytes:
+    """Encode ``obj`` as compact UTF-8 JSON.
+
+    numpy scalars and arrays are converted to Python numbers and lists; non-finite floats
+    (NaN, inf) become ``null`` because JSON has no spelling for them. Raises
+    :class:`ProtocolError` for anything else JSON cannot represent.
+    """
+    try:
+        text = json.dumps(
+            obj, default=_json_default, allow_nan=False, ensure_ascii=False, separators=(",", ":")
+        )
+    except (ValueError, TypeError):
+        # Slow path: NaN/inf somewhere, or numpy dict keys. Sanitise and retry once.
+        try:
+            text = json.dumps(
+                _sanitize(obj),
+                default=_json_default,
+                allow_nan=False,
+                ensure_ascii=False,
+                separators=(",", ":"),
+            )
+        except (ValueError, TypeError) as exc:
+            raise ProtocolError(f"value cannot be encoded as JSON: {exc}") from exc
+    return text.encode("utf-8")
+
+
+# ------------------------------------------------------------------ encode/decode
+
+
+def _check_dtype(name: str, dtype: np.dtype[Any]) -> None:
+    if dtype.hasobject or dtype.fields is not None or dtype.kind not in "biufc":
+        raise ProtocolError(
+            f"array {name!r} has dtype {dtype.str!r}; only plain bool, integer, float and "
+            "complex dtypes can be sent"
+        )
+
+
+def encode(
+    topic: str,
+    header: Mapping[str, Any],
+    arrays: Mapping[str, np.ndarray] | None = None,
+) -> list[bytes | memoryview]:
+    """Encode one message as ``[topic, header JSON, *buffers]``.
+
+    ``v``, ``topic`` and ``arrays`` (the buffer descriptors) are written into a copy of
+    ``header``; the caller's mapping is not modified. Buffers are zero-copy memoryviews of
+    C-contiguous arrays (non-contiguous arrays are copied once), so the arrays must not be
+    modified until the message has been sent.
+    """
+    if topic not in TOPICS:
+        raise ProtocolError(f"unknown topic {topic!r}; expected one of {', '.join(TOPICS)}")
+    out_header = dict(header)
+    descriptors: list[dict[str, Any]] = []
+    buffers: list[bytes | memoryview] = []
+    for name, value in (arrays or {}).items():
+        if not isinstance(name, str) or not name:
+            raise ProtocolError(f"array names must be non-empty strings, got {name!r}")
+        arr = np.asarray(value)
+        _check_dtype(name, arr.dtype)
+        if not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr)
+        descriptors.append({"name": name, "dtype": arr.dtype.str, "shape": list(arr.shape)})
+        # A flat uint8 view: same memory, and a 1-D byte buffer that zmq and
+        # np.frombuffer accept whatever the dtype or number of dimensions.
+        buffers.append(arr.reshape(-1).view(np.uint8).data)
+    out_header["v"] = PROTOCOL_VERSION
+    out_header["topic"] = topic
+    out_header["arrays"] = descriptors
+    return [topic.encode("ascii"), dumps_json(out_header), *buffers]
+
+
+def _as_buffer(part: Any) -> memoryview:
+    """A memoryview over one received frame (bytes, memoryview or zmq.Frame)."""
+    if isinstance(part, bytes | bytearray):
+        return memoryview(part)
+    if isinstance(part, memoryview):
+        return part
+    buffer = getattr(part, "buffer", None)  # zmq.Frame (recv with copy=False)
+    if buffer is not None:
+        return memoryview(buffer)
+    data = getattr(part, "bytes", None)
+    if isinstance(data, bytes):
+        return memoryview(data)
+    try:
+        return memoryview(part)
+    except TypeError as exc:
+        raise ProtocolError(f"message part of type {type(part).__name__} is not a buffer") from exc
+
+
+def _parse_descriptor(index: int, desc: Any) -> tuple[str, np.dtype[Any], tuple[int, ...]]:
+    where = f"header.arrays[{index}]"
+    if not isinstance(desc, dict):
+        raise ProtocolError(f"{where} must be an object with name, dtype, shape")
+    missing = [k for k in ("name", "dtype", "shape") if k not in desc]
+    if missing:
+        raise ProtocolError(f"{where} is missing {', '.join(missing)}")
+    name, dtype_str, shape = desc["name"], desc["dtype"], desc["shape"]
+    if not isinstance(name, str) or not name:
+        raise ProtocolError(f"{where}.name must be a non-empty string, got {name!r}")
+    if not isinstance(dtype_str, str):
+        raise ProtocolError(f"{where}.dtype must be a numpy dtype string, got {dtype_str!r}")
+    try:
+        dtype = np.dtype(dtype_str)
+    except (TypeError, ValueError, SyntaxError) as exc:
+        raise ProtocolError(f"{where}.dtype {dtype_str!r} is not a numpy dtype") from exc
+    _check_dtype(name, dtype)
+    if not isinstance(shape, list) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+    ):
+        raise ProtocolError(f"{where}.shape must be a list of non-negative integers, got {shape!r}")
+    return name, dtype, tuple(shape)
+
+
+def decode(parts: Sequence[Any]) -> Message:
+    """Decode ``[topic, header, *buffers]`` into a :class:`Message`.
+
+    Parts may be ``bytes``, ``memoryview`` or ``zmq.Frame`` objects (``recv_multipart(
+    copy=False)``); arrays are read-only views of the received buffers, not copies.
+    Raises :class:`ProtocolError` naming the first problem found.
+    """
+    if len(parts) < 2:
+        raise ProtocolError(f"a message has at least 2 parts (topic, header), got {len(parts)}")
+    try:
+        topic = _as_buffer(parts[0]).tobytes().decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError("topic frame is not ASCII") from exc
+    try:
+        header = json.loads(_as_buffer(parts[1]).tobytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"header of {topic!r} message is not UTF-8: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise ProtocolError(f"header of {topic!r} message is not JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ProtocolError(
+            f"header of {topic!r} message must be a JSON object, got {type(header).__name__}"
+        )
+    if "v" not in header:
+        raise ProtocolError(f"header of {topic!r} message has no protocol version 'v'")
+    if header["v"] != PROTOCOL_VERSION or isinstance(header["v"], bool):
+        raise ProtocolError(
+            f"unsupported protocol version v={header['v']!r}; this client speaks "
+            f"v={PROTOCOL_VERSION} (upgrade livemask on the older side)"
+        )
+    if header.get("topic") != topic:
+        raise ProtocolError(
+            f"topic frame {topic!r} does not match header topic {header.get('topic')!r}"
+        )
+    descriptors = header.get("arrays", [])
+    if not isinstance(descriptors, list):
+        raise ProtocolError(f"header.arrays must be a list, got {type(descriptors).__name__}")
+    buffers = parts[2:]
+    if len(descriptors) != len(buffers):
+        raise ProtocolError(
+            f"{topic!r} header describes {len(descriptors)} array(s) but "
+            f"{len(buffers)} buffer(s) follow"
+        )
+    arrays: dict[str, np.ndarray] = {}
+    for i, (desc, part) in enumerate(zip(descriptors, buffers, strict=True)):
+        name, dtype, shape = _parse_descriptor(i, desc)
+        if name in arrays:
+            raise ProtocolError(f"duplicate array name {name!r} in {topic!r} message")
+        buf = _as_buffer(part)
+        expected = math.prod(shape) * dtype.itemsize
+        if buf.nbytes != expected:
+            raise ProtocolError(
+                f"array {name!r} ({dtype.str}, shape {list(shape)}) needs {expected} bytes, "
+                f"its buffer has {buf.nbytes}"
+            )
+        arrays[name] = np.frombuffer(buf, dtype=dtype).reshape(shape)
+    return Message(topic=topic, header=header, arrays=arrays)
+
+
+# ----------------------------------------------------------------------- control
+
+
+class ControlRequest(BaseModel):
+    """A control request: ``{"id": ..., "cmd": "...", "args": {...}}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: StrictStr | StrictInt | None = None
+    cmd: StrictStr = Field(min_length=1)
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per pydantic error: ``field.path: message``."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "(request)"
+        lines.append(f"{loc}: {err.get('msg', 'invalid')}")
+    return "; ".join(lines)
+
+
+def _loads_object(raw: bytes | bytearray | memoryview, what: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(bytes(raw).decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CommandError(BAD_JSON, f"{what} is not UTF-8: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise CommandError(BAD_JSON, f"{what} is not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise CommandError(BAD_JSON, f"{what} must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def parse_request(raw: bytes | bytearray | memoryview) -> ControlRequest:
+    """Parse and validate one control request.
+
+    Raises :class:`CommandError` with code :data:`BAD_JSON` (not UTF-8 JSON, or not an
+    object) or :data:`BAD_REQUEST` (wrong fields; the message names them).
+    """
+    obj = _loads_object(raw, "request")
+    try:
+        return ControlRequest.model_validate(obj)
+    except ValidationError as exc:
+        raise CommandError(
+            BAD_REQUEST,
+            f'{format_validation_error(exc)} (expected {{"id", "cmd", "args"}})',
+        ) from exc
+
+
+def peek_request_id(raw: bytes | bytearray | memoryview) -> str | int | None:
+    """Best-effort ``id`` of a request that may be invalid (for its error reply)."""
+    try:
+        obj = json.loads(bytes(raw).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if isinstance(obj, dict):
+        rid = obj.get("id")
+        if isinstance(rid, str) or (isinstance(rid, int) and not isinstance(rid, bool)):
+            return rid
+    return None
+
+
+def ok_reply(id: str | int | None, result: Any) -> bytes:
+    """``{"id", "ok": true, "result"}`` as UTF-8 JSON bytes."""
+    return dumps_json({"id": id, "ok": True, "result": result})
+
+
+def error_reply(id: str | int | None, code: str, message: str) -> bytes:
+    """``{"id", "ok": false, "error": {"code", "message"}}`` as UTF-8 JSON bytes."""
+    return dumps_json({"id": id, "ok": False, "error": {"code": code, "message": message}})
+
+
+def parse_reply(raw: bytes | bytearray | memoryview) -> dict[str, Any]:
+    """Parse and check the shape of a control reply; raises :class:`ProtocolError`."""
+    try:
+        obj = _loads_object(raw, "reply")
+    except CommandError as exc:
+        raise ProtocolError(exc.message) from exc
+    if not isinstance(obj.get("ok"), bool):
+        raise ProtocolError(f"reply has no boolean 'ok': {obj!r:.200}")
+    if not obj["ok"]:
+        err = obj.get("error")
+        if not (
+            isinstance(err, dict)
+            and isinstance(err.get("code"), str)
+            and isinstance(err.get("message"), str)
+        ):
+            raise ProtocolError(f"error reply has no error.code/error.message: {obj!r:.200}")
+    return obj

@@ -1,0 +1,311 @@
+"""The livemask service: wires core, model, pipeline, publisher and control server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import useq
+
+from livemask import __version__
+from livemask.acquisition.source import FrameSource, MicroscopeSource, RawFrame
+from livemask.analysis.measure import UNITS
+from livemask.config import Mode, ServiceConfig
+from livemask.errors import AcquisitionError
+from livemask.inference.backend import create_backend
+from livemask.inference.models import ModelCard, load_model_card
+from livemask.inference.segmenter import Segmenter
+from livemask.service.commands import CommandHandler
+from livemask.service.pipeline import Pipeline
+from livemask.transport.control_server import ControlServer
+from livemask.transport.publisher import ZmqPublisher
+
+log = logging.getLogger("livemask")
+
+SIMULATED_MODULE = "livemask.acquisition.simulated"
+
+
+def uses_simulated_devices(cfg_path: Path) -> bool:
+    """Whether a Micro-Manager .cfg loads livemask's simulated Python devices."""
+    try:
+        return SIMULATED_MODULE in cfg_path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+
+
+def build_segmenter(config: ServiceConfig) -> Segmenter:
+    """Load the configured model card and backend, with config overrides applied."""
+    card: ModelCard = load_model_card(config.model.path or config.model.name)
+    backend = create_backend(config.model.backend, threads=config.model.threads)
+    backend.load(card)
+    overrides = {k: v for k, v in config.analysis.model_dump().items() if v is not None}
+    post = card.postprocessing.model_copy(update=overrides)
+    return Segmenter(card, backend, post)
+
+
+class Service:
+    """One running livemask service. Use ``async with Service(cfg) as svc: ...``."""
+
+    def __init__(
+        self,
+        config: ServiceConfig,
+        *,
+        source: FrameSource | None = None,
+    ) -> None:
+        self.config = config
+        self.started_at = time.time()
+        self.state = "starting"
+        self.simulated = False
+        self.truth = config.simulation.truth
+        self.pixel_size_um = config.hardware.pixel_size_um or 1.0
+        self.core_info: dict[str, Any] = {}
+        self.publisher = ZmqPublisher(config.publish.pub_address, sndhwm=config.publish.sndhwm)
+        self.control = ControlServer(config.publish.control_address, CommandHandler(self))
+        self.pipeline: Pipeline
+        self.source: FrameSource | None = source
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._acquiring = False
+        self._acquisition_started = 0.0
+        self._last_error: str | None = None
+
+    # ------------------------------------------------------------ lifecycle
+    async def __aenter__(self) -> Service:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Bind sockets, load the model and the microscope, start the stages."""
+        self._loop = asyncio.get_running_loop()
+        cfg = self.config
+        self.publisher.start()
+        self.control.start()
+        segmenter = await asyncio.to_thread(build_segmenter, cfg)
+        await asyncio.to_thread(segmenter.backend.warmup, cfg.simulation.sensor_shape_px)
+        if self.source is None:
+            self.source = await asyncio.to_thread(self._open_microscope)
+        self.pipeline = Pipeline(
+            segmenter,
+            self.publisher,
+            mode=cfg.acquisition.mode,
+            queue_size=cfg.pipeline.queue_size,
+            frame_every=cfg.publish.frame_every,
+            pixel_size_um=self.pixel_size_um,
+        )
+        self.pipeline.source = self.source
+        self.pipeline.start()
+        self._tasks = [
+            asyncio.create_task(self.control.serve(), name="livemask-control"),
+            asyncio.create_task(self._heartbeat(), name="livemask-heartbeat"),
+        ]
+        self.state = "idle"
+        log.info(
+            "livemask %s serving: pub %s, control %s, model %s (%s)",
+            __version__,
+            self.publisher.bound_address,
+            self.control.bound_address,
+            segmenter.card.name,
+            segmenter.backend.name,
+        )
+        self._event("service_started", {"units": UNITS, "config": cfg.model_dump(mode="json")})
+        if cfg.acquisition.autostart:
+            self.start_acquisition(None)
+
+    def _open_microscope(self) -> MicroscopeSource:
+        from livemask.acquisition.core import describe_core, open_core
+
+        hw, sim = self.config.hardware, self.config.simulation
+        truth_lookup = None
+        if uses_simulated_devices(hw.config_file):
+            from livemask.acquisition.simulated.world import configure_world
+
+            world = configure_world(
+                sim.sample,
+                seed=sim.seed,
+                sensor_shape=sim.sensor_shape_px,
+                pixel_size_um=sim.pixel_size_um,
+                steps_per_frame=sim.steps_per_frame,
+            )
+            self.simulated = True
+            truth_lookup = world.truth_for if self.truth else None
+        elif self.truth:
+            log.warning("simulation.truth is on but %s is not simulated: no truth", hw.config_file)
+            self.truth = False
+        core = open_core(hw.config_file, core=hw.core)
+        self.core_info = describe_core(core)
+        core_px = float(core.getPixelSizeUm() or 0.0)
+        self.pixel_size_um = hw.pixel_size_um or core_px or sim.pixel_size_um
+        return MicroscopeSource(
+            core,
+            self._on_camera_frame,
+            truth_lookup=truth_lookup,
+            sync_timeout_s=self.config.acquisition.frame_timeout_s,
+        )
+
+    def _on_camera_frame(self, raw: RawFrame) -> None:
+        """Camera thread → event loop hand-off; never blocks the camera."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.pipeline.submit, raw)
+
+    async def close(self, drain_timeout_s: float = 3.0) -> None:
+        """Stop acquiring, publish what is in flight, close sockets and hardware."""
+        if self.state == "closed":
+            return
+        self.state = "stopping"
+        with contextlib.suppress(Exception):
+            await self.stop_acquisition()
+        if hasattr(self, "pipeline"):
+            await self.pipeline.drain(drain_timeout_s)
+            with contextlib.suppress(Exception):
+                self._publish_status()
+            await self.pipeline.close()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.control.close()
+        self.publisher.close()
+        if self.source is not None:
+            await asyncio.to_thread(self.source.close)
+        self.state = "closed"
+        log.info("livemask stopped")
+
+    # ------------------------------------------------------------ acquisition
+    @property
+    def acquiring(self) -> bool:
+        """Whether an acquisition is running."""
+        return self._acquiring
+
+    def start_acquisition(self, sequence: useq.MDASequence | None) -> int | None:
+        """Start ``sequence`` (default: the config's); returns its event count if finite."""
+        seq = sequence or self.config.acquisition.mda_sequence()
+        count = math.prod(n for n in seq.sizes.values() if n) if seq.sizes else None
+        return self._start_events(seq, {"sequence": seq.model_dump(mode="json")}, count)
+
+    def _start_events(self, events: Any, detail: dict[str, Any], count: int | None) -> int | None:
+        if self.source is None:
+            raise AcquisitionError("no frame source")
+        if self._acquiring:
+            raise AcquisitionError("an acquisition is already running; stop it first")
+        self.source.start(
+            iter(events),
+            synchronized=self.pipeline.mode == "synchronized",
+            on_done=self._on_acquisition_done,
+        )
+        self._acquiring = True
+        self.state = "running"
+        self._acquisition_started = time.time()
+        self._event("acquisition_started", {**detail, "events": count, "mode": self.pipeline.mode})
+        return count
+
+    def _on_acquisition_done(self, error: str | None) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._acquisition_finished, error)
+
+    def _acquisition_finished(self, error: str | None) -> None:
+        self._acquiring = False
+        if self.state == "running":
+            self.state = "idle"
+        if error:
+            self._last_error = error
+            self._event("error", {"detail": error})
+        self._event(
+            "acquisition_finished",
+            {"error": error, "duration_s": round(time.time() - self._acquisition_started, 3)},
+        )
+
+    async def stop_acquisition(self) -> None:
+        """Cancel the running acquisition and wait for the runner to end."""
+        if self.source is not None and self._acquiring:
+            await asyncio.to_thread(self.source.stop)
+            # the runner's on_done arrives via call_soon_threadsafe; let it run
+            await asyncio.sleep(0)
+
+    def enqueue(self, events: list[useq.MDAEvent]) -> dict[str, Any]:
+        """Add events to the running acquisition, or start a new one made of them."""
+        if self.source is None:
+            raise AcquisitionError("no frame source")
+        if self._acquiring:
+            n = self.source.inject(events)
+            return {"enqueued": n, "started": False}
+        self._start_events(events, {"enqueued": len(events)}, len(events))
+        return {"enqueued": len(events), "started": True}
+
+    async def apply_settings(
+        self, *, exposure_ms: float | None = None, mode: Mode | None = None
+    ) -> dict[str, Any]:
+        """Change exposure and/or mode now."""
+        changed: dict[str, Any] = {}
+        if exposure_ms is not None:
+            if self.source is None:
+                raise AcquisitionError("no frame source")
+            await asyncio.to_thread(self.source.set_exposure, exposure_ms)
+            changed["exposure_ms"] = exposure_ms
+        if mode is not None:
+            self.pipeline.mode = mode
+            if self.source is not None:
+                self.source.set_synchronized(mode == "synchronized")
+            changed["mode"] = mode
+        self._event("setting_changed", changed)
+        return changed
+
+    # ------------------------------------------------------------ reporting
+    def _event(self, kind: str, detail: dict[str, Any]) -> None:
+        try:
+            self.publisher.publish("event", {"kind": kind, "t": {"sent": time.time()}, **detail})
+        except RuntimeError:
+            log.debug("event %s not published: publisher closed", kind)
+
+    def next_seq(self) -> dict[str, int]:
+        """The seq the next message of each topic will get."""
+        return self.publisher.counters()["next_seq"]
+
+    def status(self) -> dict[str, Any]:
+        """Everything a dashboard or a late joiner needs to know about the service."""
+        pipe = getattr(self, "pipeline", None)
+        return {
+            "state": self.state,
+            "version": __version__,
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "acquiring": self._acquiring,
+            "mode": pipe.mode if pipe else self.config.acquisition.mode,
+            "model": pipe.segmenter.card.name if pipe else self.config.model.name,
+            "backend": pipe.segmenter.backend.name if pipe else None,
+            "device": pipe.segmenter.backend.device if pipe else None,
+            "simulated": self.simulated,
+            "truth": self.truth,
+            "pixel_size_um": self.pixel_size_um,
+            "pub_address": self.publisher.bound_address if self.state != "closed" else None,
+            "core": self.core_info,
+            "last_error": self._last_error,
+            "publisher": self.publisher.counters(),
+            **(pipe.report() if pipe else {}),
+        }
+
+    def _publish_status(self) -> None:
+        self.publisher.publish("status", {"t": {"sent": time.time()}, **self.status()})
+
+    async def _heartbeat(self) -> None:
+        while True:
+            try:
+                self._publish_status()
+            except Exception:
+                log.exception("status heartbeat failed")
+            await asyncio.sleep(self.config.publish.heartbeat_s)
+
+
+async def serve(config: ServiceConfig, stop: asyncio.Event) -> None:
+    """Run a service until ``stop`` is set."""
+    async with Service(config):
+        await stop.wait()

@@ -1,0 +1,166 @@
+"""Control commands: validated arguments and dispatch to the service.
+
+Each command has a pydantic model of its arguments (extra fields forbidden), so a bad
+request gets an ``invalid_args`` reply naming the field. Handlers raise
+:class:`~livemask.errors.CommandError` for requests that are valid but cannot be done now.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import TYPE_CHECKING, Any, Literal
+
+import useq
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from livemask.errors import AcquisitionError, CommandError
+
+if TYPE_CHECKING:
+    from livemask.service.app import Service
+
+
+class _Args(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NoArgs(_Args):
+    """Commands without arguments."""
+
+
+class StartArgs(_Args):
+    """``start``: a useq.MDASequence (JSON); the config's sequence when omitted."""
+
+    sequence: dict[str, Any] | None = None
+
+
+class EnqueueArgs(_Args):
+    """``enqueue``: useq.MDAEvents (JSON) to run next."""
+
+    events: list[dict[str, Any]] = Field(min_length=1)
+
+
+class SetArgs(_Args):
+    """``set``: change settings while running."""
+
+    exposure_ms: float | None = Field(default=None, gt=0, le=60_000)
+    mode: Literal["free-run", "synchronized"] | None = None
+
+
+class SnapshotArgs(_Args):
+    """``snapshot``: the latest results; ``arrays`` adds base64 image and labels."""
+
+    arrays: bool = False
+
+
+def _validate(model: type[_Args], args: dict[str, Any], cmd: str) -> Any:
+    try:
+        return model.model_validate(args)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'args'}: {e['msg']}" for e in exc.errors()
+        )
+        raise CommandError("invalid_args", f"{cmd}: {problems}") from None
+
+
+def _useq(model: type[BaseModel], data: dict[str, Any], what: str) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or what}: {e['msg']}" for e in exc.errors()
+        )
+        raise CommandError("invalid_args", f"invalid {what}: {problems}") from None
+
+
+def _encode_array(array: Any) -> dict[str, Any]:
+    return {
+        "dtype": array.dtype.str,
+        "shape": list(array.shape),
+        "data_b64": base64.b64encode(array.tobytes()).decode("ascii"),
+    }
+
+
+class CommandHandler:
+    """Maps control commands to service actions."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self._commands = {
+            "status": self.status,
+            "start": self.start,
+            "stop": self.stop,
+            "enqueue": self.enqueue,
+            "set": self.set,
+            "snapshot": self.snapshot,
+        }
+
+    async def __call__(self, cmd: str, args: dict[str, Any]) -> Any:
+        """Dispatch one request."""
+        handler = self._commands.get(cmd)
+        if handler is None:
+            known = ", ".join(sorted(self._commands))
+            raise CommandError("unknown_command", f"unknown command {cmd!r}; known: {known}")
+        return await handler(args)
+
+    async def status(self, args: dict[str, Any]) -> Any:
+        """The status snapshot (same content as the ``status`` topic)."""
+        _validate(NoArgs, args, "status")
+        return self.service.status()
+
+    async def start(self, args: dict[str, Any]) -> Any:
+        """Start an acquisition."""
+        a: StartArgs = _validate(StartArgs, args, "start")
+        seq = None
+        if a.sequence is not None:
+            seq = _useq(useq.MDASequence, a.sequence, "sequence")
+        if self.service.acquiring:
+            raise CommandError("invalid_state", "an acquisition is running; send 'stop' first")
+        events = self.service.start_acquisition(seq)
+        return {"started": True, "events": events}
+
+    async def stop(self, args: dict[str, Any]) -> Any:
+        """Stop the running acquisition."""
+        _validate(NoArgs, args, "stop")
+        was_running = self.service.acquiring
+        await self.service.stop_acquisition()
+        return {"stopped": was_running}
+
+    async def enqueue(self, args: dict[str, Any]) -> Any:
+        """Add events to the running acquisition, or start one made of them."""
+        a: EnqueueArgs = _validate(EnqueueArgs, args, "enqueue")
+        events = [
+            _useq(useq.MDAEvent, e, f"events[{i}]") for i, e in enumerate(a.events)
+        ]
+        try:
+            return self.service.enqueue(events)
+        except AcquisitionError as exc:
+            raise CommandError("invalid_state", str(exc)) from None
+
+    async def set(self, args: dict[str, Any]) -> Any:
+        """Change exposure and/or mode."""
+        a: SetArgs = _validate(SetArgs, args, "set")
+        if a.exposure_ms is None and a.mode is None:
+            raise CommandError("invalid_args", "set: give exposure_ms and/or mode")
+        try:
+            return await self.service.apply_settings(exposure_ms=a.exposure_ms, mode=a.mode)
+        except AcquisitionError as exc:
+            raise CommandError("invalid_state", str(exc)) from None
+
+    async def snapshot(self, args: dict[str, Any]) -> Any:
+        """Latest frame/labels/measurements and per-topic seq numbers, for late joiners."""
+        a: SnapshotArgs = _validate(SnapshotArgs, args, "snapshot")
+        svc = self.service
+        pipe = svc.pipeline
+        result: dict[str, Any] = {
+            "latest": pipe.latest,
+            "next_seq": svc.next_seq(),
+            "status": svc.status(),
+        }
+        if a.arrays and pipe.last_analysed is not None:
+            last = pipe.last_analysed
+            result["arrays"] = {
+                "frame_id": last.frame_id,
+                "image": _encode_array(last.image),
+                "labels": _encode_array(last.labels),
+            }
+        return result

@@ -1,0 +1,40 @@
+"""The unit of work that travels through the pipeline."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Frame:
+    """One camera frame and everything the stages add to it."""
+
+    frame_id: int
+    image: np.ndarray
+    index: dict[str, int] = field(default_factory=dict)  # MDA event index, e.g. {"t": 3}
+    position: dict[str, float | None] = field(default_factory=dict)  # x_um, y_um, z_um
+    t: dict[str, float] = field(default_factory=dict)  # stage timestamps, epoch seconds
+    truth: np.ndarray | None = None
+    skipped: bool = False
+    probabilities: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    objects: list[dict[str, Any]] | None = None
+    summary: dict[str, Any] | None = None
+    error: str | None = None
+
+    def stamp(self, stage: str) -> None:
+        """Record the time at which ``stage`` finished with this frame."""
+        self.t[stage] = time.time()
+
+    def header(self) -> dict[str, Any]:
+        """Header fields shared by every topic published for this frame."""
+        return {
+            "frame_id": self.frame_id,
+            "t": dict(self.t),
+            "index": dict(self.index),
+            "position": dict(self.position),
+        }

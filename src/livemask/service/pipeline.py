@@ -1,0 +1,228 @@
+"""The asyncio pipeline: acquire → infer → analyse → publish.
+
+Frames arrive from the camera thread through :meth:`Pipeline.submit` (scheduled on the loop
+with ``call_soon_threadsafe``). Inference and analysis run in their own single-thread
+executors so that they overlap (the heavy libraries release the GIL) and the event loop
+stays free for publishing and control. In free-run mode the inference queue keeps the newest
+frames: when it is full the oldest waiting frame skips analysis (counted, and still
+published on ``frame`` with ``skipped: true``). In synchronized mode the frame source waits
+for :meth:`FrameSource.frame_done` before releasing the next event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
+
+from livemask.acquisition.source import FrameSource, RawFrame
+from livemask.analysis.measure import UNITS, measure_objects
+from livemask.inference.segmenter import Segmenter
+from livemask.service.frames import Frame
+from livemask.service.stats import LatencyWindow, PipelineCounters
+from livemask.transport.publisher import Publisher
+
+log = logging.getLogger("livemask")
+
+Mode = Literal["free-run", "synchronized"]
+
+
+class Pipeline:
+    """Stages, queues and counters of one running service."""
+
+    def __init__(
+        self,
+        segmenter: Segmenter,
+        publisher: Publisher,
+        *,
+        mode: Mode = "free-run",
+        queue_size: int = 2,
+        frame_every: int = 1,
+        pixel_size_um: float = 1.0,
+    ) -> None:
+        self.segmenter = segmenter
+        self.publisher = publisher
+        self.mode: Mode = mode
+        self.frame_every = frame_every
+        self.pixel_size_um = pixel_size_um
+        self.source: FrameSource | None = None
+        self.counters = PipelineCounters()
+        self.latency = LatencyWindow()
+        self.latest: dict[str, dict[str, Any]] = {}
+        self.last_analysed: Frame | None = None
+        self._queue_size = queue_size
+        self._waiting: deque[Frame] = deque()
+        self._have_frame = asyncio.Event()
+        self._to_analyse: asyncio.Queue[Frame] = asyncio.Queue(maxsize=2)
+        self._to_publish: asyncio.Queue[Frame] = asyncio.Queue()
+        self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="livemask-infer")
+        self._analyse_pool = ThreadPoolExecutor(1, thread_name_prefix="livemask-analyse")
+        self._tasks: list[asyncio.Task[None]] = []
+        self._next_id = 0
+        self._skip_reported = 0
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start the stage tasks on the running loop."""
+        self._tasks = [
+            asyncio.create_task(self._infer_loop(), name="livemask-infer"),
+            asyncio.create_task(self._analyse_loop(), name="livemask-analyse"),
+            asyncio.create_task(self._publish_loop(), name="livemask-publish"),
+        ]
+
+    async def drain(self, timeout_s: float = 5.0) -> bool:
+        """Wait until every submitted frame is published; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.in_flight == 0:
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    async def close(self) -> None:
+        """Cancel the stages and shut the executors down."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        self._infer_pool.shutdown(wait=True, cancel_futures=True)
+        self._analyse_pool.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def in_flight(self) -> int:
+        """Frames acquired but not yet published."""
+        c = self.counters.counts
+        return int(c["acquired"] - c["published"])
+
+    def queue_depths(self) -> dict[str, int]:
+        """Frames waiting in front of each stage."""
+        return {
+            "infer": len(self._waiting),
+            "analyse": self._to_analyse.qsize(),
+            "publish": self._to_publish.qsize(),
+        }
+
+    # ------------------------------------------------------------ intake
+    def submit(self, raw: RawFrame) -> None:
+        """Accept a frame from the camera (call on the loop thread; never blocks)."""
+        frame = Frame(
+            frame_id=self._next_id,
+            image=raw.image,
+            index={k: int(v) for k, v in raw.event.index.items()},
+            position=raw.position,
+            t={"acquired": raw.acquired, "received": time.time()},
+            truth=raw.truth,
+        )
+        self._next_id += 1
+        self.counters.incr("acquired")
+        self._waiting.append(frame)
+        if self.mode == "free-run":
+            while len(self._waiting) > self._queue_size:
+                skipped = self._waiting.popleft()
+                skipped.skipped = True
+                self.counters.incr("skipped")
+                self._to_publish.put_nowait(skipped)
+        self._have_frame.set()
+
+    # ------------------------------------------------------------ stages
+    async def _next_waiting(self) -> Frame:
+        while not self._waiting:
+            self._have_frame.clear()
+            await self._have_frame.wait()
+        return self._waiting.popleft()
+
+    async def _infer_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            frame = await self._next_waiting()
+            try:
+                frame.probabilities = await loop.run_in_executor(
+                    self._infer_pool, self.segmenter.predict, frame.image
+                )
+            except Exception as exc:  # a model fault fails this frame, not the service
+                self._fail(frame, "inference", exc)
+            frame.stamp("inferred")
+            await self._to_analyse.put(frame)
+
+    def _analyse(self, frame: Frame) -> None:
+        assert frame.probabilities is not None
+        labels = self.segmenter.labels(frame.probabilities)
+        frame.objects, frame.summary = measure_objects(
+            labels, frame.image, pixel_size_um=self.pixel_size_um
+        )
+        frame.labels = labels
+
+    async def _analyse_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            frame = await self._to_analyse.get()
+            if frame.error is None:
+                try:
+                    await loop.run_in_executor(self._analyse_pool, self._analyse, frame)
+                    self.counters.incr("analysed")
+                except Exception as exc:
+                    self._fail(frame, "analysis", exc)
+            frame.probabilities = None
+            frame.stamp("analysed")
+            self._to_publish.put_nowait(frame)
+
+    def _fail(self, frame: Frame, stage: str, exc: Exception) -> None:
+        frame.error = f"{stage} failed: {type(exc).__name__}: {exc}"
+        self.counters.incr("failed")
+        log.exception("frame %d: %s", frame.frame_id, frame.error)
+
+    async def _publish_loop(self) -> None:
+        while True:
+            frame = await self._to_publish.get()
+            try:
+                self._publish(frame)
+            except Exception:
+                log.exception("publishing frame %d failed", frame.frame_id)
+            finally:
+                self.counters.incr("published")
+                if self.source is not None:
+                    self.source.frame_done()
+
+    def _publish(self, frame: Frame) -> None:
+        frame.stamp("published")
+        base = frame.header()
+        pub = self.publisher
+        if self.frame_every and frame.frame_id % self.frame_every == 0 or frame.skipped:
+            head = {**base, "skipped": frame.skipped}
+            pub.publish("frame", head, {"image": frame.image})
+            self.latest["frame"] = head
+        if frame.truth is not None:
+            pub.publish("truth", dict(base), {"labels": frame.truth})
+        if frame.skipped:
+            return
+        if frame.error is not None:
+            pub.publish("event", {**base, "kind": "frame_failed", "detail": frame.error})
+            return
+        assert frame.labels is not None
+        pub.publish("labels", dict(base), {"labels": frame.labels})
+        measurements = {
+            **base,
+            "pixel_size_um": self.pixel_size_um,
+            "summary": frame.summary,
+            "objects": frame.objects,
+        }
+        pub.publish("measurements", measurements)
+        self.latest["labels"] = dict(base)
+        self.latest["measurements"] = measurements
+        self.last_analysed = frame
+        self.latency.add(frame)
+
+    def report(self) -> dict[str, Any]:
+        """Counters, queue depths and latency percentiles for the status topic."""
+        return {
+            **self.counters.snapshot(),
+            "queues": self.queue_depths(),
+            "latency_ms": self.latency.percentiles(),
+            "units": UNITS,
+        }

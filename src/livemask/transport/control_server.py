@@ -1,0 +1,123 @@
+"""The control server: a ZeroMQ ROUTER answering JSON requests (see docs/protocol.md)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from pydantic import ValidationError
+
+from livemask import protocol
+from livemask.errors import CommandError, ConfigError
+
+__all__ = ["DEFAULT_CONTROL_ADDRESS", "ControlServer", "Handler"]
+
+DEFAULT_CONTROL_ADDRESS = "tcp://127.0.0.1:5556"
+
+logger = logging.getLogger("livemask")
+
+Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
+"""``async handler(cmd, args) -> result``; raises CommandError for error replies."""
+
+
+class ControlServer:
+    """Asyncio ROUTER server: one JSON request in, one JSON reply out.
+
+    REQ peers (``[identity, b"", payload]``) and DEALER peers (``[identity, payload]``)
+    are both answered with the envelope they came with. Requests are handled one at a
+    time, in arrival order. The handler raises :class:`CommandError` for an error reply
+    (including ``unknown_command``); a pydantic ``ValidationError`` becomes
+    ``invalid_args``; any other exception becomes ``internal`` and is logged. No request
+    can stop the server. Stop it with ``task.cancel()`` then :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        handler: Handler,
+        *,
+        context: zmq.asyncio.Context | None = None,
+    ) -> None:
+        self.address = address
+        self._handler = handler
+        self._context = context
+        self._socket: zmq.asyncio.Socket | None = None
+        self._closed = False
+        self.requests = 0
+        self.errors = 0
+
+    def start(self) -> ControlServer:
+        """Create and bind the ROUTER socket; returns ``self``."""
+        if self._closed:
+            raise RuntimeError("control server is closed; create a new ControlServer")
+        if self._socket is not None:
+            return self
+        ctx = self._context if self._context is not None else zmq.asyncio.Context.instance()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        try:
+            sock.bind(self.address)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise ConfigError(
+                f"cannot bind the control server to {self.address!r}: {exc}. Is another "
+                "`livemask serve` running? Choose another address (e.g. --control "
+                "tcp://127.0.0.1:5566, or port * for a random one)."
+            ) from exc
+        self._socket = sock
+        return self
+
+    @property
+    def bound_address(self) -> str:
+        """The actual endpoint (resolves ``tcp://127.0.0.1:*`` to its port)."""
+        if self._socket is None:
+            raise RuntimeError("control server is not started; call start() first")
+        endpoint = self._socket.getsockopt(zmq.LAST_ENDPOINT)
+        return endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)
+
+    async def serve(self) -> None:
+        """Answer requests forever (starts the socket if needed). Cancel to stop."""
+        if self._socket is None:
+            self.start()
+        sock = self._socket
+        assert sock is not None
+        while True:
+            frames: list[bytes] = await sock.recv_multipart()
+            if len(frames) < 2:  # ROUTER always prepends the identity; be defensive
+                continue
+            envelope, payload = frames[:-1], frames[-1]
+            reply = await self.handle(payload)
+            await sock.send_multipart([*envelope, reply])
+
+    async def handle(self, payload: bytes) -> bytes:
+        """Turn one raw request into one raw reply; never raises (except cancellation)."""
+        self.requests += 1
+        req_id = protocol.peek_request_id(payload)
+        try:
+            request = protocol.parse_request(payload)
+            req_id = request.id
+            result = await self._handler(request.cmd, request.args)
+            return protocol.ok_reply(req_id, result)
+        except CommandError as exc:
+            self.errors += 1
+            return protocol.error_reply(req_id, exc.code, exc.message)
+        except ValidationError as exc:
+            self.errors += 1
+            return protocol.error_reply(
+                req_id, protocol.INVALID_ARGS, protocol.format_validation_error(exc)
+            )
+        except Exception as exc:
+            self.errors += 1
+            logger.exception("control request %r failed", bytes(payload)[:200])
+            return protocol.error_reply(req_id, protocol.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    def close(self) -> None:
+        """Close the socket; idempotent."""
+        self._closed = True
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None

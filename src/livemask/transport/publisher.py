@@ -1,0 +1,204 @@
+"""Publishing messages: the ZeroMQ PUB publisher and an in-memory fake for tests."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import zmq
+
+from livemask import protocol
+from livemask.errors import ConfigError
+from livemask.protocol import Message
+
+__all__ = ["DEFAULT_PUB_ADDRESS", "MemoryPublisher", "Publisher", "ZmqPublisher"]
+
+DEFAULT_PUB_ADDRESS = "tcp://127.0.0.1:5555"
+
+
+@runtime_checkable
+class Publisher(Protocol):
+    """What the pipeline needs from a publisher."""
+
+    def publish(
+        self,
+        topic: str,
+        header: Mapping[str, Any],
+        arrays: Mapping[str, np.ndarray] | None = None,
+    ) -> int:
+        """Send one message; return the ``seq`` it was given."""
+        ...
+
+    def close(self) -> None:
+        """Release resources; idempotent."""
+        ...
+
+
+def _stamp_published(header: Mapping[str, Any], seq: int) -> dict[str, Any]:
+    """Copy of ``header`` with ``seq`` and, when it has a ``t`` dict, ``t.published``."""
+    out = dict(header)
+    out["seq"] = seq
+    stamps = out.get("t")
+    if isinstance(stamps, Mapping) and "published" not in stamps:
+        out["t"] = {**stamps, "published": time.time()}
+    return out
+
+
+class ZmqPublisher:
+    """ZeroMQ PUB publisher of protocol v1 messages.
+
+    ``publish`` never blocks and never raises because a subscriber is slow or gone: PUB
+    drops messages at the high-water mark (``sndhwm`` messages per subscriber) and every
+    message gets a per-topic ``seq`` so subscribers see the gaps.
+
+    Not thread-safe: use it from one thread only (the service's asyncio loop). Arrays are
+    sent zero-copy, so they must not be modified after ``publish`` returns.
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_PUB_ADDRESS,
+        *,
+        sndhwm: int = 100,
+        context: zmq.Context[Any] | None = None,
+    ) -> None:
+        self.address = address
+        self.sndhwm = sndhwm
+        self._context = context
+        self._socket: zmq.Socket[Any] | None = None
+        self._closed = False
+        self._seq: dict[str, int] = {}
+        self.sent: dict[str, int] = {}
+        self.dropped: dict[str, int] = {}
+
+    def start(self) -> ZmqPublisher:
+        """Create and bind the PUB socket; returns ``self``."""
+        if self._closed:
+            raise RuntimeError("publisher is closed; create a new ZmqPublisher")
+        if self._socket is not None:
+            return self
+        ctx = self._context if self._context is not None else zmq.Context.instance()
+        sock = ctx.socket(zmq.PUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, self.sndhwm)
+        try:
+            sock.bind(self.address)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise ConfigError(
+                f"cannot bind the publisher to {self.address!r}: {exc}. Is another "
+                "`livemask serve` running? Choose another address (e.g. --pub "
+                "tcp://127.0.0.1:5565, or port * for a random one)."
+            ) from exc
+        self._socket = sock
+        return self
+
+    @property
+    def bound_address(self) -> str:
+        """The actual endpoint (resolves ``tcp://127.0.0.1:*`` to its port)."""
+        if self._socket is None:
+            raise RuntimeError("publisher is not started; call start() first")
+        endpoint = self._socket.getsockopt(zmq.LAST_ENDPOINT)
+        return endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)
+
+    def publish(
+        self,
+        topic: str,
+        header: Mapping[str, Any],
+        arrays: Mapping[str, np.ndarray] | None = None,
+    ) -> int:
+        """Encode and send one message without blocking; return its ``seq``.
+
+        ``seq`` is taken even when the message is dropped, so the drop shows as a gap.
+        ``t.published`` is stamped now when ``header["t"]`` is a dict without it.
+        """
+        if self._socket is None:
+            raise RuntimeError("publisher is not started (or closed); call start() first")
+        seq = self._seq.get(topic, 0)
+        parts = protocol.encode(topic, _stamp_published(header, seq), arrays)
+        self._seq[topic] = seq + 1
+        try:
+            self._socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self.dropped[topic] = self.dropped.get(topic, 0) + 1
+        else:
+            self.sent[topic] = self.sent.get(topic, 0) + 1
+        return seq
+
+    def next_seq(self, topic: str) -> int:
+        """The ``seq`` the next message on ``topic`` will get."""
+        return self._seq.get(topic, 0)
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """``{"sent": {topic: n}, "dropped": {topic: n}, "next_seq": {topic: n}}``."""
+        return {
+            "sent": dict(self.sent),
+            "dropped": dict(self.dropped),
+            "next_seq": dict(self._seq),
+        }
+
+    def close(self) -> None:
+        """Close the socket (LINGER 0: unsent messages are discarded). Idempotent."""
+        self._closed = True
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    def __enter__(self) -> ZmqPublisher:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class MemoryPublisher:
+    """In-memory :class:`Publisher` for tests: records every message, decoded.
+
+    Messages go through :func:`protocol.encode` and :func:`protocol.decode`, so tests
+    exercise the real wire format. Arrays in recorded messages are copies.
+    """
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self.closed = False
+        self._seq: dict[str, int] = {}
+        self.sent: dict[str, int] = {}
+        self.dropped: dict[str, int] = {}
+
+    def publish(
+        self,
+        topic: str,
+        header: Mapping[str, Any],
+        arrays: Mapping[str, np.ndarray] | None = None,
+    ) -> int:
+        """Record one message; return its ``seq``."""
+        if self.closed:
+            raise RuntimeError("publisher is closed")
+        seq = self._seq.get(topic, 0)
+        parts = protocol.encode(topic, _stamp_published(header, seq), arrays)
+        self._seq[topic] = seq + 1
+        # Copy the buffers as a socket would, so later changes to the arrays don't show.
+        msg = protocol.decode([bytes(p) for p in parts])
+        self.messages.append(msg)
+        self.sent[topic] = self.sent.get(topic, 0) + 1
+        return seq
+
+    def by_topic(self, topic: str) -> list[Message]:
+        """The recorded messages of one topic, in order."""
+        return [m for m in self.messages if m.topic == topic]
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Same shape as :meth:`ZmqPublisher.counters`."""
+        return {"sent": dict(self.sent), "dropped": dict(self.dropped), "next_seq": dict(self._seq)}
+
+    def close(self) -> None:
+        """Mark closed; idempotent."""
+        self.closed = True

@@ -1,0 +1,163 @@
+"""A terminal view of the live measurement stream (``livemask watch``, ``serve --view``)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict, deque
+from typing import Any
+
+import numpy as np
+from rich.console import Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from livemask.analysis.metrics import MatchResult, aggregate, match_instances
+from livemask.client.subscriber import AsyncSubscriber, Subscriber
+from livemask.protocol import Message
+
+
+class TruthScore:
+    """Pairs published labels with ground truth by ``frame_id`` and scores them."""
+
+    def __init__(self, keep: int = 64) -> None:
+        self._labels: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._truth: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._keep = keep
+        self.results: list[MatchResult] = []
+
+    def add(self, msg: Message) -> MatchResult | None:
+        """Take a ``labels`` or ``truth`` message; returns a score when a pair completes."""
+        fid = int(msg.header["frame_id"])
+        mine, other = (
+            (self._labels, self._truth) if msg.topic == "labels" else (self._truth, self._labels)
+        )
+        mine[fid] = msg.arrays["labels"].copy()
+        while len(mine) > self._keep:
+            mine.popitem(last=False)
+        if fid not in other:
+            return None
+        pred = self._labels.pop(fid)
+        truth = self._truth.pop(fid)
+        result = match_instances(truth, pred, iou_threshold=0.5)
+        self.results.append(result)
+        return result
+
+    def total(self) -> MatchResult | None:
+        """Micro-averaged score over all scored frames."""
+        return aggregate(self.results) if self.results else None
+
+
+def _fmt(value: Any, spec: str = ".1f") -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return format(value, spec)
+    return str(value)
+
+
+class ConsoleView:
+    """Keeps the latest state of the stream and renders it as rich tables."""
+
+    def __init__(self) -> None:
+        self.measurements: dict[str, Any] | None = None
+        self.status: dict[str, Any] = {}
+        self.events: deque[str] = deque(maxlen=5)
+        self.arrivals: deque[float] = deque(maxlen=50)
+        self.score = TruthScore()
+        self.gaps: dict[str, int] = {}
+
+    def update(self, msg: Message) -> None:
+        """Fold one message into the view."""
+        if msg.topic == "measurements":
+            self.measurements = msg.header
+            self.arrivals.append(time.monotonic())
+        elif msg.topic == "status":
+            self.status = msg.header
+        elif msg.topic == "event":
+            self.events.append(f"{msg.header.get('kind')}: {msg.header.get('detail', '')}"[:100])
+        elif msg.topic in ("labels", "truth"):
+            self.score.add(msg)
+
+    def fps(self) -> float | None:
+        """Measurement messages per second over the recent window."""
+        if len(self.arrivals) < 2:
+            return None
+        span = self.arrivals[-1] - self.arrivals[0]
+        return (len(self.arrivals) - 1) / span if span > 0 else None
+
+    def render(self) -> Group:
+        """The current view."""
+        top = Table(title="livemask — live measurements", show_header=False, expand=False)
+        top.add_column("what", style="bold cyan")
+        top.add_column("value")
+        st = self.status
+        m = self.measurements or {}
+        summary = m.get("summary") or {}
+        lat = (st.get("latency_ms") or {}).get("end_to_end") or {}
+        top.add_row("state", f"{st.get('state', '?')} ({st.get('mode', '?')}), "
+                    f"model {st.get('model', '?')} on {st.get('backend', '?')}")
+        top.add_row("frame", f"{m.get('frame_id', '–')}  index {m.get('index', {})}")
+        top.add_row("nuclei", _fmt(summary.get("count")))
+        top.add_row("mean area", f"{_fmt(summary.get('mean_area_px'))} px  "
+                    f"({_fmt(summary.get('mean_area_um2'))} µm²)")
+        top.add_row("mean intensity", _fmt(summary.get("mean_intensity")))
+        top.add_row("rate", f"{_fmt(self.fps())} frames/s")
+        top.add_row("latency e2e", f"p50 {_fmt(lat.get('p50'))} ms, p99 {_fmt(lat.get('p99'))} ms")
+        top.add_row(
+            "frames",
+            f"acquired {st.get('frames_acquired', 0)}, analysed {st.get('frames_analysed', 0)}, "
+            f"skipped {st.get('frames_skipped', 0)}",
+        )
+        total = self.score.total()
+        if total is not None:
+            top.add_row("vs truth", f"F1@0.5 {total.f1:.3f} (P {total.precision:.3f}, "
+                        f"R {total.recall:.3f}) over {len(self.score.results)} frames")
+        objects = Table(title="largest objects", expand=False)
+        for col in ("label", "area µm²", "centroid (y, x)", "mean int."):
+            objects.add_column(col, justify="right")
+        objs = sorted(m.get("objects") or [], key=lambda o: -o.get("area_px", 0))[:5]
+        for o in objs:
+            cy, cx = o.get("centroid_yx", [0, 0])
+            objects.add_row(str(o.get("label")), _fmt(o.get("area_um2")),
+                            f"{cy:.0f}, {cx:.0f}", _fmt(o.get("mean_intensity")))
+        events = Text("\n".join(self.events) or "no events yet", style="dim")
+        return Group(top, objects, events)
+
+
+def topics_for(truth: bool) -> tuple[str, ...]:
+    """Topics the view subscribes to."""
+    base = ("measurements", "status", "event")
+    return (*base, "labels", "truth") if truth else base
+
+
+def watch(address: str, *, truth: bool = False, duration_s: float | None = None) -> ConsoleView:
+    """Show the stream at ``address`` until Ctrl-C or ``duration_s``."""
+    view = ConsoleView()
+    end = time.monotonic() + duration_s if duration_s else None
+    with Subscriber(address, topics_for(truth)) as sub, Live(
+        view.render(), refresh_per_second=4
+    ) as live:
+        while end is None or time.monotonic() < end:
+            msg = sub.recv(timeout_s=0.25)
+            if msg is not None:
+                view.update(msg)
+            live.update(view.render())
+    return view
+
+
+async def watch_async(address: str, *, truth: bool, stop: asyncio.Event) -> ConsoleView:
+    """The same view, inside a running event loop (``serve --view``)."""
+    view = ConsoleView()
+    async with AsyncSubscriber(address, topics_for(truth)) as sub:
+        with Live(view.render(), refresh_per_second=4) as live:
+            last = 0.0
+            while not stop.is_set():
+                msg = await sub.recv(timeout_s=0.25)
+                if msg is not None:
+                    view.update(msg)
+                if time.monotonic() - last > 0.25:
+                    live.update(view.render())
+                    last = time.monotonic()
+    return view

@@ -1,0 +1,97 @@
+"""Tests for livemask.analysis.normalize."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from livemask.analysis import percentile_normalize
+
+
+def test_min_max_map_to_zero_and_one_exactly() -> None:
+    image = np.arange(100, 200, dtype=np.uint16).reshape(10, 10)
+    out = percentile_normalize(image, 0.0, 100.0, subsample=1)
+    assert out.dtype == np.float32
+    assert out.shape == image.shape
+    assert out[0, 0] == 0.0
+    assert out[-1, -1] == pytest.approx(1.0)
+    # linear in between: value 150 is halfway-ish (50 of 99 steps)
+    assert out.flat[50] == pytest.approx(50 / 99, abs=1e-6)
+
+
+def test_default_percentiles_on_ramp() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.permutation(512 * 512).astype(np.float64).reshape(512, 512)
+    out = percentile_normalize(image)
+    # 1 % of the pixels lie below 0 and 0.2 % above 1 (estimate from a 1/16 subsample)
+    assert np.mean(out < 0) == pytest.approx(0.01, abs=0.002)
+    assert np.mean(out > 1) == pytest.approx(0.002, abs=0.002)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32, np.float32, np.float64])
+def test_dtypes(dtype: type) -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(10, 200, size=(64, 80)).astype(dtype)
+    out = percentile_normalize(image, 0.0, 100.0, subsample=1)
+    assert out.dtype == np.float32
+    assert out.min() == pytest.approx(0.0)
+    assert out.max() == pytest.approx(1.0)
+
+
+def test_input_not_modified() -> None:
+    image = np.linspace(0, 1, 100, dtype=np.float32).reshape(10, 10)
+    before = image.copy()
+    out = percentile_normalize(image)
+    assert out is not image
+    np.testing.assert_array_equal(image, before)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_flat_image_gives_zeros_without_warnings(dtype: type) -> None:
+    image = np.full((32, 32), 7, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = percentile_normalize(image)
+    assert out.dtype == np.float32
+    assert not out.any()
+
+
+def test_subsample_estimate_close_to_full() -> None:
+    rng = np.random.default_rng(1)
+    image = rng.gamma(2.0, 100.0, size=(512, 512)).astype(np.uint16)
+    fast = percentile_normalize(image, subsample=4)
+    full = percentile_normalize(image, subsample=1)
+    assert np.abs(fast - full).max() < 0.05
+
+
+def test_small_image_with_large_stride() -> None:
+    image = np.arange(9, dtype=np.uint16).reshape(3, 3)
+    out = percentile_normalize(image, 0.0, 100.0, subsample=8)
+    assert out[0, 0] == 0.0
+    assert out[2, 2] == pytest.approx(1.0)
+
+
+def test_clip() -> None:
+    image = np.arange(1000, dtype=np.float32).reshape(20, 50)
+    out = percentile_normalize(image, 10.0, 90.0, clip=True)
+    assert out.min() == 0.0
+    assert out.max() == 1.0
+
+
+def test_empty_image() -> None:
+    out = percentile_normalize(np.zeros((0, 5), dtype=np.uint16))
+    assert out.shape == (0, 5)
+    assert out.dtype == np.float32
+
+
+@pytest.mark.parametrize(("low", "high"), [(50.0, 50.0), (60.0, 40.0), (-1.0, 99.0), (1.0, 101.0)])
+def test_bad_percentiles(low: float, high: float) -> None:
+    with pytest.raises(ValueError, match="low"):
+        percentile_normalize(np.zeros((4, 4)), low, high)
+
+
+def test_bad_subsample() -> None:
+    with pytest.raises(ValueError, match="subsample"):
+        percentile_normalize(np.zeros((4, 4)), subsample=0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import ndimage
 from skimage.segmentation import watershed
 
@@ -33,7 +35,7 @@ def two_touching_discs(
 
 
 def test_two_touching_discs_split_at_the_neck() -> None:
-    fg, seeds, left, right = two_touching_discs()
+    fg, seeds, _, _ = two_touching_discs()
     labels = labels_from_probabilities(fg, seeds)
     assert_sequential_int32(labels)
     assert labels.max() == 2
@@ -197,3 +199,26 @@ def test_labels_from_mask_rectangle_is_not_oversegmented() -> None:
     for lab in range(1, labels.max() + 1):
         rows = np.flatnonzero((labels == lab).any(axis=1))
         assert rows.min() == 10 and rows.max() == 19
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    sigma=st.floats(1.0, 4.0),
+    min_area=st.sampled_from([1, 5, 30]),
+)
+def test_properties_on_random_maps(seed: int, sigma: float, min_area: int) -> None:
+    """Any input gives sequential int32 labels of connected objects inside the foreground."""
+    rng = np.random.default_rng(seed)
+    noise = ndimage.gaussian_filter(rng.random((48, 64)), sigma)
+    fg = (noise - noise.min()) / max(float(np.ptp(noise)), 1e-9)
+    seeds = np.clip(fg * 1.6 - 0.6, 0.0, 1.0)
+    labels = labels_from_probabilities(fg, seeds, min_area_px=min_area)
+    assert_sequential_int32(labels)
+    assert np.all(fg[labels > 0] > 0.5)
+    areas = np.bincount(labels.ravel())[1:]
+    assert np.all(areas >= min_area)
+    for lab in range(1, int(labels.max()) + 1):
+        assert ndimage.label(labels == lab)[1] == 1
+    if min_area == 1:  # nothing is dropped: every foreground pixel is labelled
+        np.testing.assert_array_equal(labels > 0, fg > 0.5)

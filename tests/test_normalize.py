@@ -33,7 +33,7 @@ def test_default_percentiles_on_ramp() -> None:
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32, np.float32, np.float64])
 def test_dtypes(dtype: type) -> None:
     rng = np.random.default_rng(0)
-    image = rng.integers(10, 200, size=(64, 80)).astype(dtype)
+    image: np.ndarray = rng.integers(10, 200, size=(64, 80)).astype(dtype)
     out = percentile_normalize(image, 0.0, 100.0, subsample=1)
     assert out.dtype == np.float32
     assert out.min() == pytest.approx(0.0)
@@ -50,7 +50,7 @@ def test_input_not_modified() -> None:
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
 def test_flat_image_gives_zeros_without_warnings(dtype: type) -> None:
-    image = np.full((32, 32), 7, dtype=dtype)
+    image: np.ndarray = np.full((32, 32), 7, dtype=dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out = percentile_normalize(image)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -81,7 +82,7 @@ async def _serve(cfg: Any, *, view: bool, exit_when_done: bool) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with Service(cfg) as service:
-        tasks = []
+        tasks: list[asyncio.Task[Any]] = []
         if view:
             address = service.publisher.bound_address
             tasks.append(asyncio.create_task(
@@ -109,10 +110,8 @@ def watch(
     """Show live measurements of a running service in the terminal."""
     from livemask.viewer import watch as run_watch
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         run_watch(pub, truth=truth, duration_s=duration)
-    except KeyboardInterrupt:
-        pass
 
 
 @app.command()

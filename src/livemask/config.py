@@ -37,7 +37,8 @@ class HardwareConfig(_Section):
     )
     core: Literal["auto", "unicore", "cmmcore"] = Field(
         default="auto",
-        description="auto: UniMMCore when the .cfg has '#py' Python-device lines, else CMMCorePlus.",
+        description="auto: UniMMCore when the .cfg has '#py' Python-device lines, "
+        "else CMMCorePlus.",
     )
     pixel_size_um: float | None = Field(
         default=None, gt=0, description="Overrides the core's pixel size calibration (µm/px)."
@@ -146,14 +147,17 @@ def _resolve(path: Path | None, base: Path) -> Path | None:
     return candidate if candidate.exists() or not path.exists() else path
 
 
-def parse_config(data: dict[str, Any] | None, *, base_dir: Path | None = None, source: str = "config") -> ServiceConfig:
+def parse_config(
+    data: dict[str, Any] | None, *, base_dir: Path | None = None, source: str = "config"
+) -> ServiceConfig:
     """Validate a config mapping; relative paths are resolved against ``base_dir``."""
     try:
         cfg = ServiceConfig.model_validate(data or {})
     except ValidationError as exc:
         raise ConfigError(f"invalid {source}:\n{_format_errors(exc)}") from None
     if base_dir is not None:
-        cfg.hardware.config_file = _resolve(cfg.hardware.config_file, base_dir) or cfg.hardware.config_file
+        hw = cfg.hardware
+        hw.config_file = _resolve(hw.config_file, base_dir) or hw.config_file
         cfg.model.path = _resolve(cfg.model.path, base_dir)
     return cfg
 

@@ -51,7 +51,7 @@ class TruthScore:
 
 def _fmt(value: Any, spec: str = ".1f") -> str:
     if value is None:
-        return "–"
+        return "-"
     if isinstance(value, float):
         return format(value, spec)
     return str(value)
@@ -98,7 +98,7 @@ class ConsoleView:
         lat = (st.get("latency_ms") or {}).get("end_to_end") or {}
         top.add_row("state", f"{st.get('state', '?')} ({st.get('mode', '?')}), "
                     f"model {st.get('model', '?')} on {st.get('backend', '?')}")
-        top.add_row("frame", f"{m.get('frame_id', '–')}  index {m.get('index', {})}")
+        top.add_row("frame", f"{m.get('frame_id', '-')}  index {m.get('index', {})}")
         top.add_row("nuclei", _fmt(summary.get("count")))
         top.add_row("mean area", f"{_fmt(summary.get('mean_area_px'))} px  "
                     f"({_fmt(summary.get('mean_area_um2'))} µm²)")

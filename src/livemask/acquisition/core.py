@@ -8,8 +8,12 @@ installed Micro-Manager (``mmcore install`` or ``MICROMANAGER_PATH``).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import re
+import time
+import weakref
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +22,7 @@ from pymmcore_plus.experimental.unicore import UniMMCore
 
 from livemask.errors import AcquisitionError, ConfigError
 
-__all__ = ["CoreKind", "describe_core", "open_core"]
+__all__ = ["CoreKind", "close_core", "describe_core", "open_core"]
 
 logger = logging.getLogger("livemask")
 
@@ -49,11 +53,43 @@ def open_core(cfg_path: str | Path, *, core: CoreKind = "auto") -> CMMCorePlus:
             f"could not load Micro-Manager config {str(path)!r} into {type(mmc).__name__}: "
             f"{exc}; check hardware.config_file (and hardware.core){hint}"
         ) from exc
+    _OPEN_CORES.add(mmc)
     _setup_shutter(mmc)
     _ensure_pixel_size(mmc)
     _check_simulated_pixel_size(mmc)
     logger.info("opened %s from %s: %s", type(mmc).__name__, path, describe_core(mmc))
     return mmc
+
+
+def close_core(mmc: CMMCorePlus, *, timeout_s: float = 5.0) -> None:
+    """Cancel a running MDA, unload all devices and stop the core's callback thread.
+
+    Call it when done with a core (idempotent). pymmcore 12.5 delivers C++ callbacks on
+    a thread of its own; if that thread still runs while Python shuts down, the process
+    aborts with "FATAL: exception not rethrown". Cores from :func:`open_core` that are
+    still open at exit are closed by an ``atexit`` hook.
+    """
+    if mmc.mda.is_running():
+        mmc.mda.cancel()
+        deadline = time.monotonic() + timeout_s
+        while mmc.mda.is_running() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    try:
+        mmc.unloadAllDevices()
+    finally:
+        with suppress(Exception):
+            super(CMMCorePlus, mmc).registerCallback(None)
+        _OPEN_CORES.discard(mmc)
+
+
+_OPEN_CORES: weakref.WeakSet[CMMCorePlus] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_cores() -> None:
+    for mmc in list(_OPEN_CORES):
+        with suppress(Exception):
+            close_core(mmc, timeout_s=1.0)
 
 
 def _choose_kind(path: Path, core: str) -> str:

@@ -193,7 +193,7 @@ class Pipeline:
         frame.stamp("published")
         base = frame.header()
         pub = self.publisher
-        if self.frame_every and frame.frame_id % self.frame_every == 0 or frame.skipped:
+        if (self.frame_every and frame.frame_id % self.frame_every == 0) or frame.skipped:
             head = {**base, "skipped": frame.skipped}
             pub.publish("frame", head, {"image": frame.image})
             self.latest["frame"] = head

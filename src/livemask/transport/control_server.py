@@ -65,8 +65,9 @@ class ControlServer:
             sock.close(linger=0)
             raise ConfigError(
                 f"cannot bind the control server to {self.address!r}: {exc}. Is another "
-                "`livemask serve` running? Choose another address (e.g. --control "
-                "tcp://127.0.0.1:5566, or port * for a random one)."
+                "`livemask serve` running? Choose another address with --control or "
+                "publish.control_address in the config (e.g. tcp://127.0.0.1:5566; port * "
+                "picks a free one)."
             ) from exc
         self._socket = sock
         return self

@@ -90,8 +90,9 @@ class ZmqPublisher:
             sock.close(linger=0)
             raise ConfigError(
                 f"cannot bind the publisher to {self.address!r}: {exc}. Is another "
-                "`livemask serve` running? Choose another address (e.g. --pub "
-                "tcp://127.0.0.1:5565, or port * for a random one)."
+                "`livemask serve` running? Choose another address with --pub or "
+                "publish.pub_address in the config (e.g. tcp://127.0.0.1:5565; port * "
+                "picks a free one)."
             ) from exc
         self._socket = sock
         return self

@@ -1,0 +1,49 @@
+"""Shared fixtures: service configs on random loopback ports."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from livemask.config import ServiceConfig, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_tcp_address() -> str:
+    """A loopback address with a port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"tcp://127.0.0.1:{port}"
+
+
+def make_config(**sections: Any) -> ServiceConfig:
+    """A test config: simulated hardware, random ports, a short sequence, truth on."""
+    data: dict[str, Any] = {
+        "hardware": {"config_file": str(ROOT / "hardware" / "simulated.cfg")},
+        "simulation": {"truth": True, "seed": 3},
+        "acquisition": {
+            "autostart": False,
+            "mode": "synchronized",  # deterministic frame counts; free-run tests switch
+            "sequence": {"time_plan": {"interval": 0.0, "loops": 12}},
+            "frame_timeout_s": 5.0,
+        },
+        "publish": {
+            "pub_address": "tcp://127.0.0.1:*",
+            "control_address": "tcp://127.0.0.1:*",
+            "heartbeat_s": 0.2,
+        },
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return parse_config(data)
+
+
+@pytest.fixture
+def service_config() -> ServiceConfig:
+    """The default test config."""
+    return make_config()

@@ -1,0 +1,221 @@
+"""Tests for livemask.analysis.measure against hand-computed values and scikit-image."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from skimage.draw import ellipse
+from skimage.measure import regionprops
+
+from livemask.analysis import UNITS, measure_objects
+
+
+def rectangle_frame() -> tuple[np.ndarray, np.ndarray]:
+    """Label 1: rows 2..5, cols 3..9 (4 x 7 = 28 px) on a constant image of 10."""
+    labels = np.zeros((12, 14), dtype=np.int32)
+    labels[2:6, 3:10] = 1
+    image = np.full(labels.shape, 10, dtype=np.uint16)
+    return labels, image
+
+
+def test_rectangle_hand_computed() -> None:
+    labels, image = rectangle_frame()
+    objects, summary = measure_objects(labels, image, pixel_size_um=0.5, decimals=None)
+    assert len(objects) == 1
+    o = objects[0]
+    assert o["label"] == 1
+    assert o["area_px"] == 28
+    assert o["area_um2"] == pytest.approx(7.0)
+    assert o["centroid_yx"] == pytest.approx([3.5, 6.0])
+    assert o["bbox"] == [2, 3, 6, 10]
+    assert o["mean_intensity"] == pytest.approx(10.0)
+    assert o["integrated_intensity"] == pytest.approx(280.0)
+    assert o["equivalent_diameter_um"] == pytest.approx(math.sqrt(4 * 28 / math.pi) * 0.5)
+    # variances of a 4 x 7 block: (4**2 - 1) / 12 = 1.25 and (7**2 - 1) / 12 = 4
+    assert o["eccentricity"] == pytest.approx(math.sqrt(1 - 1.25 / 4))
+    assert summary["count"] == 1
+    assert summary["foreground_fraction"] == pytest.approx(28 / (12 * 14))
+    assert summary["background_mean"] == pytest.approx(10.0)
+
+
+def test_disc_and_single_pixel() -> None:
+    labels = np.zeros((100, 100), dtype=np.int32)
+    yy, xx = np.indices(labels.shape)
+    labels[(yy - 40) ** 2 + (xx - 50) ** 2 <= 20**2] = 1
+    labels[90, 5] = 2
+    image = np.ones(labels.shape, dtype=np.float32)
+    objects, _ = measure_objects(labels, image, decimals=None)
+    d, p = objects
+    assert d["centroid_yx"] == pytest.approx([40.0, 50.0])
+    assert d["bbox"] == [20, 30, 61, 71]
+    assert d["area_px"] == pytest.approx(math.pi * 400, rel=0.01)
+    assert d["equivalent_diameter_um"] == pytest.approx(40.0, rel=0.01)
+    assert d["eccentricity"] < 0.05
+    assert p == {
+        "label": 2,
+        "area_px": 1,
+        "area_um2": 1.0,
+        "centroid_yx": [90.0, 5.0],
+        "bbox": [90, 5, 91, 6],
+        "mean_intensity": 1.0,
+        "integrated_intensity": 1.0,
+        "equivalent_diameter_um": pytest.approx(2 / math.sqrt(math.pi)),
+        "eccentricity": 0.0,
+    }
+
+
+def test_intensities_and_summary() -> None:
+    labels = np.zeros((10, 10), dtype=np.int32)
+    labels[0:2, 0:5] = 3  # 10 px at intensity 100
+    labels[5:10, 4:10] = 7  # 30 px at intensity 20
+    image = np.full(labels.shape, 5.0)
+    image[labels == 3] = 100.0
+    image[labels == 7] = 20.0
+    objects, summary = measure_objects(labels, image)
+    assert [o["label"] for o in objects] == [3, 7]
+    assert [o["area_px"] for o in objects] == [10, 30]
+    assert [o["mean_intensity"] for o in objects] == [100.0, 20.0]
+    assert [o["integrated_intensity"] for o in objects] == [1000.0, 600.0]
+    assert summary == {
+        "count": 2,
+        "mean_area_px": 20.0,
+        "median_area_px": 20.0,
+        "mean_area_um2": 20.0,
+        "mean_intensity": 60.0,
+        "total_intensity": 1600.0,
+        "foreground_fraction": 0.4,
+        "background_mean": 5.0,
+    }
+
+
+def test_pixel_size_scales_area_and_diameter() -> None:
+    labels, image = rectangle_frame()
+    (o1,), s1 = measure_objects(labels, image, pixel_size_um=1.0, decimals=None)
+    (o2,), s2 = measure_objects(labels, image, pixel_size_um=0.5, decimals=None)
+    assert o2["area_um2"] == pytest.approx(o1["area_um2"] / 4)
+    assert o2["equivalent_diameter_um"] == pytest.approx(o1["equivalent_diameter_um"] / 2)
+    assert o2["area_px"] == o1["area_px"]
+    assert s2["mean_area_um2"] == pytest.approx(s1["mean_area_um2"] / 4)
+
+
+@pytest.mark.parametrize("offset", [0, 1900])
+def test_matches_regionprops_on_random_ellipses(offset: int) -> None:
+    rng = np.random.default_rng(offset)
+    size = offset + 200
+    labels = np.zeros((size, size), dtype=np.int32)
+    image = rng.uniform(0, 4000, size=labels.shape)
+    lab = 0
+    for cy in range(offset + 20, offset + 200, 45):
+        for cx in range(offset + 20, offset + 200, 45):
+            lab += 1
+            rr, cc = ellipse(
+                cy,
+                cx,
+                rng.uniform(2, 18),
+                rng.uniform(2, 18),
+                shape=labels.shape,
+                rotation=rng.uniform(-np.pi, np.pi),
+            )
+            labels[rr, cc] = lab
+    objects, _ = measure_objects(labels, image, pixel_size_um=0.25, decimals=None)
+    props = regionprops(labels, intensity_image=image)
+    assert len(objects) == len(props) == lab
+    for o, p in zip(objects, props, strict=True):
+        assert o["label"] == p.label
+        assert o["area_px"] == p.area
+        assert o["bbox"] == list(p.bbox)
+        assert o["centroid_yx"] == pytest.approx(list(p.centroid), abs=1e-9)
+        assert o["mean_intensity"] == pytest.approx(p.intensity_mean, rel=1e-9)
+        assert o["equivalent_diameter_um"] == pytest.approx(
+            p.equivalent_diameter_area * 0.25, rel=1e-9
+        )
+        assert abs(o["eccentricity"] - p.eccentricity) < 1e-6
+
+
+def test_empty_labels() -> None:
+    labels = np.zeros((8, 8), dtype=np.int32)
+    image = np.full((8, 8), 3, dtype=np.uint16)
+    objects, summary = measure_objects(labels, image)
+    assert objects == []
+    assert summary == {
+        "count": 0,
+        "mean_area_px": None,
+        "median_area_px": None,
+        "mean_area_um2": None,
+        "mean_intensity": None,
+        "total_intensity": 0.0,
+        "foreground_fraction": 0.0,
+        "background_mean": 3.0,
+    }
+    json.dumps(summary, allow_nan=False)
+
+
+def test_all_foreground_has_no_background_mean() -> None:
+    labels = np.ones((4, 4), dtype=np.int32)
+    _, summary = measure_objects(labels, np.ones((4, 4)))
+    assert summary["background_mean"] is None
+    assert summary["foreground_fraction"] == 1.0
+
+
+def test_output_is_plain_json() -> None:
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 6, size=(32, 32)).astype(np.uint16)
+    image = rng.integers(0, 65535, size=(32, 32)).astype(np.uint16)
+    objects, summary = measure_objects(labels, image, pixel_size_um=0.1625)
+    text = json.dumps({"objects": objects, "summary": summary}, allow_nan=False)
+    assert json.loads(text)["summary"]["count"] == 5
+    for o in objects:
+        assert set(o) <= set(UNITS)
+        for key, value in o.items():
+            if isinstance(value, list):
+                assert all(type(v) in (int, float) for v in value), key
+            else:
+                assert type(value) in (int, float), key
+        assert type(o["label"]) is int and type(o["area_px"]) is int
+        assert all(type(v) is int for v in o["bbox"])
+    assert type(summary["count"]) is int
+
+
+def test_rounding() -> None:
+    labels = np.zeros((3, 3), dtype=np.int32)
+    labels[0, 0:2] = 1
+    labels[1, 0] = 1
+    image = np.array([[1.0, 2.0, 0], [2.0, 0, 0], [0, 0, 0]])
+    (o,), _ = measure_objects(labels, image, decimals=4)
+    assert o["centroid_yx"] == [0.3333, 0.3333]
+    assert o["mean_intensity"] == 1.6667
+
+
+def test_sparse_huge_label_ids() -> None:
+    labels = np.zeros((6, 6), dtype=np.int64)
+    labels[0:2, 0:2] = 2**40
+    labels[4:6, 3:6] = 5
+    objects, summary = measure_objects(labels, np.ones((6, 6)))
+    assert [(o["label"], o["area_px"], o["bbox"]) for o in objects] == [
+        (5, 6, [4, 3, 6, 6]),
+        (2**40, 4, [0, 0, 2, 2]),
+    ]
+    assert summary["count"] == 2
+
+
+def test_units_descriptor() -> None:
+    assert UNITS["area_um2"] == "µm²"
+    assert UNITS["mean_intensity"] == "camera counts (ADU)"
+    labels, image = rectangle_frame()
+    (o,), _ = measure_objects(labels, image)
+    assert set(o) <= set(UNITS)
+
+
+def test_bad_inputs() -> None:
+    labels, image = rectangle_frame()
+    with pytest.raises(ValueError, match="shape"):
+        measure_objects(labels, image[:-1])
+    with pytest.raises(ValueError, match="integer"):
+        measure_objects(labels.astype(float), image)
+    with pytest.raises(ValueError, match="pixel_size_um"):
+        measure_objects(labels, image, pixel_size_um=0)
+    with pytest.raises(ValueError, match=">= 0"):
+        measure_objects(-labels, image)

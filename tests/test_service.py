@@ -1,0 +1,249 @@
+"""Integration tests: the real service on loopback sockets with the simulated UniMMCore."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+
+from livemask.analysis.metrics import aggregate, match_instances
+from livemask.client import AsyncSubscriber, ControlClient
+from livemask.config import ServiceConfig
+from livemask.errors import ControlError
+from livemask.protocol import Message
+from livemask.service.app import Service
+from tests.conftest import make_config
+
+ALL = ("frame", "labels", "measurements", "status", "event", "truth")
+
+
+@pytest.fixture
+async def service(service_config: ServiceConfig) -> AsyncIterator[Service]:
+    svc = Service(service_config)
+    await svc.start()
+    try:
+        yield svc
+    finally:
+        await svc.close()
+
+
+async def control(svc: Service, cmd: str, **args: Any) -> Any:
+    """Send one control request from a worker thread (the client is synchronous)."""
+
+    def _call() -> Any:
+        with ControlClient(svc.control.bound_address, timeout_s=3.0, retries=1) as client:
+            return client.request(cmd, **args)
+
+    return await asyncio.to_thread(_call)
+
+
+async def collect_run(
+    svc: Service, topics: tuple[str, ...] = ALL, *, start: bool = True, timeout_s: float = 60
+) -> dict[str, list[Message]]:
+    """Subscribe, start the configured sequence, and collect until it has finished."""
+    got: dict[str, list[Message]] = defaultdict(list)
+    async with AsyncSubscriber(svc.publisher.bound_address, topics) as sub:
+        await asyncio.sleep(0.3)  # let the subscription reach the publisher (slow joiner)
+        if start:
+            await control(svc, "start")
+        deadline = time.monotonic() + timeout_s
+        finished = False
+        drain_until: float | None = None
+        while time.monotonic() < deadline:
+            msg = await sub.recv(timeout_s=0.1)
+            if msg is not None:
+                got[msg.topic].append(msg)
+                finished |= msg.topic == "event" and msg.header["kind"] == "acquisition_finished"
+            if drain_until is None and finished and svc.pipeline.in_flight == 0:
+                drain_until = time.monotonic() + 0.5  # everything is sent; let it arrive
+            if drain_until is not None and time.monotonic() > drain_until:
+                break
+        assert finished, "acquisition did not finish in time"
+    return got
+
+
+async def test_end_to_end_topics_and_headers(service: Service) -> None:
+    got = await collect_run(service)
+    frames, labels, meas, truth = (got[t] for t in ("frame", "labels", "measurements", "truth"))
+    assert len(frames) == len(labels) == len(meas) == len(truth) == 12
+    for topic in ("frame", "labels", "measurements", "truth"):
+        seqs = [m.header["seq"] for m in got[topic]]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    for f, lab, m in zip(frames, labels, meas, strict=True):
+        assert f.header["v"] == 1 and f.header["frame_id"] == lab.header["frame_id"]
+        image = f.arrays["image"]
+        assert image.dtype == np.uint16 and image.shape == (512, 512)
+        assert lab.arrays["labels"].shape == image.shape
+        assert lab.arrays["labels"].dtype == np.int32
+        t = m.header["t"]
+        assert t["acquired"] <= t["inferred"] <= t["analysed"] <= t["published"]
+        assert "t" in m.header["index"]
+        assert set(m.header["position"]) == {"x_um", "y_um", "z_um"}
+        summary, objects = m.header["summary"], m.header["objects"]
+        assert summary["count"] == len(objects) == len(np.unique(lab.arrays["labels"])) - 1
+        for o in objects[:5]:
+            assert {"label", "area_px", "centroid_yx", "bbox", "mean_intensity"} <= set(o)
+    assert [m.header["index"]["t"] for m in meas] == list(range(12))
+    status = got["status"][-1].header
+    assert status["frames_acquired"] == 12 and status["frames_skipped"] == 0
+
+
+async def test_live_labels_match_ground_truth(service: Service) -> None:
+    got = await collect_run(service, ("labels", "truth", "event"))
+    truth = {m.header["frame_id"]: m.arrays["labels"] for m in got["truth"]}
+    results = [
+        match_instances(truth[m.header["frame_id"]], m.arrays["labels"]) for m in got["labels"]
+    ]
+    total = aggregate(results)
+    assert total.n_true > 500
+    assert total.f1 >= 0.8, total
+
+
+async def test_synchronized_mode_analyses_every_frame() -> None:
+    cfg = make_config(acquisition={"mode": "synchronized"})
+    async with Service(cfg) as svc:
+        got = await collect_run(svc, ("measurements", "frame", "event"))
+        assert len(got["measurements"]) == 12
+        assert not any(f.header["skipped"] for f in got["frame"])
+        # each event was released only after the previous frame was published
+        acquired = [m.header["t"]["acquired"] for m in got["measurements"]]
+        published = [m.header["t"]["published"] for m in got["measurements"]]
+        assert all(a_next >= p for p, a_next in zip(published, acquired[1:], strict=False))
+
+
+async def test_free_run_skips_frames_when_analysis_is_slow(service: Service) -> None:
+    await control(service, "set", mode="free-run")
+    seg = service.pipeline.segmenter
+    real_predict = seg.predict
+
+    def slow_predict(image: np.ndarray) -> np.ndarray:
+        time.sleep(0.15)
+        return real_predict(image)
+
+    seg.predict = slow_predict  # type: ignore[method-assign]
+    got = await collect_run(service, ("frame", "measurements", "event"))
+    counts = service.pipeline.counters.snapshot()
+    assert counts["frames_acquired"] == 12
+    assert counts["frames_skipped"] > 0
+    assert counts["frames_analysed"] + counts["frames_skipped"] == 12
+    skipped = [f for f in got["frame"] if f.header["skipped"]]
+    assert len(skipped) == counts["frames_skipped"], [(f.header["frame_id"], f.header["seq"], f.header["skipped"]) for f in got["frame"]]
+    assert len(got["measurements"]) == counts["frames_analysed"], ([m.header["frame_id"] for m in got["measurements"]], [(f.header["frame_id"], f.header["skipped"]) for f in got["frame"]], [e.header["kind"] for e in got["event"]])
+
+
+async def test_model_failure_is_reported_and_service_goes_on(service: Service) -> None:
+    seg = service.pipeline.segmenter
+    real_predict = seg.predict
+    calls = {"n": 0}
+
+    def flaky(image: np.ndarray) -> np.ndarray:
+        calls["n"] += 1
+        if calls["n"] % 3 == 0:
+            raise RuntimeError("injected model fault")
+        return real_predict(image)
+
+    seg.predict = flaky  # type: ignore[method-assign]
+    got = await collect_run(service, ("measurements", "event"))
+    failed = [e for e in got["event"] if e.header["kind"] == "frame_failed"]
+    assert failed and "injected model fault" in failed[0].header["detail"]
+    assert len(got["measurements"]) + len(failed) == 12
+    status = await control(service, "status")
+    assert status["frames_failed"] == len(failed)
+
+
+async def test_subscriber_that_stops_reading_does_not_stall(service: Service) -> None:
+    ctx = zmq.Context.instance()
+    stalled = ctx.socket(zmq.SUB)
+    stalled.setsockopt(zmq.LINGER, 0)
+    stalled.setsockopt(zmq.RCVHWM, 2)
+    stalled.setsockopt(zmq.RCVBUF, 4096)
+    stalled.setsockopt(zmq.SUBSCRIBE, b"")
+    stalled.connect(service.publisher.bound_address)
+    try:
+        service.config.acquisition.sequence = {"time_plan": {"interval": 0, "loops": 60}}
+        got = await collect_run(service, ("measurements", "event"))
+        assert len(got["measurements"]) == 60
+        assert service.pipeline.counters.snapshot()["frames_published"] == 60
+    finally:
+        stalled.close(linger=0)
+
+
+async def test_enqueue_snapshot_and_set(service: Service) -> None:
+    service.config.acquisition.sequence = {"time_plan": {"interval": 0.05, "loops": 30}}
+    async with AsyncSubscriber(service.publisher.bound_address, ("measurements",)) as sub:
+        await asyncio.sleep(0.3)
+        await control(service, "start")
+        reply = await control(service, "enqueue", events=[{"x_pos": 100.0, "y_pos": 50.0}])
+        assert reply == {"enqueued": 1, "started": False}
+        changed = await control(service, "set", exposure_ms=20.0, mode="synchronized")
+        assert changed == {"exposure_ms": 20.0, "mode": "synchronized"}
+        moved = None
+        for _ in range(200):
+            msg = await sub.recv(timeout_s=1.0)
+            assert msg is not None
+            if msg.header["position"]["x_um"] == 100.0:
+                moved = msg
+                break
+        assert moved is not None, "the enqueued event never produced a frame"
+    snap = await control(service, "snapshot", arrays=True)
+    assert snap["latest"]["measurements"]["frame_id"] >= moved.header["frame_id"]
+    assert snap["next_seq"]["measurements"] >= 1
+    assert snap["arrays"]["labels"]["dtype"] == "<i4"
+    assert snap["status"]["mode"] == "synchronized"
+    await control(service, "stop")
+    assert (await control(service, "status"))["acquiring"] is False
+
+
+@pytest.mark.parametrize(
+    ("cmd", "args", "code", "needle"),
+    [
+        ("launch", {}, "unknown_command", "launch"),
+        ("set", {"mode": "fast"}, "invalid_args", "mode"),
+        ("set", {"exposure_ms": -1}, "invalid_args", "exposure_ms"),
+        ("set", {"gain": 2}, "invalid_args", "gain"),
+        ("start", {"sequence": {"time_plan": {"interval": "soon"}}}, "invalid_args", "sequence"),
+        ("enqueue", {"events": []}, "invalid_args", "events"),
+        ("enqueue", {"events": [{"x_pos": "left"}]}, "invalid_args", "x_pos"),
+    ],
+)
+async def test_bad_control_requests_get_error_replies(
+    service: Service, cmd: str, args: dict[str, Any], code: str, needle: str
+) -> None:
+    with pytest.raises(ControlError) as info:
+        await control(service, cmd, **args)
+    assert info.value.code == code
+    assert needle in info.value.message
+    assert (await control(service, "status"))["state"] == "idle"
+
+
+async def test_malformed_json_gets_bad_json_reply(service: Service) -> None:
+    def _raw() -> dict[str, Any]:
+        sock = zmq.Context.instance().socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, 3000)
+        sock.connect(service.control.bound_address)
+        try:
+            sock.send(b"{not json")
+            return json.loads(sock.recv())
+        finally:
+            sock.close(linger=0)
+
+    reply = await asyncio.to_thread(_raw)
+    assert reply["ok"] is False and reply["error"]["code"] == "bad_json"
+    assert (await control(service, "status"))["state"] == "idle"
+
+
+async def test_start_while_running_is_refused(service: Service) -> None:
+    service.config.acquisition.sequence = {"time_plan": {"interval": 0.05, "loops": 40}}
+    await control(service, "start")
+    with pytest.raises(ControlError) as info:
+        await control(service, "start")
+    assert info.value.code == "invalid_state"
+    await control(service, "stop")

@@ -1,0 +1,356 @@
+"""The simulated microscope through a real pymmcore-plus UniMMCore and hardware/simulated.cfg."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import useq
+from pymmcore_plus import CMMCorePlus
+from pymmcore_plus.experimental.unicore import UniMMCore
+from scipy import ndimage
+
+from livemask.acquisition.core import close_core, describe_core, open_core
+from livemask.acquisition.simulated.world import SimulatedWorld, configure_world, get_world
+from livemask.errors import AcquisitionError, ConfigError
+
+CFG = Path(__file__).resolve().parents[1] / "hardware" / "simulated.cfg"
+PIXEL_UM = 0.65
+OFFSET_ADU = 100.0
+
+OpenSim = Callable[..., tuple[UniMMCore, SimulatedWorld]]
+
+
+@pytest.fixture
+def open_sim() -> Iterator[OpenSim]:
+    """Factory: configure a fresh world (keyword arguments), then load the simulated cfg."""
+    cores: list[CMMCorePlus] = []
+
+    def _open(**world_kwargs: Any) -> tuple[UniMMCore, SimulatedWorld]:
+        world = configure_world(**{"seed": 3, **world_kwargs})
+        core = open_core(CFG)
+        cores.append(core)
+        assert isinstance(core, UniMMCore)
+        return core, world
+
+    yield _open
+    for core in cores:
+        close_core(core)
+
+
+@pytest.fixture
+def sim(open_sim: OpenSim) -> tuple[UniMMCore, SimulatedWorld]:
+    return open_sim()
+
+
+@pytest.fixture
+def static_sim(open_sim: OpenSim) -> tuple[UniMMCore, SimulatedWorld]:
+    """Sample time frozen (steps_per_frame=0): frames differ only by noise and settings."""
+    return open_sim(steps_per_frame=0)
+
+
+def _snap(core: CMMCorePlus) -> np.ndarray:
+    core.snapImage()
+    return core.getImage()
+
+
+def _truth(world: SimulatedWorld, image: np.ndarray) -> np.ndarray:
+    labels = world.truth_for(image)
+    assert labels is not None
+    return labels
+
+
+def _band_energy(image: np.ndarray) -> float:
+    image = image.astype(np.float64)
+    band = ndimage.gaussian_filter(image, 1) - ndimage.gaussian_filter(image, 3)
+    return float(np.mean(band**2))
+
+
+# ------------------------------------------------------------------ loading
+
+
+def test_cfg_loads_into_unicore(sim: tuple[UniMMCore, SimulatedWorld]) -> None:
+    core, _ = sim
+    info = describe_core(core)
+    assert info["core"] == "UniMMCore"
+    assert info["camera"] == "Camera"
+    assert info["image_shape"] == [512, 512]
+    assert info["pixel_size_um"] == pytest.approx(PIXEL_UM)
+    assert (info["xy_stage"], info["focus"], info["shutter"]) == ("XY", "Z", "Shutter")
+    assert info["channel_group"] == "Channel"
+    assert info["channels"] == ["DAPI", "GFP"]
+    assert info["channel"] == "DAPI"
+    assert info["auto_shutter"] is False and core.getShutterOpen()
+    assert set(info["python_devices"]) == {"Camera", "XY", "Z", "Shutter", "Filter"}
+    assert core.getPixelSizeAffine() == pytest.approx((PIXEL_UM, 0, 0, 0, PIXEL_UM, 0))
+
+
+def test_missing_cfg_is_a_config_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.cfg"
+    with pytest.raises(ConfigError, match=r"nope\.cfg.*hardware\.config_file"):
+        open_core(missing)
+
+
+def test_unknown_core_kind_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"hardware\.core"):
+        open_core(CFG, core="pycore")  # type: ignore[arg-type]
+
+
+def test_bad_python_device_is_an_acquisition_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.cfg"
+    cfg.write_text("#py pyDevice,Camera,livemask.no_such_module,SimCamera\n")
+    with pytest.raises(AcquisitionError, match=r"no_such_module.*check hardware\.config_file"):
+        open_core(cfg)
+
+
+def test_missing_cpp_adapter_is_an_acquisition_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "rig.cfg"
+    cfg.write_text("Device,Camera,NoSuchAdapterLibrary,DCam\nProperty,Core,Initialize,1\n")
+    with pytest.raises(AcquisitionError, match=r"check hardware\.config_file"):
+        open_core(cfg)
+
+
+def test_auto_picks_cmmcore_without_py_lines(tmp_path: Path) -> None:
+    cfg = tmp_path / "empty.cfg"
+    cfg.write_text("# a rig without devices\n")
+    core = open_core(cfg)
+    try:
+        assert type(core) is CMMCorePlus
+        assert core.getAutoShutter() is False  # no shutter device
+        assert describe_core(core)["camera"] == ""
+    finally:
+        close_core(core)
+
+
+# ------------------------------------------------------------------ camera
+
+
+def test_snap_shape_and_dtype(sim: tuple[UniMMCore, SimulatedWorld]) -> None:
+    core, world = sim
+    image = _snap(core)
+    assert image.shape == (512, 512) == world.sensor_shape
+    assert image.dtype == np.uint16
+    assert (core.getImageHeight(), core.getImageWidth(), core.getBytesPerPixel()) == (512, 512, 2)
+    assert image.mean() > OFFSET_ADU + 5
+
+
+def test_exposure_property(static_sim: tuple[UniMMCore, SimulatedWorld]) -> None:
+    core, _ = static_sim
+    core.setProperty("Camera", "Exposure", "20")
+    assert core.getExposure() == pytest.approx(20.0)
+    short = _snap(core).mean()
+    core.setExposure(40.0)
+    assert float(core.getProperty("Camera", "Exposure")) == pytest.approx(40.0)
+    long = _snap(core).mean()
+    assert (long - OFFSET_ADU) / (short - OFFSET_ADU) == pytest.approx(2.0, rel=0.05)
+    with pytest.raises(Exception, match="range"):
+        core.setProperty("Camera", "Exposure", "-1")
+
+
+def test_xy_move_shifts_the_image(static_sim: tuple[UniMMCore, SimulatedWorld]) -> None:
+    core, world = static_sim
+    core.setXYPosition(0.0, 0.0)
+    before = _truth(world, _snap(core))
+    dx_px, dy_px = 40, 24
+    core.setXYPosition(dx_px * PIXEL_UM, dy_px * PIXEL_UM)
+    assert core.getXYPosition() == pytest.approx((dx_px * PIXEL_UM, dy_px * PIXEL_UM))
+    after = _truth(world, _snap(core))
+    # +x / +y on the stage move the content left / up by the move in pixels
+    same = after[: 512 - dy_px, : 512 - dx_px] == before[dy_px:, dx_px:]
+    assert same.mean() > 0.995
+    assert not np.array_equal(after, before)
+
+
+def test_xy_origin_zeroes_coordinates_without_moving(
+    static_sim: tuple[UniMMCore, SimulatedWorld],
+) -> None:
+    core, world = static_sim
+    core.setXYPosition(100.0, -50.0)
+    core.setOriginXY()
+    assert core.getXYPosition() == pytest.approx((0.0, 0.0))
+    assert world.xy_um == pytest.approx((100.0, -50.0))
+    core.setXYPosition(10.0, 10.0)
+    assert world.xy_um == pytest.approx((110.0, -40.0))
+
+
+def test_z_defocus_blurs(static_sim: tuple[UniMMCore, SimulatedWorld]) -> None:
+    core, world = static_sim
+    core.setPosition(0.0)
+    sharp = _snap(core)
+    sharp_truth = _truth(world, sharp)
+    core.setPosition(5.0)
+    assert core.getPosition() == pytest.approx(5.0)
+    blurred = _snap(core)
+    record = world.truth_record_for(blurred)
+    assert record is not None and record.defocus_um == pytest.approx(5.0)
+    np.testing.assert_array_equal(record.labels, sharp_truth)
+    assert _band_energy(blurred) < 0.3 * _band_energy(sharp)
+
+
+def test_closed_shutter_gives_a_dark_frame(sim: tuple[UniMMCore, SimulatedWorld]) -> None:
+    core, world = sim
+    core.setShutterOpen(False)
+    assert not core.getShutterOpen()
+    assert core.getProperty("Shutter", "State") in ("0", 0)
+    dark = _snap(core)
+    assert float(dark.mean()) == pytest.approx(OFFSET_ADU, abs=1.0)
+    assert float(dark.std()) < 5.0  # read noise only
+    record = world.truth_record_for(dark)
+    assert record is not None and record.light == 0.0
+    core.setShutterOpen(True)
+    assert _snap(core).mean() > OFFSET_ADU + 5
+
+
+def test_channel_group_scales_intensity(static_sim: tuple[UniMMCore, SimulatedWorld]) -> None:
+    core, world = static_sim
+    core.setConfig("Channel", "DAPI")
+    dapi = _snap(core).mean() - OFFSET_ADU
+    core.setConfig("Channel", "GFP")
+    assert core.getCurrentConfig("Channel") == "GFP"
+    assert world.channel == "GFP"
+    gfp = _snap(core).mean() - OFFSET_ADU
+    assert gfp / dapi == pytest.approx(0.3, rel=0.1)
+    core.setProperty("Filter", "Label", "Empty")
+    assert _snap(core).mean() == pytest.approx(OFFSET_ADU, abs=1.0)
+
+
+def test_roi_crops_image_and_truth(static_sim: tuple[UniMMCore, SimulatedWorld]) -> None:
+    core, world = static_sim
+    full_truth = _truth(world, _snap(core))
+    core.setROI(10, 20, 100, 50)  # x, y, width, height
+    image = _snap(core)
+    assert image.shape == (50, 100)
+    np.testing.assert_array_equal(_truth(world, image), full_truth[20:70, 10:110])
+
+
+# ------------------------------------------------------------------ truth
+
+
+def test_truth_for_get_image(sim: tuple[UniMMCore, SimulatedWorld]) -> None:
+    core, world = sim
+    image = _snap(core)
+    labels = _truth(world, image)
+    assert labels.shape == image.shape and labels.dtype == np.int32
+    assert labels.max() > 0
+    assert not labels.flags.writeable  # shared truth is read-only
+    assert world.truth_for(core.getImage()) is labels
+    # a copy is found by its fingerprint, a foreign image is not
+    assert world.truth_for(image.copy()) is labels
+    assert world.truth_for(np.zeros_like(image)) is None
+
+
+def test_truth_of_earlier_frames_is_kept(sim: tuple[UniMMCore, SimulatedWorld]) -> None:
+    core, world = sim
+    first = _snap(core).copy()
+    first_truth = _truth(world, first)
+    for _ in range(3):
+        _snap(core)
+    assert world.truth_for(first) is first_truth
+
+
+def test_sample_time_advances_per_snap(open_sim: OpenSim) -> None:
+    core, world = open_sim(steps_per_frame=2)
+    steps = []
+    for _ in range(3):
+        record = world.truth_record_for(_snap(core))
+        assert record is not None
+        steps.append(record.step)
+    assert steps == [2, 4, 6]
+
+
+def test_same_seed_same_frames(open_sim: OpenSim) -> None:
+    core, _ = open_sim(seed=11)
+    first = [_snap(core).copy() for _ in range(2)]
+    close_core(core)
+    core, _ = open_sim(seed=11)
+    second = [_snap(core).copy() for _ in range(2)]
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------ MDA
+
+
+@pytest.mark.parametrize("interval_s", [0.0, 0.001], ids=["sequenced", "snapped"])
+def test_mda_frames_have_truth(sim: tuple[UniMMCore, SimulatedWorld], interval_s: float) -> None:
+    """interval 0 runs as one hardware sequence (frames are copies), > 0 as single snaps."""
+    core, world = sim
+    frames: list[tuple[np.ndarray, np.ndarray | None]] = []
+
+    def on_frame(image: np.ndarray, event: useq.MDAEvent, meta: dict) -> None:
+        frames.append((image, world.truth_for(image)))
+
+    core.mda.events.frameReady.connect(on_frame)
+    try:
+        plan = {"interval": interval_s, "loops": 5}
+        core.mda.run(useq.MDASequence.model_validate({"time_plan": plan}))
+    finally:
+        core.mda.events.frameReady.disconnect(on_frame)
+    assert len(frames) == 5
+    for image, labels in frames:
+        assert labels is not None and labels.shape == image.shape
+    assert len({id(labels) for _, labels in frames}) == 5
+
+
+def test_queue_fed_mda(sim: tuple[UniMMCore, SimulatedWorld]) -> None:
+    core, world = sim
+    stop = object()
+    events: queue.Queue[Any] = queue.Queue()
+    records: list[Any] = []
+
+    def on_frame(image: np.ndarray, event: useq.MDAEvent, meta: dict) -> None:
+        records.append((event, world.truth_record_for(image)))
+
+    core.mda.events.frameReady.connect(on_frame)
+    runner = threading.Thread(target=core.mda.run, args=(iter(events.get, stop),), daemon=True)
+    runner.start()
+    try:
+        positions = [(0.0, 0.0), (65.0, 0.0), (0.0, -32.5), (13.0, 13.0)]
+        for i, (x, y) in enumerate(positions):
+            channel = "GFP" if i == 3 else "DAPI"
+            event = {"index": {"t": i}, "x_pos": x, "y_pos": y, "channel": channel}
+            events.put(useq.MDAEvent.model_validate(event))
+    finally:
+        events.put(stop)
+        runner.join(timeout=30)
+        core.mda.events.frameReady.disconnect(on_frame)
+    assert not runner.is_alive()
+    assert len(records) == len(positions)
+    for (event, record), (x, y) in zip(records, positions, strict=True):
+        assert record is not None
+        assert record.stage_xy_um == pytest.approx((x, y))
+        assert record.channel == (event.channel.config if event.channel else "DAPI")
+    assert records[-1][1].channel == "GFP"
+
+
+# ------------------------------------------------------------------ world
+
+
+def test_configure_world_replaces_the_world() -> None:
+    first = configure_world(seed=1)
+    assert get_world() is first
+    second = configure_world(seed=2, sensor_shape=(128, 256))
+    assert get_world() is second and second.sensor_shape == (128, 256)
+
+
+def test_configure_world_rejects_unknown_sample() -> None:
+    with pytest.raises(ConfigError, match="grains"):
+        configure_world("grains")
+
+
+def test_snap_time(sim: tuple[UniMMCore, SimulatedWorld]) -> None:
+    """Measured, not asserted: one 512x512 snap + getImage through the core."""
+    core, _ = sim
+    _snap(core)
+    n = 20
+    t0 = time.perf_counter()
+    for _ in range(n):
+        _snap(core)
+    per_frame_ms = (time.perf_counter() - t0) / n * 1000
+    print(f"\nsimulated 512x512 snap through UniMMCore: {per_frame_ms:.1f} ms/frame")

@@ -134,8 +134,8 @@ async def test_free_run_skips_frames_when_analysis_is_slow(service: Service) -> 
     assert counts["frames_skipped"] > 0
     assert counts["frames_analysed"] + counts["frames_skipped"] == 12
     skipped = [f for f in got["frame"] if f.header["skipped"]]
-    assert len(skipped) == counts["frames_skipped"], [(f.header["frame_id"], f.header["seq"], f.header["skipped"]) for f in got["frame"]]
-    assert len(got["measurements"]) == counts["frames_analysed"], ([m.header["frame_id"] for m in got["measurements"]], [(f.header["frame_id"], f.header["skipped"]) for f in got["frame"]], [e.header["kind"] for e in got["event"]])
+    assert len(skipped) == counts["frames_skipped"]
+    assert len(got["measurements"]) == counts["frames_analysed"]
 
 
 async def test_model_failure_is_reported_and_service_goes_on(service: Service) -> None:

@@ -69,8 +69,12 @@ class AcquisitionConfig(_Section):
         default_factory=lambda: dict(DEFAULT_SEQUENCE),
         description="A useq.MDASequence (as YAML/JSON) run by `start` and on autostart.",
     )
-    first_frame_timeout_s: float = Field(default=30.0, gt=0)
-    frame_timeout_s: float = Field(default=10.0, gt=0)
+    frame_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="synchronized mode: longest wait for a frame's analysis before the next "
+        "event is released anyway (never hang on a lost frame).",
+    )
 
     @field_validator("sequence")
     @classmethod

@@ -48,6 +48,8 @@ def open_core(cfg_path: str | Path, *, core: CoreKind = "auto") -> CMMCorePlus:
     try:
         mmc.loadSystemConfiguration(str(path.resolve()))
     except Exception as exc:
+        with suppress(Exception):
+            close_core(mmc, timeout_s=0.0)
         hint = "" if kind == "unicore" else " and that Micro-Manager is installed (mmcore install)"
         raise AcquisitionError(
             f"could not load Micro-Manager config {str(path)!r} into {type(mmc).__name__}: "

@@ -1,0 +1,5 @@
+"""``python -m livemask`` runs the command line."""
+
+from livemask.cli import main
+
+main()

@@ -1,0 +1,52 @@
+"""Configuration loading and its error messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from livemask.config import load_config, parse_config
+from livemask.errors import ConfigError
+from tests.conftest import ROOT
+
+
+def test_defaults_are_valid() -> None:
+    cfg = parse_config({})
+    assert cfg.acquisition.mode == "free-run"
+    assert cfg.publish.pub_address.startswith("tcp://127.0.0.1")
+    assert cfg.acquisition.mda_sequence().sizes["t"] == 170
+
+
+def test_shipped_config_resolves_hardware_path() -> None:
+    cfg = load_config(ROOT / "configs" / "simulated-nuclei.yaml")
+    assert cfg.hardware.config_file.resolve() == (ROOT / "hardware" / "simulated.cfg").resolve()
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        ({"acquisition": {"mode": "turbo"}}, "acquisition.mode"),
+        ({"acquisition": {"sequence": {"time_plan": {"interval": "x"}}}}, "acquisition.sequence"),
+        ({"publish": {"frame_every": -1}}, "publish.frame_every"),
+        ({"model": {"threads": 0}}, "model.threads"),
+        ({"hardwre": {}}, "hardwre"),
+    ],
+)
+def test_errors_name_the_field(data: dict, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        parse_config(data)
+
+
+def test_non_mapping_yaml(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(p)
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)

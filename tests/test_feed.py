@@ -1,0 +1,72 @@
+"""The event feed that the MDA runner consumes."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import useq
+
+from livemask.acquisition.feed import EventFeed
+
+
+def _events(n: int) -> list[useq.MDAEvent]:
+    return [useq.MDAEvent(index={"t": i}) for i in range(n)]
+
+
+def test_planned_events_in_order_then_stop() -> None:
+    feed = EventFeed(_events(3))
+    assert [e.index["t"] for e in feed] == [0, 1, 2]
+    assert feed.issued == 3
+
+
+def test_injected_events_run_before_remaining_planned() -> None:
+    feed = EventFeed(_events(3))
+    assert next(feed).index["t"] == 0
+    feed.inject([useq.MDAEvent(x_pos=5.0)])
+    assert next(feed).x_pos == 5.0
+    assert [e.index["t"] for e in feed] == [1, 2]
+
+
+def test_close_ends_iteration() -> None:
+    feed = EventFeed(_events(10))
+    next(feed)
+    feed.close()
+    assert list(feed) == []
+
+
+def test_synchronized_waits_for_frame_done() -> None:
+    feed = EventFeed(_events(2), synchronized=True, sync_timeout_s=5.0)
+    next(feed)
+    released = threading.Event()
+
+    def consume() -> None:
+        next(feed)
+        released.set()
+
+    worker = threading.Thread(target=consume)
+    worker.start()
+    assert not released.wait(0.2), "next event released before the frame was done"
+    feed.frame_done()
+    assert released.wait(2.0)
+    worker.join()
+
+
+def test_synchronized_times_out_instead_of_hanging() -> None:
+    feed = EventFeed(_events(2), synchronized=True, sync_timeout_s=0.1)
+    next(feed)
+    start = time.monotonic()
+    assert next(feed).index["t"] == 1
+    assert time.monotonic() - start < 5.0
+    assert feed.sync_timeouts == 1
+
+
+def test_switching_to_free_run_releases_a_waiting_runner() -> None:
+    feed = EventFeed(_events(2), synchronized=True, sync_timeout_s=30.0)
+    next(feed)
+    got: list[useq.MDAEvent] = []
+    worker = threading.Thread(target=lambda: got.append(next(feed)))
+    worker.start()
+    feed.set_synchronized(False)
+    worker.join(2.0)
+    assert got and got[0].index["t"] == 1

@@ -1,0 +1,147 @@
+"""Pipeline logic with in-memory fakes: no camera, no model file, no sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+
+import numpy as np
+import useq
+
+from livemask.acquisition.source import DoneCallback, RawFrame
+from livemask.inference.models import ModelCard
+from livemask.inference.segmenter import Segmenter
+from livemask.service.pipeline import Pipeline
+from livemask.transport.publisher import MemoryPublisher
+
+
+class ThresholdBackend:
+    """Foreground = bright pixels, seeds = the same (one seed per blob)."""
+
+    name = "threshold"
+    device = "cpu"
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+
+    def load(self, card: ModelCard) -> None:
+        pass
+
+    def warmup(self, shape: tuple[int, int]) -> None:
+        pass
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        time.sleep(self.delay_s)
+        fg = (batch > 0.5).astype(np.float32)
+        return np.concatenate([fg, fg], axis=1)
+
+    def close(self) -> None:
+        pass
+
+
+class RecordingSource:
+    """A FrameSource that only records frame_done calls."""
+
+    running = False
+
+    def __init__(self) -> None:
+        self.done = 0
+
+    def start(self, events: Iterable[useq.MDAEvent], *, synchronized: bool,
+              on_done: DoneCallback) -> None:
+        pass
+
+    def inject(self, events: Iterable[useq.MDAEvent]) -> int:
+        return 0
+
+    def frame_done(self) -> None:
+        self.done += 1
+
+    def set_synchronized(self, value: bool) -> None:
+        pass
+
+    def set_exposure(self, exposure_ms: float) -> None:
+        pass
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _raw(i: int) -> RawFrame:
+    image = np.full((64, 64), 100, np.uint16)
+    image[10:20, 10:20] = 1000  # one bright square of 100 px
+    image[40:50, 30:45] = 800  # one bright rectangle of 150 px
+    return RawFrame(image, useq.MDAEvent(index={"t": i}), time.time(), {"x_um": 0.0}, None)
+
+
+def _pipeline(delay_s: float = 0.0, mode: str = "free-run") -> tuple[Pipeline, MemoryPublisher,
+                                                                     RecordingSource]:
+    card = ModelCard(name="fake", file="none.onnx")
+    pub, src = MemoryPublisher(), RecordingSource()
+    pipe = Pipeline(Segmenter(card, ThresholdBackend(delay_s)), pub, mode=mode,  # type: ignore[arg-type]
+                    queue_size=1, pixel_size_um=0.5)
+    pipe.source = src
+    return pipe, pub, src
+
+
+async def test_frames_flow_through_all_stages() -> None:
+    pipe, pub, src = _pipeline()
+    pipe.start()
+    for i in range(3):
+        pipe.submit(_raw(i))
+        await pipe.drain(5.0)
+    await pipe.close()
+    meas = pub.by_topic("measurements")
+    assert [m.header["frame_id"] for m in meas] == [0, 1, 2]
+    assert meas[0].header["summary"]["count"] == 2
+    areas = sorted(o["area_px"] for o in meas[0].header["objects"])
+    assert areas == [100, 150]
+    first = meas[0].header["objects"][0]
+    assert first["area_um2"] == 0.25 * first["area_px"]
+    assert src.done == 3
+    assert pipe.counters.snapshot()["frames_analysed"] == 3
+
+
+async def test_free_run_keeps_newest_and_counts_skips() -> None:
+    pipe, pub, src = _pipeline(delay_s=0.1)
+    pipe.start()
+    for i in range(6):
+        pipe.submit(_raw(i))
+    assert await pipe.drain(10.0)
+    await pipe.close()
+    counts = pipe.counters.snapshot()
+    assert counts["frames_skipped"] > 0
+    assert counts["frames_analysed"] + counts["frames_skipped"] == 6
+    analysed = [m.header["frame_id"] for m in pub.by_topic("measurements")]
+    assert analysed[-1] == 5, "the newest frame must be analysed"
+    skipped = [m.header["frame_id"] for m in pub.by_topic("frame") if m.header["skipped"]]
+    assert sorted(skipped + analysed) == list(range(6))
+    assert src.done == 6
+
+
+async def test_synchronized_mode_never_skips() -> None:
+    pipe, pub, _ = _pipeline(delay_s=0.02, mode="synchronized")
+    pipe.start()
+    for i in range(5):
+        pipe.submit(_raw(i))
+    assert await pipe.drain(10.0)
+    await pipe.close()
+    assert pipe.counters.snapshot()["frames_skipped"] == 0
+    assert len(pub.by_topic("measurements")) == 5
+
+
+async def test_latency_percentiles_reported() -> None:
+    pipe, _, _ = _pipeline()
+    pipe.start()
+    pipe.submit(_raw(0))
+    await pipe.drain(5.0)
+    await asyncio.sleep(0)
+    await pipe.close()
+    report = pipe.report()
+    e2e = report["latency_ms"]["end_to_end"]
+    assert e2e["p50"] is not None and e2e["p50"] >= 0
+    assert report["queues"] == {"infer": 0, "analyse": 0, "publish": 0}

@@ -136,6 +136,31 @@ def segment(
 
 
 @app.command()
+def train(
+    task: Annotated[str, typer.Argument(help="What to train: nuclei.")] = "nuclei",
+    out: Annotated[Path, typer.Option(help="Output folder (ONNX + card).")] = Path("runs/nuclei"),
+    iterations: Annotated[int, typer.Option(help="Training iterations.")] = 7000,
+    minutes: Annotated[float, typer.Option(help="Time budget; stops early.")] = 40.0,
+    quick: Annotated[bool, typer.Option("--quick", help="A tiny run, for tests.")] = False,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Train a model on the simulator (needs the train extra: pip install -e '.[train]')."""
+    setup_logging()
+    if task != "nuclei":
+        _fail(ValueError(f"unknown task {task!r}; this version trains: nuclei"))
+    try:
+        from livemask.training.cli import train_nuclei
+        from livemask.training.train import TrainSettings
+    except ImportError as exc:
+        _fail(ImportError(f"{exc}; install the train extra: pip install -e '.[train]'"))
+    settings = TrainSettings(iterations=iterations, max_minutes=minutes, seed=seed)
+    if quick:
+        settings = TrainSettings(iterations=20, pool_size=16, refresh_every=10, seed=seed)
+    card = train_nuclei(out, settings)
+    typer.echo(f"wrote {card}; copy it and its .onnx into src/livemask/models/ to ship it")
+
+
+@app.command()
 def models() -> None:
     """List the shipped models."""
     from livemask.inference.models import list_models

@@ -59,7 +59,8 @@ def open_core(cfg_path: str | Path, *, core: CoreKind = "auto") -> CMMCorePlus:
     _setup_shutter(mmc)
     _ensure_pixel_size(mmc)
     _check_simulated_pixel_size(mmc)
-    logger.info("opened %s from %s: %s", type(mmc).__name__, path, describe_core(mmc))
+    if logger.isEnabledFor(logging.INFO):
+        logger.info("opened %s from %s: %s", type(mmc).__name__, path, describe_core(mmc))
     return mmc
 
 

@@ -247,3 +247,36 @@ async def test_start_while_running_is_refused(service: Service) -> None:
         await control(service, "start")
     assert info.value.code == "invalid_state"
     await control(service, "stop")
+
+
+async def test_missing_model_fails_cleanly_and_frees_the_ports(tmp_path: Any) -> None:
+    from livemask.errors import ModelError
+    from tests.conftest import free_tcp_address
+
+    pub = free_tcp_address()
+    cfg = make_config(model={"path": str(tmp_path / "missing.yaml")},
+                      publish={"pub_address": pub})
+    with pytest.raises(ModelError, match="model.path"):
+        async with Service(cfg):
+            pass
+    # the port is released (zmq closes sockets in its I/O thread: allow it a moment)
+    from livemask.errors import ConfigError
+
+    for _ in range(50):
+        try:
+            async with Service(make_config(publish={"pub_address": pub})) as svc:
+                assert svc.publisher.bound_address == pub
+            break
+        except ConfigError:
+            await asyncio.sleep(0.1)
+    else:
+        pytest.fail(f"{pub} still bound after the failed start")
+
+
+async def test_missing_hardware_config_is_a_clear_error(tmp_path: Any) -> None:
+    from livemask.errors import ConfigError
+
+    cfg = make_config(hardware={"config_file": str(tmp_path / "rig.cfg")})
+    with pytest.raises(ConfigError, match="rig.cfg"):
+        async with Service(cfg):
+            pass

@@ -76,7 +76,11 @@ class Service:
 
     # ------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> Service:
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            await self.close()  # release whatever was opened before the failure
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -256,7 +256,7 @@ async def test_missing_model_fails_cleanly_and_frees_the_ports(tmp_path: Any) ->
     pub = free_tcp_address()
     cfg = make_config(model={"path": str(tmp_path / "missing.yaml")},
                       publish={"pub_address": pub})
-    with pytest.raises(ModelError, match="model.path"):
+    with pytest.raises(ModelError, match=r"model\.path"):
         async with Service(cfg):
             pass
     # the port is released (zmq closes sockets in its I/O thread: allow it a moment)
@@ -277,6 +277,6 @@ async def test_missing_hardware_config_is_a_clear_error(tmp_path: Any) -> None:
     from livemask.errors import ConfigError
 
     cfg = make_config(hardware={"config_file": str(tmp_path / "rig.cfg")})
-    with pytest.raises(ConfigError, match="rig.cfg"):
+    with pytest.raises(ConfigError, match=r"rig\.cfg"):
         async with Service(cfg):
             pass

@@ -7,8 +7,21 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 LOGGER_NAME = "livemask"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (it may be replaced, e.g. by test runners)."""
+
+    @property
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
 
 
 def setup_logging(*, quiet: bool = False) -> logging.Logger:
@@ -18,7 +31,7 @@ def setup_logging(*, quiet: bool = False) -> logging.Logger:
     logger.setLevel(level)
     if not logger.handlers:
         path = os.environ.get("LIVEMASK_LOG_FILE")
-        handler: logging.Handler = logging.FileHandler(path) if path else logging.StreamHandler()
+        handler: logging.Handler = logging.FileHandler(path) if path else _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
         logger.propagate = False

@@ -171,9 +171,11 @@ class MicroscopeSource:
 
     def close(self) -> None:
         """Stop, disconnect and unload the devices."""
+        from livemask.acquisition.core import close_core
+
         self.stop()
         self.core.mda.events.frameReady.disconnect(self._frame_ready)
         try:
-            self.core.unloadAllDevices()
-        except Exception:  # unloading is best effort at shutdown
-            log.exception("unloading devices failed")
+            close_core(self.core)
+        except Exception:  # releasing the hardware is best effort at shutdown
+            log.exception("closing the Micro-Manager core failed")

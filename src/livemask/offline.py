@@ -23,7 +23,7 @@ TABLE_COLUMNS = (
 def load_segmenter(model: str, threads: int = 2) -> Segmenter:
     """A segmenter for a shipped model name or a card path, on the default backend."""
     card = load_model_card(model)
-    backend = create_backend("auto", threads=threads)
+    backend = create_backend("auto", threads=threads, card=card)
     backend.load(card)
     return Segmenter(card, backend)
 

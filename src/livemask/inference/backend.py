@@ -32,8 +32,22 @@ class Backend(Protocol):
         """Release the model's resources."""
 
 
-def create_backend(name: str = "auto", *, threads: int = 2) -> Backend:
-    """Instantiate a backend by name; ``auto`` picks the fastest available one."""
+def create_backend(
+    name: str = "auto", *, threads: int = 2, card: ModelCard | None = None
+) -> Backend:
+    """Instantiate a backend by name; ``auto`` picks the fastest available one.
+
+    Models whose card says ``runtime: classical`` or ``random-forest`` carry their own
+    runtime, whatever backend is configured.
+    """
+    if card is not None and card.runtime == "classical":
+        from livemask.inference.classical import ClassicalBackend
+
+        return ClassicalBackend()
+    if card is not None and card.runtime == "random-forest":
+        from livemask.inference.random_forest import RandomForestBackend
+
+        return RandomForestBackend(threads=threads)
     if name in ("auto", "onnxruntime"):
         from livemask.inference.onnxruntime_backend import OnnxRuntimeBackend
 

@@ -27,10 +27,14 @@ class Normalization(BaseModel):
 
 
 class PostProcessing(BaseModel):
-    """Defaults for turning the probability maps into instance labels."""
+    """Defaults for turning the model output into instance labels.
+
+    ``seeded-watershed``: outputs (foreground, seeds) → seeded watershed (nuclei).
+    ``boundary-label``: output (boundary,) → regions between boundaries (grains).
+    """
 
     model_config = ConfigDict(extra="forbid")
-    method: Literal["seeded-watershed"] = "seeded-watershed"
+    method: Literal["seeded-watershed", "boundary-label"] = "seeded-watershed"
     foreground_threshold: float = Field(default=0.5, gt=0, lt=1)
     seed_threshold: float = Field(default=0.5, gt=0, lt=1)
     min_area_px: int = Field(default=20, ge=0)
@@ -43,7 +47,16 @@ class ModelCard(BaseModel):
     name: str
     version: str = "0"
     task: Literal["nuclei", "grains"] = "nuclei"
-    file: str = Field(description="ONNX file, relative to the card.")
+    runtime: Literal["onnx", "classical", "random-forest"] = Field(
+        default="onnx",
+        description="onnx: a network run by the configured backend; classical: threshold + "
+        "distance transform (no file); random-forest: pixel classifier on filter features "
+        "(an ONNX file made with skl2onnx).",
+    )
+    file: str | None = Field(default=None, description="Model file, relative to the card.")
+    parameters: dict[str, Any] = Field(
+        default_factory=dict, description="Runtime-specific settings (e.g. feature scales)."
+    )
     architecture: str = ""
     input_name: str = "image"
     output_name: str = "probabilities"
@@ -57,7 +70,9 @@ class ModelCard(BaseModel):
 
     @property
     def onnx_path(self) -> Path:
-        """Absolute path of the ONNX file."""
+        """Absolute path of the model file (raises ModelError for file-less models)."""
+        if self.file is None:
+            raise ModelError(f"model {self.name!r} ({self.runtime}) has no model file")
         base = self.card_path.parent if self.card_path else MODELS_DIR
         return (base / self.file).resolve()
 
@@ -79,7 +94,9 @@ def load_model_card(name_or_path: str | Path) -> ModelCard:
     except (yaml.YAMLError, ValidationError) as exc:
         raise ModelError(f"invalid model card {path}: {exc}") from None
     card.card_path = path.resolve()
-    if not card.onnx_path.is_file():
+    if card.runtime != "classical" and card.file is None:
+        raise ModelError(f"model card {path} must name its model file (field 'file')")
+    if card.file is not None and not card.onnx_path.is_file():
         raise ModelError(f"model card {path} names {card.file}, which does not exist")
     return card
 

@@ -41,7 +41,7 @@ def uses_simulated_devices(cfg_path: Path) -> bool:
 def build_segmenter(config: ServiceConfig) -> Segmenter:
     """Load the configured model card and backend, with config overrides applied."""
     card: ModelCard = load_model_card(config.model.path or config.model.name)
-    backend = create_backend(config.model.backend, threads=config.model.threads)
+    backend = create_backend(config.model.backend, threads=config.model.threads, card=card)
     backend.load(card)
     overrides = {k: v for k, v in config.analysis.model_dump().items() if v is not None}
     post = card.postprocessing.model_copy(update=overrides)

@@ -340,8 +340,8 @@ def test_configure_world_replaces_the_world() -> None:
 
 
 def test_configure_world_rejects_unknown_sample() -> None:
-    with pytest.raises(ConfigError, match="grains"):
-        configure_world("grains")
+    with pytest.raises(ConfigError, match="marbles"):
+        configure_world("marbles")
 
 
 def test_snap_time(sim: tuple[UniMMCore, SimulatedWorld]) -> None:

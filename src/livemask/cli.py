@@ -161,6 +161,57 @@ def train(
 
 
 @app.command()
+def evaluate(
+    model: Annotated[list[str], typer.Option(help="Model name or card; repeat to compare.")],
+    images: Annotated[Path | None, typer.Option(help="Folder of your images.")] = None,
+    masks: Annotated[Path | None, typer.Option(help="Folder of their instance masks.")] = None,
+    holdout: Annotated[str, typer.Option(help="Simulator hold-out: live or varied.")] = "live",
+    n: Annotated[int, typer.Option("-n", help="Simulator images.")] = 20,
+    threads: Annotated[int, typer.Option(help="CPU threads.")] = 2,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
+) -> None:
+    """Score models on a simulator hold-out or on annotated image/mask folders."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from livemask import evaluation as ev
+    from livemask.offline import load_segmenter
+
+    setup_logging(quiet=True)
+    if (images is None) != (masks is None):
+        _fail(ValueError("give both --images and --masks, or neither"))
+    try:
+        if images is not None and masks is not None:
+            pairs = ev.load_folder(images, masks)
+            name = f"{images}"
+        elif holdout in ("live", "varied"):
+            make = ev.live_holdout if holdout == "live" else ev.varied_holdout
+            pairs = list(make(n))
+            name = f"simulator-{holdout}"
+        else:
+            raise ValueError(f"unknown --holdout {holdout!r}; use live or varied")
+        results = [ev.evaluate(load_segmenter(m, threads), pairs, name, model=m) for m in model]
+    except (LivemaskError, OSError, ValueError) as exc:
+        _fail(exc)
+    table = Table(title=f"{name}: {len(pairs)} images")
+    cols = ("model", "F1@0.5", "precision", "recall", "F1 0.5-0.9", "mean IoU",
+            "count err", "ms model", "ms post")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for r in results:
+        d = r.as_dict()
+        table.add_row(d["model"], f"{d['f1_iou50']:.3f}", f"{d['precision_iou50']:.3f}",
+                      f"{d['recall_iou50']:.3f}", f"{d['f1_mean_iou50_90']:.3f}",
+                      f"{d['mean_matched_iou']:.3f}", f"{d['count_error']:.1%}",
+                      f"{d['predict_ms']:.1f}", f"{d['postprocess_ms']:.1f}")
+    Console().print(table)
+    if json_out:
+        json_out.write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n")
+
+
+@app.command()
 def models() -> None:
     """List the shipped models."""
     from livemask.inference.models import list_models
@@ -168,7 +219,7 @@ def models() -> None:
     for card in list_models():
         f1 = card.metrics.get("f1_iou50")
         typer.echo(f"{card.name:12s} {card.task:8s} {card.architecture}  "
-                   f"F1@0.5={f1 if f1 is not None else '?'}  ({card.onnx_path.name})")
+                   f"F1@0.5={f1 if f1 is not None else '?'}  ({card.file or card.runtime})")
 
 
 def main() -> None:

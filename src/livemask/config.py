@@ -48,7 +48,7 @@ class HardwareConfig(_Section):
 class SimulationConfig(_Section):
     """The simulated microscope (used when the .cfg loads livemask's Python devices)."""
 
-    sample: Literal["nuclei"] = "nuclei"
+    sample: Literal["nuclei", "grains"] = "nuclei"
     seed: int = 0
     sensor_shape_px: tuple[int, int] = (512, 512)
     pixel_size_um: float = Field(default=0.65, gt=0)

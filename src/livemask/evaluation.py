@@ -1,46 +1,83 @@
-"""Score a segmenter against simulator ground truth (object F1 at IoU 0.5 and timing)."""
+"""Score segmenters against ground truth: simulator hold-outs or the user's annotated images.
+
+Object metrics follow the usual instance-segmentation convention (as in StarDist/Cellpose
+papers): predicted and true objects are matched one-to-one on IoU; F1, precision and recall
+at IoU 0.5, and F1 averaged over IoU thresholds 0.5, 0.55, ..., 0.9.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 from livemask.acquisition.simulated.nuclei import NucleiSample, random_field
 from livemask.analysis.metrics import MatchResult, aggregate, match_instances
 from livemask.inference.segmenter import Segmenter
 
+log = logging.getLogger("livemask")
 
-@dataclass(frozen=True)
+IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(9))
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
+MASK_SUFFIXES = ("", "_mask", "_masks", "_labels", "_label", "_seg")
+
+Pair = tuple[np.ndarray, np.ndarray]
+
+
+@dataclass
 class Evaluation:
-    """Aggregated accuracy and per-image timing of one hold-out set."""
+    """Aggregated accuracy and per-image timing of one model on one image set."""
 
-    name: str
-    images: int
-    score: MatchResult
-    predict_ms: float
-    postprocess_ms: float
+    holdout: str
+    model: str
+    images: int = 0
+    by_iou: dict[float, MatchResult] = field(default_factory=dict)
+    count_errors: list[float] = field(default_factory=list)
+    predict_ms: float = 0.0
+    postprocess_ms: float = 0.0
 
-    def as_dict(self) -> dict[str, float | int | str]:
+    @property
+    def score(self) -> MatchResult:
+        """The micro-averaged match at IoU 0.5."""
+        return self.by_iou[0.5]
+
+    @property
+    def mean_f1(self) -> float:
+        """F1 averaged over IoU 0.5–0.9."""
+        return float(np.mean([r.f1 for r in self.by_iou.values()]))
+
+    @property
+    def count_error(self) -> float:
+        """Mean relative error of the object count per image."""
+        return float(np.mean(self.count_errors)) if self.count_errors else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
         """Plain numbers for model cards and JSON."""
         s = self.score
         return {
-            "holdout": self.name,
+            "holdout": self.holdout,
+            "model": self.model,
             "images": self.images,
             "f1_iou50": round(s.f1, 4),
             "precision_iou50": round(s.precision, 4),
             "recall_iou50": round(s.recall, 4),
+            "f1_mean_iou50_90": round(self.mean_f1, 4),
             "mean_matched_iou": round(s.mean_matched_iou, 4),
+            "count_error": round(self.count_error, 4),
             "objects": s.n_true,
             "predict_ms": round(self.predict_ms, 1),
             "postprocess_ms": round(self.postprocess_ms, 1),
         }
 
 
-def live_holdout(n: int, seed: int = 1234) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Frames of the default time-lapse sample (as `make run` shows it), 512×512."""
+def live_holdout(n: int, seed: int = 1234) -> Iterator[Pair]:
+    """Frames of the default time-lapse sample (as `make run` shows it), 512x512."""
     sample = NucleiSample(seed=seed)
     rng = np.random.default_rng(seed)
     for _ in range(n):
@@ -51,20 +88,79 @@ def live_holdout(n: int, seed: int = 1234) -> Iterator[tuple[np.ndarray, np.ndar
         yield r.image, r.labels
 
 
-def varied_holdout(n: int, seed: int = 4321) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Widely varied random fields (sizes, densities, noise, blur), 256×256."""
+def varied_holdout(n: int, seed: int = 4321) -> Iterator[Pair]:
+    """Widely varied random fields (sizes, densities, noise, blur), 256x256."""
     rng = np.random.default_rng(seed)
     for _ in range(n):
         yield random_field(rng, (256, 256))
 
 
+def _read(path: Path) -> np.ndarray:
+    import tifffile
+
+    if path.suffix.lower() in (".tif", ".tiff"):
+        return np.asarray(tifffile.imread(path))
+    from skimage import io
+
+    return np.asarray(io.imread(path))
+
+
+def _as_instances(mask: np.ndarray, path: Path) -> np.ndarray:
+    if mask.ndim == 3 and mask.shape[-1] in (3, 4):
+        raise ValueError(f"mask {path} is RGB; give an integer instance label image")
+    values = np.unique(mask)
+    if values.size <= 2:  # a binary mask: instances are its connected components
+        log.warning("mask %s is binary; using its connected components as instances", path)
+        labelled, _ = ndimage.label(mask > 0)
+        return labelled.astype(np.int32)
+    return mask.astype(np.int32)
+
+
+def folder_pairs(images: Path, masks: Path) -> list[tuple[Path, Path]]:
+    """Pair every image in ``images`` with its mask in ``masks`` (same stem, common suffixes)."""
+    if not images.is_dir() or not masks.is_dir():
+        raise FileNotFoundError(f"--images {images} and --masks {masks} must both be folders")
+    found = []
+    for img in sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        match = next(
+            (
+                masks / f"{img.stem}{suf}{ext}"
+                for suf in MASK_SUFFIXES
+                for ext in IMAGE_SUFFIXES
+                if (masks / f"{img.stem}{suf}{ext}").is_file()
+            ),
+            None,
+        )
+        if match is None:
+            log.warning("no mask for %s in %s; skipped", img.name, masks)
+            continue
+        found.append((img, match))
+    if not found:
+        raise FileNotFoundError(f"no image/mask pairs found in {images} and {masks}")
+    return found
+
+
+def load_folder(images: Path, masks: Path) -> list[Pair]:
+    """Read every image/mask pair (2-D, grayscale) of two folders."""
+    pairs = []
+    for img_path, mask_path in folder_pairs(images, masks):
+        image = _read(img_path)
+        if image.ndim == 3 and image.shape[-1] in (3, 4):
+            image = image[..., :3].mean(axis=-1)
+        mask = _as_instances(_read(mask_path), mask_path)
+        if image.shape != mask.shape:
+            raise ValueError(f"{img_path.name}: image {image.shape} and mask {mask.shape} differ")
+        pairs.append((image, mask))
+    return pairs
+
+
 def evaluate(
-    segmenter: Segmenter, pairs: Iterator[tuple[np.ndarray, np.ndarray]], name: str
+    segmenter: Segmenter, pairs: Iterable[Pair], holdout: str, *, model: str | None = None
 ) -> Evaluation:
-    """Segment every image, match against its truth, time both halves."""
-    results = []
+    """Segment every image, match against its truth at each IoU threshold, time both halves."""
+    per_iou: dict[float, list[MatchResult]] = {t: [] for t in IOU_THRESHOLDS}
+    result = Evaluation(holdout, model or segmenter.card.name)
     t_pred = t_post = 0.0
-    count = 0
     for image, truth in pairs:
         t0 = time.perf_counter()
         probs = segmenter.predict(image)
@@ -73,7 +169,50 @@ def evaluate(
         t2 = time.perf_counter()
         t_pred += t1 - t0
         t_post += t2 - t1
-        results.append(match_instances(truth, labels))
-        count += 1
-    return Evaluation(name, count, aggregate(results), 1e3 * t_pred / max(count, 1),
-                      1e3 * t_post / max(count, 1))
+        for thr in IOU_THRESHOLDS:
+            per_iou[thr].append(match_instances(truth, labels, iou_threshold=thr))
+        n_true = int(len(np.unique(truth)) - (1 if (truth == 0).any() else 0))
+        n_pred = int(len(np.unique(labels)) - (1 if (labels == 0).any() else 0))
+        result.count_errors.append(abs(n_pred - n_true) / max(n_true, 1))
+        result.images += 1
+    if result.images == 0:
+        raise ValueError(f"no images to evaluate in {holdout!r}")
+    n = result.images
+    result.by_iou = {t: aggregate(rs) for t, rs in per_iou.items()}
+    result.predict_ms = 1e3 * t_pred / n
+    result.postprocess_ms = 1e3 * t_post / n
+    return result
+
+
+def write_card(path: Path, card: dict[str, Any]) -> None:
+    """Write a model card as YAML with a pointer to its markdown description."""
+    import yaml
+
+    header = f"# Model card: see {card['name']}.md for the full description.\n"
+    text = yaml.safe_dump(card, sort_keys=False, allow_unicode=True, width=100)
+    path.write_text(header + text, encoding="utf-8")
+
+
+def write_card_metrics(
+    card_path: Path, live_images: int = 20, varied_images: int = 60
+) -> dict[str, Any]:
+    """Score a nuclei card on both simulator hold-outs and store the figures in its metrics."""
+    import yaml
+
+    from livemask.offline import load_segmenter
+
+    seg = load_segmenter(str(card_path))
+    seg.backend.warmup((512, 512))
+    live = evaluate(seg, live_holdout(live_images), "simulator-live").as_dict()
+    varied = evaluate(seg, varied_holdout(varied_images), "simulator-varied").as_dict()
+    seg.backend.close()
+    metrics: dict[str, Any] = {
+        "f1_iou50": live["f1_iou50"],
+        "simulator_live": live,
+        "simulator_varied": varied,
+    }
+    card = yaml.safe_load(Path(card_path).read_text(encoding="utf-8"))
+    card["metrics"] = metrics
+    write_card(Path(card_path), card)
+    log.info("%s: %s", card_path, metrics)
+    return metrics

@@ -37,6 +37,12 @@ class Segmenter:
     def labels(self, probabilities: np.ndarray) -> np.ndarray:
         """Instance labels (int32, 0 = background) from the model's probability maps."""
         p = self.post
+        if p.method == "boundary-label":
+            from livemask.analysis.boundaries import labels_from_boundaries
+
+            return labels_from_boundaries(
+                probabilities[0], threshold=p.foreground_threshold, min_area_px=p.min_area_px
+            )
         return labels_from_probabilities(
             probabilities[0],
             probabilities[1],

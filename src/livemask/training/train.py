@@ -23,8 +23,8 @@ log = logging.getLogger("livemask")
 class TrainSettings:
     """Hyper-parameters of one training run."""
 
-    iterations: int = 3000
-    max_minutes: float = 25.0
+    iterations: int = 7000
+    max_minutes: float = 40.0
     batch_size: int = 12
     crop_px: int = 128
     field_px: int = 256

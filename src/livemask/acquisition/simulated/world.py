@@ -44,6 +44,7 @@ import numpy as np
 
 from livemask.errors import ConfigError
 
+from .grains import GrainParams, GrainSample
 from .nuclei import NucleiParams, NucleiSample, RenderResult
 
 __all__ = [
@@ -58,7 +59,7 @@ __all__ = [
 #: Relative intensity of the nuclear stain seen through each filter position.
 CHANNEL_GAINS: dict[str, float] = {"DAPI": 1.0, "GFP": 0.3, "Empty": 0.0}
 #: Virtual samples :func:`configure_world` knows.
-SAMPLES: tuple[str, ...] = ("nuclei",)
+SAMPLES: tuple[str, ...] = ("nuclei", "grains")
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ class SimulatedWorld:
 
     def __init__(
         self,
-        sample: NucleiSample,
+        sample: NucleiSample | GrainSample,
         *,
         sensor_shape: tuple[int, int] = (512, 512),
         pixel_size_um: float = 0.65,
@@ -257,7 +258,7 @@ def configure_world(
     sample: str = "nuclei",
     *,
     seed: int = 0,
-    params: NucleiParams | None = None,
+    params: NucleiParams | GrainParams | None = None,
     sensor_shape: tuple[int, int] = (512, 512),
     pixel_size_um: float = 0.65,
     focus_z_um: float = 0.0,
@@ -267,10 +268,12 @@ def configure_world(
 ) -> SimulatedWorld:
     """Create a fresh world and make it the one the simulated devices use.
 
-    ``params`` default to :class:`NucleiParams` with a world at least twice the sensor
-    in each axis. ``truth_history`` is how many recent frames :meth:`~SimulatedWorld.
-    truth_for` can still pair by fingerprint. ``realtime=True`` makes every snap last at
-    least its exposure time (default: as fast as the CPU renders).
+    ``params`` default to :class:`NucleiParams` (``sample="nuclei"``) or
+    :class:`~.grains.GrainParams` (``sample="grains"``: a static polycrystal for tile
+    scans) with a world at least twice the sensor in each axis. ``truth_history`` is
+    how many recent frames :meth:`~SimulatedWorld.truth_for` can still pair by
+    fingerprint. ``realtime=True`` makes every snap last at least its exposure time
+    (default: as fast as the CPU renders).
     """
     global _world
     if sample not in SAMPLES:
@@ -280,14 +283,19 @@ def configure_world(
             "simulated world needs steps_per_frame >= 0, pixel_size_um > 0 and a "
             f"positive sensor_shape (got {steps_per_frame}, {pixel_size_um}, {sensor_shape})"
         )
+    kind = GrainParams if sample == "grains" else NucleiParams
     if params is None:
-        base = NucleiParams()
+        base = kind()
         wh, ww = base.world_shape_px
         params = replace(
             base, world_shape_px=(max(wh, 2 * sensor_shape[0]), max(ww, 2 * sensor_shape[1]))
         )
+    if not isinstance(params, kind):
+        raise ConfigError(f"sample {sample!r} needs {kind.__name__}, got {type(params).__name__}")
     world = SimulatedWorld(
-        NucleiSample(params, seed=seed),
+        GrainSample(params, seed=seed)
+        if isinstance(params, GrainParams)
+        else NucleiSample(params, seed=seed),
         sensor_shape=sensor_shape,
         pixel_size_um=pixel_size_um,
         focus_z_um=focus_z_um,

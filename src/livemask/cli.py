@@ -41,6 +41,9 @@ def serve(
     exit_when_done: Annotated[
         bool, typer.Option("--exit-when-done", help="Exit when the acquisition finishes.")
     ] = False,
+    autostart: Annotated[
+        bool | None, typer.Option("--autostart/--no-autostart", help="Start the sequence now.")
+    ] = None,
 ) -> None:
     """Run the service until SIGINT/SIGTERM (exit code 0 after a clean shutdown)."""
     from livemask.config import load_config
@@ -56,6 +59,8 @@ def serve(
             cfg.simulation.truth = True
         if mode:
             cfg.acquisition.mode = mode  # type: ignore[assignment]
+        if autostart is not None:
+            cfg.acquisition.autostart = autostart
         if frames is not None or interval is not None:
             seq = dict(cfg.acquisition.sequence)
             plan = dict(seq.get("time_plan") or {"interval": 0.1, "loops": 170})
@@ -89,7 +94,7 @@ async def _serve(cfg: Any, *, view: bool, exit_when_done: bool) -> None:
                 watch_async(address, truth=service.truth, stop=stop)))
         if exit_when_done:
             async def _wait_done() -> None:
-                while service.acquiring:
+                while service.acquiring or not service.acquisitions_finished:
                     await asyncio.sleep(0.1)
                 await service.pipeline.drain()
                 stop.set()

@@ -71,6 +71,7 @@ class Service:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._acquiring = False
+        self.acquisitions_finished = 0
         self._acquisition_started = 0.0
         self._last_error: str | None = None
 
@@ -219,6 +220,7 @@ class Service:
 
     def _acquisition_finished(self, error: str | None) -> None:
         self._acquiring = False
+        self.acquisitions_finished += 1
         if self.state == "running":
             self.state = "idle"
         if error:

@@ -36,6 +36,7 @@ class NucleiParams:
     texture_amplitude: float = 0.25
     motion_px_per_step: float = 0.8
     growth_per_step: float = 0.0015
+    max_size_factor: float = 1.3  # nuclei stop growing at this multiple of radius_px
     division_rate_per_step: float = 0.004
     mitosis_steps: int = 4
     max_population_factor: float = 1.6
@@ -168,7 +169,8 @@ class NucleiSample:
         nu.y += rng.normal(0, p.motion_px_per_step, n) * moving
         nu.x += rng.normal(0, p.motion_px_per_step, n) * moving
         nu.theta += rng.normal(0, 0.05, n)
-        grow = 1.0 + p.growth_per_step * moving
+        size = np.sqrt(nu.ry * nu.rx)
+        grow = 1.0 + p.growth_per_step * (moving & (size < p.max_size_factor * p.radius_px))
         nu.ry *= grow
         nu.rx *= grow
         # nuclei ending mitosis split into two daughters

@@ -142,8 +142,8 @@ def segment(
 
 @app.command()
 def train(
-    task: Annotated[str, typer.Argument(help="What to train: nuclei.")] = "nuclei",
-    out: Annotated[Path, typer.Option(help="Output folder (ONNX + card).")] = Path("runs/nuclei"),
+    task: Annotated[str, typer.Argument(help="What to train: nuclei or grains.")] = "nuclei",
+    out: Annotated[Path | None, typer.Option(help="Output folder (default runs/TASK).")] = None,
     iterations: Annotated[int, typer.Option(help="Training iterations.")] = 7000,
     minutes: Annotated[float, typer.Option(help="Time budget; stops early.")] = 40.0,
     quick: Annotated[bool, typer.Option("--quick", help="A tiny run, for tests.")] = False,
@@ -151,17 +151,18 @@ def train(
 ) -> None:
     """Train a model on the simulator (needs the train extra: pip install -e '.[train]')."""
     setup_logging()
-    if task != "nuclei":
-        _fail(ValueError(f"unknown task {task!r}; this version trains: nuclei"))
+    if task not in ("nuclei", "grains"):
+        _fail(ValueError(f"unknown task {task!r}; choose nuclei or grains"))
     try:
-        from livemask.training.cli import train_nuclei
+        from livemask.training.cli import train_model
         from livemask.training.train import TrainSettings
     except ImportError as exc:
         _fail(ImportError(f"{exc}; install the train extra: pip install -e '.[train]'"))
-    settings = TrainSettings(iterations=iterations, max_minutes=minutes, seed=seed)
+    settings = TrainSettings(iterations=iterations, max_minutes=minutes, seed=seed, task=task)
     if quick:
-        settings = TrainSettings(iterations=20, pool_size=16, refresh_every=10, seed=seed)
-    card = train_nuclei(out, settings)
+        settings = TrainSettings(iterations=20, pool_size=16, refresh_every=10, seed=seed,
+                                 task=task)
+    card = train_model(out or Path("runs") / task, settings)
     typer.echo(f"wrote {card}; copy it and its .onnx into src/livemask/models/ to ship it")
 
 

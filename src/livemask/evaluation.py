@@ -39,6 +39,10 @@ class Evaluation:
     images: int = 0
     by_iou: dict[float, MatchResult] = field(default_factory=dict)
     count_errors: list[float] = field(default_factory=list)
+    area_errors: list[float] = field(default_factory=list)  # grains: |Δ mean area| / truth
+    astm_errors: list[float] = field(default_factory=list)  # grains: |Δ G planimetric|
+    diameters_true: list[np.ndarray] = field(default_factory=list)
+    diameters_pred: list[np.ndarray] = field(default_factory=list)
     predict_ms: float = 0.0
     postprocess_ms: float = 0.0
 
@@ -57,9 +61,29 @@ class Evaluation:
         """Mean relative error of the object count per image."""
         return float(np.mean(self.count_errors)) if self.count_errors else 0.0
 
+    def grain_dict(self) -> dict[str, Any]:
+        """Grain-size errors (empty unless grains were evaluated)."""
+        if not self.area_errors:
+            return {}
+        from scipy.stats import ks_2samp
+
+        true_d = np.concatenate(self.diameters_true)
+        pred_d = np.concatenate(self.diameters_pred)
+        ks = float(ks_2samp(true_d, pred_d).statistic) if true_d.size and pred_d.size else 1.0
+        return {
+            "mean_area_error": round(float(np.mean(self.area_errors)), 4),
+            "astm_g_error": round(float(np.mean(self.astm_errors)), 3),
+            "diameter_ks": round(ks, 4),
+            "mean_diameter_true_px": round(float(true_d.mean()), 2) if true_d.size else None,
+            "mean_diameter_pred_px": round(float(pred_d.mean()), 2) if pred_d.size else None,
+        }
+
     def as_dict(self) -> dict[str, Any]:
         """Plain numbers for model cards and JSON."""
         s = self.score
+        return {**self._object_dict(s), **self.grain_dict()}
+
+    def _object_dict(self, s: MatchResult) -> dict[str, Any]:
         return {
             "holdout": self.holdout,
             "model": self.model,
@@ -93,6 +117,42 @@ def varied_holdout(n: int, seed: int = 4321) -> Iterator[Pair]:
     rng = np.random.default_rng(seed)
     for _ in range(n):
         yield random_field(rng, (256, 256))
+
+
+def grain_live_holdout(n: int, seed: int = 2468) -> Iterator[Pair]:
+    """Tiles of the default polished-section sample (as the grains config scans it), 512x512."""
+    from livemask.acquisition.simulated.grains import GrainSample
+
+    sample = GrainSample(seed=seed)
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        origin = (float(rng.uniform(0, 2048)), float(rng.uniform(0, 2048)))
+        r = sample.render(origin, (512, 512), exposure_ms=10.0)
+        yield r.image, r.labels
+
+
+def grain_varied_holdout(n: int, seed: int = 8642) -> Iterator[Pair]:
+    """Widely varied random grain fields, 256x256."""
+    from livemask.acquisition.simulated.grains import random_grain_field
+
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        yield random_grain_field(rng, (256, 256))
+
+
+def _grain_errors(result: Evaluation, truth: np.ndarray, labels: np.ndarray) -> None:
+    from livemask.analysis.grains import grain_statistics, grain_table
+
+    t_stats, p_stats = grain_statistics(truth, 1.0), grain_statistics(labels, 1.0)
+    t_area, p_area = t_stats["mean_area_um2"], p_stats["mean_area_um2"]
+    if t_area:
+        result.area_errors.append(abs((p_area or 0.0) - t_area) / t_area)
+    t_g, p_g = t_stats["astm_g_planimetric"], p_stats["astm_g_planimetric"]
+    if t_g is not None:
+        result.astm_errors.append(abs((p_g if p_g is not None else 0.0) - t_g))
+    for stats_labels, store in ((truth, result.diameters_true), (labels, result.diameters_pred)):
+        table = grain_table(stats_labels, 1.0)
+        store.append(table.equivalent_diameter_um[table.inside])
 
 
 def _read(path: Path) -> np.ndarray:
@@ -174,6 +234,8 @@ def evaluate(
         n_true = int(len(np.unique(truth)) - (1 if (truth == 0).any() else 0))
         n_pred = int(len(np.unique(labels)) - (1 if (labels == 0).any() else 0))
         result.count_errors.append(abs(n_pred - n_true) / max(n_true, 1))
+        if segmenter.card.task == "grains":
+            _grain_errors(result, truth, labels)
         result.images += 1
     if result.images == 0:
         raise ValueError(f"no images to evaluate in {holdout!r}")
@@ -196,15 +258,18 @@ def write_card(path: Path, card: dict[str, Any]) -> None:
 def write_card_metrics(
     card_path: Path, live_images: int = 20, varied_images: int = 60
 ) -> dict[str, Any]:
-    """Score a nuclei card on both simulator hold-outs and store the figures in its metrics."""
+    """Score a card on its task's two simulator hold-outs and store the figures in its metrics."""
     import yaml
 
     from livemask.offline import load_segmenter
 
     seg = load_segmenter(str(card_path))
     seg.backend.warmup((512, 512))
-    live = evaluate(seg, live_holdout(live_images), "simulator-live").as_dict()
-    varied = evaluate(seg, varied_holdout(varied_images), "simulator-varied").as_dict()
+    grains = seg.card.task == "grains"
+    live_set = grain_live_holdout(live_images) if grains else live_holdout(live_images)
+    varied_set = grain_varied_holdout(varied_images) if grains else varied_holdout(varied_images)
+    live = evaluate(seg, live_set, "simulator-live").as_dict()
+    varied = evaluate(seg, varied_set, "simulator-varied").as_dict()
     seg.backend.close()
     metrics: dict[str, Any] = {
         "f1_iou50": live["f1_iou50"],

@@ -13,8 +13,8 @@ from livemask.training.train import TrainSettings, export_onnx, train_unet
 log = logging.getLogger("livemask")
 
 
-def train_nuclei(out: Path, settings: TrainSettings) -> Path:
-    """Train, export ``nuclei.onnx`` and write its card ``nuclei.yaml`` in ``out``."""
+def train_model(out: Path, settings: TrainSettings) -> Path:
+    """Train the U-Net of ``settings.task``; export ``TASK.onnx`` and its card in ``out``."""
     from livemask.evaluation import write_card, write_card_metrics
     from livemask.inference.models import load_model_card
 
@@ -22,12 +22,23 @@ def train_nuclei(out: Path, settings: TrainSettings) -> Path:
     t0 = time.perf_counter()
     net = train_unet(settings)
     minutes = (time.perf_counter() - t0) / 60
-    export_onnx(net, out / "nuclei.onnx")
-    card = nuclei_card(settings, sum(p.numel() for p in net.parameters()), minutes)
-    card_path = out / "nuclei.yaml"
+    task = settings.task
+    export_onnx(net, out / f"{task}.onnx")
+    n_params = sum(p.numel() for p in net.parameters())
+    card = nuclei_card(settings, n_params, minutes)
+    if task == "grains":
+        card.update(
+            name="grains", task="grains", file="grains.onnx", outputs=["boundary"],
+            postprocessing={"method": "boundary-label", "foreground_threshold": 0.5,
+                            "seed_threshold": 0.5, "min_area_px": 30},
+        )
+        card["training"]["data"] = (
+            "livemask.acquisition.simulated.grains.random_grain_field, 256x256"
+        )
+    card_path = out / f"{task}.yaml"
     write_card(card_path, card)
     metrics = write_card_metrics(card_path)
-    log.info("wrote %s: F1@0.5 %s on the live hold-out", card_path, metrics["f1_iou50"])
+    log.info("wrote %s: %s", card_path, metrics)
     assert load_model_card(card_path)
     return card_path
 

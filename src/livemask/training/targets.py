@@ -24,3 +24,11 @@ def targets_from_labels(labels: np.ndarray, seed_fraction: float = SEED_FRACTION
     relative = distance / np.maximum(peak[labels], 1e-6)
     seeds = foreground & (relative > seed_fraction)
     return np.stack([foreground, seeds]).astype(np.float32)
+
+
+def boundary_targets(labels: np.ndarray, width_px: int = 2) -> np.ndarray:
+    """Float32 target (1, H, W): 1 on grain boundaries (``width_px`` wide), 0 inside grains."""
+    edges = find_boundaries(labels, mode="thick" if width_px >= 2 else "inner")
+    if width_px > 2:
+        edges = ndimage.binary_dilation(edges, iterations=(width_px - 2) // 2)
+    return edges[None].astype(np.float32)

@@ -11,9 +11,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from livemask.acquisition.simulated.grains import random_grain_field
 from livemask.acquisition.simulated.nuclei import random_field
 from livemask.analysis.normalize import percentile_normalize
-from livemask.training.targets import targets_from_labels
+from livemask.training.targets import boundary_targets, targets_from_labels
 from livemask.training.unet import ProbabilityModel, UNet
 
 log = logging.getLogger("livemask")
@@ -35,27 +36,37 @@ class TrainSettings:
     channels: tuple[int, ...] = (8, 16, 32, 64)
     seed: int = 0
     threads: int = 2
+    task: str = "nuclei"  # nuclei: (foreground, seeds); grains: (boundary,)
+
+    @property
+    def out_channels(self) -> int:
+        """Model outputs for the task."""
+        return 1 if self.task == "grains" else 2
 
 
-def _make_example(rng: np.random.Generator, field_px: int) -> tuple[np.ndarray, np.ndarray]:
+def _make_example(
+    rng: np.random.Generator, field_px: int, task: str
+) -> tuple[np.ndarray, np.ndarray]:
+    if task == "grains":
+        image, labels = random_grain_field(rng, (field_px, field_px))
+        return percentile_normalize(image).astype(np.float32), boundary_targets(labels)
     image, labels = random_field(rng, (field_px, field_px))
-    x = percentile_normalize(image)
-    return x.astype(np.float32), targets_from_labels(labels)
+    return percentile_normalize(image).astype(np.float32), targets_from_labels(labels)
 
 
 class FieldPool:
     """A pool of rendered fields, partly re-rendered as training goes on."""
 
-    def __init__(self, rng: np.random.Generator, size: int, field_px: int) -> None:
-        self.rng, self.field_px = rng, field_px
-        pairs = [_make_example(rng, field_px) for _ in range(size)]
+    def __init__(self, rng: np.random.Generator, size: int, field_px: int, task: str) -> None:
+        self.rng, self.field_px, self.task = rng, field_px, task
+        pairs = [_make_example(rng, field_px, task) for _ in range(size)]
         self.images = np.stack([p[0] for p in pairs])
         self.targets = np.stack([p[1] for p in pairs])
 
     def refresh(self, fraction: float) -> None:
         n = max(1, int(len(self.images) * fraction))
         for i in self.rng.choice(len(self.images), n, replace=False):
-            self.images[i], self.targets[i] = _make_example(self.rng, self.field_px)
+            self.images[i], self.targets[i] = _make_example(self.rng, self.field_px, self.task)
 
     def batch(self, size: int, crop: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = self.rng
@@ -89,9 +100,9 @@ def train_unet(settings: TrainSettings) -> UNet:
     torch.set_num_threads(settings.threads)
     rng = np.random.default_rng(settings.seed)
     t0 = time.perf_counter()
-    pool = FieldPool(rng, settings.pool_size, settings.field_px)
+    pool = FieldPool(rng, settings.pool_size, settings.field_px, settings.task)
     log.info("rendered %d training fields in %.1f s", settings.pool_size, time.perf_counter() - t0)
-    net = UNet(settings.channels)
+    net = UNet(settings.channels, out_channels=settings.out_channels)
     opt = torch.optim.AdamW(net.parameters(), lr=settings.learning_rate, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=settings.learning_rate, total_steps=settings.iterations, pct_start=0.1

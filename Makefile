@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-dev
+STAMP := $(VENV)/.installed
 
 .PHONY: run test lint bench train clean
 
@@ -10,8 +10,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
+# dev: test tools; train: torch (CPU build, pinned) + scikit-learn, so the training tests run
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,train]'
 	touch $(STAMP)
 
 ## run: the service on the simulated microscope with a live console view (Ctrl-C stops it)
@@ -30,8 +31,8 @@ lint: $(STAMP)
 
 ## train: reproduce the shipped nuclei model (needs the train extra: torch, CPU)
 train: $(STAMP)
-	$(BIN)/pip install --quiet -e '.[dev,train]'
 	$(BIN)/livemask train nuclei --out runs/nuclei
+	$(BIN)/livemask train grains --out runs/grains
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -162,7 +162,8 @@ def train(
     if quick:
         settings = TrainSettings(iterations=20, pool_size=16, refresh_every=10, seed=seed,
                                  task=task)
-    card = train_model(out or Path("runs") / task, settings)
+    card = train_model(out or Path("runs") / task, settings,
+                       eval_images=(2, 4) if quick else (20, 60))
     typer.echo(f"wrote {card}; copy it and its .onnx into src/livemask/models/ to ship it")
 
 

@@ -13,7 +13,9 @@ from livemask.training.train import TrainSettings, export_onnx, train_unet
 log = logging.getLogger("livemask")
 
 
-def train_model(out: Path, settings: TrainSettings) -> Path:
+def train_model(
+    out: Path, settings: TrainSettings, *, eval_images: tuple[int, int] = (20, 60)
+) -> Path:
     """Train the U-Net of ``settings.task``; export ``TASK.onnx`` and its card in ``out``."""
     from livemask.evaluation import write_card, write_card_metrics
     from livemask.inference.models import load_model_card
@@ -28,16 +30,23 @@ def train_model(out: Path, settings: TrainSettings) -> Path:
     card = nuclei_card(settings, n_params, minutes)
     if task == "grains":
         card.update(
-            name="grains", task="grains", file="grains.onnx", outputs=["boundary"],
-            postprocessing={"method": "boundary-label", "foreground_threshold": 0.5,
-                            "seed_threshold": 0.5, "min_area_px": 30},
+            name="grains",
+            task="grains",
+            file="grains.onnx",
+            outputs=["boundary"],
+            postprocessing={
+                "method": "boundary-label",
+                "foreground_threshold": 0.5,
+                "seed_threshold": 0.5,
+                "min_area_px": 30,
+            },
         )
         card["training"]["data"] = (
             "livemask.acquisition.simulated.grains.random_grain_field, 256x256"
         )
     card_path = out / f"{task}.yaml"
     write_card(card_path, card)
-    metrics = write_card_metrics(card_path)
+    metrics = write_card_metrics(card_path, *eval_images)
     log.info("wrote %s: %s", card_path, metrics)
     assert load_model_card(card_path)
     return card_path
@@ -58,9 +67,16 @@ def nuclei_card(settings: TrainSettings, n_parameters: int, minutes: float) -> d
         "outputs": ["foreground", "seeds"],
         "size_multiple": 2 ** (len(settings.channels) - 1),
         "normalization": {"kind": "percentile", "low": 1.0, "high": 99.8},
-        "postprocessing": {"method": "seeded-watershed", "foreground_threshold": 0.5,
-                           "seed_threshold": 0.5, "min_area_px": 20},
-        "training": {**json.loads(json.dumps(settings.__dict__)), "minutes": round(minutes, 1),
-                     "data": "livemask.acquisition.simulated.nuclei.random_field, 256x256"},
+        "postprocessing": {
+            "method": "seeded-watershed",
+            "foreground_threshold": 0.5,
+            "seed_threshold": 0.5,
+            "min_area_px": 20,
+        },
+        "training": {
+            **json.loads(json.dumps(settings.__dict__)),
+            "minutes": round(minutes, 1),
+            "data": "livemask.acquisition.simulated.nuclei.random_field, 256x256",
+        },
         "metrics": {},
     }

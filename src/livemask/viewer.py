@@ -49,6 +49,18 @@ class TruthScore:
         return aggregate(self.results) if self.results else None
 
 
+_ENVELOPE = {"v", "topic", "seq", "arrays", "t", "kind", "units", "config", "sequence"}
+
+
+def _describe_event(header: dict[str, Any]) -> str:
+    """One line per event: its kind and its own fields."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(header.get("t", {}).get("sent", 0)))
+    fields = ", ".join(
+        f"{k}={v}" for k, v in header.items() if k not in _ENVELOPE and v is not None
+    )
+    return f"{stamp} {header.get('kind')}" + (f": {fields}" if fields else "")[:110]
+
+
 def _fmt(value: Any, spec: str = ".1f") -> str:
     if value is None:
         return "-"
@@ -76,7 +88,7 @@ class ConsoleView:
         elif msg.topic == "status":
             self.status = msg.header
         elif msg.topic == "event":
-            self.events.append(f"{msg.header.get('kind')}: {msg.header.get('detail', '')}"[:100])
+            self.events.append(_describe_event(msg.header))
         elif msg.topic in ("labels", "truth"):
             self.score.add(msg)
 
@@ -122,7 +134,11 @@ class ConsoleView:
             cy, cx = o.get("centroid_yx", [0, 0])
             objects.add_row(str(o.get("label")), _fmt(o.get("area_um2")),
                             f"{cy:.0f}, {cx:.0f}", _fmt(o.get("mean_intensity")))
-        events = Text("\n".join(self.events) or "no events yet", style="dim")
+        hint = "" if st.get("acquiring", True) else (
+            "\nacquisition finished: Ctrl-C stops the service; `start` over the control "
+            "channel runs it again"
+        )
+        events = Text(("\n".join(self.events) or "no events yet") + hint, style="dim")
         return Group(top, objects, events)
 
 

@@ -1,0 +1,50 @@
+"""The terminal view: folding messages into state, pairing labels with truth."""
+
+from __future__ import annotations
+
+import numpy as np
+from rich.console import Console
+
+from livemask.protocol import Message
+from livemask.viewer import ConsoleView, TruthScore
+
+
+def _labels(topic: str, fid: int, arr: np.ndarray) -> Message:
+    return Message(topic, {"frame_id": fid}, {"labels": arr})
+
+
+def test_truth_score_pairs_by_frame_id_in_any_order() -> None:
+    a = np.zeros((20, 20), np.int32)
+    a[2:8, 2:8] = 1
+    a[10:18, 10:18] = 2
+    score = TruthScore()
+    assert score.add(_labels("truth", 7, a)) is None
+    assert score.add(_labels("labels", 6, a)) is None
+    result = score.add(_labels("labels", 7, a))
+    assert result is not None and result.f1 == 1.0
+    missed = a.copy()
+    missed[missed == 2] = 0
+    score.add(_labels("labels", 8, missed))
+    score.add(_labels("truth", 8, a))
+    total = score.total()
+    assert total is not None and total.tp == 3 and total.fn == 1
+
+
+def test_view_renders_measurements_status_and_events() -> None:
+    view = ConsoleView()
+    view.update(Message("status", {"state": "running", "mode": "free-run", "frames_acquired": 5,
+                                   "latency_ms": {"end_to_end": {"p50": 40.0, "p99": 90.0}}}, {}))
+    view.update(Message("measurements", {
+        "frame_id": 4, "index": {"t": 4},
+        "summary": {"count": 2, "mean_area_px": 100.0, "mean_area_um2": 42.25},
+        "objects": [{"label": 1, "area_px": 120, "area_um2": 50.7, "centroid_yx": [3.0, 4.0],
+                     "mean_intensity": 300.0}],
+    }, {}))
+    view.update(Message("event", {"kind": "setting_changed", "mode": "synchronized",
+                                  "t": {"sent": 0.0}}, {}))
+    console = Console(width=120, record=True)
+    console.print(view.render())
+    text = console.export_text()
+    assert "running (free-run)" in text and "42.2" in text
+    assert "p99 90.0 ms" in text
+    assert "setting_changed: mode=synchronized" in text

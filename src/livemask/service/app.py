@@ -207,6 +207,7 @@ class Service:
             synchronized=self.pipeline.mode == "synchronized",
             on_done=self._on_acquisition_done,
         )
+        self.pipeline.reset_accumulators()
         self._acquiring = True
         self.state = "running"
         self._acquisition_started = time.time()

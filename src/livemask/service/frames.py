@@ -24,6 +24,7 @@ class Frame:
     labels: np.ndarray | None = None
     objects: list[dict[str, Any]] | None = None
     summary: dict[str, Any] | None = None
+    grains: dict[str, Any] | None = None  # grain statistics: this tile and cumulative
     error: str | None = None
 
     def stamp(self, stage: str) -> None:

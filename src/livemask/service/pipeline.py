@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 from livemask.acquisition.source import FrameSource, RawFrame
+from livemask.analysis.grains import CumulativeGrainStats, grain_statistics
 from livemask.analysis.measure import UNITS, measure_objects
 from livemask.inference.segmenter import Segmenter
 from livemask.service.frames import Frame
@@ -63,7 +64,8 @@ class Pipeline:
         self._analyse_pool = ThreadPoolExecutor(1, thread_name_prefix="livemask-analyse")
         self._tasks: list[asyncio.Task[None]] = []
         self._next_id = 0
-        self._skip_reported = 0
+        self.grains = CumulativeGrainStats() if segmenter.card.task == "grains" else None
+        self._reset_grains = False
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -150,12 +152,24 @@ class Pipeline:
             frame.stamp("inferred")
             await self._to_analyse.put(frame)
 
+    def reset_accumulators(self) -> None:
+        """Start cumulative statistics afresh (called when an acquisition starts)."""
+        self._reset_grains = True  # done on the analysis thread, between frames
+
     def _analyse(self, frame: Frame) -> None:
         assert frame.probabilities is not None
         labels = self.segmenter.labels(frame.probabilities)
         frame.objects, frame.summary = measure_objects(
             labels, frame.image, pixel_size_um=self.pixel_size_um
         )
+        if self.grains is not None:  # runs on the single analysis thread: no lock needed
+            if self._reset_grains:
+                self.grains.reset()
+                self._reset_grains = False
+            frame.grains = {
+                "tile": grain_statistics(labels, self.pixel_size_um),
+                "cumulative": self.grains.add(labels, self.pixel_size_um),
+            }
         frame.labels = labels
 
     async def _analyse_loop(self) -> None:
@@ -212,6 +226,8 @@ class Pipeline:
             "summary": frame.summary,
             "objects": frame.objects,
         }
+        if frame.grains is not None:
+            measurements["grains"] = frame.grains
         pub.publish("measurements", measurements)
         self.latest["labels"] = dict(base)
         self.latest["measurements"] = measurements

@@ -1,0 +1,73 @@
+"""Model cards: shipped models load, bad cards give clear errors, user cards work."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from livemask.errors import ModelError
+from livemask.inference.models import MODELS_DIR, list_models, load_model_card
+from livemask.offline import load_segmenter
+
+
+def test_shipped_nuclei_card_is_complete() -> None:
+    card = load_model_card("nuclei")
+    assert card.onnx_path.is_file() and card.onnx_path.stat().st_size < 5_000_000
+    assert card.outputs == ["foreground", "seeds"]
+    assert card.metrics["f1_iou50"] >= 0.9
+    assert {"simulator_live", "simulator_varied"} <= set(card.metrics)
+    assert (MODELS_DIR / "nuclei.md").is_file()
+
+
+def test_every_shipped_model_has_a_markdown_card() -> None:
+    names = [c.name for c in list_models()]
+    assert "nuclei" in names
+    for name in names:
+        assert (MODELS_DIR / f"{name}.md").is_file(), name
+
+
+def test_unknown_model_lists_the_shipped_ones() -> None:
+    with pytest.raises(ModelError, match="shipped models: .*nuclei"):
+        load_model_card("nucleus")
+
+
+def test_user_model_card_loads_from_its_own_folder(tmp_path: Path) -> None:
+    shutil.copy(MODELS_DIR / "nuclei.onnx", tmp_path / "mine.onnx")
+    card = yaml.safe_load((MODELS_DIR / "nuclei.yaml").read_text())
+    card.update(name="mine", file="mine.onnx")
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(card))
+    seg = load_segmenter(str(tmp_path / "mine.yaml"))
+    assert seg.card.name == "mine"
+    assert seg.predict(np.zeros((40, 52), np.uint16)).shape == (2, 40, 52)
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"file": "missing.onnx"}, "missing.onnx"),
+        ({"normalization": {"low": 50, "high": 10, "kind": "zscore"}}, "normalization"),
+        ({"postprocessing": {"foreground_threshold": 1.5}}, "foreground_threshold"),
+        ({"colour": "blue"}, "colour"),
+        ({"file": None}, "file"),
+    ],
+)
+def test_invalid_cards_name_the_problem(tmp_path: Path, change: dict, needle: str) -> None:
+    shutil.copy(MODELS_DIR / "nuclei.onnx", tmp_path / "nuclei.onnx")
+    card = yaml.safe_load((MODELS_DIR / "nuclei.yaml").read_text())
+    card.update(change)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(card))
+    with pytest.raises(ModelError, match=needle):
+        load_model_card(path)
+
+
+def test_corrupt_onnx_file_is_a_model_error(tmp_path: Path) -> None:
+    card = yaml.safe_load((MODELS_DIR / "nuclei.yaml").read_text())
+    (tmp_path / "nuclei.onnx").write_bytes(b"not an onnx file")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(card))
+    with pytest.raises(ModelError, match="ONNX Runtime cannot load"):
+        load_segmenter(str(tmp_path / "c.yaml"))

@@ -31,7 +31,7 @@ def test_every_shipped_model_has_a_markdown_card() -> None:
 
 
 def test_unknown_model_lists_the_shipped_ones() -> None:
-    with pytest.raises(ModelError, match="shipped models: .*nuclei"):
+    with pytest.raises(ModelError, match=r"shipped models: .*nuclei"):
         load_model_card("nucleus")
 
 

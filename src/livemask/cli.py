@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -80,30 +81,36 @@ def serve(
 
 async def _serve(cfg: Any, *, view: bool, exit_when_done: bool) -> None:
     from livemask.service.app import Service
-    from livemask.viewer import watch_async
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with Service(cfg) as service:
-        tasks: list[asyncio.Task[Any]] = []
-        if view:
-            address = service.publisher.bound_address
-            tasks.append(asyncio.create_task(
-                watch_async(address, truth=service.truth, stop=stop)))
+        viewer = _start_viewer(service.publisher.bound_address, service.truth) if view else None
+        waiter = None
         if exit_when_done:
+
             async def _wait_done() -> None:
                 while service.acquiring or not service.acquisitions_finished:
                     await asyncio.sleep(0.1)
                 await service.pipeline.drain()
                 stop.set()
-            tasks.append(asyncio.create_task(_wait_done()))
+
+            waiter = asyncio.create_task(_wait_done())
         await stop.wait()
         log.info("shutting down")
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if waiter is not None:
+            waiter.cancel()
+        if viewer is not None:
+            viewer.terminate()
+            await asyncio.to_thread(viewer.wait, 5)
+
+
+def _start_viewer(address: str, truth: bool) -> subprocess.Popen[bytes]:
+    """The console view as its own process: a subscriber like any other, off the service's CPU."""
+    cmd = [sys.executable, "-m", "livemask", "watch", "--pub", address]
+    return subprocess.Popen([*cmd, "--truth"] if truth else cmd)
 
 
 @app.command()

@@ -1,10 +1,19 @@
-"""The classical baseline: Gaussian smoothing, Otsu threshold, distance-transform seeds.
+"""The classical baselines: threshold + watershed pipelines without a model file.
 
-No model file: :class:`ClassicalBackend` turns each normalised image into the same two maps a
-network produces (foreground, seeds), so the shared seeded watershed
+Nuclei (``task: nuclei``): Gaussian smoothing, Otsu threshold, distance-transform seeds.
+:class:`ClassicalBackend` turns each normalised image into the same two maps a network produces
+(foreground, seeds), so the shared seeded watershed
 (:func:`livemask.analysis.instances.labels_from_probabilities`) finishes the job exactly as for
 the learned models. This is the threshold + distance-transform watershed pipeline that users
 know from ImageJ/CellProfiler, kept here as the reference the learned models must beat.
+
+Grains (``task: grains``): grain boundaries are thin dark (or bright) ridges. A Hessian ridge
+measure (the larger, or for bright ridges the negated smaller, eigenvalue of the Hessian of the
+Gaussian-smoothed image, scale-normalised, the maximum over one or two scales) is thresholded
+at a fraction of its Otsu threshold, giving one boundary-probability map like the grains
+network's; the shared ``boundary-label`` post-processing
+(:func:`livemask.analysis.boundaries.labels_from_boundaries`) then labels the regions between
+the boundaries and grows them over the boundary pixels (a distance-based watershed).
 """
 
 from __future__ import annotations
@@ -25,6 +34,16 @@ DEFAULT_SIGMA = 1.0
 DEFAULT_SEED_FRACTION = 0.45
 #: Width of the soft step around the Otsu threshold, in normalised intensity units.
 DEFAULT_SOFTNESS = 0.02
+
+#: Grains mode: Gaussian scales (px) of the Hessian ridge measure.
+DEFAULT_RIDGE_SIGMAS: tuple[float, ...] = (1.5,)
+#: Grains mode: boundaries are ridge responses above this fraction of their Otsu threshold.
+DEFAULT_THRESHOLD_SCALE = 0.4
+#: Grains mode: width of the soft step, relative to the threshold.
+DEFAULT_RIDGE_SOFTNESS = 0.1
+#: Grains mode: ``dark`` boundaries (grooves, reflected light), ``bright`` ones (SEM edge
+#: effect) or ``auto`` (per image, whichever ridge polarity responds more strongly).
+POLARITIES = ("auto", "dark", "bright")
 
 
 def classical_probabilities(
@@ -72,6 +91,79 @@ def classical_probabilities(
     return out
 
 
+#: Central-difference kernels (second and first derivative).
+_SECOND = np.array([1.0, -2.0, 1.0], dtype=np.float32)
+_FIRST = np.array([-0.5, 0.0, 0.5], dtype=np.float32)
+
+
+def hessian_ridges(image: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Dark- and bright-ridge responses (float32, >= 0) of a 2-D image at scale ``sigma``.
+
+    With λ₁ ≥ λ₂ the eigenvalues of the Hessian of the Gaussian-smoothed image (central
+    differences, scale-normalised by σ²): dark ridges (a valley across the line) give a large
+    positive λ₁, bright ridges a large negative λ₂. Returns (max(σ²λ₁, 0), max(−σ²λ₂, 0)).
+    """
+    g = ndimage.gaussian_filter(np.asarray(image, dtype=np.float32), sigma, truncate=3.0)
+    gyy = ndimage.correlate1d(g, _SECOND, axis=0, mode="reflect")
+    gxx = ndimage.correlate1d(g, _SECOND, axis=1, mode="reflect")
+    gy = ndimage.correlate1d(g, _FIRST, axis=0, mode="reflect")
+    gxy = ndimage.correlate1d(gy, _FIRST, axis=1, mode="reflect")
+    s2 = np.float32(sigma * sigma)
+    half_trace = np.float32(0.5) * (gyy + gxx)
+    root = np.sqrt(np.float32(0.25) * (gyy - gxx) ** 2 + gxy * gxy)
+    dark = np.maximum(s2 * (half_trace + root), 0.0)
+    bright = np.maximum(s2 * (root - half_trace), 0.0)
+    return dark, bright
+
+
+def classical_boundary_probability(
+    image: np.ndarray,
+    *,
+    sigmas: tuple[float, ...] = DEFAULT_RIDGE_SIGMAS,
+    polarity: str = "auto",
+    threshold_scale: float = DEFAULT_THRESHOLD_SCALE,
+    softness: float = DEFAULT_RIDGE_SOFTNESS,
+) -> np.ndarray:
+    """Boundary probability (1, H, W) float32 in [0, 1] for one normalised 2-D grains image.
+
+    The ridge response r (:func:`hessian_ridges`, maximum over ``sigmas``; polarity ``auto``
+    takes the polarity whose 99th percentile is larger) is compared with
+    t = ``threshold_scale`` × Otsu(r): the output is the sigmoid of (r / t − 1) / ``softness``,
+    so ``> 0.5`` exactly where r > t. An image without ridges gives all zeros (one grain).
+    """
+    x = np.asarray(image, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"expected a 2-D image, got shape {x.shape}")
+    if polarity not in POLARITIES:
+        raise ValueError(f"polarity must be one of {POLARITIES}, got {polarity!r}")
+    out = np.zeros((1, *x.shape), dtype=np.float32)
+    dark: np.ndarray | None = None
+    bright: np.ndarray | None = None
+    for s in sigmas:
+        d, b = hessian_ridges(x, float(s))
+        dark = d if dark is None else np.maximum(dark, d)
+        bright = b if bright is None else np.maximum(bright, b)
+    if dark is None or bright is None:
+        raise ValueError("sigmas must not be empty")
+    if polarity == "auto":
+        step = 2 if min(x.shape) >= 64 else 1  # a subsample is enough for a percentile
+        d99 = float(np.percentile(dark[::step, ::step], 99))
+        b99 = float(np.percentile(bright[::step, ::step], 99))
+        ridge = dark if d99 >= b99 else bright
+    else:
+        ridge = dark if polarity == "dark" else bright
+    lo, hi = float(ridge.min()), float(ridge.max())
+    if not np.isfinite(hi - lo) or hi - lo < 1e-6:
+        return out
+    t = float(threshold_otsu(ridge)) * threshold_scale
+    if t <= 0:
+        return out
+    z = (ridge * np.float32(1.0 / t) - np.float32(1.0)) * np.float32(1.0 / max(softness, 1e-6))
+    np.clip(z, -30.0, 30.0, out=z)
+    out[0] = 1.0 / (1.0 + np.exp(-z))
+    return out
+
+
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
     """``mask`` with every background region that does not touch the image edge filled."""
     bg, n = ndimage.label(~mask)
@@ -86,20 +178,35 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
 
 
 class ClassicalBackend:
-    """Threshold + distance transform as a Backend (no model file, CPU only)."""
+    """Threshold + watershed pipelines as a Backend (no model file, CPU only).
+
+    The card's ``task`` picks the mode: ``nuclei`` → (foreground, seeds) maps,
+    ``grains`` → one boundary-probability map.
+    """
 
     name = "classical"
 
     def __init__(self) -> None:
         self.device = "cpu"
+        self.task = "nuclei"
         self.sigma = DEFAULT_SIGMA
         self.seed_fraction = DEFAULT_SEED_FRACTION
         self.softness = DEFAULT_SOFTNESS
         self.fill_holes = True
+        self.sigmas: tuple[float, ...] = DEFAULT_RIDGE_SIGMAS
+        self.polarity = "auto"
+        self.threshold_scale = DEFAULT_THRESHOLD_SCALE
         self._loaded = False
 
     def load(self, card: ModelCard) -> None:
-        """Read ``sigma``, ``seed_fraction``, ``softness`` and ``fill_holes`` from the card."""
+        """Read the mode's parameters from the card.
+
+        Nuclei: ``sigma``, ``seed_fraction``, ``softness``, ``fill_holes``. Grains: ``sigmas``
+        (ridge scales, px), ``polarity``, ``threshold_scale``, ``softness`` (relative).
+        """
+        if card.task == "grains":
+            self._load_grains(card)
+            return
         p = card.parameters
         try:
             self.sigma = float(p.get("sigma", DEFAULT_SIGMA))
@@ -112,6 +219,7 @@ class ClassicalBackend:
             raise ModelError(
                 f"model {card.name!r}: need sigma >= 0, 0 < seed_fraction < 1, softness > 0"
             )
+        self.task = "nuclei"
         self._loaded = True
         log.info(
             "classical: %s (sigma %.2f, seed_fraction %.2f)",
@@ -120,17 +228,62 @@ class ClassicalBackend:
             self.seed_fraction,
         )
 
+    def _load_grains(self, card: ModelCard) -> None:
+        p = card.parameters
+        try:
+            raw = p.get("sigmas", DEFAULT_RIDGE_SIGMAS)
+            sigmas = tuple(float(s) for s in (raw if isinstance(raw, list | tuple) else [raw]))
+            polarity = str(p.get("polarity", "auto"))
+            threshold_scale = float(p.get("threshold_scale", DEFAULT_THRESHOLD_SCALE))
+            softness = float(p.get("softness", DEFAULT_RIDGE_SOFTNESS))
+        except (TypeError, ValueError) as exc:
+            raise ModelError(f"model {card.name!r}: invalid classical parameters: {exc}") from None
+        if not sigmas or min(sigmas) <= 0 or threshold_scale <= 0 or softness <= 0:
+            raise ModelError(
+                f"model {card.name!r}: need non-empty positive sigmas, threshold_scale > 0, "
+                "softness > 0"
+            )
+        if polarity not in POLARITIES:
+            raise ModelError(
+                f"model {card.name!r}: polarity must be one of {', '.join(POLARITIES)}"
+            )
+        self.task = "grains"
+        self.sigmas, self.polarity = sigmas, polarity
+        self.threshold_scale, self.softness = threshold_scale, softness
+        self._loaded = True
+        log.info(
+            "classical grains: %s (ridge sigmas %s, %s boundaries, threshold %.2f x Otsu)",
+            card.name,
+            "/".join(f"{s:g}" for s in sigmas),
+            polarity,
+            threshold_scale,
+        )
+
     def warmup(self, shape: tuple[int, int]) -> None:
         """Nothing to compile; run once anyway so timings are steady."""
         self.run(np.zeros((1, 1, *shape), dtype=np.float32))
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """(N, 1, H, W) normalised images → (N, 2, H, W) foreground and seed maps."""
+        """(N, 1, H, W) normalised images → (N, 2, H, W) foreground and seed maps (nuclei)
+        or (N, 1, H, W) boundary probabilities (grains)."""
         if not self._loaded:
             raise ModelError("backend used before load(); call load(card) first")
         x = np.asarray(batch, dtype=np.float32)
         if x.ndim != 4 or x.shape[1] != 1:
             raise ValueError(f"expected a (N, 1, H, W) batch, got shape {x.shape}")
+        if self.task == "grains":
+            return np.stack(
+                [
+                    classical_boundary_probability(
+                        img[0],
+                        sigmas=self.sigmas,
+                        polarity=self.polarity,
+                        threshold_scale=self.threshold_scale,
+                        softness=self.softness,
+                    )
+                    for img in x
+                ]
+            )
         return np.stack(
             [
                 classical_probabilities(

@@ -3,9 +3,12 @@
 Like ilastik's pixel classification: every pixel is described by filter responses at a few
 Gaussian scales (smoothed intensity, gradient magnitude, Laplacian of Gaussian, Hessian
 eigenvalues, differences of Gaussians) and a random forest (scikit-learn, exported to ONNX with
-skl2onnx and run with ONNX Runtime) assigns it a class: background, nucleus rim or nucleus core.
-Foreground is rim + core and the seeds are the cores, so the shared seeded watershed turns the
-result into instances as for the network models. Training: ``livemask.training.random_forest``.
+skl2onnx and run with ONNX Runtime) assigns it a class. Nuclei (``task: nuclei``): background,
+nucleus rim or nucleus core; foreground is rim + core and the seeds are the cores, so the shared
+seeded watershed turns the result into instances as for the network models. Grains
+(``task: grains``): grain interior or grain boundary; the output is the one boundary-probability
+map of the grains network, finished by the shared ``boundary-label`` post-processing.
+Training: ``livemask.training.random_forest``.
 """
 
 from __future__ import annotations
@@ -113,23 +116,41 @@ class RandomForestBackend:
         self.scales: tuple[float, ...] = DEFAULT_SCALES
         self.foreground_classes: list[int] = [1, 2]
         self.seed_classes: list[int] = [2]
+        self.boundary_classes: list[int] = [1]
+        self.task = "nuclei"
         self._session: ort.InferenceSession | None = None
         self._input = "features"
         self._output = "probabilities"
 
+    @property
+    def channel_classes(self) -> list[list[int]]:
+        """The forest classes summed into each output channel, in channel order."""
+        if self.task == "grains":
+            return [self.boundary_classes]
+        return [self.foreground_classes, self.seed_classes]
+
     def load(self, card: ModelCard) -> None:
-        """Open the card's ONNX forest; read ``scales`` and the class meaning from it."""
+        """Open the card's ONNX forest; read ``scales`` and the class meaning from it.
+
+        Nuclei cards name ``foreground_classes`` and ``seed_classes`` (two output channels),
+        grains cards ``boundary_classes`` (one output channel).
+        """
         p = card.parameters
         try:
             self.scales = tuple(float(s) for s in p.get("scales", DEFAULT_SCALES))
             self.foreground_classes = [int(c) for c in p.get("foreground_classes", [1, 2])]
             self.seed_classes = [int(c) for c in p.get("seed_classes", [2])]
+            self.boundary_classes = [int(c) for c in p.get("boundary_classes", [1])]
         except (TypeError, ValueError) as exc:
             raise ModelError(
                 f"model {card.name!r}: invalid random-forest parameters: {exc}"
             ) from None
         if not self.scales or min(self.scales) <= 0:
             raise ModelError(f"model {card.name!r}: parameters.scales must be positive")
+        self.task = card.task
+        used = [c for group in self.channel_classes for c in group]
+        if not all(self.channel_classes):
+            raise ModelError(f"model {card.name!r}: every output needs at least one class")
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
@@ -154,9 +175,9 @@ class RandomForestBackend:
         self._input = inputs[0].name
         names = [o.name for o in self._session.get_outputs()]
         self._output = card.output_name if card.output_name in names else names[-1]
-        n_classes = max(self.foreground_classes + self.seed_classes) + 1
+        n_classes = max(used) + 1
         columns = next(o for o in self._session.get_outputs() if o.name == self._output).shape
-        if min(self.foreground_classes + self.seed_classes) < 0 or (
+        if min(used) < 0 or (
             isinstance(columns[-1], int) and columns[-1] < n_classes
         ):
             self._session = None
@@ -174,20 +195,24 @@ class RandomForestBackend:
         self.run(np.zeros((1, 1, *shape), dtype=np.float32))
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """(N, 1, H, W) normalised images → (N, 2, H, W) foreground and seed probabilities."""
+        """(N, 1, H, W) normalised images → (N, C, H, W) probabilities.
+
+        Nuclei: C = 2 (foreground, seeds); grains: C = 1 (boundary).
+        """
         if self._session is None:
             raise ModelError("backend used before load(); call load(card) first")
         x = np.asarray(batch, dtype=np.float32)
         if x.ndim != 4 or x.shape[1] != 1:
             raise ValueError(f"expected a (N, 1, H, W) batch, got shape {x.shape}")
         n, _, h, w = x.shape
-        out = np.empty((n, 2, h, w), dtype=np.float32)
+        groups = self.channel_classes
+        out = np.empty((n, len(groups), h, w), dtype=np.float32)
         for i in range(n):
             features = pixel_features(x[i, 0], self.scales)
             (proba,) = self._session.run([self._output], {self._input: features})
             p = np.asarray(proba, dtype=np.float32).reshape(h, w, -1)
-            out[i, 0] = p[..., self.foreground_classes].sum(axis=-1)
-            out[i, 1] = p[..., self.seed_classes].sum(axis=-1)
+            for c, classes in enumerate(groups):
+                out[i, c] = p[..., classes].sum(axis=-1)
         np.clip(out, 0.0, 1.0, out=out)
         return out
 

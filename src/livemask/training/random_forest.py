@@ -1,33 +1,49 @@
-"""Train the random-forest baseline (``nuclei_rf``) on simulator fields and export it to ONNX.
+"""Train the random-forest baselines (``nuclei_rf``, ``grains_rf``) on simulator fields.
 
 Needs the ``train`` extra (scikit-learn, skl2onnx); running the result needs only ONNX Runtime.
-Every field from :func:`~livemask.acquisition.simulated.nuclei.random_field` is
-percentile-normalised like the Segmenter does, described by
-:func:`~livemask.inference.random_forest.pixel_features`, and labelled per pixel 0 background,
-1 nucleus rim, 2 nucleus core (the seed channel of
-:func:`~livemask.training.targets.targets_from_labels`). Classes are sampled balanced per field.
+Every field is percentile-normalised like the Segmenter does, described by
+:func:`~livemask.inference.random_forest.pixel_features`, and labelled per pixel:
+
+- ``nuclei``: fields from :func:`~livemask.acquisition.simulated.nuclei.random_field`; 0
+  background, 1 nucleus rim, 2 nucleus core (the seed channel of
+  :func:`~livemask.training.targets.targets_from_labels`);
+- ``grains``: fields from :func:`~livemask.acquisition.simulated.grains.random_grain_field`;
+  0 grain interior, 1 grain boundary (:func:`~livemask.training.targets.boundary_targets`,
+  2 px wide, the grains network's target).
+
+Classes are sampled balanced per field. The ONNX file and card are ``{task}_rf.onnx/.yaml``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from livemask.acquisition.simulated.grains import random_grain_field
 from livemask.acquisition.simulated.nuclei import random_field
 from livemask.analysis.normalize import percentile_normalize
 from livemask.evaluation import write_card, write_card_metrics
 from livemask.inference.models import Normalization
 from livemask.inference.random_forest import DEFAULT_SCALES, feature_names, pixel_features
-from livemask.training.targets import SEED_FRACTION, targets_from_labels
+from livemask.training.targets import SEED_FRACTION, boundary_targets, targets_from_labels
 
 log = logging.getLogger("livemask")
 
-#: Class index → meaning, as written to the card.
+#: Class index → meaning, as written to the card (nuclei).
 CLASSES = ("background", "rim", "core")
+#: Class index → meaning for grains.
+GRAIN_CLASSES = ("interior", "boundary")
+#: Width (px) of the boundary class of the grains forest (as the grains network's target).
+BOUNDARY_WIDTH_PX = 2
+#: Boundary-probability threshold of the shipped ``grains_rf`` card (chosen on tuning fields,
+#: not on the hold-outs: see grains_rf.md).
+GRAINS_THRESHOLD = 0.5
+TASKS = ("nuclei", "grains")
 #: Simulator field size used for training.
 FIELD_SHAPE = (256, 256)
 
@@ -41,25 +57,47 @@ def pixel_classes(labels: np.ndarray) -> np.ndarray:
     return classes
 
 
+def grain_pixel_classes(labels: np.ndarray) -> np.ndarray:
+    """Per-pixel class (uint8): 0 grain interior, 1 grain boundary (2 px wide)."""
+    return (boundary_targets(labels, BOUNDARY_WIDTH_PX)[0] > 0).astype(np.uint8)
+
+
+def _task_data(
+    task: str,
+) -> tuple[
+    Callable[[np.random.Generator, tuple[int, int]], tuple[np.ndarray, np.ndarray]],
+    Callable[[np.ndarray], np.ndarray],
+    tuple[str, ...],
+]:
+    """Field generator, per-pixel class function and class names of ``task``."""
+    if task == "nuclei":
+        return random_field, pixel_classes, CLASSES
+    if task == "grains":
+        return random_grain_field, grain_pixel_classes, GRAIN_CLASSES
+    raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+
+
 def training_pixels(
     fields: int,
     pixels_per_field: int,
     *,
     scales: tuple[float, ...] = DEFAULT_SCALES,
     seed: int = 0,
+    task: str = "nuclei",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Features (M, F) float32 and classes (M,) int64, balanced across classes per field."""
+    make_field, classes_of, names = _task_data(task)
     rng = np.random.default_rng(seed)
     norm = Normalization()
-    per_class = max(1, pixels_per_field // len(CLASSES))
+    per_class = max(1, pixels_per_field // len(names))
     xs: list[np.ndarray] = []
     ys: list[np.ndarray] = []
     for _ in range(fields):
-        image, labels = random_field(rng, FIELD_SHAPE)
+        image, labels = make_field(rng, FIELD_SHAPE)
         x = percentile_normalize(image, norm.low, norm.high)
         features = pixel_features(x, scales)
-        classes = pixel_classes(labels).ravel()
-        for c in range(len(CLASSES)):
+        classes = classes_of(labels).ravel()
+        for c in range(len(names)):
             idx = np.flatnonzero(classes == c)
             if idx.size == 0:
                 continue
@@ -72,6 +110,7 @@ def training_pixels(
 def train_random_forest(
     out_dir: Path,
     *,
+    task: str = "nuclei",
     fields: int = 80,
     pixels_per_field: int = 4000,
     trees: int = 12,
@@ -80,28 +119,32 @@ def train_random_forest(
     min_samples_leaf: int = 5,
     scales: tuple[float, ...] = DEFAULT_SCALES,
     evaluate: bool = False,
+    n_jobs: int = 2,
 ) -> Path:
-    """Train, export ``nuclei_rf.onnx`` and write its card ``nuclei_rf.yaml``; return the card.
+    """Train, export ``{task}_rf.onnx`` and write its card ``{task}_rf.yaml``; return the card.
 
-    The defaults reproduce the shipped model (about 20 s on 2 cores): 12 trees of depth 16 keep
-    the ONNX file under 4 MB and inference near 100 ms per 512×512 frame on 2 cores.
+    For ``task="nuclei"`` the defaults reproduce the shipped ``nuclei_rf`` (about 20 s on
+    2 cores): 12 trees of depth 16 keep the ONNX file under 4 MB and inference near 100 ms per
+    512×512 frame on 2 cores. The shipped ``grains_rf`` was made with ``task="grains"`` and
+    the settings in its card's ``training`` section (see ``grains_rf.md``).
 
-    With ``evaluate``, also score the model on the simulator hold-outs (20 live frames,
+    With ``evaluate``, also score the model on the task's simulator hold-outs (20 live frames,
     60 varied fields) and record the figures in the card's ``metrics``.
     """
     from skl2onnx import to_onnx
     from skl2onnx.common.data_types import FloatTensorType
     from sklearn.ensemble import RandomForestClassifier
 
+    _, _, class_names = _task_data(task)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    x, y = training_pixels(fields, pixels_per_field, scales=scales, seed=seed)
+    x, y = training_pixels(fields, pixels_per_field, scales=scales, seed=seed, task=task)
     clf = RandomForestClassifier(
         n_estimators=trees,
         max_depth=depth,
         min_samples_leaf=min_samples_leaf,
-        n_jobs=2,
+        n_jobs=n_jobs,
         random_state=seed,
     )
     clf.fit(x, y)
@@ -112,52 +155,71 @@ def train_random_forest(
         initial_types=[("features", FloatTensorType([None, len(names)]))],
         options={id(clf): {"zipmap": False}},
     )
-    onnx_path = out_dir / "nuclei_rf.onnx"
+    name = f"{task}_rf"
+    onnx_path = out_dir / f"{name}.onnx"
     onnx_path.write_bytes(compact_tree_ensemble(onx).SerializeToString())
-    card: dict[str, Any] = {
-        "name": "nuclei_rf",
-        "version": "0.1",
-        "task": "nuclei",
-        "runtime": "random-forest",
-        "file": onnx_path.name,
-        "architecture": f"random forest, {trees} trees, max depth {depth}, "
-        f"{len(names)} multi-scale filter features, 3 pixel classes (scikit-learn → skl2onnx)",
-        "input_name": "features",
-        "output_name": "probabilities",
-        "outputs": ["foreground", "seeds"],
-        "size_multiple": 1,
-        "normalization": Normalization().model_dump(),
-        "parameters": {
-            "scales": [float(s) for s in scales],
-            "features": names,
-            "classes": list(CLASSES),
-            "foreground_classes": [1, 2],
-            "seed_classes": [2],
-        },
-        "postprocessing": {
+    parameters: dict[str, Any] = {
+        "scales": [float(s) for s in scales],
+        "features": names,
+        "classes": list(class_names),
+    }
+    training: dict[str, Any] = {}
+    if task == "grains":
+        parameters["boundary_classes"] = [1]
+        outputs = ["boundary"]
+        postprocessing: dict[str, Any] = {
+            "method": "boundary-label",
+            "foreground_threshold": GRAINS_THRESHOLD,
+            "seed_threshold": 0.5,
+            "min_area_px": 30,
+        }
+        data = "livemask.acquisition.simulated.grains.random_grain_field"
+        training["boundary_width_px"] = BOUNDARY_WIDTH_PX
+    else:
+        parameters["foreground_classes"] = [1, 2]
+        parameters["seed_classes"] = [2]
+        outputs = ["foreground", "seeds"]
+        postprocessing = {
             "method": "seeded-watershed",
             "foreground_threshold": 0.5,
             "seed_threshold": 0.5,
             "min_area_px": 20,
-        },
+        }
+        data = "livemask.acquisition.simulated.nuclei.random_field"
+        training["seed_fraction"] = SEED_FRACTION
+    card: dict[str, Any] = {
+        "name": name,
+        "version": "0.1",
+        "task": task,
+        "runtime": "random-forest",
+        "file": onnx_path.name,
+        "architecture": f"random forest, {trees} trees, max depth {depth}, "
+        f"{len(names)} multi-scale filter features, {len(class_names)} pixel classes "
+        "(scikit-learn → skl2onnx)",
+        "input_name": "features",
+        "output_name": "probabilities",
+        "outputs": outputs,
+        "size_multiple": 1,
+        "normalization": Normalization().model_dump(),
+        "parameters": parameters,
+        "postprocessing": postprocessing,
         "training": {
-            "data": f"livemask.acquisition.simulated.nuclei.random_field, "
-            f"{FIELD_SHAPE[0]}x{FIELD_SHAPE[1]}",
+            "data": f"{data}, {FIELD_SHAPE[0]}x{FIELD_SHAPE[1]}",
             "fields": fields,
             "pixels_per_field": pixels_per_field,
             "samples": int(y.size),
-            "class_counts": np.bincount(y, minlength=len(CLASSES)).tolist(),
+            "class_counts": np.bincount(y, minlength=len(class_names)).tolist(),
             "trees": trees,
             "max_depth": depth,
             "min_samples_leaf": min_samples_leaf,
             "seed": seed,
-            "seed_fraction": SEED_FRACTION,
+            **training,
             "minutes": round(minutes, 2),
             "onnx_bytes": onnx_path.stat().st_size,
         },
         "metrics": {},
     }
-    card_path = out_dir / "nuclei_rf.yaml"
+    card_path = out_dir / f"{name}.yaml"
     write_card(card_path, card)
     log.info("wrote %s (%d bytes) and %s", onnx_path, onnx_path.stat().st_size, card_path)
     if evaluate:

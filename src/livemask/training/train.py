@@ -80,7 +80,7 @@ class FieldPool:
             if rng.random() < 0.5:
                 x, y = x[:, ::-1], y[:, :, ::-1]
             # robustness to imperfect normalisation: random contrast and offset
-            x = x * rng.uniform(0.7, 1.3) + rng.uniform(-0.1, 0.1)
+            x = x * rng.uniform(0.5, 1.5) + rng.uniform(-0.15, 0.15)
             xs.append(np.ascontiguousarray(x))
             ys.append(np.ascontiguousarray(y))
         return torch.from_numpy(np.stack(xs)[:, None]), torch.from_numpy(np.stack(ys))

@@ -50,6 +50,11 @@ class NucleiParams:
     read_noise_e: float = 2.5
     offset_adu: float = 100.0
     gain_adu_per_e: float = 1.0
+    # appearance variety used for training (all off for the default time-lapse sample)
+    shape_irregularity: float = 0.0  # amplitude of 2nd/3rd radial harmonics (lobes, kinks)
+    rim_fraction: float = 0.0  # nuclei brighter at the rim than in the centre
+    cluster_fraction: float = 0.0  # nuclei placed in tight clumps
+    bright_fraction: float = 0.0  # small, very bright condensed nuclei (e.g. mitoses)
 
 
 @dataclass
@@ -65,6 +70,8 @@ class _Nuclei:
     brightness: np.ndarray
     texture_offset: np.ndarray  # (n, 2) ints into the texture tile
     mitosis: np.ndarray  # steps left in mitosis, 0 = interphase
+    shape_coef: np.ndarray  # (n, 4) radial harmonics: cos 2φ, sin 2φ, cos 3φ, sin 3φ
+    rim: np.ndarray  # bool: rim-bright profile
 
     def __len__(self) -> int:
         return int(self.ids.size)
@@ -115,16 +122,31 @@ class NucleiSample:
         aspect = rng.uniform(1.0, p.max_aspect, n)
         ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
         self._next_id += n
+        y, x = rng.uniform(0, h, n), rng.uniform(0, w, n)
+        clumped = rng.random(n) < p.cluster_fraction
+        if clumped.any():  # clumps of ~6 nuclei around shared centres
+            k = int(clumped.sum())
+            centres = rng.uniform(0, 1, (max(1, k // 6), 2)) * [h, w]
+            pick = rng.integers(0, len(centres), k)
+            spread = 1.2 * p.radius_px
+            y[clumped] = centres[pick, 0] + rng.normal(0, spread, k)
+            x[clumped] = centres[pick, 1] + rng.normal(0, spread, k)
+        brightness = rng.lognormal(0.0, p.brightness_sigma, n)
+        bright = rng.random(n) < p.bright_fraction
+        brightness[bright] *= rng.uniform(3.0, 8.0, int(bright.sum()))
+        r[bright] *= 0.7
         return _Nuclei(
             ids=ids,
-            y=rng.uniform(0, h, n),
-            x=rng.uniform(0, w, n),
+            y=y,
+            x=x,
             ry=r * np.sqrt(aspect),
             rx=r / np.sqrt(aspect),
             theta=rng.uniform(0, np.pi, n),
-            brightness=rng.lognormal(0.0, p.brightness_sigma, n),
+            brightness=brightness,
             texture_offset=rng.integers(0, _TEXTURE_SIZE, (n, 2)),
             mitosis=np.zeros(n, dtype=np.int64),
+            shape_coef=rng.normal(0.0, 1.0, (n, 4)) * p.shape_irregularity,
+            rim=rng.random(n) < p.rim_fraction,
         )
 
     def _make_texture(self) -> np.ndarray:
@@ -243,13 +265,20 @@ class NucleiSample:
             u = (c * yy + s * xx) / nu.ry[k]
             v = (-s * yy + c * xx) / nu.rx[k]
             rr = u * u + v * v
+            coef = nu.shape_coef[k]
+            if coef.any():  # lobed outline: radius varies with the angle
+                phi = np.arctan2(v, u)
+                f = 1.0 + coef[0] * np.cos(2 * phi) + coef[1] * np.sin(2 * phi)
+                f += coef[2] * np.cos(3 * phi) + coef[3] * np.sin(3 * phi)
+                rr = rr / np.clip(f, 0.5, 1.5) ** 2
             inside = rr <= 1.0
             if not inside.any():
                 continue
             ty = (np.arange(y0, y1) - int(cy) + nu.texture_offset[k, 0]) % _TEXTURE_SIZE
             tx = (np.arange(x0, x1) - int(cx) + nu.texture_offset[k, 1]) % _TEXTURE_SIZE
             texture = tex[np.ix_(ty, tx)]
-            profile = nu.brightness[k] * (1.0 - 0.35 * rr) * (1.0 + amp * texture)
+            radial = (0.55 + 0.45 * rr) if nu.rim[k] else (1.0 - 0.35 * rr)
+            profile = nu.brightness[k] * radial * (1.0 + amp * texture)
             sub_s = signal[y0:y1, x0:x1]
             sub_l = labels[y0:y1, x0:x1]
             sub_s[inside] = np.clip(profile[inside], 0.05, None)
@@ -276,12 +305,19 @@ class NucleiSample:
         exposure_ms: float = 10.0,
         defocus_um: float = 0.0,
         bleach_steps: int | None = None,
+        haze: np.ndarray | None = None,
     ) -> RenderResult:
-        """Image the field of view whose top-left corner is at ``origin_yx_px``."""
+        """Image the field of view whose top-left corner is at ``origin_yx_px``.
+
+        ``haze`` (float32, the field's shape) is added light from out-of-focus objects that
+        are not in the ground truth.
+        """
         p, rng = self.params, self.rng
         signal, labels = self.render_truth(origin_yx_px, shape)
         sigma = float(np.hypot(p.psf_sigma_px, p.defocus_sigma_px_per_um * abs(defocus_um)))
         blurred = ndimage.gaussian_filter(signal, sigma, mode="nearest", truncate=3.0)
+        if haze is not None:
+            blurred += haze
         steps = self.step_count if bleach_steps is None else bleach_steps
         drift = 1.0 + p.drift_amplitude * np.sin(
             2 * np.pi * self.step_count / 57.0 + self._drift_phase
@@ -299,7 +335,7 @@ class NucleiSample:
 
 def random_params(rng: np.random.Generator, shape: tuple[int, int]) -> NucleiParams:
     """Widely varied sample parameters, for training data and robustness tests."""
-    radius = float(rng.uniform(5.0, 14.0))
+    radius = float(np.exp(rng.uniform(np.log(4.0), np.log(18.0))))
     return replace(
         NucleiParams(),
         world_shape_px=shape,
@@ -316,6 +352,10 @@ def random_params(rng: np.random.Generator, shape: tuple[int, int]) -> NucleiPar
         read_noise_e=float(rng.uniform(1.0, 8.0)),
         offset_adu=float(rng.uniform(0, 500)),
         gain_adu_per_e=float(rng.uniform(0.5, 4.0)),
+        shape_irregularity=float(rng.choice([0.0, rng.uniform(0.0, 0.15)])),
+        rim_fraction=float(rng.choice([0.0, 0.0, rng.uniform(0.0, 0.6)])),
+        cluster_fraction=float(rng.choice([0.0, rng.uniform(0.2, 0.8)])),
+        bright_fraction=float(rng.choice([0.0, rng.uniform(0.0, 0.08)])),
     )
 
 
@@ -327,11 +367,23 @@ def random_field(
     sample = NucleiSample(params, seed=int(rng.integers(2**31)))
     for _ in range(int(rng.integers(0, 30))):
         sample.step()
+    haze = None
+    if rng.random() < 0.3:  # out-of-focus nuclei of another plane: light, but no labels
+        other = NucleiSample(params, seed=int(rng.integers(2**31)))
+        light, _ = other.render_truth((0.0, 0.0), shape)
+        haze = ndimage.gaussian_filter(light, float(rng.uniform(3.0, 8.0))) * rng.uniform(0.2, 0.8)
     result = sample.render(
         (0.0, 0.0),
         shape,
         exposure_ms=float(rng.uniform(5, 50)),
         defocus_um=float(abs(rng.normal(0, 0.6))),
         bleach_steps=int(rng.integers(0, 300)),
+        haze=haze,
     )
-    return result.image, result.labels
+    image = result.image
+    if rng.random() < 0.3:  # 8-bit export, often with saturated highlights and a gamma
+        lo = float(np.percentile(image, 0.5))
+        hi = float(np.percentile(image, rng.uniform(98.0, 100.0)))
+        x = np.clip((image - lo) / max(hi - lo, 1.0), 0, 1) ** rng.uniform(0.7, 1.4)
+        image = np.round(x * rng.uniform(60, 255)).astype(np.uint8)
+    return image, result.labels

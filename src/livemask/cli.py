@@ -191,6 +191,7 @@ def evaluate(
     from rich.table import Table
 
     from livemask import evaluation as ev
+    from livemask.inference.models import load_model_card
     from livemask.offline import load_segmenter
 
     setup_logging(quiet=True)
@@ -201,26 +202,38 @@ def evaluate(
             pairs = ev.load_folder(images, masks)
             name = f"{images}"
         elif holdout in ("live", "varied"):
-            make = ev.live_holdout if holdout == "live" else ev.varied_holdout
+            tasks = {load_model_card(m).task for m in model}
+            if len(tasks) > 1:
+                raise ValueError("compare models of one task at a time (nuclei or grains)")
+            grains = tasks == {"grains"}
+            make = {
+                ("live", False): ev.live_holdout, ("varied", False): ev.varied_holdout,
+                ("live", True): ev.grain_live_holdout, ("varied", True): ev.grain_varied_holdout,
+            }[(holdout, grains)]
             pairs = list(make(n))
-            name = f"simulator-{holdout}"
+            name = f"simulator-{holdout}" + (" (grains)" if grains else "")
         else:
             raise ValueError(f"unknown --holdout {holdout!r}; use live or varied")
         results = [ev.evaluate(load_segmenter(m, threads), pairs, name, model=m) for m in model]
     except (LivemaskError, OSError, ValueError) as exc:
         _fail(exc)
     table = Table(title=f"{name}: {len(pairs)} images")
-    cols = ("model", "F1@0.5", "precision", "recall", "F1 0.5-0.9", "mean IoU",
-            "count err", "ms model", "ms post")
-    for c in cols:
-        table.add_column(c, justify="right")
+    cols = ["model", "F1@0.5", "precision", "recall", "F1 0.5-0.9", "mean IoU",
+            "count err", "ms model", "ms post"]
+    grain_cols = ["area err", "ASTM ΔG", "diam. KS"] if results[0].area_errors else []
+    for c in cols + grain_cols:
+        table.add_column(c, justify="right", no_wrap=c == "model")
     for r in results:
         d = r.as_dict()
-        table.add_row(d["model"], f"{d['f1_iou50']:.3f}", f"{d['precision_iou50']:.3f}",
-                      f"{d['recall_iou50']:.3f}", f"{d['f1_mean_iou50_90']:.3f}",
-                      f"{d['mean_matched_iou']:.3f}", f"{d['count_error']:.1%}",
-                      f"{d['predict_ms']:.1f}", f"{d['postprocess_ms']:.1f}")
-    Console().print(table)
+        row = [d["model"], f"{d['f1_iou50']:.3f}", f"{d['precision_iou50']:.3f}",
+               f"{d['recall_iou50']:.3f}", f"{d['f1_mean_iou50_90']:.3f}",
+               f"{d['mean_matched_iou']:.3f}", f"{d['count_error']:.1%}",
+               f"{d['predict_ms']:.1f}", f"{d['postprocess_ms']:.1f}"]
+        if grain_cols:
+            row += [f"{d['mean_area_error']:.1%}", f"{d['astm_g_error']:.2f}",
+                    f"{d['diameter_ks']:.3f}"]
+        table.add_row(*row)
+    Console(width=max(140, Console().width)).print(table)
     if json_out:
         json_out.write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n")
 

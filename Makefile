@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 RUN_STAMP := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test lint train clean
+.PHONY: run test lint train bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ lint: $(TEST_STAMP)
 train: $(TEST_STAMP)
 	$(BIN)/livemask train nuclei --out runs/nuclei
 	$(BIN)/livemask train grains --out runs/grains
+
+## bench: inference, naive loop and full service fps + latency (see docs/performance.md)
+bench: $(RUN_STAMP)
+	$(BIN)/livemask bench --json benchmarks/results/bench-cpu-512.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

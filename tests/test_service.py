@@ -280,3 +280,33 @@ async def test_missing_hardware_config_is_a_clear_error(tmp_path: Any) -> None:
     with pytest.raises(ConfigError, match=r"rig\.cfg"):
         async with Service(cfg):
             pass
+
+
+async def test_grain_tile_scan_publishes_tile_and_cumulative_statistics() -> None:
+    cfg = make_config(
+        simulation={"sample": "grains", "truth": True},
+        model={"name": "grains"},
+        acquisition={"sequence": {"grid_plan": {"rows": 2, "columns": 2, "overlap": 0,
+                                                "fov_width": 332.8, "fov_height": 332.8}}},
+    )
+    async with Service(cfg) as svc:
+        got = await collect_run(svc, ("measurements", "truth", "event"))
+    meas = got["measurements"]
+    assert len(meas) == 4
+    positions = {(m.header["position"]["x_um"], m.header["position"]["y_um"]) for m in meas}
+    assert len(positions) == 4
+    tiles = [m.header["grains"]["cumulative"]["tiles"] for m in meas]
+    assert tiles == [1, 2, 3, 4]
+    last = meas[-1].header["grains"]
+    tile_counts = sum(m.header["grains"]["tile"]["count"] for m in meas)
+    assert last["cumulative"]["count"] == tile_counts
+    assert last["cumulative"]["astm_g_planimetric"] is not None
+    assert sum(last["cumulative"]["histogram"]["counts"]) == last["cumulative"]["count_inside"]
+    # the live grain size agrees with the ground truth's (mean area within 10 %)
+    from livemask.analysis.grains import CumulativeGrainStats
+
+    truth_stats = CumulativeGrainStats()
+    for t in got["truth"]:
+        truth_stats.add(t.arrays["labels"], meas[0].header["pixel_size_um"])
+    true_area = truth_stats.summary()["mean_area_um2"]
+    assert abs(last["cumulative"]["mean_area_um2"] - true_area) / true_area < 0.10

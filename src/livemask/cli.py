@@ -239,6 +239,54 @@ def evaluate(
 
 
 @app.command()
+def bench(
+    model: Annotated[str, typer.Option(help="Model name or card path.")] = "nuclei",
+    backend: Annotated[str, typer.Option(help="Inference backend (auto picks).")] = "auto",
+    size: Annotated[int, typer.Option(help="Square frame size (px).")] = 512,
+    frames: Annotated[int, typer.Option(help="Frames per measurement.")] = 200,
+    interval: Annotated[float, typer.Option(help="Pipeline time-lapse interval (s); 0 = as "
+                                            "fast as the camera goes.")] = 0.0,
+    camera_fps: Annotated[float | None, typer.Option(
+        help="Pace the camera at this rate instead (latency at a sustained rate).")] = None,
+    exposure_ms: Annotated[float, typer.Option(
+        help="Camera exposure; each snap lasts at least this long.")] = 10.0,
+    threads: Annotated[int, typer.Option(help="CPU threads of the backend.")] = 2,
+    live_render: Annotated[bool, typer.Option(
+        "--live-render", help="Render each frame in the camera (default: replay).")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the result here.")] = None,
+) -> None:
+    """Measure inference_fps, naive_fps and pipeline_fps on the simulated camera, in one run."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from livemask.bench import BenchSettings, format_report, run_bench
+
+    setup_logging(quiet=True)
+    console = Console(stderr=True)
+    try:
+        settings = BenchSettings(
+            model=model, backend=backend, size=size, frames=frames, interval_s=interval,
+            camera_fps=camera_fps, exposure_ms=exposure_ms, threads=threads,
+            live_render=live_render,
+        )
+        result = run_bench(settings, progress=lambda msg: console.print(f"[dim]{msg}…[/dim]"))
+    except (LivemaskError, OSError, ValueError) as exc:
+        _fail(exc)
+    table = Table(title="livemask bench")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    for name, value in format_report(result):
+        table.add_row(name, value)
+    Console().print(table)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        typer.echo(f"wrote {json_out}")
+
+
+@app.command()
 def models() -> None:
     """List the shipped models."""
     from livemask.inference.models import list_models

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from livemask.errors import ConfigError
+from livemask.feedback.spec import FeedbackConfig
 
 Mode = Literal["free-run", "synchronized"]
 
@@ -94,7 +95,12 @@ class ModelConfig(_Section):
     path: Path | None = Field(
         default=None, description="A model card (.yaml) of your own; overrides `name`."
     )
-    backend: Literal["auto", "onnxruntime"] = "auto"
+    backend: Literal["auto", "onnxruntime", "tensorrt", "torch"] = Field(
+        default="auto",
+        description="Inference backend. auto: the fastest that can run here (tensorrt, then "
+        "torch on CUDA, then onnxruntime), logging why each other one cannot; a named backend "
+        "that cannot run is an error. See docs/backends.md.",
+    )
     threads: int = Field(default=2, ge=1, description="Intra-op threads of the CPU backend.")
 
 
@@ -124,6 +130,16 @@ class PipelineConfig(_Section):
     queue_size: int = Field(default=2, ge=1, description="Frames waiting for inference.")
 
 
+class MetricsConfig(_Section):
+    """The Prometheus endpoint (``/metrics``), off by default."""
+
+    enabled: bool = Field(default=False, description="Serve Prometheus metrics over HTTP.")
+    address: str = Field(
+        default="127.0.0.1", description="Interface to bind; anything but loopback is public."
+    )
+    port: int = Field(default=9108, ge=0, le=65535, description="TCP port; 0 picks a free one.")
+
+
 class ServiceConfig(_Section):
     """The whole service configuration."""
 
@@ -134,6 +150,10 @@ class ServiceConfig(_Section):
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    feedback: FeedbackConfig = Field(
+        default_factory=FeedbackConfig, description="Rules that change the acquisition."
+    )
 
 
 def _format_errors(exc: ValidationError) -> str:

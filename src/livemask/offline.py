@@ -9,9 +9,9 @@ import numpy as np
 import tifffile
 
 from livemask.analysis.measure import measure_objects
-from livemask.inference.backend import create_backend
 from livemask.inference.models import load_model_card
 from livemask.inference.segmenter import Segmenter
+from livemask.inference.select import load_backend
 
 TABLE_COLUMNS = (
     "plane", "label", "area_px", "area_um2", "centroid_y", "centroid_x", "bbox_min_row",
@@ -23,8 +23,7 @@ TABLE_COLUMNS = (
 def load_segmenter(model: str, threads: int = 2) -> Segmenter:
     """A segmenter for a shipped model name or a card path, on the default backend."""
     card = load_model_card(model)
-    backend = create_backend("auto", threads=threads, card=card)
-    backend.load(card)
+    backend = load_backend("auto", card, threads=threads)
     return Segmenter(card, backend)
 
 

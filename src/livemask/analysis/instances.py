@@ -1,11 +1,19 @@
 """From model probability maps (or a binary mask) to instance labels.
 
-The fast path never floods the whole frame. After labelling, all work is on the foreground
-pixels only: a connected component with exactly one seed takes that seed's id through a lookup
-table, a component without a seed becomes one object, and only the components that hold two or
-more seeds are flooded. Those are cut out (bounding boxes), packed side by side with one-pixel
-gaps into one small mosaic, and split by a single marker-controlled watershed call, so the
-per-call overhead of ``skimage.segmentation.watershed`` is paid once per frame, not per cluster.
+The fast path never floods, labels or copies the whole frame beyond one threshold and one
+scan for the foreground pixels. From then on all work is on the foreground pixels (as flat
+indices in raster order) and on their row runs (maximal stretches along a row, ~15x fewer):
+
+- connected components (4-connectivity) of the foreground and of the seeds come from the
+  runs: runs on neighbouring rows that overlap are joined (``np.searchsorted``) and the run
+  graph is split by ``scipy.sparse.csgraph.connected_components``. Components are numbered
+  in raster order of their first pixel, exactly like ``scipy.ndimage.label``;
+- a component with exactly one seed takes that seed's id through a lookup table, a
+  component without a seed becomes one object, and only the components that hold two or
+  more seeds are flooded. Those are cut out (bounding boxes), packed side by side with
+  one-pixel gaps into one small mosaic, and split by a single marker-controlled watershed
+  call, so the per-call overhead of ``skimage.segmentation.watershed`` is paid once per
+  frame, not per cluster.
 """
 
 from __future__ import annotations
@@ -14,12 +22,15 @@ from collections.abc import Callable
 
 import numpy as np
 from scipy import ndimage
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
 from skimage.feature import peak_local_max
 from skimage.segmentation import watershed
 
 __all__ = ["labels_from_mask", "labels_from_probabilities"]
 
-#: Returns the watershed elevation (lower floods first) at the given flat pixel indices.
+#: Returns the watershed elevation (lower floods first) of the foreground pixels at the given
+#: positions (indices into the foreground pixel list).
 Elevation = Callable[[np.ndarray], np.ndarray]
 
 
@@ -48,14 +59,32 @@ def labels_from_probabilities(
             f"foreground and seeds must be 2-D arrays of one shape, got {fg.shape} and {sd.shape}"
         )
     mask = fg > foreground_threshold
-    seed_lab, n_seed = ndimage.label((sd > seed_threshold) & mask)
+    fg_px = np.flatnonzero(mask)
+    if fg_px.size == 0:
+        return np.zeros(mask.shape, dtype=np.int32)
+    width = mask.shape[1]
+    # seed probabilities at the foreground pixels only (raster order, like fg_px)
+    sd_fg = np.take(sd.reshape(-1), fg_px) if sd.flags.c_contiguous else sd[mask]
+    comp_fg, n_comp = _label_pixels(fg_px, width)
+    in_seed = np.flatnonzero(sd_fg > seed_threshold)
+    seed_fg = np.zeros(fg_px.size, dtype=np.int32)
+    n_seed = 0
+    if in_seed.size:
+        seed_fg[in_seed], n_seed = _label_pixels(np.take(fg_px, in_seed), width)
 
-    def elevation(px: np.ndarray) -> np.ndarray:
-        return 1.0 - sd.ravel()[px].astype(np.float32, copy=False)
+    def elevation(at: np.ndarray) -> np.ndarray:
+        return 1.0 - np.take(sd_fg, at).astype(np.float32, copy=False)
 
-    comp, n_comp = ndimage.label(mask)
     return _assign_to_seeds(
-        mask, comp, n_comp, seed_lab, n_seed, elevation, min_area_px, min_seed_area_px
+        mask.shape,
+        fg_px,
+        comp_fg,
+        n_comp,
+        seed_fg,
+        n_seed,
+        elevation,
+        min_area_px,
+        min_seed_area_px,
     )
 
 
@@ -86,18 +115,71 @@ def labels_from_mask(
     n_seed = len(peaks)
     if n_seed:
         seed_lab[peaks[:, 0], peaks[:, 1]] = np.arange(1, n_seed + 1, dtype=np.int32)
+    fg_px = np.flatnonzero(m)
+    neg_distance = -np.take(distance.reshape(-1), fg_px)
 
-    def elevation(px: np.ndarray) -> np.ndarray:
-        return -distance.ravel()[px]
+    def elevation(at: np.ndarray) -> np.ndarray:
+        return np.take(neg_distance, at)
 
-    return _assign_to_seeds(m, comp, n_comp, seed_lab, n_seed, elevation, min_area_px, 1)
+    return _assign_to_seeds(
+        m.shape,
+        fg_px,
+        np.take(comp.reshape(-1), fg_px),
+        n_comp,
+        np.take(seed_lab.reshape(-1), fg_px),
+        n_seed,
+        elevation,
+        min_area_px,
+        1,
+    )
+
+
+def _row_runs(px: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Maximal row runs of ascending flat pixel indices ``px``: (start index, length)."""
+    n = px.size
+    brk = np.empty(n, dtype=bool)
+    brk[0] = True
+    np.not_equal(np.diff(px), 1, out=brk[1:])
+    first = np.flatnonzero(brk)
+    start = np.take(px, first)
+    length = np.diff(first, append=n)
+    if np.any(start // width != (start + length - 1) // width):  # a run goes on next row
+        brk |= px % width == 0
+        first = np.flatnonzero(brk)
+        start = np.take(px, first)
+        length = np.diff(first, append=n)
+    return start, length
+
+
+def _label_pixels(px: np.ndarray, width: int) -> tuple[np.ndarray, int]:
+    """4-connected component ids (int32, 1..n) of the pixels at ascending flat indices ``px``.
+
+    Numbered in raster order of each component's first pixel, as ``ndimage.label`` numbers
+    them. Runs on consecutive rows are joined where their column ranges overlap.
+    """
+    start, length = _row_runs(px, width)
+    end = start + length
+    # runs of the row above that overlap run j: indices lo[j] .. hi[j] - 1
+    lo = np.searchsorted(end, start - width, side="right")
+    hi = np.searchsorted(start, end - width, side="left")
+    count = np.maximum(hi - lo, 0)
+    indptr = np.zeros(start.size + 1, dtype=np.intp)
+    np.cumsum(count, out=indptr[1:])
+    indices = np.arange(int(indptr[-1]), dtype=np.intp) + np.repeat(lo - indptr[:-1], count)
+    graph = csr_matrix(
+        (np.ones(indices.size, dtype=np.int8), indices, indptr), shape=(start.size, start.size)
+    )
+    n, run_label = connected_components(graph, directed=False)
+    labels = np.repeat(run_label.astype(np.int32) + 1, length)
+    return labels, int(n)
 
 
 def _assign_to_seeds(
-    mask: np.ndarray,
-    comp: np.ndarray,
+    shape: tuple[int, ...],
+    fg_px: np.ndarray,
+    comp_fg: np.ndarray,
     n_comp: int,
-    seed_lab: np.ndarray,
+    seed_fg: np.ndarray,
     n_seed: int,
     elevation: Elevation,
     min_area_px: int,
@@ -105,23 +187,23 @@ def _assign_to_seeds(
 ) -> np.ndarray:
     """Give each foreground component the id of its seed(s); watershed where there are several.
 
-    ``comp`` labels the connected components of ``mask`` (ids 1..n_comp); ``seed_lab`` holds
-    seed ids 1..n_seed, every seed inside ``mask``. Seeds under ``min_seed_area_px`` pixels
-    are ignored. Returns the final int32 labels, filtered by area and numbered 1..N.
+    ``fg_px`` are the flat indices (ascending) of the foreground pixels of a frame of
+    ``shape``; ``comp_fg`` their component ids (1..n_comp) and ``seed_fg`` their seed ids
+    (1..n_seed, 0 = no seed; every seed lies in one component). Seeds under
+    ``min_seed_area_px`` pixels are ignored. Returns the final int32 labels, filtered by
+    area and numbered 1..N.
     """
-    out = np.zeros(mask.size, dtype=np.int32)
-    fg_px = np.flatnonzero(mask)
+    out = np.zeros(int(np.prod(shape)), dtype=np.int32)
     if fg_px.size == 0:
-        return out.reshape(mask.shape)
-    comp_fg = comp.ravel()[fg_px]
-    seed_fg = seed_lab.ravel()[fg_px]
+        return out.reshape(shape)
 
-    # Which component each seed lies in; invalid (too small) seeds lie in none.
+    # Which component each seed lies in; invalid (too small) seeds lie in none. All pixels
+    # of a seed share one component, so a plain scatter over the foreground is exact (the
+    # background entry 0 is reset).
     valid = np.bincount(seed_fg, minlength=n_seed + 1) >= max(1, int(min_seed_area_px))
     valid[0] = False
-    in_seed = seed_fg > 0
     seed_comp = np.zeros(n_seed + 1, dtype=np.intp)
-    seed_comp[seed_fg[in_seed]] = comp_fg[in_seed]
+    seed_comp[seed_fg] = comp_fg
     seed_comp[~valid] = 0
     seeds_per_comp = np.bincount(seed_comp, minlength=n_comp + 1)
     seeds_per_comp[0] = 0
@@ -134,15 +216,20 @@ def _assign_to_seeds(
     seedless = np.flatnonzero(seeds_per_comp == 0)[1:]  # skip 0, the background
     n_ids = n_seed + 1 + seedless.size
     lut[seedless] = np.arange(n_seed + 1, n_ids, dtype=np.int32)
-    ids_fg = lut[comp_fg]
+    ids_fg = np.take(lut, comp_fg)
 
     is_multi = seeds_per_comp >= 2
     if is_multi.any():
-        sel = np.flatnonzero(is_multi[comp_fg])
-        px = fg_px[sel]
-        markers = np.where(valid[seed_fg[sel]], seed_fg[sel], 0)
+        sel = np.flatnonzero(np.take(is_multi, comp_fg))
+        seed_sel = np.take(seed_fg, sel)
+        markers = np.where(np.take(valid, seed_sel), seed_sel, 0)
         ids_fg[sel] = _packed_watershed(
-            px, comp_fg[sel], markers, elevation(px), mask.shape[1], is_multi
+            np.take(fg_px, sel),
+            np.take(comp_fg, sel),
+            markers,
+            elevation(sel),
+            shape[1],
+            is_multi,
         )
 
     # Drop small objects and renumber 1..N.
@@ -151,8 +238,8 @@ def _assign_to_seeds(
     keep[0] = False
     final = np.zeros(areas.size, dtype=np.int32)
     final[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-    out[fg_px] = final[ids_fg]
-    return out.reshape(mask.shape)
+    out[fg_px] = np.take(final, ids_fg)
+    return out.reshape(shape)
 
 
 def _packed_watershed(
@@ -174,7 +261,7 @@ def _packed_watershed(
     index = np.full(is_multi.size, -1, dtype=np.intp)
     multi_ids = np.flatnonzero(is_multi)
     index[multi_ids] = np.arange(multi_ids.size)
-    k = index[comp_px]
+    k = np.take(index, comp_px)
     big = np.iinfo(np.intp).max
     r0 = np.full(multi_ids.size, big, dtype=np.intp)
     c0 = np.full(multi_ids.size, big, dtype=np.intp)
@@ -200,14 +287,18 @@ def _packed_watershed(
         shelf_h = max(shelf_h, heights[i])
     shape = (y + shelf_h, shelf_width)
 
-    mr = rows - r0[k] + off_r[k]
-    mc = cols - c0[k] + off_c[k]
-    region = np.zeros(shape, dtype=bool)
-    region[mr, mc] = True
-    markers = np.zeros(shape, dtype=np.int32)
-    markers[mr, mc] = markers_px
-    elev = np.zeros(shape, dtype=elevation_px.dtype)
-    elev[mr, mc] = elevation_px
+    # Flat mosaic index of every pixel: one per-component shift added to row * width + col.
+    shift = (off_r - r0) * shelf_width + (off_c - c0)
+    mpx = rows * shelf_width + cols + np.take(shift, k)
+    size = shape[0] * shape[1]
+    region_flat = np.zeros(size, dtype=bool)
+    region_flat[mpx] = True
+    markers_flat = np.zeros(size, dtype=np.int32)
+    markers_flat[mpx] = markers_px
+    elev_flat = np.zeros(size, dtype=elevation_px.dtype)
+    elev_flat[mpx] = elevation_px
+    region = region_flat.reshape(shape)
+    markers = markers_flat.reshape(shape)
 
     # Seed pixels whose four neighbours carry the same seed are settled already: leaving them
     # out of the flood (markers only on seed rims) saves about a third of the heap work.
@@ -218,7 +309,8 @@ def _packed_watershed(
     inner[:, :-1] &= markers[:, :-1] == markers[:, 1:]
     region &= ~inner
     rim_markers = np.where(region, markers, 0)
-    flooded = watershed(elev, rim_markers, mask=region)
-    flooded[inner] = markers[inner]
-    result: np.ndarray = flooded[mr, mc]
+    flooded = watershed(elev_flat.reshape(shape), rim_markers, mask=region)
+    result: np.ndarray = np.where(
+        np.take(inner.reshape(-1), mpx), markers_px, np.take(flooded.reshape(-1), mpx)
+    )
     return result

@@ -1,8 +1,11 @@
 """Per-object measurements and a frame summary, vectorised with ``np.bincount``.
 
-Areas, intensity sums and raw image moments come from one ``np.bincount`` each over the
-foreground pixels; bounding boxes from ``scipy.ndimage.find_objects``. The only Python loop
-builds the per-object dicts. Output holds plain Python types only (JSON-serialisable, no NaN).
+The labelled pixels are visited once to find their row runs (stretches of one label along a
+row, about ten times fewer than the pixels); areas, raw image moments (exact integer sums in
+closed form per run) and bounding boxes come from the runs, intensity sums from one
+``np.bincount`` over the labelled pixels. Nothing else touches the full frame but the
+foreground scan and the frame sum. The only Python loop builds the per-object dicts. Output
+holds plain Python types only (JSON-serialisable, no NaN).
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ import math
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 __all__ = ["UNITS", "measure_objects"]
 
@@ -63,48 +65,57 @@ def measure_objects(
     flat = lab.ravel()
     values = img.ravel()
     fg_px = np.flatnonzero(flat != 0)  # a bool mask scans much faster than an int array
-    ids_at_px = flat[fg_px]
-    if ids_at_px.size and int(ids_at_px.min()) < 0:
-        raise ValueError("labels must be >= 0 (0 = background)")
+    ids_at_px = np.take(flat, fg_px)
 
     n_px = flat.size
-    fg_values = values[fg_px].astype(np.float64, copy=False)
     total_sum = float(values.sum(dtype=np.float64))
+    if fg_px.size == 0:
+        return [], _summary_empty(total_sum / n_px if n_px else None, decimals)
+
+    # Runs: maximal stretches of one label along a row, found on the foreground pixels
+    # (flat indices ascending). All geometry comes from the runs, which are ~10x fewer
+    # than the pixels; every pixel lies in exactly one run, so min/max over the runs are
+    # min/max over the pixels.
+    run_row, run_c0, run_len, run_ids = _runs(fg_px, ids_at_px, width)
+    if int(run_ids.min()) < 0:
+        raise ValueError("labels must be >= 0 (0 = background)")
+
+    fg_values = np.take(values, fg_px).astype(np.float64, copy=False)
     fg_sum = float(fg_values.sum())
     n_bg = n_px - fg_px.size
     background_mean = (total_sum - fg_sum) / n_bg if n_bg else None
 
-    if fg_px.size == 0:
-        return [], _summary_empty(background_mean, decimals)
-
     # Compact ids: bincount length is max label + 1, so sparse huge ids get renumbered.
-    max_id = int(ids_at_px.max())
+    max_id = int(run_ids.max())
+    present_ids: np.ndarray | None = None
     if max_id > 4 * fg_px.size + 1024:
-        present, ids_at_px = np.unique(ids_at_px, return_inverse=True)
-        ids_at_px = ids_at_px + 1
-        present_ids = present
-        box_labels = np.zeros(lab.shape, dtype=np.int32)
-        box_labels.ravel()[fg_px] = ids_at_px
-        max_id = present.size
+        present_ids, inverse = np.unique(run_ids, return_inverse=True)
+        run_ids = inverse.reshape(-1).astype(np.intp) + 1
+        ids_at_px = np.repeat(run_ids, run_len)
+        max_id = present_ids.size
     else:
-        present_ids = None
-        box_labels = lab
+        run_ids = run_ids.astype(np.intp, copy=False)
 
     n_bins = max_id + 1
-    area = np.bincount(ids_at_px, minlength=n_bins).astype(np.float64)
+    run_c1 = run_c0 + run_len  # exclusive
+    # Exact integer sums per run (then per object): sum of c and of c**2 over [c0, c1).
+    s_c_run = (run_c0 + run_c1 - 1) * run_len // 2
+    s_cc_run = _sum_squares_below(run_c1) - _sum_squares_below(run_c0)
+    area = np.bincount(run_ids, weights=run_len, minlength=n_bins)
     ids = np.flatnonzero(area)
     ids = ids[ids > 0]
-    rows, cols = np.divmod(fg_px, width)
-    rows_f = rows.astype(np.float64)
-    cols_f = cols.astype(np.float64)
+
+    def per_object(run_values: np.ndarray) -> np.ndarray:
+        sums: np.ndarray = np.bincount(run_ids, weights=run_values, minlength=n_bins)
+        return sums[ids]
 
     a = area[ids]
     intensity_sum = np.bincount(ids_at_px, weights=fg_values, minlength=n_bins)[ids]
-    s_r = np.bincount(ids_at_px, weights=rows_f, minlength=n_bins)[ids]
-    s_c = np.bincount(ids_at_px, weights=cols_f, minlength=n_bins)[ids]
-    s_rr = np.bincount(ids_at_px, weights=rows_f * rows_f, minlength=n_bins)[ids]
-    s_cc = np.bincount(ids_at_px, weights=cols_f * cols_f, minlength=n_bins)[ids]
-    s_rc = np.bincount(ids_at_px, weights=rows_f * cols_f, minlength=n_bins)[ids]
+    s_r = per_object(run_row * run_len)
+    s_c = per_object(s_c_run)
+    s_rr = per_object(run_row * run_row * run_len)
+    s_cc = per_object(s_cc_run)
+    s_rc = per_object(run_row * s_c_run)
 
     cy = s_r / a
     cx = s_c / a
@@ -123,12 +134,17 @@ def measure_objects(
     area_um2 = a * pixel_size_um**2
     eq_diam_um = np.sqrt(4.0 * a / math.pi) * pixel_size_um
 
-    boxes = ndimage.find_objects(box_labels, max_label=max_id)
-    bbox = [
-        [b[0].start, b[1].start, b[0].stop, b[1].stop]
-        for b in (boxes[i - 1] for i in ids.tolist())
-        if b is not None  # never None: every id in ids has pixels
-    ]
+    # Bounding boxes, half-open like ndimage.find_objects.
+    big = np.iinfo(np.intp).max
+    top = np.full(n_bins, big, dtype=np.intp)
+    np.minimum.at(top, run_ids, run_row)
+    bottom = np.zeros(n_bins, dtype=np.intp)
+    np.maximum.at(bottom, run_ids, run_row)
+    left = np.full(n_bins, big, dtype=np.intp)
+    np.minimum.at(left, run_ids, run_c0)
+    right = np.zeros(n_bins, dtype=np.intp)
+    np.maximum.at(right, run_ids, run_c1)
+    bbox = np.stack([top[ids], left[ids], bottom[ids] + 1, right[ids]], axis=1).tolist()
     out_ids = (present_ids[ids - 1] if present_ids is not None else ids).tolist()
 
     def r(x: np.ndarray) -> list[float]:
@@ -174,6 +190,44 @@ def measure_objects(
         "background_mean": _round(background_mean, decimals),
     }
     return objects, summary
+
+
+def _runs(
+    fg_px: np.ndarray, ids: np.ndarray, width: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Row runs of equal labels: (row, first column, length, label) of each run.
+
+    ``fg_px`` are the ascending flat indices of the labelled pixels and ``ids`` their
+    labels. A run ends where the label changes, a gap follows or the row ends.
+    """
+    n = fg_px.size
+    brk = np.empty(n, dtype=bool)
+    brk[0] = True
+    np.not_equal(ids[1:], ids[:-1], out=brk[1:])
+    brk[1:] |= np.diff(fg_px) != 1
+    first = np.flatnonzero(brk)
+    start = fg_px[first]
+    length = np.diff(first, append=n)
+    run_ids = ids[first]
+    row, col = np.divmod(start, width)
+    wraps = col + length > width
+    if wraps.any():  # a run went on at the start of the next row: cut it at each row end
+        pieces = (col + length - 1) // width + 1
+        rep = np.repeat(np.arange(first.size), pieces)
+        j = np.arange(rep.size) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+        row = row[rep] + j
+        end = (start + length)[rep]
+        start = np.maximum(start[rep], row * width)
+        length = np.minimum(end, (row + 1) * width) - start
+        col = start - row * width
+        run_ids = run_ids[rep]
+    return row, col, length, run_ids
+
+
+def _sum_squares_below(n: np.ndarray) -> np.ndarray:
+    """0² + 1² + ... + (n - 1)², exactly (integer arrays)."""
+    result: np.ndarray = (n - 1) * n * (2 * n - 1) // 6
+    return result
 
 
 def _summary_empty(background_mean: float | None, decimals: int | None) -> dict[str, Any]:

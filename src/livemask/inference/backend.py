@@ -7,7 +7,6 @@ from typing import Protocol
 
 import numpy as np
 
-from livemask.errors import BackendUnavailable
 from livemask.inference.models import ModelCard
 
 log = logging.getLogger("livemask")
@@ -37,9 +36,19 @@ def create_backend(
 ) -> Backend:
     """Instantiate a backend by name; ``auto`` picks the fastest available one.
 
-    Models whose card says ``runtime: classical`` or ``random-forest`` carry their own
-    runtime, whatever backend is configured.
+    ``auto`` prefers tensorrt (TensorRT and a CUDA GPU), then torch (CUDA), then onnxruntime,
+    logging at INFO why each one it passes over cannot run. A backend named explicitly that
+    cannot run here raises BackendUnavailable saying what to install (or to set
+    ``model.backend: auto``). Models whose card says ``runtime: classical`` or
+    ``random-forest`` carry their own runtime, whatever backend is configured.
+    ``livemask.inference.select.load_backend`` also loads the model and, under ``auto``,
+    falls back to the next backend when one fails to load.
     """
+    from livemask.inference.select import choose_backend, instantiate
+
+    if card is not None and card.runtime != "onnx" and name not in ("auto", "onnxruntime"):
+        log.info("model %s runs on its own %s runtime; model.backend %s does not apply",
+                 card.name, card.runtime, name)
     if card is not None and card.runtime == "classical":
         from livemask.inference.classical import ClassicalBackend
 
@@ -48,8 +57,4 @@ def create_backend(
         from livemask.inference.random_forest import RandomForestBackend
 
         return RandomForestBackend(threads=threads)
-    if name in ("auto", "onnxruntime"):
-        from livemask.inference.onnxruntime_backend import OnnxRuntimeBackend
-
-        return OnnxRuntimeBackend(threads=threads)
-    raise BackendUnavailable(f"unknown backend {name!r}; set model.backend to auto or onnxruntime")
+    return instantiate(choose_backend(name), threads=threads)

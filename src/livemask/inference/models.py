@@ -62,6 +62,21 @@ class ModelCard(BaseModel):
     output_name: str = "probabilities"
     outputs: list[str] = Field(default_factory=lambda: ["foreground", "seeds"])
     size_multiple: int = Field(default=8, ge=1, description="H and W are padded to a multiple.")
+    tile_px: int = Field(
+        default=1024,
+        ge=16,
+        description="Largest tile side: frames whose padded height or width exceeds it are "
+        "run as overlapping tiles and blended (livemask.inference.tiling); smaller frames run "
+        "whole. Rounded down to a multiple of size_multiple. Not used for runtime: classical "
+        "(its thresholds are per whole image).",
+    )
+    tile_overlap_px: int = Field(
+        default=64,
+        ge=0,
+        description="Overlap of neighbouring tiles (less than half a tile); the outer quarter "
+        "of each overlap is ignored and the rest blended smoothly.",
+    )
+    max_batch: int = Field(default=4, ge=1, description="Most tiles per backend call.")
     normalization: Normalization = Field(default_factory=Normalization)
     postprocessing: PostProcessing = Field(default_factory=PostProcessing)
     training: dict[str, Any] = Field(default_factory=dict)

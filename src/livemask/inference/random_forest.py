@@ -177,9 +177,7 @@ class RandomForestBackend:
         self._output = card.output_name if card.output_name in names else names[-1]
         n_classes = max(used) + 1
         columns = next(o for o in self._session.get_outputs() if o.name == self._output).shape
-        if min(used) < 0 or (
-            isinstance(columns[-1], int) and columns[-1] < n_classes
-        ):
+        if min(used) < 0 or (isinstance(columns[-1], int) and columns[-1] < n_classes):
             self._session = None
             raise ModelError(f"model {card.name!r}: class indices outside the forest's output")
         log.info(

@@ -8,7 +8,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import useq
 
@@ -17,13 +17,17 @@ from livemask.acquisition.source import FrameSource, MicroscopeSource, RawFrame
 from livemask.analysis.measure import UNITS
 from livemask.config import Mode, ServiceConfig
 from livemask.errors import AcquisitionError
-from livemask.inference.backend import create_backend
+from livemask.feedback.controller import FeedbackController
 from livemask.inference.models import ModelCard, load_model_card
 from livemask.inference.segmenter import Segmenter
+from livemask.inference.select import load_backend
 from livemask.service.commands import CommandHandler
 from livemask.service.pipeline import Pipeline
 from livemask.transport.control_server import ControlServer
 from livemask.transport.publisher import ZmqPublisher
+
+if TYPE_CHECKING:
+    from livemask.service.metrics import MetricsServer
 
 log = logging.getLogger("livemask")
 
@@ -41,8 +45,7 @@ def uses_simulated_devices(cfg_path: Path) -> bool:
 def build_segmenter(config: ServiceConfig) -> Segmenter:
     """Load the configured model card and backend, with config overrides applied."""
     card: ModelCard = load_model_card(config.model.path or config.model.name)
-    backend = create_backend(config.model.backend, threads=config.model.threads, card=card)
-    backend.load(card)
+    backend = load_backend(config.model.backend, card, threads=config.model.threads)
     overrides = {k: v for k, v in config.analysis.model_dump().items() if v is not None}
     post = card.postprocessing.model_copy(update=overrides)
     return Segmenter(card, backend, post)
@@ -74,6 +77,9 @@ class Service:
         self.acquisitions_finished = 0
         self._acquisition_started = 0.0
         self._last_error: str | None = None
+        self.metrics: MetricsServer | None = None
+        self.feedback: FeedbackController | None = None
+        self._background: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> Service:
@@ -107,10 +113,17 @@ class Service:
         )
         self.pipeline.source = self.source
         self.pipeline.start()
+        self._start_feedback()
         self._tasks = [
             asyncio.create_task(self.control.serve(), name="livemask-control"),
             asyncio.create_task(self._heartbeat(), name="livemask-heartbeat"),
         ]
+        if cfg.metrics.enabled:
+            from livemask.service.metrics import MetricsServer
+
+            self.metrics = MetricsServer(
+                self.status, address=cfg.metrics.address, port=cfg.metrics.port, loop=self._loop
+            ).start()
         self.state = "idle"
         log.info(
             "livemask %s serving: pub %s, control %s, model %s (%s)",
@@ -155,6 +168,35 @@ class Service:
             sync_timeout_s=self.config.acquisition.frame_timeout_s,
         )
 
+    def _start_feedback(self) -> None:
+        """Create the rule engine and hook it to the pipeline and the MDA runner."""
+        if not self.config.feedback.enabled:
+            return
+        mda = getattr(getattr(self.source, "core", None), "mda", None)
+        self.feedback = FeedbackController(
+            self.config.feedback,
+            pixel_size_um=self.pixel_size_um,
+            inject=self._inject_feedback,
+            publish=self._event,
+            set_mode=lambda mode: self._spawn(self.apply_settings(mode=mode)),  # type: ignore[arg-type]
+            stop=lambda: self._spawn(self.stop_acquisition()),
+            runner_clock=getattr(mda, "event_seconds_elapsed", None),
+            loop=self._loop,
+        )
+        self.pipeline.on_measurements = self.feedback.on_measurements
+        if mda is not None:  # reaction clock: when an action's first event starts on the core
+            mda.events.eventStarted.connect(self.feedback.on_event_started)
+
+    def _inject_feedback(self, events: list[useq.MDAEvent]) -> int:
+        if self.source is None or not self._acquiring:
+            raise AcquisitionError("no acquisition is running")
+        return self.source.inject(events)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def _on_camera_frame(self, raw: RawFrame) -> None:
         """Camera thread → event loop hand-off; never blocks the camera."""
         loop = self._loop
@@ -168,6 +210,11 @@ class Service:
         self.state = "stopping"
         with contextlib.suppress(Exception):
             await self.stop_acquisition()
+        if self.feedback is not None:
+            mda = getattr(getattr(self.source, "core", None), "mda", None)
+            if mda is not None:
+                with contextlib.suppress(Exception):
+                    mda.events.eventStarted.disconnect(self.feedback.on_event_started)
         if hasattr(self, "pipeline"):
             await self.pipeline.drain(drain_timeout_s)
             with contextlib.suppress(Exception):
@@ -178,6 +225,8 @@ class Service:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.close)
         self.control.close()
         self.publisher.close()
         if self.source is not None:
@@ -202,6 +251,9 @@ class Service:
             raise AcquisitionError("no frame source")
         if self._acquiring:
             raise AcquisitionError("an acquisition is already running; stop it first")
+        if self.feedback is not None:
+            self.feedback.acquisition_started()
+            events = self.feedback.wrap_planned(events)
         self.source.start(
             iter(events),
             synchronized=self.pipeline.mode == "synchronized",
@@ -222,6 +274,8 @@ class Service:
     def _acquisition_finished(self, error: str | None) -> None:
         self._acquiring = False
         self.acquisitions_finished += 1
+        if self.feedback is not None:
+            self.feedback.acquisition_finished()
         if self.state == "running":
             self.state = "idle"
         if error:
@@ -296,8 +350,11 @@ class Service:
             "pub_address": self.publisher.bound_address if self.state != "closed" else None,
             "core": self.core_info,
             "last_error": self._last_error,
+            "acquisitions_finished": self.acquisitions_finished,
+            "metrics_url": self.metrics.url if self.metrics is not None else None,
             "publisher": self.publisher.counters(),
             **(pipe.report() if pipe else {}),
+            "feedback": self.feedback.report() if self.feedback is not None else None,
         }
 
     def _publish_status(self) -> None:

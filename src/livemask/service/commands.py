@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import useq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from livemask.errors import AcquisitionError, CommandError
+from livemask.errors import AcquisitionError, CommandError, ConfigError
+from livemask.feedback.spec import RuleSpec
 
 if TYPE_CHECKING:
     from livemask.service.app import Service
@@ -44,6 +45,15 @@ class SetArgs(_Args):
 
     exposure_ms: float | None = Field(default=None, gt=0, le=60_000)
     mode: Literal["free-run", "synchronized"] | None = None
+
+
+class RulesArgs(_Args):
+    """``rules``: list the feedback rules; optionally replace them or switch some on/off."""
+
+    rules: list[dict[str, Any]] | None = Field(
+        default=None, description="new rule list (feedback.rules entries); [] removes all"
+    )
+    enabled: dict[str, bool] | None = Field(default=None, description="rule name -> on/off")
 
 
 class SnapshotArgs(_Args):
@@ -92,6 +102,7 @@ class CommandHandler:
             "enqueue": self.enqueue,
             "set": self.set,
             "snapshot": self.snapshot,
+            "rules": self.rules,
         }
 
     async def __call__(self, cmd: str, args: dict[str, Any]) -> Any:
@@ -164,3 +175,30 @@ class CommandHandler:
                 "labels": _encode_array(last.labels),
             }
         return result
+
+    async def rules(self, args: dict[str, Any]) -> Any:
+        """Feedback rules: list them, replace them, enable or disable some."""
+        a: RulesArgs = _validate(RulesArgs, args, "rules")
+        fb = self.service.feedback
+        if fb is None:
+            raise CommandError(
+                "invalid_state", "feedback is off in this service (feedback.enabled: false)"
+            )
+        if a.rules is not None:
+            specs = [_useq(RuleSpec, r, f"rules[{i}]") for i, r in enumerate(a.rules)]
+            names = [s.name for s in specs]
+            if len(set(names)) != len(names):
+                raise CommandError("invalid_args", f"rules: names must be unique: {names}")
+            try:
+                fb.set_rules(specs)
+            except ConfigError as exc:
+                raise CommandError("invalid_args", f"rules: {exc}") from None
+        for name, on in (a.enabled or {}).items():
+            try:
+                fb.set_enabled(name, on)
+            except KeyError:
+                known = [s.name for s in fb.engine.slots]
+                raise CommandError(
+                    "invalid_args", f"rules: no rule named {name!r}; known: {known}"
+                ) from None
+        return fb.report()["rules"]

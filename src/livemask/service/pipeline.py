@@ -16,6 +16,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
@@ -66,6 +67,9 @@ class Pipeline:
         self._next_id = 0
         self.grains = CumulativeGrainStats() if segmenter.card.task == "grains" else None
         self._reset_grains = False
+        # feedback hook: called with (frame, measurements message) after they are published,
+        # on the event loop, before frame_done releases the next event in synchronized mode
+        self.on_measurements: Callable[[Frame, dict[str, Any]], None] | None = None
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -233,6 +237,11 @@ class Pipeline:
         self.latest["measurements"] = measurements
         self.last_analysed = frame
         self.latency.add(frame)
+        if self.on_measurements is not None:
+            try:
+                self.on_measurements(frame, measurements)
+            except Exception:  # feedback faults must not stop publishing
+                log.exception("feedback on frame %d failed", frame.frame_id)
 
     def report(self) -> dict[str, Any]:
         """Counters, queue depths and latency percentiles for the status topic."""

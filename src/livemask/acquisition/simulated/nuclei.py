@@ -85,6 +85,17 @@ class _Nuclei:
         return _Nuclei(**{k: np.concatenate([p.__dict__[k] for p in parts]) for k in keys})
 
 
+@dataclass(frozen=True)
+class MitosisRecord:
+    """Ground truth of one mitosis: which nucleus, when it started and where (world px)."""
+
+    nucleus_id: int  # persistent id (truth label = id + 1)
+    start_step: int  # first step rendered condensed and bright
+    y: float  # world row of the centre at the start (not wrapped)
+    x: float  # world column
+    steps: int  # steps the nucleus stays mitotic before it divides
+
+
 @dataclass
 class RenderResult:
     """One rendered field of view."""
@@ -113,6 +124,8 @@ class NucleiSample:
         self._illum_phase = self.rng.uniform(0, 2 * np.pi, size=4)
         self._drift_phase = float(self.rng.uniform(0, 2 * np.pi))
         self._relax(iterations=8)
+        #: every mitosis started so far (ground truth for feedback experiments)
+        self.mitosis_log: list[MitosisRecord] = []
 
     # ------------------------------------------------------------------ state
     def _spawn(self, n: int) -> _Nuclei:
@@ -209,6 +222,13 @@ class NucleiSample:
             nu.ry[start] *= 0.75
             nu.rx[start] *= 0.75
             nu.brightness[start] *= 1.8
+            for k in np.flatnonzero(start):
+                self.mitosis_log.append(
+                    MitosisRecord(
+                        int(nu.ids[k]), self.step_count, float(nu.y[k]), float(nu.x[k]),
+                        p.mitosis_steps,
+                    )
+                )
         self._relax(iterations=1)
 
     def _divide(self, ending: np.ndarray) -> _Nuclei:
@@ -232,6 +252,19 @@ class NucleiSample:
             d.mitosis = np.zeros(k, dtype=np.int64)
             daughters.append(d)
         return _Nuclei.concat([keep, *daughters])
+
+    def mitotic_nuclei(self) -> list[dict[str, float]]:
+        """Nuclei in mitosis now: ``id``, world ``y``/``x`` (px) and ``steps_left``."""
+        nu = self.nuclei
+        return [
+            {
+                "id": int(nu.ids[k]),
+                "y": float(nu.y[k]),
+                "x": float(nu.x[k]),
+                "steps_left": int(nu.mitosis[k]),
+            }
+            for k in np.flatnonzero(nu.mitosis > 0)
+        ]
 
     # -------------------------------------------------------------- rendering
     def render_truth(

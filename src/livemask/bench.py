@@ -1,0 +1,625 @@
+"""``livemask bench``: model, naive loop and full service, measured in one run.
+
+Three throughput figures on the simulated microscope, same model, backend and frames:
+
+- ``inference_fps``: :meth:`Segmenter.predict` alone, in a loop over the frames.
+- ``naive_fps``: what a user writes in a ``frameReady`` callback, as one sequential loop in
+  one thread: ``core.snapImage()``/``getImage()`` through the real UniMMCore simulated
+  devices, predict, labels, :func:`measure_objects`, and publish ``frame``, ``labels`` and
+  ``measurements`` on a real :class:`ZmqPublisher` to a real subscriber on loopback.
+- ``pipeline_fps``: the full :class:`~livemask.service.app.Service` (MDA runner on its own
+  thread, free-run mode, stages overlapped) publishing to a real subscriber on loopback:
+  frames analysed and received by the subscriber / time from the first frame acquired to
+  the last one published. With ``interval_s=0`` the camera runs as fast as its exposure
+  allows, outruns analysis, and the frames that skip analysis are counted
+  (``frames_skipped``); ``camera_fps`` paces it instead, to measure latency at a
+  sustained rate.
+
+``latency_ms`` (per stage and ``end_to_end``, p50/p95/p99) comes from the stage timestamps
+in the ``measurements`` headers the subscriber received during the pipeline run.
+
+The frames are rendered once from the simulator before anything is timed; the simulated
+camera then replays them (:class:`ReplaySample`), so that the simulator's rendering cost,
+which a real camera does not have, is not measured (``live_render=True`` renders live).
+With ``exposure_ms > 0`` every snap lasts at least its exposure, as on a real camera, in
+both the naive loop and the pipeline. The subscriber runs in its own process, like a
+viewer or a recorder would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as _dt
+import logging
+import math
+import os
+import platform
+import resource
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+
+from livemask.errors import ConfigError, LivemaskError
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
+    from livemask.acquisition.simulated.nuclei import RenderResult
+    from livemask.acquisition.simulated.world import SimulatedWorld
+    from livemask.config import ServiceConfig
+    from livemask.inference.segmenter import Segmenter
+
+__all__ = [
+    "BenchError",
+    "BenchSettings",
+    "ReplaySample",
+    "format_report",
+    "machine_info",
+    "measure_inference",
+    "memory_mb",
+    "prerender",
+    "run_bench",
+    "run_naive",
+    "run_pipeline",
+]
+
+log = logging.getLogger("livemask")
+
+#: Stage spans reported in ``latency_ms`` (name, from-stamp, to-stamp); as the status topic.
+SPANS = (
+    ("infer", "acquired", "inferred"),
+    ("analyse", "inferred", "analysed"),
+    ("publish", "analysed", "published"),
+    ("end_to_end", "acquired", "published"),
+)
+#: Topics the benchmark subscriber takes: everything the service publishes for a frame.
+SUB_TOPICS = ("frame", "labels", "measurements", "event", "status")
+#: Distinct pre-rendered frames at most, and their memory budget (images only).
+POOL_MAX = 32
+POOL_BYTES = 128 * 2**20
+_ROOT = Path(__file__).resolve().parents[2]
+
+
+class BenchError(LivemaskError, RuntimeError):
+    """The benchmark could not complete (a stage timed out or received nothing)."""
+
+
+@dataclass
+class BenchSettings:
+    """What ``livemask bench`` measures (see the module docstring)."""
+
+    model: str = "nuclei"
+    backend: str = "auto"
+    size: int = 512
+    frames: int = 200
+    interval_s: float = 0.0
+    camera_fps: float | None = None
+    exposure_ms: float = 10.0
+    threads: int = 2
+    seed: int = 0
+    queue_size: int = 2
+    live_render: bool = False
+    warmup: int = 3
+    hardware_cfg: Path | None = None
+    timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.size < 16 or self.frames < 2:
+            raise ConfigError(f"bench needs --size >= 16 and --frames >= 2 (got {self.size}, "
+                              f"{self.frames})")
+        if self.interval_s < 0 or self.exposure_ms < 0:
+            raise ConfigError("--interval and --exposure-ms must be >= 0")
+        if self.camera_fps is not None:
+            if self.camera_fps <= 0:
+                raise ConfigError("--camera-fps must be > 0")
+            if self.interval_s:
+                raise ConfigError("give --camera-fps or --interval, not both")
+
+    @property
+    def event_interval_s(self) -> float:
+        """Time-lapse interval of the pipeline run (0 = as fast as the camera goes)."""
+        return 1.0 / self.camera_fps if self.camera_fps else self.interval_s
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Sensor (rows, columns)."""
+        return (self.size, self.size)
+
+    def config_file(self) -> Path:
+        """The simulated microscope's Micro-Manager config."""
+        candidates = [self.hardware_cfg] if self.hardware_cfg else [
+            Path("hardware/simulated.cfg"), _ROOT / "hardware" / "simulated.cfg"
+        ]
+        for path in candidates:
+            if path is not None and path.is_file():
+                return path.resolve()
+        raise ConfigError(
+            f"simulated microscope config not found (tried {', '.join(map(str, candidates))}); "
+            "run from the livemask checkout or pass --hardware hardware/simulated.cfg"
+        )
+
+
+# ---------------------------------------------------------------- machine and memory
+def machine_info() -> dict[str, Any]:
+    """CPU count, platform and Python of this machine."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        usable = os.cpu_count() or 0
+    cpu_model = platform.processor()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": usable,
+        "cpu_model": cpu_model,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "hostname": platform.node(),
+    }
+
+
+def memory_mb() -> dict[str, float]:
+    """Resident memory of this process now (``rss``) and at its peak (``peak``), MiB."""
+    out: dict[str, float] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out["rss" if key == "VmRSS" else "peak"] = round(int(value.split()[0]) / 1024, 1)
+    if "peak" not in out:  # not Linux: ru_maxrss is KiB on Linux, bytes on macOS
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        scale = 2**20 if platform.system() == "Darwin" else 2**10
+        out["peak"] = round(maxrss / scale, 1)
+        out.setdefault("rss", out["peak"])
+    return out
+
+
+# ---------------------------------------------------------------- frames
+def prerender(settings: BenchSettings, sample: str = "nuclei") -> list[RenderResult]:
+    """Render the frames the simulated camera would produce first (at most ``POOL_MAX``)."""
+    from livemask.acquisition.simulated.world import configure_world
+
+    h, w = settings.shape
+    n = max(1, min(settings.frames, POOL_MAX, POOL_BYTES // (h * w * 2)))
+    world = configure_world(sample, seed=settings.seed, sensor_shape=settings.shape)
+    exposure = settings.exposure_ms or 10.0
+    return [world.expose(exposure).result for _ in range(n)]
+
+
+class ReplaySample:
+    """A stand-in for the simulator's sample that serves pre-rendered frames in a cycle.
+
+    Installed into a :class:`SimulatedWorld` (``world.sample = ReplaySample(...)``), it makes
+    the simulated camera a nearly free frame source, as a real camera is for the host. Frames
+    come back in order from the first, whatever the stage, focus or exposure; ground-truth
+    labels are not replayed (all background), so run it with ``simulation.truth`` off.
+    """
+
+    def __init__(self, frames: Sequence[RenderResult], params: Any) -> None:
+        if not frames:
+            raise ValueError("ReplaySample needs at least one frame")
+        self.params = params  # the world reads params.world_shape_px
+        self.step_count = 0
+        self.rendered = 0
+        self._frames = list(frames)
+        self._no_truth = np.zeros(frames[0].image.shape, np.int32)
+        self._result = type(frames[0])
+
+    def step(self) -> None:
+        """Advance sample time (frames are replayed regardless)."""
+        self.step_count += 1
+
+    def render(
+        self, origin_yx_px: tuple[float, float], shape: tuple[int, int], **_: Any
+    ) -> RenderResult:
+        """The next pre-rendered frame."""
+        src = self._frames[self.rendered % len(self._frames)]
+        if tuple(shape) != src.image.shape:
+            raise ValueError(f"replay frames are {src.image.shape}, the camera asks for {shape}")
+        self.rendered += 1
+        return self._result(src.image, self._no_truth, self.step_count, origin_yx_px)
+
+
+def install_replay(
+    world: SimulatedWorld, frames: Sequence[RenderResult], *, exposure_ms: float
+) -> ReplaySample:
+    """Make ``world``'s camera replay ``frames``; snaps last ``exposure_ms`` when > 0."""
+    replay = ReplaySample(frames, world.sample.params)
+    world.sample = cast(Any, replay)
+    world.realtime = exposure_ms > 0
+    return replay
+
+
+# ---------------------------------------------------------------- statistics
+def percentiles(values_ms: Sequence[float]) -> dict[str, float | None]:
+    """p50/p95/p99 of ``values_ms`` (None for no values), rounded to 0.01 ms."""
+    if not len(values_ms):
+        return {"p50": None, "p95": None, "p99": None}
+    p = np.percentile(np.asarray(values_ms, float), [50, 95, 99])
+    return {"p50": round(float(p[0]), 2), "p95": round(float(p[1]), 2),
+            "p99": round(float(p[2]), 2)}
+
+
+def span_latencies(stamps: Sequence[dict[str, float]]) -> dict[str, dict[str, float | None]]:
+    """Per-span latency percentiles (ms) from frame timestamp dicts."""
+    return {
+        name: percentiles([(t[b] - t[a]) * 1e3 for t in stamps if a in t and b in t])
+        for name, a, b in SPANS
+    }
+
+
+def _fps(n: int, seconds: float) -> float:
+    return round(n / seconds, 2) if seconds > 0 and n > 0 else 0.0
+
+
+# ---------------------------------------------------------------- subscriber process
+def _subscriber_main(address: str, conn: Connection, topics: Sequence[str]) -> None:
+    """Body of the subscriber process: record the headers of what arrives."""
+    with contextlib.suppress(EOFError, OSError):  # the parent is gone: just end
+        result = _subscribe(address, conn, topics)
+        if result is not None:
+            conn.send(("done", result))
+    conn.close()
+
+
+def _subscribe(address: str, conn: Connection, topics: Sequence[str]) -> dict[str, Any] | None:
+    from livemask.client import Subscriber
+
+    records: list[tuple[str, int, dict[str, float], bool]] = []
+    with Subscriber(address, topics, rcvhwm=100_000) as sub:
+        ready = False
+        expected: int | None = None
+        quiet_s, hard_stop = 1.0, math.inf
+        started = last_data = time.monotonic()
+        measured = n = 0
+        while True:
+            msg = sub.recv(timeout_s=0.02)
+            now = time.monotonic()
+            if not ready and now - started > 120:
+                return None  # nothing ever arrived; the parent has given up
+            if msg is not None:
+                if not ready:
+                    conn.send(("ready", None))
+                    ready = True
+                h = msg.header
+                if msg.topic in ("frame", "measurements"):
+                    records.append((msg.topic, int(h["frame_id"]), dict(h["t"]),
+                                    bool(h.get("skipped", False))))
+                    last_data = now
+                    measured += msg.topic == "measurements"
+                n += 1
+            if expected is None and (msg is None or n % 64 == 0) and conn.poll():
+                _, expected = conn.recv()  # EOFError when the parent closed the pipe
+                hard_stop = now + 30.0
+                last_data = max(last_data, now)
+            if expected is not None and (
+                measured >= expected or now - last_data > quiet_s or now > hard_stop
+            ):
+                break
+        return {"records": records, "received": dict(sub.received), "gaps": dict(sub.gaps)}
+
+
+class SubscriberProcess:
+    """A real SUB client on loopback in its own process, recording frame timestamps."""
+
+    def __init__(self, address: str, topics: Sequence[str] = SUB_TOPICS) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(
+            target=_subscriber_main, args=(address, child, tuple(topics)),
+            name="livemask-bench-sub", daemon=True,
+        )
+        self._proc.start()
+        child.close()
+
+    def wait_ready(self, hello: Callable[[], object] | None = None, timeout_s: float = 60) -> None:
+        """Block until the subscriber received a message; ``hello()`` sends one meanwhile."""
+        deadline = time.monotonic() + timeout_s
+        while not self._conn.poll(0.05):
+            if not self._proc.is_alive():
+                raise BenchError("the benchmark subscriber process died while starting")
+            if time.monotonic() > deadline:
+                raise BenchError(f"the benchmark subscriber got nothing within {timeout_s} s")
+            if hello is not None:
+                hello()
+        self._conn.recv()
+
+    def finish(self, expected_measurements: int, timeout_s: float = 60) -> dict[str, Any]:
+        """Tell it how many ``measurements`` to expect; return what it recorded."""
+        self._conn.send(("stop", expected_measurements))
+        if not self._conn.poll(timeout_s):
+            raise BenchError("the benchmark subscriber did not report back")
+        _, result = self._conn.recv()
+        return cast(dict[str, Any], result)
+
+    def close(self) -> None:
+        """End the process (idempotent); closing the pipe tells it to stop."""
+        self._conn.close()
+        self._proc.join(5)
+        if self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join(5)
+
+
+@contextlib.contextmanager
+def _subscriber(address: str) -> Iterator[SubscriberProcess]:
+    sub = SubscriberProcess(address)
+    try:
+        yield sub
+    finally:
+        sub.close()
+
+
+# ---------------------------------------------------------------- the three runs
+def service_config(settings: BenchSettings, sample: str = "nuclei") -> ServiceConfig:
+    """The service configuration of the pipeline run (also used to build the model)."""
+    from livemask.config import parse_config
+
+    model_key = "path" if Path(settings.model).suffix in (".yaml", ".yml") else "name"
+    return parse_config(
+        {
+            "hardware": {"config_file": str(settings.config_file())},
+            "simulation": {"sample": sample, "seed": settings.seed,
+                           "sensor_shape_px": list(settings.shape), "truth": False},
+            "acquisition": {"mode": "free-run", "autostart": False},
+            "model": {model_key: settings.model, "backend": settings.backend,
+                      "threads": settings.threads},
+            "publish": {"pub_address": "tcp://127.0.0.1:*",
+                        "control_address": "tcp://127.0.0.1:*", "heartbeat_s": 0.5},
+            "pipeline": {"queue_size": settings.queue_size},
+        },
+        source="bench settings",
+    )
+
+
+def measure_inference(
+    segmenter: Segmenter, images: Sequence[np.ndarray], frames: int, *, warmup: int = 3
+) -> dict[str, Any]:
+    """``Segmenter.predict`` alone over ``frames`` frames (cycling ``images``)."""
+    for i in range(warmup):
+        segmenter.predict(images[i % len(images)])
+    times: list[float] = []
+    t0 = time.perf_counter()
+    for i in range(frames):
+        t = time.perf_counter()
+        segmenter.predict(images[i % len(images)])
+        times.append((time.perf_counter() - t) * 1e3)
+    wall = time.perf_counter() - t0
+    return {"fps": _fps(frames, wall), "frames": frames, "wall_s": round(wall, 3),
+            "ms": percentiles(times)}
+
+
+def run_naive(
+    segmenter: Segmenter,
+    settings: BenchSettings,
+    frames: Sequence[RenderResult],
+    sample: str = "nuclei",
+) -> dict[str, Any]:
+    """The sequential snap → predict → label → measure → publish loop, in this thread."""
+    from livemask.acquisition.core import close_core, open_core
+    from livemask.acquisition.simulated.world import configure_world
+    from livemask.analysis.measure import measure_objects
+    from livemask.transport.publisher import ZmqPublisher
+
+    world = configure_world(sample, seed=settings.seed, sensor_shape=settings.shape)
+    if not settings.live_render:
+        install_replay(world, frames, exposure_ms=settings.exposure_ms)
+    else:
+        world.realtime = settings.exposure_ms > 0
+    core = open_core(settings.config_file())
+    try:
+        core.setExposure(settings.exposure_ms)
+        px = float(core.getPixelSizeUm() or world.pixel_size_um)
+        with ZmqPublisher("tcp://127.0.0.1:*", sndhwm=200) as pub, \
+                _subscriber(pub.bound_address) as sub:
+            sub.wait_ready(lambda: pub.publish("status", {"hello": True}))
+            n = settings.frames
+            t0 = time.time()
+            for i in range(n):
+                core.snapImage()
+                image = core.getImage()
+                t = {"acquired": time.time()}
+                probabilities = segmenter.predict(image)
+                t["inferred"] = time.time()
+                labels = segmenter.labels(probabilities)
+                objects, summary = measure_objects(labels, image, pixel_size_um=px)
+                t["analysed"] = time.time()
+                base = {"frame_id": i, "t": t, "index": {"t": i},
+                        "position": {"x_um": None, "y_um": None, "z_um": None}}
+                pub.publish("frame", {**base, "skipped": False}, {"image": image})
+                pub.publish("labels", base, {"labels": labels})
+                pub.publish("measurements", {**base, "pixel_size_um": px,
+                                             "summary": summary, "objects": objects})
+            wall = time.time() - t0
+            got = sub.finish(n)
+    finally:
+        close_core(core)
+    stamps = [t for topic, _, t, _ in got["records"] if topic == "measurements"]
+    return {
+        "fps": _fps(n, wall),
+        "frames": n,
+        "wall_s": round(wall, 3),
+        "measurements_received": len(stamps),
+        "subscriber_gaps": got["gaps"],
+        "latency_ms": span_latencies(stamps),
+    }
+
+
+async def _run_pipeline(
+    settings: BenchSettings, frames: Sequence[RenderResult], sample: str
+) -> dict[str, Any]:
+    import useq
+
+    from livemask.acquisition.simulated.world import get_world
+    from livemask.service.app import Service
+
+    cfg = service_config(settings, sample)
+    async with Service(cfg) as svc:
+        if not settings.live_render:
+            install_replay(get_world(), frames, exposure_ms=settings.exposure_ms)
+        else:
+            get_world().realtime = settings.exposure_ms > 0
+        if settings.exposure_ms > 0:
+            channel: dict[str, Any] = {"config": "DAPI", "exposure": settings.exposure_ms}
+        else:
+            await svc.apply_settings(exposure_ms=0.0)
+            channel = {"config": "DAPI"}
+        seq = useq.MDASequence.model_validate({
+            "time_plan": {"interval": settings.event_interval_s, "loops": settings.frames},
+            "channels": [channel],
+        })
+        with _subscriber(svc.publisher.bound_address) as sub:
+            await asyncio.to_thread(sub.wait_ready)  # heartbeats reach it meanwhile
+            timeout = settings.timeout_s or 60 + settings.frames * (settings.event_interval_s + 2)
+            deadline = time.monotonic() + timeout
+            svc.start_acquisition(seq)
+            while svc.acquiring or not svc.acquisitions_finished:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"the pipeline run did not finish within {timeout:.0f} s")
+                await asyncio.sleep(0.02)
+            if not await svc.pipeline.drain(30):
+                raise BenchError("the pipeline did not drain within 30 s")
+            status = svc.status()
+            memory = memory_mb()
+            got = await asyncio.to_thread(sub.finish, int(status["frames_analysed"]))
+    records = got["records"]
+    stamps = [t for topic, _, t, _ in records if topic == "measurements"]
+    acquired = sorted({fid: t["acquired"] for _, fid, t, _ in records}.values())
+    if not stamps or not acquired:
+        raise BenchError("the subscriber received no measurements from the pipeline run")
+    first, last = acquired[0], max(t["published"] for t in stamps)
+    wall = last - first
+    return {
+        "fps": _fps(len(stamps), wall),
+        "wall_s": round(wall, 3),
+        "camera_fps": _fps(len(acquired) - 1, acquired[-1] - first),
+        "interval_s": settings.event_interval_s,
+        "mode": "free-run",
+        "frames_acquired": status["frames_acquired"],
+        "frames_analysed": status["frames_analysed"],
+        "frames_skipped": status["frames_skipped"],
+        "frames_published": status["frames_published"],
+        "frames_failed": status["frames_failed"],
+        "measurements_received": len(stamps),
+        "subscriber_received": got["received"],
+        "subscriber_gaps": got["gaps"],
+        "publisher_dropped": status["publisher"]["dropped"],
+        "latency_ms": span_latencies(stamps),
+        "memory_mb": memory,
+    }
+
+
+def run_pipeline(
+    settings: BenchSettings, frames: Sequence[RenderResult], sample: str = "nuclei"
+) -> dict[str, Any]:
+    """The full service on the simulated camera, to a subscriber process (own event loop)."""
+    return asyncio.run(_run_pipeline(settings, frames, sample))
+
+
+def run_bench(
+    settings: BenchSettings, progress: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Run all three measurements and return the benchmark record (JSON-ready)."""
+    from livemask.inference.models import load_model_card
+    from livemask.service.app import build_segmenter
+
+    say = progress or (lambda _msg: None)
+    card = load_model_card(settings.model)
+    sample = "grains" if card.task == "grains" else "nuclei"
+    cfg = service_config(settings, sample)  # validates model, backend and paths first
+    say(f"rendering {settings.size}x{settings.size} frames")
+    frames = prerender(settings, sample)
+    images = [f.image for f in frames]
+    say(f"loading {card.name} ({settings.backend})")
+    segmenter = build_segmenter(cfg)
+    backend, device = segmenter.backend.name, segmenter.backend.device
+    try:
+        segmenter.backend.warmup(settings.shape)
+        say(f"inference alone: {settings.frames} frames")
+        inference = measure_inference(segmenter, images, settings.frames, warmup=settings.warmup)
+        say(f"naive loop: {settings.frames} frames")
+        naive = run_naive(segmenter, settings, frames, sample)
+    finally:
+        segmenter.backend.close()
+    del segmenter
+    say(f"pipeline: {settings.frames} events, interval {settings.event_interval_s:g} s")
+    pipeline = run_pipeline(settings, frames, sample)
+    memory = pipeline.pop("memory_mb")
+    return {
+        "benchmark": "livemask bench",
+        "timestamp": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "model": card.name,
+        "backend": backend,
+        "device": device,
+        "threads": settings.threads,
+        "frame_shape": list(settings.shape),
+        "frames": settings.frames,
+        "distinct_frames": len(frames),
+        "exposure_ms": settings.exposure_ms,
+        "camera": "live render" if settings.live_render else "replay of pre-rendered frames",
+        "inference_fps": inference["fps"],
+        "pipeline_fps": pipeline["fps"],
+        "naive_fps": naive["fps"],
+        "pipeline_vs_inference": round(pipeline["fps"] / inference["fps"], 3)
+        if inference["fps"] else None,
+        "pipeline_vs_naive": round(pipeline["fps"] / naive["fps"], 3) if naive["fps"] else None,
+        "frames_skipped": pipeline["frames_skipped"],
+        "latency_ms": pipeline["latency_ms"],
+        "rss_mb": memory["rss"],
+        "peak_rss_mb": memory["peak"],
+        "inference": inference,
+        "naive": naive,
+        "pipeline": pipeline,
+        "settings": {k: (str(v) if isinstance(v, Path) else v)
+                     for k, v in asdict(settings).items()},
+    }
+
+
+# ---------------------------------------------------------------- report
+def format_report(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """(quantity, value) rows of a readable summary of a :func:`run_bench` record."""
+    m, p = result["machine"], result["pipeline"]
+
+    def lat(name: str, src: dict[str, Any]) -> str:
+        v = src["latency_ms"][name]
+        if v["p50"] is None:
+            return "-"
+        return f"{v['p50']:.1f} / {v['p95']:.1f} / {v['p99']:.1f}"
+
+    rows = [
+        ("machine", f"{m['cpus_usable']} of {m['cpu_count']} CPUs, {m['cpu_model']}"),
+        ("model / backend / device",
+         f"{result['model']} / {result['backend']} / {result['device']}"),
+        ("frames", f"{result['frames']} x {result['frame_shape'][0]}x{result['frame_shape'][1]}"
+                   f" ({result['distinct_frames']} distinct, {result['camera']}, "
+                   f"exposure {result['exposure_ms']:g} ms)"),
+        ("inference_fps (model alone)", f"{result['inference_fps']:.1f}"),
+        ("naive_fps (sequential loop)", f"{result['naive_fps']:.1f}"),
+        ("pipeline_fps (service)", f"{result['pipeline_fps']:.1f}"),
+        ("pipeline_fps / inference_fps", f"{result['pipeline_vs_inference']}"),
+        ("pipeline_fps / naive_fps", f"{result['pipeline_vs_naive']}"),
+        ("camera fps (pipeline run)", f"{p['camera_fps']:.1f}"
+         + (f" (interval {p['interval_s']:g} s)" if p["interval_s"] else " (free-run, max)")),
+        ("frames acquired / analysed / skipped / failed",
+         f"{p['frames_acquired']} / {p['frames_analysed']} / {p['frames_skipped']} / "
+         f"{p['frames_failed']}"),
+    ]
+    rows += [(f"latency {name} p50 / p95 / p99 ms", lat(name, result)) for name, _, _ in SPANS]
+    rows += [
+        ("naive end_to_end p50 / p95 / p99 ms", lat("end_to_end", result["naive"])),
+        ("resident memory (now, peak)", f"{result['rss_mb']:.0f} MiB, "
+                                        f"{result['peak_rss_mb']:.0f} MiB"),
+    ]
+    return rows

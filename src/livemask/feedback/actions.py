@@ -1,0 +1,354 @@
+"""Actions that rules return, and their conversion to ``useq.MDAEvent`` s.
+
+Actions are small frozen dataclasses. Those that acquire (:class:`Burst`, :class:`Centre`,
+:class:`MoveTo`, :class:`ZStack`, :class:`SetChannel`, :class:`Revisit`) become MDA events
+that the service injects into the running acquisition ahead of the remaining planned
+events; :class:`SkipPosition`, :class:`SetMode` and :class:`Stop` change the acquisition
+itself. :func:`to_events` does the conversion, given the triggering frame's context and an
+:class:`EventPlanner` (pixel-to-stage geometry, the runner's clock, known positions).
+
+Pixel positions are ``(row, col)`` in the triggering frame (as ``centroid_yx`` in the
+measurements); stage positions are µm.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Literal
+
+import useq
+
+from livemask.feedback.context import FEEDBACK_INDEX_KEY, FrameContext
+
+Mode = Literal["free-run", "synchronized"]
+
+#: Key of ``MDAEvent.metadata`` that tags events made by feedback actions.
+METADATA_KEY = "livemask_feedback"
+
+
+class ActionError(ValueError):
+    """An action cannot be turned into events here (becomes a refusal)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class _Frames:
+    """Settings shared by actions that acquire frames."""
+
+    channel: str | None = None  # channel preset (None: keep the current one)
+    exposure_ms: float | None = None  # None: keep the current one
+
+    kind: ClassVar[str] = ""
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready form: ``{"kind": ..., **fields}``."""
+        return {"kind": self.kind, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class Burst(_Frames):
+    """``frames`` frames ``interval_s`` apart; centred on ``centre_yx`` when given."""
+
+    frames: int = 5
+    interval_s: float = 0.0
+    centre_yx: tuple[float, float] | None = None
+
+    kind: ClassVar[str] = "burst"
+
+
+@dataclass(frozen=True)
+class Centre(_Frames):
+    """Move the stage so that pixel ``centre_yx`` is in the middle; take ``frames``."""
+
+    centre_yx: tuple[float, float] = (0.0, 0.0)
+    frames: int = 1
+
+    kind: ClassVar[str] = "centre"
+
+
+@dataclass(frozen=True)
+class MoveTo(_Frames):
+    """Go to stage ``(x_um, y_um[, z_um])``, or by ``(dx_um, dy_um)``; take ``frames``."""
+
+    x_um: float | None = None
+    y_um: float | None = None
+    z_um: float | None = None
+    dx_um: float | None = None
+    dy_um: float | None = None
+    frames: int = 1
+
+    kind: ClassVar[str] = "move"
+
+
+@dataclass(frozen=True)
+class ZStack(_Frames):
+    """A Z-stack spanning ``range_um`` around the frame's Z in ``step_um`` steps."""
+
+    range_um: float = 10.0
+    step_um: float = 1.0
+    centre_yx: tuple[float, float] | None = None
+
+    kind: ClassVar[str] = "zstack"
+
+
+@dataclass(frozen=True)
+class SetChannel(_Frames):
+    """``frames`` frames here with another channel and/or exposure."""
+
+    frames: int = 1
+
+    kind: ClassVar[str] = "channel"
+
+
+@dataclass(frozen=True)
+class Revisit(_Frames):
+    """Image planned position ``position`` (None: the triggering frame's) again now."""
+
+    position: int | None = None
+    frames: int = 1
+    interval_s: float = 0.0
+
+    kind: ClassVar[str] = "revisit"
+
+
+@dataclass(frozen=True)
+class SkipPosition:
+    """Drop the next ``visits`` planned visits (None: all) of position ``position``."""
+
+    position: int | None = None
+    visits: int | None = None
+
+    kind: ClassVar[str] = "skip"
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"kind": self.kind, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class SetMode:
+    """Switch the service between free-run and synchronized."""
+
+    mode: Mode = "synchronized"
+
+    kind: ClassVar[str] = "mode"
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"kind": self.kind, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class Stop:
+    """End the acquisition."""
+
+    kind: ClassVar[str] = "stop"
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"kind": self.kind}
+
+
+Action = Burst | Centre | MoveTo | ZStack | SetChannel | Revisit | SkipPosition | SetMode | Stop
+ACTION_TYPES: tuple[type, ...] = (
+    Burst,
+    Centre,
+    MoveTo,
+    ZStack,
+    SetChannel,
+    Revisit,
+    SkipPosition,
+    SetMode,
+    Stop,
+)
+
+
+@dataclass
+class EventPlanner:
+    """What :func:`to_events` needs besides the action and the triggering frame.
+
+    ``pixel_to_stage`` is ``((dx/dcol, dx/drow), (dy/dcol, dy/drow))`` in µm per pixel.
+    ``runner_clock`` returns the MDA runner's event clock (s), against which
+    ``min_start_time`` is measured; without it, intervals are not enforced.
+    ``positions`` maps planned ``p`` indices to their ``(x, y, z)`` (filled as the planned
+    events are issued).
+    """
+
+    pixel_to_stage: tuple[tuple[float, float], tuple[float, float]] = ((1.0, 0.0), (0.0, 1.0))
+    runner_clock: Callable[[], float] | None = None
+    positions: dict[int, tuple[float | None, float | None, float | None]] = field(
+        default_factory=dict
+    )
+
+    @classmethod
+    def for_pixel_size(cls, pixel_size_um: float, **kwargs: Any) -> EventPlanner:
+        """Image axes aligned with the stage axes, ``pixel_size_um`` µm per pixel."""
+        s = float(pixel_size_um)
+        return cls(pixel_to_stage=((s, 0.0), (0.0, s)), **kwargs)
+
+    def centred(
+        self, ctx: FrameContext, centre_yx: tuple[float, float]
+    ) -> tuple[float, float]:
+        """Stage (x, y) that puts pixel ``centre_yx`` of ``ctx``'s frame in the middle."""
+        x, y = ctx.position.get("x_um"), ctx.position.get("y_um")
+        if x is None or y is None:
+            raise ActionError(
+                "no_stage_position",
+                "cannot centre: the triggering frame has no stage position (give the "
+                "acquisition stage_positions, or use a rule without centring)",
+            )
+        h, w = ctx.image_shape
+        if h <= 0 or w <= 0:
+            raise ActionError("no_image_shape", "cannot centre: unknown image size")
+        drow = float(centre_yx[0]) - (h - 1) / 2
+        dcol = float(centre_yx[1]) - (w - 1) / 2
+        (a, b), (c, d) = self.pixel_to_stage
+        return float(x) + a * dcol + b * drow, float(y) + c * dcol + d * drow
+
+
+def _index(ctx: FrameContext, action_id: int, **extra: int) -> dict[str, int]:
+    keep = {k: int(v) for k, v in ctx.index.items() if k in ("t", "p", "g")}
+    return {**keep, FEEDBACK_INDEX_KEY: int(action_id), **extra}
+
+
+def to_events(
+    action: Any,
+    ctx: FrameContext,
+    planner: EventPlanner,
+    *,
+    action_id: int = 0,
+    rule: str = "",
+) -> list[useq.MDAEvent]:
+    """The MDA events that carry out ``action`` (empty for non-acquiring actions).
+
+    Raises :class:`ActionError` when the action cannot be done from this frame (no stage
+    position to centre from, unknown position index, ...).
+    """
+    if isinstance(action, SkipPosition | SetMode | Stop):
+        return []
+    x, y, z = ctx.position.get("x_um"), ctx.position.get("y_um"), ctx.position.get("z_um")
+    frames = 1
+    interval = 0.0
+    zs: list[float | None] | None = None
+    extra_index: list[dict[str, int]] | None = None
+    if isinstance(action, Burst):
+        frames, interval = action.frames, action.interval_s
+        if action.centre_yx is not None:
+            x, y = planner.centred(ctx, action.centre_yx)
+    elif isinstance(action, Centre):
+        frames = action.frames
+        x, y = planner.centred(ctx, action.centre_yx)
+    elif isinstance(action, MoveTo):
+        frames = action.frames
+        if action.dx_um is not None or action.dy_um is not None:
+            if x is None or y is None:
+                raise ActionError(
+                    "no_stage_position", "cannot move relative: the frame has no stage position"
+                )
+            x, y = x + (action.dx_um or 0.0), y + (action.dy_um or 0.0)
+        else:
+            x = action.x_um if action.x_um is not None else x
+            y = action.y_um if action.y_um is not None else y
+        z = action.z_um if action.z_um is not None else z
+    elif isinstance(action, ZStack):
+        if z is None:
+            raise ActionError(
+                "no_z_position",
+                "cannot make a Z-stack around the frame: it has no Z position (give the "
+                "stage positions a z)",
+            )
+        if action.centre_yx is not None:
+            x, y = planner.centred(ctx, action.centre_yx)
+        n = math.floor(action.range_um / action.step_um + 1e-9) + 1
+        start = float(z) - (n - 1) * action.step_um / 2
+        zs = [start + i * action.step_um for i in range(n)]
+        frames = n
+        extra_index = [{"z": i} for i in range(n)]
+    elif isinstance(action, SetChannel):
+        frames = action.frames
+    elif isinstance(action, Revisit):
+        p = action.position if action.position is not None else ctx.index.get("p")
+        if p is None or int(p) not in planner.positions:
+            raise ActionError(
+                "unknown_position",
+                f"cannot revisit position {p}: not a planned stage position seen so far",
+            )
+        x, y, z = planner.positions[int(p)]
+        frames, interval = action.frames, action.interval_s
+    else:
+        raise ActionError("unknown_action", f"not a feedback action: {action!r}")
+
+    t0 = planner.runner_clock() if (planner.runner_clock and interval > 0) else None
+    events = []
+    for i in range(frames):
+        idx = _index(ctx, action_id, **(extra_index[i] if extra_index else {}))
+        if isinstance(action, Revisit) and action.position is not None:
+            idx["p"] = int(action.position)
+        kwargs: dict[str, Any] = {
+            "index": idx,
+            "x_pos": x,
+            "y_pos": y,
+            "z_pos": zs[i] if zs is not None else z,
+            "metadata": {METADATA_KEY: {"action_id": action_id, "rule": rule, "frame": i}},
+        }
+        if action.channel is not None:
+            kwargs["channel"] = {"config": action.channel}
+        if action.exposure_ms is not None:
+            kwargs["exposure"] = action.exposure_ms
+        if t0 is not None and i > 0:
+            kwargs["min_start_time"] = t0 + i * interval
+        events.append(useq.MDAEvent(**kwargs))
+    return events
+
+
+def action_from_spec(spec: Mapping[str, Any], target_yx: tuple[float, float] | None) -> Any:
+    """Build an action from one ``ActionSpec`` (as a dict of its single set field).
+
+    ``target_yx`` is the centroid of the object the rule picked (None: no object).
+    """
+    (kind, params), = ((k, v) for k, v in spec.items() if v is not None and v is not False)
+    p = dict(params) if isinstance(params, Mapping) else {}
+    if kind == "burst":
+        centre = p.pop("centre", True)
+        if centre and target_yx is None:
+            raise ActionError("no_target", "burst with centre: true needs an object condition")
+        return Burst(centre_yx=target_yx if centre else None, **p)
+    if kind == "centre":
+        if target_yx is None:
+            raise ActionError("no_target", "centre needs an object condition")
+        return Centre(centre_yx=target_yx, **p)
+    if kind == "move":
+        return MoveTo(**p)
+    if kind == "zstack":
+        centre = p.pop("centre", False)
+        if centre and target_yx is None:
+            raise ActionError("no_target", "zstack with centre: true needs an object condition")
+        return ZStack(centre_yx=target_yx if centre else None, **p)
+    if kind == "channel":
+        return SetChannel(**p)
+    if kind == "revisit":
+        return Revisit(**p)
+    if kind == "skip":
+        return SkipPosition(**p)
+    if kind == "mode":
+        return SetMode(mode=params)
+    if kind == "stop":
+        return Stop()
+    raise ActionError("unknown_action", f"unknown action {kind!r}")  # pragma: no cover
+
+
+def event_json(event: useq.MDAEvent) -> dict[str, Any]:
+    """An event as JSON for the ``event`` topic (without the runner's bookkeeping)."""
+    data: dict[str, Any] = event.model_dump(mode="json", exclude_unset=True, exclude_none=True)
+    meta = dict(data.get("metadata") or {})
+    meta.pop("runner_t0", None)
+    if meta:
+        data["metadata"] = meta
+    else:
+        data.pop("metadata", None)
+    return data

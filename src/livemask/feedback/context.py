@@ -1,0 +1,245 @@
+"""What a rule sees of one analysed frame, and the per-object features it can test.
+
+:class:`FrameContext` is built once per analysed frame from the published measurements.
+:class:`FeatureTracker` adds derived per-object features, some relative to the frame
+(``area_rel``, ``mean_intensity_rel``) and some relative to the previous frame taken at the
+same stage position (``mean_intensity_change``, ``area_change`` and their product
+``integrated_change``, the ratio of background-subtracted integrated intensities), pairing
+objects by nearest centroid (within ``match_radius_px``, one-to-one: objects that share their
+nearest previous object, e.g. a merge that splits, get none). Pure numpy/scipy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+#: Index key that marks frames produced by feedback actions (value: the action id).
+FEEDBACK_INDEX_KEY = "fb"
+
+#: Raw numeric object fields of the measurements table usable as features.
+RAW_FEATURES = (
+    "label",
+    "area_px",
+    "area_um2",
+    "mean_intensity",
+    "integrated_intensity",
+    "equivalent_diameter_um",
+    "eccentricity",
+)
+#: Derived features added by :class:`FeatureTracker`.
+DERIVED_FEATURES = (
+    "centroid_y",
+    "centroid_x",
+    "signal",
+    "area_rel",
+    "mean_intensity_rel",
+    "edge_distance_px",
+    "centre_distance_px",
+    "mean_intensity_change",
+    "area_change",
+    "integrated_change",
+)
+FEATURES = RAW_FEATURES + DERIVED_FEATURES
+
+
+@dataclass
+class FrameContext:
+    """One analysed frame as the rules see it."""
+
+    frame_id: int
+    index: Mapping[str, int]  # MDA event index, e.g. {"t": 3, "p": 1}; feedback frames: "fb"
+    position: Mapping[str, float | None]  # x_um, y_um, z_um of the frame's event
+    t: Mapping[str, float]  # stage timestamps (epoch s): acquired, ..., published
+    summary: Mapping[str, Any]
+    objects: Sequence[Mapping[str, Any]]
+    measurements: Mapping[str, Any] = field(default_factory=dict)  # the whole message
+    image_shape: tuple[int, int] = (0, 0)
+    pixel_size_um: float = 1.0
+    features: list[dict[str, float | None]] = field(default_factory=list)  # per object
+
+    @property
+    def is_feedback(self) -> bool:
+        """Whether a feedback action produced this frame."""
+        return FEEDBACK_INDEX_KEY in self.index
+
+    @property
+    def acquired(self) -> float:
+        """Acquisition time (epoch s)."""
+        return float(self.t.get("acquired", 0.0))
+
+    @property
+    def position_key(self) -> str:
+        """The stage position this frame counts for: ``p<i>`` or rounded ``x,y``."""
+        return position_key(self.index, self.position.get("x_um"), self.position.get("y_um"))
+
+    @property
+    def stage_key(self) -> tuple[Any, ...]:
+        """Exact stage place (position index and x, y) for pairing objects across frames."""
+        x, y = self.position.get("x_um"), self.position.get("y_um")
+        return (
+            self.index.get("p"),
+            None if x is None else round(float(x), 2),
+            None if y is None else round(float(y), 2),
+        )
+
+    def value(self, path: str) -> Any:
+        """A value of the measurements message by dotted path (None if absent)."""
+        node: Any = self.measurements
+        for part in path.split("."):
+            if isinstance(node, Mapping):
+                node = node.get(part)
+            elif isinstance(node, list | tuple) and part.lstrip("-").isdigit():
+                i = int(part)
+                node = node[i] if -len(node) <= i < len(node) else None
+            else:
+                return None
+            if node is None:
+                return None
+        return node
+
+    @classmethod
+    def from_measurements(
+        cls, message: Mapping[str, Any], image_shape: tuple[int, ...] = (0, 0)
+    ) -> FrameContext:
+        """Build from a ``measurements`` message header (as published or received)."""
+        return cls(
+            frame_id=int(message.get("frame_id", -1)),
+            index=dict(message.get("index") or {}),
+            position=dict(message.get("position") or {}),
+            t=dict(message.get("t") or {}),
+            summary=dict(message.get("summary") or {}),
+            objects=list(message.get("objects") or []),
+            measurements=message,
+            image_shape=(int(image_shape[0]), int(image_shape[1])),
+            pixel_size_um=float(message.get("pixel_size_um") or 1.0),
+        )
+
+
+def position_key(index: Mapping[str, int], x_um: float | None, y_um: float | None) -> str:
+    """``p<i>`` for planned position ``i``, else the rounded stage ``xy<x>,<y>`` (or ``here``).
+
+    Limits and persistence are kept per key; feedback frames keep their trigger's ``p``.
+    """
+    p = index.get("p")
+    if p is not None:
+        return f"p{int(p)}"
+    if x_um is None or y_um is None:
+        return "here"
+    return f"xy{round(float(x_um))},{round(float(y_um))}"
+
+
+def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(b > 0, a / np.where(b > 0, b, 1.0), np.nan)
+    return out
+
+
+@dataclass
+class _Previous:
+    centroids: np.ndarray  # (n, 2)
+    signal: np.ndarray
+    area: np.ndarray
+
+
+class FeatureTracker:
+    """Computes per-object features; remembers the last frame seen at each stage place."""
+
+    def __init__(self, match_radius_px: float = 8.0, places: int = 256) -> None:
+        self.match_radius_px = match_radius_px
+        self._places = places
+        self._previous: OrderedDict[tuple[Any, ...], _Previous] = OrderedDict()
+
+    def reset(self) -> None:
+        """Forget all previous frames (a new acquisition)."""
+        self._previous.clear()
+
+    def compute(self, ctx: FrameContext) -> list[dict[str, float | None]]:
+        """Fill and return ``ctx.features`` (one dict per object, in table order)."""
+        objs = ctx.objects
+        n = len(objs)
+        if n == 0:
+            ctx.features = []
+            self._remember(ctx.stage_key, np.zeros((0, 2)), np.zeros(0), np.zeros(0))
+            return ctx.features
+        cent = np.array([o.get("centroid_yx") or (math.nan, math.nan) for o in objs], float)
+        area = np.array([float(o.get("area_px") or 0) for o in objs])
+        mean_i = np.array([_num(o.get("mean_intensity")) for o in objs])
+        bg = ctx.summary.get("background_mean")
+        signal = mean_i - float(bg) if isinstance(bg, int | float) else mean_i
+        area_rel = _ratio(area, np.full(n, float(np.median(area))))
+        finite = signal[np.isfinite(signal)]
+        med_signal = float(np.median(finite)) if finite.size else math.nan
+        intensity_rel = _ratio(signal, np.full(n, med_signal))
+        h, w = ctx.image_shape
+        if h > 0 and w > 0:
+            edge = np.minimum.reduce(
+                [cent[:, 0], cent[:, 1], h - 1 - cent[:, 0], w - 1 - cent[:, 1]]
+            )
+            centre = np.hypot(cent[:, 0] - (h - 1) / 2, cent[:, 1] - (w - 1) / 2)
+        else:
+            edge = centre = np.full(n, np.nan)
+        change_i = np.full(n, np.nan)
+        change_a = np.full(n, np.nan)
+        prev = self._previous.get(ctx.stage_key)
+        if prev is not None and len(prev.centroids):
+            ok = np.isfinite(cent).all(axis=1)
+            if ok.any():
+                tree = cKDTree(prev.centroids)
+                dist, j = tree.query(cent[ok], distance_upper_bound=self.match_radius_px)
+                hit = np.isfinite(dist)
+                # one-to-one only: objects that share their nearest previous object (a merge
+                # in one frame that splits in the next) get no change features
+                claims = np.bincount(j[hit], minlength=len(prev.centroids))
+                hit[hit] = claims[j[hit]] == 1
+                rows = np.flatnonzero(ok)[hit]
+                change_i[rows] = _ratio(signal[rows], prev.signal[j[hit]])
+                change_a[rows] = _ratio(area[rows], prev.area[j[hit]])
+        self._remember(ctx.stage_key, cent, signal, area)
+        features: list[dict[str, float | None]] = []
+        for k, o in enumerate(objs):
+            f: dict[str, float | None] = {name: _opt(o.get(name)) for name in RAW_FEATURES}
+            f.update(
+                centroid_y=_opt(cent[k, 0]),
+                centroid_x=_opt(cent[k, 1]),
+                signal=_opt(signal[k]),
+                area_rel=_opt(area_rel[k]),
+                mean_intensity_rel=_opt(intensity_rel[k]),
+                edge_distance_px=_opt(edge[k]),
+                centre_distance_px=_opt(centre[k]),
+                mean_intensity_change=_opt(change_i[k]),
+                area_change=_opt(change_a[k]),
+                integrated_change=_opt(change_i[k] * change_a[k]),
+            )
+            features.append(f)
+        ctx.features = features
+        return features
+
+    def _remember(
+        self, key: tuple[Any, ...], cent: np.ndarray, signal: np.ndarray, area: np.ndarray
+    ) -> None:
+        ok = np.isfinite(cent).all(axis=1) if len(cent) else np.zeros(0, bool)
+        self._previous[key] = _Previous(cent[ok], signal[ok], area[ok])
+        self._previous.move_to_end(key)
+        while len(self._previous) > self._places:
+            self._previous.popitem(last=False)
+
+
+def _num(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) else math.nan
+
+
+def _opt(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None

@@ -1,0 +1,234 @@
+"""Applies the rule engine's decisions to a running acquisition and reports them.
+
+The service creates one :class:`FeedbackController` and hands it, for each analysed frame,
+the frame and its published measurements (:meth:`on_measurements`, on the event loop, right
+after the ``measurements`` message went out and, in synchronized mode, before the next event
+is released). Accepted actions that acquire are injected into the acquisition's event feed,
+ahead of the remaining planned events; ``skip`` / ``mode`` / ``stop`` act at once.
+
+Every decision is published on ``event``: ``feedback_action`` (with ``reaction_ms``) or
+``feedback_refused``. ``reaction_ms`` runs from the triggering frame's ``t.acquired`` to the
+moment the first resulting event starts on the core: the MDA runner's ``eventStarted``
+signal when the source has a pymmcore-plus core (``reaction_from: "eventStarted"``), else
+the ``t.acquired`` of the first resulting frame (``"frameReady"``); for actions without
+events, the moment the action was applied (``"applied"``). The feedback_action event of an
+acquiring action is therefore published when its first event starts.
+
+The controller owns no sockets or devices: the service passes callables in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import useq
+
+from livemask.feedback.actions import METADATA_KEY, EventPlanner, SetMode, SkipPosition, Stop
+from livemask.feedback.context import FEEDBACK_INDEX_KEY, FrameContext
+from livemask.feedback.engine import Decision, PlannedEvents, RuleEngine
+from livemask.feedback.safety import SafetyGuard, Violation
+from livemask.feedback.spec import FeedbackConfig, RuleSpec
+
+log = logging.getLogger("livemask")
+
+Publish = Callable[[str, dict[str, Any]], None]
+
+
+class FeedbackController:
+    """Rule engine + the glue to a service: inject, mode, stop, publish, latency."""
+
+    def __init__(
+        self,
+        config: FeedbackConfig,
+        *,
+        pixel_size_um: float,
+        inject: Callable[[list[useq.MDAEvent]], int],
+        publish: Publish,
+        set_mode: Callable[[str], None] | None = None,
+        stop: Callable[[], None] | None = None,
+        runner_clock: Callable[[], float] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+        latency_window: int = 2000,
+    ) -> None:
+        self.config = config
+        matrix = config.pixel_to_stage
+        planner = (
+            EventPlanner(pixel_to_stage=matrix, runner_clock=runner_clock)
+            if matrix is not None
+            else EventPlanner.for_pixel_size(pixel_size_um, runner_clock=runner_clock)
+        )
+        self.guard = SafetyGuard(config.limits)
+        self.engine = RuleEngine(config, planner=planner, guard=self.guard)
+        self._inject = inject
+        self._publish = publish
+        self._set_mode = set_mode
+        self._stop = stop
+        self._loop = loop
+        self._planned: PlannedEvents | None = None
+        self._pending: dict[int, Decision] = {}
+        self.reaction_ms: deque[float] = deque(maxlen=latency_window)
+        self.accepted = 0
+        self.refused = 0
+        self.frames_seen = 0
+        self.eval_ms: deque[float] = deque(maxlen=latency_window)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether rules are evaluated (``feedback.enabled``)."""
+        return self.config.enabled
+
+    # ------------------------------------------------------------ acquisition
+    def wrap_planned(self, events: Iterable[useq.MDAEvent]) -> PlannedEvents:
+        """Wrap a new acquisition's planned events (skips, positions, dose ledger)."""
+        self._planned = PlannedEvents(events, guard=self.guard, planner=self.engine.planner)
+        return self._planned
+
+    def acquisition_started(self) -> None:
+        """Reset rule state, features and the dose ledger."""
+        self.engine.reset()
+        self._pending.clear()
+
+    def acquisition_finished(self) -> None:
+        """Report actions whose events never ran (the acquisition ended first)."""
+        for d in list(self._pending.values()):
+            self._publish_action(d, None, "not_started")
+        self._pending.clear()
+
+    # ------------------------------------------------------------ rules
+    def set_rules(self, specs: Sequence[RuleSpec]) -> None:
+        """Replace the rules (validated specs); user rules are imported now."""
+        self.engine.set_rules(specs)
+        self.engine.reset()
+
+    def set_enabled(self, name: str, enabled: bool) -> None:
+        """Enable or disable one rule (KeyError if unknown)."""
+        self.engine.slot(name).enabled = enabled
+
+    # ------------------------------------------------------------ per frame
+    def on_measurements(self, frame: Any, measurements: dict[str, Any]) -> None:
+        """Evaluate the rules on one analysed frame and apply the decisions (event loop)."""
+        if not self.config.enabled:
+            return
+        t0 = time.perf_counter()
+        image = getattr(frame, "image", None)
+        shape = tuple(image.shape[:2]) if image is not None else (0, 0)
+        ctx = FrameContext.from_measurements(measurements, shape)
+        self.frames_seen += 1
+        if ctx.is_feedback:  # fallback reaction clock: the first frame an action produced
+            self._started(int(ctx.index[FEEDBACK_INDEX_KEY]), ctx.acquired, "frameReady")
+        decisions = self.engine.evaluate(ctx)
+        for d in decisions:
+            self._apply(d)
+        self.eval_ms.append((time.perf_counter() - t0) * 1e3)
+
+    def _apply(self, d: Decision) -> None:
+        if not d.accepted:
+            self._refuse(d)
+            return
+        action = d.action
+        if d.events:
+            self._pending[d.action_id] = d
+            try:
+                self._inject(list(d.events))
+            except Exception as exc:  # e.g. the acquisition has just ended
+                self._pending.pop(d.action_id, None)
+                d.violation = Violation("not_acquiring", f"could not inject the events: {exc}")
+                self._refuse(d)
+                return
+            self.accepted += 1
+            return
+        try:
+            if isinstance(action, SkipPosition):
+                p = action.position if action.position is not None else d.index.get("p")
+                if p is None or self._planned is None:
+                    raise ValueError("the triggering frame has no position index `p` to skip")
+                self._planned.skip(int(p), action.visits)
+            elif isinstance(action, SetMode):
+                if self._set_mode is None:
+                    raise ValueError("this service cannot switch modes")
+                self._set_mode(action.mode)
+            elif isinstance(action, Stop):
+                if self._stop is None:
+                    raise ValueError("this service cannot stop the acquisition")
+                if self._planned is not None:  # no further planned event, even in the
+                    self._planned.close()  # instant before the stop below takes effect
+                self._stop()
+        except Exception as exc:
+            d.violation = Violation("not_applicable", str(exc))
+            self._refuse(d)
+            return
+        self.accepted += 1
+        self._publish_action(d, time.time(), "applied")
+
+    def _refuse(self, d: Decision) -> None:
+        self.refused += 1
+        log.info("feedback: refused %s of rule %r: %s", d.action, d.rule, d.violation)
+        self._publish("feedback_refused", d.describe())
+
+    # ------------------------------------------------------------ reaction clock
+    def on_event_started(self, event: useq.MDAEvent) -> None:
+        """``core.mda.events.eventStarted`` handler (MDA runner thread)."""
+        meta = event.metadata.get(METADATA_KEY) if event.metadata else None
+        if not meta or meta.get("frame") != 0:
+            return
+        now = time.time()
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(self._started, int(meta["action_id"]), now, "eventStarted")
+
+    def _started(self, action_id: int, at: float, source: str) -> None:
+        d = self._pending.pop(action_id, None)
+        if d is not None:
+            self._publish_action(d, at, source)
+
+    def _publish_action(self, d: Decision, started: float | None, source: str) -> None:
+        detail = d.describe()
+        if started is None:
+            detail.update(reaction_ms=None, reaction_from=None, started=False)
+        else:
+            ms = (started - d.trigger_acquired) * 1e3
+            self.reaction_ms.append(ms)
+            detail.update(
+                reaction_ms=round(ms, 3), reaction_from=source, started=True, t_started=started
+            )
+        self._publish("feedback_action", detail)
+
+    # ------------------------------------------------------------ status
+    def report(self) -> dict[str, Any]:
+        """Rules, counters, reaction-latency percentiles and ledgers for the status."""
+        def pct(values: Iterable[float]) -> dict[str, float | int | None]:
+            arr = np.fromiter(values, float)
+            if arr.size == 0:
+                return {"p50": None, "p95": None, "p99": None, "max": None, "n": 0}
+            p = np.percentile(arr, [50, 95, 99])
+            return {
+                "p50": round(float(p[0]), 2),
+                "p95": round(float(p[1]), 2),
+                "p99": round(float(p[2]), 2),
+                "max": round(float(arr.max()), 2),
+                "n": int(arr.size),
+            }
+
+        return {
+            "enabled": self.config.enabled,
+            "rules": [s.describe() for s in self.engine.slots],
+            "frames_seen": self.frames_seen,
+            "actions": self.accepted,
+            "refused": self.refused,
+            "pending": len(self._pending),
+            "planned_skipped": self._planned.skipped if self._planned is not None else 0,
+            "added_frames_last_minute": self.guard.added_last_minute(),
+            "dose_ms": self.guard.dose_snapshot(),
+            "reaction_ms": pct(self.reaction_ms),
+            "rules_eval_ms": pct(self.eval_ms),
+        }
+

@@ -1,0 +1,262 @@
+"""The rule engine: frame context in, checked actions (decisions) out. No I/O.
+
+For each analysed frame :meth:`RuleEngine.evaluate` computes the object features, asks
+every rule for actions, turns each action into MDA events and checks them against the
+safety limits. Each action yields one :class:`Decision`, accepted or refused (with the
+limit it would break). Applying accepted decisions to a microscope is the job of
+:class:`~livemask.feedback.controller.FeedbackController`.
+
+:class:`PlannedEvents` wraps the planned event iterator of an acquisition: it drops the
+visits of skipped positions, records where each planned position is (for ``revisit``) and
+counts planned light in the dose ledger.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import useq
+
+from livemask.feedback.actions import (
+    ACTION_TYPES,
+    ActionError,
+    EventPlanner,
+    event_json,
+    to_events,
+)
+from livemask.feedback.context import FeatureTracker, FrameContext, position_key
+from livemask.feedback.rules import DeclarativeRule, RuleSlot
+from livemask.feedback.safety import SafetyGuard, Violation
+from livemask.feedback.spec import FeedbackConfig, RuleSpec
+
+log = logging.getLogger("livemask")
+
+
+@dataclass
+class Decision:
+    """One action a rule asked for, and what became of it."""
+
+    action_id: int
+    rule: str
+    action: Any
+    frame_id: int
+    index: dict[str, int]
+    position: dict[str, float | None]
+    position_key: str
+    trigger_acquired: float  # epoch s of the triggering frame
+    events: list[useq.MDAEvent] = field(default_factory=list)
+    violation: Violation | None = None
+    target: dict[str, Any] | None = None
+    decided: float = 0.0  # epoch s
+
+    @property
+    def accepted(self) -> bool:
+        """Whether the action passed the safety checks."""
+        return self.violation is None
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready fields for the ``feedback_action`` / ``feedback_refused`` event."""
+        describe = getattr(self.action, "describe", None)
+        out: dict[str, Any] = {
+            "action_id": self.action_id,
+            "frame_id": self.frame_id,
+            "rule": self.rule,
+            "action": describe() if callable(describe) else repr(self.action),
+            "events": [event_json(e) for e in self.events],
+            "index": dict(self.index),
+            "position": dict(self.position),
+            "position_key": self.position_key,
+            "target": self.target,
+            "t_trigger_acquired": self.trigger_acquired,
+            "t_decided": self.decided,
+            "decision_ms": round((self.decided - self.trigger_acquired) * 1e3, 3),
+        }
+        if self.violation is not None:
+            out["reason"] = self.violation.message
+            out["limit"] = self.violation.limit
+        return out
+
+
+class RuleEngine:
+    """Rules, features, event conversion and safety checks of one service."""
+
+    def __init__(
+        self,
+        config: FeedbackConfig,
+        *,
+        planner: EventPlanner | None = None,
+        guard: SafetyGuard | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.planner = planner or EventPlanner()
+        self.guard = guard or SafetyGuard(config.limits)
+        self.tracker = FeatureTracker(config.match_radius_px)
+        self.slots: list[RuleSlot] = []
+        self._ids = itertools.count(1)
+        self._wall_clock = wall_clock
+        self.set_rules(config.rules)
+
+    def set_rules(self, specs: Sequence[RuleSpec], rules: Sequence[Any] | None = None) -> None:
+        """Replace the rules (``rules``: ready-made rule objects for the specs, optional)."""
+        slots = [
+            RuleSlot(spec, rules[i] if rules is not None else None)
+            for i, spec in enumerate(specs)
+        ]
+        self.slots = slots
+
+    def add_rule(self, rule: Any, spec: RuleSpec | None = None) -> RuleSlot:
+        """Add a rule object (any object with ``name`` and ``evaluate``)."""
+        if spec is None:
+            name = str(getattr(rule, "name", type(rule).__name__))
+            spec = RuleSpec(name=name, use="livemask.feedback:added_in_code")
+        slot = RuleSlot(spec, rule)
+        self.slots.append(slot)
+        return slot
+
+    def slot(self, name: str) -> RuleSlot:
+        """The rule called ``name`` (KeyError if none)."""
+        for s in self.slots:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def reset(self) -> None:
+        """A new acquisition starts."""
+        self.tracker.reset()
+        self.guard.reset()
+        for s in self.slots:
+            s.reset()
+
+    def evaluate(self, ctx: FrameContext) -> list[Decision]:
+        """Run every rule on one analysed frame; one decision per action asked for."""
+        if not any(s.enabled for s in self.slots):
+            return []
+        self.tracker.compute(ctx)
+        decisions: list[Decision] = []
+        for slot in self.slots:
+            try:
+                actions = slot.evaluate(ctx)
+            except Exception:  # a faulty rule must not stop the pipeline or other rules
+                slot.errors += 1
+                log.exception("feedback rule %r failed on frame %d", slot.name, ctx.frame_id)
+                continue
+            targets = slot.rule.targets if isinstance(slot.rule, DeclarativeRule) else []
+            for k, action in enumerate(actions):
+                target = targets[k] if k < len(targets) else None
+                d = self._decide(slot, action, ctx, target)
+                if d.accepted:
+                    slot.actions += 1
+                else:
+                    slot.refused += 1
+                decisions.append(d)
+        return decisions
+
+    def _decide(
+        self, slot: RuleSlot, action: Any, ctx: FrameContext, target: dict[str, Any] | None
+    ) -> Decision:
+        action_id = next(self._ids)
+        key = ctx.position_key
+        d = Decision(
+            action_id=action_id,
+            rule=slot.name,
+            action=action,
+            frame_id=ctx.frame_id,
+            index=dict(ctx.index),
+            position=dict(ctx.position),
+            position_key=key,
+            trigger_acquired=ctx.acquired,
+            target=target,
+        )
+        if not isinstance(action, ACTION_TYPES):
+            d.violation = Violation(
+                "unknown_action", f"rule {slot.name!r} returned {action!r}, not an action"
+            )
+        else:
+            try:
+                d.events = to_events(
+                    action, ctx, self.planner, action_id=action_id, rule=slot.name
+                )
+                d.violation = self.guard.check(d.events, key)
+            except ActionError as exc:
+                d.violation = Violation(exc.reason, str(exc))
+            if d.violation is None:
+                self.guard.commit(d.events, key)
+        d.decided = self._wall_clock()
+        return d
+
+
+class PlannedEvents(Iterator[useq.MDAEvent]):
+    """The planned events of a run, minus skipped visits; feeds positions and dose ledger.
+
+    ``__next__`` runs on the MDA runner thread, :meth:`skip` on the event loop.
+    """
+
+    def __init__(
+        self,
+        events: Iterable[useq.MDAEvent],
+        *,
+        guard: SafetyGuard | None = None,
+        planner: EventPlanner | None = None,
+    ) -> None:
+        self._events = iter(events)
+        self._guard = guard
+        self._planner = planner
+        self._lock = threading.Lock()
+        self._skips: dict[int, list[Any]] = {}  # p -> [visits left or None, current t]
+        self._closed = False
+        self.skipped = 0
+
+    def close(self) -> None:
+        """End the plan now: the next ``next()`` raises StopIteration (thread-safe)."""
+        with self._lock:
+            self._closed = True
+
+    def skip(self, p: int, visits: int | None) -> None:
+        """Drop the next ``visits`` visits (None: all remaining) of position ``p``."""
+        with self._lock:
+            self._skips[int(p)] = [visits, object()]
+
+    def _drop(self, event: useq.MDAEvent) -> bool:
+        p = event.index.get("p")
+        if p is None:
+            return False
+        with self._lock:
+            state = self._skips.get(int(p))
+            if state is None:
+                return False
+            left, current_t = state
+            t = event.index.get("t")
+            if t is not None and t == current_t:
+                return True  # another event of a visit being skipped
+            if left is not None:
+                if left <= 0:
+                    del self._skips[int(p)]
+                    return False
+                state[0] = left - 1
+            state[1] = t
+            return True
+
+    def __next__(self) -> useq.MDAEvent:
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise StopIteration
+            event = next(self._events)
+            if self._drop(event):
+                self.skipped += 1
+                continue
+            p = event.index.get("p")
+            if self._planner is not None and p is not None:
+                self._planner.positions[int(p)] = (event.x_pos, event.y_pos, event.z_pos)
+            if self._guard is not None:
+                self._guard.record_planned(
+                    event, position_key(event.index, event.x_pos, event.y_pos)
+                )
+            return event

@@ -1,0 +1,150 @@
+"""Safety limits on what feedback may add to an acquisition.
+
+:class:`SafetyGuard` checks the MDA events of an action against the configured limits
+(stage travel range, Z range and Z-stack span, frames per action, frames added per minute,
+light dose per stage position) and keeps the ledgers those limits need. The light-dose
+ledger counts ``exposure_ms × frames`` of every planned event issued at a position
+(:meth:`record_planned`, called from the MDA runner thread) and of every accepted action
+(:meth:`commit`). Thread-safe.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import useq
+
+from livemask.feedback.spec import LimitsSpec
+
+DEFAULT_EXPOSURE_MS = 10.0
+
+
+@dataclass(frozen=True)
+class Violation:
+    """Why an action was refused: the limit (config field) and a sentence for people."""
+
+    limit: str
+    message: str
+
+
+def _outside(value: float | None, rng: tuple[float, float] | None) -> bool:
+    return value is not None and rng is not None and not rng[0] <= value <= rng[1]
+
+
+class SafetyGuard:
+    """Checks actions against :class:`LimitsSpec` and keeps the ledgers."""
+
+    def __init__(
+        self, limits: LimitsSpec, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.limits = limits
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._added: deque[tuple[float, int]] = deque()  # (time, frames) of accepted actions
+        self.dose_ms: dict[str, float] = {}
+        self.last_exposure_ms = DEFAULT_EXPOSURE_MS
+
+    def reset(self) -> None:
+        """A new acquisition: clear the dose ledger (the per-minute window stays)."""
+        with self._lock:
+            self.dose_ms.clear()
+
+    def exposure_of(self, event: useq.MDAEvent) -> float:
+        """The event's exposure, or the last known one when it keeps the current exposure."""
+        return float(event.exposure) if event.exposure is not None else self.last_exposure_ms
+
+    def record_planned(self, event: useq.MDAEvent, key: str) -> None:
+        """Count a planned event's light at position ``key`` (any thread)."""
+        with self._lock:
+            if event.exposure is not None:
+                self.last_exposure_ms = float(event.exposure)
+            self.dose_ms[key] = self.dose_ms.get(key, 0.0) + self.last_exposure_ms
+
+    def dose_snapshot(self) -> dict[str, float]:
+        """Light per position so far (exposure_ms x frames), rounded to 0.1 ms."""
+        with self._lock:
+            return {k: round(v, 1) for k, v in self.dose_ms.items()}
+
+    def added_last_minute(self) -> int:
+        """Frames added by accepted actions in the last 60 s."""
+        with self._lock:
+            self._expire()
+            return sum(n for _, n in self._added)
+
+    def _expire(self) -> None:
+        cutoff = self._clock() - 60.0
+        while self._added and self._added[0][0] < cutoff:
+            self._added.popleft()
+
+    def check(self, events: Sequence[useq.MDAEvent], key: str) -> Violation | None:
+        """The first limit ``events`` (one action, at position ``key``) would break."""
+        lim = self.limits
+        if not events:
+            return None
+        if len(events) > lim.max_frames_per_action:
+            return Violation(
+                "max_frames_per_action",
+                f"{len(events)} frames in one action, limit {lim.max_frames_per_action} "
+                "(feedback.limits.max_frames_per_action)",
+            )
+        for ev in events:
+            for axis, value, rng, name in (
+                ("X", ev.x_pos, lim.stage_x_range_um, "stage_x_range_um"),
+                ("Y", ev.y_pos, lim.stage_y_range_um, "stage_y_range_um"),
+                ("Z", ev.z_pos, lim.z_range_um, "z_range_um"),
+            ):
+                if _outside(value, rng):
+                    assert rng is not None and value is not None
+                    return Violation(
+                        name,
+                        f"stage {axis} {value:.1f} µm is outside the allowed "
+                        f"[{rng[0]:g}, {rng[1]:g}] µm (feedback.limits.{name})",
+                    )
+        zs = [ev.z_pos for ev in events if ev.z_pos is not None]
+        if lim.max_z_range_um is not None and zs and max(zs) - min(zs) > lim.max_z_range_um:
+            return Violation(
+                "max_z_range_um",
+                f"Z span {max(zs) - min(zs):.1f} µm exceeds {lim.max_z_range_um:g} µm "
+                "(feedback.limits.max_z_range_um)",
+            )
+        with self._lock:
+            if lim.max_added_frames_per_minute is not None:
+                self._expire()
+                recent = sum(n for _, n in self._added)
+                if recent + len(events) > lim.max_added_frames_per_minute:
+                    return Violation(
+                        "max_added_frames_per_minute",
+                        f"{recent} frames added in the last minute + {len(events)} would "
+                        f"exceed {lim.max_added_frames_per_minute} "
+                        "(feedback.limits.max_added_frames_per_minute)",
+                    )
+            if lim.light_dose_budget_ms is not None:
+                dose = sum(
+                    float(ev.exposure) if ev.exposure is not None else self.last_exposure_ms
+                    for ev in events
+                )
+                used = self.dose_ms.get(key, 0.0)
+                if used + dose > lim.light_dose_budget_ms:
+                    return Violation(
+                        "light_dose_budget_ms",
+                        f"position {key} has had {used:g} ms of light; {dose:g} ms more would "
+                        f"exceed {lim.light_dose_budget_ms:g} ms "
+                        "(feedback.limits.light_dose_budget_ms)",
+                    )
+        return None
+
+    def commit(self, events: Sequence[useq.MDAEvent], key: str) -> None:
+        """Record an accepted action's frames and light."""
+        if not events:
+            return
+        with self._lock:
+            self._added.append((self._clock(), len(events)))
+            dose = sum(
+                float(ev.exposure) if ev.exposure is not None else self.last_exposure_ms
+                for ev in events
+            )
+            self.dose_ms[key] = self.dose_ms.get(key, 0.0) + dose

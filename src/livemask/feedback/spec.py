@@ -1,0 +1,340 @@
+"""The ``feedback`` section of the service configuration (pydantic models, no I/O).
+
+A rule is either declarative (``when`` + ``actions``) or a user rule (``use:
+"package.module:factory"``). See ``docs/feedback.md`` for the full reference::
+
+    feedback:
+      limits: {max_added_frames_per_minute: 120, stage_x_range_um: [-1000, 1000]}
+      rules:
+        - name: mitosis
+          applies_to: overview
+          when:
+            objects:
+              where:
+                mean_intensity_change: {gt: 1.4}
+                area_change: {lt: 0.85}
+          target: {max: mean_intensity_change}
+          action: {burst: {frames: 5, interval_s: 0.2, centre: true}}
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Mode = Literal["free-run", "synchronized"]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Compare(_Spec):
+    """Thresholds a value must meet (all that are given); a missing value never matches."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    eq: float | None = None
+    ne: float | None = None
+
+    @model_validator(mode="after")
+    def _some(self) -> Compare:
+        if not self._ops():
+            raise ValueError("give at least one of gt, ge, lt, le, eq, ne")
+        return self
+
+    def _ops(self) -> dict[str, float]:
+        return {
+            k: v
+            for k in ("gt", "ge", "lt", "le", "eq", "ne")
+            if (v := getattr(self, k)) is not None
+        }
+
+    def test(self, value: Any) -> bool:
+        """Whether ``value`` meets every threshold (False for None, bool or non-numbers)."""
+        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        v = float(value)
+        if v != v:  # NaN
+            return False
+        checks = {
+            "gt": v.__gt__,
+            "ge": v.__ge__,
+            "lt": v.__lt__,
+            "le": v.__le__,
+            "eq": v.__eq__,
+            "ne": v.__ne__,
+        }
+        return all(checks[op](limit) for op, limit in self._ops().items())
+
+    def describe(self) -> str:
+        """E.g. ``> 1.4 and < 2``."""
+        sym = {"gt": ">", "ge": ">=", "lt": "<", "le": "<=", "eq": "==", "ne": "!="}
+        return " and ".join(f"{sym[op]} {v:g}" for op, v in self._ops().items())
+
+
+class ObjectCondition(_Spec):
+    """Per-object tests: an object matches when it passes every test in ``where``."""
+
+    where: dict[str, Compare] = Field(
+        min_length=1,
+        description="feature name -> thresholds, e.g. {mean_intensity_rel: {gt: 1.5}}; "
+        "features are listed in docs/feedback.md",
+    )
+    match: Literal["any", "all"] | Compare = Field(
+        default="any",
+        description="any: at least one object matches; all: every object (and at least one); "
+        "or a count test such as {ge: 3}",
+    )
+
+
+class ValueTest(Compare):
+    """A test on one value of the measurements message, by dotted path."""
+
+    path: str = Field(
+        min_length=1,
+        description="dotted path into the measurements message, e.g. summary.count or "
+        "grains.cumulative.mean_equivalent_diameter_ci95_um",
+    )
+    reduce: Literal["value", "width", "half_width", "relative_width", "length"] = Field(
+        default="value",
+        description="value: the number itself; width / half_width: of a [low, high] "
+        "interval; relative_width: width / midpoint; length: of a list",
+    )
+
+
+class Condition(_Spec):
+    """When a declarative rule matches: all given parts must hold."""
+
+    objects: ObjectCondition | None = None
+    values: list[ValueTest] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _some(self) -> Condition:
+        if self.objects is None and not self.values:
+            raise ValueError("give `objects` and/or `values`")
+        return self
+
+
+class Target(_Spec):
+    """Which matching object an action centres on (default: nearest the field centre)."""
+
+    max: str | None = None
+    min: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> Target:
+        if (self.max is None) == (self.min is None):
+            raise ValueError("give exactly one of max or min (a feature name)")
+        return self
+
+
+# ------------------------------------------------------------------ actions
+class _FrameSettings(_Spec):
+    channel: str | None = Field(
+        default=None, description="channel preset of the core's channel group (None: keep)"
+    )
+    exposure_ms: float | None = Field(default=None, gt=0, le=60_000)
+
+
+class BurstSpec(_FrameSettings):
+    """``frames`` frames, ``interval_s`` apart, at the (optionally centred) position."""
+
+    frames: int = Field(default=5, ge=1, le=10_000)
+    interval_s: float = Field(default=0.0, ge=0)
+    centre: bool = Field(default=True, description="centre the target object first")
+
+
+class CentreSpec(_FrameSettings):
+    """Move the stage to centre the target object and take ``frames`` frames."""
+
+    frames: int = Field(default=1, ge=1, le=10_000)
+
+
+class MoveSpec(_FrameSettings):
+    """Move to an absolute (x_um, y_um) or by (dx_um, dy_um) and take ``frames`` frames."""
+
+    x_um: float | None = None
+    y_um: float | None = None
+    dx_um: float | None = None
+    dy_um: float | None = None
+    frames: int = Field(default=1, ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _where(self) -> MoveSpec:
+        absolute = self.x_um is not None or self.y_um is not None
+        relative = self.dx_um is not None or self.dy_um is not None
+        if absolute == relative:
+            raise ValueError("give x_um/y_um (absolute) or dx_um/dy_um (relative), not both")
+        return self
+
+
+class ZStackSpec(_FrameSettings):
+    """A Z-stack of ``range_um`` (centred on the frame's Z) in steps of ``step_um``."""
+
+    range_um: float = Field(gt=0)
+    step_um: float = Field(gt=0)
+    centre: bool = False
+
+
+class ChannelSpec(_FrameSettings):
+    """``frames`` frames at this position with another channel and/or exposure."""
+
+    frames: int = Field(default=1, ge=1, le=10_000)
+
+
+class SkipSpec(_Spec):
+    """Drop the planned events of a position (default: the triggering frame's)."""
+
+    position: int | None = Field(default=None, ge=0, description="`p` index; None: this one")
+    visits: int | None = Field(
+        default=None, ge=1, description="planned visits to drop; None: the rest of the run"
+    )
+
+
+class RevisitSpec(_Spec):
+    """Image a planned position (default: the triggering frame's) again now."""
+
+    position: int | None = Field(default=None, ge=0)
+    frames: int = Field(default=1, ge=1, le=10_000)
+    interval_s: float = Field(default=0.0, ge=0)
+    channel: str | None = None
+    exposure_ms: float | None = Field(default=None, gt=0, le=60_000)
+
+
+class ActionSpec(_Spec):
+    """Exactly one action, e.g. ``{burst: {frames: 5}}``, ``{mode: synchronized}``,
+    ``{stop: true}``."""
+
+    burst: BurstSpec | None = None
+    centre: CentreSpec | None = None
+    move: MoveSpec | None = None
+    zstack: ZStackSpec | None = None
+    channel: ChannelSpec | None = None
+    skip: SkipSpec | None = None
+    revisit: RevisitSpec | None = None
+    mode: Mode | None = None
+    stop: bool | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ActionSpec:
+        given = [k for k, v in self.__dict__.items() if v is not None and v is not False]
+        if len(given) != 1:
+            names = ", ".join(type(self).model_fields)
+            raise ValueError(f"give exactly one action of {names} (got {given or 'none'})")
+        return self
+
+
+class RuleSpec(_Spec):
+    """One rule: declarative (``when`` + ``actions``) or a user rule (``use``)."""
+
+    name: str = Field(min_length=1)
+    enabled: bool = True
+    applies_to: Literal["overview", "feedback", "all"] = Field(
+        default="overview",
+        description="frames the rule sees: overview (planned or enqueued frames), feedback "
+        "(frames produced by feedback actions) or all",
+    )
+    when: Condition | None = None
+    use: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$",
+        description="a user rule: 'package.module:factory'; factory(**params) returns a Rule",
+    )
+    params: dict[str, Any] = Field(default_factory=dict)
+    actions: list[ActionSpec] = Field(default_factory=list)
+    target: Target | None = None
+    max_targets: int = Field(
+        default=1,
+        ge=1,
+        description="act on up to N matching objects per frame (best first by `target`), "
+        "one set of actions each",
+    )
+    persist_frames: int = Field(
+        default=1, ge=1, description="consecutive matching frames (in scope) before firing"
+    )
+    cooldown_s: float = Field(default=0.0, ge=0, description="no firing again within (s)")
+    cooldown_frames: int = Field(default=0, ge=0, description="no firing again within N frames")
+    scope: Literal["position", "global"] = Field(
+        default="position",
+        description="position: persistence and cooldown per stage position; global: one count",
+    )
+    max_fires: int | None = Field(default=None, ge=1, description="fire at most N times per run")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_action(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "action" in data:
+            data = dict(data)
+            if "actions" in data:
+                raise ValueError("give `action` or `actions`, not both")
+            data["actions"] = [data.pop("action")]
+        return data
+
+    @model_validator(mode="after")
+    def _kind(self) -> RuleSpec:
+        if (self.when is None) == (self.use is None):
+            raise ValueError(f"rule {self.name!r}: give either `when` (with actions) or `use`")
+        if self.when is not None and not self.actions:
+            raise ValueError(f"rule {self.name!r}: a `when` rule needs `action` or `actions`")
+        return self
+
+
+class LimitsSpec(_Spec):
+    """Safety limits; an action that would break one is refused (and the refusal published)."""
+
+    stage_x_range_um: tuple[float, float] | None = Field(
+        default=None, description="allowed stage X [min, max] (µm); None: unchecked"
+    )
+    stage_y_range_um: tuple[float, float] | None = None
+    z_range_um: tuple[float, float] | None = Field(
+        default=None, description="allowed absolute Z [min, max] (µm); None: unchecked"
+    )
+    max_z_range_um: float | None = Field(
+        default=50.0, gt=0, description="largest Z-stack span (µm)"
+    )
+    max_added_frames_per_minute: int | None = Field(
+        default=120, ge=0, description="frames added by feedback in any 60 s window"
+    )
+    max_frames_per_action: int = Field(default=200, ge=1)
+    light_dose_budget_ms: float | None = Field(
+        default=None,
+        gt=0,
+        description="per stage position: sum of exposure_ms x frames (planned and added) "
+        "after which feedback adds no more frames there; None: unchecked",
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LimitsSpec:
+        for name in ("stage_x_range_um", "stage_y_range_um", "z_range_um"):
+            rng = getattr(self, name)
+            if rng is not None and rng[0] > rng[1]:
+                raise ValueError(f"{name}: min {rng[0]} is above max {rng[1]}")
+        return self
+
+
+class FeedbackConfig(_Spec):
+    """Feedback rules and their safety limits."""
+
+    enabled: bool = Field(default=True, description="evaluate rules (the `rules` command too)")
+    rules: list[RuleSpec] = Field(default_factory=list)
+    limits: LimitsSpec = Field(default_factory=LimitsSpec)
+    pixel_to_stage: tuple[tuple[float, float], tuple[float, float]] | None = Field(
+        default=None,
+        description="[[dx/dcol, dx/drow], [dy/dcol, dy/drow]] in µm per pixel (the Micro-"
+        "Manager pixel affine); None: pixel size, image axes = stage axes",
+    )
+    match_radius_px: float = Field(
+        default=8.0, gt=0, description="max centroid shift to pair objects across frames"
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> FeedbackConfig:
+        names = [r.name for r in self.rules]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"rule names must be unique; repeated: {dupes}")
+        return self

@@ -1,0 +1,468 @@
+"""PyTorch backend: the shipped ONNX U-Net's weights in ``livemask.training.unet.UNet``.
+
+The shipped models are ONNX files only, so :func:`unet_from_onnx` reads the ONNX initializers
+(``onnx``) and loads them into the same ``UNet`` class that training uses, plus the final
+sigmoid (``ProbabilityModel``). The architecture (levels, channel counts, output channels) is
+read from the initializer shapes, checked against the graph's operators and against the
+card's ``architecture`` text, and finally the converted network is run next to ONNX Runtime on
+a small random input (:func:`verify_against_onnxruntime`): a model that does not convert
+exactly is refused with :class:`~livemask.errors.ModelError`, never run wrong.
+
+On CUDA the network runs in fp16 and channels-last. With ``cuda_graphs`` a shape seen a
+second time is captured into a CUDA graph and replayed from then on (up to ``max_graphs``
+shapes, least recently used dropped first); a shape seen once runs eagerly. Requires the
+``torch`` extra (``pip install -e '.[torch]'``; a CUDA build of torch for ``device="cuda"``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from livemask.errors import BackendUnavailable, ModelError
+from livemask.inference.models import ModelCard
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+log = logging.getLogger("livemask")
+
+#: ONNX operators of a U-Net exported by ``livemask.training.train.export_onnx``.
+_UNET_OPS = frozenset(
+    {"Conv", "Relu", "MaxPool", "ConvTranspose", "Concat", "Sigmoid", "BatchNormalization"}
+)
+
+
+def import_torch() -> ModuleType:
+    """``import torch``, or BackendUnavailable saying what to install."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise BackendUnavailable(
+            f"the torch backend needs PyTorch ({exc}); install it with "
+            "pip install -e '.[torch]' or set model.backend: auto"
+        ) from None
+    return torch
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def _attr(node: Any, name: str, default: Any = None) -> Any:
+    import onnx
+
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _channels_from_card(architecture: str) -> tuple[int, ...] | None:
+    """``8/16/32/64`` in the card's architecture text, if it names the channels."""
+    m = re.search(r"(\d+(?:\s*/\s*\d+)+)\s*channels", architecture)
+    if m is None:
+        return None
+    return tuple(int(c) for c in m.group(1).split("/"))
+
+
+def unet_from_onnx(path: str | Path, card: ModelCard | None = None) -> nn.Module:
+    """The ONNX U-Net at ``path`` as a torch ``ProbabilityModel`` (CPU, fp32, eval mode).
+
+    Works for graphs exported from ``livemask.training.unet.UNet`` with batch norm folded
+    into the convolutions (the default ``torch.onnx.export``) or kept as BatchNormalization
+    nodes. Raises ModelError when the graph is not such a U-Net.
+    """
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError as exc:
+        raise BackendUnavailable(
+            f"the torch backend reads ONNX weights with the onnx package ({exc}); "
+            "install it with pip install -e '.[torch]'"
+        ) from None
+    torch = import_torch()
+    from torch import nn
+
+    from livemask.training.unet import ProbabilityModel, UNet
+
+    name = card.name if card is not None else str(path)
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # onnx raises DecodeError and friends
+        raise ModelError(f"cannot read ONNX model {path}: {exc}") from None
+    graph = model.graph
+    if card is not None and card.architecture and "u-net" not in card.architecture.lower():
+        raise ModelError(
+            f"model {name!r} is a {card.architecture!r}; the torch backend runs livemask "
+            "U-Nets only: set model.backend: onnxruntime (or tensorrt)"
+        )
+    ops = [n.op_type for n in graph.node]
+    unknown = sorted(set(ops) - _UNET_OPS)
+    if unknown:
+        raise ModelError(
+            f"model {name!r} uses ONNX operators {unknown} that a livemask U-Net does not "
+            "have; run it with model.backend: onnxruntime (or tensorrt)"
+        )
+    weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+
+    def w(node: Any, i: int) -> np.ndarray | None:
+        if len(node.input) <= i or not node.input[i]:
+            return None
+        if node.input[i] not in weights:
+            raise ModelError(f"model {name!r}: {node.op_type} input {node.input[i]!r} is "
+                             "not a constant; not a plain U-Net export")
+        return np.array(weights[node.input[i]], dtype=np.float32)  # a writable copy
+
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    upconvs = [n for n in graph.node if n.op_type == "ConvTranspose"]
+    norms = [n for n in graph.node if n.op_type == "BatchNormalization"]
+    levels = len(upconvs) + 1
+    n_block_convs = 2 * levels + 2 * (levels - 1)
+    if len(convs) != n_block_convs + 1 or ops.count("MaxPool") != levels - 1 or (
+        ops.count("Sigmoid") != 1 or graph.node[-1].op_type != "Sigmoid"
+    ):
+        raise ModelError(
+            f"model {name!r}: {len(convs)} Conv, {len(upconvs)} ConvTranspose, "
+            f"{ops.count('MaxPool')} MaxPool nodes do not form a livemask U-Net ending in a "
+            "Sigmoid; run it with model.backend: onnxruntime"
+        )
+    if norms and len(norms) != n_block_convs:
+        raise ModelError(f"model {name!r}: {len(norms)} BatchNormalization nodes for "
+                         f"{n_block_convs} convolutions; not a livemask U-Net")
+    first = [w(c, 1) for c in convs]
+    channels = tuple(int(first[2 * i].shape[0]) for i in range(levels))  # type: ignore[union-attr]
+    head_w = first[-1]
+    assert head_w is not None
+    out_channels = int(head_w.shape[0])
+    from_card = _channels_from_card(card.architecture) if card is not None else None
+    if from_card is not None and from_card != channels:
+        raise ModelError(
+            f"model {name!r}: the card says {'/'.join(map(str, from_card))} channels, the "
+            f"ONNX weights have {'/'.join(map(str, channels))}; fix the card's architecture"
+        )
+    if card is not None and card.outputs and len(card.outputs) != out_channels:
+        raise ModelError(f"model {name!r}: the card lists {len(card.outputs)} outputs "
+                         f"({card.outputs}), the network has {out_channels}")
+    for c in convs[:-1]:
+        if list(_attr(c, "kernel_shape", [])) != [3, 3] or list(_attr(c, "pads", [])) != [1] * 4:
+            raise ModelError(f"model {name!r}: U-Net convolutions must be 3×3 with padding 1")
+    for u in upconvs:
+        if list(_attr(u, "kernel_shape", [])) != [2, 2] or list(_attr(u, "strides", [])) != [2, 2]:
+            raise ModelError(f"model {name!r}: U-Net up-convolutions must be 2×2, stride 2")
+
+    net = UNet(channels, out_channels=out_channels)
+    block_convs: list[tuple[Any, int]] = [
+        (block, j) for block in [*net.down, *net.up] for j in (0, 3)
+    ]
+    with torch.no_grad():
+        for k, ((block, j), node) in enumerate(zip(block_convs, convs[:-1], strict=True)):
+            weight, bias = first[k], w(node, 2)
+            conv = block[j]
+            assert weight is not None and isinstance(conv, nn.Conv2d)
+            if tuple(weight.shape) != tuple(conv.weight.shape):
+                raise ModelError(f"model {name!r}: convolution {k} has weights "
+                                 f"{weight.shape}, the U-Net expects {tuple(conv.weight.shape)}")
+            if norms:
+                conv.weight.copy_(torch.from_numpy(weight))
+                bn = block[j + 1]
+                assert isinstance(bn, nn.BatchNorm2d)
+                scale, b, mean, var = (w(norms[k], i) for i in range(1, 5))
+                bn.weight.copy_(torch.from_numpy(scale))
+                bn.bias.copy_(torch.from_numpy(b))
+                bn.running_mean.copy_(torch.from_numpy(mean))  # type: ignore[union-attr]
+                bn.running_var.copy_(torch.from_numpy(var))  # type: ignore[union-attr]
+                bn.eps = float(_attr(norms[k], "epsilon", 1e-5))
+                if bias is not None:
+                    raise ModelError(f"model {name!r}: convolution {k} has a bias and a "
+                                     "batch norm; not a livemask U-Net")
+            else:
+                # Batch norm folded into the convolution at export: conv with bias, no norm.
+                folded = nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1, bias=True)
+                folded.weight.copy_(torch.from_numpy(weight))
+                assert folded.bias is not None
+                folded.bias.copy_(torch.from_numpy(bias if bias is not None
+                                                   else np.zeros(conv.out_channels, np.float32)))
+                block[j] = folded
+                block[j + 1] = nn.Identity()
+        for up, node in zip(net.upconv, upconvs, strict=True):
+            weight, bias = w(node, 1), w(node, 2)
+            assert isinstance(up, nn.ConvTranspose2d) and weight is not None
+            if tuple(weight.shape) != tuple(up.weight.shape):
+                raise ModelError(f"model {name!r}: up-convolution weights {weight.shape}, "
+                                 f"the U-Net expects {tuple(up.weight.shape)}")
+            up.weight.copy_(torch.from_numpy(weight))
+            assert up.bias is not None
+            up.bias.copy_(torch.from_numpy(bias if bias is not None
+                                           else np.zeros(up.out_channels, np.float32)))
+        head_b = w(convs[-1], 2)
+        if tuple(head_w.shape) != tuple(net.head.weight.shape):
+            raise ModelError(f"model {name!r}: head weights {head_w.shape}, expected "
+                             f"{tuple(net.head.weight.shape)}")
+        net.head.weight.copy_(torch.from_numpy(head_w))
+        assert net.head.bias is not None
+        net.head.bias.copy_(torch.from_numpy(head_b if head_b is not None
+                                             else np.zeros(out_channels, np.float32)))
+    return ProbabilityModel(net).eval()
+
+
+def verify_against_onnxruntime(
+    module: nn.Module, onnx_path: str | Path, *, size: int = 64, atol: float = 1e-4, seed: int = 0
+) -> float:
+    """Run ``module`` (CPU, fp32) and ONNX Runtime on one random input; the max difference.
+
+    Raises ModelError when it exceeds ``atol``.
+    """
+    import onnxruntime as ort
+
+    torch = import_torch()
+    x = np.random.default_rng(seed).random((1, 1, size, size), dtype=np.float32)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    (expected,) = session.run(None, {session.get_inputs()[0].name: x})
+    with torch.no_grad():
+        got = module(torch.from_numpy(x)).numpy()
+    if got.shape != np.shape(expected):
+        raise ModelError(f"{onnx_path}: torch output {got.shape} but ONNX output "
+                         f"{np.shape(expected)}")
+    diff = float(np.max(np.abs(got - expected)))
+    if not diff <= atol:
+        raise ModelError(f"{onnx_path}: the torch conversion differs from ONNX Runtime by "
+                         f"{diff:.2e} (> {atol:.0e}); use model.backend: onnxruntime")
+    return diff
+
+
+# --------------------------------------------------------------------------- CUDA graphs
+
+
+class GraphPolicy:
+    """Decides, per input shape, whether to run eagerly, capture a CUDA graph or replay one.
+
+    A shape is captured the second time it is seen (so one-off shapes never pay for a
+    capture) and replayed after that. At most ``max_graphs`` graphs are kept; the least
+    recently used is dropped first (its name is returned so the caller frees it).
+    """
+
+    def __init__(self, max_graphs: int = 4) -> None:
+        if max_graphs < 1:
+            raise ValueError("max_graphs must be at least 1")
+        self.max_graphs = max_graphs
+        self._seen: set[tuple[int, ...]] = set()
+        self._graphs: OrderedDict[tuple[int, ...], None] = OrderedDict()
+
+    def decide(
+        self, shape: tuple[int, ...]
+    ) -> tuple[Literal["eager", "capture", "replay"], tuple[int, ...] | None]:
+        """The action for ``shape`` and the shape whose graph to drop (or None)."""
+        if shape in self._graphs:
+            self._graphs.move_to_end(shape)
+            return "replay", None
+        if shape not in self._seen:
+            self._seen.add(shape)
+            return "eager", None
+        evict = None
+        if len(self._graphs) >= self.max_graphs:
+            evict, _ = self._graphs.popitem(last=False)
+        self._graphs[shape] = None
+        return "capture", evict
+
+    def forget(self, shape: tuple[int, ...]) -> None:
+        """Drop ``shape`` (e.g. after a failed capture); it runs eagerly from now on."""
+        self._graphs.pop(shape, None)
+
+    def clear(self) -> None:
+        self._seen.clear()
+        self._graphs.clear()
+
+
+@dataclass
+class _Graph:
+    graph: Any  # torch.cuda.CUDAGraph
+    static_in: torch.Tensor
+    static_out: torch.Tensor
+    host_in: torch.Tensor  # pinned
+    host_out: torch.Tensor  # pinned
+
+
+# --------------------------------------------------------------------------- backend
+
+
+class TorchBackend:
+    """Runs the card's ONNX U-Net as a torch module: CUDA, fp16, channels-last, CUDA graphs.
+
+    ``device="cpu"`` runs in fp32 (``fp16`` only applies on CUDA): that is how the weight
+    conversion is tested on machines without a GPU.
+    """
+
+    name = "torch"
+
+    def __init__(
+        self,
+        threads: int = 2,
+        *,
+        device: str = "cuda",
+        fp16: bool = True,
+        channels_last: bool = True,
+        cuda_graphs: bool = True,
+        max_graphs: int = 4,
+        verify: bool = True,
+    ) -> None:
+        self._torch = import_torch()
+        torch = self._torch
+        self._dev = torch.device(device)
+        if self._dev.type == "cuda" and not torch.cuda.is_available():
+            build = (f"CUDA {torch.version.cuda}" if torch.version.cuda
+                     else "a CPU-only build")
+            raise BackendUnavailable(
+                f"the torch backend needs a CUDA GPU, but torch {torch.__version__} ({build}) "
+                "sees none; install a CUDA build of torch on a machine with an NVIDIA GPU, "
+                "or set model.backend: auto"
+            )
+        if self._dev.type not in ("cuda", "cpu"):
+            raise BackendUnavailable(f"torch backend device {device!r}: use 'cuda' or 'cpu'")
+        self.threads = threads
+        self.device = self._dev.type
+        self.device_name = "cpu"
+        self.fp16 = fp16 and self._dev.type == "cuda"
+        self.channels_last = channels_last
+        self.cuda_graphs = cuda_graphs and self._dev.type == "cuda"
+        self.verify = verify
+        self.max_difference: float | None = None
+        self._policy = GraphPolicy(max_graphs)
+        self._graphs: dict[tuple[int, ...], _Graph] = {}
+        self._module: nn.Module | None = None
+
+    @property
+    def _memory_format(self) -> torch.memory_format:
+        t = self._torch
+        return t.channels_last if self.channels_last else t.contiguous_format
+
+    def load(self, card: ModelCard) -> None:
+        """Convert the card's ONNX weights, verify them against ONNX Runtime, move to device."""
+        torch = self._torch
+        module = unet_from_onnx(card.onnx_path, card)
+        if self.verify:
+            self.max_difference = verify_against_onnxruntime(module, card.onnx_path)
+        dtype = torch.float16 if self.fp16 else torch.float32
+        module = module.to(device=self._dev, dtype=dtype)
+        if self.channels_last:
+            module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        if self._dev.type == "cpu" and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)  # process-wide, like the CPU backend's threads
+        if self._dev.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            index = self._dev.index if self._dev.index is not None else torch.cuda.current_device()
+            self.device_name = torch.cuda.get_device_name(index)
+        self._module = module
+        self._policy.clear()
+        self._graphs.clear()
+        log.info(
+            "torch: %s on %s (%s)%s%s%s",
+            card.name,
+            self._dev,
+            self.device_name,
+            ", fp16" if self.fp16 else ", fp32",
+            ", channels-last" if self.channels_last else "",
+            ", CUDA graphs" if self.cuda_graphs else "",
+        )
+
+    def warmup(self, shape: tuple[int, int]) -> None:
+        """Run twice on zeros: the second run captures the CUDA graph for this shape."""
+        x = np.zeros((1, 1, *shape), dtype=np.float32)
+        self.run(x)
+        if self.cuda_graphs:
+            self.run(x)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """(N, 1, H, W) float32 → (N, C, H, W) float32 probabilities."""
+        if self._module is None:
+            raise ModelError("backend used before load(); call load(card) first")
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        if x.ndim != 4 or x.shape[1] != 1:
+            raise ValueError(f"expected a (N, 1, H, W) batch, got shape {x.shape}")
+        if self._dev.type != "cuda":
+            return self._eager(x)
+        # Executor threads start on device 0: make ours current for copies and replays.
+        with self._torch.cuda.device(self._dev):
+            return self._run_cuda(x) if self.cuda_graphs else self._eager(x)
+
+    def _run_cuda(self, x: np.ndarray) -> np.ndarray:
+        shape = tuple(int(s) for s in x.shape)
+        action, evict = self._policy.decide(shape)
+        if evict is not None:
+            self._graphs.pop(evict, None)
+        if action == "eager":
+            return self._eager(x)
+        if action == "capture":
+            try:
+                self._graphs[shape] = self._capture(shape)
+            except RuntimeError as exc:  # capture can fail (memory, unsupported op)
+                log.warning("torch: CUDA graph capture for %s failed (%s); running eagerly",
+                            shape, exc)
+                self._policy.forget(shape)
+                return self._eager(x)
+        return self._replay(self._graphs[shape], x)
+
+    def _eager(self, x: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        assert self._module is not None
+        dtype = torch.float16 if self.fp16 else torch.float32
+        if not x.flags.writeable:
+            x = x.copy()  # torch.from_numpy wants a writable array
+        with torch.inference_mode():
+            t = torch.from_numpy(x).to(self._dev, non_blocking=False)
+            t = t.to(dtype).contiguous(memory_format=self._memory_format)
+            out = self._module(t).float().contiguous()
+            result: np.ndarray = out.cpu().numpy()
+        return result
+
+    def _capture(self, shape: tuple[int, ...]) -> _Graph:
+        torch = self._torch
+        assert self._module is not None
+        dtype = torch.float16 if self.fp16 else torch.float32
+        with torch.no_grad():
+            static_in = torch.zeros(shape, device=self._dev, dtype=dtype).contiguous(
+                memory_format=self._memory_format
+            )
+            # Warm up on a side stream first (cuDNN autotuning, lazy initialisation), as the
+            # CUDA graphs documentation asks, then capture.
+            side = torch.cuda.Stream(device=self._dev)
+            side.wait_stream(torch.cuda.current_stream(self._dev))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self._module(static_in)
+            torch.cuda.current_stream(self._dev).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self._module(static_in).float().contiguous()
+        host_in = torch.empty(shape, dtype=torch.float32, pin_memory=True)
+        host_out = torch.empty(tuple(static_out.shape), dtype=torch.float32, pin_memory=True)
+        log.debug("torch: captured a CUDA graph for %s", shape)
+        return _Graph(graph, static_in, static_out, host_in, host_out)
+
+    def _replay(self, g: _Graph, x: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.no_grad():
+            g.host_in.numpy()[...] = x
+            g.static_in.copy_(g.host_in, non_blocking=True)
+            g.graph.replay()
+            g.host_out.copy_(g.static_out, non_blocking=True)
+            torch.cuda.current_stream(self._dev).synchronize()
+        # A copy: the pinned buffer is overwritten by the next replay.
+        return np.array(g.host_out.numpy(), copy=True)
+
+    def close(self) -> None:
+        """Drop the module, the graphs and their memory."""
+        self._graphs.clear()
+        self._policy.clear()
+        self._module = None
+        if self._dev.type == "cuda":
+            self._torch.cuda.empty_cache()

@@ -1,0 +1,147 @@
+"""`livemask bench`: the JSON record, the replayed camera, skip accounting (no timings asserted)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from livemask import bench
+from livemask.acquisition.core import close_core, open_core
+from livemask.acquisition.simulated.world import configure_world
+from livemask.cli import app
+from livemask.errors import ConfigError
+from livemask.inference.segmenter import Segmenter
+from tests.conftest import ROOT
+
+STAGES = {"infer", "analyse", "publish", "end_to_end"}
+PCTS = {"p50", "p95", "p99"}
+
+
+def _check_latency(latency: dict[str, dict[str, float | None]]) -> None:
+    assert set(latency) == STAGES
+    for values in latency.values():
+        assert set(values) == PCTS
+        p50, p95, p99 = values["p50"], values["p95"], values["p99"]
+        assert p50 is not None and p95 is not None and p99 is not None
+        assert 0 <= p50 <= p95 <= p99
+
+
+def test_settings_are_validated() -> None:
+    with pytest.raises(ConfigError, match="frames"):
+        bench.BenchSettings(frames=1)
+    with pytest.raises(ConfigError, match="not both"):
+        bench.BenchSettings(interval_s=0.1, camera_fps=10)
+    with pytest.raises(ConfigError, match="camera-fps"):
+        bench.BenchSettings(camera_fps=0)
+    with pytest.raises(ConfigError, match="--hardware"):
+        bench.BenchSettings(hardware_cfg=Path("nowhere.cfg")).config_file()
+    s = bench.BenchSettings(camera_fps=20)
+    assert s.event_interval_s == pytest.approx(0.05)
+    assert s.config_file() == (ROOT / "hardware" / "simulated.cfg").resolve()
+
+
+def test_statistics_helpers() -> None:
+    assert bench.percentiles([]) == {"p50": None, "p95": None, "p99": None}
+    p = bench.percentiles(list(range(101)))
+    assert p == {"p50": 50.0, "p95": 95.0, "p99": 99.0}
+    stamps = [{"acquired": 1.0, "inferred": 1.01, "analysed": 1.015, "published": 1.02}] * 3
+    lat = bench.span_latencies(stamps)
+    _check_latency(lat)
+    assert lat["end_to_end"]["p50"] == pytest.approx(20.0)
+    mem = bench.memory_mb()
+    assert 0 < mem["rss"] <= mem["peak"]
+    info = bench.machine_info()
+    assert info["cpu_count"] >= 1 and info["platform"]
+
+
+def test_replayed_frames_come_through_the_simulated_core() -> None:
+    settings = bench.BenchSettings(size=64, frames=3, exposure_ms=1.0)
+    frames = bench.prerender(settings)
+    assert len(frames) == 3 and frames[0].image.shape == (64, 64)
+    world = configure_world("nuclei", sensor_shape=(64, 64))
+    replay = bench.install_replay(world, frames, exposure_ms=1.0)
+    assert world.realtime
+    core = open_core(settings.config_file())
+    try:
+        snaps = []
+        for _ in range(4):
+            core.snapImage()
+            snaps.append(core.getImage())
+    finally:
+        close_core(core)
+    for got, want in zip(snaps, [frames[0], frames[1], frames[2], frames[0]], strict=True):
+        np.testing.assert_array_equal(got, want.image)
+    assert replay.rendered == 4
+
+
+@pytest.mark.timeout(180)
+def test_bench_command_writes_the_json_record(tmp_path: Path) -> None:
+    out = tmp_path / "results" / "bench.json"
+    result = CliRunner().invoke(
+        app, ["bench", "--size", "128", "--frames", "8", "--exposure-ms", "2", "--json", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "pipeline_fps" in result.output and "naive_fps" in result.output
+    r = json.loads(out.read_text())
+    for key in ("backend", "device", "frame_shape", "frames", "inference_fps", "pipeline_fps",
+                "naive_fps", "latency_ms", "machine", "model", "frames_skipped", "rss_mb",
+                "timestamp"):
+        assert key in r, key
+    assert r["model"] == "nuclei" and r["backend"] == "onnxruntime" and r["device"] == "cpu"
+    assert r["frame_shape"] == [128, 128] and r["frames"] == 8
+    assert r["inference_fps"] > 0 and r["naive_fps"] > 0 and r["pipeline_fps"] > 0
+    assert r["rss_mb"] > 0 and r["machine"]["cpu_count"] >= 1
+    _check_latency(r["latency_ms"])
+    _check_latency(r["naive"]["latency_ms"])
+    p = r["pipeline"]
+    assert p["frames_acquired"] == 8 and p["frames_failed"] == 0
+    assert p["frames_analysed"] + p["frames_skipped"] == 8 == p["frames_published"]
+    assert r["frames_skipped"] == p["frames_skipped"]
+    assert p["measurements_received"] == p["frames_analysed"]
+    assert p["subscriber_received"]["frame"] == 8
+    assert r["naive"]["measurements_received"] == 8
+    assert r["inference"]["frames"] == 8
+
+
+def test_bench_command_reports_bad_flags() -> None:
+    result = CliRunner().invoke(app, ["bench", "--frames", "1"])
+    assert result.exit_code == 2
+    result = CliRunner().invoke(app, ["bench", "--model", "no-such-model", "--frames", "4"])
+    assert result.exit_code == 2 and "unknown model" in result.output
+
+
+@pytest.mark.timeout(120)
+def test_paced_camera_run_analyses_every_frame_it_can() -> None:
+    settings = bench.BenchSettings(size=96, frames=6, camera_fps=25, exposure_ms=1.0)
+    r = bench.run_pipeline(settings, bench.prerender(settings))
+    assert r["interval_s"] == pytest.approx(0.04)
+    assert r["frames_acquired"] == 6
+    assert r["frames_analysed"] + r["frames_skipped"] == 6
+    assert r["measurements_received"] == r["frames_analysed"] > 0
+    _check_latency(r["latency_ms"])
+    assert r["fps"] > 0 and r["memory_mb"]["rss"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_free_run_camera_outruns_slow_analysis_and_frames_skip(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real_predict = Segmenter.predict
+
+    def slow_predict(self: Segmenter, image: np.ndarray) -> np.ndarray:
+        time.sleep(0.1)
+        return real_predict(self, image)
+
+    monkeypatch.setattr(Segmenter, "predict", slow_predict)
+    settings = bench.BenchSettings(size=64, frames=12, exposure_ms=1.0)
+    r = bench.run_pipeline(settings, bench.prerender(settings))
+    assert r["frames_acquired"] == 12
+    assert r["frames_skipped"] > 0
+    assert r["frames_analysed"] + r["frames_skipped"] == 12
+    assert r["measurements_received"] == r["frames_analysed"]
+    assert r["fps"] > 0

@@ -1,0 +1,485 @@
+"""Feedback rules without a service: evaluation, persistence, cooldown, actions, limits."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import types
+from typing import Any
+
+import pytest
+import useq
+
+from livemask.config import parse_config
+from livemask.errors import ConfigError
+from livemask.feedback import (
+    Burst,
+    Centre,
+    EventPlanner,
+    FeedbackConfig,
+    FrameContext,
+    MoveTo,
+    PlannedEvents,
+    Revisit,
+    RuleEngine,
+    SafetyGuard,
+    SetChannel,
+    SetMode,
+    SkipPosition,
+    Stop,
+    ZStack,
+    to_events,
+)
+from livemask.feedback.actions import METADATA_KEY, ActionError
+from livemask.feedback.spec import LimitsSpec
+
+SHAPE = (512, 512)
+_ids = itertools.count()
+
+
+def nucleus(
+    label: int, y: float, x: float, *, area: int = 250, intensity: float = 600.0
+) -> dict[str, Any]:
+    return {
+        "label": label,
+        "area_px": area,
+        "area_um2": area * 0.4225,
+        "centroid_yx": [y, x],
+        "bbox": [int(y) - 8, int(x) - 8, int(y) + 8, int(x) + 8],
+        "mean_intensity": intensity,
+        "integrated_intensity": intensity * area,
+        "equivalent_diameter_um": 11.6,
+        "eccentricity": 0.3,
+    }
+
+
+def field(n: int = 9) -> list[dict[str, Any]]:
+    """A 3x3 grid of ordinary nuclei."""
+    return [
+        nucleus(i + 1, 100.0 + 150 * (i // 3), 100.0 + 150 * (i % 3)) for i in range(n)
+    ]
+
+
+def ctx(
+    objects: list[dict[str, Any]],
+    *,
+    p: int | None = 0,
+    t: int = 0,
+    acquired: float = 1000.0,
+    xy: tuple[float, float] | None = (100.0, 200.0),
+    z: float | None = 0.0,
+    extra: dict[str, Any] | None = None,
+    index: dict[str, int] | None = None,
+) -> FrameContext:
+    idx = {"t": t} if index is None else dict(index)
+    if p is not None and index is None:
+        idx["p"] = p
+    message: dict[str, Any] = {
+        "frame_id": next(_ids),
+        "index": idx,
+        "position": {
+            "x_um": xy[0] if xy else None,
+            "y_um": xy[1] if xy else None,
+            "z_um": z,
+        },
+        "t": {"acquired": acquired},
+        "pixel_size_um": 0.65,
+        "summary": {"count": len(objects), "background_mean": 100.0},
+        "objects": objects,
+        **(extra or {}),
+    }
+    return FrameContext.from_measurements(message, SHAPE)
+
+
+def engine(rules: list[dict[str, Any]], limits: dict[str, Any] | None = None) -> RuleEngine:
+    cfg = FeedbackConfig.model_validate({"rules": rules, "limits": limits or {}})
+    return RuleEngine(cfg, planner=EventPlanner.for_pixel_size(0.65))
+
+
+MITOSIS = {
+    "name": "mitosis",
+    "when": {
+        "objects": {
+            "where": {"mean_intensity_change": {"gt": 1.4}, "area_change": {"lt": 0.85}}
+        }
+    },
+    "target": {"max": "mean_intensity_change"},
+    "action": {"burst": {"frames": 4, "interval_s": 0.5, "centre": True}},
+}
+
+
+# ------------------------------------------------------------------ conditions
+def test_change_features_pair_objects_across_frames_at_one_position() -> None:
+    eng = engine([MITOSIS])
+    assert eng.evaluate(ctx(field(), t=0)) == []  # nothing to compare with yet
+    objs = field()
+    # nucleus 5 condenses and brightens (as in the simulator's mitosis), others drift
+    objs[4] = nucleus(5, 252.0, 249.0, area=140, intensity=100 + 500 * 1.8)
+    for o in objs:
+        o["centroid_yx"][1] += 1.0
+    decisions = eng.evaluate(ctx(objs, t=1, acquired=1004.0))
+    assert len(decisions) == 1
+    d = decisions[0]
+    assert d.accepted and d.rule == "mitosis"
+    assert isinstance(d.action, Burst) and d.action.centre_yx == (252.0, 250.0)
+    assert d.target is not None and d.target["label"] == 5
+    assert d.target["mean_intensity_change"] == pytest.approx(1.8)
+    # an unchanged frame at another position does not compare against position 0
+    assert eng.evaluate(ctx(objs, p=1, t=1)) == []
+
+
+def test_relative_features_and_summary_values() -> None:
+    rule = {
+        "name": "bright-small",
+        "when": {
+            "objects": {"where": {"mean_intensity_rel": {"gt": 1.5}, "area_rel": {"lt": 0.7}}},
+            "values": [{"path": "summary.count", "ge": 5}],
+        },
+        "action": {"centre": {}},
+    }
+    eng = engine([rule])
+    objs = field()
+    assert eng.evaluate(ctx(objs)) == []
+    objs[0] = nucleus(1, 60.0, 70.0, area=120, intensity=100 + 500 * 1.8)
+    (d,) = eng.evaluate(ctx(objs))
+    assert isinstance(d.action, Centre) and d.action.centre_yx == (60.0, 70.0)
+    # the summary test fails with few objects
+    assert eng.evaluate(ctx(objs[:3])) == []
+
+
+@pytest.mark.parametrize(
+    ("match", "n_bright", "fires"),
+    [("any", 1, True), ("any", 0, False), ("all", 9, True), ("all", 8, False),
+     ({"ge": 3}, 3, True), ({"ge": 3}, 2, False)],
+)
+def test_object_match_modes(match: Any, n_bright: int, fires: bool) -> None:
+    rule = {
+        "name": "r",
+        "when": {"objects": {"where": {"mean_intensity": {"gt": 1000}}, "match": match}},
+        "action": {"mode": "synchronized"},
+    }
+    objs = field()
+    for o in objs[:n_bright]:
+        o["mean_intensity"] = 2000.0
+    assert bool(engine([rule]).evaluate(ctx(objs))) is fires
+
+
+def test_value_reductions_on_an_interval() -> None:
+    rule = {
+        "name": "ci-narrow",
+        "applies_to": "all",
+        "scope": "global",
+        "when": {
+            "values": [
+                {
+                    "path": "grains.cumulative.mean_equivalent_diameter_ci95_um",
+                    "reduce": "width",
+                    "lt": 1.0,
+                }
+            ]
+        },
+        "action": {"stop": True},
+    }
+    eng = engine([rule])
+
+    def grains(ci: list[float] | None) -> dict[str, Any]:
+        return {"grains": {"cumulative": {"mean_equivalent_diameter_ci95_um": ci}}}
+
+    assert eng.evaluate(ctx([], extra=grains(None))) == []
+    assert eng.evaluate(ctx([], extra=grains([10.0, 11.5]))) == []
+    (d,) = eng.evaluate(ctx([], extra=grains([10.0, 10.8])))
+    assert isinstance(d.action, Stop) and d.accepted and d.events == []
+
+
+def test_missing_values_never_match() -> None:
+    rule = {"name": "r", "when": {"values": [{"path": "summary.nope", "lt": 5}]},
+            "action": {"stop": True}}
+    assert engine([rule]).evaluate(ctx(field())) == []
+
+
+# ------------------------------------------------------------------ persistence, cooldown
+def _count_rule(**kw: Any) -> dict[str, Any]:
+    return {
+        "name": "crowded",
+        "when": {"values": [{"path": "summary.count", "ge": 5}]},
+        "action": {"channel": {"exposure_ms": 50}},
+        **kw,
+    }
+
+
+def test_persistence_needs_consecutive_frames_per_position() -> None:
+    eng = engine([_count_rule(persist_frames=3)])
+    many, few = field(), field(2)
+    assert eng.evaluate(ctx(many, p=0)) == []
+    assert eng.evaluate(ctx(many, p=1)) == []  # other positions count separately
+    assert eng.evaluate(ctx(many, p=0)) == []
+    assert eng.evaluate(ctx(few, p=0)) == []  # breaks the streak
+    assert eng.evaluate(ctx(many, p=0)) == []
+    assert eng.evaluate(ctx(many, p=0)) == []
+    assert len(eng.evaluate(ctx(many, p=0))) == 1
+    assert eng.evaluate(ctx(many, p=0)) == []  # the streak starts again after firing
+
+
+def test_global_scope_counts_across_positions() -> None:
+    eng = engine([_count_rule(persist_frames=2, scope="global")])
+    assert eng.evaluate(ctx(field(), p=0)) == []
+    assert len(eng.evaluate(ctx(field(), p=1))) == 1
+
+
+def test_cooldown_in_seconds_and_frames() -> None:
+    eng = engine([_count_rule(cooldown_s=10.0)])
+    assert len(eng.evaluate(ctx(field(), acquired=100.0))) == 1
+    assert eng.evaluate(ctx(field(), acquired=105.0)) == []
+    assert len(eng.evaluate(ctx(field(), p=1, acquired=105.0))) == 1  # per position
+    assert len(eng.evaluate(ctx(field(), acquired=110.5))) == 1
+    eng = engine([_count_rule(cooldown_frames=2)])
+    fired = [bool(eng.evaluate(ctx(field()))) for _ in range(7)]
+    assert fired == [True, False, False, True, False, False, True]
+
+
+def test_max_fires_and_on_filter() -> None:
+    eng = engine([_count_rule(max_fires=2)])
+    assert sum(bool(eng.evaluate(ctx(field()))) for _ in range(5)) == 2
+    eng = engine([_count_rule()])
+    feedback_frame = ctx(field(), index={"t": 0, "p": 0, "fb": 3})
+    assert eng.evaluate(feedback_frame) == []  # applies_to: overview ignores feedback frames
+    eng = engine([_count_rule(applies_to="feedback")])
+    assert eng.evaluate(ctx(field())) == []
+    assert len(eng.evaluate(feedback_frame)) == 1
+
+
+def test_disabled_rule_and_failing_rule_do_not_stop_others() -> None:
+    eng = engine([_count_rule(name="a"), _count_rule(name="b")])
+    eng.slot("a").enabled = False
+
+    class Broken:
+        name = "broken"
+
+        def evaluate(self, ctx: FrameContext) -> list[Any]:
+            raise RuntimeError("bug in a user rule")
+
+    eng.add_rule(Broken())
+    decisions = eng.evaluate(ctx(field()))
+    assert [d.rule for d in decisions] == ["b"]
+    assert eng.slot("broken").errors == 1
+
+
+# ------------------------------------------------------------------ user rules
+def test_user_rule_from_module_callable(monkeypatch: pytest.MonkeyPatch) -> None:
+    mod = types.ModuleType("my_lab_rules")
+
+    class FewNuclei:
+        def __init__(self, below: int) -> None:
+            self.below = below
+            self.name = "few"
+            self.seen = 0
+
+        def evaluate(self, ctx: FrameContext) -> list[Any]:
+            self.seen += 1
+            return [SkipPosition(visits=2)] if ctx.summary["count"] < self.below else []
+
+    mod.FewNuclei = FewNuclei  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "my_lab_rules", mod)
+    eng = engine([{"name": "few", "use": "my_lab_rules:FewNuclei", "params": {"below": 3}}])
+    assert eng.evaluate(ctx(field())) == []
+    (d,) = eng.evaluate(ctx(field(2)))
+    assert isinstance(d.action, SkipPosition) and d.accepted
+
+
+@pytest.mark.parametrize(
+    ("use", "params", "needle"),
+    [
+        ("no_such_module_xyz:Rule", {}, "cannot import"),
+        ("livemask.feedback:NoSuchRule", {}, "no attribute"),
+        ("livemask.feedback:FEATURES", {}, "not callable"),
+        ("livemask.feedback:Burst", {"bogus": 1}, "params"),
+        ("livemask.feedback:Burst", {}, "evaluate"),
+    ],
+)
+def test_bad_user_rules_are_config_errors(use: str, params: dict[str, Any], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        engine([{"name": "u", "use": use, "params": params}])
+
+
+def test_bad_declarative_rules_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="unknown object feature"):
+        engine([{"name": "r", "when": {"objects": {"where": {"brightness": {"gt": 1}}}},
+                 "action": {"stop": True}}])
+    with pytest.raises(ConfigError, match="need an object condition"):
+        engine([{"name": "r", "when": {"values": [{"path": "summary.count", "gt": 1}]},
+                 "action": {"burst": {"centre": True}}}])
+    for bad in (
+        {"name": "r", "action": {"stop": True}},  # neither when nor use
+        {"name": "r", "when": {"values": [{"path": "a", "gt": 1}]}},  # no action
+        {"name": "r", "when": {"values": [{"path": "a", "gt": 1}]},
+         "action": {"stop": True, "mode": "free-run"}},  # two actions in one
+        {"name": "r", "when": {"values": [{"path": "a"}]}, "action": {"stop": True}},
+    ):
+        with pytest.raises(ConfigError):
+            parse_config({"feedback": {"rules": [bad]}})
+    with pytest.raises(ConfigError, match="unique"):
+        parse_config({"feedback": {"rules": [_count_rule(), _count_rule()]}})
+
+
+# ------------------------------------------------------------------ actions -> events
+def test_centring_converts_pixels_to_stage() -> None:
+    planner = EventPlanner.for_pixel_size(0.5)
+    c = ctx([], xy=(100.0, 200.0))
+    (ev,) = to_events(Centre(centre_yx=(255.5, 355.5)), c, planner, action_id=7, rule="r")
+    assert (ev.x_pos, ev.y_pos) == (pytest.approx(150.0), pytest.approx(200.0))
+    assert ev.index["fb"] == 7 and ev.index["p"] == 0 and ev.index["t"] == 0
+    assert ev.metadata[METADATA_KEY] == {"action_id": 7, "rule": "r", "frame": 0}
+    # a rotated/flipped camera: image rows run along -x
+    rotated = EventPlanner(pixel_to_stage=((0.0, -0.5), (0.5, 0.0)))
+    (ev,) = to_events(Centre(centre_yx=(265.5, 255.5)), c, rotated)
+    assert (ev.x_pos, ev.y_pos) == (pytest.approx(95.0), pytest.approx(200.0))
+
+
+def test_burst_events_are_spaced_on_the_runner_clock() -> None:
+    planner = EventPlanner.for_pixel_size(1.0, runner_clock=lambda: 42.0)
+    events = to_events(
+        Burst(frames=3, interval_s=0.5, exposure_ms=20.0, channel="GFP"), ctx([]), planner
+    )
+    assert [e.min_start_time for e in events] == [None, 42.5, 43.0]
+    assert all(e.exposure == 20.0 and e.channel and e.channel.config == "GFP" for e in events)
+    assert all((e.x_pos, e.y_pos, e.z_pos) == (100.0, 200.0, 0.0) for e in events)
+
+
+def test_zstack_channel_move_and_revisit_events() -> None:
+    planner = EventPlanner.for_pixel_size(1.0)
+    c = ctx([], z=5.0)
+    zs = to_events(ZStack(range_um=4.0, step_um=1.0), c, planner)
+    assert [e.z_pos for e in zs] == [3.0, 4.0, 5.0, 6.0, 7.0]
+    assert [e.index["z"] for e in zs] == [0, 1, 2, 3, 4]
+    ch = to_events(SetChannel(channel="GFP", exposure_ms=30.0, frames=2), c, planner)
+    assert len(ch) == 2 and ch[0].exposure == 30.0
+    (mv,) = to_events(MoveTo(dx_um=10.0, dy_um=-5.0), c, planner)
+    assert (mv.x_pos, mv.y_pos) == (110.0, 195.0)
+    with pytest.raises(ActionError, match="revisit position 3"):
+        to_events(Revisit(position=3), c, planner)
+    planner.positions[3] = (1.0, 2.0, 3.0)
+    (rv,) = to_events(Revisit(position=3), c, planner)
+    assert (rv.x_pos, rv.y_pos, rv.z_pos, rv.index["p"]) == (1.0, 2.0, 3.0, 3)
+    for action in (SkipPosition(), SetMode("free-run"), Stop()):
+        assert to_events(action, c, planner) == []
+    with pytest.raises(ActionError, match="no stage position"):
+        to_events(Centre(centre_yx=(1.0, 1.0)), ctx([], xy=None), planner)
+    with pytest.raises(ActionError, match="no Z position"):
+        to_events(ZStack(range_um=2, step_um=1), ctx([], z=None), planner)
+
+
+# ------------------------------------------------------------------ safety limits
+def _refusal(rules: list[dict[str, Any]], limits: dict[str, Any], c: FrameContext) -> Any:
+    (d,) = engine(rules, limits).evaluate(c)
+    assert not d.accepted
+    return d
+
+
+def test_stage_range_refusal() -> None:
+    rule = {"name": "go", "when": {"values": [{"path": "summary.count", "ge": 0}]},
+            "action": {"move": {"x_um": 5000.0, "y_um": 0.0}}}
+    d = _refusal([rule], {"stage_x_range_um": [-1000, 1000]}, ctx([]))
+    assert d.violation.limit == "stage_x_range_um"
+    assert "feedback.limits.stage_x_range_um" in d.violation.message
+    described = d.describe()
+    assert described["limit"] == "stage_x_range_um" and described["events"][0]["x_pos"] == 5000
+
+
+def test_z_limits_refusal() -> None:
+    rule = {"name": "z", "when": {"values": [{"path": "summary.count", "ge": 0}]},
+            "action": {"zstack": {"range_um": 30, "step_um": 1}}}
+    assert _refusal([rule], {"max_z_range_um": 20}, ctx([])).violation.limit == "max_z_range_um"
+    d = _refusal([rule], {"max_z_range_um": 50, "z_range_um": [-10, 10]}, ctx([]))
+    assert d.violation.limit == "z_range_um"
+
+
+def test_frames_per_minute_refusal_and_recovery() -> None:
+    now = [0.0]
+    cfg = FeedbackConfig.model_validate(
+        {"rules": [{"name": "b", "when": {"values": [{"path": "summary.count", "ge": 0}]},
+                    "action": {"channel": {"frames": 4}}}],
+         "limits": {"max_added_frames_per_minute": 10}}
+    )
+    guard = SafetyGuard(cfg.limits, clock=lambda: now[0])
+    eng = RuleEngine(cfg, guard=guard)
+    results = [eng.evaluate(ctx([]))[0].accepted for _ in range(3)]
+    assert results == [True, True, False]  # 4 + 4 + 4 > 10
+    assert guard.added_last_minute() == 8
+    now[0] = 61.0
+    assert eng.evaluate(ctx([]))[0].accepted
+
+
+def test_light_dose_budget_counts_planned_and_added_light() -> None:
+    limits = LimitsSpec(light_dose_budget_ms=100.0)
+    guard = SafetyGuard(limits)
+    planned = useq.MDASequence(
+        stage_positions=[(0, 0, 0), (500, 0, 0)],
+        time_plan={"interval": 0, "loops": 3},
+        channels=[{"config": "DAPI", "exposure": 20.0}],
+    )
+    wrapped = PlannedEvents(planned, guard=guard)
+    assert len(list(wrapped)) == 6
+    assert guard.dose_snapshot() == {"p0": 60.0, "p1": 60.0}
+    burst = [useq.MDAEvent(exposure=20.0)] * 2
+    assert guard.check(burst, "p0") is None
+    guard.commit(burst, "p0")
+    v = guard.check([useq.MDAEvent()], "p0")  # exposure unknown: the last planned one (20)
+    assert v is not None and v.limit == "light_dose_budget_ms" and "p0" in v.message
+    assert guard.check([useq.MDAEvent()], "p1") is None
+
+
+def test_refusal_for_action_that_cannot_be_converted() -> None:
+    rule = {"name": "c", "when": {"objects": {"where": {"area_px": {"gt": 0}}}},
+            "action": {"centre": {}}}
+    d = _refusal([rule], {}, ctx(field(), xy=None))
+    assert d.violation.limit == "no_stage_position"
+
+
+def test_user_rule_returning_garbage_is_refused() -> None:
+    class Odd:
+        name = "odd"
+
+        def evaluate(self, ctx: FrameContext) -> list[Any]:
+            return ["move the stage please"]
+
+    eng = engine([])
+    eng.add_rule(Odd())
+    (d,) = eng.evaluate(ctx([]))
+    assert not d.accepted and d.violation.limit == "unknown_action"
+
+
+# ------------------------------------------------------------------ planned events
+def test_skip_position_drops_its_visits() -> None:
+    seq = useq.MDASequence(
+        stage_positions=[(0, 0, 0), (500, 0, 0), (1000, 0, 0)],
+        time_plan={"interval": 0, "loops": 4},
+        channels=[{"config": "DAPI"}, {"config": "GFP"}],
+    )
+    planner = EventPlanner()
+    wrapped = PlannedEvents(seq, planner=planner)
+    first = [next(wrapped) for _ in range(6)]  # t=0: 3 positions x 2 channels
+    assert {e.index["p"] for e in first} == {0, 1, 2}
+    wrapped.skip(1, visits=2)
+    wrapped.skip(2, visits=None)
+    rest = list(wrapped)
+    visits = sorted({(e.index["t"], e.index["p"]) for e in rest})
+    assert visits == [(1, 0), (2, 0), (3, 0), (3, 1)]
+    assert wrapped.skipped == 2 * 2 + 3 * 2
+    assert planner.positions[1] == (500.0, 0.0, 0.0)
+
+
+def test_max_targets_acts_on_the_best_objects_first() -> None:
+    rule = {
+        "name": "bright",
+        "when": {"objects": {"where": {"mean_intensity_rel": {"gt": 1.5}}}},
+        "target": {"max": "mean_intensity_rel"},
+        "max_targets": 2,
+        "action": {"centre": {}},
+    }
+    objs = field()
+    for k, boost in ((0, 2.0), (4, 3.0), (8, 2.5)):
+        objs[k]["mean_intensity"] = 100 + 500 * boost
+    decisions = engine([rule]).evaluate(ctx(objs))
+    assert [d.target["label"] for d in decisions if d.target] == [5, 9]
+    assert [d.action.centre_yx for d in decisions] == [(250.0, 250.0), (400.0, 400.0)]
+    assert len({d.action_id for d in decisions}) == 2

@@ -1,0 +1,408 @@
+"""Feedback in the running service: rules fire, actions run, events and refusals published."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import itertools
+import threading
+import time
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import useq
+
+from livemask.client import ControlClient, Subscriber
+from livemask.config import load_config
+from livemask.errors import ControlError
+from livemask.feedback import FeedbackConfig, FeedbackController
+from livemask.protocol import Message
+from livemask.service.app import Service
+from tests.conftest import ROOT, make_config
+from tests.test_service import collect_run, control
+
+TWO_POSITIONS = {
+    "stage_positions": [{"x": -200.0, "y": 0.0, "z": 0.0}, {"x": 200.0, "y": 0.0, "z": 0.0}],
+    "time_plan": {"interval": 0.0, "loops": 4},
+    "channels": [{"config": "DAPI", "exposure": 10.0}],
+}
+# fires once, on the second overview frame at position 0: centre the object nearest the
+# field centre and take a 3-frame burst there
+BURST_RULE = {
+    "name": "burst-once",
+    "when": {"objects": {"where": {"area_px": {"gt": 40}}}},
+    "persist_frames": 2,
+    "max_fires": 1,
+    "action": {"burst": {"frames": 3, "interval_s": 0.05, "centre": True}},
+}
+
+
+def feedback_config(rules: list[dict[str, Any]], **acq: Any) -> Any:
+    return make_config(
+        acquisition={"sequence": TWO_POSITIONS, **acq},
+        feedback={"rules": rules, "limits": {"stage_x_range_um": [-600, 600]}},
+    )
+
+
+def by_kind(got: dict[str, list[Message]], kind: str) -> list[dict[str, Any]]:
+    return [m.header for m in got["event"] if m.header["kind"] == kind]
+
+
+# ------------------------------------------------------------------ end to end
+async def test_rule_fires_and_burst_runs_before_next_overview_frame() -> None:
+    async with Service(feedback_config([BURST_RULE])) as svc:
+        got = await collect_run(svc, ("measurements", "event", "status"))
+        status = await control(svc, "status")
+    meas = sorted((m.header for m in got["measurements"]), key=lambda h: h["frame_id"])
+    (action,) = by_kind(got, "feedback_action")
+    assert action["rule"] == "burst-once" and action["action"]["kind"] == "burst"
+    assert len(action["events"]) == 3
+    trigger = next(h for h in meas if h["frame_id"] == action["frame_id"])
+    assert trigger["index"] == {"t": 1, "p": 0, "c": 0}
+    assert action["reaction_from"] == "eventStarted"
+    assert 0 < action["reaction_ms"] < 10_000
+    assert action["reaction_ms"] >= action["decision_ms"]
+
+    burst = [h for h in meas if h["index"].get("fb") == action["action_id"]]
+    assert len(burst) == 3 and len(meas) == 8 + 3
+    # the burst comes right after the trigger (synchronized), before the next overview
+    # frame at position 0 (and before anything else)
+    order = [h["frame_id"] for h in meas]
+    i = order.index(trigger["frame_id"])
+    assert [h["frame_id"] for h in burst] == order[i + 1 : i + 4]
+    next_p0 = [h for h in meas if "fb" not in h["index"] and h["index"]["p"] == 0
+               and h["frame_id"] > trigger["frame_id"]]
+    assert all(b["frame_id"] < next_p0[0]["frame_id"] for b in burst)
+    # the burst is centred on the target: its stage position is the trigger's plus the
+    # target's offset from the image centre, in µm
+    target = action["target"]
+    px = trigger["pixel_size_um"]
+    expect_x = trigger["position"]["x_um"] + (target["centroid_x"] - 255.5) * px
+    expect_y = trigger["position"]["y_um"] + (target["centroid_y"] - 255.5) * px
+    for b in burst:
+        assert b["position"]["x_um"] == pytest.approx(expect_x)
+        assert b["position"]["y_um"] == pytest.approx(expect_y)
+        assert b["index"]["p"] == 0
+    # the frames were taken at the given interval (runner min_start_time)
+    acquired = [b["t"]["acquired"] for b in burst]
+    assert all(b - a >= 0.04 for a, b in itertools.pairwise(acquired))
+    fb = status["feedback"]
+    assert fb["actions"] == 1 and fb["refused"] == 0 and fb["pending"] == 0
+    assert fb["reaction_ms"]["n"] == 1 and fb["reaction_ms"]["p95"] is not None
+    assert fb["rules"][0] == {"name": "burst-once", "kind": "declarative", "enabled": True,
+                              "fired": 1, "actions": 1, "refused": 0, "errors": 0}
+    assert fb["dose_ms"]["p0"] == pytest.approx(4 * 10.0 + 3 * 10.0)
+
+
+async def test_refused_action_is_published_and_not_run() -> None:
+    rule = {
+        "name": "too-far",
+        "when": {"values": [{"path": "summary.count", "ge": 0}]},
+        "max_fires": 1,
+        "action": {"move": {"dx_um": 5000.0, "dy_um": 0.0}},
+    }
+    async with Service(feedback_config([rule])) as svc:
+        got = await collect_run(svc, ("measurements", "event"))
+    (refused,) = by_kind(got, "feedback_refused")
+    assert refused["limit"] == "stage_x_range_um" and "feedback.limits" in refused["reason"]
+    assert refused["rule"] == "too-far" and refused["events"][0]["x_pos"] == pytest.approx(4800)
+    assert by_kind(got, "feedback_action") == []
+    assert len(got["measurements"]) == 8
+
+
+async def test_stop_and_skip_actions() -> None:
+    rules = [
+        {  # position 1 is empty of interest: skip its remaining visits
+            "name": "skip-p1",
+            "when": {"values": [{"path": "index.p", "eq": 1}]},
+            "max_fires": 1,
+            "action": {"skip": {}},
+        },
+        {  # enough frames seen: stop
+            "name": "enough",
+            "scope": "global",
+            "persist_frames": 4,
+            "when": {"values": [{"path": "summary.count", "ge": 1}]},
+            "action": {"stop": True},
+        },
+    ]
+    async with Service(feedback_config(rules)) as svc:
+        got = await collect_run(svc, ("measurements", "event"))
+    meas = [m.header for m in got["measurements"]]
+    # p0 t0, p1 t0 (skip fires), p0 t1, p0 t2 -> 4th frame: stop
+    assert [(h["index"]["t"], h["index"]["p"]) for h in meas] == [(0, 0), (0, 1), (1, 0), (2, 0)]
+    kinds = [a["action"]["kind"] for a in by_kind(got, "feedback_action")]
+    assert kinds == ["skip", "stop"]
+    assert all(a["reaction_from"] == "applied" for a in by_kind(got, "feedback_action"))
+
+
+async def test_rules_command_lists_replaces_and_toggles() -> None:
+    async with Service(feedback_config([BURST_RULE])) as svc:
+        rules = await control(svc, "rules")
+        assert [r["name"] for r in rules] == ["burst-once"]
+        rules = await control(svc, "rules", enabled={"burst-once": False})
+        assert rules[0]["enabled"] is False
+        with pytest.raises(ControlError) as info:
+            await control(svc, "rules", enabled={"nope": True})
+        assert info.value.code == "invalid_args" and "burst-once" in info.value.message
+        with pytest.raises(ControlError) as info:
+            await control(svc, "rules", rules=[{"name": "x", "when": {}}])
+        assert info.value.code == "invalid_args"
+        with pytest.raises(ControlError) as info:
+            await control(svc, "rules", rules=[{"name": "x", "use": "no_such_mod:R"}])
+        assert info.value.code == "invalid_args" and "cannot import" in info.value.message
+        new = dict(BURST_RULE, name="renamed")
+        rules = await control(svc, "rules", rules=[new])
+        assert [r["name"] for r in rules] == ["renamed"]
+
+
+# ------------------------------------------------------------------ external controller
+def _load_example(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_external_controller_enqueues_and_sees_its_events_run() -> None:
+    """The control-channel path: subscribe, decide outside, enqueue, see the frames."""
+    example = _load_example("mitosis_controller")
+    cfg = feedback_config([])
+    cfg.acquisition.sequence = dict(TWO_POSITIONS, time_plan={"interval": 0.0, "loops": 6})
+    async with Service(cfg) as svc:
+        pub, ctl_addr = svc.publisher.bound_address, svc.control.bound_address
+        seen: list[dict[str, Any]] = []
+        stop = threading.Event()
+        ready = threading.Event()
+
+        def external() -> None:
+            ctrl = example.MitosisController(burst_frames=2)
+            sent = False
+            with Subscriber(pub, topics=("measurements",)) as sub, ControlClient(ctl_addr) as c:
+                ready.set()
+                while not stop.is_set():
+                    msg = sub.recv(timeout_s=0.2)
+                    if msg is None:
+                        continue
+                    header = dict(msg.header)
+                    seen.append(header)
+                    ctrl.on_measurements(header, (512, 512))  # features, reaction bookkeeping
+                    if not sent and header["index"].get("p") == 0:
+                        # a burst centred on this frame's first object, as the controller
+                        # would send it for a mitosis
+                        obj = header["objects"][0]
+                        ctrl.sent += 1
+                        ctrl.pending[ctrl.sent] = header["t"]["acquired"]
+                        x = header["position"]["x_um"] + (obj["centroid_yx"][1] - 255.5) * 0.65
+                        events = [{"index": {"p": 0, "ext": ctrl.sent}, "x_pos": x,
+                                   "y_pos": header["position"]["y_um"]}] * 2
+                        assert c.enqueue(events) == {"enqueued": 2, "started": False}
+                        sent = True
+            svc_reactions.extend(ctrl.reactions_ms)
+
+        svc_reactions: list[float] = []
+        worker = threading.Thread(target=external, daemon=True)
+        worker.start()
+        await asyncio.to_thread(ready.wait, 5.0)
+        await asyncio.sleep(0.3)
+        await control(svc, "start")
+        deadline = time.monotonic() + 60
+        while svc.acquiring or svc.pipeline.in_flight:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.to_thread(worker.join, 5.0)
+    ext = [h for h in seen if "ext" in h["index"]]
+    assert len(ext) == 2, "the enqueued events never produced frames"
+    assert len(seen) == 12 + 2
+    assert len(svc_reactions) == 1 and svc_reactions[0] > 0
+
+
+def test_example_controller_detects_a_condensing_nucleus() -> None:
+    example = _load_example("mitosis_controller")
+    ctrl = example.MitosisController(burst_frames=3)
+
+    def header(frame_id: int, area: int, intensity: float) -> dict[str, Any]:
+        objs = [{"label": 1, "area_px": area, "centroid_yx": [300.0, 200.0],
+                 "mean_intensity": intensity},
+                {"label": 2, "area_px": 250, "centroid_yx": [50.0, 50.0], "mean_intensity": 600}]
+        return {"frame_id": frame_id, "index": {"t": frame_id, "p": 0},
+                "position": {"x_um": 10.0, "y_um": 20.0, "z_um": 0.0},
+                "t": {"acquired": float(frame_id)}, "pixel_size_um": 0.5,
+                "summary": {"count": 2, "background_mean": 100.0}, "objects": objs}
+
+    assert ctrl.on_measurements(header(0, 250, 600.0), (512, 512)) == []
+    events = ctrl.on_measurements(header(1, 140, 100 + 500 * 1.8), (512, 512))
+    assert len(events) == 3
+    assert events[0]["x_pos"] == pytest.approx(10.0 + (200 - 255.5) * 0.5)
+    assert events[0]["y_pos"] == pytest.approx(20.0 + (300 - 255.5) * 0.5)
+    assert events[0]["index"] == {"t": 1, "p": 0, "ext": 1}
+
+
+# ------------------------------------------------------------------ controller unit
+class _Frame(SimpleNamespace):
+    pass
+
+
+def _message(frame_id: int, index: dict[str, int], acquired: float) -> dict[str, Any]:
+    return {
+        "frame_id": frame_id, "index": index, "t": {"acquired": acquired},
+        "position": {"x_um": 0.0, "y_um": 0.0, "z_um": 0.0}, "pixel_size_um": 1.0,
+        "summary": {"count": 1, "background_mean": 100.0},
+        "objects": [{"label": 1, "area_px": 100, "centroid_yx": [10.0, 20.0],
+                     "mean_intensity": 500.0}],
+    }
+
+
+@pytest.fixture
+async def controller_parts() -> AsyncIterator[tuple[FeedbackController, list[Any], list[Any]]]:
+    injected: list[list[useq.MDAEvent]] = []
+    published: list[tuple[str, dict[str, Any]]] = []
+    cfg = FeedbackConfig.model_validate({"rules": [
+        {"name": "b", "when": {"objects": {"where": {"area_px": {"gt": 0}}}}, "max_fires": 1,
+         "action": {"burst": {"frames": 2}}}]})
+    ctl = FeedbackController(
+        cfg, pixel_size_um=1.0, inject=lambda ev: injected.append(ev) or len(ev),
+        publish=lambda kind, detail: published.append((kind, detail)),
+        loop=asyncio.get_running_loop(),
+    )
+    yield ctl, injected, published
+
+
+async def test_controller_reaction_from_first_frame_without_a_core(
+    controller_parts: tuple[FeedbackController, list[Any], list[Any]],
+) -> None:
+    ctl, injected, published = controller_parts
+    frame = _Frame(image=np.zeros((64, 64), np.uint16))
+    ctl.on_measurements(frame, _message(0, {"t": 0, "p": 0}, 100.0))
+    (events,) = injected
+    assert [e.index["fb"] for e in events] == [1, 1]
+    assert published == []  # published when the first event starts
+    ctl.on_measurements(frame, _message(1, dict(events[0].index), 100.25))
+    ((kind, detail),) = published
+    assert kind == "feedback_action" and detail["reaction_from"] == "frameReady"
+    assert detail["reaction_ms"] == pytest.approx(250.0)
+    assert ctl.report()["reaction_ms"]["n"] == 1
+
+
+async def test_controller_event_started_clock_and_unstarted_actions(
+    controller_parts: tuple[FeedbackController, list[Any], list[Any]],
+) -> None:
+    ctl, injected, published = controller_parts
+    frame = _Frame(image=np.zeros((64, 64), np.uint16))
+    ctl.on_measurements(frame, _message(0, {"t": 0}, time.time()))
+    (events,) = injected
+    await asyncio.to_thread(ctl.on_event_started, events[1])  # not the first: ignored
+    await asyncio.to_thread(ctl.on_event_started, useq.MDAEvent())  # not ours: ignored
+    await asyncio.sleep(0.01)
+    assert published == []
+    await asyncio.to_thread(ctl.on_event_started, events[0])  # runner thread
+    await asyncio.sleep(0.01)
+    ((kind, detail),) = published
+    assert detail["reaction_from"] == "eventStarted" and detail["reaction_ms"] >= 0
+    # an action whose events never start is reported when the acquisition ends
+    ctl.engine.slot("b").spec.max_fires = None
+    ctl.on_measurements(frame, _message(1, {"t": 1}, time.time()))
+    ctl.acquisition_finished()
+    kind, detail = published[-1]
+    assert kind == "feedback_action" and detail["started"] is False
+    assert detail["reaction_ms"] is None
+
+
+async def test_controller_refuses_when_injection_fails() -> None:
+    published: list[tuple[str, dict[str, Any]]] = []
+
+    def inject(events: list[useq.MDAEvent]) -> int:
+        raise RuntimeError("no acquisition is running")
+
+    cfg = FeedbackConfig.model_validate({"rules": [
+        {"name": "b", "when": {"values": [{"path": "summary.count", "ge": 0}]},
+         "action": {"channel": {"frames": 1}}}]})
+    ctl = FeedbackController(cfg, pixel_size_um=1.0, inject=inject,
+                             publish=lambda k, d: published.append((k, d)))
+    ctl.on_measurements(_Frame(image=np.zeros((8, 8))), _message(0, {"t": 0}, 1.0))
+    ((kind, detail),) = published
+    assert kind == "feedback_refused" and detail["limit"] == "not_acquiring"
+
+
+# ------------------------------------------------------------------ shipped configs
+@pytest.mark.parametrize("name", ["smart-mitosis.yaml", "smart-grains.yaml"])
+def test_shipped_feedback_configs_load_and_build(name: str) -> None:
+    cfg = load_config(ROOT / "configs" / name)
+    assert cfg.feedback.rules
+    ctl = FeedbackController(cfg.feedback, pixel_size_um=0.65, inject=len,
+                             publish=lambda k, d: None)
+    assert [s.name for s in ctl.engine.slots] == [r.name for r in cfg.feedback.rules]
+
+
+async def test_feedback_can_be_switched_off() -> None:
+    async with Service(make_config(feedback={"enabled": False, "rules": [BURST_RULE]})) as svc:
+        assert svc.feedback is None and svc.pipeline.on_measurements is None
+        assert (await control(svc, "status"))["feedback"] is None
+        with pytest.raises(ControlError) as info:
+            await control(svc, "rules")
+        assert info.value.code == "invalid_state"
+
+
+# ------------------------------------------------------------------ shipped demos, short
+def _shipped(name: str, **sequence: Any) -> Any:
+    cfg = load_config(ROOT / "configs" / name)
+    cfg.acquisition.autostart = False
+    cfg.publish.pub_address = cfg.publish.control_address = "tcp://127.0.0.1:*"
+    cfg.acquisition.sequence = {**cfg.acquisition.sequence, **sequence}
+    return cfg
+
+
+async def test_mitosis_demo_bursts_on_a_real_simulated_mitosis() -> None:
+    from livemask.acquisition.simulated.world import get_world
+
+    cfg = _shipped("smart-mitosis.yaml", time_plan={"interval": 0.0, "loops": 5})
+    async with Service(cfg) as svc:
+        got = await collect_run(svc, ("measurements", "event"))
+        world = get_world()
+    steps = world.sample.params.mitosis_steps  # type: ignore[union-attr]
+    log = world.sample.mitosis_log  # type: ignore[union-attr]
+    (wh, ww), (fh, fw), px = world.sample.params.world_shape_px, (512, 512), 0.65
+    actions = by_kind(got, "feedback_action")
+    assert actions, "the mitosis rule never fired"
+    meas = sorted((m.header for m in got["measurements"]), key=lambda h: h["frame_id"])
+    on_mitosis = 0
+    for a in actions:
+        step = a["frame_id"] + 1  # one sample step per frame, the first frame is step 1
+        # the target in world pixels (the simulated stage maps (0, 0) to the world centre)
+        ty = a["position"]["y_um"] / px + wh / 2 - fh / 2 + a["target"]["centroid_y"]
+        tx = a["position"]["x_um"] / px + ww / 2 - fw / 2 + a["target"]["centroid_x"]
+        on_mitosis += any(
+            r.start_step <= step < r.start_step + steps
+            and np.hypot((r.y - ty + wh / 2) % wh - wh / 2, (r.x - tx + ww / 2) % ww - ww / 2) < 5
+            for r in log
+        )
+        burst = [h["frame_id"] for h in meas if h["index"].get("fb") == a["action_id"]]
+        later = [h["frame_id"] for h in meas if "fb" not in h["index"]
+                 and h["index"]["p"] == a["index"]["p"] and h["frame_id"] > a["frame_id"]]
+        assert len(burst) == 4 and (not later or max(burst) < min(later))
+        assert a["reaction_from"] == "eventStarted"
+    assert on_mitosis >= 1 and on_mitosis >= len(actions) - 1
+
+
+async def test_grain_scan_stops_when_the_size_is_known_well_enough() -> None:
+    async with Service(_shipped("smart-grains.yaml")) as svc:
+        got = await collect_run(svc, ("measurements", "event"))
+    meas = sorted((m.header for m in got["measurements"]), key=lambda h: h["frame_id"])
+
+    def rel_width(h: dict[str, Any]) -> float:
+        ci = h["grains"]["cumulative"]["mean_equivalent_diameter_ci95_um"]
+        return (ci[1] - ci[0]) / ((ci[1] + ci[0]) / 2) if ci else float("inf")
+
+    (stop,) = by_kind(got, "feedback_action")
+    assert stop["action"] == {"kind": "stop"} and stop["rule"] == "enough-grains"
+    assert 2 <= len(meas) < 16  # stopped before the end of the 4x4 grid
+    assert stop["frame_id"] == meas[-1]["frame_id"]  # no tile after the stopping one
+    assert rel_width(meas[-1]) < 0.04 <= rel_width(meas[-2])
+    (finished,) = by_kind(got, "acquisition_finished")
+    assert finished["error"] is None

@@ -1,0 +1,187 @@
+"""Prometheus metrics: families from a status snapshot, and a live service's /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from livemask.config import ServiceConfig
+from livemask.errors import ConfigError
+from livemask.service.app import Service
+from livemask.service.metrics import MetricsServer, StatusCollector, metric_families
+from tests.conftest import make_config
+from tests.test_service import collect_run
+
+STATUS: dict[str, Any] = {
+    "state": "running",
+    "version": "0.1.0",
+    "uptime_s": 12.5,
+    "acquiring": True,
+    "mode": "free-run",
+    "model": "nuclei",
+    "backend": "onnxruntime",
+    "device": "cpu",
+    "acquisitions_finished": 1,
+    "publisher": {
+        "sent": {"frame": 10, "measurements": 7},
+        "dropped": {"frame": 2},
+        "next_seq": {"frame": 12, "measurements": 7},
+    },
+    "frames_acquired": 12,
+    "frames_analysed": 7,
+    "frames_skipped": 4,
+    "frames_published": 11,
+    "frames_failed": 1,
+    "queues": {"infer": 2, "analyse": 1, "publish": 0},
+    "latency_ms": {
+        "infer": {"p50": 20.0, "p95": 30.0, "p99": 40.0},
+        "end_to_end": {"p50": None, "p95": None, "p99": None},
+    },
+}
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """{(sample name, sorted labels): value} of a Prometheus text exposition."""
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def exposition(status: Callable[[], dict[str, Any]]) -> str:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatusCollector(status))
+    return generate_latest(registry).decode()
+
+
+def test_metric_families_from_a_status_snapshot() -> None:
+    got = samples(exposition(lambda: STATUS))
+    for name, value in (("acquired", 12), ("analysed", 7), ("skipped", 4), ("published", 11),
+                        ("failed", 1)):
+        assert got[(f"livemask_frames_{name}_total", ())] == value
+    assert got[("livemask_messages_published_total", (("topic", "frame"),))] == 10
+    assert got[("livemask_messages_published_total", (("topic", "measurements"),))] == 7
+    assert got[("livemask_messages_dropped_total", (("topic", "frame"),))] == 2
+    assert got[("livemask_queue_depth", (("stage", "infer"),))] == 2
+    assert got[("livemask_queue_depth", (("stage", "analyse"),))] == 1
+    key = ("livemask_stage_latency_seconds", (("quantile", "0.99"), ("stage", "infer")))
+    assert got[key] == pytest.approx(0.04)
+    assert not any(k[0] == "livemask_stage_latency_seconds" and ("stage", "end_to_end") in k[1]
+                   for k in got)  # no samples before any frame
+    assert got[("livemask_acquiring", ())] == 1
+    assert got[("livemask_acquisitions_finished_total", ())] == 1
+    info = [k for k in got if k[0] == "livemask_info"]
+    assert len(info) == 1
+    assert ("model", "nuclei") in info[0][1] and ("mode", "free-run") in info[0][1]
+    assert len(metric_families({})) >= 1  # an empty snapshot is fine too
+
+
+def test_a_failing_status_gives_an_empty_scrape_not_an_error() -> None:
+    def broken() -> dict[str, Any]:
+        raise RuntimeError("boom")
+
+    assert "livemask_frames" not in exposition(broken)
+
+
+async def test_collect_on_the_loop_thread_reads_status_directly() -> None:
+    calls: list[int] = []
+
+    def status() -> dict[str, Any]:
+        calls.append(1)
+        return STATUS
+
+    collector = StatusCollector(status, loop=asyncio.get_running_loop())
+    assert list(collector.collect())  # would deadlock if it waited for its own loop
+    assert calls == [1]
+
+
+def _scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        assert resp.status == 200
+        return resp.read().decode()
+
+
+def _port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/")[0])
+
+
+def test_metrics_server_port_errors_and_release() -> None:
+    server = MetricsServer(lambda: STATUS, port=0).start()
+    try:
+        url = server.url
+        assert url is not None and url.startswith("http://127.0.0.1:")
+        assert "livemask_frames_acquired_total 12.0" in _scrape(url)
+        with pytest.raises(ConfigError, match=r"metrics\.port"):
+            MetricsServer(lambda: STATUS, port=_port_of(url)).start()
+    finally:
+        server.close()
+    server.close()  # idempotent
+    assert server.url is None
+    again = MetricsServer(lambda: STATUS, port=_port_of(url)).start()  # the port was released
+    again.close()
+
+
+def test_metrics_are_off_by_default(service_config: ServiceConfig) -> None:
+    assert service_config.metrics.enabled is False
+    assert service_config.metrics.port == 9108 and service_config.metrics.address == "127.0.0.1"
+    with pytest.raises(ConfigError, match=r"metrics\.port"):
+        make_config(metrics={"port": 70000})
+
+
+@pytest.mark.timeout(90)
+async def test_service_serves_metrics_that_match_its_status() -> None:
+    cfg = make_config(metrics={"enabled": True, "port": 0},
+                      acquisition={"mode": "free-run"})
+    async with Service(cfg) as svc:
+        url = svc.status()["metrics_url"]
+        assert url is not None and svc.metrics is not None and url == svc.metrics.url
+        await collect_run(svc, ("measurements", "event"))
+        text = await asyncio.to_thread(_scrape, url)  # served on its thread, status on the loop
+        status = svc.status()
+        got = samples(text)
+        for name in ("acquired", "analysed", "skipped", "published", "failed"):
+            assert got[(f"livemask_frames_{name}_total", ())] == status[f"frames_{name}"], name
+        assert status["frames_acquired"] == 12
+        for topic in ("frame", "labels", "measurements", "truth"):
+            assert got[("livemask_messages_published_total", (("topic", topic),))] == \
+                status["publisher"]["sent"][topic], topic
+        for stage in ("infer", "analyse", "publish"):
+            assert ("livemask_queue_depth", (("stage", stage),)) in got
+        for stage in ("infer", "analyse", "publish", "end_to_end"):
+            for q in ("0.5", "0.95", "0.99"):
+                key = ("livemask_stage_latency_seconds", (("quantile", q), ("stage", stage)))
+                assert got[key] >= 0
+        assert got[("livemask_acquisitions_finished_total", ())] == 1
+        port = _port_of(url)
+    assert svc.status()["metrics_url"] is None
+    with pytest.raises(urllib.error.URLError):
+        _scrape(url)
+    MetricsServer(lambda: STATUS, port=port).start().close()  # a restart can bind it again
+
+
+def test_a_stuck_service_loop_times_the_scrape_out() -> None:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    running, release = threading.Event(), threading.Event()
+    try:
+        loop.call_soon_threadsafe(running.set)
+        loop.call_soon_threadsafe(release.wait, 5.0)  # then the loop is busy
+        assert running.wait(5.0)
+        collector = StatusCollector(lambda: STATUS, loop=loop, timeout_s=0.2)
+        assert list(collector.collect()) == []
+    finally:
+        release.set()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()

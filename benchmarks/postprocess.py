@@ -8,7 +8,13 @@ times each and the median and minimum are printed:
     .venv/bin/python benchmarks/postprocess.py --sizes 512 2048 --repeat 15
 
 Run it with ``PYTHONPATH=/path/to/other/src`` to time another version of the code on the
-same inputs (the cache is keyed by size and seed only).
+same inputs (the cache is keyed by size and seed only); equal ``labels sha1`` means equal
+labels. Measured on the shared 2-core development machine (AMD EPYC, a training job
+running, so medians are noisy), median ms, before → after the run-based rewrite:
+
+    size   objects  labels_from_probabilities   measure_objects
+    512²     133        5.5 → 4.3                  1.2 → 0.57
+    2048²   1997       83   → 65                  31   → 11.6
 """
 
 from __future__ import annotations

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import math
 import os
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -36,7 +38,7 @@ import numpy as np
 
 from livemask.acquisition.simulated.nuclei import NucleiParams
 from livemask.acquisition.simulated.world import configure_world, get_world
-from livemask.client import AsyncSubscriber
+from livemask.client import AsyncSubscriber, ControlClient, Subscriber
 from livemask.config import ServiceConfig, load_config
 from livemask.service.app import Service
 
@@ -56,8 +58,39 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
     }
 
 
-async def record(cfg: ServiceConfig, division_rate: float | None) -> dict[str, Any]:
+def _external_controller() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "mitosis_controller", Path(__file__).with_name("mitosis_controller.py")
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.MitosisController(burst_frames=4)
+
+
+def _run_external(ctrl: Any, pub: str, control: str, stop: threading.Event,
+                  ready: threading.Event, shape: tuple[int, int]) -> None:
+    with Subscriber(pub, topics=("measurements",), rcvhwm=100_000) as sub, \
+            ControlClient(control) as ctl:
+        ready.set()
+        while not stop.is_set():
+            msg = sub.recv(timeout_s=0.1)
+            if msg is None:
+                continue
+            events = ctrl.on_measurements(dict(msg.header), shape)
+            if events:
+                try:
+                    ctl.enqueue(events)
+                except Exception as exc:  # the acquisition ended meanwhile
+                    print(f"enqueue failed: {exc}")
+
+
+async def record(
+    cfg: ServiceConfig, division_rate: float | None, external: bool = False
+) -> dict[str, Any]:
     """Run the acquisition; return the messages, the status and the mitosis log."""
+    if external:  # the same decision made by examples/mitosis_controller.py instead
+        cfg.feedback.rules = []
     async with Service(cfg) as svc:
         sim = cfg.simulation
         if division_rate is not None:  # same world, fewer mitoses (devices follow at once)
@@ -79,6 +112,18 @@ async def record(cfg: ServiceConfig, division_rate: float | None) -> dict[str, A
         meas: list[dict[str, Any]] = []
         events: list[dict[str, Any]] = []
         load_before = os.getloadavg()
+        ctrl = _external_controller() if external else None
+        stop, ready = threading.Event(), threading.Event()
+        worker = None
+        if ctrl is not None:
+            worker = threading.Thread(
+                target=_run_external,
+                args=(ctrl, svc.publisher.bound_address, svc.control.bound_address, stop, ready,
+                      tuple(sim.sensor_shape_px)),
+                daemon=True,
+            )
+            worker.start()
+            await asyncio.to_thread(ready.wait, 10.0)
         async with AsyncSubscriber(
             svc.publisher.bound_address, ("measurements", "event"), rcvhwm=100_000
         ) as sub:
@@ -102,6 +147,9 @@ async def record(cfg: ServiceConfig, division_rate: float | None) -> dict[str, A
                 if drain_until is not None and time.monotonic() > drain_until:
                     break
             wall = time.time() - t0
+        stop.set()
+        if worker is not None:
+            await asyncio.to_thread(worker.join, 5.0)
         status = svc.status()
         world = get_world()
         return {
@@ -115,6 +163,7 @@ async def record(cfg: ServiceConfig, division_rate: float | None) -> dict[str, A
             "wall_s": wall,
             "load_before": load_before,
             "load_after": os.getloadavg(),
+            "external_log": ctrl.log if ctrl is not None else None,
         }
 
 
@@ -141,11 +190,14 @@ def analyse(cfg: ServiceConfig, rec: dict[str, Any]) -> dict[str, Any]:
         return math.hypot(dy, dx)
 
     meas = sorted(rec["measurements"], key=lambda m: m["frame_id"])
-    overview = [m for m in meas if "fb" not in m["index"]]
+    external = rec.get("external_log") is not None
+    key = "ext" if external else "fb"
+    overview = [m for m in meas if "fb" not in m["index"] and "ext" not in m["index"]]
+    by_id = {m["frame_id"]: m for m in meas}
     fb_frames: dict[int, list[dict[str, Any]]] = {}
     for m in meas:
-        if "fb" in m["index"]:
-            fb_frames.setdefault(int(m["index"]["fb"]), []).append(m)
+        if key in m["index"]:
+            fb_frames.setdefault(int(m["index"][key]), []).append(m)
     positions = {
         int(m["index"]["p"]): (m["position"]["x_um"], m["position"]["y_um"]) for m in overview
     }
@@ -154,15 +206,27 @@ def analyse(cfg: ServiceConfig, rec: dict[str, Any]) -> dict[str, Any]:
     first_step, last_step = step_of(0), step_of(n_frames - 1)
     steps = rec["mitosis_steps"]
 
-    actions = [e for e in rec["events"] if e.get("kind") == "feedback_action"]
     refused = [e for e in rec["events"] if e.get("kind") == "feedback_refused"]
-    bursts = []
+    if external:  # the controller's log in the shape of feedback_action events
+        actions = [
+            {"action_id": e["id"], "frame_id": e["frame_id"], "index": e["index"],
+             "position": by_id[e["frame_id"]]["position"], "target": e["target"],
+             "events": [{"x_pos": e["x_um"], "y_pos": e["y_um"]}]}
+            for e in rec["external_log"]
+        ]
+    else:
+        actions = [e for e in rec["events"] if e.get("kind") == "feedback_action"]
+    bursts: list[dict[str, Any]] = []
+    first_frame_ms = []
     order_ok = True
     for a in actions:
         frames = fb_frames.get(int(a["action_id"]), [])
         if not frames:
             continue
         first = min(f["frame_id"] for f in frames)
+        first_frame_ms.append(
+            (by_id[first]["t"]["acquired"] - by_id[a["frame_id"]]["t"]["acquired"]) * 1e3
+        )
         ev = a["events"][0]
         centre = centre_px(ev["x_pos"], ev["y_pos"])
         bursts.append({"step": step_of(first), "centre": centre, "action": a})
@@ -243,7 +307,7 @@ def analyse(cfg: ServiceConfig, rec: dict[str, Any]) -> dict[str, Any]:
         for b in bursts
     )
     reaction = [e["reaction_ms"] for e in actions if e.get("reaction_ms") is not None]
-    sources = sorted({e.get("reaction_from") for e in actions})
+    sources = sorted({str(e.get("reaction_from")) for e in actions})
     e2e = [(m["t"]["published"] - m["t"]["acquired"]) * 1e3 for m in meas]
     return {
         "frames": n_frames,
@@ -260,12 +324,13 @@ def analyse(cfg: ServiceConfig, rec: dict[str, Any]) -> dict[str, Any]:
         if observable else None,
         "actions": len(actions),
         "refused": len(refused),
-        "refusal_reasons": sorted({e.get("limit") for e in refused}),
+        "refusal_reasons": sorted({str(e.get("limit")) for e in refused}),
         "bursts_on_a_mitosis": true_bursts,
         "burst_precision": round(true_bursts / len(bursts), 3) if bursts else None,
         "bursts_before_next_overview_at_position": order_ok,
         "reaction_ms": percentiles(reaction),
         "reaction_from": sources,
+        "reaction_to_first_frame_ms": percentiles(first_frame_ms),
         "end_to_end_ms": percentiles(e2e),
         "status_feedback": rec["status"].get("feedback"),
         "aimed": aimed[:60],
@@ -286,6 +351,8 @@ def main() -> None:
         default=None,
         help="simulated mitosis rate per nucleus and step (default: the simulator's 0.004)",
     )
+    ap.add_argument("--external", action="store_true",
+                    help="decide in examples/mitosis_controller.py (enqueue) instead of the rule")
     ap.add_argument("--json", type=Path, default=None, help="write the result here")
     args = ap.parse_args()
 
@@ -305,10 +372,11 @@ def main() -> None:
         cfg.simulation.seed = args.seed
     if args.mode is not None:
         cfg.acquisition.mode = args.mode
-    rec = asyncio.run(record(cfg, args.division_rate))
+    rec = asyncio.run(record(cfg, args.division_rate, args.external))
     result = {
         "config": args.config,
         "mode": cfg.acquisition.mode,
+        "decided_by": "external controller" if args.external else "rule in the service",
         "loops": tp.get("loops"),
         "interval_s": tp.get("interval"),
         "seed": cfg.simulation.seed,

@@ -48,6 +48,7 @@ class MitosisController:
         self.sent = 0
         self.pending: dict[int, float] = {}  # burst id -> t.acquired of the triggering frame
         self.reactions_ms: list[float] = []
+        self.log: list[dict[str, Any]] = []  # one entry per burst sent
 
     def on_measurements(self, header: dict[str, Any], shape: tuple[int, int]) -> list[dict]:
         """Events to enqueue because of this measurements message (usually none)."""
@@ -79,6 +80,8 @@ class MitosisController:
             return []
         self.sent += 1
         self.pending[self.sent] = ctx.acquired
+        self.log.append({"id": self.sent, "frame_id": ctx.frame_id, "index": dict(index),
+                         "x_um": x, "y_um": y, "target": best})
         keep = {k: v for k, v in index.items() if k in ("t", "p")}
         event: dict[str, Any] = {
             "index": {**keep, EXT_KEY: self.sent},

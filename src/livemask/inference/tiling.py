@@ -23,9 +23,11 @@ effect on the shipped nuclei model).
 Instance labels are computed once, from the blended full-frame probabilities, so objects
 are never split or duplicated at tile seams.
 
+Tiles start on multiples of ``size_multiple``, so a network's pooling grid lies on the
+frame as in an untiled call (a stride-8 network shifted by 4 pixels gives other outputs).
 The tiles are as small as the fewest tiles of at most ``tile_px`` allow: a 2048-pixel axis
-with ``tile_px=1024`` and a 64 px overlap takes three 728-pixel tiles at 0, 660 and 1320, not
-three of 1024.
+with ``tile_px=1024``, a 64 px overlap and ``size_multiple=8`` takes three 728-pixel tiles at
+0, 656 and 1320, not three of 1024.
 """
 
 from __future__ import annotations
@@ -146,10 +148,19 @@ def _axis(length: int, tile_px: int, overlap: int, size_multiple: int) -> AxisTi
         whole = ((0, padded),)
         ones = np.ones((1, padded), dtype=np.float32)
         return AxisTiles(length, padded, (0,), overlap, ones, whole, whole)
+    # Tiles start on multiples of m, like the model's pooling grid in an untiled call (a
+    # network with stride-8 pooling gives other outputs for an input shifted by 4 pixels).
+    # Fewest tiles first, then the smallest tile for which the widest step between
+    # neighbours (in units of m) still leaves them ``overlap`` in common.
     n = math.ceil((padded - overlap) / (tile_px - overlap))
-    size = min(tile_px, _round_up(math.ceil((padded - overlap) / n) + overlap, m))
-    n = math.ceil((padded - overlap) / (size - overlap))
-    starts = tuple(round(i * (padded - size) / (n - 1)) for i in range(n))
+    size = _round_up(math.ceil((padded - overlap) / n) + overlap, m)
+    while size > tile_px or m * math.ceil((padded - size) / m / (n - 1)) > size - overlap:
+        if size >= tile_px:
+            n, size = n + 1, _round_up(math.ceil((padded - overlap) / (n + 1)) + overlap, m)
+        else:
+            size += m
+    steps = (padded - size) // m
+    starts = tuple(m * round(i * steps / (n - 1)) for i in range(n))
     shared = [starts[i] + size - starts[i + 1] for i in range(n - 1)]  # each >= overlap
     raw = [
         blend_weights_1d(size, shared[i - 1] if i > 0 else 0, shared[i] if i < n - 1 else 0)
@@ -196,6 +207,10 @@ def plan_tiles(
     if overlap_px < 0 or 4 * overlap_px > tile:
         raise ValueError(
             f"tile_overlap_px={overlap_px} must be >= 0 and at most a quarter of the tile ({tile})"
+        )
+    if tile - overlap_px < m:
+        raise ValueError(
+            f"tile_px={tile} less tile_overlap_px={overlap_px} must be at least size_multiple={m}"
         )
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")

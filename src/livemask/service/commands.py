@@ -62,24 +62,23 @@ class SnapshotArgs(_Args):
     arrays: bool = False
 
 
-def _validate(model: type[_Args], args: dict[str, Any], cmd: str) -> Any:
-    try:
-        return model.model_validate(args)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'args'}: {e['msg']}" for e in exc.errors()
-        )
-        raise CommandError("invalid_args", f"{cmd}: {problems}") from None
-
-
-def _useq(model: type[BaseModel], data: dict[str, Any], what: str) -> Any:
+def _parse(model: type[BaseModel], data: dict[str, Any], what: str, prefix: str) -> Any:
+    """Validate ``data``; an invalid_args error names every wrong field."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or what}: {e['msg']}" for e in exc.errors()
         )
-        raise CommandError("invalid_args", f"invalid {what}: {problems}") from None
+        raise CommandError("invalid_args", f"{prefix}{problems}") from None
+
+
+def _validate(model: type[_Args], args: dict[str, Any], cmd: str) -> Any:
+    return _parse(model, args, "args", f"{cmd}: ")
+
+
+def _useq(model: type[BaseModel], data: dict[str, Any], what: str) -> Any:
+    return _parse(model, data, what, f"invalid {what}: ")
 
 
 def _encode_array(array: Any) -> dict[str, Any]:

@@ -149,7 +149,9 @@ def segment(
 
 @app.command()
 def train(
-    task: Annotated[str, typer.Argument(help="What to train: nuclei or grains.")] = "nuclei",
+    task: Annotated[
+        str, typer.Argument(help="nuclei, grains (U-Nets) or nuclei-rf, grains-rf (forests).")
+    ] = "nuclei",
     out: Annotated[Path | None, typer.Option(help="Output folder (default runs/TASK).")] = None,
     iterations: Annotated[int, typer.Option(help="Training iterations.")] = 7000,
     minutes: Annotated[float, typer.Option(help="Time budget; stops early.")] = 40.0,
@@ -158,8 +160,18 @@ def train(
 ) -> None:
     """Train a model on the simulator (needs the train extra: pip install -e '.[train]')."""
     setup_logging()
-    if task not in ("nuclei", "grains"):
-        _fail(ValueError(f"unknown task {task!r}; choose nuclei or grains"))
+    if task not in ("nuclei", "grains", "nuclei-rf", "grains-rf"):
+        _fail(ValueError(f"unknown task {task!r}; choose nuclei, grains, nuclei-rf or grains-rf"))
+    if task.endswith("-rf"):
+        try:
+            from livemask.training.random_forest import train_random_forest
+        except ImportError as exc:
+            _fail(ImportError(f"{exc}; install the train extra: pip install -e '.[train]'"))
+        base = task.removesuffix("-rf")
+        card_path = train_random_forest(out or Path("runs") / task, task=base, seed=seed,
+                                        evaluate=not quick)
+        typer.echo(f"wrote {card_path}")
+        return
     try:
         from livemask.training.cli import train_model
         from livemask.training.train import TrainSettings

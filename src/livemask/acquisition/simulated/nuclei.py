@@ -401,10 +401,10 @@ def random_field(
     for _ in range(int(rng.integers(0, 30))):
         sample.step()
     haze = None
-    if rng.random() < 0.3:  # out-of-focus nuclei of another plane: light, but no labels
+    if rng.random() < 0.3:  # diffuse light from far out-of-focus planes: no labels
         other = NucleiSample(params, seed=int(rng.integers(2**31)))
         light, _ = other.render_truth((0.0, 0.0), shape)
-        haze = ndimage.gaussian_filter(light, float(rng.uniform(3.0, 8.0))) * rng.uniform(0.2, 0.8)
+        haze = ndimage.gaussian_filter(light, float(rng.uniform(8.0, 16.0))) * rng.uniform(0.1, 0.5)
     result = sample.render(
         (0.0, 0.0),
         shape,

@@ -40,6 +40,7 @@ from livemask.acquisition.simulated.nuclei import NucleiParams
 from livemask.acquisition.simulated.world import configure_world, get_world
 from livemask.client import AsyncSubscriber, ControlClient, Subscriber
 from livemask.config import ServiceConfig, load_config
+from livemask.feedback import FeatureTracker, FrameContext
 from livemask.service.app import Service
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,7 +138,8 @@ async def record(
                 if msg is not None:
                     head = dict(msg.header)
                     if msg.topic == "measurements":
-                        head.pop("objects", None)
+                        if "fb" in head["index"] or "ext" in head["index"]:
+                            head.pop("objects", None)  # kept for overview frames only
                         meas.append(head)
                     else:
                         events.append(head)
@@ -248,6 +250,32 @@ def analyse(cfg: ServiceConfig, rec: dict[str, Any]) -> dict[str, Any]:
     ovw_steps: dict[int, list[int]] = {}
     for m in overview:
         ovw_steps.setdefault(int(m["index"]["p"]), []).append(step_of(m["frame_id"]))
+    # the features the rule saw, replayed over the overview frames (for the misses)
+    tracker = FeatureTracker(cfg.feedback.match_radius_px, cfg.feedback.baseline_frames)
+    seen_features: dict[int, list[dict[str, Any]]] = {}
+    for m in overview:
+        ctx = FrameContext.from_measurements(m, (fh, fw))
+        seen_features[m["frame_id"]] = tracker.compute(ctx)
+    frame_at_step = {step_of(m["frame_id"]): m for m in overview}
+
+    def nearest_object(step: int, y: float, x: float) -> dict[str, Any] | None:
+        m = frame_at_step.get(step)
+        if m is None:
+            return None
+        cy, cx = field_centres[int(m["index"]["p"])]
+        best, best_d = None, 10.0
+        for f in seen_features[m["frame_id"]]:
+            oy = cy - (fh - 1) / 2 + (f["centroid_y"] or 0)
+            ox = cx - (fw - 1) / 2 + (f["centroid_x"] or 0)
+            d = wrap_dist((oy, ox), (y, x))
+            if d < best_d:
+                best, best_d = f, d
+        if best is None:
+            return None
+        keys = ("mean_intensity_change", "integrated_change", "area_change", "area_rel",
+                "area_px", "edge_distance_px")
+        return {k: None if best[k] is None else round(best[k], 2) for k in keys}
+
     misses = []
     for rec_m in rec["mitoses"]:
         s = rec_m.start_step
@@ -269,7 +297,8 @@ def analyse(cfg: ServiceConfig, rec: dict[str, Any]) -> dict[str, Any]:
         observable_captured += hit and is_observable
         if not hit:
             misses.append({"id": rec_m.nucleus_id, "start_step": s, "p": p,
-                           "overview_seen_at": seen, "observable": is_observable})
+                           "overview_seen_at": seen, "observable": is_observable,
+                           "object_seen": [nearest_object(st, rec_m.y, rec_m.x) for st in seen]})
 
     # what each action was aimed at: the nearest nucleus in mitosis at the trigger frame
     aimed = []
@@ -354,6 +383,7 @@ def main() -> None:
     ap.add_argument("--external", action="store_true",
                     help="decide in examples/mitosis_controller.py (enqueue) instead of the rule")
     ap.add_argument("--json", type=Path, default=None, help="write the result here")
+    ap.add_argument("--dump", type=Path, default=None, help="pickle the raw recording here")
     args = ap.parse_args()
 
     cfg = load_config(args.config)
@@ -373,6 +403,10 @@ def main() -> None:
     if args.mode is not None:
         cfg.acquisition.mode = args.mode
     rec = asyncio.run(record(cfg, args.division_rate, args.external))
+    if args.dump is not None:
+        import pickle
+
+        args.dump.write_bytes(pickle.dumps({k: v for k, v in rec.items() if k != "status"}))
     result = {
         "config": args.config,
         "mode": cfg.acquisition.mode,

@@ -35,16 +35,18 @@ class MitosisController:
     def __init__(
         self,
         *,
-        intensity_change: float = 1.4,
-        integrated_range: tuple[float, float] = (0.8, 1.6),
+        intensity_change: float = 1.5,
+        integrated_range: tuple[float, float] = (0.65, 1.6),
+        area_rel_range: tuple[float, float] = (0.3, 1.6),
         burst_frames: int = 4,
         exposure_ms: float | None = None,
     ) -> None:
         self.intensity_change = intensity_change
         self.integrated_range = integrated_range
+        self.area_rel_range = area_rel_range
         self.burst_frames = burst_frames
         self.exposure_ms = exposure_ms
-        self.tracker = FeatureTracker()
+        self.tracker = FeatureTracker(baseline_frames=3)
         self.sent = 0
         self.pending: dict[int, float] = {}  # burst id -> t.acquired of the triggering frame
         self.reactions_ms: list[float] = []
@@ -63,11 +65,13 @@ class MitosisController:
         ctx = FrameContext.from_measurements(header, shape)
         features = self.tracker.compute(ctx)
         lo, hi = self.integrated_range
+        small, big = self.area_rel_range
         hits = [
             f
             for f in features
             if (f["mean_intensity_change"] or 0) > self.intensity_change
             and lo < (f["integrated_change"] or 0) < hi
+            and small < (f["area_rel"] or 0) < big
         ]
         if not hits:
             return []

@@ -483,3 +483,44 @@ def test_max_targets_acts_on_the_best_objects_first() -> None:
     assert [d.target["label"] for d in decisions if d.target] == [5, 9]
     assert [d.action.centre_yx for d in decisions] == [(250.0, 250.0), (400.0, 400.0)]
     assert len({d.action_id for d in decisions}) == 2
+
+
+def test_change_features_ignore_splits_and_global_drift() -> None:
+    eng = engine([MITOSIS])
+    objs = field()
+    # previous frame: nuclei 1 and 2 merged into one big, dimmer object between them
+    merged = nucleus(1, 100.0, 106.0, area=500, intensity=100 + 400)
+    prev = [merged, *objs[2:]]
+    eng.evaluate(ctx(prev, t=0))
+    # now split: the brighter half (6 px from the merged centroid; the other is 12 px away,
+    # beyond match_radius_px but within the merged object) looks like a mitosis
+    now = [nucleus(1, 100.0, 100.0, area=250, intensity=100 + 750),
+           nucleus(2, 100.0, 118.0, area=250, intensity=100 + 250), *objs[2:]]
+    assert eng.evaluate(ctx(now, t=1)) == []
+    feats = eng.tracker.compute(ctx(now, t=2))  # vs the split frame: ordinary pairs again
+    assert feats[0]["mean_intensity_change"] == pytest.approx(1.0)
+    # a global intensity change (drift, bleaching, exposure) does not look like a change
+    dimmer = [dict(o, mean_intensity=100 + (o["mean_intensity"] - 100) * 0.6) for o in now]
+    feats = eng.tracker.compute(ctx(dimmer, t=3))
+    assert all(f["mean_intensity_change"] == pytest.approx(1.0) for f in feats)
+    assert all(f["mean_intensity_rel"] is not None for f in feats)
+
+
+def test_baseline_skips_a_frame_where_the_object_was_merged() -> None:
+    cfg = FeedbackConfig.model_validate({"rules": [MITOSIS], "baseline_frames": 2})
+    eng = RuleEngine(cfg, planner=EventPlanner.for_pixel_size(0.65))
+    objs = field()
+    eng.evaluate(ctx(objs, t=0))  # clean view of nucleus 1
+    merged = [nucleus(1, 100.0, 104.0, area=560, intensity=100 + 450), *objs[2:]]
+    eng.evaluate(ctx(merged, t=1))  # nucleus 1 merged with nucleus 2 (oversized)
+    now = field()
+    now[0] = nucleus(1, 100.0, 100.0, area=140, intensity=100 + 500 * 1.8)
+    (d,) = eng.evaluate(ctx(now, t=2))  # compared with t=0, not with the merge
+    assert d.target is not None and d.target["label"] == 1
+    assert d.target["mean_intensity_change"] == pytest.approx(1.8)
+    assert d.target["area_change"] == pytest.approx(140 / 250)
+    # with a one-frame baseline the merge hides the change
+    eng1 = engine([MITOSIS])
+    for frame in (ctx(objs, t=0), ctx(merged, t=1)):
+        eng1.evaluate(frame)
+    assert eng1.evaluate(ctx(now, t=2)) == []

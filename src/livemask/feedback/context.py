@@ -4,15 +4,16 @@
 :class:`FeatureTracker` adds derived per-object features, some relative to the frame
 (``area_rel``, ``mean_intensity_rel``) and some relative to the previous frame taken at the
 same stage position (``mean_intensity_change``, ``area_change`` and their product
-``integrated_change``, the ratio of background-subtracted integrated intensities), pairing
-objects by nearest centroid (within ``match_radius_px``, one-to-one: objects that share their
-nearest previous object, e.g. a merge that splits, get none). Pure numpy/scipy.
+``integrated_change``, the ratio of background-subtracted integrated intensities; intensities
+relative to each frame's median object signal), pairing objects by nearest centroid (within
+``match_radius_px``, one-to-one: objects that share their nearest previous object, e.g. a
+merge that splits, get none). Pure numpy/scipy.
 """
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,10 @@ from scipy.spatial import cKDTree
 
 #: Index key that marks frames produced by feedback actions (value: the action id).
 FEEDBACK_INDEX_KEY = "fb"
+
+#: A previous object larger than this multiple of its frame's median area is taken for two
+#: nuclei segmented as one, and is no baseline for the ``*_change`` features.
+MERGED_AREA_REL = 1.8
 
 #: Raw numeric object fields of the measurements table usable as features.
 RAW_FEATURES = (
@@ -146,15 +151,27 @@ class _Previous:
     centroids: np.ndarray  # (n, 2)
     signal: np.ndarray
     area: np.ndarray
+    median_area: float
 
 
 class FeatureTracker:
-    """Computes per-object features; remembers the last frame seen at each stage place."""
+    """Computes per-object features; remembers the last frames seen at each stage place.
 
-    def __init__(self, match_radius_px: float = 8.0, places: int = 256) -> None:
+    The ``*_change`` features compare an object with its *baseline*: its clean match in the
+    most recent of the last ``baseline_frames`` frames taken at the same stage place that
+    has one (see :meth:`_changes`), so that one frame where the segmentation merged it with
+    a neighbour does not hide a change. Intensities are taken relative to each frame's
+    median object signal (``mean_intensity_rel``), so that global drift, bleaching and
+    exposure changes cancel out.
+    """
+
+    def __init__(
+        self, match_radius_px: float = 8.0, baseline_frames: int = 1, places: int = 256
+    ) -> None:
         self.match_radius_px = match_radius_px
+        self.baseline_frames = max(1, int(baseline_frames))
         self._places = places
-        self._previous: OrderedDict[tuple[Any, ...], _Previous] = OrderedDict()
+        self._previous: OrderedDict[tuple[Any, ...], deque[_Previous]] = OrderedDict()
 
     def reset(self) -> None:
         """Forget all previous frames (a new acquisition)."""
@@ -185,23 +202,10 @@ class FeatureTracker:
             centre = np.hypot(cent[:, 0] - (h - 1) / 2, cent[:, 1] - (w - 1) / 2)
         else:
             edge = centre = np.full(n, np.nan)
-        change_i = np.full(n, np.nan)
-        change_a = np.full(n, np.nan)
-        prev = self._previous.get(ctx.stage_key)
-        if prev is not None and len(prev.centroids):
-            ok = np.isfinite(cent).all(axis=1)
-            if ok.any():
-                tree = cKDTree(prev.centroids)
-                dist, j = tree.query(cent[ok], distance_upper_bound=self.match_radius_px)
-                hit = np.isfinite(dist)
-                # one-to-one only: objects that share their nearest previous object (a merge
-                # in one frame that splits in the next) get no change features
-                claims = np.bincount(j[hit], minlength=len(prev.centroids))
-                hit[hit] = claims[j[hit]] == 1
-                rows = np.flatnonzero(ok)[hit]
-                change_i[rows] = _ratio(signal[rows], prev.signal[j[hit]])
-                change_a[rows] = _ratio(area[rows], prev.area[j[hit]])
-        self._remember(ctx.stage_key, cent, signal, area)
+        # changes are of the signal relative to the frame's median object signal, so that
+        # global intensity drift, bleaching and exposure changes cancel out
+        change_i, change_a, change_int = self._changes(ctx.stage_key, cent, intensity_rel, area)
+        self._remember(ctx.stage_key, cent, intensity_rel, area)
         features: list[dict[str, float | None]] = []
         for k, o in enumerate(objs):
             f: dict[str, float | None] = {name: _opt(o.get(name)) for name in RAW_FEATURES}
@@ -215,17 +219,63 @@ class FeatureTracker:
                 centre_distance_px=_opt(centre[k]),
                 mean_intensity_change=_opt(change_i[k]),
                 area_change=_opt(change_a[k]),
-                integrated_change=_opt(change_i[k] * change_a[k]),
+                integrated_change=_opt(change_int[k]),
             )
             features.append(f)
         ctx.features = features
         return features
 
+    def _changes(
+        self, key: tuple[Any, ...], cent: np.ndarray, signal: np.ndarray, area: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Ratios of signal, area and integrated signal to each object's baseline.
+
+        The baseline is the object's clean match in the most recent of the remembered
+        frames that has one: nearest centroid within ``match_radius_px``, one-to-one, and
+        not an oversized object (``area`` above ``MERGED_AREA_REL`` x that frame's median,
+        most likely two nuclei segmented as one).
+        """
+        n = len(cent)
+        frames = list(self._previous.get(key, ()))
+        base_signal = np.full(n, np.nan)
+        base_area = np.full(n, np.nan)
+        ok = np.isfinite(cent).all(axis=1)
+        current = cKDTree(cent[ok]) if ok.any() else None
+        for prev in reversed(frames):  # most recent first
+            if not len(prev.centroids) or current is None:
+                continue
+            tree = cKDTree(prev.centroids)
+            dist, j = tree.query(cent[ok], distance_upper_bound=self.match_radius_px)
+            hit = np.isfinite(dist)
+            # one-to-one only: a previous object that two current objects claim, or that
+            # has two current centroids within its own radius, was a merge that has split;
+            # the objects it covers get no match in that frame
+            claims = np.bincount(j[hit], minlength=len(prev.centroids))
+            radius = np.maximum(np.sqrt(prev.area / np.pi), 1.0)
+            covered = current.query_ball_point(prev.centroids, radius, return_length=True)
+            clean = (claims <= 1) & (np.asarray(covered) <= 1)
+            clean &= prev.area <= MERGED_AREA_REL * prev.median_area
+            hit[hit] = clean[j[hit]]
+            rows = np.flatnonzero(ok)[hit]
+            jj = j[hit]
+            todo = np.isnan(base_area[rows])  # keep matches found in more recent frames
+            base_signal[rows[todo]] = prev.signal[jj[todo]]
+            base_area[rows[todo]] = prev.area[jj[todo]]
+        return (
+            _ratio(signal, base_signal),
+            _ratio(area, base_area),
+            _ratio(signal * area, base_signal * base_area),
+        )
+
     def _remember(
         self, key: tuple[Any, ...], cent: np.ndarray, signal: np.ndarray, area: np.ndarray
     ) -> None:
         ok = np.isfinite(cent).all(axis=1) if len(cent) else np.zeros(0, bool)
-        self._previous[key] = _Previous(cent[ok], signal[ok], area[ok])
+        frames = self._previous.get(key)
+        if frames is None:
+            frames = self._previous[key] = deque(maxlen=self.baseline_frames)
+        median_area = float(np.median(area[ok])) if ok.any() else 0.0
+        frames.append(_Previous(cent[ok], signal[ok], area[ok], median_area))
         self._previous.move_to_end(key)
         while len(self._previous) > self._places:
             self._previous.popitem(last=False)

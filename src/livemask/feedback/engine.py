@@ -97,7 +97,7 @@ class RuleEngine:
         self.config = config
         self.planner = planner or EventPlanner()
         self.guard = guard or SafetyGuard(config.limits)
-        self.tracker = FeatureTracker(config.match_radius_px)
+        self.tracker = FeatureTracker(config.match_radius_px, config.baseline_frames)
         self.slots: list[RuleSlot] = []
         self._ids = itertools.count(1)
         self._wall_clock = wall_clock

@@ -330,6 +330,13 @@ class FeedbackConfig(_Spec):
     match_radius_px: float = Field(
         default=8.0, gt=0, description="max centroid shift to pair objects across frames"
     )
+    baseline_frames: int = Field(
+        default=1,
+        ge=1,
+        le=20,
+        description="the *_change features compare with the object in the previous frame at "
+        "the same stage position (1), or the median of its matches in this many frames",
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> FeedbackConfig:

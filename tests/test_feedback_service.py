@@ -223,6 +223,34 @@ async def test_external_controller_enqueues_and_sees_its_events_run() -> None:
     assert len(svc_reactions) == 1 and svc_reactions[0] > 0
 
 
+def test_example_controller_detects_a_condensing_nucleus() -> None:
+    example = _load_example("mitosis_controller")
+    ctrl = example.MitosisController(burst_frames=3)
+
+    def header(frame_id: int, area: int, intensity: float) -> dict[str, Any]:
+        others = [{"label": k + 2, "area_px": 250, "centroid_yx": [50.0 + 60 * k, 50.0],
+                   "mean_intensity": 600.0} for k in range(6)]
+        objs = [{"label": 1, "area_px": area, "centroid_yx": [300.0, 200.0],
+                 "mean_intensity": intensity}, *others]
+        return {"frame_id": frame_id, "index": {"t": frame_id, "p": 0},
+                "position": {"x_um": 10.0, "y_um": 20.0, "z_um": 0.0},
+                "t": {"acquired": float(frame_id)}, "pixel_size_um": 0.5,
+                "summary": {"count": len(objs), "background_mean": 100.0}, "objects": objs}
+
+    assert ctrl.on_measurements(header(0, 250, 600.0), (512, 512)) == []
+    events = ctrl.on_measurements(header(1, 140, 100 + 500 * 1.8), (512, 512))
+    assert len(events) == 3
+    assert events[0]["x_pos"] == pytest.approx(10.0 + (200 - 255.5) * 0.5)
+    assert events[0]["y_pos"] == pytest.approx(20.0 + (300 - 255.5) * 0.5)
+    assert events[0]["index"] == {"t": 1, "p": 0, "ext": 1}
+    # its own burst frames are not analysed for detection, and give the reaction time
+    burst = header(2, 140, 1000.0)
+    burst["index"] = events[0]["index"]
+    burst["t"] = {"acquired": 1.25}
+    assert ctrl.on_measurements(burst, (512, 512)) == []
+    assert ctrl.reactions_ms == [pytest.approx(250.0)]
+
+
 # ------------------------------------------------------------------ controller unit
 class _Frame(SimpleNamespace):
     pass

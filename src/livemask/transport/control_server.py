@@ -11,7 +11,8 @@ import zmq.asyncio
 from pydantic import ValidationError
 
 from livemask import protocol
-from livemask.errors import CommandError, ConfigError
+from livemask.errors import CommandError
+from livemask.transport._sockets import bind_or_explain, bound_endpoint
 
 __all__ = ["DEFAULT_CONTROL_ADDRESS", "ControlServer", "Handler"]
 
@@ -59,26 +60,16 @@ class ControlServer:
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        try:
-            sock.bind(self.address)
-        except zmq.ZMQError as exc:
-            sock.close(linger=0)
-            raise ConfigError(
-                f"cannot bind the control server to {self.address!r}: {exc}. Is another "
-                "`livemask serve` running? Choose another address with --control or "
-                "publish.control_address in the config (e.g. tcp://127.0.0.1:5566; port * "
-                "picks a free one)."
-            ) from exc
+        bind_or_explain(
+            sock, self.address, "control server", "--control or publish.control_address"
+        )
         self._socket = sock
         return self
 
     @property
     def bound_address(self) -> str:
         """The actual endpoint (resolves ``tcp://127.0.0.1:*`` to its port)."""
-        if self._socket is None:
-            raise RuntimeError("control server is not started; call start() first")
-        endpoint = self._socket.getsockopt(zmq.LAST_ENDPOINT)
-        return endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)
+        return bound_endpoint(self._socket, "control server")
 
     async def serve(self) -> None:
         """Answer requests forever (starts the socket if needed). Cancel to stop."""

@@ -11,8 +11,8 @@ import numpy as np
 import zmq
 
 from livemask import protocol
-from livemask.errors import ConfigError
 from livemask.protocol import Message
+from livemask.transport._sockets import bind_or_explain, bound_endpoint
 
 __all__ = ["DEFAULT_PUB_ADDRESS", "MemoryPublisher", "Publisher", "ZmqPublisher"]
 
@@ -84,26 +84,14 @@ class ZmqPublisher:
         sock = ctx.socket(zmq.PUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, self.sndhwm)
-        try:
-            sock.bind(self.address)
-        except zmq.ZMQError as exc:
-            sock.close(linger=0)
-            raise ConfigError(
-                f"cannot bind the publisher to {self.address!r}: {exc}. Is another "
-                "`livemask serve` running? Choose another address with --pub or "
-                "publish.pub_address in the config (e.g. tcp://127.0.0.1:5565; port * "
-                "picks a free one)."
-            ) from exc
+        bind_or_explain(sock, self.address, "publisher", "--pub or publish.pub_address")
         self._socket = sock
         return self
 
     @property
     def bound_address(self) -> str:
         """The actual endpoint (resolves ``tcp://127.0.0.1:*`` to its port)."""
-        if self._socket is None:
-            raise RuntimeError("publisher is not started; call start() first")
-        endpoint = self._socket.getsockopt(zmq.LAST_ENDPOINT)
-        return endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)
+        return bound_endpoint(self._socket, "publisher")
 
     def publish(
         self,

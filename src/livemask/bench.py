@@ -386,14 +386,16 @@ def service_config(settings: BenchSettings, sample: str = "nuclei") -> ServiceCo
 def measure_inference(
     segmenter: Segmenter, images: Sequence[np.ndarray], frames: int, *, warmup: int = 3
 ) -> dict[str, Any]:
-    """``Segmenter.predict`` alone over ``frames`` frames (cycling ``images``)."""
+    """``Segmenter.infer`` alone over ``frames`` frames (cycling ``images``): normalisation
+    and the model, from the camera's array to probabilities (on a GPU: to probabilities on
+    the device, synchronised)."""
     for i in range(warmup):
-        segmenter.predict(images[i % len(images)])
+        segmenter.infer(images[i % len(images)])
     times: list[float] = []
     t0 = time.perf_counter()
     for i in range(frames):
         t = time.perf_counter()
-        segmenter.predict(images[i % len(images)])
+        segmenter.infer(images[i % len(images)])
         times.append((time.perf_counter() - t) * 1e3)
     wall = time.perf_counter() - t0
     return {"fps": _fps(frames, wall), "frames": frames, "wall_s": round(wall, 3),
@@ -409,7 +411,6 @@ def run_naive(
     """The sequential snap → predict → label → measure → publish loop, in this thread."""
     from livemask.acquisition.core import close_core, open_core
     from livemask.acquisition.simulated.world import configure_world
-    from livemask.analysis.measure import measure_objects
     from livemask.transport.publisher import ZmqPublisher
 
     world = configure_world(sample, seed=settings.seed, sensor_shape=settings.shape)
@@ -430,10 +431,10 @@ def run_naive(
                 core.snapImage()
                 image = core.getImage()
                 t = {"acquired": time.time()}
-                probabilities = segmenter.predict(image)
+                probabilities = segmenter.infer(image)
                 t["inferred"] = time.time()
-                labels = segmenter.labels(probabilities)
-                objects, summary = measure_objects(labels, image, pixel_size_um=px)
+                labels, objects, summary = segmenter.analyse(probabilities, image,
+                                                             pixel_size_um=px)
                 t["analysed"] = time.time()
                 base = {"frame_id": i, "t": t, "index": {"t": i},
                         "position": {"x_um": None, "y_um": None, "z_um": None}}

@@ -11,11 +11,12 @@ holds plain Python types only (JSON-serialisable, no NaN).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["UNITS", "measure_objects"]
+__all__ = ["UNITS", "ObjectSums", "measure_objects", "objects_from_sums"]
 
 #: Unit of every per-object field, sent once per stream in the measurements descriptor.
 UNITS: dict[str, str] = {
@@ -117,6 +118,65 @@ def measure_objects(
     s_cc = per_object(s_cc_run)
     s_rc = per_object(run_row * s_c_run)
 
+    # Bounding boxes, half-open like ndimage.find_objects.
+    big = np.iinfo(np.intp).max
+    top = np.full(n_bins, big, dtype=np.intp)
+    np.minimum.at(top, run_ids, run_row)
+    bottom = np.zeros(n_bins, dtype=np.intp)
+    np.maximum.at(bottom, run_ids, run_row)
+    left = np.full(n_bins, big, dtype=np.intp)
+    np.minimum.at(left, run_ids, run_c0)
+    right = np.zeros(n_bins, dtype=np.intp)
+    np.maximum.at(right, run_ids, run_c1)
+    bbox = np.stack([top[ids], left[ids], bottom[ids] + 1, right[ids]], axis=1)
+    out_ids = present_ids[ids - 1] if present_ids is not None else ids
+    sums = ObjectSums(
+        labels=out_ids, area=a, s_r=s_r, s_c=s_c, s_rr=s_rr, s_cc=s_cc, s_rc=s_rc,
+        intensity=intensity_sum, bbox=bbox,
+    )
+    return objects_from_sums(
+        sums, n_px=n_px, n_fg=int(fg_px.size), background_mean=background_mean,
+        pixel_size_um=pixel_size_um, decimals=decimals,
+    )
+
+
+@dataclass
+class ObjectSums:
+    """Per-object raw sums (one entry per object, ascending label), from any device.
+
+    ``area`` is the pixel count; ``s_r``/``s_c`` the sums of row/column indices, ``s_rr``,
+    ``s_cc``, ``s_rc`` the sums of their squares and product, ``intensity`` the sum of the
+    image over the object and ``bbox`` (n, 4) ``[min_row, min_col, max_row + 1, max_col + 1]``.
+    """
+
+    labels: np.ndarray
+    area: np.ndarray
+    s_r: np.ndarray
+    s_c: np.ndarray
+    s_rr: np.ndarray
+    s_cc: np.ndarray
+    s_rc: np.ndarray
+    intensity: np.ndarray
+    bbox: np.ndarray
+
+
+def objects_from_sums(
+    sums: ObjectSums,
+    *,
+    n_px: int,
+    n_fg: int,
+    background_mean: float | None,
+    pixel_size_um: float,
+    decimals: int | None = 4,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The ``measure_objects`` output from per-object sums (shared by the CPU and GPU paths)."""
+    a = np.asarray(sums.area, dtype=np.float64)
+    if a.size == 0:
+        return [], _summary_empty(background_mean, decimals)
+    s_r, s_c = np.asarray(sums.s_r, np.float64), np.asarray(sums.s_c, np.float64)
+    s_rr, s_cc = np.asarray(sums.s_rr, np.float64), np.asarray(sums.s_cc, np.float64)
+    s_rc = np.asarray(sums.s_rc, np.float64)
+    intensity_sum = np.asarray(sums.intensity, np.float64)
     cy = s_r / a
     cx = s_c / a
     # Second central moments divided by area (integer raw sums are exact in float64).
@@ -134,18 +194,8 @@ def measure_objects(
     area_um2 = a * pixel_size_um**2
     eq_diam_um = np.sqrt(4.0 * a / math.pi) * pixel_size_um
 
-    # Bounding boxes, half-open like ndimage.find_objects.
-    big = np.iinfo(np.intp).max
-    top = np.full(n_bins, big, dtype=np.intp)
-    np.minimum.at(top, run_ids, run_row)
-    bottom = np.zeros(n_bins, dtype=np.intp)
-    np.maximum.at(bottom, run_ids, run_row)
-    left = np.full(n_bins, big, dtype=np.intp)
-    np.minimum.at(left, run_ids, run_c0)
-    right = np.zeros(n_bins, dtype=np.intp)
-    np.maximum.at(right, run_ids, run_c1)
-    bbox = np.stack([top[ids], left[ids], bottom[ids] + 1, right[ids]], axis=1).tolist()
-    out_ids = (present_ids[ids - 1] if present_ids is not None else ids).tolist()
+    bbox = np.asarray(sums.bbox).tolist()
+    out_ids = np.asarray(sums.labels).tolist()
 
     def r(x: np.ndarray) -> list[float]:
         rounded = np.round(x, decimals) if decimals is not None else x
@@ -166,7 +216,7 @@ def measure_objects(
         }
         for lbl, ar, aum, y, x, bb, mi, ii, ed, ec in zip(
             out_ids,
-            a.tolist(),
+            a.astype(np.int64).tolist(),
             r(area_um2),
             r(cy),
             r(cx),
@@ -186,7 +236,7 @@ def measure_objects(
         "mean_area_um2": _round(float(area_um2.mean()), decimals),
         "mean_intensity": _round(float(mean_intensity.mean()), decimals),
         "total_intensity": _round(float(intensity_sum.sum()), decimals),
-        "foreground_fraction": _round(fg_px.size / n_px, decimals),
+        "foreground_fraction": _round(n_fg / n_px, decimals),
         "background_mean": _round(background_mean, decimals),
     }
     return objects, summary

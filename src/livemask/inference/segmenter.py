@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
 from livemask.analysis.instances import labels_from_probabilities
@@ -10,18 +13,52 @@ from livemask.inference.backend import Backend
 from livemask.inference.models import ModelCard, PostProcessing
 from livemask.inference.tiling import TilePlan, needs_tiling, plan_tiles, predict_tiled
 
+if TYPE_CHECKING:
+    import torch
+
+    from livemask.inference.torch_analysis import TorchAnalysis
+
+
+@dataclass
+class DeviceProbabilities:
+    """Model output kept on the GPU, with the frame it came from (the device path)."""
+
+    probabilities: torch.Tensor  # (C, H, W) float32
+    image: torch.Tensor  # (H, W) float32 camera counts
+
 
 class Segmenter:
     """A loaded model plus its pre- and post-processing. Thread-compatible, not thread-safe."""
 
     def __init__(
-        self, card: ModelCard, backend: Backend, post: PostProcessing | None = None
+        self,
+        card: ModelCard,
+        backend: Backend,
+        post: PostProcessing | None = None,
+        *,
+        device_resident: bool | None = None,
     ) -> None:
         self.card = card
         self.backend = backend
         self.post = post or card.postprocessing
         self._plan: TilePlan | None = None
         self._plan_key: tuple[object, ...] | None = None
+        self._device: TorchAnalysis | None = None
+        run_tensor = getattr(backend, "run_tensor", None)
+        if device_resident is None:  # default: on whenever the model runs on a CUDA GPU
+            device_resident = run_tensor is not None and backend.device == "cuda"
+        if device_resident:
+            if run_tensor is None or card.runtime != "onnx":
+                raise ValueError(f"backend {backend.name} cannot keep {card.name}'s output on "
+                                 "the device (only the torch backend can)")
+            from livemask.inference.torch_analysis import TorchAnalysis
+
+            self._device = TorchAnalysis(backend.torch_device)  # type: ignore[attr-defined]
+
+    @property
+    def device_resident(self) -> bool:
+        """Whether :meth:`infer` / :meth:`analyse` keep the frame on the GPU."""
+        return self._device is not None
 
     def tile_plan(self, shape: tuple[int, int]) -> TilePlan | None:
         """How :meth:`predict` tiles a frame of ``shape`` (H, W); None if it runs it whole.
@@ -85,6 +122,60 @@ class Segmenter:
             seed_threshold=p.seed_threshold,
             min_area_px=p.min_area_px,
         )
+
+    # ------------------------------------------------------------ pipeline path
+    def infer(self, image: np.ndarray) -> np.ndarray | DeviceProbabilities:
+        """The pipeline's inference stage: :meth:`predict`, or on the device path the
+        upload, normalisation and model run on the GPU (whole frame, no tiling), finished
+        (synchronised) when it returns. Feed the result to :meth:`analyse`."""
+        ta = self._device
+        if ta is None:
+            return self.predict(image)
+        torch = ta._torch
+        f = torch.nn.functional
+        norm = self.card.normalization
+        img = ta.upload(image)
+        x = ta.normalize(img, norm.low, norm.high)
+        h, w = x.shape
+        m = self.card.size_multiple
+        ph, pw = (-h) % m, (-w) % m
+        batch = x.view(1, 1, h, w)
+        if ph or pw:
+            batch = f.pad(batch, (0, pw, 0, ph), mode="reflect")
+        out = self.backend.run_tensor(batch)[0, :, :h, :w]  # type: ignore[attr-defined]
+        if ta.device.type == "cuda":
+            torch.cuda.current_stream(ta.device).synchronize()
+        return DeviceProbabilities(out, img)
+
+    def analyse(
+        self, probabilities: np.ndarray | DeviceProbabilities, image: np.ndarray,
+        *, pixel_size_um: float = 1.0,
+    ) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, Any]]:
+        """The pipeline's analysis stage: (labels, objects, summary) from :meth:`infer`'s
+        output; on the device path labelling and measuring run on the GPU."""
+        from livemask.analysis.measure import measure_objects
+
+        ta = self._device
+        if not isinstance(probabilities, DeviceProbabilities):
+            labels = self.labels(probabilities)
+            objects, summary = measure_objects(labels, image, pixel_size_um=pixel_size_um)
+            return labels, objects, summary
+        assert ta is not None
+        p = self.post
+        probs = probabilities.probabilities
+        if p.method == "boundary-label":  # no device version: finish on the CPU
+            labels = self.labels(probs.cpu().numpy())
+            objects, summary = measure_objects(labels, image, pixel_size_um=pixel_size_um)
+            return labels, objects, summary
+        lab_t, n = ta.labels_from_probabilities(
+            probs[0], probs[1],
+            foreground_threshold=p.foreground_threshold,
+            seed_threshold=p.seed_threshold,
+            min_area_px=p.min_area_px,
+        )
+        objects, summary = ta.measure(lab_t, n, probabilities.image, pixel_size_um=pixel_size_um)
+        labels = lab_t.cpu().numpy()
+        return labels, objects, summary
 
     def segment(self, image: np.ndarray) -> np.ndarray:
         """Instance labels for one 2-D image."""

@@ -394,6 +394,46 @@ class TorchBackend:
         with self._torch.cuda.device(self._dev):
             return self._run_cuda(x) if self.cuda_graphs else self._eager(x)
 
+    @property
+    def torch_device(self) -> torch.device:
+        """The torch device the model runs on."""
+        return self._dev
+
+    def run_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1, H, W) float32 tensor on the device → (N, C, H, W) float32 tensor there.
+
+        The device-resident path (no host copies): a new tensor each call, so the caller may
+        keep it while the next frame runs. CUDA graphs as in :meth:`run`.
+        """
+        torch = self._torch
+        if self._module is None:
+            raise ModelError("backend used before load(); call load(card) first")
+        if x.ndim != 4 or x.shape[1] != 1:
+            raise ValueError(f"expected a (N, 1, H, W) batch, got shape {tuple(x.shape)}")
+        shape = tuple(int(s) for s in x.shape)
+        action = "eager"
+        if self.cuda_graphs:
+            action, evict = self._policy.decide(shape)
+            if evict is not None:
+                self._graphs.pop(evict, None)
+            if action == "capture":
+                try:
+                    self._graphs[shape] = self._capture(shape)
+                except RuntimeError as exc:
+                    log.warning("torch: CUDA graph capture for %s failed (%s); running eagerly",
+                                shape, exc)
+                    self._policy.forget(shape)
+                    action = "eager"
+        with torch.inference_mode():
+            if action == "eager":
+                dtype = torch.float16 if self.fp16 else torch.float32
+                t = x.to(dtype).contiguous(memory_format=self._memory_format)
+                return self._module(t).float().contiguous()
+            g = self._graphs[shape]
+            g.static_in.copy_(x)
+            g.graph.replay()
+            return g.static_out.clone()
+
     def _run_cuda(self, x: np.ndarray) -> np.ndarray:
         shape = tuple(int(s) for s in x.shape)
         action, evict = self._policy.decide(shape)

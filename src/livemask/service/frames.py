@@ -20,7 +20,7 @@ class Frame:
     t: dict[str, float] = field(default_factory=dict)  # stage timestamps, epoch seconds
     truth: np.ndarray | None = None
     skipped: bool = False
-    probabilities: np.ndarray | None = None
+    probabilities: Any = None  # model output: ndarray, or DeviceProbabilities on a GPU
     labels: np.ndarray | None = None
     objects: list[dict[str, Any]] | None = None
     summary: dict[str, Any] | None = None

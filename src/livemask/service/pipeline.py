@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from livemask.acquisition.source import FrameSource, RawFrame
 from livemask.analysis.grains import CumulativeGrainStats, grain_statistics
-from livemask.analysis.measure import UNITS, measure_objects
+from livemask.analysis.measure import UNITS
 from livemask.inference.segmenter import Segmenter
 from livemask.service.frames import Frame
 from livemask.service.stats import LatencyWindow, PipelineCounters
@@ -149,7 +149,7 @@ class Pipeline:
             frame = await self._next_waiting()
             try:
                 frame.probabilities = await loop.run_in_executor(
-                    self._infer_pool, self.segmenter.predict, frame.image
+                    self._infer_pool, self.segmenter.infer, frame.image
                 )
             except Exception as exc:  # a model fault fails this frame, not the service
                 self._fail(frame, "inference", exc)
@@ -162,9 +162,8 @@ class Pipeline:
 
     def _analyse(self, frame: Frame) -> None:
         assert frame.probabilities is not None
-        labels = self.segmenter.labels(frame.probabilities)
-        frame.objects, frame.summary = measure_objects(
-            labels, frame.image, pixel_size_um=self.pixel_size_um
+        labels, frame.objects, frame.summary = self.segmenter.analyse(
+            frame.probabilities, frame.image, pixel_size_um=self.pixel_size_um
         )
         if self.grains is not None:  # runs on the single analysis thread: no lock needed
             if self._reset_grains:

@@ -1,0 +1,168 @@
+"""GPU correctness and per-stage timing of the torch CUDA path (run by benchmarks/gpu.sh).
+
+Checks, on a real NVIDIA GPU:
+
+1. the torch backend (fp16, channels-last, CUDA graphs) against ONNX Runtime on the CPU: the
+   largest difference of the probability maps on simulated frames;
+2. the device labelling path against the CPU path (object F1 between the two label images)
+   and both against the simulator's ground truth;
+3. per-stage device times at the given frame size (upload + normalise, model, labelling,
+   measuring, labels to host), medians over repeated runs, synchronised;
+4. which optional GPU runtimes are importable here (TensorRT, ONNX Runtime's CUDA provider).
+
+Writes one JSON record (``--json``) and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _median_ms(fn: Any, sync: Any, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t) * 1e3)
+    return round(float(np.median(times)), 3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--device", default="cuda", help="cpu: a dry run without a GPU")
+    args = parser.parse_args()
+
+    import torch
+
+    from livemask.acquisition.simulated.nuclei import random_field
+    from livemask.analysis.metrics import aggregate, match_instances
+    from livemask.inference.models import load_model_card
+    from livemask.inference.onnxruntime_backend import OnnxRuntimeBackend
+    from livemask.inference.segmenter import DeviceProbabilities, Segmenter
+    from livemask.inference.torch_backend import TorchBackend
+
+    card = load_model_card("nuclei")
+    on_gpu = args.device != "cpu"
+    gpu_backend = TorchBackend(device=args.device)
+    gpu_backend.load(card)
+    gpu = Segmenter(card, gpu_backend, device_resident=True)
+    cpu_backend = OnnxRuntimeBackend(threads=8)
+    cpu_backend.load(card)
+    cpu = Segmenter(card, cpu_backend)
+    assert gpu.device_resident and not cpu.device_resident
+
+    rng = np.random.default_rng(0)
+    diffs, gpu_vs_cpu, gpu_vs_truth, cpu_vs_truth = [], [], [], []
+    for _ in range(6):
+        image, truth = random_field(rng, (512, 512))
+        p_cpu = cpu.predict(image)
+        out = gpu.infer(image)
+        assert isinstance(out, DeviceProbabilities)
+        diffs.append(float(np.abs(out.probabilities.cpu().numpy() - p_cpu).max()))
+        lab_gpu, _, _ = gpu.analyse(out, image, pixel_size_um=0.65)
+        lab_cpu, _, _ = cpu.analyse(p_cpu, image, pixel_size_um=0.65)
+        gpu_vs_cpu.append(match_instances(lab_cpu, lab_gpu))
+        gpu_vs_truth.append(match_instances(truth, lab_gpu))
+        cpu_vs_truth.append(match_instances(truth, lab_cpu))
+
+    # per-stage times at the benchmark size, on one realistic frame
+    from livemask.bench import BenchSettings, prerender
+
+    side = args.size
+    frame = prerender(BenchSettings(size=side, frames=2))[0].image
+    ta = gpu._device
+    assert ta is not None
+    dev = ta.device
+
+    def sync() -> None:
+        if on_gpu:
+            torch.cuda.synchronize(dev)
+
+    state: dict[str, Any] = {}
+
+    def upload() -> None:
+        state["img"] = ta.upload(frame)
+        state["x"] = ta.normalize(state["img"], 1.0, 99.8)
+
+    def model() -> None:
+        state["p"] = gpu_backend.run_tensor(state["x"].view(1, 1, side, side))[0]
+
+    def labels() -> None:
+        p = state["p"]
+        state["lab"] = ta.labels_from_probabilities(p[0], p[1])
+
+    def measure() -> None:
+        lab, n = state["lab"]
+        state["objects"] = ta.measure(lab, n, state["img"], pixel_size_um=0.65)[0]
+
+    def to_host() -> None:
+        state["labels_host"] = state["lab"][0].cpu().numpy()
+
+    for fn in (upload, model, model, model, labels, measure, to_host):  # warm-up, graph capture
+        fn()
+    stages = {name: _median_ms(fn, sync, args.repeats) for name, fn in
+              [("upload_normalize", upload), ("model", model), ("labels", labels),
+               ("measure", measure), ("labels_to_host", to_host)]}
+    whole = _median_ms(lambda: gpu.analyse(gpu.infer(frame), frame, pixel_size_um=0.65),
+                       sync, args.repeats)
+    cpu_times = {
+        "cpu_analyse_ms": _median_ms(
+            lambda: cpu.analyse(state["p"].cpu().numpy(), frame, pixel_size_um=0.65),
+            lambda: None, 5),
+    }
+
+    runtimes: dict[str, Any] = {}
+    try:
+        import tensorrt
+
+        runtimes["tensorrt"] = tensorrt.__version__
+    except ImportError as exc:
+        runtimes["tensorrt"] = f"not importable: {exc}"
+    import onnxruntime
+
+    runtimes["onnxruntime"] = onnxruntime.__version__
+    runtimes["onnxruntime_providers"] = onnxruntime.get_available_providers()
+
+    g_c, g_t, c_t = aggregate(gpu_vs_cpu), aggregate(gpu_vs_truth), aggregate(cpu_vs_truth)
+    record = {
+        "gpu": torch.cuda.get_device_name(dev) if on_gpu else "none (dry run on the CPU)",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "probability_max_abs_diff_fp16_vs_onnxruntime": round(max(diffs), 5),
+        "conversion_max_abs_diff_fp32_cpu": gpu_backend.max_difference,
+        "labels_gpu_vs_cpu_f1": round(g_c.f1, 4),
+        "labels_gpu_vs_cpu_mean_iou": round(g_c.mean_matched_iou, 4),
+        "f1_vs_truth_gpu_path": round(g_t.f1, 4),
+        "f1_vs_truth_cpu_path": round(c_t.f1, 4),
+        "objects_in_check": g_t.n_true,
+        "frame_px": side,
+        "objects_in_timed_frame": len(state["objects"]),
+        "stage_ms_median": stages,
+        "infer_plus_analyse_ms_median": whole,
+        **cpu_times,
+        "max_memory_allocated_mb": round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+        if on_gpu else None,
+        "runtimes": runtimes,
+    }
+    text = json.dumps(record, indent=2)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""Normalisation, instance labelling and measurement as torch tensor code (GPU path).
+
+When the model runs on a CUDA GPU, copying its probability maps to the host and labelling
+and measuring them on the CPU costs more than the model itself at 2048×2048 (about 100 ms
+on two cores, see docs/performance.md). This module does the same work on the device,
+with data-parallel operations only:
+
+- percentile normalisation: ``torch.quantile`` on the same strided sample as
+  :func:`livemask.analysis.normalize.percentile_normalize`;
+- connected components (4-connectivity): iterative max-label propagation
+  (``max_pool2d`` along rows and columns, restricted to the mask) until nothing changes;
+- marker-controlled watershed: seeds grow into the foreground level by level of the
+  elevation ``1 - seed probability`` (``levels`` flooding levels, low first; inside a
+  level by propagation, ties to the larger seed id). This is the classic parallel
+  approximation of a watershed; its labels agree with the CPU path's
+  (:func:`livemask.analysis.instances.labels_from_probabilities`) on almost every object,
+  which ``tests/test_torch_analysis.py`` checks with the object F1 between the two;
+- measurements: per-object sums with ``index_add_`` / ``scatter_reduce_`` in float64, then
+  the CPU's :func:`livemask.analysis.measure.objects_from_sums` builds the same dicts.
+
+Everything also runs on the CPU build of torch (that is how CI tests it).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from livemask.analysis.measure import ObjectSums, objects_from_sums
+from livemask.analysis.normalize import _MIN_SAMPLE_PX
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+__all__ = ["TorchAnalysis"]
+
+#: Propagation steps between two convergence checks (each check synchronises the device).
+_CHECK_EVERY = 8
+
+
+class TorchAnalysis:
+    """Device-side pre- and post-processing for one torch device."""
+
+    def __init__(self, device: str | torch.device = "cuda", *, levels: int = 8) -> None:
+        import torch
+
+        self._torch = torch
+        self.device = torch.device(device)
+        self.levels = levels
+
+    # ------------------------------------------------------------ input
+    def upload(self, image: np.ndarray) -> torch.Tensor:
+        """A 2-D camera image as a float32 tensor on the device (uint16 travels as 2 bytes)."""
+        torch = self._torch
+        arr = np.ascontiguousarray(image)
+        if arr.ndim != 2:
+            raise ValueError(f"expected a 2-D image, got shape {arr.shape}")
+        if arr.dtype == np.uint16:  # torch has few uint16 kernels: move the bits as int16
+            raw = torch.from_numpy(arr.view(np.int16)).to(self.device, non_blocking=True)
+            return (raw.to(torch.int32) & 0xFFFF).to(torch.float32)
+        if arr.dtype in (np.uint8, np.int16, np.int32, np.float32):
+            return torch.from_numpy(arr).to(self.device).to(torch.float32)
+        return torch.from_numpy(arr.astype(np.float32)).to(self.device)
+
+    def normalize(
+        self, image: torch.Tensor, low: float, high: float, subsample: int = 4
+    ) -> torch.Tensor:
+        """Percentile normalisation as ``percentile_normalize`` (same strided sample)."""
+        torch = self._torch
+        stride = subsample
+        while stride > 1 and image.numel() // stride**2 < _MIN_SAMPLE_PX:
+            stride -= 1
+        sample = image[::stride, ::stride].reshape(-1)
+        q = torch.tensor([low / 100.0, high / 100.0], device=image.device, dtype=torch.float32)
+        lo, hi = torch.quantile(sample, q)
+        span = hi - lo
+        scale = torch.where(span > 0, 1.0 / span.clamp_min(1e-30), torch.zeros_like(span))
+        return (image - lo) * scale
+
+    # ------------------------------------------------------------ labelling
+    def _spread(self, lab: torch.Tensor) -> torch.Tensor:
+        """Max over each pixel and its 4 neighbours (lab: (1, 1, H, W) float)."""
+        f = self._torch.nn.functional
+        rows = f.max_pool2d(lab, (1, 3), stride=1, padding=(0, 1))
+        cols = f.max_pool2d(lab, (3, 1), stride=1, padding=(1, 0))
+        return self._torch.maximum(rows, cols)
+
+    def _index_dtype(self, n: int) -> torch.dtype:
+        # float labels for max_pool2d: float32 holds every integer below 2**24 exactly
+        return self._torch.float32 if n < 2**24 else self._torch.float64
+
+    def components(self, mask: torch.Tensor) -> torch.Tensor:
+        """4-connected components of a 2-D bool mask: each pixel gets its component's
+        largest flat index + 1 (float; 0 outside the mask)."""
+        torch = self._torch
+        h, w = mask.shape
+        m = mask.view(1, 1, h, w)
+        idx = torch.arange(1, h * w + 1, device=mask.device, dtype=self._index_dtype(h * w))
+        lab = torch.where(m, idx.view(1, 1, h, w), torch.zeros((), dtype=idx.dtype,
+                                                                device=mask.device))
+        zero = torch.zeros((), dtype=lab.dtype, device=mask.device)
+        while True:
+            before = lab
+            for _ in range(_CHECK_EVERY):
+                lab = torch.where(m, self._spread(lab), zero)
+            if torch.equal(lab, before):
+                return lab.view(h, w)
+
+    def _grow(self, seeds: torch.Tensor, fg: torch.Tensor, elevation: torch.Tensor) -> torch.Tensor:
+        """Grow seed labels into ``fg`` by flooding levels of ``elevation`` (low first)."""
+        torch = self._torch
+        h, w = fg.shape
+        lab = seeds.view(1, 1, h, w)
+        fg4 = fg.view(1, 1, h, w)
+        elev = elevation.view(1, 1, h, w)
+        for k in range(1, self.levels + 1):
+            allowed = fg4 & (elev <= k / self.levels) if k < self.levels else fg4
+            while True:
+                for _ in range(_CHECK_EVERY):
+                    near = self._spread(lab)
+                    lab = torch.where(allowed & (lab == 0) & (near > 0), near, lab)
+                near = self._spread(lab)
+                if not bool((allowed & (lab == 0) & (near > 0)).any()):
+                    break
+        return lab.view(h, w)
+
+    def labels_from_probabilities(
+        self,
+        foreground: torch.Tensor,
+        seeds: torch.Tensor,
+        *,
+        foreground_threshold: float = 0.5,
+        seed_threshold: float = 0.5,
+        min_area_px: int = 20,
+        min_seed_area_px: int = 4,
+    ) -> tuple[torch.Tensor, int]:
+        """Instance labels (int32 tensor, 1..N, 0 = background) and N, with the CPU path's
+        parameters and semantics (the numbering order differs)."""
+        torch = self._torch
+        h, w = foreground.shape
+        fg = foreground > foreground_threshold
+        seed_mask = fg & (seeds > seed_threshold)
+        seed_lab = self.components(seed_mask)
+        if min_seed_area_px > 1 and bool(seed_mask.any()):
+            seed_lab = self._drop_small(seed_lab, min_seed_area_px)
+        grown = self._grow(seed_lab, fg, 1.0 - seeds.to(torch.float32))
+        rest = fg & (grown == 0)  # foreground components without a seed: one object each
+        if bool(rest.any()):
+            extra = self.components(rest)
+            grown = torch.where(rest, extra + float(h * w), grown)
+        return self._compact(grown, min_area_px)
+
+    def _drop_small(self, lab: torch.Tensor, min_area: int) -> torch.Tensor:
+        torch = self._torch
+        ids, inverse, counts = torch.unique(lab, return_inverse=True, return_counts=True)
+        small = (counts < min_area) & (ids > 0)
+        return torch.where(small[inverse], torch.zeros_like(lab), lab)
+
+    def _compact(self, lab: torch.Tensor, min_area: int) -> tuple[torch.Tensor, int]:
+        """Renumber labels 1..N (dropping objects smaller than ``min_area``)."""
+        torch = self._torch
+        ids, inverse, counts = torch.unique(lab, return_inverse=True, return_counts=True)
+        keep = (ids > 0) & (counts >= min_area)
+        new_id = torch.cumsum(keep.to(torch.int32), 0) * keep
+        n = int(keep.sum())
+        return new_id.to(torch.int32)[inverse], n
+
+    # ------------------------------------------------------------ measuring
+    def measure(
+        self,
+        labels: torch.Tensor,
+        n: int,
+        image: torch.Tensor,
+        *,
+        pixel_size_um: float = 1.0,
+        decimals: int | None = 4,
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """``measure_objects`` output for labels 1..n on ``image`` (both on the device)."""
+        torch = self._torch
+        h, w = labels.shape
+        flat = labels.reshape(-1).to(torch.int64)
+        values = image.reshape(-1).to(torch.float64)
+        n_px = h * w
+        fg = flat > 0
+        n_fg = int(fg.sum())
+        total = float(values.sum())
+        fg_sum_t = values[fg].sum() if n_fg else torch.zeros((), dtype=torch.float64)
+        bg_mean = (total - float(fg_sum_t)) / (n_px - n_fg) if n_px > n_fg else None
+        if n == 0 or n_fg == 0:
+            return objects_from_sums(
+                _empty_sums(), n_px=n_px, n_fg=n_fg, background_mean=bg_mean,
+                pixel_size_um=pixel_size_um, decimals=decimals,
+            )
+        lab = flat[fg]
+        pos = torch.nonzero(fg).reshape(-1)
+        r = torch.div(pos, w, rounding_mode="floor")
+        c = pos - r * w
+        rf, cf = r.to(torch.float64), c.to(torch.float64)
+        bins = n + 1
+
+        def total_of(x: Tensor) -> Tensor:
+            out = torch.zeros(bins, dtype=torch.float64, device=x.device)
+            return out.index_add_(0, lab, x)[1:]
+
+        def reduce(x: Tensor, how: str, init: int) -> Tensor:
+            out = torch.full((bins,), init, dtype=torch.int64, device=x.device)
+            return out.scatter_reduce_(0, lab, x, reduce=how, include_self=True)[1:]
+
+        ones = torch.ones_like(rf)
+        stacked = torch.stack([
+            total_of(ones), total_of(rf), total_of(cf), total_of(rf * rf), total_of(cf * cf),
+            total_of(rf * cf), total_of(values[fg]),
+        ])
+        big = np.iinfo(np.int64).max
+        boxes = torch.stack([
+            reduce(r, "amin", big), reduce(c, "amin", big),
+            reduce(r, "amax", -1) + 1, reduce(c, "amax", -1) + 1,
+        ], dim=1)
+        host = stacked.cpu().numpy()
+        bbox = boxes.cpu().numpy()
+        present = host[0] > 0
+        sums = ObjectSums(
+            labels=np.flatnonzero(present) + 1, area=host[0][present], s_r=host[1][present],
+            s_c=host[2][present], s_rr=host[3][present], s_cc=host[4][present],
+            s_rc=host[5][present], intensity=host[6][present], bbox=bbox[present],
+        )
+        return objects_from_sums(
+            sums, n_px=n_px, n_fg=n_fg, background_mean=bg_mean,
+            pixel_size_um=pixel_size_um, decimals=decimals,
+        )
+
+
+def _empty_sums() -> ObjectSums:
+    z = np.zeros(0)
+    return ObjectSums(labels=z, area=z, s_r=z, s_c=z, s_rr=z, s_cc=z, s_rc=z, intensity=z,
+                      bbox=np.zeros((0, 4)))

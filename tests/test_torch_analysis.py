@@ -57,6 +57,22 @@ def test_seeded_growth_splits_touching_objects(ta: TorchAnalysis) -> None:
     assert cut.size == 1 and 12 <= cut[0] + 5 <= 22  # the split is near the saddle
 
 
+def test_long_seeds_and_wide_objects_converge(ta: TorchAnalysis) -> None:
+    """Beyond the fixed steps (a 60 px seed, a 90 px wide object) the exact loops finish."""
+    fg = np.zeros((100, 220), dtype=np.float32)
+    fg[10:20, 10:80] = 1.0  # object 1: a long thin seed of 60 px
+    seeds = np.zeros_like(fg)
+    seeds[13:17, 15:75] = 1.0
+    fg[5:95, 110:200] = 1.0  # object 2: 90 px wide with a 4 px seed in the middle
+    seeds[48:52, 153:157] = 1.0
+    lab, n = ta.labels_from_probabilities(torch.from_numpy(fg), torch.from_numpy(seeds))
+    lab_np = lab.numpy()
+    assert n == 2
+    assert np.unique(lab_np[10:20, 10:80]).size == 1
+    assert np.unique(lab_np[5:95, 110:200]).size == 1
+    assert (lab_np[fg > 0] > 0).all()
+
+
 def test_device_labels_agree_with_cpu_path(ta: TorchAnalysis, segmenter: Segmenter) -> None:
     rng = np.random.default_rng(3)
     results = []

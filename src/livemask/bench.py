@@ -546,7 +546,7 @@ def run_bench(
     segmenter = build_segmenter(cfg)
     backend, device = segmenter.backend.name, segmenter.backend.device
     try:
-        segmenter.backend.warmup(settings.shape)
+        segmenter.warmup(settings.shape)
         say(f"inference alone: {settings.frames} frames")
         inference = measure_inference(segmenter, images, settings.frames, warmup=settings.warmup)
         say(f"naive loop: {settings.frames} frames")

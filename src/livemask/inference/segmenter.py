@@ -124,6 +124,16 @@ class Segmenter:
         )
 
     # ------------------------------------------------------------ pipeline path
+    def warmup(self, shape: tuple[int, int]) -> None:
+        """Warm the backend up for frames of ``shape``; on the device path also run the whole
+        infer/analyse path twice, so its CUDA graphs are captured before the first frame."""
+        self.backend.warmup(shape)
+        if self._device is not None:
+            image = np.zeros(shape, dtype=np.uint16)
+            image[::7, ::5] = 1000  # not flat, so the model sees a real range
+            for _ in range(2):
+                self.analyse(self.infer(image), image)
+
     def infer(self, image: np.ndarray) -> np.ndarray | DeviceProbabilities:
         """The pipeline's inference stage: :meth:`predict`, or on the device path the
         upload, normalisation and model run on the GPU (whole frame, no tiling), finished

@@ -23,6 +23,7 @@ Everything also runs on the CPU build of torch (that is how CI tests it).
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -38,17 +39,55 @@ __all__ = ["TorchAnalysis"]
 
 #: Propagation steps between two convergence checks (each check synchronises the device).
 _CHECK_EVERY = 8
+#: Fixed propagation steps of the captured labelling: seed components up to this many pixels
+#: across, and per flooding level (``levels`` x this = the reach from a seed's edge).
+_SEED_STEPS = 16
+_GROW_STEPS = 5
+
+log = logging.getLogger("livemask")
+
+
+class _CapturedCall:
+    """A tensor function captured once into a CUDA graph and replayed on copies of new inputs.
+
+    Outputs are static tensors, overwritten by the next call: use them before calling again.
+    """
+
+    def __init__(self, fn: Any, inputs: list[Tensor], device: Any) -> None:
+        import torch
+
+        self._inputs = [x.clone() for x in inputs]
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up outside the capture, as torch's docs ask
+            fn(*self._inputs)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph, capture_error_mode="thread_local"):
+            self._outputs = fn(*self._inputs)
+
+    def __call__(self, *inputs: Tensor) -> Any:
+        for static, x in zip(self._inputs, inputs, strict=True):
+            static.copy_(x)
+        self._graph.replay()
+        return self._outputs
 
 
 class TorchAnalysis:
     """Device-side pre- and post-processing for one torch device."""
 
-    def __init__(self, device: str | torch.device = "cuda", *, levels: int = 8) -> None:
+    def __init__(
+        self, device: str | torch.device = "cuda", *, levels: int = 6, graphs: bool = True
+    ) -> None:
         import torch
 
         self._torch = torch
         self.device = torch.device(device)
         self.levels = levels
+        self.graphs = graphs
+        self._graphs: dict[tuple[Any, ...], _CapturedCall] = {}
+        self._no_graph: set[tuple[Any, ...]] = set()
+        self._pinned: dict[tuple[Any, ...], tuple[Tensor, Any]] = {}
 
     # ------------------------------------------------------------ input
     def upload(self, image: np.ndarray) -> torch.Tensor:
@@ -58,11 +97,31 @@ class TorchAnalysis:
         if arr.ndim != 2:
             raise ValueError(f"expected a 2-D image, got shape {arr.shape}")
         if arr.dtype == np.uint16:  # torch has few uint16 kernels: move the bits as int16
-            raw = torch.from_numpy(arr.view(np.int16)).to(self.device, non_blocking=True)
+            raw = self._to_device(arr.view(np.int16))
             return (raw.to(torch.int32) & 0xFFFF).to(torch.float32)
         if arr.dtype in (np.uint8, np.int16, np.int32, np.float32):
             return torch.from_numpy(arr).to(self.device).to(torch.float32)
         return torch.from_numpy(arr.astype(np.float32)).to(self.device)
+
+    def _to_device(self, arr: np.ndarray) -> Tensor:
+        """Host → device through a reused pinned buffer on CUDA (a fast, asynchronous copy)."""
+        torch = self._torch
+        if self.device.type != "cuda":
+            return torch.from_numpy(arr).to(self.device)
+        key = (arr.shape, arr.dtype.str)
+        if key not in self._pinned:
+            host = torch.empty(arr.shape, dtype=torch.from_numpy(arr[:0]).dtype,
+                               pin_memory=True)
+            self._pinned[key] = (host, None)
+        host, done = self._pinned[key]
+        if done is not None:
+            done.synchronize()  # the previous copy out of this buffer has finished
+        host.numpy()[...] = arr
+        out = host.to(self.device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self._pinned[key] = (host, event)
+        return out
 
     def normalize(
         self, image: torch.Tensor, low: float, high: float, subsample: int = 4
@@ -110,20 +169,13 @@ class TorchAnalysis:
 
     def _grow(self, seeds: torch.Tensor, fg: torch.Tensor, elevation: torch.Tensor) -> torch.Tensor:
         """Grow seed labels into ``fg`` by flooding levels of ``elevation`` (low first)."""
-        torch = self._torch
         h, w = fg.shape
         lab = seeds.view(1, 1, h, w)
         fg4 = fg.view(1, 1, h, w)
         elev = elevation.view(1, 1, h, w)
         for k in range(1, self.levels + 1):
             allowed = fg4 & (elev <= k / self.levels) if k < self.levels else fg4
-            while True:
-                for _ in range(_CHECK_EVERY):
-                    near = self._spread(lab)
-                    lab = torch.where(allowed & (lab == 0) & (near > 0), near, lab)
-                near = self._spread(lab)
-                if not bool((allowed & (lab == 0) & (near > 0)).any()):
-                    break
+            lab = self._flood(lab, allowed)
         return lab.view(h, w)
 
     def labels_from_probabilities(
@@ -137,20 +189,98 @@ class TorchAnalysis:
         min_seed_area_px: int = 4,
     ) -> tuple[torch.Tensor, int]:
         """Instance labels (int32 tensor, 1..N, 0 = background) and N, with the CPU path's
-        parameters and semantics (the numbering order differs)."""
+        parameters and semantics (the numbering order differs).
+
+        A fixed number of propagation steps (:meth:`_label_core`) runs first, on CUDA as
+        one captured CUDA graph; one synchronisation then tells whether the seeds converged
+        and the foreground is fully flooded. Rarely (a seed longer than ``_SEED_STEPS`` px, a
+        nucleus wider than the flooding reach) the exact convergence loops finish the job.
+        """
         torch = self._torch
         h, w = foreground.shape
-        fg = foreground > foreground_threshold
-        seed_mask = fg & (seeds > seed_threshold)
-        seed_lab = self.components(seed_mask)
-        if min_seed_area_px > 1 and bool(seed_mask.any()):
-            seed_lab = self._drop_small(seed_lab, min_seed_area_px)
-        grown = self._grow(seed_lab, fg, 1.0 - seeds.to(torch.float32))
-        rest = fg & (grown == 0)  # foreground components without a seed: one object each
+        key = (h, w, float(foreground_threshold), float(seed_threshold), int(min_seed_area_px))
+        fg, lab, flags = self._run_core(key, foreground, seeds)
+        seed_ok, grow_ok = (bool(v) for v in flags.tolist())
+        if not seed_ok:  # the exact loops, from scratch
+            seed_mask = fg & (seeds > seed_threshold)
+            seed_lab = self.components(seed_mask)
+            if min_seed_area_px > 1 and bool(seed_mask.any()):
+                seed_lab = self._drop_small(seed_lab, min_seed_area_px)
+            lab = self._grow(seed_lab, fg, 1.0 - seeds.to(torch.float32))
+        elif not grow_ok:  # finish flooding the whole foreground
+            lab = self._flood(lab.view(1, 1, h, w), fg.view(1, 1, h, w)).view(h, w)
+        rest = fg & (lab == 0)  # foreground components without a seed: one object each
         if bool(rest.any()):
             extra = self.components(rest)
-            grown = torch.where(rest, extra + float(h * w), grown)
-        return self._compact(grown, min_area_px)
+            lab = torch.where(rest, extra + float(h * w), lab)
+        return self._compact(lab, min_area_px)
+
+    def _flood(self, lab: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """Propagate labels into the unlabelled ``allowed`` pixels until nothing changes."""
+        torch = self._torch
+        while True:
+            for _ in range(_CHECK_EVERY):
+                near = self._spread(lab)
+                lab = torch.where(allowed & (lab == 0) & (near > 0), near, lab)
+            near = self._spread(lab)
+            if not bool((allowed & (lab == 0) & (near > 0)).any()):
+                return lab
+
+    def _label_core(
+        self, foreground: torch.Tensor, seeds: torch.Tensor, key: tuple[Any, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fixed-step seeds and flooding (no data-dependent control flow: capturable).
+
+        Returns the foreground mask, the labels (float, 0 = none) and two convergence flags
+        (seeds fully labelled, foreground fully flooded).
+        """
+        torch = self._torch
+        h, w, fg_thr, seed_thr, min_seed = key
+        fg = (foreground > fg_thr).view(1, 1, h, w)
+        sd = seeds.view(1, 1, h, w)
+        seed = fg & (sd > seed_thr)
+        idx = torch.arange(1, h * w + 1, device=foreground.device,
+                           dtype=self._index_dtype(h * w)).view(1, 1, h, w)
+        zero = torch.zeros((), dtype=idx.dtype, device=foreground.device)
+        lab = torch.where(seed, idx, zero)
+        for _ in range(_SEED_STEPS):
+            lab = torch.where(seed, self._spread(lab), zero)
+        seed_ok = ~(seed & (self._spread(lab) != lab)).any()
+        if min_seed > 1:
+            flat = lab.view(-1).to(torch.int64)
+            counts = torch.zeros(h * w + 1, dtype=torch.float32, device=foreground.device)
+            counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
+            small = (counts[flat] < min_seed) & (flat > 0)
+            lab = torch.where(small.view(1, 1, h, w), zero, lab)
+        elev = 1.0 - sd.to(torch.float32)
+        for k in range(1, self.levels + 1):
+            allowed = fg & (elev <= k / self.levels) if k < self.levels else fg
+            for _ in range(_GROW_STEPS):
+                near = self._spread(lab)
+                lab = torch.where(allowed & (lab == 0) & (near > 0), near, lab)
+        grow_ok = ~(fg & (lab == 0) & (self._spread(lab) > 0)).any()
+        return fg.view(h, w), lab.view(h, w), torch.stack([seed_ok, grow_ok])
+
+    def _run_core(
+        self, key: tuple[Any, ...], foreground: torch.Tensor, seeds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_label_core`, replayed from a CUDA graph when on CUDA (captured once per
+        shape and parameters; a failed capture runs eagerly from then on)."""
+        if self.device.type != "cuda" or not self.graphs or key in self._no_graph:
+            return self._label_core(foreground, seeds, key)
+        graph = self._graphs.get(key)
+        if graph is None:
+            try:
+                graph = _CapturedCall(
+                    lambda f, s: self._label_core(f, s, key), [foreground, seeds], self.device
+                )
+            except RuntimeError as exc:
+                log.warning("labels: CUDA graph capture failed (%s); running eagerly", exc)
+                self._no_graph.add(key)
+                return self._label_core(foreground, seeds, key)
+            self._graphs[key] = graph
+        fg, lab, flags = graph(foreground, seeds)
+        return fg, lab, flags
 
     def _drop_small(self, lab: torch.Tensor, min_area: int) -> torch.Tensor:
         torch = self._torch

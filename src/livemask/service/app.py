@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("livemask")
 
 SIMULATED_MODULE = "livemask.acquisition.simulated"
+#: CPython thread switch interval while a GPU (device-resident) pipeline runs.
+GPU_SWITCH_INTERVAL_S = 0.0005
 
 
 def uses_simulated_devices(cfg_path: Path) -> bool:
@@ -80,6 +83,7 @@ class Service:
         self.metrics: MetricsServer | None = None
         self.feedback: FeedbackController | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._switch_interval: float | None = None
 
     # ------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> Service:
@@ -100,7 +104,9 @@ class Service:
         self.publisher.start()
         self.control.start()
         segmenter = await asyncio.to_thread(build_segmenter, cfg)
-        await asyncio.to_thread(segmenter.backend.warmup, cfg.simulation.sensor_shape_px)
+        await asyncio.to_thread(segmenter.warmup, cfg.simulation.sensor_shape_px)
+        if segmenter.device_resident:
+            self._shorten_switch_interval()
         if self.source is None:
             self.source = await asyncio.to_thread(self._open_microscope)
         self.pipeline = Pipeline(
@@ -136,6 +142,14 @@ class Service:
         self._event("service_started", {"units": UNITS, "config": cfg.model_dump(mode="json")})
         if cfg.acquisition.autostart:
             self.start_acquisition(None)
+
+    def _shorten_switch_interval(self) -> None:
+        """On the GPU path the stage threads mostly launch kernels and wait for the device:
+        with CPython's default 5 ms GIL switch interval, a thread that wakes from a wait can
+        sit behind a busy one for 5 ms each time (measured: infer p50 6 → 48 ms at 2048²).
+        0.5 ms keeps the hand-overs short; restored when the service closes."""
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch_interval, GPU_SWITCH_INTERVAL_S))
 
     def _open_microscope(self) -> MicroscopeSource:
         from livemask.acquisition.core import describe_core, open_core
@@ -229,6 +243,8 @@ class Service:
             await asyncio.to_thread(self.metrics.close)
         self.control.close()
         self.publisher.close()
+        if self._switch_interval is not None:
+            sys.setswitchinterval(self._switch_interval)
         if self.source is not None:
             await asyncio.to_thread(self.source.close)
         self.state = "closed"

@@ -30,14 +30,13 @@ import math
 import os
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from livemask.acquisition.simulated.nuclei import NucleiParams
-from livemask.acquisition.simulated.world import configure_world, get_world
+from livemask.acquisition.simulated.world import get_world
 from livemask.client import AsyncSubscriber, ControlClient, Subscriber
 from livemask.config import ServiceConfig, load_config
 from livemask.feedback import FeatureTracker, FrameContext
@@ -92,24 +91,10 @@ async def record(
     """Run the acquisition; return the messages, the status and the mitosis log."""
     if external:  # the same decision made by examples/mitosis_controller.py instead
         cfg.feedback.rules = []
+    if division_rate is not None:  # the service builds the world with this rate
+        cfg.simulation.division_rate_per_step = division_rate
     async with Service(cfg) as svc:
         sim = cfg.simulation
-        if division_rate is not None:  # same world, fewer mitoses (devices follow at once)
-            base = NucleiParams()
-            (h, w), (bh, bw) = sim.sensor_shape_px, base.world_shape_px
-            params = replace(
-                base,
-                world_shape_px=(max(bh, 2 * h), max(bw, 2 * w)),
-                division_rate_per_step=division_rate,
-            )
-            configure_world(
-                "nuclei",
-                seed=sim.seed,
-                params=params,
-                sensor_shape=sim.sensor_shape_px,
-                pixel_size_um=sim.pixel_size_um,
-                steps_per_frame=sim.steps_per_frame,
-            )
         meas: list[dict[str, Any]] = []
         events: list[dict[str, Any]] = []
         load_before = os.getloadavg()
@@ -414,7 +399,8 @@ def main() -> None:
         "loops": tp.get("loops"),
         "interval_s": tp.get("interval"),
         "seed": cfg.simulation.seed,
-        "division_rate_per_step": args.division_rate or NucleiParams().division_rate_per_step,
+        "division_rate_per_step": cfg.simulation.division_rate_per_step
+        or NucleiParams().division_rate_per_step,
         "cpu_count": os.cpu_count(),
         **analyse(cfg, rec),
     }

@@ -50,3 +50,16 @@ def test_invalid_yaml(tmp_path: Path) -> None:
     p.write_text("a: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(p)
+
+
+def test_division_rate_reaches_the_simulated_sample() -> None:
+    from livemask.config import SimulationConfig
+    from livemask.service.app import simulation_params
+
+    assert simulation_params(SimulationConfig()) is None  # simulator defaults
+    params = simulation_params(SimulationConfig(division_rate_per_step=0.00015))
+    assert params is not None and params.division_rate_per_step == 0.00015
+    assert params.world_shape_px[0] >= 2 * 512
+    assert simulation_params(SimulationConfig(sample="grains", division_rate_per_step=0.1)) is None
+    with pytest.raises(ConfigError, match="division_rate_per_step"):
+        parse_config({"simulation": {"division_rate_per_step": -1}})

@@ -55,6 +55,13 @@ class SimulationConfig(_Section):
     pixel_size_um: float = Field(default=0.65, gt=0)
     steps_per_frame: int = Field(default=1, ge=0, description="Sample time steps per snap.")
     truth: bool = Field(default=False, description="Publish ground-truth labels on 'truth'.")
+    division_rate_per_step: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="nuclei: chance per nucleus and sample step to start mitosis "
+        "(default: the simulator's 0.004; the smart-mitosis demo uses 0.00015).",
+    )
 
 
 class AcquisitionConfig(_Section):

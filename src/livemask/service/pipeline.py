@@ -59,7 +59,9 @@ class Pipeline:
         self._queue_size = queue_size
         self._waiting: deque[Frame] = deque()
         self._have_frame = asyncio.Event()
-        self._to_analyse: asyncio.Queue[Frame] = asyncio.Queue(maxsize=2)
+        # one inferred frame waiting at most: when analysis is the slower stage (GPU at 2048²)
+        # a longer queue only adds latency; frames are skipped at intake instead
+        self._to_analyse: asyncio.Queue[Frame] = asyncio.Queue(maxsize=1)
         self._to_publish: asyncio.Queue[Frame] = asyncio.Queue()
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="livemask-infer")
         self._analyse_pool = ThreadPoolExecutor(1, thread_name_prefix="livemask-analyse")

@@ -41,8 +41,8 @@ __all__ = ["TorchAnalysis"]
 _CHECK_EVERY = 8
 #: Fixed propagation steps of the captured labelling: seed components up to this many pixels
 #: across, and per flooding level (``levels`` x this = the reach from a seed's edge).
-_SEED_STEPS = 16
-_GROW_STEPS = 5
+_SEED_STEPS = 24
+_GROW_STEPS = 6
 
 log = logging.getLogger("livemask")
 
@@ -171,17 +171,6 @@ class TorchAnalysis:
             if torch.equal(lab, before):
                 return lab.view(h, w)
 
-    def _grow(self, seeds: torch.Tensor, fg: torch.Tensor, elevation: torch.Tensor) -> torch.Tensor:
-        """Grow seed labels into ``fg`` by flooding levels of ``elevation`` (low first)."""
-        h, w = fg.shape
-        lab = seeds.view(1, 1, h, w)
-        fg4 = fg.view(1, 1, h, w)
-        elev = elevation.view(1, 1, h, w)
-        for k in range(1, self.levels + 1):
-            allowed = fg4 & (elev <= k / self.levels) if k < self.levels else fg4
-            lab = self._flood(lab, allowed)
-        return lab.view(h, w)
-
     def labels_from_probabilities(
         self,
         foreground: torch.Tensor,
@@ -195,29 +184,41 @@ class TorchAnalysis:
         """Instance labels (int32 tensor, 1..N, 0 = background) and N, with the CPU path's
         parameters and semantics (the numbering order differs).
 
-        A fixed number of propagation steps (:meth:`_label_core`) runs first, on CUDA as
-        one captured CUDA graph; one synchronisation then tells whether the seeds converged
-        and the foreground is fully flooded. Rarely (a seed longer than ``_SEED_STEPS`` px, a
-        nucleus wider than the flooding reach) the exact convergence loops finish the job.
+        Two stages of a fixed number of propagation steps (seed components, then flooding),
+        on CUDA each replayed from a captured CUDA graph; after each, one synchronisation
+        tells whether it converged, and if not (a seed longer than ``_SEED_STEPS`` px, a
+        nucleus wider than the flooding reach) the exact loops continue from where it
+        stopped, so the result does not depend on the step counts.
         """
         torch = self._torch
         h, w = foreground.shape
         key = (h, w, float(foreground_threshold), float(seed_threshold), int(min_seed_area_px))
-        fg, lab, flags = self._run_core(key, foreground, seeds)
-        seed_ok, grow_ok = (bool(v) for v in flags.tolist())
-        if not seed_ok:  # the exact loops, from scratch
-            seed_mask = fg & (seeds > seed_threshold)
-            seed_lab = self.components(seed_mask)
-            if min_seed_area_px > 1 and bool(seed_mask.any()):
-                seed_lab = self._drop_small(seed_lab, min_seed_area_px)
-            lab = self._grow(seed_lab, fg, 1.0 - seeds.to(torch.float32))
-        elif not grow_ok:  # finish flooding the whole foreground
+        fg, seed, seed_lab, seed_ok = self._run(("seeds", *key), self._seed_stage,
+                                                [foreground, seeds], key)
+        if not bool(seed_ok):  # a seed longer than the fixed steps: go on until converged
+            seed_lab = self._converge(seed_lab, seed)
+        lab, grow_ok = self._run(("grow", *key), self._grow_stage, [seed_lab, fg, seeds], key)
+        if not bool(grow_ok):  # an object wider than the flooding reach: finish flooding
             lab = self._flood(lab.view(1, 1, h, w), fg.view(1, 1, h, w)).view(h, w)
         rest = fg & (lab == 0)  # foreground components without a seed: one object each
         if bool(rest.any()):
             extra = self.components(rest)
             lab = torch.where(rest, extra + h * w, lab)
         return self._compact(lab, min_area_px)
+
+    def _converge(self, lab: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Continue max-label propagation inside ``mask`` until nothing changes."""
+        torch = self._torch
+        h, w = mask.shape
+        m = mask.view(1, 1, h, w)
+        lab = lab.view(1, 1, h, w)
+        zero = torch.zeros((), dtype=lab.dtype, device=lab.device)
+        while True:
+            before = lab
+            for _ in range(_CHECK_EVERY):
+                lab = torch.where(m, self._spread(lab), zero)
+            if torch.equal(lab, before):
+                return lab.view(h, w)
 
     def _flood(self, lab: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """Propagate labels into the unlabelled ``allowed`` pixels until nothing changes."""
@@ -230,67 +231,68 @@ class TorchAnalysis:
             if not bool((allowed & (lab == 0) & (near > 0)).any()):
                 return lab
 
-    def _label_core(
+    def _seed_stage(
         self, foreground: torch.Tensor, seeds: torch.Tensor, key: tuple[Any, ...]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Fixed-step seeds and flooding (no data-dependent control flow: capturable).
-
-        Returns the foreground mask, the labels (int32, 0 = none) and two convergence flags
-        (seeds fully labelled, foreground fully flooded).
-        """
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fixed-step seed components (capturable): the foreground and seed masks, the seed
+        labels (int32, 0 = none) and whether they converged."""
         torch = self._torch
-        h, w, fg_thr, seed_thr, min_seed = key
+        h, w, fg_thr, seed_thr, _ = key
         fg = (foreground > fg_thr).view(1, 1, h, w)
-        sd = seeds.view(1, 1, h, w)
-        seed = fg & (sd > seed_thr)
+        seed = fg & (seeds.view(1, 1, h, w) > seed_thr)
         idx = torch.arange(1, h * w + 1, device=foreground.device,
                            dtype=self._index_dtype(h * w)).view(1, 1, h, w)
         zero = torch.zeros((), dtype=idx.dtype, device=foreground.device)
         lab = torch.where(seed, idx, zero)
         for _ in range(_SEED_STEPS):
             lab = torch.where(seed, self._spread(lab), zero)
-        seed_ok = ~(seed & (self._spread(lab) != lab)).any()
+        ok = ~(seed & (self._spread(lab) != lab)).any()
+        return fg.view(h, w), seed.view(h, w), lab.view(h, w), ok
+
+    def _grow_stage(
+        self, seed_lab: torch.Tensor, fg: torch.Tensor, seeds: torch.Tensor,
+        key: tuple[Any, ...],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Drop small seeds, then flood ``levels`` levels of ``1 - seeds`` with a fixed number
+        of steps each (capturable): the labels and whether the foreground is fully flooded."""
+        torch = self._torch
+        h, w, _, _, min_seed = key
+        lab = seed_lab.view(1, 1, h, w)
+        fg4 = fg.view(1, 1, h, w)
+        zero = torch.zeros((), dtype=lab.dtype, device=lab.device)
         if min_seed > 1:
-            flat = lab.view(-1).to(torch.int64)
-            counts = torch.zeros(h * w + 1, dtype=torch.float32, device=foreground.device)
+            flat = lab.reshape(-1).to(torch.int64)
+            counts = torch.zeros(h * w + 1, dtype=torch.float32, device=lab.device)
             counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
             small = (counts[flat] < min_seed) & (flat > 0)
             lab = torch.where(small.view(1, 1, h, w), zero, lab)
-        elev = 1.0 - sd.to(torch.float32)
+        elev = 1.0 - seeds.view(1, 1, h, w).to(torch.float32)
         for k in range(1, self.levels + 1):
-            allowed = fg & (elev <= k / self.levels) if k < self.levels else fg
+            allowed = fg4 & (elev <= k / self.levels) if k < self.levels else fg4
             for _ in range(_GROW_STEPS):
                 near = self._spread(lab)
                 lab = torch.where(allowed & (lab == 0) & (near > 0), near, lab)
-        grow_ok = ~(fg & (lab == 0) & (self._spread(lab) > 0)).any()
-        return fg.view(h, w), lab.view(h, w), torch.stack([seed_ok, grow_ok])
+        ok = ~(fg4 & (lab == 0) & (self._spread(lab) > 0)).any()
+        return lab.view(h, w), ok
 
-    def _run_core(
-        self, key: tuple[Any, ...], foreground: torch.Tensor, seeds: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`_label_core`, replayed from a CUDA graph when on CUDA (captured once per
-        shape and parameters; a failed capture runs eagerly from then on)."""
+    def _run(
+        self, key: tuple[Any, ...], fn: Any, inputs: list[torch.Tensor], params: tuple[Any, ...]
+    ) -> Any:
+        """``fn(*inputs, params)``, replayed from a CUDA graph when on CUDA (captured once per
+        stage, shape and parameters; a failed capture runs eagerly from then on). Outputs
+        of a replay are overwritten by the next replay of the same stage."""
         if self.device.type != "cuda" or not self.graphs or key in self._no_graph:
-            return self._label_core(foreground, seeds, key)
+            return fn(*inputs, params)
         graph = self._graphs.get(key)
         if graph is None:
             try:
-                graph = _CapturedCall(
-                    lambda f, s: self._label_core(f, s, key), [foreground, seeds], self.device
-                )
+                graph = _CapturedCall(lambda *x: fn(*x, params), inputs, self.device)
             except RuntimeError as exc:
                 log.warning("labels: CUDA graph capture failed (%s); running eagerly", exc)
                 self._no_graph.add(key)
-                return self._label_core(foreground, seeds, key)
+                return fn(*inputs, params)
             self._graphs[key] = graph
-        fg, lab, flags = graph(foreground, seeds)
-        return fg, lab, flags
-
-    def _drop_small(self, lab: torch.Tensor, min_area: int) -> torch.Tensor:
-        torch = self._torch
-        ids, inverse, counts = torch.unique(lab, return_inverse=True, return_counts=True)
-        small = (counts < min_area) & (ids > 0)
-        return torch.where(small[inverse], torch.zeros_like(lab), lab)
+        return graph(*inputs)
 
     def _compact(self, lab: torch.Tensor, min_area: int) -> tuple[torch.Tensor, int]:
         """Renumber labels 1..N (dropping objects smaller than ``min_area``)."""

@@ -222,3 +222,25 @@ def test_properties_on_random_maps(seed: int, sigma: float, min_area: int) -> No
         assert ndimage.label(labels == lab)[1] == 1
     if min_area == 1:  # nothing is dropped: every foreground pixel is labelled
         np.testing.assert_array_equal(labels > 0, fg > 0.5)
+
+
+def test_flood_levels_split_flat_plateaus_evenly() -> None:
+    """Low seed values (noise) steer the continuous watershed; quantised levels do not."""
+    from livemask.analysis.instances import labels_from_probabilities
+
+    fg = np.zeros((12, 44), dtype=np.float32)
+    fg[1:11, 2:42] = 1.0
+    seeds = np.zeros_like(fg)
+    seeds[1:11, 2:42] = 0.02
+    seeds[1:11, 22:42] = 0.2  # the right half of the plateau is a little less dark
+    seeds[4:8, 4:8] = 1.0
+    seeds[4:8, 36:40] = 1.0
+    row = 6
+
+    def cut(levels: int | None) -> int:
+        lab = labels_from_probabilities(fg, seeds, flood_levels=levels, min_area_px=5)
+        assert lab.max() == 2
+        return int(np.flatnonzero(np.diff(lab[row, 2:42]))[0]) + 2
+
+    assert cut(None) < 18  # the right seed took the whole right half first
+    assert 19 <= cut(4) <= 23  # even flooding: the cut is half way between the seeds

@@ -42,6 +42,7 @@ def labels_from_probabilities(
     seed_threshold: float = 0.5,
     min_area_px: int = 20,
     min_seed_area_px: int = 4,
+    flood_levels: int | None = None,
 ) -> np.ndarray:
     """Instance labels from foreground and seed (nucleus core) probability maps.
 
@@ -73,7 +74,10 @@ def labels_from_probabilities(
         seed_fg[in_seed], n_seed = _label_pixels(np.take(fg_px, in_seed), width)
 
     def elevation(at: np.ndarray) -> np.ndarray:
-        return 1.0 - np.take(sd_fg, at).astype(np.float32, copy=False)
+        e = 1.0 - np.take(sd_fg, at).astype(np.float32, copy=False)
+        if flood_levels:  # quantised: flat levels flood outward evenly from the seeds
+            e = np.ceil(e * flood_levels) / flood_levels
+        return e
 
     return _assign_to_seeds(
         mask.shape,

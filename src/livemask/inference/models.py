@@ -38,6 +38,14 @@ class PostProcessing(BaseModel):
     foreground_threshold: float = Field(default=0.5, gt=0, lt=1)
     seed_threshold: float = Field(default=0.5, gt=0, lt=1)
     min_area_px: int = Field(default=20, ge=0)
+    flood_levels: int | None = Field(
+        default=None,
+        ge=2,
+        le=256,
+        description="seeded-watershed: flood 1 - seeds quantised to this many levels, so that "
+        "each flat level grows outward from the seeds evenly (None: the continuous "
+        "probability, which lets noise in the low seed values steer the cuts).",
+    )
 
 
 class ModelCard(BaseModel):

@@ -121,6 +121,7 @@ class Segmenter:
             foreground_threshold=p.foreground_threshold,
             seed_threshold=p.seed_threshold,
             min_area_px=p.min_area_px,
+            flood_levels=p.flood_levels,
         )
 
     # ------------------------------------------------------------ pipeline path
@@ -182,6 +183,7 @@ class Segmenter:
             foreground_threshold=p.foreground_threshold,
             seed_threshold=p.seed_threshold,
             min_area_px=p.min_area_px,
+            flood_levels=p.flood_levels,
         )
         objects, summary = ta.measure(lab_t, n, probabilities.image, pixel_size_um=pixel_size_um)
         labels = lab_t.cpu().numpy()

@@ -40,9 +40,9 @@ __all__ = ["TorchAnalysis"]
 #: Propagation steps between two convergence checks (each check synchronises the device).
 _CHECK_EVERY = 8
 #: Fixed propagation steps of the captured labelling: seed components up to this many pixels
-#: across, and per flooding level (``levels`` x this = the reach from a seed's edge).
+#: across, and in all flooding levels together (the reach from a seed's edge, split evenly).
 _SEED_STEPS = 24
-_GROW_STEPS = 6
+_GROW_REACH = 36
 
 log = logging.getLogger("livemask")
 
@@ -180,6 +180,7 @@ class TorchAnalysis:
         seed_threshold: float = 0.5,
         min_area_px: int = 20,
         min_seed_area_px: int = 4,
+        flood_levels: int | None = None,
     ) -> tuple[torch.Tensor, int]:
         """Instance labels (int32 tensor, 1..N, 0 = background) and N, with the CPU path's
         parameters and semantics (the numbering order differs).
@@ -192,7 +193,9 @@ class TorchAnalysis:
         """
         torch = self._torch
         h, w = foreground.shape
-        key = (h, w, float(foreground_threshold), float(seed_threshold), int(min_seed_area_px))
+        levels = flood_levels or self.levels
+        key = (h, w, float(foreground_threshold), float(seed_threshold), int(min_seed_area_px),
+               int(levels))
         fg, seed, seed_lab, seed_ok = self._run(("seeds", *key), self._seed_stage,
                                                 [foreground, seeds], key)
         if not bool(seed_ok):  # a seed longer than the fixed steps: go on until converged
@@ -237,7 +240,7 @@ class TorchAnalysis:
         """Fixed-step seed components (capturable): the foreground and seed masks, the seed
         labels (int32, 0 = none) and whether they converged."""
         torch = self._torch
-        h, w, fg_thr, seed_thr, _ = key
+        h, w, fg_thr, seed_thr, _, _ = key
         fg = (foreground > fg_thr).view(1, 1, h, w)
         seed = fg & (seeds.view(1, 1, h, w) > seed_thr)
         idx = torch.arange(1, h * w + 1, device=foreground.device,
@@ -253,10 +256,10 @@ class TorchAnalysis:
         self, seed_lab: torch.Tensor, fg: torch.Tensor, seeds: torch.Tensor,
         key: tuple[Any, ...],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Drop small seeds, then flood ``levels`` levels of ``1 - seeds`` with a fixed number
+        """Drop small seeds, then flood the levels of ``1 - seeds`` with a fixed number
         of steps each (capturable): the labels and whether the foreground is fully flooded."""
         torch = self._torch
-        h, w, _, _, min_seed = key
+        h, w, _, _, min_seed, levels = key
         lab = seed_lab.view(1, 1, h, w)
         fg4 = fg.view(1, 1, h, w)
         zero = torch.zeros((), dtype=lab.dtype, device=lab.device)
@@ -267,9 +270,10 @@ class TorchAnalysis:
             small = (counts[flat] < min_seed) & (flat > 0)
             lab = torch.where(small.view(1, 1, h, w), zero, lab)
         elev = 1.0 - seeds.view(1, 1, h, w).to(torch.float32)
-        for k in range(1, self.levels + 1):
-            allowed = fg4 & (elev <= k / self.levels) if k < self.levels else fg4
-            for _ in range(_GROW_STEPS):
+        steps = max(2, _GROW_REACH // levels)
+        for k in range(1, levels + 1):
+            allowed = fg4 & (elev <= k / levels) if k < levels else fg4
+            for _ in range(steps):
                 near = self._spread(lab)
                 lab = torch.where(allowed & (lab == 0) & (near > 0), near, lab)
         ok = ~(fg4 & (lab == 0) & (self._spread(lab) > 0)).any()

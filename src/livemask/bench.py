@@ -107,6 +107,7 @@ class BenchSettings:
     warmup: int = 3
     hardware_cfg: Path | None = None
     timeout_s: float | None = None
+    dashboard: bool = False  # serve the web dashboard, with one WebSocket client reading it
 
     def __post_init__(self) -> None:
         if self.size < 16 or self.frames < 2:
@@ -378,6 +379,7 @@ def service_config(settings: BenchSettings, sample: str = "nuclei") -> ServiceCo
             "publish": {"pub_address": "tcp://127.0.0.1:*",
                         "control_address": "tcp://127.0.0.1:*", "heartbeat_s": 0.5},
             "pipeline": {"queue_size": settings.queue_size},
+            "dashboard": {"enabled": settings.dashboard, "port": 0},
         },
         source="bench settings",
     )
@@ -480,8 +482,10 @@ async def _run_pipeline(
             "time_plan": {"interval": settings.event_interval_s, "loops": settings.frames},
             "channels": [channel],
         })
-        with _subscriber(svc.publisher.bound_address) as sub:
+        with _subscriber(svc.publisher.bound_address) as sub, _dashboard_probe(svc) as web:
             await asyncio.to_thread(sub.wait_ready)  # heartbeats reach it meanwhile
+            if web is not None:
+                await asyncio.to_thread(web.wait_ready)
             timeout = settings.timeout_s or 60 + settings.frames * (settings.event_interval_s + 2)
             deadline = time.monotonic() + timeout
             svc.start_acquisition(seq)
@@ -494,6 +498,9 @@ async def _run_pipeline(
             status = svc.status()
             memory = memory_mb()
             got = await asyncio.to_thread(sub.finish, int(status["frames_analysed"]))
+            dashboard = await asyncio.to_thread(web.finish) if web is not None else None
+            if dashboard is not None and svc.dashboard is not None:
+                dashboard["server"] = svc.dashboard.report()
     records = got["records"]
     stamps = [t for topic, _, t, _ in records if topic == "measurements"]
     acquired = sorted({fid: t["acquired"] for _, fid, t, _ in records}.values())
@@ -518,7 +525,23 @@ async def _run_pipeline(
         "publisher_dropped": status["publisher"]["dropped"],
         "latency_ms": span_latencies(stamps),
         "memory_mb": memory,
+        "dashboard": dashboard,
     }
+
+
+@contextlib.contextmanager
+def _dashboard_probe(svc: Any) -> Iterator[Any]:
+    """A WebSocket client of the service's dashboard in its own process (dashboard on)."""
+    if svc.dashboard is None or svc.dashboard.url is None:
+        yield None
+        return
+    from livemask.dashboard.probe import DashboardProbe
+
+    probe = DashboardProbe(svc.dashboard.url)
+    try:
+        yield probe
+    finally:
+        probe.close()
 
 
 def run_pipeline(
@@ -623,4 +646,8 @@ def format_report(result: dict[str, Any]) -> list[tuple[str, str]]:
         ("resident memory (now, peak)", f"{result['rss_mb']:.0f} MiB, "
                                         f"{result['peak_rss_mb']:.0f} MiB"),
     ]
+    web = p.get("dashboard")
+    if web:
+        rows.append(("dashboard (pipeline run)", f"{web['images']} images "
+                     f"({web.get('images_per_s', 0)}/s) to 1 {web.get('client', 'client')}"))
     return rows

@@ -24,6 +24,21 @@ ConfigOpt = Annotated[
 ]
 
 
+RecordOpt = Annotated[
+    Path | None,
+    typer.Option("--record", help="Record frames, labels, measurements and events to "
+                 "DIR/run-YYYYmmdd-HHMMSS (docs/recording.md)."),
+]
+
+
+DashboardOpt = Annotated[
+    str | None,
+    typer.Option("--dashboard", metavar="HOST:PORT",
+                 help="Serve the web dashboard here, e.g. 127.0.0.1:8080 (port 0: a free "
+                 "one; docs/dashboard.md)."),
+]
+
+
 def _fail(exc: Exception) -> None:
     typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
     raise typer.Exit(2)
@@ -45,6 +60,8 @@ def serve(
     autostart: Annotated[
         bool | None, typer.Option("--autostart/--no-autostart", help="Start the sequence now.")
     ] = None,
+    record: RecordOpt = None,
+    dashboard: DashboardOpt = None,
 ) -> None:
     """Run the service until SIGINT/SIGTERM (exit code 0 after a clean shutdown)."""
     from livemask.config import load_config
@@ -62,6 +79,13 @@ def serve(
             cfg.acquisition.mode = mode  # type: ignore[assignment]
         if autostart is not None:
             cfg.acquisition.autostart = autostart
+        if record is not None:
+            cfg.record.enabled, cfg.record.path = True, record
+        if dashboard is not None:
+            from livemask.dashboard.server import parse_listen
+
+            host, port = parse_listen(dashboard)
+            cfg.dashboard.enabled, cfg.dashboard.address, cfg.dashboard.port = True, host, port
         if frames is not None or interval is not None:
             seq = dict(cfg.acquisition.sequence)
             plan = dict(seq.get("time_plan") or {"interval": 0.1, "loops": 170})
@@ -79,14 +103,14 @@ def serve(
         _fail(exc)
 
 
-async def _serve(cfg: Any, *, view: bool, exit_when_done: bool) -> None:
+async def _serve(cfg: Any, *, view: bool, exit_when_done: bool, source: Any = None) -> None:
     from livemask.service.app import Service
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with Service(cfg) as service:
+    async with Service(cfg, source=source) as service:
         viewer = _start_viewer(service.publisher.bound_address, service.truth) if view else None
         waiter = None
         if exit_when_done:
@@ -105,6 +129,96 @@ async def _serve(cfg: Any, *, view: bool, exit_when_done: bool) -> None:
         if viewer is not None:
             viewer.terminate()
             await asyncio.to_thread(viewer.wait, 5)
+
+
+@app.command()
+def replay(
+    path: Annotated[Path, typer.Argument(
+        help="A livemask recording (run folder), an OME-Zarr image or a TIFF stack.")],
+    config: ConfigOpt = None,
+    interval: Annotated[float | None, typer.Option(
+        help="Seconds between frames (default: the recorded timing, else 0.1).")] = None,
+    pub: Annotated[str | None, typer.Option(help="PUB address, e.g. tcp://127.0.0.1:5555")] = None,
+    control: Annotated[str | None, typer.Option(help="Control (ROUTER) address.")] = None,
+    mode: Annotated[str | None, typer.Option(help="free-run or synchronized.")] = None,
+    view: Annotated[bool, typer.Option("--view", help="Show live measurements here.")] = False,
+    exit_when_done: Annotated[
+        bool, typer.Option("--exit-when-done", help="Exit when every frame was played.")
+    ] = False,
+    record: RecordOpt = None,
+) -> None:
+    """Run stored frames through the service as if they came from the camera."""
+    from livemask.acquisition.replay import ReplaySource, open_stack
+    from livemask.config import load_config
+
+    setup_logging(quiet=view)
+    try:
+        cfg = load_config(config)
+        stack = open_stack(path)
+        if pub:
+            cfg.publish.pub_address = pub
+        if control:
+            cfg.publish.control_address = control
+        if mode:
+            cfg.acquisition.mode = mode  # type: ignore[assignment]
+        if record is not None:
+            cfg.record.enabled, cfg.record.path = True, record
+        if cfg.hardware.pixel_size_um is None and stack.pixel_size_um:
+            cfg.hardware.pixel_size_um = stack.pixel_size_um
+        cfg.simulation.truth = False
+        cfg.simulation.sensor_shape_px = stack.shape  # warm the model up at the frame size
+        cfg.acquisition.autostart = True
+        cfg.acquisition.sequence = {"time_plan": {"interval": 0, "loops": stack.frames}}
+    except (LivemaskError, ValueError) as exc:
+        _fail(exc)
+    if interval is None and stack.times is None:
+        interval = 0.1
+    source = ReplaySource(stack, interval_s=interval,
+                          sync_timeout_s=cfg.acquisition.frame_timeout_s)
+    log.info("replaying %s: %d frames of %s (%s)", stack.path, stack.frames,
+             "x".join(map(str, stack.shape)), stack.kind)
+    try:
+        asyncio.run(_serve(cfg, view=view, exit_when_done=exit_when_done, source=source))
+    except LivemaskError as exc:
+        _fail(exc)
+    finally:
+        source.close()
+
+
+@app.command("dashboard")
+def dashboard_cmd(
+    connect: Annotated[str, typer.Option(help="The service's PUB address.")] = (
+        "tcp://127.0.0.1:5555"),
+    listen: Annotated[str, typer.Option(
+        metavar="HOST:PORT", help="Where to serve the page; anything but loopback is public."
+    )] = "127.0.0.1:8080",
+    update_hz: Annotated[float, typer.Option(help="Most updates per second.")] = 5.0,
+    max_image_px: Annotated[int, typer.Option(help="Longest image side sent.")] = 512,
+) -> None:
+    """Serve the web dashboard of a service running elsewhere (a subscriber like any other)."""
+    from livemask.dashboard.server import DashboardServer, parse_listen
+
+    setup_logging()
+    try:
+        host, port = parse_listen(listen)
+        server = DashboardServer(connect, address=host, port=port, update_hz=update_hz,
+                                 max_image_px=max_image_px)
+    except LivemaskError as exc:
+        _fail(exc)
+
+    async def _run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with server:
+            typer.echo(f"dashboard of {connect}: {server.url}  (Ctrl-C stops)")
+            await stop.wait()
+
+    try:
+        asyncio.run(_run())
+    except LivemaskError as exc:
+        _fail(exc)
 
 
 def _start_viewer(address: str, truth: bool) -> subprocess.Popen[bytes]:
@@ -250,6 +364,46 @@ def evaluate(
         json_out.write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n")
 
 
+@app.command("evaluate-tracking")
+def evaluate_tracking(
+    frames: Annotated[int, typer.Option(help="Time points of the simulated time-lapse.")] = 150,
+    positions: Annotated[int, typer.Option(help="Stage positions (1-4), 512x512 each.")] = 1,
+    model: Annotated[str, typer.Option(help="Model name or card that segments.")] = "nuclei",
+    truth_labels: Annotated[bool, typer.Option(
+        "--truth-labels", help="Segment with the truth labels (tracking errors only).")] = False,
+    seed: Annotated[int, typer.Option(help="Simulator seed (defaults were tuned on 7).")] = 11,
+    threads: Annotated[int, typer.Option(help="CPU threads of the model.")] = 2,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
+) -> None:
+    """Score the tracker against the simulator's ground-truth tracks (see docs/tracking.md)."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from livemask import tracking_eval as te
+    from livemask.offline import load_segmenter
+
+    setup_logging(quiet=True)
+    try:
+        segment = None if truth_labels else load_segmenter(model, threads).segment
+        result = te.evaluate_tracking(
+            segment, frames=frames, positions=positions, seed=seed,
+            name="truth labels" if truth_labels else model,
+        )
+    except (LivemaskError, OSError, ValueError) as exc:
+        _fail(exc)
+    cols, rows = te.format_rows([result])
+    table = Table(title=f"tracking on the simulated nuclei time-lapse (seed {seed})")
+    for c in cols:
+        table.add_column(c, justify="right", no_wrap=c == "segmentation")
+    for row in rows:
+        table.add_row(*row)
+    Console(width=max(160, Console().width)).print(table)
+    if json_out:
+        json_out.write_text(json.dumps(result.as_dict(), indent=2) + "\n")
+
+
 @app.command()
 def bench(
     model: Annotated[str, typer.Option(help="Model name or card path.")] = "nuclei",
@@ -265,6 +419,9 @@ def bench(
     threads: Annotated[int, typer.Option(help="CPU threads of the backend.")] = 2,
     live_render: Annotated[bool, typer.Option(
         "--live-render", help="Render each frame in the camera (default: replay).")] = False,
+    dashboard: Annotated[bool, typer.Option(
+        "--dashboard", help="Serve the web dashboard during the pipeline run, with one "
+        "WebSocket client reading it (see benchmarks/dashboard_overhead.py).")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the result here.")] = None,
 ) -> None:
     """Measure inference_fps, naive_fps and pipeline_fps on the simulated camera, in one run."""
@@ -281,7 +438,7 @@ def bench(
         settings = BenchSettings(
             model=model, backend=backend, size=size, frames=frames, interval_s=interval,
             camera_fps=camera_fps, exposure_ms=exposure_ms, threads=threads,
-            live_render=live_render,
+            live_render=live_render, dashboard=dashboard,
         )
         result = run_bench(settings, progress=lambda msg: console.print(f"[dim]{msg}…[/dim]"))
     except (LivemaskError, OSError, ValueError) as exc:

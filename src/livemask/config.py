@@ -147,6 +147,79 @@ class MetricsConfig(_Section):
     port: int = Field(default=9108, ge=0, le=65535, description="TCP port; 0 picks a free one.")
 
 
+class DashboardConfig(_Section):
+    """The web dashboard (``docs/dashboard.md``), off by default."""
+
+    enabled: bool = Field(default=False, description="Serve the web dashboard over HTTP.")
+    address: str = Field(
+        default="127.0.0.1", description="Interface to bind; anything but loopback is public."
+    )
+    port: int = Field(default=8080, ge=0, le=65535, description="TCP port; 0 picks a free one.")
+    update_hz: float = Field(
+        default=5.0, gt=0, le=30, description="Most image and plot updates per second."
+    )
+    max_image_px: int = Field(
+        default=512, ge=64, le=4096, description="Longest side of the image sent to browsers."
+    )
+
+
+class TrackingConfig(_Section):
+    """Online tracking of objects (nuclei) across frames, per stage position. See tracking.md."""
+
+    enabled: bool = Field(default=False, description="Add track_id / parent_track_id.")
+    max_distance_px: float = Field(
+        default=20.0, gt=0, description="Longest link between frames (px, grows with sqrt(gap))."
+    )
+    max_gap_frames: int = Field(
+        default=3, ge=0, description="Analysed frames a track may miss and still be re-linked."
+    )
+    gap_penalty: float = Field(default=0.25, ge=0, description="Link cost per missed frame.")
+    area_weight: float = Field(default=0.0, ge=0, description="Link cost per |ln(area ratio)|.")
+    division: bool = Field(default=True, description="Detect divisions (parent/daughters).")
+    division_distance_px: float | None = Field(
+        default=None, gt=0, description="Daughter-to-parent distance limit; None: max_distance_px."
+    )
+    division_area_ratio: tuple[float, float] = Field(
+        default=(0.3, 1.6), description="(low, high) of each daughter's area / parent's area."
+    )
+    daughter_area_similarity: float = Field(
+        default=0.4, ge=0, le=1, description="Smaller daughter's area / larger's, at least."
+    )
+    division_intensity_ratio: float | None = Field(
+        default=0.9,
+        gt=0,
+        description="Daughters' mean intensity / the parent's brightest of its last 3 frames, "
+        "at most (condensed mitotic chromatin is bright); None: not used.",
+    )
+    max_positions: int = Field(
+        default=256, ge=1, description="Streams (positions) tracked at once; LRU beyond."
+    )
+
+    @field_validator("division_area_ratio")
+    @classmethod
+    def _valid_ratio(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] < value[1]:
+            raise ValueError("give [low, high] with 0 < low < high, e.g. [0.3, 1.6]")
+        return value
+
+
+class RecordConfig(_Section):
+    """Recording frames, labels, measurements and events to disk (see docs/recording.md)."""
+
+    enabled: bool = Field(default=False, description="Record the run (`serve --record DIR`).")
+    path: Path | None = Field(
+        default=None,
+        description="Folder that receives one run-YYYYmmdd-HHMMSS folder per service run; "
+        "relative paths are resolved against the YAML file; None: ./recordings.",
+    )
+    labels: bool = Field(default=True, description="Record the instance labels.")
+    measurements: bool = Field(default=True, description="Write measurements.csv.")
+    max_queue_mb: float = Field(
+        default=2048.0, gt=0,
+        description="Warn when more than this waits to be written (nothing is dropped).",
+    )
+
+
 class ServiceConfig(_Section):
     """The whole service configuration."""
 
@@ -158,6 +231,9 @@ class ServiceConfig(_Section):
     publish: PublishConfig = Field(default_factory=PublishConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    dashboard: DashboardConfig = Field(default_factory=DashboardConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    record: RecordConfig = Field(default_factory=RecordConfig)
     feedback: FeedbackConfig = Field(
         default_factory=FeedbackConfig, description="Rules that change the acquisition."
     )
@@ -190,6 +266,8 @@ def parse_config(
         hw = cfg.hardware
         hw.config_file = _resolve(hw.config_file, base_dir) or hw.config_file
         cfg.model.path = _resolve(cfg.model.path, base_dir)
+        if cfg.record.path is not None and not cfg.record.path.is_absolute():
+            cfg.record.path = base_dir / cfg.record.path  # an output: always beside the YAML
     return cfg
 
 

@@ -11,7 +11,9 @@
     ├── AcquisitionError (RuntimeError)   microscope/core faults
     │   └── FrameTimeout (TimeoutError)   no frame within the configured timeout
     ├── ModelError (ValueError)           missing/invalid model file or card
-    └── BackendUnavailable (RuntimeError) an inference backend cannot run here
+    ├── BackendUnavailable (RuntimeError) an inference backend cannot run here
+    ├── RecordingError (OSError)          the recording folder cannot be written
+    └── ReplayError (ValueError)          a file given to replay cannot be played
 """
 
 from __future__ import annotations
@@ -68,3 +70,11 @@ class ModelError(LivemaskError, ValueError):
 
 class BackendUnavailable(LivemaskError, RuntimeError):
     """The requested inference backend cannot run on this machine."""
+
+
+class RecordingError(LivemaskError, OSError):
+    """A recording cannot be written (folder exists, not writable, frame does not fit)."""
+
+
+class ReplayError(LivemaskError, ValueError):
+    """A file given to ``livemask replay`` cannot be played; the message says what to change."""

@@ -92,6 +92,30 @@ class _SubscriberBase:
             self.skipped_latest += 1
         return newest
 
+    def subscribe(self, topic: str) -> None:
+        """Also receive ``topic`` (it takes a moment to reach the publisher: slow joiner).
+
+        Missed messages of ``topic`` are counted from the first one received after this.
+        """
+        if self._socket is None:
+            raise RuntimeError("subscriber is closed")
+        if topic not in self.topics:
+            self._socket.setsockopt(zmq.SUBSCRIBE, topic.encode("ascii"))
+            self.topics += (topic,)
+            self.last_seq.pop(topic, None)
+
+    def unsubscribe(self, topic: str) -> None:
+        """Stop receiving ``topic``; messages already on their way still arrive.
+
+        ``seq`` tracking of ``topic`` restarts: what was published meanwhile is no gap.
+        """
+        if self._socket is None:
+            raise RuntimeError("subscriber is closed")
+        if topic in self.topics:
+            self._socket.setsockopt(zmq.UNSUBSCRIBE, topic.encode("ascii"))
+            self.topics = tuple(t for t in self.topics if t != topic)
+            self.last_seq.pop(topic, None)
+
     def counters(self) -> dict[str, Any]:
         """``received`` and ``gaps`` per topic, and ``skipped_latest``."""
         return {

@@ -16,7 +16,6 @@ import useq
 from livemask import __version__
 from livemask.acquisition.simulated.nuclei import NucleiParams
 from livemask.acquisition.source import FrameSource, MicroscopeSource, RawFrame
-from livemask.analysis.measure import UNITS
 from livemask.config import Mode, ServiceConfig, SimulationConfig
 from livemask.errors import AcquisitionError
 from livemask.feedback.controller import FeedbackController
@@ -29,6 +28,8 @@ from livemask.transport.control_server import ControlServer
 from livemask.transport.publisher import ZmqPublisher
 
 if TYPE_CHECKING:
+    from livemask.dashboard.server import DashboardServer
+    from livemask.recording import Recorder
     from livemask.service.metrics import MetricsServer
 
 log = logging.getLogger("livemask")
@@ -97,9 +98,11 @@ class Service:
         self._acquisition_started = 0.0
         self._last_error: str | None = None
         self.metrics: MetricsServer | None = None
+        self.dashboard: DashboardServer | None = None
         self.feedback: FeedbackController | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._switch_interval: float | None = None
+        self.recorder: Recorder | None = None
 
     # ------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> Service:
@@ -119,12 +122,15 @@ class Service:
         cfg = self.config
         self.publisher.start()
         self.control.start()
+        await self._start_dashboard()  # early: its subscriber joins before the first events
         segmenter = await asyncio.to_thread(build_segmenter, cfg)
         await asyncio.to_thread(segmenter.warmup, cfg.simulation.sensor_shape_px)
         if segmenter.device_resident:
             self._shorten_switch_interval()
         if self.source is None:
             self.source = await asyncio.to_thread(self._open_microscope)
+        elif (connect := getattr(self.source, "connect", None)) is not None:
+            connect(self._on_camera_frame)  # e.g. a ReplaySource: its frames come here
         self.pipeline = Pipeline(
             segmenter,
             self.publisher,
@@ -134,8 +140,13 @@ class Service:
             pixel_size_um=self.pixel_size_um,
         )
         self.pipeline.source = self.source
+        if cfg.tracking.enabled:
+            from livemask.analysis.tracking import PositionTrackers
+
+            self.pipeline.tracker = PositionTrackers.from_config(cfg.tracking)
         self.pipeline.start()
         self._start_feedback()
+        self._start_recording()
         self._tasks = [
             asyncio.create_task(self.control.serve(), name="livemask-control"),
             asyncio.create_task(self._heartbeat(), name="livemask-heartbeat"),
@@ -155,7 +166,8 @@ class Service:
             segmenter.card.name,
             segmenter.backend.name,
         )
-        self._event("service_started", {"units": UNITS, "config": cfg.model_dump(mode="json")})
+        units = self.pipeline.report()["units"]
+        self._event("service_started", {"units": units, "config": cfg.model_dump(mode="json")})
         if cfg.acquisition.autostart:
             self.start_acquisition(None)
 
@@ -198,6 +210,41 @@ class Service:
             truth_lookup=truth_lookup,
             sync_timeout_s=self.config.acquisition.frame_timeout_s,
         )
+
+    def _start_recording(self) -> None:
+        """Create the recorder (record.enabled) and make it a sink of every frame."""
+        rec = self.config.record
+        if not rec.enabled:
+            return
+        from livemask.recording import Recorder, new_run_dir
+
+        self.recorder = Recorder(
+            new_run_dir(rec.path or Path("recordings")),
+            pixel_size_um=self.pixel_size_um,
+            config=self.config.model_dump(mode="json"),
+            units=self.pipeline.report()["units"],  # tracking fields too
+            labels=rec.labels,
+            measurements=rec.measurements,
+            max_queue_mb=rec.max_queue_mb,
+        ).start()
+        self.pipeline.sinks.append(self.recorder)
+        log.info("recording to %s", self.recorder.path)
+
+    async def _start_dashboard(self) -> None:
+        """Serve the web dashboard (dashboard.enabled): a subscriber of our own PUB socket."""
+        cfg = self.config.dashboard
+        if not cfg.enabled:
+            return
+        from livemask.dashboard.server import DashboardServer, local_connect_address
+
+        self.dashboard = DashboardServer(
+            local_connect_address(self.publisher.bound_address),
+            address=cfg.address,
+            port=cfg.port,
+            update_hz=cfg.update_hz,
+            max_image_px=cfg.max_image_px,
+        )
+        await self.dashboard.start()
 
     def _start_feedback(self) -> None:
         """Create the rule engine and hook it to the pipeline and the MDA runner."""
@@ -250,7 +297,10 @@ class Service:
             await self.pipeline.drain(drain_timeout_s)
             with contextlib.suppress(Exception):
                 self._publish_status()
-            await self.pipeline.close()
+            await self.pipeline.close()  # hands frames the drain missed to the recorder
+        if self.recorder is not None:  # after the pipeline: every frame is queued by now
+            acquired = self.pipeline.counters.counts["acquired"]
+            await asyncio.to_thread(self.recorder.close, frames_acquired=int(acquired))
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -258,6 +308,8 @@ class Service:
                 await task
         if self.metrics is not None:
             await asyncio.to_thread(self.metrics.close)
+        if self.dashboard is not None:  # before the publisher: its subscriber reads from it
+            await self.dashboard.close()
         self.control.close()
         self.publisher.close()
         if self._switch_interval is not None:
@@ -356,10 +408,13 @@ class Service:
 
     # ------------------------------------------------------------ reporting
     def _event(self, kind: str, detail: dict[str, Any]) -> None:
+        header = {"kind": kind, "t": {"sent": time.time()}, **detail}
         try:
-            self.publisher.publish("event", {"kind": kind, "t": {"sent": time.time()}, **detail})
+            header["seq"] = self.publisher.publish("event", header)
         except RuntimeError:
             log.debug("event %s not published: publisher closed", kind)
+        if self.recorder is not None:
+            self.recorder.on_event(header)
 
     def next_seq(self) -> dict[str, int]:
         """The seq the next message of each topic will get."""
@@ -385,9 +440,11 @@ class Service:
             "last_error": self._last_error,
             "acquisitions_finished": self.acquisitions_finished,
             "metrics_url": self.metrics.url if self.metrics is not None else None,
+            "dashboard_url": self.dashboard.url if self.dashboard is not None else None,
             "publisher": self.publisher.counters(),
             **(pipe.report() if pipe else {}),
             "feedback": self.feedback.report() if self.feedback is not None else None,
+            "recording": self.recorder.report() if self.recorder is not None else None,
         }
 
     def _publish_status(self) -> None:

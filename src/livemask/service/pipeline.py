@@ -18,11 +18,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from livemask.acquisition.source import FrameSource, RawFrame
 from livemask.analysis.grains import CumulativeGrainStats, grain_statistics
 from livemask.analysis.measure import UNITS
+from livemask.analysis.tracking import TRACK_UNITS, PositionTrackers
 from livemask.inference.segmenter import Segmenter
 from livemask.service.frames import Frame
 from livemask.service.stats import LatencyWindow, PipelineCounters
@@ -31,6 +32,17 @@ from livemask.transport.publisher import Publisher
 log = logging.getLogger("livemask")
 
 Mode = Literal["free-run", "synchronized"]
+
+
+class FrameSink(Protocol):
+    """Receives every frame once it is handled (analysed, skipped or failed), on the loop.
+
+    ``on_frame`` must return at once (e.g. enqueue for a writer thread) and must not modify
+    the frame. The recorder is a sink (``livemask.recording.Recorder``).
+    """
+
+    def on_frame(self, frame: Frame) -> None:
+        """Take one frame."""
 
 
 class Pipeline:
@@ -69,9 +81,15 @@ class Pipeline:
         self._next_id = 0
         self.grains = CumulativeGrainStats() if segmenter.card.task == "grains" else None
         self._reset_grains = False
+        # object tracking (set by the Service when tracking.enabled); analysis thread only
+        self.tracker: PositionTrackers | None = None
+        self._reset_tracks = False
         # feedback hook: called with (frame, measurements message) after they are published,
         # on the event loop, before frame_done releases the next event in synchronized mode
         self.on_measurements: Callable[[Frame, dict[str, Any]], None] | None = None
+        # frame sinks (the recorder): every frame, analysed, skipped or failed, at publish
+        self.sinks: list[FrameSink] = []
+        self._unpublished: dict[int, Frame] = {}  # submitted, not yet through _publish
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -101,6 +119,12 @@ class Pipeline:
         self._tasks = []
         self._infer_pool.shutdown(wait=True, cancel_futures=True)
         self._analyse_pool.shutdown(wait=True, cancel_futures=True)
+        # frames the drain did not get through (drain timeout): the sinks still get them
+        for frame in sorted(self._unpublished.values(), key=lambda f: f.frame_id):
+            if not frame.skipped and frame.error is None and frame.labels is None:
+                frame.error = "not analysed: the service stopped before this frame's turn"
+            self._to_sinks(frame)
+        self._unpublished.clear()
 
     @property
     def in_flight(self) -> int:
@@ -129,6 +153,8 @@ class Pipeline:
         )
         self._next_id += 1
         self.counters.incr("acquired")
+        if self.sinks:
+            self._unpublished[frame.frame_id] = frame
         self._waiting.append(frame)
         if self.mode == "free-run":
             while len(self._waiting) > self._queue_size:
@@ -161,6 +187,7 @@ class Pipeline:
     def reset_accumulators(self) -> None:
         """Start cumulative statistics afresh (called when an acquisition starts)."""
         self._reset_grains = True  # done on the analysis thread, between frames
+        self._reset_tracks = True
 
     def _analyse(self, frame: Frame) -> None:
         assert frame.probabilities is not None
@@ -175,6 +202,14 @@ class Pipeline:
                 "tile": grain_statistics(labels, self.pixel_size_um),
                 "cumulative": self.grains.add(labels, self.pixel_size_um),
             }
+        if self.tracker is not None and frame.objects is not None:
+            if self._reset_tracks:
+                self.tracker.reset()
+                self._reset_tracks = False
+            self.tracker.apply(
+                frame.objects, frame.summary if frame.summary is not None else {},
+                index=frame.index, position=frame.position, frame_id=frame.frame_id,
+            )
         frame.labels = labels
 
     async def _analyse_loop(self) -> None:
@@ -208,9 +243,18 @@ class Pipeline:
                 if self.source is not None:
                     self.source.frame_done()
 
+    def _to_sinks(self, frame: Frame) -> None:
+        self._unpublished.pop(frame.frame_id, None)
+        for sink in self.sinks:
+            try:
+                sink.on_frame(frame)
+            except Exception:  # a sink fault must not stop publishing
+                log.exception("frame sink %r failed on frame %d", sink, frame.frame_id)
+
     def _publish(self, frame: Frame) -> None:
         frame.stamp("published")
         base = frame.header()
+        self._to_sinks(frame)
         pub = self.publisher
         if (self.frame_every and frame.frame_id % self.frame_every == 0) or frame.skipped:
             head = {**base, "skipped": frame.skipped}
@@ -250,5 +294,5 @@ class Pipeline:
             **self.counters.snapshot(),
             "queues": self.queue_depths(),
             "latency_ms": self.latency.percentiles(),
-            "units": UNITS,
+            "units": {**UNITS, **TRACK_UNITS} if self.tracker is not None else UNITS,
         }

@@ -126,6 +126,8 @@ class NucleiSample:
         self._relax(iterations=8)
         #: every mitosis started so far (ground truth for feedback experiments)
         self.mitosis_log: list[MitosisRecord] = []
+        #: lineage: persistent id of each daughter -> id of the nucleus it divided from
+        self.parent_of: dict[int, int] = {}
 
     # ------------------------------------------------------------------ state
     def _spawn(self, n: int) -> _Nuclei:
@@ -250,6 +252,7 @@ class NucleiSample:
             d.brightness = d.brightness / 1.8 * self.rng.uniform(0.85, 1.15, k)
             d.texture_offset = self.rng.integers(0, _TEXTURE_SIZE, (k, 2))
             d.mitosis = np.zeros(k, dtype=np.int64)
+            self.parent_of.update(zip(d.ids.tolist(), parents.ids.tolist(), strict=True))
             daughters.append(d)
         return _Nuclei.concat([keep, *daughters])
 

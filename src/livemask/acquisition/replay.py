@@ -1,0 +1,371 @@
+"""Replay: recorded or stored frames served to the pipeline as if they came from the camera.
+
+:func:`open_stack` reads a livemask recording (run folder), any OME-Zarr image (NGFF 0.4 or
+0.5) or zarr array, or a TIFF stack (tifffile), lazily where the format allows.
+:class:`ReplaySource` implements :class:`~livemask.acquisition.source.FrameSource`: one
+frame per planned event, on its own thread, with the recorded MDA index and stage position
+(or ``{"t": i}``), paced by ``interval_s`` or the recorded timing, and, in synchronized mode,
+waiting for each frame to be analysed before the next (the same :class:`EventFeed` as the
+microscope). A replay cannot move the stage or change the exposure: ``inject`` and
+``set_exposure`` raise :class:`~livemask.errors.AcquisitionError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import useq
+
+from livemask.acquisition.feed import EventFeed
+from livemask.acquisition.source import DoneCallback, FrameCallback, RawFrame
+from livemask.errors import AcquisitionError, ReplayError
+
+log = logging.getLogger("livemask")
+
+__all__ = ["ReplaySource", "ReplayStack", "open_stack"]
+
+#: Axes a replay steps through (everything but the last two, y and x, of each frame).
+FRAME_AXES = ("t", "p", "c", "z")
+_TIFF_AXES = {"T": "t", "Z": "z", "C": "c"}
+_UM_PER = {"micrometer": 1.0, "micron": 1.0, "um": 1.0, "µm": 1.0, "\\u00b5m": 1.0,
+           "nanometer": 1e-3, "nm": 1e-3, "millimeter": 1e3, "mm": 1e3}
+
+
+@dataclass
+class ReplayStack:
+    """Frames to replay: ``plane(i)`` for i in range(frames), with their index and position."""
+
+    path: Path
+    kind: str  # "recording", "ome-zarr", "zarr", "tiff"
+    frames: int
+    shape: tuple[int, int]
+    dtype: np.dtype[Any]
+    plane: Callable[[int], np.ndarray]
+    indices: Sequence[dict[str, int]] | None = None
+    positions: Sequence[dict[str, float | None]] | None = None
+    times: Sequence[float] | None = None  # seconds since the first frame
+    pixel_size_um: float | None = None
+    close: Callable[[], None] = field(default=lambda: None)
+
+    def index(self, i: int) -> dict[str, int]:
+        """The MDA index of frame ``i``."""
+        return dict(self.indices[i]) if self.indices is not None else {"t": i}
+
+    def position(self, i: int) -> dict[str, float | None]:
+        """The stage position of frame ``i`` (None where unknown)."""
+        if self.positions is not None:
+            return dict(self.positions[i])
+        return {"x_um": None, "y_um": None, "z_um": None}
+
+
+# ------------------------------------------------------------------ readers
+def open_stack(path: str | Path) -> ReplayStack:
+    """Open ``path`` for replay; :class:`ReplayError` says what to change when it cannot."""
+    p = Path(path)
+    if not p.exists():
+        raise ReplayError(f"{p} does not exist; give a recording folder, an OME-Zarr or a TIFF")
+    from livemask.recording.reader import find_recording
+
+    if find_recording(p) is not None:
+        return _open_recording(p)
+    if p.is_dir():
+        if (p / "zarr.json").is_file() or (p / ".zattrs").is_file() or (p / ".zarray").is_file():
+            return _open_zarr(p)
+        raise ReplayError(
+            f"{p} is a folder but neither a livemask recording (run-… with images.ome.zarr) "
+            "nor a zarr group/array; give a run folder, an OME-Zarr or a TIFF file"
+        )
+    if p.suffix.lower() in (".tif", ".tiff", ".btf", ".tf8", ".tf2"):
+        return _open_tiff(p)
+    raise ReplayError(
+        f"{p}: unknown file type {p.suffix!r}; replay reads TIFF stacks (.tif/.tiff), OME-Zarr "
+        "(.zarr folders) and livemask recordings"
+    )
+
+
+def _check(path: Path, shape: tuple[int, ...], dtype: np.dtype[Any], axes: Sequence[str]) -> None:
+    if len(shape) < 2 or min(shape[-2:]) < 2:
+        raise ReplayError(f"{path} has shape {tuple(shape)}; replay needs 2-D frames (y, x)")
+    if dtype.kind not in "uif":
+        raise ReplayError(f"{path} has dtype {dtype}; replay needs integer or float pixels")
+    bad = [a for a in axes if a not in FRAME_AXES]
+    if bad:
+        raise ReplayError(
+            f"{path} has axes {''.join(axes) or '-'} + (y, x); axis {bad[0]!r} is not supported: "
+            f"replay steps through {', '.join(FRAME_AXES)} only (save the stack as (t, y, x) "
+            "or split it)"
+        )
+
+
+def _planes(
+    path: Path, kind: str, data: Any, axes: Sequence[str], pixel: float | None
+) -> ReplayStack:
+    shape = tuple(int(n) for n in data.shape)
+    dtype = np.dtype(data.dtype)
+    _check(path, shape, dtype, axes)
+    lead = shape[:-2]
+    frames = math.prod(lead) if lead else 1
+    if frames == 0:
+        raise ReplayError(f"{path} holds no frames (shape {shape})")
+
+    def plane(i: int) -> np.ndarray:
+        where = tuple(int(k) for k in np.unravel_index(i, lead)) if lead else ()
+        return np.ascontiguousarray(np.asarray(data[where]))
+
+    indices = None
+    if lead:
+        indices = [dict(zip(axes, (int(k) for k in np.unravel_index(i, lead)), strict=True))
+                   for i in range(frames)]
+    return ReplayStack(path, kind, frames, (shape[-2], shape[-1]), dtype, plane,
+                       indices=indices, pixel_size_um=pixel)
+
+
+def _open_recording(path: Path) -> ReplayStack:
+    from livemask.recording.reader import open_recording
+
+    rec = open_recording(path)
+    records = [r for r in rec.frames if r.get("stored", True)
+               and int(r["frame_id"]) < rec.images.shape[0]]
+    if not records:
+        raise ReplayError(f"recording {rec.path} holds no frames")
+    images = rec.images
+    ids = [int(r["frame_id"]) for r in records]
+    acquired = [r.get("t", {}).get("acquired", r.get("acquired")) for r in records]
+    times = None
+    if all(isinstance(a, int | float) for a in acquired):
+        times = [float(a) - float(acquired[0]) for a in acquired]
+
+    def plane(i: int) -> np.ndarray:
+        return np.asarray(images[ids[i]])
+
+    return ReplayStack(
+        rec.path, "recording", len(records), tuple(images.shape[1:]), np.dtype(images.dtype),
+        plane, indices=[{k: int(v) for k, v in r.get("index", {}).items()} for r in records],
+        positions=[dict(r.get("position") or {}) for r in records], times=times,
+        pixel_size_um=rec.pixel_size_um,
+    )
+
+
+def _open_zarr(path: Path) -> ReplayStack:
+    import zarr
+
+    try:
+        node = zarr.open(path, mode="r")
+    except Exception as exc:
+        raise ReplayError(f"{path} cannot be opened as zarr: {exc}") from None
+    if isinstance(node, zarr.Array):
+        axes = {2: [], 3: ["t"]}.get(node.ndim)
+        if axes is None:
+            raise ReplayError(
+                f"{path} is a {node.ndim}-D zarr array without OME axes metadata; give an "
+                "OME-Zarr image or a (t, y, x) array"
+            )
+        return _planes(path, "zarr", node, axes, None)
+    attrs: dict[str, Any] = dict(node.attrs.asdict())
+    ome = attrs.get("ome", attrs)
+    multiscales = ome.get("multiscales")
+    if not multiscales:
+        raise ReplayError(
+            f"{path} is a zarr group without OME-NGFF 'multiscales' metadata; give an OME-Zarr "
+            "image (the folder with the multiscales group) or a zarr array"
+        )
+    ms = multiscales[0]
+    dataset = ms["datasets"][0]
+    names = [a["name"] if isinstance(a, dict) else str(a) for a in ms.get("axes", [])]
+    data = node[dataset["path"]]
+    if not isinstance(data, zarr.Array):
+        raise ReplayError(f"{path}: dataset {dataset['path']!r} is not an array")
+    if len(names) != data.ndim:
+        raise ReplayError(f"{path}: {len(names)} axes in the metadata for a {data.ndim}-D array")
+    pixel = None
+    for tr in dataset.get("coordinateTransformations", []):
+        if tr.get("type") == "scale":
+            unit = ms["axes"][-1].get("unit", "micrometer") if ms.get("axes") else "micrometer"
+            factor = _UM_PER.get(str(unit).lower())
+            if factor is not None:
+                pixel = float(tr["scale"][-1]) * factor
+    return _planes(path, "ome-zarr", data, [n.lower() for n in names[:-2]], pixel)
+
+
+def _tiff_pixel_size(tif: Any) -> float | None:
+    try:
+        if tif.is_ome and tif.ome_metadata:
+            m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
+            if m:
+                u = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
+                return float(m.group(1)) * _UM_PER.get(u.group(1).lower() if u else "µm", 1.0)
+        page = tif.pages.first
+        ij = tif.imagej_metadata or {}
+        unit = str(ij.get("unit", "")).lower()
+        if unit in _UM_PER and "XResolution" in page.tags:
+            num, den = page.tags["XResolution"].value
+            if num:
+                return den / num * _UM_PER[unit]
+    except Exception:  # pixel size is a nicety; never fail a replay on odd metadata
+        log.debug("no pixel size in %s", tif.filename, exc_info=True)
+    return None
+
+
+def _open_tiff(path: Path) -> ReplayStack:
+    import tifffile
+
+    try:
+        tif = tifffile.TiffFile(path)
+    except Exception as exc:
+        raise ReplayError(f"{path} cannot be read as TIFF: {exc}") from None
+    try:
+        series = tif.series[0]
+        letters = series.axes.upper()
+        shape = tuple(series.shape)
+        if "S" in letters:
+            raise ReplayError(
+                f"{path} is an RGB/multi-sample image (axes {letters}); give grayscale frames"
+            )
+        if letters[-2:] != "YX":
+            raise ReplayError(f"{path} has axes {letters}; frames must be (…, Y, X)")
+        lead = letters[:-2]
+        if len(lead) == 1:  # one stack axis: whatever its name (I, Q, T, Z, C), step along it
+            axes = [_TIFF_AXES.get(lead, "t")]
+        else:
+            axes = [_TIFF_AXES.get(a, a) for a in lead]
+        _check(path, shape, np.dtype(series.dtype), axes)
+        pixel = _tiff_pixel_size(tif)
+        try:
+            data: Any = tifffile.memmap(path, series=0, mode="r")
+        except (ValueError, OSError):  # compressed or not contiguous: read it all
+            data = series.asarray()
+    except ReplayError:
+        tif.close()
+        raise
+    except Exception as exc:
+        tif.close()
+        raise ReplayError(f"{path} cannot be read as a TIFF stack: {exc}") from None
+    stack = _planes(path, "tiff", np.asarray(data).reshape(shape), axes, pixel)
+    stack.close = tif.close
+    return stack
+
+
+# ------------------------------------------------------------------ the source
+class ReplaySource:
+    """A :class:`FrameSource` that plays a :class:`ReplayStack` (see the module docstring)."""
+
+    def __init__(
+        self,
+        stack: ReplayStack,
+        on_frame: FrameCallback | None = None,
+        *,
+        interval_s: float | None = None,
+        sync_timeout_s: float = 10.0,
+    ) -> None:
+        self.stack = stack
+        self.on_frame = on_frame
+        self.interval_s = interval_s
+        self.sync_timeout_s = sync_timeout_s
+        self.emitted = 0
+        self._feed: EventFeed | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def connect(self, on_frame: FrameCallback) -> None:
+        """Send frames to ``on_frame`` (the service calls this when given this source)."""
+        self.on_frame = on_frame
+
+    @property
+    def running(self) -> bool:
+        """Whether the replay thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(
+        self, events: Iterable[useq.MDAEvent], *, synchronized: bool, on_done: DoneCallback
+    ) -> None:
+        """Replay one frame per event of ``events`` (at most the stack's length)."""
+        if self.running:
+            raise AcquisitionError("a replay is already running; stop it first")
+        if self.on_frame is None:
+            raise AcquisitionError("ReplaySource has no frame callback; call connect() first")
+        self._stop.clear()
+        self._feed = EventFeed(events, synchronized=synchronized,
+                               sync_timeout_s=self.sync_timeout_s)
+        self._thread = threading.Thread(target=self._run, args=(self._feed, on_done),
+                                        name="livemask-replay", daemon=True)
+        self._thread.start()
+
+    def _due(self, i: int) -> float:
+        if self.interval_s is not None:
+            return i * self.interval_s
+        if self.stack.times is not None:
+            return self.stack.times[i]
+        return 0.0
+
+    def _run(self, feed: EventFeed, on_done: DoneCallback) -> None:
+        error: str | None = None
+        stack = self.stack
+        t0 = time.monotonic()
+        try:
+            for i, _event in enumerate(feed):
+                if i >= stack.frames or self._stop.is_set():
+                    break
+                delay = t0 + self._due(i) - time.monotonic()
+                if delay > 0 and self._stop.wait(delay):
+                    break
+                image = stack.plane(i)
+                pos = stack.position(i)
+                index: Any = stack.index(i)
+                event = useq.MDAEvent(index=index, x_pos=pos.get("x_um"),
+                                      y_pos=pos.get("y_um"), z_pos=pos.get("z_um"))
+                assert self.on_frame is not None
+                self.on_frame(RawFrame(image, event, time.time(), pos, None))
+                self.emitted += 1
+        except Exception as exc:  # a read fault ends the replay like a camera fault
+            log.exception("replay of %s failed", stack.path)
+            error = f"{type(exc).__name__}: {exc}"
+        finally:
+            on_done(error)
+
+    def inject(self, events: Iterable[useq.MDAEvent]) -> int:
+        """A replay cannot acquire new events."""
+        raise AcquisitionError(
+            "a replay plays recorded frames and cannot acquire new events (stage moves, "
+            "bursts); run feedback against the microscope, or turn feedback off"
+        )
+
+    def frame_done(self) -> None:
+        """Forward to the feed (releases the next frame in synchronized mode)."""
+        if self._feed is not None:
+            self._feed.frame_done()
+
+    def set_synchronized(self, value: bool) -> None:
+        """Switch mode while replaying."""
+        if self._feed is not None:
+            self._feed.set_synchronized(value)
+
+    def set_exposure(self, exposure_ms: float) -> None:
+        """A replay has no camera."""
+        raise AcquisitionError("a replay has no camera: the exposure cannot be changed")
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """End the replay and join its thread."""
+        self._stop.set()
+        if self._feed is not None:
+            self._feed.close()
+        if self._thread is not None and self._thread.is_alive():
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.warning("replay thread did not stop within %.1f s", timeout_s)
+
+    def close(self) -> None:
+        """Stop and close the file."""
+        self.stop()
+        try:
+            self.stack.close()
+        except Exception:
+            log.debug("closing %s failed", self.stack.path, exc_info=True)

@@ -1,0 +1,475 @@
+"""Online tracking of segmented objects: frame-to-frame linking, gap closing and divisions.
+
+Each analysed frame is linked to the tracks alive before it, right away (online: no look
+ahead, no re-linking of the past), so a subscriber sees a ``track_id`` on every object of
+every frame as it is published.
+
+Linking is a linear assignment (``scipy.optimize.linear_sum_assignment``) between the live
+tracks and this frame's objects. A pair may link if the object lies within
+``max_distance_px * sqrt(dt)`` of the track's last centroid (``dt``: time points since the
+track was last seen; Brownian motion spreads with the square root of time). Its cost, in
+units of that radius, is::
+
+    (d / R)**2 + area_weight * |ln(area ratio)| + gap_penalty * missed - 1
+
+and only pairs with a negative cost are candidates. Minimising the summed cost over a
+one-to-one matching with zero cost for "not linked" is the usual LAP with a birth/death
+cost (linking beats not linking exactly when it is cheaper than the radius). Isolated
+one-to-one candidate pairs (most of them) are linked without the solver; only the rest go to
+``linear_sum_assignment``. Candidate pairs come from a k-d tree, so the cost grows with the
+number of nearby pairs, not with ``tracks x objects``.
+
+Gap closing: a track that finds no object stays alive for ``max_gap_frames`` analysed
+frames and can be linked again (with ``gap_penalty`` per missed frame); after that it is
+dropped, so memory stays bounded by the objects in view.
+
+Divisions: an object that started no link (a birth) near a track is a daughter when, with a
+sister, the pair looks like a split of that track's last object: the sister is either the
+object the track just linked to, or another birth; both daughters lie within
+``division_distance_px * sqrt(dt)`` of the parent, their midpoint within half that, each
+has ``division_area_ratio`` (low, high) of the parent's area and the smaller has at least
+``daughter_area_similarity`` of the larger's area, and (when mean intensities are given
+and ``division_intensity_ratio`` is set) the daughters' mean intensity is at most that
+fraction of the parent's brightest view in its last 3 frames: condensed mitotic chromatin is
+bright in nuclear stains, while a nucleus that is merely over-segmented keeps its intensity.
+The parent track then ends and both daughters start new tracks whose ``parent_track_id`` is
+the parent's id (carried on every frame of the daughter tracks). Candidates are accepted
+greedily, best midpoint first, each object and parent once.
+
+:class:`PositionTrackers` keeps one :class:`Tracker` per stage position (MDA index ``p``;
+without one, the stage position rounded to a grid) and channel/plane (``c``, ``z``), with
+track ids unique across all of them, and writes the results into the measurement dicts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+from scipy.spatial import cKDTree
+
+if TYPE_CHECKING:
+    from livemask.config import TrackingConfig
+
+__all__ = [
+    "TRACK_UNITS",
+    "PositionTrackers",
+    "TrackStep",
+    "Tracker",
+    "TrackerParams",
+]
+
+#: Units of the per-object fields tracking adds (merged into the measurement unit descriptor).
+TRACK_UNITS: dict[str, str] = {"track_id": "1", "parent_track_id": "1"}
+
+
+@dataclass(frozen=True)
+class TrackerParams:
+    """Linking, gap-closing and division parameters (lengths in pixels)."""
+
+    max_distance_px: float = 20.0
+    max_gap_frames: int = 3
+    gap_penalty: float = 0.25
+    area_weight: float = 0.0
+    division: bool = True
+    division_distance_px: float | None = None  # None: max_distance_px
+    division_area_ratio: tuple[float, float] = (0.3, 1.6)
+    daughter_area_similarity: float = 0.4
+    division_intensity_ratio: float | None = 0.9
+
+    def __post_init__(self) -> None:
+        lo, hi = self.division_area_ratio
+        if self.max_distance_px <= 0:
+            raise ValueError(f"max_distance_px must be > 0, got {self.max_distance_px}")
+        if self.max_gap_frames < 0:
+            raise ValueError(f"max_gap_frames must be >= 0, got {self.max_gap_frames}")
+        if self.gap_penalty < 0 or self.area_weight < 0:
+            raise ValueError("gap_penalty and area_weight must be >= 0")
+        if self.division_distance_px is not None and self.division_distance_px <= 0:
+            raise ValueError(f"division_distance_px must be > 0, got {self.division_distance_px}")
+        if not 0 < lo < hi:
+            raise ValueError(f"division_area_ratio must be (low, high) with 0 < low < high, "
+                             f"got {self.division_area_ratio}")
+        if not 0 <= self.daughter_area_similarity <= 1:
+            raise ValueError("daughter_area_similarity must be in [0, 1]")
+        if self.division_intensity_ratio is not None and self.division_intensity_ratio <= 0:
+            raise ValueError("division_intensity_ratio must be > 0 (or None: not used)")
+
+    @property
+    def division_radius_px(self) -> float:
+        """The division search radius (``division_distance_px`` or ``max_distance_px``)."""
+        return self.division_distance_px or self.max_distance_px
+
+
+@dataclass
+class TrackStep:
+    """What one :meth:`Tracker.update` decided, per object of the frame (input order)."""
+
+    track_ids: np.ndarray  # int64
+    parent_ids: np.ndarray  # int64, -1 = no parent (not a daughter track)
+    divisions: list[tuple[int, tuple[int, int]]]  # (parent track id, (daughter ids))
+    active: int  # tracks alive after this frame, including those waiting in a gap
+
+
+class _Ids:
+    """Track id source (shared by the trackers of one acquisition: ids never repeat)."""
+
+    def __init__(self) -> None:
+        self.next = 1
+
+    def take(self, n: int) -> np.ndarray:
+        ids = np.arange(self.next, self.next + n, dtype=np.int64)
+        self.next += n
+        return ids
+
+
+@dataclass
+class _Tracks:
+    """Structure-of-arrays state of the live tracks."""
+
+    ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    parent: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    yx: np.ndarray = field(default_factory=lambda: np.empty((0, 2)))
+    area: np.ndarray = field(default_factory=lambda: np.empty(0))
+    # mean intensity in the last _MEMORY frames the track was seen (newest first; NaN: none)
+    intensity: np.ndarray = field(default_factory=lambda: np.empty((0, _MEMORY)))
+    last_t: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    missed: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+
+    def __len__(self) -> int:
+        return int(self.ids.size)
+
+
+_EMPTY_I = np.empty(0, np.intp)
+_MEMORY = 3  # frames of intensity history a parent is compared with
+
+
+class Tracker:
+    """Online linker of one image stream (one stage position). Not thread-safe."""
+
+    def __init__(self, params: TrackerParams | None = None, *, ids: _Ids | None = None) -> None:
+        self.params = params or TrackerParams()
+        self._ids = ids or _Ids()
+        self._tracks = _Tracks()
+        self._last_t: int | None = None
+
+    def __len__(self) -> int:
+        """Live tracks (seen in the last frame or waiting in a gap)."""
+        return len(self._tracks)
+
+    def reset(self) -> None:
+        """Forget every track (ids keep counting up)."""
+        self._tracks = _Tracks()
+        self._last_t = None
+
+    # ------------------------------------------------------------------ update
+    def update(
+        self,
+        centroids_yx: Any,
+        areas: Any,
+        t: int | None = None,
+        intensities: Any = None,
+    ) -> TrackStep:
+        """Link one frame's objects (centroids (n, 2) in px, areas (n,) in px) at time ``t``.
+
+        ``t`` is the time-point index (MDA ``t``); it may jump (frames that skipped analysis)
+        and must not go back; None means the frame after the last one. ``intensities`` (mean
+        intensity per object) feed the division intensity rule; without them it is skipped.
+        """
+        yx = np.asarray(centroids_yx, dtype=np.float64).reshape(-1, 2)
+        area = np.asarray(areas, dtype=np.float64).reshape(-1)
+        if yx.shape[0] != area.size:
+            raise ValueError(f"{yx.shape[0]} centroids but {area.size} areas")
+        if intensities is None:
+            inten = np.full(area.size, np.nan)
+        else:
+            inten = np.asarray(intensities, dtype=np.float64).reshape(-1)
+            if inten.size != area.size:
+                raise ValueError(f"{area.size} objects but {inten.size} intensities")
+        if t is None:
+            t = 0 if self._last_t is None else self._last_t + 1
+        t = int(t)
+        self._last_t = t
+        p = self.params
+        tr = self._tracks
+        n = area.size
+        dt = np.maximum(t - tr.last_t, 1).astype(np.float64)
+        radius = p.max_distance_px * np.sqrt(dt)
+
+        track_of_obj = np.full(n, -1, np.intp)  # index into tr, -1 = birth
+        if len(tr) and n:
+            ti, oj = self._link(yx, area, radius)
+            track_of_obj[oj] = ti
+
+        # new ids for births; linked objects keep their track's id and parent
+        track_ids = np.empty(n, np.int64)
+        parent_ids = np.full(n, -1, np.int64)
+        linked = track_of_obj >= 0
+        track_ids[linked] = tr.ids[track_of_obj[linked]]
+        parent_ids[linked] = tr.parent[track_of_obj[linked]]
+
+        divisions: list[tuple[int, tuple[int, int]]] = []
+        ended = np.zeros(len(tr), bool)  # parents that divided
+        daughter = np.zeros(n, bool)
+        births = np.flatnonzero(~linked)
+        if p.division and births.size and len(tr):
+            for parent, *pair in self._divisions(yx, area, inten, track_of_obj, births, dt):
+                a, b = sorted(pair)  # daughter ids follow the objects' order
+                ended[parent] = True
+                track_of_obj[[a, b]] = -1  # a sister that continued the parent starts anew
+                daughter[[a, b]] = True
+                pid = int(tr.ids[parent])
+                parent_ids[[a, b]] = pid
+                new = self._ids.take(2)
+                track_ids[[a, b]] = new
+                divisions.append((pid, (int(new[0]), int(new[1]))))
+        fresh = np.flatnonzero(~linked & ~daughter)
+        track_ids[fresh] = self._ids.take(fresh.size)
+
+        # bookkeeping: linked tracks move on, missing ones wait, old and divided ones go
+        seen = np.zeros(len(tr), bool)
+        cont = track_of_obj >= 0
+        seen[track_of_obj[cont]] = True
+        missed = tr.missed + ~seen
+        keep = ~seen & ~ended & (missed <= p.max_gap_frames)
+        objs_cont = np.flatnonzero(cont)
+        objs_new = np.flatnonzero(~cont)
+        order = np.concatenate([objs_cont, objs_new])
+        t_keep = np.flatnonzero(keep)
+        history = np.full((order.size, _MEMORY), np.nan)
+        history[:, 0] = inten[order]
+        history[: objs_cont.size, 1:] = tr.intensity[track_of_obj[objs_cont], :-1]
+        self._tracks = _Tracks(
+            ids=np.concatenate([track_ids[order], tr.ids[t_keep]]),
+            parent=np.concatenate([parent_ids[order], tr.parent[t_keep]]),
+            yx=np.concatenate([yx[order], tr.yx[t_keep]]),
+            area=np.concatenate([area[order], tr.area[t_keep]]),
+            intensity=np.concatenate([history, tr.intensity[t_keep]]),
+            last_t=np.concatenate([np.full(n, t, np.int64), tr.last_t[t_keep]]),
+            missed=np.concatenate([np.zeros(n, np.int64), missed[t_keep]]),
+        )
+        return TrackStep(track_ids, parent_ids, divisions, len(self._tracks))
+
+    def _link(
+        self, yx: np.ndarray, area: np.ndarray, radius: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Optimal one-to-one links: (track indices, object indices)."""
+        p, tr = self.params, self._tracks
+        pairs = cKDTree(tr.yx).sparse_distance_matrix(
+            cKDTree(yx), float(radius.max()), output_type="ndarray"
+        )
+        if pairs.size == 0:
+            return _EMPTY_I, _EMPTY_I
+        ti = pairs["i"].astype(np.intp)
+        oj = pairs["j"].astype(np.intp)
+        cost = (pairs["v"] / radius[ti]) ** 2 - 1.0
+        if p.area_weight:
+            ratio = area[oj] / np.maximum(tr.area[ti], 1e-9)
+            cost += p.area_weight * np.abs(np.log(np.maximum(ratio, 1e-9)))
+        if p.gap_penalty:
+            cost += p.gap_penalty * tr.missed[ti]
+        ok = cost < 0
+        ti, oj, cost = ti[ok], oj[ok], cost[ok]
+        if ti.size == 0:
+            return _EMPTY_I, _EMPTY_I
+        # isolated one-to-one candidates need no solver
+        row_n = np.bincount(ti, minlength=len(tr))
+        col_n = np.bincount(oj, minlength=area.size)
+        alone = (row_n[ti] == 1) & (col_n[oj] == 1)
+        out_t, out_o = [ti[alone]], [oj[alone]]
+        rest = ~alone
+        if rest.any():
+            rows, r_inv = np.unique(ti[rest], return_inverse=True)
+            cols, c_inv = np.unique(oj[rest], return_inverse=True)
+            sub = np.zeros((rows.size, cols.size))
+            sub[r_inv, c_inv] = cost[rest]
+            ri, ci = linear_sum_assignment(sub)
+            hit = sub[ri, ci] < 0
+            out_t.append(rows[ri[hit]])
+            out_o.append(cols[ci[hit]])
+        return np.concatenate(out_t), np.concatenate(out_o)
+
+    def _divisions(
+        self,
+        yx: np.ndarray,
+        area: np.ndarray,
+        inten: np.ndarray,
+        track_of_obj: np.ndarray,
+        births: np.ndarray,
+        dt: np.ndarray,
+    ) -> list[tuple[int, int, int]]:
+        """Accepted splits as (parent track index, daughter object, daughter object)."""
+        p, tr = self.params, self._tracks
+        reach = p.division_radius_px * np.sqrt(dt)  # per track
+        obj_of_track = np.full(len(tr), -1, np.intp)
+        cont = track_of_obj >= 0
+        obj_of_track[track_of_obj[cont]] = np.flatnonzero(cont)
+        lo, hi = p.division_area_ratio
+        similar = p.daughter_area_similarity
+        max_int = p.division_intensity_ratio
+        # brightest recent view of each track (mitotic chromatin is condensed and bright)
+        with np.errstate(invalid="ignore"):
+            peak = np.fmax.reduce(tr.intensity, axis=1) if len(tr) else np.empty(0)
+        peak_l: list[float] = peak.tolist()
+        inten_l: list[float] = inten.tolist()
+        # births within reach of each track (reach differs per track)
+        near = cKDTree(yx[births]).query_ball_point(tr.yx, reach)
+        yx_l: list[list[float]] = yx.tolist()
+        area_l: list[float] = area.tolist()
+        candidates: list[tuple[float, int, int, int]] = []
+        for k in np.flatnonzero([len(b) > 0 for b in near]).tolist():
+            objs = [int(births[i]) for i in near[k]]
+            if obj_of_track[k] >= 0:
+                objs.append(int(obj_of_track[k]))  # the object this track just linked to
+            if len(objs) < 2:
+                continue
+            py, px = tr.yx[k].tolist()
+            pa = float(tr.area[k])
+            r_k = float(reach[k])
+            p_int = peak_l[k]
+            check_int = max_int is not None and p_int == p_int and p_int > 0  # not NaN
+            for i, a in enumerate(objs):
+                ra = area_l[a] / pa
+                if not lo <= ra <= hi:
+                    continue
+                for b in objs[i + 1 :]:
+                    rb = area_l[b] / pa
+                    if not lo <= rb <= hi or min(ra, rb) < similar * max(ra, rb):
+                        continue
+                    my = 0.5 * (yx_l[a][0] + yx_l[b][0])
+                    mx = 0.5 * (yx_l[a][1] + yx_l[b][1])
+                    off = math.hypot(my - py, mx - px)
+                    if off > 0.5 * r_k:
+                        continue
+                    if check_int and max_int is not None:
+                        i_ab = 0.5 * (inten_l[a] + inten_l[b])
+                        if i_ab == i_ab and i_ab > max_int * p_int:
+                            continue
+                    candidates.append((off / r_k, k, a, b))
+        accepted: list[tuple[int, int, int]] = []
+        used_tracks: set[int] = set()
+        used_objs: set[int] = set()
+        for _, k, a, b in sorted(candidates):
+            if k in used_tracks or a in used_objs or b in used_objs:
+                continue
+            used_tracks.add(k)
+            used_objs.update((a, b))
+            accepted.append((k, a, b))
+        return accepted
+
+
+class PositionTrackers:
+    """One :class:`Tracker` per image stream, with ids unique across all of them.
+
+    A stream is the MDA position index ``p`` (or, without one, the stage position rounded
+    to ``position_grid_um``) together with the channel ``c`` and plane ``z`` when the index
+    has them. At most ``max_positions`` streams are kept; the least recently used goes first.
+    """
+
+    def __init__(
+        self,
+        params: TrackerParams | None = None,
+        *,
+        max_positions: int = 256,
+        position_grid_um: float = 5.0,
+    ) -> None:
+        if max_positions < 1:
+            raise ValueError(f"max_positions must be >= 1, got {max_positions}")
+        self.params = params or TrackerParams()
+        self.max_positions = max_positions
+        self.position_grid_um = position_grid_um
+        self._ids = _Ids()
+        self._trackers: OrderedDict[Hashable, Tracker] = OrderedDict()
+
+    @classmethod
+    def from_config(cls, cfg: TrackingConfig) -> PositionTrackers:
+        """Trackers for the service's ``tracking:`` config section."""
+        params = TrackerParams(
+            max_distance_px=cfg.max_distance_px,
+            max_gap_frames=cfg.max_gap_frames,
+            gap_penalty=cfg.gap_penalty,
+            area_weight=cfg.area_weight,
+            division=cfg.division,
+            division_distance_px=cfg.division_distance_px,
+            division_area_ratio=cfg.division_area_ratio,
+            daughter_area_similarity=cfg.daughter_area_similarity,
+            division_intensity_ratio=cfg.division_intensity_ratio,
+        )
+        return cls(params, max_positions=cfg.max_positions)
+
+    def __len__(self) -> int:
+        """Streams with a tracker."""
+        return len(self._trackers)
+
+    def reset(self) -> None:
+        """Drop every tracker; ids start again at 1 (call when an acquisition starts)."""
+        self._trackers.clear()
+        self._ids = _Ids()
+
+    def key(self, index: Mapping[str, int], position: Mapping[str, float | None]) -> Hashable:
+        """The stream a frame belongs to."""
+        if "p" in index:
+            where: Hashable = ("p", int(index["p"]))
+        else:
+            grid = self.position_grid_um
+            x, y = position.get("x_um"), position.get("y_um")
+            where = (
+                "xy",
+                None if x is None else round(float(x) / grid),
+                None if y is None else round(float(y) / grid),
+            )
+        return (where, index.get("c"), index.get("z"))
+
+    def tracker(self, key: Hashable) -> Tracker:
+        """The tracker of stream ``key`` (created on first use)."""
+        tracker = self._trackers.get(key)
+        if tracker is None:
+            tracker = self._trackers[key] = Tracker(self.params, ids=self._ids)
+            while len(self._trackers) > self.max_positions:
+                self._trackers.popitem(last=False)
+        else:
+            self._trackers.move_to_end(key)
+        return tracker
+
+    def apply(
+        self,
+        objects: list[dict[str, Any]],
+        summary: dict[str, Any],
+        *,
+        index: Mapping[str, int],
+        position: Mapping[str, float | None] | None = None,
+        frame_id: int | None = None,
+    ) -> TrackStep:
+        """Track one frame's measurements in place.
+
+        Adds ``track_id`` and ``parent_track_id`` (None unless the track is a daughter) to
+        every object dict and ``divisions`` (``[{"parent": id, "children": [a, b]}]``) and
+        ``tracks_active`` to ``summary``. The time point is ``index["t"]``, else ``frame_id``.
+        """
+        tracker = self.tracker(self.key(index, position or {}))
+        t = index.get("t", frame_id)
+        if objects:
+            yx = np.array([o["centroid_yx"] for o in objects], dtype=np.float64)
+            area = np.array([o["area_px"] for o in objects], dtype=np.float64)
+            inten = np.array(
+                [o.get("mean_intensity", np.nan) for o in objects], dtype=np.float64
+            )
+        else:
+            yx, area, inten = np.empty((0, 2)), np.empty(0), np.empty(0)
+        step = tracker.update(yx, area, t, inten)
+        for obj, tid, pid in zip(
+            objects, step.track_ids.tolist(), step.parent_ids.tolist(), strict=True
+        ):
+            obj["track_id"] = tid
+            obj["parent_track_id"] = pid if pid >= 0 else None
+        summary["divisions"] = [
+            {"parent": parent, "children": list(children)} for parent, children in step.divisions
+        ]
+        summary["tracks_active"] = step.active
+        return step
+

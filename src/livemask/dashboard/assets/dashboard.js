@@ -1,0 +1,423 @@
+// livemask dashboard: plain JavaScript and <canvas>, no libraries, no network beyond /ws.
+// Messages from /ws: JSON text ({type: hello | update | status | event}) and binary images
+// ("LMD1", uint32 LE header length, JSON header, width*height grey bytes, then the outline
+// packed 1 bit per pixel, MSB first). See docs/dashboard.md.
+"use strict";
+(() => {
+  const MAX_POINTS = 3000;
+  const MAX_EVENTS = 100;
+  const PLOT_WINDOW_S = 300;
+  const OUTLINE_RGBA = 0xff00ccff; // ABGR in little-endian memory: #ffcc00 (amber)
+  const COLORS = { count: "#4fc3f7", area: "#81c784", intensity: "#ffb74d", hist: "#9575cd",
+                   tile: "#f06292", grid: "#2c323d", axis: "#8a94a3" };
+
+  const $ = (id) => document.getElementById(id);
+  window.livemaskStats = { images: 0, firstImageAt: null, lastImageAt: null };
+  const S = {
+    config: null, points: [], summary: null, grains: null, status: null, rates: null,
+    dashboard: null, events: [], shown: [], dirty: true, image: null, imageDirty: false,
+  };
+
+  // ------------------------------------------------------------ connection
+  let retryMs = 500;
+  let socket = null;
+  function wantsImages() {
+    return !document.hidden && $("show-image").checked;
+  }
+  function sendView() { // a hidden tab or a paused image costs the service nothing
+    if (socket && socket.readyState === WebSocket.OPEN) {
+      socket.send(JSON.stringify({ type: "view", images: wantsImages() }));
+    }
+  }
+  function connect() {
+    const proto = location.protocol === "https:" ? "wss:" : "ws:";
+    const ws = new WebSocket(`${proto}//${location.host}/ws`);
+    ws.binaryType = "arraybuffer";
+    socket = ws;
+    ws.onopen = () => { setConn(true); retryMs = 500; if (!wantsImages()) sendView(); };
+    ws.onclose = () => {
+      setConn(false);
+      setTimeout(connect, retryMs);
+      retryMs = Math.min(retryMs * 2, 5000);
+    };
+    ws.onmessage = (ev) => {
+      try {
+        if (typeof ev.data === "string") onJson(JSON.parse(ev.data));
+        else onImage(ev.data);
+      } catch (err) {
+        console.error("livemask dashboard: bad message", err);
+      }
+    };
+  }
+
+  function setConn(live) {
+    const el = $("conn");
+    el.textContent = live ? "live" : "disconnected";
+    el.className = "badge " + (live ? "live" : "off");
+  }
+
+  // ------------------------------------------------------------ JSON messages
+  function onJson(m) {
+    switch (m.type) {
+      case "hello":
+        S.config = m.config;
+        S.points = m.points || [];
+        S.events = m.events || [];
+        S.grains = m.grains || null;
+        $("source").textContent = `${m.config.source} · livemask ${m.config.version}`;
+        setSummary(m.summary, m.frame_id);
+        if (m.status) setStatus(m.status, m.rates, null);
+        renderEvents();
+        break;
+      case "update":
+        for (const p of m.points) S.points.push(p);
+        if (S.points.length > MAX_POINTS) S.points.splice(0, S.points.length - MAX_POINTS);
+        if ("grains" in m) S.grains = m.grains;
+        setSummary(m.summary, m.frame_id);
+        break;
+      case "status":
+        setStatus(m.status, m.rates, m.dashboard);
+        break;
+      case "event":
+        S.events.push(m.event);
+        if (S.events.length > MAX_EVENTS) S.events.splice(0, S.events.length - MAX_EVENTS);
+        renderEvents();
+        break;
+      default:
+        break; // a later server may send more types
+    }
+    if (m.type === "hello" || m.type === "update") { S.dirty = true; schedule(); }
+  }
+
+  function setSummary(summary, frameId) {
+    S.summary = summary;
+    if (summary && summary.count !== undefined && summary.count !== null) {
+      $("count").textContent = String(summary.count);
+    }
+    if (frameId !== null && frameId !== undefined) $("count").dataset.frameId = frameId;
+  }
+
+  // ------------------------------------------------------------ images
+  let imageData = null;
+  function onImage(buf) {
+    const u8 = new Uint8Array(buf);
+    if (u8[0] !== 76 || u8[1] !== 77 || u8[2] !== 68 || u8[3] !== 49) return; // "LMD1"
+    const n = new DataView(buf).getUint32(4, true);
+    const head = JSON.parse(new TextDecoder().decode(u8.subarray(8, 8 + n)));
+    const w = head.width, h = head.height, npx = w * h;
+    const grey = u8.subarray(8 + n, 8 + n + npx);
+    const bits = head.outline ? u8.subarray(8 + n + npx, 8 + n + npx + Math.ceil(npx / 8)) : null;
+    S.image = { head, grey, bits };
+    S.imageDirty = true; // drawn in the next animation frame (only the newest, if several came)
+    schedule();
+    const now = performance.now();
+    const st = window.livemaskStats; // counters for tests and benchmarks
+    st.images += 1;
+    if (st.firstImageAt === null) st.firstImageAt = now;
+    st.lastImageAt = now;
+    S.shown.push(now);
+    while (S.shown.length && now - S.shown[0] > 2000) S.shown.shift();
+    $("frame-id").textContent = head.frame_id === null ? "–" : String(head.frame_id);
+    const idx = head.index ? Object.entries(head.index).map(([k, v]) => `${k}=${v}`).join(" ") : "";
+    const src = head.source_shape ? `${head.source_shape[1]}×${head.source_shape[0]}` : "?";
+    $("frame-meta").textContent =
+      `frame ${head.frame_id} ${idx} · ${src} shown at ${w}×${h}` +
+      (head.step > 1 ? ` (every ${head.step}th px)` : "") +
+      ` · grey ${fmt(head.stretch[0])}–${fmt(head.stretch[1])} ADU` +
+      (head.skipped ? " · skipped analysis (no outlines)" : head.outline ? "" : " · no labels");
+  }
+
+  function drawImage() {
+    if (!S.image) return;
+    const { head, grey, bits } = S.image;
+    const canvas = $("frame");
+    const w = head.width, h = head.height, npx = w * h;
+    if (canvas.width !== w || canvas.height !== h) { canvas.width = w; canvas.height = h; }
+    const ctx = canvas.getContext("2d");
+    if (!imageData || imageData.width !== w || imageData.height !== h) {
+      imageData = ctx.createImageData(w, h);
+    }
+    const px = new Uint32Array(imageData.data.buffer);
+    for (let i = 0; i < npx; i++) {
+      const g = grey[i];
+      px[i] = 0xff000000 | (g << 16) | (g << 8) | g;
+    }
+    if (bits && $("show-outlines").checked) {
+      for (let b = 0; b < bits.length; b++) {
+        const v = bits[b];
+        if (v === 0) continue;
+        const base = b << 3;
+        for (let k = 0; k < 8; k++) {
+          if (v & (0x80 >> k) && base + k < npx) px[base + k] = OUTLINE_RGBA;
+        }
+      }
+    }
+    ctx.putImageData(imageData, 0, 0);
+  }
+
+  // ------------------------------------------------------------ status and events
+  function setStatus(st, rates, dash) {
+    S.status = st; S.rates = rates || {}; if (dash) S.dashboard = dash;
+    if (!st) return;
+    const state = $("state");
+    state.textContent = st.acquiring ? "acquiring" : st.state;
+    state.className = "badge" + (st.acquiring ? " running" : "");
+    $("model").textContent = `${st.model} · ${st.backend} (${st.device}) · ${st.mode}`;
+    const fps = S.rates.analysed_fps;
+    $("fps").textContent = fps === null || fps === undefined ? "–" : fps.toFixed(1);
+    const pubDropped = sumValues(st.publisher && st.publisher.dropped);
+    const q = st.queues || {};
+    const rows = [
+      ["state", `${st.state}${st.acquiring ? " (acquiring)" : ""}, ${st.mode}`],
+      ["fps acquired / analysed",
+       `${fmt(S.rates.acquired_fps, 1)} / ${fmt(S.rates.analysed_fps, 1)}`],
+      ["frames acquired", st.frames_acquired],
+      ["analysed / skipped / failed",
+       `${st.frames_analysed} / ${st.frames_skipped} / ${st.frames_failed}`],
+      ["queues infer / analyse / publish", `${q.infer ?? "–"} / ${q.analyse ?? "–"} / ${q.publish ?? "–"}`],
+      ["messages dropped (PUB)", pubDropped],
+      ["model", `${st.model} (${st.backend}, ${st.device})`],
+      ["pixel size", `${fmt(st.pixel_size_um)} µm`],
+      ["uptime", `${fmt(st.uptime_s, 0)} s`],
+    ];
+    if (st.feedback) {
+      rows.push(["feedback actions / refused", `${st.feedback.actions} / ${st.feedback.refused}`]);
+    }
+    if (S.dashboard) {
+      const d = S.dashboard;
+      rows.push(["dashboard", `${d.browsers} browser(s), ${d.images_encoded} images, ` +
+                 `${fmt(d.encode_ms_p50, 1)} ms each`]);
+    }
+    if (st.last_error) rows.push(["last error", st.last_error]);
+    fillKv($("status"), rows);
+    const lat = st.latency_ms || {};
+    const table = $("latency");
+    table.replaceChildren();
+    const head = table.insertRow();
+    for (const t of ["latency ms", "p50", "p95", "p99"]) {
+      const th = document.createElement("th"); th.textContent = t; head.appendChild(th);
+    }
+    for (const span of ["infer", "analyse", "publish", "end_to_end"]) {
+      const v = lat[span] || {};
+      const row = table.insertRow();
+      for (const t of [span.replace("_", " "), fmt(v.p50, 1), fmt(v.p95, 1), fmt(v.p99, 1)]) {
+        row.insertCell().textContent = t;
+      }
+    }
+  }
+
+  function renderEvents() {
+    const list = $("events");
+    list.replaceChildren();
+    for (let i = S.events.length - 1; i >= 0 && i >= S.events.length - 50; i--) {
+      const ev = S.events[i];
+      const li = document.createElement("li");
+      li.className = ev.level || "info";
+      const time = document.createElement("span");
+      time.className = "muted";
+      time.textContent = new Date(ev.t * 1000).toLocaleTimeString();
+      const kind = document.createElement("span");
+      kind.className = "kind";
+      kind.textContent = ev.kind;
+      const text = document.createElement("span");
+      text.textContent = ev.text;
+      li.append(time, kind, text);
+      list.appendChild(li);
+    }
+  }
+
+  function fillKv(table, rows) {
+    table.replaceChildren();
+    for (const [k, v] of rows) {
+      const row = table.insertRow();
+      row.insertCell().textContent = k;
+      row.insertCell().textContent = v === null || v === undefined ? "–" : String(v);
+    }
+  }
+
+  // ------------------------------------------------------------ plots
+  function fmt(v, digits) {
+    if (v === null || v === undefined || Number.isNaN(v)) return "–";
+    if (digits !== undefined) return Number(v).toFixed(digits);
+    if (Number.isInteger(v)) return String(v);
+    const a = Math.abs(v);
+    if (a >= 1000) return Number(v).toFixed(0);
+    if (a >= 10) return Number(v).toFixed(1);
+    return Number(v).toPrecision(3);
+  }
+
+  function sumValues(obj) {
+    return obj ? Object.values(obj).reduce((a, b) => a + b, 0) : 0;
+  }
+
+  function niceTicks(lo, hi, n) {
+    if (!(hi > lo)) { hi = lo + 1; }
+    const raw = (hi - lo) / n;
+    const mag = Math.pow(10, Math.floor(Math.log10(raw)));
+    const step = [1, 2, 5, 10].map((f) => f * mag).find((s) => s >= raw) || 10 * mag;
+    const ticks = [];
+    for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) ticks.push(v);
+    return ticks;
+  }
+
+  function prepare(canvas) {
+    const dpr = window.devicePixelRatio || 1;
+    const cw = Math.max(50, canvas.clientWidth), ch = Math.max(40, canvas.clientHeight);
+    const w = Math.round(cw * dpr), h = Math.round(ch * dpr);
+    if (canvas.width !== w || canvas.height !== h) { canvas.width = w; canvas.height = h; }
+    const ctx = canvas.getContext("2d");
+    ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+    ctx.clearRect(0, 0, cw, ch);
+    ctx.font = "11px system-ui, sans-serif";
+    return { ctx, w: cw, h: ch };
+  }
+
+  function drawSeries(canvas, col, color, title) {
+    const { ctx, w, h } = prepare(canvas);
+    const L = 46, R = 8, T = 16, B = 16;
+    const pts = S.points;
+    const tLast = pts.length ? pts[pts.length - 1][1] : 0;
+    const xs = [], ys = [];
+    for (const p of pts) {
+      const x = p[1] - tLast;
+      if (x < -PLOT_WINDOW_S || p[col] === null || p[col] === undefined) continue;
+      xs.push(x); ys.push(p[col]);
+    }
+    ctx.fillStyle = COLORS.axis;
+    ctx.fillText(title, L, 11);
+    const last = ys.length ? ys[ys.length - 1] : null;
+    ctx.textAlign = "right";
+    ctx.fillStyle = color;
+    ctx.fillText(last === null ? "no data" : fmt(last), w - R, 11);
+    ctx.textAlign = "left";
+    if (!ys.length) return;
+    let ylo = Math.min(...ys), yhi = Math.max(...ys);
+    if (ylo === yhi) { ylo -= 1; yhi += 1; }
+    const pad = (yhi - ylo) * 0.08; ylo -= pad; yhi += pad;
+    if (ylo < 0 && Math.min(...ys) >= 0) ylo = 0;
+    const xlo = Math.min(-10, xs[0]), xhi = 0;
+    const X = (x) => L + (x - xlo) / (xhi - xlo) * (w - L - R);
+    const Y = (y) => T + (1 - (y - ylo) / (yhi - ylo)) * (h - T - B);
+    ctx.strokeStyle = COLORS.grid; ctx.fillStyle = COLORS.axis; ctx.lineWidth = 1;
+    ctx.textAlign = "right";
+    const yt = niceTicks(ylo, yhi, 3);
+    const yd = yt.length > 1 ? Math.max(0, -Math.floor(Math.log10(yt[1] - yt[0]) + 1e-9)) : 0;
+    for (const v of yt) {
+      ctx.beginPath(); ctx.moveTo(L, Y(v) + 0.5); ctx.lineTo(w - R, Y(v) + 0.5); ctx.stroke();
+      ctx.fillText(v.toFixed(yd), L - 4, Y(v) + 4);
+    }
+    ctx.textAlign = "center";
+    for (const v of niceTicks(xlo, xhi, 5)) ctx.fillText(`${fmt(v, 0)} s`, X(v), h - 3);
+    ctx.textAlign = "left";
+    ctx.strokeStyle = color; ctx.lineWidth = 1.5; ctx.beginPath();
+    for (let i = 0; i < xs.length; i++) {
+      if (i === 0) ctx.moveTo(X(xs[i]), Y(ys[i])); else ctx.lineTo(X(xs[i]), Y(ys[i]));
+    }
+    ctx.stroke();
+    if (xs.length === 1) { ctx.fillStyle = color; ctx.fillRect(X(xs[0]) - 2, Y(ys[0]) - 2, 4, 4); }
+  }
+
+  function drawHistogram(canvas, grains) {
+    const { ctx, w, h } = prepare(canvas);
+    const L = 40, R = 8, T = 16, B = 18;
+    const cum = grains.cumulative || grains.tile;
+    const tile = grains.tile;
+    const edges = cum.histogram.edges_um, counts = cum.histogram.counts;
+    const tcounts = tile ? tile.histogram.counts : null;
+    let first = counts.findIndex((c) => c > 0), last = counts.length - 1;
+    while (last >= 0 && counts[last] === 0) last--;
+    ctx.fillStyle = COLORS.axis;
+    ctx.fillText("equivalent diameter (µm), inside grains", L, 11);
+    if (first < 0) { ctx.fillText("no grains yet", L, h / 2); return; }
+    first = Math.max(0, first - 1); last = Math.min(counts.length - 1, last + 1);
+    const lx0 = Math.log10(edges[first]), lx1 = Math.log10(edges[last + 1]);
+    const X = (e) => L + (Math.log10(e) - lx0) / (lx1 - lx0) * (w - L - R);
+    const total = counts.reduce((a, b) => a + b, 0);
+    const tileTotal = tcounts ? tcounts.reduce((a, b) => a + b, 0) : 0;
+    let fmax = 0;
+    for (let i = first; i <= last; i++) {
+      fmax = Math.max(fmax, counts[i] / total, tileTotal ? tcounts[i] / tileTotal : 0);
+    }
+    const Y = (f) => T + (1 - f / (fmax * 1.05)) * (h - T - B);
+    ctx.fillStyle = COLORS.hist;
+    for (let i = first; i <= last; i++) {
+      const x0 = X(edges[i]), x1 = X(edges[i + 1]);
+      ctx.fillRect(x0 + 0.5, Y(counts[i] / total), Math.max(1, x1 - x0 - 1), Y(0) - Y(counts[i] / total));
+    }
+    if (tileTotal) {
+      ctx.strokeStyle = COLORS.tile; ctx.lineWidth = 1.5; ctx.beginPath();
+      ctx.moveTo(X(edges[first]), Y(0));
+      for (let i = first; i <= last; i++) {
+        const y = Y(tcounts[i] / tileTotal);
+        ctx.lineTo(X(edges[i]), y); ctx.lineTo(X(edges[i + 1]), y);
+      }
+      ctx.lineTo(X(edges[last + 1]), Y(0)); ctx.stroke();
+    }
+    ctx.strokeStyle = COLORS.grid; ctx.beginPath(); ctx.moveTo(L, Y(0) + 0.5); ctx.lineTo(w - R, Y(0) + 0.5); ctx.stroke();
+    ctx.fillStyle = COLORS.axis; ctx.textAlign = "center";
+    const every = Math.max(1, Math.ceil((last - first + 2) / 6));
+    for (let i = first; i <= last + 1; i += every) {
+      const x = Math.min(Math.max(X(edges[i]), L + 10), w - R - 12);
+      ctx.fillText(Number(edges[i].toPrecision(2)).toString(), x, h - 4);
+    }
+    ctx.textAlign = "right";
+    ctx.fillText(`${fmt(fmax * 100, 0)}%`, L - 4, T + 8);
+    ctx.fillText("0", L - 4, Y(0));
+    ctx.textAlign = "left";
+    ctx.textAlign = "right";
+    ctx.fillStyle = COLORS.tile; ctx.fillText("— this tile", w - R, 11);
+    ctx.fillStyle = COLORS.hist; ctx.fillText("■ all tiles", w - R - 70, 11);
+    ctx.textAlign = "left";
+  }
+
+  function renderGrains() {
+    const panel = $("grains-panel");
+    const g = S.grains;
+    panel.hidden = !g;
+    if (!g) return;
+    drawHistogram($("plot-hist"), g);
+    const c = g.cumulative || {}, t = g.tile || {};
+    const ci = (v) => (v ? ` (95% ${fmt(v[0])}–${fmt(v[1])})` : "");
+    fillKv($("astm"), [
+      ["ASTM G planimetric (all tiles)", `${fmt(c.astm_g_planimetric, 2)}${ci(c.astm_g_planimetric_ci95)}`],
+      ["ASTM G intercept (all tiles)", fmt(c.astm_g_intercept, 2)],
+      ["ASTM G planimetric (this tile)", fmt(t.astm_g_planimetric, 2)],
+      ["tiles", c.tiles],
+      ["grains (inside / cut by edge)", `${c.count_inside ?? "–"} / ${c.count_edge ?? "–"}`],
+      ["mean equivalent diameter", `${fmt(c.mean_equivalent_diameter_um)} µm${ci(c.mean_equivalent_diameter_ci95_um)}`],
+      ["mean area", `${fmt(c.mean_area_um2)} µm²`],
+      ["mean intercept", `${fmt(c.mean_intercept_um)} µm`],
+    ]);
+  }
+
+  // Drawing happens in animation frames, only for what changed: a browser that draws
+  // nothing when nothing changed leaves the CPU to the acquisition PC's pipeline.
+  let scheduled = false;
+  function schedule() {
+    if (!scheduled) { scheduled = true; requestAnimationFrame(render); }
+  }
+
+  function render() {
+    scheduled = false;
+    if (S.imageDirty) { S.imageDirty = false; drawImage(); }
+    if (S.dirty) {
+      S.dirty = false;
+      drawSeries($("plot-count"), 2, COLORS.count, "object count");
+      drawSeries($("plot-area"), 3, COLORS.area, "mean area (µm²)");
+      drawSeries($("plot-intensity"), 4, COLORS.intensity, "mean intensity (ADU)");
+      renderGrains();
+    }
+  }
+
+  setInterval(() => {
+    const now = performance.now();
+    while (S.shown.length && now - S.shown[0] > 2000) S.shown.shift();
+    const text = (S.shown.length / 2).toFixed(1);
+    if ($("view-fps").textContent !== text) $("view-fps").textContent = text;
+  }, 1000);
+  $("show-outlines").addEventListener("change", () => { S.imageDirty = true; schedule(); });
+  $("show-image").addEventListener("change", sendView);
+  document.addEventListener("visibilitychange", sendView);
+  window.addEventListener("resize", () => { S.dirty = true; schedule(); });
+  connect();
+})();

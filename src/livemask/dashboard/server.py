@@ -1,0 +1,501 @@
+"""The web dashboard: an aiohttp server fed by a ZeroMQ subscriber like any other.
+
+:class:`DashboardServer` connects SUB sockets to a service's PUB address and serves a page
+(``assets/``, shipped in the package: no CDN, works offline) that shows the live frame with
+the object outlines, plots of the per-frame summary, the grain statistics, the service
+status and the recent events. Browsers get a WebSocket (``/ws``) carrying JSON text
+messages and binary image messages (:func:`~livemask.dashboard.preview.encode_preview`).
+
+Keeping the service fast:
+
+- ``measurements``, ``status`` and ``event`` (small JSON) are always read;
+- ``frame`` and ``labels`` (the big arrays) are *sampled*: while a browser is connected,
+  at most ``update_hz`` times a second, the image subscriber subscribes to both, reads
+  until a new frame and its labels (same ``frame_id``) came, and unsubscribes again, so
+  between those windows the publisher does not even send them to the dashboard (and old
+  images never queue up: each window starts from what is published next);
+- that frame is decimated once (:func:`make_preview`, ~0.5 ms for 512×512) and offered to
+  every browser; each browser has a one-image slot that a newer image replaces, so a slow
+  browser gets fewer images and never stalls the others or the loop.
+
+In the service (``dashboard.enabled``) it runs on the service's event loop; ``livemask
+dashboard --connect`` runs it on its own for a service elsewhere. Routes: ``/`` (the page),
+``/assets/<file>``, ``/ws`` (the stream), ``/api/state`` (the current state as JSON).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import ipaddress
+import json
+import logging
+import socket
+import time
+from collections import deque
+from importlib import resources
+from typing import Any
+from urllib.parse import urlsplit
+
+import zmq
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from livemask import __version__
+from livemask.client.subscriber import AsyncSubscriber
+from livemask.dashboard.preview import encode_preview, make_preview
+from livemask.dashboard.state import DashboardState
+from livemask.errors import ConfigError, ProtocolError
+from livemask.protocol import Message, dumps_json
+
+__all__ = ["ASSETS", "DashboardServer", "local_connect_address", "parse_listen"]
+
+log = logging.getLogger("livemask")
+
+#: Files served under ``/assets/`` and their content types (nothing else is served).
+ASSETS = {
+    "dashboard.js": "text/javascript",
+    "dashboard.css": "text/css",
+}
+_LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+_CLIENT_QUEUE = 500  # JSON messages a browser may lag behind before the oldest are dropped
+_IMAGE_TOPICS = ("frame", "labels")
+
+
+def parse_listen(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """``"HOST:PORT"``, ``"[V6]:PORT"`` or ``"PORT"`` → ``(host, port)``."""
+    text = value.strip()
+    host, sep, port_s = text.rpartition(":")
+    if not sep:
+        host, port_s = default_host, text
+    host = host.strip("[]") or default_host
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise ConfigError(
+            f"dashboard address {value!r}: expected HOST:PORT (e.g. 127.0.0.1:8080; port 0 "
+            "picks a free one)"
+        ) from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"dashboard address {value!r}: port must be 0..65535")
+    return host, port
+
+
+def local_connect_address(bound: str) -> str:
+    """The address to connect to a PUB socket bound at ``bound`` from this machine
+    (``tcp://0.0.0.0:5555`` → ``tcp://127.0.0.1:5555``)."""
+    for wildcard, local in (("//0.0.0.0:", "//127.0.0.1:"), ("//*:", "//127.0.0.1:"),
+                            ("//[::]:", "//[::1]:")):
+        if wildcard in bound:
+            return bound.replace(wildcard, local, 1)
+    return bound
+
+
+def _is_loopback(host: str) -> bool:
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _read_asset(name: str) -> bytes:
+    return (resources.files("livemask.dashboard") / "assets" / name).read_bytes()
+
+
+class _Browser:
+    """One connected WebSocket: a bounded queue of JSON texts and a one-image slot."""
+
+    def __init__(self, ws: web.WebSocketResponse, peer: str) -> None:
+        self.ws = ws
+        self.peer = peer
+        self.texts: deque[str] = deque(maxlen=_CLIENT_QUEUE)
+        self.image: bytes | None = None
+        self.wake = asyncio.Event()
+        self.images_sent = 0
+        self.images_replaced = 0
+        self.wants_images = True  # false while the page is hidden or its image is paused
+        self.task: asyncio.Task[None] | None = None
+
+    def send_text(self, text: str) -> None:
+        self.texts.append(text)
+        self.wake.set()
+
+    def send_json(self, obj: dict[str, Any]) -> None:
+        self.send_text(dumps_json(obj).decode("utf-8"))
+
+    def offer_image(self, data: bytes) -> None:
+        if self.image is not None:
+            self.images_replaced += 1  # the browser did not take the previous one yet
+        self.image = data
+        self.wake.set()
+
+    async def pump(self) -> None:
+        """Send what is queued, newest image last, as fast as the browser takes it."""
+        while not self.ws.closed:
+            await self.wake.wait()
+            self.wake.clear()
+            while self.texts:
+                await self.ws.send_str(self.texts.popleft())
+            if self.image is not None:
+                data, self.image = self.image, None
+                await self.ws.send_bytes(data)
+                self.images_sent += 1
+
+
+class DashboardServer:
+    """Serve the dashboard of the stream published at ``pub_address``.
+
+    ``port=0`` picks a free port (:attr:`url` tells which). Use ``await start()`` and
+    ``await close()``, or ``async with``.
+    """
+
+    def __init__(
+        self,
+        pub_address: str,
+        *,
+        address: str = "127.0.0.1",
+        port: int = 8080,
+        update_hz: float = 5.0,
+        max_image_px: int = 512,
+        title: str = "livemask",
+    ) -> None:
+        if update_hz <= 0:
+            raise ConfigError("dashboard.update_hz must be > 0")
+        self.pub_address = pub_address
+        self.address = address
+        self.port = port
+        self.update_hz = update_hz
+        self.max_image_px = max_image_px
+        self.title = title
+        self.state = DashboardState()
+        self.browsers: set[_Browser] = set()
+        self.images_encoded = 0
+        self.encode_ms: deque[float] = deque(maxlen=100)
+        self._last_image: bytes | None = None
+        self._runner: web.AppRunner | None = None
+        self._sock: socket.socket | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._sub: AsyncSubscriber | None = None
+        self._image_sub: AsyncSubscriber | None = None
+        self._watched = asyncio.Event()  # set while a browser wants images
+        self.samples = 0  # frame/labels subscription windows opened
+        self._loopback = _is_loopback(address)
+
+    # ------------------------------------------------------------ lifecycle
+    async def start(self) -> DashboardServer:
+        """Bind the HTTP port, connect the subscriber, start the update loop."""
+        if self._runner is not None:
+            return self
+        app = web.Application(middlewares=[self._guard])
+        app.router.add_get("/", self._index)
+        app.router.add_get("/assets/{name}", self._asset)
+        app.router.add_get("/ws", self._websocket)
+        app.router.add_get("/api/state", self._api_state)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        await runner.setup()
+        try:
+            self._sock = self._bind()
+            site = web.SockSite(runner, self._sock)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self._sub = AsyncSubscriber(self.pub_address, ("measurements", "status", "event"),
+                                    rcvhwm=1000)
+        self._tasks = [
+            asyncio.create_task(self._read(self._sub), name="livemask-dashboard-sub"),
+            asyncio.create_task(self._updates(), name="livemask-dashboard-updates"),
+            asyncio.create_task(self._images(), name="livemask-dashboard-images"),
+        ]
+        log.info("dashboard: %s (data from %s)", self.url, self.pub_address)
+        return self
+
+    def _bind(self) -> socket.socket:
+        try:
+            infos = socket.getaddrinfo(self.address, self.port, type=socket.SOCK_STREAM)
+            family = infos[0][0]
+            addr = infos[0][4][:2]
+            sock = socket.create_server(addr, family=family, backlog=64)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve the dashboard on {self.address}:{self.port}: {exc}. Choose "
+                "another dashboard.port / --dashboard HOST:PORT (port 0 picks a free one)"
+            ) from exc
+        self.port = int(sock.getsockname()[1])
+        return sock
+
+    @property
+    def url(self) -> str | None:
+        """``http://ADDRESS:PORT/`` while serving, else None."""
+        if self._runner is None:
+            return None
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"http://{host}:{self.port}/"
+
+    async def close(self) -> None:
+        """Close browsers, subscribers and the HTTP port (idempotent)."""
+        runner, self._runner = self._runner, None
+        for task in self._tasks:
+            task.cancel()
+        for browser in list(self.browsers):
+            if browser.task is not None:
+                browser.task.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    browser.ws.close(code=WSCloseCode.GOING_AWAY, message=b"service stopping"),
+                    0.5,
+                )
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+        for sub in (self._sub, self._image_sub):
+            if sub is not None:
+                sub.close()
+        self._sub = self._image_sub = None
+        if runner is not None:
+            await runner.cleanup()
+            log.info("dashboard stopped")
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    async def __aenter__(self) -> DashboardServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------ stream
+    async def _recv(self, sub: AsyncSubscriber, timeout_s: float) -> Message | None:
+        """The next message of ``sub``; None on timeout, for a malformed message, when
+        ``sub`` was closed meanwhile or on a socket error (logged: the dashboard goes on)."""
+        try:
+            return await sub.recv(timeout_s=timeout_s)
+        except ProtocolError as exc:
+            log.warning("dashboard: dropped a malformed message: %s", exc)
+            return None
+        except (RuntimeError, zmq.ZMQError):
+            if not sub.closed:
+                log.exception("dashboard: receiving from %s failed", self.pub_address)
+        await asyncio.sleep(timeout_s)
+        return None
+
+    def _take(self, msg: Message) -> dict[str, Any] | None:
+        try:
+            return self.state.add(msg)
+        except Exception:  # a message we do not understand must not stop the dashboard
+            log.exception("dashboard: could not use a %s message", msg.topic)
+            return None
+
+    async def _read(self, sub: AsyncSubscriber) -> None:
+        """Feed every measurements/status/event message to the state; push status and
+        events to browsers as they come."""
+        while True:
+            msg = await self._recv(sub, 0.5)
+            if msg is None:
+                continue
+            out = self._take(msg)
+            if out is not None and self.browsers:
+                if out["type"] == "status":
+                    out = {**out, "dashboard": self.report()}
+                self._broadcast(out)
+
+    async def _images(self) -> None:
+        """While a browser watches, at most ``update_hz`` times a second: subscribe to
+        ``frame`` and ``labels`` until a new frame and its labels came, unsubscribe, and
+        send that frame. Between those windows the big arrays are not even sent to us."""
+        period = 1.0 / self.update_hz
+        while True:
+            await self._watched.wait()
+            started = time.monotonic()
+            if self._image_sub is None:
+                self._image_sub = AsyncSubscriber(self.pub_address, _IMAGE_TOPICS, rcvhwm=16)
+            sub = self._image_sub
+            for topic in _IMAGE_TOPICS:
+                sub.subscribe(topic)
+            self.samples += 1
+            try:
+                picked = None
+                while picked is None and self._watched.is_set():
+                    msg = await self._recv(sub, 0.25)
+                    if msg is not None:
+                        self._take(msg)
+                        picked = self.state.pick_frame()
+            finally:
+                if not sub.closed:
+                    for topic in _IMAGE_TOPICS:
+                        sub.unsubscribe(topic)
+            if picked is not None and self._watched.is_set():
+                try:
+                    self._send_image(*picked)
+                except Exception:
+                    log.exception("dashboard: could not send a frame")
+            await asyncio.sleep(max(0.0, period - (time.monotonic() - started)))
+
+    async def _updates(self) -> None:
+        """At most ``update_hz`` times a second: the new summary points and grain stats."""
+        period = 1.0 / self.update_hz
+        while True:
+            if self.browsers:
+                update = self.state.update()
+                if update is not None:
+                    self._broadcast(update)
+            await asyncio.sleep(period)
+
+    def _send_image(self, frame: Message, labels: Message | None) -> None:
+        """Decimate ``frame`` (outlines of ``labels``) once and offer it to every browser."""
+        t0 = time.perf_counter()
+        preview = make_preview(
+            frame.arrays["image"],
+            labels.arrays["labels"] if labels is not None else None,
+            max_px=self.max_image_px,
+        )
+        h = frame.header
+        data = encode_preview(preview, {
+            "frame_id": h.get("frame_id"),
+            "index": h.get("index"),
+            "skipped": bool(h.get("skipped", False)),
+            "t": (h.get("t") or {}).get("acquired"),
+            "source_shape": list(frame.arrays["image"].shape),
+        })
+        self.encode_ms.append((time.perf_counter() - t0) * 1e3)
+        self.images_encoded += 1
+        self._last_image = data
+        for browser in self.browsers:
+            if browser.wants_images:
+                browser.offer_image(data)
+
+    def _broadcast(self, obj: dict[str, Any]) -> None:
+        text = dumps_json(obj).decode("utf-8")
+        for browser in self.browsers:
+            browser.send_text(text)
+
+    def report(self) -> dict[str, Any]:
+        """The dashboard's own counters (shown on the page and in ``/api/state``)."""
+        received: dict[str, int] = {}
+        for sub in (self._sub, self._image_sub):
+            for k, v in (sub.received if sub is not None else {}).items():
+                received[k] = received.get(k, 0) + v
+        ms = sorted(self.encode_ms)
+        return {
+            "browsers": len(self.browsers),
+            "images_encoded": self.images_encoded,
+            "images_sent": sum(b.images_sent for b in self.browsers),
+            "images_replaced": sum(b.images_replaced for b in self.browsers),
+            "encode_ms_p50": round(ms[len(ms) // 2], 2) if ms else None,
+            "samples": self.samples,
+            "received": received,
+            # missed measurements/status/event messages (frames and labels are sampled)
+            "gaps": dict(self._sub.gaps) if self._sub is not None else {},
+        }
+
+    def _config(self) -> dict[str, Any]:
+        return {"version": __version__, "title": self.title, "update_hz": self.update_hz,
+                "max_image_px": self.max_image_px, "source": self.pub_address}
+
+    # ------------------------------------------------------------ HTTP
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Loopback binds answer only to loopback host names (no DNS rebinding); every
+        response gets a strict Content-Security-Policy."""
+        if self._loopback:
+            host = urlsplit(f"//{request.host}").hostname or ""
+            if not _is_loopback(host):
+                return web.Response(status=403, text=(
+                    f"the livemask dashboard is bound to {self.address}: open it as "
+                    f"http://{'localhost' if ':' in self.address else self.address}:"
+                    f"{self.port}/\n"))
+        response: web.StreamResponse = await handler(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Cache-Control", "no-store")
+        response.headers.setdefault(
+            "Content-Security-Policy",
+            "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+            f"connect-src 'self' ws://{request.host} wss://{request.host}; "
+            "frame-ancestors 'none'",
+        )
+        return response
+
+    async def _index(self, request: web.Request) -> web.Response:
+        page = _read_asset("index.html").decode("utf-8")
+        page = page.replace("{{title}}", html.escape(self.title))
+        return web.Response(text=page, content_type="text/html", charset="utf-8")
+
+    async def _asset(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in ASSETS:
+            raise web.HTTPNotFound(text=f"no asset {name!r}\n")
+        return web.Response(body=_read_asset(name), content_type=ASSETS[name],
+                            charset="utf-8")
+
+    async def _api_state(self, request: web.Request) -> web.Response:
+        s = self.state
+        body = {
+            "config": self._config(),
+            "status": s.status,
+            "rates": s.rates,
+            "summary": s.summary,
+            "frame_id": s.measured_frame_id,
+            "grains": s.grains,
+            "events": list(s.events),
+            "points": len(s.series),
+            "dashboard": self.report(),
+        }
+        return web.Response(body=dumps_json(body), content_type="application/json")
+
+    def _update_watched(self) -> None:
+        """Sample frames only while some browser shows them."""
+        if any(b.wants_images for b in self.browsers):
+            self._watched.set()
+        elif self._watched.is_set():
+            self._watched.clear()
+            self.state.reset_frames()
+
+    def _from_browser(self, browser: _Browser, text: str) -> None:
+        """``{"type": "view", "images": bool}``: the page is hidden/shown or its image paused.
+        Anything else is ignored."""
+        try:
+            msg = json.loads(text)
+        except ValueError:
+            return
+        if isinstance(msg, dict) and msg.get("type") == "view":
+            browser.wants_images = bool(msg.get("images", True))
+            if browser.wants_images and self._last_image is not None:
+                browser.offer_image(self._last_image)
+            self._update_watched()
+
+    async def _websocket(self, request: web.Request) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if origin and urlsplit(origin).netloc != request.host:
+            raise web.HTTPForbidden(text="cross-origin WebSocket refused\n")
+        # no permessage-deflate: compressing images would cost the service CPU for little gain
+        ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=1 << 16, compress=False)
+        await ws.prepare(request)
+        browser = _Browser(ws, request.remote or "?")
+        browser.send_json(self.state.hello(self._config()))
+        if self.state.status is not None:
+            browser.send_json({**self.state.status_message(), "dashboard": self.report()})
+        if self._last_image is not None:
+            browser.offer_image(self._last_image)
+        self.browsers.add(browser)
+        self._update_watched()
+        browser.task = asyncio.create_task(browser.pump(), name="livemask-dashboard-ws")
+        log.info("dashboard: browser %s connected (%d now)", browser.peer, len(self.browsers))
+        try:
+            async for msg in ws:
+                if msg.type == WSMsgType.TEXT:
+                    self._from_browser(browser, msg.data)
+                elif msg.type == WSMsgType.ERROR:
+                    break
+        finally:
+            self.browsers.discard(browser)
+            browser.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await browser.task
+            self._update_watched()
+            log.info("dashboard: browser %s left (%d now)", browser.peer, len(self.browsers))
+        return ws

@@ -1,0 +1,246 @@
+"""What the dashboard knows about the stream: pure bookkeeping, no sockets, no HTTP.
+
+:class:`DashboardState` is fed decoded :class:`~livemask.protocol.Message` objects and
+keeps what browsers are shown: a bounded history of per-frame summary points (for the
+plots), the newest grain statistics, the newest status with frame rates derived from
+consecutive heartbeats, the recent events as one-line summaries, and the newest few
+``frame`` and ``labels`` messages, paired by ``frame_id`` when an image is sent.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections import OrderedDict, deque
+from typing import Any
+
+from livemask.protocol import Message
+
+__all__ = ["DashboardState", "event_summary", "status_rates", "summary_point"]
+
+#: Status fields not forwarded to browsers (large or of no use there).
+_STATUS_DROP = ("units", "core", "t", "arrays", "v", "topic")
+#: Event fields left out of the one-line text (large, or shown separately).
+_EVENT_SKIP = {"v", "topic", "seq", "arrays", "t", "kind", "config", "units", "index",
+               "position", "events", "sequence", "frame_id"}
+_TEXT_MAX = 200
+#: Frame rates are averaged over the status messages of about this many seconds.
+RATE_WINDOW_S = 2.0
+
+
+def summary_point(header: dict[str, Any]) -> list[Any]:
+    """``[frame_id, t_acquired, count, mean_area_um2, mean_intensity]`` of a measurements
+    header (``mean_area_px`` when no µm² value; ``None`` for what is missing)."""
+    summary = header.get("summary") or {}
+    stamps = header.get("t") or {}
+    t = stamps.get("acquired") or stamps.get("published") or time.time()
+    area = summary.get("mean_area_um2")
+    if area is None:
+        area = summary.get("mean_area_px")
+    return [header.get("frame_id"), round(float(t), 4), summary.get("count"),
+            _round(area), _round(summary.get("mean_intensity"))]
+
+
+def _round(value: Any, digits: int = 3) -> Any:
+    return round(float(value), digits) if isinstance(value, int | float) else None
+
+
+def status_rates(prev: dict[str, Any] | None, cur: dict[str, Any]) -> dict[str, float | None]:
+    """Frames per second (acquired, analysed, skipped) between two status snapshots."""
+    out: dict[str, float | None] = {"acquired_fps": None, "analysed_fps": None,
+                                    "skipped_fps": None}
+    if not prev:
+        return out
+    dt = float(cur.get("uptime_s") or 0.0) - float(prev.get("uptime_s") or 0.0)
+    if dt <= 0:
+        return out
+    for key in ("acquired", "analysed", "skipped"):
+        a, b = prev.get(f"frames_{key}"), cur.get(f"frames_{key}")
+        if isinstance(a, int | float) and isinstance(b, int | float) and b >= a:
+            out[f"{key}_fps"] = round((b - a) / dt, 2)
+    return out
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"),
+                                                           default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def event_summary(header: dict[str, Any]) -> dict[str, Any]:
+    """A one-line, browser-sized view of an ``event`` message: ``{kind, t, text, level}``."""
+    kind = str(header.get("kind", "?"))
+    stamps = header.get("t") or {}
+    t = stamps.get("sent") or stamps.get("published") or time.time()
+    level = "error" if kind in ("error", "frame_failed") else (
+        "warn" if kind == "feedback_refused" else "info")
+    h = header
+    if kind == "acquisition_started":
+        n = h.get("events")
+        text = f"{n if n is not None else 'unbounded'} events, {h.get('mode', '?')}"
+        if h.get("enqueued") is not None:
+            text = f"{h['enqueued']} enqueued events, {h.get('mode', '?')}"
+    elif kind == "acquisition_finished":
+        text = f"after {h.get('duration_s', '?')} s" + (
+            f", error: {h['error']}" if h.get("error") else "")
+        level = "error" if h.get("error") else level
+    elif kind == "feedback_action":
+        action = h.get("action") or {}
+        ms = h.get("reaction_ms")
+        text = (f"rule {h.get('rule')!s}: {action.get('kind', '?')} on frame {h.get('frame_id')}"
+                + (f", reaction {ms:.0f} ms" if isinstance(ms, int | float) else ""))
+    elif kind == "feedback_refused":
+        text = f"rule {h.get('rule')!s}: {h.get('reason') or h.get('limit') or 'refused'}"
+    elif kind in ("error", "frame_failed"):
+        text = str(h.get("detail", ""))
+        if kind == "frame_failed" and h.get("frame_id") is not None:
+            text = f"frame {h['frame_id']}: {text}"
+    elif kind == "service_started":
+        model = ((h.get("config") or {}).get("model") or {}).get("name")
+        text = f"model {model}" if model else "service started"
+    else:
+        text = ", ".join(f"{k}={_short(v)}" for k, v in h.items() if k not in _EVENT_SKIP)
+    if len(text) > _TEXT_MAX:
+        text = text[: _TEXT_MAX - 3] + "..."
+    return {"kind": kind, "t": round(float(t), 3), "text": text, "level": level}
+
+
+class DashboardState:
+    """The dashboard's view of one livemask stream (see the module docstring)."""
+
+    def __init__(self, *, history: int = 3000, events: int = 100, keep_frames: int = 8) -> None:
+        self.series: deque[list[Any]] = deque(maxlen=history)
+        self.pending: list[list[Any]] = []  # points not yet sent to browsers
+        self.events: deque[dict[str, Any]] = deque(maxlen=events)
+        self.status: dict[str, Any] | None = None
+        self.rates: dict[str, float | None] = status_rates(None, {})
+        self.summary: dict[str, Any] | None = None
+        self.grains: dict[str, Any] | None = None
+        self.grains_changed = False
+        self.measured_frame_id: int | None = None
+        self.frames: OrderedDict[int, tuple[Message, float]] = OrderedDict()
+        self.labels: OrderedDict[int, Message] = OrderedDict()
+        self.last_image_id: int | None = None
+        self.last_analysed_at = time.monotonic()
+        self._keep = keep_frames
+        self._rate_base: deque[dict[str, Any]] = deque(maxlen=256)
+
+    # ------------------------------------------------------------ intake
+    def add(self, msg: Message) -> dict[str, Any] | None:
+        """Take one message; returns a JSON message to push to browsers now, if any
+        (``status`` and ``event``; measurements are batched by :meth:`update`)."""
+        topic, header = msg.topic, msg.header
+        if topic == "measurements":
+            point = summary_point(header)
+            self.series.append(point)
+            self.pending.append(point)
+            self.summary = header.get("summary")
+            self.measured_frame_id = header.get("frame_id")
+            if header.get("grains") is not None:
+                self.grains = header["grains"]
+                self.grains_changed = True
+        elif topic == "status":
+            cur = {k: v for k, v in header.items() if k not in _STATUS_DROP}
+            if self.status is not None and cur.get("uptime_s", 0) < self.status.get("uptime_s", 0):
+                self._rate_base.clear()  # the service restarted: frame ids start again at 0
+                self.last_image_id = None
+            self.rates = status_rates(self._base_for(cur), cur)
+            self._rate_base.append(cur)
+            self.status = cur
+            return self.status_message()
+        elif topic == "event":
+            if header.get("kind") == "service_started":
+                self.last_image_id = None
+                self.reset_frames()
+            if header.get("kind") == "acquisition_started":
+                self.grains = None  # cumulative statistics restart with the acquisition
+                self.grains_changed = True
+            ev = event_summary(header)
+            self.events.append(ev)
+            return {"type": "event", "event": ev}
+        elif topic == "frame":
+            self._keep_newest(self.frames, int(header["frame_id"]), (msg, time.monotonic()))
+        elif topic == "labels":
+            self._keep_newest(self.labels, int(header["frame_id"]), msg)
+            self.last_analysed_at = time.monotonic()
+        return None
+
+    def _base_for(self, cur: dict[str, Any]) -> dict[str, Any] | None:
+        """The oldest kept status at most ``RATE_WINDOW_S`` older than ``cur``."""
+        now = float(cur.get("uptime_s") or 0.0)
+        while self._rate_base and now - float(self._rate_base[0].get("uptime_s") or 0.0) > (
+            RATE_WINDOW_S
+        ):
+            self._rate_base.popleft()
+        return self._rate_base[0] if self._rate_base else None
+
+    def _keep_newest(self, store: OrderedDict[int, Any], key: int, value: Any) -> None:
+        store[key] = value
+        store.move_to_end(key)
+        while len(store) > self._keep:
+            store.popitem(last=False)
+
+    # ------------------------------------------------------------ output
+    def status_message(self) -> dict[str, Any]:
+        """``{"type": "status", "status", "rates"}``."""
+        return {"type": "status", "status": self.status, "rates": self.rates}
+
+    def update(self) -> dict[str, Any] | None:
+        """The batched ``update`` message since the last call (None when nothing new)."""
+        if not self.pending and not self.grains_changed:
+            return None
+        msg: dict[str, Any] = {"type": "update", "points": self.pending,
+                               "summary": self.summary, "frame_id": self.measured_frame_id}
+        if self.grains_changed:
+            msg["grains"] = self.grains
+            self.grains_changed = False
+        self.pending = []
+        return msg
+
+    def hello(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Everything a newly connected browser needs."""
+        sent = len(self.series) - len(self.pending)  # the pending ones come with the update
+        return {
+            "type": "hello",
+            "config": config,
+            "points": list(itertools.islice(self.series, max(0, sent))),
+            "summary": self.summary,
+            "frame_id": self.measured_frame_id,
+            "grains": self.grains,
+            "events": list(self.events),
+            "status": self.status,
+            "rates": self.rates,
+        }
+
+    def pick_frame(self, *, stale_s: float = 1.0) -> tuple[Message, Message | None] | None:
+        """The frame to show next, with its labels, or None if nothing newer than the last.
+
+        Prefers the newest frame that has its labels (outlines); falls back to the newest
+        frame without them: a skipped frame when no labels came for ``stale_s`` seconds
+        (analysis off or far behind), another frame when its labels did not come within
+        ``stale_s`` (its analysis failed, or labels are not published for it).
+        """
+        last = self.last_image_id if self.last_image_id is not None else -1
+        both = [fid for fid in self.frames if fid in self.labels and fid > last]
+        if both:
+            fid = max(both)
+            self.last_image_id = fid
+            return self.frames[fid][0], self.labels[fid]
+        newer = [fid for fid in self.frames if fid > last]
+        if not newer:
+            return None
+        fid = max(newer)
+        frame, received = self.frames[fid]
+        now = time.monotonic()
+        since = self.last_analysed_at if frame.header.get("skipped") else received
+        if now - since < stale_s:
+            return None  # its labels (or those of a frame soon after) are probably on their way
+        self.last_image_id = fid
+        return frame, None
+
+    def reset_frames(self) -> None:
+        """Forget kept frames and labels (when no browser watches any more)."""
+        self.frames.clear()
+        self.labels.clear()
+        self.last_analysed_at = time.monotonic()

@@ -1,0 +1,83 @@
+"""Reading a recording back (zarr only; no livemask needed to read the data itself)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from livemask.errors import ReplayError
+from livemask.recording.writer import IMAGES, LABELS_NAME
+
+__all__ = ["Recording", "find_recording", "open_recording", "read_frames_jsonl"]
+
+
+@dataclass
+class Recording:
+    """One run folder opened read-only."""
+
+    path: Path
+    images: Any  # zarr.Array (T, Y, X)
+    labels: Any | None  # zarr.Array (T, Y, X) int32, or None when labels were not recorded
+    frames: list[dict[str, Any]]  # per-frame records sorted by frame_id (frames.jsonl)
+    pixel_size_um: float | None
+    attributes: dict[str, Any]
+
+    @property
+    def complete(self) -> bool:
+        """Whether the recorder was closed cleanly (final attributes written)."""
+        return bool(self.attributes.get("livemask", {}).get("complete"))
+
+    @property
+    def measurements_csv(self) -> Path:
+        """The per-object table (may be absent when measurements were not recorded)."""
+        return self.path / "measurements.csv"
+
+
+def find_recording(path: Path) -> Path | None:
+    """The run folder for ``path``: a run folder, its images.ome.zarr, or a folder of one run."""
+    path = Path(path)
+    if path.name == IMAGES and (path.parent / "frames.jsonl").is_file():
+        return path.parent
+    if (path / IMAGES).is_dir():
+        return path
+    runs = sorted(p for p in path.glob("run-*") if (p / IMAGES).is_dir()) if path.is_dir() else []
+    return runs[-1] if len(runs) == 1 else None
+
+
+def read_frames_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The frames.jsonl records sorted by frame_id (a torn last line is ignored)."""
+    out = []
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # only the last line can be torn (the writer was killed mid-write)
+    return sorted(out, key=lambda r: r["frame_id"])
+
+
+def open_recording(path: str | Path) -> Recording:
+    """Open a run folder written by :class:`~livemask.recording.Recorder`."""
+    import zarr
+
+    run = find_recording(Path(path))
+    if run is None:
+        raise ReplayError(
+            f"{path} is not a livemask recording (no {IMAGES} with frames.jsonl beside it); "
+            "give the run folder (…/run-YYYYmmdd-HHMMSS)"
+        )
+    root = zarr.open_group(run / IMAGES, mode="r")
+    attrs: dict[str, Any] = dict(root.attrs.asdict())
+    images = root["0"]
+    labels = None
+    with contextlib.suppress(KeyError):
+        labels = root[f"labels/{LABELS_NAME}/0"]
+    frames = read_frames_jsonl(run / "frames.jsonl") if (run / "frames.jsonl").is_file() else []
+    if not frames:
+        frames = list(attrs.get("livemask", {}).get("frames", []))
+    scale = attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]
+    pixel = float(scale["scale"][-1]) if scale.get("type") == "scale" else None
+    return Recording(run, images, labels, frames, pixel, attrs)

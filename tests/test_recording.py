@@ -1,0 +1,354 @@
+"""Recording (OME-Zarr + tables, never dropping a frame) and replay through the service."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tifffile
+import useq
+import zarr
+from typer.testing import CliRunner
+
+from livemask.acquisition.replay import ReplaySource, open_stack
+from livemask.acquisition.simulated.nuclei import NucleiSample
+from livemask.analysis.measure import UNITS
+from livemask.cli import app
+from livemask.client import Subscriber
+from livemask.errors import ReplayError
+from livemask.recording import Recorder, open_recording
+from livemask.recording.reader import read_frames_jsonl
+from livemask.service.app import Service
+from livemask.service.frames import Frame
+from tests.conftest import ROOT, free_tcp_address, make_config
+
+runner = CliRunner()
+
+
+def _frame(fid: int, image: np.ndarray, *, kind: str = "analysed", p: int = 0) -> Frame:
+    frame = Frame(frame_id=fid, image=image, index={"t": fid, "p": p},
+                  position={"x_um": 10.0 * p, "y_um": -5.0, "z_um": None},
+                  t={"acquired": time.time()})
+    if kind == "skipped":
+        frame.skipped = True
+    elif kind == "failed":
+        frame.error = "inference failed: RuntimeError: injected"
+    else:
+        labels = np.zeros(image.shape, np.int32)
+        labels[2:6, 3:9] = 1
+        labels[10:12, 10:15] = 2
+        frame.labels = labels
+        frame.objects = [
+            {"label": 1, "area_px": 24, "centroid_yx": [3.5, 5.5], "bbox": [2, 3, 6, 9],
+             "mean_intensity": 1.0},
+            {"label": 2, "area_px": 10, "centroid_yx": [10.5, 12.0], "bbox": [10, 10, 12, 15],
+             "mean_intensity": 2.0},
+        ]
+        frame.summary = {"count": 2}
+    return frame
+
+
+def _run_dir(parent: Path) -> Path:
+    runs = sorted(parent.glob("run-*"))
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _wait(predicate: Any, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+# ------------------------------------------------------------------ (1) the writer
+def test_writer_round_trip_with_standard_zarr(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 4000, (24, 32)).astype(np.uint16) for _ in range(7)]
+    kinds = ["analysed", "skipped", "analysed", "failed", "skipped", "analysed", "analysed"]
+    rec = Recorder(tmp_path / "run", pixel_size_um=0.65, config={"x": 1}, units=UNITS).start()
+    order = [0, 2, 1, 3, 4, 5]  # free-run publishes skipped frames before older ones
+    for fid in order:
+        rec.on_frame(_frame(fid, images[fid], kind=kinds[fid], p=fid % 2))
+    rec.on_event({"kind": "acquisition_started", "seq": 0})
+    # readable while recording, before close(): shape, chunks and the frames.jsonl lines
+    _wait(lambda: rec.report()["frames_written"] == 6)
+    live = zarr.open_group(tmp_path / "run" / "images.ome.zarr", mode="r")
+    assert live["0"].shape == (6, 24, 32)
+    np.testing.assert_array_equal(live["0"][5], images[5])
+    assert len(read_frames_jsonl(tmp_path / "run" / "frames.jsonl")) == 6
+    rec.on_frame(_frame(6, images[6]))
+    rec.on_frame(_frame(7, np.zeros((5, 5), np.uint16)))  # another shape: rejected, marked
+    rec.close(frames_acquired=8)
+
+    root = zarr.open_group(tmp_path / "run" / "images.ome.zarr", mode="r")
+    ome = root.attrs["ome"]
+    assert ome["version"] == "0.5"
+    ms = ome["multiscales"][0]
+    assert [a["name"] for a in ms["axes"]] == ["t", "y", "x"]
+    assert ms["axes"][1]["unit"] == "micrometer"
+    assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, 0.65, 0.65]
+    data, masks = root["0"], root["labels/masks/0"]
+    assert data.shape == masks.shape == (7, 24, 32) and data.chunks == (1, 24, 32)
+    assert root["labels"].attrs["ome"]["labels"] == ["masks"]
+    for fid in range(7):
+        np.testing.assert_array_equal(data[fid], images[fid])
+        assert (masks[fid].max() == 2) == (kinds[fid] == "analysed")
+    frames = root.attrs["livemask"]["frames"]
+    assert [f["frame_id"] for f in frames] == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert [f["skipped"] for f in frames[:7]] == [k == "skipped" for k in kinds]
+    assert [f["failed"] for f in frames[:7]] == [k == "failed" for k in kinds]
+    assert [f["analysed"] for f in frames[:7]] == [k == "analysed" for k in kinds]
+    assert frames[3]["index"] == {"t": 3, "p": 1} and frames[3]["position"]["x_um"] == 10.0
+    assert frames[7]["stored"] is False and all(f["stored"] for f in frames[:7])
+    assert root.attrs["livemask"]["complete"] is True
+    assert root.attrs["livemask"]["frames_acquired"] == 8
+    # tables beside the images
+    rows = _csv_rows(tmp_path / "run" / "measurements.csv")
+    assert len(rows) == 2 * kinds.count("analysed")
+    assert {r["frame_id"] for r in rows} == {"0", "2", "5", "6"}
+    assert rows[0]["centroid_y"] == "3.5" and rows[0]["bbox_max_col"] == "9"
+    units = json.loads((tmp_path / "run" / "units.json").read_text(encoding="utf-8"))
+    assert units["columns"]["area_um2"] == "µm²" and units["pixel_size_um"] == 0.65
+    events = [json.loads(x) for x in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    assert [e["kind"] for e in events].count("frame_failed") == 1
+    assert (tmp_path / "run" / "config.yaml").read_text().strip() == "x: 1"
+    # a validating OME-Zarr reader accepts it (yaozarrs comes with pymmcore-plus)
+    yaozarrs = pytest.importorskip("yaozarrs")
+    yaozarrs.validate_zarr_store(str(tmp_path / "run" / "images.ome.zarr"))
+
+
+def test_recorder_refuses_a_non_empty_folder(tmp_path: Path) -> None:
+    from livemask.errors import RecordingError
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "x").write_text("")
+    with pytest.raises(RecordingError, match="--record"):
+        Recorder(tmp_path / "run", pixel_size_um=1.0).start()
+
+
+# ------------------------------------------------------------------ (2) the service
+async def _run_to_end(svc: Service, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while svc.acquiring or not svc.acquisitions_finished or svc.pipeline.in_flight:
+        assert time.monotonic() < deadline, "acquisition did not finish"
+        await asyncio.sleep(0.05)
+
+
+async def test_service_records_every_frame_in_free_run(tmp_path: Path) -> None:
+    cfg = make_config(
+        record={"enabled": True, "path": str(tmp_path)},
+        acquisition={"mode": "free-run",
+                     "sequence": {"time_plan": {"interval": 0.02, "loops": 20}}},
+    )
+    async with Service(cfg) as svc:
+        seg = svc.pipeline.segmenter
+        real = seg.predict
+        calls = {"n": 0}
+
+        def slow_flaky(image: np.ndarray) -> np.ndarray:
+            calls["n"] += 1
+            time.sleep(0.1)  # analysis slower than the camera: frames skip analysis
+            if calls["n"] == 2:
+                raise RuntimeError("injected model fault")
+            return real(image)
+
+        seg.predict = slow_flaky  # type: ignore[method-assign]
+        svc.start_acquisition(None)
+        await _run_to_end(svc)
+        counts = svc.pipeline.counters.snapshot()
+    assert counts["frames_acquired"] == 20
+    assert counts["frames_skipped"] > 0 and counts["frames_failed"] == 1
+    rec = open_recording(_run_dir(tmp_path))
+    assert rec.complete and rec.images.shape == (20, 512, 512)
+    assert [f["frame_id"] for f in rec.frames] == list(range(20))
+    assert sum(f["skipped"] for f in rec.frames) == counts["frames_skipped"]
+    assert sum(f["failed"] for f in rec.frames) == 1
+    analysed = [f for f in rec.frames if f["analysed"]]
+    assert len(analysed) == counts["frames_analysed"] > 0
+    assert all(rec.images[f["frame_id"]].max() > 0 for f in rec.frames)  # every frame stored
+    assert rec.pixel_size_um == pytest.approx(0.65)
+    for f in rec.frames:  # labels only where analysed
+        assert (rec.labels[f["frame_id"]].max() > 0) == (f["analysed"] and f["objects"] > 0)
+    rows = _csv_rows(rec.measurements_csv)
+    assert len(rows) == sum(f["summary"]["count"] for f in analysed)
+    kinds = [json.loads(x)["kind"] for x in (rec.path / "events.jsonl").read_text().splitlines()]
+    assert kinds[0] == "service_started"
+    assert {"acquisition_started", "acquisition_finished", "frame_failed"} <= set(kinds)
+    assert (rec.path / "config.yaml").is_file()
+
+
+async def test_acquisition_error_keeps_the_frames(tmp_path: Path) -> None:
+    cfg = make_config(record={"enabled": True, "path": str(tmp_path)})
+
+    def events() -> Iterator[useq.MDAEvent]:
+        for i in range(6):
+            yield useq.MDAEvent(index={"t": i})
+        raise RuntimeError("injected camera fault")
+
+    async with Service(cfg) as svc:
+        svc._start_events(events(), {}, None)
+        await _run_to_end(svc)
+        status = svc.status()
+    assert "injected camera fault" in status["last_error"]
+    assert status["recording"]["path"] == str(_run_dir(tmp_path))  # live counters in status
+    rec = open_recording(_run_dir(tmp_path))
+    assert rec.images.shape[0] == 6 and all(f["analysed"] for f in rec.frames)
+    kinds = [json.loads(x)["kind"] for x in (rec.path / "events.jsonl").read_text().splitlines()]
+    assert "error" in kinds
+
+
+# ------------------------------------------------------------------ (3) SIGTERM mid-run
+@pytest.mark.timeout(90)
+def test_sigterm_leaves_every_acquired_frame_readable(tmp_path: Path) -> None:
+    pub, ctl = free_tcp_address(), free_tcp_address()
+    cmd = [sys.executable, "-m", "livemask", "serve",
+           "--config", str(ROOT / "configs" / "simulated-nuclei.yaml"),
+           "--pub", pub, "--control", ctl, "--frames", "1000", "--interval", "0.05",
+           "--record", str(tmp_path / "rec")]
+    log_path = tmp_path / "serve.log"
+    seen: dict[int, np.ndarray] = {}
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            with Subscriber(pub, ("frame",)) as sub:
+                deadline = time.monotonic() + 60
+                while len(seen) < 15 and time.monotonic() < deadline and proc.poll() is None:
+                    msg = sub.recv(timeout_s=0.5)
+                    if msg is not None:
+                        seen[msg.header["frame_id"]] = msg.arrays["image"].copy()
+            assert len(seen) >= 15, log_path.read_text()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0, log_path.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log_path.read_text()
+    rec = open_recording(_run_dir(tmp_path / "rec"))
+    n = rec.images.shape[0]
+    assert rec.complete
+    assert [f["frame_id"] for f in rec.frames] == list(range(n))  # no gap: nothing dropped
+    assert all(f["stored"] for f in rec.frames)
+    assert rec.attributes["livemask"]["frames_acquired"] == n
+    assert f"recording closed: {n} frames written" in text and f"of {n} acquired" in text
+    assert max(seen) < n
+    for fid, image in seen.items():  # what subscribers saw is exactly what was recorded
+        np.testing.assert_array_equal(rec.images[fid], image)
+
+
+# ------------------------------------------------------------------ (4) replay
+def _nuclei_frames(n: int, shape: tuple[int, int] = (256, 256)) -> list[np.ndarray]:
+    sample = NucleiSample(seed=5)
+    out = []
+    for _ in range(n):
+        out.append(sample.render((0.0, 0.0), shape).image)
+        sample.step()
+    return out
+
+
+async def test_replay_of_a_recording_gives_measurements(tmp_path: Path) -> None:
+    images = _nuclei_frames(6)
+    original = Recorder(tmp_path / "orig", pixel_size_um=0.5).start()
+    for i, img in enumerate(images):
+        original.on_frame(_frame(i, img, kind="skipped", p=i % 2))  # images only
+    original.close()
+
+    stack = open_stack(tmp_path / "orig")
+    assert stack.kind == "recording" and stack.frames == 6 and stack.pixel_size_um == 0.5
+    source = ReplaySource(stack, interval_s=0.0)
+    cfg = make_config(record={"enabled": True, "path": str(tmp_path / "replayed")},
+                      hardware={"pixel_size_um": stack.pixel_size_um},
+                      acquisition={"sequence": {"time_plan": {"interval": 0, "loops": 50}}})
+    async with Service(cfg, source=source) as svc:
+        svc.start_acquisition(None)
+        await _run_to_end(svc)
+        counts = svc.pipeline.counters.snapshot()
+    assert counts["frames_acquired"] == 6 and counts["frames_analysed"] == 6  # synchronized
+    rec = open_recording(_run_dir(tmp_path / "replayed"))
+    assert [f["index"] for f in rec.frames] == [{"t": i, "p": i % 2} for i in range(6)]
+    assert [f["position"]["x_um"] for f in rec.frames] == [10.0 * (i % 2) for i in range(6)]
+    for i, img in enumerate(images):
+        np.testing.assert_array_equal(rec.images[i], img)
+    assert all(f["summary"]["count"] > 5 for f in rec.frames)
+    rows = _csv_rows(rec.measurements_csv)
+    assert len(rows) == sum(f["summary"]["count"] for f in rec.frames)
+    assert float(rows[0]["area_um2"]) == pytest.approx(float(rows[0]["area_px"]) * 0.25, rel=1e-3)
+
+
+def test_replay_cli_plays_a_tiff_stack(tmp_path: Path) -> None:
+    images = np.stack(_nuclei_frames(4))
+    tifffile.imwrite(tmp_path / "stack.tif", images, imagej=True, resolution=(2.0, 2.0),
+                     metadata={"axes": "TYX", "unit": "um"})
+    stack = open_stack(tmp_path / "stack.tif")
+    assert (stack.frames, stack.shape, stack.pixel_size_um) == (4, (256, 256), 0.5)
+    args = ["replay", str(tmp_path / "stack.tif"), "--exit-when-done", "--interval", "0",
+            "--mode", "synchronized", "--pub", "tcp://127.0.0.1:*",
+            "--control", "tcp://127.0.0.1:*", "--record", str(tmp_path / "out")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rec = open_recording(_run_dir(tmp_path / "out"))
+    assert rec.images.shape == (4, 256, 256) and rec.pixel_size_um == 0.5
+    assert [f["index"] for f in rec.frames] == [{"t": i} for i in range(4)]
+    assert all(f["analysed"] and f["summary"]["count"] > 5 for f in rec.frames)
+    assert len(_csv_rows(rec.measurements_csv)) == sum(f["summary"]["count"] for f in rec.frames)
+
+
+def test_open_stack_reads_ome_zarr_axes(tmp_path: Path) -> None:
+    root = zarr.open_group(tmp_path / "img.zarr", mode="w", zarr_format=3, attributes={"ome": {
+        "version": "0.5", "multiscales": [{
+            "axes": [{"name": "t", "type": "time"}, {"name": "c", "type": "channel"},
+                     {"name": "y", "type": "space", "unit": "nanometer"},
+                     {"name": "x", "type": "space", "unit": "nanometer"}],
+            "datasets": [{"path": "0", "coordinateTransformations": [
+                {"type": "scale", "scale": [1.0, 1.0, 325.0, 325.0]}]}]}]}})
+    arr = root.create_array("0", shape=(2, 3, 8, 9), dtype="uint16")
+    arr[:] = np.arange(2 * 3 * 8 * 9, dtype=np.uint16).reshape(2, 3, 8, 9)
+    stack = open_stack(tmp_path / "img.zarr")
+    assert stack.frames == 6 and stack.pixel_size_um == pytest.approx(0.325)
+    assert stack.index(4) == {"t": 1, "c": 1}
+    np.testing.assert_array_equal(stack.plane(4), arr[1, 1])
+
+
+# ------------------------------------------------------------------ (5) bad input
+def test_replay_rejects_bad_input_clearly(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["replay", str(tmp_path / "missing.tif")])
+    assert result.exit_code == 2 and "does not exist" in result.output
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ReplayError, match="unknown file type"):
+        open_stack(tmp_path / "notes.txt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReplayError, match="neither a livemask recording"):
+        open_stack(tmp_path / "empty")
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((16, 16, 3), np.uint8), photometric="rgb")
+    with pytest.raises(ReplayError, match="RGB"):
+        open_stack(tmp_path / "rgb.tif")
+    tifffile.imwrite(tmp_path / "line.tif", np.zeros((1, 16), np.uint16))
+    with pytest.raises(ReplayError, match="2-D frames"):
+        open_stack(tmp_path / "line.tif")
+    root = zarr.open_group(tmp_path / "odd.zarr", mode="w", zarr_format=3, attributes={"ome": {
+        "version": "0.5", "multiscales": [{
+            "axes": [{"name": "t", "type": "time"}, {"name": "q"},
+                     {"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
+            "datasets": [{"path": "0", "coordinateTransformations": [
+                {"type": "scale", "scale": [1.0, 1.0, 1.0, 1.0]}]}]}]}})
+    root.create_array("0", shape=(2, 2, 8, 8), dtype="uint16")
+    with pytest.raises(ReplayError, match="axis 'q' is not supported"):
+        open_stack(tmp_path / "odd.zarr")
+    zarr.create_array(tmp_path / "plain5d.zarr", shape=(2, 2, 2, 8, 8), dtype="uint16")
+    with pytest.raises(ReplayError, match="without OME axes"):
+        open_stack(tmp_path / "plain5d.zarr")

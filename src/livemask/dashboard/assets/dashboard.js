@@ -200,7 +200,7 @@
     for (const span of ["infer", "analyse", "publish", "end_to_end"]) {
       const v = lat[span] || {};
       const row = table.insertRow();
-      for (const t of [span.replace("_", " "), fmt(v.p50, 1), fmt(v.p95, 1), fmt(v.p99, 1)]) {
+      for (const t of [span.replaceAll("_", " "), fmt(v.p50, 1), fmt(v.p95, 1), fmt(v.p99, 1)]) {
         row.insertCell().textContent = t;
       }
     }

@@ -181,22 +181,22 @@ def test_streams_without_p_use_the_rounded_stage_position_and_are_bounded() -> N
     assert len(trackers) == 0
 
 
-def test_update_is_fast_for_300_objects() -> None:
+def test_300_objects_keep_their_ids_over_60_frames() -> None:
+    """A dense grid (300 nuclei, 34 px apart) jittering by 1 px: no id changes.
+
+    The tracker's speed is measured by ``livemask evaluate-tracking`` (``ms track``), not
+    asserted here.
+    """
     rng = np.random.default_rng(0)
     grid = np.stack(np.meshgrid(np.arange(15), np.arange(20)), -1).reshape(-1, 2) * 34.0 + 20
     yx = grid + rng.normal(0, 3, grid.shape)
     area = rng.uniform(150, 300, len(yx))
     tracker = Tracker()
     first = tracker.update(yx, area, 0).track_ids
-    times = []
     for t in range(1, 60):
         yx = yx + rng.normal(0, 1.0, yx.shape)
-        t0 = time.perf_counter()
         step = tracker.update(yx, area * rng.uniform(0.9, 1.1, len(yx)), t)
-        times.append(time.perf_counter() - t0)
     assert (step.track_ids == first).all()
-    # measured ~0.5 ms on 2 shared cores; generous bound for a busy CI machine
-    assert float(np.median(times)) < 0.01
 
 
 def test_bad_parameters_are_rejected() -> None:

@@ -7,14 +7,15 @@ with data-parallel operations only:
 
 - percentile normalisation: ``torch.quantile`` on the same strided sample as
   :func:`livemask.analysis.normalize.percentile_normalize`;
-- connected components (4-connectivity): iterative max-label propagation
-  (``max_pool2d`` along rows and columns, restricted to the mask) until nothing changes;
+- connected components (4-connectivity): iterative max-label propagation (the maximum of
+  each pixel's 4-neighbourhood from shifted views, restricted to the mask);
 - marker-controlled watershed: seeds grow into the foreground level by level of the
-  elevation ``1 - seed probability`` (``levels`` flooding levels, low first; inside a
-  level by propagation, ties to the larger seed id). This is the classic parallel
-  approximation of a watershed; its labels agree with the CPU path's
-  (:func:`livemask.analysis.instances.labels_from_probabilities`) on almost every object,
-  which ``tests/test_torch_analysis.py`` checks with the object F1 between the two;
+  elevation ``1 - seed probability`` (the card's ``flood_levels``, low first; inside a
+  level by propagation, ties to the larger seed id), which is the CPU path's quantised
+  flood done in parallel. A fixed number of steps runs first (on CUDA replayed from a
+  captured CUDA graph); exact loops finish whatever has not converged. Its labels agree
+  with the CPU path's (:func:`livemask.analysis.instances.labels_from_probabilities`) on
+  almost every object, which ``tests/test_torch_analysis.py`` checks with the object F1;
 - measurements: per-object sums with ``index_add_`` / ``scatter_reduce_`` in float64, then
   the CPU's :func:`livemask.analysis.measure.objects_from_sums` builds the same dicts.
 

@@ -8,7 +8,7 @@ from collections import OrderedDict, deque
 from typing import Any
 
 import numpy as np
-from rich.console import Group
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
@@ -142,6 +142,55 @@ class ConsoleView:
         return Group(top, objects, events)
 
 
+    def summary_line(self) -> str:
+        """One plain line of the current state (for logs and pipes, where tables can't redraw)."""
+        st = self.status
+        m = self.measurements or {}
+        summary = m.get("summary") or {}
+        lat = (st.get("latency_ms") or {}).get("end_to_end") or {}
+        line = (
+            f"frame {m.get('frame_id', '-')}: {_fmt(summary.get('count'))} objects, "
+            f"mean area {_fmt(summary.get('mean_area_um2'))} µm², {_fmt(self.fps())} frames/s, "
+            f"e2e p99 {_fmt(lat.get('p99'))} ms, acquired {st.get('frames_acquired', 0)} / "
+            f"analysed {st.get('frames_analysed', 0)} / skipped {st.get('frames_skipped', 0)}"
+        )
+        total = self.score.total()
+        if total is not None:
+            line += f", F1@0.5 vs truth {total.f1:.3f}"
+        return line
+
+
+class _Display:
+    """Redraws the view in a terminal (rich Live); elsewhere prints a line every few seconds."""
+
+    def __init__(self, view: ConsoleView, line_every_s: float = 2.0) -> None:
+        self.view = view
+        self.console = Console()
+        self.live = Live(view.render(), refresh_per_second=4, console=self.console) \
+            if self.console.is_terminal else None
+        self.line_every_s = line_every_s
+        self._last_line = time.monotonic()
+
+    def __enter__(self) -> _Display:
+        if self.live is not None:
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live is not None:
+            self.live.__exit__(None, None, None)
+        else:
+            print(self.view.summary_line(), flush=True)
+
+    def refresh(self) -> None:
+        if self.live is not None:
+            self.live.update(self.view.render())
+        elif time.monotonic() - self._last_line >= self.line_every_s:
+            self._last_line = time.monotonic()
+            if self.view.measurements is not None:
+                print(self.view.summary_line(), flush=True)
+
+
 def topics_for(truth: bool) -> tuple[str, ...]:
     """Topics the view subscribes to."""
     base = ("measurements", "status", "event")
@@ -152,14 +201,12 @@ def watch(address: str, *, truth: bool = False, duration_s: float | None = None)
     """Show the stream at ``address`` until Ctrl-C or ``duration_s``."""
     view = ConsoleView()
     end = time.monotonic() + duration_s if duration_s else None
-    with Subscriber(address, topics_for(truth)) as sub, Live(
-        view.render(), refresh_per_second=4
-    ) as live:
+    with Subscriber(address, topics_for(truth)) as sub, _Display(view) as display:
         while end is None or time.monotonic() < end:
             msg = sub.recv(timeout_s=0.25)
             if msg is not None:
                 view.update(msg)
-            live.update(view.render())
+            display.refresh()
     return view
 
 
@@ -167,13 +214,13 @@ async def watch_async(address: str, *, truth: bool, stop: asyncio.Event) -> Cons
     """The same view, inside a running event loop (``serve --view``)."""
     view = ConsoleView()
     async with AsyncSubscriber(address, topics_for(truth)) as sub:
-        with Live(view.render(), refresh_per_second=4) as live:
+        with _Display(view) as display:
             last = 0.0
             while not stop.is_set():
                 msg = await sub.recv(timeout_s=0.25)
                 if msg is not None:
                     view.update(msg)
                 if time.monotonic() - last > 0.25:
-                    live.update(view.render())
+                    display.refresh()
                     last = time.monotonic()
     return view

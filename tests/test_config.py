@@ -63,3 +63,23 @@ def test_division_rate_reaches_the_simulated_sample() -> None:
     assert simulation_params(SimulationConfig(sample="grains", division_rate_per_step=0.1)) is None
     with pytest.raises(ConfigError, match="division_rate_per_step"):
         parse_config({"simulation": {"division_rate_per_step": -1}})
+
+
+def test_device_analysis_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """model.device_analysis decides whether a CUDA torch backend keeps frames on the GPU."""
+    pytest.importorskip("torch")
+    from livemask.inference.models import ModelCard
+    from livemask.inference.torch_backend import TorchBackend
+    from livemask.service import app
+
+    def fake_cuda_backend(name: str, card: ModelCard, threads: int = 2) -> TorchBackend:
+        backend = TorchBackend(threads=1, device="cpu")
+        backend.load(card)
+        backend.device = "cuda"  # as if on a GPU; its tensors stay on the CPU here
+        return backend
+
+    monkeypatch.setattr(app, "load_backend", fake_cuda_backend)
+    assert parse_config({}).model.device_analysis is True
+    assert app.build_segmenter(parse_config({})).device_resident is True
+    off = parse_config({"model": {"device_analysis": False}})
+    assert app.build_segmenter(off).device_resident is False

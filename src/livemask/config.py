@@ -109,6 +109,12 @@ class ModelConfig(_Section):
         "that cannot run is an error. See docs/backends.md.",
     )
     threads: int = Field(default=2, ge=1, description="Intra-op threads of the CPU backend.")
+    device_analysis: bool = Field(
+        default=True,
+        description="With the torch backend on a CUDA GPU, keep each frame on the GPU and label "
+        "and measure it there (livemask.inference.torch_analysis); false: copy the model "
+        "output to the host and use the CPU post-processing.",
+    )
 
 
 class AnalysisConfig(_Section):

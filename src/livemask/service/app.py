@@ -68,7 +68,8 @@ def build_segmenter(config: ServiceConfig) -> Segmenter:
     backend = load_backend(config.model.backend, card, threads=config.model.threads)
     overrides = {k: v for k, v in config.analysis.model_dump().items() if v is not None}
     post = card.postprocessing.model_copy(update=overrides)
-    return Segmenter(card, backend, post)
+    return Segmenter(card, backend, post,
+                     device_resident=None if config.model.device_analysis else False)
 
 
 class Service:

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from livemask.child_process import PipedProcess
 from livemask.errors import ConfigError, LivemaskError
 
 if TYPE_CHECKING:
@@ -263,7 +264,7 @@ def _fps(n: int, seconds: float) -> float:
 
 
 # ---------------------------------------------------------------- subscriber process
-def _subscriber_main(address: str, conn: Connection, topics: Sequence[str]) -> None:
+def _subscriber_main(address: str, topics: Sequence[str], conn: Connection) -> None:
     """Body of the subscriber process: record the headers of what arrives."""
     with contextlib.suppress(EOFError, OSError):  # the parent is gone: just end
         result = _subscribe(address, conn, topics)
@@ -309,48 +310,15 @@ def _subscribe(address: str, conn: Connection, topics: Sequence[str]) -> dict[st
         return {"records": records, "received": dict(sub.received), "gaps": dict(sub.gaps)}
 
 
-class SubscriberProcess:
+class SubscriberProcess(PipedProcess):
     """A real SUB client on loopback in its own process, recording frame timestamps."""
 
+    error = BenchError
+    what = "the benchmark subscriber"
+
     def __init__(self, address: str, topics: Sequence[str] = SUB_TOPICS) -> None:
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(
-            target=_subscriber_main, args=(address, child, tuple(topics)),
-            name="livemask-bench-sub", daemon=True,
-        )
-        self._proc.start()
-        child.close()
-
-    def wait_ready(self, hello: Callable[[], object] | None = None, timeout_s: float = 60) -> None:
-        """Block until the subscriber received a message; ``hello()`` sends one meanwhile."""
-        deadline = time.monotonic() + timeout_s
-        while not self._conn.poll(0.05):
-            if not self._proc.is_alive():
-                raise BenchError("the benchmark subscriber process died while starting")
-            if time.monotonic() > deadline:
-                raise BenchError(f"the benchmark subscriber got nothing within {timeout_s} s")
-            if hello is not None:
-                hello()
-        self._conn.recv()
-
-    def finish(self, expected_measurements: int, timeout_s: float = 60) -> dict[str, Any]:
-        """Tell it how many ``measurements`` to expect; return what it recorded."""
-        self._conn.send(("stop", expected_measurements))
-        if not self._conn.poll(timeout_s):
-            raise BenchError("the benchmark subscriber did not report back")
-        _, result = self._conn.recv()
-        return cast(dict[str, Any], result)
-
-    def close(self) -> None:
-        """End the process (idempotent); closing the pipe tells it to stop."""
-        self._conn.close()
-        self._proc.join(5)
-        if self._proc.is_alive():
-            self._proc.terminate()
-            self._proc.join(5)
+        super().__init__(_subscriber_main, (address, tuple(topics)), "livemask-bench-sub")
+        # finish(n): n is how many ``measurements`` to expect; returns what it recorded
 
 
 @contextlib.contextmanager

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import multiprocessing
 import os
 import time
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
+
+from livemask.child_process import PipedProcess
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -95,37 +96,14 @@ def _main(url: str, conn: Connection) -> None:
     conn.close()
 
 
-class DashboardProbe:
-    """One WebSocket client of the dashboard at ``url``, in a spawned process."""
+class DashboardProbe(PipedProcess):
+    """One WebSocket client of the dashboard at ``url``, in a spawned process.
+
+    ``wait_ready()`` blocks until the dashboard greeted it; ``finish()`` stops reading and
+    returns ``{texts, images, bytes, images_per_s}``.
+    """
+
+    what = "the dashboard probe"
 
     def __init__(self, url: str) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_main, args=(url, child), name="livemask-dash-probe",
-                                 daemon=True)
-        self._proc.start()
-        child.close()
-
-    def wait_ready(self, timeout_s: float = 60) -> None:
-        """Block until the dashboard greeted the client."""
-        deadline = time.monotonic() + timeout_s
-        while not self._conn.poll(0.05):
-            if not self._proc.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the dashboard probe could not connect to the dashboard")
-        self._conn.recv()
-
-    def finish(self, timeout_s: float = 10) -> dict[str, Any]:
-        """Stop reading; return ``{texts, images, bytes, images_per_s}``."""
-        self._conn.send(("stop", None))
-        if not self._conn.poll(timeout_s):
-            raise RuntimeError("the dashboard probe did not report back")
-        _, result = self._conn.recv()
-        return cast(dict[str, Any], result)
-
-    def close(self) -> None:
-        """End the process (idempotent)."""
-        self._conn.close()
-        self._proc.join(5)
-        if self._proc.is_alive():
-            self._proc.terminate()
-            self._proc.join(5)
+        super().__init__(_main, (url,), "livemask-dash-probe")

@@ -160,17 +160,10 @@ class TorchAnalysis:
         largest flat index + 1 (int32; 0 outside the mask)."""
         torch = self._torch
         h, w = mask.shape
-        m = mask.view(1, 1, h, w)
         idx = torch.arange(1, h * w + 1, device=mask.device, dtype=self._index_dtype(h * w))
-        lab = torch.where(m, idx.view(1, 1, h, w), torch.zeros((), dtype=idx.dtype,
-                                                                device=mask.device))
-        zero = torch.zeros((), dtype=lab.dtype, device=mask.device)
-        while True:
-            before = lab
-            for _ in range(_CHECK_EVERY):
-                lab = torch.where(m, self._spread(lab), zero)
-            if torch.equal(lab, before):
-                return lab.view(h, w)
+        start = torch.where(mask, idx.view(h, w), torch.zeros((), dtype=idx.dtype,
+                                                               device=mask.device))
+        return self._converge(start, mask)
 
     def labels_from_probabilities(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,14 +54,20 @@ def test_invalid_yaml(tmp_path: Path) -> None:
 
 
 def test_division_rate_reaches_the_simulated_sample() -> None:
+    from livemask.acquisition.simulated.world import configure_world
     from livemask.config import SimulationConfig
-    from livemask.service.app import simulation_params
 
-    assert simulation_params(SimulationConfig()) is None  # simulator defaults
-    params = simulation_params(SimulationConfig(division_rate_per_step=0.00015))
-    assert params is not None and params.division_rate_per_step == 0.00015
+    def world_params(sim: SimulationConfig) -> Any:
+        world = configure_world(sim.sample, sensor_shape=(512, 512),
+                                overrides=sim.sample_overrides())
+        return world.sample.params
+
+    assert SimulationConfig().sample_overrides() == {}  # simulator defaults
+    assert world_params(SimulationConfig()).division_rate_per_step == 0.004
+    params = world_params(SimulationConfig(division_rate_per_step=0.00015))
+    assert params.division_rate_per_step == 0.00015
     assert params.world_shape_px[0] >= 2 * 512
-    assert simulation_params(SimulationConfig(sample="grains", division_rate_per_step=0.1)) is None
+    assert SimulationConfig(sample="grains", division_rate_per_step=0.1).sample_overrides() == {}
     with pytest.raises(ConfigError, match="division_rate_per_step"):
         parse_config({"simulation": {"division_rate_per_step": -1}})
 

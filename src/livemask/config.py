@@ -63,6 +63,12 @@ class SimulationConfig(_Section):
         "(default: the simulator's 0.004; the smart-mitosis demo uses 0.00015).",
     )
 
+    def sample_overrides(self) -> dict[str, Any]:
+        """Sample parameters this config changes from the simulator's defaults."""
+        if self.sample == "nuclei" and self.division_rate_per_step is not None:
+            return {"division_rate_per_step": self.division_rate_per_step}
+        return {}
+
 
 class AcquisitionConfig(_Section):
     """What to acquire and how analysis is coupled to the camera."""

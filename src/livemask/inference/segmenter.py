@@ -166,27 +166,25 @@ class Segmenter:
         output; on the device path labelling and measuring run on the GPU."""
         from livemask.analysis.measure import measure_objects
 
-        ta = self._device
-        if not isinstance(probabilities, DeviceProbabilities):
-            labels = self.labels(probabilities)
-            objects, summary = measure_objects(labels, image, pixel_size_um=pixel_size_um)
-            return labels, objects, summary
-        assert ta is not None
         p = self.post
-        probs = probabilities.probabilities
-        if p.method == "boundary-label":  # no device version: finish on the CPU
-            labels = self.labels(probs.cpu().numpy())
-            objects, summary = measure_objects(labels, image, pixel_size_um=pixel_size_um)
-            return labels, objects, summary
-        lab_t, n = ta.labels_from_probabilities(
-            probs[0], probs[1],
-            foreground_threshold=p.foreground_threshold,
-            seed_threshold=p.seed_threshold,
-            min_area_px=p.min_area_px,
-            flood_levels=p.flood_levels,
-        )
-        objects, summary = ta.measure(lab_t, n, probabilities.image, pixel_size_um=pixel_size_um)
-        labels = lab_t.cpu().numpy()
+        if isinstance(probabilities, DeviceProbabilities):
+            probs = probabilities.probabilities
+            if p.method == "boundary-label":  # no device version: finish on the CPU
+                return self.analyse(probs.cpu().numpy(), image, pixel_size_um=pixel_size_um)
+            ta = self._device
+            assert ta is not None
+            lab_t, n = ta.labels_from_probabilities(
+                probs[0], probs[1],
+                foreground_threshold=p.foreground_threshold,
+                seed_threshold=p.seed_threshold,
+                min_area_px=p.min_area_px,
+                flood_levels=p.flood_levels,
+            )
+            objects, summary = ta.measure(lab_t, n, probabilities.image,
+                                          pixel_size_um=pixel_size_um)
+            return lab_t.cpu().numpy(), objects, summary
+        labels = self.labels(probabilities)
+        objects, summary = measure_objects(labels, image, pixel_size_um=pixel_size_um)
         return labels, objects, summary
 
     def segment(self, image: np.ndarray) -> np.ndarray:

@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING, Any
 import useq
 
 from livemask import __version__
-from livemask.acquisition.simulated.nuclei import NucleiParams
 from livemask.acquisition.source import FrameSource, MicroscopeSource, RawFrame
-from livemask.config import Mode, ServiceConfig, SimulationConfig
+from livemask.config import Mode, ServiceConfig
 from livemask.errors import AcquisitionError
 from livemask.feedback.controller import FeedbackController
 from livemask.inference.models import ModelCard, load_model_card
@@ -45,21 +44,6 @@ def uses_simulated_devices(cfg_path: Path) -> bool:
         return SIMULATED_MODULE in cfg_path.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return False
-
-
-def simulation_params(sim: SimulationConfig) -> NucleiParams | None:
-    """Sample parameters that the config changes from the simulator's defaults (or None)."""
-    if sim.sample != "nuclei" or sim.division_rate_per_step is None:
-        return None
-    from dataclasses import replace
-
-    base = NucleiParams()
-    (h, w), (bh, bw) = sim.sensor_shape_px, base.world_shape_px
-    return replace(
-        base,
-        world_shape_px=(max(bh, 2 * h), max(bw, 2 * w)),
-        division_rate_per_step=sim.division_rate_per_step,
-    )
 
 
 def build_segmenter(config: ServiceConfig) -> Segmenter:
@@ -191,7 +175,7 @@ class Service:
             world = configure_world(
                 sim.sample,
                 seed=sim.seed,
-                params=simulation_params(sim),
+                overrides=sim.sample_overrides(),
                 sensor_shape=sim.sensor_shape_px,
                 pixel_size_um=sim.pixel_size_um,
                 steps_per_frame=sim.steps_per_frame,

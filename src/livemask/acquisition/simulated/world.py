@@ -37,6 +37,7 @@ import threading
 import time
 import zlib
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -265,12 +266,15 @@ def configure_world(
     steps_per_frame: int = 1,
     truth_history: int = 32,
     realtime: bool = False,
+    overrides: Mapping[str, Any] | None = None,
 ) -> SimulatedWorld:
     """Create a fresh world and make it the one the simulated devices use.
 
     ``params`` default to :class:`NucleiParams` (``sample="nuclei"``) or
     :class:`~.grains.GrainParams` (``sample="grains"``: a static polycrystal for tile
-    scans) with a world at least twice the sensor in each axis. ``truth_history`` is
+    scans) with a world at least twice the sensor in each axis, and with ``overrides``
+    (field name → value, e.g. ``{"division_rate_per_step": 0.001}``) applied; give
+    ``params`` or ``overrides``, not both. ``truth_history`` is
     how many recent frames :meth:`~SimulatedWorld.truth_for` can still pair by
     fingerprint. ``realtime=True`` makes every snap last at least its exposure time
     (default: as fast as the CPU renders).
@@ -284,11 +288,15 @@ def configure_world(
             f"positive sensor_shape (got {steps_per_frame}, {pixel_size_um}, {sensor_shape})"
         )
     kind = GrainParams if sample == "grains" else NucleiParams
+    if params is not None and overrides:
+        raise ValueError("configure_world: give params or overrides, not both")
     if params is None:
         base = kind()
         wh, ww = base.world_shape_px
         params = replace(
-            base, world_shape_px=(max(wh, 2 * sensor_shape[0]), max(ww, 2 * sensor_shape[1]))
+            base,
+            world_shape_px=(max(wh, 2 * sensor_shape[0]), max(ww, 2 * sensor_shape[1])),
+            **dict(overrides or {}),
         )
     if not isinstance(params, kind):
         raise ConfigError(f"sample {sample!r} needs {kind.__name__}, got {type(params).__name__}")

@@ -410,37 +410,28 @@ class TorchBackend:
             raise ModelError("backend used before load(); call load(card) first")
         if x.ndim != 4 or x.shape[1] != 1:
             raise ValueError(f"expected a (N, 1, H, W) batch, got shape {tuple(x.shape)}")
-        shape = tuple(int(s) for s in x.shape)
-        action = "eager"
-        if self.cuda_graphs:
-            action, evict = self._policy.decide(shape)
-            if evict is not None:
-                self._graphs.pop(evict, None)
-            if action == "capture":
-                try:
-                    self._graphs[shape] = self._capture(shape)
-                except RuntimeError as exc:
-                    log.warning("torch: CUDA graph capture for %s failed (%s); running eagerly",
-                                shape, exc)
-                    self._policy.forget(shape)
-                    action = "eager"
+        g = self._graph_for(tuple(int(s) for s in x.shape)) if self.cuda_graphs else None
         with torch.inference_mode():
-            if action == "eager":
+            if g is None:
                 dtype = torch.float16 if self.fp16 else torch.float32
                 t = x.to(dtype).contiguous(memory_format=self._memory_format)
                 return self._module(t).float().contiguous()
-            g = self._graphs[shape]
             g.static_in.copy_(x)
             g.graph.replay()
             return g.static_out.clone()
 
     def _run_cuda(self, x: np.ndarray) -> np.ndarray:
-        shape = tuple(int(s) for s in x.shape)
+        g = self._graph_for(tuple(int(s) for s in x.shape))
+        return self._eager(x) if g is None else self._replay(g, x)
+
+    def _graph_for(self, shape: tuple[int, ...]) -> _Graph | None:
+        """The CUDA graph to replay for ``shape`` (captured now if its turn came), or None
+        to run eagerly (first sight of a shape, or a failed capture)."""
         action, evict = self._policy.decide(shape)
         if evict is not None:
             self._graphs.pop(evict, None)
         if action == "eager":
-            return self._eager(x)
+            return None
         if action == "capture":
             try:
                 self._graphs[shape] = self._capture(shape)
@@ -448,8 +439,8 @@ class TorchBackend:
                 log.warning("torch: CUDA graph capture for %s failed (%s); running eagerly",
                             shape, exc)
                 self._policy.forget(shape)
-                return self._eager(x)
-        return self._replay(self._graphs[shape], x)
+                return None
+        return self._graphs[shape]
 
     def _eager(self, x: np.ndarray) -> np.ndarray:
         torch = self._torch

@@ -6,8 +6,10 @@ Checks, on a real NVIDIA GPU:
    largest difference of the probability maps on simulated frames;
 2. the device labelling path against the CPU path (object F1 between the two label images)
    and both against the simulator's ground truth;
-3. per-stage device times at the given frame size (upload + normalise, model, labelling,
-   measuring, labels to host), medians over repeated runs, synchronised;
+3. per-stage times at the given frame size (upload + normalise, model, the pipeline's
+   analysis from probabilities to labels and objects on the host, and the exact labelling
+   loops for comparison), medians over repeated runs, synchronised; and the analysis again
+   while another Python thread keeps the GIL busy;
 4. which optional GPU runtimes are importable here (TensorRT, ONNX Runtime's CUDA provider).
 
 Writes one JSON record (``--json``) and prints it.
@@ -18,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -99,24 +103,56 @@ def main() -> None:
     def model() -> None:
         state["p"] = gpu_backend.run_tensor(state["x"].view(1, 1, side, side))[0]
 
-    def labels() -> None:
+    params = gpu._label_params()
+
+    def analyse() -> None:  # the pipeline's analysis: fixed-step CUDA graphs, to the host
         p = state["p"]
-        state["lab"] = ta.labels_from_probabilities(p[0], p[1])
+        state["objects"] = ta.analyse(p[0], p[1], state["img"], params, pixel_size_um=0.65)[1]
 
-    def measure() -> None:
-        lab, n = state["lab"]
-        state["objects"] = ta.measure(lab, n, state["img"], pixel_size_um=0.65)[0]
+    def labels_exact() -> None:  # the exact loops (the fall-back), for comparison
+        p = state["p"]
+        ta.labels_from_probabilities(p[0], p[1], flood_levels=params.flood_levels)
 
-    def to_host() -> None:
-        state["labels_host"] = state["lab"][0].cpu().numpy()
-
-    for fn in (upload, model, model, model, labels, measure, to_host):  # warm-up, graph capture
+    for fn in (upload, model, model, model, analyse):  # warm-up, graph capture
         fn()
+    calls: list[str] = []
+    run = ta._run
+
+    def counted(key: tuple[Any, ...], *rest: Any) -> Any:
+        calls.append(key[0])
+        return run(key, *rest)
+
+    ta._run = counted  # type: ignore[method-assign]
+    analyse()
+    ta._run = run  # type: ignore[method-assign]
     stages = {name: _median_ms(fn, sync, args.repeats) for name, fn in
-              [("upload_normalize", upload), ("model", model), ("labels", labels),
-               ("measure", measure), ("labels_to_host", to_host)]}
+              [("upload_normalize", upload), ("model", model), ("analyse", analyse)]}
+    stages["labels_exact_loops"] = _median_ms(labels_exact, sync, 5)
     whole = _median_ms(lambda: gpu.analyse(gpu.infer(frame), frame, pixel_size_um=0.65),
                        sync, args.repeats)
+
+    # The same analysis while another thread keeps the GIL busy (as the camera, the event
+    # loop and the inference thread do in the service): each torch call releases the GIL and
+    # must win it back, so the fewer Python-level calls, the smaller this slowdown.
+    stop = threading.Event()
+
+    def busy() -> None:
+        while not stop.is_set():
+            sum(range(1000))
+
+    from livemask.service.app import GPU_SWITCH_INTERVAL_S
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(GPU_SWITCH_INTERVAL_S)  # as the service sets it on the GPU path
+    hog = threading.Thread(target=busy, daemon=True)
+    hog.start()
+    try:
+        analyse_busy = _median_ms(analyse, sync, args.repeats)
+        exact_busy = _median_ms(labels_exact, sync, 5)
+    finally:
+        stop.set()
+        hog.join()
+        sys.setswitchinterval(interval)
     cpu_times = {
         "cpu_analyse_ms": _median_ms(
             lambda: cpu.analyse(state["p"].cpu().numpy(), frame, pixel_size_um=0.65),
@@ -151,6 +187,9 @@ def main() -> None:
         "frame_px": side,
         "objects_in_timed_frame": len(state["objects"]),
         "stage_ms_median": stages,
+        "analyse_stages_run": calls,
+        "analyse_ms_median_gil_busy": analyse_busy,
+        "labels_exact_ms_median_gil_busy": exact_busy,
         "infer_plus_analyse_ms_median": whole,
         **cpu_times,
         "max_memory_allocated_mb": round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)

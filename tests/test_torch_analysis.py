@@ -11,10 +11,11 @@ from livemask.acquisition.simulated.nuclei import random_field  # noqa: E402
 from livemask.analysis.measure import measure_objects  # noqa: E402
 from livemask.analysis.metrics import aggregate, match_instances  # noqa: E402
 from livemask.analysis.normalize import percentile_normalize  # noqa: E402
+from livemask.inference import torch_analysis  # noqa: E402
 from livemask.inference.models import load_model_card  # noqa: E402
 from livemask.inference.segmenter import DeviceProbabilities, Segmenter  # noqa: E402
 from livemask.inference.select import load_backend  # noqa: E402
-from livemask.inference.torch_analysis import TorchAnalysis  # noqa: E402
+from livemask.inference.torch_analysis import LabelParams, TorchAnalysis  # noqa: E402
 from livemask.inference.torch_backend import TorchBackend  # noqa: E402
 
 
@@ -57,20 +58,86 @@ def test_seeded_growth_splits_touching_objects(ta: TorchAnalysis) -> None:
     assert cut.size == 1 and 12 <= cut[0] + 5 <= 22  # the split is near the saddle
 
 
-def test_long_seeds_and_wide_objects_converge(ta: TorchAnalysis) -> None:
-    """Beyond the fixed steps (a 60 px seed, a 90 px wide object) the exact loops finish."""
+def _long_seed_and_wide_object() -> tuple[np.ndarray, np.ndarray]:
     fg = np.zeros((100, 220), dtype=np.float32)
     fg[10:20, 10:80] = 1.0  # object 1: a long thin seed of 60 px
     seeds = np.zeros_like(fg)
     seeds[13:17, 15:75] = 1.0
     fg[5:95, 110:200] = 1.0  # object 2: 90 px wide with a 4 px seed in the middle
     seeds[48:52, 153:157] = 1.0
+    fg[60:70, 20:30] = 1.0  # object 3: foreground without a seed
+    return fg, seeds
+
+
+def test_long_seeds_and_wide_objects_converge(ta: TorchAnalysis) -> None:
+    fg, seeds = _long_seed_and_wide_object()
     lab, n = ta.labels_from_probabilities(torch.from_numpy(fg), torch.from_numpy(seeds))
     lab_np = lab.numpy()
-    assert n == 2
+    assert n == 3
     assert np.unique(lab_np[10:20, 10:80]).size == 1
     assert np.unique(lab_np[5:95, 110:200]).size == 1
+    assert np.unique(lab_np[60:70, 20:30]).size == 1
     assert (lab_np[fg > 0] > 0).all()
+
+
+def _analyse_equals_exact(ta: TorchAnalysis, fg: np.ndarray, seeds: np.ndarray,
+                          image: np.ndarray, params: LabelParams) -> np.ndarray:
+    """analyse() (fixed steps) returns what the exact labels plus measure() return."""
+    f, s = torch.from_numpy(fg), torch.from_numpy(seeds)
+    img = ta.upload(image)
+    labels, objects, summary = ta.analyse(f, s, img, params, pixel_size_um=0.5)
+    exact, n = ta.labels_from_probabilities(
+        f, s, foreground_threshold=params.foreground_threshold,
+        seed_threshold=params.seed_threshold, min_area_px=params.min_area_px,
+        flood_levels=params.flood_levels)
+    np.testing.assert_array_equal(labels, exact.numpy())
+    assert labels.dtype == np.int32 and int(labels.max()) == n == len(objects)
+    assert (objects, summary) == measure_objects(labels, image, pixel_size_um=0.5)
+    return labels
+
+
+def test_analyse_fixed_steps_equal_exact_path(ta: TorchAnalysis, segmenter: Segmenter) -> None:
+    rng = np.random.default_rng(8)
+    params = LabelParams(flood_levels=16)
+    objects = 0
+    for _ in range(3):
+        image, _truth = random_field(rng, (256, 224))
+        p = segmenter.predict(image)
+        objects += int(_analyse_equals_exact(ta, p[0], p[1], image, params).max())
+    assert objects > 30
+
+
+def test_analyse_continues_or_falls_back_beyond_fixed_steps(
+    ta: TorchAnalysis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 90 px wide object outgrows the fixed flooding steps (more flooding stages run);
+    with too few fixed component steps the exact loops take over. Results are the same."""
+    fg, seeds = _long_seed_and_wide_object()
+    image = (fg * 500 + 100).astype(np.uint16)
+    params = LabelParams(min_area_px=5)
+    calls: list[str] = []
+    run = ta._run
+
+    def counted(key: tuple[object, ...], *rest: object) -> object:
+        calls.append(str(key[0]))
+        return run(key, *rest)
+
+    monkeypatch.setattr(ta, "_run", counted)
+    _analyse_equals_exact(ta, fg, seeds, image, params)
+    assert calls.count("flood") >= 2 and calls[-1] == "measure"
+    monkeypatch.setattr(torch_analysis, "_SEED_STEPS", 1)
+    calls.clear()
+    _analyse_equals_exact(ta, fg, seeds, image, params)
+    assert calls == ["label"]  # not converged: straight to the exact loops
+
+
+def test_analyse_empty_frame(ta: TorchAnalysis) -> None:
+    zeros = np.zeros((40, 48), dtype=np.float32)
+    image = np.full((40, 48), 9, dtype=np.uint16)
+    labels, objects, summary = ta.analyse(torch.from_numpy(zeros), torch.from_numpy(zeros),
+                                          ta.upload(image), LabelParams())
+    assert not labels.any() and objects == [] and summary["count"] == 0
+    assert summary["background_mean"] == 9.0
 
 
 def test_device_labels_agree_with_cpu_path(ta: TorchAnalysis, segmenter: Segmenter) -> None:

@@ -16,7 +16,7 @@ from livemask.inference.tiling import TilePlan, needs_tiling, plan_tiles, predic
 if TYPE_CHECKING:
     import torch
 
-    from livemask.inference.torch_analysis import TorchAnalysis
+    from livemask.inference.torch_analysis import LabelParams, TorchAnalysis
 
 
 @dataclass
@@ -125,11 +125,23 @@ class Segmenter:
         )
 
     # ------------------------------------------------------------ pipeline path
+    def _label_params(self) -> LabelParams:
+        from livemask.inference.torch_analysis import LabelParams
+
+        p = self.post
+        return LabelParams(
+            foreground_threshold=p.foreground_threshold,
+            seed_threshold=p.seed_threshold,
+            min_area_px=p.min_area_px,
+            flood_levels=p.flood_levels,
+        )
+
     def warmup(self, shape: tuple[int, int]) -> None:
         """Warm the backend up for frames of ``shape``; on the device path also run the whole
         infer/analyse path twice, so its CUDA graphs are captured before the first frame."""
         self.backend.warmup(shape)
         if self._device is not None:
+            self._device.prepare(shape, self._label_params())
             image = np.zeros(shape, dtype=np.uint16)
             image[::7, ::5] = 1000  # not flat, so the model sees a real range
             for _ in range(2):
@@ -173,16 +185,8 @@ class Segmenter:
                 return self.analyse(probs.cpu().numpy(), image, pixel_size_um=pixel_size_um)
             ta = self._device
             assert ta is not None
-            lab_t, n = ta.labels_from_probabilities(
-                probs[0], probs[1],
-                foreground_threshold=p.foreground_threshold,
-                seed_threshold=p.seed_threshold,
-                min_area_px=p.min_area_px,
-                flood_levels=p.flood_levels,
-            )
-            objects, summary = ta.measure(lab_t, n, probabilities.image,
-                                          pixel_size_um=pixel_size_um)
-            return lab_t.cpu().numpy(), objects, summary
+            return ta.analyse(probs[0], probs[1], probabilities.image, self._label_params(),
+                              pixel_size_um=pixel_size_um)
         labels = self.labels(probabilities)
         objects, summary = measure_objects(labels, image, pixel_size_um=pixel_size_um)
         return labels, objects, summary

@@ -7,24 +7,30 @@ with data-parallel operations only:
 
 - percentile normalisation: ``torch.quantile`` on the same strided sample as
   :func:`livemask.analysis.normalize.percentile_normalize`;
-- connected components (4-connectivity): iterative max-label propagation (the maximum of
-  each pixel's 4-neighbourhood from shifted views, restricted to the mask);
+- connected components (4-connectivity): max-label propagation (the maximum of each
+  pixel's 4-neighbourhood from shifted views, restricted to the mask) with pointer jumping;
 - marker-controlled watershed: seeds grow into the foreground level by level of the
   elevation ``1 - seed probability`` (the card's ``flood_levels``, low first; inside a
   level by propagation, ties to the larger seed id), which is the CPU path's quantised
-  flood done in parallel. A fixed number of steps runs first (on CUDA replayed from a
-  captured CUDA graph); exact loops finish whatever has not converged. Its labels agree
-  with the CPU path's (:func:`livemask.analysis.instances.labels_from_probabilities`) on
-  almost every object, which ``tests/test_torch_analysis.py`` checks with the object F1;
+  flood done in parallel. Its labels agree with the CPU path's
+  (:func:`livemask.analysis.instances.labels_from_probabilities`) on almost every object,
+  which ``tests/test_torch_analysis.py`` checks with the object F1;
 - measurements: per-object sums with ``index_add_`` / ``scatter_reduce_`` in float64, then
   the CPU's :func:`livemask.analysis.measure.objects_from_sums` builds the same dicts.
+
+:meth:`TorchAnalysis.analyse` (the pipeline's path) runs all of it as three stages of fixed
+steps and fixed shapes, each replayed from one CUDA graph on CUDA, with exact loops as the
+fall-back where a fixed step count was not enough;
+:meth:`TorchAnalysis.labels_from_probabilities` is the exact version.
 
 Everything also runs on the CPU build of torch (that is how CI tests it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,16 +42,38 @@ if TYPE_CHECKING:
     import torch
     from torch import Tensor
 
-__all__ = ["TorchAnalysis"]
+__all__ = ["LabelParams", "TorchAnalysis"]
 
 #: Propagation steps between two convergence checks (each check synchronises the device).
 _CHECK_EVERY = 8
-#: Fixed propagation steps of the captured labelling: seed components up to this many pixels
-#: across, and in all flooding levels together (the reach from a seed's edge, split evenly).
-_SEED_STEPS = 24
-_GROW_REACH = 36
+#: Fixed steps of the captured stages. Component labelling with pointer jumping: measured 8
+#: steps for the seeds of 2048² simulated frames. Flooding: one step per level sufficed on
+#: those frames except in the last level (everything in the foreground), which took 13-21.
+_SEED_STEPS = 16
+_LEVEL_STEPS = 2
+_LAST_LEVEL_STEPS = 24
+#: Spare bins that background pixels scatter into (see ``TorchAnalysis._slots``).
+_SPARE_BINS = 4096
 
 log = logging.getLogger("livemask")
+
+
+@dataclass(frozen=True)
+class LabelParams:
+    """The post-processing parameters of :meth:`TorchAnalysis.analyse` (the model card's)."""
+
+    foreground_threshold: float = 0.5
+    seed_threshold: float = 0.5
+    min_area_px: int = 20
+    min_seed_area_px: int = 4
+    flood_levels: int | None = None
+
+    def key(self, default_levels: int) -> tuple[float, float, int, int, int]:
+        """(foreground and seed thresholds, min seed area, levels, min area): the part of
+        a captured stage's key that the parameters decide."""
+        return (float(self.foreground_threshold), float(self.seed_threshold),
+                int(self.min_seed_area_px), int(self.flood_levels or default_levels),
+                int(self.min_area_px))
 
 
 class _CapturedCall:
@@ -89,6 +117,9 @@ class TorchAnalysis:
         self._graphs: dict[tuple[Any, ...], _CapturedCall] = {}
         self._no_graph: set[tuple[Any, ...]] = set()
         self._pinned: dict[tuple[Any, ...], tuple[Tensor, Any]] = {}
+        # analysis gets its own CUDA stream, so that a frame's labelling and the next
+        # frame's model (on the inference thread's stream) do not wait for each other
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     # ------------------------------------------------------------ input
     def upload(self, image: np.ndarray) -> torch.Tensor:
@@ -152,18 +183,95 @@ class TorchAnalysis:
         cols = torch.maximum(p[..., :-2, 1:-1], p[..., 2:, 1:-1])
         return torch.maximum(torch.maximum(rows, cols), lab)
 
+    def _jump(self, lab: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One step of component labelling inside ``mask``: neighbour maximum, then pointer
+        jumping (each pixel also takes the label held by the pixel its label names).
+
+        Labels are flat pixel indices + 1 of pixels in the same component, so the jump
+        never crosses components, and labels spread along a chain in doubling strides:
+        nuclei-sized seeds converge in about 8 steps instead of their length in pixels.
+        """
+        torch = self._torch
+        zero = torch.zeros((), dtype=lab.dtype, device=lab.device)
+        near = torch.where(mask, self._spread(lab), zero)
+        flat = near.reshape(-1)
+        held = flat.index_select(0, (flat - 1).clamp_min(0)).view_as(near)
+        return torch.where(mask, torch.maximum(near, held), zero)
+
+    def _components_converged(self, lab: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Whether component labels are final: no pixel of ``mask`` sees a larger label."""
+        return ~(self._torch.where(mask, self._spread(lab), lab) != lab).any()
+
     def _index_dtype(self, n: int) -> torch.dtype:
         return self._torch.int32 if n < 2**31 - 1 else self._torch.int64
+
+    def _pixel_ids(self, h: int, w: int, device: Any) -> torch.Tensor:
+        """Flat pixel index + 1 of every pixel, as a (1, 1, H, W) tensor."""
+        torch = self._torch
+        ids = torch.arange(1, h * w + 1, device=device, dtype=self._index_dtype(2 * h * w))
+        return ids.view(1, 1, h, w)
 
     def components(self, mask: torch.Tensor) -> torch.Tensor:
         """4-connected components of a 2-D bool mask: each pixel gets its component's
         largest flat index + 1 (int32; 0 outside the mask)."""
         torch = self._torch
         h, w = mask.shape
-        idx = torch.arange(1, h * w + 1, device=mask.device, dtype=self._index_dtype(h * w))
-        start = torch.where(mask, idx.view(h, w), torch.zeros((), dtype=idx.dtype,
-                                                               device=mask.device))
+        ids = self._pixel_ids(h, w, mask.device)
+        start = torch.where(mask.view(1, 1, h, w), ids, torch.zeros_like(ids))
         return self._converge(start, mask)
+
+    def _converge(self, lab: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Continue component labelling inside ``mask`` until nothing changes."""
+        h, w = mask.shape
+        m = mask.view(1, 1, h, w)
+        lab = lab.view(1, 1, h, w)
+        while True:
+            for _ in range(_CHECK_EVERY):
+                lab = self._jump(lab, m)
+            if bool(self._components_converged(lab, m)):
+                return lab.view(h, w)
+
+    def _flood_step(self, lab: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """Labels spread one pixel into unlabelled ``allowed`` pixels (ties: larger id)."""
+        near = self._spread(lab)
+        return self._torch.where(allowed & (lab == 0) & (near > 0), near, lab)
+
+    def _flood_converged(self, lab: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        return ~(allowed & (lab == 0) & (self._spread(lab) > 0)).any()
+
+    def _flood(self, lab: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """Propagate labels into the unlabelled ``allowed`` pixels until nothing changes."""
+        while not bool(self._flood_converged(lab, allowed)):
+            for _ in range(_CHECK_EVERY):
+                lab = self._flood_step(lab, allowed)
+        return lab
+
+    def _drop_small_seeds(self, lab: torch.Tensor, min_seed: int) -> torch.Tensor:
+        """Seed labels with components smaller than ``min_seed`` px removed."""
+        torch = self._torch
+        if min_seed <= 1:
+            return lab
+        h, w = lab.shape[-2:]
+        counts = self._count(lab.reshape(-1), h * w + 1)
+        small = (counts.index_select(0, lab.reshape(-1).to(torch.int64)) < min_seed)
+        return torch.where(small.view_as(lab) & (lab > 0), torch.zeros_like(lab), lab)
+
+    def _slots(self, lab_flat: torch.Tensor, bins: int) -> torch.Tensor:
+        """Scatter targets for per-label sums over ``bins`` labels (int64): a label's own
+        bin, and for background pixels one of ``_SPARE_BINS`` spare bins after them, so that
+        GPU atomics on the background do not all queue on one address."""
+        torch = self._torch
+        n = lab_flat.numel()
+        spare = torch.arange(n, device=lab_flat.device, dtype=torch.int64) % _SPARE_BINS
+        return torch.where(lab_flat > 0, lab_flat.to(torch.int64), spare + bins)
+
+    def _count(self, lab_flat: torch.Tensor, bins: int) -> torch.Tensor:
+        """Pixels per label 0..bins-1 (int32; bin 0 is left at 0)."""
+        torch = self._torch
+        slots = self._slots(lab_flat, bins)
+        counts = torch.zeros(bins + _SPARE_BINS, dtype=torch.int32, device=lab_flat.device)
+        counts.index_add_(0, slots, torch.ones_like(slots, dtype=torch.int32))
+        return counts[:bins]
 
     def labels_from_probabilities(
         self,
@@ -177,101 +285,208 @@ class TorchAnalysis:
         flood_levels: int | None = None,
     ) -> tuple[torch.Tensor, int]:
         """Instance labels (int32 tensor, 1..N, 0 = background) and N, with the CPU path's
-        parameters and semantics (the numbering order differs).
-
-        Two stages of a fixed number of propagation steps (seed components, then flooding),
-        on CUDA each replayed from a captured CUDA graph; after each, one synchronisation
-        tells whether it converged, and if not (a seed longer than ``_SEED_STEPS`` px, a
-        nucleus wider than the flooding reach) the exact loops continue from where it
-        stopped, so the result does not depend on the step counts.
-        """
+        parameters and semantics (the numbering order differs), by exact loops that run
+        until each level has converged. The reference for :meth:`analyse`'s fixed steps,
+        and its fall-back."""
         torch = self._torch
         h, w = foreground.shape
         levels = flood_levels or self.levels
-        key = (h, w, float(foreground_threshold), float(seed_threshold), int(min_seed_area_px),
-               int(levels))
-        fg, seed, seed_lab, seed_ok = self._run(("seeds", *key), self._seed_stage,
-                                                [foreground, seeds], key)
-        if not bool(seed_ok):  # a seed longer than the fixed steps: go on until converged
-            seed_lab = self._converge(seed_lab, seed)
-        lab, grow_ok = self._run(("grow", *key), self._grow_stage, [seed_lab, fg, seeds], key)
-        if not bool(grow_ok):  # an object wider than the flooding reach: finish flooding
-            lab = self._flood(lab.view(1, 1, h, w), fg.view(1, 1, h, w)).view(h, w)
+        fg = foreground > foreground_threshold
+        seed = fg & (seeds > seed_threshold)
+        lab = self._drop_small_seeds(self.components(seed).view(1, 1, h, w), min_seed_area_px)
+        fg4 = fg.view(1, 1, h, w)
+        elev = 1.0 - seeds.view(1, 1, h, w).to(torch.float32)
+        for k in range(1, levels + 1):
+            lab = self._flood(lab, fg4 & (elev <= k / levels) if k < levels else fg4)
+        lab = lab.view(h, w)
         rest = fg & (lab == 0)  # foreground components without a seed: one object each
         if bool(rest.any()):
-            extra = self.components(rest)
-            lab = torch.where(rest, extra + h * w, lab)
+            lab = torch.where(rest, self.components(rest) + h * w, lab)
         return self._compact(lab, min_area_px)
 
-    def _converge(self, lab: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Continue max-label propagation inside ``mask`` until nothing changes."""
+    def _compact(self, lab: torch.Tensor, min_area: int) -> tuple[torch.Tensor, int]:
+        """Renumber labels 1..N (dropping objects smaller than ``min_area``)."""
         torch = self._torch
-        h, w = mask.shape
-        m = mask.view(1, 1, h, w)
-        lab = lab.view(1, 1, h, w)
-        zero = torch.zeros((), dtype=lab.dtype, device=lab.device)
-        while True:
-            before = lab
-            for _ in range(_CHECK_EVERY):
-                lab = torch.where(m, self._spread(lab), zero)
-            if torch.equal(lab, before):
-                return lab.view(h, w)
+        ids, inverse, counts = torch.unique(lab, return_inverse=True, return_counts=True)
+        keep = (ids > 0) & (counts >= min_area)
+        new_id = torch.cumsum(keep.to(torch.int32), 0) * keep
+        n = int(keep.sum())
+        return new_id.to(torch.int32)[inverse], n
 
-    def _flood(self, lab: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """Propagate labels into the unlabelled ``allowed`` pixels until nothing changes."""
+    # ------------------------------------------------------------ fixed-step pipeline
+    def analyse(
+        self,
+        foreground: torch.Tensor,
+        seeds: torch.Tensor,
+        image: torch.Tensor,
+        params: LabelParams,
+        *,
+        pixel_size_um: float = 1.0,
+        decimals: int | None = 4,
+    ) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, Any]]:
+        """Labels (int32, on the host), objects and summary for one frame, as
+        :meth:`labels_from_probabilities` then :meth:`measure`, in three captured stages.
+
+        1. seed components (pointer jumping) and the level-by-level flood, fixed steps;
+        2. more flooding, only while a nucleus is wider than the flood has reached;
+        3. components of unseeded foreground, compaction and per-object sums into a fixed
+           number of bins (at most one object per ``min_area_px`` pixels).
+
+        On CUDA each stage replays a CUDA graph (one Python call instead of hundreds of
+        kernel launches, which matters when other threads hold the GIL), and only small
+        flags, the per-object sums and the labels come back. Where a fixed step count did
+        not converge, the exact path runs instead, so results never depend on them.
+
+        The inputs must be complete (:meth:`Segmenter.infer` synchronises before it returns):
+        on CUDA this runs on its own stream.
+        """
+        with self._on_stream():
+            return self._analyse(foreground, seeds, image, params,
+                                 pixel_size_um=pixel_size_um, decimals=decimals)
+
+    def _on_stream(self) -> Any:
+        """Context: run on the analysis stream (CUDA), else nothing to do."""
+        if self._stream is None:
+            return contextlib.nullcontext()
+        return self._torch.cuda.stream(self._stream)
+
+    def prepare(self, shape: tuple[int, int], params: LabelParams) -> None:
+        """Capture the CUDA graphs of :meth:`analyse` for frames of ``shape`` now, so that
+        no frame pays for a capture (a no-op off CUDA)."""
+        if self.device.type != "cuda" or not self.graphs:
+            return
         torch = self._torch
-        while True:
-            for _ in range(_CHECK_EVERY):
-                near = self._spread(lab)
-                lab = torch.where(allowed & (lab == 0) & (near > 0), near, lab)
-            near = self._spread(lab)
-            if not bool((allowed & (lab == 0) & (near > 0)).any()):
-                return lab
+        key = (*shape, *params.key(self.levels))
+        zeros = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        with self._on_stream():
+            fg, lab, _ = self._run(("label", *key), self._label_stage, [zeros, zeros], key)
+            self._run(("flood", *key), self._flood_stage, [lab, fg], key)
+            self._run(("measure", *key), self._measure_stage, [lab, fg, zeros], key)
+            self._stream.synchronize()  # type: ignore[union-attr]
 
-    def _seed_stage(
+    def _analyse(
+        self,
+        foreground: torch.Tensor,
+        seeds: torch.Tensor,
+        image: torch.Tensor,
+        params: LabelParams,
+        *,
+        pixel_size_um: float,
+        decimals: int | None,
+    ) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, Any]]:
+        h, w = foreground.shape
+        key = (h, w, *params.key(self.levels))
+        fg, lab, flags = self._run(("label", *key), self._label_stage, [foreground, seeds], key)
+        seed_ok, grow_ok = (bool(v) for v in flags.tolist())
+        while seed_ok and not grow_ok:
+            lab, done = self._run(("flood", *key), self._flood_stage, [lab, fg], key)
+            grow_ok = bool(done)
+        if seed_ok:
+            labels, head, sums, boxes = self._run(
+                ("measure", *key), self._measure_stage, [lab, fg, image], key)
+            rest_ok, n, n_fg, total, fg_sum = head.tolist()
+            if rest_ok:
+                n, n_fg = int(n), int(n_fg)
+                host = sums[1:n + 1].cpu().numpy()
+                bbox = boxes[1:n + 1].cpu().numpy()
+                objects, summary = _objects(host, bbox, n_px=h * w, n_fg=n_fg, total=total,
+                                            fg_sum=fg_sum, pixel_size_um=pixel_size_um,
+                                            decimals=decimals)
+                return labels.cpu().numpy(), objects, summary
+        log.debug("labels: fixed steps did not converge; running the exact loops")
+        exact, n = self.labels_from_probabilities(
+            foreground, seeds, foreground_threshold=params.foreground_threshold,
+            seed_threshold=params.seed_threshold, min_area_px=params.min_area_px,
+            min_seed_area_px=params.min_seed_area_px, flood_levels=params.flood_levels,
+        )
+        objects, summary = self.measure(exact, n, image, pixel_size_um=pixel_size_um,
+                                        decimals=decimals)
+        return exact.cpu().numpy(), objects, summary
+
+    def _label_stage(
         self, foreground: torch.Tensor, seeds: torch.Tensor, key: tuple[Any, ...]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Fixed-step seed components (capturable): the foreground and seed masks, the seed
-        labels (int32, 0 = none) and whether they converged."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fixed steps (capturable): the foreground mask, the flooded seed labels and
+        flags (seed components converged, flood complete)."""
         torch = self._torch
-        h, w, fg_thr, seed_thr, _, _ = key
+        h, w, fg_thr, seed_thr, min_seed, levels, _ = key
         fg = (foreground > fg_thr).view(1, 1, h, w)
         seed = fg & (seeds.view(1, 1, h, w) > seed_thr)
-        idx = torch.arange(1, h * w + 1, device=foreground.device,
-                           dtype=self._index_dtype(h * w)).view(1, 1, h, w)
-        zero = torch.zeros((), dtype=idx.dtype, device=foreground.device)
-        lab = torch.where(seed, idx, zero)
+        ids = self._pixel_ids(h, w, foreground.device)
+        lab = torch.where(seed, ids, torch.zeros_like(ids))
         for _ in range(_SEED_STEPS):
-            lab = torch.where(seed, self._spread(lab), zero)
-        ok = ~(seed & (self._spread(lab) != lab)).any()
-        return fg.view(h, w), seed.view(h, w), lab.view(h, w), ok
-
-    def _grow_stage(
-        self, seed_lab: torch.Tensor, fg: torch.Tensor, seeds: torch.Tensor,
-        key: tuple[Any, ...],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Drop small seeds, then flood the levels of ``1 - seeds`` with a fixed number
-        of steps each (capturable): the labels and whether the foreground is fully flooded."""
-        torch = self._torch
-        h, w, _, _, min_seed, levels = key
-        lab = seed_lab.view(1, 1, h, w)
-        fg4 = fg.view(1, 1, h, w)
-        zero = torch.zeros((), dtype=lab.dtype, device=lab.device)
-        if min_seed > 1:
-            flat = lab.reshape(-1).to(torch.int64)
-            counts = torch.zeros(h * w + 1, dtype=torch.float32, device=lab.device)
-            counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
-            small = (counts[flat] < min_seed) & (flat > 0)
-            lab = torch.where(small.view(1, 1, h, w), zero, lab)
+            lab = self._jump(lab, seed)
+        seed_ok = self._components_converged(lab, seed)
+        lab = self._drop_small_seeds(lab, min_seed)
         elev = 1.0 - seeds.view(1, 1, h, w).to(torch.float32)
-        steps = max(2, _GROW_REACH // levels)
         for k in range(1, levels + 1):
-            allowed = fg4 & (elev <= k / levels) if k < levels else fg4
-            for _ in range(steps):
-                near = self._spread(lab)
-                lab = torch.where(allowed & (lab == 0) & (near > 0), near, lab)
-        ok = ~(fg4 & (lab == 0) & (self._spread(lab) > 0)).any()
-        return lab.view(h, w), ok
+            allowed = fg & (elev <= k / levels) if k < levels else fg
+            for _ in range(_LAST_LEVEL_STEPS if k == levels else _LEVEL_STEPS):
+                lab = self._flood_step(lab, allowed)
+        flags = torch.stack([seed_ok, self._flood_converged(lab, fg)])
+        return fg.view(h, w), lab.view(h, w), flags
+
+    def _flood_stage(
+        self, lab: torch.Tensor, fg: torch.Tensor, key: tuple[Any, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_CHECK_EVERY`` more flooding steps (capturable) and whether it is complete."""
+        h, w = key[:2]
+        lab4, fg4 = lab.view(1, 1, h, w), fg.view(1, 1, h, w)
+        for _ in range(_CHECK_EVERY):
+            lab4 = self._flood_step(lab4, fg4)
+        return lab4.view(h, w), self._flood_converged(lab4, fg4)
+
+    def _measure_stage(
+        self, lab: torch.Tensor, fg: torch.Tensor, image: torch.Tensor, key: tuple[Any, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Unseeded components, compaction and per-object sums with fixed shapes
+        (capturable): labels (H, W) int32 1..n, ``[rest converged, n, foreground px,
+        image sum, foreground sum]`` (float64), sums (bins, 7) float64 and boxes (bins, 4)
+        int64, where row i holds object i (row 0 unused)."""
+        torch = self._torch
+        h, w, *_, min_area = key
+        n_px = h * w
+        dev = lab.device
+        fg4 = fg.view(1, 1, h, w)
+        rest = fg4 & (lab.view(1, 1, h, w) == 0)
+        ids = self._pixel_ids(h, w, dev)
+        rest_lab = torch.where(rest, ids, torch.zeros_like(ids))
+        for _ in range(_SEED_STEPS):
+            rest_lab = self._jump(rest_lab, rest)
+        rest_ok = self._components_converged(rest_lab, rest)
+        raw = torch.where(rest, rest_lab + n_px, lab.view(1, 1, h, w).to(rest_lab.dtype))
+        raw = raw.reshape(-1)
+        # compaction: renumber the labels that keep at least min_area pixels, in id order
+        raw_bins = 2 * n_px + 1
+        keep = self._count(raw, raw_bins) >= max(min_area, 1)
+        keep[0] = False
+        new_id = torch.cumsum(keep.to(torch.int32), 0) * keep
+        labels = new_id.index_select(0, raw.to(torch.int64)).to(torch.int32)
+        # per-object sums (exact in float64: integer coordinates and camera counts)
+        bins = n_px // max(min_area, 1) + 1
+        slots = self._slots(labels, bins)
+        pix = torch.arange(n_px, device=dev, dtype=torch.int64)
+        r = torch.div(pix, w, rounding_mode="floor")
+        c = pix - r * w
+        rf, cf = r.to(torch.float64), c.to(torch.float64)
+        values = image.reshape(-1).to(torch.float64)
+        src = torch.stack([torch.ones_like(rf), rf, cf, rf * rf, cf * cf, rf * cf, values], 1)
+        sums = torch.zeros((bins + _SPARE_BINS, 7), dtype=torch.float64, device=dev)
+        sums.index_add_(0, slots, src)
+        big = int(np.iinfo(np.int64).max)
+        boxes = torch.stack([
+            torch.full((bins + _SPARE_BINS,), init, dtype=torch.int64, device=dev)
+            .scatter_reduce_(0, slots, x, reduce=how, include_self=True)
+            for x, how, init in ((r, "amin", big), (c, "amin", big), (r, "amax", -1),
+                                 (c, "amax", -1))
+        ], 1)
+        boxes[:, 2:] += 1
+        in_fg = labels > 0
+        head = torch.stack([
+            rest_ok.to(torch.float64), keep.sum().to(torch.float64),
+            in_fg.sum().to(torch.float64), values.sum(), (values * in_fg).sum(),
+        ])
+        return labels.view(h, w), head, sums, boxes
 
     def _run(
         self, key: tuple[Any, ...], fn: Any, inputs: list[torch.Tensor], params: tuple[Any, ...]
@@ -292,15 +507,6 @@ class TorchAnalysis:
             self._graphs[key] = graph
         return graph(*inputs)
 
-    def _compact(self, lab: torch.Tensor, min_area: int) -> tuple[torch.Tensor, int]:
-        """Renumber labels 1..N (dropping objects smaller than ``min_area``)."""
-        torch = self._torch
-        ids, inverse, counts = torch.unique(lab, return_inverse=True, return_counts=True)
-        keep = (ids > 0) & (counts >= min_area)
-        new_id = torch.cumsum(keep.to(torch.int32), 0) * keep
-        n = int(keep.sum())
-        return new_id.to(torch.int32)[inverse], n
-
     # ------------------------------------------------------------ measuring
     def measure(
         self,
@@ -316,57 +522,57 @@ class TorchAnalysis:
         h, w = labels.shape
         flat = labels.reshape(-1).to(torch.int64)
         values = image.reshape(-1).to(torch.float64)
-        n_px = h * w
         fg = flat > 0
         n_fg = int(fg.sum())
         total = float(values.sum())
-        fg_sum_t = values[fg].sum() if n_fg else torch.zeros((), dtype=torch.float64)
-        bg_mean = (total - float(fg_sum_t)) / (n_px - n_fg) if n_px > n_fg else None
+        fg_sum = float(values[fg].sum()) if n_fg else 0.0
         if n == 0 or n_fg == 0:
-            return objects_from_sums(
-                _empty_sums(), n_px=n_px, n_fg=n_fg, background_mean=bg_mean,
-                pixel_size_um=pixel_size_um, decimals=decimals,
-            )
+            return _objects(np.zeros((0, 7)), np.zeros((0, 4)), n_px=h * w, n_fg=n_fg,
+                            total=total, fg_sum=fg_sum, pixel_size_um=pixel_size_um,
+                            decimals=decimals)
         lab = flat[fg]
         pos = torch.nonzero(fg).reshape(-1)
         r = torch.div(pos, w, rounding_mode="floor")
         c = pos - r * w
         rf, cf = r.to(torch.float64), c.to(torch.float64)
-        bins = n + 1
-
-        def total_of(x: Tensor) -> Tensor:
-            out = torch.zeros(bins, dtype=torch.float64, device=x.device)
-            return out.index_add_(0, lab, x)[1:]
-
-        def reduce(x: Tensor, how: str, init: int) -> Tensor:
-            out = torch.full((bins,), init, dtype=torch.int64, device=x.device)
-            return out.scatter_reduce_(0, lab, x, reduce=how, include_self=True)[1:]
-
-        ones = torch.ones_like(rf)
-        stacked = torch.stack([
-            total_of(ones), total_of(rf), total_of(cf), total_of(rf * rf), total_of(cf * cf),
-            total_of(rf * cf), total_of(values[fg]),
-        ])
-        big = np.iinfo(np.int64).max
+        src = torch.stack([torch.ones_like(rf), rf, cf, rf * rf, cf * cf, rf * cf, values[fg]],
+                          1)
+        sums = torch.zeros((n + 1, 7), dtype=torch.float64, device=labels.device)
+        sums.index_add_(0, lab, src)
+        big = int(np.iinfo(np.int64).max)
         boxes = torch.stack([
-            reduce(r, "amin", big), reduce(c, "amin", big),
-            reduce(r, "amax", -1) + 1, reduce(c, "amax", -1) + 1,
-        ], dim=1)
-        host = stacked.cpu().numpy()
-        bbox = boxes.cpu().numpy()
-        present = host[0] > 0
-        sums = ObjectSums(
-            labels=np.flatnonzero(present) + 1, area=host[0][present], s_r=host[1][present],
-            s_c=host[2][present], s_rr=host[3][present], s_cc=host[4][present],
-            s_rc=host[5][present], intensity=host[6][present], bbox=bbox[present],
-        )
-        return objects_from_sums(
-            sums, n_px=n_px, n_fg=n_fg, background_mean=bg_mean,
-            pixel_size_um=pixel_size_um, decimals=decimals,
-        )
+            torch.full((n + 1,), init, dtype=torch.int64, device=labels.device)
+            .scatter_reduce_(0, lab, x, reduce=how, include_self=True)
+            for x, how, init in ((r, "amin", big), (c, "amin", big), (r, "amax", -1),
+                                 (c, "amax", -1))
+        ], 1)
+        host, bbox = sums[1:].cpu().numpy(), boxes[1:].cpu().numpy()
+        bbox[:, 2:] += 1
+        present = host[:, 0] > 0
+        return _objects(host[present], bbox[present], n_px=h * w, n_fg=n_fg, total=total,
+                        fg_sum=fg_sum, pixel_size_um=pixel_size_um, decimals=decimals,
+                        labels=np.flatnonzero(present) + 1)
 
 
-def _empty_sums() -> ObjectSums:
-    z = np.zeros(0)
-    return ObjectSums(labels=z, area=z, s_r=z, s_c=z, s_rr=z, s_cc=z, s_rc=z, intensity=z,
-                      bbox=np.zeros((0, 4)))
+def _objects(
+    sums: np.ndarray,
+    bbox: np.ndarray,
+    *,
+    n_px: int,
+    n_fg: int,
+    total: float,
+    fg_sum: float,
+    pixel_size_um: float,
+    decimals: int | None,
+    labels: np.ndarray | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """``measure_objects`` output from per-object sums (rows: objects ``labels``, default
+    1..n; columns: area, Σr, Σc, Σr², Σc², Σrc, Σintensity) and boxes (r0, c0, r1, c1)."""
+    background_mean = (total - fg_sum) / (n_px - n_fg) if n_px > n_fg else None
+    ids = np.arange(1, len(sums) + 1) if labels is None else labels
+    object_sums = ObjectSums(
+        labels=ids, area=sums[:, 0], s_r=sums[:, 1], s_c=sums[:, 2], s_rr=sums[:, 3],
+        s_cc=sums[:, 4], s_rc=sums[:, 5], intensity=sums[:, 6], bbox=bbox,
+    )
+    return objects_from_sums(object_sums, n_px=n_px, n_fg=n_fg, background_mean=background_mean,
+                             pixel_size_um=pixel_size_um, decimals=decimals)

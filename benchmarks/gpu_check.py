@@ -97,11 +97,11 @@ def main() -> None:
     state: dict[str, Any] = {}
 
     def upload() -> None:
-        state["img"] = ta.upload(frame)
-        state["x"] = ta.normalize(state["img"], 1.0, 99.8)
+        norm = card.normalization
+        state["img"], state["x"] = ta.preprocess(frame, norm.low, norm.high, card.size_multiple)
 
     def model() -> None:
-        state["p"] = gpu_backend.run_tensor(state["x"].view(1, 1, side, side))[0]
+        state["p"] = gpu_backend.run_tensor(state["x"])[0, :, :side, :side]
 
     params = gpu._label_params()
 

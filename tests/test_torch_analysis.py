@@ -181,6 +181,15 @@ def test_device_normalize_matches_cpu(ta: TorchAnalysis, dtype: type) -> None:
     np.testing.assert_allclose(got, percentile_normalize(image, 1.0, 99.8), atol=1e-4)
 
 
+def test_preprocess_normalizes_and_pads_like_cpu(ta: TorchAnalysis) -> None:
+    image = (np.random.default_rng(9).random((70, 90)) * 3000).astype(np.uint16)
+    img, batch = ta.preprocess(image, 1.0, 99.8, size_multiple=16)
+    expected = np.pad(percentile_normalize(image, 1.0, 99.8), ((0, 10), (0, 6)), mode="reflect")
+    np.testing.assert_array_equal(img.numpy(), image.astype(np.float32))
+    assert batch.shape == (1, 1, 80, 96)
+    np.testing.assert_allclose(batch[0, 0].numpy(), expected, atol=1e-4)
+
+
 def test_segmenter_device_path_end_to_end() -> None:
     """Segmenter.infer/analyse on the torch backend (CPU) kept 'on the device'."""
     card = load_model_card("nuclei")

@@ -155,16 +155,9 @@ class Segmenter:
         if ta is None:
             return self.predict(image)
         torch = ta._torch
-        f = torch.nn.functional
         norm = self.card.normalization
-        img = ta.upload(image)
-        x = ta.normalize(img, norm.low, norm.high)
-        h, w = x.shape
-        m = self.card.size_multiple
-        ph, pw = (-h) % m, (-w) % m
-        batch = x.view(1, 1, h, w)
-        if ph or pw:
-            batch = f.pad(batch, (0, pw, 0, ph), mode="reflect")
+        img, batch = ta.preprocess(image, norm.low, norm.high, self.card.size_multiple)
+        h, w = img.shape
         out = self.backend.run_tensor(batch)[0, :, :h, :w]  # type: ignore[attr-defined]
         if ta.device.type == "cuda":
             torch.cuda.current_stream(ta.device).synchronize()

@@ -124,16 +124,50 @@ class TorchAnalysis:
     # ------------------------------------------------------------ input
     def upload(self, image: np.ndarray) -> torch.Tensor:
         """A 2-D camera image as a float32 tensor on the device (uint16 travels as 2 bytes)."""
-        torch = self._torch
+        return self._as_float(self._raw_to_device(image))
+
+    def preprocess(
+        self, image: np.ndarray, low: float, high: float, size_multiple: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's input for a camera image: (image as float32 (H, W), normalised batch
+        (1, 1, H', W') reflect-padded to ``size_multiple``), both on the device.
+
+        After the upload one captured stage on CUDA (the float conversion, percentiles,
+        scaling and padding in one graph replay); the image is a new tensor, the batch a
+        static one that the next call overwrites.
+        """
+        raw = self._raw_to_device(image)
+        key = ("input", *raw.shape, str(raw.dtype), float(low), float(high), size_multiple)
+        img, batch = self._run(key, self._input_stage, [raw], key)
+        return (img.clone() if key in self._graphs else img), batch
+
+    def _input_stage(
+        self, raw: torch.Tensor, key: tuple[Any, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h, w, _, low, high, multiple = key[1:]
+        img = self._as_float(raw)
+        batch = self.normalize(img, low, high).view(1, 1, h, w)
+        ph, pw = (-h) % multiple, (-w) % multiple
+        if ph or pw:
+            batch = self._torch.nn.functional.pad(batch, (0, pw, 0, ph), mode="reflect")
+        return img, batch
+
+    def _raw_to_device(self, image: np.ndarray) -> Tensor:
+        """The camera image on the device in its own dtype (uint16 as its int16 bits)."""
         arr = np.ascontiguousarray(image)
         if arr.ndim != 2:
             raise ValueError(f"expected a 2-D image, got shape {arr.shape}")
         if arr.dtype == np.uint16:  # torch has few uint16 kernels: move the bits as int16
-            raw = self._to_device(arr.view(np.int16))
-            return (raw.to(torch.int32) & 0xFFFF).to(torch.float32)
+            return self._to_device(arr.view(np.int16))
         if arr.dtype in (np.uint8, np.int16, np.int32, np.float32):
-            return torch.from_numpy(arr).to(self.device).to(torch.float32)
-        return torch.from_numpy(arr.astype(np.float32)).to(self.device)
+            return self._to_device(arr)
+        return self._to_device(arr.astype(np.float32))
+
+    def _as_float(self, raw: torch.Tensor) -> torch.Tensor:
+        torch = self._torch
+        if raw.dtype == torch.int16:  # uint16 bits
+            return (raw.to(torch.int32) & 0xFFFF).to(torch.float32)
+        return raw.to(torch.float32)
 
     def _to_device(self, arr: np.ndarray) -> Tensor:
         """Host → device through a reused pinned buffer on CUDA (a fast, asynchronous copy)."""
@@ -158,14 +192,14 @@ class TorchAnalysis:
     def normalize(
         self, image: torch.Tensor, low: float, high: float, subsample: int = 4
     ) -> torch.Tensor:
-        """Percentile normalisation as ``percentile_normalize`` (same strided sample)."""
+        """Percentile normalisation as ``percentile_normalize`` (same strided sample, the
+        same linear interpolation as ``np.percentile``; capturable: no host round trip)."""
         torch = self._torch
         stride = subsample
         while stride > 1 and image.numel() // stride**2 < _MIN_SAMPLE_PX:
             stride -= 1
-        sample = image[::stride, ::stride].reshape(-1)
-        q = torch.tensor([low / 100.0, high / 100.0], device=image.device, dtype=torch.float32)
-        lo, hi = torch.quantile(sample, q)
+        ordered = image[::stride, ::stride].reshape(-1).sort().values
+        lo, hi = (_percentile(ordered, q) for q in (low, high))
         span = hi - lo
         scale = torch.where(span > 0, 1.0 / span.clamp_min(1e-30), torch.zeros_like(span))
         return (image - lo) * scale
@@ -459,7 +493,7 @@ class TorchAnalysis:
         # compaction: renumber the labels that keep at least min_area pixels, in id order
         raw_bins = 2 * n_px + 1
         keep = self._count(raw, raw_bins) >= max(min_area, 1)
-        keep[0] = False
+        keep[:1].fill_(False)  # a fill kernel (indexed assignment would copy from the host)
         new_id = torch.cumsum(keep.to(torch.int32), 0) * keep
         labels = new_id.index_select(0, raw.to(torch.int64)).to(torch.int32)
         # per-object sums (exact in float64: integer coordinates and camera counts)
@@ -552,6 +586,15 @@ class TorchAnalysis:
         return _objects(host[present], bbox[present], n_px=h * w, n_fg=n_fg, total=total,
                         fg_sum=fg_sum, pixel_size_um=pixel_size_um, decimals=decimals,
                         labels=np.flatnonzero(present) + 1)
+
+
+def _percentile(ordered: Tensor, q: float) -> Tensor:
+    """The ``q`` percentile of sorted values, interpolated linearly (``np.percentile``)."""
+    pos = q / 100.0 * (ordered.numel() - 1)
+    below = min(int(pos), ordered.numel() - 1)
+    above = min(below + 1, ordered.numel() - 1)
+    frac = pos - below
+    return ordered[below] + (ordered[above] - ordered[below]) * frac
 
 
 def _objects(

@@ -107,11 +107,12 @@ def test_analyse_fixed_steps_equal_exact_path(ta: TorchAnalysis, segmenter: Segm
     assert objects > 30
 
 
-def test_analyse_continues_or_falls_back_beyond_fixed_steps(
+def test_analyse_continues_beyond_fixed_steps(
     ta: TorchAnalysis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A 90 px wide object outgrows the fixed flooding steps (more flooding stages run);
-    with too few fixed component steps the exact loops take over. Results are the same."""
+    """A 90 px wide object outgrows the fixed flooding steps, and with one fixed component
+    step neither seeds nor unseeded areas converge: the stages then run one by one, each
+    continued until done, with the exact path's result."""
     fg, seeds = _long_seed_and_wide_object()
     image = (fg * 500 + 100).astype(np.uint16)
     params = LabelParams(min_area_px=5)
@@ -124,11 +125,13 @@ def test_analyse_continues_or_falls_back_beyond_fixed_steps(
 
     monkeypatch.setattr(ta, "_run", counted)
     _analyse_equals_exact(ta, fg, seeds, image, params)
-    assert calls.count("flood") >= 2 and calls[-1] == "measure"
+    assert calls[:3] == ["all", "seeds", "grow"] and calls.count("flood") >= 2
+    assert "more" not in calls and calls[-2:] == ["rest", "measure"]
     monkeypatch.setattr(torch_analysis, "_SEED_STEPS", 1)
     calls.clear()
     _analyse_equals_exact(ta, fg, seeds, image, params)
-    assert calls == ["label"]  # not converged: straight to the exact loops
+    assert calls[:3] == ["all", "seeds", "more"]
+    assert calls.index("rest") < len(calls) - 2 and calls[calls.index("rest") + 1] == "more"
 
 
 def test_analyse_empty_frame(ta: TorchAnalysis) -> None:

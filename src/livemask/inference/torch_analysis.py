@@ -46,11 +46,12 @@ __all__ = ["LabelParams", "TorchAnalysis"]
 
 #: Propagation steps between two convergence checks (each check synchronises the device).
 _CHECK_EVERY = 8
-#: Fixed steps of the captured stages. Component labelling with pointer jumping: measured 8
-#: steps for the seeds of 2048² simulated frames. Flooding: one step per level sufficed on
-#: those frames except in the last level (everything in the foreground), which took 13-21.
-_SEED_STEPS = 16
-_LEVEL_STEPS = 2
+#: Fixed steps of the captured stages (more run only where they fall short). Component
+#: labelling with pointer jumping: measured 8 steps for the seeds of 2048² simulated frames.
+#: Flooding: one step per level sufficed on those frames except in the last level (all of
+#: the foreground), which took 13-21.
+_SEED_STEPS = 10
+_LEVEL_STEPS = 1
 _LAST_LEVEL_STEPS = 24
 #: Spare bins that background pixels scatter into (see ``TorchAnalysis._slots``).
 _SPARE_BINS = 4096
@@ -359,17 +360,22 @@ class TorchAnalysis:
         decimals: int | None = 4,
     ) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, Any]]:
         """Labels (int32, on the host), objects and summary for one frame, as
-        :meth:`labels_from_probabilities` then :meth:`measure`, in three captured stages.
+        :meth:`labels_from_probabilities` then :meth:`measure`, in stages of fixed steps and
+        fixed shapes:
 
-        1. seed components (pointer jumping) and the level-by-level flood, fixed steps;
-        2. more flooding, only while a nucleus is wider than the flood has reached;
-        3. components of unseeded foreground, compaction and per-object sums into a fixed
-           number of bins (at most one object per ``min_area_px`` pixels).
+        1. seed components (pointer jumping);
+        2. the level-by-level flood from the seeds;
+        3. components of the foreground that no seed reached;
+        4. compaction and per-object sums into a fixed number of bins (at most one object
+           per ``min_area_px`` pixels).
 
-        On CUDA each stage replays a CUDA graph (one Python call instead of hundreds of
-        kernel launches, which matters when other threads hold the GIL), and only small
-        flags, the per-object sums and the labels come back. Where a fixed step count did
-        not converge, the exact path runs instead, so results never depend on them.
+        On CUDA all four replay as one CUDA graph: one Python call instead of hundreds of
+        kernel launches, which matters because each launch gives up the GIL and must win it
+        back from the camera, event loop and inference threads. Only flags, the per-object
+        sums and the labels come back. Where a fixed step count fell short (a seed longer
+        than the steps reach, a nucleus wider than the flood's reach), the stages run again
+        one by one, each continued until it has converged, so results never depend on the
+        step counts.
 
         The inputs must be complete (:meth:`Segmenter.infer` synchronises before it returns):
         on CUDA this runs on its own stream.
@@ -385,17 +391,16 @@ class TorchAnalysis:
         return self._torch.cuda.stream(self._stream)
 
     def prepare(self, shape: tuple[int, int], params: LabelParams) -> None:
-        """Capture the CUDA graphs of :meth:`analyse` for frames of ``shape`` now, so that
-        no frame pays for a capture (a no-op off CUDA)."""
+        """Capture the CUDA graph of :meth:`analyse`'s usual path for frames of ``shape`` now,
+        so that no frame pays for it (a no-op off CUDA). The stage-by-stage graphs are
+        captured when a frame first needs them."""
         if self.device.type != "cuda" or not self.graphs:
             return
         torch = self._torch
         key = (*shape, *params.key(self.levels))
         zeros = torch.zeros(shape, dtype=torch.float32, device=self.device)
         with self._on_stream():
-            fg, lab, _ = self._run(("label", *key), self._label_stage, [zeros, zeros], key)
-            self._run(("flood", *key), self._flood_stage, [lab, fg], key)
-            self._run(("measure", *key), self._measure_stage, [lab, fg, zeros], key)
+            self._run(("all", *key), self._all_stages, [zeros, zeros, zeros], key)
             self._stream.synchronize()  # type: ignore[union-attr]
 
     def _analyse(
@@ -410,86 +415,128 @@ class TorchAnalysis:
     ) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, Any]]:
         h, w = foreground.shape
         key = (h, w, *params.key(self.levels))
-        fg, lab, flags = self._run(("label", *key), self._label_stage, [foreground, seeds], key)
-        seed_ok, grow_ok = (bool(v) for v in flags.tolist())
-        while seed_ok and not grow_ok:
-            lab, done = self._run(("flood", *key), self._flood_stage, [lab, fg], key)
-            grow_ok = bool(done)
-        if seed_ok:
-            labels, head, sums, boxes = self._run(
-                ("measure", *key), self._measure_stage, [lab, fg, image], key)
-            rest_ok, n, n_fg, total, fg_sum = head.tolist()
-            if rest_ok:
-                n, n_fg = int(n), int(n_fg)
-                host = sums[1:n + 1].cpu().numpy()
-                bbox = boxes[1:n + 1].cpu().numpy()
-                objects, summary = _objects(host, bbox, n_px=h * w, n_fg=n_fg, total=total,
-                                            fg_sum=fg_sum, pixel_size_um=pixel_size_um,
-                                            decimals=decimals)
-                return labels.cpu().numpy(), objects, summary
-        log.debug("labels: fixed steps did not converge; running the exact loops")
-        exact, n = self.labels_from_probabilities(
-            foreground, seeds, foreground_threshold=params.foreground_threshold,
-            seed_threshold=params.seed_threshold, min_area_px=params.min_area_px,
-            min_seed_area_px=params.min_seed_area_px, flood_levels=params.flood_levels,
-        )
-        objects, summary = self.measure(exact, n, image, pixel_size_um=pixel_size_um,
-                                        decimals=decimals)
-        return exact.cpu().numpy(), objects, summary
+        labels, head, sums, boxes = self._run(
+            ("all", *key), self._all_stages, [foreground, seeds, image], key)
+        values = head.tolist()
+        if not all(values[:3]):  # a fixed step count fell short: go stage by stage
+            labels, head, sums, boxes = self._stage_by_stage(foreground, seeds, image, key)
+            values = head.tolist()
+        n, n_fg, total, fg_sum = values[3:]
+        n, n_fg = int(n), int(n_fg)
+        objects, summary = _objects(
+            sums[1:n + 1].cpu().numpy(), boxes[1:n + 1].cpu().numpy(), n_px=h * w,
+            n_fg=n_fg, total=total, fg_sum=fg_sum, pixel_size_um=pixel_size_um,
+            decimals=decimals)
+        return labels.cpu().numpy(), objects, summary
 
-    def _label_stage(
+    def _all_stages(
+        self, foreground: torch.Tensor, seeds: torch.Tensor, image: torch.Tensor,
+        key: tuple[Any, ...],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The stages back to back (one CUDA graph): labels, head, sums, boxes, with the
+        three convergence flags first in the head."""
+        fg, _seed, lab, seed_ok = self._seed_stage(foreground, seeds, key)
+        lab, grow_ok = self._grow_stage(lab, fg, seeds, key)
+        rest, rest_lab, rest_ok = self._rest_stage(lab, fg, key)
+        labels, head, sums, boxes = self._measure_stage(lab, rest, rest_lab, image, key)
+        flags = self._torch.stack([seed_ok, grow_ok, rest_ok]).to(head.dtype)
+        return labels, self._torch.cat([flags, head]), sums, boxes
+
+    def _stage_by_stage(
+        self, foreground: torch.Tensor, seeds: torch.Tensor, image: torch.Tensor,
+        key: tuple[Any, ...],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The stages one at a time, each followed by more steps until it has converged
+        (each a CUDA graph on CUDA): for long seeds, wide nuclei, large unseeded areas."""
+        log.debug("labels: a fixed step count was not enough; continuing stage by stage")
+        fg, seed, lab, ok = self._run(("seeds", *key), self._seed_stage, [foreground, seeds],
+                                      key)
+        while not bool(ok):
+            lab, ok = self._run(("more", *key), self._more_components, [lab, seed], key)
+        lab, ok = self._run(("grow", *key), self._grow_stage, [lab, fg, seeds], key)
+        while not bool(ok):
+            lab, ok = self._run(("flood", *key), self._more_flooding, [lab, fg], key)
+        rest, rest_lab, ok = self._run(("rest", *key), self._rest_stage, [lab, fg], key)
+        while not bool(ok):
+            rest_lab, ok = self._run(("more", *key), self._more_components, [rest_lab, rest],
+                                     key)
+        labels, head, sums, boxes = self._run(
+            ("measure", *key), self._measure_stage, [lab, rest, rest_lab, image], key)
+        ones = self._torch.ones(3, dtype=head.dtype, device=head.device)
+        return labels, self._torch.cat([ones, head]), sums, boxes
+
+    def _seed_stage(
         self, foreground: torch.Tensor, seeds: torch.Tensor, key: tuple[Any, ...]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Fixed steps (capturable): the foreground mask, the flooded seed labels and
-        flags (seed components converged, flood complete)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Foreground and seed masks, seed component labels after the fixed steps, and
+        whether they converged."""
         torch = self._torch
-        h, w, fg_thr, seed_thr, min_seed, levels, _ = key
+        h, w, fg_thr, seed_thr = key[:4]
         fg = (foreground > fg_thr).view(1, 1, h, w)
         seed = fg & (seeds.view(1, 1, h, w) > seed_thr)
         ids = self._pixel_ids(h, w, foreground.device)
         lab = torch.where(seed, ids, torch.zeros_like(ids))
         for _ in range(_SEED_STEPS):
             lab = self._jump(lab, seed)
-        seed_ok = self._components_converged(lab, seed)
+        return fg, seed, lab, self._components_converged(lab, seed)
+
+    def _more_components(
+        self, lab: torch.Tensor, mask: torch.Tensor, key: tuple[Any, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_CHECK_EVERY`` more component steps and whether they have converged."""
+        for _ in range(_CHECK_EVERY):
+            lab = self._jump(lab, mask)
+        return lab, self._components_converged(lab, mask)
+
+    def _grow_stage(
+        self, lab: torch.Tensor, fg: torch.Tensor, seeds: torch.Tensor, key: tuple[Any, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Drop small seeds, flood the levels of ``1 - seeds`` with fixed steps each: the
+        labels and whether the foreground reachable from seeds is flooded."""
+        torch = self._torch
+        h, w, _, _, min_seed, levels, _ = key
         lab = self._drop_small_seeds(lab, min_seed)
         elev = 1.0 - seeds.view(1, 1, h, w).to(torch.float32)
         for k in range(1, levels + 1):
             allowed = fg & (elev <= k / levels) if k < levels else fg
             for _ in range(_LAST_LEVEL_STEPS if k == levels else _LEVEL_STEPS):
                 lab = self._flood_step(lab, allowed)
-        flags = torch.stack([seed_ok, self._flood_converged(lab, fg)])
-        return fg.view(h, w), lab.view(h, w), flags
+        return lab, self._flood_converged(lab, fg)
 
-    def _flood_stage(
+    def _more_flooding(
         self, lab: torch.Tensor, fg: torch.Tensor, key: tuple[Any, ...]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``_CHECK_EVERY`` more flooding steps (capturable) and whether it is complete."""
-        h, w = key[:2]
-        lab4, fg4 = lab.view(1, 1, h, w), fg.view(1, 1, h, w)
+        """``_CHECK_EVERY`` more flooding steps and whether the flood is complete."""
         for _ in range(_CHECK_EVERY):
-            lab4 = self._flood_step(lab4, fg4)
-        return lab4.view(h, w), self._flood_converged(lab4, fg4)
+            lab = self._flood_step(lab, fg)
+        return lab, self._flood_converged(lab, fg)
+
+    def _rest_stage(
+        self, lab: torch.Tensor, fg: torch.Tensor, key: tuple[Any, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Foreground without a seed: its mask, component labels after the fixed steps,
+        and whether they converged."""
+        torch = self._torch
+        h, w = key[:2]
+        rest = fg & (lab == 0)
+        ids = self._pixel_ids(h, w, lab.device)
+        rest_lab = torch.where(rest, ids, torch.zeros_like(ids))
+        for _ in range(_SEED_STEPS):
+            rest_lab = self._jump(rest_lab, rest)
+        return rest, rest_lab, self._components_converged(rest_lab, rest)
 
     def _measure_stage(
-        self, lab: torch.Tensor, fg: torch.Tensor, image: torch.Tensor, key: tuple[Any, ...]
+        self, lab: torch.Tensor, rest: torch.Tensor, rest_lab: torch.Tensor,
+        image: torch.Tensor, key: tuple[Any, ...],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Unseeded components, compaction and per-object sums with fixed shapes
-        (capturable): labels (H, W) int32 1..n, ``[rest converged, n, foreground px,
-        image sum, foreground sum]`` (float64), sums (bins, 7) float64 and boxes (bins, 4)
-        int64, where row i holds object i (row 0 unused)."""
+        """Compaction and per-object sums with fixed shapes: labels (H, W) int32 1..n,
+        ``[n, foreground px, image sum, foreground sum]`` (float64), sums (bins, 7)
+        float64 and boxes (bins, 4) int64, where row i holds object i (row 0 unused)."""
         torch = self._torch
         h, w, *_, min_area = key
         n_px = h * w
         dev = lab.device
-        fg4 = fg.view(1, 1, h, w)
-        rest = fg4 & (lab.view(1, 1, h, w) == 0)
-        ids = self._pixel_ids(h, w, dev)
-        rest_lab = torch.where(rest, ids, torch.zeros_like(ids))
-        for _ in range(_SEED_STEPS):
-            rest_lab = self._jump(rest_lab, rest)
-        rest_ok = self._components_converged(rest_lab, rest)
-        raw = torch.where(rest, rest_lab + n_px, lab.view(1, 1, h, w).to(rest_lab.dtype))
-        raw = raw.reshape(-1)
+        raw = torch.where(rest, rest_lab + n_px, lab).reshape(-1)
         # compaction: renumber the labels that keep at least min_area pixels, in id order
         raw_bins = 2 * n_px + 1
         keep = self._count(raw, raw_bins) >= max(min_area, 1)
@@ -517,8 +564,8 @@ class TorchAnalysis:
         boxes[:, 2:] += 1
         in_fg = labels > 0
         head = torch.stack([
-            rest_ok.to(torch.float64), keep.sum().to(torch.float64),
-            in_fg.sum().to(torch.float64), values.sum(), (values * in_fg).sum(),
+            keep.sum().to(torch.float64), in_fg.sum().to(torch.float64), values.sum(),
+            (values * in_fg).sum(),
         ])
         return labels.view(h, w), head, sums, boxes
 

@@ -470,15 +470,21 @@ class TorchAnalysis:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Foreground and seed masks, seed component labels after the fixed steps, and
         whether they converged."""
-        torch = self._torch
         h, w, fg_thr, seed_thr = key[:4]
         fg = (foreground > fg_thr).view(1, 1, h, w)
         seed = fg & (seeds.view(1, 1, h, w) > seed_thr)
-        ids = self._pixel_ids(h, w, foreground.device)
-        lab = torch.where(seed, ids, torch.zeros_like(ids))
+        return fg, seed, *self._fixed_components(seed)
+
+    def _fixed_components(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Component labels of a (1, 1, H, W) mask after ``_SEED_STEPS`` steps, and whether
+        they have converged."""
+        torch = self._torch
+        h, w = mask.shape[-2:]
+        ids = self._pixel_ids(h, w, mask.device)
+        lab = torch.where(mask, ids, torch.zeros_like(ids))
         for _ in range(_SEED_STEPS):
-            lab = self._jump(lab, seed)
-        return fg, seed, lab, self._components_converged(lab, seed)
+            lab = self._jump(lab, mask)
+        return lab, self._components_converged(lab, mask)
 
     def _more_components(
         self, lab: torch.Tensor, mask: torch.Tensor, key: tuple[Any, ...]
@@ -516,14 +522,8 @@ class TorchAnalysis:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Foreground without a seed: its mask, component labels after the fixed steps,
         and whether they converged."""
-        torch = self._torch
-        h, w = key[:2]
         rest = fg & (lab == 0)
-        ids = self._pixel_ids(h, w, lab.device)
-        rest_lab = torch.where(rest, ids, torch.zeros_like(ids))
-        for _ in range(_SEED_STEPS):
-            rest_lab = self._jump(rest_lab, rest)
-        return rest, rest_lab, self._components_converged(rest_lab, rest)
+        return rest, *self._fixed_components(rest)
 
     def _measure_stage(
         self, lab: torch.Tensor, rest: torch.Tensor, rest_lab: torch.Tensor,
@@ -549,19 +549,8 @@ class TorchAnalysis:
         pix = torch.arange(n_px, device=dev, dtype=torch.int64)
         r = torch.div(pix, w, rounding_mode="floor")
         c = pix - r * w
-        rf, cf = r.to(torch.float64), c.to(torch.float64)
         values = image.reshape(-1).to(torch.float64)
-        src = torch.stack([torch.ones_like(rf), rf, cf, rf * rf, cf * cf, rf * cf, values], 1)
-        sums = torch.zeros((bins + _SPARE_BINS, 7), dtype=torch.float64, device=dev)
-        sums.index_add_(0, slots, src)
-        big = int(np.iinfo(np.int64).max)
-        boxes = torch.stack([
-            torch.full((bins + _SPARE_BINS,), init, dtype=torch.int64, device=dev)
-            .scatter_reduce_(0, slots, x, reduce=how, include_self=True)
-            for x, how, init in ((r, "amin", big), (c, "amin", big), (r, "amax", -1),
-                                 (c, "amax", -1))
-        ], 1)
-        boxes[:, 2:] += 1
+        sums, boxes = self._object_sums(slots, bins + _SPARE_BINS, r, c, values)
         in_fg = labels > 0
         head = torch.stack([
             keep.sum().to(torch.float64), in_fg.sum().to(torch.float64), values.sum(),
@@ -587,6 +576,30 @@ class TorchAnalysis:
                 return fn(*inputs, params)
             self._graphs[key] = graph
         return graph(*inputs)
+
+    def _object_sums(
+        self, slots: torch.Tensor, bins: int, r: torch.Tensor, c: torch.Tensor,
+        values: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-bin sums (bins, 7: area, Σr, Σc, Σr², Σc², Σrc, Σvalue; float64, exact for
+        integer coordinates and camera counts) and boxes (bins, 4: r0, c0, r1, c1; int64)
+        of pixels at rows ``r``, columns ``c`` (int64) scattered into ``slots``."""
+        torch = self._torch
+        dev = slots.device
+        rf, cf = r.to(torch.float64), c.to(torch.float64)
+        src = torch.stack([torch.ones_like(rf), rf, cf, rf * rf, cf * cf, rf * cf,
+                           values.to(torch.float64)], 1)
+        sums = torch.zeros((bins, 7), dtype=torch.float64, device=dev)
+        sums.index_add_(0, slots, src)
+        big = int(np.iinfo(np.int64).max)
+        boxes = torch.stack([
+            torch.full((bins,), init, dtype=torch.int64, device=dev)
+            .scatter_reduce_(0, slots, x, reduce=how, include_self=True)
+            for x, how, init in ((r, "amin", big), (c, "amin", big), (r, "amax", -1),
+                                 (c, "amax", -1))
+        ], 1)
+        boxes[:, 2:] += 1
+        return sums, boxes
 
     # ------------------------------------------------------------ measuring
     def measure(
@@ -615,20 +628,8 @@ class TorchAnalysis:
         pos = torch.nonzero(fg).reshape(-1)
         r = torch.div(pos, w, rounding_mode="floor")
         c = pos - r * w
-        rf, cf = r.to(torch.float64), c.to(torch.float64)
-        src = torch.stack([torch.ones_like(rf), rf, cf, rf * rf, cf * cf, rf * cf, values[fg]],
-                          1)
-        sums = torch.zeros((n + 1, 7), dtype=torch.float64, device=labels.device)
-        sums.index_add_(0, lab, src)
-        big = int(np.iinfo(np.int64).max)
-        boxes = torch.stack([
-            torch.full((n + 1,), init, dtype=torch.int64, device=labels.device)
-            .scatter_reduce_(0, lab, x, reduce=how, include_self=True)
-            for x, how, init in ((r, "amin", big), (c, "amin", big), (r, "amax", -1),
-                                 (c, "amax", -1))
-        ], 1)
+        sums, boxes = self._object_sums(lab, n + 1, r, c, values[fg])
         host, bbox = sums[1:].cpu().numpy(), boxes[1:].cpu().numpy()
-        bbox[:, 2:] += 1
         present = host[:, 0] > 0
         return _objects(host[present], bbox[present], n_px=h * w, n_fg=n_fg, total=total,
                         fg_sum=fg_sum, pixel_size_um=pixel_size_um, decimals=decimals,

@@ -159,23 +159,6 @@ def test_device_labels_agree_with_cpu_path(ta: TorchAnalysis, segmenter: Segment
     assert total.mean_matched_iou >= 0.9
 
 
-def test_device_measurements_equal_cpu(ta: TorchAnalysis) -> None:
-    rng = np.random.default_rng(4)
-    image, truth = random_field(rng, (128, 160))
-    lab = torch.from_numpy(truth.astype(np.int32))
-    objects, summary = ta.measure(lab, int(truth.max()), ta.upload(image), pixel_size_um=0.5)
-    ref_objects, ref_summary = measure_objects(truth, image, pixel_size_um=0.5)
-    present = {o["label"] for o in ref_objects}
-    assert [o for o in objects if o["label"] in present] == ref_objects
-    assert summary == ref_summary
-
-
-def test_device_measure_without_objects(ta: TorchAnalysis) -> None:
-    image = np.full((32, 32), 7, dtype=np.uint16)
-    objects, summary = ta.measure(torch.zeros((32, 32), dtype=torch.int32), 0, ta.upload(image))
-    assert objects == [] and summary["count"] == 0 and summary["background_mean"] == 7.0
-
-
 @pytest.mark.parametrize("dtype", [np.uint16, np.uint8, np.float32])
 def test_device_normalize_matches_cpu(ta: TorchAnalysis, dtype: type) -> None:
     rng = np.random.default_rng(5)

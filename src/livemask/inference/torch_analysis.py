@@ -18,10 +18,10 @@ with data-parallel operations only:
 - measurements: per-object sums with ``index_add_`` / ``scatter_reduce_`` in float64, then
   the CPU's :func:`livemask.analysis.measure.objects_from_sums` builds the same dicts.
 
-:meth:`TorchAnalysis.analyse` (the pipeline's path) runs all of it as three stages of fixed
-steps and fixed shapes, each replayed from one CUDA graph on CUDA, with exact loops as the
-fall-back where a fixed step count was not enough;
-:meth:`TorchAnalysis.labels_from_probabilities` is the exact version.
+:meth:`TorchAnalysis.analyse` (the pipeline's path) runs all of it as four stages of fixed
+steps and fixed shapes, replayed as one CUDA graph on CUDA, and stage by stage (each
+continued until it converges) where a fixed step count was not enough;
+:meth:`TorchAnalysis.labels_from_probabilities` is the exact version, its reference.
 
 Everything also runs on the CPU build of torch (that is how CI tests it).
 """
@@ -360,7 +360,7 @@ class TorchAnalysis:
         decimals: int | None = 4,
     ) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, Any]]:
         """Labels (int32, on the host), objects and summary for one frame, as
-        :meth:`labels_from_probabilities` then :meth:`measure`, in stages of fixed steps and
+        :meth:`labels_from_probabilities` then ``measure_objects``, in stages of fixed steps and
         fixed shapes:
 
         1. seed components (pointer jumping);
@@ -601,40 +601,6 @@ class TorchAnalysis:
         boxes[:, 2:] += 1
         return sums, boxes
 
-    # ------------------------------------------------------------ measuring
-    def measure(
-        self,
-        labels: torch.Tensor,
-        n: int,
-        image: torch.Tensor,
-        *,
-        pixel_size_um: float = 1.0,
-        decimals: int | None = 4,
-    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """``measure_objects`` output for labels 1..n on ``image`` (both on the device)."""
-        torch = self._torch
-        h, w = labels.shape
-        flat = labels.reshape(-1).to(torch.int64)
-        values = image.reshape(-1).to(torch.float64)
-        fg = flat > 0
-        n_fg = int(fg.sum())
-        total = float(values.sum())
-        fg_sum = float(values[fg].sum()) if n_fg else 0.0
-        if n == 0 or n_fg == 0:
-            return _objects(np.zeros((0, 7)), np.zeros((0, 4)), n_px=h * w, n_fg=n_fg,
-                            total=total, fg_sum=fg_sum, pixel_size_um=pixel_size_um,
-                            decimals=decimals)
-        lab = flat[fg]
-        pos = torch.nonzero(fg).reshape(-1)
-        r = torch.div(pos, w, rounding_mode="floor")
-        c = pos - r * w
-        sums, boxes = self._object_sums(lab, n + 1, r, c, values[fg])
-        host, bbox = sums[1:].cpu().numpy(), boxes[1:].cpu().numpy()
-        present = host[:, 0] > 0
-        return _objects(host[present], bbox[present], n_px=h * w, n_fg=n_fg, total=total,
-                        fg_sum=fg_sum, pixel_size_um=pixel_size_um, decimals=decimals,
-                        labels=np.flatnonzero(present) + 1)
-
 
 def _percentile(ordered: Tensor, q: float) -> Tensor:
     """The ``q`` percentile of sorted values, interpolated linearly (``np.percentile``)."""
@@ -655,15 +621,13 @@ def _objects(
     fg_sum: float,
     pixel_size_um: float,
     decimals: int | None,
-    labels: np.ndarray | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """``measure_objects`` output from per-object sums (rows: objects ``labels``, default
-    1..n; columns: area, Σr, Σc, Σr², Σc², Σrc, Σintensity) and boxes (r0, c0, r1, c1)."""
+    """``measure_objects`` output from per-object sums (rows: objects 1..n; columns: area,
+    Σr, Σc, Σr², Σc², Σrc, Σintensity) and boxes (r0, c0, r1, c1)."""
     background_mean = (total - fg_sum) / (n_px - n_fg) if n_px > n_fg else None
-    ids = np.arange(1, len(sums) + 1) if labels is None else labels
     object_sums = ObjectSums(
-        labels=ids, area=sums[:, 0], s_r=sums[:, 1], s_c=sums[:, 2], s_rr=sums[:, 3],
-        s_cc=sums[:, 4], s_rc=sums[:, 5], intensity=sums[:, 6], bbox=bbox,
+        labels=np.arange(1, len(sums) + 1), area=sums[:, 0], s_r=sums[:, 1], s_c=sums[:, 2],
+        s_rr=sums[:, 3], s_cc=sums[:, 4], s_rc=sums[:, 5], intensity=sums[:, 6], bbox=bbox,
     )
     return objects_from_sums(object_sums, n_px=n_px, n_fg=n_fg, background_mean=background_mean,
                              pixel_size_um=pixel_size_um, decimals=decimals)

@@ -17,6 +17,7 @@ from pymmcore_plus.experimental.unicore import UniMMCore
 from scipy import ndimage
 
 from livemask.acquisition.core import close_core, describe_core, open_core
+from livemask.acquisition.simulated.devices import SimZStage
 from livemask.acquisition.simulated.world import SimulatedWorld, configure_world, get_world
 from livemask.errors import AcquisitionError, ConfigError
 
@@ -89,6 +90,39 @@ def test_cfg_loads_into_unicore(sim: tuple[UniMMCore, SimulatedWorld]) -> None:
     assert info["auto_shutter"] is False and core.getShutterOpen()
     assert set(info["python_devices"]) == {"Camera", "XY", "Z", "Shutter", "Filter"}
     assert core.getPixelSizeAffine() == pytest.approx((PIXEL_UM, 0, 0, 0, PIXEL_UM, 0))
+
+
+class _SettlingStage(SimZStage):
+    """A focus drive that reports busy for its first ``busy_polls`` busy() calls."""
+
+    def __init__(self, busy_polls: int) -> None:
+        super().__init__()
+        self.polls = 0
+        self.busy_polls = busy_polls
+
+    def busy(self) -> bool:
+        self.polls += 1
+        return self.polls <= self.busy_polls
+
+
+def test_wait_for_system_waits_for_busy_python_devices_without_threads(
+    sim: tuple[UniMMCore, SimulatedWorld], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    core, _ = sim
+    stage = _SettlingStage(busy_polls=3)
+    core.loadPyDevice("Settling", stage)
+    core.initializeDevice("Settling")
+    started: list[threading.Thread] = []
+    real_start = threading.Thread.start
+
+    def counting_start(self: threading.Thread) -> None:
+        started.append(self)
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", counting_start)
+    core.waitForSystem()  # the MDA engine calls this before every event
+    assert stage.polls == 4  # asked until it settled
+    assert started == []  # pymmcore-plus 0.18 starts a thread pool here on every call
 
 
 def test_missing_cfg_is_a_config_error(tmp_path: Path) -> None:

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# GPU checks for the fast path in one go (about 3 minutes on an H100/H200), writing JSON to
+# GPU checks for the fast path in one go (about 3-4 minutes on an H100/H200), writing JSON to
 # benchmarks/results (or the folder given as $1):
 #   gpu-check.json             torch CUDA fp16 vs ONNX Runtime, device vs CPU labels, stage ms
 #   bench-gpu-2048.json        livemask bench, 2048x2048, torch backend, camera as fast as it goes
 #                              (1 ms exposure, so that the simulated camera is not the limit)
 #   bench-gpu-2048-50fps.json  the same with the camera paced at 50 frames/s (latency at a rate)
+#   bench-gpu-2048-one.json    camera free, inference and analysis in one thread
+#                              (pipeline.stage_threads: one; the others use the default, two)
 #   bench-gpu-512.json         livemask bench, 512x512, torch backend
 # Needs livemask importable (pip install -e '.[torch]' with a CUDA build of torch) and a GPU.
 set -euo pipefail
@@ -19,5 +21,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 "$py" -m livemask bench --backend torch --size 2048 --frames 300 --threads 8 --exposure-ms 1 \
     --camera-fps 50 \
     --json "$out/bench-gpu-2048-50fps.json"
+"$py" -m livemask bench --backend torch --size 2048 --frames 300 --threads 8 --exposure-ms 1 \
+    --stage-threads one \
+    --json "$out/bench-gpu-2048-one.json"
 "$py" -m livemask bench --backend torch --size 512 --frames 400 --threads 8 \
     --json "$out/bench-gpu-512.json"

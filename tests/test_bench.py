@@ -38,6 +38,8 @@ def test_settings_are_validated() -> None:
         bench.BenchSettings(interval_s=0.1, camera_fps=10)
     with pytest.raises(ConfigError, match="camera-fps"):
         bench.BenchSettings(camera_fps=0)
+    with pytest.raises(ConfigError, match="--stage-threads"):
+        bench.BenchSettings(stage_threads="three")
     with pytest.raises(ConfigError, match="--hardware"):
         bench.BenchSettings(hardware_cfg=Path("nowhere.cfg")).config_file()
     s = bench.BenchSettings(camera_fps=20)
@@ -102,6 +104,7 @@ def test_bench_command_writes_the_json_record(tmp_path: Path) -> None:
     assert p["frames_acquired"] == 8 and p["frames_failed"] == 0
     assert p["frames_analysed"] + p["frames_skipped"] == 8 == p["frames_published"]
     assert r["frames_skipped"] == p["frames_skipped"]
+    assert r["stage_threads"] == p["stage_threads"] == "two"
     assert p["measurements_received"] == p["frames_analysed"]
     assert p["subscriber_received"]["frame"] == 8
     assert r["naive"]["measurements_received"] == 8
@@ -117,8 +120,10 @@ def test_bench_command_reports_bad_flags() -> None:
 
 @pytest.mark.timeout(120)
 def test_paced_camera_run_analyses_every_frame_it_can() -> None:
-    settings = bench.BenchSettings(size=96, frames=6, camera_fps=25, exposure_ms=1.0)
+    settings = bench.BenchSettings(size=96, frames=6, camera_fps=25, exposure_ms=1.0,
+                                   stage_threads="one")
     r = bench.run_pipeline(settings, bench.prerender(settings))
+    assert r["stage_threads"] == "one"
     assert r["interval_s"] == pytest.approx(0.04)
     assert r["frames_acquired"] == 6
     assert r["frames_analysed"] + r["frames_skipped"] == 6

@@ -7,12 +7,13 @@ import time
 from collections.abc import Iterable
 
 import numpy as np
+import pytest
 import useq
 
 from livemask.acquisition.source import DoneCallback, RawFrame
 from livemask.inference.models import ModelCard
 from livemask.inference.segmenter import Segmenter
-from livemask.service.pipeline import Pipeline
+from livemask.service.pipeline import Pipeline, StageThreads
 from livemask.transport.publisher import MemoryPublisher
 
 
@@ -22,8 +23,10 @@ class ThresholdBackend:
     name = "threshold"
     device = "cpu"
 
-    def __init__(self, delay_s: float = 0.0) -> None:
+    def __init__(self, delay_s: float = 0.0, fail_every: int = 0) -> None:
         self.delay_s = delay_s
+        self.fail_every = fail_every
+        self.calls = 0
 
     def load(self, card: ModelCard) -> None:
         pass
@@ -32,6 +35,9 @@ class ThresholdBackend:
         pass
 
     def run(self, batch: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        if self.fail_every and self.calls % self.fail_every == 0:
+            raise RuntimeError("injected model fault")
         time.sleep(self.delay_s)
         fg = (batch > 0.5).astype(np.float32)
         return np.concatenate([fg, fg], axis=1)
@@ -78,18 +84,25 @@ def _raw(i: int) -> RawFrame:
     return RawFrame(image, useq.MDAEvent(index={"t": i}), time.time(), {"x_um": 0.0}, None)
 
 
-def _pipeline(delay_s: float = 0.0, mode: str = "free-run") -> tuple[Pipeline, MemoryPublisher,
-                                                                     RecordingSource]:
+STAGE_THREADS = pytest.mark.parametrize("stage_threads", ["one", "two"])
+
+
+def _pipeline(
+    delay_s: float = 0.0, mode: str = "free-run", stage_threads: StageThreads = "two",
+    fail_every: int = 0,
+) -> tuple[Pipeline, MemoryPublisher, RecordingSource]:
     card = ModelCard(name="fake", file="none.onnx")
     pub, src = MemoryPublisher(), RecordingSource()
-    pipe = Pipeline(Segmenter(card, ThresholdBackend(delay_s)), pub, mode=mode,  # type: ignore[arg-type]
-                    queue_size=1, pixel_size_um=0.5)
+    backend = ThresholdBackend(delay_s, fail_every)
+    pipe = Pipeline(Segmenter(card, backend), pub, mode=mode,  # type: ignore[arg-type]
+                    queue_size=1, pixel_size_um=0.5, stage_threads=stage_threads)
     pipe.source = src
     return pipe, pub, src
 
 
-async def test_frames_flow_through_all_stages() -> None:
-    pipe, pub, src = _pipeline()
+@STAGE_THREADS
+async def test_frames_flow_through_all_stages(stage_threads: StageThreads) -> None:
+    pipe, pub, src = _pipeline(stage_threads=stage_threads)
     pipe.start()
     for i in range(3):
         pipe.submit(_raw(i))
@@ -106,8 +119,9 @@ async def test_frames_flow_through_all_stages() -> None:
     assert pipe.counters.snapshot()["frames_analysed"] == 3
 
 
-async def test_free_run_keeps_newest_and_counts_skips() -> None:
-    pipe, pub, src = _pipeline(delay_s=0.1)
+@STAGE_THREADS
+async def test_free_run_keeps_newest_and_counts_skips(stage_threads: StageThreads) -> None:
+    pipe, pub, src = _pipeline(delay_s=0.1, stage_threads=stage_threads)
     pipe.start()
     for i in range(6):
         pipe.submit(_raw(i))
@@ -123,8 +137,9 @@ async def test_free_run_keeps_newest_and_counts_skips() -> None:
     assert src.done == 6
 
 
-async def test_synchronized_mode_never_skips() -> None:
-    pipe, pub, _ = _pipeline(delay_s=0.02, mode="synchronized")
+@STAGE_THREADS
+async def test_synchronized_mode_never_skips(stage_threads: StageThreads) -> None:
+    pipe, pub, _ = _pipeline(delay_s=0.02, mode="synchronized", stage_threads=stage_threads)
     pipe.start()
     for i in range(5):
         pipe.submit(_raw(i))
@@ -145,3 +160,38 @@ async def test_latency_percentiles_reported() -> None:
     e2e = report["latency_ms"]["end_to_end"]
     assert e2e["p50"] is not None and e2e["p50"] >= 0
     assert report["queues"] == {"infer": 0, "analyse": 0, "publish": 0}
+
+
+@STAGE_THREADS
+async def test_failures_in_either_stage_fail_that_frame_only(
+    stage_threads: StageThreads, caplog: pytest.LogCaptureFixture
+) -> None:
+    pipe, pub, src = _pipeline(mode="synchronized", stage_threads=stage_threads, fail_every=3)
+    real_analyse = pipe.segmenter.analyse
+
+    def analyse_failing_on_frame_4(probabilities: np.ndarray, image: np.ndarray,
+                                   **kwargs: object) -> object:
+        if image[0, 0] == 4:
+            raise ValueError("injected analysis fault")
+        return real_analyse(probabilities, image, **kwargs)  # type: ignore[arg-type]
+
+    pipe.segmenter.analyse = analyse_failing_on_frame_4  # type: ignore[assignment,method-assign]
+    pipe.start()
+    for i in range(7):
+        raw = _raw(i)
+        raw.image[0, 0] = i
+        pipe.submit(raw)
+    assert await pipe.drain(10.0)
+    await pipe.close()
+    failed = {e.header["frame_id"]: e.header["detail"] for e in pub.by_topic("event")
+              if e.header["kind"] == "frame_failed"}
+    assert failed.keys() == {2, 4, 5}  # model calls 3 and 6; analysis of frame 4
+    assert "inference failed: RuntimeError: injected model fault" in failed[2]
+    assert "analysis failed: ValueError: injected analysis fault" in failed[4]
+    assert [m.header["frame_id"] for m in pub.by_topic("measurements")] == [0, 1, 3, 6]
+    counts = pipe.counters.snapshot()
+    assert (counts["frames_analysed"], counts["frames_failed"], counts["frames_published"]) == (
+        4, 3, 7)
+    assert src.done == 7
+    assert "injected analysis fault" in caplog.text  # logged with its traceback
+    assert any(r.exc_info for r in caplog.records if "frame 4" in r.getMessage())

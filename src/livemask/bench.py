@@ -102,6 +102,7 @@ class BenchSettings:
     camera_fps: float | None = None
     exposure_ms: float = 10.0
     threads: int = 2
+    stage_threads: str = "two"  # pipeline.stage_threads of the pipeline run
     seed: int = 0
     queue_size: int = 2
     live_render: bool = False
@@ -121,6 +122,8 @@ class BenchSettings:
                 raise ConfigError("--camera-fps must be > 0")
             if self.interval_s:
                 raise ConfigError("give --camera-fps or --interval, not both")
+        if self.stage_threads not in ("one", "two"):
+            raise ConfigError(f"--stage-threads must be one or two (got {self.stage_threads!r})")
 
     @property
     def event_interval_s(self) -> float:
@@ -346,7 +349,8 @@ def service_config(settings: BenchSettings, sample: str = "nuclei") -> ServiceCo
                       "threads": settings.threads},
             "publish": {"pub_address": "tcp://127.0.0.1:*",
                         "control_address": "tcp://127.0.0.1:*", "heartbeat_s": 0.5},
-            "pipeline": {"queue_size": settings.queue_size},
+            "pipeline": {"queue_size": settings.queue_size,
+                         "stage_threads": settings.stage_threads},
             "dashboard": {"enabled": settings.dashboard, "port": 0},
         },
         source="bench settings",
@@ -482,6 +486,7 @@ async def _run_pipeline(
         "camera_fps": _fps(len(acquired) - 1, acquired[-1] - first),
         "interval_s": settings.event_interval_s,
         "mode": "free-run",
+        "stage_threads": status["stage_threads"],
         "frames_acquired": status["frames_acquired"],
         "frames_analysed": status["frames_analysed"],
         "frames_skipped": status["frames_skipped"],
@@ -568,6 +573,7 @@ def run_bench(
         if inference["fps"] else None,
         "pipeline_vs_naive": round(pipeline["fps"] / naive["fps"], 3) if naive["fps"] else None,
         "frames_skipped": pipeline["frames_skipped"],
+        "stage_threads": pipeline["stage_threads"],
         "latency_ms": pipeline["latency_ms"],
         "rss_mb": memory["rss"],
         "peak_rss_mb": memory["peak"],
@@ -604,6 +610,7 @@ def format_report(result: dict[str, Any]) -> list[tuple[str, str]]:
         ("pipeline_fps / naive_fps", f"{result['pipeline_vs_naive']}"),
         ("camera fps (pipeline run)", f"{p['camera_fps']:.1f}"
          + (f" (interval {p['interval_s']:g} s)" if p["interval_s"] else " (free-run, max)")),
+        ("pipeline stage threads", str(result["stage_threads"])),
         ("frames acquired / analysed / skipped / failed",
          f"{p['frames_acquired']} / {p['frames_analysed']} / {p['frames_skipped']} / "
          f"{p['frames_failed']}"),

@@ -417,6 +417,9 @@ def bench(
     exposure_ms: Annotated[float, typer.Option(
         help="Camera exposure; each snap lasts at least this long.")] = 10.0,
     threads: Annotated[int, typer.Option(help="CPU threads of the backend.")] = 2,
+    stage_threads: Annotated[str, typer.Option(
+        help="Pipeline layout: two (a thread per stage) or one (infer, then analyse, in one "
+        "thread).")] = "two",
     live_render: Annotated[bool, typer.Option(
         "--live-render", help="Render each frame in the camera (default: replay).")] = False,
     dashboard: Annotated[bool, typer.Option(
@@ -438,7 +441,7 @@ def bench(
         settings = BenchSettings(
             model=model, backend=backend, size=size, frames=frames, interval_s=interval,
             camera_fps=camera_fps, exposure_ms=exposure_ms, threads=threads,
-            live_render=live_render, dashboard=dashboard,
+            stage_threads=stage_threads, live_render=live_render, dashboard=dashboard,
         )
         result = run_bench(settings, progress=lambda msg: console.print(f"[dim]{msg}…[/dim]"))
     except (LivemaskError, OSError, ValueError) as exc:

@@ -123,6 +123,7 @@ class Service:
             queue_size=cfg.pipeline.queue_size,
             frame_every=cfg.publish.frame_every,
             pixel_size_um=self.pixel_size_um,
+            stage_threads=cfg.pipeline.stage_threads,
         )
         self.pipeline.source = self.source
         if cfg.tracking.enabled:
@@ -144,12 +145,13 @@ class Service:
             ).start()
         self.state = "idle"
         log.info(
-            "livemask %s serving: pub %s, control %s, model %s (%s)",
+            "livemask %s serving: pub %s, control %s, model %s (%s), %s stage thread(s)",
             __version__,
             self.publisher.bound_address,
             self.control.bound_address,
             segmenter.card.name,
             segmenter.backend.name,
+            self.pipeline.stage_threads,
         )
         units = self.pipeline.report()["units"]
         self._event("service_started", {"units": units, "config": cfg.model_dump(mode="json")})

@@ -1,9 +1,17 @@
 """The asyncio pipeline: acquire → infer → analyse → publish.
 
 Frames arrive from the camera thread through :meth:`Pipeline.submit` (scheduled on the loop
-with ``call_soon_threadsafe``). Inference and analysis run in their own single-thread
-executors so that they overlap (the heavy libraries release the GIL) and the event loop
-stays free for publishing and control. In free-run mode the inference queue keeps the newest
+with ``call_soon_threadsafe``). Inference and analysis run off the event loop, which stays
+free for publishing and control, in one of two layouts (``pipeline.stage_threads``):
+
+- ``two`` (default): each stage has its own single-thread executor, so analysis of one frame
+  overlaps inference of the next (the heavy libraries release the GIL): the most frames per
+  second.
+- ``one``: one worker infers and then analyses each frame: lower latency (no hand-over
+  between stages, and the model runs undisturbed), a few per cent fewer frames per second
+  on a 2-core CPU (``docs/performance.md``).
+
+In free-run mode the inference queue keeps the newest
 frames: when it is full the oldest waiting frame skips analysis (counted, and still
 published on ``frame`` with ``skipped: true``). In synchronized mode the frame source waits
 for :meth:`FrameSource.frame_done` before releasing the next event.
@@ -32,6 +40,7 @@ from livemask.transport.publisher import Publisher
 log = logging.getLogger("livemask")
 
 Mode = Literal["free-run", "synchronized"]
+StageThreads = Literal["one", "two"]
 
 
 class FrameSink(Protocol):
@@ -57,8 +66,10 @@ class Pipeline:
         queue_size: int = 2,
         frame_every: int = 1,
         pixel_size_um: float = 1.0,
+        stage_threads: StageThreads = "two",
     ) -> None:
         self.segmenter = segmenter
+        self.stage_threads: StageThreads = stage_threads
         self.publisher = publisher
         self.mode: Mode = mode
         self.frame_every = frame_every
@@ -175,6 +186,12 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         while True:
             frame = await self._next_waiting()
+            if self.stage_threads == "one":
+                failure = await loop.run_in_executor(
+                    self._infer_pool, self._infer_then_analyse, frame
+                )
+                self._analysis_done(frame, failure)
+                continue
             try:
                 frame.probabilities = await loop.run_in_executor(
                     self._infer_pool, self.segmenter.infer, frame.image
@@ -183,6 +200,20 @@ class Pipeline:
                 self._fail(frame, "inference", exc)
             frame.stamp("inferred")
             await self._to_analyse.put(frame)
+
+    def _infer_then_analyse(self, frame: Frame) -> tuple[str, Exception] | None:
+        """Both stages in the calling (worker) thread; the failed stage and its error."""
+        try:
+            frame.probabilities = self.segmenter.infer(frame.image)
+        except Exception as exc:  # a model fault fails this frame, not the service
+            return "inference", exc
+        finally:
+            frame.stamp("inferred")
+        try:
+            self._analyse(frame)
+        except Exception as exc:
+            return "analysis", exc
+        return None
 
     def reset_accumulators(self) -> None:
         """Start cumulative statistics afresh (called when an acquisition starts)."""
@@ -216,20 +247,28 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         while True:
             frame = await self._to_analyse.get()
+            failure: tuple[str, Exception] | None = None
             if frame.error is None:
                 try:
                     await loop.run_in_executor(self._analyse_pool, self._analyse, frame)
-                    self.counters.incr("analysed")
                 except Exception as exc:
-                    self._fail(frame, "analysis", exc)
-            frame.probabilities = None
-            frame.stamp("analysed")
-            self._to_publish.put_nowait(frame)
+                    failure = ("analysis", exc)
+            self._analysis_done(frame, failure)
+
+    def _analysis_done(self, frame: Frame, failure: tuple[str, Exception] | None) -> None:
+        """Count the frame's outcome and queue it for publishing (on the loop)."""
+        if failure is not None:
+            self._fail(frame, *failure)
+        elif frame.error is None:
+            self.counters.incr("analysed")
+        frame.probabilities = None
+        frame.stamp("analysed")
+        self._to_publish.put_nowait(frame)
 
     def _fail(self, frame: Frame, stage: str, exc: Exception) -> None:
         frame.error = f"{stage} failed: {type(exc).__name__}: {exc}"
         self.counters.incr("failed")
-        log.exception("frame %d: %s", frame.frame_id, frame.error)
+        log.error("frame %d: %s", frame.frame_id, frame.error, exc_info=exc)
 
     async def _publish_loop(self) -> None:
         while True:
@@ -292,6 +331,7 @@ class Pipeline:
         """Counters, queue depths and latency percentiles for the status topic."""
         return {
             **self.counters.snapshot(),
+            "stage_threads": self.stage_threads,
             "queues": self.queue_depths(),
             "latency_ms": self.latency.percentiles(),
             "units": {**UNITS, **TRACK_UNITS} if self.tracker is not None else UNITS,

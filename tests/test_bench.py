@@ -101,14 +101,20 @@ def test_bench_command_writes_the_json_record(tmp_path: Path) -> None:
     _check_latency(r["latency_ms"])
     _check_latency(r["naive"]["latency_ms"])
     p = r["pipeline"]
-    assert p["frames_acquired"] == 8 and p["frames_failed"] == 0
-    assert p["frames_analysed"] + p["frames_skipped"] == 8 == p["frames_published"]
+    # free-running camera: events go on until 8 frames are analysed (a few more are in flight)
+    assert p["frames_analysed"] >= 8 and p["frames_failed"] == 0
+    assert p["frames_analysed"] + p["frames_skipped"] == p["frames_acquired"]
+    assert p["frames_acquired"] == p["frames_published"] < 8 * bench.FREE_RUN_EVENTS_PER_FRAME
     assert r["frames_skipped"] == p["frames_skipped"]
     assert r["stage_threads"] == p["stage_threads"] == "two"
     assert p["measurements_received"] == p["frames_analysed"]
-    assert p["subscriber_received"]["frame"] == 8
+    assert p["subscriber_received"]["frame"] == p["frames_acquired"]
     assert r["naive"]["measurements_received"] == 8
     assert r["inference"]["frames"] == 8
+    # the model alone runs in two halves, before the naive loop and after the pipeline
+    assert [p["frames"] for p in r["inference"]["passes"]] == [4, 4]
+    assert r["inference"]["wall_s"] == pytest.approx(
+        sum(p["wall_s"] for p in r["inference"]["passes"]), abs=0.002)
 
 
 def test_bench_command_reports_bad_flags() -> None:
@@ -139,14 +145,15 @@ def test_free_run_camera_outruns_slow_analysis_and_frames_skip(
     real_predict = Segmenter.predict
 
     def slow_predict(self: Segmenter, image: np.ndarray) -> np.ndarray:
-        time.sleep(0.1)
+        time.sleep(0.03)
         return real_predict(self, image)
 
     monkeypatch.setattr(Segmenter, "predict", slow_predict)
     settings = bench.BenchSettings(size=64, frames=12, exposure_ms=1.0)
     r = bench.run_pipeline(settings, bench.prerender(settings))
-    assert r["frames_acquired"] == 12
     assert r["frames_skipped"] > 0
-    assert r["frames_analysed"] + r["frames_skipped"] == 12
+    if r["frames_acquired"] < 12 * bench.FREE_RUN_EVENTS_PER_FRAME:  # else: ran out of events
+        assert r["frames_analysed"] >= 12  # the camera ran until 12 frames were analysed
+    assert r["frames_analysed"] + r["frames_skipped"] == r["frames_acquired"]
     assert r["measurements_received"] == r["frames_analysed"]
     assert r["fps"] > 0

@@ -279,6 +279,15 @@ def test_truth_for_get_image(sim: tuple[UniMMCore, SimulatedWorld]) -> None:
     assert world.truth_for(np.zeros_like(image)) is None
 
 
+def test_truth_is_not_recorded_when_switched_off(sim: tuple[UniMMCore, SimulatedWorld]) -> None:
+    core, world = sim
+    world.keep_truth = False  # the service does this when simulation.truth is off
+    image = _snap(core)
+    assert world.truth_for(image) is None
+    world.keep_truth = True
+    assert _truth(world, _snap(core)).max() > 0
+
+
 def test_truth_of_earlier_frames_is_kept(sim: tuple[UniMMCore, SimulatedWorld]) -> None:
     core, world = sim
     first = _snap(core).copy()

@@ -183,6 +183,7 @@ class Service:
                 steps_per_frame=sim.steps_per_frame,
             )
             self.simulated = True
+            world.keep_truth = self.truth
             truth_lookup = world.truth_for if self.truth else None
         elif self.truth:
             log.warning("simulation.truth is on but %s is not simulated: no truth", hw.config_file)

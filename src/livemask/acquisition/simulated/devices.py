@@ -104,13 +104,14 @@ class SimCamera(SimpleCameraDevice):
 
     def _record_truth(self, buffer: np.ndarray) -> None:
         """Record the last rendered labels (cropped to the ROI) as truth of ``buffer``."""
-        if self._frame is None:  # pragma: no cover - snap always sets it
+        world = get_world()
+        if self._frame is None or not world.keep_truth:  # snap always sets _frame
             return
         labels = self._frame.result.labels
         if self._roi is not None:
             x, y, w, h = self._roi
             labels = labels[y : y + h, x : x + w]
-        get_world().record_truth(buffer, labels, self._frame.info)
+        world.record_truth(buffer, labels, self._frame.info)
 
 
 class SimXYStage(XYStageDevice):

@@ -109,6 +109,9 @@ def test_bench_command_writes_the_json_record(tmp_path: Path) -> None:
     assert r["stage_threads"] == p["stage_threads"] == "two"
     assert p["measurements_received"] == p["frames_analysed"]
     assert p["subscriber_received"]["frame"] == p["frames_acquired"]
+    cpu = p["cpu"]  # thread CPU while acquiring (Linux /proc; CI runs Linux)
+    assert cpu["frames"] >= 1 and cpu["process_cores"] > 0
+    assert any(name.startswith("livemask-infer") for name in cpu["cpu_ms_per_frame"])
     assert r["naive"]["measurements_received"] == 8
     assert r["inference"]["frames"] == 8
     # the model alone runs in two halves, before the naive loop and after the pipeline

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from livemask.child_process import PipedProcess
+from livemask.cpu_usage import CpuSnapshot, cpu_report
 from livemask.errors import ConfigError, LivemaskError
 
 if TYPE_CHECKING:
@@ -87,6 +88,8 @@ SUB_TOPICS = ("frame", "labels", "measurements", "event", "status")
 #: Free-running camera: events planned per frame to analyse (the run stops once ``frames``
 #: frames are analysed; a pipeline this much slower than the camera ends with fewer).
 FREE_RUN_EVENTS_PER_FRAME = 50
+#: Seconds between CPU snapshots while the pipeline run acquires (the last one is reported).
+CPU_SNAPSHOT_S = 0.5
 #: Distinct pre-rendered frames at most, and their memory budget (images only).
 POOL_MAX = 32
 POOL_BYTES = 128 * 2**20
@@ -479,15 +482,20 @@ async def _run_pipeline(
                 await asyncio.to_thread(web.wait_ready)
             timeout = settings.timeout_s or 60 + settings.frames * (settings.event_interval_s + 2)
             deadline = time.monotonic() + timeout
+            counts = svc.pipeline.counters.counts
+            cpu_start = cpu_last = CpuSnapshot.take()
+            analysed_start = analysed_last = counts["analysed"]
             svc.start_acquisition(seq)
             while svc.acquiring or not svc.acquisitions_finished:
                 if time.monotonic() > deadline:
                     raise BenchError(f"the pipeline run did not finish within {timeout:.0f} s")
-                if free_camera and svc.acquiring and (
-                    svc.pipeline.counters.counts["analysed"] >= settings.frames
-                ):
+                if svc.acquiring and time.monotonic() - cpu_last.t > CPU_SNAPSHOT_S:
+                    cpu_last, analysed_last = CpuSnapshot.take(), counts["analysed"]
+                if free_camera and svc.acquiring and counts["analysed"] >= settings.frames:
+                    cpu_last, analysed_last = CpuSnapshot.take(), counts["analysed"]
                     await svc.stop_acquisition()
                 await asyncio.sleep(0.01)
+            cpu = cpu_report(cpu_start, cpu_last, analysed_last - analysed_start)
             if not await svc.pipeline.drain(30):
                 raise BenchError("the pipeline did not drain within 30 s")
             status = svc.status()
@@ -521,6 +529,7 @@ async def _run_pipeline(
         "publisher_dropped": status["publisher"]["dropped"],
         "latency_ms": span_latencies(stamps),
         "memory_mb": memory,
+        "cpu": cpu,
         "dashboard": dashboard,
     }
 
@@ -657,6 +666,13 @@ def format_report(result: dict[str, Any]) -> list[tuple[str, str]]:
         ("resident memory (now, peak)", f"{result['rss_mb']:.0f} MiB, "
                                         f"{result['peak_rss_mb']:.0f} MiB"),
     ]
+    cpu = p.get("cpu")
+    if cpu:
+        busy = cpu["machine_busy_cores"]
+        rows.append(("CPU in the pipeline run (cores: process, machine)",
+                     f"{cpu['process_cores']}, {busy if busy is not None else '-'}"))
+        rows.append(("CPU ms per analysed frame, by thread", ", ".join(
+            f"{name} {ms:g}" for name, ms in list(cpu["cpu_ms_per_frame"].items())[:6])))
     web = p.get("dashboard")
     if web:
         rows.append(("dashboard (pipeline run)", f"{web['images']} images "

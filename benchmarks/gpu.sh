@@ -8,6 +8,8 @@
 #   bench-gpu-2048-one.json    camera free, inference and analysis in one thread
 #                              (pipeline.stage_threads: one; the others use the default, two)
 #   bench-gpu-512.json         livemask bench, 512x512, torch backend
+#   pyspy-gil-2048.{txt,json}  with py-spy on the PATH: GIL samples per thread of a 2048²
+#                              bench (summary by benchmarks/gil_profile.py)
 # Needs livemask importable (pip install -e '.[torch]' with a CUDA build of torch) and a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,8 +23,18 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 "$py" -m livemask bench --backend torch --size 2048 --frames 300 --threads 8 --exposure-ms 1 \
     --camera-fps 50 \
     --json "$out/bench-gpu-2048-50fps.json"
-"$py" -m livemask bench --backend torch --size 2048 --frames 300 --threads 8 --exposure-ms 1 \
+"$py" -m livemask bench --backend torch --size 2048 --frames 200 --threads 8 --exposure-ms 1 \
     --stage-threads one \
     --json "$out/bench-gpu-2048-one.json"
 "$py" -m livemask bench --backend torch --size 512 --frames 400 --threads 8 \
     --json "$out/bench-gpu-512.json"
+# Who holds the GIL in the 2048² pipeline (py-spy samples only the GIL holder with --gil);
+# optional: needs py-spy on the PATH and permission to trace a child process.
+if command -v py-spy >/dev/null 2>&1; then
+    timeout 120 py-spy record --gil --threads -r 100 -f raw -o "$out/pyspy-gil-2048.txt" -- \
+        "$py" -m livemask bench --backend torch --size 2048 --frames 150 --threads 8 \
+        --exposure-ms 1 --json "$out/bench-gpu-2048-pyspy.json" \
+        && "$py" benchmarks/gil_profile.py "$out/pyspy-gil-2048.txt" \
+            --json "$out/pyspy-gil-2048.json" \
+        || echo "py-spy profile skipped (py-spy failed or timed out)"
+fi

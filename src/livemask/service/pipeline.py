@@ -92,7 +92,7 @@ class Pipeline:
         self._next_id = 0
         self.grains = CumulativeGrainStats() if segmenter.card.task == "grains" else None
         self._reset_grains = False
-        # object tracking (set by the Service when tracking.enabled); analysis thread only
+        # object tracking (set by the Service when tracking.enabled); analysing thread only
         self.tracker: PositionTrackers | None = None
         self._reset_tracks = False
         # feedback hook: called with (frame, measurements message) after they are published,
@@ -217,7 +217,7 @@ class Pipeline:
 
     def reset_accumulators(self) -> None:
         """Start cumulative statistics afresh (called when an acquisition starts)."""
-        self._reset_grains = True  # done on the analysis thread, between frames
+        self._reset_grains = True  # done on the analysing thread, between frames
         self._reset_tracks = True
 
     def _analyse(self, frame: Frame) -> None:
@@ -225,7 +225,7 @@ class Pipeline:
         labels, frame.objects, frame.summary = self.segmenter.analyse(
             frame.probabilities, frame.image, pixel_size_um=self.pixel_size_um
         )
-        if self.grains is not None:  # runs on the single analysis thread: no lock needed
+        if self.grains is not None:  # one analysing thread (either layout): no lock needed
             if self._reset_grains:
                 self.grains.reset()
                 self._reset_grains = False

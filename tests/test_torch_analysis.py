@@ -199,3 +199,36 @@ def test_device_path_refused_for_cpu_backends() -> None:
     card = load_model_card("nuclei")
     with pytest.raises(ValueError, match="only the torch backend"):
         Segmenter(card, load_backend("onnxruntime", card, threads=1), device_resident=True)
+
+
+@pytest.mark.parametrize("stage_threads", ["one", "two"])
+async def test_pipeline_on_the_device_path_in_either_layout(stage_threads: str) -> None:
+    """The pipeline carries DeviceProbabilities from inference to analysis in both layouts
+    and publishes what Segmenter.analyse gives for the same frame."""
+    import time
+
+    import useq
+
+    from livemask.acquisition.source import RawFrame
+    from livemask.service.pipeline import Pipeline
+    from livemask.transport.publisher import MemoryPublisher
+
+    card = load_model_card("nuclei")
+    backend = TorchBackend(threads=1, device="cpu")
+    backend.load(card)
+    seg = Segmenter(card, backend, device_resident=True)
+    pub = MemoryPublisher()
+    pipe = Pipeline(seg, pub, mode="synchronized", stage_threads=stage_threads,  # type: ignore[arg-type]
+                    pixel_size_um=0.65)
+    rng = np.random.default_rng(11)
+    images = [random_field(rng, (128, 160))[0] for _ in range(3)]
+    pipe.start()
+    for i, image in enumerate(images):
+        pipe.submit(RawFrame(image, useq.MDAEvent(index={"t": i}), time.time(), {}, None))
+    assert await pipe.drain(60.0)
+    await pipe.close()
+    published = pub.by_topic("measurements")
+    assert [m.header["frame_id"] for m in published] == [0, 1, 2]
+    for msg, image in zip(published, images, strict=True):
+        _, objects, summary = seg.analyse(seg.infer(image), image, pixel_size_um=0.65)
+        assert msg.header["summary"]["count"] == summary["count"] == len(objects) > 0

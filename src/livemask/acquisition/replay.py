@@ -26,7 +26,7 @@ import numpy as np
 import useq
 
 from livemask.acquisition.feed import EventFeed
-from livemask.acquisition.source import DoneCallback, FrameCallback, RawFrame
+from livemask.acquisition.source import DoneCallback, FeedThreadSource, FrameCallback, RawFrame
 from livemask.errors import AcquisitionError, ReplayError
 
 log = logging.getLogger("livemask")
@@ -255,7 +255,7 @@ def _open_tiff(path: Path) -> ReplayStack:
 
 
 # ------------------------------------------------------------------ the source
-class ReplaySource:
+class ReplaySource(FeedThreadSource):
     """A :class:`FrameSource` that plays a :class:`ReplayStack` (see the module docstring)."""
 
     def __init__(
@@ -278,11 +278,6 @@ class ReplaySource:
     def connect(self, on_frame: FrameCallback) -> None:
         """Send frames to ``on_frame`` (the service calls this when given this source)."""
         self.on_frame = on_frame
-
-    @property
-    def running(self) -> bool:
-        """Whether the replay thread is alive."""
-        return self._thread is not None and self._thread.is_alive()
 
     def start(
         self, events: Iterable[useq.MDAEvent], *, synchronized: bool, on_done: DoneCallback
@@ -337,16 +332,6 @@ class ReplaySource:
             "a replay plays recorded frames and cannot acquire new events (stage moves, "
             "bursts); run feedback against the microscope, or turn feedback off"
         )
-
-    def frame_done(self) -> None:
-        """Forward to the feed (releases the next frame in synchronized mode)."""
-        if self._feed is not None:
-            self._feed.frame_done()
-
-    def set_synchronized(self, value: bool) -> None:
-        """Switch mode while replaying."""
-        if self._feed is not None:
-            self._feed.set_synchronized(value)
 
     def set_exposure(self, exposure_ms: float) -> None:
         """A replay has no camera."""

@@ -81,7 +81,30 @@ class FrameSource(Protocol):
         """Stop and release the hardware."""
 
 
-class MicroscopeSource:
+class FeedThreadSource:
+    """What the frame sources that run an :class:`EventFeed` on a thread of their own share:
+    whether that thread runs, and forwarding ``frame_done`` and mode switches to the feed."""
+
+    _feed: EventFeed | None = None
+    _thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        """Whether the source's thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def frame_done(self) -> None:
+        """Forward to the feed (releases the next event in synchronized mode; no-op idle)."""
+        if self._feed is not None:
+            self._feed.frame_done()
+
+    def set_synchronized(self, value: bool) -> None:
+        """Switch mode for the running feed."""
+        if self._feed is not None:
+            self._feed.set_synchronized(value)
+
+
+class MicroscopeSource(FeedThreadSource):
     """Frames from a pymmcore-plus core (real hardware or simulated Python devices)."""
 
     def __init__(
@@ -100,11 +123,6 @@ class MicroscopeSource:
         self._thread: threading.Thread | None = None
         self._on_done: DoneCallback | None = None
         core.mda.events.frameReady.connect(self._frame_ready)
-
-    @property
-    def running(self) -> bool:
-        """Whether the MDA runner thread is alive."""
-        return self._thread is not None and self._thread.is_alive()
 
     def _frame_ready(self, image: np.ndarray, event: useq.MDAEvent, meta: Any = None) -> None:
         acquired = time.time()
@@ -143,16 +161,6 @@ class MicroscopeSource:
         if self._feed is None or not self.running:
             raise AcquisitionError("no acquisition is running")
         return self._feed.inject(events)
-
-    def frame_done(self) -> None:
-        """Forward to the feed (no-op when idle)."""
-        if self._feed is not None:
-            self._feed.frame_done()
-
-    def set_synchronized(self, value: bool) -> None:
-        """Switch mode for the running feed."""
-        if self._feed is not None:
-            self._feed.set_synchronized(value)
 
     def set_exposure(self, exposure_ms: float) -> None:
         """Set the camera exposure (takes effect from the next snap)."""

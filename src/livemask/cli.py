@@ -44,6 +44,20 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(2)
 
 
+def _apply_service_flags(
+    cfg: Any, *, pub: str | None, control: str | None, mode: str | None, record: Path | None
+) -> None:
+    """The flags ``serve`` and ``replay`` share, over the loaded config."""
+    if pub:
+        cfg.publish.pub_address = pub
+    if control:
+        cfg.publish.control_address = control
+    if mode:
+        cfg.acquisition.mode = mode
+    if record is not None:
+        cfg.record.enabled, cfg.record.path = True, record
+
+
 @app.command()
 def serve(
     config: ConfigOpt = None,
@@ -69,18 +83,11 @@ def serve(
     setup_logging(quiet=view)
     try:
         cfg = load_config(config)
-        if pub:
-            cfg.publish.pub_address = pub
-        if control:
-            cfg.publish.control_address = control
+        _apply_service_flags(cfg, pub=pub, control=control, mode=mode, record=record)
         if truth:
             cfg.simulation.truth = True
-        if mode:
-            cfg.acquisition.mode = mode  # type: ignore[assignment]
         if autostart is not None:
             cfg.acquisition.autostart = autostart
-        if record is not None:
-            cfg.record.enabled, cfg.record.path = True, record
         if dashboard is not None:
             from livemask.dashboard.server import parse_listen
 
@@ -155,14 +162,7 @@ def replay(
     try:
         cfg = load_config(config)
         stack = open_stack(path)
-        if pub:
-            cfg.publish.pub_address = pub
-        if control:
-            cfg.publish.control_address = control
-        if mode:
-            cfg.acquisition.mode = mode  # type: ignore[assignment]
-        if record is not None:
-            cfg.record.enabled, cfg.record.path = True, record
+        _apply_service_flags(cfg, pub=pub, control=control, mode=mode, record=record)
         if cfg.hardware.pixel_size_um is None and stack.pixel_size_um:
             cfg.hardware.pixel_size_um = stack.pixel_size_um
         cfg.simulation.truth = False

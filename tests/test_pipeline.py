@@ -11,9 +11,10 @@ import pytest
 import useq
 
 from livemask.acquisition.source import DoneCallback, RawFrame
+from livemask.config import StageThreads
 from livemask.inference.models import ModelCard
 from livemask.inference.segmenter import Segmenter
-from livemask.service.pipeline import Pipeline, StageThreads
+from livemask.service.pipeline import Pipeline
 from livemask.transport.publisher import MemoryPublisher
 
 

@@ -18,6 +18,7 @@ from livemask.errors import ConfigError
 from livemask.feedback.spec import FeedbackConfig
 
 Mode = Literal["free-run", "synchronized"]
+StageThreads = Literal["one", "two"]
 
 DEFAULT_SEQUENCE: dict[str, Any] = {
     "time_plan": {"interval": 0.1, "loops": 170},
@@ -147,7 +148,7 @@ class PipelineConfig(_Section):
     """Queues between the stages."""
 
     queue_size: int = Field(default=2, ge=1, description="Frames waiting for inference.")
-    stage_threads: Literal["one", "two"] = Field(
+    stage_threads: StageThreads = Field(
         default="two",
         description="two: inference and analysis on their own threads, overlapping (most "
         "frames per second); one: one thread infers, then analyses, each frame (lower "

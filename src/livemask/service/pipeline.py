@@ -26,12 +26,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from livemask.acquisition.source import FrameSource, RawFrame
 from livemask.analysis.grains import CumulativeGrainStats, grain_statistics
 from livemask.analysis.measure import UNITS
 from livemask.analysis.tracking import TRACK_UNITS, PositionTrackers
+from livemask.config import Mode, StageThreads
 from livemask.inference.segmenter import Segmenter
 from livemask.service.frames import Frame
 from livemask.service.stats import LatencyWindow, PipelineCounters
@@ -39,8 +40,6 @@ from livemask.transport.publisher import Publisher
 
 log = logging.getLogger("livemask")
 
-Mode = Literal["free-run", "synchronized"]
-StageThreads = Literal["one", "two"]
 
 
 class FrameSink(Protocol):

@@ -14,10 +14,10 @@ import useq
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from livemask.acquisition.mode import Mode
 from livemask.errors import ConfigError
 from livemask.feedback.spec import FeedbackConfig
 
-Mode = Literal["free-run", "synchronized"]
 StageThreads = Literal["one", "two"]
 
 DEFAULT_SEQUENCE: dict[str, Any] = {

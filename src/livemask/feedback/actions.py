@@ -16,13 +16,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import useq
 
+from livemask.acquisition.mode import Mode
 from livemask.feedback.context import FEEDBACK_INDEX_KEY, FrameContext
-
-Mode = Literal["free-run", "synchronized"]
 
 #: Key of ``MDAEvent.metadata`` that tags events made by feedback actions.
 METADATA_KEY = "livemask_feedback"

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Mode = Literal["free-run", "synchronized"]
+from livemask.acquisition.mode import Mode
 
 
 class _Spec(BaseModel):

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 import useq
 
 from livemask import __version__
+from livemask.acquisition.mode import Mode
 from livemask.acquisition.source import FrameSource, MicroscopeSource, RawFrame
-from livemask.config import Mode, ServiceConfig
+from livemask.config import ServiceConfig
 from livemask.errors import AcquisitionError
 from livemask.feedback.controller import FeedbackController
 from livemask.inference.models import ModelCard, load_model_card

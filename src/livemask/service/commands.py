@@ -8,11 +8,12 @@ request gets an ``invalid_args`` reply naming the field. Handlers raise
 from __future__ import annotations
 
 import base64
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import useq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from livemask.acquisition.mode import Mode
 from livemask.errors import AcquisitionError, CommandError, ConfigError
 from livemask.feedback.spec import RuleSpec
 
@@ -44,7 +45,7 @@ class SetArgs(_Args):
     """``set``: change settings while running."""
 
     exposure_ms: float | None = Field(default=None, gt=0, le=60_000)
-    mode: Literal["free-run", "synchronized"] | None = None
+    mode: Mode | None = None
 
 
 class RulesArgs(_Args):

@@ -28,11 +28,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
+from livemask.acquisition.mode import Mode
 from livemask.acquisition.source import FrameSource, RawFrame
 from livemask.analysis.grains import CumulativeGrainStats, grain_statistics
 from livemask.analysis.measure import UNITS
 from livemask.analysis.tracking import TRACK_UNITS, PositionTrackers
-from livemask.config import Mode, StageThreads
+from livemask.config import StageThreads
 from livemask.inference.segmenter import Segmenter
 from livemask.service.frames import Frame
 from livemask.service.stats import LatencyWindow, PipelineCounters

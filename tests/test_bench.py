@@ -40,6 +40,8 @@ def test_settings_are_validated() -> None:
         bench.BenchSettings(camera_fps=0)
     with pytest.raises(ConfigError, match="--stage-threads"):
         bench.BenchSettings(stage_threads="three")
+    with pytest.raises(ConfigError, match="--gc-threshold"):
+        bench.BenchSettings(gc_threshold=10)
     with pytest.raises(ConfigError, match="--hardware"):
         bench.BenchSettings(hardware_cfg=Path("nowhere.cfg")).config_file()
     s = bench.BenchSettings(camera_fps=20)
@@ -112,6 +114,9 @@ def test_bench_command_writes_the_json_record(tmp_path: Path) -> None:
     cpu = p["cpu"]  # thread CPU while acquiring (Linux /proc; CI runs Linux)
     assert cpu["frames"] >= 1 and cpu["process_cores"] > 0
     assert any(name.startswith("livemask-infer") for name in cpu["cpu_ms_per_frame"])
+    collected = p["gc"]  # Python's GC during the acquisition, under the service's policy
+    assert collected["threshold"][0] == 10_000 and collected["frozen_objects"] > 0
+    assert set(collected["collections"]) == set(collected["pause_ms"]) == {"0", "1", "2"}
     assert r["naive"]["measurements_received"] == 8
     assert r["inference"]["frames"] == 8
     # the model alone runs in two halves, before the naive loop and after the pipeline

@@ -40,6 +40,8 @@ STATUS: dict[str, Any] = {
     "frames_published": 11,
     "frames_failed": 1,
     "queues": {"infer": 2, "analyse": 1, "publish": 0},
+    "gc": {"collections": {"0": 5, "1": 1, "2": 0}, "pause_ms": {"0": 1.5, "1": 2.0, "2": 0.0},
+           "max_pause_ms": 2.0, "threshold": [10000, 10, 10], "frozen_objects": 900},
     "latency_ms": {
         "infer": {"p50": 20.0, "p95": 30.0, "p99": 40.0},
         "end_to_end": {"p50": None, "p95": None, "p99": None},
@@ -80,6 +82,9 @@ def test_metric_families_from_a_status_snapshot() -> None:
                    for k in got)  # no samples before any frame
     assert got[("livemask_acquiring", ())] == 1
     assert got[("livemask_acquisitions_finished_total", ())] == 1
+    assert got[("livemask_gc_collections_total", (("generation", "0"),))] == 5
+    assert got[("livemask_gc_pause_seconds_total", (("generation", "1"),))] == \
+        pytest.approx(0.002)
     info = [k for k in got if k[0] == "livemask_info"]
     assert len(info) == 1
     assert ("model", "nuclei") in info[0][1] and ("mode", "free-run") in info[0][1]
@@ -162,6 +167,9 @@ async def test_service_serves_metrics_that_match_its_status() -> None:
                 key = ("livemask_stage_latency_seconds", (("quantile", q), ("stage", stage)))
                 assert got[key] >= 0
         assert got[("livemask_acquisitions_finished_total", ())] == 1
+        for generation in ("0", "1", "2"):
+            assert got[("livemask_gc_collections_total", (("generation", generation),))] == \
+                status["gc"]["collections"][generation]
         port = _port_of(url)
     assert svc.status()["metrics_url"] is None
     with pytest.raises(urllib.error.URLError):

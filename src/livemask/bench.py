@@ -51,6 +51,7 @@ import numpy as np
 from livemask.child_process import PipedProcess
 from livemask.cpu_usage import CpuSnapshot, cpu_report
 from livemask.errors import ConfigError, LivemaskError
+from livemask.service.gc_policy import GcMonitor
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -120,6 +121,8 @@ class BenchSettings:
     hardware_cfg: Path | None = None
     timeout_s: float | None = None
     dashboard: bool = False  # serve the web dashboard, with one WebSocket client reading it
+    gc_freeze: bool = True  # pipeline.gc_freeze of the pipeline run
+    gc_threshold: int = 10_000  # pipeline.gc_threshold of the pipeline run (Python: 700)
 
     def __post_init__(self) -> None:
         if self.size < 16 or self.frames < 2:
@@ -132,6 +135,8 @@ class BenchSettings:
                 raise ConfigError("--camera-fps must be > 0")
             if self.interval_s:
                 raise ConfigError("give --camera-fps or --interval, not both")
+        if self.gc_threshold < 100:
+            raise ConfigError(f"--gc-threshold must be >= 100 (got {self.gc_threshold})")
         if self.stage_threads not in ("one", "two"):
             raise ConfigError(f"--stage-threads must be one or two (got {self.stage_threads!r})")
 
@@ -360,7 +365,8 @@ def service_config(settings: BenchSettings, sample: str = "nuclei") -> ServiceCo
             "publish": {"pub_address": "tcp://127.0.0.1:*",
                         "control_address": "tcp://127.0.0.1:*", "heartbeat_s": 0.5},
             "pipeline": {"queue_size": settings.queue_size,
-                         "stage_threads": settings.stage_threads},
+                         "stage_threads": settings.stage_threads,
+                         "gc_freeze": settings.gc_freeze, "gc_threshold": settings.gc_threshold},
             "dashboard": {"enabled": settings.dashboard, "port": 0},
         },
         source="bench settings",
@@ -485,6 +491,8 @@ async def _run_pipeline(
             counts = svc.pipeline.counters.counts
             cpu_start = cpu_last = CpuSnapshot.take()
             analysed_start = analysed_last = counts["analysed"]
+            collector = GcMonitor()
+            collector.start()
             svc.start_acquisition(seq)
             while svc.acquiring or not svc.acquisitions_finished:
                 if time.monotonic() > deadline:
@@ -495,6 +503,9 @@ async def _run_pipeline(
                     cpu_last, analysed_last = CpuSnapshot.take(), counts["analysed"]
                     await svc.stop_acquisition()
                 await asyncio.sleep(0.01)
+            collector.stop()
+            collected = {  # while the service's GC settings are in force
+                **collector.report(), "frozen_objects": svc.status()["gc"]["frozen_objects"]}
             cpu = cpu_report(cpu_start, cpu_last, analysed_last - analysed_start)
             if not await svc.pipeline.drain(30):
                 raise BenchError("the pipeline did not drain within 30 s")
@@ -530,6 +541,7 @@ async def _run_pipeline(
         "latency_ms": span_latencies(stamps),
         "memory_mb": memory,
         "cpu": cpu,
+        "gc": collected,
         "dashboard": dashboard,
     }
 
@@ -673,6 +685,13 @@ def format_report(result: dict[str, Any]) -> list[tuple[str, str]]:
                      f"{cpu['process_cores']}, {busy if busy is not None else '-'}"))
         rows.append(("CPU ms per analysed frame, by thread", ", ".join(
             f"{name} {ms:g}" for name, ms in list(cpu["cpu_ms_per_frame"].items())[:6])))
+    collected = p.get("gc")
+    if collected:
+        rows.append(("GC in the pipeline run: collections gen 0/1/2, pause ms total, max",
+                     " / ".join(str(n) for n in collected["collections"].values())
+                     + f", {sum(collected['pause_ms'].values()):.1f}, "
+                     f"{collected['max_pause_ms']:.1f} (threshold "
+                     f"{collected['threshold'][0]}, {collected['frozen_objects']} frozen)"))
     web = p.get("dashboard")
     if web:
         rows.append(("dashboard (pipeline run)", f"{web['images']} images "

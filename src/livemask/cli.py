@@ -420,6 +420,12 @@ def bench(
     stage_threads: Annotated[str, typer.Option(
         help="Pipeline layout: two (a thread per stage) or one (infer, then analyse, in one "
         "thread).")] = "two",
+    gc_freeze: Annotated[bool, typer.Option(
+        "--gc-freeze/--no-gc-freeze",
+        help="Freeze the heap once the service has started (pipeline.gc_freeze).")] = True,
+    gc_threshold: Annotated[int, typer.Option(
+        help="Young-generation GC threshold during the pipeline run (pipeline.gc_threshold; "
+        "Python's default is 700).")] = 10_000,
     live_render: Annotated[bool, typer.Option(
         "--live-render", help="Render each frame in the camera (default: replay).")] = False,
     dashboard: Annotated[bool, typer.Option(
@@ -442,6 +448,7 @@ def bench(
             model=model, backend=backend, size=size, frames=frames, interval_s=interval,
             camera_fps=camera_fps, exposure_ms=exposure_ms, threads=threads,
             stage_threads=stage_threads, live_render=live_render, dashboard=dashboard,
+            gc_freeze=gc_freeze, gc_threshold=gc_threshold,
         )
         result = run_bench(settings, progress=lambda msg: console.print(f"[dim]{msg}…[/dim]"))
     except (LivemaskError, OSError, ValueError) as exc:

@@ -154,6 +154,17 @@ class PipelineConfig(_Section):
         "frames per second); one: one thread infers, then analyses, each frame (lower "
         "latency, a few per cent fewer frames per second on a 2-core CPU).",
     )
+    gc_freeze: bool = Field(
+        default=True,
+        description="Freeze the heap once the model is loaded (gc.freeze), so that Python's "
+        "full garbage collections, which hold the GIL, skip the startup objects.",
+    )
+    gc_threshold: int | None = Field(
+        default=10_000,
+        ge=100,
+        description="Young-generation threshold of Python's garbage collector while the "
+        "service runs (Python's default is 700; null leaves it as it is).",
+    )
 
 
 class MetricsConfig(_Section):

@@ -25,12 +25,16 @@ stage_latency_seconds                    gauge    stage, quantile (0.5, 0.95, 0.
 acquiring                                gauge
 uptime_seconds                           gauge
 acquisitions_finished_total              counter
+gc_collections_total                     counter  generation (0, 1, 2)
+gc_pause_seconds_total                   counter  generation (0, 1, 2)
 info                                     info     version, model, backend, device,
                                                   mode, state
 =======================================  =======  ================================
 
-``stage_latency_seconds`` holds the percentiles over the pipeline's latency window (the
-most recent 2000 analysed frames), the same figures as ``status.latency_ms``.
+``gc_*`` count Python's garbage collections and the time they held the GIL
+(``livemask.service.gc_policy``). ``stage_latency_seconds`` holds the percentiles over the
+pipeline's latency window (the most recent 2000 analysed frames), the same figures as
+``status.latency_ms``.
 """
 
 from __future__ import annotations
@@ -133,6 +137,7 @@ def metric_families(status: Mapping[str, Any]) -> list[Any]:
                 value=float(status["acquisitions_finished"]),
             )
         )
+    out.extend(_gc_families(status.get("gc")))
     info = {
         k: str(status[k])
         for k in ("version", "model", "backend", "device", "mode", "state")
@@ -140,6 +145,28 @@ def metric_families(status: Mapping[str, Any]) -> list[Any]:
     }
     out.append(InfoMetricFamily(f"{PREFIX}", "The service's model, backend and mode.", value=info))
     return out
+
+
+def _gc_families(gc_report: Mapping[str, Any] | None) -> list[Any]:
+    """Python garbage collections and the time they held the GIL, per generation."""
+    from prometheus_client.core import CounterMetricFamily
+
+    if not gc_report:
+        return []
+    collections = CounterMetricFamily(
+        f"{PREFIX}_gc_collections", "Python garbage collections since the service started.",
+        labels=["generation"],
+    )
+    paused = CounterMetricFamily(
+        f"{PREFIX}_gc_pause_seconds",
+        "Time spent in Python garbage collections (the GIL held) since the service started.",
+        labels=["generation"],
+    )
+    for generation, n in (gc_report.get("collections") or {}).items():
+        collections.add_metric([str(generation)], float(n))
+    for generation, ms in (gc_report.get("pause_ms") or {}).items():
+        paused.add_metric([str(generation)], float(ms) / 1e3)
+    return [collections, paused]
 
 
 class StatusCollector:

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-import livemask.bench
 import livemask.service.app  # noqa: F401  (the service's heap)
 from livemask.analysis.measure import ObjectSums, objects_from_sums
+from livemask.bench import machine_info
 from livemask.service.gc_policy import GcMonitor, GcPolicy
 
 
@@ -71,7 +71,6 @@ def main() -> None:
     if args.torch:
         import torch  # noqa: F401
 
-        import livemask.inference.torch_analysis
     sums = synthetic_sums(args.objects)
     results = {"python_default": measure(sums, args.frames)}
     policy = GcPolicy(freeze=True, threshold=10_000)
@@ -82,7 +81,7 @@ def main() -> None:
     results["collector_off"] = measure(sums, args.frames)
     gc.enable()
     record = {"objects": args.objects, "frames": args.frames, "torch": args.torch,
-              "machine": livemask.bench.machine_info(), "results": results}
+              "machine": machine_info(), "results": results}
     for name, r in results.items():
         print(f"{name:15s} {r['ms_per_frame']:6.2f} ms/frame, {r['tracked_objects']} tracked "
               f"objects, collections {r['collections']}, paused {r['pause_ms_total']} ms "

@@ -7,6 +7,8 @@
 #   bench-gpu-2048-50fps.json  the same with the camera paced at 50 frames/s (latency at a rate)
 #   bench-gpu-2048-one.json    camera free, inference and analysis in one thread
 #                              (pipeline.stage_threads: one; the others use the default, two)
+#   bench-gpu-2048-pygc.json   camera free, Python's default garbage collector instead of the
+#                              service's policy (--gc-threshold 700 --no-gc-freeze)
 #   bench-gpu-512.json         livemask bench, 512x512, torch backend
 #   pyspy-gil-2048.{txt,json}  with py-spy on the PATH: GIL samples per thread of a 2048²
 #                              bench (summary by benchmarks/gil_profile.py)
@@ -26,6 +28,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 "$py" -m livemask bench --backend torch --size 2048 --frames 200 --threads 8 --exposure-ms 1 \
     --stage-threads one \
     --json "$out/bench-gpu-2048-one.json"
+"$py" -m livemask bench --backend torch --size 2048 --frames 150 --threads 8 --exposure-ms 1 \
+    --gc-threshold 700 --no-gc-freeze \
+    --json "$out/bench-gpu-2048-pygc.json"
 "$py" -m livemask bench --backend torch --size 512 --frames 400 --threads 8 \
     --json "$out/bench-gpu-512.json"
 # Who holds the GIL in the 2048² pipeline (py-spy samples only the GIL holder with --gil);

@@ -165,3 +165,21 @@ def test_free_run_camera_outruns_slow_analysis_and_frames_skip(
     assert r["frames_analysed"] + r["frames_skipped"] == r["frames_acquired"]
     assert r["measurements_received"] == r["frames_analysed"]
     assert r["fps"] > 0
+
+
+def test_gpu_script_passes_only_flags_that_bench_accepts() -> None:
+    """benchmarks/gpu.sh runs on rare, borrowed GPU hosts: a renamed flag must fail here."""
+    import shlex
+
+    import typer.main
+
+    script = (ROOT / "benchmarks" / "gpu.sh").read_text().replace("\\\n", " ")
+    commands = [line.split("-m livemask bench", 1)[1] for line in script.splitlines()
+                if "-m livemask bench" in line]
+    assert len(commands) >= 6
+    command = typer.main.get_command(app).commands["bench"]  # type: ignore[attr-defined]
+    for args in commands:
+        argv = shlex.split(args.replace('"$out', '"/tmp/out'))
+        argv = argv[: argv.index("&&")] if "&&" in argv else argv
+        ctx = command.make_context("bench", argv)  # raises on an unknown flag or bad value
+        assert ctx.params["backend"] == "torch"

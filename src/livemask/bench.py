@@ -493,17 +493,19 @@ async def _run_pipeline(
             analysed_start = analysed_last = counts["analysed"]
             collector = GcMonitor()
             collector.start()
-            svc.start_acquisition(seq)
-            while svc.acquiring or not svc.acquisitions_finished:
-                if time.monotonic() > deadline:
-                    raise BenchError(f"the pipeline run did not finish within {timeout:.0f} s")
-                if svc.acquiring and time.monotonic() - cpu_last.t > CPU_SNAPSHOT_S:
-                    cpu_last, analysed_last = CpuSnapshot.take(), counts["analysed"]
-                if free_camera and svc.acquiring and counts["analysed"] >= settings.frames:
-                    cpu_last, analysed_last = CpuSnapshot.take(), counts["analysed"]
-                    await svc.stop_acquisition()
-                await asyncio.sleep(0.01)
-            collector.stop()
+            try:
+                svc.start_acquisition(seq)
+                while svc.acquiring or not svc.acquisitions_finished:
+                    if time.monotonic() > deadline:
+                        raise BenchError(f"the pipeline run did not finish within {timeout:.0f} s")
+                    if svc.acquiring and time.monotonic() - cpu_last.t > CPU_SNAPSHOT_S:
+                        cpu_last, analysed_last = CpuSnapshot.take(), counts["analysed"]
+                    if free_camera and svc.acquiring and counts["analysed"] >= settings.frames:
+                        cpu_last, analysed_last = CpuSnapshot.take(), counts["analysed"]
+                        await svc.stop_acquisition()
+                    await asyncio.sleep(0.01)
+            finally:
+                collector.stop()
             collected = {  # while the service's GC settings are in force
                 **collector.report(), "frozen_objects": svc.status()["gc"]["frozen_objects"]}
             cpu = cpu_report(cpu_start, cpu_last, analysed_last - analysed_start)

@@ -1,0 +1,66 @@
+"""benchmarks/host_ceiling.py and benchmarks/gc_measurements.py run and measure what they say."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+from livemask import bench
+from livemask.analysis.measure import measure_objects
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_captured_sums_give_the_measurements_of_the_labels() -> None:
+    host = _load("host_ceiling")
+    labels = np.zeros((32, 32), np.int32)
+    labels[2:6, 3:9], labels[10:20, 10:14] = 1, 2
+    image = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32)
+    sums, kw = host._sums_of(labels, image)
+    assert sums.area.tolist() == [24, 40]
+    rebuilt = host.measure.objects_from_sums(sums, **kw)
+    assert rebuilt == measure_objects(labels, image)
+
+
+@pytest.mark.timeout(120)
+def test_host_ceiling_runs_the_service_with_waiting_stages() -> None:
+    host = _load("host_ceiling")
+    settings = bench.BenchSettings(size=128, frames=6, camera_fps=20)
+    r = host.run(settings, infer_ms=2.0, analyse_ms=3.0)
+    assert r["frames_analysed"] == r["frames_acquired"] == 6 and r["frames_failed"] == 0
+    assert r["measurements_received"] == 6
+    assert r["objects_per_frame"] > 0
+    # each analysed frame waited for both stage times before it was published
+    assert r["latency_ms"]["end_to_end"]["p50"] >= 5.0
+    assert set(r["gc"]["collections"]) == {"0", "1", "2"}
+
+
+def test_gc_measurements_policy_removes_the_collections() -> None:
+    gcm = _load("gc_measurements")
+    sums = gcm.synthetic_sums(500)
+    import gc
+
+    threshold = gc.get_threshold()
+    gc.set_threshold(700, 10, 10)
+    try:
+        default = gcm.measure(sums, 10)
+        policy = gcm.GcPolicy(freeze=False, threshold=10_000)
+        policy.apply()
+        tuned = gcm.measure(sums, 10)
+        policy.restore()
+    finally:
+        gc.set_threshold(*threshold)
+    assert sum(default["collections"].values()) > 0
+    assert sum(tuned["collections"].values()) == 0

@@ -117,6 +117,8 @@ def main() -> None:
     parser.add_argument("--infer-ms", type=float, default=4.4)
     parser.add_argument("--analyse-ms", type=float, default=13.0)
     parser.add_argument("--stage-threads", default="two", choices=("one", "two"))
+    parser.add_argument("--policy-only", action="store_true",
+                        help="skip the run with Python's default garbage collector")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     setup_logging(quiet=True)
@@ -124,8 +126,10 @@ def main() -> None:
                               "exposure_ms": args.exposure_ms, "camera_fps": args.camera_fps,
                               "infer_ms": args.infer_ms, "analyse_ms": args.analyse_ms,
                               "stage_threads": args.stage_threads, "machine": machine_info()}
-    for name, gc_args in (("service_gc_policy", {}),
-                          ("python_gc_defaults", {"gc_freeze": False, "gc_threshold": 700})):
+    runs: list[tuple[str, dict[str, Any]]] = [("service_gc_policy", {})]
+    if not args.policy_only:
+        runs.append(("python_gc_defaults", {"gc_freeze": False, "gc_threshold": 700}))
+    for name, gc_args in runs:
         settings = BenchSettings(size=args.size, frames=args.frames, exposure_ms=args.exposure_ms,
                                  camera_fps=args.camera_fps, stage_threads=args.stage_threads,
                                  **gc_args)

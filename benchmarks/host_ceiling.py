@@ -68,7 +68,10 @@ class ReplayingSegmenter:
         self._frames, self._infer_s, self._analyse_s = frames, infer_ms / 1e3, analyse_ms / 1e3
 
     def warmup(self, shape: tuple[int, int]) -> None:
-        """Nothing to warm up."""
+        """Run the host work twice, as ``Segmenter.warmup`` runs the GPU path twice."""
+        frame = next(iter(self._frames.values()))
+        for _ in range(2):
+            self.analyse(frame, np.zeros(shape, np.uint16))
 
     def infer(self, image: np.ndarray) -> _Frame:
         """Wait as long as the GPU's inference stage (GIL released, like a stream sync)."""

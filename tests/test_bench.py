@@ -42,6 +42,8 @@ def test_settings_are_validated() -> None:
         bench.BenchSettings(stage_threads="three")
     with pytest.raises(ConfigError, match="--gc-threshold"):
         bench.BenchSettings(gc_threshold=10)
+    with pytest.raises(ConfigError, match="--latency-warmup-s"):
+        bench.BenchSettings(latency_warmup_s=-1)
     with pytest.raises(ConfigError, match="--hardware"):
         bench.BenchSettings(hardware_cfg=Path("nowhere.cfg")).config_file()
     s = bench.BenchSettings(camera_fps=20)
@@ -103,6 +105,11 @@ def test_bench_command_writes_the_json_record(tmp_path: Path) -> None:
     _check_latency(r["latency_ms"])
     _check_latency(r["naive"]["latency_ms"])
     p = r["pipeline"]
+    _check_latency(p["latency_ms_with_warmup"])
+    # latencies leave out the first second's frames, unless that would leave none
+    assert 1 <= p["latency_frames"] <= p["frames_analysed"]
+    assert p["latency_warmup_s"] in (0.0, 1.0)
+    assert (p["latency_frames"] == p["frames_analysed"]) == (p["latency_warmup_s"] == 0.0)
     # free-running camera: events go on until 8 frames are analysed (a few more are in flight)
     assert p["frames_analysed"] >= 8 and p["frames_failed"] == 0
     assert p["frames_analysed"] + p["frames_skipped"] == p["frames_acquired"]
@@ -135,7 +142,7 @@ def test_bench_command_reports_bad_flags() -> None:
 @pytest.mark.timeout(120)
 def test_paced_camera_run_analyses_every_frame_it_can() -> None:
     settings = bench.BenchSettings(size=96, frames=6, camera_fps=25, exposure_ms=1.0,
-                                   stage_threads="one")
+                                   stage_threads="one", latency_warmup_s=0.1)
     r = bench.run_pipeline(settings, bench.prerender(settings))
     assert r["stage_threads"] == "one"
     assert r["interval_s"] == pytest.approx(0.04)
@@ -143,6 +150,9 @@ def test_paced_camera_run_analyses_every_frame_it_can() -> None:
     assert r["frames_analysed"] + r["frames_skipped"] == 6
     assert r["measurements_received"] == r["frames_analysed"] > 0
     _check_latency(r["latency_ms"])
+    # frames come every 40 ms: those acquired in the first 0.1 s are left out of latency_ms
+    assert r["latency_warmup_s"] == 0.1 and 1 <= r["latency_frames"] < r["frames_analysed"]
+    assert r["latency_ms_with_warmup"]["end_to_end"]["p50"] is not None
     assert r["fps"] > 0 and r["memory_mb"]["rss"] > 0
 
 

@@ -12,6 +12,8 @@
 #   bench-gpu-2048-pygc.json   camera free, Python's default garbage collector instead of the
 #                              service's policy (--gc-threshold 700 --no-gc-freeze)
 #   bench-gpu-512.json         livemask bench, 512x512, torch backend
+#   host-ceiling-2048-50fps.json  the same service on this host's CPUs with the GPU stages
+#                              replaced by waits (benchmarks/host_ceiling.py): host side alone
 #   pyspy-gil-2048.{txt,json}  with py-spy on the PATH: GIL samples per thread of a 2048²
 #                              bench (summary by benchmarks/gil_profile.py)
 # Needs livemask importable (pip install -e '.[torch]' with a CUDA build of torch) and a GPU.
@@ -35,6 +37,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
     --json "$out/bench-gpu-2048-pygc.json"
 "$py" -m livemask bench --backend torch --size 512 --frames 400 --threads 8 \
     --json "$out/bench-gpu-512.json"
+"$py" benchmarks/host_ceiling.py --frames 300 --camera-fps 50 --policy-only \
+    --json "$out/host-ceiling-2048-50fps.json"
 # Who holds the GIL in the 2048² pipeline (py-spy samples only the GIL holder with --gil);
 # optional: needs py-spy on the PATH and permission to trace a child process.
 if command -v py-spy >/dev/null 2>&1; then

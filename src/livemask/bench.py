@@ -512,7 +512,7 @@ async def _run_pipeline(
             finally:
                 collector.stop()
             collected = {  # while the service's GC settings are in force
-                **collector.report(), "frozen_objects": svc.status()["gc"]["frozen_objects"]}
+                **collector.report(), "frozen_objects": svc.gc_policy.frozen_objects}
             cpu = cpu_report(cpu_start, cpu_last, analysed_last - analysed_start)
             if not await svc.pipeline.drain(30):
                 raise BenchError("the pipeline did not drain within 30 s")

@@ -90,7 +90,7 @@ class Service:
         self._background: set[asyncio.Task[Any]] = set()
         self._switch_interval: float | None = None
         self.gc_monitor = GcMonitor()
-        self._gc_policy = GcPolicy(
+        self.gc_policy = GcPolicy(
             freeze=config.pipeline.gc_freeze, threshold=config.pipeline.gc_threshold
         )
         self.recorder: Recorder | None = None
@@ -139,7 +139,7 @@ class Service:
         self.pipeline.start()
         self._start_feedback()
         self._start_recording()
-        self._gc_policy.apply()  # everything long-lived exists by now
+        self.gc_policy.apply()  # everything long-lived exists by now
         self.gc_monitor.start()
         self._tasks = [
             asyncio.create_task(self.control.serve(), name="livemask-control"),
@@ -311,7 +311,7 @@ class Service:
         if self._switch_interval is not None:
             sys.setswitchinterval(self._switch_interval)
         self.gc_monitor.stop()
-        self._gc_policy.restore()
+        self.gc_policy.restore()
         if self.source is not None:
             await asyncio.to_thread(self.source.close)
         self.state = "closed"
@@ -440,7 +440,7 @@ class Service:
             "metrics_url": self.metrics.url if self.metrics is not None else None,
             "dashboard_url": self.dashboard.url if self.dashboard is not None else None,
             "publisher": self.publisher.counters(),
-            "gc": {**self.gc_monitor.report(), "frozen_objects": self._gc_policy.frozen_objects},
+            "gc": {**self.gc_monitor.report(), "frozen_objects": self.gc_policy.frozen_objects},
             **(pipe.report() if pipe else {}),
             "feedback": self.feedback.report() if self.feedback is not None else None,
             "recording": self.recorder.report() if self.recorder is not None else None,

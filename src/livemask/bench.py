@@ -54,6 +54,7 @@ from livemask.child_process import PipedProcess
 from livemask.cpu_usage import CpuSnapshot, cpu_report
 from livemask.errors import ConfigError, LivemaskError
 from livemask.service.gc_policy import GcMonitor
+from livemask.service.prefault import Prefault
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -126,6 +127,7 @@ class BenchSettings:
     gc_freeze: bool = True  # pipeline.gc_freeze of the pipeline run
     gc_threshold: int = 10_000  # pipeline.gc_threshold of the pipeline run (Python: 700)
     latency_warmup_s: float = 1.0  # pipeline latencies leave out frames acquired this early
+    prefault_frames: int = 8  # pipeline.prefault_frames of the pipeline run
 
     def __post_init__(self) -> None:
         if self.size < 16 or self.frames < 2:
@@ -142,6 +144,8 @@ class BenchSettings:
             raise ConfigError(f"--latency-warmup-s must be >= 0 (got {self.latency_warmup_s})")
         if self.gc_threshold < 100:
             raise ConfigError(f"--gc-threshold must be >= 100 (got {self.gc_threshold})")
+        if not 0 <= self.prefault_frames <= 64:
+            raise ConfigError(f"--prefault-frames must be 0..64 (got {self.prefault_frames})")
         if self.stage_threads not in ("one", "two"):
             raise ConfigError(f"--stage-threads must be one or two (got {self.stage_threads!r})")
 
@@ -371,7 +375,8 @@ def service_config(settings: BenchSettings, sample: str = "nuclei") -> ServiceCo
                         "control_address": "tcp://127.0.0.1:*", "heartbeat_s": 0.5},
             "pipeline": {"queue_size": settings.queue_size,
                          "stage_threads": settings.stage_threads,
-                         "gc_freeze": settings.gc_freeze, "gc_threshold": settings.gc_threshold},
+                         "gc_freeze": settings.gc_freeze, "gc_threshold": settings.gc_threshold,
+                         "prefault_frames": settings.prefault_frames},
             "dashboard": {"enabled": settings.dashboard, "port": 0},
         },
         source="bench settings",
@@ -557,8 +562,17 @@ async def _run_pipeline(
         "memory_mb": memory,
         "cpu": cpu,
         "gc": collected,
+        "prefault": _prefault_report(svc.prefault),
         "dashboard": dashboard,
     }
+
+
+def _prefault_report(done: Prefault | None) -> dict[str, Any] | None:
+    """The frame-sized memory the service touched at start (pipeline.prefault_frames)."""
+    if done is None:
+        return None
+    return {"frames": done.frames, "mib": round(done.bytes / 2**20, 1),
+            "ms": round(done.seconds * 1e3, 1)}
 
 
 @contextlib.contextmanager

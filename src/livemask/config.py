@@ -165,6 +165,14 @@ class PipelineConfig(_Section):
         description="Young-generation threshold of Python's garbage collector while the "
         "service runs (Python's default is 700; null leaves it as it is).",
     )
+    prefault_frames: int = Field(
+        default=8,
+        ge=0,
+        le=64,
+        description="Frame-sized int32 arrays filled and freed once at start, so that the "
+        "first frames do not pay for the first touch of fresh memory (costly on virtual "
+        "machines); 0 = off.",
+    )
 
 
 class MetricsConfig(_Section):

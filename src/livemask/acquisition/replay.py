@@ -275,6 +275,11 @@ class ReplaySource(FeedThreadSource):
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
+    @property
+    def frame_shape(self) -> tuple[int, int]:
+        """(rows, columns) of the replayed frames."""
+        return self.stack.shape
+
     def connect(self, on_frame: FrameCallback) -> None:
         """Send frames to ``on_frame`` (the service calls this when given this source)."""
         self.on_frame = on_frame

@@ -130,6 +130,11 @@ class MicroscopeSource(FeedThreadSource):
         position = {"x_um": event.x_pos, "y_um": event.y_pos, "z_um": event.z_pos}
         self._on_frame(RawFrame(image, event, acquired, position, truth))
 
+    @property
+    def frame_shape(self) -> tuple[int, int]:
+        """(rows, columns) of the camera's images at its current binning and ROI."""
+        return (int(self.core.getImageHeight()), int(self.core.getImageWidth()))
+
     def start(
         self, events: Iterable[useq.MDAEvent], *, synchronized: bool, on_done: DoneCallback
     ) -> None:

@@ -25,6 +25,7 @@ from livemask.inference.select import load_backend
 from livemask.service.commands import CommandHandler
 from livemask.service.gc_policy import GcMonitor, GcPolicy
 from livemask.service.pipeline import Pipeline
+from livemask.service.prefault import Prefault, prefault_frame_memory
 from livemask.transport.control_server import ControlServer
 from livemask.transport.publisher import ZmqPublisher
 
@@ -94,6 +95,7 @@ class Service:
             freeze=config.pipeline.gc_freeze, threshold=config.pipeline.gc_threshold
         )
         self.recorder: Recorder | None = None
+        self.prefault: Prefault | None = None  # frame-sized memory touched at start
 
     # ------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> Service:
@@ -122,6 +124,9 @@ class Service:
             self.source = await asyncio.to_thread(self._open_microscope)
         elif (connect := getattr(self.source, "connect", None)) is not None:
             connect(self._on_camera_frame)  # e.g. a ReplaySource: its frames come here
+        self.prefault = await asyncio.to_thread(
+            prefault_frame_memory, self._frame_shape(), cfg.pipeline.prefault_frames
+        )
         self.pipeline = Pipeline(
             segmenter,
             self.publisher,
@@ -173,6 +178,19 @@ class Service:
         0.5 ms keeps the hand-overs short; restored when the service closes."""
         self._switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(min(self._switch_interval, GPU_SWITCH_INTERVAL_S))
+
+    def _frame_shape(self) -> tuple[int, int]:
+        """The source's frame shape where it tells one, else the simulated sensor's."""
+        try:
+            shape = getattr(self.source, "frame_shape", None)
+        except Exception as exc:  # e.g. no camera loaded: size the start-up work as configured
+            log.warning("could not read the camera's image size (%s); using "
+                        "simulation.sensor_shape_px", exc)
+            shape = None
+        if shape is None or min(shape) <= 0:
+            return self.config.simulation.sensor_shape_px
+        rows, cols = shape
+        return (int(rows), int(cols))
 
     def _open_microscope(self) -> MicroscopeSource:
         from livemask.acquisition.core import describe_core, open_core

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 
+from livemask.acquisition.replay import ReplaySource, ReplayStack
 from livemask.config import parse_config
 from livemask.errors import ConfigError
 from livemask.service.app import Service
@@ -41,6 +45,15 @@ async def test_service_prefaults_frames_of_the_cameras_shape() -> None:
         assert svc.prefault.bytes == 3 * 96 * 128 * 4
         assert svc.source is not None
         assert svc.source.frame_shape == (96, 128)  # type: ignore[attr-defined]
+
+
+async def test_service_prefaults_frames_of_a_replayed_stacks_shape() -> None:
+    """The source's frame size wins over the configured sensor size."""
+    stack = ReplayStack(path=Path("stack.tif"), kind="tiff", frames=1, shape=(30, 20),
+                        dtype=np.dtype(np.uint16), plane=lambda i: np.zeros((30, 20), np.uint16))
+    cfg = make_config(simulation={"sensor_shape_px": [96, 128]}, pipeline={"prefault_frames": 2})
+    async with Service(cfg, source=ReplaySource(stack)) as svc:
+        assert svc.prefault is not None and svc.prefault.bytes == 2 * 30 * 20 * 4
 
 
 async def test_service_can_leave_memory_alone() -> None:

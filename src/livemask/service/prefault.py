@@ -5,15 +5,15 @@ from the GPU). numpy allocates arrays of this size with ``mmap`` and asks the ke
 transparent huge pages, and returns them to the kernel when they are freed, so steady state
 runs on memory the process has already used. The *first* touch of memory it has never used
 can cost far more: on the 2-core development VM (Firecracker) a 16 MiB array took 25–40 ms
-to fill the first few times and 0.8–2 ms afterwards. At 2048² the first frames after the
+to copy into the first few times and 0.8–2 ms afterwards. At 2048² the first frames after the
 service started paid for that, 27–43 ms per labels array, and the queue behind them took ≈ 30
 frames to drain.
 
-:func:`prefault_frame_memory` allocates and fills ``frames`` frame-sized arrays (4 bytes
-per pixel, the widest per-pixel type the stages use) once, before the camera starts, and
-frees them: the cost moves to start-up, where it is paid once (≈ 0.2 s for 128 MiB on that
-VM). Where first touch is cheap (typically bare metal) it costs little. Measured in
-``docs/performance.md`` ("First frames").
+:func:`prefault_frame_memory` allocates and fills ``frames`` frame-sized int32 arrays
+(4 bytes per pixel, the widest element type of the stages' per-pixel arrays) once, before
+the camera starts, and frees them: the cost moves to start-up, where it is paid once
+(≈ 0.2 s for 128 MiB on that VM). Where first touch is cheap (typically bare metal) it
+costs little. Measured in ``docs/performance.md`` ("First frames").
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 log = logging.getLogger("livemask")
+
 
 @dataclass(frozen=True)
 class Prefault:

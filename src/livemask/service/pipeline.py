@@ -42,7 +42,6 @@ from livemask.transport.publisher import Publisher
 log = logging.getLogger("livemask")
 
 
-
 class FrameSink(Protocol):
     """Receives every frame once it is handled (analysed, skipped or failed), on the loop.
 

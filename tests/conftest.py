@@ -47,3 +47,24 @@ def make_config(**sections: Any) -> ServiceConfig:
 def service_config() -> ServiceConfig:
     """The default test config."""
     return make_config()
+
+
+#: Most time points a test lets useq walk in one time plan (see ``short_time_walks``).
+TIME_WALK_LIMIT = 100_000
+
+
+@pytest.fixture
+def short_time_walks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make walking more than ``TIME_WALK_LIMIT`` time points of a useq time plan an error,
+    so a test of a practically endless time-lapse fails at once, not by eating the memory."""
+    import useq
+
+    walk = useq.TIntervalLoops.deltas
+
+    def limited(plan: Any) -> Any:
+        for i, delta in enumerate(walk(plan)):
+            if i >= TIME_WALK_LIMIT:
+                raise AssertionError(f"walked more than {TIME_WALK_LIMIT} time points")
+            yield delta
+
+    monkeypatch.setattr(useq.TIntervalLoops, "deltas", limited)

@@ -249,6 +249,21 @@ async def test_start_while_running_is_refused(service: Service) -> None:
     await control(service, "stop")
 
 
+@pytest.mark.usefixtures("short_time_walks")
+async def test_an_endless_time_lapse_starts_at_once_and_stops(service: Service) -> None:
+    # "run until I stop it": useq alone would list 10**12 time points before the first
+    # frame (hours, terabytes); the service iterates it in chunks
+    endless = {"time_plan": {"interval": 0, "loops": 10**12}}
+    async with AsyncSubscriber(service.publisher.bound_address, ("measurements",)) as sub:
+        await asyncio.sleep(0.3)  # slow joiner
+        reply = await control(service, "start", sequence=endless)
+        assert reply == {"started": True, "events": 10**12}
+        got = [await sub.recv(timeout_s=10.0) for _ in range(3)]
+    assert [m.header["index"]["t"] for m in got if m is not None] == [0, 1, 2]
+    assert (await control(service, "stop")) == {"stopped": True}
+    assert (await control(service, "status"))["state"] == "idle"
+
+
 async def test_missing_model_fails_cleanly_and_frees_the_ports(tmp_path: Any) -> None:
     from livemask.errors import ModelError
     from tests.conftest import free_tcp_address

@@ -1,0 +1,131 @@
+"""The events of a useq sequence, generated lazily for long time-lapses.
+
+useq builds the product of a sequence's axes before its first event: every time point is
+listed, about 140 MB and 0.6 s per million (useq-schema 0.9), held until the acquisition
+ends, and ``MDASequence.sizes`` walks the time plan again to count it. A night-long
+time-lapse, or ``loops: 1000000000`` for "until I stop it", would stall the start and take
+the machine's memory. :func:`iter_events` gives the same events, in the same order, with the
+same indices and start times, by iterating the sequence ``CHUNK_TIMEPOINTS`` time points at a
+time when time is its outermost axis; :func:`event_count` counts without iterating.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from datetime import timedelta
+
+import useq
+
+log = logging.getLogger("livemask")
+
+#: Time points per chunk: about 1.4 MB of useq's lists, made in a few milliseconds.
+CHUNK_TIMEPOINTS = 10_000
+#: Above this many time points a sequence that cannot be chunked gets a warning.
+LARGE_TIMEPOINTS = 1_000_000
+_SINGLE_PHASE = (useq.TIntervalLoops, useq.TDurationLoops, useq.TIntervalDuration)
+_TIME = useq.Axis.TIME
+
+
+def time_points(seq: useq.MDASequence) -> int:
+    """Time points of ``seq``'s time plan (0 without one), from the plan, not by iterating."""
+    return int(seq.time_plan.num_timepoints()) if seq.time_plan is not None else 0
+
+
+def _other_sizes(seq: useq.MDASequence) -> dict[str, int]:
+    """Sizes of the axes other than time (these useq counts quickly)."""
+    sizes = seq.replace(time_plan=None).sizes
+    return {str(axis): n for axis, n in sizes.items() if n and axis != _TIME}
+
+
+def event_count(seq: useq.MDASequence) -> int:
+    """Events ``seq`` plans: the product of its axis sizes, counted from the plans.
+
+    Like ``math.prod(seq.sizes.values())`` without walking the time plan; an upper bound
+    where useq skips events (e.g. z stacks only every n-th time point)."""
+    others = _other_sizes(seq)
+    t = time_points(seq)
+    if not t and not others:
+        return 0
+    return max(t, 1) * math.prod(others.values())
+
+
+def _chunkable(seq: useq.MDASequence) -> bool:
+    """Whether chunks of time points give the same events: one time phase, time outermost,
+    and no position with a time plan of its own."""
+    if not isinstance(seq.time_plan, _SINGLE_PHASE):
+        return False
+    others = _other_sizes(seq)
+    used = [str(axis) for axis in seq.axis_order if axis == _TIME or str(axis) in others]
+    if used[0] != _TIME:
+        return False
+    return all(p.sequence is None or p.sequence.time_plan is None for p in seq.stage_positions)
+
+
+def iter_events(
+    seq: useq.MDASequence, chunk: int = CHUNK_TIMEPOINTS
+) -> Iterator[useq.MDAEvent]:
+    """The events of ``seq`` (as ``iter(seq)``), ``chunk`` time points at a time when the
+    time plan is longer than that and time is the outermost axis."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1 time point, got {chunk}")
+    n = time_points(seq)
+    if n <= chunk or not _chunkable(seq):
+        if n > LARGE_TIMEPOINTS:
+            log.warning(
+                "the sequence has %d time points and time is not its outermost axis (or it "
+                "has several time phases): useq lists them all first, about %.0f MB; put "
+                "'t' first in axis_order to run it in chunks", n, 140 * n / 1e6,
+            )
+        yield from seq
+        return
+    yield from _keep_shutter_across_chunks(seq, _chunked(seq, n, chunk))
+
+
+def _chunked(
+    seq: useq.MDASequence, n: int, chunk: int
+) -> Iterator[tuple[bool, useq.MDAEvent]]:
+    """(first event of a chunk?, event) for the chunks of ``seq``, renumbered as ``seq``'s."""
+    plan = seq.time_plan
+    assert isinstance(plan, _SINGLE_PHASE)
+    interval = plan.interval
+    for start in range(0, n, chunk):
+        part = seq.replace(
+            time_plan=useq.TIntervalLoops(interval=interval, loops=min(chunk, n - start))
+        )
+        offset = start * interval  # timedelta arithmetic, exact in microseconds as useq's
+        for i, event in enumerate(part):
+            update: dict[str, object] = {"sequence": seq}
+            if start:
+                index = dict(event.index)
+                if _TIME in index:
+                    index[_TIME] += start
+                update["index"] = type(event.index)(index)
+                update["reset_event_timer"] = False  # the run's clock goes on across chunks
+                if event.min_start_time is not None:
+                    update["min_start_time"] = (
+                        timedelta(seconds=event.min_start_time) + offset
+                    ).total_seconds()
+            yield i == 0, event.model_copy(update=update)
+
+
+def _keep_shutter_across_chunks(
+    seq: useq.MDASequence, events: Iterator[tuple[bool, useq.MDAEvent]]
+) -> Iterator[useq.MDAEvent]:
+    """Set ``keep_shutter_open`` on each chunk's last event as useq would have, had the
+    next chunk's first event been in the same iteration."""
+    axes = {str(a) for a in seq.keep_shutter_open_across}
+    held: useq.MDAEvent | None = None
+    for first, event in events:
+        if held is not None:
+            if first and axes and all(
+                str(axis) in axes
+                for axis, idx in held.index.items()
+                if idx != event.index.get(axis)
+            ):
+                held = held.model_copy(update={"keep_shutter_open": True})
+            yield held
+        held = event
+    if held is not None:
+        yield held

@@ -7,6 +7,11 @@ the samples, RSS one minute in (after warm-up) and at the end, the largest, and 
 from the one-minute mark to the end in percent.
 
     python benchmarks/memory_run.py --minutes 10 --fps 5 --json benchmarks/results/memory-10min.json
+    python benchmarks/memory_run.py --minutes 10 --free \
+        --json benchmarks/results/memory-10min-free.json
+
+``--free`` runs the camera as fast as it goes (free-run: frames skip analysis when the
+camera is ahead) until the time is up, then stops the service with SIGINT.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +43,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--fps", type=float, default=5.0)
+    ap.add_argument("--free", action="store_true",
+                    help="camera as fast as it goes for --minutes (ignores --fps)")
     ap.add_argument("--every", type=float, default=5.0, help="sampling interval (s)")
     ap.add_argument("--port", type=int, default=5785)
     ap.add_argument("--json", type=Path, default=None)
@@ -44,12 +52,16 @@ def main() -> None:
 
     from livemask.client import Subscriber
 
-    frames = int(args.minutes * 60 * args.fps)
+    # free: more events than a 200 frames/s camera takes in the time; stopped by SIGINT
+    frames = int(args.minutes * 60 * (400 if args.free else args.fps))
+    interval = 0.0 if args.free else 1 / args.fps
     pub, control = f"tcp://127.0.0.1:{args.port}", f"tcp://127.0.0.1:{args.port + 1}"
+    # the service's log goes to a file: a pipe nobody reads could fill up and stall it
+    log = tempfile.TemporaryFile()  # noqa: SIM115 (closed at the end of main)
     cmd = [sys.executable, "-m", "livemask", "serve", "--config",
            str(ROOT / "configs" / "simulated-nuclei.yaml"), "--pub", pub, "--control", control,
-           "--frames", str(frames), "--interval", str(1 / args.fps), "--exit-when-done"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+           "--frames", str(frames), "--interval", str(interval), "--exit-when-done"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
     samples: list[tuple[float, float]] = []
     received = 0
     last_status: dict[str, object] = {}
@@ -70,20 +82,28 @@ def main() -> None:
                     if value is not None:
                         samples.append((round(now - t0, 1), round(value, 1)))
                     next_sample += args.every
-                if now - t0 > args.minutes * 60 + 120:
+                if now - t0 > args.minutes * 60 + (0 if args.free else 120):
                     proc.send_signal(signal.SIGINT)
                     break
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
         proc.wait(30)
+    if proc.returncode != 0:
+        log.seek(0)
+        tail = log.read().decode(errors="replace").splitlines()[-20:]
+        print(f"the service exited with code {proc.returncode}; its log ends:", *tail,
+              sep="\n", file=sys.stderr)
+    log.close()
     after_warmup = [v for t, v in samples if t >= 60]
     first, last = (after_warmup[0], after_warmup[-1]) if after_warmup else (None, None)
     result = {
         "benchmark": "benchmarks/memory_run.py",
         "cpu_count": os.cpu_count(),
         "frames_requested": frames,
-        "fps": args.fps,
+        "fps": None if args.free else args.fps,
+        "camera": "free" if args.free else "paced",
+        "minutes": args.minutes,
         "measurements_received": received,
         "frames_acquired": last_status.get("frames_acquired"),
         "frames_skipped": last_status.get("frames_skipped"),

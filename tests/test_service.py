@@ -19,6 +19,7 @@ from livemask.config import ServiceConfig
 from livemask.errors import ControlError
 from livemask.protocol import Message
 from livemask.service.app import Service
+from livemask.transport.control_server import MAX_REQUEST_BYTES
 from tests.conftest import make_config
 
 ALL = ("frame", "labels", "measurements", "status", "event", "truth")
@@ -211,6 +212,7 @@ async def test_enqueue_snapshot_and_set(service: Service) -> None:
         ("start", {"sequence": {"time_plan": {"interval": "soon"}}}, "invalid_args", "sequence"),
         ("enqueue", {"events": []}, "invalid_args", "events"),
         ("enqueue", {"events": [{"x_pos": "left"}]}, "invalid_args", "x_pos"),
+        ("enqueue", {"events": [{"x_pos": 1.0}] * 10_001}, "invalid_args", "at most 10000"),
     ],
 )
 async def test_bad_control_requests_get_error_replies(
@@ -237,6 +239,25 @@ async def test_malformed_json_gets_bad_json_reply(service: Service) -> None:
 
     reply = await asyncio.to_thread(_raw)
     assert reply["ok"] is False and reply["error"]["code"] == "bad_json"
+    assert (await control(service, "status"))["state"] == "idle"
+
+
+async def test_an_oversized_request_is_dropped_and_the_service_goes_on(service: Service) -> None:
+    def _send_oversized() -> bytes | None:
+        sock = zmq.Context.instance().socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, 1000)
+        sock.connect(service.control.bound_address)
+        try:
+            sock.send(b" " * (MAX_REQUEST_BYTES + 1))
+            return sock.recv()
+        except zmq.Again:
+            return None
+        finally:
+            sock.close(linger=0)
+
+    assert await asyncio.to_thread(_send_oversized) is None  # libzmq cut that peer off
+    assert service.control.requests == 0
     assert (await control(service, "status"))["state"] == "idle"
 
 

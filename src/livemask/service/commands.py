@@ -35,10 +35,15 @@ class StartArgs(_Args):
     sequence: dict[str, Any] | None = None
 
 
+#: Most events one ``enqueue`` takes: validating them holds the event loop (≈ 16 µs each);
+#: send more in several requests, or ``start`` a sequence.
+MAX_ENQUEUE_EVENTS = 10_000
+
+
 class EnqueueArgs(_Args):
     """``enqueue``: useq.MDAEvents (JSON) to run next."""
 
-    events: list[dict[str, Any]] = Field(min_length=1)
+    events: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_ENQUEUE_EVENTS)
 
 
 class SetArgs(_Args):

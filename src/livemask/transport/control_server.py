@@ -17,6 +17,9 @@ from livemask.transport._sockets import bind_or_explain, bound_endpoint
 __all__ = ["DEFAULT_CONTROL_ADDRESS", "ControlServer", "Handler"]
 
 DEFAULT_CONTROL_ADDRESS = "tcp://127.0.0.1:5556"
+#: Largest request accepted: libzmq disconnects a peer that sends more (the largest real
+#: request, ``enqueue`` of 10,000 events, is about 1 MB of JSON).
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
 
 logger = logging.getLogger("livemask")
 
@@ -60,6 +63,7 @@ class ControlServer:
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
         bind_or_explain(
             sock, self.address, "control server", "--control or publish.control_address"
         )

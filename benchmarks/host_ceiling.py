@@ -122,6 +122,8 @@ def main() -> None:
     parser.add_argument("--stage-threads", default="two", choices=("one", "two"))
     parser.add_argument("--prefault-frames", type=int, default=8,
                         help="pipeline.prefault_frames (0 = off; compare in separate processes)")
+    parser.add_argument("--queue-size", type=int, default=2,
+                        help="pipeline.queue_size: frames that may wait for inference")
     parser.add_argument("--policy-only", action="store_true",
                         help="skip the run with Python's default garbage collector")
     parser.add_argument("--json", type=Path)
@@ -131,14 +133,16 @@ def main() -> None:
                               "exposure_ms": args.exposure_ms, "camera_fps": args.camera_fps,
                               "infer_ms": args.infer_ms, "analyse_ms": args.analyse_ms,
                               "stage_threads": args.stage_threads,
-                              "prefault_frames": args.prefault_frames, "machine": machine_info()}
+                              "prefault_frames": args.prefault_frames,
+                              "queue_size": args.queue_size, "machine": machine_info()}
     runs: list[tuple[str, dict[str, Any]]] = [("service_gc_policy", {})]
     if not args.policy_only:
         runs.append(("python_gc_defaults", {"gc_freeze": False, "gc_threshold": 700}))
     for name, gc_args in runs:
         settings = BenchSettings(size=args.size, frames=args.frames, exposure_ms=args.exposure_ms,
                                  camera_fps=args.camera_fps, stage_threads=args.stage_threads,
-                                 prefault_frames=args.prefault_frames, **gc_args)
+                                 prefault_frames=args.prefault_frames,
+                                 queue_size=args.queue_size, **gc_args)
         r = record[name] = run(settings, args.infer_ms, args.analyse_ms)
         e2e, g = r["latency_ms"]["end_to_end"], r["gc"]
         every = r["latency_ms_with_warmup"]["end_to_end"]

@@ -42,6 +42,8 @@ def test_settings_are_validated() -> None:
         bench.BenchSettings(stage_threads="three")
     with pytest.raises(ConfigError, match="--gc-threshold"):
         bench.BenchSettings(gc_threshold=10)
+    with pytest.raises(ConfigError, match="--queue-size"):
+        bench.BenchSettings(queue_size=0)
     with pytest.raises(ConfigError, match="--latency-warmup-s"):
         bench.BenchSettings(latency_warmup_s=-1)
     with pytest.raises(ConfigError, match="--hardware"):

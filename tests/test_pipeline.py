@@ -196,3 +196,44 @@ async def test_failures_in_either_stage_fail_that_frame_only(
     assert src.done == 7
     assert "injected analysis fault" in caplog.text  # logged with its traceback
     assert any(r.exc_info for r in caplog.records if "frame 4" in r.getMessage())
+
+
+async def test_no_frame_is_inferred_only_to_wait_behind_a_busy_analysis() -> None:
+    """Two stages, analysis the slower one: while an inferred frame waits for analysis, the
+    next frame stays with the camera (newest kept) instead of being inferred to wait too."""
+    pipe, pub, _ = _pipeline()
+    backend = pipe.segmenter.backend
+    assert isinstance(backend, ThresholdBackend)
+    release = asyncio.Event()
+    analysing: list[int] = []
+    real_analyse = pipe.segmenter.analyse
+    loop = asyncio.get_running_loop()
+
+    def slow_analyse(probabilities: np.ndarray, image: np.ndarray, **kwargs: object) -> object:
+        analysing.append(int(image[0, 0]))
+        asyncio.run_coroutine_threadsafe(release.wait(), loop).result(timeout=10)
+        return real_analyse(probabilities, image, **kwargs)  # type: ignore[arg-type]
+
+    pipe.segmenter.analyse = slow_analyse  # type: ignore[assignment,method-assign]
+    pipe.start()
+
+    async def settle() -> None:  # let the stages take whatever they can
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+
+    for i in range(4):
+        raw = _raw(i)
+        raw.image[0, 0] = i
+        pipe.submit(raw)
+        await settle()
+    # frame 0 in analysis, frame 1 inferred and waiting for it, 2 skipped at intake (queue
+    # of one), 3 waiting un-inferred: the model ran twice, not three times
+    assert analysing == [0]
+    assert backend.calls == 2
+    assert pipe.queue_depths()["infer"] == 1 and pipe.queue_depths()["analyse"] == 1
+    release.set()
+    assert await pipe.drain(10.0)
+    await pipe.close()
+    assert backend.calls == 3
+    assert [m.header["frame_id"] for m in pub.by_topic("measurements")] == [0, 1, 3]
+    assert pipe.counters.snapshot()["frames_skipped"] == 1

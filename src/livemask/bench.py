@@ -148,6 +148,8 @@ class BenchSettings:
             raise ConfigError(f"--prefault-frames must be 0..64 (got {self.prefault_frames})")
         if self.stage_threads not in ("one", "two"):
             raise ConfigError(f"--stage-threads must be one or two (got {self.stage_threads!r})")
+        if self.queue_size < 1:
+            raise ConfigError(f"--queue-size must be >= 1 (got {self.queue_size})")
 
     @property
     def event_interval_s(self) -> float:

@@ -429,6 +429,9 @@ def bench(
     prefault_frames: Annotated[int, typer.Option(
         help="Frame-sized arrays touched once at service start (pipeline.prefault_frames; "
         "0 = off).")] = 8,
+    queue_size: Annotated[int, typer.Option(
+        help="Frames that may wait for inference in the pipeline run (pipeline.queue_size)."
+    )] = 2,
     latency_warmup_s: Annotated[float, typer.Option(
         help="Pipeline latencies leave out frames acquired in the first this many seconds "
         "(start-up); latency_ms_with_warmup keeps them.")] = 1.0,
@@ -455,7 +458,7 @@ def bench(
             camera_fps=camera_fps, exposure_ms=exposure_ms, threads=threads,
             stage_threads=stage_threads, live_render=live_render, dashboard=dashboard,
             gc_freeze=gc_freeze, gc_threshold=gc_threshold, latency_warmup_s=latency_warmup_s,
-            prefault_frames=prefault_frames,
+            prefault_frames=prefault_frames, queue_size=queue_size,
         )
         result = run_bench(settings, progress=lambda msg: console.print(f"[dim]{msg}…[/dim]"))
     except (LivemaskError, OSError, ValueError) as exc:

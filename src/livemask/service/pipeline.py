@@ -82,8 +82,11 @@ class Pipeline:
         self._waiting: deque[Frame] = deque()
         self._have_frame = asyncio.Event()
         # one inferred frame waiting at most: when analysis is the slower stage (GPU at 2048²)
-        # a longer queue only adds latency; frames are skipped at intake instead
+        # a longer queue only adds latency; frames are skipped at intake instead, and the
+        # next frame is taken for inference only once analysis has taken the waiting one
         self._to_analyse: asyncio.Queue[Frame] = asyncio.Queue(maxsize=1)
+        self._analysing = False  # the analysis stage is working on a frame
+        self._analysis_took = asyncio.Event()  # set each time analysis takes a frame
         self._to_publish: asyncio.Queue[Frame] = asyncio.Queue()
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="livemask-infer")
         self._analyse_pool = ThreadPoolExecutor(1, thread_name_prefix="livemask-analyse")
@@ -184,6 +187,7 @@ class Pipeline:
     async def _infer_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            await self._until_analysis_can_take()
             frame = await self._next_waiting()
             if self.stage_threads == "one":
                 failure = await loop.run_in_executor(
@@ -199,6 +203,16 @@ class Pipeline:
                 self._fail(frame, "inference", exc)
             frame.stamp("inferred")
             await self._to_analyse.put(frame)
+
+    async def _until_analysis_can_take(self) -> None:
+        """Wait while an inferred frame already waits for a busy analysis stage.
+
+        Inferring the next frame now would only make it wait too, holding an older frame
+        than the camera will have by then: when analysis is the slower stage this keeps one
+        analysis period of waiting out of every frame's latency."""
+        while self._analysing and not self._to_analyse.empty():
+            self._analysis_took.clear()
+            await self._analysis_took.wait()
 
     def _infer_then_analyse(self, frame: Frame) -> tuple[str, Exception] | None:
         """Both stages in the calling (worker) thread; the failed stage and its error."""
@@ -245,7 +259,10 @@ class Pipeline:
     async def _analyse_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            self._analysing = False
             frame = await self._to_analyse.get()
+            self._analysing = True
+            self._analysis_took.set()
             failure: tuple[str, Exception] | None = None
             if frame.error is None:
                 try:

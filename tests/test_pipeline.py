@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterable
 
@@ -90,13 +91,13 @@ STAGE_THREADS = pytest.mark.parametrize("stage_threads", ["one", "two"])
 
 def _pipeline(
     delay_s: float = 0.0, mode: str = "free-run", stage_threads: StageThreads = "two",
-    fail_every: int = 0,
+    fail_every: int = 0, queue_size: int = 1, backend: ThresholdBackend | None = None,
 ) -> tuple[Pipeline, MemoryPublisher, RecordingSource]:
     card = ModelCard(name="fake", file="none.onnx")
     pub, src = MemoryPublisher(), RecordingSource()
-    backend = ThresholdBackend(delay_s, fail_every)
+    backend = backend or ThresholdBackend(delay_s, fail_every)
     pipe = Pipeline(Segmenter(card, backend), pub, mode=mode,  # type: ignore[arg-type]
-                    queue_size=1, pixel_size_um=0.5, stage_threads=stage_threads)
+                    queue_size=queue_size, pixel_size_um=0.5, stage_threads=stage_threads)
     pipe.source = src
     return pipe, pub, src
 
@@ -237,3 +238,46 @@ async def test_no_frame_is_inferred_only_to_wait_behind_a_busy_analysis() -> Non
     assert backend.calls == 3
     assert [m.header["frame_id"] for m in pub.by_topic("measurements")] == [0, 1, 3]
     assert pipe.counters.snapshot()["frames_skipped"] == 1
+
+
+class GatedBackend(ThresholdBackend):
+    """The first model call waits until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        if self.calls == 0 and not self.gate.wait(10):
+            raise TimeoutError("the test never opened the gate")
+        return super().run(batch)
+
+
+async def _run_gated(submit_while_gated: int) -> tuple[list[int], list[int]]:
+    """Frame 0 held in the model, ``submit_while_gated`` more frames arrive, then the gate
+    opens: (analysed frame ids, skipped frame ids), queue of two, free-run."""
+    backend = GatedBackend()
+    pipe, pub, _ = _pipeline(queue_size=2, backend=backend)
+    pipe.start()
+    pipe.submit(_raw(0))
+    for _ in range(20):
+        await asyncio.sleep(0.01)  # frame 0 reaches the model
+    for i in range(1, submit_while_gated + 1):
+        pipe.submit(_raw(i))
+    backend.gate.set()
+    assert await pipe.drain(10.0)
+    await pipe.close()
+    analysed = [m.header["frame_id"] for m in pub.by_topic("measurements")]
+    skipped = sorted(m.header["frame_id"] for m in pub.by_topic("frame") if m.header["skipped"])
+    return analysed, skipped
+
+
+async def test_jitter_within_the_queue_loses_no_frame() -> None:
+    # two frames arrive during one inference: the queue of two holds both, both analysed
+    assert await _run_gated(2) == ([0, 1, 2], [])
+
+
+async def test_a_camera_ahead_of_the_pipeline_gets_its_newest_frame_analysed() -> None:
+    # three frames during one inference: the oldest skipped at intake, so the camera is
+    # ahead; inference then takes the newest (3) and the older waiting one (2) skips too
+    assert await _run_gated(3) == ([0, 3], [1, 2])

@@ -80,6 +80,7 @@ class Pipeline:
         self.last_analysed: Frame | None = None
         self._queue_size = queue_size
         self._waiting: deque[Frame] = deque()
+        self._skipped_since_take = 0  # frames skipped at intake since inference took one
         self._have_frame = asyncio.Event()
         # one inferred frame waiting at most: when analysis is the slower stage (GPU at 2048²)
         # a longer queue only adds latency; frames are skipped at intake instead, and the
@@ -171,17 +172,30 @@ class Pipeline:
         self._waiting.append(frame)
         if self.mode == "free-run":
             while len(self._waiting) > self._queue_size:
-                skipped = self._waiting.popleft()
-                skipped.skipped = True
-                self.counters.incr("skipped")
-                self._to_publish.put_nowait(skipped)
+                self._skip(self._waiting.popleft())
+                self._skipped_since_take += 1
         self._have_frame.set()
+
+    def _skip(self, frame: Frame) -> None:
+        """The frame skips analysis: counted, and published (``skipped: true``) at once."""
+        frame.skipped = True
+        self.counters.incr("skipped")
+        self._to_publish.put_nowait(frame)
 
     # ------------------------------------------------------------ stages
     async def _next_waiting(self) -> Frame:
+        """The oldest waiting frame; the newest while the camera is ahead of the pipeline.
+
+        Frames skipped at intake since the last take mean the camera outruns analysis:
+        then the older waiting frames skip too and the newest is analysed (the freshest
+        result). Otherwise the queue absorbs the camera's jitter and no frame is lost."""
         while not self._waiting:
             self._have_frame.clear()
             await self._have_frame.wait()
+        if self._skipped_since_take and self.mode == "free-run":
+            while len(self._waiting) > 1:
+                self._skip(self._waiting.popleft())
+        self._skipped_since_take = 0
         return self._waiting.popleft()
 
     async def _infer_loop(self) -> None:

@@ -13,7 +13,8 @@ free for publishing and control, in one of two layouts (``pipeline.stage_threads
 
 In free-run mode the inference queue keeps the newest
 frames: when it is full the oldest waiting frame skips analysis (counted, and still
-published on ``frame`` with ``skipped: true``). In synchronized mode the frame source waits
+published on ``frame`` with ``skipped: true``), and while that happens (the camera is ahead)
+inference takes the newest waiting frame. In synchronized mode the frame source waits
 for :meth:`FrameSource.frame_done` before releasing the next event.
 """
 

@@ -42,8 +42,9 @@ def _other_sizes(seq: useq.MDASequence) -> dict[str, int]:
 def event_count(seq: useq.MDASequence) -> int:
     """Events ``seq`` plans: the product of its axis sizes, counted from the plans.
 
-    Like ``math.prod(seq.sizes.values())`` without walking the time plan; an upper bound
-    where useq skips events (e.g. z stacks only every n-th time point)."""
+    Like ``math.prod(seq.sizes.values())`` without walking the time plan. More than run
+    where useq skips events (e.g. z stacks only every n-th time point), fewer where
+    positions carry sub-sequences (grids) or hardware autofocus adds events."""
     others = _other_sizes(seq)
     t = time_points(seq)
     if not t and not others:

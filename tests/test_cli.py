@@ -70,6 +70,13 @@ def test_serve_reports_bad_config(tmp_path: Path) -> None:
     assert "acquisition.mode" in result.output
 
 
+@pytest.mark.parametrize(("flag", "value"), [("--frames", "0"), ("--interval", "-1")])
+def test_serve_rejects_out_of_range_overrides(flag: str, value: str) -> None:
+    result = runner.invoke(app, ["serve", flag, value])
+    assert result.exit_code == 2
+    assert f"Invalid value for '{flag}'" in result.output
+
+
 def test_serve_reports_missing_config(tmp_path: Path) -> None:
     result = runner.invoke(app, ["serve", "--config", str(tmp_path / "nope.yaml")])
     assert result.exit_code == 2

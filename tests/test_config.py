@@ -29,6 +29,12 @@ def test_shipped_config_resolves_hardware_path() -> None:
     [
         ({"acquisition": {"mode": "turbo"}}, "acquisition.mode"),
         ({"acquisition": {"sequence": {"time_plan": {"interval": "x"}}}}, "acquisition.sequence"),
+        # useq itself accepts time running backwards
+        ({"acquisition": {"sequence": {"time_plan": {"interval": -1, "loops": 3}}}},
+         "acquisition.sequence: Value error, time_plan interval must be >= 0 s, got -1 s"),
+        ({"acquisition": {"sequence": {"time_plan": [
+            {"interval": 1, "loops": 2}, {"duration": -3, "loops": 4}]}}},
+         "time_plan duration must be >= 0 s, got -3 s"),
         ({"publish": {"frame_every": -1}}, "publish.frame_every"),
         ({"model": {"threads": 0}}, "model.threads"),
         ({"hardwre": {}}, "hardwre"),

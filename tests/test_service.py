@@ -210,6 +210,8 @@ async def test_enqueue_snapshot_and_set(service: Service) -> None:
         ("set", {"exposure_ms": -1}, "invalid_args", "exposure_ms"),
         ("set", {"gain": 2}, "invalid_args", "gain"),
         ("start", {"sequence": {"time_plan": {"interval": "soon"}}}, "invalid_args", "sequence"),
+        ("start", {"sequence": {"time_plan": {"interval": -1, "loops": 3}}}, "invalid_args",
+         "interval must be >= 0 s"),
         ("enqueue", {"events": []}, "invalid_args", "events"),
         ("enqueue", {"events": [{"x_pos": "left"}]}, "invalid_args", "x_pos"),
         ("enqueue", {"events": [{"x_pos": 1.0}] * 10_001}, "invalid_args", "at most 10000"),

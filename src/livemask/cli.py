@@ -65,8 +65,10 @@ def serve(
     control: Annotated[str | None, typer.Option(help="Control (ROUTER) address.")] = None,
     truth: Annotated[bool, typer.Option("--truth", help="Publish simulator ground truth.")] = False,
     mode: Annotated[str | None, typer.Option(help="free-run or synchronized.")] = None,
-    frames: Annotated[int | None, typer.Option(help="Override the time-lapse length.")] = None,
-    interval: Annotated[float | None, typer.Option(help="Override the interval (s).")] = None,
+    frames: Annotated[int | None, typer.Option(
+        min=1, help="Override the time-lapse length.")] = None,
+    interval: Annotated[float | None, typer.Option(
+        min=0, help="Override the interval (s).")] = None,
     view: Annotated[bool, typer.Option("--view", help="Show live measurements here.")] = False,
     exit_when_done: Annotated[
         bool, typer.Option("--exit-when-done", help="Exit when the acquisition finishes.")
@@ -144,7 +146,7 @@ def replay(
         help="A livemask recording (run folder), an OME-Zarr image or a TIFF stack.")],
     config: ConfigOpt = None,
     interval: Annotated[float | None, typer.Option(
-        help="Seconds between frames (default: the recorded timing, else 0.1).")] = None,
+        min=0, help="Seconds between frames (default: the recorded timing, else 0.1).")] = None,
     pub: Annotated[str | None, typer.Option(help="PUB address, e.g. tcp://127.0.0.1:5555")] = None,
     control: Annotated[str | None, typer.Option(help="Control (ROUTER) address.")] = None,
     mode: Annotated[str | None, typer.Option(help="free-run or synchronized.")] = None,

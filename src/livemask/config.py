@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from livemask.acquisition.mode import Mode
+from livemask.acquisition.sequence import check_timing
 from livemask.errors import ConfigError
 from livemask.feedback.spec import FeedbackConfig
 
@@ -94,7 +95,7 @@ class AcquisitionConfig(_Section):
     @field_validator("sequence")
     @classmethod
     def _valid_sequence(cls, value: dict[str, Any]) -> dict[str, Any]:
-        useq.MDASequence.model_validate(value)
+        check_timing(useq.MDASequence.model_validate(value))
         return value
 
     def mda_sequence(self) -> useq.MDASequence:

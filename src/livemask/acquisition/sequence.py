@@ -28,6 +28,22 @@ _SINGLE_PHASE = (useq.TIntervalLoops, useq.TDurationLoops, useq.TIntervalDuratio
 _TIME = useq.Axis.TIME
 
 
+def check_timing(seq: useq.MDASequence) -> None:
+    """Raise ``ValueError`` for a time plan that runs backwards: useq accepts a negative
+    ``interval`` or ``duration`` (the events then come as fast as the camera goes)."""
+    plan = seq.time_plan
+    if plan is None:
+        return
+    phases = plan.phases if isinstance(plan, useq.MultiPhaseTimePlan) else [plan]
+    for phase in phases:
+        for name in ("interval", "duration"):
+            if name not in type(phase).model_fields:  # a property, derived from the fields
+                continue
+            seconds = getattr(phase, name).total_seconds()
+            if seconds < 0:
+                raise ValueError(f"time_plan {name} must be >= 0 s, got {seconds:g} s")
+
+
 def time_points(seq: useq.MDASequence) -> int:
     """Time points of ``seq``'s time plan (0 without one), from the plan, not by iterating."""
     return int(seq.time_plan.num_timepoints()) if seq.time_plan is not None else 0

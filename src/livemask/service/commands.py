@@ -14,6 +14,7 @@ import useq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from livemask.acquisition.mode import Mode
+from livemask.acquisition.sequence import check_timing
 from livemask.errors import AcquisitionError, CommandError, ConfigError
 from livemask.feedback.spec import RuleSpec
 
@@ -129,6 +130,10 @@ class CommandHandler:
         seq = None
         if a.sequence is not None:
             seq = _useq(useq.MDASequence, a.sequence, "sequence")
+            try:
+                check_timing(seq)
+            except ValueError as exc:
+                raise CommandError("invalid_args", f"invalid sequence: {exc}") from None
         if self.service.acquiring:
             raise CommandError("invalid_state", "an acquisition is running; send 'stop' first")
         events = self.service.start_acquisition(seq)

@@ -143,6 +143,23 @@ def test_bad_python_device_is_an_acquisition_error(tmp_path: Path) -> None:
         open_core(cfg)
 
 
+def test_a_colour_camera_is_refused_with_what_to_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    from livemask.acquisition import core as core_module
+
+    class ColourCameraCore(core_module.PythonDeviceCore):
+        """The simulated rig, its camera reporting RGBA images as a colour camera does."""
+
+        def getNumberOfComponents(self) -> int:
+            return 4
+
+    monkeypatch.setattr(core_module, "PythonDeviceCore", ColourCameraCore)
+    before = set(core_module._OPEN_CORES)
+    with pytest.raises(AcquisitionError, match=r"'Camera' delivers 4-component \(colour\).*"
+                       r"PixelType property\) in hardware\.config_file"):
+        open_core(CFG)
+    assert set(core_module._OPEN_CORES) == before  # the refused core was closed again
+
+
 def test_missing_cpp_adapter_is_an_acquisition_error(tmp_path: Path) -> None:
     cfg = tmp_path / "rig.cfg"
     cfg.write_text("Device,Camera,NoSuchAdapterLibrary,DCam\nProperty,Core,Initialize,1\n")

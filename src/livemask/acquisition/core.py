@@ -75,6 +75,11 @@ def open_core(cfg_path: str | Path, *, core: CoreKind = "auto") -> CMMCorePlus:
             f"{exc}; check hardware.config_file (and hardware.core){hint}"
         ) from exc
     _OPEN_CORES.add(mmc)
+    try:
+        _check_single_channel_camera(mmc)
+    except AcquisitionError:
+        close_core(mmc, timeout_s=0.0)
+        raise
     _setup_shutter(mmc)
     _ensure_pixel_size(mmc)
     _check_simulated_pixel_size(mmc)
@@ -173,6 +178,19 @@ def _ensure_pixel_size(mmc: CMMCorePlus) -> None:
     mmc.setPixelSizeUm(preset, size_um)
     mmc.setPixelSizeAffine(preset, list(affine))
     mmc.setPixelSizeConfig(preset)
+
+
+def _check_single_channel_camera(mmc: CMMCorePlus) -> None:
+    """Refuse a camera that delivers colour images: the models segment one channel, so
+    every frame would fail ("expected a 2-D image")."""
+    camera = mmc.getCameraDevice()
+    components = mmc.getNumberOfComponents() if camera else 1
+    if components > 1:
+        raise AcquisitionError(
+            f"camera {camera!r} delivers {components}-component (colour) images; livemask "
+            "segments single-channel images: set the camera to a grey pixel type (e.g. its "
+            "PixelType property) in hardware.config_file, or use a monochrome camera"
+        )
 
 
 def _check_simulated_pixel_size(mmc: CMMCorePlus) -> None:

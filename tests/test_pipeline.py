@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import pytest
@@ -218,15 +218,19 @@ async def test_no_frame_is_inferred_only_to_wait_behind_a_busy_analysis() -> Non
     pipe.segmenter.analyse = slow_analyse  # type: ignore[assignment,method-assign]
     pipe.start()
 
-    async def settle() -> None:  # let the stages take whatever they can
-        for _ in range(20):
-            await asyncio.sleep(0.01)
-
-    for i in range(4):
+    def frame(i: int) -> RawFrame:
         raw = _raw(i)
         raw.image[0, 0] = i
-        pipe.submit(raw)
-        await settle()
+        return raw
+
+    pipe.submit(frame(0))
+    await _until(lambda: analysing == [0])
+    pipe.submit(frame(1))
+    await _until(lambda: pipe.queue_depths()["analyse"] == 1)
+    for i in (2, 3):
+        pipe.submit(frame(i))
+        for _ in range(20):  # time for the inference stage to take a frame, were it to
+            await asyncio.sleep(0.01)
     # frame 0 in analysis, frame 1 inferred and waiting for it, 2 skipped at intake (queue
     # of one), 3 waiting un-inferred: the model ran twice, not three times
     assert analysing == [0]
@@ -240,14 +244,24 @@ async def test_no_frame_is_inferred_only_to_wait_behind_a_busy_analysis() -> Non
     assert pipe.counters.snapshot()["frames_skipped"] == 1
 
 
+async def _until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Wait on the loop until ``condition()`` holds (fail after ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
 class GatedBackend(ThresholdBackend):
     """The first model call waits until the test opens the gate."""
 
     def __init__(self) -> None:
         super().__init__()
         self.gate = threading.Event()
+        self.entered = threading.Event()  # the first call has started
 
     def run(self, batch: np.ndarray) -> np.ndarray:
+        self.entered.set()
         if self.calls == 0 and not self.gate.wait(10):
             raise TimeoutError("the test never opened the gate")
         return super().run(batch)
@@ -260,8 +274,7 @@ async def _run_gated(submit_while_gated: int) -> tuple[list[int], list[int]]:
     pipe, pub, _ = _pipeline(queue_size=2, backend=backend)
     pipe.start()
     pipe.submit(_raw(0))
-    for _ in range(20):
-        await asyncio.sleep(0.01)  # frame 0 reaches the model
+    await _until(backend.entered.is_set)  # frame 0 is in the model
     for i in range(1, submit_while_gated + 1):
         pipe.submit(_raw(i))
     backend.gate.set()

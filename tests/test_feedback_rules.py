@@ -524,3 +524,10 @@ def test_baseline_skips_a_frame_where_the_object_was_merged() -> None:
     for frame in (ctx(objs, t=0), ctx(merged, t=1)):
         eng1.evaluate(frame)
     assert eng1.evaluate(ctx(now, t=2)) == []
+
+
+def test_frame_actions_take_keywords_only() -> None:
+    # positionally, Burst(4, 0.2) used to mean channel=4, exposure_ms=0.2 without a word
+    with pytest.raises(TypeError):
+        Burst(4, 0.2)  # type: ignore[misc]
+    assert Burst(frames=4, interval_s=0.2).frames == 4

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from rich.console import Console
 
 from livemask.protocol import Message
-from livemask.viewer import ConsoleView, TruthScore
+from livemask.viewer import FINISHED_HINT, ConsoleView, TruthScore, _Display
 
 
 def _labels(topic: str, fid: int, arr: np.ndarray) -> Message:
@@ -48,3 +49,25 @@ def test_view_renders_measurements_status_and_events() -> None:
     assert "running (free-run)" in text and "42.2" in text
     assert "p99 90.0 ms" in text
     assert "setting_changed: mode=synchronized" in text
+
+
+def test_piped_view_prints_changes_only_and_the_end_once(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    view = ConsoleView()
+    display = _Display(view, line_every_s=0.0)  # under pytest stdout is not a terminal
+    assert display.live is None
+    display.refresh()  # nothing to show before the first measurements
+    status = {"state": "running", "acquiring": True, "frames_acquired": 1}
+    view.update(Message("status", status, {}))
+    view.update(Message("measurements", {"frame_id": 0, "summary": {"count": 3}}, {}))
+    display.refresh()
+    display.refresh()
+    view.update(Message("status", {**status, "acquiring": False}, {}))
+    display.refresh()
+    display.refresh()
+    with display:
+        pass
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("frame 0: 3 objects")
+    assert lines[1] == FINISHED_HINT

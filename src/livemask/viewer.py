@@ -69,6 +69,12 @@ def _fmt(value: Any, spec: str = ".1f") -> str:
     return str(value)
 
 
+FINISHED_HINT = (
+    "acquisition finished: Ctrl-C stops the service; `start` over the control channel runs it "
+    "again"
+)
+
+
 class ConsoleView:
     """Keeps the latest state of the stream and renders it as rich tables."""
 
@@ -134,10 +140,7 @@ class ConsoleView:
             cy, cx = o.get("centroid_yx", [0, 0])
             objects.add_row(str(o.get("label")), _fmt(o.get("area_um2")),
                             f"{cy:.0f}, {cx:.0f}", _fmt(o.get("mean_intensity")))
-        hint = "" if st.get("acquiring", True) else (
-            "\nacquisition finished: Ctrl-C stops the service; `start` over the control "
-            "channel runs it again"
-        )
+        hint = "" if st.get("acquiring", True) else f"\n{FINISHED_HINT}"
         events = Text(("\n".join(self.events) or "no events yet") + hint, style="dim")
         return Group(top, objects, events)
 
@@ -170,6 +173,8 @@ class _Display:
             if self.console.is_terminal else None
         self.line_every_s = line_every_s
         self._last_line = time.monotonic()
+        self._printed = ""  # last summary line printed (pipes: unchanged lines not repeated)
+        self._acquiring = True
 
     def __enter__(self) -> _Display:
         if self.live is not None:
@@ -179,7 +184,7 @@ class _Display:
     def __exit__(self, *exc: object) -> None:
         if self.live is not None:
             self.live.__exit__(None, None, None)
-        else:
+        elif self.view.measurements is not None and self.view.summary_line() != self._printed:
             print(self.view.summary_line(), flush=True)
 
     def refresh(self) -> None:
@@ -187,8 +192,20 @@ class _Display:
             self.live.update(self.view.render())
         elif time.monotonic() - self._last_line >= self.line_every_s:
             self._last_line = time.monotonic()
-            if self.view.measurements is not None:
-                print(self.view.summary_line(), flush=True)
+            self._print_changes()
+
+    def _print_changes(self) -> None:
+        """Print the summary line if it changed, and the end of an acquisition once."""
+        if self.view.measurements is None:
+            return
+        line = self.view.summary_line()
+        if line != self._printed:
+            print(line, flush=True)
+            self._printed = line
+        acquiring = bool(self.view.status.get("acquiring", True))
+        if self._acquiring and not acquiring:
+            print(FINISHED_HINT, flush=True)
+        self._acquiring = acquiring
 
 
 def topics_for(truth: bool) -> tuple[str, ...]:

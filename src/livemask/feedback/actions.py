@@ -35,9 +35,9 @@ class ActionError(ValueError):
         self.reason = reason
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class _Frames:
-    """Settings shared by actions that acquire frames."""
+    """Settings shared by actions that acquire frames (keyword-only: ``Burst(frames=4)``)."""
 
     channel: str | None = None  # channel preset (None: keep the current one)
     exposure_ms: float | None = None  # None: keep the current one
@@ -49,7 +49,7 @@ class _Frames:
         return {"kind": self.kind, **asdict(self)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Burst(_Frames):
     """``frames`` frames ``interval_s`` apart; centred on ``centre_yx`` when given."""
 
@@ -60,7 +60,7 @@ class Burst(_Frames):
     kind: ClassVar[str] = "burst"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Centre(_Frames):
     """Move the stage so that pixel ``centre_yx`` is in the middle; take ``frames``."""
 
@@ -70,7 +70,7 @@ class Centre(_Frames):
     kind: ClassVar[str] = "centre"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MoveTo(_Frames):
     """Go to stage ``(x_um, y_um[, z_um])``, or by ``(dx_um, dy_um)``; take ``frames``."""
 
@@ -84,7 +84,7 @@ class MoveTo(_Frames):
     kind: ClassVar[str] = "move"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ZStack(_Frames):
     """A Z-stack spanning ``range_um`` around the frame's Z in ``step_um`` steps."""
 
@@ -95,7 +95,7 @@ class ZStack(_Frames):
     kind: ClassVar[str] = "zstack"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SetChannel(_Frames):
     """``frames`` frames here with another channel and/or exposure."""
 
@@ -104,7 +104,7 @@ class SetChannel(_Frames):
     kind: ClassVar[str] = "channel"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Revisit(_Frames):
     """Image planned position ``position`` (None: the triggering frame's) again now."""
 

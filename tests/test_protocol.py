@@ -324,7 +324,13 @@ def test_parse_request_ok() -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    [b"{not json", b"\xff\xfe", b"[1, 2]", b'"status"', b"", b"null"],
+    [b"{not json", b"\xff\xfe", b"[1, 2]", b'"status"', b"", b"null",
+     # nesting past Python's recursion limit, an integer past its 4300-digit limit, and the
+     # NaN / Infinity that Python's json accepts although JSON has no such numbers
+     b'{"cmd": "status", "args": {"x": ' + b"[" * 5000 + b"]" * 5000 + b"}}",
+     b'{"id": ' + b"1" * 5000 + b', "cmd": "status"}',
+     b'{"cmd": "set", "args": {"exposure_ms": NaN}}',
+     b'{"cmd": "enqueue", "args": {"events": [{"x_pos": -Infinity}]}}'],
 )
 def test_parse_request_bad_json(raw: bytes) -> None:
     with pytest.raises(CommandError) as info:

@@ -484,6 +484,21 @@ async def test_malformed_json_from_raw_req(server: ControlServer, raw_socket: An
     assert reply == {"id": 9, "ok": True, "result": {"state": "idle", "frames": 3}}
 
 
+async def test_requests_python_cannot_parse_get_bad_json(
+    server: ControlServer, raw_socket: Any
+) -> None:
+    # each of these used to escape handle() and end serve(): no reply, ever, to anyone
+    req = raw_socket(zmq.REQ, server.bound_address)
+    for raw in (b'{"id": 1, "cmd": "status", "args": {"x": ' + b"[" * 5000 + b"]" * 5000
+                + b"}}", b'{"id": ' + b"1" * 5000 + b', "cmd": "status"}'):
+        await req.send(raw)
+        reply = json.loads(await asyncio.wait_for(req.recv(), 10))
+        assert reply["error"]["code"] == "bad_json"
+    await req.send(b'{"id": 9, "cmd": "status"}')
+    reply = json.loads(await asyncio.wait_for(req.recv(), 10))
+    assert reply["ok"] is True
+
+
 async def test_dealer_peer(server: ControlServer, raw_socket: Any) -> None:
     dealer = raw_socket(zmq.DEALER, server.bound_address)
     for i in range(3):  # pipelined: DEALER need not wait for each reply

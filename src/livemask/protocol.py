@@ -312,12 +312,23 @@ def format_validation_error(exc: ValidationError) -> str:
     return "; ".join(lines)
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number (JSON has no NaN or Infinity)")
+
+
+def _loads(raw: bytes | bytearray | memoryview) -> Any:
+    """Strict JSON: no NaN/Infinity; depth and integer size limited by Python's parser."""
+    return json.loads(bytes(raw).decode("utf-8"), parse_constant=_no_constant)
+
+
 def _loads_object(raw: bytes | bytearray | memoryview, what: str) -> dict[str, Any]:
     try:
-        obj = json.loads(bytes(raw).decode("utf-8"))
+        obj = _loads(raw)
     except UnicodeDecodeError as exc:
         raise CommandError(BAD_JSON, f"{what} is not UTF-8: {exc}") from exc
-    except json.JSONDecodeError as exc:
+    except RecursionError as exc:
+        raise CommandError(BAD_JSON, f"{what} nests too deeply to parse") from exc
+    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, integers over 4300 digits
         raise CommandError(BAD_JSON, f"{what} is not valid JSON: {exc}") from exc
     if not isinstance(obj, dict):
         raise CommandError(BAD_JSON, f"{what} must be a JSON object, got {type(obj).__name__}")
@@ -343,8 +354,8 @@ def parse_request(raw: bytes | bytearray | memoryview) -> ControlRequest:
 def peek_request_id(raw: bytes | bytearray | memoryview) -> str | int | None:
     """Best-effort ``id`` of a request that may be invalid (for its error reply)."""
     try:
-        obj = json.loads(bytes(raw).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        obj = _loads(raw)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
     if isinstance(obj, dict):
         rid = obj.get("id")

@@ -86,14 +86,20 @@ class ControlServer:
             if len(frames) < 2:  # ROUTER always prepends the identity; be defensive
                 continue
             envelope, payload = frames[:-1], frames[-1]
-            reply = await self.handle(payload)
-            await sock.send_multipart([*envelope, reply])
+            try:
+                reply = await self.handle(payload)
+                await sock.send_multipart([*envelope, reply])
+            except zmq.ZMQError:  # the peer left (ROUTER drops to unknown peers): next one
+                logger.debug("control reply not sent", exc_info=True)
+            except Exception:  # handle() never raises; keep serving whatever happens
+                logger.exception("control request %r not answered", bytes(payload)[:200])
 
     async def handle(self, payload: bytes) -> bytes:
         """Turn one raw request into one raw reply; never raises (except cancellation)."""
         self.requests += 1
-        req_id = protocol.peek_request_id(payload)
+        req_id = None
         try:
+            req_id = protocol.peek_request_id(payload)
             request = protocol.parse_request(payload)
             req_id = request.id
             result = await self._handler(request.cmd, request.args)

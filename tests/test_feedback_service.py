@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import itertools
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -153,10 +154,39 @@ async def test_rules_command_lists_replaces_and_toggles() -> None:
         assert info.value.code == "invalid_args"
         with pytest.raises(ControlError) as info:
             await control(svc, "rules", rules=[{"name": "x", "use": "no_such_mod:R"}])
-        assert info.value.code == "invalid_args" and "cannot import" in info.value.message
+        assert info.value.code == "invalid_args" and "feedback.rules" in info.value.message
         new = dict(BURST_RULE, name="renamed")
         rules = await control(svc, "rules", rules=[new])
         assert [r["name"] for r in rules] == ["renamed"]
+
+
+class _Quiet:
+    """A user rule that never acts."""
+
+    def __init__(self, name: str = "quiet") -> None:
+        self.name = name
+
+    def evaluate(self, ctx: Any) -> list[Any]:
+        return []
+
+
+async def test_rules_command_runs_only_user_rules_the_config_names(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "lab_rules", SimpleNamespace(Quiet=_Quiet))
+    marker = tmp_path / "ran"
+    cfg = feedback_config([{"name": "q", "use": "lab_rules:Quiet"}])
+    async with Service(cfg) as svc:
+        # any importable callable would run as the service's user: refused before import
+        for use, params in (("subprocess:Popen", {"args": ["touch", str(marker)]}),
+                            ("os:_exit", {"status": 3})):
+            with pytest.raises(ControlError) as info:
+                await control(svc, "rules", rules=[{"name": "x", "use": use, "params": params}])
+            assert info.value.code == "invalid_args" and "lab_rules:Quiet" in info.value.message
+        assert not marker.exists()
+        rules = await control(svc, "rules", rules=[
+            {"name": "q2", "use": "lab_rules:Quiet", "params": {"name": "q2"}}, BURST_RULE])
+        assert [r["name"] for r in rules] == ["q2", "burst-once"]
 
 
 # ------------------------------------------------------------------ external controller

@@ -186,6 +186,22 @@ class CommandHandler:
             }
         return result
 
+    def _check_user_rules(self, specs: list[RuleSpec]) -> None:
+        """Refuse ``use:`` rules the config file does not already name.
+
+        A user rule imports and calls ``package.module:factory`` with ``params``: over the
+        control channel that would let any client run code as the service's user."""
+        allowed = {r.use for r in self.service.config.feedback.rules if r.use is not None}
+        for i, spec in enumerate(specs):
+            if spec.use is not None and spec.use not in allowed:
+                raise CommandError(
+                    "invalid_args",
+                    f"rules[{i}]: use: {spec.use!r} is not in the config file's "
+                    "feedback.rules; a user rule runs code in the service, so the control "
+                    "channel may only use the factories named there (add a rule with it to "
+                    f"the config and restart; allowed now: {sorted(allowed)})",
+                )
+
     async def rules(self, args: dict[str, Any]) -> Any:
         """Feedback rules: list them, replace them, enable or disable some."""
         a: RulesArgs = _validate(RulesArgs, args, "rules")
@@ -196,6 +212,7 @@ class CommandHandler:
             )
         if a.rules is not None:
             specs = [_useq(RuleSpec, r, f"rules[{i}]") for i, r in enumerate(a.rules)]
+            self._check_user_rules(specs)
             names = [s.name for s in specs]
             if len(set(names)) != len(names):
                 raise CommandError("invalid_args", f"rules: names must be unique: {names}")

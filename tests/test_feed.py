@@ -38,6 +38,7 @@ def test_close_ends_iteration() -> None:
 def test_synchronized_waits_for_frame_done() -> None:
     feed = EventFeed(_events(2), synchronized=True, sync_timeout_s=5.0)
     next(feed)
+    feed.frame_delivered()
     released = threading.Event()
 
     def consume() -> None:
@@ -55,6 +56,7 @@ def test_synchronized_waits_for_frame_done() -> None:
 def test_synchronized_times_out_instead_of_hanging() -> None:
     feed = EventFeed(_events(2), synchronized=True, sync_timeout_s=0.1)
     next(feed)
+    feed.frame_delivered()
     start = time.monotonic()
     assert next(feed).index["t"] == 1
     assert time.monotonic() - start < 5.0
@@ -64,9 +66,19 @@ def test_synchronized_times_out_instead_of_hanging() -> None:
 def test_switching_to_free_run_releases_a_waiting_runner() -> None:
     feed = EventFeed(_events(2), synchronized=True, sync_timeout_s=30.0)
     next(feed)
+    feed.frame_delivered()
     got: list[useq.MDAEvent] = []
     worker = threading.Thread(target=lambda: got.append(next(feed)))
     worker.start()
     feed.set_synchronized(False)
     worker.join(2.0)
     assert got and got[0].index["t"] == 1
+
+
+def test_synchronized_does_not_wait_for_an_event_that_gave_no_frame() -> None:
+    # a failed snap (pymmcore-plus logs it and goes on) delivers nothing: before, the next
+    # event waited sync_timeout_s for a frame that would never come
+    feed = EventFeed(_events(3), synchronized=True, sync_timeout_s=30.0)
+    start = time.monotonic()
+    assert [e.index["t"] for e in feed] == [0, 1, 2]
+    assert time.monotonic() - start < 5.0 and feed.sync_timeouts == 0

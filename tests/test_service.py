@@ -311,6 +311,27 @@ async def test_missing_model_fails_cleanly_and_frees_the_ports(tmp_path: Any) ->
         pytest.fail(f"{pub} still bound after the failed start")
 
 
+async def test_a_camera_that_never_delivers_ends_the_acquisition_with_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from livemask.acquisition.simulated.devices import SimCamera
+
+    def broken_snap(self: SimCamera, buffer: Any) -> Any:
+        raise RuntimeError("camera not responding")
+
+    monkeypatch.setattr(SimCamera, "snap", broken_snap)
+    async with Service(make_config()) as svc:
+        got = await collect_run(svc, ("event",))
+        status = await control(svc, "status")
+    (done,) = [m.header for m in got["event"] if m.header["kind"] == "acquisition_finished"]
+    # pymmcore-plus logs each failed snap as a warning and goes on: before, this acquisition
+    # "finished" with error null and no frame
+    assert done["error"] is not None and "delivered no frame" in done["error"]
+    assert "hardware.config_file" in done["error"]
+    assert [m for m in got["event"] if m.header["kind"] == "error"]
+    assert status["frames_acquired"] == 0 and status["last_error"] == done["error"]
+
+
 async def test_missing_hardware_config_is_a_clear_error(tmp_path: Any) -> None:
     from livemask.errors import ConfigError
 

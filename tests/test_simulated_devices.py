@@ -168,15 +168,25 @@ def test_missing_cpp_adapter_is_an_acquisition_error(tmp_path: Path) -> None:
 
 
 def test_auto_picks_cmmcore_without_py_lines(tmp_path: Path) -> None:
+    from livemask.acquisition.core import _choose_kind
+
+    cfg = tmp_path / "rig.cfg"
+    cfg.write_text("Device,Camera,DemoCamera,DCam\n")
+    assert _choose_kind(cfg, "auto") == "cmmcore"
+    assert _choose_kind(CFG, "auto") == "unicore"
+
+
+def test_a_rig_without_camera_is_refused(tmp_path: Path) -> None:
+    from livemask.acquisition import core as core_module
+
     cfg = tmp_path / "empty.cfg"
     cfg.write_text("# a rig without devices\n")
-    core = open_core(cfg)
-    try:
-        assert type(core) is CMMCorePlus
-        assert core.getAutoShutter() is False  # no shutter device
-        assert describe_core(core)["camera"] == ""
-    finally:
-        close_core(core)
+    before = set(core_module._OPEN_CORES)
+    # before: it opened, and each event of an acquisition "ran" without a frame, the only
+    # trace a pymmcore-plus warning
+    with pytest.raises(AcquisitionError, match=r"empty\.cfg.*sets no camera.*Core,Camera"):
+        open_core(cfg)
+    assert set(core_module._OPEN_CORES) == before
 
 
 # ------------------------------------------------------------------ camera

@@ -1,6 +1,8 @@
 """Logging setup: one named logger ``livemask``, configured from the environment.
 
 ``LIVEMASK_LOG_LEVEL`` (default INFO) and ``LIVEMASK_LOG_FILE`` (default: stderr).
+pymmcore-plus' own logger goes to the same place at ``LIVEMASK_MM_LOG_LEVEL`` (default
+WARNING: it reports hardware faults such as a failed snap or channel change only there).
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 LOGGER_NAME = "livemask"
 
@@ -35,7 +38,58 @@ def setup_logging(*, quiet: bool = False) -> logging.Logger:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
-    # pymmcore-plus logs an ERROR when no Micro-Manager installation is found; Python
-    # devices do not need one, so keep its logger quiet unless asked.
-    logging.getLogger("pymmcore-plus").setLevel(os.environ.get("LIVEMASK_MM_LOG_LEVEL", "CRITICAL"))
+    _route_pymmcore_plus(logger.handlers)
     return logger
+
+
+class HardwareLogFilter(logging.Filter):
+    """pymmcore-plus' records, less its "no Micro-Manager installation" error (Python devices
+    need none, and a real rig that does fails to load with a message saying so), each
+    message at most once per ``every_s`` seconds (a failing device warns on every event)."""
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self._last: dict[str, tuple[float, int]] = {}  # message -> (last shown, repeats since)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "compatible Micro-Manager installation" in message:
+            return False
+        now = time.monotonic()
+        shown, repeats = self._last.get(message, (-float("inf"), 0))
+        if now - shown < self.every_s:
+            self._last[message] = (shown, repeats + 1)
+            return False
+        if len(self._last) > 1000:
+            self._last.clear()
+        self._last[message] = (now, 0)
+        if repeats:
+            record.msg = f"{message} (and {repeats} more times in the last {now - shown:.0f} s)"
+            record.args = None
+        return True
+
+
+def route_hardware_log() -> None:
+    """Route pymmcore-plus' log through ours, once :func:`setup_logging` has run.
+
+    pymmcore-plus replaces its logger's handlers when it is imported, so the module that
+    imports it (``livemask.acquisition.core``) calls this again afterwards."""
+    handlers = logging.getLogger(LOGGER_NAME).handlers
+    if handlers:
+        _route_pymmcore_plus(handlers)
+
+
+def _route_pymmcore_plus(handlers: list[logging.Handler]) -> None:
+    """Send pymmcore-plus' log through ``handlers`` (ours) instead of its own stderr handler."""
+    mm = logging.getLogger("pymmcore-plus")
+    mm.setLevel(os.environ.get("LIVEMASK_MM_LOG_LEVEL", "WARNING").upper())
+    for handler in list(mm.handlers):
+        if handler not in handlers:
+            mm.removeHandler(handler)
+    for handler in handlers:
+        if handler not in mm.handlers:
+            mm.addHandler(handler)
+    if not any(isinstance(f, HardwareLogFilter) for f in mm.filters):
+        mm.addFilter(HardwareLogFilter())
+    mm.propagate = False

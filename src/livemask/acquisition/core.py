@@ -21,10 +21,12 @@ from pymmcore_plus import CMMCorePlus, DeviceType
 from pymmcore_plus.experimental.unicore import UniMMCore
 
 from livemask.errors import AcquisitionError, ConfigError
+from livemask.log import route_hardware_log
 
 __all__ = ["CoreKind", "PythonDeviceCore", "close_core", "describe_core", "open_core"]
 
 logger = logging.getLogger("livemask")
+route_hardware_log()  # importing pymmcore_plus just replaced its logger's handlers
 
 CoreKind = Literal["auto", "unicore", "cmmcore"]
 _SIMULATED_MODULE = "livemask.acquisition.simulated"
@@ -76,7 +78,7 @@ def open_core(cfg_path: str | Path, *, core: CoreKind = "auto") -> CMMCorePlus:
         ) from exc
     _OPEN_CORES.add(mmc)
     try:
-        _check_single_channel_camera(mmc)
+        _check_camera(mmc, path)
     except AcquisitionError:
         close_core(mmc, timeout_s=0.0)
         raise
@@ -180,11 +182,18 @@ def _ensure_pixel_size(mmc: CMMCorePlus) -> None:
     mmc.setPixelSizeConfig(preset)
 
 
-def _check_single_channel_camera(mmc: CMMCorePlus) -> None:
-    """Refuse a camera that delivers colour images: the models segment one channel, so
-    every frame would fail ("expected a 2-D image")."""
+def _check_camera(mmc: CMMCorePlus, path: Path) -> None:
+    """Refuse a rig without a camera (every event would snap nothing, with only a warning
+    from pymmcore-plus) or with a colour camera: the models segment one channel, so every
+    frame would fail ("expected a 2-D image")."""
     camera = mmc.getCameraDevice()
-    components = mmc.getNumberOfComponents() if camera else 1
+    if not camera:
+        raise AcquisitionError(
+            f"Micro-Manager config {str(path)!r} sets no camera (Core-Camera is empty): "
+            "load a camera device and set it with 'Property,Core,Camera,<label>' in "
+            "hardware.config_file"
+        )
+    components = mmc.getNumberOfComponents()
     if components > 1:
         raise AcquisitionError(
             f"camera {camera!r} delivers {components}-component (colour) images; livemask "

@@ -1,8 +1,10 @@
 """The event feed: an iterator of MDA events that the MDA runner consumes while it runs.
 
 The runner thread calls ``next()``; the service thread injects events at any time. In
-synchronized mode ``next()`` waits until every frame issued so far has been reported done,
-so each frame is analysed before the next event reaches the microscope.
+synchronized mode ``next()`` waits until every frame delivered so far has been reported done,
+so each frame is analysed before the next event reaches the microscope. The source reports
+each frame as delivered (in the runner thread, before the next ``next()``), so an event whose
+snap failed (no frame) does not hold the next one.
 """
 
 from __future__ import annotations
@@ -35,22 +37,23 @@ class EventFeed(Iterator[useq.MDAEvent]):
         self.synchronized = synchronized
         self.sync_timeout_s = sync_timeout_s
         self.issued = 0
+        self.delivered = 0
         self.done = 0
         self.sync_timeouts = 0
 
     def __next__(self) -> useq.MDAEvent:
         with self._cond:
             waited = 0.0
-            while self.synchronized and self.done < self.issued and not self._closed:
+            while self.synchronized and self.done < self.delivered and not self._closed:
                 if waited >= self.sync_timeout_s:
                     log.warning(
                         "synchronized mode: frame %d not analysed after %.1f s; releasing the "
                         "next event (raise acquisition.frame_timeout_s if analysis is slow)",
-                        self.issued - 1,
+                        self.delivered - 1,
                         waited,
                     )
                     self.sync_timeouts += 1
-                    self.done = self.issued
+                    self.done = self.delivered
                     break
                 self._cond.wait(0.05)
                 waited += 0.05
@@ -75,8 +78,13 @@ class EventFeed(Iterator[useq.MDAEvent]):
             self._cond.notify_all()
         return len(items)
 
+    def frame_delivered(self) -> None:
+        """Report that the camera delivered one frame (call before handing it on)."""
+        with self._cond:
+            self.delivered += 1
+
     def frame_done(self) -> None:
-        """Report that one issued frame has been analysed (or skipped) and published."""
+        """Report that one delivered frame has been analysed (or skipped) and published."""
         with self._cond:
             self.done += 1
             self._cond.notify_all()

@@ -323,6 +323,7 @@ class ReplaySource(FeedThreadSource):
                 event = useq.MDAEvent(index=index, x_pos=pos.get("x_um"),
                                       y_pos=pos.get("y_um"), z_pos=pos.get("z_um"))
                 assert self.on_frame is not None
+                feed.frame_delivered()
                 self.on_frame(RawFrame(image, event, time.time(), pos, None))
                 self.emitted += 1
         except Exception as exc:  # a read fault ends the replay like a camera fault

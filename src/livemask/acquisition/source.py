@@ -65,6 +65,10 @@ class FrameSource(Protocol):
     def inject(self, events: Iterable[useq.MDAEvent]) -> int:
         """Add events to the running acquisition."""
 
+    @property
+    def events_issued(self) -> int:
+        """Events handed to the hardware in the current (or last) acquisition."""
+
     def frame_done(self) -> None:
         """Report one frame fully handled (releases the next event in synchronized mode)."""
 
@@ -92,6 +96,11 @@ class FeedThreadSource:
     def running(self) -> bool:
         """Whether the source's thread is alive."""
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def events_issued(self) -> int:
+        """Events the runner took from the feed in the current (or last) acquisition."""
+        return self._feed.issued if self._feed is not None else 0
 
     def frame_done(self) -> None:
         """Forward to the feed (releases the next event in synchronized mode; no-op idle)."""
@@ -126,6 +135,8 @@ class MicroscopeSource(FeedThreadSource):
 
     def _frame_ready(self, image: np.ndarray, event: useq.MDAEvent, meta: Any = None) -> None:
         acquired = time.time()
+        if self._feed is not None:
+            self._feed.frame_delivered()
         truth = self._truth_lookup(image) if self._truth_lookup else None
         position = {"x_um": event.x_pos, "y_um": event.y_pos, "z_um": event.z_pos}
         self._on_frame(RawFrame(image, event, acquired, position, truth))

@@ -89,6 +89,8 @@ class Service:
         self._acquiring = False
         self.acquisitions_finished = 0
         self._acquisition_started = 0.0
+        self._acquired_at_start = 0  # the acquired-frames counter when the acquisition began
+        self._stop_requested = False  # stop_acquisition was called for the running one
         self._last_error: str | None = None
         self.metrics: MetricsServer | None = None
         self.dashboard: DashboardServer | None = None
@@ -369,6 +371,8 @@ class Service:
             on_done=self._on_acquisition_done,
         )
         self.pipeline.reset_accumulators()
+        self._acquired_at_start = self.pipeline.counters.counts["acquired"]
+        self._stop_requested = False
         self._acquiring = True
         self.state = "running"
         self._acquisition_started = time.time()
@@ -387,6 +391,7 @@ class Service:
             self.feedback.acquisition_finished()
         if self.state == "running":
             self.state = "idle"
+        error = error or self._no_frame_error()
         if error:
             self._last_error = error
             self._event("error", {"detail": error})
@@ -395,8 +400,23 @@ class Service:
             {"error": error, "duration_s": round(time.time() - self._acquisition_started, 3)},
         )
 
+    def _no_frame_error(self) -> str | None:
+        """An error for an acquisition whose events all ran without a frame.
+
+        pymmcore-plus logs a failed snap as a warning and goes on to the next event, so a
+        camera that fails every time would otherwise end the acquisition "successfully"."""
+        issued = self.source.events_issued if self.source is not None else 0
+        acquired = self.pipeline.counters.counts["acquired"] - self._acquired_at_start
+        if issued == 0 or acquired > 0 or self._stop_requested:
+            return None
+        return (
+            f"the acquisition ran {issued} event(s) but the camera delivered no frame: check "
+            "the camera in hardware.config_file (the log has pymmcore-plus' warnings)"
+        )
+
     async def stop_acquisition(self) -> None:
         """Cancel the running acquisition and wait for the runner to end."""
+        self._stop_requested = True
         if self.source is not None and self._acquiring:
             await asyncio.to_thread(self.source.stop)
             # the runner's on_done arrives via call_soon_threadsafe; let it run

@@ -37,6 +37,16 @@ def test_shipped_config_resolves_hardware_path() -> None:
          "time_plan duration must be >= 0 s, got -3 s"),
         ({"publish": {"frame_every": -1}}, "publish.frame_every"),
         ({"model": {"threads": 0}}, "model.threads"),
+        ({"model": {"threads": 100_000}}, "model.threads"),  # hung the start, 17 GB
+        ({"acquisition": {"sequence": {"time_pan": {"interval": 1, "loops": 3}}}},
+         "acquisition.sequence: Value error, sequence.time_pan: unknown field"),
+        ({"acquisition": {"sequence": {"stage_positions": [{"x": float("nan"), "y": 0}]}}},
+         "x: nan is not a finite number"),
+        ({"simulation": {"sensor_shape_px": [0, 0]}}, "simulation.sensor_shape_px"),
+        ({"simulation": {"sensor_shape_px": [100_000, 100_000]}}, "simulation.sensor_shape_px"),
+        ({"simulation": {"pixel_size_um": float("inf")}}, "simulation.pixel_size_um"),
+        ({"hardware": {"pixel_size_um": float("nan")}}, "hardware.pixel_size_um"),
+        ({"publish": {"heartbeat_s": 1e-9}}, "publish.heartbeat_s"),
         ({"hardwre": {}}, "hardwre"),
     ],
 )

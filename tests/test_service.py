@@ -215,6 +215,15 @@ async def test_enqueue_snapshot_and_set(service: Service) -> None:
         ("enqueue", {"events": []}, "invalid_args", "events"),
         ("enqueue", {"events": [{"x_pos": "left"}]}, "invalid_args", "x_pos"),
         ("enqueue", {"events": [{"x_pos": 1.0}] * 10_001}, "invalid_args", "at most 10000"),
+        # useq ignores unknown keys: a typo used to start an empty acquisition, or image at
+        # the current stage position instead of the one asked for
+        ("start", {"sequence": {"time_pan": {"interval": 0.1, "loops": 5}}}, "invalid_args",
+         "sequence.time_pan: unknown field"),
+        ("enqueue", {"events": [{"x_pos": 1.0}, {"xpos": 1.0}]}, "invalid_args",
+         "events[1].xpos: unknown field"),
+        ("set", {"exposure_ms": True}, "invalid_args", "exposure_ms"),
+        ("set", {"exposure_ms": "20"}, "invalid_args", "exposure_ms"),
+        ("set", {"exposure_ms": 20_000}, "invalid_args", "refused exposure 20000 ms"),
     ],
 )
 async def test_bad_control_requests_get_error_replies(

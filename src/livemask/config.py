@@ -8,18 +8,19 @@ Errors name the field to change, e.g. ``acquisition.mode: Input should be 'free-
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import useq
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from livemask.acquisition.mode import Mode
-from livemask.acquisition.sequence import check_timing
+from livemask.acquisition.sequence import check_input, check_timing
 from livemask.errors import ConfigError
 from livemask.feedback.spec import FeedbackConfig
 
 StageThreads = Literal["one", "two"]
+SensorSide = Annotated[int, Field(ge=16, le=16384)]
 
 DEFAULT_SEQUENCE: dict[str, Any] = {
     "time_plan": {"interval": 0.1, "loops": 170},
@@ -28,7 +29,7 @@ DEFAULT_SEQUENCE: dict[str, Any] = {
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class HardwareConfig(_Section):
@@ -53,7 +54,9 @@ class SimulationConfig(_Section):
 
     sample: Literal["nuclei", "grains"] = "nuclei"
     seed: int = 0
-    sensor_shape_px: tuple[int, int] = (512, 512)
+    sensor_shape_px: tuple[SensorSide, SensorSide] = Field(
+        default=(512, 512), description="Camera (rows, columns), 16 to 16384 each."
+    )
     pixel_size_um: float = Field(default=0.65, gt=0)
     steps_per_frame: int = Field(default=1, ge=0, description="Sample time steps per snap.")
     truth: bool = Field(default=False, description="Publish ground-truth labels on 'truth'.")
@@ -95,7 +98,9 @@ class AcquisitionConfig(_Section):
     @field_validator("sequence")
     @classmethod
     def _valid_sequence(cls, value: dict[str, Any]) -> dict[str, Any]:
-        check_timing(useq.MDASequence.model_validate(value))
+        seq = useq.MDASequence.model_validate(value)
+        check_input(seq, value, "sequence")
+        check_timing(seq)
         return value
 
     def mda_sequence(self) -> useq.MDASequence:
@@ -116,7 +121,9 @@ class ModelConfig(_Section):
         "torch on CUDA, then onnxruntime), logging why each other one cannot; a named backend "
         "that cannot run is an error. See docs/backends.md.",
     )
-    threads: int = Field(default=2, ge=1, description="Intra-op threads of the CPU backend.")
+    threads: int = Field(
+        default=2, ge=1, le=256, description="Intra-op threads of the CPU backend."
+    )
     device_analysis: bool = Field(
         default=True,
         description="With the torch backend on a CUDA GPU, keep each frame on the GPU and label "
@@ -142,7 +149,9 @@ class PublishConfig(_Section):
         default=1, ge=0, description="Publish every Nth frame on 'frame' (0 = never)."
     )
     sndhwm: int = Field(default=200, ge=1, description="PUB high-water mark (messages).")
-    heartbeat_s: float = Field(default=1.0, gt=0, description="Status interval.")
+    heartbeat_s: float = Field(
+        default=1.0, ge=0.05, description="Status interval (at least 0.05 s)."
+    )
 
 
 class PipelineConfig(_Section):

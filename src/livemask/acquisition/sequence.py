@@ -15,8 +15,10 @@ import logging
 import math
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import useq
+from pydantic import BaseModel
 
 log = logging.getLogger("livemask")
 
@@ -42,6 +44,48 @@ def check_timing(seq: useq.MDASequence) -> None:
             seconds = getattr(phase, name).total_seconds()
             if seconds < 0:
                 raise ValueError(f"time_plan {name} must be >= 0 s, got {seconds:g} s")
+
+
+def check_input(model: BaseModel, data: Any, what: str) -> None:
+    """Raise ``ValueError`` naming fields of ``data`` that the validated ``model`` ignored, or
+    numbers that are not finite.
+
+    useq ignores unknown keys, so a typo (``time_pan``, ``xpos``) would silently run another
+    acquisition than the one asked for; and it accepts NaN or infinite stage positions."""
+    problems = [*_unknown_fields(model, data, what), *_non_finite(data, what)]
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _unknown_fields(model: Any, data: Any, where: str) -> list[str]:
+    if isinstance(model, (list, tuple)) and isinstance(data, (list, tuple)):
+        if len(model) != len(data):
+            return []
+        return [p for i, (m, d) in enumerate(zip(model, data, strict=True))
+                for p in _unknown_fields(m, d, f"{where}[{i}]")]
+    if not isinstance(model, BaseModel) or not isinstance(data, dict):
+        return []
+    fields = type(model).model_fields
+    known = set(fields) | {f.alias for f in fields.values() if f.alias}
+    problems = [
+        f"{where}.{key}: unknown field (known: {', '.join(sorted(fields))})"
+        for key in data if key not in known
+    ]
+    for name, field in fields.items():
+        key = name if name in data else field.alias
+        if key in data:
+            problems += _unknown_fields(getattr(model, name), data[key], f"{where}.{key}")
+    return problems
+
+
+def _non_finite(data: Any, where: str) -> list[str]:
+    if isinstance(data, float) and not math.isfinite(data):
+        return [f"{where}: {data} is not a finite number"]
+    if isinstance(data, dict):
+        return [p for k, v in data.items() for p in _non_finite(v, f"{where}.{k}")]
+    if isinstance(data, (list, tuple)):
+        return [p for i, v in enumerate(data) for p in _non_finite(v, f"{where}[{i}]")]
+    return []
 
 
 def time_points(seq: useq.MDASequence) -> int:

@@ -179,8 +179,15 @@ class MicroscopeSource(FeedThreadSource):
         return self._feed.inject(events)
 
     def set_exposure(self, exposure_ms: float) -> None:
-        """Set the camera exposure (takes effect from the next snap)."""
-        self.core.setExposure(exposure_ms)
+        """Set the camera exposure (takes effect from the next snap); ``ValueError`` with the
+        camera's reason if it refuses the value."""
+        try:
+            self.core.setExposure(exposure_ms)
+        except Exception as exc:  # the device's own range check (CMMError, ValueError, ...)
+            raise ValueError(
+                f"camera {self.core.getCameraDevice()!r} refused exposure {exposure_ms:g} ms: "
+                f"{exc}"
+            ) from exc
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Cancel the acquisition and join the runner thread."""

@@ -27,7 +27,7 @@ from livemask.acquisition.mode import Mode
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class Compare(_Spec):

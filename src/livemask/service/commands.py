@@ -8,13 +8,13 @@ request gets an ``invalid_args`` reply naming the field. Handlers raise
 from __future__ import annotations
 
 import base64
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import useq
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 
 from livemask.acquisition.mode import Mode
-from livemask.acquisition.sequence import check_timing
+from livemask.acquisition.sequence import check_input, check_timing
 from livemask.errors import AcquisitionError, CommandError, ConfigError
 from livemask.feedback.spec import RuleSpec
 
@@ -50,7 +50,7 @@ class EnqueueArgs(_Args):
 class SetArgs(_Args):
     """``set``: change settings while running."""
 
-    exposure_ms: float | None = Field(default=None, gt=0, le=60_000)
+    exposure_ms: Annotated[float, Strict()] | None = Field(default=None, gt=0, le=60_000)
     mode: Mode | None = None
 
 
@@ -131,6 +131,7 @@ class CommandHandler:
         if a.sequence is not None:
             seq = _useq(useq.MDASequence, a.sequence, "sequence")
             try:
+                check_input(seq, a.sequence, "sequence")
                 check_timing(seq)
             except ValueError as exc:
                 raise CommandError("invalid_args", f"invalid sequence: {exc}") from None
@@ -153,6 +154,11 @@ class CommandHandler:
             _useq(useq.MDAEvent, e, f"events[{i}]") for i, e in enumerate(a.events)
         ]
         try:
+            for i, (event, data) in enumerate(zip(events, a.events, strict=True)):
+                check_input(event, data, f"events[{i}]")
+        except ValueError as exc:
+            raise CommandError("invalid_args", f"invalid {exc}") from None
+        try:
             return self.service.enqueue(events)
         except AcquisitionError as exc:
             raise CommandError("invalid_state", str(exc)) from None
@@ -166,6 +172,8 @@ class CommandHandler:
             return await self.service.apply_settings(exposure_ms=a.exposure_ms, mode=a.mode)
         except AcquisitionError as exc:
             raise CommandError("invalid_state", str(exc)) from None
+        except ValueError as exc:  # the camera refused the value
+            raise CommandError("invalid_args", f"set: {exc}") from None
 
     async def snapshot(self, args: dict[str, Any]) -> Any:
         """Latest frame/labels/measurements and per-topic seq numbers, for late joiners."""

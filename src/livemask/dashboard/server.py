@@ -460,7 +460,7 @@ class DashboardServer:
         Anything else is ignored."""
         try:
             msg = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past Python's parser
             return
         if isinstance(msg, dict) and msg.get("type") == "view":
             browser.wants_images = bool(msg.get("images", True))

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from typer.testing import CliRunner
 
 from livemask.acquisition.simulated.nuclei import NucleiSample
 from livemask.analysis.metrics import match_instances
-from livemask.cli import app
+from livemask.cli import _address, app
 from livemask.client import Subscriber
 from tests.conftest import ROOT, free_tcp_address
 
@@ -104,6 +105,116 @@ def test_segment_rejects_missing_input(tmp_path: Path) -> None:
     result = runner.invoke(app, ["segment", str(tmp_path / "x.tif"), "-o", str(tmp_path / "y.tif")])
     assert result.exit_code == 2
     assert "does not exist" in result.output
+
+
+def _flat(output: str) -> str:
+    """CLI output with rich's box drawing and line wrapping undone."""
+    return " ".join(output.replace("│", " ").split())
+
+
+@pytest.mark.parametrize(
+    ("image", "found"),
+    [
+        (np.zeros((64, 64), dtype=bool), "has dtype bool; expected integer"),
+        (np.zeros((64, 64), dtype=np.complex64), "has dtype complex64; expected integer"),
+        (np.zeros((0, 0), dtype=np.uint16), "has shape (0, 0); expected 2-D images"),
+        (np.zeros((1, 64), dtype=np.uint16), "has shape (1, 64); expected 2-D images"),
+        (np.zeros((3, 0, 4), dtype=np.uint16), "has shape (3, 0, 4); expected 2-D images"),
+    ],
+    ids=["bool", "complex64", "0x0", "1x64", "stack-of-0x4"],
+)
+def test_segment_rejects_unsupported_images(tmp_path: Path, image: np.ndarray, found: str) -> None:
+    src = tmp_path / "odd.tif"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tifffile warns about zero-size images
+        tifffile.imwrite(src, image)
+    result = runner.invoke(app, ["segment", str(src), "-o", str(tmp_path / "y.tif")])
+    assert result.exit_code == 2, result.output
+    assert f"error: {src} {found}" in _flat(result.output)
+    assert not (tmp_path / "y.tif").exists()
+
+
+def _nuclei_image(tmp_path: Path, name: str, *, nan_patch: bool) -> Path:
+    image = NucleiSample(seed=11).render((0.0, 0.0), (256, 256)).image.astype(np.float32)
+    if nan_patch:
+        image[100:105, 100:105] = np.nan
+    path = tmp_path / name
+    tifffile.imwrite(path, image)
+    return path
+
+
+def test_segment_nan_patch_finds_the_same_objects(tmp_path: Path) -> None:
+    counts = {}
+    for nan_patch in (False, True):
+        src = _nuclei_image(tmp_path, f"in-{nan_patch}.tif", nan_patch=nan_patch)
+        out = tmp_path / f"labels-{nan_patch}.tif"
+        result = runner.invoke(app, ["segment", str(src), "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        counts[nan_patch] = len(np.unique(tifffile.imread(out))) - 1
+    assert counts[False] > 20
+    assert abs(counts[True] - counts[False]) <= 1, counts
+    assert "25 NaN/infinite pixels, segmented as background" in result.output
+
+
+def test_segment_reports_image_without_finite_pixels(tmp_path: Path) -> None:
+    src = tmp_path / "nan.tif"
+    tifffile.imwrite(src, np.full((64, 64), np.nan, dtype=np.float32))
+    result = runner.invoke(app, ["segment", str(src), "-o", str(tmp_path / "y.tif")])
+    assert result.exit_code == 2, result.output
+    assert f"error: {src}: the image has no finite pixel" in _flat(result.output)
+
+
+def test_segment_says_a_service_config_is_not_a_model_card(tmp_path: Path) -> None:
+    src = _nuclei_image(tmp_path, "in.tif", nan_patch=False)
+    cfg = ROOT / "configs" / "simulated-nuclei.yaml"
+    result = runner.invoke(app, ["segment", str(src), "-o", str(tmp_path / "y.tif"),
+                                 "--model", str(cfg)])
+    assert result.exit_code == 2, result.output
+    text = _flat(result.output)
+    assert f"error: {cfg} is not a model card" in text
+    assert "validation error" not in text and "pydantic" not in text
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--pixel-size-um", "nan"), ("--pixel-size-um", "inf"), ("--pixel-size-um", "0"),
+     ("--pixel-size-um", "-1"), ("--threads", "-3"), ("--threads", "0")],
+)
+def test_segment_rejects_bad_numbers(tmp_path: Path, flag: str, value: str) -> None:
+    src = _nuclei_image(tmp_path, "in.tif", nan_patch=False)
+    result = runner.invoke(app, ["segment", str(src), "-o", str(tmp_path / "y.tif"), flag, value])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{flag}'" in result.output
+    assert not (tmp_path / "y.tif").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["serve", "--mode", "bogus"], "'bogus' is not one of 'free-run', 'synchronized'"),
+        (["replay", "x.tif", "--mode", "bogus"], "'bogus' is not one of 'free-run'"),
+        (["serve", "--interval", "inf"], "must be a finite number, got inf"),
+        (["replay", "x.tif", "--interval", "inf"], "must be a finite number, got inf"),
+        (["serve", "--pub", "garbage"], "'garbage' is not a valid address; expected "
+         "tcp://HOST:PORT, e.g. tcp://127.0.0.1:5555"),
+        (["serve", "--control", "tcp://127.0.0.1:notaport"], "is not a valid address"),
+        (["replay", "x.tif", "--pub", "tcp://127.0.0.1:70000"], "is not a valid address"),
+    ],
+)
+def test_service_flags_are_checked_and_named(args: list[str], message: str) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    flag = next(a for a in args if a.startswith("--"))
+    text = _flat(result.output)
+    assert f"Invalid value for '{flag}'" in text
+    assert message in text
+    assert "pydantic" not in text and "another `livemask serve`" not in text
+
+
+@pytest.mark.parametrize("address", ["tcp://127.0.0.1:*", "tcp://*:5555", "tcp://[::1]:0",
+                                     "tcp://localhost:5555", "ipc:///tmp/livemask.ipc"])
+def test_valid_addresses_pass_the_flag_check(address: str) -> None:
+    assert _address(address) == address
 
 
 def test_models_lists_nuclei() -> None:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from livemask.analysis import percentile_normalize
+from livemask.analysis.normalize import image_problem
 
 
 def test_min_max_map_to_zero_and_one_exactly() -> None:
@@ -95,3 +96,67 @@ def test_bad_percentiles(low: float, high: float) -> None:
 def test_bad_subsample() -> None:
     with pytest.raises(ValueError, match="subsample"):
         percentile_normalize(np.zeros((4, 4)), subsample=0)
+
+
+def _gamma_image() -> np.ndarray:
+    rng = np.random.default_rng(2)
+    return rng.gamma(2.0, 100.0, size=(128, 128)).astype(np.float32)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_pixels_left_out_and_set_to_zero(bad: float) -> None:
+    image = _gamma_image()
+    image[40:45, 60:65] = bad
+    finite = np.isfinite(image)
+    out = percentile_normalize(image, 1.0, 99.0, subsample=1)
+    lo, hi = np.percentile(image[finite], (1.0, 99.0))
+    assert np.isfinite(out).all()
+    assert not out[~finite].any()
+    np.testing.assert_allclose(out[finite], (image[finite] - lo) / (hi - lo), atol=1e-5)
+
+
+def test_nan_patch_barely_changes_the_subsampled_estimate() -> None:
+    rng = np.random.default_rng(1)
+    image = rng.gamma(2.0, 100.0, size=(512, 512)).astype(np.float32)
+    patched = image.copy()
+    patched[200:205, 300:305] = np.nan
+    keep = np.isfinite(patched)
+    out = percentile_normalize(patched)
+    assert np.abs(out[keep] - percentile_normalize(image)[keep]).max() < 0.05
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_no_finite_pixel_raises(bad: float) -> None:
+    with pytest.raises(ValueError, match="no finite pixel"):
+        percentile_normalize(np.full((16, 16), bad, dtype=np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.bool_, np.complex64])
+def test_bool_and_complex_pixels_raise(dtype: type) -> None:
+    with pytest.raises(ValueError, match=f"dtype {np.dtype(dtype)}; expected integer"):
+        percentile_normalize(np.ones((16, 16), dtype=dtype))
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "problem"),
+    [
+        ((7,), np.uint16, "shape (7,)"),
+        ((0, 0), np.uint16, "shape (0, 0)"),
+        ((1, 64), np.uint16, "at least 2x2"),
+        ((3, 0, 4), np.float32, "shape (3, 0, 4)"),
+        ((0, 8, 8), np.uint16, "holds no images"),
+        ((8, 8), np.bool_, "dtype bool"),
+        ((2, 8, 8), np.complex64, "dtype complex64"),
+    ],
+)
+def test_image_problem_names_what_is_wrong(
+    shape: tuple[int, ...], dtype: type, problem: str
+) -> None:
+    reason = image_problem(shape, np.dtype(dtype))
+    assert reason is not None and problem in reason
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32, np.float16, np.float64])
+def test_image_problem_accepts_images_and_stacks(dtype: type) -> None:
+    assert image_problem((2, 2), np.dtype(dtype)) is None
+    assert image_problem((5, 3, 64, 48), np.dtype(dtype)) is None

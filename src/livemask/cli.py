@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
+from livemask.acquisition.mode import Mode
 from livemask.errors import LivemaskError
 from livemask.log import setup_logging
 
@@ -39,6 +42,44 @@ DashboardOpt = Annotated[
 ]
 
 
+#: A ZeroMQ address a flag may give: tcp://HOST:PORT (port * picks a free one), ipc://, inproc://.
+_ADDRESS = re.compile(r"tcp://(\[[^\]]+\]|[^:/\[\]\s]+):(?P<port>\d+|\*)|(ipc|inproc)://\S+")
+
+
+def _address(value: str | None) -> str | None:
+    """Callback: reject a malformed --pub / --control address before anything binds it."""
+    if value is None:
+        return None
+    m = _ADDRESS.fullmatch(value)
+    if m is None or (m["port"] not in (None, "*") and int(m["port"]) > 65535):
+        raise typer.BadParameter(
+            f"{value!r} is not a valid address; expected tcp://HOST:PORT, e.g. "
+            "tcp://127.0.0.1:5555 (port * picks a free one), or ipc://PATH"
+        )
+    return value
+
+
+def _finite(value: float | None) -> float | None:
+    """Callback: reject inf and nan (the range check already ran)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number, got {value}")
+    return value
+
+
+def _positive(value: float) -> float:
+    """Callback: a finite number > 0."""
+    if not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"must be a finite number > 0, got {value}")
+    return value
+
+
+PubOpt = Annotated[str | None, typer.Option(
+    callback=_address, help="PUB address, e.g. tcp://127.0.0.1:5555")]
+ControlOpt = Annotated[str | None, typer.Option(
+    callback=_address, help="Control (ROUTER) address, e.g. tcp://127.0.0.1:5556")]
+ModeOpt = Annotated[Mode | None, typer.Option(help="free-run or synchronized.")]
+
+
 def _fail(exc: Exception) -> None:
     typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
     raise typer.Exit(2)
@@ -61,14 +102,14 @@ def _apply_service_flags(
 @app.command()
 def serve(
     config: ConfigOpt = None,
-    pub: Annotated[str | None, typer.Option(help="PUB address, e.g. tcp://127.0.0.1:5555")] = None,
-    control: Annotated[str | None, typer.Option(help="Control (ROUTER) address.")] = None,
+    pub: PubOpt = None,
+    control: ControlOpt = None,
     truth: Annotated[bool, typer.Option("--truth", help="Publish simulator ground truth.")] = False,
-    mode: Annotated[str | None, typer.Option(help="free-run or synchronized.")] = None,
+    mode: ModeOpt = None,
     frames: Annotated[int | None, typer.Option(
         min=1, help="Override the time-lapse length.")] = None,
     interval: Annotated[float | None, typer.Option(
-        min=0, help="Override the interval (s).")] = None,
+        min=0, callback=_finite, help="Override the interval (s).")] = None,
     view: Annotated[bool, typer.Option("--view", help="Show live measurements here.")] = False,
     exit_when_done: Annotated[
         bool, typer.Option("--exit-when-done", help="Exit when the acquisition finishes.")
@@ -146,10 +187,11 @@ def replay(
         help="A livemask recording (run folder), an OME-Zarr image or a TIFF stack.")],
     config: ConfigOpt = None,
     interval: Annotated[float | None, typer.Option(
-        min=0, help="Seconds between frames (default: the recorded timing, else 0.1).")] = None,
-    pub: Annotated[str | None, typer.Option(help="PUB address, e.g. tcp://127.0.0.1:5555")] = None,
-    control: Annotated[str | None, typer.Option(help="Control (ROUTER) address.")] = None,
-    mode: Annotated[str | None, typer.Option(help="free-run or synchronized.")] = None,
+        min=0, callback=_finite,
+        help="Seconds between frames (default: the recorded timing, else 0.1).")] = None,
+    pub: PubOpt = None,
+    control: ControlOpt = None,
+    mode: ModeOpt = None,
     view: Annotated[bool, typer.Option("--view", help="Show live measurements here.")] = False,
     exit_when_done: Annotated[
         bool, typer.Option("--exit-when-done", help="Exit when every frame was played.")
@@ -248,8 +290,8 @@ def segment(
     output: Annotated[Path, typer.Option("-o", "--output", help="Label TIFF to write.")],
     model: Annotated[str, typer.Option(help="Model name or card path.")] = "nuclei",
     table: Annotated[Path | None, typer.Option(help="Write measurements CSV here.")] = None,
-    pixel_size_um: Annotated[float, typer.Option(help="For µm columns.")] = 1.0,
-    threads: Annotated[int, typer.Option(help="CPU threads.")] = 2,
+    pixel_size_um: Annotated[float, typer.Option(callback=_positive, help="For µm columns.")] = 1.0,
+    threads: Annotated[int, typer.Option(min=1, help="CPU threads.")] = 2,
 ) -> None:
     """Segment an image or a stack offline and write a label TIFF."""
     from livemask.offline import segment_file

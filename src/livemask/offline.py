@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 import numpy as np
 import tifffile
+import yaml
 
 from livemask.analysis.measure import measure_objects
+from livemask.analysis.normalize import image_problem
+from livemask.errors import ModelError
 from livemask.inference.models import load_model_card
 from livemask.inference.segmenter import Segmenter
 from livemask.inference.select import load_backend
+
+log = logging.getLogger("livemask")
 
 TABLE_COLUMNS = (
     "plane", "label", "area_px", "area_um2", "centroid_y", "centroid_x", "bbox_min_row",
@@ -22,9 +28,32 @@ TABLE_COLUMNS = (
 
 def load_segmenter(model: str, threads: int = 2) -> Segmenter:
     """A segmenter for a shipped model name or a card path, on the default backend."""
-    card = load_model_card(model)
+    try:
+        card = load_model_card(model)
+    except ModelError:
+        _explain_not_a_card(model)
+        raise
     backend = load_backend("auto", card, threads=threads)
     return Segmenter(card, backend)
+
+
+def _explain_not_a_card(model: str) -> None:
+    """Raise a ModelError if ``model`` is a YAML file that is no model card at all."""
+    path = Path(model)
+    if path.suffix not in (".yaml", ".yml") or not path.is_file():
+        return
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return  # load_model_card's own message says what is wrong
+    if isinstance(data, dict) and "name" in data:
+        return  # a card with a bad field: load_model_card's message names it
+    keys = ", ".join(map(str, data)) if isinstance(data, dict) else type(data).__name__
+    raise ModelError(
+        f"{path} is not a model card (it has no 'name' field; found: {keys or 'nothing'}); "
+        "give --model a shipped model name (see `livemask models`) or a model card .yaml "
+        "like src/livemask/models/nuclei.yaml"
+    ) from None
 
 
 def read_planes(path: Path) -> np.ndarray:
@@ -32,12 +61,11 @@ def read_planes(path: Path) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"input image {path} does not exist")
     data = np.asarray(tifffile.imread(path))
-    if data.ndim == 2:
-        return data[None]
-    if data.ndim >= 3 and data.shape[-1] in (3, 4) and data.ndim == 3:
+    problem = image_problem(data.shape, data.dtype)
+    if problem is not None:
+        raise ValueError(f"{path} {problem}")
+    if data.ndim == 3 and data.shape[-1] in (3, 4):
         raise ValueError(f"{path} looks like an RGB image {data.shape}; give a grayscale image")
-    if data.ndim < 2:
-        raise ValueError(f"{path} has shape {data.shape}; expected a 2-D image or a stack")
     return data.reshape(-1, *data.shape[-2:])
 
 
@@ -56,7 +84,14 @@ def segment_file(
     labels = np.zeros(planes.shape, dtype=np.int32)
     rows: list[dict[str, object]] = []
     for i, plane in enumerate(planes):
-        labels[i] = seg.segment(plane)
+        where = f"{input_path}" + (f" plane {i}" if len(planes) > 1 else "")
+        bad = plane.size - np.count_nonzero(np.isfinite(plane)) if plane.dtype.kind == "f" else 0
+        if 0 < bad < plane.size:  # none finite: segment raises below
+            log.warning("%s: %d NaN/infinite pixels, segmented as background", where, bad)
+        try:
+            labels[i] = seg.segment(plane)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
         if table is not None:
             objects, _ = measure_objects(labels[i], plane, pixel_size_um=pixel_size_um)
             for o in objects:

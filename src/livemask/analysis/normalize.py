@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-__all__ = ["percentile_normalize"]
+__all__ = ["MIN_SIDE_PX", "image_problem", "percentile_normalize"]
 
 #: Fewest pixels the percentile estimate is taken over; the stride shrinks to keep at least this.
 _MIN_SAMPLE_PX = 4096
+
+#: Smallest height and width of an image that is segmented (and replayed).
+MIN_SIDE_PX = 2
+
+#: ``dtype.kind`` of the pixels that can be normalised: unsigned, signed integer and float.
+_PIXEL_KINDS = "uif"
+_PIXELS_ACCEPTED = "integer (uint8, uint16, ...) or float pixels"
+
+
+def image_problem(shape: tuple[int, ...], dtype: np.dtype[Any]) -> str | None:
+    """Why an image of ``shape`` (..., y, x) and ``dtype`` cannot be segmented, else None.
+
+    The reason completes a sentence that starts with the image's name, e.g.
+    ``f"{path} {reason}"``.
+    """
+    shape = tuple(int(n) for n in shape)
+    if len(shape) < 2 or min(shape[-2:]) < MIN_SIDE_PX:
+        return (f"has shape {shape}; expected 2-D images (y, x) of at least "
+                f"{MIN_SIDE_PX}x{MIN_SIDE_PX} pixels, or a stack of them")
+    if 0 in shape[:-2]:
+        return f"has shape {shape}, which holds no images"
+    if dtype.kind not in _PIXEL_KINDS:
+        return f"has dtype {dtype}; expected {_PIXELS_ACCEPTED}"
+    return None
 
 
 def percentile_normalize(
@@ -24,17 +50,31 @@ def percentile_normalize(
     shrinks for small images so that at least a few thousand pixels are used). Returns a new
     float32 array of the same shape; values outside the percentile range fall outside [0, 1]
     unless ``clip`` is true. A flat image (``high`` percentile equal to ``low``) gives zeros.
-    Works for integer (uint8, uint16, ...) and float inputs.
+    Works for integer (uint8, uint16, ...) and float inputs. Non-finite pixels (NaN, ±inf)
+    of a float image are left out of the percentiles and set to 0; an image without any
+    finite pixel, or with bool or complex pixels, raises ValueError.
     """
     if not 0.0 <= low < high <= 100.0:
         raise ValueError(f"need 0 <= low < high <= 100, got low={low}, high={high}")
     if subsample < 1:
         raise ValueError(f"subsample must be >= 1, got {subsample}")
     arr = np.asarray(image)
+    if arr.dtype.kind not in _PIXEL_KINDS:
+        raise ValueError(f"cannot normalise an image of dtype {arr.dtype}; "
+                         f"expected {_PIXELS_ACCEPTED}")
     if arr.size == 0:
         return np.zeros(arr.shape, dtype=np.float32)
 
-    sample = _strided_sample(arr, subsample)
+    finite: np.ndarray | None = None
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        finite = np.isfinite(arr)
+        if not finite.any():
+            raise ValueError("the image has no finite pixel (all NaN or infinite); "
+                             "nothing to segment")
+        # the same fraction of the finite pixels as the strided sample takes of the image
+        sample = _strided_sample(arr[finite], subsample ** min(arr.ndim, 2))
+    else:
+        sample = _strided_sample(arr, subsample)
     lo, hi = (float(v) for v in np.percentile(sample, (low, high)))
 
     out = arr.astype(np.float32, copy=True)
@@ -46,6 +86,8 @@ def percentile_normalize(
     out *= np.float32(1.0 / span)
     if clip:
         np.clip(out, 0.0, 1.0, out=out)
+    if finite is not None:
+        out[~finite] = 0.0  # the normalised background
     return out
 
 

@@ -338,7 +338,7 @@ def test_replay_rejects_bad_input_clearly(tmp_path: Path) -> None:
     with pytest.raises(ReplayError, match="RGB"):
         open_stack(tmp_path / "rgb.tif")
     tifffile.imwrite(tmp_path / "line.tif", np.zeros((1, 16), np.uint16))
-    with pytest.raises(ReplayError, match="2-D frames"):
+    with pytest.raises(ReplayError, match=r"line\.tif has shape \(1, 16\); expected 2-D images"):
         open_stack(tmp_path / "line.tif")
     root = zarr.open_group(tmp_path / "odd.zarr", mode="w", zarr_format=3, attributes={"ome": {
         "version": "0.5", "multiscales": [{

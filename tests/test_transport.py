@@ -111,9 +111,18 @@ def test_bound_address_resolves_random_port(publisher: ZmqPublisher) -> None:
 
 def test_bind_conflict_is_a_config_error(publisher: ZmqPublisher) -> None:
     other = ZmqPublisher(publisher.bound_address)
-    with pytest.raises(ConfigError, match="cannot bind the publisher"):
+    with pytest.raises(ConfigError, match=r"cannot bind the publisher.*another `livemask serve`"):
         other.start()
     other.close()
+
+
+def test_a_malformed_address_is_not_blamed_on_another_service() -> None:
+    bad = ZmqPublisher("garbage")
+    with pytest.raises(ConfigError, match="cannot bind the publisher") as info:
+        bad.start()
+    assert "another `livemask serve`" not in str(info.value)
+    assert "valid address, tcp://HOST:PORT" in str(info.value)
+    bad.close()
 
 
 def test_publish_before_start_raises() -> None:

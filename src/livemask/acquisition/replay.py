@@ -27,6 +27,7 @@ import useq
 
 from livemask.acquisition.feed import EventFeed
 from livemask.acquisition.source import DoneCallback, FeedThreadSource, FrameCallback, RawFrame
+from livemask.analysis.normalize import image_problem
 from livemask.errors import AcquisitionError, ReplayError
 
 log = logging.getLogger("livemask")
@@ -93,10 +94,9 @@ def open_stack(path: str | Path) -> ReplayStack:
 
 
 def _check(path: Path, shape: tuple[int, ...], dtype: np.dtype[Any], axes: Sequence[str]) -> None:
-    if len(shape) < 2 or min(shape[-2:]) < 2:
-        raise ReplayError(f"{path} has shape {tuple(shape)}; replay needs 2-D frames (y, x)")
-    if dtype.kind not in "uif":
-        raise ReplayError(f"{path} has dtype {dtype}; replay needs integer or float pixels")
+    problem = image_problem(shape, dtype)
+    if problem is not None:
+        raise ReplayError(f"{path} {problem}")
     bad = [a for a in axes if a not in FRAME_AXES]
     if bad:
         raise ReplayError(

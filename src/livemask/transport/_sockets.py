@@ -15,9 +15,12 @@ def bind_or_explain(sock: zmq.Socket[Any], address: str, what: str, hint: str) -
         sock.bind(address)
     except zmq.ZMQError as exc:
         sock.close(linger=0)
+        if exc.errno == zmq.EADDRINUSE:
+            why = "Is another `livemask serve` running? Choose another address"
+        else:  # EINVAL, EPROTONOSUPPORT, an unknown interface, ...
+            why = "Give a valid address, tcp://HOST:PORT,"
         raise ConfigError(
-            f"cannot bind the {what} to {address!r}: {exc}. Is another `livemask serve` "
-            f"running? Choose another address with {hint} in the config (e.g. "
+            f"cannot bind the {what} to {address!r}: {exc}. {why} with {hint} (e.g. "
             "tcp://127.0.0.1:5566; port * picks a free one)."
         ) from exc
 

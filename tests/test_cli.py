@@ -221,3 +221,23 @@ def test_models_lists_nuclei() -> None:
     result = runner.invoke(app, ["models"])
     assert result.exit_code == 0
     assert "nuclei" in result.output
+
+
+async def test_a_second_interrupt_during_start_up_quits_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from livemask.cli import _Interrupts
+
+    exits: list[int] = []
+    interrupts = _Interrupts(exit_now=exits.append)
+    with caplog.at_level("WARNING", logger="livemask"):
+        interrupts()
+    assert interrupts.stop.is_set() and exits == []
+    assert "interrupt again to quit at once" in caplog.text
+    interrupts()
+    assert exits == [130]
+    running = _Interrupts(exit_now=exits.append)
+    running.starting = False  # once started, every interrupt is an orderly stop
+    running()
+    running()
+    assert running.stop.is_set() and exits == [130]

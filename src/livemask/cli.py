@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import re
 import signal
 import subprocess
@@ -153,14 +154,37 @@ def serve(
         _fail(exc)
 
 
+class _Interrupts:
+    """SIGINT/SIGTERM: stop the service. During start-up (loading a model, or building a
+    TensorRT engine, can take minutes) the stop waits for it to finish, so say so, and let a
+    second signal quit at once."""
+
+    def __init__(self, exit_now: Any = os._exit) -> None:
+        self.stop = asyncio.Event()
+        self.starting = True
+        self._exit_now = exit_now
+
+    def __call__(self) -> None:
+        if self.starting and self.stop.is_set():
+            print("interrupted again during start-up: quitting now", file=sys.stderr, flush=True)
+            self._exit_now(130)
+            return
+        if self.starting:
+            log.warning("interrupted during start-up: stopping as soon as it has finished "
+                        "(interrupt again to quit at once)")
+        self.stop.set()
+
+
 async def _serve(cfg: Any, *, view: bool, exit_when_done: bool, source: Any = None) -> None:
     from livemask.service.app import Service
 
-    stop = asyncio.Event()
+    interrupts = _Interrupts()
+    stop = interrupts.stop
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, interrupts)
     async with Service(cfg, source=source) as service:
+        interrupts.starting = False
         viewer = _start_viewer(service.publisher.bound_address, service.truth) if view else None
         waiter = None
         if exit_when_done:

@@ -224,6 +224,11 @@ async def test_enqueue_snapshot_and_set(service: Service) -> None:
         ("set", {"exposure_ms": True}, "invalid_args", "exposure_ms"),
         ("set", {"exposure_ms": "20"}, "invalid_args", "exposure_ms"),
         ("set", {"exposure_ms": 20_000}, "invalid_args", "refused exposure 20000 ms"),
+        # pymmcore-plus would warn and acquire with the current preset: the wrong channel
+        ("start", {"sequence": {"channels": ["NOPE"]}}, "invalid_args",
+         "channel 'NOPE' is not a preset of group 'Channel' (presets: DAPI, GFP)"),
+        ("enqueue", {"events": [{"channel": {"config": "GFP", "group": "Filters"}}]},
+         "invalid_args", "channel group 'Filters' is not defined"),
     ],
 )
 async def test_bad_control_requests_get_error_replies(

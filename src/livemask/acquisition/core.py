@@ -13,6 +13,7 @@ import logging
 import re
 import time
 import weakref
+from collections.abc import Iterable
 from contextlib import suppress
 from pathlib import Path
 from typing import Any, Literal
@@ -23,7 +24,14 @@ from pymmcore_plus.experimental.unicore import UniMMCore
 from livemask.errors import AcquisitionError, ConfigError
 from livemask.log import route_hardware_log
 
-__all__ = ["CoreKind", "PythonDeviceCore", "close_core", "describe_core", "open_core"]
+__all__ = [
+    "CoreKind",
+    "PythonDeviceCore",
+    "check_channels",
+    "close_core",
+    "describe_core",
+    "open_core",
+]
 
 logger = logging.getLogger("livemask")
 route_hardware_log()  # importing pymmcore_plus just replaced its logger's handlers
@@ -254,3 +262,23 @@ def describe_core(mmc: CMMCorePlus) -> dict[str, Any]:
         ],
     }
     return info
+
+
+def check_channels(mmc: CMMCorePlus, channels: Iterable[Any], what: str) -> None:
+    """Raise :class:`ConfigError` for a channel (``useq`` channel: ``group``, ``config``)
+    whose preset the core does not define.
+
+    pymmcore-plus would log a warning and acquire with whatever preset is set: a whole
+    time-lapse in the wrong channel."""
+    for channel in channels:
+        group, preset = str(channel.group), str(channel.config)
+        if not mmc.isGroupDefined(group):
+            raise ConfigError(
+                f"{what}: channel group {group!r} is not defined in hardware.config_file "
+                f"(groups: {', '.join(mmc.getAvailableConfigGroups()) or 'none'})"
+            )
+        if not mmc.isConfigDefined(group, preset):
+            raise ConfigError(
+                f"{what}: channel {preset!r} is not a preset of group {group!r} "
+                f"(presets: {', '.join(mmc.getAvailableConfigs(group)) or 'none'})"
+            )

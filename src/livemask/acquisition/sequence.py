@@ -190,3 +190,12 @@ def _keep_shutter_across_chunks(
         held = event
     if held is not None:
         yield held
+
+
+def sequence_channels(seq: useq.MDASequence) -> list[useq.Channel]:
+    """The channels of ``seq`` and of its positions' sub-sequences."""
+    channels: list[useq.Channel] = list(seq.channels)
+    for position in seq.stage_positions:
+        if position.sequence is not None:
+            channels += sequence_channels(position.sequence)
+    return channels

@@ -14,7 +14,7 @@ import useq
 
 from livemask import __version__
 from livemask.acquisition.mode import Mode
-from livemask.acquisition.sequence import event_count, iter_events
+from livemask.acquisition.sequence import event_count, iter_events, sequence_channels
 from livemask.acquisition.source import FrameSource, MicroscopeSource, RawFrame
 from livemask.config import ServiceConfig
 from livemask.errors import AcquisitionError
@@ -354,8 +354,16 @@ class Service:
         Long time plans are iterated in chunks (:func:`iter_events`), so any number of
         time points starts at once and holds no list of them."""
         seq = sequence or self.config.acquisition.mda_sequence()
+        self._check_channels(sequence_channels(seq), "acquisition.sequence")
         detail = {"sequence": seq.model_dump(mode="json")}
         return self._start_events(iter_events(seq), detail, event_count(seq))
+
+    def _check_channels(self, channels: list[Any], what: str) -> None:
+        """ConfigError for a channel preset the microscope does not define."""
+        if channels and isinstance(self.source, MicroscopeSource):
+            from livemask.acquisition.core import check_channels
+
+            check_channels(self.source.core, channels, what)
 
     def _start_events(self, events: Any, detail: dict[str, Any], count: int) -> int:
         if self.source is None:
@@ -426,6 +434,7 @@ class Service:
         """Add events to the running acquisition, or start a new one made of them."""
         if self.source is None:
             raise AcquisitionError("no frame source")
+        self._check_channels([e.channel for e in events if e.channel is not None], "events")
         if self._acquiring:
             n = self.source.inject(events)
             return {"enqueued": n, "started": False}

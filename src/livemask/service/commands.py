@@ -137,7 +137,10 @@ class CommandHandler:
                 raise CommandError("invalid_args", f"invalid sequence: {exc}") from None
         if self.service.acquiring:
             raise CommandError("invalid_state", "an acquisition is running; send 'stop' first")
-        events = self.service.start_acquisition(seq)
+        try:
+            events = self.service.start_acquisition(seq)
+        except ConfigError as exc:  # e.g. a channel preset the microscope does not have
+            raise CommandError("invalid_args", str(exc)) from None
         return {"started": True, "events": events}
 
     async def stop(self, args: dict[str, Any]) -> Any:
@@ -160,6 +163,8 @@ class CommandHandler:
             raise CommandError("invalid_args", f"invalid {exc}") from None
         try:
             return self.service.enqueue(events)
+        except ConfigError as exc:
+            raise CommandError("invalid_args", str(exc)) from None
         except AcquisitionError as exc:
             raise CommandError("invalid_state", str(exc)) from None
 

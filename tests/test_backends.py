@@ -27,6 +27,7 @@ from livemask.inference import select
 from livemask.inference.backend import create_backend
 from livemask.inference.models import ModelCard, load_model_card
 from livemask.inference.tensorrt_backend import (
+    ENGINE_RECIPE,
     EngineCache,
     EngineProfile,
     TensorRTBackend,
@@ -77,7 +78,7 @@ def test_engine_cache_key_is_stable() -> None:
         {"profile": EngineProfile(opt_shape=(1, 1024, 1024))},
         {"profile": EngineProfile(min_shape=(1, 64, 64))},
         {"precision": "fp32"},
-        {"recipe": 2},
+        {"recipe": ENGINE_RECIPE + 1},
     ],
 )
 def test_engine_cache_key_changes_with_each_input(change: dict[str, Any]) -> None:
@@ -314,7 +315,8 @@ def test_load_backend_auto_falls_back_when_a_gpu_backend_fails_to_load(
     assert backend.name == "onnxruntime"
     assert [b.name for b in made] == ["tensorrt", "torch", "onnxruntime"]
     assert made[0].closed and made[1].closed and made[2].loaded
-    assert "tensorrt failed to load nuclei (engine build failed); trying torch" in caplog.text
+    assert ("tensorrt failed to load nuclei (BackendUnavailable: engine build failed); "
+            "trying torch") in caplog.text
 
 
 def test_load_backend_explicit_failure_raises(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -537,7 +539,7 @@ def test_tensorrt_load_builds_once_then_reuses_the_cached_engine(
     first = TensorRTBackend(cache_dir=tmp_path, max_batch=2)
     first.load(card)
     assert first.built and builds == ["nuclei"]
-    assert first.profile.max_shape == (2, 2048, 2048)
+    assert first.profile == EngineProfile((1, 8, 8), (1, 1024, 1024), (2, 1024, 1024))
     expected = engine_cache_key(
         model_sha256=file_sha256(card.onnx_path), trt_version="10.99.0", gpu_name="Fake GPU",
         compute_capability=(8, 9), profile=first.profile, precision="fp16",

@@ -13,6 +13,7 @@ library before importing torch, so a CPU-only service never loads torch just to 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.util
 import logging
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from livemask.errors import BackendUnavailable, ModelError
+from livemask.errors import BackendUnavailable, LivemaskError
 
 if TYPE_CHECKING:
     from livemask.inference.backend import Backend
@@ -194,8 +195,10 @@ def load_backend(requested: str, card: ModelCard, *, threads: int = 2) -> Backen
     """Create and load a backend for ``card``; under ``auto``, fall back when one fails.
 
     A GPU backend can pass its probe and still fail to load (an engine that will not build,
-    a model the torch backend cannot convert, no GPU memory): with ``auto`` that is logged at
-    WARNING and the next candidate is tried; a backend requested by name raises.
+    a model the torch backend cannot convert, no GPU memory, any other exception): with
+    ``auto`` that is logged at WARNING with the exception's type and message (and its
+    traceback when it is not a livemask error) and the next candidate is tried; a backend
+    requested by name, or the last candidate, raises.
     """
     from livemask.inference.backend import create_backend
 
@@ -209,13 +212,16 @@ def load_backend(requested: str, card: ModelCard, *, threads: int = 2) -> Backen
         try:
             backend = instantiate(name, threads=threads)
             backend.load(card)
-        except (RuntimeError, ModelError) as exc:  # BackendUnavailable, CUDA errors, builds
+        except Exception as exc:  # BackendUnavailable, ModelError, CUDA errors, OSError, ...
             if backend is not None:
-                backend.close()
+                with contextlib.suppress(Exception):  # the load's error is the one to report
+                    backend.close()
             if requested != "auto" or i == len(names) - 1:
                 raise
-            log.warning("backend auto: %s failed to load %s (%s); trying %s", name,
-                        card.name, exc, names[i + 1])
+            # A traceback for the unexpected (a TensorRT API mismatch, say), not for ours.
+            log.warning("backend auto: %s failed to load %s (%s: %s); trying %s", name,
+                        card.name, type(exc).__name__, exc, names[i + 1],
+                        exc_info=not isinstance(exc, LivemaskError))
             continue
         if requested == "auto":
             log.info("backend auto: using %s", name)

@@ -2,10 +2,11 @@
 
 Build: ``trt.Builder`` → network (explicit batch, the only mode in TensorRT 10+) →
 ``trt.OnnxParser`` → builder config with FP16, one optimisation profile (min/opt/max of batch
-and H×W, :class:`EngineProfile`) and a timing cache → ``build_serialized_network``. TensorRT
-10 takes ``BuilderFlag.FP16``; TensorRT 11 removed the weak-typing flags, so there the ONNX
-model is first converted to fp16 with fp32 inputs and outputs (:func:`onnx_to_fp16`) and built
-as a strongly typed network.
+and H×W, :class:`EngineProfile`, by default derived from the model card) and a timing cache →
+``build_serialized_network``. TensorRT 10 takes ``BuilderFlag.FP16``; TensorRT 11 removed the
+weak-typing flags, so there the ONNX model is first converted to fp16 with fp32 inputs and
+outputs (:func:`onnx_to_fp16`) and built as a strongly typed network. ``fp16=False`` also
+clears ``BuilderFlag.TF32`` (on by default), so fp32 means fp32.
 
 Cache: the serialized engine is stored as ``<cache_dir>/<key>.engine``, ``key`` =
 :func:`engine_cache_key` (sha256 of the model file's sha256, the TensorRT version, the GPU's
@@ -13,7 +14,8 @@ name and compute capability, the profile shapes and the precision), next to a ``
 that spells those inputs out. The timing cache is one file per TensorRT version and GPU. A
 second start with the same key deserializes the engine instead of building it. The directory
 is ``$LIVEMASK_CACHE_DIR/engines``, else ``$XDG_CACHE_HOME/livemask/engines`` (default
-``~/.cache/livemask/engines``).
+``~/.cache/livemask/engines``). A cache that cannot be written (read-only, full disk) is logged
+as a warning and the freshly built engine is used anyway.
 
 Run: PyTorch is the CUDA memory and stream provider (no second CUDA binding): one
 ``torch.cuda.Stream``, device buffers pre-allocated for the profile's largest input and output
@@ -33,6 +35,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,7 +53,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("livemask")
 
 #: Bumped when the way livemask builds engines changes, so old cached engines are not reused.
-ENGINE_RECIPE = 1
+#: 2: fp32 engines without TF32; Resize/Upsample scales kept fp32 in the TensorRT 11 fp16 model.
+ENGINE_RECIPE = 2
 
 INSTALL_HINT = (
     "install the gpu extra (pip install -e '.[gpu]': tensorrt and a CUDA build of torch) on a "
@@ -81,20 +85,39 @@ class EngineProfile:
         h, w = tile
         return cls((1, h, w), (max_batch, h, w), (max_batch, h, w))
 
+    @classmethod
+    def for_card(cls, card: ModelCard, max_batch: int | None = None) -> EngineProfile:
+        """The profile covering what :class:`~livemask.inference.segmenter.Segmenter` sends.
+
+        With ``m`` = ``size_multiple`` and ``t`` = ``tile_px`` rounded down to a multiple of
+        ``m``: frames whose padded sides are at most ``t`` run whole as (1, H, W); larger
+        frames run as tiles of at most t×t (their size depends on the frame: 728² for a 2048²
+        frame at the default 1024) in batches of up to ``max_batch``. Hence min (1, m, m),
+        opt (1, t, t) (the largest whole frame, the one shape the live path is sure to send
+        at that size) and max (max_batch, t, t); ``max_batch`` defaults to the card's.
+        """
+        m = card.size_multiple
+        t = card.tile_px // m * m
+        if t < m:
+            raise ModelError(f"model {card.name!r}: tile_px {card.tile_px} is smaller than "
+                             f"size_multiple {m}; raise tile_px in its card")
+        b = card.max_batch if max_batch is None else max_batch
+        return cls((1, m, m), (1, t, t), (b, t, t))
+
     def validate(self, size_multiple: int = 1) -> None:
-        """Raise ValueError unless min ≤ opt ≤ max, all positive, H and W multiples."""
+        """Raise ModelError unless min ≤ opt ≤ max, all positive, H and W multiples."""
         for a, b in ((self.min_shape, self.opt_shape), (self.opt_shape, self.max_shape)):
             if len(a) != 3 or len(b) != 3 or any(x > y for x, y in zip(a, b, strict=True)):
-                raise ValueError(
+                raise ModelError(
                     f"TensorRT profile must have min ≤ opt ≤ max per dimension, got "
                     f"{self.min_shape} / {self.opt_shape} / {self.max_shape}"
                 )
         if min(self.min_shape) < 1:
-            raise ValueError(f"TensorRT profile shapes must be positive, got {self.min_shape}")
+            raise ModelError(f"TensorRT profile shapes must be positive, got {self.min_shape}")
         m = size_multiple
         for s in (self.min_shape, self.opt_shape, self.max_shape):
             if s[1] % m or s[2] % m:
-                raise ValueError(f"TensorRT profile H and W must be multiples of {m}, got {s}")
+                raise ModelError(f"TensorRT profile H and W must be multiples of {m}, got {s}")
 
     def input_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         """(min, opt, max) as NCHW input shapes."""
@@ -105,6 +128,17 @@ class EngineProfile:
         """Whether an H×W frame lies within the profile."""
         return (self.min_shape[1] <= height <= self.max_shape[1]
                 and self.min_shape[2] <= width <= self.max_shape[2])
+
+    def warmup_shape(self, shape: tuple[int, int], size_multiple: int = 1) -> tuple[int, int]:
+        """``shape`` padded to ``size_multiple`` and clamped into the profile's H×W range.
+
+        A frame larger than the profile is tiled by the Segmenter into tiles no larger than
+        its maximum, so that is the shape to warm up with.
+        """
+        m = max(1, size_multiple)
+        lo, hi = self.min_shape, self.max_shape
+        h, w = (-(-int(n) // m) * m for n in shape)
+        return min(max(h, lo[1]), hi[1]), min(max(w, lo[2]), hi[2])
 
 
 def file_sha256(path: str | Path) -> str:
@@ -210,9 +244,17 @@ class EngineCache:
         except OSError:
             return b""
 
-    def store_timing(self, path: Path, data: bytes) -> None:
-        if data:
+    def store_timing(self, path: Path, data: bytes) -> bool:
+        """Save a timing cache; a failure (read-only or full disk) is a warning, not an error."""
+        if not data:
+            return False
+        try:
             _atomic_write(path, data)
+        except OSError as exc:
+            log.warning("tensorrt: cannot save the timing cache %s (%s); the next build "
+                        "starts without it", path, exc)
+            return False
+        return True
 
 
 # --------------------------------------------------------------------------- fp16 ONNX
@@ -225,13 +267,29 @@ _FP16_OPS = frozenset({
 _FP16_MAX = 65504.0
 
 
+def _fp32_only_inputs(node: Any, opset: int) -> list[str]:
+    """Inputs of ``node`` that the ONNX schema types as float32 whatever the data type.
+
+    Resize (opset 11+): ``roi`` (1) and ``scales`` (2); Resize 10 and Upsample 9: ``scales`` (1).
+    """
+    if node.op_type == "Resize":
+        positions = (1, 2) if opset >= 11 else (1,)
+    elif node.op_type == "Upsample":
+        positions = (1,)
+    else:
+        return []
+    return [node.input[i] for i in positions if i < len(node.input) and node.input[i]]
+
+
 def onnx_to_fp16(data: bytes) -> bytes:
     """The ONNX model ``data`` with fp16 weights and computation, fp32 inputs and outputs.
 
     For strongly typed TensorRT (11+): float initializers become fp16, a Cast to fp16
     follows each float graph input and a Cast to fp32 precedes each float graph output.
     Only operators in a small type-following set are allowed (a U-Net's); anything else
-    raises ModelError rather than silently changing the model.
+    raises ModelError rather than silently changing the model. The ``roi`` and ``scales``
+    of Resize/Upsample stay float32 (the schema requires it). The result passes
+    ``onnx.checker.check_model(full_check=True)``, else ModelError.
     """
     try:
         import onnx
@@ -245,20 +303,27 @@ def onnx_to_fp16(data: bytes) -> bytes:
     if unknown:
         raise ModelError(f"cannot convert operators {unknown} to fp16 for TensorRT 11; "
                          "build in fp32 (fp16=False) or use model.backend: torch")
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    keep = {name for node in graph.node for name in _fp32_only_inputs(node, opset)}
     f32, f16 = TensorProto.FLOAT, TensorProto.FLOAT16
+    converted = set()
     for init in graph.initializer:
-        if init.data_type == f32:
+        if init.data_type == f32 and init.name not in keep:
             arr = numpy_helper.to_array(init)
             if arr.size and float(np.max(np.abs(arr))) > _FP16_MAX:
                 raise ModelError(f"weight {init.name!r} exceeds the fp16 range; build in fp32")
             init.CopyFrom(numpy_helper.from_array(arr.astype(np.float16), init.name))
+            converted.add(init.name)
     for vi in graph.value_info:
-        if vi.type.tensor_type.elem_type == f32:
+        if vi.type.tensor_type.elem_type == f32 and vi.name not in keep:
             vi.type.tensor_type.elem_type = f16
     initializer_names = {i.name for i in graph.initializer}
     head, tail = [], []
     for inp in graph.input:
-        if inp.name in initializer_names or inp.type.tensor_type.elem_type != f32:
+        if inp.name in converted:  # IR < 4 lists initializers as graph inputs too
+            inp.type.tensor_type.elem_type = f16
+        if (inp.name in initializer_names or inp.name in keep
+                or inp.type.tensor_type.elem_type != f32):
             continue
         cast = f"{inp.name}__fp16"
         for node in graph.node:
@@ -277,7 +342,11 @@ def onnx_to_fp16(data: bytes) -> bytes:
     nodes = [*head, *graph.node, *tail]
     del graph.node[:]
     graph.node.extend(nodes)
-    onnx.checker.check_model(model)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ModelError(f"the fp16 conversion of this model is not valid ONNX ({exc}); "
+                         "build in fp32 (fp16=False) or use model.backend: torch") from None
     return model.SerializeToString()
 
 
@@ -306,6 +375,23 @@ def import_torch_cuda() -> ModuleType:
         raise BackendUnavailable(f"the tensorrt backend needs a CUDA GPU, but torch "
                                  f"{torch.__version__} ({build}) sees none; {INSTALL_HINT}")
     return torch
+
+
+_logger_lock = threading.Lock()
+_logger: Any = None
+
+
+def shared_logger(trt: ModuleType) -> Any:
+    """The process's one TensorRT logger, created on first use.
+
+    TensorRT keeps the first logger it is given for the whole process (NVIDIA/TensorRT#1475),
+    so every builder, parser and runtime gets this one.
+    """
+    global _logger
+    with _logger_lock:
+        if _logger is None or not isinstance(_logger, trt.ILogger):  # (a fake trt in tests)
+            _logger = _make_logger(trt)
+        return _logger
 
 
 def _make_logger(trt: ModuleType) -> Any:
@@ -354,13 +440,13 @@ class TensorRTBackend:
         self.threads = threads  # unused: the GPU does the work
         self.device = "cuda"
         self.fp16 = fp16
-        if profile is None:
-            profile = EngineProfile()
-            if max_batch is not None:
-                profile = EngineProfile(profile.min_shape, profile.opt_shape,
-                                        (max_batch, *profile.max_shape[1:]))
-        profile.validate()
-        self.profile = profile
+        if profile is not None:
+            profile.validate()
+        self._requested_profile = profile
+        self.max_batch = max_batch
+        #: The engine's profile: ``profile=``, else derived from the card in :meth:`load`.
+        self.profile: EngineProfile | None = profile
+        self._size_multiple = 1
         self.cache = EngineCache(cache_dir)
         self.workspace_bytes = workspace_mb << 20
         self.device_index = device_index
@@ -369,7 +455,7 @@ class TensorRTBackend:
         self.compute_capability = (int(props.major), int(props.minor))
         self.engine_key: str | None = None
         self.built = False  # whether load() built the engine (False: loaded from the cache)
-        self._logger = _make_logger(self._trt)
+        self._logger = shared_logger(self._trt)
         self._runtime: Any = None
         self._engine: Any = None
         self._context: Any = None
@@ -394,14 +480,18 @@ class TensorRTBackend:
     def load(self, card: ModelCard) -> None:
         """Load the cached engine for this model, GPU and profile, or build and cache it."""
         trt, torch = self._trt, self._torch
-        self.profile.validate(card.size_multiple)
+        profile = self._requested_profile
+        if profile is None:
+            profile = EngineProfile.for_card(card, self.max_batch)
+        profile.validate(card.size_multiple)
+        self.profile, self._size_multiple = profile, card.size_multiple
         model_sha = file_sha256(card.onnx_path)
         key_fields: dict[str, Any] = {
             "model_sha256": model_sha,
             "trt_version": str(trt.__version__),
             "gpu_name": self.device_name,
             "compute_capability": self.compute_capability,
-            "profile": self.profile,
+            "profile": profile,
             "precision": self.precision,
         }
         key = engine_cache_key(**key_fields)
@@ -421,11 +511,18 @@ class TensorRTBackend:
                 t0 = time.perf_counter()
                 data = self._build(card)
                 seconds = time.perf_counter() - t0
-                meta = {**key_fields, "profile": asdict(self.profile), "model": card.name,
+                meta = {**key_fields, "profile": asdict(profile), "model": card.name,
                         "model_file": str(card.onnx_path), "build_s": round(seconds, 1),
                         "recipe": ENGINE_RECIPE}
-                path = self.cache.store(key, data, meta)
-                log.info("tensorrt: built %s in %.1f s, cached as %s", card.name, seconds, path)
+                path = self.cache.engine_path(key)
+                try:
+                    self.cache.store(key, data, meta)
+                except OSError as exc:  # read-only or full disk: use the engine anyway
+                    log.warning("tensorrt: built %s in %.1f s but cannot cache it as %s (%s); "
+                                "the next start builds it again", card.name, seconds, path, exc)
+                else:
+                    log.info("tensorrt: built %s in %.1f s, cached as %s", card.name, seconds,
+                             path)
                 engine = self._runtime.deserialize_cuda_engine(data)
                 if engine is None:
                     raise ModelError(f"TensorRT built an engine for {card.name} that does not "
@@ -436,20 +533,27 @@ class TensorRTBackend:
             self._setup(card)
         log.info("tensorrt: %s on %s (sm_%d%d), %s, profile %s..%s", card.name,
                  self.device_name, *self.compute_capability, self.precision,
-                 self.profile.min_shape, self.profile.max_shape)
+                 profile.min_shape, profile.max_shape)
+
+    def _loaded_profile(self) -> EngineProfile:
+        if self.profile is None:
+            raise ModelError("backend used before load(); call load(card) first")
+        return self.profile
 
     def _build(self, card: ModelCard) -> bytes:
         trt = self._trt
+        shapes = self._loaded_profile()
         builder = trt.Builder(self._logger)
         flags = 0
         if self._strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
             flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
         network = builder.create_network(flags)  # explicit batch: the only mode in TRT 10+
         parser = trt.OnnxParser(network, self._logger)
-        onnx_bytes = Path(card.onnx_path).read_bytes()
         if self.fp16 and self._strongly_typed:
-            onnx_bytes = onnx_to_fp16(onnx_bytes)
-        if not parser.parse(onnx_bytes):
+            parsed = parser.parse(onnx_to_fp16(Path(card.onnx_path).read_bytes()))
+        else:  # from the file, so that ONNX external data next to it is found
+            parsed = parser.parse_from_file(str(card.onnx_path))
+        if not parsed:
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise ModelError(f"TensorRT cannot parse {card.onnx_path}: {errors}")
         if network.num_inputs != 1 or network.num_outputs != 1:
@@ -461,6 +565,8 @@ class TensorRTBackend:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace_bytes)
         if self.fp16 and not self._strongly_typed:
             config.set_flag(trt.BuilderFlag.FP16)
+        elif not self.fp16 and hasattr(trt.BuilderFlag, "TF32"):
+            config.clear_flag(trt.BuilderFlag.TF32)  # on by default; fp32 means fp32
         timing_path = self.cache.timing_cache_path(
             str(trt.__version__), self.device_name, self.compute_capability
         )
@@ -474,11 +580,13 @@ class TensorRTBackend:
             timing = config.create_timing_cache(b"")
         config.set_timing_cache(timing, False)
         profile = builder.create_optimization_profile()
-        profile.set_shape(input_name, *self.profile.input_shapes())
-        config.add_optimization_profile(profile)
+        profile.set_shape(input_name, *shapes.input_shapes())
+        if config.add_optimization_profile(profile) < 0:
+            raise ModelError(f"TensorRT rejects the optimisation profile {shapes} for input "
+                             f"{input_name!r} of {card.onnx_path}")
         log.info("tensorrt: building an engine for %s (%s, profile %s..%s); this takes a "
-                 "while the first time", card.name, self.precision, self.profile.min_shape,
-                 self.profile.max_shape)
+                 "while the first time", card.name, self.precision, shapes.min_shape,
+                 shapes.max_shape)
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
             raise ModelError(f"TensorRT could not build an engine for {card.onnx_path}; see "
@@ -500,7 +608,7 @@ class TensorRTBackend:
         context = engine.create_execution_context()
         if context is None:
             raise ModelError("TensorRT could not create an execution context (GPU memory?)")
-        max_in = self.profile.input_shapes()[2]
+        max_in = self._loaded_profile().input_shapes()[2]
         if not context.set_input_shape(self._input, max_in):
             raise ModelError(f"the engine for {card.name} does not accept its profile's "
                              f"largest input {max_in}")
@@ -525,8 +633,10 @@ class TensorRTBackend:
         self._last_shape = max_in
 
     def warmup(self, shape: tuple[int, int]) -> None:
-        """Run once on zeros of ``shape``."""
-        self.run(np.zeros((1, 1, *shape), dtype=np.float32))
+        """Run once on zeros of ``shape``, padded and clamped into the profile
+        (:meth:`EngineProfile.warmup_shape`: a larger frame is run as tiles)."""
+        h, w = self._loaded_profile().warmup_shape(shape, self._size_multiple)
+        self.run(np.zeros((1, 1, h, w), dtype=np.float32))
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """(N, 1, H, W) float32 → (N, C, H, W) float32; batches above the profile are split."""
@@ -536,13 +646,14 @@ class TensorRTBackend:
         if x.ndim != 4 or x.shape[1] != 1:
             raise ValueError(f"expected a (N, 1, H, W) batch, got shape {x.shape}")
         n, _, h, w = x.shape
-        if not self.profile.fits(h, w):
-            lo, hi = self.profile.min_shape, self.profile.max_shape
+        profile = self._loaded_profile()
+        if not profile.fits(h, w):
+            lo, hi = profile.min_shape, profile.max_shape
             raise ModelError(
                 f"a {h}×{w} frame is outside the TensorRT profile ({lo[1]}×{lo[2]} to "
                 f"{hi[1]}×{hi[2]}); tile the frame or build the engine with a larger profile"
             )
-        step = self.profile.max_shape[0]
+        step = profile.max_shape[0]
         if n <= step:
             return self._run_chunk(x)
         return np.concatenate([self._run_chunk(x[i:i + step]) for i in range(0, n, step)])
@@ -555,25 +666,29 @@ class TensorRTBackend:
         n_in = x.size
         host_in = self._host_in[:n_in].view(shape)
         host_in.numpy()[...] = x
+        profile = self._loaded_profile()
         with torch.cuda.device(self.device_index), torch.cuda.stream(self._stream):
-            self._dev_in[:n_in].view(shape).copy_(host_in, non_blocking=True)
-            if shape != self._last_shape:
-                if not self._context.set_input_shape(self._input, shape):
-                    raise ModelError(f"TensorRT rejects input shape {shape} (profile "
-                                     f"{self.profile.min_shape}..{self.profile.max_shape})")
-                self._last_shape = shape
-            out_shape = tuple(int(d) for d in self._context.get_tensor_shape(self._output))
-            if not self._context.execute_async_v3(self._stream.cuda_stream):
-                raise ModelError("TensorRT execution failed; see the tensorrt log messages")
-            n_out = math.prod(out_shape)
-            host_out = self._host_out[:n_out].view(out_shape)
-            host_out.copy_(self._dev_out[:n_out].view(out_shape), non_blocking=True)
-            self._stream.synchronize()
+            try:
+                self._dev_in[:n_in].view(shape).copy_(host_in, non_blocking=True)
+                if shape != self._last_shape:
+                    if not self._context.set_input_shape(self._input, shape):
+                        self._last_shape = None
+                        raise ModelError(f"TensorRT rejects input shape {shape} (profile "
+                                         f"{profile.min_shape}..{profile.max_shape})")
+                    self._last_shape = shape
+                out_shape = tuple(int(d) for d in self._context.get_tensor_shape(self._output))
+                if not self._context.execute_async_v3(self._stream.cuda_stream):
+                    raise ModelError("TensorRT execution failed; see the tensorrt log messages")
+                n_out = math.prod(out_shape)
+                host_out = self._host_out[:n_out].view(out_shape)
+                host_out.copy_(self._dev_out[:n_out].view(out_shape), non_blocking=True)
+            finally:  # also on errors: the queued copy reads the pinned buffer reused next call
+                self._stream.synchronize()
         # A copy: the pinned buffer is reused by the next call.
         return np.array(host_out.numpy(), copy=True)
 
     def close(self) -> None:
-        """Release the context, engine, runtime and buffers."""
+        """Release the context, engine, runtime and buffers (the shared logger stays)."""
         self._context = None
         self._engine = None
         self._runtime = None

@@ -1,0 +1,501 @@
+"""TensorRT backend parts that run without TensorRT: the fp16 ONNX conversion (checked by the
+ONNX checker and ONNX Runtime), the profile derived from the model card, cache-write failures,
+the build and run logic against fakes of the TensorRT API, and ``auto``'s fallback.
+
+The fakes follow the TensorRT 10/11 Python API as documented and as in NVIDIA/TensorRT's
+python/src (pyCore.cpp, pyOnnx.cpp); they check livemask's calls, not TensorRT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from livemask.errors import BackendUnavailable, ModelError
+from livemask.inference import select
+from livemask.inference import tensorrt_backend as tb
+from livemask.inference.models import ModelCard, load_model_card
+from livemask.inference.tensorrt_backend import (
+    EngineCache,
+    EngineProfile,
+    TensorRTBackend,
+    engine_cache_key,
+    onnx_to_fp16,
+    shared_logger,
+)
+from livemask.inference.tiling import needs_tiling, plan_tiles
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+# --------------------------------------------------------------------------- fp16 ONNX
+
+
+def _ort_run(model: bytes, x: np.ndarray) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {"x": x})[0])
+
+
+def _conv_resize_model(op: str, opset: int, *, ir_version: int | None = None,
+                       initializers_as_inputs: bool = False, scales_also_mul: bool = False
+                       ) -> Any:
+    """x (1, 1, 8, 8) → Conv 3×3 (2 channels) → Resize/Upsample ×2 → y (1, 2, 16, 16).
+
+    ``scales_also_mul``: ×0.5 instead, then a Mul of the (1, 2, 4, 4) result by the scales.
+    """
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(2, 1, 3, 3)).astype(np.float32), "w")
+    b = numpy_helper.from_array(np.array([0.1, -0.2], np.float32), "b")
+    f = 0.5 if scales_also_mul else 2.0
+    scales = numpy_helper.from_array(np.array([1, 1, f, f], np.float32), "scales")
+    roi = numpy_helper.from_array(np.zeros(0, np.float32), "roi")
+    inits = [w, b, scales]
+    if op == "Resize" and opset >= 11:
+        inputs, inits = ["c", "roi", "scales"], [*inits, roi]
+    else:  # Resize 10 and Upsample 9: (X, scales)
+        inputs = ["c", "scales"]
+    up_out = "u" if scales_also_mul else "y"
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node(op, inputs, [up_out], mode="linear" if op == "Resize" else "nearest")]
+    if scales_also_mul:  # the scales used as an fp16 operand too: no valid conversion
+        nodes.append(helper.make_node("Mul", ["u", "scales"], ["y"]))
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])
+    graph_inputs = [x_info]
+    if initializers_as_inputs:
+        graph_inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                         for t in inits]
+    graph = helper.make_graph(
+        nodes, "g", graph_inputs,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, int(8 * f), int(8 * f)])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    if ir_version is not None:
+        model.ir_version = ir_version
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("op", "opset", "ir_version", "as_inputs"),
+    [("Resize", 13, None, False), ("Resize", 18, None, True), ("Resize", 10, None, False),
+     ("Upsample", 9, None, False), ("Upsample", 9, 3, True)],
+    ids=["resize13", "resize18-inits-as-inputs", "resize10", "upsample9", "upsample9-ir3"],
+)
+def test_onnx_to_fp16_keeps_resize_scales_fp32(
+    op: str, opset: int, ir_version: int | None, as_inputs: bool
+) -> None:
+    model = _conv_resize_model(op, opset, ir_version=ir_version, initializers_as_inputs=as_inputs)
+    data = model.SerializeToString()
+    half = onnx.load_from_string(onnx_to_fp16(data))
+    onnx.checker.check_model(half, full_check=True)
+    types = {t.name: t.data_type for t in half.graph.initializer}
+    assert types["w"] == types["b"] == TensorProto.FLOAT16
+    assert types["scales"] == TensorProto.FLOAT
+    if "roi" in types:
+        assert types["roi"] == TensorProto.FLOAT
+    declared = {i.name: i.type.tensor_type.elem_type for i in half.graph.input}
+    for name, dtype in declared.items():  # graph inputs that are initializers match them
+        assert dtype == types.get(name, TensorProto.FLOAT)
+    x = np.random.default_rng(1).random((1, 1, 8, 8), dtype=np.float32)
+    got = _ort_run(half.SerializeToString(), x)
+    assert got.dtype == np.float32 and got.shape == (1, 2, 16, 16)
+    np.testing.assert_allclose(got, _ort_run(data, x), atol=5e-3, rtol=0)
+
+
+def test_onnx_to_fp16_refuses_what_cannot_be_typed() -> None:
+    model = _conv_resize_model("Resize", 13, scales_also_mul=True)
+    with pytest.raises(ModelError, match="not valid ONNX"):
+        onnx_to_fp16(model.SerializeToString())
+
+
+# --------------------------------------------------------------------------- profile
+
+
+def _card(**changes: Any) -> ModelCard:
+    nuclei = load_model_card("nuclei")
+    card = nuclei.model_copy(update=changes)
+    card.card_path = nuclei.card_path
+    return card
+
+
+def test_profile_derived_from_the_card() -> None:
+    assert EngineProfile.for_card(_card()) == EngineProfile(
+        (1, 8, 8), (1, 1024, 1024), (4, 1024, 1024))
+    odd = _card(tile_px=1000, size_multiple=16, max_batch=2)
+    assert EngineProfile.for_card(odd) == EngineProfile(
+        (1, 16, 16), (1, 992, 992), (2, 992, 992))
+    assert EngineProfile.for_card(odd, max_batch=6).max_shape == (6, 992, 992)
+    EngineProfile.for_card(odd).validate(16)
+    with pytest.raises(ModelError, match="smaller than size_multiple"):
+        EngineProfile.for_card(_card(tile_px=16, size_multiple=32))
+    with pytest.raises(ModelError, match="min ≤ opt ≤ max"):
+        EngineProfile(opt_shape=(1, 4096, 4096)).validate()
+    # the engine cache key follows the card's profile
+    keys = {engine_cache_key(model_sha256="a" * 64, trt_version="10", gpu_name="g",
+                             compute_capability=(9, 0), precision="fp16",
+                             profile=EngineProfile.for_card(c))
+            for c in (_card(), odd, _card(max_batch=8))}
+    assert len(keys) == 3
+
+
+@pytest.mark.parametrize("shape", [(512, 512), (1000, 1030), (1024, 1024), (1030, 200),
+                                   (2048, 2048), (3000, 700), (9, 9)])
+@pytest.mark.parametrize("tile_px", [1024, 500])
+def test_card_profile_covers_what_the_segmenter_sends(
+    shape: tuple[int, int], tile_px: int
+) -> None:
+    card = _card(tile_px=tile_px)
+    profile = EngineProfile.for_card(card)
+    m = card.size_multiple
+    if needs_tiling(shape, card.tile_px, m):
+        plan = plan_tiles(shape, tile_px=card.tile_px, overlap_px=card.tile_overlap_px,
+                          max_batch=card.max_batch, size_multiple=m)
+        sent = [(n, *plan.tile_shape) for n in plan.batch_sizes]
+    else:
+        sent = [(1, -(-shape[0] // m) * m, -(-shape[1] // m) * m)]
+    for n, h, w in sent:
+        assert profile.fits(h, w) and 1 <= n <= profile.max_shape[0], (n, h, w)
+    h, w = profile.warmup_shape(shape, m)
+    assert profile.fits(h, w) and h % m == 0 and w % m == 0
+
+
+def test_warmup_shape_pads_and_clamps() -> None:
+    p = EngineProfile.for_card(_card())
+    assert p.warmup_shape((500, 1001), 8) == (504, 1008)
+    assert p.warmup_shape((2048, 2048), 8) == (1024, 1024)
+    assert p.warmup_shape((3, 3), 8) == (8, 8)
+
+
+# --------------------------------------------------------------------------- fakes
+
+
+class _ILogger:
+    class Severity:
+        INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
+
+    def __init__(self) -> None:
+        pass
+
+
+class _Runtime:
+    def __init__(self, logger: Any) -> None:
+        self.logger = logger
+
+    def deserialize_cuda_engine(self, data: bytes) -> Any:
+        return ("engine", data)
+
+
+class _Config:
+    def __init__(self, calls: dict[str, Any]) -> None:
+        self.calls = calls
+        self.flags = {"TF32"}  # TensorRT's default
+
+    def set_memory_pool_limit(self, pool: Any, size: int) -> None:
+        pass
+
+    def set_flag(self, flag: str) -> None:
+        self.flags.add(flag)
+
+    def clear_flag(self, flag: str) -> None:
+        self.flags.discard(flag)
+
+    def create_timing_cache(self, data: bytes) -> Any:
+        return ("timing", bytes(data))
+
+    def set_timing_cache(self, cache: Any, ignore_mismatch: bool) -> bool:
+        return True
+
+    def add_optimization_profile(self, profile: Any) -> int:
+        return int(self.calls["profile_index"])
+
+    def get_timing_cache(self) -> Any:
+        return SimpleNamespace(serialize=lambda: b"timing")
+
+
+def _fake_trt(calls: dict[str, Any], *, version: str = "10.99.0", trt11: bool = False) -> Any:
+    """A stand-in for the ``tensorrt`` module; ``calls`` records what livemask asked of it."""
+    network = SimpleNamespace(num_inputs=1, num_outputs=1,
+                              get_input=lambda i: SimpleNamespace(name="image"))
+
+    class Parser:
+        num_errors = 1
+
+        def __init__(self, net: Any, logger: Any) -> None:
+            calls["parser_logger"] = logger
+
+        def parse(self, model: bytes, path: str | None = None) -> bool:
+            calls["parse"] = bytes(model)
+            return bool(calls.get("parses", True))
+
+        def parse_from_file(self, model: str) -> bool:
+            calls["parse_from_file"] = model
+            return bool(calls.get("parses", True))
+
+        def get_error(self, i: int) -> str:
+            return "unsupported operator"
+
+    class Builder:
+        def __init__(self, logger: Any) -> None:
+            calls["builder_logger"] = logger
+
+        def create_network(self, flags: int) -> Any:
+            calls["network_flags"] = flags
+            return network
+
+        def create_builder_config(self) -> _Config:
+            calls["config"] = _Config(calls)
+            return calls["config"]
+
+        def create_optimization_profile(self) -> Any:
+            def set_shape(name: str, *shapes: Any) -> None:
+                calls["set_shape"] = (name, *shapes)
+            return SimpleNamespace(set_shape=set_shape)
+
+        def build_serialized_network(self, net: Any, config: Any) -> bytes:
+            return b"plan"
+
+    flags = dict(TF32="TF32") if trt11 else dict(TF32="TF32", FP16="FP16")
+    calls.setdefault("profile_index", 0)
+    return SimpleNamespace(
+        __version__=version, ILogger=_ILogger, Runtime=_Runtime, Builder=Builder,
+        OnnxParser=Parser, BuilderFlag=SimpleNamespace(**flags),
+        MemoryPoolType=SimpleNamespace(WORKSPACE="workspace"),
+        NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=3),
+    )
+
+
+def _fake_torch() -> Any:
+    props = SimpleNamespace(name="Fake GPU", major=8, minor=9)
+    return SimpleNamespace(cuda=SimpleNamespace(
+        get_device_properties=lambda i: props,
+        device=lambda i: contextlib.nullcontext(),
+        stream=lambda s: contextlib.nullcontext(),
+    ))
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Install fakes of tensorrt and torch.cuda; returns a function (trt11=...) → calls."""
+    def install(**kwargs: Any) -> dict[str, Any]:
+        calls: dict[str, Any] = {}
+        trt = _fake_trt(calls, **kwargs)
+        monkeypatch.setattr(tb, "import_tensorrt", lambda: trt)
+        monkeypatch.setattr(tb, "import_torch_cuda", _fake_torch)
+        monkeypatch.setattr(TensorRTBackend, "_setup", lambda self, card: None)
+        return calls
+    return install
+
+
+# --------------------------------------------------------------------------- build (faked)
+
+
+def test_build_fp16_fp32_and_the_profile(fake: Any, tmp_path: Path) -> None:
+    calls = fake()
+    card = _card(max_batch=2)
+    fp16 = TensorRTBackend(cache_dir=tmp_path)
+    fp16.load(card)
+    assert fp16.profile == EngineProfile((1, 8, 8), (1, 1024, 1024), (2, 1024, 1024))
+    assert calls["set_shape"] == ("image", (1, 1, 8, 8), (1, 1, 1024, 1024), (2, 1, 1024, 1024))
+    assert calls["parse_from_file"] == str(card.onnx_path)  # external data stays findable
+    assert calls["config"].flags == {"FP16", "TF32"}
+    # one logger for every builder, parser and runtime, across backends
+    assert calls["builder_logger"] is calls["parser_logger"] is fp16._logger
+    fp32 = TensorRTBackend(cache_dir=tmp_path, fp16=False)
+    assert fp32._logger is fp16._logger is shared_logger(tb.import_tensorrt())
+    fp32.load(card)
+    assert calls["config"].flags == set()  # no TF32: fp32 means fp32
+    assert fp32.engine_key != fp16.engine_key
+    assert (tmp_path / f"{fp32.engine_key}.engine").read_bytes() == b"plan"
+    assert list(tmp_path.glob("timing-*.cache"))
+
+
+def test_build_on_trt11_converts_to_fp16_first(fake: Any, tmp_path: Path) -> None:
+    calls = fake(trt11=True)
+    card = _card()
+    TensorRTBackend(cache_dir=tmp_path).load(card)
+    assert calls["network_flags"] == 1 << 3  # STRONGLY_TYPED
+    half = onnx.load_from_string(calls["parse"])
+    assert {t.data_type for t in half.graph.initializer} == {TensorProto.FLOAT16}
+    assert "TF32" in calls["config"].flags
+    TensorRTBackend(cache_dir=tmp_path, fp16=False).load(card)
+    assert calls["parse_from_file"] == str(card.onnx_path)
+    assert calls["config"].flags == set()
+
+
+def test_build_errors_are_model_errors(fake: Any, tmp_path: Path) -> None:
+    calls = fake()
+    calls["profile_index"] = -1  # add_optimization_profile's answer to an invalid profile
+    with pytest.raises(ModelError, match="rejects the optimisation profile"):
+        TensorRTBackend(cache_dir=tmp_path).load(_card())
+    calls["profile_index"], calls["parses"] = 0, False
+    with pytest.raises(ModelError, match=r"cannot parse.*unsupported operator"):
+        TensorRTBackend(cache_dir=tmp_path).load(_card())
+    with pytest.raises(ModelError, match="multiples of 8"):
+        TensorRTBackend(profile=EngineProfile(min_shape=(1, 4, 4))).load(_card())
+
+
+def test_unwritable_cache_keeps_the_built_engine(
+    fake: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake()
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_bytes(b"")  # a file where the cache directory should be: mkdir fails
+    backend = TensorRTBackend(cache_dir=blocker / "engines")
+    with caplog.at_level(logging.WARNING, logger="livemask"):
+        backend.load(_card())
+    assert backend.built and backend._engine == ("engine", b"plan")
+    assert f"cannot cache it as {blocker / 'engines'}" in caplog.text
+    assert "cannot save the timing cache" in caplog.text
+
+
+def test_store_timing_failure_is_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "file").write_bytes(b"")
+    cache = EngineCache(tmp_path / "file")
+    path = cache.timing_cache_path("10", "g", (9, 0))
+    with caplog.at_level(logging.WARNING, logger="livemask"):
+        assert cache.store_timing(path, b"timing") is False
+    assert str(path) in caplog.text
+    with pytest.raises(OSError):
+        cache.store("k", b"plan", {})
+    assert EngineCache(tmp_path / "ok").store_timing(tmp_path / "ok" / "t.cache", b"t")
+
+
+# --------------------------------------------------------------------------- run (faked)
+
+
+class _Stream:
+    cuda_stream = 0
+
+    def __init__(self) -> None:
+        self.synchronized = 0
+
+    def synchronize(self) -> None:
+        self.synchronized += 1
+
+
+class _Context:
+    def __init__(self, backend: TensorRTBackend) -> None:
+        self.backend = backend
+        self.accept_shape = True
+        self.execute_ok = True
+        self.shape: tuple[int, ...] = ()
+
+    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+        self.shape = shape
+        return self.accept_shape
+
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        n, _, h, w = self.shape
+        return (n, 2, h, w)
+
+    def execute_async_v3(self, stream: int) -> bool:
+        assert self.backend._dev_out is not None
+        self.backend._dev_out.fill_(0.5)
+        return self.execute_ok
+
+
+def test_run_splits_batches_and_synchronises_before_raising(fake: Any) -> None:
+    torch = pytest.importorskip("torch")
+    fake()
+    backend = TensorRTBackend(profile=EngineProfile((1, 8, 8), (1, 16, 16), (2, 16, 16)))
+    size = 2 * 16 * 16
+    backend._dev_in, backend._host_in = torch.empty(size), torch.empty(size)
+    backend._dev_out, backend._host_out = torch.empty(2 * size), torch.empty(2 * size)
+    backend._input, backend._output = "image", "probabilities"
+    context, stream = _Context(backend), _Stream()
+    backend._context, backend._stream, backend._last_shape = context, stream, (2, 1, 16, 16)
+    out = backend.run(np.ones((3, 1, 16, 8), np.float32))
+    assert out.shape == (3, 2, 16, 8) and np.all(out == 0.5)
+    assert stream.synchronized == 2  # batches of 2 and 1
+    context.accept_shape = False
+    with pytest.raises(ModelError, match="rejects input shape"):
+        backend.run(np.ones((1, 1, 8, 8), np.float32))
+    assert stream.synchronized == 3 and backend._last_shape is None
+    context.accept_shape, context.execute_ok = True, False
+    with pytest.raises(ModelError, match="execution failed"):
+        backend.run(np.ones((1, 1, 8, 8), np.float32))
+    assert stream.synchronized == 4
+    backend.close()
+    with pytest.raises(ModelError, match="before load"):
+        backend.warmup((8, 8))
+
+
+# --------------------------------------------------------------------------- auto fallback
+
+
+class _FailingBackend:
+    device = "test"
+
+    def __init__(self, name: str, fail: BaseException | None, close_fails: bool) -> None:
+        self.name, self.fail, self.close_fails = name, fail, close_fails
+        self.loaded = False
+
+    def load(self, card: ModelCard) -> None:
+        if self.fail is not None:
+            raise self.fail
+        self.loaded = True
+
+    def warmup(self, shape: tuple[int, int]) -> None:
+        pass
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return batch
+
+    def close(self) -> None:
+        if self.close_fails:
+            raise RuntimeError("close after a failed load")
+
+
+def _patch_backends(monkeypatch: pytest.MonkeyPatch, failures: dict[str, BaseException]) -> None:
+    for name in select.BACKEND_NAMES:
+        status = select.BackendStatus(name, True, "test device")
+        monkeypatch.setitem(select.PROBES, name, lambda s=status: s)
+
+    def instantiate(name: str, *, threads: int = 2) -> _FailingBackend:
+        return _FailingBackend(name, failures.get(name), close_fails=name in failures)
+
+    monkeypatch.setattr(select, "instantiate", instantiate)
+
+
+def test_auto_falls_back_on_any_load_error(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = "/home/u/.cache/livemask/engines/k.engine"
+    _patch_backends(monkeypatch, {
+        "tensorrt": PermissionError(13, "Permission denied", cache),
+        "torch": AttributeError("'IBuilderConfig' object has no attribute 'set_flag'"),
+    })
+    with caplog.at_level(logging.INFO, logger="livemask"):
+        backend = select.load_backend("auto", load_model_card("nuclei"))
+    assert backend.name == "onnxruntime"
+    text = caplog.text
+    assert ("tensorrt failed to load nuclei (PermissionError: [Errno 13] Permission denied: "
+            f"'{cache}'); trying torch") in text
+    assert "torch failed to load nuclei (AttributeError: " in text
+    assert "Traceback" in text  # not a livemask error: the traceback is logged too
+    assert "using onnxruntime" in text
+
+
+def test_explicit_backend_load_errors_still_raise(monkeypatch: pytest.MonkeyPatch) -> None:
+    _patch_backends(monkeypatch, {"tensorrt": OSError(28, "No space left on device")})
+    with pytest.raises(OSError, match="No space left"):
+        select.load_backend("tensorrt", load_model_card("nuclei"))
+    _patch_backends(monkeypatch, {"onnxruntime": BackendUnavailable("broken")})
+    monkeypatch.setitem(select.PROBES, "tensorrt", lambda: select.BackendStatus(
+        "tensorrt", False, "no"))
+    monkeypatch.setitem(select.PROBES, "torch", lambda: select.BackendStatus(
+        "torch", False, "no"))
+    with pytest.raises(BackendUnavailable, match="broken"):  # the last candidate raises
+        select.load_backend("auto", load_model_card("nuclei"))

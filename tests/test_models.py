@@ -71,3 +71,15 @@ def test_corrupt_onnx_file_is_a_model_error(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(card))
     with pytest.raises(ModelError, match="ONNX Runtime cannot load"):
         load_segmenter(str(tmp_path / "c.yaml"))
+
+
+def test_a_service_config_as_model_card_says_so(tmp_path: Path) -> None:
+    # model.path pointing at a service config used to print pydantic's raw errors
+    with pytest.raises(ModelError, match=r"is not a model card .*found: hardware"):
+        load_model_card(Path(__file__).parents[1] / "configs" / "simulated-nuclei.yaml")
+    bad = tmp_path / "card.yaml"
+    bad.write_text("name: mine\nfile: nuclei.onnx\ntile_px: 4\n")
+    with pytest.raises(ModelError) as info:
+        load_model_card(bad)
+    assert "tile_px: Input should be greater than or equal to 16" in str(info.value)
+    assert "pydantic" not in str(info.value)

@@ -8,11 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-import yaml
 
 from livemask.analysis.measure import measure_objects
 from livemask.analysis.normalize import image_problem
-from livemask.errors import ModelError
 from livemask.inference.models import load_model_card
 from livemask.inference.segmenter import Segmenter
 from livemask.inference.select import load_backend
@@ -28,32 +26,9 @@ TABLE_COLUMNS = (
 
 def load_segmenter(model: str, threads: int = 2) -> Segmenter:
     """A segmenter for a shipped model name or a card path, on the default backend."""
-    try:
-        card = load_model_card(model)
-    except ModelError:
-        _explain_not_a_card(model)
-        raise
+    card = load_model_card(model)
     backend = load_backend("auto", card, threads=threads)
     return Segmenter(card, backend)
-
-
-def _explain_not_a_card(model: str) -> None:
-    """Raise a ModelError if ``model`` is a YAML file that is no model card at all."""
-    path = Path(model)
-    if path.suffix not in (".yaml", ".yml") or not path.is_file():
-        return
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return  # load_model_card's own message says what is wrong
-    if isinstance(data, dict) and "name" in data:
-        return  # a card with a bad field: load_model_card's message names it
-    keys = ", ".join(map(str, data)) if isinstance(data, dict) else type(data).__name__
-    raise ModelError(
-        f"{path} is not a model card (it has no 'name' field; found: {keys or 'nothing'}); "
-        "give --model a shipped model name (see `livemask models`) or a model card .yaml "
-        "like src/livemask/models/nuclei.yaml"
-    ) from None
 
 
 def read_planes(path: Path) -> np.ndarray:

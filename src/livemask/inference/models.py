@@ -113,9 +113,22 @@ def load_model_card(name_or_path: str | Path) -> ModelCard:
         raise ModelError(f"model card {path} does not exist; check model.path")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ModelError(f"model card {path} is not readable YAML: {exc}") from None
+    if not isinstance(data, dict) or "name" not in data:
+        keys = ", ".join(map(str, data)) if isinstance(data, dict) else type(data).__name__
+        raise ModelError(
+            f"{path} is not a model card (it has no 'name' field; found: {keys or 'nothing'}); "
+            "give a shipped model name (see `livemask models`) or a model card .yaml like "
+            "src/livemask/models/nuclei.yaml"
+        )
+    try:
         card = ModelCard.model_validate(data)
-    except (yaml.YAMLError, ValidationError) as exc:
-        raise ModelError(f"invalid model card {path}: {exc}") from None
+    except ValidationError as exc:
+        fields = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or '(card)'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ModelError(f"invalid model card {path}: {fields}") from None
     card.card_path = path.resolve()
     if card.runtime != "classical" and card.file is None:
         raise ModelError(f"model card {path} must name its model file (field 'file')")

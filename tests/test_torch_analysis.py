@@ -195,6 +195,21 @@ def test_segmenter_device_path_end_to_end() -> None:
     assert abs(len(objects) - len(ref_objects)) <= max(2, len(ref_objects) // 10)
 
 
+def test_device_path_hands_non_finite_images_to_the_host_path() -> None:
+    # the device's percentiles have no NaN handling: a NaN patch zeroed the whole frame
+    card = load_model_card("nuclei")
+    backend = TorchBackend(threads=1, device="cpu")
+    backend.load(card)
+    seg = Segmenter(card, backend, device_resident=True)
+    image, _ = random_field(np.random.default_rng(6), (200, 232))
+    clean = seg.analyse(seg.infer(image.astype(np.float32)), image)[2]["count"]
+    holed = image.astype(np.float32)
+    holed[10:15, 10:15] = np.nan
+    out = seg.infer(holed)
+    assert not isinstance(out, DeviceProbabilities)
+    assert abs(seg.analyse(out, holed)[2]["count"] - clean) <= 2 and clean >= 5
+
+
 def test_device_path_refused_for_cpu_backends() -> None:
     card = load_model_card("nuclei")
     with pytest.raises(ValueError, match="only the torch backend"):

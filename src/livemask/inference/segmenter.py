@@ -152,8 +152,8 @@ class Segmenter:
         upload, normalisation and model run on the GPU (whole frame, no tiling), finished
         (synchronised) when it returns. Feed the result to :meth:`analyse`."""
         ta = self._device
-        if ta is None:
-            return self.predict(image)
+        if ta is None or (image.dtype.kind == "f" and not np.isfinite(image).all()):
+            return self.predict(image)  # (the host path leaves non-finite pixels out)
         torch = ta._torch
         norm = self.card.normalization
         img, batch = ta.preprocess(image, norm.low, norm.high, self.card.size_multiple)

@@ -31,6 +31,7 @@ from livemask.inference.tensorrt_backend import (
     shared_logger,
 )
 from livemask.inference.tiling import needs_tiling, plan_tiles
+from tests.test_backends import _FakeBackend
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
@@ -435,30 +436,20 @@ def test_run_splits_batches_and_synchronises_before_raising(fake: Any) -> None:
 # --------------------------------------------------------------------------- auto fallback
 
 
-class _FailingBackend:
-    device = "test"
+class _FailingBackend(_FakeBackend):
+    """A backend whose close() fails too after a failed load (it must not hide the error)."""
 
-    def __init__(self, name: str, fail: BaseException | None, close_fails: bool) -> None:
-        self.name, self.fail, self.close_fails = name, fail, close_fails
-        self.loaded = False
-
-    def load(self, card: ModelCard) -> None:
-        if self.fail is not None:
-            raise self.fail
-        self.loaded = True
-
-    def warmup(self, shape: tuple[int, int]) -> None:
-        pass
-
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        return batch
+    def __init__(self, name: str, fail: Exception | None, close_fails: bool) -> None:
+        super().__init__(name, fail)
+        self.close_fails = close_fails
 
     def close(self) -> None:
         if self.close_fails:
             raise RuntimeError("close after a failed load")
+        super().close()
 
 
-def _patch_backends(monkeypatch: pytest.MonkeyPatch, failures: dict[str, BaseException]) -> None:
+def _patch_backends(monkeypatch: pytest.MonkeyPatch, failures: dict[str, Exception]) -> None:
     for name in select.BACKEND_NAMES:
         status = select.BackendStatus(name, True, "test device")
         monkeypatch.setitem(select.PROBES, name, lambda s=status: s)

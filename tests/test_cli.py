@@ -212,7 +212,8 @@ def test_service_flags_are_checked_and_named(args: list[str], message: str) -> N
 
 
 @pytest.mark.parametrize("address", ["tcp://127.0.0.1:*", "tcp://*:5555", "tcp://[::1]:0",
-                                     "tcp://localhost:5555", "ipc:///tmp/livemask.ipc"])
+                                     "tcp://localhost:5555", "ipc:///tmp/livemask.ipc",
+                                     "ipc:///tmp/a b", "epgm://eth0;239.192.1.1:5555"])
 def test_valid_addresses_pass_the_flag_check(address: str) -> None:
     assert _address(address) == address
 

@@ -82,3 +82,27 @@ def test_synchronized_does_not_wait_for_an_event_that_gave_no_frame() -> None:
     start = time.monotonic()
     assert [e.index["t"] for e in feed] == [0, 1, 2]
     assert time.monotonic() - start < 5.0 and feed.sync_timeouts == 0
+
+
+def test_a_frame_done_after_its_timeout_does_not_release_a_later_frame_early() -> None:
+    feed = EventFeed(_events(3), synchronized=True, sync_timeout_s=0.1)
+    next(feed)
+    feed.frame_delivered()
+    next(feed)  # frame 0 given up on after the timeout
+    assert feed.sync_timeouts == 1
+    feed.sync_timeout_s = 30.0
+    feed.frame_delivered()  # frame 1
+    feed.frame_done()  # frame 0's late report must not count for frame 1
+    released = threading.Event()
+    worker = threading.Thread(target=lambda: (next(feed), released.set()))
+    worker.start()
+    assert not released.wait(0.05), "frame 1's event released before frame 1 was done"
+    feed.frame_done()
+    assert released.wait(2.0)
+    worker.join()
+
+
+def test_only_imaging_events_count_as_asking_for_a_frame() -> None:
+    feed = EventFeed([useq.MDAEvent(), useq.MDAEvent(action={"type": "custom", "name": "m"})])
+    assert len(list(feed)) == 2
+    assert feed.issued == 2 and feed.image_events_issued == 1

@@ -53,8 +53,6 @@ class RecordingSource:
 
     running = False
 
-    events_issued = 0
-
     def __init__(self) -> None:
         self.done = 0
 

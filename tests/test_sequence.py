@@ -11,7 +11,7 @@ import pytest
 import useq
 
 from livemask.acquisition import sequence as lazy
-from livemask.acquisition.sequence import event_count, iter_events
+from livemask.acquisition.sequence import check_input, event_count, iter_events
 
 CASES: dict[str, dict[str, Any]] = {
     "time, channels, z": {
@@ -117,3 +117,37 @@ def test_chunk_must_be_positive() -> None:
     seq = useq.MDASequence(time_plan={"interval": 0, "loops": 3})
     with pytest.raises(ValueError, match="at least 1 time point"):
         next(iter_events(seq, chunk=0))
+
+
+@pytest.mark.parametrize("data", [
+    {"stage_positions": [{"x": 0, "y": 0, "row": 0, "col": 1}]},  # useq renames row/col
+    {"time_plan": [{"interval": 1, "loops": 2}, {"interval": 0.5, "duration": 3}]},
+    {"channels": ["DAPI", {"config": "GFP", "exposure": 20}], "z_plan": {"range": 4, "step": 1}},
+    {"stage_positions": [(1, 2, 3), {"x": 1, "y": 2, "sequence": {"grid_plan": {
+        "rows": 1, "columns": 2}}}], "metadata": {"anything": {"goes": 1}}},
+])
+def test_check_input_accepts_what_useq_takes(data: dict) -> None:
+    check_input(useq.MDASequence.model_validate(data), data, "sequence")
+
+
+@pytest.mark.parametrize(("data", "needle"), [
+    ({"time_pan": {"interval": 1, "loops": 2}}, "sequence.time_pan: unknown field"),
+    ({"time_plan": [{"interval": 1, "loops": 2}, {"interval": 1, "loops": 3, "prioritise": 1}]},
+     "sequence.time_plan[1].prioritise: unknown field"),
+    ({"channels": [{"config": "GFP", "exposre": 3}]}, "sequence.channels[0].exposre"),
+    ({"stage_positions": [{"x": float("inf"), "y": 0}]}, "x: inf is not a finite number"),
+])
+def test_check_input_names_what_useq_would_ignore(data: dict, needle: str) -> None:
+    with pytest.raises(ValueError) as info:
+        check_input(useq.MDASequence.model_validate(data), data, "sequence")
+    assert needle in str(info.value)
+
+
+def test_check_input_refuses_what_is_too_deep_to_check() -> None:
+    data: dict = {"metadata": {}}
+    inner = data["metadata"]
+    for _ in range(900):
+        inner["a"] = {}
+        inner = inner["a"]
+    with pytest.raises(ValueError, match="nests too deeply"):
+        check_input(useq.MDASequence.model_validate(data), data, "sequence")

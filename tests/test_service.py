@@ -346,6 +346,21 @@ async def test_a_camera_that_never_delivers_ends_the_acquisition_with_an_error(
     assert status["frames_acquired"] == 0 and status["last_error"] == done["error"]
 
 
+async def test_events_that_take_no_image_are_not_a_camera_fault() -> None:
+    async with Service(make_config()) as svc, AsyncSubscriber(
+        svc.publisher.bound_address, ("event",)
+    ) as sub:
+        await asyncio.sleep(0.3)
+        await control(svc, "enqueue", events=[{"action": {"type": "custom", "name": "m"}}])
+        done = None
+        deadline = time.monotonic() + 20
+        while done is None and time.monotonic() < deadline:
+            msg = await sub.recv(timeout_s=0.1)
+            if msg is not None and msg.header["kind"] == "acquisition_finished":
+                done = msg.header
+    assert done is not None and done["error"] is None
+
+
 async def test_missing_hardware_config_is_a_clear_error(tmp_path: Any) -> None:
     from livemask.errors import ConfigError
 

@@ -116,6 +116,32 @@ def test_bind_conflict_is_a_config_error(publisher: ZmqPublisher) -> None:
     other.close()
 
 
+def _ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def test_ipv6_loopback_addresses_work() -> None:
+    if not _ipv6_loopback():
+        pytest.skip("this machine has no IPv6 loopback")
+    # before: "No such device": no socket had ZMQ_IPV6 set
+    with ZmqPublisher("tcp://[::1]:*") as pub, Subscriber(pub.bound_address) as sub:
+        assert pub.bound_address.startswith("tcp://[::1]:")
+        got = None
+        for _ in range(100):  # until the subscription has reached the publisher
+            pub.publish("status", {"hello": True})
+            got = sub.recv(timeout_s=0.05)
+            if got is not None:
+                break
+        assert got is not None and got.header["hello"] is True
+
+
 def test_a_malformed_address_is_not_blamed_on_another_service() -> None:
     bad = ZmqPublisher("garbage")
     with pytest.raises(ConfigError, match="cannot bind the publisher") as info:

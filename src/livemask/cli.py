@@ -43,8 +43,11 @@ DashboardOpt = Annotated[
 ]
 
 
-#: A ZeroMQ address a flag may give: tcp://HOST:PORT (port * picks a free one), ipc://, inproc://.
-_ADDRESS = re.compile(r"tcp://(\[[^\]]+\]|[^:/\[\]\s]+):(?P<port>\d+|\*)|(ipc|inproc)://\S+")
+#: A ZeroMQ address a flag may give: TRANSPORT://... ; tcp:// needs HOST:PORT (port * picks a
+#: free one). Other transports (ipc://, inproc://, ...) are left to ZeroMQ to judge.
+_ADDRESS = re.compile(
+    r"tcp://(\[[^\]]+\]|[^:/\[\]\s]+):(?P<port>\d+|\*)|(?!tcp://)[a-z][a-z0-9+.-]*://.+"
+)
 
 
 def _address(value: str | None) -> str | None:

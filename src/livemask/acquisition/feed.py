@@ -37,8 +37,10 @@ class EventFeed(Iterator[useq.MDAEvent]):
         self.synchronized = synchronized
         self.sync_timeout_s = sync_timeout_s
         self.issued = 0
+        self.image_events_issued = 0  # events that ask the camera for a frame
         self.delivered = 0
         self.done = 0
+        self._owed = 0  # frame_done calls still to come for frames given up on (timeouts)
         self.sync_timeouts = 0
 
     def __next__(self) -> useq.MDAEvent:
@@ -53,6 +55,7 @@ class EventFeed(Iterator[useq.MDAEvent]):
                         waited,
                     )
                     self.sync_timeouts += 1
+                    self._owed += self.delivered - self.done
                     self.done = self.delivered
                     break
                 self._cond.wait(0.05)
@@ -68,6 +71,8 @@ class EventFeed(Iterator[useq.MDAEvent]):
                     raise StopIteration
                 event = nxt
             self.issued += 1
+            if event.action is None or isinstance(event.action, useq.AcquireImage):
+                self.image_events_issued += 1
             return event
 
     def inject(self, events: Iterable[useq.MDAEvent]) -> int:
@@ -86,7 +91,10 @@ class EventFeed(Iterator[useq.MDAEvent]):
     def frame_done(self) -> None:
         """Report that one delivered frame has been analysed (or skipped) and published."""
         with self._cond:
-            self.done += 1
+            if self._owed:  # a frame given up on after the timeout: already counted done
+                self._owed -= 1
+            else:
+                self.done += 1
             self._cond.notify_all()
 
     def set_synchronized(self, value: bool) -> None:

@@ -52,9 +52,16 @@ def check_input(model: BaseModel, data: Any, what: str) -> None:
 
     useq ignores unknown keys, so a typo (``time_pan``, ``xpos``) would silently run another
     acquisition than the one asked for; and it accepts NaN or infinite stage positions."""
-    problems = [*_unknown_fields(model, data, what), *_non_finite(data, what)]
+    try:
+        problems = [*_unknown_fields(model, data, what), *_non_finite(data, what)]
+    except RecursionError:
+        raise ValueError(f"{what} nests too deeply to check") from None
     if problems:
         raise ValueError("; ".join(problems))
+
+
+#: Keys useq's before-validators rename (deprecated spellings it still takes).
+_RENAMED_KEYS: dict[type[Any], frozenset[str]] = {useq.Position: frozenset({"row", "col"})}
 
 
 def _unknown_fields(model: Any, data: Any, where: str) -> list[str]:
@@ -63,10 +70,15 @@ def _unknown_fields(model: Any, data: Any, where: str) -> list[str]:
             return []
         return [p for i, (m, d) in enumerate(zip(model, data, strict=True))
                 for p in _unknown_fields(m, d, f"{where}[{i}]")]
+    if isinstance(model, useq.MultiPhaseTimePlan) and isinstance(data, (list, tuple)):
+        return _unknown_fields(list(model.phases), data, where)  # phases given as a list
     if not isinstance(model, BaseModel) or not isinstance(data, dict):
         return []
     fields = type(model).model_fields
     known = set(fields) | {f.alias for f in fields.values() if f.alias}
+    for cls, renamed in _RENAMED_KEYS.items():
+        if isinstance(model, cls):
+            known |= renamed
     problems = [
         f"{where}.{key}: unknown field (known: {', '.join(sorted(fields))})"
         for key in data if key not in known

@@ -51,7 +51,10 @@ DoneCallback = Callable[[str | None], None]
 
 
 class FrameSource(Protocol):
-    """Something that acquires frames for the pipeline."""
+    """Something that acquires frames for the pipeline.
+
+    Optional: an ``image_events_issued`` attribute (events that asked for a frame in the
+    current or last acquisition) lets the service report an acquisition that got none."""
 
     @property
     def running(self) -> bool:
@@ -64,10 +67,6 @@ class FrameSource(Protocol):
 
     def inject(self, events: Iterable[useq.MDAEvent]) -> int:
         """Add events to the running acquisition."""
-
-    @property
-    def events_issued(self) -> int:
-        """Events handed to the hardware in the current (or last) acquisition."""
 
     def frame_done(self) -> None:
         """Report one frame fully handled (releases the next event in synchronized mode)."""
@@ -98,9 +97,10 @@ class FeedThreadSource:
         return self._thread is not None and self._thread.is_alive()
 
     @property
-    def events_issued(self) -> int:
-        """Events the runner took from the feed in the current (or last) acquisition."""
-        return self._feed.issued if self._feed is not None else 0
+    def image_events_issued(self) -> int:
+        """Events asking for a frame that the runner took in the current (or last)
+        acquisition (the service checks it against the frames that came)."""
+        return self._feed.image_events_issued if self._feed is not None else 0
 
     def frame_done(self) -> None:
         """Forward to the feed (releases the next event in synchronized mode; no-op idle)."""

@@ -11,6 +11,7 @@ import zmq
 
 from livemask import protocol
 from livemask.errors import ControlError, ControlTimeout
+from livemask.transport._sockets import allow_ipv6
 
 __all__ = ["DEFAULT_CONTROL_ADDRESS", "ControlClient"]
 
@@ -61,6 +62,7 @@ class ControlClient:
         if self._socket is None:
             sock = self._context.socket(zmq.REQ)
             sock.setsockopt(zmq.LINGER, 0)
+            allow_ipv6(sock, self.address)
             sock.connect(self.address)
             self._socket = sock
         return self._socket

@@ -12,6 +12,7 @@ import zmq.asyncio
 
 from livemask import protocol
 from livemask.protocol import Message
+from livemask.transport._sockets import allow_ipv6
 
 __all__ = ["DEFAULT_SUB_ADDRESS", "DEFAULT_TOPICS", "AsyncSubscriber", "Subscriber"]
 
@@ -55,6 +56,7 @@ class _SubscriberBase:
         sock.setsockopt(zmq.RCVHWM, rcvhwm)
         for topic in self.topics or ("",):
             sock.setsockopt(zmq.SUBSCRIBE, topic.encode("ascii"))
+        allow_ipv6(sock, address)
         sock.connect(address)
         self._socket = sock
 

@@ -413,13 +413,14 @@ class Service:
 
         pymmcore-plus logs a failed snap as a warning and goes on to the next event, so a
         camera that fails every time would otherwise end the acquisition "successfully"."""
-        issued = self.source.events_issued if self.source is not None else 0
+        # optional for FrameSource implementations: without it, no check
+        issued = int(getattr(self.source, "image_events_issued", 0))
         acquired = self.pipeline.counters.counts["acquired"] - self._acquired_at_start
         if issued == 0 or acquired > 0 or self._stop_requested:
             return None
         return (
-            f"the acquisition ran {issued} event(s) but the camera delivered no frame: check "
-            "the camera in hardware.config_file (the log has pymmcore-plus' warnings)"
+            f"the acquisition ran {issued} imaging event(s) but the camera delivered no frame: "
+            "check the camera in hardware.config_file (the log has pymmcore-plus' warnings)"
         )
 
     async def stop_acquisition(self) -> None:

@@ -9,8 +9,16 @@ import zmq
 from livemask.errors import ConfigError
 
 
+def allow_ipv6(sock: zmq.Socket[Any], address: str) -> None:
+    """Turn on ZMQ_IPV6 for an IPv6 literal (``tcp://[::1]:5555``), which libzmq refuses
+    otherwise; only then, since with it IPv4 endpoints read back as ``[::ffff:a.b.c.d]``."""
+    if address.startswith("tcp://["):
+        sock.setsockopt(zmq.IPV6, 1)
+
+
 def bind_or_explain(sock: zmq.Socket[Any], address: str, what: str, hint: str) -> None:
     """Bind ``sock``; on failure close it and raise a ConfigError saying what to change."""
+    allow_ipv6(sock, address)
     try:
         sock.bind(address)
     except zmq.ZMQError as exc:

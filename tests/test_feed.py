@@ -106,3 +106,12 @@ def test_only_imaging_events_count_as_asking_for_a_frame() -> None:
     feed = EventFeed([useq.MDAEvent(), useq.MDAEvent(action={"type": "custom", "name": "m"})])
     assert len(list(feed)) == 2
     assert feed.issued == 2 and feed.image_events_issued == 1
+
+
+def test_a_report_for_no_delivered_frame_is_ignored() -> None:
+    # e.g. the last frame of the previous acquisition, published after this one started
+    feed = EventFeed(_events(2), synchronized=True, sync_timeout_s=30.0)
+    next(feed)
+    feed.frame_done()
+    feed.frame_delivered()
+    assert feed.done == 0 and feed.delivered == 1

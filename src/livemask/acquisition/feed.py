@@ -93,7 +93,7 @@ class EventFeed(Iterator[useq.MDAEvent]):
         with self._cond:
             if self._owed:  # a frame given up on after the timeout: already counted done
                 self._owed -= 1
-            else:
+            elif self.done < self.delivered:  # else a late report from an earlier feed
                 self.done += 1
             self._cond.notify_all()
 

@@ -47,6 +47,9 @@ def test_shipped_config_resolves_hardware_path() -> None:
         ({"simulation": {"pixel_size_um": float("inf")}}, "simulation.pixel_size_um"),
         ({"hardware": {"pixel_size_um": float("nan")}}, "hardware.pixel_size_um"),
         ({"publish": {"heartbeat_s": 1e-9}}, "publish.heartbeat_s"),
+        # libzmq would bind port 473430 mod 65536 = 14678 without a word
+        ({"publish": {"pub_address": "tcp://127.0.0.1:473430"}}, "publish.pub_address"),
+        ({"publish": {"control_address": "localhost:5556"}}, "publish.control_address"),
         ({"hardwre": {}}, "hardwre"),
     ],
 )

@@ -25,8 +25,8 @@ from livemask.acquisition.simulated.nuclei import NucleiSample
 from livemask.analysis.measure import UNITS
 from livemask.cli import app
 from livemask.client import Subscriber
-from livemask.errors import ReplayError
-from livemask.recording import Recorder, open_recording
+from livemask.errors import RecordingError, ReplayError
+from livemask.recording import Recorder, new_run_dir, open_recording
 from livemask.recording.reader import read_frames_jsonl
 from livemask.service.app import Service
 from livemask.service.frames import Frame
@@ -352,3 +352,18 @@ def test_replay_rejects_bad_input_clearly(tmp_path: Path) -> None:
     zarr.create_array(tmp_path / "plain5d.zarr", shape=(2, 2, 2, 8, 8), dtype="uint16")
     with pytest.raises(ReplayError, match="without OME axes"):
         open_stack(tmp_path / "plain5d.zarr")
+
+
+def test_run_folders_are_created_at_once_so_two_services_never_share_one(
+    tmp_path: Path,
+) -> None:
+    # before: the name was only checked, so two services starting in the same second both
+    # wrote into run-<stamp> (80 frames.jsonl lines for 40 stored frames)
+    now = time.time()
+    first, second = new_run_dir(tmp_path, now), new_run_dir(tmp_path, now)
+    assert first != second and first.is_dir() and second.is_dir()
+    assert second.name == first.name + "-2"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(RecordingError, match=r"cannot record to .*a-file.*writable folder"):
+        new_run_dir(blocker)

@@ -361,6 +361,15 @@ async def test_events_that_take_no_image_are_not_a_camera_fault() -> None:
     assert done is not None and done["error"] is None
 
 
+async def test_a_configured_channel_the_rig_lacks_fails_at_start_up() -> None:
+    from livemask.errors import ConfigError
+
+    cfg = make_config(acquisition={"autostart": False, "sequence": {"channels": ["NOPE"]}})
+    with pytest.raises(ConfigError, match="channel 'NOPE' is not a preset of group 'Channel'"):
+        async with Service(cfg):
+            pass
+
+
 async def test_missing_hardware_config_is_a_clear_error(tmp_path: Any) -> None:
     from livemask.errors import ConfigError
 

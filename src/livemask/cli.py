@@ -7,7 +7,6 @@ import contextlib
 import logging
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from livemask.acquisition.mode import Mode
+from livemask.config import check_address
 from livemask.errors import LivemaskError
 from livemask.log import setup_logging
 
@@ -43,24 +43,14 @@ DashboardOpt = Annotated[
 ]
 
 
-#: A ZeroMQ address a flag may give: TRANSPORT://... ; tcp:// needs HOST:PORT (port * picks a
-#: free one). Other transports (ipc://, inproc://, ...) are left to ZeroMQ to judge.
-_ADDRESS = re.compile(
-    r"tcp://(\[[^\]]+\]|[^:/\[\]\s]+):(?P<port>\d+|\*)|(?!tcp://)[a-z][a-z0-9+.-]*://.+"
-)
-
-
 def _address(value: str | None) -> str | None:
     """Callback: reject a malformed --pub / --control address before anything binds it."""
     if value is None:
         return None
-    m = _ADDRESS.fullmatch(value)
-    if m is None or (m["port"] not in (None, "*") and int(m["port"]) > 65535):
-        raise typer.BadParameter(
-            f"{value!r} is not a valid address; expected tcp://HOST:PORT, e.g. "
-            "tcp://127.0.0.1:5555 (port * picks a free one), or ipc://PATH"
-        )
-    return value
+    try:
+        return check_address(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def _finite(value: float | None) -> float | None:

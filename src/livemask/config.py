@@ -7,6 +7,7 @@ Errors name the field to change, e.g. ``acquisition.mode: Input should be 'free-
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,6 +27,26 @@ DEFAULT_SEQUENCE: dict[str, Any] = {
     "time_plan": {"interval": 0.1, "loops": 170},
     "channels": [{"config": "DAPI", "exposure": 10.0}],
 }
+
+
+#: tcp://HOST:PORT (port * picks a free one; HOST may be [IPv6]); other transports
+#: (ipc://, inproc://, ...) are left to ZeroMQ to judge.
+_ADDRESS = re.compile(
+    r"tcp://(\[[^\]]+\]|[^:/\[\]\s]+):(?P<port>\d+|\*)|(?!tcp://)[a-z][a-z0-9+.-]*://.+"
+)
+
+
+def check_address(value: str) -> str:
+    """``value`` if it is a ZeroMQ endpoint livemask can bind, else ``ValueError``.
+
+    libzmq wraps a TCP port above 65535 silently (473430 binds 14678): refuse it here."""
+    m = _ADDRESS.fullmatch(value)
+    if m is None or (m["port"] not in (None, "*") and int(m["port"]) > 65535):
+        raise ValueError(
+            f"{value!r} is not a valid address; expected tcp://HOST:PORT, e.g. "
+            "tcp://127.0.0.1:5555 (port * picks a free one), or ipc://PATH"
+        )
+    return value
 
 
 class _Section(BaseModel):
@@ -145,6 +166,11 @@ class PublishConfig(_Section):
 
     pub_address: str = "tcp://127.0.0.1:5555"
     control_address: str = "tcp://127.0.0.1:5556"
+
+    @field_validator("pub_address", "control_address")
+    @classmethod
+    def _valid_address(cls, value: str) -> str:
+        return check_address(value)
     frame_every: int = Field(
         default=1, ge=0, description="Publish every Nth frame on 'frame' (0 = never)."
     )

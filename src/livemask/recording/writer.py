@@ -92,14 +92,25 @@ def column_units(units: Mapping[str, str]) -> dict[str, str]:
 
 
 def new_run_dir(parent: Path, now: float | None = None) -> Path:
-    """A new, not yet existing ``parent/run-YYYYmmdd-HHMMSS`` folder name (suffixed if taken)."""
+    """Create and return a new, empty ``parent/run-YYYYmmdd-HHMMSS`` folder (``-2``, ``-3``,
+    ... if taken). Created at once, so two services recording into ``parent`` in the same
+    second get a folder each; ``RecordingError`` if ``parent`` cannot hold one."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
-    path = parent / f"run-{stamp}"
-    n = 1
-    while path.exists():
-        n += 1
-        path = parent / f"run-{stamp}-{n}"
-    return path
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        for n in range(1, 10_000):
+            path = parent / (f"run-{stamp}" if n == 1 else f"run-{stamp}-{n}")
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            return path
+    except OSError as exc:
+        raise RecordingError(
+            f"cannot record to {parent}: {exc}; choose a writable folder (record.path or "
+            "--record)"
+        ) from None
+    raise RecordingError(f"cannot record to {parent}: 10,000 runs started in one second")
 
 
 def _multiscales(name: str, pixel_size_um: float) -> list[dict[str, Any]]:

@@ -129,6 +129,10 @@ class Service:
             self._shorten_switch_interval()
         if self.source is None:
             self.source = await asyncio.to_thread(self._open_microscope)
+            # the configured sequence's channels, now, not at the first `start`
+            self._check_channels(
+                sequence_channels(cfg.acquisition.mda_sequence()), "acquisition.sequence"
+            )
         elif (connect := getattr(self.source, "connect", None)) is not None:
             connect(self._on_camera_frame)  # e.g. a ReplaySource: its frames come here
         self.prefault = await asyncio.to_thread(

@@ -166,8 +166,20 @@ def _read(path: Path) -> np.ndarray:
 
 
 def _as_instances(mask: np.ndarray, path: Path) -> np.ndarray:
+    """The instance labels of a mask file: integer labels >= 0, or a binary mask split into
+    connected components; ValueError naming the file for anything else."""
     if mask.ndim == 3 and mask.shape[-1] in (3, 4):
         raise ValueError(f"mask {path} is RGB; give an integer instance label image")
+    if mask.ndim != 2:
+        raise ValueError(f"mask {path} has shape {mask.shape}; give one 2-D label image")
+    if mask.dtype.kind == "f":
+        if not np.all(np.isfinite(mask)) or np.any(mask != np.round(mask)):
+            raise ValueError(f"mask {path} has fractional values (e.g. probabilities); give "
+                             "integer instance labels (0 = background)")
+    elif mask.dtype.kind not in "uib":
+        raise ValueError(f"mask {path} has dtype {mask.dtype}; give integer instance labels")
+    if mask.size and mask.min() < 0:
+        raise ValueError(f"mask {path} has negative labels; give labels >= 0 (0 = background)")
     values = np.unique(mask)
     if values.size <= 2:  # a binary mask: instances are its connected components
         log.warning("mask %s is binary; using its connected components as instances", path)

@@ -71,3 +71,24 @@ def test_piped_view_prints_changes_only_and_the_end_once(
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0].startswith("frame 0: 3 objects")
     assert lines[1] == FINISHED_HINT
+
+
+def test_view_says_when_the_heartbeat_stops(monkeypatch: pytest.MonkeyPatch) -> None:
+    import livemask.viewer as viewer
+
+    now = [100.0]
+    monkeypatch.setattr(viewer.time, "monotonic", lambda: now[0])
+    view = ConsoleView()
+    view.update(Message("status", {"state": "running", "mode": "free-run"}, {}))
+    for i in range(5):
+        now[0] += 0.1
+        view.update(Message("measurements", {"frame_id": i, "summary": {"count": 1}}, {}))
+    assert view.fps() is not None and view.silent_s() is None
+    now[0] += 10.0  # the service was killed: no more heartbeats
+    assert view.fps() is None and view.silent_s() == pytest.approx(10.5)
+    assert "no status for 10 s" in view.summary_line()
+    console = Console(width=160, record=True)
+    console.print(view.render())
+    assert "the service is gone or unreachable" in console.export_text()
+    view.update(Message("status", {"state": "running", "mode": "free-run"}, {}))  # it is back
+    assert view.silent_s() is None and "no status" not in view.summary_line()

@@ -75,6 +75,11 @@ FINISHED_HINT = (
 )
 
 
+#: Seconds without a status heartbeat (every ``publish.heartbeat_s``, 1 s by default) after
+#: which the view says the service is gone.
+STALE_S = 3.0
+
+
 class ConsoleView:
     """Keeps the latest state of the stream and renders it as rich tables."""
 
@@ -85,6 +90,7 @@ class ConsoleView:
         self.arrivals: deque[float] = deque(maxlen=50)
         self.score = TruthScore()
         self.gaps: dict[str, int] = {}
+        self.status_at: float | None = None  # monotonic time of the last status message
 
     def update(self, msg: Message) -> None:
         """Fold one message into the view."""
@@ -93,14 +99,22 @@ class ConsoleView:
             self.arrivals.append(time.monotonic())
         elif msg.topic == "status":
             self.status = msg.header
+            self.status_at = time.monotonic()
         elif msg.topic == "event":
             self.events.append(_describe_event(msg.header))
         elif msg.topic in ("labels", "truth"):
             self.score.add(msg)
 
+    def silent_s(self) -> float | None:
+        """Seconds since the last status heartbeat, when more than ``STALE_S`` (else None)."""
+        if self.status_at is None:
+            return None
+        quiet = time.monotonic() - self.status_at
+        return quiet if quiet > STALE_S else None
+
     def fps(self) -> float | None:
-        """Measurement messages per second over the recent window."""
-        if len(self.arrivals) < 2:
+        """Measurement messages per second over the recent window (None once stale)."""
+        if len(self.arrivals) < 2 or self.silent_s() is not None:
             return None
         span = self.arrivals[-1] - self.arrivals[0]
         return (len(self.arrivals) - 1) / span if span > 0 else None
@@ -114,8 +128,11 @@ class ConsoleView:
         m = self.measurements or {}
         summary = m.get("summary") or {}
         lat = (st.get("latency_ms") or {}).get("end_to_end") or {}
-        top.add_row("state", f"{st.get('state', '?')} ({st.get('mode', '?')}), "
-                    f"model {st.get('model', '?')} on {st.get('backend', '?')}")
+        silent = self.silent_s()
+        state = (f"no status for {silent:.0f} s: the service is gone or unreachable"
+                 if silent is not None else f"{st.get('state', '?')} ({st.get('mode', '?')})")
+        top.add_row("state", f"{state}, model {st.get('model', '?')} on "
+                    f"{st.get('backend', '?')}")
         top.add_row("frame", f"{m.get('frame_id', '-')}  index {m.get('index', {})}")
         top.add_row("nuclei", _fmt(summary.get("count")))
         top.add_row("mean area", f"{_fmt(summary.get('mean_area_px'))} px  "
@@ -160,6 +177,9 @@ class ConsoleView:
         total = self.score.total()
         if total is not None:
             line += f", F1@0.5 vs truth {total.f1:.3f}"
+        silent = self.silent_s()
+        if silent is not None:
+            line += f" (no status for {silent:.0f} s: the service is gone or unreachable)"
         return line
 
 

@@ -229,6 +229,10 @@ async def test_enqueue_snapshot_and_set(service: Service) -> None:
          "channel 'NOPE' is not a preset of group 'Channel' (presets: DAPI, GFP)"),
         ("enqueue", {"events": [{"channel": {"config": "GFP", "group": "Filters"}}]},
          "invalid_args", "channel group 'Filters' is not defined"),
+        ("enqueue", {"events": [{"exposure": 1e6}]}, "invalid_args",
+         "exposure 1e+06 ms is outside the range of camera 'Camera': 0..10000 ms"),
+        ("start", {"sequence": {"channels": [{"config": "GFP", "exposure": 20000}]}},
+         "invalid_args", "exposure 20000 ms is outside"),
     ],
 )
 async def test_bad_control_requests_get_error_replies(

@@ -28,6 +28,7 @@ __all__ = [
     "CoreKind",
     "PythonDeviceCore",
     "check_channels",
+    "check_exposures",
     "close_core",
     "describe_core",
     "open_core",
@@ -281,4 +282,20 @@ def check_channels(mmc: CMMCorePlus, channels: Iterable[Any], what: str) -> None
             raise ConfigError(
                 f"{what}: channel {preset!r} is not a preset of group {group!r} "
                 f"(presets: {', '.join(mmc.getAvailableConfigs(group)) or 'none'})"
+            )
+
+
+def check_exposures(mmc: CMMCorePlus, exposures: Iterable[float], what: str) -> None:
+    """Raise :class:`ConfigError` for an exposure outside the camera's ``Exposure`` property
+    limits (when it has them): pymmcore-plus would log a warning and snap with the old one."""
+    camera = mmc.getCameraDevice()
+    if not camera or not mmc.hasPropertyLimits(camera, "Exposure"):
+        return
+    lo = mmc.getPropertyLowerLimit(camera, "Exposure")
+    hi = mmc.getPropertyUpperLimit(camera, "Exposure")
+    for exposure in exposures:
+        if not lo <= exposure <= hi:
+            raise ConfigError(
+                f"{what}: exposure {exposure:g} ms is outside the range of camera {camera!r}: "
+                f"{lo:g}..{hi:g} ms"
             )

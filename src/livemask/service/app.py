@@ -358,7 +358,11 @@ class Service:
         Long time plans are iterated in chunks (:func:`iter_events`), so any number of
         time points starts at once and holds no list of them."""
         seq = sequence or self.config.acquisition.mda_sequence()
-        self._check_channels(sequence_channels(seq), "acquisition.sequence")
+        channels = sequence_channels(seq)
+        self._check_channels(channels, "acquisition.sequence")
+        self._check_exposures(
+            [c.exposure for c in channels if c.exposure is not None], "acquisition.sequence"
+        )
         detail = {"sequence": seq.model_dump(mode="json")}
         return self._start_events(iter_events(seq), detail, event_count(seq))
 
@@ -368,6 +372,13 @@ class Service:
             from livemask.acquisition.core import check_channels
 
             check_channels(self.source.core, channels, what)
+
+    def _check_exposures(self, exposures: list[float], what: str) -> None:
+        """ConfigError for an exposure the camera's limits rule out."""
+        if exposures and isinstance(self.source, MicroscopeSource):
+            from livemask.acquisition.core import check_exposures
+
+            check_exposures(self.source.core, exposures, what)
 
     def _start_events(self, events: Any, detail: dict[str, Any], count: int) -> int:
         if self.source is None:
@@ -440,6 +451,7 @@ class Service:
         if self.source is None:
             raise AcquisitionError("no frame source")
         self._check_channels([e.channel for e in events if e.channel is not None], "events")
+        self._check_exposures([e.exposure for e in events if e.exposure is not None], "events")
         if self._acquiring:
             n = self.source.inject(events)
             return {"enqueued": n, "started": False}

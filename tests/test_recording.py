@@ -367,3 +367,24 @@ def test_run_folders_are_created_at_once_so_two_services_never_share_one(
     blocker.write_text("x")
     with pytest.raises(RecordingError, match=r"cannot record to .*a-file.*writable folder"):
         new_run_dir(blocker)
+
+
+def test_replaying_an_unfinished_recording_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rng = np.random.default_rng(2)
+    rec = Recorder(tmp_path / "run", pixel_size_um=0.65, units=UNITS).start()
+    for fid in range(3):
+        rec.on_frame(_frame(fid, rng.integers(0, 4000, (24, 32)).astype(np.uint16)))
+    try:
+        _wait(lambda: rec.report()["frames_written"] == 3)
+        with caplog.at_level("WARNING", logger="livemask"):
+            stack = open_stack(tmp_path / "run")  # still being written
+        assert stack.frames == 3
+        assert "is not marked complete" in caplog.text
+    finally:
+        rec.close(frames_acquired=3)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="livemask"):
+        open_stack(tmp_path / "run")
+    assert "not marked complete" not in caplog.text

@@ -133,6 +133,9 @@ def _open_recording(path: Path) -> ReplayStack:
     from livemask.recording.reader import open_recording
 
     rec = open_recording(path)
+    if not rec.complete:
+        log.warning("recording %s is not marked complete (still being written, or its "
+                    "service stopped abruptly): replaying the frames stored so far", rec.path)
     records = [r for r in rec.frames if r.get("stored", True)
                and int(r["frame_id"]) < rec.images.shape[0]]
     if not records:

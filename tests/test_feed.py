@@ -115,3 +115,17 @@ def test_a_report_for_no_delivered_frame_is_ignored() -> None:
     feed.frame_done()
     feed.frame_delivered()
     assert feed.done == 0 and feed.delivered == 1
+
+
+def test_a_source_ignores_reports_for_frames_of_an_earlier_feed() -> None:
+    from livemask.acquisition.source import FeedThreadSource
+
+    source = FeedThreadSource()
+    old, new = EventFeed(_events(1)), EventFeed(_events(2), synchronized=True)
+    source._feed = new
+    next(new)
+    new.frame_delivered()
+    source.frame_done(old)  # the previous acquisition's last frame, published late
+    assert new.done == 0
+    source.frame_done(new)
+    assert new.done == 1

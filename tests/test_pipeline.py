@@ -63,7 +63,7 @@ class RecordingSource:
     def inject(self, events: Iterable[useq.MDAEvent]) -> int:
         return 0
 
-    def frame_done(self) -> None:
+    def frame_done(self, origin: object | None = None) -> None:
         self.done += 1
 
     def set_synchronized(self, value: bool) -> None:

@@ -327,7 +327,7 @@ class ReplaySource(FeedThreadSource):
                                       y_pos=pos.get("y_um"), z_pos=pos.get("z_um"))
                 assert self.on_frame is not None
                 feed.frame_delivered()
-                self.on_frame(RawFrame(image, event, time.time(), pos, None))
+                self.on_frame(RawFrame(image, event, time.time(), pos, None, origin=feed))
                 self.emitted += 1
         except Exception as exc:  # a read fault ends the replay like a camera fault
             log.exception("replay of %s failed", stack.path)

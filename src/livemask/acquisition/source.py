@@ -29,7 +29,7 @@ log = logging.getLogger("livemask")
 class RawFrame:
     """A frame as it leaves the camera thread."""
 
-    __slots__ = ("acquired", "event", "image", "position", "truth")
+    __slots__ = ("acquired", "event", "image", "origin", "position", "truth")
 
     def __init__(
         self,
@@ -38,8 +38,10 @@ class RawFrame:
         acquired: float,
         position: dict[str, float | None],
         truth: np.ndarray | None,
+        origin: object | None = None,
     ) -> None:
         self.image = image
+        self.origin = origin  # what delivered it (the acquisition's event feed), for frame_done
         self.event = event
         self.acquired = acquired
         self.position = position
@@ -68,8 +70,10 @@ class FrameSource(Protocol):
     def inject(self, events: Iterable[useq.MDAEvent]) -> int:
         """Add events to the running acquisition."""
 
-    def frame_done(self) -> None:
-        """Report one frame fully handled (releases the next event in synchronized mode)."""
+    def frame_done(self, origin: object | None = None) -> None:
+        """Report one frame fully handled (releases the next event in synchronized mode);
+        ``origin`` is the frame's :attr:`RawFrame.origin`, so a late report for a frame of
+        an earlier acquisition can be told apart."""
 
     def set_synchronized(self, value: bool) -> None:
         """Switch mode while running."""
@@ -102,9 +106,12 @@ class FeedThreadSource:
         acquisition (the service checks it against the frames that came)."""
         return self._feed.image_events_issued if self._feed is not None else 0
 
-    def frame_done(self) -> None:
-        """Forward to the feed (releases the next event in synchronized mode; no-op idle)."""
-        if self._feed is not None:
+    def frame_done(self, origin: object | None = None) -> None:
+        """Forward to the feed (releases the next event in synchronized mode; no-op idle).
+
+        A report for a frame another (earlier) feed delivered is ignored: it must not count
+        for a frame of this acquisition."""
+        if self._feed is not None and (origin is None or origin is self._feed):
             self._feed.frame_done()
 
     def set_synchronized(self, value: bool) -> None:
@@ -139,7 +146,7 @@ class MicroscopeSource(FeedThreadSource):
             self._feed.frame_delivered()
         truth = self._truth_lookup(image) if self._truth_lookup else None
         position = {"x_um": event.x_pos, "y_um": event.y_pos, "z_um": event.z_pos}
-        self._on_frame(RawFrame(image, event, acquired, position, truth))
+        self._on_frame(RawFrame(image, event, acquired, position, truth, origin=self._feed))
 
     @property
     def frame_shape(self) -> tuple[int, int]:

@@ -26,6 +26,7 @@ class Frame:
     summary: dict[str, Any] | None = None
     grains: dict[str, Any] | None = None  # grain statistics: this tile and cumulative
     error: str | None = None
+    origin: object | None = None  # RawFrame.origin: handed back with frame_done
 
     def stamp(self, stage: str) -> None:
         """Record the time at which ``stage`` finished with this frame."""

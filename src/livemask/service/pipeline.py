@@ -165,6 +165,7 @@ class Pipeline:
             position=raw.position,
             t={"acquired": raw.acquired, "received": time.time()},
             truth=raw.truth,
+            origin=raw.origin,
         )
         self._next_id += 1
         self.counters.incr("acquired")
@@ -311,7 +312,7 @@ class Pipeline:
             finally:
                 self.counters.incr("published")
                 if self.source is not None:
-                    self.source.frame_done()
+                    self.source.frame_done(frame.origin)
 
     def _to_sinks(self, frame: Frame) -> None:
         self._unpublished.pop(frame.frame_id, None)

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import useq
+from pydantic import ValidationError
 
 from livemask.config import parse_config
 from livemask.errors import ConfigError
@@ -531,3 +532,22 @@ def test_frame_actions_take_keywords_only() -> None:
     with pytest.raises(TypeError):
         Burst(4, 0.2)  # type: ignore[misc]
     assert Burst(frames=4, interval_s=0.2).frames == 4
+
+
+def test_a_z_stack_with_too_many_planes_is_refused_before_its_events_are_built() -> None:
+    # step 1e-5 µm over 10 µm used to build 1,000,001 events on the event loop (>10 s)
+    with pytest.raises(ValidationError, match="more than 10000 planes"):
+        engine([{"name": "z", "when": {"values": [{"path": "summary.count", "ge": 0}]},
+                 "action": {"zstack": {"range_um": 10, "step_um": 1e-5}}}])
+    planner = EventPlanner.for_pixel_size(0.65)
+    with pytest.raises(ActionError, match="1e-05 µm steps has 10001 planes"):
+        to_events(ZStack(range_um=10, step_um=1e-5), ctx(field()), planner)
+
+
+def test_an_action_without_a_target_is_a_refusal_not_a_rule_error() -> None:
+    eng = engine([{"name": "b", "when": {"objects": {"where": {"area_px": {"gt": 1e9}},
+                                                     "match": {"ge": 0}}},
+                   "action": {"burst": {"frames": 2}}}])
+    (d,) = eng.evaluate(ctx(field()))
+    assert not d.accepted and d.violation is not None and d.violation.limit == "no_target"
+    assert eng.slot("b").errors == 0 and eng.slot("b").refused == 1

@@ -156,6 +156,10 @@ async def test_rules_command_lists_replaces_and_toggles() -> None:
             await control(svc, "rules", rules=[{"name": "x", "use": "no_such_mod:R"}])
         assert info.value.code == "invalid_args" and "feedback.rules" in info.value.message
         new = dict(BURST_RULE, name="renamed")
+        with pytest.raises(ControlError) as info:  # one bad part: nothing is applied
+            await control(svc, "rules", rules=[new], enabled={"nope": True})
+        assert info.value.code == "invalid_args" and "'nope'" in info.value.message
+        assert [r["name"] for r in await control(svc, "rules")] == ["burst-once"]
         rules = await control(svc, "rules", rules=[new])
         assert [r["name"] for r in rules] == ["renamed"]
 
@@ -365,6 +369,19 @@ async def test_controller_refuses_when_injection_fails() -> None:
     ctl.on_measurements(_Frame(image=np.zeros((8, 8))), _message(0, {"t": 0}, 1.0))
     ((kind, detail),) = published
     assert kind == "feedback_refused" and detail["limit"] == "not_acquiring"
+
+
+def test_replacing_the_rules_keeps_the_safety_ledgers() -> None:
+    # before: replacing the rules reset the light-dose ledger, so a client could resend
+    # the same rule under a new name and go past light_dose_budget_ms
+    cfg = FeedbackConfig.model_validate({"rules": [BURST_RULE],
+                                         "limits": {"light_dose_budget_ms": 150}})
+    ctl = FeedbackController(cfg, pixel_size_um=0.65, inject=len, publish=lambda k, d: None)
+    ctl.engine.guard.commit([useq.MDAEvent(exposure=10.0)] * 12, "p0")
+    before = (ctl.engine.guard.dose_snapshot(), ctl.engine.guard.added_last_minute())
+    ctl.set_rules([ctl.engine.slots[0].spec.model_copy(update={"name": "again"})])
+    assert (ctl.engine.guard.dose_snapshot(), ctl.engine.guard.added_last_minute()) == before
+    assert before[0] == {"p0": 120.0}
 
 
 # ------------------------------------------------------------------ shipped configs

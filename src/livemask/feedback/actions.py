@@ -27,6 +27,17 @@ from livemask.feedback.context import FEEDBACK_INDEX_KEY, FrameContext
 METADATA_KEY = "livemask_feedback"
 
 
+#: The most planes a Z-stack action is turned into (the events are built on the event loop;
+#: the safety limit ``max_frames_per_action`` is usually far lower).
+MAX_ZSTACK_PLANES = 10_000
+
+
+def zstack_planes(range_um: float, step_um: float) -> int:
+    """Planes of a Z-stack spanning ``range_um`` in ``step_um`` steps (both > 0)."""
+    ratio = range_um / step_um
+    return MAX_ZSTACK_PLANES + 1 if ratio > MAX_ZSTACK_PLANES else math.floor(ratio + 1e-9) + 1
+
+
 class ActionError(ValueError):
     """An action cannot be turned into events here (becomes a refusal)."""
 
@@ -263,7 +274,13 @@ def to_events(
             )
         if action.centre_yx is not None:
             x, y = planner.centred(ctx, action.centre_yx)
-        n = math.floor(action.range_um / action.step_um + 1e-9) + 1
+        n = zstack_planes(action.range_um, action.step_um)
+        if n > MAX_ZSTACK_PLANES:
+            raise ActionError(
+                "max_frames_per_action",
+                f"a Z-stack of {action.range_um:g} µm in {action.step_um:g} µm steps has {n} "
+                f"planes; at most {MAX_ZSTACK_PLANES} are made (use a larger step)",
+            )
         start = float(z) - (n - 1) * action.step_um / 2
         zs = [start + i * action.step_um for i in range(n)]
         frames = n

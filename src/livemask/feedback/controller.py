@@ -103,9 +103,9 @@ class FeedbackController:
 
     # ------------------------------------------------------------ rules
     def set_rules(self, specs: Sequence[RuleSpec]) -> None:
-        """Replace the rules (validated specs); user rules are imported now."""
+        """Replace the rules (validated specs); user rules are imported now. The safety
+        ledgers (light dose, frames per minute) go on: only a new acquisition resets them."""
         self.engine.set_rules(specs)
-        self.engine.reset()
 
     def set_enabled(self, name: str, enabled: bool) -> None:
         """Enable or disable one rule (KeyError if unknown)."""

@@ -143,6 +143,13 @@ class RuleEngine:
         for slot in self.slots:
             try:
                 actions = slot.evaluate(ctx)
+            except ActionError as exc:  # it fired, but its action cannot be made here
+                d = self._decision(slot, None, ctx, None)
+                d.violation = Violation(exc.reason, str(exc))
+                d.decided = self._wall_clock()
+                slot.refused += 1
+                decisions.append(d)
+                continue
             except Exception:  # a faulty rule must not stop the pipeline or other rules
                 slot.errors += 1
                 log.exception("feedback rule %r failed on frame %d", slot.name, ctx.frame_id)
@@ -158,22 +165,27 @@ class RuleEngine:
                 decisions.append(d)
         return decisions
 
-    def _decide(
+    def _decision(
         self, slot: RuleSlot, action: Any, ctx: FrameContext, target: dict[str, Any] | None
     ) -> Decision:
-        action_id = next(self._ids)
-        key = ctx.position_key
-        d = Decision(
-            action_id=action_id,
+        """A new, undecided decision of ``slot`` on the frame ``ctx``."""
+        return Decision(
+            action_id=next(self._ids),
             rule=slot.name,
             action=action,
             frame_id=ctx.frame_id,
             index=dict(ctx.index),
             position=dict(ctx.position),
-            position_key=key,
+            position_key=ctx.position_key,
             trigger_acquired=ctx.acquired,
             target=target,
         )
+
+    def _decide(
+        self, slot: RuleSlot, action: Any, ctx: FrameContext, target: dict[str, Any] | None
+    ) -> Decision:
+        d = self._decision(slot, action, ctx, target)
+        action_id, key = d.action_id, d.position_key
         if not isinstance(action, ACTION_TYPES):
             d.violation = Violation(
                 "unknown_action", f"rule {slot.name!r} returned {action!r}, not an action"

@@ -179,6 +179,17 @@ class ZStackSpec(_FrameSettings):
     step_um: float = Field(gt=0)
     centre: bool = False
 
+    @model_validator(mode="after")
+    def _not_too_many_planes(self) -> ZStackSpec:
+        from livemask.feedback.actions import MAX_ZSTACK_PLANES, zstack_planes
+
+        if zstack_planes(self.range_um, self.step_um) > MAX_ZSTACK_PLANES:
+            raise ValueError(
+                f"range_um / step_um gives more than {MAX_ZSTACK_PLANES} planes; use a "
+                "larger step_um"
+            )
+        return self
+
 
 class ChannelSpec(_FrameSettings):
     """``frames`` frames at this position with another channel and/or exposure."""

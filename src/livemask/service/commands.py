@@ -223,22 +223,26 @@ class CommandHandler:
             raise CommandError(
                 "invalid_state", "feedback is off in this service (feedback.enabled: false)"
             )
+        specs: list[RuleSpec] | None = None
         if a.rules is not None:
             specs = [_useq(RuleSpec, r, f"rules[{i}]") for i, r in enumerate(a.rules)]
             self._check_user_rules(specs)
             names = [s.name for s in specs]
             if len(set(names)) != len(names):
                 raise CommandError("invalid_args", f"rules: names must be unique: {names}")
+        # every name checked before anything changes: an error reply means nothing applied
+        known = [s.name for s in specs] if specs is not None else [
+            s.name for s in fb.engine.slots]
+        unknown = [name for name in a.enabled or {} if name not in known]
+        if unknown:
+            raise CommandError(
+                "invalid_args", f"rules: no rule named {unknown[0]!r}; known: {known}"
+            )
+        if specs is not None:
             try:
                 fb.set_rules(specs)
             except ConfigError as exc:
                 raise CommandError("invalid_args", f"rules: {exc}") from None
         for name, on in (a.enabled or {}).items():
-            try:
-                fb.set_enabled(name, on)
-            except KeyError:
-                known = [s.name for s in fb.engine.slots]
-                raise CommandError(
-                    "invalid_args", f"rules: no rule named {name!r}; known: {known}"
-                ) from None
+            fb.set_enabled(name, on)
         return fb.report()["rules"]

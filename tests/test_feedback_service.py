@@ -156,6 +156,10 @@ async def test_rules_command_lists_replaces_and_toggles() -> None:
             await control(svc, "rules", rules=[{"name": "x", "use": "no_such_mod:R"}])
         assert info.value.code == "invalid_args" and "feedback.rules" in info.value.message
         new = dict(BURST_RULE, name="renamed")
+        with pytest.raises(ControlError) as info:  # the rig has no such preset
+            await control(svc, "rules", rules=[{**BURST_RULE, "action": {
+                "channel": {"channel": "NOPE", "frames": 1}}}])
+        assert info.value.code == "invalid_args" and "channel 'NOPE'" in info.value.message
         with pytest.raises(ControlError) as info:  # one bad part: nothing is applied
             await control(svc, "rules", rules=[new], enabled={"nope": True})
         assert info.value.code == "invalid_args" and "'nope'" in info.value.message
@@ -369,6 +373,15 @@ async def test_controller_refuses_when_injection_fails() -> None:
     ctl.on_measurements(_Frame(image=np.zeros((8, 8))), _message(0, {"t": 0}, 1.0))
     ((kind, detail),) = published
     assert kind == "feedback_refused" and detail["limit"] == "not_acquiring"
+
+
+async def test_a_rule_acting_in_a_channel_the_rig_lacks_fails_at_start_up() -> None:
+    from livemask.errors import ConfigError
+
+    rule = {**BURST_RULE, "action": {"channel": {"channel": "NOPE", "frames": 1}}}
+    with pytest.raises(ConfigError, match="feedback.rules: channel 'NOPE' is not a preset"):
+        async with Service(feedback_config([rule])):
+            pass
 
 
 def test_replacing_the_rules_keeps_the_safety_ledgers() -> None:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,7 @@ from livemask.acquisition.source import FrameSource, MicroscopeSource, RawFrame
 from livemask.config import ServiceConfig
 from livemask.errors import AcquisitionError
 from livemask.feedback.controller import FeedbackController
+from livemask.feedback.spec import RuleSpec
 from livemask.inference.models import ModelCard, load_model_card
 from livemask.inference.segmenter import Segmenter
 from livemask.inference.select import load_backend
@@ -275,6 +277,7 @@ class Service:
         """Create the rule engine and hook it to the pipeline and the MDA runner."""
         if not self.config.feedback.enabled:
             return
+        self.check_rule_channels(self.config.feedback.rules, "feedback.rules")
         mda = getattr(getattr(self.source, "core", None), "mda", None)
         self.feedback = FeedbackController(
             self.config.feedback,
@@ -372,6 +375,17 @@ class Service:
             from livemask.acquisition.core import check_channels
 
             check_channels(self.source.core, channels, what)
+
+    def check_rule_channels(self, specs: Sequence[RuleSpec], what: str) -> None:
+        """ConfigError for a declarative rule whose action names a channel preset the
+        microscope does not define (pymmcore-plus would warn and take the frames anyway)."""
+        channels = [
+            useq.Channel.model_validate({"config": params["channel"]})
+            for spec in specs for action in spec.actions
+            for params in action.model_dump().values()
+            if isinstance(params, dict) and params.get("channel")
+        ]
+        self._check_channels(channels, what)
 
     def _check_exposures(self, exposures: list[float], what: str) -> None:
         """ConfigError for an exposure the camera's limits rule out."""

@@ -227,6 +227,10 @@ class CommandHandler:
         if a.rules is not None:
             specs = [_useq(RuleSpec, r, f"rules[{i}]") for i, r in enumerate(a.rules)]
             self._check_user_rules(specs)
+            try:
+                self.service.check_rule_channels(specs, "rules")
+            except ConfigError as exc:
+                raise CommandError("invalid_args", str(exc)) from None
             names = [s.name for s in specs]
             if len(set(names)) != len(names):
                 raise CommandError("invalid_args", f"rules: names must be unique: {names}")

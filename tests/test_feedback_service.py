@@ -379,7 +379,7 @@ async def test_a_rule_acting_in_a_channel_the_rig_lacks_fails_at_start_up() -> N
     from livemask.errors import ConfigError
 
     rule = {**BURST_RULE, "action": {"channel": {"channel": "NOPE", "frames": 1}}}
-    with pytest.raises(ConfigError, match="feedback.rules: channel 'NOPE' is not a preset"):
+    with pytest.raises(ConfigError, match=r"feedback\.rules: channel 'NOPE' is not a preset"):
         async with Service(feedback_config([rule])):
             pass
 

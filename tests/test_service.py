@@ -374,6 +374,18 @@ async def test_a_configured_channel_the_rig_lacks_fails_at_start_up() -> None:
             pass
 
 
+async def test_the_simulated_pixel_size_is_the_one_measured_with() -> None:
+    # before: the world rendered at simulation.pixel_size_um while measurements used the
+    # .cfg's 0.65 um, with only a warning naming a Python call
+    cfg = make_config(simulation={"truth": False, "seed": 3, "pixel_size_um": 1.3})
+    async with Service(cfg) as svc:
+        got = await collect_run(svc, ("measurements", "event"))
+        status = await control(svc, "status")
+    assert status["pixel_size_um"] == pytest.approx(1.3)
+    obj = got["measurements"][0].header["objects"][0]
+    assert obj["area_um2"] == pytest.approx(obj["area_px"] * 1.3**2, rel=1e-3)
+
+
 async def test_missing_hardware_config_is_a_clear_error(tmp_path: Any) -> None:
     from livemask.errors import ConfigError
 

@@ -212,18 +212,26 @@ def _check_camera(mmc: CMMCorePlus, path: Path) -> None:
 
 
 def _check_simulated_pixel_size(mmc: CMMCorePlus) -> None:
-    """Warn if the simulated world and the cfg disagree on the pixel size."""
+    """Give the core the simulated world's pixel size (``simulation.pixel_size_um``): the
+    images are rendered at it, so measurements and stage moves must use it too."""
     camera = mmc.getCameraDevice()
     if not camera or not mmc.getDeviceLibrary(camera).startswith(_SIMULATED_MODULE):
         return
     from livemask.acquisition.simulated.world import get_world
 
     world_um, core_um = get_world().pixel_size_um, mmc.getPixelSizeUm()
-    if abs(world_um - core_um) > 1e-6 * world_um:
+    if abs(world_um - core_um) <= 1e-6 * world_um:
+        return
+    preset = mmc.getCurrentPixelSizeConfig()
+    if preset:
+        mmc.setPixelSizeUm(preset, world_um)
+        logger.info("simulated world: pixel size %.4g um (simulation.pixel_size_um) set on "
+                    "the core's preset %r (the .cfg says %.4g um)", world_um, preset, core_um)
+    else:
         logger.warning(
-            "simulated world pixel size %.4g um differs from the config's %.4g um: stage "
-            "moves will not match image shifts; make configure_world(pixel_size_um=...) "
-            "and PixelSize_um in the .cfg agree",
+            "simulated world pixel size %.4g um differs from the core's %.4g um and the core "
+            "has no active pixel size preset to set: stage moves will not match image shifts; "
+            "make simulation.pixel_size_um and PixelSize_um in the .cfg agree",
             world_um,
             core_um,
         )

@@ -388,3 +388,20 @@ def test_replaying_an_unfinished_recording_says_so(
     with caplog.at_level("WARNING", logger="livemask"):
         open_stack(tmp_path / "run")
     assert "not marked complete" not in caplog.text
+
+
+def test_a_long_run_lists_its_frames_in_frames_jsonl_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from livemask.recording import writer
+
+    monkeypatch.setattr(writer, "MAX_ATTRIBUTE_FRAMES", 3)
+    rec = Recorder(tmp_path / "run", pixel_size_um=0.65, units=UNITS).start()
+    rng = np.random.default_rng(3)
+    for fid in range(5):
+        rec.on_frame(_frame(fid, rng.integers(0, 4000, (24, 32)).astype(np.uint16)))
+    rec.close(frames_acquired=5)
+    attrs = zarr.open_group(tmp_path / "run" / "images.ome.zarr", mode="r").attrs["livemask"]
+    assert attrs["complete"] is True and attrs["frames_written"] == 5
+    assert "frames" not in attrs and "frames.jsonl only" in attrs["frames_omitted"]
+    assert [f["frame_id"] for f in open_recording(tmp_path / "run").frames] == [0, 1, 2, 3, 4]

@@ -91,6 +91,11 @@ def column_units(units: Mapping[str, str]) -> dict[str, str]:
     return {c: out.get(c, "") for c in CSV_COLUMNS}
 
 
+#: Most frames whose records are also listed in the final zarr attributes (``frames``): about
+#: 400 B each in zarr.json, which every reader parses to open the dataset, and in memory.
+MAX_ATTRIBUTE_FRAMES = 20_000
+
+
 def new_run_dir(parent: Path, now: float | None = None) -> Path:
     """Create and return a new, empty ``parent/run-YYYYmmdd-HHMMSS`` folder (``-2``, ``-3``,
     ... if taken). Created at once, so two services recording into ``parent`` in the same
@@ -196,7 +201,9 @@ class Recorder:
         self._over_limit = False
         self._thread: threading.Thread | None = None
         self._closed = False
-        self._records: list[dict[str, Any]] = []
+        # per-frame records for the final zarr attributes; None once the run is too long for
+        # them (frames.jsonl has every frame in any case)
+        self._records: list[dict[str, Any]] | None = []
         self._root: Any = None
         self._images: Any = None
         self._masks: Any = None
@@ -446,9 +453,12 @@ class Recorder:
             self._frames_fh.write(json.dumps(rec, default=_jsonable) + "\n")
         except Exception as exc:
             self._error(f"frames.jsonl line of frame {fid}", exc)
-        self._records.append({k: rec[k] for k in (
-            "frame_id", "index", "position", "analysed", "skipped", "failed", "stored")}
-            | {"acquired": rec["t"].get("acquired")})
+        if self._records is not None:
+            self._records.append({k: rec[k] for k in (
+                "frame_id", "index", "position", "analysed", "skipped", "failed", "stored")}
+                | {"acquired": rec["t"].get("acquired")})
+            if len(self._records) > MAX_ATTRIBUTE_FRAMES:
+                self._records = None  # a long time-lapse: memory and zarr.json stay small
         if rec["failed"]:
             self._write_event({"kind": "frame_failed", "frame_id": fid,
                                "detail": rec["error"], "t": rec["t"]})
@@ -509,8 +519,14 @@ class Recorder:
                 "frames_skipped": c.skipped, "frames_failed": c.failed,
                 "frames_rejected": c.rejected, "frames_acquired": self.frames_acquired,
                 "closed_at": time.time(),
-                "frames": sorted(self._records, key=lambda r: r["frame_id"]),
             })
+            if self._records is not None:
+                out["frames"] = sorted(self._records, key=lambda r: r["frame_id"])
+            else:
+                out["frames_omitted"] = (
+                    f"more than {MAX_ATTRIBUTE_FRAMES} frames: the per-frame records are in "
+                    "frames.jsonl only"
+                )
         return out
 
     def _finish(self) -> None:

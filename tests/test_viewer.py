@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
+from livemask.analysis.metrics import aggregate, match_instances
 from livemask.protocol import Message
 from livemask.viewer import FINISHED_HINT, ConsoleView, TruthScore, _Display
 
@@ -29,6 +30,9 @@ def test_truth_score_pairs_by_frame_id_in_any_order() -> None:
     score.add(_labels("truth", 8, a))
     total = score.total()
     assert total is not None and total.tp == 3 and total.fn == 1
+    # the running total is the micro-average of every frame, without keeping them all
+    per_frame = [result, match_instances(a, missed)]
+    assert total == aggregate(per_frame) and score.frames_scored == 2
 
 
 def test_view_renders_measurements_status_and_events() -> None:

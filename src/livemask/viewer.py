@@ -25,7 +25,8 @@ class TruthScore:
         self._labels: OrderedDict[int, np.ndarray] = OrderedDict()
         self._truth: OrderedDict[int, np.ndarray] = OrderedDict()
         self._keep = keep
-        self.results: list[MatchResult] = []
+        self._total: MatchResult | None = None  # running micro-average (a long run stays cheap)
+        self.frames_scored = 0
 
     def add(self, msg: Message) -> MatchResult | None:
         """Take a ``labels`` or ``truth`` message; returns a score when a pair completes."""
@@ -41,12 +42,13 @@ class TruthScore:
         pred = self._labels.pop(fid)
         truth = self._truth.pop(fid)
         result = match_instances(truth, pred, iou_threshold=0.5)
-        self.results.append(result)
+        self._total = result if self._total is None else aggregate([self._total, result])
+        self.frames_scored += 1
         return result
 
     def total(self) -> MatchResult | None:
         """Micro-averaged score over all scored frames."""
-        return aggregate(self.results) if self.results else None
+        return self._total
 
 
 _ENVELOPE = {"v", "topic", "seq", "arrays", "t", "kind", "units", "config", "sequence"}
@@ -148,7 +150,7 @@ class ConsoleView:
         total = self.score.total()
         if total is not None:
             top.add_row("vs truth", f"F1@0.5 {total.f1:.3f} (P {total.precision:.3f}, "
-                        f"R {total.recall:.3f}) over {len(self.score.results)} frames")
+                        f"R {total.recall:.3f}) over {self.score.frames_scored} frames")
         objects = Table(title="largest objects", expand=False)
         for col in ("label", "area µm²", "centroid (y, x)", "mean int."):
             objects.add_column(col, justify="right")

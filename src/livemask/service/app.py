@@ -65,8 +65,9 @@ class Service:
     """One running livemask service. Use ``async with Service(cfg) as svc: ...``.
 
     Embedding it, call :func:`livemask.log.setup_logging` first (as ``livemask serve``
-    does): it also quiets pymmcore-plus, which otherwise logs every MDA event at INFO to
-    its own log file (≈ 0.15 ms of the camera thread per frame).
+    does): it also routes pymmcore-plus' log through ours at WARNING (hardware faults it
+    reports only there); otherwise pymmcore-plus logs every MDA event at INFO to its own log
+    file (≈ 0.15 ms of the camera thread per frame).
     """
 
     def __init__(

@@ -83,3 +83,13 @@ def test_a_service_config_as_model_card_says_so(tmp_path: Path) -> None:
         load_model_card(bad)
     assert "tile_px: Input should be greater than or equal to 16" in str(info.value)
     assert "pydantic" not in str(info.value)
+
+
+@pytest.mark.parametrize("model", ["nuclei", "nuclei_rf", "nuclei_classical"])
+def test_warmup_at_a_size_that_is_no_multiple_of_the_card(model: str) -> None:
+    # a 17x23 camera (or a replayed TIFF) used to crash the start: the model was warmed up
+    # at the raw size, which its down/up-sampling cannot take
+    seg = load_segmenter(model, threads=1)
+    seg.warmup((17, 23))
+    image = np.random.default_rng(0).integers(100, 2000, (17, 23)).astype(np.uint16)
+    assert seg.segment(image).shape == (17, 23)

@@ -138,8 +138,16 @@ class Segmenter:
 
     def warmup(self, shape: tuple[int, int]) -> None:
         """Warm the backend up for frames of ``shape``; on the device path also run the whole
-        infer/analyse path twice, so its CUDA graphs are captured before the first frame."""
-        self.backend.warmup(shape)
+        infer/analyse path twice, so its CUDA graphs are captured before the first frame.
+
+        The backend is warmed up with what :meth:`predict` hands it for such a frame: the
+        frame padded to the card's ``size_multiple``, or its tiles."""
+        plan = self.tile_plan(shape)
+        if plan is not None:
+            self.backend.warmup(plan.tile_shape)
+        else:
+            m = self.card.size_multiple
+            self.backend.warmup((-(-shape[0] // m) * m, -(-shape[1] // m) * m))
         if self._device is not None:
             self._device.prepare(shape, self._label_params())
             image = np.zeros(shape, dtype=np.uint16)

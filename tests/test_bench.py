@@ -195,3 +195,14 @@ def test_gpu_script_passes_only_flags_that_bench_accepts() -> None:
         argv = argv[: argv.index("&&")] if "&&" in argv else argv
         ctx = command.make_context("bench", argv)  # raises on an unknown flag or bad value
         assert ctx.params["backend"] == "torch"
+
+
+def test_combined_passes_use_the_exact_wall_times() -> None:
+    from livemask.bench import combine_passes
+
+    # two 0.3 ms passes report wall_s 0.0 each; the combined rate must not become 0
+    passes = [{"fps": 6666.7, "frames": 2, "wall_s": 0.0, "ms": {}, "times_ms": [0.15, 0.15],
+               "_wall_exact_s": 0.0003} for _ in range(2)]
+    combined = combine_passes(passes)
+    assert combined["frames"] == 4 and combined["fps"] == pytest.approx(4 / 0.0006, rel=0.01)
+    assert all("_wall_exact_s" not in p and "times_ms" not in p for p in combined["passes"])

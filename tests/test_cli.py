@@ -242,3 +242,28 @@ async def test_a_second_interrupt_during_start_up_quits_at_once(
     running()
     running()
     assert running.stop.is_set() and exits == [130]
+
+
+@pytest.mark.parametrize("args", [
+    ["bench", "--camera-fps", "inf"], ["bench", "--latency-warmup-s", "nan"],
+    ["bench", "--interval", "inf"], ["train", "nuclei", "--iterations", "0"],
+    ["train", "nuclei", "--minutes", "-1"], ["watch", "--pub", "bogus"],
+    ["watch", "--duration", "0"], ["dashboard", "--connect", "bogus"],
+])
+def test_more_flags_are_checked_before_anything_runs(args: list[str]) -> None:
+    # before: a traceback, a run with a silently wrong setting, or (watch --duration 0) a
+    # watch that never ended
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    flag = next(a for a in args if a.startswith("--"))
+    assert f"Invalid value for '{flag}'" in _flat(result.output)
+
+
+def test_output_paths_are_checked_before_the_run(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("x")
+    for args in (["bench", "--json", str(tmp_path)],
+                 ["evaluate", "--json", str(tmp_path / "a-file" / "e.json")],
+                 ["train", "nuclei-rf", "--quick", "--out", str(tmp_path / "a-file")]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert "Invalid value for" in _flat(result.output)

@@ -60,10 +60,30 @@ def _finite(value: float | None) -> float | None:
     return value
 
 
-def _positive(value: float) -> float:
-    """Callback: a finite number > 0."""
-    if not (math.isfinite(value) and value > 0):
+def _positive(value: float | None) -> float | None:
+    """Callback: a finite number > 0 (or not given)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
         raise typer.BadParameter(f"must be a finite number > 0, got {value}")
+    return value
+
+
+def _output_file(value: Path | None) -> Path | None:
+    """Callback: a file path whose folder exists or can be made, checked before the run."""
+    if value is None:
+        return None
+    if value.is_dir():
+        raise typer.BadParameter(f"{value} is a folder; give a file path, e.g. {value}/out.json")
+    try:
+        value.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot make its folder {value.parent}: {exc}") from None
+    return value
+
+
+def _output_folder(value: Path | None) -> Path | None:
+    """Callback: a folder path that is not an existing file."""
+    if value is not None and value.exists() and not value.is_dir():
+        raise typer.BadParameter(f"{value} is a file; give a folder")
     return value
 
 
@@ -248,7 +268,8 @@ def replay(
 
 @app.command("dashboard")
 def dashboard_cmd(
-    connect: Annotated[str, typer.Option(help="The service's PUB address.")] = (
+    connect: Annotated[str, typer.Option(
+        callback=_address, help="The service's PUB address.")] = (
         "tcp://127.0.0.1:5555"),
     listen: Annotated[str, typer.Option(
         metavar="HOST:PORT", help="Where to serve the page; anything but loopback is public."
@@ -290,9 +311,11 @@ def _start_viewer(address: str, truth: bool) -> subprocess.Popen[bytes]:
 
 @app.command()
 def watch(
-    pub: Annotated[str, typer.Option(help="The service's PUB address.")] = "tcp://127.0.0.1:5555",
+    pub: Annotated[str, typer.Option(
+        callback=_address, help="The service's PUB address.")] = "tcp://127.0.0.1:5555",
     truth: Annotated[bool, typer.Option("--truth", help="Score labels against truth.")] = False,
-    duration: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
+    duration: Annotated[float | None, typer.Option(
+        callback=_positive, help="Stop after this many seconds.")] = None,
 ) -> None:
     """Show live measurements of a running service in the terminal."""
     from livemask.viewer import watch as run_watch
@@ -327,9 +350,11 @@ def train(
     task: Annotated[
         str, typer.Argument(help="nuclei, grains (U-Nets) or nuclei-rf, grains-rf (forests).")
     ] = "nuclei",
-    out: Annotated[Path | None, typer.Option(help="Output folder (default runs/TASK).")] = None,
-    iterations: Annotated[int, typer.Option(help="Training iterations.")] = 7000,
-    minutes: Annotated[float, typer.Option(help="Time budget; stops early.")] = 40.0,
+    out: Annotated[Path | None, typer.Option(
+        callback=_output_folder, help="Output folder (default runs/TASK).")] = None,
+    iterations: Annotated[int, typer.Option(min=1, help="Training iterations.")] = 7000,
+    minutes: Annotated[float, typer.Option(
+        callback=_positive, help="Time budget; stops early.")] = 40.0,
     quick: Annotated[bool, typer.Option("--quick", help="A tiny run, for tests.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
@@ -369,7 +394,8 @@ def evaluate(
     holdout: Annotated[str, typer.Option(help="Simulator hold-out: live or varied.")] = "live",
     n: Annotated[int, typer.Option("-n", help="Simulator images.")] = 20,
     threads: Annotated[int, typer.Option(min=1, max=256, help="CPU threads.")] = 2,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
+    json_out: Annotated[Path | None, typer.Option(
+        "--json", callback=_output_file, help="Write results here.")] = None,
 ) -> None:
     """Score models on a simulator hold-out or on annotated image/mask folders."""
     import json
@@ -434,7 +460,8 @@ def evaluate_tracking(
         "--truth-labels", help="Segment with the truth labels (tracking errors only).")] = False,
     seed: Annotated[int, typer.Option(help="Simulator seed (defaults were tuned on 7).")] = 11,
     threads: Annotated[int, typer.Option(min=1, max=256, help="CPU threads of the model.")] = 2,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
+    json_out: Annotated[Path | None, typer.Option(
+        "--json", callback=_output_file, help="Write results here.")] = None,
 ) -> None:
     """Score the tracker against the simulator's ground-truth tracks (see docs/tracking.md)."""
     import json
@@ -471,9 +498,11 @@ def bench(
     backend: Annotated[str, typer.Option(help="Inference backend (auto picks).")] = "auto",
     size: Annotated[int, typer.Option(help="Square frame size (px).")] = 512,
     frames: Annotated[int, typer.Option(help="Frames per measurement.")] = 200,
-    interval: Annotated[float, typer.Option(help="Pipeline time-lapse interval (s); 0 = as "
-                                            "fast as the camera goes.")] = 0.0,
+    interval: Annotated[float, typer.Option(
+        min=0, callback=_finite,
+        help="Pipeline time-lapse interval (s); 0 = as fast as the camera goes.")] = 0.0,
     camera_fps: Annotated[float | None, typer.Option(
+        callback=_positive,
         help="Pace the camera at this rate instead (latency at a sustained rate).")] = None,
     exposure_ms: Annotated[float, typer.Option(
         help="Camera exposure; each snap lasts at least this long.")] = 10.0,
@@ -494,6 +523,7 @@ def bench(
         help="Frames that may wait for inference in the pipeline run (pipeline.queue_size)."
     )] = 2,
     latency_warmup_s: Annotated[float, typer.Option(
+        min=0, callback=_finite,
         help="Pipeline latencies leave out frames acquired in the first this many seconds "
         "(start-up); latency_ms_with_warmup keeps them.")] = 1.0,
     live_render: Annotated[bool, typer.Option(
@@ -501,7 +531,8 @@ def bench(
     dashboard: Annotated[bool, typer.Option(
         "--dashboard", help="Serve the web dashboard during the pipeline run, with one "
         "WebSocket client reading it (see benchmarks/dashboard_overhead.py).")] = False,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the result here.")] = None,
+    json_out: Annotated[Path | None, typer.Option(
+        "--json", callback=_output_file, help="Write the result here.")] = None,
 ) -> None:
     """Measure inference_fps, naive_fps and pipeline_fps on the simulated camera, in one run."""
     import json

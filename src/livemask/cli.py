@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from livemask.acquisition.mode import Mode
-from livemask.config import check_address
+from livemask.config import MAX_THREADS, check_address
 from livemask.errors import LivemaskError
 from livemask.log import setup_logging
 
@@ -331,7 +331,7 @@ def segment(
     model: Annotated[str, typer.Option(help="Model name or card path.")] = "nuclei",
     table: Annotated[Path | None, typer.Option(help="Write measurements CSV here.")] = None,
     pixel_size_um: Annotated[float, typer.Option(callback=_positive, help="For µm columns.")] = 1.0,
-    threads: Annotated[int, typer.Option(min=1, max=256, help="CPU threads.")] = 2,
+    threads: Annotated[int, typer.Option(min=1, max=MAX_THREADS, help="CPU threads.")] = 2,
 ) -> None:
     """Segment an image or a stack offline and write a label TIFF."""
     from livemask.offline import segment_file
@@ -393,7 +393,7 @@ def evaluate(
     masks: Annotated[Path | None, typer.Option(help="Folder of their instance masks.")] = None,
     holdout: Annotated[str, typer.Option(help="Simulator hold-out: live or varied.")] = "live",
     n: Annotated[int, typer.Option("-n", help="Simulator images.")] = 20,
-    threads: Annotated[int, typer.Option(min=1, max=256, help="CPU threads.")] = 2,
+    threads: Annotated[int, typer.Option(min=1, max=MAX_THREADS, help="CPU threads.")] = 2,
     json_out: Annotated[Path | None, typer.Option(
         "--json", callback=_output_file, help="Write results here.")] = None,
 ) -> None:
@@ -459,7 +459,8 @@ def evaluate_tracking(
     truth_labels: Annotated[bool, typer.Option(
         "--truth-labels", help="Segment with the truth labels (tracking errors only).")] = False,
     seed: Annotated[int, typer.Option(help="Simulator seed (defaults were tuned on 7).")] = 11,
-    threads: Annotated[int, typer.Option(min=1, max=256, help="CPU threads of the model.")] = 2,
+    threads: Annotated[int, typer.Option(
+        min=1, max=MAX_THREADS, help="CPU threads of the model.")] = 2,
     json_out: Annotated[Path | None, typer.Option(
         "--json", callback=_output_file, help="Write results here.")] = None,
 ) -> None:
@@ -506,7 +507,8 @@ def bench(
         help="Pace the camera at this rate instead (latency at a sustained rate).")] = None,
     exposure_ms: Annotated[float, typer.Option(
         help="Camera exposure; each snap lasts at least this long.")] = 10.0,
-    threads: Annotated[int, typer.Option(min=1, max=256, help="CPU threads of the backend.")] = 2,
+    threads: Annotated[int, typer.Option(
+        min=1, max=MAX_THREADS, help="CPU threads of the backend.")] = 2,
     stage_threads: Annotated[str, typer.Option(
         help="Pipeline layout: two (a thread per stage) or one (infer, then analyse, in one "
         "thread).")] = "two",

@@ -16,12 +16,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from livemask.acquisition.mode import Mode
-from livemask.acquisition.sequence import check_input, check_timing
+from livemask.acquisition.sequence import check_sequence
 from livemask.errors import ConfigError
 from livemask.feedback.spec import FeedbackConfig
 
 StageThreads = Literal["one", "two"]
 SensorSide = Annotated[int, Field(ge=16, le=16384)]
+#: Most intra-op threads a CPU backend may be given (100,000 hung the start).
+MAX_THREADS = 256
 
 DEFAULT_SEQUENCE: dict[str, Any] = {
     "time_plan": {"interval": 0.1, "loops": 170},
@@ -119,9 +121,7 @@ class AcquisitionConfig(_Section):
     @field_validator("sequence")
     @classmethod
     def _valid_sequence(cls, value: dict[str, Any]) -> dict[str, Any]:
-        seq = useq.MDASequence.model_validate(value)
-        check_input(seq, value, "sequence")
-        check_timing(seq)
+        check_sequence(useq.MDASequence.model_validate(value), value)
         return value
 
     def mda_sequence(self) -> useq.MDASequence:
@@ -143,7 +143,7 @@ class ModelConfig(_Section):
         "that cannot run is an error. See docs/backends.md.",
     )
     threads: int = Field(
-        default=2, ge=1, le=256, description="Intra-op threads of the CPU backend."
+        default=2, ge=1, le=MAX_THREADS, description="Intra-op threads of the CPU backend."
     )
     device_analysis: bool = Field(
         default=True,
@@ -166,11 +166,6 @@ class PublishConfig(_Section):
 
     pub_address: str = "tcp://127.0.0.1:5555"
     control_address: str = "tcp://127.0.0.1:5556"
-
-    @field_validator("pub_address", "control_address")
-    @classmethod
-    def _valid_address(cls, value: str) -> str:
-        return check_address(value)
     frame_every: int = Field(
         default=1, ge=0, description="Publish every Nth frame on 'frame' (0 = never)."
     )
@@ -178,6 +173,11 @@ class PublishConfig(_Section):
     heartbeat_s: float = Field(
         default=1.0, ge=0.05, description="Status interval (at least 0.05 s)."
     )
+
+    @field_validator("pub_address", "control_address")
+    @classmethod
+    def _valid_address(cls, value: str) -> str:
+        return check_address(value)
 
 
 class PipelineConfig(_Section):

@@ -38,7 +38,7 @@ def setup_logging(*, quiet: bool = False) -> logging.Logger:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
-    _route_pymmcore_plus(logger.handlers)
+    route_hardware_log()
     return logger
 
 
@@ -76,12 +76,8 @@ def route_hardware_log() -> None:
     pymmcore-plus replaces its logger's handlers when it is imported, so the module that
     imports it (``livemask.acquisition.core``) calls this again afterwards."""
     handlers = logging.getLogger(LOGGER_NAME).handlers
-    if handlers:
-        _route_pymmcore_plus(handlers)
-
-
-def _route_pymmcore_plus(handlers: list[logging.Handler]) -> None:
-    """Send pymmcore-plus' log through ``handlers`` (ours) instead of its own stderr handler."""
+    if not handlers:
+        return
     mm = logging.getLogger("pymmcore-plus")
     mm.setLevel(os.environ.get("LIVEMASK_MM_LOG_LEVEL", "WARNING").upper())
     for handler in list(mm.handlers):

@@ -46,6 +46,13 @@ def check_timing(seq: useq.MDASequence) -> None:
                 raise ValueError(f"time_plan {name} must be >= 0 s, got {seconds:g} s")
 
 
+def check_sequence(seq: useq.MDASequence, data: Any, what: str = "sequence") -> None:
+    """Both checks a sequence from a config or a client gets: :func:`check_input` on the
+    ``data`` it was validated from, then :func:`check_timing`; ``ValueError`` naming what."""
+    check_input(seq, data, what)
+    check_timing(seq)
+
+
 def check_input(model: BaseModel, data: Any, what: str) -> None:
     """Raise ``ValueError`` naming fields of ``data`` that the validated ``model`` ignored, or
     numbers that are not finite.

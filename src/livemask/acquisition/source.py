@@ -142,11 +142,12 @@ class MicroscopeSource(FeedThreadSource):
 
     def _frame_ready(self, image: np.ndarray, event: useq.MDAEvent, meta: Any = None) -> None:
         acquired = time.time()
-        if self._feed is not None:
-            self._feed.frame_delivered()
+        feed = self._feed
+        if feed is not None:
+            feed.frame_delivered()
         truth = self._truth_lookup(image) if self._truth_lookup else None
         position = {"x_um": event.x_pos, "y_um": event.y_pos, "z_um": event.z_pos}
-        self._on_frame(RawFrame(image, event, acquired, position, truth, origin=self._feed))
+        self._on_frame(RawFrame(image, event, acquired, position, truth, origin=feed))
 
     @property
     def frame_shape(self) -> tuple[int, int]:

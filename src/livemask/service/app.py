@@ -132,10 +132,8 @@ class Service:
             self._shorten_switch_interval()
         if self.source is None:
             self.source = await asyncio.to_thread(self._open_microscope)
-            # the configured sequence's channels, now, not at the first `start`
-            self._check_channels(
-                sequence_channels(cfg.acquisition.mda_sequence()), "acquisition.sequence"
-            )
+            # the configured sequence against the rig now, not at the first `start`
+            self._check_sequence_on_rig(cfg.acquisition.mda_sequence())
         elif (connect := getattr(self.source, "connect", None)) is not None:
             connect(self._on_camera_frame)  # e.g. a ReplaySource: its frames come here
         self.prefault = await asyncio.to_thread(
@@ -362,20 +360,27 @@ class Service:
         Long time plans are iterated in chunks (:func:`iter_events`), so any number of
         time points starts at once and holds no list of them."""
         seq = sequence or self.config.acquisition.mda_sequence()
-        channels = sequence_channels(seq)
-        self._check_channels(channels, "acquisition.sequence")
-        self._check_exposures(
-            [c.exposure for c in channels if c.exposure is not None], "acquisition.sequence"
-        )
+        self._check_sequence_on_rig(seq)
         detail = {"sequence": seq.model_dump(mode="json")}
         return self._start_events(iter_events(seq), detail, event_count(seq))
 
-    def _check_channels(self, channels: list[Any], what: str) -> None:
-        """ConfigError for a channel preset the microscope does not define."""
-        if channels and isinstance(self.source, MicroscopeSource):
-            from livemask.acquisition.core import check_channels
+    def _check_on_rig(
+        self, what: str, channels: Sequence[Any] = (), exposures: Sequence[float] = ()
+    ) -> None:
+        """ConfigError for a channel preset the microscope does not define, or an exposure
+        its camera's limits rule out (pymmcore-plus would warn and acquire anyway)."""
+        if not isinstance(self.source, MicroscopeSource) or not (channels or exposures):
+            return
+        from livemask.acquisition.core import check_channels, check_exposures
 
-            check_channels(self.source.core, channels, what)
+        check_channels(self.source.core, channels, what)
+        check_exposures(self.source.core, exposures, what)
+
+    def _check_sequence_on_rig(self, seq: useq.MDASequence) -> None:
+        """:meth:`_check_on_rig` for the channels and channel exposures of ``seq``."""
+        channels = sequence_channels(seq)
+        exposures = [c.exposure for c in channels if c.exposure is not None]
+        self._check_on_rig("acquisition.sequence", channels, exposures)
 
     def check_rule_channels(self, specs: Sequence[RuleSpec], what: str) -> None:
         """ConfigError for a declarative rule whose action names a channel preset the
@@ -386,14 +391,7 @@ class Service:
             for params in action.model_dump().values()
             if isinstance(params, dict) and params.get("channel")
         ]
-        self._check_channels(channels, what)
-
-    def _check_exposures(self, exposures: list[float], what: str) -> None:
-        """ConfigError for an exposure the camera's limits rule out."""
-        if exposures and isinstance(self.source, MicroscopeSource):
-            from livemask.acquisition.core import check_exposures
-
-            check_exposures(self.source.core, exposures, what)
+        self._check_on_rig(what, channels)
 
     def _start_events(self, events: Any, detail: dict[str, Any], count: int) -> int:
         if self.source is None:
@@ -465,8 +463,11 @@ class Service:
         """Add events to the running acquisition, or start a new one made of them."""
         if self.source is None:
             raise AcquisitionError("no frame source")
-        self._check_channels([e.channel for e in events if e.channel is not None], "events")
-        self._check_exposures([e.exposure for e in events if e.exposure is not None], "events")
+        self._check_on_rig(
+            "events",
+            [e.channel for e in events if e.channel is not None],
+            [e.exposure for e in events if e.exposure is not None],
+        )
         if self._acquiring:
             n = self.source.inject(events)
             return {"enqueued": n, "started": False}

@@ -14,7 +14,7 @@ import useq
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 
 from livemask.acquisition.mode import Mode
-from livemask.acquisition.sequence import check_input, check_timing
+from livemask.acquisition.sequence import check_input, check_sequence
 from livemask.errors import AcquisitionError, CommandError, ConfigError
 from livemask.feedback.spec import RuleSpec
 
@@ -131,8 +131,7 @@ class CommandHandler:
         if a.sequence is not None:
             seq = _useq(useq.MDASequence, a.sequence, "sequence")
             try:
-                check_input(seq, a.sequence, "sequence")
-                check_timing(seq)
+                check_sequence(seq, a.sequence)
             except ValueError as exc:
                 raise CommandError("invalid_args", f"invalid sequence: {exc}") from None
         if self.service.acquiring:

@@ -14,6 +14,17 @@ def _events(n: int) -> list[useq.MDAEvent]:
     return [useq.MDAEvent(index={"t": i}) for i in range(n)]
 
 
+def _assert_next_waits_for_frame_done(feed: EventFeed, hold_s: float) -> None:
+    """``next(feed)`` in a thread is held for ``hold_s``, then released by ``frame_done``."""
+    released = threading.Event()
+    worker = threading.Thread(target=lambda: (next(feed), released.set()))
+    worker.start()
+    assert not released.wait(hold_s), "next event released before the frame was done"
+    feed.frame_done()
+    assert released.wait(2.0)
+    worker.join()
+
+
 def test_planned_events_in_order_then_stop() -> None:
     feed = EventFeed(_events(3))
     assert [e.index["t"] for e in feed] == [0, 1, 2]
@@ -39,18 +50,7 @@ def test_synchronized_waits_for_frame_done() -> None:
     feed = EventFeed(_events(2), synchronized=True, sync_timeout_s=5.0)
     next(feed)
     feed.frame_delivered()
-    released = threading.Event()
-
-    def consume() -> None:
-        next(feed)
-        released.set()
-
-    worker = threading.Thread(target=consume)
-    worker.start()
-    assert not released.wait(0.2), "next event released before the frame was done"
-    feed.frame_done()
-    assert released.wait(2.0)
-    worker.join()
+    _assert_next_waits_for_frame_done(feed, 0.2)
 
 
 def test_synchronized_times_out_instead_of_hanging() -> None:
@@ -93,13 +93,7 @@ def test_a_frame_done_after_its_timeout_does_not_release_a_later_frame_early() -
     feed.sync_timeout_s = 30.0
     feed.frame_delivered()  # frame 1
     feed.frame_done()  # frame 0's late report must not count for frame 1
-    released = threading.Event()
-    worker = threading.Thread(target=lambda: (next(feed), released.set()))
-    worker.start()
-    assert not released.wait(0.05), "frame 1's event released before frame 1 was done"
-    feed.frame_done()
-    assert released.wait(2.0)
-    worker.join()
+    _assert_next_waits_for_frame_done(feed, 0.05)
 
 
 def test_only_imaging_events_count_as_asking_for_a_frame() -> None:

@@ -31,7 +31,7 @@ from livemask.inference.tensorrt_backend import (
     shared_logger,
 )
 from livemask.inference.tiling import needs_tiling, plan_tiles
-from tests.test_backends import _FakeBackend
+from tests.test_backends import _FakeBackend, _FakeILogger, _FakeRuntime
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
@@ -180,22 +180,6 @@ def test_warmup_shape_pads_and_clamps() -> None:
 # --------------------------------------------------------------------------- fakes
 
 
-class _ILogger:
-    class Severity:
-        INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
-
-    def __init__(self) -> None:
-        pass
-
-
-class _Runtime:
-    def __init__(self, logger: Any) -> None:
-        self.logger = logger
-
-    def deserialize_cuda_engine(self, data: bytes) -> Any:
-        return ("engine", data)
-
-
 class _Config:
     def __init__(self, calls: dict[str, Any]) -> None:
         self.calls = calls
@@ -268,7 +252,7 @@ def _fake_trt(calls: dict[str, Any], *, version: str = "10.99.0", trt11: bool = 
     flags = dict(TF32="TF32") if trt11 else dict(TF32="TF32", FP16="FP16")
     calls.setdefault("profile_index", 0)
     return SimpleNamespace(
-        __version__=version, ILogger=_ILogger, Runtime=_Runtime, Builder=Builder,
+        __version__=version, ILogger=_FakeILogger, Runtime=_FakeRuntime, Builder=Builder,
         OnnxParser=Parser, BuilderFlag=SimpleNamespace(**flags),
         MemoryPoolType=SimpleNamespace(WORKSPACE="workspace"),
         NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=3),

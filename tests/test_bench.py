@@ -112,12 +112,13 @@ def test_bench_command_writes_the_json_record(tmp_path: Path) -> None:
     assert 1 <= p["latency_frames"] <= p["frames_analysed"]
     assert p["latency_warmup_s"] in (0.0, 1.0)
     assert (p["latency_frames"] == p["frames_analysed"]) == (p["latency_warmup_s"] == 0.0)
-    # free-running camera: events go on until 8 frames are analysed (a few more are in flight)
+    # camera free: events go on until 8 frames are analysed (a few more are in flight)
     assert p["frames_analysed"] >= 8 and p["frames_failed"] == 0
     assert p["frames_analysed"] + p["frames_skipped"] == p["frames_acquired"]
     assert p["frames_acquired"] == p["frames_published"] < 8 * bench.FREE_RUN_EVENTS_PER_FRAME
     assert r["frames_skipped"] == p["frames_skipped"]
     assert r["stage_threads"] == p["stage_threads"] == "two"
+    assert r["mode"] == p["mode"] == "pipelined" and p["frames_skipped"] == 0  # every frame
     assert p["measurements_received"] == p["frames_analysed"]
     assert p["subscriber_received"]["frame"] == p["frames_acquired"]
     cpu = p["cpu"]  # thread CPU while acquiring (Linux /proc; CI runs Linux)
@@ -169,9 +170,9 @@ def test_free_run_camera_outruns_slow_analysis_and_frames_skip(
         return real_predict(self, image)
 
     monkeypatch.setattr(Segmenter, "predict", slow_predict)
-    settings = bench.BenchSettings(size=64, frames=12, exposure_ms=1.0)
+    settings = bench.BenchSettings(size=64, frames=12, exposure_ms=1.0, mode="free-run")
     r = bench.run_pipeline(settings, bench.prerender(settings))
-    assert r["frames_skipped"] > 0
+    assert r["mode"] == "free-run" and r["frames_skipped"] > 0
     if r["frames_acquired"] < 12 * bench.FREE_RUN_EVENTS_PER_FRAME:  # else: ran out of events
         assert r["frames_analysed"] >= 12  # the camera ran until 12 frames were analysed
     assert r["frames_analysed"] + r["frames_skipped"] == r["frames_acquired"]

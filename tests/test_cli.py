@@ -191,7 +191,8 @@ def test_segment_rejects_bad_numbers(tmp_path: Path, flag: str, value: str) -> N
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["serve", "--mode", "bogus"], "'bogus' is not one of 'free-run', 'synchronized'"),
+        (["serve", "--mode", "bogus"], "'bogus' is not one of 'free-run', 'pipelined', "
+         "'synchronized'"),
         (["replay", "x.tif", "--mode", "bogus"], "'bogus' is not one of 'free-run'"),
         (["serve", "--interval", "inf"], "must be a finite number, got inf"),
         (["replay", "x.tif", "--interval", "inf"], "must be a finite number, got inf"),

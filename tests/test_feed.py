@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import useq
 
@@ -14,13 +15,13 @@ def _events(n: int) -> list[useq.MDAEvent]:
     return [useq.MDAEvent(index={"t": i}) for i in range(n)]
 
 
-def _assert_next_waits_for_frame_done(feed: EventFeed, hold_s: float) -> None:
-    """``next(feed)`` in a thread is held for ``hold_s``, then released by ``frame_done``."""
+def _assert_next_waits(feed: EventFeed, report: Callable[[], None], hold_s: float) -> None:
+    """``next(feed)`` in a thread is held for ``hold_s``, then released by ``report()``."""
     released = threading.Event()
     worker = threading.Thread(target=lambda: (next(feed), released.set()))
     worker.start()
-    assert not released.wait(hold_s), "next event released before the frame was done"
-    feed.frame_done()
+    assert not released.wait(hold_s), "next event released before the report"
+    report()
     assert released.wait(2.0)
     worker.join()
 
@@ -47,14 +48,14 @@ def test_close_ends_iteration() -> None:
 
 
 def test_synchronized_waits_for_frame_done() -> None:
-    feed = EventFeed(_events(2), synchronized=True, sync_timeout_s=5.0)
+    feed = EventFeed(_events(2), mode="synchronized", sync_timeout_s=5.0)
     next(feed)
     feed.frame_delivered()
-    _assert_next_waits_for_frame_done(feed, 0.2)
+    _assert_next_waits(feed, feed.frame_done, 0.2)
 
 
 def test_synchronized_times_out_instead_of_hanging() -> None:
-    feed = EventFeed(_events(2), synchronized=True, sync_timeout_s=0.1)
+    feed = EventFeed(_events(2), mode="synchronized", sync_timeout_s=0.1)
     next(feed)
     feed.frame_delivered()
     start = time.monotonic()
@@ -64,13 +65,13 @@ def test_synchronized_times_out_instead_of_hanging() -> None:
 
 
 def test_switching_to_free_run_releases_a_waiting_runner() -> None:
-    feed = EventFeed(_events(2), synchronized=True, sync_timeout_s=30.0)
+    feed = EventFeed(_events(2), mode="synchronized", sync_timeout_s=30.0)
     next(feed)
     feed.frame_delivered()
     got: list[useq.MDAEvent] = []
     worker = threading.Thread(target=lambda: got.append(next(feed)))
     worker.start()
-    feed.set_synchronized(False)
+    feed.set_mode("free-run")
     worker.join(2.0)
     assert got and got[0].index["t"] == 1
 
@@ -78,14 +79,14 @@ def test_switching_to_free_run_releases_a_waiting_runner() -> None:
 def test_synchronized_does_not_wait_for_an_event_that_gave_no_frame() -> None:
     # a failed snap (pymmcore-plus logs it and goes on) delivers nothing: before, the next
     # event waited sync_timeout_s for a frame that would never come
-    feed = EventFeed(_events(3), synchronized=True, sync_timeout_s=30.0)
+    feed = EventFeed(_events(3), mode="synchronized", sync_timeout_s=30.0)
     start = time.monotonic()
     assert [e.index["t"] for e in feed] == [0, 1, 2]
     assert time.monotonic() - start < 5.0 and feed.sync_timeouts == 0
 
 
 def test_a_frame_done_after_its_timeout_does_not_release_a_later_frame_early() -> None:
-    feed = EventFeed(_events(3), synchronized=True, sync_timeout_s=0.1)
+    feed = EventFeed(_events(3), mode="synchronized", sync_timeout_s=0.1)
     next(feed)
     feed.frame_delivered()
     next(feed)  # frame 0 given up on after the timeout
@@ -93,7 +94,30 @@ def test_a_frame_done_after_its_timeout_does_not_release_a_later_frame_early() -
     feed.sync_timeout_s = 30.0
     feed.frame_delivered()  # frame 1
     feed.frame_done()  # frame 0's late report must not count for frame 1
-    _assert_next_waits_for_frame_done(feed, 0.05)
+    _assert_next_waits(feed, feed.frame_done, 0.05)
+
+
+def test_pipelined_waits_until_the_model_takes_the_waiting_frame() -> None:
+    feed = EventFeed(_events(4), mode="pipelined", sync_timeout_s=30.0)
+    next(feed)
+    feed.frame_delivered()
+    _assert_next_waits(feed, feed.frame_started, 0.2)  # frame 0 still waiting for the model
+    feed.frame_delivered()
+    feed.frame_started()  # frame 1 taken while frame 0 is still being analysed
+    assert feed.done == 0
+    assert next(feed).index["t"] == 2  # the camera acquires during inference
+
+
+def test_pipelined_gives_up_on_a_frame_the_model_never_takes() -> None:
+    feed = EventFeed(_events(3), mode="pipelined", sync_timeout_s=0.1)
+    next(feed)
+    feed.frame_delivered()
+    assert next(feed).index["t"] == 1
+    assert feed.sync_timeouts == 1
+    feed.sync_timeout_s = 30.0
+    feed.frame_delivered()  # frame 1
+    feed.frame_started()  # frame 0's late report must not count for frame 1
+    _assert_next_waits(feed, feed.frame_started, 0.05)
 
 
 def test_only_imaging_events_count_as_asking_for_a_frame() -> None:
@@ -104,7 +128,7 @@ def test_only_imaging_events_count_as_asking_for_a_frame() -> None:
 
 def test_a_report_for_no_delivered_frame_is_ignored() -> None:
     # e.g. the last frame of the previous acquisition, published after this one started
-    feed = EventFeed(_events(2), synchronized=True, sync_timeout_s=30.0)
+    feed = EventFeed(_events(2), mode="synchronized", sync_timeout_s=30.0)
     next(feed)
     feed.frame_done()
     feed.frame_delivered()
@@ -115,7 +139,7 @@ def test_a_source_ignores_reports_for_frames_of_an_earlier_feed() -> None:
     from livemask.acquisition.source import FeedThreadSource
 
     source = FeedThreadSource()
-    old, new = EventFeed(_events(1)), EventFeed(_events(2), synchronized=True)
+    old, new = EventFeed(_events(1)), EventFeed(_events(2), mode="synchronized")
     source._feed = new
     next(new)
     new.frame_delivered()

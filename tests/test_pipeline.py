@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import useq
 
+from livemask.acquisition.mode import Mode
 from livemask.acquisition.source import DoneCallback, RawFrame
 from livemask.config import StageThreads
 from livemask.inference.models import ModelCard
@@ -54,9 +55,10 @@ class RecordingSource:
     running = False
 
     def __init__(self) -> None:
+        self.started = 0
         self.done = 0
 
-    def start(self, events: Iterable[useq.MDAEvent], *, synchronized: bool,
+    def start(self, events: Iterable[useq.MDAEvent], *, mode: Mode,
               on_done: DoneCallback) -> None:
         pass
 
@@ -66,7 +68,10 @@ class RecordingSource:
     def frame_done(self, origin: object | None = None) -> None:
         self.done += 1
 
-    def set_synchronized(self, value: bool) -> None:
+    def frame_started(self, origin: object | None = None) -> None:
+        self.started += 1
+
+    def set_mode(self, mode: Mode) -> None:
         pass
 
     def set_exposure(self, exposure_ms: float) -> None:
@@ -136,19 +141,23 @@ async def test_free_run_keeps_newest_and_counts_skips(stage_threads: StageThread
     assert analysed[-1] == 5, "the newest frame must be analysed"
     skipped = [m.header["frame_id"] for m in pub.by_topic("frame") if m.header["skipped"]]
     assert sorted(skipped + analysed) == list(range(6))
-    assert src.done == 6
+    assert src.started == src.done == 6
 
 
 @STAGE_THREADS
-async def test_synchronized_mode_never_skips(stage_threads: StageThreads) -> None:
-    pipe, pub, _ = _pipeline(delay_s=0.02, mode="synchronized", stage_threads=stage_threads)
+@pytest.mark.parametrize("mode", ["pipelined", "synchronized"])
+async def test_pipelined_and_synchronized_modes_never_skip(
+    stage_threads: StageThreads, mode: Mode
+) -> None:
+    pipe, pub, src = _pipeline(delay_s=0.02, mode=mode, stage_threads=stage_threads)
     pipe.start()
     for i in range(5):
         pipe.submit(_raw(i))
     assert await pipe.drain(10.0)
     await pipe.close()
     assert pipe.counters.snapshot()["frames_skipped"] == 0
-    assert len(pub.by_topic("measurements")) == 5
+    assert [m.header["frame_id"] for m in pub.by_topic("measurements")] == [0, 1, 2, 3, 4]
+    assert src.started == src.done == 5
 
 
 async def test_latency_percentiles_reported() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections import defaultdict
@@ -117,6 +118,27 @@ async def test_synchronized_mode_analyses_every_frame() -> None:
         acquired = [m.header["t"]["acquired"] for m in got["measurements"]]
         published = [m.header["t"]["published"] for m in got["measurements"]]
         assert all(a_next >= p for p, a_next in zip(published, acquired[1:], strict=False))
+
+
+async def test_pipelined_mode_analyses_every_frame_while_the_camera_runs_ahead() -> None:
+    cfg = make_config(acquisition={"mode": "pipelined"})
+    async with Service(cfg) as svc:
+        seg = svc.pipeline.segmenter
+        real_predict = seg.predict
+
+        def slow_predict(image: np.ndarray) -> np.ndarray:  # the model is the slow stage
+            time.sleep(0.1)
+            return real_predict(image)
+
+        seg.predict = slow_predict  # type: ignore[method-assign]
+        got = await collect_run(svc, ("measurements", "frame", "event"))
+    assert [m.header["frame_id"] for m in got["measurements"]] == list(range(12))
+    assert not any(f.header["skipped"] for f in got["frame"])
+    t = [m.header["t"] for m in got["measurements"]]
+    # the camera acquires the next frame while the model runs (not synchronized) ...
+    assert any(nxt["acquired"] < cur["inferred"] for cur, nxt in itertools.pairwise(t))
+    # ... but never two frames ahead of it: frame k + 2 waits until the model took k + 1
+    assert all(t[k + 2]["acquired"] >= t[k]["inferred"] for k in range(len(t) - 2))
 
 
 async def test_free_run_skips_frames_when_analysis_is_slow(service: Service) -> None:

@@ -91,7 +91,10 @@ PubOpt = Annotated[str | None, typer.Option(
     callback=_address, help="PUB address, e.g. tcp://127.0.0.1:5555")]
 ControlOpt = Annotated[str | None, typer.Option(
     callback=_address, help="Control (ROUTER) address, e.g. tcp://127.0.0.1:5556")]
-ModeOpt = Annotated[Mode | None, typer.Option(help="free-run or synchronized.")]
+ModeOpt = Annotated[Mode | None, typer.Option(
+    help="free-run (frames skip analysis when the camera is ahead), pipelined (every frame "
+    "analysed; the camera waits while 2 frames are unpublished) or synchronized (each frame "
+    "analysed before the next is acquired).")]
 
 
 def _fail(exc: Exception) -> None:
@@ -512,6 +515,10 @@ def bench(
     stage_threads: Annotated[str, typer.Option(
         help="Pipeline layout: two (a thread per stage) or one (infer, then analyse, in one "
         "thread).")] = "two",
+    mode: Annotated[Mode, typer.Option(
+        help="Acquisition mode of the pipeline run: pipelined (every frame analysed; the "
+        "maximum sustained rate), free-run (frames skip analysis while the camera is ahead) "
+        "or synchronized.")] = "pipelined",
     gc_freeze: Annotated[bool, typer.Option(
         "--gc-freeze/--no-gc-freeze",
         help="Freeze the heap once the service has started (pipeline.gc_freeze).")] = True,
@@ -550,7 +557,7 @@ def bench(
         settings = BenchSettings(
             model=model, backend=backend, size=size, frames=frames, interval_s=interval,
             camera_fps=camera_fps, exposure_ms=exposure_ms, threads=threads,
-            stage_threads=stage_threads, live_render=live_render, dashboard=dashboard,
+            stage_threads=stage_threads, mode=mode, live_render=live_render, dashboard=dashboard,
             gc_freeze=gc_freeze, gc_threshold=gc_threshold, latency_warmup_s=latency_warmup_s,
             prefault_frames=prefault_frames, queue_size=queue_size,
         )

@@ -104,7 +104,8 @@ class AcquisitionConfig(_Section):
     mode: Mode = Field(
         default="free-run",
         description="free-run: the camera never waits, frames analysis cannot keep up with "
-        "skip analysis; synchronized: each frame is analysed before the next event runs.",
+        "skip analysis; pipelined: every frame is analysed, the camera waits while a frame "
+        "waits for the model; synchronized: each frame is analysed before the next event runs.",
     )
     autostart: bool = Field(default=True, description="Start `sequence` when the service starts.")
     sequence: dict[str, Any] = Field(
@@ -114,7 +115,8 @@ class AcquisitionConfig(_Section):
     frame_timeout_s: float = Field(
         default=10.0,
         gt=0,
-        description="synchronized mode: longest wait for a frame's analysis before the next "
+        description="pipelined/synchronized mode: longest wait for the model to take a frame "
+        "(pipelined) or for its analysis (synchronized) before the next "
         "event is released anyway (never hang on a lost frame).",
     )
 

@@ -1,10 +1,19 @@
 """The event feed: an iterator of MDA events that the MDA runner consumes while it runs.
 
-The runner thread calls ``next()``; the service thread injects events at any time. In
-synchronized mode ``next()`` waits until every frame delivered so far has been reported done,
-so each frame is analysed before the next event reaches the microscope. The source reports
-each frame as delivered (in the runner thread, before the next ``next()``), so an event whose
-snap failed (no frame) does not hold the next one.
+The runner thread calls ``next()``; the service thread injects events at any time. The
+source reports each frame as delivered (in the runner thread, before the next ``next()``);
+the pipeline reports when a frame leaves the inference queue (``frame_started``: taken by
+the model, or skipped) and when it is published (``frame_done``). The mode decides what
+``next()`` waits for:
+
+- ``free-run``: nothing;
+- ``pipelined``: no delivered frame still waiting for the model (the camera acquires the
+  next frame while the model runs, and never piles frames up in front of it);
+- ``synchronized``: every delivered frame done, so each frame is analysed before the next
+  event reaches the microscope.
+
+An event whose snap failed (no frame) holds nothing. A wait longer than ``sync_timeout_s``
+gives the late frames up and releases the next event: never hang on a lost frame.
 """
 
 from __future__ import annotations
@@ -13,10 +22,31 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import useq
 
+from livemask.acquisition.mode import Mode
+
 log = logging.getLogger("livemask")
+
+
+@dataclass
+class _Reports:
+    """How many delivered frames have been reported past one point of the pipeline."""
+
+    count: int = 0
+    owed: int = 0  # reports still to come for frames given up on (timeouts)
+
+    def report(self, delivered: int) -> None:
+        if self.owed:  # a frame given up on after the timeout: already counted
+            self.owed -= 1
+        elif self.count < delivered:  # else a late report from an earlier feed
+            self.count += 1
+
+    def give_up(self, delivered: int) -> None:
+        self.owed += delivered - self.count
+        self.count = delivered
 
 
 class EventFeed(Iterator[useq.MDAEvent]):
@@ -26,7 +56,7 @@ class EventFeed(Iterator[useq.MDAEvent]):
         self,
         planned: Iterable[useq.MDAEvent],
         *,
-        synchronized: bool = False,
+        mode: Mode = "free-run",
         sync_timeout_s: float = 10.0,
     ) -> None:
         self._planned = iter(planned)
@@ -34,29 +64,46 @@ class EventFeed(Iterator[useq.MDAEvent]):
         self._cond = threading.Condition()
         self._closed = False
         self._planned_done = False
-        self.synchronized = synchronized
+        self.mode: Mode = mode
         self.sync_timeout_s = sync_timeout_s
         self.issued = 0
         self.image_events_issued = 0  # events that ask the camera for a frame
         self.delivered = 0
-        self.done = 0
-        self._owed = 0  # frame_done calls still to come for frames given up on (timeouts)
+        self._started = _Reports()
+        self._done = _Reports()
         self.sync_timeouts = 0
+
+    @property
+    def started(self) -> int:
+        """Delivered frames that left the inference queue (or were given up on)."""
+        return self._started.count
+
+    @property
+    def done(self) -> int:
+        """Delivered frames reported done (or given up on)."""
+        return self._done.count
+
+    def _holding(self) -> tuple[str, _Reports] | None:
+        """What the next event waits for now, or None."""
+        if self.mode == "synchronized" and self._done.count < self.delivered:
+            return "analysed", self._done
+        if self.mode == "pipelined" and self._started.count < self.delivered:
+            return "taken by the model", self._started
+        return None
 
     def __next__(self) -> useq.MDAEvent:
         with self._cond:
             waited = 0.0
-            while self.synchronized and self.done < self.delivered and not self._closed:
+            while (holding := self._holding()) is not None and not self._closed:
                 if waited >= self.sync_timeout_s:
                     log.warning(
-                        "synchronized mode: frame %d not analysed after %.1f s; releasing the "
-                        "next event (raise acquisition.frame_timeout_s if analysis is slow)",
-                        self.delivered - 1,
-                        waited,
+                        "%s mode: frame %d not %s after %.1f s; releasing the next event "
+                        "(raise acquisition.frame_timeout_s if analysis is slow)",
+                        self.mode, holding[1].count, holding[0], waited,
                     )
                     self.sync_timeouts += 1
-                    self._owed += self.delivered - self.done
-                    self.done = self.delivered
+                    self._started.give_up(self.delivered)
+                    self._done.give_up(self.delivered)
                     break
                 self._cond.wait(0.05)
                 waited += 0.05
@@ -88,19 +135,22 @@ class EventFeed(Iterator[useq.MDAEvent]):
         with self._cond:
             self.delivered += 1
 
+    def frame_started(self) -> None:
+        """Report that one delivered frame left the inference queue (taken or skipped)."""
+        with self._cond:
+            self._started.report(self.delivered)
+            self._cond.notify_all()
+
     def frame_done(self) -> None:
         """Report that one delivered frame has been analysed (or skipped) and published."""
         with self._cond:
-            if self._owed:  # a frame given up on after the timeout: already counted done
-                self._owed -= 1
-            elif self.done < self.delivered:  # else a late report from an earlier feed
-                self.done += 1
+            self._done.report(self.delivered)
             self._cond.notify_all()
 
-    def set_synchronized(self, value: bool) -> None:
-        """Switch between free-run and synchronized while running."""
+    def set_mode(self, mode: Mode) -> None:
+        """Switch the mode while running."""
         with self._cond:
-            self.synchronized = value
+            self.mode = mode
             self._cond.notify_all()
 
     def close(self) -> None:
@@ -108,9 +158,3 @@ class EventFeed(Iterator[useq.MDAEvent]):
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-
-    @property
-    def pending(self) -> int:
-        """Injected events not yet consumed."""
-        with self._cond:
-            return len(self._injected)

@@ -4,9 +4,9 @@
 0.5) or zarr array, or a TIFF stack (tifffile), lazily where the format allows.
 :class:`ReplaySource` implements :class:`~livemask.acquisition.source.FrameSource`: one
 frame per planned event, on its own thread, with the recorded MDA index and stage position
-(or ``{"t": i}``), paced by ``interval_s`` or the recorded timing, and, in synchronized mode,
-waiting for each frame to be analysed before the next (the same :class:`EventFeed` as the
-microscope). A replay cannot move the stage or change the exposure: ``inject`` and
+(or ``{"t": i}``), paced by ``interval_s`` or the recorded timing, and, in pipelined or
+synchronized mode, waiting for analysis as the microscope does (the same :class:`EventFeed`).
+A replay cannot move the stage or change the exposure: ``inject`` and
 ``set_exposure`` raise :class:`~livemask.errors.AcquisitionError`.
 """
 
@@ -26,6 +26,7 @@ import numpy as np
 import useq
 
 from livemask.acquisition.feed import EventFeed
+from livemask.acquisition.mode import Mode
 from livemask.acquisition.source import DoneCallback, FeedThreadSource, FrameCallback, RawFrame
 from livemask.analysis.normalize import image_problem
 from livemask.errors import AcquisitionError, ReplayError
@@ -288,7 +289,11 @@ class ReplaySource(FeedThreadSource):
         self.on_frame = on_frame
 
     def start(
-        self, events: Iterable[useq.MDAEvent], *, synchronized: bool, on_done: DoneCallback
+        self,
+        events: Iterable[useq.MDAEvent],
+        *,
+        mode: Mode,
+        on_done: DoneCallback,
     ) -> None:
         """Replay one frame per event of ``events`` (at most the stack's length)."""
         if self.running:
@@ -296,7 +301,7 @@ class ReplaySource(FeedThreadSource):
         if self.on_frame is None:
             raise AcquisitionError("ReplaySource has no frame callback; call connect() first")
         self._stop.clear()
-        self._feed = EventFeed(events, synchronized=synchronized,
+        self._feed = EventFeed(events, mode=mode,
                                sync_timeout_s=self.sync_timeout_s)
         self._thread = threading.Thread(target=self._run, args=(self._feed, on_done),
                                         name="livemask-replay", daemon=True)

@@ -18,6 +18,7 @@ import numpy as np
 import useq
 
 from livemask.acquisition.feed import EventFeed
+from livemask.acquisition.mode import Mode
 from livemask.errors import AcquisitionError
 
 if TYPE_CHECKING:
@@ -63,19 +64,31 @@ class FrameSource(Protocol):
         """Whether an acquisition is in progress."""
 
     def start(
-        self, events: Iterable[useq.MDAEvent], *, synchronized: bool, on_done: DoneCallback
+        self,
+        events: Iterable[useq.MDAEvent],
+        *,
+        mode: Mode,
+        on_done: DoneCallback,
     ) -> None:
-        """Start acquiring ``events``; ``on_done(error or None)`` is called when it ends."""
+        """Start acquiring ``events``; ``on_done(error or None)`` is called when it ends.
+
+        ``mode`` says what the next event waits for (see :mod:`livemask.acquisition.feed`):
+        in ``pipelined`` mode for :meth:`frame_started`, in ``synchronized`` mode for
+        :meth:`frame_done`."""
 
     def inject(self, events: Iterable[useq.MDAEvent]) -> int:
         """Add events to the running acquisition."""
 
+    def frame_started(self, origin: object | None = None) -> None:
+        """Report that one frame left the inference queue (taken by the model or skipped;
+        may release the next event, see ``start``)."""
+
     def frame_done(self, origin: object | None = None) -> None:
-        """Report one frame fully handled (releases the next event in synchronized mode);
+        """Report one frame fully handled (may release the next event, see ``start``);
         ``origin`` is the frame's :attr:`RawFrame.origin`, so a late report for a frame of
         an earlier acquisition can be told apart."""
 
-    def set_synchronized(self, value: bool) -> None:
+    def set_mode(self, mode: Mode) -> None:
         """Switch mode while running."""
 
     def set_exposure(self, exposure_ms: float) -> None:
@@ -106,18 +119,26 @@ class FeedThreadSource:
         acquisition (the service checks it against the frames that came)."""
         return self._feed.image_events_issued if self._feed is not None else 0
 
+    def _feed_of(self, origin: object | None) -> EventFeed | None:
+        """The running feed, unless the frame came from another (earlier) one: a report for
+        it must not count for a frame of this acquisition."""
+        feed = self._feed
+        return feed if feed is not None and (origin is None or origin is feed) else None
+
+    def frame_started(self, origin: object | None = None) -> None:
+        """Forward to the feed (may release the next event; no-op idle)."""
+        if (feed := self._feed_of(origin)) is not None:
+            feed.frame_started()
+
     def frame_done(self, origin: object | None = None) -> None:
-        """Forward to the feed (releases the next event in synchronized mode; no-op idle).
+        """Forward to the feed (may release the next event; no-op idle)."""
+        if (feed := self._feed_of(origin)) is not None:
+            feed.frame_done()
 
-        A report for a frame another (earlier) feed delivered is ignored: it must not count
-        for a frame of this acquisition."""
-        if self._feed is not None and (origin is None or origin is self._feed):
-            self._feed.frame_done()
-
-    def set_synchronized(self, value: bool) -> None:
-        """Switch mode for the running feed."""
+    def set_mode(self, mode: Mode) -> None:
+        """Switch the running feed's mode."""
         if self._feed is not None:
-            self._feed.set_synchronized(value)
+            self._feed.set_mode(mode)
 
 
 class MicroscopeSource(FeedThreadSource):
@@ -155,14 +176,16 @@ class MicroscopeSource(FeedThreadSource):
         return (int(self.core.getImageHeight()), int(self.core.getImageWidth()))
 
     def start(
-        self, events: Iterable[useq.MDAEvent], *, synchronized: bool, on_done: DoneCallback
+        self,
+        events: Iterable[useq.MDAEvent],
+        *,
+        mode: Mode,
+        on_done: DoneCallback,
     ) -> None:
         """Run ``events`` through the MDA runner on a new thread."""
         if self.running:
             raise AcquisitionError("an acquisition is already running; stop it first")
-        self._feed = EventFeed(
-            events, synchronized=synchronized, sync_timeout_s=self._sync_timeout_s
-        )
+        self._feed = EventFeed(events, mode=mode, sync_timeout_s=self._sync_timeout_s)
         self._on_done = on_done
         self._thread = threading.Thread(
             target=self._run, args=(self._feed,), name="livemask-mda", daemon=True

@@ -142,7 +142,7 @@ class SkipPosition:
 
 @dataclass(frozen=True)
 class SetMode:
-    """Switch the service between free-run and synchronized."""
+    """Switch the service's acquisition mode (free-run, pipelined or synchronized)."""
 
     mode: Mode = "synchronized"
 

@@ -403,7 +403,7 @@ class Service:
             events = self.feedback.wrap_planned(events)
         self.source.start(
             iter(events),
-            synchronized=self.pipeline.mode == "synchronized",
+            mode=self.pipeline.mode,
             on_done=self._on_acquisition_done,
         )
         self.pipeline.reset_accumulators()
@@ -487,7 +487,7 @@ class Service:
         if mode is not None:
             self.pipeline.mode = mode
             if self.source is not None:
-                self.source.set_synchronized(mode == "synchronized")
+                self.source.set_mode(mode)
             changed["mode"] = mode
         self._event("setting_changed", changed)
         return changed

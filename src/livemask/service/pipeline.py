@@ -14,8 +14,10 @@ free for publishing and control, in one of two layouts (``pipeline.stage_threads
 In free-run mode the inference queue keeps the newest
 frames: when it is full the oldest waiting frame skips analysis (counted, and still
 published on ``frame`` with ``skipped: true``), and while that happens (the camera is ahead)
-inference takes the newest waiting frame. In synchronized mode the frame source waits
-for :meth:`FrameSource.frame_done` before releasing the next event.
+inference takes the newest waiting frame. In the other modes no frame skips: the frame
+source releases the next event once the model has taken the waiting frame
+(:meth:`FrameSource.frame_started`, pipelined mode) or once it is published
+(:meth:`FrameSource.frame_done`, synchronized mode).
 """
 
 from __future__ import annotations
@@ -180,6 +182,7 @@ class Pipeline:
 
     def _skip(self, frame: Frame) -> None:
         """The frame skips analysis: counted, and published (``skipped: true``) at once."""
+        self._started(frame)
         frame.skipped = True
         self.counters.incr("skipped")
         self._to_publish.put_nowait(frame)
@@ -198,7 +201,14 @@ class Pipeline:
             while len(self._waiting) > 1:
                 self._skip(self._waiting.popleft())
         self._skipped_since_take = 0
-        return self._waiting.popleft()
+        frame = self._waiting.popleft()
+        self._started(frame)
+        return frame
+
+    def _started(self, frame: Frame) -> None:
+        """The frame left the inference queue: the source may release the next event."""
+        if self.source is not None:
+            self.source.frame_started(frame.origin)
 
     async def _infer_loop(self) -> None:
         loop = asyncio.get_running_loop()

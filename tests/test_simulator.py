@@ -129,3 +129,18 @@ def test_world_is_periodic() -> None:
     a = sample.render((10.0, 20.0), SHAPE).labels
     b = sample.render((10.0 + wh, 20.0 - ww), SHAPE).labels
     np.testing.assert_array_equal(a, b)
+
+
+def test_bleaching_levels_off_so_a_long_time_lapse_keeps_its_nuclei() -> None:
+    sample = NucleiSample(seed=0)
+    params = sample.params
+    fresh = sample.render(ORIGIN, SHAPE, bleach_steps=0).extras["scale"]
+    early = sample.render(ORIGIN, SHAPE, bleach_steps=200).extras["scale"]
+    assert early / fresh == pytest.approx(np.exp(-params.bleach_per_step * 200))  # decays ...
+    late = [sample.render(ORIGIN, SHAPE, bleach_steps=s) for s in (5_000, 100_000)]
+    # ... to the plateau, where turnover balances bleaching (exp would leave 5e-4 and 0)
+    assert [r.extras["scale"] / fresh for r in late] == pytest.approx([params.bleach_floor] * 2)
+    image, labels = late[1].image.astype(np.float64), late[1].labels
+    inside = ndimage.mean(image, labels, np.unique(labels[labels > 0]))
+    background = np.median(image[labels == 0])
+    assert np.median(inside) - background > 5 * image[labels == 0].std()  # still clear

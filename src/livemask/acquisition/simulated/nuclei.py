@@ -5,9 +5,10 @@ ellipses with their own brightness and texture; every :meth:`NucleiSample.step` 
 drift, grow, push their neighbours apart and sometimes enter mitosis (condense,
 brighten, then split into two daughters). :meth:`NucleiSample.render` images the
 field of view at a stage position, exposure and focus: PSF and defocus blur, uneven
-illumination, slow intensity drift, bleaching, Poisson shot noise, read noise and
-camera offset. It returns the camera image together with the ground-truth instance
-labels (label = persistent nucleus id + 1, 0 = background).
+illumination, slow intensity drift, bleaching (down to a plateau where new fluorophores
+replace bleached ones), Poisson shot noise, read noise and camera offset. It returns the
+camera image together with the ground-truth instance labels (label = persistent nucleus
+id + 1, 0 = background).
 
 Pure numpy/scipy: no Micro-Manager here (see ``devices.py`` for that).
 """
@@ -44,6 +45,9 @@ class NucleiParams:
     illumination_min: float = 0.55  # darkest corner of the excitation field (1.0 = brightest)
     drift_amplitude: float = 0.15  # slow intensity variation over time (fraction)
     bleach_per_step: float = 0.0015
+    # signal left once bleaching and new fluorophores (protein turnover) balance: the decay
+    # stops here (after ≈ 700 steps), so a long time-lapse keeps imaging live nuclei
+    bleach_floor: float = 0.35
     psf_sigma_px: float = 1.3
     defocus_sigma_px_per_um: float = 1.2
     photons_per_ms: float = 25.0  # photons per pixel per ms for a unit-brightness nucleus
@@ -358,7 +362,8 @@ class NucleiSample:
         drift = 1.0 + p.drift_amplitude * np.sin(
             2 * np.pi * self.step_count / 57.0 + self._drift_phase
         )
-        scale = p.photons_per_ms * exposure_ms * np.exp(-p.bleach_per_step * steps) * drift
+        bleached = max(float(np.exp(-p.bleach_per_step * steps)), p.bleach_floor)
+        scale = p.photons_per_ms * exposure_ms * bleached * drift
         photons = (blurred + np.float32(p.background)) * self.illumination(origin_yx_px, shape)
         photons *= np.float32(scale)
         noise = rng.standard_normal(shape, dtype=np.float32)

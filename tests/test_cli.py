@@ -107,6 +107,20 @@ def test_segment_rejects_missing_input(tmp_path: Path) -> None:
     assert "does not exist" in result.output
 
 
+def test_segment_names_a_corrupt_tiff(tmp_path: Path) -> None:
+    src = tmp_path / "corrupt.tif"
+    src.write_bytes(b"not a tiff at all")
+    result = runner.invoke(app, ["segment", str(src), "-o", str(tmp_path / "y.tif")])
+    assert result.exit_code == 2
+    assert f"{src} cannot be read as TIFF: not a TIFF file" in _flat(result.output)
+
+
+def test_evaluate_tracking_refuses_a_model_of_another_task() -> None:
+    result = runner.invoke(app, ["evaluate-tracking", "--model", "grains", "--frames", "2"])
+    assert result.exit_code == 2
+    assert "model 'grains' segments grains, not nuclei" in _flat(result.output)
+
+
 def _flat(output: str) -> str:
     """CLI output with rich's box drawing and line wrapping undone."""
     return " ".join(output.replace("│", " ").split())

@@ -42,3 +42,12 @@ def test_masks_that_are_no_instance_labels_are_refused(
     with pytest.raises(ValueError) as info:
         load_folder(*_pair(tmp_path, mask))
     assert "a_masks.tif" in str(info.value) and needle in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["a_masks.tif", "a_masks.png"])
+def test_a_corrupt_mask_file_is_named(tmp_path: Path, name: str) -> None:
+    images, masks = _pair(tmp_path, np.zeros((16, 16), np.uint16))
+    (masks / "a_masks.tif").unlink()
+    (masks / name).write_bytes(b"neither a TIFF nor a PNG" + bytes(64))
+    with pytest.raises(ValueError, match=rf"{name} cannot be read as an image"):
+        load_folder(images, masks)

@@ -478,7 +478,7 @@ def evaluate_tracking(
 
     setup_logging(quiet=True)
     try:
-        segment = None if truth_labels else load_segmenter(model, threads).segment
+        segment = None if truth_labels else load_segmenter(model, threads, task="nuclei").segment
         result = te.evaluate_tracking(
             segment, frames=frames, positions=positions, seed=seed,
             name="truth labels" if truth_labels else model,

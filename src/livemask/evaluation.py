@@ -156,13 +156,18 @@ def _grain_errors(result: Evaluation, truth: np.ndarray, labels: np.ndarray) -> 
 
 
 def _read(path: Path) -> np.ndarray:
+    """An image or mask file as an array; ValueError naming the file if it cannot be read."""
     import tifffile
-
-    if path.suffix.lower() in (".tif", ".tiff"):
-        return np.asarray(tifffile.imread(path))
     from skimage import io
 
-    return np.asarray(io.imread(path))
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            return np.asarray(tifffile.imread(path))
+        return np.asarray(io.imread(path))
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise  # the OS's message names the file
+    except Exception as exc:  # each reader has its own errors for a corrupt file
+        raise ValueError(f"{path} cannot be read as an image: {exc}") from exc
 
 
 def _as_instances(mask: np.ndarray, path: Path) -> np.ndarray:

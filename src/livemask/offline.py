@@ -11,6 +11,7 @@ import tifffile
 
 from livemask.analysis.measure import measure_objects
 from livemask.analysis.normalize import image_problem
+from livemask.errors import ConfigError
 from livemask.inference.models import load_model_card
 from livemask.inference.segmenter import Segmenter
 from livemask.inference.select import load_backend
@@ -24,9 +25,15 @@ TABLE_COLUMNS = (
 )
 
 
-def load_segmenter(model: str, threads: int = 2) -> Segmenter:
-    """A segmenter for a shipped model name or a card path, on the default backend."""
+def load_segmenter(model: str, threads: int = 2, *, task: str | None = None) -> Segmenter:
+    """A segmenter for a shipped model name or a card path, on the default backend;
+    ConfigError if ``task`` is given and the model is for another task."""
     card = load_model_card(model)
+    if task is not None and card.task != task:
+        raise ConfigError(
+            f"model {model!r} segments {card.task}, not {task}: pick a {task} model "
+            f"(e.g. {task}, {task}_rf or {task}_classical)"
+        )
     backend = load_backend("auto", card, threads=threads)
     return Segmenter(card, backend)
 
@@ -35,7 +42,12 @@ def read_planes(path: Path) -> np.ndarray:
     """Read a TIFF as (N, H, W); a 2-D image gives N = 1."""
     if not path.is_file():
         raise FileNotFoundError(f"input image {path} does not exist")
-    data = np.asarray(tifffile.imread(path))
+    try:
+        data = np.asarray(tifffile.imread(path))
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise  # the OS's message names the file
+    except Exception as exc:  # tifffile's errors for a corrupt file do not name it
+        raise ValueError(f"{path} cannot be read as TIFF: {exc}") from exc
     problem = image_problem(data.shape, data.dtype)
     if problem is not None:
         raise ValueError(f"{path} {problem}")

@@ -14,7 +14,7 @@ parallel to it: if they stay below 50 frames/s or above 50 ms p99, the host side
 misses the issue's GPU targets here. Runs once with the service's garbage-collector policy
 and once with Python's defaults.
 
-    python benchmarks/host_ceiling.py [--camera-fps 50] [--json out.json]
+    python benchmarks/host_ceiling.py [--camera-fps 50] [--mode free-run] [--json out.json]
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ import asyncio
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
 import livemask.analysis.measure as measure
 import livemask.service.app as app
+from livemask.acquisition.mode import Mode
 from livemask.bench import BenchSettings, _run_pipeline, machine_info, prerender
 from livemask.inference.segmenter import Segmenter
 from livemask.log import setup_logging
@@ -120,6 +121,9 @@ def main() -> None:
     parser.add_argument("--infer-ms", type=float, default=4.4)
     parser.add_argument("--analyse-ms", type=float, default=13.0)
     parser.add_argument("--stage-threads", default="two", choices=("one", "two"))
+    parser.add_argument("--mode", default="pipelined", choices=get_args(Mode),
+                        help="acquisition.mode (free-run: frames skip analysis while the "
+                        "camera is ahead)")
     parser.add_argument("--prefault-frames", type=int, default=8,
                         help="pipeline.prefault_frames (0 = off; compare in separate processes)")
     parser.add_argument("--queue-size", type=int, default=2,
@@ -132,7 +136,7 @@ def main() -> None:
     record: dict[str, Any] = {"benchmark": "benchmarks/host_ceiling.py", "size": args.size,
                               "exposure_ms": args.exposure_ms, "camera_fps": args.camera_fps,
                               "infer_ms": args.infer_ms, "analyse_ms": args.analyse_ms,
-                              "stage_threads": args.stage_threads,
+                              "stage_threads": args.stage_threads, "mode": args.mode,
                               "prefault_frames": args.prefault_frames,
                               "queue_size": args.queue_size, "machine": machine_info()}
     runs: list[tuple[str, dict[str, Any]]] = [("service_gc_policy", {})]
@@ -141,6 +145,7 @@ def main() -> None:
     for name, gc_args in runs:
         settings = BenchSettings(size=args.size, frames=args.frames, exposure_ms=args.exposure_ms,
                                  camera_fps=args.camera_fps, stage_threads=args.stage_threads,
+                                 mode=args.mode,
                                  prefault_frames=args.prefault_frames,
                                  queue_size=args.queue_size, **gc_args)
         r = record[name] = run(settings, args.infer_ms, args.analyse_ms)

@@ -109,7 +109,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--frames", type=int, default=300)
     ap.add_argument("--interval", type=float, default=0.1)
-    ap.add_argument("--mode", default="free-run", choices=["free-run", "synchronized"])
+    ap.add_argument("--mode", default="free-run", choices=["free-run", "pipelined", "synchronized"])
     ap.add_argument("--score-every", type=int, default=5, help="score every Nth frame")
     ap.add_argument("--json", help="write the result here")
     args = ap.parse_args()

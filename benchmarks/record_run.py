@@ -148,7 +148,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=1200)
     ap.add_argument("--interval", type=float, default=0.1)
-    ap.add_argument("--mode", default="free-run", choices=["free-run", "synchronized"])
+    ap.add_argument("--mode", default="free-run", choices=["free-run", "pipelined", "synchronized"])
     ap.add_argument("--out", type=Path, default=None, help="Keep the recording here.")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--baseline", action="store_true", help="Also run without recording.")

@@ -358,7 +358,7 @@ def main() -> None:
     ap.add_argument("--loops", type=int, default=None, help="overview rounds (default: config)")
     ap.add_argument("--interval", type=float, default=None, help="overview interval s")
     ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--mode", choices=["free-run", "synchronized"], default=None)
+    ap.add_argument("--mode", choices=["free-run", "pipelined", "synchronized"], default=None)
     ap.add_argument(
         "--division-rate",
         type=float,

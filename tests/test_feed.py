@@ -6,9 +6,11 @@ import threading
 import time
 from collections.abc import Callable
 
+import pytest
 import useq
 
 from livemask.acquisition.feed import EventFeed
+from livemask.acquisition.mode import Mode
 
 
 def _events(n: int) -> list[useq.MDAEvent]:
@@ -64,8 +66,9 @@ def test_synchronized_times_out_instead_of_hanging() -> None:
     assert feed.sync_timeouts == 1
 
 
-def test_switching_to_free_run_releases_a_waiting_runner() -> None:
-    feed = EventFeed(_events(2), mode="synchronized", sync_timeout_s=30.0)
+@pytest.mark.parametrize("mode", ["pipelined", "synchronized"])
+def test_switching_to_free_run_releases_a_waiting_runner(mode: Mode) -> None:
+    feed = EventFeed(_events(2), mode=mode, sync_timeout_s=30.0)
     next(feed)
     feed.frame_delivered()
     got: list[useq.MDAEvent] = []
@@ -105,7 +108,9 @@ def test_pipelined_waits_until_the_model_takes_the_waiting_frame() -> None:
     feed.frame_delivered()
     feed.frame_started()  # frame 1 taken while frame 0 is still being analysed
     assert feed.done == 0
-    assert next(feed).index["t"] == 2  # the camera acquires during inference
+    start = time.monotonic()
+    assert next(feed).index["t"] == 2  # the camera acquires during inference, at once
+    assert time.monotonic() - start < 1.0 and feed.sync_timeouts == 0
 
 
 def test_pipelined_gives_up_on_a_frame_the_model_never_takes() -> None:
@@ -143,7 +148,31 @@ def test_a_source_ignores_reports_for_frames_of_an_earlier_feed() -> None:
     source._feed = new
     next(new)
     new.frame_delivered()
-    source.frame_done(old)  # the previous acquisition's last frame, published late
-    assert new.done == 0
+    source.frame_started(old)  # the previous acquisition's frames, taken and published late
+    source.frame_done(old)
+    assert new.started == new.done == 0
+    source.frame_started(new)
     source.frame_done(new)
-    assert new.done == 1
+    assert new.started == new.done == 1
+
+
+def test_the_timeout_is_wall_time_although_reports_wake_the_runner() -> None:
+    feed = EventFeed(_events(3), mode="pipelined", sync_timeout_s=0.3)
+    next(feed)
+    feed.frame_delivered()
+    feed.frame_delivered()  # two delivered, neither taken by the model
+    stop = threading.Event()
+
+    def report_done_often() -> None:  # frame_done of other frames wakes the runner early
+        while not stop.wait(0.005):
+            feed.frame_done()
+
+    waker = threading.Thread(target=report_done_often)
+    waker.start()
+    start = time.monotonic()
+    try:
+        next(feed)
+    finally:
+        stop.set()
+        waker.join()
+    assert time.monotonic() - start >= 0.3 and feed.sync_timeouts == 1

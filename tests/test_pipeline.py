@@ -50,13 +50,14 @@ class ThresholdBackend:
 
 
 class RecordingSource:
-    """A FrameSource that only records frame_done calls."""
+    """A FrameSource that only records the pipeline's reports: (kind, origin, time.time())."""
 
     running = False
 
     def __init__(self) -> None:
         self.started = 0
         self.done = 0
+        self.reports: list[tuple[str, object, float]] = []
 
     def start(self, events: Iterable[useq.MDAEvent], *, mode: Mode,
               on_done: DoneCallback) -> None:
@@ -67,9 +68,11 @@ class RecordingSource:
 
     def frame_done(self, origin: object | None = None) -> None:
         self.done += 1
+        self.reports.append(("done", origin, time.time()))
 
     def frame_started(self, origin: object | None = None) -> None:
         self.started += 1
+        self.reports.append(("started", origin, time.time()))
 
     def set_mode(self, mode: Mode) -> None:
         pass
@@ -152,12 +155,19 @@ async def test_pipelined_and_synchronized_modes_never_skip(
     pipe, pub, src = _pipeline(delay_s=0.02, mode=mode, stage_threads=stage_threads)
     pipe.start()
     for i in range(5):
-        pipe.submit(_raw(i))
+        raw = _raw(i)
+        raw.origin = f"feed of frame {i}"  # handed back with each report
+        pipe.submit(raw)
     assert await pipe.drain(10.0)
     await pipe.close()
     assert pipe.counters.snapshot()["frames_skipped"] == 0
-    assert [m.header["frame_id"] for m in pub.by_topic("measurements")] == [0, 1, 2, 3, 4]
+    meas = pub.by_topic("measurements")
+    assert [m.header["frame_id"] for m in meas] == [0, 1, 2, 3, 4]
     assert src.started == src.done == 5
+    for m in meas:  # started when the model takes the frame, done once it is published
+        i, t = m.header["frame_id"], m.header["t"]
+        when = {kind: at for kind, origin, at in src.reports if origin == f"feed of frame {i}"}
+        assert when["started"] < t["inferred"] <= t["published"] <= when["done"]
 
 
 async def test_latency_percentiles_reported() -> None:

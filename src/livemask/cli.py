@@ -93,8 +93,8 @@ ControlOpt = Annotated[str | None, typer.Option(
     callback=_address, help="Control (ROUTER) address, e.g. tcp://127.0.0.1:5556")]
 ModeOpt = Annotated[Mode | None, typer.Option(
     help="free-run (frames skip analysis when the camera is ahead), pipelined (every frame "
-    "analysed; the camera waits while 2 frames are unpublished) or synchronized (each frame "
-    "analysed before the next is acquired).")]
+    "analysed; the camera waits while a frame waits for the model) or synchronized (each "
+    "frame analysed before the next is acquired).")]
 
 
 def _fail(exc: Exception) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -93,20 +94,22 @@ class EventFeed(Iterator[useq.MDAEvent]):
 
     def __next__(self) -> useq.MDAEvent:
         with self._cond:
-            waited = 0.0
+            deadline: float | None = None
             while (holding := self._holding()) is not None and not self._closed:
-                if waited >= self.sync_timeout_s:
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.sync_timeout_s
+                if now >= deadline:
                     log.warning(
-                        "%s mode: frame %d not %s after %.1f s; releasing the next event "
-                        "(raise acquisition.frame_timeout_s if analysis is slow)",
-                        self.mode, holding[1].count, holding[0], waited,
+                        "%s mode: frame %d of this acquisition not %s after %.1f s; releasing "
+                        "the next event (raise acquisition.frame_timeout_s if analysis is slow)",
+                        self.mode, holding[1].count + 1, holding[0], self.sync_timeout_s,
                     )
                     self.sync_timeouts += 1
                     self._started.give_up(self.delivered)
                     self._done.give_up(self.delivered)
                     break
-                self._cond.wait(0.05)
-                waited += 0.05
+                self._cond.wait(min(0.05, deadline - now))
             if self._closed:
                 raise StopIteration
             if self._injected:

@@ -164,11 +164,19 @@ class MicroscopeSource(FeedThreadSource):
     def _frame_ready(self, image: np.ndarray, event: useq.MDAEvent, meta: Any = None) -> None:
         acquired = time.time()
         feed = self._feed
-        if feed is not None:
-            feed.frame_delivered()
         truth = self._truth_lookup(image) if self._truth_lookup else None
         position = {"x_um": event.x_pos, "y_um": event.y_pos, "z_um": event.z_pos}
-        self._on_frame(RawFrame(image, event, acquired, position, truth, origin=feed))
+        raw = RawFrame(image, event, acquired, position, truth, origin=feed)
+        if feed is None:
+            self._on_frame(raw)
+            return
+        feed.frame_delivered()
+        try:
+            self._on_frame(raw)
+        except BaseException:  # never handed on: nothing will report it, so do it here
+            feed.frame_started()
+            feed.frame_done()
+            raise
 
     @property
     def frame_shape(self) -> tuple[int, int]:

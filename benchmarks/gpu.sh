@@ -2,15 +2,15 @@
 # GPU checks for the fast path in one go (about 3-4 minutes on an H100/H200), writing JSON to
 # benchmarks/results (or the folder given as $1):
 #   gpu-check.json             torch CUDA fp16 vs ONNX Runtime, device vs CPU labels, stage ms
-#   bench-gpu-2048.json        livemask bench, 2048x2048, torch backend, camera as fast as it goes
-#                              with a 10 ms exposure (at most ~95 frames/s: a real sCMOS camera's
-#                              full-frame rate, and the rate the camera ran at in session 3;
-#                              since session 4 a 1 ms exposure lets it run at 200+ frames/s)
+#   bench-gpu-2048.json        livemask bench, 2048x2048, torch backend, pipelined mode (bench's
+#                              default since session 9: every frame analysed, the camera as fast
+#                              as the pipeline takes frames) with a 10 ms exposure (at most ~95
+#                              frames/s: a real sCMOS camera's full-frame rate)
 #   bench-gpu-2048-50fps.json  the camera paced at 50 frames/s, 1 ms exposure (latency at a rate)
 #   bench-gpu-2048-one.json    camera free, inference and analysis in one thread
 #                              (pipeline.stage_threads: one; the others use the default, two)
-#   bench-gpu-2048-pygc.json   camera free, Python's default garbage collector instead of the
-#                              service's policy (--gc-threshold 700 --no-gc-freeze)
+#   bench-gpu-2048-free.json   free-run mode: the camera runs ahead and frames skip analysis
+#                              (the bench's mode until session 8)
 #   bench-gpu-512.json         livemask bench, 512x512, torch backend
 #   host-ceiling-2048-50fps.json  the same service on this host's CPUs with the GPU stages
 #                              replaced by waits (benchmarks/host_ceiling.py): host side alone
@@ -33,8 +33,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
     --stage-threads one \
     --json "$out/bench-gpu-2048-one.json"
 "$py" -m livemask bench --backend torch --size 2048 --frames 150 --threads 8 --exposure-ms 10 \
-    --gc-threshold 700 --no-gc-freeze \
-    --json "$out/bench-gpu-2048-pygc.json"
+    --mode free-run \
+    --json "$out/bench-gpu-2048-free.json"
 "$py" -m livemask bench --backend torch --size 512 --frames 400 --threads 8 \
     --json "$out/bench-gpu-512.json"
 "$py" benchmarks/host_ceiling.py --frames 300 --camera-fps 50 --policy-only \

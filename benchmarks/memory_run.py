@@ -10,8 +10,9 @@ from the one-minute mark to the end in percent.
     python benchmarks/memory_run.py --minutes 10 --free \
         --json benchmarks/results/memory-10min-free.json
 
-``--free`` runs the camera as fast as it goes (free-run: frames skip analysis when the
-camera is ahead) until the time is up, then stops the service with SIGINT.
+``--free`` runs the camera as fast as it goes until the time is up, then stops the service
+with SIGINT; in free-run mode (``--mode``, default) frames skip analysis when the camera is
+ahead, in pipelined mode every frame is analysed and the camera waits for the model.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def main() -> None:
     ap.add_argument("--fps", type=float, default=5.0)
     ap.add_argument("--free", action="store_true",
                     help="camera as fast as it goes for --minutes (ignores --fps)")
+    ap.add_argument("--mode", default="free-run",
+                    choices=["free-run", "pipelined", "synchronized"],
+                    help="acquisition mode (pipelined: every frame analysed)")
     ap.add_argument("--every", type=float, default=5.0, help="sampling interval (s)")
     ap.add_argument("--port", type=int, default=5785)
     ap.add_argument("--json", type=Path, default=None)
@@ -60,7 +64,8 @@ def main() -> None:
     log = tempfile.TemporaryFile()  # noqa: SIM115 (closed at the end of main)
     cmd = [sys.executable, "-m", "livemask", "serve", "--config",
            str(ROOT / "configs" / "simulated-nuclei.yaml"), "--pub", pub, "--control", control,
-           "--frames", str(frames), "--interval", str(interval), "--exit-when-done"]
+           "--frames", str(frames), "--interval", str(interval), "--exit-when-done",
+           "--mode", args.mode]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
     samples: list[tuple[float, float]] = []
     received = 0
@@ -103,6 +108,7 @@ def main() -> None:
         "frames_requested": frames,
         "fps": None if args.free else args.fps,
         "camera": "free" if args.free else "paced",
+        "mode": args.mode,
         "minutes": args.minutes,
         "measurements_received": received,
         "frames_acquired": last_status.get("frames_acquired"),

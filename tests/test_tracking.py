@@ -274,7 +274,7 @@ async def test_pipeline_adds_track_ids_when_tracking_is_on() -> None:
         for t in range(3):
             pipe.submit(_raw(t, [(10, 10 + t), (40, 30 - t)]))
             assert await pipe.drain(5.0)
-        pipe.reset_accumulators()  # a new acquisition: tracks start afresh
+        pipe.begin_acquisition()  # a new acquisition: tracks start afresh
         pipe.submit(_raw(0, [(30, 50)]))
         assert await pipe.drain(5.0)
     finally:
@@ -284,7 +284,7 @@ async def test_pipeline_adds_track_ids_when_tracking_is_on() -> None:
     assert ids[0] == ids[1] == ids[2] and sorted(ids[0]) == [1, 2]
     assert all(o["parent_track_id"] is None for m in meas for o in m["objects"])
     assert meas[2]["summary"]["divisions"] == [] and meas[2]["summary"]["tracks_active"] == 2
-    assert ids[3] == [1]  # ids restart after reset_accumulators
+    assert ids[3] == [1]  # ids restart in the new acquisition
     assert set(TRACK_UNITS) <= set(pipe.report()["units"])
 
 
@@ -302,3 +302,30 @@ async def test_pipeline_without_tracker_has_no_track_fields() -> None:
     (meas,) = [m.header for m in pub.by_topic("measurements")]
     assert "track_id" not in meas["objects"][0] and "divisions" not in meas["summary"]
     assert "track_id" not in pipe.report()["units"]
+
+
+async def test_frames_of_an_earlier_acquisition_keep_its_tracks_and_skip_feedback() -> None:
+    """A stop followed at once by a start: the first acquisition's frames still in flight
+    finish with its tracks, and do not drive feedback (their actions would land in the
+    new acquisition)."""
+    card = ModelCard(name="fake", file="none.onnx")
+    pub = MemoryPublisher()
+    pipe = Pipeline(Segmenter(card, ThresholdBackend()), pub, mode="pipelined")
+    pipe.source = RecordingSource()
+    pipe.tracker = PositionTrackers()
+    fed: list[int] = []
+    pipe.on_measurements = lambda frame, _: fed.append(frame.frame_id)
+    pipe.start()
+    try:
+        pipe.begin_acquisition()
+        for t in range(3):
+            pipe.submit(_raw(t, [(10, 10 + t), (40, 30 - t)]))
+        pipe.begin_acquisition()  # before any of the three was analysed
+        pipe.submit(_raw(0, [(30, 50)]))
+        assert await pipe.drain(5.0)
+    finally:
+        await pipe.close()
+    ids = [[o["track_id"] for o in m.header["objects"]] for m in pub.by_topic("measurements")]
+    assert ids[0] == ids[1] == ids[2] and sorted(ids[0]) == [1, 2]  # one acquisition's tracks
+    assert ids[3] == [1]  # the new acquisition's tracks start afresh
+    assert fed == [3]

@@ -101,8 +101,9 @@ class EventFeed(Iterator[useq.MDAEvent]):
                     deadline = now + self.sync_timeout_s
                 if now >= deadline:
                     log.warning(
-                        "%s mode: frame %d of this acquisition not %s after %.1f s; releasing "
-                        "the next event (raise acquisition.frame_timeout_s if analysis is slow)",
+                        "%s mode: frame %d of this acquisition not %s after %g s; releasing the "
+                        "next event (raise acquisition.frame_timeout_s if the model or analysis "
+                        "is slower)",
                         self.mode, holding[1].count + 1, holding[0], self.sync_timeout_s,
                     )
                     self.sync_timeouts += 1

@@ -401,12 +401,12 @@ class Service:
         if self.feedback is not None:
             self.feedback.acquisition_started()
             events = self.feedback.wrap_planned(events)
+        self.pipeline.begin_acquisition()  # before any of its frames can arrive
         self.source.start(
             iter(events),
             mode=self.pipeline.mode,
             on_done=self._on_acquisition_done,
         )
-        self.pipeline.reset_accumulators()
         self._acquired_at_start = self.pipeline.counters.counts["acquired"]
         self._stop_requested = False
         self._acquiring = True

@@ -27,6 +27,7 @@ class Frame:
     grains: dict[str, Any] | None = None  # grain statistics: this tile and cumulative
     error: str | None = None
     origin: object | None = None  # RawFrame.origin: handed back with frame_done
+    acquisition: int = 0  # Pipeline.acquisition when the frame arrived
 
     def stamp(self, stage: str) -> None:
         """Record the time at which ``stage`` finished with this frame."""

@@ -97,10 +97,11 @@ class Pipeline:
         self._tasks: list[asyncio.Task[None]] = []
         self._next_id = 0
         self.grains = CumulativeGrainStats() if segmenter.card.task == "grains" else None
-        self._reset_grains = False
         # object tracking (set by the Service when tracking.enabled); analysing thread only
         self.tracker: PositionTrackers | None = None
-        self._reset_tracks = False
+        # acquisitions begun (begin_acquisition); each frame carries the number it arrived in
+        self.acquisition = 0
+        self._accumulating = 0  # the acquisition the grain statistics and tracks belong to
         # feedback hook: called with (frame, measurements message) after they are published,
         # on the event loop, before frame_done releases the next event in synchronized mode
         self.on_measurements: Callable[[Frame, dict[str, Any]], None] | None = None
@@ -168,6 +169,7 @@ class Pipeline:
             t={"acquired": raw.acquired, "received": time.time()},
             truth=raw.truth,
             origin=raw.origin,
+            acquisition=self.acquisition,
         )
         self._next_id += 1
         self.counters.incr("acquired")
@@ -254,28 +256,34 @@ class Pipeline:
             return "analysis", exc
         return None
 
-    def reset_accumulators(self) -> None:
-        """Start cumulative statistics afresh (called when an acquisition starts)."""
-        self._reset_grains = True  # done on the analysing thread, between frames
-        self._reset_tracks = True
+    def begin_acquisition(self) -> None:
+        """A new acquisition starts (call before its first frame arrives).
+
+        Its frames start the cumulative grain statistics and the tracks afresh, and only its
+        frames reach the feedback hook. Frames of the earlier acquisition still in flight
+        (a stop followed at once by a start) finish with the earlier statistics and tracks,
+        and their measurements are published but do not drive feedback: actions decided on
+        them would land in the new acquisition."""
+        self.acquisition += 1
 
     def _analyse(self, frame: Frame) -> None:
         assert frame.probabilities is not None
         labels, frame.objects, frame.summary = self.segmenter.analyse(
             frame.probabilities, frame.image, pixel_size_um=self.pixel_size_um
         )
-        if self.grains is not None:  # one analysing thread (either layout): no lock needed
-            if self._reset_grains:
+        if frame.acquisition != self._accumulating:  # the first frame of a new acquisition
+            # (frames are analysed in arrival order, by one analysing thread in either layout)
+            self._accumulating = frame.acquisition
+            if self.grains is not None:
                 self.grains.reset()
-                self._reset_grains = False
+            if self.tracker is not None:
+                self.tracker.reset()
+        if self.grains is not None:
             frame.grains = {
                 "tile": grain_statistics(labels, self.pixel_size_um),
                 "cumulative": self.grains.add(labels, self.pixel_size_um),
             }
         if self.tracker is not None and frame.objects is not None:
-            if self._reset_tracks:
-                self.tracker.reset()
-                self._reset_tracks = False
             self.tracker.apply(
                 frame.objects, frame.summary if frame.summary is not None else {},
                 index=frame.index, position=frame.position, frame_id=frame.frame_id,
@@ -363,7 +371,7 @@ class Pipeline:
         self.latest["measurements"] = measurements
         self.last_analysed = frame
         self.latency.add(frame)
-        if self.on_measurements is not None:
+        if self.on_measurements is not None and frame.acquisition == self.acquisition:
             try:
                 self.on_measurements(frame, measurements)
             except Exception:  # feedback faults must not stop publishing

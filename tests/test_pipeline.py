@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -261,6 +262,34 @@ async def test_no_frame_is_inferred_only_to_wait_behind_a_busy_analysis() -> Non
     assert backend.calls == 3
     assert [m.header["frame_id"] for m in pub.by_topic("measurements")] == [0, 1, 3]
     assert pipe.counters.snapshot()["frames_skipped"] == 1
+
+
+async def test_with_analysis_the_slower_stage_frames_reach_it_just_in_time() -> None:
+    """Model 10 ms, analysis 60 ms, camera ahead: the next frame is taken for inference one
+    model time before analysis is predicted free, so an inferred frame barely waits for
+    analysis (it waited ≈ 50 ms when taken as soon as the model was free), and analysis
+    never idles for want of a frame."""
+    pipe, pub, _ = _pipeline(delay_s=0.01)
+    real_analyse = pipe.segmenter.analyse
+
+    def slow_analyse(probabilities: np.ndarray, image: np.ndarray, **kwargs: object) -> object:
+        time.sleep(0.06)
+        return real_analyse(probabilities, image, **kwargs)  # type: ignore[arg-type]
+
+    pipe.segmenter.analyse = slow_analyse  # type: ignore[assignment,method-assign]
+    pipe.start()
+    i = 0
+    while pipe.counters.snapshot()["frames_analysed"] < 24:  # a camera at 200 frames/s
+        pipe.submit(_raw(i))
+        i += 1
+        await asyncio.sleep(0.005)
+    assert await pipe.drain(10.0)
+    await pipe.close()
+    t = [m.header["t"] for m in pub.by_topic("measurements")][6:]  # after the first estimates
+    waited_and_analysed = [(x["analysed"] - x["inferred"]) * 1e3 for x in t]
+    assert float(np.median(waited_and_analysed)) < 85  # 60 ms analysis + a few ms' wait
+    gaps = [(b["analysed"] - a["analysed"]) * 1e3 for a, b in itertools.pairwise(t)]
+    assert float(np.median(gaps)) < 75  # analysis kept busy: one frame per ≈ 60 ms
 
 
 async def _until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:

@@ -39,6 +39,7 @@ from livemask.analysis.tracking import TRACK_UNITS, PositionTrackers
 from livemask.config import StageThreads
 from livemask.inference.segmenter import Segmenter
 from livemask.service.frames import Frame
+from livemask.service.pacing import RecentDurations, hold_before_inference
 from livemask.service.stats import LatencyWindow, PipelineCounters
 from livemask.transport.publisher import Publisher
 
@@ -91,6 +92,10 @@ class Pipeline:
         self._to_analyse: asyncio.Queue[Frame] = asyncio.Queue(maxsize=1)
         self._analysing = False  # the analysis stage is working on a frame
         self._analysis_took = asyncio.Event()  # set each time analysis takes a frame
+        self._analysis_idle = asyncio.Event()  # set while analysis has no frame
+        self._analysis_started = 0.0  # time.monotonic() when analysis took its frame
+        self._infer_times = RecentDurations()
+        self._analyse_times = RecentDurations()
         self._to_publish: asyncio.Queue[Frame] = asyncio.Queue()
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="livemask-infer")
         self._analyse_pool = ThreadPoolExecutor(1, thread_name_prefix="livemask-analyse")
@@ -223,24 +228,36 @@ class Pipeline:
                 )
                 self._analysis_done(frame, failure)
                 continue
+            took = time.monotonic()
             try:
                 frame.probabilities = await loop.run_in_executor(
                     self._infer_pool, self.segmenter.infer, frame.image
                 )
+                self._infer_times.add(time.monotonic() - took)
             except Exception as exc:  # a model fault fails this frame, not the service
                 self._fail(frame, "inference", exc)
             frame.stamp("inferred")
             await self._to_analyse.put(frame)
 
     async def _until_analysis_can_take(self) -> None:
-        """Wait while an inferred frame already waits for a busy analysis stage.
+        """Wait until a frame inferred now would find analysis (about) free.
 
-        Inferring the next frame now would only make it wait too, holding an older frame
-        than the camera will have by then: when analysis is the slower stage this keeps one
-        analysis period of waiting out of every frame's latency."""
+        First while an inferred frame already waits for a busy analysis stage: inferring the
+        next frame now would only make it wait too, holding an older frame than the camera
+        will have by then. Then, when analysis is the slower stage, until one model time
+        before analysis is predicted to be free (``livemask.service.pacing``): the frame
+        comes out of the model as analysis takes it, so it waits for neither."""
         while self._analysing and not self._to_analyse.empty():
             self._analysis_took.clear()
             await self._analysis_took.wait()
+        if not self._analysing:
+            return
+        hold = hold_before_inference(
+            time.monotonic(), self._analysis_started, self._infer_times, self._analyse_times
+        )
+        if hold > 0:  # released early if analysis finishes sooner than predicted
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._analysis_idle.wait(), hold)
 
     def _infer_then_analyse(self, frame: Frame) -> tuple[str, Exception] | None:
         """Both stages in the calling (worker) thread; the failed stage and its error."""
@@ -294,13 +311,17 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         while True:
             self._analysing = False
+            self._analysis_idle.set()
             frame = await self._to_analyse.get()
             self._analysing = True
+            self._analysis_idle.clear()
             self._analysis_took.set()
+            self._analysis_started = time.monotonic()
             failure: tuple[str, Exception] | None = None
             if frame.error is None:
                 try:
                     await loop.run_in_executor(self._analyse_pool, self._analyse, frame)
+                    self._analyse_times.add(time.monotonic() - self._analysis_started)
                 except Exception as exc:
                     failure = ("analysis", exc)
             self._analysis_done(frame, failure)

@@ -1,0 +1,39 @@
+"""The just-in-time hold before inference (``livemask.service.pacing``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from livemask.service.pacing import MIN_SAMPLES, RecentDurations, hold_before_inference
+
+
+def _durations(*seconds: float) -> RecentDurations:
+    durations = RecentDurations()
+    for s in seconds:
+        durations.add(s)
+    return durations
+
+
+def test_no_hold_before_enough_durations_are_known() -> None:
+    infer = _durations(*[0.004] * (MIN_SAMPLES - 1))
+    analyse = _durations(*[0.013] * MIN_SAMPLES)
+    assert hold_before_inference(100.0, 100.0, infer, analyse) == 0.0
+
+
+def test_analysis_the_slower_stage_holds_until_one_model_time_before_it_is_free() -> None:
+    infer, analyse = _durations(0.004, 0.004, 0.005), _durations(0.013, 0.02, 0.013)
+    # analysis took its frame at 100.000 and is free at ≈ 100.013; the model needs 4 ms and
+    # the margin is 2 ms + 10 % of 13 ms: take the next frame at 100.0057
+    assert hold_before_inference(100.0, 100.0, infer, analyse) == pytest.approx(0.0057)
+    assert hold_before_inference(100.005, 100.0, infer, analyse) == pytest.approx(0.0007)
+    assert hold_before_inference(100.006, 100.0, infer, analyse) == 0.0
+
+
+def test_the_model_the_slower_stage_never_holds() -> None:
+    infer, analyse = _durations(0.028, 0.03, 0.027), _durations(0.005, 0.005, 0.006)
+    assert hold_before_inference(100.0, 100.0, infer, analyse) == 0.0
+
+
+def test_only_the_recent_durations_count() -> None:
+    durations = _durations(*[1.0] * 20, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01)
+    assert durations.median() == 0.01  # 8 of the last 15 are 10 ms

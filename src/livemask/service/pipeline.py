@@ -90,9 +90,9 @@ class Pipeline:
         # a longer queue only adds latency; frames are skipped at intake instead, and the
         # next frame is taken for inference only once analysis has taken the waiting one
         self._to_analyse: asyncio.Queue[Frame] = asyncio.Queue(maxsize=1)
-        self._analysing = False  # the analysis stage is working on a frame
         self._analysis_took = asyncio.Event()  # set each time analysis takes a frame
         self._analysis_idle = asyncio.Event()  # set while analysis has no frame
+        self._analysis_idle.set()
         self._analysis_started = 0.0  # time.monotonic() when analysis took its frame
         self._infer_times = RecentDurations()
         self._analyse_times = RecentDurations()
@@ -247,10 +247,10 @@ class Pipeline:
         will have by then. Then, when analysis is the slower stage, until one model time
         before analysis is predicted to be free (``livemask.service.pacing``): the frame
         comes out of the model as analysis takes it, so it waits for neither."""
-        while self._analysing and not self._to_analyse.empty():
+        while not self._to_analyse.empty():  # (analysis may not have woken to take it yet)
             self._analysis_took.clear()
             await self._analysis_took.wait()
-        if not self._analysing:
+        if self._analysis_idle.is_set():
             return
         hold = hold_before_inference(
             time.monotonic(), self._analysis_started, self._infer_times, self._analyse_times
@@ -310,10 +310,8 @@ class Pipeline:
     async def _analyse_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            self._analysing = False
             self._analysis_idle.set()
             frame = await self._to_analyse.get()
-            self._analysing = True
             self._analysis_idle.clear()
             self._analysis_took.set()
             self._analysis_started = time.monotonic()

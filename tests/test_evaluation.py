@@ -16,7 +16,7 @@ def _pair(tmp_path: Path, mask: np.ndarray) -> tuple[Path, Path]:
     images.mkdir(parents=True)
     masks.mkdir(parents=True)
     tifffile.imwrite(images / "a.tif", np.full(mask.shape[-2:], 100, np.uint16))
-    tifffile.imwrite(masks / "a_masks.tif", mask)
+    tifffile.imwrite(masks / "a_masks.tif", mask, photometric="minisblack")
     return images, masks
 
 

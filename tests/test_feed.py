@@ -169,3 +169,26 @@ def test_the_timeout_is_wall_time_although_reports_wake_the_runner() -> None:
         stop.set()
         waker.join()
     assert time.monotonic() - start >= 0.3 and feed.sync_timeouts == 1
+
+
+def test_an_image_event_that_delivered_no_frame_is_reported_missing() -> None:
+    missing: list[useq.MDAEvent] = []
+    planned = [*_events(4), useq.MDAEvent(index={"t": 4}, action={"type": "custom"})]
+    feed = EventFeed(planned, on_missing=missing.append)
+    delivered = {0: 1, 1: 0, 2: 2, 3: 0}  # frames each image event delivered (1 and 3: none)
+    for event in feed:
+        for _ in range(delivered.get(event.index["t"], 0)):
+            feed.frame_delivered()
+    # event 3's failure is noticed when the runner asks for event 4; event 4 takes no image
+    assert [e.index["t"] for e in missing] == [1, 3]
+    assert feed.missing == 2
+
+
+def test_the_last_event_of_a_stopped_acquisition_is_not_reported_missing() -> None:
+    missing: list[useq.MDAEvent] = []
+    feed = EventFeed(_events(3), on_missing=missing.append)
+    next(feed)  # its snap is cut short by the stop: no frame
+    feed.close()
+    with pytest.raises(StopIteration):
+        next(feed)
+    assert missing == [] and feed.missing == 0

@@ -323,7 +323,7 @@ async def test_an_endless_time_lapse_starts_at_once_and_stops(service: Service) 
         assert reply == {"started": True, "events": 10**12}
         got = [await sub.recv(timeout_s=10.0) for _ in range(3)]
     assert [m.header["index"]["t"] for m in got if m is not None] == [0, 1, 2]
-    assert (await control(service, "stop")) == {"stopped": True}
+    assert (await control(service, "stop")) == {"stopped": True, "still_running": False}
     assert (await control(service, "status"))["state"] == "idle"
 
 
@@ -370,6 +370,87 @@ async def test_a_camera_that_never_delivers_ends_the_acquisition_with_an_error(
     assert "hardware.config_file" in done["error"]
     assert [m for m in got["event"] if m.header["kind"] == "error"]
     assert status["frames_acquired"] == 0 and status["last_error"] == done["error"]
+
+
+@pytest.mark.parametrize("mode", ["synchronized", "free-run"])
+async def test_failed_snaps_are_announced_and_counted(
+    monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """pymmcore-plus logs a failed snap and goes on; before, a camera failing every fourth
+    snap finished its acquisition with error null and nothing on the wire."""
+    from livemask.acquisition.simulated.devices import SimCamera
+
+    snaps = itertools.count()
+    real_snap = SimCamera.snap
+
+    def flaky_snap(self: SimCamera, buffer: Any) -> Any:
+        if next(snaps) % 4 == 3:
+            raise RuntimeError("camera link lost")
+        return real_snap(self, buffer)
+
+    monkeypatch.setattr(SimCamera, "snap", flaky_snap)
+    async with Service(make_config(acquisition={"mode": mode})) as svc:
+        got = await collect_run(svc, ("event",))
+        status = await control(svc, "status")
+    events = [m.header for m in got["event"]]
+    missing = [e["index"]["t"] for e in events if e["kind"] == "frame_missing"]
+    assert missing == [3, 7, 11]
+    (done,) = [e for e in events if e["kind"] == "acquisition_finished"]
+    assert done["frames_missing"] == 3
+    assert done["error"] is not None and "3 of 12 imaging event(s)" in done["error"]
+    assert status["frames_missing"] == 3 and status["frames_acquired"] == 9
+
+
+async def test_a_hung_camera_leaves_control_answering_and_the_service_closes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A snap that never returns holds the camera's lock. Before, ``set exposure_ms`` waited
+    on it forever (the control channel, one request at a time, with it), an ``enqueue`` with
+    an exposure blocked the event loop, and closing waited forever in unloadAllDevices."""
+    import threading
+
+    import livemask.service.hardware_calls as hardware_calls
+    from livemask.acquisition.simulated.devices import SimCamera
+
+    release = threading.Event()
+    snaps = itertools.count()
+    real_snap = SimCamera.snap
+
+    def hanging_snap(self: SimCamera, buffer: Any) -> Any:
+        if next(snaps) >= 3:
+            release.wait(60)
+        return real_snap(self, buffer)
+
+    monkeypatch.setattr(SimCamera, "snap", hanging_snap)
+    monkeypatch.setattr(hardware_calls, "HARDWARE_TIMEOUT_S", 1.0)
+    cfg = make_config(acquisition={"sequence": {"time_plan": {"interval": 0.0, "loops": 50}}})
+    svc = Service(cfg)
+    await svc.start()
+    try:
+        await control(svc, "start")
+        deadline = time.monotonic() + 20
+        while svc.pipeline.counters.counts["acquired"] < 3:
+            assert time.monotonic() < deadline, "the first frames never came"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # the fourth snap hangs now
+        with pytest.raises(ControlError, match=r"did not return within 1 s") as info:
+            await control(svc, "set", exposure_ms=20)
+        assert info.value.code == "invalid_state"
+        reply = await control(svc, "enqueue", events=[{"exposure": 20}])
+        assert reply == {"enqueued": 1, "started": False}  # the limits were read at start-up
+
+        def stop() -> Any:
+            with ControlClient(svc.control.bound_address, timeout_s=15, retries=1) as client:
+                return client.request("stop")
+
+        assert await asyncio.to_thread(stop) == {"stopped": True, "still_running": True}
+        assert (await control(svc, "status"))["acquiring"] is True
+    finally:
+        try:
+            await asyncio.wait_for(svc.close(), 30)  # before: forever
+        finally:
+            release.set()
+    assert svc.state == "closed"
 
 
 async def test_events_that_take_no_image_are_not_a_camera_fault() -> None:

@@ -9,7 +9,8 @@
     │   └── ControlTimeout (TimeoutError) no reply after all retries
     ├── CommandError                      raised by command handlers; becomes an error reply
     ├── AcquisitionError (RuntimeError)   microscope/core faults
-    │   └── FrameTimeout (TimeoutError)   no frame within the configured timeout
+    │   ├── FrameTimeout (TimeoutError)   no frame within the configured timeout
+    │   └── HardwareTimeout (TimeoutError) a device call did not return in time
     ├── ModelError (ValueError)           missing/invalid model file or card
     ├── BackendUnavailable (RuntimeError) an inference backend cannot run here
     ├── RecordingError (OSError)          the recording folder cannot be written
@@ -62,6 +63,10 @@ class AcquisitionError(LivemaskError, RuntimeError):
 
 class FrameTimeout(AcquisitionError, TimeoutError):
     """No frame arrived within the configured timeout."""
+
+
+class HardwareTimeout(AcquisitionError, TimeoutError):
+    """A device call did not return in time (the device is busy or hung)."""
 
 
 class ModelError(LivemaskError, ValueError):

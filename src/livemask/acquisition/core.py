@@ -15,6 +15,7 @@ import time
 import weakref
 from collections.abc import Iterable
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +32,7 @@ __all__ = [
     "check_exposures",
     "close_core",
     "describe_core",
+    "exposure_limits",
     "open_core",
 ]
 
@@ -113,7 +115,14 @@ def close_core(mmc: CMMCorePlus, *, timeout_s: float = 5.0) -> None:
         while mmc.mda.is_running() and time.monotonic() < deadline:
             time.sleep(0.01)
     try:
-        mmc.unloadAllDevices()
+        if mmc.mda.is_running():  # stuck in a device call: unloading would wait on it forever
+            logger.error(
+                "the MDA runner is still blocked in a device call (e.g. a camera snap that "
+                "never returns) %g s after the cancel: leaving the devices loaded. Check the "
+                "hardware (power-cycle a hung camera) before the next start", timeout_s,
+            )
+        else:
+            mmc.unloadAllDevices()
     finally:
         with suppress(Exception):
             super(CMMCorePlus, mmc).registerCallback(None)
@@ -293,17 +302,35 @@ def check_channels(mmc: CMMCorePlus, channels: Iterable[Any], what: str) -> None
             )
 
 
-def check_exposures(mmc: CMMCorePlus, exposures: Iterable[float], what: str) -> None:
-    """Raise :class:`ConfigError` for an exposure outside the camera's ``Exposure`` property
-    limits (when it has them): pymmcore-plus would log a warning and snap with the old one."""
+@dataclass(frozen=True)
+class ExposureLimits:
+    """The camera's ``Exposure`` property limits, read once when the core is opened."""
+
+    camera: str
+    lo: float
+    hi: float
+
+
+def exposure_limits(mmc: CMMCorePlus) -> ExposureLimits | None:
+    """The current camera's exposure limits, or None if it has none.
+
+    Read them while no acquisition runs: the call takes the camera's device lock, which a
+    running (or hung) snap holds."""
     camera = mmc.getCameraDevice()
     if not camera or not mmc.hasPropertyLimits(camera, "Exposure"):
+        return None
+    return ExposureLimits(camera, mmc.getPropertyLowerLimit(camera, "Exposure"),
+                          mmc.getPropertyUpperLimit(camera, "Exposure"))
+
+
+def check_exposures(limits: ExposureLimits | None, exposures: Iterable[float], what: str) -> None:
+    """Raise :class:`ConfigError` for an exposure outside the camera's ``Exposure`` property
+    limits (when it has them): pymmcore-plus would log a warning and snap with the old one."""
+    if limits is None:
         return
-    lo = mmc.getPropertyLowerLimit(camera, "Exposure")
-    hi = mmc.getPropertyUpperLimit(camera, "Exposure")
     for exposure in exposures:
-        if not lo <= exposure <= hi:
+        if not limits.lo <= exposure <= limits.hi:
             raise ConfigError(
-                f"{what}: exposure {exposure:g} ms is outside the range of camera {camera!r}: "
-                f"{lo:g}..{hi:g} ms"
+                f"{what}: exposure {exposure:g} ms is outside the range of camera "
+                f"{limits.camera!r}: {limits.lo:g}..{limits.hi:g} ms"
             )

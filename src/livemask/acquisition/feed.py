@@ -12,8 +12,10 @@ the model, or skipped) and when it is published (``frame_done``). The mode decid
 - ``synchronized``: every delivered frame done, so each frame is analysed before the next
   event reaches the microscope.
 
-An event whose snap failed (no frame) holds nothing. A wait longer than ``sync_timeout_s``
-gives the late frames up and releases the next event: never hang on a lost frame.
+An event whose snap failed (no frame) holds nothing: pymmcore-plus logs the failure and goes
+on. The feed notices it when the runner asks for the next event (or at the end) and counts
+it as missing (``on_missing``). A wait longer than ``sync_timeout_s`` gives the late frames
+up and releases the next event: never hang on a lost frame.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import useq
@@ -59,6 +61,7 @@ class EventFeed(Iterator[useq.MDAEvent]):
         *,
         mode: Mode = "free-run",
         sync_timeout_s: float = 10.0,
+        on_missing: Callable[[useq.MDAEvent], None] | None = None,
     ) -> None:
         self._planned = iter(planned)
         self._injected: deque[useq.MDAEvent] = deque()
@@ -73,6 +76,10 @@ class EventFeed(Iterator[useq.MDAEvent]):
         self._started = _Reports()
         self._done = _Reports()
         self.sync_timeouts = 0
+        self.missing = 0  # image events that delivered no frame (a failed snap)
+        self._on_missing = on_missing
+        self._awaiting: useq.MDAEvent | None = None  # the last image event issued
+        self._delivered_before = 0  # frames delivered before it was issued
 
     @property
     def started(self) -> int:
@@ -111,8 +118,9 @@ class EventFeed(Iterator[useq.MDAEvent]):
                     self._done.give_up(self.delivered)
                     break
                 self._cond.wait(min(0.05, deadline - now))
-            if self._closed:
+            if self._closed:  # (a stopped acquisition's last snap may have been cut short)
                 raise StopIteration
+            self._check_delivery()
             if self._injected:
                 event = self._injected.popleft()
             else:
@@ -124,7 +132,20 @@ class EventFeed(Iterator[useq.MDAEvent]):
             self.issued += 1
             if event.action is None or isinstance(event.action, useq.AcquireImage):
                 self.image_events_issued += 1
+                self._awaiting, self._delivered_before = event, self.delivered
             return event
+
+    def _check_delivery(self) -> None:
+        """Count the last image event as missing if no frame came of it (runner thread)."""
+        event, self._awaiting = self._awaiting, None
+        if event is None or self.delivered > self._delivered_before:
+            return
+        self.missing += 1
+        if self._on_missing is not None:
+            try:
+                self._on_missing(event)
+            except Exception:  # a reporting fault must not stop the acquisition
+                log.exception("reporting a missing frame failed")
 
     def inject(self, events: Iterable[useq.MDAEvent]) -> int:
         """Queue events to run before the remaining planned ones; returns how many."""

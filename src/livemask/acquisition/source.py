@@ -151,11 +151,19 @@ class MicroscopeSource(FeedThreadSource):
         *,
         truth_lookup: Callable[[np.ndarray], np.ndarray | None] | None = None,
         sync_timeout_s: float = 10.0,
+        on_missing: Callable[[useq.MDAEvent], None] | None = None,
     ) -> None:
+        """``on_missing`` is called (on the runner thread) with each image event that
+        delivered no frame: pymmcore-plus only logs a failed snap."""
+        from livemask.acquisition.core import exposure_limits
+
         self.core = core
+        # read now, not per request: the call waits on the camera's lock, held while it snaps
+        self.exposure_limits = exposure_limits(core)
         self._on_frame = on_frame
         self._truth_lookup = truth_lookup
         self._sync_timeout_s = sync_timeout_s
+        self._on_missing = on_missing
         self._feed: EventFeed | None = None
         self._thread: threading.Thread | None = None
         self._on_done: DoneCallback | None = None
@@ -193,7 +201,8 @@ class MicroscopeSource(FeedThreadSource):
         """Run ``events`` through the MDA runner on a new thread."""
         if self.running:
             raise AcquisitionError("an acquisition is already running; stop it first")
-        self._feed = EventFeed(events, mode=mode, sync_timeout_s=self._sync_timeout_s)
+        self._feed = EventFeed(events, mode=mode, sync_timeout_s=self._sync_timeout_s,
+                               on_missing=self._on_missing)
         self._on_done = on_done
         self._thread = threading.Thread(
             target=self._run, args=(self._feed,), name="livemask-mda", daemon=True
@@ -243,9 +252,9 @@ class MicroscopeSource(FeedThreadSource):
         """Stop, disconnect and unload the devices."""
         from livemask.acquisition.core import close_core
 
-        self.stop()
+        self.stop(timeout_s=2.0)  # the service's stop has waited already
         self.core.mda.events.frameReady.disconnect(self._frame_ready)
         try:
-            close_core(self.core)
+            close_core(self.core, timeout_s=1.0)
         except Exception:  # releasing the hardware is best effort at shutdown
             log.exception("closing the Micro-Manager core failed")

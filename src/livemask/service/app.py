@@ -18,7 +18,7 @@ from livemask.acquisition.mode import Mode
 from livemask.acquisition.sequence import event_count, iter_events, sequence_channels
 from livemask.acquisition.source import FrameSource, MicroscopeSource, RawFrame
 from livemask.config import ServiceConfig
-from livemask.errors import AcquisitionError
+from livemask.errors import AcquisitionError, HardwareTimeout
 from livemask.feedback.controller import FeedbackController
 from livemask.feedback.spec import RuleSpec
 from livemask.inference.models import ModelCard, load_model_card
@@ -26,6 +26,7 @@ from livemask.inference.segmenter import Segmenter
 from livemask.inference.select import load_backend
 from livemask.service.commands import CommandHandler
 from livemask.service.gc_policy import GcMonitor, GcPolicy
+from livemask.service.hardware_calls import call_hardware
 from livemask.service.pipeline import Pipeline
 from livemask.service.prefault import Prefault, prefault_frame_memory
 from livemask.transport.control_server import ControlServer
@@ -93,6 +94,7 @@ class Service:
         self.acquisitions_finished = 0
         self._acquisition_started = 0.0
         self._acquired_at_start = 0  # the acquired-frames counter when the acquisition began
+        self._missing_at_start = 0  # the missing-frames counter when it began
         self._stop_requested = False  # stop_acquisition was called for the running one
         self._last_error: str | None = None
         self.metrics: MetricsServer | None = None
@@ -235,6 +237,7 @@ class Service:
             self._on_camera_frame,
             truth_lookup=truth_lookup,
             sync_timeout_s=self.config.acquisition.frame_timeout_s,
+            on_missing=self._on_missing_frame,
         )
 
     def _start_recording(self) -> None:
@@ -302,6 +305,20 @@ class Service:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def _on_missing_frame(self, event: useq.MDAEvent) -> None:
+        """Runner thread: an image event delivered no frame (pymmcore-plus only logs it)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._frame_missing, dict(event.index))
+
+    def _frame_missing(self, index: dict[str, int]) -> None:
+        self.pipeline.counters.incr("missing")
+        self._event("frame_missing", {
+            "index": index,
+            "detail": "the event delivered no frame: a failed snap (or a skipped event); "
+                      "the log has pymmcore-plus' reason",
+        })
+
     def _on_camera_frame(self, raw: RawFrame) -> None:
         """Camera thread → event loop hand-off; never blocks the camera."""
         loop = self._loop
@@ -344,7 +361,11 @@ class Service:
         self.gc_monitor.stop()
         self.gc_policy.restore()
         if self.source is not None:
-            await asyncio.to_thread(self.source.close)
+            try:
+                await call_hardware(self.source.close, what="closing the microscope",
+                                    timeout_s=30.0)
+            except Exception:  # releasing the hardware is best effort at shutdown
+                log.exception("closing the frame source failed")
         self.state = "closed"
         log.info("livemask stopped")
 
@@ -374,7 +395,7 @@ class Service:
         from livemask.acquisition.core import check_channels, check_exposures
 
         check_channels(self.source.core, channels, what)
-        check_exposures(self.source.core, exposures, what)
+        check_exposures(self.source.exposure_limits, exposures, what)
 
     def _check_sequence_on_rig(self, seq: useq.MDASequence) -> None:
         """:meth:`_check_on_rig` for the channels and channel exposures of ``seq``."""
@@ -408,6 +429,7 @@ class Service:
             on_done=self._on_acquisition_done,
         )
         self._acquired_at_start = self.pipeline.counters.counts["acquired"]
+        self._missing_at_start = self.pipeline.counters.counts["missing"]
         self._stop_requested = False
         self._acquiring = True
         self.state = "running"
@@ -427,35 +449,47 @@ class Service:
             self.feedback.acquisition_finished()
         if self.state == "running":
             self.state = "idle"
-        error = error or self._no_frame_error()
+        missing = int(self.pipeline.counters.counts["missing"] - self._missing_at_start)
+        error = error or self._no_frame_error(missing)
         if error:
             self._last_error = error
             self._event("error", {"detail": error})
-        self._event(
-            "acquisition_finished",
-            {"error": error, "duration_s": round(time.time() - self._acquisition_started, 3)},
-        )
+        self._event("acquisition_finished", {
+            "error": error,
+            "frames_missing": missing,
+            "duration_s": round(time.time() - self._acquisition_started, 3),
+        })
 
-    def _no_frame_error(self) -> str | None:
-        """An error for an acquisition whose events all ran without a frame.
+    def _no_frame_error(self, missing: int) -> str | None:
+        """An error for an acquisition whose image events (some or all) gave no frame.
 
         pymmcore-plus logs a failed snap as a warning and goes on to the next event, so a
-        camera that fails every time would otherwise end the acquisition "successfully"."""
+        camera that fails would otherwise end the acquisition "successfully"."""
         # optional for FrameSource implementations: without it, no check
         issued = int(getattr(self.source, "image_events_issued", 0))
         acquired = self.pipeline.counters.counts["acquired"] - self._acquired_at_start
-        if issued == 0 or acquired > 0 or self._stop_requested:
-            return None
-        return (
-            f"the acquisition ran {issued} imaging event(s) but the camera delivered no frame: "
-            "check the camera in hardware.config_file (the log has pymmcore-plus' warnings)"
-        )
+        if issued and not acquired and not self._stop_requested:
+            return (
+                f"the acquisition ran {issued} imaging event(s) but the camera delivered no "
+                "frame: check the camera in hardware.config_file (the log has pymmcore-plus' "
+                "warnings)"
+            )
+        if missing:
+            return (
+                f"{missing} of {issued} imaging event(s) delivered no frame (failed snaps, "
+                "each announced as a frame_missing event): check the camera (the log has "
+                "pymmcore-plus' warnings)"
+            )
+        return None
 
     async def stop_acquisition(self) -> None:
         """Cancel the running acquisition and wait for the runner to end."""
         self._stop_requested = True
         if self.source is not None and self._acquiring:
-            await asyncio.to_thread(self.source.stop)
+            try:
+                await call_hardware(self.source.stop, what="stopping the acquisition")
+            except HardwareTimeout as exc:  # the runner stays stuck; status says acquiring
+                log.error("%s", exc)
             # the runner's on_done arrives via call_soon_threadsafe; let it run
             await asyncio.sleep(0)
 
@@ -482,7 +516,8 @@ class Service:
         if exposure_ms is not None:
             if self.source is None:
                 raise AcquisitionError("no frame source")
-            await asyncio.to_thread(self.source.set_exposure, exposure_ms)
+            await call_hardware(self.source.set_exposure, exposure_ms,
+                                what=f"setting the camera exposure to {exposure_ms:g} ms")
             changed["exposure_ms"] = exposure_ms
         if mode is not None:
             self.pipeline.mode = mode

@@ -147,7 +147,8 @@ class CommandHandler:
         _validate(NoArgs, args, "stop")
         was_running = self.service.acquiring
         await self.service.stop_acquisition()
-        return {"stopped": was_running}
+        # still running: the runner is stuck in a device call (the log says which)
+        return {"stopped": was_running, "still_running": self.service.acquiring}
 
     async def enqueue(self, args: dict[str, Any]) -> Any:
         """Add events to the running acquisition, or start one made of them."""

@@ -17,7 +17,7 @@ Exposed (all prefixed ``livemask_``):
 name                                     type     labels
 =======================================  =======  ================================
 frames_{acquired,analysed,skipped,       counter
-published,failed}_total
+published,failed,missing}_total
 messages_published_total                 counter  topic
 messages_dropped_total                   counter  topic (PUB high-water mark)
 queue_depth                              gauge    stage (infer, analyse, publish)
@@ -53,7 +53,7 @@ log = logging.getLogger("livemask")
 __all__ = ["MetricsServer", "StatusCollector", "metric_families"]
 
 PREFIX = "livemask"
-FRAME_COUNTERS = ("acquired", "analysed", "skipped", "published", "failed")
+FRAME_COUNTERS = ("acquired", "analysed", "skipped", "published", "failed", "missing")
 QUANTILES = (("p50", "0.5"), ("p95", "0.95"), ("p99", "0.99"))
 
 StatusFn = Callable[[], Mapping[str, Any]]

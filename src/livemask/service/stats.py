@@ -59,6 +59,8 @@ class PipelineCounters:
         self.counts[name] += n
 
     def snapshot(self) -> dict[str, Any]:
-        """The counters as a plain dict (frames_acquired, frames_analysed, ...)."""
-        keys = ("acquired", "analysed", "skipped", "published", "failed")
+        """The counters as a plain dict (frames_acquired, frames_analysed, ...).
+
+        ``missing`` counts image events that delivered no frame (failed snaps)."""
+        keys = ("acquired", "analysed", "skipped", "published", "failed", "missing")
         return {f"frames_{k}": int(self.counts[k]) for k in keys}

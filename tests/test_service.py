@@ -410,6 +410,7 @@ async def test_a_hung_camera_leaves_control_answering_and_the_service_closes(
     import threading
 
     import livemask.service.hardware_calls as hardware_calls
+    from livemask.acquisition.core import devices_left_loaded
     from livemask.acquisition.simulated.devices import SimCamera
 
     release = threading.Event()
@@ -448,6 +449,9 @@ async def test_a_hung_camera_leaves_control_answering_and_the_service_closes(
     finally:
         try:
             await asyncio.wait_for(svc.close(), 30)  # before: forever
+            # left loaded: `livemask serve` then exits with os._exit, as Python's exit
+            # would wait forever in UniMMCore's finalizer to unload the hung camera
+            assert devices_left_loaded()
         finally:
             release.set()
     assert svc.state == "closed"

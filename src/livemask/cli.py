@@ -168,6 +168,19 @@ def serve(
         asyncio.run(_serve(cfg, view=view, exit_when_done=exit_when_done))
     except LivemaskError as exc:
         _fail(exc)
+    _exit_past_a_stuck_device()
+
+
+def _exit_past_a_stuck_device() -> None:
+    """Exit now if a device call is still stuck (a camera hung in a snap): everything is
+    closed, but Python's exit would wait forever to unload that device."""
+    from livemask.acquisition.core import devices_left_loaded
+
+    if devices_left_loaded():
+        print("livemask: a device call is still stuck (see the log); exiting without "
+              "unloading the devices", file=sys.stderr, flush=True)
+        logging.shutdown()
+        os._exit(0)
 
 
 class _Interrupts:

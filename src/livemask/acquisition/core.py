@@ -32,6 +32,7 @@ __all__ = [
     "check_exposures",
     "close_core",
     "describe_core",
+    "devices_left_loaded",
     "exposure_limits",
     "open_core",
 ]
@@ -116,6 +117,7 @@ def close_core(mmc: CMMCorePlus, *, timeout_s: float = 5.0) -> None:
             time.sleep(0.01)
     try:
         if mmc.mda.is_running():  # stuck in a device call: unloading would wait on it forever
+            _LEFT_LOADED.add(mmc)
             logger.error(
                 "the MDA runner is still blocked in a device call (e.g. a camera snap that "
                 "never returns) %g s after the cancel: leaving the devices loaded. Check the "
@@ -130,6 +132,16 @@ def close_core(mmc: CMMCorePlus, *, timeout_s: float = 5.0) -> None:
 
 
 _OPEN_CORES: weakref.WeakSet[CMMCorePlus] = weakref.WeakSet()
+_LEFT_LOADED: weakref.WeakSet[CMMCorePlus] = weakref.WeakSet()
+
+
+def devices_left_loaded() -> bool:
+    """Whether :func:`close_core` left a core's devices loaded (a device call was stuck).
+
+    Python's exit would then hang: UniMMCore unloads its Python devices in a finalizer at
+    exit, which waits for the stuck device's lock. ``livemask serve`` exits with
+    ``os._exit`` instead, once everything else is closed."""
+    return any(mmc.mda.is_running() for mmc in _LEFT_LOADED)
 
 
 @atexit.register

@@ -25,7 +25,7 @@ from livemask.acquisition.simulated.nuclei import NucleiSample
 from livemask.analysis.measure import UNITS
 from livemask.cli import app
 from livemask.client import Subscriber
-from livemask.errors import RecordingError, ReplayError
+from livemask.errors import ConfigError, RecordingError, ReplayError
 from livemask.recording import Recorder, new_run_dir, open_recording
 from livemask.recording.reader import read_frames_jsonl
 from livemask.service.app import Service
@@ -120,13 +120,16 @@ def test_writer_round_trip_with_standard_zarr(tmp_path: Path) -> None:
     assert root.attrs["livemask"]["frames_acquired"] == 8
     # tables beside the images
     rows = _csv_rows(tmp_path / "run" / "measurements.csv")
-    assert len(rows) == 2 * kinds.count("analysed")
-    assert {r["frame_id"] for r in rows} == {"0", "2", "5", "6"}
+    # frame 7's image could not be stored, but its measurements stand (before: dropped too)
+    assert len(rows) == 2 * (kinds.count("analysed") + 1)
+    assert {r["frame_id"] for r in rows} == {"0", "2", "5", "6", "7"}
     assert rows[0]["centroid_y"] == "3.5" and rows[0]["bbox_max_col"] == "9"
     units = json.loads((tmp_path / "run" / "units.json").read_text(encoding="utf-8"))
     assert units["columns"]["area_um2"] == "µm²" and units["pixel_size_um"] == 0.65
     events = [json.loads(x) for x in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
     assert [e["kind"] for e in events].count("frame_failed") == 1
+    (not_stored,) = [e for e in events if e["kind"] == "frame_not_stored"]
+    assert not_stored["frame_id"] == 7 and "differs from the recording's" in not_stored["detail"]
     assert (tmp_path / "run" / "config.yaml").read_text().strip() == "x: 1"
     # a validating OME-Zarr reader accepts it (yaozarrs comes with pymmcore-plus)
     yaozarrs = pytest.importorskip("yaozarrs")
@@ -191,6 +194,16 @@ async def test_service_records_every_frame_in_free_run(tmp_path: Path) -> None:
     assert kinds[0] == "service_started"
     assert {"acquisition_started", "acquisition_finished", "frame_failed"} <= set(kinds)
     assert (rec.path / "config.yaml").is_file()
+
+
+async def test_a_roi_is_refused_while_recording(tmp_path: Path) -> None:
+    # before: accepted; the recording then silently dropped every frame of the new shape
+    cfg = make_config(record={"enabled": True, "path": str(tmp_path)})
+    roi = {"roi": {"offset_x": 0, "offset_y": 0, "width": 256, "height": 200}}
+    async with Service(cfg) as svc:
+        with pytest.raises(ConfigError, match="a roi changes the frame shape"):
+            svc.enqueue([useq.MDAEvent.model_validate(roi)])
+        assert not svc.acquiring
 
 
 async def test_acquisition_error_keeps_the_frames(tmp_path: Path) -> None:

@@ -447,8 +447,11 @@ class Recorder:
             c.analysed += bool(rec["analysed"])
             c.skipped += bool(rec["skipped"])
             c.failed += bool(rec["failed"])
-            if item.objects:
-                self._write_rows(rec, item.objects)
+        else:
+            self._write_event({"kind": "frame_not_stored", "frame_id": fid,
+                               "detail": rec["error"], "t": rec["t"]})
+        if item.objects:  # its measurements stand, even if its image could not be stored
+            self._write_rows(rec, item.objects)
         try:
             self._frames_fh.write(json.dumps(rec, default=_jsonable) + "\n")
         except Exception as exc:

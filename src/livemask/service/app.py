@@ -18,7 +18,7 @@ from livemask.acquisition.mode import Mode
 from livemask.acquisition.sequence import event_count, iter_events, sequence_channels
 from livemask.acquisition.source import FrameSource, MicroscopeSource, RawFrame
 from livemask.config import ServiceConfig
-from livemask.errors import AcquisitionError, HardwareTimeout
+from livemask.errors import AcquisitionError, ConfigError, HardwareTimeout
 from livemask.feedback.controller import FeedbackController
 from livemask.feedback.spec import RuleSpec
 from livemask.inference.models import ModelCard, load_model_card
@@ -497,6 +497,11 @@ class Service:
         """Add events to the running acquisition, or start a new one made of them."""
         if self.source is None:
             raise AcquisitionError("no frame source")
+        if self.recorder is not None and any(e.roi is not None for e in events):
+            raise ConfigError(
+                "events: a roi changes the frame shape, and a recording holds frames of one "
+                "shape; record the new region in a service of its own (or without --record)"
+            )
         self._check_on_rig(
             "events",
             [e.channel for e in events if e.channel is not None],

@@ -192,3 +192,4 @@ def test_the_last_event_of_a_stopped_acquisition_is_not_reported_missing() -> No
     with pytest.raises(StopIteration):
         next(feed)
     assert missing == [] and feed.missing == 0
+

@@ -401,6 +401,37 @@ async def test_failed_snaps_are_announced_and_counted(
     assert status["frames_missing"] == 3 and status["frames_acquired"] == 9
 
 
+async def test_a_stage_that_failed_to_move_is_reported_and_the_frame_placed_truly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pymmcore-plus logs a failed move and snaps anyway; before, the frame was published
+    (and recorded, and fed to feedback) at the commanded position the stage never reached."""
+    from livemask.acquisition.simulated.devices import SimXYStage
+
+    def stuck(self: SimXYStage, x: float, y: float) -> None:
+        raise RuntimeError("limit switch hit")
+
+    monkeypatch.setattr(SimXYStage, "set_position_um", stuck)
+    async with Service(make_config()) as svc, AsyncSubscriber(
+        svc.publisher.bound_address, ("frame", "event")
+    ) as sub:
+        await asyncio.sleep(0.3)
+        await control(svc, "enqueue", events=[{"x_pos": 300.0, "y_pos": 200.0}])
+        frame = mismatch = None
+        deadline = time.monotonic() + 20
+        while (frame is None or mismatch is None) and time.monotonic() < deadline:
+            msg = await sub.recv(timeout_s=0.1)
+            if msg is not None and msg.topic == "frame":
+                frame = msg.header
+            elif msg is not None and msg.header["kind"] == "stage_mismatch":
+                mismatch = msg.header
+    assert frame is not None and mismatch is not None
+    assert frame["position"]["x_um"] == pytest.approx(0.0)  # where the stage stayed
+    assert frame["position"]["y_um"] == pytest.approx(0.0)
+    assert mismatch["commanded"] == {"x_um": 300.0, "y_um": 200.0}
+    assert mismatch["read"] == {"x_um": pytest.approx(0.0), "y_um": pytest.approx(0.0)}
+
+
 async def test_a_hung_camera_leaves_control_answering_and_the_service_closes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

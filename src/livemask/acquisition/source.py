@@ -101,6 +101,37 @@ class FrameSource(Protocol):
         """Stop and release the hardware."""
 
 
+#: A stage read back farther than this from the commanded position did not get there (µm).
+STAGE_TOLERANCE_UM = 2.0
+
+
+def frame_position(
+    event: useq.MDAEvent, meta: Any = None
+) -> tuple[dict[str, float | None], dict[str, Any] | None]:
+    """Where a frame was taken, and the mismatch if the stage was not where commanded.
+
+    The position is the event's commanded one (None on axes it does not command). But a
+    move that failed is only a warning in pymmcore-plus' log, so where pymmcore-plus read
+    the stages back for the frame (``meta["position"]``, for each snapped frame) and a
+    commanded axis is more than ``STAGE_TOLERANCE_UM`` off, the read-back value replaces
+    it, and the mismatch ``{"commanded": {...}, "read": {...}}`` is returned too."""
+    position = {"x_um": event.x_pos, "y_um": event.y_pos, "z_um": event.z_pos}
+    read_meta = meta.get("position") if isinstance(meta, dict) else None
+    if not isinstance(read_meta, dict):
+        return position, None
+    commanded: dict[str, float] = {}
+    read: dict[str, float] = {}
+    for axis, want in list(position.items()):
+        got = read_meta.get(axis[0])
+        if want is None or got is None or abs(float(got) - want) <= STAGE_TOLERANCE_UM:
+            continue
+        commanded[axis], read[axis] = want, float(got)
+        position[axis] = float(got)
+    if not read:
+        return position, None
+    return position, {"commanded": commanded, "read": read}
+
+
 class FeedThreadSource:
     """What the frame sources that run an :class:`EventFeed` on a thread of their own share:
     whether that thread runs, and forwarding ``frame_done`` and mode switches to the feed."""
@@ -152,9 +183,13 @@ class MicroscopeSource(FeedThreadSource):
         truth_lookup: Callable[[np.ndarray], np.ndarray | None] | None = None,
         sync_timeout_s: float = 10.0,
         on_missing: Callable[[useq.MDAEvent], None] | None = None,
+        on_stage_mismatch: Callable[[useq.MDAEvent, dict[str, Any]], None] | None = None,
     ) -> None:
         """``on_missing`` is called (on the runner thread) with each image event that
-        delivered no frame: pymmcore-plus only logs a failed snap."""
+        delivered no frame: pymmcore-plus only logs a failed snap. ``on_stage_mismatch``
+        with each frame taken away from its event's commanded position (the stage did not
+        get there: pymmcore-plus only logs a failed move), and what :func:`frame_position`
+        found."""
         from livemask.acquisition.core import exposure_limits
 
         self.core = core
@@ -164,6 +199,7 @@ class MicroscopeSource(FeedThreadSource):
         self._truth_lookup = truth_lookup
         self._sync_timeout_s = sync_timeout_s
         self._on_missing = on_missing
+        self._on_stage_mismatch = on_stage_mismatch
         self._feed: EventFeed | None = None
         self._thread: threading.Thread | None = None
         self._on_done: DoneCallback | None = None
@@ -173,7 +209,12 @@ class MicroscopeSource(FeedThreadSource):
         acquired = time.time()
         feed = self._feed
         truth = self._truth_lookup(image) if self._truth_lookup else None
-        position = {"x_um": event.x_pos, "y_um": event.y_pos, "z_um": event.z_pos}
+        position, off = frame_position(event, meta)
+        if off and self._on_stage_mismatch is not None:
+            try:
+                self._on_stage_mismatch(event, off)
+            except Exception:  # reporting must not lose the frame
+                log.exception("reporting a stage position mismatch failed")
         raw = RawFrame(image, event, acquired, position, truth, origin=feed)
         if feed is None:
             self._on_frame(raw)

@@ -238,6 +238,7 @@ class Service:
             truth_lookup=truth_lookup,
             sync_timeout_s=self.config.acquisition.frame_timeout_s,
             on_missing=self._on_missing_frame,
+            on_stage_mismatch=self._on_stage_mismatch,
         )
 
     def _start_recording(self) -> None:
@@ -318,6 +319,17 @@ class Service:
             "detail": "the event delivered no frame: a failed snap (or a skipped event); "
                       "the log has pymmcore-plus' reason",
         })
+
+    def _on_stage_mismatch(self, event: useq.MDAEvent, off: dict[str, Any]) -> None:
+        """Runner thread: a frame was taken away from its commanded position."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._event, "stage_mismatch", {
+                "index": dict(event.index), **off,
+                "detail": "the stage was not at the commanded position when the frame was "
+                          "taken (a failed move; the log has pymmcore-plus' reason); the "
+                          "frame carries the read-back position",
+            })
 
     def _on_camera_frame(self, raw: RawFrame) -> None:
         """Camera thread → event loop hand-off; never blocks the camera."""

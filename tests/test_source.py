@@ -1,0 +1,22 @@
+"""Helpers of the microscope frame source."""
+
+from __future__ import annotations
+
+import useq
+
+from livemask.acquisition.source import STAGE_TOLERANCE_UM, frame_position
+
+
+def test_frame_position_is_the_commanded_one_unless_the_stage_read_back_differs() -> None:
+    event = useq.MDAEvent(x_pos=100.0, y_pos=50.0)
+    # no read-back (sequenced frames, other engines): the commanded position
+    assert frame_position(event, {}) == ({"x_um": 100.0, "y_um": 50.0, "z_um": None}, None)
+    # a read-back within the tolerance, and an axis the event does not command: unchanged
+    near = {"position": {"x": 100.0 + STAGE_TOLERANCE_UM / 2, "y": 50.0, "z": 7.0}}
+    assert frame_position(event, near) == ({"x_um": 100.0, "y_um": 50.0, "z_um": None}, None)
+    # the stage stayed at x = 0: the frame is placed there, and the mismatch is returned
+    far = {"position": {"x": 0.0, "y": 50.1, "z": 7.0}}
+    assert frame_position(event, far) == (
+        {"x_um": 0.0, "y_um": 50.0, "z_um": None},
+        {"commanded": {"x_um": 100.0}, "read": {"x_um": 0.0}},
+    )

@@ -20,3 +20,12 @@ def test_frame_position_is_the_commanded_one_unless_the_stage_read_back_differs(
         {"x_um": 0.0, "y_um": 50.0, "z_um": None},
         {"commanded": {"x_um": 100.0}, "read": {"x_um": 0.0}},
     )
+
+
+def test_z_and_unreadable_axes_are_not_compared() -> None:
+    # autofocus moves z away from the commanded value on purpose; a NaN read-back is no
+    # position
+    event = useq.MDAEvent(x_pos=100.0, y_pos=50.0, z_pos=10.0)
+    meta = {"position": {"x": float("nan"), "y": 50.0, "z": 13.5}}
+    assert frame_position(event, meta) == ({"x_um": 100.0, "y_um": 50.0, "z_um": 10.0}, None)
+

@@ -164,23 +164,34 @@ def serve(
             cfg.acquisition.sequence = seq
     except (LivemaskError, ValueError) as exc:
         _fail(exc)
+    code = 0
     try:
         asyncio.run(_serve(cfg, view=view, exit_when_done=exit_when_done))
     except LivemaskError as exc:
+        code = 2
         _fail(exc)
-    _exit_past_a_stuck_device()
+    except KeyboardInterrupt:
+        code = 130
+        raise
+    except BaseException:
+        code = 1
+        raise
+    finally:
+        _exit_past_a_stuck_device(code)
 
 
-def _exit_past_a_stuck_device() -> None:
+def _exit_past_a_stuck_device(code: int) -> None:
     """Exit now if a device call is still stuck (a camera hung in a snap): everything is
     closed, but Python's exit would wait forever to unload that device."""
     from livemask.acquisition.core import devices_left_loaded
+    from livemask.service.hardware_calls import calls_still_stuck
 
-    if devices_left_loaded():
+    if devices_left_loaded() or calls_still_stuck():
         print("livemask: a device call is still stuck (see the log); exiting without "
               "unloading the devices", file=sys.stderr, flush=True)
+        sys.stdout.flush()
         logging.shutdown()
-        os._exit(0)
+        os._exit(code)
 
 
 class _Interrupts:

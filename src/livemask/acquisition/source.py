@@ -9,6 +9,7 @@ camera thread (the callback must be quick and thread-safe: the service uses
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -108,25 +109,28 @@ STAGE_TOLERANCE_UM = 2.0
 def frame_position(
     event: useq.MDAEvent, meta: Any = None
 ) -> tuple[dict[str, float | None], dict[str, Any] | None]:
-    """Where a frame was taken, and the mismatch if the stage was not where commanded.
+    """Where a frame was taken, and the mismatch if the XY stage was not where commanded.
 
     The position is the event's commanded one (None on axes it does not command). But a
     move that failed is only a warning in pymmcore-plus' log, so where pymmcore-plus read
     the stages back for the frame (``meta["position"]``, for each snapped frame) and a
-    commanded axis is more than ``STAGE_TOLERANCE_UM`` off, the read-back value replaces
-    it, and the mismatch ``{"commanded": {...}, "read": {...}}`` is returned too."""
+    commanded x or y is more than ``STAGE_TOLERANCE_UM`` off, the read-back value replaces
+    it, and the mismatch ``{"commanded": {...}, "read": {...}}`` is returned too. Z is not
+    compared: autofocus and focus locks move it away from the commanded value on purpose.
+    """
     position = {"x_um": event.x_pos, "y_um": event.y_pos, "z_um": event.z_pos}
     read_meta = meta.get("position") if isinstance(meta, dict) else None
     if not isinstance(read_meta, dict):
         return position, None
     commanded: dict[str, float] = {}
     read: dict[str, float] = {}
-    for axis, want in list(position.items()):
-        got = read_meta.get(axis[0])
-        if want is None or got is None or abs(float(got) - want) <= STAGE_TOLERANCE_UM:
+    for axis in ("x_um", "y_um"):
+        want, got = position[axis], read_meta.get(axis[0])
+        if want is None or not isinstance(got, int | float) or not math.isfinite(got):
             continue
-        commanded[axis], read[axis] = want, float(got)
-        position[axis] = float(got)
+        if abs(float(got) - want) > STAGE_TOLERANCE_UM:
+            commanded[axis], read[axis] = want, float(got)
+            position[axis] = float(got)
     if not read:
         return position, None
     return position, {"commanded": commanded, "read": read}
@@ -200,6 +204,8 @@ class MicroscopeSource(FeedThreadSource):
         self._sync_timeout_s = sync_timeout_s
         self._on_missing = on_missing
         self._on_stage_mismatch = on_stage_mismatch
+        self._last_mismatch: dict[str, Any] | None = None
+        self._exposure_ms = 0.0  # of the last frame (pymmcore-plus' frame metadata)
         self._feed: EventFeed | None = None
         self._thread: threading.Thread | None = None
         self._on_done: DoneCallback | None = None
@@ -210,11 +216,9 @@ class MicroscopeSource(FeedThreadSource):
         feed = self._feed
         truth = self._truth_lookup(image) if self._truth_lookup else None
         position, off = frame_position(event, meta)
-        if off and self._on_stage_mismatch is not None:
-            try:
-                self._on_stage_mismatch(event, off)
-            except Exception:  # reporting must not lose the frame
-                log.exception("reporting a stage position mismatch failed")
+        self._report_mismatch(event, off)
+        if isinstance(meta, dict) and isinstance(meta.get("exposure_ms"), int | float):
+            self._exposure_ms = float(meta["exposure_ms"])
         raw = RawFrame(image, event, acquired, position, truth, origin=feed)
         if feed is None:
             self._on_frame(raw)
@@ -226,6 +230,16 @@ class MicroscopeSource(FeedThreadSource):
             feed.frame_started()
             feed.frame_done()
             raise
+
+    def _report_mismatch(self, event: useq.MDAEvent, off: dict[str, Any] | None) -> None:
+        """Report a stage mismatch once, until a frame is where commanded again."""
+        last, self._last_mismatch = self._last_mismatch, off
+        if off is None or off == last or self._on_stage_mismatch is None:
+            return
+        try:
+            self._on_stage_mismatch(event, off)
+        except Exception:  # reporting must not lose the frame
+            log.exception("reporting a stage position mismatch failed")
 
     @property
     def frame_shape(self) -> tuple[int, int]:
@@ -279,12 +293,14 @@ class MicroscopeSource(FeedThreadSource):
             ) from exc
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Cancel the acquisition and join the runner thread."""
+        """Cancel the acquisition and join the runner thread (waiting at least two of the
+        last frame's exposures, so that a long snap is not taken for a hung one)."""
         if self._feed is not None:
             self._feed.close()
         if self.running:
             self.core.mda.cancel()
             assert self._thread is not None
+            timeout_s = max(timeout_s, 2 * self._exposure_ms / 1e3 + 1)
             self._thread.join(timeout_s)
             if self._thread.is_alive():
                 log.warning("MDA runner did not stop within %.1f s", timeout_s)

@@ -375,7 +375,7 @@ class Service:
         if self.source is not None:
             try:
                 await call_hardware(self.source.close, what="closing the microscope",
-                                    timeout_s=30.0)
+                                    timeout_s=120.0)
             except Exception:  # releasing the hardware is best effort at shutdown
                 log.exception("closing the frame source failed")
         self.state = "closed"
@@ -499,7 +499,8 @@ class Service:
         self._stop_requested = True
         if self.source is not None and self._acquiring:
             try:
-                await call_hardware(self.source.stop, what="stopping the acquisition")
+                await call_hardware(self.source.stop, what="stopping the acquisition",
+                                    timeout_s=120.0)  # it bounds its own wait
             except HardwareTimeout as exc:  # the runner stays stuck; status says acquiring
                 log.error("%s", exc)
             # the runner's on_done arrives via call_soon_threadsafe; let it run

@@ -2,27 +2,41 @@
 
 A device call can block for as long as the device likes: a camera whose snap never returns
 holds its device lock, and a ``setExposure`` then waits on it forever. Run through
-``asyncio.to_thread`` such a call would hang the awaiting control request, and the default
-executor's threads are joined at interpreter exit, so the process could not even quit.
-:func:`call_hardware` runs the call on a daemon thread of its own and gives up waiting after
-``timeout_s`` with :class:`HardwareTimeout`: the service answers, and can exit, while the
-device stays stuck.
+``asyncio.to_thread`` such a call would hang the awaiting control request (and the control
+channel, which answers one request at a time), and the default executor's threads are
+joined at interpreter exit, so the process could not even quit. :func:`call_hardware` runs
+the call on a daemon thread of its own and gives up waiting after ``timeout_s`` with
+:class:`HardwareTimeout`: the service answers, and can exit, while the device stays stuck.
+A call given up on that returns later is logged; :func:`calls_still_stuck` tells whether
+one never did.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from collections.abc import Callable
 from typing import TypeVar
 
 from livemask.errors import HardwareTimeout
 
+log = logging.getLogger("livemask")
+
 T = TypeVar("T")
 
-#: How long a control command waits for a device call (longer than any sane exposure).
-HARDWARE_TIMEOUT_S = 10.0
+#: How long a control command waits for a device call: under the control client's 2 s
+#: per try, so that the reply (an error naming the device) reaches it.
+HARDWARE_TIMEOUT_S = 1.5
+
+_given_up: list[threading.Thread] = []  # calls that timed out, while they still run
+
+
+def calls_still_stuck() -> bool:
+    """Whether a device call given up on (timed out) has still not returned."""
+    _given_up[:] = [t for t in _given_up if t.is_alive()]
+    return bool(_given_up)
 
 
 async def call_hardware(
@@ -35,9 +49,13 @@ async def call_hardware(
     future: asyncio.Future[T] = loop.create_future()
 
     def settle(result: T | None, error: BaseException | None) -> None:
-        if future.done():  # given up on (timeout) or cancelled
-            return
-        if error is not None:
+        if future.cancelled():  # given up on: say how it ended after all
+            if error is not None:
+                log.warning("%s failed after its %g s timeout: %s", what, timeout_s, error)
+            else:
+                log.warning("%s returned after its %g s timeout (it took effect)", what,
+                            timeout_s)
+        elif error is not None:
             future.set_exception(error)
         else:
             future.set_result(result)  # type: ignore[arg-type]
@@ -50,11 +68,16 @@ async def call_hardware(
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
             loop.call_soon_threadsafe(settle, result, error)
 
-    threading.Thread(target=run, name="livemask-hardware", daemon=True).start()
+    thread = threading.Thread(target=run, name="livemask-hardware", daemon=True)
+    thread.start()
     try:
         return await asyncio.wait_for(future, timeout_s)
     except TimeoutError:
+        if future.done() and not future.cancelled():  # the call's own TimeoutError
+            raise
+        _given_up.append(thread)
         raise HardwareTimeout(
             f"{what} did not return within {timeout_s:g} s: the device is busy or hung "
-            "(e.g. a camera snap that never returns); check the hardware"
+            "(e.g. a camera snap that never returns; the change may still take effect "
+            "when it answers); check the hardware"
         ) from None

@@ -1,0 +1,43 @@
+"""Bounded device calls from the event loop (``livemask.service.hardware_calls``)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from livemask.errors import HardwareTimeout
+from livemask.service.hardware_calls import call_hardware, calls_still_stuck
+
+
+async def test_result_and_exception_pass_through() -> None:
+    assert await call_hardware(lambda x: x * 2, 21, what="doubling") == 42
+
+    def refuse() -> None:
+        raise ValueError("out of range")
+
+    with pytest.raises(ValueError, match="out of range"):
+        await call_hardware(refuse, what="refusing")
+
+    def own_timeout() -> None:
+        raise TimeoutError("the device's own timeout")
+
+    with pytest.raises(TimeoutError, match="the device's own timeout") as info:
+        await call_hardware(own_timeout, what="timing out")
+    assert not isinstance(info.value, HardwareTimeout)
+
+
+async def test_a_stuck_call_is_given_up_on_and_its_late_end_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    release = threading.Event()
+    with pytest.raises(HardwareTimeout, match=r"setting the exposure did not return within 0.2 s"):
+        await call_hardware(release.wait, 30, what="setting the exposure", timeout_s=0.2)
+    assert calls_still_stuck()
+    release.set()
+    deadline = time.monotonic() + 5
+    while calls_still_stuck() or "returned after its 0.2 s timeout" not in caplog.text:
+        assert time.monotonic() < deadline, "the late return was not noticed"
+        await asyncio.sleep(0.01)

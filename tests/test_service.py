@@ -436,6 +436,26 @@ async def test_a_stage_that_failed_to_move_is_reported_and_the_frame_placed_trul
     assert mismatch["read"] == {"x_um": pytest.approx(0.0), "y_um": pytest.approx(0.0)}
 
 
+async def test_a_filter_wheel_that_stopped_turning_is_reported_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before, the GFP frames taken through the DAPI filter were labelled GFP with no sign
+    but a log warning."""
+    from livemask.acquisition.simulated.devices import SimFilterWheel
+
+    def stuck(self: SimFilterWheel, position: int) -> None:
+        raise RuntimeError("filter wheel jammed")
+
+    monkeypatch.setattr(SimFilterWheel, "set_state", stuck)
+    seq = {"channels": ["DAPI", "GFP"], "time_plan": {"interval": 0.0, "loops": 3}}
+    async with Service(make_config(acquisition={"sequence": seq})) as svc:
+        got = await collect_run(svc, ("event",))
+    mismatches = [m.header for m in got["event"] if m.header["kind"] == "settings_mismatch"]
+    (gfp,) = mismatches  # three GFP frames through the DAPI filter: reported once
+    assert gfp["channel"]["commanded"] == "GFP" and gfp["index"]["c"] == 1
+    assert gfp["channel"]["read"] == {"Filter-Label": "DAPI"}
+
+
 async def test_a_hung_camera_leaves_control_answering_and_the_service_closes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -480,6 +500,8 @@ async def test_a_hung_camera_leaves_control_answering_and_the_service_closes(
                 return client.request("stop")
 
         assert await asyncio.to_thread(stop) == {"stopped": True, "still_running": True}
+        # a second stop does not wait in vain again: it answers within the client's 3 s
+        assert await control(svc, "stop") == {"stopped": True, "still_running": True}
         assert (await control(svc, "status"))["acquiring"] is True
     finally:
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import useq
 
-from livemask.acquisition.source import STAGE_TOLERANCE_UM, frame_position
+from livemask.acquisition.source import STAGE_TOLERANCE_UM, frame_position, settings_mismatch
 
 
 def test_frame_position_is_the_commanded_one_unless_the_stage_read_back_differs() -> None:
@@ -28,4 +28,21 @@ def test_z_and_unreadable_axes_are_not_compared() -> None:
     event = useq.MDAEvent(x_pos=100.0, y_pos=50.0, z_pos=10.0)
     meta = {"position": {"x": float("nan"), "y": 50.0, "z": 13.5}}
     assert frame_position(event, meta) == ({"x_um": 100.0, "y_um": 50.0, "z_um": 10.0}, None)
+
+
+def test_settings_mismatch_names_the_exposure_and_channel_not_applied() -> None:
+    event = useq.MDAEvent(exposure=40.0, channel={"group": "Channel", "config": "DAPI"})
+    preset = {"Filter-Label": "DAPI"}
+    as_asked = {"exposure_ms": 40.2, "property_values": [
+        {"dev": "Filter", "prop": "Label", "val": "DAPI"}]}
+    assert settings_mismatch(event, as_asked, preset) is None  # within 2 %
+    stuck = {"exposure_ms": 10.0, "property_values": [
+        {"dev": "Filter", "prop": "Label", "val": "GFP"}]}
+    assert settings_mismatch(event, stuck, preset) == {
+        "exposure_ms": {"commanded": 40.0, "read": 10.0},
+        "channel": {"commanded": "DAPI", "read": {"Filter-Label": "GFP"}},
+    }
+    # an event that asks for neither, or no metadata: nothing to compare
+    assert settings_mismatch(useq.MDAEvent(), stuck, None) is None
+    assert settings_mismatch(event, None, preset) is None
 

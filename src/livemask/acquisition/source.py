@@ -8,6 +8,7 @@ camera thread (the callback must be quick and thread-safe: the service uses
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -136,6 +137,37 @@ def frame_position(
     return position, {"commanded": commanded, "read": read}
 
 
+MismatchCallback = Callable[[str, useq.MDAEvent, dict[str, Any]], None]
+#: A camera exposure this far (relative) from the commanded one was not applied.
+EXPOSURE_TOLERANCE = 0.02
+
+
+def settings_mismatch(
+    event: useq.MDAEvent, meta: Any, preset: dict[str, str] | None
+) -> dict[str, Any] | None:
+    """What of the event's exposure and channel the frame was not taken with, or None.
+
+    pymmcore-plus' frame metadata has the exposure used (``exposure_ms``) and the current
+    values of the channel group's properties (``property_values``); a setting that failed
+    is only a warning in its log. ``preset`` is the channel preset's property values
+    (``"Device-Property": value``)."""
+    if not isinstance(meta, dict):
+        return None
+    off: dict[str, Any] = {}
+    used = meta.get("exposure_ms")
+    want = event.exposure
+    if (want is not None and isinstance(used, int | float) and math.isfinite(used)
+            and abs(used - want) > EXPOSURE_TOLERANCE * max(want, 1.0)):
+        off["exposure_ms"] = {"commanded": want, "read": float(used)}
+    if event.channel is not None and preset:
+        current = {f"{pv.get('dev')}-{pv.get('prop')}": str(pv.get("val"))
+                   for pv in meta.get("property_values") or () if isinstance(pv, dict)}
+        wrong = {k: current[k] for k, v in preset.items() if k in current and current[k] != v}
+        if wrong:
+            off["channel"] = {"commanded": str(event.channel.config), "read": wrong}
+    return off or None
+
+
 class FeedThreadSource:
     """What the frame sources that run an :class:`EventFeed` on a thread of their own share:
     whether that thread runs, and forwarding ``frame_done`` and mode switches to the feed."""
@@ -187,13 +219,14 @@ class MicroscopeSource(FeedThreadSource):
         truth_lookup: Callable[[np.ndarray], np.ndarray | None] | None = None,
         sync_timeout_s: float = 10.0,
         on_missing: Callable[[useq.MDAEvent], None] | None = None,
-        on_stage_mismatch: Callable[[useq.MDAEvent, dict[str, Any]], None] | None = None,
+        on_mismatch: MismatchCallback | None = None,
     ) -> None:
         """``on_missing`` is called (on the runner thread) with each image event that
-        delivered no frame: pymmcore-plus only logs a failed snap. ``on_stage_mismatch``
-        with each frame taken away from its event's commanded position (the stage did not
-        get there: pymmcore-plus only logs a failed move), and what :func:`frame_position`
-        found."""
+        delivered no frame: pymmcore-plus only logs a failed snap. ``on_mismatch`` with
+        ``("stage" | "settings", event, what differs)`` for frames taken away from their
+        event's commanded position (:func:`frame_position`) or with another exposure or
+        channel than it asked for (:func:`settings_mismatch`): pymmcore-plus only logs a
+        failed move or setting, and snaps anyway."""
         from livemask.acquisition.core import exposure_limits
 
         self.core = core
@@ -203,8 +236,10 @@ class MicroscopeSource(FeedThreadSource):
         self._truth_lookup = truth_lookup
         self._sync_timeout_s = sync_timeout_s
         self._on_missing = on_missing
-        self._on_stage_mismatch = on_stage_mismatch
-        self._last_mismatch: dict[str, Any] | None = None
+        self._on_mismatch = on_mismatch
+        self._reported: set[str] = set()  # mismatches reported in this acquisition
+        self._presets: dict[tuple[str, str], dict[str, str]] = {}  # (group, preset) → props
+        self._stuck = False  # a stop waited for the runner in vain
         self._exposure_ms = 0.0  # of the last frame (pymmcore-plus' frame metadata)
         self._feed: EventFeed | None = None
         self._thread: threading.Thread | None = None
@@ -216,7 +251,9 @@ class MicroscopeSource(FeedThreadSource):
         feed = self._feed
         truth = self._truth_lookup(image) if self._truth_lookup else None
         position, off = frame_position(event, meta)
-        self._report_mismatch(event, off)
+        self._report_mismatch("stage", event, off)
+        preset = self._preset(event.channel) if event.channel is not None else None
+        self._report_mismatch("settings", event, settings_mismatch(event, meta, preset))
         if isinstance(meta, dict) and isinstance(meta.get("exposure_ms"), int | float):
             self._exposure_ms = float(meta["exposure_ms"])
         raw = RawFrame(image, event, acquired, position, truth, origin=feed)
@@ -231,15 +268,34 @@ class MicroscopeSource(FeedThreadSource):
             feed.frame_done()
             raise
 
-    def _report_mismatch(self, event: useq.MDAEvent, off: dict[str, Any] | None) -> None:
-        """Report a stage mismatch once, until a frame is where commanded again."""
-        last, self._last_mismatch = self._last_mismatch, off
-        if off is None or off == last or self._on_stage_mismatch is None:
+    def _report_mismatch(
+        self, kind: str, event: useq.MDAEvent, off: dict[str, Any] | None
+    ) -> None:
+        """Report each distinct mismatch once per acquisition (a stuck filter wheel would
+        otherwise report every other frame of a two-channel run)."""
+        if off is None or self._on_mismatch is None:
             return
+        key = kind + json.dumps(off, sort_keys=True)
+        if key in self._reported:
+            return
+        if len(self._reported) >= 1000:  # bounded: a long run of ever new mismatches
+            self._reported.clear()
+        self._reported.add(key)
         try:
-            self._on_stage_mismatch(event, off)
+            self._on_mismatch(kind, event, off)
         except Exception:  # reporting must not lose the frame
-            log.exception("reporting a stage position mismatch failed")
+            log.exception("reporting a %s mismatch failed", kind)
+
+    def _preset(self, channel: Any) -> dict[str, str] | None:
+        """``"Device-Property": value`` of a channel preset (read once; runner thread)."""
+        key = (str(channel.group), str(channel.config))
+        if key not in self._presets:
+            try:
+                data = self.core.getConfigData(*key)
+                self._presets[key] = {f"{d}-{p}": str(v) for d, p, v in data}
+            except Exception:  # an unknown preset: pymmcore-plus has warned already
+                return None
+        return self._presets[key]
 
     @property
     def frame_shape(self) -> tuple[int, int]:
@@ -256,6 +312,8 @@ class MicroscopeSource(FeedThreadSource):
         """Run ``events`` through the MDA runner on a new thread."""
         if self.running:
             raise AcquisitionError("an acquisition is already running; stop it first")
+        self._stuck = False
+        self._reported.clear()
         self._feed = EventFeed(events, mode=mode, sync_timeout_s=self._sync_timeout_s,
                                on_missing=self._on_missing)
         self._on_done = on_done
@@ -301,8 +359,11 @@ class MicroscopeSource(FeedThreadSource):
             self.core.mda.cancel()
             assert self._thread is not None
             timeout_s = max(timeout_s, 2 * self._exposure_ms / 1e3 + 1)
+            if self._stuck:  # a stop already waited in vain: answer at once this time
+                timeout_s = 0.1
             self._thread.join(timeout_s)
             if self._thread.is_alive():
+                self._stuck = True
                 log.warning("MDA runner did not stop within %.1f s", timeout_s)
 
     def close(self) -> None:

@@ -238,7 +238,7 @@ class Service:
             truth_lookup=truth_lookup,
             sync_timeout_s=self.config.acquisition.frame_timeout_s,
             on_missing=self._on_missing_frame,
-            on_stage_mismatch=self._on_stage_mismatch,
+            on_mismatch=self._on_mismatch,
         )
 
     def _start_recording(self) -> None:
@@ -320,15 +320,21 @@ class Service:
                       "the log has pymmcore-plus' reason",
         })
 
-    def _on_stage_mismatch(self, event: useq.MDAEvent, off: dict[str, Any]) -> None:
-        """Runner thread: a frame was taken away from its commanded position."""
+    def _on_mismatch(self, kind: str, event: useq.MDAEvent, off: dict[str, Any]) -> None:
+        """Runner thread: a frame was not taken as its event commanded (pymmcore-plus only
+        logs a failed move or setting): ``stage_mismatch`` or ``settings_mismatch``."""
+        detail = {
+            "stage": "the stage was not at the commanded position when the frame was taken "
+                     "(a failed move; the log has pymmcore-plus' reason); the frame carries "
+                     "the read-back position",
+            "settings": "the frame was taken with another exposure or channel than its "
+                        "event commanded (a failed setting; the log has pymmcore-plus' "
+                        "reason)",
+        }[kind]
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._event, "stage_mismatch", {
-                "index": dict(event.index), **off,
-                "detail": "the stage was not at the commanded position when the frame was "
-                          "taken (a failed move; the log has pymmcore-plus' reason); the "
-                          "frame carries the read-back position",
+            loop.call_soon_threadsafe(self._event, f"{kind}_mismatch", {
+                "index": dict(event.index), **off, "detail": detail,
             })
 
     def _on_camera_frame(self, raw: RawFrame) -> None:
@@ -344,6 +350,11 @@ class Service:
         self.state = "stopping"
         with contextlib.suppress(Exception):
             await self.stop_acquisition()
+        if self._acquiring:  # the runner is stuck in a device call: say so in the record
+            self._event("error", {"detail": (
+                "the acquisition did not end when the service stopped: the acquisition "
+                "thread is stuck in a device call (e.g. a camera snap that never returns); "
+                "its remaining events were not acquired")})
         if self.feedback is not None:
             mda = getattr(getattr(self.source, "core", None), "mda", None)
             if mda is not None:
@@ -534,8 +545,12 @@ class Service:
         if exposure_ms is not None:
             if self.source is None:
                 raise AcquisitionError("no frame source")
-            await call_hardware(self.source.set_exposure, exposure_ms,
-                                what=f"setting the camera exposure to {exposure_ms:g} ms")
+            await call_hardware(
+                self.source.set_exposure, exposure_ms,
+                what=f"setting the camera exposure to {exposure_ms:g} ms",
+                on_late_result=lambda _: self._event(
+                    "setting_changed", {"exposure_ms": exposure_ms, "late": True}),
+            )
             changed["exposure_ms"] = exposure_ms
         if mode is not None:
             self.pipeline.mode = mode

@@ -40,10 +40,15 @@ def calls_still_stuck() -> bool:
 
 
 async def call_hardware(
-    fn: Callable[..., T], *args: object, what: str, timeout_s: float | None = None
+    fn: Callable[..., T],
+    *args: object,
+    what: str,
+    timeout_s: float | None = None,
+    on_late_result: Callable[[T], None] | None = None,
 ) -> T:
     """``fn(*args)`` on a daemon thread; its result, its exception, or HardwareTimeout
-    after ``timeout_s`` (default :data:`HARDWARE_TIMEOUT_S`)."""
+    after ``timeout_s`` (default :data:`HARDWARE_TIMEOUT_S`). ``on_late_result`` gets the
+    result of a call given up on that returned after all (on the loop)."""
     timeout_s = HARDWARE_TIMEOUT_S if timeout_s is None else timeout_s
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
@@ -55,6 +60,8 @@ async def call_hardware(
             else:
                 log.warning("%s returned after its %g s timeout (it took effect)", what,
                             timeout_s)
+                if on_late_result is not None:
+                    on_late_result(result)  # type: ignore[arg-type]
         elif error is not None:
             future.set_exception(error)
         else:

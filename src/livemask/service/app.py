@@ -308,9 +308,7 @@ class Service:
 
     def _on_missing_frame(self, event: useq.MDAEvent) -> None:
         """Runner thread: an image event delivered no frame (pymmcore-plus only logs it)."""
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._frame_missing, dict(event.index))
+        self._from_thread(self._frame_missing, dict(event.index))
 
     def _frame_missing(self, index: dict[str, int]) -> None:
         self.pipeline.counters.incr("missing")
@@ -331,17 +329,20 @@ class Service:
                         "event commanded (a failed setting; the log has pymmcore-plus' "
                         "reason)",
         }[kind]
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._event, f"{kind}_mismatch", {
-                "index": dict(event.index), **off, "detail": detail,
-            })
+        self._from_thread(self._event, f"{kind}_mismatch", {
+            "index": dict(event.index), **off, "detail": detail,
+        })
 
     def _on_camera_frame(self, raw: RawFrame) -> None:
         """Camera thread → event loop hand-off; never blocks the camera."""
+        self._from_thread(self.pipeline.submit, raw)
+
+    def _from_thread(self, callback: Any, *args: Any) -> None:
+        """Schedule ``callback(*args)`` on the service's loop from another thread (dropped
+        once the loop is closed)."""
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self.pipeline.submit, raw)
+            loop.call_soon_threadsafe(callback, *args)
 
     async def close(self, drain_timeout_s: float = 3.0) -> None:
         """Stop acquiring, publish what is in flight, close sockets and hardware."""
@@ -461,9 +462,7 @@ class Service:
         return count
 
     def _on_acquisition_done(self, error: str | None) -> None:
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._acquisition_finished, error)
+        self._from_thread(self._acquisition_finished, error)
 
     def _acquisition_finished(self, error: str | None) -> None:
         self._acquiring = False

@@ -436,6 +436,45 @@ async def test_a_stage_that_failed_to_move_is_reported_and_the_frame_placed_trul
     assert mismatch["read"] == {"x_um": pytest.approx(0.0), "y_um": pytest.approx(0.0)}
 
 
+async def test_a_focus_drive_that_failed_to_move_does_not_end_the_acquisition(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pymmcore-plus lets a Z stage that raises end the whole acquisition (a failed XY move
+    it only logs); before, one focus-drive time-out stopped a time-lapse with an error."""
+    from livemask.acquisition.simulated.devices import SimZStage
+
+    moves = itertools.count()
+    real_move = SimZStage.set_position_um
+
+    def flaky(self: SimZStage, z: float) -> None:
+        if next(moves) == 1:  # the second move fails: the drive stays at the first's Z
+            raise RuntimeError("focus drive timed out")
+        real_move(self, z)
+
+    monkeypatch.setattr(SimZStage, "set_position_um", flaky)
+    async with Service(make_config()) as svc, AsyncSubscriber(
+        svc.publisher.bound_address, ("frame", "event")
+    ) as sub:
+        await asyncio.sleep(0.3)
+        await control(svc, "enqueue", events=[{"z_pos": z} for z in (1.0, 6.0, 11.0)])
+        frames, mismatches, done = [], [], None
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and done is None:
+            msg = await sub.recv(timeout_s=0.1)
+            if msg is not None and msg.topic == "frame":
+                frames.append(msg.header)
+            elif msg is not None and msg.header["kind"] == "stage_mismatch":
+                mismatches.append(msg.header)
+            elif msg is not None and msg.header["kind"] == "acquisition_finished":
+                done = msg.header
+    assert done is not None and done["error"] is None
+    assert [f["position"]["z_um"] for f in frames] == [
+        pytest.approx(1.0), pytest.approx(1.0), pytest.approx(11.0)]
+    (mismatch,) = mismatches
+    assert mismatch["commanded"] == {"z_um": 6.0}
+    assert mismatch["read"] == {"z_um": pytest.approx(1.0)}
+
+
 async def test_a_filter_wheel_that_stopped_turning_is_reported_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

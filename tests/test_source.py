@@ -30,6 +30,23 @@ def test_z_and_unreadable_axes_are_not_compared() -> None:
     assert frame_position(event, meta) == ({"x_um": 100.0, "y_um": 50.0, "z_um": 10.0}, None)
 
 
+def test_z_is_compared_when_its_move_raised() -> None:
+    event = useq.MDAEvent(z_pos=10.0)
+    meta = {"position": {"z": 13.5}}
+    assert frame_position(event, meta, z_failed=True) == (
+        {"x_um": None, "y_um": None, "z_um": 13.5},
+        {"commanded": {"z_um": 10.0}, "read": {"z_um": 13.5}},
+    )
+    # the move raised but the drive got there after all: nothing to report
+    assert frame_position(event, {"position": {"z": 10.5}}, z_failed=True) == (
+        {"x_um": None, "y_um": None, "z_um": 10.0}, None)
+    # the drive cannot say where it is either: the frame's Z is unknown
+    assert frame_position(event, {"position": {}}, z_failed=True) == (
+        {"x_um": None, "y_um": None, "z_um": None},
+        {"commanded": {"z_um": 10.0}, "read": {"z_um": None}},
+    )
+
+
 def test_settings_mismatch_names_the_exposure_and_channel_not_applied() -> None:
     event = useq.MDAEvent(exposure=40.0, channel={"group": "Channel", "config": "DAPI"})
     preset = {"Filter-Label": "DAPI"}

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import useq
 
+from livemask.acquisition.engine import FocusTolerantEngine
 from livemask.acquisition.feed import EventFeed
 from livemask.acquisition.mode import Mode
 from livemask.errors import AcquisitionError
@@ -108,26 +109,33 @@ STAGE_TOLERANCE_UM = 2.0
 
 
 def frame_position(
-    event: useq.MDAEvent, meta: Any = None
+    event: useq.MDAEvent, meta: Any = None, *, z_failed: bool = False
 ) -> tuple[dict[str, float | None], dict[str, Any] | None]:
-    """Where a frame was taken, and the mismatch if the XY stage was not where commanded.
+    """Where a frame was taken, and the mismatch if a stage was not where commanded.
 
     The position is the event's commanded one (None on axes it does not command). But a
     move that failed is only a warning in pymmcore-plus' log, so where pymmcore-plus read
     the stages back for the frame (``meta["position"]``, for each snapped frame) and a
     commanded x or y is more than ``STAGE_TOLERANCE_UM`` off, the read-back value replaces
-    it, and the mismatch ``{"commanded": {...}, "read": {...}}`` is returned too. Z is not
-    compared: autofocus and focus locks move it away from the commanded value on purpose.
+    it, and the mismatch ``{"commanded": {...}, "read": {...}}`` is returned too. Z is
+    compared only if its move raised (``z_failed``): autofocus and focus locks move it
+    away from the commanded value on purpose. A failed Z move without a read-back places
+    the frame at an unknown Z (None).
     """
     position = {"x_um": event.x_pos, "y_um": event.y_pos, "z_um": event.z_pos}
     read_meta = meta.get("position") if isinstance(meta, dict) else None
     if not isinstance(read_meta, dict):
-        return position, None
+        read_meta = {}
     commanded: dict[str, float] = {}
-    read: dict[str, float] = {}
-    for axis in ("x_um", "y_um"):
+    read: dict[str, float | None] = {}
+    for axis in ("x_um", "y_um", "z_um") if z_failed else ("x_um", "y_um"):
         want, got = position[axis], read_meta.get(axis[0])
-        if want is None or not isinstance(got, int | float) or not math.isfinite(got):
+        if want is None:
+            continue
+        if not isinstance(got, int | float) or not math.isfinite(got):
+            if axis == "z_um":  # the move raised and the stage cannot say where it is
+                commanded[axis], read[axis] = want, None
+                position[axis] = None
             continue
         if abs(float(got) - want) > STAGE_TOLERANCE_UM:
             commanded[axis], read[axis] = want, float(got)
@@ -232,6 +240,8 @@ class MicroscopeSource(FeedThreadSource):
         self.core = core
         # read now, not per request: the call waits on the camera's lock, held while it snaps
         self.exposure_limits = exposure_limits(core)
+        self._engine = FocusTolerantEngine(core)
+        core.mda.set_engine(self._engine)
         self._on_frame = on_frame
         self._truth_lookup = truth_lookup
         self._sync_timeout_s = sync_timeout_s
@@ -250,7 +260,7 @@ class MicroscopeSource(FeedThreadSource):
         acquired = time.time()
         feed = self._feed
         truth = self._truth_lookup(image) if self._truth_lookup else None
-        position, off = frame_position(event, meta)
+        position, off = frame_position(event, meta, z_failed=self._engine.z_failed(event))
         self._report_mismatch("stage", event, off)
         preset = self._preset(event.channel) if event.channel is not None else None
         self._report_mismatch("settings", event, settings_mismatch(event, meta, preset))

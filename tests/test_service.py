@@ -436,6 +436,30 @@ async def test_a_stage_that_failed_to_move_is_reported_and_the_frame_placed_trul
     assert mismatch["read"] == {"x_um": pytest.approx(0.0), "y_um": pytest.approx(0.0)}
 
 
+async def test_status_core_shows_the_cameras_roi_exposure_and_channel_now() -> None:
+    """Before, ``status.core`` described the camera as opened, whatever events changed."""
+    async with Service(make_config()) as svc:
+        opened = (await control(svc, "status"))["core"]
+        assert opened["image_shape"] == [512, 512]
+        await control(svc, "set", exposure_ms=12.5)  # between acquisitions
+        assert (await control(svc, "status"))["core"]["exposure_ms"] == 12.5
+        roi = {"offset_x": 0, "offset_y": 0, "width": 256, "height": 200}
+        event = {"roi": roi, "exposure": 20.0, "channel": {"group": "Channel", "config": "GFP"}}
+        async with AsyncSubscriber(svc.publisher.bound_address, ("event",)) as sub:
+            await asyncio.sleep(0.3)
+            await control(svc, "enqueue", events=[event])
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                msg = await sub.recv(timeout_s=0.1)
+                if msg is not None and msg.header["kind"] == "acquisition_finished":
+                    break
+        now = (await control(svc, "status"))["core"]
+    assert now["image_shape"] == [200, 256]
+    assert now["exposure_ms"] == pytest.approx(20.0)
+    assert now["channel"] == "GFP"
+    assert now["camera"] == opened["camera"]  # the rest as opened
+
+
 async def test_a_focus_drive_that_failed_to_move_does_not_end_the_acquisition(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -251,6 +251,10 @@ class MicroscopeSource(FeedThreadSource):
         self._presets: dict[tuple[str, str], dict[str, str]] = {}  # (group, preset) → props
         self._stuck = False  # a stop waited for the runner in vain
         self._exposure_ms = 0.0  # of the last frame (pymmcore-plus' frame metadata)
+        #: What the camera did last, for status: ``image_shape``, ``exposure_ms`` and
+        #: ``channel`` of the last frame (a ROI, exposure or preset change shows there),
+        #: or the exposure last set. Empty until either happens.
+        self.camera_now: dict[str, Any] = {}
         self._feed: EventFeed | None = None
         self._thread: threading.Thread | None = None
         self._on_done: DoneCallback | None = None
@@ -266,6 +270,11 @@ class MicroscopeSource(FeedThreadSource):
         self._report_mismatch("settings", event, settings_mismatch(event, meta, preset))
         if isinstance(meta, dict) and isinstance(meta.get("exposure_ms"), int | float):
             self._exposure_ms = float(meta["exposure_ms"])
+        self.camera_now = {
+            "image_shape": [int(image.shape[0]), int(image.shape[1])],
+            "exposure_ms": self._exposure_ms or event.exposure,
+            "channel": event.channel.config if event.channel is not None else None,
+        }
         raw = RawFrame(image, event, acquired, position, truth, origin=feed)
         if feed is None:
             self._on_frame(raw)
@@ -359,6 +368,7 @@ class MicroscopeSource(FeedThreadSource):
                 f"camera {self.core.getCameraDevice()!r} refused exposure {exposure_ms:g} ms: "
                 f"{exc}"
             ) from exc
+        self.camera_now = {**self.camera_now, "exposure_ms": float(exposure_ms)}
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Cancel the acquisition and join the runner thread (waiting at least two of the

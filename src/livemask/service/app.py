@@ -589,7 +589,7 @@ class Service:
             "truth": self.truth,
             "pixel_size_um": self.pixel_size_um,
             "pub_address": self.publisher.bound_address if self.state != "closed" else None,
-            "core": self.core_info,
+            "core": {**self.core_info, **getattr(self.source, "camera_now", {})},
             "last_error": self._last_error,
             "acquisitions_finished": self.acquisitions_finished,
             "metrics_url": self.metrics.url if self.metrics is not None else None,

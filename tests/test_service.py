@@ -255,6 +255,21 @@ async def test_enqueue_snapshot_and_set(service: Service) -> None:
          "exposure 1e+06 ms is outside the range of camera 'Camera': 0..10000 ms"),
         ("start", {"sequence": {"channels": [{"config": "GFP", "exposure": 20000}]}},
          "invalid_args", "exposure 20000 ms is outside"),
+        # pymmcore-plus would warn and acquire with the old value
+        ("enqueue", {"events": [{"properties": [["Cam", "Exposure", 5]]}]}, "invalid_args",
+         "property 'Exposure' of device 'Cam': no such device is loaded (devices: Camera, "),
+        ("enqueue", {"events": [{"properties": [["Filter", "Lable", "GFP"]]}]},
+         "invalid_args", "device 'Filter' has no property 'Lable' (its properties: Label, "),
+        ("enqueue", {"events": [{"properties": [["Camera", "Binning", 2]]}]}, "invalid_args",
+         "property 'Binning' of device 'Camera' is read-only"),
+        ("enqueue", {"events": [{"properties": [["Filter", "Label", "RFP"]]}]},
+         "invalid_args", "'RFP' is not an allowed value of property 'Label' of device "
+         "'Filter' (allowed: DAPI, GFP, Empty)"),
+        ("enqueue", {"events": [{"properties": [["Camera", "Exposure", 5e4]]}]},
+         "invalid_args", "50000.0 is outside the limits of property 'Exposure' of device "
+         "'Camera': 0..10000"),
+        ("enqueue", {"events": [{"properties": [["Shutter", "State", "open"]]}]},
+         "invalid_args", "'open' is outside the limits of property 'State'"),
     ],
 )
 async def test_bad_control_requests_get_error_replies(
@@ -458,6 +473,36 @@ async def test_status_core_shows_the_cameras_roi_exposure_and_channel_now() -> N
     assert now["exposure_ms"] == pytest.approx(20.0)
     assert now["channel"] == "GFP"
     assert now["camera"] == opened["camera"]  # the rest as opened
+
+
+async def test_event_properties_the_rig_takes_are_applied() -> None:
+    """The check refuses what the rig cannot take, not what it can: a filter label, a
+    number given for an allowed value, a stage position, a Core property."""
+    events = [
+        {"properties": [["Filter", "Label", "GFP"], ["Core", "AutoShutter", 0]]},
+        {"properties": [["Filter", "State", 0.0], ["Z", "Position", 3.0]]},
+    ]
+    async with Service(make_config()) as svc, AsyncSubscriber(
+        svc.publisher.bound_address, ("frame", "event")
+    ) as sub:
+        core = svc.source.core  # type: ignore[union-attr]
+        changes: list[tuple[str, str, Any]] = []
+        core.events.propertyChanged.connect(lambda *change: changes.append(change))
+        core.events.stagePositionChanged.connect(lambda *moved: changes.append(moved))
+        await asyncio.sleep(0.3)
+        assert (await control(svc, "enqueue", events=events))["enqueued"] == 2
+        frames, done = 0, None
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and done is None:
+            msg = await sub.recv(timeout_s=0.1)
+            if msg is not None and msg.topic == "frame":
+                frames += 1
+            elif msg is not None and msg.header["kind"] == "acquisition_finished":
+                done = msg.header
+    assert done is not None and done["error"] is None and frames == 2
+    assert ("Filter", "Label", "GFP") in changes  # (the Core property: accepted above)
+    assert ("Filter", "State", 0.0) in changes
+    assert ("Z", 3.0) in changes
 
 
 async def test_a_focus_drive_that_failed_to_move_does_not_end_the_acquisition(

@@ -236,10 +236,12 @@ class MicroscopeSource(FeedThreadSource):
         channel than it asked for (:func:`settings_mismatch`): pymmcore-plus only logs a
         failed move or setting, and snaps anyway."""
         from livemask.acquisition.core import exposure_limits
+        from livemask.acquisition.properties import property_table
 
         self.core = core
         # read now, not per request: the call waits on the camera's lock, held while it snaps
         self.exposure_limits = exposure_limits(core)
+        self.properties = property_table(core)
         self._engine = FocusTolerantEngine(core)
         core.mda.set_engine(self._engine)
         self._on_frame = on_frame

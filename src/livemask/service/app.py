@@ -410,16 +410,21 @@ class Service:
         return self._start_events(iter_events(seq), detail, event_count(seq))
 
     def _check_on_rig(
-        self, what: str, channels: Sequence[Any] = (), exposures: Sequence[float] = ()
+        self, what: str, channels: Sequence[Any] = (), exposures: Sequence[float] = (),
+        properties: Sequence[Any] = (),
     ) -> None:
-        """ConfigError for a channel preset the microscope does not define, or an exposure
-        its camera's limits rule out (pymmcore-plus would warn and acquire anyway)."""
-        if not isinstance(self.source, MicroscopeSource) or not (channels or exposures):
+        """ConfigError for a channel preset the microscope does not define, an exposure
+        its camera's limits rule out, or a device property it cannot take (pymmcore-plus
+        would warn and acquire anyway)."""
+        if not isinstance(self.source, MicroscopeSource) or not (
+                channels or exposures or properties):
             return
         from livemask.acquisition.core import check_channels, check_exposures
+        from livemask.acquisition.properties import check_properties
 
         check_channels(self.source.core, channels, what)
         check_exposures(self.source.exposure_limits, exposures, what)
+        check_properties(self.source.properties, properties, what)
 
     def _check_sequence_on_rig(self, seq: useq.MDASequence) -> None:
         """:meth:`_check_on_rig` for the channels and channel exposures of ``seq``."""
@@ -529,6 +534,7 @@ class Service:
             "events",
             [e.channel for e in events if e.channel is not None],
             [e.exposure for e in events if e.exposure is not None],
+            [p for e in events for p in e.properties or ()],
         )
         if self._acquiring:
             n = self.source.inject(events)

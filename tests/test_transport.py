@@ -396,6 +396,9 @@ async def handler(cmd: str, args: dict[str, Any]) -> Any:
     if cmd == "slow":
         await asyncio.sleep(0)
         return "done"
+    if cmd == "stop":  # waits for the frame being taken, as the service does
+        await asyncio.sleep(0.5)
+        return {"stopped": True, "still_running": False}
     raise CommandError(protocol.UNKNOWN_COMMAND, f"unknown command {cmd!r}")
 
 
@@ -573,6 +576,22 @@ def test_client_times_out_without_server() -> None:
         assert client._socket is None  # the stuck REQ socket was thrown away
 
 
+async def test_stop_waits_longer_than_other_requests(
+    server: ControlServer, client_factory: Any
+) -> None:
+    """The service answers ``stop`` once the frame being taken is done (5 s for a hung
+    camera, longer for long exposures); before, the client gave up after its 2 s."""
+    client = client_factory(server.bound_address, timeout_s=0.1, retries=1)
+    with pytest.raises(ControlTimeout, match=r"1 attempt\(s\) of 0\.1 s"):
+        await call(client, "stop")
+    client = client_factory(server.bound_address, timeout_s=0.1, retries=1)
+    assert await asyncio.to_thread(client.stop) == {"stopped": True, "still_running": False}
+    with pytest.raises(ControlTimeout, match=r"1 attempt\(s\) of 0\.1 s"):
+        await asyncio.to_thread(client.stop, timeout_s=0.05)  # the client's own is longer
+    with pytest.raises(ValueError, match="timeout_s must be > 0"):
+        client.request("status", timeout_s=0)
+
+
 async def test_client_recovers_when_server_appears_late(client_factory: Any) -> None:
     """Lazy Pirate: the first attempt is lost, a retry on a fresh socket succeeds."""
     port = free_port()
@@ -613,7 +632,7 @@ def test_client_request_ids_increment_and_wrappers_send_args() -> None:
     sent: list[dict[str, Any]] = []
 
     class Recorder(ControlClient):
-        def request(self, cmd: str, /, **args: Any) -> Any:
+        def request(self, cmd: str, /, *, timeout_s: float | None = None, **args: Any) -> Any:
             sent.append({"cmd": cmd, "args": args})
             return None
 

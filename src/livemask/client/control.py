@@ -28,6 +28,10 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+#: How long :meth:`ControlClient.stop` waits for its reply by default (s).
+STOP_TIMEOUT_S = 30.0
+
+
 class ControlClient:
     """Blocking client of the control channel (REQ socket, Lazy Pirate pattern).
 
@@ -72,14 +76,18 @@ class ControlClient:
             self._socket.close(linger=0)
             self._socket = None
 
-    def request(self, cmd: str, /, **args: Any) -> Any:
-        """Send ``cmd`` with ``args`` and return the reply's ``result``."""
+    def request(self, cmd: str, /, *, timeout_s: float | None = None, **args: Any) -> Any:
+        """Send ``cmd`` with ``args`` and return the reply's ``result``, waiting
+        ``timeout_s`` per attempt (default: the client's)."""
         if self._closed:
             raise RuntimeError("control client is closed")
+        wait_s = self.timeout_s if timeout_s is None else timeout_s
+        if wait_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {wait_s}")
         self._last_id += 1
         req_id = self._last_id
         payload = protocol.dumps_json({"id": req_id, "cmd": cmd, "args": args})
-        timeout_ms = max(1, round(self.timeout_s * 1000))
+        timeout_ms = max(1, round(wait_s * 1000))
         for attempt in range(1, self.retries + 1):
             sock = self._connect()
             try:
@@ -110,7 +118,7 @@ class ControlClient:
             self._drop_socket()  # Lazy Pirate: retry on a fresh socket
         raise ControlTimeout(
             f"no reply to {cmd!r} from {self.address} after {self.retries} attempt(s) of "
-            f"{self.timeout_s:g} s; check that `livemask serve` is running and that its "
+            f"{wait_s:g} s; check that `livemask serve` is running and that its "
             "--control address matches this one (or raise the timeout)"
         )
 
@@ -126,9 +134,11 @@ class ControlClient:
             return self.request("start")
         return self.request("start", sequence=_plain(sequence))
 
-    def stop(self) -> Any:
-        """Stop the running acquisition."""
-        return self.request("stop")
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> Any:
+        """Stop the running acquisition. Waits up to ``timeout_s`` (or the client's timeout,
+        if longer) for the reply: the service waits for the frame being taken, at least
+        5 s or two exposures and 1 s, before it answers ``still_running``."""
+        return self.request("stop", timeout_s=max(timeout_s, self.timeout_s))
 
     def enqueue(self, events: Iterable[Mapping[str, Any] | Any]) -> Any:
         """Append ``useq.MDAEvent`` s (or their JSON dicts) to the running acquisition."""

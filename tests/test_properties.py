@@ -15,6 +15,7 @@ TABLE = PropertyTable(
             "Binning": PropertyInfo(read_only=False, limits=None, allowed=("1", "2", "4")),
             "Gain": PropertyInfo(read_only=False, limits=(0.0, 10.0), allowed=()),
             "Mode": PropertyInfo(read_only=False, limits=None, allowed=()),
+            "Port": PropertyInfo(read_only=False, limits=None, allowed=(), pre_init=True),
         },
         "XY": {},
         # "Odd" could not describe its properties when the core was opened
@@ -48,9 +49,19 @@ def test_what_the_rig_takes_passes(entry: tuple[str, str, object]) -> None:
         (("Cam", "Gain", float("nan")), "nan is outside the limits"),
         (("XY", "Speed", 1), "device 'XY' has no property 'Speed' (its properties: none)"),
         (("Lamp", "Power", 1), "no such device is loaded (devices: Cam, Odd, XY)"),
+        (("Cam", "Port", "COM3"), "'Port' of device 'Cam' is set before the device "
+         "initialises; change it in hardware.config_file"),
     ],
 )
 def test_what_the_rig_cannot_take_is_named(entry: tuple[str, str, object], needle: str) -> None:
     with pytest.raises(ConfigError, match=r"^events: ") as info:
-        check_properties(TABLE, [("Cam", "Binning", 1), entry], "events")
+        check_properties(TABLE, [("XY", "Position", (0, 0)), entry], "events")
     assert needle in str(info.value)
+
+
+def test_values_are_left_to_the_device_when_the_request_sets_several_of_its_properties() -> None:
+    """A device may change what one property allows when another changes (binning with the
+    readout mode), and the table is from when the core was opened."""
+    check_properties(TABLE, [("Cam", "Mode", "fast"), ("Cam", "Binning", 3)], "events")
+    with pytest.raises(ConfigError, match="no property 'Bining'"):  # names are still checked
+        check_properties(TABLE, [("Cam", "Mode", "fast"), ("Cam", "Bining", 3)], "events")

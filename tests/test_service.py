@@ -255,6 +255,10 @@ async def test_enqueue_snapshot_and_set(service: Service) -> None:
          "exposure 1e+06 ms is outside the range of camera 'Camera': 0..10000 ms"),
         ("start", {"sequence": {"channels": [{"config": "GFP", "exposure": 20000}]}},
          "invalid_args", "exposure 20000 ms is outside"),
+        # pymmcore-plus runs a setup event only for a whole MDASequence: it was ignored
+        ("start", {"sequence": {"setup": {"exposure": 50.0}, "time_plan": {"interval": 0,
+                                                                            "loops": 2}}},
+         "invalid_args", "sequence.setup is not run by livemask"),
         # pymmcore-plus would warn and acquire with the old value
         ("enqueue", {"events": [{"properties": [["Cam", "Exposure", 5]]}]}, "invalid_args",
          "property 'Exposure' of device 'Cam': no such device is loaded (devices: Camera, "),
@@ -452,27 +456,39 @@ async def test_a_stage_that_failed_to_move_is_reported_and_the_frame_placed_trul
 
 
 async def test_status_core_shows_the_cameras_roi_exposure_and_channel_now() -> None:
-    """Before, ``status.core`` described the camera as opened, whatever events changed."""
+    """Before, ``status.core`` described the camera as opened, whatever events changed.
+    After the run it shows what pymmcore-plus restored (the settings from before it)."""
     async with Service(make_config()) as svc:
         opened = (await control(svc, "status"))["core"]
-        assert opened["image_shape"] == [512, 512]
+        assert opened["image_shape"] == [512, 512] and opened["channel"] == "DAPI"
         await control(svc, "set", exposure_ms=12.5)  # between acquisitions
         assert (await control(svc, "status"))["core"]["exposure_ms"] == 12.5
         roi = {"offset_x": 0, "offset_y": 0, "width": 256, "height": 200}
-        event = {"roi": roi, "exposure": 20.0, "channel": {"group": "Channel", "config": "GFP"}}
-        async with AsyncSubscriber(svc.publisher.bound_address, ("event",)) as sub:
+        first = {"roi": roi, "exposure": 20.0, "channel": {"group": "Channel", "config": "GFP"}}
+        events = [first] + [{"exposure": 20.0}] * 100  # no channel: the preset stays GFP
+        during = None
+        async with AsyncSubscriber(svc.publisher.bound_address, ("frame", "event")) as sub:
             await asyncio.sleep(0.3)
-            await control(svc, "enqueue", events=[event])
-            deadline = time.monotonic() + 20
+            await control(svc, "enqueue", events=events)
+            deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 msg = await sub.recv(timeout_s=0.1)
-                if msg is not None and msg.header["kind"] == "acquisition_finished":
+                if msg is not None and msg.topic == "frame" and during is None:
+                    during = (await control(svc, "status"))["core"]
+                    await control(svc, "stop")
+                if msg is not None and msg.header.get("kind") == "acquisition_finished":
                     break
-        now = (await control(svc, "status"))["core"]
-    assert now["image_shape"] == [200, 256]
-    assert now["exposure_ms"] == pytest.approx(20.0)
-    assert now["channel"] == "GFP"
-    assert now["camera"] == opened["camera"]  # the rest as opened
+        after = (await control(svc, "status"))["core"]
+        core = svc.source.core  # type: ignore[union-attr]
+        restored = [core.getImageHeight(), core.getImageWidth()], core.getExposure()
+    assert during is not None
+    assert during["image_shape"] == [200, 256]
+    assert during["exposure_ms"] == pytest.approx(20.0)
+    assert during["channel"] == "GFP"
+    assert during["camera"] == opened["camera"]  # the rest as opened
+    assert restored == ([512, 512], 12.5)  # pymmcore-plus put back the settings from before
+    assert (after["image_shape"], after["exposure_ms"]) == restored
+    assert after["channel"] == "DAPI"
 
 
 async def test_event_properties_the_rig_takes_are_applied() -> None:

@@ -35,6 +35,7 @@ class PropertyInfo:
     read_only: bool
     limits: tuple[float, float] | None  # (low, high) if the property has limits
     allowed: tuple[str, ...]  # allowed values, empty if any value goes
+    pre_init: bool = False  # set before the device initialises (e.g. a serial port)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ def property_table(mmc: CMMCorePlus) -> PropertyTable:
     devices: dict[str, DeviceType] = {}
     properties: dict[str, dict[str, PropertyInfo]] = {}
     for device in mmc.getLoadedDevices():
+        devices[device] = DeviceType.Unknown
         try:
             devices[device] = DeviceType(mmc.getDeviceType(device))
             props: dict[str, PropertyInfo] = {}
@@ -62,6 +64,7 @@ def property_table(mmc: CMMCorePlus) -> PropertyTable:
                     read_only=bool(mmc.isPropertyReadOnly(device, name)),
                     limits=limits,
                     allowed=tuple(str(v) for v in mmc.getAllowedPropertyValues(device, name)),
+                    pre_init=bool(mmc.isPropertyPreInit(device, name)),
                 )
             properties[device] = props
         except Exception as exc:  # a device that cannot describe itself is not checked
@@ -74,10 +77,17 @@ def check_properties(
     table: PropertyTable, properties: Iterable[Iterable[Any]], what: str
 ) -> None:
     """Raise :class:`ConfigError` for an event property the rig cannot take: an unknown
-    device or property, a read-only property, or a value outside its allowed values or
-    limits (as the devices gave them when the core was opened)."""
-    for entry in properties:
-        device, name, value = (*entry,)
+    device or property, a read-only or pre-initialisation property, or a value outside its
+    allowed values or limits as the device gave them when the core was opened.
+
+    Devices may change a property's allowed values or limits when another of their
+    properties changes (a camera's binning with its readout mode), so values are checked
+    only for devices of which the request sets one property."""
+    entries = [tuple(entry) for entry in properties]
+    named: dict[str, set[str]] = {}
+    for device, name, _ in entries:
+        named.setdefault(device, set()).add(name)
+    for device, name, value in entries:
         if device not in table.devices:
             raise ConfigError(
                 f"{what}: property {name!r} of device {device!r}: no such device is loaded "
@@ -98,6 +108,13 @@ def check_properties(
             raise ConfigError(f"{what}: property {name!r} of device {device!r} is read-only")
         if table.devices[device] == DeviceType.Core:
             continue  # its device-role lists know C++ devices only, not Python ones
+        if info.pre_init:
+            raise ConfigError(
+                f"{what}: property {name!r} of device {device!r} is set before the device "
+                "initialises; change it in hardware.config_file"
+            )
+        if len(named[device]) > 1:
+            continue  # one may change what the others allow
         if info.allowed and not _among(value, info.allowed):
             raise ConfigError(
                 f"{what}: {value!r} is not an allowed value of property {name!r} of device "

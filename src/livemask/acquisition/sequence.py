@@ -47,10 +47,17 @@ def check_timing(seq: useq.MDASequence) -> None:
 
 
 def check_sequence(seq: useq.MDASequence, data: Any, what: str = "sequence") -> None:
-    """Both checks a sequence from a config or a client gets: :func:`check_input` on the
-    ``data`` it was validated from, then :func:`check_timing`; ``ValueError`` naming what."""
+    """The checks a sequence from a config or a client gets: :func:`check_input` on the
+    ``data`` it was validated from, :func:`check_timing`, and no ``setup`` event;
+    ``ValueError`` naming what."""
     check_input(seq, data, what)
     check_timing(seq)
+    if seq.setup is not None:  # pymmcore-plus runs it only for a whole MDASequence
+        raise ValueError(
+            f"{what}.setup is not run by livemask (the service feeds pymmcore-plus its "
+            "events one by one); put its settings on the sequence's channels, or enqueue "
+            "them as an event first"
+        )
 
 
 def check_input(model: BaseModel, data: Any, what: str) -> None:

@@ -243,7 +243,7 @@ class MicroscopeSource(FeedThreadSource):
         self.exposure_limits = exposure_limits(core)
         self.properties = property_table(core)
         self._engine = FocusTolerantEngine(core)
-        core.mda.set_engine(self._engine)
+        core.register_mda_engine(self._engine)
         self._on_frame = on_frame
         self._truth_lookup = truth_lookup
         self._sync_timeout_s = sync_timeout_s
@@ -253,9 +253,10 @@ class MicroscopeSource(FeedThreadSource):
         self._presets: dict[tuple[str, str], dict[str, str]] = {}  # (group, preset) → props
         self._stuck = False  # a stop waited for the runner in vain
         self._exposure_ms = 0.0  # of the last frame (pymmcore-plus' frame metadata)
-        #: What the camera did last, for status: ``image_shape``, ``exposure_ms`` and
-        #: ``channel`` of the last frame (a ROI, exposure or preset change shows there),
-        #: or the exposure last set. Empty until either happens.
+        #: What the camera does now, for status: ``image_shape``, ``exposure_ms`` and
+        #: ``channel`` of the last frame (a ROI, exposure or preset change shows there), of
+        #: the core after a run (pymmcore-plus may restore the settings from before it), or
+        #: the exposure last set. Empty until one of these happens.
         self.camera_now: dict[str, Any] = {}
         self._feed: EventFeed | None = None
         self._thread: threading.Thread | None = None
@@ -266,16 +267,17 @@ class MicroscopeSource(FeedThreadSource):
         acquired = time.time()
         feed = self._feed
         truth = self._truth_lookup(image) if self._truth_lookup else None
-        position, off = frame_position(event, meta, z_failed=self._engine.z_failed(event))
+        position, off = frame_position(event, meta, z_failed=self._engine.z_failed)
         self._report_mismatch("stage", event, off)
         preset = self._preset(event.channel) if event.channel is not None else None
         self._report_mismatch("settings", event, settings_mismatch(event, meta, preset))
         if isinstance(meta, dict) and isinstance(meta.get("exposure_ms"), int | float):
             self._exposure_ms = float(meta["exposure_ms"])
         self.camera_now = {
+            **self.camera_now,
             "image_shape": [int(image.shape[0]), int(image.shape[1])],
             "exposure_ms": self._exposure_ms or event.exposure,
-            "channel": event.channel.config if event.channel is not None else None,
+            **({"channel": event.channel.config} if event.channel is not None else {}),
         }
         raw = RawFrame(image, event, acquired, position, truth, origin=feed)
         if feed is None:
@@ -351,8 +353,22 @@ class MicroscopeSource(FeedThreadSource):
             log.exception("acquisition failed")
             error = f"{type(exc).__name__}: {exc}"
         finally:
+            self._read_camera_now()
             if self._on_done is not None:
                 self._on_done(error)
+
+    def _read_camera_now(self) -> None:
+        """:attr:`camera_now` from the core, once a run has ended (runner thread)."""
+        core = self.core
+        try:
+            group = core.getChannelGroup()
+            self.camera_now = {
+                "image_shape": [int(core.getImageHeight()), int(core.getImageWidth())],
+                "exposure_ms": float(core.getExposure()),
+                "channel": core.getCurrentConfig(group) if group else "",
+            }
+        except Exception as exc:  # status keeps the last frame's settings
+            log.warning("could not read the camera's settings after the run: %s", exc)
 
     def inject(self, events: Iterable[useq.MDAEvent]) -> int:
         """Queue events on the running acquisition."""

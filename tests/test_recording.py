@@ -418,3 +418,121 @@ def test_a_long_run_lists_its_frames_in_frames_jsonl_only(
     assert attrs["complete"] is True and attrs["frames_written"] == 5
     assert "frames" not in attrs and "frames.jsonl only" in attrs["frames_omitted"]
     assert [f["frame_id"] for f in open_recording(tmp_path / "run").frames] == [0, 1, 2, 3, 4]
+
+
+# ------------------------------------------------------------------ (4) write faults
+_FULL_DISK_SCRIPT = r"""
+import json, resource, signal, sys, time
+import numpy as np
+from livemask.analysis.measure import UNITS
+from livemask.recording import Recorder
+from tests.test_recording import _frame
+
+path, limit = sys.argv[1], int(sys.argv[2])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+errors = []
+rec = Recorder(__import__("pathlib").Path(path), pixel_size_um=0.65, units=UNITS,
+               on_error=errors.append).start()
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+rng = np.random.default_rng(0)
+for fid in range(40):
+    rec.on_frame(_frame(fid, rng.integers(0, 4000, (24, 32)).astype(np.uint16)))
+rec.close(frames_acquired=40)
+print(json.dumps({"report": rec.report(), "errors": errors}))
+"""
+
+
+def test_a_file_that_cannot_grow_keeps_whole_lines_and_true_counts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before, a full disk left lines in Python's buffers (dropped at close), cut a frame's
+    CSV rows in the middle, and the counters said rows and frames were written that were
+    not. Here the kernel stops every file at 3000 bytes (RLIMIT_FSIZE), as a full disk
+    would: writes past it fail, one of them half-way."""
+    run = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_SCRIPT, str(run), "3000"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    report = out["report"]
+    lines = (run / "frames.jsonl").read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines]  # every line whole
+    assert 0 < len(records) < 40
+    assert report["frames_written"] == len([r for r in records if r["stored"]])
+    assert report["frames_written"] + report["frames_rejected"] == 40
+    rows = _csv_rows(run / "measurements.csv")
+    assert report["measurement_rows"] == len(rows)
+    by_frame: dict[str, int] = {}
+    for row in rows:
+        by_frame[row["frame_id"]] = by_frame.get(row["frame_id"], 0) + 1
+    assert set(by_frame.values()) == {2}  # each frame's rows whole, none cut
+    assert report["errors_total"] > 0 and report["failing"] is True
+    with caplog.at_level("WARNING", logger="livemask"):
+        assert len(open_recording(run).frames) == len(records)
+    assert "have no line in frames.jsonl" in caplog.text
+    (first,) = out["errors"]  # one report for the run of errors, not one per write
+    assert "File too large" in first
+
+
+def test_a_deleted_run_folder_stops_the_recording_and_says_so(tmp_path: Path) -> None:
+    """Before, zarr re-created the deleted folders, the side files went on into deleted
+    files, and the recording said it was complete."""
+    import shutil
+
+    errors: list[str] = []
+    run = tmp_path / "run"
+    rec = Recorder(run, pixel_size_um=0.65, units=UNITS, on_error=errors.append).start()
+    rng = np.random.default_rng(1)
+    for fid in range(3):
+        rec.on_frame(_frame(fid, rng.integers(0, 4000, (24, 32)).astype(np.uint16)))
+    _wait(lambda: rec.report()["frames_written"] == 3)
+    shutil.rmtree(run)
+    for fid in range(3, 8):
+        rec.on_frame(_frame(fid, rng.integers(0, 4000, (24, 32)).astype(np.uint16)))
+    rec.close(frames_acquired=8)
+    assert not run.exists()  # nothing re-created where the user deleted it
+    report = rec.report()
+    assert report["frames_written"] == 3 and report["frames_rejected"] == 5
+    assert report["stopped"] is not None and "deleted or moved" in report["stopped"]
+    (message,) = errors
+    assert "the rest of the run is not recorded" in message
+
+
+async def test_the_service_announces_a_recording_that_fails(tmp_path: Path) -> None:
+    """Before, a full disk or a deleted folder was only in the log: no event, and
+    ``last_error`` stayed null while the run went on unrecorded."""
+    import shutil
+
+    from livemask.client import AsyncSubscriber
+
+    cfg = make_config(record={"enabled": True, "path": str(tmp_path)},
+                      acquisition={"sequence": {"time_plan": {"interval": 0.05,
+                                                              "loops": 40}}})
+    async with Service(cfg) as svc, AsyncSubscriber(
+        svc.publisher.bound_address, ("event",)
+    ) as sub:
+        run = _run_dir(tmp_path)
+        await asyncio.sleep(0.3)
+        svc.start_acquisition(None)
+        assert svc.recorder is not None
+        errors: list[dict[str, Any]] = []
+        deleted = False
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if not deleted and svc.recorder.report()["frames_written"] >= 3:
+                shutil.rmtree(run)
+                deleted = True
+            msg = await sub.recv(timeout_s=0.05)
+            if msg is not None and msg.header["kind"] == "error":
+                errors.append(msg.header)
+            if msg is not None and msg.header["kind"] == "acquisition_finished":
+                break
+        await _run_to_end(svc)
+        status = svc.status()
+    (error,) = errors
+    assert error["source"] == "recording" and "deleted or moved" in error["detail"]
+    assert status["last_error"] == error["detail"]
+    assert status["recording"]["stopped"] is not None
+    assert status["frames_acquired"] == 40  # the acquisition went on

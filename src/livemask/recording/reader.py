@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ from livemask.errors import ReplayError
 from livemask.recording.writer import IMAGES, LABELS_NAME
 
 __all__ = ["Recording", "find_recording", "open_recording", "read_frames_jsonl"]
+
+log = logging.getLogger("livemask")
 
 
 @dataclass
@@ -71,13 +74,18 @@ def open_recording(path: str | Path) -> Recording:
         )
     root = zarr.open_group(run / IMAGES, mode="r")
     attrs: dict[str, Any] = dict(root.attrs.asdict())
-    images = root["0"]
+    images: Any = root["0"]
     labels = None
     with contextlib.suppress(KeyError):
         labels = root[f"labels/{LABELS_NAME}/0"]
     frames = read_frames_jsonl(run / "frames.jsonl") if (run / "frames.jsonl").is_file() else []
     if not frames:
         frames = list(attrs.get("livemask", {}).get("frames", []))
+    unrecorded = int(images.shape[0]) - len({f.get("frame_id") for f in frames})
+    if unrecorded > 0:
+        log.warning("%s: %d frame(s) on the t axis have no line in frames.jsonl (the recorder "
+                    "could not write them: a full disk, see its log) and are not read",
+                    run, unrecorded)
     scale = attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]
     pixel = float(scale["scale"][-1]) if scale.get("type") == "scale" else None
     return Recording(run, images, labels, frames, pixel, attrs)

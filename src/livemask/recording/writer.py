@@ -23,22 +23,30 @@ the group attribute ``livemask.frames``).
 and only enqueues; a writer thread does the I/O. The queue is unbounded (a frame is never
 dropped); when more than ``max_queue_mb`` wait, a warning is logged. Each frame grows the
 arrays (the zarr metadata with the new shape is rewritten at once, atomically), then its
-chunks are written, then its ``frames.jsonl`` line; files are flushed after every batch, so
-what a reader finds is always a valid dataset. :meth:`Recorder.close` writes everything still
+chunks are written, then its CSV rows and its ``frames.jsonl`` line, each whole or not at all
+(:class:`~livemask.recording.files.BlockFile`), so what a reader finds is always a valid
+dataset and the counters say what is on disk. :meth:`Recorder.close` writes everything still
 queued, then the final group attributes (``livemask.complete: true``).
+
+Write errors (a full disk, a folder made read-only) never stop the service: the frame is
+counted as rejected, the first error of a run of them goes to ``on_error`` (the service
+publishes it as an ``error`` event), and writing resumes by itself when the disk does. A run
+folder deleted or moved while recording stops the recording (zarr would silently re-create
+its folders and the side files would be lost): the rest of the run is not recorded, and the
+recording is not marked complete.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
+import io
 import json
 import logging
-import os
 import queue
 import threading
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,6 +56,7 @@ import yaml
 
 from livemask import __version__
 from livemask.errors import RecordingError
+from livemask.recording.files import BlockFile, folder_lost
 
 if TYPE_CHECKING:
     from livemask.service.frames import Frame
@@ -158,7 +167,12 @@ class _Counts:
     rejected: int = 0
     events: int = 0
     rows: int = 0
-    errors: list[str] = field(default_factory=list)
+    errors: deque[str] = field(default_factory=lambda: deque(maxlen=5))  # the last ones
+    errors_total: int = 0
+
+
+#: While writes keep failing, a summary line is logged every this many errors.
+ERROR_LOG_EVERY = 100
 
 
 _STOP = object()
@@ -168,7 +182,8 @@ class Recorder:
     """Writes every frame it is given to ``path`` (a new folder) on a writer thread.
 
     ``on_frame`` and ``on_event`` never block and never raise for I/O problems: those are
-    logged and counted (``report()["errors"]``). Use ``start()`` before and ``close()`` after.
+    logged and counted (``report()["errors"]``), and the first of a run of them is handed to
+    ``on_error`` (called on the writer thread). Use ``start()`` before and ``close()`` after.
     """
 
     def __init__(
@@ -181,6 +196,7 @@ class Recorder:
         labels: bool = True,
         measurements: bool = True,
         max_queue_mb: float = 2048.0,
+        on_error: Callable[[str], None] | None = None,
     ) -> None:
         if pixel_size_um <= 0:
             raise RecordingError(f"pixel_size_um must be > 0, got {pixel_size_um}")
@@ -201,16 +217,19 @@ class Recorder:
         self._over_limit = False
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._on_error = on_error
+        self._failing = False  # the last write failed (on_error was told)
+        self._error_kinds: set[str] = set()  # logged with a traceback once each
+        self._lost: str | None = None  # why the run folder can no longer be written to
         # per-frame records for the final zarr attributes; None once the run is too long for
         # them (frames.jsonl has every frame in any case)
         self._records: list[dict[str, Any]] | None = []
         self._root: Any = None
         self._images: Any = None
         self._masks: Any = None
-        self._frames_fh: Any = None
-        self._events_fh: Any = None
-        self._csv_fh: Any = None
-        self._csv: csv.DictWriter[str] | None = None
+        self._frames_fh: BlockFile | None = None
+        self._events_fh: BlockFile | None = None
+        self._csv_fh: BlockFile | None = None
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> Recorder:
@@ -234,15 +253,13 @@ class Recorder:
                 "images": {"axes": ["t", "y", "x"], "t": "frame_id (acquisition order)",
                            "y": "µm per px = pixel_size_um", "x": "µm per px = pixel_size_um"},
             }, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-            self._frames_fh = (self.path / "frames.jsonl").open("a", encoding="utf-8")
-            self._events_fh = (self.path / "events.jsonl").open("a", encoding="utf-8")
+            self._frames_fh = BlockFile(self.path / "frames.jsonl")
+            self._events_fh = BlockFile(self.path / "events.jsonl")
             if self.measurements:
-                self._csv_fh = (self.path / "measurements.csv").open(
-                    "w", newline="", encoding="utf-8"
-                )
-                self._csv = csv.DictWriter(self._csv_fh, CSV_COLUMNS, extrasaction="ignore")
-                self._csv.writeheader()
-                self._csv_fh.flush()
+                self._csv_fh = BlockFile(self.path / "measurements.csv", "w")
+                header = io.StringIO()
+                csv.DictWriter(header, CSV_COLUMNS).writeheader()
+                self._csv_fh.write(header.getvalue())
         except OSError as exc:
             self._close_files()
             raise RecordingError(
@@ -261,6 +278,9 @@ class Recorder:
         self.frames_acquired = frames_acquired
         if self._thread is None:
             return
+        if self._queued_frames:
+            log.warning("recorder: writing the %d queued frames (%.0f MB) to %s before "
+                        "closing", self._queued_frames, self._queued_bytes / 2**20, self.path)
         self._queue.put(_STOP)
         self._thread.join(timeout_s)
         if self._thread.is_alive():
@@ -268,7 +288,8 @@ class Recorder:
                       self._queued_frames, timeout_s, self.path)
             return
         c = self.counts
-        log.info(
+        log.log(
+            logging.WARNING if c.rejected or c.errors_total else logging.INFO,
             "recording closed: %d frames written (%d analysed, %d skipped, %d failed, "
             "%d rejected) of %s acquired, %d measurement rows, in %s",
             c.written, c.analysed, c.skipped, c.failed, c.rejected,
@@ -329,7 +350,10 @@ class Recorder:
             "frames_queued": self._queued_frames,
             "queued_mb": round(self._queued_bytes / 2**20, 1),
             "measurement_rows": c.rows,
-            "errors": list(c.errors[-5:]),
+            "errors": list(c.errors),
+            "errors_total": c.errors_total,
+            "failing": self._failing,
+            "stopped": self._lost,
         }
 
     # ------------------------------------------------------------ writer thread
@@ -342,9 +366,11 @@ class Recorder:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            self._check_folder()
             frames = [b for b in batch if isinstance(b, _FrameItem)]
             try:
-                self._grow(frames)
+                if self._lost is None:
+                    self._grow(frames)
             except Exception as exc:
                 self._error("growing the arrays failed", exc)
             for item in batch:
@@ -357,13 +383,49 @@ class Recorder:
                         self._write_event(item)
                 except Exception as exc:  # never let the writer thread die
                     self._error("writing", exc)
-            self._flush()
         self._finish()
 
+    def _check_folder(self) -> None:
+        """Stop recording if the run folder was deleted or moved (once per batch)."""
+        if self._lost is not None:
+            return
+        lost = folder_lost(self.path, self._side_files())
+        if lost is not None:
+            self._lost = lost
+            self._error("recording stopped", RecordingError(
+                f"{lost}; the rest of the run is not recorded"))
+
+    def _side_files(self) -> list[BlockFile]:
+        return [f for f in (self._frames_fh, self._events_fh, self._csv_fh) if f is not None]
+
     def _error(self, what: str, exc: BaseException) -> None:
+        """Count and log a write error (a traceback once per kind, then a line every
+        ``ERROR_LOG_EVERY``); tell ``on_error`` about the first of a run of them."""
         msg = f"{what}: {type(exc).__name__}: {exc}"
-        self.counts.errors.append(msg)
-        log.error("recorder (%s): %s", self.path, msg, exc_info=exc)
+        c = self.counts
+        c.errors.append(msg)
+        c.errors_total += 1
+        kind = f"{type(exc).__name__}{getattr(exc, 'errno', '')}"
+        if kind not in self._error_kinds:
+            self._error_kinds.add(kind)
+            log.error("recorder (%s): %s", self.path, msg, exc_info=exc)
+        elif c.errors_total % ERROR_LOG_EVERY == 0:
+            log.error("recorder (%s): %d write errors so far, the last: %s",
+                      self.path, c.errors_total, msg)
+        if not self._failing:
+            self._failing = True
+            if self._on_error is not None:
+                try:
+                    self._on_error(msg)
+                except Exception:
+                    log.exception("recorder: reporting a write error failed")
+
+    def _wrote(self) -> None:
+        """A frame was written whole: a run of errors, if any, is over."""
+        if self._failing:
+            self._failing = False
+            log.warning("recorder (%s): writing again (%d write errors so far)",
+                        self.path, self.counts.errors_total)
 
     def _create_arrays(self, image: np.ndarray) -> None:
         import zarr
@@ -411,6 +473,10 @@ class Recorder:
         rec = item.record
         fid = int(rec["frame_id"])
         stored = False
+        if self._lost is not None:  # nowhere to write to
+            self.counts.rejected += 1
+            self._dequeued(item)
+            return
         try:
             arr = self._images
             image = item.image
@@ -441,21 +507,26 @@ class Recorder:
             self.counts.rejected += 1
             rec["error"] = rec["error"] or str(exc)
         rec["stored"] = stored
+        if not stored:
+            self._write_event({"kind": "frame_not_stored", "frame_id": fid,
+                               "detail": rec["error"], "t": rec["t"]})
+        if item.objects:  # its measurements stand, even if its image could not be stored
+            self._write_rows(rec, item.objects)
+        try:
+            assert self._frames_fh is not None
+            self._frames_fh.write(json.dumps(rec, default=_jsonable) + "\n")
+        except Exception as exc:  # the reader knows a frame by its line: it is lost
+            self._error(f"frames.jsonl line of frame {fid}", exc)
+            if stored:
+                self.counts.rejected += 1
+            stored = False
         if stored:
             c = self.counts
             c.written += 1
             c.analysed += bool(rec["analysed"])
             c.skipped += bool(rec["skipped"])
             c.failed += bool(rec["failed"])
-        else:
-            self._write_event({"kind": "frame_not_stored", "frame_id": fid,
-                               "detail": rec["error"], "t": rec["t"]})
-        if item.objects:  # its measurements stand, even if its image could not be stored
-            self._write_rows(rec, item.objects)
-        try:
-            self._frames_fh.write(json.dumps(rec, default=_jsonable) + "\n")
-        except Exception as exc:
-            self._error(f"frames.jsonl line of frame {fid}", exc)
+            self._wrote()
         if self._records is not None:
             self._records.append({k: rec[k] for k in (
                 "frame_id", "index", "position", "analysed", "skipped", "failed", "stored")}
@@ -465,12 +536,16 @@ class Recorder:
         if rec["failed"]:
             self._write_event({"kind": "frame_failed", "frame_id": fid,
                                "detail": rec["error"], "t": rec["t"]})
+        self._dequeued(item)
+
+    def _dequeued(self, item: _FrameItem) -> None:
         with self._lock:
             self._queued_frames -= 1
             self._queued_bytes -= item.nbytes
 
     def _write_rows(self, rec: dict[str, Any], objects: list[dict[str, Any]]) -> None:
-        if self._csv is None:
+        """A frame's measurement rows, written as one block (all of them or none)."""
+        if self._csv_fh is None:
             return
         acquired = rec["t"].get("acquired")
         base: dict[str, Any] = {
@@ -479,32 +554,29 @@ class Recorder:
             **{a: rec["index"].get(a, "") for a in _INDEX_AXES},
             **{k: ("" if v is None else v) for k, v in rec["position"].items()},
         }
+        block = io.StringIO()
+        writer = csv.DictWriter(block, CSV_COLUMNS, extrasaction="ignore")
+        for obj in objects:
+            row = {**base, **obj}
+            for key, cols in _SPLIT.items():
+                values = obj.get(key)
+                if values is not None:
+                    row.update(zip(cols, values, strict=False))
+            writer.writerow(row)
         try:
-            for obj in objects:
-                row = {**base, **obj}
-                for key, cols in _SPLIT.items():
-                    values = obj.get(key)
-                    if values is not None:
-                        row.update(zip(cols, values, strict=False))
-                self._csv.writerow(row)
-                self.counts.rows += 1
+            self._csv_fh.write(block.getvalue())
+            self.counts.rows += len(objects)
         except Exception as exc:
             self._error(f"measurement rows of frame {rec['frame_id']}", exc)
 
     def _write_event(self, header: dict[str, Any]) -> None:
+        if self._lost is not None or self._events_fh is None:
+            return
         try:
             self._events_fh.write(json.dumps(header, default=_jsonable) + "\n")
             self.counts.events += 1
         except Exception as exc:
             self._error("events.jsonl", exc)
-
-    def _flush(self) -> None:
-        for fh in (self._frames_fh, self._events_fh, self._csv_fh):
-            if fh is not None:
-                try:
-                    fh.flush()
-                except Exception as exc:
-                    self._error("flushing", exc)
 
     def _summary_attrs(self, *, complete: bool) -> dict[str, Any]:
         c = self.counts
@@ -533,27 +605,26 @@ class Recorder:
         return out
 
     def _finish(self) -> None:
-        if self._root is not None:
+        self._check_folder()
+        if self._root is not None and self._lost is None:  # else: not complete
             try:
                 self._root.update_attributes({"livemask": self._summary_attrs(complete=True)})
             except Exception as exc:
                 self._error("final attributes", exc)
-        self._flush()
-        for fh in (self._frames_fh, self._events_fh, self._csv_fh):
-            if fh is not None:
-                with contextlib.suppress(OSError):
-                    os.fsync(fh.fileno())
+        for fh in self._side_files():
+            try:
+                fh.sync()
+            except OSError as exc:
+                self._error(f"putting {fh.path.name} on disk", exc)
         self._close_files()
 
     def _close_files(self) -> None:
-        for fh in (self._frames_fh, self._events_fh, self._csv_fh):
-            if fh is not None:
-                try:
-                    fh.close()
-                except Exception as exc:
-                    self._error("closing", exc)
+        for fh in self._side_files():
+            try:
+                fh.close()
+            except Exception as exc:
+                self._error("closing", exc)
         self._frames_fh = self._events_fh = self._csv_fh = None
-        self._csv = None
 
 
 def _jsonable(value: Any) -> Any:

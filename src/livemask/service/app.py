@@ -256,6 +256,7 @@ class Service:
             labels=rec.labels,
             measurements=rec.measurements,
             max_queue_mb=rec.max_queue_mb,
+            on_error=lambda message: self._from_thread(self._recording_failed, message),
         ).start()
         self.pipeline.sinks.append(self.recorder)
         log.info("recording to %s", self.recorder.path)
@@ -332,6 +333,12 @@ class Service:
         self._from_thread(self._event, f"{kind}_mismatch", {
             "index": dict(event.index), **off, "detail": detail,
         })
+
+    def _recording_failed(self, message: str) -> None:
+        """The recorder could not write (the first error of a run of them): say so."""
+        path = self.recorder.path if self.recorder is not None else "?"
+        self._last_error = f"recording to {path}: {message}"
+        self._event("error", {"detail": self._last_error, "source": "recording"})
 
     def _on_camera_frame(self, raw: RawFrame) -> None:
         """Camera thread → event loop hand-off; never blocks the camera."""

@@ -254,9 +254,15 @@ async def test_a_second_interrupt_during_start_up_quits_at_once(
     assert exits == [130]
     running = _Interrupts(exit_now=exits.append)
     running.starting = False  # once started, every interrupt is an orderly stop
-    running()
-    running()
+    running.still_to_do = lambda: ": writing 40 queued frame(s) to /data/run-1"
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="livemask"):
+        running()
+        assert caplog.text == ""
+        running()  # says what the stop still waits for
     assert running.stop.is_set() and exits == [130]
+    assert "already stopping: writing 40 queued frame(s) to /data/run-1; it goes on" \
+        in caplog.text
 
 
 @pytest.mark.parametrize("args", [

@@ -378,8 +378,10 @@ def test_run_folders_are_created_at_once_so_two_services_never_share_one(
     assert second.name == first.name + "-2"
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    with pytest.raises(RecordingError, match=r"cannot record to .*a-file.*writable folder"):
+    with pytest.raises(RecordingError, match=r"cannot record to .*a-file: it is a file, not"):
         new_run_dir(blocker)
+    with pytest.raises(RecordingError, match=r"cannot record to .*a-file/sub.*writable folder"):
+        new_run_dir(blocker / "sub")
 
 
 def test_replaying_an_unfinished_recording_says_so(

@@ -194,6 +194,13 @@ def _exit_past_a_stuck_device(code: int) -> None:
         os._exit(code)
 
 
+def _still_to_write(service: Any) -> str | None:
+    """The recorder's backlog, as a clause for the log, or None."""
+    rec = service.recorder
+    queued = rec.report()["frames_queued"] if rec is not None else 0
+    return f": writing {queued} queued frame(s) to {rec.path}" if queued else None
+
+
 class _Interrupts:
     """SIGINT/SIGTERM: stop the service. During start-up (loading a model, or building a
     TensorRT engine, can take minutes) the stop waits for it to finish, so say so, and let a
@@ -203,6 +210,8 @@ class _Interrupts:
         self.stop = asyncio.Event()
         self.starting = True
         self._exit_now = exit_now
+        #: What the shutdown still waits for, said when interrupted again while stopping.
+        self.still_to_do: Any = lambda: None
 
     def __call__(self) -> None:
         if self.starting and self.stop.is_set():
@@ -212,6 +221,9 @@ class _Interrupts:
         if self.starting:
             log.warning("interrupted during start-up: stopping as soon as it has finished "
                         "(interrupt again to quit at once)")
+        elif self.stop.is_set():  # an orderly stop is under way: say what it waits for
+            log.warning("already stopping%s; it goes on (SIGKILL quits at once: what is "
+                        "recorded so far stays readable)", self.still_to_do() or "")
         self.stop.set()
 
 
@@ -225,6 +237,7 @@ async def _serve(cfg: Any, *, view: bool, exit_when_done: bool, source: Any = No
         loop.add_signal_handler(sig, interrupts)
     async with Service(cfg, source=source) as service:
         interrupts.starting = False
+        interrupts.still_to_do = lambda: _still_to_write(service)
         viewer = _start_viewer(service.publisher.bound_address, service.truth) if view else None
         waiter = None
         if exit_when_done:

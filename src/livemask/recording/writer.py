@@ -110,6 +110,11 @@ def new_run_dir(parent: Path, now: float | None = None) -> Path:
     ... if taken). Created at once, so two services recording into ``parent`` in the same
     second get a folder each; ``RecordingError`` if ``parent`` cannot hold one."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    if parent.exists() and not parent.is_dir():
+        raise RecordingError(
+            f"cannot record to {parent}: it is a file, not a folder; give a folder (record.path "
+            "or --record)"
+        )
     try:
         parent.mkdir(parents=True, exist_ok=True)
         for n in range(1, 10_000):

@@ -193,3 +193,37 @@ def test_the_last_event_of_a_stopped_acquisition_is_not_reported_missing() -> No
         next(feed)
     assert missing == [] and feed.missing == 0
 
+
+
+def test_events_enqueued_once_the_last_was_taken_are_refused_not_lost() -> None:
+    """Before, events injected after the runner had taken the last event went into a feed
+    nobody read again: accepted, never run, never reported."""
+    from livemask.errors import AcquisitionEnding
+
+    feed = EventFeed(_events(1))
+    assert [e.index["t"] for e in feed] == [0]  # the runner took the last event
+    with pytest.raises(AcquisitionEnding, match="taken its last event"):
+        feed.inject([useq.MDAEvent(x_pos=5.0)])
+    closed = EventFeed(_events(3))
+    closed.close()
+    with pytest.raises(AcquisitionEnding):
+        closed.inject([useq.MDAEvent(x_pos=5.0)])
+
+
+def test_the_enqueue_backlog_is_bounded_and_dropped_when_stopped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before, 500,000 enqueued events took 770 MB, unseen in status, kept after stop."""
+    from livemask.acquisition import feed as feed_module
+    from livemask.errors import AcquisitionError
+
+    monkeypatch.setattr(feed_module, "MAX_PENDING_EVENTS", 5)
+    feed = EventFeed(_events(2))
+    assert feed.inject(_events(4)) == 4 and feed.pending == 4
+    with pytest.raises(AcquisitionError, match="4 enqueued events wait to run and at most 5"):
+        feed.inject(_events(2))
+    assert feed.pending == 4  # all or nothing
+    next(feed)
+    assert feed.inject(_events(2)) == 2 and feed.pending == 5
+    feed.close()
+    assert feed.pending == 0 and feed.not_run == 5

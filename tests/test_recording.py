@@ -202,7 +202,7 @@ async def test_a_roi_is_refused_while_recording(tmp_path: Path) -> None:
     roi = {"roi": {"offset_x": 0, "offset_y": 0, "width": 256, "height": 200}}
     async with Service(cfg) as svc:
         with pytest.raises(ConfigError, match="a roi changes the frame shape"):
-            svc.enqueue([useq.MDAEvent.model_validate(roi)])
+            await svc.enqueue([useq.MDAEvent.model_validate(roi)])
         assert not svc.acquiring
 
 

@@ -711,3 +711,70 @@ async def test_grain_tile_scan_publishes_tile_and_cumulative_statistics() -> Non
         truth_stats.add(t.arrays["labels"], meas[0].header["pixel_size_um"])
     true_area = truth_stats.summary()["mean_area_um2"]
     assert abs(last["cumulative"]["mean_area_um2"] - true_area) / true_area < 0.10
+
+
+# ------------------------------------------------------------------ control traffic races
+ONE_FRAME = {"sequence": {"time_plan": {"interval": 0.0, "loops": 1}}}
+
+
+async def test_an_enqueue_while_the_acquisition_ends_runs_in_a_new_one() -> None:
+    """Before, an enqueue accepted after the runner had taken the last event (the
+    acquisition not yet reported finished) answered started: false and never ran."""
+    import useq
+
+    async with Service(make_config(acquisition=ONE_FRAME)) as svc, AsyncSubscriber(
+        svc.publisher.bound_address, ("frame",)
+    ) as sub:
+        await asyncio.sleep(0.3)
+        report_done = svc._on_acquisition_done
+        held: list[str | None] = []
+        svc._on_acquisition_done = held.append  # type: ignore[method-assign]
+        svc.start_acquisition(None)
+        deadline = time.monotonic() + 10
+        while not held:  # the runner took the last event and ended; not reported yet
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert svc.acquiring
+        enqueue = asyncio.create_task(svc.enqueue([useq.MDAEvent(x_pos=5.0)]))
+        await asyncio.sleep(0.1)
+        assert not enqueue.done()  # waits for the end
+        svc._on_acquisition_done = report_done  # type: ignore[method-assign]
+        report_done(held[0])
+        assert await asyncio.wait_for(enqueue, 10) == {"enqueued": 1, "started": True}
+        frames = []
+        while len(frames) < 2 and time.monotonic() < deadline:
+            msg = await sub.recv(timeout_s=0.1)
+            if msg is not None:
+                frames.append(msg.header)
+    assert [f["position"]["x_um"] for f in frames] == [None, 5.0]
+    assert [f["acquisition"] for f in frames] == [1, 2]  # which acquisition each is of
+
+
+async def test_start_right_after_an_acquisition_ended_is_accepted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before, a start sent as soon as an acquisition was reported finished, while its
+    thread was still exiting, got an internal error (and reset the feedback state and the
+    acquisition number on the way)."""
+    from livemask.acquisition.source import FeedThreadSource
+
+    real_end = FeedThreadSource._end
+
+    def lingering_exit(self: FeedThreadSource, on_done: Any, error: str | None) -> None:
+        real_end(self, on_done, error)
+        time.sleep(0.3)  # the thread has reported the end and not exited yet
+
+    monkeypatch.setattr(FeedThreadSource, "_end", lingering_exit)
+    async with Service(make_config(acquisition=ONE_FRAME)) as svc:
+        for _ in range(3):
+            assert (await control(svc, "start"))["started"] is True
+            deadline = time.monotonic() + 10
+            while svc.acquiring:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.005)
+        assert svc.pipeline.acquisition == 3
+        svc.start_acquisition(None)
+        with pytest.raises(ControlError, match="running") as info:
+            await control(svc, "start")
+        assert info.value.code == "invalid_state"
+        assert svc.pipeline.acquisition == 4  # the refused start reset nothing

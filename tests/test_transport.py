@@ -628,6 +628,30 @@ async def test_client_discards_reply_with_other_id(client_factory: Any) -> None:
         router.close(linger=0)
 
 
+async def test_a_request_that_changes_things_is_not_resent(client_factory: Any) -> None:
+    """Before, an enqueue whose reply came late (behind a slow stop) was resent and, the
+    first copy still delivered, acquired twice; the caller saw one success."""
+    router = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(ANY_PORT)
+    try:
+        client = client_factory(endpoint(router), timeout_s=0.2, retries=3)
+        with pytest.raises(ControlTimeout, match=r"1 attempt\(s\).*'enqueue' is not resent"):
+            await call(client, "enqueue", events=[{"x_pos": 1.0}])
+        received = []
+        while await router.poll(300):
+            received.append(await router.recv_multipart())
+        assert len(received) == 1
+        with pytest.raises(ControlTimeout, match=r"3 attempt\(s\)"):  # safe to repeat
+            await call(client, "status")
+        with pytest.raises(ControlTimeout, match=r"3 attempt\(s\)"):
+            await call(client, "rules")  # listing them
+        with pytest.raises(ControlTimeout, match=r"1 attempt\(s\)"):
+            await call(client, "rules", enable=["a"])
+    finally:
+        router.close(linger=0)
+
+
 def test_client_request_ids_increment_and_wrappers_send_args() -> None:
     sent: list[dict[str, Any]] = []
 

@@ -61,6 +61,10 @@ class AcquisitionError(LivemaskError, RuntimeError):
     """The microscope or its Micro-Manager core failed."""
 
 
+class AcquisitionEnding(AcquisitionError):
+    """The acquisition has taken its last event: events can no longer be added to it."""
+
+
 class FrameTimeout(AcquisitionError, TimeoutError):
     """No frame arrived within the configured timeout."""
 

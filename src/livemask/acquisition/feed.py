@@ -30,8 +30,12 @@ from dataclasses import dataclass
 import useq
 
 from livemask.acquisition.mode import Mode
+from livemask.errors import AcquisitionEnding, AcquisitionError
 
 log = logging.getLogger("livemask")
+
+#: Injected events that may wait to run at once (≈ 1 KB each in memory).
+MAX_PENDING_EVENTS = 100_000
 
 
 @dataclass
@@ -80,6 +84,12 @@ class EventFeed(Iterator[useq.MDAEvent]):
         self._on_missing = on_missing
         self._awaiting: useq.MDAEvent | None = None  # the last image event issued
         self._delivered_before = 0  # frames delivered before it was issued
+        self.not_run = 0  # injected events dropped when the feed was closed
+
+    @property
+    def pending(self) -> int:
+        """Injected events waiting to run."""
+        return len(self._injected)
 
     @property
     def started(self) -> int:
@@ -148,9 +158,24 @@ class EventFeed(Iterator[useq.MDAEvent]):
                 log.exception("reporting a missing frame failed")
 
     def inject(self, events: Iterable[useq.MDAEvent]) -> int:
-        """Queue events to run before the remaining planned ones; returns how many."""
+        """Queue events to run before the remaining planned ones; returns how many.
+
+        :class:`AcquisitionEnding` once the runner has taken the last event or the feed is
+        closed (nothing would run them), :class:`AcquisitionError` past
+        ``MAX_PENDING_EVENTS`` waiting."""
         items = list(events)
         with self._cond:
+            if self._closed or self._planned_done:
+                raise AcquisitionEnding(
+                    "the acquisition has taken its last event and is ending; the events were "
+                    "not added"
+                )
+            if len(self._injected) + len(items) > MAX_PENDING_EVENTS:
+                raise AcquisitionError(
+                    f"{len(self._injected)} enqueued events wait to run and at most "
+                    f"{MAX_PENDING_EVENTS} may wait; enqueue more once some have run "
+                    "(status: pending_events)"
+                )
             self._injected.extend(items)
             self._cond.notify_all()
         return len(items)
@@ -179,7 +204,10 @@ class EventFeed(Iterator[useq.MDAEvent]):
             self._cond.notify_all()
 
     def close(self) -> None:
-        """Make the runner's next ``next()`` end the acquisition."""
+        """Make the runner's next ``next()`` end the acquisition; injected events still
+        waiting are dropped (counted in ``not_run``)."""
         with self._cond:
             self._closed = True
+            self.not_run += len(self._injected)
+            self._injected.clear()
             self._cond.notify_all()

@@ -296,10 +296,9 @@ class ReplaySource(FeedThreadSource):
         on_done: DoneCallback,
     ) -> None:
         """Replay one frame per event of ``events`` (at most the stack's length)."""
-        if self.running:
-            raise AcquisitionError("a replay is already running; stop it first")
         if self.on_frame is None:
             raise AcquisitionError("ReplaySource has no frame callback; call connect() first")
+        self._ready_to_start()
         self._stop.clear()
         self._feed = EventFeed(events, mode=mode,
                                sync_timeout_s=self.sync_timeout_s)
@@ -338,7 +337,7 @@ class ReplaySource(FeedThreadSource):
             log.exception("replay of %s failed", stack.path)
             error = f"{type(exc).__name__}: {exc}"
         finally:
-            on_done(error)
+            self._end(on_done, error)
 
     def inject(self, events: Iterable[useq.MDAEvent]) -> int:
         """A replay cannot acquire new events."""

@@ -22,7 +22,7 @@ import useq
 from livemask.acquisition.engine import FocusTolerantEngine
 from livemask.acquisition.feed import EventFeed
 from livemask.acquisition.mode import Mode
-from livemask.errors import AcquisitionError
+from livemask.errors import AcquisitionEnding, AcquisitionError
 
 if TYPE_CHECKING:
     from pymmcore_plus import CMMCorePlus
@@ -182,11 +182,39 @@ class FeedThreadSource:
 
     _feed: EventFeed | None = None
     _thread: threading.Thread | None = None
+    _ended = False  # the thread's acquisition has ended (it is calling on_done, or exiting)
 
     @property
     def running(self) -> bool:
-        """Whether the source's thread is alive."""
-        return self._thread is not None and self._thread.is_alive()
+        """Whether an acquisition runs: its thread is alive and has not ended it."""
+        return self._thread is not None and self._thread.is_alive() and not self._ended
+
+    @property
+    def pending_events(self) -> int:
+        """Enqueued events waiting to run in the current acquisition."""
+        return self._feed.pending if self._feed is not None else 0
+
+    @property
+    def events_not_run(self) -> int:
+        """Enqueued events the current (or last) acquisition dropped when it was stopped."""
+        return self._feed.not_run if self._feed is not None else 0
+
+    def _ready_to_start(self) -> None:
+        """Raise if an acquisition runs; let the thread of one that ended finish exiting
+        (it has called on_done, so the service may already start the next)."""
+        if self.running:
+            raise AcquisitionError("an acquisition is already running; stop it first")
+        if self._thread is not None and self._thread.is_alive():
+            self._thread.join(2.0)
+            if self._thread.is_alive():
+                raise AcquisitionError("the last acquisition's thread has not exited yet; retry")
+        self._ended = False
+
+    def _end(self, on_done: DoneCallback | None, error: str | None) -> None:
+        """The thread's last act: mark the acquisition ended, then report it."""
+        self._ended = True
+        if on_done is not None:
+            on_done(error)
 
     @property
     def image_events_issued(self) -> int:
@@ -333,8 +361,7 @@ class MicroscopeSource(FeedThreadSource):
         on_done: DoneCallback,
     ) -> None:
         """Run ``events`` through the MDA runner on a new thread."""
-        if self.running:
-            raise AcquisitionError("an acquisition is already running; stop it first")
+        self._ready_to_start()
         self._stuck = False
         self._reported.clear()
         self._feed = EventFeed(events, mode=mode, sync_timeout_s=self._sync_timeout_s,
@@ -354,8 +381,7 @@ class MicroscopeSource(FeedThreadSource):
             error = f"{type(exc).__name__}: {exc}"
         finally:
             self._read_camera_now()
-            if self._on_done is not None:
-                self._on_done(error)
+            self._end(self._on_done, error)
 
     def _read_camera_now(self) -> None:
         """:attr:`camera_now` from the core, once a run has ended (runner thread)."""
@@ -371,9 +397,12 @@ class MicroscopeSource(FeedThreadSource):
             log.warning("could not read the camera's settings after the run: %s", exc)
 
     def inject(self, events: Iterable[useq.MDAEvent]) -> int:
-        """Queue events on the running acquisition."""
-        if self._feed is None or not self.running:
+        """Queue events on the running acquisition (:class:`AcquisitionEnding` once it has
+        ended, though the service may not have been told yet)."""
+        if self._feed is None:
             raise AcquisitionError("no acquisition is running")
+        if not self.running:
+            raise AcquisitionEnding("the acquisition has ended; the events were not added")
         return self._feed.inject(events)
 
     def set_exposure(self, exposure_ms: float) -> None:

@@ -30,16 +30,27 @@ def _plain(obj: Any) -> Any:
 
 #: How long :meth:`ControlClient.stop` waits for its reply by default (s).
 STOP_TIMEOUT_S = 30.0
+#: Commands that change nothing, or nothing more when repeated: resent after a timeout.
+REPEATABLE = frozenset({"status", "snapshot", "stop"})
+
+
+def safe_to_repeat(cmd: str, args: Mapping[str, Any]) -> bool:
+    """Whether running ``cmd`` twice does what running it once does."""
+    return cmd in REPEATABLE or (cmd == "rules" and not args)
 
 
 class ControlClient:
     """Blocking client of the control channel (REQ socket, Lazy Pirate pattern).
 
     Each request waits ``timeout_s`` for its reply; when none comes the socket is thrown
-    away and the request is resent on a fresh one, up to ``retries`` attempts in all,
-    then :class:`ControlTimeout` is raised. An ``ok: false`` reply raises
-    :class:`ControlError` with the service's code and message. A request that times out
-    may still have been executed by the service. Not thread-safe.
+    away and, for a request that is safe to repeat (``status``, ``snapshot``, ``stop``,
+    ``rules`` without arguments), resent on a fresh one, up to ``retries`` attempts in all;
+    then :class:`ControlTimeout` is raised. Other requests (``start``, ``enqueue``, ``set``,
+    ``rules`` that change the rules) are sent once: the service answers one request at a
+    time, so a reply late behind a slow one (a ``stop`` waiting for a long exposure) would
+    otherwise have the request run twice. After a :class:`ControlTimeout` such a request
+    may still have been executed: check ``status``. An ``ok: false`` reply raises
+    :class:`ControlError` with the service's code and message. Not thread-safe.
     """
 
     def __init__(
@@ -88,7 +99,8 @@ class ControlClient:
         req_id = self._last_id
         payload = protocol.dumps_json({"id": req_id, "cmd": cmd, "args": args})
         timeout_ms = max(1, round(wait_s * 1000))
-        for attempt in range(1, self.retries + 1):
+        attempts = self.retries if safe_to_repeat(cmd, args) else 1
+        for attempt in range(1, attempts + 1):
             sock = self._connect()
             try:
                 sock.send(payload)
@@ -113,13 +125,15 @@ class ControlClient:
                     cmd,
                     self.address,
                     attempt,
-                    self.retries,
+                    attempts,
                 )
             self._drop_socket()  # Lazy Pirate: retry on a fresh socket
+        maybe_run = "" if attempts > 1 else (
+            f"; {cmd!r} is not resent, and the service may still run it: check status")
         raise ControlTimeout(
-            f"no reply to {cmd!r} from {self.address} after {self.retries} attempt(s) of "
+            f"no reply to {cmd!r} from {self.address} after {attempts} attempt(s) of "
             f"{wait_s:g} s; check that `livemask serve` is running and that its "
-            "--control address matches this one (or raise the timeout)"
+            f"--control address matches this one (or raise the timeout){maybe_run}"
         )
 
     # Convenience wrappers for the service's commands (see docs/protocol.md).

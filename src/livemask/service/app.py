@@ -18,7 +18,7 @@ from livemask.acquisition.mode import Mode
 from livemask.acquisition.sequence import event_count, iter_events, sequence_channels
 from livemask.acquisition.source import FrameSource, MicroscopeSource, RawFrame
 from livemask.config import ServiceConfig
-from livemask.errors import AcquisitionError, ConfigError, HardwareTimeout
+from livemask.errors import AcquisitionEnding, AcquisitionError, ConfigError, HardwareTimeout
 from livemask.feedback.controller import FeedbackController
 from livemask.feedback.spec import RuleSpec
 from livemask.inference.models import ModelCard, load_model_card
@@ -453,7 +453,7 @@ class Service:
     def _start_events(self, events: Any, detail: dict[str, Any], count: int) -> int:
         if self.source is None:
             raise AcquisitionError("no frame source")
-        if self._acquiring:
+        if self._acquiring or self.source.running:  # (checked before anything is reset)
             raise AcquisitionError("an acquisition is already running; stop it first")
         if self.feedback is not None:
             self.feedback.acquisition_started()
@@ -470,7 +470,10 @@ class Service:
         self._acquiring = True
         self.state = "running"
         self._acquisition_started = time.time()
-        self._event("acquisition_started", {**detail, "events": count, "mode": self.pipeline.mode})
+        self._event("acquisition_started", {
+            **detail, "events": count, "mode": self.pipeline.mode,
+            "acquisition": self.pipeline.acquisition,
+        })
         return count
 
     def _on_acquisition_done(self, error: str | None) -> None:
@@ -489,8 +492,10 @@ class Service:
             self._last_error = error
             self._event("error", {"detail": error})
         self._event("acquisition_finished", {
+            "acquisition": self.pipeline.acquisition,
             "error": error,
             "frames_missing": missing,
+            "events_not_run": int(getattr(self.source, "events_not_run", 0)),
             "duration_s": round(time.time() - self._acquisition_started, 3),
         })
 
@@ -528,8 +533,9 @@ class Service:
             # the runner's on_done arrives via call_soon_threadsafe; let it run
             await asyncio.sleep(0)
 
-    def enqueue(self, events: list[useq.MDAEvent]) -> dict[str, Any]:
-        """Add events to the running acquisition, or start a new one made of them."""
+    async def enqueue(self, events: list[useq.MDAEvent]) -> dict[str, Any]:
+        """Add events to the running acquisition, or start a new one made of them (also when
+        the running one has taken its last event and is ending: they would never run)."""
         if self.source is None:
             raise AcquisitionError("no frame source")
         if self.recorder is not None and any(e.roi is not None for e in events):
@@ -544,10 +550,22 @@ class Service:
             [p for e in events for p in e.properties or ()],
         )
         if self._acquiring:
-            n = self.source.inject(events)
-            return {"enqueued": n, "started": False}
+            try:
+                n = self.source.inject(events)
+                return {"enqueued": n, "started": False}
+            except AcquisitionEnding:
+                await self._until_ended()
         self._start_events(events, {"enqueued": len(events)}, len(events))
         return {"enqueued": len(events), "started": True}
+
+    async def _until_ended(self, timeout_s: float = 5.0) -> None:
+        """Wait for an ending acquisition to be reported finished."""
+        deadline = time.monotonic() + timeout_s
+        while self._acquiring:
+            if time.monotonic() > deadline:
+                raise AcquisitionError("the acquisition is still ending (its last event was "
+                                       "taken); the events were not added: retry")
+            await asyncio.sleep(0.005)
 
     async def apply_settings(
         self, *, exposure_ms: float | None = None, mode: Mode | None = None
@@ -594,6 +612,7 @@ class Service:
             "version": __version__,
             "uptime_s": round(time.time() - self.started_at, 3),
             "acquiring": self._acquiring,
+            "pending_events": int(getattr(self.source, "pending_events", 0)),
             "mode": pipe.mode if pipe else self.config.acquisition.mode,
             "model": pipe.segmenter.card.name if pipe else self.config.model.name,
             "backend": pipe.segmenter.backend.name if pipe else None,

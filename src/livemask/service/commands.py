@@ -140,6 +140,8 @@ class CommandHandler:
             events = self.service.start_acquisition(seq)
         except ConfigError as exc:  # e.g. a channel preset the microscope does not have
             raise CommandError("invalid_args", str(exc)) from None
+        except AcquisitionError as exc:  # e.g. the last one's thread still exiting
+            raise CommandError("invalid_state", str(exc)) from None
         return {"started": True, "events": events}
 
     async def stop(self, args: dict[str, Any]) -> Any:
@@ -162,7 +164,7 @@ class CommandHandler:
         except ValueError as exc:
             raise CommandError("invalid_args", f"invalid {exc}") from None
         try:
-            return self.service.enqueue(events)
+            return await self.service.enqueue(events)
         except ConfigError as exc:
             raise CommandError("invalid_args", str(exc)) from None
         except AcquisitionError as exc:

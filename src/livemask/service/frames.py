@@ -37,6 +37,7 @@ class Frame:
         """Header fields shared by every topic published for this frame."""
         return {
             "frame_id": self.frame_id,
+            "acquisition": self.acquisition,
             "t": dict(self.t),
             "index": dict(self.index),
             "position": dict(self.position),

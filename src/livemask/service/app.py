@@ -26,7 +26,7 @@ from livemask.inference.segmenter import Segmenter
 from livemask.inference.select import load_backend
 from livemask.service.commands import CommandHandler
 from livemask.service.gc_policy import GcMonitor, GcPolicy
-from livemask.service.hardware_calls import call_hardware
+from livemask.service.hardware_calls import HARDWARE_TIMEOUT_S, call_hardware
 from livemask.service.pipeline import Pipeline
 from livemask.service.prefault import Prefault, prefault_frame_memory
 from livemask.transport.control_server import ControlServer
@@ -558,8 +558,9 @@ class Service:
         self._start_events(events, {"enqueued": len(events)}, len(events))
         return {"enqueued": len(events), "started": True}
 
-    async def _until_ended(self, timeout_s: float = 5.0) -> None:
-        """Wait for an ending acquisition to be reported finished."""
+    async def _until_ended(self, timeout_s: float = HARDWARE_TIMEOUT_S) -> None:
+        """Wait for an ending acquisition to be reported finished (pymmcore-plus may be
+        restoring the settings from before it); within the control client's timeout."""
         deadline = time.monotonic() + timeout_s
         while self._acquiring:
             if time.monotonic() > deadline:

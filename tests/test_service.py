@@ -46,6 +46,27 @@ async def control(svc: Service, cmd: str, **args: Any) -> Any:
     return await asyncio.to_thread(_call)
 
 
+async def enqueue_and_watch(
+    svc: Service, events: list[dict[str, Any]], timeout_s: float = 20
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Enqueue ``events`` on an idle service; the ``frame`` and ``event`` headers published
+    until the acquisition they started has finished (the last event header then)."""
+    frames: list[dict[str, Any]] = []
+    published: list[dict[str, Any]] = []
+    async with AsyncSubscriber(svc.publisher.bound_address, ("frame", "event")) as sub:
+        await asyncio.sleep(0.3)  # let the subscription reach the publisher (slow joiner)
+        assert (await control(svc, "enqueue", events=events))["started"] is True
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            msg = await sub.recv(timeout_s=0.1)
+            if msg is None:
+                continue
+            (frames if msg.topic == "frame" else published).append(msg.header)
+            if msg.topic == "event" and msg.header["kind"] == "acquisition_finished":
+                break
+    return frames, published
+
+
 async def collect_run(
     svc: Service, topics: tuple[str, ...] = ALL, *, start: bool = True, timeout_s: float = 60
 ) -> dict[str, list[Message]]:
@@ -431,21 +452,9 @@ async def test_a_stage_that_failed_to_move_is_reported_and_the_frame_placed_trul
         raise RuntimeError("limit switch hit")
 
     monkeypatch.setattr(SimXYStage, "set_position_um", stuck)
-    async with Service(make_config()) as svc, AsyncSubscriber(
-        svc.publisher.bound_address, ("frame", "event")
-    ) as sub:
-        await asyncio.sleep(0.3)
-        await control(svc, "enqueue", events=[{"x_pos": 300.0, "y_pos": 200.0}] * 3)
-        frames, mismatches = [], []
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            msg = await sub.recv(timeout_s=0.1)
-            if msg is not None and msg.topic == "frame":
-                frames.append(msg.header)
-            elif msg is not None and msg.header["kind"] == "stage_mismatch":
-                mismatches.append(msg.header)
-            elif msg is not None and msg.header["kind"] == "acquisition_finished":
-                break
+    async with Service(make_config()) as svc:
+        frames, events = await enqueue_and_watch(svc, [{"x_pos": 300.0, "y_pos": 200.0}] * 3)
+    mismatches = [e for e in events if e["kind"] == "stage_mismatch"]
     assert len(frames) == 3
     for frame in frames:  # where the stage stayed
         assert frame["position"]["x_um"] == pytest.approx(0.0)
@@ -498,24 +507,14 @@ async def test_event_properties_the_rig_takes_are_applied() -> None:
         {"properties": [["Filter", "Label", "GFP"], ["Core", "AutoShutter", 0]]},
         {"properties": [["Filter", "State", 0.0], ["Z", "Position", 3.0]]},
     ]
-    async with Service(make_config()) as svc, AsyncSubscriber(
-        svc.publisher.bound_address, ("frame", "event")
-    ) as sub:
+    async with Service(make_config()) as svc:
         core = svc.source.core  # type: ignore[union-attr]
         changes: list[tuple[str, str, Any]] = []
         core.events.propertyChanged.connect(lambda *change: changes.append(change))
         core.events.stagePositionChanged.connect(lambda *moved: changes.append(moved))
-        await asyncio.sleep(0.3)
-        assert (await control(svc, "enqueue", events=events))["enqueued"] == 2
-        frames, done = 0, None
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and done is None:
-            msg = await sub.recv(timeout_s=0.1)
-            if msg is not None and msg.topic == "frame":
-                frames += 1
-            elif msg is not None and msg.header["kind"] == "acquisition_finished":
-                done = msg.header
-    assert done is not None and done["error"] is None and frames == 2
+        frames, published = await enqueue_and_watch(svc, events)
+    assert published[-1]["kind"] == "acquisition_finished" and published[-1]["error"] is None
+    assert len(frames) == 2
     assert ("Filter", "Label", "GFP") in changes  # (the Core property: accepted above)
     assert ("Filter", "State", 0.0) in changes
     assert ("Z", 3.0) in changes
@@ -537,22 +536,10 @@ async def test_a_focus_drive_that_failed_to_move_does_not_end_the_acquisition(
         real_move(self, z)
 
     monkeypatch.setattr(SimZStage, "set_position_um", flaky)
-    async with Service(make_config()) as svc, AsyncSubscriber(
-        svc.publisher.bound_address, ("frame", "event")
-    ) as sub:
-        await asyncio.sleep(0.3)
-        await control(svc, "enqueue", events=[{"z_pos": z} for z in (1.0, 6.0, 11.0)])
-        frames, mismatches, done = [], [], None
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and done is None:
-            msg = await sub.recv(timeout_s=0.1)
-            if msg is not None and msg.topic == "frame":
-                frames.append(msg.header)
-            elif msg is not None and msg.header["kind"] == "stage_mismatch":
-                mismatches.append(msg.header)
-            elif msg is not None and msg.header["kind"] == "acquisition_finished":
-                done = msg.header
-    assert done is not None and done["error"] is None
+    async with Service(make_config()) as svc:
+        frames, events = await enqueue_and_watch(svc, [{"z_pos": z} for z in (1.0, 6.0, 11.0)])
+    mismatches = [e for e in events if e["kind"] == "stage_mismatch"]
+    assert events[-1]["kind"] == "acquisition_finished" and events[-1]["error"] is None
     assert [f["position"]["z_um"] for f in frames] == [
         pytest.approx(1.0), pytest.approx(1.0), pytest.approx(11.0)]
     (mismatch,) = mismatches

@@ -538,3 +538,38 @@ async def test_the_service_announces_a_recording_that_fails(tmp_path: Path) -> N
     assert status["last_error"] == error["detail"]
     assert status["recording"]["stopped"] is not None
     assert status["frames_acquired"] == 40  # the acquisition went on
+
+
+def test_one_side_file_failing_is_one_report_and_a_replaced_folder_stops_the_recording(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A measurements.csv past a file-size limit while the rest is written: one report for
+    the run of errors (a review found one per frame). A run folder swapped for another of
+    the same name (moved, then re-created) stops the recording like a deleted one."""
+    from livemask.recording.files import BlockFile
+
+    real_write = BlockFile.write
+
+    def csv_full(self: BlockFile, text: str) -> None:
+        if self.path.name == "measurements.csv" and not text.startswith("frame_id"):
+            raise OSError(27, "File too large")
+        real_write(self, text)
+
+    monkeypatch.setattr(BlockFile, "write", csv_full)
+    errors: list[str] = []
+    run = tmp_path / "run"
+    rec = Recorder(run, pixel_size_um=0.65, units=UNITS, on_error=errors.append).start()
+    rng = np.random.default_rng(2)
+    for fid in range(6):
+        rec.on_frame(_frame(fid, rng.integers(0, 4000, (24, 32)).astype(np.uint16)))
+    _wait(lambda: rec.report()["frames_written"] == 6)
+    assert len(errors) == 1 and "measurement rows" in errors[0]
+    assert rec.report()["failing"] is True
+    run.rename(tmp_path / "moved")
+    run.mkdir()  # another folder where the run was
+    for fid in range(6, 9):
+        rec.on_frame(_frame(fid, rng.integers(0, 4000, (24, 32)).astype(np.uint16)))
+    rec.close(frames_acquired=9)
+    assert rec.report()["stopped"] is not None
+    assert len(errors) == 2 and "deleted or moved" in errors[1]  # announced while failing
+    assert list(run.iterdir()) == []  # nothing written into the new folder

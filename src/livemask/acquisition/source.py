@@ -380,6 +380,7 @@ class MicroscopeSource(FeedThreadSource):
             log.exception("acquisition failed")
             error = f"{type(exc).__name__}: {exc}"
         finally:
+            feed.close()  # events injected from now on, or left by a fault, are counted
             self._read_camera_now()
             self._end(self._on_done, error)
 

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["BlockFile", "folder_lost"]
+__all__ = ["BlockFile", "folder_id", "folder_lost"]
 
 
 class BlockFile:
@@ -56,10 +56,23 @@ class BlockFile:
         self._file.close()
 
 
-def folder_lost(path: Path, files: list[BlockFile]) -> str | None:
-    """Why the run folder ``path`` can no longer be written to (deleted, moved, a side file
-    deleted), or None while it is in place."""
-    if not path.is_dir():
+def folder_id(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the folder ``path``, or None if there is none."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def folder_lost(
+    path: Path, files: list[BlockFile], expected: tuple[int, int] | None = None
+) -> str | None:
+    """Why the run folder ``path`` can no longer be written to (deleted, moved, replaced by
+    another folder of that name: ``expected`` is its :func:`folder_id` at the start, a side
+    file deleted), or None while it is in place."""
+    now = folder_id(path)
+    if now is None or (expected is not None and now != expected):
         return f"the recording folder {path} was deleted or moved while recording"
     lost = [f.path.name for f in files if not f.linked()]
     if lost:

@@ -56,7 +56,7 @@ import yaml
 
 from livemask import __version__
 from livemask.errors import RecordingError
-from livemask.recording.files import BlockFile, folder_lost
+from livemask.recording.files import BlockFile, folder_id, folder_lost
 
 if TYPE_CHECKING:
     from livemask.service.frames import Frame
@@ -226,6 +226,7 @@ class Recorder:
         self._failing = False  # the last write failed (on_error was told)
         self._error_kinds: set[str] = set()  # logged with a traceback once each
         self._lost: str | None = None  # why the run folder can no longer be written to
+        self._folder_id: tuple[int, int] | None = None  # (device, inode) of the run folder
         # per-frame records for the final zarr attributes; None once the run is too long for
         # them (frames.jsonl has every frame in any case)
         self._records: list[dict[str, Any]] | None = []
@@ -271,6 +272,7 @@ class Recorder:
                 f"cannot record to {self.path}: {exc}; choose a writable folder "
                 "(record.path or --record)"
             ) from None
+        self._folder_id = folder_id(self.path)
         self._thread = threading.Thread(target=self._run, name="livemask-recorder", daemon=True)
         self._thread.start()
         return self
@@ -394,9 +396,10 @@ class Recorder:
         """Stop recording if the run folder was deleted or moved (once per batch)."""
         if self._lost is not None:
             return
-        lost = folder_lost(self.path, self._side_files())
+        lost = folder_lost(self.path, self._side_files(), self._folder_id)
         if lost is not None:
             self._lost = lost
+            self._failing = False  # announced even during a run of write errors
             self._error("recording stopped", RecordingError(
                 f"{lost}; the rest of the run is not recorded"))
 
@@ -478,6 +481,8 @@ class Recorder:
         rec = item.record
         fid = int(rec["frame_id"])
         stored = False
+        errors_before = self.counts.errors_total
+        self._check_folder()  # (one stat: zarr would re-create a folder moved meanwhile)
         if self._lost is not None:  # nowhere to write to
             self.counts.rejected += 1
             self._dequeued(item)
@@ -524,14 +529,15 @@ class Recorder:
             self._error(f"frames.jsonl line of frame {fid}", exc)
             if stored:
                 self.counts.rejected += 1
-            stored = False
+            stored = rec["stored"] = False
         if stored:
             c = self.counts
             c.written += 1
             c.analysed += bool(rec["analysed"])
             c.skipped += bool(rec["skipped"])
             c.failed += bool(rec["failed"])
-            self._wrote()
+            if c.errors_total == errors_before:  # every part of it written
+                self._wrote()
         if self._records is not None:
             self._records.append({k: rec[k] for k in (
                 "frame_id", "index", "position", "analysed", "skipped", "failed", "stored")}
@@ -559,16 +565,16 @@ class Recorder:
             **{a: rec["index"].get(a, "") for a in _INDEX_AXES},
             **{k: ("" if v is None else v) for k, v in rec["position"].items()},
         }
-        block = io.StringIO()
-        writer = csv.DictWriter(block, CSV_COLUMNS, extrasaction="ignore")
-        for obj in objects:
-            row = {**base, **obj}
-            for key, cols in _SPLIT.items():
-                values = obj.get(key)
-                if values is not None:
-                    row.update(zip(cols, values, strict=False))
-            writer.writerow(row)
         try:
+            block = io.StringIO()
+            writer = csv.DictWriter(block, CSV_COLUMNS, extrasaction="ignore")
+            for obj in objects:
+                row = {**base, **obj}
+                for key, cols in _SPLIT.items():
+                    values = obj.get(key)
+                    if values is not None:
+                        row.update(zip(cols, values, strict=False))
+                writer.writerow(row)
             self._csv_fh.write(block.getvalue())
             self.counts.rows += len(objects)
         except Exception as exc:
@@ -611,16 +617,18 @@ class Recorder:
 
     def _finish(self) -> None:
         self._check_folder()
-        if self._root is not None and self._lost is None:  # else: not complete
-            try:
-                self._root.update_attributes({"livemask": self._summary_attrs(complete=True)})
-            except Exception as exc:
-                self._error("final attributes", exc)
+        synced = True
         for fh in self._side_files():
             try:
                 fh.sync()
             except OSError as exc:
+                synced = False
                 self._error(f"putting {fh.path.name} on disk", exc)
+        if self._root is not None and self._lost is None and synced:  # else: not complete
+            try:
+                self._root.update_attributes({"livemask": self._summary_attrs(complete=True)})
+            except Exception as exc:
+                self._error("final attributes", exc)
         self._close_files()
 
     def _close_files(self) -> None:

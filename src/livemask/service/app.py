@@ -453,6 +453,8 @@ class Service:
     def _start_events(self, events: Any, detail: dict[str, Any], count: int) -> int:
         if self.source is None:
             raise AcquisitionError("no frame source")
+        if self.state in ("stopping", "closed"):
+            raise AcquisitionError("the service is stopping")
         if self._acquiring or self.source.running:  # (checked before anything is reset)
             raise AcquisitionError("an acquisition is already running; stop it first")
         if self.feedback is not None:
@@ -564,8 +566,9 @@ class Service:
         deadline = time.monotonic() + timeout_s
         while self._acquiring:
             if time.monotonic() > deadline:
-                raise AcquisitionError("the acquisition is still ending (its last event was "
-                                       "taken); the events were not added: retry")
+                raise AcquisitionError("the acquisition is still ending (or its thread is "
+                                       "stuck in a device call); the events were not added: "
+                                       "retry")
             await asyncio.sleep(0.005)
 
     async def apply_settings(

@@ -478,6 +478,13 @@ def test_a_file_that_cannot_grow_keeps_whole_lines_and_true_counts(
     assert "File too large" in first
 
 
+def _give_frames(rec: Recorder, ids: range) -> None:
+    """Hand the recorder small analysed frames with these ids."""
+    rng = np.random.default_rng(ids.start)
+    for fid in ids:
+        rec.on_frame(_frame(fid, rng.integers(0, 4000, (24, 32)).astype(np.uint16)))
+
+
 def test_a_deleted_run_folder_stops_the_recording_and_says_so(tmp_path: Path) -> None:
     """Before, zarr re-created the deleted folders, the side files went on into deleted
     files, and the recording said it was complete."""
@@ -486,13 +493,10 @@ def test_a_deleted_run_folder_stops_the_recording_and_says_so(tmp_path: Path) ->
     errors: list[str] = []
     run = tmp_path / "run"
     rec = Recorder(run, pixel_size_um=0.65, units=UNITS, on_error=errors.append).start()
-    rng = np.random.default_rng(1)
-    for fid in range(3):
-        rec.on_frame(_frame(fid, rng.integers(0, 4000, (24, 32)).astype(np.uint16)))
+    _give_frames(rec, range(3))
     _wait(lambda: rec.report()["frames_written"] == 3)
     shutil.rmtree(run)
-    for fid in range(3, 8):
-        rec.on_frame(_frame(fid, rng.integers(0, 4000, (24, 32)).astype(np.uint16)))
+    _give_frames(rec, range(3, 8))
     rec.close(frames_acquired=8)
     assert not run.exists()  # nothing re-created where the user deleted it
     report = rec.report()
@@ -559,16 +563,13 @@ def test_one_side_file_failing_is_one_report_and_a_replaced_folder_stops_the_rec
     errors: list[str] = []
     run = tmp_path / "run"
     rec = Recorder(run, pixel_size_um=0.65, units=UNITS, on_error=errors.append).start()
-    rng = np.random.default_rng(2)
-    for fid in range(6):
-        rec.on_frame(_frame(fid, rng.integers(0, 4000, (24, 32)).astype(np.uint16)))
+    _give_frames(rec, range(6))
     _wait(lambda: rec.report()["frames_written"] == 6)
     assert len(errors) == 1 and "measurement rows" in errors[0]
     assert rec.report()["failing"] is True
     run.rename(tmp_path / "moved")
     run.mkdir()  # another folder where the run was
-    for fid in range(6, 9):
-        rec.on_frame(_frame(fid, rng.integers(0, 4000, (24, 32)).astype(np.uint16)))
+    _give_frames(rec, range(6, 9))
     rec.close(frames_acquired=9)
     assert rec.report()["stopped"] is not None
     assert len(errors) == 2 and "deleted or moved" in errors[1]  # announced while failing

@@ -747,8 +747,10 @@ async def test_start_right_after_an_acquisition_ended_is_accepted(
 
     real_end = FeedThreadSource._end
 
-    def lingering_exit(self: FeedThreadSource, on_done: Any, error: str | None) -> None:
-        real_end(self, on_done, error)
+    def lingering_exit(
+        self: FeedThreadSource, feed: Any, on_done: Any, error: str | None
+    ) -> None:
+        real_end(self, feed, on_done, error)
         time.sleep(0.3)  # the thread has reported the end and not exited yet
 
     monkeypatch.setattr(FeedThreadSource, "_end", lingering_exit)

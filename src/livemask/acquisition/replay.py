@@ -337,8 +337,7 @@ class ReplaySource(FeedThreadSource):
             log.exception("replay of %s failed", stack.path)
             error = f"{type(exc).__name__}: {exc}"
         finally:
-            feed.close()  # events injected from now on are refused, not lost
-            self._end(on_done, error)
+            self._end(feed, on_done, error)
 
     def inject(self, events: Iterable[useq.MDAEvent]) -> int:
         """A replay cannot acquire new events."""

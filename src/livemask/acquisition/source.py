@@ -210,11 +210,18 @@ class FeedThreadSource:
                 raise AcquisitionError("the last acquisition's thread has not exited yet; retry")
         self._ended = False
 
-    def _end(self, on_done: DoneCallback | None, error: str | None) -> None:
-        """The thread's last act: mark the acquisition ended, then report it."""
+    def _end(self, feed: EventFeed, on_done: DoneCallback | None, error: str | None) -> None:
+        """The thread's last act: close its feed (events injected from now on are refused,
+        those a fault left waiting are counted), :meth:`_after_run`, mark the acquisition
+        ended, then report it."""
+        feed.close()
+        self._after_run()
         self._ended = True
         if on_done is not None:
             on_done(error)
+
+    def _after_run(self) -> None:
+        """What a source does once its run is over, before reporting the end."""
 
     @property
     def image_events_issued(self) -> int:
@@ -380,11 +387,9 @@ class MicroscopeSource(FeedThreadSource):
             log.exception("acquisition failed")
             error = f"{type(exc).__name__}: {exc}"
         finally:
-            feed.close()  # events injected from now on, or left by a fault, are counted
-            self._read_camera_now()
-            self._end(self._on_done, error)
+            self._end(feed, self._on_done, error)
 
-    def _read_camera_now(self) -> None:
+    def _after_run(self) -> None:
         """:attr:`camera_now` from the core, once a run has ended (runner thread)."""
         core = self.core
         try:

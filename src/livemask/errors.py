@@ -9,6 +9,7 @@
     │   └── ControlTimeout (TimeoutError) no reply after all retries
     ├── CommandError                      raised by command handlers; becomes an error reply
     ├── AcquisitionError (RuntimeError)   microscope/core faults
+    │   ├── AcquisitionEnding             events added after the last one was taken
     │   ├── FrameTimeout (TimeoutError)   no frame within the configured timeout
     │   └── HardwareTimeout (TimeoutError) a device call did not return in time
     ├── ModelError (ValueError)           missing/invalid model file or card

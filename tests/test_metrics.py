@@ -40,8 +40,13 @@ STATUS: dict[str, Any] = {
     "frames_published": 11,
     "frames_failed": 1,
     "queues": {"infer": 2, "analyse": 1, "publish": 0},
-    "gc": {"collections": {"0": 5, "1": 1, "2": 0}, "pause_ms": {"0": 1.5, "1": 2.0, "2": 0.0},
-           "max_pause_ms": 2.0, "threshold": [10000, 10, 10], "frozen_objects": 900},
+    "gc": {
+        "collections": {"0": 5, "1": 1, "2": 0},
+        "pause_ms": {"0": 1.5, "1": 2.0, "2": 0.0},
+        "max_pause_ms": 2.0,
+        "threshold": [10000, 10, 10],
+        "frozen_objects": 900,
+    },
     "latency_ms": {
         "infer": {"p50": 20.0, "p95": 30.0, "p99": 40.0},
         "end_to_end": {"p50": None, "p95": None, "p99": None},
@@ -68,8 +73,13 @@ def exposition(status: Callable[[], dict[str, Any]]) -> str:
 
 def test_metric_families_from_a_status_snapshot() -> None:
     got = samples(exposition(lambda: STATUS))
-    for name, value in (("acquired", 12), ("analysed", 7), ("skipped", 4), ("published", 11),
-                        ("failed", 1)):
+    for name, value in (
+        ("acquired", 12),
+        ("analysed", 7),
+        ("skipped", 4),
+        ("published", 11),
+        ("failed", 1),
+    ):
         assert got[(f"livemask_frames_{name}_total", ())] == value
     assert got[("livemask_messages_published_total", (("topic", "frame"),))] == 10
     assert got[("livemask_messages_published_total", (("topic", "measurements"),))] == 7
@@ -78,13 +88,13 @@ def test_metric_families_from_a_status_snapshot() -> None:
     assert got[("livemask_queue_depth", (("stage", "analyse"),))] == 1
     key = ("livemask_stage_latency_seconds", (("quantile", "0.99"), ("stage", "infer")))
     assert got[key] == pytest.approx(0.04)
-    assert not any(k[0] == "livemask_stage_latency_seconds" and ("stage", "end_to_end") in k[1]
-                   for k in got)  # no samples before any frame
+    assert not any(
+        k[0] == "livemask_stage_latency_seconds" and ("stage", "end_to_end") in k[1] for k in got
+    )  # no samples before any frame
     assert got[("livemask_acquiring", ())] == 1
     assert got[("livemask_acquisitions_finished_total", ())] == 1
     assert got[("livemask_gc_collections_total", (("generation", "0"),))] == 5
-    assert got[("livemask_gc_pause_seconds_total", (("generation", "1"),))] == \
-        pytest.approx(0.002)
+    assert got[("livemask_gc_pause_seconds_total", (("generation", "1"),))] == pytest.approx(0.002)
     info = [k for k in got if k[0] == "livemask_info"]
     assert len(info) == 1
     assert ("model", "nuclei") in info[0][1] and ("mode", "free-run") in info[0][1]
@@ -136,6 +146,20 @@ def test_metrics_server_port_errors_and_release() -> None:
     again.close()
 
 
+def test_only_the_metrics_path_serves_metrics() -> None:
+    with MetricsServer(lambda: STATUS, port=0) as server:
+        url = server.url
+        assert url is not None
+        root = url.removesuffix("/metrics")
+        assert "livemask_frames_acquired_total" in _scrape(root + "/metrics/")
+        assert "/metrics" in _scrape(root + "/")
+        for path in ("/favicon.ico", "/metricsx", "/anything/metrics"):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(root + path, timeout=5)
+            assert err.value.code == 404
+            assert b"/metrics" in err.value.read()
+
+
 def test_metrics_are_off_by_default(service_config: ServiceConfig) -> None:
     assert service_config.metrics.enabled is False
     assert service_config.metrics.port == 9108 and service_config.metrics.address == "127.0.0.1"
@@ -145,8 +169,7 @@ def test_metrics_are_off_by_default(service_config: ServiceConfig) -> None:
 
 @pytest.mark.timeout(90)
 async def test_service_serves_metrics_that_match_its_status() -> None:
-    cfg = make_config(metrics={"enabled": True, "port": 0},
-                      acquisition={"mode": "free-run"})
+    cfg = make_config(metrics={"enabled": True, "port": 0}, acquisition={"mode": "free-run"})
     async with Service(cfg) as svc:
         url = svc.status()["metrics_url"]
         assert url is not None and svc.metrics is not None and url == svc.metrics.url
@@ -158,8 +181,10 @@ async def test_service_serves_metrics_that_match_its_status() -> None:
             assert got[(f"livemask_frames_{name}_total", ())] == status[f"frames_{name}"], name
         assert status["frames_acquired"] == 12
         for topic in ("frame", "labels", "measurements", "truth"):
-            assert got[("livemask_messages_published_total", (("topic", topic),))] == \
-                status["publisher"]["sent"][topic], topic
+            assert (
+                got[("livemask_messages_published_total", (("topic", topic),))]
+                == status["publisher"]["sent"][topic]
+            ), topic
         for stage in ("infer", "analyse", "publish"):
             assert ("livemask_queue_depth", (("stage", stage),)) in got
         for stage in ("infer", "analyse", "publish", "end_to_end"):
@@ -168,8 +193,10 @@ async def test_service_serves_metrics_that_match_its_status() -> None:
                 assert got[key] >= 0
         assert got[("livemask_acquisitions_finished_total", ())] == 1
         for generation in ("0", "1", "2"):
-            assert got[("livemask_gc_collections_total", (("generation", generation),))] == \
-                status["gc"]["collections"][generation]
+            assert (
+                got[("livemask_gc_collections_total", (("generation", generation),))]
+                == status["gc"]["collections"][generation]
+            )
         port = _port_of(url)
     assert svc.status()["metrics_url"] is None
     with pytest.raises(urllib.error.URLError):

@@ -6,7 +6,9 @@ metric families at scrape time. Each :class:`MetricsServer` has its own
 ``CollectorRegistry`` (never the process-global one), so several services, e.g. in tests,
 can run in one process.
 
-Scrapes are served by ``prometheus_client.start_http_server`` on a thread of its own. The
+Scrapes are served on a thread of their own by a small WSGI server around
+``prometheus_client.make_wsgi_app``: ``/metrics`` answers with the metrics, ``/`` with a line
+pointing there, any other path with 404 (``start_http_server`` answers every path). The
 status snapshot is taken on the service's event loop (the pipeline's counters and latency
 windows belong to it), with a timeout, so a scrape never races the pipeline and a stuck
 loop never hangs the scraper.
@@ -42,9 +44,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import socket
+import socketserver
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from livemask.errors import ConfigError
 
@@ -57,6 +62,8 @@ FRAME_COUNTERS = ("acquired", "analysed", "skipped", "published", "failed", "mis
 QUANTILES = (("p50", "0.5"), ("p95", "0.95"), ("p99", "0.99"))
 
 StatusFn = Callable[[], Mapping[str, Any]]
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Any]
+METRICS_PATH = "/metrics"
 
 
 def _import_prometheus() -> Any:
@@ -84,7 +91,8 @@ def metric_families(status: Mapping[str, Any]) -> list[Any]:
         if value is not None:
             out.append(
                 CounterMetricFamily(
-                    f"{PREFIX}_frames_{name}", f"Frames {name} since the service started.",
+                    f"{PREFIX}_frames_{name}",
+                    f"Frames {name} since the service started.",
                     value=float(value),
                 )
             )
@@ -119,21 +127,24 @@ def metric_families(status: Mapping[str, Any]) -> list[Any]:
     if "acquiring" in status:
         out.append(
             GaugeMetricFamily(
-                f"{PREFIX}_acquiring", "1 while an acquisition runs.",
+                f"{PREFIX}_acquiring",
+                "1 while an acquisition runs.",
                 value=float(bool(status["acquiring"])),
             )
         )
     if "uptime_s" in status:
         out.append(
             GaugeMetricFamily(
-                f"{PREFIX}_uptime_seconds", "Seconds since the service started.",
+                f"{PREFIX}_uptime_seconds",
+                "Seconds since the service started.",
                 value=float(status["uptime_s"]),
             )
         )
     if "acquisitions_finished" in status:
         out.append(
             CounterMetricFamily(
-                f"{PREFIX}_acquisitions_finished", "Acquisitions that ended.",
+                f"{PREFIX}_acquisitions_finished",
+                "Acquisitions that ended.",
                 value=float(status["acquisitions_finished"]),
             )
         )
@@ -154,7 +165,8 @@ def _gc_families(gc_report: Mapping[str, Any] | None) -> list[Any]:
     if not gc_report:
         return []
     collections = CounterMetricFamily(
-        f"{PREFIX}_gc_collections", "Python garbage collections since the service started.",
+        f"{PREFIX}_gc_collections",
+        "Python garbage collections since the service started.",
         labels=["generation"],
     )
     paused = CounterMetricFamily(
@@ -257,15 +269,16 @@ class MetricsServer:
         if self._server is not None:
             return self
         prom = _import_prometheus()
+        app = _routed(prom.make_wsgi_app(self.registry))
         try:
-            server, thread = prom.start_http_server(
-                self.port, addr=self.address, registry=self.registry
-            )
+            server = _bind(self.address, self.port, app)
         except OSError as exc:
             raise ConfigError(
                 f"cannot serve metrics on {self.address}:{self.port}: {exc}. Choose another "
                 "metrics.port (0 picks a free one) or set metrics.enabled: false"
             ) from exc
+        thread = threading.Thread(target=server.serve_forever, name="livemask-metrics", daemon=True)
+        thread.start()
         self._server, self._thread = server, thread
         self.port = int(server.server_port)
         log.info("metrics: %s", self.url)
@@ -277,7 +290,7 @@ class MetricsServer:
         if self._server is None:
             return None
         host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"http://{host}:{self.port}/metrics"
+        return f"http://{host}:{self.port}{METRICS_PATH}"
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Stop serving and release the port (idempotent; blocks up to ~0.5 s)."""
@@ -295,3 +308,41 @@ class MetricsServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _routed(metrics_app: WsgiApp) -> WsgiApp:
+    """``/metrics`` to prometheus-client's app, ``/`` to a pointer there, the rest 404."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        path = environ.get("PATH_INFO") or "/"
+        if path.rstrip("/") == METRICS_PATH:
+            return metrics_app(environ, start_response)
+        if path == "/":
+            status, body = "200 OK", f"livemask: the metrics are at {METRICS_PATH}\n"
+        else:
+            status = "404 Not Found"
+            body = f"not found: {path}; the metrics are at {METRICS_PATH}\n"
+        start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+        return [body.encode()]
+
+    return app
+
+
+class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
+    """One thread per scrape (a slow client does not hold up the next scrape)."""
+
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access line on stderr per scrape."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _bind(address: str, port: int, app: WsgiApp) -> WSGIServer:
+    """A threading WSGI server for ``app`` on ``address:port`` (IPv4 or IPv6)."""
+    family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
+    server_class = type("_MetricsServer", (_ThreadingServer,), {"address_family": family})
+    return make_server(address, port, app, server_class=server_class, handler_class=_QuietHandler)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import json
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -19,6 +21,7 @@ from livemask.client import AsyncSubscriber, ControlClient
 from livemask.config import ServiceConfig
 from livemask.errors import ControlError
 from livemask.protocol import Message
+from livemask.service import commands
 from livemask.service.app import Service
 from livemask.transport.control_server import MAX_REQUEST_BYTES
 from tests.conftest import make_config
@@ -243,6 +246,41 @@ async def test_enqueue_snapshot_and_set(service: Service) -> None:
     assert snap["status"]["mode"] == "synchronized"
     await control(service, "stop")
     assert (await control(service, "status"))["acquiring"] is False
+
+
+async def test_snapshot_arrays_are_the_last_frame_encoded_once(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    encoded: list[tuple[int, ...]] = []
+    real_encode = commands._encode_array
+
+    def counting_encode(array: np.ndarray) -> dict[str, Any]:
+        encoded.append(array.shape)
+        return real_encode(array)
+
+    monkeypatch.setattr(commands, "_encode_array", counting_encode)
+    service.config.acquisition.sequence = {"time_plan": {"interval": 0, "loops": 3}}
+    await control(service, "start")
+    counts = service.pipeline.counters.snapshot
+    while (await control(service, "status"))["acquiring"] or counts()["frames_acquired"] > sum(
+        counts()[f"frames_{k}"] for k in ("analysed", "skipped", "failed")
+    ):
+        await asyncio.sleep(0.05)
+    snaps = [await control(service, "snapshot", arrays=True) for _ in range(3)]
+    assert len(encoded) == 2  # image and labels, once for three clients' requests
+    last = service.pipeline.last_analysed
+    assert last is not None
+    for snap in snaps:
+        arrays = snap["arrays"]
+        assert arrays["frame_id"] == last.frame_id
+        for name in ("image", "labels"):
+            got = np.frombuffer(
+                base64.b64decode(arrays[name]["data_b64"]), dtype=arrays[name]["dtype"]
+            ).reshape(arrays[name]["shape"])
+            np.testing.assert_array_equal(got, getattr(last, name))
+    service.pipeline.last_analysed = replace(last, frame_id=last.frame_id + 1)
+    newer = await control(service, "snapshot", arrays=True)  # a new frame is encoded anew
+    assert newer["arrays"]["frame_id"] == last.frame_id + 1 and len(encoded) == 4
 
 
 @pytest.mark.parametrize(

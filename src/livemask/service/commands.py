@@ -101,6 +101,7 @@ class CommandHandler:
 
     def __init__(self, service: Service) -> None:
         self.service = service
+        self._arrays_of: tuple[Any, dict[str, Any]] | None = None  # (frame, encoded arrays)
         self._commands = {
             "status": self.status,
             "start": self.start,
@@ -193,13 +194,21 @@ class CommandHandler:
             "status": svc.status(),
         }
         if a.arrays and pipe.last_analysed is not None:
-            last = pipe.last_analysed
-            result["arrays"] = {
+            result["arrays"] = self._encoded_arrays(pipe.last_analysed)
+        return result
+
+    def _encoded_arrays(self, last: Any) -> dict[str, Any]:
+        """The frame's base64 arrays, encoded once per frame however many clients ask
+        (1.4 ms for a 512² frame, on the event loop)."""
+        cached = self._arrays_of
+        if cached is None or cached[0] is not last:
+            encoded = {
                 "frame_id": last.frame_id,
                 "image": _encode_array(last.image),
                 "labels": _encode_array(last.labels),
             }
-        return result
+            self._arrays_of = cached = (last, encoded)
+        return cached[1]
 
     def _check_user_rules(self, specs: list[RuleSpec]) -> None:
         """Refuse ``use:`` rules the config file does not already name.

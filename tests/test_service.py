@@ -585,6 +585,34 @@ async def test_a_focus_drive_that_failed_to_move_does_not_end_the_acquisition(
     assert mismatch["read"] == {"z_um": pytest.approx(1.0)}
 
 
+async def test_a_device_busy_past_its_time_out_does_not_end_the_acquisition(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pymmcore-plus' engine waits for the devices after each event's set-up and lets the
+    core's time-out end the whole acquisition; before, the rest of a time-lapse was lost
+    with ``TimeoutError: Wait for device 'Z' timed out``."""
+    from livemask.acquisition.simulated.devices import SimZStage
+
+    stuck_at: list[float] = []
+    real_move = SimZStage.set_position_um
+
+    def move(self: SimZStage, z: float) -> None:
+        real_move(self, z)
+        stuck_at[:] = [z] if z in (6.0, 7.0) else []  # the drive reports busy after these
+
+    monkeypatch.setattr(SimZStage, "set_position_um", move)
+    monkeypatch.setattr(SimZStage, "busy", lambda self: bool(stuck_at), raising=False)
+    async with Service(make_config()) as svc:
+        svc.source.core.setTimeoutMs(200)  # type: ignore[union-attr]
+        frames, events = await enqueue_and_watch(
+            svc, [{"z_pos": z} for z in (1.0, 6.0, 7.0, 11.0)]
+        )
+    assert events[-1]["kind"] == "acquisition_finished" and events[-1]["error"] is None
+    assert [f["position"]["z_um"] for f in frames] == [1.0, 6.0, 7.0, 11.0]
+    (busy,) = [e for e in events if e["kind"] == "device_busy"]  # one message: sent once
+    assert "Wait for device 'Z' timed out after 200 ms" in busy["error"]
+
+
 async def test_a_filter_wheel_that_stopped_turning_is_reported_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -1,12 +1,17 @@
-"""The MDA engine livemask runs: pymmcore-plus' own, with a failed Z move not fatal.
+"""The MDA engine livemask runs: pymmcore-plus' own, with a failed Z move or a device
+busy past its time-out not fatal.
 
 pymmcore-plus' ``MDAEngine`` logs a failed XY move, channel or exposure change and snaps
 anyway, but lets a Z stage that raises end the whole acquisition: one serial time-out of the
 focus drive would stop a night-long time-lapse. :class:`FocusTolerantEngine` treats a failed
 Z move like a failed XY move: logged, the frame taken anyway, and the failure remembered so
 that the frame is placed at the Z read back and a ``stage_mismatch`` is reported (see
-:func:`livemask.acquisition.source.frame_position`). A device still busy after its time-out
-(``waitForSystem``, after every event's set-up) still ends the acquisition.
+:func:`livemask.acquisition.source.frame_position`).
+
+Likewise a device still busy after the core's time-out (``waitForSystem``, after every
+event's set-up; the core raises "Wait for device ... timed out"): the engine logs it, keeps
+the message in :attr:`FocusTolerantEngine.busy_error` for that event's frames (the source
+reports a ``device_busy`` event) and snaps anyway, instead of ending the acquisition.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import logging
 
 import useq
+from pymmcore_plus.core import SequencedEvent
 from pymmcore_plus.mda import MDAEngine
 
 log = logging.getLogger("livemask")
@@ -22,15 +28,36 @@ __all__ = ["FocusTolerantEngine"]
 
 
 class FocusTolerantEngine(MDAEngine):
-    """``MDAEngine`` whose failed Z moves are logged instead of ending the acquisition."""
+    """``MDAEngine`` whose failed Z moves and device time-outs are logged instead of ending
+    the acquisition."""
 
     #: Whether the Z move of the event set up last raised (read it for that event's
     #: frames: the runner emits them before it sets up the next event).
     z_failed: bool = False
+    #: The core's message if a device was still busy after its time-out when the event set
+    #: up last was ready to snap, else None (read it for that event's frames).
+    busy_error: str | None = None
 
     def setup_event(self, event: useq.MDAEvent) -> None:
+        """``MDAEngine.setup_event`` (pymmcore-plus 0.18.1), with the wait for the devices
+        logged and remembered when it times out."""
         self.z_failed = False
-        super().setup_event(event)
+        self.busy_error = None
+        if isinstance(event, SequencedEvent):
+            self.setup_sequenced_event(event)
+        else:
+            self.setup_single_event(event)
+        try:
+            self.mmcore.waitForSystem()
+        except Exception as exc:  # "Wait for device 'Z' timed out after 5000 ms" (or CMMError)
+            log.warning(
+                "A device is still busy after its time-out at event %s (the frame is taken "
+                "anyway and may show the device moving; core.setTimeoutMs sets the "
+                "time-out): %s",
+                dict(event.index),
+                exc,
+            )
+            self.busy_error = str(exc) or type(exc).__name__
 
     def _set_event_z(self, event: useq.MDAEvent) -> None:  # pymmcore-plus 0.18.1
         try:

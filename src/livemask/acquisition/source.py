@@ -266,10 +266,12 @@ class MicroscopeSource(FeedThreadSource):
     ) -> None:
         """``on_missing`` is called (on the runner thread) with each image event that
         delivered no frame: pymmcore-plus only logs a failed snap. ``on_mismatch`` with
-        ``("stage" | "settings", event, what differs)`` for frames taken away from their
-        event's commanded position (:func:`frame_position`) or with another exposure or
-        channel than it asked for (:func:`settings_mismatch`): pymmcore-plus only logs a
-        failed move or setting, and snaps anyway."""
+        ``("stage" | "settings" | "busy", event, what differs)`` for frames taken away from
+        their event's commanded position (:func:`frame_position`), with another exposure or
+        channel than it asked for (:func:`settings_mismatch`), or while a device was still
+        busy after its time-out (``{"error": the core's message}``): pymmcore-plus only logs
+        a failed move or setting, and snaps anyway; so does livemask's engine after a
+        time-out."""
         from livemask.acquisition.core import exposure_limits
         from livemask.acquisition.properties import property_table
 
@@ -306,6 +308,8 @@ class MicroscopeSource(FeedThreadSource):
         self._report_mismatch("stage", event, off)
         preset = self._preset(event.channel) if event.channel is not None else None
         self._report_mismatch("settings", event, settings_mismatch(event, meta, preset))
+        busy = self._engine.busy_error
+        self._report_mismatch("busy", event, {"error": busy} if busy is not None else None)
         if isinstance(meta, dict) and isinstance(meta.get("exposure_ms"), int | float):
             self._exposure_ms = float(meta["exposure_ms"])
         self.camera_now = {

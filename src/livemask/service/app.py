@@ -321,18 +321,28 @@ class Service:
 
     def _on_mismatch(self, kind: str, event: useq.MDAEvent, off: dict[str, Any]) -> None:
         """Runner thread: a frame was not taken as its event commanded (pymmcore-plus only
-        logs a failed move or setting): ``stage_mismatch`` or ``settings_mismatch``."""
-        detail = {
-            "stage": "the stage was not at the commanded position when the frame was taken "
-                     "(a failed move; the log has pymmcore-plus' reason); the frame carries "
-                     "the read-back position",
-            "settings": "the frame was taken with another exposure or channel than its "
-                        "event commanded (a failed setting; the log has pymmcore-plus' "
-                        "reason)",
+        logs a failed move or setting): ``stage_mismatch``, ``settings_mismatch`` or
+        ``device_busy``."""
+        name, detail = {
+            "stage": (
+                "stage_mismatch",
+                "the stage was not at the commanded position when the frame was taken (a "
+                "failed move; the log has pymmcore-plus' reason); the frame carries the "
+                "read-back position",
+            ),
+            "settings": (
+                "settings_mismatch",
+                "the frame was taken with another exposure or channel than its event "
+                "commanded (a failed setting; the log has pymmcore-plus' reason)",
+            ),
+            "busy": (
+                "device_busy",
+                "a device was still busy after the core's time-out when the frame was taken; "
+                "the frame was taken anyway and may show the device moving (the log names "
+                "each such frame)",
+            ),
         }[kind]
-        self._from_thread(self._event, f"{kind}_mismatch", {
-            "index": dict(event.index), **off, "detail": detail,
-        })
+        self._from_thread(self._event, name, {"index": dict(event.index), **off, "detail": detail})
 
     def _recording_failed(self, message: str) -> None:
         """The recorder could not write (the first error of a run of them): say so."""

@@ -424,3 +424,28 @@ def test_snap_time(sim: tuple[UniMMCore, SimulatedWorld]) -> None:
         _snap(core)
     per_frame_ms = (time.perf_counter() - t0) / n * 1000
     print(f"\nsimulated 512x512 snap through UniMMCore: {per_frame_ms:.1f} ms/frame")
+
+
+def test_a_python_autofocus_error_does_not_end_the_acquisition(open_sim: OpenSim) -> None:
+    """pymmcore-plus goes on after a hardware autofocus that raises RuntimeError (what the
+    C++ core raises) but ends the run on anything else, e.g. UniMMCore's TimeoutError."""
+    from livemask.acquisition.engine import FocusTolerantEngine
+
+    core, _ = open_sim()
+    core.register_mda_engine(FocusTolerantEngine(core))
+
+    def focus_times_out() -> None:
+        raise TimeoutError("Wait for device 'AF' timed out after 5000 ms")
+
+    core.getAutoFocusDevice = lambda: "AF"  # type: ignore[method-assign]
+    core.enableContinuousFocus = lambda enable: None  # type: ignore[method-assign]
+    core.fullFocus = focus_times_out  # type: ignore[method-assign]
+    frames: list[useq.MDAEvent] = []
+    core.mda.events.frameReady.connect(lambda image, event, meta: frames.append(event))
+    events = [
+        useq.MDAEvent(index={"t": 0}),
+        useq.MDAEvent(index={"t": 1}, action=useq.HardwareAutofocus(max_retries=1)),
+        useq.MDAEvent(index={"t": 1}),
+    ]
+    core.mda.run(events)
+    assert [e.index["t"] for e in frames] == [0, 1]

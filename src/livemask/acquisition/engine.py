@@ -12,6 +12,10 @@ Likewise a device still busy after the core's time-out (``waitForSystem``, after
 event's set-up; the core raises "Wait for device ... timed out"): the engine logs it, keeps
 the message in :attr:`FocusTolerantEngine.busy_error` for that event's frames (the source
 reports a ``device_busy`` event) and snaps anyway, instead of ending the acquisition.
+
+pymmcore-plus logs a hardware autofocus that fails with a ``RuntimeError`` (what the C++
+core raises) and goes on; the engine turns a Python device's other errors (a
+``TimeoutError`` from ``waitForSystem``, say) into one, so they do not end it either.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import logging
 import useq
 from pymmcore_plus.core import SequencedEvent
 from pymmcore_plus.mda import MDAEngine
+from useq import HardwareAutofocus
 
 log = logging.getLogger("livemask")
 
@@ -58,6 +63,14 @@ class FocusTolerantEngine(MDAEngine):
                 exc,
             )
             self.busy_error = str(exc) or type(exc).__name__
+
+    def _execute_autofocus(self, action: HardwareAutofocus) -> float:  # pymmcore-plus 0.18.1
+        try:
+            return float(super()._execute_autofocus(action))
+        except RuntimeError:
+            raise  # logged by pymmcore-plus as "Hardware autofocus failed"; the run goes on
+        except Exception as exc:  # a Python device's own error: the same, not fatal
+            raise RuntimeError(f"{type(exc).__name__}: {exc}") from exc
 
     def _set_event_z(self, event: useq.MDAEvent) -> None:  # pymmcore-plus 0.18.1
         try:

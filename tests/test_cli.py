@@ -112,7 +112,7 @@ def test_segment_names_a_corrupt_tiff(tmp_path: Path) -> None:
     src.write_bytes(b"not a tiff at all")
     result = runner.invoke(app, ["segment", str(src), "-o", str(tmp_path / "y.tif")])
     assert result.exit_code == 2
-    assert f"{src} cannot be read as TIFF: not a TIFF file" in _flat(result.output)
+    assert f"{src} cannot be read as an image: not a TIFF file" in _flat(result.output)
 
 
 def test_evaluate_tracking_refuses_a_model_of_another_task() -> None:

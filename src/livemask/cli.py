@@ -366,7 +366,9 @@ def watch(
 
 @app.command()
 def segment(
-    input: Annotated[Path, typer.Argument(help="A 2-D image or a stack (TIFF).")],
+    input: Annotated[
+        Path, typer.Argument(help="A 2-D image or a stack (TIFF; a PNG or JPEG is one plane).")
+    ],
     output: Annotated[Path, typer.Option("-o", "--output", help="Label TIFF to write.")],
     model: Annotated[str, typer.Option(help="Model name or card path.")] = "nuclei",
     table: Annotated[Path | None, typer.Option(help="Write measurements CSV here.")] = None,

@@ -20,6 +20,7 @@ from scipy import ndimage
 from livemask.acquisition.simulated.nuclei import NucleiSample, random_field
 from livemask.analysis.metrics import MatchResult, aggregate, match_instances
 from livemask.inference.segmenter import Segmenter
+from livemask.offline import read_image
 
 log = logging.getLogger("livemask")
 
@@ -155,21 +156,6 @@ def _grain_errors(result: Evaluation, truth: np.ndarray, labels: np.ndarray) -> 
         store.append(table.equivalent_diameter_um[table.inside])
 
 
-def _read(path: Path) -> np.ndarray:
-    """An image or mask file as an array; ValueError naming the file if it cannot be read."""
-    import tifffile
-    from skimage import io
-
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            return np.asarray(tifffile.imread(path))
-        return np.asarray(io.imread(path))
-    except (FileNotFoundError, PermissionError, IsADirectoryError):
-        raise  # the OS's message names the file
-    except Exception as exc:  # each reader has its own errors for a corrupt file
-        raise ValueError(f"{path} cannot be read as an image: {exc}") from exc
-
-
 def _as_instances(mask: np.ndarray, path: Path) -> np.ndarray:
     """The instance labels of a mask file: integer labels >= 0, or a binary mask split into
     connected components; ValueError naming the file for anything else."""
@@ -221,10 +207,10 @@ def load_folder(images: Path, masks: Path) -> list[Pair]:
     """Read every image/mask pair (2-D, grayscale) of two folders."""
     pairs = []
     for img_path, mask_path in folder_pairs(images, masks):
-        image = _read(img_path)
+        image = read_image(img_path)
         if image.ndim == 3 and image.shape[-1] in (3, 4):
             image = image[..., :3].mean(axis=-1)
-        mask = _as_instances(_read(mask_path), mask_path)
+        mask = _as_instances(read_image(mask_path), mask_path)
         if image.shape != mask.shape:
             raise ValueError(f"{img_path.name}: image {image.shape} and mask {mask.shape} differ")
         pairs.append((image, mask))

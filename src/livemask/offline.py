@@ -38,16 +38,26 @@ def load_segmenter(model: str, threads: int = 2, *, task: str | None = None) -> 
     return Segmenter(card, backend)
 
 
-def read_planes(path: Path) -> np.ndarray:
-    """Read a TIFF as (N, H, W); a 2-D image gives N = 1."""
-    if not path.is_file():
-        raise FileNotFoundError(f"input image {path} does not exist")
+def read_image(path: Path) -> np.ndarray:
+    """An image file as an array: TIFF with tifffile, other formats (PNG, …) with
+    scikit-image. ValueError naming the file if it cannot be read."""
+    from skimage import io
+
     try:
-        data = np.asarray(tifffile.imread(path))
+        if path.suffix.lower() in (".tif", ".tiff"):
+            return np.asarray(tifffile.imread(path))
+        return np.asarray(io.imread(path))
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise  # the OS's message names the file
-    except Exception as exc:  # tifffile's errors for a corrupt file do not name it
-        raise ValueError(f"{path} cannot be read as TIFF: {exc}") from exc
+    except Exception as exc:  # each reader has its own errors for a corrupt file
+        raise ValueError(f"{path} cannot be read as an image: {exc}") from exc
+
+
+def read_planes(path: Path) -> np.ndarray:
+    """Read an image or stack as (N, H, W); a 2-D image gives N = 1."""
+    if not path.is_file():
+        raise FileNotFoundError(f"input image {path} does not exist")
+    data = read_image(path)
     problem = image_problem(data.shape, data.dtype)
     if problem is not None:
         raise ValueError(f"{path} {problem}")

@@ -336,6 +336,16 @@ def test_centring_converts_pixels_to_stage() -> None:
     assert (ev.x_pos, ev.y_pos) == (pytest.approx(95.0), pytest.approx(200.0))
 
 
+def test_centring_without_a_calibrated_pixel_size_is_refused() -> None:
+    """A rig without pixel-size calibration used to centre with the simulator's 0.65 µm."""
+    uncalibrated = EventPlanner.for_pixel_size(None)
+    with pytest.raises(ActionError, match="pixel size is not calibrated") as err:
+        to_events(Centre(centre_yx=(10.0, 10.0)), ctx([], xy=(100.0, 200.0)), uncalibrated)
+    assert err.value.reason == "no_pixel_size"
+    (ev,) = to_events(Burst(frames=1), ctx([], xy=(100.0, 200.0)), uncalibrated)
+    assert (ev.x_pos, ev.y_pos) == (100.0, 200.0)  # actions that do not centre still run
+
+
 def test_burst_events_are_spaced_on_the_runner_clock() -> None:
     planner = EventPlanner.for_pixel_size(1.0, runner_clock=lambda: 42.0)
     events = to_events(

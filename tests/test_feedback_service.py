@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import itertools
+import logging
 import sys
 import threading
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -473,3 +475,29 @@ async def test_grain_scan_stops_when_the_size_is_known_well_enough() -> None:
     assert rel_width(meas[-1]) < 0.04 <= rel_width(meas[-2])
     (finished,) = by_kind(got, "acquisition_finished")
     assert finished["error"] is None
+
+
+async def test_a_rig_without_pixel_size_measures_in_pixels_and_refuses_centring(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real rig whose .cfg has no pixel-size preset used to measure, and centre the stage,
+    with the simulator's 0.65 µm per pixel."""
+    import livemask.service.app as app
+
+    cfg_text = (ROOT / "hardware" / "simulated.cfg").read_text()
+    rig = tmp_path / "uncalibrated.cfg"
+    rig.write_text("\n".join(line for line in cfg_text.splitlines() if "PixelSize" not in line))
+    monkeypatch.setattr(app, "uses_simulated_devices", lambda path: False)  # a "real" rig
+    cfg = feedback_config([BURST_RULE])
+    cfg.hardware.config_file = rig
+    with caplog.at_level(logging.WARNING, logger="livemask"):
+        async with Service(cfg) as svc:
+            got = await collect_run(svc, ("measurements", "event"))
+    assert "no pixel size" in caplog.text and "hardware.pixel_size_um" in caplog.text
+    meas = got["measurements"][0].header
+    assert meas["pixel_size_um"] == 1.0
+    obj = meas["objects"][0]
+    assert obj["area_um2"] == pytest.approx(obj["area_px"])
+    (refused,) = by_kind(got, "feedback_refused")
+    assert "pixel size is not calibrated" in refused["reason"]
+    assert by_kind(got, "feedback_action") == []

@@ -182,22 +182,29 @@ ACTION_TYPES: tuple[type, ...] = (
 class EventPlanner:
     """What :func:`to_events` needs besides the action and the triggering frame.
 
-    ``pixel_to_stage`` is ``((dx/dcol, dx/drow), (dy/dcol, dy/drow))`` in µm per pixel.
+    ``pixel_to_stage`` is ``((dx/dcol, dx/drow), (dy/dcol, dy/drow))`` in µm per pixel;
+    None where the rig's pixel size is not calibrated (centring is then refused).
     ``runner_clock`` returns the MDA runner's event clock (s), against which
     ``min_start_time`` is measured; without it, intervals are not enforced.
     ``positions`` maps planned ``p`` indices to their ``(x, y, z)`` (filled as the planned
     events are issued).
     """
 
-    pixel_to_stage: tuple[tuple[float, float], tuple[float, float]] = ((1.0, 0.0), (0.0, 1.0))
+    pixel_to_stage: tuple[tuple[float, float], tuple[float, float]] | None = (
+        (1.0, 0.0),
+        (0.0, 1.0),
+    )
     runner_clock: Callable[[], float] | None = None
     positions: dict[int, tuple[float | None, float | None, float | None]] = field(
         default_factory=dict
     )
 
     @classmethod
-    def for_pixel_size(cls, pixel_size_um: float, **kwargs: Any) -> EventPlanner:
-        """Image axes aligned with the stage axes, ``pixel_size_um`` µm per pixel."""
+    def for_pixel_size(cls, pixel_size_um: float | None, **kwargs: Any) -> EventPlanner:
+        """Image axes aligned with the stage axes, ``pixel_size_um`` µm per pixel (None:
+        not calibrated)."""
+        if pixel_size_um is None:
+            return cls(pixel_to_stage=None, **kwargs)
         s = float(pixel_size_um)
         return cls(pixel_to_stage=((s, 0.0), (0.0, s)), **kwargs)
 
@@ -215,6 +222,13 @@ class EventPlanner:
         h, w = ctx.image_shape
         if h <= 0 or w <= 0:
             raise ActionError("no_image_shape", "cannot centre: unknown image size")
+        if self.pixel_to_stage is None:
+            raise ActionError(
+                "no_pixel_size",
+                "cannot centre: the rig's pixel size is not calibrated (no active pixel-size "
+                "preset in its .cfg); calibrate it, or set hardware.pixel_size_um or "
+                "feedback.pixel_to_stage",
+            )
         drow = float(centre_yx[0]) - (h - 1) / 2
         dcol = float(centre_yx[1]) - (w - 1) / 2
         (a, b), (c, d) = self.pixel_to_stage

@@ -48,7 +48,7 @@ class FeedbackController:
         self,
         config: FeedbackConfig,
         *,
-        pixel_size_um: float,
+        pixel_size_um: float | None,
         inject: Callable[[list[useq.MDAEvent]], int],
         publish: Publish,
         set_mode: Callable[[str], None] | None = None,

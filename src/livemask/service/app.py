@@ -83,6 +83,8 @@ class Service:
         self.simulated = False
         self.truth = config.simulation.truth
         self.pixel_size_um = config.hardware.pixel_size_um or 1.0
+        #: False on a rig that has no pixel-size calibration (µm values are pixel values)
+        self.pixel_size_known = True
         self.core_info: dict[str, Any] = {}
         self.publisher = ZmqPublisher(config.publish.pub_address, sndhwm=config.publish.sndhwm)
         self.control = ControlServer(config.publish.control_address, CommandHandler(self))
@@ -231,7 +233,19 @@ class Service:
         core = open_core(hw.config_file, core=hw.core)
         self.core_info = describe_core(core)
         core_px = float(core.getPixelSizeUm() or 0.0)
-        self.pixel_size_um = hw.pixel_size_um or core_px or sim.pixel_size_um
+        if hw.pixel_size_um or core_px:
+            self.pixel_size_um = hw.pixel_size_um or core_px
+        elif self.simulated:  # the world's pixel size (open_core sets it on the preset)
+            self.pixel_size_um = sim.pixel_size_um
+        else:
+            self.pixel_size_um, self.pixel_size_known = 1.0, False
+            log.warning(
+                "no pixel size: %s has no active pixel-size preset and hardware.pixel_size_um "
+                "is not set. Measurements stay in pixels (the *_um values are pixel values) "
+                "and feedback actions that centre the stage are refused. Calibrate the pixel "
+                "size in the .cfg (PixelSize_um) or set hardware.pixel_size_um",
+                hw.config_file,
+            )
         return MicroscopeSource(
             core,
             self._on_camera_frame,
@@ -285,7 +299,7 @@ class Service:
         mda = getattr(getattr(self.source, "core", None), "mda", None)
         self.feedback = FeedbackController(
             self.config.feedback,
-            pixel_size_um=self.pixel_size_um,
+            pixel_size_um=self.pixel_size_um if self.pixel_size_known else None,
             inject=self._inject_feedback,
             publish=self._event,
             set_mode=lambda mode: self._spawn(self.apply_settings(mode=mode)),  # type: ignore[arg-type]

@@ -16,7 +16,7 @@ $(RUN_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
-# dev: test tools; train: torch (CPU build, pinned) + scikit-learn, so training tests run
+# dev: test tools; train: torch (pinned; the CPU build where the index serves it) + scikit-learn
 $(TEST_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev,train]'
 	touch $@ $(RUN_STAMP)

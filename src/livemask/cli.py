@@ -400,7 +400,7 @@ def train(
     quick: Annotated[bool, typer.Option("--quick", help="A tiny run, for tests.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
-    """Train a model on the simulator (needs the train extra: pip install -e '.[train]')."""
+    r"""Train a model on the simulator (needs the train extra: pip install -e '.\[train]')."""
     setup_logging()
     if task not in ("nuclei", "grains", "nuclei-rf", "grains-rf"):
         _fail(ValueError(f"unknown task {task!r}; choose nuclei, grains, nuclei-rf or grains-rf"))

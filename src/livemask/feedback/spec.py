@@ -346,7 +346,8 @@ class FeedbackConfig(_Spec):
         ge=1,
         le=20,
         description="the *_change features compare with the object in the previous frame at "
-        "the same stage position (1), or the median of its matches in this many frames",
+        "the same stage position (1), or with its most recent clean match (no merge) in the "
+        "last this many frames",
     )
 
     @model_validator(mode="after")

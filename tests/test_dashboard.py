@@ -120,6 +120,21 @@ def test_state_pairs_frames_with_labels_and_batches_points() -> None:
     assert [p[0] for p in state.update()["points"]] == [4]  # type: ignore[index]
 
 
+def test_points_wait_for_a_browser_within_the_history() -> None:
+    """With no browser, nothing takes the pending points: they were kept forever, and the
+    first browser then got no history (a negative count) and every point in one update."""
+    state = DashboardState(history=50)
+    for fid in range(180):
+        state.add(_msg("measurements", frame_id=fid, summary={"count": fid}))
+    hello = state.hello({})
+    update = state.update()
+    assert update is not None
+    sent = [p[0] for p in hello["points"]] + [p[0] for p in update["points"]]
+    assert sent == list(range(130, 180))  # the history, each point once
+    state.add(_msg("measurements", frame_id=180, summary={"count": 1}))
+    assert [p[0] for p in state.hello({})["points"]] == list(range(131, 180))
+
+
 def test_state_status_rates_events_and_grains() -> None:
     state = DashboardState()
     out = state.add(_msg("status", uptime_s=10.0, frames_acquired=100, frames_analysed=90,

@@ -255,8 +255,10 @@ def test_accumulator_equals_the_pooled_tiles() -> None:
     assert out["count"] == sum(s["count"] for s in singles)
     assert out["count_inside"] == inside.size == sum(s["count_inside"] for s in singles)
     assert out["mean_area_um2"] == pytest.approx(inside.mean())
-    assert out["median_area_um2"] == pytest.approx(np.median(inside))
+    # medians from log bins ±0.05 % wide: the cost per tile does not grow with the scan
+    assert out["median_area_um2"] == pytest.approx(np.median(inside), rel=1e-3)
     diam = np.sqrt(4 * inside / np.pi)
+    assert out["median_equivalent_diameter_um"] == pytest.approx(np.median(diam), rel=1e-3)
     assert out["mean_equivalent_diameter_um"] == pytest.approx(diam.mean())
     summed = np.sum([s["histogram"]["counts"] for s in singles], axis=0)
     assert out["histogram"]["counts"] == summed.tolist()

@@ -404,6 +404,29 @@ def test_z_limits_refusal() -> None:
     assert d.violation.limit == "z_range_um"
 
 
+def test_a_grid_scan_leaves_no_state_per_place_visited() -> None:
+    """Keys are stage places: a 100 x 100 grid kept 10,000 streak entries, and the status
+    carried every place's dose on each heartbeat."""
+    eng = engine([_count_rule(persist_frames=2, cooldown_frames=1)])
+    for i in range(300):
+        eng.evaluate(ctx(field(2), p=None, xy=(float(i * 500), 0.0)))  # no match: no streak
+        eng.evaluate(ctx(field(), p=None, xy=(float(i * 500), 1.0)))  # a streak of one
+        eng.evaluate(ctx(field(), p=None, xy=(float(i * 500), 1.0)))  # it fires
+    (slot,) = eng.slots
+    assert len(slot.rule._streak) == 0  # type: ignore[attr-defined]
+    assert len(slot._last_fire) == 300  # each still in its cooldown
+    for i in range(300):  # their next visits end the cooldowns
+        eng.evaluate(ctx(field(2), p=None, xy=(float(i * 500), 1.0)))
+        eng.evaluate(ctx(field(2), p=None, xy=(float(i * 500), 1.0)))
+    assert len(slot._last_fire) == 0
+    guard = SafetyGuard(LimitsSpec())
+    for i in range(120):
+        guard.commit([useq.MDAEvent(exposure=float(i + 1))], f"xy{i},0")
+    top = guard.dose_snapshot(top=3)
+    assert top == {"xy119,0": 120.0, "xy118,0": 119.0, "xy117,0": 118.0}
+    assert guard.dosed_positions == 120 and len(guard.dose_snapshot()) == 120
+
+
 def test_frames_per_minute_refusal_and_recovery() -> None:
     now = [0.0]
     cfg = FeedbackConfig.model_validate(

@@ -38,6 +38,10 @@ from livemask.feedback.spec import FeedbackConfig, RuleSpec
 
 log = logging.getLogger("livemask")
 
+#: The status lists the light dose of at most this many positions (the most exposed): the
+#: status goes out every heartbeat, and a grid scan has thousands of positions.
+STATUS_DOSE_POSITIONS = 50
+
 Publish = Callable[[str, dict[str, Any]], None]
 
 
@@ -227,7 +231,8 @@ class FeedbackController:
             "pending": len(self._pending),
             "planned_skipped": self._planned.skipped if self._planned is not None else 0,
             "added_frames_last_minute": self.guard.added_last_minute(),
-            "dose_ms": self.guard.dose_snapshot(),
+            "dose_ms": self.guard.dose_snapshot(top=STATUS_DOSE_POSITIONS),
+            "dosed_positions": self.guard.dosed_positions,
             "reaction_ms": pct(self.reaction_ms),
             "rules_eval_ms": pct(self.eval_ms),
         }

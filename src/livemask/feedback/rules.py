@@ -161,14 +161,14 @@ class DeclarativeRule:
         """Actions when the condition has held for ``persist_frames`` frames in scope."""
         key = scope_key(ctx, self.spec.scope)
         ok, hits = self.matches(ctx)
-        if not ok:
-            self._streak[key] = 0
+        if not ok:  # only places in a streak are kept (a grid scan visits thousands)
+            self._streak.pop(key, None)
             return []
         streak = self._streak.get(key, 0) + 1
         if streak < self.spec.persist_frames:
             self._streak[key] = streak
             return []
-        self._streak[key] = 0
+        self._streak.pop(key, None)
         self.targets = []
         chosen = self.pick(ctx, hits)
         if not chosen:
@@ -273,6 +273,7 @@ class RuleSlot:
             last[1] += 1
             if ctx.acquired - last[0] < spec.cooldown_s or last[1] <= spec.cooldown_frames:
                 return []
+            del self._last_fire[key]  # its cooldown is over: nothing to remember
         actions = list(self.rule.evaluate(ctx) or [])
         if actions:
             self.fired += 1

@@ -64,10 +64,20 @@ class SafetyGuard:
                 self.last_exposure_ms = float(event.exposure)
             self.dose_ms[key] = self.dose_ms.get(key, 0.0) + self.last_exposure_ms
 
-    def dose_snapshot(self) -> dict[str, float]:
-        """Light per position so far (exposure_ms x frames), rounded to 0.1 ms."""
+    def dose_snapshot(self, top: int | None = None) -> dict[str, float]:
+        """Light per position so far (exposure_ms x frames), rounded to 0.1 ms; with
+        ``top``, only the ``top`` most exposed positions (a grid scan has thousands)."""
         with self._lock:
-            return {k: round(v, 1) for k, v in self.dose_ms.items()}
+            items = list(self.dose_ms.items())
+        if top is not None and len(items) > top:
+            items = sorted(items, key=lambda kv: kv[1], reverse=True)[:top]
+        return {k: round(v, 1) for k, v in items}
+
+    @property
+    def dosed_positions(self) -> int:
+        """How many positions have received light from this acquisition's frames."""
+        with self._lock:
+            return len(self.dose_ms)
 
     def added_last_minute(self) -> int:
         """Frames added by accepted actions in the last 60 s."""

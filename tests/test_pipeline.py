@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -351,3 +352,21 @@ async def test_a_camera_ahead_of_the_pipeline_gets_its_newest_frame_analysed() -
     # three frames during one inference: the oldest skipped at intake, so the camera is
     # ahead; inference then takes the newest (3) and the older waiting one (2) skips too
     assert await _run_gated(3) == ([0, 3], [1, 2])
+
+
+async def test_a_fault_on_every_frame_logs_one_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """A model failing on every frame wrote a traceback per frame (at 50 frames/s,
+    gigabytes of log a day); now the first, then a line every 100."""
+    pipe, _, _ = _pipeline(mode="synchronized", fail_every=1)
+    pipe.start()
+    with caplog.at_level(logging.ERROR, logger="livemask"):
+        for i in range(250):
+            pipe.submit(_raw(i))
+            if i % 50 == 49:
+                assert await pipe.drain(10.0)
+        assert await pipe.drain(10.0)
+    await pipe.close()
+    assert pipe.counters.snapshot()["frames_failed"] == 250
+    errors = [r for r in caplog.records if "injected model fault" in r.getMessage()]
+    assert [bool(r.exc_info) for r in errors] == [True, False, False]
+    assert "200 such errors so far" in errors[-1].getMessage()

@@ -42,6 +42,31 @@ def setup_logging(*, quiet: bool = False) -> logging.Logger:
     return logger
 
 
+class RepeatedErrors:
+    """Log a per-frame error with its traceback the first time each kind occurs, then one
+    line every ``every`` errors: a fault that hits every frame (a model that fails at 50
+    frames/s) would otherwise write gigabytes of tracebacks a day."""
+
+    def __init__(self, logger: logging.Logger, every: int = 100, max_kinds: int = 1000) -> None:
+        self.logger = logger
+        self.every = every
+        self.max_kinds = max_kinds
+        self.total = 0
+        self._kinds: set[str] = set()
+
+    def error(self, kind: str, message: str, exc: BaseException) -> None:
+        """Log ``message`` for ``exc`` (``kind`` groups errors that share a traceback)."""
+        self.total += 1
+        if kind not in self._kinds:
+            if len(self._kinds) >= self.max_kinds:
+                self._kinds.clear()
+            self._kinds.add(kind)
+            self.logger.error("%s", message, exc_info=exc)
+        elif self.total % self.every == 0:
+            self.logger.error("%s (%d such errors so far; the traceback was logged once)",
+                              message, self.total)
+
+
 class HardwareLogFilter(logging.Filter):
     """pymmcore-plus' records, less its "no Micro-Manager installation" error (Python devices
     need none, and a real rig that does fails to load with a message saying so), each

@@ -34,6 +34,7 @@ from livemask.feedback.context import FeatureTracker, FrameContext, position_key
 from livemask.feedback.rules import DeclarativeRule, RuleSlot
 from livemask.feedback.safety import SafetyGuard, Violation
 from livemask.feedback.spec import FeedbackConfig, RuleSpec
+from livemask.log import RepeatedErrors
 
 log = logging.getLogger("livemask")
 
@@ -101,6 +102,7 @@ class RuleEngine:
         self.slots: list[RuleSlot] = []
         self._ids = itertools.count(1)
         self._wall_clock = wall_clock
+        self._rule_errors = RepeatedErrors(log)  # a rule failing on every frame
         self.set_rules(config.rules)
 
     def set_rules(self, specs: Sequence[RuleSpec], rules: Sequence[Any] | None = None) -> None:
@@ -150,9 +152,14 @@ class RuleEngine:
                 slot.refused += 1
                 decisions.append(d)
                 continue
-            except Exception:  # a faulty rule must not stop the pipeline or other rules
+            except Exception as exc:  # a faulty rule must not stop the pipeline or others
                 slot.errors += 1
-                log.exception("feedback rule %r failed on frame %d", slot.name, ctx.frame_id)
+                self._rule_errors.error(
+                    f"{slot.name}:{type(exc).__name__}",
+                    f"feedback rule {slot.name!r} failed on frame {ctx.frame_id}: "
+                    f"{type(exc).__name__}: {exc}",
+                    exc,
+                )
                 continue
             targets = slot.rule.targets if isinstance(slot.rule, DeclarativeRule) else []
             for k, action in enumerate(actions):

@@ -56,6 +56,7 @@ import yaml
 
 from livemask import __version__
 from livemask.errors import RecordingError
+from livemask.log import RepeatedErrors
 from livemask.recording.files import BlockFile, folder_id, folder_lost
 
 if TYPE_CHECKING:
@@ -224,7 +225,7 @@ class Recorder:
         self._closed = False
         self._on_error = on_error
         self._failing = False  # the last write failed (on_error was told)
-        self._error_kinds: set[str] = set()  # logged with a traceback once each
+        self._logged_errors = RepeatedErrors(log, every=ERROR_LOG_EVERY)
         self._lost: str | None = None  # why the run folder can no longer be written to
         self._folder_id: tuple[int, int] | None = None  # (device, inode) of the run folder
         # per-frame records for the final zarr attributes; None once the run is too long for
@@ -414,12 +415,7 @@ class Recorder:
         c.errors.append(msg)
         c.errors_total += 1
         kind = f"{type(exc).__name__}{getattr(exc, 'errno', '')}"
-        if kind not in self._error_kinds:
-            self._error_kinds.add(kind)
-            log.error("recorder (%s): %s", self.path, msg, exc_info=exc)
-        elif c.errors_total % ERROR_LOG_EVERY == 0:
-            log.error("recorder (%s): %d write errors so far, the last: %s",
-                      self.path, c.errors_total, msg)
+        self._logged_errors.error(kind, f"recorder ({self.path}): {msg}", exc)
         if not self._failing:
             self._failing = True
             if self._on_error is not None:

@@ -38,6 +38,7 @@ from livemask.analysis.measure import UNITS
 from livemask.analysis.tracking import TRACK_UNITS, PositionTrackers
 from livemask.config import StageThreads
 from livemask.inference.segmenter import Segmenter
+from livemask.log import RepeatedErrors
 from livemask.service.frames import Frame
 from livemask.service.pacing import RecentDurations, hold_before_inference
 from livemask.service.stats import LatencyWindow, PipelineCounters
@@ -81,6 +82,7 @@ class Pipeline:
         self.counters = PipelineCounters()
         self.latency = LatencyWindow()
         self.latest: dict[str, dict[str, Any]] = {}
+        self._errors = RepeatedErrors(log)  # per-frame faults: a traceback once per kind
         self.last_analysed: Frame | None = None
         self._queue_size = queue_size
         self._waiting: deque[Frame] = deque()
@@ -337,15 +339,21 @@ class Pipeline:
     def _fail(self, frame: Frame, stage: str, exc: Exception) -> None:
         frame.error = f"{stage} failed: {type(exc).__name__}: {exc}"
         self.counters.incr("failed")
-        log.error("frame %d: %s", frame.frame_id, frame.error, exc_info=exc)
+        self._errors.error(
+            f"{stage}:{type(exc).__name__}", f"frame {frame.frame_id}: {frame.error}", exc
+        )
 
     async def _publish_loop(self) -> None:
         while True:
             frame = await self._to_publish.get()
             try:
                 self._publish(frame)
-            except Exception:
-                log.exception("publishing frame %d failed", frame.frame_id)
+            except Exception as exc:
+                self._errors.error(
+                    f"publish:{type(exc).__name__}",
+                    f"publishing frame {frame.frame_id} failed: {type(exc).__name__}: {exc}",
+                    exc,
+                )
             finally:
                 self.counters.incr("published")
                 if self.source is not None:
@@ -356,8 +364,13 @@ class Pipeline:
         for sink in self.sinks:
             try:
                 sink.on_frame(frame)
-            except Exception:  # a sink fault must not stop publishing
-                log.exception("frame sink %r failed on frame %d", sink, frame.frame_id)
+            except Exception as exc:  # a sink fault must not stop publishing
+                self._errors.error(
+                    f"sink:{type(sink).__name__}:{type(exc).__name__}",
+                    f"frame sink {sink!r} failed on frame {frame.frame_id}: "
+                    f"{type(exc).__name__}: {exc}",
+                    exc,
+                )
 
     def _publish(self, frame: Frame) -> None:
         frame.stamp("published")
@@ -393,8 +406,12 @@ class Pipeline:
         if self.on_measurements is not None and frame.acquisition == self.acquisition:
             try:
                 self.on_measurements(frame, measurements)
-            except Exception:  # feedback faults must not stop publishing
-                log.exception("feedback on frame %d failed", frame.frame_id)
+            except Exception as exc:  # feedback faults must not stop publishing
+                self._errors.error(
+                    f"feedback:{type(exc).__name__}",
+                    f"feedback on frame {frame.frame_id} failed: {type(exc).__name__}: {exc}",
+                    exc,
+                )
 
     def report(self) -> dict[str, Any]:
         """Counters, queue depths and latency percentiles for the status topic."""

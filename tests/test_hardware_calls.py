@@ -41,3 +41,25 @@ async def test_a_stuck_call_is_given_up_on_and_its_late_end_logged(
     while calls_still_stuck() or "returned after its 0.2 s timeout" not in caplog.text:
         assert time.monotonic() < deadline, "the late return was not noticed"
         await asyncio.sleep(0.01)
+
+
+async def test_calls_are_refused_at_once_while_too_many_are_stuck() -> None:
+    """Each request to a hung device used to leave one more thread blocked on it."""
+    from livemask.service import hardware_calls
+
+    release = threading.Event()
+    try:
+        for _ in range(hardware_calls.MAX_STUCK_CALLS):
+            with pytest.raises(HardwareTimeout, match="did not return within"):
+                await call_hardware(release.wait, 30, what="setting the exposure", timeout_s=0.1)
+        threads = threading.active_count()
+        with pytest.raises(HardwareTimeout, match="4 earlier device calls have not returned"):
+            await call_hardware(release.wait, 30, what="setting the exposure", timeout_s=0.1)
+        assert threading.active_count() == threads  # no new thread for the hung device
+    finally:
+        release.set()
+    deadline = time.monotonic() + 5
+    while calls_still_stuck():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    assert await call_hardware(lambda: 7, what="reading") == 7  # the device answers again

@@ -8,7 +8,8 @@ joined at interpreter exit, so the process could not even quit. :func:`call_hard
 the call on a daemon thread of its own and gives up waiting after ``timeout_s`` with
 :class:`HardwareTimeout`: the service answers, and can exit, while the device stays stuck.
 A call given up on that returns later is logged; :func:`calls_still_stuck` tells whether
-one never did.
+one never did. While :data:`MAX_STUCK_CALLS` such calls still run, new ones are refused at
+once (each would leave another thread blocked on the hung device).
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ T = TypeVar("T")
 #: per try, so that the reply (an error naming the device) reaches it.
 HARDWARE_TIMEOUT_S = 1.5
 
+#: At most this many calls given up on may still run: past it a call is refused at once
+#: instead of leaving one more thread blocked on a hung device per request.
+MAX_STUCK_CALLS = 4
+
 _given_up: list[threading.Thread] = []  # calls that timed out, while they still run
 
 
@@ -50,6 +55,11 @@ async def call_hardware(
     after ``timeout_s`` (default :data:`HARDWARE_TIMEOUT_S`). ``on_late_result`` gets the
     result of a call given up on that returned after all (on the loop)."""
     timeout_s = HARDWARE_TIMEOUT_S if timeout_s is None else timeout_s
+    if calls_still_stuck() and len(_given_up) >= MAX_STUCK_CALLS:
+        raise HardwareTimeout(
+            f"{what} not tried: {len(_given_up)} earlier device calls have not returned "
+            "(a device is hung, e.g. a camera in a snap that never ends); check the hardware"
+        )
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
 

@@ -54,8 +54,10 @@ class RepeatedErrors:
         self.total = 0
         self._kinds: set[str] = set()
 
-    def error(self, kind: str, message: str, exc: BaseException) -> None:
-        """Log ``message`` for ``exc`` (``kind`` groups errors that share a traceback)."""
+    def error(self, where: str, what: str, exc: BaseException) -> None:
+        """Log ``what: ExcType: exc``; the traceback once per ``where`` and exception type."""
+        kind = f"{where}:{type(exc).__name__}"
+        message = f"{what}: {type(exc).__name__}: {exc}"
         self.total += 1
         if kind not in self._kinds:
             if len(self._kinds) >= self.max_kinds:

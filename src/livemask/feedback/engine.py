@@ -155,10 +155,7 @@ class RuleEngine:
             except Exception as exc:  # a faulty rule must not stop the pipeline or others
                 slot.errors += 1
                 self._rule_errors.error(
-                    f"{slot.name}:{type(exc).__name__}",
-                    f"feedback rule {slot.name!r} failed on frame {ctx.frame_id}: "
-                    f"{type(exc).__name__}: {exc}",
-                    exc,
+                    slot.name, f"feedback rule {slot.name!r} failed on frame {ctx.frame_id}", exc
                 )
                 continue
             targets = slot.rule.targets if isinstance(slot.rule, DeclarativeRule) else []

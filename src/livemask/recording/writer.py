@@ -414,8 +414,8 @@ class Recorder:
         c = self.counts
         c.errors.append(msg)
         c.errors_total += 1
-        kind = f"{type(exc).__name__}{getattr(exc, 'errno', '')}"
-        self._logged_errors.error(kind, f"recorder ({self.path}): {msg}", exc)
+        errno = f"errno {getattr(exc, 'errno', '')}"  # a full disk and a lost folder differ
+        self._logged_errors.error(errno, f"recorder ({self.path}): {what}", exc)
         if not self._failing:
             self._failing = True
             if self._on_error is not None:

@@ -339,9 +339,7 @@ class Pipeline:
     def _fail(self, frame: Frame, stage: str, exc: Exception) -> None:
         frame.error = f"{stage} failed: {type(exc).__name__}: {exc}"
         self.counters.incr("failed")
-        self._errors.error(
-            f"{stage}:{type(exc).__name__}", f"frame {frame.frame_id}: {frame.error}", exc
-        )
+        self._errors.error(stage, f"frame {frame.frame_id}: {stage} failed", exc)
 
     async def _publish_loop(self) -> None:
         while True:
@@ -349,11 +347,7 @@ class Pipeline:
             try:
                 self._publish(frame)
             except Exception as exc:
-                self._errors.error(
-                    f"publish:{type(exc).__name__}",
-                    f"publishing frame {frame.frame_id} failed: {type(exc).__name__}: {exc}",
-                    exc,
-                )
+                self._errors.error("publish", f"publishing frame {frame.frame_id} failed", exc)
             finally:
                 self.counters.incr("published")
                 if self.source is not None:
@@ -366,9 +360,8 @@ class Pipeline:
                 sink.on_frame(frame)
             except Exception as exc:  # a sink fault must not stop publishing
                 self._errors.error(
-                    f"sink:{type(sink).__name__}:{type(exc).__name__}",
-                    f"frame sink {sink!r} failed on frame {frame.frame_id}: "
-                    f"{type(exc).__name__}: {exc}",
+                    f"sink:{type(sink).__name__}",
+                    f"frame sink {sink!r} failed on frame {frame.frame_id}",
                     exc,
                 )
 
@@ -407,11 +400,7 @@ class Pipeline:
             try:
                 self.on_measurements(frame, measurements)
             except Exception as exc:  # feedback faults must not stop publishing
-                self._errors.error(
-                    f"feedback:{type(exc).__name__}",
-                    f"feedback on frame {frame.frame_id} failed: {type(exc).__name__}: {exc}",
-                    exc,
-                )
+                self._errors.error("feedback", f"feedback on frame {frame.frame_id} failed", exc)
 
     def report(self) -> dict[str, Any]:
         """Counters, queue depths and latency percentiles for the status topic."""

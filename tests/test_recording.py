@@ -337,6 +337,127 @@ def test_open_stack_reads_ome_zarr_axes(tmp_path: Path) -> None:
     np.testing.assert_array_equal(stack.plane(4), arr[1, 1])
 
 
+def _recorded(tmp_path: Path, n: int) -> tuple[Path, list[np.ndarray]]:
+    """A finished recording of ``n`` simulated nuclei frames (images only)."""
+    images = _nuclei_frames(n)
+    rec = Recorder(tmp_path / "orig", pixel_size_um=0.5).start()
+    for i, img in enumerate(images):
+        rec.on_frame(_frame(i, img, kind="skipped"))
+    rec.close(frames_acquired=n)
+    return tmp_path / "orig", images
+
+
+def _replay_args(path: Path, out: Path) -> list[str]:
+    return ["replay", str(path), "--exit-when-done", "--interval", "0",
+            "--mode", "synchronized", "--pub", "tcp://127.0.0.1:*",
+            "--control", "tcp://127.0.0.1:*", "--record", str(out)]
+
+
+def test_a_frame_lost_from_a_recording_is_skipped_and_reported_not_replayed_black(
+    tmp_path: Path,
+) -> None:
+    """Before, zarr read the missing chunk as zeros: the lost frames were replayed (and
+    re-recorded) as black frames with 0 objects, and the replay exited 0."""
+    run, images = _recorded(tmp_path, 6)
+    for t in (2, 4):
+        (run / "images.ome.zarr" / "0" / "c" / str(t) / "0" / "0").unlink()
+    stack = open_stack(run)
+    with pytest.raises(ReplayError, match=r"frame 2 of .* is not stored: 1 chunk file"):
+        stack.plane(2)
+    np.testing.assert_array_equal(stack.plane(3), images[3])
+
+    result = runner.invoke(app, _replay_args(run, tmp_path / "out"))
+    assert result.exit_code == 1, result.output
+    assert "2 of 6 frame(s) could not be read and were skipped" in result.output
+    again = open_recording(_run_dir(tmp_path / "out"))
+    assert [f["index"]["t"] for f in again.frames] == [0, 1, 3, 5]
+    for j, t in enumerate([0, 1, 3, 5]):
+        np.testing.assert_array_equal(again.images[j], images[t])
+    assert all(f["summary"]["count"] > 5 for f in again.frames)
+
+
+def test_a_missing_chunk_of_a_plain_ome_zarr_and_a_corrupt_chunk_are_reported(
+    tmp_path: Path,
+) -> None:
+    rng = np.random.default_rng(0)
+    data = rng.integers(100, 4000, (4, 32, 48)).astype(np.uint16)
+    arr = zarr.create_array(tmp_path / "plain.zarr", shape=data.shape, chunks=(1, 16, 16),
+                            dtype="uint16", fill_value=0)
+    arr[:] = data
+    (tmp_path / "plain.zarr" / "c" / "1" / "1" / "2").unlink()  # one tile of frame 1
+    stack = open_stack(tmp_path / "plain.zarr")
+    with pytest.raises(ReplayError, match=r"frame 1 of .*plain\.zarr is not stored"):
+        stack.plane(1)
+    (tmp_path / "plain.zarr" / "c" / "2" / "0" / "0").write_bytes(b"not a chunk")
+    source = ReplaySource(stack, interval_s=0.0)
+    got: list[int] = []
+    done: list[str | None] = []
+    source.connect(lambda raw: (got.append(raw.event.index["t"]),
+                                np.testing.assert_array_equal(raw.image,
+                                                              data[raw.event.index["t"]])))
+    source.start([useq.MDAEvent(index={"t": i}) for i in range(4)], mode="free",
+                 on_done=done.append)
+    _wait(lambda: bool(done))
+    assert got == [0, 3] and source.unreadable == 2
+    (error,) = done
+    assert error is not None and "2 of 4 frame(s) could not be read" in error
+    assert "frame 1 of" in error and "not stored" in error  # the first one
+
+
+def test_the_recorder_stores_an_all_zero_frame_so_a_missing_chunk_means_a_lost_frame(
+    tmp_path: Path,
+) -> None:
+    rec = Recorder(tmp_path / "run", pixel_size_um=0.5).start()
+    rec.on_frame(_frame(0, np.zeros((16, 16), np.uint16), kind="skipped"))
+    rec.close(frames_acquired=1)
+    assert (tmp_path / "run" / "images.ome.zarr" / "0" / "c" / "0" / "0" / "0").is_file()
+    stack = open_stack(tmp_path / "run")
+    assert not stack.plane(0).any()
+
+
+def test_replay_exit_code_says_when_frames_failed_and_tiny_images_replay(
+    tmp_path: Path,
+) -> None:
+    """Before, an all-NaN stack (every frame fails) exited 0; an 8x8 stack failed with raw
+    pydantic output about simulation.sensor_shape_px."""
+    tifffile.imwrite(tmp_path / "nan.tif", np.full((5, 32, 32), np.nan, np.float32),
+                     photometric="minisblack")
+    result = runner.invoke(app, _replay_args(tmp_path / "nan.tif", tmp_path / "out1"))
+    assert result.exit_code == 1, result.output
+    assert "frame(s) failed; the last: frame" in result.output
+    assert "no finite pixel" in result.output
+    tiny = np.random.default_rng(1).integers(0, 999, (3, 8, 8)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "tiny.tif", tiny, photometric="minisblack")
+    result = runner.invoke(app, _replay_args(tmp_path / "tiny.tif", tmp_path / "out2"))
+    assert result.exit_code == 0, result.output
+    again = open_recording(_run_dir(tmp_path / "out2"))
+    assert again.images.shape == (3, 8, 8) and all(f["analysed"] for f in again.frames)
+
+
+def test_a_damaged_line_in_frames_jsonl_loses_only_that_frame(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before, reading stopped at the first bad line: every later frame was dropped, and
+    the warning blamed a full disk."""
+    run, _ = _recorded(tmp_path, 6)
+    jsonl = run / "frames.jsonl"
+    good = jsonl.read_text(encoding="utf-8").splitlines(keepends=True)
+    lines = list(good)
+    lines[1] = "\x00\x00 garbage\n"
+    lines[3] = '["not", "a", "record"]\n'
+    jsonl.write_text("".join(lines), encoding="utf-8")
+    with caplog.at_level("WARNING", logger="livemask"):
+        rec = open_recording(run)
+    assert [f["frame_id"] for f in rec.frames] == [0, 2, 4, 5]
+    assert "2 line(s) are not frame records and are left out (line 2, 4)" in caplog.text
+    assert "2 frame(s) on the t axis have no readable line" in caplog.text
+    caplog.clear()
+    jsonl.write_text("".join(good[:5]) + good[5][:20], encoding="utf-8")  # a torn last line
+    with caplog.at_level("INFO", logger="livemask"):
+        assert [f["frame_id"] for f in read_frames_jsonl(jsonl)] == [0, 1, 2, 3, 4]
+    assert "last line is torn" in caplog.text and "not frame records" not in caplog.text
+
+
 # ------------------------------------------------------------------ (5) bad input
 def test_replay_rejects_bad_input_clearly(tmp_path: Path) -> None:
     result = runner.invoke(app, ["replay", str(tmp_path / "missing.tif")])
@@ -473,7 +594,7 @@ def test_a_file_that_cannot_grow_keeps_whole_lines_and_true_counts(
     assert report["errors_total"] > 0 and report["failing"] is True
     with caplog.at_level("WARNING", logger="livemask"):
         assert len(open_recording(run).frames) == len(records)
-    assert "have no line in frames.jsonl" in caplog.text
+    assert "have no readable line in frames.jsonl" in caplog.text
     (first,) = out["errors"]  # one report for the run of errors, not one per write
     assert "File too large" in first
 

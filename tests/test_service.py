@@ -203,6 +203,8 @@ async def test_model_failure_is_reported_and_service_goes_on(service: Service) -
     assert len(got["measurements"]) + len(failed) == 12
     status = await control(service, "status")
     assert status["frames_failed"] == len(failed)
+    last = failed[-1].header
+    assert status["last_frame_error"] == f"frame {last['frame_id']}: {last['detail']}"
 
 
 async def test_subscriber_that_stops_reading_does_not_stall(service: Service) -> None:

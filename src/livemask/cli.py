@@ -102,6 +102,23 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(2)
 
 
+def _fail_run(problem: str) -> None:
+    """Exit 1: the run went to its end, but not every frame was handled."""
+    typer.secho(f"error: {problem}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(1)
+
+
+def _run_problem(service: Any) -> str | None:
+    """What went wrong in a run that exits when done (exit code 1), or None."""
+    if service.last_error is not None:
+        return f"the run ended with an error: {service.last_error}"
+    counts = service.pipeline.counters.snapshot()
+    if counts["frames_failed"]:
+        return (f"{counts['frames_failed']} of {counts['frames_acquired']} frame(s) failed; "
+                f"the last: {service.pipeline.last_failure}")
+    return None
+
+
 def _apply_service_flags(
     cfg: Any, *, pub: str | None, control: str | None, mode: str | None, record: Path | None
 ) -> None:
@@ -129,7 +146,9 @@ def serve(
         min=0, callback=_finite, help="Override the interval (s).")] = None,
     view: Annotated[bool, typer.Option("--view", help="Show live measurements here.")] = False,
     exit_when_done: Annotated[
-        bool, typer.Option("--exit-when-done", help="Exit when the acquisition finishes.")
+        bool, typer.Option("--exit-when-done", help=(
+            "Exit when the acquisition finishes: exit code 1 if it ended with an error, a "
+            "frame failed, or the recording failed."))
     ] = False,
     autostart: Annotated[
         bool | None, typer.Option("--autostart/--no-autostart", help="Start the sequence now.")
@@ -166,7 +185,10 @@ def serve(
         _fail(exc)
     code = 0
     try:
-        asyncio.run(_serve(cfg, view=view, exit_when_done=exit_when_done))
+        problem = asyncio.run(_serve(cfg, view=view, exit_when_done=exit_when_done))
+        if problem is not None:
+            code = 1
+            _fail_run(problem)
     except LivemaskError as exc:
         code = 2
         _fail(exc)
@@ -227,7 +249,10 @@ class _Interrupts:
         self.stop.set()
 
 
-async def _serve(cfg: Any, *, view: bool, exit_when_done: bool, source: Any = None) -> None:
+async def _serve(
+    cfg: Any, *, view: bool, exit_when_done: bool, source: Any = None
+) -> str | None:
+    """Serve until interrupted (or done); with ``exit_when_done``, what went wrong, or None."""
     from livemask.service.app import Service
 
     interrupts = _Interrupts()
@@ -256,6 +281,8 @@ async def _serve(cfg: Any, *, view: bool, exit_when_done: bool, source: Any = No
         if viewer is not None:
             viewer.terminate()
             await asyncio.to_thread(viewer.wait, 5)
+    # after the close: the recorder's last writes can fail too
+    return _run_problem(service) if exit_when_done else None
 
 
 @app.command()
@@ -271,7 +298,9 @@ def replay(
     mode: ModeOpt = None,
     view: Annotated[bool, typer.Option("--view", help="Show live measurements here.")] = False,
     exit_when_done: Annotated[
-        bool, typer.Option("--exit-when-done", help="Exit when every frame was played.")
+        bool, typer.Option("--exit-when-done", help=(
+            "Exit when every frame was played: exit code 1 if a frame could not be read or "
+            "failed, or the recording failed."))
     ] = False,
     record: RecordOpt = None,
 ) -> None:
@@ -287,7 +316,6 @@ def replay(
         if cfg.hardware.pixel_size_um is None and stack.pixel_size_um:
             cfg.hardware.pixel_size_um = stack.pixel_size_um
         cfg.simulation.truth = False
-        cfg.simulation.sensor_shape_px = stack.shape  # warm the model up at the frame size
         cfg.acquisition.autostart = True
         cfg.acquisition.sequence = {"time_plan": {"interval": 0, "loops": stack.frames}}
     except (LivemaskError, ValueError) as exc:
@@ -299,11 +327,14 @@ def replay(
     log.info("replaying %s: %d frames of %s (%s)", stack.path, stack.frames,
              "x".join(map(str, stack.shape)), stack.kind)
     try:
-        asyncio.run(_serve(cfg, view=view, exit_when_done=exit_when_done, source=source))
+        problem = asyncio.run(_serve(cfg, view=view, exit_when_done=exit_when_done,
+                                     source=source))
     except LivemaskError as exc:
         _fail(exc)
     finally:
         source.close()
+    if problem is not None:
+        _fail_run(problem)
 
 
 @app.command("dashboard")

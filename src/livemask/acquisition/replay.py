@@ -8,6 +8,10 @@ frame per planned event, on its own thread, with the recorded MDA index and stag
 synchronized mode, waiting for analysis as the microscope does (the same :class:`EventFeed`).
 A replay cannot move the stage or change the exposure: ``inject`` and
 ``set_exposure`` raise :class:`~livemask.errors.AcquisitionError`.
+
+A frame that cannot be read (its zarr chunk file is missing, where zarr would silently hand
+back a frame of fill value, or it is corrupt) is skipped with a warning; the others are
+replayed, and the acquisition ends with an error that counts the skipped frames.
 """
 
 from __future__ import annotations
@@ -30,10 +34,11 @@ from livemask.acquisition.mode import Mode
 from livemask.acquisition.source import DoneCallback, FeedThreadSource, FrameCallback, RawFrame
 from livemask.analysis.normalize import image_problem
 from livemask.errors import AcquisitionError, ReplayError
+from livemask.log import RepeatedErrors
 
 log = logging.getLogger("livemask")
 
-__all__ = ["ReplaySource", "ReplayStack", "open_stack"]
+__all__ = ["FrameNotStored", "ReplaySource", "ReplayStack", "open_stack"]
 
 #: Axes a replay steps through (everything but the last two, y and x, of each frame).
 FRAME_AXES = ("t", "p", "c", "z")
@@ -67,6 +72,49 @@ class ReplayStack:
         if self.positions is not None:
             return dict(self.positions[i])
         return {"x_um": None, "y_um": None, "z_um": None}
+
+
+class FrameNotStored(ReplayError):
+    """A frame's data is not in the store (a zarr chunk file is missing)."""
+
+
+#: Which chunk files of a zarr array hold the plane at a lead index, and are missing.
+MissingChunks = Callable[[tuple[int, ...]], list[Path]]
+
+
+def missing_chunks(data: Any) -> MissingChunks | None:
+    """For a zarr array in a local folder: a function giving the chunk (or shard) files of
+    the plane at a lead index that are not on disk; None for other arrays.
+
+    zarr reads a missing chunk as its fill value, so without this check a frame lost from a
+    recording replays as a black frame."""
+    store_path = getattr(data, "store_path", None)
+    root = getattr(getattr(store_path, "store", None), "root", None)
+    if store_path is None or root is None:
+        return None
+    folder = Path(root) / store_path.path
+    grid = tuple(int(n) for n in (getattr(data, "shards", None) or data.chunks))
+    rows = range(math.ceil(data.shape[-2] / grid[-2]))
+    cols = range(math.ceil(data.shape[-1] / grid[-1]))
+    encode = data.metadata.encode_chunk_key
+
+    def missing(where: tuple[int, ...]) -> list[Path]:
+        lead = tuple(w // g for w, g in zip(where, grid[:-2], strict=True))
+        files = (folder / encode((*lead, r, c)) for r in rows for c in cols)
+        return [f for f in files if not f.is_file()]
+
+    return missing
+
+
+def _read_plane(data: Any, where: tuple[int, ...], missing: MissingChunks | None,
+                path: Path, i: int) -> np.ndarray:
+    """Plane ``where`` of ``data``; :class:`FrameNotStored` when its chunk files are missing."""
+    if missing is not None and (gone := missing(where)):
+        raise FrameNotStored(
+            f"frame {i} of {path} is not stored: {len(gone)} chunk file(s) missing, e.g. "
+            f"{gone[0]} (deleted, or never written by the recorder)"
+        )
+    return np.ascontiguousarray(np.asarray(data[where]))
 
 
 # ------------------------------------------------------------------ readers
@@ -118,9 +166,11 @@ def _planes(
     if frames == 0:
         raise ReplayError(f"{path} holds no frames (shape {shape})")
 
+    missing = missing_chunks(data)
+
     def plane(i: int) -> np.ndarray:
         where = tuple(int(k) for k in np.unravel_index(i, lead)) if lead else ()
-        return np.ascontiguousarray(np.asarray(data[where]))
+        return _read_plane(data, where, missing, path, i)
 
     indices = None
     if lead:
@@ -148,8 +198,10 @@ def _open_recording(path: Path) -> ReplayStack:
     if all(isinstance(a, int | float) for a in acquired):
         times = [float(a) - float(acquired[0]) for a in acquired]
 
+    missing = missing_chunks(images)
+
     def plane(i: int) -> np.ndarray:
-        return np.asarray(images[ids[i]])
+        return _read_plane(images, (ids[i],), missing, rec.path, i)
 
     return ReplayStack(
         rec.path, "recording", len(records), tuple(images.shape[1:]), np.dtype(images.dtype),
@@ -275,6 +327,10 @@ class ReplaySource(FeedThreadSource):
         self.interval_s = interval_s
         self.sync_timeout_s = sync_timeout_s
         self.emitted = 0
+        #: Frames of the last run that could not be read (skipped), and the first reason.
+        self.unreadable = 0
+        self.first_unreadable: Exception | None = None
+        self._read_errors = RepeatedErrors(log)
         self._feed: EventFeed | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -317,6 +373,7 @@ class ReplaySource(FeedThreadSource):
         error: str | None = None
         stack = self.stack
         t0 = time.monotonic()
+        self.unreadable, self.first_unreadable = 0, None
         try:
             for i, _event in enumerate(feed):
                 if i >= stack.frames or self._stop.is_set():
@@ -324,7 +381,11 @@ class ReplaySource(FeedThreadSource):
                 delay = t0 + self._due(i) - time.monotonic()
                 if delay > 0 and self._stop.wait(delay):
                     break
-                image = stack.plane(i)
+                try:
+                    image = stack.plane(i)
+                except Exception as exc:  # one lost or corrupt frame: skip it, play the rest
+                    self._skip(i, exc)
+                    continue
                 pos = stack.position(i)
                 index: Any = stack.index(i)
                 event = useq.MDAEvent(index=index, x_pos=pos.get("x_um"),
@@ -333,11 +394,31 @@ class ReplaySource(FeedThreadSource):
                 feed.frame_delivered()
                 self.on_frame(RawFrame(image, event, time.time(), pos, None, origin=feed))
                 self.emitted += 1
-        except Exception as exc:  # a read fault ends the replay like a camera fault
+        except Exception as exc:  # any other fault ends the replay like a camera fault
             log.exception("replay of %s failed", stack.path)
             error = f"{type(exc).__name__}: {exc}"
         finally:
-            self._end(feed, on_done, error)
+            self._end(feed, on_done, error or self._unreadable_error())
+
+    def _skip(self, i: int, exc: Exception) -> None:
+        """Count and log frame ``i``, which could not be read."""
+        self.unreadable += 1
+        if self.first_unreadable is None:
+            self.first_unreadable = exc if isinstance(exc, FrameNotStored) else ReplayError(
+                f"frame {i} of {self.stack.path} cannot be read: {type(exc).__name__}: {exc}")
+        if isinstance(exc, FrameNotStored):
+            if self.unreadable <= 5 or self.unreadable % 100 == 0:
+                log.warning("%s; skipped (%d frame(s) skipped so far)", exc, self.unreadable)
+        else:
+            self._read_errors.error("replay read", f"frame {i} of {self.stack.path} skipped",
+                                    exc)
+
+    def _unreadable_error(self) -> str | None:
+        """The acquisition's error when frames were skipped, else None."""
+        if not self.unreadable:
+            return None
+        return (f"{self.unreadable} of {self.stack.frames} frame(s) could not be read and were "
+                f"skipped; the others were replayed. First: {self.first_unreadable}")
 
     def inject(self, events: Iterable[useq.MDAEvent]) -> int:
         """A replay cannot acquire new events."""

@@ -51,14 +51,31 @@ def find_recording(path: Path) -> Path | None:
 
 
 def read_frames_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The frames.jsonl records sorted by frame_id (a torn last line is ignored)."""
-    out = []
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
+    """The frames.jsonl records sorted by frame_id.
+
+    A line that is not a frame record (not JSON, or no integer ``frame_id``) is left out
+    with a warning naming it; the others are all read. A torn last line (the recorder was
+    killed mid-write) is expected and only noted."""
+    out: list[dict[str, Any]] = []
+    bad: list[int] = []
+    lines = 0
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        for lines, line in enumerate(fh, 1):
             try:
-                out.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
-                break  # only the last line can be torn (the writer was killed mid-write)
+                record = None
+            if isinstance(record, dict) and type(record.get("frame_id")) is int:
+                out.append(record)
+            elif line.strip():
+                bad.append(lines)
+    if bad == [lines]:
+        log.info("%s: its last line is torn (the recorder was stopped mid-write); left out",
+                 path)
+    elif bad:
+        log.warning("%s: %d line(s) are not frame records and are left out (line %s); the "
+                    "other %d frames are read", path, len(bad),
+                    ", ".join(map(str, bad[:10])) + (", …" if len(bad) > 10 else ""), len(out))
     return sorted(out, key=lambda r: r["frame_id"])
 
 
@@ -83,9 +100,9 @@ def open_recording(path: str | Path) -> Recording:
         frames = list(attrs.get("livemask", {}).get("frames", []))
     unrecorded = int(images.shape[0]) - len({f.get("frame_id") for f in frames})
     if unrecorded > 0:
-        log.warning("%s: %d frame(s) on the t axis have no line in frames.jsonl (the recorder "
-                    "could not write them: a full disk, see its log) and are not read",
-                    run, unrecorded)
+        log.warning("%s: %d frame(s) on the t axis have no readable line in frames.jsonl "
+                    "(the recorder could not write it, e.g. a full disk: see its log; or the "
+                    "line is damaged) and are not read", run, unrecorded)
     scale = attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]
     pixel = float(scale["scale"][-1]) if scale.get("type") == "scale" else None
     return Recording(run, images, labels, frames, pixel, attrs)

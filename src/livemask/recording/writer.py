@@ -443,9 +443,12 @@ class Recorder:
         root = zarr.open_group(self.path / IMAGES, mode="w", zarr_format=3,
                                attributes=ome_image_attributes(self.pixel_size_um))
         root.update_attributes({"livemask": self._summary_attrs(complete=False)})
+        # every frame gets its chunk file, even an all-zero one (zarr skips those by
+        # default): a missing file then always means a lost frame, which replay reports
         self._images = root.create_array("0", shape=shape, chunks=chunks, dtype=image.dtype,
                                          fill_value=0, dimension_names=("t", "y", "x"),
-                                         compressors=codec)
+                                         compressors=codec,
+                                         config={"write_empty_chunks": True})
         if self.labels:
             lab = root.create_group("labels", attributes={
                 "ome": {"version": OME_VERSION, "labels": [LABELS_NAME]}})

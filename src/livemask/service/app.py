@@ -131,7 +131,8 @@ class Service:
         self.control.start()
         await self._start_dashboard()  # early: its subscriber joins before the first events
         segmenter = await asyncio.to_thread(build_segmenter, cfg)
-        await asyncio.to_thread(segmenter.warmup, cfg.simulation.sensor_shape_px)
+        # at the frame size of a given source (a replay), else the configured camera's
+        await asyncio.to_thread(segmenter.warmup, self._frame_shape())
         if segmenter.device_resident:
             self._shorten_switch_interval()
         if self.source is None:
@@ -525,6 +526,11 @@ class Service:
             "duration_s": round(time.time() - self._acquisition_started, 3),
         })
 
+    @property
+    def last_error(self) -> str | None:
+        """The last acquisition or recording error (``status.last_error``), or None."""
+        return self._last_error
+
     def _no_frame_error(self, missing: int) -> str | None:
         """An error for an acquisition whose image events (some or all) gave no frame.
 
@@ -651,6 +657,7 @@ class Service:
             "pub_address": self.publisher.bound_address if self.state != "closed" else None,
             "core": {**self.core_info, **getattr(self.source, "camera_now", {})},
             "last_error": self._last_error,
+            "last_frame_error": pipe.last_failure if pipe else None,
             "acquisitions_finished": self.acquisitions_finished,
             "metrics_url": self.metrics.url if self.metrics is not None else None,
             "dashboard_url": self.dashboard.url if self.dashboard is not None else None,

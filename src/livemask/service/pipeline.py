@@ -83,6 +83,8 @@ class Pipeline:
         self.latency = LatencyWindow()
         self.latest: dict[str, dict[str, Any]] = {}
         self._errors = RepeatedErrors(log)  # per-frame faults: a traceback once per kind
+        #: The last frame's failure ("<stage> failed: Type: message"), for status.
+        self.last_failure: str | None = None
         self.last_analysed: Frame | None = None
         self._queue_size = queue_size
         self._waiting: deque[Frame] = deque()
@@ -338,6 +340,7 @@ class Pipeline:
 
     def _fail(self, frame: Frame, stage: str, exc: Exception) -> None:
         frame.error = f"{stage} failed: {type(exc).__name__}: {exc}"
+        self.last_failure = f"frame {frame.frame_id}: {frame.error}"
         self.counters.incr("failed")
         self._errors.error(stage, f"frame {frame.frame_id}: {stage} failed", exc)
 

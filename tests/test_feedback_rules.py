@@ -584,3 +584,12 @@ def test_an_action_without_a_target_is_a_refusal_not_a_rule_error() -> None:
     (d,) = eng.evaluate(ctx(field()))
     assert not d.accepted and d.violation is not None and d.violation.limit == "no_target"
     assert eng.slot("b").errors == 0 and eng.slot("b").refused == 1
+
+
+def test_a_stage_reading_back_nan_is_keyed_here_not_an_error() -> None:
+    from livemask.feedback.context import position_key
+
+    assert position_key({}, 10.4, -3.6) == "xy10,-4"
+    assert position_key({}, float("nan"), 0.0) == "here"  # before: ValueError ended the run
+    assert position_key({}, 0.0, float("inf")) == "here"  # before: OverflowError
+    assert position_key({"p": 2}, float("nan"), 0.0) == "p2"

@@ -136,6 +136,11 @@ def test_check_input_accepts_what_useq_takes(data: dict) -> None:
      "sequence.time_plan[1].prioritise: unknown field"),
     ({"channels": [{"config": "GFP", "exposre": 3}]}, "sequence.channels[0].exposre"),
     ({"stage_positions": [{"x": float("inf"), "y": 0}]}, "x: inf is not a finite number"),
+    # before: strings pydantic turns into floats passed, and the run died in feedback
+    ({"stage_positions": [{"x": "Infinity", "y": 0}]},
+     "sequence.stage_positions[0].x: inf is not a finite number"),
+    ({"stage_positions": [{"x": 0, "y": "-inf", "z": 1}]}, "y: -inf is not a finite number"),
+    ({"stage_positions": [{"x": 0, "y": 0, "z": "NaN"}]}, "z: nan is not a finite number"),
 ])
 def test_check_input_names_what_useq_would_ignore(data: dict, needle: str) -> None:
     with pytest.raises(ValueError) as info:

@@ -335,6 +335,17 @@ async def test_snapshot_arrays_are_the_last_frame_encoded_once(
          "'Camera': 0..10000"),
         ("enqueue", {"events": [{"properties": [["Shutter", "State", "open"]]}]},
          "invalid_args", "'open' is outside the limits of property 'State'"),
+        # strings pydantic reads as floats: the acquisition used to die with OverflowError
+        ("enqueue", {"events": [{"x_pos": "Infinity", "y_pos": 0}]}, "invalid_args",
+         "events[0].x_pos: inf is not a finite number"),
+        ("enqueue", {"events": [{"min_start_time": "NaN"}]}, "invalid_args",
+         "events[0].min_start_time: nan is not a finite number"),
+        ("start", {"sequence": {"stage_positions": [{"x": "-inf", "y": 0}]}}, "invalid_args",
+         "stage_positions[0].x: -inf is not a finite number"),
+        # a wrong type inside the sequence used to answer `internal` (TypeError)
+        ("start", {"sequence": {"time_plan": {"interval": {"a": 1}, "loops": 2}}},
+         "invalid_args", "invalid sequence: sequence: a value has the wrong type or size ("
+         "'a' is an invalid keyword argument"),
     ],
 )
 async def test_bad_control_requests_get_error_replies(

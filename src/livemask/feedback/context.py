@@ -135,8 +135,8 @@ def position_key(index: Mapping[str, int], x_um: float | None, y_um: float | Non
     p = index.get("p")
     if p is not None:
         return f"p{int(p)}"
-    if x_um is None or y_um is None:
-        return "here"
+    if x_um is None or y_um is None or not math.isfinite(float(x_um) + float(y_um)):
+        return "here"  # (a stage that reads back NaN must not end the acquisition)
     return f"xy{round(float(x_um))},{round(float(y_um))}"
 
 

@@ -78,6 +78,11 @@ def _parse(model: type[BaseModel], data: dict[str, Any], what: str, prefix: str)
             f"{'.'.join(str(p) for p in e['loc']) or what}: {e['msg']}" for e in exc.errors()
         )
         raise CommandError("invalid_args", f"{prefix}{problems}") from None
+    except (TypeError, OverflowError) as exc:  # raised by a library's own before-validator,
+        # e.g. useq's timedelta(**interval) for an interval given as {"a": 1}
+        raise CommandError(
+            "invalid_args", f"{prefix}{what}: a value has the wrong type or size ({exc})"
+        ) from None
 
 
 def _validate(model: type[_Args], args: dict[str, Any], cmd: str) -> Any:

@@ -296,6 +296,25 @@ def test_accumulator_on_identical_tiles_matches_one_tile() -> None:
     assert acc.summary()["tiles"] == 0 and acc.summary()["count"] == 0
 
 
+def test_accumulator_leaves_out_tiles_that_overlap_pooled_ones() -> None:
+    tile = rect_grid((200, 200), (20, 20), (7, 3))
+    px = 0.5  # a 100 µm tile
+    acc = CumulativeGrainStats()
+    acc.add(tile, px, centre_um=(0.0, 0.0))
+    assert acc.add(tile, px, centre_um=(0.0, 0.0))["tiles_overlapping"] == 1  # seen again
+    acc.add(tile, px, centre_um=(100.0, 0.0))  # touching: pooled
+    acc.add(tile, px, centre_um=(100.5, 100.0))  # 0.5 % overlap (stage jitter): pooled
+    out = acc.add(tile, px, centre_um=(50.0, 60.0))  # 40 % of it already seen
+    assert (out["tiles"], out["tiles_overlapping"]) == (3, 2)
+    assert out["count_inside"] == 3 * 81
+    assert acc.add(tile, px)["tiles"] == 4  # no position: no check
+    acc.reset()
+    assert acc.add(tile, px, centre_um=(0.0, 0.0))["tiles_overlapping"] == 0
+    for i in range(100):  # the footprint buffer grows
+        acc.add(tile, px, centre_um=(200.0 * (i + 1), 0.0))
+    assert acc.summary()["tiles"] == 101 and acc.overlap((-10, -10, 10, 10)) == 1.0
+
+
 # ------------------------------------------------------------------ labels from boundaries
 
 

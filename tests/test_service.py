@@ -779,6 +779,28 @@ async def test_grain_tile_scan_publishes_tile_and_cumulative_statistics() -> Non
     assert abs(last["cumulative"]["mean_area_um2"] - true_area) / true_area < 0.10
 
 
+async def test_overlapping_grain_tiles_are_left_out_of_the_cumulative_statistics(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Before, a tile seen twice was pooled twice: its grains counted again, and the
+    interval the smart-grains rule stops on narrowed falsely."""
+    cfg = make_config(
+        simulation={"sample": "grains"},
+        model={"name": "grains"},
+        acquisition={"sequence": {"grid_plan": {"rows": 1, "columns": 3, "overlap": 40,
+                                                "fov_width": 332.8, "fov_height": 332.8}}},
+    )
+    with caplog.at_level("WARNING", logger="livemask"):
+        async with Service(cfg) as svc:
+            got = await collect_run(svc, ("measurements", "event"))
+    cumulative = [m.header["grains"]["cumulative"] for m in got["measurements"]]
+    # tiles at 0, 0.6 and 1.2 fields: the middle one overlaps both others by 40 %
+    assert [(c["tiles"], c["tiles_overlapping"]) for c in cumulative] == [(1, 0), (1, 1), (2, 1)]
+    first, third = (got["measurements"][i].header["grains"]["tile"] for i in (0, 2))
+    assert cumulative[-1]["count"] == first["count"] + third["count"]
+    assert "overlaps a tile already pooled" in caplog.text and "overlap 0" in caplog.text
+
+
 # ------------------------------------------------------------------ control traffic races
 ONE_FRAME = {"sequence": {"time_plan": {"interval": 0.0, "loops": 1}}}
 

@@ -345,8 +345,16 @@ class CumulativeGrainStats:
     area, intercepts and line length) and the sizes of its inside grains, and returns
     the cumulative statistics: the keys of :func:`grain_statistics` plus ``tiles``,
     ``mean_equivalent_diameter_ci95_um`` (over grains) and ``astm_g_planimetric_ci95``
-    (over tiles, ASTM E112 Section 15). Overlapping tiles would count grains twice.
+    (over tiles, ASTM E112 Section 15).
+
+    Overlapping tiles would count grains twice and narrow the confidence intervals falsely:
+    given the stage position of each tile's centre, a tile that overlaps one already added
+    by more than ``MAX_OVERLAP`` of its area is left out (counted in ``tiles_overlapping``).
+    Tiles without a position are all pooled.
     """
+
+    #: Largest fraction of a tile's area that may overlap earlier tiles (stage jitter).
+    MAX_OVERLAP = 0.01
 
     def __init__(
         self, *, line_step_px: int = 1, edges_um: tuple[float, ...] = HISTOGRAM_EDGES_UM
@@ -358,6 +366,9 @@ class CumulativeGrainStats:
     def reset(self) -> None:
         """Forget all tiles."""
         self.tiles = 0
+        self.tiles_overlapping = 0
+        self._footprints = np.empty((64, 4))  # x0, y0, x1, y1 µm of the pooled tiles
+        self._placed = 0  # rows of _footprints in use
         self.count = 0
         self.n_equivalent = 0.0
         self.test_area_um2 = 0.0
@@ -369,11 +380,41 @@ class CumulativeGrainStats:
         self._histogram = np.zeros(len(self.edges_um) - 1, dtype=np.int64)
         self._median_counts = np.zeros(_MEDIAN_BINS, dtype=np.int64)
 
-    def add(self, labels: np.ndarray, pixel_size_um: float) -> dict[str, Any]:
-        """Add one tile's labels; return the cumulative statistics."""
+    def overlap(self, footprint: tuple[float, float, float, float]) -> float:
+        """The largest fraction of ``footprint`` (x0, y0, x1, y1 µm) that a tile already
+        added covers."""
+        if not self._placed:
+            return 0.0
+        x0, y0, x1, y1 = footprint
+        seen = self._footprints[: self._placed]
+        dx = np.minimum(seen[:, 2], x1) - np.maximum(seen[:, 0], x0)
+        dy = np.minimum(seen[:, 3], y1) - np.maximum(seen[:, 1], y0)
+        shared = np.clip(dx, 0, None) * np.clip(dy, 0, None)
+        return float(shared.max()) / max((x1 - x0) * (y1 - y0), 1e-12)
+
+    def add(
+        self,
+        labels: np.ndarray,
+        pixel_size_um: float,
+        centre_um: tuple[float, float] | None = None,
+    ) -> dict[str, Any]:
+        """Add one tile's labels, its stage centre (x, y µm) where known; return the
+        cumulative statistics. A tile overlapping earlier ones is left out (see the class)."""
+        h, w = np.asarray(labels).shape
+        if centre_um is not None:
+            half_w, half_h = w * pixel_size_um / 2, h * pixel_size_um / 2
+            cx, cy = centre_um
+            footprint = (cx - half_w, cy - half_h, cx + half_w, cy + half_h)
+            if self.overlap(footprint) > self.MAX_OVERLAP:
+                self.tiles_overlapping += 1
+                return self.summary()
+            if self._placed == len(self._footprints):
+                self._footprints = np.concatenate([self._footprints,
+                                                   np.empty_like(self._footprints)])
+            self._footprints[self._placed] = footprint
+            self._placed += 1
         table = grain_table(labels, pixel_size_um)
         crossings, length_px = intercept_count(labels, line_step_px=self.line_step_px)
-        h, w = np.asarray(labels).shape
         area = h * w * float(pixel_size_um) ** 2
         n_eq = planimetric_count(table)
         self.tiles += 1
@@ -428,6 +469,7 @@ class CumulativeGrainStats:
             line_length_um=self.line_length_um,
         )
         out["tiles"] = self.tiles
+        out["tiles_overlapping"] = self.tiles_overlapping
         out["mean_equivalent_diameter_ci95_um"] = self._diameter.ci95()
         out["astm_g_planimetric_ci95"] = self._tile_g.ci95()
         return out

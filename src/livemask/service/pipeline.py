@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -45,6 +46,14 @@ from livemask.service.stats import LatencyWindow, PipelineCounters
 from livemask.transport.publisher import Publisher
 
 log = logging.getLogger("livemask")
+
+
+def _stage_xy(position: dict[str, Any] | None) -> tuple[float, float] | None:
+    """The frame's stage (x, y) in µm, or None where unknown."""
+    x, y = (position or {}).get("x_um"), (position or {}).get("y_um")
+    if not isinstance(x, int | float) or not isinstance(y, int | float):
+        return None
+    return (float(x), float(y)) if math.isfinite(x + y) else None
 
 
 class FrameSink(Protocol):
@@ -287,6 +296,17 @@ class Pipeline:
         them would land in the new acquisition."""
         self.acquisition += 1
 
+    def _warn_overlap(self, frame: Frame) -> None:
+        """Say that a grain tile was left out of the cumulative statistics (overlap)."""
+        n = self.grains.tiles_overlapping if self.grains is not None else 0
+        if n <= 5 or n % 100 == 0:
+            log.warning(
+                "grains: frame %d at %s overlaps a tile already pooled by more than %.0f %% "
+                "of its area; it is left out of the cumulative statistics (%d tile(s) so "
+                "far), which would count its grains twice. Use a grid_plan with overlap 0",
+                frame.frame_id, frame.position, 100 * CumulativeGrainStats.MAX_OVERLAP, n,
+            )
+
     def _analyse(self, frame: Frame) -> None:
         assert frame.probabilities is not None
         labels, frame.objects, frame.summary = self.segmenter.analyse(
@@ -300,10 +320,14 @@ class Pipeline:
             if self.tracker is not None:
                 self.tracker.reset()
         if self.grains is not None:
+            overlapping = self.grains.tiles_overlapping
             frame.grains = {
                 "tile": grain_statistics(labels, self.pixel_size_um),
-                "cumulative": self.grains.add(labels, self.pixel_size_um),
+                "cumulative": self.grains.add(labels, self.pixel_size_um,
+                                              centre_um=_stage_xy(frame.position)),
             }
+            if self.grains.tiles_overlapping > overlapping:
+                self._warn_overlap(frame)
         if self.tracker is not None and frame.objects is not None:
             self.tracker.apply(
                 frame.objects, frame.summary if frame.summary is not None else {},

@@ -101,6 +101,27 @@ def test_segment_writes_labels_and_table(tmp_path: Path) -> None:
     assert len(rows) - 1 == sum(len(np.unique(p)) - 1 for p in labels)
 
 
+def test_segment_keeps_the_stack_axes_and_writes_only_tiff(tmp_path: Path) -> None:
+    """Before, a (t, z, y, x) stack came back as (t*z, y, x) labels, and ``-o x.png`` wrote
+    TIFF bytes into a .png file."""
+    sample = NucleiSample(seed=11)
+    stack = np.stack([sample.render((0.0, 0.0), (64, 64)).image for _ in range(6)])
+    src = tmp_path / "tz.tif"
+    tifffile.imwrite(src, stack.reshape(2, 3, 64, 64), photometric="minisblack",
+                     metadata={"axes": "TZYX"})
+    out = tmp_path / "labels.tiff"
+    result = runner.invoke(app, ["segment", str(src), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    labels = tifffile.imread(out)
+    assert labels.shape == (2, 3, 64, 64) and labels[1, 2].max() > 0
+    png = tmp_path / "labels.png"
+    result = runner.invoke(app, ["segment", str(src), "-o", str(png)])
+    assert result.exit_code == 2
+    assert "labels are written as an int32 TIFF; give an output file name ending in .tif" in (
+        _flat(result.output))
+    assert not png.exists()
+
+
 def test_segment_rejects_missing_input(tmp_path: Path) -> None:
     result = runner.invoke(app, ["segment", str(tmp_path / "x.tif"), "-o", str(tmp_path / "y.tif")])
     assert result.exit_code == 2

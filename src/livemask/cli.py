@@ -400,7 +400,8 @@ def segment(
     input: Annotated[
         Path, typer.Argument(help="A 2-D image or a stack (TIFF; a PNG or JPEG is one plane).")
     ],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Label TIFF to write.")],
+    output: Annotated[Path, typer.Option(
+        "-o", "--output", help="Label TIFF to write (.tif or .tiff; the input's shape).")],
     model: Annotated[str, typer.Option(help="Model name or card path.")] = "nuclei",
     table: Annotated[Path | None, typer.Option(help="Write measurements CSV here.")] = None,
     pixel_size_um: Annotated[float, typer.Option(callback=_positive, help="For µm columns.")] = 1.0,

@@ -53,8 +53,8 @@ def read_image(path: Path) -> np.ndarray:
         raise ValueError(f"{path} cannot be read as an image: {exc}") from exc
 
 
-def read_planes(path: Path) -> np.ndarray:
-    """Read an image or stack as (N, H, W); a 2-D image gives N = 1."""
+def read_stack(path: Path) -> np.ndarray:
+    """Read a grayscale image or stack (..., H, W), checked for segmentation."""
     if not path.is_file():
         raise FileNotFoundError(f"input image {path} does not exist")
     data = read_image(path)
@@ -63,7 +63,17 @@ def read_planes(path: Path) -> np.ndarray:
         raise ValueError(f"{path} {problem}")
     if data.ndim == 3 and data.shape[-1] in (3, 4):
         raise ValueError(f"{path} looks like an RGB image {data.shape}; give a grayscale image")
+    return data
+
+
+def read_planes(path: Path) -> np.ndarray:
+    """Read an image or stack as (N, H, W); a 2-D image gives N = 1."""
+    data = read_stack(path)
     return data.reshape(-1, *data.shape[-2:])
+
+
+#: File name endings ``segment`` writes its label image to (always a TIFF).
+LABEL_SUFFIXES = (".tif", ".tiff")
 
 
 def segment_file(
@@ -75,8 +85,13 @@ def segment_file(
     pixel_size_um: float = 1.0,
     threads: int = 2,
 ) -> int:
-    """Segment every plane of ``input_path``; write labels (and a CSV). Returns plane count."""
-    planes = read_planes(input_path)
+    """Segment every plane of ``input_path``; write labels of the input's shape (a TIFF)
+    and a CSV (``plane`` counts the planes in C order). Returns the plane count."""
+    if output.suffix.lower() not in LABEL_SUFFIXES:
+        raise ValueError(f"{output}: labels are written as an int32 TIFF; give an output "
+                         "file name ending in .tif or .tiff")
+    stack = read_stack(input_path)
+    planes = stack.reshape(-1, *stack.shape[-2:])
     seg = load_segmenter(model, threads)
     labels = np.zeros(planes.shape, dtype=np.int32)
     rows: list[dict[str, object]] = []
@@ -104,7 +119,8 @@ def segment_file(
                     "eccentricity": o["eccentricity"],
                 })
     output.parent.mkdir(parents=True, exist_ok=True)
-    tifffile.imwrite(output, labels[0] if len(labels) == 1 else labels, compression="zlib")
+    tifffile.imwrite(output, labels.reshape(stack.shape), photometric="minisblack",
+                     compression="zlib")
     if table is not None:
         with table.open("w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=TABLE_COLUMNS)

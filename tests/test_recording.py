@@ -488,6 +488,24 @@ def test_replay_rejects_bad_input_clearly(tmp_path: Path) -> None:
         open_stack(tmp_path / "plain5d.zarr")
 
 
+@pytest.mark.parametrize(("target", "text", "found"), [
+    ("images.ome.zarr/zarr.json", "{not json", "JSONDecodeError"),
+    ("images.ome.zarr/zarr.json",
+     '{"zarr_format": 3, "node_type": "group", "attributes": {}}', "KeyError: 'ome'"),
+    ("images.ome.zarr/0/zarr.json", "{}", "node_type"),
+])
+def test_damaged_zarr_metadata_names_the_recording(
+    tmp_path: Path, target: str, text: str, found: str
+) -> None:
+    """Before, these gave a KeyError traceback or a JSON error naming no file."""
+    run, _ = _recorded(tmp_path, 1)
+    (run / target).write_text(text)
+    result = runner.invoke(app, ["replay", str(run)])
+    assert result.exit_code == 2, result.output
+    flat = " ".join(result.output.split())
+    assert f"error: {run}: its zarr metadata cannot be read (" in flat and found in flat
+
+
 def test_run_folders_are_created_at_once_so_two_services_never_share_one(
     tmp_path: Path,
 ) -> None:

@@ -126,10 +126,10 @@ def open_stack(path: str | Path) -> ReplayStack:
     from livemask.recording.reader import find_recording
 
     if find_recording(p) is not None:
-        return _open_recording(p)
+        return _with_metadata_named(p, _open_recording)
     if p.is_dir():
         if (p / "zarr.json").is_file() or (p / ".zattrs").is_file() or (p / ".zarray").is_file():
-            return _open_zarr(p)
+            return _with_metadata_named(p, _open_zarr)
         raise ReplayError(
             f"{p} is a folder but neither a livemask recording (run-… with images.ome.zarr) "
             "nor a zarr group/array; give a run folder, an OME-Zarr or a TIFF file"
@@ -140,6 +140,21 @@ def open_stack(path: str | Path) -> ReplayStack:
         f"{p}: unknown file type {p.suffix!r}; replay reads TIFF stacks (.tif/.tiff), OME-Zarr "
         "(.zarr folders) and livemask recordings"
     )
+
+
+def _with_metadata_named(path: Path, opener: Callable[[Path], ReplayStack]) -> ReplayStack:
+    """``opener(path)``; damaged or unexpected zarr metadata becomes a ReplayError that
+    names the folder (zarr and the OME keys raise KeyError, ValueError, ... without it)."""
+    try:
+        return opener(path)
+    except ReplayError:
+        raise
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError, OSError) as exc:
+        detail = f"{type(exc).__name__}: {exc}"
+        raise ReplayError(
+            f"{path}: its zarr metadata cannot be read ({detail}); give a complete OME-Zarr, "
+            "zarr array or livemask recording"
+        ) from None
 
 
 def _check(path: Path, shape: tuple[int, ...], dtype: np.dtype[Any], axes: Sequence[str]) -> None:

@@ -64,3 +64,21 @@ def test_gc_measurements_policy_removes_the_collections() -> None:
         gc.set_threshold(*threshold)
     assert sum(default["collections"].values()) > 0
     assert sum(tuned["collections"].values()) == 0
+
+
+@pytest.mark.timeout(120)
+async def test_grain_scan_compares_the_live_statistics_with_the_truth(tmp_path: Path) -> None:
+    scan = _load("grain_scan")
+    text = (BENCHMARKS.parent / "configs" / "simulated-grains.yaml").read_text(encoding="utf-8")
+    text = text.replace("../hardware/simulated.cfg",
+                        str(BENCHMARKS.parent / "hardware" / "simulated.cfg"))
+    text = text.replace("rows: 4", "rows: 1").replace("columns: 4", "columns: 2")
+    config = tmp_path / "two-tiles.yaml"
+    config.write_text(text, encoding="utf-8")
+    r = await scan.scan(config)
+    assert (r["tiles"], r["tiles_overlapping"]) == (2, 0)
+    assert r["truth"]["count_inside"] > 100 and r["live"]["count_inside"] > 100
+    for key in scan.COMPARED:
+        assert r["error"][key] == pytest.approx(
+            (r["live"][key] - r["truth"][key]) / r["truth"][key], abs=1e-4)
+    assert abs(r["error"]["mean_area_um2"]) < 0.15  # the shipped model, 2 tiles

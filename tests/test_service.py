@@ -335,6 +335,11 @@ async def test_snapshot_arrays_are_the_last_frame_encoded_once(
          "'Camera': 0..10000"),
         ("enqueue", {"events": [{"properties": [["Shutter", "State", "open"]]}]},
          "invalid_args", "'open' is outside the limits of property 'State'"),
+        # pymmcore-plus only logged the core's error and imaged the old region
+        ("enqueue", {"events": [{"roi": [400, 0, 200, 100]}]}, "invalid_args",
+         "events[0].roi (offset_x 400, offset_y 0, width 200, height 100) goes beyond the "
+         "camera's 512x512"),
+        ("enqueue", {"events": [{"roi": [0, 0, 0, 100]}]}, "invalid_args", "is empty"),
         # strings pydantic reads as floats: the acquisition used to die with OverflowError
         ("enqueue", {"events": [{"x_pos": "Infinity", "y_pos": 0}]}, "invalid_args",
          "events[0].x_pos: inf is not a finite number"),

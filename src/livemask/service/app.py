@@ -458,6 +458,25 @@ class Service:
         check_exposures(self.source.exposure_limits, exposures, what)
         check_properties(self.source.properties, properties, what)
 
+    def _check_rois(self, events: Sequence[useq.MDAEvent]) -> None:
+        """ConfigError for an empty roi, or one beyond the camera's image as the service
+        opened it (pymmcore-plus would only log the core's error and image the old region)."""
+        shape = self.core_info.get("image_shape")
+        for i, event in enumerate(events):
+            roi = event.roi
+            if roi is None:
+                continue
+            where = (f"events[{i}].roi (offset_x {roi.offset_x}, offset_y {roi.offset_y}, "
+                     f"width {roi.width}, height {roi.height})")
+            if roi.width < 1 or roi.height < 1:
+                raise ConfigError(f"{where} is empty; give a width and height of at least 1")
+            if shape and (roi.offset_y + roi.height > shape[0]
+                          or roi.offset_x + roi.width > shape[1]):
+                raise ConfigError(
+                    f"{where} goes beyond the camera's {shape[1]}x{shape[0]} (width x height) "
+                    "image; keep offset + size within it"
+                )
+
     def _check_sequence_on_rig(self, seq: useq.MDASequence) -> None:
         """:meth:`_check_on_rig` for the channels and channel exposures of ``seq``."""
         channels = sequence_channels(seq)
@@ -581,6 +600,7 @@ class Service:
             [e.exposure for e in events if e.exposure is not None],
             [p for e in events for p in e.properties or ()],
         )
+        self._check_rois(events)
         if self._acquiring:
             try:
                 n = self.source.inject(events)

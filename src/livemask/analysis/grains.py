@@ -189,7 +189,14 @@ def size_histogram(
     edges = np.asarray(edges_um, dtype=np.float64)
     values = np.clip(np.asarray(diameters_um, dtype=np.float64), edges[0], edges[-1])
     counts, _ = np.histogram(values, bins=edges)
-    return {"edges_um": [float(e) for e in edges], "counts": [int(c) for c in counts]}
+    return _histogram(edges_um, counts)
+
+
+def _histogram(
+    edges_um: tuple[float, ...], counts: np.ndarray
+) -> dict[str, list[float] | list[int]]:
+    """The JSON form of a histogram: its bin edges and counts."""
+    return {"edges_um": [float(e) for e in edges_um], "counts": [int(c) for c in counts]}
 
 
 def _float(x: float | np.floating[Any] | None) -> float | None:
@@ -455,10 +462,7 @@ class CumulativeGrainStats:
             median_area,
             self._diameter.mean if has else None,
             median_diameter,
-            {
-                "edges_um": [float(e) for e in self.edges_um],
-                "counts": [int(c) for c in self._histogram],
-            },
+            _histogram(self.edges_um, self._histogram),
         )
         out = _summary(
             sizes=sizes,

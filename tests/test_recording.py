@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -504,6 +505,40 @@ def test_damaged_zarr_metadata_names_the_recording(
     assert result.exit_code == 2, result.output
     flat = " ".join(result.output.split())
     assert f"error: {run}: its zarr metadata cannot be read (" in flat and found in flat
+
+
+def test_close_waits_for_a_slow_disk_while_it_writes_and_gives_up_on_a_hung_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before, close gave up after timeout_s in all: the frames of a large backlog on a
+    slow disk were lost when the process exited (the writer thread is a daemon)."""
+    slow_write = Recorder._write_frame
+
+    def slow(self: Recorder, item: Any) -> None:
+        time.sleep(0.1)
+        slow_write(self, item)
+
+    monkeypatch.setattr(Recorder, "_write_frame", slow)
+    rec = Recorder(tmp_path / "slow", pixel_size_um=0.5).start()
+    _give_frames(rec, range(15))
+    rec.close(frames_acquired=15, timeout_s=1.0)  # 1.5 s of writing, 0.1 s per frame
+    assert rec.report()["frames_written"] == 15 and open_recording(tmp_path / "slow").complete
+
+    hang = threading.Event()
+
+    def hung(self: Recorder, item: Any) -> None:
+        hang.wait(10)
+        slow_write(self, item)
+
+    monkeypatch.setattr(Recorder, "_write_frame", hung)
+    rec = Recorder(tmp_path / "hung", pixel_size_um=0.5).start()
+    _give_frames(rec, range(3))
+    with caplog.at_level("ERROR", logger="livemask"):
+        t0 = time.monotonic()
+        rec.close(frames_acquired=3, timeout_s=0.3)
+        waited = time.monotonic() - t0
+    hang.set()
+    assert waited < 5 and "3 frames still unwritten, none handled in the last 0 s" in caplog.text
 
 
 def test_run_folders_are_created_at_once_so_two_services_never_share_one(

@@ -279,7 +279,11 @@ class Recorder:
         return self
 
     def close(self, *, frames_acquired: int | None = None, timeout_s: float = 120.0) -> None:
-        """Write everything queued, finish the metadata and close the files (idempotent)."""
+        """Write everything queued, finish the metadata and close the files (idempotent).
+
+        Waits as long as the writer gets through the queue (a large backlog on a slow disk
+        is written, however long it takes); gives up only when no queued frame was handled
+        for ``timeout_s`` (a disk that hangs)."""
         if self._closed:
             return
         self._closed = True
@@ -290,9 +294,14 @@ class Recorder:
             log.warning("recorder: writing the %d queued frames (%.0f MB) to %s before "
                         "closing", self._queued_frames, self._queued_bytes / 2**20, self.path)
         self._queue.put(_STOP)
-        self._thread.join(timeout_s)
+        left, since = self._queued_frames, time.monotonic()
+        while self._thread.is_alive() and time.monotonic() - since < timeout_s:
+            self._thread.join(min(1.0, timeout_s))
+            if self._queued_frames != left:  # progress: wait on
+                left, since = self._queued_frames, time.monotonic()
         if self._thread.is_alive():
-            log.error("recorder: %d frames still unwritten after %.0f s (%s)",
+            log.error("recorder: %d frames still unwritten, none handled in the last %.0f s "
+                      "(a hung disk?); giving up on them (%s)",
                       self._queued_frames, timeout_s, self.path)
             return
         c = self.counts

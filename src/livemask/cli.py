@@ -156,7 +156,8 @@ def serve(
     record: RecordOpt = None,
     dashboard: DashboardOpt = None,
 ) -> None:
-    """Run the service until SIGINT/SIGTERM (exit code 0 after a clean shutdown)."""
+    """Run the service until SIGINT/SIGTERM (exit code 0 after a clean shutdown; see
+    --exit-when-done for 1)."""
     from livemask.config import load_config
 
     setup_logging(quiet=view)

@@ -873,3 +873,45 @@ async def test_start_right_after_an_acquisition_ended_is_accepted(
             await control(svc, "start")
         assert info.value.code == "invalid_state"
         assert svc.pipeline.acquisition == 4  # the refused start reset nothing
+
+
+async def test_a_start_waits_for_the_last_runs_thread_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before, the start joined the exiting thread on the event loop: publishing, the
+    heartbeat and every other request stalled for as long as it took (up to 2 s)."""
+    import useq
+
+    from livemask.acquisition.source import FeedThreadSource
+
+    real_end = FeedThreadSource._end
+
+    def slow_exit(self: FeedThreadSource, feed: Any, on_done: Any, error: str | None) -> None:
+        real_end(self, feed, on_done, error)
+        time.sleep(1.2)  # e.g. pymmcore-plus restoring the settings from before the run
+
+    monkeypatch.setattr(FeedThreadSource, "_end", slow_exit)
+    async with Service(make_config(acquisition=ONE_FRAME)) as svc:
+        for starting in ("start", "enqueue"):
+            svc.start_acquisition(None)
+            while svc.acquiring:
+                await asyncio.sleep(0.005)
+            gaps: list[float] = []
+
+            async def ticks(gaps: list[float] = gaps) -> None:
+                last = time.monotonic()
+                while True:
+                    await asyncio.sleep(0.01)
+                    now = time.monotonic()
+                    gaps.append(now - last)
+                    last = now
+
+            ticker = asyncio.create_task(ticks())
+            if starting == "start":
+                assert (await control(svc, "start"))["started"] is True
+            else:
+                assert (await svc.enqueue([useq.MDAEvent()]))["started"] is True
+            ticker.cancel()
+            assert max(gaps) < 0.6, (starting, max(gaps))  # the loop was not held ~1.2 s
+            while svc.acquiring:
+                await asyncio.sleep(0.005)

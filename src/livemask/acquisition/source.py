@@ -199,6 +199,13 @@ class FeedThreadSource:
         """Enqueued events the current (or last) acquisition dropped when it was stopped."""
         return self._feed.not_run if self._feed is not None else 0
 
+    def join_ended(self, timeout_s: float = 2.0) -> None:
+        """Wait for the thread of an acquisition that has ended to exit (blocking: the
+        service calls it off its event loop before starting the next)."""
+        thread = self._thread
+        if thread is not None and self._ended and thread.is_alive():
+            thread.join(timeout_s)
+
     def _ready_to_start(self) -> None:
         """Raise if an acquisition runs; let the thread of one that ended finish exiting
         (it has called on_done, so the service may already start the next)."""

@@ -431,6 +431,14 @@ class Service:
         """Whether an acquisition is running."""
         return self._acquiring
 
+    async def last_run_exited(self) -> None:
+        """Let the thread of an acquisition that has ended finish exiting, off the event
+        loop (pymmcore-plus may still be restoring settings; the source's own check before
+        a start would otherwise block the loop for up to 2 s)."""
+        join = getattr(self.source, "join_ended", None)
+        if join is not None and not self._acquiring:
+            await asyncio.to_thread(join, 2.0)
+
     def start_acquisition(self, sequence: useq.MDASequence | None) -> int:
         """Start ``sequence`` (default: the config's); returns the events it plans.
 
@@ -607,6 +615,7 @@ class Service:
                 return {"enqueued": n, "started": False}
             except AcquisitionEnding:
                 await self._until_ended()
+        await self.last_run_exited()
         self._start_events(events, {"enqueued": len(events)}, len(events))
         return {"enqueued": len(events), "started": True}
 

@@ -142,6 +142,7 @@ class CommandHandler:
                 raise CommandError("invalid_args", f"invalid sequence: {exc}") from None
         if self.service.acquiring:
             raise CommandError("invalid_state", "an acquisition is running; send 'stop' first")
+        await self.service.last_run_exited()
         try:
             events = self.service.start_acquisition(seq)
         except ConfigError as exc:  # e.g. a channel preset the microscope does not have

@@ -13,7 +13,12 @@ log = logging.getLogger("livemask")
 
 
 class Backend(Protocol):
-    """Runs a model on batches of normalised images."""
+    """Runs a model on batches of normalised images.
+
+    The ONNX backends also set ``model_io`` in :meth:`load`: the network's declared inputs
+    and outputs (:class:`livemask.inference.model_checks.ModelIO`, checked against the
+    card), which the Segmenter uses to check each batch against fixed input sizes.
+    """
 
     name: str
     device: str

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from livemask.errors import ModelError
 
@@ -20,10 +20,20 @@ MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 class Normalization(BaseModel):
     """Input normalisation: percentile ``low`` → 0 and ``high`` → 1."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["percentile"] = "percentile"
     low: float = Field(default=1.0, ge=0, lt=100)
     high: float = Field(default=99.8, gt=0, le=100)
+
+    @model_validator(mode="after")
+    def _low_below_high(self) -> Normalization:
+        if not self.low < self.high:
+            raise ValueError(
+                f"low ({self.low:g}) must be below high ({self.high:g}): they are the "
+                "percentiles of each frame mapped to 0 and 1; set normalization.low < "
+                "normalization.high in the card (default 1.0 and 99.8)"
+            )
+        return self
 
 
 class PostProcessing(BaseModel):
@@ -126,7 +136,9 @@ def load_model_card(name_or_path: str | Path) -> ModelCard:
         card = ModelCard.model_validate(data)
     except ValidationError as exc:
         fields = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or '(card)'}: {e['msg']}" for e in exc.errors()
+            f"{'.'.join(map(str, e['loc'])) or '(card)'}: "
+            + e["msg"].removeprefix("Value error, ")  # a validator's own sentence
+            for e in exc.errors()
         )
         raise ModelError(f"invalid model card {path}: {fields}") from None
     card.card_path = path.resolve()

@@ -8,6 +8,7 @@ import numpy as np
 import onnxruntime as ort
 
 from livemask.errors import ModelError
+from livemask.inference.model_checks import ModelIO, check_model_io, io_from_session
 from livemask.inference.models import ModelCard
 
 log = logging.getLogger("livemask")
@@ -23,6 +24,9 @@ class OnnxRuntimeBackend:
         self.device = "cpu"
         self._session: ort.InferenceSession | None = None
         self._input = "image"
+        self._input_dtype: type[np.floating] = np.float32
+        #: The loaded model's declared inputs and outputs (checked against its card).
+        self.model_io: ModelIO | None = None
 
     def load(self, card: ModelCard) -> None:
         """Create the inference session for the card's ONNX file."""
@@ -42,8 +46,16 @@ class OnnxRuntimeBackend:
             )
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelError(f"ONNX Runtime cannot load {card.onnx_path}: {exc}") from None
+        io = io_from_session(self._session)
+        try:
+            check_model_io(card, io)  # dtype, rank, channels and sizes against the card
+        except ModelError:
+            self._session = None
+            raise
+        self.model_io = io
         self.device = "cuda" if self._session.get_providers()[0].startswith("CUDA") else "cpu"
-        self._input = self._session.get_inputs()[0].name
+        self._input = io.inputs[0].name
+        self._input_dtype = np.float16 if io.inputs[0].dtype == "float16" else np.float32
         log.info("onnxruntime: %s on %s, %d threads", card.name, self.device, self.threads)
 
     def warmup(self, shape: tuple[int, int]) -> None:
@@ -51,12 +63,15 @@ class OnnxRuntimeBackend:
         self.run(np.zeros((1, 1, *shape), dtype=np.float32))
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """Run the model on a (N, 1, H, W) float32 batch."""
+        """Run the model on a (N, 1, H, W) float32 batch; float32 out (also from a float16
+        model, whose input is converted to float16)."""
         if self._session is None:
             raise ModelError("backend used before load(); call load(card) first")
-        out = self._session.run(None, {self._input: np.ascontiguousarray(batch, np.float32)})
-        return np.asarray(out[0])
+        x = np.ascontiguousarray(batch, self._input_dtype)
+        out = self._session.run(None, {self._input: x})
+        return np.asarray(out[0], dtype=np.float32)
 
     def close(self) -> None:
         """Drop the session."""
         self._session = None
+        self.model_io = None

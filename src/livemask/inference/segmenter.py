@@ -10,6 +10,7 @@ import numpy as np
 from livemask.analysis.instances import labels_from_probabilities
 from livemask.analysis.normalize import percentile_normalize
 from livemask.inference.backend import Backend
+from livemask.inference.model_checks import check_batch_input, check_batch_output
 from livemask.inference.models import ModelCard, PostProcessing
 from livemask.inference.tiling import TilePlan, needs_tiling, plan_tiles, predict_tiled
 
@@ -85,25 +86,46 @@ class Segmenter:
             self._plan_key = key
         return self._plan
 
+    def _check_input(self, shape: tuple[int, ...], frame: tuple[int, int] | None) -> None:
+        """ModelError if a batch of ``shape`` does not fit the model's fixed input sizes."""
+        check_batch_input(self.card, getattr(self.backend, "model_io", None), shape, frame)
+
+    def _check_output(
+        self, out_shape: tuple[int, ...], in_shape: tuple[int, ...],
+        frame: tuple[int, int] | None,
+    ) -> None:
+        """ModelError unless the model returned (N, C, H, W) as its card says."""
+        check_batch_output(self.card, out_shape, in_shape, self.post.method, frame)
+
+    def _run(self, batch: np.ndarray, frame: tuple[int, int] | None = None) -> np.ndarray:
+        """``backend.run`` with the batch checked against the model's fixed input sizes
+        and the result's shape against the card (a clear ModelError, not a numpy error
+        later; two tuple comparisons per call)."""
+        self._check_input(batch.shape, frame)
+        out = self.backend.run(batch)
+        self._check_output(np.shape(out), batch.shape, frame)
+        return out
+
     def predict(self, image: np.ndarray) -> np.ndarray:
         """Probabilities (C, H, W) for a 2-D image of any size, dtype and range.
 
         The image is normalised as a whole; frames larger than the card's tile are then run
         as overlapping tiles in batches and blended (:mod:`livemask.inference.tiling`).
+        A model output of another shape than the card says raises ModelError.
         """
         if image.ndim != 2:
             raise ValueError(f"expected a 2-D image, got shape {image.shape}")
         norm = self.card.normalization
         x = percentile_normalize(image, norm.low, norm.high)
-        plan = self.tile_plan((x.shape[0], x.shape[1]))
-        if plan is not None:
-            return predict_tiled(self.backend.run, x, plan=plan)
         h, w = x.shape
+        plan = self.tile_plan((h, w))
+        if plan is not None:
+            return predict_tiled(lambda b: self._run(b, (h, w)), x, plan=plan)
         m = self.card.size_multiple
         ph, pw = (-h) % m, (-w) % m
         if ph or pw:
             x = np.pad(x, ((0, ph), (0, pw)), mode="reflect")
-        out = self.backend.run(x[None, None])
+        out = self._run(x[None, None], (h, w))
         return out[0, :, :h, :w]
 
     def labels(self, probabilities: np.ndarray) -> np.ndarray:
@@ -141,13 +163,20 @@ class Segmenter:
         infer/analyse path twice, so its CUDA graphs are captured before the first frame.
 
         The backend is warmed up with what :meth:`predict` hands it for such a frame: the
-        frame padded to the card's ``size_multiple``, or its tiles."""
+        frame padded to the card's ``size_multiple``, or its tiles. That input is first run
+        once with its result checked, so a model that does not compute what its card says
+        (or takes another fixed size) raises ModelError here, before the first frame."""
         plan = self.tile_plan(shape)
         if plan is not None:
-            self.backend.warmup(plan.tile_shape)
+            size = plan.tile_shape
         else:
             m = self.card.size_multiple
-            self.backend.warmup((-(-shape[0] // m) * m, -(-shape[1] // m) * m))
+            size = (-(-shape[0] // m) * m, -(-shape[1] // m) * m)
+        frame = (int(shape[0]), int(shape[1]))
+        for n in sorted(set(plan.batch_sizes) if plan is not None else {1}):
+            self._check_input((n, 1, *size), frame)  # every batch shape this frame sends
+        self._run(np.zeros((1, 1, *size), dtype=np.float32), frame)
+        self.backend.warmup(size)
         if self._device is not None:
             self._device.prepare(shape, self._label_params())
             image = np.zeros(shape, dtype=np.uint16)
@@ -166,7 +195,11 @@ class Segmenter:
         norm = self.card.normalization
         img, batch = ta.preprocess(image, norm.low, norm.high, self.card.size_multiple)
         h, w = img.shape
-        out = self.backend.run_tensor(batch)[0, :, :h, :w]  # type: ignore[attr-defined]
+        in_shape = tuple(int(n) for n in batch.shape)
+        self._check_input(in_shape, (h, w))
+        full = self.backend.run_tensor(batch)  # type: ignore[attr-defined]
+        self._check_output(tuple(int(n) for n in full.shape), in_shape, (h, w))
+        out = full[0, :, :h, :w]
         if ta.device.type == "cuda":
             torch.cuda.current_stream(ta.device).synchronize()
         return DeviceProbabilities(out, img)

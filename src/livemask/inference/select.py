@@ -194,6 +194,9 @@ def instantiate(name: str, *, threads: int = 2) -> Backend:
 def load_backend(requested: str, card: ModelCard, *, threads: int = 2) -> Backend:
     """Create and load a backend for ``card``; under ``auto``, fall back when one fails.
 
+    An ONNX network is first checked against its card
+    (:func:`livemask.inference.model_checks.check_onnx_model`): one that does not fit raises
+    ModelError whatever the backend.
     A GPU backend can pass its probe and still fail to load (an engine that will not build,
     a model the torch backend cannot convert, no GPU memory, any other exception): with
     ``auto`` that is logged at WARNING with the exception's type and message (and its
@@ -201,11 +204,15 @@ def load_backend(requested: str, card: ModelCard, *, threads: int = 2) -> Backen
     requested by name, or the last candidate, raises.
     """
     from livemask.inference.backend import create_backend
+    from livemask.inference.model_checks import check_onnx_model
 
     if card.runtime != "onnx":
         own = create_backend(requested, threads=threads, card=card)
         own.load(card)
         return own
+    # Once, before any backend: a network that does not fit its card is a ModelError
+    # naming the file and what to change, not a fallback through every backend.
+    check_onnx_model(card)
     names = candidates(requested)
     for i, name in enumerate(names):
         backend: Backend | None = None

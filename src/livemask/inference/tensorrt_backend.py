@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from livemask.errors import BackendUnavailable, ModelError
+from livemask.inference.model_checks import ModelIO, check_onnx_model
 from livemask.inference.models import ModelCard
 
 if TYPE_CHECKING:
@@ -455,6 +456,8 @@ class TensorRTBackend:
         self.compute_capability = (int(props.major), int(props.minor))
         self.engine_key: str | None = None
         self.built = False  # whether load() built the engine (False: loaded from the cache)
+        #: The loaded model's declared inputs and outputs (checked against its card).
+        self.model_io: ModelIO | None = None
         self._logger = shared_logger(self._trt)
         self._runtime: Any = None
         self._engine: Any = None
@@ -480,6 +483,7 @@ class TensorRTBackend:
     def load(self, card: ModelCard) -> None:
         """Load the cached engine for this model, GPU and profile, or build and cache it."""
         trt, torch = self._trt, self._torch
+        self.model_io = check_onnx_model(card)  # dtype, rank, channels, sizes vs the card
         profile = self._requested_profile
         if profile is None:
             profile = EngineProfile.for_card(card, self.max_batch)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from livemask.errors import BackendUnavailable, ModelError
+from livemask.inference.model_checks import ModelIO, check_onnx_model
 from livemask.inference.models import ModelCard
 
 if TYPE_CHECKING:
@@ -227,7 +228,9 @@ def verify_against_onnxruntime(
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    (expected,) = session.run(None, {session.get_inputs()[0].name: x})
+    first = session.get_inputs()[0]
+    x_in = x.astype(np.float16) if first.type == "tensor(float16)" else x
+    expected = np.asarray(session.run(None, {first.name: x_in})[0], dtype=np.float32)
     with torch.no_grad():
         got = module(torch.from_numpy(x)).numpy()
     if got.shape != np.shape(expected):
@@ -339,6 +342,8 @@ class TorchBackend:
         self._policy = GraphPolicy(max_graphs)
         self._graphs: dict[tuple[int, ...], _Graph] = {}
         self._module: nn.Module | None = None
+        #: The loaded model's declared inputs and outputs (checked against its card).
+        self.model_io: ModelIO | None = None
 
     @property
     def _memory_format(self) -> torch.memory_format:
@@ -348,6 +353,7 @@ class TorchBackend:
     def load(self, card: ModelCard) -> None:
         """Convert the card's ONNX weights, verify them against ONNX Runtime, move to device."""
         torch = self._torch
+        self.model_io = check_onnx_model(card)  # dtype, rank, channels, sizes vs the card
         module = unet_from_onnx(card.onnx_path, card)
         if self.verify:
             self.max_difference = verify_against_onnxruntime(module, card.onnx_path)

@@ -1,0 +1,374 @@
+"""Does an ONNX network fit its model card? Checked when it is loaded and on its first runs.
+
+Every backend feeds a ``runtime: onnx`` network the same thing: one float32 batch
+(N, 1, H, W) of normalised grey images, H and W padded to the card's ``size_multiple``,
+whole frames as N = 1 and frames larger than the card's tile as tiles of at most ``tile_px``
+in batches of up to ``max_batch`` (:mod:`livemask.inference.tiling`). It expects back one
+(N, C, H, W) float map, C = one channel per name in the card's ``outputs``.
+
+:func:`check_onnx_model` reads the model's declared input and output (with the ``onnx``
+package when it is installed, else from an ONNX Runtime session) and
+:func:`check_model_io` compares them with that: dtype float32 (or float16, which the
+backends convert to), rank 4, 1 input channel, ``len(outputs)`` output channels, and
+fixed (non-symbolic) batch, height and width that some frame can actually have. Symbolic
+(dynamic) dimensions are accepted. A mismatch raises :class:`~livemask.errors.ModelError`
+that names the model file and its card and lists everything found, what was expected and
+what to change. :func:`livemask.inference.select.load_backend` runs it before any backend
+is tried, and each ONNX backend's ``load`` runs it again (cached) for direct users.
+
+What a declaration cannot show (symbolic sizes that the network changes, a fixed size that
+only some frames have) is caught on the first real run: the :class:`Segmenter` checks each
+batch against the model's fixed input dimensions before running it
+(:func:`check_batch_input`) and each result's shape after (:func:`check_batch_output`),
+starting at its warm-up.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from livemask.errors import ModelError
+from livemask.inference.models import ModelCard
+
+__all__ = [
+    "FLOAT_TYPES",
+    "ModelIO",
+    "TensorSpec",
+    "channels_needed",
+    "check_batch_input",
+    "check_batch_output",
+    "check_model_io",
+    "check_onnx_model",
+    "io_from_session",
+    "read_model_io",
+]
+
+#: A dimension: a fixed size, a symbolic name, or None (unknown).
+Dim = int | str | None
+
+#: Element types a network's input and output may have (the backends convert float16).
+FLOAT_TYPES = ("float32", "float16")
+
+#: Output channels each post-processing method reads.
+_METHOD_CHANNELS = {"seeded-watershed": (2, "foreground, seeds"), "boundary-label": (1, "boundary")}
+
+_AXES = ("batch", "channels", "height", "width")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A declared graph input or output: name, element type (numpy's name, e.g.
+    ``float32``) and shape (None when the rank is not declared)."""
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...] | None
+
+    def shape_text(self) -> str:
+        """The shape as ``(batch, 1, height, width)``; ``?`` for unknown dimensions."""
+        if self.shape is None:
+            return "(undeclared shape)"
+        return "(" + ", ".join("?" if d is None else str(d) for d in self.shape) + ")"
+
+
+@dataclass(frozen=True)
+class ModelIO:
+    """A model's declared graph inputs (initializers left out) and outputs, in order."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+# ------------------------------------------------------------------------------- reading
+def _dim(d: Any) -> Dim:
+    if isinstance(d, int):
+        return d if d >= 0 else None
+    return str(d) if d else None
+
+
+def _ort_dtype(text: str) -> str:
+    """``tensor(float)`` → ``float32``; non-tensor types are returned as they are."""
+    if not (text.startswith("tensor(") and text.endswith(")")):
+        return text
+    inner = text[len("tensor("):-1]
+    return {"float": "float32", "double": "float64"}.get(inner, inner)
+
+
+def io_from_session(session: Any) -> ModelIO:
+    """The inputs and outputs an ``onnxruntime.InferenceSession`` reports.
+
+    ONNX Runtime gives an undeclared rank as ``[]``: taken as unknown, not as a scalar.
+    """
+
+    def spec(arg: Any) -> TensorSpec:
+        shape = arg.shape
+        dims = tuple(_dim(d) for d in shape) if shape else None
+        return TensorSpec(str(arg.name), _ort_dtype(str(arg.type)), dims)
+
+    return ModelIO(tuple(spec(a) for a in session.get_inputs()),
+                   tuple(spec(a) for a in session.get_outputs()))
+
+
+def _io_from_onnx(path: str) -> ModelIO | None:
+    """The declared inputs/outputs read with the ``onnx`` package; None if it is not
+    installed or cannot parse the file (ONNX Runtime then says what is wrong with it)."""
+    try:
+        import onnx
+    except ImportError:
+        return None
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception:  # DecodeError and friends: let ONNX Runtime report the file
+        return None
+    graph = model.graph
+    weights = {t.name for t in graph.initializer}
+
+    def dtype(elem: int) -> str:
+        try:
+            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)).name
+        except Exception:
+            try:
+                return str(onnx.TensorProto.DataType.Name(elem)).lower()
+            except ValueError:
+                return f"element type {elem}"
+
+    def spec(vi: Any) -> TensorSpec:
+        kind = vi.type.WhichOneof("value")
+        if kind != "tensor_type":
+            return TensorSpec(vi.name, f"{kind or 'undeclared type'} (not a tensor)", None)
+        tt = vi.type.tensor_type
+        shape = None
+        if tt.HasField("shape"):
+            shape = tuple(
+                int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or None)
+                for d in tt.shape.dim
+            )
+        return TensorSpec(vi.name, dtype(tt.elem_type), shape)
+
+    return ModelIO(tuple(spec(v) for v in graph.input if v.name not in weights),
+                   tuple(spec(v) for v in graph.output))
+
+
+def _io_from_onnxruntime(path: str) -> ModelIO:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ModelError(f"ONNX Runtime cannot load {path}: {exc}") from None
+    return io_from_session(session)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_cached(path: str, mtime_ns: int, size: int) -> ModelIO:
+    return _io_from_onnx(path) or _io_from_onnxruntime(path)
+
+
+def read_model_io(path: str | Path) -> ModelIO:
+    """The declared inputs and outputs of the ONNX file at ``path`` (cached per file
+    version): with ``onnx`` if installed, else with ONNX Runtime. ModelError if unreadable."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError as exc:
+        raise ModelError(f"cannot read model file {p}: {exc}") from None
+    return _read_cached(str(p), st.st_mtime_ns, st.st_size)
+
+
+# ------------------------------------------------------------------------------- checking
+def _tile(card: ModelCard) -> int:
+    m = card.size_multiple
+    return card.tile_px // m * m
+
+
+def _where(card: ModelCard) -> str:
+    """``model file X (card Y)``."""
+    try:
+        path = str(card.onnx_path)
+    except ModelError:
+        path = f"model {card.name!r}"
+    else:
+        path = f"model file {path}"
+    return f"{path} (card {card.card_path})" if card.card_path else f"{path} (model {card.name!r})"
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def channels_needed(method: str) -> tuple[int, str]:
+    """Output channels a post-processing ``method`` reads, and their names."""
+    return _METHOD_CHANNELS.get(method, (1, "probabilities"))
+
+
+def _input_problems(card: ModelCard, io: ModelIO) -> list[str]:
+    if not io.inputs:
+        return ["it has no input; expected one float32 (N, 1, H, W) image input"]
+    problems = []
+    if len(io.inputs) > 1:
+        names = ", ".join(repr(s.name) for s in io.inputs)
+        problems.append(f"it has {len(io.inputs)} inputs ({names}), expected one: livemask "
+                        "feeds a single (N, 1, H, W) image batch; re-export with one input")
+    spec = io.inputs[0]
+    what = f"input {spec.name!r} {spec.shape_text()}"
+    if spec.dtype not in FLOAT_TYPES:
+        problems.append(f"{what} has dtype {spec.dtype}, expected float32 (or float16): "
+                        "livemask feeds float32 images; re-export the model with a float32 input")
+    if spec.shape is None:
+        return problems
+    if len(spec.shape) != 4:
+        problems.append(f"{what} has rank {len(spec.shape)}, expected rank 4 (N, 1, H, W): "
+                        "re-export the model with a batch and a channel axis")
+        return problems
+    n, c, h, w = spec.shape
+    if isinstance(c, int) and c != 1:
+        problems.append(f"{what} has {_count(c, 'channel')}, expected 1 channel (N, 1, H, W): "
+                        "livemask feeds single-channel (grey) images; re-export the model for "
+                        "1 input channel")
+    if isinstance(n, int) and not 1 <= n <= card.max_batch:
+        problems.append(f"{what} has a fixed batch of {n}, but livemask runs whole frames one "
+                        "at a time and tiles in batches of at most the card's max_batch "
+                        f"{card.max_batch}: re-export the model with a dynamic batch axis")
+    m, t = card.size_multiple, _tile(card)
+    bad = [f"{axis} {d}" for axis, d in (("height", h), ("width", w))
+           if isinstance(d, int) and (d % m or d > t or d < 1)]
+    if bad:
+        problems.append(
+            f"{what} has a fixed {' and '.join(bad)}, but livemask runs frames padded to a "
+            f"multiple of size_multiple {m} and at most the tile ({t} px, from tile_px "
+            f"{card.tile_px}), so no frame can have that size: re-export the model with dynamic "
+            "height and width (or fix size_multiple/tile_px in the card to fit it)"
+        )
+    return problems
+
+
+def _output_problems(card: ModelCard, io: ModelIO) -> list[str]:
+    if not io.outputs:
+        return ["it has no output; expected one (N, C, H, W) probability output"]
+    problems = []
+    spec = io.outputs[0]
+    what = f"output {spec.name!r} {spec.shape_text()}"
+    if spec.dtype not in FLOAT_TYPES:
+        problems.append(f"{what} has dtype {spec.dtype}, expected float32 (or float16) "
+                        "probabilities; re-export the model with a float output")
+    if spec.shape is None:
+        return problems
+    if len(spec.shape) != 4:
+        problems.append(f"{what} has rank {len(spec.shape)}, expected rank 4 (N, C, H, W): "
+                        "one probability map per card output, the size of the input")
+        return problems
+    c = spec.shape[1]
+    if isinstance(c, int) and card.outputs and c != len(card.outputs):
+        problems.append(f"{what} has {_count(c, 'channel')}, expected {len(card.outputs)}, "
+                        f"one per output the card lists ({', '.join(card.outputs)}): fix the "
+                        "card's outputs or re-export the model")
+    inp = io.inputs[0].shape if io.inputs else None
+    if inp is None or len(inp) != 4:
+        return problems
+    bad = []
+    for i in (0, 2, 3):
+        d, d_in = spec.shape[i], inp[i]
+        if isinstance(d, int) and d != d_in:
+            have = str(d_in) if isinstance(d_in, int) else "dynamic"
+            bad.append(f"{_AXES[i]} {d} (the input's {_AXES[i]} is {have})")
+    if bad:
+        problems.append(f"{what} has a fixed {' and '.join(bad)}: the output must have the "
+                        "input's batch, height and width; re-export the model with matching "
+                        "(dynamic) axes")
+    return problems
+
+
+def check_model_io(card: ModelCard, io: ModelIO) -> None:
+    """Raise ModelError listing every way ``io`` does not fit what livemask feeds a
+    ``runtime: onnx`` network of ``card`` and expects back (other runtimes: no check)."""
+    if card.runtime != "onnx":
+        return
+    problems = _input_problems(card, io) + _output_problems(card, io)
+    if problems:
+        raise ModelError(f"{_where(card)} does not match what livemask runs: "
+                         + "; also ".join(problems))
+
+
+def check_onnx_model(card: ModelCard) -> ModelIO | None:
+    """Read and check the card's ONNX network (:func:`check_model_io`); its declared
+    inputs and outputs, or None for runtimes other than ``onnx`` (they check their own)."""
+    if card.runtime != "onnx":
+        return None
+    io = read_model_io(card.onnx_path)
+    check_model_io(card, io)
+    return io
+
+
+# ------------------------------------------------------------------------ on a real run
+def _frame_text(frame: tuple[int, int] | None) -> str:
+    return f" for a {frame[0]}×{frame[1]} frame" if frame is not None else ""
+
+
+def check_batch_input(
+    card: ModelCard, io: ModelIO | None, shape: tuple[int, ...],
+    frame: tuple[int, int] | None = None,
+) -> None:
+    """Before a run: ModelError if the batch ``shape`` does not fit the model's fixed
+    input dimensions (symbolic ones fit anything)."""
+    if io is None or not io.inputs:
+        return
+    declared = io.inputs[0].shape
+    if declared is None or len(declared) != len(shape):
+        return
+    bad = [_AXES[i] for i, (d, n) in enumerate(zip(declared, shape, strict=True))
+           if isinstance(d, int) and d != n]
+    if not bad:
+        return
+    m, t = card.size_multiple, _tile(card)
+    fixes = []
+    if "batch" in bad:
+        fixes.append("set max_batch: 1 in the card (frames larger than the tile then run one "
+                     "tile at a time) or re-export the model with a dynamic batch axis")
+    if bad != ["batch"]:
+        fixes.append("re-export the model with dynamic height and width axes")
+    raise ModelError(
+        f"{_where(card)} takes inputs of fixed shape {io.inputs[0].shape_text()}, but "
+        f"livemask runs it on a batch of shape {tuple(shape)}{_frame_text(frame)} (another "
+        f"{' and '.join(bad)}: frames are padded to a multiple of size_multiple {m}, and "
+        f"frames larger than the {t} px tile run as tiles of at most {t} px in batches of up "
+        f"to max_batch {card.max_batch}): {'; '.join(fixes)}"
+    )
+
+
+def check_batch_output(
+    card: ModelCard, out_shape: tuple[int, ...], in_shape: tuple[int, ...],
+    method: str | None = None, frame: tuple[int, int] | None = None,
+) -> None:
+    """After a run: ModelError unless the output is (N, C, H, W) for an (N, 1, H, W) input,
+    C = the card's output count (for ONNX networks) and at least what ``method`` (the
+    post-processing method, default the card's) reads."""
+    out_shape = tuple(int(s) for s in out_shape)
+    n, _, h, w = (int(s) for s in in_shape)
+    method = method or card.postprocessing.method
+    need, names = channels_needed(method)
+    want = len(card.outputs) if card.runtime == "onnx" and card.outputs else None
+    if len(out_shape) == 4 and out_shape[0] == n and out_shape[2:] == (h, w):
+        c = out_shape[1]
+        if (want is None or c == want) and c >= need:
+            return
+    if want is not None:
+        expected = (f"expected {(n, want, h, w)}: one channel per output the card lists "
+                    f"({', '.join(card.outputs)})")
+    else:
+        expected = f"expected ({n}, C, {h}, {w})"
+    if want is None or want < need:
+        expected += f", with at least {need} channels ({names}) for post-processing {method}"
+    raise ModelError(
+        f"{_where(card)} returned an output of shape {out_shape} for an input of shape "
+        f"{tuple(int(s) for s in in_shape)}{_frame_text(frame)}; {expected}. The model does "
+        "not compute what its card says: fix the model (its output must keep the input's "
+        "batch, height and width) or the card's outputs"
+    )

@@ -459,6 +459,25 @@ def test_a_damaged_line_in_frames_jsonl_loses_only_that_frame(
     assert "last line is torn" in caplog.text and "not frame records" not in caplog.text
 
 
+@pytest.mark.parametrize("scale", [-0.5, float("nan")])
+def test_a_pixel_size_that_is_not_a_size_is_ignored_with_a_warning(
+    tmp_path: Path, scale: float
+) -> None:
+    """Before, replay printed raw pydantic output for HardwareConfig and exited 2."""
+    root = zarr.open_group(tmp_path / "img.zarr", mode="w", zarr_format=3, attributes={"ome": {
+        "version": "0.5", "multiscales": [{
+            "axes": [{"name": "t", "type": "time"}, {"name": "y", "type": "space"},
+                     {"name": "x", "type": "space"}],
+            "datasets": [{"path": "0", "coordinateTransformations": [
+                {"type": "scale", "scale": [1.0, scale, scale]}]}]}]}})
+    arr = root.create_array("0", shape=(2, 32, 32), dtype="uint16")
+    arr[:] = np.random.default_rng(0).integers(0, 999, (2, 32, 32))
+    result = runner.invoke(app, _replay_args(tmp_path / "img.zarr", tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert "which is not a size; ignored (set hardware.pixel_size_um" in result.output
+    assert open_recording(_run_dir(tmp_path / "out")).pixel_size_um == 1.0
+
+
 # ------------------------------------------------------------------ (5) bad input
 def test_replay_rejects_bad_input_clearly(tmp_path: Path) -> None:
     result = runner.invoke(app, ["replay", str(tmp_path / "missing.tif")])

@@ -63,6 +63,13 @@ class ReplayStack:
     pixel_size_um: float | None = None
     close: Callable[[], None] = field(default=lambda: None)
 
+    def __post_init__(self) -> None:
+        px = self.pixel_size_um
+        if px is not None and not (math.isfinite(px) and px > 0):
+            log.warning("%s: its metadata gives a pixel size of %s µm, which is not a size; "
+                        "ignored (set hardware.pixel_size_um in the config)", self.path, px)
+            self.pixel_size_um = None
+
     def index(self, i: int) -> dict[str, int]:
         """The MDA index of frame ``i``."""
         return dict(self.indices[i]) if self.indices is not None else {"t": i}

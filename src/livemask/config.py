@@ -7,13 +7,21 @@ Errors name the field to change, e.g. ``acquisition.mode: Input should be 'free-
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import useq
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from livemask.acquisition.mode import Mode
 from livemask.acquisition.sequence import check_sequence
@@ -24,6 +32,13 @@ StageThreads = Literal["one", "two"]
 SensorSide = Annotated[int, Field(ge=16, le=16384)]
 #: Most intra-op threads a CPU backend may be given (100,000 hung the start).
 MAX_THREADS = 256
+#: Integers must fit a signed 64-bit integer: the config is sent as JSON (orjson refuses
+#: integers beyond 64 bits) and handed to numpy.
+INT64_MAX = 2**63 - 1
+#: Largest value of fields handed to C ``int`` parameters (libzmq options, gc thresholds).
+C_INT_MAX = 2**31 - 1
+#: Bytes per pixel of each frame-sized array touched at start (livemask.service.prefault).
+PREFAULT_BYTES_PER_PX = 4
 
 DEFAULT_SEQUENCE: dict[str, Any] = {
     "time_plan": {"interval": 0.1, "loops": 170},
@@ -76,7 +91,12 @@ class SimulationConfig(_Section):
     """The simulated microscope (used when the .cfg loads livemask's Python devices)."""
 
     sample: Literal["nuclei", "grains"] = "nuclei"
-    seed: int = 0
+    seed: int = Field(
+        default=0,
+        ge=0,
+        lt=2**63,
+        description="Random seed of the sample: a whole number, 0 <= seed < 2**63.",
+    )
     sensor_shape_px: tuple[SensorSide, SensorSide] = Field(
         default=(512, 512), description="Camera (rows, columns), 16 to 16384 each."
     )
@@ -123,7 +143,13 @@ class AcquisitionConfig(_Section):
     @field_validator("sequence")
     @classmethod
     def _valid_sequence(cls, value: dict[str, Any]) -> dict[str, Any]:
-        check_sequence(useq.MDASequence.model_validate(value), value)
+        try:
+            seq = useq.MDASequence.model_validate(value)
+        except (TypeError, OverflowError) as exc:  # raised by useq's own before-validators,
+            # e.g. timedelta(**interval) for an interval given as {a: 1}; pydantic passes
+            # only ValueError on as a validation error
+            raise ValueError(f"a value has the wrong type or size ({exc})") from None
+        check_sequence(seq, value)
         return value
 
     def mda_sequence(self) -> useq.MDASequence:
@@ -136,7 +162,8 @@ class ModelConfig(_Section):
 
     name: str = Field(default="nuclei", description="A shipped model name (see `livemask models`).")
     path: Path | None = Field(
-        default=None, description="A model card (.yaml) of your own; overrides `name`."
+        default=None,
+        description="A model card (.yaml) of your own, instead of `name` (set one, not both).",
     )
     backend: Literal["auto", "onnxruntime", "tensorrt", "torch"] = Field(
         default="auto",
@@ -153,6 +180,15 @@ class ModelConfig(_Section):
         "and measure it there (livemask.inference.torch_analysis); false: copy the model "
         "output to the host and use the CPU post-processing.",
     )
+
+    @model_validator(mode="after")
+    def _name_or_path(self) -> ModelConfig:
+        if self.path is not None and "name" in self.model_fields_set:
+            raise ValueError(
+                f"model.name ({self.name!r}) and model.path ({str(self.path)!r}) are both set; "
+                "set model.name (a shipped model) or model.path (your own card), not both"
+            )
+        return self
 
 
 class AnalysisConfig(_Section):
@@ -171,7 +207,9 @@ class PublishConfig(_Section):
     frame_every: int = Field(
         default=1, ge=0, description="Publish every Nth frame on 'frame' (0 = never)."
     )
-    sndhwm: int = Field(default=200, ge=1, description="PUB high-water mark (messages).")
+    sndhwm: int = Field(
+        default=200, ge=1, le=C_INT_MAX, description="PUB high-water mark (messages)."
+    )
     heartbeat_s: float = Field(
         default=1.0, ge=0.05, description="Status interval (at least 0.05 s)."
     )
@@ -200,6 +238,7 @@ class PipelineConfig(_Section):
     gc_threshold: int | None = Field(
         default=10_000,
         ge=100,
+        le=C_INT_MAX,
         description="Young-generation threshold of Python's garbage collector while the "
         "service runs (Python's default is 700; null leaves it as it is).",
     )
@@ -315,6 +354,84 @@ class ServiceConfig(_Section):
     )
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the
+    last silently). Keys brought in by a merge (``<<: *anchor``) may still be overridden."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: SafeLoader reports it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1, first)
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first: int) -> None:
+        super().__init__(
+            f"duplicate key {key!r} on line {line} (first on line {first}); keep one of them "
+            "(YAML would silently use the last)"
+        )
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's physical memory, or None where the OS does not tell."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+        return None
+    return total if total > 0 else None
+
+
+def _check_prefault_memory(cfg: ServiceConfig) -> str | None:
+    """Why the frame buffers touched at start (pipeline.prefault_frames arrays of
+    simulation.sensor_shape_px, 4 bytes a pixel) would not fit, or None when they do."""
+    frames = cfg.pipeline.prefault_frames
+    rows, cols = cfg.simulation.sensor_shape_px
+    need = frames * rows * cols * PREFAULT_BYTES_PER_PX
+    memory = physical_memory_bytes()
+    if memory is None or need <= memory // 2:
+        return None
+    return (
+        f"pipeline.prefault_frames, simulation.sensor_shape_px: {frames} frame-sized arrays "
+        f"of {rows} x {cols} px (4 bytes a pixel) are allocated at start: {need / 2**30:.1f} "
+        f"GiB, more than half of this machine's {memory / 2**30:.1f} GiB of memory; lower "
+        "pipeline.prefault_frames (0 turns it off) or simulation.sensor_shape_px"
+    )
+
+
+def _int_out_of_range(value: Any, where: str) -> str | None:
+    """The first integer in ``value`` (a dumped config) that does not fit 64 bits, as an
+    error line naming its field, or None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        if -INT64_MAX - 1 <= value <= INT64_MAX:
+            return None
+        return (
+            f"{where}: {value} does not fit 64 bits; use a whole number from -2**63 to "
+            f"2**63 - 1 ({INT64_MAX})"
+        )
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        problem = _int_out_of_range(item, f"{where}.{key}" if where else str(key))
+        if problem is not None:
+            return problem
+    return None
+
+
 def _format_errors(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
@@ -338,6 +455,9 @@ def parse_config(
         cfg = ServiceConfig.model_validate(data or {})
     except ValidationError as exc:
         raise ConfigError(f"invalid {source}:\n{_format_errors(exc)}") from None
+    problem = _int_out_of_range(cfg.model_dump(), "") or _check_prefault_memory(cfg)
+    if problem is not None:
+        raise ConfigError(f"invalid {source}:\n  {problem}")
     if base_dir is not None:
         hw = cfg.hardware
         hw.config_file = _resolve(hw.config_file, base_dir) or hw.config_file
@@ -352,10 +472,21 @@ def load_config(path: str | Path | None) -> ServiceConfig:
     if path is None:
         return parse_config({})
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(
+            f"config path {p} is a directory; pass a YAML file to --config "
+            "(e.g. configs/simulated-nuclei.yaml)"
+        )
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist; pass an existing YAML file to --config")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {p} ({exc}); pass a UTF-8 YAML file") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
+    except _DuplicateKey as exc:
+        raise ConfigError(f"invalid {p}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p} is not valid YAML: {exc}") from None
     if data is not None and not isinstance(data, dict):

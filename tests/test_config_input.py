@@ -37,6 +37,9 @@ def _write(tmp_path: Path, text: str) -> Path:
          ["acquisition.sequence.time_plan.loops", "2**63 - 1"]),
         ("analysis:\n  min_area_px: 100000000000000000000000\n",
          ["analysis.min_area_px", "2**63 - 1"]),
+        # each snap ran this many sample steps first: a billion hung the service
+        ("simulation:\n  steps_per_frame: 1000000000\n",
+         ["simulation.steps_per_frame", "less than or equal to 1000"]),
         # useq's before-validator raised TypeError: a traceback, naming no field
         ("acquisition:\n  sequence:\n    time_plan: {interval: {a: 1}, loops: 2}\n",
          ["acquisition.sequence", "a value has the wrong type or size", "'a' is an invalid"]),

@@ -82,6 +82,13 @@ def test_prefault_buffers_beyond_half_the_memory_are_refused(
     with pytest.raises(ConfigError, match=r"8\.0 GiB"):
         parse_config(default)
     assert parse_config({**default, "pipeline": {"prefault_frames": 0}})
+    # the simulated grain sample pre-renders a world of twice the sensor a side
+    _fake_memory(monkeypatch, 32)
+    grains = {"simulation": {"sample": "grains", "sensor_shape_px": [16384, 16384]},
+              "pipeline": {"prefault_frames": 0}}
+    with pytest.raises(ConfigError, match=r"the simulated grain world of 1074 Mpx .* 28\.0 GiB"):
+        parse_config(grains)
+    assert parse_config({"simulation": {"sample": "grains", "sensor_shape_px": [4096, 4096]}})
 
 
 def test_a_directory_is_not_a_config_file(tmp_path: Path) -> None:

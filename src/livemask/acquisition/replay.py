@@ -9,9 +9,11 @@ synchronized mode, waiting for analysis as the microscope does (the same :class:
 A replay cannot move the stage or change the exposure: ``inject`` and
 ``set_exposure`` raise :class:`~livemask.errors.AcquisitionError`.
 
-A frame that cannot be read (its zarr chunk file is missing, where zarr would silently hand
-back a frame of fill value, or it is corrupt) is skipped with a warning; the others are
-replayed, and the acquisition ends with an error that counts the skipped frames.
+A frame that cannot be read (it is corrupt, or, in a livemask recording, its zarr chunk file
+is missing, where zarr would silently hand back a frame of zeros) is skipped with a warning;
+the others are replayed, and the acquisition ends with an error that counts the skipped
+frames. Other zarr arrays may leave out chunks that hold only the fill value (zarr's
+default), so a missing chunk file there is read as the fill value, as zarr intends.
 """
 
 from __future__ import annotations
@@ -85,6 +87,9 @@ class FrameNotStored(ReplayError):
     """A frame's data is not in the store (a zarr chunk file is missing)."""
 
 
+#: Frames in a row that cannot be read after which a replay ends (the store looks broken).
+MAX_UNREADABLE_IN_A_ROW = 50
+
 #: Which chunk files of a zarr array hold the plane at a lead index, and are missing.
 MissingChunks = Callable[[tuple[int, ...]], list[Path]]
 
@@ -94,7 +99,8 @@ def missing_chunks(data: Any) -> MissingChunks | None:
     the plane at a lead index that are not on disk; None for other arrays.
 
     zarr reads a missing chunk as its fill value, so without this check a frame lost from a
-    recording replays as a black frame."""
+    recording that writes every chunk replays as a black frame. (Only for such arrays:
+    zarr leaves out chunks of fill value by default.)"""
     store_path = getattr(data, "store_path", None)
     root = getattr(getattr(store_path, "store", None), "root", None)
     if store_path is None or root is None:
@@ -159,8 +165,8 @@ def _with_metadata_named(path: Path, opener: Callable[[Path], ReplayStack]) -> R
     except (KeyError, IndexError, TypeError, AttributeError, ValueError, OSError) as exc:
         detail = f"{type(exc).__name__}: {exc}"
         raise ReplayError(
-            f"{path}: its zarr metadata cannot be read ({detail}); give a complete OME-Zarr, "
-            "zarr array or livemask recording"
+            f"{path}: it cannot be read as zarr ({detail}); give a complete, readable "
+            "OME-Zarr, zarr array or livemask recording"
         ) from None
 
 
@@ -188,11 +194,9 @@ def _planes(
     if frames == 0:
         raise ReplayError(f"{path} holds no frames (shape {shape})")
 
-    missing = missing_chunks(data)
-
     def plane(i: int) -> np.ndarray:
         where = tuple(int(k) for k in np.unravel_index(i, lead)) if lead else ()
-        return _read_plane(data, where, missing, path, i)
+        return _read_plane(data, where, None, path, i)
 
     indices = None
     if lead:
@@ -204,6 +208,7 @@ def _planes(
 
 def _open_recording(path: Path) -> ReplayStack:
     from livemask.recording.reader import open_recording
+    from livemask.recording.writer import EVERY_CHUNK_WRITTEN
 
     rec = open_recording(path)
     if not rec.complete:
@@ -220,7 +225,9 @@ def _open_recording(path: Path) -> ReplayStack:
     if all(isinstance(a, int | float) for a in acquired):
         times = [float(a) - float(acquired[0]) for a in acquired]
 
-    missing = missing_chunks(images)
+    # recordings made before every chunk was written (an all-zero frame had none) unchecked
+    every_chunk = bool(rec.attributes.get("livemask", {}).get(EVERY_CHUNK_WRITTEN))
+    missing = missing_chunks(images) if every_chunk else None
 
     def plane(i: int) -> np.ndarray:
         return _read_plane(images, (ids[i],), missing, rec.path, i)
@@ -352,6 +359,7 @@ class ReplaySource(FeedThreadSource):
         #: Frames of the last run that could not be read (skipped), and the first reason.
         self.unreadable = 0
         self.first_unreadable: Exception | None = None
+        self._in_a_row = 0
         self._read_errors = RepeatedErrors(log)
         self._feed: EventFeed | None = None
         self._thread: threading.Thread | None = None
@@ -395,7 +403,7 @@ class ReplaySource(FeedThreadSource):
         error: str | None = None
         stack = self.stack
         t0 = time.monotonic()
-        self.unreadable, self.first_unreadable = 0, None
+        self.unreadable, self.first_unreadable, self._in_a_row = 0, None, 0
         try:
             for i, _event in enumerate(feed):
                 if i >= stack.frames or self._stop.is_set():
@@ -407,7 +415,11 @@ class ReplaySource(FeedThreadSource):
                     image = stack.plane(i)
                 except Exception as exc:  # one lost or corrupt frame: skip it, play the rest
                     self._skip(i, exc)
+                    if self._in_a_row >= MAX_UNREADABLE_IN_A_ROW or not stack.path.exists():
+                        error = self._gone_error(i)
+                        break
                     continue
+                self._in_a_row = 0
                 pos = stack.position(i)
                 index: Any = stack.index(i)
                 event = useq.MDAEvent(index=index, x_pos=pos.get("x_um"),
@@ -425,6 +437,7 @@ class ReplaySource(FeedThreadSource):
     def _skip(self, i: int, exc: Exception) -> None:
         """Count and log frame ``i``, which could not be read."""
         self.unreadable += 1
+        self._in_a_row += 1
         if self.first_unreadable is None:
             self.first_unreadable = exc if isinstance(exc, FrameNotStored) else ReplayError(
                 f"frame {i} of {self.stack.path} cannot be read: {type(exc).__name__}: {exc}")
@@ -434,6 +447,13 @@ class ReplaySource(FeedThreadSource):
         else:
             self._read_errors.error("replay read", f"frame {i} of {self.stack.path} skipped",
                                     exc)
+
+    def _gone_error(self, i: int) -> str:
+        """The error that ends a replay whose store is gone or no longer reads."""
+        why = ("it no longer exists" if not self.stack.path.exists() else
+               f"{self._in_a_row} frames in a row could not be read")
+        return (f"replay of {self.stack.path} ended at frame {i} of {self.stack.frames}: {why} "
+                f"({self.unreadable} frame(s) skipped in all). First: {self.first_unreadable}")
 
     def _unreadable_error(self) -> str | None:
         """The acquisition's error when frames were skipped, else None."""

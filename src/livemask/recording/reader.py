@@ -98,8 +98,16 @@ def open_recording(path: str | Path) -> Recording:
     frames = read_frames_jsonl(run / "frames.jsonl") if (run / "frames.jsonl").is_file() else []
     if not frames:
         frames = list(attrs.get("livemask", {}).get("frames", []))
-    unrecorded = int(images.shape[0]) - len({f.get("frame_id") for f in frames})
-    if unrecorded > 0:
+    listed = {f.get("frame_id") for f in frames}
+    unrecorded = int(images.shape[0]) - len(listed)
+    complete = bool(attrs.get("livemask", {}).get("complete"))
+    if unrecorded > 0 and not complete and all(
+            i in listed for i in range(int(images.shape[0]) - unrecorded)):
+        log.warning("%s: the last %d frame(s) on the t axis have no readable line in "
+                    "frames.jsonl and are not read: the recording is still being written, or "
+                    "its recorder could not write them (e.g. a full disk: see its log)",
+                    run, unrecorded)
+    elif unrecorded > 0:
         log.warning("%s: %d frame(s) on the t axis have no readable line in frames.jsonl "
                     "(the recorder could not write it, e.g. a full disk: see its log; or the "
                     "line is damaged) and are not read", run, unrecorded)

@@ -76,6 +76,9 @@ __all__ = [
 
 IMAGES = "images.ome.zarr"
 LABELS_NAME = "masks"
+#: The recording attribute (under ``livemask``) saying every stored frame's image chunk was
+#: written, even an all-zero one: a missing chunk file is then a lost frame.
+EVERY_CHUNK_WRITTEN = "every_chunk_written"
 OME_VERSION = "0.5"
 
 #: Columns of measurements.csv; MDA index columns are empty when the event had no such axis.
@@ -300,7 +303,7 @@ class Recorder:
             if self._queued_frames != left:  # progress: wait on
                 left, since = self._queued_frames, time.monotonic()
         if self._thread.is_alive():
-            log.error("recorder: %d frames still unwritten, none handled in the last %.0f s "
+            log.error("recorder: %d frames still unwritten, none handled in the last %g s "
                       "(a hung disk?); giving up on them (%s)",
                       self._queued_frames, timeout_s, self.path)
             return
@@ -606,6 +609,9 @@ class Recorder:
             "started_at": self.started_at,
             "frame_axis": "t = frame_id (acquisition order; all positions and channels)",
             "frames_file": "../frames.jsonl",
+            # every stored frame has its image chunk file (write_empty_chunks), so replay
+            # can tell a lost frame from an all-zero one
+            EVERY_CHUNK_WRITTEN: True,
         }
         if complete:
             out.update({

@@ -135,3 +135,11 @@ def test_duplicate_keys_are_refused(tmp_path: Path) -> None:
 )
 def test_shipped_configs_still_load(path: Path) -> None:
     assert load_config(path)
+
+
+def test_a_key_repeated_within_one_line_is_refused(tmp_path: Path) -> None:
+    """The review found `{seed: 1, seed: 2}` on one line accepted (duplicates were told
+    apart by line)."""
+    path = _write(tmp_path, "simulation: {seed: 1, seed: 2}\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'seed' on line 1 \(first on line 1\)"):
+        load_config(path)

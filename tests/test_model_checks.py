@@ -333,7 +333,7 @@ def test_device_path_checks_the_output_too() -> None:
     card = load_model_card("nuclei")
     backend = TorchBackend(threads=1, device="cpu")
     backend.load(card)
-    assert backend.model_io is not None and backend.model_io.inputs[0].name == "image"
+    assert backend.model_io is None  # runs any batch and size: no per-batch input check
     image = np.full((48, 56), 9, np.uint16)
     image[10:20, 10:20] = 900
     seg = Segmenter(card, backend, device_resident=True)
@@ -342,3 +342,27 @@ def test_device_path_checks_the_output_too() -> None:
     three = card.model_copy(update={"outputs": ["foreground", "seeds", "edges"]})
     with pytest.raises(ModelError, match=r"expected \(1, 3, 48, 56\)"):
         Segmenter(three, backend, device_resident=True).infer(image)
+
+
+def test_torch_backend_runs_tiles_in_batches_whatever_batch_the_onnx_declares(
+    tmp_path: Path,
+) -> None:
+    """The torch backend rebuilds the network from the ONNX weights and runs any batch: a
+    common export with its batch fixed at 1 must still run tiled frames there (the review
+    found the per-batch check refusing it at warm-up)."""
+    pytest.importorskip("torch")
+    onnx = pytest.importorskip("onnx")
+    from livemask.inference.segmenter import Segmenter
+    from livemask.inference.torch_backend import TorchBackend
+
+    model = onnx.load(str(MODELS_DIR / "nuclei.onnx"))
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 1  # batch fixed at 1
+    onnx.save(model, str(tmp_path / "bad.onnx"))
+    card = load_model_card(write_card(tmp_path, tile_px=256))
+    backend = TorchBackend(threads=1, device="cpu")
+    backend.load(card)
+    seg = Segmenter(card, backend)
+    seg.warmup((512, 512))  # tiles of 256 px or less, in batches of up to 4
+    image = np.random.default_rng(0).integers(0, 4000, (512, 512)).astype(np.uint16)
+    assert seg.predict(image).shape == (2, 512, 512)

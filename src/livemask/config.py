@@ -371,12 +371,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue
             key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
             try:
-                first = seen.setdefault(key, key_node.start_mark.line + 1)
+                if key in seen:  # (also within one line: {seed: 1, seed: 2})
+                    raise _DuplicateKey(key, line, seen[key])
+                seen[key] = line
             except TypeError:  # an unhashable key: SafeLoader reports it
                 continue
-            if first != key_node.start_mark.line + 1:
-                raise _DuplicateKey(key, key_node.start_mark.line + 1, first)
         return super().construct_mapping(node, deep=deep)
 
 

@@ -342,7 +342,8 @@ class TorchBackend:
         self._policy = GraphPolicy(max_graphs)
         self._graphs: dict[tuple[int, ...], _Graph] = {}
         self._module: nn.Module | None = None
-        #: The loaded model's declared inputs and outputs (checked against its card).
+        #: None: the network is rebuilt from the ONNX weights and runs any batch and size,
+        #: whatever fixed sizes the ONNX declares (checked against the card at load only).
         self.model_io: ModelIO | None = None
 
     @property
@@ -353,7 +354,7 @@ class TorchBackend:
     def load(self, card: ModelCard) -> None:
         """Convert the card's ONNX weights, verify them against ONNX Runtime, move to device."""
         torch = self._torch
-        self.model_io = check_onnx_model(card)  # dtype, rank, channels, sizes vs the card
+        check_onnx_model(card)  # dtype, rank, channels vs the card
         module = unet_from_onnx(card.onnx_path, card)
         if self.verify:
             self.max_difference = verify_against_onnxruntime(module, card.onnx_path)

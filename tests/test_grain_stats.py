@@ -303,8 +303,9 @@ def test_accumulator_leaves_out_tiles_that_overlap_pooled_ones() -> None:
     acc.add(tile, px, centre_um=(0.0, 0.0))
     assert acc.add(tile, px, centre_um=(0.0, 0.0))["tiles_overlapping"] == 1  # seen again
     acc.add(tile, px, centre_um=(100.0, 0.0))  # touching: pooled
-    acc.add(tile, px, centre_um=(100.5, 100.0))  # 0.5 % overlap (stage jitter): pooled
-    out = acc.add(tile, px, centre_um=(50.0, 60.0))  # 40 % of it already seen
+    assert acc.overlap((146.0, -50.0, 246.0, 50.0)) == pytest.approx(0.04)
+    acc.add(tile, px, centre_um=(196.0, 0.0))  # 4 % overlap (jitter, calibration): pooled
+    out = acc.add(tile, px, centre_um=(50.0, 60.0))  # 20 % under each of two pooled tiles
     assert (out["tiles"], out["tiles_overlapping"]) == (3, 2)
     assert out["count_inside"] == 3 * 81
     assert acc.add(tile, px)["tiles"] == 4  # no position: no check

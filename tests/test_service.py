@@ -10,6 +10,7 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -804,6 +805,28 @@ async def test_overlapping_grain_tiles_are_left_out_of_the_cumulative_statistics
     first, third = (got["measurements"][i].header["grains"]["tile"] for i in (0, 2))
     assert cumulative[-1]["count"] == first["count"] + third["count"]
     assert "overlaps a tile already pooled" in caplog.text and "overlap 0" in caplog.text
+
+
+async def test_grain_tiles_are_pooled_without_the_overlap_check_when_the_pixel_size_is_unknown(
+) -> None:
+    """The review found a rig without calibration (pixel size 1.0, not the grid's 0.65)
+    leaving 12 of 16 touching tiles out: their footprints in µm were wrong."""
+    from livemask.acquisition.replay import ReplaySource, ReplayStack
+    from livemask.acquisition.simulated.grains import GrainSample
+
+    sample = GrainSample(seed=2)
+    tiles = [sample.render((0.0, 0.0), (128, 128)).image for _ in range(2)]
+    xs = [0.0, 83.2]  # touching at 0.65 µm/px; the replay has no pixel size
+    stack = ReplayStack(
+        Path("tiles"), "tiff", 2, (128, 128), np.dtype(tiles[0].dtype), lambda i: tiles[i],
+        positions=[{"x_um": x, "y_um": 0.0, "z_um": None} for x in xs])
+    cfg = make_config(simulation={"sample": "grains"}, model={"name": "grains"},
+                      acquisition={"sequence": {"time_plan": {"interval": 0, "loops": 2}}})
+    async with Service(cfg, source=ReplaySource(stack, interval_s=0.0)) as svc:
+        assert svc.pixel_size_known is False and svc.pipeline.pixel_size_known is False
+        got = await collect_run(svc, ("measurements", "event"))
+    last = got["measurements"][-1].header["grains"]["cumulative"]
+    assert (last["tiles"], last["tiles_overlapping"]) == (2, 0)
 
 
 # ------------------------------------------------------------------ control traffic races

@@ -360,8 +360,9 @@ class CumulativeGrainStats:
     Tiles without a position are all pooled.
     """
 
-    #: Largest fraction of a tile's area that may overlap earlier tiles (stage jitter).
-    MAX_OVERLAP = 0.01
+    #: Largest fraction of a tile's area that may overlap earlier tiles: stage jitter, and a
+    #: pixel size a few per cent off the one the stage grid was laid out with.
+    MAX_OVERLAP = 0.05
 
     def __init__(
         self, *, line_step_px: int = 1, edges_um: tuple[float, ...] = HISTOGRAM_EDGES_UM

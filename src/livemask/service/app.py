@@ -83,8 +83,9 @@ class Service:
         self.simulated = False
         self.truth = config.simulation.truth
         self.pixel_size_um = config.hardware.pixel_size_um or 1.0
-        #: False on a rig that has no pixel-size calibration (µm values are pixel values)
-        self.pixel_size_known = True
+        #: False on a rig that has no pixel-size calibration, or a replay of a file without
+        #: one (µm values are pixel values); a microscope sets it when it is opened
+        self.pixel_size_known = source is None or config.hardware.pixel_size_um is not None
         self.core_info: dict[str, Any] = {}
         self.publisher = ZmqPublisher(config.publish.pub_address, sndhwm=config.publish.sndhwm)
         self.control = ControlServer(config.publish.control_address, CommandHandler(self))
@@ -151,6 +152,7 @@ class Service:
             queue_size=cfg.pipeline.queue_size,
             frame_every=cfg.publish.frame_every,
             pixel_size_um=self.pixel_size_um,
+            pixel_size_known=self.pixel_size_known,
             stage_threads=cfg.pipeline.stage_threads,
         )
         self.pipeline.source = self.source

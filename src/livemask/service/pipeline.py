@@ -79,6 +79,7 @@ class Pipeline:
         queue_size: int = 2,
         frame_every: int = 1,
         pixel_size_um: float = 1.0,
+        pixel_size_known: bool = True,
         stage_threads: StageThreads = "two",
     ) -> None:
         self.segmenter = segmenter
@@ -87,6 +88,9 @@ class Pipeline:
         self.mode: Mode = mode
         self.frame_every = frame_every
         self.pixel_size_um = pixel_size_um
+        #: Whether pixel_size_um is a calibration (else 1.0: grain tiles are then pooled
+        #: without the overlap check, which needs each tile's size in µm)
+        self.pixel_size_known = pixel_size_known
         self.source: FrameSource | None = None
         self.counters = PipelineCounters()
         self.latency = LatencyWindow()
@@ -303,7 +307,10 @@ class Pipeline:
             log.warning(
                 "grains: frame %d at %s overlaps a tile already pooled by more than %.0f %% "
                 "of its area; it is left out of the cumulative statistics (%d tile(s) so "
-                "far), which would count its grains twice. Use a grid_plan with overlap 0",
+                "far), which would count its grains twice. The same field imaged again (a "
+                "time-lapse, channels or z-planes at one position) pools once; for a scan, "
+                "use a grid_plan with overlap 0 and check that the pixel size matches the "
+                "stage (hardware.pixel_size_um)",
                 frame.frame_id, frame.position, 100 * CumulativeGrainStats.MAX_OVERLAP, n,
             )
 
@@ -323,8 +330,9 @@ class Pipeline:
             overlapping = self.grains.tiles_overlapping
             frame.grains = {
                 "tile": grain_statistics(labels, self.pixel_size_um),
-                "cumulative": self.grains.add(labels, self.pixel_size_um,
-                                              centre_um=_stage_xy(frame.position)),
+                "cumulative": self.grains.add(
+                    labels, self.pixel_size_um,
+                    centre_um=_stage_xy(frame.position) if self.pixel_size_known else None),
             }
             if self.grains.tiles_overlapping > overlapping:
                 self._warn_overlap(frame)

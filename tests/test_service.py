@@ -898,6 +898,45 @@ async def test_start_right_after_an_acquisition_ended_is_accepted(
         assert svc.pipeline.acquisition == 4  # the refused start reset nothing
 
 
+async def test_a_start_after_a_stuck_exit_is_refused_without_holding_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The review found a second 2 s join, on the event loop, after the first off it."""
+    import useq
+
+    from livemask.acquisition.source import FeedThreadSource
+    from livemask.errors import AcquisitionError
+
+    real_end = FeedThreadSource._end
+    release = asyncio.Event()
+
+    def stuck_exit(self: FeedThreadSource, feed: Any, on_done: Any, error: str | None) -> None:
+        real_end(self, feed, on_done, error)
+        time.sleep(3.0)  # longer than the 2 s the service waits
+
+    monkeypatch.setattr(FeedThreadSource, "_end", stuck_exit)
+    async with Service(make_config(acquisition=ONE_FRAME)) as svc:
+        svc.start_acquisition(None)
+        while svc.acquiring:
+            await asyncio.sleep(0.005)
+        gaps: list[float] = []
+
+        async def ticks() -> None:
+            last = time.monotonic()
+            while not release.is_set():
+                await asyncio.sleep(0.01)
+                gaps.append(time.monotonic() - last)
+                last = time.monotonic()
+
+        ticker = asyncio.create_task(ticks())
+        with pytest.raises(AcquisitionError, match="has not exited yet"):
+            await svc.enqueue([useq.MDAEvent()])
+        release.set()
+        await ticker
+        assert max(gaps) < 0.6, max(gaps)  # before: the loop was held 2 s more
+        await asyncio.sleep(1.2)  # let the thread exit before the service closes
+
+
 async def test_a_start_waits_for_the_last_runs_thread_off_the_event_loop(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

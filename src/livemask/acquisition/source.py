@@ -183,6 +183,7 @@ class FeedThreadSource:
     _feed: EventFeed | None = None
     _thread: threading.Thread | None = None
     _ended = False  # the thread's acquisition has ended (it is calling on_done, or exiting)
+    _exit_waited = False  # join_ended has waited for that thread (it may still be stuck)
 
     @property
     def running(self) -> bool:
@@ -201,18 +202,22 @@ class FeedThreadSource:
 
     def join_ended(self, timeout_s: float = 2.0) -> None:
         """Wait for the thread of an acquisition that has ended to exit (blocking: the
-        service calls it off its event loop before starting the next)."""
+        service calls it off its event loop before starting the next, which then does not
+        wait again)."""
         thread = self._thread
         if thread is not None and self._ended and thread.is_alive():
             thread.join(timeout_s)
+            self._exit_waited = True
 
     def _ready_to_start(self) -> None:
         """Raise if an acquisition runs; let the thread of one that ended finish exiting
-        (it has called on_done, so the service may already start the next)."""
+        (it has called on_done, so the service may already start the next), unless
+        :meth:`join_ended` has just waited for it."""
         if self.running:
             raise AcquisitionError("an acquisition is already running; stop it first")
+        waited, self._exit_waited = self._exit_waited, False
         if self._thread is not None and self._thread.is_alive():
-            self._thread.join(2.0)
+            self._thread.join(0.0 if waited else 2.0)
             if self._thread.is_alive():
                 raise AcquisitionError("the last acquisition's thread has not exited yet; retry")
         self._ended = False

@@ -67,11 +67,7 @@ def check_input(model: BaseModel, data: Any, what: str) -> None:
     useq ignores unknown keys, so a typo (``time_pan``, ``xpos``) would silently run another
     acquisition than the one asked for; and it accepts NaN or infinite stage positions."""
     try:
-        problems = [
-            *_unknown_fields(model, data, what),
-            # numbers given as JSON numbers, else what pydantic made of strings ("Infinity")
-            *(_non_finite(data, what) or _non_finite_values(model, what)),
-        ]
+        problems = [*_unknown_fields(model, data, what), *_non_finite(model, what)]
     except RecursionError:
         raise ValueError(f"{what} nests too deeply to check") from None
     if problems:
@@ -108,27 +104,18 @@ def _unknown_fields(model: Any, data: Any, where: str) -> list[str]:
     return problems
 
 
-def _non_finite(data: Any, where: str) -> list[str]:
-    if isinstance(data, float) and not math.isfinite(data):
-        return [f"{where}: {data} is not a finite number"]
-    if isinstance(data, dict):
-        return [p for k, v in data.items() for p in _non_finite(v, f"{where}.{k}")]
-    if isinstance(data, (list, tuple)):
-        return [p for i, v in enumerate(data) for p in _non_finite(v, f"{where}[{i}]")]
-    return []
-
-
-def _non_finite_values(model: Any, where: str) -> list[str]:
-    """Non-finite floats in a validated model (pydantic turns "NaN" or "-inf" into floats)."""
+def _non_finite(model: Any, where: str) -> list[str]:
+    """Non-finite floats in a validated model: given as numbers, or as strings pydantic
+    turns into floats ("NaN", "-inf")."""
     if isinstance(model, float) and not math.isfinite(model):
         return [f"{where}: {model} is not a finite number"]
     if isinstance(model, BaseModel):
         return [p for name in type(model).model_fields
-                for p in _non_finite_values(getattr(model, name), f"{where}.{name}")]
+                for p in _non_finite(getattr(model, name), f"{where}.{name}")]
     if isinstance(model, dict):
-        return [p for k, v in model.items() for p in _non_finite_values(v, f"{where}.{k}")]
+        return [p for k, v in model.items() for p in _non_finite(v, f"{where}.{k}")]
     if isinstance(model, (list, tuple)):
-        return [p for i, v in enumerate(model) for p in _non_finite_values(v, f"{where}[{i}]")]
+        return [p for i, v in enumerate(model) for p in _non_finite(v, f"{where}[{i}]")]
     return []
 
 

@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from livemask.acquisition.mode import Mode
-from livemask.acquisition.sequence import check_sequence
+from livemask.acquisition.sequence import check_sequence, validate_model
 from livemask.errors import ConfigError
 from livemask.feedback.spec import FeedbackConfig
 
@@ -150,12 +150,7 @@ class AcquisitionConfig(_Section):
     @field_validator("sequence")
     @classmethod
     def _valid_sequence(cls, value: dict[str, Any]) -> dict[str, Any]:
-        try:
-            seq = useq.MDASequence.model_validate(value)
-        except (TypeError, OverflowError) as exc:  # raised by useq's own before-validators,
-            # e.g. timedelta(**interval) for an interval given as {a: 1}; pydantic passes
-            # only ValueError on as a validation error
-            raise ValueError(f"a value has the wrong type or size ({exc})") from None
+        seq = validate_model(useq.MDASequence, value)
         check_sequence(seq, value)
         return value
 

@@ -15,7 +15,7 @@ import logging
 import math
 from collections.abc import Iterator
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import useq
 from pydantic import BaseModel
@@ -26,8 +26,20 @@ log = logging.getLogger("livemask")
 CHUNK_TIMEPOINTS = 10_000
 #: Above this many time points a sequence that cannot be chunked gets a warning.
 LARGE_TIMEPOINTS = 1_000_000
+_Model = TypeVar("_Model", bound=BaseModel)
 _SINGLE_PHASE = (useq.TIntervalLoops, useq.TDurationLoops, useq.TIntervalDuration)
 _TIME = useq.Axis.TIME
+
+
+def validate_model(model: type[_Model], data: Any) -> _Model:
+    """``model.model_validate(data)``, with a ``TypeError`` or ``OverflowError`` from a
+    library's own before-validator (useq's ``timedelta(**interval)`` for an interval given
+    as ``{a: 1}``) raised as a ``ValueError``: pydantic passes only ``ValueError`` on as a
+    validation error, so a config file and a control request both name it."""
+    try:
+        return model.model_validate(data)
+    except (TypeError, OverflowError) as exc:
+        raise ValueError(f"a value has the wrong type or size ({exc})") from None
 
 
 def check_timing(seq: useq.MDASequence) -> None:

@@ -14,7 +14,7 @@ import useq
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 
 from livemask.acquisition.mode import Mode
-from livemask.acquisition.sequence import check_input, check_sequence
+from livemask.acquisition.sequence import check_input, check_sequence, validate_model
 from livemask.errors import AcquisitionError, CommandError, ConfigError
 from livemask.feedback.spec import RuleSpec
 
@@ -72,17 +72,14 @@ class SnapshotArgs(_Args):
 def _parse(model: type[BaseModel], data: dict[str, Any], what: str, prefix: str) -> Any:
     """Validate ``data``; an invalid_args error names every wrong field."""
     try:
-        return model.model_validate(data)
+        return validate_model(model, data)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or what}: {e['msg']}" for e in exc.errors()
         )
         raise CommandError("invalid_args", f"{prefix}{problems}") from None
-    except (TypeError, OverflowError) as exc:  # raised by a library's own before-validator,
-        # e.g. useq's timedelta(**interval) for an interval given as {"a": 1}
-        raise CommandError(
-            "invalid_args", f"{prefix}{what}: a value has the wrong type or size ({exc})"
-        ) from None
+    except ValueError as exc:  # a library's own validator failed (validate_model)
+        raise CommandError("invalid_args", f"{prefix}{what}: {exc}") from None
 
 
 def _validate(model: type[_Args], args: dict[str, Any], cmd: str) -> Any:

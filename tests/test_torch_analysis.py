@@ -247,3 +247,42 @@ async def test_pipeline_on_the_device_path_in_either_layout(stage_threads: str) 
     for msg, image in zip(published, images, strict=True):
         _, objects, summary = seg.analyse(seg.infer(image), image, pixel_size_um=0.65)
         assert msg.header["summary"]["count"] == summary["count"] == len(objects) > 0
+
+
+def test_captured_graphs_are_kept_for_a_bounded_number_of_frame_shapes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run that changes its ROI again and again must not keep a set of frame-sized CUDA
+    graphs per shape it ever saw: the least recently used shape's graphs are dropped. The
+    bookkeeping of ``_run``'s CUDA branch, with the capture replaced (no GPU here)."""
+    captures: list[tuple[int, ...]] = []
+
+    class Capture:
+        def __init__(self, fn: object, inputs: list[torch.Tensor], device: object) -> None:
+            captures.append(tuple(inputs[0].shape))
+            self.fn = fn
+
+        def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+            return self.fn(*inputs)  # type: ignore[operator]
+
+    monkeypatch.setattr(torch_analysis, "_CapturedCall", Capture)
+    ta = TorchAnalysis("cpu", max_shapes=2)
+    ta.device = torch.device("cuda")  # takes the capturing branch; nothing runs on it
+
+    def run(h: int, w: int) -> torch.Tensor:
+        out: torch.Tensor = ta._run(("stage", h, w), lambda x, _p: x + 1, [torch.zeros(h, w)],
+                                    ())
+        return out
+
+    assert float(run(8, 8).sum()) == 64
+    run(16, 16)
+    run(8, 8)  # replayed, and now the more recent of the two
+    assert captures == [(8, 8), (16, 16)]
+    run(32, 32)  # a third shape: 16×16, the least recently used, is dropped
+    assert ta.cached_shapes == [(8, 8), (32, 32)]
+    run(16, 16)  # captured again; 8×8 goes
+    assert captures == [(8, 8), (16, 16), (32, 32), (16, 16)]
+    assert ta.cached_shapes == [(32, 32), (16, 16)]
+    assert sorted(k[1:3] for k in ta._graphs) == [(16, 16), (32, 32)]
+    with pytest.raises(ValueError, match="max_shapes"):
+        TorchAnalysis("cpu", max_shapes=0)

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +57,10 @@ _LEVEL_STEPS = 1
 _LAST_LEVEL_STEPS = 24
 #: Spare bins that background pixels scatter into (see ``TorchAnalysis._slots``).
 _SPARE_BINS = 4096
+#: Frame shapes whose CUDA graphs and pinned buffers are kept (each graph holds its own
+#: frame-sized device memory; a run that changes its ROI often would otherwise grow without
+#: bound); those of the least recently used shape are dropped first.
+MAX_SHAPES = 4
 
 log = logging.getLogger("livemask")
 
@@ -107,20 +113,52 @@ class TorchAnalysis:
     """Device-side pre- and post-processing for one torch device."""
 
     def __init__(
-        self, device: str | torch.device = "cuda", *, levels: int = 6, graphs: bool = True
+        self, device: str | torch.device = "cuda", *, levels: int = 6, graphs: bool = True,
+        max_shapes: int = MAX_SHAPES,
     ) -> None:
         import torch
 
+        if max_shapes < 1:
+            raise ValueError("max_shapes must be at least 1")
         self._torch = torch
         self.device = torch.device(device)
         self.levels = levels
         self.graphs = graphs
+        self.max_shapes = max_shapes
+        # keyed by (stage, H, W, ...) and ((H, W), dtype); the inference thread (input
+        # stage, uploads) and the analysing thread both add to them, under _lock
         self._graphs: dict[tuple[Any, ...], _CapturedCall] = {}
         self._no_graph: set[tuple[Any, ...]] = set()
         self._pinned: dict[tuple[Any, ...], tuple[Tensor, Any]] = {}
+        self._shapes: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self._lock = threading.Lock()
         # analysis gets its own CUDA stream, so that a frame's labelling and the next
         # frame's model (on the inference thread's stream) do not wait for each other
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    @property
+    def cached_shapes(self) -> list[tuple[int, int]]:
+        """The frame shapes with captured graphs or pinned buffers, least recent first."""
+        return list(self._shapes)
+
+    def _use_shape(self, shape: tuple[int, int]) -> None:
+        """Mark ``shape`` as just used; over ``max_shapes`` shapes, drop the graphs and
+        pinned buffers of the least recently used one (their memory is then freed)."""
+        with self._lock:
+            if shape in self._shapes:
+                self._shapes.move_to_end(shape)
+                return
+            self._shapes[shape] = None
+            while len(self._shapes) > self.max_shapes:
+                old, _ = self._shapes.popitem(last=False)
+                for key in [k for k in self._graphs if k[1:3] == old]:
+                    del self._graphs[key]
+                self._no_graph = {k for k in self._no_graph if k[1:3] != old}
+                for key in [k for k in self._pinned if k[0] == old]:
+                    _host, done = self._pinned.pop(key)
+                    if done is not None:
+                        done.synchronize()  # its last copy has finished before it is freed
+                log.debug("labels: dropped the CUDA graphs and buffers of %s frames", old)
 
     # ------------------------------------------------------------ input
     def upload(self, image: np.ndarray) -> torch.Tensor:
@@ -176,6 +214,7 @@ class TorchAnalysis:
         if self.device.type != "cuda":
             return torch.from_numpy(arr).to(self.device)
         key = (arr.shape, arr.dtype.str)
+        self._use_shape(arr.shape)
         if key not in self._pinned:
             host = torch.empty(arr.shape, dtype=torch.from_numpy(arr[:0]).dtype,
                                pin_memory=True)
@@ -564,7 +603,10 @@ class TorchAnalysis:
         """``fn(*inputs, params)``, replayed from a CUDA graph when on CUDA (captured once per
         stage, shape and parameters; a failed capture runs eagerly from then on). Outputs
         of a replay are overwritten by the next replay of the same stage."""
-        if self.device.type != "cuda" or not self.graphs or key in self._no_graph:
+        if self.device.type != "cuda" or not self.graphs:
+            return fn(*inputs, params)
+        self._use_shape((key[1], key[2]))
+        if key in self._no_graph:
             return fn(*inputs, params)
         graph = self._graphs.get(key)
         if graph is None:
@@ -572,9 +614,11 @@ class TorchAnalysis:
                 graph = _CapturedCall(lambda *x: fn(*x, params), inputs, self.device)
             except RuntimeError as exc:
                 log.warning("labels: CUDA graph capture failed (%s); running eagerly", exc)
-                self._no_graph.add(key)
+                with self._lock:
+                    self._no_graph.add(key)
                 return fn(*inputs, params)
-            self._graphs[key] = graph
+            with self._lock:
+                self._graphs[key] = graph
         return graph(*inputs)
 
     def _object_sums(

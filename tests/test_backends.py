@@ -293,7 +293,7 @@ def _fake_instantiate(
 ) -> list[_FakeBackend]:
     made: list[_FakeBackend] = []
 
-    def instantiate(name: str, *, threads: int = 2) -> _FakeBackend:
+    def instantiate(name: str, *, threads: int = 2, **_: object) -> _FakeBackend:
         made.append(_FakeBackend(name, failures.get(name)))
         return made[-1]
 

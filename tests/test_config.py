@@ -98,7 +98,8 @@ def test_device_analysis_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> N
     from livemask.inference.torch_backend import TorchBackend
     from livemask.service import app
 
-    def fake_cuda_backend(name: str, card: ModelCard, threads: int = 2) -> TorchBackend:
+    def fake_cuda_backend(name: str, card: ModelCard, threads: int = 2,
+                         frame_shape: object = None) -> TorchBackend:
         backend = TorchBackend(threads=1, device="cpu")
         backend.load(card)
         backend.device = "cuda"  # as if on a GPU; its tensors stay on the CPU here

@@ -82,3 +82,17 @@ async def test_service_falls_back_to_the_configured_sensor_size(
     cfg = make_config(simulation={"sensor_shape_px": [40, 56]}, pipeline={"prefault_frames": 2})
     async with Service(cfg, source=_NoCameraSource(shape)) as svc:
         assert svc.prefault is not None and svc.prefault.bytes == 2 * 40 * 56 * 4
+
+
+def test_prefault_touches_fewer_frames_where_they_would_not_fit(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A camera (or replayed image) larger than the configured sensor: the frames touched
+    at start stay within the limit the service gives (half the machine's memory)."""
+    frame = 64 * 48 * 4
+    with caplog.at_level("WARNING", logger="livemask"):
+        done = prefault_frame_memory((64, 48), 8, limit_bytes=3 * frame + 10)
+    assert (done.frames, done.bytes) == (3, 3 * frame)
+    assert "touching 3 at start" in caplog.text
+    assert prefault_frame_memory((64, 48), 8, limit_bytes=8 * frame).frames == 8
+    assert prefault_frame_memory((64, 48), 2, limit_bytes=frame - 1).frames == 0

@@ -977,3 +977,44 @@ async def test_a_start_waits_for_the_last_runs_thread_off_the_event_loop(
             assert max(gaps) < 0.6, (starting, max(gaps))  # the loop was not held ~1.2 s
             while svc.acquiring:
                 await asyncio.sleep(0.005)
+
+
+async def test_the_model_is_warmed_up_at_the_opened_cameras_frame_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real camera's size is known only once the rig is open: the model is built and
+    warmed up at it (not at simulation.sensor_shape_px), so its first frame pays for no
+    new shape, and a TensorRT engine's optimum is that frame."""
+    from livemask.inference.segmenter import Segmenter
+    from livemask.service import app
+    from tests.rig_devices import WideCamera
+
+    cfg_file = tmp_path / "wide.cfg"
+    cfg_file.write_text(
+        "#py pyDevice,Camera,tests.rig_devices,WideCamera\n"
+        "#py Property,Core,Initialize,1\n"
+        "#py Property,Core,Camera,Camera\n"
+    )
+    built: list[Any] = []
+    warmed: list[tuple[int, int]] = []
+    real_build, real_warmup = app.build_segmenter, Segmenter.warmup
+
+    def build(config: ServiceConfig, frame_shape: Any = None) -> Segmenter:
+        built.append(frame_shape)
+        return real_build(config, frame_shape)
+
+    def warmup(self: Segmenter, shape: tuple[int, int]) -> None:
+        warmed.append(shape)
+        real_warmup(self, shape)
+
+    monkeypatch.setattr(app, "build_segmenter", build)
+    monkeypatch.setattr(Segmenter, "warmup", warmup)
+    cfg = make_config(hardware={"config_file": str(cfg_file)},
+                      simulation={"sensor_shape_px": [64, 64]},
+                      acquisition={"sequence": {"time_plan": {"interval": 0.0, "loops": 2}}})
+    async with Service(cfg) as svc:
+        assert built == warmed == [WideCamera.SHAPE]
+        assert svc.prefault is not None and svc.prefault.bytes == (
+            cfg.pipeline.prefault_frames * 48 * 80 * 4)
+        got = await collect_run(svc, timeout_s=20)
+    assert len(got["measurements"]) == 2

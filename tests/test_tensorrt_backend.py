@@ -170,6 +170,29 @@ def test_card_profile_covers_what_the_segmenter_sends(
     assert profile.fits(h, w) and h % m == 0 and w % m == 0
 
 
+@pytest.mark.parametrize(("frame", "opt"), [
+    ((512, 512), (1, 512, 512)),  # whole: the padded frame
+    ((500, 1001), (1, 504, 1008)),
+    ((3, 3), (1, 8, 8)),
+    ((2048, 2048), (4, 728, 728)),  # tiled: the plan's tiles in its largest batch
+    ((1030, 200), (2, 552, 200)),
+    ((0, 512), (1, 1024, 1024)),  # no usable shape: the largest whole frame
+])
+def test_card_profile_optimum_is_what_the_camera_sends(
+    frame: tuple[int, int], opt: tuple[int, int, int]
+) -> None:
+    card = _card()
+    profile = EngineProfile.for_card(card, frame_shape=frame)
+    assert profile.opt_shape == opt
+    assert (profile.min_shape, profile.max_shape) == ((1, 8, 8), (4, 1024, 1024))
+    profile.validate(card.size_multiple)
+    if min(frame) > 0 and needs_tiling(frame, card.tile_px, card.size_multiple):
+        plan = plan_tiles(frame, tile_px=card.tile_px, overlap_px=card.tile_overlap_px,
+                          max_batch=card.max_batch, size_multiple=card.size_multiple)
+        assert (max(plan.batch_sizes), *plan.tile_shape) == opt
+    assert EngineProfile.for_card(card, 2, frame).opt_shape[0] <= 2  # within max_batch
+
+
 def test_warmup_shape_pads_and_clamps() -> None:
     p = EngineProfile.for_card(_card())
     assert p.warmup_shape((500, 1001), 8) == (504, 1008)
@@ -302,6 +325,10 @@ def test_build_fp16_fp32_and_the_profile(fake: Any, tmp_path: Path) -> None:
     assert fp32.engine_key != fp16.engine_key
     assert (tmp_path / f"{fp32.engine_key}.engine").read_bytes() == b"plan"
     assert list(tmp_path.glob("timing-*.cache"))
+    camera = TensorRTBackend(cache_dir=tmp_path, frame_shape=(512, 640))
+    camera.load(card)  # the service passes the opened camera's frame shape
+    assert calls["set_shape"][2] == (1, 1, 512, 640)  # (input, min, opt, max)
+    assert camera.engine_key not in (fp16.engine_key, fp32.engine_key)
 
 
 def test_build_on_trt11_converts_to_fp16_first(fake: Any, tmp_path: Path) -> None:
@@ -438,7 +465,7 @@ def _patch_backends(monkeypatch: pytest.MonkeyPatch, failures: dict[str, Excepti
         status = select.BackendStatus(name, True, "test device")
         monkeypatch.setitem(select.PROBES, name, lambda s=status: s)
 
-    def instantiate(name: str, *, threads: int = 2) -> _FailingBackend:
+    def instantiate(name: str, *, threads: int = 2, **_: object) -> _FailingBackend:
         return _FailingBackend(name, failures.get(name), close_fails=name in failures)
 
     monkeypatch.setattr(select, "instantiate", instantiate)

@@ -620,7 +620,7 @@ def run_bench(
     images = [f.image for f in frames]
     say(f"loading {card.name} ({settings.backend})")
     first_half = settings.frames // 2
-    segmenter = build_segmenter(cfg)
+    segmenter = build_segmenter(cfg, settings.shape)
     backend, device = segmenter.backend.name, segmenter.backend.device
     try:
         segmenter.warmup(settings.shape)
@@ -637,7 +637,7 @@ def run_bench(
         say(f"pipeline: camera free, until {settings.frames} frames are analysed")
     pipeline = run_pipeline(settings, frames, sample)
     memory = pipeline.pop("memory_mb")
-    segmenter = build_segmenter(cfg)
+    segmenter = build_segmenter(cfg, settings.shape)
     try:
         segmenter.warmup(settings.shape)
         say(f"inference alone: {settings.frames - first_half} more frames")

@@ -174,12 +174,15 @@ def choose_backend(requested: str) -> str:
     return name
 
 
-def instantiate(name: str, *, threads: int = 2) -> Backend:
-    """Construct backend ``name`` with its defaults (constructors raise BackendUnavailable)."""
+def instantiate(
+    name: str, *, threads: int = 2, frame_shape: tuple[int, int] | None = None
+) -> Backend:
+    """Construct backend ``name`` with its defaults (constructors raise BackendUnavailable);
+    ``frame_shape``, the camera's (H, W) where known, sets a TensorRT engine's optimum."""
     if name == "tensorrt":
         from livemask.inference.tensorrt_backend import TensorRTBackend
 
-        return TensorRTBackend(threads=threads)
+        return TensorRTBackend(threads=threads, frame_shape=frame_shape)
     if name == "torch":
         from livemask.inference.torch_backend import TorchBackend
 
@@ -191,8 +194,12 @@ def instantiate(name: str, *, threads: int = 2) -> Backend:
     raise _unknown(name)
 
 
-def load_backend(requested: str, card: ModelCard, *, threads: int = 2) -> Backend:
+def load_backend(
+    requested: str, card: ModelCard, *, threads: int = 2,
+    frame_shape: tuple[int, int] | None = None,
+) -> Backend:
     """Create and load a backend for ``card``; under ``auto``, fall back when one fails.
+    ``frame_shape`` is the camera's (H, W) where known (see :func:`instantiate`).
 
     An ONNX network is first checked against its card
     (:func:`livemask.inference.model_checks.check_onnx_model`): one that does not fit raises
@@ -217,7 +224,7 @@ def load_backend(requested: str, card: ModelCard, *, threads: int = 2) -> Backen
     for i, name in enumerate(names):
         backend: Backend | None = None
         try:
-            backend = instantiate(name, threads=threads)
+            backend = instantiate(name, threads=threads, frame_shape=frame_shape)
             backend.load(card)
         except Exception as exc:  # BackendUnavailable, ModelError, CUDA errors, OSError, ...
             if backend is not None:

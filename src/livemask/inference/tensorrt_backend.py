@@ -2,7 +2,8 @@
 
 Build: ``trt.Builder`` → network (explicit batch, the only mode in TensorRT 10+) →
 ``trt.OnnxParser`` → builder config with FP16, one optimisation profile (min/opt/max of batch
-and H×W, :class:`EngineProfile`, by default derived from the model card) and a timing cache →
+and H×W, :class:`EngineProfile`, by default derived from the model card, its optimum the
+camera's frame or tiles where the service passes ``frame_shape``) and a timing cache →
 ``build_serialized_network``. TensorRT 10 takes ``BuilderFlag.FP16``; TensorRT 11 removed the
 weak-typing flags, so there the ONNX model is first converted to fp16 with fp32 inputs and
 outputs (:func:`onnx_to_fp16`) and built as a strongly typed network. ``fp16=False`` also
@@ -47,6 +48,7 @@ import numpy as np
 from livemask.errors import BackendUnavailable, ModelError
 from livemask.inference.model_checks import ModelIO, check_onnx_model
 from livemask.inference.models import ModelCard
+from livemask.inference.tiling import needs_tiling, plan_tiles
 
 if TYPE_CHECKING:
     import torch
@@ -87,15 +89,19 @@ class EngineProfile:
         return cls((1, h, w), (max_batch, h, w), (max_batch, h, w))
 
     @classmethod
-    def for_card(cls, card: ModelCard, max_batch: int | None = None) -> EngineProfile:
+    def for_card(
+        cls, card: ModelCard, max_batch: int | None = None,
+        frame_shape: tuple[int, int] | None = None,
+    ) -> EngineProfile:
         """The profile covering what :class:`~livemask.inference.segmenter.Segmenter` sends.
 
         With ``m`` = ``size_multiple`` and ``t`` = ``tile_px`` rounded down to a multiple of
         ``m``: frames whose padded sides are at most ``t`` run whole as (1, H, W); larger
         frames run as tiles of at most t×t (their size depends on the frame: 728² for a 2048²
-        frame at the default 1024) in batches of up to ``max_batch``. Hence min (1, m, m),
-        opt (1, t, t) (the largest whole frame, the one shape the live path is sure to send
-        at that size) and max (max_batch, t, t); ``max_batch`` defaults to the card's.
+        frame at the default 1024) in batches of up to ``max_batch``. Hence min (1, m, m)
+        and max (max_batch, t, t); ``max_batch`` defaults to the card's. The optimum is what
+        a camera of ``frame_shape`` (H, W) sends: the padded frame, or its tiles in the
+        plan's largest batch; without a frame shape (1, t, t), the largest whole frame.
         """
         m = card.size_multiple
         t = card.tile_px // m * m
@@ -103,7 +109,17 @@ class EngineProfile:
             raise ModelError(f"model {card.name!r}: tile_px {card.tile_px} is smaller than "
                              f"size_multiple {m}; raise tile_px in its card")
         b = card.max_batch if max_batch is None else max_batch
-        return cls((1, m, m), (1, t, t), (b, t, t))
+        opt: Shape3 = (1, t, t)
+        if frame_shape is not None and min(frame_shape) > 0:
+            if needs_tiling(frame_shape, card.tile_px, m):
+                plan = plan_tiles(frame_shape, tile_px=card.tile_px,
+                                  overlap_px=card.tile_overlap_px, max_batch=card.max_batch,
+                                  size_multiple=m)
+                opt = (min(max(plan.batch_sizes), b), *plan.tile_shape)
+            else:
+                ph, pw = (max(m, -(-int(n) // m) * m) for n in frame_shape)
+                opt = (1, ph, pw)
+        return cls((1, m, m), opt, (b, t, t))
 
     def validate(self, size_multiple: int = 1) -> None:
         """Raise ModelError unless min ≤ opt ≤ max, all positive, H and W multiples."""
@@ -435,6 +451,7 @@ class TensorRTBackend:
         max_batch: int | None = None,
         workspace_mb: int = 1024,
         device_index: int = 0,
+        frame_shape: tuple[int, int] | None = None,
     ) -> None:
         self._trt = import_tensorrt()
         self._torch = import_torch_cuda()
@@ -445,6 +462,8 @@ class TensorRTBackend:
             profile.validate()
         self._requested_profile = profile
         self.max_batch = max_batch
+        #: The camera's (H, W) where known: the derived profile's optimum is built for it.
+        self.frame_shape = frame_shape
         #: The engine's profile: ``profile=``, else derived from the card in :meth:`load`.
         self.profile: EngineProfile | None = profile
         self._size_multiple = 1
@@ -486,7 +505,7 @@ class TensorRTBackend:
         self.model_io = check_onnx_model(card)  # dtype, rank, channels, sizes vs the card
         profile = self._requested_profile
         if profile is None:
-            profile = EngineProfile.for_card(card, self.max_batch)
+            profile = EngineProfile.for_card(card, self.max_batch, self.frame_shape)
         profile.validate(card.size_multiple)
         self.profile, self._size_multiple = profile, card.size_multiple
         model_sha = file_sha256(card.onnx_path)

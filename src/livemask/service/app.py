@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import sys
 import time
@@ -17,7 +18,7 @@ from livemask import __version__
 from livemask.acquisition.mode import Mode
 from livemask.acquisition.sequence import event_count, iter_events, sequence_channels
 from livemask.acquisition.source import FrameSource, MicroscopeSource, RawFrame
-from livemask.config import ServiceConfig
+from livemask.config import ServiceConfig, physical_memory_bytes
 from livemask.errors import AcquisitionEnding, AcquisitionError, ConfigError, HardwareTimeout
 from livemask.feedback.controller import FeedbackController
 from livemask.feedback.spec import RuleSpec
@@ -52,10 +53,14 @@ def uses_simulated_devices(cfg_path: Path) -> bool:
         return False
 
 
-def build_segmenter(config: ServiceConfig) -> Segmenter:
-    """Load the configured model card and backend, with config overrides applied."""
+def build_segmenter(
+    config: ServiceConfig, frame_shape: tuple[int, int] | None = None
+) -> Segmenter:
+    """Load the configured model card and backend, with config overrides applied;
+    ``frame_shape`` is the camera's (H, W) where known (a TensorRT engine is built for it)."""
     card: ModelCard = load_model_card(config.model.path or config.model.name)
-    backend = load_backend(config.model.backend, card, threads=config.model.threads)
+    backend = load_backend(config.model.backend, card, threads=config.model.threads,
+                           frame_shape=frame_shape)
     overrides = {k: v for k, v in config.analysis.model_dump().items() if v is not None}
     post = card.postprocessing.model_copy(update=overrides)
     return Segmenter(card, backend, post,
@@ -131,19 +136,24 @@ class Service:
         self.publisher.start()
         self.control.start()
         await self._start_dashboard()  # early: its subscriber joins before the first events
-        segmenter = await asyncio.to_thread(build_segmenter, cfg)
-        # at the frame size of a given source (a replay), else the configured camera's
-        await asyncio.to_thread(segmenter.warmup, self._frame_shape())
-        if segmenter.device_resident:
-            self._shorten_switch_interval()
         if self.source is None:
             self.source = await asyncio.to_thread(self._open_microscope)
             # the configured sequence against the rig now, not at the first `start`
             self._check_sequence_on_rig(cfg.acquisition.mda_sequence())
         elif (connect := getattr(self.source, "connect", None)) is not None:
             connect(self._on_camera_frame)  # e.g. a ReplaySource: its frames come here
+        # the model is built (a TensorRT engine's profile) and warmed up at the frame size
+        # of the opened camera or the given source (a replay), so the first frame does not
+        # pay for a shape the model has not seen yet
+        frame_shape = self._frame_shape()
+        segmenter = await asyncio.to_thread(build_segmenter, cfg, frame_shape)
+        await asyncio.to_thread(segmenter.warmup, frame_shape)
+        if segmenter.device_resident:
+            self._shorten_switch_interval()
+        memory = physical_memory_bytes()
         self.prefault = await asyncio.to_thread(
-            prefault_frame_memory, self._frame_shape(), cfg.pipeline.prefault_frames
+            functools.partial(prefault_frame_memory, frame_shape, cfg.pipeline.prefault_frames,
+                              limit_bytes=None if memory is None else memory // 2)
         )
         self.pipeline = Pipeline(
             segmenter,

@@ -36,17 +36,30 @@ class Prefault:
     seconds: float
 
 
-def prefault_frame_memory(shape: tuple[int, int], frames: int) -> Prefault:
+def prefault_frame_memory(
+    shape: tuple[int, int], frames: int, *, limit_bytes: int | None = None
+) -> Prefault:
     """Allocate, fill and free ``frames`` arrays of ``shape`` (4 bytes per pixel).
 
     All are alive at once (the stages hold several frames' arrays at a time), every page
-    is written (``np.zeros`` would leave them untouched), then all are freed.
+    is written (``np.zeros`` would leave them untouched), then all are freed. With
+    ``limit_bytes`` (the service passes half the machine's memory) fewer frames are touched
+    where ``frames`` would take more, with a warning: a camera or a replayed image larger
+    than the configured sensor must not take the machine's memory at start.
     """
     if frames < 0:
         raise ValueError(f"frames must be >= 0, got {frames}")
     rows, cols = (int(n) for n in shape)
     if rows <= 0 or cols <= 0:
         raise ValueError(f"shape must be positive, got {shape}")
+    frame_bytes = rows * cols * np.dtype(np.int32).itemsize
+    if limit_bytes is not None and frames * frame_bytes > limit_bytes:
+        fitting = max(0, limit_bytes // frame_bytes)
+        log.warning(
+            "memory: %d frame-sized arrays of %d x %d px would take %.1f GiB, more than half "
+            "of this machine's memory; touching %d at start (lower pipeline.prefault_frames "
+            "to silence this)", frames, rows, cols, frames * frame_bytes / 2**30, fitting)
+        frames = fitting
     started = time.perf_counter()
     arrays = [np.empty((rows, cols), dtype=np.int32) for _ in range(frames)]
     for array in arrays:

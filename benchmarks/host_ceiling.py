@@ -99,8 +99,9 @@ def run(settings: BenchSettings, infer_ms: float, analyse_ms: float) -> dict[str
         frames[r.image[::64, ::64].tobytes()] = _Frame(r.labels.astype(np.int32), sums, kw)
     build = app.build_segmenter
 
-    def replaying(cfg: Any, frame_shape: Any = None) -> Any:
-        return ReplayingSegmenter(build(cfg, frame_shape), frames, infer_ms, analyse_ms)
+    def replaying(cfg: Any, frame_shape: Any = None, card: Any = None) -> Any:
+        return ReplayingSegmenter(build(cfg, frame_shape, card), frames, infer_ms,
+                                  analyse_ms)
 
     app.build_segmenter = replaying  # type: ignore[assignment]
     try:

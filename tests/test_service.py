@@ -424,16 +424,24 @@ async def test_an_endless_time_lapse_starts_at_once_and_stops(service: Service) 
     assert (await control(service, "status"))["state"] == "idle"
 
 
-async def test_missing_model_fails_cleanly_and_frees_the_ports(tmp_path: Any) -> None:
+async def test_missing_model_fails_cleanly_and_frees_the_ports(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from livemask.errors import ModelError
     from tests.conftest import free_tcp_address
 
     pub = free_tcp_address()
     cfg = make_config(model={"path": str(tmp_path / "missing.yaml")},
                       publish={"pub_address": pub})
-    with pytest.raises(ModelError, match=r"model\.path"):
-        async with Service(cfg):
-            pass
+    opened: list[bool] = []
+    with monkeypatch.context() as patch:
+        real_open = Service._open_microscope
+        patch.setattr(Service, "_open_microscope",
+                      lambda svc: opened.append(True) or real_open(svc))
+        with pytest.raises(ModelError, match=r"model\.path"):
+            async with Service(cfg):
+                pass
+    assert not opened  # a wrong model fails before the hardware is touched
     # the port is released (zmq closes sockets in its I/O thread: allow it a moment)
     from livemask.errors import ConfigError
 
@@ -999,9 +1007,9 @@ async def test_the_model_is_warmed_up_at_the_opened_cameras_frame_size(
     warmed: list[tuple[int, int]] = []
     real_build, real_warmup = app.build_segmenter, Segmenter.warmup
 
-    def build(config: ServiceConfig, frame_shape: Any = None) -> Segmenter:
+    def build(config: ServiceConfig, frame_shape: Any = None, card: Any = None) -> Segmenter:
         built.append(frame_shape)
-        return real_build(config, frame_shape)
+        return real_build(config, frame_shape, card)
 
     def warmup(self: Segmenter, shape: tuple[int, int]) -> None:
         warmed.append(shape)

@@ -54,11 +54,14 @@ def uses_simulated_devices(cfg_path: Path) -> bool:
 
 
 def build_segmenter(
-    config: ServiceConfig, frame_shape: tuple[int, int] | None = None
+    config: ServiceConfig, frame_shape: tuple[int, int] | None = None,
+    card: ModelCard | None = None,
 ) -> Segmenter:
-    """Load the configured model card and backend, with config overrides applied;
-    ``frame_shape`` is the camera's (H, W) where known (a TensorRT engine is built for it)."""
-    card: ModelCard = load_model_card(config.model.path or config.model.name)
+    """Load the configured model card (unless given) and backend, with config overrides
+    applied; ``frame_shape`` is the camera's (H, W) where known (a TensorRT engine is built
+    for it)."""
+    if card is None:
+        card = load_model_card(config.model.path or config.model.name)
     backend = load_backend(config.model.backend, card, threads=config.model.threads,
                            frame_shape=frame_shape)
     overrides = {k: v for k, v in config.analysis.model_dump().items() if v is not None}
@@ -136,6 +139,8 @@ class Service:
         self.publisher.start()
         self.control.start()
         await self._start_dashboard()  # early: its subscriber joins before the first events
+        # the card first: a wrong model name or card fails before the hardware is touched
+        card = await asyncio.to_thread(load_model_card, cfg.model.path or cfg.model.name)
         if self.source is None:
             self.source = await asyncio.to_thread(self._open_microscope)
             # the configured sequence against the rig now, not at the first `start`
@@ -146,7 +151,7 @@ class Service:
         # of the opened camera or the given source (a replay), so the first frame does not
         # pay for a shape the model has not seen yet
         frame_shape = self._frame_shape()
-        segmenter = await asyncio.to_thread(build_segmenter, cfg, frame_shape)
+        segmenter = await asyncio.to_thread(build_segmenter, cfg, frame_shape, card)
         await asyncio.to_thread(segmenter.warmup, frame_shape)
         if segmenter.device_resident:
             self._shorten_switch_interval()

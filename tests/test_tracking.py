@@ -329,3 +329,34 @@ async def test_frames_of_an_earlier_acquisition_keep_its_tracks_and_skip_feedbac
     assert ids[0] == ids[1] == ids[2] and sorted(ids[0]) == [1, 2]  # one acquisition's tracks
     assert ids[3] == [1]  # the new acquisition's tracks start afresh
     assert fed == [3]
+
+
+def test_grid_tiles_of_one_position_are_separate_streams() -> None:
+    """A grid plan inside a stage position images other fields: useq gives its tiles the
+    index ``g``, and their nuclei must never share a track (found by the bug hunt: 17 of 35
+    ids were shared between two tiles 600 px apart)."""
+    trackers = PositionTrackers()
+    ids: dict[int, set[int]] = {0: set(), 1: set()}
+    for t in range(4):
+        for g in (0, 1):
+            objs: list[dict[str, object]] = [
+                {"label": i + 1, "centroid_yx": [20.0 + 40 * i, 30.0 + g], "area_px": 100}
+                for i in range(5)
+            ]
+            trackers.apply(objs, {}, index={"t": t, "p": 0, "g": g})
+            ids[g].update(int(o["track_id"]) for o in objs)  # type: ignore[call-overload]
+    assert len(ids[0]) == len(ids[1]) == 5 and ids[0].isdisjoint(ids[1])
+    assert len(trackers) == 2
+
+
+def test_dropping_a_stream_with_live_tracks_is_warned_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    trackers = PositionTrackers(max_positions=2)
+    one = [{"label": 1, "centroid_yx": [10.0, 10.0], "area_px": 100}]
+    with caplog.at_level("WARNING", logger="livemask"):
+        for t in range(2):
+            for p in range(3):  # 3 streams, 2 kept: each is dropped before it comes back
+                trackers.apply([dict(o) for o in one], {}, index={"t": t, "p": p})
+    assert trackers.dropped_live == 4  # every stream but the first two created
+    assert caplog.text.count("tracking.max_positions (2)") == 1

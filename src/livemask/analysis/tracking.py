@@ -43,6 +43,7 @@ track ids unique across all of them, and writes the results into the measurement
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping
@@ -63,6 +64,8 @@ __all__ = [
     "Tracker",
     "TrackerParams",
 ]
+
+log = logging.getLogger("livemask")
 
 #: Units of the per-object fields tracking adds (merged into the measurement unit descriptor).
 TRACK_UNITS: dict[str, str] = {"track_id": "1", "parent_track_id": "1"}
@@ -367,8 +370,9 @@ class PositionTrackers:
     """One :class:`Tracker` per image stream, with ids unique across all of them.
 
     A stream is the MDA position index ``p`` (or, without one, the stage position rounded
-    to ``position_grid_um``) together with the channel ``c`` and plane ``z`` when the index
-    has them. At most ``max_positions`` streams are kept; the least recently used goes first.
+    to ``position_grid_um``) together with the grid tile ``g``, the channel ``c`` and the
+    plane ``z`` when the index has them. At most ``max_positions`` streams are kept; the
+    least recently used goes first (with a warning, once, when it still had live tracks).
     """
 
     def __init__(
@@ -385,6 +389,8 @@ class PositionTrackers:
         self.position_grid_um = position_grid_um
         self._ids = _Ids()
         self._trackers: OrderedDict[Hashable, Tracker] = OrderedDict()
+        #: Streams dropped while they still had live tracks (their objects get new ids).
+        self.dropped_live = 0
 
     @classmethod
     def from_config(cls, cfg: TrackingConfig) -> PositionTrackers:
@@ -410,9 +416,12 @@ class PositionTrackers:
         """Drop every tracker; ids start again at 1 (call when an acquisition starts)."""
         self._trackers.clear()
         self._ids = _Ids()
+        self.dropped_live = 0
 
     def key(self, index: Mapping[str, int], position: Mapping[str, float | None]) -> Hashable:
-        """The stream a frame belongs to."""
+        """The stream a frame belongs to: its position ``p`` (else its stage position), its
+        grid tile ``g`` (a grid plan inside a position images other fields), channel ``c``
+        and plane ``z``."""
         if "p" in index:
             where: Hashable = ("p", int(index["p"]))
         else:
@@ -423,7 +432,7 @@ class PositionTrackers:
                 None if x is None else round(float(x) / grid),
                 None if y is None else round(float(y) / grid),
             )
-        return (where, index.get("c"), index.get("z"))
+        return (where, index.get("g"), index.get("c"), index.get("z"))
 
     def tracker(self, key: Hashable) -> Tracker:
         """The tracker of stream ``key`` (created on first use)."""
@@ -431,10 +440,22 @@ class PositionTrackers:
         if tracker is None:
             tracker = self._trackers[key] = Tracker(self.params, ids=self._ids)
             while len(self._trackers) > self.max_positions:
-                self._trackers.popitem(last=False)
+                _, dropped = self._trackers.popitem(last=False)
+                if len(dropped):
+                    self._warn_dropped()
         else:
             self._trackers.move_to_end(key)
         return tracker
+
+    def _warn_dropped(self) -> None:
+        self.dropped_live += 1
+        if self.dropped_live == 1:
+            log.warning(
+                "tracking: more than tracking.max_positions (%d) streams (positions x grid "
+                "tiles x channels x planes) are imaged; the least recently used stream is "
+                "dropped with its live tracks, so its objects get new track ids when it is "
+                "imaged again. Raise tracking.max_positions to at least the number of streams",
+                self.max_positions)
 
     def apply(
         self,

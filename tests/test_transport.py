@@ -454,6 +454,21 @@ async def test_control_ok_reply(server: ControlServer, client_factory: Any) -> N
     assert await asyncio.to_thread(client.set, exposure_ms=20) == {"exposure_ms": 20.0}
 
 
+async def test_client_refuses_non_finite_numbers_instead_of_sending_null(
+    server: ControlServer, client_factory: Any
+) -> None:
+    """JSON has no NaN: encoded as null, ``x_pos: nan`` read as "not given" imaged wherever
+    the stage was (bug hunt). The client refuses it, naming the argument; nothing is sent."""
+    client = client_factory(server.bound_address, timeout_s=5.0)
+    with pytest.raises(ValueError, match=r"enqueue: args\.events\[0\]\.x_pos is not a finite"):
+        await call(client, "enqueue", events=[{"x_pos": float("nan"), "y_pos": 1.0}])
+    with pytest.raises(ValueError, match=r"args\.exposure_ms is not a finite"):
+        await asyncio.to_thread(client.set, exposure_ms=np.float32("inf"))
+    with pytest.raises(ValueError, match=r"args\.a\.b"):
+        await call(client, "echo", a={"b": np.array([1.0, np.nan])})
+    assert await call(client, "echo", a=1.5, b=[np.float64(2)]) == {"a": 1.5, "b": [2.0]}
+
+
 async def test_control_command_error(server: ControlServer, client_factory: Any) -> None:
     client = client_factory(server.bound_address, timeout_s=5.0)
     with pytest.raises(ControlError) as info:

@@ -41,6 +41,7 @@ __all__ = [
     "decode",
     "dumps_json",
     "encode",
+    "encode_request",
     "error_reply",
     "format_validation_error",
     "ok_reply",
@@ -361,6 +362,36 @@ def peek_request_id(raw: bytes | bytearray | memoryview) -> str | int | None:
         rid = obj.get("id")
         if isinstance(rid, str) or (isinstance(rid, int) and not isinstance(rid, bool)):
             return rid
+    return None
+
+
+def encode_request(id: str | int, cmd: str, args: Mapping[str, Any]) -> bytes:
+    """A control request as UTF-8 JSON bytes. Raises ``ValueError`` naming an argument that
+    is not a finite number: :func:`dumps_json` would send NaN or infinity as ``null``, which
+    the service reads as "not given" (a stage position NaN would image where the stage is)."""
+    where = _non_finite("args", args)
+    if where is not None:
+        raise ValueError(
+            f"{cmd}: {where} is not a finite number (NaN or infinite); JSON cannot carry it, "
+            "give a number or leave the argument out")
+    return dumps_json({"id": id, "cmd": cmd, "args": args})
+
+
+def _non_finite(where: str, value: Any) -> str | None:
+    """The path of the first non-finite float inside ``value``, or None."""
+    if isinstance(value, float | np.floating):
+        return None if math.isfinite(value) else where
+    if isinstance(value, np.ndarray):
+        return where if value.dtype.kind in "fc" and not np.isfinite(value).all() else None
+    if isinstance(value, Mapping):
+        items: Any = ((f"{where}.{k}", v) for k, v in value.items())
+    elif isinstance(value, list | tuple):
+        items = ((f"{where}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for path, item in items:
+        if (found := _non_finite(path, item)) is not None:
+            return found
     return None
 
 

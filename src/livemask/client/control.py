@@ -97,7 +97,7 @@ class ControlClient:
             raise ValueError(f"timeout_s must be > 0, got {wait_s}")
         self._last_id += 1
         req_id = self._last_id
-        payload = protocol.dumps_json({"id": req_id, "cmd": cmd, "args": args})
+        payload = protocol.encode_request(req_id, cmd, args)
         timeout_ms = max(1, round(wait_s * 1000))
         attempts = self.retries if safe_to_repeat(cmd, args) else 1
         for attempt in range(1, attempts + 1):

@@ -96,3 +96,75 @@ def test_view_says_when_the_heartbeat_stops(monkeypatch: pytest.MonkeyPatch) -> 
     assert "the service is gone or unreachable" in console.export_text()
     view.update(Message("status", {"state": "running", "mode": "free-run"}, {}))  # it is back
     assert view.silent_s() is None and "no status" not in view.summary_line()
+
+
+def test_rate_is_not_shown_once_measurements_stop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The acquisition finished, heartbeats go on: the last rate was shown for ever."""
+    import livemask.viewer as viewer
+
+    now = [100.0]
+    monkeypatch.setattr(viewer.time, "monotonic", lambda: now[0])
+    view = ConsoleView()
+    for i in range(10):
+        now[0] += 0.1
+        view.update(Message("measurements", {"frame_id": i, "summary": {"count": 1}}, {}))
+    view.update(Message("status", {"state": "idle", "acquiring": False}, {}))
+    assert view.fps() == pytest.approx(10.0)
+    now[0] += 1.5  # within 2 s: still the rate
+    assert view.fps() == pytest.approx(10.0)
+    now[0] += 1.0
+    view.update(Message("status", {"state": "idle", "acquiring": False}, {}))
+    assert view.fps() is None and "- frames/s" in view.summary_line()
+
+
+def test_watch_leaves_out_malformed_messages_and_goes_on() -> None:
+    """One message that is not livemask's protocol ended ``watch`` with a traceback."""
+    import threading
+
+    import zmq
+
+    from livemask.protocol import encode
+    from livemask.viewer import watch
+
+    ctx = zmq.Context.instance()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+
+    def publish() -> None:
+        seq = 0
+        while not stop.wait(0.05):
+            pub.send_multipart([b"status", b"{not json"])
+            header = {"frame_id": seq, "seq": seq, "summary": {"count": 7}}
+            pub.send_multipart(encode("measurements", header))
+            seq += 1
+
+    thread = threading.Thread(target=publish)
+    thread.start()
+    try:
+        view = watch(f"tcp://127.0.0.1:{port}", duration_s=1.5)
+    finally:
+        stop.set()
+        thread.join()
+        pub.close()
+    assert view.bad_messages >= 1 and view.messages >= 1
+    assert view.measurements is not None and view.measurements["summary"]["count"] == 7
+
+
+def test_piped_watch_says_what_to_check_when_nothing_comes(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import livemask.viewer as viewer
+
+    now = [100.0]
+    monkeypatch.setattr(viewer.time, "monotonic", lambda: now[0])
+    view = ConsoleView("tcp://127.0.0.1:5555")
+    display = _Display(view, line_every_s=0.0)
+    display.refresh()
+    now[0] += 6.0
+    display.refresh()
+    display.refresh()
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and "no messages from tcp://127.0.0.1:5555 after 6 s" in out[0]
+    assert "livemask serve" in out[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict, deque
 from typing import Any
@@ -15,7 +16,10 @@ from rich.text import Text
 
 from livemask.analysis.metrics import MatchResult, aggregate, match_instances
 from livemask.client.subscriber import AsyncSubscriber, Subscriber
+from livemask.errors import ProtocolError
 from livemask.protocol import Message
+
+log = logging.getLogger("livemask")
 
 
 class TruthScore:
@@ -80,12 +84,15 @@ FINISHED_HINT = (
 #: Seconds without a status heartbeat (every ``publish.heartbeat_s``, 1 s by default) after
 #: which the view says the service is gone.
 STALE_S = 3.0
+#: Seconds without any message after which ``watch`` says what to check.
+NOTHING_YET_S = 5.0
 
 
 class ConsoleView:
     """Keeps the latest state of the stream and renders it as rich tables."""
 
-    def __init__(self) -> None:
+    def __init__(self, address: str = "") -> None:
+        self.address = address
         self.measurements: dict[str, Any] | None = None
         self.status: dict[str, Any] = {}
         self.events: deque[str] = deque(maxlen=5)
@@ -93,9 +100,35 @@ class ConsoleView:
         self.score = TruthScore()
         self.gaps: dict[str, int] = {}
         self.status_at: float | None = None  # monotonic time of the last status message
+        self.messages = 0  # taken into the view
+        self.bad_messages = 0  # that could not be decoded or made no sense (left out)
+        self.started_at = time.monotonic()
 
     def update(self, msg: Message) -> None:
-        """Fold one message into the view."""
+        """Fold one message into the view; one that makes no sense is counted and left out."""
+        try:
+            self._update(msg)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            self.reject(f"a {msg.topic!r} message that makes no sense ({exc!r})")
+        else:
+            self.messages += 1
+
+    def reject(self, what: str) -> None:
+        """Count a message left out (warned the first time)."""
+        self.bad_messages += 1
+        if self.bad_messages == 1:
+            log.warning("watch: left out %s; further bad messages are only counted", what)
+
+    def receive(self, msg: Message | None) -> None:
+        """:meth:`update` for what a subscriber's ``recv`` gave (None: nothing came)."""
+        if msg is not None:
+            self.update(msg)
+
+    def nothing_yet(self) -> bool:
+        """Whether no message has come for ``NOTHING_YET_S`` since the view started."""
+        return not self.messages and time.monotonic() - self.started_at > NOTHING_YET_S
+
+    def _update(self, msg: Message) -> None:
         if msg.topic == "measurements":
             self.measurements = msg.header
             self.arrivals.append(time.monotonic())
@@ -115,11 +148,17 @@ class ConsoleView:
         return quiet if quiet > STALE_S else None
 
     def fps(self) -> float | None:
-        """Measurement messages per second over the recent window (None once stale)."""
+        """Measurement messages per second over the recent window (None once stale, or once
+        measurements stopped coming for three of their intervals and at least 2 s)."""
         if len(self.arrivals) < 2 or self.silent_s() is not None:
             return None
         span = self.arrivals[-1] - self.arrivals[0]
-        return (len(self.arrivals) - 1) / span if span > 0 else None
+        if span <= 0:
+            return None
+        interval = span / (len(self.arrivals) - 1)
+        if time.monotonic() - self.arrivals[-1] > max(2.0, 3 * interval):
+            return None  # e.g. the acquisition finished: no rate, not the last one
+        return 1 / interval
 
     def render(self) -> Group:
         """The current view."""
@@ -160,9 +199,19 @@ class ConsoleView:
             objects.add_row(str(o.get("label")), _fmt(o.get("area_um2")),
                             f"{cy:.0f}, {cx:.0f}", _fmt(o.get("mean_intensity")))
         hint = "" if st.get("acquiring", True) else f"\n{FINISHED_HINT}"
+        if self.nothing_yet():
+            hint += f"\n{self.nothing_hint()}"
+        if self.bad_messages:
+            hint += f"\n{self.bad_messages} message(s) left out (not livemask's protocol)"
         events = Text(("\n".join(self.events) or "no events yet") + hint, style="dim")
         return Group(top, objects, events)
 
+
+    def nothing_hint(self) -> str:
+        """What to check when nothing has come (see :meth:`nothing_yet`)."""
+        return (f"no messages from {self.address or 'the service'} after "
+                f"{time.monotonic() - self.started_at:.0f} s: is a service running there "
+                "(livemask serve), and is --pub its publish.pub_address?")
 
     def summary_line(self) -> str:
         """One plain line of the current state (for logs and pipes, where tables can't redraw)."""
@@ -197,6 +246,7 @@ class _Display:
         self._last_line = time.monotonic()
         self._printed = ""  # last summary line printed (pipes: unchanged lines not repeated)
         self._acquiring = True
+        self._told_nothing = False
 
     def __enter__(self) -> _Display:
         if self.live is not None:
@@ -219,6 +269,9 @@ class _Display:
     def _print_changes(self) -> None:
         """Print the summary line if it changed, and the end of an acquisition once."""
         if self.view.measurements is None:
+            if self.view.nothing_yet() and not self._told_nothing:
+                print(self.view.nothing_hint(), flush=True)
+                self._told_nothing = True
             return
         line = self.view.summary_line()
         if line != self._printed:
@@ -238,27 +291,29 @@ def topics_for(truth: bool) -> tuple[str, ...]:
 
 def watch(address: str, *, truth: bool = False, duration_s: float | None = None) -> ConsoleView:
     """Show the stream at ``address`` until Ctrl-C or ``duration_s``."""
-    view = ConsoleView()
+    view = ConsoleView(address)
     end = time.monotonic() + duration_s if duration_s else None
     with Subscriber(address, topics_for(truth)) as sub, _Display(view) as display:
         while end is None or time.monotonic() < end:
-            msg = sub.recv(timeout_s=0.25)
-            if msg is not None:
-                view.update(msg)
+            try:
+                view.receive(sub.recv(timeout_s=0.25))
+            except ProtocolError as exc:  # a foreign publisher, another protocol version
+                view.reject(f"a message that is not livemask's protocol ({exc})")
             display.refresh()
     return view
 
 
 async def watch_async(address: str, *, truth: bool, stop: asyncio.Event) -> ConsoleView:
     """The same view, inside a running event loop (``serve --view``)."""
-    view = ConsoleView()
+    view = ConsoleView(address)
     async with AsyncSubscriber(address, topics_for(truth)) as sub:
         with _Display(view) as display:
             last = 0.0
             while not stop.is_set():
-                msg = await sub.recv(timeout_s=0.25)
-                if msg is not None:
-                    view.update(msg)
+                try:
+                    view.receive(await sub.recv(timeout_s=0.25))
+                except ProtocolError as exc:
+                    view.reject(f"a message that is not livemask's protocol ({exc})")
                 if time.monotonic() - last > 0.25:
                     display.refresh()
                     last = time.monotonic()

@@ -360,3 +360,15 @@ def test_dropping_a_stream_with_live_tracks_is_warned_once(
                 trackers.apply([dict(o) for o in one], {}, index={"t": t, "p": p})
     assert trackers.dropped_live == 4  # every stream but the first two created
     assert caplog.text.count("tracking.max_positions (2)") == 1
+
+
+def test_the_table_shows_object_precision_and_recall_apart() -> None:
+    """The table's object column was matched / predicted, described as recall (bug hunt):
+    a model that misses a nucleus in every frame showed 100 %. Now both are shown."""
+    from livemask.tracking_eval import TrackingEvaluation, format_rows
+
+    res = TrackingEvaluation(segmentation="model", frames=10, positions=1)
+    res.objects, res.true_objects, res.matched = 90, 100, 90
+    cols, (row,) = format_rows([res])
+    table = dict(zip(cols, row, strict=True))
+    assert (table["precision"], table["recall"]) == ("100.0%", "90.0%")

@@ -338,7 +338,7 @@ def format_rows(results: list[TrackingEvaluation]) -> tuple[list[str], list[list
     def pct(x: float | None, nd: int = 1) -> str:
         return "-" if x is None else f"{x:.{nd}%}"
 
-    cols = ["segmentation", "frames x pos", "objects/frame", "matched", "link acc.",
+    cols = ["segmentation", "frames x pos", "objects/frame", "precision", "recall", "link acc.",
             "false links", "div. recall", "div. precision", "fragment.", "ms track (median)",
             "ms segment"]
     rows = []
@@ -346,7 +346,7 @@ def format_rows(results: list[TrackingEvaluation]) -> tuple[list[str], list[list
         d = res.as_dict()
         rows.append([
             d["segmentation"], f"{d['frames']} x {d['positions']}",
-            f"{d['objects_per_frame']:.0f}", pct(d["matched_fraction"]),
+            f"{d['objects_per_frame']:.0f}", pct(d["matched_fraction"]), pct(d["object_recall"]),
             pct(d["link_accuracy"], 2), pct(d["false_link_rate"], 2),
             f"{pct(d['division_recall'])} of {d['true_divisions']}",
             f"{pct(d['division_precision'])} of {d['pred_divisions']}",

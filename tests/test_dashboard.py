@@ -161,6 +161,29 @@ def test_state_status_rates_events_and_grains() -> None:
     assert other["text"] == 'detail={"a":1}'
 
 
+def test_state_says_when_the_service_went_silent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A killed service kept showing as acquiring at its last rate (bug hunt)."""
+    from livemask.dashboard import state as state_module
+
+    now = [100.0]
+    monkeypatch.setattr(state_module.time, "monotonic", lambda: now[0])
+    state = DashboardState()
+    assert state.silent_s() is None and state.stale_message() is None  # nothing yet
+    for i in range(3):
+        state.add(_msg("status", uptime_s=float(i), frames_acquired=10 * i, acquiring=True))
+        now[0] += 1.0
+    assert state.silent_s() is None and state.status_message()["rates"]["acquired_fps"] == 10
+    now[0] += 1.5  # 2.5 s after the last: a late heartbeat, not yet a dead service
+    assert state.stale_message() is None
+    now[0] += 1.0
+    stale = state.stale_message()
+    assert stale is not None and stale["silent_s"] == pytest.approx(3.5)
+    assert stale["rates"] == dict.fromkeys(stale["rates"])  # no rate of a dead service
+    assert state.stale_message() is None  # told once
+    state.add(_msg("status", uptime_s=9.0, frames_acquired=90, acquiring=True))  # it is back
+    assert state.silent_s() is None and state.status_message()["silent_s"] is None
+
+
 def test_listen_and_connect_addresses_and_config() -> None:
     assert parse_listen("127.0.0.1:8080") == ("127.0.0.1", 8080)
     assert parse_listen("[::1]:0") == ("::1", 0)
@@ -215,6 +238,9 @@ async def test_http_routes_and_guards(dashboard: DashboardServer) -> None:
         # a loopback dashboard refuses other host names (DNS rebinding) and foreign origins
         async with http.get(url, headers={"Host": "evil.example:80"}) as r:
             assert r.status == 403
+        async with http.get(url, headers={"Host": "[::1"}) as r:  # was a 500 and a traceback
+            assert r.status == 400 and "bad Host header" in await r.text()
+        assert state["silent_s"] is None  # no status yet: not "gone"
         with pytest.raises(aiohttp.WSServerHandshakeError):
             await http.ws_connect(url + "ws", headers={"Origin": "http://evil.example"})
 

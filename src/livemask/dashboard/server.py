@@ -344,6 +344,9 @@ class DashboardServer:
                 update = self.state.update()
                 if update is not None:
                     self._broadcast(update)
+                stale = self.state.stale_message()  # the service went silent: say so
+                if stale is not None:
+                    self._broadcast({**stale, "dashboard": self.report()})
             await asyncio.sleep(period)
 
     def _send_image(self, frame: Message, labels: Message | None) -> None:
@@ -403,7 +406,10 @@ class DashboardServer:
         """Loopback binds answer only to loopback host names (no DNS rebinding); every
         response gets a strict Content-Security-Policy."""
         if self._loopback:
-            host = urlsplit(f"//{request.host}").hostname or ""
+            try:
+                host = urlsplit(f"//{request.host}").hostname or ""
+            except ValueError:  # e.g. "[::1" (an unclosed IPv6 bracket)
+                return web.Response(status=400, text=f"bad Host header {request.host!r}\n")
             if not _is_loopback(host):
                 return web.Response(status=403, text=(
                     f"the livemask dashboard is bound to {self.address}: open it as "
@@ -437,7 +443,8 @@ class DashboardServer:
         body = {
             "config": self._config(),
             "status": s.status,
-            "rates": s.rates,
+            "silent_s": s.silent_s(),  # set when no status came for a while: service gone
+            "rates": s.status_message()["rates"],
             "summary": s.summary,
             "frame_id": s.measured_frame_id,
             "grains": s.grains,

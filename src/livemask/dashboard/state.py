@@ -27,6 +27,8 @@ _EVENT_SKIP = {"v", "topic", "seq", "arrays", "t", "kind", "config", "units", "i
 _TEXT_MAX = 200
 #: Frame rates are averaged over the status messages of about this many seconds.
 RATE_WINDOW_S = 2.0
+#: No status for this long, and for three of its usual intervals: the service is gone.
+STALE_S = 3.0
 
 
 def summary_point(header: dict[str, Any]) -> list[Any]:
@@ -116,6 +118,9 @@ class DashboardState:
         self.pending: deque[list[Any]] = deque(maxlen=history)
         self.events: deque[dict[str, Any]] = deque(maxlen=events)
         self.status: dict[str, Any] | None = None
+        self.status_at: float | None = None  # monotonic time the last status came
+        self._status_every_s = 1.0  # the interval between the last two
+        self.stale_told = False  # whether browsers were told the service went silent
         self.rates: dict[str, float | None] = status_rates(None, {})
         self.summary: dict[str, Any] | None = None
         self.grains: dict[str, Any] | None = None
@@ -150,6 +155,10 @@ class DashboardState:
             self.rates = status_rates(self._base_for(cur), cur)
             self._rate_base.append(cur)
             self.status = cur
+            now = time.monotonic()
+            if self.status_at is not None:
+                self._status_every_s = now - self.status_at
+            self.status_at, self.stale_told = now, False
             return self.status_message()
         elif topic == "event":
             if header.get("kind") == "service_started":
@@ -184,9 +193,27 @@ class DashboardState:
             store.popitem(last=False)
 
     # ------------------------------------------------------------ output
+    def silent_s(self) -> float | None:
+        """Seconds since the last status when the service has gone silent (no status for
+        ``STALE_S`` and three of its intervals), else None."""
+        if self.status_at is None:
+            return None
+        quiet = time.monotonic() - self.status_at
+        return quiet if quiet > max(STALE_S, 3 * self._status_every_s) else None
+
     def status_message(self) -> dict[str, Any]:
-        """``{"type": "status", "status", "rates"}``."""
-        return {"type": "status", "status": self.status, "rates": self.rates}
+        """``{"type": "status", "status", "rates", "silent_s"}`` (``silent_s``: see
+        :meth:`silent_s`; the status and rates are then the last ones received)."""
+        silent = self.silent_s()
+        rates = self.rates if silent is None else dict.fromkeys(self.rates)
+        return {"type": "status", "status": self.status, "rates": rates, "silent_s": silent}
+
+    def stale_message(self) -> dict[str, Any] | None:
+        """The status message to push once when the service has just gone silent."""
+        if self.stale_told or self.silent_s() is None:
+            return None
+        self.stale_told = True
+        return self.status_message()
 
     def update(self) -> dict[str, Any] | None:
         """The batched ``update`` message since the last call (None when nothing new)."""

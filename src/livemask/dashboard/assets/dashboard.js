@@ -76,7 +76,7 @@
         setSummary(m.summary, m.frame_id);
         break;
       case "status":
-        setStatus(m.status, m.rates, m.dashboard);
+        setStatus(m.status, m.rates, m.dashboard, m.silent_s);
         break;
       case "event":
         S.events.push(m.event);
@@ -156,12 +156,17 @@
   }
 
   // ------------------------------------------------------------ status and events
-  function setStatus(st, rates, dash) {
+  function setStatus(st, rates, dash, silent) {
     S.status = st; S.rates = rates || {}; if (dash) S.dashboard = dash;
     if (!st) return;
     const state = $("state");
-    state.textContent = st.acquiring ? "acquiring" : st.state;
-    state.className = "badge" + (st.acquiring ? " running" : "");
+    if (silent !== null && silent !== undefined) {  // no status for a while: service gone
+      state.textContent = `no status for ${silent.toFixed(0)} s`;
+      state.className = "badge stale";
+    } else {
+      state.textContent = st.acquiring ? "acquiring" : st.state;
+      state.className = "badge" + (st.acquiring ? " running" : "");
+    }
     $("model").textContent = `${st.model} · ${st.backend} (${st.device}) · ${st.mode}`;
     const fps = S.rates.analysed_fps;
     $("fps").textContent = fps === null || fps === undefined ? "–" : fps.toFixed(1);

@@ -11,6 +11,9 @@ import pytest
 
 from livemask import bench
 from livemask.analysis.measure import measure_objects
+from livemask.inference.models import load_model_card
+from livemask.inference.segmenter import Segmenter
+from livemask.inference.select import load_backend
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -82,3 +85,15 @@ async def test_grain_scan_compares_the_live_statistics_with_the_truth(tmp_path: 
         assert r["error"][key] == pytest.approx(
             (r["live"][key] - r["truth"][key]) / r["truth"][key], abs=1e-4)
     assert abs(r["error"]["mean_area_um2"]) < 0.15  # the shipped model, 2 tiles
+
+
+def test_empty_fields_scores_the_card_with_and_without_its_noise_floor() -> None:
+    empty = _load("empty_fields")
+    card = load_model_card("nuclei")
+    backend = load_backend("onnxruntime", card, threads=1)
+    off = card.model_copy(update={
+        "normalization": card.normalization.model_copy(update={"min_span_noise": None})})
+    shipped = empty.score(Segmenter(card, backend), 1e-9, 10.0, fields=2)
+    plain = empty.score(Segmenter(off, backend), 1e-9, 10.0, fields=2)
+    assert shipped == {"f1": 1.0, "true": 0, "found": 0, "false": 0, "missed": 0}  # none, rightly
+    assert plain["true"] == 0 and plain["false"] == plain["found"] > 0  # phantoms

@@ -93,3 +93,27 @@ def test_warmup_at_a_size_that_is_no_multiple_of_the_card(model: str) -> None:
     seg.warmup((17, 23))
     image = np.random.default_rng(0).integers(100, 2000, (17, 23)).astype(np.uint16)
     assert seg.segment(image).shape == (17, 23)
+
+
+def test_shipped_nuclei_model_finds_no_nuclei_in_empty_fields() -> None:
+    """Percentile normalisation stretched an empty field's camera noise to 0..1 and the model
+    found 1-2 phantom nuclei per field in it (bug hunt); the card's noise floor
+    (normalization.min_span_noise) keeps the noise small. benchmarks/empty_fields.py has the
+    figures for sparse and dim fields too."""
+    from livemask.acquisition.simulated.nuclei import NucleiParams, NucleiSample
+    from livemask.analysis.metrics import match_instances
+    from livemask.inference.segmenter import Segmenter
+    from livemask.inference.select import load_backend
+
+    card = load_model_card("nuclei")
+    assert card.normalization.min_span_noise == 25
+    segmenter = Segmenter(card, load_backend("onnxruntime", card, threads=1))
+    sample = NucleiSample(NucleiParams(density_per_mpx=1e-9), seed=5)
+    for k in (0, 1, 4):  # fields without a nucleus
+        render = sample.render((k * 300.0, k * 100.0), (512, 512), exposure_ms=10.0)
+        assert not render.labels.any()
+        assert segmenter.segment(render.image).max() == 0, f"field {k}"
+    sparse = NucleiSample(NucleiParams(density_per_mpx=3.0), seed=5)
+    render = sparse.render((300.0, 100.0), (512, 512), exposure_ms=3.0)
+    result = match_instances(render.labels, segmenter.segment(render.image))
+    assert render.labels.max() > 0 and result.fp == 0 and result.fn == 0

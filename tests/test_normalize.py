@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from livemask.analysis import percentile_normalize
-from livemask.analysis.normalize import image_problem
+from livemask.analysis.normalize import image_problem, noise_sigma
 
 
 def test_min_max_map_to_zero_and_one_exactly() -> None:
@@ -160,3 +160,24 @@ def test_image_problem_names_what_is_wrong(
 def test_image_problem_accepts_images_and_stacks(dtype: type) -> None:
     assert image_problem((2, 2), np.dtype(dtype)) is None
     assert image_problem((5, 3, 64, 48), np.dtype(dtype)) is None
+
+
+def test_noise_floor_keeps_an_empty_field_from_filling_the_range() -> None:
+    """Camera noise alone spans about 5 sigma between the 1st and 99.8th percentiles: without
+    a floor it is stretched to 0..1, where a model finds objects in it."""
+    rng = np.random.default_rng(3)
+    noise = rng.normal(100, 5, (256, 256)).astype(np.float32)
+    plain = percentile_normalize(noise)
+    floored = percentile_normalize(noise, min_span_noise=25)
+    assert np.percentile(plain, 99.8) - np.percentile(plain, 1) == pytest.approx(1, abs=0.05)
+    spread = np.percentile(floored, 99.8) - np.percentile(floored, 1)
+    assert spread == pytest.approx(5.1 / 25, abs=0.03)  # about 5 sigma over 25 sigma
+    assert noise_sigma(noise[::4, ::4]) == pytest.approx(5, rel=0.1)
+    # a field with objects far above the noise is not touched by the floor
+    field = noise.copy()
+    field[::16, ::16] = 5000  # bright objects: the 99.8th percentile is theirs
+    field[64:128, 64:128] = 3000
+    np.testing.assert_array_equal(percentile_normalize(field, min_span_noise=25),
+                                  percentile_normalize(field))
+    flat = np.full((64, 64), 7, np.uint16)  # no noise: no floor, zeros as before
+    assert not percentile_normalize(flat, min_span_noise=25).any()

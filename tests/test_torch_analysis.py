@@ -159,12 +159,14 @@ def test_device_labels_agree_with_cpu_path(ta: TorchAnalysis, segmenter: Segment
     assert total.mean_matched_iou >= 0.9
 
 
+@pytest.mark.parametrize("floor", [None, 25.0, 3.0])
 @pytest.mark.parametrize("dtype", [np.uint16, np.uint8, np.float32])
-def test_device_normalize_matches_cpu(ta: TorchAnalysis, dtype: type) -> None:
+def test_device_normalize_matches_cpu(ta: TorchAnalysis, dtype: type, floor: float | None) -> None:
     rng = np.random.default_rng(5)
     image = (rng.random((200, 300)) * 200 + 60000 * (dtype == np.uint16)).astype(dtype)
-    got = ta.normalize(ta.upload(image), 1.0, 99.8).numpy()
-    np.testing.assert_allclose(got, percentile_normalize(image, 1.0, 99.8), atol=1e-4)
+    got = ta.normalize(ta.upload(image), 1.0, 99.8, min_span_noise=floor).numpy()
+    want = percentile_normalize(image, 1.0, 99.8, min_span_noise=floor)
+    np.testing.assert_allclose(got, want, atol=1e-4)
 
 
 def test_preprocess_normalizes_and_pads_like_cpu(ta: TorchAnalysis) -> None:

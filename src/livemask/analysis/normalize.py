@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MIN_SIDE_PX", "image_problem", "percentile_normalize"]
+__all__ = ["MIN_SIDE_PX", "image_problem", "noise_sigma", "percentile_normalize"]
 
 #: Fewest pixels the percentile estimate is taken over; the stride shrinks to keep at least this.
 _MIN_SAMPLE_PX = 4096
@@ -43,8 +43,13 @@ def percentile_normalize(
     *,
     subsample: int = 4,
     clip: bool = False,
+    min_span_noise: float | None = None,
 ) -> np.ndarray:
     """Map the ``low`` percentile of ``image`` to 0 and the ``high`` percentile to 1.
+
+    With ``min_span_noise`` the span mapped to 1 is at least that many times the image's
+    noise (:func:`noise_sigma` of the sample): a field with almost nothing in it is not
+    stretched until its camera noise fills [0, 1] (a model then finds objects in the noise).
 
     Percentiles are estimated on the strided subsample ``image[..., ::s, ::s]`` (the stride
     shrinks for small images so that at least a few thousand pixels are used). Returns a new
@@ -79,6 +84,8 @@ def percentile_normalize(
 
     out = arr.astype(np.float32, copy=True)
     span = hi - lo
+    if min_span_noise is not None and np.isfinite(span):
+        span = max(span, min_span_noise * noise_sigma(sample))
     if not np.isfinite(span) or span <= 0.0:
         out.fill(0.0)
         return out
@@ -89,6 +96,15 @@ def percentile_normalize(
     if finite is not None:
         out[~finite] = 0.0  # the normalised background
     return out
+
+
+def noise_sigma(sample: np.ndarray) -> float:
+    """A robust spread of ``sample``: 1.4826 × the median absolute deviation from its median
+    (the standard deviation for Gaussian noise; mostly the camera noise in a field with few
+    objects, larger where objects fill it)."""
+    values = np.asarray(sample, dtype=np.float64).reshape(-1)
+    median = np.median(values)
+    return float(1.4826 * np.median(np.abs(values - median)))
 
 
 def _strided_sample(arr: np.ndarray, subsample: int) -> np.ndarray:

@@ -24,6 +24,11 @@ class Normalization(BaseModel):
     kind: Literal["percentile"] = "percentile"
     low: float = Field(default=1.0, ge=0, lt=100)
     high: float = Field(default=99.8, gt=0, le=100)
+    min_span_noise: float | None = Field(
+        default=None, gt=0, le=1000,
+        description="The span mapped to 0..1 is at least this many times the frame's noise "
+        "(robust spread of its pixels), so a nearly empty field is not stretched into "
+        "phantom objects; None: percentiles only.")
 
     @model_validator(mode="after")
     def _low_below_high(self) -> Normalization:

@@ -116,7 +116,8 @@ class Segmenter:
         if image.ndim != 2:
             raise ValueError(f"expected a 2-D image, got shape {image.shape}")
         norm = self.card.normalization
-        x = percentile_normalize(image, norm.low, norm.high)
+        x = percentile_normalize(image, norm.low, norm.high,
+                                 min_span_noise=norm.min_span_noise)
         h, w = x.shape
         plan = self.tile_plan((h, w))
         if plan is not None:
@@ -193,7 +194,8 @@ class Segmenter:
             return self.predict(image)  # (the host path leaves non-finite pixels out)
         torch = ta._torch
         norm = self.card.normalization
-        img, batch = ta.preprocess(image, norm.low, norm.high, self.card.size_multiple)
+        img, batch = ta.preprocess(image, norm.low, norm.high, self.card.size_multiple,
+                                   min_span_noise=norm.min_span_noise)
         h, w = img.shape
         in_shape = tuple(int(n) for n in batch.shape)
         self._check_input(in_shape, (h, w))

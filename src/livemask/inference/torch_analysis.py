@@ -166,7 +166,8 @@ class TorchAnalysis:
         return self._as_float(self._raw_to_device(image))
 
     def preprocess(
-        self, image: np.ndarray, low: float, high: float, size_multiple: int = 1
+        self, image: np.ndarray, low: float, high: float, size_multiple: int = 1,
+        *, min_span_noise: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's input for a camera image: (image as float32 (H, W), normalised batch
         (1, 1, H', W') reflect-padded to ``size_multiple``), both on the device.
@@ -176,16 +177,17 @@ class TorchAnalysis:
         static one that the next call overwrites.
         """
         raw = self._raw_to_device(image)
-        key = ("input", *raw.shape, str(raw.dtype), float(low), float(high), size_multiple)
+        key = ("input", *raw.shape, str(raw.dtype), float(low), float(high), size_multiple,
+               min_span_noise)
         img, batch = self._run(key, self._input_stage, [raw], key)
         return (img.clone() if key in self._graphs else img), batch
 
     def _input_stage(
         self, raw: torch.Tensor, key: tuple[Any, ...]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        h, w, _, low, high, multiple = key[1:]
+        h, w, _, low, high, multiple, min_span_noise = key[1:]
         img = self._as_float(raw)
-        batch = self.normalize(img, low, high).view(1, 1, h, w)
+        batch = self.normalize(img, low, high, min_span_noise=min_span_noise).view(1, 1, h, w)
         ph, pw = (-h) % multiple, (-w) % multiple
         if ph or pw:
             batch = self._torch.nn.functional.pad(batch, (0, pw, 0, ph), mode="reflect")
@@ -230,10 +232,12 @@ class TorchAnalysis:
         return out
 
     def normalize(
-        self, image: torch.Tensor, low: float, high: float, subsample: int = 4
+        self, image: torch.Tensor, low: float, high: float, subsample: int = 4,
+        *, min_span_noise: float | None = None,
     ) -> torch.Tensor:
         """Percentile normalisation as ``percentile_normalize`` (same strided sample, the
-        same linear interpolation as ``np.percentile``; capturable: no host round trip)."""
+        same linear interpolation as ``np.percentile``, the same noise floor; capturable:
+        no host round trip)."""
         torch = self._torch
         stride = subsample
         while stride > 1 and image.numel() // stride**2 < _MIN_SAMPLE_PX:
@@ -241,6 +245,10 @@ class TorchAnalysis:
         ordered = image[::stride, ::stride].reshape(-1).sort().values
         lo, hi = (_percentile(ordered, q) for q in (low, high))
         span = hi - lo
+        if min_span_noise is not None:  # as noise_sigma: 1.4826 x the median |x - median|
+            median = _percentile(ordered, 50.0)
+            spread = (ordered - median).abs().sort().values
+            span = torch.maximum(span, min_span_noise * 1.4826 * _percentile(spread, 50.0))
         scale = torch.where(span > 0, 1.0 / span.clamp_min(1e-30), torch.zeros_like(span))
         return (image - lo) * scale
 

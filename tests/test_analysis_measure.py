@@ -219,3 +219,70 @@ def test_bad_inputs() -> None:
         measure_objects(labels, image, pixel_size_um=0)
     with pytest.raises(ValueError, match=">= 0"):
         measure_objects(-labels, image)
+
+
+def test_nan_and_inf_pixels_are_left_out_of_intensities() -> None:
+    """Before, one NaN pixel made its object's mean and integrated intensity NaN and the
+    summary's mean_intensity, total_intensity and background_mean None."""
+    labels = np.zeros((8, 8), dtype=np.int32)
+    labels[1:3, 1:3] = 1
+    labels[5:7, 5:7] = 2
+    labels[0, 6] = 3  # its only pixel is NaN: no mean
+    image = np.full(labels.shape, 10.0, dtype=np.float32)
+    image[5, 5] = 22.0
+    image[1, 1] = np.nan  # inside object 1
+    image[6, 6] = np.inf  # inside object 2
+    image[0, 6] = np.nan
+    image[7, 0] = -np.inf  # background
+    image[7, 1] = 4.0  # background
+    objects, summary = measure_objects(labels, image)
+    assert [(o["label"], o["area_px"], o["mean_intensity"], o["integrated_intensity"])
+            for o in objects] == [(1, 4, 10.0, 30.0), (2, 4, 14.0, 42.0), (3, 1, None, 0.0)]
+    assert objects[0]["centroid_yx"] == [1.5, 1.5]  # geometry keeps every pixel
+    # background: 64 - 9 labelled = 55 px, one infinite: 53 * 10 + 4 over 54 finite pixels
+    assert summary["background_mean"] == pytest.approx((53 * 10 + 4) / 54, abs=1e-4)
+    assert summary["mean_intensity"] == 12.0  # over the objects that have a mean
+    assert summary["total_intensity"] == 72.0
+    json.dumps({"objects": objects, "summary": summary}, allow_nan=False)
+
+
+def test_nan_pixels_with_sparse_huge_ids_and_without_objects() -> None:
+    labels = np.zeros((6, 6), dtype=np.int64)
+    labels[0:2, 0:2] = 2**40
+    labels[4:6, 3:6] = 5
+    image = np.ones((6, 6))
+    image[0, 0] = image[4, 4] = image[3, 0] = np.nan
+    objects, summary = measure_objects(labels, image * 3)
+    assert [(o["label"], o["mean_intensity"], o["integrated_intensity"]) for o in objects] == [
+        (5, 3.0, 15.0), (2**40, 3.0, 9.0)]
+    assert summary["background_mean"] == 3.0
+    objects, summary = measure_objects(np.zeros((6, 6), np.int32), image)
+    assert objects == [] and summary["background_mean"] == 1.0
+    _, summary = measure_objects(np.zeros((2, 2), np.int32), np.full((2, 2), np.nan))
+    assert summary["background_mean"] is None
+
+
+def test_um_values_keep_significant_digits_at_small_pixel_sizes() -> None:
+    """Before, µm values were rounded to 4 decimal places: at 2 nm/px a 30-px object's
+    area_um2 was 0.0001 (exact 0.00012) and at 1 nm/px 0.0."""
+    labels = np.zeros((64, 64), dtype=np.int32)
+    labels[10:15, 10:16] = 1  # 30 px
+    labels[30:50, 30:50] = 2  # 400 px
+    image = np.full(labels.shape, 100, dtype=np.uint16)
+    for px in (0.65, 0.01, 0.002, 0.001, 1e-5, 37.0):
+        objects, summary = measure_objects(labels, image, pixel_size_um=px)
+        for o in objects:
+            assert o["area_um2"] == pytest.approx(o["area_px"] * px**2, rel=1e-5), px
+            assert o["equivalent_diameter_um"] == pytest.approx(
+                math.sqrt(4 * o["area_px"] / math.pi) * px, rel=1e-5), px
+        assert summary["mean_area_um2"] == pytest.approx(215 * px**2, rel=1e-5), px
+    objects, _ = measure_objects(labels, image, pixel_size_um=0.002)
+    assert objects[0]["area_um2"] == 0.00012
+    objects, summary = measure_objects(labels, image, pixel_size_um=1 / 3)
+    assert objects[0]["area_um2"] == 3.33333  # 6 significant digits
+    assert objects[1]["area_um2"] == 44.4444  # 4 places keep 6 digits too
+    assert summary["mean_area_um2"] == 23.8889
+    objects, _ = measure_objects(labels, image, pixel_size_um=1e6)
+    assert objects[0]["area_um2"] == 30e12  # large values keep their integer part
+    _, summary = measure_objects(labels, image, pixel_size_um=0.001, decimals=None)
+    assert summary["mean_area_um2"] == pytest.approx(215e-6, rel=1e-12)

@@ -405,7 +405,9 @@ def segment(
         "-o", "--output", help="Label TIFF to write (.tif or .tiff; the input's shape).")],
     model: Annotated[str, typer.Option(help="Model name or card path.")] = "nuclei",
     table: Annotated[Path | None, typer.Option(help="Write measurements CSV here.")] = None,
-    pixel_size_um: Annotated[float, typer.Option(callback=_positive, help="For µm columns.")] = 1.0,
+    pixel_size_um: Annotated[float | None, typer.Option(
+        callback=_positive,
+        help="µm per pixel for the µm columns (default: the file's, else 1).")] = None,
     threads: Annotated[int, typer.Option(min=1, max=MAX_THREADS, help="CPU threads.")] = 2,
 ) -> None:
     """Segment an image or a stack offline and write a label TIFF."""

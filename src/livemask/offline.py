@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tifffile
 
+from livemask.acquisition.pixel_size import tiff_pixel_size
 from livemask.analysis.measure import measure_objects
 from livemask.analysis.normalize import image_problem
 from livemask.errors import ConfigError
@@ -38,32 +41,85 @@ def load_segmenter(model: str, threads: int = 2, *, task: str | None = None) -> 
     return Segmenter(card, backend)
 
 
+@dataclass
+class ImageFile:
+    """An image file's pixels and what its metadata says about them."""
+
+    data: np.ndarray
+    #: tifffile's axes of the data (``"TZYX"``, ``"YXS"`` for RGB, …); None: not known
+    axes: str | None = None
+    #: whether ``axes`` names the axes (OME or ImageJ metadata), not just guesses them
+    axes_named: bool = False
+    #: µm per pixel (x) from the file's metadata, and where it was found; None: none
+    pixel_size_um: float | None = None
+    pixel_size_from: str = ""
+
+
 def read_image(path: Path) -> np.ndarray:
     """An image file as an array: TIFF with tifffile, other formats (PNG, …) with
     scikit-image. ValueError naming the file if it cannot be read."""
+    return read_image_file(path).data
+
+
+def read_image_file(path: Path) -> ImageFile:
+    """An image file with its axes and pixel size where the file has them (TIFF: OME,
+    ImageJ or resolution tags); ValueError naming the file if it cannot be read."""
     from skimage import io
 
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
-            return np.asarray(tifffile.imread(path))
-        return np.asarray(io.imread(path))
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                data = np.asarray(series.asarray())
+                pixel = tiff_pixel_size(tif)
+                return ImageFile(
+                    data, axes=str(series.axes).upper(),
+                    axes_named=bool(tif.is_ome or tif.is_imagej),
+                    pixel_size_um=pixel[0] if pixel else None,
+                    pixel_size_from=pixel[1] if pixel else "",
+                )
+        return ImageFile(np.asarray(io.imread(path)))
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise  # the OS's message names the file
     except Exception as exc:  # each reader has its own errors for a corrupt file
         raise ValueError(f"{path} cannot be read as an image: {exc}") from exc
 
 
+def _colour_problem(image: ImageFile) -> str | None:
+    """Why ``image`` looks like colour (RGB/RGBA) or multi-sample pixels, else None."""
+    shape = image.data.shape
+    fix = ("segment takes one grayscale channel: convert the image to grayscale or save "
+           "one channel (e.g. Fiji: Image > Color > Split Channels) and give that file")
+    if image.axes is not None and image.axes.endswith("S") and len(image.axes) == len(shape):
+        return (f"holds {shape[-1]} colour samples per pixel (RGB/RGBA; shape {shape}, axes "
+                f"{image.axes}); {fix}")
+    if (not image.axes_named and len(shape) >= 3 and shape[-1] in (2, 3, 4)
+            and shape[-2] >= 4 * shape[-1]):  # (gray + alpha,) RGB, RGBA
+        return (f"looks like colour (RGB/RGBA) or gray + alpha pixels: its last axis has "
+                f"{shape[-1]} values (shape {shape}); {fix}")
+    return None
+
+
 def read_stack(path: Path) -> np.ndarray:
     """Read a grayscale image or stack (..., H, W), checked for segmentation."""
+    return read_stack_file(path).data
+
+
+def read_stack_file(path: Path) -> ImageFile:
+    """:func:`read_image_file`, checked for segmentation: a grayscale image or stack
+    (..., H, W); ValueError for colour images and stacks and unusable shapes or dtypes."""
     if not path.is_file():
         raise FileNotFoundError(f"input image {path} does not exist")
-    data = read_image(path)
-    problem = image_problem(data.shape, data.dtype)
+    image = read_image_file(path)
+    data = image.data
+    problem = _colour_problem(image) or image_problem(data.shape, data.dtype)
     if problem is not None:
         raise ValueError(f"{path} {problem}")
-    if data.ndim == 3 and data.shape[-1] in (3, 4):
-        raise ValueError(f"{path} looks like an RGB image {data.shape}; give a grayscale image")
-    return data
+    if image.axes is not None and "S" in image.axes:  # samples stored as planes (SYX)
+        log.warning("%s: axes %s: its %d samples per pixel (stored as separate planes, as "
+                    "tifffile stores a 3- or 4-plane stack by default) are segmented as "
+                    "grayscale planes", path, image.axes, data.shape[image.axes.index("S")])
+    return image
 
 
 def read_planes(path: Path) -> np.ndarray:
@@ -82,30 +138,41 @@ def segment_file(
     *,
     model: str = "nuclei",
     table: Path | None = None,
-    pixel_size_um: float = 1.0,
+    pixel_size_um: float | None = None,
     threads: int = 2,
 ) -> int:
     """Segment every plane of ``input_path``; write labels of the input's shape (a TIFF)
-    and a CSV (``plane`` counts the planes in C order). Returns the plane count."""
+    and a CSV (``plane`` counts the planes in C order). Returns the plane count.
+
+    ``pixel_size_um`` (µm per pixel, for the CSV's µm columns): None takes the file's
+    (OME, ImageJ or TIFF resolution in cm/mm/µm), else 1. NaN/infinite pixels get label 0.
+    """
     if output.suffix.lower() not in LABEL_SUFFIXES:
         raise ValueError(f"{output}: labels are written as an int32 TIFF; give an output "
                          "file name ending in .tif or .tiff")
-    stack = read_stack(input_path)
+    image = read_stack_file(input_path)
+    stack = image.data
     planes = stack.reshape(-1, *stack.shape[-2:])
+    if table is not None:
+        pixel_size_um = _log_pixel_size(input_path, pixel_size_um, image)
     seg = load_segmenter(model, threads)
     labels = np.zeros(planes.shape, dtype=np.int32)
     rows: list[dict[str, object]] = []
     for i, plane in enumerate(planes):
         where = f"{input_path}" + (f" plane {i}" if len(planes) > 1 else "")
-        bad = plane.size - np.count_nonzero(np.isfinite(plane)) if plane.dtype.kind == "f" else 0
+        finite = np.isfinite(plane) if plane.dtype.kind == "f" else None
+        bad = 0 if finite is None else plane.size - np.count_nonzero(finite)
         if 0 < bad < plane.size:  # none finite: segment raises below
-            log.warning("%s: %d NaN/infinite pixels, segmented as background", where, bad)
+            log.warning("%s: %d NaN/infinite pixels, segmented as background (label 0; "
+                        "left out of the measurements)", where, bad)
         try:
             labels[i] = seg.segment(plane)
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
+        if bad and finite is not None:  # the model saw them as background; keep them out
+            labels[i][~finite] = 0
         if table is not None:
-            objects, _ = measure_objects(labels[i], plane, pixel_size_um=pixel_size_um)
+            objects, _ = measure_objects(labels[i], plane, pixel_size_um=pixel_size_um or 1.0)
             for o in objects:
                 cy, cx = o["centroid_yx"]
                 b = o["bbox"]
@@ -127,3 +194,22 @@ def segment_file(
             writer.writeheader()
             writer.writerows(rows)
     return len(planes)
+
+
+def _log_pixel_size(path: Path, given: float | None, image: ImageFile) -> float:
+    """The pixel size for the µm columns (``given``, else the file's, else 1), logged with
+    where it came from."""
+    from_file = image.pixel_size_um
+    if given is not None:
+        differs = from_file is not None and not math.isclose(given, from_file, rel_tol=1e-6)
+        log.info("%s: pixel size %g µm/px (given)%s", path, given,
+                 f"; the file's {image.pixel_size_from} says {from_file:g} µm/px"
+                 if differs else "")
+        return given
+    if from_file is not None:
+        log.info("%s: pixel size %g µm/px, from the file's %s", path, from_file,
+                 image.pixel_size_from)
+        return from_file
+    log.warning("%s: the file has no pixel size; the µm columns use 1 µm/px (give "
+                "--pixel-size-um)", path)
+    return 1.0

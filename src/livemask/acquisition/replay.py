@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -33,6 +32,7 @@ import useq
 
 from livemask.acquisition.feed import EventFeed
 from livemask.acquisition.mode import Mode
+from livemask.acquisition.pixel_size import UM_PER_UNIT, tiff_pixel_size
 from livemask.acquisition.source import DoneCallback, FeedThreadSource, FrameCallback, RawFrame
 from livemask.analysis.normalize import image_problem
 from livemask.errors import AcquisitionError, ReplayError
@@ -45,10 +45,6 @@ __all__ = ["FrameNotStored", "ReplaySource", "ReplayStack", "open_stack"]
 #: Axes a replay steps through (everything but the last two, y and x, of each frame).
 FRAME_AXES = ("t", "p", "c", "z")
 _TIFF_AXES = {"T": "t", "Z": "z", "C": "c"}
-_UM_PER = {"micrometer": 1.0, "micron": 1.0, "um": 1.0, "µm": 1.0, "\\u00b5m": 1.0,
-           "nanometer": 1e-3, "nm": 1e-3, "millimeter": 1e3, "mm": 1e3}
-
-
 @dataclass
 class ReplayStack:
     """Frames to replay: ``plane(i)`` for i in range(frames), with their index and position."""
@@ -275,29 +271,10 @@ def _open_zarr(path: Path) -> ReplayStack:
     for tr in dataset.get("coordinateTransformations", []):
         if tr.get("type") == "scale":
             unit = ms["axes"][-1].get("unit", "micrometer") if ms.get("axes") else "micrometer"
-            factor = _UM_PER.get(str(unit).lower())
+            factor = UM_PER_UNIT.get(str(unit).lower())
             if factor is not None:
                 pixel = float(tr["scale"][-1]) * factor
     return _planes(path, "ome-zarr", data, [n.lower() for n in names[:-2]], pixel)
-
-
-def _tiff_pixel_size(tif: Any) -> float | None:
-    try:
-        if tif.is_ome and tif.ome_metadata:
-            m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
-            if m:
-                u = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
-                return float(m.group(1)) * _UM_PER.get(u.group(1).lower() if u else "µm", 1.0)
-        page = tif.pages.first
-        ij = tif.imagej_metadata or {}
-        unit = str(ij.get("unit", "")).lower()
-        if unit in _UM_PER and "XResolution" in page.tags:
-            num, den = page.tags["XResolution"].value
-            if num:
-                return den / num * _UM_PER[unit]
-    except Exception:  # pixel size is a nicety; never fail a replay on odd metadata
-        log.debug("no pixel size in %s", tif.filename, exc_info=True)
-    return None
 
 
 def _open_tiff(path: Path) -> ReplayStack:
@@ -323,7 +300,8 @@ def _open_tiff(path: Path) -> ReplayStack:
         else:
             axes = [_TIFF_AXES.get(a, a) for a in lead]
         _check(path, shape, np.dtype(series.dtype), axes)
-        pixel = _tiff_pixel_size(tif)
+        found = tiff_pixel_size(tif)
+        pixel = found[0] if found is not None else None
         try:
             data: Any = tifffile.memmap(path, series=0, mode="r")
         except (ValueError, OSError):  # compressed or not contiguous: read it all

@@ -6,6 +6,10 @@ closed form per run) and bounding boxes come from the runs, intensity sums from 
 ``np.bincount`` over the labelled pixels. Nothing else touches the full frame but the
 foreground scan and the frame sum. The only Python loop builds the per-object dicts. Output
 holds plain Python types only (JSON-serialisable, no NaN).
+
+NaN and infinite image pixels (float images) count in an object's area and geometry but not
+in any intensity: sums and means are over the finite pixels only. Such pixels are found from
+the frame sum, so a frame without them costs nothing extra.
 """
 
 from __future__ import annotations
@@ -16,7 +20,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["UNITS", "ObjectSums", "measure_objects", "objects_from_sums"]
+__all__ = ["UM_SIGNIFICANT_DIGITS", "UNITS", "ObjectSums", "measure_objects",
+           "objects_from_sums"]
+
+#: µm values keep at least this many significant digits when rounded (``decimals`` places
+#: alone would erase them at electron-microscope pixel sizes).
+UM_SIGNIFICANT_DIGITS = 6
 
 #: Unit of every per-object field, sent once per stream in the measurements descriptor.
 UNITS: dict[str, str] = {
@@ -48,8 +57,10 @@ def measure_objects(
     ``skimage.measure.regionprops``). ``summary`` has ``count``, ``mean_area_px``,
     ``median_area_px``, ``mean_area_um2``, ``mean_intensity`` (mean over objects),
     ``total_intensity``, ``foreground_fraction`` and ``background_mean``; undefined values
-    are None. Floats are rounded to ``decimals`` places (None keeps full precision). Units
-    are in :data:`UNITS`.
+    are None. Intensities leave NaN/infinite pixels out (an object without a finite pixel
+    has ``mean_intensity`` None). Floats are rounded to ``decimals`` places, µm values to
+    at least :data:`UM_SIGNIFICANT_DIGITS` significant digits (None keeps full precision).
+    Units are in :data:`UNITS`.
     """
     lab = np.asarray(labels)
     img = np.asarray(image)
@@ -70,8 +81,17 @@ def measure_objects(
 
     n_px = flat.size
     total_sum = float(values.sum(dtype=np.float64))
+    bad_fg: np.ndarray | None = None  # flat indices of labelled NaN/inf pixels, if any
+    n_finite = n_px
+    if not math.isfinite(total_sum):  # a NaN/inf pixel (or a float64 overflow): leave them out
+        bad = np.flatnonzero(~np.isfinite(values))
+        values = values.copy()
+        values[bad] = 0
+        n_finite = n_px - bad.size
+        total_sum = float(values.sum(dtype=np.float64))
+        bad_fg = bad[np.take(flat, bad) != 0]
     if fg_px.size == 0:
-        return [], _summary_empty(total_sum / n_px if n_px else None, decimals)
+        return [], _summary_empty(total_sum / n_finite if n_finite else None, decimals)
 
     # Runs: maximal stretches of one label along a row, found on the foreground pixels
     # (flat indices ascending). All geometry comes from the runs, which are ~10x fewer
@@ -83,7 +103,9 @@ def measure_objects(
 
     fg_values = np.take(values, fg_px).astype(np.float64, copy=False)
     fg_sum = float(fg_values.sum())
-    n_bg = n_px - fg_px.size
+    # the labelled NaN/inf pixels as positions in fg_px (their ids: ids_at_px there)
+    fg_bad = None if bad_fg is None else np.searchsorted(fg_px, bad_fg)
+    n_bg = n_finite - fg_px.size + (0 if fg_bad is None else fg_bad.size)  # finite background
     background_mean = (total_sum - fg_sum) / n_bg if n_bg else None
 
     # Compact ids: bincount length is max label + 1, so sparse huge ids get renumbered.
@@ -112,6 +134,9 @@ def measure_objects(
 
     a = area[ids]
     intensity_sum = np.bincount(ids_at_px, weights=fg_values, minlength=n_bins)[ids]
+    n_valid = None  # per object: pixels with a finite value (None: all of them)
+    if fg_bad is not None and fg_bad.size:
+        n_valid = a - np.bincount(np.take(ids_at_px, fg_bad), minlength=n_bins)[ids]
     s_r = per_object(run_row * run_len)
     s_c = per_object(s_c_run)
     s_rr = per_object(run_row * run_row * run_len)
@@ -132,7 +157,7 @@ def measure_objects(
     out_ids = present_ids[ids - 1] if present_ids is not None else ids
     sums = ObjectSums(
         labels=out_ids, area=a, s_r=s_r, s_c=s_c, s_rr=s_rr, s_cc=s_cc, s_rc=s_rc,
-        intensity=intensity_sum, bbox=bbox,
+        intensity=intensity_sum, bbox=bbox, n_finite=n_valid,
     )
     return objects_from_sums(
         sums, n_px=n_px, n_fg=int(fg_px.size), background_mean=background_mean,
@@ -147,6 +172,8 @@ class ObjectSums:
     ``area`` is the pixel count; ``s_r``/``s_c`` the sums of row/column indices, ``s_rr``,
     ``s_cc``, ``s_rc`` the sums of their squares and product, ``intensity`` the sum of the
     image over the object and ``bbox`` (n, 4) ``[min_row, min_col, max_row + 1, max_col + 1]``.
+    ``n_finite``, if given, counts the object's pixels with a finite image value (the mean
+    intensity's divisor; ``intensity`` must then sum those pixels only); None: all of them.
     """
 
     labels: np.ndarray
@@ -158,6 +185,7 @@ class ObjectSums:
     s_rc: np.ndarray
     intensity: np.ndarray
     bbox: np.ndarray
+    n_finite: np.ndarray | None = None
 
 
 def objects_from_sums(
@@ -190,7 +218,14 @@ def objects_from_sums(
     safe_l1 = np.where(l1 > 0, l1, 1.0)
     eccentricity = np.where(l1 > 0, np.sqrt(np.clip(1.0 - l2 / safe_l1, 0.0, 1.0)), 0.0)
 
-    mean_intensity = intensity_sum / a
+    if sums.n_finite is None:
+        mean_intensity = intensity_sum / a
+        has_mean = None
+    else:  # NaN/inf pixels left out: divide by the finite pixels; none finite, no mean
+        n_finite = np.asarray(sums.n_finite, dtype=np.float64)
+        has_mean = n_finite > 0
+        mean_intensity = np.divide(intensity_sum, n_finite, out=np.zeros_like(intensity_sum),
+                                   where=has_mean)
     area_um2 = a * pixel_size_um**2
     eq_diam_um = np.sqrt(4.0 * a / math.pi) * pixel_size_um
 
@@ -201,6 +236,15 @@ def objects_from_sums(
         rounded = np.round(x, decimals) if decimals is not None else x
         result: list[float] = rounded.tolist()
         return result
+
+    um: list[list[float]] = _round_significant(np.stack([area_um2, eq_diam_um]), decimals).tolist()
+
+    means: list[Any] = r(mean_intensity)
+    if has_mean is not None and not has_mean.all():
+        means = [m if ok else None for m, ok in zip(means, has_mean.tolist(), strict=True)]
+        mean_of_means = float(mean_intensity[has_mean].mean()) if has_mean.any() else None
+    else:
+        mean_of_means = float(mean_intensity.mean())
 
     objects = [
         {
@@ -217,13 +261,13 @@ def objects_from_sums(
         for lbl, ar, aum, y, x, bb, mi, ii, ed, ec in zip(
             out_ids,
             a.astype(np.int64).tolist(),
-            r(area_um2),
+            um[0],
             r(cy),
             r(cx),
             bbox,
-            r(mean_intensity),
+            means,
             r(intensity_sum),
-            r(eq_diam_um),
+            um[1],
             r(eccentricity),
             strict=True,
         )
@@ -233,8 +277,8 @@ def objects_from_sums(
         "count": len(objects),
         "mean_area_px": _round(float(a.mean()), decimals),
         "median_area_px": _round(float(np.median(a)), decimals),
-        "mean_area_um2": _round(float(area_um2.mean()), decimals),
-        "mean_intensity": _round(float(mean_intensity.mean()), decimals),
+        "mean_area_um2": _round(float(area_um2.mean()), decimals, significant=True),
+        "mean_intensity": _round(mean_of_means, decimals),
         "total_intensity": _round(float(intensity_sum.sum()), decimals),
         "foreground_fraction": _round(n_fg / n_px, decimals),
         "background_mean": _round(background_mean, decimals),
@@ -294,8 +338,33 @@ def _summary_empty(background_mean: float | None, decimals: int | None) -> dict[
     }
 
 
-def _round(x: float | None, decimals: int | None) -> float | None:
-    """Round ``x`` to ``decimals`` places; None and non-finite values become None."""
+def _round(x: float | None, decimals: int | None, *, significant: bool = False) -> float | None:
+    """Round ``x`` to ``decimals`` places (``significant``: or to
+    :data:`UM_SIGNIFICANT_DIGITS` significant digits, whichever keeps more); None and
+    non-finite values become None."""
     if x is None or not math.isfinite(x):
         return None
-    return round(x, decimals) if decimals is not None else float(x)
+    if decimals is None:
+        return float(x)
+    if significant and x != 0:
+        decimals = max(decimals, UM_SIGNIFICANT_DIGITS - 1 - math.floor(math.log10(abs(x))))
+    return round(x, decimals)
+
+
+def _round_significant(x: np.ndarray, decimals: int | None) -> np.ndarray:
+    """``x`` rounded to ``decimals`` places or to :data:`UM_SIGNIFICANT_DIGITS` significant
+    digits, whichever keeps more (None: unrounded)."""
+    if decimals is None:
+        return x
+    if decimals < 0:  # (whole tens and more): no place count to raise
+        return np.round(x, decimals)
+    scale = np.abs(x)
+    np.log10(scale, out=scale, where=scale > 0)  # zeros stay 0: ``decimals`` places
+    np.floor(scale, out=scale)
+    # places kept: at least ``decimals``; 10**places stays finite
+    np.subtract(UM_SIGNIFICANT_DIGITS - 1, scale, out=scale)
+    np.clip(scale, decimals, 300, out=scale)
+    np.power(10.0, scale, out=scale)
+    result: np.ndarray = np.rint(x * scale)
+    result /= scale
+    return result

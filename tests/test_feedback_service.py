@@ -25,7 +25,7 @@ from livemask.feedback import FeedbackConfig, FeedbackController
 from livemask.protocol import Message
 from livemask.service.app import Service
 from tests.conftest import ROOT, make_config
-from tests.test_service import collect_run, control
+from tests.test_service import collect_run, control, enqueue_and_watch
 
 TWO_POSITIONS = {
     "stage_positions": [{"x": -200.0, "y": 0.0, "z": 0.0}, {"x": 200.0, "y": 0.0, "z": 0.0}],
@@ -318,6 +318,7 @@ async def controller_parts() -> AsyncIterator[tuple[FeedbackController, list[Any
         publish=lambda kind, detail: published.append((kind, detail)),
         loop=asyncio.get_running_loop(),
     )
+    ctl.acquisition_started()  # rules run while an acquisition runs
     yield ctl, injected, published
 
 
@@ -372,6 +373,7 @@ async def test_controller_refuses_when_injection_fails() -> None:
          "action": {"channel": {"frames": 1}}}]})
     ctl = FeedbackController(cfg, pixel_size_um=1.0, inject=inject,
                              publish=lambda k, d: published.append((k, d)))
+    ctl.acquisition_started()
     ctl.on_measurements(_Frame(image=np.zeros((8, 8))), _message(0, {"t": 0}, 1.0))
     ((kind, detail),) = published
     assert kind == "feedback_refused" and detail["limit"] == "not_acquiring"
@@ -501,3 +503,96 @@ async def test_a_rig_without_pixel_size_measures_in_pixels_and_refuses_centring(
     (refused,) = by_kind(got, "feedback_refused")
     assert "pixel size is not calibrated" in refused["reason"]
     assert by_kind(got, "feedback_action") == []
+
+
+# ------------------------------------------------------------------ settings, limits, runs
+async def test_an_action_exposure_does_not_stay_on_for_the_planned_frames() -> None:
+    """docs: "the planned events keep their own settings". Before: a rule's exposure_ms: 80
+    stayed on the camera for every later event that gives no exposure of its own."""
+    rule = {"name": "long", "max_fires": 1, "when": {"values": [{"path": "index.t", "eq": 1}]},
+            "action": {"channel": {"frames": 1, "exposure_ms": 80.0}}}
+    events = [{"index": {"t": 0, "p": 0}, "exposure": 10.0}]
+    events += [{"index": {"t": t, "p": 0}} for t in range(1, 4)]  # keep the exposure
+    async with Service(feedback_config([rule])) as svc:
+        used: list[tuple[dict[str, int], float]] = []
+        core = svc.source.core  # type: ignore[union-attr]
+        core.mda.events.frameReady.connect(
+            lambda img, ev, meta: used.append((dict(ev.index), meta["exposure_ms"])))
+        _, published = await enqueue_and_watch(svc, events)
+        status = await control(svc, "status")
+    (action,) = [h for h in published if h["kind"] == "feedback_action"]
+    fb = action["action_id"]
+    assert used == [({"t": 0, "p": 0}, 10.0), ({"t": 1, "p": 0}, 10.0),
+                    ({"t": 1, "p": 0, "fb": fb}, 80.0),
+                    ({"t": 2, "p": 0}, 10.0), ({"t": 3, "p": 0}, 10.0)]
+    assert action["restore"]["exposure"] == 10.0 and "action" in action["restore"]
+    assert status["feedback"]["dose_ms"] == {"p0": 4 * 10.0 + 80.0}
+
+
+async def test_a_plan_without_exposures_gets_the_cameras_own_back_after_an_action() -> None:
+    """The bug hunt's case: a plan whose events set no exposure. The camera's exposure as
+    the service knows it (as opened, of the last frame, or as last `set`) is put back."""
+    rule = {"name": "long", "max_fires": 1, "when": {"values": [{"path": "index.t", "eq": 1}]},
+            "action": {"channel": {"frames": 1, "exposure_ms": 80.0}}}
+    events = [{"index": {"t": t, "p": 0}} for t in range(4)]
+    async with Service(feedback_config([rule])) as svc:
+        used: list[float] = []
+        core = svc.source.core  # type: ignore[union-attr]
+        await control(svc, "set", exposure_ms=12.0)  # the camera's own, set while idle
+        core.mda.events.frameReady.connect(lambda img, ev, meta: used.append(meta["exposure_ms"]))
+        _, published = await enqueue_and_watch(svc, events)
+        status = await control(svc, "status")
+    (action,) = [h for h in published if h["kind"] == "feedback_action"]
+    assert used == [12.0, 12.0, 80.0, 12.0, 12.0]
+    assert action["restore"]["exposure"] == 12.0
+    assert status["feedback"]["dose_ms"] == {"p0": 4 * 12.0 + 80.0}
+
+
+async def test_rules_stop_acting_when_the_acquisition_has_finished() -> None:
+    """free-run: frames analysed after the run ended used to fire more `stop` actions,
+    published as applied after acquisition_finished."""
+    rule = {"name": "stop", "when": {"values": [{"path": "index.t", "ge": 3}]},
+            "action": {"stop": True}}
+    cfg = feedback_config([rule], mode="free-run")
+    cfg.acquisition.sequence = {"time_plan": {"interval": 0.0, "loops": 300}}
+    async with Service(cfg) as svc:
+        got = await collect_run(svc, ("event",))
+        status = await control(svc, "status")
+    kinds = [h["kind"] for m in got["event"] if (h := m.header)["kind"] in (
+        "feedback_action", "feedback_refused", "acquisition_finished")]
+    assert kinds == ["feedback_action", "acquisition_finished"]
+    assert status["feedback"]["rules"][0]["actions"] == 1
+
+
+async def test_a_burst_longer_than_the_action_duration_limit_is_a_config_error() -> None:
+    from livemask.errors import ConfigError
+
+    slow = {**BURST_RULE, "action": {"burst": {"frames": 2, "interval_s": 3600.0}}}
+    with pytest.raises(ConfigError, match=r"max_action_duration_s"):
+        feedback_config([slow])
+    async with Service(feedback_config([BURST_RULE])) as svc:
+        with pytest.raises(ControlError) as info:
+            await control(svc, "rules", rules=[slow])
+        assert info.value.code == "invalid_args"
+        assert "burst.interval_s" in info.value.message
+        assert "max_action_duration_s" in info.value.message
+        revisit = {**BURST_RULE, "action": {"revisit": {"frames": 12, "interval_s": 60.0}}}
+        with pytest.raises(ControlError, match=r"revisit\.interval_s"):
+            await control(svc, "rules", rules=[revisit])
+        assert [r["name"] for r in await control(svc, "rules")] == ["burst-once"]
+
+
+async def test_a_rule_exposure_outside_the_camera_limits_is_refused_at_load() -> None:
+    """enqueue refused exposure 30000 ms; a rule with it was accepted, published as carried
+    out (the camera stayed at its exposure) and charged 30000 ms of light."""
+    from livemask.errors import ConfigError
+
+    rule = {**BURST_RULE, "action": {"channel": {"frames": 1, "exposure_ms": 30000.0}}}
+    async with Service(feedback_config([BURST_RULE])) as svc:
+        with pytest.raises(ControlError) as info:
+            await control(svc, "rules", rules=[rule])
+        assert info.value.code == "invalid_args"
+        assert "exposure 30000 ms is outside" in info.value.message
+    with pytest.raises(ConfigError, match=r"feedback\.rules: exposure 30000 ms is outside"):
+        async with Service(feedback_config([rule])):
+            pass

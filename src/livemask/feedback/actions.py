@@ -235,6 +235,102 @@ class EventPlanner:
         return float(x) + a * dcol + b * drow, float(y) + c * dcol + d * drow
 
 
+def frame_count(action: Any) -> int:
+    """Frames (MDA events) ``action`` asks for, without building them (0: none)."""
+    if isinstance(action, ZStack):
+        ok = _positive(action.range_um) and _positive(action.step_um)
+        return zstack_planes(action.range_um, action.step_um) if ok else 0
+    frames = getattr(action, "frames", 1)
+    if not isinstance(action, _Frames) or not isinstance(frames, int) or isinstance(frames, bool):
+        return 0  # (a bad count is refused by to_events)
+    return frames
+
+
+def duration_s(action: Any) -> float:
+    """How long ``action``'s frames hold the microscope by their spacing alone:
+    ``(frames - 1) × interval_s`` (0 for actions without an interval)."""
+    if not isinstance(action, Burst | Revisit) or not _positive(action.interval_s):
+        return 0.0
+    return max(frame_count(action) - 1, 0) * float(action.interval_s)
+
+
+def _positive(value: Any) -> bool:
+    """Whether ``value`` is a finite number > 0."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf
+
+
+def _check_frames(action: Any) -> None:
+    """ActionError ``invalid_action`` for fewer than one frame or a bad interval."""
+    if not isinstance(action, _Frames):
+        return
+    if isinstance(action, ZStack) and not (
+        _positive(action.range_um) and _positive(action.step_um)
+    ):
+        raise ActionError(
+            "invalid_action",
+            f"zstack with range_um={action.range_um!r}, step_um={action.step_um!r}: give "
+            "finite range_um and step_um > 0",
+        )
+    frames = getattr(action, "frames", 1)
+    if not isinstance(action, ZStack) and (
+        not isinstance(frames, int) or isinstance(frames, bool) or frames < 1
+    ):
+        raise ActionError(
+            "invalid_action", f"{action.kind} with frames={frames!r}: give frames >= 1"
+        )
+    interval = getattr(action, "interval_s", 0.0)
+    if not isinstance(interval, int | float) or not 0 <= interval < math.inf:
+        raise ActionError(
+            "invalid_action",
+            f"{action.kind} with interval_s={interval!r}: give a finite interval_s >= 0",
+        )
+
+
+def restore_event(
+    events: list[useq.MDAEvent],
+    exposure_ms: float | None,
+    channel: useq.EventChannel | None,
+    *,
+    action_id: int = 0,
+    rule: str = "",
+) -> useq.MDAEvent | None:
+    """An event that takes no image and puts back the exposure and/or channel that
+    ``events`` (one action's) change: ``exposure_ms`` / ``channel`` in effect before them.
+
+    None when the events change neither. pymmcore-plus sets an event's channel and exposure
+    before it runs it, also for a ``CustomAction`` (which takes no image), and keeps them
+    for the following events that give none: without this event the planned frames after
+    the action would be taken with the action's settings. Raises :class:`ActionError`
+    (``unknown_camera_settings``) when a setting to put back is not known.
+    """
+    if not events:
+        return None
+    changes_exposure = any(e.exposure is not None for e in events)
+    changes_channel = any(e.channel is not None for e in events)
+    if not (changes_exposure or changes_channel):
+        return None
+    for changed, known, what, fix in (
+        (changes_exposure, exposure_ms, "exposure", "give the acquisition's channels an "
+         "exposure, or drop exposure_ms from the action"),
+        (changes_channel, channel, "channel", "give the acquisition channels, or drop "
+         "channel from the action"),
+    ):
+        if changed and known is None:
+            raise ActionError(
+                "unknown_camera_settings",
+                f"cannot put the camera's {what} back after this action: the {what} in "
+                f"effect before it is not known (the acquisition's events set none); {fix}",
+            )
+    first = events[0]
+    return useq.MDAEvent(
+        index=first.index,
+        channel=channel if changes_channel else None,
+        exposure=exposure_ms if changes_exposure else None,
+        action=useq.CustomAction(name="livemask-restore-settings"),
+        metadata={METADATA_KEY: {"action_id": action_id, "rule": rule, "restore": True}},
+    )
+
+
 def _index(ctx: FrameContext, action_id: int, **extra: int) -> dict[str, int]:
     keep = {k: int(v) for k, v in ctx.index.items() if k in ("t", "p", "g")}
     return {**keep, FEEDBACK_INDEX_KEY: int(action_id), **extra}
@@ -255,6 +351,7 @@ def to_events(
     """
     if isinstance(action, SkipPosition | SetMode | Stop):
         return []
+    _check_frames(action)
     x, y, z = ctx.position.get("x_um"), ctx.position.get("y_um"), ctx.position.get("z_um")
     frames = 1
     interval = 0.0

@@ -14,6 +14,12 @@ the ``t.acquired`` of the first resulting frame (``"frameReady"``); for actions 
 events, the moment the action was applied (``"applied"``). The feedback_action event of an
 acquiring action is therefore published when its first event starts.
 
+An action whose events change the exposure or channel is followed by an event that takes no
+image and puts back the settings in effect before it (pymmcore-plus keeps an event's
+settings for the following events that give none). Rules run only while an acquisition
+runs (between :meth:`~FeedbackController.acquisition_started` and
+:meth:`~FeedbackController.acquisition_finished`, and not after a ``stop`` action).
+
 The controller owns no sockets or devices: the service passes callables in.
 """
 
@@ -24,13 +30,21 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import useq
 
-from livemask.feedback.actions import METADATA_KEY, EventPlanner, SetMode, SkipPosition, Stop
+from livemask.feedback.actions import (
+    METADATA_KEY,
+    ActionError,
+    EventPlanner,
+    SetMode,
+    SkipPosition,
+    Stop,
+    restore_event,
+)
 from livemask.feedback.context import FEEDBACK_INDEX_KEY, FrameContext
 from livemask.feedback.engine import Decision, PlannedEvents, RuleEngine
 from livemask.feedback.safety import SafetyGuard, Violation
@@ -60,7 +74,12 @@ class FeedbackController:
         runner_clock: Callable[[], float] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
         latency_window: int = 2000,
+        camera_settings: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
+        """``camera_settings`` (optional) returns the camera's settings as the service
+        knows them without a device call (``exposure_ms``, ``channel``: as opened, of the
+        last frame, after a run, or as last set), read when an acquisition starts. Without
+        it the settings are known only from the events that set them."""
         self.config = config
         matrix = config.pixel_to_stage
         planner = (
@@ -77,6 +96,13 @@ class FeedbackController:
         self._loop = loop
         self._planned: PlannedEvents | None = None
         self._pending: dict[int, Decision] = {}
+        self._camera_settings = camera_settings
+        self._running = False  # an acquisition runs and no stop action was applied
+        # the exposure and channel that planned (and enqueued) events run with, as far as
+        # known: set by the events that give them (runner thread) or read from the camera
+        self._exposure_ms: float | None = None
+        self._channel: useq.EventChannel | None = None
+        self._restoring: set[int] = set()  # actions whose restore event has not started
         self.reaction_ms: deque[float] = deque(maxlen=latency_window)
         self.accepted = 0
         self.refused = 0
@@ -95,20 +121,56 @@ class FeedbackController:
         return self._planned
 
     def acquisition_started(self) -> None:
-        """Reset rule state, features and the dose ledger."""
+        """Reset rule state, features and the dose ledger; rules run from now on."""
         self.engine.reset()
         self._pending.clear()
+        self._restoring.clear()
+        self._exposure_ms, self._channel = None, None
+        self._read_camera()
+        self._running = True
 
     def acquisition_finished(self) -> None:
-        """Report actions whose events never ran (the acquisition ended first)."""
+        """Report actions whose events never ran (the acquisition ended first); rules no
+        longer run (on the last frames of the run, still being analysed)."""
+        self._running = False
+        self._restoring.clear()
         for d in list(self._pending.values()):
             self._publish_action(d, None, "not_started")
         self._pending.clear()
 
+    def exposure_set(self, exposure_ms: float) -> None:
+        """The camera's exposure was set outside any event (the ``set`` command): the
+        planned frames run with it from now on (event loop)."""
+        self._exposure_ms = float(exposure_ms)
+        self.guard.note_exposure(float(exposure_ms))
+
+    def _read_camera(self) -> None:
+        """Take the exposure and channel in effect from ``camera_settings``, if given (when
+        an acquisition starts: the camera is idle, its settings those of the planned
+        events until an event or the ``set`` command changes them)."""
+        if self._camera_settings is None:
+            return
+        try:
+            now = dict(self._camera_settings() or {})
+        except Exception:  # the settings stay as known from the events
+            log.debug("feedback: could not read the camera's settings", exc_info=True)
+            return
+        exposure, channel = now.get("exposure_ms"), now.get("channel")
+        if isinstance(exposure, int | float) and not isinstance(exposure, bool) and exposure > 0:
+            self._exposure_ms = float(exposure)
+            self.guard.note_exposure(float(exposure))
+        known = self._channel
+        if isinstance(channel, str) and channel and (known is None or known.config != channel):
+            group = now.get("channel_group")  # the rig's channel group (useq's default:
+            self._channel = useq.EventChannel(  # "Channel")
+                config=channel, **({"group": group} if isinstance(group, str) and group else {}))
+
     # ------------------------------------------------------------ rules
     def set_rules(self, specs: Sequence[RuleSpec]) -> None:
         """Replace the rules (validated specs); user rules are imported now. The safety
-        ledgers (light dose, frames per minute) go on: only a new acquisition resets them."""
+        ledgers (light dose, frames per minute) go on: only a new acquisition resets them;
+        so do the counters, cooldowns and state of rules whose spec is unchanged.
+        ConfigError for a rule that breaks a limit outright (``max_action_duration_s``)."""
         self.engine.set_rules(specs)
 
     def set_enabled(self, name: str, enabled: bool) -> None:
@@ -118,8 +180,8 @@ class FeedbackController:
     # ------------------------------------------------------------ per frame
     def on_measurements(self, frame: Any, measurements: dict[str, Any]) -> None:
         """Evaluate the rules on one analysed frame and apply the decisions (event loop)."""
-        if not self.config.enabled:
-            return
+        if not self.config.enabled or not self._running:
+            return  # no acquisition runs: the last frames of a finished one act no more
         t0 = time.perf_counter()
         image = getattr(frame, "image", None)
         shape = tuple(image.shape[:2]) if image is not None else (0, 0)
@@ -127,25 +189,42 @@ class FeedbackController:
         self.frames_seen += 1
         if ctx.is_feedback:  # fallback reaction clock: the first frame an action produced
             self._started(int(ctx.index[FEEDBACK_INDEX_KEY]), ctx.acquired, "frameReady")
-        decisions = self.engine.evaluate(ctx)
-        for d in decisions:
-            self._apply(d)
+        self.engine.evaluate(ctx, apply=self._apply)
         self.eval_ms.append((time.perf_counter() - t0) * 1e3)
 
     def _apply(self, d: Decision) -> None:
+        """Carry out one decision (the engine's ``apply``); a late refusal sets
+        ``d.violation``, and the engine then charges no ledger."""
         if not d.accepted:
+            self._refuse(d)
+            return
+        if not self._running:  # e.g. a stop action of this same frame came first
+            d.violation = Violation(
+                "not_acquiring", "no acquisition is running (it has ended or is stopping)"
+            )
             self._refuse(d)
             return
         action = d.action
         if d.events:
+            try:
+                d.restore = restore_event(
+                    d.events, self._exposure_ms, self._channel,
+                    action_id=d.action_id, rule=d.rule,
+                )
+            except ActionError as exc:
+                d.violation = Violation(exc.reason, str(exc))
+                self._refuse(d)
+                return
             self._pending[d.action_id] = d
             try:
-                self._inject(list(d.events))
+                self._inject([*d.events, *([d.restore] if d.restore is not None else [])])
             except Exception as exc:  # e.g. the acquisition has just ended
                 self._pending.pop(d.action_id, None)
                 d.violation = Violation("not_acquiring", f"could not inject the events: {exc}")
                 self._refuse(d)
                 return
+            if d.restore is not None:
+                self._restoring.add(d.action_id)
             self.accepted += 1
             return
         try:
@@ -164,6 +243,7 @@ class FeedbackController:
                 if self._planned is not None:  # no further planned event, even in the
                     self._planned.close()  # instant before the stop below takes effect
                 self._stop()
+                self._running = False  # the run is over: no more actions
         except Exception as exc:
             d.violation = Violation("not_applicable", str(exc))
             self._refuse(d)
@@ -178,14 +258,26 @@ class FeedbackController:
 
     # ------------------------------------------------------------ reaction clock
     def on_event_started(self, event: useq.MDAEvent) -> None:
-        """``core.mda.events.eventStarted`` handler (MDA runner thread)."""
+        """``core.mda.events.eventStarted`` handler (MDA runner thread): the reaction clock,
+        and the settings the planned events run with."""
         meta = event.metadata.get(METADATA_KEY) if event.metadata else None
-        if not meta or meta.get("frame") != 0:
+        if not meta:  # a planned or enqueued event: its settings stay in effect after it
+            if event.exposure is not None:
+                self._exposure_ms = float(event.exposure)
+                self.guard.note_exposure(float(event.exposure))
+            if event.channel is not None:
+                self._channel = event.channel
             return
-        now = time.time()
         loop = self._loop
         if loop is None or loop.is_closed():
             return
+        if meta.get("restore"):
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._restoring.discard, int(meta["action_id"]))
+            return
+        if meta.get("frame") != 0:
+            return
+        now = time.time()
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
             loop.call_soon_threadsafe(self._started, int(meta["action_id"]), now, "eventStarted")
 

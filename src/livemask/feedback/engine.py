@@ -23,6 +23,7 @@ from typing import Any
 
 import useq
 
+from livemask.errors import ConfigError
 from livemask.feedback.actions import (
     ACTION_TYPES,
     ActionError,
@@ -33,7 +34,7 @@ from livemask.feedback.actions import (
 from livemask.feedback.context import FeatureTracker, FrameContext, position_key
 from livemask.feedback.rules import DeclarativeRule, RuleSlot
 from livemask.feedback.safety import SafetyGuard, Violation
-from livemask.feedback.spec import FeedbackConfig, RuleSpec
+from livemask.feedback.spec import FeedbackConfig, RuleSpec, check_rule_durations
 from livemask.log import RepeatedErrors
 
 log = logging.getLogger("livemask")
@@ -52,6 +53,9 @@ class Decision:
     position_key: str
     trigger_acquired: float  # epoch s of the triggering frame
     events: list[useq.MDAEvent] = field(default_factory=list)
+    #: an event without an image after ``events`` that puts back the exposure / channel
+    #: they change (set by the controller)
+    restore: useq.MDAEvent | None = None
     violation: Violation | None = None
     target: dict[str, Any] | None = None
     decided: float = 0.0  # epoch s
@@ -70,6 +74,7 @@ class Decision:
             "rule": self.rule,
             "action": describe() if callable(describe) else repr(self.action),
             "events": [event_json(e) for e in self.events],
+            **({"restore": event_json(self.restore)} if self.restore is not None else {}),
             "index": dict(self.index),
             "position": dict(self.position),
             "position_key": self.position_key,
@@ -106,11 +111,24 @@ class RuleEngine:
         self.set_rules(config.rules)
 
     def set_rules(self, specs: Sequence[RuleSpec], rules: Sequence[Any] | None = None) -> None:
-        """Replace the rules (``rules``: ready-made rule objects for the specs, optional)."""
-        slots = [
-            RuleSlot(spec, rules[i] if rules is not None else None)
-            for i, spec in enumerate(specs)
-        ]
+        """Replace the rules (``rules``: ready-made rule objects for the specs, optional).
+
+        A rule whose name and spec are unchanged keeps its slot: its ``max_fires`` count,
+        cooldowns, persistence and counters go on (re-sending the same list changes
+        nothing); any other rule starts afresh."""
+        try:
+            check_rule_durations(list(specs), self.config.limits, "rules")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        old = {s.name: s for s in self.slots}
+        slots = []
+        for i, spec in enumerate(specs):
+            kept = old.get(spec.name)
+            if rules is None and kept is not None and kept.spec == spec:
+                kept.enabled = spec.enabled
+                slots.append(kept)
+            else:
+                slots.append(RuleSlot(spec, rules[i] if rules is not None else None))
         self.slots = slots
 
     def add_rule(self, rule: Any, spec: RuleSpec | None = None) -> RuleSlot:
@@ -136,8 +154,14 @@ class RuleEngine:
         for s in self.slots:
             s.reset()
 
-    def evaluate(self, ctx: FrameContext) -> list[Decision]:
-        """Run every rule on one analysed frame; one decision per action asked for."""
+    def evaluate(
+        self, ctx: FrameContext, apply: Callable[[Decision], None] | None = None
+    ) -> list[Decision]:
+        """Run every rule on one analysed frame; one decision per action asked for.
+
+        ``apply`` (the controller's) carries out each decision before the next is made, and
+        may still refuse it (set ``violation``); only then does an accepted action count in
+        the ledgers (frames per minute, light dose) and in its rule's ``actions``."""
         if not any(s.enabled for s in self.slots):
             return []
         self.tracker.compute(ctx)
@@ -149,7 +173,7 @@ class RuleEngine:
                 d = self._decision(slot, None, ctx, None)
                 d.violation = Violation(exc.reason, str(exc))
                 d.decided = self._wall_clock()
-                slot.refused += 1
+                self._settle(slot, d, apply)
                 decisions.append(d)
                 continue
             except Exception as exc:  # a faulty rule must not stop the pipeline or others
@@ -162,12 +186,21 @@ class RuleEngine:
             for k, action in enumerate(actions):
                 target = targets[k] if k < len(targets) else None
                 d = self._decide(slot, action, ctx, target)
-                if d.accepted:
-                    slot.actions += 1
-                else:
-                    slot.refused += 1
+                self._settle(slot, d, apply)
                 decisions.append(d)
         return decisions
+
+    def _settle(
+        self, slot: RuleSlot, d: Decision, apply: Callable[[Decision], None] | None
+    ) -> None:
+        """Apply ``d``; then commit it to the ledgers and count it, accepted or refused."""
+        if apply is not None:
+            apply(d)
+        if d.accepted:
+            self.guard.commit(d.events, d.position_key)
+            slot.actions += 1
+        else:
+            slot.refused += 1
 
     def _decision(
         self, slot: RuleSlot, action: Any, ctx: FrameContext, target: dict[str, Any] | None
@@ -195,15 +228,15 @@ class RuleEngine:
                 "unknown_action", f"rule {slot.name!r} returned {action!r}, not an action"
             )
         else:
-            try:
-                d.events = to_events(
-                    action, ctx, self.planner, action_id=action_id, rule=slot.name
-                )
-                d.violation = self.guard.check(d.events, key)
-            except ActionError as exc:
-                d.violation = Violation(exc.reason, str(exc))
+            d.violation = self.guard.check_action(action)
             if d.violation is None:
-                self.guard.commit(d.events, key)
+                try:
+                    d.events = to_events(
+                        action, ctx, self.planner, action_id=action_id, rule=slot.name
+                    )
+                    d.violation = self.guard.check(d.events, key)
+                except ActionError as exc:
+                    d.violation = Violation(exc.reason, str(exc))
         d.decided = self._wall_clock()
         return d
 

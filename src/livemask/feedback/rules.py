@@ -231,9 +231,10 @@ class RuleSlot:
         self.spec = spec
         self.rule: Rule = rule if rule is not None else build_rule(spec)
         self.enabled = spec.enabled
+        # counters of the current (or last) acquisition: reset when one starts
         self.fired = 0  # times the rule returned actions
-        self.actions = 0  # actions accepted
-        self.refused = 0  # actions refused
+        self.actions = 0  # actions carried out (accepted and applied or injected)
+        self.refused = 0  # actions refused (by a limit, or when applied)
         self.errors = 0  # exceptions raised by the rule
         self._last_fire: dict[str, list[float]] = {}  # key -> [acquired time, frames since]
 
@@ -248,9 +249,9 @@ class RuleSlot:
         return "declarative" if isinstance(self.rule, DeclarativeRule) else "user"
 
     def reset(self) -> None:
-        """A new acquisition: clear cooldowns and the rule's own state."""
+        """A new acquisition: clear cooldowns, counters and the rule's own state."""
         self._last_fire.clear()
-        self.fired = 0
+        self.fired = self.actions = self.refused = self.errors = 0
         reset = getattr(self.rule, "reset", None)
         if callable(reset):
             reset()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import useq
 
+from livemask.feedback.actions import duration_s, frame_count
 from livemask.feedback.spec import LimitsSpec
 
 DEFAULT_EXPOSURE_MS = 10.0
@@ -57,8 +58,15 @@ class SafetyGuard:
         """The event's exposure, or the last known one when it keeps the current exposure."""
         return float(event.exposure) if event.exposure is not None else self.last_exposure_ms
 
+    def note_exposure(self, exposure_ms: float) -> None:
+        """The exposure the camera uses now for events that give none (any thread): what
+        :meth:`record_planned` charges them."""
+        with self._lock:
+            self.last_exposure_ms = float(exposure_ms)
+
     def record_planned(self, event: useq.MDAEvent, key: str) -> None:
-        """Count a planned event's light at position ``key`` (any thread)."""
+        """Count a planned event's light at position ``key`` (any thread): its own exposure,
+        else the one in effect (the last one set or noted)."""
         with self._lock:
             if event.exposure is not None:
                 self.last_exposure_ms = float(event.exposure)
@@ -89,6 +97,27 @@ class SafetyGuard:
         cutoff = self._clock() - 60.0
         while self._added and self._added[0][0] < cutoff:
             self._added.popleft()
+
+    def check_action(self, action: object) -> Violation | None:
+        """The limit ``action`` breaks by its size alone (frames, duration), checked before
+        its events are built (a user rule's ``Burst(frames=300_000)`` would otherwise build
+        them all on the event loop first)."""
+        lim = self.limits
+        frames = frame_count(action)
+        if frames > lim.max_frames_per_action:
+            return Violation(
+                "max_frames_per_action",
+                f"{frames} frames in one action, limit {lim.max_frames_per_action} "
+                "(feedback.limits.max_frames_per_action)",
+            )
+        span = duration_s(action)
+        if span > lim.max_action_duration_s:
+            return Violation(
+                "max_action_duration_s",
+                f"the action's frames span {span:g} s ((frames - 1) x interval_s), longer "
+                f"than {lim.max_action_duration_s:g} s (feedback.limits.max_action_duration_s)",
+            )
+        return None
 
     def check(self, events: Sequence[useq.MDAEvent], key: str) -> Violation | None:
         """The first limit ``events`` (one action, at position ``key``) would break."""

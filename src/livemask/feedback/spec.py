@@ -311,6 +311,13 @@ class LimitsSpec(_Spec):
         default=120, ge=0, description="frames added by feedback in any 60 s window"
     )
     max_frames_per_action: int = Field(default=200, ge=1)
+    max_action_duration_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="longest an action may hold the microscope by its frame spacing: "
+        "(frames - 1) x interval_s of a burst or revisit (s); the planned events wait "
+        "meanwhile",
+    )
     light_dose_budget_ms: float | None = Field(
         default=None,
         gt=0,
@@ -356,4 +363,23 @@ class FeedbackConfig(_Spec):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"rule names must be unique; repeated: {dupes}")
+        check_rule_durations(self.rules, self.limits, "feedback.rules")
         return self
+
+
+def check_rule_durations(rules: list[RuleSpec], limits: LimitsSpec, what: str) -> None:
+    """ValueError for a declarative rule whose burst or revisit would hold the microscope
+    longer than ``limits.max_action_duration_s``: ``(frames - 1) × interval_s``."""
+    for i, rule in enumerate(rules):
+        for action in rule.actions:
+            for kind, params in (("burst", action.burst), ("revisit", action.revisit)):
+                if params is None:
+                    continue
+                span = (params.frames - 1) * params.interval_s
+                if span > limits.max_action_duration_s:
+                    raise ValueError(
+                        f"{what}[{i}] ({rule.name!r}): {kind} of {params.frames} frames "
+                        f"{params.interval_s:g} s apart takes {span:g} s, longer than "
+                        f"feedback.limits.max_action_duration_s ({limits.max_action_duration_s:g}"
+                        f" s); lower {kind}.interval_s or {kind}.frames, or raise the limit"
+                    )

@@ -324,6 +324,8 @@ class Service:
             stop=lambda: self._spawn(self.stop_acquisition()),
             runner_clock=getattr(mda, "event_seconds_elapsed", None),
             loop=self._loop,
+            # as status' `core`: the camera as opened, of the last frame or as last set
+            camera_settings=lambda: {**self.core_info, **getattr(self.source, "camera_now", {})},
         )
         self.pipeline.on_measurements = self.feedback.on_measurements
         if mda is not None:  # reaction clock: when an action's first event starts on the core
@@ -510,14 +512,18 @@ class Service:
 
     def check_rule_channels(self, specs: Sequence[RuleSpec], what: str) -> None:
         """ConfigError for a declarative rule whose action names a channel preset the
-        microscope does not define (pymmcore-plus would warn and take the frames anyway)."""
-        channels = [
-            useq.Channel.model_validate({"config": params["channel"]})
-            for spec in specs for action in spec.actions
-            for params in action.model_dump().values()
-            if isinstance(params, dict) and params.get("channel")
+        microscope does not define, or an ``exposure_ms`` outside its camera's limits
+        (pymmcore-plus would warn and take the frames anyway), as ``enqueue`` checks."""
+        params = [
+            p for spec in specs for action in spec.actions
+            for p in action.model_dump().values() if isinstance(p, dict)
         ]
-        self._check_on_rig(what, channels)
+        channels = [
+            useq.Channel.model_validate({"config": p["channel"]})
+            for p in params if p.get("channel")
+        ]
+        exposures = [float(p["exposure_ms"]) for p in params if p.get("exposure_ms") is not None]
+        self._check_on_rig(what, channels, exposures)
 
     def _start_events(self, events: Any, detail: dict[str, Any], count: int) -> int:
         if self.source is None:
@@ -662,6 +668,8 @@ class Service:
                     "setting_changed", {"exposure_ms": exposure_ms, "late": True}),
             )
             changed["exposure_ms"] = exposure_ms
+            if self.feedback is not None:  # restores after an action's own exposure
+                self.feedback.exposure_set(exposure_ms)
         if mode is not None:
             self.pipeline.mode = mode
             if self.source is not None:

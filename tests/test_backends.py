@@ -25,7 +25,7 @@ from livemask.config import ModelConfig
 from livemask.errors import BackendUnavailable, ModelError
 from livemask.inference import select
 from livemask.inference.backend import create_backend
-from livemask.inference.models import ModelCard, load_model_card
+from livemask.inference.models import ModelCard, PostProcessing, load_model_card
 from livemask.inference.tensorrt_backend import (
     ENGINE_RECIPE,
     EngineCache,
@@ -446,6 +446,7 @@ def test_torch_converts_other_unets(torch_cpu: Any, tmp_path: Path, fold: bool) 
     path = tmp_path / "g.onnx"
     _export_unet(torch_cpu, path, fold=fold, out_channels=1)
     card = ModelCard(name="g", file="g.onnx", task="grains", outputs=["boundary"],
+                     postprocessing=PostProcessing(method="boundary-label"),
                      architecture="U-Net, 3 levels (4/8/16 channels)",
                      card_path=tmp_path / "g.yaml")
     module = unet_from_onnx(path, card)

@@ -6,6 +6,7 @@ plus the defect) next to a copy of the shipped nuclei card that points at it.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ def build_model(
     out_channels: int = 2,
     rank3: bool = False,
     pool: bool = False,
+    logits_out: bool = False,
 ) -> Path:
     """A 1×1 convolution + sigmoid from ``image`` to ``probabilities``, with a defect:
     another input type (cast to float inside), a rank-3 input (unsqueezed inside), a 2×2
@@ -63,13 +65,12 @@ def build_model(
                                       strides=[2, 2]))
         y = "pooled"
     nodes.append(helper.make_node("Sigmoid", [y], ["probabilities"]))
-    graph = helper.make_graph(
-        nodes,
-        "defect",
-        [helper.make_tensor_value_info("image", in_type, in_shape)],
-        [helper.make_tensor_value_info("probabilities", F16 if half else F32, out_shape)],
-        inits,
-    )
+    outputs = [helper.make_tensor_value_info("probabilities", F16 if half else F32, out_shape)]
+    if logits_out:  # a second output, listed first (e.g. an export that kept the logits)
+        outputs.insert(0, helper.make_tensor_value_info(y, F16 if half else F32, out_shape))
+    graph = helper.make_graph(nodes, "defect",
+                              [helper.make_tensor_value_info("image", in_type, in_shape)],
+                              outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(path))
@@ -366,3 +367,48 @@ def test_torch_backend_runs_tiles_in_batches_whatever_batch_the_onnx_declares(
     seg.warmup((512, 512))  # tiles of 256 px or less, in batches of up to 4
     image = np.random.default_rng(0).integers(0, 4000, (512, 512)).astype(np.uint16)
     assert seg.predict(image).shape == (2, 512, 512)
+
+
+# ------------------------------------------------------------------------ output names
+def test_the_output_the_card_names_is_run_not_the_first(tmp_path: Path) -> None:
+    """A model with outputs [logits, probabilities] ran its logits although the card said
+    output_name: probabilities (bug hunt: 62 nuclei instead of 83)."""
+    build_model(tmp_path / "bad.onnx", logits_out=True)
+    card = load_model_card(write_card(tmp_path))
+    assert card.output_name == "probabilities"
+    backend = load_backend("onnxruntime", card, threads=1)
+    x = np.linspace(-3, 3, 2 * 16 * 16, dtype=np.float32).reshape(2, 1, 16, 16)
+    out = backend.run(x)
+    logits = 2.0 * x + np.array([-1.0, 1.0], np.float32)[None, :, None, None]
+    np.testing.assert_allclose(out, 1 / (1 + np.exp(-logits)), atol=1e-6)
+
+
+def test_several_outputs_and_none_named_by_the_card_is_refused(tmp_path: Path) -> None:
+    build_model(tmp_path / "bad.onnx", logits_out=True)
+    card = load_model_card(write_card(tmp_path, output_name="probs"))
+    with pytest.raises(ModelError) as info:
+        load_backend("onnxruntime", card, threads=1)
+    assert_says(str(info.value), "2 outputs ('logits', 'probabilities')", "'probs'",
+                "set output_name in the card")
+
+
+def test_a_single_output_of_another_name_is_used_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    build_model(tmp_path / "bad.onnx")
+    card = load_model_card(write_card(tmp_path, output_name="probs", input_name="x"))
+    with caplog.at_level("WARNING", logger="livemask"):
+        backend = load_backend("onnxruntime", card, threads=1)
+    assert backend.run(np.zeros((1, 1, 16, 16), np.float32)).shape == (1, 2, 16, 16)
+    assert "output_name is 'probs', but the model's only output is 'probabilities'" in caplog.text
+    assert "input_name is 'x', but the model's only input is 'image'" in caplog.text
+
+
+def test_a_size_multiple_too_small_for_the_network_is_a_model_error(tmp_path: Path) -> None:
+    """The nuclei U-Net needs multiples of 8: a card saying 4 gave a raw ONNX Runtime
+    traceback (a Concat of mismatched sizes) on a 300×300 image (bug hunt)."""
+    shutil.copy(MODELS_DIR / "nuclei.onnx", tmp_path / "bad.onnx")
+    card = load_model_card(write_card(tmp_path, size_multiple=4))
+    seg = Segmenter(card, load_backend("onnxruntime", card, threads=1))
+    with pytest.raises(ModelError, match=r"bad\.onnx .*set size_multiple in its card"):
+        seg.segment(np.zeros((300, 300), np.float32))

@@ -53,6 +53,11 @@ def test_user_model_card_loads_from_its_own_folder(tmp_path: Path) -> None:
         ({"postprocessing": {"foreground_threshold": 1.5}}, "foreground_threshold"),
         ({"colour": "blue"}, "colour"),
         ({"file": None}, "file"),
+        # found by the bug hunt: both loaded, then failed on the first frame
+        ({"tile_px": 64, "tile_overlap_px": 40},
+         r"tile_overlap_px 40 is more than a quarter of the tile \(64 px.*at most 16"),
+        ({"outputs": ["foreground"]},
+         r"outputs lists 1 channel.*seeded-watershed reads 2 \(foreground, seeds\)"),
     ],
 )
 def test_invalid_cards_name_the_problem(tmp_path: Path, change: dict, needle: str) -> None:
@@ -117,3 +122,11 @@ def test_shipped_nuclei_model_finds_no_nuclei_in_empty_fields() -> None:
     render = sparse.render((300.0, 100.0), (512, 512), exposure_ms=3.0)
     result = match_instances(render.labels, segmenter.segment(render.image))
     assert render.labels.max() > 0 and result.fp == 0 and result.fn == 0
+
+
+def test_a_card_with_an_upper_case_suffix_is_a_path(tmp_path: Path) -> None:
+    """card.YAML was taken for the name of a shipped model (bug hunt)."""
+    shutil.copy(MODELS_DIR / "nuclei.onnx", tmp_path / "nuclei.onnx")
+    shutil.copy(MODELS_DIR / "nuclei.yaml", tmp_path / "Mine.YAML")
+    assert load_model_card(tmp_path / "Mine.YAML").card_path == (tmp_path / "Mine.YAML").resolve()
+    assert load_model_card(str(tmp_path / "Mine.YAML")).name == "nuclei"

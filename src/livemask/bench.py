@@ -368,7 +368,7 @@ def service_config(settings: BenchSettings, sample: str = "nuclei") -> ServiceCo
     """The service configuration of the pipeline run (also used to build the model)."""
     from livemask.config import parse_config
 
-    model_key = "path" if Path(settings.model).suffix in (".yaml", ".yml") else "name"
+    model_key = "path" if Path(settings.model).suffix.lower() in (".yaml", ".yml") else "name"
     return parse_config(
         {
             "hardware": {"config_file": str(settings.config_file())},

@@ -26,6 +26,7 @@ starting at its warm-up.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,9 @@ from typing import Any
 import numpy as np
 
 from livemask.errors import ModelError
-from livemask.inference.models import ModelCard
+from livemask.inference.models import METHOD_CHANNELS, ModelCard
+
+log = logging.getLogger("livemask")
 
 __all__ = [
     "FLOAT_TYPES",
@@ -44,6 +47,7 @@ __all__ = [
     "check_batch_output",
     "check_model_io",
     "check_onnx_model",
+    "chosen_output",
     "io_from_session",
     "read_model_io",
 ]
@@ -53,9 +57,6 @@ Dim = int | str | None
 
 #: Element types a network's input and output may have (the backends convert float16).
 FLOAT_TYPES = ("float32", "float16")
-
-#: Output channels each post-processing method reads.
-_METHOD_CHANNELS = {"seeded-watershed": (2, "foreground, seeds"), "boundary-label": (1, "boundary")}
 
 _AXES = ("batch", "channels", "height", "width")
 
@@ -206,7 +207,7 @@ def _count(n: int, word: str) -> str:
 
 def channels_needed(method: str) -> tuple[int, str]:
     """Output channels a post-processing ``method`` reads, and their names."""
-    return _METHOD_CHANNELS.get(method, (1, "probabilities"))
+    return METHOD_CHANNELS.get(method, (1, "probabilities"))
 
 
 def _input_problems(card: ModelCard, io: ModelIO) -> list[str]:
@@ -250,11 +251,25 @@ def _input_problems(card: ModelCard, io: ModelIO) -> list[str]:
     return problems
 
 
+def chosen_output(card: ModelCard, io: ModelIO) -> TensorSpec | None:
+    """The output a backend runs: the one named ``card.output_name``, else the model's only
+    output; None when the model has several and none has that name."""
+    named = [spec for spec in io.outputs if spec.name == card.output_name]
+    if named:
+        return named[0]
+    return io.outputs[0] if len(io.outputs) == 1 else None
+
+
 def _output_problems(card: ModelCard, io: ModelIO) -> list[str]:
     if not io.outputs:
         return ["it has no output; expected one (N, C, H, W) probability output"]
     problems = []
-    spec = io.outputs[0]
+    spec = chosen_output(card, io)
+    if spec is None:
+        names = ", ".join(repr(o.name) for o in io.outputs)
+        return [f"it has {len(io.outputs)} outputs ({names}) and none is named "
+                f"{card.output_name!r} (the card's output_name): set output_name in the card "
+                "to the output with the probabilities"]
     what = f"output {spec.name!r} {spec.shape_text()}"
     if spec.dtype not in FLOAT_TYPES:
         problems.append(f"{what} has dtype {spec.dtype}, expected float32 (or float16) "
@@ -304,6 +319,12 @@ def check_onnx_model(card: ModelCard) -> ModelIO | None:
         return None
     io = read_model_io(card.onnx_path)
     check_model_io(card, io)
+    for kind, name, specs in (("input", card.input_name, io.inputs),
+                              ("output", card.output_name, io.outputs)):
+        if len(specs) == 1 and specs[0].name != name:
+            log.warning("%s: the card's %s_name is %r, but the model's only %s is %r; using "
+                        "it (set %s_name in the card)", _where(card), kind, name, kind,
+                        specs[0].name, kind)
     return io
 
 

@@ -41,6 +41,11 @@ class Normalization(BaseModel):
         return self
 
 
+#: Output channels each post-processing method reads, and their names.
+METHOD_CHANNELS: dict[str, tuple[int, str]] = {
+    "seeded-watershed": (2, "foreground, seeds"), "boundary-label": (1, "boundary")}
+
+
 class PostProcessing(BaseModel):
     """Defaults for turning the model output into instance labels.
 
@@ -96,8 +101,8 @@ class ModelCard(BaseModel):
     tile_overlap_px: int = Field(
         default=64,
         ge=0,
-        description="Overlap of neighbouring tiles (less than half a tile); the outer quarter "
-        "of each overlap is ignored and the rest blended smoothly.",
+        description="Overlap of neighbouring tiles (at most a quarter of the tile); the outer "
+        "quarter of each overlap is ignored and the rest blended smoothly.",
     )
     max_batch: int = Field(default=4, ge=1, description="Most tiles per backend call.")
     normalization: Normalization = Field(default_factory=Normalization)
@@ -105,6 +110,27 @@ class ModelCard(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     card_path: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelCard:
+        """Outputs that fit the post-processing, and a tile overlap the tiling can use
+        (checked when the card loads, not on the first frame)."""
+        method = self.postprocessing.method
+        need, names = METHOD_CHANNELS[method]
+        if len(self.outputs) != need:
+            raise ValueError(
+                f"outputs lists {len(self.outputs)} channel(s) ({', '.join(self.outputs)}), "
+                f"but postprocessing.method {method} reads {need} ({names}): list one name "
+                "per channel the model returns, or choose the method that fits them")
+        if self.runtime != "classical":  # the others run large frames as tiles
+            tile = self.tile_px // self.size_multiple * self.size_multiple
+            if tile >= self.size_multiple and 4 * self.tile_overlap_px > tile:
+                raise ValueError(
+                    f"tile_overlap_px {self.tile_overlap_px} is more than a quarter of the "
+                    f"tile ({tile} px, tile_px rounded down to size_multiple "
+                    f"{self.size_multiple}): lower tile_overlap_px to at most {tile // 4} "
+                    "or raise tile_px")
+        return self
 
     @property
     def onnx_path(self) -> Path:
@@ -118,7 +144,7 @@ class ModelCard(BaseModel):
 def load_model_card(name_or_path: str | Path) -> ModelCard:
     """Load a shipped model by name (``nuclei``) or any card by path."""
     path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
+    if path.suffix.lower() not in (".yaml", ".yml"):
         path = MODELS_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
             known = ", ".join(c.name for c in list_models()) or "none"

@@ -8,7 +8,12 @@ import numpy as np
 import onnxruntime as ort
 
 from livemask.errors import ModelError
-from livemask.inference.model_checks import ModelIO, check_model_io, io_from_session
+from livemask.inference.model_checks import (
+    ModelIO,
+    check_model_io,
+    chosen_output,
+    io_from_session,
+)
 from livemask.inference.models import ModelCard
 
 log = logging.getLogger("livemask")
@@ -24,6 +29,8 @@ class OnnxRuntimeBackend:
         self.device = "cpu"
         self._session: ort.InferenceSession | None = None
         self._input = "image"
+        self._output = "probabilities"
+        self._what = "the model"  # for errors: the ONNX file and its card, once loaded
         self._input_dtype: type[np.floating] = np.float32
         #: The loaded model's declared inputs and outputs (checked against its card).
         self.model_io: ModelIO | None = None
@@ -53,8 +60,12 @@ class OnnxRuntimeBackend:
             self._session = None
             raise
         self.model_io = io
+        self._what = f"{card.onnx_path} (card {card.card_path or card.name})"
         self.device = "cuda" if self._session.get_providers()[0].startswith("CUDA") else "cpu"
         self._input = io.inputs[0].name
+        output = chosen_output(card, io)
+        assert output is not None  # check_model_io refused a model without one
+        self._output = output.name  # the card's output_name of a several-output model
         self._input_dtype = np.float16 if io.inputs[0].dtype == "float16" else np.float32
         log.info("onnxruntime: %s on %s, %d threads", card.name, self.device, self.threads)
 
@@ -68,8 +79,15 @@ class OnnxRuntimeBackend:
         if self._session is None:
             raise ModelError("backend used before load(); call load(card) first")
         x = np.ascontiguousarray(batch, self._input_dtype)
-        out = self._session.run(None, {self._input: x})
-        return np.asarray(out[0], dtype=np.float32)
+        try:
+            (out,) = self._session.run([self._output], {self._input: x})
+        except Exception as exc:  # onnxruntime's own errors (e.g. Concat of mismatched sizes)
+            raise ModelError(
+                f"ONNX Runtime failed to run {self._what} on a batch of shape {x.shape}: "
+                f"{exc}. If the network needs its height and width to be multiples of some "
+                "number (each pooling level halves them), set size_multiple in its card to it"
+            ) from None
+        return np.asarray(out, dtype=np.float32)
 
     def close(self) -> None:
         """Drop the session."""

@@ -624,9 +624,11 @@ class TensorRTBackend:
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if len(inputs) != 1 or len(outputs) != 1:
+        if len(inputs) != 1 or len(outputs) != 1:  # every output would need a buffer
             raise ModelError(f"engine for {card.name} has inputs {inputs} and outputs "
-                             f"{outputs}; expected one of each")
+                             f"{outputs}; the TensorRT backend runs models with one of each: "
+                             "re-export with only the probability output, or use "
+                             "model.backend: onnxruntime")
         self._input, self._output = inputs[0], outputs[0]
         context = engine.create_execution_context()
         if context is None:

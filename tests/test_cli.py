@@ -9,6 +9,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -309,3 +310,86 @@ def test_output_paths_are_checked_before_the_run(tmp_path: Path) -> None:
         result = runner.invoke(app, args)
         assert result.exit_code == 2, result.output
         assert "Invalid value for" in _flat(result.output)
+
+
+def test_train_forest_without_the_train_extra_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # before: a ModuleNotFoundError traceback (skl2onnx is imported inside the function)
+    monkeypatch.setitem(sys.modules, "skl2onnx", None)
+    result = runner.invoke(app, ["train", "nuclei-rf", "--quick", "--out", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert "install the train extra: pip install -e '.[train]'" in _flat(result.output)
+
+
+@pytest.mark.parametrize("args", [
+    ["--seed", "-1"],  # before: a numpy traceback
+    ["--out", "a-file/sub"],  # before: a NotADirectoryError traceback
+])
+def test_train_flags_are_checked_before_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("x")
+    for task in ("nuclei", "nuclei-rf"):
+        result = runner.invoke(app, ["train", task, "--quick", *args])
+        assert result.exit_code == 2, result.output
+        assert f"Invalid value for '{args[0]}'" in _flat(result.output)
+
+
+def test_train_quick_keeps_explicit_iterations_and_minutes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # before: --quick silently replaced them with 20 iterations and 40 minutes
+    pytest.importorskip("torch")
+    from livemask.training import cli as training_cli
+
+    seen: dict[str, Any] = {}
+
+    def fake_train(out: Path, settings: Any, **kwargs: Any) -> Path:
+        seen.update(settings=settings, **kwargs)
+        return out / "nuclei.yaml"
+
+    monkeypatch.setattr(training_cli, "train_model", fake_train)
+    args = ["train", "nuclei", "--quick", "--out", str(tmp_path)]
+    for extra, iterations, minutes in (([], 20, 40.0), (["--iterations", "3"], 3, 40.0),
+                                       (["--minutes", "0.5", "--iterations", "9"], 9, 0.5)):
+        result = runner.invoke(app, [*args, *extra])
+        assert result.exit_code == 0, result.output
+        settings = seen["settings"]
+        assert (settings.iterations, settings.max_minutes) == (iterations, minutes)
+        assert settings.pool_size == 16 and seen["force"] is False
+
+
+def test_train_forest_says_it_ignores_iterations_and_minutes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("skl2onnx")
+    from livemask.training import random_forest
+
+    monkeypatch.setattr(random_forest, "train_random_forest",
+                        lambda out, **kwargs: Path(out) / "nuclei_rf.yaml")
+    result = runner.invoke(app, ["train", "nuclei-rf", "--out", str(tmp_path),
+                                 "--iterations", "5"])
+    assert result.exit_code == 0, result.output
+    assert "--iterations and --minutes do not apply" in _flat(result.output)
+
+
+def test_train_refuses_the_shipped_models_folder_without_force(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # before: `--out src/livemask/models` trained over the shipped model
+    pytest.importorskip("torch")
+    import shutil
+
+    from livemask.inference import models
+
+    fake = tmp_path / "shipped"  # a stand-in: never the real folder, even on old code
+    shutil.copytree(models.MODELS_DIR, fake, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(models, "MODELS_DIR", fake)
+    before = (fake / "nuclei.onnx").read_bytes()
+    result = runner.invoke(app, ["train", "nuclei", "--quick", "--out", str(fake)])
+    assert result.exit_code == 2, result.output
+    assert "shipped models folder" in _flat(result.output)
+    assert "--force" in _flat(result.output)
+    assert (fake / "nuclei.onnx").read_bytes() == before

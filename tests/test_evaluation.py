@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 
-from livemask.evaluation import load_folder
+from livemask.evaluation import folder_pairs, load_folder, write_card
 
 
 def _pair(tmp_path: Path, mask: np.ndarray) -> tuple[Path, Path]:
@@ -51,3 +52,116 @@ def test_a_corrupt_mask_file_is_named(tmp_path: Path, name: str) -> None:
     (masks / name).write_bytes(b"neither a TIFF nor a PNG" + bytes(64))
     with pytest.raises(ValueError, match=rf"{name} cannot be read as an image"):
         load_folder(images, masks)
+
+
+def _write(path: Path, data: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(path, data, photometric="minisblack")
+    return path
+
+
+def _propagate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let caplog see the livemask logger even after setup_logging stopped propagation."""
+    monkeypatch.setattr(logging.getLogger("livemask"), "propagate", True)
+
+
+def _two_objects(dtype: type = np.uint16) -> np.ndarray:
+    labels = np.zeros((32, 32), dtype)
+    labels[2:8, 2:8], labels[20:30, 20:30] = 1, 2
+    return labels
+
+
+def test_images_and_masks_in_one_folder_are_paired_not_each_with_itself(
+    tmp_path: Path,
+) -> None:
+    # before: img0.tif -> img0.tif and img0_mask.tif -> img0_mask.tif (F1 0.28, no warning)
+    folder = tmp_path / "data"
+    img = _write(folder / "img0.tif", np.full((32, 32), 100, np.uint16))
+    mask = _write(folder / "img0_mask.tif", _two_objects())
+    _write(folder / "img1.tif", np.full((32, 32), 100, np.uint16))  # no mask: skipped
+    assert folder_pairs(folder, folder) == [(img, mask)]
+
+
+def test_a_mask_of_the_same_name_in_another_folder_still_pairs(tmp_path: Path) -> None:
+    img = _write(tmp_path / "i" / "a.tif", np.full((32, 32), 100, np.uint16))
+    mask = _write(tmp_path / "m" / "a.tif", _two_objects())
+    assert folder_pairs(img.parent, mask.parent) == [(img, mask)]
+
+
+@pytest.mark.parametrize(("image", "mask"), [
+    ("img0.TIF", "img0_mask.TIF"),  # before: "no mask ... skipped"
+    ("IMG0.tif", "img0_Mask.tiff"),
+    ("img0.ome.tif", "img0_mask.ome.tif"),  # before: stem "img0.ome" found no mask
+    ("img0.ome.tif", "img0_mask.tif"),
+    ("img0.jpg", "img0_mask.tif"),  # before: JPEG images were ignored
+])
+def test_mask_names_match_case_insensitively_with_ome_and_jpeg(
+    tmp_path: Path, image: str, mask: str
+) -> None:
+    image_path = tmp_path / "i" / image
+    image_path.parent.mkdir()
+    if image.endswith(".jpg"):
+        from skimage import io
+
+        io.imsave(image_path, np.full((32, 32), 100, np.uint8), check_contrast=False)
+    else:
+        _write(image_path, np.full((32, 32), 100, np.uint16))
+    mask_path = _write(tmp_path / "m" / mask, _two_objects())
+    assert folder_pairs(image_path.parent, mask_path.parent) == [(image_path, mask_path)]
+    ((_, labels),) = load_folder(image_path.parent, mask_path.parent)
+    assert labels.max() == 2
+
+
+def test_a_jpeg_mask_is_not_used_and_the_warning_says_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _propagate(monkeypatch)
+    from skimage import io
+
+    _write(tmp_path / "i" / "a.tif", np.full((32, 32), 100, np.uint16))
+    (tmp_path / "m").mkdir()
+    io.imsave(tmp_path / "m" / "a_mask.jpg", _two_objects(np.uint8), check_contrast=False)
+    with pytest.raises(FileNotFoundError, match=r"no image/mask pairs"):
+        folder_pairs(tmp_path / "i", tmp_path / "m")
+    assert "a_mask.jpg is a JPEG" in caplog.text
+
+
+def test_uint32_ids_beyond_int32_are_renumbered_not_wrapped(tmp_path: Path) -> None:
+    # before: cast to int32 wrapped them negative ("labels must be >= 0", no file named)
+    labels = _two_objects(np.uint32)
+    labels[labels > 0] += 3_000_000_000
+    ((_, mask),) = load_folder(*_pair(tmp_path, labels))
+    assert mask.dtype == np.int32 and set(np.unique(mask)) == {0, 1, 2}
+    assert np.array_equal(mask > 0, labels > 0)
+
+
+def test_two_labels_without_background_are_two_objects(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _propagate(monkeypatch)
+    # before: {1, 2} counted as a binary mask and merged into one object
+    labels = np.ones((32, 32), np.uint16)
+    labels[:, 16:] = 2
+    ((_, mask),) = load_folder(*_pair(tmp_path, labels))
+    assert set(np.unique(mask)) == {1, 2} and (mask[:, 16:] == 2).all()
+    assert "no background" in caplog.text
+
+
+def test_write_card_leaves_the_old_card_when_interrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # before: written in place, so an interrupt left half a card
+    card = tmp_path / "m.yaml"
+    write_card(card, {"name": "m", "version": "1"})
+    old = card.read_text()
+
+    def half_then_interrupt(self: Path, text: str, *args: object, **kwargs: object) -> int:
+        with open(self, "w", encoding="utf-8") as f:
+            f.write(text[:10])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", half_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        write_card(card, {"name": "m", "version": "2"})
+    monkeypatch.undo()
+    assert card.read_text() == old and [p.name for p in tmp_path.iterdir()] == ["m.yaml"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -81,9 +82,15 @@ def _output_file(value: Path | None) -> Path | None:
 
 
 def _output_folder(value: Path | None) -> Path | None:
-    """Callback: a folder path that is not an existing file."""
-    if value is not None and value.exists() and not value.is_dir():
+    """Callback: a folder path that is not an existing file and can be made."""
+    if value is None:
+        return None
+    if value.exists() and not value.is_dir():
         raise typer.BadParameter(f"{value} is a file; give a folder")
+    try:
+        value.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot make the folder {value}: {exc}") from None
     return value
 
 
@@ -428,25 +435,45 @@ def train(
         str, typer.Argument(help="nuclei, grains (U-Nets) or nuclei-rf, grains-rf (forests).")
     ] = "nuclei",
     out: Annotated[Path | None, typer.Option(
-        callback=_output_folder, help="Output folder (default runs/TASK).")] = None,
-    iterations: Annotated[int, typer.Option(min=1, help="Training iterations.")] = 7000,
-    minutes: Annotated[float, typer.Option(
-        callback=_positive, help="Time budget; stops early.")] = 40.0,
-    quick: Annotated[bool, typer.Option("--quick", help="A tiny run, for tests.")] = False,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+        callback=_output_folder,
+        help="Output folder (default runs/TASK); the shipped models folder only with --force."
+    )] = None,
+    iterations: Annotated[int | None, typer.Option(
+        min=1, help="Training iterations of the U-Nets (default 7000; --quick: 20; the "
+        "forests have none).")] = None,
+    minutes: Annotated[float | None, typer.Option(
+        callback=_positive, help="Time budget of the U-Nets, rendering included; stops early "
+        "(default 40; the forests have none).")] = None,
+    quick: Annotated[bool, typer.Option(
+        "--quick", help="A tiny run, for tests (explicit --iterations/--minutes still apply)."
+    )] = False,
+    seed: Annotated[int, typer.Option(min=0, help="Random seed.")] = 0,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Allow --out to be the shipped models folder (overwrites them).")] = False,
 ) -> None:
     r"""Train a model on the simulator (needs the train extra: pip install -e '.\[train]')."""
     setup_logging()
     if task not in ("nuclei", "grains", "nuclei-rf", "grains-rf"):
         _fail(ValueError(f"unknown task {task!r}; choose nuclei, grains, nuclei-rf or grains-rf"))
+    folder = out or Path("runs") / task
     if task.endswith("-rf"):
         try:
-            from livemask.training.random_forest import train_random_forest
+            from livemask.training.random_forest import require_train_extra, train_random_forest
+
+            require_train_extra()
         except ImportError as exc:
-            _fail(ImportError(f"{exc}; install the train extra: pip install -e '.[train]'"))
-        base = task.removesuffix("-rf")
-        card_path = train_random_forest(out or Path("runs") / task, task=base, seed=seed,
-                                        evaluate=not quick)
+            msg = str(exc)
+            if "train extra" not in msg:
+                msg += "; install the train extra: pip install -e '.[train]'"
+            _fail(ImportError(msg))
+        if iterations is not None or minutes is not None:
+            log.warning("%s is a random forest: --iterations and --minutes do not apply and "
+                        "are ignored", task)
+        try:
+            card_path = train_random_forest(folder, task=task.removesuffix("-rf"), seed=seed,
+                                            evaluate=not quick, force=force)
+        except LivemaskError as exc:
+            _fail(exc)
         typer.echo(f"wrote {card_path}")
         return
     try:
@@ -454,12 +481,18 @@ def train(
         from livemask.training.train import TrainSettings
     except ImportError as exc:
         _fail(ImportError(f"{exc}; install the train extra: pip install -e '.[train]'"))
-    settings = TrainSettings(iterations=iterations, max_minutes=minutes, seed=seed, task=task)
-    if quick:
-        settings = TrainSettings(iterations=20, pool_size=16, refresh_every=10, seed=seed,
-                                 task=task)
-    card = train_model(out or Path("runs") / task, settings,
-                       eval_images=(2, 4) if quick else (20, 60))
+    base = (TrainSettings(iterations=20, pool_size=16, refresh_every=10, seed=seed, task=task)
+            if quick else TrainSettings(seed=seed, task=task))
+    settings = dataclasses.replace(
+        base,
+        iterations=base.iterations if iterations is None else iterations,
+        max_minutes=base.max_minutes if minutes is None else minutes,
+    )
+    try:
+        card = train_model(folder, settings, eval_images=(2, 4) if quick else (20, 60),
+                           force=force)
+    except LivemaskError as exc:
+        _fail(exc)
     typer.echo(f"wrote {card}; copy it and its .onnx into src/livemask/models/ to ship it")
 
 

@@ -8,6 +8,7 @@ at IoU 0.5, and F1 averaged over IoU thresholds 0.5, 0.55, ..., 0.9.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +26,11 @@ from livemask.offline import read_image
 log = logging.getLogger("livemask")
 
 IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(9))
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
+#: Image file extensions (matched case-insensitively; ``x.ome.tif`` has the stem ``x``).
+IMAGE_SUFFIXES = (".ome.tif", ".ome.tiff", ".tif", ".tiff", ".png", ".jpg", ".jpeg")
+#: Mask file extensions: lossless formats only (a JPEG blurs the labels).
+MASK_EXTENSIONS = (".ome.tif", ".ome.tiff", ".tif", ".tiff", ".png")
+#: What may follow an image's stem in its mask's name ("" only when masks are elsewhere).
 MASK_SUFFIXES = ("", "_mask", "_masks", "_labels", "_label", "_seg")
 
 Pair = tuple[np.ndarray, np.ndarray]
@@ -172,30 +177,63 @@ def _as_instances(mask: np.ndarray, path: Path) -> np.ndarray:
     if mask.size and mask.min() < 0:
         raise ValueError(f"mask {path} has negative labels; give labels >= 0 (0 = background)")
     values = np.unique(mask)
-    if values.size <= 2:  # a binary mask: instances are its connected components
+    objects = values[values != 0]
+    if objects.size <= 1:  # a binary mask (0 and one value): its connected components
         log.warning("mask %s is binary; using its connected components as instances", path)
         labelled, _ = ndimage.label(mask > 0)
         return labelled.astype(np.int32)
+    if values[0] != 0:
+        log.warning("mask %s has no background (0) pixels: every pixel is in one of its %d "
+                    "objects", path, objects.size)
+    if values[-1] > np.iinfo(np.int32).max:  # ids that int32 cannot hold: renumber them
+        _, inverse = np.unique(mask, return_inverse=True)
+        return (inverse.reshape(mask.shape) + (values[0] != 0)).astype(np.int32)
     return mask.astype(np.int32)
 
 
+def _split_name(path: Path) -> tuple[str, str] | None:
+    """(stem, lower-case extension) of an image file name, or None for other files."""
+    lower = path.name.lower()
+    ext = next((e for e in IMAGE_SUFFIXES if lower.endswith(e)), None)
+    if ext is None or len(path.name) == len(ext):
+        return None
+    return path.name[: -len(ext)], ext
+
+
 def folder_pairs(images: Path, masks: Path) -> list[tuple[Path, Path]]:
-    """Pair every image in ``images`` with its mask in ``masks`` (same stem, common suffixes)."""
+    """Pair every image in ``images`` with its mask in ``masks`` (same stem, common suffixes;
+    names and extensions compared case-insensitively).
+
+    When both are one folder (Cellpose's ``x.tif`` + ``x_mask.tif``), files named like masks
+    are not images, and a mask needs one of the suffixes: a file is never its own mask.
+    """
     if not images.is_dir() or not masks.is_dir():
         raise FileNotFoundError(f"--images {images} and --masks {masks} must both be folders")
+    same = images.resolve() == masks.resolve()
+    suffixes = tuple(s for s in MASK_SUFFIXES if s) if same else MASK_SUFFIXES
+    mask_files = {p.name.lower(): p for p in masks.iterdir() if p.is_file()}
     found = []
-    for img in sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+    for img in sorted(p for p in images.iterdir() if p.is_file()):
+        split = _split_name(img)
+        if split is None:
+            continue
+        stem, _ = split
+        if same and any(s and stem.lower().endswith(s) for s in MASK_SUFFIXES):
+            continue  # a mask in the images folder
+        candidates = (
+            mask_files.get(f"{stem}{suf}{ext}".lower())
+            for suf in suffixes
+            for ext in MASK_EXTENSIONS
+        )
         match = next(
-            (
-                masks / f"{img.stem}{suf}{ext}"
-                for suf in MASK_SUFFIXES
-                for ext in IMAGE_SUFFIXES
-                if (masks / f"{img.stem}{suf}{ext}").is_file()
-            ),
-            None,
+            (m for m in candidates if m is not None and m.resolve() != img.resolve()), None
         )
         if match is None:
-            log.warning("no mask for %s in %s; skipped", img.name, masks)
+            lossy = [f"{stem}{suf}{ext}" for suf in suffixes for ext in (".jpg", ".jpeg")
+                     if f"{stem}{suf}{ext}".lower() in mask_files]
+            why = (f" ({lossy[0]} is a JPEG, which blurs labels: save masks as TIFF or PNG)"
+                   if lossy else "")
+            log.warning("no mask for %s in %s%s; skipped", img.name, masks, why)
             continue
         found.append((img, match))
     if not found:
@@ -261,7 +299,12 @@ def write_card(path: Path, card: dict[str, Any]) -> None:
 
     header = f"# Model card: see {card['name']}.md for the full description.\n"
     text = yaml.safe_dump(card, sort_keys=False, allow_unicode=True, width=100)
-    path.write_text(header + text, encoding="utf-8")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:  # written next to the card and renamed: an interruption leaves the old card
+        tmp.write_text(header + text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_card_metrics(

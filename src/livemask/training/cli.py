@@ -8,47 +8,52 @@ import time
 from pathlib import Path
 from typing import Any
 
+from livemask.training.output import check_output_folder, shipped_settings, staged_output
 from livemask.training.train import TrainSettings, export_onnx, train_unet
 
 log = logging.getLogger("livemask")
 
 
 def train_model(
-    out: Path, settings: TrainSettings, *, eval_images: tuple[int, int] = (20, 60)
+    out: Path,
+    settings: TrainSettings,
+    *,
+    eval_images: tuple[int, int] = (20, 60),
+    force: bool = False,
 ) -> Path:
-    """Train the U-Net of ``settings.task``; export ``TASK.onnx`` and its card in ``out``."""
+    """Train the U-Net of ``settings.task``; export ``TASK.onnx`` and its card in ``out``.
+
+    Everything is written to a temporary folder in ``out`` and moved into place at the end,
+    so an interrupted run leaves ``out`` as it was. ``out`` may be the shipped models folder
+    only with ``force``. The card takes its version, normalisation and post-processing from
+    the shipped card of the task.
+    """
     from livemask.evaluation import write_card, write_card_metrics
     from livemask.inference.models import load_model_card
 
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    net = train_unet(settings)
-    minutes = (time.perf_counter() - t0) / 60
+    out = check_output_folder(out, force=force)
     task = settings.task
-    export_onnx(net, out / f"{task}.onnx")
-    n_params = sum(p.numel() for p in net.parameters())
+    shipped = shipped_settings(task)
+    t0 = time.perf_counter()
+    run = train_unet(settings)
+    minutes = (time.perf_counter() - t0) / 60
+    n_params = sum(p.numel() for p in run.net.parameters())
     card = nuclei_card(settings, n_params, minutes)
+    card["training"].update(iterations_done=run.iterations_done, stopped_by=run.stopped_by)
     if task == "grains":
-        card.update(
-            name="grains",
-            task="grains",
-            file="grains.onnx",
-            outputs=["boundary"],
-            postprocessing={
-                "method": "boundary-label",
-                "foreground_threshold": 0.5,
-                "seed_threshold": 0.5,
-                "min_area_px": 30,
-            },
-        )
+        card.update(name="grains", task="grains", file="grains.onnx", outputs=["boundary"])
         card["training"]["data"] = (
             "livemask.acquisition.simulated.grains.random_grain_field, 256x256"
         )
+    card.update(shipped)
+    with staged_output(out) as stage:
+        export_onnx(run.net, stage / f"{task}.onnx")
+        staged_card = stage / f"{task}.yaml"
+        write_card(staged_card, card)
+        metrics = write_card_metrics(staged_card, *eval_images)
+        assert load_model_card(staged_card)
     card_path = out / f"{task}.yaml"
-    write_card(card_path, card)
-    metrics = write_card_metrics(card_path, *eval_images)
     log.info("wrote %s: %s", card_path, metrics)
-    assert load_model_card(card_path)
     return card_path
 
 

@@ -27,9 +27,11 @@ import numpy as np
 from livemask.acquisition.simulated.grains import random_grain_field
 from livemask.acquisition.simulated.nuclei import random_field
 from livemask.analysis.normalize import percentile_normalize
+from livemask.errors import ModelError
 from livemask.evaluation import write_card, write_card_metrics
 from livemask.inference.models import Normalization
 from livemask.inference.random_forest import DEFAULT_SCALES, feature_names, pixel_features
+from livemask.training.output import check_output_folder, shipped_settings, staged_output
 from livemask.training.targets import SEED_FRACTION, boundary_targets, targets_from_labels
 
 log = logging.getLogger("livemask")
@@ -137,6 +139,7 @@ def train_random_forest(
     scales: tuple[float, ...] = DEFAULT_SCALES,
     evaluate: bool = False,
     n_jobs: int = 2,
+    force: bool = False,
 ) -> Path:
     """Train, export ``{task}_rf.onnx`` and write its card ``{task}_rf.yaml``; return the card.
 
@@ -147,12 +150,20 @@ def train_random_forest(
 
     With ``evaluate``, also score the model on the task's simulator hold-outs (20 live frames,
     60 varied fields) and record the figures in the card's ``metrics``.
+
+    The card's version, normalisation and post-processing are the shipped ``{task}_rf``
+    card's. The files are written to a temporary folder in ``out_dir`` and moved into place
+    at the end (an interrupted run leaves ``out_dir`` as it was); ``out_dir`` may be the
+    shipped models folder only with ``force``.
     """
+    require_train_extra()
     from skl2onnx import to_onnx
     from skl2onnx.common.data_types import FloatTensorType
     from sklearn.ensemble import RandomForestClassifier
 
     _, _, class_names = _task_data(task)
+    name = f"{task}_rf"
+    shipped = shipped_settings(name)
     d = DEFAULTS[task]
     fields = d["fields"] if fields is None else fields
     pixels_per_field = d["pixels_per_field"] if pixels_per_field is None else pixels_per_field
@@ -160,8 +171,7 @@ def train_random_forest(
     depth = d["depth"] if depth is None else depth
     if min_samples_leaf is None:
         min_samples_leaf = d["min_samples_leaf"]
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_output_folder(Path(out_dir), force=force)
     t0 = time.perf_counter()
     x, y = training_pixels(fields, pixels_per_field, scales=scales, seed=seed, task=task)
     clf = RandomForestClassifier(
@@ -179,9 +189,7 @@ def train_random_forest(
         initial_types=[("features", FloatTensorType([None, len(names)]))],
         options={id(clf): {"zipmap": False}},
     )
-    name = f"{task}_rf"
-    onnx_path = out_dir / f"{name}.onnx"
-    onnx_path.write_bytes(compact_tree_ensemble(onx).SerializeToString())
+    onnx_bytes = compact_tree_ensemble(onx).SerializeToString()
     parameters: dict[str, Any] = {
         "scales": [float(s) for s in scales],
         "features": names,
@@ -191,32 +199,22 @@ def train_random_forest(
     if task == "grains":
         parameters["boundary_classes"] = [1]
         outputs = ["boundary"]
-        postprocessing: dict[str, Any] = {
-            "method": "boundary-label",
-            "foreground_threshold": GRAINS_THRESHOLD,
-            "seed_threshold": 0.5,
-            "min_area_px": 30,
-        }
+        method = "boundary-label"
         data = "livemask.acquisition.simulated.grains.random_grain_field"
         training["boundary_width_px"] = BOUNDARY_WIDTH_PX
     else:
         parameters["foreground_classes"] = [1, 2]
         parameters["seed_classes"] = [2]
         outputs = ["foreground", "seeds"]
-        postprocessing = {
-            "method": "seeded-watershed",
-            "foreground_threshold": 0.5,
-            "seed_threshold": 0.5,
-            "min_area_px": 20,
-        }
+        method = "seeded-watershed"
         data = "livemask.acquisition.simulated.nuclei.random_field"
         training["seed_fraction"] = SEED_FRACTION
     card: dict[str, Any] = {
         "name": name,
-        "version": "0.1",
+        "version": shipped["version"],
         "task": task,
         "runtime": "random-forest",
-        "file": onnx_path.name,
+        "file": f"{name}.onnx",
         "architecture": f"random forest, {trees} trees, max depth {depth}, "
         f"{len(names)} multi-scale filter features, {len(class_names)} pixel classes "
         "(scikit-learn → skl2onnx)",
@@ -224,9 +222,9 @@ def train_random_forest(
         "output_name": "probabilities",
         "outputs": outputs,
         "size_multiple": 1,
-        "normalization": Normalization().model_dump(),
+        "normalization": shipped["normalization"],
         "parameters": parameters,
-        "postprocessing": postprocessing,
+        "postprocessing": shipped["postprocessing"],
         "training": {
             "data": f"{data}, {FIELD_SHAPE[0]}x{FIELD_SHAPE[1]}",
             "fields": fields,
@@ -239,16 +237,31 @@ def train_random_forest(
             "seed": seed,
             **training,
             "minutes": round(minutes, 2),
-            "onnx_bytes": onnx_path.stat().st_size,
+            "onnx_bytes": len(onnx_bytes),
         },
         "metrics": {},
     }
+    if card["postprocessing"]["method"] != method:
+        raise ModelError(f"the shipped {name}.yaml has postprocessing.method "
+                         f"{card['postprocessing']['method']}; the forest needs {method}")
+    with staged_output(out_dir) as stage:
+        (stage / f"{name}.onnx").write_bytes(onnx_bytes)
+        write_card(stage / f"{name}.yaml", card)
+        if evaluate:
+            write_card_metrics(stage / f"{name}.yaml")
     card_path = out_dir / f"{name}.yaml"
-    write_card(card_path, card)
-    log.info("wrote %s (%d bytes) and %s", onnx_path, onnx_path.stat().st_size, card_path)
-    if evaluate:
-        write_card_metrics(card_path)
+    log.info("wrote %s (%d bytes) and %s", out_dir / f"{name}.onnx", len(onnx_bytes),
+             card_path)
     return card_path
+
+
+def require_train_extra() -> None:
+    """ImportError saying to install the train extra when scikit-learn or skl2onnx is missing."""
+    try:
+        import skl2onnx  # noqa: F401
+        import sklearn  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(f"{exc}; install the train extra: pip install -e '.[train]'") from None
 
 
 def compact_tree_ensemble(model: Any) -> Any:

@@ -94,8 +94,20 @@ def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return bce + dice.mean()
 
 
-def train_unet(settings: TrainSettings) -> UNet:
-    """Train a U-Net on simulator fields; stops at the iteration or time budget."""
+@dataclass(frozen=True)
+class TrainRun:
+    """A trained network and how its training ended."""
+
+    net: UNet
+    iterations_done: int
+    stopped_by: str  # "iterations" (all of them ran) or "time budget"
+
+
+def train_unet(settings: TrainSettings) -> TrainRun:
+    """Train a U-Net on simulator fields; stops at the iteration or time budget.
+
+    The time budget (``max_minutes``) includes rendering the field pool.
+    """
     torch.manual_seed(settings.seed)
     torch.set_num_threads(settings.threads)
     rng = np.random.default_rng(settings.seed)
@@ -110,6 +122,7 @@ def train_unet(settings: TrainSettings) -> UNet:
     deadline = t0 + settings.max_minutes * 60
     net.train()
     running = 0.0
+    done, stopped_by = 0, "iterations"
     for it in range(settings.iterations):
         if it and it % settings.refresh_every == 0:
             pool.refresh(settings.refresh_fraction)
@@ -119,15 +132,21 @@ def train_unet(settings: TrainSettings) -> UNet:
         loss.backward()
         opt.step()
         sched.step()
+        done = it + 1
         value = float(loss.detach())
         running = 0.95 * running + 0.05 * value if it else value
         if it % 50 == 0:
             log.info("iter %d loss %.4f (%.0f s)", it, running, time.perf_counter() - t0)
-        if time.perf_counter() > deadline:
-            log.info("time budget reached at iteration %d", it)
+        if time.perf_counter() > deadline and done < settings.iterations:
+            stopped_by = "time budget"
+            log.warning(
+                "time budget (%g min) reached after %d of %d iterations; the learning-rate "
+                "schedule was cut short (raise --minutes or lower --iterations)",
+                settings.max_minutes, done, settings.iterations,
+            )
             break
     net.eval()
-    return net
+    return TrainRun(net, done, stopped_by)
 
 
 def export_onnx(net: UNet, path: Path) -> None:

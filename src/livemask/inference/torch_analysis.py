@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from livemask.analysis.measure import ObjectSums, objects_from_sums
-from livemask.analysis.normalize import _MIN_SAMPLE_PX
+from livemask.analysis.normalize import _MIN_SAMPLE_PX, IQR_PER_SIGMA
 
 if TYPE_CHECKING:
     import torch
@@ -245,10 +245,9 @@ class TorchAnalysis:
         ordered = image[::stride, ::stride].reshape(-1).sort().values
         lo, hi = (_percentile(ordered, q) for q in (low, high))
         span = hi - lo
-        if min_span_noise is not None:  # as noise_sigma: 1.4826 x the median |x - median|
-            median = _percentile(ordered, 50.0)
-            spread = (ordered - median).abs().sort().values
-            span = torch.maximum(span, min_span_noise * 1.4826 * _percentile(spread, 50.0))
+        if min_span_noise is not None:  # as noise_sigma: the interquartile range / 1.349
+            iqr = _percentile(ordered, 75.0) - _percentile(ordered, 25.0)
+            span = torch.maximum(span, min_span_noise * iqr / IQR_PER_SIGMA)
         scale = torch.where(span > 0, 1.0 / span.clamp_min(1e-30), torch.zeros_like(span))
         return (image - lo) * scale
 

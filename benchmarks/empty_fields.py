@@ -16,8 +16,11 @@ import argparse
 import json
 from typing import Any
 
+import numpy as np
+
 from livemask.acquisition.simulated.nuclei import NucleiParams, NucleiSample
 from livemask.analysis.metrics import aggregate, match_instances
+from livemask.analysis.normalize import noise_sigma
 from livemask.inference.models import load_model_card
 from livemask.inference.segmenter import Segmenter
 from livemask.inference.select import load_backend
@@ -35,13 +38,19 @@ def score(segmenter: Segmenter, density: float | None, exposure_ms: float,
     """Object F1 and counts over ``fields`` simulated fields of one case."""
     params = NucleiParams() if density is None else NucleiParams(density_per_mpx=density)
     sample = NucleiSample(params, seed=5)
-    results = []
+    results, spans = [], []
     for k in range(fields):
         render = sample.render((k * 300.0, k * 100.0), (512, 512), exposure_ms=exposure_ms)
         results.append(match_instances(render.labels, segmenter.segment(render.image)))
+        strided = render.image[::4, ::4]  # the sample percentile_normalize takes at 512²
+        lo, hi = np.percentile(strided, (1.0, 99.8))
+        spans.append((hi - lo) / noise_sigma(strided))
     total = aggregate(results)
     return {"f1": round(total.f1, 4), "true": total.tp + total.fn,
-            "found": total.tp + total.fp, "false": total.fp, "missed": total.fn}
+            "found": total.tp + total.fp, "false": total.fp, "missed": total.fn,
+            # the 1st..99.8th percentile span in noise levels (the floor acts below 25)
+            "span_noise_min": round(float(min(spans)), 1),
+            "span_noise_max": round(float(max(spans)), 1)}
 
 
 def main() -> None:

@@ -98,7 +98,8 @@ def main() -> None:
 
     def upload() -> None:
         norm = card.normalization
-        state["img"], state["x"] = ta.preprocess(frame, norm.low, norm.high, card.size_multiple)
+        state["img"], state["x"] = ta.preprocess(frame, norm.low, norm.high, card.size_multiple,
+                                                 min_span_noise=norm.min_span_noise)
 
     def model() -> None:
         state["p"] = gpu_backend.run_tensor(state["x"])[0, :, :side, :side]

@@ -95,5 +95,7 @@ def test_empty_fields_scores_the_card_with_and_without_its_noise_floor() -> None
         "normalization": card.normalization.model_copy(update={"min_span_noise": None})})
     shipped = empty.score(Segmenter(card, backend), 1e-9, 10.0, fields=2)
     plain = empty.score(Segmenter(off, backend), 1e-9, 10.0, fields=2)
+    spans = shipped.pop("span_noise_min"), shipped.pop("span_noise_max")
     assert shipped == {"f1": 1.0, "true": 0, "found": 0, "false": 0, "missed": 0}  # none, rightly
+    assert 3 < spans[0] <= spans[1] < 10  # camera noise only: a few noise levels
     assert plain["true"] == 0 and plain["false"] == plain["found"] > 0  # phantoms

@@ -179,9 +179,15 @@ def test_state_says_when_the_service_went_silent(monkeypatch: pytest.MonkeyPatch
     stale = state.stale_message()
     assert stale is not None and stale["silent_s"] == pytest.approx(3.5)
     assert stale["rates"] == dict.fromkeys(stale["rates"])  # no rate of a dead service
-    assert state.stale_message() is None  # told once
-    state.add(_msg("status", uptime_s=9.0, frames_acquired=90, acquiring=True))  # it is back
+    assert state.stale_message() is None  # told; again once a second, counting up
+    now[0] += 1.0
+    again = state.stale_message()
+    assert again is not None and again["silent_s"] == pytest.approx(4.5)
+    now[0] += 600.0  # an outage of ten minutes, then it is back
+    state.add(_msg("status", uptime_s=9.0, frames_acquired=90, acquiring=True))
     assert state.silent_s() is None and state.status_message()["silent_s"] is None
+    now[0] += 3.5  # silent again: the outage is not taken for its heartbeat interval
+    assert state.silent_s() == pytest.approx(3.5)
 
 
 def test_listen_and_connect_addresses_and_config() -> None:

@@ -56,6 +56,8 @@ def test_user_model_card_loads_from_its_own_folder(tmp_path: Path) -> None:
         # found by the bug hunt: both loaded, then failed on the first frame
         ({"tile_px": 64, "tile_overlap_px": 40},
          r"tile_overlap_px 40 is more than a quarter of the tile \(64 px.*at most 16"),
+        ({"tile_px": 16, "size_multiple": 16, "tile_overlap_px": 2},
+         r"tile_px 16 less tile_overlap_px 2 is less than size_multiple 16"),
         ({"outputs": ["foreground"]},
          r"outputs lists 1 channel.*seeded-watershed reads 2 \(foreground, seeds\)"),
     ],
@@ -130,3 +132,16 @@ def test_a_card_with_an_upper_case_suffix_is_a_path(tmp_path: Path) -> None:
     shutil.copy(MODELS_DIR / "nuclei.yaml", tmp_path / "Mine.YAML")
     assert load_model_card(tmp_path / "Mine.YAML").card_path == (tmp_path / "Mine.YAML").resolve()
     assert load_model_card(str(tmp_path / "Mine.YAML")).name == "nuclei"
+
+
+def test_a_small_tile_without_an_overlap_given_gets_a_quarter_of_it(tmp_path: Path) -> None:
+    """The default overlap (64 px) is more than a quarter of a 128 px tile: a card that sets
+    no overlap of its own loads with 32 px (review: refusing it broke such cards, which ran
+    frames up to one tile before)."""
+    shutil.copy(MODELS_DIR / "nuclei.onnx", tmp_path / "nuclei.onnx")
+    card = yaml.safe_load((MODELS_DIR / "nuclei.yaml").read_text())
+    card.pop("tile_overlap_px", None)
+    card["tile_px"] = 128
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(card))
+    assert load_model_card(path).tile_overlap_px == 32

@@ -458,7 +458,7 @@ async def test_client_refuses_non_finite_numbers_instead_of_sending_null(
     server: ControlServer, client_factory: Any
 ) -> None:
     """JSON has no NaN: encoded as null, ``x_pos: nan`` read as "not given" imaged wherever
-    the stage was (bug hunt). The client refuses it, naming the argument; nothing is sent."""
+    the stage was (bug hunt). The client refuses it before sending, naming the argument."""
     client = client_factory(server.bound_address, timeout_s=5.0)
     with pytest.raises(ValueError, match=r"enqueue: args\.events\[0\]\.x_pos is not a finite"):
         await call(client, "enqueue", events=[{"x_pos": float("nan"), "y_pos": 1.0}])

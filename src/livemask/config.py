@@ -309,7 +309,9 @@ class TrackingConfig(_Section):
         "at most (condensed mitotic chromatin is bright); None: not used.",
     )
     max_positions: int = Field(
-        default=256, ge=1, description="Streams (positions) tracked at once; LRU beyond."
+        default=4096, ge=1, le=1_000_000,
+        description="Streams (positions x grid tiles x channels x planes) tracked at once; "
+        "the least recently used is dropped beyond.",
     )
 
     @field_validator("division_area_ratio")

@@ -26,10 +26,13 @@ UM_PER_UNIT = {
 _RESOLUTION_UNIT_UM = {3: 1e4, 4: 1e3, 5: 1.0}  # centimeter, millimeter, micrometer
 
 
-def tiff_pixel_size(tif: Any) -> tuple[float, str] | None:
+def tiff_pixel_size(tif: Any, *, resolution_tags: bool = True) -> tuple[float, str] | None:
     """µm per pixel along x of an open ``tifffile.TiffFile`` and where it was found: OME
-    ``PhysicalSizeX``, else ImageJ's unit and resolution, else the TIFF resolution tags in
-    cm/mm/µm; None if the file has none (odd metadata is logged at DEBUG, never raised)."""
+    ``PhysicalSizeX``, else ImageJ's unit and resolution, else (``resolution_tags``) the TIFF
+    resolution tags in cm/mm/µm; None if the file has none (odd metadata is logged at DEBUG,
+    never raised). Plain resolution tags are often a print setting stored in cm (300 dpi
+    reads as 84.7 µm/px): ``livemask segment`` uses them and logs where the size came from;
+    a replay, which calibrates stage moves and grain statistics with it, does not."""
     found: list[tuple[float, str]] = []
     try:
         if tif.is_ome and tif.ome_metadata:
@@ -49,7 +52,7 @@ def tiff_pixel_size(tif: Any) -> tuple[float, str] | None:
                 "ResolutionUnit" in page.tags) else 2
             if tif.is_imagej and unit in UM_PER_UNIT:
                 found.append((per_px * UM_PER_UNIT[unit], "ImageJ resolution"))
-            elif res_unit in _RESOLUTION_UNIT_UM:
+            elif resolution_tags and res_unit in _RESOLUTION_UNIT_UM:
                 found.append((per_px * _RESOLUTION_UNIT_UM[res_unit], "TIFF resolution"))
     except Exception:  # the pixel size is a nicety: odd metadata never fails a read
         log.debug("no pixel size read from %s", getattr(tif, "filename", tif), exc_info=True)

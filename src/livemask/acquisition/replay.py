@@ -300,7 +300,7 @@ def _open_tiff(path: Path) -> ReplayStack:
         else:
             axes = [_TIFF_AXES.get(a, a) for a in lead]
         _check(path, shape, np.dtype(series.dtype), axes)
-        found = tiff_pixel_size(tif)
+        found = tiff_pixel_size(tif, resolution_tags=False)  # OME and ImageJ, as before
         pixel = found[0] if found is not None else None
         try:
             data: Any = tifffile.memmap(path, series=0, mode="r")

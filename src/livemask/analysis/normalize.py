@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MIN_SIDE_PX", "image_problem", "noise_sigma", "percentile_normalize"]
+__all__ = ["MIN_SIDE_PX", "image_problem", "iqr_sigma", "noise_sigma", "percentile_normalize"]
 
 #: Fewest pixels the percentile estimate is taken over; the stride shrinks to keep at least this.
 _MIN_SAMPLE_PX = 4096
@@ -88,7 +88,7 @@ def percentile_normalize(
         sigma = 0.0
     else:  # the quartiles in the same pass: the noise at no extra sort
         lo, q1, q3, hi = (float(v) for v in np.percentile(sample, (low, 25, 75, high)))
-        sigma = (q3 - q1) / IQR_PER_SIGMA
+        sigma = iqr_sigma(q1, q3)
 
     out = arr.astype(np.float32, copy=True)
     span = hi - lo
@@ -106,12 +106,17 @@ def percentile_normalize(
     return out
 
 
+def iqr_sigma(q1: Any, q3: Any) -> Any:
+    """The noise from the quartiles of the pixels: (q3 - q1) / 1.349, the standard deviation
+    for Gaussian noise (numbers or tensors)."""
+    return (q3 - q1) / IQR_PER_SIGMA
+
+
 def noise_sigma(sample: np.ndarray) -> float:
-    """A robust spread of ``sample``: its interquartile range / 1.349 (the standard deviation
-    for Gaussian noise; mostly the camera noise in a field with few objects, larger where
-    objects fill it)."""
+    """A robust spread of ``sample``: :func:`iqr_sigma` of its quartiles (mostly the camera
+    noise in a field with few objects, larger where objects fill it)."""
     q1, q3 = np.percentile(np.asarray(sample, dtype=np.float64), (25, 75))
-    return float((q3 - q1) / IQR_PER_SIGMA)
+    return float(iqr_sigma(q1, q3))
 
 
 def _strided_sample(arr: np.ndarray, subsample: int) -> np.ndarray:

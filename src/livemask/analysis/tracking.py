@@ -379,7 +379,7 @@ class PositionTrackers:
         self,
         params: TrackerParams | None = None,
         *,
-        max_positions: int = 256,
+        max_positions: int = 4096,
         position_grid_um: float = 5.0,
     ) -> None:
         if max_positions < 1:

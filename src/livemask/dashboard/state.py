@@ -119,8 +119,10 @@ class DashboardState:
         self.events: deque[dict[str, Any]] = deque(maxlen=events)
         self.status: dict[str, Any] | None = None
         self.status_at: float | None = None  # monotonic time the last status came
-        self._status_every_s = 1.0  # the interval between the last two
-        self.stale_told = False  # whether browsers were told the service went silent
+        # the last intervals between statuses (their smallest is the heartbeat; one spanning
+        # an outage is not)
+        self._status_gaps: deque[float] = deque(maxlen=5)
+        self._stale_told_at: float | None = None  # when browsers were last told "silent"
         self.rates: dict[str, float | None] = status_rates(None, {})
         self.summary: dict[str, Any] | None = None
         self.grains: dict[str, Any] | None = None
@@ -157,8 +159,8 @@ class DashboardState:
             self.status = cur
             now = time.monotonic()
             if self.status_at is not None:
-                self._status_every_s = now - self.status_at
-            self.status_at, self.stale_told = now, False
+                self._status_gaps.append(now - self.status_at)
+            self.status_at, self._stale_told_at = now, None
             return self.status_message()
         elif topic == "event":
             if header.get("kind") == "service_started":
@@ -199,7 +201,8 @@ class DashboardState:
         if self.status_at is None:
             return None
         quiet = time.monotonic() - self.status_at
-        return quiet if quiet > max(STALE_S, 3 * self._status_every_s) else None
+        every = min(self._status_gaps, default=1.0)
+        return quiet if quiet > max(STALE_S, 3 * every) else None
 
     def status_message(self) -> dict[str, Any]:
         """``{"type": "status", "status", "rates", "silent_s"}`` (``silent_s``: see
@@ -209,10 +212,14 @@ class DashboardState:
         return {"type": "status", "status": self.status, "rates": rates, "silent_s": silent}
 
     def stale_message(self) -> dict[str, Any] | None:
-        """The status message to push once when the service has just gone silent."""
-        if self.stale_told or self.silent_s() is None:
+        """The status message to push while the service is silent: when it has just gone
+        silent, then once a second (its ``silent_s`` counts up on the page)."""
+        if self.silent_s() is None:
             return None
-        self.stale_told = True
+        now = time.monotonic()
+        if self._stale_told_at is not None and now - self._stale_told_at < 1.0:
+            return None
+        self._stale_told_at = now
         return self.status_message()
 
     def update(self) -> dict[str, Any] | None:

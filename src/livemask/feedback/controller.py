@@ -140,9 +140,18 @@ class FeedbackController:
 
     def exposure_set(self, exposure_ms: float) -> None:
         """The camera's exposure was set outside any event (the ``set`` command): the
-        planned frames run with it from now on (event loop)."""
+        planned frames run with it from now on (event loop). A restore event still queued
+        would put the older exposure back after its action: an event that takes no image
+        and sets this one follows it."""
         self._exposure_ms = float(exposure_ms)
         self.guard.note_exposure(float(exposure_ms))
+        if self._restoring and self._running:
+            event = useq.MDAEvent(exposure=float(exposure_ms),
+                                  action=useq.CustomAction(name="livemask-set-exposure"))
+            try:
+                self._inject([event])
+            except Exception as exc:  # the acquisition is ending: nothing left to restore
+                log.debug("feedback: set exposure not queued after the restore: %s", exc)
 
     def _read_camera(self) -> None:
         """Take the exposure and channel in effect from ``camera_settings``, if given (when

@@ -124,7 +124,17 @@ class ModelCard(BaseModel):
                 "per channel the model returns, or choose the method that fits them")
         if self.runtime != "classical":  # the others run large frames as tiles
             tile = self.tile_px // self.size_multiple * self.size_multiple
-            if tile >= self.size_multiple and 4 * self.tile_overlap_px > tile:
+            if (tile >= self.size_multiple and 4 * self.tile_overlap_px > tile
+                    and "tile_overlap_px" not in self.model_fields_set):
+                self.tile_overlap_px = tile // 4  # the default (64 px) for a small tile
+            if tile < self.size_multiple:
+                raise ValueError(f"tile_px {self.tile_px} is smaller than size_multiple "
+                                 f"{self.size_multiple}: raise tile_px")
+            if tile - self.tile_overlap_px < self.size_multiple:
+                raise ValueError(
+                    f"tile_px {tile} less tile_overlap_px {self.tile_overlap_px} is less than "
+                    f"size_multiple {self.size_multiple}: raise tile_px")
+            if 4 * self.tile_overlap_px > tile:
                 raise ValueError(
                     f"tile_overlap_px {self.tile_overlap_px} is more than a quarter of the "
                     f"tile ({tile} px, tile_px rounded down to size_multiple "

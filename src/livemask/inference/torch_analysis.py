@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from livemask.analysis.measure import ObjectSums, objects_from_sums
-from livemask.analysis.normalize import _MIN_SAMPLE_PX, IQR_PER_SIGMA
+from livemask.analysis.normalize import _MIN_SAMPLE_PX, iqr_sigma
 
 if TYPE_CHECKING:
     import torch
@@ -217,18 +217,21 @@ class TorchAnalysis:
             return torch.from_numpy(arr).to(self.device)
         key = (arr.shape, arr.dtype.str)
         self._use_shape(arr.shape)
-        if key not in self._pinned:
+        entry = self._pinned.get(key)
+        if entry is None:
             host = torch.empty(arr.shape, dtype=torch.from_numpy(arr[:0]).dtype,
                                pin_memory=True)
-            self._pinned[key] = (host, None)
-        host, done = self._pinned[key]
-        if done is not None:
-            done.synchronize()  # the previous copy out of this buffer has finished
+        else:
+            host, done = entry
+            if done is not None:
+                done.synchronize()  # the previous copy out of this buffer has finished
         host.numpy()[...] = arr
         out = host.to(self.device, non_blocking=True)
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
-        self._pinned[key] = (host, event)
+        with self._lock:  # kept only while its shape is (the other thread may drop it)
+            if tuple(arr.shape) in self._shapes:
+                self._pinned[key] = (host, event)
         return out
 
     def normalize(
@@ -246,8 +249,8 @@ class TorchAnalysis:
         lo, hi = (_percentile(ordered, q) for q in (low, high))
         span = hi - lo
         if min_span_noise is not None:  # as noise_sigma: the interquartile range / 1.349
-            iqr = _percentile(ordered, 75.0) - _percentile(ordered, 25.0)
-            span = torch.maximum(span, min_span_noise * iqr / IQR_PER_SIGMA)
+            sigma = iqr_sigma(_percentile(ordered, 25.0), _percentile(ordered, 75.0))
+            span = torch.maximum(span, min_span_noise * sigma)
         scale = torch.where(span > 0, 1.0 / span.clamp_min(1e-30), torch.zeros_like(span))
         return (image - lo) * scale
 
@@ -622,10 +625,12 @@ class TorchAnalysis:
             except RuntimeError as exc:
                 log.warning("labels: CUDA graph capture failed (%s); running eagerly", exc)
                 with self._lock:
-                    self._no_graph.add(key)
+                    if (key[1], key[2]) in self._shapes:
+                        self._no_graph.add(key)
                 return fn(*inputs, params)
             with self._lock:
-                self._graphs[key] = graph
+                if (key[1], key[2]) in self._shapes:  # not dropped by the other thread since
+                    self._graphs[key] = graph
         return graph(*inputs)
 
     def _object_sums(

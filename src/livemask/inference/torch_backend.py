@@ -215,9 +215,11 @@ def unet_from_onnx(path: str | Path, card: ModelCard | None = None) -> nn.Module
 
 
 def verify_against_onnxruntime(
-    module: nn.Module, onnx_path: str | Path, *, size: int = 64, atol: float = 1e-4, seed: int = 0
+    module: nn.Module, onnx_path: str | Path, *, size: int = 64, atol: float = 1e-4, seed: int = 0,
+    output: str | None = None,
 ) -> float:
     """Run ``module`` (CPU, fp32) and ONNX Runtime on one random input; the max difference.
+    ``output`` names the ONNX output compared (the card's ``output_name``; None: the first).
 
     Raises ModelError when it exceeds ``atol``.
     """
@@ -230,7 +232,9 @@ def verify_against_onnxruntime(
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     first = session.get_inputs()[0]
     x_in = x.astype(np.float16) if first.type == "tensor(float16)" else x
-    expected = np.asarray(session.run(None, {first.name: x_in})[0], dtype=np.float32)
+    names = [o.name for o in session.get_outputs()]
+    name = output if output in names else names[0]
+    expected = np.asarray(session.run([name], {first.name: x_in})[0], dtype=np.float32)
     with torch.no_grad():
         got = module(torch.from_numpy(x)).numpy()
     if got.shape != np.shape(expected):
@@ -357,7 +361,8 @@ class TorchBackend:
         check_onnx_model(card)  # dtype, rank, channels vs the card
         module = unet_from_onnx(card.onnx_path, card)
         if self.verify:
-            self.max_difference = verify_against_onnxruntime(module, card.onnx_path)
+            self.max_difference = verify_against_onnxruntime(module, card.onnx_path,
+                                                             output=card.output_name)
         dtype = torch.float16 if self.fp16 else torch.float32
         module = module.to(device=self._dev, dtype=dtype)
         if self.channels_last:

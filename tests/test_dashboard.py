@@ -188,6 +188,12 @@ def test_state_says_when_the_service_went_silent(monkeypatch: pytest.MonkeyPatch
     assert state.silent_s() is None and state.status_message()["silent_s"] is None
     now[0] += 3.5  # silent again: the outage is not taken for its heartbeat interval
     assert state.silent_s() == pytest.approx(3.5)
+    # a restarted service with a 5 s heartbeat: not "silent" between its heartbeats
+    state.add(_msg("status", uptime_s=0.5, frames_acquired=0, acquiring=False))
+    for i in range(3):
+        now[0] += 5.0
+        assert state.silent_s() is None
+        state.add(_msg("status", uptime_s=5.5 + 5 * i, frames_acquired=0, acquiring=False))
 
 
 def test_listen_and_connect_addresses_and_config() -> None:

@@ -82,6 +82,17 @@ def test_images_and_masks_in_one_folder_are_paired_not_each_with_itself(
     assert folder_pairs(folder, folder) == [(img, mask)]
 
 
+def test_one_folder_of_images_all_named_like_masks_says_why_nothing_pairs(
+    tmp_path: Path,
+) -> None:
+    """brain_seg.tif is taken for a mask when images and masks share a folder (review):
+    the error says so instead of only "no pairs"."""
+    folder = tmp_path / "data"
+    _write(folder / "brain_seg.tif", np.full((32, 32), 100, np.uint16))
+    with pytest.raises(FileNotFoundError, match=r"1 file\(s\) named like masks are not taken"):
+        folder_pairs(folder, folder)
+
+
 def test_a_mask_of_the_same_name_in_another_folder_still_pairs(tmp_path: Path) -> None:
     img = _write(tmp_path / "i" / "a.tif", np.full((32, 32), 100, np.uint16))
     mask = _write(tmp_path / "m" / "a.tif", _two_objects())

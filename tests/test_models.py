@@ -145,3 +145,6 @@ def test_a_small_tile_without_an_overlap_given_gets_a_quarter_of_it(tmp_path: Pa
     path = tmp_path / "small.yaml"
     path.write_text(yaml.safe_dump(card))
     assert load_model_card(path).tile_overlap_px == 32
+    card.update(tile_px=32, size_multiple=32)  # a tile of one size_multiple: no overlap
+    path.write_text(yaml.safe_dump(card))
+    assert load_model_card(path).tile_overlap_px == 0

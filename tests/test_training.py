@@ -200,3 +200,13 @@ def test_forest_cards_keep_the_shipped_settings(
     assert card.version == shipped.version
     assert card.normalization == shipped.normalization
     assert card.postprocessing == shipped.postprocessing
+
+
+@pytest.mark.skipif(not Path("/proc/sys").is_dir(), reason="needs Linux's /proc")
+def test_an_output_folder_that_cannot_be_written_is_refused_before_training() -> None:
+    """Found after a whole training run before (review): the stage folder came last."""
+    from livemask.errors import ConfigError
+    from livemask.training.output import check_output_folder
+
+    with pytest.raises(ConfigError, match=r"--out /proc/sys: cannot write there"):
+        check_output_folder(Path("/proc/sys"))

@@ -213,13 +213,15 @@ def folder_pairs(images: Path, masks: Path) -> list[tuple[Path, Path]]:
     suffixes = tuple(s for s in MASK_SUFFIXES if s) if same else MASK_SUFFIXES
     mask_files = {p.name.lower(): p for p in masks.iterdir() if p.is_file()}
     found = []
+    named_like_masks = 0
     for img in sorted(p for p in images.iterdir() if p.is_file()):
         split = _split_name(img)
         if split is None:
             continue
         stem, _ = split
         if same and any(s and stem.lower().endswith(s) for s in MASK_SUFFIXES):
-            continue  # a mask in the images folder
+            named_like_masks += 1  # a mask in the images folder (or an image named so)
+            continue
         candidates = (
             mask_files.get(f"{stem}{suf}{ext}".lower())
             for suf in suffixes
@@ -236,8 +238,14 @@ def folder_pairs(images: Path, masks: Path) -> list[tuple[Path, Path]]:
             log.warning("no mask for %s in %s%s; skipped", img.name, masks, why)
             continue
         found.append((img, match))
+    if same and named_like_masks:
+        log.info("%d file(s) in %s named like masks (%s) were taken as masks, not images",
+                 named_like_masks, images, ", ".join(s for s in MASK_SUFFIXES if s))
     if not found:
-        raise FileNotFoundError(f"no image/mask pairs found in {images} and {masks}")
+        raise FileNotFoundError(f"no image/mask pairs found in {images} and {masks}" + (
+            f" ({named_like_masks} file(s) named like masks are not taken as images when "
+            "--images and --masks are one folder: rename them, or give masks their own "
+            "folder)" if same and named_like_masks else ""))
     return found
 
 

@@ -154,11 +154,12 @@ class DashboardState:
             if self.status is not None and cur.get("uptime_s", 0) < self.status.get("uptime_s", 0):
                 self._rate_base.clear()  # the service restarted: frame ids start again at 0
                 self.last_image_id = None
+                self._status_gaps.clear()  # and may send its heartbeat at another interval
             self.rates = status_rates(self._base_for(cur), cur)
             self._rate_base.append(cur)
             self.status = cur
             now = time.monotonic()
-            if self.status_at is not None:
+            if self.status_at is not None and now - self.status_at > 0.05:  # not 2 at once
                 self._status_gaps.append(now - self.status_at)
             self.status_at, self._stale_told_at = now, None
             return self.status_message()

@@ -150,8 +150,10 @@ class FeedbackController:
                                   action=useq.CustomAction(name="livemask-set-exposure"))
             try:
                 self._inject([event])
-            except Exception as exc:  # the acquisition is ending: nothing left to restore
-                log.debug("feedback: set exposure not queued after the restore: %s", exc)
+            except Exception as exc:  # ending (nothing left to restore), or a full queue
+                log.warning("feedback: the exposure just set (%g ms) could not be queued after "
+                            "an action's restore event, which may put the older one back: %s",
+                            exposure_ms, exc)
 
     def _read_camera(self) -> None:
         """Take the exposure and channel in effect from ``camera_settings``, if given (when

@@ -126,14 +126,16 @@ class ModelCard(BaseModel):
             tile = self.tile_px // self.size_multiple * self.size_multiple
             if (tile >= self.size_multiple and 4 * self.tile_overlap_px > tile
                     and "tile_overlap_px" not in self.model_fields_set):
-                self.tile_overlap_px = tile // 4  # the default (64 px) for a small tile
+                # the default (64 px) for a small tile: what the tiling can use
+                self.tile_overlap_px = min(tile // 4, max(0, tile - self.size_multiple))
             if tile < self.size_multiple:
                 raise ValueError(f"tile_px {self.tile_px} is smaller than size_multiple "
                                  f"{self.size_multiple}: raise tile_px")
             if tile - self.tile_overlap_px < self.size_multiple:
                 raise ValueError(
                     f"tile_px {tile} less tile_overlap_px {self.tile_overlap_px} is less than "
-                    f"size_multiple {self.size_multiple}: raise tile_px")
+                    f"size_multiple {self.size_multiple}: raise tile_px or lower "
+                    "tile_overlap_px")
             if 4 * self.tile_overlap_px > tile:
                 raise ValueError(
                     f"tile_overlap_px {self.tile_overlap_px} is more than a quarter of the "

@@ -30,6 +30,12 @@ def check_output_folder(out: Path, *, force: bool = False) -> Path:
         raise ConfigError(f"--out {out}: cannot make the folder: {exc}") from None
     if not out.is_dir():
         raise ConfigError(f"--out {out} is not a folder; give a folder")
+    try:  # found now, not after a training run of up to an hour
+        probe, name = tempfile.mkstemp(prefix=".livemask-write-test-", dir=out)
+        os.close(probe)
+        os.unlink(name)
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot write there: {exc}; give another --out") from None
     return out
 
 

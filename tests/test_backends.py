@@ -566,3 +566,24 @@ def test_tensorrt_load_builds_once_then_reuses_the_cached_engine(
     assert fp32.built and fp32.engine_key != expected
     with pytest.raises(ModelError, match="before load"):
         fp32.run(np.zeros((1, 1, 64, 64), np.float32))
+
+
+def test_torch_verification_compares_the_output_the_card_names(
+    torch_cpu: Any, tmp_path: Path
+) -> None:
+    """A [logits, probabilities] model: the check compared against the first output, so a
+    right conversion was refused as "differs from ONNX Runtime" (review)."""
+    from livemask.inference.torch_backend import verify_against_onnxruntime
+    from tests.test_model_checks import build_model
+
+    path = build_model(tmp_path / "two.onnx", logits_out=True)
+
+    class Probabilities(torch_cpu.nn.Module):  # type: ignore[misc,name-defined]
+        def forward(self, x: Any) -> Any:
+            bias = torch_cpu.tensor([-1.0, 1.0]).view(1, 2, 1, 1)
+            return torch_cpu.sigmoid(2.0 * x.repeat(1, 2, 1, 1) + bias)
+
+    module = Probabilities()
+    assert verify_against_onnxruntime(module, path, size=16, output="probabilities") < 1e-5
+    with pytest.raises(ModelError, match=r"differs from ONNX Runtime"):
+        verify_against_onnxruntime(module, path, size=16)  # the first output: the logits

@@ -164,6 +164,10 @@ def train_random_forest(
     _, _, class_names = _task_data(task)
     name = f"{task}_rf"
     shipped = shipped_settings(name)
+    method = "boundary-label" if task == "grains" else "seeded-watershed"
+    if shipped["postprocessing"]["method"] != method:  # before the training, not after
+        raise ModelError(f"the shipped {name}.yaml has postprocessing.method "
+                         f"{shipped['postprocessing']['method']}; the forest needs {method}")
     d = DEFAULTS[task]
     fields = d["fields"] if fields is None else fields
     pixels_per_field = d["pixels_per_field"] if pixels_per_field is None else pixels_per_field
@@ -199,14 +203,12 @@ def train_random_forest(
     if task == "grains":
         parameters["boundary_classes"] = [1]
         outputs = ["boundary"]
-        method = "boundary-label"
         data = "livemask.acquisition.simulated.grains.random_grain_field"
         training["boundary_width_px"] = BOUNDARY_WIDTH_PX
     else:
         parameters["foreground_classes"] = [1, 2]
         parameters["seed_classes"] = [2]
         outputs = ["foreground", "seeds"]
-        method = "seeded-watershed"
         data = "livemask.acquisition.simulated.nuclei.random_field"
         training["seed_fraction"] = SEED_FRACTION
     card: dict[str, Any] = {
@@ -241,9 +243,6 @@ def train_random_forest(
         },
         "metrics": {},
     }
-    if card["postprocessing"]["method"] != method:
-        raise ModelError(f"the shipped {name}.yaml has postprocessing.method "
-                         f"{card['postprocessing']['method']}; the forest needs {method}")
     with staged_output(out_dir) as stage:
         (stage / f"{name}.onnx").write_bytes(onnx_bytes)
         write_card(stage / f"{name}.yaml", card)

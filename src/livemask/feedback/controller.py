@@ -143,8 +143,7 @@ class FeedbackController:
         planned frames run with it from now on (event loop). A restore event still queued
         would put the older exposure back after its action: an event that takes no image
         and sets this one follows it."""
-        self._exposure_ms = float(exposure_ms)
-        self.guard.note_exposure(float(exposure_ms))
+        self._exposure_now(exposure_ms)
         if self._restoring and self._running:
             event = useq.MDAEvent(exposure=float(exposure_ms),
                                   action=useq.CustomAction(name="livemask-set-exposure"))
@@ -154,6 +153,12 @@ class FeedbackController:
                 log.warning("feedback: the exposure just set (%g ms) could not be queued after "
                             "an action's restore event, which may put the older one back: %s",
                             exposure_ms, exc)
+
+    def _exposure_now(self, exposure_ms: float) -> None:
+        """The exposure planned frames run with from now on: to put back after an action,
+        and to charge the dose ledger (any thread)."""
+        self._exposure_ms = float(exposure_ms)
+        self.guard.note_exposure(float(exposure_ms))
 
     def _read_camera(self) -> None:
         """Take the exposure and channel in effect from ``camera_settings``, if given (when
@@ -168,8 +173,7 @@ class FeedbackController:
             return
         exposure, channel = now.get("exposure_ms"), now.get("channel")
         if isinstance(exposure, int | float) and not isinstance(exposure, bool) and exposure > 0:
-            self._exposure_ms = float(exposure)
-            self.guard.note_exposure(float(exposure))
+            self._exposure_now(exposure)
         known = self._channel
         if isinstance(channel, str) and channel and (known is None or known.config != channel):
             group = now.get("channel_group")  # the rig's channel group (useq's default:
@@ -274,8 +278,7 @@ class FeedbackController:
         meta = event.metadata.get(METADATA_KEY) if event.metadata else None
         if not meta:  # a planned or enqueued event: its settings stay in effect after it
             if event.exposure is not None:
-                self._exposure_ms = float(event.exposure)
-                self.guard.note_exposure(float(event.exposure))
+                self._exposure_now(event.exposure)
             if event.channel is not None:
                 self._channel = event.channel
             return

@@ -185,11 +185,6 @@ def read_model_io(path: str | Path) -> ModelIO:
 
 
 # ------------------------------------------------------------------------------- checking
-def _tile(card: ModelCard) -> int:
-    m = card.size_multiple
-    return card.tile_px // m * m
-
-
 def _where(card: ModelCard) -> str:
     """``model file X (card Y)``."""
     try:
@@ -238,7 +233,7 @@ def _input_problems(card: ModelCard, io: ModelIO) -> list[str]:
         problems.append(f"{what} has a fixed batch of {n}, but livemask runs whole frames one "
                         "at a time and tiles in batches of at most the card's max_batch "
                         f"{card.max_batch}: re-export the model with a dynamic batch axis")
-    m, t = card.size_multiple, _tile(card)
+    m, t = card.size_multiple, card.tile_side
     bad = [f"{axis} {d}" for axis, d in (("height", h), ("width", w))
            if isinstance(d, int) and (d % m or d > t or d < 1)]
     if bad:
@@ -348,7 +343,7 @@ def check_batch_input(
            if isinstance(d, int) and d != n]
     if not bad:
         return
-    m, t = card.size_multiple, _tile(card)
+    m, t = card.size_multiple, card.tile_side
     fixes = []
     if "batch" in bad:
         fixes.append("set max_batch: 1 in the card (frames larger than the tile then run one "

@@ -123,7 +123,7 @@ class ModelCard(BaseModel):
                 f"but postprocessing.method {method} reads {need} ({names}): list one name "
                 "per channel the model returns, or choose the method that fits them")
         if self.runtime != "classical":  # the others run large frames as tiles
-            tile = self.tile_px // self.size_multiple * self.size_multiple
+            tile = self.tile_side
             if (tile >= self.size_multiple and 4 * self.tile_overlap_px > tile
                     and "tile_overlap_px" not in self.model_fields_set):
                 # the default (64 px) for a small tile: what the tiling can use
@@ -143,6 +143,12 @@ class ModelCard(BaseModel):
                     f"{self.size_multiple}): lower tile_overlap_px to at most {tile // 4} "
                     "or raise tile_px")
         return self
+
+    @property
+    def tile_side(self) -> int:
+        """The largest tile side the model runs: ``tile_px`` rounded down to a multiple of
+        ``size_multiple``."""
+        return self.tile_px // self.size_multiple * self.size_multiple
 
     @property
     def onnx_path(self) -> Path:

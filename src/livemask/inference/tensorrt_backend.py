@@ -103,8 +103,7 @@ class EngineProfile:
         a camera of ``frame_shape`` (H, W) sends: the padded frame, or its tiles in the
         plan's largest batch; without a frame shape (1, t, t), the largest whole frame.
         """
-        m = card.size_multiple
-        t = card.tile_px // m * m
+        m, t = card.size_multiple, card.tile_side
         if t < m:
             raise ModelError(f"model {card.name!r}: tile_px {card.tile_px} is smaller than "
                              f"size_multiple {m}; raise tile_px in its card")

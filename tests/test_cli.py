@@ -393,3 +393,17 @@ def test_train_refuses_the_shipped_models_folder_without_force(
     assert "shipped models folder" in _flat(result.output)
     assert "--force" in _flat(result.output)
     assert (fake / "nuclei.onnx").read_bytes() == before
+
+
+def test_train_with_an_unknown_task_makes_no_output_folder(tmp_path: Path) -> None:
+    # before: --out was made while the arguments were read, so `train nucleii --out X` left X
+    result = runner.invoke(app, ["train", "nucleii", "--out", str(tmp_path / "runs" / "x")])
+    assert result.exit_code == 2, result.output
+    assert "unknown task 'nucleii'" in _flat(result.output)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_train_restores_the_sigterm_handler(tmp_path: Path) -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    runner.invoke(app, ["train", "nucleii", "--out", str(tmp_path)])
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -210,3 +210,27 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_training() ->
 
     with pytest.raises(ConfigError, match=r"--out /proc/sys: cannot write there"):
         check_output_folder(Path("/proc/sys"))
+
+
+def test_stage_folders_of_killed_runs_are_removed_by_the_next_run(tmp_path: Path) -> None:
+    """A SIGKILLed run cannot clean up: its hidden stage folder stayed in --out for good."""
+    import os
+    import subprocess
+    import sys
+
+    from livemask.training.output import STAGE_PREFIX, staged_output
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    abandoned = tmp_path / f"{STAGE_PREFIX}{dead.stdout.strip()}-abc"
+    running = tmp_path / f"{STAGE_PREFIX}{os.getppid()}-def"  # a live process: another run
+    other = tmp_path / f"{STAGE_PREFIX}notes"
+    for folder in (abandoned, running, other):
+        folder.mkdir()
+        (folder / "nuclei.onnx").write_bytes(b"half written")
+    with staged_output(tmp_path) as stage:
+        assert stage.name.startswith(f"{STAGE_PREFIX}{os.getpid()}-")
+        (stage / "nuclei.onnx").write_bytes(b"new")
+    assert not abandoned.exists()
+    assert running.is_dir() and other.is_dir()
+    assert (tmp_path / "nuclei.onnx").read_bytes() == b"new"

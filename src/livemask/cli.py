@@ -82,15 +82,13 @@ def _output_file(value: Path | None) -> Path | None:
 
 
 def _output_folder(value: Path | None) -> Path | None:
-    """Callback: a folder path that is not an existing file and can be made."""
+    """Callback: a folder path that is not an existing file (made later, by the command,
+    once the other arguments are known to be good)."""
     if value is None:
         return None
-    if value.exists() and not value.is_dir():
-        raise typer.BadParameter(f"{value} is a file; give a folder")
-    try:
-        value.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise typer.BadParameter(f"cannot make the folder {value}: {exc}") from None
+    existing = next((p for p in (value, *value.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise typer.BadParameter(f"{existing} is a file; give a folder")
     return value
 
 
@@ -453,6 +451,16 @@ def train(
 ) -> None:
     r"""Train a model on the simulator (needs the train extra: pip install -e '.\[train]')."""
     setup_logging()
+    # SIGTERM ends a run like Ctrl-C: the output folder is left as it was
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        _train(task, out, iterations, minutes, quick, seed, force)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _train(task: str, out: Path | None, iterations: int | None, minutes: float | None,
+           quick: bool, seed: int, force: bool) -> None:
     if task not in ("nuclei", "grains", "nuclei-rf", "grains-rf"):
         _fail(ValueError(f"unknown task {task!r}; choose nuclei, grains, nuclei-rf or grains-rf"))
     folder = out or Path("runs") / task

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -12,6 +13,8 @@ from typing import Any
 
 from livemask.errors import ConfigError
 from livemask.inference import models
+
+log = logging.getLogger("livemask")
 
 
 def check_output_folder(out: Path, *, force: bool = False) -> Path:
@@ -46,17 +49,51 @@ def _is_models_dir(out: Path) -> bool:
         return False
 
 
+STAGE_PREFIX = ".livemask-train-"
+
+
 @contextlib.contextmanager
 def staged_output(out: Path) -> Iterator[Path]:
     """A temporary folder next to ``out``'s files; its files replace those in ``out`` only
-    when the block ends without an error (an interrupted run leaves ``out`` untouched)."""
-    stage = Path(tempfile.mkdtemp(prefix=".livemask-train-", dir=out))
+    when the block ends without an error (an interrupted run leaves ``out`` untouched).
+
+    The folder's name holds the process id; those left by killed runs (SIGKILL, a power
+    cut) are removed when the next run starts.
+    """
+    remove_abandoned_stages(out)
+    stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=out))
     try:
         yield stage
         for path in sorted(stage.iterdir(), key=lambda p: p.suffix in (".yaml", ".yml")):
             os.replace(path, out / path.name)  # the card last: it points at the rest
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def remove_abandoned_stages(out: Path) -> list[Path]:
+    """Remove the stage folders in ``out`` whose training process no longer runs."""
+    removed = []
+    for stage in out.glob(f"{STAGE_PREFIX}*"):
+        pid = stage.name.removeprefix(STAGE_PREFIX).split("-", 1)[0]
+        if stage.is_dir() and pid.isdigit() and not _process_exists(int(pid)):
+            shutil.rmtree(stage, ignore_errors=True)
+            removed.append(stage)
+    if removed:
+        log.info("removed %d folder(s) left by interrupted training runs in %s",
+                 len(removed), out)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would send a Ctrl-C there: keep the folder
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else (PermissionError)
+        return True
+    return True
 
 
 def shipped_settings(name: str) -> dict[str, Any]:

@@ -7,7 +7,9 @@ many times the frame's noise. This script renders simulated 512² fields (seed 5
 densities and exposures, segments them with the card as shipped and with the floor off, and
 prints the object F1, false and missed nuclei per case as JSON:
 
-    .venv/bin/python benchmarks/empty_fields.py [--model nuclei] [--fields 8]
+    .venv/bin/python benchmarks/empty_fields.py [--model nuclei] [--fields 8] [--floor 25]
+
+``--floor N`` adds a run with ``min_span_noise: N`` (to try a floor on a card without one).
 """
 
 from __future__ import annotations
@@ -57,12 +59,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="nuclei")
     parser.add_argument("--fields", type=int, default=8)
+    parser.add_argument("--floor", type=float, default=None,
+                        help="also run with this min_span_noise")
     args = parser.parse_args()
     card = load_model_card(args.model)
     backend = load_backend("onnxruntime", card, threads=2)
     off = card.model_copy(update={
         "normalization": card.normalization.model_copy(update={"min_span_noise": None})})
     runs = {"shipped": Segmenter(card, backend), "floor off": Segmenter(off, backend)}
+    if args.floor is not None:
+        floor = card.model_copy(update={"normalization": card.normalization.model_copy(
+            update={"min_span_noise": args.floor})})
+        runs[f"floor {args.floor:g}"] = Segmenter(floor, backend)
     rows = []
     for name, density, exposure in CASES:
         row: dict[str, Any] = {"case": name, "exposure_ms": exposure}

@@ -208,6 +208,22 @@ def test_auto_picks_the_fastest_available(
     assert select.choose_backend("auto") == expected
 
 
+def test_auto_prefers_torch_when_frames_are_labelled_on_the_gpu(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: auto took TensorRT, whose host outputs turned device_analysis off silently
+    (CPU labelling, 217 ms a 2048² frame against 15 ms on the GPU; GPU review)."""
+    _probes(monkeypatch, tensorrt=True, torch=True, onnxruntime=True)
+    with caplog.at_level(logging.INFO, logger="livemask"):
+        assert select.candidates("auto", device_analysis=True) == [
+            "torch", "tensorrt", "onnxruntime"]
+    assert "torch before tensorrt" in caplog.text
+    assert select.candidates("auto") == ["tensorrt", "torch", "onnxruntime"]
+    assert select.candidates("tensorrt", device_analysis=True) == ["tensorrt"]
+    _probes(monkeypatch, tensorrt=True, onnxruntime=True)
+    assert select.candidates("auto", device_analysis=True) == ["tensorrt", "onnxruntime"]
+
+
 def test_auto_logs_each_unavailable_backend(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -368,19 +384,37 @@ def test_torch_backend_without_torch(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_graph_policy_captures_repeated_shapes_and_evicts_lru() -> None:
     p = GraphPolicy(max_graphs=2)
     a, b, c = (1, 1, 64, 64), (1, 1, 128, 128), (2, 1, 64, 64)
-    assert p.decide(a) == ("eager", None)  # first sight: no capture for one-off shapes
-    assert p.decide(a) == ("capture", None)
-    assert p.decide(a) == ("replay", None)
-    assert p.decide(b) == ("eager", None)
-    assert p.decide(b) == ("capture", None)
-    assert p.decide(a) == ("replay", None)  # a is now the most recently used
-    assert p.decide(c) == ("eager", None)
-    assert p.decide(c) == ("capture", b)  # b is evicted, not a
-    assert p.decide(b) == ("capture", a)
-    p.forget(b)
-    assert p.decide(b) == ("capture", None)
+    assert p.decide(a) == "eager"  # first sight: no capture for one-off shapes
+    assert p.decide(a) == "capture"
+    assert p.captured(a) is None
+    assert p.decide(a) == "replay"
+    assert p.decide(b) == "eager"
+    assert p.decide(b) == "capture"
+    assert p.captured(b) is None
+    assert p.decide(a) == "replay"  # a is now the most recently used
+    assert p.decide(c) == "eager"
+    assert p.decide(c) == "capture"
+    assert p.captured(c) == b  # b is evicted, not a
+    assert p.decide(b) == "capture"
+    assert p.captured(b) == a
     with pytest.raises(ValueError):
         GraphPolicy(0)
+
+
+def test_a_failed_capture_runs_eagerly_and_keeps_the_other_graphs() -> None:
+    """Before: a failed shape was captured again on every frame (three warm-up passes and a
+    warning each time), and each try first evicted a good graph (GPU review)."""
+    p = GraphPolicy(max_graphs=1)
+    a, b = (1, 1, 64, 64), (1, 1, 128, 128)
+    for shape in (a, a):
+        p.decide(shape)
+    p.captured(a)
+    assert [p.decide(b), p.decide(b)] == ["eager", "capture"]
+    p.forget(b)  # its capture failed
+    assert [p.decide(b) for _ in range(3)] == ["eager"] * 3
+    assert p.decide(a) == "replay"  # a's graph was not dropped for b's failed try
+    p.clear()
+    assert [p.decide(b), p.decide(b)] == ["eager", "capture"]  # a new model tries again
 
 
 # --------------------------------------------------------------------------- torch on CPU
@@ -390,6 +424,24 @@ def test_graph_policy_captures_repeated_shapes_and_evicts_lru() -> None:
 def torch_cpu() -> Any:
     torch = pytest.importorskip("torch")
     return torch
+
+
+def test_torch_backend_tries_a_failed_capture_once(
+    torch_cpu: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from livemask.inference.torch_backend import TorchBackend
+
+    backend = TorchBackend(device="cpu")
+    tried: list[tuple[int, ...]] = []
+
+    def capture_fails(shape: tuple[int, ...]) -> Any:
+        tried.append(shape)
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(backend, "_capture", capture_fails)
+    shape = (1, 1, 64, 64)
+    assert [backend._graph_for(shape) for _ in range(5)] == [None] * 5
+    assert tried == [shape]
 
 
 def test_torch_cpu_equals_onnxruntime_on_the_shipped_model(torch_cpu: Any) -> None:

@@ -170,8 +170,9 @@ class ModelConfig(_Section):
     backend: Literal["auto", "onnxruntime", "tensorrt", "torch"] = Field(
         default="auto",
         description="Inference backend. auto: the fastest that can run here (tensorrt, then "
-        "torch on CUDA, then onnxruntime), logging why each other one cannot; a named backend "
-        "that cannot run is an error. See docs/backends.md.",
+        "torch on CUDA, then onnxruntime; torch first while device_analysis is true), logging "
+        "why each other one cannot; a named backend that cannot run is an error. See "
+        "docs/backends.md.",
     )
     threads: int = Field(
         default=2, ge=1, le=MAX_THREADS, description="Intra-op threads of the CPU backend."

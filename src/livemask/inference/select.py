@@ -2,7 +2,8 @@
 
 ``auto`` prefers, in order: ``tensorrt`` (TensorRT importable and a CUDA GPU), ``torch``
 (a CUDA build of torch and a GPU), ``onnxruntime`` (always: the CPU default, with the CUDA
-execution provider when ``onnxruntime-gpu`` is installed). Each backend it passes over is
+execution provider when ``onnxruntime-gpu`` is installed); torch comes before TensorRT when
+the service labels frames on the GPU (``model.device_analysis``). Each backend it passes over is
 logged at INFO with the reason. A backend requested by name that cannot run here raises
 :class:`~livemask.errors.BackendUnavailable` naming what to install, or to set
 ``model.backend: auto``.
@@ -139,11 +140,14 @@ def _unavailable(status: BackendStatus) -> BackendUnavailable:
     )
 
 
-def candidates(requested: str) -> list[str]:
+def candidates(requested: str, *, device_analysis: bool = False) -> list[str]:
     """Backends to try for ``requested``: the one named, or the available ones for ``auto``.
 
     ``auto`` logs every backend it passes over at INFO with the reason; a named backend that
-    cannot run raises BackendUnavailable.
+    cannot run raises BackendUnavailable. With ``device_analysis`` (label and measure on the
+    GPU, which only the torch backend can feed), ``auto`` tries torch before TensorRT: on
+    TensorRT the frames' labelling runs on the CPU (217 ms against 15 ms on the GPU for a
+    2048² frame, docs/performance.md), which costs far more than TensorRT's faster model.
     """
     if requested not in BACKEND_CHOICES:
         raise _unknown(requested)
@@ -163,6 +167,12 @@ def candidates(requested: str) -> list[str]:
         raise BackendUnavailable(
             f"no inference backend can run here; {INSTALL_HINTS['onnxruntime']}"
         )
+    if device_analysis and {"tensorrt", "torch"} <= set(found):
+        found.remove("torch")
+        found.insert(found.index("tensorrt"), "torch")
+        log.info("backend auto: torch before tensorrt: model.device_analysis labels frames "
+                 "on the GPU, which only the torch backend feeds (set it to false to prefer "
+                 "tensorrt)")
     return found
 
 
@@ -196,10 +206,11 @@ def instantiate(
 
 def load_backend(
     requested: str, card: ModelCard, *, threads: int = 2,
-    frame_shape: tuple[int, int] | None = None,
+    frame_shape: tuple[int, int] | None = None, device_analysis: bool = False,
 ) -> Backend:
     """Create and load a backend for ``card``; under ``auto``, fall back when one fails.
-    ``frame_shape`` is the camera's (H, W) where known (see :func:`instantiate`).
+    ``frame_shape`` is the camera's (H, W) where known (see :func:`instantiate`);
+    ``device_analysis``: ``auto`` prefers torch to TensorRT (see :func:`candidates`).
 
     An ONNX network is first checked against its card
     (:func:`livemask.inference.model_checks.check_onnx_model`): one that does not fit raises
@@ -220,7 +231,7 @@ def load_backend(
     # Once, before any backend: a network that does not fit its card is a ModelError
     # naming the file and what to change, not a fallback through every backend.
     check_onnx_model(card)
-    names = candidates(requested)
+    names = candidates(requested, device_analysis=device_analysis)
     for i, name in enumerate(names):
         backend: Backend | None = None
         try:

@@ -255,7 +255,8 @@ class GraphPolicy:
 
     A shape is captured the second time it is seen (so one-off shapes never pay for a
     capture) and replayed after that. At most ``max_graphs`` graphs are kept; the least
-    recently used is dropped first (its name is returned so the caller frees it).
+    recently used is dropped first, once a new capture has succeeded (:meth:`captured` names
+    it so the caller frees it). A shape whose capture failed runs eagerly from then on.
     """
 
     def __init__(self, max_graphs: int = 4) -> None:
@@ -263,30 +264,37 @@ class GraphPolicy:
             raise ValueError("max_graphs must be at least 1")
         self.max_graphs = max_graphs
         self._seen: set[tuple[int, ...]] = set()
+        self._failed: set[tuple[int, ...]] = set()
         self._graphs: OrderedDict[tuple[int, ...], None] = OrderedDict()
 
-    def decide(
-        self, shape: tuple[int, ...]
-    ) -> tuple[Literal["eager", "capture", "replay"], tuple[int, ...] | None]:
-        """The action for ``shape`` and the shape whose graph to drop (or None)."""
+    def decide(self, shape: tuple[int, ...]) -> Literal["eager", "capture", "replay"]:
+        """The action for ``shape``; after "capture" call :meth:`captured` or :meth:`forget`."""
         if shape in self._graphs:
             self._graphs.move_to_end(shape)
-            return "replay", None
+            return "replay"
+        if shape in self._failed:
+            return "eager"
         if shape not in self._seen:
             self._seen.add(shape)
-            return "eager", None
+            return "eager"
+        return "capture"
+
+    def captured(self, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        """Record ``shape``'s graph; the shape whose graph to drop now (or None)."""
         evict = None
         if len(self._graphs) >= self.max_graphs:
             evict, _ = self._graphs.popitem(last=False)
         self._graphs[shape] = None
-        return "capture", evict
+        return evict
 
     def forget(self, shape: tuple[int, ...]) -> None:
-        """Drop ``shape`` (e.g. after a failed capture); it runs eagerly from now on."""
+        """``shape``'s capture failed: it runs eagerly from now on (no capture per frame)."""
         self._graphs.pop(shape, None)
+        self._failed.add(shape)
 
     def clear(self) -> None:
         self._seen.clear()
+        self._failed.clear()
         self._graphs.clear()
 
 
@@ -439,19 +447,21 @@ class TorchBackend:
     def _graph_for(self, shape: tuple[int, ...]) -> _Graph | None:
         """The CUDA graph to replay for ``shape`` (captured now if its turn came), or None
         to run eagerly (first sight of a shape, or a failed capture)."""
-        action, evict = self._policy.decide(shape)
-        if evict is not None:
-            self._graphs.pop(evict, None)
+        action = self._policy.decide(shape)
         if action == "eager":
             return None
         if action == "capture":
             try:
-                self._graphs[shape] = self._capture(shape)
+                graph = self._capture(shape)
             except RuntimeError as exc:  # capture can fail (memory, unsupported op)
-                log.warning("torch: CUDA graph capture for %s failed (%s); running eagerly",
-                            shape, exc)
+                log.warning("torch: CUDA graph capture for %s failed (%s); this shape runs "
+                            "eagerly from now on", shape, exc)
                 self._policy.forget(shape)
                 return None
+            evict = self._policy.captured(shape)
+            if evict is not None:
+                self._graphs.pop(evict, None)
+            self._graphs[shape] = graph
         return self._graphs[shape]
 
     def _eager(self, x: np.ndarray) -> np.ndarray:
@@ -484,7 +494,9 @@ class TorchBackend:
                     self._module(static_in)
             torch.cuda.current_stream(self._dev).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: the analysis thread may use CUDA while this one captures
+            # ("global", the default, errors on actions in other threads)
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 static_out = self._module(static_in).float().contiguous()
         host_in = torch.empty(shape, dtype=torch.float32, pin_memory=True)
         host_out = torch.empty(tuple(static_out.shape), dtype=torch.float32, pin_memory=True)

@@ -63,7 +63,8 @@ def build_segmenter(
     if card is None:
         card = load_model_card(config.model.path or config.model.name)
     backend = load_backend(config.model.backend, card, threads=config.model.threads,
-                           frame_shape=frame_shape)
+                           frame_shape=frame_shape,
+                           device_analysis=config.model.device_analysis)
     overrides = {k: v for k, v in config.analysis.model_dump().items() if v is not None}
     post = card.postprocessing.model_copy(update=overrides)
     return Segmenter(card, backend, post,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU checks for the fast path in one go (about 3-4 minutes on an H100/H200), writing JSON to
+# GPU checks for the fast path in one go (at most 5 minutes; about 3-4 on an H100/H200), writing JSON to
 # benchmarks/results (or the folder given as $1):
 #   gpu-check.json             torch CUDA fp16 vs ONNX Runtime, device vs CPU labels, stage ms
 #   bench-gpu-2048.json        livemask bench, 2048x2048, torch backend, pipelined mode (bench's
@@ -17,35 +17,59 @@
 #   pyspy-gil-2048.{txt,json}  with py-spy on the PATH: GIL samples per thread of a 2048²
 #                              bench (summary by benchmarks/gil_profile.py)
 # Needs livemask importable (pip install -e '.[torch]' with a CUDA build of torch) and a GPU.
-set -euo pipefail
+# Each step has its own time limit and the whole script a budget ($GPU_SH_BUDGET_S, default
+# 300 s), in order of importance; a step that fails or times out is reported and the next one
+# runs. The exit status is 1 when any step failed or was skipped.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-benchmarks/results}
 py=${PYTHON:-python3}
+budget=${GPU_SH_BUDGET_S:-300}
 mkdir -p "$out"
+failed=()
+
+step() {  # step NAME LIMIT_S COMMAND...: run COMMAND with at most LIMIT_S (and the budget left)
+    local name=$1 limit=$2
+    shift 2
+    local left=$((budget - SECONDS))
+    if ((left < 20)); then
+        echo "== $name: skipped (budget of ${budget} s spent)"
+        failed+=("$name (skipped)")
+        return
+    fi
+    ((limit > left)) && limit=$left
+    echo "== $name (at most ${limit} s; ${SECONDS} s so far)"
+    if ! timeout "$limit" "$@"; then
+        echo "!! $name failed or timed out"
+        failed+=("$name")
+    fi
+}
+
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-"$py" benchmarks/gpu_check.py --size 2048 --json "$out/gpu-check.json"
-"$py" -m livemask bench --backend torch --size 2048 --frames 400 --threads 8 --exposure-ms 10 \
-    --json "$out/bench-gpu-2048.json"
-"$py" -m livemask bench --backend torch --size 2048 --frames 300 --threads 8 --exposure-ms 1 \
-    --camera-fps 50 \
-    --json "$out/bench-gpu-2048-50fps.json"
-"$py" -m livemask bench --backend torch --size 2048 --frames 200 --threads 8 --exposure-ms 10 \
-    --stage-threads one \
-    --json "$out/bench-gpu-2048-one.json"
-"$py" -m livemask bench --backend torch --size 2048 --frames 150 --threads 8 --exposure-ms 10 \
-    --mode free-run \
-    --json "$out/bench-gpu-2048-free.json"
-"$py" -m livemask bench --backend torch --size 512 --frames 400 --threads 8 \
+step gpu-check 75 "$py" benchmarks/gpu_check.py --size 2048 --json "$out/gpu-check.json"
+step bench-2048 75 "$py" -m livemask bench --backend torch --size 2048 --frames 300 \
+    --threads 8 --exposure-ms 10 --json "$out/bench-gpu-2048.json"
+step bench-2048-50fps 50 "$py" -m livemask bench --backend torch --size 2048 --frames 250 \
+    --threads 8 --exposure-ms 1 --camera-fps 50 --json "$out/bench-gpu-2048-50fps.json"
+step bench-512 40 "$py" -m livemask bench --backend torch --size 512 --frames 300 --threads 8 \
     --json "$out/bench-gpu-512.json"
-"$py" benchmarks/host_ceiling.py --frames 300 --camera-fps 50 --policy-only \
-    --json "$out/host-ceiling-2048-50fps.json"
+step host-ceiling 45 "$py" benchmarks/host_ceiling.py --frames 250 --camera-fps 50 \
+    --policy-only --json "$out/host-ceiling-2048-50fps.json"
+step bench-2048-one 40 "$py" -m livemask bench --backend torch --size 2048 --frames 150 \
+    --threads 8 --exposure-ms 10 --stage-threads one --json "$out/bench-gpu-2048-one.json"
+step bench-2048-free 35 "$py" -m livemask bench --backend torch --size 2048 --frames 120 \
+    --threads 8 --exposure-ms 10 --mode free-run --json "$out/bench-gpu-2048-free.json"
 # Who holds the GIL in the 2048² pipeline (py-spy samples only the GIL holder with --gil);
 # optional: needs py-spy on the PATH and permission to trace a child process.
 if command -v py-spy >/dev/null 2>&1; then
-    timeout 120 py-spy record --gil --threads -r 100 -f raw -o "$out/pyspy-gil-2048.txt" -- \
-        "$py" -m livemask bench --backend torch --size 2048 --frames 150 --threads 8 \
+    step pyspy 60 py-spy record --gil --threads -r 100 -f raw -o "$out/pyspy-gil-2048.txt" \
+        -- "$py" -m livemask bench --backend torch --size 2048 --frames 120 --threads 8 \
         --exposure-ms 10 --json "$out/bench-gpu-2048-pyspy.json" \
         && "$py" benchmarks/gil_profile.py "$out/pyspy-gil-2048.txt" \
-            --json "$out/pyspy-gil-2048.json" \
-        || echo "py-spy profile skipped (py-spy failed or timed out)"
+            --json "$out/pyspy-gil-2048.json"
+fi
+echo "gpu.sh: ${SECONDS} s"
+if ((${#failed[@]})); then
+    echo "gpu.sh: failed or skipped: ${failed[*]}"
+    exit 1
 fi

@@ -116,6 +116,7 @@ def main() -> None:
 
     for fn in (upload, model, model, model, analyse):  # warm-up, graph capture
         fn()
+        sync()  # the analysis stream must not read a model output still being written
     calls: list[str] = []
     run = ta._run
 

@@ -78,6 +78,7 @@ def test_engine_cache_key_is_stable() -> None:
         {"profile": EngineProfile(opt_shape=(1, 1024, 1024))},
         {"profile": EngineProfile(min_shape=(1, 64, 64))},
         {"precision": "fp32"},
+        {"workspace_mb": 4096},
         {"recipe": ENGINE_RECIPE + 1},
     ],
 )
@@ -575,7 +576,7 @@ def test_tensorrt_load_builds_once_then_reuses_the_cached_engine(
     fake_trt = SimpleNamespace(__version__="10.99.0", ILogger=_FakeILogger,
                                BuilderFlag=SimpleNamespace(FP16=1), Runtime=_FakeRuntime)
     props = SimpleNamespace(name="Fake GPU", major=8, minor=9)
-    fake_torch = SimpleNamespace(cuda=SimpleNamespace(
+    fake_torch = SimpleNamespace(version=SimpleNamespace(cuda="12.8"), cuda=SimpleNamespace(
         get_device_properties=lambda i: props, device=lambda i: contextlib.nullcontext()))
     monkeypatch.setattr(tb, "import_tensorrt", lambda: fake_trt)
     monkeypatch.setattr(tb, "import_torch_cuda", lambda: fake_torch)

@@ -27,6 +27,8 @@ from livemask.inference.tensorrt_backend import (
     EngineProfile,
     TensorRTBackend,
     engine_cache_key,
+    file_sha256,
+    onnx_sha256,
     onnx_to_fp16,
     shared_logger,
 )
@@ -284,7 +286,7 @@ def _fake_trt(calls: dict[str, Any], *, version: str = "10.99.0", trt11: bool = 
 
 def _fake_torch() -> Any:
     props = SimpleNamespace(name="Fake GPU", major=8, minor=9)
-    return SimpleNamespace(cuda=SimpleNamespace(
+    return SimpleNamespace(version=SimpleNamespace(cuda="12.8"), cuda=SimpleNamespace(
         get_device_properties=lambda i: props,
         device=lambda i: contextlib.nullcontext(),
         stream=lambda s: contextlib.nullcontext(),
@@ -305,6 +307,61 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> Any:
 
 
 # --------------------------------------------------------------------------- build (faked)
+
+
+def _conv_model(shape: list[int | str], external: Path | None = None) -> Any:
+    """A 3×3 convolution, 1 → 2 channels, with input (and output) ``shape``."""
+    w = numpy_helper.from_array(
+        np.random.default_rng(0).normal(size=(2, 1, 3, 3)).astype(np.float32), "w")
+    out = [shape[0], 2, shape[2], shape[3]]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["image", "w"], ["probabilities"], pads=[1, 1, 1, 1])],
+        "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, out)], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_model_with_fixed_sizes_gets_a_profile_pinned_to_them(
+    fake: Any, tmp_path: Path
+) -> None:
+    """Before: the profile ranged over the card's sizes (min 8×8) for a network declaring a
+    static (1, 1, 64, 64) input, which TensorRT rejects (GPU review)."""
+    calls = fake()
+    onnx.save(_conv_model([1, 1, 64, 64]), tmp_path / "fixed.onnx")
+    card = _card(file="fixed.onnx", tile_px=64, tile_overlap_px=8)
+    card.card_path = tmp_path / "fixed.yaml"
+    backend = TensorRTBackend(cache_dir=tmp_path / "engines")
+    backend.load(card)
+    assert calls["set_shape"] == ("image", *[(1, 1, 64, 64)] * 3)
+    assert backend.profile == EngineProfile((1, 64, 64), (1, 64, 64), (1, 64, 64))
+    dynamic = EngineProfile((1, 8, 8), (2, 64, 64), (4, 64, 64))
+    assert dynamic.pinned(("N", None, 64)) == EngineProfile(
+        (1, 8, 64), (2, 64, 64), (4, 64, 64))
+
+
+def test_the_model_hash_covers_external_weights(tmp_path: Path) -> None:
+    """Before: only the .onnx file was hashed, so retrained weights in its external-data
+    file reused the old engine (GPU review)."""
+    path = tmp_path / "m.onnx"
+    onnx.save(_conv_model(["N", 1, "H", "W"]), path, save_as_external_data=True,
+              all_tensors_to_one_file=True, location="m.weights", size_threshold=0)
+    before, onnx_file = onnx_sha256(path), file_sha256(path)
+    weights = tmp_path / "m.weights"
+    data = bytearray(weights.read_bytes())
+    data[0] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert file_sha256(path) == onnx_file  # the .onnx is unchanged
+    assert onnx_sha256(path) != before
+    inline = tmp_path / "inline.onnx"
+    onnx.save(_conv_model(["N", 1, "H", "W"]), inline)
+    assert onnx_sha256(inline) == file_sha256(inline)
+
+
+def test_timing_caches_are_apart_per_precision_and_cuda(tmp_path: Path) -> None:
+    cache = EngineCache(tmp_path)
+    fp16 = cache.timing_cache_path("10", "g", (9, 0), "fp16", "12.8")
+    assert fp16 != cache.timing_cache_path("10", "g", (9, 0), "fp32", "12.8")
+    assert fp16 != cache.timing_cache_path("10", "g", (9, 0), "fp16", "13.0")
 
 
 def test_build_fp16_fp32_and_the_profile(fake: Any, tmp_path: Path) -> None:

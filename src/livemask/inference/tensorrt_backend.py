@@ -120,6 +120,16 @@ class EngineProfile:
                 opt = (1, ph, pw)
         return cls((1, m, m), opt, (b, t, t))
 
+    def pinned(self, fixed: tuple[int | str | None, ...]) -> EngineProfile:
+        """This profile with the (batch, height, width) dimensions the network fixes
+        (ints in ``fixed``; names or None are dynamic) set at min, opt and max alike:
+        TensorRT rejects a profile that ranges over a static dimension."""
+        def pin(shape: Shape3) -> Shape3:
+            return tuple(d if isinstance(d, int) and not isinstance(d, bool) else s
+                         for d, s in zip(fixed, shape, strict=True))  # type: ignore[return-value]
+
+        return EngineProfile(pin(self.min_shape), pin(self.opt_shape), pin(self.max_shape))
+
     def validate(self, size_multiple: int = 1) -> None:
         """Raise ModelError unless min ≤ opt ≤ max, all positive, H and W multiples."""
         for a, b in ((self.min_shape, self.opt_shape), (self.opt_shape, self.max_shape)):
@@ -166,6 +176,34 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def onnx_sha256(path: str | Path) -> str:
+    """Hex sha256 of an ONNX model: its file and, where the onnx package can list them, the
+    external-data files its weights live in (retrained weights there must not reuse an old
+    engine)."""
+    path = Path(path)
+    try:
+        import onnx
+    except ImportError:  # the gpu extra installs it; without it, the file alone
+        return file_sha256(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # unreadable here: the parser reports it properly later
+        return file_sha256(path)
+    locations = sorted({
+        entry.value for tensor in model.graph.initializer
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data if entry.key == "location"
+    })
+    if not locations:
+        return file_sha256(path)
+    h = hashlib.sha256(file_sha256(path).encode())
+    for location in locations:
+        data = path.parent / location
+        h.update(f"|{location}:".encode())
+        h.update((file_sha256(data) if data.is_file() else "missing").encode())
+    return h.hexdigest()
+
+
 def engine_cache_key(
     *,
     model_sha256: str,
@@ -174,13 +212,15 @@ def engine_cache_key(
     compute_capability: tuple[int, int],
     profile: EngineProfile,
     precision: str,
+    workspace_mb: int = 1024,
     recipe: int = ENGINE_RECIPE,
 ) -> str:
     """The engine's cache key: sha256 (hex) of everything an engine depends on.
 
-    A pure function of its arguments: the model file's sha256, the TensorRT version, the GPU
-    name and compute capability, the optimisation profile, the precision (``fp16``/``fp32``)
-    and livemask's build recipe version.
+    A pure function of its arguments: the model's sha256 (its external data included, see
+    :func:`onnx_sha256`), the TensorRT version, the GPU name and compute capability, the
+    optimisation profile, the precision (``fp16``/``fp32``), the builder's workspace (it
+    limits the tactics TensorRT may choose) and livemask's build recipe version.
     """
     fields = {
         "model_sha256": model_sha256,
@@ -189,6 +229,7 @@ def engine_cache_key(
         "compute_capability": [int(compute_capability[0]), int(compute_capability[1])],
         "profile": {k: list(v) for k, v in asdict(profile).items()},
         "precision": precision,
+        "workspace_mb": int(workspace_mb),
         "recipe": recipe,
     }
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
@@ -247,10 +288,15 @@ class EngineCache:
                 self.engine_path(key).with_suffix(suffix).unlink()
 
     def timing_cache_path(
-        self, trt_version: str, gpu_name: str, compute_capability: tuple[int, int]
+        self, trt_version: str, gpu_name: str, compute_capability: tuple[int, int],
+        precision: str = "fp16", cuda_version: str = "",
     ) -> Path:
+        """The timing cache of this TensorRT, GPU, CUDA and precision: TensorRT's docs tie a
+        timing cache to the device, the CUDA and TensorRT versions and the builder flags
+        that change layer implementations (fp32 builds clear TF32, fp16 builds keep it)."""
         tag = hashlib.sha256(
-            f"{trt_version}|{gpu_name}|{compute_capability[0]}.{compute_capability[1]}".encode()
+            f"{trt_version}|{gpu_name}|{compute_capability[0]}.{compute_capability[1]}|"
+            f"{precision}|{cuda_version}".encode()
         ).hexdigest()[:16]
         return self.directory / f"timing-{tag}.cache"
 
@@ -505,16 +551,19 @@ class TensorRTBackend:
         profile = self._requested_profile
         if profile is None:
             profile = EngineProfile.for_card(card, self.max_batch, self.frame_shape)
+        if self.model_io.inputs and self.model_io.inputs[0].shape is not None:
+            n, _, h, w = self.model_io.inputs[0].shape  # rank 4: check_onnx_model said so
+            profile = profile.pinned((n, h, w))
         profile.validate(card.size_multiple)
         self.profile, self._size_multiple = profile, card.size_multiple
-        model_sha = file_sha256(card.onnx_path)
         key_fields: dict[str, Any] = {
-            "model_sha256": model_sha,
+            "model_sha256": onnx_sha256(card.onnx_path),
             "trt_version": str(trt.__version__),
             "gpu_name": self.device_name,
             "compute_capability": self.compute_capability,
             "profile": profile,
             "precision": self.precision,
+            "workspace_mb": self.workspace_bytes >> 20,
         }
         key = engine_cache_key(**key_fields)
         self.engine_key = key
@@ -590,7 +639,8 @@ class TensorRTBackend:
         elif not self.fp16 and hasattr(trt.BuilderFlag, "TF32"):
             config.clear_flag(trt.BuilderFlag.TF32)  # on by default; fp32 means fp32
         timing_path = self.cache.timing_cache_path(
-            str(trt.__version__), self.device_name, self.compute_capability
+            str(trt.__version__), self.device_name, self.compute_capability, self.precision,
+            str(self._torch.version.cuda or ""),
         )
         try:
             timing = config.create_timing_cache(self.cache.load_timing(timing_path))

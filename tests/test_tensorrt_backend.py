@@ -234,8 +234,26 @@ class _Config:
 
 def _fake_trt(calls: dict[str, Any], *, version: str = "10.99.0", trt11: bool = False) -> Any:
     """A stand-in for the ``tensorrt`` module; ``calls`` records what livemask asked of it."""
-    network = SimpleNamespace(num_inputs=1, num_outputs=1,
-                              get_input=lambda i: SimpleNamespace(name="image"))
+    class Network:
+        num_inputs = 1
+
+        def __init__(self) -> None:
+            self.outputs = [SimpleNamespace(name=n)
+                            for n in calls.get("outputs", ["probabilities"])]
+            calls["network"] = self
+
+        @property
+        def num_outputs(self) -> int:
+            return len(self.outputs)
+
+        def get_input(self, i: int) -> Any:
+            return SimpleNamespace(name="image")
+
+        def get_output(self, i: int) -> Any:
+            return self.outputs[i]
+
+        def unmark_output(self, tensor: Any) -> None:
+            self.outputs.remove(tensor)
 
     class Parser:
         num_errors = 1
@@ -260,7 +278,7 @@ def _fake_trt(calls: dict[str, Any], *, version: str = "10.99.0", trt11: bool = 
 
         def create_network(self, flags: int) -> Any:
             calls["network_flags"] = flags
-            return network
+            return Network()
 
         def create_builder_config(self) -> _Config:
             calls["config"] = _Config(calls)
@@ -337,6 +355,18 @@ def test_a_model_with_fixed_sizes_gets_a_profile_pinned_to_them(
     dynamic = EngineProfile((1, 8, 8), (2, 64, 64), (4, 64, 64))
     assert dynamic.pinned(("N", None, 64)) == EngineProfile(
         (1, 8, 64), (2, 64, 64), (4, 64, 64))
+
+
+def test_only_the_cards_output_is_built(fake: Any, tmp_path: Path) -> None:
+    """Before: a network with several outputs (its card naming one) failed to build."""
+    calls = fake()
+    backend = TensorRTBackend(cache_dir=tmp_path, profile=EngineProfile.for_card(_card()))
+    calls["outputs"] = ["logits", "probabilities"]
+    assert backend._build(_card()) == b"plan"
+    assert [t.name for t in calls["network"].outputs] == ["probabilities"]
+    calls["outputs"] = ["logits", "scores"]
+    with pytest.raises(ModelError, match=r"one named 'probabilities'"):
+        backend._build(_card())
 
 
 def test_the_model_hash_covers_external_weights(tmp_path: Path) -> None:

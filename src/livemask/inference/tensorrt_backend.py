@@ -627,10 +627,17 @@ class TensorRTBackend:
         if not parsed:
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise ModelError(f"TensorRT cannot parse {card.onnx_path}: {errors}")
-        if network.num_inputs != 1 or network.num_outputs != 1:
+        outputs = [network.get_output(i) for i in range(network.num_outputs)]
+        named = [t for t in outputs if t.name == card.output_name]
+        keep = named[0] if named else outputs[0] if len(outputs) == 1 else None
+        if network.num_inputs != 1 or keep is None:
             raise ModelError(f"{card.onnx_path}: the tensorrt backend expects one input and "
-                             f"one output, the model has {network.num_inputs} and "
-                             f"{network.num_outputs}")
+                             f"one output (or one named {card.output_name!r}, the card's "
+                             f"output_name), the model has {network.num_inputs} and "
+                             f"{[t.name for t in outputs]}")
+        for tensor in outputs:  # the others are not computed (TensorRT prunes them)
+            if tensor is not keep:
+                network.unmark_output(tensor)
         input_name = network.get_input(0).name
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace_bytes)

@@ -547,12 +547,12 @@ class TensorRTBackend:
     def load(self, card: ModelCard) -> None:
         """Load the cached engine for this model, GPU and profile, or build and cache it."""
         trt, torch = self._trt, self._torch
-        self.model_io = check_onnx_model(card)  # dtype, rank, channels, sizes vs the card
+        io = self.model_io = check_onnx_model(card)  # dtype, rank, channels, sizes vs card
         profile = self._requested_profile
         if profile is None:
             profile = EngineProfile.for_card(card, self.max_batch, self.frame_shape)
-        if self.model_io.inputs and self.model_io.inputs[0].shape is not None:
-            n, _, h, w = self.model_io.inputs[0].shape  # rank 4: check_onnx_model said so
+        if io.inputs and io.inputs[0].shape is not None:
+            n, _, h, w = io.inputs[0].shape  # rank 4: check_onnx_model said so
             profile = profile.pinned((n, h, w))
         profile.validate(card.size_multiple)
         self.profile, self._size_multiple = profile, card.size_multiple

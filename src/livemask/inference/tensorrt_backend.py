@@ -547,7 +547,8 @@ class TensorRTBackend:
     def load(self, card: ModelCard) -> None:
         """Load the cached engine for this model, GPU and profile, or build and cache it."""
         trt, torch = self._trt, self._torch
-        io = self.model_io = check_onnx_model(card)  # dtype, rank, channels, sizes vs card
+        io = check_onnx_model(card)  # dtype, rank, channels, sizes vs the card
+        self.model_io = io
         profile = self._requested_profile
         if profile is None:
             profile = EngineProfile.for_card(card, self.max_batch, self.frame_shape)

@@ -552,7 +552,7 @@ class TensorRTBackend:
         profile = self._requested_profile
         if profile is None:
             profile = EngineProfile.for_card(card, self.max_batch, self.frame_shape)
-        if io.inputs and io.inputs[0].shape is not None:
+        if io is not None and io.inputs and io.inputs[0].shape is not None:
             n, _, h, w = io.inputs[0].shape  # rank 4: check_onnx_model said so
             profile = profile.pinned((n, h, w))
         profile.validate(card.size_multiple)

@@ -98,8 +98,12 @@ def test_device_analysis_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> N
     from livemask.inference.torch_backend import TorchBackend
     from livemask.service import app
 
+    preferred: list[bool] = []
+
     def fake_cuda_backend(name: str, card: ModelCard, threads: int = 2,
-                         frame_shape: object = None) -> TorchBackend:
+                          frame_shape: object = None,
+                          device_analysis: bool = False) -> TorchBackend:
+        preferred.append(device_analysis)  # auto then prefers torch to TensorRT
         backend = TorchBackend(threads=1, device="cpu")
         backend.load(card)
         backend.device = "cuda"  # as if on a GPU; its tensors stay on the CPU here
@@ -110,3 +114,4 @@ def test_device_analysis_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> N
     assert app.build_segmenter(parse_config({})).device_resident is True
     off = parse_config({"model": {"device_analysis": False}})
     assert app.build_segmenter(off).device_resident is False
+    assert preferred == [True, False]

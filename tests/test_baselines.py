@@ -128,6 +128,52 @@ def test_random_forest_rejects_wrong_scales() -> None:
         RandomForestBackend(threads=1).load(bad)
 
 
+@pytest.mark.parametrize(("name", "parameters", "named"), [
+    ("nuclei_classical", {"fill_holes": "no"}, "parameters.fill_holes"),  # was: true
+    ("nuclei_classical", {"softness": float("nan")}, "parameters.softness"),  # was: NaN maps
+    ("nuclei_classical", {"sigma": float("inf")}, "parameters.sigma"),  # was: OverflowError
+    ("nuclei_classical", {"sigmaa": 2.0}, "parameters.sigmaa"),  # a misspelt key, ignored
+    ("grains_classical", {"threshold_scale": float("nan")}, "parameters.threshold_scale"),
+    ("grains_classical", {"sigmas": [1.5, -1.0]}, "parameters.sigmas.1"),
+    ("nuclei_rf", {"scales": "1248"}, "parameters.scales"),  # was: (1, 2, 4, 8)
+    ("nuclei_rf", {"foreground_classes": [1.7]}, "parameters.foreground_classes.0"),  # was 1
+])
+def test_card_parameters_are_checked_and_named(
+    name: str, parameters: dict[str, object], named: str
+) -> None:
+    card = load_model_card(name)
+    bad = card.model_copy(update={"parameters": {**card.parameters, **parameters}})
+    backend = RandomForestBackend(threads=1) if card.runtime == "random-forest" else (
+        ClassicalBackend())
+    with pytest.raises(ModelError, match=rf"{name}.*{named}"):
+        backend.load(bad)
+
+
+def test_a_forest_card_pointing_at_a_network_is_refused_at_load() -> None:
+    """Before: it loaded, and the warm-up died with ONNX Runtime's own InvalidArgument."""
+    card = load_model_card("nuclei_rf")
+    bad = card.model_copy(update={"file": "nuclei.onnx"})
+    bad.card_path = card.card_path
+    with pytest.raises(ModelError, match=r"expected a \(pixels, 24\) float tensor"):
+        RandomForestBackend(threads=1).load(bad)
+
+
+def test_a_forest_with_skl2onnx_zipmap_output_says_how_to_convert(tmp_path: Path) -> None:
+    """skl2onnx's default output is a sequence of maps: an IndexError at load before."""
+    pytest.importorskip("skl2onnx")
+    from skl2onnx import to_onnx
+    from sklearn.ensemble import RandomForestClassifier
+
+    rng = np.random.default_rng(0)
+    x = rng.random((60, 24), dtype=np.float32)
+    forest = RandomForestClassifier(n_estimators=2, max_depth=3).fit(x, rng.integers(0, 3, 60))
+    (tmp_path / "mine.onnx").write_bytes(to_onnx(forest, x[:1]).SerializeToString())
+    card = load_model_card("nuclei_rf").model_copy(update={"file": "mine.onnx"})
+    card.card_path = tmp_path / "mine.yaml"
+    with pytest.raises(ModelError, match=r"'zipmap': False"):
+        RandomForestBackend(threads=1).load(card)
+
+
 def test_quick_random_forest_training(tmp_path: Path) -> None:
     pytest.importorskip("sklearn")
     pytest.importorskip("skl2onnx")

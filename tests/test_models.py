@@ -149,3 +149,14 @@ def test_a_small_tile_without_an_overlap_given_gets_a_quarter_of_it(tmp_path: Pa
     card.update(tile_px=32, size_multiple=32)  # a tile of one size_multiple: no overlap
     path.write_text(yaml.safe_dump(card))
     assert load_model_card(path).tile_overlap_px == 0
+
+
+@pytest.mark.parametrize("file", ["missing.onnx", "a\x00b.onnx"])
+def test_a_card_naming_no_file_is_a_model_error(tmp_path: Path, file: str) -> None:
+    """A NUL byte in `file` raised a bare ValueError (bug hunt)."""
+    import yaml
+
+    data = yaml.safe_load((MODELS_DIR / "nuclei.yaml").read_text())
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump({**data, "file": file}))
+    with pytest.raises(ModelError, match=r"\(field 'file'\), which is not a file"):
+        load_model_card(tmp_path / "mine.yaml")

@@ -181,3 +181,34 @@ def test_noise_floor_keeps_an_empty_field_from_filling_the_range() -> None:
                                   percentile_normalize(field))
     flat = np.full((64, 64), 7, np.uint16)  # no noise: no floor, zeros as before
     assert not percentile_normalize(flat, min_span_noise=25).any()
+
+
+@pytest.mark.parametrize("floor", [None, 25.0])
+def test_one_object_on_a_black_background_reaches_one(floor: float | None) -> None:
+    """Fewer object pixels than 100 - high percent made both percentiles 0 and the frame
+    was normalised to zeros: no model found the one nucleus (bug hunt)."""
+    yy, xx = np.mgrid[:512, :512]
+    image = np.zeros((512, 512), np.uint16)
+    image[(yy - 100) ** 2 + (xx - 100) ** 2 < 12**2] = 2000  # 0.17 % of the pixels
+    out = percentile_normalize(image, 1.0, 99.8, min_span_noise=floor)
+    assert out.max() == 1.0 and out.min() == 0.0
+    from livemask.inference.models import load_model_card
+    from livemask.inference.segmenter import Segmenter
+    from livemask.inference.select import load_backend
+
+    card = load_model_card("nuclei")
+    assert Segmenter(card, load_backend("onnxruntime", card, threads=1)).segment(image).max() == 1
+
+
+@pytest.mark.parametrize(("dtype", "offset"), [(np.float64, 1e7), (np.int64, 2**30),
+                                               (np.uint32, 3_000_000_000)])
+def test_a_small_signal_on_a_large_offset_keeps_its_levels(dtype: type, offset: float) -> None:
+    """The cast to float32 came before the offset was taken off: 10 counts on 1e7 kept 11
+    grey levels of 5923 (bug hunt)."""
+    signal = np.random.default_rng(0).integers(0, 800, (64, 64))
+    step = 0.01 if dtype == np.float64 else 1
+    image = (offset + signal * step).astype(dtype)
+    out = percentile_normalize(image)
+    assert len(np.unique(out)) == len(np.unique(signal))
+    expected = percentile_normalize(signal.astype(np.float64))
+    np.testing.assert_allclose(out, expected, atol=1e-4)

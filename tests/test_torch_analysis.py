@@ -169,6 +169,14 @@ def test_device_normalize_matches_cpu(ta: TorchAnalysis, dtype: type, floor: flo
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
+def test_device_normalize_matches_cpu_on_a_black_background(ta: TorchAnalysis) -> None:
+    image = np.zeros((128, 128), np.uint16)
+    image[10:14, 20:24] = 900  # 0.1 % of the pixels: both percentiles are 0
+    got = ta.normalize(ta.upload(image), 1.0, 99.8, min_span_noise=25.0).numpy()
+    np.testing.assert_allclose(got, percentile_normalize(image, 1.0, 99.8, min_span_noise=25))
+    assert got.max() == 1.0
+
+
 def test_preprocess_normalizes_and_pads_like_cpu(ta: TorchAnalysis) -> None:
     image = (np.random.default_rng(9).random((70, 90)) * 3000).astype(np.uint16)
     img, batch = ta.preprocess(image, 1.0, 99.8, size_multiple=16)

@@ -57,7 +57,8 @@ def percentile_normalize(
     Percentiles are estimated on the strided subsample ``image[..., ::s, ::s]`` (the stride
     shrinks for small images so that at least a few thousand pixels are used). Returns a new
     float32 array of the same shape; values outside the percentile range fall outside [0, 1]
-    unless ``clip`` is true. A flat image (``high`` percentile equal to ``low``) gives zeros.
+    unless ``clip`` is true. When the ``high`` percentile equals the ``low`` one (a few objects
+on a black background) the brightest pixel maps to 1; a flat image gives zeros.
     Works for integer (uint8, uint16, ...) and float inputs. Non-finite pixels (NaN, ±inf)
     of a float image are left out of the percentiles and set to 0; an image without any
     finite pixel, or with bool or complex pixels, raises ValueError.
@@ -90,15 +91,24 @@ def percentile_normalize(
         lo, q1, q3, hi = (float(v) for v in np.percentile(sample, (low, 25, 75, high)))
         sigma = iqr_sigma(q1, q3)
 
-    out = arr.astype(np.float32, copy=True)
     span = hi - lo
     if min_span_noise is not None and np.isfinite(span) and np.isfinite(sigma):
         span = max(span, min_span_noise * sigma)
+    if np.isfinite(span) and span <= 0.0:
+        # at most (100 - high) % of the pixels above the background (a few nuclei on a
+        # black background): the brightest pixel is the top, not a flat image
+        span = float((arr[finite] if finite is not None else arr).max()) - lo
     if not np.isfinite(span) or span <= 0.0:
-        out.fill(0.0)
-        return out
-    out -= np.float32(lo)
-    out *= np.float32(1.0 / span)
+        return np.zeros(arr.shape, dtype=np.float32)
+    if arr.dtype.itemsize <= 2 or arr.dtype == np.float32:  # exact in float32
+        out = arr.astype(np.float32, copy=True)
+        out -= np.float32(lo)
+        out *= np.float32(1.0 / span)
+    else:  # offset first, in float64: a small signal on a large offset keeps its levels
+        wide = arr.astype(np.float64) - lo
+        wide *= 1.0 / span
+        limit = float(np.finfo(np.float32).max)
+        out = np.clip(wide, -limit, limit).astype(np.float32)
     if clip:
         np.clip(out, 0.0, 1.0, out=out)
     if finite is not None:

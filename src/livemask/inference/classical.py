@@ -19,13 +19,16 @@ the boundaries and grows them over the boundary pixels (a distance-based watersh
 from __future__ import annotations
 
 import logging
+from typing import Annotated, Literal
 
 import numpy as np
+from pydantic import Field
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
 from livemask.errors import ModelError
 from livemask.inference.models import ModelCard
+from livemask.inference.parameters import CardParameters, Positive, read_parameters
 
 log = logging.getLogger("livemask")
 
@@ -177,6 +180,25 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     return filled
 
 
+class ClassicalNuclei(CardParameters):
+    """Smoothing, threshold and seeds of the classical nuclei pipeline."""
+
+    sigma: Annotated[float, Field(ge=0)] = DEFAULT_SIGMA
+    seed_fraction: Annotated[float, Field(gt=0, lt=1)] = DEFAULT_SEED_FRACTION
+    softness: Positive = DEFAULT_SOFTNESS
+    fill_holes: bool = True
+
+
+class ClassicalGrains(CardParameters):
+    """Ridge filter and threshold of the classical grain-boundary pipeline."""
+
+    sigmas: Annotated[list[Positive], Field(min_length=1)] | Positive = list(
+        DEFAULT_RIDGE_SIGMAS)
+    polarity: Literal["auto", "dark", "bright"] = "auto"
+    threshold_scale: Positive = DEFAULT_THRESHOLD_SCALE
+    softness: Positive = DEFAULT_RIDGE_SOFTNESS
+
+
 class ClassicalBackend:
     """Threshold + watershed pipelines as a Backend (no model file, CPU only).
 
@@ -207,18 +229,9 @@ class ClassicalBackend:
         if card.task == "grains":
             self._load_grains(card)
             return
-        p = card.parameters
-        try:
-            self.sigma = float(p.get("sigma", DEFAULT_SIGMA))
-            self.seed_fraction = float(p.get("seed_fraction", DEFAULT_SEED_FRACTION))
-            self.softness = float(p.get("softness", DEFAULT_SOFTNESS))
-            self.fill_holes = bool(p.get("fill_holes", True))
-        except (TypeError, ValueError) as exc:
-            raise ModelError(f"model {card.name!r}: invalid classical parameters: {exc}") from None
-        if self.sigma < 0 or not 0 < self.seed_fraction < 1 or self.softness <= 0:
-            raise ModelError(
-                f"model {card.name!r}: need sigma >= 0, 0 < seed_fraction < 1, softness > 0"
-            )
+        p = read_parameters(ClassicalNuclei, card.name, card.parameters)
+        self.sigma, self.seed_fraction = p.sigma, p.seed_fraction
+        self.softness, self.fill_holes = p.softness, p.fill_holes
         self.task = "nuclei"
         self._loaded = True
         log.info(
@@ -229,24 +242,9 @@ class ClassicalBackend:
         )
 
     def _load_grains(self, card: ModelCard) -> None:
-        p = card.parameters
-        try:
-            raw = p.get("sigmas", DEFAULT_RIDGE_SIGMAS)
-            sigmas = tuple(float(s) for s in (raw if isinstance(raw, list | tuple) else [raw]))
-            polarity = str(p.get("polarity", "auto"))
-            threshold_scale = float(p.get("threshold_scale", DEFAULT_THRESHOLD_SCALE))
-            softness = float(p.get("softness", DEFAULT_RIDGE_SOFTNESS))
-        except (TypeError, ValueError) as exc:
-            raise ModelError(f"model {card.name!r}: invalid classical parameters: {exc}") from None
-        if not sigmas or min(sigmas) <= 0 or threshold_scale <= 0 or softness <= 0:
-            raise ModelError(
-                f"model {card.name!r}: need non-empty positive sigmas, threshold_scale > 0, "
-                "softness > 0"
-            )
-        if polarity not in POLARITIES:
-            raise ModelError(
-                f"model {card.name!r}: polarity must be one of {', '.join(POLARITIES)}"
-            )
+        p = read_parameters(ClassicalGrains, card.name, card.parameters)
+        sigmas = tuple(p.sigmas) if isinstance(p.sigmas, list) else (p.sigmas,)
+        polarity, threshold_scale, softness = p.polarity, p.threshold_scale, p.softness
         self.task = "grains"
         self.sigmas, self.polarity = sigmas, polarity
         self.threshold_scale, self.softness = threshold_scale, softness

@@ -193,9 +193,17 @@ def load_model_card(name_or_path: str | Path) -> ModelCard:
     card.card_path = path.resolve()
     if card.runtime != "classical" and card.file is None:
         raise ModelError(f"model card {path} must name its model file (field 'file')")
-    if card.file is not None and not card.onnx_path.is_file():
-        raise ModelError(f"model card {path} names {card.file}, which does not exist")
+    if card.file is not None and not _model_file_exists(card):
+        raise ModelError(f"model card {path} names {card.file!r} (field 'file'), which is not "
+                         "a file")
     return card
+
+
+def _model_file_exists(card: ModelCard) -> bool:
+    try:
+        return card.onnx_path.is_file()
+    except (OSError, ValueError):  # a name no file can have (a NUL byte, too long)
+        return False
 
 
 def list_models() -> list[ModelCard]:

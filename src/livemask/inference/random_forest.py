@@ -16,13 +16,16 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Sequence
+from typing import Annotated, Any
 
 import numpy as np
 import onnxruntime as ort
+from pydantic import Field
 from scipy import ndimage
 
 from livemask.errors import ModelError
 from livemask.inference.models import ModelCard
+from livemask.inference.parameters import CardParameters, Positive, read_parameters
 
 log = logging.getLogger("livemask")
 
@@ -105,6 +108,39 @@ def _gradient(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return dy, dx
 
 
+ClassIndex = Annotated[int, Field(ge=0)]
+
+
+class Forest(CardParameters):
+    """Feature scales and class meaning of a random-forest pixel classifier."""
+
+    scales: Annotated[list[Positive], Field(min_length=1)] = list(DEFAULT_SCALES)
+    features: list[str] | None = None  # informational: the names the scales give
+    classes: list[str] | None = None  # informational: the forest's class names
+    foreground_classes: Annotated[list[ClassIndex], Field(min_length=1)] = [1, 2]
+    seed_classes: Annotated[list[ClassIndex], Field(min_length=1)] = [2]
+    boundary_classes: Annotated[list[ClassIndex], Field(min_length=1)] = [1]
+
+
+def _io_problem(inputs: Sequence[Any], output: Any, n_features: int) -> str | None:
+    """Why a forest's ONNX input or ``output`` is not what the backend feeds and reads
+    ((pixels, features) float in, (pixels, classes) float out), else None."""
+    if len(inputs) != 1:
+        return f"it has {len(inputs)} inputs, expected one (pixels, {n_features}) float input"
+    spec = inputs[0]
+    if spec.type != "tensor(float)" or len(spec.shape or ()) != 2:
+        return (f"its input {spec.name!r} is {spec.type} {spec.shape}, expected a (pixels, "
+                f"{n_features}) float tensor: is the file a forest (runtime: random-forest)?")
+    width = spec.shape[-1]
+    if isinstance(width, int) and width != n_features:
+        return f"it expects {width} features but its scales give {n_features}"
+    if output.type != "tensor(float)" or len(output.shape or ()) != 2:
+        return (f"its output {output.name!r} is {output.type}, expected a (pixels, classes) "
+                "float tensor of probabilities: convert the forest with skl2onnx's "
+                "options={id(forest): {'zipmap': False}}")
+    return None
+
+
 class RandomForestBackend:
     """An ONNX random-forest pixel classifier (skl2onnx) as a Backend, on ONNX Runtime."""
 
@@ -135,22 +171,13 @@ class RandomForestBackend:
         Nuclei cards name ``foreground_classes`` and ``seed_classes`` (two output channels),
         grains cards ``boundary_classes`` (one output channel).
         """
-        p = card.parameters
-        try:
-            self.scales = tuple(float(s) for s in p.get("scales", DEFAULT_SCALES))
-            self.foreground_classes = [int(c) for c in p.get("foreground_classes", [1, 2])]
-            self.seed_classes = [int(c) for c in p.get("seed_classes", [2])]
-            self.boundary_classes = [int(c) for c in p.get("boundary_classes", [1])]
-        except (TypeError, ValueError) as exc:
-            raise ModelError(
-                f"model {card.name!r}: invalid random-forest parameters: {exc}"
-            ) from None
-        if not self.scales or min(self.scales) <= 0:
-            raise ModelError(f"model {card.name!r}: parameters.scales must be positive")
+        p = read_parameters(Forest, card.name, card.parameters)
+        self.scales = tuple(p.scales)
+        self.foreground_classes = list(p.foreground_classes)
+        self.seed_classes = list(p.seed_classes)
+        self.boundary_classes = list(p.boundary_classes)
         self.task = card.task
         used = [c for group in self.channel_classes for c in group]
-        if not all(self.channel_classes):
-            raise ModelError(f"model {card.name!r}: every output needs at least one class")
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
@@ -166,18 +193,18 @@ class RandomForestBackend:
             raise ModelError(f"ONNX Runtime cannot load {card.onnx_path}: {exc}") from None
         inputs = self._session.get_inputs()
         n_features = len(feature_names(self.scales))
-        width = inputs[0].shape[-1]
-        if isinstance(width, int) and width != n_features:
-            self._session = None
-            raise ModelError(
-                f"model {card.name!r} expects {width} features but its scales give {n_features}"
-            )
-        self._input = inputs[0].name
-        names = [o.name for o in self._session.get_outputs()]
+        outputs = self._session.get_outputs()
+        names = [o.name for o in outputs]
         self._output = card.output_name if card.output_name in names else names[-1]
+        chosen = outputs[names.index(self._output)]
+        problem = _io_problem(inputs, chosen, n_features)
+        if problem:
+            self._session = None
+            raise ModelError(f"model {card.name!r} ({card.onnx_path}): {problem}")
+        self._input = inputs[0].name
         n_classes = max(used) + 1
-        columns = next(o for o in self._session.get_outputs() if o.name == self._output).shape
-        if min(used) < 0 or (isinstance(columns[-1], int) and columns[-1] < n_classes):
+        columns = chosen.shape[-1]
+        if isinstance(columns, int) and columns < n_classes:
             self._session = None
             raise ModelError(f"model {card.name!r}: class indices outside the forest's output")
         log.info(
@@ -207,7 +234,11 @@ class RandomForestBackend:
         out = np.empty((n, len(groups), h, w), dtype=np.float32)
         for i in range(n):
             features = pixel_features(x[i, 0], self.scales)
-            (proba,) = self._session.run([self._output], {self._input: features})
+            try:
+                (proba,) = self._session.run([self._output], {self._input: features})
+            except Exception as exc:  # onnxruntime raises its own exception types
+                raise ModelError(f"ONNX Runtime cannot run the forest {self._output!r}: "
+                                 f"{exc}") from None
             p = np.asarray(proba, dtype=np.float32).reshape(h, w, -1)
             for c, classes in enumerate(groups):
                 out[i, c] = p[..., classes].sum(axis=-1)

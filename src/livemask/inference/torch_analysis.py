@@ -251,6 +251,8 @@ class TorchAnalysis:
         if min_span_noise is not None:  # as noise_sigma: the interquartile range / 1.349
             sigma = iqr_sigma(_percentile(ordered, 25.0), _percentile(ordered, 75.0))
             span = torch.maximum(span, min_span_noise * sigma)
+        # as percentile_normalize: a few objects on a black background reach the top
+        span = torch.where(span > 0, span, image.max() - lo)
         scale = torch.where(span > 0, 1.0 / span.clamp_min(1e-30), torch.zeros_like(span))
         return (image - lo) * scale
 

@@ -322,6 +322,88 @@ def test_replay_cli_plays_a_tiff_stack(tmp_path: Path) -> None:
     assert len(_csv_rows(rec.measurements_csv)) == sum(f["summary"]["count"] for f in rec.frames)
 
 
+def _replayed(stack: Any) -> list[tuple[dict[str, int], np.ndarray]]:
+    """(index, image) of every frame a ReplaySource plays from ``stack``."""
+    source = ReplaySource(stack, interval_s=0.0)
+    got: list[tuple[dict[str, int], np.ndarray]] = []
+    done: list[str | None] = []
+    source.connect(lambda raw: got.append((dict(raw.event.index), raw.image)))
+    source.start([useq.MDAEvent()] * (stack.frames + 3), mode="free-run", on_done=done.append)
+    _wait(lambda: bool(done))
+    source.close()
+    assert done == [None]
+    return got
+
+
+def test_an_ome_tiff_of_several_series_replays_each_as_a_position(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before, only the first series was replayed (5 of 10 frames), and the exit code was 0."""
+    data = np.random.default_rng(0).integers(0, 4000, (2, 5, 32, 48)).astype(np.uint16)
+    with tifffile.TiffWriter(tmp_path / "multipos.ome.tif", ome=True) as tw:
+        for p in range(2):
+            tw.write(data[p], metadata={"axes": "TYX"}, photometric="minisblack")
+    with caplog.at_level("INFO", logger="livemask"):
+        stack = open_stack(tmp_path / "multipos.ome.tif")
+    assert "its 2 image series are replayed as positions (p)" in caplog.text
+    assert (stack.frames, stack.shape) == (10, (32, 48))
+    played = _replayed(stack)
+    # the time points outermost, as a microscope acquires them
+    assert [index for index, _ in played] == [{"t": t, "p": p} for t in range(5) for p in (0, 1)]
+    for index, image in played:
+        np.testing.assert_array_equal(image, data[index["p"], index["t"]])
+    stack.close()
+    with tifffile.TiffWriter(tmp_path / "planes.ome.tif", ome=True) as tw:
+        for p in range(3):  # one plane per position
+            tw.write(data[0, p], metadata={"axes": "YX"}, photometric="minisblack")
+    stack = open_stack(tmp_path / "planes.ome.tif")
+    assert [stack.index(i) for i in range(stack.frames)] == [{"p": 0}, {"p": 1}, {"p": 2}]
+    np.testing.assert_array_equal(stack.plane(2), data[0, 2])
+    stack.close()
+
+
+def test_tiff_series_that_differ_replay_the_first_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with tifffile.TiffWriter(tmp_path / "mixed.ome.tif", ome=True) as tw:
+        tw.write(np.zeros((5, 32, 32), np.uint16), metadata={"axes": "TYX"},
+                 photometric="minisblack")
+        tw.write(np.zeros((3, 16, 16), np.uint16), metadata={"axes": "TYX"},
+                 photometric="minisblack")
+    with caplog.at_level("WARNING", logger="livemask"):
+        stack = open_stack(tmp_path / "mixed.ome.tif")
+    try:
+        assert stack.frames == 5 and stack.shape == (32, 32)
+    finally:
+        stack.close()
+    assert ("holds 2 image series of different shapes or types ((5, 32, 32) uint16, "
+            "(3, 16, 16) uint16); only the first is replayed") in caplog.text
+
+
+@pytest.mark.parametrize(("name", "kwargs", "letter"), [
+    ("slices.tif", {"imagej": True, "metadata": {"axes": "ZYX"}}, "Z"),  # ImageJ's own stacks
+    ("imagej.tif", {"imagej": True}, "C"),  # tifffile: a 3-D ImageJ array reads back as CYX
+    ("channels.ome.tif", {"ome": True, "metadata": {"axes": "CYX"},
+                          "photometric": "minisblack"}, "C"),
+])
+def test_a_single_stack_axis_of_any_name_replays_as_time_points(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, name: str, kwargs: dict, letter: str
+) -> None:
+    """Before, a Z or C stack replayed as {"z": i} or {"c": i}: each plane its own tracking
+    stream, so tracks never linked."""
+    data = np.random.default_rng(1).integers(0, 4000, (4, 16, 24)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / name, data, **kwargs)
+    assert tifffile.TiffFile(tmp_path / name).series[0].axes == f"{letter}YX"
+    with caplog.at_level("INFO", logger="livemask"):
+        stack = open_stack(tmp_path / name)
+    assert f"its one stack axis '{letter}' (4 planes) is replayed as time points" in caplog.text
+    played = _replayed(stack)
+    assert [index for index, _ in played] == [{"t": i} for i in range(4)]
+    for i, (_, image) in enumerate(played):
+        np.testing.assert_array_equal(image, data[i])
+    stack.close()
+
+
 def test_open_stack_reads_ome_zarr_axes(tmp_path: Path) -> None:
     root = zarr.open_group(tmp_path / "img.zarr", mode="w", zarr_format=3, attributes={"ome": {
         "version": "0.5", "multiscales": [{
@@ -363,7 +445,8 @@ def test_a_frame_lost_from_a_recording_is_skipped_and_reported_not_replayed_blac
     for t in (2, 4):
         (run / "images.ome.zarr" / "0" / "c" / str(t) / "0" / "0").unlink()
     stack = open_stack(run)
-    with pytest.raises(ReplayError, match=r"frame 2 of .* is not stored: 1 chunk file"):
+    with pytest.raises(ReplayError,
+                       match=r"frame_id 2 \(replayed as frame 2\) of .* is not stored: 1 chunk"):
         stack.plane(2)
     np.testing.assert_array_equal(stack.plane(3), images[3])
 
@@ -405,6 +488,20 @@ def test_a_plain_zarr_reads_left_out_chunks_as_fill_value_and_skips_a_corrupt_on
     (error,) = done
     assert error is not None and "1 of 4 frame(s) could not be read" in error
     assert "frame 2 of" in error and "cannot be read" in error
+
+
+def test_a_frame_not_stored_is_named_by_its_recorded_frame_id(tmp_path: Path) -> None:
+    """Before, the message named the frame's place in the replay (2), not its frame_id (4)."""
+    run, _ = _recorded(tmp_path, 6)
+    jsonl = run / "frames.jsonl"
+    lines = jsonl.read_text(encoding="utf-8").splitlines(keepends=True)
+    jsonl.write_text("".join(lines[:1] + lines[3:]), encoding="utf-8")  # frames 1, 2 lost
+    (run / "images.ome.zarr" / "0" / "c" / "4" / "0" / "0").unlink()
+    stack = open_stack(run)
+    assert [stack.index(i)["t"] for i in range(stack.frames)] == [0, 3, 4, 5]
+    with pytest.raises(ReplayError, match=r"^frame_id 4 \(replayed as frame 2\) of .* is not "
+                       r"stored: 1 chunk file"):
+        stack.plane(2)
 
 
 def test_a_recording_from_before_every_chunk_was_written_is_not_checked(

@@ -11,7 +11,16 @@ import pytest
 import useq
 
 from livemask.acquisition import sequence as lazy
-from livemask.acquisition.sequence import check_input, event_count, iter_events
+from livemask.acquisition.sequence import (
+    check_input,
+    check_sequence,
+    check_size,
+    event_count,
+    iter_events,
+    with_field_of_view,
+)
+from livemask.errors import ConfigError
+from tests.conftest import make_config
 
 CASES: dict[str, dict[str, Any]] = {
     "time, channels, z": {
@@ -53,6 +62,30 @@ CASES: dict[str, dict[str, Any]] = {
         "axis_order": "ptc",
     },
     "two time phases": {"time_plan": [{"interval": 0.5, "loops": 5}, {"interval": 1, "loops": 8}]},
+    # useq skips a channel by the time index within its iteration: chunks must start where
+    # every acquire_every divides it (before: GFP at t 7, 14, 21 with chunks of 7)
+    "a channel every third time point": {
+        "time_plan": {"interval": 0.5, "loops": 25},
+        "channels": ["DAPI", {"config": "GFP", "acquire_every": 3}],
+    },
+    "channels every 2nd and 3rd time point, and a position's every 4th": {
+        "time_plan": {"interval": 0.5, "loops": 40},
+        "stage_positions": [(0, 0, 0), {"x": 5, "y": 5, "sequence": {
+            "grid_plan": {"rows": 1, "columns": 2},
+            "channels": [{"config": "DAPI", "acquire_every": 4}]}}],
+        "channels": [{"config": "DAPI", "acquire_every": 2}, {"config": "GFP", "acquire_every": 3}],
+    },
+    "a channel every 8th time point, more than a chunk": {
+        "time_plan": {"interval": 0.5, "loops": 30},
+        "channels": ["DAPI", {"config": "GFP", "acquire_every": 8}],
+    },
+    "grids sized by their edges and by their width, no fov (useq's 1 µm)": {
+        "stage_positions": [{"sequence": {
+            "grid_plan": {"top": 0, "left": 0, "bottom": -2.5, "right": 3}}}],
+        "grid_plan": {"width": 3.5, "height": 2, "overlap": 10},
+        "z_plan": {"above": 1, "below": 0.5, "step": 0.25},
+    },
+    "z positions listed": {"z_plan": {"relative": [0, 1, 5]}, "channels": ["DAPI"]},
     "no time plan": {"channels": ["DAPI", "GFP"]},
     "empty": {},
 }
@@ -72,7 +105,8 @@ def test_chunked_events_equal_useqs(case: str) -> None:
     # counted without walking the time plan; the events themselves where nothing is nested
     sizes = [n for n in seq.sizes.values() if n]
     assert event_count(seq) == (math.prod(sizes) if sizes else 0)
-    if "grid of its own" not in case and "autofocus" not in case:
+    inexact = ("grid of its own", "autofocus", "every", "grids sized")  # nested or skipped
+    if not any(word in case for word in inexact):
         assert event_count(seq) == len(expected)
 
 
@@ -101,6 +135,71 @@ def test_the_walk_limit_catches_useqs_own_iteration() -> None:
     seq = useq.MDASequence(time_plan={"interval": 0, "loops": 10**12})
     with pytest.raises(AssertionError, match="walked more than"):
         next(iter(seq))
+
+
+@pytest.mark.usefixtures("short_time_walks")
+def test_an_endless_time_lapse_with_a_channel_every_third_point_runs_in_chunks() -> None:
+    seq = useq.MDASequence(time_plan={"interval": 0, "loops": 10**12},
+                           channels=["DAPI", {"config": "GFP", "acquire_every": 3}])
+    first = [(e.index["t"], e.channel.config) for e in itertools.islice(iter_events(seq), 7)
+             if e.channel is not None]
+    assert first == [(0, "DAPI"), (0, "GFP"), (1, "DAPI"), (2, "DAPI"), (3, "DAPI"),
+                     (3, "GFP"), (4, "DAPI")]
+
+
+def test_chunks_are_cut_where_every_channel_is_due() -> None:
+    # seq3 of the review: 10,006 time points, the default chunk of 10,000 (not a multiple
+    # of 3): GFP was imaged at t 10,000 and 10,003 instead of 10,002 and 10,005
+    seq = useq.MDASequence(time_plan={"interval": 1, "loops": 10_006},
+                           channels=["DAPI", {"config": "GFP", "acquire_every": 3}])
+    gfp = [e.index["t"] for e in iter_events(seq)
+           if e.channel is not None and e.channel.config == "GFP" and e.index["t"] >= 9995]
+    assert gfp == [9996, 9999, 10002, 10005]
+
+
+def test_the_events_of_a_time_point_are_counted_from_the_plans() -> None:
+    # before: useq listed the 10**12 z positions to count them (MemoryError; 10**8: 9 s)
+    seq = useq.MDASequence(z_plan={"range": 1, "step": 1e-12}, channels=["DAPI"])
+    assert seq.z_plan is not None
+    assert event_count(seq) == seq.z_plan.num_positions() > 10**12
+    seq = useq.MDASequence(time_plan={"interval": 1, "loops": 3},
+                           grid_plan={"rows": 10**6, "columns": 10**6})
+    assert event_count(seq) == 3 * 10**12
+
+
+@pytest.mark.parametrize(("data", "field"), [
+    ({"z_plan": {"range": 1, "step": 1e-12}}, "sequence.z_plan (a larger step"),
+    ({"grid_plan": {"rows": 10**6, "columns": 10**6}}, "sequence.grid_plan (fewer rows"),
+    ({"grid_plan": {"top": 0, "left": 0, "bottom": -1e5, "right": 1e5, "fov_width": 0.1,
+                    "fov_height": 0.1}}, "sequence.grid_plan"),
+    ({"channels": ["DAPI", "GFP"], "stage_positions": [
+        {"x": 0, "y": 0, "sequence": {"z_plan": {"above": 1, "below": 1, "step": 1e-6}}}]},
+     "sequence.stage_positions[0].sequence.z_plan"),
+    ({"z_plan": {"range": 99, "step": 1}, "grid_plan": {"rows": 100, "columns": 110}},
+     "sequence.grid_plan"),
+])
+def test_check_sequence_refuses_too_many_events_per_time_point(data: dict, field: str) -> None:
+    seq = useq.MDASequence.model_validate(data)
+    with pytest.raises(ValueError, match=r"events per time point") as info:
+        check_sequence(seq, data)
+    assert f"at most {lazy.MAX_EVENTS_PER_TIME_POINT:,} are allowed: change {field}" in str(
+        info.value)
+    with pytest.raises(ValueError, match=r"events per time point"):  # and before useq lists
+        next(iter_events(seq))
+
+
+def test_a_grid_sized_by_the_cameras_field_is_counted_once_it_is_known() -> None:
+    data = {"grid_plan": {"width": 10_000, "height": 10_000}}
+    seq = useq.MDASequence.model_validate(data)
+    check_sequence(seq, data)  # the camera's field decides the tiles: not known yet
+    with pytest.raises(ValueError, match=r"change sequence\.grid_plan"):
+        check_size(with_field_of_view(seq, (1.0, 1.0)))
+    check_size(with_field_of_view(seq, (100.0, 100.0)))
+
+
+def test_a_config_with_too_many_events_per_time_point_names_the_plan() -> None:
+    with pytest.raises(ConfigError, match=r"acquisition\.sequence.*change sequence\.z_plan"):
+        make_config(acquisition={"sequence": {"z_plan": {"range": 10, "step": 1e-6}}})
 
 
 def test_a_long_sequence_that_cannot_be_chunked_is_warned_about(

@@ -116,11 +116,12 @@ def missing_chunks(data: Any) -> MissingChunks | None:
 
 
 def _read_plane(data: Any, where: tuple[int, ...], missing: MissingChunks | None,
-                path: Path, i: int) -> np.ndarray:
-    """Plane ``where`` of ``data``; :class:`FrameNotStored` when its chunk files are missing."""
+                path: Path, frame: str) -> np.ndarray:
+    """Plane ``where`` of ``data``; :class:`FrameNotStored`, naming ``frame``, when its chunk
+    files are missing."""
     if missing is not None and (gone := missing(where)):
         raise FrameNotStored(
-            f"frame {i} of {path} is not stored: {len(gone)} chunk file(s) missing, e.g. "
+            f"{frame} of {path} is not stored: {len(gone)} chunk file(s) missing, e.g. "
             f"{gone[0]} (deleted, or never written by the recorder)"
         )
     return np.ascontiguousarray(np.asarray(data[where]))
@@ -192,7 +193,7 @@ def _planes(
 
     def plane(i: int) -> np.ndarray:
         where = tuple(int(k) for k in np.unravel_index(i, lead)) if lead else ()
-        return _read_plane(data, where, None, path, i)
+        return _read_plane(data, where, None, path, f"frame {i}")
 
     indices = None
     if lead:
@@ -226,7 +227,8 @@ def _open_recording(path: Path) -> ReplayStack:
     missing = missing_chunks(images) if every_chunk else None
 
     def plane(i: int) -> np.ndarray:
-        return _read_plane(images, (ids[i],), missing, rec.path, i)
+        return _read_plane(images, (ids[i],), missing, rec.path,
+                           f"frame_id {ids[i]} (replayed as frame {i})")
 
     return ReplayStack(
         rec.path, "recording", len(records), tuple(images.shape[1:]), np.dtype(images.dtype),
@@ -277,6 +279,30 @@ def _open_zarr(path: Path) -> ReplayStack:
     return _planes(path, "ome-zarr", data, [n.lower() for n in names[:-2]], pixel)
 
 
+class _Series:
+    """Same-shaped series of a TIFF as one array, with a position axis ``p`` at ``at``."""
+
+    def __init__(self, arrays: Sequence[Any], at: int) -> None:
+        self.arrays = arrays
+        self.at = at
+        shape = tuple(int(n) for n in arrays[0].shape)
+        self.shape = (*shape[:at], len(arrays), *shape[at:])
+        self.dtype = arrays[0].dtype
+
+    def __getitem__(self, where: tuple[int, ...]) -> Any:
+        return self.arrays[where[self.at]][(*where[:self.at], *where[self.at + 1:])]
+
+
+def _tiff_axes(path: Path, letters: str, shape: tuple[int, ...]) -> list[str]:
+    """The replay axes of a TIFF series' leading axes (``letters`` without Y, X)."""
+    if len(letters) != 1:
+        return [_TIFF_AXES.get(a, a) for a in letters]
+    if letters != "T":  # ImageJ saves a plain stack as Z, tifffile a 3-D one as C or Q
+        log.info("%s: its one stack axis %r (%d planes) is replayed as time points (t)",
+                 path, letters, shape[0])
+    return ["t"]
+
+
 def _open_tiff(path: Path) -> ReplayStack:
     import tifffile
 
@@ -285,7 +311,10 @@ def _open_tiff(path: Path) -> ReplayStack:
     except Exception as exc:
         raise ReplayError(f"{path} cannot be read as TIFF: {exc}") from None
     try:
-        series = tif.series[0]
+        all_series = list(tif.series)
+        if not all_series:
+            raise ReplayError(f"{path} holds no image series")
+        series = all_series[0]
         letters = series.axes.upper()
         shape = tuple(series.shape)
         if "S" in letters:
@@ -294,27 +323,45 @@ def _open_tiff(path: Path) -> ReplayStack:
             )
         if letters[-2:] != "YX":
             raise ReplayError(f"{path} has axes {letters}; frames must be (…, Y, X)")
-        lead = letters[:-2]
-        if len(lead) == 1:  # one stack axis: whatever its name (I, Q, T, Z, C), step along it
-            axes = [_TIFF_AXES.get(lead, "t")]
-        else:
-            axes = [_TIFF_AXES.get(a, a) for a in lead]
+        kinds = {(tuple(s.shape), np.dtype(s.dtype).str) for s in all_series}
+        if len(kinds) > 1:  # e.g. a slide scanner's label or overview image beside the data
+            shapes = ", ".join(f"{tuple(s.shape)} {np.dtype(s.dtype)}" for s in all_series)
+            log.warning("%s holds %d image series of different shapes or types (%s); only "
+                        "the first is replayed (series of one shape play as positions): save "
+                        "the others as files of their own to replay them", path,
+                        len(all_series), shapes)
+            all_series = all_series[:1]
+        axes = _tiff_axes(path, letters[:-2], shape)
         _check(path, shape, np.dtype(series.dtype), axes)
         found = tiff_pixel_size(tif, resolution_tags=False)  # OME and ImageJ, as before
         pixel = found[0] if found is not None else None
-        try:
-            data: Any = tifffile.memmap(path, series=0, mode="r")
-        except (ValueError, OSError):  # compressed or not contiguous: read it all
-            data = series.asarray()
+        arrays = [np.asarray(_tiff_data(tif, path, k)).reshape(shape)
+                  for k in range(len(all_series))]
     except ReplayError:
         tif.close()
         raise
     except Exception as exc:
         tif.close()
         raise ReplayError(f"{path} cannot be read as a TIFF stack: {exc}") from None
-    stack = _planes(path, "tiff", np.asarray(data).reshape(shape), axes, pixel)
+    data: Any = arrays[0]
+    if len(arrays) > 1:  # an OME-TIFF of several positions: one series each
+        at = 1 if axes[:1] == ["t"] else 0  # the time points outermost, as acquired
+        data = _Series(arrays, at)
+        axes = [*axes[:at], "p", *axes[at:]]
+        log.info("%s: its %d image series are replayed as positions (p)", path, len(arrays))
+    stack = _planes(path, "tiff", data, axes, pixel)
     stack.close = tif.close
     return stack
+
+
+def _tiff_data(tif: Any, path: Path, k: int) -> Any:
+    """Series ``k`` of ``tif``: memory-mapped where it is uncompressed and contiguous."""
+    import tifffile
+
+    try:
+        return tifffile.memmap(path, series=k, mode="r")
+    except (ValueError, OSError):  # compressed or not contiguous: read it all
+        return tif.series[k].asarray()
 
 
 # ------------------------------------------------------------------ the source

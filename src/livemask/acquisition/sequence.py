@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -26,6 +28,9 @@ log = logging.getLogger("livemask")
 CHUNK_TIMEPOINTS = 10_000
 #: Above this many time points a sequence that cannot be chunked gets a warning.
 LARGE_TIMEPOINTS = 1_000_000
+#: Most events a sequence may plan per time point (z × positions × grid tiles × channels,
+#: a position's own sub-sequence included): useq lists every axis before the first event.
+MAX_EVENTS_PER_TIME_POINT = 1_000_000
 _Model = TypeVar("_Model", bound=BaseModel)
 _SINGLE_PHASE = (useq.TIntervalLoops, useq.TDurationLoops, useq.TIntervalDuration)
 _TIME = useq.Axis.TIME
@@ -60,10 +65,11 @@ def check_timing(seq: useq.MDASequence) -> None:
 
 def check_sequence(seq: useq.MDASequence, data: Any, what: str = "sequence") -> None:
     """The checks a sequence from a config or a client gets: :func:`check_input` on the
-    ``data`` it was validated from, :func:`check_timing`, and no ``setup`` event;
-    ``ValueError`` naming what."""
+    ``data`` it was validated from, :func:`check_timing`, :func:`check_size` and no
+    ``setup`` event; ``ValueError`` naming what."""
     check_input(seq, data, what)
     check_timing(seq)
+    check_size(seq, what, fov_needed=False)
     if seq.setup is not None:  # pymmcore-plus runs it only for a whole MDASequence
         raise ValueError(
             f"{what}.setup is not run by livemask (the service feeds pymmcore-plus its "
@@ -136,10 +142,118 @@ def time_points(seq: useq.MDASequence) -> int:
     return int(seq.time_plan.num_timepoints()) if seq.time_plan is not None else 0
 
 
+#: What a plan whose size overflows counts as (more than any cap).
+_HUGE = 2**63
+
+
+def _z_size(plan: Any) -> int:
+    """Positions of a z plan (0 without one), as useq iterates it, from its range and step
+    (useq's own ``num_positions``; the list itself only where it is small)."""
+    if plan is None:
+        return 0
+    try:
+        n = max(int(plan.num_positions()), 0)
+    except (OverflowError, ValueError, ZeroDivisionError):
+        return _HUGE
+    return len(plan.positions()) if n <= MAX_EVENTS_PER_TIME_POINT else n
+
+
+def _grid_size(plan: Any, *, fov_needed: bool = True) -> int:
+    """Tiles of a grid plan (0 without one), as useq iterates it (a missing field of view
+    counts as 1 µm, as useq takes it), from its rows and columns or its extent and field.
+
+    With ``fov_needed=False`` a plan whose tiles depend on a field of view it does not give
+    counts as 1: the camera's field is filled in at the start (:func:`with_field_of_view`).
+    A polygon counts as the tiles of its bounding box where that is large."""
+    if plan is None:
+        return 0
+    if isinstance(plan, useq.GridRowsColumns):
+        return int(plan.rows) * int(plan.columns)
+    if plan.fov_width is None or plan.fov_height is None:
+        if not fov_needed:
+            return 1
+        if isinstance(plan, useq.GridFromPolygon):  # useq iterates it with a 1 µm field
+            plan = plan.model_copy(update={"fov_width": plan.fov_width or 1.0,
+                                           "fov_height": plan.fov_height or 1.0})
+    try:
+        dx, dy = plan._step_size(plan.fov_width or 1.0, plan.fov_height or 1.0)
+        n = int(plan._nrows(dy)) * int(plan._ncolumns(dx))
+    except (OverflowError, ValueError, ZeroDivisionError):
+        return _HUGE
+    if isinstance(plan, useq.GridFromPolygon) and n <= MAX_EVENTS_PER_TIME_POINT:
+        return len(list(plan))
+    return n
+
+
 def _other_sizes(seq: useq.MDASequence) -> dict[str, int]:
-    """Sizes of the axes other than time (these useq counts quickly)."""
-    sizes = seq.replace(time_plan=None).sizes
-    return {str(axis): n for axis, n in sizes.items() if n and axis != _TIME}
+    """Sizes of the axes other than time, as ``seq.sizes`` has them, counted from the plans
+    (useq lists every z position and grid tile to count them)."""
+    sizes = {
+        str(useq.Axis.POSITION): len(seq.stage_positions),
+        str(useq.Axis.GRID): _grid_size(seq.grid_plan),
+        str(useq.Axis.CHANNEL): len(seq.channels),
+        str(useq.Axis.Z): _z_size(seq.z_plan),
+    }
+    return {axis: n for axis, n in sizes.items() if n}
+
+
+def _sizes_per_time_point(
+    seq: useq.MDASequence, where: str, fov_needed: bool
+) -> tuple[int, list[tuple[str, int]]]:
+    """Events of one time point of ``seq`` (an upper bound where positions carry
+    sub-sequences: their events times the parent's), and the sizes of the plans that make
+    them, named by field."""
+    parts = [
+        (f"{where}z_plan", _z_size(seq.z_plan)),
+        (f"{where}grid_plan", _grid_size(seq.grid_plan, fov_needed=fov_needed)),
+        (f"{where}channels", len(seq.channels)),
+    ]
+    base = math.prod(max(n, 1) for _, n in parts)
+    positions = seq.stage_positions
+    if not positions:
+        return base, parts
+    parts.append((f"{where}stage_positions", len(positions)))
+    total = 0
+    for i, position in enumerate(positions):
+        sub = position.sequence
+        if sub is None:
+            total += base
+            continue
+        n, sub_parts = _sizes_per_time_point(
+            sub, f"{where}stage_positions[{i}].sequence.", fov_needed)
+        t = (f"{where}stage_positions[{i}].sequence.time_plan", time_points(sub))
+        parts += [*sub_parts, t]
+        total += base * n * max(t[1], 1)
+    return total, parts
+
+
+def check_size(seq: useq.MDASequence, what: str = "sequence", *, fov_needed: bool = True) -> None:
+    """Raise ``ValueError`` naming the plan to change when ``seq`` plans more than
+    ``MAX_EVENTS_PER_TIME_POINT`` events per time point, counted from its plans.
+
+    ``fov_needed=False`` (before the camera's field of view is known) leaves out grids
+    sized by a field of view they do not give."""
+    n, parts = _sizes_per_time_point(seq, f"{what}.", fov_needed)
+    if n <= MAX_EVENTS_PER_TIME_POINT:
+        return
+    field, _ = max(parts, key=lambda part: part[1])
+    named = [f"{name} {k:,}" for name, k in parts if k > 1]
+    sizes = ", ".join(named[:6]) + (f", … {len(named) - 6} more" if len(named) > 6 else "")
+    raise ValueError(
+        f"{what} plans {n:,} events per time point ({sizes}); at most "
+        f"{MAX_EVENTS_PER_TIME_POINT:,} are allowed: change {field} "
+        f"({_SHRINK[field.rsplit('.', 1)[-1]]})"
+    )
+
+
+#: How to make each plan smaller, for :func:`check_size`'s message.
+_SHRINK = {
+    "z_plan": "a larger step or a smaller range",
+    "grid_plan": "fewer rows and columns, a smaller area or a larger fov_width/fov_height",
+    "channels": "fewer channels",
+    "stage_positions": "fewer positions",
+    "time_plan": "fewer time points",
+}
 
 
 def event_count(seq: useq.MDASequence) -> int:
@@ -167,14 +281,87 @@ def _chunkable(seq: useq.MDASequence) -> bool:
     return all(p.sequence is None or p.sequence.time_plan is None for p in seq.stage_positions)
 
 
+def _chunk_size(seq: useq.MDASequence, chunk: int) -> int:
+    """``chunk`` rounded down to a multiple of every channel's ``acquire_every`` (at least
+    their least common multiple): useq skips a channel by the time index *within* the
+    iteration, so a chunk must start where ``t % acquire_every`` is 0 for all of them."""
+    every = math.lcm(*(int(c.acquire_every) for c in sequence_channels(seq)))
+    size = max(chunk // every, 1) * every
+    if size > chunk:
+        log.warning(
+            "the channels' acquire_every values (least common multiple %d) make each chunk "
+            "of the time-lapse %d time points instead of %d; give them a small common "
+            "multiple", every, size, chunk,
+        )
+    return size
+
+
+#: The field of view of the camera that runs the events iterated on this thread
+#: (:func:`camera_field`).
+_CAMERA = threading.local()
+
+
+@contextmanager
+def camera_field(field: tuple[float, float] | None) -> Iterator[None]:
+    """Within it, :func:`iter_events` on this thread fills in missing ``fov_width`` and
+    ``fov_height`` of grid plans with ``field`` (width, height in µm; None: the camera's
+    pixel size is unknown), as pymmcore-plus does for an ``MDASequence`` it runs itself."""
+    before = getattr(_CAMERA, "field", None)
+    _CAMERA.field = (field,)
+    try:
+        yield
+    finally:
+        _CAMERA.field = before
+
+
+def with_field_of_view(
+    seq: useq.MDASequence, field: tuple[float, float] | None, what: str = "sequence"
+) -> useq.MDASequence:
+    """``seq`` with ``field`` (width, height in µm) as the ``fov_width``/``fov_height`` of its
+    grid plans and its positions' sub-sequences' that do not give them (given values are
+    kept); ``ValueError`` naming both ways out where a grid needs it and ``field`` is None."""
+    grid = seq.grid_plan
+    update: dict[str, Any] = {}
+    if grid is not None and (grid.fov_width is None or grid.fov_height is None):
+        if field is None:
+            raise ValueError(
+                f"{what}.grid_plan has no fov_width/fov_height and the camera's field of "
+                "view is unknown (the core has no pixel size): give the grid_plan fov_width "
+                "and fov_height in µm, or calibrate the pixel size (PixelSize_um in "
+                "hardware.config_file)"
+            )
+        update["grid_plan"] = grid.model_copy(update={
+            "fov_width": field[0] if grid.fov_width is None else grid.fov_width,
+            "fov_height": field[1] if grid.fov_height is None else grid.fov_height,
+        })
+    positions = list(seq.stage_positions)
+    for i, position in enumerate(positions):
+        if position.sequence is not None:
+            sub = with_field_of_view(
+                position.sequence, field, f"{what}.stage_positions[{i}].sequence")
+            if sub is not position.sequence:
+                positions[i] = position.model_copy(update={"sequence": sub})
+                update["stage_positions"] = positions
+    return seq.replace(**update) if update else seq  # (a new uid: useq caches by it)
+
+
 def iter_events(
     seq: useq.MDASequence, chunk: int = CHUNK_TIMEPOINTS
 ) -> Iterator[useq.MDAEvent]:
-    """The events of ``seq`` (as ``iter(seq)``), ``chunk`` time points at a time when the
-    time plan is longer than that and time is the outermost axis."""
+    """The events of ``seq`` (as ``iter(seq)``), about ``chunk`` time points at a time when
+    the time plan is longer than that and time is the outermost axis.
+
+    Under :func:`camera_field` (the microscope's runner thread), grid plans without a field
+    of view get the camera's first. ``ValueError`` for more than
+    ``MAX_EVENTS_PER_TIME_POINT`` events per time point (:func:`check_size`)."""
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1 time point, got {chunk}")
+    camera = getattr(_CAMERA, "field", None)
+    if camera is not None:
+        seq = with_field_of_view(seq, camera[0])
+    check_size(seq)
     n = time_points(seq)
+    chunk = _chunk_size(seq, chunk) if n > chunk else chunk
     if n <= chunk or not _chunkable(seq):
         if n > LARGE_TIMEPOINTS:
             log.warning(

@@ -22,6 +22,7 @@ import useq
 from livemask.acquisition.engine import FocusTolerantEngine
 from livemask.acquisition.feed import EventFeed
 from livemask.acquisition.mode import Mode
+from livemask.acquisition.sequence import camera_field
 from livemask.errors import AcquisitionEnding, AcquisitionError
 
 if TYPE_CHECKING:
@@ -395,10 +396,20 @@ class MicroscopeSource(FeedThreadSource):
         )
         self._thread.start()
 
+    def field_of_view(self) -> tuple[float, float] | None:
+        """(width, height) of the camera's image in µm, or None without a pixel size."""
+        px = float(self.core.getPixelSizeUm())
+        if not (math.isfinite(px) and px > 0):
+            return None
+        return (self.core.getImageWidth() * px, self.core.getImageHeight() * px)
+
     def _run(self, feed: EventFeed) -> None:
         error: str | None = None
         try:
-            self.core.mda.run(feed)
+            # pymmcore-plus gives a grid without a field of view the camera's only for an
+            # MDASequence it runs itself; the sequence's events are made on this thread
+            with camera_field(self.field_of_view()):
+                self.core.mda.run(feed)
         except Exception as exc:  # a hardware fault must not kill the service
             log.exception("acquisition failed")
             error = f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,122 @@
+"""Grid plans without a field of view step by one camera field on the microscope."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import useq
+from pymmcore_plus import CMMCorePlus
+
+from livemask.acquisition.core import close_core, open_core
+from livemask.acquisition.sequence import camera_field, iter_events, with_field_of_view
+from livemask.acquisition.simulated.world import configure_world
+from livemask.acquisition.source import MicroscopeSource, RawFrame
+
+CFG = Path(__file__).resolve().parents[1] / "hardware" / "simulated.cfg"
+
+
+@pytest.fixture
+def core() -> Iterator[CMMCorePlus]:
+    configure_world(seed=3, sensor_shape=(64, 96))
+    mmc = open_core(CFG)
+    yield mmc
+    close_core(mmc)
+
+
+def _run(core: CMMCorePlus, sequence: dict[str, Any]) -> tuple[list[RawFrame], str | None]:
+    """Run ``sequence`` through a MicroscopeSource as the service does; frames and error."""
+    frames: list[RawFrame] = []
+    ended = threading.Event()
+    result: list[str | None] = []
+    source = MicroscopeSource(core, frames.append)
+    try:
+        seq = useq.MDASequence.model_validate(sequence)
+        source.start(iter_events(seq), mode="free-run",
+                     on_done=lambda error: (result.append(error), ended.set()))
+        assert ended.wait(30), "the acquisition did not end"
+    finally:
+        source.stop()
+        core.mda.events.frameReady.disconnect(source._frame_ready)
+    return frames, result[0]
+
+
+def _field_um(core: CMMCorePlus) -> tuple[float, float]:
+    px = core.getPixelSizeUm()
+    assert px > 0
+    return core.getImageWidth() * px, core.getImageHeight() * px
+
+
+def test_tiles_of_a_grid_without_fov_are_one_camera_field_apart(core: CMMCorePlus) -> None:
+    width, height = _field_um(core)
+    assert width != pytest.approx(height)  # a 96 x 64 px camera: x and y told apart
+    frames, error = _run(core, {
+        "grid_plan": {"rows": 2, "columns": 2, "mode": "row_wise"},
+        "stage_positions": [{"x": 100.0, "y": 50.0, "z": 0.0}],
+    })
+    assert error is None
+    xs = sorted({f.event.x_pos for f in frames})
+    ys = sorted({f.event.y_pos for f in frames})
+    # before: useq's 1 µm fallback put the tiles at 99.5 and 100.5
+    assert xs == pytest.approx([100 - width / 2, 100 + width / 2])
+    assert ys == pytest.approx([50 - height / 2, 50 + height / 2])
+
+
+def test_a_positions_own_grid_gets_the_camera_field_too(core: CMMCorePlus) -> None:
+    width, _ = _field_um(core)
+    frames, error = _run(core, {
+        "stage_positions": [
+            {"x": 0, "y": 0, "z": 0},
+            {"x": 50, "y": 20, "z": 0, "sequence": {"grid_plan": {"rows": 1, "columns": 2}}},
+        ],
+    })
+    assert error is None
+    assert [f.event.x_pos for f in frames] == pytest.approx([0, 50 - width / 2, 50 + width / 2])
+
+
+def test_a_given_fov_is_kept(core: CMMCorePlus) -> None:
+    _, height = _field_um(core)
+    frames, error = _run(core, {
+        "grid_plan": {"rows": 2, "columns": 1, "fov_width": 10, "mode": "row_wise"},
+    })
+    assert error is None
+    ys = sorted(f.event.y_pos for f in frames)
+    assert ys[1] - ys[0] == pytest.approx(height)  # the missing one from the camera
+    frames, error = _run(core, {
+        "grid_plan": {"rows": 1, "columns": 2, "fov_width": 10, "fov_height": 10},
+    })
+    assert error is None
+    assert sorted(f.event.x_pos for f in frames) == pytest.approx([-5, 5])
+
+
+def test_a_grid_without_fov_on_a_core_without_pixel_size_is_an_error(
+    core: CMMCorePlus,
+) -> None:
+    for preset in core.getAvailablePixelSizeConfigs():
+        core.deletePixelSizeConfig(preset)
+    assert core.getPixelSizeUm() == 0
+    frames, error = _run(core, {"grid_plan": {"rows": 1, "columns": 2}})
+    assert frames == []
+    assert error is not None
+    assert "fov_width" in error and "PixelSize_um" in error
+    # a grid that gives its field runs
+    frames, error = _run(core, {"grid_plan": {"rows": 1, "columns": 2, "fov_width": 8,
+                                              "fov_height": 8}})
+    assert error is None
+    assert sorted(f.event.x_pos for f in frames) == pytest.approx([-4, 4])
+
+
+def test_the_field_sizes_grids_sized_by_it() -> None:
+    # a grid from edges has as many tiles as the field needs to cover it
+    seq = useq.MDASequence(grid_plan={"top": 0, "left": 0, "bottom": -100, "right": 300})
+    filled = with_field_of_view(seq, (100.0, 50.0))
+    assert seq.grid_plan is not None and seq.grid_plan.fov_width is None  # not changed
+    with camera_field((100.0, 50.0)):
+        events = list(iter_events(seq))
+    assert len(events) == len(list(filled)) == 3 * 2
+    assert sorted({e.x_pos for e in events}) == pytest.approx([50, 150, 250])
+    # without a camera (a replay, a test) useq's own 1 µm is kept
+    assert len(list(iter_events(seq))) == len(list(seq))

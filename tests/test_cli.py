@@ -407,3 +407,137 @@ def test_train_restores_the_sigterm_handler(tmp_path: Path) -> None:
     before = signal.getsignal(signal.SIGTERM)
     runner.invoke(app, ["train", "nucleii", "--out", str(tmp_path)])
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def _spy_services(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The services `_serve` creates, in order."""
+    from livemask.service import app as service_app
+
+    made: list[Any] = []
+
+    class Spy(service_app.Service):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(service_app, "Service", Spy)
+    return made
+
+
+def _slow_model(monkeypatch: pytest.MonkeyPatch, infer: Any) -> None:
+    """Every service built from now on infers with ``infer(real_infer, image)``."""
+    from livemask.service import app as service_app
+
+    real_build = service_app.build_segmenter
+
+    def build(*args: Any, **kwargs: Any) -> Any:
+        seg = real_build(*args, **kwargs)
+        real_infer = seg.infer
+        seg.infer = lambda image: infer(real_infer, image)  # type: ignore[method-assign]
+        return seg
+
+    monkeypatch.setattr(service_app, "build_segmenter", build)
+
+
+def _free_run_config(loops: int) -> Any:
+    from tests.conftest import make_config
+
+    return make_config(simulation={"truth": False}, pipeline={"queue_size": 10},
+                       acquisition={"mode": "free-run", "autostart": True,
+                                    "sequence": {"time_plan": {"interval": 0.0, "loops": loops}}})
+
+
+@pytest.mark.timeout(120)
+def test_exit_when_done_waits_for_a_model_slower_than_any_drain_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before, --exit-when-done gave the frames in flight 5 s (then the close 3 s more) and
+    exited 0 with frames never analysed (6 acquired, 2 analysed). Here every drain
+    deadline passes at once: the run must still wait for its frames, which keep coming."""
+    import asyncio
+
+    from livemask.cli import _serve
+    from livemask.service.pipeline import Pipeline
+
+    async def deadline_passed(self: Pipeline, timeout_s: float = 5.0) -> bool:
+        return self.in_flight == 0
+
+    monkeypatch.setattr(Pipeline, "drain", deadline_passed)
+    _slow_model(monkeypatch, lambda infer, image: (time.sleep(0.2), infer(image))[1])
+    made = _spy_services(monkeypatch)
+    problem = asyncio.run(_serve(_free_run_config(6), view=False, exit_when_done=True))
+    counts = made[0].pipeline.counters.snapshot()
+    assert problem is None
+    assert counts["frames_acquired"] == counts["frames_published"] == 6
+    assert counts["frames_analysed"] + counts["frames_skipped"] == 6
+
+
+@pytest.mark.timeout(120)
+def test_exit_when_done_reports_frames_that_were_never_analysed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before, a run stopped with frames in flight (here a Ctrl-C while the model is busy
+    with the first frame) exited 0 as if every frame had been analysed."""
+    import asyncio
+    import threading
+
+    from livemask.cli import _serve
+    from livemask.service.pipeline import Pipeline
+
+    release, interrupted = threading.Event(), threading.Event()
+
+    def stuck(infer: Any, image: Any) -> Any:
+        if not interrupted.is_set():
+            interrupted.set()
+            signal.raise_signal(signal.SIGINT)  # the user gives up waiting
+        release.wait(60)
+        return infer(image)
+
+    async def deadline_passed(self: Pipeline, timeout_s: float = 5.0) -> bool:
+        return self.in_flight == 0
+
+    real_close = Pipeline.close
+
+    async def close(self: Pipeline) -> None:
+        release.set()  # let the model thread end, so the executor can shut down
+        await real_close(self)
+
+    monkeypatch.setattr(Pipeline, "drain", deadline_passed)
+    monkeypatch.setattr(Pipeline, "close", close)
+    _slow_model(monkeypatch, stuck)
+    made = _spy_services(monkeypatch)
+    problem = asyncio.run(_serve(_free_run_config(3), view=False, exit_when_done=True))
+    counts = made[0].pipeline.counters.snapshot()
+    never = counts["frames_acquired"] - counts["frames_published"]
+    assert never >= 1 and counts["frames_analysed"] == 0
+    assert problem == (f"{never} of {counts['frames_acquired']} frame(s) were never analysed "
+                       "nor published: the service stopped before their turn")
+
+
+@pytest.mark.timeout(120)
+def test_an_interrupt_during_start_up_does_not_start_the_acquisition(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before, the service finished starting and then autostarted the acquisition (light,
+    stage moves, snaps) although the user had pressed Ctrl-C, only to stop it again."""
+    import asyncio
+
+    from livemask.cli import _serve
+    from livemask.service import app as service_app
+
+    made = _spy_services(monkeypatch)
+
+    async def interrupted(self: Any) -> None:  # early in start-up, before the model loads
+        signal.raise_signal(signal.SIGINT)
+        for _ in range(500):  # until the loop has run the signal handler
+            if self._stop is not None and self._stop.is_set():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the interrupt never reached the service")
+
+    monkeypatch.setattr(service_app.Service, "_start_dashboard", interrupted)
+    with caplog.at_level("INFO", logger="livemask"):
+        problem = asyncio.run(_serve(_free_run_config(50), view=False, exit_when_done=False))
+    assert problem is None
+    assert made[0].pipeline.acquisition == 0 and made[0].acquisitions_finished == 0
+    assert "a stop was requested during start-up" in caplog.text

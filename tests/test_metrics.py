@@ -31,7 +31,6 @@ STATUS: dict[str, Any] = {
     "acquisitions_finished": 1,
     "publisher": {
         "sent": {"frame": 10, "measurements": 7},
-        "dropped": {"frame": 2},
         "next_seq": {"frame": 12, "measurements": 7},
     },
     "frames_acquired": 12,
@@ -39,6 +38,7 @@ STATUS: dict[str, Any] = {
     "frames_skipped": 4,
     "frames_published": 11,
     "frames_failed": 1,
+    "frames_publish_failed": 2,
     "queues": {"infer": 2, "analyse": 1, "publish": 0},
     "gc": {
         "collections": {"0": 5, "1": 1, "2": 0},
@@ -83,7 +83,7 @@ def test_metric_families_from_a_status_snapshot() -> None:
         assert got[(f"livemask_frames_{name}_total", ())] == value
     assert got[("livemask_messages_published_total", (("topic", "frame"),))] == 10
     assert got[("livemask_messages_published_total", (("topic", "measurements"),))] == 7
-    assert got[("livemask_messages_dropped_total", (("topic", "frame"),))] == 2
+    assert got[("livemask_frames_publish_failed_total", ())] == 2
     assert got[("livemask_queue_depth", (("stage", "infer"),))] == 2
     assert got[("livemask_queue_depth", (("stage", "analyse"),))] == 1
     key = ("livemask_stage_latency_seconds", (("quantile", "0.99"), ("stage", "infer")))
@@ -177,9 +177,12 @@ async def test_service_serves_metrics_that_match_its_status() -> None:
         text = await asyncio.to_thread(_scrape, url)  # served on its thread, status on the loop
         status = svc.status()
         got = samples(text)
-        for name in ("acquired", "analysed", "skipped", "published", "failed"):
+        for name in ("acquired", "analysed", "skipped", "published", "failed", "publish_failed"):
             assert got[(f"livemask_frames_{name}_total", ())] == status[f"frames_{name}"], name
         assert status["frames_acquired"] == 12
+        # PUB drops silently: before, an always-empty "dropped" count claimed to report them
+        assert set(status["publisher"]) == {"sent", "next_seq"}
+        assert "dropped" not in text
         for topic in ("frame", "labels", "measurements", "truth"):
             assert (
                 got[("livemask_messages_published_total", (("topic", topic),))]

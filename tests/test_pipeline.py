@@ -370,3 +370,29 @@ async def test_a_fault_on_every_frame_logs_one_traceback(caplog: pytest.LogCaptu
     errors = [r for r in caplog.records if "injected model fault" in r.getMessage()]
     assert [bool(r.exc_info) for r in errors] == [True, False, False]
     assert "200 such errors so far" in errors[-1].getMessage()
+
+
+async def test_settle_waits_while_frames_get_through_and_gives_up_on_a_stuck_stage() -> None:
+    """`serve --exit-when-done` waits with settle: longer in all than its stall limit while
+    frames keep coming (before: a fixed 5 s drain), but not for ever behind a stuck model."""
+    pipe, pub, _ = _pipeline(delay_s=0.25, mode="pipelined", queue_size=10)
+    pipe.start()
+    for i in range(6):
+        pipe.submit(_raw(i))
+    assert await pipe.settle(stall_s=1.0)  # 6 frames x 0.25 s: longer than the stall limit
+    assert len(pub.by_topic("measurements")) == 6 and pipe.in_flight == 0
+    gate = threading.Event()
+    backend = pipe.segmenter.backend
+    real_run = backend.run
+
+    def stuck(batch: np.ndarray) -> np.ndarray:
+        gate.wait(30)
+        return real_run(batch)
+
+    backend.run = stuck  # type: ignore[method-assign]
+    pipe.submit(_raw(6))
+    assert not await pipe.settle(stall_s=0.3)  # the model is stuck: no frame gets through
+    assert pipe.in_flight == 1
+    gate.set()
+    assert await pipe.settle(stall_s=5.0)
+    await pipe.close()

@@ -348,6 +348,9 @@ def test_parse_request_bad_json(raw: bytes) -> None:
         (b'{"id": 1.5, "cmd": "set"}', "id"),
         (b'{"id": true, "cmd": "set"}', "id"),
         (b'{"id": 1, "cmd": "set", "arg": {}}', "arg"),
+        # no reply could echo it: before, the error reply itself raised and none was sent
+        (b'{"id": 18446744073709551616, "cmd": "status"}', "id: 18446744073709551616 does"),
+        (b'{"id": -9223372036854775809, "cmd": "x", "bogus": 1}', "id: -92233720368"),
     ],
 )
 def test_parse_request_bad_request_names_field(raw: bytes, field: str) -> None:
@@ -362,6 +365,14 @@ def test_peek_request_id() -> None:
     assert protocol.peek_request_id(b'{"id": "x"}') == "x"
     assert protocol.peek_request_id(b'{"id": true}') is None
     assert protocol.peek_request_id(b"{oops") is None
+    assert protocol.peek_request_id(b'{"id": 9223372036854775807}') == 2**63 - 1
+    assert protocol.peek_request_id(b'{"id": 9223372036854775808}') is None  # beyond 64 bits
+
+
+def test_an_error_reply_is_always_encodable() -> None:
+    """Before, an id beyond 64 bits made error_reply raise: no reply at all."""
+    err = json.loads(error_reply(2**64, protocol.BAD_REQUEST, "id: too large"))
+    assert err["id"] is None and err["error"]["code"] == "bad_request"
 
 
 def test_replies() -> None:

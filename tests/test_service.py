@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import zmq
+import zmq.asyncio
 
 from livemask.analysis.metrics import aggregate, match_instances
 from livemask.client import AsyncSubscriber, ControlClient
@@ -1026,3 +1027,196 @@ async def test_the_model_is_warmed_up_at_the_opened_cameras_frame_size(
             cfg.pipeline.prefault_frames * 48 * 80 * 4)
         got = await collect_run(svc, timeout_s=20)
     assert len(got["measurements"]) == 2
+
+
+def _raw_request(address: str, payload: bytes) -> dict[str, Any]:
+    """One raw JSON request over a REQ socket (the client cannot encode a 65-bit integer)."""
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 5000)
+    sock.connect(address)
+    try:
+        sock.send(payload)
+        return json.loads(sock.recv())
+    finally:
+        sock.close(linger=0)
+
+
+async def test_integers_beyond_64_bits_are_refused_before_anything_starts(
+    service: Service,
+) -> None:
+    """Before, `start` with loops 10**20 answered `internal` while the acquisition ran,
+    with no acquisition_started; an enqueued index of 2**64 was counted as published
+    though nothing went out; and an id of 2**64 got no reply at all."""
+    address = service.control.bound_address
+    async with AsyncSubscriber(service.publisher.bound_address, ("event", "frame")) as sub:
+        await asyncio.sleep(0.3)  # slow joiner
+        replies = [await asyncio.to_thread(_raw_request, address, raw) for raw in (
+            b'{"id": 1, "cmd": "start", "args": {"sequence": {"time_plan": '
+            b'{"interval": 0.2, "loops": 100000000000000000000}}}}',
+            b'{"id": 2, "cmd": "enqueue", "args": {"events": [{"index": '
+            b'{"t": 18446744073709551616}}, {"index": {"t": 1}}]}}',
+            # 2 channels x 2**62 time points: 2**63 events, which no reply could count
+            b'{"id": 3, "cmd": "start", "args": {"sequence": {"time_plan": {"interval": 0.2, '
+            b'"loops": 4611686018427387904}, "channels": ["DAPI", "GFP"]}}}',
+            b'{"id": 18446744073709551616, "cmd": "status"}',
+        )]
+        await asyncio.sleep(0.5)
+        got = []
+        while (msg := await sub.recv(timeout_s=0.1)) is not None:
+            got.append(msg)
+    assert [(r["id"], r["error"]["code"]) for r in replies] == [
+        (1, "invalid_args"), (2, "invalid_args"), (3, "invalid_args"), (None, "bad_request")]
+    messages = [r["error"]["message"] for r in replies]
+    assert messages[0].startswith(
+        "start: args.sequence.time_plan.loops: 100000000000000000000 does not fit 64 bits")
+    assert messages[1].startswith(
+        "enqueue: args.events.0.index.t: 18446744073709551616 does not fit 64 bits")
+    assert "plans 9223372036854775808 events, more than 2**63 - 1" in messages[2]
+    assert messages[3].startswith("id: 18446744073709551616 does not fit 64 bits")
+    assert got == [] and not service.acquiring
+    assert service.pipeline.counters.snapshot()["frames_published"] == 0
+
+
+async def test_an_acquisition_started_that_json_cannot_carry_still_goes_out(
+    service: Service,
+) -> None:
+    """Before, the event's ProtocolError escaped start_acquisition after the acquisition
+    had started: the caller saw a failure, subscribers no acquisition_started."""
+    import useq
+
+    seq = useq.MDASequence(time_plan={"interval": 0, "loops": 2}, metadata={"big": 2**64})
+    async with AsyncSubscriber(service.publisher.bound_address, ("event",)) as sub:
+        await asyncio.sleep(0.3)  # slow joiner
+        assert service.start_acquisition(seq) == 2
+        kinds: dict[str, dict[str, Any]] = {}
+        while "acquisition_finished" not in kinds:
+            msg = await sub.recv(timeout_s=20)
+            assert msg is not None, "acquisition_finished never came"
+            kinds[msg.header["kind"]] = msg.header
+    started = kinds["acquisition_started"]
+    assert started["sequence"] is None and started["not_encoded"] == ["sequence"]
+    assert started["events"] == 2 and started["acquisition"] == 1
+
+
+async def test_a_frame_that_cannot_be_published_is_not_counted_as_published(
+    service: Service,
+) -> None:
+    """Before, a publish error was logged and the frame counted in frames_published."""
+    seg = service.pipeline.segmenter
+    real_analyse = seg.analyse
+
+    def analyse(*args: Any, **kwargs: Any) -> Any:
+        labels, objects, summary = real_analyse(*args, **kwargs)
+        if service.pipeline.counters.counts["analysed"] == 3:  # one frame: no JSON for it
+            summary = {**(summary or {}), "huge": 2**64}
+        return labels, objects, summary
+
+    seg.analyse = analyse  # type: ignore[method-assign]
+    got = await collect_run(service, ("measurements", "event"))
+    status = await control(service, "status")
+    assert len(got["measurements"]) == 11
+    assert status["frames_acquired"] == 12 and status["frames_analysed"] == 12
+    assert status["frames_published"] == 11 and status["frames_publish_failed"] == 1
+    assert status["last_frame_error"].startswith("frame 3: publish failed: ProtocolError")
+
+
+async def test_a_graceful_close_lets_a_lagging_subscriber_get_the_last_messages() -> None:
+    """Before, the PUB socket closed with LINGER 0 after the final drain: a subscriber
+    still behind lost the last measurements, acquisition_finished and the final status."""
+    cfg = make_config(simulation={"truth": False, "sensor_shape_px": [1024, 1024]},
+                      acquisition={"sequence": {"time_plan": {"interval": 0.0, "loops": 6}}},
+                      pipeline={"prefault_frames": 0})
+    svc = Service(cfg)
+    await svc.start()
+    ctx = zmq.asyncio.Context.instance()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.RCVHWM, 2)  # it falls behind: the rest waits in the PUB's queue
+    for topic in ALL:
+        sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+    sub.connect(svc.publisher.bound_address)
+    try:
+        while not await sub.poll(100):  # a status heartbeat: subscribed
+            pass
+        await control(svc, "start")
+        while svc.acquiring or not svc.acquisitions_finished or svc.pipeline.in_flight:
+            await asyncio.sleep(0.05)
+
+        async def read_all() -> list[tuple[str, Any]]:
+            got = []
+            while await sub.poll(3000):
+                parts = await sub.recv_multipart()
+                header = json.loads(parts[1])
+                got.append((parts[0].decode(), header.get("kind") or header.get("state")
+                            or header.get("frame_id")))
+            return got
+
+        reader = asyncio.create_task(read_all())  # it reads as the service closes
+        await svc.close()
+        got = await reader
+    finally:
+        sub.close(linger=0)
+        await svc.close(graceful=False)
+    assert [m for t, m in got if t == "measurements"] == list(range(6))
+    assert ("event", "acquisition_finished") in got
+    assert got[-1] == ("status", "stopping")  # the last status, published at shutdown
+
+
+async def test_close_releases_the_model_backend(service_config: ServiceConfig) -> None:
+    """Before, the backend (GPU memory) was released only when the GC broke a cycle."""
+    svc = Service(service_config)
+    await svc.start()
+    backend = svc.pipeline.segmenter.backend
+    real_close = backend.close
+    closed: list[bool] = []
+
+    def spy() -> None:
+        closed.append(True)
+        real_close()
+
+    backend.close = spy  # type: ignore[method-assign]
+    await svc.close()
+    assert closed == [True]
+    await svc.close()  # idempotent: once only
+    assert closed == [True]
+
+
+async def test_a_warm_up_that_fails_still_releases_the_model_backend(
+    service_config: ServiceConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from livemask.inference.segmenter import Segmenter
+    from livemask.service import app
+
+    closed: list[str] = []
+    real_build = app.build_segmenter
+
+    def build(*args: Any, **kwargs: Any) -> Segmenter:
+        seg = real_build(*args, **kwargs)
+        seg.backend.close = lambda: closed.append(seg.backend.name)  # type: ignore[method-assign]
+        return seg
+
+    def warmup(self: Segmenter, shape: tuple[int, int]) -> None:
+        raise RuntimeError("injected warm-up fault")
+
+    monkeypatch.setattr(app, "build_segmenter", build)
+    monkeypatch.setattr(Segmenter, "warmup", warmup)
+    with pytest.raises(RuntimeError, match=r"injected warm-up fault"):
+        async with Service(service_config):
+            pass
+    assert len(closed) == 1
+
+
+async def test_a_stop_requested_during_start_up_skips_the_autostart(
+    service_config: ServiceConfig,
+) -> None:
+    """Before, a Ctrl-C during start-up still started the acquisition (light, stage,
+    snaps) once start-up had finished, only to stop it again."""
+    service_config.acquisition.autostart = True
+    stop = asyncio.Event()
+    stop.set()  # as `livemask serve` does on SIGINT while the service is starting
+    async with Service(service_config, stop=stop) as svc:
+        assert svc.state == "idle" and not svc.acquiring
+        assert svc.pipeline.acquisition == 0  # no acquisition begun
+    async with Service(service_config, stop=asyncio.Event()) as svc:
+        assert svc.pipeline.acquisition == 1  # without a stop it autostarts

@@ -561,7 +561,6 @@ async def _run_pipeline(
         "measurements_received": len(stamps),
         "subscriber_received": got["received"],
         "subscriber_gaps": got["gaps"],
-        "publisher_dropped": status["publisher"]["dropped"],
         "latency_ms": span_latencies(latency_stamps),
         "latency_ms_with_warmup": span_latencies(stamps),
         "latency_frames": len(latency_stamps),

@@ -113,13 +113,27 @@ def _fail_run(problem: str) -> None:
     raise typer.Exit(1)
 
 
+#: ``--exit-when-done`` waits for the frames in flight as long as they keep getting through;
+#: when none has for this long (a stage is stuck), it stops waiting (a run problem).
+DONE_STALL_S = 60.0
+
+
 def _run_problem(service: Any) -> str | None:
     """What went wrong in a run that exits when done (exit code 1), or None."""
     if service.last_error is not None:
         return f"the run ended with an error: {service.last_error}"
-    counts = service.pipeline.counters.snapshot()
-    if counts["frames_failed"]:
-        return (f"{counts['frames_failed']} of {counts['frames_acquired']} frame(s) failed; "
+    counts = service.pipeline.counters.counts
+    acquired = int(counts["acquired"])
+    # frames skipped by design (free-run) went through the publish stage too
+    never = acquired - int(counts["published"]) - int(counts["publish_failed"])
+    if never:
+        return (f"{never} of {acquired} frame(s) were never analysed nor published: the "
+                "service stopped before their turn")
+    if counts["publish_failed"]:
+        return (f"{counts['publish_failed']} of {acquired} frame(s) could not be published; "
+                f"the last: {service.pipeline.last_failure}")
+    if counts["failed"]:
+        return (f"{counts['failed']} of {acquired} frame(s) failed; "
                 f"the last: {service.pipeline.last_failure}")
     return None
 
@@ -152,8 +166,9 @@ def serve(
     view: Annotated[bool, typer.Option("--view", help="Show live measurements here.")] = False,
     exit_when_done: Annotated[
         bool, typer.Option("--exit-when-done", help=(
-            "Exit when the acquisition finishes: exit code 1 if it ended with an error, a "
-            "frame failed, or the recording failed."))
+            "Exit when the acquisition finishes and its frames are through the pipeline: "
+            "exit code 1 if it ended with an error, a frame failed or was never analysed, "
+            "or the recording failed."))
     ] = False,
     autostart: Annotated[
         bool | None, typer.Option("--autostart/--no-autostart", help="Start the sequence now.")
@@ -266,7 +281,7 @@ async def _serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, interrupts)
-    async with Service(cfg, source=source) as service:
+    async with Service(cfg, source=source, stop=stop) as service:
         interrupts.starting = False
         interrupts.still_to_do = lambda: _still_to_write(service)
         viewer = _start_viewer(service.publisher.bound_address, service.truth) if view else None
@@ -276,7 +291,10 @@ async def _serve(
             async def _wait_done() -> None:
                 while service.acquiring or not service.acquisitions_finished:
                     await asyncio.sleep(0.1)
-                await service.pipeline.drain()
+                # no deadline while frames get through: a slow model finishes the run
+                if not await service.pipeline.settle(DONE_STALL_S):
+                    log.error("no frame got through the pipeline for %.0f s; stopping with "
+                              "%d frame(s) in flight", DONE_STALL_S, service.pipeline.in_flight)
                 stop.set()
 
             waiter = asyncio.create_task(_wait_done())

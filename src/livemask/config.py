@@ -420,7 +420,7 @@ def _check_prefault_memory(cfg: ServiceConfig) -> str | None:
     )
 
 
-def _int_out_of_range(value: Any, where: str) -> str | None:
+def int_out_of_range(value: Any, where: str) -> str | None:
     """The first integer in ``value`` (a dumped config) that does not fit 64 bits, as an
     error line naming its field, or None."""
     if isinstance(value, bool):
@@ -439,7 +439,7 @@ def _int_out_of_range(value: Any, where: str) -> str | None:
     else:
         return None
     for key, item in items:
-        problem = _int_out_of_range(item, f"{where}.{key}" if where else str(key))
+        problem = int_out_of_range(item, f"{where}.{key}" if where else str(key))
         if problem is not None:
             return problem
     return None
@@ -468,7 +468,7 @@ def parse_config(
         cfg = ServiceConfig.model_validate(data or {})
     except ValidationError as exc:
         raise ConfigError(f"invalid {source}:\n{_format_errors(exc)}") from None
-    problem = _int_out_of_range(cfg.model_dump(), "") or _check_prefault_memory(cfg)
+    problem = int_out_of_range(cfg.model_dump(), "") or _check_prefault_memory(cfg)
     if problem is not None:
         raise ConfigError(f"invalid {source}:\n  {problem}")
     if base_dir is not None:

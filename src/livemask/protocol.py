@@ -294,6 +294,14 @@ def decode(parts: Sequence[Any]) -> Message:
 # ----------------------------------------------------------------------- control
 
 
+#: Integers a request may carry: JSON numbers that fit 64 bits (what the service can echo).
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _fits_64_bits(value: int) -> bool:
+    return INT64_MIN <= value <= INT64_MAX
+
+
 class ControlRequest(BaseModel):
     """A control request: ``{"id": ..., "cmd": "...", "args": {...}}``."""
 
@@ -340,9 +348,17 @@ def parse_request(raw: bytes | bytearray | memoryview) -> ControlRequest:
     """Parse and validate one control request.
 
     Raises :class:`CommandError` with code :data:`BAD_JSON` (not UTF-8 JSON, or not an
-    object) or :data:`BAD_REQUEST` (wrong fields; the message names them).
+    object) or :data:`BAD_REQUEST` (wrong fields, or an integer ``id`` beyond 64 bits,
+    which no reply could echo; the message names them).
     """
     obj = _loads_object(raw, "request")
+    rid = obj.get("id")
+    if isinstance(rid, int) and not isinstance(rid, bool) and not _fits_64_bits(rid):
+        raise CommandError(
+            BAD_REQUEST,
+            f"id: {rid} does not fit 64 bits; use a string or a whole number from -2**63 to "
+            "2**63 - 1",
+        )
     try:
         return ControlRequest.model_validate(obj)
     except ValidationError as exc:
@@ -360,7 +376,9 @@ def peek_request_id(raw: bytes | bytearray | memoryview) -> str | int | None:
         return None
     if isinstance(obj, dict):
         rid = obj.get("id")
-        if isinstance(rid, str) or (isinstance(rid, int) and not isinstance(rid, bool)):
+        if isinstance(rid, str) or (
+            isinstance(rid, int) and not isinstance(rid, bool) and _fits_64_bits(rid)
+        ):
             return rid
     return None
 
@@ -396,13 +414,19 @@ def _non_finite(where: str, value: Any) -> str | None:
 
 
 def ok_reply(id: str | int | None, result: Any) -> bytes:
-    """``{"id", "ok": true, "result"}`` as UTF-8 JSON bytes."""
+    """``{"id", "ok": true, "result"}`` as UTF-8 JSON bytes; raises :class:`ProtocolError`
+    when ``result`` cannot be encoded (e.g. an integer beyond 64 bits)."""
     return dumps_json({"id": id, "ok": True, "result": result})
 
 
 def error_reply(id: str | int | None, code: str, message: str) -> bytes:
-    """``{"id", "ok": false, "error": {"code", "message"}}`` as UTF-8 JSON bytes."""
-    return dumps_json({"id": id, "ok": False, "error": {"code": code, "message": message}})
+    """``{"id", "ok": false, "error": {"code", "message"}}`` as UTF-8 JSON bytes; never
+    raises (an ``id`` that cannot be encoded is sent as null)."""
+    reply = {"id": id, "ok": False, "error": {"code": code, "message": message}}
+    try:
+        return dumps_json(reply)
+    except ProtocolError:
+        return dumps_json({**reply, "id": None})
 
 
 def parse_reply(raw: bytes | bytearray | memoryview) -> dict[str, Any]:

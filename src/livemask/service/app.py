@@ -19,19 +19,26 @@ from livemask.acquisition.mode import Mode
 from livemask.acquisition.sequence import event_count, iter_events, sequence_channels
 from livemask.acquisition.source import FrameSource, MicroscopeSource, RawFrame
 from livemask.config import ServiceConfig, physical_memory_bytes
-from livemask.errors import AcquisitionEnding, AcquisitionError, ConfigError, HardwareTimeout
+from livemask.errors import (
+    AcquisitionEnding,
+    AcquisitionError,
+    ConfigError,
+    HardwareTimeout,
+    ProtocolError,
+)
 from livemask.feedback.controller import FeedbackController
 from livemask.feedback.spec import RuleSpec
 from livemask.inference.models import ModelCard, load_model_card
 from livemask.inference.segmenter import Segmenter
 from livemask.inference.select import load_backend
+from livemask.protocol import dumps_json
 from livemask.service.commands import CommandHandler
 from livemask.service.gc_policy import GcMonitor, GcPolicy
 from livemask.service.hardware_calls import HARDWARE_TIMEOUT_S, call_hardware
 from livemask.service.pipeline import Pipeline
 from livemask.service.prefault import Prefault, prefault_frame_memory
 from livemask.transport.control_server import ControlServer
-from livemask.transport.publisher import ZmqPublisher
+from livemask.transport.publisher import CLOSE_LINGER_S, ZmqPublisher
 
 if TYPE_CHECKING:
     from livemask.dashboard.server import DashboardServer
@@ -41,6 +48,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("livemask")
 
 SIMULATED_MODULE = "livemask.acquisition.simulated"
+#: Most events one acquisition may plan: the count travels as a 64-bit JSON integer.
+MAX_PLANNED_EVENTS = 2**63 - 1
 #: CPython thread switch interval while a GPU (device-resident) pipeline runs.
 GPU_SWITCH_INTERVAL_S = 0.0005
 
@@ -85,8 +94,12 @@ class Service:
         config: ServiceConfig,
         *,
         source: FrameSource | None = None,
+        stop: asyncio.Event | None = None,
     ) -> None:
+        """``stop``: set when the service is asked to stop (``livemask serve`` sets it on
+        SIGINT/SIGTERM); once it is set, :meth:`start` does not autostart the acquisition."""
         self.config = config
+        self._stop = stop
         self.started_at = time.time()
         self.state = "starting"
         self.simulated = False
@@ -120,18 +133,19 @@ class Service:
         )
         self.recorder: Recorder | None = None
         self.prefault: Prefault | None = None  # frame-sized memory touched at start
+        self._segmenter: Segmenter | None = None  # its backend is released at close
 
     # ------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> Service:
         try:
             await self.start()
         except BaseException:
-            await self.close()  # release whatever was opened before the failure
+            await self.close(graceful=False)  # release whatever was opened before the failure
             raise
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        await self.close(graceful=exc_type is None)
 
     async def start(self) -> None:
         """Bind sockets, load the model and the microscope, start the stages."""
@@ -153,6 +167,7 @@ class Service:
         # pay for a shape the model has not seen yet
         frame_shape = self._frame_shape()
         segmenter = await asyncio.to_thread(build_segmenter, cfg, frame_shape, card)
+        self._segmenter = segmenter  # released by close(), also when the warm-up fails
         await asyncio.to_thread(segmenter.warmup, frame_shape)
         if segmenter.device_resident:
             self._shorten_switch_interval()
@@ -203,7 +218,10 @@ class Service:
         )
         units = self.pipeline.report()["units"]
         self._event("service_started", {"units": units, "config": cfg.model_dump(mode="json")})
-        if cfg.acquisition.autostart:
+        if cfg.acquisition.autostart and self._stop is not None and self._stop.is_set():
+            log.info("not starting the acquisition (acquisition.autostart): a stop was "
+                     "requested during start-up")
+        elif cfg.acquisition.autostart:
             self.start_acquisition(None)
 
     def _shorten_switch_interval(self) -> None:
@@ -396,8 +414,11 @@ class Service:
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(callback, *args)
 
-    async def close(self, drain_timeout_s: float = 3.0) -> None:
-        """Stop acquiring, publish what is in flight, close sockets and hardware."""
+    async def close(self, drain_timeout_s: float = 3.0, *, graceful: bool = True) -> None:
+        """Stop acquiring, publish what is in flight, close sockets, model and hardware.
+
+        ``graceful``: give subscribers up to ``CLOSE_LINGER_S`` to receive the last queued
+        messages (the final status among them); False on an error path: discard them."""
         if self.state == "closed":
             return
         self.state = "stopping"
@@ -431,7 +452,13 @@ class Service:
         if self.dashboard is not None:  # before the publisher: its subscriber reads from it
             await self.dashboard.close()
         self.control.close()
-        self.publisher.close()
+        self.publisher.close(linger_s=CLOSE_LINGER_S if graceful else 0.0, wait=False)
+        await asyncio.to_thread(self.publisher.wait_sent)  # the last status reaches subscribers
+        if self._segmenter is not None:  # the model's (GPU) memory now, not when the GC runs
+            try:
+                await asyncio.to_thread(self._segmenter.backend.close)
+            except Exception:  # releasing the model is best effort at shutdown
+                log.exception("closing the model backend failed")
         if self._switch_interval is not None:
             sys.setswitchinterval(self._switch_interval)
         self.gc_monitor.stop()
@@ -466,8 +493,13 @@ class Service:
         time points starts at once and holds no list of them."""
         seq = sequence or self.config.acquisition.mda_sequence()
         self._check_sequence_on_rig(seq)
+        count = event_count(seq)
+        if count > MAX_PLANNED_EVENTS:
+            raise ConfigError(
+                f"sequence: plans {count} events, more than 2**63 - 1; plan fewer (a time "
+                "plan of 2**63 - 1 loops already runs for ever)")
         detail = {"sequence": seq.model_dump(mode="json")}
-        return self._start_events(iter_events(seq), detail, event_count(seq))
+        return self._start_events(iter_events(seq), detail, count)
 
     def _check_on_rig(
         self, what: str, channels: Sequence[Any] = (), exposures: Sequence[float] = (),
@@ -681,13 +713,35 @@ class Service:
 
     # ------------------------------------------------------------ reporting
     def _event(self, kind: str, detail: dict[str, Any]) -> None:
+        """Publish (and record) one event; never raises: a detail field that cannot be
+        encoded is sent as null and named in ``not_encoded``, so the event still goes out."""
         header = {"kind": kind, "t": {"sent": time.time()}, **detail}
         try:
             header["seq"] = self.publisher.publish("event", header)
         except RuntimeError:
             log.debug("event %s not published: publisher closed", kind)
+        except ProtocolError as exc:
+            log.error("event %s: %s; sent without those fields", kind, exc)
+            header = self._encodable(header)
+            with contextlib.suppress(RuntimeError, ProtocolError):
+                header["seq"] = self.publisher.publish("event", header)
         if self.recorder is not None:
             self.recorder.on_event(header)
+
+    @staticmethod
+    def _encodable(header: dict[str, Any]) -> dict[str, Any]:
+        """``header`` with each field JSON cannot carry set to None, named in not_encoded."""
+        out: dict[str, Any] = {}
+        bad: list[str] = []
+        for key, value in header.items():
+            try:
+                dumps_json(value)
+            except ProtocolError:
+                out[key] = None
+                bad.append(key)
+            else:
+                out[key] = value
+        return {**out, "not_encoded": bad}
 
     def next_seq(self) -> dict[str, int]:
         """The seq the next message of each topic will get."""

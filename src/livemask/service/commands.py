@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 
 from livemask.acquisition.mode import Mode
 from livemask.acquisition.sequence import check_input, check_sequence, validate_model
+from livemask.config import int_out_of_range
 from livemask.errors import AcquisitionError, CommandError, ConfigError
 from livemask.feedback.spec import RuleSpec
 
@@ -120,6 +121,11 @@ class CommandHandler:
         if handler is None:
             known = ", ".join(sorted(self._commands))
             raise CommandError("unknown_command", f"unknown command {cmd!r}; known: {known}")
+        # no command takes an integer beyond 64 bits: replies, events and the rig could not
+        # carry it (a start with loops 10**20 used to run with no acquisition_started)
+        problem = int_out_of_range(args, "args")
+        if problem is not None:
+            raise CommandError("invalid_args", f"{cmd}: {problem}")
         return await handler(args)
 
     async def status(self, args: dict[str, Any]) -> Any:

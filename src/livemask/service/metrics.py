@@ -19,9 +19,9 @@ Exposed (all prefixed ``livemask_``):
 name                                     type     labels
 =======================================  =======  ================================
 frames_{acquired,analysed,skipped,       counter
-published,failed,missing}_total
-messages_published_total                 counter  topic
-messages_dropped_total                   counter  topic (PUB high-water mark)
+published,failed,missing,
+publish_failed}_total
+messages_published_total                 counter  topic (handed to the PUB socket)
 queue_depth                              gauge    stage (infer, analyse, publish)
 stage_latency_seconds                    gauge    stage, quantile (0.5, 0.95, 0.99)
 acquiring                                gauge
@@ -33,6 +33,8 @@ info                                     info     version, model, backend, devic
                                                   mode, state
 =======================================  =======  ================================
 
+There is no count of messages dropped: PUB drops for a slow subscriber at its high-water
+mark without telling the sender; subscribers see those drops as ``seq`` gaps.
 ``gc_*`` count Python's garbage collections and the time they held the GIL
 (``livemask.service.gc_policy``). ``stage_latency_seconds`` holds the percentiles over the
 pipeline's latency window (the most recent 2000 analysed frames), the same figures as
@@ -58,7 +60,9 @@ log = logging.getLogger("livemask")
 __all__ = ["MetricsServer", "StatusCollector", "metric_families"]
 
 PREFIX = "livemask"
-FRAME_COUNTERS = ("acquired", "analysed", "skipped", "published", "failed", "missing")
+FRAME_COUNTERS = (
+    "acquired", "analysed", "skipped", "published", "failed", "missing", "publish_failed",
+)
 QUANTILES = (("p50", "0.5"), ("p95", "0.95"), ("p99", "0.99"))
 
 StatusFn = Callable[[], Mapping[str, Any]]
@@ -92,21 +96,20 @@ def metric_families(status: Mapping[str, Any]) -> list[Any]:
             out.append(
                 CounterMetricFamily(
                     f"{PREFIX}_frames_{name}",
-                    f"Frames {name} since the service started.",
+                    f"Frames {name.replace('_', ' ')} since the service started.",
                     value=float(value),
                 )
             )
     publisher = status.get("publisher") or {}
-    for key, what in (("sent", "published"), ("dropped", "dropped")):
-        fam = CounterMetricFamily(
-            f"{PREFIX}_messages_{what}",
-            f"Messages {what} per topic"
-            + (" (PUB high-water mark reached)." if key == "dropped" else "."),
-            labels=["topic"],
-        )
-        for topic, n in sorted((publisher.get(key) or {}).items()):
-            fam.add_metric([str(topic)], float(n))
-        out.append(fam)
+    sent = CounterMetricFamily(
+        f"{PREFIX}_messages_published",
+        "Messages handed to the PUB socket per topic (a slow subscriber may miss some: "
+        "seq gaps).",
+        labels=["topic"],
+    )
+    for topic, n in sorted((publisher.get("sent") or {}).items()):
+        sent.add_metric([str(topic)], float(n))
+    out.append(sent)
     queues = GaugeMetricFamily(
         f"{PREFIX}_queue_depth", "Frames waiting in front of each stage.", labels=["stage"]
     )

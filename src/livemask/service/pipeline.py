@@ -168,9 +168,24 @@ class Pipeline:
 
     @property
     def in_flight(self) -> int:
-        """Frames acquired but not yet published."""
+        """Frames acquired but not yet through the publish stage (published or failed to)."""
         c = self.counters.counts
-        return int(c["acquired"] - c["published"])
+        return int(c["acquired"] - c["published"] - c["publish_failed"])
+
+    async def settle(self, stall_s: float) -> bool:
+        """Wait until no frame is in flight, however long that takes while frames keep
+        getting through; False when none did for ``stall_s`` (a stuck stage)."""
+        c = self.counters.counts
+        done = c["published"] + c["publish_failed"]
+        last_progress = time.monotonic()
+        while self.in_flight > 0:
+            now_done = c["published"] + c["publish_failed"]
+            if now_done != done:
+                done, last_progress = now_done, time.monotonic()
+            elif time.monotonic() - last_progress > stall_s:
+                return False
+            await asyncio.sleep(0.01)
+        return True
 
     def queue_depths(self) -> dict[str, int]:
         """Frames waiting in front of each stage."""
@@ -379,12 +394,16 @@ class Pipeline:
     async def _publish_loop(self) -> None:
         while True:
             frame = await self._to_publish.get()
+            outcome = "publish_failed"
             try:
                 self._publish(frame)
-            except Exception as exc:
+                outcome = "published"
+            except Exception as exc:  # e.g. a header JSON cannot carry: counted, not published
+                self.last_failure = (
+                    f"frame {frame.frame_id}: publish failed: {type(exc).__name__}: {exc}")
                 self._errors.error("publish", f"publishing frame {frame.frame_id} failed", exc)
             finally:
-                self.counters.incr("published")
+                self.counters.incr(outcome)
                 if self.source is not None:
                     self.source.frame_done(frame.origin)
 
@@ -441,6 +460,8 @@ class Pipeline:
         """Counters, queue depths and latency percentiles for the status topic."""
         return {
             **self.counters.snapshot(),
+            # frames the publish stage could not send (not counted in frames_published)
+            "frames_publish_failed": int(self.counters.counts["publish_failed"]),
             "stage_threads": self.stage_threads,
             "queues": self.queue_depths(),
             "latency_ms": self.latency.percentiles(),

@@ -11,7 +11,7 @@ import zmq.asyncio
 from pydantic import ValidationError
 
 from livemask import protocol
-from livemask.errors import CommandError
+from livemask.errors import CommandError, ProtocolError
 from livemask.transport._sockets import bind_or_explain, bound_endpoint
 
 __all__ = ["DEFAULT_CONTROL_ADDRESS", "ControlServer", "Handler"]
@@ -34,8 +34,9 @@ class ControlServer:
     are both answered with the envelope they came with. Requests are handled one at a
     time, in arrival order. The handler raises :class:`CommandError` for an error reply
     (including ``unknown_command``); a pydantic ``ValidationError`` becomes
-    ``invalid_args``; any other exception becomes ``internal`` and is logged. No request
-    can stop the server. Stop it with ``task.cancel()`` then :meth:`close`.
+    ``invalid_args``; any other exception, or a result that cannot be encoded, becomes
+    ``internal`` and is logged. Every request gets exactly one reply; no request can stop
+    the server. Stop it with ``task.cancel()`` then :meth:`close`.
     """
 
     def __init__(
@@ -103,7 +104,6 @@ class ControlServer:
             request = protocol.parse_request(payload)
             req_id = request.id
             result = await self._handler(request.cmd, request.args)
-            return protocol.ok_reply(req_id, result)
         except CommandError as exc:
             self.errors += 1
             return protocol.error_reply(req_id, exc.code, exc.message)
@@ -116,6 +116,14 @@ class ControlServer:
             self.errors += 1
             logger.exception("control request %r failed", bytes(payload)[:200])
             return protocol.error_reply(req_id, protocol.INTERNAL, f"{type(exc).__name__}: {exc}")
+        try:
+            return protocol.ok_reply(req_id, result)
+        except ProtocolError as exc:  # the command was done, but its result has no JSON form
+            self.errors += 1
+            logger.error("control request %r: reply not encodable: %s", bytes(payload)[:200], exc)
+            return protocol.error_reply(
+                req_id, protocol.INTERNAL, f"the command ran, but its result cannot be sent: {exc}"
+            )
 
     def close(self) -> None:
         """Close the socket; idempotent."""

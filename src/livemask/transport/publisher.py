@@ -14,9 +14,16 @@ from livemask import protocol
 from livemask.protocol import Message
 from livemask.transport._sockets import bind_or_explain, bound_endpoint
 
-__all__ = ["DEFAULT_PUB_ADDRESS", "MemoryPublisher", "Publisher", "ZmqPublisher"]
+__all__ = [
+    "CLOSE_LINGER_S", "DEFAULT_PUB_ADDRESS", "MemoryPublisher", "Publisher", "ZmqPublisher",
+]
 
 DEFAULT_PUB_ADDRESS = "tcp://127.0.0.1:5555"
+#: How long a graceful close (``close(linger_s=CLOSE_LINGER_S)``, the service's orderly
+#: shutdown) waits for queued messages to reach subscribers: the last measurements,
+#: ``acquisition_finished`` and the final status; a subscriber that is not reading then
+#: gets what it missed as ``seq`` gaps.
+CLOSE_LINGER_S = 2.0
 
 
 @runtime_checkable
@@ -51,8 +58,14 @@ class ZmqPublisher:
     """ZeroMQ PUB publisher of protocol v1 messages.
 
     ``publish`` never blocks and never raises because a subscriber is slow or gone: PUB
-    drops messages at the high-water mark (``sndhwm`` messages per subscriber) and every
-    message gets a per-topic ``seq`` so subscribers see the gaps.
+    drops messages at the high-water mark (``sndhwm`` messages per subscriber) without
+    telling the sender, so the publisher cannot count drops; every message gets a per-topic
+    ``seq`` so subscribers see them as gaps. ``sent`` counts messages handed to the socket.
+
+    Without a ``context`` the publisher has a ZeroMQ context of its own, so that a graceful
+    :meth:`close` can wait (at most its ``linger_s``) until queued messages are sent; an
+    ``inproc://`` publisher uses ``zmq.Context.instance()`` instead, which its subscribers
+    in this process must share.
 
     Not thread-safe: use it from one thread only (the service's asyncio loop). Arrays are
     sent zero-copy, so they must not be modified after ``publish`` returns.
@@ -68,11 +81,11 @@ class ZmqPublisher:
         self.address = address
         self.sndhwm = sndhwm
         self._context = context
+        self._own_context: zmq.Context[Any] | None = None
         self._socket: zmq.Socket[Any] | None = None
         self._closed = False
         self._seq: dict[str, int] = {}
         self.sent: dict[str, int] = {}
-        self.dropped: dict[str, int] = {}
 
     def start(self) -> ZmqPublisher:
         """Create and bind the PUB socket; returns ``self``."""
@@ -80,11 +93,19 @@ class ZmqPublisher:
             raise RuntimeError("publisher is closed; create a new ZmqPublisher")
         if self._socket is not None:
             return self
-        ctx = self._context if self._context is not None else zmq.Context.instance()
+        ctx = self._context
+        if ctx is None and self.address.startswith("inproc://"):
+            ctx = zmq.Context.instance()
+        elif ctx is None:
+            ctx = self._own_context = zmq.Context()
         sock = ctx.socket(zmq.PUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, self.sndhwm)
-        bind_or_explain(sock, self.address, "publisher", "--pub or publish.pub_address")
+        try:
+            bind_or_explain(sock, self.address, "publisher", "--pub or publish.pub_address")
+        except BaseException:
+            self._term_own_context()
+            raise
         self._socket = sock
         return self
 
@@ -101,20 +122,19 @@ class ZmqPublisher:
     ) -> int:
         """Encode and send one message without blocking; return its ``seq``.
 
-        ``seq`` is taken even when the message is dropped, so the drop shows as a gap.
-        ``t.published`` is stamped now when ``header["t"]`` is a dict without it.
+        ``seq`` is taken even when PUB drops the message for a slow subscriber, so the drop
+        shows there as a gap. ``t.published`` is stamped now when ``header["t"]`` is a dict
+        without it. Raises :class:`ProtocolError` (nothing sent, no ``seq`` taken) for a
+        header or array that cannot be encoded.
         """
         if self._socket is None:
             raise RuntimeError("publisher is not started (or closed); call start() first")
         seq = self._seq.get(topic, 0)
         parts = protocol.encode(topic, _stamp_published(header, seq), arrays)
         self._seq[topic] = seq + 1
-        try:
-            self._socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            self.dropped[topic] = self.dropped.get(topic, 0) + 1
-        else:
-            self.sent[topic] = self.sent.get(topic, 0) + 1
+        # PUB never raises Again: at the high-water mark it drops without a word
+        self._socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+        self.sent[topic] = self.sent.get(topic, 0) + 1
         return seq
 
     def next_seq(self, topic: str) -> int:
@@ -122,19 +142,35 @@ class ZmqPublisher:
         return self._seq.get(topic, 0)
 
     def counters(self) -> dict[str, dict[str, int]]:
-        """``{"sent": {topic: n}, "dropped": {topic: n}, "next_seq": {topic: n}}``."""
-        return {
-            "sent": dict(self.sent),
-            "dropped": dict(self.dropped),
-            "next_seq": dict(self._seq),
-        }
+        """``{"sent": {topic: n}, "next_seq": {topic: n}}``: ``sent`` counts messages handed
+        to the socket, not messages every subscriber got (PUB drops silently)."""
+        return {"sent": dict(self.sent), "next_seq": dict(self._seq)}
 
-    def close(self) -> None:
-        """Close the socket (LINGER 0: unsent messages are discarded). Idempotent."""
+    def close(self, *, linger_s: float = 0.0, wait: bool = True) -> None:
+        """Close the socket. Idempotent.
+
+        ``linger_s`` 0 (the default, for an error path) discards unsent messages at once; a
+        graceful close passes :data:`CLOSE_LINGER_S`: then, with the publisher's own
+        context, it blocks until the queued messages are sent or that time is up, unless
+        ``wait`` is False (call :meth:`wait_sent` later, e.g. off the event loop)."""
         self._closed = True
         if self._socket is not None:
-            self._socket.close(linger=0)
+            self._socket.close(linger=max(0, round(linger_s * 1000)))
             self._socket = None
+        if wait:
+            self.wait_sent()
+
+    def wait_sent(self) -> None:
+        """After :meth:`close`: wait until the messages it left queued are sent or its
+        ``linger_s`` is up (terminates the publisher's own context; else returns at once)."""
+        if self._socket is None:
+            self._term_own_context()
+
+    def _term_own_context(self) -> None:
+        """Terminate the publisher's own context (waits for the socket's linger)."""
+        ctx, self._own_context = self._own_context, None
+        if ctx is not None:
+            ctx.term()
 
     def __enter__(self) -> ZmqPublisher:
         return self.start()
@@ -145,7 +181,7 @@ class ZmqPublisher:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        self.close(linger_s=CLOSE_LINGER_S if exc_type is None else 0.0)
 
 
 class MemoryPublisher:
@@ -160,7 +196,6 @@ class MemoryPublisher:
         self.closed = False
         self._seq: dict[str, int] = {}
         self.sent: dict[str, int] = {}
-        self.dropped: dict[str, int] = {}
 
     def publish(
         self,
@@ -186,8 +221,8 @@ class MemoryPublisher:
 
     def counters(self) -> dict[str, dict[str, int]]:
         """Same shape as :meth:`ZmqPublisher.counters`."""
-        return {"sent": dict(self.sent), "dropped": dict(self.dropped), "next_seq": dict(self._seq)}
+        return {"sent": dict(self.sent), "next_seq": dict(self._seq)}
 
-    def close(self) -> None:
-        """Mark closed; idempotent."""
+    def close(self, *, linger_s: float = 0.0, wait: bool = True) -> None:
+        """Mark closed; idempotent (the arguments as :meth:`ZmqPublisher.close`, unused)."""
         self.closed = True

@@ -12,7 +12,7 @@ import useq
 from pymmcore_plus import CMMCorePlus
 
 from livemask.acquisition.core import close_core, open_core
-from livemask.acquisition.sequence import camera_field, iter_events, with_field_of_view
+from livemask.acquisition.sequence import iter_events, with_field_of_view
 from livemask.acquisition.simulated.world import configure_world
 from livemask.acquisition.source import MicroscopeSource, RawFrame
 
@@ -28,13 +28,15 @@ def core() -> Iterator[CMMCorePlus]:
 
 
 def _run(core: CMMCorePlus, sequence: dict[str, Any]) -> tuple[list[RawFrame], str | None]:
-    """Run ``sequence`` through a MicroscopeSource as the service does; frames and error."""
+    """Run ``sequence`` through a MicroscopeSource as the service does (the camera's field
+    filled in first); frames and error."""
     frames: list[RawFrame] = []
     ended = threading.Event()
     result: list[str | None] = []
     source = MicroscopeSource(core, frames.append)
     try:
-        seq = useq.MDASequence.model_validate(sequence)
+        seq = with_field_of_view(useq.MDASequence.model_validate(sequence),
+                                 source.field_of_view())
         source.start(iter_events(seq), mode="free-run",
                      on_done=lambda error: (result.append(error), ended.set()))
         assert ended.wait(30), "the acquisition did not end"
@@ -98,10 +100,8 @@ def test_a_grid_without_fov_on_a_core_without_pixel_size_is_an_error(
     for preset in core.getAvailablePixelSizeConfigs():
         core.deletePixelSizeConfig(preset)
     assert core.getPixelSizeUm() == 0
-    frames, error = _run(core, {"grid_plan": {"rows": 1, "columns": 2}})
-    assert frames == []
-    assert error is not None
-    assert "fov_width" in error and "PixelSize_um" in error
+    with pytest.raises(ValueError, match=r"fov_width.*PixelSize_um"):
+        _run(core, {"grid_plan": {"rows": 1, "columns": 2}})
     # a grid that gives its field runs
     frames, error = _run(core, {"grid_plan": {"rows": 1, "columns": 2, "fov_width": 8,
                                               "fov_height": 8}})
@@ -114,9 +114,46 @@ def test_the_field_sizes_grids_sized_by_it() -> None:
     seq = useq.MDASequence(grid_plan={"top": 0, "left": 0, "bottom": -100, "right": 300})
     filled = with_field_of_view(seq, (100.0, 50.0))
     assert seq.grid_plan is not None and seq.grid_plan.fov_width is None  # not changed
-    with camera_field((100.0, 50.0)):
-        events = list(iter_events(seq))
+    events = list(iter_events(filled))
     assert len(events) == len(list(filled)) == 3 * 2
     assert sorted({e.x_pos for e in events}) == pytest.approx([50, 150, 250])
-    # without a camera (a replay, a test) useq's own 1 µm is kept
+    # without a field filled in (a replay, a test) useq's own 1 µm is kept
     assert len(list(iter_events(seq))) == len(list(seq))
+
+
+async def test_the_service_steps_a_grid_by_the_cameras_field() -> None:
+    """End to end: before, the tiles of a grid without fov_width were 1 µm apart."""
+    from livemask.service.app import Service
+    from tests.conftest import make_config
+    from tests.test_service import collect_run
+
+    cfg = make_config(acquisition={"mode": "synchronized", "sequence": {
+        "grid_plan": {"rows": 1, "columns": 2},
+        "stage_positions": [{"x": 100.0, "y": 0.0, "z": 0.0}]}})
+    async with Service(cfg) as svc:
+        got = await collect_run(svc, ("measurements", "event"))
+        source = svc.source
+        assert isinstance(source, MicroscopeSource)
+        field = source.field_of_view()
+        started = [e.header for e in got["event"] if e.header["kind"] == "acquisition_started"]
+    assert field is not None
+    xs = sorted(m.header["position"]["x_um"] for m in got["measurements"])
+    assert xs == pytest.approx([100 - field[0] / 2, 100 + field[0] / 2])
+    assert started[0]["sequence"]["grid_plan"]["fov_width"] == pytest.approx(field[0])
+
+
+async def test_a_grid_the_field_cannot_size_is_refused_when_the_run_starts() -> None:
+    from livemask.errors import ConfigError
+    from livemask.service.app import Service
+    from tests.conftest import make_config
+
+    cfg = make_config(acquisition={"autostart": False})
+    async with Service(cfg) as svc:
+        source = svc.source
+        assert isinstance(source, MicroscopeSource)
+        for preset in source.core.getAvailablePixelSizeConfigs():
+            source.core.deletePixelSizeConfig(preset)
+        seq = useq.MDASequence(grid_plan={"rows": 1, "columns": 2})
+        with pytest.raises(ConfigError, match=r"fov_width.*PixelSize_um"):
+            svc.start_acquisition(seq)
+        assert not svc.acquiring

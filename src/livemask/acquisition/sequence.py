@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -296,24 +294,6 @@ def _chunk_size(seq: useq.MDASequence, chunk: int) -> int:
     return size
 
 
-#: The field of view of the camera that runs the events iterated on this thread
-#: (:func:`camera_field`).
-_CAMERA = threading.local()
-
-
-@contextmanager
-def camera_field(field: tuple[float, float] | None) -> Iterator[None]:
-    """Within it, :func:`iter_events` on this thread fills in missing ``fov_width`` and
-    ``fov_height`` of grid plans with ``field`` (width, height in µm; None: the camera's
-    pixel size is unknown), as pymmcore-plus does for an ``MDASequence`` it runs itself."""
-    before = getattr(_CAMERA, "field", None)
-    _CAMERA.field = (field,)
-    try:
-        yield
-    finally:
-        _CAMERA.field = before
-
-
 def with_field_of_view(
     seq: useq.MDASequence, field: tuple[float, float] | None, what: str = "sequence"
 ) -> useq.MDASequence:
@@ -351,14 +331,11 @@ def iter_events(
     """The events of ``seq`` (as ``iter(seq)``), about ``chunk`` time points at a time when
     the time plan is longer than that and time is the outermost axis.
 
-    Under :func:`camera_field` (the microscope's runner thread), grid plans without a field
-    of view get the camera's first. ``ValueError`` for more than
+    Grid plans without a field of view count with useq's 1 µm: fill it in first
+    (:func:`with_field_of_view`, as the service does). ``ValueError`` for more than
     ``MAX_EVENTS_PER_TIME_POINT`` events per time point (:func:`check_size`)."""
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1 time point, got {chunk}")
-    camera = getattr(_CAMERA, "field", None)
-    if camera is not None:
-        seq = with_field_of_view(seq, camera[0])
     check_size(seq)
     n = time_points(seq)
     chunk = _chunk_size(seq, chunk) if n > chunk else chunk

@@ -22,7 +22,6 @@ import useq
 from livemask.acquisition.engine import FocusTolerantEngine
 from livemask.acquisition.feed import EventFeed
 from livemask.acquisition.mode import Mode
-from livemask.acquisition.sequence import camera_field
 from livemask.errors import AcquisitionEnding, AcquisitionError
 
 if TYPE_CHECKING:
@@ -406,10 +405,7 @@ class MicroscopeSource(FeedThreadSource):
     def _run(self, feed: EventFeed) -> None:
         error: str | None = None
         try:
-            # pymmcore-plus gives a grid without a field of view the camera's only for an
-            # MDASequence it runs itself; the sequence's events are made on this thread
-            with camera_field(self.field_of_view()):
-                self.core.mda.run(feed)
+            self.core.mda.run(feed)
         except Exception as exc:  # a hardware fault must not kill the service
             log.exception("acquisition failed")
             error = f"{type(exc).__name__}: {exc}"

@@ -16,7 +16,12 @@ import useq
 
 from livemask import __version__
 from livemask.acquisition.mode import Mode
-from livemask.acquisition.sequence import event_count, iter_events, sequence_channels
+from livemask.acquisition.sequence import (
+    event_count,
+    iter_events,
+    sequence_channels,
+    with_field_of_view,
+)
 from livemask.acquisition.source import FrameSource, MicroscopeSource, RawFrame
 from livemask.config import ServiceConfig, physical_memory_bytes
 from livemask.errors import (
@@ -492,6 +497,13 @@ class Service:
         Long time plans are iterated in chunks (:func:`iter_events`), so any number of
         time points starts at once and holds no list of them."""
         seq = sequence or self.config.acquisition.mda_sequence()
+        if isinstance(self.source, MicroscopeSource):
+            # pymmcore-plus fills in a grid's field of view only for a sequence it runs
+            # itself; ours reach it as events (useq's fallback is 1 µm)
+            try:
+                seq = with_field_of_view(seq, self.source.field_of_view())
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         self._check_sequence_on_rig(seq)
         count = event_count(seq)
         if count > MAX_PLANNED_EVENTS:

@@ -1220,3 +1220,35 @@ async def test_a_stop_requested_during_start_up_skips_the_autostart(
         assert svc.pipeline.acquisition == 0  # no acquisition begun
     async with Service(service_config, stop=asyncio.Event()) as svc:
         assert svc.pipeline.acquisition == 1  # without a stop it autostarts
+
+
+async def test_set_exposure_during_a_run_holds_for_the_rest_of_it() -> None:
+    """Before: pymmcore-plus set the next event's channel exposure again, so the reply said
+    50 ms and the camera was back at 10 ms a frame later (bug hunt)."""
+    cfg = make_config(simulation={"truth": False}, acquisition={
+        "mode": "synchronized", "autostart": False,
+        "sequence": {"time_plan": {"interval": 0.05, "loops": 12},
+                     "channels": [{"config": "DAPI", "exposure": 10.0}]}})
+    async with Service(cfg) as svc:
+        assert (await control(svc, "start"))["started"] is True
+        while svc.pipeline.counters.counts["published"] < 3:
+            await asyncio.sleep(0.01)
+        assert (await control(svc, "set", exposure_ms=30.0)) == {"exposure_ms": 30.0}
+        while svc.pipeline.counters.counts["published"] < 8:
+            await asyncio.sleep(0.01)
+        assert svc.acquiring  # (at the end pymmcore-plus puts back the settings from before)
+        assert svc.status()["core"]["exposure_ms"] == 30.0  # the last frame's
+
+
+async def test_set_exposure_is_refused_while_channels_set_their_own() -> None:
+    cfg = make_config(simulation={"truth": False}, acquisition={
+        "autostart": False,
+        "sequence": {"time_plan": {"interval": 0.1, "loops": 50},
+                     "channels": [{"config": "DAPI", "exposure": 10.0},
+                                  {"config": "GFP", "exposure": 40.0}]}})
+    async with Service(cfg) as svc:
+        await control(svc, "start")
+        with pytest.raises(ControlError, match=r"set their own exposures \(10, 40 ms\)"):
+            await control(svc, "set", exposure_ms=20.0)
+        await control(svc, "stop")
+        assert (await control(svc, "set", exposure_ms=20.0)) == {"exposure_ms": 20.0}

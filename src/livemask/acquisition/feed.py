@@ -211,3 +211,31 @@ class EventFeed(Iterator[useq.MDAEvent]):
             self.not_run += len(self._injected)
             self._injected.clear()
             self._cond.notify_all()
+
+
+class PlannedExposure(Iterator[useq.MDAEvent]):
+    """Planned events with the exposure the ``set`` command gave since the run started.
+
+    pymmcore-plus sets each event's own exposure (a channel's) before its snap, so a camera
+    exposure set during a run lasted one frame. Once :meth:`set` is called, every later
+    event that carries an exposure carries that one; events without one keep the camera's.
+    ``__next__`` runs on the runner thread, :meth:`set` on the event loop.
+    """
+
+    def __init__(self, events: Iterable[useq.MDAEvent]) -> None:
+        self._events = iter(events)
+        self._lock = threading.Lock()
+        self._exposure_ms: float | None = None
+
+    def set(self, exposure_ms: float) -> None:
+        """Give every later planned event that sets an exposure ``exposure_ms`` instead."""
+        with self._lock:
+            self._exposure_ms = float(exposure_ms)
+
+    def __next__(self) -> useq.MDAEvent:
+        event = next(self._events)
+        with self._lock:
+            exposure = self._exposure_ms
+        if exposure is not None and event.exposure is not None and event.exposure != exposure:
+            event = event.model_copy(update={"exposure": exposure})
+        return event

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import useq
 
 from livemask import __version__
+from livemask.acquisition.feed import PlannedExposure
 from livemask.acquisition.mode import Mode
 from livemask.acquisition.sequence import (
     event_count,
@@ -139,6 +140,9 @@ class Service:
         self.recorder: Recorder | None = None
         self.prefault: Prefault | None = None  # frame-sized memory touched at start
         self._segmenter: Segmenter | None = None  # its backend is released at close
+        # the running acquisition's planned events, and the exposures its channels set
+        self._planned_exposure: PlannedExposure | None = None
+        self._plan_exposures: list[float] = []
 
     # ------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> Service:
@@ -511,7 +515,8 @@ class Service:
                 f"sequence: plans {count} events, more than 2**63 - 1; plan fewer (a time "
                 "plan of 2**63 - 1 loops already runs for ever)")
         detail = {"sequence": seq.model_dump(mode="json")}
-        return self._start_events(iter_events(seq), detail, count)
+        exposures = {c.exposure for c in sequence_channels(seq) if c.exposure is not None}
+        return self._start_events(iter_events(seq), detail, count, exposures)
 
     def _check_on_rig(
         self, what: str, channels: Sequence[Any] = (), exposures: Sequence[float] = (),
@@ -570,13 +575,21 @@ class Service:
         exposures = [float(p["exposure_ms"]) for p in params if p.get("exposure_ms") is not None]
         self._check_on_rig(what, channels, exposures)
 
-    def _start_events(self, events: Any, detail: dict[str, Any], count: int) -> int:
+    def _start_events(
+        self, events: Any, detail: dict[str, Any], count: int,
+        plan_exposures: set[float] | None = None,
+    ) -> int:
+        """Start an acquisition of ``events``; ``plan_exposures``: the exposures its channels
+        set (a ``set exposure_ms`` while it runs replaces them, when there is one)."""
         if self.source is None:
             raise AcquisitionError("no frame source")
         if self.state in ("stopping", "closed"):
             raise AcquisitionError("the service is stopping")
         if self._acquiring or self.source.running:  # (checked before anything is reset)
             raise AcquisitionError("an acquisition is already running; stop it first")
+        self._planned_exposure = PlannedExposure(events)
+        self._plan_exposures = sorted(plan_exposures or ())
+        events = self._planned_exposure  # before the feedback's ledger sees them
         if self.feedback is not None:
             self.feedback.acquisition_started()
             events = self.feedback.wrap_planned(events)
@@ -706,6 +719,12 @@ class Service:
         if exposure_ms is not None:
             if self.source is None:
                 raise AcquisitionError("no frame source")
+            if self._acquiring and len(self._plan_exposures) > 1:
+                shown = ", ".join(f"{e:g}" for e in self._plan_exposures)
+                raise ValueError(
+                    f"the running sequence's channels set their own exposures ({shown} ms); "
+                    f"exposure_ms would give all of them {exposure_ms:g} ms: stop, and start "
+                    "a sequence with the channel exposures you want")
             await call_hardware(
                 self.source.set_exposure, exposure_ms,
                 what=f"setting the camera exposure to {exposure_ms:g} ms",
@@ -713,6 +732,8 @@ class Service:
                     "setting_changed", {"exposure_ms": exposure_ms, "late": True}),
             )
             changed["exposure_ms"] = exposure_ms
+            if self._acquiring and self._planned_exposure is not None:
+                self._planned_exposure.set(exposure_ms)  # else the next event's put it back
             if self.feedback is not None:  # restores after an action's own exposure
                 self.feedback.exposure_set(exposure_ms)
         if mode is not None:

@@ -588,3 +588,114 @@ def test_explicit_backend_load_errors_still_raise(monkeypatch: pytest.MonkeyPatc
         "torch", False, "no"))
     with pytest.raises(BackendUnavailable, match="broken"):  # the last candidate raises
         select.load_backend("auto", load_model_card("nuclei"))
+
+
+# ------------------------------------------- buffers and runs (a fake engine over ORT, CPU)
+
+
+class _OrtEngine:
+    """A stand-in for a deserialized engine whose context runs the ONNX model with ONNX
+    Runtime on the tensors at the addresses livemask gave it (CPU tensors here), in the
+    engine's I/O dtype: what TensorRT does on the GPU, minus the GPU."""
+
+    def __init__(self, onnx_path: Path, io_dtype: str, buffers: dict[int, Any]) -> None:
+        self.session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        self.io_dtype, self.buffers = io_dtype, buffers
+        self.names = [self.session.get_inputs()[0].name, self.session.get_outputs()[0].name]
+        self.num_io_tensors = 2
+        self.runs = 0
+
+    def get_tensor_name(self, i: int) -> str:
+        return self.names[i]
+
+    def get_tensor_mode(self, name: str) -> str:
+        return "INPUT" if name == self.names[0] else "OUTPUT"
+
+    def get_tensor_dtype(self, name: str) -> str:
+        return self.io_dtype
+
+    def create_execution_context(self) -> Any:
+        engine, state = self, {"address": {}, "shape": None}
+
+        def set_input_shape(name: str, shape: tuple[int, ...]) -> bool:
+            state["shape"] = tuple(shape)
+            return True
+
+        def get_tensor_shape(name: str) -> tuple[int, ...]:
+            n, _, h, w = state["shape"]
+            return (n, 2, h, w) if name == engine.names[1] else state["shape"]
+
+        def set_tensor_address(name: str, address: int) -> None:
+            state["address"][name] = address
+
+        def execute_async_v3(stream: int) -> bool:
+            engine.runs += 1
+            shape = state["shape"]
+            n_in = int(np.prod(shape))
+            x = engine.buffers[state["address"][engine.names[0]]][:n_in].view(shape)
+            (y,) = engine.session.run(None, {engine.names[0]: x.float().numpy()})
+            out = engine.buffers[state["address"][engine.names[1]]]
+            out[:y.size].view(y.shape).copy_(torch_module().from_numpy(y))
+            return True
+
+        return SimpleNamespace(
+            set_input_shape=set_input_shape, set_tensor_address=set_tensor_address,
+            get_tensor_shape=get_tensor_shape, execute_async_v3=execute_async_v3)
+
+
+def torch_module() -> Any:
+    return pytest.importorskip("torch")
+
+
+def _cpu_torch(buffers: dict[int, Any]) -> Any:
+    """torch, but its CUDA buffers and pinned memory are CPU tensors registered by address
+    (so the fake engine finds them), and its streams and devices do nothing."""
+    torch = torch_module()
+
+    def empty(*size: Any, dtype: Any = None, device: Any = None,
+              pin_memory: bool = False) -> Any:
+        t = torch.empty(*size, dtype=dtype)
+        buffers[t.data_ptr()] = t
+        return t
+
+    stream = SimpleNamespace(synchronize=lambda: None, cuda_stream=0)
+    cuda = SimpleNamespace(
+        get_device_properties=lambda i: SimpleNamespace(name="Fake GPU", major=9, minor=0),
+        device=lambda i: contextlib.nullcontext(), stream=lambda s: contextlib.nullcontext(),
+        Stream=lambda device=None: stream)
+    return SimpleNamespace(empty=empty, device=torch.device, from_numpy=torch.from_numpy,
+                           float32=torch.float32, version=SimpleNamespace(cuda="12.8"),
+                           cuda=cuda)
+
+
+@pytest.mark.parametrize("io_dtype", ["float", "half"])
+def test_runs_through_the_engines_buffers_equal_onnx_runtime(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, io_dtype: str
+) -> None:
+    """_setup and _run_chunk (buffer sizes, views, shapes, copies, batches split at the
+    profile's maximum) with TensorRT replaced by ONNX Runtime over the same buffers; an fp16
+    engine takes and gives half-precision tensors, converted on the way in and out."""
+    buffers: dict[int, Any] = {}
+    card = load_model_card("nuclei")
+    engine = _OrtEngine(card.onnx_path, io_dtype, buffers)
+    calls: dict[str, Any] = {}
+    trt = _fake_trt(calls)
+    trt.TensorIOMode = SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
+    trt.nptype = lambda dtype: {"float": np.float32, "half": np.float16}[dtype]
+    trt.Runtime = lambda logger: SimpleNamespace(deserialize_cuda_engine=lambda data: engine)
+    monkeypatch.setattr(tb, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(tb, "import_torch_cuda", lambda: _cpu_torch(buffers))
+    monkeypatch.setattr(TensorRTBackend, "_build", lambda self, card: b"plan")
+    backend = TensorRTBackend(cache_dir=tmp_path, profile=EngineProfile(
+        (1, 32, 32), (2, 64, 96), (2, 128, 128)))
+    backend.load(card)
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1, 64, 96), (3, 1, 32, 48), (1, 1, 128, 128), (2, 1, 64, 96)]:
+        x = rng.random(shape, dtype=np.float32)
+        got = backend.run(x)
+        (want,) = engine.session.run(None, {"image": x})
+        assert got.shape == want.shape and got.dtype == np.float32
+        np.testing.assert_allclose(got, want, atol=2e-2 if io_dtype == "half" else 1e-5)
+    assert engine.runs == 5  # the batch of 3 ran as 2 + 1 (the profile's largest batch is 2)
+    with pytest.raises(ModelError, match=r"outside the TensorRT profile"):
+        backend.run(np.zeros((1, 1, 256, 256), np.float32))

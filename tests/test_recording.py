@@ -918,3 +918,34 @@ def test_one_side_file_failing_is_one_report_and_a_replaced_folder_stops_the_rec
     assert rec.report()["stopped"] is not None
     assert len(errors) == 2 and "deleted or moved" in errors[1]  # announced while failing
     assert list(run.iterdir()) == []  # nothing written into the new folder
+
+
+def test_a_labels_array_that_fails_to_be_made_is_made_with_the_next_frame(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: the images array stayed, the labels were never made and the recording was
+    never marked complete (bug hunt). Now the arrays are made together or not at all."""
+    from zarr.core.group import Group
+
+    real = Group.create_group
+    failures = []
+
+    def fails_once(self: Any, name: str, **kwargs: Any) -> Any:
+        if name == "labels" and not failures:
+            failures.append(name)
+            raise OSError(28, "No space left on device")
+        return real(self, name, **kwargs)
+
+    monkeypatch.setattr(Group, "create_group", fails_once)
+    image = np.arange(24 * 32, dtype=np.uint16).reshape(24, 32)
+    rec = Recorder(tmp_path / "run", pixel_size_um=0.65, units=UNITS).start()
+    rec.on_frame(_frame(0, image))
+    _wait(lambda: rec.report()["frames_written"] + rec.counts.rejected >= 1)
+    for fid in (1, 2):
+        rec.on_frame(_frame(fid, image))
+    rec.close(frames_acquired=3)
+    assert failures == ["labels"]
+    root = zarr.open_group(tmp_path / "run" / "images.ome.zarr", mode="r")
+    masks = root["labels/masks/0"]
+    assert [int(masks[fid].max()) for fid in (1, 2)] == [2, 2]
+    assert [f["stored"] for f in root.attrs["livemask"]["frames"]] == [False, True, True]

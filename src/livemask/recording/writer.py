@@ -457,10 +457,10 @@ class Recorder:
         root.update_attributes({"livemask": self._summary_attrs(complete=False)})
         # every frame gets its chunk file, even an all-zero one (zarr skips those by
         # default): a missing file then always means a lost frame, which replay reports
-        self._images = root.create_array("0", shape=shape, chunks=chunks, dtype=image.dtype,
-                                         fill_value=0, dimension_names=("t", "y", "x"),
-                                         compressors=codec,
-                                         config={"write_empty_chunks": True})
+        images = root.create_array("0", shape=shape, chunks=chunks, dtype=image.dtype,
+                                   fill_value=0, dimension_names=("t", "y", "x"),
+                                   compressors=codec, config={"write_empty_chunks": True})
+        masks_array = None
         if self.labels:
             lab = root.create_group("labels", attributes={
                 "ome": {"version": OME_VERSION, "labels": [LABELS_NAME]}})
@@ -469,10 +469,12 @@ class Recorder:
                 "multiscales": _multiscales(LABELS_NAME, self.pixel_size_um),
                 "image-label": {"source": {"image": "../../"}},
             }})
-            self._masks = masks.create_array("0", shape=shape, chunks=chunks, dtype="int32",
+            masks_array = masks.create_array("0", shape=shape, chunks=chunks, dtype="int32",
                                              fill_value=0, dimension_names=("t", "y", "x"),
                                              compressors=codec)
-        self._root = root
+        # all or nothing: a failure above leaves them unset, and the next frame tries again
+        # (before, a failed labels array left images written without labels, never complete)
+        self._images, self._masks, self._root = images, masks_array, root
 
     def _grow(self, frames: list[_FrameItem]) -> None:
         """Grow the t axis once for a batch, so that every frame_id in it fits."""

@@ -1,7 +1,10 @@
 """A minimal external controller: when a frame shows many nuclei, image the next field.
 
 It subscribes to measurements and sends `enqueue` over the control channel, which inserts
-an event into the running acquisition. Run `livemask serve` first.
+an event into the running acquisition. It reacts to planned frames only: its own events
+carry the index key ``ext``, and their frames are not acted on again (else every frame of
+a crowded sample would send the stage further, for ever). It stops after ``MAX_MOVES``.
+Run `livemask serve` first.
 
     python examples/controller.py
 """
@@ -12,19 +15,29 @@ from livemask.client import ControlClient, Subscriber
 
 PUB, CONTROL = "tcp://127.0.0.1:5555", "tcp://127.0.0.1:5556"
 THRESHOLD = 140  # nuclei per field
+MAX_MOVES = 10
+EXT_KEY = "ext"  # index key of the events this controller enqueues
 
 
 def main() -> None:
     with Subscriber(PUB, topics=("measurements",), latest_only=True) as sub, \
             ControlClient(CONTROL) as ctl:
-        x_um = 0.0
+        moves = 0
         for msg in sub:
-            count = msg.header["summary"]["count"]
+            header = msg.header
+            if EXT_KEY in header.get("index", {}):
+                continue  # a frame this controller asked for
+            count = header["summary"]["count"]
             if count > THRESHOLD:
-                x_um += 400.0
-                reply = ctl.enqueue([{"x_pos": x_um, "y_pos": 0.0}])
-                print(f"frame {msg.header['frame_id']}: {count} nuclei -> move to x={x_um} µm "
+                moves += 1
+                x_um = 400.0 * moves
+                event = {"x_pos": x_um, "y_pos": 0.0, "index": {EXT_KEY: moves}}
+                reply = ctl.enqueue([event])
+                print(f"frame {header['frame_id']}: {count} nuclei -> image x={x_um} µm "
                       f"({reply})")
+                if moves >= MAX_MOVES:
+                    print(f"{MAX_MOVES} fields imaged; done")
+                    return
 
 
 if __name__ == "__main__":

@@ -363,7 +363,8 @@ def main() -> None:
         "--division-rate",
         type=float,
         default=None,
-        help="simulated mitosis rate per nucleus and step (default: the simulator's 0.004)",
+        help="simulated mitosis rate per nucleus and step (default: the config's, 0.00015 in "
+        "configs/smart-mitosis.yaml)",
     )
     ap.add_argument("--external", action="store_true",
                     help="decide in examples/mitosis_controller.py (enqueue) instead of the rule")

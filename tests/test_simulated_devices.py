@@ -449,3 +449,21 @@ def test_a_python_autofocus_error_does_not_end_the_acquisition(open_sim: OpenSim
     ]
     core.mda.run(events)
     assert [e.index["t"] for e in frames] == [0, 1]
+
+
+def test_opening_the_simulated_rig_logs_no_missing_micro_manager_error() -> None:
+    """Python devices need no Micro-Manager; pymmcore-plus still logged an ERROR telling the
+    user to run `mmcore install` to anyone who opened the simulated rig (docs check)."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    mm = logging.getLogger("pymmcore-plus")
+    mm.addHandler(handler)
+    try:
+        core = open_core(CFG)
+        close_core(core)
+    finally:
+        mm.removeHandler(handler)
+    assert not [r for r in records if "Micro-Manager installation" in r.getMessage()]

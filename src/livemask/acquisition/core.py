@@ -13,8 +13,8 @@ import logging
 import re
 import time
 import weakref
-from collections.abc import Iterable
-from contextlib import suppress
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -64,6 +64,28 @@ class PythonDeviceCore(UniMMCore):
 _PY_LINE = re.compile(r"^\s*#py ", re.MULTILINE)
 
 
+@contextmanager
+def _no_installation_error(python_devices: bool) -> Iterator[None]:
+    """Leave out pymmcore-plus' "no compatible Micro-Manager installation" error while a
+    core of Python devices (which need none) is made and loaded; as the service's log does
+    (:class:`~livemask.log.HardwareLogFilter`), also for code that opens a core itself."""
+    if not python_devices:
+        yield
+        return
+    mm = logging.getLogger("pymmcore-plus")
+    drop = _DropInstallationError()
+    mm.addFilter(drop)
+    try:
+        yield
+    finally:
+        mm.removeFilter(drop)
+
+
+class _DropInstallationError(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "compatible Micro-Manager installation" not in record.getMessage()
+
+
 def open_core(cfg_path: str | Path, *, core: CoreKind = "auto") -> CMMCorePlus:
     """Load the Micro-Manager configuration ``cfg_path`` into a new core.
 
@@ -77,17 +99,20 @@ def open_core(cfg_path: str | Path, *, core: CoreKind = "auto") -> CMMCorePlus:
             f"Micro-Manager config file {str(path)!r} does not exist; check hardware.config_file"
         )
     kind = _choose_kind(path, core)
-    mmc: CMMCorePlus = PythonDeviceCore() if kind == "unicore" else CMMCorePlus()
-    try:
-        mmc.loadSystemConfiguration(str(path.resolve()))
-    except Exception as exc:
-        with suppress(Exception):
-            close_core(mmc, timeout_s=0.0)
-        hint = "" if kind == "unicore" else " and that Micro-Manager is installed (mmcore install)"
-        raise AcquisitionError(
-            f"could not load Micro-Manager config {str(path)!r} into {type(mmc).__name__}: "
-            f"{exc}; check hardware.config_file (and hardware.core){hint}"
-        ) from exc
+    with _no_installation_error(kind == "unicore"):
+        mmc: CMMCorePlus = PythonDeviceCore() if kind == "unicore" else CMMCorePlus()
+        try:
+            mmc.loadSystemConfiguration(str(path.resolve()))
+        except Exception as exc:
+            with suppress(Exception):
+                close_core(mmc, timeout_s=0.0)
+            hint = ("" if kind == "unicore"
+                    else " and that Micro-Manager is installed (mmcore install)")
+            raise AcquisitionError(
+                f"could not load Micro-Manager config {str(path)!r} into "
+                f"{type(mmc).__name__}: {exc}; check hardware.config_file (and "
+                f"hardware.core){hint}"
+            ) from exc
     _OPEN_CORES.add(mmc)
     try:
         _check_camera(mmc, path)

@@ -541,3 +541,32 @@ def test_an_interrupt_during_start_up_does_not_start_the_acquisition(
     assert problem is None
     assert made[0].pipeline.acquisition == 0 and made[0].acquisitions_finished == 0
     assert "a stop was requested during start-up" in caplog.text
+
+
+def test_serve_frames_turns_an_interval_and_duration_plan_into_loops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config with interval + duration and --frames gave "time_plan.loops: unknown field"
+    (interval, duration and loops cannot go together; bug hunt)."""
+    from livemask import cli
+
+    seen: list[Any] = []
+
+    async def fake_serve(cfg: Any, **kwargs: Any) -> None:
+        seen.append(cfg.acquisition.mda_sequence())
+
+    monkeypatch.setattr(cli, "_serve", fake_serve)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"hardware: {{config_file: {ROOT / 'hardware' / 'simulated.cfg'}}}\n"
+                      "acquisition:\n  sequence:\n    time_plan: {interval: 0.5, duration: 60}\n")
+    result = runner.invoke(app, ["serve", "--config", str(config), "--frames", "7"])
+    assert result.exit_code == 0, result.output
+    plan = seen[0].time_plan
+    assert plan.loops == 7 and plan.interval.total_seconds() == 0.5
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-5", "70000"])
+def test_bench_refuses_a_bad_exposure_before_rendering(value: str) -> None:
+    result = runner.invoke(app, ["bench", "--exposure-ms", value, "--frames", "4"])
+    assert result.exit_code == 2
+    assert "Invalid value for '--exposure-ms'" in _flat(result.output)

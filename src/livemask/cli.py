@@ -200,6 +200,8 @@ def serve(
                 plan["loops"] = frames
             if interval is not None:
                 plan["interval"] = interval
+            if "loops" in plan and "interval" in plan:  # they fix its length: not a duration
+                plan.pop("duration", None)
             seq["time_plan"] = plan
             cfg.acquisition.sequence = seq
     except (LivemaskError, ValueError) as exc:
@@ -642,6 +644,7 @@ def bench(
         callback=_positive,
         help="Pace the camera at this rate instead (latency at a sustained rate).")] = None,
     exposure_ms: Annotated[float, typer.Option(
+        max=60_000, callback=_positive,
         help="Camera exposure; each snap lasts at least this long.")] = 10.0,
     threads: Annotated[int, typer.Option(
         min=1, max=MAX_THREADS, help="CPU threads of the backend.")] = 2,

@@ -35,13 +35,14 @@ step() {  # step NAME LIMIT_S COMMAND...: run COMMAND with at most LIMIT_S (and 
     if ((left < 20)); then
         echo "== $name: skipped (budget of ${budget} s spent)"
         failed+=("$name (skipped)")
-        return
+        return 1
     fi
     ((limit > left)) && limit=$left
     echo "== $name (at most ${limit} s; ${SECONDS} s so far)"
     if ! timeout "$limit" "$@"; then
         echo "!! $name failed or timed out"
         failed+=("$name")
+        return 1
     fi
 }
 
@@ -65,7 +66,7 @@ if command -v py-spy >/dev/null 2>&1; then
     step pyspy 60 py-spy record --gil --threads -r 100 -f raw -o "$out/pyspy-gil-2048.txt" \
         -- "$py" -m livemask bench --backend torch --size 2048 --frames 120 --threads 8 \
         --exposure-ms 10 --json "$out/bench-gpu-2048-pyspy.json" \
-        && "$py" benchmarks/gil_profile.py "$out/pyspy-gil-2048.txt" \
+        && step gil-profile 20 "$py" benchmarks/gil_profile.py "$out/pyspy-gil-2048.txt" \
             --json "$out/pyspy-gil-2048.json"
 fi
 echo "gpu.sh: ${SECONDS} s"

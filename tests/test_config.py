@@ -115,3 +115,16 @@ def test_device_analysis_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> N
     off = parse_config({"model": {"device_analysis": False}})
     assert app.build_segmenter(off).device_resident is False
     assert preferred == [True, False]
+
+
+def test_integers_beyond_64_bits_are_found_at_any_depth() -> None:
+    """Review: the check recursed, so ~980 nested lists (which JSON still parses) raised
+    RecursionError and a request got `internal` instead of `invalid_args`."""
+    from livemask.config import int_out_of_range
+
+    nested: object = 2**70
+    for _ in range(5000):
+        nested = [nested]
+    problem = int_out_of_range({"events": [1, nested]}, "args")
+    assert problem is not None and problem.startswith("args.events.1.0.0.")
+    assert int_out_of_range({"a": [-(2**63), 2**63 - 1, True]}, "args") is None

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 import useq
 
-from livemask.acquisition.feed import EventFeed
+from livemask.acquisition.feed import EventFeed, PlannedExposure
 from livemask.acquisition.mode import Mode
 
 
@@ -227,3 +227,14 @@ def test_the_enqueue_backlog_is_bounded_and_dropped_when_stopped(
     assert feed.inject(_events(2)) == 2 and feed.pending == 5
     feed.close()
     assert feed.pending == 0 and feed.not_run == 5
+
+
+def test_planned_exposure_replaces_the_events_own_from_when_it_is_set() -> None:
+    events = [useq.MDAEvent(exposure=10.0), useq.MDAEvent(), useq.MDAEvent(exposure=10.0),
+              useq.MDAEvent(exposure=10.0)]
+    planned = PlannedExposure(events)
+    assert next(planned).exposure == 10.0
+    assert planned.set(30.0) is None
+    assert [next(planned).exposure for _ in range(2)] == [None, 30.0]  # none: the camera's
+    assert planned.set(None) == 30.0  # undone (the camera refused the value)
+    assert next(planned).exposure == 10.0

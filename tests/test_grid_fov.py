@@ -157,3 +157,19 @@ async def test_a_grid_the_field_cannot_size_is_refused_when_the_run_starts() -> 
         with pytest.raises(ConfigError, match=r"fov_width.*PixelSize_um"):
             svc.start_acquisition(seq)
         assert not svc.acquiring
+
+
+async def test_a_grid_the_field_makes_too_large_is_refused_when_the_run_starts() -> None:
+    """The cap on events per time point was checked only on the runner thread for a grid
+    sized by the camera's field: `start` said started, then the run failed (review)."""
+    from livemask.errors import ConfigError
+    from livemask.service.app import Service
+    from tests.conftest import make_config
+
+    cfg = make_config(acquisition={"autostart": False})
+    async with Service(cfg) as svc:
+        seq = useq.MDASequence(grid_plan={"top": 0, "left": 0, "bottom": -400_000,
+                                          "right": 400_000})
+        with pytest.raises(ConfigError, match=r"events per time point \(sequence.grid_plan"):
+            svc.start_acquisition(seq)
+        assert not svc.acquiring

@@ -212,3 +212,14 @@ def test_a_small_signal_on_a_large_offset_keeps_its_levels(dtype: type, offset: 
     assert len(np.unique(out)) == len(np.unique(signal))
     expected = percentile_normalize(signal.astype(np.float64))
     np.testing.assert_allclose(out, expected, atol=1e-4)
+
+
+def test_the_noise_floor_still_holds_a_faint_speck_on_a_black_background() -> None:
+    """Review: the black-background fallback stretched a few counts of debris to 1 and
+    cancelled the noise floor (the phantom-nucleus case it is there for)."""
+    image = np.zeros((512, 512), np.uint16)
+    image[100:104, 200:204] = 3  # 3 grey levels: debris, a hot pixel
+    assert not percentile_normalize(image, 1.0, 99.8, min_span_noise=25).any()
+    assert percentile_normalize(image, 1.0, 99.8).max() == 1.0  # no floor: the top is 1
+    image[100:104, 200:204] = 30  # 30 grey levels above a black background: something
+    assert percentile_normalize(image, 1.0, 99.8, min_span_noise=25).max() == 1.0

@@ -1252,3 +1252,15 @@ async def test_set_exposure_is_refused_while_channels_set_their_own() -> None:
             await control(svc, "set", exposure_ms=20.0)
         await control(svc, "stop")
         assert (await control(svc, "set", exposure_ms=20.0)) == {"exposure_ms": 20.0}
+
+
+async def test_set_exposure_is_refused_for_a_run_enqueued_with_several_exposures() -> None:
+    """Review: an enqueue-started run's events are its plan; their exposures were merged."""
+    cfg = make_config(simulation={"truth": False}, acquisition={"autostart": False})
+    async with Service(cfg) as svc:
+        events = [{"exposure": 10.0 if i % 2 else 40.0, "min_start_time": 0.2 * i}
+                  for i in range(20)]
+        assert (await control(svc, "enqueue", events=events))["started"] is True
+        with pytest.raises(ControlError, match=r"set their own exposures \(10, 40 ms\)"):
+            await control(svc, "set", exposure_ms=20.0)
+        await control(svc, "stop")

@@ -175,6 +175,10 @@ def test_device_normalize_matches_cpu_on_a_black_background(ta: TorchAnalysis) -
     got = ta.normalize(ta.upload(image), 1.0, 99.8, min_span_noise=25.0).numpy()
     np.testing.assert_allclose(got, percentile_normalize(image, 1.0, 99.8, min_span_noise=25))
     assert got.max() == 1.0
+    image[10:14, 20:24] = 3  # a few counts of debris: the noise floor holds it down
+    _, batch = ta.preprocess(image, 1.0, 99.8, min_span_noise=25.0)
+    assert not batch.numpy().any()
+    assert not percentile_normalize(image, 1.0, 99.8, min_span_noise=25).any()
 
 
 def test_preprocess_normalizes_and_pads_like_cpu(ta: TorchAnalysis) -> None:

@@ -218,19 +218,21 @@ def test_stage_folders_of_killed_runs_are_removed_by_the_next_run(tmp_path: Path
     import subprocess
     import sys
 
-    from livemask.training.output import STAGE_PREFIX, staged_output
+    from livemask.training.output import STAGE_PREFIX, _host, staged_output
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
-    abandoned = tmp_path / f"{STAGE_PREFIX}{dead.stdout.strip()}-abc"
-    running = tmp_path / f"{STAGE_PREFIX}{os.getppid()}-def"  # a live process: another run
+    here = _host()
+    abandoned = tmp_path / f"{STAGE_PREFIX}{dead.stdout.strip()}@{here}-abc"
+    running = tmp_path / f"{STAGE_PREFIX}{os.getppid()}@{here}-def"  # a live process
+    elsewhere = tmp_path / f"{STAGE_PREFIX}{dead.stdout.strip()}@not-{here}-ghi"  # shared
     other = tmp_path / f"{STAGE_PREFIX}notes"
-    for folder in (abandoned, running, other):
+    for folder in (abandoned, running, elsewhere, other):
         folder.mkdir()
         (folder / "nuclei.onnx").write_bytes(b"half written")
     with staged_output(tmp_path) as stage:
-        assert stage.name.startswith(f"{STAGE_PREFIX}{os.getpid()}-")
+        assert stage.name.startswith(f"{STAGE_PREFIX}{os.getpid()}@{here}-")
         (stage / "nuclei.onnx").write_bytes(b"new")
     assert not abandoned.exists()
-    assert running.is_dir() and other.is_dir()
+    assert running.is_dir() and elsewhere.is_dir() and other.is_dir()
     assert (tmp_path / "nuclei.onnx").read_bytes() == b"new"

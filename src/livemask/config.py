@@ -27,14 +27,12 @@ from livemask.acquisition.mode import Mode
 from livemask.acquisition.sequence import check_sequence, validate_model
 from livemask.errors import ConfigError
 from livemask.feedback.spec import FeedbackConfig
+from livemask.protocol import INT64_MAX, fits_64_bits
 
 StageThreads = Literal["one", "two"]
 SensorSide = Annotated[int, Field(ge=16, le=16384)]
 #: Most intra-op threads a CPU backend may be given (100,000 hung the start).
 MAX_THREADS = 256
-#: Integers must fit a signed 64-bit integer: the config is sent as JSON (orjson refuses
-#: integers beyond 64 bits) and handed to numpy.
-INT64_MAX = 2**63 - 1
 #: Largest value of fields handed to C ``int`` parameters (libzmq options, gc thresholds).
 C_INT_MAX = 2**31 - 1
 #: Bytes per pixel of each frame-sized array touched at start (livemask.service.prefault).
@@ -421,27 +419,27 @@ def _check_prefault_memory(cfg: ServiceConfig) -> str | None:
 
 
 def int_out_of_range(value: Any, where: str) -> str | None:
-    """The first integer in ``value`` (a dumped config) that does not fit 64 bits, as an
-    error line naming its field, or None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        if -INT64_MAX - 1 <= value <= INT64_MAX:
-            return None
-        return (
-            f"{where}: {value} does not fit 64 bits; use a whole number from -2**63 to "
-            f"2**63 - 1 ({INT64_MAX})"
-        )
-    if isinstance(value, dict):
-        items: Any = value.items()
-    elif isinstance(value, list | tuple):
-        items = enumerate(value)
-    else:
-        return None
-    for key, item in items:
-        problem = int_out_of_range(item, f"{where}.{key}" if where else str(key))
-        if problem is not None:
-            return problem
+    """The first integer in ``value`` (a dumped config, a request's arguments) that does not
+    fit 64 bits, as an error line naming its field, or None (iterative: any nesting depth).
+    The config is sent as JSON (orjson refuses integers beyond 64 bits) and handed to
+    numpy; a request's arguments are echoed in replies and events."""
+    stack: list[tuple[str, Any]] = [(where, value)]
+    while stack:
+        at, item = stack.pop()
+        if isinstance(item, bool):
+            continue
+        if isinstance(item, int):
+            if fits_64_bits(item):
+                continue
+            return (f"{at}: {item} does not fit 64 bits; use a whole number from -2**63 to "
+                    f"2**63 - 1 ({INT64_MAX})")
+        if isinstance(item, dict):
+            children: list[tuple[Any, Any]] = list(item.items())
+        elif isinstance(item, list | tuple):
+            children = list(enumerate(item))
+        else:
+            continue
+        stack.extend(reversed([(f"{at}.{k}" if at else str(k), v) for k, v in children]))
     return None
 
 

@@ -298,7 +298,8 @@ def decode(parts: Sequence[Any]) -> Message:
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
-def _fits_64_bits(value: int) -> bool:
+def fits_64_bits(value: int) -> bool:
+    """Whether ``value`` is a signed 64-bit integer."""
     return INT64_MIN <= value <= INT64_MAX
 
 
@@ -353,7 +354,7 @@ def parse_request(raw: bytes | bytearray | memoryview) -> ControlRequest:
     """
     obj = _loads_object(raw, "request")
     rid = obj.get("id")
-    if isinstance(rid, int) and not isinstance(rid, bool) and not _fits_64_bits(rid):
+    if isinstance(rid, int) and not isinstance(rid, bool) and not fits_64_bits(rid):
         raise CommandError(
             BAD_REQUEST,
             f"id: {rid} does not fit 64 bits; use a string or a whole number from -2**63 to "
@@ -377,7 +378,7 @@ def peek_request_id(raw: bytes | bytearray | memoryview) -> str | int | None:
     if isinstance(obj, dict):
         rid = obj.get("id")
         if isinstance(rid, str) or (
-            isinstance(rid, int) and not isinstance(rid, bool) and _fits_64_bits(rid)
+            isinstance(rid, int) and not isinstance(rid, bool) and fits_64_bits(rid)
         ):
             return rid
     return None

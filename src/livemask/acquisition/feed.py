@@ -227,10 +227,13 @@ class PlannedExposure(Iterator[useq.MDAEvent]):
         self._lock = threading.Lock()
         self._exposure_ms: float | None = None
 
-    def set(self, exposure_ms: float) -> None:
-        """Give every later planned event that sets an exposure ``exposure_ms`` instead."""
+    def set(self, exposure_ms: float | None) -> float | None:
+        """Give every later planned event that sets an exposure ``exposure_ms`` instead
+        (None: their own again); returns the value before."""
         with self._lock:
-            self._exposure_ms = float(exposure_ms)
+            before = self._exposure_ms
+            self._exposure_ms = None if exposure_ms is None else float(exposure_ms)
+        return before
 
     def __next__(self) -> useq.MDAEvent:
         event = next(self._events)

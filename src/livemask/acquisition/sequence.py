@@ -333,7 +333,8 @@ def iter_events(
 
     Grid plans without a field of view count with useq's 1 µm: fill it in first
     (:func:`with_field_of_view`, as the service does). ``ValueError`` for more than
-    ``MAX_EVENTS_PER_TIME_POINT`` events per time point (:func:`check_size`)."""
+    ``MAX_EVENTS_PER_TIME_POINT`` events per time point (:func:`check_size`), raised here,
+    before the first event is asked for."""
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1 time point, got {chunk}")
     check_size(seq)
@@ -346,9 +347,8 @@ def iter_events(
                 "has several time phases): useq lists them all first, about %.0f MB; put "
                 "'t' first in axis_order to run it in chunks", n, 140 * n / 1e6,
             )
-        yield from seq
-        return
-    yield from _keep_shutter_across_chunks(seq, _chunked(seq, n, chunk))
+        return iter(seq)
+    return _keep_shutter_across_chunks(seq, _chunked(seq, n, chunk))
 
 
 def _chunked(

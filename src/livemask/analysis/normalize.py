@@ -58,7 +58,9 @@ def percentile_normalize(
     shrinks for small images so that at least a few thousand pixels are used). Returns a new
     float32 array of the same shape; values outside the percentile range fall outside [0, 1]
     unless ``clip`` is true. When the ``high`` percentile equals the ``low`` one (a few objects
-on a black background) the brightest pixel maps to 1; a flat image gives zeros.
+on a black background) the brightest pixel maps to 1 (with ``min_span_noise``, for integer
+pixels, only when it is that many grey levels above the background); a flat image gives
+zeros.
     Works for integer (uint8, uint16, ...) and float inputs. Non-finite pixels (NaN, ±inf)
     of a float image are left out of the percentiles and set to 0; an image without any
     finite pixel, or with bool or complex pixels, raises ValueError.
@@ -96,8 +98,11 @@ on a black background) the brightest pixel maps to 1; a flat image gives zeros.
         span = max(span, min_span_noise * sigma)
     if np.isfinite(span) and span <= 0.0:
         # at most (100 - high) % of the pixels above the background (a few nuclei on a
-        # black background): the brightest pixel is the top, not a flat image
+        # black background): the brightest pixel is the top, not a flat image; with a noise
+        # floor, only a top of at least that many grey levels (not a few counts of debris)
         span = float((arr[finite] if finite is not None else arr).max()) - lo
+        if min_span_noise is not None and span < min_span_noise * _grey_level(arr.dtype):
+            span = 0.0
     if not np.isfinite(span) or span <= 0.0:
         return np.zeros(arr.shape, dtype=np.float32)
     if arr.dtype.itemsize <= 2 or arr.dtype == np.float32:  # exact in float32
@@ -114,6 +119,11 @@ on a black background) the brightest pixel maps to 1; a flat image gives zeros.
     if finite is not None:
         out[~finite] = 0.0  # the normalised background
     return out
+
+
+def _grey_level(dtype: np.dtype[Any]) -> float:
+    """The smallest step of a pixel type: 1 for integers, 0 for floats (no such step)."""
+    return 1.0 if dtype.kind in "ui" else 0.0
 
 
 def iqr_sigma(q1: Any, q3: Any) -> Any:

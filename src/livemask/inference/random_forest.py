@@ -25,7 +25,12 @@ from scipy import ndimage
 
 from livemask.errors import ModelError
 from livemask.inference.models import ModelCard
-from livemask.inference.parameters import CardParameters, Positive, read_parameters
+from livemask.inference.parameters import (
+    CardParameters,
+    ClassIndex,
+    Positive,
+    read_parameters,
+)
 
 log = logging.getLogger("livemask")
 
@@ -106,9 +111,6 @@ def _gradient(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     else:
         dx.fill(0.0)
     return dy, dx
-
-
-ClassIndex = Annotated[int, Field(ge=0)]
 
 
 class Forest(CardParameters):

@@ -187,7 +187,9 @@ class TorchAnalysis:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         h, w, _, low, high, multiple, min_span_noise = key[1:]
         img = self._as_float(raw)
-        batch = self.normalize(img, low, high, min_span_noise=min_span_noise).view(1, 1, h, w)
+        grey = 0.0 if raw.dtype.is_floating_point else 1.0
+        batch = self.normalize(img, low, high, min_span_noise=min_span_noise,
+                               grey_level=grey).view(1, 1, h, w)
         ph, pw = (-h) % multiple, (-w) % multiple
         if ph or pw:
             batch = self._torch.nn.functional.pad(batch, (0, pw, 0, ph), mode="reflect")
@@ -236,11 +238,12 @@ class TorchAnalysis:
 
     def normalize(
         self, image: torch.Tensor, low: float, high: float, subsample: int = 4,
-        *, min_span_noise: float | None = None,
+        *, min_span_noise: float | None = None, grey_level: float = 1.0,
     ) -> torch.Tensor:
         """Percentile normalisation as ``percentile_normalize`` (same strided sample, the
         same linear interpolation as ``np.percentile``, the same noise floor; capturable:
-        no host round trip)."""
+        no host round trip). ``grey_level``: the camera's smallest step (1 for integer
+        pixels, 0 for float ones)."""
         torch = self._torch
         stride = subsample
         while stride > 1 and image.numel() // stride**2 < _MIN_SAMPLE_PX:
@@ -252,7 +255,10 @@ class TorchAnalysis:
             sigma = iqr_sigma(_percentile(ordered, 25.0), _percentile(ordered, 75.0))
             span = torch.maximum(span, min_span_noise * sigma)
         # as percentile_normalize: a few objects on a black background reach the top
-        span = torch.where(span > 0, span, image.max() - lo)
+        top = image.max() - lo
+        if min_span_noise is not None:  # only a top of that many grey levels
+            top = torch.where(top >= min_span_noise * grey_level, top, torch.zeros_like(top))
+        span = torch.where(span > 0, span, top)
         scale = torch.where(span > 0, 1.0 / span.clamp_min(1e-30), torch.zeros_like(span))
         return (image - lo) * scale
 

@@ -514,9 +514,13 @@ class Service:
             raise ConfigError(
                 f"sequence: plans {count} events, more than 2**63 - 1; plan fewer (a time "
                 "plan of 2**63 - 1 loops already runs for ever)")
+        try:  # the size check again, now that the camera's field sizes the grids
+            events = iter_events(seq)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         detail = {"sequence": seq.model_dump(mode="json")}
         exposures = {c.exposure for c in sequence_channels(seq) if c.exposure is not None}
-        return self._start_events(iter_events(seq), detail, count, exposures)
+        return self._start_events(events, detail, count, exposures)
 
     def _check_on_rig(
         self, what: str, channels: Sequence[Any] = (), exposures: Sequence[float] = (),
@@ -697,7 +701,9 @@ class Service:
             except AcquisitionEnding:
                 await self._until_ended()
         await self.last_run_exited()
-        self._start_events(events, {"enqueued": len(events)}, len(events))
+        # the enqueued events are the run's plan: a set exposure_ms replaces their exposures
+        exposures = {e.exposure for e in events if e.exposure is not None}
+        self._start_events(events, {"enqueued": len(events)}, len(events), exposures)
         return {"enqueued": len(events), "started": True}
 
     async def _until_ended(self, timeout_s: float = HARDWARE_TIMEOUT_S) -> None:
@@ -722,18 +728,31 @@ class Service:
             if self._acquiring and len(self._plan_exposures) > 1:
                 shown = ", ".join(f"{e:g}" for e in self._plan_exposures)
                 raise ValueError(
-                    f"the running sequence's channels set their own exposures ({shown} ms); "
-                    f"exposure_ms would give all of them {exposure_ms:g} ms: stop, and start "
-                    "a sequence with the channel exposures you want")
-            await call_hardware(
-                self.source.set_exposure, exposure_ms,
-                what=f"setting the camera exposure to {exposure_ms:g} ms",
-                on_late_result=lambda _: self._event(
-                    "setting_changed", {"exposure_ms": exposure_ms, "late": True}),
-            )
+                    f"the running sequence's channels (or the events that started it) set "
+                    f"their own exposures ({shown} ms); exposure_ms would give all of them "
+                    f"{exposure_ms:g} ms: stop, and start a sequence with the exposures you "
+                    "want")
+            # the planned events first (else the runner may take the next one meanwhile
+            # and put its own exposure back); undone if the camera refuses or hangs
+            planned = self._planned_exposure if self._acquiring else None
+            before = planned.set(exposure_ms) if planned is not None else None
+
+            def late(_: object) -> None:
+                if planned is not None:
+                    planned.set(exposure_ms)
+                self._event("setting_changed", {"exposure_ms": exposure_ms, "late": True})
+
+            try:
+                await call_hardware(
+                    self.source.set_exposure, exposure_ms,
+                    what=f"setting the camera exposure to {exposure_ms:g} ms",
+                    on_late_result=late,
+                )
+            except BaseException:
+                if planned is not None:
+                    planned.set(before)
+                raise
             changed["exposure_ms"] = exposure_ms
-            if self._acquiring and self._planned_exposure is not None:
-                self._planned_exposure.set(exposure_ms)  # else the next event's put it back
             if self.feedback is not None:  # restores after an action's own exposure
                 self.feedback.exposure_set(exposure_ms)
         if mode is not None:

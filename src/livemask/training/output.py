@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,11 +58,11 @@ def staged_output(out: Path) -> Iterator[Path]:
     """A temporary folder next to ``out``'s files; its files replace those in ``out`` only
     when the block ends without an error (an interrupted run leaves ``out`` untouched).
 
-    The folder's name holds the process id; those left by killed runs (SIGKILL, a power
-    cut) are removed when the next run starts.
+    The folder's name holds the process id and the host; those a killed run of this host
+    left (SIGKILL, a power cut) are removed when the next run starts.
     """
     remove_abandoned_stages(out)
-    stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=out))
+    stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}@{_host()}-", dir=out))
     try:
         yield stage
         for path in sorted(stage.iterdir(), key=lambda p: p.suffix in (".yaml", ".yml")):
@@ -71,10 +72,11 @@ def staged_output(out: Path) -> Iterator[Path]:
 
 
 def remove_abandoned_stages(out: Path) -> list[Path]:
-    """Remove the stage folders in ``out`` whose training process no longer runs."""
+    """Remove the stage folders in ``out`` whose training process, on this host, no longer
+    runs (a shared folder's stages of other hosts are left alone)."""
     removed = []
-    for stage in out.glob(f"{STAGE_PREFIX}*"):
-        pid = stage.name.removeprefix(STAGE_PREFIX).split("-", 1)[0]
+    for stage in out.glob(f"{STAGE_PREFIX}*@{_host()}-*"):
+        pid = stage.name.removeprefix(STAGE_PREFIX).split("@", 1)[0]
         if stage.is_dir() and pid.isdigit() and not _process_exists(int(pid)):
             shutil.rmtree(stage, ignore_errors=True)
             removed.append(stage)
@@ -82,6 +84,11 @@ def remove_abandoned_stages(out: Path) -> list[Path]:
         log.info("removed %d folder(s) left by interrupted training runs in %s",
                  len(removed), out)
     return removed
+
+
+def _host() -> str:
+    """This machine's name, as a file name can hold it."""
+    return "".join(c if c.isalnum() or c in "._" else "_" for c in socket.gethostname())
 
 
 def _process_exists(pid: int) -> bool:

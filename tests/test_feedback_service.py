@@ -596,3 +596,30 @@ async def test_a_rule_exposure_outside_the_camera_limits_is_refused_at_load() ->
     with pytest.raises(ConfigError, match=r"feedback\.rules: exposure 30000 ms is outside"):
         async with Service(feedback_config([rule])):
             pass
+
+
+def test_a_rule_refused_on_every_frame_is_reported_at_1_10_100_times(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A spent light budget refused the rule on every frame: one log line and one event
+    per frame for the rest of the run (about 5 GB of events in a week; long-run hunt)."""
+    published: list[tuple[str, dict[str, Any]]] = []
+    cfg = FeedbackConfig.model_validate({
+        "rules": [{"name": "b", "when": {"values": [{"path": "summary.count", "ge": 0}]},
+                   "action": {"burst": {"frames": 2, "centre": False}}}],
+        "limits": {"light_dose_budget_ms": 1.0}})
+    ctl = FeedbackController(cfg, pixel_size_um=1.0, inject=len,
+                             publish=lambda kind, detail: published.append((kind, detail)))
+    ctl.acquisition_started()
+    frame = _Frame(image=np.zeros((64, 64), np.uint16))
+    with caplog.at_level(logging.INFO, logger="livemask"):
+        for t in range(250):
+            ctl.on_measurements(frame, _message(t, {"t": t, "p": 0}, 1000.0 + t))
+    refused = [d for kind, d in published if kind == "feedback_refused"]
+    assert [d["repeats"] for d in refused] == [1, 10, 100]
+    assert all(d["limit"] == "light_dose_budget_ms" for d in refused)
+    assert caplog.text.count("feedback: refused") == 3
+    assert ctl.report()["refused"] == 250  # every refusal still counted
+    ctl.acquisition_started()  # a new acquisition reports its first refusal again
+    ctl.on_measurements(frame, _message(0, {"t": 0, "p": 0}, 2000.0))
+    assert [d["repeats"] for kind, d in published if kind == "feedback_refused"][-1] == 1

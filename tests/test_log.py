@@ -61,3 +61,10 @@ def test_hardware_warnings_go_through_our_handler(monkeypatch: pytest.MonkeyPatc
         mm.setLevel(level)
     assert [r.getMessage() for r in records] == [
         "Failed to set channel. Preset 'NOPE' does not exist"]
+
+
+def test_power_of_ten_back_off() -> None:
+    from livemask.log import is_power_of_ten
+
+    assert [n for n in range(1, 2001) if is_power_of_ten(n)] == [1, 10, 100, 1000]
+    assert not is_power_of_ten(0) and not is_power_of_ten(20) and is_power_of_ten(10**7)

@@ -467,3 +467,28 @@ def test_opening_the_simulated_rig_logs_no_missing_micro_manager_error() -> None
     finally:
         mm.removeHandler(handler)
     assert not [r for r in records if "Micro-Manager installation" in r.getMessage()]
+
+
+def test_a_z_drive_failing_at_every_event_warns_at_1_10_100_times(
+    open_sim: OpenSim, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A warning per event (about 1.2 GB of log over a week at 10 frames/s; long-run hunt)."""
+    import logging
+
+    from livemask.acquisition.engine import FocusTolerantEngine
+
+    core, _ = open_sim()
+    engine = FocusTolerantEngine(core)
+    core.register_mda_engine(engine)
+
+    def stuck(*args: object) -> None:
+        raise RuntimeError("Z drive does not answer")
+
+    core.setZPosition = stuck  # type: ignore[method-assign]
+    core.setPosition = stuck  # type: ignore[method-assign]
+    frames: list[useq.MDAEvent] = []
+    core.mda.events.frameReady.connect(lambda image, event, meta: frames.append(event))
+    with caplog.at_level(logging.WARNING, logger="livemask"):
+        core.mda.run([useq.MDAEvent(index={"t": t}, z_pos=float(t)) for t in range(12)])
+    assert len(frames) == 12 and engine.z_failures == 12
+    assert caplog.text.count("Failed to set Z position") == 2  # the 1st and the 10th

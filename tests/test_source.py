@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import types
+
+import numpy as np
 import useq
 
-from livemask.acquisition.source import STAGE_TOLERANCE_UM, frame_position, settings_mismatch
+from livemask.acquisition.source import (
+    STAGE_TOLERANCE_UM,
+    MicroscopeSource,
+    frame_position,
+    settings_mismatch,
+)
 
 
 def test_frame_position_is_the_commanded_one_unless_the_stage_read_back_differs() -> None:
@@ -63,3 +71,19 @@ def test_settings_mismatch_names_the_exposure_and_channel_not_applied() -> None:
     assert settings_mismatch(useq.MDAEvent(), stuck, None) is None
     assert settings_mismatch(event, None, preset) is None
 
+
+
+def test_a_stage_off_by_noise_each_frame_is_reported_once_per_position() -> None:
+    """The key held the raw read-back, new on every frame: a stage 3 µm off with 0.05 µm of
+    noise sent one event per frame (about 6 million in a week; long-run hunt)."""
+    reported: list[dict[str, object]] = []
+    source = types.SimpleNamespace(
+        _on_mismatch=lambda kind, event, off: reported.append(off), _reported=set())
+    rng = np.random.default_rng(0)
+    for x in (1000.0, 2000.0):
+        event = useq.MDAEvent(x_pos=x, y_pos=500.0)
+        for _ in range(200):
+            meta = {"position": {"x": x + 3.0 + rng.normal(0, 0.05), "y": 500.0}}
+            _, off = frame_position(event, meta)
+            MicroscopeSource._report_mismatch(source, "stage", event, off)  # type: ignore[arg-type]
+    assert [r["commanded"] for r in reported] == [{"x_um": 1000.0}, {"x_um": 2000.0}]

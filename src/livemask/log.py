@@ -116,3 +116,11 @@ def route_hardware_log() -> None:
     if not any(isinstance(f, HardwareLogFilter) for f in mm.filters):
         mm.addFilter(HardwareLogFilter())
     mm.propagate = False
+
+
+def is_power_of_ten(n: int) -> bool:
+    """1, 10, 100, ...: when a message repeated ``n`` times is shown again (a log-scale
+    back-off for what can recur on every frame of a week-long run)."""
+    while n >= 10 and n % 10 == 0:
+        n //= 10
+    return n == 1

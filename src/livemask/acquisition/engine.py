@@ -27,6 +27,8 @@ from pymmcore_plus.core import SequencedEvent
 from pymmcore_plus.mda import MDAEngine
 from useq import HardwareAutofocus
 
+from livemask.log import is_power_of_ten
+
 log = logging.getLogger("livemask")
 
 __all__ = ["FocusTolerantEngine"]
@@ -42,6 +44,10 @@ class FocusTolerantEngine(MDAEngine):
     #: The core's message if a device was still busy after its time-out when the event set
     #: up last was ready to snap, else None (read it for that event's frames).
     busy_error: str | None = None
+    #: Events at which a device was still busy, and failed Z moves, so far (their warnings
+    #: are logged the 1st, 10th, 100th, ... time: a failing device warns at every event).
+    busy_errors: int = 0
+    z_failures: int = 0
 
     def setup_event(self, event: useq.MDAEvent) -> None:
         """``MDAEngine.setup_event`` (pymmcore-plus 0.18.1), with the wait for the devices
@@ -55,13 +61,14 @@ class FocusTolerantEngine(MDAEngine):
         try:
             self.mmcore.waitForSystem()
         except Exception as exc:  # "Wait for device 'Z' timed out after 5000 ms" (or CMMError)
-            log.warning(
-                "A device is still busy after its time-out at event %s (the frame is taken "
-                "anyway and may show the device moving; core.setTimeoutMs sets the "
-                "time-out): %s",
-                dict(event.index),
-                exc,
-            )
+            self.busy_errors += 1
+            if is_power_of_ten(self.busy_errors):  # a device busy at every event: not a flood
+                log.warning(
+                    "A device is still busy after its time-out at event %s (the frame is "
+                    "taken anyway and may show the device moving; core.setTimeoutMs sets the "
+                    "time-out; %d time(s) so far): %s",
+                    dict(event.index), self.busy_errors, exc,
+                )
             self.busy_error = str(exc) or type(exc).__name__
 
     def _execute_autofocus(self, action: HardwareAutofocus) -> float:  # pymmcore-plus 0.18.1
@@ -76,6 +83,9 @@ class FocusTolerantEngine(MDAEngine):
         try:
             super()._set_event_z(event)
         except Exception as exc:  # the device's error (CMMError, RuntimeError, ...)
-            log.warning("Failed to set Z position to %s um (the frame is taken anyway, at the "
-                        "Z the stage reads back): %s", event.z_pos, exc)
+            self.z_failures += 1
+            if is_power_of_ten(self.z_failures):
+                log.warning("Failed to set Z position to %s um (the frame is taken anyway, at "
+                            "the Z the stage reads back; %d time(s) so far): %s", event.z_pos,
+                            self.z_failures, exc)
             self.z_failed = True

@@ -346,10 +346,15 @@ class MicroscopeSource(FeedThreadSource):
         self, kind: str, event: useq.MDAEvent, off: dict[str, Any] | None
     ) -> None:
         """Report each distinct mismatch once per acquisition (a stuck filter wheel would
-        otherwise report every other frame of a two-channel run)."""
+        otherwise report every other frame of a two-channel run); a stage's once per
+        commanded position and axes (its read-back differs by noise on every frame)."""
         if off is None or self._on_mismatch is None:
             return
-        key = kind + json.dumps(off, sort_keys=True)
+        if kind == "stage":
+            what: Any = {"commanded": off.get("commanded"), "axes": sorted(off.get("read", {}))}
+        else:
+            what = off
+        key = kind + json.dumps(what, sort_keys=True)
         if key in self._reported:
             return
         if len(self._reported) >= 1000:  # bounded: a long run of ever new mismatches

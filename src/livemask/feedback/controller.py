@@ -49,8 +49,12 @@ from livemask.feedback.context import FEEDBACK_INDEX_KEY, FrameContext
 from livemask.feedback.engine import Decision, PlannedEvents, RuleEngine
 from livemask.feedback.safety import SafetyGuard, Violation
 from livemask.feedback.spec import FeedbackConfig, RuleSpec
+from livemask.log import is_power_of_ten
 
 log = logging.getLogger("livemask")
+
+#: Distinct (rule, limit, place) refusals counted per acquisition before the counts restart.
+MAX_REFUSAL_KEYS = 10_000
 
 #: The status lists the light dose of at most this many positions (the most exposed): the
 #: status goes out every heartbeat, and a grid scan has thousands of positions.
@@ -106,6 +110,7 @@ class FeedbackController:
         self.reaction_ms: deque[float] = deque(maxlen=latency_window)
         self.accepted = 0
         self.refused = 0
+        self._refusals: dict[tuple[str, str | None, str], int] = {}  # per acquisition
         self.frames_seen = 0
         self.eval_ms: deque[float] = deque(maxlen=latency_window)
 
@@ -125,6 +130,7 @@ class FeedbackController:
         self.engine.reset()
         self._pending.clear()
         self._restoring.clear()
+        self._refusals.clear()
         self._exposure_ms, self._channel = None, None
         self._read_camera()
         self._running = True
@@ -267,9 +273,20 @@ class FeedbackController:
         self._publish_action(d, time.time(), "applied")
 
     def _refuse(self, d: Decision) -> None:
+        """Count a refusal; report it the 1st, 10th, 100th, ... time the same rule is refused
+        by the same limit at the same place in this acquisition (``repeats``): a rule whose
+        limit is spent (a position's light budget) is refused on every frame."""
         self.refused += 1
-        log.info("feedback: refused %s of rule %r: %s", d.action, d.rule, d.violation)
-        self._publish("feedback_refused", d.describe())
+        limit = d.violation.limit if d.violation is not None else None
+        key = (d.rule, limit, d.position_key)
+        if key not in self._refusals and len(self._refusals) >= MAX_REFUSAL_KEYS:
+            self._refusals.clear()
+        n = self._refusals[key] = self._refusals.get(key, 0) + 1
+        if not is_power_of_ten(n):
+            return
+        log.info("feedback: refused %s of rule %r: %s%s", d.action, d.rule, d.violation,
+                 f" ({n} times here in this acquisition)" if n > 1 else "")
+        self._publish("feedback_refused", {**d.describe(), "repeats": n})
 
     # ------------------------------------------------------------ reaction clock
     def on_event_started(self, event: useq.MDAEvent) -> None:

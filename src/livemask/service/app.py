@@ -107,6 +107,7 @@ class Service:
         self.config = config
         self._stop = stop
         self.started_at = time.time()
+        self._started_monotonic = time.monotonic()  # uptime: not moved by clock steps (NTP)
         self.state = "starting"
         self.simulated = False
         self.truth = config.simulation.truth
@@ -805,7 +806,7 @@ class Service:
         return {
             "state": self.state,
             "version": __version__,
-            "uptime_s": round(time.time() - self.started_at, 3),
+            "uptime_s": round(time.monotonic() - self._started_monotonic, 3),
             "acquiring": self._acquiring,
             "pending_events": int(getattr(self.source, "pending_events", 0)),
             "mode": pipe.mode if pipe else self.config.acquisition.mode,

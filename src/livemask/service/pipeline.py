@@ -39,7 +39,7 @@ from livemask.analysis.measure import UNITS
 from livemask.analysis.tracking import TRACK_UNITS, PositionTrackers
 from livemask.config import StageThreads
 from livemask.inference.segmenter import Segmenter
-from livemask.log import RepeatedErrors
+from livemask.log import RepeatedErrors, is_power_of_ten
 from livemask.service.frames import Frame
 from livemask.service.pacing import RecentDurations, hold_before_inference
 from livemask.service.stats import LatencyWindow, PipelineCounters
@@ -318,7 +318,7 @@ class Pipeline:
     def _warn_overlap(self, frame: Frame) -> None:
         """Say that a grain tile was left out of the cumulative statistics (overlap)."""
         n = self.grains.tiles_overlapping if self.grains is not None else 0
-        if n <= 5 or n % 100 == 0:
+        if is_power_of_ten(n):  # the same field again and again: 1, 10, 100, ... times
             log.warning(
                 "grains: frame %d at %s overlaps a tile already pooled by more than %.0f %% "
                 "of its area; it is left out of the cumulative statistics (%d tile(s) so "

@@ -337,7 +337,8 @@ def analyse(cfg: ServiceConfig, rec: dict[str, Any]) -> dict[str, Any]:
         "observable_capture_rate": round(observable_captured / observable, 3)
         if observable else None,
         "actions": len(actions),
-        "refused": len(refused),
+        # every refusal (events report a repeated one at its 1st, 10th, 100th, ... time)
+        "refused": (rec["status"].get("feedback") or {}).get("refused", len(refused)),
         "refusal_reasons": sorted({str(e.get("limit")) for e in refused}),
         "bursts_on_a_mitosis": true_bursts,
         "burst_precision": round(true_bursts / len(bursts), 3) if bursts else None,

@@ -623,3 +623,30 @@ def test_a_rule_refused_on_every_frame_is_reported_at_1_10_100_times(
     ctl.acquisition_started()  # a new acquisition reports its first refusal again
     ctl.on_measurements(frame, _message(0, {"t": 0, "p": 0}, 2000.0))
     assert [d["repeats"] for kind, d in published if kind == "feedback_refused"][-1] == 1
+
+
+def test_a_refusal_after_the_rule_got_through_at_that_place_is_news_again() -> None:
+    """Review: a rate limit refusing in minute 1 and again in minute 5 (the rule applied in
+    between) counted as repeats 1 and 2, so the second was never reported."""
+    from livemask.feedback.engine import Decision
+    from livemask.feedback.safety import Violation
+
+    published: list[tuple[str, dict[str, Any]]] = []
+    ctl = FeedbackController(FeedbackConfig.model_validate({"rules": []}), pixel_size_um=1.0,
+                             inject=len, publish=lambda k, d: published.append((k, d)))
+    ctl.acquisition_started()
+
+    def decision(rule: str, place: str, limit: str, message: str = "m") -> Decision:
+        return Decision(action_id=0, rule=rule, action=None, frame_id=0, index={},
+                        position={}, position_key=place, trigger_acquired=0.0,
+                        violation=Violation(limit, message))
+
+    for _ in range(3):
+        ctl._refuse(decision("b", "p0", "max_added_frames_per_minute"))
+    ctl._refuse(decision("b", "p1", "max_added_frames_per_minute"))  # another place: news
+    ctl._refuse(decision("b", "p0", "not_applicable", "stage moved"))  # other causes: news
+    ctl._refuse(decision("b", "p0", "not_applicable", "no such channel"))
+    ctl._accepted_here(decision("b", "p0", "max_added_frames_per_minute"))
+    ctl._refuse(decision("b", "p0", "max_added_frames_per_minute"))
+    assert [d["repeats"] for _, d in published] == [1, 1, 1, 1, 1]
+    assert ctl.refused == 7

@@ -492,3 +492,7 @@ def test_a_z_drive_failing_at_every_event_warns_at_1_10_100_times(
         core.mda.run([useq.MDAEvent(index={"t": t}, z_pos=float(t)) for t in range(12)])
     assert len(frames) == 12 and engine.z_failures == 12
     assert caplog.text.count("Failed to set Z position") == 2  # the 1st and the 10th
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="livemask"):  # a new acquisition: anew
+        core.mda.run([useq.MDAEvent(index={"t": 0}, z_pos=1.0)])
+    assert engine.z_failures == 1 and caplog.text.count("Failed to set Z position") == 1

@@ -176,9 +176,11 @@ def test_device_normalize_matches_cpu_on_a_black_background(ta: TorchAnalysis) -
     np.testing.assert_allclose(got, percentile_normalize(image, 1.0, 99.8, min_span_noise=25))
     assert got.max() == 1.0
     image[10:14, 20:24] = 3  # a few counts of debris: the noise floor holds it down
-    _, batch = ta.preprocess(image, 1.0, 99.8, min_span_noise=25.0)
-    assert not batch.numpy().any()
-    assert not percentile_normalize(image, 1.0, 99.8, min_span_noise=25).any()
+    for dtype in (np.uint16, np.uint32, np.int64, np.int8):  # (some upload as float32)
+        _, batch = ta.preprocess(image.astype(dtype), 1.0, 99.8, min_span_noise=25.0)
+        assert not batch.numpy().any(), dtype
+        assert not percentile_normalize(image.astype(dtype), 1.0, 99.8,
+                                        min_span_noise=25).any()
 
 
 def test_preprocess_normalizes_and_pads_like_cpu(ta: TorchAnalysis) -> None:

@@ -21,6 +21,7 @@ core raises) and goes on; the engine turns a Python device's other errors (a
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import useq
 from pymmcore_plus.core import SequencedEvent
@@ -48,6 +49,11 @@ class FocusTolerantEngine(MDAEngine):
     #: are logged the 1st, 10th, 100th, ... time: a failing device warns at every event).
     busy_errors: int = 0
     z_failures: int = 0
+
+    def setup_sequence(self, sequence: useq.MDASequence) -> Any:
+        """``MDAEngine.setup_sequence``, with the warning counts of a new acquisition."""
+        self.busy_errors = self.z_failures = 0
+        return super().setup_sequence(sequence)
 
     def setup_event(self, event: useq.MDAEvent) -> None:
         """``MDAEngine.setup_event`` (pymmcore-plus 0.18.1), with the wait for the devices

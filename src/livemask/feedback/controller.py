@@ -247,6 +247,7 @@ class FeedbackController:
             if d.restore is not None:
                 self._restoring.add(d.action_id)
             self.accepted += 1
+            self._accepted_here(d)
             return
         try:
             if isinstance(action, SkipPosition):
@@ -270,14 +271,24 @@ class FeedbackController:
             self._refuse(d)
             return
         self.accepted += 1
+        self._accepted_here(d)
         self._publish_action(d, time.time(), "applied")
+
+    def _accepted_here(self, d: Decision) -> None:
+        """The rule got through at this place: its next refusal there is news again."""
+        if self._refusals:
+            self._refusals = {k: n for k, n in self._refusals.items()
+                              if (k[0], k[2]) != (d.rule, d.position_key)}
 
     def _refuse(self, d: Decision) -> None:
         """Count a refusal; report it the 1st, 10th, 100th, ... time the same rule is refused
-        by the same limit at the same place in this acquisition (``repeats``): a rule whose
-        limit is spent (a position's light budget) is refused on every frame."""
+        by the same limit at the same place in this acquisition (``repeats``) since it last
+        got through there: a rule whose limit is spent (a position's light budget) is
+        refused on every frame."""
         self.refused += 1
         limit = d.violation.limit if d.violation is not None else None
+        if limit == "not_applicable" and d.violation is not None:  # one code, many causes
+            limit = f"{limit}: {d.violation.message}"
         key = (d.rule, limit, d.position_key)
         if key not in self._refusals and len(self._refusals) >= MAX_REFUSAL_KEYS:
             self._refusals.clear()

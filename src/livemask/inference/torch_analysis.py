@@ -177,17 +177,18 @@ class TorchAnalysis:
         static one that the next call overwrites.
         """
         raw = self._raw_to_device(image)
+        # the camera's grey level from its own pixel type (some integers upload as float32)
+        grey = 1.0 if np.asarray(image).dtype.kind in "ui" else 0.0
         key = ("input", *raw.shape, str(raw.dtype), float(low), float(high), size_multiple,
-               min_span_noise)
+               min_span_noise, grey)
         img, batch = self._run(key, self._input_stage, [raw], key)
         return (img.clone() if key in self._graphs else img), batch
 
     def _input_stage(
         self, raw: torch.Tensor, key: tuple[Any, ...]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        h, w, _, low, high, multiple, min_span_noise = key[1:]
+        h, w, _, low, high, multiple, min_span_noise, grey = key[1:]
         img = self._as_float(raw)
-        grey = 0.0 if raw.dtype.is_floating_point else 1.0
         batch = self.normalize(img, low, high, min_span_noise=min_span_noise,
                                grey_level=grey).view(1, 1, h, w)
         ph, pw = (-h) % multiple, (-w) % multiple

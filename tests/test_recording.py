@@ -949,3 +949,31 @@ def test_a_labels_array_that_fails_to_be_made_is_made_with_the_next_frame(
     masks = root["labels/masks/0"]
     assert [int(masks[fid].max()) for fid in (1, 2)] == [2, 2]
     assert [f["stored"] for f in root.attrs["livemask"]["frames"]] == [False, True, True]
+
+
+def test_a_growing_backlog_is_warned_about_again_each_time_it_doubles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only the first crossing of max_queue_mb warned: a disk a little too slow for the
+    camera filled memory over a day with nothing more said (long-run hunt)."""
+    release = threading.Event()
+    real = Recorder._write_frame
+
+    def slow_disk(self: Recorder, item: Any) -> None:
+        release.wait(10)
+        real(self, item)
+
+    monkeypatch.setattr(Recorder, "_write_frame", slow_disk)
+    image = np.zeros((24, 32), np.uint16)  # 1.5 KB + 3 KB of labels a frame
+    rec = Recorder(tmp_path / "run", pixel_size_um=0.65, units=UNITS,
+                   max_queue_mb=0.001).start()
+    try:
+        with caplog.at_level("WARNING", logger="livemask"):
+            for fid in range(10):
+                rec.on_frame(_frame(fid, image))
+    finally:
+        release.set()
+        rec.close(frames_acquired=10)
+    warned = [r.getMessage() for r in caplog.records if "recorder is behind" in r.getMessage()]
+    assert [m.split("(")[1].split(" ")[0] for m in warned] == ["1", "2", "4", "8"]
+    assert rec.report()["frames_written"] == 10  # nothing dropped

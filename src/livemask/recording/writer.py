@@ -21,7 +21,8 @@ the group attribute ``livemask.frames``).
 
 :class:`Recorder` is a pipeline frame sink: :meth:`Recorder.on_frame` runs on the event loop
 and only enqueues; a writer thread does the I/O. The queue is unbounded (a frame is never
-dropped); when more than ``max_queue_mb`` wait, a warning is logged. Each frame grows the
+dropped); when more than ``max_queue_mb`` wait, a warning is logged, and again each time the
+backlog doubles. Each frame grows the
 arrays (the zarr metadata with the new shape is rewritten at once, atomically), then its
 chunks are written, then its CSV rows and its ``frames.jsonl`` line, each whole or not at all
 (:class:`~livemask.recording.files.BlockFile`), so what a reader finds is always a valid
@@ -224,6 +225,7 @@ class Recorder:
         self._queued_frames = 0
         self._queued_bytes = 0
         self._over_limit = False
+        self._warned_at = 0  # queued bytes when "behind" was last logged
         self._thread: threading.Thread | None = None
         self._closed = False
         self._on_error = on_error
@@ -342,7 +344,10 @@ class Recorder:
             self._queued_frames += 1
             self._queued_bytes += nbytes
             over = self._queued_bytes > self.max_queue_bytes
-            warn = over and not self._over_limit
+            # warned on crossing the limit, and again each time the backlog doubles
+            warn = over and (not self._over_limit or self._queued_bytes >= 2 * self._warned_at)
+            if warn:
+                self._warned_at = self._queued_bytes
             self._over_limit = over
         if warn:
             log.warning(

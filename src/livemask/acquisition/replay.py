@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import numpy as np
 import useq
@@ -211,31 +211,65 @@ def _open_recording(path: Path) -> ReplayStack:
     if not rec.complete:
         log.warning("recording %s is not marked complete (still being written, or its "
                     "service stopped abruptly): replaying the frames stored so far", rec.path)
-    records = [r for r in rec.frames if r.get("stored", True)
-               and int(r["frame_id"]) < rec.images.shape[0]]
-    if not records:
+    # one pass over the records, keeping arrays (a long recording has millions of frames);
+    # each frame's index and position are read from its record when it is replayed
+    kept, ids_list, acquired = [], [], []
+    for k, r in enumerate(rec.frames):
+        if r.get("stored", True) and int(r["frame_id"]) < rec.images.shape[0]:
+            kept.append(k)
+            ids_list.append(int(r["frame_id"]))
+            a = r.get("t", {}).get("acquired", r.get("acquired"))
+            acquired.append(float(a) if isinstance(a, int | float) else np.nan)
+    if not kept:
         raise ReplayError(f"recording {rec.path} holds no frames")
     images = rec.images
-    ids = [int(r["frame_id"]) for r in records]
-    acquired = [r.get("t", {}).get("acquired", r.get("acquired")) for r in records]
-    times = None
-    if all(isinstance(a, int | float) for a in acquired):
-        times = [float(a) - float(acquired[0]) for a in acquired]
+    ids = np.asarray(ids_list, np.int64)
+    at = np.asarray(acquired, np.float64)
+    times = None if np.isnan(at).any() else _Mapped(len(at), lambda i: float(at[i] - at[0]))
+    records = _Mapped(len(kept), lambda i: rec.frames[kept[i]])
 
     # recordings made before every chunk was written (an all-zero frame had none) unchecked
     every_chunk = bool(rec.attributes.get("livemask", {}).get(EVERY_CHUNK_WRITTEN))
     missing = missing_chunks(images) if every_chunk else None
 
     def plane(i: int) -> np.ndarray:
-        return _read_plane(images, (ids[i],), missing, rec.path,
+        return _read_plane(images, (int(ids[i]),), missing, rec.path,
                            f"frame_id {ids[i]} (replayed as frame {i})")
 
     return ReplayStack(
-        rec.path, "recording", len(records), tuple(images.shape[1:]), np.dtype(images.dtype),
-        plane, indices=[{k: int(v) for k, v in r.get("index", {}).items()} for r in records],
-        positions=[dict(r.get("position") or {}) for r in records], times=times,
-        pixel_size_um=rec.pixel_size_um,
+        rec.path, "recording", len(kept), tuple(images.shape[1:]), np.dtype(images.dtype),
+        plane,
+        indices=_Mapped(len(kept), lambda i: {
+            k: int(v) for k, v in records[i].get("index", {}).items()}),
+        positions=_Mapped(len(kept), lambda i: dict(records[i].get("position") or {})),
+        times=times, pixel_size_um=rec.pixel_size_um,
     )
+
+
+T = TypeVar("T")
+
+
+class _Mapped(Sequence[T]):
+    """``n`` items made by ``item(i)`` when asked for (nothing held per item)."""
+
+    def __init__(self, n: int, item: Callable[[int], T]) -> None:
+        self._n, self._item = n, item
+
+    def __len__(self) -> int:
+        return self._n
+
+    @overload
+    def __getitem__(self, i: int) -> T: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[T]: ...
+
+    def __getitem__(self, i: int | slice) -> T | list[T]:
+        if isinstance(i, slice):
+            return [self._item(k) for k in range(*i.indices(self._n))]
+        if not -self._n <= i < self._n:
+            raise IndexError(i)
+        return self._item(i % self._n)
 
 
 def _open_zarr(path: Path) -> ReplayStack:

@@ -5,14 +5,17 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
+
+import numpy as np
 
 from livemask.errors import ReplayError
 from livemask.recording.writer import IMAGES, LABELS_NAME
 
-__all__ = ["Recording", "find_recording", "open_recording", "read_frames_jsonl"]
+__all__ = ["FrameRecords", "Recording", "find_recording", "open_recording", "read_frames_jsonl"]
 
 log = logging.getLogger("livemask")
 
@@ -24,7 +27,9 @@ class Recording:
     path: Path
     images: Any  # zarr.Array (T, Y, X)
     labels: Any | None  # zarr.Array (T, Y, X) int32, or None when labels were not recorded
-    frames: list[dict[str, Any]]  # per-frame records sorted by frame_id (frames.jsonl)
+    #: per-frame records sorted by frame_id (frames.jsonl: a :class:`FrameRecords`, read
+    #: from the file as they are asked for)
+    frames: Sequence[dict[str, Any]]
     pixel_size_um: float | None
     attributes: dict[str, Any]
 
@@ -56,27 +61,84 @@ def read_frames_jsonl(path: Path) -> list[dict[str, Any]]:
     A line that is not a frame record (not JSON, or no integer ``frame_id``) is left out
     with a warning naming it; the others are all read. A torn last line (the recorder was
     killed mid-write) is expected and only noted."""
-    out: list[dict[str, Any]] = []
+    records = [record for _, record in _scan(path)]
+    return sorted(records, key=lambda r: r["frame_id"])
+
+
+class FrameRecords(Sequence[dict[str, Any]]):
+    """The frames.jsonl records sorted by frame_id, each read from the file when asked for:
+    in memory only where each line starts (8 bytes a frame, not ≈ 3 KB of dicts: a week at
+    10 frames/s is 6 million frames)."""
+
+    def __init__(self, path: Path, offsets: np.ndarray, frame_ids: np.ndarray) -> None:
+        self.path = path
+        self.offsets = offsets
+        #: the frame_id of each record, in order (int64)
+        self.frame_ids = frame_ids
+
+    @classmethod
+    def read(cls, path: Path) -> FrameRecords:
+        """Index ``path`` (bad lines left out as :func:`read_frames_jsonl` does)."""
+        offsets, ids = [], []
+        for offset, record in _scan(path):
+            offsets.append(offset)
+            ids.append(record["frame_id"])
+        order = np.argsort(np.asarray(ids, np.int64), kind="stable")
+        return cls(path, np.asarray(offsets, np.int64)[order], np.asarray(ids, np.int64)[order])
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    @overload
+    def __getitem__(self, i: int) -> dict[str, Any]: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[dict[str, Any]]: ...
+
+    def __getitem__(self, i: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        with self.path.open("rb") as fh:
+            return self._read(fh, int(self.offsets[i]))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        with self.path.open("rb") as fh:
+            for offset in self.offsets:
+                yield self._read(fh, int(offset))
+
+    @staticmethod
+    def _read(fh: Any, offset: int) -> dict[str, Any]:
+        fh.seek(offset)
+        record: dict[str, Any] = json.loads(fh.readline())
+        return record
+
+
+def _scan(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(byte offset, record) of each frame record of frames.jsonl, in file order; the lines
+    that are not frame records are counted and named in one warning at the end."""
     bad: list[int] = []
     lines = 0
-    with path.open(encoding="utf-8", errors="replace") as fh:
+    good = 0
+    offset = 0
+    with path.open("rb") as fh:
         for lines, line in enumerate(fh, 1):
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 record = None
             if isinstance(record, dict) and type(record.get("frame_id")) is int:
-                out.append(record)
+                good += 1
+                yield offset, record
             elif line.strip():
                 bad.append(lines)
+            offset += len(line)
     if bad == [lines]:
         log.info("%s: its last line is torn (the recorder was stopped mid-write); left out",
                  path)
     elif bad:
         log.warning("%s: %d line(s) are not frame records and are left out (line %s); the "
                     "other %d frames are read", path, len(bad),
-                    ", ".join(map(str, bad[:10])) + (", …" if len(bad) > 10 else ""), len(out))
-    return sorted(out, key=lambda r: r["frame_id"])
+                    ", ".join(map(str, bad[:10])) + (", …" if len(bad) > 10 else ""), good)
 
 
 def open_recording(path: str | Path) -> Recording:
@@ -95,14 +157,19 @@ def open_recording(path: str | Path) -> Recording:
     labels = None
     with contextlib.suppress(KeyError):
         labels = root[f"labels/{LABELS_NAME}/0"]
-    frames = read_frames_jsonl(run / "frames.jsonl") if (run / "frames.jsonl").is_file() else []
+    frames: Sequence[dict[str, Any]] = []
+    ids: Any = []
+    if (run / "frames.jsonl").is_file():
+        frames = FrameRecords.read(run / "frames.jsonl")
+        ids = frames.frame_ids
     if not frames:
         frames = list(attrs.get("livemask", {}).get("frames", []))
-    listed = {f.get("frame_id") for f in frames}
+        ids = [f.get("frame_id") for f in frames]
+    listed = np.unique(np.asarray([i for i in ids if type(i) in (int, np.int64)], np.int64))
     unrecorded = int(images.shape[0]) - len(listed)
     complete = bool(attrs.get("livemask", {}).get("complete"))
-    if unrecorded > 0 and not complete and all(
-            i in listed for i in range(int(images.shape[0]) - unrecorded)):
+    first = int(images.shape[0]) - unrecorded
+    if unrecorded > 0 and not complete and np.array_equal(listed[:first], np.arange(first)):
         log.warning("%s: the last %d frame(s) on the t axis have no readable line in "
                     "frames.jsonl and are not read: the recording is still being written, or "
                     "its recorder could not write them (e.g. a full disk: see its log)",

@@ -1,8 +1,10 @@
-"""Grid plans without a field of view step by one camera field on the microscope."""
+"""MicroscopeSource on the real core: grid plans step by one camera field; a stop waits for
+the snap in progress."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -173,3 +175,28 @@ async def test_a_grid_the_field_makes_too_large_is_refused_when_the_run_starts()
         with pytest.raises(ConfigError, match=r"events per time point \(sequence.grid_plan"):
             svc.start_acquisition(seq)
         assert not svc.acquiring
+
+
+def test_a_stop_waits_for_the_first_long_snap_of_a_run(core: CMMCorePlus) -> None:
+    """The wait took the last frame's exposure (none yet: 0), so a run's first 2.5 s snap
+    was taken for a hung runner (`still_running`, "stuck" at close; control hunt)."""
+    from livemask.acquisition.simulated.world import get_world
+
+    get_world().realtime = True  # a snap lasts its exposure
+    ended = threading.Event()
+    source = MicroscopeSource(core, lambda frame: None)
+    try:
+        events = [useq.MDAEvent(exposure=2500.0, index={"t": t}) for t in range(3)]
+        source.start(iter(events), mode="free-run", on_done=lambda error: ended.set())
+        deadline = time.monotonic() + 10
+        while source._feed is None or source._feed.issued == 0:  # the snap has begun
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.2)
+        source.stop(timeout_s=1.0)
+        assert not source.running  # joined: it waited for the snap, not 1 s
+        assert not source._stuck
+    finally:
+        get_world().realtime = False
+        source.stop()
+        core.mda.events.frameReady.disconnect(source._frame_ready)

@@ -1264,3 +1264,34 @@ async def test_set_exposure_is_refused_for_a_run_enqueued_with_several_exposures
         with pytest.raises(ControlError, match=r"set their own exposures \(10, 40 ms\)"):
             await control(svc, "set", exposure_ms=20.0)
         await control(svc, "stop")
+
+
+async def test_a_refused_start_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A start refused because the last run's thread had not exited used up an acquisition
+    number (started 1, 3) and armed the feedback rules while idle (control hunt)."""
+    import useq
+
+    from livemask.acquisition.source import FeedThreadSource
+    from livemask.errors import AcquisitionError
+
+    real_end = FeedThreadSource._end
+
+    def slow_exit(self: FeedThreadSource, feed: Any, on_done: Any, error: str | None) -> None:
+        real_end(self, feed, on_done, error)
+        time.sleep(2.5)  # longer than the 2 s the service waits
+
+    monkeypatch.setattr(FeedThreadSource, "_end", slow_exit)
+    cfg = make_config(acquisition=ONE_FRAME, feedback={"rules": [
+        {"name": "b", "when": {"values": [{"path": "summary.count", "ge": 0}]},
+         "action": {"burst": {"frames": 2, "centre": False}}, "max_fires": 1}]})
+    async with Service(cfg) as svc:
+        svc.start_acquisition(None)
+        while svc.acquiring:
+            await asyncio.sleep(0.005)
+        number = svc.pipeline.acquisition
+        assert svc.feedback is not None and not svc.feedback._running
+        with pytest.raises(AcquisitionError, match="has not exited yet"):
+            await svc.enqueue([useq.MDAEvent()])
+        assert svc.pipeline.acquisition == number  # before: number + 1, never announced
+        assert not svc.feedback._running  # before: rules armed while idle
+        await asyncio.sleep(1.0)  # let the thread exit before the service closes

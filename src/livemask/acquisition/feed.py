@@ -85,6 +85,9 @@ class EventFeed(Iterator[useq.MDAEvent]):
         self._awaiting: useq.MDAEvent | None = None  # the last image event issued
         self._delivered_before = 0  # frames delivered before it was issued
         self.not_run = 0  # injected events dropped when the feed was closed
+        #: the exposure of the last event issued that set one (ms; 0.0 before any): the snap
+        #: in progress may take that long (a stop waits for it)
+        self.last_exposure_ms = 0.0
 
     @property
     def pending(self) -> int:
@@ -140,6 +143,8 @@ class EventFeed(Iterator[useq.MDAEvent]):
                     raise StopIteration
                 event = nxt
             self.issued += 1
+            if event.exposure is not None:
+                self.last_exposure_ms = float(event.exposure)
             if event.action is None or isinstance(event.action, useq.AcquireImage):
                 self.image_events_issued += 1
                 self._awaiting, self._delivered_before = event, self.delivered

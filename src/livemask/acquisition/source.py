@@ -209,6 +209,11 @@ class FeedThreadSource:
             thread.join(timeout_s)
             self._exit_waited = True
 
+    def ready_to_start(self) -> None:
+        """Raise :class:`AcquisitionError` unless :meth:`start` can start now (callers check
+        this before they change anything for a new acquisition)."""
+        self._ready_to_start()
+
     def _ready_to_start(self) -> None:
         """Raise if an acquisition runs; let the thread of one that ended finish exiting
         (it has called on_done, so the service may already start the next), unless
@@ -302,6 +307,7 @@ class MicroscopeSource(FeedThreadSource):
         self._presets: dict[tuple[str, str], dict[str, str]] = {}  # (group, preset) → props
         self._stuck = False  # a stop waited for the runner in vain
         self._exposure_ms = 0.0  # of the last frame (pymmcore-plus' frame metadata)
+        self._set_exposure_ms = 0.0  # the last set_exposure
         #: What the camera does now, for status: ``image_shape``, ``exposure_ms`` and
         #: ``channel`` of the last frame (a ROI, exposure or preset change shows there), of
         #: the core after a run (pymmcore-plus may restore the settings from before it), or
@@ -450,16 +456,24 @@ class MicroscopeSource(FeedThreadSource):
                 f"{exc}"
             ) from exc
         self.camera_now = {**self.camera_now, "exposure_ms": float(exposure_ms)}
+        self._set_exposure_ms = float(exposure_ms)
+
+    def _longest_snap_ms(self) -> float:
+        """The longest exposure the snap in progress may have: the last frame's, the last
+        set one, or that of the last event issued (a run's first long snap has no frame)."""
+        feed = self._feed.last_exposure_ms if self._feed is not None else 0.0
+        return max(self._exposure_ms, self._set_exposure_ms, feed)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Cancel the acquisition and join the runner thread (waiting at least two of the
-        last frame's exposures, so that a long snap is not taken for a hung one)."""
+        longest exposure the snap in progress may have, so that a long snap is not taken for
+        a hung one)."""
         if self._feed is not None:
             self._feed.close()
         if self.running:
             self.core.mda.cancel()
             assert self._thread is not None
-            timeout_s = max(timeout_s, 2 * self._exposure_ms / 1e3 + 1)
+            timeout_s = max(timeout_s, 2 * self._longest_snap_ms() / 1e3 + 1)
             if self._stuck:  # a stop already waited in vain: answer at once this time
                 timeout_s = 0.1
             self._thread.join(timeout_s)

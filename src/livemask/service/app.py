@@ -592,6 +592,9 @@ class Service:
             raise AcquisitionError("the service is stopping")
         if self._acquiring or self.source.running:  # (checked before anything is reset)
             raise AcquisitionError("an acquisition is already running; stop it first")
+        ready = getattr(self.source, "ready_to_start", None)
+        if ready is not None:  # e.g. the last run's thread still exiting: change nothing
+            ready()
         self._planned_exposure = PlannedExposure(events)
         self._plan_exposures = sorted(plan_exposures or ())
         events = self._planned_exposure  # before the feedback's ledger sees them

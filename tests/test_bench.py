@@ -18,7 +18,7 @@ from livemask.errors import ConfigError
 from livemask.inference.segmenter import Segmenter
 from tests.conftest import ROOT
 
-STAGES = {"infer", "analyse", "publish", "end_to_end"}
+STAGES = {"infer", "analyse", "publish", "deliver", "end_to_end"}
 PCTS = {"p50", "p95", "p99"}
 
 
@@ -57,10 +57,13 @@ def test_statistics_helpers() -> None:
     assert bench.percentiles([]) == {"p50": None, "p95": None, "p99": None}
     p = bench.percentiles(list(range(101)))
     assert p == {"p50": 50.0, "p95": 95.0, "p99": 99.0}
-    stamps = [{"acquired": 1.0, "inferred": 1.01, "analysed": 1.015, "published": 1.02}] * 3
+    stamps = [{"acquired": 1.0, "inferred": 1.01, "analysed": 1.015, "published": 1.02,
+               "received": 1.0225}] * 3
     lat = bench.span_latencies(stamps)
     _check_latency(lat)
-    assert lat["end_to_end"]["p50"] == pytest.approx(20.0)
+    # end to end: until the subscriber has the measurements, not the service's hand-off
+    assert lat["end_to_end"]["p50"] == pytest.approx(22.5)
+    assert lat["deliver"]["p50"] == pytest.approx(2.5)
     mem = bench.memory_mb()
     assert 0 < mem["rss"] <= mem["peak"]
     info = bench.machine_info()

@@ -22,7 +22,8 @@ Three throughput figures on the simulated microscope, same model, backend and fr
   the camera instead, for ``frames`` events, to measure latency at a sustained rate.
 
 ``latency_ms`` (per stage and ``end_to_end``, p50/p95/p99) comes from the stage timestamps
-in the ``measurements`` headers the subscriber received during the pipeline run, leaving out
+in the ``measurements`` headers the subscriber received during the pipeline run and the time
+it received each (``deliver``; ``end_to_end`` runs from ``acquired`` to it), leaving out
 the frames acquired in its first ``latency_warmup_s`` (start-up: first touch of frame-sized
 memory, and the queue that builds meanwhile); ``latency_ms_with_warmup`` keeps every frame.
 
@@ -83,12 +84,16 @@ __all__ = [
 
 log = logging.getLogger("livemask")
 
-#: Stage spans reported in ``latency_ms`` (name, from-stamp, to-stamp); as the status topic.
+#: Stage spans reported in ``latency_ms`` (name, from-stamp, to-stamp): the status topic's,
+#: but delivery and ``end_to_end`` end when the benchmark's subscriber process has received
+#: and decoded the measurements message (``received``), not at the service's hand-off to the
+#: PUB socket (``published``, stamped before the frame, labels and measurements are sent).
 SPANS = (
     ("infer", "acquired", "inferred"),
     ("analyse", "inferred", "analysed"),
     ("publish", "analysed", "published"),
-    ("end_to_end", "acquired", "published"),
+    ("deliver", "published", "received"),
+    ("end_to_end", "acquired", "received"),
 )
 #: Topics the benchmark subscriber takes: everything the service publishes for a frame.
 SUB_TOPICS = ("frame", "labels", "measurements", "event", "status")
@@ -326,8 +331,9 @@ def _subscribe(address: str, conn: Connection, topics: Sequence[str]) -> dict[st
                     conn.send(("ready", None))
                     ready = True
                 h = msg.header
-                if msg.topic in ("frame", "measurements"):
-                    records.append((msg.topic, int(h["frame_id"]), dict(h["t"]),
+                if msg.topic in ("frame", "measurements"):  # when this process had it
+                    records.append((msg.topic, int(h["frame_id"]),
+                                    {**h["t"], "received": time.time()},
                                     bool(h.get("skipped", False))))
                     last_data = now
                     measured += msg.topic == "measurements"
@@ -541,6 +547,10 @@ async def _run_pipeline(
         raise BenchError("the subscriber received no measurements from the pipeline run")
     first, last = acquired[0], max(t["published"] for t in stamps)
     wall = last - first
+    if len(stamps) < int(status["frames_analysed"]) or any(got["gaps"].values()):
+        log.warning("bench: the subscriber received %d measurements of %d frames analysed "
+                    "(gaps %s): the missing frames are not in pipeline_fps or latency_ms",
+                    len(stamps), status["frames_analysed"], got["gaps"])
     # the first frames pay for the process's first touch of frame-sized memory and the queue
     # that builds meanwhile (43 ms per 16 MiB array at 2048² here): steady-state latencies
     # leave them out, and latency_ms_with_warmup keeps every frame

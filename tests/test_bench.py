@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -210,3 +211,24 @@ def test_combined_passes_use_the_exact_wall_times() -> None:
     combined = combine_passes(passes)
     assert combined["frames"] == 4 and combined["fps"] == pytest.approx(4 / 0.0006, rel=0.01)
     assert all("_wall_exact_s" not in p and "times_ms" not in p for p in combined["passes"])
+
+
+def test_passes_that_differ_are_reported_and_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Audit: the spread of the two model-alone passes (the machine's drift, which inflated
+    the ratio in past runs) was not reported."""
+    import logging
+
+    from livemask.bench import combine_passes
+
+    def one(fps: float) -> dict[str, Any]:
+        return {"fps": fps, "frames": 10, "wall_s": 10 / fps, "ms": {}, "times_ms": [1.0]}
+
+    with caplog.at_level(logging.WARNING, logger="livemask"):
+        assert combine_passes([one(28.0), one(27.0)])["pass_spread"] == pytest.approx(0.036,
+                                                                                     abs=1e-3)
+        assert "differ" not in caplog.text
+        assert combine_passes([one(30.0), one(24.0)])["pass_spread"] == pytest.approx(0.222,
+                                                                                     abs=1e-3)
+    assert "the model-alone passes differ by 22 %" in caplog.text

@@ -57,7 +57,7 @@ from livemask.acquisition.mode import Mode
 from livemask.child_process import PipedProcess
 from livemask.cpu_usage import CpuSnapshot, cpu_report
 from livemask.errors import ConfigError, LivemaskError
-from livemask.service.gc_policy import GcMonitor
+from livemask.service.gc_policy import GcMonitor, GcPolicy
 from livemask.service.prefault import Prefault
 
 if TYPE_CHECKING:
@@ -95,6 +95,8 @@ SPANS = (
     ("deliver", "published", "received"),
     ("end_to_end", "acquired", "received"),
 )
+#: Relative difference of the two model-alone passes above which the bench warns.
+PASS_SPREAD_WARN = 0.10
 #: Topics the benchmark subscriber takes: everything the service publishes for a frame.
 SUB_TOPICS = ("frame", "labels", "measurements", "event", "status")
 #: Free-running camera: events planned per frame to analyse (the run stops once ``frames``
@@ -421,8 +423,15 @@ def combine_passes(passes: Sequence[dict[str, Any]]) -> dict[str, Any]:
     # the exact walls: a short pass rounds to 0.000 s at the 3 decimals it reports
     wall = sum(float(p.pop("_wall_exact_s", p["wall_s"])) for p in passes)
     times = [t for p in passes for t in p.pop("times_ms")]
+    rates = [float(p["fps"]) for p in passes if p.get("fps")]
+    # how far the machine's speed moved between the passes (it weighs on every ratio)
+    spread = (max(rates) - min(rates)) / (sum(rates) / len(rates)) if len(rates) > 1 else 0.0
+    if spread > PASS_SPREAD_WARN:
+        log.warning("bench: the model-alone passes differ by %.0f %% (%s frames/s): the "
+                    "machine's speed changed during the run; compare ratios with care",
+                    100 * spread, " / ".join(f"{r:.1f}" for r in rates))
     return {"fps": _fps(frames, wall), "frames": frames, "wall_s": round(wall, 3),
-            "ms": percentiles(times), "passes": passes}
+            "ms": percentiles(times), "pass_spread": round(spread, 3), "passes": passes}
 
 
 def run_naive(
@@ -636,7 +645,15 @@ def run_bench(
         say(f"inference alone: {first_half} frames")
         passes = [measure_inference(segmenter, images, first_half, warmup=settings.warmup)]
         say(f"naive loop: {settings.frames} frames")
-        naive = run_naive(segmenter, settings, frames, sample)
+        # the service's GC settings, as the pipeline run has them (audit: the loop ran with
+        # Python's defaults, which collect more often)
+        gc_policy = GcPolicy(freeze=settings.gc_freeze, threshold=settings.gc_threshold)
+        gc_policy.apply()
+        try:
+            naive = run_naive(segmenter, settings, frames, sample)
+        finally:
+            gc_policy.restore()
+        naive["gc"] = {"freeze": settings.gc_freeze, "threshold": settings.gc_threshold}
     finally:
         segmenter.backend.close()
     del segmenter  # the service loads its own

@@ -69,6 +69,15 @@ class RepeatedErrors:
                               message, self.total)
 
 
+class DropMissingInstallation(logging.Filter):
+    """Leaves out pymmcore-plus' "no compatible Micro-Manager installation" error: Python
+    devices need none, and a real rig that does fails to load with a message saying so."""
+
+    @staticmethod
+    def filter(record: logging.LogRecord) -> bool:
+        return "compatible Micro-Manager installation" not in record.getMessage()
+
+
 class HardwareLogFilter(logging.Filter):
     """pymmcore-plus' records, less its "no Micro-Manager installation" error (Python devices
     need none, and a real rig that does fails to load with a message saying so), each
@@ -81,7 +90,7 @@ class HardwareLogFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if "compatible Micro-Manager installation" in message:
+        if not DropMissingInstallation.filter(record):
             return False
         now = time.monotonic()
         shown, repeats = self._last.get(message, (-float("inf"), 0))

@@ -23,7 +23,7 @@ from pymmcore_plus import CMMCorePlus, DeviceType
 from pymmcore_plus.experimental.unicore import UniMMCore
 
 from livemask.errors import AcquisitionError, ConfigError
-from livemask.log import route_hardware_log
+from livemask.log import DropMissingInstallation, route_hardware_log
 
 __all__ = [
     "CoreKind",
@@ -73,17 +73,12 @@ def _no_installation_error(python_devices: bool) -> Iterator[None]:
         yield
         return
     mm = logging.getLogger("pymmcore-plus")
-    drop = _DropInstallationError()
+    drop = DropMissingInstallation()
     mm.addFilter(drop)
     try:
         yield
     finally:
         mm.removeFilter(drop)
-
-
-class _DropInstallationError(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "compatible Micro-Manager installation" not in record.getMessage()
 
 
 def open_core(cfg_path: str | Path, *, core: CoreKind = "auto") -> CMMCorePlus:

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, overload
+from typing import Any
 
 import numpy as np
 import useq
@@ -204,7 +204,7 @@ def _planes(
 
 
 def _open_recording(path: Path) -> ReplayStack:
-    from livemask.recording.reader import open_recording
+    from livemask.recording.reader import MappedSequence, open_recording
     from livemask.recording.writer import EVERY_CHUNK_WRITTEN
 
     rec = open_recording(path)
@@ -225,8 +225,8 @@ def _open_recording(path: Path) -> ReplayStack:
     images = rec.images
     ids = np.asarray(ids_list, np.int64)
     at = np.asarray(acquired, np.float64)
-    times = None if np.isnan(at).any() else _Mapped(len(at), lambda i: float(at[i] - at[0]))
-    records = _Mapped(len(kept), lambda i: rec.frames[kept[i]])
+    times = None if np.isnan(at).any() else MappedSequence(len(at), lambda i: float(at[i] - at[0]))
+    records = MappedSequence(len(kept), lambda i: rec.frames[kept[i]])
 
     # recordings made before every chunk was written (an all-zero frame had none) unchecked
     every_chunk = bool(rec.attributes.get("livemask", {}).get(EVERY_CHUNK_WRITTEN))
@@ -239,37 +239,11 @@ def _open_recording(path: Path) -> ReplayStack:
     return ReplayStack(
         rec.path, "recording", len(kept), tuple(images.shape[1:]), np.dtype(images.dtype),
         plane,
-        indices=_Mapped(len(kept), lambda i: {
+        indices=MappedSequence(len(kept), lambda i: {
             k: int(v) for k, v in records[i].get("index", {}).items()}),
-        positions=_Mapped(len(kept), lambda i: dict(records[i].get("position") or {})),
+        positions=MappedSequence(len(kept), lambda i: dict(records[i].get("position") or {})),
         times=times, pixel_size_um=rec.pixel_size_um,
     )
-
-
-T = TypeVar("T")
-
-
-class _Mapped(Sequence[T]):
-    """``n`` items made by ``item(i)`` when asked for (nothing held per item)."""
-
-    def __init__(self, n: int, item: Callable[[int], T]) -> None:
-        self._n, self._item = n, item
-
-    def __len__(self) -> int:
-        return self._n
-
-    @overload
-    def __getitem__(self, i: int) -> T: ...
-
-    @overload
-    def __getitem__(self, i: slice) -> list[T]: ...
-
-    def __getitem__(self, i: int | slice) -> T | list[T]:
-        if isinstance(i, slice):
-            return [self._item(k) for k in range(*i.indices(self._n))]
-        if not -self._n <= i < self._n:
-            raise IndexError(i)
-        return self._item(i % self._n)
 
 
 def _open_zarr(path: Path) -> ReplayStack:
@@ -443,7 +417,7 @@ class ReplaySource(FeedThreadSource):
         """Replay one frame per event of ``events`` (at most the stack's length)."""
         if self.on_frame is None:
             raise AcquisitionError("ReplaySource has no frame callback; call connect() first")
-        self._ready_to_start()
+        self.ready_to_start()
         self._stop.clear()
         self._feed = EventFeed(events, mode=mode,
                                sync_timeout_s=self.sync_timeout_s)

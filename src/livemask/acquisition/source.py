@@ -211,13 +211,10 @@ class FeedThreadSource:
 
     def ready_to_start(self) -> None:
         """Raise :class:`AcquisitionError` unless :meth:`start` can start now (callers check
-        this before they change anything for a new acquisition)."""
-        self._ready_to_start()
-
-    def _ready_to_start(self) -> None:
-        """Raise if an acquisition runs; let the thread of one that ended finish exiting
-        (it has called on_done, so the service may already start the next), unless
-        :meth:`join_ended` has just waited for it."""
+        this before they change anything for a new acquisition): not while an acquisition
+        runs; let the thread of one that ended finish exiting (it has called on_done, so the
+        service may already start the next), unless :meth:`join_ended` has just waited for
+        it."""
         if self.running:
             raise AcquisitionError("an acquisition is already running; stop it first")
         waited, self._exit_waited = self._exit_waited, False
@@ -395,7 +392,7 @@ class MicroscopeSource(FeedThreadSource):
         on_done: DoneCallback,
     ) -> None:
         """Run ``events`` through the MDA runner on a new thread."""
-        self._ready_to_start()
+        self.ready_to_start()
         self._stuck = False
         self._reported.clear()
         self._feed = EventFeed(events, mode=mode, sync_timeout_s=self._sync_timeout_s,

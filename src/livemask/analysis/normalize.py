@@ -6,7 +6,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MIN_SIDE_PX", "image_problem", "iqr_sigma", "noise_sigma", "percentile_normalize"]
+__all__ = [
+    "MIN_SIDE_PX", "grey_level", "image_problem", "iqr_sigma", "noise_sigma",
+    "percentile_normalize",
+]
 
 #: Fewest pixels the percentile estimate is taken over; the stride shrinks to keep at least this.
 _MIN_SAMPLE_PX = 4096
@@ -101,7 +104,7 @@ zeros.
         # black background): the brightest pixel is the top, not a flat image; with a noise
         # floor, only a top of at least that many grey levels (not a few counts of debris)
         span = float((arr[finite] if finite is not None else arr).max()) - lo
-        if min_span_noise is not None and span < min_span_noise * _grey_level(arr.dtype):
+        if min_span_noise is not None and span < min_span_noise * grey_level(arr.dtype):
             span = 0.0
     if not np.isfinite(span) or span <= 0.0:
         return np.zeros(arr.shape, dtype=np.float32)
@@ -121,7 +124,7 @@ zeros.
     return out
 
 
-def _grey_level(dtype: np.dtype[Any]) -> float:
+def grey_level(dtype: np.dtype[Any]) -> float:
     """The smallest step of a pixel type: 1 for integers, 0 for floats (no such step)."""
     return 1.0 if dtype.kind in "ui" else 0.0
 

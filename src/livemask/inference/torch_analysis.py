@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from livemask.analysis.measure import ObjectSums, objects_from_sums
-from livemask.analysis.normalize import _MIN_SAMPLE_PX, iqr_sigma
+from livemask.analysis.normalize import _MIN_SAMPLE_PX, grey_level, iqr_sigma
 
 if TYPE_CHECKING:
     import torch
@@ -178,7 +178,7 @@ class TorchAnalysis:
         """
         raw = self._raw_to_device(image)
         # the camera's grey level from its own pixel type (some integers upload as float32)
-        grey = 1.0 if np.asarray(image).dtype.kind in "ui" else 0.0
+        grey = grey_level(np.asarray(image).dtype)
         key = ("input", *raw.shape, str(raw.dtype), float(low), float(high), size_multiple,
                min_span_noise, grey)
         img, batch = self._run(key, self._input_stage, [raw], key)

@@ -5,17 +5,20 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, TypeVar, overload
 
 import numpy as np
 
 from livemask.errors import ReplayError
 from livemask.recording.writer import IMAGES, LABELS_NAME
 
-__all__ = ["FrameRecords", "Recording", "find_recording", "open_recording", "read_frames_jsonl"]
+__all__ = [
+    "FrameRecords", "MappedSequence", "Recording", "find_recording", "open_recording",
+    "read_frames_jsonl",
+]
 
 log = logging.getLogger("livemask")
 
@@ -65,12 +68,39 @@ def read_frames_jsonl(path: Path) -> list[dict[str, Any]]:
     return sorted(records, key=lambda r: r["frame_id"])
 
 
-class FrameRecords(Sequence[dict[str, Any]]):
+T = TypeVar("T")
+
+
+class MappedSequence(Sequence[T]):
+    """``n`` items made by ``item(i)`` when asked for (nothing held per item)."""
+
+    def __init__(self, n: int, item: Callable[[int], T]) -> None:
+        self._n, self._item = n, item
+
+    def __len__(self) -> int:
+        return self._n
+
+    @overload
+    def __getitem__(self, i: int) -> T: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[T]: ...
+
+    def __getitem__(self, i: int | slice) -> T | list[T]:
+        if isinstance(i, slice):
+            return [self._item(k) for k in range(*i.indices(self._n))]
+        if not -self._n <= i < self._n:
+            raise IndexError(i)
+        return self._item(i % self._n)
+
+
+class FrameRecords(MappedSequence[dict[str, Any]]):
     """The frames.jsonl records sorted by frame_id, each read from the file when asked for:
     in memory only where each line starts (8 bytes a frame, not ≈ 3 KB of dicts: a week at
     10 frames/s is 6 million frames)."""
 
     def __init__(self, path: Path, offsets: np.ndarray, frame_ids: np.ndarray) -> None:
+        super().__init__(len(offsets), self._record)
         self.path = path
         self.offsets = offsets
         #: the frame_id of each record, in order (int64)
@@ -86,22 +116,11 @@ class FrameRecords(Sequence[dict[str, Any]]):
         order = np.argsort(np.asarray(ids, np.int64), kind="stable")
         return cls(path, np.asarray(offsets, np.int64)[order], np.asarray(ids, np.int64)[order])
 
-    def __len__(self) -> int:
-        return len(self.offsets)
-
-    @overload
-    def __getitem__(self, i: int) -> dict[str, Any]: ...
-
-    @overload
-    def __getitem__(self, i: slice) -> list[dict[str, Any]]: ...
-
-    def __getitem__(self, i: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
-        if isinstance(i, slice):
-            return [self[k] for k in range(*i.indices(len(self)))]
+    def _record(self, i: int) -> dict[str, Any]:
         with self.path.open("rb") as fh:
             return self._read(fh, int(self.offsets[i]))
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:  # one open file for them all
         with self.path.open("rb") as fh:
             for offset in self.offsets:
                 yield self._read(fh, int(offset))

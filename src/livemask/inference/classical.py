@@ -19,7 +19,7 @@ the boundaries and grows them over the boundary pixels (a distance-based watersh
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import numpy as np
 from pydantic import Field
@@ -46,7 +46,8 @@ DEFAULT_THRESHOLD_SCALE = 0.4
 DEFAULT_RIDGE_SOFTNESS = 0.1
 #: Grains mode: ``dark`` boundaries (grooves, reflected light), ``bright`` ones (SEM edge
 #: effect) or ``auto`` (per image, whichever ridge polarity responds more strongly).
-POLARITIES = ("auto", "dark", "bright")
+Polarity = Literal["auto", "dark", "bright"]
+POLARITIES: tuple[str, ...] = get_args(Polarity)
 
 
 def classical_probabilities(
@@ -194,7 +195,7 @@ class ClassicalGrains(CardParameters):
 
     sigmas: Annotated[list[Positive], Field(min_length=1)] | Positive = list(
         DEFAULT_RIDGE_SIGMAS)
-    polarity: Literal["auto", "dark", "bright"] = "auto"
+    polarity: Polarity = "auto"
     threshold_scale: Positive = DEFAULT_THRESHOLD_SCALE
     softness: Positive = DEFAULT_RIDGE_SOFTNESS
 

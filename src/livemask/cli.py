@@ -124,8 +124,8 @@ def _run_problem(service: Any) -> str | None:
         return f"the run ended with an error: {service.last_error}"
     counts = service.pipeline.counters.counts
     acquired = int(counts["acquired"])
-    # frames skipped by design (free-run) went through the publish stage too
-    never = acquired - int(counts["published"]) - int(counts["publish_failed"])
+    # in flight: not through the publish stage (skipped frames of free-run go through it)
+    never = service.pipeline.in_flight
     if never:
         return (f"{never} of {acquired} frame(s) were never analysed nor published: the "
                 "service stopped before their turn")

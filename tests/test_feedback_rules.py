@@ -238,6 +238,21 @@ def test_cooldown_in_seconds_and_frames() -> None:
     assert fired == [True, False, False, True, False, False, True]
 
 
+def test_cooldown_survives_the_wall_clock_set_back() -> None:
+    """Frame times are wall-clock stamps: an hour's step back (NTP, a user fixing the
+    clock) restarts a cooldown at that frame instead of silencing the rule for an hour."""
+    eng = engine([_count_rule(cooldown_s=10.0)])
+    assert len(eng.evaluate(ctx(field(), acquired=10_000.0))) == 1
+    assert eng.evaluate(ctx(field(), acquired=10_000.2 - 3600)) == []  # stepped back
+    assert eng.evaluate(ctx(field(), acquired=10_009.0 - 3600)) == []  # still cooling down
+    assert len(eng.evaluate(ctx(field(), acquired=10_010.5 - 3600))) == 1
+    # a frame analysed a little out of order is not a clock step: its cooldown holds
+    eng = engine([_count_rule(cooldown_s=10.0)])
+    assert len(eng.evaluate(ctx(field(), acquired=100.0))) == 1
+    assert eng.evaluate(ctx(field(), acquired=99.95)) == []
+    assert eng.evaluate(ctx(field(), acquired=109.0)) == []
+
+
 def test_max_fires_and_on_filter() -> None:
     eng = engine([_count_rule(max_fires=2)])
     assert sum(bool(eng.evaluate(ctx(field()))) for _ in range(5)) == 2

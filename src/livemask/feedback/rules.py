@@ -224,6 +224,11 @@ def build_rule(spec: RuleSpec) -> Rule:
     return DeclarativeRule(spec) if spec.when is not None else load_user_rule(spec)
 
 
+#: A frame acquired this much (s) before the rule last fired means the wall clock was set
+#: back (frames analysed out of order are milliseconds apart), not an earlier frame.
+CLOCK_STEP_S = 1.0
+
+
 class RuleSlot:
     """A rule plus the settings every rule has (enabled, applies_to, cooldown, scope, max_fires)."""
 
@@ -272,6 +277,8 @@ class RuleSlot:
         last = self._last_fire.get(key)
         if last is not None:
             last[1] += 1
+            if ctx.acquired - last[0] < -CLOCK_STEP_S:  # the wall clock was set back:
+                last[0] = ctx.acquired  # the cooldown restarts here instead of lasting that long
             if ctx.acquired - last[0] < spec.cooldown_s or last[1] <= spec.cooldown_frames:
                 return []
             del self._last_fire[key]  # its cooldown is over: nothing to remember

@@ -98,6 +98,26 @@ def test_a_division_where_neither_daughter_continues_the_parent() -> None:
     assert (step.parent_ids == parent).all()
 
 
+def test_a_division_ends_the_parent_even_when_it_linked_a_third_object() -> None:
+    """The parent links to the nearest object while two other births are taken as its
+    daughters: the division ends the parent, so that object starts a track of its own
+    (before, the parent's id lived on after its division)."""
+    tracker = Tracker()
+    (parent,) = _step(tracker, [(100, 100)], [100], 0, [2000])
+    step = tracker.update([[103, 100], [100, 94], [100, 106]], [100, 60, 60], 1,
+                          [1000, 1000, 1000])
+    assert len(step.divisions) == 1
+    pid, children = step.divisions[0]
+    assert pid == parent and sorted(children) == step.track_ids[1:].tolist()
+    third = int(step.track_ids[0])
+    assert third not in (parent, *children) and step.parent_ids[0] == -1
+    assert step.parent_ids[1:].tolist() == [parent, parent]
+    after = tracker.update([[103, 100], [100, 94], [100, 106]], [100, 60, 60], 2,
+                           [1000, 1000, 1000])
+    assert after.track_ids.tolist() == step.track_ids.tolist()  # nobody carries the parent on
+    assert parent not in after.track_ids.tolist()
+
+
 def test_far_apart_new_objects_are_no_division() -> None:
     tracker = Tracker()
     (parent,) = _step(tracker, [(100, 100)], [200], 0, [1000])

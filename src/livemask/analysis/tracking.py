@@ -231,7 +231,12 @@ class Tracker:
                 new = self._ids.take(2)
                 track_ids[[a, b]] = new
                 divisions.append((pid, (int(new[0]), int(new[1]))))
-        fresh = np.flatnonzero(~linked & ~daughter)
+        if divisions:  # a division ends its parent: an object it linked to starts anew
+            orphans = np.flatnonzero(track_of_obj >= 0)
+            orphans = orphans[ended[track_of_obj[orphans]]]
+            track_of_obj[orphans] = -1
+            parent_ids[orphans] = -1
+        fresh = np.flatnonzero((track_of_obj < 0) & ~daughter)
         track_ids[fresh] = self._ids.take(fresh.size)
 
         # bookkeeping: linked tracks move on, missing ones wait, old and divided ones go

@@ -192,6 +192,18 @@ def test_preprocess_normalizes_and_pads_like_cpu(ta: TorchAnalysis) -> None:
     np.testing.assert_allclose(batch[0, 0].numpy(), expected, atol=1e-4)
 
 
+def test_signed_16_bit_pixels_keep_their_sign_on_the_device(ta: TorchAnalysis) -> None:
+    """uint16 travels as its int16 bits; a real int16 image (offset-subtracted camera,
+    replayed int16 data) read -5 as 65531 in the measured image and the normalisation."""
+    image = np.array([[-5, 10, 400], [200, -300, 0]], np.int16)
+    img, batch = ta.preprocess(image, 1.0, 99.8)
+    np.testing.assert_array_equal(img.numpy(), image.astype(np.float32))
+    np.testing.assert_allclose(batch[0, 0].numpy(), percentile_normalize(image, 1.0, 99.8),
+                               atol=1e-4)
+    wide = (np.arange(6, dtype=np.uint16) * 13000).reshape(2, 3)  # uint16 above 32767
+    np.testing.assert_array_equal(ta.upload(wide).numpy(), wide.astype(np.float32))
+
+
 def test_segmenter_device_path_end_to_end() -> None:
     """Segmenter.infer/analyse on the torch backend (CPU) kept 'on the device'."""
     card = load_model_card("nuclei")

@@ -203,8 +203,10 @@ class TorchAnalysis:
             raise ValueError(f"expected a 2-D image, got shape {arr.shape}")
         if arr.dtype == np.uint16:  # torch has few uint16 kernels: move the bits as int16
             return self._to_device(arr.view(np.int16))
-        if arr.dtype in (np.uint8, np.int16, np.int32, np.float32):
+        if arr.dtype in (np.uint8, np.int32, np.float32):
             return self._to_device(arr)
+        if arr.dtype == np.int16:  # int16 on the device means uint16 bits (above)
+            return self._to_device(arr.astype(np.int32))
         return self._to_device(arr.astype(np.float32))
 
     def _as_float(self, raw: torch.Tensor) -> torch.Tensor:

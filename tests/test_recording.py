@@ -137,6 +137,29 @@ def test_writer_round_trip_with_standard_zarr(tmp_path: Path) -> None:
     yaozarrs.validate_zarr_store(str(tmp_path / "run" / "images.ome.zarr"))
 
 
+def test_every_row_and_frame_record_names_its_acquisition(tmp_path: Path) -> None:
+    """A recording spans the service run: MDA indices and track ids restart with each
+    acquisition, so (acquisition, track_id) is what identifies a track in the tables."""
+    image = np.zeros((16, 16), np.uint16)
+    rec = Recorder(tmp_path / "run", pixel_size_um=0.65, units=UNITS).start()
+    for fid, acquisition in enumerate([1, 1, 2, 2]):
+        frame = _frame(fid, image)
+        frame.acquisition = acquisition
+        frame.index = {"t": fid % 2, "p": 0}  # the second acquisition's t restarts at 0
+        rec.on_frame(frame)
+    rec.close(frames_acquired=4)
+    rows = _csv_rows(tmp_path / "run" / "measurements.csv")
+    assert list(rows[0])[:3] == ["frame_id", "acquisition", "time_s"]
+    assert [(r["acquisition"], r["t"]) for r in rows[::2]] == [
+        ("1", "0"), ("1", "1"), ("2", "0"), ("2", "1")]
+    lines = read_frames_jsonl(tmp_path / "run" / "frames.jsonl")
+    assert [r["acquisition"] for r in lines] == [1, 1, 2, 2]
+    root = zarr.open_group(tmp_path / "run" / "images.ome.zarr", mode="r")
+    assert [f["acquisition"] for f in root.attrs["livemask"]["frames"]] == [1, 1, 2, 2]
+    units = json.loads((tmp_path / "run" / "units.json").read_text(encoding="utf-8"))
+    assert units["columns"]["acquisition"].startswith("1 (number")
+
+
 def test_recorder_refuses_a_non_empty_folder(tmp_path: Path) -> None:
     from livemask.errors import RecordingError
 

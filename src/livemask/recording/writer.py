@@ -6,7 +6,8 @@ One run folder holds::
         0/                      the frames, shape (T, Y, X), one chunk (1, Y, X) per frame
         labels/masks/0/         instance labels of the same shape (0 = background; all 0 when
                                 the frame was not analysed)
-    frames.jsonl                one line per written frame: frame_id, MDA index, position,
+    frames.jsonl                one line per written frame: frame_id, acquisition, MDA index,
+                                position,
                                 timestamps, analysed / skipped / failed flags, summary
     measurements.csv            one row per object of every analysed frame
     units.json                  the unit of every measurements.csv column, pixel size
@@ -84,7 +85,7 @@ OME_VERSION = "0.5"
 
 #: Columns of measurements.csv; MDA index columns are empty when the event had no such axis.
 CSV_COLUMNS: tuple[str, ...] = (
-    "frame_id", "time_s", "t", "p", "c", "z", "g", "x_um", "y_um", "z_um",
+    "frame_id", "acquisition", "time_s", "t", "p", "c", "z", "g", "x_um", "y_um", "z_um",
     "label", "track_id", "parent_track_id", "area_px", "area_um2", "centroid_y", "centroid_x",
     "bbox_min_row", "bbox_min_col", "bbox_max_row", "bbox_max_col",
     "mean_intensity", "integrated_intensity", "equivalent_diameter_um", "eccentricity",
@@ -96,7 +97,8 @@ _SPLIT = {"centroid_yx": ("centroid_y", "centroid_x"),
 
 def column_units(units: Mapping[str, str]) -> dict[str, str]:
     """The unit of every CSV column, from the per-object ``units`` of the measurements."""
-    out = {"frame_id": "1", "time_s": "s (since the recording started)",
+    out = {"frame_id": "1", "acquisition": "1 (number; MDA index and track_id restart with each)",
+           "time_s": "s (since the recording started)",
            **{a: "1 (MDA index)" for a in _INDEX_AXES},
            "x_um": "µm", "y_um": "µm", "z_um": "µm", "track_id": "1", "parent_track_id": "1"}
     for key, unit in units.items():
@@ -327,6 +329,7 @@ class Recorder:
         analysed = not frame.skipped and frame.error is None and frame.labels is not None
         record = {
             "frame_id": frame.frame_id,
+            "acquisition": frame.acquisition,
             "index": dict(frame.index),
             "position": dict(frame.position),
             "t": dict(frame.t),
@@ -558,7 +561,8 @@ class Recorder:
                 self._wrote()
         if self._records is not None:
             self._records.append({k: rec[k] for k in (
-                "frame_id", "index", "position", "analysed", "skipped", "failed", "stored")}
+                "frame_id", "acquisition", "index", "position", "analysed", "skipped", "failed",
+                "stored")}
                 | {"acquired": rec["t"].get("acquired")})
             if len(self._records) > MAX_ATTRIBUTE_FRAMES:
                 self._records = None  # a long time-lapse: memory and zarr.json stay small
@@ -579,6 +583,7 @@ class Recorder:
         acquired = rec["t"].get("acquired")
         base: dict[str, Any] = {
             "frame_id": rec["frame_id"],
+            "acquisition": rec["acquisition"],
             "time_s": round(acquired - self.started_at, 4) if acquired is not None else "",
             **{a: rec["index"].get(a, "") for a in _INDEX_AXES},
             **{k: ("" if v is None else v) for k, v in rec["position"].items()},

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
+from livemask.analysis.grains import CumulativeGrainStats, grain_statistics
 from livemask.analysis.metrics import aggregate, match_instances
 from livemask.protocol import Message
 from livemask.viewer import FINISHED_HINT, ConsoleView, TruthScore, _Display
@@ -53,6 +54,30 @@ def test_view_renders_measurements_status_and_events() -> None:
     assert "running (free-run)" in text and "42.2" in text
     assert "p99 90.0 ms" in text
     assert "setting_changed: mode=synchronized" in text
+
+
+def test_view_shows_grain_statistics_for_a_grains_model() -> None:
+    """A grains frame shows inside and edge grains, the sizes of those inside and the ASTM G
+    of the tile and of the scan, not a "nuclei" count with edge-cut grains in its mean."""
+    labels = np.repeat(np.repeat(np.arange(1, 17, dtype=np.int32).reshape(4, 4), 10, 0), 10, 1)
+    stats = CumulativeGrainStats()
+    grains = {"tile": grain_statistics(labels, 0.5), "cumulative": stats.add(labels, 0.5)}
+    view = ConsoleView()
+    view.update(Message("measurements", {
+        "frame_id": 3, "index": {"g": 0},
+        "summary": {"count": 16, "mean_area_px": 100.0, "mean_area_um2": 25.0},
+        "objects": [], "grains": grains,
+    }, {}))
+    console = Console(width=160, record=True)
+    console.print(view.render())
+    text = console.export_text()
+    assert "nuclei" not in text
+    assert "4 inside, 12 cut by the edge" in text  # the 2x2 middle of a 4x4 grid
+    tile_g = grains["tile"]["astm_g_planimetric"]
+    assert f"ASTM G {tile_g:.2f} planimetric" in text and "scan (1 tiles)" in text
+    assert f"{grains['tile']['n_a_per_mm2']:.0f} grains/mm²" in text
+    line = view.summary_line()
+    assert "4 grains inside (+12 cut by the edge)" in line and "over 1 tiles" in line
 
 
 def test_piped_view_prints_changes_only_and_the_end_once(

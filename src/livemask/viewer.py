@@ -75,6 +75,27 @@ def _fmt(value: Any, spec: str = ".1f") -> str:
     return str(value)
 
 
+def _grain_rows(grains: dict[str, Any]) -> list[tuple[str, str]]:
+    """The view's rows for a grains model's statistics (``measurements.grains``): sizes of
+    the grains inside the field (those cut by its edge count half in N_A, see grains.md)."""
+    tile, scan = grains.get("tile") or {}, grains.get("cumulative") or {}
+
+    def g(stats: dict[str, Any]) -> str:
+        return (f"ASTM G {_fmt(stats.get('astm_g_planimetric'), '.2f')} planimetric, "
+                f"{_fmt(stats.get('astm_g_intercept'), '.2f')} intercept")
+
+    return [
+        ("grains", f"{_fmt(tile.get('count_inside'))} inside, "
+                   f"{_fmt(tile.get('count_edge'))} cut by the edge"),
+        ("mean area", f"{_fmt(tile.get('mean_area_um2'))} µm² (grains inside), "
+                      f"{_fmt(tile.get('n_a_per_mm2'), '.0f')} grains/mm²"),
+        ("tile", g(tile)),
+        (f"scan ({_fmt(scan.get('tiles'))} tiles)",
+         f"{g(scan)}; mean area {_fmt(scan.get('mean_area_um2'))} µm², "
+         f"{_fmt(scan.get('n_a_per_mm2'), '.0f')} grains/mm²"),
+    ]
+
+
 FINISHED_HINT = (
     "acquisition finished: Ctrl-C stops the service; `start` over the control channel runs it "
     "again"
@@ -175,10 +196,15 @@ class ConsoleView:
         top.add_row("state", f"{state}, model {st.get('model', '?')} on "
                     f"{st.get('backend', '?')}")
         top.add_row("frame", f"{m.get('frame_id', '-')}  index {m.get('index', {})}")
-        top.add_row("nuclei", _fmt(summary.get("count")))
-        top.add_row("mean area", f"{_fmt(summary.get('mean_area_px'))} px  "
-                    f"({_fmt(summary.get('mean_area_um2'))} µm²)")
-        top.add_row("mean intensity", _fmt(summary.get("mean_intensity")))
+        grains = m.get("grains")
+        if isinstance(grains, dict):
+            for row in _grain_rows(grains):
+                top.add_row(*row)
+        else:
+            top.add_row("nuclei", _fmt(summary.get("count")))
+            top.add_row("mean area", f"{_fmt(summary.get('mean_area_px'))} px  "
+                        f"({_fmt(summary.get('mean_area_um2'))} µm²)")
+            top.add_row("mean intensity", _fmt(summary.get("mean_intensity")))
         top.add_row("rate", f"{_fmt(self.fps())} frames/s")
         top.add_row("latency e2e", f"p50 {_fmt(lat.get('p50'))} ms, p99 {_fmt(lat.get('p99'))} ms")
         top.add_row(
@@ -219,9 +245,19 @@ class ConsoleView:
         m = self.measurements or {}
         summary = m.get("summary") or {}
         lat = (st.get("latency_ms") or {}).get("end_to_end") or {}
+        grains = m.get("grains")
+        if isinstance(grains, dict):  # inside grains: those cut by the edge are no sizes
+            tile, scan = grains.get("tile") or {}, grains.get("cumulative") or {}
+            what = (f"{_fmt(tile.get('count_inside'))} grains inside (+"
+                    f"{_fmt(tile.get('count_edge'))} cut by the edge), mean area "
+                    f"{_fmt(tile.get('mean_area_um2'))} µm², scan G "
+                    f"{_fmt(scan.get('astm_g_planimetric'), '.2f')} over "
+                    f"{_fmt(scan.get('tiles'))} tiles")
+        else:
+            what = (f"{_fmt(summary.get('count'))} objects, "
+                    f"mean area {_fmt(summary.get('mean_area_um2'))} µm²")
         line = (
-            f"frame {m.get('frame_id', '-')}: {_fmt(summary.get('count'))} objects, "
-            f"mean area {_fmt(summary.get('mean_area_um2'))} µm², {_fmt(self.fps())} frames/s, "
+            f"frame {m.get('frame_id', '-')}: {what}, {_fmt(self.fps())} frames/s, "
             f"e2e p99 {_fmt(lat.get('p99'))} ms, acquired {st.get('frames_acquired', 0)} / "
             f"analysed {st.get('frames_analysed', 0)} / skipped {st.get('frames_skipped', 0)}"
         )

@@ -45,7 +45,7 @@ def measure(sums: ObjectSums, frames: int) -> dict[str, Any]:
     monitor.start()
     start = time.perf_counter()
     for _ in range(frames):
-        alive.append(objects_from_sums(sums, n_px=2048 * 2048, n_fg=300_000,
+        alive.append(objects_from_sums(sums, shape=(2048, 2048), n_fg=300_000,
                                        background_mean=100.0, pixel_size_um=0.65))
         if len(alive) > 3:
             alive.pop(0)

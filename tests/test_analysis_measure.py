@@ -64,7 +64,21 @@ def test_disc_and_single_pixel() -> None:
         "integrated_intensity": 1.0,
         "equivalent_diameter_um": pytest.approx(2 / math.sqrt(math.pi)),
         "eccentricity": 0.0,
+        "touches_edge": False,
     }
+
+
+def test_objects_cut_by_the_field_edge_are_flagged() -> None:
+    """A pixel in the first or last row or column: the object's size is not its own."""
+    labels = np.zeros((20, 30), dtype=np.int32)
+    labels[0:3, 10:14] = 1  # top row
+    labels[8:12, 0:2] = 2  # left column
+    labels[17:20, 5:8] = 3  # bottom row
+    labels[5:9, 27:30] = 4  # right column
+    labels[1:19, 1:3] = 5  # one pixel in from the left, top and bottom edges: inside
+    labels[19, 29] = 6  # the corner pixel
+    objects, _ = measure_objects(labels, np.ones(labels.shape), decimals=None)
+    assert [o["touches_edge"] for o in objects] == [True, True, True, True, False, True]
 
 
 def test_intensities_and_summary() -> None:
@@ -173,7 +187,7 @@ def test_output_is_plain_json() -> None:
             if isinstance(value, list):
                 assert all(type(v) in (int, float) for v in value), key
             else:
-                assert type(value) in (int, float), key
+                assert type(value) in ((bool,) if key == "touches_edge" else (int, float)), key
         assert type(o["label"]) is int and type(o["area_px"]) is int
         assert all(type(v) is int for v in o["bbox"])
     assert type(summary["count"]) is int

@@ -214,10 +214,43 @@ async def test_service_records_every_frame_in_free_run(tmp_path: Path) -> None:
         assert (rec.labels[f["frame_id"]].max() > 0) == (f["analysed"] and f["objects"] > 0)
     rows = _csv_rows(rec.measurements_csv)
     assert len(rows) == sum(f["summary"]["count"] for f in analysed)
+    assert {r["acquisition"] for r in rows} == {"1"}
+    cut = [r["touches_edge"] == "True" for r in rows]  # nuclei cut by the 512² field's edge
+    assert cut == [r["bbox_min_row"] == "0" or r["bbox_min_col"] == "0"
+                   or r["bbox_max_row"] == "512" or r["bbox_max_col"] == "512" for r in rows]
+    assert 0 < sum(cut) < len(rows)
     kinds = [json.loads(x)["kind"] for x in (rec.path / "events.jsonl").read_text().splitlines()]
     assert kinds[0] == "service_started"
     assert {"acquisition_started", "acquisition_finished", "frame_failed"} <= set(kinds)
     assert (rec.path / "config.yaml").is_file()
+
+
+async def test_a_grain_scan_records_its_grain_statistics_and_edge_grains(
+    tmp_path: Path,
+) -> None:
+    """frames.jsonl keeps each tile's and the scan's grain statistics (ASTM G included) and
+    the CSV flags grains cut by the field, which the statistics leave out of the sizes."""
+    cfg = make_config(
+        record={"enabled": True, "path": str(tmp_path)},
+        simulation={"sample": "grains", "seed": 0, "sensor_shape_px": [256, 256],
+                    "pixel_size_um": 0.65, "truth": False},
+        model={"name": "grains"},
+        acquisition={"sequence": {"grid_plan": {"rows": 1, "columns": 3, "overlap": 0}}},
+    )
+    async with Service(cfg) as svc:
+        svc.start_acquisition(None)
+        await _run_to_end(svc, timeout_s=60.0)
+    rec = open_recording(_run_dir(tmp_path))
+    frames = list(rec.frames)
+    assert len(frames) == 3 and all(f["analysed"] for f in frames)
+    assert [f["grains"]["cumulative"]["tiles"] for f in frames] == [1, 2, 3]
+    rows = _csv_rows(rec.measurements_csv)
+    for f in frames:
+        tile = f["grains"]["tile"]
+        assert tile["astm_g_planimetric"] is not None and tile["count"] == f["objects"]
+        cut = [r["touches_edge"] for r in rows if r["frame_id"] == str(f["frame_id"])]
+        assert cut.count("True") == tile["count_edge"] > 0
+        assert cut.count("False") == tile["count_inside"] > 0
 
 
 async def test_a_roi_is_refused_while_recording(tmp_path: Path) -> None:

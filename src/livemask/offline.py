@@ -24,7 +24,7 @@ log = logging.getLogger("livemask")
 TABLE_COLUMNS = (
     "plane", "label", "area_px", "area_um2", "centroid_y", "centroid_x", "bbox_min_row",
     "bbox_min_col", "bbox_max_row", "bbox_max_col", "mean_intensity", "integrated_intensity",
-    "equivalent_diameter_um", "eccentricity",
+    "equivalent_diameter_um", "eccentricity", "touches_edge",
 )
 
 
@@ -184,6 +184,7 @@ def segment_file(
                     "integrated_intensity": o["integrated_intensity"],
                     "equivalent_diameter_um": o["equivalent_diameter_um"],
                     "eccentricity": o["eccentricity"],
+                    "touches_edge": o["touches_edge"],
                 })
     output.parent.mkdir(parents=True, exist_ok=True)
     tifffile.imwrite(output, labels.reshape(stack.shape), photometric="minisblack",

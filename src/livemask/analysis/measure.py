@@ -38,6 +38,7 @@ UNITS: dict[str, str] = {
     "integrated_intensity": "ADU·px",
     "equivalent_diameter_um": "µm",
     "eccentricity": "1",
+    "touches_edge": "bool",
 }
 
 
@@ -54,13 +55,14 @@ def measure_objects(
     with ``label``, ``area_px``, ``area_um2``, ``centroid_yx`` ([y, x]), ``bbox``
     ([min_row, min_col, max_row, max_col], half-open like scikit-image), ``mean_intensity``,
     ``integrated_intensity``, ``equivalent_diameter_um`` and ``eccentricity`` (as
-    ``skimage.measure.regionprops``). ``summary`` has ``count``, ``mean_area_px``,
-    ``median_area_px``, ``mean_area_um2``, ``mean_intensity`` (mean over objects),
-    ``total_intensity``, ``foreground_fraction`` and ``background_mean``; undefined values
-    are None. Intensities leave NaN/infinite pixels out (an object without a finite pixel
-    has ``mean_intensity`` None). Floats are rounded to ``decimals`` places, µm values to
-    at least :data:`UM_SIGNIFICANT_DIGITS` significant digits (None keeps full precision).
-    Units are in :data:`UNITS`.
+    ``skimage.measure.regionprops``), and ``touches_edge`` (a pixel in the first or last row
+    or column: cut by the field, so its size and shape are not the object's). ``summary``
+    has ``count``, ``mean_area_px``, ``median_area_px``, ``mean_area_um2``,
+    ``mean_intensity`` (mean over objects), ``total_intensity``, ``foreground_fraction``
+    and ``background_mean``; undefined values are None. Intensities leave NaN/infinite
+    pixels out (an object without a finite pixel has ``mean_intensity`` None). Floats are
+    rounded to ``decimals`` places, µm values to at least :data:`UM_SIGNIFICANT_DIGITS`
+    significant digits (None keeps full precision). Units are in :data:`UNITS`.
     """
     lab = np.asarray(labels)
     img = np.asarray(image)
@@ -160,7 +162,7 @@ def measure_objects(
         intensity=intensity_sum, bbox=bbox, n_finite=n_valid,
     )
     return objects_from_sums(
-        sums, n_px=n_px, n_fg=int(fg_px.size), background_mean=background_mean,
+        sums, shape=lab.shape, n_fg=int(fg_px.size), background_mean=background_mean,
         pixel_size_um=pixel_size_um, decimals=decimals,
     )
 
@@ -191,13 +193,16 @@ class ObjectSums:
 def objects_from_sums(
     sums: ObjectSums,
     *,
-    n_px: int,
+    shape: tuple[int, ...],
     n_fg: int,
     background_mean: float | None,
     pixel_size_um: float,
     decimals: int | None = 4,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The ``measure_objects`` output from per-object sums (shared by the CPU and GPU paths)."""
+    """The ``measure_objects`` output from per-object sums (shared by the CPU and GPU paths)
+    of a ``shape`` (rows, columns) label image."""
+    h, w = shape
+    n_px = h * w
     a = np.asarray(sums.area, dtype=np.float64)
     if a.size == 0:
         return [], _summary_empty(background_mean, decimals)
@@ -229,7 +234,11 @@ def objects_from_sums(
     area_um2 = a * pixel_size_um**2
     eq_diam_um = np.sqrt(4.0 * a / math.pi) * pixel_size_um
 
-    bbox = np.asarray(sums.bbox).tolist()
+    boxes = np.asarray(sums.bbox).reshape(-1, 4)
+    bbox = boxes.tolist()
+    # cut by the field: a pixel in the first or last row or column (its size is not its own)
+    edge: list[bool] = ((boxes[:, 0] <= 0) | (boxes[:, 1] <= 0) | (boxes[:, 2] >= h)
+                        | (boxes[:, 3] >= w)).tolist()
     out_ids = np.asarray(sums.labels).tolist()
 
     def r(x: np.ndarray) -> list[float]:
@@ -257,8 +266,9 @@ def objects_from_sums(
             "integrated_intensity": ii,
             "equivalent_diameter_um": ed,
             "eccentricity": ec,
+            "touches_edge": te,
         }
-        for lbl, ar, aum, y, x, bb, mi, ii, ed, ec in zip(
+        for lbl, ar, aum, y, x, bb, mi, ii, ed, ec, te in zip(
             out_ids,
             a.astype(np.int64).tolist(),
             um[0],
@@ -269,6 +279,7 @@ def objects_from_sums(
             r(intensity_sum),
             um[1],
             r(eccentricity),
+            edge,
             strict=True,
         )
     ]

@@ -484,7 +484,7 @@ class TorchAnalysis:
         n, n_fg, total, fg_sum = values[3:]
         n, n_fg = int(n), int(n_fg)
         objects, summary = _objects(
-            sums[1:n + 1].cpu().numpy(), boxes[1:n + 1].cpu().numpy(), n_px=h * w,
+            sums[1:n + 1].cpu().numpy(), boxes[1:n + 1].cpu().numpy(), shape=(h, w),
             n_fg=n_fg, total=total, fg_sum=fg_sum, pixel_size_um=pixel_size_um,
             decimals=decimals)
         return labels.cpu().numpy(), objects, summary
@@ -682,7 +682,7 @@ def _objects(
     sums: np.ndarray,
     bbox: np.ndarray,
     *,
-    n_px: int,
+    shape: tuple[int, int],
     n_fg: int,
     total: float,
     fg_sum: float,
@@ -691,10 +691,11 @@ def _objects(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """``measure_objects`` output from per-object sums (rows: objects 1..n; columns: area,
     Σr, Σc, Σr², Σc², Σrc, Σintensity) and boxes (r0, c0, r1, c1)."""
+    n_px = shape[0] * shape[1]
     background_mean = (total - fg_sum) / (n_px - n_fg) if n_px > n_fg else None
     object_sums = ObjectSums(
         labels=np.arange(1, len(sums) + 1), area=sums[:, 0], s_r=sums[:, 1], s_c=sums[:, 2],
         s_rr=sums[:, 3], s_cc=sums[:, 4], s_rc=sums[:, 5], intensity=sums[:, 6], bbox=bbox,
     )
-    return objects_from_sums(object_sums, n_px=n_px, n_fg=n_fg, background_mean=background_mean,
+    return objects_from_sums(object_sums, shape=shape, n_fg=n_fg, background_mean=background_mean,
                              pixel_size_um=pixel_size_um, decimals=decimals)

@@ -89,6 +89,7 @@ CSV_COLUMNS: tuple[str, ...] = (
     "label", "track_id", "parent_track_id", "area_px", "area_um2", "centroid_y", "centroid_x",
     "bbox_min_row", "bbox_min_col", "bbox_max_row", "bbox_max_col",
     "mean_intensity", "integrated_intensity", "equivalent_diameter_um", "eccentricity",
+    "touches_edge",
 )
 _INDEX_AXES = ("t", "p", "c", "z", "g")
 _SPLIT = {"centroid_yx": ("centroid_y", "centroid_x"),
@@ -340,6 +341,8 @@ class Recorder:
             "objects": len(frame.objects) if analysed and frame.objects is not None else None,
             "summary": frame.summary if analysed else None,
         }
+        if analysed and frame.grains is not None:  # a grains model: the tile's and the scan's
+            record["grains"] = frame.grains
         labels = frame.labels if analysed and self.labels else None
         objects = frame.objects if analysed and self.measurements else None
         nbytes = frame.image.nbytes + (labels.nbytes if labels is not None else 0)

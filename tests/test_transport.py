@@ -21,6 +21,7 @@ from livemask import protocol
 from livemask.client import AsyncSubscriber, ControlClient, Subscriber
 from livemask.errors import CommandError, ConfigError, ControlError, ControlTimeout
 from livemask.transport import ControlServer, MemoryPublisher, Publisher, ZmqPublisher
+from livemask.transport.control_server import MAX_UNREAD_REPLIES
 
 ANY_PORT = "tcp://127.0.0.1:*"
 SYNC_DEADLINE_S = 10.0  # upper bound only; normally done in milliseconds
@@ -424,6 +425,8 @@ async def handler(cmd: str, args: dict[str, Any]) -> Any:
     if cmd == "slow":
         await asyncio.sleep(0)
         return "done"
+    if cmd == "big":  # a reply of megabytes, as a snapshot with arrays
+        return {"data": "x" * int(args["n"])}
     if cmd == "stop":  # waits for the frame being taken, as the service does
         await asyncio.sleep(0.5)
         return {"stopped": True, "still_running": False}
@@ -604,6 +607,36 @@ async def test_dealer_peer(server: ControlServer, raw_socket: Any) -> None:
     replies = [json.loads(await asyncio.wait_for(dealer.recv(), 10)) for _ in range(3)]
     assert [r["result"] for r in replies] == [{"i": 0}, {"i": 1}, {"i": 2}]
     assert [r["id"] for r in replies] == [0, 1, 2]
+
+
+async def test_a_client_that_never_reads_holds_a_bounded_number_of_replies(
+    server: ControlServer, client_factory: Any
+) -> None:
+    """libzmq's default queue (1000 replies per peer) let a client that pipelined big
+    requests and never read hold gigabytes in the service; replies past the bound drop."""
+    ctx = zmq.asyncio.Context.instance()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.RCVHWM, 1)
+    dealer.setsockopt(zmq.RCVBUF, 64 * 1024)
+    dealer.connect(server.bound_address)
+    try:
+        sent = 60
+        for i in range(sent):
+            await dealer.send(json.dumps({"id": i, "cmd": "big", "args": {"n": 1 << 20}}).encode())
+        deadline = time.monotonic() + 30
+        while server.requests < sent:  # every request handled, its reply queued or dropped
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        other = client_factory(server.bound_address, timeout_s=10.0)
+        assert await asyncio.to_thread(lambda: other.request("echo", i=1)) == {"i": 1}
+        got = 0
+        while await dealer.poll(500):
+            await dealer.recv()
+            got += 1
+        assert 1 <= got <= MAX_UNREAD_REPLIES + 10 < sent  # (+ socket buffers, in flight)
+    finally:
+        dealer.close(linger=0)
 
 
 async def test_server_cancel_then_close() -> None:

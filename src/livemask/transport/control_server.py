@@ -20,6 +20,10 @@ DEFAULT_CONTROL_ADDRESS = "tcp://127.0.0.1:5556"
 #: Largest request accepted: libzmq disconnects a peer that sends more (the largest real
 #: request, ``enqueue`` of 10,000 events, is about 1 MB of JSON).
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
+#: Replies queued in the service for one client that does not read them; more are dropped
+#: (that client times out). libzmq's default, 1000, let a client that pipelined ``snapshot``
+#: requests with arrays and never read hold ≈ 2 GB of replies in the service at 512².
+MAX_UNREAD_REPLIES = 16
 
 logger = logging.getLogger("livemask")
 
@@ -64,6 +68,7 @@ class ControlServer:
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        sock.setsockopt(zmq.SNDHWM, MAX_UNREAD_REPLIES)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
         bind_or_explain(
             sock, self.address, "control server", "--control or publish.control_address"

@@ -18,6 +18,11 @@ __all__ = ["DEFAULT_SUB_ADDRESS", "DEFAULT_TOPICS", "AsyncSubscriber", "Subscrib
 
 DEFAULT_SUB_ADDRESS = "tcp://127.0.0.1:5555"
 DEFAULT_TOPICS: tuple[str, ...] = ("measurements", "status", "event")
+#: Messages a subscriber's receive queue holds before it drops (libzmq's default is 1000:
+#: a reader that stalled on ``frame`` and ``labels`` held ≈ 0.75 GB at 512², more than
+#: 10 GB at 2048²); a ``latest_only`` reader keeps only the newest anyway.
+DEFAULT_RCVHWM = 200
+LATEST_ONLY_RCVHWM = 16
 
 logger = logging.getLogger("livemask")
 
@@ -40,9 +45,11 @@ class _SubscriberBase:
         address: str,
         topics: Iterable[str] | None,
         latest_only: bool,
-        rcvhwm: int,
+        rcvhwm: int | None,
         context: zmq.Context[Any],
     ) -> None:
+        if rcvhwm is None:
+            rcvhwm = LATEST_ONLY_RCVHWM if latest_only else DEFAULT_RCVHWM
         self.address = address
         self.topics: tuple[str, ...] = tuple(topics or ())
         self.latest_only = latest_only
@@ -140,7 +147,10 @@ class Subscriber(_SubscriberBase):
     with its arrays as zero-copy views. ``gaps[topic]`` counts messages missed (jumps in
     ``seq``), ``received[topic]`` those received. With ``latest_only=True`` each
     :meth:`recv` drains the queue and returns only the newest message (for viewers that
-    must not lag); the others are counted in ``skipped_latest``. Not thread-safe.
+    must not lag); the others are counted in ``skipped_latest``. ``rcvhwm``: messages held
+    while the caller does not read (:data:`DEFAULT_RCVHWM`, :data:`LATEST_ONLY_RCVHWM`
+    with ``latest_only``; a ``frame`` plus ``labels`` pair is 24 MB at 2048²); more are
+    dropped and show as ``gaps``. Not thread-safe.
     """
 
     def __init__(
@@ -149,7 +159,7 @@ class Subscriber(_SubscriberBase):
         topics: Iterable[str] | None = DEFAULT_TOPICS,
         *,
         latest_only: bool = False,
-        rcvhwm: int = 1000,
+        rcvhwm: int | None = None,
         context: zmq.Context[Any] | None = None,
     ) -> None:
         ctx = context if context is not None else zmq.Context.instance()
@@ -213,7 +223,7 @@ class AsyncSubscriber(_SubscriberBase):
         topics: Iterable[str] | None = DEFAULT_TOPICS,
         *,
         latest_only: bool = False,
-        rcvhwm: int = 1000,
+        rcvhwm: int | None = None,
         context: zmq.asyncio.Context | None = None,
     ) -> None:
         ctx = context if context is not None else zmq.asyncio.Context.instance()

@@ -689,6 +689,18 @@ def test_client_times_out_without_server() -> None:
         assert client._socket is None  # the stuck REQ socket was thrown away
 
 
+def test_stop_gives_up_on_a_service_that_is_not_there_in_the_client_timeout() -> None:
+    """Before, stop() tried three times for 30 s each: a cleanup hung for 90 s."""
+    address = f"tcp://127.0.0.1:{free_port()}"
+    with ControlClient(address, timeout_s=0.05, retries=2) as client:
+        start = time.monotonic()
+        with pytest.raises(ControlTimeout, match=r"no connection to .* for 'stop' after 2 "):
+            client.stop(timeout_s=3.0)
+        assert time.monotonic() - start < 2.0
+        with pytest.raises(ControlTimeout, match=r"'enqueue' after 1 attempt\(s\) of 0\.05 s: no"):
+            client.enqueue([{"index": {"t": 0}}])  # (never sent: it cannot have run)
+
+
 async def test_stop_waits_longer_than_other_requests(
     server: ControlServer, client_factory: Any
 ) -> None:

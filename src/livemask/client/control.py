@@ -77,6 +77,7 @@ class ControlClient:
         if self._socket is None:
             sock = self._context.socket(zmq.REQ)
             sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IMMEDIATE, 1)  # writable only once connected to the service
             allow_ipv6(sock, self.address)
             sock.connect(self.address)
             self._socket = sock
@@ -99,13 +100,20 @@ class ControlClient:
         req_id = self._last_id
         payload = protocol.encode_request(req_id, cmd, args)
         timeout_ms = max(1, round(wait_s * 1000))
+        # no connection within the client's own timeout: no service there (a long wait, as
+        # stop's 30 s, is for a service that is slow to answer, not for one that is absent)
+        connect_ms = max(1, round(min(wait_s, self.timeout_s) * 1000))
         attempts = self.retries if safe_to_repeat(cmd, args) else 1
+        sent = False
         for attempt in range(1, attempts + 1):
             sock = self._connect()
             try:
-                sock.send(payload)
-                ready = sock.poll(timeout_ms, zmq.POLLIN)
-                raw = sock.recv() if ready else None
+                raw = None
+                if sock.poll(connect_ms, zmq.POLLOUT):  # (IMMEDIATE: once connected)
+                    sock.send(payload)
+                    sent = True
+                    ready = sock.poll(timeout_ms, zmq.POLLIN)
+                    raw = sock.recv() if ready else None
             except BaseException:
                 self._drop_socket()  # a REQ socket mid-request can't be reused
                 raise
@@ -128,6 +136,12 @@ class ControlClient:
                     attempts,
                 )
             self._drop_socket()  # Lazy Pirate: retry on a fresh socket
+        if not sent:
+            raise ControlTimeout(
+                f"no connection to {self.address} for {cmd!r} after {attempts} attempt(s) of "
+                f"{connect_ms / 1000:g} s: no service there; check that `livemask serve` is "
+                "running and that its --control address matches this one"
+            )
         maybe_run = "" if attempts > 1 else (
             f"; {cmd!r} is not resent, and the service may still run it: check status")
         raise ControlTimeout(
@@ -151,7 +165,9 @@ class ControlClient:
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> Any:
         """Stop the running acquisition. Waits up to ``timeout_s`` (or the client's timeout,
         if longer) for the reply: the service waits for the frame being taken, at least
-        5 s or two exposures and 1 s, before it answers ``still_running``."""
+        5 s or two exposures and 1 s, before it answers ``still_running``. A service that
+        is not there is given up on after the client's ``timeout_s`` per attempt, as for
+        any request."""
         return self.request("stop", timeout_s=max(timeout_s, self.timeout_s))
 
     def enqueue(self, events: Iterable[Mapping[str, Any] | Any]) -> Any:

@@ -93,11 +93,15 @@ def test_square_grid_cut_by_the_edges() -> None:
     assert s["median_area_um2"] == pytest.approx(1000.0)
     assert s["mean_area_planimetric_um2"] == pytest.approx(1000.0)
     assert s["mean_equivalent_diameter_um"] == pytest.approx(math.sqrt(4000.0 / math.pi))
-    # every row crosses 10 vertical boundaries, every column 10 horizontal ones
+    # every row crosses 10 vertical boundaries, every column 10 horizontal ones; each line
+    # runs 199 px, between its first and last pixel centres (exact on average over
+    # positions: test_intercept_is_exact_over_all_grid_positions)
     assert s["intercept_count"] == 2 * 200 * 10
-    assert s["mean_intercept_um"] == pytest.approx(SIDE_UM)
-    assert s["astm_g_intercept"] == pytest.approx(-6.643856 * math.log10(SIDE_UM / 1000) - 3.288)
-    assert s["astm_g_intercept"] == pytest.approx(6.677784)
+    assert s["test_line_length_um"] == pytest.approx(2 * 200 * 199 * px)
+    ell = SIDE_UM * 199 / 200
+    assert s["mean_intercept_um"] == pytest.approx(ell)
+    assert s["astm_g_intercept"] == pytest.approx(-6.643856 * math.log10(ell / 1000) - 3.288)
+    assert s["astm_g_intercept"] == pytest.approx(6.692247)
     assert sum(s["histogram"]["counts"]) == s["count_inside"] == 81
     json.dumps(s)  # JSON-friendly
 
@@ -129,7 +133,7 @@ def test_planimetric_count_on_any_cut_grid(k: int, h: int, w: int, oy: int, ox: 
         assert planimetric_count(table) == py * px
     crossings, length = intercept_count(labels)
     assert crossings == h * px + w * py
-    assert length == 2 * h * w
+    assert length == h * (w - 1) + w * (h - 1)  # from the first pixel centre to the last
 
 
 def test_edge_handling_is_exact_for_every_shift() -> None:
@@ -141,7 +145,27 @@ def test_edge_handling_is_exact_for_every_shift() -> None:
             s = grain_statistics(labels, 2.0)
             assert s["n_equivalent"] == (160 // k) * (128 // k)
             assert s["mean_area_planimetric_um2"] == pytest.approx((2.0 * k) ** 2)
-            assert s["mean_intercept_um"] == pytest.approx(2.0 * k)
+            p = 160 * (128 // k) + 128 * (160 // k)
+            assert s["mean_intercept_um"] == pytest.approx(2.0 * (160 * 127 + 128 * 159) / p)
+
+
+@pytest.mark.parametrize(("shape", "cell"), [((48, 48), (20, 20)), ((90, 70), (12, 30))])
+def test_intercept_is_exact_over_all_grid_positions(
+    shape: tuple[int, int], cell: tuple[int, int]
+) -> None:
+    """Pooled over every position of a rectangular grid, ℓ is exact: rows cross a boundary
+    every cell width, columns every cell height, and a w-px line sees boundaries in its
+    w - 1 gaps between pixel centres (w px of line read ℓ high by w / (w - 1): 20.48 px
+    for 20-px squares on 48² images)."""
+    acc = CumulativeGrainStats()
+    for oy in range(cell[0]):
+        for ox in range(cell[1]):
+            out = acc.add(rect_grid(shape, cell, (oy, ox)), 1.0)
+    (h, w), (a, b) = shape, cell
+    rows, cols = h * (w - 1), w * (h - 1)  # line lengths, px
+    assert out["mean_intercept_um"] == pytest.approx((rows + cols) / (rows / b + cols / a))
+    if h == w:  # the harmonic mean of the two sides
+        assert out["mean_intercept_um"] == pytest.approx(2.0 / (1.0 / a + 1.0 / b))
 
 
 # ------------------------------------------------------------------ other tessellations
@@ -160,13 +184,15 @@ def test_rectangular_grid() -> None:
     assert s["mean_equivalent_diameter_um"] == pytest.approx(math.sqrt(4 * area_um2 / math.pi))
     # rows cross vertical boundaries every b, columns horizontal ones every a:
     # l = L / P = 2 / (1/a + 1/b) (harmonic mean of the two directions)
-    ell = 2.0 / (1.0 / a + 1.0 / b) * px
+    # (on average over grid positions; here 10 and 20 crossings on lines of 299 and 239 px)
+    ell = (240 * 299 + 300 * 239) / (240 * 10 + 300 * 20) * px
+    assert ell == pytest.approx(2.0 / (1.0 / a + 1.0 / b) * px, rel=0.005)
     assert s["mean_intercept_um"] == pytest.approx(ell)
     assert s["astm_g_intercept"] == pytest.approx(-6.643856 * math.log10(ell / 1000) - 3.288)
     # sparser test lines (every 6th row and column) see the same structure
     sparse = grain_statistics(labels, px, line_step_px=6)
     assert sparse["mean_intercept_um"] == pytest.approx(ell)
-    assert sparse["test_line_length_um"] == pytest.approx((40 * 300 + 50 * 240) * px)
+    assert sparse["test_line_length_um"] == pytest.approx((40 * 299 + 50 * 239) * px)
 
 
 def test_brick_wall_six_neighbours() -> None:
@@ -386,3 +412,52 @@ def test_small_regions_are_merged_and_edge_cases() -> None:
     assert np.all(labels_from_boundaries(tiny, min_area_px=30) == 1)  # all small: keep
     with pytest.raises(ValueError):
         labels_from_boundaries(np.zeros((2, 2, 2)))
+
+
+def test_grains_cut_by_the_edge_keep_their_slivers() -> None:
+    """A grain cut to a 2-px strip by the field edge shows an 18-px interior: kept (edge
+    minimum 5 px), so N_A keeps its half count; with the 30-px minimum for every region the
+    strips went to the inside grains next to them, which then counted as edge grains."""
+    truth = rect_grid((200, 200), (20, 20), (18, 12))  # top row of grains 2 px tall
+    boundary = find_boundaries(truth, mode="inner").astype(np.float32)
+    expected = grain_statistics(truth, 1.0)
+    assert expected["n_equivalent"] == 100 and expected["count_inside"] == 81
+    s = grain_statistics(labels_from_boundaries(boundary, min_area_px=30), 1.0)
+    assert s["n_equivalent"] == 100
+    assert s["count_inside"] == 81 and s["count_edge"] == 40
+    old = grain_statistics(labels_from_boundaries(boundary, min_edge_area_px=None), 1.0)
+    assert old["n_equivalent"] == 90 and old["count_inside"] == 72
+
+
+def test_edge_minimum_applies_to_border_regions_only() -> None:
+    prob = np.zeros((60, 60), dtype=np.float32)
+    prob[:, 30] = 1.0  # two halves
+    prob[3, :30] = 1.0  # a 3-px strip along the top: 3 x 30 = 90 px ...
+    prob[:3, 3] = prob[:3, 8] = 1.0  # ... cut into 3 x 3, 3 x 4 and 3 x 21 px pieces
+    prob[20:26, 10:16] = 1.0  # a boundary blob ...
+    prob[22:24, 12:14] = 0.0  # ... around a 4-px island, away from the border
+    labels = labels_from_boundaries(prob, min_area_px=30, min_edge_area_px=10)
+    assert labels.max() == 4  # halves, the 12-px and 63-px strips; not the 9-px one
+    assert len({labels[1, 5], labels[1, 20], labels[10, 10], labels[10, 40]}) == 4
+    assert labels[22, 12] == labels[10, 10]  # the inner island went to its neighbour
+    assert labels_from_boundaries(prob, min_area_px=30, min_edge_area_px=1).max() == 5
+    # the smaller of the two minimums applies; None: min_area_px for all regions
+    assert labels_from_boundaries(prob, min_area_px=10, min_edge_area_px=60).max() == 4
+    assert labels_from_boundaries(prob, min_area_px=30, min_edge_area_px=None).max() == 3
+    assert labels_from_boundaries(prob, min_area_px=0, min_edge_area_px=60).max() == 6
+
+
+def test_cards_set_the_edge_minimum_of_the_segmenter() -> None:
+    from livemask.analysis.boundaries import MIN_EDGE_AREA_PX
+    from livemask.inference.models import PostProcessing, load_model_card
+    from livemask.offline import load_segmenter
+
+    assert PostProcessing().min_edge_area_px == MIN_EDGE_AREA_PX
+    for name in ("grains", "grains_rf", "grains_classical"):
+        assert load_model_card(name).postprocessing.min_edge_area_px == MIN_EDGE_AREA_PX
+    truth = rect_grid((200, 200), (20, 20), (18, 12))
+    boundary = find_boundaries(truth, mode="inner").astype(np.float32)[None]
+    seg = load_segmenter("grains_classical")
+    assert seg.labels(boundary).max() == truth.max()  # every strip kept
+    seg.post = seg.post.model_copy(update={"min_edge_area_px": 30})
+    assert seg.labels(boundary).max() < truth.max()

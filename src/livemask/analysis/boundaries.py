@@ -2,9 +2,11 @@
 
 Pixels below the threshold are grain interiors; their 4-connected regions are the grains
 (4-connectivity, so a one-pixel diagonal boundary still separates two grains). Regions
-smaller than ``min_area_px`` are dropped, and every remaining pixel (boundary pixels and
-dropped regions) goes to the nearest kept region by Euclidean distance, so the result is
-a full tessellation: grains meet along the middle of each boundary, as in the ground
+smaller than ``min_area_px`` are dropped, those touching the image border only when smaller
+than ``min_edge_area_px`` (a grain cut by the field may show only a sliver, and dropping it
+would lose its half count in the planimetric N_A). Every remaining pixel (boundary pixels
+and dropped regions) goes to the nearest kept region by Euclidean distance, so the result
+is a full tessellation: grains meet along the middle of each boundary, as in the ground
 truth of the simulated polycrystal.
 """
 
@@ -13,17 +15,26 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["labels_from_boundaries"]
+__all__ = ["MIN_EDGE_AREA_PX", "labels_from_boundaries"]
+
+#: Default smallest region touching the image border that is kept as a grain (px).
+MIN_EDGE_AREA_PX = 5
 
 
 def labels_from_boundaries(
-    boundary_prob: np.ndarray, *, threshold: float = 0.5, min_area_px: int = 30
+    boundary_prob: np.ndarray,
+    *,
+    threshold: float = 0.5,
+    min_area_px: int = 30,
+    min_edge_area_px: int | None = MIN_EDGE_AREA_PX,
 ) -> np.ndarray:
     """Instance labels (int32, 1..n, no 0 unless no region exists) from boundary probabilities.
 
     ``min_area_px``: interior regions smaller than this are merged into their neighbours
-    (their pixels go to the nearest larger region). If every region is smaller, all are
-    kept. An image with no pixel below ``threshold`` gives all zeros.
+    (their pixels go to the nearest kept region). ``min_edge_area_px``: the same for regions
+    with a pixel in the first or last row or column; the smaller of the two applies (None:
+    ``min_area_px``). If every region is too small, all are kept. An image with no pixel
+    below ``threshold`` gives all zeros.
     """
     prob = np.asarray(boundary_prob)
     if prob.ndim != 2:
@@ -34,6 +45,14 @@ def labels_from_boundaries(
     if min_area_px > 0:
         sizes = np.bincount(regions.ravel(), minlength=n + 1)
         keep = sizes >= min_area_px
+        edge_min = min_area_px if min_edge_area_px is None else min_edge_area_px
+        if edge_min < min_area_px:
+            border = np.concatenate(
+                [regions[0], regions[-1], regions[:, 0], regions[:, -1]]
+            )
+            on_border = np.zeros(n + 1, dtype=bool)
+            on_border[border] = True
+            keep |= on_border & (sizes >= edge_min)
         keep[0] = False
         if keep.any():
             lut = np.zeros(n + 1, dtype=np.int32)

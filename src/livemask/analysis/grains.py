@@ -27,17 +27,18 @@ N_A = 15.50 grains/mm^2 at 1x (2**(G - 1) grains per square inch at 100x), so
 ``G = log2(N_A / 15.50) + 1 = 3.321928 log10 N_A - 2.954``.
 
 Intercept (Heyn) procedure, Sections 12-13, straight test lines: every row and every
-column of the image (or every ``line_step_px``-th one) is a test line of the full image
-length. ``P`` counts boundary intersections: places along a line where the grain id
-changes (label-0 pixels in between are skipped, so a boundary drawn as a gap still counts
-once). With the total line length ``L``::
+column of the image (or every ``line_step_px``-th one) is a test line from its first
+pixel centre to its last, ``w - 1`` px long for a row of ``w`` pixels: a boundary can only
+be seen between two pixel centres. ``P`` counts boundary intersections: places along a line
+where the grain id changes (label-0 pixels in between are skipped, so a boundary drawn as a
+gap still counts once). With the total line length ``L``::
 
     P_L = P / L,   mean lineal intercept  l = 1 / P_L = L / P
     G   = -6.643856 * log10(l_mm) - 3.288
 
 (G = 0 at l = 0.32 mm.) Counting intersections rather than intercepts needs no rule for
 line ends inside a grain; along lines of random position the expected count is exactly
-``L / l``.
+``L / l`` (with the full ``w`` px per row it would read ``l`` high by ``w / (w - 1)``).
 
 Statistics over fields (Section 15): :class:`CumulativeGrainStats` pools the counts of
 all tiles (N_A = sum N / sum A, l = sum L / sum P) and gives the 95 % confidence
@@ -145,7 +146,8 @@ def planimetric_count(table: GrainTable) -> float:
 def intercept_count(labels: np.ndarray, *, line_step_px: int = 1) -> tuple[int, int]:
     """Boundary intersections ``P`` and total test-line length in pixels.
 
-    Test lines: every ``line_step_px``-th row and column, each the full image length.
+    Test lines: every ``line_step_px``-th row and column, each from its first pixel centre
+    to its last (``w - 1`` px for a row of ``w``), where boundaries can be seen.
     """
     labels = _check_labels(labels)
     if line_step_px < 1:
@@ -153,7 +155,7 @@ def intercept_count(labels: np.ndarray, *, line_step_px: int = 1) -> tuple[int, 
     rows = labels[::line_step_px, :]
     cols = labels[:, ::line_step_px].T
     crossings = _line_crossings(rows) + _line_crossings(cols)
-    length = rows.shape[0] * rows.shape[1] + cols.shape[0] * cols.shape[1]
+    length = rows.shape[0] * (rows.shape[1] - 1) + cols.shape[0] * (cols.shape[1] - 1)
     return crossings, length
 
 

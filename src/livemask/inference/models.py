@@ -58,6 +58,14 @@ class PostProcessing(BaseModel):
     foreground_threshold: float = Field(default=0.5, gt=0, lt=1)
     seed_threshold: float = Field(default=0.5, gt=0, lt=1)
     min_area_px: int = Field(default=20, ge=0)
+    min_edge_area_px: int = Field(
+        default=5,
+        ge=0,
+        description="boundary-label: regions with a pixel on the image border are kept from "
+        "this many px (the smaller of this and min_area_px applies): a grain cut by the field "
+        "may show only a sliver, and dropping it loses its half count in N_A. Not used by "
+        "seeded-watershed.",
+    )
     flood_levels: int | None = Field(
         default=None,
         ge=2,

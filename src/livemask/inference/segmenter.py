@@ -136,7 +136,8 @@ class Segmenter:
             from livemask.analysis.boundaries import labels_from_boundaries
 
             return labels_from_boundaries(
-                probabilities[0], threshold=p.foreground_threshold, min_area_px=p.min_area_px
+                probabilities[0], threshold=p.foreground_threshold, min_area_px=p.min_area_px,
+                min_edge_area_px=p.min_edge_area_px,
             )
         return labels_from_probabilities(
             probabilities[0],

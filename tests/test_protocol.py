@@ -330,12 +330,17 @@ def test_parse_request_ok() -> None:
      b'{"cmd": "status", "args": {"x": ' + b"[" * 5000 + b"]" * 5000 + b"}}",
      b'{"id": ' + b"1" * 5000 + b', "cmd": "status"}',
      b'{"cmd": "set", "args": {"exposure_ms": NaN}}',
-     b'{"cmd": "enqueue", "args": {"events": [{"x_pos": -Infinity}]}}'],
+     b'{"cmd": "enqueue", "args": {"events": [{"x_pos": -Infinity}]}}',
+     # valid JSON numbers no float holds: before, inf reached the command ("must be <= 60000")
+     b'{"cmd": "set", "args": {"exposure_ms": 1e400}}',
+     b'{"cmd": "set", "args": {"exposure_ms": -2.5E+999}}'],
 )
 def test_parse_request_bad_json(raw: bytes) -> None:
     with pytest.raises(CommandError) as info:
         parse_request(raw)
     assert info.value.code == protocol.BAD_JSON
+    if b"e+999" in raw.lower() or b"1e400" in raw:
+        assert "is out of range" in info.value.message
 
 
 @pytest.mark.parametrize(

@@ -307,6 +307,10 @@ async def test_snapshot_arrays_are_the_last_frame_encoded_once(
         ("enqueue", {"events": [{"x_pos": 1.0}, {"xpos": 1.0}]}, "invalid_args",
          "events[1].xpos: unknown field"),
         ("set", {"exposure_ms": True}, "invalid_args", "exposure_ms"),
+        # pydantic's lax booleans: "no" and "false" read as false, "yes" and 1 sent megabytes
+        ("snapshot", {"arrays": "no"}, "invalid_args", "arrays"),
+        ("snapshot", {"arrays": 1}, "invalid_args", "arrays"),
+        ("rules", {"enabled": {"x": "off"}}, "invalid_args", "enabled.x"),
         ("set", {"exposure_ms": "20"}, "invalid_args", "exposure_ms"),
         ("set", {"exposure_ms": 20_000}, "invalid_args", "refused exposure 20000 ms"),
         # pymmcore-plus would warn and acquire with the current preset: the wrong channel

@@ -236,7 +236,8 @@ def decode(parts: Sequence[Any]) -> Message:
     """Decode ``[topic, header, *buffers]`` into a :class:`Message`.
 
     Parts may be ``bytes``, ``memoryview`` or ``zmq.Frame`` objects (``recv_multipart(
-    copy=False)``); arrays are read-only views of the received buffers, not copies.
+    copy=False)``); arrays are views of the received buffers, not copies (writable where
+    the buffer is, as a received ``zmq.Frame``'s: the message's own memory).
     Raises :class:`ProtocolError` naming the first problem found.
     """
     if len(parts) < 2:
@@ -326,9 +327,18 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number (JSON has no NaN or Infinity)")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: valid JSON, but no number a float can hold
+        raise ValueError(f"the number {text[:40]} is out of range (at most about 1.8e308)")
+    return value
+
+
 def _loads(raw: bytes | bytearray | memoryview) -> Any:
-    """Strict JSON: no NaN/Infinity; depth and integer size limited by Python's parser."""
-    return json.loads(bytes(raw).decode("utf-8"), parse_constant=_no_constant)
+    """Strict JSON: no NaN/Infinity, no number beyond a float's range; depth and integer
+    size limited by Python's parser."""
+    return json.loads(bytes(raw).decode("utf-8"), parse_constant=_no_constant,
+                      parse_float=_finite_float)
 
 
 def _loads_object(raw: bytes | bytearray | memoryview, what: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import base64
 from typing import TYPE_CHECKING, Annotated, Any
 
 import useq
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, ValidationError
 
 from livemask.acquisition.mode import Mode
 from livemask.acquisition.sequence import check_input, check_sequence, validate_model
@@ -61,13 +61,15 @@ class RulesArgs(_Args):
     rules: list[dict[str, Any]] | None = Field(
         default=None, description="new rule list (feedback.rules entries); [] removes all"
     )
-    enabled: dict[str, bool] | None = Field(default=None, description="rule name -> on/off")
+    enabled: dict[str, StrictBool] | None = Field(
+        default=None, description="rule name -> on/off"
+    )
 
 
 class SnapshotArgs(_Args):
     """``snapshot``: the latest results; ``arrays`` adds base64 image and labels."""
 
-    arrays: bool = False
+    arrays: StrictBool = False  # true/false only: "no" or "false" read as true before
 
 
 def _parse(model: type[BaseModel], data: dict[str, Any], what: str, prefix: str) -> Any:

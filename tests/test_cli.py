@@ -302,6 +302,20 @@ def test_more_flags_are_checked_before_anything_runs(args: list[str]) -> None:
     assert f"Invalid value for '{flag}'" in _flat(result.output)
 
 
+@pytest.mark.parametrize("args", [
+    ["evaluate", "--model", "nuclei", "-n", "0"], ["evaluate", "--model", "nuclei", "-n", "-1"],
+    ["evaluate-tracking", "--frames", "3", "--seed", "-1"], ["evaluate-tracking", "--frames", "1"],
+    ["evaluate-tracking", "--positions", "0"], ["evaluate-tracking", "--positions", "5"],
+])
+def test_evaluate_numbers_are_checked_and_named(args: list[str]) -> None:
+    # before: "no images to evaluate", numpy's "expected non-negative integer" or the
+    # simulator's "frames must be >= 2", none naming the option
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    flag = args[-2]
+    assert f"Invalid value for '{flag}'" in _flat(result.output)
+
+
 def test_output_paths_are_checked_before_the_run(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("x")
     for args in (["bench", "--json", str(tmp_path)],

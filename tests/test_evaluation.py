@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import tifffile
 
 from livemask.evaluation import folder_pairs, load_folder, write_card
+from livemask.offline import read_stack
 
 
 def _pair(tmp_path: Path, mask: np.ndarray) -> tuple[Path, Path]:
@@ -176,3 +178,46 @@ def test_write_card_leaves_the_old_card_when_interrupted(
         write_card(card, {"name": "m", "version": "2"})
     monkeypatch.undo()
     assert card.read_text() == old and [p.name for p in tmp_path.iterdir()] == ["m.yaml"]
+
+
+@pytest.mark.parametrize("other", ["a.ome.tif", "A.png"])
+def test_two_images_of_one_mask_are_refused_naming_both(tmp_path: Path, other: str) -> None:
+    # before: both were paired with masks/a.tif, and the annotation was scored twice
+    _write(tmp_path / "i" / "a.tif", np.full((32, 32), 100, np.uint16))
+    if other.endswith(".png"):
+        from skimage import io
+
+        io.imsave(tmp_path / "i" / other, np.full((32, 32), 100, np.uint8), check_contrast=False)
+    else:
+        _write(tmp_path / "i" / other, np.full((32, 32), 100, np.uint16))
+    _write(tmp_path / "m" / "a.tif", _two_objects())
+    with pytest.raises(ValueError, match=rf"images {other} and a\.tif in .* both pair with "
+                       r"the mask .*a\.tif, which would be scored twice"):
+        folder_pairs(tmp_path / "i", tmp_path / "m")
+
+
+@pytest.mark.parametrize(("image", "kwargs"), [
+    (np.full((1, 32), 100, np.uint16), {"photometric": "minisblack"}),  # before: scored
+    (np.full((32, 32, 3), 100, np.uint8), {"photometric": "rgb"}),  # before: averaged
+    (np.full((32, 32), 1 + 1j, np.complex64), {}),
+])
+def test_images_get_the_checks_of_segment(
+    tmp_path: Path, image: np.ndarray, kwargs: dict[str, Any]
+) -> None:
+    img = tmp_path / "i" / "a.tif"
+    img.parent.mkdir()
+    tifffile.imwrite(img, image, **kwargs)
+    _write(tmp_path / "m" / "a.tif", np.zeros(image.shape[:2], np.uint16))
+    with pytest.raises(ValueError) as segment_says:
+        read_stack(img)
+    with pytest.raises(ValueError) as evaluate_says:
+        load_folder(img.parent, tmp_path / "m")
+    assert str(evaluate_says.value) == str(segment_says.value)
+
+
+def test_an_image_stack_is_refused_naming_the_file(tmp_path: Path) -> None:
+    img = _write(tmp_path / "i" / "a.tif", np.full((2, 32, 32), 100, np.uint16))
+    _write(tmp_path / "m" / "a.tif", _two_objects())
+    with pytest.raises(ValueError, match=r"a\.tif has shape \(2, 32, 32\); evaluate takes one "
+                       r"2-D image"):
+        load_folder(img.parent, tmp_path / "m")

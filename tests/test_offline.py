@@ -225,3 +225,152 @@ def test_segment_command_takes_the_files_pixel_size(tmp_path: Path) -> None:
     rows = _rows(table)
     assert rows and all(float(r["area_um2"]) == pytest.approx(int(r["area_px"]) * 0.4225,
                                                                rel=1e-5) for r in rows)
+
+
+def _segment_cli(*args: str) -> tuple[int, str]:
+    from typer.testing import CliRunner
+
+    from livemask.cli import app
+
+    result = CliRunner().invoke(app, ["segment", *args, "--threads", "1"])
+    return result.exit_code, " ".join(result.output.replace("│", " ").split())
+
+
+def test_segment_refuses_to_overwrite_its_input(tmp_path: Path) -> None:
+    """Before, ``segment in.tif -o in.tif`` replaced the raw image with its labels (exit 0),
+    and ``--table`` equal to ``-o`` replaced the labels with the CSV."""
+    image, _ = _nuclei(64)
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, image)
+    raw = src.read_bytes()
+    (tmp_path / "sub").mkdir()
+    for out, table, needle in [
+        (src, None, r"-o .*in\.tif is the input image"),
+        (tmp_path / "sub" / ".." / "in.tif", None, r"-o .*in\.tif is the input image"),
+        (tmp_path / "l.tif", src, r"--table .*in\.tif is the input image"),
+        (tmp_path / "l.tif", tmp_path / "l.tif", r"--table .*l\.tif is also the label TIFF"),
+    ]:
+        with pytest.raises(ValueError, match=needle):
+            segment_file(src, out, table=table, threads=1)
+    code, output = _segment_cli(str(src), "-o", str(src))
+    assert code == 2 and "is the input image, which it would overwrite; give -o another" in output
+    link = tmp_path / "link.tif"
+    link.symlink_to(src)
+    code, output = _segment_cli(str(src), "-o", str(tmp_path / "l.tif"), "--table", str(link))
+    assert code == 2 and "--table" in output and "is the input image" in output
+    assert src.read_bytes() == raw
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif", "link.tif", "sub"]
+
+
+def _positions(tmp_path: Path, axes: str) -> tuple[Path, np.ndarray]:
+    """An OME-TIFF of three stage positions, one image series each (as Micro-Manager)."""
+    image, _ = _nuclei(64)
+    data = np.stack([np.roll(image, 20 * p, axis=0) for p in range(3)])  # (p, y, x)
+    if axes == "TYX":
+        data = np.stack([data, data[:, ::-1]], axis=1)  # (p, t, y, x)
+    src = tmp_path / f"positions-{axes}.ome.tif"
+    with tifffile.TiffWriter(src, ome=True) as tw:
+        for p in range(3):
+            tw.write(data[p], metadata={"axes": axes}, photometric="minisblack")
+    return src, data
+
+
+@pytest.mark.parametrize(("axes", "shape", "labels_axes"), [
+    ("TYX", (2, 3, 64, 64), "TPYX"), ("YX", (3, 64, 64), "PYX"),
+])
+def test_segment_labels_every_position_of_a_multi_series_tiff(
+    tmp_path: Path, livemask_log: list[logging.LogRecord], axes: str,
+    shape: tuple[int, ...], labels_axes: str,
+) -> None:
+    """Before, only the first image series (position 0) was read and labelled, silently."""
+    src, data = _positions(tmp_path, axes)
+    out = tmp_path / "labels.tif"
+    done = segment_file(src, out, table=tmp_path / "m.csv", threads=1)
+    labels = tifffile.imread(out)
+    assert labels.shape == shape
+    assert (done.shape, done.axes, done.planes) == (shape, labels_axes, data[..., 0, 0].size)
+    assert {r["plane"] for r in _rows(tmp_path / "m.csv")} == {str(i) for i in range(done.planes)}
+    by_position = np.moveaxis(labels, 1, 0) if axes == "TYX" else labels
+    single = tmp_path / "one.tif"
+    for p in range(3):  # each position's labels are those of its image alone
+        tifffile.imwrite(single, data[p])
+        segment_file(single, tmp_path / "one-labels.tif", threads=1)
+        assert np.array_equal(by_position[p], tifffile.imread(tmp_path / "one-labels.tif"))
+    assert f"its 3 image series are segmented as positions: axis P of the labels (shape " \
+        f"{shape}, axes {labels_axes})" in _messages(livemask_log)
+    code, output = _segment_cli(str(src), "-o", str(out))
+    assert code == 0 and f"labels of shape {shape}, axes {labels_axes}" in output
+
+
+def test_tiff_series_that_differ_segment_the_first_with_a_warning(
+    tmp_path: Path, livemask_log: list[logging.LogRecord]
+) -> None:
+    src = tmp_path / "mixed.ome.tif"
+    with tifffile.TiffWriter(src, ome=True) as tw:
+        tw.write(np.ones((5, 32, 32), np.uint16), metadata={"axes": "TYX"},
+                 photometric="minisblack")
+        tw.write(np.zeros((16, 16), np.uint8), metadata={"axes": "YX"},
+                 photometric="minisblack")
+    image = read_image_file(src)
+    assert image.data.shape == (5, 32, 32) and image.axes == "TYX"
+    assert ("holds 2 image series of different shapes or types ((5, 32, 32) uint16, (16, 16) "
+            "uint8); only the first is segmented") in _messages(livemask_log)
+
+
+def test_a_failing_table_write_leaves_no_labels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, the label TIFF was written first: a CSV that failed left it behind (exit 2)."""
+    import livemask.offline
+
+    image, _ = _nuclei(64)
+    src, out, table = tmp_path / "in.tif", tmp_path / "labels.tif", tmp_path / "m.csv"
+    tifffile.imwrite(src, image)
+
+    class FailingWriter(csv.DictWriter):
+        def writerows(self, rows: object) -> None:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(livemask.offline.csv, "DictWriter", FailingWriter)
+    with pytest.raises(OSError, match=r"No space left"):
+        segment_file(src, out, table=table, threads=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]
+    out.write_bytes(b"old labels")  # an earlier run's outputs stay as they were
+    table.write_text("old table")
+    with pytest.raises(OSError, match=r"No space left"):
+        segment_file(src, out, table=table, threads=1)
+    assert out.read_bytes() == b"old labels" and table.read_text() == "old table"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif", "labels.tif", "m.csv"]
+
+
+def test_segment_checks_both_outputs_before_segmenting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, ``-o`` naming a folder failed only after the whole image was segmented, and
+    ``--table`` in a folder not yet made failed after the labels were written."""
+    import livemask.offline
+
+    image, _ = _nuclei(64)
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, image)
+    (tmp_path / "dir.tif").mkdir()
+    (tmp_path / "dir.csv").mkdir()
+
+    def no_segmenting(*args: object, **kwargs: object) -> None:
+        raise AssertionError("segmented before the outputs were checked")
+
+    monkeypatch.setattr(livemask.offline, "load_segmenter", no_segmenting)
+    with pytest.raises(ValueError, match=r"-o .*dir\.tif is a folder; give a file path"):
+        segment_file(src, tmp_path / "dir.tif")
+    with pytest.raises(ValueError, match=r"--table .*dir\.csv is a folder; give a file path"):
+        segment_file(src, tmp_path / "l.tif", table=tmp_path / "dir.csv")
+    code, output = _segment_cli(str(src), "-o", str(tmp_path / "dir.tif"))
+    assert code == 2 and "Invalid value for '-o'" in output and "is a folder" in output
+    code, output = _segment_cli(str(src), "-o", str(tmp_path / "l.tif"), "--table",
+                                str(tmp_path / "dir.csv"))
+    assert code == 2 and "Invalid value for '--table'" in output
+    monkeypatch.undo()
+    out, table = tmp_path / "new" / "labels.tif", tmp_path / "other" / "sub" / "m.csv"
+    code, output = _segment_cli(str(src), "-o", str(out), "--table", str(table))
+    assert code == 0, output
+    assert out.is_file() and _rows(table)

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -68,17 +69,26 @@ def _positive(value: float | None) -> float | None:
     return value
 
 
-def _output_file(value: Path | None) -> Path | None:
-    """Callback: a file path whose folder exists or can be made, checked before the run."""
-    if value is None:
-        return None
-    if value.is_dir():
-        raise typer.BadParameter(f"{value} is a folder; give a file path, e.g. {value}/out.json")
-    try:
-        value.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise typer.BadParameter(f"cannot make its folder {value.parent}: {exc}") from None
-    return value
+def _output_file_like(example: str) -> Callable[[Path | None], Path | None]:
+    """A callback: a file path whose folder exists or can be made, checked before the run
+    (``example``: the file name a folder given instead is told to end in)."""
+
+    def check(value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        if value.is_dir():
+            raise typer.BadParameter(
+                f"{value} is a folder; give a file path, e.g. {value / example}")
+        try:
+            value.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise typer.BadParameter(f"cannot make its folder {value.parent}: {exc}") from None
+        return value
+
+    return check
+
+
+_output_file = _output_file_like("out.json")
 
 
 def _output_folder(value: Path | None) -> Path | None:
@@ -427,9 +437,13 @@ def segment(
         Path, typer.Argument(help="A 2-D image or a stack (TIFF; a PNG or JPEG is one plane).")
     ],
     output: Annotated[Path, typer.Option(
-        "-o", "--output", help="Label TIFF to write (.tif or .tiff; the input's shape).")],
+        "-o", "--output", callback=_output_file_like("labels.tif"),
+        help="Label TIFF to write (.tif or .tiff; the input's shape, plus an axis P when a "
+        "TIFF holds one image series per stage position).")],
     model: Annotated[str, typer.Option(help="Model name or card path.")] = "nuclei",
-    table: Annotated[Path | None, typer.Option(help="Write measurements CSV here.")] = None,
+    table: Annotated[Path | None, typer.Option(
+        callback=_output_file_like("objects.csv"),
+        help="Write measurements CSV here.")] = None,
     pixel_size_um: Annotated[float | None, typer.Option(
         callback=_positive,
         help="µm per pixel for the µm columns (default: the file's, else 1).")] = None,
@@ -440,11 +454,14 @@ def segment(
 
     setup_logging()
     try:
-        n = segment_file(input, output, model=model, table=table,
-                         pixel_size_um=pixel_size_um, threads=threads)
+        done = segment_file(input, output, model=model, table=table,
+                            pixel_size_um=pixel_size_um, threads=threads)
     except (LivemaskError, OSError, ValueError) as exc:
         _fail(exc)
-    typer.echo(f"wrote {output} ({n} planes)" + (f" and {table}" if table else ""))
+    axes = f", axes {done.axes}" if done.axes else ""
+    planes = f"{done.planes} plane" + ("s" if done.planes != 1 else "")
+    typer.echo(f"wrote {output} (labels of shape {done.shape}{axes}; {planes})"
+               + (f" and {table}" if table else ""))
 
 
 @app.command()
@@ -530,7 +547,7 @@ def evaluate(
     images: Annotated[Path | None, typer.Option(help="Folder of your images.")] = None,
     masks: Annotated[Path | None, typer.Option(help="Folder of their instance masks.")] = None,
     holdout: Annotated[str, typer.Option(help="Simulator hold-out: live or varied.")] = "live",
-    n: Annotated[int, typer.Option("-n", help="Simulator images.")] = 20,
+    n: Annotated[int, typer.Option("-n", min=1, help="Simulator images.")] = 20,
     threads: Annotated[int, typer.Option(min=1, max=MAX_THREADS, help="CPU threads.")] = 2,
     json_out: Annotated[Path | None, typer.Option(
         "--json", callback=_output_file, help="Write results here.")] = None,
@@ -591,12 +608,15 @@ def evaluate(
 
 @app.command("evaluate-tracking")
 def evaluate_tracking(
-    frames: Annotated[int, typer.Option(help="Time points of the simulated time-lapse.")] = 150,
-    positions: Annotated[int, typer.Option(help="Stage positions (1-4), 512x512 each.")] = 1,
+    frames: Annotated[int, typer.Option(
+        min=2, help="Time points of the simulated time-lapse.")] = 150,
+    positions: Annotated[int, typer.Option(
+        min=1, max=4, help="Stage positions (1-4), 512x512 each.")] = 1,
     model: Annotated[str, typer.Option(help="Model name or card that segments.")] = "nuclei",
     truth_labels: Annotated[bool, typer.Option(
         "--truth-labels", help="Segment with the truth labels (tracking errors only).")] = False,
-    seed: Annotated[int, typer.Option(help="Simulator seed (defaults were tuned on 7).")] = 11,
+    seed: Annotated[int, typer.Option(
+        min=0, help="Simulator seed (defaults were tuned on 7).")] = 11,
     threads: Annotated[int, typer.Option(
         min=1, max=MAX_THREADS, help="CPU threads of the model.")] = 2,
     json_out: Annotated[Path | None, typer.Option(

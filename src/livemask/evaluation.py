@@ -21,7 +21,7 @@ from scipy import ndimage
 from livemask.acquisition.simulated.nuclei import NucleiSample, random_field
 from livemask.analysis.metrics import MatchResult, aggregate, match_instances
 from livemask.inference.segmenter import Segmenter
-from livemask.offline import read_image
+from livemask.offline import check_image, read_image, read_image_file
 
 log = logging.getLogger("livemask")
 
@@ -206,6 +206,11 @@ def folder_pairs(images: Path, masks: Path) -> list[tuple[Path, Path]]:
 
     When both are one folder (Cellpose's ``x.tif`` + ``x_mask.tif``), files named like masks
     are not images, and a mask needs one of the suffixes: a file is never its own mask.
+
+    Two images that pair with one mask (``a.tif`` and ``a.ome.tif`` or ``a.png``) are an
+    error naming both: scoring both would count that annotation twice, and which file the
+    mask was drawn on (the other may be an export at another bit depth or scale) is not
+    for a guess to decide; the scientist moves the other file out of the folder.
     """
     if not images.is_dir() or not masks.is_dir():
         raise FileNotFoundError(f"--images {images} and --masks {masks} must both be folders")
@@ -213,6 +218,7 @@ def folder_pairs(images: Path, masks: Path) -> list[tuple[Path, Path]]:
     suffixes = tuple(s for s in MASK_SUFFIXES if s) if same else MASK_SUFFIXES
     mask_files = {p.name.lower(): p for p in masks.iterdir() if p.is_file()}
     found = []
+    image_of: dict[Path, Path] = {}  # mask -> the image it pairs with
     named_like_masks = 0
     for img in sorted(p for p in images.iterdir() if p.is_file()):
         split = _split_name(img)
@@ -237,6 +243,12 @@ def folder_pairs(images: Path, masks: Path) -> list[tuple[Path, Path]]:
                    if lossy else "")
             log.warning("no mask for %s in %s%s; skipped", img.name, masks, why)
             continue
+        if (other := image_of.get(match)) is not None:
+            raise ValueError(
+                f"images {other.name} and {img.name} in {images} both pair with the mask "
+                f"{match}, which would be scored twice; move the one it was not drawn on "
+                "out of the folder")
+        image_of[match] = img
         found.append((img, match))
     if same and named_like_masks:
         log.info("%d file(s) in %s named like masks (%s) were taken as masks, not images",
@@ -250,12 +262,16 @@ def folder_pairs(images: Path, masks: Path) -> list[tuple[Path, Path]]:
 
 
 def load_folder(images: Path, masks: Path) -> list[Pair]:
-    """Read every image/mask pair (2-D, grayscale) of two folders."""
+    """Read every image/mask pair (2-D, grayscale) of two folders. Images get the checks
+    of ``segment`` (:func:`~livemask.offline.check_image`: colour is refused, not averaged)."""
     pairs = []
     for img_path, mask_path in folder_pairs(images, masks):
-        image = read_image(img_path)
-        if image.ndim == 3 and image.shape[-1] in (3, 4):
-            image = image[..., :3].mean(axis=-1)
+        file = read_image_file(img_path)
+        check_image(img_path, file)
+        image = file.data
+        if image.ndim != 2:
+            raise ValueError(f"{img_path} has shape {image.shape}; evaluate takes one 2-D "
+                             "image (y, x) per mask: save each plane as a file of its own")
         mask = _as_instances(read_image(mask_path), mask_path)
         if image.shape != mask.shape:
             raise ValueError(f"{img_path.name}: image {image.shape} and mask {mask.shape} differ")

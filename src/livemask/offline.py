@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,21 +64,18 @@ def read_image(path: Path) -> np.ndarray:
 
 def read_image_file(path: Path) -> ImageFile:
     """An image file with its axes and pixel size where the file has them (TIFF: OME,
-    ImageJ or resolution tags); ValueError naming the file if it cannot be read."""
+    ImageJ or resolution tags); ValueError naming the file if it cannot be read.
+
+    A TIFF of several image series of one shape and pixel type (an OME-TIFF with one series
+    per stage position, as ``livemask replay`` reads it) gives them all, stacked along a
+    position axis ``P``: after the time axis when the series start with one (``TPYX``),
+    else first (``PZYX``, ``PYX``). Series that differ: the first, with a warning."""
     from skimage import io
 
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             with tifffile.TiffFile(path) as tif:
-                series = tif.series[0]
-                data = np.asarray(series.asarray())
-                pixel = tiff_pixel_size(tif)
-                return ImageFile(
-                    data, axes=str(series.axes).upper(),
-                    axes_named=bool(tif.is_ome or tif.is_imagej),
-                    pixel_size_um=pixel[0] if pixel else None,
-                    pixel_size_from=pixel[1] if pixel else "",
-                )
+                return _read_tiff(tif, path)
         return ImageFile(np.asarray(io.imread(path)))
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise  # the OS's message names the file
@@ -85,10 +83,39 @@ def read_image_file(path: Path) -> ImageFile:
         raise ValueError(f"{path} cannot be read as an image: {exc}") from exc
 
 
+def _read_tiff(tif: tifffile.TiffFile, path: Path) -> ImageFile:
+    """:func:`read_image_file` for an open TIFF: its position series stacked (axis P)."""
+    from livemask.acquisition.replay import position_series
+
+    every = list(tif.series)
+    if not every:
+        raise ValueError("it holds no image series")
+    series, shapes = position_series(every)
+    if shapes is not None:
+        log.warning("%s holds %d image series of different shapes or types (%s); only the "
+                    "first is segmented (series of one shape are segmented as positions): "
+                    "save the others as files of their own to segment them", path,
+                    len(every), shapes)
+    axes = str(series[0].axes).upper()
+    data = np.asarray(series[0].asarray())
+    if len(series) > 1:  # one series per stage position: a position axis, as replay does
+        at = 1 if axes[:1] == "T" and len(axes) > 2 else 0  # time points outermost
+        data = np.stack([data, *(np.asarray(s.asarray()) for s in series[1:])], axis=at)
+        axes = f"{axes[:at]}P{axes[at:]}"
+        log.info("%s: its %d image series are segmented as positions: axis P of the labels "
+                 "(shape %s, axes %s)", path, len(series), data.shape, axes)
+    pixel = tiff_pixel_size(tif)
+    return ImageFile(
+        data, axes=axes, axes_named=bool(tif.is_ome or tif.is_imagej),
+        pixel_size_um=pixel[0] if pixel else None,
+        pixel_size_from=pixel[1] if pixel else "",
+    )
+
+
 def _colour_problem(image: ImageFile) -> str | None:
     """Why ``image`` looks like colour (RGB/RGBA) or multi-sample pixels, else None."""
     shape = image.data.shape
-    fix = ("segment takes one grayscale channel: convert the image to grayscale or save "
+    fix = ("the models take one grayscale channel: convert the image to grayscale or save "
            "one channel (e.g. Fiji: Image > Color > Split Channels) and give that file")
     if image.axes is not None and image.axes.endswith("S") and len(image.axes) == len(shape):
         return (f"holds {shape[-1]} colour samples per pixel (RGB/RGBA; shape {shape}, axes "
@@ -105,16 +132,24 @@ def read_stack(path: Path) -> np.ndarray:
     return read_stack_file(path).data
 
 
+def check_image(path: Path, image: ImageFile) -> None:
+    """ValueError naming ``path`` if ``image`` cannot be segmented: colour (RGB/RGBA)
+    pixels, a side under 2 px, no planes, or a pixel type the models do not take. The one
+    check of ``segment`` and ``evaluate`` (``replay`` checks shape and type the same way)."""
+    data = image.data
+    problem = _colour_problem(image) or image_problem(data.shape, data.dtype)
+    if problem is not None:
+        raise ValueError(f"{path} {problem}")
+
+
 def read_stack_file(path: Path) -> ImageFile:
     """:func:`read_image_file`, checked for segmentation: a grayscale image or stack
     (..., H, W); ValueError for colour images and stacks and unusable shapes or dtypes."""
     if not path.is_file():
         raise FileNotFoundError(f"input image {path} does not exist")
     image = read_image_file(path)
+    check_image(path, image)
     data = image.data
-    problem = _colour_problem(image) or image_problem(data.shape, data.dtype)
-    if problem is not None:
-        raise ValueError(f"{path} {problem}")
     if image.axes is not None and "S" in image.axes:  # samples stored as planes (SYX)
         log.warning("%s: axes %s: its %d samples per pixel (stored as separate planes, as "
                     "tifffile stores a 3- or 4-plane stack by default) are segmented as "
@@ -132,6 +167,52 @@ def read_planes(path: Path) -> np.ndarray:
 LABEL_SUFFIXES = (".tif", ".tiff")
 
 
+@dataclass
+class Segmented:
+    """What :func:`segment_file` wrote: the plane count and the labels' shape and axes."""
+
+    planes: int
+    shape: tuple[int, ...]
+    #: tifffile's axes of the labels (``"TPYX"``: P, the file's image series); None: not known
+    axes: str | None = None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file (links and case-insensitive names included)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return a.resolve() == b.resolve()
+
+
+def check_outputs(input_path: Path, output: Path, table: Path | None) -> None:
+    """ValueError, before anything is read or written, if ``output`` (``-o``) or ``table``
+    (``--table``) cannot be written: not a TIFF name, the input file, a folder, or both
+    one file; then makes their folders."""
+    if output.suffix.lower() not in LABEL_SUFFIXES:
+        raise ValueError(f"-o {output}: labels are written as an int32 TIFF; give an output "
+                         "file name ending in .tif or .tiff")
+    for option, path in (("-o", output), ("--table", table)):
+        if path is None:
+            continue
+        if _same_file(path, input_path):
+            raise ValueError(f"{option} {path} is the input image, which it would overwrite; "
+                             f"give {option} another file name")
+        if path.is_dir():
+            raise ValueError(f"{option} {path} is a folder; give a file path in it")
+    if table is not None and _same_file(table, output):
+        raise ValueError(f"--table {table} is also the label TIFF (-o); give the measurements "
+                         "CSV another file name")
+    for path in (output, table):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _temporary(path: Path) -> Path:
+    """A file beside ``path`` to write first (same folder: renamed into place at once)."""
+    return path.with_name(f".tmp-{os.getpid()}-{path.name}")
+
+
 def segment_file(
     input_path: Path,
     output: Path,
@@ -140,16 +221,17 @@ def segment_file(
     table: Path | None = None,
     pixel_size_um: float | None = None,
     threads: int = 2,
-) -> int:
-    """Segment every plane of ``input_path``; write labels of the input's shape (a TIFF)
-    and a CSV (``plane`` counts the planes in C order). Returns the plane count.
+) -> Segmented:
+    """Segment every plane of ``input_path``; write labels of the input's shape (a TIFF;
+    a TIFF's position series add an axis P, see :func:`read_image_file`) and a CSV
+    (``plane`` counts the planes in C order).
 
     ``pixel_size_um`` (µm per pixel, for the CSV's µm columns): None takes the file's
     (OME, ImageJ or TIFF resolution in cm/mm/µm), else 1. NaN/infinite pixels get label 0.
+    The outputs are checked first (:func:`check_outputs`) and written beside their places,
+    then renamed into them once both are written: an error leaves neither half-written.
     """
-    if output.suffix.lower() not in LABEL_SUFFIXES:
-        raise ValueError(f"{output}: labels are written as an int32 TIFF; give an output "
-                         "file name ending in .tif or .tiff")
+    check_outputs(input_path, output, table)
     image = read_stack_file(input_path)
     stack = image.data
     planes = stack.reshape(-1, *stack.shape[-2:])
@@ -186,15 +268,23 @@ def segment_file(
                     "eccentricity": o["eccentricity"],
                     "touches_edge": o["touches_edge"],
                 })
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tifffile.imwrite(output, labels.reshape(stack.shape), photometric="minisblack",
-                     compression="zlib")
-    if table is not None:
-        with table.open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=TABLE_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-    return len(planes)
+    labels_tmp = _temporary(output)
+    table_tmp = _temporary(table) if table is not None else None
+    try:
+        tifffile.imwrite(labels_tmp, labels.reshape(stack.shape), photometric="minisblack",
+                         compression="zlib")
+        if table is not None and table_tmp is not None:
+            with table_tmp.open("w", newline="", encoding="utf-8") as fh:
+                writer = csv.DictWriter(fh, fieldnames=TABLE_COLUMNS)
+                writer.writeheader()
+                writer.writerows(rows)
+            os.replace(table_tmp, table)
+        os.replace(labels_tmp, output)
+    finally:
+        for tmp in (labels_tmp, table_tmp):
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+    return Segmented(len(planes), tuple(stack.shape), image.axes)
 
 
 def _log_pixel_size(path: Path, given: float | None, image: ImageFile) -> float:

@@ -301,6 +301,19 @@ class _Series:
         return self.arrays[where[self.at]][(*where[:self.at], *where[self.at + 1:])]
 
 
+def position_series(series: Sequence[Any]) -> tuple[list[Any], str | None]:
+    """The image series of a TIFF (tifffile's ``TiffFile.series``, at least one) that are
+    its stage positions, and None; or, when they differ in shape or pixel type, the first
+    alone and every series' shape and type, for a warning.
+
+    An OME-TIFF holds one series per position (as Micro-Manager and tifffile write them);
+    series that differ are something else (a slide scanner's label or overview image)."""
+    kinds = {(tuple(s.shape), np.dtype(s.dtype).str) for s in series}
+    if len(kinds) <= 1:
+        return list(series), None
+    return [series[0]], ", ".join(f"{tuple(s.shape)} {np.dtype(s.dtype)}" for s in series)
+
+
 def _tiff_axes(path: Path, letters: str, shape: tuple[int, ...]) -> list[str]:
     """The replay axes of a TIFF series' leading axes (``letters`` without Y, X)."""
     if len(letters) != 1:
@@ -331,14 +344,13 @@ def _open_tiff(path: Path) -> ReplayStack:
             )
         if letters[-2:] != "YX":
             raise ReplayError(f"{path} has axes {letters}; frames must be (…, Y, X)")
-        kinds = {(tuple(s.shape), np.dtype(s.dtype).str) for s in all_series}
-        if len(kinds) > 1:  # e.g. a slide scanner's label or overview image beside the data
-            shapes = ", ".join(f"{tuple(s.shape)} {np.dtype(s.dtype)}" for s in all_series)
+        n_series = len(all_series)
+        all_series, shapes = position_series(all_series)
+        if shapes is not None:  # e.g. a slide scanner's label or overview image beside the data
             log.warning("%s holds %d image series of different shapes or types (%s); only "
                         "the first is replayed (series of one shape play as positions): save "
                         "the others as files of their own to replay them", path,
-                        len(all_series), shapes)
-            all_series = all_series[:1]
+                        n_series, shapes)
         axes = _tiff_axes(path, letters[:-2], shape)
         _check(path, shape, np.dtype(series.dtype), axes)
         found = tiff_pixel_size(tif, resolution_tags=False)  # OME and ImageJ, as before

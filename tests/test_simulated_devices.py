@@ -496,3 +496,25 @@ def test_a_z_drive_failing_at_every_event_warns_at_1_10_100_times(
     with caplog.at_level(logging.WARNING, logger="livemask"):  # a new acquisition: anew
         core.mda.run([useq.MDAEvent(index={"t": 0}, z_pos=1.0)])
     assert engine.z_failures == 1 and caplog.text.count("Failed to set Z position") == 1
+
+
+def test_z_positions_without_a_focus_device_are_failed_moves(
+    open_sim: OpenSim, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pymmcore-plus skips the move without a word when no focus device is set: a z-stack
+    gave five copies of one plane published at z -2..2 (hardware hunt)."""
+    import logging
+
+    from livemask.acquisition.engine import FocusTolerantEngine
+
+    core, _ = open_sim()
+    engine = FocusTolerantEngine(core)
+    core.register_mda_engine(engine)
+    core.getFocusDevice = lambda: ""  # type: ignore[method-assign]  # (a .cfg without one)
+    failed: list[bool] = []
+    core.mda.events.frameReady.connect(lambda image, event, meta: failed.append(engine.z_failed))
+    with caplog.at_level(logging.WARNING, logger="livemask"):
+        core.mda.run([useq.MDAEvent(index={"z": i}, z_pos=float(i)) for i in range(3)]
+                     + [useq.MDAEvent(index={"t": 1})])
+    assert failed == [True, True, True, False]  # a frame without a z position is fine
+    assert "no focus device (Core-Focus)" in caplog.text and engine.z_failures == 3

@@ -87,6 +87,10 @@ class FocusTolerantEngine(MDAEngine):
 
     def _set_event_z(self, event: useq.MDAEvent) -> None:  # pymmcore-plus 0.18.1
         try:
+            if event.z_pos is not None and not self.mmcore.getFocusDevice():
+                # pymmcore-plus returns without a word: every "plane" was one image
+                raise RuntimeError("the configuration has no focus device (Core-Focus); "
+                                   "set one in the .cfg to image z positions")
             super()._set_event_z(event)
         except Exception as exc:  # the device's error (CMMError, RuntimeError, ...)
             self.z_failures += 1

@@ -15,7 +15,9 @@ from livemask.feedback import (
     FeedbackConfig,
     FeedbackController,
     PlannedEvents,
+    SetChannel,
     SetMode,
+    SkipPosition,
     ZStack,
 )
 from livemask.feedback.actions import METADATA_KEY
@@ -260,3 +262,60 @@ def test_the_docs_list_every_refusal_reason_code() -> None:
     assert {"no_pixel_size", "not_acquiring", "unknown_camera_settings"} <= codes
     docs = (ROOT / "docs/feedback.md").read_text()
     assert sorted(c for c in codes if f"`{c}`" not in docs) == []
+
+
+# ------------------------------------------------------------------ 10: checked on the rig
+def test_a_user_action_the_microscope_cannot_run_as_given_is_refused() -> None:
+    """A user rule's channel preset the rig lacks was checked only for declarative rules at
+    load: the frames were taken in the channel in effect and reported as carried out."""
+    checked: list[list[useq.MDAEvent]] = []
+
+    def check(events: Any) -> None:
+        checked.append(list(events))
+        for e in events:
+            if e.channel is not None and e.channel.config != "DAPI":
+                raise ValueError(f"channel {e.channel.config!r} is not a preset")
+
+    ctl, injected, published = controller(
+        [], check_events=check, set_mode=lambda mode: None,
+        camera_settings=lambda: {"channel": "DAPI", "exposure_ms": 10.0})
+    ctl.engine.add_rule(_Returns(SetChannel(channel="Bogus", frames=2),
+                                 SetChannel(channel="DAPI", frames=1), SetMode("pipelined")))
+    frame(ctl, 0)
+    # (the DAPI frame's feedback_action is published when it starts)
+    assert [(k, d["action"]["kind"]) for k, d in published] == [
+        ("feedback_refused", "channel"), ("feedback_action", "mode")]
+    detail = published[0][1]
+    assert detail["limit"] == "invalid_action"
+    assert detail["reason"] == "channel 'Bogus' is not a preset"
+    ((dapi, _restore),) = injected
+    assert dapi.channel is not None and dapi.channel.config == "DAPI"
+    assert [len(c) for c in checked] == [2, 1]  # only actions with events are checked
+
+
+def test_a_mode_the_service_does_not_have_is_refused_not_set() -> None:
+    """SetMode('bogus') from a user rule set the service's mode to 'bogus'."""
+    modes: list[str] = []
+    ctl, _, published = controller([], set_mode=modes.append)
+    ctl.engine.add_rule(_Returns(SetMode("bogus")))  # type: ignore[arg-type]
+    frame(ctl, 0)
+    ((kind, detail),) = published
+    assert kind == "feedback_refused" and detail["limit"] == "invalid_action"
+    assert "give one of free-run, pipelined, synchronized" in detail["reason"]
+    assert modes == []
+
+
+def test_a_skip_of_a_position_the_plan_lacks_is_refused() -> None:
+    """SkipPosition(position=99) was reported as done, and skipped nothing."""
+    seq = useq.MDASequence(stage_positions=[(0, 0, 0), (500, 0, 0)],
+                           time_plan={"interval": 0, "loops": 3})
+    ctl, _, published = controller([])
+    planned = ctl.wrap_planned(seq, positions=range(2))
+    ctl.engine.add_rule(_Returns(SkipPosition(position=99), SkipPosition(position=1)))
+    next(planned)
+    frame(ctl, 0)
+    kind, detail = published[0]
+    assert kind == "feedback_refused" and detail["limit"] == "unknown_position"
+    assert "cannot skip position 99" in detail["reason"]
+    assert published[1][0] == "feedback_action"  # p1 exists: skipped, though not seen yet
+    assert [e.index["p"] for e in planned] == [0, 0]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import math
+import re
 import sys
 import types
 from typing import Any
@@ -608,3 +610,142 @@ def test_a_stage_reading_back_nan_is_keyed_here_not_an_error() -> None:
     assert position_key({}, float("nan"), 0.0) == "here"  # before: ValueError ended the run
     assert position_key({}, 0.0, float("inf")) == "here"  # before: OverflowError
     assert position_key({"p": 2}, float("nan"), 0.0) == "p2"
+
+
+# ------------------------------------------------------------------ checked user actions
+class _Returns:
+    """A user rule that returns the given actions on every frame."""
+
+    def __init__(self, *actions: Any, name: str = "user") -> None:
+        self.name = name
+        self.actions = list(actions)
+
+    def evaluate(self, ctx: FrameContext) -> list[Any]:
+        return list(self.actions)
+
+
+ALWAYS = {"values": [{"path": "summary.count", "ge": 0}]}
+
+
+def test_the_light_dose_is_charged_where_the_action_takes_its_frames() -> None:
+    """A revisit of p1 from p0 and p2 was charged to p0 and p2: p1 got 80 ms of light
+    against a 50 ms budget while the ledger said 40."""
+    cfg = FeedbackConfig.model_validate({
+        "rules": [{"name": "r", "when": ALWAYS,
+                   "action": {"revisit": {"position": 1, "frames": 2}}}],
+        "limits": {"light_dose_budget_ms": 50}})
+    guard = SafetyGuard(cfg.limits)
+    planner = EventPlanner.for_pixel_size(0.65)
+    eng = RuleEngine(cfg, planner=planner, guard=guard)
+    seq = useq.MDASequence(stage_positions=[(0, 0, 0), (2000, 0, 0), (4000, 0, 0)],
+                           channels=[{"config": "DAPI", "exposure": 10.0}])
+    assert len(list(PlannedEvents(seq, guard=guard, planner=planner))) == 3
+    (d,) = eng.evaluate(ctx([], p=0, xy=(0.0, 0.0)))
+    assert d.accepted and guard.dose_snapshot() == {"p0": 10.0, "p1": 30.0, "p2": 10.0}
+    (d,) = eng.evaluate(ctx([], p=2, xy=(4000.0, 0.0)))
+    assert d.accepted  # p1: 30 + 20 = 50 ms, the budget
+    (d,) = eng.evaluate(ctx([], p=0, xy=(0.0, 0.0)))
+    assert d.violation is not None and d.violation.limit == "light_dose_budget_ms"
+    assert d.violation.message.startswith("position p1 has had 50 ms of light")
+    assert guard.dose_snapshot() == {"p0": 10.0, "p1": 50.0, "p2": 10.0}
+
+
+def test_an_action_frame_counts_at_the_planned_position_whose_field_it_overlaps() -> None:
+    """Centred near its position: there; at another planned position: that one; far from
+    any: its own stage place. Planned frames are keyed p<i>, so they share the key."""
+    eng = engine([])  # 512 x 512 px at 0.65 µm: a field of 332.8 µm
+    eng.planner.positions.update({0: (0.0, 0.0, 0.0), 1: (2000.0, 0.0, 0.0)})
+    eng.add_rule(_Returns(
+        Burst(frames=1, centre_yx=(500.0, 500.0)),  # 150 µm off p0: still its field
+        MoveTo(x_um=2000.4, y_um=0.0),  # p1 (the index still says p0)
+        MoveTo(x_um=9000.0, y_um=-50.0, frames=2),
+        MoveTo(dx_um=400.0),  # beyond p0's field, and p1's: a place of its own
+    ))
+    decisions = eng.evaluate(ctx([], p=0, xy=(0.0, 0.0)))
+    assert all(d.accepted for d in decisions)
+    assert eng.guard.dose_snapshot() == {
+        "p0": 10.0, "p1": 10.0, "xy9000,-50": 20.0, "xy400,0": 10.0}
+    assert [d.dose_keys for d in decisions] == [
+        ["p0"], ["p1"], ["xy9000,-50", "xy9000,-50"], ["xy400,0"]]
+
+
+@pytest.mark.parametrize(
+    ("action", "needle"),
+    [
+        (Burst(frames=2, exposure_ms=-5), r"exposure_ms=-5: give a finite exposure_ms > 0"),
+        (Burst(frames=2, exposure_ms=0), r"exposure_ms=0:"),
+        (SetChannel(exposure_ms=float("nan")), r"exposure_ms=nan:"),
+        (SetChannel(exposure_ms=float("inf")), r"exposure_ms=inf:"),
+        (SetChannel(exposure_ms=1e6), r"exposure_ms=1000000\.0: .* <= 60000"),
+        (SetChannel(channel=""), r"channel='': give a channel preset's name"),
+        (Revisit(position="one"), r"revisit cannot be made: ValueError"),  # type: ignore[arg-type]
+    ],
+)
+def test_a_user_action_with_a_bad_value_is_refused_and_the_other_rules_run(
+    action: Any, needle: str
+) -> None:
+    """A ValidationError from building the events escaped evaluate: the later rules did not
+    run on that frame and nothing was published."""
+    eng = engine([])
+    eng.planner.positions[0] = (100.0, 200.0, 0.0)
+    eng.add_rule(_Returns(action, name="bad"))
+    eng.add_rule(_Returns(SetChannel(frames=1), name="after"))
+    bad, after = eng.evaluate(ctx(field()))
+    assert bad.violation is not None and bad.violation.limit == "invalid_action"
+    assert re.search(needle, bad.violation.message) and bad.events == []
+    assert after.accepted and after.rule == "after"
+    assert (eng.slot("bad").refused, eng.slot("bad").errors) == (1, 0)
+
+
+@pytest.mark.parametrize(
+    ("action", "c", "needle"),
+    [
+        (MoveTo(x_um=math.nan, y_um=0.0), None, r"move with x_um=nan: give a finite number"),
+        (MoveTo(dx_um=math.inf), None, r"dx_um=inf"),
+        (MoveTo(x_um=0.0, y_um=0.0, z_um=-math.inf), None, r"z_um=-inf"),
+        (Centre(centre_yx=(math.nan, 3.0)), None, r"centre_yx=\(nan, 3\.0\)"),
+        (Burst(frames=1, centre_yx=(1.0, math.inf)), None, r"centre_yx=\(1\.0, inf\)"),
+        (Burst(frames=1), ctx([], xy=(math.nan, 0.0)), r"stage x target nan"),
+        (ZStack(range_um=2.0, step_um=1.0), ctx([], z=math.inf), r"stage z target inf"),
+    ],
+)
+def test_a_non_finite_stage_target_is_refused(
+    action: Any, c: FrameContext | None, needle: str
+) -> None:
+    """MoveTo(x_um=nan) went to the stage when no stage range was set."""
+    eng = engine([])
+    eng.add_rule(_Returns(action))
+    (d,) = eng.evaluate(c or ctx(field()))
+    assert d.violation is not None and d.violation.limit == "invalid_action"
+    assert re.search(needle, d.violation.message) and d.events == []
+
+
+def test_a_mode_or_skip_the_service_does_not_have_is_refused() -> None:
+    planner = EventPlanner(plan_positions=frozenset({0, 1}))
+    c = ctx([], p=0)
+    with pytest.raises(ActionError, match=r"mode with mode='bogus': give one of free-run, "):
+        to_events(SetMode("bogus"), c, planner)  # type: ignore[arg-type]
+    with pytest.raises(ActionError, match=r"cannot skip position 99: .* \(positions: 0, 1\)"):
+        to_events(SkipPosition(position=99), c, planner)
+    with pytest.raises(ActionError, match=r"skip with visits=0: give visits >= 1"):
+        to_events(SkipPosition(position=1, visits=0), c, planner)
+    assert to_events(SkipPosition(position=1, visits=2), c, planner) == []
+    assert to_events(SkipPosition(position=99), c, EventPlanner()) == []  # plan unknown
+
+
+def test_a_refused_fire_counts_toward_max_fires_and_starts_the_cooldown() -> None:
+    """As documented: a frame on which a rule asked for actions is a fire, refused or not;
+    a declarative action without a target was not counted, so it was refused anew on
+    every frame past max_fires and its cooldown."""
+    no_target = {"name": "b", "when": {"objects": {"where": {"area_px": {"gt": 1e9}},
+                                                   "match": {"ge": 0}}},
+                 "action": {"burst": {"frames": 2}}}
+    for extra in ({"max_fires": 1}, {"cooldown_frames": 5}):
+        eng = engine([{**no_target, **extra}])
+        decisions = [eng.evaluate(ctx(field(), t=t)) for t in range(3)]
+        assert [len(d) for d in decisions] == [1, 0, 0]
+        assert (eng.slot("b").fired, eng.slot("b").refused) == (1, 1)
+    eng = engine([{"name": "far", "when": ALWAYS, "max_fires": 1,
+                   "action": {"move": {"x_um": 5000.0, "y_um": 0.0}}}],
+                 {"stage_x_range_um": [-100, 100]})
+    assert [len(eng.evaluate(ctx([], t=t))) for t in range(3)] == [1, 0, 0]

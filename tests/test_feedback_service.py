@@ -650,3 +650,44 @@ def test_a_refusal_after_the_rule_got_through_at_that_place_is_news_again() -> N
     ctl._refuse(decision("b", "p0", "max_added_frames_per_minute"))
     assert [d["repeats"] for _, d in published] == [1, 1, 1, 1, 1]
     assert ctl.refused == 7
+
+
+async def test_a_user_rules_bad_actions_are_refused_on_the_rig_and_the_others_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A user rule's channel the rig lacks and skip of a position the plan lacks were
+    reported as carried out, SetMode('bogus') set the mode, and an exposure of -5 ms ended
+    the frame's rule evaluation: the rule after it did not run."""
+    from types import ModuleType
+
+    from livemask.feedback import Burst, SetChannel, SetMode, SkipPosition
+
+    class Bad:
+        name = "bad"
+
+        def evaluate(self, ctx: Any) -> list[Any]:
+            return [SetChannel(channel="Bogus", frames=2),
+                    SetChannel(exposure_ms=30000.0), SkipPosition(position=99),
+                    SetMode("bogus"), Burst(frames=2, exposure_ms=-5)]  # type: ignore[arg-type]
+
+    module = ModuleType("livemask_test_bad_rules")
+    module.Bad = Bad  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "livemask_test_bad_rules", module)
+    rules = [{"name": "bad", "use": "livemask_test_bad_rules:Bad", "max_fires": 1},
+             {"name": "after", "when": {"values": [{"path": "summary.count", "ge": 0}]},
+              "max_fires": 1, "action": {"channel": {"frames": 1}}}]
+    async with Service(feedback_config(rules)) as svc:
+        got = await collect_run(svc, ("measurements", "event"))
+        assert svc.pipeline.mode == "synchronized"
+        with pytest.raises(ValueError, match=r"mode 'bogus': give one of free-run"):
+            await svc.apply_settings(mode="bogus")  # type: ignore[arg-type]
+    refused = by_kind(got, "feedback_refused")
+    assert [(r["rule"], r["limit"]) for r in refused] == [
+        ("bad", "invalid_action"), ("bad", "invalid_action"), ("bad", "unknown_position"),
+        ("bad", "invalid_action"), ("bad", "invalid_action")]
+    assert "channel 'Bogus' is not a preset of group 'Channel'" in refused[0]["reason"]
+    assert "exposure 30000 ms is outside" in refused[1]["reason"]
+    assert "cannot skip position 99" in refused[2]["reason"]
+    (done,) = by_kind(got, "feedback_action")
+    assert done["rule"] == "after" and done["frame_id"] == refused[0]["frame_id"]
+    assert len(got["measurements"]) == 8 + 1

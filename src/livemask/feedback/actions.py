@@ -16,12 +16,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args
 
 import useq
 
 from livemask.acquisition.mode import Mode
 from livemask.feedback.context import FEEDBACK_INDEX_KEY, FrameContext
+from livemask.feedback.spec import MAX_EXPOSURE_MS
 
 #: Key of ``MDAEvent.metadata`` that tags events made by feedback actions.
 METADATA_KEY = "livemask_feedback"
@@ -187,7 +188,8 @@ class EventPlanner:
     ``runner_clock`` returns the MDA runner's event clock (s), against which
     ``min_start_time`` is measured; without it, intervals are not enforced.
     ``positions`` maps planned ``p`` indices to their ``(x, y, z)`` (filled as the planned
-    events are issued).
+    events are issued); ``plan_positions``: every ``p`` index of the acquisition's plan
+    (None: not known), which ``skip`` may name.
     """
 
     pixel_to_stage: tuple[tuple[float, float], tuple[float, float]] | None = (
@@ -198,6 +200,7 @@ class EventPlanner:
     positions: dict[int, tuple[float | None, float | None, float | None]] = field(
         default_factory=dict
     )
+    plan_positions: frozenset[int] | None = None
 
     @classmethod
     def for_pixel_size(cls, pixel_size_um: float | None, **kwargs: Any) -> EventPlanner:
@@ -259,8 +262,23 @@ def _positive(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf
 
 
+def _finite(value: Any) -> bool:
+    """Whether ``value`` is a finite number (not a bool)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value: Any, least: int) -> bool:
+    """Whether ``value`` is an int (not a bool) >= ``least``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _invalid(action: Any, what: str, value: Any, fix: str) -> ActionError:
+    return ActionError("invalid_action", f"{action.kind} with {what}={value!r}: {fix}")
+
+
 def _check_frames(action: Any) -> None:
-    """ActionError ``invalid_action`` for fewer than one frame or a bad interval."""
+    """ActionError ``invalid_action`` for fewer than one frame, a bad interval, exposure or
+    channel, or a stage target that is not a finite number."""
     if not isinstance(action, _Frames):
         return
     if isinstance(action, ZStack) and not (
@@ -272,18 +290,46 @@ def _check_frames(action: Any) -> None:
             "finite range_um and step_um > 0",
         )
     frames = getattr(action, "frames", 1)
-    if not isinstance(action, ZStack) and (
-        not isinstance(frames, int) or isinstance(frames, bool) or frames < 1
-    ):
-        raise ActionError(
-            "invalid_action", f"{action.kind} with frames={frames!r}: give frames >= 1"
-        )
+    if not isinstance(action, ZStack) and not _count(frames, 1):
+        raise _invalid(action, "frames", frames, "give frames >= 1")
     interval = getattr(action, "interval_s", 0.0)
-    if not isinstance(interval, int | float) or not 0 <= interval < math.inf:
-        raise ActionError(
-            "invalid_action",
-            f"{action.kind} with interval_s={interval!r}: give a finite interval_s >= 0",
-        )
+    if not _finite(interval) or interval < 0:
+        raise _invalid(action, "interval_s", interval, "give a finite interval_s >= 0")
+    exposure = action.exposure_ms
+    if exposure is not None and not (_positive(exposure) and exposure <= MAX_EXPOSURE_MS):
+        raise _invalid(action, "exposure_ms", exposure,
+                       f"give a finite exposure_ms > 0 and <= {MAX_EXPOSURE_MS:g}")
+    if action.channel is not None and not (isinstance(action.channel, str) and action.channel):
+        raise _invalid(action, "channel", action.channel, "give a channel preset's name")
+    for name in ("x_um", "y_um", "z_um", "dx_um", "dy_um"):
+        value = getattr(action, name, None)
+        if value is not None and not _finite(value):
+            raise _invalid(action, name, value, "give a finite number (µm)")
+    centre = getattr(action, "centre_yx", None)
+    if centre is not None and not (
+        isinstance(centre, tuple | list) and len(centre) == 2 and all(map(_finite, centre))
+    ):
+        raise _invalid(action, "centre_yx", centre, "give a (row, col) pair of finite numbers")
+
+
+def _check_other(action: Any, ctx: FrameContext, planner: EventPlanner) -> None:
+    """ActionError for a ``skip`` of a position the plan does not have, or a ``mode`` that
+    is not one of the service's modes."""
+    if isinstance(action, SkipPosition):
+        if action.position is not None and not _count(action.position, 0):
+            raise _invalid(action, "position", action.position, "give a `p` index >= 0")
+        if action.visits is not None and not _count(action.visits, 1):
+            raise _invalid(action, "visits", action.visits, "give visits >= 1 (None: all)")
+        p = action.position if action.position is not None else ctx.index.get("p")
+        known = planner.plan_positions
+        if p is not None and known is not None and int(p) not in known:
+            raise ActionError(
+                "unknown_position",
+                f"cannot skip position {p}: not a stage position of this acquisition "
+                f"(positions: {', '.join(map(str, sorted(known))) or 'none'})",
+            )
+    elif isinstance(action, SetMode) and action.mode not in get_args(Mode):
+        raise _invalid(action, "mode", action.mode, f"give one of {', '.join(get_args(Mode))}")
 
 
 def restore_event(
@@ -347,9 +393,10 @@ def to_events(
     """The MDA events that carry out ``action`` (empty for non-acquiring actions).
 
     Raises :class:`ActionError` when the action cannot be done from this frame (no stage
-    position to centre from, unknown position index, ...).
+    position to centre from, unknown position index, ...) or is invalid (``invalid_action``).
     """
     if isinstance(action, SkipPosition | SetMode | Stop):
+        _check_other(action, ctx, planner)
         return []
     _check_frames(action)
     x, y, z = ctx.position.get("x_um"), ctx.position.get("y_um"), ctx.position.get("z_um")
@@ -410,6 +457,12 @@ def to_events(
     else:
         raise ActionError("unknown_action", f"not a feedback action: {action!r}")
 
+    for axis, value in (("x", x), ("y", y), ("z", z)):
+        if value is not None and not _finite(value):  # e.g. a stage that read back NaN
+            raise ActionError(
+                "invalid_action",
+                f"{action.kind}: stage {axis} target {value!r} is not a finite number",
+            )
     t0 = planner.runner_clock() if (planner.runner_clock and interval > 0) else None
     events = []
     for i in range(frames):

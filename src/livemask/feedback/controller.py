@@ -30,7 +30,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -79,11 +79,14 @@ class FeedbackController:
         loop: asyncio.AbstractEventLoop | None = None,
         latency_window: int = 2000,
         camera_settings: Callable[[], Mapping[str, Any]] | None = None,
+        check_events: Callable[[Sequence[useq.MDAEvent]], None] | None = None,
     ) -> None:
         """``camera_settings`` (optional) returns the camera's settings as the service
         knows them without a device call (``exposure_ms``, ``channel``: as opened, of the
         last frame, after a run, or as last set), read when an acquisition starts. Without
-        it the settings are known only from the events that set them."""
+        it the settings are known only from the events that set them. ``check_events``
+        (optional) raises for an action's events that the microscope cannot run as given
+        (a channel preset it lacks, an exposure beyond its camera's limits): refused."""
         self.config = config
         matrix = config.pixel_to_stage
         planner = (
@@ -92,7 +95,9 @@ class FeedbackController:
             else EventPlanner.for_pixel_size(pixel_size_um, runner_clock=runner_clock)
         )
         self.guard = SafetyGuard(config.limits)
-        self.engine = RuleEngine(config, planner=planner, guard=self.guard)
+        self.engine = RuleEngine(
+            config, planner=planner, guard=self.guard, check_events=check_events
+        )
         self._inject = inject
         self._publish = publish
         self._set_mode = set_mode
@@ -120,9 +125,16 @@ class FeedbackController:
         return self.config.enabled
 
     # ------------------------------------------------------------ acquisition
-    def wrap_planned(self, events: Iterable[useq.MDAEvent]) -> PlannedEvents:
-        """Wrap a new acquisition's planned events (skips, positions, dose ledger)."""
-        self._planned = PlannedEvents(events, guard=self.guard, planner=self.engine.planner)
+    def wrap_planned(
+        self, events: Iterable[useq.MDAEvent], positions: Collection[int] | None = None
+    ) -> PlannedEvents:
+        """Wrap a new acquisition's planned events (skips, positions, dose ledger);
+        ``positions``: every ``p`` index they have (None: not known), which ``skip`` may
+        name. The positions seen in an earlier acquisition are forgotten."""
+        planner = self.engine.planner
+        planner.positions.clear()
+        planner.plan_positions = frozenset(positions) if positions is not None else None
+        self._planned = PlannedEvents(events, guard=self.guard, planner=planner)
         return self._planned
 
     def acquisition_started(self) -> None:
@@ -287,7 +299,8 @@ class FeedbackController:
         refused on every frame."""
         self.refused += 1
         limit = d.violation.limit if d.violation is not None else None
-        if limit == "not_applicable" and d.violation is not None:  # one code, many causes
+        if limit in ("not_applicable", "invalid_action") and d.violation is not None:
+            # one code, many causes: each is news
             limit = f"{limit}: {d.violation.message}"
         key = (d.rule, limit, d.position_key)
         if key not in self._refusals and len(self._refusals) >= MAX_REFUSAL_KEYS:

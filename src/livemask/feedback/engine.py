@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -53,6 +54,8 @@ class Decision:
     position_key: str
     trigger_acquired: float  # epoch s of the triggering frame
     events: list[useq.MDAEvent] = field(default_factory=list)
+    #: the light-dose ledger key of each event: the position it is taken at
+    dose_keys: list[str] = field(default_factory=list)
     #: an event without an image after ``events`` that puts back the exposure / channel
     #: they change (set by the controller)
     restore: useq.MDAEvent | None = None
@@ -99,7 +102,11 @@ class RuleEngine:
         planner: EventPlanner | None = None,
         guard: SafetyGuard | None = None,
         wall_clock: Callable[[], float] = time.time,
+        check_events: Callable[[Sequence[useq.MDAEvent]], None] | None = None,
     ) -> None:
+        """``check_events`` (optional) raises for events the microscope cannot run as
+        given (a channel preset it lacks, an exposure beyond its camera's limits): the
+        action is then refused (``invalid_action``)."""
         self.config = config
         self.planner = planner or EventPlanner()
         self.guard = guard or SafetyGuard(config.limits)
@@ -107,6 +114,7 @@ class RuleEngine:
         self.slots: list[RuleSlot] = []
         self._ids = itertools.count(1)
         self._wall_clock = wall_clock
+        self._check_events = check_events
         self._rule_errors = RepeatedErrors(log)  # a rule failing on every frame
         self.set_rules(config.rules)
 
@@ -197,7 +205,7 @@ class RuleEngine:
         if apply is not None:
             apply(d)
         if d.accepted:
-            self.guard.commit(d.events, d.position_key)
+            self.guard.commit(d.events, d.dose_keys or d.position_key)
             slot.actions += 1
         else:
             slot.refused += 1
@@ -222,23 +230,91 @@ class RuleEngine:
         self, slot: RuleSlot, action: Any, ctx: FrameContext, target: dict[str, Any] | None
     ) -> Decision:
         d = self._decision(slot, action, ctx, target)
-        action_id, key = d.action_id, d.position_key
         if not isinstance(action, ACTION_TYPES):
             d.violation = Violation(
                 "unknown_action", f"rule {slot.name!r} returned {action!r}, not an action"
             )
         else:
-            d.violation = self.guard.check_action(action)
-            if d.violation is None:
-                try:
+            try:
+                d.violation = self.guard.check_action(action)
+                if d.violation is None:
                     d.events = to_events(
-                        action, ctx, self.planner, action_id=action_id, rule=slot.name
+                        action, ctx, self.planner, action_id=d.action_id, rule=slot.name
                     )
-                    d.violation = self.guard.check(d.events, key)
-                except ActionError as exc:
-                    d.violation = Violation(exc.reason, str(exc))
+                    if self._check_events is not None and d.events:
+                        try:
+                            self._check_events(d.events)
+                        except Exception as exc:  # e.g. a channel the microscope lacks
+                            raise ActionError("invalid_action", str(exc)) from None
+                    d.dose_keys = self._dose_keys(d.events, ctx)
+                    d.violation = self.guard.check(d.events, d.dose_keys)
+            except ActionError as exc:
+                d.violation = Violation(exc.reason, str(exc))
+            except Exception as exc:  # a bad value in a user rule's action: refuse it alone
+                d.violation = Violation(
+                    "invalid_action",
+                    f"{getattr(action, 'kind', 'action')} cannot be made: "
+                    f"{type(exc).__name__}: {exc}",
+                )
         d.decided = self._wall_clock()
         return d
+
+    def _dose_keys(self, events: Sequence[useq.MDAEvent], ctx: FrameContext) -> list[str]:
+        """The light-dose ledger key of each event: the planned position whose field it
+        overlaps, its own ``p`` (the trigger's, or a revisit's) first; else its rounded
+        stage x, y. Planned frames are keyed the same way (``p<i>``, else x, y)."""
+        field_um = self._field_um(ctx)
+        positions = dict(self.planner.positions)  # (the runner thread adds to it)
+        keys: list[str] = []
+        memo: dict[tuple[Any, ...], str] = {}  # an action's frames are mostly at one place
+        for ev in events:
+            p = ev.index.get("p")
+            place = (p, ev.x_pos, ev.y_pos)
+            if place in memo:
+                keys.append(memo[place])
+                continue
+            if p is not None:
+                home_key, home = f"p{int(p)}", positions.get(int(p))
+                if home is None and p == ctx.index.get("p"):
+                    home = (ctx.position.get("x_um"), ctx.position.get("y_um"), None)
+            else:
+                home_key = ctx.position_key
+                home = (ctx.position.get("x_um"), ctx.position.get("y_um"), None)
+            x, y = ev.x_pos, ev.y_pos
+            if x is None or y is None or not math.isfinite(x + y):
+                key = home_key  # taken wherever the stage is: at the trigger
+            elif home is not None and _overlaps(x, y, home, field_um):
+                key = home_key
+            else:
+                near = [
+                    (abs(x - pos[0]) + abs(y - pos[1]), i)  # type: ignore[operator]
+                    for i, pos in positions.items() if _overlaps(x, y, pos, field_um)
+                ]
+                key = f"p{min(near)[1]}" if near else position_key({}, x, y)
+            memo[place] = key
+            keys.append(key)
+        return keys
+
+    def _field_um(self, ctx: FrameContext) -> tuple[float, float] | None:
+        """The field of view's extent along stage x and y (µm), or None if not known."""
+        h, w = ctx.image_shape
+        matrix = self.planner.pixel_to_stage
+        if matrix is None or h <= 0 or w <= 0:
+            return None
+        (a, b), (c, d) = matrix
+        return abs(a) * w + abs(b) * h, abs(c) * w + abs(d) * h
+
+
+def _overlaps(
+    x: float, y: float, pos: tuple[float | None, ...], field_um: tuple[float, float] | None
+) -> bool:
+    """Whether a field at ``(x, y)`` overlaps one at ``pos`` (without a field size: whether
+    they are within 0.5 µm)."""
+    px, py = pos[0], pos[1]
+    if px is None or py is None:
+        return False
+    width, height = field_um if field_um is not None else (0.5, 0.5)
+    return abs(x - px) < width and abs(y - py) < height
 
 
 class PlannedEvents(Iterator[useq.MDAEvent]):

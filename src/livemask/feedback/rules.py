@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from livemask.errors import ConfigError
-from livemask.feedback.actions import action_from_spec
+from livemask.feedback.actions import ActionError, action_from_spec
 from livemask.feedback.context import FEATURES, FrameContext
 from livemask.feedback.spec import Compare, RuleSpec, ValueTest
 
@@ -282,11 +282,19 @@ class RuleSlot:
             if ctx.acquired - last[0] < spec.cooldown_s or last[1] <= spec.cooldown_frames:
                 return []
             del self._last_fire[key]  # its cooldown is over: nothing to remember
-        actions = list(self.rule.evaluate(ctx) or [])
+        try:
+            actions = list(self.rule.evaluate(ctx) or [])
+        except ActionError:  # it fired, but its action cannot be made: a refused fire
+            self._fire(key, ctx)
+            raise
         if actions:
-            self.fired += 1
-            self._last_fire[key] = [ctx.acquired, 0.0]
+            self._fire(key, ctx)
         return actions
+
+    def _fire(self, key: str, ctx: FrameContext) -> None:
+        """Count a fire (toward ``max_fires``; refused or not) and start its cooldown."""
+        self.fired += 1
+        self._last_fire[key] = [ctx.acquired, 0.0]
 
     def describe(self) -> dict[str, Any]:
         """Name, kind and counters for the status."""

@@ -119,8 +119,11 @@ class SafetyGuard:
             )
         return None
 
-    def check(self, events: Sequence[useq.MDAEvent], key: str) -> Violation | None:
-        """The first limit ``events`` (one action, at position ``key``) would break."""
+    def check(
+        self, events: Sequence[useq.MDAEvent], keys: str | Sequence[str]
+    ) -> Violation | None:
+        """The first limit ``events`` (one action) would break; ``keys``: the position each
+        event is taken at (one key: all of them there)."""
         lim = self.limits
         if not events:
             return None
@@ -162,28 +165,34 @@ class SafetyGuard:
                         "(feedback.limits.max_added_frames_per_minute)",
                     )
             if lim.light_dose_budget_ms is not None:
-                dose = sum(
-                    float(ev.exposure) if ev.exposure is not None else self.last_exposure_ms
-                    for ev in events
-                )
-                used = self.dose_ms.get(key, 0.0)
-                if used + dose > lim.light_dose_budget_ms:
-                    return Violation(
-                        "light_dose_budget_ms",
-                        f"position {key} has had {used:g} ms of light; {dose:g} ms more would "
-                        f"exceed {lim.light_dose_budget_ms:g} ms "
-                        "(feedback.limits.light_dose_budget_ms)",
-                    )
+                for key, dose in self._doses(events, keys).items():
+                    used = self.dose_ms.get(key, 0.0)
+                    if used + dose > lim.light_dose_budget_ms:
+                        return Violation(
+                            "light_dose_budget_ms",
+                            f"position {key} has had {used:g} ms of light; {dose:g} ms more "
+                            f"would exceed {lim.light_dose_budget_ms:g} ms "
+                            "(feedback.limits.light_dose_budget_ms)",
+                        )
         return None
 
-    def commit(self, events: Sequence[useq.MDAEvent], key: str) -> None:
-        """Record an accepted action's frames and light."""
+    def _doses(
+        self, events: Sequence[useq.MDAEvent], keys: str | Sequence[str]
+    ) -> dict[str, float]:
+        """Light of ``events`` per position (``keys``: each event's, or one for all)."""
+        if isinstance(keys, str):
+            keys = [keys] * len(events)
+        doses: dict[str, float] = {}
+        for ev, key in zip(events, keys, strict=True):
+            exposure = float(ev.exposure) if ev.exposure is not None else self.last_exposure_ms
+            doses[key] = doses.get(key, 0.0) + exposure
+        return doses
+
+    def commit(self, events: Sequence[useq.MDAEvent], keys: str | Sequence[str]) -> None:
+        """Record an accepted action's frames and light (``keys`` as in :meth:`check`)."""
         if not events:
             return
         with self._lock:
             self._added.append((self._clock(), len(events)))
-            dose = sum(
-                float(ev.exposure) if ev.exposure is not None else self.last_exposure_ms
-                for ev in events
-            )
-            self.dose_ms[key] = self.dose_ms.get(key, 0.0) + dose
+            for key, dose in self._doses(events, keys).items():
+                self.dose_ms[key] = self.dose_ms.get(key, 0.0) + dose

@@ -25,6 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from livemask.acquisition.mode import Mode
 
+#: The longest exposure (ms) an action may ask for (as the ``set`` command allows).
+MAX_EXPOSURE_MS = 60_000.0
+
 
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
@@ -137,7 +140,7 @@ class _FrameSettings(_Spec):
     channel: str | None = Field(
         default=None, description="channel preset of the core's channel group (None: keep)"
     )
-    exposure_ms: float | None = Field(default=None, gt=0, le=60_000)
+    exposure_ms: float | None = Field(default=None, gt=0, le=MAX_EXPOSURE_MS)
 
 
 class BurstSpec(_FrameSettings):
@@ -213,7 +216,7 @@ class RevisitSpec(_Spec):
     frames: int = Field(default=1, ge=1, le=10_000)
     interval_s: float = Field(default=0.0, ge=0)
     channel: str | None = None
-    exposure_ms: float | None = Field(default=None, gt=0, le=60_000)
+    exposure_ms: float | None = Field(default=None, gt=0, le=MAX_EXPOSURE_MS)
 
 
 class ActionSpec(_Spec):

@@ -8,9 +8,9 @@ import functools
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import useq
 
@@ -355,10 +355,21 @@ class Service:
             loop=self._loop,
             # as status' `core`: the camera as opened, of the last frame or as last set
             camera_settings=lambda: {**self.core_info, **getattr(self.source, "camera_now", {})},
+            check_events=self._check_feedback_events,
         )
         self.pipeline.on_measurements = self.feedback.on_measurements
         if mda is not None:  # reaction clock: when an action's first event starts on the core
             mda.events.eventStarted.connect(self.feedback.on_event_started)
+
+    def _check_feedback_events(self, events: Sequence[useq.MDAEvent]) -> None:
+        """ConfigError for a feedback action's channel preset the microscope lacks or an
+        exposure outside its camera's limits (as ``enqueue`` checks; pymmcore-plus would
+        only log it and take the frames with the settings in effect)."""
+        self._check_on_rig(
+            "feedback action",
+            [e.channel for e in events if e.channel is not None],
+            [e.exposure for e in events if e.exposure is not None],
+        )
 
     def _inject_feedback(self, events: list[useq.MDAEvent]) -> int:
         if self.source is None or not self._acquiring:
@@ -521,7 +532,8 @@ class Service:
             raise ConfigError(str(exc)) from None
         detail = {"sequence": seq.model_dump(mode="json")}
         exposures = {c.exposure for c in sequence_channels(seq) if c.exposure is not None}
-        return self._start_events(events, detail, count, exposures)
+        return self._start_events(events, detail, count, exposures,
+                                  positions=range(len(seq.stage_positions)))
 
     def _check_on_rig(
         self, what: str, channels: Sequence[Any] = (), exposures: Sequence[float] = (),
@@ -582,10 +594,11 @@ class Service:
 
     def _start_events(
         self, events: Any, detail: dict[str, Any], count: int,
-        plan_exposures: set[float] | None = None,
+        plan_exposures: set[float] | None = None, *, positions: Collection[int] | None = None,
     ) -> int:
         """Start an acquisition of ``events``; ``plan_exposures``: the exposures its channels
-        set (a ``set exposure_ms`` while it runs replaces them, when there is one)."""
+        set (a ``set exposure_ms`` while it runs replaces them, when there is one);
+        ``positions``: the ``p`` indices it plans (for feedback ``skip``; None: unknown)."""
         if self.source is None:
             raise AcquisitionError("no frame source")
         if self.state in ("stopping", "closed"):
@@ -600,7 +613,7 @@ class Service:
         events = self._planned_exposure  # before the feedback's ledger sees them
         if self.feedback is not None:
             self.feedback.acquisition_started()
-            events = self.feedback.wrap_planned(events)
+            events = self.feedback.wrap_planned(events, positions)
         self.pipeline.begin_acquisition()  # before any of its frames can arrive
         self.source.start(
             iter(events),
@@ -707,7 +720,9 @@ class Service:
         await self.last_run_exited()
         # the enqueued events are the run's plan: a set exposure_ms replaces their exposures
         exposures = {e.exposure for e in events if e.exposure is not None}
-        self._start_events(events, {"enqueued": len(events)}, len(events), exposures)
+        positions = {int(e.index["p"]) for e in events if "p" in e.index}
+        self._start_events(events, {"enqueued": len(events)}, len(events), exposures,
+                           positions=positions)
         return {"enqueued": len(events), "started": True}
 
     async def _until_ended(self, timeout_s: float = HARDWARE_TIMEOUT_S) -> None:
@@ -725,6 +740,8 @@ class Service:
         self, *, exposure_ms: float | None = None, mode: Mode | None = None
     ) -> dict[str, Any]:
         """Change exposure and/or mode now."""
+        if mode is not None and mode not in get_args(Mode):
+            raise ValueError(f"mode {mode!r}: give one of {', '.join(get_args(Mode))}")
         changed: dict[str, Any] = {}
         if exposure_ms is not None:
             if self.source is None:

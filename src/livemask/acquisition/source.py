@@ -33,7 +33,7 @@ log = logging.getLogger("livemask")
 class RawFrame:
     """A frame as it leaves the camera thread."""
 
-    __slots__ = ("acquired", "event", "image", "origin", "position", "truth")
+    __slots__ = ("acquired", "event", "image", "origin", "pixel_size_um", "position", "truth")
 
     def __init__(
         self,
@@ -43,6 +43,7 @@ class RawFrame:
         position: dict[str, float | None],
         truth: np.ndarray | None,
         origin: object | None = None,
+        pixel_size_um: float | None = None,
     ) -> None:
         self.image = image
         self.origin = origin  # what delivered it (the acquisition's event feed), for frame_done
@@ -50,6 +51,8 @@ class RawFrame:
         self.acquired = acquired
         self.position = position
         self.truth = truth
+        #: the core's pixel size for this frame (µm; scaled by binning), None where unknown
+        self.pixel_size_um = pixel_size_um
 
 
 FrameCallback = Callable[[RawFrame], None]
@@ -143,6 +146,16 @@ def frame_position(
     if not read:
         return position, None
     return position, {"commanded": commanded, "read": read}
+
+
+def frame_pixel_size(meta: Any) -> float | None:
+    """The core's pixel size for a frame (µm), from pymmcore-plus' frame metadata: the
+    active pixel-size preset's, scaled by the camera's binning as MMCore does; None when
+    the metadata has none or the core has no calibration for the frame (0)."""
+    px = meta.get("pixel_size_um") if isinstance(meta, dict) else None
+    if isinstance(px, bool) or not isinstance(px, int | float):
+        return None
+    return float(px) if math.isfinite(px) and px > 0 else None
 
 
 MismatchCallback = Callable[[str, useq.MDAEvent, dict[str, Any]], None]
@@ -333,7 +346,8 @@ class MicroscopeSource(FeedThreadSource):
             "exposure_ms": self._exposure_ms or event.exposure,
             **({"channel": event.channel.config} if event.channel is not None else {}),
         }
-        raw = RawFrame(image, event, acquired, position, truth, origin=feed)
+        raw = RawFrame(image, event, acquired, position, truth, origin=feed,
+                       pixel_size_um=frame_pixel_size(meta))
         if feed is None:
             self._on_frame(raw)
             return

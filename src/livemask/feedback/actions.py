@@ -185,6 +185,8 @@ class EventPlanner:
 
     ``pixel_to_stage`` is ``((dx/dcol, dx/drow), (dy/dcol, dy/drow))`` in µm per pixel;
     None where the rig's pixel size is not calibrated (centring is then refused).
+    ``matrix_pixel_size_um``: the pixel size it holds for; a frame of another one (the
+    camera's binning or the objective changed) scales it (None: used as given).
     ``runner_clock`` returns the MDA runner's event clock (s), against which
     ``min_start_time`` is measured; without it, intervals are not enforced.
     ``positions`` maps planned ``p`` indices to their ``(x, y, z)`` (filled as the planned
@@ -201,6 +203,7 @@ class EventPlanner:
         default_factory=dict
     )
     plan_positions: frozenset[int] | None = None
+    matrix_pixel_size_um: float | None = None
 
     @classmethod
     def for_pixel_size(cls, pixel_size_um: float | None, **kwargs: Any) -> EventPlanner:
@@ -210,6 +213,20 @@ class EventPlanner:
             return cls(pixel_to_stage=None, **kwargs)
         s = float(pixel_size_um)
         return cls(pixel_to_stage=((s, 0.0), (0.0, s)), **kwargs)
+
+    def stage_matrix(
+        self, ctx: FrameContext
+    ) -> tuple[tuple[float, float], tuple[float, float]] | None:
+        """``pixel_to_stage`` for ``ctx``'s frame: scaled by its pixel size over
+        ``matrix_pixel_size_um``, where both are known."""
+        matrix, reference = self.pixel_to_stage, self.matrix_pixel_size_um
+        px = ctx.pixel_size_um
+        if (matrix is None or reference is None or px == reference
+                or not (_positive(reference) and _positive(px))):
+            return matrix
+        k = float(px) / float(reference)
+        (a, b), (c, d) = matrix
+        return (a * k, b * k), (c * k, d * k)
 
     def centred(
         self, ctx: FrameContext, centre_yx: tuple[float, float]
@@ -225,7 +242,8 @@ class EventPlanner:
         h, w = ctx.image_shape
         if h <= 0 or w <= 0:
             raise ActionError("no_image_shape", "cannot centre: unknown image size")
-        if self.pixel_to_stage is None:
+        matrix = self.stage_matrix(ctx)
+        if matrix is None:
             raise ActionError(
                 "no_pixel_size",
                 "cannot centre: the rig's pixel size is not calibrated (no active pixel-size "
@@ -234,7 +252,7 @@ class EventPlanner:
             )
         drow = float(centre_yx[0]) - (h - 1) / 2
         dcol = float(centre_yx[1]) - (w - 1) / 2
-        (a, b), (c, d) = self.pixel_to_stage
+        (a, b), (c, d) = matrix
         return float(x) + a * dcol + b * drow, float(y) + c * dcol + d * drow
 
 

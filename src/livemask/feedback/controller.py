@@ -89,10 +89,13 @@ class FeedbackController:
         (a channel preset it lacks, an exposure beyond its camera's limits): refused."""
         self.config = config
         matrix = config.pixel_to_stage
+        # for the pixel size at open: centring scales it by each frame's (binning, objective)
         planner = (
-            EventPlanner(pixel_to_stage=matrix, runner_clock=runner_clock)
+            EventPlanner(pixel_to_stage=matrix, runner_clock=runner_clock,
+                         matrix_pixel_size_um=pixel_size_um)
             if matrix is not None
-            else EventPlanner.for_pixel_size(pixel_size_um, runner_clock=runner_clock)
+            else EventPlanner.for_pixel_size(pixel_size_um, runner_clock=runner_clock,
+                                             matrix_pixel_size_um=pixel_size_um)
         )
         self.guard = SafetyGuard(config.limits)
         self.engine = RuleEngine(

@@ -333,6 +333,7 @@ class Recorder:
             "acquisition": frame.acquisition,
             "index": dict(frame.index),
             "position": dict(frame.position),
+            "pixel_size_um": frame.pixel_size_um,  # each frame's (the zarr's scale: at open)
             "t": dict(frame.t),
             "analysed": analysed,
             "skipped": frame.skipped,

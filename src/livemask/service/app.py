@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import sys
 import time
 from collections.abc import Collection, Sequence
@@ -56,6 +57,8 @@ log = logging.getLogger("livemask")
 SIMULATED_MODULE = "livemask.acquisition.simulated"
 #: Most events one acquisition may plan: the count travels as a 64-bit JSON integer.
 MAX_PLANNED_EVENTS = 2**63 - 1
+#: Micro-Manager's keyword for a camera's binning property.
+BINNING = "Binning"
 #: CPython thread switch interval while a GPU (device-resident) pipeline runs.
 GPU_SWITCH_INTERVAL_S = 0.0005
 
@@ -66,6 +69,30 @@ def uses_simulated_devices(cfg_path: Path) -> bool:
         return SIMULATED_MODULE in cfg_path.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return False
+
+
+def _position_properties(seq: useq.MDASequence) -> list[Any]:
+    """The ``properties`` of ``seq``'s stage positions, their own sequences' included."""
+    found: list[Any] = []
+    for pos in seq.stage_positions:
+        found.extend(pos.properties or ())
+        if pos.sequence is not None:
+            found.extend(_position_properties(pos.sequence))
+    return found
+
+
+def _z_planned(seq: useq.MDASequence, what: str) -> str | None:
+    """What of ``seq`` moves z (its ``z_plan``, a position's ``z``, in positions' own
+    sequences too), named for an error message, or None."""
+    if seq.z_plan is not None:
+        return f"{what}.z_plan"
+    for i, pos in enumerate(seq.stage_positions):
+        where = f"{what}.stage_positions[{i}]"
+        if pos.z is not None:
+            return f"{where}.z"
+        if pos.sequence is not None and (inner := _z_planned(pos.sequence, f"{where}.sequence")):
+            return inner
+    return None
 
 
 def build_segmenter(
@@ -115,6 +142,9 @@ class Service:
         #: False on a rig that has no pixel-size calibration, or a replay of a file without
         #: one (µm values are pixel values); a microscope sets it when it is opened
         self.pixel_size_known = source is None or config.hardware.pixel_size_um is not None
+        #: The core's pixel size when the rig was opened, where it has one: each frame's
+        #: pixel size then follows the core's for that frame (binning, objective)
+        self.core_pixel_size_um: float | None = None
         self.core_info: dict[str, Any] = {}
         self.publisher = ZmqPublisher(config.publish.pub_address, sndhwm=config.publish.sndhwm)
         self.control = ControlServer(config.publish.control_address, CommandHandler(self))
@@ -195,8 +225,10 @@ class Service:
             pixel_size_um=self.pixel_size_um,
             pixel_size_known=self.pixel_size_known,
             stage_threads=cfg.pipeline.stage_threads,
+            core_pixel_size_um=self.core_pixel_size_um,
         )
         self.pipeline.source = self.source
+        self.pipeline.publish_event = self._event  # (recorded too)
         if cfg.tracking.enabled:
             from livemask.analysis.tracking import PositionTrackers
 
@@ -282,6 +314,8 @@ class Service:
         core_px = float(core.getPixelSizeUm() or 0.0)
         if hw.pixel_size_um or core_px:
             self.pixel_size_um = hw.pixel_size_um or core_px
+            # an override scales the core's calibration, so it still follows binning
+            self.core_pixel_size_um = core_px if math.isfinite(core_px) and core_px > 0 else None
         elif self.simulated:  # the world's pixel size (open_core sets it on the preset)
             self.pixel_size_um = sim.pixel_size_um
         else:
@@ -370,6 +404,8 @@ class Service:
             [e.channel for e in events if e.channel is not None],
             [e.exposure for e in events if e.exposure is not None],
         )
+        if any(e.z_pos is not None for e in events):
+            self._check_focus("feedback action: its z positions")
 
     def _inject_feedback(self, events: list[useq.MDAEvent]) -> int:
         if self.source is None or not self._acquiring:
@@ -576,6 +612,37 @@ class Service:
         channels = sequence_channels(seq)
         exposures = [c.exposure for c in channels if c.exposure is not None]
         self._check_on_rig("acquisition.sequence", channels, exposures)
+        self._check_binning("acquisition.sequence", _position_properties(seq))
+        self._check_focus(_z_planned(seq, "acquisition.sequence"))
+
+    def _check_binning(self, what: str, properties: Sequence[Any]) -> None:
+        """ConfigError, while the service records, for properties that set the camera's
+        binning: its later frames would have another shape, which the recording rejects."""
+        if not properties or not isinstance(self.source, MicroscopeSource) or not (
+                self.recorder is not None or self.config.record.enabled):
+            return
+        camera = self.core_info.get("camera")  # as opened: no device call (a hung snap)
+        for entry in properties:
+            device, name = tuple(entry)[:2]
+            if camera and device == camera and name == BINNING:
+                raise ConfigError(
+                    f"{what}: property {BINNING!r} of camera {camera!r} changes the frame "
+                    "shape, and a recording holds frames of one shape: change binning between "
+                    "runs, not while the service records"
+                )
+
+    def _check_focus(self, where: str | None) -> None:
+        """ConfigError for z positions (``where`` names them; None: there are none) on a
+        rig without a focus device: pymmcore-plus would skip the moves and take every
+        plane at one focus."""
+        if where is None or not isinstance(self.source, MicroscopeSource):
+            return
+        if self.core_info.get("focus") == "":  # as opened (core.getFocusDevice())
+            raise ConfigError(
+                f"{where}: the rig has no focus device, so z cannot move (every plane would "
+                "be taken at the same focus); set a focus device (Core-Focus) in "
+                "hardware.config_file, or leave z out"
+            )
 
     def check_rule_channels(self, specs: Sequence[RuleSpec], what: str) -> None:
         """ConfigError for a declarative rule whose action names a channel preset the
@@ -704,12 +771,16 @@ class Service:
                 "events: a roi changes the frame shape, and a recording holds frames of one "
                 "shape; record the new region in a service of its own (or without --record)"
             )
+        properties = [p for e in events for p in e.properties or ()]
         self._check_on_rig(
             "events",
             [e.channel for e in events if e.channel is not None],
             [e.exposure for e in events if e.exposure is not None],
-            [p for e in events for p in e.properties or ()],
+            properties,
         )
+        self._check_binning("events", properties)  # as the roi above: one frame shape
+        self._check_focus(next((f"events[{i}].z_pos" for i, e in enumerate(events)
+                                if e.z_pos is not None), None))
         self._check_rois(events)
         if self._acquiring:
             try:
@@ -835,7 +906,7 @@ class Service:
             "device": pipe.segmenter.backend.device if pipe else None,
             "simulated": self.simulated,
             "truth": self.truth,
-            "pixel_size_um": self.pixel_size_um,
+            "pixel_size_um": pipe.frame_pixel_size_um if pipe else self.pixel_size_um,
             "pub_address": self.publisher.bound_address if self.state != "closed" else None,
             "core": {**self.core_info, **getattr(self.source, "camera_now", {})},
             "last_error": self._last_error,

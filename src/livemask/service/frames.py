@@ -28,6 +28,7 @@ class Frame:
     error: str | None = None
     origin: object | None = None  # RawFrame.origin: handed back with frame_done
     acquisition: int = 0  # Pipeline.acquisition when the frame arrived
+    pixel_size_um: float = 1.0  # µm per pixel of this frame (its measurements use it)
 
     def stamp(self, stage: str) -> None:
         """Record the time at which ``stage`` finished with this frame."""

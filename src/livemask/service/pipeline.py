@@ -81,7 +81,12 @@ class Pipeline:
         pixel_size_um: float = 1.0,
         pixel_size_known: bool = True,
         stage_threads: StageThreads = "two",
+        core_pixel_size_um: float | None = None,
     ) -> None:
+        """``pixel_size_um``: each frame's, unless ``core_pixel_size_um`` (the core's when
+        the rig was opened) is given: then a frame's is ``pixel_size_um`` × the core's for
+        it (:attr:`RawFrame.pixel_size_um`, which follows binning and objective) / that,
+        and ``pixel_size_um`` where the core has none for the frame."""
         self.segmenter = segmenter
         self.stage_threads: StageThreads = stage_threads
         self.publisher = publisher
@@ -91,6 +96,13 @@ class Pipeline:
         #: Whether pixel_size_um is a calibration (else 1.0: grain tiles are then pooled
         #: without the overlap check, which needs each tile's size in µm)
         self.pixel_size_known = pixel_size_known
+        self.core_pixel_size_um = core_pixel_size_um
+        #: The pixel size of the last frame that arrived (µm), for status
+        self.frame_pixel_size_um = pixel_size_um
+        self._core_pixel_missing = False  # the last frame had no pixel size from the core
+        #: Publishes a service event (kind, fields): the service sets its own, which also
+        #: records it; by default straight to the publisher
+        self.publish_event: Callable[[str, dict[str, Any]], None] = self._publish_event
         self.source: FrameSource | None = None
         self.counters = PipelineCounters()
         self.latency = LatencyWindow()
@@ -207,8 +219,11 @@ class Pipeline:
             truth=raw.truth,
             origin=raw.origin,
             acquisition=self.acquisition,
+            pixel_size_um=self._pixel_size(raw),
         )
         self._next_id += 1
+        if not math.isclose(frame.pixel_size_um, self.frame_pixel_size_um, rel_tol=1e-9):
+            self._pixel_size_changed(frame)
         self.counters.incr("acquired")
         if self.sinks:
             self._unpublished[frame.frame_id] = frame
@@ -218,6 +233,45 @@ class Pipeline:
                 self._skip(self._waiting.popleft())
                 self._skipped_since_take += 1
         self._have_frame.set()
+
+    def _pixel_size(self, raw: RawFrame) -> float:
+        """The frame's pixel size (µm): the core's for it, scaled (see ``__init__``)."""
+        reference = self.core_pixel_size_um
+        if reference is None:
+            return self.pixel_size_um
+        core_px = raw.pixel_size_um
+        if core_px is None:
+            if not self._core_pixel_missing:
+                log.warning(
+                    "the core gives no pixel size for a frame (no pixel-size preset matches "
+                    "the rig's state, e.g. after a binning or objective change): measuring "
+                    "with %.4g um, the pixel size when the rig was opened, until it does",
+                    self.pixel_size_um)
+            self._core_pixel_missing = True
+            return self.pixel_size_um
+        self._core_pixel_missing = False
+        return self.pixel_size_um * (core_px / reference)
+
+    def _pixel_size_changed(self, frame: Frame) -> None:
+        """Say once per change that a frame's pixel size differs from the last frame's."""
+        before, self.frame_pixel_size_um = self.frame_pixel_size_um, frame.pixel_size_um
+        log.warning(
+            "frame %d (%s): the pixel size changed from %.4g to %.4g um (the camera's "
+            "binning or the objective changed); its measurements use the new one",
+            frame.frame_id, frame.index, before, frame.pixel_size_um)
+        try:
+            self.publish_event("pixel_size_changed", {
+                "from": before, "to": frame.pixel_size_um, "frame_id": frame.frame_id,
+                "index": dict(frame.index), "acquisition": frame.acquisition,
+                "detail": "this frame's pixel size differs from the last frame's (the "
+                          "camera's binning or the objective changed): its µm values use "
+                          "the new one",
+            })
+        except Exception as exc:  # reporting must not lose the frame
+            self._errors.error("event", "publishing pixel_size_changed failed", exc)
+
+    def _publish_event(self, kind: str, detail: dict[str, Any]) -> None:
+        self.publisher.publish("event", {"kind": kind, "t": {"sent": time.time()}, **detail})
 
     def _skip(self, frame: Frame) -> None:
         """The frame skips analysis: counted, and published (``skipped: true``) at once."""
@@ -332,7 +386,7 @@ class Pipeline:
     def _analyse(self, frame: Frame) -> None:
         assert frame.probabilities is not None
         labels, frame.objects, frame.summary = self.segmenter.analyse(
-            frame.probabilities, frame.image, pixel_size_um=self.pixel_size_um
+            frame.probabilities, frame.image, pixel_size_um=frame.pixel_size_um
         )
         if frame.acquisition != self._accumulating:  # the first frame of a new acquisition
             # (frames are analysed in arrival order, by one analysing thread in either layout)
@@ -344,9 +398,9 @@ class Pipeline:
         if self.grains is not None:
             overlapping = self.grains.tiles_overlapping
             frame.grains = {
-                "tile": grain_statistics(labels, self.pixel_size_um),
+                "tile": grain_statistics(labels, frame.pixel_size_um),
                 "cumulative": self.grains.add(
-                    labels, self.pixel_size_um,
+                    labels, frame.pixel_size_um,
                     centre_um=_stage_xy(frame.position) if self.pixel_size_known else None),
             }
             if self.grains.tiles_overlapping > overlapping:
@@ -439,7 +493,7 @@ class Pipeline:
         pub.publish("labels", dict(base), {"labels": frame.labels})
         measurements = {
             **base,
-            "pixel_size_um": self.pixel_size_um,
+            "pixel_size_um": frame.pixel_size_um,
             "summary": frame.summary,
             "objects": frame.objects,
         }

@@ -576,6 +576,27 @@ def test_a_recording_from_before_every_chunk_was_written_is_not_checked(
     np.testing.assert_array_equal(stack.plane(2), images[2])
 
 
+def test_a_frame_record_that_cannot_be_read_is_a_skipped_frame(tmp_path: Path) -> None:
+    """A recording's positions and indices are read from frames.jsonl as frames play: a
+    read failure there ended the replay with a bare FileNotFoundError (flaky in CI when the
+    folder went between a frame's image and its record)."""
+    from livemask.acquisition.replay import MAX_UNREADABLE_IN_A_ROW
+
+    run, _ = _recorded(tmp_path, MAX_UNREADABLE_IN_A_ROW + 5)
+    stack = open_stack(run)
+    (run / "frames.jsonl").unlink()  # images still there, the records gone
+    source = ReplaySource(stack, interval_s=0.0)
+    got: list[int] = []
+    done: list[str | None] = []
+    source.connect(lambda raw: got.append(raw.event.index["t"]))
+    source.start([useq.MDAEvent(index={"t": i}) for i in range(stack.frames)], mode="free",
+                 on_done=done.append)
+    _wait(lambda: bool(done))
+    (error,) = done
+    assert got == [] and error is not None
+    assert f"{MAX_UNREADABLE_IN_A_ROW} frames in a row could not be read" in error
+
+
 def test_a_replay_ends_when_its_store_is_gone_or_keeps_failing(tmp_path: Path) -> None:
     """Skipping unreadable frames must not play a deleted store's nothing to the end."""
     import shutil

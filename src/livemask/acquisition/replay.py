@@ -456,8 +456,10 @@ class ReplaySource(FeedThreadSource):
                 delay = t0 + self._due(i) - time.monotonic()
                 if delay > 0 and self._stop.wait(delay):
                     break
-                try:
+                try:  # (a recording's position and index are read from frames.jsonl)
                     image = stack.plane(i)
+                    pos = stack.position(i)
+                    index: Any = stack.index(i)
                 except Exception as exc:  # one lost or corrupt frame: skip it, play the rest
                     self._skip(i, exc)
                     if self._in_a_row >= MAX_UNREADABLE_IN_A_ROW or not stack.path.exists():
@@ -465,8 +467,6 @@ class ReplaySource(FeedThreadSource):
                         break
                     continue
                 self._in_a_row = 0
-                pos = stack.position(i)
-                index: Any = stack.index(i)
                 event = useq.MDAEvent(index=index, x_pos=pos.get("x_um"),
                                       y_pos=pos.get("y_um"), z_pos=pos.get("z_um"))
                 assert self.on_frame is not None

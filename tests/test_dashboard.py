@@ -178,7 +178,9 @@ def test_state_says_when_the_service_went_silent(monkeypatch: pytest.MonkeyPatch
     now[0] += 1.0
     stale = state.stale_message()
     assert stale is not None and stale["silent_s"] == pytest.approx(3.5)
-    assert stale["rates"] == dict.fromkeys(stale["rates"])  # no rate of a dead service
+    assert stale["rates"] is None  # no rate of a dead service (as documented: was a dict
+    # of nulls); the page and /api/state and a late browser's hello say the same
+    assert state.hello({})["rates"] is None and state.hello({})["silent_s"] is not None
     assert state.stale_message() is None  # told; again once a second, counting up
     now[0] += 1.0
     again = state.stale_message()
@@ -194,6 +196,55 @@ def test_state_says_when_the_service_went_silent(monkeypatch: pytest.MonkeyPatch
         now[0] += 5.0
         assert state.silent_s() is None
         state.add(_msg("status", uptime_s=5.5 + 5 * i, frames_acquired=0, acquiring=False))
+
+
+def test_rates_span_the_whole_window() -> None:
+    """Heartbeats come slightly over 1 s apart: the base 2.004 s back was dropped for being
+    older than the 2 s window, so rates were over one heartbeat, not two (bug hunt)."""
+    state = DashboardState()
+    for uptime, acquired in ((0.0, 0), (1.002, 10), (2.004, 30)):
+        out = state.add(_msg("status", uptime_s=uptime, frames_acquired=acquired))
+    assert out is not None
+    assert out["rates"]["acquired_fps"] == pytest.approx(30 / 2.004, abs=0.01)
+    out = state.add(_msg("status", uptime_s=3.006, frames_acquired=40))
+    assert out is not None  # the newest status at least 2 s old: the one at 1.002 s
+    assert out["rates"]["acquired_fps"] == pytest.approx(30 / 2.004, abs=0.01)
+
+
+def test_restart_seen_from_uptime_forgets_the_old_runs_frames() -> None:
+    """A standalone dashboard that missed service_started: the uptime going down told it
+    of the restart, but it kept the old run's frames, showed the newest of them (frame
+    100 of the old run) and then no image until the new run's ids passed 100 (bug hunt)."""
+    state = DashboardState()
+    img, lab = np.zeros((4, 4), np.uint16), np.zeros((4, 4), np.int32)
+    state.add(_msg("status", uptime_s=50.0, frames_acquired=100))
+    for fid in (99, 100):
+        state.add(_msg("frame", frame_id=fid, skipped=False, arrays={"image": img}))
+        state.add(_msg("labels", frame_id=fid, arrays={"labels": lab}))
+    picked = state.pick_frame()
+    assert picked is not None and picked[0].header["frame_id"] == 100
+    state.add(_msg("status", uptime_s=0.5, frames_acquired=0))  # restarted
+    for fid in (0, 1):
+        state.add(_msg("frame", frame_id=fid, skipped=False, arrays={"image": img}))
+        state.add(_msg("labels", frame_id=fid, arrays={"labels": lab}))
+    picked = state.pick_frame()
+    assert picked is not None and picked[0].header["frame_id"] == 1
+    state.add(_msg("frame", frame_id=2, skipped=False, arrays={"image": img}))
+    state.add(_msg("labels", frame_id=2, arrays={"labels": lab}))
+    picked = state.pick_frame()
+    assert picked is not None and picked[0].header["frame_id"] == 2
+
+
+def test_csp_takes_only_a_plain_host() -> None:
+    """The Host header went into the Content-Security-Policy as it came."""
+    from livemask.dashboard.server import _csp
+
+    assert "connect-src 'self' ws://127.0.0.1:8080 wss://127.0.0.1:8080;" in _csp(
+        "127.0.0.1:8080")
+    assert "ws://[::1]:80 " in _csp("[::1]:80")
+    for bad in ("evil; script-src *", "a b:80", "x'y", "host\r\nX: 1"):
+        csp = _csp(bad)
+        assert "connect-src 'self'; " in csp and "evil" not in csp and "script-src 'self';" in csp
 
 
 def test_listen_and_connect_addresses_and_config() -> None:
@@ -314,6 +365,73 @@ async def test_websocket_streams_json_and_decimated_frames(
     report = dashboard.report()
     assert report["browsers"] == 0 and report["samples"] >= 1 and report["images_encoded"] >= 1
     assert not dashboard._watched.is_set()  # no browser: frames and labels are not sampled
+
+
+async def _until(check: Any, timeout_s: float = 2.0) -> bool:
+    """Wait until ``check()`` is true (True) or ``timeout_s`` passed (False)."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+async def test_view_message_takes_only_booleans(dashboard: DashboardServer) -> None:
+    """``{"images": "false"}`` was read as true: bool("false")."""
+    async with aiohttp.ClientSession() as http, http.ws_connect(dashboard.url + "ws") as ws:
+        await ws.receive_json(timeout=2)  # hello
+        assert await _until(dashboard._watched.is_set)
+        await ws.send_json({"type": "view", "images": False})
+        assert await _until(lambda: not dashboard._watched.is_set())
+        for wrong in ("false", "true", 1, None, [True]):
+            await ws.send_json({"type": "view", "images": wrong})  # ignored
+        await ws.send_json({"type": "view"})  # no "images": the default, true
+        assert await _until(dashboard._watched.is_set)
+        await ws.send_json({"type": "view", "images": False})
+        await ws.send_json({"type": "view", "images": "true"})
+        await asyncio.sleep(0.3)
+        assert not dashboard._watched.is_set()
+
+
+async def test_the_last_frame_of_a_run_is_shown(publisher: ZmqPublisher) -> None:
+    """The image subscriber subscribed only for a moment now and then: a run's last frame,
+    published just after such a moment, was never shown (the grain scan's last tile)."""
+    image = np.random.default_rng(2).integers(0, 4000, (64, 64)).astype(np.uint16)
+    labels = np.zeros(image.shape, np.int32)
+    labels[10:30, 10:30] = 1
+
+    def publish(fid: int) -> None:
+        base = {"frame_id": fid, "t": {"acquired": time.time()}}
+        publisher.publish("frame", {**base, "skipped": False}, {"image": image})
+        publisher.publish("labels", base, {"labels": labels})
+        publisher.publish("measurements", {**base, "summary": {"count": 1}, "objects": []})
+
+    async with DashboardServer(publisher.bound_address, port=0) as dashboard, \
+            aiohttp.ClientSession() as http, http.ws_connect(dashboard.url + "ws") as ws:
+        await ws.receive_json(timeout=2)  # hello (update_hz 5: ~0.2 s between images)
+        fid, shown = 0, None
+        deadline = time.monotonic() + 10
+        while shown is None:  # frames until one is shown: the old sampler just closed
+            assert time.monotonic() < deadline, "no image"
+            publish(fid)
+            fid += 1
+            with contextlib.suppress(TimeoutError):
+                msg = await ws.receive(timeout=0.03)
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    shown = decode_preview(msg.data)[0]["frame_id"]
+        publish(fid)  # the run's last frame
+        last, updated = shown, None
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and (last != fid or updated != fid):
+            with contextlib.suppress(TimeoutError):
+                msg = await ws.receive(timeout=0.1)
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    last = decode_preview(msg.data)[0]["frame_id"]
+                elif msg.type == aiohttp.WSMsgType.TEXT and msg.json()["type"] == "update":
+                    updated = msg.json()["frame_id"]
+    assert updated == fid  # its measurements came
+    assert last == fid, f"the last image shown is of frame {last}, the run ended with {fid}"
 
 
 # ---------------------------------------------------------------- in a real browser
@@ -515,3 +633,65 @@ async def test_standalone_dashboard_shows_grain_statistics(
                 await feeder
     assert shot["plot-hist"]["distinct"] > 10 and shot["plot-hist"]["std"] > 5, shot
     assert shot["frame"]["std"] > 10, shot
+
+
+async def test_page_greys_out_when_the_server_is_gone(
+    browser: Any, publisher: ZmqPublisher
+) -> None:
+    """The dashboard server went with the service, and the page went on saying "acquiring"
+    at the last frame rate (only its small "disconnected" badge changed). The header also
+    showed the image's frame id next to the object count of a newer frame, unlabelled."""
+    image = np.random.default_rng(3).integers(0, 4000, (64, 64)).astype(np.uint16)
+    labels = np.zeros(image.shape, np.int32)
+    labels[10:30, 10:30] = 1
+
+    async def feed() -> None:
+        fid = 0
+        while True:
+            base = {"frame_id": fid, "t": {"acquired": time.time()}}
+            publisher.publish("frame", {**base, "skipped": False}, {"image": image})
+            publisher.publish("labels", base, {"labels": labels})
+            publisher.publish("measurements", {**base, "summary": {"count": 7}, "objects": []})
+            publisher.publish("status", {"uptime_s": fid * 0.1, "frames_analysed": fid,
+                                         "frames_acquired": fid, "acquiring": True,
+                                         "state": "running"})
+            fid += 1
+            await asyncio.sleep(0.1)
+
+    server = await DashboardServer(publisher.bound_address, port=0).start()
+    feeder = asyncio.create_task(feed())
+    try:
+        page = await browser.new_page(viewport={"width": 1400, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        await page.goto(server.url or "")
+        await page.wait_for_function(
+            """() => document.getElementById("state").textContent === "acquiring"
+                  && document.getElementById("fps").textContent !== "–"
+                  && /^objects in frame [0-9]+$/.test(
+                       document.getElementById("count-label").textContent)
+                  && /^[0-9]+$/.test(document.getElementById("frame-id").textContent)""",
+            timeout=5000,
+        )
+        assert not await page.evaluate("() => document.body.classList.contains('stale')")
+        await server.close()
+        await page.wait_for_function(
+            """() => document.getElementById("state").textContent === "service unreachable"
+                  && document.getElementById("fps").textContent === "–"
+                  && document.body.classList.contains("stale")""",
+            timeout=3000,
+        )
+        assert "10.0" not in (await page.text_content("#status") or "")  # no rate left
+        server = await DashboardServer(publisher.bound_address, port=server.port).start()
+        await page.wait_for_function(  # the page reconnects: hello makes it live again
+            """() => document.getElementById("state").textContent === "acquiring"
+                  && !document.body.classList.contains("stale")""",
+            timeout=8000,
+        )
+        await page.close()
+        assert not errors, errors
+    finally:
+        feeder.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await feeder
+        await server.close()

@@ -9,11 +9,11 @@ messages and binary image messages (:func:`~livemask.dashboard.preview.encode_pr
 Keeping the service fast:
 
 - ``measurements``, ``status`` and ``event`` (small JSON) are always read;
-- ``frame`` and ``labels`` (the big arrays) are *sampled*: while a browser is connected,
-  at most ``update_hz`` times a second, the image subscriber subscribes to both, reads
-  until a new frame and its labels (same ``frame_id``) came, and unsubscribes again, so
-  between those windows the publisher does not even send them to the dashboard (and old
-  images never queue up: each window starts from what is published next);
+- ``frame`` and ``labels`` (the big arrays) only while a browser wants images: then every
+  one is read as it comes (the state keeps the newest few), and at most ``update_hz`` times
+  a second the newest frame not shown yet with its labels (same ``frame_id``) is sent, so
+  a run's last frame is shown too; while no browser wants images the image subscriber is
+  unsubscribed and the publisher does not even send them to the dashboard;
 - that frame is decimated once (:func:`make_preview`, ~0.5 ms for 512×512) and offered to
   every browser; each browser has a one-image slot that a newer image replaces, so a slow
   browser gets fewer images and never stalls the others or the loop.
@@ -31,6 +31,7 @@ import html
 import ipaddress
 import json
 import logging
+import re
 import socket
 import time
 from collections import deque
@@ -60,6 +61,11 @@ ASSETS = {
 _LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 _CLIENT_QUEUE = 500  # JSON messages a browser may lag behind before the oldest are dropped
 _IMAGE_TOPICS = ("frame", "labels")
+#: A Host header that may go into the CSP: a name or IPv4 address, or a bracketed IPv6
+#: address, and an optional port
+_PLAIN_HOST = re.compile(r"([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?")
+_IMAGE_HWM = 16  # frame/labels messages queued for the image reader (it drains them)
+_DRAIN_MAX = 64  # messages taken in one go before the loop gets a turn
 
 
 def parse_listen(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
@@ -98,6 +104,14 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _csp(host: str) -> str:
+    """The Content-Security-Policy of every response; the WebSocket's ``host`` only when it
+    is a plain ``name[:port]`` or ``[v6]:port`` (the Host header is the client's text)."""
+    ws = f" ws://{host} wss://{host}" if _PLAIN_HOST.fullmatch(host) else ""
+    return ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+            f"connect-src 'self'{ws}; frame-ancestors 'none'")
 
 
 def _read_asset(name: str) -> bytes:
@@ -180,7 +194,7 @@ class DashboardServer:
         self._sub: AsyncSubscriber | None = None
         self._image_sub: AsyncSubscriber | None = None
         self._watched = asyncio.Event()  # set while a browser wants images
-        self.samples = 0  # frame/labels subscription windows opened
+        self.samples = 0  # times the image subscriber subscribed to frame and labels
         self._loopback = _is_loopback(address)
 
     # ------------------------------------------------------------ lifecycle
@@ -305,36 +319,55 @@ class DashboardServer:
                 self._broadcast(out)
 
     async def _images(self) -> None:
-        """While a browser watches, at most ``update_hz`` times a second: subscribe to
-        ``frame`` and ``labels`` until a new frame and its labels came, unsubscribe, and
-        send that frame. Between those windows the big arrays are not even sent to us."""
+        """While a browser watches: read every ``frame`` and ``labels`` message as it comes
+        (the state keeps the newest few) and, at most ``update_hz`` times a second, send
+        the newest frame that was not sent yet. Unsubscribed while no browser watches.
+
+        (Sampling, i.e. subscribing only for a moment now and then, lost the last frame
+        of a run when it was published between two such moments.)"""
         period = 1.0 / self.update_hz
+        sent_at = -period
         while True:
-            await self._watched.wait()
-            started = time.monotonic()
-            if self._image_sub is None:
-                self._image_sub = AsyncSubscriber(self.pub_address, _IMAGE_TOPICS, rcvhwm=16)
-            sub = self._image_sub
-            for topic in _IMAGE_TOPICS:
-                sub.subscribe(topic)
-            self.samples += 1
-            try:
-                picked = None
-                while picked is None and self._watched.is_set():
-                    msg = await self._recv(sub, 0.25)
-                    if msg is not None:
-                        self._take(msg)
-                        picked = self.state.pick_frame()
-            finally:
-                if not sub.closed:
-                    for topic in _IMAGE_TOPICS:
-                        sub.unsubscribe(topic)
-            if picked is not None and self._watched.is_set():
+            if not self._watched.is_set():
+                self._unsubscribe_images()
+                await self._watched.wait()
+            sub = self._subscribe_images()
+            wait = sent_at + period - time.monotonic()
+            msg = await self._recv(sub, wait if wait > 0 else 0.25)
+            for _ in range(_DRAIN_MAX):  # take what is queued: the newest decides
+                if msg is None:
+                    break
+                self._take(msg)
+                msg = await self._recv(sub, 0.0)
+            if time.monotonic() - sent_at < period or not self._watched.is_set():
+                continue
+            picked = self.state.pick_frame()
+            if picked is not None:
+                sent_at = time.monotonic()
                 try:
                     self._send_image(*picked)
                 except Exception:
                     log.exception("dashboard: could not send a frame")
-            await asyncio.sleep(max(0.0, period - (time.monotonic() - started)))
+
+    def _subscribe_images(self) -> AsyncSubscriber:
+        """The image subscriber, subscribed to ``frame`` and ``labels``."""
+        sub = self._image_sub
+        if sub is None:
+            sub = self._image_sub = AsyncSubscriber(self.pub_address, _IMAGE_TOPICS,
+                                                    rcvhwm=_IMAGE_HWM)
+            self.samples += 1
+        elif not sub.closed and _IMAGE_TOPICS[0] not in sub.topics:
+            for topic in _IMAGE_TOPICS:
+                sub.subscribe(topic)
+            self.samples += 1
+        return sub
+
+    def _unsubscribe_images(self) -> None:
+        """No ``frame`` and ``labels`` while no browser watches: the service sends none."""
+        sub = self._image_sub
+        if sub is not None and not sub.closed and _IMAGE_TOPICS[0] in sub.topics:
+            for topic in _IMAGE_TOPICS:
+                sub.unsubscribe(topic)
 
     async def _updates(self) -> None:
         """At most ``update_hz`` times a second: the new summary points and grain stats."""
@@ -392,7 +425,7 @@ class DashboardServer:
             "encode_ms_p50": round(ms[len(ms) // 2], 2) if ms else None,
             "samples": self.samples,
             "received": received,
-            # missed measurements/status/event messages (frames and labels are sampled)
+            # missed measurements/status/event messages (frames and labels: not counted)
             "gaps": dict(self._sub.gaps) if self._sub is not None else {},
         }
 
@@ -418,12 +451,7 @@ class DashboardServer:
         response: web.StreamResponse = await handler(request)
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Cache-Control", "no-store")
-        response.headers.setdefault(
-            "Content-Security-Policy",
-            "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
-            f"connect-src 'self' ws://{request.host} wss://{request.host}; "
-            "frame-ancestors 'none'",
-        )
+        response.headers.setdefault("Content-Security-Policy", _csp(request.host))
         return response
 
     async def _index(self, request: web.Request) -> web.Response:
@@ -470,7 +498,10 @@ class DashboardServer:
         except (ValueError, RecursionError):  # not JSON, or nested past Python's parser
             return
         if isinstance(msg, dict) and msg.get("type") == "view":
-            browser.wants_images = bool(msg.get("images", True))
+            images = msg.get("images", True)
+            if not isinstance(images, bool):  # e.g. "false", which bool() takes for true
+                return
+            browser.wants_images = images
             if browser.wants_images and self._last_image is not None:
                 browser.offer_image(self._last_image)
             self._update_watched()

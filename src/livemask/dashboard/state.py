@@ -152,8 +152,9 @@ class DashboardState:
         elif topic == "status":
             cur = {k: v for k, v in header.items() if k not in _STATUS_DROP}
             if self.status is not None and cur.get("uptime_s", 0) < self.status.get("uptime_s", 0):
-                self._rate_base.clear()  # the service restarted: frame ids start again at 0
-                self.last_image_id = None
+                self._rate_base.clear()  # the service restarted: frame ids start again at 0,
+                self.last_image_id = None  # so the old run's kept frames must go, or the
+                self.reset_frames()  # newest id would pick them (service_started missed)
                 self._status_gaps.clear()  # and may send its heartbeat at another interval
             self.rates = status_rates(self._base_for(cur), cur)
             self._rate_base.append(cur)
@@ -181,13 +182,13 @@ class DashboardState:
         return None
 
     def _base_for(self, cur: dict[str, Any]) -> dict[str, Any] | None:
-        """The oldest kept status at most ``RATE_WINDOW_S`` older than ``cur``."""
+        """The newest kept status at least ``RATE_WINDOW_S`` older than ``cur`` (the
+        oldest kept one while none is that old yet)."""
         now = float(cur.get("uptime_s") or 0.0)
-        while self._rate_base and now - float(self._rate_base[0].get("uptime_s") or 0.0) > (
-            RATE_WINDOW_S
-        ):
-            self._rate_base.popleft()
-        return self._rate_base[0] if self._rate_base else None
+        base = self._rate_base
+        while len(base) > 1 and now - float(base[1].get("uptime_s") or 0.0) >= RATE_WINDOW_S:
+            base.popleft()
+        return base[0] if base else None
 
     def _keep_newest(self, store: OrderedDict[int, Any], key: int, value: Any) -> None:
         store[key] = value
@@ -209,8 +210,14 @@ class DashboardState:
         """``{"type": "status", "status", "rates", "silent_s"}`` (``silent_s``: see
         :meth:`silent_s`; the status and rates are then the last ones received)."""
         silent = self.silent_s()
-        rates = self.rates if silent is None else dict.fromkeys(self.rates)
-        return {"type": "status", "status": self.status, "rates": rates, "silent_s": silent}
+        return {"type": "status", "status": self.status, "rates": self.current_rates(silent),
+                "silent_s": silent}
+
+    def current_rates(self, silent: float | None = None) -> dict[str, float | None] | None:
+        """The frame rates, or None while the service is silent (``silent``: if known)."""
+        if silent is None:
+            silent = self.silent_s()
+        return self.rates if silent is None else None
 
     def stale_message(self) -> dict[str, Any] | None:
         """The status message to push while the service is silent: when it has just gone
@@ -238,6 +245,7 @@ class DashboardState:
     def hello(self, config: dict[str, Any]) -> dict[str, Any]:
         """Everything a newly connected browser needs."""
         sent = len(self.series) - len(self.pending)  # the pending ones come with the update
+        silent = self.silent_s()
         return {
             "type": "hello",
             "config": config,
@@ -247,7 +255,8 @@ class DashboardState:
             "grains": self.grains,
             "events": list(self.events),
             "status": self.status,
-            "rates": self.rates,
+            "rates": self.current_rates(silent),
+            "silent_s": silent,
         }
 
     def pick_frame(self, *, stale_s: float = 1.0) -> tuple[Message, Message | None] | None:
@@ -277,7 +286,7 @@ class DashboardState:
         return frame, None
 
     def reset_frames(self) -> None:
-        """Forget kept frames and labels (when no browser watches any more)."""
+        """Forget kept frames and labels (no browser watches any more, or a new run)."""
         self.frames.clear()
         self.labels.clear()
         self.last_analysed_at = time.monotonic()

@@ -16,6 +16,7 @@
   const S = {
     config: null, points: [], summary: null, grains: null, status: null, rates: null,
     dashboard: null, events: [], shown: [], dirty: true, image: null, imageDirty: false,
+    offline: false, // the WebSocket closed: the dashboard server (and the service?) is gone
   };
 
   // ------------------------------------------------------------ connection
@@ -37,6 +38,10 @@
     ws.onopen = () => { setConn(true); retryMs = 500; if (!wantsImages()) sendView(); };
     ws.onclose = () => {
       setConn(false);
+      // embedded in the service, the server went with it: do not go on showing its last
+      // state and rates as if live (greyed out until the next hello)
+      S.offline = true;
+      setStatus(S.status, null, null, null);
       setTimeout(connect, retryMs);
       retryMs = Math.min(retryMs * 2, 5000);
     };
@@ -64,9 +69,10 @@
         S.points = m.points || [];
         S.events = m.events || [];
         S.grains = m.grains || null;
+        S.offline = false;
         $("source").textContent = `${m.config.source} · livemask ${m.config.version}`;
         setSummary(m.summary, m.frame_id);
-        if (m.status) setStatus(m.status, m.rates, null);
+        setStatus(m.status || null, m.rates, null, m.silent_s);
         renderEvents();
         break;
       case "update":
@@ -91,10 +97,13 @@
 
   function setSummary(summary, frameId) {
     S.summary = summary;
+    const known = frameId !== null && frameId !== undefined;
     if (summary && summary.count !== undefined && summary.count !== null) {
       $("count").textContent = String(summary.count);
+      // the image may show an older frame than the newest measured one: say whose count
+      $("count-label").textContent = known ? `objects in frame ${frameId}` : "objects";
     }
-    if (frameId !== null && frameId !== undefined) $("count").dataset.frameId = frameId;
+    if (known) $("count").dataset.frameId = frameId;
   }
 
   // ------------------------------------------------------------ images
@@ -158,18 +167,22 @@
   // ------------------------------------------------------------ status and events
   function setStatus(st, rates, dash, silent) {
     S.status = st; S.rates = rates || {}; if (dash) S.dashboard = dash;
-    if (!st) return;
+    // rates are null while the service is silent, and unknown while the server is gone
+    const stale = S.offline ? "service unreachable"
+      : silent !== null && silent !== undefined ? `no status for ${silent.toFixed(0)} s` : null;
+    document.body.classList.toggle("stale", stale !== null);
     const state = $("state");
-    if (silent !== null && silent !== undefined) {  // no status for a while: service gone
-      state.textContent = `no status for ${silent.toFixed(0)} s`;
+    if (stale !== null) {  // no status for a while, or no server: the service may be gone
+      state.textContent = stale;
       state.className = "badge stale";
     } else {
-      state.textContent = st.acquiring ? "acquiring" : st.state;
-      state.className = "badge" + (st.acquiring ? " running" : "");
+      state.textContent = !st ? "–" : st.acquiring ? "acquiring" : st.state;
+      state.className = "badge" + (st && st.acquiring ? " running" : "");
     }
-    $("model").textContent = `${st.model} · ${st.backend} (${st.device}) · ${st.mode}`;
     const fps = S.rates.analysed_fps;
     $("fps").textContent = fps === null || fps === undefined ? "–" : fps.toFixed(1);
+    if (!st) return;
+    $("model").textContent = `${st.model} · ${st.backend} (${st.device}) · ${st.mode}`;
     const q = st.queues || {};
     const rows = [
       ["state", `${st.state}${st.acquiring ? " (acquiring)" : ""}, ${st.mode}`],

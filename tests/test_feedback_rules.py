@@ -669,6 +669,21 @@ def test_an_action_frame_counts_at_the_planned_position_whose_field_it_overlaps(
         ["p0"], ["p1"], ["xy9000,-50", "xy9000,-50"], ["xy400,0"]]
 
 
+def test_the_field_an_action_frame_is_charged_by_follows_the_frames_pixel_size() -> None:
+    """At binning 2 (256 px at 1.3 µm) the field is still 332.8 µm: a move 300 µm from p0
+    stays in p0's field (the field was sized with the pixel size at open: half of it)."""
+    eng = engine([])
+    eng.planner.matrix_pixel_size_um = 0.65  # (the controller sets it: the size at open)
+    eng.planner.positions.update({0: (0.0, 0.0, 0.0)})
+    eng.add_rule(_Returns(MoveTo(dx_um=300.0)))
+    binned = FrameContext.from_measurements({
+        "frame_id": next(_ids), "index": {"t": 0, "p": 0}, "t": {"acquired": 1000.0},
+        "position": {"x_um": 0.0, "y_um": 0.0, "z_um": 0.0}, "pixel_size_um": 1.3,
+        "summary": {"count": 0}, "objects": []}, (256, 256))
+    (d,) = eng.evaluate(binned)
+    assert d.accepted and d.dose_keys == ["p0"]
+
+
 @pytest.mark.parametrize(
     ("action", "needle"),
     [

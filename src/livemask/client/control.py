@@ -110,8 +110,12 @@ class ControlClient:
             try:
                 raw = None
                 if sock.poll(connect_ms, zmq.POLLOUT):  # (IMMEDIATE: once connected)
-                    sock.send(payload)
-                    sent = True
+                    try:  # (the connection may have gone since the poll: never block)
+                        sock.send(payload, zmq.NOBLOCK)
+                        sent = True
+                    except zmq.Again:
+                        pass
+                if sent:
                     ready = sock.poll(timeout_ms, zmq.POLLIN)
                     raw = sock.recv() if ready else None
             except BaseException:

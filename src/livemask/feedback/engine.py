@@ -251,6 +251,9 @@ class RuleEngine:
             except ActionError as exc:
                 d.violation = Violation(exc.reason, str(exc))
             except Exception as exc:  # a bad value in a user rule's action: refuse it alone
+                # (logged with its traceback, once per kind: it may be livemask's own bug)
+                self._rule_errors.error(
+                    f"action {slot.name}", f"rule {slot.name!r}: an action was refused", exc)
                 d.violation = Violation(
                     "invalid_action",
                     f"{getattr(action, 'kind', 'action')} cannot be made: "
@@ -298,7 +301,7 @@ class RuleEngine:
     def _field_um(self, ctx: FrameContext) -> tuple[float, float] | None:
         """The field of view's extent along stage x and y (µm), or None if not known."""
         h, w = ctx.image_shape
-        matrix = self.planner.pixel_to_stage
+        matrix = self.planner.stage_matrix(ctx)  # at the frame's pixel size (binning)
         if matrix is None or h <= 0 or w <= 0:
             return None
         (a, b), (c, d) = matrix

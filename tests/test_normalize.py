@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 
 from livemask.analysis import percentile_normalize
-from livemask.analysis.normalize import image_problem, noise_sigma
+from livemask.analysis.normalize import (
+    SATURATED_MIN_PX,
+    image_problem,
+    noise_sigma,
+    unsaturated,
+)
 
 
 def test_min_max_map_to_zero_and_one_exactly() -> None:
@@ -223,3 +228,63 @@ def test_the_noise_floor_still_holds_a_faint_speck_on_a_black_background() -> No
     assert percentile_normalize(image, 1.0, 99.8).max() == 1.0  # no floor: the top is 1
     image[100:104, 200:204] = 30  # 30 grey levels above a black background: something
     assert percentile_normalize(image, 1.0, 99.8, min_span_noise=25).max() == 1.0
+
+
+def _noisy(dtype: type, top: float) -> np.ndarray:
+    """A noisy field up to about ``top / 4`` in ``dtype`` (no pixel at ``top``)."""
+    rng = np.random.default_rng(11)
+    image = rng.normal(top / 8, top / 40, (256, 256)).clip(0, top / 4)
+    return image.astype(dtype)
+
+
+@pytest.mark.parametrize(("dtype", "top"), [(np.uint8, 255), (np.uint16, 4095),
+                                            (np.uint16, 65535), (np.float32, 1.0),
+                                            (np.float32, 37.5)])
+def test_a_saturated_plateau_is_found_at_the_frames_own_maximum(
+    dtype: type, top: float
+) -> None:
+    """Saturated pixels share one value, the frame's maximum, whatever the dtype: 255 in
+    uint8, 4095 for a 12-bit camera in uint16 (not the dtype's 65535), any float."""
+    image = _noisy(dtype, top)
+    assert unsaturated(image).size == image.size  # noise reaches its top a pixel at a time
+    image[:8, :8] = top  # saturated debris
+    kept = unsaturated(image)
+    assert kept.size == image.size - 64 and kept.max() < top
+    few = _noisy(dtype, top)
+    few.reshape(-1)[:SATURATED_MIN_PX - 1] = top  # fewer: not a plateau
+    assert unsaturated(few).size == few.size
+    flat = np.full((8, 8), top, dtype)  # all plateau: a flat image, kept whole
+    assert unsaturated(flat).size == 64
+
+
+@pytest.mark.parametrize(("dtype", "top"), [(np.uint8, 255), (np.uint16, 4095),
+                                            (np.uint16, 65535), (np.float32, 1.0)])
+def test_saturated_debris_does_not_become_the_top_of_the_range(dtype: type, top: float) -> None:
+    """Saturated debris over more than 100 - high percent of the frame was the 99.8th
+    percentile: real nuclei came out below 0.01 and no model found them (evaluation)."""
+    image = _noisy(dtype, top)
+    image[100:110, 100:110] = top * 0.8 / 4  # a nucleus about 8x the background
+    image[:20, :20] = top  # saturated debris: 0.6 % of the frame
+    nucleus = np.s_[102:108, 102:108]
+    old = percentile_normalize(image, 1.0, 99.8)
+    assert old[nucleus].mean() < 0.25
+    new = percentile_normalize(image, 1.0, 99.8, exclude_saturated=True, clip=(-1.0, 3.0))
+    assert new[nucleus].mean() == pytest.approx(1.0, abs=0.05)
+    assert new[:20, :20].max() == 3.0  # the debris: clipped, not 4-40x the nucleus
+
+
+def test_an_overexposed_frame_keeps_its_nuclei_high() -> None:
+    """Saturated nuclei are the plateau: left out of the percentiles they still normalise to
+    at least 1 (the clip keeps them at most 3)."""
+    image = _noisy(np.uint16, 4095)
+    image[50:150, 50:150] = 4095  # a fifth of the frame saturated
+    out = percentile_normalize(image, 1.0, 99.8, exclude_saturated=True, clip=(-1.0, 3.0))
+    assert out[60:140, 60:140].min() >= 1.0
+    assert np.median(out[200:, 200:]) < 0.7
+
+
+def test_clip_to_a_range() -> None:
+    image = np.arange(1000, dtype=np.float32).reshape(20, 50)
+    out = percentile_normalize(image, 10.0, 20.0, clip=(-1.0, 3.0))
+    assert out.min() == -1.0 and out.max() == 3.0
+    np.testing.assert_array_equal(out[1, 10:20], percentile_normalize(image, 10.0, 20.0)[1, 10:20])

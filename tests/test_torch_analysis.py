@@ -169,6 +169,41 @@ def test_device_normalize_matches_cpu(ta: TorchAnalysis, dtype: type, floor: flo
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
+@pytest.mark.parametrize("clip", [None, (-1.0, 3.0)])
+@pytest.mark.parametrize(("dtype", "top"), [(np.uint8, 255), (np.uint16, 4095),
+                                            (np.uint16, 65535), (np.float32, 1.0)])
+def test_device_normalize_matches_cpu_with_saturated_pixels(
+    ta: TorchAnalysis, dtype: type, top: float, clip: tuple[float, float] | None
+) -> None:
+    """The saturated plateau and the clip as on the CPU: hot pixels, then debris over more
+    than 100 - high percent, then no plateau (a few pixels at the top), then a flat frame."""
+    rng = np.random.default_rng(8)
+    image = (rng.normal(0.1, 0.02, (200, 300)).clip(0, 0.2) * top).astype(dtype)
+    image[100:104, 150:154] = 0.2 * top  # a nucleus
+    hot = image.copy()
+    hot[rng.random(image.shape) < 0.005] = top
+    debris = image.copy()
+    debris[:30, :30] = top
+    few = image.copy()
+    few[0, :2] = top
+    grey = 0.0 if dtype == np.float32 else 1.0
+    for case in (hot, debris, few, np.full((70, 90), top, dtype)):
+        for floor in (None, 25.0):
+            got = ta.normalize(ta.upload(case), 1.0, 99.8, min_span_noise=floor,
+                               grey_level=grey, clip=clip, exclude_saturated=True).numpy()
+            want = percentile_normalize(case, 1.0, 99.8, min_span_noise=floor,
+                                        clip=clip or False, exclude_saturated=True)
+            np.testing.assert_allclose(got, want, atol=1e-4)
+    _, batch = ta.preprocess(debris, 1.0, 99.8, size_multiple=8, min_span_noise=25.0,
+                             clip=clip, exclude_saturated=True)
+    want = percentile_normalize(debris, 1.0, 99.8, min_span_noise=25.0,
+                                clip=clip or False, exclude_saturated=True)
+    np.testing.assert_allclose(batch[0, 0, :200, :300].numpy(), want, atol=1e-4)
+    clean = percentile_normalize(image, 1.0, 99.8, min_span_noise=25.0)
+    nucleus = np.s_[101:103, 151:153]  # as without the debris, not squashed below it
+    np.testing.assert_allclose(want[nucleus], clean[nucleus], rtol=0.1)
+
+
 def test_device_normalize_matches_cpu_on_a_black_background(ta: TorchAnalysis) -> None:
     image = np.zeros((128, 128), np.uint16)
     image[10:14, 20:24] = 900  # 0.1 % of the pixels: both percentiles are 0

@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "MIN_SIDE_PX", "grey_level", "image_problem", "iqr_sigma", "noise_sigma",
-    "percentile_normalize",
+    "MIN_SIDE_PX", "SATURATED_MIN_PX", "grey_level", "image_problem", "iqr_sigma",
+    "noise_sigma", "percentile_normalize", "unsaturated",
 ]
 
 #: Fewest pixels the percentile estimate is taken over; the stride shrinks to keep at least this.
@@ -16,6 +16,10 @@ _MIN_SAMPLE_PX = 4096
 
 #: Interquartile range of Gaussian noise in standard deviations (2 × 0.6745).
 IQR_PER_SIGMA = 1.349
+
+#: Fewest sampled pixels exactly at the sample's maximum that make a saturated plateau
+#: (see :func:`unsaturated`).
+SATURATED_MIN_PX = 4
 
 #: Smallest height and width of an image that is segmented (and replayed).
 MIN_SIDE_PX = 2
@@ -48,8 +52,9 @@ def percentile_normalize(
     high: float = 99.8,
     *,
     subsample: int = 4,
-    clip: bool = False,
+    clip: bool | tuple[float, float] = False,
     min_span_noise: float | None = None,
+    exclude_saturated: bool = False,
 ) -> np.ndarray:
     """Map the ``low`` percentile of ``image`` to 0 and the ``high`` percentile to 1.
 
@@ -60,10 +65,13 @@ def percentile_normalize(
     Percentiles are estimated on the strided subsample ``image[..., ::s, ::s]`` (the stride
     shrinks for small images so that at least a few thousand pixels are used). Returns a new
     float32 array of the same shape; values outside the percentile range fall outside [0, 1]
-    unless ``clip`` is true. When the ``high`` percentile equals the ``low`` one (a few objects
-on a black background) the brightest pixel maps to 1 (with ``min_span_noise``, for integer
-pixels, only when it is that many grey levels above the background); a flat image gives
-zeros.
+    unless ``clip`` is true ([0, 1]) or a (low, high) range the result is clipped to.
+    With ``exclude_saturated`` the percentiles (and the noise) are taken over the sampled
+    pixels below a saturated plateau (:func:`unsaturated`): saturated debris or hot pixels
+    do not become the top of the range. When the ``high`` percentile equals the ``low`` one
+    (a few objects on a black background) the brightest pixel maps to 1 (with
+    ``min_span_noise``, for integer pixels, only when it is that many grey levels above the
+    background); a flat image gives zeros.
     Works for integer (uint8, uint16, ...) and float inputs. Non-finite pixels (NaN, ±inf)
     of a float image are left out of the percentiles and set to 0; an image without any
     finite pixel, or with bool or complex pixels, raises ValueError.
@@ -89,6 +97,8 @@ zeros.
         sample = _strided_sample(arr[finite], subsample ** min(arr.ndim, 2))
     else:
         sample = _strided_sample(arr, subsample)
+    if exclude_saturated:
+        sample = unsaturated(sample)
     if min_span_noise is None:
         lo, hi = (float(v) for v in np.percentile(sample, (low, high)))
         sigma = 0.0
@@ -117,11 +127,32 @@ zeros.
         wide *= 1.0 / span
         limit = float(np.finfo(np.float32).max)
         out = np.clip(wide, -limit, limit).astype(np.float32)
-    if clip:
-        np.clip(out, 0.0, 1.0, out=out)
+    if clip is not False:
+        bottom, top = (0.0, 1.0) if clip is True else clip
+        np.clip(out, bottom, top, out=out)
     if finite is not None:
         out[~finite] = 0.0  # the normalised background
     return out
+
+
+def unsaturated(sample: np.ndarray) -> np.ndarray:
+    """The pixels of ``sample`` (flattened) without its saturated plateau.
+
+    A saturated plateau is at least :data:`SATURATED_MIN_PX` pixels exactly at the sample's
+    maximum: a clipped sensor or ADC (uint8 at 255, a 12-bit camera at 4095, a float export
+    at its full scale) piles saturated pixels onto one value, while unsaturated pixels reach
+    the maximum through noise one or two at a time. No dtype maximum is assumed. A sample that
+    is all plateau (a flat image) is returned whole. Leaving a few pixels of a merely
+    quantised top level out moves the high percentile by a few ranks only.
+    """
+    flat = np.asarray(sample).reshape(-1)
+    if flat.size == 0:
+        return flat
+    at_top = flat == flat.max()
+    n_top = int(np.count_nonzero(at_top))
+    if SATURATED_MIN_PX <= n_top < flat.size:
+        return flat[~at_top]
+    return flat
 
 
 def grey_level(dtype: np.dtype[Any]) -> float:

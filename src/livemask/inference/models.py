@@ -29,6 +29,16 @@ class Normalization(BaseModel):
         description="The span mapped to 0..1 is at least this many times the frame's noise "
         "(robust spread of its pixels), so a nearly empty field is not stretched into "
         "phantom objects; None: percentiles only.")
+    clip: list[float] | None = Field(
+        default=None, min_length=2, max_length=2,
+        description="[low, high]: normalised values are clipped to this range (low <= 0, "
+        "high >= 1), so a hot pixel or saturated debris reaches the model at most `high`; "
+        "None: no clipping.")
+    exclude_saturated: bool = Field(
+        default=False, strict=True,
+        description="Take the percentiles over the pixels below a saturated plateau (at "
+        "least 4 sampled pixels exactly at the frame's maximum), so saturated debris does "
+        "not become the top of the range.")
 
     @model_validator(mode="after")
     def _low_below_high(self) -> Normalization:
@@ -38,7 +48,17 @@ class Normalization(BaseModel):
                 "percentiles of each frame mapped to 0 and 1; set normalization.low < "
                 "normalization.high in the card (default 1.0 and 99.8)"
             )
+        if self.clip is not None and not self.clip[0] <= 0.0 < 1.0 <= self.clip[1]:
+            raise ValueError(
+                f"normalization.clip {self.clip} must keep [0, 1], the range the percentiles "
+                "map to: [low, high] with low <= 0 and high >= 1 (e.g. [-1, 3]), or null"
+            )
         return self
+
+    @property
+    def clip_range(self) -> tuple[float, float] | None:
+        """``clip`` as a (low, high) pair, None without clipping."""
+        return None if self.clip is None else (self.clip[0], self.clip[1])
 
 
 #: Output channels each post-processing method reads, and their names.

@@ -117,7 +117,9 @@ class Segmenter:
             raise ValueError(f"expected a 2-D image, got shape {image.shape}")
         norm = self.card.normalization
         x = percentile_normalize(image, norm.low, norm.high,
-                                 min_span_noise=norm.min_span_noise)
+                                 min_span_noise=norm.min_span_noise,
+                                 clip=norm.clip_range or False,
+                                 exclude_saturated=norm.exclude_saturated)
         h, w = x.shape
         plan = self.tile_plan((h, w))
         if plan is not None:
@@ -196,7 +198,9 @@ class Segmenter:
         torch = ta._torch
         norm = self.card.normalization
         img, batch = ta.preprocess(image, norm.low, norm.high, self.card.size_multiple,
-                                   min_span_noise=norm.min_span_noise)
+                                   min_span_noise=norm.min_span_noise,
+                                   clip=norm.clip_range,
+                                   exclude_saturated=norm.exclude_saturated)
         h, w = img.shape
         in_shape = tuple(int(n) for n in batch.shape)
         self._check_input(in_shape, (h, w))

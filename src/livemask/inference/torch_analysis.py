@@ -38,7 +38,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from livemask.analysis.measure import ObjectSums, objects_from_sums
-from livemask.analysis.normalize import _MIN_SAMPLE_PX, grey_level, iqr_sigma
+from livemask.analysis.normalize import (
+    _MIN_SAMPLE_PX,
+    SATURATED_MIN_PX,
+    grey_level,
+    iqr_sigma,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -167,7 +172,8 @@ class TorchAnalysis:
 
     def preprocess(
         self, image: np.ndarray, low: float, high: float, size_multiple: int = 1,
-        *, min_span_noise: float | None = None,
+        *, min_span_noise: float | None = None, clip: tuple[float, float] | None = None,
+        exclude_saturated: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's input for a camera image: (image as float32 (H, W), normalised batch
         (1, 1, H', W') reflect-padded to ``size_multiple``), both on the device.
@@ -180,17 +186,18 @@ class TorchAnalysis:
         # the camera's grey level from its own pixel type (some integers upload as float32)
         grey = grey_level(np.asarray(image).dtype)
         key = ("input", *raw.shape, str(raw.dtype), float(low), float(high), size_multiple,
-               min_span_noise, grey)
+               min_span_noise, grey, clip, exclude_saturated)
         img, batch = self._run(key, self._input_stage, [raw], key)
         return (img.clone() if key in self._graphs else img), batch
 
     def _input_stage(
         self, raw: torch.Tensor, key: tuple[Any, ...]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        h, w, _, low, high, multiple, min_span_noise, grey = key[1:]
+        h, w, _, low, high, multiple, min_span_noise, grey, clip, saturated = key[1:]
         img = self._as_float(raw)
         batch = self.normalize(img, low, high, min_span_noise=min_span_noise,
-                               grey_level=grey).view(1, 1, h, w)
+                               grey_level=grey, clip=clip,
+                               exclude_saturated=saturated).view(1, 1, h, w)
         ph, pw = (-h) % multiple, (-w) % multiple
         if ph or pw:
             batch = self._torch.nn.functional.pad(batch, (0, pw, 0, ph), mode="reflect")
@@ -242,20 +249,32 @@ class TorchAnalysis:
     def normalize(
         self, image: torch.Tensor, low: float, high: float, subsample: int = 4,
         *, min_span_noise: float | None = None, grey_level: float = 1.0,
+        clip: tuple[float, float] | None = None, exclude_saturated: bool = False,
     ) -> torch.Tensor:
         """Percentile normalisation as ``percentile_normalize`` (same strided sample, the
-        same linear interpolation as ``np.percentile``, the same noise floor; capturable:
-        no host round trip). ``grey_level``: the camera's smallest step (1 for integer
-        pixels, 0 for float ones)."""
+        same linear interpolation as ``np.percentile``, the same noise floor, clip and
+        saturated plateau; capturable: no host round trip). ``grey_level``: the camera's
+        smallest step (1 for integer pixels, 0 for float ones)."""
         torch = self._torch
         stride = subsample
         while stride > 1 and image.numel() // stride**2 < _MIN_SAMPLE_PX:
             stride -= 1
         ordered = image[::stride, ::stride].reshape(-1).sort().values
-        lo, hi = (_percentile(ordered, q) for q in (low, high))
+        count: Tensor | None = None
+        if exclude_saturated:  # as unsaturated: the sorted values below the plateau
+            n = ordered.numel()
+            n_top = (ordered == ordered[-1]).sum()
+            plateau = (n_top >= SATURATED_MIN_PX) & (n_top < n)
+            count = torch.where(plateau, n - n_top, torch.full_like(n_top, n))
+
+        def pct(q: float) -> Tensor:
+            return _percentile(ordered, q) if count is None else _percentile_of(
+                ordered, count, q)
+
+        lo, hi = pct(low), pct(high)
         span = hi - lo
         if min_span_noise is not None:  # as noise_sigma: the interquartile range / 1.349
-            sigma = iqr_sigma(_percentile(ordered, 25.0), _percentile(ordered, 75.0))
+            sigma = iqr_sigma(pct(25.0), pct(75.0))
             span = torch.maximum(span, min_span_noise * sigma)
         # as percentile_normalize: a few objects on a black background reach the top
         top = image.max() - lo
@@ -263,7 +282,8 @@ class TorchAnalysis:
             top = torch.where(top >= min_span_noise * grey_level, top, torch.zeros_like(top))
         span = torch.where(span > 0, span, top)
         scale = torch.where(span > 0, 1.0 / span.clamp_min(1e-30), torch.zeros_like(span))
-        return (image - lo) * scale
+        out = (image - lo) * scale
+        return out if clip is None else out.clamp(clip[0], clip[1])
 
     # ------------------------------------------------------------ labelling
     def _spread(self, lab: torch.Tensor) -> torch.Tensor:
@@ -676,6 +696,19 @@ def _percentile(ordered: Tensor, q: float) -> Tensor:
     above = min(below + 1, ordered.numel() - 1)
     frac = pos - below
     return ordered[below] + (ordered[above] - ordered[below]) * frac
+
+
+def _percentile_of(ordered: Tensor, count: Tensor, q: float) -> Tensor:
+    """:func:`_percentile` of the first ``count`` (a tensor) sorted values, without a host
+    round trip: the positions are computed on the device."""
+    pos = (count - 1).double() * (q / 100.0)  # float64, as np.percentile's index
+    below = pos.floor().long()
+    above = (below + 1).clamp_max(count - 1)
+    frac = (pos - below).to(ordered.dtype)
+    # index_select: a 0-d index tensor in ordered[...] would be read back to the host
+    a = ordered.index_select(0, below.view(1))[0]
+    b = ordered.index_select(0, above.view(1))[0]
+    return a + (b - a) * frac
 
 
 def _objects(

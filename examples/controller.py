@@ -6,10 +6,12 @@ carry the index key ``ext``, and their frames are not acted on again (else every
 a crowded sample would send the stage further, for ever). It stops after ``MAX_MOVES``.
 Run `livemask serve` first.
 
-    python examples/controller.py
+    python examples/controller.py [PUB_ADDRESS [CONTROL_ADDRESS]]
 """
 
 from __future__ import annotations
+
+import sys
 
 from livemask.client import ControlClient, Subscriber
 
@@ -19,9 +21,9 @@ MAX_MOVES = 10
 EXT_KEY = "ext"  # index key of the events this controller enqueues
 
 
-def main() -> None:
-    with Subscriber(PUB, topics=("measurements",), latest_only=True) as sub, \
-            ControlClient(CONTROL) as ctl:
+def main(pub: str = PUB, control: str = CONTROL) -> None:
+    with Subscriber(pub, topics=("measurements",), latest_only=True) as sub, \
+            ControlClient(control) as ctl:
         moves = 0
         for msg in sub:
             header = msg.header
@@ -41,4 +43,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:3])

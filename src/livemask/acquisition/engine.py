@@ -16,11 +16,16 @@ reports a ``device_busy`` event) and snaps anyway, instead of ending the acquisi
 pymmcore-plus logs a hardware autofocus that fails with a ``RuntimeError`` (what the C++
 core raises) and goes on; the engine turns a Python device's other errors (a
 ``TimeoutError`` from ``waitForSystem``, say) into one, so they do not end it either.
+
+For the stall watchdog, :attr:`FocusTolerantEngine.watch` says which imaging event the
+runner is inside and since when: set when its set-up begins (after the time plan's wait),
+ended when it is torn down (after its frame).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import useq
@@ -32,7 +37,30 @@ from livemask.log import is_power_of_ten
 
 log = logging.getLogger("livemask")
 
-__all__ = ["FocusTolerantEngine"]
+__all__ = ["EventWatch", "FocusTolerantEngine", "takes_image"]
+
+
+def takes_image(event: useq.MDAEvent) -> bool:
+    """Whether the event asks the camera for a frame (not a custom action, e.g. a feedback
+    action's restore event, nor a hardware autofocus)."""
+    return event.action is None or isinstance(event.action, useq.AcquireImage)
+
+
+class EventWatch:
+    """An imaging event the runner is inside: when its set-up began and when it was torn
+    down (``time.monotonic()``; ``ended`` None until then)."""
+
+    __slots__ = ("ended", "event", "started")
+
+    def __init__(self, event: useq.MDAEvent) -> None:
+        self.event = event
+        self.started = time.monotonic()
+        self.ended: float | None = None
+
+    def end(self) -> None:
+        """Mark the event over (the first time only)."""
+        if self.ended is None:
+            self.ended = time.monotonic()
 
 
 class FocusTolerantEngine(MDAEngine):
@@ -49,6 +77,9 @@ class FocusTolerantEngine(MDAEngine):
     #: are logged the 1st, 10th, 100th, ... time: a failing device warns at every event).
     busy_errors: int = 0
     z_failures: int = 0
+    #: The imaging event set up last, or None when that one takes no image (read from
+    #: other threads: replaced, never changed, apart from its ``ended``).
+    watch: EventWatch | None = None
 
     def setup_sequence(self, sequence: useq.MDASequence) -> Any:
         """``MDAEngine.setup_sequence``, with the warning counts of a new acquisition."""
@@ -57,7 +88,8 @@ class FocusTolerantEngine(MDAEngine):
 
     def setup_event(self, event: useq.MDAEvent) -> None:
         """``MDAEngine.setup_event`` (pymmcore-plus 0.18.1), with the wait for the devices
-        logged and remembered when it times out."""
+        logged and remembered when it times out; :attr:`watch` starts here."""
+        self.watch = EventWatch(event) if takes_image(event) else None
         self.z_failed = False
         self.busy_error = None
         if isinstance(event, SequencedEvent):
@@ -76,6 +108,12 @@ class FocusTolerantEngine(MDAEngine):
                     dict(event.index), self.busy_errors, exc,
                 )
             self.busy_error = str(exc) or type(exc).__name__
+
+    def teardown_event(self, event: useq.MDAEvent) -> None:
+        """End :attr:`watch` (its frame, if any, has been emitted), then tear down."""
+        if (watch := self.watch) is not None:
+            watch.end()
+        super().teardown_event(event)
 
     def _execute_autofocus(self, action: HardwareAutofocus) -> float:  # pymmcore-plus 0.18.1
         try:

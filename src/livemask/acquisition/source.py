@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import useq
 
-from livemask.acquisition.engine import FocusTolerantEngine
+from livemask.acquisition.engine import EventWatch, FocusTolerantEngine
 from livemask.acquisition.feed import EventFeed
 from livemask.acquisition.mode import Mode
 from livemask.errors import AcquisitionEnding, AcquisitionError
@@ -156,6 +156,11 @@ def frame_pixel_size(meta: Any) -> float | None:
     if isinstance(px, bool) or not isinstance(px, int | float):
         return None
     return float(px) if math.isfinite(px) and px > 0 else None
+
+
+#: An imaging event that has not delivered its frame this long (s) past its exposure, or
+#: 3 × its exposure if longer, is reported as stalled (see ``event_in_progress``).
+STALL_MARGIN_S = 30.0
 
 
 MismatchCallback = Callable[[str, useq.MDAEvent, dict[str, Any]], None]
@@ -432,6 +437,8 @@ class MicroscopeSource(FeedThreadSource):
             log.exception("acquisition failed")
             error = f"{type(exc).__name__}: {exc}"
         finally:
+            if (watch := self._engine.watch) is not None:  # a set-up that raised
+                watch.end()
             self._end(feed, self._on_done, error)
 
     def _after_run(self) -> None:
@@ -474,6 +481,17 @@ class MicroscopeSource(FeedThreadSource):
         set one, or that of the last event issued (a run's first long snap has no frame)."""
         feed = self._feed.last_exposure_ms if self._feed is not None else 0.0
         return max(self._exposure_ms, self._set_exposure_ms, feed)
+
+    def event_in_progress(self) -> tuple[EventWatch, float] | None:
+        """The imaging event the runner was last inside (see :attr:`EventWatch.ended`), and
+        how long (s) it may take before it counts as stalled: its exposure (or the longest
+        the snap may have) plus ``max(STALL_MARGIN_S, 3 × exposure)``; None while the last
+        event takes no image. Cheap: the service's heartbeat asks each second."""
+        watch = self._engine.watch
+        if watch is None:
+            return None
+        exposure_s = max(watch.event.exposure or 0.0, self._longest_snap_ms()) / 1e3
+        return watch, exposure_s + max(STALL_MARGIN_S, 3 * exposure_s)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Cancel the acquisition and join the runner thread (waiting at least two of the

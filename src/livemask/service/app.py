@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import math
 import sys
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any, get_args
 import useq
 
 from livemask import __version__
+from livemask.acquisition.engine import EventWatch
 from livemask.acquisition.feed import PlannedExposure
 from livemask.acquisition.mode import Mode
 from livemask.acquisition.sequence import (
@@ -159,6 +161,8 @@ class Service:
         self._missing_at_start = 0  # the missing-frames counter when it began
         self._stop_requested = False  # stop_acquisition was called for the running one
         self._last_error: str | None = None
+        #: the imaging event reported as stalled (acquisition_stalled) and its limit (s)
+        self._stalled: tuple[EventWatch, float] | None = None
         self.metrics: MetricsServer | None = None
         self.dashboard: DashboardServer | None = None
         self.feedback: FeedbackController | None = None
@@ -690,6 +694,7 @@ class Service:
         self._acquired_at_start = self.pipeline.counters.counts["acquired"]
         self._missing_at_start = self.pipeline.counters.counts["missing"]
         self._stop_requested = False
+        self._stalled = None
         self._acquiring = True
         self.state = "running"
         self._acquisition_started = time.time()
@@ -704,6 +709,7 @@ class Service:
 
     def _acquisition_finished(self, error: str | None) -> None:
         self._acquiring = False
+        self._stalled = None  # a stall that lasted to the end: no acquisition_resumed
         self.acquisitions_finished += 1
         if self.feedback is not None:
             self.feedback.acquisition_finished()
@@ -910,6 +916,7 @@ class Service:
             "pub_address": self.publisher.bound_address if self.state != "closed" else None,
             "core": {**self.core_info, **getattr(self.source, "camera_now", {})},
             "last_error": self._last_error,
+            "stalled_s": self._stalled_s(),
             "last_frame_error": pipe.last_failure if pipe else None,
             "acquisitions_finished": self.acquisitions_finished,
             "metrics_url": self.metrics.url if self.metrics is not None else None,
@@ -921,11 +928,69 @@ class Service:
             "recording": self.recorder.report() if self.recorder is not None else None,
         }
 
+    def _check_stall(self) -> None:
+        """Heartbeat: report an imaging event that has taken longer than its limit (the
+        runner stuck in a snap or device call, which nothing else reports) once, as
+        ``acquisition_stalled``, and its end, as ``acquisition_resumed``, unless the
+        acquisition ends (or a stop was asked for) first."""
+        source = self.source
+        in_progress = getattr(source, "event_in_progress", None)
+        if in_progress is None or source is None or not self._acquiring:
+            return
+        current: tuple[EventWatch, float] | None = in_progress()
+        now = time.monotonic()
+        if self._stalled is not None:
+            watch, limit = self._stalled
+            if watch.ended is None and current is not None and current[0] is watch:
+                return  # still stalled
+            if self._stop_requested or not source.running:
+                return  # ending: acquisition_finished follows
+            self._stalled = None
+            waited = (watch.ended or now) - watch.started
+            log.warning("Acquisition resumed: imaging event %s ended after %.1f s",
+                        json.dumps(dict(watch.event.index)), waited)
+            self._event("acquisition_resumed", {
+                "index": dict(watch.event.index), "waited_s": round(waited, 3),
+                "stalled_s": round(max(waited - limit, 0.0), 3),
+            })
+        if current is None or current[0].ended is not None:
+            return
+        watch, limit = current
+        waited = now - watch.started
+        if waited <= limit:
+            return
+        self._stalled = current
+        index = dict(watch.event.index)
+        detail = (
+            f"imaging event {json.dumps(index)} has not delivered its frame after "
+            f"{waited:.1f} s (limit {limit:.1f} s): the camera or a device call has not "
+            "returned. Check the camera and the devices (power, cables, driver; the log may "
+            "have pymmcore-plus' warnings); `stop` ends the run (if the call never returns, "
+            "only a restart of the service and the device will)"
+        )
+        log.warning("Acquisition stalled: %s", detail)
+        self._last_error = f"acquisition stalled: {detail}"
+        self._event("acquisition_stalled", {
+            "index": index, "waited_s": round(waited, 3), "limit_s": round(limit, 3),
+            "detail": detail,
+        })
+
+    def _stalled_s(self) -> float | None:
+        """Seconds the stalled imaging event has waited beyond its limit (None if none)."""
+        if self._stalled is None or self._stalled[0].ended is not None:
+            return None
+        watch, limit = self._stalled
+        return round(max(time.monotonic() - watch.started - limit, 0.0), 3)
+
     def _publish_status(self) -> None:
         self.publisher.publish("status", {"t": {"sent": time.time()}, **self.status()})
 
     async def _heartbeat(self) -> None:
         while True:
+            try:
+                self._check_stall()
+            except Exception:
+                log.exception("stall check failed")
             try:
                 self._publish_status()
             except Exception:

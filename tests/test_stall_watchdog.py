@@ -1,0 +1,121 @@
+"""The stall watchdog: an imaging event whose snap (or device call) never returns is
+reported (``acquisition_stalled``, ``status.stalled_s``, ``last_error``), and its end too."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from typing import Any
+
+import pytest
+import useq
+
+import livemask.acquisition.source as source_module
+from livemask.acquisition.engine import takes_image
+from livemask.client import AsyncSubscriber
+from livemask.service.app import Service
+from tests.conftest import make_config
+
+
+async def _until(what: Any, timeout_s: float = 10.0) -> None:
+    """Wait until ``what()`` is true."""
+    deadline = time.monotonic() + timeout_s
+    while not what():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def _collect(sub: AsyncSubscriber, kinds: list[dict[str, Any]]) -> None:
+    """Append every event header to ``kinds`` (until cancelled)."""
+    while True:
+        msg = await sub.recv(timeout_s=0.05)
+        if msg is not None:
+            kinds.append(dict(msg.header))
+
+
+def _kinds(events: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [e for e in events if e["kind"] == kind]
+
+
+async def test_a_hung_snap_is_reported_and_its_end_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before, a snap that hung left status saying running with frames frozen, for ever:
+    no event, no log line, no last_error."""
+    from livemask.acquisition.simulated.devices import SimCamera
+
+    monkeypatch.setattr(source_module, "STALL_MARGIN_S", 0.3)
+    release = threading.Event()
+    snaps = itertools.count()
+    real_snap = SimCamera.snap
+
+    def hanging_snap(self: SimCamera, buffer: Any) -> Any:
+        if next(snaps) == 3:
+            release.wait(20)
+        return real_snap(self, buffer)
+
+    monkeypatch.setattr(SimCamera, "snap", hanging_snap)
+    cfg = make_config(acquisition={"mode": "free-run",
+                                   "sequence": {"time_plan": {"interval": 0.0, "loops": 8}}})
+    events: list[dict[str, Any]] = []
+    try:
+        async with Service(cfg) as svc, AsyncSubscriber(
+            svc.publisher.bound_address, ("event",)
+        ) as sub:
+            collector = asyncio.create_task(_collect(sub, events))
+            await asyncio.sleep(0.3)
+            svc.start_acquisition(None)
+            await _until(lambda: _kinds(events, "acquisition_stalled"))
+            status = svc.status()
+            assert status["state"] == "running" and status["frames_acquired"] == 3
+            assert status["stalled_s"] is not None and status["stalled_s"] >= 0
+            await asyncio.sleep(0.3)
+            assert svc.status()["stalled_s"] > 0
+            assert "acquisition stalled" in (svc.last_error or "")
+            (stalled,) = _kinds(events, "acquisition_stalled")
+            assert stalled["index"] == {"t": 3}
+            assert stalled["waited_s"] > stalled["limit_s"] > 0.3
+            assert "has not returned" in stalled["detail"] and "stop" in stalled["detail"]
+            release.set()
+            await _until(lambda: _kinds(events, "acquisition_finished"))
+            collector.cancel()
+            assert svc.status()["stalled_s"] is None
+            assert svc.status()["frames_acquired"] == 8  # frames continued
+    finally:
+        release.set()
+    (resumed,) = _kinds(events, "acquisition_resumed")
+    assert resumed["index"] == {"t": 3} and resumed["stalled_s"] > 0
+    assert resumed["waited_s"] > resumed["stalled_s"]
+    assert len(_kinds(events, "acquisition_stalled")) == 1
+    assert _kinds(events, "acquisition_finished")[0]["error"] is None
+
+
+async def test_the_wait_between_time_points_is_not_a_stall(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(source_module, "STALL_MARGIN_S", 0.3)
+    cfg = make_config(acquisition={"mode": "free-run",
+                                   "sequence": {"time_plan": {"interval": 1.0, "loops": 3}}})
+    events: list[dict[str, Any]] = []
+    async with Service(cfg) as svc, AsyncSubscriber(
+        svc.publisher.bound_address, ("event",)
+    ) as sub:
+        collector = asyncio.create_task(_collect(sub, events))
+        await asyncio.sleep(0.3)
+        svc.start_acquisition(None)
+        stalled_s: list[Any] = []
+        while not _kinds(events, "acquisition_finished"):
+            stalled_s.append(svc.status()["stalled_s"])
+            await asyncio.sleep(0.05)
+        collector.cancel()
+        assert svc.status()["frames_acquired"] == 3
+    assert not _kinds(events, "acquisition_stalled")
+    assert set(stalled_s) == {None} and svc.last_error is None
+
+
+def test_events_without_an_image_are_not_watched() -> None:
+    """A feedback action's restore event (a custom action) or an autofocus takes no image."""
+    restore = useq.MDAEvent(action=useq.CustomAction(name="livemask-restore-settings"))
+    assert not takes_image(restore)
+    assert not takes_image(useq.MDAEvent(action=useq.HardwareAutofocus(autofocus_device_name="Z")))
+    assert takes_image(useq.MDAEvent()) and takes_image(useq.MDAEvent(action=useq.AcquireImage()))

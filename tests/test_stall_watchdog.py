@@ -7,6 +7,8 @@ import asyncio
 import itertools
 import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -39,6 +41,25 @@ def _kinds(events: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [e for e in events if e["kind"] == kind]
 
 
+@asynccontextmanager
+async def _started(
+    time_plan: dict[str, Any], events: list[dict[str, Any]]
+) -> AsyncIterator[Service]:
+    """A free-run service with ``time_plan``, its ``event`` headers collected into
+    ``events``, once its acquisition has started."""
+    cfg = make_config(acquisition={"mode": "free-run", "sequence": {"time_plan": time_plan}})
+    async with Service(cfg) as svc, AsyncSubscriber(
+        svc.publisher.bound_address, ("event",)
+    ) as sub:
+        collector = asyncio.create_task(_collect(sub, events))
+        await asyncio.sleep(0.3)  # (the subscription reaches the publisher)
+        svc.start_acquisition(None)
+        try:
+            yield svc
+        finally:
+            collector.cancel()
+
+
 async def test_a_hung_snap_is_reported_and_its_end_too(monkeypatch: pytest.MonkeyPatch) -> None:
     """Before, a snap that hung left status saying running with frames frozen, for ever:
     no event, no log line, no last_error."""
@@ -55,16 +76,9 @@ async def test_a_hung_snap_is_reported_and_its_end_too(monkeypatch: pytest.Monke
         return real_snap(self, buffer)
 
     monkeypatch.setattr(SimCamera, "snap", hanging_snap)
-    cfg = make_config(acquisition={"mode": "free-run",
-                                   "sequence": {"time_plan": {"interval": 0.0, "loops": 8}}})
     events: list[dict[str, Any]] = []
     try:
-        async with Service(cfg) as svc, AsyncSubscriber(
-            svc.publisher.bound_address, ("event",)
-        ) as sub:
-            collector = asyncio.create_task(_collect(sub, events))
-            await asyncio.sleep(0.3)
-            svc.start_acquisition(None)
+        async with _started({"interval": 0.0, "loops": 8}, events) as svc:
             await _until(lambda: _kinds(events, "acquisition_stalled"))
             status = svc.status()
             assert status["state"] == "running" and status["frames_acquired"] == 3
@@ -78,7 +92,6 @@ async def test_a_hung_snap_is_reported_and_its_end_too(monkeypatch: pytest.Monke
             assert "has not returned" in stalled["detail"] and "stop" in stalled["detail"]
             release.set()
             await _until(lambda: _kinds(events, "acquisition_finished"))
-            collector.cancel()
             assert svc.status()["stalled_s"] is None
             assert svc.status()["frames_acquired"] == 8  # frames continued
     finally:
@@ -94,20 +107,12 @@ async def test_the_wait_between_time_points_is_not_a_stall(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(source_module, "STALL_MARGIN_S", 0.3)
-    cfg = make_config(acquisition={"mode": "free-run",
-                                   "sequence": {"time_plan": {"interval": 1.0, "loops": 3}}})
     events: list[dict[str, Any]] = []
-    async with Service(cfg) as svc, AsyncSubscriber(
-        svc.publisher.bound_address, ("event",)
-    ) as sub:
-        collector = asyncio.create_task(_collect(sub, events))
-        await asyncio.sleep(0.3)
-        svc.start_acquisition(None)
+    async with _started({"interval": 1.0, "loops": 3}, events) as svc:
         stalled_s: list[Any] = []
         while not _kinds(events, "acquisition_finished"):
             stalled_s.append(svc.status()["stalled_s"])
             await asyncio.sleep(0.05)
-        collector.cancel()
         assert svc.status()["frames_acquired"] == 3
     assert not _kinds(events, "acquisition_stalled")
     assert set(stalled_s) == {None} and svc.last_error is None

@@ -15,10 +15,15 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["MIN_EDGE_AREA_PX", "labels_from_boundaries"]
+__all__ = ["MIN_EDGE_AREA_PX", "edge_values", "labels_from_boundaries"]
 
 #: Default smallest region touching the image border that is kept as a grain (px).
 MIN_EDGE_AREA_PX = 5
+
+
+def edge_values(image: np.ndarray) -> np.ndarray:
+    """The values of ``image``'s first and last rows and columns (corners twice)."""
+    return np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
 
 
 def labels_from_boundaries(
@@ -47,11 +52,8 @@ def labels_from_boundaries(
         keep = sizes >= min_area_px
         edge_min = min_area_px if min_edge_area_px is None else min_edge_area_px
         if edge_min < min_area_px:
-            border = np.concatenate(
-                [regions[0], regions[-1], regions[:, 0], regions[:, -1]]
-            )
             on_border = np.zeros(n + 1, dtype=bool)
-            on_border[border] = True
+            on_border[edge_values(regions)] = True
             keep |= on_border & (sizes >= edge_min)
         keep[0] = False
         if keep.any():

@@ -55,6 +55,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from livemask.analysis.boundaries import edge_values
+
 __all__ = [
     "HISTOGRAM_EDGES_UM",
     "CumulativeGrainStats",
@@ -119,8 +121,7 @@ def grain_table(labels: np.ndarray, pixel_size_um: float) -> GrainTable:
     else:
         ids, area_px = np.unique(flat[flat > 0], return_counts=True)
         area_px = area_px.astype(np.int64)
-    border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
-    touches = np.isin(ids, border)
+    touches = np.isin(ids, edge_values(labels))
     corner_ids = np.array(
         [labels[0, 0], labels[0, -1], labels[-1, 0], labels[-1, -1]], dtype=ids.dtype
     )

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from livemask.analysis.boundaries import MIN_EDGE_AREA_PX
 from livemask.errors import ModelError
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -79,7 +80,7 @@ class PostProcessing(BaseModel):
     seed_threshold: float = Field(default=0.5, gt=0, lt=1)
     min_area_px: int = Field(default=20, ge=0)
     min_edge_area_px: int = Field(
-        default=5,
+        default=MIN_EDGE_AREA_PX,
         ge=0,
         description="boundary-label: regions with a pixel on the image border are kept from "
         "this many px (the smaller of this and min_area_px applies): a grain cut by the field "

@@ -2,17 +2,18 @@
 
 :class:`FrameContext` is built once per analysed frame from the published measurements.
 :class:`FeatureTracker` adds derived per-object features, some relative to the frame
-(``area_rel``, ``mean_intensity_rel``) and some relative to the previous frame taken at the
-same stage position (``mean_intensity_change``, ``area_change`` and their product
-``integrated_change``, the ratio of background-subtracted integrated intensities; intensities
-relative to each frame's median object signal), pairing objects by nearest centroid (within
-``match_radius_px``, one-to-one: objects that share their nearest previous object, e.g. a
-merge that splits, get none). Pure numpy/scipy.
+(``area_rel``, ``mean_intensity_rel``) and some relative to the previous frame of the same
+stream, i.e. stage position, grid tile, channel and plane (``mean_intensity_change``,
+``area_change`` and their product ``integrated_change``, the ratio of background-subtracted
+integrated intensities; intensities relative to each frame's median object signal), pairing
+objects by nearest centroid (within ``match_radius_px``, one-to-one: objects that share their
+nearest previous object, e.g. a merge that splits, get none). Pure numpy/scipy.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -86,12 +87,18 @@ class FrameContext:
 
     @property
     def stage_key(self) -> tuple[Any, ...]:
-        """Exact stage place (position index and x, y) for pairing objects across frames."""
+        """The stream for pairing objects across frames: the exact stage place (position
+        index and x, y) and the frame's grid tile ``g``, channel ``c`` and plane ``z``
+        indices (as tracking's streams), so a channel or plane is compared only with
+        itself. Frames made by a feedback action are keyed by their own index the same way."""
         x, y = self.position.get("x_um"), self.position.get("y_um")
         return (
             self.index.get("p"),
             None if x is None else round(float(x), 2),
             None if y is None else round(float(y), 2),
+            self.index.get("g"),
+            self.index.get("c"),
+            self.index.get("z"),
         )
 
     def value(self, path: str) -> Any:
@@ -155,19 +162,22 @@ class _Previous:
 
 
 class FeatureTracker:
-    """Computes per-object features; remembers the last frames seen at each stage place.
+    """Computes per-object features; remembers the last frames seen of each stream.
 
     The ``*_change`` features compare an object with its *baseline*: its clean match in the
-    most recent of the last ``baseline_frames`` frames taken at the same stage place that
-    has one (see :meth:`_changes`), so that one frame where the segmentation merged it with
-    a neighbour does not hide a change. Intensities are taken relative to each frame's
-    median object signal (``mean_intensity_rel``), so that global drift, bleaching and
-    exposure changes cancel out.
+    most recent of the last ``baseline_frames`` frames of the same stream
+    (:attr:`FrameContext.stage_key`) that has one (see :meth:`_changes`), so that one frame
+    where the segmentation merged it with a neighbour does not hide a change; the first
+    frame of a stream has none (the features are None). Intensities are taken relative to
+    each frame's median object signal (``mean_intensity_rel``), so that global drift,
+    bleaching and exposure changes cancel out.
     """
 
     def __init__(
-        self, match_radius_px: float = 8.0, baseline_frames: int = 1, places: int = 256
+        self, match_radius_px: float = 8.0, baseline_frames: int = 1, places: int = 4096
     ) -> None:
+        """``places``: streams remembered at once (positions x tiles x channels x planes);
+        the least recently seen is forgotten beyond."""
         self.match_radius_px = match_radius_px
         self.baseline_frames = max(1, int(baseline_frames))
         self._places = places
@@ -208,7 +218,7 @@ class FeatureTracker:
         self._remember(ctx.stage_key, cent, intensity_rel, area)
         features: list[dict[str, float | None]] = []
         for k, o in enumerate(objs):
-            f: dict[str, float | None] = {name: _opt(o.get(name)) for name in RAW_FEATURES}
+            f: dict[str, float | None] = {name: _raw(o.get(name)) for name in RAW_FEATURES}
             f.update(
                 centroid_y=_opt(cent[k, 0]),
                 centroid_x=_opt(cent[k, 1]),
@@ -283,6 +293,13 @@ class FeatureTracker:
 
 def _num(value: Any) -> float:
     return float(value) if isinstance(value, int | float) else math.nan
+
+
+def _raw(value: Any) -> float | None:
+    """A column of the table as a feature: integers (``label``, ``area_px``) stay ints."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return _opt(value)
 
 
 def _opt(value: Any) -> float | None:

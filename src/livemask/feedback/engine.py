@@ -320,10 +320,25 @@ def _overlaps(
     return abs(x - px) < width and abs(y - py) < height
 
 
+@dataclass
+class _Skip:
+    """The skip of one position: planned visits still to drop, and the visit under way."""
+
+    left: int | None  # visits still to drop (None: all)
+    visit: Any  # the ``t`` of the position's visit under way (_UNSEEN: none yet)
+    dropping: bool  # whether the visit under way is dropped
+
+
+#: No visit of a position has been issued yet.
+_UNSEEN = object()
+
+
 class PlannedEvents(Iterator[useq.MDAEvent]):
     """The planned events of a run, minus skipped visits; feeds positions and dose ledger.
 
-    ``__next__`` runs on the MDA runner thread, :meth:`skip` on the event loop.
+    A *visit* of position ``p`` is all its events of one time point ``t`` (every grid tile,
+    channel and plane). ``__next__`` runs on the MDA runner thread, :meth:`skip` on the
+    event loop.
     """
 
     def __init__(
@@ -337,7 +352,8 @@ class PlannedEvents(Iterator[useq.MDAEvent]):
         self._guard = guard
         self._planner = planner
         self._lock = threading.Lock()
-        self._skips: dict[int, list[Any]] = {}  # p -> [visits left or None, current t]
+        self._skips: dict[int, _Skip] = {}
+        self._visit: dict[int, Any] = {}  # p -> the t of its latest issued or dropped event
         self._closed = False
         self.skipped = 0
 
@@ -347,28 +363,35 @@ class PlannedEvents(Iterator[useq.MDAEvent]):
             self._closed = True
 
     def skip(self, p: int, visits: int | None) -> None:
-        """Drop the next ``visits`` visits (None: all remaining) of position ``p``."""
+        """Drop the next ``visits`` visits (None: all remaining) of position ``p``.
+
+        The visit of ``p`` under way (the trigger's own, in synchronized mode) goes on: its
+        remaining events (other channels, planes, tiles) are imaged and it is not one of
+        the ``visits`` (unless an earlier skip is dropping it: then it stays dropped)."""
         with self._lock:
-            self._skips[int(p)] = [visits, object()]
+            current = self._visit.get(int(p), _UNSEEN)
+            old = self._skips.get(int(p))
+            dropping = old is not None and old.dropping and old.visit == current
+            self._skips[int(p)] = _Skip(visits, current, dropping)
 
     def _drop(self, event: useq.MDAEvent) -> bool:
         p = event.index.get("p")
         if p is None:
             return False
+        t = event.index.get("t")
         with self._lock:
+            self._visit[int(p)] = t
             state = self._skips.get(int(p))
             if state is None:
                 return False
-            left, current_t = state
-            t = event.index.get("t")
-            if t is not None and t == current_t:
-                return True  # another event of a visit being skipped
-            if left is not None:
-                if left <= 0:
-                    del self._skips[int(p)]
-                    return False
-                state[0] = left - 1
-            state[1] = t
+            if state.visit is not _UNSEEN and t == state.visit:
+                return state.dropping  # another event of the visit under way
+            if state.left is not None and state.left <= 0:  # the skipped visits are over
+                del self._skips[int(p)]
+                return False
+            if state.left is not None:
+                state.left -= 1
+            state.visit, state.dropping = t, True
             return True
 
     def __next__(self) -> useq.MDAEvent:

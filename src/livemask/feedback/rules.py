@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -68,6 +69,17 @@ def value_passes(ctx: FrameContext, test: ValueTest) -> bool:
 def scope_key(ctx: FrameContext, scope: str) -> str:
     """The key that persistence and cooldown are counted under."""
     return "*" if scope == "global" else ctx.position_key
+
+
+def target_of(ctx: FrameContext, row: int, matches: int) -> dict[str, Any]:
+    """The object an action acts on, as published in ``target``: its ``row`` in the
+    measurements table, how many objects ``matches``, its features and, with tracking on,
+    its ``track_id``."""
+    target: dict[str, Any] = {"row": row, "matches": matches, **ctx.features[row]}
+    track_id = ctx.objects[row].get("track_id") if row < len(ctx.objects) else None
+    if isinstance(track_id, numbers.Integral) and not isinstance(track_id, bool):
+        target["track_id"] = int(track_id)
+    return target
 
 
 class DeclarativeRule:
@@ -178,7 +190,7 @@ class DeclarativeRule:
             f = ctx.features[i]
             cy, cx = f.get("centroid_y"), f.get("centroid_x")
             target_yx = (cy, cx) if cy is not None and cx is not None else None
-            target = {"index": i, "matches": len(hits), **f}
+            target = target_of(ctx, i, len(hits))
             for a in self.spec.actions:
                 actions.append(action_from_spec(a.model_dump(), target_yx))
                 self.targets.append(target)

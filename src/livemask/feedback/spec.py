@@ -355,9 +355,9 @@ class FeedbackConfig(_Spec):
         default=1,
         ge=1,
         le=20,
-        description="the *_change features compare with the object in the previous frame at "
-        "the same stage position (1), or with its most recent clean match (no merge) in the "
-        "last this many frames",
+        description="the *_change features compare with the object in the previous frame of "
+        "the same stream (stage position, grid tile, channel and plane) (1), or with its most "
+        "recent clean match (no merge) in the last this many frames of that stream",
     )
 
     @model_validator(mode="after")

@@ -640,3 +640,47 @@ def test_torch_verification_compares_the_output_the_card_names(
     assert verify_against_onnxruntime(module, path, size=16, output="probabilities") < 1e-5
     with pytest.raises(ModelError, match=r"differs from ONNX Runtime"):
         verify_against_onnxruntime(module, path, size=16)  # the first output: the logits
+
+
+# ------------------------------------------------------ ONNX Runtime run-failure advice
+def test_onnxruntime_failure_gives_size_multiple_advice_only_for_height_and_width(
+    tmp_path: Path,
+) -> None:
+    """A model failing on its input channels was told to set size_multiple (bug hunt:
+    make_dync.py); the advice now comes only when the padded batch runs, with the number."""
+    import shutil
+
+    import yaml
+
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from livemask.inference.models import MODELS_DIR
+    from livemask.inference.onnxruntime_backend import OnnxRuntimeBackend
+
+    weights = numpy_helper.from_array(np.ones((2, 3, 3, 3), np.float32), "w")
+    graph = helper.make_graph(  # a 3-channel convolution under a symbolic channel axis
+        [helper.make_node("Conv", ["image", "w"], ["y"], pads=[1, 1, 1, 1]),
+         helper.make_node("Sigmoid", ["y"], ["probabilities"])], "rgb",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", "c", "h", "w"])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT,
+                                       ["n", 2, "h", "w"])], [weights])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "rgb.onnx"))
+    card = yaml.safe_load((MODELS_DIR / "nuclei.yaml").read_text())
+    (tmp_path / "rgb.yaml").write_text(yaml.safe_dump({**card, "file": "rgb.onnx"}))
+    backend = OnnxRuntimeBackend(threads=1)
+    backend.load(load_model_card(tmp_path / "rgb.yaml"))
+    with pytest.raises(ModelError) as info:
+        backend.run(np.zeros((1, 1, 36, 44), np.float32))
+    assert "ONNX Runtime failed to run" in str(info.value)
+    assert "size_multiple" not in str(info.value)
+
+    shutil.copy(MODELS_DIR / "nuclei.onnx", tmp_path / "unet.onnx")  # pools three times
+    (tmp_path / "unet.yaml").write_text(yaml.safe_dump(
+        {**card, "file": "unet.onnx", "size_multiple": 4}))
+    backend.load(load_model_card(tmp_path / "unet.yaml"))
+    with pytest.raises(ModelError, match=r"multiples of 8 .*set size_multiple in its card to 8"):
+        backend.run(np.zeros((1, 1, 36, 44), np.float32))
+

@@ -135,6 +135,24 @@ def test_fixed_batch_larger_than_max_batch_is_refused_at_load(tmp_path: Path) ->
     assert_says(msg, "bad.onnx", "fixed batch of 8", "max_batch 4", "dynamic batch axis")
 
 
+def test_fixed_batch_other_than_one_is_refused_at_load_even_within_max_batch(
+    tmp_path: Path,
+) -> None:
+    """A fixed batch of 4 (max_batch 4) loaded, then every warm-up refused it with the
+    advice 'set max_batch: 1', which cannot fit: whole frames always run as a batch of 1."""
+    from livemask.inference.model_checks import check_batch_input, read_model_io
+
+    msg = load_error(tmp_path, in_shape=(4, 1, "height", "width"),
+                     out_shape=(4, 2, "height", "width"))
+    assert_says(msg, "bad.onnx", "fixed batch of 4", "whole frames as a batch of 1",
+                "dynamic batch axis")
+    card = load_model_card(write_card(tmp_path))
+    with pytest.raises(ModelError) as info:  # a direct user who skipped the load check
+        check_batch_input(card, read_model_io(tmp_path / "bad.onnx"), (1, 1, 64, 64), (60, 64))
+    assert_says(str(info.value), "(4, 1, height, width)", "dynamic batch axis")
+    assert "max_batch: 1" not in str(info.value)
+
+
 def test_fixed_batch_of_one_runs_whole_frames_and_needs_max_batch_one_for_tiles(
     tmp_path: Path,
 ) -> None:

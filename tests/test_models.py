@@ -35,6 +35,34 @@ def test_unknown_model_lists_the_shipped_ones() -> None:
         load_model_card("nucleus")
 
 
+@pytest.mark.parametrize("as_path", [True, False])
+def test_an_onnx_file_given_as_model_says_to_write_a_card(tmp_path: Path, as_path: bool) -> None:
+    """model.path / --model pointing at the .onnx said `unknown model PosixPath(...)`."""
+    onnx_file = tmp_path / "good.onnx"
+    shutil.copy(MODELS_DIR / "nuclei.onnx", onnx_file)
+    model = onnx_file if as_path else str(onnx_file)
+    with pytest.raises(ModelError) as info:
+        load_model_card(model)
+    msg = str(info.value)
+    assert f"{onnx_file} is a model file, not a model card" in msg
+    assert "file: good.onnx" in msg and f"{tmp_path / 'good.yaml'}" in msg
+    assert "PosixPath" not in msg and "unknown model" not in msg
+    card = yaml.safe_load((MODELS_DIR / "nuclei.yaml").read_text())
+    card.update(name="good", file="good.onnx")
+    (tmp_path / "good.yaml").write_text(yaml.safe_dump(card))  # what the message says
+    with pytest.raises(ModelError, match=r"give its card .*good\.yaml as model\.path"):
+        load_model_card(model)
+    assert load_model_card(tmp_path / "good.yaml").name == "good"
+
+
+def test_a_path_without_a_card_suffix_is_not_taken_for_a_shipped_name(tmp_path: Path) -> None:
+    with pytest.raises(ModelError) as info:
+        load_model_card(tmp_path / "mycard")
+    msg = str(info.value)
+    assert f"{tmp_path / 'mycard'} is not a model card" in msg and ".yaml or .yml" in msg
+    assert "PosixPath" not in msg
+
+
 def test_user_model_card_loads_from_its_own_folder(tmp_path: Path) -> None:
     shutil.copy(MODELS_DIR / "nuclei.onnx", tmp_path / "mine.onnx")
     card = yaml.safe_load((MODELS_DIR / "nuclei.yaml").read_text())

@@ -10,17 +10,19 @@ in batches of up to ``max_batch`` (:mod:`livemask.inference.tiling`). It expects
 package when it is installed, else from an ONNX Runtime session) and
 :func:`check_model_io` compares them with that: dtype float32 (or float16, which the
 backends convert to), rank 4, 1 input channel, ``len(outputs)`` output channels, and
-fixed (non-symbolic) batch, height and width that some frame can actually have. Symbolic
-(dynamic) dimensions are accepted. A mismatch raises :class:`~livemask.errors.ModelError`
-that names the model file and its card and lists everything found, what was expected and
-what to change. :func:`livemask.inference.select.load_backend` runs it before any backend
-is tried, and each ONNX backend's ``load`` runs it again (cached) for direct users.
+fixed (non-symbolic) height and width that some frame can actually have, and a fixed batch
+only of 1. Symbolic (dynamic) dimensions are accepted. A mismatch raises
+:class:`~livemask.errors.ModelError` that names the model file and its card and lists
+everything found, what was expected and what to change.
+:func:`livemask.inference.select.load_backend` runs it before any backend is tried, and
+each ONNX backend's ``load`` runs it again (cached) for direct users.
 
 What a declaration cannot show (symbolic sizes that the network changes, a fixed size that
 only some frames have) is caught on the first real run: the :class:`Segmenter` checks each
 batch against the model's fixed input dimensions before running it
 (:func:`check_batch_input`) and each result's shape after (:func:`check_batch_output`),
-starting at its warm-up.
+starting at its warm-up, which also runs a test image and checks that the output is
+probabilities in [0, 1] (:func:`check_output_range`), not logits.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ __all__ = [
     "check_batch_output",
     "check_model_io",
     "check_onnx_model",
+    "check_output_range",
     "chosen_output",
     "io_from_session",
     "read_model_io",
@@ -229,10 +232,12 @@ def _input_problems(card: ModelCard, io: ModelIO) -> list[str]:
         problems.append(f"{what} has {_count(c, 'channel')}, expected 1 channel (N, 1, H, W): "
                         "livemask feeds single-channel (grey) images; re-export the model for "
                         "1 input channel")
-    if isinstance(n, int) and not 1 <= n <= card.max_batch:
-        problems.append(f"{what} has a fixed batch of {n}, but livemask runs whole frames one "
-                        "at a time and tiles in batches of at most the card's max_batch "
-                        f"{card.max_batch}: re-export the model with a dynamic batch axis")
+    if isinstance(n, int) and n != 1:
+        problems.append(f"{what} has a fixed batch of {n}, but livemask runs whole frames as a "
+                        "batch of 1 (and tiles in batches of up to the card's max_batch "
+                        f"{card.max_batch}): re-export the model with a dynamic batch axis (a "
+                        "fixed batch of 1 also works, with max_batch: 1 for frames larger "
+                        "than the tile)")
     m, t = card.size_multiple, card.tile_side
     bad = [f"{axis} {d}" for axis, d in (("height", h), ("width", w))
            if isinstance(d, int) and (d % m or d > t or d < 1)]
@@ -345,9 +350,11 @@ def check_batch_input(
         return
     m, t = card.size_multiple, card.tile_side
     fixes = []
-    if "batch" in bad:
+    if "batch" in bad and declared[0] == 1:
         fixes.append("set max_batch: 1 in the card (frames larger than the tile then run one "
                      "tile at a time) or re-export the model with a dynamic batch axis")
+    elif "batch" in bad:  # whole frames run as a batch of 1: no card setting fits
+        fixes.append("re-export the model with a dynamic batch axis")
     if bad != ["batch"]:
         fixes.append("re-export the model with dynamic height and width axes")
     raise ModelError(
@@ -387,4 +394,34 @@ def check_batch_output(
         f"{tuple(int(s) for s in in_shape)}{_frame_text(frame)}; {expected}. The model does "
         "not compute what its card says: fix the model (its output must keep the input's "
         "batch, height and width) or the card's outputs"
+    )
+
+
+#: How far outside [0, 1] an output may reach (float16 rounding, tile blending).
+RANGE_TOLERANCE = 1e-3
+
+
+def check_output_range(
+    card: ModelCard, out: np.ndarray, in_shape: tuple[int, ...],
+    frame: tuple[int, int] | None = None,
+) -> None:
+    """After a run: ModelError unless every output value is a probability, finite and in
+    [0, 1] (give or take :data:`RANGE_TOLERANCE`): a network that returns logits would
+    otherwise be thresholded at 0.5 as if they were probabilities."""
+    lo, hi = float(np.min(out)), float(np.max(out))  # NaN in, NaN out
+    if lo >= -RANGE_TOLERANCE and hi <= 1.0 + RANGE_TOLERANCE:
+        return
+    on = f"on a test input of shape {tuple(int(s) for s in in_shape)}{_frame_text(frame)}"
+    bad = int(np.size(out) - np.count_nonzero(np.isfinite(out)))
+    if bad:
+        found = f"{_count(bad, 'non-finite value')} (NaN or infinite)"
+    else:
+        found = f"values from {lo:.4g} to {hi:.4g}"
+    raise ModelError(
+        f"{_where(card)} returned {found} {on}, but its output must be probabilities in "
+        "[0, 1] (post-processing thresholds them, e.g. foreground_threshold "
+        f"{card.postprocessing.foreground_threshold:g}). A network that returns logits needs "
+        "its activation in the graph: add a Sigmoid (one probability per channel) or a "
+        "Softmax over the channels, whichever it was trained with, as the last node and "
+        "re-export it"
     )

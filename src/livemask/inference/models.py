@@ -66,6 +66,58 @@ class Normalization(BaseModel):
 METHOD_CHANNELS: dict[str, tuple[int, str]] = {
     "seeded-watershed": (2, "foreground, seeds"), "boundary-label": (1, "boundary")}
 
+#: How each method reads the model's channels, in order (for messages).
+METHOD_MEANING: dict[str, str] = {
+    "seeded-watershed": "channel 0 as the foreground probability (high on objects) and "
+    "channel 1 as the seed probability (high only in each object's core)",
+    "boundary-label": "its one channel as the boundary probability (high on the lines "
+    "between objects, low inside them)",
+}
+
+#: Common channel names, by what they mean; ``outputs`` names are only labels, but one of
+#: these in the wrong place says the model's channels are not what the method reads.
+_CHANNEL_ROLES: dict[str, frozenset[str]] = {
+    "foreground": frozenset({"foreground", "fg"}),
+    "seeds": frozenset({"seeds", "seed", "cores", "core", "centers", "center", "centres",
+                        "centre", "markers", "marker"}),
+    "boundary": frozenset({"boundary", "boundaries", "edges", "edge", "contours", "contour"}),
+    "background": frozenset({"background", "bg", "backgrounds"}),
+}
+
+#: The role each method reads from each channel, in order.
+_METHOD_ROLES: dict[str, tuple[str, ...]] = {
+    "seeded-watershed": ("foreground", "seeds"), "boundary-label": ("boundary",)}
+
+
+def _role(name: str) -> str | None:
+    """The meaning a channel name plainly states (``Background`` → background), else None."""
+    key = name.strip().lower().replace("-", "_").replace(" ", "_")
+    return next((role for role, names in _CHANNEL_ROLES.items() if key in names), None)
+
+
+def _misplaced_channels(method: str, outputs: list[str]) -> list[str]:
+    """``outputs`` names that plainly mean another channel than ``method`` reads there."""
+    wrong = []
+    for i, (name, want) in enumerate(zip(outputs, _METHOD_ROLES[method], strict=True)):
+        role = _role(name)
+        if role is not None and role != want:
+            wrong.append(f"channel {i} is {name!r} but {method} reads {want} there")
+    return wrong
+
+
+def _channel_count_advice(count: int) -> str:
+    """What to change when ``outputs`` lists ``count`` channels and the method reads another
+    number: name the method that reads that many, if one does."""
+    fits = [m for m, (n, _) in METHOD_CHANNELS.items() if n == count]
+    if not fits:
+        return (f"no post-processing method reads {count} channels (seeded-watershed reads 2: "
+                "foreground, seeds; boundary-label reads 1: boundary): re-export the model "
+                "with the channels a method reads")
+    method = fits[0]
+    return (f"list one name per channel the model returns, and set postprocessing.method "
+            f"{method} only if it fits them ({method} reads {METHOD_MEANING[method]}); "
+            "otherwise re-export the model with the channels the method reads")
+
 
 class PostProcessing(BaseModel):
     """Defaults for turning the model output into instance labels.
@@ -149,8 +201,14 @@ class ModelCard(BaseModel):
         if len(self.outputs) != need:
             raise ValueError(
                 f"outputs lists {len(self.outputs)} channel(s) ({', '.join(self.outputs)}), "
-                f"but postprocessing.method {method} reads {need} ({names}): list one name "
-                "per channel the model returns, or choose the method that fits them")
+                f"but postprocessing.method {method} reads {need} ({names}): "
+                + _channel_count_advice(len(self.outputs)))
+        wrong = _misplaced_channels(method, self.outputs)
+        if wrong:
+            raise ValueError(
+                f"outputs {self.outputs}: {'; '.join(wrong)}. {method} reads "
+                f"{METHOD_MEANING[method]}: re-export the model with its channels in that "
+                "order and meaning (outputs names are labels: they do not reorder channels)")
         if self.runtime != "classical":  # the others run large frames as tiles
             tile = self.tile_side
             if (tile >= self.size_multiple and 4 * self.tile_overlap_px > tile
@@ -192,10 +250,11 @@ def load_model_card(name_or_path: str | Path) -> ModelCard:
     """Load a shipped model by name (``nuclei``) or any card by path."""
     path = Path(name_or_path)
     if path.suffix.lower() not in (".yaml", ".yml"):
+        _refuse_non_card_path(str(name_or_path))
         path = MODELS_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
             known = ", ".join(c.name for c in list_models()) or "none"
-            raise ModelError(f"unknown model {name_or_path!r}; shipped models: {known} "
+            raise ModelError(f"unknown model {str(name_or_path)!r}; shipped models: {known} "
                              "(or set model.path to your own model card .yaml)")
     if not path.is_file():
         raise ModelError(f"model card {path} does not exist; check model.path")
@@ -226,6 +285,30 @@ def load_model_card(name_or_path: str | Path) -> ModelCard:
         raise ModelError(f"model card {path} names {card.file!r} (field 'file'), which is not "
                          "a file")
     return card
+
+
+def _refuse_non_card_path(text: str) -> None:
+    """ModelError for a path that is not a card (a model file, or no .yaml suffix): only
+    bare names are shipped models."""
+    path = Path(text)
+    is_path = "/" in text or "\\" in text
+    if path.suffix.lower() != ".onnx" and not is_path:
+        return
+    if path.suffix.lower() == ".onnx":
+        card = path.with_suffix(".yaml")
+        if card.is_file():
+            raise ModelError(f"{text} is a model file, not a model card: give its card "
+                             f"{card} as model.path or --model")
+        raise ModelError(
+            f"{text} is a model file, not a model card: write a card next to it, e.g. "
+            f"{card} with `name: {path.stem}` and `file: {path.name}` (copy "
+            f"{MODELS_DIR / 'nuclei.yaml'} and change name, file, outputs and "
+            f"postprocessing, see docs/models.md), and give that card ({card}) as "
+            "model.path or --model")
+    raise ModelError(
+        f"{text} is not a model card: a card is a .yaml or .yml file naming its model file "
+        f"(like {MODELS_DIR / 'nuclei.yaml'}); give the card's path as model.path or "
+        "--model, or a shipped model's name (see `livemask models`)")
 
 
 def _model_file_exists(card: ModelCard) -> bool:

@@ -80,14 +80,40 @@ class OnnxRuntimeBackend:
             raise ModelError("backend used before load(); call load(card) first")
         x = np.ascontiguousarray(batch, self._input_dtype)
         try:
-            (out,) = self._session.run([self._output], {self._input: x})
+            out = self._run_session(x)
         except Exception as exc:  # onnxruntime's own errors (e.g. Concat of mismatched sizes)
             raise ModelError(
                 f"ONNX Runtime failed to run {self._what} on a batch of shape {x.shape}: "
-                f"{exc}. If the network needs its height and width to be multiples of some "
-                "number (each pooling level halves them), set size_multiple in its card to it"
+                f"{exc}{self._size_hint(x)}"
             ) from None
         return np.asarray(out, dtype=np.float32)
+
+    def _run_session(self, x: np.ndarray, *, quiet: bool = False) -> np.ndarray:
+        assert self._session is not None
+        options = None
+        if quiet:  # a probe expected to fail: ONNX Runtime need not log it
+            options = ort.RunOptions()
+            options.log_severity_level = 4
+        (out,) = self._session.run([self._output], {self._input: x}, options)
+        return np.asarray(out)
+
+    def _size_hint(self, x: np.ndarray) -> str:
+        """After a failed run: advice on size_multiple if the model runs the same batch
+        padded to a multiple of a larger power of two (its pooling needed that), else ""
+        (the failure is about something else, e.g. channels). Only runs on failure."""
+        h, w = x.shape[2:]
+        for m in (2 ** k for k in range(1, 8)):
+            if h % m == 0 and w % m == 0:
+                continue
+            padded = np.pad(x, ((0, 0), (0, 0), (0, -h % m), (0, -w % m)))
+            try:
+                self._run_session(padded, quiet=True)
+            except Exception:  # still fails at this size: try the next multiple
+                continue
+            return (f". The network runs at height and width multiples of {m} (it failed at "
+                    f"{h}×{w}, each pooling level halves them): set size_multiple in its card "
+                    f"to {m}")
+        return ""
 
     def close(self) -> None:
         """Drop the session."""

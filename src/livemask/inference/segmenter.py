@@ -10,7 +10,11 @@ import numpy as np
 from livemask.analysis.instances import labels_from_probabilities
 from livemask.analysis.normalize import percentile_normalize
 from livemask.inference.backend import Backend
-from livemask.inference.model_checks import check_batch_input, check_batch_output
+from livemask.inference.model_checks import (
+    check_batch_input,
+    check_batch_output,
+    check_output_range,
+)
 from livemask.inference.models import ModelCard, PostProcessing
 from livemask.inference.tiling import TilePlan, needs_tiling, plan_tiles, predict_tiled
 
@@ -106,6 +110,14 @@ class Segmenter:
         self._check_output(np.shape(out), batch.shape, frame)
         return out
 
+    def _normalize(self, image: np.ndarray) -> np.ndarray:
+        """The image as the model takes it: normalised as its card says (float32)."""
+        norm = self.card.normalization
+        return percentile_normalize(image, norm.low, norm.high,
+                                    min_span_noise=norm.min_span_noise,
+                                    clip=norm.clip_range or False,
+                                    exclude_saturated=norm.exclude_saturated)
+
     def predict(self, image: np.ndarray) -> np.ndarray:
         """Probabilities (C, H, W) for a 2-D image of any size, dtype and range.
 
@@ -115,11 +127,7 @@ class Segmenter:
         """
         if image.ndim != 2:
             raise ValueError(f"expected a 2-D image, got shape {image.shape}")
-        norm = self.card.normalization
-        x = percentile_normalize(image, norm.low, norm.high,
-                                 min_span_noise=norm.min_span_noise,
-                                 clip=norm.clip_range or False,
-                                 exclude_saturated=norm.exclude_saturated)
+        x = self._normalize(image)
         h, w = x.shape
         plan = self.tile_plan((h, w))
         if plan is not None:
@@ -167,9 +175,11 @@ class Segmenter:
         infer/analyse path twice, so its CUDA graphs are captured before the first frame.
 
         The backend is warmed up with what :meth:`predict` hands it for such a frame: the
-        frame padded to the card's ``size_multiple``, or its tiles. That input is first run
-        once with its result checked, so a model that does not compute what its card says
-        (or takes another fixed size) raises ModelError here, before the first frame."""
+        frame padded to the card's ``size_multiple``, or its tiles. A test image of that
+        size (:func:`probe_image`, normalised as the card says) is first run once with its
+        result checked, so a model that does not compute what its card says (another
+        output shape, values outside [0, 1] such as logits, or another fixed input size)
+        raises ModelError here, before the first frame."""
         plan = self.tile_plan(shape)
         if plan is not None:
             size = plan.tile_shape
@@ -179,7 +189,7 @@ class Segmenter:
         frame = (int(shape[0]), int(shape[1]))
         for n in sorted(set(plan.batch_sizes) if plan is not None else {1}):
             self._check_input((n, 1, *size), frame)  # every batch shape this frame sends
-        self._run(np.zeros((1, 1, *size), dtype=np.float32), frame)
+        self.check_output((int(size[0]), int(size[1])), frame)
         self.backend.warmup(size)
         if self._device is not None:
             self._device.prepare(shape, self._label_params())
@@ -187,6 +197,16 @@ class Segmenter:
             image[::7, ::5] = 1000  # not flat, so the model sees a real range
             for _ in range(2):
                 self.analyse(self.infer(image), image)
+
+    def check_output(
+        self, size: tuple[int, int], frame: tuple[int, int] | None = None
+    ) -> None:
+        """Run :func:`probe_image` of ``size`` (H, W, a size the model takes) through the
+        card's normalisation and the model once; ModelError unless the output has the shape
+        the card says and holds probabilities in [0, 1]. One model call."""
+        batch = self._normalize(probe_image(size))[None, None]
+        out = self._run(batch, frame)
+        check_output_range(self.card, out, batch.shape, frame)
 
     def infer(self, image: np.ndarray) -> np.ndarray | DeviceProbabilities:
         """The pipeline's inference stage: :meth:`predict`, or on the device path the
@@ -235,3 +255,17 @@ class Segmenter:
     def segment(self, image: np.ndarray) -> np.ndarray:
         """Instance labels for one 2-D image."""
         return self.labels(self.predict(image))
+
+
+def probe_image(shape: tuple[int, int]) -> np.ndarray:
+    """A deterministic, non-flat uint16 test image of ``shape``: bright spots on a dim
+    ramp, with noise, so that after normalisation a model sees the whole range (cheap: a
+    small noise patch tiled, no per-pixel random draws)."""
+    h, w = shape
+    rows = np.sin(np.arange(h, dtype=np.float32) * np.float32(0.35)) > 0.7
+    cols = np.sin(np.arange(w, dtype=np.float32) * np.float32(0.35)) > 0.7
+    noise = np.random.default_rng(0).standard_normal((64, 64), dtype=np.float32) * 20.0
+    image = np.tile(noise, (-(-h // 64), -(-w // 64)))[:h, :w]
+    image += np.linspace(100.0, 400.0, w, dtype=np.float32)[None, :]
+    np.add(image, 1500.0, out=image, where=rows[:, None] & cols[None, :])
+    return np.clip(image, 0, 65535).astype(np.uint16)

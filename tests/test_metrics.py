@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import threading
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -15,7 +18,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from livemask.config import ServiceConfig
 from livemask.errors import ConfigError
 from livemask.service.app import Service
-from livemask.service.metrics import MetricsServer, StatusCollector, metric_families
+from livemask.service.metrics import (
+    MetricsServer,
+    ScrapeError,
+    StatusCollector,
+    metric_families,
+)
 from tests.conftest import make_config
 from tests.test_service import collect_run
 
@@ -86,7 +94,7 @@ def test_metric_families_from_a_status_snapshot() -> None:
     assert got[("livemask_frames_publish_failed_total", ())] == 2
     assert got[("livemask_queue_depth", (("stage", "infer"),))] == 2
     assert got[("livemask_queue_depth", (("stage", "analyse"),))] == 1
-    key = ("livemask_stage_latency_seconds", (("quantile", "0.99"), ("stage", "infer")))
+    key = ("livemask_stage_latency_seconds", (("percentile", "99"), ("stage", "infer")))
     assert got[key] == pytest.approx(0.04)
     assert not any(
         k[0] == "livemask_stage_latency_seconds" and ("stage", "end_to_end") in k[1] for k in got
@@ -97,15 +105,41 @@ def test_metric_families_from_a_status_snapshot() -> None:
     assert got[("livemask_gc_pause_seconds_total", (("generation", "1"),))] == pytest.approx(0.002)
     info = [k for k in got if k[0] == "livemask_info"]
     assert len(info) == 1
-    assert ("model", "nuclei") in info[0][1] and ("mode", "free-run") in info[0][1]
+    assert ("model", "nuclei") in info[0][1]
     assert len(metric_families({})) >= 1  # an empty snapshot is fine too
 
 
-def test_a_failing_status_gives_an_empty_scrape_not_an_error() -> None:
+def test_metric_types_follow_the_prometheus_conventions() -> None:
+    """Before: a gauge with the ``quantile`` label (reserved for summaries, which also have
+    _sum and _count) and an info whose state/mode labels changed at runtime (a new series
+    each time; joins on it broke)."""
+    families = {f.name: f for f in text_string_to_metric_families(exposition(lambda: STATUS))}
+    latency = families["livemask_stage_latency_seconds"]
+    assert latency.type == "gauge"
+    assert all("quantile" not in s.labels for s in latency.samples)
+    assert {s.labels["percentile"] for s in latency.samples} == {"50", "95", "99"}
+    (info,) = families["livemask_info"].samples  # (an info reads back as a gauge)
+    assert info.labels == {
+        "version": "0.1.0", "model": "nuclei", "backend": "onnxruntime", "device": "cpu",
+    }
+    for name, current in (("state", "running"), ("mode", "free-run")):
+        family = families[f"livemask_{name}"]
+        assert family.type == "gauge"
+        values = {s.labels[name]: s.value for s in family.samples}
+        assert values[current] == 1 and sum(values.values()) == 1
+    assert set(values) == {"free-run", "pipelined", "synchronized"}
+    got = samples(exposition(lambda: {**STATUS, "state": "idle", "mode": "synchronized"}))
+    assert got[("livemask_state", (("state", "idle"),))] == 1
+    assert got[("livemask_state", (("state", "running"),))] == 0
+    assert got[("livemask_mode", (("mode", "synchronized"),))] == 1
+
+
+def test_a_failing_status_fails_the_scrape() -> None:
     def broken() -> dict[str, Any]:
         raise RuntimeError("boom")
 
-    assert "livemask_frames" not in exposition(broken)
+    with pytest.raises(ScrapeError, match=r"could not read the service status: RuntimeError"):
+        exposition(broken)
 
 
 async def test_collect_on_the_loop_thread_reads_status_directly() -> None:
@@ -191,9 +225,11 @@ async def test_service_serves_metrics_that_match_its_status() -> None:
         for stage in ("infer", "analyse", "publish"):
             assert ("livemask_queue_depth", (("stage", stage),)) in got
         for stage in ("infer", "analyse", "publish", "end_to_end"):
-            for q in ("0.5", "0.95", "0.99"):
-                key = ("livemask_stage_latency_seconds", (("quantile", q), ("stage", stage)))
+            for q in ("50", "95", "99"):
+                key = ("livemask_stage_latency_seconds", (("percentile", q), ("stage", stage)))
                 assert got[key] >= 0
+        assert got[("livemask_state", (("state", status["state"]),))] == 1
+        assert got[("livemask_mode", (("mode", "free-run"),))] == 1
         assert got[("livemask_acquisitions_finished_total", ())] == 1
         for generation in ("0", "1", "2"):
             assert (
@@ -207,19 +243,86 @@ async def test_service_serves_metrics_that_match_its_status() -> None:
     MetricsServer(lambda: STATUS, port=port).start().close()  # a restart can bind it again
 
 
-def test_a_stuck_service_loop_times_the_scrape_out() -> None:
+@contextlib.contextmanager
+def stuck_loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """An event loop running on a thread, busy (blocked) until the block ends."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     running, release = threading.Event(), threading.Event()
     try:
         loop.call_soon_threadsafe(running.set)
-        loop.call_soon_threadsafe(release.wait, 5.0)  # then the loop is busy
+        loop.call_soon_threadsafe(release.wait, 10.0)  # then the loop is busy
         assert running.wait(5.0)
-        collector = StatusCollector(lambda: STATUS, loop=loop, timeout_s=0.2)
-        assert list(collector.collect()) == []
+        yield loop
     finally:
         release.set()
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         loop.close()
+
+
+def test_a_stuck_service_loop_times_the_scrape_out() -> None:
+    with stuck_loop() as loop:
+        collector = StatusCollector(lambda: STATUS, loop=loop, timeout_s=0.2)
+        with pytest.raises(ScrapeError, match=r"did not answer within 0\.2 s"):
+            list(collector.collect())
+
+
+def test_a_scrape_the_service_cannot_answer_is_a_503() -> None:
+    """Before, HTTP 200 with an empty body: Prometheus' ``up`` stayed 1 while the service's
+    event loop was stuck."""
+    with stuck_loop() as loop, MetricsServer(
+        lambda: STATUS, port=0, loop=loop, timeout_s=0.2
+    ) as server:
+        assert server.url is not None
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(server.url, timeout=10)
+        assert err.value.code == 503
+        assert b"did not answer within 0.2 s" in err.value.read()
+
+
+def test_an_idle_client_is_dropped_and_does_not_hold_up_close() -> None:
+    """A connection that sent nothing held its thread for ever (300 idle connections: 316
+    threads), and ``close()`` waited for it."""
+    with (
+        MetricsServer(lambda: STATUS, port=0, client_timeout_s=0.3) as server,
+        socket.create_connection(("127.0.0.1", server.port), timeout=10) as idle,
+    ):
+        assert idle.recv(1) == b""  # the service closed it
+    server = MetricsServer(lambda: STATUS, port=0, client_timeout_s=60).start()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10):
+        _scrape(str(server.url))  # the idle connection is being served
+        closing = threading.Thread(target=server.close)
+        closing.start()
+        closing.join(10)
+        assert not closing.is_alive()
+
+
+def test_connections_beyond_the_limit_are_closed_unanswered() -> None:
+    with MetricsServer(lambda: STATUS, port=0, max_connections=2) as server:
+        url, port = str(server.url), server.port
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as extra,
+            contextlib.suppress(ConnectionResetError, BrokenPipeError),  # closed: fine too
+        ):
+            extra.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            assert extra.recv(1) == b""  # closed unanswered (not a timeout)
+        for sock in held:
+            sock.close()
+        deadline = time.monotonic() + 10  # their threads see the close, then free the slots
+        while True:
+            try:
+                assert "livemask_frames_acquired_total" in _scrape(url)
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.monotonic() < deadline
+
+
+@pytest.mark.parametrize("address", ["not an address", "192.0.2.1"])
+def test_a_wrong_metrics_address_is_named_not_the_port(address: str) -> None:
+    """Before, every bind error said "Choose another metrics.port"."""
+    with pytest.raises(ConfigError, match=r"Choose another metrics\.address") as err:
+        MetricsServer(lambda: STATUS, address=address, port=0).start()
+    assert "metrics.port" not in str(err.value)

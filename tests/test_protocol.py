@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from livemask import protocol
 from livemask.errors import CommandError, ProtocolError
@@ -372,6 +373,79 @@ def test_peek_request_id() -> None:
     assert protocol.peek_request_id(b"{oops") is None
     assert protocol.peek_request_id(b'{"id": 9223372036854775807}') == 2**63 - 1
     assert protocol.peek_request_id(b'{"id": 9223372036854775808}') is None  # beyond 64 bits
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        (b'{"id": 1, "cmd": "status", "cmd": "stop"}', "cmd"),
+        (b'{"cmd": "set", "args": {"exposure_ms": 10, "exposure_ms": 5000}}', "exposure_ms"),
+        (b'{"cmd": "enqueue", "args": {"events": [{"x_pos": 1, "y_pos": 2, "x_pos": 900}]}}',
+         "x_pos"),
+    ],
+)
+def test_a_repeated_key_at_any_depth_is_bad_json(raw: bytes, key: str) -> None:
+    """Before, the last one won: ``{"cmd": "status", "cmd": "stop"}`` stopped the run."""
+    with pytest.raises(CommandError) as info:
+        parse_request(raw)
+    assert info.value.code == protocol.BAD_JSON
+    assert f"repeats the key {key!r}" in info.value.message
+    assert protocol.peek_request_id(raw) is None
+    with pytest.raises(ProtocolError, match=r"repeats the key 'ok'"):
+        parse_reply(b'{"id": 1, "ok": false, "ok": true, "result": 1}')
+
+
+def test_an_id_with_a_lone_surrogate_is_refused_before_anything_runs() -> None:
+    """Valid JSON, but no reply can carry it: before, the command ran, then the reply
+    failed (``internal``, id null)."""
+    raw = b'{"id": "ab\\ud800", "cmd": "stop"}'
+    with pytest.raises(CommandError) as info:
+        parse_request(raw)
+    assert info.value.code == protocol.BAD_REQUEST
+    assert info.value.message.startswith("id: 'ab\\ud800' holds a lone UTF-16 surrogate")
+    assert protocol.peek_request_id(raw) is None
+    json.loads(error_reply(None, info.value.code, info.value.message))  # the reply encodes
+    pair = parse_request(b'{"id": "\\ud83d\\ude00", "cmd": "stop"}')  # a whole emoji
+    assert pair.id == "\U0001f600"
+
+
+def test_many_unknown_fields_or_arguments_get_one_short_bad_request() -> None:
+    """800,000 unknown keys held the event loop for seconds while pydantic reported each one,
+    in a 33 MB reply."""
+    n = 100_000
+    keys = b",".join(b'"k%d": 1' % i for i in range(n))
+    for raw, start in (
+        (b'{"id": 1, "cmd": "status", "args": {' + keys + b"}}", "args: 100000 arguments"),
+        (b'{"id": 1, "cmd": "status", ' + keys + b"}", "k0: not a request field"),
+    ):
+        with pytest.raises(CommandError) as info:
+            parse_request(raw)
+        assert info.value.code == protocol.BAD_REQUEST
+        assert info.value.message.startswith(start)
+        assert len(info.value.message) < 300
+    assert "and 99990 more" in info.value.message
+    args = {f"a{i}": i for i in range(protocol.MAX_ARGS)}
+    assert parse_request(protocol.encode_request(1, "x", args)).args == args
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def test_a_validation_error_lists_ten_problems_and_counts_the_rest() -> None:
+    with pytest.raises(ValidationError) as info:
+        _Strict.model_validate({f"k{i}": 1 for i in range(5000)})
+    text = protocol.format_validation_error(info.value)
+    assert text.startswith("k0: Extra inputs are not permitted; k1: ")
+    assert text.count("Extra inputs") == protocol.MAX_LISTED_ERRORS
+    assert text.endswith("; and 4990 more")
+
+
+def test_an_error_reply_cuts_a_long_message() -> None:
+    err = json.loads(error_reply(3, protocol.INVALID_ARGS, "x" * 10_000))
+    message = err["error"]["message"]
+    assert message == "x" * protocol.MAX_ERROR_MESSAGE_CHARS + "... (8000 more characters)"
+    assert json.loads(error_reply(3, "internal", "short"))["error"]["message"] == "short"
 
 
 def test_an_error_reply_is_always_encodable() -> None:

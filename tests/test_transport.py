@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import zmq
 import zmq.asyncio
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from livemask import protocol
 from livemask.client import AsyncSubscriber, ControlClient, Subscriber
@@ -430,8 +430,24 @@ class SetArgs(BaseModel):
     exposure_ms: float
 
 
+class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StrictArgs(BaseModel):
+    """Arguments checked as the service's commands check theirs: unknown ones refused."""
+
+    model_config = ConfigDict(extra="forbid")
+    options: Options
+
+
+HANDLED: list[str] = []
+"""Commands the stand-in handler ran."""
+
+
 async def handler(cmd: str, args: dict[str, Any]) -> Any:
     """A small command set standing in for the service."""
+    HANDLED.append(cmd)
     if cmd == "status":
         return {"state": "idle", "frames": np.int64(3)}
     if cmd == "echo":
@@ -440,6 +456,8 @@ async def handler(cmd: str, args: dict[str, Any]) -> Any:
         raise CommandError(protocol.INVALID_STATE, "already running; send stop first")
     if cmd == "set":
         return SetArgs.model_validate(args).model_dump()
+    if cmd == "strict":
+        return StrictArgs.model_validate(args).model_dump()
     if cmd == "boom":
         raise RuntimeError("handler exploded")
     if cmd == "slow":
@@ -618,6 +636,64 @@ async def test_an_id_beyond_64_bits_gets_its_one_reply(
     await req.send(b'{"id": 9223372036854775807, "cmd": "echo", "args": {"n": 2}}')
     reply = json.loads(await asyncio.wait_for(req.recv(), 10))
     assert reply == {"id": 2**63 - 1, "ok": True, "result": {"n": 2}}
+
+
+async def ask(req: Any, raw: bytes) -> tuple[bytes, dict[str, Any]]:
+    """Send one raw request on a REQ socket; its raw and parsed reply."""
+    await req.send(raw)
+    reply = await asyncio.wait_for(req.recv(), 30)
+    return reply, json.loads(reply)
+
+
+async def test_a_request_with_100000_unknown_keys_gets_a_short_reply(
+    server: ControlServer, raw_socket: Any
+) -> None:
+    """800,000 unknown keys held the event loop for 9 s while each was reported, in a
+    32.7 MB reply. Now too many arguments are refused before any command sees them, and a
+    validation error lists ten problems."""
+    req = raw_socket(zmq.REQ, server.bound_address)
+    keys = b",".join(b'"k%d": 1' % i for i in range(100_000))
+    raw, reply = await ask(req, b'{"id": 5, "cmd": "strict", "args": {' + keys + b"}}")
+    assert len(raw) < 300
+    assert reply["id"] == 5 and reply["error"]["code"] == "bad_request"
+    assert reply["error"]["message"].startswith("args: 100000 arguments; a command takes at")
+    nested = b'{"id": 6, "cmd": "strict", "args": {"options": {' + keys + b"}}}"
+    raw, reply = await ask(req, nested)
+    assert len(raw) < 1000
+    assert reply["id"] == 6 and reply["error"]["code"] == "invalid_args"
+    message = reply["error"]["message"]
+    assert message.startswith("options.k0: Extra inputs are not permitted; options.k1: ")
+    assert message.endswith("; and 99990 more")
+
+
+async def test_a_repeated_key_is_refused_and_nothing_runs(
+    server: ControlServer, raw_socket: Any
+) -> None:
+    """``{"cmd": "status", "cmd": "stop"}`` stopped the acquisition (the last one won)."""
+    req = raw_socket(zmq.REQ, server.bound_address)
+    HANDLED.clear()
+    _, reply = await ask(req, b'{"id": 1, "cmd": "status", "cmd": "stop"}')
+    assert reply["error"]["code"] == "bad_json"
+    assert "repeats the key 'cmd'" in reply["error"]["message"]
+    _, reply = await ask(req, b'{"id": 2, "cmd": "echo", "args": {"a": {"b": 1, "b": 2}}}')
+    assert reply["error"]["code"] == "bad_json" and "'b'" in reply["error"]["message"]
+    assert HANDLED == []
+
+
+async def test_an_id_no_reply_can_carry_is_refused_before_the_command_runs(
+    server: ControlServer, raw_socket: Any
+) -> None:
+    """A lone surrogate is valid JSON: before, ``stop`` ran, then its reply could not be
+    encoded and an ``internal`` error with id null came back."""
+    req = raw_socket(zmq.REQ, server.bound_address)
+    HANDLED.clear()
+    _, reply = await ask(req, b'{"id": "\\ud800", "cmd": "stop"}')
+    assert reply["id"] is None and reply["error"]["code"] == "bad_request"
+    assert reply["error"]["message"].startswith("id: ")
+    assert "lone UTF-16 surrogate" in reply["error"]["message"]
+    assert HANDLED == []
+    _, reply = await ask(req, b'{"id": "\\ud83d\\ude00", "cmd": "echo", "args": {"n": 1}}')
+    assert reply == {"id": "\U0001f600", "ok": True, "result": {"n": 1}}
 
 
 async def test_dealer_peer(server: ControlServer, raw_socket: Any) -> None:

@@ -33,6 +33,7 @@ __all__ = [
     "INTERNAL",
     "INVALID_ARGS",
     "INVALID_STATE",
+    "MAX_ARGS",
     "PROTOCOL_VERSION",
     "TOPICS",
     "UNKNOWN_COMMAND",
@@ -44,10 +45,13 @@ __all__ = [
     "encode_request",
     "error_reply",
     "format_validation_error",
+    "load_request",
     "ok_reply",
     "parse_reply",
     "parse_request",
     "peek_request_id",
+    "request_id",
+    "validate_request",
 ]
 
 PROTOCOL_VERSION = 1
@@ -314,13 +318,32 @@ class ControlRequest(BaseModel):
     args: dict[str, Any] = Field(default_factory=dict)
 
 
+#: Validation errors listed in one message; the rest are counted ("and N more").
+MAX_LISTED_ERRORS = 10
+#: Longest error message a reply carries; longer ones are cut, saying how much was left out.
+MAX_ERROR_MESSAGE_CHARS = 2000
+
+
 def format_validation_error(exc: ValidationError) -> str:
-    """One line per pydantic error: ``field.path: message``."""
+    """``field.path: message`` per pydantic error, joined by ``; ``: the first
+    :data:`MAX_LISTED_ERRORS`, then ``and N more`` (a request with 800,000 unknown keys
+    made a 33 MB reply)."""
+    errors = exc.errors(include_url=False, include_context=False, include_input=False)
     lines = []
-    for err in exc.errors():
+    for err in errors[:MAX_LISTED_ERRORS]:
         loc = ".".join(str(p) for p in err.get("loc", ())) or "(request)"
         lines.append(f"{loc}: {err.get('msg', 'invalid')}")
+    if len(errors) > MAX_LISTED_ERRORS:
+        lines.append(f"and {len(errors) - MAX_LISTED_ERRORS} more")
     return "; ".join(lines)
+
+
+def _shorten(message: str) -> str:
+    """``message`` cut to :data:`MAX_ERROR_MESSAGE_CHARS`, saying how much was left out."""
+    if len(message) <= MAX_ERROR_MESSAGE_CHARS:
+        return message
+    left_out = len(message) - MAX_ERROR_MESSAGE_CHARS
+    return f"{message[:MAX_ERROR_MESSAGE_CHARS]}... ({left_out} more characters)"
 
 
 def _no_constant(name: str) -> Any:
@@ -334,11 +357,29 @@ def _finite_float(text: str) -> float:
     return value
 
 
+class RepeatedKeyError(ValueError):
+    """A JSON object names the same key twice."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook``: the object as a dict; raises :class:`RepeatedKeyError` for a
+    repeated key (Python keeps the last, other parsers the first: which one counts is
+    undefined)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise RepeatedKeyError(key)
+            seen.add(key)
+    return obj
+
+
 def _loads(raw: bytes | bytearray | memoryview) -> Any:
-    """Strict JSON: no NaN/Infinity, no number beyond a float's range; depth and integer
-    size limited by Python's parser."""
+    """Strict JSON: no NaN/Infinity, no number beyond a float's range, no key repeated in an
+    object; depth and integer size limited by Python's parser."""
     return json.loads(bytes(raw).decode("utf-8"), parse_constant=_no_constant,
-                      parse_float=_finite_float)
+                      parse_float=_finite_float, object_pairs_hook=_unique_keys)
 
 
 def _loads_object(raw: bytes | bytearray | memoryview, what: str) -> dict[str, Any]:
@@ -348,6 +389,11 @@ def _loads_object(raw: bytes | bytearray | memoryview, what: str) -> dict[str, A
         raise CommandError(BAD_JSON, f"{what} is not UTF-8: {exc}") from exc
     except RecursionError as exc:
         raise CommandError(BAD_JSON, f"{what} nests too deeply to parse") from exc
+    except RepeatedKeyError as exc:
+        raise CommandError(
+            BAD_JSON,
+            f"{what} repeats the key {_quote(exc.args[0])} in one object; send each key once",
+        ) from exc
     except ValueError as exc:  # JSONDecodeError, NaN/Infinity, integers over 4300 digits
         raise CommandError(BAD_JSON, f"{what} is not valid JSON: {exc}") from exc
     if not isinstance(obj, dict):
@@ -355,21 +401,88 @@ def _loads_object(raw: bytes | bytearray | memoryview, what: str) -> dict[str, A
     return obj
 
 
-def parse_request(raw: bytes | bytearray | memoryview) -> ControlRequest:
-    """Parse and validate one control request.
+#: Fields of a request object.
+REQUEST_FIELDS = ("id", "cmd", "args")
+#: Most arguments one request's ``args`` may hold (no command takes more than a few): 100,000
+#: unknown ones held the event loop for seconds while each was reported.
+MAX_ARGS = 64
 
-    Raises :class:`CommandError` with code :data:`BAD_JSON` (not UTF-8 JSON, or not an
-    object) or :data:`BAD_REQUEST` (wrong fields, or an integer ``id`` beyond 64 bits,
-    which no reply could echo; the message names them).
-    """
-    obj = _loads_object(raw, "request")
+
+def _quote(text: str, limit: int = 40) -> str:
+    """``repr`` of ``text`` cut to ``limit`` characters (lone surrogates escaped)."""
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
+
+
+def _encodable(text: str) -> bool:
+    """Whether ``text`` can be sent as UTF-8 (a lone surrogate, ``"\\ud800"``, cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def load_request(raw: bytes | bytearray | memoryview) -> dict[str, Any]:
+    """The JSON object of one control request, parsed once; raises :class:`CommandError`
+    with code :data:`BAD_JSON` (not UTF-8 JSON, not an object, a repeated key)."""
+    return _loads_object(raw, "request")
+
+
+def request_id(obj: Mapping[str, Any]) -> str | int | None:
+    """The ``id`` of a parsed request that a reply can echo (None for any other)."""
     rid = obj.get("id")
+    if isinstance(rid, str) and _encodable(rid):
+        return rid
+    if isinstance(rid, int) and not isinstance(rid, bool) and fits_64_bits(rid):
+        return rid
+    return None
+
+
+def _check_id(rid: Any) -> None:
     if isinstance(rid, int) and not isinstance(rid, bool) and not fits_64_bits(rid):
         raise CommandError(
             BAD_REQUEST,
             f"id: {rid} does not fit 64 bits; use a string or a whole number from -2**63 to "
             "2**63 - 1",
         )
+    if isinstance(rid, str) and not _encodable(rid):
+        raise CommandError(
+            BAD_REQUEST,
+            f"id: {_quote(rid)} holds a lone UTF-16 surrogate, which no reply can carry; use "
+            "a string of whole characters or a number",
+        )
+
+
+def _check_size(obj: Mapping[str, Any]) -> None:
+    """Refuse unknown fields and oversized ``args`` before pydantic lists each of them."""
+    extra = [key for key in obj if key not in REQUEST_FIELDS]
+    if extra:
+        names = ", ".join(_quote(k) for k in extra[:MAX_LISTED_ERRORS])
+        left = len(extra) - MAX_LISTED_ERRORS
+        more = f" and {left} more" if left > 0 else ""
+        raise CommandError(
+            BAD_REQUEST,
+            f"{extra[0]}: not a request field ({names}{more}); a request has only "
+            '"id", "cmd" and "args"',
+        )
+    args = obj.get("args")
+    if isinstance(args, dict) and len(args) > MAX_ARGS:
+        raise CommandError(
+            BAD_REQUEST,
+            f"args: {len(args)} arguments; a command takes at most {MAX_ARGS} (see "
+            "docs/protocol.md, Commands)",
+        )
+
+
+def validate_request(obj: Mapping[str, Any]) -> ControlRequest:
+    """Validate a parsed request (:func:`load_request`).
+
+    Raises :class:`CommandError` with code :data:`BAD_REQUEST`: wrong or unknown fields,
+    more than :data:`MAX_ARGS` arguments, or an ``id`` no reply could echo (an integer
+    beyond 64 bits, a string with a lone surrogate); the message names them.
+    """
+    _check_id(obj.get("id"))
+    _check_size(obj)
     try:
         return ControlRequest.model_validate(obj)
     except ValidationError as exc:
@@ -379,19 +492,20 @@ def parse_request(raw: bytes | bytearray | memoryview) -> ControlRequest:
         ) from exc
 
 
+def parse_request(raw: bytes | bytearray | memoryview) -> ControlRequest:
+    """Parse and validate one control request (:func:`load_request`, then
+    :func:`validate_request`); raises :class:`CommandError` (``bad_json`` or
+    ``bad_request``)."""
+    return validate_request(load_request(raw))
+
+
 def peek_request_id(raw: bytes | bytearray | memoryview) -> str | int | None:
     """Best-effort ``id`` of a request that may be invalid (for its error reply)."""
     try:
         obj = _loads(raw)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
-    if isinstance(obj, dict):
-        rid = obj.get("id")
-        if isinstance(rid, str) or (
-            isinstance(rid, int) and not isinstance(rid, bool) and fits_64_bits(rid)
-        ):
-            return rid
-    return None
+    return request_id(obj) if isinstance(obj, dict) else None
 
 
 def encode_request(id: str | int, cmd: str, args: Mapping[str, Any]) -> bytes:
@@ -432,8 +546,9 @@ def ok_reply(id: str | int | None, result: Any) -> bytes:
 
 def error_reply(id: str | int | None, code: str, message: str) -> bytes:
     """``{"id", "ok": false, "error": {"code", "message"}}`` as UTF-8 JSON bytes; never
-    raises (an ``id`` that cannot be encoded is sent as null)."""
-    reply = {"id": id, "ok": False, "error": {"code": code, "message": message}}
+    raises (an ``id`` that cannot be encoded is sent as null); a message longer than
+    :data:`MAX_ERROR_MESSAGE_CHARS` is cut, saying how much was left out."""
+    reply = {"id": id, "ok": False, "error": {"code": code, "message": _shorten(message)}}
     try:
         return dumps_json(reply)
     except ProtocolError:

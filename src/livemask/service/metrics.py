@@ -11,7 +11,9 @@ Scrapes are served on a thread of their own by a small WSGI server around
 pointing there, any other path with 404 (``start_http_server`` answers every path). The
 status snapshot is taken on the service's event loop (the pipeline's counters and latency
 windows belong to it), with a timeout, so a scrape never races the pipeline and a stuck
-loop never hangs the scraper.
+loop never hangs the scraper: such a scrape is answered 503, so Prometheus' ``up`` drops to
+0. A client that connects and sends nothing is dropped after ``client_timeout_s``, and at
+most ``max_connections`` are served at once (each holds a thread).
 
 Exposed (all prefixed ``livemask_``):
 
@@ -23,14 +25,15 @@ published,failed,missing,
 publish_failed}_total
 messages_published_total                 counter  topic (handed to the PUB socket)
 queue_depth                              gauge    stage (infer, analyse, publish)
-stage_latency_seconds                    gauge    stage, quantile (0.5, 0.95, 0.99)
+stage_latency_seconds                    gauge    stage, percentile (50, 95, 99)
 acquiring                                gauge
 uptime_seconds                           gauge
 acquisitions_finished_total              counter
 gc_collections_total                     counter  generation (0, 1, 2)
 gc_pause_seconds_total                   counter  generation (0, 1, 2)
-info                                     info     version, model, backend, device,
-                                                  mode, state
+state                                    gauge    state (1 for the current one, else 0)
+mode                                     gauge    mode (1 for the current one, else 0)
+info                                     info     version, model, backend, device
 =======================================  =======  ================================
 
 There is no count of messages dropped: PUB drops for a slow subscriber at its high-water
@@ -38,32 +41,46 @@ mark without telling the sender; subscribers see those drops as ``seq`` gaps.
 ``gc_*`` count Python's garbage collections and the time they held the GIL
 (``livemask.service.gc_policy``). ``stage_latency_seconds`` holds the percentiles over the
 pipeline's latency window (the most recent 2000 analysed frames), the same figures as
-``status.latency_ms``.
+``status.latency_ms``: a gauge with a ``percentile`` label, not a summary, because the window
+has no running sum and count (``quantile`` is reserved for summaries). State and mode change
+while the service runs, so they are gauges of their own; ``info`` keeps the labels that do
+not change (a join on it stays valid).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import logging
 import socket
 import socketserver
 import threading
+import typing
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from livemask.acquisition.mode import Mode
 from livemask.errors import ConfigError
 
 log = logging.getLogger("livemask")
 
-__all__ = ["MetricsServer", "StatusCollector", "metric_families"]
+__all__ = ["MetricsServer", "ScrapeError", "StatusCollector", "metric_families"]
 
 PREFIX = "livemask"
 FRAME_COUNTERS = (
     "acquired", "analysed", "skipped", "published", "failed", "missing", "publish_failed",
 )
-QUANTILES = (("p50", "0.5"), ("p95", "0.95"), ("p99", "0.99"))
+PERCENTILES = (("p50", "50"), ("p95", "95"), ("p99", "99"))
+#: The service's states (``status.state``) and modes; the current one is 1, the others 0.
+STATES = ("starting", "idle", "running", "stopping", "closed")
+MODES: tuple[str, ...] = typing.get_args(Mode)
+#: Seconds a metrics client may stay silent (before its request, or while reading) before
+#: it is dropped: an idle connection held its thread for ever.
+CLIENT_TIMEOUT_S = 10.0
+#: Connections served at once (one thread each); more are closed at once.
+MAX_CONNECTIONS = 32
 
 StatusFn = Callable[[], Mapping[str, Any]]
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Any]
@@ -116,17 +133,7 @@ def metric_families(status: Mapping[str, Any]) -> list[Any]:
     for stage, depth in (status.get("queues") or {}).items():
         queues.add_metric([str(stage)], float(depth))
     out.append(queues)
-    latency = GaugeMetricFamily(
-        f"{PREFIX}_stage_latency_seconds",
-        "Stage latency percentiles over the most recent analysed frames.",
-        labels=["stage", "quantile"],
-    )
-    for stage, pcts in (status.get("latency_ms") or {}).items():
-        for key, q in QUANTILES:
-            value = (pcts or {}).get(key)
-            if value is not None:
-                latency.add_metric([str(stage), q], float(value) / 1e3)
-    out.append(latency)
+    out.append(_latency_family(status.get("latency_ms")))
     if "acquiring" in status:
         out.append(
             GaugeMetricFamily(
@@ -152,13 +159,48 @@ def metric_families(status: Mapping[str, Any]) -> list[Any]:
             )
         )
     out.extend(_gc_families(status.get("gc")))
+    out.extend(_one_hot("state", "The service's state: 1 for the current one.", status, STATES))
+    out.extend(_one_hot("mode", "The acquisition mode: 1 for the current one.", status, MODES))
     info = {
         k: str(status[k])
-        for k in ("version", "model", "backend", "device", "mode", "state")
+        for k in ("version", "model", "backend", "device")
         if status.get(k) is not None
     }
-    out.append(InfoMetricFamily(f"{PREFIX}", "The service's model, backend and mode.", value=info))
+    out.append(
+        InfoMetricFamily(f"{PREFIX}", "The service's version, model and backend.", value=info)
+    )
     return out
+
+
+def _latency_family(latency_ms: Mapping[str, Any] | None) -> Any:
+    """Stage latency percentiles (a gauge: the window has no running sum and count)."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    latency = GaugeMetricFamily(
+        f"{PREFIX}_stage_latency_seconds",
+        "Stage latency percentiles over the most recent analysed frames.",
+        labels=["stage", "percentile"],
+    )
+    for stage, pcts in (latency_ms or {}).items():
+        for key, percentile in PERCENTILES:
+            value = (pcts or {}).get(key)
+            if value is not None:
+                latency.add_metric([str(stage), percentile], float(value) / 1e3)
+    return latency
+
+
+def _one_hot(name: str, doc: str, status: Mapping[str, Any], known: tuple[str, ...]) -> list[Any]:
+    """``livemask_<name>{<name>="..."}``: 1 for the status' value, 0 for the other known
+    ones (none when the status has no such field)."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    current = status.get(name)
+    if current is None:
+        return []
+    family = GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=[name])
+    for value in dict.fromkeys((*known, str(current))):
+        family.add_metric([value], float(value == str(current)))
+    return [family]
 
 
 def _gc_families(gc_report: Mapping[str, Any] | None) -> list[Any]:
@@ -184,11 +226,17 @@ def _gc_families(gc_report: Mapping[str, Any] | None) -> list[Any]:
     return [collections, paused]
 
 
+class ScrapeError(RuntimeError):
+    """The status could not be read for a scrape (answered 503)."""
+
+
 class StatusCollector:
     """A prometheus-client collector reading the service's status at scrape time.
 
     ``status`` is called on ``loop`` (when given and running) and waited for at most
-    ``timeout_s``; a scrape that times out gets no livemask samples and is logged.
+    ``timeout_s``; a scrape that times out, or whose status fails, is logged and raises
+    :class:`ScrapeError` (the HTTP endpoint answers 503: no samples would read as a
+    healthy, idle service).
     """
 
     def __init__(
@@ -230,15 +278,20 @@ class StatusCollector:
             raise
 
     def collect(self) -> Iterator[Any]:
-        """Yield the metric families of the current status."""
+        """Yield the metric families of the current status; raises :class:`ScrapeError`."""
         try:
             status = self.snapshot()
-        except TimeoutError:
+        except TimeoutError as exc:
             log.warning("metrics scrape: the service did not answer within %.1f s", self.timeout_s)
-            return
-        except Exception:
+            raise ScrapeError(
+                f"the service did not answer within {self.timeout_s:.1f} s (its event loop is "
+                "busy)"
+            ) from exc
+        except Exception as exc:
             log.exception("metrics scrape: could not read the service status")
-            return
+            raise ScrapeError(
+                f"could not read the service status: {type(exc).__name__}: {exc}"
+            ) from exc
         yield from metric_families(status)
 
 
@@ -246,7 +299,8 @@ class MetricsServer:
     """The ``/metrics`` HTTP endpoint of one service, with its own registry.
 
     ``port=0`` picks a free port; :attr:`url` tells which. :meth:`close` stops the server
-    thread and releases the port.
+    thread and releases the port. A client silent for ``client_timeout_s`` is dropped; at
+    most ``max_connections`` are served at once, more are closed unanswered.
     """
 
     def __init__(
@@ -257,10 +311,14 @@ class MetricsServer:
         port: int = 9108,
         loop: asyncio.AbstractEventLoop | None = None,
         timeout_s: float = 2.0,
+        client_timeout_s: float = CLIENT_TIMEOUT_S,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         prom = _import_prometheus()
         self.address = address
         self.port = port
+        self.client_timeout_s = client_timeout_s
+        self.max_connections = max_connections
         self.registry = prom.CollectorRegistry(auto_describe=False)
         self.collector = StatusCollector(status, loop=loop, timeout_s=timeout_s)
         self.registry.register(self.collector)
@@ -274,12 +332,11 @@ class MetricsServer:
         prom = _import_prometheus()
         app = _routed(prom.make_wsgi_app(self.registry))
         try:
-            server = _bind(self.address, self.port, app)
+            server = _bind(
+                self.address, self.port, app, self.client_timeout_s, self.max_connections
+            )
         except OSError as exc:
-            raise ConfigError(
-                f"cannot serve metrics on {self.address}:{self.port}: {exc}. Choose another "
-                "metrics.port (0 picks a free one) or set metrics.enabled: false"
-            ) from exc
+            raise _bind_error(self.address, self.port, exc) from exc
         thread = threading.Thread(target=server.serve_forever, name="livemask-metrics", daemon=True)
         thread.start()
         self._server, self._thread = server, thread
@@ -314,13 +371,17 @@ class MetricsServer:
 
 
 def _routed(metrics_app: WsgiApp) -> WsgiApp:
-    """``/metrics`` to prometheus-client's app, ``/`` to a pointer there, the rest 404."""
+    """``/metrics`` to prometheus-client's app (503 when the status cannot be read), ``/`` to
+    a pointer there, the rest 404."""
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         path = environ.get("PATH_INFO") or "/"
         if path.rstrip("/") == METRICS_PATH:
-            return metrics_app(environ, start_response)
-        if path == "/":
+            try:
+                return metrics_app(environ, start_response)
+            except ScrapeError as exc:  # raised before any response was started
+                status, body = "503 Service Unavailable", f"livemask: {exc}; no metrics\n"
+        elif path == "/":
             status, body = "200 OK", f"livemask: the metrics are at {METRICS_PATH}\n"
         else:
             status = "404 Not Found"
@@ -332,20 +393,81 @@ def _routed(metrics_app: WsgiApp) -> WsgiApp:
 
 
 class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
-    """One thread per scrape (a slow client does not hold up the next scrape)."""
+    """One thread per scrape (a slow client does not hold up the next scrape), at most
+    ``max_connections`` at once; more connections are closed unanswered."""
 
     daemon_threads = True
+    block_on_close = False  # close() does not wait for a client that stays connected
+    max_connections = MAX_CONNECTIONS
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._active = 0
+        self._active_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._active_lock:
+            if self._active >= self.max_connections:
+                log.debug("metrics: %d connections open; closing a new one", self._active)
+                self.shutdown_request(request)
+                return
+            self._active += 1
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # the thread did not start
+            self._release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._active_lock:
+            self._active -= 1
 
 
 class _QuietHandler(WSGIRequestHandler):
-    """No access line on stderr per scrape."""
+    """No access line on stderr per scrape; a client silent for ``timeout`` seconds is
+    dropped without a traceback (``timeout`` None held its thread for ever)."""
+
+    timeout = CLIENT_TIMEOUT_S
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except (TimeoutError, ConnectionError):
+            self.close_connection = True
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
-def _bind(address: str, port: int, app: WsgiApp) -> WSGIServer:
+def _bind(
+    address: str, port: int, app: WsgiApp, client_timeout_s: float, max_connections: int
+) -> WSGIServer:
     """A threading WSGI server for ``app`` on ``address:port`` (IPv4 or IPv6)."""
     family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
-    server_class = type("_MetricsServer", (_ThreadingServer,), {"address_family": family})
-    return make_server(address, port, app, server_class=server_class, handler_class=_QuietHandler)
+    server_class = type(
+        "_MetricsServer",
+        (_ThreadingServer,),
+        {"address_family": family, "max_connections": max_connections},
+    )
+    handler_class = type("_Handler", (_QuietHandler,), {"timeout": client_timeout_s})
+    return make_server(address, port, app, server_class=server_class, handler_class=handler_class)
+
+
+def _bind_error(address: str, port: int, exc: OSError) -> ConfigError:
+    """A bind failure naming what to change: the address when it does not resolve or is not
+    this machine's, else the port."""
+    if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+        advice = ("Choose another metrics.address: an address of this machine, e.g. 127.0.0.1 "
+                  "(loopback) or 0.0.0.0 (every interface)")
+    else:
+        advice = "Choose another metrics.port (0 picks a free one)"
+    return ConfigError(
+        f"cannot serve metrics on {address}:{port}: {exc}. {advice}, or set "
+        "metrics.enabled: false"
+    )

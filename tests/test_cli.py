@@ -584,3 +584,147 @@ def test_bench_refuses_a_bad_exposure_before_rendering(value: str) -> None:
     result = runner.invoke(app, ["bench", "--exposure-ms", value, "--frames", "4"])
     assert result.exit_code == 2
     assert "Invalid value for '--exposure-ms'" in _flat(result.output)
+
+
+def _seen_configs(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The configs ``serve`` would run, in order (the service itself is not started)."""
+    from livemask import cli
+
+    seen: list[Any] = []
+
+    async def fake_serve(cfg: Any, **kwargs: Any) -> None:
+        seen.append(cfg)
+
+    monkeypatch.setattr(cli, "_serve", fake_serve)
+    return seen
+
+
+def _config_with_sequence(tmp_path: Path, sequence: str) -> Path:
+    config = tmp_path / "c.yaml"
+    config.write_text(f"hardware: {{config_file: {ROOT / 'hardware' / 'simulated.cfg'}}}\n"
+                      f"acquisition:\n  sequence: {sequence}\n")
+    return config
+
+
+_GRID = "{grid_plan: {rows: 2, columns: 2}, channels: [{config: DAPI, exposure: 10}]}"
+_PHASES = "{time_plan: {phases: [{interval: 0.1, loops: 2}, {interval: 0.2, loops: 2}]}}"
+
+
+@pytest.mark.parametrize(("sequence", "args", "flag", "message"), [
+    (None, ["--frames", "99999999999999999999"], "--frames", "9223372036854775807"),
+    (None, ["--frames", "2", "--interval", "1e300"], "--interval", "must be at most"),
+    (_PHASES, ["--frames", "3"], "--frames", "multi-phase time plan"),
+    (_PHASES, ["--interval", "3"], "--interval", "multi-phase time plan"),
+    (_GRID, ["--interval", "1"], "--interval", "give --frames N too"),
+], ids=["frames-beyond-64-bits", "interval-1e300", "frames-multi-phase",
+        "interval-multi-phase", "interval-without-time-plan"])
+def test_serve_time_lapse_flags_are_checked_like_the_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sequence: str | None, args: list[str],
+    flag: str, message: str,
+) -> None:
+    """Before: a frame count beyond 64 bits opened the hardware, then failed to encode its
+    start event; a huge interval printed pydantic's dump with a URL; --frames on a
+    multi-phase plan blamed a ``loops`` key the user never wrote; and --interval alone on a
+    2x2 grid without a time plan added 170 time points (680 frames)."""
+    seen = _seen_configs(monkeypatch)
+    config = ["--config", str(_config_with_sequence(tmp_path, sequence))] if sequence else []
+    result = runner.invoke(app, ["serve", *config, *args])
+    text = _flat(result.output)
+    assert result.exit_code == 2, text
+    assert seen == []
+    assert f"Invalid value for '{flag}'" in text and message in text
+    assert "pydantic" not in text and "loops: unknown field" not in text
+
+
+def test_serve_frames_adds_a_time_lapse_to_a_sequence_without_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = _seen_configs(monkeypatch)
+    config = str(_config_with_sequence(tmp_path, _GRID))
+    result = runner.invoke(app, ["serve", "-c", config, "--frames", "3", "--interval", "2"])
+    assert result.exit_code == 0, result.output
+    plan = seen[0].acquisition.mda_sequence().time_plan
+    assert plan.loops == 3 and plan.interval.total_seconds() == 2
+    result = runner.invoke(app, ["serve", "--interval", "0.5"])  # the default has a plan
+    assert result.exit_code == 0, result.output
+    plan = seen[1].acquisition.mda_sequence().time_plan
+    assert plan.loops == 170 and plan.interval.total_seconds() == 0.5
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    ("LIVEMASK_LOG_LEVEL", "verbose"), ("LIVEMASK_MM_LOG_LEVEL", "loud"),
+])
+@pytest.mark.parametrize("command", [["serve"], ["segment", "in.tif", "-o", "out.tif"],
+                                     ["dashboard", "--listen", "127.0.0.1:0"]])
+def test_a_bad_log_variable_is_a_one_line_error(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, command: list[str]
+) -> None:
+    """Before, a traceback and exit code 1 in every command."""
+    monkeypatch.setenv(variable, value)
+    result = runner.invoke(app, command)
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert f"error: {variable}='{value}' is not a log level" in result.output
+
+
+def test_record_dir_is_kept_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before, ``--record rec1`` stayed relative in the run's config.yaml, and a replay with
+    that config.yaml (relative record paths resolve beside the YAML) recorded into
+    rec1/run-X/rec1/run-Y."""
+    import yaml
+
+    from livemask.config import load_config
+
+    seen = _seen_configs(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["serve", "--record", "rec1"])
+    assert result.exit_code == 0, result.output
+    assert seen[0].record.path == tmp_path / "rec1"
+    run = tmp_path / "rec1" / "run-1"  # the recorder writes the config as YAML there
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(seen[0].model_dump(mode="json")))
+    assert load_config(run / "config.yaml").record.path == tmp_path / "rec1"
+
+
+def test_models_columns_are_aligned() -> None:
+    from livemask.inference.models import list_models
+
+    cards = list_models()
+    width = max(len(card.name) for card in cards)
+    assert width > 12  # grains_classical
+    result = runner.invoke(app, ["models"])
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    assert len(lines) == len(cards)
+    for card, line in zip(cards, lines, strict=True):
+        assert line[:width].rstrip() == card.name and line[width:].startswith(f" {card.task} ")
+
+
+@pytest.mark.timeout(60)
+def test_sighup_stops_the_service_in_order(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before, closing the terminal or SSH session (SIGHUP) killed the service on the spot:
+    no orderly stop, recordings not closed, devices not unloaded."""
+    import asyncio
+
+    from livemask.cli import _serve
+    from livemask.service import app as service_app
+
+    made = _spy_services(monkeypatch)
+
+    async def hang_up(self: Any) -> None:
+        handler = signal.getsignal(signal.SIGHUP)
+        assert handler not in (signal.SIG_DFL, signal.SIG_IGN, None), "SIGHUP would kill it"
+        signal.raise_signal(signal.SIGHUP)
+        for _ in range(500):
+            if self._stop is not None and self._stop.is_set():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("SIGHUP never reached the service")
+
+    monkeypatch.setattr(service_app.Service, "_start_dashboard", hang_up)
+    with caplog.at_level("INFO", logger="livemask"):
+        problem = asyncio.run(_serve(_free_run_config(50), view=False, exit_when_done=False))
+    assert problem is None and made[0].pipeline.acquisition == 0
+    assert "livemask stopped" in caplog.text

@@ -695,3 +695,48 @@ async def test_page_greys_out_when_the_server_is_gone(
         with contextlib.suppress(asyncio.CancelledError):
             await feeder
         await server.close()
+
+
+# ---------------------------------------------------------------- checked settings
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--max-image-px", "0", "greater than or equal to 64"),
+    ("--max-image-px", "-5", "greater than or equal to 64"),
+    ("--max-image-px", "100000", "less than or equal to 4096"),
+    ("--update-hz", "nan", "finite number"),
+    ("--update-hz", "1000", "less than or equal to 30"),
+    ("--update-hz", "0", "greater than 0"),
+])
+def test_standalone_dashboard_flags_have_the_config_bounds(
+    flag: str, value: str, message: str
+) -> None:
+    """Before, they were taken as given (``--max-image-px 0`` then logged a traceback for
+    every frame). The address cannot be served, so a flag that passes fails later."""
+    result = CliRunner().invoke(cli_app, ["dashboard", flag, value, "--listen", "999.1.1.1:0"])
+    text = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2, text
+    assert f"Invalid value for '{flag}'" in text and message in text
+
+
+@pytest.mark.parametrize("update_hz", [float("nan"), float("inf"), 0.0])
+def test_dashboard_server_refuses_an_update_rate_that_is_not_finite(update_hz: float) -> None:
+    with pytest.raises(ConfigError, match=r"dashboard\.update_hz must be a finite number > 0"):
+        DashboardServer("tcp://127.0.0.1:5555", port=0, update_hz=update_hz)
+
+
+@pytest.mark.parametrize("address", ["999.1.1.1", "192.0.2.1"])  # no such name; not ours
+async def test_a_bad_dashboard_address_is_named_not_the_port(address: str) -> None:
+    """Before, "Choose another dashboard.port" also when the address was wrong."""
+    server = DashboardServer("tcp://127.0.0.1:5555", address=address, port=0)
+    with pytest.raises(ConfigError, match=r"Choose another dashboard\.address") as info:
+        await server.start()
+    assert "dashboard.port" not in str(info.value)
+
+
+async def test_a_dashboard_port_in_use_is_named() -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        server = DashboardServer("tcp://127.0.0.1:5555", port=port)
+        with pytest.raises(ConfigError, match=r"Choose another dashboard\.port"):
+            await server.start()

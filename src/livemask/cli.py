@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
 from livemask.acquisition.mode import Mode
-from livemask.config import MAX_THREADS, check_address
-from livemask.errors import LivemaskError
+from livemask.config import DEFAULT_SEQUENCE, MAX_THREADS, DashboardConfig, check_address
+from livemask.errors import ConfigError, LivemaskError
 from livemask.log import setup_logging
+from livemask.protocol import INT64_MAX
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 log = logging.getLogger("livemask")
@@ -117,6 +119,45 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(2)
 
 
+def _setup_logging(*, quiet: bool = False) -> None:
+    """:func:`setup_logging`; a bad ``LIVEMASK_*`` variable is a one-line error (exit 2)."""
+    try:
+        setup_logging(quiet=quiet)
+    except ConfigError as exc:
+        _fail(exc)
+
+
+def _dashboard_field(name: str) -> Callable[[Any], Any]:
+    """A callback: the value within the bounds ``dashboard.<name>`` has in the config."""
+
+    def check(value: Any) -> Any:
+        try:
+            DashboardConfig.model_validate({name: value})
+        except ValidationError as exc:
+            raise typer.BadParameter(
+                f"{exc.errors()[0]['msg']} (as dashboard.{name}), got {value}") from None
+        return value
+
+    return check
+
+
+#: Signals that stop a service or dashboard in order: Ctrl-C, ``kill``, and the terminal or
+#: SSH session it was started from closing.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+#: Longest ``--interval`` (s): what a time plan's interval can hold (999,999,999 days).
+MAX_INTERVAL_S = 999_999_999 * 86_400.0
+
+
+def _plan_interval(value: float | None) -> float | None:
+    """Callback: a finite interval a time plan can hold (the range check already ran)."""
+    value = _finite(value)
+    if value is not None and value > MAX_INTERVAL_S:
+        raise typer.BadParameter(
+            f"must be at most {MAX_INTERVAL_S:.0f} s (999,999,999 days), got {value:g}")
+    return value
+
+
 def _fail_run(problem: str) -> None:
     """Exit 1: the run went to its end, but not every frame was handled."""
     typer.secho(f"error: {problem}", err=True, fg=typer.colors.RED)
@@ -158,8 +199,40 @@ def _apply_service_flags(
         cfg.publish.control_address = control
     if mode:
         cfg.acquisition.mode = mode
-    if record is not None:
-        cfg.record.enabled, cfg.record.path = True, record
+    if record is not None:  # absolute: a reused config.yaml of the run records here too
+        cfg.record.enabled, cfg.record.path = True, record.expanduser().absolute()
+
+
+def _time_lapse(cfg: Any, frames: int | None, interval: float | None) -> None:
+    """Apply ``serve --frames/--interval`` to the sequence's time plan, checked like the
+    config file (``ConfigError``) and refused, naming the flag, where they do not apply."""
+    from livemask.config import parse_config
+
+    seq = dict(cfg.acquisition.sequence)
+    given = seq.get("time_plan")
+    if isinstance(given, list) or (isinstance(given, dict) and "phases" in given):
+        flag = "--frames" if frames is not None else "--interval"
+        raise typer.BadParameter(
+            "the sequence has a multi-phase time plan (acquisition.sequence.time_plan."
+            "phases); set each phase's loops and interval in the config instead",
+            param_hint=f"'{flag}'")
+    if given is None and frames is None:
+        raise typer.BadParameter(
+            "the sequence has no time plan to set the interval of; give --frames N too, to "
+            "add a time-lapse of N time points", param_hint="'--interval'")
+    default = {"interval": DEFAULT_SEQUENCE["time_plan"]["interval"]}
+    plan = dict(given if given is not None else default)
+    if frames is not None:
+        plan["loops"] = frames
+    if interval is not None:
+        plan["interval"] = interval
+    if "loops" in plan and "interval" in plan:  # they fix its length: not a duration
+        plan.pop("duration", None)
+    seq["time_plan"] = plan
+    flags = " ".join(f"{flag} {value}" for flag, value in
+                     (("--frames", frames), ("--interval", interval)) if value is not None)
+    parse_config({"acquisition": {"sequence": seq}}, source=f"sequence with {flags}")
+    cfg.acquisition.sequence = seq
 
 
 @app.command()
@@ -170,9 +243,13 @@ def serve(
     truth: Annotated[bool, typer.Option("--truth", help="Publish simulator ground truth.")] = False,
     mode: ModeOpt = None,
     frames: Annotated[int | None, typer.Option(
-        min=1, help="Override the time-lapse length.")] = None,
+        min=1, max=INT64_MAX,
+        help="Time points: sets the length of the sequence's time plan, or adds a time-lapse "
+        "(every 0.1 s unless --interval) to a sequence without one.")] = None,
     interval: Annotated[float | None, typer.Option(
-        min=0, callback=_finite, help="Override the interval (s).")] = None,
+        min=0, callback=_plan_interval,
+        help="Seconds between time points of the time plan (without one, give --frames "
+        "too).")] = None,
     view: Annotated[bool, typer.Option("--view", help="Show live measurements here.")] = False,
     exit_when_done: Annotated[
         bool, typer.Option("--exit-when-done", help=(
@@ -186,11 +263,11 @@ def serve(
     record: RecordOpt = None,
     dashboard: DashboardOpt = None,
 ) -> None:
-    """Run the service until SIGINT/SIGTERM (exit code 0 after a clean shutdown; see
+    """Run the service until SIGINT/SIGTERM/SIGHUP (exit code 0 after a clean shutdown; see
     --exit-when-done for 1)."""
     from livemask.config import load_config
 
-    setup_logging(quiet=view)
+    _setup_logging(quiet=view)
     try:
         cfg = load_config(config)
         _apply_service_flags(cfg, pub=pub, control=control, mode=mode, record=record)
@@ -204,16 +281,7 @@ def serve(
             host, port = parse_listen(dashboard)
             cfg.dashboard.enabled, cfg.dashboard.address, cfg.dashboard.port = True, host, port
         if frames is not None or interval is not None:
-            seq = dict(cfg.acquisition.sequence)
-            plan = dict(seq.get("time_plan") or {"interval": 0.1, "loops": 170})
-            if frames is not None:
-                plan["loops"] = frames
-            if interval is not None:
-                plan["interval"] = interval
-            if "loops" in plan and "interval" in plan:  # they fix its length: not a duration
-                plan.pop("duration", None)
-            seq["time_plan"] = plan
-            cfg.acquisition.sequence = seq
+            _time_lapse(cfg, frames, interval)
     except (LivemaskError, ValueError) as exc:
         _fail(exc)
     code = 0
@@ -257,7 +325,7 @@ def _still_to_write(service: Any) -> str | None:
 
 
 class _Interrupts:
-    """SIGINT/SIGTERM: stop the service. During start-up (loading a model, or building a
+    """SIGINT/SIGTERM/SIGHUP: stop the service. During start-up (loading a model, or building a
     TensorRT engine, can take minutes) the stop waits for it to finish, so say so, and let a
     second signal quit at once."""
 
@@ -291,7 +359,7 @@ async def _serve(
     interrupts = _Interrupts()
     stop = interrupts.stop
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, interrupts)
     async with Service(cfg, source=source, stop=stop) as service:
         interrupts.starting = False
@@ -344,7 +412,7 @@ def replay(
     from livemask.acquisition.replay import ReplaySource, open_stack
     from livemask.config import load_config
 
-    setup_logging(quiet=view)
+    _setup_logging(quiet=view)
     try:
         cfg = load_config(config)
         stack = open_stack(path)
@@ -381,13 +449,17 @@ def dashboard_cmd(
     listen: Annotated[str, typer.Option(
         metavar="HOST:PORT", help="Where to serve the page; anything but loopback is public."
     )] = "127.0.0.1:8080",
-    update_hz: Annotated[float, typer.Option(help="Most updates per second.")] = 5.0,
-    max_image_px: Annotated[int, typer.Option(help="Longest image side sent.")] = 512,
+    update_hz: Annotated[float, typer.Option(
+        callback=_dashboard_field("update_hz"),
+        help="Most updates per second (> 0, at most 30).")] = 5.0,
+    max_image_px: Annotated[int, typer.Option(
+        callback=_dashboard_field("max_image_px"),
+        help="Longest image side sent (64 to 4096 px).")] = 512,
 ) -> None:
     """Serve the web dashboard of a service running elsewhere (a subscriber like any other)."""
     from livemask.dashboard.server import DashboardServer, parse_listen
 
-    setup_logging()
+    _setup_logging()
     try:
         host, port = parse_listen(listen)
         server = DashboardServer(connect, address=host, port=port, update_hz=update_hz,
@@ -398,7 +470,7 @@ def dashboard_cmd(
     async def _run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, stop.set)
         async with server:
             typer.echo(f"dashboard of {connect}: {server.url}  (Ctrl-C stops)")
@@ -452,7 +524,7 @@ def segment(
     """Segment an image or a stack offline and write a label TIFF."""
     from livemask.offline import segment_file
 
-    setup_logging()
+    _setup_logging()
     try:
         done = segment_file(input, output, model=model, table=table,
                             pixel_size_um=pixel_size_um, threads=threads)
@@ -487,7 +559,7 @@ def train(
         "--force", help="Allow --out to be the shipped models folder (overwrites them).")] = False,
 ) -> None:
     r"""Train a model on the simulator (needs the train extra: pip install -e '.\[train]')."""
-    setup_logging()
+    _setup_logging()
     # SIGTERM ends a run like Ctrl-C: the output folder is left as it was
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
@@ -562,7 +634,7 @@ def evaluate(
     from livemask.inference.models import load_model_card
     from livemask.offline import load_segmenter
 
-    setup_logging(quiet=True)
+    _setup_logging(quiet=True)
     if (images is None) != (masks is None):
         _fail(ValueError("give both --images and --masks, or neither"))
     try:
@@ -631,7 +703,7 @@ def evaluate_tracking(
     from livemask import tracking_eval as te
     from livemask.offline import load_segmenter
 
-    setup_logging(quiet=True)
+    _setup_logging(quiet=True)
     try:
         segment = None if truth_labels else load_segmenter(model, threads, task="nuclei").segment
         result = te.evaluate_tracking(
@@ -707,7 +779,7 @@ def bench(
 
     from livemask.bench import BenchSettings, format_report, run_bench
 
-    setup_logging(quiet=True)
+    _setup_logging(quiet=True)
     console = Console(stderr=True)
     try:
         settings = BenchSettings(
@@ -737,9 +809,11 @@ def models() -> None:
     """List the shipped models."""
     from livemask.inference.models import list_models
 
-    for card in list_models():
+    cards = list_models()
+    width = max((len(card.name) for card in cards), default=0)
+    for card in cards:
         f1 = card.metrics.get("f1_iou50")
-        typer.echo(f"{card.name:12s} {card.task:8s} {card.architecture}  "
+        typer.echo(f"{card.name:{width}s} {card.task:8s} {card.architecture}  "
                    f"F1@0.5={f1 if f1 is not None else '?'}  ({card.file or card.runtime})")
 
 

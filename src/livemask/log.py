@@ -3,6 +3,7 @@
 ``LIVEMASK_LOG_LEVEL`` (default INFO) and ``LIVEMASK_LOG_FILE`` (default: stderr).
 pymmcore-plus' own logger goes to the same place at ``LIVEMASK_MM_LOG_LEVEL`` (default
 WARNING: it reports hardware faults such as a failed snap or channel change only there).
+A bad value of any of them is a :class:`~livemask.errors.ConfigError` naming the variable.
 """
 
 from __future__ import annotations
@@ -12,7 +13,11 @@ import os
 import sys
 import time
 
+from livemask.errors import ConfigError
+
 LOGGER_NAME = "livemask"
+#: The level names the variables take (any case), besides a number.
+LEVEL_NAMES = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -27,14 +32,44 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+def env_level(variable: str, default: str) -> int:
+    """The log level in environment ``variable`` (a level name in any case, or a number),
+    else ``default``; ``ConfigError`` naming the variable for anything else."""
+    text = os.environ.get(variable, "").strip() or default
+    if text.isdigit():
+        return int(text)
+    level = logging.getLevelNamesMapping().get(text.upper())
+    if level is None:
+        raise ConfigError(
+            f"{variable}={text!r} is not a log level; use one of {', '.join(LEVEL_NAMES)} "
+            "(any case) or a number, e.g. 20 for INFO"
+        )
+    return level
+
+
+def _log_handler() -> logging.Handler:
+    """A handler writing to ``LIVEMASK_LOG_FILE`` (appended), else to stderr."""
+    path = os.environ.get("LIVEMASK_LOG_FILE")
+    if not path:
+        return _StderrHandler()
+    try:
+        return logging.FileHandler(path)
+    except OSError as exc:
+        raise ConfigError(
+            f"LIVEMASK_LOG_FILE={path!r} cannot be opened for writing ({exc.strerror or exc}); "
+            "give a file in an existing, writable folder, or unset it to log to stderr"
+        ) from None
+
+
 def setup_logging(*, quiet: bool = False) -> logging.Logger:
-    """Configure the ``livemask`` logger once; ``quiet`` raises the default level to WARNING."""
+    """Configure the ``livemask`` logger once; ``quiet`` raises the default level to WARNING.
+    ``ConfigError`` (before anything is changed) for a bad ``LIVEMASK_*`` variable."""
     logger = logging.getLogger(LOGGER_NAME)
-    level = os.environ.get("LIVEMASK_LOG_LEVEL", "WARNING" if quiet else "INFO").upper()
+    level = env_level("LIVEMASK_LOG_LEVEL", "WARNING" if quiet else "INFO")
+    env_level("LIVEMASK_MM_LOG_LEVEL", "WARNING")  # checked now, used by route_hardware_log
+    handler = None if logger.handlers else _log_handler()
     logger.setLevel(level)
-    if not logger.handlers:
-        path = os.environ.get("LIVEMASK_LOG_FILE")
-        handler: logging.Handler = logging.FileHandler(path) if path else _StderrHandler()
+    if handler is not None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
@@ -78,10 +113,16 @@ class DropMissingInstallation(logging.Filter):
         return "compatible Micro-Manager installation" not in record.getMessage()
 
 
+#: How pymmcore-plus' runner warns that an acquisition was cancelled: each routine stop.
+MDA_CANCELED = "MDA Canceled:"
+
+
 class HardwareLogFilter(logging.Filter):
     """pymmcore-plus' records, less its "no Micro-Manager installation" error (Python devices
     need none, and a real rig that does fails to load with a message saying so), each
-    message at most once per ``every_s`` seconds (a failing device warns on every event)."""
+    message at most once per ``every_s`` seconds (a failing device warns on every event).
+    Its "MDA Canceled" warning, which every stop (``stop``, SIGINT, SIGTERM) causes, comes as
+    INFO: it is no alarm."""
 
     def __init__(self, every_s: float = 10.0) -> None:
         super().__init__()
@@ -92,6 +133,10 @@ class HardwareLogFilter(logging.Filter):
         message = record.getMessage()
         if not DropMissingInstallation.filter(record):
             return False
+        if message.startswith(MDA_CANCELED) and record.levelno > logging.INFO:
+            if not logging.getLogger(record.name).isEnabledFor(logging.INFO):
+                return False
+            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
         now = time.monotonic()
         shown, repeats = self._last.get(message, (-float("inf"), 0))
         if now - shown < self.every_s:
@@ -115,7 +160,7 @@ def route_hardware_log() -> None:
     if not handlers:
         return
     mm = logging.getLogger("pymmcore-plus")
-    mm.setLevel(os.environ.get("LIVEMASK_MM_LOG_LEVEL", "WARNING").upper())
+    mm.setLevel(env_level("LIVEMASK_MM_LOG_LEVEL", "WARNING"))
     for handler in list(mm.handlers):
         if handler not in handlers:
             mm.removeHandler(handler)

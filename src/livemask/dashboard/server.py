@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import html
 import ipaddress
 import json
 import logging
+import math
 import re
 import socket
 import time
@@ -106,6 +108,16 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _bind_advice(exc: OSError) -> str:
+    """What to change when binding the dashboard failed with ``exc``: the address when it
+    does not resolve or is not this machine's, else the port."""
+    if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+        return ("Choose another dashboard.address / --dashboard HOST:PORT: an address of "
+                "this machine, e.g. 127.0.0.1 (loopback) or 0.0.0.0 (every interface)")
+    return ("Choose another dashboard.port / --dashboard HOST:PORT (port 0 picks a free "
+            "one)")
+
+
 def _csp(host: str) -> str:
     """The Content-Security-Policy of every response; the WebSocket's ``host`` only when it
     is a plain ``name[:port]`` or ``[v6]:port`` (the Host header is the client's text)."""
@@ -175,8 +187,10 @@ class DashboardServer:
         max_image_px: int = 512,
         title: str = "livemask",
     ) -> None:
-        if update_hz <= 0:
-            raise ConfigError("dashboard.update_hz must be > 0")
+        if not (math.isfinite(update_hz) and update_hz > 0):
+            raise ConfigError(f"dashboard.update_hz must be a finite number > 0, got {update_hz}")
+        if max_image_px < 1:
+            raise ConfigError(f"dashboard.max_image_px must be >= 1, got {max_image_px}")
         self.pub_address = pub_address
         self.address = address
         self.port = port
@@ -235,8 +249,8 @@ class DashboardServer:
             sock = socket.create_server(addr, family=family, backlog=64)
         except OSError as exc:
             raise ConfigError(
-                f"cannot serve the dashboard on {self.address}:{self.port}: {exc}. Choose "
-                "another dashboard.port / --dashboard HOST:PORT (port 0 picks a free one)"
+                f"cannot serve the dashboard on {self.address}:{self.port}: {exc}. "
+                f"{_bind_advice(exc)}"
             ) from exc
         self.port = int(sock.getsockname()[1])
         return sock

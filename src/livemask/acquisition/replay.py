@@ -6,6 +6,9 @@
 frame per planned event, on its own thread, with the recorded MDA index and stage position
 (or ``{"t": i}``), paced by ``interval_s`` or the recorded timing, and, in pipelined or
 synchronized mode, waiting for analysis as the microscope does (the same :class:`EventFeed`).
+A recording's frames carry their recorded pixel size (:attr:`RawFrame.pixel_size_um`,
+relative to :attr:`ReplaySource.reference_pixel_size_um`, as a microscope's follow the
+core's). A recording of several acquisitions is played as one (a warning says so).
 A replay cannot move the stage or change the exposure: ``inject`` and
 ``set_exposure`` raise :class:`~livemask.errors.AcquisitionError`.
 
@@ -59,6 +62,10 @@ class ReplayStack:
     positions: Sequence[dict[str, float | None]] | None = None
     times: Sequence[float] | None = None  # seconds since the first frame
     pixel_size_um: float | None = None
+    #: each frame's own pixel size (µm; a recording's, from frames.jsonl), None where unknown
+    pixel_sizes: Sequence[float | None] | None = None
+    #: each frame's recorded acquisition number (a recording's), else None
+    acquisitions: Sequence[int] | None = None
     close: Callable[[], None] = field(default=lambda: None)
 
     def __post_init__(self) -> None:
@@ -71,6 +78,13 @@ class ReplayStack:
     def index(self, i: int) -> dict[str, int]:
         """The MDA index of frame ``i``."""
         return dict(self.indices[i]) if self.indices is not None else {"t": i}
+
+    def pixel_size(self, i: int) -> float | None:
+        """Frame ``i``'s own pixel size (µm), None where the stack has none per frame."""
+        if self.pixel_sizes is None:
+            return None
+        px = self.pixel_sizes[i]
+        return px if px is not None and math.isfinite(px) and px > 0 else None
 
     def position(self, i: int) -> dict[str, float | None]:
         """The stage position of frame ``i`` (None where unknown)."""
@@ -213,20 +227,27 @@ def _open_recording(path: Path) -> ReplayStack:
                     "service stopped abruptly): replaying the frames stored so far", rec.path)
     # one pass over the records, keeping arrays (a long recording has millions of frames);
     # each frame's index and position are read from its record when it is replayed
-    kept, ids_list, acquired = [], [], []
+    kept, ids_list, acquired, numbers = [], [], [], []
+    # recordings from before frames.jsonl had each frame's pixel size: the scale for all
+    per_frame_px = False
     for k, r in enumerate(rec.frames):
         if r.get("stored", True) and int(r["frame_id"]) < rec.images.shape[0]:
+            per_frame_px = per_frame_px or "pixel_size_um" in r
             kept.append(k)
             ids_list.append(int(r["frame_id"]))
             a = r.get("t", {}).get("acquired", r.get("acquired"))
             acquired.append(float(a) if isinstance(a, int | float) else np.nan)
+            n = r.get("acquisition")
+            numbers.append(n if type(n) is int else 0)
     if not kept:
         raise ReplayError(f"recording {rec.path} holds no frames")
     images = rec.images
     ids = np.asarray(ids_list, np.int64)
     at = np.asarray(acquired, np.float64)
     times = None if np.isnan(at).any() else MappedSequence(len(at), lambda i: float(at[i] - at[0]))
-    records = MappedSequence(len(kept), lambda i: rec.frames[kept[i]])
+    acquisitions = np.asarray(numbers, np.int64)
+    _warn_acquisitions(rec.path, acquisitions)
+    records = _LastRecord(lambda i: rec.frames[kept[i]])
 
     # recordings made before every chunk was written (an all-zero frame had none) unchecked
     every_chunk = bool(rec.attributes.get("livemask", {}).get(EVERY_CHUNK_WRITTEN))
@@ -240,10 +261,53 @@ def _open_recording(path: Path) -> ReplayStack:
         rec.path, "recording", len(kept), tuple(images.shape[1:]), np.dtype(images.dtype),
         plane,
         indices=MappedSequence(len(kept), lambda i: {
-            k: int(v) for k, v in records[i].get("index", {}).items()}),
-        positions=MappedSequence(len(kept), lambda i: dict(records[i].get("position") or {})),
+            k: int(v) for k, v in records(i).get("index", {}).items()}),
+        positions=MappedSequence(len(kept), lambda i: dict(records(i).get("position") or {})),
         times=times, pixel_size_um=rec.pixel_size_um,
+        pixel_sizes=MappedSequence(len(kept), lambda i: _size(records(i).get("pixel_size_um")))
+        if per_frame_px else None,
+        acquisitions=MappedSequence(len(kept), lambda i: int(acquisitions[i])),
     )
+
+
+class _LastRecord:
+    """``record(i)``: the frame record ``i``, read once for the index, position and pixel
+    size asked for in a row (each read from frames.jsonl)."""
+
+    def __init__(self, read: Callable[[int], dict[str, Any]]) -> None:
+        self._read = read
+        self._last: tuple[int, dict[str, Any]] | None = None
+
+    def __call__(self, i: int) -> dict[str, Any]:
+        if self._last is None or self._last[0] != i:
+            self._last = (i, self._read(i))
+        return self._last[1]
+
+
+def _size(value: Any) -> float | None:
+    """A recorded pixel size (µm), None when it is not a size."""
+    if isinstance(value, int | float) and math.isfinite(value) and value > 0:
+        return float(value)
+    return None
+
+
+def _warn_acquisitions(path: Path, numbers: np.ndarray) -> None:
+    """Warn that a recording of several acquisitions is replayed as one."""
+    starts = np.flatnonzero(np.diff(numbers)) + 1  # replayed frames that begin another
+    if not len(starts):
+        return
+    log.warning(
+        "recording %s holds %d acquisitions (the next begins at replayed frame %s): a replay "
+        "plays them as ONE acquisition, so tracks (track_id) and the cumulative grain "
+        "statistics run on across their boundaries, where the service started them afresh, "
+        "and the replayed frames all get one acquisition number",
+        path, len(np.unique(numbers)), _some(starts),
+    )
+
+
+def _some(values: np.ndarray, most: int = 10) -> str:
+    """The first ``most`` values, comma-separated (… when there are more)."""
+    return ", ".join(map(str, values[:most])) + (", …" if len(values) > most else "")
 
 
 def _open_zarr(path: Path) -> ReplayStack:
@@ -411,6 +475,12 @@ class ReplaySource(FeedThreadSource):
         self._stop = threading.Event()
 
     @property
+    def reference_pixel_size_um(self) -> float | None:
+        """The pixel size (µm) the frames' own sizes are relative to (a recording's scale),
+        as the core's at open is for a microscope's frames; None when frames have none."""
+        return self.stack.pixel_size_um if self.stack.pixel_sizes is not None else None
+
+    @property
     def frame_shape(self) -> tuple[int, int]:
         """(rows, columns) of the replayed frames."""
         return self.stack.shape
@@ -460,6 +530,7 @@ class ReplaySource(FeedThreadSource):
                     image = stack.plane(i)
                     pos = stack.position(i)
                     index: Any = stack.index(i)
+                    pixel_size = stack.pixel_size(i)
                 except Exception as exc:  # one lost or corrupt frame: skip it, play the rest
                     self._skip(i, exc)
                     if self._in_a_row >= MAX_UNREADABLE_IN_A_ROW or not stack.path.exists():
@@ -471,7 +542,8 @@ class ReplaySource(FeedThreadSource):
                                       y_pos=pos.get("y_um"), z_pos=pos.get("z_um"))
                 assert self.on_frame is not None
                 feed.frame_delivered()
-                self.on_frame(RawFrame(image, event, time.time(), pos, None, origin=feed))
+                self.on_frame(RawFrame(image, event, time.time(), pos, None, origin=feed,
+                                       pixel_size_um=pixel_size))
                 self.emitted += 1
         except Exception as exc:  # any other fault ends the replay like a camera fault
             log.exception("replay of %s failed", stack.path)

@@ -160,6 +160,36 @@ def _scan(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                     ", ".join(map(str, bad[:10])) + (", …" if len(bad) > 10 else ""), good)
 
 
+def _warn_unlisted(run: Path, frames: int, ids: Any, complete: bool) -> None:
+    """Warn about frames on the t axis (``frames`` long) that no frames.jsonl line lists
+    (``ids``: the listed frame ids; ids of frames not on the axis do not count)."""
+    if not isinstance(ids, np.ndarray):  # the zarr attributes' records: any JSON
+        ids = [i for i in ids if type(i) is int]
+    listed = np.unique(np.asarray(ids, np.int64))
+    on_axis = listed[(listed >= 0) & (listed < frames)]
+    missing = frames - len(on_axis)  # (numpy, not a set: millions of frames)
+    if missing <= 0:
+        return
+    # only the last ones are missing: the listed ones on the axis are 0, 1, ... in a row
+    tail = len(on_axis) == 0 or int(on_axis[-1]) == len(on_axis) - 1
+    if tail and not complete:
+        log.warning("%s: the last %d frame(s) on the t axis have no readable line in "
+                    "frames.jsonl and are not read: the recording is still being written, or "
+                    "its recorder was stopped hard (SIGKILL, crash, power cut) before writing "
+                    "them or could not write them (e.g. a full disk: see its log)",
+                    run, missing)
+    elif not complete:
+        log.warning("%s: %d frame(s) on the t axis have no readable line in frames.jsonl "
+                    "and are not read: the recording is not complete, so its recorder was "
+                    "probably stopped hard (SIGKILL, crash, power cut) before writing them "
+                    "(or it could not write them, e.g. a full disk: see its log; or a line "
+                    "is damaged)", run, missing)
+    else:
+        log.warning("%s: %d frame(s) on the t axis have no readable line in frames.jsonl "
+                    "(the recorder could not write it, e.g. a full disk: see its log; or the "
+                    "line is damaged) and are not read", run, missing)
+
+
 def open_recording(path: str | Path) -> Recording:
     """Open a run folder written by :class:`~livemask.recording.Recorder`."""
     import zarr
@@ -184,19 +214,8 @@ def open_recording(path: str | Path) -> Recording:
     if not frames:
         frames = list(attrs.get("livemask", {}).get("frames", []))
         ids = [f.get("frame_id") for f in frames]
-    listed = np.unique(np.asarray([i for i in ids if type(i) in (int, np.int64)], np.int64))
-    unrecorded = int(images.shape[0]) - len(listed)
-    complete = bool(attrs.get("livemask", {}).get("complete"))
-    first = int(images.shape[0]) - unrecorded
-    if unrecorded > 0 and not complete and np.array_equal(listed[:first], np.arange(first)):
-        log.warning("%s: the last %d frame(s) on the t axis have no readable line in "
-                    "frames.jsonl and are not read: the recording is still being written, or "
-                    "its recorder could not write them (e.g. a full disk: see its log)",
-                    run, unrecorded)
-    elif unrecorded > 0:
-        log.warning("%s: %d frame(s) on the t axis have no readable line in frames.jsonl "
-                    "(the recorder could not write it, e.g. a full disk: see its log; or the "
-                    "line is damaged) and are not read", run, unrecorded)
+    _warn_unlisted(run, int(images.shape[0]), ids,
+                   bool(attrs.get("livemask", {}).get("complete")))
     scale = attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]
     pixel = float(scale["scale"][-1]) if scale.get("type") == "scale" else None
     return Recording(run, images, labels, frames, pixel, attrs)

@@ -7,8 +7,8 @@ One run folder holds::
         labels/masks/0/         instance labels of the same shape (0 = background; all 0 when
                                 the frame was not analysed)
     frames.jsonl                one line per written frame: frame_id, acquisition, MDA index,
-                                position,
-                                timestamps, analysed / skipped / failed flags, summary
+                                position, timestamps, analysed / skipped / failed flags,
+                                summary, stored / rows_stored
     measurements.csv            one row per object of every analysed frame
     units.json                  the unit of every measurements.csv column, pixel size
     config.yaml                 the service configuration of the run
@@ -27,12 +27,15 @@ backlog doubles. Each frame grows the
 arrays (the zarr metadata with the new shape is rewritten at once, atomically), then its
 chunks are written, then its CSV rows and its ``frames.jsonl`` line, each whole or not at all
 (:class:`~livemask.recording.files.BlockFile`), so what a reader finds is always a valid
-dataset and the counters say what is on disk. :meth:`Recorder.close` writes everything still
-queued, then the final group attributes (``livemask.complete: true``).
+dataset and the counters say what is on disk. The line says whether the frame's rows were
+written (``rows_stored``), and the frames whose rows were lost are counted.
+:meth:`Recorder.close` writes everything still queued, then the final group attributes
+(``livemask.complete: true``).
 
 Write errors (a full disk, a folder made read-only) never stop the service: the frame is
 counted as rejected, the first error of a run of them goes to ``on_error`` (the service
 publishes it as an ``error`` event), and writing resumes by itself when the disk does. A run
+of errors lasts, file by file, until the file that failed is written again. A run
 folder deleted or moved while recording stops the recording (zarr would silently re-create
 its folders and the side files would be lost): the rest of the run is not recorded, and the
 recording is not marked complete.
@@ -84,14 +87,16 @@ EVERY_CHUNK_WRITTEN = "every_chunk_written"
 OME_VERSION = "0.5"
 
 #: Columns of measurements.csv; MDA index columns are empty when the event had no such axis.
+#: ``fb`` (last, so that the older columns keep their positions) is the feedback action that
+#: took the frame (``livemask.feedback.context.FEEDBACK_INDEX_KEY``), empty for planned ones.
 CSV_COLUMNS: tuple[str, ...] = (
     "frame_id", "acquisition", "time_s", "t", "p", "c", "z", "g", "x_um", "y_um", "z_um",
     "label", "track_id", "parent_track_id", "area_px", "area_um2", "centroid_y", "centroid_x",
     "bbox_min_row", "bbox_min_col", "bbox_max_row", "bbox_max_col",
     "mean_intensity", "integrated_intensity", "equivalent_diameter_um", "eccentricity",
-    "touches_edge",
+    "touches_edge", "fb",
 )
-_INDEX_AXES = ("t", "p", "c", "z", "g")
+_INDEX_AXES = ("t", "p", "c", "z", "g", "fb")
 _SPLIT = {"centroid_yx": ("centroid_y", "centroid_x"),
           "bbox": ("bbox_min_row", "bbox_min_col", "bbox_max_row", "bbox_max_col")}
 
@@ -101,6 +106,8 @@ def column_units(units: Mapping[str, str]) -> dict[str, str]:
     out = {"frame_id": "1", "acquisition": "1 (number; MDA index and track_id restart with each)",
            "time_s": "s (since the recording started)",
            **{a: "1 (MDA index)" for a in _INDEX_AXES},
+           "fb": "1 (MDA index: the action_id of the feedback action that took the frame; "
+                 "empty for planned frames)",
            "x_um": "µm", "y_um": "µm", "z_um": "µm", "track_id": "1", "parent_track_id": "1"}
     for key, unit in units.items():
         for col in _SPLIT.get(key, (key,)):
@@ -180,12 +187,19 @@ class _Counts:
     rejected: int = 0
     events: int = 0
     rows: int = 0
+    rows_lost: int = 0  # frames whose measurement rows could not be written
     errors: deque[str] = field(default_factory=lambda: deque(maxlen=5))  # the last ones
     errors_total: int = 0
 
 
 #: While writes keep failing, a summary line is logged every this many errors.
 ERROR_LOG_EVERY = 100
+
+#: Frames still queued at close are announced as a warning (else at INFO) when writing them
+#: should take longer than this (at the writer's recent pace) ...
+CLOSE_BACKLOG_WARN_S = 2.0
+#: ... or when they are more than this many MB.
+CLOSE_BACKLOG_WARN_MB = 256.0
 
 
 _STOP = object()
@@ -232,7 +246,9 @@ class Recorder:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._on_error = on_error
-        self._failing = False  # the last write failed (on_error was told)
+        # the parts (files) whose last write failed; on_error was told when the first failed
+        self._failing: set[str] = set()
+        self._frame_write_s: float | None = None  # recent seconds per frame written
         self._logged_errors = RepeatedErrors(log, every=ERROR_LOG_EVERY)
         self._lost: str | None = None  # why the run folder can no longer be written to
         self._folder_id: tuple[int, int] | None = None  # (device, inode) of the run folder
@@ -299,8 +315,7 @@ class Recorder:
         if self._thread is None:
             return
         if self._queued_frames:
-            log.warning("recorder: writing the %d queued frames (%.0f MB) to %s before "
-                        "closing", self._queued_frames, self._queued_bytes / 2**20, self.path)
+            self._log_backlog_at_close()
         self._queue.put(_STOP)
         left, since = self._queued_frames, time.monotonic()
         while self._thread.is_alive() and time.monotonic() - since < timeout_s:
@@ -313,13 +328,26 @@ class Recorder:
                       self._queued_frames, timeout_s, self.path)
             return
         c = self.counts
+        rows_lost = (f"; the measurement rows of {c.rows_lost} frame(s) could not be written "
+                     "(rows_stored: false in frames.jsonl)" if c.rows_lost else "")
         log.log(
-            logging.WARNING if c.rejected or c.errors_total else logging.INFO,
+            logging.WARNING if c.rejected or c.errors_total or c.rows_lost else logging.INFO,
             "recording closed: %d frames written (%d analysed, %d skipped, %d failed, "
-            "%d rejected) of %s acquired, %d measurement rows, in %s",
+            "%d rejected) of %s acquired, %d measurement rows, in %s%s",
             c.written, c.analysed, c.skipped, c.failed, c.rejected,
-            "?" if frames_acquired is None else frames_acquired, c.rows, self.path,
+            "?" if frames_acquired is None else frames_acquired, c.rows, self.path, rows_lost,
         )
+
+    def _log_backlog_at_close(self) -> None:
+        """Say how much is still queued at close: a warning only when it is large or slow
+        (a few frames queued at a clean shutdown are normal)."""
+        frames, mb = self._queued_frames, self._queued_bytes / 2**20
+        per_frame = self._frame_write_s
+        eta_s = None if per_frame is None else frames * per_frame
+        slow = mb > CLOSE_BACKLOG_WARN_MB or (eta_s is not None and eta_s > CLOSE_BACKLOG_WARN_S)
+        log.log(logging.WARNING if slow else logging.INFO,
+                "recorder: writing the %d queued frames (%.0f MB%s) to %s before closing",
+                frames, mb, "" if eta_s is None else f", about {eta_s:.1f} s", self.path)
 
     # ------------------------------------------------------------ sink interface
     def on_frame(self, frame: Frame) -> None:
@@ -382,9 +410,10 @@ class Recorder:
             "frames_queued": self._queued_frames,
             "queued_mb": round(self._queued_bytes / 2**20, 1),
             "measurement_rows": c.rows,
+            "frames_rows_lost": c.rows_lost,
             "errors": list(c.errors),
             "errors_total": c.errors_total,
-            "failing": self._failing,
+            "failing": bool(self._failing),
             "stopped": self._lost,
         }
 
@@ -404,18 +433,25 @@ class Recorder:
                 if self._lost is None:
                     self._grow(frames)
             except Exception as exc:
-                self._error("growing the arrays failed", exc)
+                self._error("growing the arrays failed", exc, part="images")
             for item in batch:
                 try:
                     if item is _STOP:
                         stop = True
                     elif isinstance(item, _FrameItem):
+                        started = time.perf_counter()
                         self._write_frame(item)
+                        self._took(time.perf_counter() - started)
                     else:
                         self._write_event(item)
                 except Exception as exc:  # never let the writer thread die
                     self._error("writing", exc)
         self._finish()
+
+    def _took(self, seconds: float) -> None:
+        """Note how long a frame took to write (a moving average, for close's estimate)."""
+        before = self._frame_write_s
+        self._frame_write_s = seconds if before is None else 0.8 * before + 0.2 * seconds
 
     def _check_folder(self) -> None:
         """Stop recording if the run folder was deleted or moved (once per batch)."""
@@ -424,34 +460,39 @@ class Recorder:
         lost = folder_lost(self.path, self._side_files(), self._folder_id)
         if lost is not None:
             self._lost = lost
-            self._failing = False  # announced even during a run of write errors
+            self._failing.clear()  # announced even during a run of write errors
             self._error("recording stopped", RecordingError(
-                f"{lost}; the rest of the run is not recorded"))
+                f"{lost}; the rest of the run is not recorded"), part="folder")
 
     def _side_files(self) -> list[BlockFile]:
         return [f for f in (self._frames_fh, self._events_fh, self._csv_fh) if f is not None]
 
-    def _error(self, what: str, exc: BaseException) -> None:
+    def _error(self, what: str, exc: BaseException, *, part: str | None = None) -> None:
         """Count and log a write error (a traceback once per kind, then a line every
-        ``ERROR_LOG_EVERY``); tell ``on_error`` about the first of a run of them."""
+        ``ERROR_LOG_EVERY``); tell ``on_error`` about the first of a run of them. ``part``
+        (default ``what``): what failed, e.g. a file; the run lasts until every part that
+        failed was written again (:meth:`_wrote`)."""
         msg = f"{what}: {type(exc).__name__}: {exc}"
         c = self.counts
         c.errors.append(msg)
         c.errors_total += 1
         errno = f"errno {getattr(exc, 'errno', '')}"  # a full disk and a lost folder differ
         self._logged_errors.error(errno, f"recorder ({self.path}): {what}", exc)
-        if not self._failing:
-            self._failing = True
-            if self._on_error is not None:
-                try:
-                    self._on_error(msg)
-                except Exception:
-                    log.exception("recorder: reporting a write error failed")
+        was_failing = bool(self._failing)
+        self._failing.add(part or what)
+        if not was_failing and self._on_error is not None:
+            try:
+                self._on_error(msg)
+            except Exception:
+                log.exception("recorder: reporting a write error failed")
 
-    def _wrote(self) -> None:
-        """A frame was written whole: a run of errors, if any, is over."""
-        if self._failing:
-            self._failing = False
+    def _wrote(self, *parts: str) -> None:
+        """``parts`` were written: a run of errors, if any, is over once every part that
+        failed was (a frame with no rows to write says nothing about measurements.csv)."""
+        if not self._failing:
+            return
+        self._failing.difference_update(parts)
+        if not self._failing:
             log.warning("recorder (%s): writing again (%d write errors so far)",
                         self.path, self.counts.errors_total)
 
@@ -506,7 +547,6 @@ class Recorder:
         rec = item.record
         fid = int(rec["frame_id"])
         stored = False
-        errors_before = self.counts.errors_total
         self._check_folder()  # (one stat: zarr would re-create a folder moved meanwhile)
         if self._lost is not None:  # nowhere to write to
             self.counts.rejected += 1
@@ -537,21 +577,24 @@ class Recorder:
             if self._masks is not None and item.labels is not None:
                 self._masks[fid] = item.labels.astype(np.int32, copy=False)
             stored = True
+            self._wrote("images")
         except Exception as exc:
-            self._error(f"frame {fid} not stored", exc)
+            self._error(f"frame {fid} not stored", exc, part="images")
             self.counts.rejected += 1
             rec["error"] = rec["error"] or str(exc)
         rec["stored"] = stored
         if not stored:
             self._write_event({"kind": "frame_not_stored", "frame_id": fid,
                                "detail": rec["error"], "t": rec["t"]})
-        if item.objects:  # its measurements stand, even if its image could not be stored
-            self._write_rows(rec, item.objects)
+        # its measurements stand, even if its image could not be stored; written before its
+        # line, which says whether they were (None: the frame has no rows to write)
+        rec["rows_stored"] = None if item.objects is None else self._write_rows(rec, item.objects)
         try:
             assert self._frames_fh is not None
             self._frames_fh.write(json.dumps(rec, default=_jsonable) + "\n")
+            self._wrote("frames.jsonl", "writing")
         except Exception as exc:  # the reader knows a frame by its line: it is lost
-            self._error(f"frames.jsonl line of frame {fid}", exc)
+            self._error(f"frames.jsonl line of frame {fid}", exc, part="frames.jsonl")
             if stored:
                 self.counts.rejected += 1
             stored = rec["stored"] = False
@@ -561,12 +604,10 @@ class Recorder:
             c.analysed += bool(rec["analysed"])
             c.skipped += bool(rec["skipped"])
             c.failed += bool(rec["failed"])
-            if c.errors_total == errors_before:  # every part of it written
-                self._wrote()
         if self._records is not None:
             self._records.append({k: rec[k] for k in (
                 "frame_id", "acquisition", "index", "position", "analysed", "skipped", "failed",
-                "stored")}
+                "stored", "rows_stored")}
                 | {"acquired": rec["t"].get("acquired")})
             if len(self._records) > MAX_ATTRIBUTE_FRAMES:
                 self._records = None  # a long time-lapse: memory and zarr.json stay small
@@ -580,10 +621,13 @@ class Recorder:
             self._queued_frames -= 1
             self._queued_bytes -= item.nbytes
 
-    def _write_rows(self, rec: dict[str, Any], objects: list[dict[str, Any]]) -> None:
-        """A frame's measurement rows, written as one block (all of them or none)."""
+    def _write_rows(self, rec: dict[str, Any], objects: list[dict[str, Any]]) -> bool:
+        """A frame's measurement rows, written as one block (all of them or none); whether
+        they were (lost ones are counted in ``rows_lost``)."""
+        if not objects:
+            return True  # nothing to write: nothing lost
         if self._csv_fh is None:
-            return
+            return False
         acquired = rec["t"].get("acquired")
         base: dict[str, Any] = {
             "frame_id": rec["frame_id"],
@@ -603,9 +647,14 @@ class Recorder:
                         row.update(zip(cols, values, strict=False))
                 writer.writerow(row)
             self._csv_fh.write(block.getvalue())
-            self.counts.rows += len(objects)
         except Exception as exc:
-            self._error(f"measurement rows of frame {rec['frame_id']}", exc)
+            self._error(f"measurement rows of frame {rec['frame_id']}", exc,
+                        part="measurements.csv")
+            self.counts.rows_lost += 1
+            return False
+        self.counts.rows += len(objects)
+        self._wrote("measurements.csv")
+        return True
 
     def _write_event(self, header: dict[str, Any]) -> None:
         if self._lost is not None or self._events_fh is None:
@@ -615,6 +664,8 @@ class Recorder:
             self.counts.events += 1
         except Exception as exc:
             self._error("events.jsonl", exc)
+            return
+        self._wrote("events.jsonl")
 
     def _summary_attrs(self, *, complete: bool) -> dict[str, Any]:
         c = self.counts
@@ -634,6 +685,7 @@ class Recorder:
                 "frames_written": c.written, "frames_analysed": c.analysed,
                 "frames_skipped": c.skipped, "frames_failed": c.failed,
                 "frames_rejected": c.rejected, "frames_acquired": self.frames_acquired,
+                "frames_rows_lost": c.rows_lost, "measurement_rows": c.rows,
                 "closed_at": time.time(),
             })
             if self._records is not None:

@@ -128,3 +128,81 @@ def test_integers_beyond_64_bits_are_found_at_any_depth() -> None:
     problem = int_out_of_range({"events": [1, nested]}, "args")
     assert problem is not None and problem.startswith("args.events.1.0.0.")
     assert int_out_of_range({"a": [-(2**63), 2**63 - 1, True]}, "args") is None
+
+
+def test_a_large_input_is_checked_for_integers_beyond_64_bits() -> None:
+    """Review: every list entry got its path formatted before anything was checked, so a
+    16 MB control request of 8 M numbers held the event loop for ~4 s and took ~1.9 GB.
+    The result is what is checked here, on a million entries, not its time."""
+    from livemask.config import int_out_of_range
+
+    numbers = list(range(-500_000, 500_000))
+    assert int_out_of_range({"x": numbers}, "args") is None
+    mixed: list[object] = [1.5, "a", None, True, *numbers]
+    assert int_out_of_range({"x": mixed}, "args") is None
+    numbers[700_001] = 2**63
+    assert int_out_of_range({"x": numbers}, "args") == (
+        "args.x.700001: 9223372036854775808 does not fit 64 bits; use a whole number from "
+        "-2**63 to 2**63 - 1 (9223372036854775807)")
+    numbers[900_000] = -(2**64)  # the first one is named
+    assert (int_out_of_range({"x": numbers}, "args") or "").startswith("args.x.700001: ")
+    mixed[999_000] = -(2**63) - 1
+    assert int_out_of_range({"a": {"b": [{"c": 1}] * 1000, "m": mixed}}, "") == (
+        "a.m.999000: -9223372036854775809 does not fit 64 bits; use a whole number from "
+        "-2**63 to 2**63 - 1 (9223372036854775807)")
+    # many small containers, and one deep inside them
+    rows: list[object] = [[i, {"k": i}] for i in range(200_000)]
+    assert int_out_of_range({"rows": rows}, "args") is None
+    rows[123_456] = [0, {"k": 10**30}]
+    assert int_out_of_range({"rows": rows}, "args") == (
+        f"args.rows.123456.1.k: {10**30} does not fit 64 bits; use a whole number from "
+        "-2**63 to 2**63 - 1 (9223372036854775807)")
+
+
+def test_checking_a_large_input_takes_little_memory() -> None:
+    """The old walk held a path string and a tuple per entry: ~240 bytes each (1.9 GB for
+    the 8 M numbers of one 16 MB request)."""
+    import tracemalloc
+
+    from livemask.config import int_out_of_range
+
+    request = {"cmd": "status", "args": {"x": [1] * 1_000_000}}
+    tracemalloc.start()
+    try:
+        assert int_out_of_range(request, "args") is None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000  # bytes, for a million entries
+
+
+@pytest.mark.parametrize("value", [
+    {"a": 2**64, "b": [2**65]},  # the first in field order, as before
+    [[1, 2], [3, [2**70, 2**71]]],
+    {"x": [0] * 20 + [2**64] + [0] * 20, "y": 2**66},
+    (1, (2, -(2**64))),
+])
+def test_the_first_integer_beyond_64_bits_is_named_as_before(value: Any) -> None:
+    from livemask.config import int_out_of_range
+
+    expected = _first_big_int(value, "v")
+    assert expected is not None
+    assert int_out_of_range(value, "v") == expected
+
+
+def _first_big_int(value: Any, at: str) -> str | None:
+    """The check as it was written first (recursive, eager paths): the reference."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        if -(2**63) <= value < 2**63:
+            return None
+        return (f"{at}: {value} does not fit 64 bits; use a whole number from -2**63 to "
+                "2**63 - 1 (9223372036854775807)")
+    items = (value.items() if isinstance(value, dict)
+             else enumerate(value) if isinstance(value, list | tuple) else [])
+    for key, item in items:
+        found = _first_big_int(item, f"{at}.{key}")
+        if found:
+            return found
+    return None

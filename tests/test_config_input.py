@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 from livemask.config import load_config, parse_config
 from livemask.errors import ConfigError
@@ -86,8 +87,13 @@ def test_prefault_buffers_beyond_half_the_memory_are_refused(
     _fake_memory(monkeypatch, 32)
     grains = {"simulation": {"sample": "grains", "sensor_shape_px": [16384, 16384]},
               "pipeline": {"prefault_frames": 0}}
-    with pytest.raises(ConfigError, match=r"the simulated grain world of 1074 Mpx .* 28\.0 GiB"):
+    with pytest.raises(ConfigError, match=r"the simulated grain world of 1074 Mpx .* 28\.0 GiB"
+                       ) as info:
         parse_config(grains)
+    # before: "lower pipeline.prefault_frames (0 turns it off)" though it was 0 already
+    assert "prefault_frames" not in str(info.value)
+    assert "simulation.sensor_shape_px: the simulated grain world" in str(info.value)
+    assert str(info.value).endswith("; give a smaller simulation.sensor_shape_px")
     assert parse_config({"simulation": {"sample": "grains", "sensor_shape_px": [4096, 4096]}})
 
 
@@ -143,3 +149,129 @@ def test_a_key_repeated_within_one_line_is_refused(tmp_path: Path) -> None:
     path = _write(tmp_path, "simulation: {seed: 1, seed: 2}\n")
     with pytest.raises(ConfigError, match=r"duplicate key 'seed' on line 1 \(first on line 1\)"):
         load_config(path)
+
+
+def test_a_tilde_in_a_path_is_the_home_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: ``record: {path: ~/recs}`` recorded into a folder named ``~`` beside the YAML,
+    and ``hardware.config_file: ~/rig.cfg`` was looked up there."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    (home / "card.yaml").write_text("name: mine\n", encoding="utf-8")
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    path = folder / "service.yaml"
+    path.write_text("hardware: {config_file: ~/rig.cfg}\nmodel: {path: ~/card.yaml}\n"
+                    "record: {path: ~/recs}\n", encoding="utf-8")
+    cfg = load_config(path)
+    assert cfg.hardware.config_file == home / "rig.cfg"
+    assert cfg.model.path == home / "card.yaml"
+    assert cfg.record.path == home / "recs"
+    assert not (folder / "~").exists()
+    # also without a YAML file (parse_config, as tests and tools call it)
+    assert parse_config({"record": {"path": "~/r"}}).record.path == home / "r"
+    # relative paths are still taken beside the YAML
+    path.write_text("record: {path: recs}\n", encoding="utf-8")
+    assert load_config(path).record.path == folder / "recs"
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("5e-2", 0.05), ("1e1", 10.0), ("1.5E0", 1.5),
+                                                ("1E+0", 1.0)])
+def test_scientific_notation_is_a_number(tmp_path: Path, value: str, seconds: float) -> None:
+    """PyYAML (YAML 1.1) read ``5e-2`` as a string: the interval, a timedelta, gave five
+    errors about the time plans."""
+    path = _write(tmp_path, f"acquisition:\n  sequence:\n    time_plan: {{interval: {value}, "
+                            "loops: 3}\nsimulation: {pixel_size_um: 6.5e-1}\n")
+    cfg = load_config(path)
+    plan = cfg.acquisition.mda_sequence().time_plan
+    assert plan is not None and plan.interval.total_seconds() == seconds
+    assert cfg.simulation.pixel_size_um == 0.65
+    # yaml's own SafeLoader is left as it was; quoted values stay strings
+    assert yaml.safe_load("a: 5e-2") == {"a": "5e-2"}
+    channel = _write(tmp_path, "acquisition:\n  sequence:\n    channels: [{config: '1e1'}]\n")
+    assert load_config(channel).acquisition.sequence["channels"][0]["config"] == "1e1"
+
+
+@pytest.mark.parametrize(("plan", "needle"), [
+    ("{interval: 0.1, loop: 3}", "acquisition.sequence.time_plan.loop: unknown field (did you "
+                                 "mean 'loops'?"),
+    ("{interval: 0.1, loops: 0}", "acquisition.sequence.time_plan.loops: Input should be "
+                                  "greater than 0"),
+    ("{interval: 0.1, loops: many}", "acquisition.sequence.time_plan.loops: Input should be a "
+                                     "valid integer"),
+    ("{interval: soon, loops: 3}", "acquisition.sequence.time_plan.interval: Input should be a "
+                                   "valid timedelta"),
+])
+def test_a_bad_time_plan_names_its_one_problem(tmp_path: Path, plan: str, needle: str) -> None:
+    """Before: five lines about MultiPhaseTimePlan, TIntervalDuration, TIntervalLoops and
+    TDurationLoops, and the misspelt ``loop`` was never named."""
+    path = _write(tmp_path, f"acquisition:\n  sequence:\n    time_plan: {plan}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    lines = str(info.value).splitlines()
+    assert lines[1:] == [f"  {lines[1].strip()}"]  # one error
+    assert needle in lines[1]
+    assert "TIntervalLoops" not in lines[1] and "MultiPhaseTimePlan" not in lines[1]
+
+
+def _grains_config(tmp_path: Path, old: str, new: str) -> Path:
+    """configs/simulated-grains.yaml with ``old`` replaced by ``new``, in ``tmp_path``."""
+    text = (ROOT / "configs" / "simulated-grains.yaml").read_text(encoding="utf-8")
+    assert old in text
+    return _write(tmp_path, text.replace(old, new))
+
+
+@pytest.mark.parametrize(("old", "new", "needles"), [
+    ("rows: 4", "rows: 0", ["sequence.grid_plan.rows: Input should be greater than or equal "
+                            "to 1"]),
+    ("rows: 4", "rows: -1", ["sequence.grid_plan.rows: Input should be greater than or "
+                             "equal to 1"]),
+    ("overlap: 0", "overlap: 0\n      mode: snake",
+     ["sequence.grid_plan.mode: Input should be 'row_wise'"]),
+    ("columns: 4", "colums: 4", ["sequence.grid_plan.columns: Field required",
+                                 "sequence.grid_plan.colums: unknown field (did you mean "
+                                 "'columns'?"]),
+])
+def test_a_bad_grid_in_the_shipped_grain_config_is_named(
+    tmp_path: Path, old: str, new: str, needles: list[str]
+) -> None:
+    """Before: ``rows: 0`` said "rows: unknown field", "columns: unknown field" and
+    "overlap: unknown field" (known: the fields of a RelativePosition)."""
+    with pytest.raises(ConfigError) as info:
+        load_config(_grains_config(tmp_path, old, new))
+    message = str(info.value)
+    for needle in needles:
+        assert needle in message
+    for key in ("rows", "columns", "overlap", "fov_width", "fov_height", "mode"):
+        assert f"grid_plan.{key}: unknown field" not in message
+    assert "RelativePosition" not in message and "grid_col" not in message
+
+
+@pytest.mark.parametrize("text", [
+    "model:\n  # name: nuclei\n",  # every line of a section commented out
+    "model:\nsimulation:\nacquisition:\nfeedback:\nrecord:\n",
+    "hardware: null\npublish: ~\n",
+])
+def test_an_empty_section_takes_the_defaults(tmp_path: Path, text: str) -> None:
+    """Before: "model: Input should be a valid dictionary or instance of ModelConfig"."""
+    cfg = load_config(_write(tmp_path, text))
+    assert cfg.model.name == "nuclei" and cfg.publish.pub_address == "tcp://127.0.0.1:5555"
+    assert cfg.acquisition.mda_sequence().sizes["t"] == 170
+
+
+def test_a_folder_as_the_micro_manager_config_is_named(tmp_path: Path) -> None:
+    """Before: "Micro-Manager config file '/tmp' does not exist" for an existing folder."""
+    from livemask.acquisition.core import open_core
+
+    (tmp_path / "rig.cfg").write_text("# a rig\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        open_core(tmp_path)
+    message = str(info.value)
+    assert f"{str(tmp_path)!r} is a folder (it holds rig.cfg)" in message
+    assert f"hardware.config_file to the .cfg file itself, e.g. {str(tmp_path / 'rig.cfg')!r}" in (
+        message)
+    assert "does not exist" not in message
+    with pytest.raises(ConfigError, match=r"does not exist; check hardware\.config_file"):
+        open_core(tmp_path / "nope.cfg")

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import useq
+from pydantic import BaseModel, ValidationError
 
 from livemask.acquisition import sequence as lazy
 from livemask.acquisition.sequence import (
@@ -255,3 +256,134 @@ def test_check_input_refuses_what_is_too_deep_to_check() -> None:
         inner = inner["a"]
     with pytest.raises(ValueError, match="nests too deeply"):
         check_input(useq.MDASequence.model_validate(data), data, "sequence")
+
+
+@pytest.mark.parametrize(("z_plan", "needle"), [
+    # before: no planes, so the sequence ran without its z axis (one image), exit 0
+    ({"top": 0, "bottom": 10, "step": 1},
+     "sequence.z_plan: top (0 µm) is below bottom (10 µm), so it plans no planes; swap top "
+     "and bottom"),
+    ({"range": 10, "step": -1}, "sequence.z_plan: step must be > 0 µm, got -1; give a step > 0"),
+    ({"top": 0, "bottom": 10, "step": -1}, "step must be > 0 µm, got -1"),
+    ({"range": -10, "step": 1}, "sequence.z_plan: range must be >= 0 µm, got -10"),
+    ({"above": 1, "below": 2, "step": -1}, "sequence.z_plan: step must be > 0 µm, got -1"),
+    # useq takes step 0 as a single plane at the bottom of the range
+    ({"range": 10, "step": 0},
+     "step must be > 0 µm, got 0 (useq takes it as one plane); give a step > 0 (for a single "
+     "plane: range: 0, or no z_plan)"),
+    ({"top": 3, "bottom": 3, "step": 0}, "(for a single plane: top equal to bottom"),
+])
+def test_a_z_plan_that_plans_no_planes_is_refused(z_plan: dict, needle: str) -> None:
+    data = {"z_plan": z_plan, "channels": ["DAPI"]}
+    with pytest.raises(ValueError) as info:
+        check_sequence(useq.MDASequence.model_validate(data), data)
+    assert needle in str(info.value)
+
+
+def test_a_positions_z_plan_that_plans_no_planes_is_refused() -> None:
+    data = {"stage_positions": [{"x": 0, "y": 0}, {"x": 1, "y": 1, "sequence": {
+        "z_plan": {"range": 4, "step": 0}}}]}
+    with pytest.raises(ValueError, match=r"sequence\.stage_positions\[1\]\.sequence\.z_plan: "
+                                         r"step must be > 0"):
+        check_sequence(useq.MDASequence.model_validate(data), data)
+
+
+@pytest.mark.parametrize("z_plan", [
+    {"top": 10, "bottom": 0, "step": 1},
+    {"top": 2, "bottom": 2, "step": 1},  # one plane
+    {"range": 0, "step": 0.5},
+    {"above": 1, "below": -2, "step": 0.5, "go_up": False},  # useq takes |below|
+    {"relative": [0, -1, 2]},
+])
+def test_z_plans_that_plan_planes_are_accepted(z_plan: dict) -> None:
+    data = {"z_plan": z_plan}
+    seq = useq.MDASequence.model_validate(data)
+    check_sequence(seq, data)
+    assert event_count(seq) >= 1
+
+
+def test_a_config_names_the_z_plan_that_plans_no_planes() -> None:
+    with pytest.raises(ConfigError, match=r"acquisition\.sequence: .*sequence\.z_plan: top "
+                                          r"\(0 µm\) is below bottom"):
+        make_config(acquisition={"sequence": {"z_plan": {"top": 0, "bottom": 10, "step": 1}}})
+
+
+@pytest.mark.parametrize(("grid_plan", "needles"), [
+    # before: "rows: unknown field ... columns: unknown field" (useq fell back to an empty
+    # RelativePosition, and its fields were the known ones)
+    ({"rows": 0, "columns": 2}, ["sequence.grid_plan.rows: Input should be greater than or "
+                                 "equal to 1"]),
+    ({"rows": -1, "columns": 2}, ["sequence.grid_plan.rows: Input should be greater"]),
+    ({"rows": 2, "columns": 2, "mode": "snake"}, ["sequence.grid_plan.mode: Input should be "
+                                                  "'row_wise'"]),
+    ({"rows": 2, "colums": 2}, ["sequence.grid_plan.columns: Field required",
+                                "sequence.grid_plan.colums: unknown field (did you mean "
+                                "'columns'?"]),
+    ({"top": 0, "left": 0, "bottom": 5, "right": "far"},
+     ["sequence.grid_plan.right: Input should be a valid number"]),
+    ({"width": 10, "height": -1, "fov_width": 1}, ["sequence.grid_plan.height: Input should "
+                                                   "be greater than 0"]),
+])
+def test_a_bad_grid_plan_reports_the_grids_own_errors(grid_plan: dict, needles: list[str]
+                                                      ) -> None:
+    data = {"grid_plan": grid_plan}
+    with pytest.raises(ValueError) as info:
+        check_sequence(useq.MDASequence.model_validate(data), data)
+    message = str(info.value)
+    for needle in needles:
+        assert needle in message
+    for key in ("rows", "columns", "mode", "top", "right", "width", "height"):
+        assert f"grid_plan.{key}: unknown field" not in message
+
+
+@pytest.mark.parametrize(("data", "errors"), [
+    # before: five lines about MultiPhaseTimePlan, TIntervalDuration, ... and never `loop`
+    ({"time_plan": {"interval": 0.1, "loop": 3}},
+     [("time_plan", "loop"), "unknown field (did you mean 'loops'? known: duration, "
+                             "interval, loops, phases, prioritize_duration)"]),
+    ({"time_plan": {"interval": 0.1, "loops": 0}},
+     [("time_plan", "loops"), "Input should be greater than 0"]),
+    ({"time_plan": [{"interval": 0.1, "loops": 2}, {"interval": 0.1, "loops": 0}]},
+     [("time_plan", "phases", 1, "loops"), "Input should be greater than 0"]),
+    ({"time_plan": {"interval": 0.1}}, [("time_plan",), "Field required: add duration or loops"]),
+    ({"z_plan": {"top": 1, "setp": 1}},
+     [("z_plan", "setp"), "unknown field (did you mean 'step'?"]),
+    ({"z_plan": {"top": 1, "step": 1}}, [("z_plan", "bottom"), "Field required"]),
+    ({"grid_plan": 5}, [("grid_plan",), "Input should be a mapping of field names to values"]),
+])
+def test_a_union_reports_the_member_the_keys_ask_for(data: dict, errors: list[Any]) -> None:
+    with pytest.raises(ValidationError) as info:
+        lazy.validate_model(useq.MDASequence, data)
+    loc, message = errors
+    got = info.value.errors()
+    assert [(e["loc"], e["msg"][: len(message)]) for e in got] == [(loc, message)]
+
+
+class _A(BaseModel):
+    a: int
+
+
+class _B(BaseModel):
+    b: int
+
+
+class _Models(BaseModel):
+    v: _A | _B
+
+
+class _ModelOrList(BaseModel):
+    v: _A | list[int]
+
+
+def test_union_errors_of_any_models_are_cut_down() -> None:
+    with pytest.raises(ValidationError) as info:
+        lazy.validate_model(_Models, {"v": {"b": "x"}})
+    assert [(e["loc"], e["type"]) for e in info.value.errors()] == [(("v", "b"), "int_parsing")]
+
+
+def test_union_errors_are_kept_where_a_member_is_not_a_model() -> None:
+    data = {"v": {"b": 1}}
+    with pytest.raises(ValidationError) as info:
+        lazy.validate_model(_ModelOrList, data)
+    assert [(e["loc"], e["msg"]) for e in info.value.errors()] == [
+        (("v", "_A", "a"), "Field required"), (("v", "list[int]"), "Input should be a valid list")]

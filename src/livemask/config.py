@@ -1,14 +1,19 @@
 """Service configuration: pydantic models loaded from YAML.
 
-Every field has a default, so an empty file is a valid configuration. Relative paths
-(``hardware.config_file``, ``model.path``) are resolved against the YAML file's folder.
+Every field has a default, so an empty file (or section) is a valid configuration. A
+leading ``~`` in a path is the home folder; relative paths (``hardware.config_file``,
+``model.path``, ``record.path``) are resolved against the YAML file's folder. The YAML
+loader reads ``5e-2`` as a number (YAML 1.2), as people write it.
 Errors name the field to change, e.g. ``acquisition.mode: Input should be 'free-run' ...``.
 """
 
 from __future__ import annotations
 
+import operator
 import os
 import re
+from collections.abc import Collection, Iterable, Iterator
+from itertools import chain, compress
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -27,7 +32,7 @@ from livemask.acquisition.mode import Mode
 from livemask.acquisition.sequence import check_sequence, validate_model
 from livemask.errors import ConfigError
 from livemask.feedback.spec import FeedbackConfig
-from livemask.protocol import INT64_MAX, fits_64_bits
+from livemask.protocol import INT64_MAX, INT64_MIN, fits_64_bits
 
 StageThreads = Literal["one", "two"]
 SensorSide = Annotated[int, Field(ge=16, le=16384)]
@@ -356,10 +361,20 @@ class ServiceConfig(_Section):
         default_factory=FeedbackConfig, description="Rules that change the acquisition."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data: Any) -> Any:
+        """A section given with no fields (``model:``, all its lines commented out: YAML's
+        null) is an empty one: every field keeps its default."""
+        if isinstance(data, dict):
+            return {k: {} if v is None and k in cls.model_fields else v for k, v in data.items()}
+        return data
+
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the
-    last silently). Keys brought in by a merge (``<<: *anchor``) may still be overridden."""
+    last silently). Keys brought in by a merge (``<<: *anchor``) may still be overridden.
+    Also reads ``5e-2`` and ``1e1`` as floats (YAML 1.2), not as strings."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
@@ -375,6 +390,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             except TypeError:  # an unhashable key: SafeLoader reports it
                 continue
         return super().construct_mapping(node, deep=deep)
+
+
+#: Floats with an exponent as YAML 1.2 writes them (``5e-2``, ``1e1``, ``1.5E3``), which
+#: PyYAML (YAML 1.1: a dot and a signed exponent) reads as strings.
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$")
+# add_implicit_resolver gives the class its own copy of SafeLoader's resolvers first
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+.0123456789")
+)
 
 
 class _DuplicateKey(yaml.YAMLError):
@@ -397,24 +421,33 @@ def physical_memory_bytes() -> int | None:
 def _check_prefault_memory(cfg: ServiceConfig) -> str | None:
     """Why the memory taken at start would not fit, or None when it does: the frame buffers
     touched then (pipeline.prefault_frames arrays of simulation.sensor_shape_px, 4 bytes a
-    pixel) and, for the simulated grain sample, its pre-rendered world."""
+    pixel) and, for the simulated grain sample, its pre-rendered world. The message names
+    only the settings that take the memory."""
     frames = cfg.pipeline.prefault_frames
     rows, cols = cfg.simulation.sensor_shape_px
-    need = frames * rows * cols * PREFAULT_BYTES_PER_PX
-    parts = [f"{frames} frame-sized arrays of {rows} x {cols} px (4 bytes a pixel)"]
+    need = 0
+    parts: list[str] = []  # what takes the memory
+    fixes: list[str] = []
+    if frames:
+        need += frames * rows * cols * PREFAULT_BYTES_PER_PX
+        parts.append(f"{frames} frame-sized arrays of {rows} x {cols} px (4 bytes a pixel)")
+        fixes.append("lower pipeline.prefault_frames (0 turns it off)")
     if cfg.simulation.sample == "grains":
         world = max(2048, 2 * rows) * max(2048, 2 * cols)
         need += world * GRAIN_WORLD_BYTES_PER_PX
         parts.append(f"the simulated grain world of {world / 1e6:.0f} Mpx "
-                     f"(up to {GRAIN_WORLD_BYTES_PER_PX} bytes a pixel)")
+                     f"(up to {GRAIN_WORLD_BYTES_PER_PX} bytes a pixel, at least twice "
+                     "the sensor a side)")
     memory = physical_memory_bytes()
     if memory is None or need <= memory // 2:
         return None
+    fixes.append("give a smaller simulation.sensor_shape_px")
+    keys = ("pipeline.prefault_frames, " if frames else "") + "simulation.sensor_shape_px"
+    verb = "are" if frames else "is"  # (without frames: the grain world alone)
     return (
-        f"pipeline.prefault_frames, simulation.sensor_shape_px: {' and '.join(parts)} are "
-        f"allocated at start: {need / 2**30:.1f} GiB, more than half of this machine's "
-        f"{memory / 2**30:.1f} GiB of memory; lower pipeline.prefault_frames (0 turns it off) "
-        "or simulation.sensor_shape_px"
+        f"{keys}: {' and '.join(parts)} {verb} allocated at start: {need / 2**30:.1f} GiB, "
+        f"more than half of this machine's {memory / 2**30:.1f} GiB of memory; "
+        f"{' or '.join(fixes)}"
     )
 
 
@@ -422,25 +455,103 @@ def int_out_of_range(value: Any, where: str) -> str | None:
     """The first integer in ``value`` (a dumped config, a request's arguments) that does not
     fit 64 bits, as an error line naming its field, or None (iterative: any nesting depth).
     The config is sent as JSON (orjson refuses integers beyond 64 bits) and handed to
-    numpy; a request's arguments are echoed in replies and events."""
-    stack: list[tuple[str, Any]] = [(where, value)]
-    while stack:
-        at, item = stack.pop()
-        if isinstance(item, bool):
-            continue
-        if isinstance(item, int):
-            if fits_64_bits(item):
-                continue
-            return (f"{at}: {item} does not fit 64 bits; use a whole number from -2**63 to "
-                    f"2**63 - 1 ({INT64_MAX})")
-        if isinstance(item, dict):
-            children: list[tuple[Any, Any]] = list(item.items())
-        elif isinstance(item, list | tuple):
-            children = list(enumerate(item))
+    numpy; a request's arguments are echoed in replies and events.
+
+    Cheap for large input (the control server runs it on every request): a pass at C speed
+    over each nesting level finds whether there is such an integer at all; only then is
+    ``value`` walked, keeping the keys of the open containers, to name it."""
+    if not _may_hold_big_int(value):
+        return None
+    keys: list[Any] = []  # the key of each container being walked, from value down
+    walks: list[Iterator[tuple[Any, Any]]] = [iter([(None, value)])]
+    while walks:
+        for key, item in walks[-1]:
+            if isinstance(item, dict | list | tuple):
+                keys.append(key)
+                walks.append(_entries_to_walk(item))
+                break
+            if isinstance(item, int) and not isinstance(item, bool) and not fits_64_bits(item):
+                at = _field_path(where, [*keys[1:], key] if keys else [])
+                return (f"{at}: {item} does not fit 64 bits; use a whole number from -2**63 to "
+                        f"2**63 - 1 ({INT64_MAX})")
         else:
-            continue
-        stack.extend(reversed([(f"{at}.{k}" if at else str(k), v) for k, v in children]))
+            walks.pop()
+            if keys:
+                keys.pop()
     return None
+
+
+def _field_path(where: str, keys: list[Any]) -> str:
+    """``where.key1.key2...`` (``key1.key2...`` when ``where`` is empty)."""
+    at = where
+    for key in keys:
+        at = f"{at}.{key}" if at else str(key)
+    return at
+
+
+#: Types whose values :func:`int_out_of_range` checks without a Python-level walk.
+_PLAIN = frozenset({int, bool, float, str, type(None)})
+_CONTAINERS = frozenset({dict, list, tuple})
+#: Containers shorter than this are walked entry by entry (cheaper than the C-speed check).
+_WALK_BELOW = 16
+
+
+def _ints_fit(values: Collection[Any], types: set[type]) -> bool:
+    """Whether the plain ``int`` values among ``values`` (of ``types``) fit 64 bits."""
+    if int not in types:
+        return True
+    ints = values if types <= {int, bool} else [v for v in values if type(v) is int]
+    return min(ints) >= INT64_MIN and max(ints) <= INT64_MAX
+
+
+def _may_hold_big_int(value: Any) -> bool:
+    """False when nothing in ``value`` is an integer beyond 64 bits, checked one nesting
+    level at a time at C speed; True also for subclasses of int, dict, list or tuple."""
+    level: Collection[Any] = (value,)
+    while level:
+        types = set(map(type, level))
+        odd = types - _PLAIN - _CONTAINERS
+        if any(issubclass(t, int | dict | list | tuple) for t in odd):
+            return True  # let the walk judge them, as it always did
+        if not _ints_fit(level, types):
+            return True
+        level = _next_level(level, types & _CONTAINERS)
+    return False
+
+
+def _next_level(level: Collection[Any], containers: set[type]) -> Collection[Any]:
+    """The entries of the dicts, lists and tuples in ``level``, in one collection."""
+    if not containers:
+        return ()
+    if len(level) == 1:
+        (item,) = level
+        return item.values() if isinstance(item, dict) else item
+    parts: list[Iterable[Any]] = []
+    for kind in containers:
+        items: list[Any] = [v for v in level if type(v) is kind]
+        parts.append(chain.from_iterable(map(dict.values, items)) if kind is dict
+                     else chain.from_iterable(items))
+    return list(chain.from_iterable(parts))
+
+
+def _entries_to_walk(item: dict[Any, Any] | list[Any] | tuple[Any, ...]) -> Iterator[
+        tuple[Any, Any]]:
+    """The (key, value) entries of ``item`` that :func:`int_out_of_range`'s walk must look
+    at: all of them, or, where ``item`` is long and holds only plain values, its integers
+    beyond 64 bits."""
+    values = item.values() if isinstance(item, dict) else item
+    entries = item.items() if isinstance(item, dict) else enumerate(item)
+    if len(item) < _WALK_BELOW:
+        return iter(entries)
+    types = set(map(type, values))
+    if not types <= _PLAIN:
+        return iter(entries)
+    if _ints_fit(values, types):
+        return iter(())
+    if types <= {int, bool}:  # (comparisons at C speed)
+        return compress(entries, map(operator.or_, map(INT64_MAX.__lt__, values),
+                                     map(INT64_MIN.__gt__, values)))
+    return ((k, v) for k, v in entries if type(v) is int and not fits_64_bits(v))
 
 
 def _format_errors(exc: ValidationError) -> str:
@@ -451,17 +562,42 @@ def _format_errors(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def _resolve(path: Path | None, base: Path) -> Path | None:
-    if path is None or path.is_absolute():
+def _expand(path: Path) -> Path:
+    """``path`` with a leading ``~`` (or ``~user``) replaced by the home folder."""
+    try:
+        return path.expanduser()
+    except RuntimeError:  # no home folder known: the path is taken literally
+        return path
+
+
+def _resolve(path: Path | None, base: Path | None) -> Path | None:
+    """``path`` with ``~`` expanded; a relative one beside the YAML file (``base``) when it
+    is there or not in the working directory either."""
+    if path is None:
+        return None
+    path = _expand(path)
+    if base is None or path.is_absolute():
         return path
     candidate = base / path
     return candidate if candidate.exists() or not path.exists() else path
 
 
+def _resolve_paths(cfg: ServiceConfig, base: Path | None) -> None:
+    """Expand ``~`` in the config's paths and resolve relative ones against ``base``."""
+    hw = cfg.hardware
+    hw.config_file = _resolve(hw.config_file, base) or hw.config_file
+    cfg.model.path = _resolve(cfg.model.path, base)
+    record = None if cfg.record.path is None else _expand(cfg.record.path)
+    if record is not None and base is not None and not record.is_absolute():
+        record = base / record  # an output: always beside the YAML
+    cfg.record.path = record
+
+
 def parse_config(
     data: dict[str, Any] | None, *, base_dir: Path | None = None, source: str = "config"
 ) -> ServiceConfig:
-    """Validate a config mapping; relative paths are resolved against ``base_dir``."""
+    """Validate a config mapping; ``~`` in paths is expanded and relative paths are
+    resolved against ``base_dir``."""
     try:
         cfg = ServiceConfig.model_validate(data or {})
     except ValidationError as exc:
@@ -469,12 +605,7 @@ def parse_config(
     problem = int_out_of_range(cfg.model_dump(), "") or _check_prefault_memory(cfg)
     if problem is not None:
         raise ConfigError(f"invalid {source}:\n  {problem}")
-    if base_dir is not None:
-        hw = cfg.hardware
-        hw.config_file = _resolve(hw.config_file, base_dir) or hw.config_file
-        cfg.model.path = _resolve(cfg.model.path, base_dir)
-        if cfg.record.path is not None and not cfg.record.path.is_absolute():
-            cfg.record.path = base_dir / cfg.record.path  # an output: always beside the YAML
+    _resolve_paths(cfg, base_dir)
     return cfg
 
 

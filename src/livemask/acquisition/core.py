@@ -9,6 +9,7 @@ installed Micro-Manager (``mmcore install`` or ``MICROMANAGER_PATH``).
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import re
 import time
@@ -89,10 +90,7 @@ def open_core(cfg_path: str | Path, *, core: CoreKind = "auto") -> CMMCorePlus:
     unknown, :class:`AcquisitionError` if loading fails.
     """
     path = Path(cfg_path).expanduser()
-    if not path.is_file():
-        raise ConfigError(
-            f"Micro-Manager config file {str(path)!r} does not exist; check hardware.config_file"
-        )
+    _check_is_file(path)
     kind = _choose_kind(path, core)
     with _no_installation_error(kind == "unicore"):
         mmc: CMMCorePlus = PythonDeviceCore() if kind == "unicore" else CMMCorePlus()
@@ -120,6 +118,23 @@ def open_core(cfg_path: str | Path, *, core: CoreKind = "auto") -> CMMCorePlus:
     if logger.isEnabledFor(logging.INFO):
         logger.info("opened %s from %s: %s", type(mmc).__name__, path, describe_core(mmc))
     return mmc
+
+
+def _check_is_file(path: Path) -> None:
+    """``ConfigError`` naming hardware.config_file when ``path`` is not a file: a folder
+    (naming a few of its .cfg files) or nothing at all."""
+    if path.is_dir():
+        found = sorted(itertools.islice(path.glob("*.cfg"), 100))[:3]
+        inside = f" (it holds {', '.join(p.name for p in found)})" if found else ""
+        raise ConfigError(
+            f"Micro-Manager config file {str(path)!r} is a folder{inside}; set "
+            "hardware.config_file to the .cfg file itself, e.g. "
+            f"{str(found[0] if found else path / 'rig.cfg')!r}"
+        )
+    if not path.is_file():
+        raise ConfigError(
+            f"Micro-Manager config file {str(path)!r} does not exist; check hardware.config_file"
+        )
 
 
 def close_core(mmc: CMMCorePlus, *, timeout_s: float = 5.0) -> None:

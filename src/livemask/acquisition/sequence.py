@@ -11,14 +11,19 @@ time when time is its outermost axis; :func:`event_count` counts without iterati
 
 from __future__ import annotations
 
+import difflib
+import functools
 import logging
 import math
+import re
 from collections.abc import Iterator
 from datetime import timedelta
-from typing import Any, TypeVar
+from types import UnionType
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
 import useq
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticCustomError
 
 log = logging.getLogger("livemask")
 
@@ -38,11 +43,184 @@ def validate_model(model: type[_Model], data: Any) -> _Model:
     """``model.model_validate(data)``, with a ``TypeError`` or ``OverflowError`` from a
     library's own before-validator (useq's ``timedelta(**interval)`` for an interval given
     as ``{a: 1}``) raised as a ``ValueError``: pydantic passes only ``ValueError`` on as a
-    validation error, so a config file and a control request both name it."""
+    validation error, so a config file and a control request both name it.
+
+    Where a value fits none of a union's models (useq's time, z and grid plans), pydantic
+    reports every model's errors; the ``ValidationError`` raised here keeps those of the
+    model the given keys ask for, or names the keys no model of the union knows."""
     try:
         return model.model_validate(data)
     except (TypeError, OverflowError) as exc:
         raise ValueError(f"a value has the wrong type or size ({exc})") from None
+    except ValidationError as exc:
+        raise _union_errors_explained(exc, model, data) from None
+
+
+def _union_errors_explained(
+    exc: ValidationError, model: type[BaseModel], data: Any
+) -> ValidationError:
+    """``exc`` with the errors of each failed union cut down (:func:`_prune_union_errors`)."""
+    errors = exc.errors()
+    kept = _prune_union_errors(errors, data, _model_names(model))
+    if kept == errors:
+        return exc
+    return ValidationError.from_exception_data(exc.title, [
+        {"type": e["type"] if isinstance(e["type"], PydanticCustomError)
+         else PydanticCustomError(e["type"], e["msg"]),
+         "loc": e["loc"], "input": e.get("input")}
+        for e in kept
+    ])
+
+
+@functools.cache
+def _model_names(root: type[BaseModel]) -> dict[str, type[BaseModel]]:
+    """The pydantic models ``root``'s fields may hold, at any depth, by class name (the
+    names pydantic puts in an error's location for the models of a union)."""
+    found: dict[str, type[BaseModel]] = {}
+    todo: list[Any] = [root]
+    while todo:
+        kind = todo.pop()
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            if kind.__name__ not in found:
+                found[kind.__name__] = kind
+                todo += [field.annotation for field in kind.model_fields.values()]
+        else:
+            todo += get_args(kind)
+    return found
+
+
+def _tagged_model(part: Any, names: dict[str, type[BaseModel]]) -> type[BaseModel] | None:
+    """The model a part of an error's location names as a union's member (``TIntervalLoops``,
+    ``function-after[_validate_startat(), RandomPoints]``), or None."""
+    if not isinstance(part, str):
+        return None
+    name = re.search(r"(\w+)\]*$", part)
+    return names.get(name[1]) if name else None
+
+
+_NOWHERE = object()  # (a place in the data that a location does not lead to)
+
+
+def _union_place(loc: tuple[Any, ...], data: Any, names: dict[str, type[BaseModel]]
+                 ) -> tuple[int, Any] | None:
+    """(index in ``loc`` of the first union member's name, the data given there), or None;
+    the data is ``_NOWHERE`` where a before-validator reshaped it."""
+    here = data
+    for i, part in enumerate(loc):
+        if _holds(here, part):
+            here = here[part]
+        elif _tagged_model(part, names) is not None:
+            return i, here
+        else:
+            here = _NOWHERE
+    return None
+
+
+def _holds(data: Any, part: Any) -> bool:
+    """Whether ``data[part]`` is a value given in ``data`` (a key of a dict, an index of a
+    list)."""
+    if isinstance(data, dict):
+        return part in data
+    return isinstance(data, list | tuple) and isinstance(part, int) and 0 <= part < len(data)
+
+
+def _prune_union_errors(errors: list[Any], data: Any, names: dict[str, type[BaseModel]]
+                        ) -> list[Any]:
+    """``errors`` with those of each failed union of models replaced by
+    :func:`_explain_union`'s, in the place of the union's first error."""
+    slots: list[Any] = []  # errors, and (prefix,) for a union's errors
+    unions: dict[tuple[Any, ...], tuple[Any, dict[str, list[Any]]]] = {}
+    for err in errors:
+        place = _union_place(err["loc"], data, names)
+        if place is None:
+            slots.append(err)
+            continue
+        i, given = place
+        prefix = tuple(err["loc"][:i])
+        if prefix not in unions:
+            unions[prefix] = (given, {})
+            slots.append((prefix,))
+        unions[prefix][1].setdefault(err["loc"][i], []).append(err)
+    out: list[Any] = []
+    for slot in slots:
+        if isinstance(slot, dict):
+            out.append(slot)
+            continue
+        (prefix,) = slot
+        given, branches = unions[prefix]
+        if _all_models(prefix, errors, names):
+            out += _explain_union(prefix, given, branches, data, names)
+        else:  # a member that is not a model failed too (a list, a literal): keep them all
+            out += [e for errs in branches.values() for e in errs]
+    return out
+
+
+def _all_models(prefix: tuple[Any, ...], errors: list[Any],
+                names: dict[str, type[BaseModel]]) -> bool:
+    """Whether every error inside the value at ``prefix`` comes from a model of its union."""
+    n = len(prefix)
+    return all(_tagged_model(e["loc"][n], names) is not None for e in errors
+               if len(e["loc"]) > n and tuple(e["loc"][:n]) == prefix)
+
+
+def _explain_union(prefix: tuple[Any, ...], given: Any, branches: dict[str, list[Any]],
+                   data: Any, names: dict[str, type[BaseModel]]) -> list[Any]:
+    """The errors of a union at ``prefix`` that no model took: keys none of the models
+    knows, when there are some; else the errors of the model that knows most of the
+    given keys (then has fewest missing fields, then fewest errors), or of each of those
+    that tie."""
+    models = {tag: _tagged_model(tag, names) for tag in branches}
+    known = {tag: _known_keys(m) for tag, m in models.items() if m is not None}
+    keys = list(given) if isinstance(given, dict) else []
+    everywhere = set().union(*known.values())
+    unknown = [k for k in keys if k not in everywhere]
+    if unknown:
+        return [_unknown_key_error((*prefix, k), k, everywhere, given[k]) for k in unknown]
+
+    def rank(tag: str) -> tuple[int, int, int]:
+        errs = branches[tag]
+        missing = sum(e["type"] == "missing" and len(e["loc"]) == len(prefix) + 2
+                      for e in errs)
+        return -sum(k in known[tag] for k in keys), missing, len(errs)
+
+    best = min(map(rank, branches))
+    chosen = [tag for tag in branches if rank(tag) == best]
+    if len(chosen) > 1:
+        return _tied(prefix, given, [branches[tag] for tag in chosen])
+    n = len(prefix)
+    stripped = [{**e, "loc": (*e["loc"][:n], *e["loc"][n + 1:])} for e in branches[chosen[0]]]
+    return _prune_union_errors(stripped, data, names)  # the unions inside that model
+
+
+def _tied(prefix: tuple[Any, ...], given: Any, branches: list[list[Any]]) -> list[Any]:
+    """The errors of union members that fit the given keys equally well: one line where
+    each lacks only fields (``add duration or loops``) or none was given a mapping, else
+    each member's errors, named by its model."""
+    n = len(prefix)
+    if all(e["type"] == "model_type" and len(e["loc"]) == n + 1 for b in branches for e in b):
+        return [{"type": PydanticCustomError(
+            "model_type", "Input should be a mapping of field names to values"),
+            "loc": prefix, "input": given}]
+    if all(e["type"] == "missing" and len(e["loc"]) == n + 2 for b in branches for e in b):
+        ways = sorted({" and ".join(str(e["loc"][-1]) for e in b) for b in branches})
+        return [{"type": PydanticCustomError(
+            "missing", f"Field required: add {' or '.join(ways)}"),
+            "loc": prefix, "input": given}]
+    return [e for b in branches for e in b]
+
+
+def _unknown_key_error(loc: tuple[Any, ...], key: Any, known: set[str], value: Any
+                       ) -> dict[str, Any]:
+    """A line error for a key no model knows, suggesting the closest known one."""
+    return {"type": PydanticCustomError("unknown_field", _unknown(key, known)),
+            "loc": loc, "input": value}
+
+
+def _unknown(key: Any, known: set[str]) -> str:
+    """``unknown field (did you mean 'x'? known: ...)``."""
+    close = difflib.get_close_matches(str(key), sorted(known), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown field ({hint}known: {', '.join(sorted(known))})"
 
 
 def check_timing(seq: useq.MDASequence) -> None:
@@ -61,12 +239,52 @@ def check_timing(seq: useq.MDASequence) -> None:
                 raise ValueError(f"time_plan {name} must be >= 0 s, got {seconds:g} s")
 
 
+def check_z_plans(seq: useq.MDASequence, what: str = "sequence") -> None:
+    """Raise ``ValueError`` for a z plan that plans no planes, naming what to change: useq
+    takes a step of 0 as one plane, and a negative step, a negative range or a top below
+    the bottom as none (the sequence then runs without its z axis). Positions' own
+    sequences are checked too."""
+    problem = _z_plan_problem(seq.z_plan)
+    if problem is not None:
+        raise ValueError(f"{what}.z_plan: {problem}")
+    for i, position in enumerate(seq.stage_positions):
+        if position.sequence is not None:
+            check_z_plans(position.sequence, f"{what}.stage_positions[{i}].sequence")
+
+
+#: How each z plan from a range and a step plans a single plane.
+_ONE_PLANE: dict[type[Any], str] = {
+    useq.ZTopBottom: "top equal to bottom",
+    useq.ZRangeAround: "range: 0",
+    useq.ZAboveBelow: "above: 0 and below: 0",
+}
+
+
+def _z_plan_problem(plan: Any) -> str | None:
+    """What makes a z plan from a range and a step plan no planes, or None."""
+    if not isinstance(plan, useq.ZTopBottom | useq.ZRangeAround | useq.ZAboveBelow):
+        return None
+    if plan.step == 0:
+        return ("step must be > 0 µm, got 0 (useq takes it as one plane); give a step > 0 "
+                f"(for a single plane: {_ONE_PLANE[type(plan)]}, or no z_plan)")
+    if plan.step < 0:
+        return (f"step must be > 0 µm, got {plan.step:g}; give a step > 0 (go_up: false "
+                "images from the top down)")
+    if isinstance(plan, useq.ZTopBottom) and plan.top < plan.bottom:
+        return (f"top ({plan.top:g} µm) is below bottom ({plan.bottom:g} µm), so it plans no "
+                "planes; swap top and bottom (go_up: false images from the top down)")
+    if isinstance(plan, useq.ZRangeAround) and plan.range < 0:
+        return f"range must be >= 0 µm, got {plan.range:g} (no planes); give a range >= 0"
+    return None
+
+
 def check_sequence(seq: useq.MDASequence, data: Any, what: str = "sequence") -> None:
     """The checks a sequence from a config or a client gets: :func:`check_input` on the
-    ``data`` it was validated from, :func:`check_timing`, :func:`check_size` and no
-    ``setup`` event; ``ValueError`` naming what."""
+    ``data`` it was validated from, :func:`check_timing`, :func:`check_z_plans`,
+    :func:`check_size` and no ``setup`` event; ``ValueError`` naming what."""
     check_input(seq, data, what)
     check_timing(seq)
+    check_z_plans(seq, what)
     check_size(seq, what, fov_needed=False)
     if seq.setup is not None:  # pymmcore-plus runs it only for a whole MDASequence
         raise ValueError(
@@ -94,7 +312,17 @@ def check_input(model: BaseModel, data: Any, what: str) -> None:
 _RENAMED_KEYS: dict[type[Any], frozenset[str]] = {useq.Position: frozenset({"row", "col"})}
 
 
-def _unknown_fields(model: Any, data: Any, where: str) -> list[str]:
+def _known_keys(model: type[BaseModel]) -> set[str]:
+    """The keys ``model`` takes: its fields, their aliases and the spellings useq renames."""
+    fields = model.model_fields
+    known = set(fields) | {f.alias for f in fields.values() if f.alias}
+    for cls, renamed in _RENAMED_KEYS.items():
+        if issubclass(model, cls):
+            known |= renamed
+    return known
+
+
+def _unknown_fields(model: Any, data: Any, where: str, annotation: Any = None) -> list[str]:
     if isinstance(model, (list, tuple)) and isinstance(data, (list, tuple)):
         if len(model) != len(data):
             return []
@@ -104,20 +332,59 @@ def _unknown_fields(model: Any, data: Any, where: str) -> list[str]:
         return _unknown_fields(list(model.phases), data, where)  # phases given as a list
     if not isinstance(model, BaseModel) or not isinstance(data, dict):
         return []
+    meant = _meant_member(type(model), annotation, data)
+    if meant is not None:
+        return _member_problems(meant, data, where)
     fields = type(model).model_fields
-    known = set(fields) | {f.alias for f in fields.values() if f.alias}
-    for cls, renamed in _RENAMED_KEYS.items():
-        if isinstance(model, cls):
-            known |= renamed
-    problems = [
-        f"{where}.{key}: unknown field (known: {', '.join(sorted(fields))})"
-        for key in data if key not in known
-    ]
+    known = _known_keys(type(model))
+    problems = [f"{where}.{key}: {_unknown(key, set(fields))}" for key in data if key not in known]
     for name, field in fields.items():
         key = name if name in data else field.alias
         if key in data:
-            problems += _unknown_fields(getattr(model, name), data[key], f"{where}.{key}")
+            problems += _unknown_fields(getattr(model, name), data[key], f"{where}.{key}",
+                                        field.annotation)
     return problems
+
+
+def _union_members(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models of a field's union type (``MultiPointPlan | None``), in order."""
+    if isinstance(annotation, type):
+        return [annotation] if issubclass(annotation, BaseModel) else []
+    if get_origin(annotation) not in (Union, UnionType, Annotated):  # (not list[...] and such)
+        return []
+    return [m for arg in get_args(annotation) for m in _union_members(arg)]
+
+
+def _meant_member(
+    chosen: type[BaseModel], annotation: Any, data: dict[Any, Any]
+) -> type[BaseModel] | None:
+    """The model of the union ``annotation`` that knows more of ``data``'s keys than the
+    one pydantic fell back to (``chosen``), or None: useq's grid_plan takes a dict that no
+    grid fits, such as ``{rows: 0, columns: 2}``, as an empty RelativePosition."""
+    members = _union_members(annotation)
+    if len(members) < 2 or chosen not in members:
+        return None
+    best = max(members, key=lambda m: len(_known_keys(m) & set(data)))
+    if len(_known_keys(best) & set(data)) > len(_known_keys(chosen) & set(data)):
+        return best
+    return None
+
+
+def _member_problems(model: type[BaseModel], data: dict[Any, Any], where: str) -> list[str]:
+    """What is wrong with ``data`` as a ``model``: its validation errors and the keys it
+    does not know."""
+    try:
+        instance = validate_model(model, data)
+    except ValidationError as exc:
+        problems = [f"{where}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                    for e in exc.errors()]
+    except ValueError as exc:
+        problems = [f"{where}: {exc}"]
+    else:  # (pydantic would have taken it: look inside)
+        return _unknown_fields(instance, data, where)
+    known = _known_keys(model)
+    return problems + [f"{where}.{key}: {_unknown(key, set(model.model_fields))}"
+                       for key in data if key not in known]
 
 
 def _non_finite(model: Any, where: str) -> list[str]:

@@ -396,3 +396,23 @@ async def test_settle_waits_while_frames_get_through_and_gives_up_on_a_stuck_sta
     gate.set()
     assert await pipe.settle(stall_s=5.0)
     await pipe.close()
+
+
+async def test_frame_every_keeps_every_nth_frame_of_each_channel_and_plane() -> None:
+    """Before, frame_every decimated by frame_id: with two channels and frame_every 2 only
+    channel 0 was ever published on `frame`."""
+    card = ModelCard(name="fake", file="none.onnx")
+    pub = MemoryPublisher()
+    pipe = Pipeline(Segmenter(card, ThresholdBackend()), pub, mode="synchronized",
+                    frame_every=2)
+    pipe.start()
+    for t in range(4):
+        for c in range(2):
+            raw = _raw(t)
+            raw.event = useq.MDAEvent(index={"t": t, "c": c})
+            pipe.submit(raw)
+    assert await pipe.drain(10.0)
+    await pipe.close()
+    shown = [(m.header["index"]["t"], m.header["index"]["c"]) for m in pub.by_topic("frame")]
+    assert sorted(shown) == [(0, 0), (0, 1), (2, 0), (2, 1)]
+    assert len(pub.by_topic("measurements")) == 8  # every frame is still analysed

@@ -83,3 +83,35 @@ def test_a_recording_of_several_acquisitions_says_they_replay_as_one(
     with caplog.at_level("WARNING", logger="livemask"):
         open_stack(_record(tmp_path / "one", [0.5] * 3, [2, 2, 2]))
     assert "acquisitions" not in caplog.text
+
+
+async def test_the_service_measures_each_replayed_frame_at_its_recorded_pixel_size(
+    tmp_path: Path,
+) -> None:
+    """Before, the service measured every replayed frame with the recording's scale: an
+    objective change (0.5 -> 1.0 µm) in the recorded run replayed with areas 4x too small."""
+    from livemask.recording import open_recording
+    from livemask.service.app import Service
+    from tests.conftest import make_config
+    from tests.test_recording import _nuclei_frames, _run_dir, _run_to_end
+
+    images = _nuclei_frames(4)
+    original = Recorder(tmp_path / "orig", pixel_size_um=0.5).start()
+    for i, img in enumerate(images):
+        frame = _frame(i, img, kind="skipped")
+        frame.pixel_size_um = 0.5 if i < 2 else 1.0
+        original.on_frame(frame)
+    original.close()
+    stack = open_stack(tmp_path / "orig")
+    cfg = make_config(record={"enabled": True, "path": str(tmp_path / "replayed")},
+                      hardware={"pixel_size_um": stack.pixel_size_um},
+                      acquisition={"sequence": {"time_plan": {"interval": 0, "loops": 4}}})
+    async with Service(cfg, source=ReplaySource(stack, interval_s=0.0)) as svc:
+        svc.start_acquisition(None)
+        await _run_to_end(svc)
+    rec = open_recording(_run_dir(tmp_path / "replayed"))
+    assert [f["pixel_size_um"] for f in rec.frames] == [0.5, 0.5, 1.0, 1.0]
+    for f in rec.frames:
+        s, px = f["summary"], f["pixel_size_um"]
+        assert s["count"] > 5
+        assert s["mean_area_um2"] == pytest.approx(s["mean_area_px"] * px * px, rel=1e-3)

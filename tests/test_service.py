@@ -1299,3 +1299,56 @@ async def test_a_refused_start_changes_nothing(monkeypatch: pytest.MonkeyPatch) 
         assert svc.pipeline.acquisition == number  # before: number + 1, never announced
         assert not svc.feedback._running  # before: rules armed while idle
         await asyncio.sleep(1.0)  # let the thread exit before the service closes
+
+
+async def test_start_checks_stage_position_properties_and_names_the_argument(
+    service: Service,
+) -> None:
+    """Before, a start took a position's property value the rig refuses (pymmcore-plus
+    only warned, and imaged with the filter wheel where it was), which enqueue refused; and
+    its errors named the config path acquisition.sequence for the control argument."""
+    seq = {"stage_positions": [{"x": 0, "y": 0, "properties": [["Filter", "Label", "Cy5"]]}]}
+    with pytest.raises(ControlError, match=r"^\[invalid_args\] sequence: 'Cy5' is not an "
+                       r"allowed value of property 'Label'"):
+        await control(service, "start", sequence=seq)
+    with pytest.raises(ControlError, match=r"^\[invalid_args\] sequence: channel 'NOPE'"):
+        await control(service, "start", sequence={"channels": ["NOPE"]})
+    assert not service.acquiring and service.pipeline.acquisition == 0
+    ok = [{"x": 0, "y": 0, "properties": [["Filter", "Label", "GFP"]]}]
+    assert (await control(service, "start", sequence={"stage_positions": ok}))["started"]
+
+
+async def test_snapshot_lists_every_topics_next_seq(service: Service) -> None:
+    """Before, next_seq had only the topics sent so far: a late joiner's
+    next_seq["frame"] was a KeyError before the first frame."""
+    from livemask.protocol import TOPICS
+
+    snap = await control(service, "snapshot")
+    assert set(snap["next_seq"]) == set(TOPICS)
+    assert snap["next_seq"]["frame"] == snap["next_seq"]["measurements"] == 0
+    assert snap["next_seq"]["event"] >= 1  # service_started
+    assert snap["latest"] == {}
+
+
+async def test_a_metrics_port_in_use_fails_before_the_hardware_and_the_recording(
+    tmp_path: Path,
+) -> None:
+    """Before, the metrics server was bound last: a port clash was found after the rig,
+    the model warm-up and the recording had started, leaving an empty recording folder."""
+    import socket
+
+    from livemask.errors import ConfigError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cfg = make_config(
+            metrics={"enabled": True, "port": taken.getsockname()[1]},
+            record={"enabled": True, "path": str(tmp_path / "rec")},
+        )
+        svc = Service(cfg)
+        with pytest.raises(ConfigError, match=r"metrics\.port"):
+            async with svc:
+                pass
+    assert svc.source is None  # the rig was not opened
+    assert not (tmp_path / "rec").exists() or not any((tmp_path / "rec").iterdir())

@@ -199,6 +199,15 @@ def test_seq_per_topic_and_arrays_over_tcp(publisher: ZmqPublisher) -> None:
         assert publisher.counters()["next_seq"]["measurements"] == 5
 
 
+def test_status_next_seq_lists_every_topic(publisher: ZmqPublisher) -> None:
+    """Before, ``status.publisher.next_seq`` left out topics not sent yet: a late joiner
+    reading it got a KeyError on its first frame."""
+    from livemask.protocol import TOPICS
+
+    publisher.publish("event", {"kind": "x"})
+    assert publisher.counters()["next_seq"] == {**dict.fromkeys(TOPICS, 0), "event": 1}
+
+
 def test_publish_stamps_published_time(publisher: ZmqPublisher) -> None:
     mem = MemoryPublisher()
     mem.publish("frame", {"t": {"acquired": 1.0}}, {"image": np.zeros((2, 2), np.uint16)})

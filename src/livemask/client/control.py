@@ -151,7 +151,9 @@ class ControlClient:
         raise ControlTimeout(
             f"no reply to {cmd!r} from {self.address} after {attempts} attempt(s) of "
             f"{wait_s:g} s; check that `livemask serve` is running and that its "
-            f"--control address matches this one (or raise the timeout){maybe_run}"
+            "--control address matches this one (or raise the timeout; a service still "
+            "starting, opening the rig and warming up its model, answers requests only "
+            f"once it has started){maybe_run}"
         )
 
     # Convenience wrappers for the service's commands (see docs/protocol.md).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import math
@@ -35,12 +36,13 @@ from livemask.errors import (
     HardwareTimeout,
     ProtocolError,
 )
+from livemask.feedback.actions import restore_event
 from livemask.feedback.controller import FeedbackController
 from livemask.feedback.spec import RuleSpec
 from livemask.inference.models import ModelCard, load_model_card
 from livemask.inference.segmenter import Segmenter
 from livemask.inference.select import load_backend
-from livemask.protocol import dumps_json
+from livemask.protocol import TOPICS, dumps_json
 from livemask.service.commands import CommandHandler
 from livemask.service.gc_policy import GcMonitor, GcPolicy
 from livemask.service.hardware_calls import HARDWARE_TIMEOUT_S, call_hardware
@@ -63,6 +65,64 @@ MAX_PLANNED_EVENTS = 2**63 - 1
 BINNING = "Binning"
 #: CPython thread switch interval while a GPU (device-resident) pipeline runs.
 GPU_SWITCH_INTERVAL_S = 0.0005
+#: How long a ``start`` (or an ``enqueue`` that starts a run) waits for the last run's
+#: ``acquisition_finished`` (its last frames still in the pipeline) before it sends it early.
+FINISH_WAIT_S = 1.0
+#: Metadata key of the events that put back what events enqueued into a run changed.
+ENQUEUE_RESTORE_KEY = "livemask_enqueue"
+#: The custom action of such an event (feedback actions' restore events have the same).
+RESTORE_ACTION = "livemask-restore-settings"
+
+
+class SettingsInEffect:
+    """The exposure, channel and stage position (``x_pos``, ``y_pos``, ``z_pos``) the running
+    acquisition's events leave in effect, as far as known: what ``enqueue`` puts back after
+    the events it adds (the planned events that give none would otherwise run with theirs).
+
+    ``values`` follows each event as it starts (runner thread); ``pending`` holds what the
+    restore events queued but not started yet will set (event loop)."""
+
+    FIELDS = ("exposure", "channel", "x_pos", "y_pos", "z_pos")
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self.pending: dict[int, dict[str, Any]] = {}
+        self._ids = itertools.count(1)
+
+    def reset(self, **known: Any) -> None:
+        """A new acquisition starts with ``known`` settings (None: not known)."""
+        self.values = {k: v for k, v in known.items() if v is not None}
+        self.pending = {}
+
+    def event_started(self, event: useq.MDAEvent) -> int | None:
+        """Take the settings ``event`` gives (runner thread); the id of a queued restore
+        event it is, else None."""
+        for name in self.FIELDS:
+            value = getattr(event, name)
+            if value is not None:
+                self.values[name] = value
+        tag = (event.metadata or {}).get(ENQUEUE_RESTORE_KEY)
+        return tag if isinstance(tag, int) else None
+
+    def expected(self) -> dict[str, Any]:
+        """The settings in effect once the restore events queued so far have run."""
+        out = dict(self.values)
+        for values in list(self.pending.values()):
+            out.update(values)
+        return out
+
+    def tag(self, event: useq.MDAEvent) -> useq.MDAEvent:
+        """``event`` tagged as a restore event (see :meth:`queued`)."""
+        return event.model_copy(update={"metadata": {ENQUEUE_RESTORE_KEY: next(self._ids)}})
+
+    def queued(self, event: useq.MDAEvent) -> None:
+        """The tagged ``event`` was queued: remember what it sets until it starts."""
+        n = event.metadata[ENQUEUE_RESTORE_KEY]
+        self.pending[n] = {k: v for k in self.FIELDS if (v := getattr(event, k)) is not None}
+
+    def started(self, n: int) -> None:
+        """The restore event ``n`` has started (event loop)."""
+        self.pending.pop(n, None)
 
 
 def uses_simulated_devices(cfg_path: Path) -> bool:
@@ -178,6 +238,10 @@ class Service:
         # the running acquisition's planned events, and the exposures its channels set
         self._planned_exposure: PlannedExposure | None = None
         self._plan_exposures: list[float] = []
+        self._settings = SettingsInEffect()  # what enqueue puts back after its events
+        # the ended acquisition's acquisition_finished, until its last frames are through
+        self._pending_finish: dict[str, Any] | None = None
+        self._finish_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> Service:
@@ -197,6 +261,7 @@ class Service:
         cfg = self.config
         self.publisher.start()
         self.control.start()
+        self._start_metrics()  # early too: a port in use fails before hardware and recording
         await self._start_dashboard()  # early: its subscriber joins before the first events
         # the card first: a wrong model name or card fails before the hardware is touched
         card = await asyncio.to_thread(load_model_card, cfg.model.path or cfg.model.name)
@@ -206,6 +271,10 @@ class Service:
             self._check_sequence_on_rig(cfg.acquisition.mda_sequence())
         elif (connect := getattr(self.source, "connect", None)) is not None:
             connect(self._on_camera_frame)  # e.g. a ReplaySource: its frames come here
+            # a recording's frames carry their own pixel size, relative to its scale
+            self.core_pixel_size_um = getattr(self.source, "reference_pixel_size_um", None)
+        if isinstance(self.source, MicroscopeSource):  # the settings enqueue puts back
+            self.source.core.mda.events.eventStarted.connect(self._on_event_started)
         # the model is built (a TensorRT engine's profile) and warmed up at the frame size
         # of the opened camera or the given source (a replay), so the first frame does not
         # pay for a shape the model has not seen yet
@@ -246,12 +315,6 @@ class Service:
             asyncio.create_task(self.control.serve(), name="livemask-control"),
             asyncio.create_task(self._heartbeat(), name="livemask-heartbeat"),
         ]
-        if cfg.metrics.enabled:
-            from livemask.service.metrics import MetricsServer
-
-            self.metrics = MetricsServer(
-                self.status, address=cfg.metrics.address, port=cfg.metrics.port, loop=self._loop
-            ).start()
         self.state = "idle"
         log.info(
             "livemask %s serving: pub %s, control %s, model %s (%s), %s stage thread(s)",
@@ -269,6 +332,18 @@ class Service:
                      "requested during start-up")
         elif cfg.acquisition.autostart:
             self.start_acquisition(None)
+
+    def _start_metrics(self) -> None:
+        """Serve the Prometheus endpoint (metrics.enabled); ``status`` copes with no
+        pipeline yet."""
+        cfg = self.config.metrics
+        if not cfg.enabled:
+            return
+        from livemask.service.metrics import MetricsServer
+
+        self.metrics = MetricsServer(
+            self.status, address=cfg.address, port=cfg.port, loop=self._loop
+        ).start()
 
     def _shorten_switch_interval(self) -> None:
         """On the GPU path the stage threads mostly launch kernels and wait for the device:
@@ -490,13 +565,17 @@ class Service:
                 "the acquisition did not end when the service stopped: the acquisition "
                 "thread is stuck in a device call (e.g. a camera snap that never returns); "
                 "its remaining events were not acquired")})
-        if self.feedback is not None:
-            mda = getattr(getattr(self.source, "core", None), "mda", None)
-            if mda is not None:
+        mda = getattr(getattr(self.source, "core", None), "mda", None)
+        if mda is not None:
+            handlers = [self._on_event_started]
+            if self.feedback is not None:
+                handlers.append(self.feedback.on_event_started)
+            for handler in handlers:
                 with contextlib.suppress(Exception):
-                    mda.events.eventStarted.disconnect(self.feedback.on_event_started)
+                    mda.events.eventStarted.disconnect(handler)
         if hasattr(self, "pipeline"):
             await self.pipeline.drain(drain_timeout_s)
+            self._report_finished()  # what the drain got through is out: say it ended
             with contextlib.suppress(Exception):
                 self._publish_status()
             await self.pipeline.close()  # hands frames the drain missed to the recorder
@@ -542,16 +621,28 @@ class Service:
     async def last_run_exited(self) -> None:
         """Let the thread of an acquisition that has ended finish exiting, off the event
         loop (pymmcore-plus may still be restoring settings; the source's own check before
-        a start would otherwise block the loop for up to 2 s)."""
+        a start would otherwise block the loop for up to 2 s), and its last frames get
+        through the pipeline, for up to :data:`FINISH_WAIT_S` (its acquisition_finished
+        then goes out before the next acquisition_started)."""
         join = getattr(self.source, "join_ended", None)
         if join is not None and not self._acquiring:
             await asyncio.to_thread(join, 2.0)
+        await self._until_finish_reported()
+
+    async def _until_finish_reported(self) -> None:
+        """Wait up to :data:`FINISH_WAIT_S` for the ended acquisition's last frames and its
+        ``acquisition_finished`` (no wait while it runs, or once that is sent)."""
+        task = self._finish_task
+        if task is not None and not self._acquiring:
+            await asyncio.wait({task}, timeout=FINISH_WAIT_S)
 
     def start_acquisition(self, sequence: useq.MDASequence | None) -> int:
         """Start ``sequence`` (default: the config's); returns the events it plans.
 
         Long time plans are iterated in chunks (:func:`iter_events`), so any number of
-        time points starts at once and holds no list of them."""
+        time points starts at once and holds no list of them. Errors name a given
+        ``sequence`` as ``sequence`` (the control argument), the config's by its path."""
+        what = "acquisition.sequence" if sequence is None else "sequence"
         seq = sequence or self.config.acquisition.mda_sequence()
         if isinstance(self.source, MicroscopeSource):
             # pymmcore-plus fills in a grid's field of view only for a sequence it runs
@@ -560,7 +651,7 @@ class Service:
                 seq = with_field_of_view(seq, self.source.field_of_view())
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
-        self._check_sequence_on_rig(seq)
+        self._check_sequence_on_rig(seq, what)
         count = event_count(seq)
         if count > MAX_PLANNED_EVENTS:
             raise ConfigError(
@@ -611,13 +702,17 @@ class Service:
                     "image; keep offset + size within it"
                 )
 
-    def _check_sequence_on_rig(self, seq: useq.MDASequence) -> None:
-        """:meth:`_check_on_rig` for the channels and channel exposures of ``seq``."""
+    def _check_sequence_on_rig(
+        self, seq: useq.MDASequence, what: str = "acquisition.sequence"
+    ) -> None:
+        """:meth:`_check_on_rig` for the channels, channel exposures and stage positions'
+        properties of ``seq`` (``what`` names it in errors)."""
         channels = sequence_channels(seq)
         exposures = [c.exposure for c in channels if c.exposure is not None]
-        self._check_on_rig("acquisition.sequence", channels, exposures)
-        self._check_binning("acquisition.sequence", _position_properties(seq))
-        self._check_focus(_z_planned(seq, "acquisition.sequence"))
+        properties = _position_properties(seq)
+        self._check_on_rig(what, channels, exposures, properties)
+        self._check_binning(what, properties)
+        self._check_focus(_z_planned(seq, what))
 
     def _check_binning(self, what: str, properties: Sequence[Any]) -> None:
         """ConfigError, while the service records, for properties that set the camera's
@@ -679,8 +774,10 @@ class Service:
         ready = getattr(self.source, "ready_to_start", None)
         if ready is not None:  # e.g. the last run's thread still exiting: change nothing
             ready()
+        self._report_finished()  # the last run's, if its frames are still going through
         self._planned_exposure = PlannedExposure(events)
         self._plan_exposures = sorted(plan_exposures or ())
+        self._settings.reset(**self._camera_settings())
         events = self._planned_exposure  # before the feedback's ledger sees them
         if self.feedback is not None:
             self.feedback.acquisition_started()
@@ -704,29 +801,82 @@ class Service:
         })
         return count
 
+    def _camera_settings(self) -> dict[str, Any]:
+        """The exposure and channel in effect as an acquisition starts (the camera as
+        opened, of the last frame, the last run's end or the last ``set``), None if not
+        known: what ``enqueue`` puts back until the run's events give others."""
+        now = {**self.core_info, **getattr(self.source, "camera_now", {})}
+        exposure, channel, group = now.get("exposure_ms"), now.get("channel"), now.get(
+            "channel_group")
+        known: dict[str, Any] = {"exposure": None, "channel": None}
+        if (isinstance(exposure, int | float) and not isinstance(exposure, bool)
+                and math.isfinite(exposure) and exposure > 0):
+            known["exposure"] = float(exposure)
+        if isinstance(channel, str) and channel:
+            known["channel"] = useq.EventChannel(
+                config=channel, **({"group": group} if isinstance(group, str) and group else {}))
+        return known
+
+    def _on_event_started(self, event: useq.MDAEvent) -> None:
+        """``core.mda.events.eventStarted`` (runner thread): the settings in effect."""
+        try:
+            restore = self._settings.event_started(event)
+        except Exception:  # bookkeeping must not stop the acquisition
+            log.exception("tracking the settings of event %s failed", dict(event.index))
+            return
+        if restore is not None:
+            self._from_thread(self._settings.started, restore)
+
     def _on_acquisition_done(self, error: str | None) -> None:
         self._from_thread(self._acquisition_finished, error)
 
     def _acquisition_finished(self, error: str | None) -> None:
+        """The runner has ended the acquisition: ``acquisition_finished`` (and the idle
+        state) follow once its last frames are through the pipeline (:meth:`_report_finished`;
+        at once where none got through for ``acquisition.frame_timeout_s``)."""
         self._acquiring = False
         self._stalled = None  # a stall that lasted to the end: no acquisition_resumed
-        self.acquisitions_finished += 1
         if self.feedback is not None:
             self.feedback.acquisition_finished()
-        if self.state == "running":
-            self.state = "idle"
         missing = int(self.pipeline.counters.counts["missing"] - self._missing_at_start)
-        error = error or self._no_frame_error(missing)
-        if error:
-            self._last_error = error
-            self._event("error", {"detail": error})
-        self._event("acquisition_finished", {
+        report = {
             "acquisition": self.pipeline.acquisition,
-            "error": error,
+            "error": error or self._no_frame_error(missing),
             "frames_missing": missing,
             "events_not_run": int(getattr(self.source, "events_not_run", 0)),
             "duration_s": round(time.time() - self._acquisition_started, 3),
-        })
+        }
+        self._report_finished()  # (an earlier one is reported by the start before this)
+        self._pending_finish = report
+        self._finish_task = asyncio.ensure_future(self._finish_when_through(report))
+
+    async def _finish_when_through(self, report: dict[str, Any]) -> None:
+        """Report ``report`` once no frame is in flight (bounded: see settle)."""
+        stall_s = self.config.acquisition.frame_timeout_s
+        if not await self.pipeline.settle(stall_s):
+            log.warning(
+                "acquisition %s ended; no frame got through the pipeline for %g s: reporting "
+                "its end with %d frame(s) still in flight", report["acquisition"], stall_s,
+                self.pipeline.in_flight)
+        self._report_finished(report)
+
+    def _report_finished(self, report: dict[str, Any] | None = None) -> None:
+        """Publish the pending ``acquisition_finished`` (only if it is ``report``, when
+        given), with an ``error`` event before it if it failed; the state goes idle."""
+        pending = self._pending_finish
+        if pending is None or (report is not None and report is not pending):
+            return
+        self._pending_finish = None
+        task, self._finish_task = self._finish_task, None
+        if report is None and task is not None:
+            task.cancel()  # reported early: a start, or the service closes
+        self.acquisitions_finished += 1
+        if self.state == "running":
+            self.state = "idle"
+        if pending["error"]:
+            self._last_error = pending["error"]
+            self._event("error", {"detail": pending["error"]})
+        self._event("acquisition_finished", pending)
 
     @property
     def last_error(self) -> str | None:
@@ -756,7 +906,8 @@ class Service:
         return None
 
     async def stop_acquisition(self) -> None:
-        """Cancel the running acquisition and wait for the runner to end."""
+        """Cancel the running acquisition and wait for the runner to end, and (for up to
+        :data:`FINISH_WAIT_S`) for its last frames and ``acquisition_finished``."""
         self._stop_requested = True
         if self.source is not None and self._acquiring:
             try:
@@ -766,10 +917,13 @@ class Service:
                 log.error("%s", exc)
             # the runner's on_done arrives via call_soon_threadsafe; let it run
             await asyncio.sleep(0)
+            await self._until_finish_reported()
 
     async def enqueue(self, events: list[useq.MDAEvent]) -> dict[str, Any]:
-        """Add events to the running acquisition, or start a new one made of them (also when
-        the running one has taken its last event and is ending: they would never run)."""
+        """Add events to the running acquisition, to run before its remaining planned
+        events and followed by one that puts back the settings they change
+        (:meth:`_restore_after`), or start a new one made of them (also when the running
+        one has taken its last event and is ending: they would never run)."""
         if self.source is None:
             raise AcquisitionError("no frame source")
         if self.recorder is not None and any(e.roi is not None for e in events):
@@ -790,8 +944,11 @@ class Service:
         self._check_rois(events)
         if self._acquiring:
             try:
-                n = self.source.inject(events)
-                return {"enqueued": n, "started": False}
+                restore = await self._restore_after(events)
+                self.source.inject([*events, *([restore] if restore is not None else [])])
+                if restore is not None:
+                    self._settings.queued(restore)
+                return {"enqueued": len(events), "started": False}
             except AcquisitionEnding:
                 await self._until_ended()
         await self.last_run_exited()
@@ -801,6 +958,55 @@ class Service:
         self._start_events(events, {"enqueued": len(events)}, len(events), exposures,
                            positions=positions)
         return {"enqueued": len(events), "started": True}
+
+    async def _restore_after(self, events: list[useq.MDAEvent]) -> useq.MDAEvent | None:
+        """An event that takes no image and puts back the exposure, channel and stage
+        position (x, y, z) that ``events``, added to the running acquisition, change, as
+        they will be before ``events`` run (pymmcore-plus keeps an event's settings for the
+        following events that give none); None when they change none. A setting not known
+        (e.g. a channel group with no preset set at the start) is not put back."""
+        if not isinstance(self.source, MicroscopeSource):
+            return None
+        known = self._settings.expected()
+        axes = [a for a in ("x_pos", "y_pos", "z_pos")
+                if any(getattr(e, a) is not None for e in events)]
+        if missing := [a for a in axes if a not in known]:
+            known.update(await self._stage_now(self.source, missing))
+        exposure, channel = known.get("exposure"), known.get("channel")
+        changed = useq.MDAEvent(  # what restore_event is to put back: the known settings
+            exposure=exposure if any(e.exposure is not None for e in events) else None,
+            channel=channel if any(e.channel is not None for e in events) else None,
+        )
+        back = restore_event([changed], exposure, channel)
+        position = {a: known[a] for a in axes if known.get(a) is not None}
+        if back is None and not position:
+            return None
+        if back is None:
+            back = useq.MDAEvent(action=useq.CustomAction(name=RESTORE_ACTION))
+        return self._settings.tag(
+            back.model_copy(update={**position, "index": events[0].index}))
+
+    @staticmethod
+    async def _stage_now(source: MicroscopeSource, axes: list[str]) -> dict[str, float]:
+        """The stage's ``axes`` (``x_pos``, ``y_pos``, ``z_pos``) as read from the core now,
+        where it has those stages; none where the read fails (logged)."""
+        core = source.core
+
+        def read() -> dict[str, float]:
+            out: dict[str, float] = {}
+            if {"x_pos", "y_pos"} & set(axes) and core.getXYStageDevice():
+                x, y = core.getXYPosition()
+                out.update(x_pos=float(x), y_pos=float(y))
+            if "z_pos" in axes and core.getFocusDevice():
+                out["z_pos"] = float(core.getPosition())
+            return {a: v for a, v in out.items() if a in axes and math.isfinite(v)}
+
+        try:
+            return await call_hardware(read, what="reading the stage position")
+        except Exception as exc:  # the events still run; the stage stays where they leave it
+            log.warning("enqueue: the stage position could not be read (%s); the enqueued "
+                        "events' stage moves are not undone after them", exc)
+            return {}
 
     async def _until_ended(self, timeout_s: float = HARDWARE_TIMEOUT_S) -> None:
         """Wait for an ending acquisition to be reported finished (pymmcore-plus may be
@@ -851,8 +1057,7 @@ class Service:
                     planned.set(before)
                 raise
             changed["exposure_ms"] = exposure_ms
-            if self.feedback is not None:  # restores after an action's own exposure
-                self.feedback.exposure_set(exposure_ms)
+            self._exposure_set(exposure_ms)
         if mode is not None:
             self.pipeline.mode = mode
             if self.source is not None:
@@ -860,6 +1065,26 @@ class Service:
             changed["mode"] = mode
         self._event("setting_changed", changed)
         return changed
+
+    def _exposure_set(self, exposure_ms: float) -> None:
+        """A ``set exposure_ms``: the planned frames run with it from now on, also after the
+        restore events of enqueued events and feedback actions still queued (each then gets
+        an event that takes no image and sets this exposure after it)."""
+        self._settings.values["exposure"] = float(exposure_ms)
+        if self.feedback is not None:
+            self.feedback.exposure_set(exposure_ms)
+        if not self._acquiring or self.source is None or not any(
+                "exposure" in v for v in list(self._settings.pending.values())):
+            return
+        event = self._settings.tag(useq.MDAEvent(
+            exposure=float(exposure_ms), action=useq.CustomAction(name="livemask-set-exposure")))
+        try:
+            self.source.inject([event])
+            self._settings.queued(event)
+        except Exception as exc:  # ending (nothing left to restore), or a full queue
+            log.warning("the exposure just set (%g ms) could not be queued after the enqueued "
+                        "events' restore event, which may put the older one back: %s",
+                        exposure_ms, exc)
 
     # ------------------------------------------------------------ reporting
     def _event(self, kind: str, detail: dict[str, Any]) -> None:
@@ -894,8 +1119,9 @@ class Service:
         return {**out, "not_encoded": bad}
 
     def next_seq(self) -> dict[str, int]:
-        """The seq the next message of each topic will get."""
-        return self.publisher.counters()["next_seq"]
+        """The seq the next message of each topic will get (0 for a topic not sent yet)."""
+        sent = self.publisher.counters()["next_seq"]
+        return {topic: int(sent.get(topic, 0)) for topic in TOPICS}
 
     def status(self) -> dict[str, Any]:
         """Everything a dashboard or a late joiner needs to know about the service."""

@@ -8,6 +8,7 @@ request gets an ``invalid_args`` reply naming the field. Handlers raise
 from __future__ import annotations
 
 import base64
+import json
 from typing import TYPE_CHECKING, Annotated, Any
 
 import useq
@@ -17,7 +18,9 @@ from livemask.acquisition.mode import Mode
 from livemask.acquisition.sequence import check_input, check_sequence, validate_model
 from livemask.config import int_out_of_range
 from livemask.errors import AcquisitionError, CommandError, ConfigError
+from livemask.feedback.context import FEEDBACK_INDEX_KEY
 from livemask.feedback.spec import RuleSpec
+from livemask.protocol import MAX_LISTED_ERRORS
 
 if TYPE_CHECKING:
     from livemask.service.app import Service
@@ -37,9 +40,20 @@ class StartArgs(_Args):
     sequence: dict[str, Any] | None = None
 
 
-#: Most events one ``enqueue`` takes: validating them holds the event loop (≈ 16 µs each);
+#: Most events one ``enqueue`` takes: validating them holds the event loop (≈ 35 µs each);
 #: send more in several requests, or ``start`` a sequence.
 MAX_ENQUEUE_EVENTS = 10_000
+
+
+#: The MDA index axes (an enqueued event may add keys of its own to tag its frames, e.g.
+#: ``ext`` as in examples/controller.py, but not ``fb``: it marks feedback actions' frames).
+INDEX_AXES = ("t", "p", "c", "z", "g")
+#: Event fields whose JSON types are checked strictly (useq would read ``true`` or ``"10"``
+#: as a number): numbers, integers, strings and booleans as JSON gives them.
+STRICT_EVENT_FIELDS = (
+    "index", "exposure", "min_start_time", "x_pos", "y_pos", "z_pos", "channel", "roi",
+    "keep_shutter_open", "reset_event_timer",
+)
 
 
 class EnqueueArgs(_Args):
@@ -77,12 +91,26 @@ def _parse(model: type[BaseModel], data: dict[str, Any], what: str, prefix: str)
     try:
         return validate_model(model, data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or what}: {e['msg']}" for e in exc.errors()
-        )
-        raise CommandError("invalid_args", f"{prefix}{problems}") from None
+        raise CommandError("invalid_args", f"{prefix}{_problems(exc, what)}") from None
     except ValueError as exc:  # a library's own validator failed (validate_model)
         raise CommandError("invalid_args", f"{prefix}{what}: {exc}") from None
+
+
+def _problems(
+    exc: ValidationError, what: str, *, prefix: str = "", with_input: bool = False
+) -> str:
+    """``field.path: message`` per error (``what`` where the path is empty), joined by
+    ``; ``: the first :data:`MAX_LISTED_ERRORS`, then how many more (a request with 100,000
+    wrong values would otherwise get as many lines)."""
+    errors = exc.errors(include_url=False)
+    lines = []
+    for e in errors[:MAX_LISTED_ERRORS]:
+        loc = ".".join(str(p) for p in e["loc"])
+        got = f" (got {e['input']!r:.60})" if with_input else ""
+        lines.append(f"{prefix + loc if loc else what}: {e['msg']}{got}")
+    if len(errors) > MAX_LISTED_ERRORS:
+        lines.append(f"and {len(errors) - MAX_LISTED_ERRORS} more")
+    return "; ".join(lines)
 
 
 def _validate(model: type[_Args], args: dict[str, Any], cmd: str) -> Any:
@@ -91,6 +119,33 @@ def _validate(model: type[_Args], args: dict[str, Any], cmd: str) -> Any:
 
 def _useq(model: type[BaseModel], data: dict[str, Any], what: str) -> Any:
     return _parse(model, data, what, f"invalid {what}: ")
+
+
+def _check_event_types(data: dict[str, Any], what: str) -> None:
+    """invalid_args naming each field of an event (JSON ``data``, already validated and
+    checked for finite numbers) of the wrong JSON type: a boolean or a string where a
+    number goes, a fraction where an integer goes."""
+    fields = {k: data[k] for k in STRICT_EVENT_FIELDS if k in data}
+    try:
+        useq.MDAEvent.model_validate_json(json.dumps(fields), strict=True)
+    except ValidationError as exc:
+        problems = _problems(exc, what, prefix=f"{what}.", with_input=True)
+        raise CommandError("invalid_args", f"invalid {problems}") from None
+
+
+def _check_index(event: useq.MDAEvent, what: str) -> None:
+    """invalid_args for the index key ``fb`` (its frames would pass for a feedback action's:
+    rules for overview frames would skip them), or a negative index."""
+    for key, value in event.index.items():
+        if key == FEEDBACK_INDEX_KEY:
+            raise CommandError(
+                "invalid_args",
+                f"invalid {what}.index.{key}: reserved for the frames of feedback actions; "
+                f"use the axes {', '.join(INDEX_AXES)}, or a key of your own to tag the "
+                "frames (e.g. ext)")
+        if value < 0:
+            raise CommandError(
+                "invalid_args", f"invalid {what}.index.{key}: {value} is negative; give >= 0")
 
 
 def _encode_array(array: Any) -> dict[str, Any]:
@@ -175,6 +230,9 @@ class CommandHandler:
                 check_input(event, data, f"events[{i}]")
         except ValueError as exc:
             raise CommandError("invalid_args", f"invalid {exc}") from None
+        for i, (event, data) in enumerate(zip(events, a.events, strict=True)):
+            _check_event_types(data, f"events[{i}]")
+            _check_index(event, f"events[{i}]")
         try:
             return await self.service.enqueue(events)
         except ConfigError as exc:

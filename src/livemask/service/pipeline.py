@@ -47,6 +47,10 @@ from livemask.transport.publisher import Publisher
 
 log = logging.getLogger("livemask")
 
+#: The MDA index axes that tell a frame's stream (its position, grid tile, channel and
+#: plane): ``publish.frame_every`` keeps every Nth frame of each stream.
+STREAM_AXES = ("p", "g", "c", "z")
+
 
 def _stage_xy(position: dict[str, Any] | None) -> tuple[float, float] | None:
     """The frame's stage (x, y) in µm, or None where unknown."""
@@ -142,6 +146,9 @@ class Pipeline:
         # frame sinks (the recorder): every frame, analysed, skipped or failed, at publish
         self.sinks: list[FrameSink] = []
         self._unpublished: dict[int, Frame] = {}  # submitted, not yet through _publish
+        # frames seen per stream (STREAM_AXES) in the acquisition _streams_of, for frame_every
+        self._stream_frames: dict[tuple[int | None, ...], int] = {}
+        self._streams_of = 0
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -473,12 +480,25 @@ class Pipeline:
                     exc,
                 )
 
+    def _image_due(self, frame: Frame) -> bool:
+        """Whether ``publish.frame_every`` publishes this frame's image: the 1st, (N+1)th,
+        ... frame of its stream (the same index but ``t``) in its acquisition, so each
+        channel and plane is published every N of its frames (counting frames across all
+        streams would, with N channels and frame_every N, publish one channel only)."""
+        if frame.acquisition != self._streams_of:
+            self._streams_of = frame.acquisition
+            self._stream_frames.clear()
+        key = tuple(frame.index.get(axis) for axis in STREAM_AXES)
+        seen = self._stream_frames.get(key, 0)
+        self._stream_frames[key] = seen + 1
+        return bool(self.frame_every) and seen % self.frame_every == 0
+
     def _publish(self, frame: Frame) -> None:
         frame.stamp("published")
         base = frame.header()
         self._to_sinks(frame)
         pub = self.publisher
-        if (self.frame_every and frame.frame_id % self.frame_every == 0) or frame.skipped:
+        if self._image_due(frame) or frame.skipped:
             head = {**base, "skipped": frame.skipped}
             pub.publish("frame", head, {"image": frame.image})
             self.latest["frame"] = head

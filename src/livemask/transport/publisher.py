@@ -143,8 +143,9 @@ class ZmqPublisher:
 
     def counters(self) -> dict[str, dict[str, int]]:
         """``{"sent": {topic: n}, "next_seq": {topic: n}}``: ``sent`` counts messages handed
-        to the socket, not messages every subscriber got (PUB drops silently)."""
-        return {"sent": dict(self.sent), "next_seq": dict(self._seq)}
+        to the socket, not messages every subscriber got (PUB drops silently); ``next_seq``
+        lists every topic (0: none sent yet), so a late joiner finds each it subscribes to."""
+        return {"sent": dict(self.sent), "next_seq": _every_topic(self._seq)}
 
     def close(self, *, linger_s: float = 0.0, wait: bool = True) -> None:
         """Close the socket. Idempotent.
@@ -221,8 +222,13 @@ class MemoryPublisher:
 
     def counters(self) -> dict[str, dict[str, int]]:
         """Same shape as :meth:`ZmqPublisher.counters`."""
-        return {"sent": dict(self.sent), "next_seq": dict(self._seq)}
+        return {"sent": dict(self.sent), "next_seq": _every_topic(self._seq)}
 
     def close(self, *, linger_s: float = 0.0, wait: bool = True) -> None:
         """Mark closed; idempotent (the arguments as :meth:`ZmqPublisher.close`, unused)."""
         self.closed = True
+
+
+def _every_topic(next_seq: Mapping[str, int]) -> dict[str, int]:
+    """``next_seq`` with every v1 topic (0 for one not sent yet), then any other."""
+    return {**{topic: 0 for topic in protocol.TOPICS}, **next_seq}

@@ -728,3 +728,95 @@ def test_sighup_stops_the_service_in_order(
         problem = asyncio.run(_serve(_free_run_config(50), view=False, exit_when_done=False))
     assert problem is None and made[0].pipeline.acquisition == 0
     assert "livemask stopped" in caplog.text
+
+
+def _interrupted_run(module: str) -> subprocess.CompletedProcess[str]:
+    """``livemask serve`` (the real entry point, in a subprocess) with a SIGINT sent to
+    itself when ``module`` is first imported: a Ctrl-C at that point of its start-up."""
+    pub, ctl = free_tcp_address(), free_tcp_address()
+    argv = ["livemask", "serve", "--config", str(ROOT / "configs" / "simulated-nuclei.yaml"),
+            "--pub", pub, "--control", ctl]
+    script = "\n".join([
+        "import os, signal, sys",
+        "class Interrupt:",
+        "    def find_spec(self, name, path=None, target=None):",
+        f"        if name == {module!r}:",
+        "            os.kill(os.getpid(), signal.SIGINT)",
+        "sys.meta_path.insert(0, Interrupt())",
+        f"sys.argv = {argv!r}",
+        "from livemask.cli import main",
+        "main()",
+    ])
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("module", [
+    "livemask.config",  # imported with the command line, before any command runs
+    "livemask.service.app",  # imported by serve, before its signal handlers are in place
+])
+def test_ctrl_c_in_early_start_up_exits_130_with_one_line(module: str) -> None:
+    """Before, a Ctrl-C while Python imported printed an importlib KeyboardInterrupt
+    traceback and the process died by the signal (-2); a bit later it exited 130 silently."""
+    run = _interrupted_run(module)
+    assert run.returncode == 130, run.stderr
+    assert "Traceback" not in run.stderr and "KeyboardInterrupt" not in run.stderr
+    assert "livemask: interrupted" in run.stderr.splitlines()
+
+
+@pytest.mark.timeout(120)
+def test_view_subscribes_before_the_acquisition_and_shows_its_end(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Before, ``--view`` started its view only after the service had started the
+    acquisition, and the view imports for a second or more: the first frames were gone (a
+    20-frame replay showed "analysed 6"); at the end it was killed (SIGTERM) before it
+    showed the last ones: a piped 50-frame run left an empty log."""
+    import asyncio
+
+    from livemask import cli
+    from livemask.service import app as service_app
+    from livemask.viewer import STOPPED_LINE
+    from tests.conftest import make_config
+
+    viewers: list[Any] = []
+
+    class Spy(cli._Viewer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            viewers.append(self)
+
+    ready_at_start: list[bool] = []
+    real_start = service_app.Service.start_acquisition
+
+    def start(self: Any, sequence: Any) -> int:
+        ready_at_start.append(bool(viewers) and viewers[0].ready)
+        return real_start(self, sequence)
+
+    monkeypatch.setattr(cli, "_Viewer", Spy)
+    monkeypatch.setattr(service_app.Service, "start_acquisition", start)
+    cfg = make_config(simulation={"truth": False}, publish={"pub_address": free_tcp_address()},
+                      acquisition={"autostart": True,
+                                   "sequence": {"time_plan": {"interval": 0.0, "loops": 12}}})
+    problem = asyncio.run(cli._serve(cfg, view=True, exit_when_done=True))
+    assert problem is None and ready_at_start == [True]
+    assert viewers[0].process.returncode == 0
+    lines = capfd.readouterr().out.splitlines()  # the view's (a pipe here): its last lines
+    assert lines[-1] == STOPPED_LINE, lines
+    assert lines[-2].startswith("frame 11: ") and "acquired 12 / analysed 12" in lines[-2]
+
+
+@pytest.mark.parametrize(("bind", "connect"), [
+    ("tcp://127.0.0.1:5555", "tcp://127.0.0.1:5555"),
+    ("tcp://*:5555", "tcp://127.0.0.1:5555"),
+    ("tcp://0.0.0.0:5555", "tcp://127.0.0.1:5555"),
+    ("tcp://[::]:5555", "tcp://[::1]:5555"),
+    ("ipc:///tmp/livemask.pub", "ipc:///tmp/livemask.pub"),
+    ("tcp://127.0.0.1:*", None),  # the bind picks the port: the view starts after it
+    ("tcp://eth0:5555", None),  # an interface name: its address is known once bound
+])
+def test_view_connect_address_before_the_bind(bind: str, connect: str | None) -> None:
+    from livemask.cli import _connect_address
+
+    assert _connect_address(bind) == connect

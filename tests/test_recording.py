@@ -335,7 +335,9 @@ async def test_replay_of_a_recording_gives_measurements(tmp_path: Path) -> None:
     images = _nuclei_frames(6)
     original = Recorder(tmp_path / "orig", pixel_size_um=0.5).start()
     for i, img in enumerate(images):
-        original.on_frame(_frame(i, img, kind="skipped", p=i % 2))  # images only
+        frame = _frame(i, img, kind="skipped", p=i % 2)  # images only
+        frame.pixel_size_um = 0.5  # as a service recording at 0.5 µm records them
+        original.on_frame(frame)
     original.close()
 
     stack = open_stack(tmp_path / "orig")

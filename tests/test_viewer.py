@@ -193,3 +193,70 @@ def test_piped_watch_says_what_to_check_when_nothing_comes(
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 1 and "no messages from tcp://127.0.0.1:5555 after 6 s" in out[0]
     assert "livemask serve" in out[0]
+
+
+def test_piped_view_ends_with_the_last_state_and_says_the_service_stopped(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Before, a piped view left out what came after its last line (one every 2 s): stopped
+    with the service, a 50-frame run left an empty log, a 120-frame one ended at frame 106."""
+    from livemask.viewer import STOPPED_LINE
+
+    view = ConsoleView()
+    with _Display(view, line_every_s=3600.0) as display:  # no line during the run
+        view.update(Message("status", {"state": "running", "acquiring": True}, {}))
+        for i in range(50):
+            view.update(Message("measurements", {"frame_id": i, "summary": {"count": 3}}, {}))
+            display.refresh()
+        view.update(Message("status", {"state": "stopping", "acquiring": False,
+                                       "frames_acquired": 50, "frames_analysed": 50}, {}))
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("frame 49: 3 objects")
+    assert "acquired 50 / analysed 50 / skipped 0" in lines[0]
+    assert lines[1] == STOPPED_LINE  # not "acquisition finished: Ctrl-C stops the service"
+
+
+def test_watch_interrupted_still_shows_what_was_sent_to_it() -> None:
+    """Before, Ctrl-C (or ``serve --view`` stopping it) ended ``watch`` at once: messages
+    already on their way, the run's last ones, were never shown."""
+    import signal
+    import threading
+
+    import zmq
+
+    from livemask.protocol import encode
+    from livemask.viewer import watch
+
+    ctx = zmq.Context.instance()
+    pub = ctx.socket(zmq.XPUB)  # XPUB: it sees the subscriptions arrive
+    pub.setsockopt(zmq.LINGER, 0)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    ready, done = threading.Event(), threading.Event()
+    main = threading.get_ident()
+
+    def publish() -> None:  # once watch reads and its subscriptions arrived
+        wanted = {b"\x01measurements", b"\x01status", b"\x01event"}
+        while (wanted or not ready.is_set()) and not done.is_set():
+            if pub.poll(50):
+                wanted.discard(pub.recv())
+        if done.is_set():
+            return
+        for i in range(30):
+            pub.send_multipart(encode("measurements", {"frame_id": i, "seq": i,
+                                                       "summary": {"count": 4}}))
+        pub.send_multipart(encode("status", {"seq": 0, "state": "stopping",
+                                             "acquiring": False, "frames_acquired": 30}))
+        signal.pthread_kill(main, signal.SIGINT)
+
+    thread = threading.Thread(target=publish)
+    thread.start()
+    try:
+        view = watch(f"tcp://127.0.0.1:{port}", on_ready=ready.set, duration_s=60)
+    except KeyboardInterrupt:
+        pytest.fail("watch did not take the interrupt as the end of the view")
+    finally:
+        done.set()
+        thread.join()
+        pub.close()
+    assert view.messages == 31 and view.measurements is not None
+    assert view.measurements["frame_id"] == 29 and view.status["state"] == "stopping"

@@ -2,27 +2,36 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import dataclasses
-import logging
-import math
-import os
-import signal
-import subprocess
 import sys
-from collections.abc import Callable
-from pathlib import Path
-from typing import Annotated, Any
 
-import typer
-from pydantic import ValidationError
+# Ctrl-C while Python imports (a second or more before a command runs): one line, exit 130
+try:
+    import asyncio
+    import contextlib
+    import dataclasses
+    import functools
+    import ipaddress
+    import logging
+    import math
+    import os
+    import signal
+    import subprocess
+    from collections.abc import Callable
+    from pathlib import Path
+    from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
 
-from livemask.acquisition.mode import Mode
-from livemask.config import DEFAULT_SEQUENCE, MAX_THREADS, DashboardConfig, check_address
-from livemask.errors import ConfigError, LivemaskError
-from livemask.log import setup_logging
-from livemask.protocol import INT64_MAX
+    import typer
+    from pydantic import ValidationError
+
+    from livemask.acquisition.mode import Mode
+    from livemask.config import DEFAULT_SEQUENCE, MAX_THREADS, DashboardConfig, check_address
+    from livemask.errors import ConfigError, LivemaskError
+    from livemask.log import setup_logging
+    from livemask.protocol import INT64_MAX
+except KeyboardInterrupt:
+    if "--ready-fd" not in sys.argv:  # (serve --view's view: serve says it)
+        print("livemask: interrupted", file=sys.stderr, flush=True)
+    sys.exit(130)  # (INTERRUPTED_EXIT, below)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 log = logging.getLogger("livemask")
@@ -112,6 +121,33 @@ ModeOpt = Annotated[Mode | None, typer.Option(
     help="free-run (frames skip analysis when the camera is ahead), pipelined (every frame "
     "analysed; the camera waits while a frame waits for the model) or synchronized (each "
     "frame analysed before the next is acquired).")]
+
+
+#: Exit code after Ctrl-C ended a command before its own signal handling took over.
+INTERRUPTED_EXIT = 130
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _interrupted() -> NoReturn:
+    """Ctrl-C outside the service's own handling: one line (no traceback), exit 130."""
+    print("livemask: interrupted", file=sys.stderr, flush=True)
+    raise typer.Exit(INTERRUPTED_EXIT)
+
+
+def _exit_130_when_interrupted(command: Callable[_P, _R]) -> Callable[_P, _R]:
+    """A command that Ctrl-C (``KeyboardInterrupt``) ends with :func:`_interrupted`: in
+    start-up, before the command's signal handlers are in place."""
+
+    @functools.wraps(command)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            _interrupted()
+
+    return run
 
 
 def _fail(exc: Exception) -> None:
@@ -236,6 +272,7 @@ def _time_lapse(cfg: Any, frames: int | None, interval: float | None) -> None:
 
 
 @app.command()
+@_exit_130_when_interrupted
 def serve(
     config: ConfigOpt = None,
     pub: PubOpt = None,
@@ -354,42 +391,50 @@ async def _serve(
     cfg: Any, *, view: bool, exit_when_done: bool, source: Any = None
 ) -> str | None:
     """Serve until interrupted (or done); with ``exit_when_done``, what went wrong, or None."""
-    from livemask.service.app import Service
+    viewer = _Viewer(cfg.simulation.truth) if view else None
+    try:
+        if viewer is not None and (early := _connect_address(cfg.publish.pub_address)):
+            viewer.start(early)  # (it imports while we do)
+        from livemask.service.app import Service
 
-    interrupts = _Interrupts()
-    stop = interrupts.stop
-    loop = asyncio.get_running_loop()
-    for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, interrupts)
-    async with Service(cfg, source=source, stop=stop) as service:
-        interrupts.starting = False
-        interrupts.still_to_do = lambda: _still_to_write(service)
-        viewer = _start_viewer(service.publisher.bound_address, service.truth) if view else None
-        waiter = None
-        if exit_when_done:
-
-            async def _wait_done() -> None:
-                while service.acquiring or not service.acquisitions_finished:
-                    await asyncio.sleep(0.1)
-                # no deadline while frames get through: a slow model finishes the run
-                if not await service.pipeline.settle(DONE_STALL_S):
-                    log.error("no frame got through the pipeline for %.0f s; stopping with "
-                              "%d frame(s) in flight", DONE_STALL_S, service.pipeline.in_flight)
-                stop.set()
-
-            waiter = asyncio.create_task(_wait_done())
-        await stop.wait()
-        log.info("shutting down")
-        if waiter is not None:
-            waiter.cancel()
-        if viewer is not None:
-            viewer.terminate()
-            await asyncio.to_thread(viewer.wait, 5)
+        interrupts = _Interrupts()
+        stop = interrupts.stop
+        loop = asyncio.get_running_loop()
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, interrupts)
+        if viewer is not None and viewer.process is not None:
+            await viewer.wait_ready(VIEWER_READY_S, stop)
+        async with Service(cfg, source=source, stop=stop) as service:
+            interrupts.starting = False
+            interrupts.still_to_do = lambda: _still_to_write(service)
+            if viewer is not None and viewer.process is None:  # the bind picked the port
+                viewer.start(service.publisher.bound_address, truth=service.truth)
+            waiter = asyncio.create_task(_wait_done(service, stop)) if exit_when_done else None
+            await stop.wait()
+            log.info("shutting down")
+            if waiter is not None:
+                waiter.cancel()
+    finally:
+        if viewer is not None:  # after the close: it shows the last messages too
+            await viewer.stop()
     # after the close: the recorder's last writes can fail too
     return _run_problem(service) if exit_when_done else None
 
 
+async def _wait_done(service: Any, stop: asyncio.Event) -> None:
+    """``--exit-when-done``: set ``stop`` once the acquisition finished and its frames are
+    through the pipeline."""
+    while service.acquiring or not service.acquisitions_finished:
+        await asyncio.sleep(0.1)
+    # no deadline while frames get through: a slow model finishes the run
+    if not await service.pipeline.settle(DONE_STALL_S):
+        log.error("no frame got through the pipeline for %.0f s; stopping with "
+                  "%d frame(s) in flight", DONE_STALL_S, service.pipeline.in_flight)
+    stop.set()
+
+
 @app.command()
+@_exit_130_when_interrupted
 def replay(
     path: Annotated[Path, typer.Argument(
         help="A livemask recording (run folder), an OME-Zarr image or a TIFF stack.")],
@@ -442,6 +487,7 @@ def replay(
 
 
 @app.command("dashboard")
+@_exit_130_when_interrupted
 def dashboard_cmd(
     connect: Annotated[str, typer.Option(
         callback=_address, help="The service's PUB address.")] = (
@@ -482,10 +528,119 @@ def dashboard_cmd(
         _fail(exc)
 
 
-def _start_viewer(address: str, truth: bool) -> subprocess.Popen[bytes]:
-    """The console view as its own process: a subscriber like any other, off the service's CPU."""
-    cmd = [sys.executable, "-m", "livemask", "watch", "--pub", address]
-    return subprocess.Popen([*cmd, "--truth"] if truth else cmd)
+#: Longest wait (s) for the ``--view`` viewer to subscribe before the service starts (it
+#: imports for a second or more).
+VIEWER_READY_S = 15.0
+#: Longest wait (s) for the viewer to show the last messages and exit once told to stop.
+VIEWER_STOP_S = 5.0
+
+
+def _connect_address(bind: str) -> str | None:
+    """Where a subscriber on this machine reaches a PUB socket that is to bind ``bind``;
+    None when that is known only once it is bound (port ``*`` or 0, a host name or an
+    interface name)."""
+    if not bind.startswith("tcp://"):
+        return bind  # ipc://PATH
+    host, _, port = bind.removeprefix("tcp://").rpartition(":")
+    if port in ("*", "0"):
+        return None
+    local = {"*": "127.0.0.1", "0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
+    try:
+        ipaddress.ip_address(local.strip("[]"))
+    except ValueError:
+        return None
+    return f"tcp://{local}:{port}"
+
+
+class _Viewer:
+    """``--view``: the console view (``livemask watch``) as its own process, a subscriber
+    like any other, off the service's CPU. Started before the service where the PUB
+    address is known, and waited for until it has subscribed, it sees the first frames;
+    stopped after the service closed (SIGTERM: it takes what is still on its way, prints
+    its last view and exits), it shows the last ones."""
+
+    def __init__(self, truth: bool) -> None:
+        self.truth = truth
+        self.process: subprocess.Popen[bytes] | None = None
+        self.ready = False  # it said it has subscribed
+        self._ready_fd: int | None = None  # read end of the pipe it says so on
+
+    def start(self, address: str, *, truth: bool | None = None) -> None:
+        """Start ``livemask watch --pub address`` (``truth``: instead of the config's)."""
+        read, write = os.pipe()
+        cmd = [sys.executable, "-m", "livemask", "watch", "--pub", address,
+               "--ready-fd", str(write)]
+        if self.truth if truth is None else truth:
+            cmd.append("--truth")
+        try:
+            self.process = subprocess.Popen(cmd, pass_fds=(write,))
+        except BaseException:
+            os.close(read)
+            raise
+        finally:
+            os.close(write)  # ours: EOF once it has written, or exited
+        self._ready_fd = read
+
+    async def wait_ready(self, timeout_s: float, stop: asyncio.Event) -> None:
+        """Until it has subscribed or exited, ``stop`` is set or ``timeout_s`` passed."""
+        fd = self._ready_fd
+        if fd is None:
+            return
+        loop = asyncio.get_running_loop()
+        said: asyncio.Future[bytes] = loop.create_future()
+
+        def readable() -> None:  # its line, or EOF (b""): it exited
+            if not said.done():
+                said.set_result(os.read(fd, 64))
+
+        loop.add_reader(fd, readable)
+        stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait([said, stopped], timeout=timeout_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            loop.remove_reader(fd)
+            os.close(fd)
+            self._ready_fd = None
+        self.ready = said.done() and bool(said.result())
+        if not self.ready and not stop.is_set():
+            code = self.process.poll() if self.process is not None else None
+            log.warning("the view (livemask watch) %s; starting the service (the view may "
+                        "miss its first frames)",
+                        f"exited with code {code}" if code is not None else
+                        f"did not subscribe within {timeout_s:.0f} s")
+
+    async def stop(self) -> None:
+        """SIGTERM; SIGKILL if it has not exited ``VIEWER_STOP_S`` later."""
+        proc = self.process
+        if self._ready_fd is not None:
+            os.close(self._ready_fd)
+            self._ready_fd = None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(proc.wait, VIEWER_STOP_S)
+        except subprocess.TimeoutExpired:
+            log.warning("the view (livemask watch) did not exit; killing it")
+            proc.kill()
+            await asyncio.to_thread(proc.wait)
+
+
+def _ready_signal(fd: int | None) -> Callable[[], None] | None:
+    """``watch --ready-fd``: tell the ``serve --view`` that started it it has subscribed."""
+    if fd is None:
+        return None
+
+    def ready() -> None:
+        with contextlib.suppress(OSError):  # it stopped waiting
+            os.write(fd, b"ready\n")
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+    return ready
 
 
 @app.command()
@@ -495,12 +650,22 @@ def watch(
     truth: Annotated[bool, typer.Option("--truth", help="Score labels against truth.")] = False,
     duration: Annotated[float | None, typer.Option(
         callback=_positive, help="Stop after this many seconds.")] = None,
+    ready_fd: Annotated[int | None, typer.Option(
+        hidden=True, help="serve --view: write a line to this file descriptor once "
+        "subscribed (and leave out the hint when nothing comes: the service starts).")] = None,
 ) -> None:
-    """Show live measurements of a running service in the terminal."""
+    """Show live measurements of a running service in the terminal (until Ctrl-C or
+    SIGTERM; a pipe gets the last state as its last line)."""
     from livemask.viewer import watch as run_watch
 
-    with contextlib.suppress(KeyboardInterrupt):
-        run_watch(pub, truth=truth, duration_s=duration)
+    # SIGTERM ends it like Ctrl-C: the last state is shown (serve --view stops it so)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            run_watch(pub, truth=truth, duration_s=duration, on_ready=_ready_signal(ready_fd),
+                      nothing_hint=ready_fd is None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @app.command()
@@ -821,8 +986,10 @@ def main() -> None:
     """Console-script entry point."""
     try:
         app()
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except KeyboardInterrupt:  # before a command runs (typer ends one with 130 itself)
+        if "--ready-fd" not in sys.argv:
+            print("livemask: interrupted", file=sys.stderr, flush=True)
+        sys.exit(INTERRUPTED_EXIT)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -100,6 +101,8 @@ FINISHED_HINT = (
     "acquisition finished: Ctrl-C stops the service; `start` over the control channel runs it "
     "again"
 )
+#: Said once the service's last status says it is stopping (its final counts are above).
+STOPPED_LINE = "the service stopped"
 
 
 #: Seconds without a status heartbeat (every ``publish.heartbeat_s``, 1 s by default) after
@@ -112,8 +115,11 @@ NOTHING_YET_S = 5.0
 class ConsoleView:
     """Keeps the latest state of the stream and renders it as rich tables."""
 
-    def __init__(self, address: str = "") -> None:
+    def __init__(self, address: str = "", *, nothing_hint: bool = True) -> None:
+        """``nothing_hint``: say what to check when nothing comes (not while a service that
+        started this view is still starting)."""
         self.address = address
+        self.nothing_hint_on = nothing_hint
         self.measurements: dict[str, Any] | None = None
         self.status: dict[str, Any] = {}
         self.events: deque[str] = deque(maxlen=5)
@@ -147,7 +153,15 @@ class ConsoleView:
 
     def nothing_yet(self) -> bool:
         """Whether no message has come for ``NOTHING_YET_S`` since the view started."""
-        return not self.messages and time.monotonic() - self.started_at > NOTHING_YET_S
+        return (self.nothing_hint_on and not self.messages
+                and time.monotonic() - self.started_at > NOTHING_YET_S)
+
+    def end_line(self) -> str | None:
+        """What the last status says ended: the service (:data:`STOPPED_LINE`), or the
+        acquisition (:data:`FINISHED_HINT`); None while it acquires."""
+        if self.status.get("state") in ("stopping", "closed"):
+            return STOPPED_LINE
+        return None if self.status.get("acquiring", True) else FINISHED_HINT
 
     def _update(self, msg: Message) -> None:
         if msg.topic == "measurements":
@@ -224,7 +238,8 @@ class ConsoleView:
             cy, cx = o.get("centroid_yx", [0, 0])
             objects.add_row(str(o.get("label")), _fmt(o.get("area_um2")),
                             f"{cy:.0f}, {cx:.0f}", _fmt(o.get("mean_intensity")))
-        hint = "" if st.get("acquiring", True) else f"\n{FINISHED_HINT}"
+        end = self.end_line()
+        hint = f"\n{end}" if end else ""
         if self.nothing_yet():
             hint += f"\n{self.nothing_hint()}"
         if self.bad_messages:
@@ -281,7 +296,7 @@ class _Display:
         self.line_every_s = line_every_s
         self._last_line = time.monotonic()
         self._printed = ""  # last summary line printed (pipes: unchanged lines not repeated)
-        self._acquiring = True
+        self._ended: str | None = None  # the end line printed last (each end said once)
         self._told_nothing = False
 
     def __enter__(self) -> _Display:
@@ -291,9 +306,11 @@ class _Display:
 
     def __exit__(self, *exc: object) -> None:
         if self.live is not None:
+            self.live.update(self.view.render())
+            self.live.transient = not self.view.messages  # nothing came: leave no empty view
             self.live.__exit__(None, None, None)
-        elif self.view.measurements is not None and self.view.summary_line() != self._printed:
-            print(self.view.summary_line(), flush=True)
+        else:
+            self._print_changes()
 
     def refresh(self) -> None:
         if self.live is not None:
@@ -313,10 +330,10 @@ class _Display:
         if line != self._printed:
             print(line, flush=True)
             self._printed = line
-        acquiring = bool(self.view.status.get("acquiring", True))
-        if self._acquiring and not acquiring:
-            print(FINISHED_HINT, flush=True)
-        self._acquiring = acquiring
+        end = self.view.end_line()
+        if end is not None and end != self._ended:
+            print(end, flush=True)
+        self._ended = end
 
 
 def topics_for(truth: bool) -> tuple[str, ...]:
@@ -325,18 +342,59 @@ def topics_for(truth: bool) -> tuple[str, ...]:
     return (*base, "labels", "truth") if truth else base
 
 
-def watch(address: str, *, truth: bool = False, duration_s: float | None = None) -> ConsoleView:
-    """Show the stream at ``address`` until Ctrl-C or ``duration_s``."""
-    view = ConsoleView(address)
+def watch(
+    address: str, *, truth: bool = False, duration_s: float | None = None,
+    on_ready: Callable[[], None] | None = None, nothing_hint: bool = True,
+) -> ConsoleView:
+    """Show the stream at ``address`` until Ctrl-C or ``duration_s``; ``on_ready`` is
+    called once the subscriber is connected. Ctrl-C first takes what already came, so the
+    last view is the stream's last state."""
+    view = ConsoleView(address, nothing_hint=nothing_hint)
     end = time.monotonic() + duration_s if duration_s else None
     with Subscriber(address, topics_for(truth)) as sub, _Display(view) as display:
-        while end is None or time.monotonic() < end:
-            try:
-                view.receive(sub.recv(timeout_s=0.25))
-            except ProtocolError as exc:  # a foreign publisher, another protocol version
-                view.reject(f"a message that is not livemask's protocol ({exc})")
-            display.refresh()
+        try:
+            if on_ready is not None:
+                on_ready()
+            while end is None or time.monotonic() < end:
+                _receive(sub, view, timeout_s=0.25)
+                truth = truth and _keep_truth(sub, view)
+                display.refresh()
+        except KeyboardInterrupt:
+            _drain(sub, view)
     return view
+
+
+def _receive(sub: Subscriber, view: ConsoleView, timeout_s: float) -> bool:
+    """Fold the next message into ``view``; False when none came within ``timeout_s``."""
+    try:
+        msg = sub.recv(timeout_s=timeout_s)
+    except ProtocolError as exc:  # a foreign publisher, another protocol version
+        view.reject(f"a message that is not livemask's protocol ({exc})")
+        return True
+    view.receive(msg)
+    return msg is not None
+
+
+def _keep_truth(sub: Subscriber, view: ConsoleView) -> bool:
+    """Whether to go on taking labels for the truth score: not once the status says the
+    service publishes no truth (a rig that is not simulated), as label images cost."""
+    if view.status.get("truth") is not False:
+        return True
+    for topic in ("labels", "truth"):
+        sub.unsubscribe(topic)
+    return False
+
+
+#: At most this long (s) :func:`watch` takes what is left after Ctrl-C, e.g. a stopping
+#: service's last messages, before its last view.
+DRAIN_S = 1.0
+
+
+def _drain(sub: Subscriber, view: ConsoleView) -> None:
+    """Take the messages already sent, until none comes for 0.1 s (or ``DRAIN_S``)."""
+    end = time.monotonic() + DRAIN_S
+    while time.monotonic() < end and _receive(sub, view, timeout_s=0.1):
+        pass
 
 
 async def watch_async(address: str, *, truth: bool, stop: asyncio.Event) -> ConsoleView:

@@ -145,8 +145,8 @@ def test_feedback_frames_are_told_apart_in_the_table_by_their_fb_column(
     assert [(r["frame_id"], r["t"], r["p"], r["fb"]) for r in rows] == [
         ("0", "0", "0", ""), ("0", "0", "0", ""), ("1", "0", "0", "1"), ("1", "0", "0", "1")]
     header = (tmp_path / "run" / "measurements.csv").read_text().splitlines()[0].split(",")
-    # appended: the columns before it keep their positions
-    assert header[-1] == "fb" and header[:8] == ["frame_id", "acquisition", "time_s",
+    # appended after touches_edge: the columns before it keep their positions
+    assert header[27] == "fb" and header[:8] == ["frame_id", "acquisition", "time_s",
                                                  "t", "p", "c", "z", "g"]
     assert header == list(CSV_COLUMNS)
     units = json.loads((tmp_path / "run" / "units.json").read_text(encoding="utf-8"))

@@ -33,7 +33,8 @@ log = logging.getLogger("livemask")
 class RawFrame:
     """A frame as it leaves the camera thread."""
 
-    __slots__ = ("acquired", "event", "image", "origin", "pixel_size_um", "position", "truth")
+    __slots__ = ("acquired", "event", "image", "origin", "pixel_size_um", "position",
+                 "settings", "truth")
 
     def __init__(
         self,
@@ -44,6 +45,7 @@ class RawFrame:
         truth: np.ndarray | None,
         origin: object | None = None,
         pixel_size_um: float | None = None,
+        settings: dict[str, Any] | None = None,
     ) -> None:
         self.image = image
         self.origin = origin  # what delivered it (the acquisition's event feed), for frame_done
@@ -53,6 +55,8 @@ class RawFrame:
         self.truth = truth
         #: the core's pixel size for this frame (µm; scaled by binning), None where unknown
         self.pixel_size_um = pixel_size_um
+        #: what the camera took it with (:func:`frame_settings`); the event's when not given
+        self.settings = settings if settings is not None else frame_settings(event)
 
 
 FrameCallback = Callable[[RawFrame], None]
@@ -156,6 +160,36 @@ def frame_pixel_size(meta: Any) -> float | None:
     if isinstance(px, bool) or not isinstance(px, int | float):
         return None
     return float(px) if math.isfinite(px) and px > 0 else None
+
+
+#: A channel preset in effect: (channel group, preset name).
+ChannelPreset = tuple[str, str]
+
+
+def frame_settings(
+    event: useq.MDAEvent, meta: Any = None, channel_now: ChannelPreset | None = None,
+    *, channel_failed: bool = False,
+) -> dict[str, Any]:
+    """What a frame was taken with: ``{"channel", "channel_group", "exposure_ms"}``.
+
+    ``exposure_ms`` is the camera's for the frame as pymmcore-plus read it into the frame
+    metadata (``meta["exposure_ms"]``), else the event's, else None. The channel is the
+    event's preset, else ``channel_now`` (the preset in effect: pymmcore-plus keeps the last
+    one set for events that give none), else None; None too when the frame's read-back
+    contradicts the event's preset (``channel_failed``, see :func:`settings_mismatch`)."""
+    used = meta.get("exposure_ms") if isinstance(meta, dict) else None
+    if isinstance(used, bool) or not isinstance(used, int | float) or not math.isfinite(used):
+        used = event.exposure
+    channel: ChannelPreset | None = channel_now
+    if event.channel is not None:
+        channel = (str(event.channel.group), str(event.channel.config))
+    if channel_failed:
+        channel = None
+    return {
+        "channel": channel[1] if channel else None,
+        "channel_group": channel[0] if channel else None,
+        "exposure_ms": float(used) if used is not None else None,
+    }
 
 
 #: An imaging event that has not delivered its frame this long (s) past its exposure, or
@@ -331,7 +365,22 @@ class MicroscopeSource(FeedThreadSource):
         self._feed: EventFeed | None = None
         self._thread: threading.Thread | None = None
         self._on_done: DoneCallback | None = None
+        #: the channel preset the events of the run have left in effect (runner thread)
+        self._channel_now: ChannelPreset | None = None
+        #: (device, property) pairs the channel group's presets set, read as a run starts
+        self._channel_props: frozenset[tuple[str, str]] = frozenset()
+        core.mda.events.eventStarted.connect(self._event_started)
         core.mda.events.frameReady.connect(self._frame_ready)
+
+    def _event_started(self, event: useq.MDAEvent) -> None:
+        """Note the channel preset an event sets (also one without an image, e.g. the event
+        that puts back what enqueued events changed): later events that give none keep it.
+        An event's ``properties`` that set a property of the presets leave none known."""
+        if event.channel is not None:
+            self._channel_now = (str(event.channel.group), str(event.channel.config))
+        if event.properties and any((str(pv.device_name), str(pv.property_name))
+                                    in self._channel_props for pv in event.properties):
+            self._channel_now = None
 
     def _frame_ready(self, image: np.ndarray, event: useq.MDAEvent, meta: Any = None) -> None:
         acquired = time.time()
@@ -340,7 +389,11 @@ class MicroscopeSource(FeedThreadSource):
         position, off = frame_position(event, meta, z_failed=self._engine.z_failed)
         self._report_mismatch("stage", event, off)
         preset = self._preset(event.channel) if event.channel is not None else None
-        self._report_mismatch("settings", event, settings_mismatch(event, meta, preset))
+        settings_off = settings_mismatch(event, meta, preset)
+        self._report_mismatch("settings", event, settings_off)
+        channel_failed = settings_off is not None and "channel" in settings_off
+        if channel_failed:  # the rig is at no known preset until an event sets one
+            self._channel_now = None
         busy = self._engine.busy_error
         self._report_mismatch("busy", event, {"error": busy} if busy is not None else None)
         if isinstance(meta, dict) and isinstance(meta.get("exposure_ms"), int | float):
@@ -351,8 +404,9 @@ class MicroscopeSource(FeedThreadSource):
             "exposure_ms": self._exposure_ms or event.exposure,
             **({"channel": event.channel.config} if event.channel is not None else {}),
         }
+        settings = frame_settings(event, meta, self._channel_now, channel_failed=channel_failed)
         raw = RawFrame(image, event, acquired, position, truth, origin=feed,
-                       pixel_size_um=frame_pixel_size(meta))
+                       pixel_size_um=frame_pixel_size(meta), settings=settings)
         if feed is None:
             self._on_frame(raw)
             return
@@ -431,6 +485,7 @@ class MicroscopeSource(FeedThreadSource):
 
     def _run(self, feed: EventFeed) -> None:
         error: str | None = None
+        self._channel_now, self._channel_props = self._core_channel()
         try:
             self.core.mda.run(feed)
         except Exception as exc:  # a hardware fault must not kill the service
@@ -440,6 +495,23 @@ class MicroscopeSource(FeedThreadSource):
             if (watch := self._engine.watch) is not None:  # a set-up that raised
                 watch.end()
             self._end(feed, self._on_done, error)
+
+    def _core_channel(self) -> tuple[ChannelPreset | None, frozenset[tuple[str, str]]]:
+        """The channel group's preset as a run starts (None without a channel group or a
+        preset that matches) and the (device, property) pairs its presets set; from the
+        core's cache and configuration: no device call (runner thread)."""
+        core = self.core
+        try:
+            group = core.getChannelGroup()
+            if not group:
+                return None, frozenset()
+            preset = core.getCurrentConfigFromCache(group)
+            props = frozenset((str(d), str(p)) for name in core.getAvailableConfigs(group)
+                              for d, p, _ in core.getConfigData(group, name))
+        except Exception as exc:  # the frames then say "channel": null until an event sets one
+            log.warning("could not read the channel preset as the run starts: %s", exc)
+            return None, frozenset()
+        return ((str(group), str(preset)) if preset else None), props
 
     def _after_run(self) -> None:
         """:attr:`camera_now` from the core, once a run has ended (runner thread)."""
@@ -516,6 +588,7 @@ class MicroscopeSource(FeedThreadSource):
 
         self.stop(timeout_s=2.0)  # the service's stop has waited already
         self.core.mda.events.frameReady.disconnect(self._frame_ready)
+        self.core.mda.events.eventStarted.disconnect(self._event_started)
         try:
             close_core(self.core, timeout_s=1.0)
         except Exception:  # releasing the hardware is best effort at shutdown

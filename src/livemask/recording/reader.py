@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, overload
@@ -17,7 +18,7 @@ from livemask.recording.writer import IMAGES, LABELS_NAME
 
 __all__ = [
     "FrameRecords", "MappedSequence", "Recording", "find_recording", "open_recording",
-    "read_frames_jsonl",
+    "read_frames_jsonl", "record_settings",
 ]
 
 log = logging.getLogger("livemask")
@@ -66,6 +67,24 @@ def read_frames_jsonl(path: Path) -> list[dict[str, Any]]:
     killed mid-write) is expected and only noted."""
     records = [record for _, record in _scan(path)]
     return sorted(records, key=lambda r: r["frame_id"])
+
+
+def record_settings(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A frame record's ``settings``: ``channel``, ``channel_group`` (text) and
+    ``exposure_ms`` (a finite number > 0), None for each one it lacks or that is not one
+    (recordings from before frames.jsonl held them have none)."""
+    given = record.get("settings")
+    given = given if isinstance(given, Mapping) else {}
+    out: dict[str, Any] = {}
+    for key in ("channel", "channel_group"):
+        value = given.get(key)
+        out[key] = value if isinstance(value, str) and value else None
+    exposure = given.get("exposure_ms")
+    out["exposure_ms"] = None
+    if (isinstance(exposure, int | float) and not isinstance(exposure, bool)
+            and math.isfinite(exposure) and exposure > 0):
+        out["exposure_ms"] = float(exposure)
+    return out
 
 
 T = TypeVar("T")

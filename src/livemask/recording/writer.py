@@ -7,8 +7,8 @@ One run folder holds::
         labels/masks/0/         instance labels of the same shape (0 = background; all 0 when
                                 the frame was not analysed)
     frames.jsonl                one line per written frame: frame_id, acquisition, MDA index,
-                                position, timestamps, analysed / skipped / failed flags,
-                                summary, stored / rows_stored
+                                position, settings (channel, exposure), timestamps, analysed /
+                                skipped / failed flags, summary, stored / rows_stored
     measurements.csv            one row per object of every analysed frame
     units.json                  the unit of every measurements.csv column, pixel size
     config.yaml                 the service configuration of the run
@@ -63,6 +63,7 @@ from livemask import __version__
 from livemask.errors import RecordingError
 from livemask.log import RepeatedErrors
 from livemask.recording.files import BlockFile, folder_id, folder_lost
+from livemask.service.frames import NO_SETTINGS
 
 if TYPE_CHECKING:
     from livemask.service.frames import Frame
@@ -88,13 +89,14 @@ OME_VERSION = "0.5"
 
 #: Columns of measurements.csv; MDA index columns are empty when the event had no such axis.
 #: ``fb`` (last, so that the older columns keep their positions) is the feedback action that
-#: took the frame (``livemask.feedback.context.FEEDBACK_INDEX_KEY``), empty for planned ones.
+#: took the frame (``livemask.feedback.context.FEEDBACK_INDEX_KEY``), empty for planned ones;
+#: after it (added later still) the channel preset and exposure the frame was taken with.
 CSV_COLUMNS: tuple[str, ...] = (
     "frame_id", "acquisition", "time_s", "t", "p", "c", "z", "g", "x_um", "y_um", "z_um",
     "label", "track_id", "parent_track_id", "area_px", "area_um2", "centroid_y", "centroid_x",
     "bbox_min_row", "bbox_min_col", "bbox_max_row", "bbox_max_col",
     "mean_intensity", "integrated_intensity", "equivalent_diameter_um", "eccentricity",
-    "touches_edge", "fb",
+    "touches_edge", "fb", "channel", "exposure_ms",
 )
 _INDEX_AXES = ("t", "p", "c", "z", "g", "fb")
 _SPLIT = {"centroid_yx": ("centroid_y", "centroid_x"),
@@ -108,7 +110,10 @@ def column_units(units: Mapping[str, str]) -> dict[str, str]:
            **{a: "1 (MDA index)" for a in _INDEX_AXES},
            "fb": "1 (MDA index: the action_id of the feedback action that took the frame; "
                  "empty for planned frames)",
-           "x_um": "µm", "y_um": "µm", "z_um": "µm", "track_id": "1", "parent_track_id": "1"}
+           "x_um": "µm", "y_um": "µm", "z_um": "µm", "track_id": "1", "parent_track_id": "1",
+           "channel": "text (the channel preset the frame was taken with; empty where unknown)",
+           "exposure_ms": "ms (the camera exposure the frame was taken with; empty where "
+                          "unknown)"}
     for key, unit in units.items():
         for col in _SPLIT.get(key, (key,)):
             out[col] = unit
@@ -361,6 +366,7 @@ class Recorder:
             "acquisition": frame.acquisition,
             "index": dict(frame.index),
             "position": dict(frame.position),
+            "settings": {**NO_SETTINGS, **frame.settings},  # channel, channel_group, exposure_ms
             "pixel_size_um": frame.pixel_size_um,  # each frame's (the zarr's scale: at open)
             "t": dict(frame.t),
             "analysed": analysed,
@@ -635,6 +641,8 @@ class Recorder:
             "time_s": round(acquired - self.started_at, 4) if acquired is not None else "",
             **{a: rec["index"].get(a, "") for a in _INDEX_AXES},
             **{k: ("" if v is None else v) for k, v in rec["position"].items()},
+            **{k: ("" if v is None else v) for k, v in rec["settings"].items()
+               if k in ("channel", "exposure_ms")},
         }
         try:
             block = io.StringIO()

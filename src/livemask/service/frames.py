@@ -8,6 +8,10 @@ from typing import Any
 
 import numpy as np
 
+#: A frame's ``settings`` where nothing is known (e.g. a replayed frame): the keys every
+#: header's ``settings`` has.
+NO_SETTINGS: dict[str, Any] = {"channel": None, "channel_group": None, "exposure_ms": None}
+
 
 @dataclass
 class Frame:
@@ -29,6 +33,8 @@ class Frame:
     origin: object | None = None  # RawFrame.origin: handed back with frame_done
     acquisition: int = 0  # Pipeline.acquisition when the frame arrived
     pixel_size_um: float = 1.0  # µm per pixel of this frame (its measurements use it)
+    #: what the camera took it with: channel (preset), channel_group, exposure_ms
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def stamp(self, stage: str) -> None:
         """Record the time at which ``stage`` finished with this frame."""
@@ -42,4 +48,9 @@ class Frame:
             "t": dict(self.t),
             "index": dict(self.index),
             "position": dict(self.position),
+            "settings": self.settings_fields(),
         }
+
+    def settings_fields(self) -> dict[str, Any]:
+        """``channel``, ``channel_group`` and ``exposure_ms`` (None where not known)."""
+        return {**NO_SETTINGS, **self.settings}

@@ -222,6 +222,7 @@ class Pipeline:
             image=raw.image,
             index={k: int(v) for k, v in raw.event.index.items()},
             position=raw.position,
+            settings=raw.settings,
             t={"acquired": raw.acquired, "received": time.time()},
             truth=raw.truth,
             origin=raw.origin,

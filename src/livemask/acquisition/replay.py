@@ -8,7 +8,10 @@ frame per planned event, on its own thread, with the recorded MDA index and stag
 synchronized mode, waiting for analysis as the microscope does (the same :class:`EventFeed`).
 A recording's frames carry their recorded pixel size (:attr:`RawFrame.pixel_size_um`,
 relative to :attr:`ReplaySource.reference_pixel_size_um`, as a microscope's follow the
-core's). A recording of several acquisitions is played as one (a warning says so).
+core's). A recording holds every acquisition of its service run: before the first frame of
+another recorded acquisition the source calls the service's ``on_acquisition`` (given to
+:meth:`ReplaySource.connect`), which finishes the running acquisition and begins the next,
+so tracks and the cumulative grain statistics restart where they did in the recorded run.
 A replay cannot move the stage or change the exposure: ``inject`` and
 ``set_exposure`` raise :class:`~livemask.errors.AcquisitionError`.
 
@@ -64,8 +67,12 @@ class ReplayStack:
     pixel_size_um: float | None = None
     #: each frame's own pixel size (µm; a recording's, from frames.jsonl), None where unknown
     pixel_sizes: Sequence[float | None] | None = None
-    #: each frame's recorded acquisition number (a recording's), else None
-    acquisitions: Sequence[int] | None = None
+    #: each frame's recorded acquisition number (a recording's; None where a frame's record
+    #: has none), else None
+    acquisitions: Sequence[int | None] | None = None
+    #: each frame's recorded channel and exposure (``RawFrame.settings``; a recording's,
+    #: from frames.jsonl), else None
+    settings: Sequence[dict[str, Any]] | None = None
     close: Callable[[], None] = field(default=lambda: None)
 
     def __post_init__(self) -> None:
@@ -85,6 +92,18 @@ class ReplayStack:
             return None
         px = self.pixel_sizes[i]
         return px if px is not None and math.isfinite(px) and px > 0 else None
+
+    def acquisition(self, i: int) -> int | None:
+        """Frame ``i``'s recorded acquisition number, None where unknown."""
+        return self.acquisitions[i] if self.acquisitions is not None else None
+
+    def acquisition_frames(self, i: int) -> int:
+        """How many frames from ``i`` on, in a row, belong to frame ``i``'s recorded
+        acquisition (frames of no known number count to it)."""
+        number, k = self.acquisition(i), i + 1
+        while k < self.frames and self.acquisition(k) in (number, None):
+            k += 1
+        return k - i
 
     def position(self, i: int) -> dict[str, float | None]:
         """The stage position of frame ``i`` (None where unknown)."""
@@ -218,7 +237,7 @@ def _planes(
 
 
 def _open_recording(path: Path) -> ReplayStack:
-    from livemask.recording.reader import MappedSequence, open_recording
+    from livemask.recording.reader import MappedSequence, open_recording, record_settings
     from livemask.recording.writer import EVERY_CHUNK_WRITTEN
 
     rec = open_recording(path)
@@ -238,7 +257,7 @@ def _open_recording(path: Path) -> ReplayStack:
             a = r.get("t", {}).get("acquired", r.get("acquired"))
             acquired.append(float(a) if isinstance(a, int | float) else np.nan)
             n = r.get("acquisition")
-            numbers.append(n if type(n) is int else 0)
+            numbers.append(n if type(n) is int and n >= 0 else -1)  # -1: not recorded
     if not kept:
         raise ReplayError(f"recording {rec.path} holds no frames")
     images = rec.images
@@ -246,7 +265,6 @@ def _open_recording(path: Path) -> ReplayStack:
     at = np.asarray(acquired, np.float64)
     times = None if np.isnan(at).any() else MappedSequence(len(at), lambda i: float(at[i] - at[0]))
     acquisitions = np.asarray(numbers, np.int64)
-    _warn_acquisitions(rec.path, acquisitions)
     records = _LastRecord(lambda i: rec.frames[kept[i]])
 
     # recordings made before every chunk was written (an all-zero frame had none) unchecked
@@ -266,7 +284,9 @@ def _open_recording(path: Path) -> ReplayStack:
         times=times, pixel_size_um=rec.pixel_size_um,
         pixel_sizes=MappedSequence(len(kept), lambda i: _size(records(i).get("pixel_size_um")))
         if per_frame_px else None,
-        acquisitions=MappedSequence(len(kept), lambda i: int(acquisitions[i])),
+        acquisitions=MappedSequence(
+            len(kept), lambda i: int(acquisitions[i]) if acquisitions[i] >= 0 else None),
+        settings=MappedSequence(len(kept), lambda i: record_settings(records(i))),
     )
 
 
@@ -289,25 +309,6 @@ def _size(value: Any) -> float | None:
     if isinstance(value, int | float) and math.isfinite(value) and value > 0:
         return float(value)
     return None
-
-
-def _warn_acquisitions(path: Path, numbers: np.ndarray) -> None:
-    """Warn that a recording of several acquisitions is replayed as one."""
-    starts = np.flatnonzero(np.diff(numbers)) + 1  # replayed frames that begin another
-    if not len(starts):
-        return
-    log.warning(
-        "recording %s holds %d acquisitions (the next begins at replayed frame %s): a replay "
-        "plays them as ONE acquisition, so tracks (track_id) and the cumulative grain "
-        "statistics run on across their boundaries, where the service started them afresh, "
-        "and the replayed frames all get one acquisition number",
-        path, len(np.unique(numbers)), _some(starts),
-    )
-
-
-def _some(values: np.ndarray, most: int = 10) -> str:
-    """The first ``most`` values, comma-separated (… when there are more)."""
-    return ", ".join(map(str, values[:most])) + (", …" if len(values) > most else "")
 
 
 def _open_zarr(path: Path) -> ReplayStack:
@@ -449,6 +450,13 @@ def _tiff_data(tif: Any, path: Path, k: int) -> Any:
 
 
 # ------------------------------------------------------------------ the source
+#: ``on_acquisition(number, frames)``: called on the replay thread before the first frame of
+#: another recorded acquisition (its recorded ``number``; ``frames`` of it follow in a row);
+#: returns once the service has begun it, so that the frame is counted to it: True, or False
+#: when the service will not (it is stopping): the replay then ends there.
+AcquisitionCallback = Callable[[int, int], bool]
+
+
 class ReplaySource(FeedThreadSource):
     """A :class:`FrameSource` that plays a :class:`ReplayStack` (see the module docstring)."""
 
@@ -462,6 +470,7 @@ class ReplaySource(FeedThreadSource):
     ) -> None:
         self.stack = stack
         self.on_frame = on_frame
+        self.on_acquisition: AcquisitionCallback | None = None
         self.interval_s = interval_s
         self.sync_timeout_s = sync_timeout_s
         self.emitted = 0
@@ -485,9 +494,14 @@ class ReplaySource(FeedThreadSource):
         """(rows, columns) of the replayed frames."""
         return self.stack.shape
 
-    def connect(self, on_frame: FrameCallback) -> None:
-        """Send frames to ``on_frame`` (the service calls this when given this source)."""
+    def connect(
+        self, on_frame: FrameCallback, on_acquisition: AcquisitionCallback | None = None
+    ) -> None:
+        """Send frames to ``on_frame``, and where the recorded acquisition changes, call
+        ``on_acquisition`` first (the service calls this when given this source; without
+        ``on_acquisition`` the recorded acquisitions play on as one)."""
         self.on_frame = on_frame
+        self.on_acquisition = on_acquisition
 
     def start(
         self,
@@ -519,6 +533,7 @@ class ReplaySource(FeedThreadSource):
         stack = self.stack
         t0 = time.monotonic()
         self.unreadable, self.first_unreadable, self._in_a_row = 0, None, 0
+        playing: int | None = None  # the recorded acquisition of the frames played
         try:
             for i, _event in enumerate(feed):
                 if i >= stack.frames or self._stop.is_set():
@@ -531,6 +546,7 @@ class ReplaySource(FeedThreadSource):
                     pos = stack.position(i)
                     index: Any = stack.index(i)
                     pixel_size = stack.pixel_size(i)
+                    settings = stack.settings[i] if stack.settings is not None else None
                 except Exception as exc:  # one lost or corrupt frame: skip it, play the rest
                     self._skip(i, exc)
                     if self._in_a_row >= MAX_UNREADABLE_IN_A_ROW or not stack.path.exists():
@@ -538,18 +554,34 @@ class ReplaySource(FeedThreadSource):
                         break
                     continue
                 self._in_a_row = 0
+                number = stack.acquisition(i)
+                if number is not None and playing not in (None, number):
+                    if not self._begin_acquisition(i, number):
+                        break
+                    # the wait there makes this frame late at most, not the later ones
+                    t0 = max(t0, time.monotonic() - self._due(i))
+                playing = number if number is not None else playing
                 event = useq.MDAEvent(index=index, x_pos=pos.get("x_um"),
                                       y_pos=pos.get("y_um"), z_pos=pos.get("z_um"))
                 assert self.on_frame is not None
                 feed.frame_delivered()
                 self.on_frame(RawFrame(image, event, time.time(), pos, None, origin=feed,
-                                       pixel_size_um=pixel_size))
+                                       pixel_size_um=pixel_size, settings=settings))
                 self.emitted += 1
         except Exception as exc:  # any other fault ends the replay like a camera fault
             log.exception("replay of %s failed", stack.path)
             error = f"{type(exc).__name__}: {exc}"
         finally:
             self._end(feed, on_done, error or self._unreadable_error())
+
+    def _begin_acquisition(self, i: int, number: int) -> bool:
+        """Frame ``i`` is the first of the recorded acquisition ``number``: have the service
+        begin another acquisition (it waits for the last one's frames); False when the replay
+        is to end here (stopped)."""
+        if self.on_acquisition is not None and not self.on_acquisition(
+                number, self.stack.acquisition_frames(i)):
+            return False
+        return not self._stop.is_set()
 
     def _skip(self, i: int, exc: Exception) -> None:
         """Count and log frame ``i``, which could not be read."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import itertools
@@ -270,7 +271,9 @@ class Service:
             # the configured sequence against the rig now, not at the first `start`
             self._check_sequence_on_rig(cfg.acquisition.mda_sequence())
         elif (connect := getattr(self.source, "connect", None)) is not None:
-            connect(self._on_camera_frame)  # e.g. a ReplaySource: its frames come here
+            # e.g. a ReplaySource: its frames come here, and where the recorded run began
+            # another acquisition, so does the replay
+            connect(self._on_camera_frame, on_acquisition=self._on_recorded_acquisition)
             # a recording's frames carry their own pixel size, relative to its scale
             self.core_pixel_size_um = getattr(self.source, "reference_pixel_size_um", None)
         if isinstance(self.source, MicroscopeSource):  # the settings enqueue puts back
@@ -788,18 +791,73 @@ class Service:
             mode=self.pipeline.mode,
             on_done=self._on_acquisition_done,
         )
-        self._acquired_at_start = self.pipeline.counters.counts["acquired"]
-        self._missing_at_start = self.pipeline.counters.counts["missing"]
         self._stop_requested = False
-        self._stalled = None
         self._acquiring = True
         self.state = "running"
+        self._begun({**detail, "events": count})
+        return count
+
+    def _begun(self, detail: dict[str, Any]) -> None:
+        """The acquisition the pipeline has just begun counts from here: publish its
+        ``acquisition_started`` (``detail`` first)."""
+        counts = self.pipeline.counters.counts
+        self._acquired_at_start, self._missing_at_start = counts["acquired"], counts["missing"]
+        self._stalled = None
         self._acquisition_started = time.time()
         self._event("acquisition_started", {
-            **detail, "events": count, "mode": self.pipeline.mode,
-            "acquisition": self.pipeline.acquisition,
+            **detail, "mode": self.pipeline.mode, "acquisition": self.pipeline.acquisition,
         })
-        return count
+
+    def _on_recorded_acquisition(self, number: int, frames: int) -> bool:
+        """Replay thread: its next frame is the first of the recorded acquisition ``number``
+        (``frames`` of it follow). Returns once the service has finished the running
+        acquisition and begun the next (:meth:`_next_recorded_acquisition`): True; False at
+        once when a stop is asked for meanwhile, or the service is gone (the replay ends).
+
+        Scheduled after the frames handed over before it, so those count to the running
+        acquisition (the pipeline numbers a frame as it arrives), and the next frame is
+        handed over only once this returns."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return False
+        done = asyncio.run_coroutine_threadsafe(
+            self._next_recorded_acquisition(number, frames), loop)
+        while True:
+            try:
+                return bool(done.result(timeout=0.05))
+            except TimeoutError:
+                if self._stop_requested or loop.is_closed():  # (it then begins nothing)
+                    return False
+            except concurrent.futures.CancelledError:  # cancelled as the service closed
+                return False
+            except Exception:  # the replay goes on, as one acquisition from here
+                log.exception("beginning the replay's next recorded acquisition failed")
+                return True
+
+    async def _next_recorded_acquisition(self, number: int, frames: int) -> bool:
+        """A replay reached the recorded acquisition ``number``: once the running one's
+        frames are through the pipeline, its ``acquisition_finished``, then the next begins
+        (``acquisition_started`` with ``replayed_acquisition``; tracks and the cumulative
+        grain statistics restart with its first frame), as in the recorded run; True. False,
+        beginning nothing, once a stop was asked for: the replay ends, and its acquisition
+        finishes as any does."""
+        if not self._acquiring or self._stop_requested:
+            return False
+        stall_s = self.config.acquisition.frame_timeout_s
+        if not await self.pipeline.settle(stall_s):
+            log.warning("replay: no frame got through the pipeline for %g s: acquisition %s "
+                        "finishes with %d frame(s) still in flight", stall_s,
+                        self.pipeline.acquisition, self.pipeline.in_flight)
+        if not self._acquiring or self._stop_requested:
+            return False
+        if self.feedback is not None:
+            self.feedback.acquisition_finished()
+        self._announce_finished(self._finish_report(None))
+        self.pipeline.begin_acquisition()  # (the replay hands its next frame over after this)
+        if self.feedback is not None:
+            self.feedback.acquisition_started()
+        self._begun({"replayed_acquisition": number, "events": frames})
+        return True
 
     def _camera_settings(self) -> dict[str, Any]:
         """The exposure and channel in effect as an acquisition starts (the camera as
@@ -838,17 +896,21 @@ class Service:
         self._stalled = None  # a stall that lasted to the end: no acquisition_resumed
         if self.feedback is not None:
             self.feedback.acquisition_finished()
+        report = self._finish_report(error)
+        self._report_finished()  # (an earlier one is reported by the start before this)
+        self._pending_finish = report
+        self._finish_task = asyncio.ensure_future(self._finish_when_through(report))
+
+    def _finish_report(self, error: str | None) -> dict[str, Any]:
+        """The ``acquisition_finished`` of the running acquisition, ended with ``error``."""
         missing = int(self.pipeline.counters.counts["missing"] - self._missing_at_start)
-        report = {
+        return {
             "acquisition": self.pipeline.acquisition,
             "error": error or self._no_frame_error(missing),
             "frames_missing": missing,
             "events_not_run": int(getattr(self.source, "events_not_run", 0)),
             "duration_s": round(time.time() - self._acquisition_started, 3),
         }
-        self._report_finished()  # (an earlier one is reported by the start before this)
-        self._pending_finish = report
-        self._finish_task = asyncio.ensure_future(self._finish_when_through(report))
 
     async def _finish_when_through(self, report: dict[str, Any]) -> None:
         """Report ``report`` once no frame is in flight (bounded: see settle)."""
@@ -870,13 +932,18 @@ class Service:
         task, self._finish_task = self._finish_task, None
         if report is None and task is not None:
             task.cancel()  # reported early: a start, or the service closes
-        self.acquisitions_finished += 1
         if self.state == "running":
             self.state = "idle"
-        if pending["error"]:
-            self._last_error = pending["error"]
-            self._event("error", {"detail": pending["error"]})
-        self._event("acquisition_finished", pending)
+        self._announce_finished(pending)
+
+    def _announce_finished(self, report: dict[str, Any]) -> None:
+        """Count and publish ``acquisition_finished``, with an ``error`` event before it if
+        the acquisition failed."""
+        self.acquisitions_finished += 1
+        if report["error"]:
+            self._last_error = report["error"]
+            self._event("error", {"detail": report["error"]})
+        self._event("acquisition_finished", report)
 
     @property
     def last_error(self) -> str | None:

@@ -486,6 +486,25 @@ def test_refusal_for_action_that_cannot_be_converted() -> None:
     assert d.violation.limit == "no_stage_position"
 
 
+def test_a_move_from_a_frame_without_that_stage_axis_is_refused() -> None:
+    """Bug hunt: in a time-lapse without stage positions, a move rule sent every later
+    planned frame to the new field (their events give no position, and pymmcore-plus keeps
+    the last one), and tracking linked nuclei across the jump."""
+    from livemask.feedback.actions import EventPlanner, MoveTo, to_events
+
+    rule = {"name": "m", "when": ALWAYS, "action": {"move": {"x_um": 400.0, "y_um": 0.0}}}
+    d = _refusal([rule], {}, ctx([], xy=None))
+    assert d.violation.limit == "no_stage_position"
+    assert "no stage x position" in d.violation.message
+    (ok,) = engine([rule]).evaluate(ctx([]))  # from a frame at a planned place it moves
+    assert ok.accepted
+    with pytest.raises(ActionError, match=r"no stage z position") as info:  # (user rules)
+        to_events(MoveTo(z_um=5.0), ctx([], z=None), EventPlanner())
+    assert info.value.reason == "no_stage_position"
+    (event,) = to_events(MoveTo(z_um=5.0), ctx([]), EventPlanner())
+    assert event.z_pos == 5.0
+
+
 def test_user_rule_returning_garbage_is_refused() -> None:
     class Odd:
         name = "odd"

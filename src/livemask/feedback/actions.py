@@ -438,8 +438,10 @@ def to_events(
                 )
             x, y = x + (action.dx_um or 0.0), y + (action.dy_um or 0.0)
         else:
+            _check_move_back(ctx, x=action.x_um, y=action.y_um)
             x = action.x_um if action.x_um is not None else x
             y = action.y_um if action.y_um is not None else y
+        _check_move_back(ctx, z=action.z_um)
         z = action.z_um if action.z_um is not None else z
     elif isinstance(action, ZStack):
         if z is None:
@@ -502,6 +504,22 @@ def to_events(
             kwargs["min_start_time"] = t0 + i * interval
         events.append(useq.MDAEvent(**kwargs))
     return events
+
+
+def _check_move_back(ctx: FrameContext, **targets: float | None) -> None:
+    """ActionError (``no_stage_position``) for a move along an axis the triggering frame
+    has no position on: its planned events give none there, so pymmcore-plus would take every
+    later planned frame at the moved-to place (as centring, a move needs the acquisition's
+    stage positions)."""
+    for axis, target in targets.items():
+        if target is not None and ctx.position.get(f"{axis}_um") is None:
+            raise ActionError(
+                "no_stage_position",
+                f"cannot move to {axis} = {target:g} µm: the triggering frame has no stage "
+                f"{axis} position, so the acquisition's later frames would stay at the new "
+                "place; give the acquisition stage positions (stage_positions or a grid plan, "
+                "with a z for z moves)",
+            )
 
 
 def action_from_spec(spec: Mapping[str, Any], target_yx: tuple[float, float] | None) -> Any:

@@ -387,3 +387,19 @@ def test_union_errors_are_kept_where_a_member_is_not_a_model() -> None:
         lazy.validate_model(_ModelOrList, data)
     assert [(e["loc"], e["msg"]) for e in info.value.errors()] == [
         (("v", "_A", "a"), "Field required"), (("v", "list[int]"), "Input should be a valid list")]
+
+
+@pytest.mark.parametrize(("data", "where"), [
+    ({"time_plan": {"interval": 0, "duration": 10}}, "time_plan interval"),
+    ({"stage_positions": [{"x": 0, "y": 0, "sequence": {
+        "time_plan": {"interval": 0, "duration": 10}}}]},
+     r"stage_positions\[0\]\.sequence\.time_plan interval"),
+])
+def test_a_duration_with_an_interval_of_0_is_refused(data: dict, where: str) -> None:
+    """Review: useq divides the duration by the interval; a start with this plan answered
+    `internal` (ZeroDivisionError) and serve --interval 0 crashed with a traceback."""
+    seq = useq.MDASequence.model_validate(data)
+    with pytest.raises(ValueError, match=rf"{where} must be > 0 s with a duration.*loops"):
+        check_sequence(seq, data)
+    fast = {"time_plan": {"interval": 0, "loops": 5}}  # as fast as the camera goes: fine
+    check_sequence(useq.MDASequence.model_validate(fast), fast)

@@ -223,20 +223,29 @@ def _unknown(key: Any, known: set[str]) -> str:
     return f"unknown field ({hint}known: {', '.join(sorted(known))})"
 
 
-def check_timing(seq: useq.MDASequence) -> None:
-    """Raise ``ValueError`` for a time plan that runs backwards: useq accepts a negative
-    ``interval`` or ``duration`` (the events then come as fast as the camera goes)."""
+def check_timing(seq: useq.MDASequence, what: str = "") -> None:
+    """Raise ``ValueError`` for a time plan that runs backwards (useq accepts a negative
+    ``interval`` or ``duration``: the events then come as fast as the camera goes), or a
+    ``duration`` with an ``interval`` of 0 (useq divides the one by the other). Positions'
+    own sequences are checked too."""
     plan = seq.time_plan
-    if plan is None:
-        return
-    phases = plan.phases if isinstance(plan, useq.MultiPhaseTimePlan) else [plan]
+    phases = [] if plan is None else (
+        plan.phases if isinstance(plan, useq.MultiPhaseTimePlan) else [plan])
     for phase in phases:
+        fields = type(phase).model_fields  # (a property is derived from the fields)
         for name in ("interval", "duration"):
-            if name not in type(phase).model_fields:  # a property, derived from the fields
-                continue
-            seconds = getattr(phase, name).total_seconds()
-            if seconds < 0:
-                raise ValueError(f"time_plan {name} must be >= 0 s, got {seconds:g} s")
+            if name in fields and getattr(phase, name).total_seconds() < 0:
+                seconds = getattr(phase, name).total_seconds()
+                raise ValueError(f"{what}time_plan {name} must be >= 0 s, got {seconds:g} s")
+        if ("interval" in fields and "duration" in fields
+                and phase.interval.total_seconds() == 0):
+            raise ValueError(
+                f"{what}time_plan interval must be > 0 s with a duration (the time points are "
+                "the duration divided by the interval); for frames as fast as the camera "
+                "goes, give loops (the number of time points) with interval 0 instead")
+    for i, position in enumerate(seq.stage_positions):
+        if position.sequence is not None:
+            check_timing(position.sequence, f"{what}stage_positions[{i}].sequence.")
 
 
 def check_z_plans(seq: useq.MDASequence, what: str = "sequence") -> None:

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import pytest
+import useq
 
 from livemask.errors import ControlError
 from livemask.service.app import Service
@@ -80,6 +81,65 @@ async def test_an_exposure_set_after_an_enqueue_holds_after_its_events() -> None
     here = next(i for i, f in enumerate(seen) if f["event_x"] == 100.0)
     assert seen[here]["exposure"] == 25.0
     assert seen[here + 1:] and all(f["exposure"] == 15.0 for f in seen[here + 1:]), seen
+
+
+async def test_an_enqueued_roi_is_put_back_to_the_camera_roi_of_before() -> None:
+    """Before, the restore event put back exposure, channel and stage only: every later
+    planned frame was cropped to the enqueued roi (pymmcore-plus keeps an event's ROI)."""
+    async with Service(make_config(acquisition=PLAIN)) as svc:
+        core = svc.source.core  # type: ignore[union-attr]
+        core.setROI(0, 0, 256, 200)  # the run's ROI: not the full frame
+        shapes: list[tuple[dict[str, int], tuple[int, ...]]] = []
+        core.mda.events.frameReady.connect(
+            lambda image, event, meta=None: shapes.append((dict(event.index), image.shape)))
+        await run_with(svc, [{"index": {"t": 0, "ext": 1}, "roi": [8, 4, 128, 96]},
+                             {"index": {"t": 1, "ext": 1}}])
+    ext = [i for i, (index, _) in enumerate(shapes) if "ext" in index]
+    assert len(ext) == 2 and ext[0] > 0 and ext[1] < len(shapes) - 1, shapes
+    assert [shapes[i][1] for i in ext] == [(96, 128)] * 2  # the roi holds for the batch
+    assert all(shape == (200, 256) for index, shape in shapes if "ext" not in index), shapes
+
+
+async def test_pending_events_and_events_not_run_count_only_the_enqueued_events() -> None:
+    """Before, the hidden event that puts back the settings was counted: enqueuing one event
+    showed pending_events 2 (and the limit and events_not_run counted them too)."""
+    plan = {"sequence": {"time_plan": {"interval": 0.2, "loops": 50}}}
+    async with Service(make_config(acquisition=plan)) as svc:
+        assert (await control(svc, "start"))["started"] is True
+        deadline = time.monotonic() + 20
+        while svc.pipeline.counters.counts["acquired"] < 1:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        # the runner takes this one next and holds it (and all behind it) until stopped
+        await control(svc, "enqueue", events=[{"min_start_time": 1000}])
+        while svc.status()["pending_events"]:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        await control(svc, "enqueue", events=[{"exposure": 12.0, "x_pos": 5.0}])
+        assert svc.status()["pending_events"] == 1
+        await control(svc, "stop")
+        assert svc.source.events_not_run == 1  # type: ignore[union-attr]
+
+
+def test_the_pending_limit_counts_no_service_event() -> None:
+    """Before, the events that put back settings counted towards MAX_PENDING_EVENTS: a full
+    batch was refused while fewer enqueued events than the limit waited."""
+    from livemask.acquisition.feed import MAX_PENDING_EVENTS, EventFeed
+    from livemask.errors import AcquisitionError
+    from livemask.service.app import RESTORE_ACTION
+
+    feed = EventFeed(iter([useq.MDAEvent()]))
+    mine = useq.MDAEvent(exposure=12.0)
+    back = useq.MDAEvent(exposure=10.0, action=useq.CustomAction(name=RESTORE_ACTION))
+    for _ in range(2):
+        feed.inject([*[mine] * (MAX_PENDING_EVENTS // 2), back])
+    assert feed.pending == MAX_PENDING_EVENTS
+    with pytest.raises(AcquisitionError, match=r"^100000 enqueued events wait to run"):
+        feed.inject([mine])
+    assert next(feed) is mine and feed.pending == MAX_PENDING_EVENTS - 1
+    feed.inject([mine, back])
+    feed.close()
+    assert feed.not_run == MAX_PENDING_EVENTS
 
 
 @pytest.mark.parametrize(("event", "field"), [

@@ -416,3 +416,29 @@ async def test_frame_every_keeps_every_nth_frame_of_each_channel_and_plane() -> 
     shown = [(m.header["index"]["t"], m.header["index"]["c"]) for m in pub.by_topic("frame")]
     assert sorted(shown) == [(0, 0), (0, 1), (2, 0), (2, 1)]
     assert len(pub.by_topic("measurements")) == 8  # every frame is still analysed
+
+
+async def test_frame_every_counts_feedback_and_enqueued_frames_as_streams_of_their_own() -> None:
+    """Before, the stream was (p, g, c, z) only: three feedback frames (`fb`) and an enqueued
+    frame (`ext`) at p 0 were counted with the planned ones, so planned t 0 and 3 were
+    published instead of t 0, 2 and 4."""
+    card = ModelCard(name="fake", file="none.onnx")
+    pub = MemoryPublisher()
+    pipe = Pipeline(Segmenter(card, ThresholdBackend()), pub, mode="synchronized",
+                    frame_every=2)
+    pipe.start()
+    indices = [{"t": 0, "p": 0}, {"t": 1, "p": 0}, *[{"t": 1, "p": 0, "fb": 1}] * 3,
+               {"ext": 7, "p": 0, "t": 0}, {"t": 2, "p": 0}, {"t": 3, "p": 0},
+               {"p": 0, "t": 1, "ext": 7}, {"t": 4, "p": 0}]
+    for i, index in enumerate(indices):
+        raw = _raw(i)
+        raw.event = useq.MDAEvent(index=index)
+        pipe.submit(raw)
+    assert await pipe.drain(10.0)
+    await pipe.close()
+    shown = [m.header["index"] for m in pub.by_topic("frame")]
+    planned = sorted(i["t"] for i in shown if set(i) == {"t", "p"})
+    assert planned == [0, 2, 4], shown
+    assert [i for i in shown if "fb" in i] == [{"t": 1, "p": 0, "fb": 1}] * 2  # 1st and 3rd
+    # the key order of an enqueued event's index does not make a stream of its own
+    assert [i for i in shown if "ext" in i] == [{"ext": 7, "p": 0, "t": 0}]

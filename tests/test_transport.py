@@ -705,6 +705,21 @@ async def test_an_id_no_reply_can_carry_is_refused_before_the_command_runs(
     assert reply == {"id": "\U0001f600", "ok": True, "result": {"n": 1}}
 
 
+async def test_a_key_no_reply_can_carry_still_gets_its_one_reply(
+    server: ControlServer, raw_socket: Any
+) -> None:
+    """Review: an unknown key with a lone surrogate (valid JSON) made the error reply
+    unencodable: no reply at all, and a traceback in the service's log."""
+    req = raw_socket(zmq.REQ, server.bound_address)
+    HANDLED.clear()
+    _, reply = await ask(req, b'{"id": 1, "cmd": "status", "\\ud800x": 1}')
+    assert reply["id"] == 1 and reply["error"]["code"] == "bad_request"
+    assert reply["error"]["message"].startswith("\\ud800x: not a request field")
+    assert HANDLED == []
+    _, reply = await ask(req, b'{"id": 2, "cmd": "strict", "args": {"\\ud800": 1}}')
+    assert reply["id"] == 2 and reply["error"]["code"] == "invalid_args"
+
+
 async def test_dealer_peer(server: ControlServer, raw_socket: Any) -> None:
     dealer = raw_socket(zmq.DEALER, server.bound_address)
     for i in range(3):  # pipelined: DEALER need not wait for each reply

@@ -212,8 +212,8 @@ class PublishConfig(_Section):
     control_address: str = "tcp://127.0.0.1:5556"
     frame_every: int = Field(
         default=1, ge=0,
-        description="Publish every Nth frame of each stream (same position, grid tile, "
-        "channel and plane) on 'frame' (0 = never).",
+        description="Publish every Nth frame of each stream (the same index but t: "
+        "position, grid tile, channel, plane) on 'frame' (0 = never).",
     )
     sndhwm: int = Field(
         default=200, ge=1, le=C_INT_MAX, description="PUB high-water mark (messages)."

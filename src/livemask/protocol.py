@@ -546,9 +546,17 @@ def ok_reply(id: str | int | None, result: Any) -> bytes:
 
 def error_reply(id: str | int | None, code: str, message: str) -> bytes:
     """``{"id", "ok": false, "error": {"code", "message"}}`` as UTF-8 JSON bytes; never
-    raises (an ``id`` that cannot be encoded is sent as null); a message longer than
-    :data:`MAX_ERROR_MESSAGE_CHARS` is cut, saying how much was left out."""
-    reply = {"id": id, "ok": False, "error": {"code": code, "message": _shorten(message)}}
+    raises: a message that cannot be encoded (e.g. it quotes a key with a lone surrogate)
+    has such characters escaped (``\\ud800``), an ``id`` that cannot be is sent as null; a
+    message longer than :data:`MAX_ERROR_MESSAGE_CHARS` is cut, saying how much was left out."""
+    message = _shorten(message)
+    reply = {"id": id, "ok": False, "error": {"code": code, "message": message}}
+    try:
+        return dumps_json(reply)
+    except ProtocolError:
+        pass
+    escaped = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    reply["error"] = {"code": code, "message": escaped}
     try:
         return dumps_json(reply)
     except ProtocolError:

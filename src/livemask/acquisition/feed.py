@@ -34,8 +34,21 @@ from livemask.errors import AcquisitionEnding, AcquisitionError
 
 log = logging.getLogger("livemask")
 
-#: Injected events that may wait to run at once (≈ 1 KB each in memory).
+#: Injected events that may wait to run at once (≈ 1 KB each in memory); the service's own
+#: events (:func:`is_service_event`) are not counted: one per enqueue, feedback action or
+#: exposure set, at most.
 MAX_PENDING_EVENTS = 100_000
+#: The name prefix of the custom actions of the service's own events (putting back the
+#: settings that enqueued events or feedback actions change, or an exposure just set).
+SERVICE_ACTION_PREFIX = "livemask-"
+
+
+def is_service_event(event: useq.MDAEvent) -> bool:
+    """Whether ``event`` is one of the service's own (takes no image, puts settings back),
+    not counted as an enqueued event."""
+    action = event.action
+    return isinstance(action, useq.CustomAction) and action.name.startswith(
+        SERVICE_ACTION_PREFIX)
 
 
 @dataclass
@@ -84,15 +97,17 @@ class EventFeed(Iterator[useq.MDAEvent]):
         self._on_missing = on_missing
         self._awaiting: useq.MDAEvent | None = None  # the last image event issued
         self._delivered_before = 0  # frames delivered before it was issued
-        self.not_run = 0  # injected events dropped when the feed was closed
+        self.not_run = 0  # injected events dropped when the feed was closed (not the service's)
+        self._counted = 0  # injected events waiting, not the service's own
         #: the exposure of the last event issued that set one (ms; 0.0 before any): the snap
         #: in progress may take that long (a stop waits for it)
         self.last_exposure_ms = 0.0
 
     @property
     def pending(self) -> int:
-        """Injected events waiting to run."""
-        return len(self._injected)
+        """Injected events waiting to run, not counting the service's own
+        (:func:`is_service_event`)."""
+        return self._counted
 
     @property
     def started(self) -> int:
@@ -136,6 +151,8 @@ class EventFeed(Iterator[useq.MDAEvent]):
             self._check_delivery()
             if self._injected:
                 event = self._injected.popleft()
+                if not is_service_event(event):
+                    self._counted -= 1
             else:
                 nxt = next(self._planned, None)
                 if nxt is None:
@@ -167,21 +184,23 @@ class EventFeed(Iterator[useq.MDAEvent]):
 
         :class:`AcquisitionEnding` once the runner has taken the last event or the feed is
         closed (nothing would run them), :class:`AcquisitionError` past
-        ``MAX_PENDING_EVENTS`` waiting."""
+        ``MAX_PENDING_EVENTS`` waiting (the service's own events not counted)."""
         items = list(events)
+        counted = sum(not is_service_event(e) for e in items)
         with self._cond:
             if self._closed or self._planned_done:
                 raise AcquisitionEnding(
                     "the acquisition has taken its last event and is ending; the events were "
                     "not added"
                 )
-            if len(self._injected) + len(items) > MAX_PENDING_EVENTS:
+            if self._counted + counted > MAX_PENDING_EVENTS:
                 raise AcquisitionError(
-                    f"{len(self._injected)} enqueued events wait to run and at most "
+                    f"{self._counted} enqueued events wait to run and at most "
                     f"{MAX_PENDING_EVENTS} may wait; enqueue more once some have run "
                     "(status: pending_events)"
                 )
             self._injected.extend(items)
+            self._counted += counted
             self._cond.notify_all()
         return len(items)
 
@@ -210,10 +229,11 @@ class EventFeed(Iterator[useq.MDAEvent]):
 
     def close(self) -> None:
         """Make the runner's next ``next()`` end the acquisition; injected events still
-        waiting are dropped (counted in ``not_run``)."""
+        waiting are dropped (counted in ``not_run``, the service's own not)."""
         with self._cond:
             self._closed = True
-            self.not_run += len(self._injected)
+            self.not_run += self._counted
+            self._counted = 0
             self._injected.clear()
             self._cond.notify_all()
 

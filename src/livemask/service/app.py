@@ -76,14 +76,15 @@ RESTORE_ACTION = "livemask-restore-settings"
 
 
 class SettingsInEffect:
-    """The exposure, channel and stage position (``x_pos``, ``y_pos``, ``z_pos``) the running
-    acquisition's events leave in effect, as far as known: what ``enqueue`` puts back after
-    the events it adds (the planned events that give none would otherwise run with theirs).
+    """The exposure, channel, stage position (``x_pos``, ``y_pos``, ``z_pos``) and camera ROI
+    the running acquisition's events leave in effect, as far as known: what ``enqueue`` puts
+    back after the events it adds (the planned events that give none would otherwise run
+    with theirs).
 
     ``values`` follows each event as it starts (runner thread); ``pending`` holds what the
     restore events queued but not started yet will set (event loop)."""
 
-    FIELDS = ("exposure", "channel", "x_pos", "y_pos", "z_pos")
+    FIELDS = ("exposure", "channel", "x_pos", "y_pos", "z_pos", "roi")
 
     def __init__(self) -> None:
         self.values: dict[str, Any] = {}
@@ -102,6 +103,8 @@ class SettingsInEffect:
             value = getattr(event, name)
             if value is not None:
                 self.values[name] = value
+        if sets_binning(event.properties):  # a ROI known is in the old binning's pixels
+            self.values.pop("roi", None)
         tag = (event.metadata or {}).get(ENQUEUE_RESTORE_KEY)
         return tag if isinstance(tag, int) else None
 
@@ -124,6 +127,11 @@ class SettingsInEffect:
     def started(self, n: int) -> None:
         """The restore event ``n`` has started (event loop)."""
         self.pending.pop(n, None)
+
+
+def sets_binning(properties: Sequence[Any] | None) -> bool:
+    """Whether event ``properties`` set a ``Binning`` (the camera's: what a ROI is in)."""
+    return any(tuple(entry)[1] == BINNING for entry in properties or ())
 
 
 def uses_simulated_devices(cfg_path: Path) -> bool:
@@ -1027,11 +1035,14 @@ class Service:
         return {"enqueued": len(events), "started": True}
 
     async def _restore_after(self, events: list[useq.MDAEvent]) -> useq.MDAEvent | None:
-        """An event that takes no image and puts back the exposure, channel and stage
-        position (x, y, z) that ``events``, added to the running acquisition, change, as
-        they will be before ``events`` run (pymmcore-plus keeps an event's settings for the
-        following events that give none); None when they change none. A setting not known
-        (e.g. a channel group with no preset set at the start) is not put back."""
+        """An event that takes no image and puts back the exposure, channel, stage position
+        (x, y, z) and camera ROI that ``events``, added to the running acquisition, change,
+        as they will be before ``events`` run (pymmcore-plus keeps an event's settings, its
+        ROI too, for the following events that give none, and sets them also for an event
+        that takes no image); None when they change none. A setting not known (e.g. a
+        channel group with no preset set at the start) is not put back, nor a ROI where
+        ``events`` change the binning (their ROI's pixels are not the old one's); their
+        ``properties`` stay in effect (a property's old value is not known)."""
         if not isinstance(self.source, MicroscopeSource):
             return None
         known = self._settings.expected()
@@ -1039,6 +1050,10 @@ class Service:
                 if any(getattr(e, a) is not None for e in events)]
         if missing := [a for a in axes if a not in known]:
             known.update(await self._stage_now(self.source, missing))
+        back_roi = any(e.roi is not None for e in events) and not any(
+            sets_binning(e.properties) for e in events)
+        if back_roi and "roi" not in known:
+            known.update(await self._roi_now(self.source))
         exposure, channel = known.get("exposure"), known.get("channel")
         changed = useq.MDAEvent(  # what restore_event is to put back: the known settings
             exposure=exposure if any(e.exposure is not None for e in events) else None,
@@ -1046,12 +1061,30 @@ class Service:
         )
         back = restore_event([changed], exposure, channel)
         position = {a: known[a] for a in axes if known.get(a) is not None}
+        if back_roi and known.get("roi") is not None:
+            position["roi"] = known["roi"]
         if back is None and not position:
             return None
         if back is None:
             back = useq.MDAEvent(action=useq.CustomAction(name=RESTORE_ACTION))
         return self._settings.tag(
             back.model_copy(update={**position, "index": events[0].index}))
+
+    @staticmethod
+    async def _roi_now(source: MicroscopeSource) -> dict[str, useq.CameraROI]:
+        """``{"roi": the camera's ROI}`` as read from the core now (its full image where none
+        is set); empty where the read fails (logged). Read only for an ``enqueue`` with a
+        ``roi`` into a run none of whose events has set one yet: then it is the run's."""
+        def read() -> useq.CameraROI:
+            x, y, width, height = (int(v) for v in source.core.getROI())
+            return useq.CameraROI(offset_x=x, offset_y=y, width=width, height=height)
+
+        try:
+            return {"roi": await call_hardware(read, what="reading the camera's ROI")}
+        except Exception as exc:  # the events still run; their ROI stays in effect after them
+            log.warning("enqueue: the camera's ROI could not be read (%s); the enqueued "
+                        "events' roi stays in effect after them", exc)
+            return {}
 
     @staticmethod
     async def _stage_now(source: MicroscopeSource, axes: list[str]) -> dict[str, float]:

@@ -47,9 +47,11 @@ from livemask.transport.publisher import Publisher
 
 log = logging.getLogger("livemask")
 
-#: The MDA index axes that tell a frame's stream (its position, grid tile, channel and
-#: plane): ``publish.frame_every`` keeps every Nth frame of each stream.
-STREAM_AXES = ("p", "g", "c", "z")
+#: The MDA index axis that does not tell a frame's stream: ``publish.frame_every`` keeps
+#: every Nth frame of each stream, the frames whose index differs only in it (one position,
+#: grid tile, channel and plane; the frames of a feedback action, ``fb``, or of enqueued
+#: events with a key of the client's own, e.g. ``ext``, are streams of their own).
+TIME_AXIS = "t"
 
 
 def _stage_xy(position: dict[str, Any] | None) -> tuple[float, float] | None:
@@ -146,8 +148,8 @@ class Pipeline:
         # frame sinks (the recorder): every frame, analysed, skipped or failed, at publish
         self.sinks: list[FrameSink] = []
         self._unpublished: dict[int, Frame] = {}  # submitted, not yet through _publish
-        # frames seen per stream (STREAM_AXES) in the acquisition _streams_of, for frame_every
-        self._stream_frames: dict[tuple[int | None, ...], int] = {}
+        # frames seen per stream (index but t) in the acquisition _streams_of, for frame_every
+        self._stream_frames: dict[frozenset[tuple[str, int]], int] = {}
         self._streams_of = 0
 
     # ------------------------------------------------------------ lifecycle
@@ -483,13 +485,15 @@ class Pipeline:
 
     def _image_due(self, frame: Frame) -> bool:
         """Whether ``publish.frame_every`` publishes this frame's image: the 1st, (N+1)th,
-        ... frame of its stream (the same index but ``t``) in its acquisition, so each
-        channel and plane is published every N of its frames (counting frames across all
-        streams would, with N channels and frame_every N, publish one channel only)."""
+        ... frame of its stream (the same index but ``t``, every other key included, e.g.
+        ``fb`` or ``ext``) in its acquisition, so each channel and plane is published every N
+        of its frames (counting frames across all streams would, with N channels and
+        frame_every N, publish one channel only) and frames that feedback actions or
+        ``enqueue`` add do not shift which planned frames are published."""
         if frame.acquisition != self._streams_of:
             self._streams_of = frame.acquisition
             self._stream_frames.clear()
-        key = tuple(frame.index.get(axis) for axis in STREAM_AXES)
+        key = frozenset(item for item in frame.index.items() if item[0] != TIME_AXIS)
         seen = self._stream_frames.get(key, 0)
         self._stream_frames[key] = seen + 1
         return bool(self.frame_every) and seen % self.frame_every == 0

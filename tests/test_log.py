@@ -169,3 +169,16 @@ async def test_stopping_an_acquisition_logs_no_warning(
         assert svc.acquiring
     canceled = [r for r in records if r.getMessage().startswith("MDA Canceled")]
     assert [r.levelname for r in canceled] == ([] if mm_level == "WARNING" else ["INFO"])
+
+
+@pytest.mark.parametrize("text", ["0", "NOTSET", "notset"])
+def test_log_level_0_logs_everything(monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    """Review: 0 and NOTSET were accepted but gave WARNING (0 means "as the parent" to
+    logging): DEBUG and INFO lines were dropped."""
+    from livemask.log import env_level
+
+    monkeypatch.setenv("LIVEMASK_LOG_LEVEL", text)
+    level = env_level("LIVEMASK_LOG_LEVEL", "INFO")
+    logger = logging.getLogger("livemask-test-level-0")
+    logger.setLevel(level)
+    assert logger.getEffectiveLevel() < logging.DEBUG

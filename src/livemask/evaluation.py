@@ -284,14 +284,14 @@ def evaluate(
 ) -> Evaluation:
     """Segment every image, match against its truth at each IoU threshold, time both halves.
 
-    The segmenter is warmed up on the first image's size (which refuses a model whose output
-    is not what its card says, e.g. logits) and that image is segmented once untimed, so
-    one-off start-up costs are not counted.
+    The first image's size is checked (:meth:`Segmenter.check_frame`: a model whose output
+    is not what its card says, e.g. logits, is refused) and that image is segmented once
+    untimed, so one-off start-up costs are not counted.
     """
     pairs = list(pairs)
     if pairs:
         first = pairs[0][0]
-        segmenter.warmup((int(first.shape[-2]), int(first.shape[-1])))
+        segmenter.check_frame((int(first.shape[-2]), int(first.shape[-1])))
         segmenter.segment(first)
     per_iou: dict[float, list[MatchResult]] = {t: [] for t in IOU_THRESHOLDS}
     result = Evaluation(holdout, model or segmenter.card.name)

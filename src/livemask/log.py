@@ -34,17 +34,18 @@ class _StderrHandler(logging.StreamHandler):
 
 def env_level(variable: str, default: str) -> int:
     """The log level in environment ``variable`` (a level name in any case, or a number),
-    else ``default``; ``ConfigError`` naming the variable for anything else."""
+    else ``default``; ``ConfigError`` naming the variable for anything else. 0 (``NOTSET``)
+    logs everything, as it reads (to :mod:`logging` it means "as the parent": WARNING)."""
     text = os.environ.get(variable, "").strip() or default
     if text.isdigit():
-        return int(text)
+        return max(1, int(text))
     level = logging.getLevelNamesMapping().get(text.upper())
     if level is None:
         raise ConfigError(
             f"{variable}={text!r} is not a log level; use one of {', '.join(LEVEL_NAMES)} "
             "(any case) or a number, e.g. 20 for INFO"
         )
-    return level
+    return max(1, level)
 
 
 def _log_handler() -> logging.Handler:

@@ -238,7 +238,7 @@ def segment_file(
     if table is not None:
         pixel_size_um = _log_pixel_size(input_path, pixel_size_um, image)
     seg = load_segmenter(model, threads)
-    seg.warmup((int(planes.shape[1]), int(planes.shape[2])))  # refuses e.g. a logits model
+    seg.check_frame((int(planes.shape[1]), int(planes.shape[2])))  # refuses e.g. logits
     labels = np.zeros(planes.shape, dtype=np.int32)
     rows: list[dict[str, object]] = []
     for i, plane in enumerate(planes):

@@ -180,6 +180,20 @@ class Segmenter:
         result checked, so a model that does not compute what its card says (another
         output shape, values outside [0, 1] such as logits, or another fixed input size)
         raises ModelError here, before the first frame."""
+        size = self.check_frame(shape)
+        self.backend.warmup(size)
+        if self._device is not None:
+            self._device.prepare(shape, self._label_params())
+            image = np.zeros(shape, dtype=np.uint16)
+            image[::7, ::5] = 1000  # not flat, so the model sees a real range
+            for _ in range(2):
+                self.analyse(self.infer(image), image)
+
+    def check_frame(self, shape: tuple[int, int]) -> tuple[int, int]:
+        """Check, with one model run, that the model takes frames of ``shape`` and returns
+        what its card says (:meth:`check_output`); ModelError if not. Returns the size the
+        backend gets (the frame padded to ``size_multiple``, or a tile). Offline commands
+        run only this; :meth:`warmup` runs it first."""
         plan = self.tile_plan(shape)
         if plan is not None:
             size = plan.tile_shape
@@ -190,13 +204,7 @@ class Segmenter:
         for n in sorted(set(plan.batch_sizes) if plan is not None else {1}):
             self._check_input((n, 1, *size), frame)  # every batch shape this frame sends
         self.check_output((int(size[0]), int(size[1])), frame)
-        self.backend.warmup(size)
-        if self._device is not None:
-            self._device.prepare(shape, self._label_params())
-            image = np.zeros(shape, dtype=np.uint16)
-            image[::7, ::5] = 1000  # not flat, so the model sees a real range
-            for _ in range(2):
-                self.analyse(self.infer(image), image)
+        return int(size[0]), int(size[1])
 
     def check_output(
         self, size: tuple[int, int], frame: tuple[int, int] | None = None

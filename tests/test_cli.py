@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -820,3 +821,113 @@ def test_view_connect_address_before_the_bind(bind: str, connect: str | None) ->
     from livemask.cli import _connect_address
 
     assert _connect_address(bind) == connect
+
+
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited (a zombie not yet reaped counts as exited)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+#: How each test below ends ``serve --view`` early: code run in the serve process before
+#: its command line (a SIGTERM in its start-up), or None (the test SIGKILLs it).
+_EARLY_ENDS = {
+    "sigterm_in_imports": "\n".join([  # before its handlers are in place
+        "class Interrupt:",
+        "    def find_spec(self, name, path=None, target=None):",
+        "        if name == 'livemask.service.app':",
+        "            os.kill(os.getpid(), signal.SIGTERM)",
+        "sys.meta_path.insert(0, Interrupt())",
+    ]),
+    "second_sigterm_in_start_up": "\n".join([  # quits at once, no finally
+        "import asyncio",
+        "from livemask.service import app",
+        "async def twice(self):",
+        "    for _ in range(2):",
+        "        os.kill(os.getpid(), signal.SIGTERM)",
+        "        await asyncio.sleep(0.5)",
+        "    await asyncio.sleep(60)",
+        "app.Service._start_dashboard = twice",
+    ]),
+    "sigkill": None,
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("end", list(_EARLY_ENDS))
+def test_serve_view_does_not_outlive_serve(tmp_path: Path, end: str) -> None:
+    """Before, a ``serve --view`` that died early (a SIGTERM while it imported: killed by
+    the signal, 143; a second signal in start-up: ``os._exit``; SIGKILL) left its view
+    (``livemask watch``) running, reparented to PID 1, drawing forever."""
+    pub, ctl = free_tcp_address(), free_tcp_address()
+    argv = ["livemask", "serve", "--view", "--config",
+            str(ROOT / "configs" / "simulated-nuclei.yaml"), "--pub", pub, "--control", ctl]
+    script = "\n".join([
+        "import os, signal, sys",
+        "from livemask import cli",
+        "start = cli._Viewer.start",
+        "def started(self, *args, **kwargs):",
+        "    start(self, *args, **kwargs)",
+        "    print('view pid', self.process.pid, file=sys.stderr, flush=True)",
+        "cli._Viewer.start = started",
+        _EARLY_ENDS[end] or "",
+        f"sys.argv = {argv!r}",
+        "cli.main()",
+    ])
+    out, err = (tmp_path / "out.log").open("w"), tmp_path / "err.log"
+    with err.open("w") as err_file:
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=out, stderr=err_file,
+                                cwd=ROOT)
+    view = None
+    try:
+        if _EARLY_ENDS[end] is None:  # once the view has subscribed and frames come
+            with Subscriber(pub, ("measurements",)) as sub:
+                msg, deadline = None, time.monotonic() + 60
+                while msg is None and time.monotonic() < deadline and proc.poll() is None:
+                    msg = sub.recv(timeout_s=0.5)
+            assert msg is not None, err.read_text()
+            proc.kill()
+        code = proc.wait(timeout=60)
+        said = err.read_text()
+        view = int(said.split("view pid ")[1].split()[0])
+        deadline = time.monotonic() + 20
+        while not _gone(view) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _gone(view), f"the view outlived serve (exit code {code})"
+        if _EARLY_ENDS[end] is not None:
+            assert code == 130, said
+            assert "Traceback" not in said
+        if end == "sigterm_in_imports":
+            assert "livemask: interrupted" in said.splitlines()
+    finally:
+        out.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if view is not None and not _gone(view):
+            os.kill(view, signal.SIGKILL)
+
+
+def test_quitting_at_once_in_start_up_stops_the_view_first() -> None:
+    """Before, a second signal in start-up quit with ``os._exit`` (no ``finally``) and left
+    the view running; the view is stopped before the exit now."""
+    from livemask.cli import _Interrupts, _Viewer
+
+    viewer = _Viewer(truth=False)
+    running_at_exit: list[bool] = []
+    interrupts = _Interrupts(exit_now=lambda code: running_at_exit.append(
+        viewer.process is not None and viewer.process.poll() is None))
+    try:
+        viewer.start(free_tcp_address())
+        interrupts.before_quit = viewer.quit
+        interrupts()
+        interrupts()  # quits at once
+        assert running_at_exit == [False]
+    finally:
+        if viewer.process is not None and viewer.process.poll() is None:
+            viewer.process.kill()
+            viewer.process.wait()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from rich.console import Console
@@ -260,3 +262,48 @@ def test_watch_interrupted_still_shows_what_was_sent_to_it() -> None:
         pub.close()
     assert view.messages == 31 and view.measurements is not None
     assert view.measurements["frame_id"] == 29 and view.status["state"] == "stopping"
+
+
+def test_piped_view_says_the_service_stopped_after_the_frames_it_still_sends(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Before, the first "stopping" status printed the stopped line at once, while the
+    service still drained: frames analysed after it came below it (".../ the service
+    stopped / frame 11: ... acquired 12 / analysed 12")."""
+    from livemask.viewer import STOPPED_LINE
+
+    view = ConsoleView()
+    stopping = {"state": "stopping", "acquiring": False, "frames_acquired": 12}
+    with _Display(view, line_every_s=0.0) as display:
+        view.update(Message("status", {"state": "running", "acquiring": True}, {}))
+        view.update(Message("measurements", {"frame_id": 10, "summary": {"count": 3}}, {}))
+        view.update(Message("status", {**stopping, "frames_analysed": 11}, {}))
+        display.refresh()  # a heartbeat while the service drains its last frames
+        view.update(Message("measurements", {"frame_id": 11, "summary": {"count": 3}}, {}))
+        view.update(Message("status", {**stopping, "frames_analysed": 12}, {}))
+        display.refresh()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == STOPPED_LINE and lines.count(STOPPED_LINE) == 1, lines
+    assert lines[-2].startswith("frame 11: ") and "acquired 12 / analysed 12" in lines[-2]
+
+
+def test_piped_view_says_a_stopping_service_stopped_once_it_went_quiet(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A ``livemask watch`` left running still says so once the service is gone (and says
+    nothing after it: not "gone or unreachable", it said it stops)."""
+    import livemask.viewer as viewer
+
+    view = ConsoleView()
+    clock = [time.monotonic()]
+    monkeypatch.setattr(viewer.time, "monotonic", lambda: clock[0])
+    with _Display(view, line_every_s=0.0) as display:
+        view.update(Message("measurements", {"frame_id": 4, "summary": {"count": 3}}, {}))
+        view.update(Message("status", {"state": "stopping", "acquiring": False}, {}))
+        display.refresh()
+        assert capsys.readouterr().out.splitlines() == [view.summary_line()]
+        for quiet_s in (viewer.STALE_S + 1, viewer.STALE_S + 9):  # e.g. devices unloading
+            clock[0] += quiet_s
+            display.refresh()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [viewer.STOPPED_LINE]

@@ -14,9 +14,10 @@ try:
     import logging
     import math
     import os
+    import select
     import signal
     import subprocess
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
     from pathlib import Path
     from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
 
@@ -372,10 +373,13 @@ class _Interrupts:
         self._exit_now = exit_now
         #: What the shutdown still waits for, said when interrupted again while stopping.
         self.still_to_do: Any = lambda: None
+        #: Called before quitting at once (no ``finally`` runs then): stops the view.
+        self.before_quit: Callable[[], None] = lambda: None
 
     def __call__(self) -> None:
         if self.starting and self.stop.is_set():
             print("interrupted again during start-up: quitting now", file=sys.stderr, flush=True)
+            self.before_quit()
             self._exit_now(130)
             return
         if self.starting:
@@ -392,13 +396,16 @@ async def _serve(
 ) -> str | None:
     """Serve until interrupted (or done); with ``exit_when_done``, what went wrong, or None."""
     viewer = _Viewer(cfg.simulation.truth) if view else None
+    interrupts = _Interrupts()
+    stop = interrupts.stop
+    if viewer is not None:
+        interrupts.before_quit = viewer.quit
     try:
-        if viewer is not None and (early := _connect_address(cfg.publish.pub_address)):
-            viewer.start(early)  # (it imports while we do)
-        from livemask.service.app import Service
+        with _interrupted_until_handled():
+            if viewer is not None and (early := _connect_address(cfg.publish.pub_address)):
+                viewer.start(early)  # (it imports while we do)
+            from livemask.service.app import Service
 
-        interrupts = _Interrupts()
-        stop = interrupts.stop
         loop = asyncio.get_running_loop()
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, interrupts)
@@ -419,6 +426,20 @@ async def _serve(
             await viewer.stop()
     # after the close: the recorder's last writes can fail too
     return _run_problem(service) if exit_when_done else None
+
+
+@contextlib.contextmanager
+def _interrupted_until_handled() -> Iterator[None]:
+    """Until ``_serve`` installs its handlers: SIGINT, SIGTERM and SIGHUP raise
+    ``KeyboardInterrupt`` at once (even in an import), so ``finally`` stops the view and serve
+    exits 130 (SIGTERM's default action killed it, 143, and left the view running)."""
+    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in STOP_SIGNALS}
+    try:
+        yield  # (then the event loop's handlers replace these)
+    except BaseException:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        raise
 
 
 async def _wait_done(service: Any, stop: asyncio.Event) -> None:
@@ -533,6 +554,8 @@ def dashboard_cmd(
 VIEWER_READY_S = 15.0
 #: Longest wait (s) for the viewer to show the last messages and exit once told to stop.
 VIEWER_STOP_S = 5.0
+#: Longest wait (s) for the viewer to exit when serve quits at once (then SIGKILL).
+VIEWER_QUIT_S = 2.0
 
 
 def _connect_address(bind: str) -> str | None:
@@ -557,7 +580,8 @@ class _Viewer:
     like any other, off the service's CPU. Started before the service where the PUB
     address is known, and waited for until it has subscribed, it sees the first frames;
     stopped after the service closed (SIGTERM: it takes what is still on its way, prints
-    its last view and exits), it shows the last ones."""
+    its last view and exits), it shows the last ones. It also exits once serve closed its
+    end of the ready pipe, which serve holds until then: serve died (even by SIGKILL)."""
 
     def __init__(self, truth: bool) -> None:
         self.truth = truth
@@ -572,8 +596,8 @@ class _Viewer:
                "--ready-fd", str(write)]
         if self.truth if truth is None else truth:
             cmd.append("--truth")
-        try:
-            self.process = subprocess.Popen(cmd, pass_fds=(write,))
+        try:  # (its own session: a Ctrl-C in the terminal reaches serve, which stops it)
+            self.process = subprocess.Popen(cmd, pass_fds=(write,), start_new_session=True)
         except BaseException:
             os.close(read)
             raise
@@ -582,7 +606,8 @@ class _Viewer:
         self._ready_fd = read
 
     async def wait_ready(self, timeout_s: float, stop: asyncio.Event) -> None:
-        """Until it has subscribed or exited, ``stop`` is set or ``timeout_s`` passed."""
+        """Until it has subscribed or exited, ``stop`` is set or ``timeout_s`` passed (the
+        pipe stays open: see the class)."""
         fd = self._ready_fd
         if fd is None:
             return
@@ -601,8 +626,6 @@ class _Viewer:
         finally:
             stopped.cancel()
             loop.remove_reader(fd)
-            os.close(fd)
-            self._ready_fd = None
         self.ready = said.done() and bool(said.result())
         if not self.ready and not stop.is_set():
             code = self.process.poll() if self.process is not None else None
@@ -612,35 +635,66 @@ class _Viewer:
                         f"did not subscribe within {timeout_s:.0f} s")
 
     async def stop(self) -> None:
-        """SIGTERM; SIGKILL if it has not exited ``VIEWER_STOP_S`` later."""
+        """SIGTERM; SIGKILL if it has not exited ``VIEWER_STOP_S`` later (or the wait is cut
+        short: cancelled, interrupted)."""
         proc = self.process
+        try:
+            if proc is None:
+                return
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.to_thread(proc.wait, VIEWER_STOP_S)
+            except subprocess.TimeoutExpired:
+                log.warning("the view (livemask watch) did not exit; killing it")
+                proc.kill()
+                await asyncio.to_thread(proc.wait)
+            except BaseException:
+                proc.kill()
+                raise
+        finally:
+            self._close_pipe()
+
+    def quit(self) -> None:
+        """Serve quits at once: SIGTERM (its last view), SIGKILL after ``VIEWER_QUIT_S``."""
+        proc = self.process
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(VIEWER_QUIT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self._close_pipe()
+
+    def _close_pipe(self) -> None:
         if self._ready_fd is not None:
             os.close(self._ready_fd)
             self._ready_fd = None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.to_thread(proc.wait, VIEWER_STOP_S)
-        except subprocess.TimeoutExpired:
-            log.warning("the view (livemask watch) did not exit; killing it")
-            proc.kill()
-            await asyncio.to_thread(proc.wait)
 
 
 def _ready_signal(fd: int | None) -> Callable[[], None] | None:
-    """``watch --ready-fd``: tell the ``serve --view`` that started it it has subscribed."""
+    """``watch --ready-fd``: tell the ``serve --view`` that started it it has subscribed (the
+    pipe stays open: see :func:`_serve_gone`)."""
     if fd is None:
         return None
 
     def ready() -> None:
-        with contextlib.suppress(OSError):  # it stopped waiting
+        with contextlib.suppress(OSError):  # it stopped waiting, or is gone
             os.write(fd, b"ready\n")
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
     return ready
+
+
+def _serve_gone(fd: int | None) -> Callable[[], bool] | None:
+    """``watch --ready-fd``: whether the ``serve --view`` that started it closed its end of
+    the pipe: it is gone (it holds that end until it stops the view; the system closes it
+    when serve dies, even by SIGKILL)."""
+    if fd is None:
+        return None
+    poller = select.poll()
+    poller.register(fd, 0)  # (errors and hang-ups are reported for any mask)
+    closed = select.POLLERR | select.POLLHUP | select.POLLNVAL
+    return lambda: any(events & closed for _, events in poller.poll(0))
 
 
 @app.command()
@@ -651,8 +705,9 @@ def watch(
     duration: Annotated[float | None, typer.Option(
         callback=_positive, help="Stop after this many seconds.")] = None,
     ready_fd: Annotated[int | None, typer.Option(
-        hidden=True, help="serve --view: write a line to this file descriptor once "
-        "subscribed (and leave out the hint when nothing comes: the service starts).")] = None,
+        hidden=True, help="serve --view: write a line to this pipe once subscribed (and "
+        "leave out the hint when nothing comes: the service starts); end once serve closed "
+        "the pipe's other end (it is gone).")] = None,
 ) -> None:
     """Show live measurements of a running service in the terminal (until Ctrl-C or
     SIGTERM; a pipe gets the last state as its last line)."""
@@ -663,7 +718,7 @@ def watch(
     try:
         with contextlib.suppress(KeyboardInterrupt):
             run_watch(pub, truth=truth, duration_s=duration, on_ready=_ready_signal(ready_fd),
-                      nothing_hint=ready_fd is None)
+                      nothing_hint=ready_fd is None, stop_when=_serve_gone(ready_fd))
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -101,7 +101,8 @@ FINISHED_HINT = (
     "acquisition finished: Ctrl-C stops the service; `start` over the control channel runs it "
     "again"
 )
-#: Said once the service's last status says it is stopping (its final counts are above).
+#: Said last, after the final counts, when the last status said the service was stopping
+#: (it still sends its last frames then), or once a stopping service went quiet.
 STOPPED_LINE = "the service stopped"
 
 
@@ -130,6 +131,7 @@ class ConsoleView:
         self.messages = 0  # taken into the view
         self.bad_messages = 0  # that could not be decoded or made no sense (left out)
         self.started_at = time.monotonic()
+        self.over = False  # the view has taken its last message (set as it ends)
 
     def update(self, msg: Message) -> None:
         """Fold one message into the view; one that makes no sense is counted and left out."""
@@ -157,11 +159,16 @@ class ConsoleView:
                 and time.monotonic() - self.started_at > NOTHING_YET_S)
 
     def end_line(self) -> str | None:
-        """What the last status says ended: the service (:data:`STOPPED_LINE`), or the
-        acquisition (:data:`FINISHED_HINT`); None while it acquires."""
-        if self.status.get("state") in ("stopping", "closed"):
-            return STOPPED_LINE
+        """What the last status says ended: the service (:data:`STOPPED_LINE`, once the view
+        is over or the service went quiet: a stopping service still sends its last frames),
+        or the acquisition (:data:`FINISHED_HINT`); None while it acquires."""
+        if self.stopping():
+            return STOPPED_LINE if self.over or self.silent_s() is not None else None
         return None if self.status.get("acquiring", True) else FINISHED_HINT
+
+    def stopping(self) -> bool:
+        """Whether the last status said the service is stopping (or closed)."""
+        return self.status.get("state") in ("stopping", "closed")
 
     def _update(self, msg: Message) -> None:
         if msg.topic == "measurements":
@@ -204,7 +211,7 @@ class ConsoleView:
         m = self.measurements or {}
         summary = m.get("summary") or {}
         lat = (st.get("latency_ms") or {}).get("end_to_end") or {}
-        silent = self.silent_s()
+        silent = None if self.stopping() else self.silent_s()  # (stopping: as it said)
         state = (f"no status for {silent:.0f} s: the service is gone or unreachable"
                  if silent is not None else f"{st.get('state', '?')} ({st.get('mode', '?')})")
         top.add_row("state", f"{state}, model {st.get('model', '?')} on "
@@ -280,7 +287,7 @@ class ConsoleView:
         if total is not None:
             line += f", F1@0.5 vs truth {total.f1:.3f}"
         silent = self.silent_s()
-        if silent is not None:
+        if silent is not None and not self.stopping():  # (stopping: it stopped, as said)
             line += f" (no status for {silent:.0f} s: the service is gone or unreachable)"
         return line
 
@@ -305,6 +312,7 @@ class _Display:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.view.over = True
         if self.live is not None:
             self.live.update(self.view.render())
             self.live.transient = not self.view.messages  # nothing came: leave no empty view
@@ -345,10 +353,12 @@ def topics_for(truth: bool) -> tuple[str, ...]:
 def watch(
     address: str, *, truth: bool = False, duration_s: float | None = None,
     on_ready: Callable[[], None] | None = None, nothing_hint: bool = True,
+    stop_when: Callable[[], bool] | None = None,
 ) -> ConsoleView:
-    """Show the stream at ``address`` until Ctrl-C or ``duration_s``; ``on_ready`` is
-    called once the subscriber is connected. Ctrl-C first takes what already came, so the
-    last view is the stream's last state."""
+    """Show the stream at ``address`` until Ctrl-C, ``duration_s`` or ``stop_when()`` (checked
+    after each message or 0.25 s); ``on_ready`` is called once the subscriber is connected.
+    Ctrl-C (or ``stop_when``) first takes what already came, so the last view is the
+    stream's last state."""
     view = ConsoleView(address, nothing_hint=nothing_hint)
     end = time.monotonic() + duration_s if duration_s else None
     with Subscriber(address, topics_for(truth)) as sub, _Display(view) as display:
@@ -359,6 +369,9 @@ def watch(
                 _receive(sub, view, timeout_s=0.25)
                 truth = truth and _keep_truth(sub, view)
                 display.refresh()
+                if stop_when is not None and stop_when():
+                    _drain(sub, view)  # (the last messages, as after Ctrl-C)
+                    break
         except KeyboardInterrupt:
             _drain(sub, view)
     return view

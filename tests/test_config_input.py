@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import useq
 import yaml
 
 from livemask.config import load_config, parse_config
@@ -275,3 +276,37 @@ def test_a_folder_as_the_micro_manager_config_is_named(tmp_path: Path) -> None:
     assert "does not exist" not in message
     with pytest.raises(ConfigError, match=r"does not exist; check hardware\.config_file"):
         open_core(tmp_path / "nope.cfg")
+
+
+@pytest.mark.parametrize(("sequence", "needle"), [
+    # review: "stage_positions.sequence.time_plan: Field required: add duration or loops or
+    # phases", never naming the typo nor the position
+    ("stage_positions: [{x: 0, y: 0}, {x: 5, y: 5, sequence: {time_plan: "
+     "{interval: 1, loopz: 2}}}]",
+     "acquisition.sequence.stage_positions.1.sequence.time_plan.loopz: unknown field (did you "
+     "mean 'loops'?"),
+    ("stage_positions: [{x: 0, y: 0, sequence: {z_plan: {range: 4, stp: 1}}}]",
+     "acquisition.sequence.stage_positions.0.sequence.z_plan.stp: unknown field (did you mean "
+     "'step'?"),
+    # review: accepted as one tile (a RelativePosition named grid row 2, column 2)
+    ("grid_plan: {row: 2, col: 2}",
+     "sequence.grid_plan.row: unknown field (did you mean 'rows'?"),
+    ("grid_plan: {rows: 2, col: 2}",
+     "sequence.grid_plan.col: unknown field (did you mean 'columns'?"),
+])
+def test_a_typo_in_a_plan_is_named_where_it_is(tmp_path: Path, sequence: str, needle: str
+                                               ) -> None:
+    path = _write(tmp_path, f"acquisition:\n  sequence:\n    {sequence}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert needle in message
+    assert "or phases" not in message and "grid_plan.rows: unknown" not in message
+
+
+def test_a_grid_of_random_points_loads(tmp_path: Path) -> None:
+    """Review: AttributeError ('RandomPoints' object has no attribute '_step_size') at load."""
+    path = _write(tmp_path, "acquisition:\n  sequence:\n    grid_plan: {num_points: 4, "
+                            "max_width: 50, max_height: 50, fov_width: 5, fov_height: 5}\n")
+    seq = load_config(path).acquisition.mda_sequence()
+    assert isinstance(seq.grid_plan, useq.RandomPoints) and seq.sizes["g"] == 4

@@ -263,15 +263,19 @@ def test_check_input_refuses_what_is_too_deep_to_check() -> None:
     ({"top": 0, "bottom": 10, "step": 1},
      "sequence.z_plan: top (0 µm) is below bottom (10 µm), so it plans no planes; swap top "
      "and bottom"),
-    ({"range": 10, "step": -1}, "sequence.z_plan: step must be > 0 µm, got -1; give a step > 0"),
-    ({"top": 0, "bottom": 10, "step": -1}, "step must be > 0 µm, got -1"),
+    ({"range": 10, "step": -1}, "sequence.z_plan: step must be > 0 µm, got -1, so it plans no "
+                                "planes; give a step > 0"),
+    ({"top": 10, "bottom": 0, "step": -1}, "step must be > 0 µm, got -1, so it plans no planes"),
     ({"range": -10, "step": 1}, "sequence.z_plan: range must be >= 0 µm, got -10"),
     ({"above": 1, "below": 2, "step": -1}, "sequence.z_plan: step must be > 0 µm, got -1"),
     # useq takes step 0 as a single plane at the bottom of the range
     ({"range": 10, "step": 0},
      "step must be > 0 µm, got 0 (useq takes it as one plane); give a step > 0 (for a single "
      "plane: range: 0, or no z_plan)"),
-    ({"top": 3, "bottom": 3, "step": 0}, "(for a single plane: top equal to bottom"),
+    ({"top": 5, "bottom": 3, "step": 0}, "(for a single plane: top equal to bottom"),
+    # review: useq plans no events at all; they were accepted
+    ({"relative": []}, "sequence.z_plan: relative is empty, so it plans no planes"),
+    ({"absolute": []}, "sequence.z_plan: absolute is empty, so it plans no planes"),
 ])
 def test_a_z_plan_that_plans_no_planes_is_refused(z_plan: dict, needle: str) -> None:
     data = {"z_plan": z_plan, "channels": ["DAPI"]}
@@ -288,18 +292,25 @@ def test_a_positions_z_plan_that_plans_no_planes_is_refused() -> None:
         check_sequence(useq.MDASequence.model_validate(data), data)
 
 
-@pytest.mark.parametrize("z_plan", [
-    {"top": 10, "bottom": 0, "step": 1},
-    {"top": 2, "bottom": 2, "step": 1},  # one plane
-    {"range": 0, "step": 0.5},
-    {"above": 1, "below": -2, "step": 0.5, "go_up": False},  # useq takes |below|
-    {"relative": [0, -1, 2]},
+@pytest.mark.parametrize(("z_plan", "planes"), [
+    ({"top": 10, "bottom": 0, "step": 1}, 11),
+    ({"top": 2, "bottom": 2, "step": 1}, 1),  # one plane
+    ({"range": 0, "step": 0.5}, 1),
+    ({"above": 1, "below": -2, "step": 0.5, "go_up": False}, 7),  # useq takes |below|
+    ({"relative": [0, -1, 2]}, 3),
+    # review: refused as "step must be > 0 ... (for a single plane: top equal to bottom ...)",
+    # which they are: useq plans the one plane asked for
+    ({"top": 2, "bottom": 2, "step": 0}, 1),
+    ({"range": 0, "step": 0}, 1),
+    ({"above": 0, "below": 0, "step": 0}, 1),
+    # review: useq runs it from the bottom (4) down to the top (0); it was refused
+    ({"top": 0, "bottom": 4, "step": -1}, 5),
 ])
-def test_z_plans_that_plan_planes_are_accepted(z_plan: dict) -> None:
+def test_z_plans_that_plan_planes_are_accepted(z_plan: dict, planes: int) -> None:
     data = {"z_plan": z_plan}
     seq = useq.MDASequence.model_validate(data)
     check_sequence(seq, data)
-    assert event_count(seq) >= 1
+    assert event_count(seq) == planes == len(list(seq))
 
 
 def test_a_config_names_the_z_plan_that_plans_no_planes() -> None:
@@ -350,6 +361,26 @@ def test_a_bad_grid_plan_reports_the_grids_own_errors(grid_plan: dict, needles: 
      [("z_plan", "setp"), "unknown field (did you mean 'step'?"]),
     ({"z_plan": {"top": 1, "step": 1}}, [("z_plan", "bottom"), "Field required"]),
     ({"grid_plan": 5}, [("grid_plan",), "Input should be a mapping of field names to values"]),
+    # review: in a position's own sequence (useq validates the positions in a before-validator:
+    # pydantic's location had no index, so the given keys were not found) these said "add
+    # duration or loops or phases", "time_plan.phases: Field required", "add absolute or
+    # relative or step", never naming the typo; and a list of time phases likewise
+    ({"stage_positions": [{"x": 0, "y": 0}, {"x": 1, "y": 1, "sequence": {
+        "time_plan": {"interval": 1, "loopz": 2}}}]},
+     [("stage_positions", 1, "sequence", "time_plan", "loopz"),
+      "unknown field (did you mean 'loops'?"]),
+    ({"stage_positions": [{"x": 0, "sequence": {"time_plan": {"bogus": 3}}}]},
+     [("stage_positions", 0, "sequence", "time_plan", "bogus"), "unknown field (known: "]),
+    ({"stage_positions": [{"x": 0, "sequence": {"time_plan": {"interval": 1}}}]},
+     [("stage_positions", 0, "sequence", "time_plan"), "Field required: add duration or loops"]),
+    ({"stage_positions": [{"x": 0, "sequence": {"z_plan": {"range": 4, "stp": 1}}}]},
+     [("stage_positions", 0, "sequence", "z_plan", "stp"), "unknown field (did you mean 'step'?"]),
+    ({"stage_positions": [{"x": 0}, {"x": 3, "sequence": {"stage_positions": [
+        {"x": 2, "sequence": {"z_plan": {"range": 4}}}]}}]},
+     [("stage_positions", 1, "sequence", "stage_positions", 0, "sequence", "z_plan", "step"),
+      "Field required"]),
+    ({"time_plan": [{"interval": 0.1, "loops": 2}, {"interval": 0.1, "loopz": 2}]},
+     [("time_plan", "phases", 1, "loopz"), "unknown field (did you mean 'loops'?"]),
 ])
 def test_a_union_reports_the_member_the_keys_ask_for(data: dict, errors: list[Any]) -> None:
     with pytest.raises(ValidationError) as info:
@@ -357,6 +388,107 @@ def test_a_union_reports_the_member_the_keys_ask_for(data: dict, errors: list[An
     loc, message = errors
     got = info.value.errors()
     assert [(e["loc"], e["msg"][: len(message)]) for e in got] == [(loc, message)]
+    if message.startswith("Field required"):  # (not "add duration or loops or phases")
+        assert got[0]["msg"] == message
+
+
+def test_every_bad_position_is_named_by_its_index() -> None:
+    """useq stops at the first bad position and pydantic names none: each is validated on its
+    own."""
+    data = {"stage_positions": [
+        {"x": 0, "sequence": {"z_plan": {"range": 1}}}, (0, 0, 0), (1, "up", 2),
+        {"x": 1, "sequence": {"time_plan": {"interval": 1, "loopz": 2}}}]}
+    with pytest.raises(ValidationError) as info:
+        lazy.validate_model(useq.MDASequence, data)
+    assert [e["loc"] for e in info.value.errors()] == [
+        ("stage_positions", 0, "sequence", "z_plan", "step"), ("stage_positions", 2, "y"),
+        ("stage_positions", 3, "sequence", "time_plan", "loopz")]
+
+
+def test_validate_model_leaves_the_given_data_as_it_was() -> None:
+    """useq renames a grid_plan's row/col to grid_row/grid_col in the dict it is given, so
+    check_input saw keys the user never wrote."""
+    data = {"grid_plan": {"x": 1, "row": 2, "col": 2}, "stage_positions": [{"x": 0, "row": 1}]}
+    seq = lazy.validate_model(useq.MDASequence, data)
+    assert data == {"grid_plan": {"x": 1, "row": 2, "col": 2},
+                    "stage_positions": [{"x": 0, "row": 1}]}
+    assert isinstance(seq.grid_plan, useq.RelativePosition) and seq.grid_plan.grid_row == 2
+
+
+@pytest.mark.parametrize(("grid_plan", "needles"), [
+    # review: accepted, as a RelativePosition named grid row 2, column 2: one tile, not 2 x 2
+    ({"row": 2, "col": 2}, ["grid_plan.row: unknown field (did you mean 'rows'?",
+                            "grid_plan.col: unknown field (did you mean 'columns'?"]),
+    # review: "grid_plan.rows: unknown field (known: ... grid_col, grid_row ...)"
+    ({"rows": 2, "col": 2}, ["grid_plan.col: unknown field (did you mean 'columns'?",
+                             "grid_plan.columns: Field required"]),
+    ({"row": 2, "columns": 2}, ["grid_plan.row: unknown field (did you mean 'rows'?"]),
+    ({"grid_row": 1, "grid_col": 3}, ["grid_plan.grid_row: unknown field (did you mean 'rows'?",
+                                      "grid_plan.grid_col: unknown field (did you mean "
+                                      "'columns'?"]),
+    ({"x": 5, "y": 5, "grid_row": 1}, ["grid_plan.grid_row: unknown field (did you mean "
+                                       "'rows'? known: fov_height, fov_width, name"]),
+    ({"rows": 2, "x": 1}, ["grid_plan.columns: Field required", "grid_plan.x: unknown field"]),
+    ({"fov_width": 5, "fov_height": 5}, [
+        "grid_plan: Field required: add num_points or rows and columns or top and left and "
+        "bottom and right or vertices or width and height"]),
+])
+def test_a_grid_plans_row_and_col_are_typos_of_rows_and_columns(
+    grid_plan: dict, needles: list[str]
+) -> None:
+    data = {"grid_plan": grid_plan}
+    seq = lazy.validate_model(useq.MDASequence, data)
+    with pytest.raises(ValueError) as info:
+        check_sequence(seq, data)
+    message = str(info.value)
+    for needle in needles:
+        assert needle in message
+    assert "grid_plan.rows: unknown" not in message and "known: fov_height, fov_width, grid_col" \
+        not in message
+
+
+@pytest.mark.parametrize("data", [
+    {"grid_plan": {"x": 5, "y": -5}},  # a single offset, as useq takes it
+    {"grid_plan": {"rows": 2, "columns": 3}},
+    {"grid_plan": {"num_points": 3, "max_width": 20, "fov_width": 2}},
+    {"stage_positions": [{"x": 0, "y": 0, "row": 0, "col": 1}]},  # a position's own names
+])
+def test_grid_plans_and_positions_as_useq_takes_them_are_accepted(data: dict) -> None:
+    check_sequence(lazy.validate_model(useq.MDASequence, data), data)
+
+
+@pytest.mark.parametrize(("grid_plan", "tiles"), [
+    # review: AttributeError: 'RandomPoints' object has no attribute '_step_size'
+    ({"num_points": 4, "max_width": 50, "max_height": 50, "fov_width": 5, "fov_height": 5}, 4),
+    ({"num_points": 4, "max_width": 50, "max_height": 50}, 4),
+    ({"x": 5, "y": 5, "fov_width": 5}, 1),
+])
+def test_random_points_and_a_single_offset_are_counted(grid_plan: dict, tiles: int) -> None:
+    data = {"grid_plan": grid_plan, "channels": ["DAPI", "GFP"]}
+    seq = lazy.validate_model(useq.MDASequence, data)
+    check_sequence(seq, data)
+    check_size(seq)
+    filled = with_field_of_view(seq, (10.0, 8.0))
+    assert event_count(filled) == len(list(iter_events(filled))) == 2 * tiles
+    unsized = with_field_of_view(seq, None)  # (no pixel size: these need no field)
+    assert len(list(iter_events(unsized))) == 2 * tiles
+
+
+async def test_the_service_runs_a_grid_of_random_points() -> None:
+    """Review: `serve` with this grid_plan crashed with AttributeError (rc 1), and with a
+    fov_width in it at config load."""
+    from livemask.service.app import Service
+    from tests.test_service import collect_run
+
+    cfg = make_config(acquisition={"sequence": {
+        "time_plan": {"interval": 0, "loops": 2},
+        "grid_plan": {"num_points": 3, "max_width": 50, "max_height": 50, "random_seed": 1}}})
+    async with Service(cfg) as svc:
+        got = await collect_run(svc, ("measurements", "event"))
+    started = [e.header for e in got["event"] if e.header["kind"] == "acquisition_started"]
+    assert started[0]["events"] == 6
+    assert len(got["measurements"]) == 6
+    assert len({m.header["position"]["x_um"] for m in got["measurements"]}) == 3
 
 
 class _A(BaseModel):

@@ -11,8 +11,10 @@ time when time is its outermost axis; :func:`event_count` counts without iterati
 
 from __future__ import annotations
 
+import copy
 import difflib
 import functools
+import itertools
 import logging
 import math
 import re
@@ -49,19 +51,33 @@ def validate_model(model: type[_Model], data: Any) -> _Model:
     reports every model's errors; the ``ValidationError`` raised here keeps those of the
     model the given keys ask for, or names the keys no model of the union knows."""
     try:
-        return model.model_validate(data)
+        return model.model_validate(_copied(data))
     except (TypeError, OverflowError) as exc:
         raise ValueError(f"a value has the wrong type or size ({exc})") from None
     except ValidationError as exc:
         raise _union_errors_explained(exc, model, data) from None
 
 
+def _copied(data: Any) -> Any:
+    """A deep copy of plain ``data``: useq's before-validators rename keys in the dicts they
+    are given (a grid_plan's ``row`` becomes ``grid_row``), and :func:`check_input` must
+    see the keys as written."""
+    if not isinstance(data, dict | list | tuple):
+        return data
+    try:
+        return copy.deepcopy(data)
+    except RecursionError:  # (check_input says it nests too deeply)
+        return data
+
+
 def _union_errors_explained(
     exc: ValidationError, model: type[BaseModel], data: Any
 ) -> ValidationError:
-    """``exc`` with the errors of each failed union cut down (:func:`_prune_union_errors`)."""
+    """``exc`` with the errors of stage positions indexed (:func:`_positions_indexed`) and
+    those of each failed union cut down (:func:`_prune_union_errors`)."""
     errors = exc.errors()
-    kept = _prune_union_errors(errors, data, _model_names(model))
+    names = _model_names(model)
+    kept = _prune_union_errors(_positions_indexed(errors, data, names), data, names)
     if kept == errors:
         return exc
     return ValidationError.from_exception_data(exc.title, [
@@ -70,6 +86,65 @@ def _union_errors_explained(
          "loc": e["loc"], "input": e.get("input")}
         for e in kept
     ])
+
+
+#: Marks an error already explained (a stage position validated on its own).
+_EXPLAINED = "livemask_explained"
+
+
+def _positions_indexed(errors: list[Any], data: Any, names: dict[str, type[BaseModel]]
+                       ) -> list[Any]:
+    """``errors`` with those inside a stage position replaced by the errors of each position
+    validated on its own, at ``stage_positions[i]``: useq validates the positions in a
+    before-validator, so pydantic reports the first bad one without its index, and its own
+    sequence's unions without the data they were given."""
+    out: list[Any] = []
+    found: dict[tuple[Any, ...], list[Any]] = {}
+    for err in errors:
+        at = _unindexed_positions(err["loc"], data, names)
+        if at is None:
+            out.append(err)
+        elif at[0] not in found:
+            found[at[0]] = explained = _each_position(*at)
+            out += explained or [e for e in errors  # (none alone: keep them as they came)
+                                 if _unindexed_positions(e["loc"], data, names) == at]
+    return out
+
+
+def _unindexed_positions(loc: tuple[Any, ...], data: Any, names: dict[str, type[BaseModel]]
+                         ) -> tuple[tuple[Any, ...], list[Any] | tuple[Any, ...]] | None:
+    """(the location of the ``stage_positions`` given as a list, that list) where ``loc``
+    goes inside it without an index, else None."""
+    here = data
+    for i, part in enumerate(loc[:-1]):
+        if _holds(here, part):
+            here = here[part]
+            if (part == "stage_positions" and isinstance(here, list | tuple)
+                    and not isinstance(loc[i + 1], int)):
+                return tuple(loc[: i + 1]), here
+        elif _tagged_model(part, names) is None:
+            return None
+    return None
+
+
+def _each_position(prefix: tuple[Any, ...], positions: list[Any] | tuple[Any, ...]
+                   ) -> list[Any]:
+    """The errors of each of ``positions`` validated on its own, at ``prefix + (i, ...)``."""
+    out: list[Any] = []
+    for i, position in enumerate(positions):
+        try:
+            if isinstance(position, dict):
+                validate_model(useq.Position, position)
+            else:  # (x, y, z): as useq's before-validator takes it
+                useq.MDASequence.model_validate({"stage_positions": [_copied(position)]})
+        except ValidationError as exc:
+            skip = 0 if isinstance(position, dict) else 1
+            out += [{**e, "loc": (*prefix, i, *e["loc"][skip:]), _EXPLAINED: True}
+                    for e in exc.errors()]
+        except ValueError as exc:  # (a library's own validator: validate_model)
+            out.append({"type": "value_error", "msg": str(exc), "loc": (*prefix, i),
+                        "input": position, _EXPLAINED: True})
+    return out
 
 
 @functools.cache
@@ -131,7 +206,7 @@ def _prune_union_errors(errors: list[Any], data: Any, names: dict[str, type[Base
     slots: list[Any] = []  # errors, and (prefix,) for a union's errors
     unions: dict[tuple[Any, ...], tuple[Any, dict[str, list[Any]]]] = {}
     for err in errors:
-        place = _union_place(err["loc"], data, names)
+        place = None if err.get(_EXPLAINED) else _union_place(err["loc"], data, names)
         if place is None:
             slots.append(err)
             continue
@@ -148,11 +223,26 @@ def _prune_union_errors(errors: list[Any], data: Any, names: dict[str, type[Base
             continue
         (prefix,) = slot
         given, branches = unions[prefix]
-        if _all_models(prefix, errors, names):
+        if given is _NOWHERE:
+            given = _given_to_members(prefix, branches)
+        if given is not _NOWHERE and _all_models(prefix, errors, names):
             out += _explain_union(prefix, given, branches, data, names)
-        else:  # a member that is not a model failed too (a list, a literal): keep them all
+        else:  # a member that is not a model failed too (a list, a literal), or the data
+            # given is unknown (a before-validator reshaped it): keep them all
             out += [e for errs in branches.values() for e in errs]
     return out
+
+
+def _given_to_members(prefix: tuple[Any, ...], branches: dict[str, list[Any]]) -> Any:
+    """The mapping a union's members were given, as a member's missing field reports it
+    (where a before-validator reshaped the data: a list of time phases), or ``_NOWHERE``."""
+    n = len(prefix)
+    for errs in branches.values():
+        for e in errs:
+            if e["type"] == "missing" and len(e["loc"]) == n + 2 and isinstance(
+                    e.get("input"), dict):
+                return e["input"]
+    return _NOWHERE
 
 
 def _all_models(prefix: tuple[Any, ...], errors: list[Any],
@@ -216,9 +306,9 @@ def _unknown_key_error(loc: tuple[Any, ...], key: Any, known: set[str], value: A
             "loc": loc, "input": value}
 
 
-def _unknown(key: Any, known: set[str]) -> str:
-    """``unknown field (did you mean 'x'? known: ...)``."""
-    close = difflib.get_close_matches(str(key), sorted(known), n=1)
+def _unknown(key: Any, known: set[str], meant: str | None = None) -> str:
+    """``unknown field (did you mean 'x'? known: ...)``, with ``meant`` as 'x' where given."""
+    close = [meant] if meant else difflib.get_close_matches(str(key), sorted(known), n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     return f"unknown field ({hint}known: {', '.join(sorted(known))})"
 
@@ -249,10 +339,12 @@ def check_timing(seq: useq.MDASequence, what: str = "") -> None:
 
 
 def check_z_plans(seq: useq.MDASequence, what: str = "sequence") -> None:
-    """Raise ``ValueError`` for a z plan that plans no planes, naming what to change: useq
-    takes a step of 0 as one plane, and a negative step, a negative range or a top below
-    the bottom as none (the sequence then runs without its z axis). Positions' own
-    sequences are checked too."""
+    """Raise ``ValueError`` for a z plan that plans other planes than its range asks for,
+    naming what to change: useq takes a step of 0 over a range as one plane, and plans no
+    planes (no events at all) where the step goes away from the range's end (a top below
+    the bottom, a negative range, a negative step from the bottom up) or a list of
+    positions is empty. A negative step from the top down plans its planes and is kept.
+    Positions' own sequences are checked too."""
     problem = _z_plan_problem(seq.z_plan)
     if problem is not None:
         raise ValueError(f"{what}.z_plan: {problem}")
@@ -270,21 +362,40 @@ _ONE_PLANE: dict[type[Any], str] = {
 
 
 def _z_plan_problem(plan: Any) -> str | None:
-    """What makes a z plan from a range and a step plan no planes, or None."""
+    """What makes a z plan plan no planes, or one plane over a range, or None."""
+    if isinstance(plan, useq.ZAbsolutePositions | useq.ZRelativePositions):
+        field = "absolute" if isinstance(plan, useq.ZAbsolutePositions) else "relative"
+        if not plan.positions():
+            return (f"{field} is empty, so it plans no planes (and no events); give at least "
+                    "one z position in µm, or no z_plan")
+        return None
     if not isinstance(plan, useq.ZTopBottom | useq.ZRangeAround | useq.ZAboveBelow):
         return None
     if plan.step == 0:
+        if _z_extent(plan) == 0:  # one plane, as asked
+            return None
         return ("step must be > 0 µm, got 0 (useq takes it as one plane); give a step > 0 "
                 f"(for a single plane: {_ONE_PLANE[type(plan)]}, or no z_plan)")
+    if _z_size(plan) > 0:  # (a negative step from the top down plans its planes)
+        return None
     if plan.step < 0:
-        return (f"step must be > 0 µm, got {plan.step:g}; give a step > 0 (go_up: false "
-                "images from the top down)")
+        return (f"step must be > 0 µm, got {plan.step:g}, so it plans no planes; give a "
+                "step > 0 (go_up: false images from the top down)")
     if isinstance(plan, useq.ZTopBottom) and plan.top < plan.bottom:
         return (f"top ({plan.top:g} µm) is below bottom ({plan.bottom:g} µm), so it plans no "
                 "planes; swap top and bottom (go_up: false images from the top down)")
     if isinstance(plan, useq.ZRangeAround) and plan.range < 0:
         return f"range must be >= 0 µm, got {plan.range:g} (no planes); give a range >= 0"
-    return None
+    return "it plans no planes; give a step > 0 and a range that holds one"
+
+
+def _z_extent(plan: useq.ZTopBottom | useq.ZRangeAround | useq.ZAboveBelow) -> float:
+    """The distance a z plan from a range and a step spans, in µm."""
+    if isinstance(plan, useq.ZTopBottom):
+        return abs(plan.top - plan.bottom)
+    if isinstance(plan, useq.ZRangeAround):
+        return abs(plan.range)
+    return abs(plan.above) + abs(plan.below)
 
 
 def check_sequence(seq: useq.MDASequence, data: Any, what: str = "sequence") -> None:
@@ -341,12 +452,16 @@ def _unknown_fields(model: Any, data: Any, where: str, annotation: Any = None) -
         return _unknown_fields(list(model.phases), data, where)  # phases given as a list
     if not isinstance(model, BaseModel) or not isinstance(data, dict):
         return []
-    meant = _meant_member(type(model), annotation, data)
+    members = _union_members(annotation)
+    meant = _meant_member(type(model), members, data)
+    if isinstance(meant, str):
+        return [f"{where}: {meant}"]
     if meant is not None:
         return _member_problems(meant, data, where)
     fields = type(model).model_fields
-    known = _known_keys(type(model))
-    problems = [f"{where}.{key}: {_unknown(key, set(fields))}" for key in data if key not in known]
+    known = _known_in(type(model), members)
+    problems = [f"{where}.{key}: {_unknown(key, known & set(fields), _typo_of(key, members))}"
+                for key in data if key not in known]
     for name, field in fields.items():
         key = name if name in data else field.alias
         if key in data:
@@ -364,19 +479,57 @@ def _union_members(annotation: Any) -> list[type[BaseModel]]:
     return [m for arg in get_args(annotation) for m in _union_members(arg)]
 
 
+#: Keys a RelativePosition takes that, in a grid_plan, are likely typos of a grid's
+#: (useq would take ``{row: 2, col: 2}`` as one tile, named grid row 2 and column 2).
+_GRID_TYPOS = {"row": "rows", "grid_row": "rows", "col": "columns", "grid_col": "columns"}
+
+
+def _is_grid_union(members: list[type[BaseModel]]) -> bool:
+    """Whether ``members`` are those of a grid_plan (a RelativePosition is one of them)."""
+    return useq.GridRowsColumns in members and useq.RelativePosition in members
+
+
+def _known_in(model: type[BaseModel], members: list[type[BaseModel]]) -> set[str]:
+    """:func:`_known_keys` of ``model`` as a member of the union ``members``: in a grid_plan,
+    a RelativePosition's row and column keys are typos of a grid's (:data:`_GRID_TYPOS`)."""
+    known = _known_keys(model)
+    if model is useq.RelativePosition and _is_grid_union(members):
+        return known - set(_GRID_TYPOS)
+    return known
+
+
+def _typo_of(key: Any, members: list[type[BaseModel]]) -> str | None:
+    """The grid field a grid_plan's ``key`` was likely meant as (``row``: ``rows``), or None."""
+    return _GRID_TYPOS.get(key) if _is_grid_union(members) else None
+
+
 def _meant_member(
-    chosen: type[BaseModel], annotation: Any, data: dict[Any, Any]
-) -> type[BaseModel] | None:
-    """The model of the union ``annotation`` that knows more of ``data``'s keys than the
+    chosen: type[BaseModel], members: list[type[BaseModel]], data: dict[Any, Any]
+) -> type[BaseModel] | str | None:
+    """The model of the union of ``members`` that knows more of ``data``'s keys than the
     one pydantic fell back to (``chosen``), or None: useq's grid_plan takes a dict that no
-    grid fits, such as ``{rows: 0, columns: 2}``, as an empty RelativePosition."""
-    members = _union_members(annotation)
+    grid fits, such as ``{rows: 0, columns: 2}`` or ``{row: 2, col: 2}``, as a single
+    RelativePosition. In a grid_plan the grids win a tie with the RelativePosition
+    (``{rows: 2, x: 1}``); where several do, what each needs (a str)."""
     if len(members) < 2 or chosen not in members:
         return None
-    best = max(members, key=lambda m: len(_known_keys(m) & set(data)))
-    if len(_known_keys(best) & set(data)) > len(_known_keys(chosen) & set(data)):
-        return best
-    return None
+
+    def score(model: type[BaseModel]) -> int:
+        known = _known_in(model, members)
+        if model is useq.GridRowsColumns and _is_grid_union(members):
+            known |= set(_GRID_TYPOS)
+        return len(known & set(data))
+
+    top = max(map(score, members))
+    best = [m for m in members if m is not chosen and score(m) == top]
+    grid_wins_tie = chosen is useq.RelativePosition and _is_grid_union(members) and top > 0
+    if not best or (score(chosen) == top and not grid_wins_tie):
+        return None
+    if len(best) == 1:
+        return best[0]
+    ways = sorted(" and ".join(k for k, f in m.model_fields.items() if f.is_required())
+                  for m in best)
+    return f"Field required: add {' or '.join(ways)}"
 
 
 def _member_problems(model: type[BaseModel], data: dict[Any, Any], where: str) -> list[str]:
@@ -391,9 +544,12 @@ def _member_problems(model: type[BaseModel], data: dict[Any, Any], where: str) -
         problems = [f"{where}: {exc}"]
     else:  # (pydantic would have taken it: look inside)
         return _unknown_fields(instance, data, where)
+    fields = set(model.model_fields)
     known = _known_keys(model)
-    return problems + [f"{where}.{key}: {_unknown(key, set(model.model_fields))}"
-                       for key in data if key not in known]
+    return problems + [f"{where}.{key}: {_unknown(key, fields, meant)}"
+                       for key in data if key not in known
+                       for meant in [_GRID_TYPOS.get(key) if _GRID_TYPOS.get(key) in fields
+                                     else None]]
 
 
 def _non_finite(model: Any, where: str) -> list[str]:
@@ -438,11 +594,16 @@ def _grid_size(plan: Any, *, fov_needed: bool = True) -> int:
 
     With ``fov_needed=False`` a plan whose tiles depend on a field of view it does not give
     counts as 1: the camera's field is filled in at the start (:func:`with_field_of_view`).
-    A polygon counts as the tiles of its bounding box where that is large."""
+    A polygon counts as the tiles of its bounding box where that is large; random points
+    as their number, a single RelativePosition as 1, any other plan as useq lists it."""
     if plan is None:
         return 0
     if isinstance(plan, useq.GridRowsColumns):
         return int(plan.rows) * int(plan.columns)
+    if isinstance(plan, useq.RandomPoints | useq.RelativePosition):
+        return int(plan.num_positions())
+    if not isinstance(plan, useq.GridFromEdges | useq.GridWidthHeight | useq.GridFromPolygon):
+        return sum(1 for _ in itertools.islice(plan, MAX_EVENTS_PER_TIME_POINT + 1))
     if plan.fov_width is None or plan.fov_height is None:
         if not fov_needed:
             return 1
@@ -579,17 +740,18 @@ def with_field_of_view(
     grid = seq.grid_plan
     update: dict[str, Any] = {}
     if grid is not None and (grid.fov_width is None or grid.fov_height is None):
-        if field is None:
+        if field is None and _sized_by_field(grid):
             raise ValueError(
                 f"{what}.grid_plan has no fov_width/fov_height and the camera's field of "
                 "view is unknown (the core has no pixel size): give the grid_plan fov_width "
                 "and fov_height in µm, or calibrate the pixel size (PixelSize_um in "
                 "hardware.config_file)"
             )
-        update["grid_plan"] = grid.model_copy(update={
-            "fov_width": field[0] if grid.fov_width is None else grid.fov_width,
-            "fov_height": field[1] if grid.fov_height is None else grid.fov_height,
-        })
+        if field is not None:
+            update["grid_plan"] = grid.model_copy(update={
+                "fov_width": field[0] if grid.fov_width is None else grid.fov_width,
+                "fov_height": field[1] if grid.fov_height is None else grid.fov_height,
+            })
     positions = list(seq.stage_positions)
     for i, position in enumerate(positions):
         if position.sequence is not None:
@@ -599,6 +761,14 @@ def with_field_of_view(
                 positions[i] = position.model_copy(update={"sequence": sub})
                 update["stage_positions"] = positions
     return seq.replace(**update) if update else seq  # (a new uid: useq caches by it)
+
+
+def _sized_by_field(plan: Any) -> bool:
+    """Whether the positions of a grid plan depend on its field of view: not those of a
+    single RelativePosition, nor random points that may overlap."""
+    if isinstance(plan, useq.RandomPoints):
+        return not plan.allow_overlap
+    return not isinstance(plan, useq.RelativePosition)
 
 
 def iter_events(

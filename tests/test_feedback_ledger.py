@@ -130,6 +130,26 @@ async def test_the_camera_reading_gives_the_settings_and_the_light_charged() -> 
 
 
 # ------------------------------------------------------------------ 2: refusals charge nothing
+def test_a_source_that_cannot_acquire_refuses_every_acquiring_action_with_its_reason() -> None:
+    """End-to-end hunt: in a replay, a channel action was refused as
+    `unknown_camera_settings` and a skip as `unknown_position` (positions: none), though the
+    one reason was that a replay cannot acquire."""
+    why = "a replay plays recorded frames and cannot acquire new events"
+    rules = [
+        {"name": "gfp", "when": ALWAYS, "max_fires": 1,
+         "action": {"channel": {"channel": "GFP", "exposure_ms": 50.0}}},
+        {"name": "skip", "when": ALWAYS, "max_fires": 1, "action": {"skip": {"visits": 1}}},
+        {"name": "mode", "when": ALWAYS, "max_fires": 1, "action": {"mode": "synchronized"}},
+    ]
+    modes: list[str] = []
+    ctl, injected, published = controller(rules, cannot_acquire=why, set_mode=modes.append)
+    frame(ctl, 0)
+    refused = {d["rule"]: (d["limit"], d["reason"]) for k, d in published
+               if k == "feedback_refused"}
+    assert refused == {"gfp": ("not_acquiring", why), "skip": ("not_acquiring", why)}
+    assert injected == [] and modes == ["synchronized"]  # what needs no new events runs
+
+
 def test_an_action_refused_at_injection_charges_no_ledger() -> None:
     def fail(events: list[useq.MDAEvent]) -> int:
         raise RuntimeError("no acquisition is running")

@@ -64,6 +64,21 @@ def test_feedback_frames_are_keyed_by_their_own_index() -> None:
     assert first["area_change"] == pytest.approx(0.5)  # (was: 1.0, vs the burst)
 
 
+def test_each_feedback_action_is_a_stream_of_its_own() -> None:
+    """End-to-end hunt: without a channel index, the frames of different actions at one
+    position (a DAPI 20 ms frame at z 0, then a GFP 50 ms burst at the next time point)
+    were compared with each other, and with planned frames in a plan without channels."""
+    tracker = FeatureTracker()
+    small = field()
+    small[0] = nucleus(1, 100.0, 100.0, area=125)
+    changes(tracker, {"t": 0, "p": 0})  # a planned frame (no channels in the plan)
+    (action1, *_) = tracker.compute(ctx(small, index={"t": 0, "p": 0, "fb": 1}))
+    (action2, *_) = tracker.compute(ctx(field(), index={"t": 1, "p": 0, "fb": 2}))
+    assert action1["area_change"] is None and action2["area_change"] is None  # (was 0.5, 2.0)
+    (planned, *_) = tracker.compute(ctx(field(), index={"t": 1, "p": 0}))
+    assert planned["area_change"] == pytest.approx(1.0)  # vs the planned t=0, not action 2
+
+
 async def test_planes_and_channels_are_not_compared_with_each_other_in_the_service() -> None:
     """A z-stack of two channels fired a rule on `area_change` at its first time point:
     each plane and channel was compared with the frame before it."""

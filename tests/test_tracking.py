@@ -351,6 +351,24 @@ async def test_frames_of_an_earlier_acquisition_keep_its_tracks_and_skip_feedbac
     assert fed == [3]
 
 
+def test_each_feedback_action_is_tracked_as_a_stream_of_its_own() -> None:
+    """End-to-end hunt: a GFP burst at t=2 was tracked on from DAPI frames of earlier actions
+    at another plane (35 tracks spanned several actions), and a burst from the planned frames
+    of a plan without channels."""
+    trackers = PositionTrackers()
+    ids: dict[object, set[int]] = {}
+    for fb in (None, 1, 2):
+        index = {"t": 0, "p": 0, **({"fb": fb} if fb is not None else {})}
+        objs: list[dict[str, object]] = [
+            {"label": i + 1, "centroid_yx": [20.0 + 40 * i, 30.0], "area_px": 100}
+            for i in range(5)
+        ]
+        trackers.apply(objs, {}, index=index)
+        ids[fb] = {int(o["track_id"]) for o in objs}  # type: ignore[call-overload]
+    assert ids[None].isdisjoint(ids[1]) and ids[1].isdisjoint(ids[2])
+    assert len(trackers) == 3
+
+
 def test_grid_tiles_of_one_position_are_separate_streams() -> None:
     """A grid plan inside a stage position images other fields: useq gives its tiles the
     index ``g``, and their nuclei must never share a track (found by the bug hunt: 17 of 35

@@ -611,12 +611,15 @@ class ReplaySource(FeedThreadSource):
         return (f"{self.unreadable} of {self.stack.frames} frame(s) could not be read and were "
                 f"skipped; the others were replayed. First: {self.first_unreadable}")
 
+    #: Why a replay takes no new events (feedback refuses its acquiring actions with it).
+    cannot_acquire = (
+        "a replay plays recorded frames and cannot acquire new events (stage moves, "
+        "bursts, skipped visits); run feedback against the microscope, or turn feedback off"
+    )
+
     def inject(self, events: Iterable[useq.MDAEvent]) -> int:
         """A replay cannot acquire new events."""
-        raise AcquisitionError(
-            "a replay plays recorded frames and cannot acquire new events (stage moves, "
-            "bursts); run feedback against the microscope, or turn feedback off"
-        )
+        raise AcquisitionError(self.cannot_acquire)
 
     def set_exposure(self, exposure_ms: float) -> None:
         """A replay has no camera."""

@@ -375,9 +375,11 @@ class PositionTrackers:
     """One :class:`Tracker` per image stream, with ids unique across all of them.
 
     A stream is the MDA position index ``p`` (or, without one, the stage position rounded
-    to ``position_grid_um``) together with the grid tile ``g``, the channel ``c`` and the
-    plane ``z`` when the index has them. At most ``max_positions`` streams are kept; the
-    least recently used goes first (with a warning, once, when it still had live tracks).
+    to ``position_grid_um``) together with the grid tile ``g``, the channel ``c``, the
+    plane ``z`` and the feedback action ``fb`` when the index has them (each action's frames
+    are a stream of their own: another channel, plane or a centred field). At most
+    ``max_positions`` streams are kept; the least recently used goes first (with a warning,
+    once, when it still had live tracks).
     """
 
     def __init__(
@@ -425,8 +427,8 @@ class PositionTrackers:
 
     def key(self, index: Mapping[str, int], position: Mapping[str, float | None]) -> Hashable:
         """The stream a frame belongs to: its position ``p`` (else its stage position), its
-        grid tile ``g`` (a grid plan inside a position images other fields), channel ``c``
-        and plane ``z``."""
+        grid tile ``g`` (a grid plan inside a position images other fields), channel ``c``,
+        plane ``z`` and the feedback action ``fb`` that took it."""
         if "p" in index:
             where: Hashable = ("p", int(index["p"]))
         else:
@@ -437,7 +439,7 @@ class PositionTrackers:
                 None if x is None else round(float(x) / grid),
                 None if y is None else round(float(y) / grid),
             )
-        return (where, index.get("g"), index.get("c"), index.get("z"))
+        return (where, index.get("g"), index.get("c"), index.get("z"), index.get("fb"))
 
     def tracker(self, key: Hashable) -> Tracker:
         """The tracker of stream ``key`` (created on first use)."""

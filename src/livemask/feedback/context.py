@@ -88,9 +88,9 @@ class FrameContext:
     @property
     def stage_key(self) -> tuple[Any, ...]:
         """The stream for pairing objects across frames: the exact stage place (position
-        index and x, y) and the frame's grid tile ``g``, channel ``c`` and plane ``z``
-        indices (as tracking's streams), so a channel or plane is compared only with
-        itself. Frames made by a feedback action are keyed by their own index the same way."""
+        index and x, y) and the frame's grid tile ``g``, channel ``c``, plane ``z`` and
+        feedback action ``fb`` indices (as tracking's streams), so a channel or plane is
+        compared only with itself, and an action's frames only with that action's."""
         x, y = self.position.get("x_um"), self.position.get("y_um")
         return (
             self.index.get("p"),
@@ -99,6 +99,7 @@ class FrameContext:
             self.index.get("g"),
             self.index.get("c"),
             self.index.get("z"),
+            self.index.get(FEEDBACK_INDEX_KEY),
         )
 
     def value(self, path: str) -> Any:

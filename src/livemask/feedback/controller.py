@@ -39,10 +39,16 @@ import useq
 from livemask.feedback.actions import (
     METADATA_KEY,
     ActionError,
+    Burst,
+    Centre,
     EventPlanner,
+    MoveTo,
+    Revisit,
+    SetChannel,
     SetMode,
     SkipPosition,
     Stop,
+    ZStack,
     restore_event,
 )
 from livemask.feedback.context import FEEDBACK_INDEX_KEY, FrameContext
@@ -62,6 +68,9 @@ STATUS_DOSE_POSITIONS = 50
 
 Publish = Callable[[str, dict[str, Any]], None]
 
+#: Actions that take new frames or change the planned ones (a replay can do neither).
+ACQUIRING = (Burst, Centre, MoveTo, ZStack, SetChannel, Revisit, SkipPosition)
+
 
 class FeedbackController:
     """Rule engine + the glue to a service: inject, mode, stop, publish, latency."""
@@ -80,6 +89,7 @@ class FeedbackController:
         latency_window: int = 2000,
         camera_settings: Callable[[], Mapping[str, Any]] | None = None,
         check_events: Callable[[Sequence[useq.MDAEvent]], None] | None = None,
+        cannot_acquire: str | None = None,
     ) -> None:
         """``camera_settings`` (optional) returns the camera's settings as the service
         knows them without a device call (``exposure_ms``, ``channel``: as opened, of the
@@ -102,6 +112,9 @@ class FeedbackController:
             config, planner=planner, guard=self.guard, check_events=check_events
         )
         self._inject = inject
+        #: why the frame source cannot take new events (a replay), None if it can: every
+        #: action that acquires or skips is refused with it, before any other check's reason
+        self._cannot_acquire = cannot_acquire
         self._publish = publish
         self._set_mode = set_mode
         self._stop = stop
@@ -231,6 +244,9 @@ class FeedbackController:
     def _apply(self, d: Decision) -> None:
         """Carry out one decision (the engine's ``apply``); a late refusal sets
         ``d.violation``, and the engine then charges no ledger."""
+        if self._cannot_acquire is not None and isinstance(d.action, ACQUIRING):
+            # the reason that holds whatever else is wrong (e.g. settings not known)
+            d.violation = Violation("not_acquiring", self._cannot_acquire)
         if not d.accepted:
             self._refuse(d)
             return

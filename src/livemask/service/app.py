@@ -480,6 +480,7 @@ class Service:
             # as status' `core`: the camera as opened, of the last frame or as last set
             camera_settings=lambda: {**self.core_info, **getattr(self.source, "camera_now", {})},
             check_events=self._check_feedback_events,
+            cannot_acquire=getattr(self.source, "cannot_acquire", None),  # e.g. a replay
         )
         self.pipeline.on_measurements = self.feedback.on_measurements
         if mda is not None:  # reaction clock: when an action's first event starts on the core

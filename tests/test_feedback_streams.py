@@ -167,7 +167,7 @@ def test_the_target_keeps_integer_columns_and_the_track_id() -> None:
          "target": {"max": "centroid_x"}, "action": {"mode": "synchronized"}}))
     rule.evaluate(frame)
     (target,) = rule.targets
-    assert target["row"] == 2 and "index" not in target
+    assert target["row"] == target["index"] == 2  # (index: its v1 name, kept)
     assert (target["label"], target["area_px"], target["track_id"]) == (3, 250, 43)
     wire = json.loads(json.dumps(target))  # as published
     assert [type(wire[k]) for k in ("label", "area_px", "track_id")] == [int, int, int]

@@ -73,9 +73,10 @@ def scope_key(ctx: FrameContext, scope: str) -> str:
 
 def target_of(ctx: FrameContext, row: int, matches: int) -> dict[str, Any]:
     """The object an action acts on, as published in ``target``: its ``row`` in the
-    measurements table, how many objects ``matches``, its features and, with tracking on,
-    its ``track_id``."""
-    target: dict[str, Any] = {"row": row, "matches": matches, **ctx.features[row]}
+    measurements table (also as ``index``, its name before: kept for v1 clients), how many
+    objects ``matches``, its features and, with tracking on, its ``track_id``."""
+    target: dict[str, Any] = {"row": row, "index": row, "matches": matches,
+                              **ctx.features[row]}
     track_id = ctx.objects[row].get("track_id") if row < len(ctx.objects) else None
     if isinstance(track_id, numbers.Integral) and not isinstance(track_id, bool):
         target["track_id"] = int(track_id)

@@ -442,3 +442,29 @@ async def test_frame_every_counts_feedback_and_enqueued_frames_as_streams_of_the
     assert [i for i in shown if "fb" in i] == [{"t": 1, "p": 0, "fb": 1}] * 2  # 1st and 3rd
     # the key order of an enqueued event's index does not make a stream of its own
     assert [i for i in shown if "ext" in i] == [{"ext": 7, "p": 0, "t": 0}]
+
+
+async def test_frame_every_keeps_a_bounded_number_of_streams(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each feedback action is a stream of its own: a long run with thousands of actions
+    would grow the per-stream counts without end. The least recently seen go first."""
+    import livemask.service.pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "MAX_STREAMS", 3)
+    card = ModelCard(name="fake", file="none.onnx")
+    pub = MemoryPublisher()
+    pipe = Pipeline(Segmenter(card, ThresholdBackend()), pub, mode="synchronized",
+                    frame_every=2)
+    pipe.start()
+    indices = [{"t": 0, "p": 0}, *[{"t": 0, "p": 0, "fb": n} for n in range(1, 6)],
+               {"t": 1, "p": 0}]
+    for i, index in enumerate(indices):
+        raw = _raw(i)
+        raw.event = useq.MDAEvent(index=index)
+        pipe.submit(raw)
+    assert await pipe.drain(10.0)
+    await pipe.close()
+    assert len(pipe._stream_frames) == 3
+    # the planned stream was forgotten (5 actions came between): its t=1 counts as a first
+    assert {"t": 1, "p": 0} in [m.header["index"] for m in pub.by_topic("frame")]

@@ -52,6 +52,9 @@ log = logging.getLogger("livemask")
 #: grid tile, channel and plane; the frames of a feedback action, ``fb``, or of enqueued
 #: events with a key of the client's own, e.g. ``ext``, are streams of their own).
 TIME_AXIS = "t"
+#: Streams whose frame counts ``publish.frame_every`` keeps (the least recently seen go
+#: first: such a stream starts counting again, its next frame published), as tracking's.
+MAX_STREAMS = 4096
 
 
 def _stage_xy(position: dict[str, Any] | None) -> tuple[float, float] | None:
@@ -494,8 +497,10 @@ class Pipeline:
             self._streams_of = frame.acquisition
             self._stream_frames.clear()
         key = frozenset(item for item in frame.index.items() if item[0] != TIME_AXIS)
-        seen = self._stream_frames.get(key, 0)
+        seen = self._stream_frames.pop(key, 0)  # (re-inserted last: most recently seen)
         self._stream_frames[key] = seen + 1
+        if len(self._stream_frames) > MAX_STREAMS:  # e.g. one per feedback action: bounded
+            del self._stream_frames[next(iter(self._stream_frames))]
         return bool(self.frame_every) and seen % self.frame_every == 0
 
     def _publish(self, frame: Frame) -> None:

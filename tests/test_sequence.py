@@ -12,6 +12,7 @@ import useq
 from pydantic import BaseModel, ValidationError
 
 from livemask.acquisition import sequence as lazy
+from livemask.acquisition.plan_input import validate_model
 from livemask.acquisition.sequence import (
     check_input,
     check_sequence,
@@ -384,7 +385,7 @@ def test_a_bad_grid_plan_reports_the_grids_own_errors(grid_plan: dict, needles: 
 ])
 def test_a_union_reports_the_member_the_keys_ask_for(data: dict, errors: list[Any]) -> None:
     with pytest.raises(ValidationError) as info:
-        lazy.validate_model(useq.MDASequence, data)
+        validate_model(useq.MDASequence, data)
     loc, message = errors
     got = info.value.errors()
     assert [(e["loc"], e["msg"][: len(message)]) for e in got] == [(loc, message)]
@@ -399,7 +400,7 @@ def test_every_bad_position_is_named_by_its_index() -> None:
         {"x": 0, "sequence": {"z_plan": {"range": 1}}}, (0, 0, 0), (1, "up", 2),
         {"x": 1, "sequence": {"time_plan": {"interval": 1, "loopz": 2}}}]}
     with pytest.raises(ValidationError) as info:
-        lazy.validate_model(useq.MDASequence, data)
+        validate_model(useq.MDASequence, data)
     assert [e["loc"] for e in info.value.errors()] == [
         ("stage_positions", 0, "sequence", "z_plan", "step"), ("stage_positions", 2, "y"),
         ("stage_positions", 3, "sequence", "time_plan", "loopz")]
@@ -409,7 +410,7 @@ def test_validate_model_leaves_the_given_data_as_it_was() -> None:
     """useq renames a grid_plan's row/col to grid_row/grid_col in the dict it is given, so
     check_input saw keys the user never wrote."""
     data = {"grid_plan": {"x": 1, "row": 2, "col": 2}, "stage_positions": [{"x": 0, "row": 1}]}
-    seq = lazy.validate_model(useq.MDASequence, data)
+    seq = validate_model(useq.MDASequence, data)
     assert data == {"grid_plan": {"x": 1, "row": 2, "col": 2},
                     "stage_positions": [{"x": 0, "row": 1}]}
     assert isinstance(seq.grid_plan, useq.RelativePosition) and seq.grid_plan.grid_row == 2
@@ -437,7 +438,7 @@ def test_a_grid_plans_row_and_col_are_typos_of_rows_and_columns(
     grid_plan: dict, needles: list[str]
 ) -> None:
     data = {"grid_plan": grid_plan}
-    seq = lazy.validate_model(useq.MDASequence, data)
+    seq = validate_model(useq.MDASequence, data)
     with pytest.raises(ValueError) as info:
         check_sequence(seq, data)
     message = str(info.value)
@@ -454,7 +455,7 @@ def test_a_grid_plans_row_and_col_are_typos_of_rows_and_columns(
     {"stage_positions": [{"x": 0, "y": 0, "row": 0, "col": 1}]},  # a position's own names
 ])
 def test_grid_plans_and_positions_as_useq_takes_them_are_accepted(data: dict) -> None:
-    check_sequence(lazy.validate_model(useq.MDASequence, data), data)
+    check_sequence(validate_model(useq.MDASequence, data), data)
 
 
 @pytest.mark.parametrize(("grid_plan", "tiles"), [
@@ -465,7 +466,7 @@ def test_grid_plans_and_positions_as_useq_takes_them_are_accepted(data: dict) ->
 ])
 def test_random_points_and_a_single_offset_are_counted(grid_plan: dict, tiles: int) -> None:
     data = {"grid_plan": grid_plan, "channels": ["DAPI", "GFP"]}
-    seq = lazy.validate_model(useq.MDASequence, data)
+    seq = validate_model(useq.MDASequence, data)
     check_sequence(seq, data)
     check_size(seq)
     filled = with_field_of_view(seq, (10.0, 8.0))
@@ -509,14 +510,14 @@ class _ModelOrList(BaseModel):
 
 def test_union_errors_of_any_models_are_cut_down() -> None:
     with pytest.raises(ValidationError) as info:
-        lazy.validate_model(_Models, {"v": {"b": "x"}})
+        validate_model(_Models, {"v": {"b": "x"}})
     assert [(e["loc"], e["type"]) for e in info.value.errors()] == [(("v", "b"), "int_parsing")]
 
 
 def test_union_errors_are_kept_where_a_member_is_not_a_model() -> None:
     data = {"v": {"b": 1}}
     with pytest.raises(ValidationError) as info:
-        lazy.validate_model(_ModelOrList, data)
+        validate_model(_ModelOrList, data)
     assert [(e["loc"], e["msg"]) for e in info.value.errors()] == [
         (("v", "_A", "a"), "Field required"), (("v", "list[int]"), "Input should be a valid list")]
 

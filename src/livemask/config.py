@@ -29,7 +29,8 @@ from pydantic import (
 )
 
 from livemask.acquisition.mode import Mode
-from livemask.acquisition.sequence import check_sequence, validate_model
+from livemask.acquisition.plan_input import validate_model
+from livemask.acquisition.sequence import check_sequence
 from livemask.errors import ConfigError
 from livemask.feedback.spec import FeedbackConfig
 from livemask.protocol import INT64_MAX, INT64_MIN, fits_64_bits

@@ -15,7 +15,8 @@ import useq
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, ValidationError
 
 from livemask.acquisition.mode import Mode
-from livemask.acquisition.sequence import check_input, check_sequence, validate_model
+from livemask.acquisition.plan_input import check_input, validate_model
+from livemask.acquisition.sequence import check_sequence
 from livemask.config import int_out_of_range
 from livemask.errors import AcquisitionError, CommandError, ConfigError
 from livemask.feedback.context import FEEDBACK_INDEX_KEY

@@ -418,24 +418,32 @@ async def test_frame_every_keeps_every_nth_frame_of_each_channel_and_plane() -> 
     assert len(pub.by_topic("measurements")) == 8  # every frame is still analysed
 
 
-async def test_frame_every_counts_feedback_and_enqueued_frames_as_streams_of_their_own() -> None:
-    """Before, the stream was (p, g, c, z) only: three feedback frames (`fb`) and an enqueued
-    frame (`ext`) at p 0 were counted with the planned ones, so planned t 0 and 3 were
-    published instead of t 0, 2 and 4."""
+async def _published_every_2nd(
+    indices: list[dict[str, int]],
+) -> tuple[Pipeline, MemoryPublisher]:
+    """A synchronized pipeline with ``frame_every: 2`` run over frames of these indices."""
     card = ModelCard(name="fake", file="none.onnx")
     pub = MemoryPublisher()
     pipe = Pipeline(Segmenter(card, ThresholdBackend()), pub, mode="synchronized",
                     frame_every=2)
     pipe.start()
-    indices = [{"t": 0, "p": 0}, {"t": 1, "p": 0}, *[{"t": 1, "p": 0, "fb": 1}] * 3,
-               {"ext": 7, "p": 0, "t": 0}, {"t": 2, "p": 0}, {"t": 3, "p": 0},
-               {"p": 0, "t": 1, "ext": 7}, {"t": 4, "p": 0}]
     for i, index in enumerate(indices):
         raw = _raw(i)
         raw.event = useq.MDAEvent(index=index)
         pipe.submit(raw)
     assert await pipe.drain(10.0)
     await pipe.close()
+    return pipe, pub
+
+
+async def test_frame_every_counts_feedback_and_enqueued_frames_as_streams_of_their_own() -> None:
+    """Before, the stream was (p, g, c, z) only: three feedback frames (`fb`) and an enqueued
+    frame (`ext`) at p 0 were counted with the planned ones, so planned t 0 and 3 were
+    published instead of t 0, 2 and 4."""
+    indices = [{"t": 0, "p": 0}, {"t": 1, "p": 0}, *[{"t": 1, "p": 0, "fb": 1}] * 3,
+               {"ext": 7, "p": 0, "t": 0}, {"t": 2, "p": 0}, {"t": 3, "p": 0},
+               {"p": 0, "t": 1, "ext": 7}, {"t": 4, "p": 0}]
+    _, pub = await _published_every_2nd(indices)
     shown = [m.header["index"] for m in pub.by_topic("frame")]
     planned = sorted(i["t"] for i in shown if set(i) == {"t", "p"})
     assert planned == [0, 2, 4], shown
@@ -452,19 +460,9 @@ async def test_frame_every_keeps_a_bounded_number_of_streams(
     import livemask.service.pipeline as pipeline_module
 
     monkeypatch.setattr(pipeline_module, "MAX_STREAMS", 3)
-    card = ModelCard(name="fake", file="none.onnx")
-    pub = MemoryPublisher()
-    pipe = Pipeline(Segmenter(card, ThresholdBackend()), pub, mode="synchronized",
-                    frame_every=2)
-    pipe.start()
     indices = [{"t": 0, "p": 0}, *[{"t": 0, "p": 0, "fb": n} for n in range(1, 6)],
                {"t": 1, "p": 0}]
-    for i, index in enumerate(indices):
-        raw = _raw(i)
-        raw.event = useq.MDAEvent(index=index)
-        pipe.submit(raw)
-    assert await pipe.drain(10.0)
-    await pipe.close()
+    pipe, pub = await _published_every_2nd(indices)
     assert len(pipe._stream_frames) == 3
     # the planned stream was forgotten (5 actions came between): its t=1 counts as a first
     assert {"t": 1, "p": 0} in [m.header["index"] for m in pub.by_topic("frame")]

@@ -536,3 +536,25 @@ def test_a_duration_with_an_interval_of_0_is_refused(data: dict, where: str) -> 
         check_sequence(seq, data)
     fast = {"time_plan": {"interval": 0, "loops": 5}}  # as fast as the camera goes: fine
     check_sequence(useq.MDASequence.model_validate(fast), fast)
+
+
+@pytest.mark.parametrize("where", ["sequence", "position"])
+def test_random_points_stay_the_same_across_chunks(where: str) -> None:
+    """Review: useq draws random points on each pass over a sequence, and a long time plan is
+    iterated in chunks: without a random_seed, every 10,000 time points imaged other
+    points (here every 2)."""
+    grid = {"num_points": 3, "max_width": 100, "max_height": 100, "fov_width": 10,
+            "fov_height": 10}
+    data: dict[str, Any] = {"time_plan": {"interval": 0, "loops": 7}}
+    if where == "sequence":
+        data["grid_plan"] = grid
+    else:
+        data["stage_positions"] = [{"x": 0, "y": 0, "sequence": {"grid_plan": grid}}]
+    seq = useq.MDASequence.model_validate(data)
+    places: dict[int, set[tuple[float, float]]] = {}
+    for event in iter_events(seq, 2):
+        places.setdefault(event.index["t"], set()).add((event.x_pos, event.y_pos))
+    assert len(places) == 7 and all(len(p) == 3 for p in places.values())
+    assert all(p == places[0] for p in places.values())  # (was: new points every chunk)
+    plan = seq.grid_plan if where == "sequence" else seq.stage_positions[0].sequence.grid_plan
+    assert plan.random_seed is None  # the caller's sequence is left as it was

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import secrets
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -373,8 +374,9 @@ def _chunked(
     plan = seq.time_plan
     assert isinstance(plan, _SINGLE_PHASE)
     interval = plan.interval
+    fixed = _random_points_seeded(seq)
     for start in range(0, n, chunk):
-        part = seq.replace(
+        part = fixed.replace(
             time_plan=useq.TIntervalLoops(interval=interval, loops=min(chunk, n - start))
         )
         offset = start * interval  # timedelta arithmetic, exact in microseconds as useq's
@@ -391,6 +393,24 @@ def _chunked(
                         timedelta(seconds=event.min_start_time) + offset
                     ).total_seconds()
             yield i == 0, event.model_copy(update=update)
+
+
+def _random_points_seeded(seq: useq.MDASequence) -> useq.MDASequence:
+    """``seq`` with a seed drawn once for each random-points grid plan that has none (its
+    own, and its positions' sequences'): useq draws the points on each pass over a sequence,
+    so every chunk would image other points than the one before."""
+    update: dict[str, Any] = {}
+    plan = seq.grid_plan
+    if isinstance(plan, useq.RandomPoints) and plan.random_seed is None:
+        update["grid_plan"] = plan.model_copy(update={"random_seed": secrets.randbits(32)})
+    positions = [
+        p.model_copy(update={"sequence": _random_points_seeded(p.sequence)})
+        if p.sequence is not None else p
+        for p in seq.stage_positions
+    ]
+    if any(a is not b for a, b in zip(positions, seq.stage_positions, strict=True)):
+        update["stage_positions"] = positions
+    return seq.model_copy(update=update) if update else seq
 
 
 def _keep_shutter_across_chunks(

@@ -562,17 +562,18 @@ def _connect_address(bind: str) -> str | None:
     """Where a subscriber on this machine reaches a PUB socket that is to bind ``bind``;
     None when that is known only once it is bound (port ``*`` or 0, a host name or an
     interface name)."""
+    from livemask.transport._sockets import local_connect_address
+
     if not bind.startswith("tcp://"):
         return bind  # ipc://PATH
-    host, _, port = bind.removeprefix("tcp://").rpartition(":")
-    if port in ("*", "0"):
+    if bind.rpartition(":")[2] in ("*", "0"):
         return None
-    local = {"*": "127.0.0.1", "0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
+    local = local_connect_address(bind)
     try:
-        ipaddress.ip_address(local.strip("[]"))
+        ipaddress.ip_address(local.removeprefix("tcp://").rpartition(":")[0].strip("[]"))
     except ValueError:
         return None
-    return f"tcp://{local}:{port}"
+    return local
 
 
 class _Viewer:

@@ -50,6 +50,7 @@ from livemask.dashboard.preview import encode_preview, make_preview
 from livemask.dashboard.state import DashboardState
 from livemask.errors import ConfigError, ProtocolError
 from livemask.protocol import Message, dumps_json
+from livemask.transport._sockets import local_connect_address
 
 __all__ = ["ASSETS", "DashboardServer", "local_connect_address", "parse_listen"]
 
@@ -87,16 +88,6 @@ def parse_listen(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]
     if not 0 <= port <= 65535:
         raise ConfigError(f"dashboard address {value!r}: port must be 0..65535")
     return host, port
-
-
-def local_connect_address(bound: str) -> str:
-    """The address to connect to a PUB socket bound at ``bound`` from this machine
-    (``tcp://0.0.0.0:5555`` → ``tcp://127.0.0.1:5555``)."""
-    for wildcard, local in (("//0.0.0.0:", "//127.0.0.1:"), ("//*:", "//127.0.0.1:"),
-                            ("//[::]:", "//[::1]:")):
-        if wildcard in bound:
-            return bound.replace(wildcard, local, 1)
-    return bound
 
 
 def _is_loopback(host: str) -> bool:

@@ -39,3 +39,13 @@ def bound_endpoint(sock: zmq.Socket[Any] | None, what: str) -> str:
         raise RuntimeError(f"{what} is not started; call start() first")
     endpoint = sock.getsockopt(zmq.LAST_ENDPOINT)
     return endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)
+
+
+def local_connect_address(bound: str) -> str:
+    """The address to connect to a PUB socket bound at ``bound`` from this machine
+    (``tcp://0.0.0.0:5555`` → ``tcp://127.0.0.1:5555``)."""
+    for wildcard, local in (("//0.0.0.0:", "//127.0.0.1:"), ("//*:", "//127.0.0.1:"),
+                            ("//[::]:", "//[::1]:")):
+        if wildcard in bound:
+            return bound.replace(wildcard, local, 1)
+    return bound

@@ -324,15 +324,20 @@ MAX_LISTED_ERRORS = 10
 MAX_ERROR_MESSAGE_CHARS = 2000
 
 
-def format_validation_error(exc: ValidationError) -> str:
-    """``field.path: message`` per pydantic error, joined by ``; ``: the first
-    :data:`MAX_LISTED_ERRORS`, then ``and N more`` (a request with 800,000 unknown keys
+def format_validation_error(
+    exc: ValidationError, *, empty: str = "(request)", prefix: str = "",
+    with_input: bool = False,
+) -> str:
+    """``field.path: message`` per pydantic error (``prefix`` before each path, ``empty``
+    for an empty one; ``with_input``: the value given after it), joined by ``; ``: the
+    first :data:`MAX_LISTED_ERRORS`, then ``and N more`` (a request with 800,000 unknown keys
     made a 33 MB reply)."""
-    errors = exc.errors(include_url=False, include_context=False, include_input=False)
+    errors = exc.errors(include_url=False, include_context=False, include_input=with_input)
     lines = []
     for err in errors[:MAX_LISTED_ERRORS]:
-        loc = ".".join(str(p) for p in err.get("loc", ())) or "(request)"
-        lines.append(f"{loc}: {err.get('msg', 'invalid')}")
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        got = f" (got {err.get('input')!r:.60})" if with_input else ""
+        lines.append(f"{prefix + loc if loc else empty}: {err.get('msg', 'invalid')}{got}")
     if len(errors) > MAX_LISTED_ERRORS:
         lines.append(f"and {len(errors) - MAX_LISTED_ERRORS} more")
     return "; ".join(lines)

@@ -21,7 +21,7 @@ from livemask.config import int_out_of_range
 from livemask.errors import AcquisitionError, CommandError, ConfigError
 from livemask.feedback.context import FEEDBACK_INDEX_KEY
 from livemask.feedback.spec import RuleSpec
-from livemask.protocol import MAX_LISTED_ERRORS
+from livemask.protocol import format_validation_error
 
 if TYPE_CHECKING:
     from livemask.service.app import Service
@@ -92,26 +92,10 @@ def _parse(model: type[BaseModel], data: dict[str, Any], what: str, prefix: str)
     try:
         return validate_model(model, data)
     except ValidationError as exc:
-        raise CommandError("invalid_args", f"{prefix}{_problems(exc, what)}") from None
+        problems = format_validation_error(exc, empty=what)
+        raise CommandError("invalid_args", f"{prefix}{problems}") from None
     except ValueError as exc:  # a library's own validator failed (validate_model)
         raise CommandError("invalid_args", f"{prefix}{what}: {exc}") from None
-
-
-def _problems(
-    exc: ValidationError, what: str, *, prefix: str = "", with_input: bool = False
-) -> str:
-    """``field.path: message`` per error (``what`` where the path is empty), joined by
-    ``; ``: the first :data:`MAX_LISTED_ERRORS`, then how many more (a request with 100,000
-    wrong values would otherwise get as many lines)."""
-    errors = exc.errors(include_url=False)
-    lines = []
-    for e in errors[:MAX_LISTED_ERRORS]:
-        loc = ".".join(str(p) for p in e["loc"])
-        got = f" (got {e['input']!r:.60})" if with_input else ""
-        lines.append(f"{prefix + loc if loc else what}: {e['msg']}{got}")
-    if len(errors) > MAX_LISTED_ERRORS:
-        lines.append(f"and {len(errors) - MAX_LISTED_ERRORS} more")
-    return "; ".join(lines)
 
 
 def _validate(model: type[_Args], args: dict[str, Any], cmd: str) -> Any:
@@ -130,7 +114,7 @@ def _check_event_types(data: dict[str, Any], what: str) -> None:
     try:
         useq.MDAEvent.model_validate_json(json.dumps(fields), strict=True)
     except ValidationError as exc:
-        problems = _problems(exc, what, prefix=f"{what}.", with_input=True)
+        problems = format_validation_error(exc, empty=what, prefix=f"{what}.", with_input=True)
         raise CommandError("invalid_args", f"invalid {problems}") from None
 
 

@@ -535,6 +535,18 @@ def test_an_interrupt_during_start_up_does_not_start_the_acquisition(
 ) -> None:
     """Before, the service finished starting and then autostarted the acquisition (light,
     stage moves, snaps) although the user had pressed Ctrl-C, only to stop it again."""
+    problem, made = _serve_with_signal_in_start_up(monkeypatch, caplog, signal.SIGINT)
+    assert problem is None
+    assert made[0].pipeline.acquisition == 0 and made[0].acquisitions_finished == 0
+    assert "a stop was requested during start-up" in caplog.text
+
+
+def _serve_with_signal_in_start_up(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, sig: signal.Signals
+) -> tuple[str | None, list[Any]]:
+    """Run ``_serve`` (free-run, 50 frames) with ``sig`` raised early in the service's
+    start-up, before the model loads, once its handler is in place; its result and the
+    services made."""
     import asyncio
 
     from livemask.cli import _serve
@@ -542,20 +554,20 @@ def test_an_interrupt_during_start_up_does_not_start_the_acquisition(
 
     made = _spy_services(monkeypatch)
 
-    async def interrupted(self: Any) -> None:  # early in start-up, before the model loads
-        signal.raise_signal(signal.SIGINT)
+    async def signalled(self: Any) -> None:
+        handler = signal.getsignal(sig)
+        assert handler not in (signal.SIG_DFL, signal.SIG_IGN, None), f"{sig.name} would kill it"
+        signal.raise_signal(sig)
         for _ in range(500):  # until the loop has run the signal handler
             if self._stop is not None and self._stop.is_set():
                 return
             await asyncio.sleep(0.01)
-        raise AssertionError("the interrupt never reached the service")
+        raise AssertionError(f"{sig.name} never reached the service")
 
-    monkeypatch.setattr(service_app.Service, "_start_dashboard", interrupted)
+    monkeypatch.setattr(service_app.Service, "_start_dashboard", signalled)
     with caplog.at_level("INFO", logger="livemask"):
         problem = asyncio.run(_serve(_free_run_config(50), view=False, exit_when_done=False))
-    assert problem is None
-    assert made[0].pipeline.acquisition == 0 and made[0].acquisitions_finished == 0
-    assert "a stop was requested during start-up" in caplog.text
+    return problem, made
 
 
 def test_serve_frames_turns_an_interval_and_duration_plan_into_loops(
@@ -707,26 +719,7 @@ def test_sighup_stops_the_service_in_order(
 ) -> None:
     """Before, closing the terminal or SSH session (SIGHUP) killed the service on the spot:
     no orderly stop, recordings not closed, devices not unloaded."""
-    import asyncio
-
-    from livemask.cli import _serve
-    from livemask.service import app as service_app
-
-    made = _spy_services(monkeypatch)
-
-    async def hang_up(self: Any) -> None:
-        handler = signal.getsignal(signal.SIGHUP)
-        assert handler not in (signal.SIG_DFL, signal.SIG_IGN, None), "SIGHUP would kill it"
-        signal.raise_signal(signal.SIGHUP)
-        for _ in range(500):
-            if self._stop is not None and self._stop.is_set():
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError("SIGHUP never reached the service")
-
-    monkeypatch.setattr(service_app.Service, "_start_dashboard", hang_up)
-    with caplog.at_level("INFO", logger="livemask"):
-        problem = asyncio.run(_serve(_free_run_config(50), view=False, exit_when_done=False))
+    problem, made = _serve_with_signal_in_start_up(monkeypatch, caplog, signal.SIGHUP)
     assert problem is None and made[0].pipeline.acquisition == 0
     assert "livemask stopped" in caplog.text
 

@@ -865,6 +865,20 @@ print(json.dumps({"report": rec.report(), "errors": errors}))
 """
 
 
+def _run_with_file_size_limit(
+    script: str, run: Path, limit_bytes: int
+) -> tuple[dict[str, Any], str]:
+    """Run a recorder ``script`` (argv: the run folder, the limit) in a subprocess; the
+    JSON object on its last line of output, and its log (stderr)."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(run), str(limit_bytes)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out, done.stderr
+
+
 def test_a_file_that_cannot_grow_keeps_whole_lines_and_true_counts(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -873,12 +887,7 @@ def test_a_file_that_cannot_grow_keeps_whole_lines_and_true_counts(
     not. Here the kernel stops every file at 3000 bytes (RLIMIT_FSIZE), as a full disk
     would: writes past it fail, one of them half-way."""
     run = tmp_path / "run"
-    done = subprocess.run(
-        [sys.executable, "-c", _FULL_DISK_SCRIPT, str(run), "3000"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out, _ = _run_with_file_size_limit(_FULL_DISK_SCRIPT, run, 3000)
     report = out["report"]
     lines = (run / "frames.jsonl").read_text(encoding="utf-8").splitlines()
     records = [json.loads(line) for line in lines]  # every line whole

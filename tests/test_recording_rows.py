@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -20,8 +18,13 @@ from livemask.feedback.context import FEEDBACK_INDEX_KEY
 from livemask.recording import CSV_COLUMNS, Recorder, open_recording
 from livemask.recording.reader import read_frames_jsonl
 from livemask.recording.writer import IMAGES
-from tests.conftest import ROOT
-from tests.test_recording import _csv_rows, _frame, _give_frames, _wait
+from tests.test_recording import (
+    _csv_rows,
+    _frame,
+    _give_frames,
+    _run_with_file_size_limit,
+    _wait,
+)
 
 # ------------------------------------------------------------------ rows lost
 _CSV_FULL_SCRIPT = r"""
@@ -62,12 +65,7 @@ def test_rows_that_cannot_be_written_are_said_per_frame_counted_and_logged(
     next frame without rows although the CSV still failed. Here the kernel stops every
     file at 16,000 bytes (RLIMIT_FSIZE): the CSV reaches it first."""
     run = tmp_path / "run"
-    done = subprocess.run(
-        [sys.executable, "-c", _CSV_FULL_SCRIPT, str(run), "16000"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out, log = _run_with_file_size_limit(_CSV_FULL_SCRIPT, run, 16000)
     report = out["report"]
     records = read_frames_jsonl(run / "frames.jsonl")
     assert len(records) == 14 and all(r["stored"] for r in records)
@@ -83,7 +81,7 @@ def test_rows_that_cannot_be_written_are_said_per_frame_counted_and_logged(
     assert [f["rows_stored"] for f in attrs["frames"]] == [r["rows_stored"] for r in records]
     # the frames without rows that followed did not end the run of CSV errors
     assert out["failing_before_close"] is True
-    (closing,) = [line for line in done.stderr.splitlines() if "recording closed" in line]
+    (closing,) = [line for line in log.splitlines() if "recording closed" in line]
     assert closing.startswith("WARNING")
     assert f"the measurement rows of {len(lost)} frame(s) could not be written" in closing
 

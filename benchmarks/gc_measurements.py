@@ -35,6 +35,7 @@ def synthetic_sums(n: int, seed: int = 0) -> ObjectSums:
         labels=np.arange(1, n + 1), area=area, s_r=area * 100.0, s_c=area * 200.0,
         s_rr=area * 1e4 + area * 30, s_cc=area * 4e4 + area * 30, s_rc=area * 2e4 + 5.0,
         intensity=area * 1000.0, bbox=rng.integers(0, 2048, (n, 4)),
+        local_background=rng.uniform(100.0, 200.0, n),
     )
 
 

@@ -65,7 +65,59 @@ def test_disc_and_single_pixel() -> None:
         "equivalent_diameter_um": pytest.approx(2 / math.sqrt(math.pi)),
         "eccentricity": 0.0,
         "touches_edge": False,
+        "local_background": 1.0,
+        "corrected_intensity": 0.0,
     }
+
+
+def test_local_background_follows_a_gradient_the_frame_mean_misses() -> None:
+    """Two equal nuclei (signal 100) on a background ramp from 100 to 1,100 ADU: the local
+    background (unlabelled pixels within the margin of each box) recovers each one's signal,
+    which the frame's ``background_mean`` gets wrong at both ends."""
+    labels = np.zeros((40, 200), dtype=np.int32)
+    labels[15:25, 15:25] = 1
+    labels[15:25, 175:185] = 2
+    ramp = np.linspace(100.0, 1100.0, 200)
+    image = np.broadcast_to(ramp, labels.shape).copy()
+    image[labels > 0] += 100.0
+    objects, summary = measure_objects(labels, image, decimals=None, background_margin_px=5)
+    for o, cols in zip(objects, (slice(10, 30), slice(170, 190)), strict=True):
+        expected_bg = ramp[cols].mean()  # the grown box: 5 px either side, symmetric
+        assert o["local_background"] == pytest.approx(expected_bg)
+        assert o["corrected_intensity"] == pytest.approx(100.0 * 100)
+        assert o["mean_intensity"] - summary["background_mean"] != pytest.approx(100.0, abs=50)
+
+
+def test_local_background_leaves_out_other_objects_their_glow_and_nan_pixels() -> None:
+    labels = np.zeros((30, 30), dtype=np.int32)
+    labels[10:20, 10:20] = 1
+    labels[0:5, 0:30] = 2  # a bright neighbour filling the top of object 1's margin
+    image = np.full(labels.shape, 50.0)
+    image[labels == 2] = 5000.0
+    image[5:7, :] = 900.0  # its glow (blur) within the 2 px guard band below it
+    image[labels == 1] = 80.0
+    image[9, 10:20] = image[20, 10:20] = 70.0  # object 1's own glow, just outside its mask
+    image[25, 15] = np.nan  # a NaN pixel near object 1: not in its background
+    objects, _ = measure_objects(labels, image, decimals=None, background_margin_px=10)
+    one = objects[0]
+    assert one["local_background"] == pytest.approx(50.0)
+    assert one["corrected_intensity"] == pytest.approx((80.0 - 50.0) * 100)
+
+
+def test_local_background_is_none_without_unlabelled_pixels() -> None:
+    """Space-filling labels (grains): no background, None rather than a made-up number."""
+    labels = np.ones((20, 20), dtype=np.int32)
+    labels[:, 10:] = 2
+    objects, _ = measure_objects(labels, np.full(labels.shape, 7, np.uint16))
+    assert [o["local_background"] for o in objects] == [None, None]
+    assert [o["corrected_intensity"] for o in objects] == [None, None]
+    json.dumps(objects, allow_nan=False)
+
+
+def test_background_margin_must_be_positive() -> None:
+    labels, image = rectangle_frame()
+    with pytest.raises(ValueError, match=r"background_margin_px must be >= 1, got 0"):
+        measure_objects(labels, image, background_margin_px=0)
 
 
 def test_objects_cut_by_the_field_edge_are_flagged() -> None:
@@ -187,7 +239,10 @@ def test_output_is_plain_json() -> None:
             if isinstance(value, list):
                 assert all(type(v) in (int, float) for v in value), key
             else:
-                assert type(value) in ((bool,) if key == "touches_edge" else (int, float)), key
+                allowed: tuple[type, ...] = (bool,) if key == "touches_edge" else (int, float)
+                if key in ("local_background", "corrected_intensity"):  # no background near
+                    allowed = (float, type(None))
+                assert type(value) in allowed, key
         assert type(o["label"]) is int and type(o["area_px"]) is int
         assert all(type(v) is int for v in o["bbox"])
     assert type(summary["count"]) is int

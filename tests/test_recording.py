@@ -219,6 +219,10 @@ async def test_service_records_every_frame_in_free_run(tmp_path: Path) -> None:
     assert cut == [r["bbox_min_row"] == "0" or r["bbox_min_col"] == "0"
                    or r["bbox_max_row"] == "512" or r["bbox_max_col"] == "512" for r in rows]
     assert 0 < sum(cut) < len(rows)
+    # bright nuclei on a dark background: their local background is below them, and their
+    # background-corrected signal positive
+    assert all(float(r["local_background"]) < float(r["mean_intensity"]) for r in rows)
+    assert all(float(r["corrected_intensity"]) > 0 for r in rows)
     kinds = [json.loads(x)["kind"] for x in (rec.path / "events.jsonl").read_text().splitlines()]
     assert kinds[0] == "service_started"
     assert {"acquisition_started", "acquisition_finished", "frame_failed"} <= set(kinds)

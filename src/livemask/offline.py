@@ -25,7 +25,8 @@ log = logging.getLogger("livemask")
 TABLE_COLUMNS = (
     "plane", "label", "area_px", "area_um2", "centroid_y", "centroid_x", "bbox_min_row",
     "bbox_min_col", "bbox_max_row", "bbox_max_col", "mean_intensity", "integrated_intensity",
-    "equivalent_diameter_um", "eccentricity", "touches_edge",
+    "equivalent_diameter_um", "eccentricity", "touches_edge", "local_background",
+    "corrected_intensity",
 )
 
 
@@ -268,6 +269,8 @@ def segment_file(
                     "equivalent_diameter_um": o["equivalent_diameter_um"],
                     "eccentricity": o["eccentricity"],
                     "touches_edge": o["touches_edge"],
+                    "local_background": o["local_background"],
+                    "corrected_intensity": o["corrected_intensity"],
                 })
     labels_tmp = _temporary(output)
     table_tmp = _temporary(table) if table is not None else None

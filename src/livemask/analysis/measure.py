@@ -10,6 +10,12 @@ holds plain Python types only (JSON-serialisable, no NaN).
 NaN and infinite image pixels (float images) count in an object's area and geometry but not
 in any intensity: sums and means are over the finite pixels only. Such pixels are found from
 the frame sum, so a frame without them costs nothing extra.
+
+Each object's local background is the mean of the pixels around it that are not within
+:data:`BACKGROUND_GUARD_PX` of any object (the light an object's blur spreads past its mask
+stays out), in its bounding box grown by :data:`BACKGROUND_MARGIN_PX` (one slice per object):
+the background a gradient or vignetting leaves there, where the frame's ``background_mean``
+is one value for the whole field.
 """
 
 from __future__ import annotations
@@ -20,12 +26,17 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["UM_SIGNIFICANT_DIGITS", "UNITS", "ObjectSums", "measure_objects",
-           "objects_from_sums"]
+__all__ = ["BACKGROUND_GUARD_PX", "BACKGROUND_MARGIN_PX", "UM_SIGNIFICANT_DIGITS", "UNITS",
+           "ObjectSums", "local_backgrounds", "measure_objects", "objects_from_sums"]
 
 #: µm values keep at least this many significant digits when rounded (``decimals`` places
 #: alone would erase them at electron-microscope pixel sizes).
 UM_SIGNIFICANT_DIGITS = 6
+#: An object's local background comes from the unlabelled pixels within this many pixels of
+#: its bounding box.
+BACKGROUND_MARGIN_PX = 10
+#: ... leaving out the pixels within this many pixels (rows and columns) of any object.
+BACKGROUND_GUARD_PX = 2
 
 #: Unit of every per-object field, sent once per stream in the measurements descriptor.
 UNITS: dict[str, str] = {
@@ -36,6 +47,8 @@ UNITS: dict[str, str] = {
     "bbox": "px",
     "mean_intensity": "camera counts (ADU)",
     "integrated_intensity": "ADU·px",
+    "local_background": "camera counts (ADU)",
+    "corrected_intensity": "ADU·px",
     "equivalent_diameter_um": "µm",
     "eccentricity": "1",
     "touches_edge": "bool",
@@ -48,6 +61,7 @@ def measure_objects(
     *,
     pixel_size_um: float = 1.0,
     decimals: int | None = 4,
+    background_margin_px: int = BACKGROUND_MARGIN_PX,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Measure every labelled object of ``labels`` on ``image``.
 
@@ -55,8 +69,12 @@ def measure_objects(
     with ``label``, ``area_px``, ``area_um2``, ``centroid_yx`` ([y, x]), ``bbox``
     ([min_row, min_col, max_row, max_col], half-open like scikit-image), ``mean_intensity``,
     ``integrated_intensity``, ``equivalent_diameter_um`` and ``eccentricity`` (as
-    ``skimage.measure.regionprops``), and ``touches_edge`` (a pixel in the first or last row
-    or column: cut by the field, so its size and shape are not the object's). ``summary``
+    ``skimage.measure.regionprops``), ``touches_edge`` (a pixel in the first or last row
+    or column: cut by the field, so its size and shape are not the object's),
+    ``local_background`` (see :func:`local_backgrounds`: ``background_margin_px`` around the
+    box, :data:`BACKGROUND_GUARD_PX` from every object) and ``corrected_intensity``
+    (``integrated_intensity`` less ``local_background`` per pixel; both None without a
+    background pixel there). ``summary``
     has ``count``, ``mean_area_px``, ``median_area_px``, ``mean_area_um2``,
     ``mean_intensity`` (mean over objects), ``total_intensity``, ``foreground_fraction``
     and ``background_mean``; undefined values are None. Intensities leave NaN/infinite
@@ -74,6 +92,8 @@ def measure_objects(
         raise ValueError(f"labels must have an integer dtype, got {lab.dtype}")
     if pixel_size_um <= 0:
         raise ValueError(f"pixel_size_um must be > 0, got {pixel_size_um}")
+    if background_margin_px < 1:
+        raise ValueError(f"background_margin_px must be >= 1, got {background_margin_px}")
 
     width = lab.shape[1]
     flat = lab.ravel()
@@ -157,9 +177,11 @@ def measure_objects(
     np.maximum.at(right, run_ids, run_c1)
     bbox = np.stack([top[ids], left[ids], bottom[ids] + 1, right[ids]], axis=1)
     out_ids = present_ids[ids - 1] if present_ids is not None else ids
+    finite = None if bad_fg is None else np.isfinite(img)
     sums = ObjectSums(
         labels=out_ids, area=a, s_r=s_r, s_c=s_c, s_rr=s_rr, s_cc=s_cc, s_rc=s_rc,
         intensity=intensity_sum, bbox=bbox, n_finite=n_valid,
+        local_background=local_backgrounds(lab, img, bbox, background_margin_px, finite),
     )
     return objects_from_sums(
         sums, shape=lab.shape, n_fg=int(fg_px.size), background_mean=background_mean,
@@ -176,6 +198,7 @@ class ObjectSums:
     image over the object and ``bbox`` (n, 4) ``[min_row, min_col, max_row + 1, max_col + 1]``.
     ``n_finite``, if given, counts the object's pixels with a finite image value (the mean
     intensity's divisor; ``intensity`` must then sum those pixels only); None: all of them.
+    ``local_background`` holds :func:`local_backgrounds` (NaN: none there).
     """
 
     labels: np.ndarray
@@ -187,7 +210,50 @@ class ObjectSums:
     s_rc: np.ndarray
     intensity: np.ndarray
     bbox: np.ndarray
+    local_background: np.ndarray
     n_finite: np.ndarray | None = None
+
+
+def local_backgrounds(
+    labels: np.ndarray, image: np.ndarray, bbox: np.ndarray, margin_px: int,
+    finite: np.ndarray | None = None, *, guard_px: int = BACKGROUND_GUARD_PX,
+) -> np.ndarray:
+    """Per box of ``bbox`` ((n, 4) half-open ``[r0, c0, r1, c1]``): the mean of ``image``
+    over the pixels of the box grown by ``margin_px`` on each side (clipped to the frame)
+    that are farther than ``guard_px`` rows or columns from every labelled pixel (and
+    ``finite``, if given); NaN where there is none."""
+    h, w = labels.shape
+    out = np.full(len(bbox), np.nan)
+    background = ~_grown(labels != 0, guard_px)
+    if finite is not None:
+        background &= finite
+    if not background.any():  # space-filling labels (grains): nothing to look at
+        return out
+    values = np.where(background, image, 0).astype(np.float64, copy=False)
+    box = np.asarray(bbox).reshape(-1, 4)
+    r0 = np.maximum(box[:, 0] - margin_px, 0).tolist()
+    c0 = np.maximum(box[:, 1] - margin_px, 0).tolist()
+    r1 = np.minimum(box[:, 2] + margin_px, h).tolist()
+    c1 = np.minimum(box[:, 3] + margin_px, w).tolist()
+    for i in range(len(r0)):  # about 10 µs an object: views and two reductions
+        n = np.count_nonzero(background[r0[i]:r1[i], c0[i]:c1[i]])
+        if n:
+            out[i] = values[r0[i]:r1[i], c0[i]:c1[i]].sum() / n
+    return out
+
+
+def _grown(mask: np.ndarray, by: int) -> np.ndarray:
+    """``mask`` dilated by a (2 ``by`` + 1)² square (shifted ORs: a few times faster than
+    ``ndimage.maximum_filter``)."""
+    rows = mask.copy()
+    for k in range(1, by + 1):
+        rows[k:] |= mask[:-k]
+        rows[:-k] |= mask[k:]
+    out = rows.copy()
+    for k in range(1, by + 1):
+        out[:, k:] |= rows[:, :-k]
+        out[:, :-k] |= rows[:, k:]
+    return out
 
 
 def objects_from_sums(
@@ -231,6 +297,9 @@ def objects_from_sums(
         has_mean = n_finite > 0
         mean_intensity = np.divide(intensity_sum, n_finite, out=np.zeros_like(intensity_sum),
                                    where=has_mean)
+    local_bg = np.asarray(sums.local_background, dtype=np.float64)
+    n_measured = a if sums.n_finite is None else np.asarray(sums.n_finite, dtype=np.float64)
+    corrected = intensity_sum - local_bg * n_measured
     area_um2 = a * pixel_size_um**2
     eq_diam_um = np.sqrt(4.0 * a / math.pi) * pixel_size_um
 
@@ -267,8 +336,10 @@ def objects_from_sums(
             "equivalent_diameter_um": ed,
             "eccentricity": ec,
             "touches_edge": te,
+            "local_background": lb,
+            "corrected_intensity": ci,
         }
-        for lbl, ar, aum, y, x, bb, mi, ii, ed, ec, te in zip(
+        for lbl, ar, aum, y, x, bb, mi, ii, ed, ec, te, lb, ci in zip(
             out_ids,
             a.astype(np.int64).tolist(),
             um[0],
@@ -280,6 +351,8 @@ def objects_from_sums(
             um[1],
             r(eccentricity),
             edge,
+            _or_none(r(local_bg)),
+            _or_none(r(corrected)),
             strict=True,
         )
     ]
@@ -295,6 +368,11 @@ def objects_from_sums(
         "background_mean": _round(background_mean, decimals),
     }
     return objects, summary
+
+
+def _or_none(values: list[float]) -> list[float | None]:
+    """``values`` with NaN as None (JSON has no NaN)."""
+    return [None if v != v else v for v in values]
 
 
 def _runs(

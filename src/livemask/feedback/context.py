@@ -36,6 +36,8 @@ RAW_FEATURES = (
     "area_um2",
     "mean_intensity",
     "integrated_intensity",
+    "local_background",
+    "corrected_intensity",
     "equivalent_diameter_um",
     "eccentricity",
 )

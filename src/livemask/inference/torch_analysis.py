@@ -15,8 +15,9 @@ with data-parallel operations only:
   flood done in parallel. Its labels agree with the CPU path's
   (:func:`livemask.analysis.instances.labels_from_probabilities`) on almost every object,
   which ``tests/test_torch_analysis.py`` checks with the object F1;
-- measurements: per-object sums with ``index_add_`` / ``scatter_reduce_`` in float64, then
-  the CPU's :func:`livemask.analysis.measure.objects_from_sums` builds the same dicts.
+- measurements: per-object sums with ``index_add_`` / ``scatter_reduce_`` in float64, local
+  backgrounds from summed-area tables of the unlabelled pixels, then the CPU's
+  :func:`livemask.analysis.measure.objects_from_sums` builds the same dicts.
 
 :meth:`TorchAnalysis.analyse` (the pipeline's path) runs all of it as four stages of fixed
 steps and fixed shapes, replayed as one CUDA graph on CUDA, and stage by stage (each
@@ -37,7 +38,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from livemask.analysis.measure import ObjectSums, objects_from_sums
+from livemask.analysis.measure import (
+    BACKGROUND_GUARD_PX,
+    BACKGROUND_MARGIN_PX,
+    ObjectSums,
+    objects_from_sums,
+)
 from livemask.analysis.normalize import (
     _MIN_SAMPLE_PX,
     SATURATED_MIN_PX,
@@ -503,11 +509,37 @@ class TorchAnalysis:
             values = head.tolist()
         n, n_fg, total, fg_sum = values[3:]
         n, n_fg = int(n), int(n_fg)
+        local_bg = self._local_backgrounds(labels, image, boxes[1:n + 1], BACKGROUND_MARGIN_PX)
         objects, summary = _objects(
-            sums[1:n + 1].cpu().numpy(), boxes[1:n + 1].cpu().numpy(), shape=(h, w),
-            n_fg=n_fg, total=total, fg_sum=fg_sum, pixel_size_um=pixel_size_um,
+            sums[1:n + 1].cpu().numpy(), boxes[1:n + 1].cpu().numpy(), local_bg.cpu().numpy(),
+            shape=(h, w), n_fg=n_fg, total=total, fg_sum=fg_sum, pixel_size_um=pixel_size_um,
             decimals=decimals)
         return labels.cpu().numpy(), objects, summary
+
+    def _local_backgrounds(
+        self, labels: torch.Tensor, image: torch.Tensor, boxes: torch.Tensor, margin_px: int,
+    ) -> torch.Tensor:
+        """:func:`livemask.analysis.measure.local_backgrounds` of ``boxes`` (n, 4) on the
+        device: sums and counts of the finite pixels away from every object (a max-pool of
+        the labelled pixels as the guard band) from two summed-area tables (float64: exact
+        for camera counts), four corners per grown box."""
+        torch = self._torch
+        h, w = labels.shape
+        k = 2 * BACKGROUND_GUARD_PX + 1
+        near = torch.nn.functional.max_pool2d(
+            (labels != 0).to(torch.float32)[None, None], k, stride=1,
+            padding=BACKGROUND_GUARD_PX)[0, 0] > 0
+        unlabelled = ~near & torch.isfinite(image)
+        tables = torch.zeros((2, h + 1, w + 1), dtype=torch.float64, device=labels.device)
+        tables[0, 1:, 1:] = torch.where(unlabelled, image.to(torch.float64), 0.0)
+        tables[1, 1:, 1:] = unlabelled.to(torch.float64)
+        tables = tables.cumsum(1).cumsum(2)
+        r0 = (boxes[:, 0] - margin_px).clamp(min=0)
+        c0 = (boxes[:, 1] - margin_px).clamp(min=0)
+        r1 = (boxes[:, 2] + margin_px).clamp(max=h)
+        c1 = (boxes[:, 3] + margin_px).clamp(max=w)
+        total = tables[:, r1, c1] - tables[:, r0, c1] - tables[:, r1, c0] + tables[:, r0, c0]
+        return torch.where(total[1] > 0, total[0] / total[1].clamp(min=1), float("nan"))
 
     def _all_stages(
         self, foreground: torch.Tensor, seeds: torch.Tensor, image: torch.Tensor,
@@ -714,6 +746,7 @@ def _percentile_of(ordered: Tensor, count: Tensor, q: float) -> Tensor:
 def _objects(
     sums: np.ndarray,
     bbox: np.ndarray,
+    local_background: np.ndarray,
     *,
     shape: tuple[int, int],
     n_fg: int,
@@ -723,12 +756,13 @@ def _objects(
     decimals: int | None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """``measure_objects`` output from per-object sums (rows: objects 1..n; columns: area,
-    Σr, Σc, Σr², Σc², Σrc, Σintensity) and boxes (r0, c0, r1, c1)."""
+    Σr, Σc, Σr², Σc², Σrc, Σintensity), boxes (r0, c0, r1, c1) and local backgrounds."""
     n_px = shape[0] * shape[1]
     background_mean = (total - fg_sum) / (n_px - n_fg) if n_px > n_fg else None
     object_sums = ObjectSums(
         labels=np.arange(1, len(sums) + 1), area=sums[:, 0], s_r=sums[:, 1], s_c=sums[:, 2],
         s_rr=sums[:, 3], s_cc=sums[:, 4], s_rc=sums[:, 5], intensity=sums[:, 6], bbox=bbox,
+        local_background=local_background,
     )
     return objects_from_sums(object_sums, shape=shape, n_fg=n_fg, background_mean=background_mean,
                              pixel_size_um=pixel_size_um, decimals=decimals)

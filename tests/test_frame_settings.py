@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import useq
+import zarr
 
 from livemask.acquisition.source import RawFrame, frame_settings
 from livemask.analysis.measure import UNITS
@@ -99,6 +100,12 @@ def _check_everywhere(
                                      "exposure_ms": pytest.approx(exposure)}, h["index"]
     rec = open_recording(run)
     assert [f["frame_id"] for f in rec.frames] == sorted(expected)
+    attrs = zarr.open_group(run / "images.ome.zarr", mode="r").attrs["livemask"]
+    assert [f["frame_id"] for f in attrs["frames"]] == sorted(expected)
+    for f in attrs["frames"]:  # the zarr attribute records say so too
+        channel, exposure = expected[f["frame_id"]]
+        assert record_settings(f) == {"channel": channel, "channel_group": "Channel",
+                                      "exposure_ms": pytest.approx(exposure)}
     for f in rec.frames:
         channel, exposure = expected[f["frame_id"]]
         assert record_settings(f) == {"channel": channel, "channel_group": "Channel",

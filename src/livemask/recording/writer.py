@@ -613,8 +613,8 @@ class Recorder:
             c.failed += bool(rec["failed"])
         if self._records is not None:
             self._records.append({k: rec[k] for k in (
-                "frame_id", "acquisition", "index", "position", "analysed", "skipped", "failed",
-                "stored", "rows_stored")}
+                "frame_id", "acquisition", "index", "position", "settings", "analysed",
+                "skipped", "failed", "stored", "rows_stored")}
                 | {"acquired": rec["t"].get("acquired")})
             if len(self._records) > MAX_ATTRIBUTE_FRAMES:
                 self._records = None  # a long time-lapse: memory and zarr.json stay small

@@ -180,6 +180,20 @@ def test_metrics_server_port_errors_and_release() -> None:
     again.close()
 
 
+def test_a_scrape_restricted_to_some_names_gets_those() -> None:
+    """``/metrics?name[]=...`` (a Prometheus client's filter): before, an empty 200."""
+    with MetricsServer(lambda: STATUS, port=0) as server:
+        url = server.url
+        assert url is not None
+        query = "?name[]=livemask_frames_acquired_total&name[]=livemask_state"
+        got = samples(_scrape(url + query))
+    assert got == {
+        ("livemask_frames_acquired_total", ()): 12.0,
+        **{("livemask_state", (("state", s),)): float(s == "running")
+           for s in ("starting", "idle", "running", "stopping", "closed")},
+    }
+
+
 def test_only_the_metrics_path_serves_metrics() -> None:
     with MetricsServer(lambda: STATUS, port=0) as server:
         url = server.url

@@ -82,6 +82,14 @@ CLIENT_TIMEOUT_S = 10.0
 #: Connections served at once (one thread each); more are closed at once.
 MAX_CONNECTIONS = 32
 
+#: A status with every field that gives a metric family: :meth:`StatusCollector.describe`
+#: names the families from it without reading the service.
+_EVERY_FAMILY: dict[str, Any] = {
+    **{f"frames_{name}": 0 for name in FRAME_COUNTERS},
+    "acquiring": False, "uptime_s": 0.0, "acquisitions_finished": 0,
+    "gc": {"collections": {}}, "state": STATES[0], "mode": MODES[0],
+}
+
 StatusFn = Callable[[], Mapping[str, Any]]
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Any]
 METRICS_PATH = "/metrics"
@@ -276,6 +284,11 @@ class StatusCollector:
         except TimeoutError:
             future.cancel()
             raise
+
+    def describe(self) -> list[Any]:
+        """Every metric family this collector can yield, without samples: the registry
+        needs their names to serve a scrape restricted with ``?name[]=...``."""
+        return metric_families(_EVERY_FAMILY)
 
     def collect(self) -> Iterator[Any]:
         """Yield the metric families of the current status; raises :class:`ScrapeError`."""

@@ -178,6 +178,25 @@ def test_a_tilde_in_a_path_is_the_home_folder(
     assert load_config(path).record.path == folder / "recs"
 
 
+def test_paths_from_a_relative_config_path_are_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--config configs/x.yaml`` (as ``make run``): the paths it gives are made absolute, so
+    the run's recorded ``config.yaml`` works from any folder (before: ``configs/rig.cfg``,
+    which a later start from the recording's folder could not find)."""
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "rig.cfg").write_text("# rig\n", encoding="utf-8")
+    (folder / "card.yaml").write_text("name: mine\n", encoding="utf-8")
+    (folder / "x.yaml").write_text("hardware: {config_file: rig.cfg}\nmodel: {path: card.yaml}\n"
+                                   "record: {path: recs}\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(Path("configs") / "x.yaml")
+    assert cfg.hardware.config_file == folder / "rig.cfg"
+    assert cfg.model.path == folder / "card.yaml"
+    assert cfg.record.path == folder / "recs"
+
+
 @pytest.mark.parametrize(("value", "seconds"), [("5e-2", 0.05), ("1e1", 10.0), ("1.5E0", 1.5),
                                                 ("1E+0", 1.0)])
 def test_scientific_notation_is_a_number(tmp_path: Path, value: str, seconds: float) -> None:

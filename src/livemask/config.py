@@ -575,14 +575,15 @@ def _expand(path: Path) -> Path:
 
 def _resolve(path: Path | None, base: Path | None) -> Path | None:
     """``path`` with ``~`` expanded; a relative one beside the YAML file (``base``) when it
-    is there or not in the working directory either."""
+    is there or not in the working directory either, made absolute (a recording's
+    ``config.yaml`` then works from any folder)."""
     if path is None:
         return None
     path = _expand(path)
     if base is None or path.is_absolute():
         return path
     candidate = base / path
-    return candidate if candidate.exists() or not path.exists() else path
+    return (candidate if candidate.exists() or not path.exists() else path).absolute()
 
 
 def _resolve_paths(cfg: ServiceConfig, base: Path | None) -> None:
@@ -592,7 +593,7 @@ def _resolve_paths(cfg: ServiceConfig, base: Path | None) -> None:
     cfg.model.path = _resolve(cfg.model.path, base)
     record = None if cfg.record.path is None else _expand(cfg.record.path)
     if record is not None and base is not None and not record.is_absolute():
-        record = base / record  # an output: always beside the YAML
+        record = (base / record).absolute()  # an output: always beside the YAML
     cfg.record.path = record
 
 

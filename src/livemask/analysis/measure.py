@@ -102,7 +102,8 @@ def measure_objects(
     ids_at_px = np.take(flat, fg_px)
 
     n_px = flat.size
-    total_sum = float(values.sum(dtype=np.float64))
+    with np.errstate(invalid="ignore", over="ignore"):  # inf + -inf: NaN, handled below
+        total_sum = float(values.sum(dtype=np.float64))
     bad_fg: np.ndarray | None = None  # flat indices of labelled NaN/inf pixels, if any
     n_finite = n_px
     if not math.isfinite(total_sum):  # a NaN/inf pixel (or a float64 overflow): leave them out

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import pytest
 import useq
 
 from livemask.acquisition.source import RawFrame
-from livemask.analysis.tracking import TRACK_UNITS, PositionTrackers, Tracker, TrackerParams
+from livemask.analysis.measure import measure_objects
+from livemask.analysis.tracking import (
+    TRACK_UNITS,
+    PositionTrackers,
+    Tracker,
+    TrackerParams,
+    signal_intensities,
+)
 from livemask.config import ServiceConfig, TrackingConfig, parse_config
 from livemask.errors import ConfigError
 from livemask.inference.models import ModelCard
@@ -410,3 +418,64 @@ def test_the_table_shows_object_precision_and_recall_apart() -> None:
     cols, (row,) = format_rows([res])
     table = dict(zip(cols, row, strict=True))
     assert (table["precision"], table["recall"]) == ("100.0%", "90.0%")
+
+
+# ------------------------------------------------------------------ division intensities
+def _nuclei_frame(offset: float, squares: list[tuple[int, int, int, float]]) -> tuple[
+        list[dict[str, Any]], dict[str, Any]]:
+    """Measured nuclei (``(row, col, side, signal)`` squares) over a camera offset."""
+    labels = np.zeros((200, 200), np.int32)
+    image = np.full((200, 200), offset)
+    for i, (y, x, side, signal) in enumerate(squares, start=1):
+        labels[y : y + side, x : x + side] = i
+        image[y : y + side, x : x + side] += signal
+    return measure_objects(labels, image)
+
+
+def _track_split(offset: float, daughter_signal: float) -> list[dict[str, Any]]:
+    """A nucleus with a 200 ADU signal for 3 frames, then two half-size objects."""
+    trackers = PositionTrackers()
+    for t in range(3):
+        objects, summary = _nuclei_frame(offset, [(93, 93, 14, 200.0)])
+        trackers.apply(objects, summary, index={"t": t})
+    objects, summary = _nuclei_frame(
+        offset, [(95, 87, 10, daughter_signal), (95, 103, 10, daughter_signal)])
+    trackers.apply(objects, summary, index={"t": 3})
+    divisions: list[dict[str, Any]] = summary["divisions"]
+    return divisions
+
+
+@pytest.mark.parametrize("offset", [100.0, 1000.0])
+def test_division_intensity_rule_does_not_depend_on_the_camera_offset(offset: float) -> None:
+    """Bug hunt: the rule compared raw means, offset included: daughters with half the
+    parent's signal have 67 % of its raw mean over a 100 ADU offset but 92 % over 1000 ADU
+    (recall 100 % -> 26 % on the simulator). Now it compares the signal above the local
+    background: a mitosis is found, and an over-segmented nucleus is not, at either offset."""
+    assert len(_track_split(offset, daughter_signal=100.0)) == 1
+    assert _track_split(offset, daughter_signal=200.0) == []
+
+
+def test_signal_intensities_fall_back_to_the_frame_background_then_raw() -> None:
+    objects: list[dict[str, Any]] = [
+        {"mean_intensity": 300.0, "local_background": 110.0},
+        {"mean_intensity": 300.0, "local_background": None},
+        {"mean_intensity": None, "local_background": 110.0},
+    ]
+    got = signal_intensities(objects, {"background_mean": 100.0})
+    assert got[:2].tolist() == [190.0, 200.0] and np.isnan(got[2])
+    assert signal_intensities(objects[1:2], {"background_mean": None}).tolist() == [300.0]
+    assert signal_intensities(objects[:1], {}, exposure_ms=10.0).tolist() == [19.0]
+
+
+def test_an_exposure_change_makes_no_division_when_the_exposure_is_given() -> None:
+    """Bug hunt: after `set exposure_ms` halved the exposure, a nucleus split in two by the
+    segmentation had half its signal and passed as a division. Per ms it has not changed."""
+    for exposure_ms, found in ((None, 1), (10.0, 0)):
+        trackers = PositionTrackers()
+        for t in range(3):
+            objects, summary = _nuclei_frame(100.0, [(93, 93, 14, 200.0)])
+            trackers.apply(objects, summary, index={"t": t}, exposure_ms=exposure_ms)
+        objects, summary = _nuclei_frame(100.0, [(95, 87, 10, 100.0), (95, 103, 10, 100.0)])
+        half = None if exposure_ms is None else exposure_ms / 2
+        trackers.apply(objects, summary, index={"t": 3}, exposure_ms=half)
+        assert len(summary["divisions"]) == found

@@ -146,6 +146,7 @@ class SimFrame:
     truth_of: dict[int, int]  # predicted label -> nucleus id (IoU >= 0.5)
     present: set[int]  # nucleus ids in the field
     segment_ms: float | None = None
+    summary: dict[str, Any] = field(default_factory=dict)  # measure_objects' frame summary
 
 
 @dataclass
@@ -212,13 +213,14 @@ def simulate(
                 t0 = time.perf_counter()
                 labels = segment(image)
                 seg_ms = 1e3 * (time.perf_counter() - t0)
-            objects, _ = measure_objects(labels, image)
+            objects, summary = measure_objects(labels, image)
             present = np.unique(truth)
             records.append(SimFrame(
                 k, pos, objects,
                 {a: b - 1 for a, b in match_ids(truth, labels).items()},
                 {int(v) - 1 for v in present[present > 0].tolist()},
                 seg_ms,
+                summary,
             ))
     return SimRun(name or ("truth labels" if segment is None else "model"), frames, positions,
                   records, dict(sample.parent_of), division_at)
@@ -231,7 +233,7 @@ def score_tracking(run: SimRun, params: TrackerParams | None = None) -> Tracking
     obs = [_Obs() for _ in range(run.positions)]
     for rec in run.records:
         objects = [dict(o) for o in rec.objects]
-        summary: dict[str, Any] = {}
+        summary = dict(rec.summary)
         t0 = time.perf_counter()
         trackers.apply(objects, summary, index={"t": rec.t, "p": rec.p})
         result.track_ms.append(1e3 * (time.perf_counter() - t0))

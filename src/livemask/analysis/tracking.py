@@ -32,13 +32,18 @@ has ``division_area_ratio`` (low, high) of the parent's area and the smaller has
 and ``division_intensity_ratio`` is set) the daughters' mean intensity is at most that
 fraction of the parent's brightest view in its last 3 frames: condensed mitotic chromatin is
 bright in nuclear stains, while a nucleus that is merely over-segmented keeps its intensity.
+The intensities must be signal only (a ratio of raw camera values depends on the camera
+offset and the background): :class:`PositionTrackers` gives each object's mean intensity
+above its local background, per ms of exposure when the exposure is known.
 The parent track then ends and both daughters start new tracks whose ``parent_track_id`` is
 the parent's id (carried on every frame of the daughter tracks). Candidates are accepted
 greedily, best midpoint first, each object and parent once.
 
-:class:`PositionTrackers` keeps one :class:`Tracker` per stage position (MDA index ``p``;
-without one, the stage position rounded to a grid) and channel/plane (``c``, ``z``), with
-track ids unique across all of them, and writes the results into the measurement dicts.
+:class:`PositionTrackers` keeps one :class:`Tracker` per image stream: the stage position
+(MDA index ``p``; without one, the stage position rounded to a grid) with every other MDA
+index key but ``t`` (grid tile ``g``, channel ``c``, plane ``z``, feedback action ``fb``, a
+client's own key such as ``ext``), with track ids unique across all of them, and writes the
+results into the measurement dicts.
 """
 
 from __future__ import annotations
@@ -58,17 +63,22 @@ if TYPE_CHECKING:
     from livemask.config import TrackingConfig
 
 __all__ = [
+    "TIME_AXIS",
     "TRACK_UNITS",
     "PositionTrackers",
     "TrackStep",
     "Tracker",
     "TrackerParams",
+    "signal_intensities",
 ]
 
 log = logging.getLogger("livemask")
 
 #: Units of the per-object fields tracking adds (merged into the measurement unit descriptor).
 TRACK_UNITS: dict[str, str] = {"track_id": "1", "parent_track_id": "1"}
+#: The MDA index axis along which a stream's frames follow each other (every other key tells
+#: the stream, as for ``publish.frame_every``).
+TIME_AXIS = "t"
 
 
 @dataclass(frozen=True)
@@ -375,8 +385,9 @@ class PositionTrackers:
     """One :class:`Tracker` per image stream, with ids unique across all of them.
 
     A stream is the MDA position index ``p`` (or, without one, the stage position rounded
-    to ``position_grid_um``) together with the grid tile ``g``, the channel ``c``, the
-    plane ``z`` and the feedback action ``fb`` when the index has them (each action's frames
+    to ``position_grid_um``) together with every other index key but ``t``: the grid tile
+    ``g``, the channel ``c``, the plane ``z``, the feedback action ``fb`` and any key of a
+    client's own (``ext``) when the index has them (each action's or client burst's frames
     are a stream of their own: another channel, plane or a centred field). At most
     ``max_positions`` streams are kept; the least recently used goes first (with a warning,
     once, when it still had live tracks).
@@ -426,9 +437,10 @@ class PositionTrackers:
         self.dropped_live = 0
 
     def key(self, index: Mapping[str, int], position: Mapping[str, float | None]) -> Hashable:
-        """The stream a frame belongs to: its position ``p`` (else its stage position), its
-        grid tile ``g`` (a grid plan inside a position images other fields), channel ``c``,
-        plane ``z`` and the feedback action ``fb`` that took it."""
+        """The stream a frame belongs to: its position ``p`` (else its stage position) and
+        every other index key but ``t``: grid tile ``g`` (a grid plan inside a position images
+        other fields), channel ``c``, plane ``z``, the feedback action ``fb`` that took it
+        and keys of a client's own (``ext``), as ``publish.frame_every``'s streams."""
         if "p" in index:
             where: Hashable = ("p", int(index["p"]))
         else:
@@ -439,7 +451,10 @@ class PositionTrackers:
                 None if x is None else round(float(x) / grid),
                 None if y is None else round(float(y) / grid),
             )
-        return (where, index.get("g"), index.get("c"), index.get("z"), index.get("fb"))
+        rest = tuple(sorted(
+            (str(k), int(v)) for k, v in index.items() if k not in (TIME_AXIS, "p")
+        ))
+        return (where, rest)
 
     def tracker(self, key: Hashable) -> Tracker:
         """The tracker of stream ``key`` (created on first use)."""
@@ -459,7 +474,8 @@ class PositionTrackers:
         if self.dropped_live == 1:
             log.warning(
                 "tracking: more than tracking.max_positions (%d) streams (positions x grid "
-                "tiles x channels x planes) are imaged; the least recently used stream is "
+                "tiles x channels x planes, each feedback action and each client key such "
+                "as ext apart) are imaged; the least recently used stream is "
                 "dropped with its live tracks, so its objects get new track ids when it is "
                 "imaged again. Raise tracking.max_positions to at least the number of streams",
                 self.max_positions)
@@ -472,21 +488,22 @@ class PositionTrackers:
         index: Mapping[str, int],
         position: Mapping[str, float | None] | None = None,
         frame_id: int | None = None,
+        exposure_ms: float | None = None,
     ) -> TrackStep:
         """Track one frame's measurements in place.
 
         Adds ``track_id`` and ``parent_track_id`` (None unless the track is a daughter) to
         every object dict and ``divisions`` (``[{"parent": id, "children": [a, b]}]``) and
         ``tracks_active`` to ``summary``. The time point is ``index["t"]``, else ``frame_id``.
+        The division intensity rule gets :func:`signal_intensities` (``exposure_ms``: the
+        frame's camera exposure, when known).
         """
         tracker = self.tracker(self.key(index, position or {}))
-        t = index.get("t", frame_id)
+        t = index.get(TIME_AXIS, frame_id)
         if objects:
             yx = np.array([o["centroid_yx"] for o in objects], dtype=np.float64)
             area = np.array([o["area_px"] for o in objects], dtype=np.float64)
-            inten = np.array(
-                [o.get("mean_intensity", np.nan) for o in objects], dtype=np.float64
-            )
+            inten = signal_intensities(objects, summary, exposure_ms)
         else:
             yx, area, inten = np.empty((0, 2)), np.empty(0), np.empty(0)
         step = tracker.update(yx, area, t, inten)
@@ -501,3 +518,26 @@ class PositionTrackers:
         summary["tracks_active"] = step.active
         return step
 
+
+def signal_intensities(
+    objects: list[dict[str, Any]],
+    summary: Mapping[str, Any],
+    exposure_ms: float | None = None,
+) -> np.ndarray:
+    """Each object's mean intensity above the background, for the division intensity rule.
+
+    ``mean_intensity`` less the object's ``local_background``, else less the frame's
+    ``background_mean``, else raw (neither known); per ms of ``exposure_ms`` when it is
+    given (> 0). A ratio of raw means depends on the camera offset and the background
+    (daughters with half of a parent's 200 ADU signal over an offset of 1000 ADU have 92 %
+    of its raw mean), and of means at different exposures on the exposure. NaN where no
+    mean is known.
+    """
+    mean = np.array([o.get("mean_intensity") for o in objects], dtype=np.float64)
+    local = np.array([o.get("local_background") for o in objects], dtype=np.float64)
+    frame_bg = summary.get("background_mean")
+    fallback = 0.0 if frame_bg is None else float(frame_bg)
+    signal = mean - np.where(np.isnan(local), fallback, local)
+    if exposure_ms is not None and exposure_ms > 0:
+        signal /= float(exposure_ms)
+    return signal

@@ -422,6 +422,7 @@ class Pipeline:
             self.tracker.apply(
                 frame.objects, frame.summary if frame.summary is not None else {},
                 index=frame.index, position=frame.position, frame_id=frame.frame_id,
+                exposure_ms=frame.settings.get("exposure_ms"),
             )
         frame.labels = labels
 

@@ -105,7 +105,7 @@ def _read_tiff(tif: tifffile.TiffFile, path: Path) -> ImageFile:
         axes = f"{axes[:at]}P{axes[at:]}"
         log.info("%s: its %d image series are segmented as positions: axis P of the labels "
                  "(shape %s, axes %s)", path, len(series), data.shape, axes)
-    pixel = tiff_pixel_size(tif)
+    pixel = tiff_pixel_size(tif, path=path)  # as `livemask replay` reads it
     return ImageFile(
         data, axes=axes, axes_named=bool(tif.is_ome or tif.is_imagej),
         pixel_size_um=pixel[0] if pixel else None,
@@ -247,13 +247,14 @@ def segment_file(
         finite = np.isfinite(plane) if plane.dtype.kind == "f" else None
         bad = 0 if finite is None else plane.size - np.count_nonzero(finite)
         if 0 < bad < plane.size:  # none finite: segment raises below
-            log.warning("%s: %d NaN/infinite pixels, segmented as background (label 0; "
-                        "left out of the measurements)", where, bad)
+            log.warning("%s: %d NaN/infinite pixels, filled from their nearest finite "
+                        "neighbours for the model, then label 0 (left out of the measurements)",
+                        where, bad)
         try:
             labels[i] = seg.segment(plane)
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
-        if bad and finite is not None:  # the model saw them as background; keep them out
+        if bad and finite is not None:  # the model saw them filled; keep them out
             labels[i][~finite] = 0
         if table is not None:
             objects, _ = measure_objects(labels[i], plane, pixel_size_um=pixel_size_um or 1.0)

@@ -38,7 +38,7 @@ import useq
 
 from livemask.acquisition.feed import EventFeed
 from livemask.acquisition.mode import Mode
-from livemask.acquisition.pixel_size import UM_PER_UNIT, tiff_pixel_size
+from livemask.acquisition.pixel_size import check_square, tiff_pixel_size, um_per_unit
 from livemask.acquisition.source import DoneCallback, FeedThreadSource, FrameCallback, RawFrame
 from livemask.analysis.normalize import image_problem
 from livemask.errors import AcquisitionError, ReplayError
@@ -46,7 +46,7 @@ from livemask.log import RepeatedErrors
 
 log = logging.getLogger("livemask")
 
-__all__ = ["FrameNotStored", "ReplaySource", "ReplayStack", "open_stack"]
+__all__ = ["FrameNotStored", "ReplaySource", "ReplayStack", "open_stack", "replay_pixel_size"]
 
 #: Axes a replay steps through (everything but the last two, y and x, of each frame).
 FRAME_AXES = ("t", "p", "c", "z")
@@ -65,6 +65,11 @@ class ReplayStack:
     positions: Sequence[dict[str, float | None]] | None = None
     times: Sequence[float] | None = None  # seconds since the first frame
     pixel_size_um: float | None = None
+    #: where ``pixel_size_um`` was found (for the log), e.g. "OME PhysicalSizeX"
+    pixel_size_from: str = ""
+    #: False: the file says that it has no pixel-size calibration (a recording of a rig
+    #: without one; ``pixel_size_um`` is then None)
+    pixel_size_calibrated: bool = True
     #: each frame's own pixel size (µm; a recording's, from frames.jsonl), None where unknown
     pixel_sizes: Sequence[float | None] | None = None
     #: each frame's recorded acquisition number (a recording's; None where a frame's record
@@ -214,7 +219,8 @@ def _check(path: Path, shape: tuple[int, ...], dtype: np.dtype[Any], axes: Seque
 
 
 def _planes(
-    path: Path, kind: str, data: Any, axes: Sequence[str], pixel: float | None
+    path: Path, kind: str, data: Any, axes: Sequence[str], pixel: float | None,
+    pixel_from: str = "",
 ) -> ReplayStack:
     shape = tuple(int(n) for n in data.shape)
     dtype = np.dtype(data.dtype)
@@ -233,7 +239,7 @@ def _planes(
         indices = [dict(zip(axes, (int(k) for k in np.unravel_index(i, lead)), strict=True))
                    for i in range(frames)]
     return ReplayStack(path, kind, frames, (shape[-2], shape[-1]), dtype, plane,
-                       indices=indices, pixel_size_um=pixel)
+                       indices=indices, pixel_size_um=pixel, pixel_size_from=pixel_from)
 
 
 def _open_recording(path: Path) -> ReplayStack:
@@ -261,6 +267,9 @@ def _open_recording(path: Path) -> ReplayStack:
     if not kept:
         raise ReplayError(f"recording {rec.path} holds no frames")
     images = rec.images
+    # a recording of a rig without calibration: its scale and frame sizes are placeholders
+    calibrated = rec.pixel_size_calibrated
+    per_frame_px = per_frame_px and calibrated
     ids = np.asarray(ids_list, np.int64)
     at = np.asarray(acquired, np.float64)
     times = None if np.isnan(at).any() else MappedSequence(len(at), lambda i: float(at[i] - at[0]))
@@ -281,7 +290,8 @@ def _open_recording(path: Path) -> ReplayStack:
         indices=MappedSequence(len(kept), lambda i: {
             k: int(v) for k, v in records(i).get("index", {}).items()}),
         positions=MappedSequence(len(kept), lambda i: dict(records(i).get("position") or {})),
-        times=times, pixel_size_um=rec.pixel_size_um,
+        times=times, pixel_size_um=rec.pixel_size_um if calibrated else None,
+        pixel_size_from="the recording's scale", pixel_size_calibrated=calibrated,
         pixel_sizes=MappedSequence(len(kept), lambda i: _size(records(i).get("pixel_size_um")))
         if per_frame_px else None,
         acquisitions=MappedSequence(
@@ -342,14 +352,30 @@ def _open_zarr(path: Path) -> ReplayStack:
         raise ReplayError(f"{path}: dataset {dataset['path']!r} is not an array")
     if len(names) != data.ndim:
         raise ReplayError(f"{path}: {len(names)} axes in the metadata for a {data.ndim}-D array")
-    pixel = None
+    pixel = _zarr_pixel_size(path, ms, dataset)
+    return _planes(path, "ome-zarr", data, [n.lower() for n in names[:-2]], pixel,
+                   "OME-Zarr scale")
+
+
+def _zarr_pixel_size(path: Path, ms: dict[str, Any], dataset: dict[str, Any]) -> float | None:
+    """The x pixel size (µm) of an OME-Zarr dataset's scale, None where it has none; warns
+    where its y size differs (measurements assume square pixels)."""
+    axes = [a if isinstance(a, dict) else {} for a in ms.get("axes", [])]
     for tr in dataset.get("coordinateTransformations", []):
-        if tr.get("type") == "scale":
-            unit = ms["axes"][-1].get("unit", "micrometer") if ms.get("axes") else "micrometer"
-            factor = UM_PER_UNIT.get(str(unit).lower())
-            if factor is not None:
-                pixel = float(tr["scale"][-1]) * factor
-    return _planes(path, "ome-zarr", data, [n.lower() for n in names[:-2]], pixel)
+        if tr.get("type") != "scale":
+            continue
+        unit = str(axes[-1].get("unit", "micrometer")) if axes else "micrometer"
+        factor = um_per_unit(unit, path, "OME-Zarr scale")
+        if factor is None:
+            return None
+        pixel = float(tr["scale"][-1]) * factor
+        if len(tr["scale"]) >= 2 and math.isfinite(pixel) and pixel > 0:
+            y_unit = str(axes[-2].get("unit", unit)) if len(axes) >= 2 else unit
+            y_factor = um_per_unit(y_unit, path, "OME-Zarr scale (y)")
+            if y_factor is not None:
+                check_square(path, pixel, float(tr["scale"][-2]) * y_factor, "OME-Zarr scale")
+        return pixel
+    return None
 
 
 class _Series:
@@ -418,8 +444,8 @@ def _open_tiff(path: Path) -> ReplayStack:
                         n_series, shapes)
         axes = _tiff_axes(path, letters[:-2], shape)
         _check(path, shape, np.dtype(series.dtype), axes)
-        found = tiff_pixel_size(tif, resolution_tags=False)  # OME and ImageJ, as before
-        pixel = found[0] if found is not None else None
+        found = tiff_pixel_size(tif, path=path)  # as `livemask segment` reads it
+        pixel, pixel_from = found if found is not None else (None, "")
         arrays = [np.asarray(_tiff_data(tif, path, k)).reshape(shape)
                   for k in range(len(all_series))]
     except ReplayError:
@@ -434,7 +460,7 @@ def _open_tiff(path: Path) -> ReplayStack:
         data = _Series(arrays, at)
         axes = [*axes[:at], "p", *axes[at:]]
         log.info("%s: its %d image series are replayed as positions (p)", path, len(arrays))
-    stack = _planes(path, "tiff", data, axes, pixel)
+    stack = _planes(path, "tiff", data, axes, pixel, pixel_from)
     stack.close = tif.close
     return stack
 
@@ -447,6 +473,25 @@ def _tiff_data(tif: Any, path: Path, k: int) -> Any:
         return tifffile.memmap(path, series=k, mode="r")
     except (ValueError, OSError):  # compressed or not contiguous: read it all
         return tif.series[k].asarray()
+
+
+def replay_pixel_size(stack: ReplayStack, configured: float | None) -> float | None:
+    """The pixel size (µm) a replay of ``stack`` measures with: ``configured``
+    (``hardware.pixel_size_um``), else the stack's, logged with where it came from; None,
+    with a warning, when neither gives one (the replay then measures in pixels)."""
+    if configured is not None:
+        return configured
+    if stack.pixel_size_um is not None:
+        log.info("%s: pixel size %g µm/px, from %s", stack.path, stack.pixel_size_um,
+                 stack.pixel_size_from or "its metadata")
+        return stack.pixel_size_um
+    why = ("was recorded on a rig without a pixel-size calibration"
+           if not stack.pixel_size_calibrated else "has no pixel size in its metadata")
+    log.warning("no pixel size: %s %s and hardware.pixel_size_um is not set. Measurements "
+                "stay in pixels (the *_um values and grain sizes are at 1 µm/px) and grain "
+                "tiles are pooled without the overlap check. Set hardware.pixel_size_um in "
+                "the config (--config) to measure in µm", stack.path, why)
+    return None
 
 
 # ------------------------------------------------------------------ the source

@@ -14,7 +14,7 @@ from typing import Any, TypeVar, overload
 import numpy as np
 
 from livemask.errors import ReplayError
-from livemask.recording.writer import IMAGES, LABELS_NAME
+from livemask.recording.writer import IMAGES, LABELS_NAME, PIXEL_SIZE_CALIBRATED
 
 __all__ = [
     "FrameRecords", "MappedSequence", "Recording", "find_recording", "open_recording",
@@ -36,6 +36,10 @@ class Recording:
     frames: Sequence[dict[str, Any]]
     pixel_size_um: float | None
     attributes: dict[str, Any]
+    #: False when the recording service had no pixel-size calibration: ``pixel_size_um``
+    #: (the scale, 1.0) and each frame's are then placeholders, its µm values pixel values
+    #: (older recordings do not say: True)
+    pixel_size_calibrated: bool = True
 
     @property
     def complete(self) -> bool:
@@ -237,4 +241,5 @@ def open_recording(path: str | Path) -> Recording:
                    bool(attrs.get("livemask", {}).get("complete")))
     scale = attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]
     pixel = float(scale["scale"][-1]) if scale.get("type") == "scale" else None
-    return Recording(run, images, labels, frames, pixel, attrs)
+    calibrated = attrs.get("livemask", {}).get(PIXEL_SIZE_CALIBRATED) is not False
+    return Recording(run, images, labels, frames, pixel, attrs, calibrated)

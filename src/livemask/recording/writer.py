@@ -85,6 +85,10 @@ LABELS_NAME = "masks"
 #: The recording attribute (under ``livemask``) saying every stored frame's image chunk was
 #: written, even an all-zero one: a missing chunk file is then a lost frame.
 EVERY_CHUNK_WRITTEN = "every_chunk_written"
+#: The recording attribute (under ``livemask``, and in units.json): false when the service
+#: had no pixel-size calibration (the pixel size 1.0 is then a placeholder: µm values are
+#: pixel values). Recordings without it were calibrated, or did not say.
+PIXEL_SIZE_CALIBRATED = "pixel_size_calibrated"
 OME_VERSION = "0.5"
 
 #: Columns of measurements.csv; MDA index columns are empty when the event had no such axis.
@@ -224,6 +228,7 @@ class Recorder:
         path: Path,
         *,
         pixel_size_um: float,
+        pixel_size_calibrated: bool = True,
         config: Mapping[str, Any] | None = None,
         units: Mapping[str, str] | None = None,
         labels: bool = True,
@@ -235,6 +240,7 @@ class Recorder:
             raise RecordingError(f"pixel_size_um must be > 0, got {pixel_size_um}")
         self.path = Path(path)
         self.pixel_size_um = float(pixel_size_um)
+        self.pixel_size_calibrated = pixel_size_calibrated
         self.config = dict(config) if config is not None else None
         self.units = dict(units or {})
         self.labels = labels
@@ -283,13 +289,8 @@ class Recorder:
                     yaml.safe_dump(self.config, sort_keys=False, allow_unicode=True),
                     encoding="utf-8",
                 )
-            (self.path / "units.json").write_text(json.dumps({
-                "columns": column_units(self.units),
-                "pixel_size_um": self.pixel_size_um,
-                "started_at": self.started_at,
-                "images": {"axes": ["t", "y", "x"], "t": "frame_id (acquisition order)",
-                           "y": "µm per px = pixel_size_um", "x": "µm per px = pixel_size_um"},
-            }, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            (self.path / "units.json").write_text(json.dumps(
+                self._units_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
             self._frames_fh = BlockFile(self.path / "frames.jsonl")
             self._events_fh = BlockFile(self.path / "events.jsonl")
             if self.measurements:
@@ -354,6 +355,20 @@ class Recorder:
         log.log(logging.WARNING if slow else logging.INFO,
                 "recorder: writing the %d queued frames (%.0f MB%s) to %s before closing",
                 frames, mb, "" if eta_s is None else f", about {eta_s:.1f} s", self.path)
+
+    def _units_json(self) -> dict[str, Any]:
+        """units.json: the columns' units and the pixel size (a placeholder when the
+        service had no calibration: ``pixel_size_calibrated`` false)."""
+        axis = ("µm per px = pixel_size_um" if self.pixel_size_calibrated else
+                "px (no pixel-size calibration: pixel_size_um is a placeholder)")
+        return {
+            "columns": column_units(self.units),
+            "pixel_size_um": self.pixel_size_um,
+            PIXEL_SIZE_CALIBRATED: self.pixel_size_calibrated,
+            "started_at": self.started_at,
+            "images": {"axes": ["t", "y", "x"], "t": "frame_id (acquisition order)",
+                       "y": axis, "x": axis},
+        }
 
     # ------------------------------------------------------------ sink interface
     def on_frame(self, frame: Frame) -> None:
@@ -682,6 +697,7 @@ class Recorder:
             "version": __version__,
             "complete": complete,
             "pixel_size_um": self.pixel_size_um,
+            PIXEL_SIZE_CALIBRATED: self.pixel_size_calibrated,
             "started_at": self.started_at,
             "frame_axis": "t = frame_id (acquisition order; all positions and channels)",
             "frames_file": "../frames.jsonl",

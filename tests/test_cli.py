@@ -190,7 +190,7 @@ def test_segment_nan_patch_finds_the_same_objects(tmp_path: Path) -> None:
         counts[nan_patch] = len(np.unique(tifffile.imread(out))) - 1
     assert counts[False] > 20
     assert abs(counts[True] - counts[False]) <= 1, counts
-    assert "25 NaN/infinite pixels, segmented as background" in result.output
+    assert "25 NaN/infinite pixels, filled from their nearest finite" in result.output
 
 
 def test_segment_reports_image_without_finite_pixels(tmp_path: Path) -> None:

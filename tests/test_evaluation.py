@@ -68,7 +68,7 @@ def _propagate(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _two_objects(dtype: type = np.uint16) -> np.ndarray:
-    labels = np.zeros((32, 32), dtype)
+    labels: np.ndarray = np.zeros((32, 32), dtype)
     labels[2:8, 2:8], labels[20:30, 20:30] = 1, 2
     return labels
 
@@ -221,3 +221,47 @@ def test_an_image_stack_is_refused_naming_the_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"a\.tif has shape \(2, 32, 32\); evaluate takes one "
                        r"2-D image"):
         load_folder(img.parent, tmp_path / "m")
+
+
+@pytest.mark.parametrize("one_folder", [False, True])
+def test_hidden_files_are_neither_images_nor_masks(tmp_path: Path, one_folder: bool) -> None:
+    # before: macOS's ._a.tif (AppleDouble, not a TIFF) paired with ._a.tif / ._a_masks.tif
+    # and stopped the evaluation ("cannot be read as an image")
+    images = tmp_path / "i"
+    masks = images if one_folder else tmp_path / "m"
+    mask_name = "a_masks.tif" if one_folder else "a.tif"
+    _write(images / "a.tif", np.full((32, 32), 100, np.uint16))
+    _write(masks / mask_name, _two_objects())
+    apple_double = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(64)
+    for folder, name in ((images, "a.tif"), (masks, mask_name)):
+        (folder / f"._{name}").write_bytes(apple_double)
+    (images / ".DS_Store").write_bytes(bytes(16))
+    assert folder_pairs(images, masks) == [(images / "a.tif", masks / mask_name)]
+    ((image, mask),) = load_folder(images, masks)
+    assert image.shape == mask.shape == (32, 32) and mask.max() == 2
+
+
+def test_a_mask_without_objects_is_not_called_binary(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _propagate(monkeypatch)
+    # before: "mask ... is binary; using its connected components" for an all-zero mask
+    ((_, mask),) = load_folder(*_pair(tmp_path, np.zeros((32, 32), np.uint16)))
+    assert mask.dtype == np.int32 and not mask.any()
+    assert "binary" not in caplog.text
+    assert "holds no objects (every pixel is 0)" in caplog.text
+
+
+@pytest.mark.parametrize("lead", [(1,), (1, 1)])
+def test_a_single_plane_with_leading_axes_of_one_is_one_plane(
+    tmp_path: Path, lead: tuple[int, ...]
+) -> None:
+    # before: a (1, H, W) mask or image was refused as not 2-D although it is one plane
+    labels = _two_objects()
+    images, masks = _pair(tmp_path, labels.reshape(*lead, 32, 32))
+    tifffile.imwrite(images / "a.tif", np.full((*lead, 32, 32), 100, np.uint16),
+                     photometric="minisblack")
+    assert tifffile.imread(masks / "a_masks.tif").shape == (*lead, 32, 32)
+    ((image, mask),) = load_folder(images, masks)
+    assert image.shape == (32, 32)
+    np.testing.assert_array_equal(mask, labels)

@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
+from livemask.acquisition.simulated.nuclei import NucleiSample
 from livemask.analysis import percentile_normalize
 from livemask.analysis.normalize import (
     SATURATED_MIN_PX,
@@ -14,6 +15,7 @@ from livemask.analysis.normalize import (
     noise_sigma,
     unsaturated,
 )
+from livemask.offline import load_segmenter
 
 
 def test_min_max_map_to_zero_and_one_exactly() -> None:
@@ -109,15 +111,51 @@ def _gamma_image() -> np.ndarray:
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_non_finite_pixels_left_out_and_set_to_zero(bad: float) -> None:
+def test_non_finite_pixels_left_out_and_take_the_nearest_finite_value(bad: float) -> None:
     image = _gamma_image()
-    image[40:45, 60:65] = bad
+    image[40:43, :] = bad  # full rows: the nearest finite pixel is in the same column
     finite = np.isfinite(image)
     out = percentile_normalize(image, 1.0, 99.0, subsample=1)
     lo, hi = np.percentile(image[finite], (1.0, 99.0))
     assert np.isfinite(out).all()
-    assert not out[~finite].any()
+    np.testing.assert_array_equal(out[40], out[39])  # not 0, the dark end of the range
+    np.testing.assert_array_equal(out[42], out[43])
+    assert {out[41, x] for x in range(128)} <= {out[39, x] for x in range(128)} | {
+        out[43, x] for x in range(128)}
     np.testing.assert_allclose(out[finite], (image[finite] - lo) / (hi - lo), atol=1e-5)
+    assert np.isnan(image[40:43]).all() or np.isinf(image[40:43]).all()  # input untouched
+
+
+def test_non_finite_fill_stays_within_its_plane() -> None:
+    stack = np.stack([_gamma_image(), _gamma_image() + 1000.0, _gamma_image()])
+    stack[0, 50:60, 50:60] = np.nan
+    stack[2] = np.nan  # a plane without finite pixels: the bottom of the range (0)
+    out = percentile_normalize(stack, 0.0, 100.0, subsample=1)
+    assert np.isfinite(out).all()
+    ring = out[0, 49:61, 49:61].copy()
+    ring[1:-1, 1:-1] = np.nan
+    assert set(out[0, 50:60, 50:60].ravel()) <= set(ring[np.isfinite(ring)].ravel())
+    assert not out[2].any()
+
+
+def test_nan_region_adds_no_objects_at_its_edge() -> None:
+    """A NaN strip (a registration border) or patch: the model sees the neighbouring
+    pixels continue, not an edge to the darkest level (which read as nucleus rims)."""
+    seg = load_segmenter("nuclei")
+    image = NucleiSample(seed=11).render((0.0, 0.0), (256, 256)).image.astype(np.float32)
+    clean = seg.segment(image)
+    for region in (np.s_[:, :12], np.s_[60:80, 150:170]):
+        hole = np.zeros(image.shape, dtype=bool)
+        hole[region] = True
+        holed = image.copy()
+        holed[hole] = np.nan
+        labels, expected = seg.segment(holed), clean.copy()
+        labels[hole] = expected[hole] = 0
+        new = [int(np.count_nonzero(labels == i)) for i in np.unique(labels[labels > 0])
+               if not expected[labels == i].any()]
+        assert all(area < 20 for area in new), (region, new)  # at most a hole's sliver
+        n_found, n_expected = (len(np.unique(x)) - 1 for x in (labels, expected))
+        assert abs(n_found - n_expected) <= 1, (region, n_found, n_expected)
 
 
 def test_nan_patch_barely_changes_the_subsampled_estimate() -> None:

@@ -74,8 +74,8 @@ def test_nan_pixels_are_background_and_left_out_of_the_table(
         for key in ("mean_intensity", "integrated_intensity"):
             assert math.isfinite(float(row[key])), row
     n_bad = int(bad.sum())
-    assert (f"{n_bad} NaN/infinite pixels, segmented as background (label 0; left out of the "
-            "measurements)") in _messages(livemask_log)
+    assert (f"{n_bad} NaN/infinite pixels, filled from their nearest finite neighbours for the "
+            "model, then label 0 (left out of the measurements)") in _messages(livemask_log)
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ try:
     import select
     import signal
     import subprocess
+    import tempfile
     from collections.abc import Callable, Iterator
     from pathlib import Path
     from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
@@ -95,12 +96,37 @@ def _output_file_like(example: str) -> Callable[[Path | None], Path | None]:
             value.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise typer.BadParameter(f"cannot make its folder {value.parent}: {exc}") from None
+        try:  # a file beside it: a folder that cannot be written fails now, not after the run
+            with tempfile.NamedTemporaryFile(dir=value.parent, prefix=f".{value.name}.",
+                                             suffix=".check"):
+                pass
+        except OSError as exc:
+            raise typer.BadParameter(
+                f"cannot write in its folder {value.parent}: {exc.strerror or exc}; "
+                "choose a writable file") from None
         return value
 
     return check
 
 
 _output_file = _output_file_like("out.json")
+
+
+def _write_json(path: Path, data: Any, option: str = "--json") -> None:
+    """Write ``data`` as indented JSON to ``path`` (a temporary file beside it, renamed: an
+    interruption leaves no half file); an error is one line naming ``option`` (exit 2)."""
+    import json
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        _fail(OSError(f"cannot write {option} {path}: {exc.strerror or exc}; "
+                      "choose a writable file"))
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def _output_folder(value: Path | None) -> Path | None:
@@ -475,7 +501,7 @@ def replay(
     record: RecordOpt = None,
 ) -> None:
     """Run stored frames through the service as if they came from the camera."""
-    from livemask.acquisition.replay import ReplaySource, open_stack
+    from livemask.acquisition.replay import ReplaySource, open_stack, replay_pixel_size
     from livemask.config import load_config
 
     _setup_logging(quiet=view)
@@ -483,8 +509,8 @@ def replay(
         cfg = load_config(config)
         stack = open_stack(path)
         _apply_service_flags(cfg, pub=pub, control=control, mode=mode, record=record)
-        if cfg.hardware.pixel_size_um is None and stack.pixel_size_um:
-            cfg.hardware.pixel_size_um = stack.pixel_size_um
+        # the config's, else the file's; a recording of an uncalibrated rig has none
+        cfg.hardware.pixel_size_um = replay_pixel_size(stack, cfg.hardware.pixel_size_um)
         cfg.simulation.truth = False
         cfg.acquisition.autostart = True
         cfg.acquisition.sequence = {"time_plan": {"interval": 0, "loops": stack.frames}}
@@ -846,8 +872,6 @@ def evaluate(
         "--json", callback=_output_file, help="Write results here.")] = None,
 ) -> None:
     """Score models on a simulator hold-out or on annotated image/mask folders."""
-    import json
-
     from rich.console import Console
     from rich.table import Table
 
@@ -896,7 +920,7 @@ def evaluate(
         table.add_row(*row)
     Console(width=max(140, Console().width)).print(table)
     if json_out:
-        json_out.write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n")
+        _write_json(json_out, [r.as_dict() for r in results])
 
 
 @app.command("evaluate-tracking")
@@ -916,8 +940,6 @@ def evaluate_tracking(
         "--json", callback=_output_file, help="Write results here.")] = None,
 ) -> None:
     """Score the tracker against the simulator's ground-truth tracks (see docs/tracking.md)."""
-    import json
-
     from rich.console import Console
     from rich.table import Table
 
@@ -941,7 +963,7 @@ def evaluate_tracking(
         table.add_row(*row)
     Console(width=max(160, Console().width)).print(table)
     if json_out:
-        json_out.write_text(json.dumps(result.as_dict(), indent=2) + "\n")
+        _write_json(json_out, result.as_dict())
 
 
 @app.command()
@@ -993,8 +1015,6 @@ def bench(
         "--json", callback=_output_file, help="Write the result here.")] = None,
 ) -> None:
     """Measure inference_fps, naive_fps and pipeline_fps on the simulated camera, in one run."""
-    import json
-
     from rich.console import Console
     from rich.table import Table
 
@@ -1020,8 +1040,7 @@ def bench(
         table.add_row(name, value)
     Console().print(table)
     if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        _write_json(json_out, result)
         typer.echo(f"wrote {json_out}")
 
 

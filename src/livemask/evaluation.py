@@ -178,7 +178,11 @@ def _as_instances(mask: np.ndarray, path: Path) -> np.ndarray:
         raise ValueError(f"mask {path} has negative labels; give labels >= 0 (0 = background)")
     values = np.unique(mask)
     objects = values[values != 0]
-    if objects.size <= 1:  # a binary mask (0 and one value): its connected components
+    if objects.size == 0:
+        log.warning("mask %s holds no objects (every pixel is 0): whatever is found in its "
+                    "image counts as false positives", path)
+        return mask.astype(np.int32)
+    if objects.size == 1:  # a binary mask (0 and one value): its connected components
         log.warning("mask %s is binary; using its connected components as instances", path)
         labelled, _ = ndimage.label(mask > 0)
         return labelled.astype(np.int32)
@@ -193,11 +197,27 @@ def _as_instances(mask: np.ndarray, path: Path) -> np.ndarray:
 
 def _split_name(path: Path) -> tuple[str, str] | None:
     """(stem, lower-case extension) of an image file name, or None for other files."""
+    if _hidden(path):
+        return None
     lower = path.name.lower()
     ext = next((e for e in IMAGE_SUFFIXES if lower.endswith(e)), None)
     if ext is None or len(path.name) == len(ext):
         return None
     return path.name[: -len(ext)], ext
+
+
+def _hidden(path: Path) -> bool:
+    """A hidden file (name starting with "."): macOS's ``._name.tif`` AppleDouble files,
+    ``.DS_Store``, temporary files. Never an image or a mask."""
+    return path.name.startswith(".")
+
+
+def _single_plane(data: np.ndarray) -> np.ndarray:
+    """``data`` without leading axes of length 1: a (1, H, W) or (1, 1, H, W) file is one
+    plane (y, x)."""
+    while data.ndim > 2 and data.shape[0] == 1:
+        data = data[0]
+    return data
 
 
 def folder_pairs(images: Path, masks: Path) -> list[tuple[Path, Path]]:
@@ -216,7 +236,7 @@ def folder_pairs(images: Path, masks: Path) -> list[tuple[Path, Path]]:
         raise FileNotFoundError(f"--images {images} and --masks {masks} must both be folders")
     same = images.resolve() == masks.resolve()
     suffixes = tuple(s for s in MASK_SUFFIXES if s) if same else MASK_SUFFIXES
-    mask_files = {p.name.lower(): p for p in masks.iterdir() if p.is_file()}
+    mask_files = {p.name.lower(): p for p in masks.iterdir() if p.is_file() and not _hidden(p)}
     found = []
     image_of: dict[Path, Path] = {}  # mask -> the image it pairs with
     named_like_masks = 0
@@ -263,16 +283,17 @@ def folder_pairs(images: Path, masks: Path) -> list[tuple[Path, Path]]:
 
 def load_folder(images: Path, masks: Path) -> list[Pair]:
     """Read every image/mask pair (2-D, grayscale) of two folders. Images get the checks
-    of ``segment`` (:func:`~livemask.offline.check_image`: colour is refused, not averaged)."""
+    of ``segment`` (:func:`~livemask.offline.check_image`: colour is refused, not averaged);
+    leading axes of length 1 are dropped from images and masks ((1, H, W) is one plane)."""
     pairs = []
     for img_path, mask_path in folder_pairs(images, masks):
         file = read_image_file(img_path)
         check_image(img_path, file)
-        image = file.data
+        image = _single_plane(file.data)
         if image.ndim != 2:
             raise ValueError(f"{img_path} has shape {image.shape}; evaluate takes one 2-D "
                              "image (y, x) per mask: save each plane as a file of its own")
-        mask = _as_instances(read_image(mask_path), mask_path)
+        mask = _as_instances(_single_plane(read_image(mask_path)), mask_path)
         if image.shape != mask.shape:
             raise ValueError(f"{img_path.name}: image {image.shape} and mask {mask.shape} differ")
         pairs.append((image, mask))

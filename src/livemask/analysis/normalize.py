@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 __all__ = [
-    "MIN_SIDE_PX", "SATURATED_MIN_PX", "grey_level", "image_problem", "iqr_sigma",
-    "noise_sigma", "percentile_normalize", "unsaturated",
+    "MIN_SIDE_PX", "SATURATED_MIN_PX", "fill_non_finite", "grey_level", "image_problem",
+    "iqr_sigma", "noise_sigma", "percentile_normalize", "unsaturated",
 ]
 
 #: Fewest pixels the percentile estimate is taken over; the stride shrinks to keep at least this.
@@ -73,8 +74,10 @@ def percentile_normalize(
     ``min_span_noise``, for integer pixels, only when it is that many grey levels above the
     background); a flat image gives zeros.
     Works for integer (uint8, uint16, ...) and float inputs. Non-finite pixels (NaN, ±inf)
-    of a float image are left out of the percentiles and set to 0; an image without any
-    finite pixel, or with bool or complex pixels, raises ValueError.
+    of a float image are left out of the percentiles and take the value of the nearest
+    finite pixel of their plane (:func:`fill_non_finite`): a model sees the surroundings
+    continue across a hole, not an edge to a dark level. An image without any finite pixel,
+    or with bool or complex pixels, raises ValueError.
     """
     if not 0.0 <= low < high <= 100.0:
         raise ValueError(f"need 0 <= low < high <= 100, got low={low}, high={high}")
@@ -106,6 +109,8 @@ def percentile_normalize(
         lo, q1, q3, hi = (float(v) for v in np.percentile(sample, (low, 25, 75, high)))
         sigma = iqr_sigma(q1, q3)
 
+    if finite is not None:
+        arr = fill_non_finite(arr, finite, lo)
     span = hi - lo
     if min_span_noise is not None and np.isfinite(span) and np.isfinite(sigma):
         span = max(span, min_span_noise * sigma)
@@ -113,7 +118,7 @@ def percentile_normalize(
         # at most (100 - high) % of the pixels above the background (a few nuclei on a
         # black background): the brightest pixel is the top, not a flat image; with a noise
         # floor, only a top of at least that many grey levels (not a few counts of debris)
-        span = float((arr[finite] if finite is not None else arr).max()) - lo
+        span = float(arr.max()) - lo  # (non-finite pixels hold finite values by now)
         if min_span_noise is not None and span < min_span_noise * grey_level(arr.dtype):
             span = 0.0
     if not np.isfinite(span) or span <= 0.0:
@@ -130,9 +135,35 @@ def percentile_normalize(
     if clip is not False:
         bottom, top = (0.0, 1.0) if clip is True else clip
         np.clip(out, bottom, top, out=out)
-    if finite is not None:
-        out[~finite] = 0.0  # the normalised background
     return out
+
+
+def fill_non_finite(image: np.ndarray, finite: np.ndarray, fallback: float) -> np.ndarray:
+    """A copy of ``image`` whose non-finite pixels (``~finite``) hold the value of the
+    nearest finite pixel in the same 2-D plane (the last two axes); a plane without any
+    finite pixel is filled with ``fallback``. Costs a distance transform per plane."""
+    out = np.array(image, copy=True, order="C")  # (reshaped below: a view, written through)
+    if out.ndim <= 2:
+        _fill_plane(out, finite, fallback)
+    else:
+        shape = out.shape
+        flat_out = out.reshape(-1, *shape[-2:])
+        flat_finite = finite.reshape(-1, *shape[-2:])
+        for plane, ok in zip(flat_out, flat_finite, strict=True):
+            if not ok.all():
+                _fill_plane(plane, ok, fallback)
+    return out
+
+
+def _fill_plane(plane: np.ndarray, finite: np.ndarray, fallback: float) -> None:
+    """Fill ``plane``'s non-finite pixels in place (see :func:`fill_non_finite`)."""
+    if not finite.any():
+        plane[...] = fallback
+        return
+    nearest = ndimage.distance_transform_edt(~finite, return_distances=False,
+                                             return_indices=True)
+    holes = ~finite
+    plane[holes] = plane[tuple(axis[holes] for axis in nearest)]
 
 
 def unsaturated(sample: np.ndarray) -> np.ndarray:

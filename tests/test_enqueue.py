@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -186,3 +187,25 @@ def test_invalid_args_list_ten_problems_and_count_the_rest() -> None:
     assert info.value.code == "invalid_args"
     assert msg.count("xs.") == 10 and "xs.9: " in msg and "xs.10: " not in msg
     assert msg.endswith("and 990 more")
+
+
+async def test_a_replay_refuses_enqueue_also_while_idle(tmp_path: Path) -> None:
+    """docs/recording.md: a replay refuses ``enqueue``. While idle it was accepted and
+    started an acquisition that played recorded frames, one per event, ignoring them."""
+    import numpy as np
+    import tifffile
+
+    from livemask.acquisition.replay import ReplaySource, open_stack
+
+    images = np.random.default_rng(3).integers(0, 4000, (3, 64, 64)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "stack.tif", images, imagej=True, metadata={"axes": "TYX"})
+    source = ReplaySource(open_stack(tmp_path / "stack.tif"), interval_s=0.5)
+    async with Service(make_config(), source=source) as svc:
+        events = [{"exposure": 3.0, "x_pos": 100.0}, {"exposure": 5.0}]
+        with pytest.raises(ControlError, match=r"enqueue: a replay .* cannot acquire") as info:
+            await control(svc, "enqueue", events=events)
+        assert info.value.code == "invalid_state"
+        assert not svc.acquiring and svc.pipeline.counters.counts["acquired"] == 0
+        assert (await control(svc, "start"))["started"] is True  # while it plays: the same
+        with pytest.raises(ControlError, match=r"enqueue: a replay .* cannot acquire"):
+            await control(svc, "enqueue", events=events)

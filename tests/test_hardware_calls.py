@@ -9,7 +9,12 @@ import time
 import pytest
 
 from livemask.errors import HardwareTimeout
-from livemask.service.hardware_calls import call_hardware, calls_still_stuck
+from livemask.service.hardware_calls import (
+    InRequestOrder,
+    Superseded,
+    call_hardware,
+    calls_still_stuck,
+)
 
 
 async def test_result_and_exception_pass_through() -> None:
@@ -63,3 +68,24 @@ async def test_calls_are_refused_at_once_while_too_many_are_stuck() -> None:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.02)
     assert await call_hardware(lambda: 7, what="reading") == 7  # the device answers again
+
+
+def test_a_call_whose_turn_comes_after_a_newer_one_took_effect_is_skipped() -> None:
+    """Calls given up on take the device, once it frees, in any order: an older value that
+    came last used to stay. Here the newest call runs before an older one."""
+    order = InRequestOrder()
+    camera: list[float] = []
+    first, older, newest = order.ticket(), order.ticket(), order.ticket()
+    assert order.call(first, camera.append, 4.0) is None
+    order.call(newest, camera.append, 7.0)
+    with pytest.raises(Superseded, match=r"a later request for this setting took effect"):
+        order.call(older, camera.append, 6.0)
+    assert camera == [4.0, 7.0] and order.applied == newest == order.issued
+
+    def refuse(_: float) -> None:
+        raise ValueError("out of range")
+
+    refused = order.ticket()
+    with pytest.raises(ValueError, match="out of range"):
+        order.call(refused, refuse, 1e9)
+    assert order.applied == newest  # a refused call took no effect: older ones still may

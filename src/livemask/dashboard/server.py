@@ -161,6 +161,26 @@ class _Browser:
                 self.images_sent += 1
 
 
+async def _close_browser(browser: _Browser) -> None:
+    """Stop ``browser``'s pump and close its WebSocket (within 0.5 s; errors ignored).
+
+    A browser that does not read leaves the pump waiting in aiohttp's drain, on a future
+    that the WebSocket shares: cancelling the pump cancels that future, and ``ws.close()``,
+    draining on it too, then raises CancelledError. That one is not ours to pass on (it
+    ended the whole shutdown); one that cancels the task closing the dashboard is."""
+    if browser.task is not None:
+        browser.task.cancel()
+    try:
+        await asyncio.wait_for(
+            browser.ws.close(code=WSCloseCode.GOING_AWAY, message=b"service stopping"), 0.5)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+    except Exception:  # the browser is gone, or too slow to take the close frame
+        pass
+
+
 class DashboardServer:
     """Serve the dashboard of the stream published at ``pub_address``.
 
@@ -260,13 +280,7 @@ class DashboardServer:
         for task in self._tasks:
             task.cancel()
         for browser in list(self.browsers):
-            if browser.task is not None:
-                browser.task.cancel()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(
-                    browser.ws.close(code=WSCloseCode.GOING_AWAY, message=b"service stopping"),
-                    0.5,
-                )
+            await _close_browser(browser)
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task

@@ -46,7 +46,12 @@ from livemask.inference.select import load_backend
 from livemask.protocol import TOPICS, dumps_json
 from livemask.service.commands import CommandHandler
 from livemask.service.gc_policy import GcMonitor, GcPolicy
-from livemask.service.hardware_calls import HARDWARE_TIMEOUT_S, call_hardware
+from livemask.service.hardware_calls import (
+    HARDWARE_TIMEOUT_S,
+    InRequestOrder,
+    Superseded,
+    call_hardware,
+)
 from livemask.service.pipeline import Pipeline
 from livemask.service.prefault import Prefault, prefault_frame_memory
 from livemask.transport.control_server import ControlServer
@@ -247,6 +252,7 @@ class Service:
         # the running acquisition's planned events, and the exposures its channels set
         self._planned_exposure: PlannedExposure | None = None
         self._plan_exposures: list[float] = []
+        self._exposure_order = InRequestOrder()  # set exposure_ms calls, newest wins
         self._settings = SettingsInEffect()  # what enqueue puts back after its events
         # the ended acquisition's acquisition_finished, until its last frames are through
         self._pending_finish: dict[str, Any] | None = None
@@ -435,7 +441,8 @@ class Service:
 
         self.recorder = Recorder(
             new_run_dir(rec.path or Path("recordings")),
-            pixel_size_um=self.pixel_size_um,
+            pixel_size_um=self.pixel_size_um,  # 1.0, a placeholder, where not calibrated
+            pixel_size_calibrated=self.pixel_size_known,
             config=self.config.model_dump(mode="json"),
             units=self.pipeline.report()["units"],  # tracking fields too
             labels=rec.labels,
@@ -999,9 +1006,14 @@ class Service:
         """Add events to the running acquisition, to run before its remaining planned
         events and followed by one that puts back the settings they change
         (:meth:`_restore_after`), or start a new one made of them (also when the running
-        one has taken its last event and is ending: they would never run)."""
+        one has taken its last event and is ending: they would never run). Refused for a
+        source that cannot acquire (a replay), idle too: it would play recorded frames."""
         if self.source is None:
             raise AcquisitionError("no frame source")
+        if getattr(self.source, "cannot_acquire", None):
+            raise AcquisitionError(
+                "enqueue: a replay plays recorded frames and cannot acquire the events; "
+                "enqueue them to a service that runs the microscope (livemask serve)")
         if self.recorder is not None and any(e.roi is not None for e in events):
             raise ConfigError(
                 "events: a roi changes the frame shape, and a recording holds frames of one "
@@ -1128,35 +1140,7 @@ class Service:
             raise ValueError(f"mode {mode!r}: give one of {', '.join(get_args(Mode))}")
         changed: dict[str, Any] = {}
         if exposure_ms is not None:
-            if self.source is None:
-                raise AcquisitionError("no frame source")
-            if self._acquiring and len(self._plan_exposures) > 1:
-                shown = ", ".join(f"{e:g}" for e in self._plan_exposures)
-                raise ValueError(
-                    f"the running sequence's channels (or the events that started it) set "
-                    f"their own exposures ({shown} ms); exposure_ms would give all of them "
-                    f"{exposure_ms:g} ms: stop, and start a sequence with the exposures you "
-                    "want")
-            # the planned events first (else the runner may take the next one meanwhile
-            # and put its own exposure back); undone if the camera refuses or hangs
-            planned = self._planned_exposure if self._acquiring else None
-            before = planned.set(exposure_ms) if planned is not None else None
-
-            def late(_: object) -> None:
-                if planned is not None:
-                    planned.set(exposure_ms)
-                self._event("setting_changed", {"exposure_ms": exposure_ms, "late": True})
-
-            try:
-                await call_hardware(
-                    self.source.set_exposure, exposure_ms,
-                    what=f"setting the camera exposure to {exposure_ms:g} ms",
-                    on_late_result=late,
-                )
-            except BaseException:
-                if planned is not None:
-                    planned.set(before)
-                raise
+            await self._set_camera_exposure(exposure_ms)
             changed["exposure_ms"] = exposure_ms
             self._exposure_set(exposure_ms)
         if mode is not None:
@@ -1166,6 +1150,61 @@ class Service:
             changed["mode"] = mode
         self._event("setting_changed", changed)
         return changed
+
+    async def _set_camera_exposure(self, exposure_ms: float) -> None:
+        """Set the camera's exposure (and the running plan's), or raise.
+
+        Sets given up on (the camera busy in a long snap) return late, in any order once
+        it frees: they run in request order (:class:`InRequestOrder`), one whose turn
+        comes after a newer set took effect is skipped, and a late one is announced (and
+        planned) only while no newer set took effect. So the camera, ``status`` and the
+        last ``setting_changed`` end with the newest exposure the camera accepted."""
+        if self.source is None:
+            raise AcquisitionError("no frame source")
+        if self._acquiring and len(self._plan_exposures) > 1:
+            shown = ", ".join(f"{e:g}" for e in self._plan_exposures)
+            raise ValueError(
+                f"the running sequence's channels (or the events that started it) set "
+                f"their own exposures ({shown} ms); exposure_ms would give all of them "
+                f"{exposure_ms:g} ms: stop, and start a sequence with the exposures you "
+                "want")
+        order = self._exposure_order
+        ticket = order.ticket()
+        # the planned events first (else the runner may take the next one meanwhile
+        # and put its own exposure back); undone if the camera refuses or hangs
+        planned = self._planned_exposure if self._acquiring else None
+        before = planned.set(exposure_ms) if planned is not None else None
+
+        def late(_: object) -> None:
+            if ticket != order.applied:  # a newer set took effect since: it decides
+                log.warning("the camera exposure %g ms, set after its timeout, was replaced "
+                            "by a newer set exposure_ms", exposure_ms)
+                return
+            if planned is not None:
+                planned.set(exposure_ms)
+            self._exposure_set(exposure_ms)
+            self._event("setting_changed", {"exposure_ms": exposure_ms, "late": True})
+
+        try:
+            await call_hardware(
+                order.call, ticket, self.source.set_exposure, exposure_ms,
+                what=f"setting the camera exposure to {exposure_ms:g} ms",
+                on_late_result=late,
+            )
+        except BaseException as exc:
+            if planned is not None and ticket == order.issued:  # (a newer set owns it)
+                planned.set(before)
+            if isinstance(exc, Superseded):
+                raise AcquisitionError(
+                    f"exposure_ms {exposure_ms:g} was not set: a newer set exposure_ms took "
+                    "effect first, and stays") from None
+            raise
+        if ticket != order.applied:  # a newer set took effect right after: it stays
+            raise AcquisitionError(
+                f"exposure_ms {exposure_ms:g} was replaced at once by a newer set "
+                "exposure_ms, which stays")
+        if planned is not None:  # an older set that landed late meanwhile planned its own
+            planned.set(exposure_ms)
 
     def _exposure_set(self, exposure_ms: float) -> None:
         """A ``set exposure_ms``: the planned frames run with it from now on, also after the

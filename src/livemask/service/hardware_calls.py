@@ -9,7 +9,9 @@ the call on a daemon thread of its own and gives up waiting after ``timeout_s`` 
 :class:`HardwareTimeout`: the service answers, and can exit, while the device stays stuck.
 A call given up on that returns later is logged; :func:`calls_still_stuck` tells whether
 one never did. While :data:`MAX_STUCK_CALLS` such calls still run, new ones are refused at
-once (each would leave another thread blocked on the hung device).
+once (each would leave another thread blocked on the hung device). Calls given up on may
+land in any order when the device frees: :class:`InRequestOrder` keeps an older value of a
+setting from landing after a newer one.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
-from livemask.errors import HardwareTimeout
+from livemask.errors import AcquisitionError, HardwareTimeout
 
 log = logging.getLogger("livemask")
 
@@ -36,6 +38,43 @@ HARDWARE_TIMEOUT_S = 1.5
 MAX_STUCK_CALLS = 4
 
 _given_up: list[threading.Thread] = []  # calls that timed out, while they still run
+
+
+class Superseded(AcquisitionError):
+    """A call of :class:`InRequestOrder` skipped: a later request's call took effect first."""
+
+
+class InRequestOrder:
+    """Calls that set one device setting take effect in the order they were requested.
+
+    A call given up on (:func:`call_hardware`) stays blocked on its device, with the calls
+    after it: when the device frees, they take its lock in any order, so an older value
+    could land last and stay. Each request takes a :meth:`ticket` (on the event loop, in
+    request order) and runs through :meth:`call` (one at a time): a call whose turn comes
+    after a later ticket's call took effect is skipped. So the setting ends with the
+    newest requested value that the device accepted. (Skipping beats re-applying the
+    newest after an older one landed: no extra device call, nothing to undo.)
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.issued = 0  # the newest ticket handed out
+        self.applied = 0  # the newest ticket whose call took effect
+
+    def ticket(self) -> int:
+        """The next ticket (in request order)."""
+        self.issued += 1
+        return self.issued
+
+    def call(self, ticket: int, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)``, or :class:`Superseded` where a later ticket's call took effect
+        already. Its exception passes through (then it did not take effect)."""
+        with self._lock:
+            if ticket < self.applied:
+                raise Superseded("skipped: a later request for this setting took effect first")
+            result = fn(*args)
+            self.applied = ticket
+            return result
 
 
 def calls_still_stuck() -> bool:

@@ -1,0 +1,128 @@
+"""Shutdown with a dashboard browser that does not read; ``set exposure_ms`` calls that the
+service gave up on and that return late, out of order."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from livemask.client import AsyncSubscriber
+from livemask.errors import ControlError
+from livemask.service.app import Service
+from tests.conftest import make_config
+from tests.test_acquisition_end import control
+
+
+def _ws_that_never_reads(port: int) -> socket.socket:
+    """A raw connection that does the dashboard's WebSocket handshake, then reads nothing
+    (a small receive buffer: the server's writes back up at once)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                  "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    return sock
+
+
+async def _until(check: Any, what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.01)
+
+
+async def test_shutdown_completes_when_a_browser_does_not_read_its_websocket() -> None:
+    """Closing the browser's pump, blocked in aiohttp's drain, cancelled the drain future
+    that ``ws.close()`` then waited on: a CancelledError ended ``Service.close`` before it
+    closed the control server, the publisher, the model and the microscope."""
+    svc = Service(make_config(dashboard={"enabled": True, "port": 0},
+                              simulation={"truth": False}))
+    await svc.start()
+    dashboard = svc.dashboard
+    assert dashboard is not None
+    sock = _ws_that_never_reads(dashboard.port)
+    try:
+        await _until(lambda: len(dashboard.browsers) == 1, "the browser did not connect")
+        browser = next(iter(dashboard.browsers))
+        browser.offer_image(bytes(32 << 20))  # more than the socket buffers take
+        # the pump took the image and has not sent it: it waits in the drain (the write is
+        # synchronous; the drain is its only await)
+        await _until(lambda: browser.image is None, "the pump did not take the image")
+        assert browser.images_sent == 0 and browser.task is not None
+        assert not browser.task.done()
+        try:
+            await svc.close()
+        except asyncio.CancelledError:
+            pytest.fail("Service.close raised CancelledError (a browser that does not read)")
+        assert svc.state == "closed" and dashboard.url is None
+        with pytest.raises(RuntimeError):  # the publisher was closed after the dashboard
+            svc.publisher.publish("event", {"kind": "test"})
+    finally:
+        sock.close()
+        if svc.state != "closed":
+            await svc.close()
+
+
+async def _try_set(svc: Service, exposure_ms: float) -> None:
+    """``set exposure_ms``: acknowledged, or given up on while the camera is busy."""
+    try:
+        await control(svc, "set", exposure_ms=exposure_ms)
+    except ControlError as exc:
+        assert "did not return within 0.3 s" in str(exc), exc
+
+
+async def test_a_set_exposure_given_up_on_does_not_land_after_a_newer_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Sets given up on stayed blocked on the camera and took it, once it freed, in any
+    order: an older exposure could land after a newer one (acknowledged or late) and stay,
+    announced by a late ``setting_changed``. Here the first set hangs (the camera busy)
+    while newer ones come: before, they took effect at once and the old one landed last."""
+    import livemask.service.hardware_calls as hardware_calls
+
+    monkeypatch.setattr(hardware_calls, "HARDWARE_TIMEOUT_S", 0.3)
+    async with Service(make_config(simulation={"truth": False})) as svc, AsyncSubscriber(
+        svc.publisher.bound_address, ("event", "status")
+    ) as sub:
+        while (await sub.recv(timeout_s=10)) is None:  # connected (heartbeat status)
+            pass
+        source = svc.source
+        assert source is not None
+        real_set, busy = source.set_exposure, threading.Event()
+
+        def set_exposure(exposure_ms: float) -> None:
+            if exposure_ms == 5.0:
+                busy.wait(30)  # the camera in a long snap: this set waits for it
+            real_set(exposure_ms)
+
+        monkeypatch.setattr(source, "set_exposure", set_exposure)
+        try:
+            with pytest.raises(ControlError, match=r"did not return within 0\.3 s"):
+                await control(svc, "set", exposure_ms=5.0)
+            for exposure_ms in (6.0, 7.0):
+                await _try_set(svc, exposure_ms)
+        finally:
+            busy.set()
+        await _until(lambda: not hardware_calls.calls_still_stuck(), "a set never returned")
+        await control(svc, "set", mode="free-run")  # after the late sets' announcements
+        exposures = []
+        while True:
+            msg = await sub.recv(timeout_s=10)
+            assert msg is not None, "no setting_changed for the mode"
+            if msg.topic == "event" and msg.header["kind"] == "setting_changed":
+                if "mode" in msg.header:
+                    break
+                exposures.append(msg.header["exposure_ms"])
+        status = await control(svc, "status")
+        assert source.core.getExposure() == 7.0, exposures
+        assert status["core"]["exposure_ms"] == 7.0
+        assert exposures and exposures[-1] == 7.0, exposures

@@ -308,6 +308,8 @@ def test_nan_and_inf_pixels_are_left_out_of_intensities() -> None:
     objects, summary = measure_objects(labels, image)
     assert [(o["label"], o["area_px"], o["mean_intensity"], o["integrated_intensity"])
             for o in objects] == [(1, 4, 10.0, 30.0), (2, 4, 14.0, 42.0), (3, 1, None, 0.0)]
+    # no finite pixel: nothing to correct either (was 0.0, read as "no signal")
+    assert objects[2]["corrected_intensity"] is None
     assert objects[0]["centroid_yx"] == [1.5, 1.5]  # geometry keeps every pixel
     # background: 64 - 9 labelled = 55 px, one infinite: 53 * 10 + 4 over 54 finite pixels
     assert summary["background_mean"] == pytest.approx((53 * 10 + 4) / 54, abs=1e-4)

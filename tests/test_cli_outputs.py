@@ -64,3 +64,26 @@ def test_a_failed_write_is_one_line_and_keeps_no_half_file(
     assert f"error: cannot write --json {target}: " in err
     assert err.endswith("choose a writable file")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]  # the temporary removed
+
+
+def test_a_symlink_or_fifo_is_written_through_not_replaced(tmp_path: Path) -> None:
+    """Review: the atomic write replaced a symlink (its target kept the old results) and a
+    FIFO or device node such as /dev/null with a regular file."""
+    import os
+    import threading
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "results.json").write_text('{"old": 1}')
+    link = tmp_path / "link.json"
+    link.symlink_to(real / "results.json")
+    _write_json(link, {"new": 2})
+    assert link.is_symlink() and json.loads((real / "results.json").read_text()) == {"new": 2}
+    fifo = tmp_path / "pipe.json"
+    os.mkfifo(fifo)
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader.start()
+    _write_json(fifo, {"piped": 3})
+    reader.join(10)
+    assert json.loads(got[0]) == {"piped": 3} and not fifo.is_file()

@@ -783,3 +783,15 @@ def test_a_refused_fire_counts_toward_max_fires_and_starts_the_cooldown() -> Non
                    "action": {"move": {"x_um": 5000.0, "y_um": 0.0}}}],
                  {"stage_x_range_um": [-100, 100]})
     assert [len(eng.evaluate(ctx([], t=t))) for t in range(3)] == [1, 0, 0]
+
+
+def test_signal_is_above_each_objects_local_background() -> None:
+    """Two equal nuclei (signal 300) on a gradient: each one's own background, not the
+    frame's mean (100 here), is subtracted; an object without one falls back to it."""
+    objs = field(3)
+    objs[0].update(mean_intensity=400.0, local_background=100.0)
+    objs[1].update(mean_intensity=700.0, local_background=400.0)
+    objs[2].update(mean_intensity=400.0, local_background=None)
+    feats = engine([]).tracker.compute(ctx(objs))
+    assert [f["signal"] for f in feats] == [300.0, 300.0, 300.0]
+    assert [f["mean_intensity_rel"] for f in feats] == [1.0, 1.0, 1.0]

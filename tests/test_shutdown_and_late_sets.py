@@ -126,3 +126,90 @@ async def test_a_set_exposure_given_up_on_does_not_land_after_a_newer_one(
         assert source.core.getExposure() == 7.0, exposures
         assert status["core"]["exposure_ms"] == 7.0
         assert exposures and exposures[-1] == 7.0, exposures
+
+
+async def test_a_refused_set_does_not_undo_an_older_set_that_landed_meanwhile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review: set 5 ms is given up on (the camera busy); it lands while set 20000 ms waits
+    its turn, and the camera refuses 20000. The refused set put back the plan from before
+    5 ms landed: the frames went back to the channel's 10 ms, though the last event said 5."""
+    import livemask.service.hardware_calls as hardware_calls
+
+    monkeypatch.setattr(hardware_calls, "HARDWARE_TIMEOUT_S", 0.5)
+    seq = {"channels": [{"config": "DAPI", "exposure": 10.0}],
+           "time_plan": {"interval": 0.05, "loops": 100000}}
+    async with Service(make_config(simulation={"truth": False},
+                                   acquisition={"sequence": seq, "mode": "free-run"})) as svc:
+        source = svc.source
+        assert source is not None
+        real_set, busy = source.set_exposure, threading.Event()
+
+        def set_exposure(exposure_ms: float) -> None:
+            if exposure_ms == 5.0:
+                busy.wait(30)  # the camera in a long snap
+            real_set(exposure_ms)
+
+        monkeypatch.setattr(source, "set_exposure", set_exposure)
+        order = svc._exposure_order
+        real_ticket = order.ticket
+
+        def ticket() -> int:  # the camera frees once the newer set has its turn number
+            n = real_ticket()
+            if n > 1:
+                busy.set()
+            return n
+
+        monkeypatch.setattr(order, "ticket", ticket)
+        await control(svc, "start")
+        try:
+            with pytest.raises(ControlError, match=r"did not return"):
+                await control(svc, "set", exposure_ms=5.0)
+            monkeypatch.setattr(hardware_calls, "HARDWARE_TIMEOUT_S", 10.0)
+            with pytest.raises(ControlError, match=r"20000"):
+                await control(svc, "set", exposure_ms=20000.0)
+            counters = svc.pipeline.counters
+            seen = counters.snapshot()["frames_acquired"]
+            await _until(lambda: counters.snapshot()["frames_acquired"] >= seen + 3,
+                         "no frames after the sets")
+            assert source.core.getExposure() == 5.0  # the plan kept what landed
+        finally:
+            busy.set()
+            await control(svc, "stop")
+
+
+async def test_close_completes_in_an_owner_task_that_is_being_cancelled() -> None:
+    """Review: ``async with Service(...)`` in a task that is cancelled (Ctrl-C under
+    ``asyncio.run``) closes while the task is cancelling; the drain's CancelledError of a
+    browser that does not read was then taken for the task's own and ended the close."""
+    holder: dict[str, Service] = {}
+    entered = asyncio.Event()
+
+    async def owner() -> None:
+        async with Service(make_config(dashboard={"enabled": True, "port": 0},
+                                       simulation={"truth": False})) as svc:
+            holder["svc"] = svc
+            entered.set()
+            await asyncio.sleep(3600)
+
+    task = asyncio.create_task(owner())
+    await entered.wait()
+    svc = holder["svc"]
+    dashboard = svc.dashboard
+    assert dashboard is not None
+    sock = _ws_that_never_reads(dashboard.port)
+    try:
+        await _until(lambda: len(dashboard.browsers) == 1, "the browser did not connect")
+        browser = next(iter(dashboard.browsers))
+        browser.offer_image(bytes(32 << 20))
+        await _until(lambda: browser.image is None, "the pump did not take the image")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert svc.state == "closed"
+        with pytest.raises(RuntimeError):  # the publisher was closed after the dashboard
+            svc.publisher.publish("event", {"kind": "test"})
+    finally:
+        sock.close()
+        if svc.state != "closed":
+            await svc.close()

@@ -92,6 +92,10 @@ def _output_file_like(example: str) -> Callable[[Path | None], Path | None]:
         if value.is_dir():
             raise typer.BadParameter(
                 f"{value} is a folder; give a file path, e.g. {value / example}")
+        if _written_in_place(value):
+            if not os.access(value, os.W_OK):
+                raise typer.BadParameter(f"cannot write {value}; choose a writable file")
+            return value
         try:
             value.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -112,14 +116,26 @@ def _output_file_like(example: str) -> Callable[[Path | None], Path | None]:
 _output_file = _output_file_like("out.json")
 
 
+def _written_in_place(path: Path) -> bool:
+    """Whether ``path`` is written through, not replaced: a symbolic link, or an existing
+    file that is not a regular one (``/dev/null``, ``/dev/stdout``, a FIFO)."""
+    return path.is_symlink() or (path.exists() and not path.is_file())
+
+
 def _write_json(path: Path, data: Any, option: str = "--json") -> None:
     """Write ``data`` as indented JSON to ``path`` (a temporary file beside it, renamed: an
-    interruption leaves no half file); an error is one line naming ``option`` (exit 2)."""
+    interruption leaves no half file; written through where :func:`_written_in_place`); an
+    error is one line naming ``option`` (exit 2)."""
     import json
 
+    text = json.dumps(data, indent=2) + "\n"
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        if _written_in_place(path):
+            with path.open("w", encoding="utf-8") as fh:
+                fh.write(text)
+            return
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except OSError as exc:
         _fail(OSError(f"cannot write {option} {path}: {exc.strerror or exc}; "

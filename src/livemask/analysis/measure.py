@@ -3,9 +3,10 @@
 The labelled pixels are visited once to find their row runs (stretches of one label along a
 row, about ten times fewer than the pixels); areas, raw image moments (exact integer sums in
 closed form per run) and bounding boxes come from the runs, intensity sums from one
-``np.bincount`` over the labelled pixels. Nothing else touches the full frame but the
-foreground scan and the frame sum. The only Python loop builds the per-object dicts. Output
-holds plain Python types only (JSON-serialisable, no NaN).
+``np.bincount`` over the labelled pixels. The full frame is touched by the foreground scan,
+the frame sum and the local backgrounds' guard band (below); Python loops build the
+per-object dicts and take one slice per object for its local background. Output holds plain
+Python types only (JSON-serialisable, no NaN).
 
 NaN and infinite image pixels (float images) count in an object's area and geometry but not
 in any intensity: sums and means are over the finite pixels only. Such pixels are found from
@@ -301,6 +302,7 @@ def objects_from_sums(
     local_bg = np.asarray(sums.local_background, dtype=np.float64)
     n_measured = a if sums.n_finite is None else np.asarray(sums.n_finite, dtype=np.float64)
     corrected = intensity_sum - local_bg * n_measured
+    corrected[n_measured == 0] = np.nan  # no finite pixel: no intensity to correct
     area_um2 = a * pixel_size_um**2
     eq_diam_um = np.sqrt(4.0 * a / math.pi) * pixel_size_um
 

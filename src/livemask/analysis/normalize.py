@@ -141,7 +141,8 @@ def percentile_normalize(
 def fill_non_finite(image: np.ndarray, finite: np.ndarray, fallback: float) -> np.ndarray:
     """A copy of ``image`` whose non-finite pixels (``~finite``) hold the value of the
     nearest finite pixel in the same 2-D plane (the last two axes); a plane without any
-    finite pixel is filled with ``fallback``. Costs a distance transform per plane."""
+    finite pixel is filled with ``fallback``. Costs a distance transform over the holes'
+    bounding boxes (over the whole plane where they spread over it, e.g. a NaN border)."""
     out = np.array(image, copy=True, order="C")  # (reshaped below: a view, written through)
     if out.ndim <= 2:
         _fill_plane(out, finite, fallback)
@@ -160,10 +161,45 @@ def _fill_plane(plane: np.ndarray, finite: np.ndarray, fallback: float) -> None:
     if not finite.any():
         plane[...] = fallback
         return
-    nearest = ndimage.distance_transform_edt(~finite, return_distances=False,
-                                             return_indices=True)
     holes = ~finite
-    plane[holes] = plane[tuple(axis[holes] for axis in nearest)]
+    for box in _hole_boxes(holes):
+        _fill_nearest(plane[box], holes[box])
+
+
+def _hole_boxes(holes: np.ndarray) -> list[tuple[slice, slice]]:
+    """Boxes (grown by 1 px, so that they hold finite pixels next to the holes) that cover
+    every hole of ``holes``: their common box, else one per hole, else the whole plane,
+    whichever is the first to cover less than :data:`_FILL_BOX_FRACTION` of the plane (a
+    distance transform costs about 0.2 µs a pixel; 700 ms for a 2048² plane)."""
+    limit = _FILL_BOX_FRACTION * holes.size
+    rows, cols = np.flatnonzero(holes.any(axis=1)), np.flatnonzero(holes.any(axis=0))
+    union = (slice(max(rows[0] - 1, 0), rows[-1] + 2), slice(max(cols[0] - 1, 0), cols[-1] + 2))
+    if (union[0].stop - union[0].start) * (union[1].stop - union[1].start) <= limit:
+        return [union]
+    labelled, n = ndimage.label(holes, structure=np.ones((3, 3), bool))  # 8-connected
+    if n <= _MAX_FILL_BOXES:
+        h, w = holes.shape
+        boxes = [(slice(max(r.start - 1, 0), min(r.stop + 1, h)),
+                  slice(max(c.start - 1, 0), min(c.stop + 1, w)))
+                 for r, c in ndimage.find_objects(labelled)]
+        if sum((r.stop - r.start) * (c.stop - c.start) for r, c in boxes) <= limit:
+            return boxes
+    return [(slice(None), slice(None))]
+
+
+def _fill_nearest(values: np.ndarray, holes: np.ndarray) -> None:
+    """Fill ``values[holes]`` in place with the nearest pixel that is not a hole (a box
+    of only holes, which cannot happen for a grown box, is left as it is)."""
+    if holes.all():
+        return
+    nearest = ndimage.distance_transform_edt(holes, return_distances=False, return_indices=True)
+    values[holes] = values[tuple(axis[holes] for axis in nearest)]
+
+
+#: Holes' boxes filled one by one while they cover at most this fraction of the plane ...
+_FILL_BOX_FRACTION = 0.25
+#: ... and number at most this many (else one transform over the whole plane).
+_MAX_FILL_BOXES = 256
 
 
 def unsaturated(sample: np.ndarray) -> np.ndarray:

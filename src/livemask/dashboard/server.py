@@ -168,14 +168,15 @@ async def _close_browser(browser: _Browser) -> None:
     that the WebSocket shares: cancelling the pump cancels that future, and ``ws.close()``,
     draining on it too, then raises CancelledError. That one is not ours to pass on (it
     ended the whole shutdown); one that cancels the task closing the dashboard is."""
+    task = asyncio.current_task()
+    cancels = task.cancelling() if task is not None else 0  # requests already under way
     if browser.task is not None:
         browser.task.cancel()
     try:
         await asyncio.wait_for(
             browser.ws.close(code=WSCloseCode.GOING_AWAY, message=b"service stopping"), 0.5)
     except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
+        if task is not None and task.cancelling() > cancels:
             raise
     except Exception:  # the browser is gone, or too slow to take the close frame
         pass

@@ -201,8 +201,11 @@ class FeatureTracker:
         cent = np.array([o.get("centroid_yx") or (math.nan, math.nan) for o in objs], float)
         area = np.array([float(o.get("area_px") or 0) for o in objs])
         mean_i = np.array([_num(o.get("mean_intensity")) for o in objs])
+        # above each object's local background, else the frame's (else raw)
+        local = np.array([_num(o.get("local_background")) for o in objs])
         bg = ctx.summary.get("background_mean")
-        signal = mean_i - float(bg) if isinstance(bg, int | float) else mean_i
+        frame_bg = float(bg) if isinstance(bg, int | float) and not isinstance(bg, bool) else 0.0
+        signal = mean_i - np.where(np.isfinite(local), local, frame_bg)
         area_rel = _ratio(area, np.full(n, float(np.median(area))))
         finite = signal[np.isfinite(signal)]
         med_signal = float(np.median(finite)) if finite.size else math.nan

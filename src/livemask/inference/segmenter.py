@@ -256,13 +256,33 @@ class Segmenter:
             assert ta is not None
             return ta.analyse(probs[0], probs[1], probabilities.image, self._label_params(),
                               pixel_size_um=pixel_size_um)
-        labels = self.labels(probabilities)
+        labels = without_non_finite(self.labels(probabilities), image)
         objects, summary = measure_objects(labels, image, pixel_size_um=pixel_size_um)
         return labels, objects, summary
 
     def segment(self, image: np.ndarray) -> np.ndarray:
         """Instance labels for one 2-D image."""
-        return self.labels(self.predict(image))
+        return without_non_finite(self.labels(self.predict(image)), image)
+
+
+def without_non_finite(labels: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """``labels`` with 0 at ``image``'s NaN/infinite pixels, and without the objects of
+    which more than half lies there (the model saw them filled from their neighbours:
+    what it found there is not in the image). Integer images: ``labels`` as they are."""
+    if image.dtype.kind != "f":
+        return labels
+    bad = ~np.isfinite(image)
+    if not bad.any():
+        return labels
+    n = int(labels.max()) + 1
+    drop = 2 * np.bincount(labels[bad].ravel(), minlength=n) > np.bincount(
+        labels.ravel(), minlength=n)
+    drop[0] = False
+    out = labels.copy()
+    out[bad] = 0
+    if drop.any():
+        out[drop[out]] = 0
+    return out
 
 
 def probe_image(shape: tuple[int, int]) -> np.ndarray:

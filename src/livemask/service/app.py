@@ -1170,6 +1170,7 @@ class Service:
                 "want")
         order = self._exposure_order
         ticket = order.ticket()
+        applied_before = order.applied
         # the planned events first (else the runner may take the next one meanwhile
         # and put its own exposure back); undone if the camera refuses or hangs
         planned = self._planned_exposure if self._acquiring else None
@@ -1192,7 +1193,8 @@ class Service:
                 on_late_result=late,
             )
         except BaseException as exc:
-            if planned is not None and ticket == order.issued:  # (a newer set owns it)
+            if (planned is not None and ticket == order.issued
+                    and order.applied == applied_before):  # an older set landed: late() plans it
                 planned.set(before)
             if isinstance(exc, Superseded):
                 raise AcquisitionError(

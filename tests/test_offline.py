@@ -78,6 +78,34 @@ def test_nan_pixels_are_background_and_left_out_of_the_table(
             "model, then label 0 (left out of the measurements)") in _messages(livemask_log)
 
 
+def test_objects_lying_mostly_on_nan_pixels_are_left_out(tmp_path: Path) -> None:
+    """Before, only the NaN pixels got label 0: a nucleus under a NaN strip (the border of
+    a registered image) left a sliver of a few pixels beside it as an object of its own."""
+    from livemask.offline import load_segmenter
+
+    image, _ = _nuclei()
+    img = image.astype(np.float32)
+    img[:, :12] = np.nan
+    bad = ~np.isfinite(img)
+    seg = load_segmenter("nuclei", 1)
+    seen = seg.labels(seg.predict(img))  # what the model makes of it (the strip filled)
+    area = np.bincount(seen.ravel())
+    on_nan = np.bincount(seen[bad], minlength=area.size)
+    mostly = {int(n) for n in np.flatnonzero(2 * on_nan > area) if n}
+    slivers = [int(area[n] - on_nan[n]) for n in mostly if area[n] > on_nan[n]]
+    assert slivers and min(slivers) < 10  # the case: a few pixels left beside the strip
+
+    src, out = tmp_path / "strip.tif", tmp_path / "labels.tif"
+    tifffile.imwrite(src, img)
+    segment_file(src, out, table=tmp_path / "m.csv", threads=1)
+    labels = tifffile.imread(out)
+    assert not labels[bad].any()
+    for n in range(1, area.size):  # each object: left out if mostly on NaN, else kept
+        finite_part = labels[(seen == n) & ~bad]
+        assert (finite_part > 0).all() if n not in mostly else not finite_part.any(), n
+    assert len(_rows(tmp_path / "m.csv")) == len(np.unique(labels)) - 1
+
+
 @pytest.mark.parametrize(
     ("shape", "kwargs"),
     [

@@ -8,6 +8,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -64,8 +65,9 @@ def read_image(path: Path) -> np.ndarray:
 
 
 def read_image_file(path: Path) -> ImageFile:
-    """An image file with its axes and pixel size where the file has them (TIFF: OME,
-    ImageJ or resolution tags); ValueError naming the file if it cannot be read.
+    """An image file with its axes and pixel size where the file has them (TIFF, BigTIFF
+    included: OME, ImageJ or resolution tags); ValueError naming the file if it cannot be
+    read (a TIFF's: naming a corrupt plane, or saying that the file is cut short).
 
     A TIFF of several image series of one shape and pixel type (an OME-TIFF with one series
     per stage position, as ``livemask replay`` reads it) gives them all, stacked along a
@@ -73,8 +75,10 @@ def read_image_file(path: Path) -> ImageFile:
     else first (``PZYX``, ``PYX``). Series that differ: the first, with a warning."""
     from skimage import io
 
+    from livemask.acquisition.replay import TIFF_SUFFIXES
+
     try:
-        if path.suffix.lower() in (".tif", ".tiff"):
+        if path.suffix.lower() in TIFF_SUFFIXES:
             with tifffile.TiffFile(path) as tif:
                 return _read_tiff(tif, path)
         return ImageFile(np.asarray(io.imread(path)))
@@ -98,10 +102,11 @@ def _read_tiff(tif: tifffile.TiffFile, path: Path) -> ImageFile:
                     "save the others as files of their own to segment them", path,
                     len(every), shapes)
     axes = str(series[0].axes).upper()
-    data = np.asarray(series[0].asarray())
+    data = _series_array(tif, path, 0)
     if len(series) > 1:  # one series per stage position: a position axis, as replay does
         at = 1 if axes[:1] == "T" and len(axes) > 2 else 0  # time points outermost
-        data = np.stack([data, *(np.asarray(s.asarray()) for s in series[1:])], axis=at)
+        data = np.stack([data, *(_series_array(tif, path, k) for k in range(1, len(series)))],
+                        axis=at)
         axes = f"{axes[:at]}P{axes[at:]}"
         log.info("%s: its %d image series are segmented as positions: axis P of the labels "
                  "(shape %s, axes %s)", path, len(series), data.shape, axes)
@@ -111,6 +116,41 @@ def _read_tiff(tif: tifffile.TiffFile, path: Path) -> ImageFile:
         pixel_size_um=pixel[0] if pixel else None,
         pixel_size_from=pixel[1] if pixel else "",
     )
+
+
+def _series_array(tif: tifffile.TiffFile, path: Path, k: int) -> np.ndarray:
+    """Series ``k`` of ``tif`` as an array; ValueError naming the plane that is corrupt, or
+    saying that the file is cut short, where that is why it cannot be read."""
+    try:
+        return np.asarray(tif.series[k].asarray())
+    except Exception as exc:  # zlib, imagecodecs, tifffile: each has its own errors
+        raise ValueError(_why_unreadable(tif, path, k) or str(exc)) from exc
+
+
+def _why_unreadable(tif: tifffile.TiffFile, path: Path, k: int) -> str | None:
+    """Why series ``k`` of ``tif`` cannot be read: a plane that is corrupt, or the file cut
+    short (found plane by plane); None when that does not find it."""
+    from livemask.acquisition.replay import tiff_planes
+    from livemask.errors import ReplayError
+
+    try:
+        planes = tiff_planes(tif, path, k)
+    except Exception:  # the diagnosis must not hide the first error
+        return None
+    if planes is None:
+        return None
+    if planes.complete < planes.planes:
+        return (f"it is cut short (truncated: its writer did not finish, or it was copied in "
+                f"part): only {planes.complete} of its {planes.planes} planes are complete in "
+                "the file; copy it again or give the complete file")
+    lead = planes.shape[:-2]
+    for j in range(planes.planes):
+        try:
+            planes[tuple(int(n) for n in np.unravel_index(j, lead))]
+        except ReplayError as exc:
+            return (f"{exc}; segment reads every plane of a file: save the others as a file "
+                    "of their own to segment them")
+    return None
 
 
 def _colour_problem(image: ImageFile) -> str | None:
@@ -146,6 +186,9 @@ def check_image(path: Path, image: ImageFile) -> None:
 def read_stack_file(path: Path) -> ImageFile:
     """:func:`read_image_file`, checked for segmentation: a grayscale image or stack
     (..., H, W); ValueError for colour images and stacks and unusable shapes or dtypes."""
+    if path.is_dir():
+        raise IsADirectoryError(f"input {path} is a folder; give one image file (a TIFF "
+                                "stack, PNG or JPEG): segment takes one file per run")
     if not path.is_file():
         raise FileNotFoundError(f"input image {path} does not exist")
     image = read_image_file(path)
@@ -227,15 +270,19 @@ def segment_file(
     a TIFF's position series add an axis P, see :func:`read_image_file`) and a CSV
     (``plane`` counts the planes in C order).
 
-    ``pixel_size_um`` (µm per pixel, for the CSV's µm columns): None takes the file's
-    (OME, ImageJ or TIFF resolution in cm/mm/µm), else 1. NaN/infinite pixels get label 0.
-    The outputs are checked first (:func:`check_outputs`) and written beside their places,
-    then renamed into them once both are written: an error leaves neither half-written.
+    ``pixel_size_um`` (µm per pixel, for the CSV's µm columns and the labels' OME
+    metadata): None takes the file's (OME, ImageJ or TIFF resolution in cm/mm/µm), else 1
+    (and none in the labels). NaN/infinite pixels get label 0, and so do objects lying
+    mostly on them (``Segmenter.segment``, see
+    :func:`livemask.inference.segmenter.without_non_finite`). The outputs are checked first
+    (:func:`check_outputs`) and written beside their places, then renamed into them once
+    both are written: an error leaves neither half-written.
     """
     check_outputs(input_path, output, table)
     image = read_stack_file(input_path)
     stack = image.data
     planes = stack.reshape(-1, *stack.shape[-2:])
+    scale = pixel_size_um if pixel_size_um is not None else image.pixel_size_um
     if table is not None:
         pixel_size_um = _log_pixel_size(input_path, pixel_size_um, image)
     seg = load_segmenter(model, threads)
@@ -254,8 +301,6 @@ def segment_file(
             labels[i] = seg.segment(plane)
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
-        if bad and finite is not None:  # the model saw them filled; keep them out
-            labels[i][~finite] = 0
         if table is not None:
             objects, _ = measure_objects(labels[i], plane, pixel_size_um=pixel_size_um or 1.0)
             for o in objects:
@@ -276,8 +321,7 @@ def segment_file(
     labels_tmp = _temporary(output)
     table_tmp = _temporary(table) if table is not None else None
     try:
-        tifffile.imwrite(labels_tmp, labels.reshape(stack.shape), photometric="minisblack",
-                         compression="zlib")
+        write_labels(labels_tmp, labels.reshape(stack.shape), image.axes, scale)
         if table is not None and table_tmp is not None:
             with table_tmp.open("w", newline="", encoding="utf-8") as fh:
                 writer = csv.DictWriter(fh, fieldnames=TABLE_COLUMNS)
@@ -290,6 +334,45 @@ def segment_file(
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
     return Segmented(len(planes), tuple(stack.shape), image.axes)
+
+
+def _ome_axes(axes: str | None, ndim: int) -> str | None:
+    """The input's axes (tifffile's letters) as OME-TIFF axes of labels with ``ndim``
+    dimensions: planar samples (``S``) as channels, letters OME has no name for as ``Q``
+    (other); None when not known (tifffile then names them)."""
+    if axes is None or len(axes) != ndim:
+        return "YX" if ndim == 2 else None
+    lead = "".join(a if a in "TZCPQ" else "C" if a == "S" and "C" not in axes else "Q"
+                   for a in axes[:-2])
+    return f"{lead}{axes[-2:]}"
+
+
+#: What OME calls the axis P that ``segment`` adds for a TIFF's position series.
+_OME_TYPES = {"P": "stage position"}
+
+
+def write_labels(path: Path, labels: np.ndarray, axes: str | None,
+                 pixel_size_um: float | None) -> None:
+    """``labels`` as a zlib OME-TIFF with the input's ``axes`` and pixel size (µm, square),
+    so that Fiji (Bio-Formats) and napari open it with both; a plain TIFF where OME cannot
+    name the axes (two of one kind), with an INFO line."""
+    metadata: dict[str, Any] = {}
+    ome_axes = _ome_axes(axes, labels.ndim)
+    if ome_axes is not None:
+        metadata["axes"] = ome_axes
+        types = {a: t for a, t in _OME_TYPES.items() if a in ome_axes[:-2]}
+        if types:
+            metadata["TypeDescription"] = types
+    if pixel_size_um is not None:
+        metadata.update(PhysicalSizeX=pixel_size_um, PhysicalSizeXUnit="µm",
+                        PhysicalSizeY=pixel_size_um, PhysicalSizeYUnit="µm")
+    try:
+        tifffile.imwrite(path, labels, ome=True, metadata=metadata,
+                         photometric="minisblack", compression="zlib")
+    except (tifffile.OmeXmlError, ValueError) as exc:
+        log.info("%s: labels of axes %s written as a plain TIFF, without axes or pixel size "
+                 "(OME-TIFF cannot hold them: %s)", path, ome_axes, exc)
+        tifffile.imwrite(path, labels, photometric="minisblack", compression="zlib")
 
 
 def _log_pixel_size(path: Path, given: float | None, image: ImageFile) -> float:

@@ -15,11 +15,14 @@ so tracks and the cumulative grain statistics restart where they did in the reco
 A replay cannot move the stage or change the exposure: ``inject`` and
 ``set_exposure`` raise :class:`~livemask.errors.AcquisitionError`.
 
-A frame that cannot be read (it is corrupt, or, in a livemask recording, its zarr chunk file
-is missing, where zarr would silently hand back a frame of zeros) is skipped with a warning;
-the others are replayed, and the acquisition ends with an error that counts the skipped
-frames. Other zarr arrays may leave out chunks that hold only the fill value (zarr's
-default), so a missing chunk file there is read as the fill value, as zarr intends.
+A frame that cannot be read (it is corrupt: a TIFF page that does not decode, a damaged
+chunk; or, in a livemask recording, its zarr chunk file is missing, where zarr would silently
+hand back a frame of zeros) is skipped with a warning; the others are replayed, and the
+acquisition ends with an error that counts the skipped frames. A compressed TIFF is read a
+page at a time as the frames play (not all at open); a TIFF cut short replays the frames
+before the cut, with a warning. Other zarr arrays may leave out chunks that hold only the
+fill value (zarr's default), so a missing chunk file there is read as the fill value, as zarr
+intends.
 """
 
 from __future__ import annotations
@@ -46,11 +49,19 @@ from livemask.log import RepeatedErrors
 
 log = logging.getLogger("livemask")
 
-__all__ = ["FrameNotStored", "ReplaySource", "ReplayStack", "open_stack", "replay_pixel_size"]
+__all__ = [
+    "TIFF_SUFFIXES", "FrameNotStored", "ReplaySource", "ReplayStack", "TiffPlanes", "open_stack",
+    "replay_pixel_size", "tiff_planes",
+]
 
 #: Axes a replay steps through (everything but the last two, y and x, of each frame).
 FRAME_AXES = ("t", "p", "c", "z")
 _TIFF_AXES = {"T": "t", "Z": "z", "C": "c"}
+
+#: File name endings read as TIFF (with tifffile) by ``replay`` and ``segment``: BigTIFF too.
+TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
+
+
 @dataclass
 class ReplayStack:
     """Frames to replay: ``plane(i)`` for i in range(frames), with their index and position."""
@@ -182,10 +193,11 @@ def open_stack(path: str | Path) -> ReplayStack:
             f"{p} is a folder but neither a livemask recording (run-… with images.ome.zarr) "
             "nor a zarr group/array; give a run folder, an OME-Zarr or a TIFF file"
         )
-    if p.suffix.lower() in (".tif", ".tiff", ".btf", ".tf8", ".tf2"):
+    if p.suffix.lower() in TIFF_SUFFIXES:
         return _open_tiff(p)
     raise ReplayError(
-        f"{p}: unknown file type {p.suffix!r}; replay reads TIFF stacks (.tif/.tiff), OME-Zarr "
+        f"{p}: unknown file type {p.suffix!r}; replay reads TIFF stacks "
+        f"({'/'.join(TIFF_SUFFIXES)}), OME-Zarr "
         "(.zarr folders) and livemask recordings"
     )
 
@@ -220,8 +232,10 @@ def _check(path: Path, shape: tuple[int, ...], dtype: np.dtype[Any], axes: Seque
 
 def _planes(
     path: Path, kind: str, data: Any, axes: Sequence[str], pixel: float | None,
-    pixel_from: str = "",
+    pixel_from: str = "", readable: int | None = None,
 ) -> ReplayStack:
+    """The frames of ``data`` (..., y, x); only the first ``readable`` when given (a
+    truncated file's frames up to the first one cut off)."""
     shape = tuple(int(n) for n in data.shape)
     dtype = np.dtype(data.dtype)
     _check(path, shape, dtype, axes)
@@ -229,6 +243,8 @@ def _planes(
     frames = math.prod(lead) if lead else 1
     if frames == 0:
         raise ReplayError(f"{path} holds no frames (shape {shape})")
+    if readable is not None:
+        frames = min(frames, readable)
 
     def plane(i: int) -> np.ndarray:
         where = tuple(int(k) for k in np.unravel_index(i, lead)) if lead else ()
@@ -391,6 +407,94 @@ class _Series:
     def __getitem__(self, where: tuple[int, ...]) -> Any:
         return self.arrays[where[self.at]][(*where[:self.at], *where[self.at + 1:])]
 
+    def readable(self) -> int:
+        """Frames (C order of the leading axes) before the first one cut off a truncated
+        file."""
+        lead, first = self.shape[:-2], math.prod(self.shape[:-2])
+        for k, array in enumerate(self.arrays):
+            complete = getattr(array, "complete", None)
+            if complete is not None and complete < math.prod(array.shape[:-2]):
+                where = [int(n) for n in np.unravel_index(complete, array.shape[:-2])]
+                where.insert(self.at, k)
+                first = min(first, int(np.ravel_multi_index(where, lead)))
+        return first
+
+
+class TiffPlanes:
+    """One series of a TIFF, read a plane at a time: ``[where]`` (an index of its leading
+    axes) reads that plane. Planes from ``complete`` on (in the file's order, C order of the
+    leading axes) lie past the end of a truncated file."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any],
+                 read: Callable[[int], np.ndarray], complete: int | None = None) -> None:
+        self.name = name  # "the file's" or "the file's series 2,"
+        self.shape = shape
+        self.dtype = dtype
+        self.planes = math.prod(shape[:-2])
+        self.complete = self.planes if complete is None else complete
+        self._read = read
+
+    def __getitem__(self, where: tuple[int, ...]) -> np.ndarray:
+        lead = self.shape[:-2]
+        j = int(np.ravel_multi_index(where, lead)) if lead else 0
+        if j >= self.complete:
+            raise ReplayError(f"{self.name} plane {j} is past its end: the file is cut short "
+                              f"(truncated) after {self.complete} of {self.planes} planes")
+        try:
+            return self._read(j)
+        except ReplayError:
+            raise
+        except Exception as exc:  # zlib, imagecodecs, tifffile: each has its own errors
+            raise ReplayError(f"{self.name} plane {j} is corrupt ({type(exc).__name__}: "
+                              f"{exc})") from None
+
+
+def tiff_planes(tif: Any, path: Path, k: int) -> TiffPlanes | None:
+    """Series ``k`` of the open TIFF ``tif``, read plane by plane where it is stored so: one
+    page per plane (compressed or scattered pages), or uncompressed planes in a row that the
+    file cuts short (those before the cut are memory-mapped); None otherwise."""
+    series = tif.series[k]
+    shape = tuple(int(n) for n in series.shape)
+    if len(shape) < 2:
+        return None
+    rows, cols = shape[-2:]
+    planes = math.prod(shape[:-2])
+    offset = series.dataoffset
+    if offset is not None and offset + series.nbytes > path.stat().st_size:
+        return _truncated_planes(tif, path, k, offset)
+    name = f"the file's series {k}," if len(tif.series) > 1 else "the file's"
+    keyframe = getattr(series, "keyframe", None)
+    if len(series) != planes or keyframe is None or keyframe.size != rows * cols:
+        return None
+
+    def read(j: int) -> np.ndarray:
+        page = series[j]
+        if page is None:
+            raise ReplayError(f"{name} plane {j} is missing (its metadata names a page that "
+                              "is not in the file)")
+        return np.asarray(page.asarray()).reshape(rows, cols)
+
+    return TiffPlanes(name, shape, series.dtype, read)
+
+
+def _truncated_planes(tif: Any, path: Path, k: int, offset: int) -> TiffPlanes:
+    """Series ``k`` of ``tif``, uncompressed planes in a row from ``offset`` that the file
+    cuts short: the complete ones memory-mapped."""
+    series = tif.series[k]
+    shape = tuple(int(n) for n in series.shape)
+    rows, cols = shape[-2:]
+    plane_bytes = max(1, rows * cols * series.dtype.itemsize)
+    complete = max(0, min(math.prod(shape[:-2]), (path.stat().st_size - offset) // plane_bytes))
+    stored = np.dtype(tif.byteorder + series.dtype.char)  # the file's byte order
+    mapped = (np.memmap(path, dtype=stored, mode="r", offset=offset,
+                        shape=(complete, rows, cols)) if complete else np.empty((0, rows, cols)))
+
+    def read(j: int) -> np.ndarray:
+        return np.asarray(mapped[j], dtype=series.dtype)
+
+    name = f"the file's series {k}," if len(tif.series) > 1 else "the file's"
+    return TiffPlanes(name, shape, series.dtype, read, complete)
+
 
 def position_series(series: Sequence[Any]) -> tuple[list[Any], str | None]:
     """The image series of a TIFF (tifffile's ``TiffFile.series``, at least one) that are
@@ -446,33 +550,57 @@ def _open_tiff(path: Path) -> ReplayStack:
         _check(path, shape, np.dtype(series.dtype), axes)
         found = tiff_pixel_size(tif, path=path)  # as `livemask segment` reads it
         pixel, pixel_from = found if found is not None else (None, "")
-        arrays = [np.asarray(_tiff_data(tif, path, k)).reshape(shape)
-                  for k in range(len(all_series))]
+        arrays = [_tiff_data(tif, path, k, shape) for k in range(len(all_series))]
+        data: Any = arrays[0]
+        if len(arrays) > 1:  # an OME-TIFF of several positions: one series each
+            at = 1 if axes[:1] == ["t"] else 0  # the time points outermost, as acquired
+            data = _Series(arrays, at)
+            axes = [*axes[:at], "p", *axes[at:]]
+            log.info("%s: its %d image series are replayed as positions (p)", path,
+                     len(arrays))
+        readable = _readable(path, data)
+        stack = _planes(path, "tiff", data, axes, pixel, pixel_from, readable)
     except ReplayError:
         tif.close()
         raise
     except Exception as exc:
         tif.close()
-        raise ReplayError(f"{path} cannot be read as a TIFF stack: {exc}") from None
-    data: Any = arrays[0]
-    if len(arrays) > 1:  # an OME-TIFF of several positions: one series each
-        at = 1 if axes[:1] == ["t"] else 0  # the time points outermost, as acquired
-        data = _Series(arrays, at)
-        axes = [*axes[:at], "p", *axes[at:]]
-        log.info("%s: its %d image series are replayed as positions (p)", path, len(arrays))
-    stack = _planes(path, "tiff", data, axes, pixel, pixel_from)
+        raise ReplayError(f"{path} cannot be read as a TIFF stack (is it corrupt or cut "
+                          f"short?): {exc}") from None
     stack.close = tif.close
     return stack
 
 
-def _tiff_data(tif: Any, path: Path, k: int) -> Any:
-    """Series ``k`` of ``tif``: memory-mapped where it is uncompressed and contiguous."""
+def _readable(path: Path, data: Any) -> int | None:
+    """How many frames of a truncated TIFF are complete before the first one cut off
+    (logged); None when the file is whole. ReplayError when none is."""
+    frames = math.prod(data.shape[:-2])
+    readable = data.readable() if isinstance(data, _Series) else getattr(data, "complete", frames)
+    if readable >= frames:
+        return None
+    if readable == 0:
+        raise ReplayError(f"{path} is cut short (truncated): not one of its {frames} frames is "
+                          "complete in the file; copy it again or give the complete file")
+    log.warning("%s is cut short (truncated: its writer did not finish, or it was copied in "
+                "part): only its first %d of %d frames are complete; replaying those",
+                path, readable, frames)
+    return readable
+
+
+def _tiff_data(tif: Any, path: Path, k: int, shape: tuple[int, ...]) -> Any:
+    """Series ``k`` of ``tif``: memory-mapped where it is uncompressed and contiguous, else
+    read a plane at a time (:func:`tiff_planes`: a corrupt plane is then one unreadable
+    frame), else read whole."""
     import tifffile
 
     try:
-        return tifffile.memmap(path, series=k, mode="r")
-    except (ValueError, OSError):  # compressed or not contiguous: read it all
-        return tif.series[k].asarray()
+        return np.asarray(tifffile.memmap(path, series=k, mode="r")).reshape(shape)
+    except (ValueError, OSError):  # compressed, not contiguous, or cut short
+        pass
+    planes = tiff_planes(tif, path, k)
+    if planes is not None:
+        return planes
+    return np.asarray(tif.series[k].asarray()).reshape(shape)
 
 
 def replay_pixel_size(stack: ReplayStack, configured: float | None) -> float | None:
@@ -632,12 +760,15 @@ class ReplaySource(FeedThreadSource):
         """Count and log frame ``i``, which could not be read."""
         self.unreadable += 1
         self._in_a_row += 1
+        known = isinstance(exc, ReplayError)  # the reader says why: no traceback
+        why = str(exc) if known else f"{type(exc).__name__}: {exc}"
+        error = exc if isinstance(exc, FrameNotStored) else ReplayError(
+            f"frame {i} of {self.stack.path} cannot be read: {why}")
         if self.first_unreadable is None:
-            self.first_unreadable = exc if isinstance(exc, FrameNotStored) else ReplayError(
-                f"frame {i} of {self.stack.path} cannot be read: {type(exc).__name__}: {exc}")
-        if isinstance(exc, FrameNotStored):
+            self.first_unreadable = error
+        if known:
             if self.unreadable <= 5 or self.unreadable % 100 == 0:
-                log.warning("%s; skipped (%d frame(s) skipped so far)", exc, self.unreadable)
+                log.warning("%s; skipped (%d frame(s) skipped so far)", error, self.unreadable)
         else:
             self._read_errors.error("replay read", f"frame {i} of {self.stack.path} skipped",
                                     exc)

@@ -231,9 +231,11 @@ def _ensure_pixel_size(mmc: CMMCorePlus) -> None:
     presets = list(mmc.getAvailablePixelSizeConfigs())
     if len(presets) != 1:
         if isinstance(mmc, UniMMCore) or presets:
+            # what the service measures in then is its own to say (a simulated rig's
+            # world has a pixel size; a real rig measures in pixels)
             logger.warning(
-                "no active pixel size (%d presets); measurements stay in pixels. "
-                "Calibrate the pixel size in the rig's .cfg (PixelSize_um)",
+                "the core has no active pixel size (%d presets); calibrate the pixel size "
+                "in the rig's .cfg (PixelSize_um)",
                 len(presets),
             )
         return

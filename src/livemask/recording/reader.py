@@ -52,14 +52,21 @@ class Recording:
         return self.path / "measurements.csv"
 
 
+def _is_run(path: Path) -> bool:
+    """Whether ``path`` is a run folder: its images.ome.zarr, or (a run stopped before its
+    first frame by a recorder from before the group was made at start) its side files."""
+    return (path / IMAGES).is_dir() or (
+        (path / "frames.jsonl").is_file() and (path / "units.json").is_file())
+
+
 def find_recording(path: Path) -> Path | None:
     """The run folder for ``path``: a run folder, its images.ome.zarr, or a folder of one run."""
     path = Path(path)
     if path.name == IMAGES and (path.parent / "frames.jsonl").is_file():
         return path.parent
-    if (path / IMAGES).is_dir():
+    if _is_run(path):
         return path
-    runs = sorted(p for p in path.glob("run-*") if (p / IMAGES).is_dir()) if path.is_dir() else []
+    runs = sorted(p for p in path.glob("run-*") if _is_run(p)) if path.is_dir() else []
     return runs[-1] if len(runs) == 1 else None
 
 
@@ -213,8 +220,18 @@ def _warn_unlisted(run: Path, frames: int, ids: Any, complete: bool) -> None:
                     "line is damaged) and are not read", run, missing)
 
 
+def _no_frames(run: Path, complete: bool) -> str:
+    """Why a recording without an image array cannot be read."""
+    why = ("its run ended before the first frame arrived" if complete else
+           "its recorder was stopped (or killed) before the first frame, or it is still "
+           "waiting for one")
+    return (f"recording {run} holds no frames: {why}; give the run folder of a run that "
+            "recorded frames")
+
+
 def open_recording(path: str | Path) -> Recording:
-    """Open a run folder written by :class:`~livemask.recording.Recorder`."""
+    """Open a run folder written by :class:`~livemask.recording.Recorder`; ``ReplayError``
+    when it is none, or holds no frames (a run stopped before its first frame)."""
     import zarr
 
     run = find_recording(Path(path))
@@ -223,8 +240,12 @@ def open_recording(path: str | Path) -> Recording:
             f"{path} is not a livemask recording (no {IMAGES} with frames.jsonl beside it); "
             "give the run folder (…/run-YYYYmmdd-HHMMSS)"
         )
+    if not (run / IMAGES).is_dir():
+        raise ReplayError(_no_frames(run, complete=False))
     root = zarr.open_group(run / IMAGES, mode="r")
     attrs: dict[str, Any] = dict(root.attrs.asdict())
+    if not (run / IMAGES / "0").is_dir():  # the arrays are made with the first frame
+        raise ReplayError(_no_frames(run, bool(attrs.get("livemask", {}).get("complete"))))
     images: Any = root["0"]
     labels = None
     with contextlib.suppress(KeyError):

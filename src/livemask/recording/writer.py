@@ -3,7 +3,9 @@
 One run folder holds::
 
     images.ome.zarr/            OME-Zarr 0.5 (zarr v3) image, axes (t, y, x), µm pixel size
+                                (made at start, with ``livemask.complete: false``)
         0/                      the frames, shape (T, Y, X), one chunk (1, Y, X) per frame
+                                (made with the first frame: a run of no frames has none)
         labels/masks/0/         instance labels of the same shape (0 = background; all 0 when
                                 the frame was not analysed)
     frames.jsonl                one line per written frame: frame_id, acquisition, MDA index,
@@ -24,13 +26,14 @@ the group attribute ``livemask.frames``).
 and only enqueues; a writer thread does the I/O. The queue is unbounded (a frame is never
 dropped); when more than ``max_queue_mb`` wait, a warning is logged, and again each time the
 backlog doubles. Each frame grows the
-arrays (the zarr metadata with the new shape is rewritten at once, atomically), then its
+arrays (the zarr metadata with the new shape is rewritten at once, atomically; the labels
+before the images, so the images are never longer than the labels), then its
 chunks are written, then its CSV rows and its ``frames.jsonl`` line, each whole or not at all
 (:class:`~livemask.recording.files.BlockFile`), so what a reader finds is always a valid
 dataset and the counters say what is on disk. The line says whether the frame's rows were
 written (``rows_stored``), and the frames whose rows were lost are counted.
 :meth:`Recorder.close` writes everything still queued, then the final group attributes
-(``livemask.complete: true``).
+(``livemask.complete: true``), a run of no frames too.
 
 Write errors (a full disk, a folder made read-only) never stop the service: the frame is
 counted as rejected, the first error of a run of them goes to ``on_error`` (the service
@@ -108,8 +111,16 @@ _SPLIT = {"centroid_yx": ("centroid_y", "centroid_x"),
           "bbox": ("bbox_min_row", "bbox_min_col", "bbox_max_row", "bbox_max_col")}
 
 
-def column_units(units: Mapping[str, str]) -> dict[str, str]:
-    """The unit of every CSV column, from the per-object ``units`` of the measurements."""
+#: What an object's µm column holds in a recording without pixel-size calibration.
+UNCALIBRATED_NOTE = ("no pixel-size calibration: pixel_size_um is the placeholder 1.0, so "
+                     "these µm values are pixel values")
+
+
+def column_units(units: Mapping[str, str], *, calibrated: bool = True) -> dict[str, str]:
+    """The unit of every CSV column, from the per-object ``units`` of the measurements.
+
+    Not ``calibrated`` (the pixel size is a placeholder): the objects' µm columns (area,
+    diameter) hold pixel values and say so; the stage columns (``x_um``...) stay in µm."""
     out = {"frame_id": "1", "acquisition": "1 (number; MDA index and track_id restart with each)",
            "time_s": "s (since the recording started)",
            **{a: "1 (MDA index)" for a in _INDEX_AXES},
@@ -120,6 +131,8 @@ def column_units(units: Mapping[str, str]) -> dict[str, str]:
            "exposure_ms": "ms (the camera exposure the frame was taken with; empty where "
                           "unknown)"}
     for key, unit in units.items():
+        if not calibrated and "µm" in unit:
+            unit = f"{unit.replace('µm', 'px')} ({UNCALIBRATED_NOTE})"
         for col in _SPLIT.get(key, (key,)):
             out[col] = unit
     return {c: out.get(c, "") for c in CSV_COLUMNS}
@@ -157,13 +170,15 @@ def new_run_dir(parent: Path, now: float | None = None) -> Path:
     raise RecordingError(f"cannot record to {parent}: 10,000 runs started in one second")
 
 
-def _multiscales(name: str, pixel_size_um: float) -> list[dict[str, Any]]:
+def _multiscales(name: str, pixel_size_um: float, calibrated: bool) -> list[dict[str, Any]]:
+    # without calibration the scale is a placeholder: no unit (NGFF allows none)
+    unit = {"unit": "micrometer"} if calibrated else {}
     return [{
         "name": name,
         "axes": [
             {"name": "t", "type": "time"},  # acquisition order; frame times in frames.jsonl
-            {"name": "y", "type": "space", "unit": "micrometer"},
-            {"name": "x", "type": "space", "unit": "micrometer"},
+            {"name": "y", "type": "space", **unit},
+            {"name": "x", "type": "space", **unit},
         ],
         "datasets": [{
             "path": "0",
@@ -174,9 +189,13 @@ def _multiscales(name: str, pixel_size_um: float) -> list[dict[str, Any]]:
     }]
 
 
-def ome_image_attributes(pixel_size_um: float, name: str = "images") -> dict[str, Any]:
-    """Group attributes of an OME-NGFF 0.5 (t, y, x) image with one resolution level."""
-    return {"ome": {"version": OME_VERSION, "multiscales": _multiscales(name, pixel_size_um)}}
+def ome_image_attributes(
+    pixel_size_um: float, name: str = "images", *, calibrated: bool = True
+) -> dict[str, Any]:
+    """Group attributes of an OME-NGFF 0.5 (t, y, x) image with one resolution level; the
+    y and x axes have no unit when the pixel size is not ``calibrated``."""
+    return {"ome": {"version": OME_VERSION,
+                    "multiscales": _multiscales(name, pixel_size_um, calibrated)}}
 
 
 @dataclass
@@ -298,6 +317,7 @@ class Recorder:
                 header = io.StringIO()
                 csv.DictWriter(header, CSV_COLUMNS).writeheader()
                 self._csv_fh.write(header.getvalue())
+            self._root = self._create_group()
         except OSError as exc:
             self._close_files()
             raise RecordingError(
@@ -362,7 +382,7 @@ class Recorder:
         axis = ("µm per px = pixel_size_um" if self.pixel_size_calibrated else
                 "px (no pixel-size calibration: pixel_size_um is a placeholder)")
         return {
-            "columns": column_units(self.units),
+            "columns": column_units(self.units, calibrated=self.pixel_size_calibrated),
             "pixel_size_um": self.pixel_size_um,
             PIXEL_SIZE_CALIBRATED: self.pixel_size_calibrated,
             "started_at": self.started_at,
@@ -518,30 +538,42 @@ class Recorder:
             log.warning("recorder (%s): writing again (%d write errors so far)",
                         self.path, self.counts.errors_total)
 
-    def _create_arrays(self, image: np.ndarray) -> None:
+    def _create_group(self) -> Any:
+        """The image group, with its OME and ``livemask`` attributes (``complete: false``),
+        made at start: a run that stops before its first frame is still a recording."""
         import zarr
+
+        root = zarr.open_group(self.path / IMAGES, mode="w", zarr_format=3, attributes=(
+            ome_image_attributes(self.pixel_size_um, calibrated=self.pixel_size_calibrated)
+            | {"livemask": self._summary_attrs(complete=False)}))
+        return root
+
+    def _create_arrays(self, image: np.ndarray) -> None:
         from zarr.codecs import BloscCodec
 
+        root = self._root
+        if root is None:
+            raise RecordingError("the image group was not created")
         shape = (0, *image.shape)
         chunks = (1, *image.shape)
         # blosc zstd level 1 with bit-shuffle: ~4x cheaper than zarr's default zstd level 3
         # on camera frames, and smaller (measured on simulated 512x512 nuclei frames)
         codec = BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")
-        root = zarr.open_group(self.path / IMAGES, mode="w", zarr_format=3,
-                               attributes=ome_image_attributes(self.pixel_size_um))
-        root.update_attributes({"livemask": self._summary_attrs(complete=False)})
         # every frame gets its chunk file, even an all-zero one (zarr skips those by
         # default): a missing file then always means a lost frame, which replay reports
+        # (overwrite: what a failed attempt before left behind)
         images = root.create_array("0", shape=shape, chunks=chunks, dtype=image.dtype,
                                    fill_value=0, dimension_names=("t", "y", "x"),
-                                   compressors=codec, config={"write_empty_chunks": True})
+                                   compressors=codec, config={"write_empty_chunks": True},
+                                   overwrite=True)
         masks_array = None
         if self.labels:
-            lab = root.create_group("labels", attributes={
+            lab = root.create_group("labels", overwrite=True, attributes={
                 "ome": {"version": OME_VERSION, "labels": [LABELS_NAME]}})
             masks = lab.create_group(LABELS_NAME, attributes={"ome": {
                 "version": OME_VERSION,
-                "multiscales": _multiscales(LABELS_NAME, self.pixel_size_um),
+                "multiscales": _multiscales(LABELS_NAME, self.pixel_size_um,
+                                            self.pixel_size_calibrated),
                 "image-label": {"source": {"image": "../../"}},
             }})
             masks_array = masks.create_array("0", shape=shape, chunks=chunks, dtype="int32",
@@ -549,7 +581,7 @@ class Recorder:
                                              compressors=codec)
         # all or nothing: a failure above leaves them unset, and the next frame tries again
         # (before, a failed labels array left images written without labels, never complete)
-        self._images, self._masks, self._root = images, masks_array, root
+        self._images, self._masks = images, masks_array
 
     def _grow(self, frames: list[_FrameItem]) -> None:
         """Grow the t axis once for a batch, so that every frame_id in it fits."""
@@ -559,11 +591,18 @@ class Recorder:
             self._create_arrays(frames[0].image)
         arr = self._images
         ids = [f.record["frame_id"] for f in frames if f.image.shape == arr.shape[1:]]
-        n = max(ids, default=-1) + 1
-        if n > arr.shape[0]:
-            arr.resize((n, *arr.shape[1:]))
-            if self._masks is not None:
-                self._masks.resize((n, *self._masks.shape[1:]))
+        self._extend(max(ids, default=-1) + 1)
+
+    def _extend(self, n: int) -> None:
+        """Make the t axis ``n`` frames long (if shorter): the labels first, so that a kill
+        between the two metadata writes never leaves the images longer than the labels
+        (a reader looping over the images' t axis would index past the labels' end)."""
+        arr = self._images
+        if n <= arr.shape[0]:
+            return
+        if self._masks is not None and self._masks.shape[0] < n:
+            self._masks.resize((n, *self._masks.shape[1:]))
+        arr.resize((n, *arr.shape[1:]))
 
     def _write_frame(self, item: _FrameItem) -> None:
         rec = item.record
@@ -591,10 +630,7 @@ class Recorder:
                         f"frame dtype {image.dtype} does not fit the recording's {arr.dtype}"
                     )
                 image = image.astype(arr.dtype)
-            if fid >= arr.shape[0]:  # a frame the batch's growth did not cover
-                arr.resize((fid + 1, *arr.shape[1:]))
-                if self._masks is not None:
-                    self._masks.resize((fid + 1, *self._masks.shape[1:]))
+            self._extend(fid + 1)  # a frame the batch's growth did not cover
             arr[fid] = image
             if self._masks is not None and item.labels is not None:
                 self._masks[fid] = item.labels.astype(np.int32, copy=False)

@@ -10,7 +10,7 @@ import pytest
 import useq
 
 from livemask.acquisition.source import RawFrame
-from livemask.analysis.measure import measure_objects
+from livemask.analysis.measure import UNITS, measure_objects
 from livemask.analysis.tracking import (
     TRACK_UNITS,
     PositionTrackers,
@@ -330,6 +330,20 @@ async def test_pipeline_without_tracker_has_no_track_fields() -> None:
     (meas,) = [m.header for m in pub.by_topic("measurements")]
     assert "track_id" not in meas["objects"][0] and "divisions" not in meas["summary"]
     assert "track_id" not in pipe.report()["units"]
+
+
+def test_an_uncalibrated_pipeline_gives_its_micrometre_fields_in_pixels() -> None:
+    """Data-analyst hunt: without a pixel-size calibration the service's units (status,
+    service_started, the recording) said µm² for areas that were pixel counts."""
+    card = ModelCard(name="fake", file="none.onnx")
+    pipe = Pipeline(Segmenter(card, ThresholdBackend()), MemoryPublisher(),
+                    pixel_size_known=False)
+    units = pipe.report()["units"]
+    assert units["area_um2"].startswith("px² (no pixel-size calibration")
+    assert units["equivalent_diameter_um"].startswith("px (no pixel-size calibration")
+    assert units["area_px"] == "px" and units["mean_intensity"] == UNITS["mean_intensity"]
+    calibrated = Pipeline(Segmenter(card, ThresholdBackend()), MemoryPublisher())
+    assert calibrated.report()["units"]["area_um2"] == "µm²"
 
 
 async def test_frames_of_an_earlier_acquisition_keep_its_tracks_and_skip_feedback() -> None:

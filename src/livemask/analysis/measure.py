@@ -22,13 +22,15 @@ is one value for the whole field.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 __all__ = ["BACKGROUND_GUARD_PX", "BACKGROUND_MARGIN_PX", "UM_SIGNIFICANT_DIGITS", "UNITS",
-           "ObjectSums", "local_backgrounds", "measure_objects", "objects_from_sums"]
+           "ObjectSums", "local_backgrounds", "measure_objects", "objects_from_sums",
+           "units_in_pixels"]
 
 #: µm values keep at least this many significant digits when rounded (``decimals`` places
 #: alone would erase them at electron-microscope pixel sizes).
@@ -54,6 +56,18 @@ UNITS: dict[str, str] = {
     "eccentricity": "1",
     "touches_edge": "bool",
 }
+
+
+#: What a µm unit says where the pixel size is not calibrated.
+UNCALIBRATED_NOTE = ("no pixel-size calibration: pixel_size_um is the placeholder 1.0, so "
+                     "these µm values are pixel values")
+
+
+def units_in_pixels(units: Mapping[str, str]) -> dict[str, str]:
+    """``units`` of object fields measured without a pixel-size calibration: each µm unit
+    (area, diameter) said in px, with :data:`UNCALIBRATED_NOTE`."""
+    return {key: f"{unit.replace('µm', 'px')} ({UNCALIBRATED_NOTE})" if "µm" in unit else unit
+            for key, unit in units.items()}
 
 
 def measure_objects(

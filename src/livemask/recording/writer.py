@@ -63,6 +63,7 @@ import numpy as np
 import yaml
 
 from livemask import __version__
+from livemask.analysis.measure import units_in_pixels
 from livemask.errors import RecordingError
 from livemask.log import RepeatedErrors
 from livemask.recording.files import BlockFile, folder_id, folder_lost
@@ -112,8 +113,6 @@ _SPLIT = {"centroid_yx": ("centroid_y", "centroid_x"),
 
 
 #: What an object's µm column holds in a recording without pixel-size calibration.
-UNCALIBRATED_NOTE = ("no pixel-size calibration: pixel_size_um is the placeholder 1.0, so "
-                     "these µm values are pixel values")
 
 
 def column_units(units: Mapping[str, str], *, calibrated: bool = True) -> dict[str, str]:
@@ -130,9 +129,7 @@ def column_units(units: Mapping[str, str], *, calibrated: bool = True) -> dict[s
            "channel": "text (the channel preset the frame was taken with; empty where unknown)",
            "exposure_ms": "ms (the camera exposure the frame was taken with; empty where "
                           "unknown)"}
-    for key, unit in units.items():
-        if not calibrated and "µm" in unit:
-            unit = f"{unit.replace('µm', 'px')} ({UNCALIBRATED_NOTE})"
+    for key, unit in (units if calibrated else units_in_pixels(units)).items():
         for col in _SPLIT.get(key, (key,)):
             out[col] = unit
     return {c: out.get(c, "") for c in CSV_COLUMNS}

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 from livemask.acquisition.mode import Mode
 from livemask.acquisition.source import FrameSource, RawFrame
 from livemask.analysis.grains import CumulativeGrainStats, grain_statistics
-from livemask.analysis.measure import UNITS
+from livemask.analysis.measure import UNITS, units_in_pixels
 from livemask.analysis.tracking import TRACK_UNITS, PositionTrackers
 from livemask.config import StageThreads
 from livemask.inference.segmenter import Segmenter
@@ -541,6 +541,12 @@ class Pipeline:
             except Exception as exc:  # feedback faults must not stop publishing
                 self._errors.error("feedback", f"feedback on frame {frame.frame_id} failed", exc)
 
+    def units(self) -> dict[str, str]:
+        """The unit of each per-object field (tracking's too, when on); in px where the pixel
+        size is not calibrated (µm values are then pixel values)."""
+        units = {**UNITS, **TRACK_UNITS} if self.tracker is not None else dict(UNITS)
+        return units if self.pixel_size_known else units_in_pixels(units)
+
     def report(self) -> dict[str, Any]:
         """Counters, queue depths and latency percentiles for the status topic."""
         return {
@@ -550,5 +556,5 @@ class Pipeline:
             "stage_threads": self.stage_threads,
             "queues": self.queue_depths(),
             "latency_ms": self.latency.percentiles(),
-            "units": {**UNITS, **TRACK_UNITS} if self.tracker is not None else UNITS,
+            "units": self.units(),
         }

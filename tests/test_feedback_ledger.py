@@ -248,7 +248,7 @@ def test_a_huge_user_burst_is_refused_before_its_events_are_built(
 @pytest.mark.parametrize(
     ("action", "limit", "needle"),
     [
-        (Burst(frames=0), "invalid_action", r"frames=0: give frames >= 1"),
+        (Burst(frames=0), "invalid_action", r"frames=0: give frames as an integer >= 1"),
         (Burst(frames=2, interval_s=-1.0), "invalid_action", r"interval_s >= 0"),
         (ZStack(range_um=10.0, step_um=0.0), "invalid_action", r"step_um > 0"),
         (Burst(frames=2, interval_s=3600.0), "max_action_duration_s",

@@ -416,7 +416,10 @@ def test_stage_range_refusal() -> None:
 def test_z_limits_refusal() -> None:
     rule = {"name": "z", "when": {"values": [{"path": "summary.count", "ge": 0}]},
             "action": {"zstack": {"range_um": 30, "step_um": 1}}}
-    assert _refusal([rule], {"max_z_range_um": 20}, ctx([])).violation.limit == "max_z_range_um"
+    eng = engine([], {"max_z_range_um": 20})  # (a declarative rule over it: a config error)
+    eng.add_rule(_Returns(ZStack(range_um=30, step_um=1)))
+    (d,) = eng.evaluate(ctx([]))
+    assert d.violation is not None and d.violation.limit == "max_z_range_um"
     d = _refusal([rule], {"max_z_range_um": 50, "z_range_um": [-10, 10]}, ctx([]))
     assert d.violation.limit == "z_range_um"
 
@@ -761,7 +764,7 @@ def test_a_mode_or_skip_the_service_does_not_have_is_refused() -> None:
         to_events(SetMode("bogus"), c, planner)  # type: ignore[arg-type]
     with pytest.raises(ActionError, match=r"cannot skip position 99: .* \(positions: 0, 1\)"):
         to_events(SkipPosition(position=99), c, planner)
-    with pytest.raises(ActionError, match=r"skip with visits=0: give visits >= 1"):
+    with pytest.raises(ActionError, match=r"skip with visits=0: give visits as an integer >= 1"):
         to_events(SkipPosition(position=1, visits=0), c, planner)
     assert to_events(SkipPosition(position=1, visits=2), c, planner) == []
     assert to_events(SkipPosition(position=99), c, EventPlanner()) == []  # plan unknown

@@ -14,7 +14,7 @@ measurements); stage positions are µm.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, get_args
 
@@ -191,7 +191,9 @@ class EventPlanner:
     ``min_start_time`` is measured; without it, intervals are not enforced.
     ``positions`` maps planned ``p`` indices to their ``(x, y, z)`` (filled as the planned
     events are issued); ``plan_positions``: every ``p`` index of the acquisition's plan
-    (None: not known), which ``skip`` may name.
+    (None: not known), which ``skip`` may name; ``plan_coordinates``: the plan's stage
+    position of each ``p`` (known before it is first visited: the light-dose ledger charges
+    an action's frames at the planned field they overlap).
     """
 
     pixel_to_stage: tuple[tuple[float, float], tuple[float, float]] | None = (
@@ -204,6 +206,28 @@ class EventPlanner:
     )
     plan_positions: frozenset[int] | None = None
     matrix_pixel_size_um: float | None = None
+    plan_coordinates: dict[int, tuple[float | None, float | None, float | None]] = field(
+        default_factory=dict
+    )
+
+    def start_plan(
+        self,
+        positions: Collection[int] | None,
+        coordinates: Mapping[int, Sequence[float | None]] | None = None,
+    ) -> None:
+        """A new acquisition plans ``positions`` (``p`` indices; None: not known) at
+        ``coordinates`` (``p`` -> ``(x, y[, z])`` µm; None: not known); the positions seen
+        in an earlier acquisition are forgotten."""
+        self.positions.clear()
+        self.plan_positions = frozenset(positions) if positions is not None else None
+        self.plan_coordinates = {
+            int(p): (xyz[0], xyz[1], xyz[2] if len(xyz) > 2 else None)
+            for p, xyz in (coordinates or {}).items()
+        }
+
+    def known_positions(self) -> dict[int, tuple[float | None, float | None, float | None]]:
+        """Where each planned ``p`` is: as issued so far, else as planned."""
+        return {**self.plan_coordinates, **self.positions}  # (the runner adds to positions)
 
     @classmethod
     def for_pixel_size(cls, pixel_size_um: float | None, **kwargs: Any) -> EventPlanner:
@@ -309,7 +333,7 @@ def _check_frames(action: Any) -> None:
         )
     frames = getattr(action, "frames", 1)
     if not isinstance(action, ZStack) and not _count(frames, 1):
-        raise _invalid(action, "frames", frames, "give frames >= 1")
+        raise _invalid(action, "frames", frames, "give frames as an integer >= 1")
     interval = getattr(action, "interval_s", 0.0)
     if not _finite(interval) or interval < 0:
         raise _invalid(action, "interval_s", interval, "give a finite interval_s >= 0")
@@ -335,9 +359,11 @@ def _check_other(action: Any, ctx: FrameContext, planner: EventPlanner) -> None:
     is not one of the service's modes."""
     if isinstance(action, SkipPosition):
         if action.position is not None and not _count(action.position, 0):
-            raise _invalid(action, "position", action.position, "give a `p` index >= 0")
+            raise _invalid(action, "position", action.position,
+                           "give a `p` index: an integer >= 0")
         if action.visits is not None and not _count(action.visits, 1):
-            raise _invalid(action, "visits", action.visits, "give visits >= 1 (None: all)")
+            raise _invalid(action, "visits", action.visits,
+                           "give visits as an integer >= 1 (None: all)")
         p = action.position if action.position is not None else ctx.index.get("p")
         known = planner.plan_positions
         if p is not None and known is not None and int(p) not in known:
@@ -532,18 +558,18 @@ def action_from_spec(spec: Mapping[str, Any], target_yx: tuple[float, float] | N
     if kind == "burst":
         centre = p.pop("centre", True)
         if centre and target_yx is None:
-            raise ActionError("no_target", "burst with centre: true needs an object condition")
+            raise _no_target("burst with centre: true")
         return Burst(centre_yx=target_yx if centre else None, **p)
     if kind == "centre":
         if target_yx is None:
-            raise ActionError("no_target", "centre needs an object condition")
+            raise _no_target("centre", "give the rule ")
         return Centre(centre_yx=target_yx, **p)
     if kind == "move":
         return MoveTo(**p)
     if kind == "zstack":
         centre = p.pop("centre", False)
         if centre and target_yx is None:
-            raise ActionError("no_target", "zstack with centre: true needs an object condition")
+            raise _no_target("zstack with centre: true")
         return ZStack(centre_yx=target_yx if centre else None, **p)
     if kind == "channel":
         return SetChannel(**p)
@@ -556,6 +582,16 @@ def action_from_spec(spec: Mapping[str, Any], target_yx: tuple[float, float] | N
     if kind == "stop":
         return Stop()
     raise ActionError("unknown_action", f"unknown action {kind!r}")  # pragma: no cover
+
+
+def _no_target(what: str, fix: str = "use centre: false, or ") -> ActionError:
+    """The refusal of a centring action when no object was picked to centre on."""
+    return ActionError(
+        "no_target",
+        f"{what}: no object on this frame to centre on (none matches the rule's "
+        "`when.objects`, though its `match` holds, e.g. {lt: 3} with none; or the object "
+        f"has no centroid); {fix}a `match` that needs an object",
+    )
 
 
 def event_json(event: useq.MDAEvent) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from livemask.feedback.actions import (
 from livemask.feedback.context import FeatureTracker, FrameContext, position_key
 from livemask.feedback.rules import DeclarativeRule, RuleSlot
 from livemask.feedback.safety import SafetyGuard, Violation
-from livemask.feedback.spec import FeedbackConfig, RuleSpec, check_rule_durations
+from livemask.feedback.spec import FeedbackConfig, RuleSpec, check_rule_limits
 from livemask.log import RepeatedErrors
 
 log = logging.getLogger("livemask")
@@ -121,22 +121,26 @@ class RuleEngine:
     def set_rules(self, specs: Sequence[RuleSpec], rules: Sequence[Any] | None = None) -> None:
         """Replace the rules (``rules``: ready-made rule objects for the specs, optional).
 
-        A rule whose name and spec are unchanged keeps its slot: its ``max_fires`` count,
-        cooldowns, persistence and counters go on (re-sending the same list changes
-        nothing); any other rule starts afresh."""
+        A rule whose name and spec are unchanged (``enabled`` aside: it is set) keeps its
+        slot: its ``max_fires`` count, cooldowns, persistence and counters go on (re-sending
+        the same list changes nothing); any other rule starts afresh. ConfigError (nothing
+        changed) when a rule cannot be built or breaks a limit outright."""
         try:
-            check_rule_durations(list(specs), self.config.limits, "rules")
+            check_rule_limits(list(specs), self.config.limits, "rules")
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         old = {s.name: s for s in self.slots}
-        slots = []
-        for i, spec in enumerate(specs):
-            kept = old.get(spec.name)
-            if rules is None and kept is not None and kept.spec == spec:
-                kept.enabled = spec.enabled
-                slots.append(kept)
+        slots: list[RuleSlot] = []
+        kept: list[tuple[RuleSlot, RuleSpec]] = []
+        for i, spec in enumerate(specs):  # every new rule is built before anything changes
+            slot = old.get(spec.name)
+            if rules is None and slot is not None and _same_rule(slot.spec, spec):
+                kept.append((slot, spec))
+                slots.append(slot)
             else:
                 slots.append(RuleSlot(spec, rules[i] if rules is not None else None))
+        for slot, spec in kept:  # (a rule that failed to build above left all as they were)
+            slot.spec, slot.enabled = spec, spec.enabled
         self.slots = slots
 
     def add_rule(self, rule: Any, spec: RuleSpec | None = None) -> RuleSlot:
@@ -156,11 +160,19 @@ class RuleEngine:
         raise KeyError(name)
 
     def reset(self) -> None:
-        """A new acquisition starts."""
+        """A new acquisition starts. A rule whose ``reset()`` raises is counted (``errors``)
+        and logged, and runs on: it must not keep the acquisition from starting."""
         self.tracker.reset()
         self.guard.reset()
         for s in self.slots:
-            s.reset()
+            try:
+                s.reset()
+            except Exception as exc:
+                s.errors += 1
+                self._rule_errors.error(
+                    f"reset {s.name}",
+                    f"feedback rule {s.name!r}: its reset() failed as the acquisition started "
+                    "(the rule runs on, with the state it had)", exc)
 
     def evaluate(
         self, ctx: FrameContext, apply: Callable[[Decision], None] | None = None
@@ -170,9 +182,13 @@ class RuleEngine:
         ``apply`` (the controller's) carries out each decision before the next is made, and
         may still refuse it (set ``violation``); only then does an accepted action count in
         the ledgers (frames per minute, light dose) and in its rule's ``actions``."""
+        if not self.slots:  # nothing to compute for; rules loaded later start without
+            self.tracker.reset()  # baselines rather than with stale ones
+            return []
+        # with every rule off too: the baselines stay current for when one is switched on
+        self.tracker.compute(ctx)
         if not any(s.enabled for s in self.slots):
             return []
-        self.tracker.compute(ctx)
         decisions: list[Decision] = []
         for slot in self.slots:
             try:
@@ -267,35 +283,16 @@ class RuleEngine:
         overlaps, its own ``p`` (the trigger's, or a revisit's) first; else its rounded
         stage x, y. Planned frames are keyed the same way (``p<i>``, else x, y)."""
         field_um = self._field_um(ctx)
-        positions = dict(self.planner.positions)  # (the runner thread adds to it)
+        positions = self.planner.known_positions()
         keys: list[str] = []
         memo: dict[tuple[Any, ...], str] = {}  # an action's frames are mostly at one place
         for ev in events:
             p = ev.index.get("p")
             place = (p, ev.x_pos, ev.y_pos)
-            if place in memo:
-                keys.append(memo[place])
-                continue
-            if p is not None:
-                home_key, home = f"p{int(p)}", positions.get(int(p))
-                if home is None and p == ctx.index.get("p"):
-                    home = (ctx.position.get("x_um"), ctx.position.get("y_um"), None)
-            else:
-                home_key = ctx.position_key
-                home = (ctx.position.get("x_um"), ctx.position.get("y_um"), None)
-            x, y = ev.x_pos, ev.y_pos
-            if x is None or y is None or not math.isfinite(x + y):
-                key = home_key  # taken wherever the stage is: at the trigger
-            elif home is not None and _overlaps(x, y, home, field_um):
-                key = home_key
-            else:
-                near = [
-                    (abs(x - pos[0]) + abs(y - pos[1]), i)  # type: ignore[operator]
-                    for i, pos in positions.items() if _overlaps(x, y, pos, field_um)
-                ]
-                key = f"p{min(near)[1]}" if near else position_key({}, x, y)
-            memo[place] = key
-            keys.append(key)
+            if place not in memo:
+                memo[place] = _dose_key(
+                    None if p is None else int(p), ev.x_pos, ev.y_pos, ctx, positions, field_um)
+            keys.append(memo[place])
         return keys
 
     def _field_um(self, ctx: FrameContext) -> tuple[float, float] | None:
@@ -306,6 +303,41 @@ class RuleEngine:
             return None
         (a, b), (c, d) = matrix
         return abs(a) * w + abs(b) * h, abs(c) * w + abs(d) * h
+
+
+def _dose_key(
+    p: int | None,
+    x: float | None,
+    y: float | None,
+    ctx: FrameContext,
+    positions: dict[int, tuple[float | None, float | None, float | None]],
+    field_um: tuple[float, float] | None,
+) -> str:
+    """The ledger key of a frame at stage ``(x, y)`` with position index ``p`` (see
+    :meth:`RuleEngine._dose_keys`)."""
+    here = (ctx.position.get("x_um"), ctx.position.get("y_um"), None)
+    home = positions.get(p) if p is not None else None
+    if p is not None and home is None and p == ctx.index.get("p"):
+        home = here
+    if x is None or y is None or not math.isfinite(x + y):
+        return f"p{p}" if p is not None else ctx.position_key  # wherever the stage is
+    if p is not None and home is not None and _overlaps(x, y, home, field_um):
+        return f"p{p}"
+    near = [
+        (abs(x - pos[0]) + abs(y - pos[1]), i)  # type: ignore[operator]
+        for i, pos in positions.items() if _overlaps(x, y, pos, field_um)
+    ]
+    if near:
+        return f"p{min(near)[1]}"
+    if p is None and _overlaps(x, y, here, field_um):
+        return ctx.position_key  # (a trigger without ``p``: keyed by its own x, y)
+    return position_key({}, x, y)
+
+
+def _same_rule(a: RuleSpec, b: RuleSpec) -> bool:
+    """Whether two specs are one rule, but for ``enabled`` (switching a rule off and on
+    by re-sending the list keeps its state, as the ``enabled`` argument does)."""
+    return a.model_dump(exclude={"enabled"}) == b.model_dump(exclude={"enabled"})
 
 
 def _overlaps(

@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import math
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from livemask.errors import ConfigError
-from livemask.feedback.actions import ActionError, action_from_spec
+from livemask.feedback.actions import ACTION_TYPES, ActionError, action_from_spec
 from livemask.feedback.context import FEATURES, FrameContext
 from livemask.feedback.spec import Compare, RuleSpec, ValueTest
+
+log = logging.getLogger("livemask")
 
 
 @runtime_checkable
@@ -59,6 +62,35 @@ def reduce_value(value: Any, how: str) -> float | None:
         return (hi - lo) / 2
     mid = (hi + lo) / 2
     return (hi - lo) / abs(mid) if mid else None
+
+
+#: The fields of a ``measurements`` message (docs/protocol.md); a message may carry more.
+MESSAGE_FIELDS = frozenset({
+    "v", "topic", "seq", "arrays", "t", "frame_id", "index", "acquisition", "position",
+    "settings", "pixel_size_um", "summary", "objects", "grains",
+})
+#: Fields that hold no ``[low, high]`` interval anywhere below them.
+NO_INTERVALS = frozenset(MESSAGE_FIELDS - {"objects", "grains"})
+
+
+def value_path_problem(test: ValueTest) -> str | None:
+    """Why ``test`` will most likely never pass, as far as its path tells without data: a
+    field the measurements message does not have, or an interval ``reduce`` on values that
+    are no intervals (None: no such problem seen)."""
+    root = test.path.split(".", 1)[0]
+    if root not in MESSAGE_FIELDS:
+        return (
+            f"path {test.path!r}: the measurements message has no field {root!r} (fields: "
+            f"{', '.join(sorted(MESSAGE_FIELDS))}); a missing value never passes: check "
+            "the spelling"
+        )
+    if test.reduce in ("width", "half_width", "relative_width") and root in NO_INTERVALS:
+        return (
+            f"path {test.path!r} with reduce: {test.reduce}: {root!r} holds no [low, high] "
+            "intervals, and a value that is none never passes; use reduce: value (or "
+            "length for a list)"
+        )
+    return None
 
 
 def value_passes(ctx: FrameContext, test: ValueTest) -> bool:
@@ -113,6 +145,10 @@ class DeclarativeRule:
                 f"rule {spec.name!r}: centring actions need an object condition "
                 "(`when.objects`) to pick the object to centre on"
             )
+        for i, test in enumerate(self.when.values):
+            problem = value_path_problem(test)
+            if problem is not None:
+                log.warning("feedback rule %r: when.values[%d]: %s", spec.name, i, problem)
 
     def _target_features(self) -> list[str]:
         t = self.spec.target
@@ -237,6 +273,28 @@ def build_rule(spec: RuleSpec) -> Rule:
     return DeclarativeRule(spec) if spec.when is not None else load_user_rule(spec)
 
 
+def as_actions(result: Any) -> list[Any]:
+    """A rule's ``evaluate`` result as a list: None is none, a single action is a list of
+    one; ActionError (``unknown_action``) for a string, a mapping or anything else that is
+    not an iterable of actions (refused once, not item by item)."""
+    if result is None:
+        return []
+    if isinstance(result, ACTION_TYPES):
+        return [result]
+    if isinstance(result, str | bytes | Mapping) or not isinstance(result, Iterable):
+        raise ActionError(
+            "unknown_action",
+            f"evaluate() must return a list of actions (e.g. [Burst(frames=3)]), not "
+            f"{type(result).__name__} {_short(result)}",
+        )
+    return list(result)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 #: A frame acquired this much (s) before the rule last fired means the wall clock was set
 #: back (frames analysed out of order are milliseconds apart), not an earlier frame.
 CLOCK_STEP_S = 1.0
@@ -296,7 +354,7 @@ class RuleSlot:
                 return []
             del self._last_fire[key]  # its cooldown is over: nothing to remember
         try:
-            actions = list(self.rule.evaluate(ctx) or [])
+            actions = as_actions(self.rule.evaluate(ctx))
         except ActionError:  # it fired, but its action cannot be made: a refused fire
             self._fire(key, ctx)
             raise

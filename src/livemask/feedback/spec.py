@@ -47,7 +47,24 @@ class Compare(_Spec):
     def _some(self) -> Compare:
         if not self._ops():
             raise ValueError("give at least one of gt, ge, lt, le, eq, ne")
+        if self._empty():
+            raise ValueError(
+                f"no number is {self.describe()}: the test can never pass; check the "
+                "thresholds (gt/ge is the lower bound, lt/le the upper)"
+            )
         return self
+
+    def _empty(self) -> bool:
+        """Whether no number meets every threshold (e.g. ``gt: 10, lt: 5``)."""
+        ops = self._ops()
+        lows = [(v, k == "gt") for k, v in ops.items() if k in ("gt", "ge", "eq")]
+        highs = [(v, k == "lt") for k, v in ops.items() if k in ("lt", "le", "eq")]
+        if lows and highs:
+            lo, lo_strict = max(lows, key=lambda b: (b[0], b[1]))
+            hi, hi_strict = min(highs, key=lambda b: (b[0], not b[1]))
+            if lo > hi or (lo == hi and (lo_strict or hi_strict)):
+                return True
+        return ops.get("eq") is not None and ops.get("eq") == ops.get("ne")
 
     def _ops(self) -> dict[str, float]:
         return {
@@ -366,8 +383,50 @@ class FeedbackConfig(_Spec):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"rule names must be unique; repeated: {dupes}")
-        check_rule_durations(self.rules, self.limits, "feedback.rules")
+        check_rule_limits(self.rules, self.limits, "feedback.rules")
         return self
+
+
+def check_rule_limits(rules: list[RuleSpec], limits: LimitsSpec, what: str) -> None:
+    """ValueError for a declarative rule whose action breaks a limit on every fire:
+    too long (``max_action_duration_s``), too many frames (``max_frames_per_action``) or a
+    Z-stack spanning more than ``max_z_range_um``."""
+    check_rule_durations(rules, limits, what)
+    for i, rule in enumerate(rules):
+        for action in rule.actions:
+            problem = _action_over_limits(action, limits)
+            if problem is not None:
+                raise ValueError(f"{what}[{i}] ({rule.name!r}): {problem}")
+
+
+def _action_over_limits(action: ActionSpec, limits: LimitsSpec) -> str | None:
+    """What makes ``action`` break ``max_frames_per_action`` or ``max_z_range_um`` (None:
+    nothing)."""
+    from livemask.feedback.actions import zstack_planes
+
+    kind, frames, span = "", 0, 0.0
+    for name in ("burst", "centre", "move", "channel", "revisit"):
+        params = getattr(action, name)
+        if params is not None:
+            kind, frames = name, params.frames
+    if action.zstack is not None:
+        kind, frames = "zstack", zstack_planes(action.zstack.range_um, action.zstack.step_um)
+        span = (frames - 1) * action.zstack.step_um
+    if frames > limits.max_frames_per_action:
+        return (
+            f"{kind} of {frames} frames, more than feedback.limits.max_frames_per_action "
+            f"({limits.max_frames_per_action}): every fire would be refused; lower "
+            f"{'zstack.range_um or raise zstack.step_um' if kind == 'zstack' else kind + '.frames'}"
+            ", or raise the limit"
+        )
+    z_max = limits.max_z_range_um
+    if z_max is not None and span > z_max + 1e-9:
+        return (
+            f"zstack spanning {span:g} µm, more than feedback.limits.max_z_range_um "
+            f"({z_max:g} µm): every fire would be refused; lower zstack.range_um, or raise "
+            "the limit"
+        )
+    return None
 
 
 def check_rule_durations(rules: list[RuleSpec], limits: LimitsSpec, what: str) -> None:

@@ -326,6 +326,13 @@ def test_bad_declarative_rules_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="need an object condition"):
         engine([{"name": "r", "when": {"values": [{"path": "summary.count", "gt": 1}]},
                  "action": {"burst": {"centre": True}}}])
+    # a burst centres by default: the error says how not to (analyst hunt: it asked for no
+    # centring and was told centring needs an object condition)
+    with pytest.raises(ConfigError, match=r"a burst centres unless given `centre: false`"):
+        engine([{"name": "r", "when": {"values": [{"path": "summary.count", "gt": 1}]},
+                 "action": {"burst": {"frames": 2}}}])
+    engine([{"name": "r", "when": {"values": [{"path": "summary.count", "gt": 1}]},
+             "action": {"burst": {"frames": 2, "centre": False}}}])
     for bad in (
         {"name": "r", "action": {"stop": True}},  # neither when nor use
         {"name": "r", "when": {"values": [{"path": "a", "gt": 1}]}},  # no action

@@ -143,7 +143,8 @@ class DeclarativeRule:
         if needs_target and objects is None:
             raise ConfigError(
                 f"rule {spec.name!r}: centring actions need an object condition "
-                "(`when.objects`) to pick the object to centre on"
+                "(`when.objects`) to pick the object to centre on (a burst centres unless "
+                "given `centre: false`)"
             )
         for i, test in enumerate(self.when.values):
             problem = value_path_problem(test)

@@ -16,7 +16,10 @@ acquiring action is therefore published when its first event starts.
 
 An action whose events change the exposure or channel is followed by an event that takes no
 image and puts back the settings in effect before it (pymmcore-plus keeps an event's
-settings for the following events that give none). Rules run only while an acquisition
+settings for the following events that give none). The settings in effect are kept by one
+:class:`SettingsInEffect`, the service's, which its ``enqueue`` shares: each knows the
+other's restore events still queued, so neither puts back the other's added settings.
+Rules run only while an acquisition
 runs (between :meth:`~FeedbackController.acquisition_started` and
 :meth:`~FeedbackController.acquisition_finished`, and not after a ``stop`` action).
 
@@ -27,7 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -71,6 +76,90 @@ Publish = Callable[[str, dict[str, Any]], None]
 #: Actions that take new frames or change the planned ones (a replay can do neither).
 ACQUIRING = (Burst, Centre, MoveTo, ZStack, SetChannel, Revisit, SkipPosition)
 
+#: Metadata key of the events (queued by ``enqueue`` and by feedback actions) that put back
+#: the settings added events changed: see :meth:`SettingsInEffect.tag`.
+RESTORE_TAG_KEY = "livemask_restore"
+#: Micro-Manager's keyword for a camera's binning property.
+BINNING = "Binning"
+
+
+def sets_binning(properties: Sequence[Any] | None) -> bool:
+    """Whether event ``properties`` set a ``Binning`` (the camera's: what a ROI is in)."""
+    return any(tuple(entry)[1] == BINNING for entry in properties or ())
+
+
+def known_camera_settings(now: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"exposure", "channel"}`` from the camera's settings as a service knows them
+    (``exposure_ms``, ``channel``, ``channel_group``); None where not known."""
+    exposure, channel, group = now.get("exposure_ms"), now.get("channel"), now.get(
+        "channel_group")
+    known: dict[str, Any] = {"exposure": None, "channel": None}
+    if (isinstance(exposure, int | float) and not isinstance(exposure, bool)
+            and math.isfinite(exposure) and exposure > 0):
+        known["exposure"] = float(exposure)
+    if isinstance(channel, str) and channel:  # in the rig's channel group (useq's default:
+        known["channel"] = useq.EventChannel(  # "Channel")
+            config=channel, **({"group": group} if isinstance(group, str) and group else {}))
+    return known
+
+
+class SettingsInEffect:
+    """The exposure, channel, stage position (``x_pos``, ``y_pos``, ``z_pos``) and camera ROI
+    the running acquisition's events leave in effect, as far as known: what the events added
+    to it (``enqueue``, feedback actions) are followed by, to put back (the planned events
+    that give none would otherwise run with theirs).
+
+    ``values`` follows each event as it starts (runner thread): the added events' too;
+    ``pending`` holds what the restore events queued but not started yet will set (event
+    loop), in the order queued. Both kinds of restore events are registered here, so the
+    restore of events added while others' restore is still queued puts back the settings
+    from before all of them (:meth:`expected`)."""
+
+    FIELDS = ("exposure", "channel", "x_pos", "y_pos", "z_pos", "roi")
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self.pending: dict[int, dict[str, Any]] = {}
+        self._ids = itertools.count(1)
+
+    def reset(self, **known: Any) -> None:
+        """A new acquisition starts with ``known`` settings (None: not known)."""
+        self.values = {k: v for k, v in known.items() if v is not None}
+        self.pending = {}
+
+    def event_started(self, event: useq.MDAEvent) -> int | None:
+        """Take the settings ``event`` gives (runner thread); the id of a queued restore
+        event it is, else None."""
+        for name in self.FIELDS:
+            value = getattr(event, name)
+            if value is not None:
+                self.values[name] = value
+        if sets_binning(event.properties):  # a ROI known is in the old binning's pixels
+            self.values.pop("roi", None)
+        tag = (event.metadata or {}).get(RESTORE_TAG_KEY)
+        return tag if isinstance(tag, int) else None
+
+    def expected(self) -> dict[str, Any]:
+        """The settings in effect once the restore events queued so far have run."""
+        out = dict(self.values)
+        for values in list(self.pending.values()):
+            out.update(values)
+        return out
+
+    def tag(self, event: useq.MDAEvent) -> useq.MDAEvent:
+        """``event`` tagged as a restore event (see :meth:`queued`); its metadata kept."""
+        return event.model_copy(update={
+            "metadata": {**(event.metadata or {}), RESTORE_TAG_KEY: next(self._ids)}})
+
+    def queued(self, event: useq.MDAEvent) -> None:
+        """The tagged ``event`` was queued: remember what it sets until it starts."""
+        n = event.metadata[RESTORE_TAG_KEY]
+        self.pending[n] = {k: v for k in self.FIELDS if (v := getattr(event, k)) is not None}
+
+    def started(self, n: int) -> None:
+        """The restore event ``n`` has started (event loop)."""
+        self.pending.pop(n, None)
+
 
 class FeedbackController:
     """Rule engine + the glue to a service: inject, mode, stop, publish, latency."""
@@ -90,11 +179,16 @@ class FeedbackController:
         camera_settings: Callable[[], Mapping[str, Any]] | None = None,
         check_events: Callable[[Sequence[useq.MDAEvent]], None] | None = None,
         cannot_acquire: str | None = None,
+        settings: SettingsInEffect | None = None,
     ) -> None:
-        """``camera_settings`` (optional) returns the camera's settings as the service
-        knows them without a device call (``exposure_ms``, ``channel``: as opened, of the
-        last frame, after a run, or as last set), read when an acquisition starts. Without
-        it the settings are known only from the events that set them. ``check_events``
+        """``settings`` (optional): the service's tracker of the settings in effect, which
+        it resets at each start, feeds every event that starts and shares with ``enqueue``;
+        the controller builds its restore events from it and registers them there. Without
+        it the controller keeps its own, fed by :meth:`on_event_started` and reset from
+        ``camera_settings`` (optional: the camera's settings as the service knows them
+        without a device call, ``exposure_ms``, ``channel``), read when an acquisition
+        starts; without either the settings are known only from the events that set them.
+        ``check_events``
         (optional) raises for an action's events that the microscope cannot run as given
         (a channel preset it lacks, an exposure beyond its camera's limits): refused."""
         self.config = config
@@ -123,10 +217,9 @@ class FeedbackController:
         self._pending: dict[int, Decision] = {}
         self._camera_settings = camera_settings
         self._running = False  # an acquisition runs and no stop action was applied
-        # the exposure and channel that planned (and enqueued) events run with, as far as
-        # known: set by the events that give them (runner thread) or read from the camera
-        self._exposure_ms: float | None = None
-        self._channel: useq.EventChannel | None = None
+        # the settings that planned (and added) events leave in effect, as far as known
+        self._settings = settings if settings is not None else SettingsInEffect()
+        self._own_settings = settings is None  # reset and fed here, not by the service
         self._restoring: set[int] = set()  # actions whose restore event has not started
         self.reaction_ms: deque[float] = deque(maxlen=latency_window)
         self.accepted = 0
@@ -159,8 +252,11 @@ class FeedbackController:
         self._pending.clear()
         self._restoring.clear()
         self._refusals.clear()
-        self._exposure_ms, self._channel = None, None
-        self._read_camera()
+        if self._own_settings:
+            self._settings.reset(**self._read_camera())
+        exposure = self._settings.expected().get("exposure")
+        if exposure is not None:  # what planned events that give none are charged
+            self.guard.note_exposure(exposure)
         self._running = True
 
     def acquisition_finished(self) -> None:
@@ -174,45 +270,39 @@ class FeedbackController:
 
     def exposure_set(self, exposure_ms: float) -> None:
         """The camera's exposure was set outside any event (the ``set`` command): the
-        planned frames run with it from now on (event loop). A restore event still queued
-        would put the older exposure back after its action: an event that takes no image
-        and sets this one follows it."""
-        self._exposure_now(exposure_ms)
+        planned frames run with it from now on (event loop), and the dose ledger charges
+        it. The service's tracker (``settings``) it has already: the service queues what
+        keeps it after the restore events still queued. Without one, a restore event still
+        queued would put the older exposure back after its action: an event that takes no
+        image and sets this one follows it."""
+        self.guard.note_exposure(float(exposure_ms))
+        if not self._own_settings:
+            return
+        self._settings.values["exposure"] = float(exposure_ms)
         if self._restoring and self._running:
-            event = useq.MDAEvent(exposure=float(exposure_ms),
-                                  action=useq.CustomAction(name="livemask-set-exposure"))
+            event = self._settings.tag(useq.MDAEvent(
+                exposure=float(exposure_ms),
+                action=useq.CustomAction(name="livemask-set-exposure")))
             try:
                 self._inject([event])
             except Exception as exc:  # ending (nothing left to restore), or a full queue
                 log.warning("feedback: the exposure just set (%g ms) could not be queued after "
                             "an action's restore event, which may put the older one back: %s",
                             exposure_ms, exc)
+                return
+            self._settings.queued(event)
 
-    def _exposure_now(self, exposure_ms: float) -> None:
-        """The exposure planned frames run with from now on: to put back after an action,
-        and to charge the dose ledger (any thread)."""
-        self._exposure_ms = float(exposure_ms)
-        self.guard.note_exposure(float(exposure_ms))
-
-    def _read_camera(self) -> None:
-        """Take the exposure and channel in effect from ``camera_settings``, if given (when
-        an acquisition starts: the camera is idle, its settings those of the planned
-        events until an event or the ``set`` command changes them)."""
+    def _read_camera(self) -> dict[str, Any]:
+        """The exposure and channel in effect as read from ``camera_settings`` (None where
+        not known), read when an acquisition starts: the camera is idle, its settings those
+        of the planned events until an event or the ``set`` command changes them."""
         if self._camera_settings is None:
-            return
+            return {}
         try:
-            now = dict(self._camera_settings() or {})
-        except Exception:  # the settings stay as known from the events
+            return known_camera_settings(dict(self._camera_settings() or {}))
+        except Exception:  # the settings are known from the events only
             log.debug("feedback: could not read the camera's settings", exc_info=True)
-            return
-        exposure, channel = now.get("exposure_ms"), now.get("channel")
-        if isinstance(exposure, int | float) and not isinstance(exposure, bool) and exposure > 0:
-            self._exposure_now(exposure)
-        known = self._channel
-        if isinstance(channel, str) and channel and (known is None or known.config != channel):
-            group = now.get("channel_group")  # the rig's channel group (useq's default:
-            self._channel = useq.EventChannel(  # "Channel")
-                config=channel, **({"group": group} if isinstance(group, str) and group else {}))
+            return {}
 
     # ------------------------------------------------------------ rules
     def set_rules(self, specs: Sequence[RuleSpec]) -> None:
@@ -258,24 +348,27 @@ class FeedbackController:
             return
         action = d.action
         if d.events:
+            known = self._settings.expected()  # after the restore events still queued
             try:
                 d.restore = restore_event(
-                    d.events, self._exposure_ms, self._channel,
+                    d.events, known.get("exposure"), known.get("channel"),
                     action_id=d.action_id, rule=d.rule,
                 )
             except ActionError as exc:
                 d.violation = Violation(exc.reason, str(exc))
                 self._refuse(d)
                 return
+            restore = self._settings.tag(d.restore) if d.restore is not None else None
             self._pending[d.action_id] = d
             try:
-                self._inject([*d.events, *([d.restore] if d.restore is not None else [])])
+                self._inject([*d.events, *([restore] if restore is not None else [])])
             except Exception as exc:  # e.g. the acquisition has just ended
                 self._pending.pop(d.action_id, None)
                 d.violation = Violation("not_acquiring", f"could not inject the events: {exc}")
                 self._refuse(d)
                 return
-            if d.restore is not None:
+            if restore is not None:
+                self._settings.queued(restore)
                 self._restoring.add(d.action_id)
             self.accepted += 1
             self._accepted_here(d)
@@ -334,13 +427,15 @@ class FeedbackController:
     # ------------------------------------------------------------ reaction clock
     def on_event_started(self, event: useq.MDAEvent) -> None:
         """``core.mda.events.eventStarted`` handler (MDA runner thread): the reaction clock,
-        and the settings the planned events run with."""
+        the exposure the dose ledger charges the planned events, and (without the
+        service's tracker) the settings in effect."""
+        if self._own_settings:
+            self._follow(event)
         meta = event.metadata.get(METADATA_KEY) if event.metadata else None
-        if not meta:  # a planned or enqueued event: its settings stay in effect after it
-            if event.exposure is not None:
-                self._exposure_now(event.exposure)
-            if event.channel is not None:
-                self._channel = event.channel
+        if (not meta or meta.get("restore")) and event.exposure is not None:
+            # a planned, enqueued or restore event: its exposure stays on after it
+            self.guard.note_exposure(float(event.exposure))
+        if not meta:
             return
         loop = self._loop
         if loop is None or loop.is_closed():
@@ -354,6 +449,18 @@ class FeedbackController:
         now = time.time()
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
             loop.call_soon_threadsafe(self._started, int(meta["action_id"]), now, "eventStarted")
+
+    def _follow(self, event: useq.MDAEvent) -> None:
+        """Take the settings ``event`` leaves in effect (runner thread)."""
+        tag = self._settings.event_started(event)
+        if tag is None:
+            return
+        loop = self._loop
+        if loop is None:
+            self._settings.started(tag)
+        elif not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._settings.started, tag)
 
     def _started(self, action_id: int, at: float, source: str) -> None:
         d = self._pending.pop(action_id, None)

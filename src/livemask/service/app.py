@@ -6,7 +6,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
-import itertools
 import json
 import logging
 import math
@@ -38,7 +37,13 @@ from livemask.errors import (
     ProtocolError,
 )
 from livemask.feedback.actions import restore_event
-from livemask.feedback.controller import FeedbackController
+from livemask.feedback.controller import (
+    BINNING,
+    FeedbackController,
+    SettingsInEffect,
+    known_camera_settings,
+    sets_binning,
+)
 from livemask.feedback.spec import RuleSpec
 from livemask.inference.models import ModelCard, load_model_card
 from livemask.inference.segmenter import Segmenter
@@ -67,76 +72,14 @@ log = logging.getLogger("livemask")
 SIMULATED_MODULE = "livemask.acquisition.simulated"
 #: Most events one acquisition may plan: the count travels as a 64-bit JSON integer.
 MAX_PLANNED_EVENTS = 2**63 - 1
-#: Micro-Manager's keyword for a camera's binning property.
-BINNING = "Binning"
 #: CPython thread switch interval while a GPU (device-resident) pipeline runs.
 GPU_SWITCH_INTERVAL_S = 0.0005
 #: How long a ``start`` (or an ``enqueue`` that starts a run) waits for the last run's
 #: ``acquisition_finished`` (its last frames still in the pipeline) before it sends it early.
 FINISH_WAIT_S = 1.0
-#: Metadata key of the events that put back what events enqueued into a run changed.
-ENQUEUE_RESTORE_KEY = "livemask_enqueue"
-#: The custom action of such an event (feedback actions' restore events have the same).
+#: The custom action of the events that put back what events enqueued into a run changed
+#: (feedback actions' restore events have the same).
 RESTORE_ACTION = "livemask-restore-settings"
-
-
-class SettingsInEffect:
-    """The exposure, channel, stage position (``x_pos``, ``y_pos``, ``z_pos``) and camera ROI
-    the running acquisition's events leave in effect, as far as known: what ``enqueue`` puts
-    back after the events it adds (the planned events that give none would otherwise run
-    with theirs).
-
-    ``values`` follows each event as it starts (runner thread); ``pending`` holds what the
-    restore events queued but not started yet will set (event loop)."""
-
-    FIELDS = ("exposure", "channel", "x_pos", "y_pos", "z_pos", "roi")
-
-    def __init__(self) -> None:
-        self.values: dict[str, Any] = {}
-        self.pending: dict[int, dict[str, Any]] = {}
-        self._ids = itertools.count(1)
-
-    def reset(self, **known: Any) -> None:
-        """A new acquisition starts with ``known`` settings (None: not known)."""
-        self.values = {k: v for k, v in known.items() if v is not None}
-        self.pending = {}
-
-    def event_started(self, event: useq.MDAEvent) -> int | None:
-        """Take the settings ``event`` gives (runner thread); the id of a queued restore
-        event it is, else None."""
-        for name in self.FIELDS:
-            value = getattr(event, name)
-            if value is not None:
-                self.values[name] = value
-        if sets_binning(event.properties):  # a ROI known is in the old binning's pixels
-            self.values.pop("roi", None)
-        tag = (event.metadata or {}).get(ENQUEUE_RESTORE_KEY)
-        return tag if isinstance(tag, int) else None
-
-    def expected(self) -> dict[str, Any]:
-        """The settings in effect once the restore events queued so far have run."""
-        out = dict(self.values)
-        for values in list(self.pending.values()):
-            out.update(values)
-        return out
-
-    def tag(self, event: useq.MDAEvent) -> useq.MDAEvent:
-        """``event`` tagged as a restore event (see :meth:`queued`)."""
-        return event.model_copy(update={"metadata": {ENQUEUE_RESTORE_KEY: next(self._ids)}})
-
-    def queued(self, event: useq.MDAEvent) -> None:
-        """The tagged ``event`` was queued: remember what it sets until it starts."""
-        n = event.metadata[ENQUEUE_RESTORE_KEY]
-        self.pending[n] = {k: v for k in self.FIELDS if (v := getattr(event, k)) is not None}
-
-    def started(self, n: int) -> None:
-        """The restore event ``n`` has started (event loop)."""
-        self.pending.pop(n, None)
-
-
-def sets_binning(properties: Sequence[Any] | None) -> bool:
-    """Whether event ``properties`` set a ``Binning`` (the camera's: what a ROI is in)."""
-    return any(tuple(entry)[1] == BINNING for entry in properties or ())
 
 
 def uses_simulated_devices(cfg_path: Path) -> bool:
@@ -253,7 +196,8 @@ class Service:
         self._planned_exposure: PlannedExposure | None = None
         self._plan_exposures: list[float] = []
         self._exposure_order = InRequestOrder()  # set exposure_ms calls, newest wins
-        self._settings = SettingsInEffect()  # what enqueue puts back after its events
+        # what enqueue and feedback actions put back after their events
+        self._settings = SettingsInEffect()
         # the ended acquisition's acquisition_finished, until its last frames are through
         self._pending_finish: dict[str, Any] | None = None
         self._finish_task: asyncio.Task[None] | None = None
@@ -484,10 +428,11 @@ class Service:
             stop=lambda: self._spawn(self.stop_acquisition()),
             runner_clock=getattr(mda, "event_seconds_elapsed", None),
             loop=self._loop,
-            # as status' `core`: the camera as opened, of the last frame or as last set
-            camera_settings=lambda: {**self.core_info, **getattr(self.source, "camera_now", {})},
             check_events=self._check_feedback_events,
             cannot_acquire=getattr(self.source, "cannot_acquire", None),  # e.g. a replay
+            # the one tracker of the settings in effect, which enqueue uses too: each puts
+            # back the settings from before the other's added events, not theirs
+            settings=self._settings,
         )
         self.pipeline.on_measurements = self.feedback.on_measurements
         if mda is not None:  # reaction clock: when an action's first event starts on the core
@@ -879,17 +824,8 @@ class Service:
         """The exposure and channel in effect as an acquisition starts (the camera as
         opened, of the last frame, the last run's end or the last ``set``), None if not
         known: what ``enqueue`` puts back until the run's events give others."""
-        now = {**self.core_info, **getattr(self.source, "camera_now", {})}
-        exposure, channel, group = now.get("exposure_ms"), now.get("channel"), now.get(
-            "channel_group")
-        known: dict[str, Any] = {"exposure": None, "channel": None}
-        if (isinstance(exposure, int | float) and not isinstance(exposure, bool)
-                and math.isfinite(exposure) and exposure > 0):
-            known["exposure"] = float(exposure)
-        if isinstance(channel, str) and channel:
-            known["channel"] = useq.EventChannel(
-                config=channel, **({"group": group} if isinstance(group, str) and group else {}))
-        return known
+        return known_camera_settings(
+            {**self.core_info, **getattr(self.source, "camera_now", {})})
 
     def _on_event_started(self, event: useq.MDAEvent) -> None:
         """``core.mda.events.eventStarted`` (runner thread): the settings in effect."""
@@ -1050,7 +986,9 @@ class Service:
     async def _restore_after(self, events: list[useq.MDAEvent]) -> useq.MDAEvent | None:
         """An event that takes no image and puts back the exposure, channel, stage position
         (x, y, z) and camera ROI that ``events``, added to the running acquisition, change,
-        as they will be before ``events`` run (pymmcore-plus keeps an event's settings, its
+        as they will be before ``events`` run, once the restore events still queued (of
+        earlier enqueues and feedback actions: :class:`SettingsInEffect`, shared with the
+        feedback controller) have run (pymmcore-plus keeps an event's settings, its
         ROI too, for the following events that give none, and sets them also for an event
         that takes no image); None when they change none. A setting not known (e.g. a
         channel group with no preset set at the start) is not put back, nor a ROI where
@@ -1073,6 +1011,8 @@ class Service:
             channel=channel if any(e.channel is not None for e in events) else None,
         )
         back = restore_event([changed], exposure, channel)
+        if back is not None:  # not a feedback action's (no action_id to report)
+            back = back.model_copy(update={"metadata": {}})
         position = {a: known[a] for a in axes if known.get(a) is not None}
         if back_roi and known.get("roi") is not None:
             position["roi"] = known["roi"]
@@ -1210,8 +1150,8 @@ class Service:
 
     def _exposure_set(self, exposure_ms: float) -> None:
         """A ``set exposure_ms``: the planned frames run with it from now on, also after the
-        restore events of enqueued events and feedback actions still queued (each then gets
-        an event that takes no image and sets this exposure after it)."""
+        restore events of enqueued events and feedback actions still queued (an event that
+        takes no image and sets this exposure is queued after them)."""
         self._settings.values["exposure"] = float(exposure_ms)
         if self.feedback is not None:
             self.feedback.exposure_set(exposure_ms)
@@ -1224,8 +1164,8 @@ class Service:
             self.source.inject([event])
             self._settings.queued(event)
         except Exception as exc:  # ending (nothing left to restore), or a full queue
-            log.warning("the exposure just set (%g ms) could not be queued after the enqueued "
-                        "events' restore event, which may put the older one back: %s",
+            log.warning("the exposure just set (%g ms) could not be queued after the restore "
+                        "events of added events, which may put the older one back: %s",
                         exposure_ms, exc)
 
     # ------------------------------------------------------------ reporting

@@ -288,3 +288,19 @@ def test_a_values_path_that_cannot_pass_is_warned_at_load(
              "reduce": "relative_width", "lt": 0.05}])])
     assert caplog.text == ""
 
+
+
+async def test_the_service_gives_the_planner_its_positions_coordinates() -> None:
+    """The dose ledger needs the plan's coordinates before a position's first visit (a
+    move there at t=0 was charged to its rounded x, y): the service passes them on."""
+    seq = {"stage_positions": [{"x": -300.0, "y": 0.0, "z": 0.0}, {"x": 300.0, "y": 10.0}],
+           "time_plan": {"interval": 0, "loops": 1}}
+    async with Service(make_config(simulation={"truth": False},
+                                   acquisition={"sequence": seq, "mode": "synchronized"},
+                                   feedback={"rules": [{"name": "r", "enabled": False, "when": ALWAYS,
+                                                        "action": {"stop": True}}]})) as svc:
+        await control(svc, "start")
+        assert svc.feedback is not None
+        assert svc.feedback.engine.planner.plan_coordinates == {
+            0: (-300.0, 0.0, 0.0), 1: (300.0, 10.0, None)}
+        await control(svc, "stop")

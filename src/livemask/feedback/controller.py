@@ -235,14 +235,16 @@ class FeedbackController:
 
     # ------------------------------------------------------------ acquisition
     def wrap_planned(
-        self, events: Iterable[useq.MDAEvent], positions: Collection[int] | None = None
+        self, events: Iterable[useq.MDAEvent], positions: Collection[int] | None = None,
+        coordinates: Mapping[int, Sequence[float | None]] | None = None,
     ) -> PlannedEvents:
         """Wrap a new acquisition's planned events (skips, positions, dose ledger);
         ``positions``: every ``p`` index they have (None: not known), which ``skip`` may
-        name. The positions seen in an earlier acquisition are forgotten."""
+        name; ``coordinates``: their stage ``(x, y, z)`` µm where known (an action's frames
+        there count at that position before it is first visited). The positions seen in an
+        earlier acquisition are forgotten."""
         planner = self.engine.planner
-        planner.positions.clear()
-        planner.plan_positions = frozenset(positions) if positions is not None else None
+        planner.start_plan(positions, coordinates)
         self._planned = PlannedEvents(events, guard=self.guard, planner=planner)
         return self._planned
 

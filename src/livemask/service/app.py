@@ -11,7 +11,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
@@ -627,8 +627,9 @@ class Service:
             raise ConfigError(str(exc)) from None
         detail = {"sequence": seq.model_dump(mode="json")}
         exposures = {c.exposure for c in sequence_channels(seq) if c.exposure is not None}
-        return self._start_events(events, detail, count, exposures,
-                                  positions=range(len(seq.stage_positions)))
+        return self._start_events(
+            events, detail, count, exposures, positions=range(len(seq.stage_positions)),
+            coordinates={i: (p.x, p.y, p.z) for i, p in enumerate(seq.stage_positions)})
 
     def _check_on_rig(
         self, what: str, channels: Sequence[Any] = (), exposures: Sequence[float] = (),
@@ -725,10 +726,12 @@ class Service:
     def _start_events(
         self, events: Any, detail: dict[str, Any], count: int,
         plan_exposures: set[float] | None = None, *, positions: Collection[int] | None = None,
+        coordinates: Mapping[int, Sequence[float | None]] | None = None,
     ) -> int:
         """Start an acquisition of ``events``; ``plan_exposures``: the exposures its channels
         set (a ``set exposure_ms`` while it runs replaces them, when there is one);
-        ``positions``: the ``p`` indices it plans (for feedback ``skip``; None: unknown)."""
+        ``positions``: the ``p`` indices it plans (for feedback ``skip``; None: unknown);
+        ``coordinates``: their stage (x, y, z) µm (for feedback's dose ledger)."""
         if self.source is None:
             raise AcquisitionError("no frame source")
         if self.state in ("stopping", "closed"):
@@ -745,7 +748,7 @@ class Service:
         events = self._planned_exposure  # before the feedback's ledger sees them
         if self.feedback is not None:
             self.feedback.acquisition_started()
-            events = self.feedback.wrap_planned(events, positions)
+            events = self.feedback.wrap_planned(events, positions, coordinates)
         self.pipeline.begin_acquisition()  # before any of its frames can arrive
         self.source.start(
             iter(events),

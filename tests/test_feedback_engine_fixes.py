@@ -295,10 +295,10 @@ async def test_the_service_gives_the_planner_its_positions_coordinates() -> None
     move there at t=0 was charged to its rounded x, y): the service passes them on."""
     seq = {"stage_positions": [{"x": -300.0, "y": 0.0, "z": 0.0}, {"x": 300.0, "y": 10.0}],
            "time_plan": {"interval": 0, "loops": 1}}
+    rule = {"name": "r", "enabled": False, "when": ALWAYS, "action": {"stop": True}}
     async with Service(make_config(simulation={"truth": False},
                                    acquisition={"sequence": seq, "mode": "synchronized"},
-                                   feedback={"rules": [{"name": "r", "enabled": False, "when": ALWAYS,
-                                                        "action": {"stop": True}}]})) as svc:
+                                   feedback={"rules": [rule]})) as svc:
         await control(svc, "start")
         assert svc.feedback is not None
         assert svc.feedback.engine.planner.plan_coordinates == {

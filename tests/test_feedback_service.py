@@ -383,7 +383,9 @@ async def test_a_rule_acting_in_a_channel_the_rig_lacks_fails_at_start_up() -> N
     from livemask.errors import ConfigError
 
     rule = {**BURST_RULE, "action": {"channel": {"channel": "NOPE", "frames": 1}}}
-    with pytest.raises(ConfigError, match=r"feedback\.rules: channel 'NOPE' is not a preset"):
+    # (the rule named: before, only "feedback.rules: channel 'NOPE' ...")
+    with pytest.raises(ConfigError,
+                       match=r"feedback\.rules\[0\] \('burst-once'\): channel 'NOPE' is not a"):
         async with Service(feedback_config([rule])):
             pass
 

@@ -358,6 +358,8 @@ class Service:
             self.core_pixel_size_um = core_px if math.isfinite(core_px) and core_px > 0 else None
         elif self.simulated:  # the world's pixel size (open_core sets it on the preset)
             self.pixel_size_um = sim.pixel_size_um
+            log.info("no pixel-size preset in %s: measuring at the simulated world's "
+                     "simulation.pixel_size_um (%g µm/px)", hw.config_file, sim.pixel_size_um)
         else:
             self.pixel_size_um, self.pixel_size_known = 1.0, False
             log.warning(
@@ -711,17 +713,16 @@ class Service:
     def check_rule_channels(self, specs: Sequence[RuleSpec], what: str) -> None:
         """ConfigError for a declarative rule whose action names a channel preset the
         microscope does not define, or an ``exposure_ms`` outside its camera's limits
-        (pymmcore-plus would warn and take the frames anyway), as ``enqueue`` checks."""
-        params = [
-            p for spec in specs for action in spec.actions
-            for p in action.model_dump().values() if isinstance(p, dict)
-        ]
-        channels = [
-            useq.Channel.model_validate({"config": p["channel"]})
-            for p in params if p.get("channel")
-        ]
-        exposures = [float(p["exposure_ms"]) for p in params if p.get("exposure_ms") is not None]
-        self._check_on_rig(what, channels, exposures)
+        (pymmcore-plus would warn and take the frames anyway), as ``enqueue`` checks; the
+        error names the rule (``what[i] ('name')``)."""
+        for i, spec in enumerate(specs):
+            params = [p for action in spec.actions
+                      for p in action.model_dump().values() if isinstance(p, dict)]
+            channels = [useq.Channel.model_validate({"config": p["channel"]})
+                        for p in params if p.get("channel")]
+            exposures = [float(p["exposure_ms"]) for p in params
+                         if p.get("exposure_ms") is not None]
+            self._check_on_rig(f"{what}[{i}] ({spec.name!r})", channels, exposures)
 
     def _start_events(
         self, events: Any, detail: dict[str, Any], count: int,

@@ -206,6 +206,13 @@ def _setup_logging(*, quiet: bool = False) -> None:
         _fail(exc)
 
 
+def _raise_open_files_limit() -> None:
+    """For a service: the soft limit on open files up to the hard one (connections, files)."""
+    from livemask.service.limits import raise_open_files_limit
+
+    raise_open_files_limit()
+
+
 def _dashboard_field(name: str) -> Callable[[Any], Any]:
     """A callback: the value within the bounds ``dashboard.<name>`` has in the config."""
 
@@ -348,6 +355,7 @@ def serve(
     from livemask.config import load_config
 
     _setup_logging(quiet=view)
+    _raise_open_files_limit()
     try:
         cfg = load_config(config)
         _apply_service_flags(cfg, pub=pub, control=control, mode=mode, record=record)
@@ -521,6 +529,7 @@ def replay(
     from livemask.config import load_config
 
     _setup_logging(quiet=view)
+    _raise_open_files_limit()
     try:
         cfg = load_config(config)
         stack = open_stack(path)
@@ -569,6 +578,7 @@ def dashboard_cmd(
     from livemask.dashboard.server import DashboardServer, parse_listen
 
     _setup_logging()
+    _raise_open_files_limit()
     try:
         host, port = parse_listen(listen)
         server = DashboardServer(connect, address=host, port=port, update_hz=update_hz,

@@ -43,12 +43,14 @@ from urllib.parse import urlsplit
 
 import zmq
 from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from livemask import __version__
 from livemask.client.subscriber import AsyncSubscriber
 from livemask.dashboard.preview import encode_preview, make_preview
 from livemask.dashboard.state import DashboardState
 from livemask.errors import ConfigError, ProtocolError
+from livemask.log import http_logger, is_power_of_ten
 from livemask.protocol import Message, dumps_json
 from livemask.transport._sockets import local_connect_address
 
@@ -69,6 +71,22 @@ _IMAGE_TOPICS = ("frame", "labels")
 _PLAIN_HOST = re.compile(r"([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?")
 _IMAGE_HWM = 16  # frame/labels messages queued for the image reader (it drains them)
 _DRAIN_MAX = 64  # messages taken in one go before the loop gets a turn
+#: Open HTTP and WebSocket connections served at once (a browser uses a few); more are
+#: answered 503 and closed, so that connections cannot use up the service's descriptors.
+#: Connections accepted in one go (at most the listen backlog, 64) may pass it a little.
+MAX_CONNECTIONS = 64
+#: Seconds a connection may stay without a complete request: idle between requests, or
+#: still sending its request headers (aiohttp's keep-alive timeout; its default, 3630 s,
+#: let idle connections pile up).
+KEEPALIVE_S = 10.0
+#: WebSocket ping interval (s); a browser that does not answer within half of it is dropped.
+WS_HEARTBEAT_S = 20.0
+#: Seconds a browser may take no data at all while there is some to send before it is
+#: dropped (one that never reads fills the socket's buffers; its connection is aborted).
+WS_SEND_TIMEOUT_S = 30.0
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+         b"Content-Length: 49\r\nRetry-After: 10\r\nConnection: close\r\n\r\n"
+         b"too many connections to the livemask dashboard\r\n\r\n")
 
 
 def parse_listen(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
@@ -121,12 +139,39 @@ def _read_asset(name: str) -> bytes:
     return (resources.files("livemask.dashboard") / "assets" / name).read_bytes()
 
 
+class _Busy(asyncio.Protocol):
+    """A connection past :data:`MAX_CONNECTIONS`: answered 503 and closed."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(_BUSY)
+        transport.close()
+
+
+def _abort(transport: asyncio.BaseTransport | None) -> None:
+    """Drop a connection now, unsent data and all: ``close()`` waits until the peer took
+    what is still queued, for ever when it reads nothing (its descriptor stayed open)."""
+    if isinstance(transport, asyncio.WriteTransport):
+        transport.abort()
+
+
+def _unsent(transport: asyncio.BaseTransport | None) -> int:
+    """Bytes queued on ``transport`` that the peer has not taken yet."""
+    if isinstance(transport, asyncio.WriteTransport):
+        return transport.get_write_buffer_size()
+    return 0
+
+
 class _Browser:
     """One connected WebSocket: a bounded queue of JSON texts and a one-image slot."""
 
-    def __init__(self, ws: web.WebSocketResponse, peer: str) -> None:
+    def __init__(
+        self, ws: web.WebSocketResponse, peer: str,
+        transport: asyncio.BaseTransport | None = None,
+    ) -> None:
         self.ws = ws
         self.peer = peer
+        self.transport = transport
         self.texts: deque[str] = deque(maxlen=_CLIENT_QUEUE)
         self.image: bytes | None = None
         self.wake = asyncio.Event()
@@ -149,16 +194,23 @@ class _Browser:
         self.wake.set()
 
     async def pump(self) -> None:
-        """Send what is queued, newest image last, as fast as the browser takes it."""
-        while not self.ws.closed:
-            await self.wake.wait()
-            self.wake.clear()
-            while self.texts:
-                await self.ws.send_str(self.texts.popleft())
-            if self.image is not None:
-                data, self.image = self.image, None
-                await self.ws.send_bytes(data)
-                self.images_sent += 1
+        """Send what is queued, newest image last, as fast as the browser takes it; drop
+        the browser when it takes nothing for :data:`WS_SEND_TIMEOUT_S`."""
+        try:
+            while not self.ws.closed:
+                await self.wake.wait()
+                self.wake.clear()
+                while self.texts:
+                    await asyncio.wait_for(self.ws.send_str(self.texts.popleft()),
+                                           WS_SEND_TIMEOUT_S)
+                if self.image is not None:
+                    data, self.image = self.image, None
+                    await asyncio.wait_for(self.ws.send_bytes(data), WS_SEND_TIMEOUT_S)
+                    self.images_sent += 1
+        except TimeoutError:
+            log.info("dashboard: browser %s took no data for %g s: dropped", self.peer,
+                     WS_SEND_TIMEOUT_S)
+            _abort(self.transport)
 
 
 async def _close_browser(browser: _Browser) -> None:
@@ -176,10 +228,11 @@ async def _close_browser(browser: _Browser) -> None:
         await asyncio.wait_for(
             browser.ws.close(code=WSCloseCode.GOING_AWAY, message=b"service stopping"), 0.5)
     except asyncio.CancelledError:
+        _abort(browser.transport)
         if task is not None and task.cancelling() > cancels:
             raise
     except Exception:  # the browser is gone, or too slow to take the close frame
-        pass
+        _abort(browser.transport)
 
 
 class DashboardServer:
@@ -215,7 +268,9 @@ class DashboardServer:
         self.encode_ms: deque[float] = deque(maxlen=100)
         self._last_image: bytes | None = None
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
         self._sock: socket.socket | None = None
+        self.connections_refused = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._sub: AsyncSubscriber | None = None
         self._image_sub: AsyncSubscriber | None = None
@@ -233,12 +288,15 @@ class DashboardServer:
         app.router.add_get("/assets/{name}", self._asset)
         app.router.add_get("/ws", self._websocket)
         app.router.add_get("/api/state", self._api_state)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=1.0,
+            keepalive_timeout=KEEPALIVE_S, logger=http_logger((HttpProcessingError,)))
         await runner.setup()
         try:
             self._sock = self._bind()
-            site = web.SockSite(runner, self._sock)
-            await site.start()
+            # (not a web.SockSite: it has no way to refuse connections past a number)
+            self._listener = await asyncio.get_running_loop().create_server(
+                self._connection, sock=self._sock, backlog=64)
         except BaseException:
             await runner.cleanup()
             raise
@@ -252,6 +310,17 @@ class DashboardServer:
         ]
         log.info("dashboard: %s (data from %s)", self.url, self.pub_address)
         return self
+
+    def _connection(self) -> asyncio.BaseProtocol:
+        """The protocol of a new connection: aiohttp's, or a 503 past MAX_CONNECTIONS."""
+        server = self._runner.server if self._runner is not None else None
+        if server is not None and len(server.connections) < MAX_CONNECTIONS:
+            return server()
+        self.connections_refused += 1
+        if is_power_of_ten(self.connections_refused):
+            log.warning("dashboard: %d connections open; refused a new one (%d so far)",
+                        MAX_CONNECTIONS, self.connections_refused)
+        return _Busy()
 
     def _bind(self) -> socket.socket:
         try:
@@ -290,6 +359,9 @@ class DashboardServer:
             if sub is not None:
                 sub.close()
         self._sub = self._image_sub = None
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()  # no new connections (the open ones: runner.cleanup)
         if runner is not None:
             await runner.cleanup()
             log.info("dashboard stopped")
@@ -531,9 +603,10 @@ class DashboardServer:
         if origin and urlsplit(origin).netloc != request.host:
             raise web.HTTPForbidden(text="cross-origin WebSocket refused\n")
         # no permessage-deflate: compressing images would cost the service CPU for little gain
-        ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=1 << 16, compress=False)
+        ws = web.WebSocketResponse(heartbeat=WS_HEARTBEAT_S, max_msg_size=1 << 16,
+                                   compress=False)
         await ws.prepare(request)
-        browser = _Browser(ws, request.remote or "?")
+        browser = _Browser(ws, request.remote or "?", request.transport)
         browser.send_json(self.state.hello(self._config()))
         if self.state.status is not None:
             browser.send_json({**self.state.status_message(), "dashboard": self.report()})
@@ -554,6 +627,8 @@ class DashboardServer:
             browser.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await browser.task
+            if _unsent(browser.transport):  # it stopped reading (e.g. no PONG): no waiting
+                _abort(browser.transport)
             self._update_watched()
             log.info("dashboard: browser %s left (%d now)", browser.peer, len(self.browsers))
         return ws

@@ -13,13 +13,20 @@ from pydantic import ValidationError
 from livemask import protocol
 from livemask.errors import CommandError, ProtocolError
 from livemask.transport._sockets import bind_or_explain, bound_endpoint
+from livemask.transport.publisher import HEARTBEAT_S, set_heartbeat
 
 __all__ = ["DEFAULT_CONTROL_ADDRESS", "ControlServer", "Handler"]
 
 DEFAULT_CONTROL_ADDRESS = "tcp://127.0.0.1:5556"
 #: Largest request accepted: libzmq disconnects a peer that sends more (the largest real
-#: request, ``enqueue`` of 10,000 events, is about 1 MB of JSON).
+#: request, ``enqueue`` of 10,000 events, is about 1 MB of JSON). libzmq checks it per
+#: frame, and takes in a whole multipart message before the service sees it: a request is
+#: one frame, and a message of more frames is refused (``bad_request``) once it is in.
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
+#: Requests of one client queued in the service, not yet handled; libzmq reads no more of
+#: that client's connection meanwhile (its requests wait, none is lost). libzmq's default,
+#: 1000, let one client that pipelined 15 MiB requests hold ≈ 15 GB in the service.
+MAX_QUEUED_REQUESTS = 8
 #: Replies queued in the service for one client that does not read them; more are dropped
 #: (that client times out on them). The client's own receive queue and the kernel's socket
 #: buffers hold more first, so a client sees drops only far beyond this. libzmq's default,
@@ -37,8 +44,10 @@ class ControlServer:
     """Asyncio ROUTER server: one JSON request in, one JSON reply out.
 
     REQ peers (``[identity, b"", payload]``) and DEALER peers (``[identity, payload]``)
-    are both answered with the envelope they came with. Requests are handled one at a
-    time, in arrival order. The handler raises :class:`CommandError` for an error reply
+    are both answered with the envelope they came with; a message of any other shape (more
+    frames) gets a ``bad_request`` reply and nothing of it is sent back. A peer that does
+    not answer the ZeroMQ heartbeat (``heartbeat_s``) is disconnected. Requests are handled
+    one at a time, in arrival order. The handler raises :class:`CommandError` for an error reply
     (including ``unknown_command``); a pydantic ``ValidationError`` becomes
     ``invalid_args``; any other exception, or a result that cannot be encoded, becomes
     ``internal`` and is logged. Every request gets exactly one reply; no request can stop
@@ -51,8 +60,10 @@ class ControlServer:
         handler: Handler,
         *,
         context: zmq.asyncio.Context | None = None,
+        heartbeat_s: float = HEARTBEAT_S,
     ) -> None:
         self.address = address
+        self.heartbeat_s = heartbeat_s
         self._handler = handler
         self._context = context
         self._socket: zmq.asyncio.Socket | None = None
@@ -72,6 +83,8 @@ class ControlServer:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         sock.setsockopt(zmq.SNDHWM, MAX_UNREAD_REPLIES)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
+        sock.setsockopt(zmq.RCVHWM, MAX_QUEUED_REQUESTS)
+        set_heartbeat(sock, self.heartbeat_s)
         bind_or_explain(
             sock, self.address, "control server", "--control or publish.control_address"
         )
@@ -90,17 +103,34 @@ class ControlServer:
         sock = self._socket
         assert sock is not None
         while True:
-            frames: list[bytes] = await sock.recv_multipart()
+            # copy=False: the frames of a big message are not copied once more
+            frames: list[zmq.Frame] = await sock.recv_multipart(copy=False)
             if len(frames) < 2:  # ROUTER always prepends the identity; be defensive
                 continue
-            envelope, payload = frames[:-1], frames[-1]
-            try:
-                reply = await self.handle(payload)
-                await sock.send_multipart([*envelope, reply])
-            except zmq.ZMQError:  # the peer left (ROUTER drops to unknown peers): next one
-                logger.debug("control reply not sent", exc_info=True)
-            except Exception:  # handle() never raises; keep serving whatever happens
-                logger.exception("control request %r not answered", bytes(payload)[:200])
+            envelope, payload = _split(frames)
+            del frames
+            await self._answer(sock, envelope, payload)
+
+    async def _answer(
+        self, sock: zmq.asyncio.Socket, envelope: list[bytes], payload: bytes | None
+    ) -> None:
+        """Handle one request (None: a message of another shape) and send its reply."""
+        try:
+            reply = await self.handle(payload) if payload is not None else self._refuse()
+            await sock.send_multipart([*envelope, reply])
+        except zmq.ZMQError:  # the peer left (ROUTER drops to unknown peers): next one
+            logger.debug("control reply not sent", exc_info=True)
+        except Exception:  # handle() never raises; keep serving whatever happens
+            logger.exception("control request %r not answered", (payload or b"")[:200])
+
+    def _refuse(self) -> bytes:
+        """The reply to a message of more frames than a request has."""
+        self.requests += 1
+        self.errors += 1
+        return protocol.error_reply(
+            None, protocol.BAD_REQUEST,
+            "a request is one frame of JSON (REQ and DEALER clients send just that); this "
+            "message had more: send each request as a single frame")
 
     async def handle(self, payload: bytes) -> bytes:
         """Turn one raw request into one raw reply; never raises (except cancellation)."""
@@ -138,3 +168,15 @@ class ControlServer:
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
+
+
+def _split(frames: list[zmq.Frame]) -> tuple[list[bytes], bytes | None]:
+    """``(reply envelope, request)`` of a ROUTER message: ``[identity, request]`` (DEALER)
+    or ``[identity, b"", request]`` (REQ). For any other shape the request is None and the
+    envelope only the identity (and the empty delimiter a REQ peer needs): the other frames
+    are never sent back."""
+    identity, rest = frames[0].bytes, frames[1:]
+    delimiter = [b""] if len(rest) > 1 and len(rest[0]) == 0 else []
+    if len(rest) == 1 + len(delimiter):
+        return [identity, *delimiter], rest[-1].bytes
+    return [identity, *delimiter], None

@@ -15,7 +15,8 @@ from livemask.protocol import Message
 from livemask.transport._sockets import bind_or_explain, bound_endpoint
 
 __all__ = [
-    "CLOSE_LINGER_S", "DEFAULT_PUB_ADDRESS", "MemoryPublisher", "Publisher", "ZmqPublisher",
+    "CLOSE_LINGER_S", "DEFAULT_PUB_ADDRESS", "HEARTBEAT_S", "MAX_SUBSCRIPTION_BYTES",
+    "MemoryPublisher", "Publisher", "ZmqPublisher", "set_heartbeat",
 ]
 
 DEFAULT_PUB_ADDRESS = "tcp://127.0.0.1:5555"
@@ -24,6 +25,18 @@ DEFAULT_PUB_ADDRESS = "tcp://127.0.0.1:5555"
 #: ``acquisition_finished`` and the final status; a subscriber that is not reading then
 #: gets what it missed as ``seq`` gaps.
 CLOSE_LINGER_S = 2.0
+#: Largest message a subscriber may send (a subscription is one: a flag byte and the topic
+#: prefix; the longest topic, ``measurements``, makes 13 bytes). libzmq disconnects a peer
+#: that sends more: without a limit it keeps every subscription in a trie of one node per
+#: byte, ≈ 45 bytes of memory per byte subscribed (1 MiB subscribed cost the service 48 MiB).
+MAX_SUBSCRIPTION_BYTES = 256
+#: ZeroMQ heartbeat: a PING to each peer every ``HEARTBEAT_S`` seconds; a peer that sends
+#: nothing back within 3 × that (no PONG: gone, or a raw TCP client holding the connection)
+#: is disconnected, so idle connections cannot use up the service's file descriptors.
+#: libzmq answers PINGs in its own I/O thread: a client only misses them when its receive
+#: queue has been full that long (it reconnects by itself; the missed messages show as
+#: ``seq`` gaps).
+HEARTBEAT_S = 10.0
 
 
 @runtime_checkable
@@ -42,6 +55,15 @@ class Publisher(Protocol):
     def close(self) -> None:
         """Release resources; idempotent."""
         ...
+
+
+def set_heartbeat(sock: zmq.Socket[Any], heartbeat_s: float) -> None:
+    """ZeroMQ heartbeats on ``sock``: PING every ``heartbeat_s``, drop a peer silent for
+    3 × that (0: none)."""
+    if heartbeat_s > 0:
+        ivl_ms = max(1, round(heartbeat_s * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_IVL, ivl_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ivl_ms)
 
 
 def _stamp_published(header: Mapping[str, Any], seq: int) -> dict[str, Any]:
@@ -67,6 +89,10 @@ class ZmqPublisher:
     ``inproc://`` publisher uses ``zmq.Context.instance()`` instead, which its subscribers
     in this process must share.
 
+    A subscriber that sends a message over :data:`MAX_SUBSCRIPTION_BYTES` (no real
+    subscription does) is disconnected, and so is one that does not answer the ZeroMQ
+    heartbeat (:data:`HEARTBEAT_S`; ``heartbeat_s=0``: none).
+
     Not thread-safe: use it from one thread only (the service's asyncio loop). Arrays are
     sent zero-copy, so they must not be modified after ``publish`` returns.
     """
@@ -77,9 +103,11 @@ class ZmqPublisher:
         *,
         sndhwm: int = 100,
         context: zmq.Context[Any] | None = None,
+        heartbeat_s: float = HEARTBEAT_S,
     ) -> None:
         self.address = address
         self.sndhwm = sndhwm
+        self.heartbeat_s = heartbeat_s
         self._context = context
         self._own_context: zmq.Context[Any] | None = None
         self._socket: zmq.Socket[Any] | None = None
@@ -101,6 +129,8 @@ class ZmqPublisher:
         sock = ctx.socket(zmq.PUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, self.sndhwm)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_BYTES)
+        set_heartbeat(sock, self.heartbeat_s)
         try:
             bind_or_explain(sock, self.address, "publisher", "--pub or publish.pub_address")
         except BaseException:

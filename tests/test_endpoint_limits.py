@@ -24,8 +24,9 @@ from livemask.client import Subscriber
 from livemask.dashboard import server as dashboard_server
 from livemask.dashboard.server import DashboardServer
 from livemask.errors import CommandError
+from livemask.feedback.spec import MAX_RULES
 from livemask.service import limits
-from livemask.service.commands import MAX_RULES, CommandHandler
+from livemask.service.commands import CommandHandler
 from livemask.transport import ControlServer, ZmqPublisher
 from livemask.transport.control_server import MAX_QUEUED_REQUESTS
 
@@ -436,3 +437,15 @@ def test_the_http_log_filter_shows_a_repeat_again_with_its_count() -> None:
     filt.every_s = 0.0
     assert filt.filter(again := record())
     assert "(and 2 more in the last" in again.getMessage()
+
+
+def test_the_config_takes_a_bounded_number_of_rules() -> None:
+    """The same limit as the rules command, for feedback.rules in a config file."""
+    from livemask.config import parse_config
+    from livemask.errors import ConfigError
+
+    rule = {"when": {"values": [{"path": "summary.count", "gt": 1}]}, "action": {"stop": True}}
+    rules = [{"name": f"r{i}", **rule} for i in range(MAX_RULES + 1)]
+    with pytest.raises(ConfigError, match=rf"feedback\.rules.*at most {MAX_RULES} items"):
+        parse_config({"feedback": {"rules": rules}})
+    assert len(parse_config({"feedback": {"rules": rules[:MAX_RULES]}}).feedback.rules) == 100

@@ -20,7 +20,7 @@ from livemask.acquisition.sequence import check_sequence
 from livemask.config import int_out_of_range
 from livemask.errors import AcquisitionError, CommandError, ConfigError
 from livemask.feedback.context import FEEDBACK_INDEX_KEY
-from livemask.feedback.spec import RuleSpec
+from livemask.feedback.spec import MAX_RULES, RuleSpec
 from livemask.protocol import format_validation_error
 
 if TYPE_CHECKING:
@@ -68,11 +68,6 @@ class SetArgs(_Args):
 
     exposure_ms: Annotated[float, Strict()] | None = Field(default=None, gt=0, le=60_000)
     mode: Mode | None = None
-
-
-#: Most rules one ``rules`` request may set: each is checked on every frame (20,000 rules
-#: took 2.3 s to set and then held up the analysis of every frame).
-MAX_RULES = 100
 
 
 class RulesArgs(_Args):

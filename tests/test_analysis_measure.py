@@ -370,3 +370,17 @@ def test_um_values_keep_significant_digits_at_small_pixel_sizes() -> None:
     assert objects[0]["area_um2"] == 30e12  # large values keep their integer part
     _, summary = measure_objects(labels, image, pixel_size_um=0.001, decimals=None)
     assert summary["mean_area_um2"] == pytest.approx(215e-6, rel=1e-12)
+
+
+def test_units_in_pixels_converts_once() -> None:
+    """Review: the service hands the recorder units the pipeline converted already, and the
+    recorder converted them again ('... these px values are pixel values) (no pixel-size
+    calibration ...)' in units.json)."""
+    from livemask.analysis.measure import UNCALIBRATED_NOTE, units_in_pixels
+    from livemask.recording.writer import column_units
+
+    once = units_in_pixels(UNITS)
+    assert units_in_pixels(once) == once
+    columns = column_units(once, calibrated=False)
+    assert columns["area_um2"] == f"px² ({UNCALIBRATED_NOTE})"
+    assert columns["equivalent_diameter_um"] == f"px ({UNCALIBRATED_NOTE})"

@@ -200,6 +200,16 @@ def test_a_user_rule_result_that_is_no_list_is_refused_once(result: Any) -> None
     assert (slot.refused, slot.errors) == (1, 0)
 
 
+@pytest.mark.parametrize("result", [None, False, 0, [], ()])
+def test_a_user_rule_result_that_is_false_is_no_action(result: Any) -> None:
+    """Review: ``return cond and [Burst(...)]`` gives False, which was refused as
+    unknown_action on every such frame, spending max_fires and starting cooldowns."""
+    eng = engine([])
+    slot = eng.add_rule(_Gives(result))
+    assert eng.evaluate(ctx(field())) == []
+    assert (slot.refused, slot.errors, slot.fired) == (0, 0, 0)
+
+
 def test_a_user_rule_may_return_a_single_action() -> None:
     eng = engine([])
     slot = eng.add_rule(_Gives(Burst(frames=2)))

@@ -65,8 +65,10 @@ UNCALIBRATED_NOTE = ("no pixel-size calibration: pixel_size_um is the placeholde
 
 def units_in_pixels(units: Mapping[str, str]) -> dict[str, str]:
     """``units`` of object fields measured without a pixel-size calibration: each µm unit
-    (area, diameter) said in px, with :data:`UNCALIBRATED_NOTE`."""
-    return {key: f"{unit.replace('µm', 'px')} ({UNCALIBRATED_NOTE})" if "µm" in unit else unit
+    (area, diameter) said in px, with :data:`UNCALIBRATED_NOTE` (units that have it already
+    stay as they are)."""
+    return {key: f"{unit.replace('µm', 'px')} ({UNCALIBRATED_NOTE})"
+            if "µm" in unit and UNCALIBRATED_NOTE not in unit else unit
             for key, unit in units.items()}
 
 

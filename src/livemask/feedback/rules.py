@@ -275,10 +275,11 @@ def build_rule(spec: RuleSpec) -> Rule:
 
 
 def as_actions(result: Any) -> list[Any]:
-    """A rule's ``evaluate`` result as a list: None is none, a single action is a list of
+    """A rule's ``evaluate`` result as a list: None and other false values but strings
+    (``return cond and [Burst(...)]`` gives False) are none, a single action is a list of
     one; ActionError (``unknown_action``) for a string, a mapping or anything else that is
     not an iterable of actions (refused once, not item by item)."""
-    if result is None:
+    if result is None or (not result and not isinstance(result, str | bytes)):
         return []
     if isinstance(result, ACTION_TYPES):
         return [result]

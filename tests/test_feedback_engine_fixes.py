@@ -269,7 +269,8 @@ def test_rules_at_their_limits_load() -> None:
 
 
 @pytest.mark.parametrize("test", [{"gt": 10, "lt": 5}, {"gt": 5, "le": 5},
-                                  {"eq": 3, "ne": 3}, {"eq": 3, "ge": 4}])
+                                  {"eq": 3, "ne": 3}, {"eq": 3, "ge": 4},
+                                  {"ge": 3, "le": 3, "ne": 3}])
 def test_a_test_no_number_passes_is_a_config_error(test: dict[str, float]) -> None:
     with pytest.raises(ValidationError, match=r"no number is .*: the test can never pass"):
         FeedbackConfig.model_validate({"rules": [

@@ -64,6 +64,8 @@ class Compare(_Spec):
             hi, hi_strict = min(highs, key=lambda b: (b[0], not b[1]))
             if lo > hi or (lo == hi and (lo_strict or hi_strict)):
                 return True
+            if lo == hi and ops.get("ne") == lo:  # one number left, and it is excluded
+                return True
         return ops.get("eq") is not None and ops.get("eq") == ops.get("ne")
 
     def _ops(self) -> dict[str, float]:

@@ -245,3 +245,52 @@ def test_an_ome_zarr_with_non_square_pixels_replays_with_x_and_a_warning(
     assert open_stack(tmp_path / "img.zarr").pixel_size_um == pytest.approx(0.325)
     assert "its pixels are not square (OME-Zarr scale: 0.325 µm in x, 0.5 µm in y)" in (
         _warnings(livemask_log))
+
+
+def test_an_uncalibrated_recordings_images_copied_alone_replay_uncalibrated(
+    tmp_path: Path, livemask_log: list[logging.LogRecord]
+) -> None:
+    """Before, the images.ome.zarr of a rig without a calibration, copied without its run
+    folder, replayed at its placeholder scale 1.0 as µm (the unit-less axes defaulted to
+    micrometer; ``livemask.pixel_size_calibrated: false`` was not read)."""
+    import shutil
+
+    from livemask.acquisition.replay import replay_pixel_size
+    from livemask.analysis.measure import UNITS
+    from livemask.recording import Recorder
+    from tests.test_recording import _frame
+
+    run = tmp_path / "run"
+    rec = Recorder(run, pixel_size_um=1.0, pixel_size_calibrated=False, units=UNITS).start()
+    rec.on_frame(_frame(0, np.ones((24, 32), np.uint16)))
+    rec.close(frames_acquired=1)
+    alone = tmp_path / "copy" / "images.ome.zarr"
+    shutil.copytree(run / "images.ome.zarr", alone)
+    stack = open_stack(alone)
+    assert stack.kind == "ome-zarr" and stack.frames == 1
+    assert stack.pixel_size_um is None and stack.pixel_size_calibrated is False
+    assert replay_pixel_size(stack, None) is None
+    assert "was recorded on a rig without a pixel-size calibration" in _warnings(livemask_log)
+
+
+def test_an_ome_zarr_without_units_replays_in_pixels_with_a_warning(
+    tmp_path: Path, livemask_log: list[logging.LogRecord]
+) -> None:
+    """NGFF allows axes without a unit: the scale is then not known to be µm (before: it
+    was taken as µm/px without a word)."""
+    from livemask.acquisition.replay import replay_pixel_size
+
+    root = zarr.open_group(tmp_path / "img.zarr", mode="w", zarr_format=3, attributes={"ome": {
+        "version": "0.5", "multiscales": [{
+            "axes": [{"name": "t", "type": "time"}, {"name": "y", "type": "space"},
+                     {"name": "x", "type": "space"}],
+            "datasets": [{"path": "0", "coordinateTransformations": [
+                {"type": "scale", "scale": [1.0, 0.5, 0.5]}]}]}]}})
+    root.create_array("0", shape=(2, 16, 16), dtype="uint16")[:] = 7
+    stack = open_stack(tmp_path / "img.zarr")
+    assert stack.frames == 2 and stack.pixel_size_um is None
+    assert stack.pixel_size_calibrated is True  # it does not say that it has none
+    np.testing.assert_array_equal(stack.plane(1), np.full((16, 16), 7, np.uint16))
+    assert replay_pixel_size(stack, None) is None
+    assert "has no pixel size in its metadata" in _warnings(livemask_log)
+    assert replay_pixel_size(stack, 0.25) == 0.25  # hardware.pixel_size_um still wins

@@ -17,7 +17,7 @@ from livemask.acquisition.replay import open_stack
 from livemask.analysis.measure import UNITS
 from livemask.cli import app
 from livemask.errors import ReplayError
-from livemask.recording import Recorder, open_recording
+from livemask.recording import Recorder, find_recording, open_recording
 from livemask.recording.writer import IMAGES
 from livemask.service.app import Service
 from tests.conftest import ROOT, make_config
@@ -138,6 +138,32 @@ def test_a_run_of_no_frames_is_a_recording_that_says_it_holds_none(tmp_path: Pat
         flat = " ".join(result.output.split())
         assert f"error: recording {run} holds no frames" in flat, flat
         assert "Traceback" not in result.output
+
+
+def test_a_run_of_no_frames_does_not_hide_the_run_that_recorded_frames(tmp_path: Path) -> None:
+    """Before, the empty run's images.ome.zarr (made at start) counted it as one of two runs:
+    ``find_recording(parent)`` gave None and replay of the parent said "is a folder but
+    neither a livemask recording … nor a zarr group"."""
+    empty, full = tmp_path / "run-20260101-000000", tmp_path / "run-20260101-000100"
+    Recorder(empty, pixel_size_um=0.5, units=UNITS).start().close(frames_acquired=0)
+    rec = Recorder(full, pixel_size_um=0.5, units=UNITS).start()
+    rec.on_frame(_frame(0, np.ones((24, 32), np.uint16)))
+    rec.close(frames_acquired=1)
+    assert find_recording(tmp_path) == full
+    stack = open_stack(tmp_path)
+    assert (stack.kind, stack.path, stack.frames) == ("recording", full, 1)
+    # the empty run itself still says that it holds none
+    with pytest.raises(ReplayError, match=r"holds no frames: its run ended before the first"):
+        open_stack(empty)
+
+
+def test_a_folder_of_runs_that_recorded_no_frames_says_so(tmp_path: Path) -> None:
+    """With no run of frames, the one empty run is found (and holds none)."""
+    run = tmp_path / "run-20260101-000000"
+    Recorder(run, pixel_size_um=0.5, units=UNITS).start().close(frames_acquired=0)
+    assert find_recording(tmp_path) == run
+    with pytest.raises(ReplayError, match=r"holds no frames"):
+        open_stack(tmp_path)
 
 
 def test_a_run_recorded_before_the_group_was_made_at_start_holds_no_frames(

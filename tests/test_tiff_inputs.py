@@ -231,3 +231,100 @@ def test_labels_of_axes_ome_cannot_name_are_a_plain_tiff(
     with tifffile.TiffFile(out) as tif:
         assert not tif.is_ome and tif.series[0].shape == (2, 2, 64, 64)
     assert any("written as a plain TIFF" in r.getMessage() for r in livemask_log)
+
+
+# ------------------------------------------------------------------ cut short: every layout
+#: (writer options, frames complete) of a stack of 8 planes cut at 60 %: uncompressed
+#: ImageJ and OME-TIFF (tifffile: the planes in a row, the IFDs after them) and zlib pages
+#: (each page's IFD after its data, so the cut takes the IFDs of the pages after it)
+CUT_LAYOUTS = {
+    "imagej-raw": (dict(imagej=True), 5),
+    "ome-raw": (dict(ome=True), 5),
+    "plain-zlib": (dict(photometric="minisblack", compression="zlib"), 4),
+    "imagej-zlib": (dict(imagej=True, compression="zlib"), 4),
+}
+
+
+def _cut_layout(path: Path, options: dict[str, object], fraction: float = 0.6) -> np.ndarray:
+    data = np.random.default_rng(3).integers(0, 60000, (8, 32, 40)).astype(np.uint16)
+    tifffile.imwrite(path, data, **options)  # type: ignore[arg-type]
+    raw = path.read_bytes()
+    with open(path, "r+b") as f:
+        f.truncate(int(len(raw) * fraction))
+    return data
+
+
+@pytest.mark.parametrize("layout", list(CUT_LAYOUTS))
+def test_replay_plays_the_complete_frames_of_any_tiff_cut_short(
+    tmp_path: Path, livemask_log: list[logging.LogRecord], layout: str
+) -> None:
+    """Before: ImageJ, OME-TIFF and zlib stacks cut short replayed one frame without a word
+    (tifffile then reads the first page as the file), or (ImageJ zlib) nothing at all."""
+    options, complete = CUT_LAYOUTS[layout]
+    src = tmp_path / f"{layout}.tif"
+    data = _cut_layout(src, options)
+    stack = open_stack(src)
+    assert stack.frames == complete
+    for i in range(complete):
+        np.testing.assert_array_equal(stack.plane(i), data[i])
+    assert any(f"only its first {complete} of 8 frames are complete; replaying those"
+               in r.getMessage() and "is cut short (truncated" in r.getMessage()
+               for r in livemask_log)
+
+
+@pytest.mark.parametrize("layout", list(CUT_LAYOUTS))
+def test_segment_refuses_any_tiff_cut_short_saying_how_much_is_there(
+    tmp_path: Path, layout: str
+) -> None:
+    """Before: `segment` of an ImageJ or OME-TIFF stack cut short wrote 1-plane labels and
+    exited 0; of an ImageJ zlib one it gave zlib's "Error -5 while decompressing data"."""
+    options, complete = CUT_LAYOUTS[layout]
+    src = tmp_path / f"{layout}.tif"
+    _cut_layout(src, options)
+    with pytest.raises(ValueError, match=rf"it is cut short \(truncated.*only {complete} of "
+                       r"its 8 planes are complete in the file"):
+        read_image_file(src)
+
+
+def test_a_last_page_cut_short_is_named_so_not_corrupt(
+    tmp_path: Path, livemask_log: list[logging.LogRecord]
+) -> None:
+    """Before: a zlib stack cut in its last page replayed it as a corrupt frame and
+    `segment` called it "plane 7 is corrupt"."""
+    src = tmp_path / "last.tif"
+    data = _cut_layout(src, dict(photometric="minisblack", compression="zlib"), 0.97)
+    stack = open_stack(src)
+    assert stack.frames == 7
+    np.testing.assert_array_equal(stack.plane(6), data[6])
+    assert any("only its first 7 of 8 frames are complete" in r.getMessage()
+               for r in livemask_log)
+    with pytest.raises(ValueError, match=r"cut short \(truncated.*only 7 of its 8 planes"):
+        read_image_file(src)
+
+
+def test_segment_cli_exits_2_on_an_imagej_stack_cut_short(tmp_path: Path) -> None:
+    """The reported run: "labels of shape (32, 40); 1 plane", exit 0."""
+    from typer.testing import CliRunner
+
+    from livemask.cli import app
+
+    src = tmp_path / "ij.tif"
+    _cut_layout(src, dict(imagej=True))
+    result = CliRunner().invoke(app, ["segment", str(src), "-o", str(tmp_path / "labels.tif"),
+                                      "--threads", "1"])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2, output
+    assert "only 5 of its 8 planes are complete in the file" in output
+    assert not (tmp_path / "labels.tif").exists()
+
+
+def test_whole_stacks_of_every_layout_are_not_taken_as_cut(
+    tmp_path: Path, livemask_log: list[logging.LogRecord]
+) -> None:
+    """The checks read the file's own plane count: whole files play all 8 frames."""
+    for layout, (options, _) in CUT_LAYOUTS.items():
+        src = tmp_path / f"{layout}.tif"
+        data = _cut_layout(src, options, 1.0)
+        assert open_stack(src).frames == 8, layout
+        np.testing.assert_array_equal(read_image_file(src).data, data)
+    assert not any("cut short" in r.getMessage() for r in livemask_log)

@@ -90,8 +90,11 @@ def read_image_file(path: Path) -> ImageFile:
 
 def _read_tiff(tif: tifffile.TiffFile, path: Path) -> ImageFile:
     """:func:`read_image_file` for an open TIFF: its position series stacked (axis P)."""
-    from livemask.acquisition.replay import position_series
+    from livemask.acquisition.replay import position_series, tiff_cut
 
+    cut = tiff_cut(tif, path)  # tifffile may then give one plane of a stack
+    if cut is not None:
+        raise ValueError(_cut_short(cut.complete, cut.total))
     every = list(tif.series)
     if not every:
         raise ValueError("it holds no image series")
@@ -140,9 +143,7 @@ def _why_unreadable(tif: tifffile.TiffFile, path: Path, k: int) -> str | None:
     if planes is None:
         return None
     if planes.complete < planes.planes:
-        return (f"it is cut short (truncated: its writer did not finish, or it was copied in "
-                f"part): only {planes.complete} of its {planes.planes} planes are complete in "
-                "the file; copy it again or give the complete file")
+        return _cut_short(planes.complete, planes.planes)
     lead = planes.shape[:-2]
     for j in range(planes.planes):
         try:
@@ -151,6 +152,14 @@ def _why_unreadable(tif: tifffile.TiffFile, path: Path, k: int) -> str | None:
             return (f"{exc}; segment reads every plane of a file: save the others as a file "
                     "of their own to segment them")
     return None
+
+
+def _cut_short(complete: int, total: int | None) -> str:
+    """Why a TIFF cut short (truncated) is refused: ``complete`` of its ``total`` planes."""
+    of = (f"{complete} of its {total} planes are complete in the file" if total is not None
+          else f"its first {complete} planes are complete (it does not say how many it had)")
+    return (f"it is cut short (truncated: its writer did not finish, or it was copied in "
+            f"part): only {of}; copy it again or give the complete file")
 
 
 def _colour_problem(image: ImageFile) -> str | None:

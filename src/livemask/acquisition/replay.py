@@ -50,8 +50,8 @@ from livemask.log import RepeatedErrors
 log = logging.getLogger("livemask")
 
 __all__ = [
-    "TIFF_SUFFIXES", "FrameNotStored", "ReplaySource", "ReplayStack", "TiffPlanes", "open_stack",
-    "replay_pixel_size", "tiff_planes",
+    "TIFF_SUFFIXES", "FrameNotStored", "ReplaySource", "ReplayStack", "TiffCut", "TiffPlanes",
+    "open_stack", "replay_pixel_size", "tiff_cut", "tiff_planes",
 ]
 
 #: Axes a replay steps through (everything but the last two, y and x, of each frame).
@@ -368,19 +368,34 @@ def _open_zarr(path: Path) -> ReplayStack:
         raise ReplayError(f"{path}: dataset {dataset['path']!r} is not an array")
     if len(names) != data.ndim:
         raise ReplayError(f"{path}: {len(names)} axes in the metadata for a {data.ndim}-D array")
-    pixel = _zarr_pixel_size(path, ms, dataset)
-    return _planes(path, "ome-zarr", data, [n.lower() for n in names[:-2]], pixel,
-                   "OME-Zarr scale")
+    livemask = attrs.get("livemask")
+    calibrated = not (isinstance(livemask, dict)
+                      and livemask.get("pixel_size_calibrated") is False)
+    # a recording of a rig without a calibration: its scale (1.0) is a placeholder
+    pixel = _zarr_pixel_size(path, ms, dataset) if calibrated else None
+    stack = _planes(path, "ome-zarr", data, [n.lower() for n in names[:-2]], pixel,
+                    "OME-Zarr scale")
+    stack.pixel_size_calibrated = calibrated
+    return stack
 
 
 def _zarr_pixel_size(path: Path, ms: dict[str, Any], dataset: dict[str, Any]) -> float | None:
-    """The x pixel size (µm) of an OME-Zarr dataset's scale, None where it has none; warns
-    where its y size differs (measurements assume square pixels)."""
+    """The x pixel size (µm) of an OME-Zarr dataset's scale, None where it has none or its x
+    axis has no unit (NGFF allows none: the scale is then not known to be a size, as
+    livemask writes an uncalibrated recording's); warns where its y size differs
+    (measurements assume square pixels)."""
     axes = [a if isinstance(a, dict) else {} for a in ms.get("axes", [])]
     for tr in dataset.get("coordinateTransformations", []):
         if tr.get("type") != "scale":
             continue
-        unit = str(axes[-1].get("unit", "micrometer")) if axes else "micrometer"
+        if not axes or "unit" not in axes[-1]:
+            raw = float(tr["scale"][-1])
+            if not (math.isfinite(raw) and raw > 0):
+                return raw  # not a size at all: ReplayStack warns so
+            log.info("%s: its OME-Zarr x axis has no unit: its scale is not taken as a pixel "
+                     "size", path)
+            return None
+        unit = str(axes[-1]["unit"])
         factor = um_per_unit(unit, path, "OME-Zarr scale")
         if factor is None:
             return None
@@ -474,7 +489,10 @@ def tiff_planes(tif: Any, path: Path, k: int) -> TiffPlanes | None:
                               "is not in the file)")
         return np.asarray(page.asarray()).reshape(rows, cols)
 
-    return TiffPlanes(name, shape, series.dtype, read)
+    size, complete = path.stat().st_size, planes  # pages from the first cut off on: cut short
+    while complete and not _whole(series[complete - 1], size):
+        complete -= 1
+    return TiffPlanes(name, shape, series.dtype, read, complete)
 
 
 def _truncated_planes(tif: Any, path: Path, k: int, offset: int) -> TiffPlanes:
@@ -494,6 +512,240 @@ def _truncated_planes(tif: Any, path: Path, k: int, offset: int) -> TiffPlanes:
 
     name = f"the file's series {k}," if len(tif.series) > 1 else "the file's"
     return TiffPlanes(name, shape, series.dtype, read, complete)
+
+
+#: ImageJ's plane orders (``order=`` in its metadata) as tifffile reads them: the axes of
+#: its planes, outermost first
+_IMAGEJ_ORDERS = {"czt": "TZC", "ctz": "ZTC", "zct": "TCZ", "ztc": "CTZ", "tcz": "ZCT",
+                  "tzc": "CZT"}
+
+
+@dataclass
+class TiffCut:
+    """A TIFF cut short (truncated): its planes (pages, in the file's order) as its own
+    metadata or layout names them, and how many are complete in the file."""
+
+    lead: tuple[int, ...]  # the planes' axes (outermost first) as its metadata names them
+    letters: str  # their tifffile letters ("TZC", "I", …)
+    complete: int  # planes complete in the file, in its order
+    total: int | None  # planes it names; None: the file does not say
+    images: int  # image series (positions) its metadata names
+    read: Callable[[int], np.ndarray]  # plane j (j < complete), (rows, cols)
+
+    def why(self, noun: str = "frames") -> str:
+        """What is wrong, e.g. "cut short (truncated: …): only its first 2 of 8 frames are
+        complete"."""
+        of = f" of {self.total}" if self.total is not None else ""
+        unknown = "" if self.total is not None else " (it does not say how many it had)"
+        return ("cut short (truncated: its writer did not finish, or it was copied in part): "
+                f"only its first {self.complete}{of} {noun} are complete{unknown}")
+
+
+@dataclass(frozen=True)
+class _Declared:
+    """The planes a TIFF's metadata names: its first image's axes (shape, tifffile letters,
+    outermost first), its images (series, positions) and their planes in all."""
+
+    lead: tuple[int, ...]
+    letters: str
+    images: int
+    total: int
+
+
+def _imagej_declared(tif: Any) -> _Declared | None:
+    """The planes an ImageJ TIFF's metadata names (frames, slices, channels; else images)."""
+    meta = tif.imagej_metadata
+    if not meta:
+        return None
+    sizes = {"T": meta.get("frames", 1), "Z": meta.get("slices", 1),
+             "C": meta.get("channels", 1)}
+    if not all(isinstance(n, int) and n >= 1 for n in sizes.values()):
+        return None
+    letters = _IMAGEJ_ORDERS.get(str(meta.get("order", "czt")).lower(), "TZC")
+    lead = tuple(sizes[a] for a in letters)
+    images = meta.get("images", 1)
+    if math.prod(lead) == 1 and isinstance(images, int) and images > 1:
+        return _Declared((images,), "I", 1, images)
+    return _Declared(lead, letters, 1, math.prod(lead))
+
+
+def _ome_declared(tif: Any, path: Path) -> _Declared | None:
+    """The planes an OME-TIFF's XML names (its images' SizeZ, SizeC, SizeT); None where it
+    names planes in other files (a multi-file set) or RGB planes."""
+    from xml.etree import ElementTree
+
+    text = str(tif.pages.first.description or "")
+    if not text.lstrip().startswith("<") or "OME" not in text[:1000]:
+        return None
+    try:
+        root = ElementTree.fromstring(text)
+    except ElementTree.ParseError:
+        return None
+
+    def local(e: Any) -> str:
+        return str(e.tag).rsplit("}", 1)[-1]
+
+    if any(local(e) == "UUID" and e.get("FileName", path.name) != path.name
+           for e in root.iter()):
+        return None
+    pixels = [p for e in root if local(e) == "Image" for p in e if local(p) == "Pixels"]
+    leads: list[tuple[int, ...]] = []
+    try:
+        for px in pixels:
+            if any(int(c.get("SamplesPerPixel", "1")) > 1 for c in px if local(c) == "Channel"):
+                return None  # RGB: planes are not pages
+            order = str(px.get("DimensionOrder", "XYZCT"))[2:][::-1]
+            leads.append(tuple(int(px.get(f"Size{a}", "1")) for a in order))
+    except ValueError:
+        return None
+    if not leads:
+        return None
+    order = str(pixels[0].get("DimensionOrder", "XYZCT"))[2:][::-1]
+    return _Declared(leads[0], order, len(leads), sum(math.prod(s) for s in leads))
+
+
+def _shaped_declared(tif: Any, rows: int, cols: int, chain_cut: bool) -> _Declared | None:
+    """The planes tifffile's shaped metadata names (its series of one frame shape); None
+    where it names several series and the IFD chain is cut (a series names itself in its
+    first page: those of the series cut off are lost with them)."""
+    meta = tif.shaped_metadata
+    if not meta or (chain_cut and len(meta) > 1):
+        return None
+    shapes = [tuple(m.get("shape", ())) for m in meta]
+    if not all(len(s) >= 2 and tuple(s[-2:]) == (rows, cols) for s in shapes):
+        return None  # samples (RGB) or frames of other shapes
+    axes = str(meta[0].get("axes", ""))
+    lead = tuple(int(n) for n in shapes[0][:-2])
+    letters = axes[:-2] if len(axes) == len(shapes[0]) else "Q" * len(lead)
+    return _Declared(lead, letters.upper(), len(shapes),
+                     sum(math.prod(int(n) for n in s[:-2]) for s in shapes))
+
+
+def _next_ifd(tif: Any, offset: int) -> int | None:
+    """The offset of the IFD after the one at ``offset`` (0: none), as that IFD names it;
+    None where the file ends before it says."""
+    import struct
+
+    fh, tiff = tif.filehandle, tif.tiff
+    fh.seek(offset)
+    raw = fh.read(tiff.tagnosize)
+    if len(raw) < tiff.tagnosize:
+        return None
+    fh.seek(offset + tiff.tagnosize + int(struct.unpack(tiff.tagnoformat, raw)[0]) * tiff.tagsize)
+    raw = fh.read(tiff.offsetsize)
+    if len(raw) < tiff.offsetsize:
+        return None
+    return int(struct.unpack(tiff.offsetformat, raw)[0])
+
+
+def _found(tif: Any, size: int) -> tuple[int, int | None]:
+    """The IFDs of ``tif`` that tifffile finds and reads, and where the chain runs past the
+    end of the file (the offset of the next IFD, which is not, or is not whole, in the
+    file), else None."""
+    n = len(tif.pages)
+    try:
+        last = tif.pages[n - 1]
+    except Exception:  # the cut goes through it (tifffile: "corrupted IFD structure")
+        if n < 2:
+            raise
+        return n - 1, _next_ifd(tif, tif.pages[n - 2].offset) or size
+    after = _next_ifd(tif, last.offset)
+    if after is None:
+        return n, size
+    return n, after if after and after + tif.tiff.tagnosize > size else None
+
+
+def _whole(page: Any, size: int) -> bool:
+    """Whether a page's data lie in the file (sparse segments of offset and size 0 do; a
+    page that is missing is not cut off)."""
+    return page is None or all(
+        n == 0 or o + n <= size
+        for o, n in zip(page.dataoffsets, page.databytecounts, strict=False))
+
+
+def _block(tif: Any, n: int, total: int | None, dangling: int | None) -> int | None:
+    """Planes of one uncompressed run from the first page's data, where the pages found are
+    in it and its layout names more (the next IFD after that run, or fewer IFDs than the
+    metadata names planes, as ImageJ and tifffile write them); None otherwise."""
+    first, last = tif.pages.first, tif.pages[n - 1]
+    plane = first.nbytes
+    if not (plane and first.is_contiguous and last.is_contiguous):
+        return None
+    start = int(first.dataoffsets[0])
+    if int(last.dataoffsets[0]) != start + (n - 1) * plane:
+        return None
+    if dangling is not None:
+        planes = (dangling - start) // plane
+        return planes if planes > n else None
+    return total if total is not None and total > n else None
+
+
+def tiff_cut(tif: Any, path: Path) -> TiffCut | None:
+    """The open TIFF ``tif`` cut short: its IFD chain points past its end, a page's data
+    lie past it, or it has fewer complete planes than its own metadata (ImageJ, OME-XML,
+    tifffile's shape) names; None when it is whole (or is not one image of grayscale pages,
+    or the check fails: tifffile then reads it as before)."""
+    try:
+        return _tiff_cut(tif, path)
+    except Exception as exc:  # tifffile's own errors: the diagnosis must not refuse a file
+        log.debug("%s: the check for a cut short TIFF failed: %r", path, exc)
+        return None
+
+
+def _tiff_cut(tif: Any, path: Path) -> TiffCut | None:
+    first = tif.pages.first
+    if first.samplesperpixel != 1:
+        return None
+    rows, cols = int(first.imagelength), int(first.imagewidth)
+    size = int(tif.filehandle.size)
+    n, dangling = _found(tif, size)
+    declared = (_imagej_declared(tif) or _ome_declared(tif, path)
+                or _shaped_declared(tif, rows, cols, dangling is not None))
+    if declared is not None and declared.total < n:
+        declared = _Declared((n,), "I", 1, n)  # the metadata does not count the pages
+    total = declared.total if declared is not None else None
+    block = _block(tif, n, total, dangling)
+    if block is not None:
+        total = max(total or 0, block)
+        start = first.dataoffsets[0]
+        complete = min(total, (size - start) // first.nbytes)
+        read = _mapped(tif, path, start, complete, rows, cols)
+    else:
+        complete = n
+        while complete and not _whole(tif.pages[complete - 1], size):
+            complete -= 1
+        if total is None and dangling is None and complete == n:
+            return None
+        read = _paged(tif, rows, cols)
+    if total is not None and complete >= total:
+        return None  # only IFDs after the data are lost: every plane is there
+    if declared is None or declared.total != total:
+        declared = _Declared((total or complete,), "I", 1, total or complete)
+    kept = [(k, a) for k, a in zip(declared.lead, declared.letters, strict=True) if k > 1]
+    return TiffCut(tuple(k for k, _ in kept), "".join(a for _, a in kept), complete, total,
+                   declared.images, read)
+
+
+def _mapped(tif: Any, path: Path, start: int, complete: int, rows: int,
+            cols: int) -> Callable[[int], np.ndarray]:
+    """Plane j of the ``complete`` uncompressed planes in a row from ``start``."""
+    dtype = np.dtype(tif.pages.first.dtype)
+    stored = dtype.newbyteorder(tif.byteorder)  # the file's byte order
+    mapped = (np.memmap(path, dtype=stored, mode="r", offset=start,
+                        shape=(complete, rows, cols)) if complete else np.empty((0, rows, cols)))
+
+    def read(j: int) -> np.ndarray:
+        return np.asarray(mapped[j], dtype=dtype)
+
+    return read
+
+
+def _paged(tif: Any, rows: int, cols: int) -> Callable[[int], np.ndarray]:
+    """Plane j: page j of the file, decoded."""
+    def read(j: int) -> np.ndarray:
+        return np.asarray(tif.pages[j].asarray()).reshape(rows, cols)
+
+    return read
 
 
 def position_series(series: Sequence[Any]) -> tuple[list[Any], str | None]:
@@ -527,6 +779,11 @@ def _open_tiff(path: Path) -> ReplayStack:
     except Exception as exc:
         raise ReplayError(f"{path} cannot be read as TIFF: {exc}") from None
     try:
+        cut = tiff_cut(tif, path)  # tifffile's series may then be one plane of a stack
+        if cut is not None and cut.images == 1:
+            stack = _open_cut_tiff(tif, path, cut)
+            stack.close = tif.close
+            return stack
         all_series = list(tif.series)
         if not all_series:
             raise ReplayError(f"{path} holds no image series")
@@ -541,6 +798,11 @@ def _open_tiff(path: Path) -> ReplayStack:
             raise ReplayError(f"{path} has axes {letters}; frames must be (…, Y, X)")
         n_series = len(all_series)
         all_series, shapes = position_series(all_series)
+        if cut is not None and len(all_series) == 1:
+            raise ReplayError(f"{path} is {cut.why('planes')}, of {cut.images} image series "
+                              "(positions); a multi-position file cut short is not replayed "
+                              "where its series cannot be told apart: copy it again or give "
+                              "the complete file")
         if shapes is not None:  # e.g. a slide scanner's label or overview image beside the data
             log.warning("%s holds %d image series of different shapes or types (%s); only "
                         "the first is replayed (series of one shape play as positions): save "
@@ -569,6 +831,22 @@ def _open_tiff(path: Path) -> ReplayStack:
                           f"short?): {exc}") from None
     stack.close = tif.close
     return stack
+
+
+def _open_cut_tiff(tif: Any, path: Path, cut: TiffCut) -> ReplayStack:
+    """The complete frames of a TIFF cut short (warned), as its metadata shapes them."""
+    if cut.complete == 0:
+        raise ReplayError(f"{path} is {cut.why()}: not one frame can be replayed; copy it "
+                          "again or give the complete file")
+    first = tif.pages.first
+    shape = (*cut.lead, int(first.imagelength), int(first.imagewidth))
+    dtype = np.dtype(first.dtype)
+    planes = TiffPlanes("the file's", shape, dtype, cut.read, cut.complete)
+    axes = _tiff_axes(path, cut.letters, shape)
+    found = tiff_pixel_size(tif, path=path)
+    pixel, pixel_from = found if found is not None else (None, "")
+    log.warning("%s is %s; replaying those", path, cut.why())
+    return _planes(path, "tiff", planes, axes, pixel, pixel_from, cut.complete)
 
 
 def _readable(path: Path, data: Any) -> int | None:

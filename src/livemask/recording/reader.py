@@ -60,13 +60,16 @@ def _is_run(path: Path) -> bool:
 
 
 def find_recording(path: Path) -> Path | None:
-    """The run folder for ``path``: a run folder, its images.ome.zarr, or a folder of one run."""
+    """The run folder for ``path``: a run folder, its images.ome.zarr, or a folder of one run
+    that recorded frames (runs stopped before their first frame do not count; where no run
+    recorded any, a folder of one such run gives it)."""
     path = Path(path)
     if path.name == IMAGES and (path.parent / "frames.jsonl").is_file():
         return path.parent
     if _is_run(path):
         return path
     runs = sorted(p for p in path.glob("run-*") if _is_run(p)) if path.is_dir() else []
+    runs = [p for p in runs if (p / IMAGES / "0").is_dir()] or runs  # "0": its first frame
     return runs[-1] if len(runs) == 1 else None
 
 

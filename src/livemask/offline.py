@@ -75,7 +75,7 @@ def read_image_file(path: Path) -> ImageFile:
     else first (``PZYX``, ``PYX``). Series that differ: the first, with a warning."""
     from skimage import io
 
-    from livemask.acquisition.replay import TIFF_SUFFIXES
+    from livemask.acquisition.tiff_stack import TIFF_SUFFIXES
 
     try:
         if path.suffix.lower() in TIFF_SUFFIXES:
@@ -90,7 +90,7 @@ def read_image_file(path: Path) -> ImageFile:
 
 def _read_tiff(tif: tifffile.TiffFile, path: Path) -> ImageFile:
     """:func:`read_image_file` for an open TIFF: its position series stacked (axis P)."""
-    from livemask.acquisition.replay import position_series, tiff_cut
+    from livemask.acquisition.tiff_stack import position_series, tiff_cut
 
     cut = tiff_cut(tif, path)  # tifffile may then give one plane of a stack
     if cut is not None:
@@ -133,7 +133,7 @@ def _series_array(tif: tifffile.TiffFile, path: Path, k: int) -> np.ndarray:
 def _why_unreadable(tif: tifffile.TiffFile, path: Path, k: int) -> str | None:
     """Why series ``k`` of ``tif`` cannot be read: a plane that is corrupt, or the file cut
     short (found plane by plane); None when that does not find it."""
-    from livemask.acquisition.replay import tiff_planes
+    from livemask.acquisition.tiff_stack import tiff_planes
     from livemask.errors import ReplayError
 
     try:

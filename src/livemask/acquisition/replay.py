@@ -1,7 +1,8 @@
 """Replay: recorded or stored frames served to the pipeline as if they came from the camera.
 
 :func:`open_stack` reads a livemask recording (run folder), any OME-Zarr image (NGFF 0.4 or
-0.5) or zarr array, or a TIFF stack (tifffile), lazily where the format allows.
+0.5) or zarr array, or a TIFF stack (tifffile, read with
+:mod:`livemask.acquisition.tiff_stack`), lazily where the format allows.
 :class:`ReplaySource` implements :class:`~livemask.acquisition.source.FrameSource`: one
 frame per planned event, on its own thread, with the recorded MDA index and stage position
 (or ``{"t": i}``), paced by ``interval_s`` or the recorded timing, and, in pipelined or
@@ -43,23 +44,27 @@ from livemask.acquisition.feed import EventFeed
 from livemask.acquisition.mode import Mode
 from livemask.acquisition.pixel_size import check_square, tiff_pixel_size, um_per_unit
 from livemask.acquisition.source import DoneCallback, FeedThreadSource, FrameCallback, RawFrame
+from livemask.acquisition.tiff_stack import (
+    TIFF_SUFFIXES,
+    PositionSeries,
+    TiffCut,
+    TiffPlanes,
+    position_series,
+    readable_frames,
+    tiff_axes,
+    tiff_cut,
+    tiff_data,
+)
 from livemask.analysis.normalize import image_problem
 from livemask.errors import AcquisitionError, ReplayError
 from livemask.log import RepeatedErrors
 
 log = logging.getLogger("livemask")
 
-__all__ = [
-    "TIFF_SUFFIXES", "FrameNotStored", "ReplaySource", "ReplayStack", "TiffCut", "TiffPlanes",
-    "open_stack", "replay_pixel_size", "tiff_cut", "tiff_planes",
-]
+__all__ = ["FrameNotStored", "ReplaySource", "ReplayStack", "open_stack", "replay_pixel_size"]
 
 #: Axes a replay steps through (everything but the last two, y and x, of each frame).
 FRAME_AXES = ("t", "p", "c", "z")
-_TIFF_AXES = {"T": "t", "Z": "z", "C": "c"}
-
-#: File name endings read as TIFF (with tifffile) by ``replay`` and ``segment``: BigTIFF too.
-TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
 
 
 @dataclass
@@ -409,368 +414,6 @@ def _zarr_pixel_size(path: Path, ms: dict[str, Any], dataset: dict[str, Any]) ->
     return None
 
 
-class _Series:
-    """Same-shaped series of a TIFF as one array, with a position axis ``p`` at ``at``."""
-
-    def __init__(self, arrays: Sequence[Any], at: int) -> None:
-        self.arrays = arrays
-        self.at = at
-        shape = tuple(int(n) for n in arrays[0].shape)
-        self.shape = (*shape[:at], len(arrays), *shape[at:])
-        self.dtype = arrays[0].dtype
-
-    def __getitem__(self, where: tuple[int, ...]) -> Any:
-        return self.arrays[where[self.at]][(*where[:self.at], *where[self.at + 1:])]
-
-    def readable(self) -> int:
-        """Frames (C order of the leading axes) before the first one cut off a truncated
-        file."""
-        lead, first = self.shape[:-2], math.prod(self.shape[:-2])
-        for k, array in enumerate(self.arrays):
-            complete = getattr(array, "complete", None)
-            if complete is not None and complete < math.prod(array.shape[:-2]):
-                where = [int(n) for n in np.unravel_index(complete, array.shape[:-2])]
-                where.insert(self.at, k)
-                first = min(first, int(np.ravel_multi_index(where, lead)))
-        return first
-
-
-class TiffPlanes:
-    """One series of a TIFF, read a plane at a time: ``[where]`` (an index of its leading
-    axes) reads that plane. Planes from ``complete`` on (in the file's order, C order of the
-    leading axes) lie past the end of a truncated file."""
-
-    def __init__(self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any],
-                 read: Callable[[int], np.ndarray], complete: int | None = None) -> None:
-        self.name = name  # "the file's" or "the file's series 2,"
-        self.shape = shape
-        self.dtype = dtype
-        self.planes = math.prod(shape[:-2])
-        self.complete = self.planes if complete is None else complete
-        self._read = read
-
-    def __getitem__(self, where: tuple[int, ...]) -> np.ndarray:
-        lead = self.shape[:-2]
-        j = int(np.ravel_multi_index(where, lead)) if lead else 0
-        if j >= self.complete:
-            raise ReplayError(f"{self.name} plane {j} is past its end: the file is cut short "
-                              f"(truncated) after {self.complete} of {self.planes} planes")
-        try:
-            return self._read(j)
-        except ReplayError:
-            raise
-        except Exception as exc:  # zlib, imagecodecs, tifffile: each has its own errors
-            raise ReplayError(f"{self.name} plane {j} is corrupt ({type(exc).__name__}: "
-                              f"{exc})") from None
-
-
-def tiff_planes(tif: Any, path: Path, k: int) -> TiffPlanes | None:
-    """Series ``k`` of the open TIFF ``tif``, read plane by plane where it is stored so: one
-    page per plane (compressed or scattered pages), or uncompressed planes in a row that the
-    file cuts short (those before the cut are memory-mapped); None otherwise."""
-    series = tif.series[k]
-    shape = tuple(int(n) for n in series.shape)
-    if len(shape) < 2:
-        return None
-    rows, cols = shape[-2:]
-    planes = math.prod(shape[:-2])
-    offset = series.dataoffset
-    if offset is not None and offset + series.nbytes > path.stat().st_size:
-        return _truncated_planes(tif, path, k, offset)
-    name = f"the file's series {k}," if len(tif.series) > 1 else "the file's"
-    keyframe = getattr(series, "keyframe", None)
-    if len(series) != planes or keyframe is None or keyframe.size != rows * cols:
-        return None
-
-    def read(j: int) -> np.ndarray:
-        page = series[j]
-        if page is None:
-            raise ReplayError(f"{name} plane {j} is missing (its metadata names a page that "
-                              "is not in the file)")
-        return np.asarray(page.asarray()).reshape(rows, cols)
-
-    size, complete = path.stat().st_size, planes  # pages from the first cut off on: cut short
-    while complete and not _whole(series[complete - 1], size):
-        complete -= 1
-    return TiffPlanes(name, shape, series.dtype, read, complete)
-
-
-def _truncated_planes(tif: Any, path: Path, k: int, offset: int) -> TiffPlanes:
-    """Series ``k`` of ``tif``, uncompressed planes in a row from ``offset`` that the file
-    cuts short: the complete ones memory-mapped."""
-    series = tif.series[k]
-    shape = tuple(int(n) for n in series.shape)
-    rows, cols = shape[-2:]
-    plane_bytes = max(1, rows * cols * series.dtype.itemsize)
-    complete = max(0, min(math.prod(shape[:-2]), (path.stat().st_size - offset) // plane_bytes))
-    stored = np.dtype(tif.byteorder + series.dtype.char)  # the file's byte order
-    mapped = (np.memmap(path, dtype=stored, mode="r", offset=offset,
-                        shape=(complete, rows, cols)) if complete else np.empty((0, rows, cols)))
-
-    def read(j: int) -> np.ndarray:
-        return np.asarray(mapped[j], dtype=series.dtype)
-
-    name = f"the file's series {k}," if len(tif.series) > 1 else "the file's"
-    return TiffPlanes(name, shape, series.dtype, read, complete)
-
-
-#: ImageJ's plane orders (``order=`` in its metadata) as tifffile reads them: the axes of
-#: its planes, outermost first
-_IMAGEJ_ORDERS = {"czt": "TZC", "ctz": "ZTC", "zct": "TCZ", "ztc": "CTZ", "tcz": "ZCT",
-                  "tzc": "CZT"}
-
-
-@dataclass
-class TiffCut:
-    """A TIFF cut short (truncated): its planes (pages, in the file's order) as its own
-    metadata or layout names them, and how many are complete in the file."""
-
-    lead: tuple[int, ...]  # the planes' axes (outermost first) as its metadata names them
-    letters: str  # their tifffile letters ("TZC", "I", …)
-    complete: int  # planes complete in the file, in its order
-    total: int | None  # planes it names; None: the file does not say
-    images: int  # image series (positions) its metadata names
-    read: Callable[[int], np.ndarray]  # plane j (j < complete), (rows, cols)
-
-    def why(self, noun: str = "frames") -> str:
-        """What is wrong, e.g. "cut short (truncated: …): only its first 2 of 8 frames are
-        complete"."""
-        of = f" of {self.total}" if self.total is not None else ""
-        unknown = "" if self.total is not None else " (it does not say how many it had)"
-        return ("cut short (truncated: its writer did not finish, or it was copied in part): "
-                f"only its first {self.complete}{of} {noun} are complete{unknown}")
-
-
-@dataclass(frozen=True)
-class _Declared:
-    """The planes a TIFF's metadata names: its first image's axes (shape, tifffile letters,
-    outermost first), its images (series, positions) and their planes in all."""
-
-    lead: tuple[int, ...]
-    letters: str
-    images: int
-    total: int
-
-
-def _imagej_declared(tif: Any) -> _Declared | None:
-    """The planes an ImageJ TIFF's metadata names (frames, slices, channels; else images)."""
-    meta = tif.imagej_metadata
-    if not meta:
-        return None
-    sizes = {"T": meta.get("frames", 1), "Z": meta.get("slices", 1),
-             "C": meta.get("channels", 1)}
-    if not all(isinstance(n, int) and n >= 1 for n in sizes.values()):
-        return None
-    letters = _IMAGEJ_ORDERS.get(str(meta.get("order", "czt")).lower(), "TZC")
-    lead = tuple(sizes[a] for a in letters)
-    images = meta.get("images", 1)
-    if math.prod(lead) == 1 and isinstance(images, int) and images > 1:
-        return _Declared((images,), "I", 1, images)
-    return _Declared(lead, letters, 1, math.prod(lead))
-
-
-def _ome_declared(tif: Any, path: Path) -> _Declared | None:
-    """The planes an OME-TIFF's XML names (its images' SizeZ, SizeC, SizeT); None where it
-    names planes in other files (a multi-file set) or RGB planes."""
-    from xml.etree import ElementTree
-
-    text = str(tif.pages.first.description or "")
-    if not text.lstrip().startswith("<") or "OME" not in text[:1000]:
-        return None
-    try:
-        root = ElementTree.fromstring(text)
-    except ElementTree.ParseError:
-        return None
-
-    def local(e: Any) -> str:
-        return str(e.tag).rsplit("}", 1)[-1]
-
-    if any(local(e) == "UUID" and e.get("FileName", path.name) != path.name
-           for e in root.iter()):
-        return None
-    pixels = [p for e in root if local(e) == "Image" for p in e if local(p) == "Pixels"]
-    leads: list[tuple[int, ...]] = []
-    try:
-        for px in pixels:
-            if any(int(c.get("SamplesPerPixel", "1")) > 1 for c in px if local(c) == "Channel"):
-                return None  # RGB: planes are not pages
-            order = str(px.get("DimensionOrder", "XYZCT"))[2:][::-1]
-            leads.append(tuple(int(px.get(f"Size{a}", "1")) for a in order))
-    except ValueError:
-        return None
-    if not leads:
-        return None
-    order = str(pixels[0].get("DimensionOrder", "XYZCT"))[2:][::-1]
-    return _Declared(leads[0], order, len(leads), sum(math.prod(s) for s in leads))
-
-
-def _shaped_declared(tif: Any, rows: int, cols: int, chain_cut: bool) -> _Declared | None:
-    """The planes tifffile's shaped metadata names (its series of one frame shape); None
-    where it names several series and the IFD chain is cut (a series names itself in its
-    first page: those of the series cut off are lost with them)."""
-    meta = tif.shaped_metadata
-    if not meta or (chain_cut and len(meta) > 1):
-        return None
-    shapes = [tuple(m.get("shape", ())) for m in meta]
-    if not all(len(s) >= 2 and tuple(s[-2:]) == (rows, cols) for s in shapes):
-        return None  # samples (RGB) or frames of other shapes
-    axes = str(meta[0].get("axes", ""))
-    lead = tuple(int(n) for n in shapes[0][:-2])
-    letters = axes[:-2] if len(axes) == len(shapes[0]) else "Q" * len(lead)
-    return _Declared(lead, letters.upper(), len(shapes),
-                     sum(math.prod(int(n) for n in s[:-2]) for s in shapes))
-
-
-def _next_ifd(tif: Any, offset: int) -> int | None:
-    """The offset of the IFD after the one at ``offset`` (0: none), as that IFD names it;
-    None where the file ends before it says."""
-    import struct
-
-    fh, tiff = tif.filehandle, tif.tiff
-    fh.seek(offset)
-    raw = fh.read(tiff.tagnosize)
-    if len(raw) < tiff.tagnosize:
-        return None
-    fh.seek(offset + tiff.tagnosize + int(struct.unpack(tiff.tagnoformat, raw)[0]) * tiff.tagsize)
-    raw = fh.read(tiff.offsetsize)
-    if len(raw) < tiff.offsetsize:
-        return None
-    return int(struct.unpack(tiff.offsetformat, raw)[0])
-
-
-def _found(tif: Any, size: int) -> tuple[int, int | None]:
-    """The IFDs of ``tif`` that tifffile finds and reads, and where the chain runs past the
-    end of the file (the offset of the next IFD, which is not, or is not whole, in the
-    file), else None."""
-    n = len(tif.pages)
-    try:
-        last = tif.pages[n - 1]
-    except Exception:  # the cut goes through it (tifffile: "corrupted IFD structure")
-        if n < 2:
-            raise
-        return n - 1, _next_ifd(tif, tif.pages[n - 2].offset) or size
-    after = _next_ifd(tif, last.offset)
-    if after is None:
-        return n, size
-    return n, after if after and after + tif.tiff.tagnosize > size else None
-
-
-def _whole(page: Any, size: int) -> bool:
-    """Whether a page's data lie in the file (sparse segments of offset and size 0 do; a
-    page that is missing is not cut off)."""
-    return page is None or all(
-        n == 0 or o + n <= size
-        for o, n in zip(page.dataoffsets, page.databytecounts, strict=False))
-
-
-def _block(tif: Any, n: int, total: int | None, dangling: int | None) -> int | None:
-    """Planes of one uncompressed run from the first page's data, where the pages found are
-    in it and its layout names more (the next IFD after that run, or fewer IFDs than the
-    metadata names planes, as ImageJ and tifffile write them); None otherwise."""
-    first, last = tif.pages.first, tif.pages[n - 1]
-    plane = first.nbytes
-    if not (plane and first.is_contiguous and last.is_contiguous):
-        return None
-    start = int(first.dataoffsets[0])
-    if int(last.dataoffsets[0]) != start + (n - 1) * plane:
-        return None
-    if dangling is not None:
-        planes = (dangling - start) // plane
-        return planes if planes > n else None
-    return total if total is not None and total > n else None
-
-
-def tiff_cut(tif: Any, path: Path) -> TiffCut | None:
-    """The open TIFF ``tif`` cut short: its IFD chain points past its end, a page's data
-    lie past it, or it has fewer complete planes than its own metadata (ImageJ, OME-XML,
-    tifffile's shape) names; None when it is whole (or is not one image of grayscale pages,
-    or the check fails: tifffile then reads it as before)."""
-    try:
-        return _tiff_cut(tif, path)
-    except Exception as exc:  # tifffile's own errors: the diagnosis must not refuse a file
-        log.debug("%s: the check for a cut short TIFF failed: %r", path, exc)
-        return None
-
-
-def _tiff_cut(tif: Any, path: Path) -> TiffCut | None:
-    first = tif.pages.first
-    if first.samplesperpixel != 1:
-        return None
-    rows, cols = int(first.imagelength), int(first.imagewidth)
-    size = int(tif.filehandle.size)
-    n, dangling = _found(tif, size)
-    declared = (_imagej_declared(tif) or _ome_declared(tif, path)
-                or _shaped_declared(tif, rows, cols, dangling is not None))
-    if declared is not None and declared.total < n:
-        declared = _Declared((n,), "I", 1, n)  # the metadata does not count the pages
-    total = declared.total if declared is not None else None
-    block = _block(tif, n, total, dangling)
-    if block is not None:
-        total = max(total or 0, block)
-        start = first.dataoffsets[0]
-        complete = min(total, (size - start) // first.nbytes)
-        read = _mapped(tif, path, start, complete, rows, cols)
-    else:
-        complete = n
-        while complete and not _whole(tif.pages[complete - 1], size):
-            complete -= 1
-        if total is None and dangling is None and complete == n:
-            return None
-        read = _paged(tif, rows, cols)
-    if total is not None and complete >= total:
-        return None  # only IFDs after the data are lost: every plane is there
-    if declared is None or declared.total != total:
-        declared = _Declared((total or complete,), "I", 1, total or complete)
-    kept = [(k, a) for k, a in zip(declared.lead, declared.letters, strict=True) if k > 1]
-    return TiffCut(tuple(k for k, _ in kept), "".join(a for _, a in kept), complete, total,
-                   declared.images, read)
-
-
-def _mapped(tif: Any, path: Path, start: int, complete: int, rows: int,
-            cols: int) -> Callable[[int], np.ndarray]:
-    """Plane j of the ``complete`` uncompressed planes in a row from ``start``."""
-    dtype = np.dtype(tif.pages.first.dtype)
-    stored = dtype.newbyteorder(tif.byteorder)  # the file's byte order
-    mapped = (np.memmap(path, dtype=stored, mode="r", offset=start,
-                        shape=(complete, rows, cols)) if complete else np.empty((0, rows, cols)))
-
-    def read(j: int) -> np.ndarray:
-        return np.asarray(mapped[j], dtype=dtype)
-
-    return read
-
-
-def _paged(tif: Any, rows: int, cols: int) -> Callable[[int], np.ndarray]:
-    """Plane j: page j of the file, decoded."""
-    def read(j: int) -> np.ndarray:
-        return np.asarray(tif.pages[j].asarray()).reshape(rows, cols)
-
-    return read
-
-
-def position_series(series: Sequence[Any]) -> tuple[list[Any], str | None]:
-    """The image series of a TIFF (tifffile's ``TiffFile.series``, at least one) that are
-    its stage positions, and None; or, when they differ in shape or pixel type, the first
-    alone and every series' shape and type, for a warning.
-
-    An OME-TIFF holds one series per position (as Micro-Manager and tifffile write them);
-    series that differ are something else (a slide scanner's label or overview image)."""
-    kinds = {(tuple(s.shape), np.dtype(s.dtype).str) for s in series}
-    if len(kinds) <= 1:
-        return list(series), None
-    return [series[0]], ", ".join(f"{tuple(s.shape)} {np.dtype(s.dtype)}" for s in series)
-
-
-def _tiff_axes(path: Path, letters: str, shape: tuple[int, ...]) -> list[str]:
-    """The replay axes of a TIFF series' leading axes (``letters`` without Y, X)."""
-    if len(letters) != 1:
-        return [_TIFF_AXES.get(a, a) for a in letters]
-    if letters != "T":  # ImageJ saves a plain stack as Z, tifffile a 3-D one as C or Q
-        log.info("%s: its one stack axis %r (%d planes) is replayed as time points (t)",
-                 path, letters, shape[0])
-    return ["t"]
-
-
 def _open_tiff(path: Path) -> ReplayStack:
     import tifffile
 
@@ -808,19 +451,19 @@ def _open_tiff(path: Path) -> ReplayStack:
                         "the first is replayed (series of one shape play as positions): save "
                         "the others as files of their own to replay them", path,
                         n_series, shapes)
-        axes = _tiff_axes(path, letters[:-2], shape)
+        axes = tiff_axes(path, letters[:-2], shape)
         _check(path, shape, np.dtype(series.dtype), axes)
         found = tiff_pixel_size(tif, path=path)  # as `livemask segment` reads it
         pixel, pixel_from = found if found is not None else (None, "")
-        arrays = [_tiff_data(tif, path, k, shape) for k in range(len(all_series))]
+        arrays = [tiff_data(tif, path, k, shape) for k in range(len(all_series))]
         data: Any = arrays[0]
         if len(arrays) > 1:  # an OME-TIFF of several positions: one series each
             at = 1 if axes[:1] == ["t"] else 0  # the time points outermost, as acquired
-            data = _Series(arrays, at)
+            data = PositionSeries(arrays, at)
             axes = [*axes[:at], "p", *axes[at:]]
             log.info("%s: its %d image series are replayed as positions (p)", path,
                      len(arrays))
-        readable = _readable(path, data)
+        readable = readable_frames(path, data)
         stack = _planes(path, "tiff", data, axes, pixel, pixel_from, readable)
     except ReplayError:
         tif.close()
@@ -842,43 +485,11 @@ def _open_cut_tiff(tif: Any, path: Path, cut: TiffCut) -> ReplayStack:
     shape = (*cut.lead, int(first.imagelength), int(first.imagewidth))
     dtype = np.dtype(first.dtype)
     planes = TiffPlanes("the file's", shape, dtype, cut.read, cut.complete)
-    axes = _tiff_axes(path, cut.letters, shape)
+    axes = tiff_axes(path, cut.letters, shape)
     found = tiff_pixel_size(tif, path=path)
     pixel, pixel_from = found if found is not None else (None, "")
     log.warning("%s is %s; replaying those", path, cut.why())
     return _planes(path, "tiff", planes, axes, pixel, pixel_from, cut.complete)
-
-
-def _readable(path: Path, data: Any) -> int | None:
-    """How many frames of a truncated TIFF are complete before the first one cut off
-    (logged); None when the file is whole. ReplayError when none is."""
-    frames = math.prod(data.shape[:-2])
-    readable = data.readable() if isinstance(data, _Series) else getattr(data, "complete", frames)
-    if readable >= frames:
-        return None
-    if readable == 0:
-        raise ReplayError(f"{path} is cut short (truncated): not one of its {frames} frames is "
-                          "complete in the file; copy it again or give the complete file")
-    log.warning("%s is cut short (truncated: its writer did not finish, or it was copied in "
-                "part): only its first %d of %d frames are complete; replaying those",
-                path, readable, frames)
-    return readable
-
-
-def _tiff_data(tif: Any, path: Path, k: int, shape: tuple[int, ...]) -> Any:
-    """Series ``k`` of ``tif``: memory-mapped where it is uncompressed and contiguous, else
-    read a plane at a time (:func:`tiff_planes`: a corrupt plane is then one unreadable
-    frame), else read whole."""
-    import tifffile
-
-    try:
-        return np.asarray(tifffile.memmap(path, series=k, mode="r")).reshape(shape)
-    except (ValueError, OSError):  # compressed, not contiguous, or cut short
-        pass
-    planes = tiff_planes(tif, path, k)
-    if planes is not None:
-        return planes
-    return np.asarray(tif.series[k].asarray()).reshape(shape)
 
 
 def replay_pixel_size(stack: ReplayStack, configured: float | None) -> float | None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,3 +70,44 @@ def short_time_walks(monkeypatch: pytest.MonkeyPatch) -> None:
             yield delta
 
     monkeypatch.setattr(useq.TIntervalLoops, "deltas", limited)
+
+
+@pytest.fixture
+def livemask_log() -> Iterator[list[logging.LogRecord]]:
+    """The records of the ``livemask`` logger (which need not propagate to the root)."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = logging.getLogger("livemask")
+    handler, level = Keep(logging.DEBUG), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+@pytest.fixture
+def raw_socket() -> Iterator[Any]:
+    """``make(kind, address)``: a pyzmq asyncio socket of ``kind`` connected to ``address``
+    (no linger), closed after the test."""
+    import zmq
+    import zmq.asyncio
+
+    socks: list[zmq.asyncio.Socket] = []
+
+    def make(kind: int, address: str) -> zmq.asyncio.Socket:
+        sock = zmq.asyncio.Context.instance().socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(address)
+        socks.append(sock)
+        return sock
+
+    yield make
+    for s in socks:
+        s.close(linger=0)

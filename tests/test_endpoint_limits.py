@@ -13,7 +13,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import pytest
@@ -137,22 +137,6 @@ async def control() -> AsyncIterator[ControlServer]:
     srv.close()
 
 
-@pytest.fixture
-def zsocket() -> Iterator[Any]:
-    socks: list[zmq.asyncio.Socket] = []
-
-    def make(kind: int, address: str) -> zmq.asyncio.Socket:
-        sock = zmq.asyncio.Context.instance().socket(kind)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(address)
-        socks.append(sock)
-        return sock
-
-    yield make
-    for s in socks:
-        s.close(linger=0)
-
-
 def _request(i: int) -> bytes:
     return json.dumps({"id": i, "cmd": "status"}).encode()
 
@@ -163,11 +147,11 @@ async def _reply(sock: zmq.asyncio.Socket) -> list[bytes]:
 
 
 async def test_a_request_of_several_frames_is_refused_and_not_echoed(
-    control: ControlServer, zsocket: Any
+    control: ControlServer, raw_socket: Any
 ) -> None:
     """Before, every frame but the last came back as the reply's envelope: 2 × 15 MiB in,
     30 MiB queued back out."""
-    dealer = zsocket(zmq.DEALER, control.bound_address)
+    dealer = raw_socket(zmq.DEALER, control.bound_address)
     await dealer.send_multipart([b"a" * 1000, b"b" * 1000, _request(1)])
     (reply,) = await _reply(dealer)
     assert json.loads(reply)["error"]["code"] == "bad_request"
@@ -175,7 +159,7 @@ async def test_a_request_of_several_frames_is_refused_and_not_echoed(
     await dealer.send_multipart([b"a" * 1000, _request(2)])  # a wrong 2-frame one as well
     (reply,) = await _reply(dealer)
     assert json.loads(reply)["error"]["code"] == "bad_request"
-    req = zsocket(zmq.REQ, control.bound_address)
+    req = raw_socket(zmq.REQ, control.bound_address)
     await req.send_multipart([b"x" * 1000, _request(3)])
     (reply,) = await _reply(req)  # REQ gets its reply (it needs the empty delimiter)
     assert json.loads(reply)["error"]["code"] == "bad_request"
@@ -194,14 +178,14 @@ async def test_the_control_server_queues_few_requests_of_one_client(
 
 
 async def test_the_control_server_drops_a_peer_that_does_not_answer_heartbeats(
-    control: ControlServer, zsocket: Any
+    control: ControlServer, raw_socket: Any
 ) -> None:
     peer = zmtp_peer(control.bound_address, b"DEALER")
     try:
         assert await asyncio.to_thread(closed_by_peer, peer)
     finally:
         peer.close()
-    dealer = zsocket(zmq.DEALER, control.bound_address)  # a libzmq client stays
+    dealer = raw_socket(zmq.DEALER, control.bound_address)  # a libzmq client stays
     await asyncio.sleep(0.5)
     await dealer.send(_request(1))
     assert json.loads((await _reply(dealer))[0])["ok"] is True

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,26 +14,6 @@ from skimage import io as skimage_io
 
 from livemask.acquisition.simulated.nuclei import NucleiSample
 from livemask.offline import read_image_file, read_stack, segment_file
-
-
-@pytest.fixture
-def livemask_log() -> Iterator[list[logging.LogRecord]]:
-    """The records of the ``livemask`` logger (which need not propagate to the root)."""
-    records: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    logger = logging.getLogger("livemask")
-    handler, level = Keep(logging.DEBUG), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 def _messages(records: list[logging.LogRecord]) -> str:

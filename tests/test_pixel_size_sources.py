@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,26 +23,6 @@ from tests.conftest import make_config
 from tests.test_recording import _run_dir, _run_to_end
 
 runner = CliRunner()
-
-
-@pytest.fixture
-def livemask_log() -> Iterator[list[logging.LogRecord]]:
-    """The records of the ``livemask`` logger (which need not propagate to the root)."""
-    records: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    logger = logging.getLogger("livemask")
-    handler, level = Keep(logging.DEBUG), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 def _warnings(records: list[logging.LogRecord]) -> str:

@@ -40,6 +40,17 @@ async def _until(check: Any, what: str, timeout_s: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
+async def _browser_blocked_in_a_send(dashboard: Any) -> Any:
+    """The dashboard's one browser (connected by :func:`_ws_that_never_reads`), once its
+    pump has taken an image bigger than the socket buffers and waits in aiohttp's drain
+    (the write is synchronous; the drain is its only await)."""
+    await _until(lambda: len(dashboard.browsers) == 1, "the browser did not connect")
+    browser = next(iter(dashboard.browsers))
+    browser.offer_image(bytes(32 << 20))
+    await _until(lambda: browser.image is None, "the pump did not take the image")
+    return browser
+
+
 async def test_shutdown_completes_when_a_browser_does_not_read_its_websocket() -> None:
     """Closing the browser's pump, blocked in aiohttp's drain, cancelled the drain future
     that ``ws.close()`` then waited on: a CancelledError ended ``Service.close`` before it
@@ -51,12 +62,7 @@ async def test_shutdown_completes_when_a_browser_does_not_read_its_websocket() -
     assert dashboard is not None
     sock = _ws_that_never_reads(dashboard.port)
     try:
-        await _until(lambda: len(dashboard.browsers) == 1, "the browser did not connect")
-        browser = next(iter(dashboard.browsers))
-        browser.offer_image(bytes(32 << 20))  # more than the socket buffers take
-        # the pump took the image and has not sent it: it waits in the drain (the write is
-        # synchronous; the drain is its only await)
-        await _until(lambda: browser.image is None, "the pump did not take the image")
+        browser = await _browser_blocked_in_a_send(dashboard)
         assert browser.images_sent == 0 and browser.task is not None
         assert not browser.task.done()
         try:
@@ -199,10 +205,7 @@ async def test_close_completes_in_an_owner_task_that_is_being_cancelled() -> Non
     assert dashboard is not None
     sock = _ws_that_never_reads(dashboard.port)
     try:
-        await _until(lambda: len(dashboard.browsers) == 1, "the browser did not connect")
-        browser = next(iter(dashboard.browsers))
-        browser.offer_image(bytes(32 << 20))
-        await _until(lambda: browser.image is None, "the pump did not take the image")
+        await _browser_blocked_in_a_send(dashboard)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

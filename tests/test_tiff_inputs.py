@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,26 +18,6 @@ from livemask.offline import read_image_file, segment_file
 from tests.test_recording import _wait
 
 FRAMES, SHAPE = 10, (48, 64)
-
-
-@pytest.fixture
-def livemask_log() -> Iterator[list[logging.LogRecord]]:
-    """The records of the ``livemask`` logger (which need not propagate to the root)."""
-    records: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    logger = logging.getLogger("livemask")
-    handler, level = Keep(logging.DEBUG), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 def _frames() -> np.ndarray:

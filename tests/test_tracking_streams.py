@@ -24,15 +24,21 @@ def _raw(index: dict[str, int], squares: list[tuple[int, int]], x_um: float) -> 
     return RawFrame(image, event, time.time(), {"x_um": x_um}, None)
 
 
-async def test_frames_with_a_client_index_key_are_a_stream_of_their_own() -> None:
-    """Bug hunt: a client's burst enqueued with index {t, p, ext} (as
-    examples/mitosis_controller.py does) at another field was linked into position p's
-    tracks. Now, as for publish.frame_every, every index key but t tells the stream."""
+def _tracking_pipeline() -> tuple[Pipeline, MemoryPublisher]:
+    """A started synchronized pipeline with tracking (threshold "model") and its publisher."""
     pipe = Pipeline(Segmenter(ModelCard(name="fake", file="none.onnx"), ThresholdBackend()),
                     pub := MemoryPublisher(), mode="synchronized")
     pipe.source = RecordingSource()
     pipe.tracker = PositionTrackers()
     pipe.start()
+    return pipe, pub
+
+
+async def test_frames_with_a_client_index_key_are_a_stream_of_their_own() -> None:
+    """Bug hunt: a client's burst enqueued with index {t, p, ext} (as
+    examples/mitosis_controller.py does) at another field was linked into position p's
+    tracks. Now, as for publish.frame_every, every index key but t tells the stream."""
+    pipe, pub = _tracking_pipeline()
     try:
         for t in range(4):
             pipe.submit(_raw({"t": t, "p": 0}, [(10, 10), (40, 30)], 0.0))
@@ -66,11 +72,7 @@ async def test_a_split_after_an_exposure_halving_is_no_division() -> None:
     """Bug hunt: a nucleus the segmentation splits in two right after ``set exposure_ms``
     halves the exposure read as a division (the halves' signal is half the parent's); the
     pipeline now gives the tracker each frame's exposure, so the signal per ms compares."""
-    pipe = Pipeline(Segmenter(ModelCard(name="fake", file="none.onnx"), ThresholdBackend()),
-                    pub := MemoryPublisher(), mode="synchronized")
-    pipe.source = RecordingSource()
-    pipe.tracker = PositionTrackers()
-    pipe.start()
+    pipe, pub = _tracking_pipeline()
     try:
         for t in range(4):
             image = np.full((64, 64), 100, np.uint16)

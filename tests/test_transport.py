@@ -504,22 +504,6 @@ def client_factory() -> Iterator[Any]:
         c.close()
 
 
-@pytest.fixture
-async def raw_socket() -> AsyncIterator[Any]:
-    socks: list[zmq.asyncio.Socket] = []
-
-    def make(kind: int, address: str) -> zmq.asyncio.Socket:
-        sock = zmq.asyncio.Context.instance().socket(kind)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(address)
-        socks.append(sock)
-        return sock
-
-    yield make
-    for s in socks:
-        s.close(linger=0)
-
-
 async def call(client: ControlClient, cmd: str, **args: Any) -> Any:
     """Run the blocking client in a thread so the server's loop keeps running."""
     return await asyncio.to_thread(client.request, cmd, **args)

@@ -169,6 +169,32 @@ async def test_a_request_of_several_frames_is_refused_and_not_echoed(
         assert json.loads(reply) == {"id": i, "ok": True, "result": {"cmd": "status"}}
 
 
+async def test_a_req_client_behind_a_proxy_is_answered(
+    control: ControlServer, raw_socket: Any
+) -> None:
+    """Review: a REQ reaching the service through a ROUTER/DEALER proxy (zmq.proxy) sends
+    [proxy, client, b"", request]; that was refused to [proxy] only, which the proxy could
+    not route: the client heard nothing."""
+    front = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
+    front.setsockopt(zmq.LINGER, 0)
+    port = front.bind_to_random_port("tcp://127.0.0.1")
+    back = raw_socket(zmq.DEALER, control.bound_address)
+    client = raw_socket(zmq.REQ, f"tcp://127.0.0.1:{port}")
+    try:
+        for i, frames in ((1, [_request(1)]), (2, [b"x" * 10, _request(2)])):
+            await client.send_multipart(frames)
+            await back.send_multipart(await _reply(front))  # the proxy's two hops
+            await front.send_multipart(await _reply(back))
+            (reply,) = await _reply(client)
+            got = json.loads(reply)
+            if i == 1:
+                assert got == {"id": 1, "ok": True, "result": {"cmd": "status"}}
+            else:  # a refusal reaches the proxied client too
+                assert got["error"]["code"] == "bad_request"
+    finally:
+        front.close(linger=0)
+
+
 async def test_the_control_server_queues_few_requests_of_one_client(
     control: ControlServer,
 ) -> None:

@@ -27,6 +27,10 @@ MAX_REQUEST_BYTES = 16 * 1024 * 1024
 #: that client's connection meanwhile (its requests wait, none is lost). libzmq's default,
 #: 1000, let one client that pipelined 15 MiB requests hold ≈ 15 GB in the service.
 MAX_QUEUED_REQUESTS = 8
+#: Routing frames (proxies' peer identities) a request may carry before its empty
+#: delimiter, and the size of each: they are sent back with the reply.
+MAX_ROUTING_FRAMES = 8
+MAX_ROUTING_BYTES = 255
 #: Replies queued in the service for one client that does not read them; more are dropped
 #: (that client times out on them). The client's own receive queue and the kernel's socket
 #: buffers hold more first, so a client sees drops only far beyond this. libzmq's default,
@@ -171,12 +175,20 @@ class ControlServer:
 
 
 def _split(frames: list[zmq.Frame]) -> tuple[list[bytes], bytes | None]:
-    """``(reply envelope, request)`` of a ROUTER message: ``[identity, request]`` (DEALER)
-    or ``[identity, b"", request]`` (REQ). For any other shape the request is None and the
-    envelope only the identity (and the empty delimiter a REQ peer needs): the other frames
-    are never sent back."""
+    """``(reply envelope, request)`` of a ROUTER message: ``[identity, request]`` (DEALER),
+    ``[identity, b"", request]`` (REQ) or ``[identity, *routing, b"", request]`` (a REQ
+    behind ROUTER/DEALER proxies: at most :data:`MAX_ROUTING_FRAMES` routing identities of
+    at most :data:`MAX_ROUTING_BYTES` each). For any other shape the request is None and
+    the envelope holds only what routes the refusal back (small routing frames and the
+    empty delimiter): other frames are never sent back."""
     identity, rest = frames[0].bytes, frames[1:]
-    delimiter = [b""] if len(rest) > 1 and len(rest[0]) == 0 else []
-    if len(rest) == 1 + len(delimiter):
-        return [identity, *delimiter], rest[-1].bytes
-    return [identity, *delimiter], None
+    empty = next((k for k, f in enumerate(rest) if len(f) == 0), None)
+    if empty is None:  # a DEALER's own frames
+        return [identity], rest[0].bytes if len(rest) == 1 else None
+    routing = rest[:empty]
+    routable = (len(routing) <= MAX_ROUTING_FRAMES
+                and all(len(f) <= MAX_ROUTING_BYTES for f in routing))
+    envelope = [identity, *(f.bytes for f in routing), b""] if routable else [identity, b""]
+    if routable and len(rest) == empty + 2:
+        return envelope, rest[-1].bytes
+    return envelope, None

@@ -432,21 +432,24 @@ async def test_malformed_requests_log_one_line_not_a_traceback_each(
 def test_the_http_log_filter_shows_a_repeat_again_with_its_count() -> None:
     from livemask.log import HttpLogFilter
 
-    filt = HttpLogFilter(every_s=3600.0)
-    err = ValueError("bad\nthing")
+    filt = HttpLogFilter((ValueError,), every_s=3600.0)
 
-    def record() -> logging.LogRecord:
+    def record(err: Exception) -> logging.LogRecord:
         return logging.LogRecord("livemask.http", logging.ERROR, "x.py", 1,
                                  "Error handling request from %s", ("1.2.3.4",),
-                                 (ValueError, err, None))
+                                 (type(err), err, None))
 
-    assert filt.filter(first := record())
+    assert filt.filter(first := record(ValueError("bad\nthing")))
     assert first.getMessage() == "Error handling request from 1.2.3.4: ValueError: bad thing"
-    assert first.levelno == logging.ERROR  # not a client error type: stays an error
-    assert not filt.filter(record()) and not filt.filter(record())
+    assert first.levelno == logging.WARNING and first.exc_info is None  # a client's error
+    assert not filt.filter(record(ValueError("x"))) and not filt.filter(record(ValueError("y")))
     filt.every_s = 0.0
-    assert filt.filter(again := record())
+    assert filt.filter(again := record(ValueError("z")))
     assert "(and 2 more in the last" in again.getMessage()
+    # review: a handler's own failure (a 500, a bug) keeps its traceback, every time
+    for _ in range(3):
+        assert filt.filter(bug := record(KeyError("bug in handler")))
+        assert bug.levelno == logging.ERROR and bug.exc_info is not None
 
 
 def test_the_config_takes_a_bounded_number_of_rules() -> None:

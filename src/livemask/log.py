@@ -157,9 +157,10 @@ HTTP_LOGGER_NAME = "livemask.http"
 
 
 class HttpLogFilter(logging.Filter):
-    """The dashboard's HTTP server log: each record one line (its exception's type and
-    message, no traceback), an error of a ``client_errors`` type (a malformed request) a
-    WARNING, each kind at most once per ``every_s`` seconds with a count of those left out.
+    """The dashboard's HTTP server log: an error of a ``client_errors`` type (a malformed
+    request) is one WARNING line (its exception's type and message, no traceback), each kind
+    at most once per ``every_s`` seconds with a count of those left out; anything else (a
+    handler's own failure: a bug) passes whole.
     aiohttp wrote a traceback of ≈ 40 times the bytes of each malformed request (≈ 1 GB an
     hour from one client)."""
 
@@ -173,6 +174,8 @@ class HttpLogFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, self.client_errors):  # a handler's own failure (a 500): a bug,
+            return True  # logged whole, each time
         kind = f"{record.msg}:{type(exc).__name__}"
         now = time.monotonic()
         shown, left_out = self._last.get(kind, (-float("inf"), 0))

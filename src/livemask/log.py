@@ -118,7 +118,30 @@ class DropMissingInstallation(logging.Filter):
 MDA_CANCELED = "MDA Canceled:"
 
 
-class HardwareLogFilter(logging.Filter):
+class _EveryPeriod(logging.Filter):
+    """A filter's rate limit: each key through at most once per ``every_s`` seconds, the
+    others counted (:meth:`admit`)."""
+
+    def __init__(self, every_s: float) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self._last: dict[str, tuple[float, int]] = {}  # key -> (last shown, left out since)
+
+    def admit(self, key: str) -> tuple[int, float] | None:
+        """None: ``key`` was let through less than ``every_s`` ago (counted); else how many
+        were left out since it last was, and how many seconds ago that was."""
+        now = time.monotonic()
+        shown, left_out = self._last.get(key, (-float("inf"), 0))
+        if now - shown < self.every_s:
+            self._last[key] = (shown, left_out + 1)
+            return None
+        if len(self._last) > 1000:
+            self._last.clear()
+        self._last[key] = (now, 0)
+        return left_out, now - shown
+
+
+class HardwareLogFilter(_EveryPeriod):
     """pymmcore-plus' records, less its "no Micro-Manager installation" error (Python devices
     need none, and a real rig that does fails to load with a message saying so), each
     message at most once per ``every_s`` seconds (a failing device warns on every event).
@@ -126,9 +149,7 @@ class HardwareLogFilter(logging.Filter):
     INFO: it is no alarm."""
 
     def __init__(self, every_s: float = 10.0) -> None:
-        super().__init__()
-        self.every_s = every_s
-        self._last: dict[str, tuple[float, int]] = {}  # message -> (last shown, repeats since)
+        super().__init__(every_s)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -138,16 +159,12 @@ class HardwareLogFilter(logging.Filter):
             if not logging.getLogger(record.name).isEnabledFor(logging.INFO):
                 return False
             record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
-        now = time.monotonic()
-        shown, repeats = self._last.get(message, (-float("inf"), 0))
-        if now - shown < self.every_s:
-            self._last[message] = (shown, repeats + 1)
+        admitted = self.admit(message)
+        if admitted is None:
             return False
-        if len(self._last) > 1000:
-            self._last.clear()
-        self._last[message] = (now, 0)
+        repeats, since_s = admitted
         if repeats:
-            record.msg = f"{message} (and {repeats} more times in the last {now - shown:.0f} s)"
+            record.msg = f"{message} (and {repeats} more times in the last {since_s:.0f} s)"
             record.args = None
         return True
 
@@ -156,7 +173,7 @@ class HardwareLogFilter(logging.Filter):
 HTTP_LOGGER_NAME = "livemask.http"
 
 
-class HttpLogFilter(logging.Filter):
+class HttpLogFilter(_EveryPeriod):
     """The dashboard's HTTP server log: an error of a ``client_errors`` type (a malformed
     request) is one WARNING line (its exception's type and message, no traceback), each kind
     at most once per ``every_s`` seconds with a count of those left out; anything else (a
@@ -167,31 +184,23 @@ class HttpLogFilter(logging.Filter):
     def __init__(
         self, client_errors: tuple[type[BaseException], ...] = (), every_s: float = 60.0
     ) -> None:
-        super().__init__()
+        super().__init__(every_s)
         self.client_errors = client_errors
-        self.every_s = every_s
-        self._last: dict[str, tuple[float, int]] = {}  # kind -> (last shown, left out since)
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if not isinstance(exc, self.client_errors):  # a handler's own failure (a 500): a bug,
             return True  # logged whole, each time
-        kind = f"{record.msg}:{type(exc).__name__}"
-        now = time.monotonic()
-        shown, left_out = self._last.get(kind, (-float("inf"), 0))
-        if now - shown < self.every_s:
-            self._last[kind] = (shown, left_out + 1)
+        admitted = self.admit(f"{record.msg}:{type(exc).__name__}")
+        if admitted is None:
             return False
-        if len(self._last) > 1000:
-            self._last.clear()
-        self._last[kind] = (now, 0)
-        message = record.getMessage()
-        if exc is not None:
-            message += f": {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-            if isinstance(exc, self.client_errors) and record.levelno > logging.WARNING:
-                record.levelno, record.levelname = logging.WARNING, "WARNING"
+        left_out, since_s = admitted
+        message = f"{record.getMessage()}: {type(exc).__name__}: "
+        message += " ".join(str(exc).split())[:300]
+        if record.levelno > logging.WARNING:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
         if left_out:
-            message += f" (and {left_out} more in the last {now - shown:.0f} s)"
+            message += f" (and {left_out} more in the last {since_s:.0f} s)"
         record.msg, record.args, record.exc_info, record.exc_text = message, None, None, None
         return True
 

@@ -51,7 +51,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -520,7 +520,7 @@ class PositionTrackers:
 
 
 def signal_intensities(
-    objects: list[dict[str, Any]],
+    objects: Sequence[Mapping[str, Any]],
     summary: Mapping[str, Any],
     exposure_ms: float | None = None,
 ) -> np.ndarray:
@@ -531,13 +531,21 @@ def signal_intensities(
     given (> 0). A ratio of raw means depends on the camera offset and the background
     (daughters with half of a parent's 200 ADU signal over an offset of 1000 ADU have 92 %
     of its raw mean), and of means at different exposures on the exposure. NaN where no
-    mean is known.
+    mean is known. (Feedback's ``signal`` feature is this, without ``exposure_ms``.) A value
+    that is not a number (None, a bool) counts as unknown.
     """
-    mean = np.array([o.get("mean_intensity") for o in objects], dtype=np.float64)
-    local = np.array([o.get("local_background") for o in objects], dtype=np.float64)
-    frame_bg = summary.get("background_mean")
-    fallback = 0.0 if frame_bg is None else float(frame_bg)
-    signal = mean - np.where(np.isnan(local), fallback, local)
+    mean = np.array([_number(o.get("mean_intensity")) for o in objects], dtype=np.float64)
+    local = np.array([_number(o.get("local_background")) for o in objects], dtype=np.float64)
+    frame_bg = _number(summary.get("background_mean"))
+    fallback = frame_bg if math.isfinite(frame_bg) else 0.0
+    signal = mean - np.where(np.isfinite(local), local, fallback)
     if exposure_ms is not None and exposure_ms > 0:
         signal /= float(exposure_ms)
     return signal
+
+
+def _number(value: Any) -> float:
+    """``value`` as a float; NaN where it is not a number (None, a bool, text)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return math.nan

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 from scipy.spatial import cKDTree
 
+from livemask.analysis.tracking import signal_intensities
+
 #: Index key that marks frames produced by feedback actions (value: the action id).
 FEEDBACK_INDEX_KEY = "fb"
 
@@ -200,12 +202,7 @@ class FeatureTracker:
             return ctx.features
         cent = np.array([o.get("centroid_yx") or (math.nan, math.nan) for o in objs], float)
         area = np.array([float(o.get("area_px") or 0) for o in objs])
-        mean_i = np.array([_num(o.get("mean_intensity")) for o in objs])
-        # above each object's local background, else the frame's (else raw)
-        local = np.array([_num(o.get("local_background")) for o in objs])
-        bg = ctx.summary.get("background_mean")
-        frame_bg = float(bg) if isinstance(bg, int | float) and not isinstance(bg, bool) else 0.0
-        signal = mean_i - np.where(np.isfinite(local), local, frame_bg)
+        signal = signal_intensities(objs, ctx.summary)  # above each object's background
         area_rel = _ratio(area, np.full(n, float(np.median(area))))
         finite = signal[np.isfinite(signal)]
         med_signal = float(np.median(finite)) if finite.size else math.nan
@@ -295,10 +292,6 @@ class FeatureTracker:
         self._previous.move_to_end(key)
         while len(self._previous) > self._places:
             self._previous.popitem(last=False)
-
-
-def _num(value: Any) -> float:
-    return float(value) if isinstance(value, int | float) else math.nan
 
 
 def _raw(value: Any) -> float | None:

@@ -40,6 +40,13 @@ async def _until(check: Any, what: str, timeout_s: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
+def _assert_closed_after_the_dashboard(svc: Service) -> None:
+    """The close went on past the dashboard: the service closed, its publisher too."""
+    assert svc.state == "closed"
+    with pytest.raises(RuntimeError):
+        svc.publisher.publish("event", {"kind": "test"})
+
+
 async def _browser_blocked_in_a_send(dashboard: Any) -> Any:
     """The dashboard's one browser (connected by :func:`_ws_that_never_reads`), once its
     pump has taken an image bigger than the socket buffers and waits in aiohttp's drain
@@ -69,9 +76,8 @@ async def test_shutdown_completes_when_a_browser_does_not_read_its_websocket() -
             await svc.close()
         except asyncio.CancelledError:
             pytest.fail("Service.close raised CancelledError (a browser that does not read)")
-        assert svc.state == "closed" and dashboard.url is None
-        with pytest.raises(RuntimeError):  # the publisher was closed after the dashboard
-            svc.publisher.publish("event", {"kind": "test"})
+        _assert_closed_after_the_dashboard(svc)
+        assert dashboard.url is None
     finally:
         sock.close()
         if svc.state != "closed":
@@ -209,9 +215,7 @@ async def test_close_completes_in_an_owner_task_that_is_being_cancelled() -> Non
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert svc.state == "closed"
-        with pytest.raises(RuntimeError):  # the publisher was closed after the dashboard
-            svc.publisher.publish("event", {"kind": "test"})
+        _assert_closed_after_the_dashboard(svc)
     finally:
         sock.close()
         if svc.state != "closed":

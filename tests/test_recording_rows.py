@@ -46,6 +46,8 @@ for fid in range(14):
                    kind="analysed" if fid < 10 else "skipped")
     if frame.objects:  # 45 objects: ~4 KB of rows a frame, against ~0.5 KB of frames.jsonl
         frame.objects = [dict(frame.objects[k % 2], label=k + 1) for k in range(45)]
+    # every block of rows the same size (time_s "0.5"): once one does not fit, none does
+    frame.t = {"acquired": rec.started_at + 0.5}
     rec.on_frame(frame)
 while rec.report()["frames_written"] < 14:
     __import__("time").sleep(0.01)
@@ -74,6 +76,7 @@ def test_rows_that_cannot_be_written_are_said_per_frame_counted_and_logged(
     stored = [r["frame_id"] for r in records[:10] if r["rows_stored"] is True]
     lost = [r["frame_id"] for r in records[:10] if r["rows_stored"] is False]
     assert len(stored) + len(lost) == 10 and stored and lost
+    assert stored == list(range(len(stored)))  # the CSV filled up, then stayed full
     assert set(stored) == in_csv  # the line says where the rows are
     assert report["frames_rows_lost"] == len(lost) and report["frames_rejected"] == 0
     attrs = zarr.open_group(run / IMAGES, mode="r").attrs["livemask"]

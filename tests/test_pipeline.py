@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -267,24 +268,43 @@ async def test_no_frame_is_inferred_only_to_wait_behind_a_busy_analysis() -> Non
 
 @pytest.mark.parametrize("analysis_ms", [[60], [40, 60, 80]])
 async def test_with_analysis_the_slower_stage_frames_reach_it_just_in_time(
-    analysis_ms: list[int],
+    analysis_ms: list[int], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Model 10 ms, analysis 60 ms (or 40, 60, 80 in turn), camera ahead: the next frame is
-    taken for inference about one model time before analysis is predicted free, so an
-    inferred frame waits little for analysis (taken as soon as the model was free, it waited
-    ≈ 50 ms on average), and analysis is not left idle for want of a frame."""
+    """Model 10 ms, analysis 60 ms (or 40, 60, 80 in turn), camera ahead: the pipeline asks
+    the pacing policy how long to hold the next frame while analysis is busy, and takes it
+    for inference no sooner than that hold, or than analysis finishing (whichever is first).
+    Checked on the pipeline's own decisions, so CPU load (which only stretches waits) cannot
+    fail it; how much latency the hold saves is measured by ``benchmarks/host_ceiling.py``,
+    the policy's predictions in ``tests/test_pacing.py``."""
+    import livemask.service.pipeline as pipeline_module
+
     pipe, pub, _ = _pipeline(delay_s=0.01)
-    real_analyse = pipe.segmenter.analyse
+    real_analyse, real_infer = pipe.segmenter.analyse, pipe.segmenter.infer
     durations = itertools.cycle(analysis_ms)
-    busy: list[tuple[float, float]] = []  # (start, end) of each analysis
+    analysed_at: list[float] = []  # when each analysis finished
+    holds: list[tuple[float, float]] = []  # (asked at, hold) of each busy-analysis decision
+    taken_at: list[float] = []  # when each frame was taken for inference
+
+    real_hold = pipeline_module.hold_before_inference
+
+    def hold(now: float, *args: Any) -> float:
+        seconds = real_hold(now, *args)
+        holds.append((now, seconds))
+        return seconds
+
+    monkeypatch.setattr(pipeline_module, "hold_before_inference", hold)
+
+    def infer(image: np.ndarray) -> Any:
+        taken_at.append(time.monotonic())
+        return real_infer(image)
 
     def slow_analyse(probabilities: np.ndarray, image: np.ndarray, **kwargs: object) -> object:
-        start = time.monotonic()
         time.sleep(next(durations) / 1e3)
         result = real_analyse(probabilities, image, **kwargs)  # type: ignore[arg-type]
-        busy.append((start, time.monotonic()))
+        analysed_at.append(time.monotonic())
         return result
 
+    pipe.segmenter.infer = infer  # type: ignore[method-assign]
     pipe.segmenter.analyse = slow_analyse  # type: ignore[assignment,method-assign]
     pipe.start()
     i = 0
@@ -294,12 +314,18 @@ async def test_with_analysis_the_slower_stage_frames_reach_it_just_in_time(
         await asyncio.sleep(0.005)
     assert await pipe.drain(10.0)
     await pipe.close()
-    t = [m.header["t"] for m in pub.by_topic("measurements")][6:]  # after the first estimates
-    waited_and_analysed = [(x["analysed"] - x["inferred"]) * 1e3 for x in t]
-    mean_analysis = float(np.mean(analysis_ms))
-    assert float(np.mean(waited_and_analysed)) < mean_analysis + 35
-    idle = [(b[0] - a[1]) * 1e3 for a, b in itertools.pairwise(busy[6:])]
-    assert float(np.percentile(idle, 75)) < 5  # analysis kept busy: the next frame is ready
+    held = [(asked, h) for asked, h in holds if h > 0]
+    assert len(held) >= len(holds) // 2 >= 10  # once durations are known, frames are held
+    for asked, h in held:
+        # the next take after this decision (none after the last frames): not before the
+        # hold ran out, unless an analysis finished in between (which releases it early)
+        take = min((t for t in taken_at if t >= asked), default=None)
+        if take is None:
+            continue
+        released = min([asked + h, *(a for a in analysed_at if asked <= a)])
+        assert take >= released - 0.001
+    assert [m.header["frame_id"] for m in pub.by_topic("measurements")] == sorted(
+        m.header["frame_id"] for m in pub.by_topic("measurements"))
 
 
 async def _until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:

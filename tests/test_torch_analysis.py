@@ -227,6 +227,20 @@ def test_preprocess_normalizes_and_pads_like_cpu(ta: TorchAnalysis) -> None:
     np.testing.assert_allclose(batch[0, 0].numpy(), expected, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(3, 40), (2, 2), (1, 5), (5, 1), (17, 23)])
+def test_frames_smaller_than_the_padding_pad_like_cpu(
+    ta: TorchAnalysis, shape: tuple[int, int]
+) -> None:
+    """A thin camera ROI (3 x 40 padded to 8 x 40) failed on the device: torch's reflect
+    padding must be smaller than the side, numpy's repeats the reflection."""
+    image = (np.random.default_rng(3).random(shape) * 3000).astype(np.uint16)
+    _, batch = ta.preprocess(image, 1.0, 99.8, size_multiple=8)
+    h, w = shape
+    expected = np.pad(percentile_normalize(image, 1.0, 99.8),
+                      ((0, (-h) % 8), (0, (-w) % 8)), mode="reflect")
+    np.testing.assert_allclose(batch[0, 0].numpy(), expected, atol=1e-4)
+
+
 def test_signed_16_bit_pixels_keep_their_sign_on_the_device(ta: TorchAnalysis) -> None:
     """uint16 travels as its int16 bits; a real int16 image (offset-subtracted camera,
     replayed int16 data) read -5 as 65531 in the measured image and the normalisation."""

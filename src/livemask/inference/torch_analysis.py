@@ -205,9 +205,22 @@ class TorchAnalysis:
                                grey_level=grey, clip=clip,
                                exclude_saturated=saturated).view(1, 1, h, w)
         ph, pw = (-h) % multiple, (-w) % multiple
-        if ph or pw:
-            batch = self._torch.nn.functional.pad(batch, (0, pw, 0, ph), mode="reflect")
+        batch = self._reflect_pad(self._reflect_pad(batch, ph, dim=2), pw, dim=3)
         return img, batch
+
+    def _reflect_pad(self, batch: torch.Tensor, pad: int, dim: int) -> torch.Tensor:
+        """``batch`` (N, C, H, W) padded by ``pad`` after its end along ``dim`` (2 or 3) as
+        ``np.pad(mode="reflect")`` pads the host path's frames: torch reflects at most the
+        side less one pixel at a time, so a frame smaller than the pad (a thin camera ROI)
+        is padded in steps, each from the last one's end; a side of one pixel repeats."""
+        functional = self._torch.nn.functional
+        while pad > 0:
+            side = batch.shape[dim]
+            step = pad if side == 1 else min(pad, side - 1)
+            widths = (0, step, 0, 0) if dim == 3 else (0, 0, 0, step)
+            batch = functional.pad(batch, widths, mode="replicate" if side == 1 else "reflect")
+            pad -= step
+        return batch
 
     def _raw_to_device(self, image: np.ndarray) -> Tensor:
         """The camera image on the device in its own dtype (uint16 as its int16 bits)."""

@@ -37,21 +37,24 @@ def test_report_is_none_without_data() -> None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux /proc")
 def test_snapshot_attributes_cpu_to_the_thread_that_spent_it() -> None:
-    stop = threading.Event()
+    stop, spun = threading.Event(), threading.Event()
 
-    def spin() -> None:
-        while not stop.is_set():
+    def spin() -> None:  # 200 ms of its own CPU, however loaded the machine is
+        t0 = time.thread_time()
+        while time.thread_time() - t0 < 0.2:
             sum(range(1000))
+        spun.set()
+        stop.wait(30)
 
     start = CpuSnapshot.take()
     worker = threading.Thread(target=spin, name="spinner")
     worker.start()
     try:
-        time.sleep(0.25)
+        assert spun.wait(30)
         end = CpuSnapshot.take()  # while the spinner is alive
     finally:
         stop.set()
         worker.join()
     r = cpu_report(start, end, frames=1)
     assert r is not None and r["machine_busy_cores"] is not None
-    assert r["cpu_ms_per_frame"].get("spinner", 0.0) > 50  # ~250 ms of CPU in 250 ms
+    assert r["cpu_ms_per_frame"].get("spinner", 0.0) >= 150  # 200 ms, in 10 ms ticks

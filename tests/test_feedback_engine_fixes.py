@@ -4,7 +4,6 @@ dose keys of action frames, user rule results, rules that can never succeed."""
 from __future__ import annotations
 
 import logging
-import random
 import sys
 from types import SimpleNamespace
 from typing import Any
@@ -122,12 +121,6 @@ def test_a_rule_whose_reset_raises_is_counted_and_runs_on(
     assert [d.rule for d in eng.evaluate(ctx(field()))] == ["A", "bad-reset"]
 
 
-def _ports() -> dict[str, Any]:
-    port = random.randrange(48000, 48998, 2)
-    return {"pub_address": f"tcp://127.0.0.1:{port}",
-            "control_address": f"tcp://127.0.0.1:{port + 1}", "heartbeat_s": 0.2}
-
-
 async def test_a_service_starts_acquisitions_with_a_rule_whose_reset_raises(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -137,7 +130,6 @@ async def test_a_service_starts_acquisitions_with_a_rule_whose_reset_raises(
         acquisition={"sequence": {"time_plan": {"interval": 0.0, "loops": 2}}},
         feedback={"rules": [{"name": "br", "use": "lab_bad_reset:BadReset",
                              "enabled": False}]},
-        publish=_ports(),
     )
     async with Service(cfg) as svc:
         got = await collect_run(svc, ("event",), timeout_s=30)

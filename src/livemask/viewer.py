@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
+import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -361,7 +364,8 @@ def watch(
     stream's last state."""
     view = ConsoleView(address, nothing_hint=nothing_hint)
     end = time.monotonic() + duration_s if duration_s else None
-    with Subscriber(address, topics_for(truth)) as sub, _Display(view) as display:
+    with Subscriber(address, topics_for(truth)) as sub, _Display(view) as display, \
+            _ctrl_c_as_flag() as interrupted:
         try:
             if on_ready is not None:
                 on_ready()
@@ -369,12 +373,30 @@ def watch(
                 _receive(sub, view, timeout_s=0.25)
                 truth = truth and _keep_truth(sub, view)
                 display.refresh()
-                if stop_when is not None and stop_when():
-                    _drain(sub, view)  # (the last messages, as after Ctrl-C)
+                if interrupted.is_set() or (stop_when is not None and stop_when()):
+                    _drain(sub, view)  # the last messages
                     break
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # (outside the main thread Ctrl-C still raises)
             _drain(sub, view)
     return view
+
+
+@contextlib.contextmanager
+def _ctrl_c_as_flag() -> Iterator[threading.Event]:
+    """In the main thread, Ctrl-C sets the flag instead of raising ``KeyboardInterrupt``
+    wherever the view happens to be (between taking a message and showing it, it was lost);
+    the view stops after the message in hand. Elsewhere, or under a handler of the
+    caller's own, nothing changes."""
+    flag = threading.Event()
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield flag
+        return
+    signal.signal(signal.SIGINT, lambda *_: flag.set())
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _receive(sub: Subscriber, view: ConsoleView, timeout_s: float) -> bool:

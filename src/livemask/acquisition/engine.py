@@ -20,13 +20,17 @@ core raises) and goes on; the engine turns a Python device's other errors (a
 For the stall watchdog, :attr:`FocusTolerantEngine.watch` says which imaging event the
 runner is inside and since when: set when its set-up begins (after the time plan's wait),
 ended when it is torn down (after its frame).
+
+pymmcore-plus 0.18.1 puts the camera's ROI into its summary metadata only; the engine adds it
+to each frame's metadata (``roi``, read just after the snap), so that a frame taken with a
+ROI can be placed on the sensor (see :func:`livemask.acquisition.source.frame_roi`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import useq
 from pymmcore_plus.core import SequencedEvent
@@ -35,9 +39,27 @@ from useq import HardwareAutofocus
 
 from livemask.log import is_power_of_ten
 
+if TYPE_CHECKING:
+    from pymmcore_plus import CMMCorePlus
+    from pymmcore_plus.metadata import FrameMetaV1, PropertyValue
+
 log = logging.getLogger("livemask")
 
-__all__ = ["EventWatch", "FocusTolerantEngine", "takes_image"]
+__all__ = ["ROI_KEY", "EventWatch", "FocusTolerantEngine", "camera_roi", "takes_image"]
+
+#: Key of the frame metadata that holds the camera's ROI ``(x, y, width, height)`` (the form
+#: and name of pymmcore-plus' image info ``roi``).
+ROI_KEY = "roi"
+
+
+def camera_roi(core: CMMCorePlus) -> tuple[int, int, int, int] | None:
+    """The current camera's ROI ``(x, y, width, height)`` in its pixels (the full image
+    where none is set), or None where the core cannot say."""
+    try:
+        x, y, width, height = (int(v) for v in core.getROI())
+    except Exception:  # no camera, or one that cannot tell: the frame's ROI is not known
+        return None
+    return x, y, width, height
 
 
 def takes_image(event: useq.MDAEvent) -> bool:
@@ -80,6 +102,10 @@ class FocusTolerantEngine(MDAEngine):
     #: The imaging event set up last, or None when that one takes no image (read from
     #: other threads: replaced, never changed, apart from its ``ended``).
     watch: EventWatch | None = None
+    #: The camera's ROI for the event set up last (read at its first frame: an event's
+    #: frames share one), and whether it is still to be read.
+    _roi: tuple[int, int, int, int] | None = None
+    _roi_unread: bool = True
 
     def setup_sequence(self, sequence: useq.MDASequence) -> Any:
         """``MDAEngine.setup_sequence``, with the warning counts of a new acquisition."""
@@ -92,6 +118,7 @@ class FocusTolerantEngine(MDAEngine):
         self.watch = EventWatch(event) if takes_image(event) else None
         self.z_failed = False
         self.busy_error = None
+        self._roi_unread = True
         if isinstance(event, SequencedEvent):
             self.setup_sequenced_event(event)
         else:
@@ -108,6 +135,25 @@ class FocusTolerantEngine(MDAEngine):
                     dict(event.index), self.busy_errors, exc,
                 )
             self.busy_error = str(exc) or type(exc).__name__
+
+    def get_frame_metadata(
+        self,
+        event: useq.MDAEvent,
+        prop_values: tuple[PropertyValue, ...] | None = None,
+        runner_time_ms: float = 0.0,
+        include_position: bool = True,
+        camera_device: str | None = None,
+    ) -> FrameMetaV1:
+        """``MDAEngine.get_frame_metadata`` (pymmcore-plus 0.18.1) with the camera's ROI
+        (:data:`ROI_KEY`; absent where the core cannot say), read once per event (a camera
+        call: not at every frame of a hardware sequence)."""
+        meta = super().get_frame_metadata(
+            event, prop_values, runner_time_ms, include_position, camera_device)
+        if self._roi_unread:
+            self._roi, self._roi_unread = camera_roi(self.mmcore), False
+        if self._roi is not None:
+            cast(dict[str, Any], meta)[ROI_KEY] = self._roi
+        return meta
 
     def teardown_event(self, event: useq.MDAEvent) -> None:
         """End :attr:`watch` (its frame, if any, has been emitted), then tear down."""

@@ -5,24 +5,30 @@ useq's unions (time plans, z plans, grid plans) report every member's errors, an
 before-validators drop list indices and ignore unknown keys; :func:`validate_model` reports the
 member the given keys ask for, each bad stage position under its index, and
 :func:`check_input` names fields useq ignored (a typo would silently run another acquisition)
-and numbers that are not finite.
+and numbers that are not finite, and :func:`check_types` values of the wrong JSON type (useq
+reads ``true`` as 1).
 """
 
 from __future__ import annotations
 
+import collections.abc
 import copy
 import difflib
+import enum
 import functools
+import json
 import math
+import numbers
 import re
+from datetime import timedelta
 from types import UnionType
-from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import useq
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticCustomError
 
-__all__ = ["check_input", "validate_model"]
+__all__ = ["check_input", "check_types", "validate_model"]
 
 _Model = TypeVar("_Model", bound=BaseModel)
 
@@ -312,8 +318,13 @@ def check_input(model: BaseModel, data: Any, what: str) -> None:
         raise ValueError("; ".join(problems))
 
 
-#: Keys useq's before-validators rename (deprecated spellings it still takes).
-_RENAMED_KEYS: dict[type[Any], frozenset[str]] = {useq.Position: frozenset({"row", "col"})}
+#: Fields useq's before-validators fill from a deprecated spelling of their key it still
+#: takes (field: key as written).
+_OLD_SPELLINGS: dict[type[Any], dict[str, str]] = {
+    useq.Position: {"grid_row": "row", "grid_col": "col"}}
+#: Keys useq's before-validators rename.
+_RENAMED_KEYS: dict[type[Any], frozenset[str]] = {
+    cls: frozenset(old.values()) for cls, old in _OLD_SPELLINGS.items()}
 
 
 def _known_keys(model: type[BaseModel]) -> set[str]:
@@ -449,3 +460,166 @@ def _non_finite(model: Any, where: str) -> list[str]:
     if isinstance(model, (list, tuple)):
         return [p for i, v in enumerate(model) for p in _non_finite(v, f"{where}[{i}]")]
     return []
+
+
+#: Most wrongly typed values :func:`check_types` names (then ``and N more``).
+_MAX_LISTED_TYPES = 10
+
+
+def check_types(model: BaseModel, data: Any, what: str) -> None:
+    """Raise ``ValueError`` naming each value of ``data`` (JSON or YAML, validated into
+    ``model``) of the wrong type for its field: a boolean or a string where a number goes,
+    a fractional JSON number (2.5, 2.0) where an integer goes, anything but true/false where
+    a boolean goes.
+
+    pydantic's lax mode (useq's) reads ``true`` as 1 and ``"10"`` as 10, so a wrong value
+    would silently run another acquisition. A time plan's ``interval`` and ``duration`` take
+    seconds, a duration string (``"0:00:01"``, ``"PT1S"``) or a mapping of ``timedelta``'s
+    arguments (``{seconds: 1}``), as useq does."""
+    try:
+        problems = _wrong_types(model, data, what)
+    except RecursionError:
+        raise ValueError(f"{what} nests too deeply to check") from None
+    if len(problems) > _MAX_LISTED_TYPES:
+        problems[_MAX_LISTED_TYPES:] = [f"and {len(problems) - _MAX_LISTED_TYPES} more"]
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _wrong_types(model: Any, data: Any, where: str) -> list[str]:
+    """:func:`check_types`' problems, walking ``model`` and the ``data`` given for it."""
+    if isinstance(model, (list, tuple)) and isinstance(data, (list, tuple)):
+        if len(model) != len(data):
+            return []
+        return [p for i, (m, d) in enumerate(zip(model, data, strict=True))
+                for p in _wrong_types(m, d, f"{where}[{i}]")]
+    if isinstance(model, useq.MultiPhaseTimePlan) and isinstance(data, (list, tuple)):
+        return _wrong_types(list(model.phases), data, where)  # phases given as a list
+    if not isinstance(model, BaseModel) or not isinstance(data, dict):
+        return []
+    fields = _fields_by_key(type(model))
+    problems: list[str] = []
+    for key, value in data.items():
+        if key not in fields:
+            continue
+        name, kind = fields[key]
+        held = getattr(model, name)
+        if _holds_models(held):
+            problems += _wrong_types(held, value, f"{where}.{key}")
+        else:
+            problems += _value_types(kind, value, f"{where}.{key}")
+    return problems
+
+
+@functools.cache
+def _fields_by_key(model: type[BaseModel]) -> dict[str, tuple[str, Any]]:
+    """(field name, type) of each key ``model`` takes: its fields, their aliases and the old
+    spellings useq renames."""
+    fields = model.model_fields
+    out = {key: (name, fields[name].annotation) for cls, old in _OLD_SPELLINGS.items()
+           if issubclass(model, cls) for name, key in old.items()}
+    for name, field in fields.items():
+        out[name] = (name, field.annotation)
+        if field.alias:
+            out[field.alias] = (name, field.annotation)
+    return out
+
+
+def _holds_models(value: Any) -> bool:
+    """Whether a validated field's ``value`` is a model or a non-empty sequence of them."""
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(isinstance(v, BaseModel) for v in value)
+    return isinstance(value, BaseModel)
+
+
+def _value_types(kind: Any, value: Any, where: str) -> list[str]:
+    """What is wrong with the JSON type of ``value`` for a field of type ``kind`` (numbers,
+    booleans, durations and sequences of them are checked; other types are left to
+    pydantic, which reads none of them from another JSON type)."""
+    while get_origin(kind) is Annotated:
+        kind = get_args(kind)[0]
+    if value is None:
+        return []
+    origin = get_origin(kind)
+    if origin in (Union, UnionType):
+        return _union_types(get_args(kind), value, where)
+    if origin in (list, tuple, collections.abc.Sequence):
+        return _items_types(get_args(kind), value, where, fixed=origin is tuple)
+    if kind is timedelta:
+        return _duration_types(value, where)
+    expected = _EXPECTED.get(kind)
+    if expected is None or _is_json(kind, value):
+        return []
+    return [f"{where}: expected {expected}, got {_shown(value)}"]
+
+
+#: What a checked scalar type takes, in words.
+_EXPECTED: dict[Any, str] = {float: "a number", int: "an integer", bool: "true or false"}
+
+
+def _is_json(kind: Any, value: Any) -> bool:
+    """Whether ``value`` is of the JSON type of ``kind`` (float, int or bool)."""
+    if kind is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, numbers.Integral if kind is int else numbers.Real)
+
+
+def _union_types(members: tuple[Any, ...], value: Any, where: str) -> list[str]:
+    """:func:`_value_types` of a union: none where a member takes ``value`` (a string for a
+    member that takes strings, a number for a numeric one); else the first checked
+    member's."""
+    found: list[list[str]] = []
+    for member in members:
+        if member is type(None):
+            continue
+        if isinstance(value, str) and _takes_strings(member):
+            return []
+        if member in _EXPECTED or member is timedelta or get_origin(member) is not None:
+            problems = _value_types(member, value, where)
+            if not problems:
+                return []
+            found.append(problems)
+    return found[0] if found else []
+
+
+def _takes_strings(kind: Any) -> bool:
+    """Whether pydantic reads a string as a ``kind`` (str, an enum or a literal of them)."""
+    if get_origin(kind) is Literal:
+        return any(isinstance(a, str) for a in get_args(kind))
+    return isinstance(kind, type) and issubclass(kind, str | enum.Enum)
+
+
+def _items_types(args: tuple[Any, ...], value: Any, where: str, *, fixed: bool) -> list[str]:
+    """:func:`_value_types` of a sequence (``list[float]``; ``fixed``: a tuple,
+    ``tuple[float, float]`` or ``tuple[int, ...]``) given as a list, or as one value useq
+    repeats (``overlap: 10``)."""
+    if not args:
+        return []
+    if not isinstance(value, (list, tuple)):
+        return _value_types(args[0], value, where)
+    fixed = fixed and not (len(args) == 2 and args[1] is Ellipsis)
+    if fixed and len(args) != len(value):
+        return []  # (pydantic takes no such list)
+    return [p for i, item in enumerate(value)
+            for p in _value_types(args[i] if fixed else args[0], item, f"{where}[{i}]")]
+
+
+def _duration_types(value: Any, where: str) -> list[str]:
+    """A time plan's duration: seconds, a duration string or ``timedelta``'s arguments."""
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _value_types(float, v, f"{where}.{k}")]
+    if isinstance(value, str | timedelta) or _is_json(float, value):
+        return []
+    return [f"{where}: expected a number of seconds, a duration (\"0:00:01\", \"PT1S\") "
+            f"or timedelta's arguments ({{seconds: 1}}), got {_shown(value)}"]
+
+
+def _shown(value: Any) -> str:
+    """``value`` as JSON writes it (``true``, ``"10"``), cut to 60 characters."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."

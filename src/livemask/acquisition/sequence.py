@@ -21,7 +21,7 @@ from typing import Any
 
 import useq
 
-from livemask.acquisition.plan_input import check_input
+from livemask.acquisition.plan_input import check_input, check_types
 
 log = logging.getLogger("livemask")
 
@@ -122,10 +122,12 @@ def _z_extent(plan: useq.ZTopBottom | useq.ZRangeAround | useq.ZAboveBelow) -> f
 
 
 def check_sequence(seq: useq.MDASequence, data: Any, what: str = "sequence") -> None:
-    """The checks a sequence from a config or a client gets: :func:`check_input` on the
-    ``data`` it was validated from, :func:`check_timing`, :func:`check_z_plans`,
-    :func:`check_size` and no ``setup`` event; ``ValueError`` naming what."""
+    """The checks a sequence from a config or a client gets: :func:`check_input` and
+    :func:`check_types` on the ``data`` it was validated from, :func:`check_timing`,
+    :func:`check_z_plans`, :func:`check_size` and no ``setup`` event; ``ValueError`` naming
+    what."""
     check_input(seq, data, what)
+    check_types(seq, data, what)
     check_timing(seq)
     check_z_plans(seq, what)
     check_size(seq, what, fov_needed=False)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import useq
 
-from livemask.acquisition.engine import EventWatch, FocusTolerantEngine
+from livemask.acquisition.engine import ROI_KEY, EventWatch, FocusTolerantEngine, camera_roi
 from livemask.acquisition.feed import EventFeed
 from livemask.acquisition.mode import Mode
 from livemask.errors import AcquisitionEnding, AcquisitionError
@@ -55,7 +55,8 @@ class RawFrame:
         self.truth = truth
         #: the core's pixel size for this frame (µm; scaled by binning), None where unknown
         self.pixel_size_um = pixel_size_um
-        #: what the camera took it with (:func:`frame_settings`); the event's when not given
+        #: what the camera took it with (:func:`frame_settings`, and :func:`frame_roi` for a
+        #: frame of a camera ROI); the event's when not given
         self.settings = settings if settings is not None else frame_settings(event)
 
 
@@ -190,6 +191,72 @@ def frame_settings(
         "channel_group": channel[0] if channel else None,
         "exposure_ms": float(used) if used is not None else None,
     }
+
+
+#: Micro-Manager's keyword for a camera's binning property.
+BINNING = "Binning"
+#: The camera's full image as the service opened it: (rows, columns, binning); binning
+#: None where the camera has no readable ``Binning`` property.
+SensorAtOpen = tuple[int, int, int | None]
+
+
+def camera_binning(core: CMMCorePlus) -> int | None:
+    """The camera's binning factor from the core's property cache (no device call): its
+    ``Binning`` property (``"2"`` or ``"2x2"``: 2); None where it has none or not a number."""
+    try:
+        text = str(core.getPropertyFromCache(core.getCameraDevice(), BINNING))
+    except Exception:  # no camera, or no Binning property
+        return None
+    head = text.lower().split("x", 1)[0].strip()
+    return int(head) if head.isdigit() and int(head) > 0 else None
+
+
+def sensor_at_open(core: CMMCorePlus) -> SensorAtOpen | None:
+    """The camera's image as the service opened it, taken for its full sensor (as ``enqueue``
+    checks a ``roi`` against it); None where the camera cannot say or a ROI away from the
+    sensor's corner is set (the .cfg set one: the sensor's size is not known)."""
+    roi = camera_roi(core)
+    if roi is None or roi[:2] != (0, 0) or roi[2] < 1 or roi[3] < 1:
+        return None
+    return roi[3], roi[2], camera_binning(core)
+
+
+def sensor_shape_now(sensor: SensorAtOpen | None, binning: int | None) -> tuple[int, int] | None:
+    """(rows, columns) of the camera's full image at ``binning`` (None: as at open), from
+    its image at open; None where that is not known."""
+    if sensor is None:
+        return None
+    rows, cols, at_open = sensor
+    if binning is None or at_open is None or binning == at_open:
+        return rows, cols
+    return rows * at_open // binning, cols * at_open // binning
+
+
+def frame_roi(
+    shape: tuple[int, ...], meta: Any, sensor: tuple[int, int] | None
+) -> dict[str, Any]:
+    """``settings`` entries that place a frame taken with a camera ROI on the sensor.
+
+    ``roi``: ``{"offset_x", "offset_y", "width", "height"}`` (useq's ``CameraROI``) as the
+    frame metadata's ``roi`` (:data:`~livemask.acquisition.engine.ROI_KEY`) gives it, and
+    ``sensor_shape``: ``[rows, columns]`` of the camera's full image at the frame's binning
+    (``sensor``; left out where not known). None of them for a frame of the full sensor;
+    ``{"roi": None}`` for a frame smaller than the sensor whose ROI is not known (metadata
+    without one, or one of another size than the frame)."""
+    rows, cols = int(shape[0]), int(shape[1])
+    roi = meta.get(ROI_KEY) if isinstance(meta, dict) else None
+    ok = (isinstance(roi, list | tuple) and len(roi) == 4
+          and all(isinstance(v, int) and v >= 0 for v in roi) and tuple(roi[2:]) == (cols, rows))
+    if not ok:
+        return {"roi": None} if sensor is not None and sensor != (rows, cols) else {}
+    assert isinstance(roi, list | tuple)
+    if sensor is not None and tuple(roi) == (0, 0, sensor[1], sensor[0]):
+        return {}
+    out: dict[str, Any] = {
+        "roi": {"offset_x": roi[0], "offset_y": roi[1], "width": cols, "height": rows}}
+    if sensor is not None:
+        out["sensor_shape"] = [sensor[0], sensor[1]]
+    return out
 
 
 #: An imaging event that has not delivered its frame this long (s) past its exposure, or
@@ -345,6 +412,8 @@ class MicroscopeSource(FeedThreadSource):
         # read now, not per request: the call waits on the camera's lock, held while it snaps
         self.exposure_limits = exposure_limits(core)
         self.properties = property_table(core)
+        #: the camera's full image, to place frames of a camera ROI on the sensor
+        self._sensor = sensor_at_open(core)
         self._engine = FocusTolerantEngine(core)
         core.register_mda_engine(self._engine)
         self._on_frame = on_frame
@@ -405,6 +474,7 @@ class MicroscopeSource(FeedThreadSource):
             **({"channel": event.channel.config} if event.channel is not None else {}),
         }
         settings = frame_settings(event, meta, self._channel_now, channel_failed=channel_failed)
+        settings.update(frame_roi(image.shape, meta, self._sensor_now()))
         raw = RawFrame(image, event, acquired, position, truth, origin=feed,
                        pixel_size_um=frame_pixel_size(meta), settings=settings)
         if feed is None:
@@ -417,6 +487,10 @@ class MicroscopeSource(FeedThreadSource):
             feed.frame_started()
             feed.frame_done()
             raise
+
+    def _sensor_now(self) -> tuple[int, int] | None:
+        """The camera's full image at its binning now (runner thread; a cache read)."""
+        return sensor_shape_now(self._sensor, camera_binning(self.core))
 
     def _report_mismatch(
         self, kind: str, event: useq.MDAEvent, off: dict[str, Any] | None

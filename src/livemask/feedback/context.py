@@ -73,6 +73,24 @@ class FrameContext:
     image_shape: tuple[int, int] = (0, 0)
     pixel_size_um: float = 1.0
     features: list[dict[str, float | None]] = field(default_factory=list)  # per object
+    #: whether the frame was taken with a camera ROI (its ``settings`` have a ``roi``),
+    #: the ROI's (row, col) offset on the sensor and the sensor's (rows, cols), as far as
+    #: known (None: not known)
+    is_roi: bool = False
+    roi_offset_yx: tuple[int, int] | None = None
+    sensor_shape: tuple[int, int] | None = None
+
+    def optical_centre_yx(self) -> tuple[float, float] | None:
+        """The optical axis (the sensor's centre) in this frame's pixels (row, col): the
+        frame's centre, or for a frame of a camera ROI the sensor's centre less the ROI's
+        offset; None where not known (no image size; a ROI not placed on the sensor)."""
+        if not self.is_roi:
+            h, w = self.image_shape
+            return ((h - 1) / 2, (w - 1) / 2) if h > 0 and w > 0 else None
+        if self.roi_offset_yx is None or self.sensor_shape is None:
+            return None
+        (oy, ox), (rows, cols) = self.roi_offset_yx, self.sensor_shape
+        return (rows - 1) / 2 - oy, (cols - 1) / 2 - ox
 
     @property
     def is_feedback(self) -> bool:
@@ -136,7 +154,28 @@ class FrameContext:
             measurements=message,
             image_shape=(int(image_shape[0]), int(image_shape[1])),
             pixel_size_um=float(message.get("pixel_size_um") or 1.0),
+            **_camera_roi(message.get("settings")),
         )
+
+
+def _camera_roi(settings: Any) -> dict[str, Any]:
+    """``is_roi``, ``roi_offset_yx`` and ``sensor_shape`` from a header's ``settings``
+    (``roi``: ``{"offset_x", "offset_y", ...}`` or null; ``sensor_shape``: ``[rows, cols]``)."""
+    if not isinstance(settings, Mapping) or "roi" not in settings:
+        return {}
+    roi, sensor = settings.get("roi"), settings.get("sensor_shape")
+    offset = None
+    if isinstance(roi, Mapping) and _counts(roi.get("offset_y"), roi.get("offset_x")):
+        offset = (int(roi["offset_y"]), int(roi["offset_x"]))
+    shape = None
+    if isinstance(sensor, list | tuple) and len(sensor) == 2 and _counts(*sensor, least=1):
+        shape = (int(sensor[0]), int(sensor[1]))
+    return {"is_roi": True, "roi_offset_yx": offset, "sensor_shape": shape}
+
+
+def _counts(*values: Any, least: int = 0) -> bool:
+    """Whether every value is an int (not a bool) >= ``least``."""
+    return all(isinstance(v, int) and not isinstance(v, bool) and v >= least for v in values)
 
 
 def position_key(index: Mapping[str, int], x_um: float | None, y_um: float | None) -> str:
@@ -212,9 +251,13 @@ class FeatureTracker:
             edge = np.minimum.reduce(
                 [cent[:, 0], cent[:, 1], h - 1 - cent[:, 0], w - 1 - cent[:, 1]]
             )
-            centre = np.hypot(cent[:, 0] - (h - 1) / 2, cent[:, 1] - (w - 1) / 2)
         else:
-            edge = centre = np.full(n, np.nan)
+            edge = np.full(n, np.nan)
+        axis = ctx.optical_centre_yx()  # a ROI frame's: on the sensor, not the frame's centre
+        if axis is not None:
+            centre = np.hypot(cent[:, 0] - axis[0], cent[:, 1] - axis[1])
+        else:
+            centre = np.full(n, np.nan)
         # changes are of the signal relative to the frame's median object signal, so that
         # global intensity drift, bleaching and exposure changes cancel out
         change_i, change_a, change_int = self._changes(ctx.stage_key, cent, intensity_rel, area)

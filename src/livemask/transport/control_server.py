@@ -175,16 +175,19 @@ class ControlServer:
 
 
 def _split(frames: list[zmq.Frame]) -> tuple[list[bytes], bytes | None]:
-    """``(reply envelope, request)`` of a ROUTER message: ``[identity, request]`` (DEALER),
+    """``(reply envelope, request)`` of a ROUTER message: ``[identity, request]`` (DEALER;
+    an empty frame is an empty request, answered ``bad_json`` as a REQ's is),
     ``[identity, b"", request]`` (REQ) or ``[identity, *routing, b"", request]`` (a REQ
     behind ROUTER/DEALER proxies: at most :data:`MAX_ROUTING_FRAMES` routing identities of
     at most :data:`MAX_ROUTING_BYTES` each). For any other shape the request is None and
     the envelope holds only what routes the refusal back (small routing frames and the
     empty delimiter): other frames are never sent back."""
     identity, rest = frames[0].bytes, frames[1:]
+    if len(rest) == 1:  # a DEALER's one frame (a REQ sends a delimiter before its own)
+        return [identity], rest[0].bytes
     empty = next((k for k, f in enumerate(rest) if len(f) == 0), None)
     if empty is None:  # a DEALER's own frames
-        return [identity], rest[0].bytes if len(rest) == 1 else None
+        return [identity], None
     routing = rest[:empty]
     routable = (len(routing) <= MAX_ROUTING_FRAMES
                 and all(len(f) <= MAX_ROUTING_BYTES for f in routing))

@@ -931,9 +931,13 @@ def evaluate(
     table = Table(title=f"{name}: {len(pairs)} images")
     cols = ["model", "F1@0.5", "precision", "recall", "F1 0.5-0.9", "mean IoU",
             "count err", "ms model", "ms post"]
-    grain_cols = ["area err", "ASTM ΔG", "diam. KS"] if results[0].area_errors else []
+    grain_cols = (["area err", "area bias", "1/N_A err", "ASTM ΔG", "diam. KS"]
+                  if results[0].area_biases else [])
     for c in cols + grain_cols:
         table.add_column(c, justify="right", no_wrap=c == "model")
+    if grain_cols:
+        table.caption = ("area err / bias: mean area of the grains not cut by the image edge; "
+                         "1/N_A err: ASTM E112 planimetric mean area; ASTM ΔG: planimetric")
     for r in results:
         d = r.as_dict()
         row = [d["model"], f"{d['f1_iou50']:.3f}", f"{d['precision_iou50']:.3f}",
@@ -941,12 +945,25 @@ def evaluate(
                f"{d['mean_matched_iou']:.3f}", f"{d['count_error']:.1%}",
                f"{d['predict_ms']:.1f}", f"{d['postprocess_ms']:.1f}"]
         if grain_cols:
-            row += [f"{d['mean_area_error']:.1%}", f"{d['astm_g_error']:.2f}",
-                    f"{d['diameter_ks']:.3f}"]
+            row += _grain_cells(d)
         table.add_row(*row)
-    Console(width=max(140, Console().width)).print(table)
+    Console(width=max(180 if grain_cols else 140, Console().width)).print(table)
     if json_out:
         _write_json(json_out, [r.as_dict() for r in results])
+
+
+def _grain_cells(d: dict[str, Any]) -> list[str]:
+    """The grain columns of the evaluate table ("-" where undefined; ΔG names the images
+    left out of it because nothing was predicted in them)."""
+
+    def fmt(x: float | None, spec: str) -> str:
+        return "-" if x is None else format(x, spec)
+
+    g = fmt(d["astm_g_error"], ".2f")
+    if d["g_undefined"]:
+        g += f" ({d['g_undefined']} img no grain)"
+    return [fmt(d["mean_area_error"], ".1%"), fmt(d["mean_area_bias"], "+.1%"),
+            fmt(d["planimetric_area_error"], ".1%"), g, fmt(d["diameter_ks"], ".3f")]
 
 
 @app.command("evaluate-tracking")

@@ -45,8 +45,12 @@ class Evaluation:
     images: int = 0
     by_iou: dict[float, MatchResult] = field(default_factory=dict)
     count_errors: list[float] = field(default_factory=list)
-    area_errors: list[float] = field(default_factory=list)  # grains: |Δ mean area| / truth
+    # grains: Δ mean area of the inside grains / truth (signed; the error is its |.|)
+    area_biases: list[float] = field(default_factory=list)
+    # grains: Δ planimetric mean area 1/N_A / truth (signed), images with a predicted grain
+    planimetric_biases: list[float] = field(default_factory=list)
     astm_errors: list[float] = field(default_factory=list)  # grains: |Δ G planimetric|
+    g_undefined: int = 0  # grains: images with true grains and no predicted one (G undefined)
     diameters_true: list[np.ndarray] = field(default_factory=list)
     diameters_pred: list[np.ndarray] = field(default_factory=list)
     predict_ms: float = 0.0
@@ -67,9 +71,22 @@ class Evaluation:
         """Mean relative error of the object count per image."""
         return float(np.mean(self.count_errors)) if self.count_errors else 0.0
 
+    @property
+    def area_errors(self) -> list[float]:
+        """|Δ mean area of the inside grains| / truth, per image."""
+        return [abs(b) for b in self.area_biases]
+
     def grain_dict(self) -> dict[str, Any]:
-        """Grain-size errors (empty unless grains were evaluated)."""
-        if not self.area_errors:
+        """Grain-size errors (empty unless grains were evaluated).
+
+        ``mean_area_error`` / ``mean_area_bias``: mean over images of |Δ| and Δ of the mean
+        area of the grains inside the field (edge-cut grains excluded) relative to the truth's;
+        ``planimetric_area_error`` / ``planimetric_area_bias``: the same for the ASTM E112
+        planimetric mean area 1/N_A; ``astm_g_error``: mean |ΔG| (planimetric). Images where
+        no grain was predicted (N_A = 0: G and 1/N_A undefined) are counted in
+        ``g_undefined`` and left out of the planimetric means (None when all were).
+        """
+        if not self.area_biases:
             return {}
         from scipy.stats import ks_2samp
 
@@ -77,8 +94,12 @@ class Evaluation:
         pred_d = np.concatenate(self.diameters_pred)
         ks = float(ks_2samp(true_d, pred_d).statistic) if true_d.size and pred_d.size else 1.0
         return {
-            "mean_area_error": round(float(np.mean(self.area_errors)), 4),
-            "astm_g_error": round(float(np.mean(self.astm_errors)), 3),
+            "mean_area_error": _mean(self.area_errors, 4),
+            "mean_area_bias": _mean(self.area_biases, 4),
+            "planimetric_area_error": _mean([abs(b) for b in self.planimetric_biases], 4),
+            "planimetric_area_bias": _mean(self.planimetric_biases, 4),
+            "astm_g_error": _mean(self.astm_errors, 3),
+            "g_undefined": self.g_undefined,
             "diameter_ks": round(ks, 4),
             "mean_diameter_true_px": round(float(true_d.mean()), 2) if true_d.size else None,
             "mean_diameter_pred_px": round(float(pred_d.mean()), 2) if pred_d.size else None,
@@ -104,6 +125,11 @@ class Evaluation:
             "predict_ms": round(self.predict_ms, 1),
             "postprocess_ms": round(self.postprocess_ms, 1),
         }
+
+
+def _mean(values: list[float], decimals: int) -> float | None:
+    """Rounded mean, None for no values."""
+    return round(float(np.mean(values)), decimals) if values else None
 
 
 def live_holdout(n: int, seed: int = 1234) -> Iterator[Pair]:
@@ -152,10 +178,14 @@ def _grain_errors(result: Evaluation, truth: np.ndarray, labels: np.ndarray) -> 
     t_stats, p_stats = grain_statistics(truth, 1.0), grain_statistics(labels, 1.0)
     t_area, p_area = t_stats["mean_area_um2"], p_stats["mean_area_um2"]
     if t_area:
-        result.area_errors.append(abs((p_area or 0.0) - t_area) / t_area)
+        result.area_biases.append(((p_area or 0.0) - t_area) / t_area)
     t_g, p_g = t_stats["astm_g_planimetric"], p_stats["astm_g_planimetric"]
-    if t_g is not None:
-        result.astm_errors.append(abs((p_g if p_g is not None else 0.0) - t_g))
+    if t_g is not None and p_g is None:  # no predicted grain: G = -inf, not a number to average
+        result.g_undefined += 1
+    elif t_g is not None and p_g is not None:
+        result.astm_errors.append(abs(p_g - t_g))
+        t_pa, p_pa = t_stats["mean_area_planimetric_um2"], p_stats["mean_area_planimetric_um2"]
+        result.planimetric_biases.append((p_pa - t_pa) / t_pa)
     for stats_labels, store in ((truth, result.diameters_true), (labels, result.diameters_pred)):
         table = grain_table(stats_labels, 1.0)
         store.append(table.equivalent_diameter_um[table.inside])

@@ -316,6 +316,7 @@ async def test_with_analysis_the_slower_stage_frames_reach_it_just_in_time(
     await pipe.close()
     held = [(asked, h) for asked, h in holds if h > 0]
     assert len(held) >= len(holds) // 2 >= 10  # once durations are known, frames are held
+    late = []
     for asked, h in held:
         # the next take after this decision (none after the last frames): not before the
         # hold ran out, unless an analysis finished in between (which releases it early)
@@ -324,6 +325,10 @@ async def test_with_analysis_the_slower_stage_frames_reach_it_just_in_time(
             continue
         released = min([asked + h, *(a for a in analysed_at if asked <= a)])
         assert take >= released - 0.001
+        late.append(take - released)
+    # ... and not much after it either (a wake-up; generous for a loaded machine: a hold
+    # not released, or held several times over, is late by more than an analysis)
+    assert float(np.median(late)) < 0.1
     assert [m.header["frame_id"] for m in pub.by_topic("measurements")] == sorted(
         m.header["frame_id"] for m in pub.by_topic("measurements"))
 

@@ -94,6 +94,8 @@ WRONG_DEEP = [
     ({"stage_positions": {"plate": "96-well", "a1_center_xy": [0, "1"],
                           "selected_wells": [[0], [0]]}},
      r'stage_positions\.a1_center_xy\[1\]: expected a number, got "1"'),
+    ({"stage_positions": {"plate": "96-well", "a1_center_xy": [0, 0], "rotation": True}},
+     r"stage_positions\.rotation: expected degrees, .* got true"),
 ]
 
 #: The forms useq documents, and those the configs, docs and tests use.
@@ -114,6 +116,11 @@ RIGHT = [
     {"stage_positions": {"plate": "96-well", "a1_center_xy": [0, 0],
                          "selected_wells": [[0], [0]]}},
     {"metadata": {"anything": True, "goes": "10"}},
+    # a plate's rotation: useq converts an angle with its unit or a rotation matrix
+    *({"stage_positions": {"plate": "96-well", "a1_center_xy": [0, 0], "rotation": r,
+                           "selected_wells": 0}}
+      for r in ("1.5deg", "0.05rad", "1.5°", [[1.0, -0.02], [0.02, 1.0]],
+                [1.0, -0.02, 0.02, 1.0], 1.5)),
 ]
 
 

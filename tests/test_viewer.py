@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -307,3 +308,58 @@ def test_piped_view_says_a_stopping_service_stopped_once_it_went_quiet(
             display.refresh()
     lines = capsys.readouterr().out.splitlines()
     assert lines == [viewer.STOPPED_LINE]
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_stop_signal_while_a_message_is_shown_loses_nothing(
+    signum: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, Ctrl-C or SIGTERM (which ``livemask watch`` and ``serve --view`` stop the view
+    with) raised KeyboardInterrupt wherever the view was: a message taken but not yet shown
+    was lost. Here the signal arrives while message 5 of 8 is being shown."""
+    import signal
+    import threading
+
+    import zmq
+
+    import livemask.viewer as viewer
+    from livemask.protocol import encode
+
+    sig = getattr(signal, signum)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # as cli.watch
+    real_receive = viewer.ConsoleView.receive
+
+    def receive(self: viewer.ConsoleView, msg: Any) -> None:
+        if msg is not None and msg.header.get("frame_id") == 5:
+            signal.raise_signal(sig)  # handled in this (the main) thread, right here
+        real_receive(self, msg)
+
+    monkeypatch.setattr(viewer.ConsoleView, "receive", receive)
+    ctx = zmq.Context.instance()
+    pub = ctx.socket(zmq.XPUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    ready, done = threading.Event(), threading.Event()
+
+    def publish() -> None:
+        wanted = {b"\x01measurements"}
+        while (wanted or not ready.is_set()) and not done.is_set():
+            if pub.poll(50):
+                wanted.discard(pub.recv())
+        for i in range(8):
+            pub.send_multipart(encode("measurements", {"frame_id": i, "seq": i,
+                                                       "summary": {"count": 1}}))
+
+    thread = threading.Thread(target=publish)
+    thread.start()
+    try:
+        view = viewer.watch(f"tcp://127.0.0.1:{port}", on_ready=ready.set, duration_s=30)
+    except KeyboardInterrupt:
+        pytest.fail(f"{signum} raised out of watch")
+    finally:
+        done.set()
+        thread.join()
+        pub.close()
+        signal.signal(signal.SIGTERM, previous)
+    assert view.messages == 8 and view.measurements is not None
+    assert view.measurements["frame_id"] == 7

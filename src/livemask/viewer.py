@@ -383,20 +383,24 @@ def watch(
 
 @contextlib.contextmanager
 def _ctrl_c_as_flag() -> Iterator[threading.Event]:
-    """In the main thread, Ctrl-C sets the flag instead of raising ``KeyboardInterrupt``
+    """In the main thread, Ctrl-C (and SIGTERM, which ``livemask watch`` and ``serve --view``
+    stop it with, where it raises ``KeyboardInterrupt`` too) sets the flag instead of raising
     wherever the view happens to be (between taking a message and showing it, it was lost);
-    the view stops after the message in hand. Elsewhere, or under a handler of the
-    caller's own, nothing changes."""
+    the view stops after the message in hand. Elsewhere, and for a signal under a handler
+    of the caller's own, nothing changes."""
     flag = threading.Event()
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    if threading.current_thread() is not threading.main_thread():
         yield flag
         return
-    signal.signal(signal.SIGINT, lambda *_: flag.set())
+    taken = [sig for sig in (signal.SIGINT, signal.SIGTERM)
+             if signal.getsignal(sig) is signal.default_int_handler]
+    for sig in taken:
+        signal.signal(sig, lambda *_: flag.set())
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig in taken:
+            signal.signal(sig, signal.default_int_handler)
 
 
 def _receive(sub: Subscriber, view: ConsoleView, timeout_s: float) -> bool:

@@ -504,7 +504,11 @@ def _wrong_types(model: Any, data: Any, where: str) -> list[str]:
             continue
         name, kind = fields[key]
         held = getattr(model, name)
-        if _holds_models(held):
+        if name in _CONVERTED.get(type(model), ()):
+            if isinstance(value, bool):  # (useq's own forms are strings, numbers or lists)
+                problems.append(f"{where}.{key}: expected {_CONVERTED[type(model)][name]}, "
+                                f"got {_shown(value)}")
+        elif _holds_models(held):
             problems += _wrong_types(held, value, f"{where}.{key}")
         else:
             problems += _value_types(kind, value, f"{where}.{key}")
@@ -552,6 +556,11 @@ def _value_types(kind: Any, value: Any, where: str) -> list[str]:
         return []
     return [f"{where}: expected {expected}, got {_shown(value)}"]
 
+
+#: Fields a useq before-validator converts from other JSON types than their own (what it
+#: takes, in words): only booleans are refused there.
+_CONVERTED: dict[type[Any], dict[str, str]] = {useq.WellPlatePlan: {
+    "rotation": "degrees, an angle with its unit (\"5deg\", \"0.1rad\") or a rotation matrix"}}
 
 #: What a checked scalar type takes, in words.
 _EXPECTED: dict[Any, str] = {float: "a number", int: "an integer", bool: "true or false"}

@@ -208,3 +208,14 @@ async def test_an_empty_frame_is_answered_as_an_empty_request(
         assert json.loads(reply) == {"id": 1, "ok": True, "result": {"cmd": "status"}}
     dealer, req = replies
     assert dealer == req and dealer["error"]["code"] == "bad_json"
+
+
+def test_a_well_plate_sequence_as_useq_dumps_it_is_accepted() -> None:
+    """Before, ``ControlClient.start`` of a well plate sequence (sent as useq's JSON dump,
+    whose well points position has ``grid_row: null``) was refused: "grid_row: unknown
+    field (did you mean 'rows'?)"."""
+    seq = useq.MDASequence(stage_positions=useq.WellPlatePlan(
+        plate=96, a1_center_xy=(0, 0), selected_wells=[[0], [0]]))
+    _check(seq.model_dump(mode="json"))
+    with pytest.raises(ValueError, match=r"grid_plan\.grid_row: unknown field"):
+        _check({"grid_plan": {"grid_row": 2, "grid_col": 2}})  # still a typo with a value

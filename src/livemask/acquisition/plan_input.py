@@ -355,8 +355,11 @@ def _unknown_fields(model: Any, data: Any, where: str, annotation: Any = None) -
         return _member_problems(meant, data, where)
     fields = type(model).model_fields
     known = _known_in(type(model), members)
+    # a null for a key the model takes is "not given", not a typo: a grid_plan position as
+    # useq dumps it has grid_row: null (what ControlClient.start sends)
+    given = [key for key in data if not (data[key] is None and key in _known_keys(type(model)))]
     problems = [f"{where}.{key}: {_unknown(key, known & set(fields), _typo_of(key, members))}"
-                for key in data if key not in known]
+                for key in given if key not in known]
     for name, field in fields.items():
         key = name if name in data else field.alias
         if key in data:

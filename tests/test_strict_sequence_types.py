@@ -165,9 +165,24 @@ async def service() -> AsyncIterator[Service]:
         yield svc
 
 
-async def test_start_refuses_sequence_values_of_the_wrong_json_type(service: Service) -> None:
+async def test_start_refuses_sequence_values_of_the_wrong_json_type(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Before, each was answered ``started`` (``exposure: true`` ran its frames at 1 ms),
-    while ``enqueue`` refused the same values in events."""
+    while ``enqueue`` refused the same values in events. The checks run off the event loop
+    (100,000 stage positions took seconds there, status and heartbeats stopped)."""
+    import threading
+
+    from livemask.service import commands
+
+    checked_in: list[threading.Thread] = []
+    real_check = commands.check_sequence
+
+    def check(*args: Any, **kwargs: Any) -> None:
+        checked_in.append(threading.current_thread())
+        real_check(*args, **kwargs)
+
+    monkeypatch.setattr(commands, "check_sequence", check)
     for sequence, message in WRONG:
         with pytest.raises(ControlError, match=rf"invalid sequence: .*{message}") as info:
             await control(service, "start", sequence=sequence)
@@ -176,6 +191,7 @@ async def test_start_refuses_sequence_values_of_the_wrong_json_type(service: Ser
     right = {"time_plan": {"interval": "0:00:00", "loops": 2},
              "channels": [{"config": "DAPI", "exposure": 10}]}
     assert (await control(service, "start", sequence=right))["started"] is True
+    assert checked_in and threading.main_thread() not in checked_in
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ request gets an ``invalid_args`` reply naming the field. Handlers raise
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from typing import TYPE_CHECKING, Annotated, Any
@@ -107,6 +108,16 @@ def _useq(model: type[BaseModel], data: dict[str, Any], what: str) -> Any:
     return _parse(model, data, what, f"invalid {what}: ")
 
 
+def _checked_sequence(data: dict[str, Any]) -> useq.MDASequence:
+    """The ``sequence`` of a ``start`` request, validated and checked (invalid_args)."""
+    seq: useq.MDASequence = _useq(useq.MDASequence, data, "sequence")
+    try:
+        check_sequence(seq, data)
+    except ValueError as exc:
+        raise CommandError("invalid_args", f"invalid sequence: {exc}") from None
+    return seq
+
+
 def _check_event_types(data: dict[str, Any], what: str) -> None:
     """invalid_args naming each field of an event (JSON ``data``, already validated and
     checked for finite numbers) of the wrong JSON type: a boolean or a string where a
@@ -180,12 +191,8 @@ class CommandHandler:
         """Start an acquisition."""
         a: StartArgs = _validate(StartArgs, args, "start")
         seq = None
-        if a.sequence is not None:
-            seq = _useq(useq.MDASequence, a.sequence, "sequence")
-            try:
-                check_sequence(seq, a.sequence)
-            except ValueError as exc:
-                raise CommandError("invalid_args", f"invalid sequence: {exc}") from None
+        if a.sequence is not None:  # (seconds for 100,000 positions: off the event loop)
+            seq = await asyncio.to_thread(_checked_sequence, a.sequence)
         if self.service.acquiring:
             raise CommandError("invalid_state", "an acquisition is running; send 'stop' first")
         await self.service.last_run_exited()

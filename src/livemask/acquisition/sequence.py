@@ -7,15 +7,22 @@ time-lapse, or ``loops: 1000000000`` for "until I stop it", would stall the star
 the machine's memory. :func:`iter_events` gives the same events, in the same order, with the
 same indices and start times, by iterating the sequence ``CHUNK_TIMEPOINTS`` time points at a
 time when time is its outermost axis; :func:`event_count` counts without iterating.
+
+useq also memoises each sequence's axes (every time point of it) in ``functools.cache``s keyed
+by the sequence, for the life of the process, and a sequence hashes by a uid of its own: every
+acquisition's sequence (and every chunk's) would stay there. :func:`iter_events` reuses one
+sequence for its full chunks and empties those caches once it has iterated a sequence
+(:func:`release_iteration_caches`).
 """
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import logging
 import math
 import secrets
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -345,14 +352,15 @@ def _sized_by_field(plan: Any) -> bool:
 
 def iter_events(
     seq: useq.MDASequence, chunk: int = CHUNK_TIMEPOINTS
-) -> Iterator[useq.MDAEvent]:
+) -> Generator[useq.MDAEvent, None, None]:
     """The events of ``seq`` (as ``iter(seq)``), about ``chunk`` time points at a time when
     the time plan is longer than that and time is the outermost axis.
 
     Grid plans without a field of view count with useq's 1 µm: fill it in first
     (:func:`with_field_of_view`, as the service does). ``ValueError`` for more than
     ``MAX_EVENTS_PER_TIME_POINT`` events per time point (:func:`check_size`), raised here,
-    before the first event is asked for."""
+    before the first event is asked for. Once all are taken, or the generator is closed or
+    dropped, useq's iteration caches are emptied (:func:`release_iteration_caches`)."""
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1 time point, got {chunk}")
     check_size(seq)
@@ -365,36 +373,89 @@ def iter_events(
                 "has several time phases): useq lists them all first, about %.0f MB; put "
                 "'t' first in axis_order to run it in chunks", n, 140 * n / 1e6,
             )
-        return iter(seq)
-    return _keep_shutter_across_chunks(seq, _chunked(seq, n, chunk))
+        return _releasing(iter(seq))
+    return _releasing(_keep_shutter_across_chunks(seq, _chunked(seq, n, chunk)))
+
+
+#: useq's memos of the sequences it iterates (``functools.cache`` in useq-schema 0.9).
+_USEQ_CACHED = ("_iter_axis", "_sizes", "_used_axes")
+
+
+def release_iteration_caches() -> None:
+    """Empty useq's memos of the axes of the sequences it has iterated.
+
+    useq keeps every time point of each sequence it iterates, keyed by the sequence (a new
+    uid for each), until the process ends: about 0.4 MB per 10,000. Safe while a sequence
+    is being iterated (useq takes its axes before the first event; a position's own
+    sequence is looked up again and recomputed). Does nothing (logs at debug) where useq
+    has no such caches."""
+    try:
+        module = importlib.import_module("useq._iter_sequence")
+    except ImportError:
+        log.debug("useq._iter_sequence is gone: no iteration caches to empty")
+        return
+    for name in _USEQ_CACHED:
+        clear = getattr(getattr(module, name, None), "cache_clear", None)
+        if callable(clear):
+            clear()
+        else:
+            log.debug("useq._iter_sequence.%s has no cache_clear: not emptied", name)
+
+
+def _releasing(events: Iterator[useq.MDAEvent]) -> Generator[useq.MDAEvent, None, None]:
+    """``events``, then useq's iteration caches emptied: once they are all taken, or the
+    iteration is closed or dropped (a stopped acquisition)."""
+    try:
+        yield from events
+    finally:
+        release_iteration_caches()
 
 
 def _chunked(
     seq: useq.MDASequence, n: int, chunk: int
 ) -> Iterator[tuple[bool, useq.MDAEvent]]:
-    """(first event of a chunk?, event) for the chunks of ``seq``, renumbered as ``seq``'s."""
+    """(first event of a chunk?, event) for the chunks of ``seq``, renumbered as ``seq``'s.
+
+    One sequence serves every full chunk (and one the shorter last): each new one would be
+    validated, and kept in useq's caches, which are emptied after each chunk."""
     plan = seq.time_plan
     assert isinstance(plan, _SINGLE_PHASE)
     interval = plan.interval
     fixed = _random_points_seeded(seq)
+    full: useq.MDASequence | None = None
     for start in range(0, n, chunk):
-        part = fixed.replace(
-            time_plan=useq.TIntervalLoops(interval=interval, loops=min(chunk, n - start))
-        )
+        if n - start < chunk:
+            part = _with_loops(fixed, interval, n - start)
+        else:
+            part = full = _with_loops(fixed, interval, chunk) if full is None else full
         offset = start * interval  # timedelta arithmetic, exact in microseconds as useq's
-        for i, event in enumerate(part):
-            update: dict[str, object] = {"sequence": seq}
-            if start:
-                index = dict(event.index)
-                if _TIME in index:
-                    index[_TIME] += start
-                update["index"] = type(event.index)(index)
-                update["reset_event_timer"] = False  # the run's clock goes on across chunks
-                if event.min_start_time is not None:
-                    update["min_start_time"] = (
-                        timedelta(seconds=event.min_start_time) + offset
-                    ).total_seconds()
-            yield i == 0, event.model_copy(update=update)
+        yield from _renumbered(seq, part, start, offset)
+        release_iteration_caches()  # (an endless time-lapse: one chunk's axes at a time)
+
+
+def _with_loops(seq: useq.MDASequence, interval: timedelta, loops: int) -> useq.MDASequence:
+    """``seq`` with a time plan of ``loops`` time points ``interval`` apart."""
+    return seq.replace(time_plan=useq.TIntervalLoops(interval=interval, loops=loops))
+
+
+def _renumbered(
+    seq: useq.MDASequence, part: useq.MDASequence, start: int, offset: timedelta
+) -> Iterator[tuple[bool, useq.MDAEvent]]:
+    """(first event?, event) of the chunk ``part`` from time point ``start`` (``offset``
+    after the first), as ``seq``'s events."""
+    for i, event in enumerate(part):
+        update: dict[str, object] = {"sequence": seq}
+        if start:
+            index = dict(event.index)
+            if _TIME in index:
+                index[_TIME] += start
+            update["index"] = type(event.index)(index)
+            update["reset_event_timer"] = False  # the run's clock goes on across chunks
+            if event.min_start_time is not None:
+                update["min_start_time"] = (
+                    timedelta(seconds=event.min_start_time) + offset
+                ).total_seconds()
+        yield i == 0, event.model_copy(update=update)
 
 
 def _random_points_seeded(seq: useq.MDASequence) -> useq.MDASequence:

@@ -24,6 +24,7 @@ from livemask.acquisition.mode import Mode
 from livemask.acquisition.sequence import (
     event_count,
     iter_events,
+    release_iteration_caches,
     sequence_channels,
     with_field_of_view,
 )
@@ -850,6 +851,7 @@ class Service:
         at once where none got through for ``acquisition.frame_timeout_s``)."""
         self._acquiring = False
         self._stalled = None  # a stall that lasted to the end: no acquisition_resumed
+        release_iteration_caches()  # useq's memo of the sequence (a stopped one's too)
         if self.feedback is not None:
             self.feedback.acquisition_finished()
         report = self._finish_report(error)

@@ -193,70 +193,25 @@ def frame_settings(
     }
 
 
-#: Micro-Manager's keyword for a camera's binning property.
-BINNING = "Binning"
-#: The camera's full image as the service opened it: (rows, columns, binning); binning
-#: None where the camera has no readable ``Binning`` property.
-SensorAtOpen = tuple[int, int, int | None]
-
-
-def camera_binning(core: CMMCorePlus) -> int | None:
-    """The camera's binning factor from the core's property cache (no device call): its
-    ``Binning`` property (``"2"`` or ``"2x2"``: 2); None where it has none or not a number."""
-    try:
-        text = str(core.getPropertyFromCache(core.getCameraDevice(), BINNING))
-    except Exception:  # no camera, or no Binning property
-        return None
-    head = text.lower().split("x", 1)[0].strip()
-    return int(head) if head.isdigit() and int(head) > 0 else None
-
-
-def sensor_at_open(core: CMMCorePlus) -> SensorAtOpen | None:
-    """The camera's image as the service opened it, taken for its full sensor (as ``enqueue``
-    checks a ``roi`` against it); None where the camera cannot say or a ROI away from the
-    sensor's corner is set (the .cfg set one: the sensor's size is not known)."""
-    roi = camera_roi(core)
-    if roi is None or roi[:2] != (0, 0) or roi[2] < 1 or roi[3] < 1:
-        return None
-    return roi[3], roi[2], camera_binning(core)
-
-
-def sensor_shape_now(sensor: SensorAtOpen | None, binning: int | None) -> tuple[int, int] | None:
-    """(rows, columns) of the camera's full image at ``binning`` (None: as at open), from
-    its image at open; None where that is not known."""
-    if sensor is None:
-        return None
-    rows, cols, at_open = sensor
-    if binning is None or at_open is None or binning == at_open:
-        return rows, cols
-    return rows * at_open // binning, cols * at_open // binning
-
-
 def frame_roi(
-    shape: tuple[int, ...], meta: Any, sensor: tuple[int, int] | None
+    shape: tuple[int, ...], meta: Any, at_open: tuple[int, int] | None
 ) -> dict[str, Any]:
-    """``settings`` entries that place a frame taken with a camera ROI on the sensor.
-
-    ``roi``: ``{"offset_x", "offset_y", "width", "height"}`` (useq's ``CameraROI``) as the
-    frame metadata's ``roi`` (:data:`~livemask.acquisition.engine.ROI_KEY`) gives it, and
-    ``sensor_shape``: ``[rows, columns]`` of the camera's full image at the frame's binning
-    (``sensor``; left out where not known). None of them for a frame of the full sensor;
-    ``{"roi": None}`` for a frame smaller than the sensor whose ROI is not known (metadata
-    without one, or one of another size than the frame)."""
+    """``settings`` entry that places a frame taken with a camera ROI: ``roi``,
+    ``{"offset_x", "offset_y", "width", "height"}`` (useq's ``CameraROI``) as the frame
+    metadata's ``roi`` (:data:`~livemask.acquisition.engine.ROI_KEY`) gives it. Nothing for a
+    frame of the camera's image at open (``at_open``: (rows, columns), None where not known)
+    at offset (0, 0); ``{"roi": None}`` for a frame of another shape whose ROI is not known
+    (metadata without one, or one of another size than the frame)."""
     rows, cols = int(shape[0]), int(shape[1])
     roi = meta.get(ROI_KEY) if isinstance(meta, dict) else None
     ok = (isinstance(roi, list | tuple) and len(roi) == 4
           and all(isinstance(v, int) and v >= 0 for v in roi) and tuple(roi[2:]) == (cols, rows))
     if not ok:
-        return {"roi": None} if sensor is not None and sensor != (rows, cols) else {}
+        return {"roi": None} if at_open is not None and at_open != (rows, cols) else {}
     assert isinstance(roi, list | tuple)
-    if sensor is not None and tuple(roi) == (0, 0, sensor[1], sensor[0]):
+    if tuple(roi[:2]) == (0, 0) and at_open == (rows, cols):
         return {}
-    out: dict[str, Any] = {
-        "roi": {"offset_x": roi[0], "offset_y": roi[1], "width": cols, "height": rows}}
-    if sensor is not None:
-        out["sensor_shape"] = [sensor[0], sensor[1]]
-    return out
+    return {"roi": {"offset_x": roi[0], "offset_y": roi[1], "width": cols, "height": rows}}
 
 
 #: An imaging event that has not delivered its frame this long (s) past its exposure, or
@@ -412,8 +367,8 @@ class MicroscopeSource(FeedThreadSource):
         # read now, not per request: the call waits on the camera's lock, held while it snaps
         self.exposure_limits = exposure_limits(core)
         self.properties = property_table(core)
-        #: the camera's full image, to place frames of a camera ROI on the sensor
-        self._sensor = sensor_at_open(core)
+        roi = camera_roi(core)  # frames of another shape or offset say their ROI
+        self._shape_at_open = (roi[3], roi[2]) if roi is not None else None
         self._engine = FocusTolerantEngine(core)
         core.register_mda_engine(self._engine)
         self._on_frame = on_frame
@@ -474,7 +429,7 @@ class MicroscopeSource(FeedThreadSource):
             **({"channel": event.channel.config} if event.channel is not None else {}),
         }
         settings = frame_settings(event, meta, self._channel_now, channel_failed=channel_failed)
-        settings.update(frame_roi(image.shape, meta, self._sensor_now()))
+        settings.update(frame_roi(image.shape, meta, self._shape_at_open))
         raw = RawFrame(image, event, acquired, position, truth, origin=feed,
                        pixel_size_um=frame_pixel_size(meta), settings=settings)
         if feed is None:
@@ -487,10 +442,6 @@ class MicroscopeSource(FeedThreadSource):
             feed.frame_started()
             feed.frame_done()
             raise
-
-    def _sensor_now(self) -> tuple[int, int] | None:
-        """The camera's full image at its binning now (runner thread; a cache read)."""
-        return sensor_shape_now(self._sensor, camera_binning(self.core))
 
     def _report_mismatch(
         self, kind: str, event: useq.MDAEvent, off: dict[str, Any] | None

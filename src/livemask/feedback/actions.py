@@ -255,9 +255,9 @@ class EventPlanner:
     def centred(
         self, ctx: FrameContext, centre_yx: tuple[float, float]
     ) -> tuple[float, float]:
-        """Stage (x, y) that puts pixel ``centre_yx`` of ``ctx``'s frame on the optical axis:
-        the middle of the camera's full image (for a frame of a camera ROI, not the ROI's
-        middle: :meth:`FrameContext.optical_centre_yx`)."""
+        """Stage (x, y) that puts pixel ``centre_yx`` of ``ctx``'s frame in the middle of the
+        action's frames (:meth:`FrameContext.aim_yx`: the camera ROI they will be taken with,
+        which may not be the triggering frame's)."""
         x, y = ctx.position.get("x_um"), ctx.position.get("y_um")
         if x is None or y is None:
             raise ActionError(
@@ -276,14 +276,13 @@ class EventPlanner:
                 "preset in its .cfg); calibrate it, or set hardware.pixel_size_um or "
                 "feedback.pixel_to_stage",
             )
-        axis = ctx.optical_centre_yx()
+        axis = ctx.aim_yx()
         if axis is None:
             raise ActionError(
                 "unknown_roi",
-                "cannot centre: the frame was taken with a camera ROI whose place on the "
-                "sensor is not known (the camera did not give its ROI, or its full image "
-                "size is not known: a ROI was set when the service opened it); centre from "
-                "frames of the full sensor, or clear the ROI in the .cfg",
+                "cannot centre: the frame was taken with a camera ROI the camera did not give "
+                "(its settings.roi is null), so the ROI of the action's frames cannot be "
+                "placed in it; centre from frames whose ROI the camera gives",
             )
         drow = float(centre_yx[0]) - axis[0]
         dcol = float(centre_yx[1]) - axis[1]

@@ -73,24 +73,26 @@ class FrameContext:
     image_shape: tuple[int, int] = (0, 0)
     pixel_size_um: float = 1.0
     features: list[dict[str, float | None]] = field(default_factory=list)  # per object
-    #: whether the frame was taken with a camera ROI (its ``settings`` have a ``roi``),
-    #: the ROI's (row, col) offset on the sensor and the sensor's (rows, cols), as far as
-    #: known (None: not known)
-    is_roi: bool = False
-    roi_offset_yx: tuple[int, int] | None = None
-    sensor_shape: tuple[int, int] | None = None
+    #: (row, col) offset of the frame's camera ROI (its ``settings.roi``; (0, 0) for a frame
+    #: without one), None where the camera did not give it (``roi`` null)
+    roi_offset_yx: tuple[int, int] | None = (0, 0)
+    #: the camera ROI ``(offset_x, offset_y, width, height)`` in effect for the frames an
+    #: action will take (set by the controller), None where not known: then every frame of
+    #: the run has this frame's ROI
+    action_roi: tuple[int, int, int, int] | None = None
 
-    def optical_centre_yx(self) -> tuple[float, float] | None:
-        """The optical axis (the sensor's centre) in this frame's pixels (row, col): the
-        frame's centre, or for a frame of a camera ROI the sensor's centre less the ROI's
-        offset; None where not known (no image size; a ROI not placed on the sensor)."""
-        if not self.is_roi:
+    def aim_yx(self) -> tuple[float, float] | None:
+        """Where centring aims, in this frame's pixels (row, col): the centre of
+        :attr:`action_roi` placed by this frame's ROI offset; the frame's centre where
+        ``action_roi`` is not known; None where not known (no image size, or a frame whose
+        own ROI the camera did not give)."""
+        if self.action_roi is None:
             h, w = self.image_shape
             return ((h - 1) / 2, (w - 1) / 2) if h > 0 and w > 0 else None
-        if self.roi_offset_yx is None or self.sensor_shape is None:
+        if self.roi_offset_yx is None:
             return None
-        (oy, ox), (rows, cols) = self.roi_offset_yx, self.sensor_shape
-        return (rows - 1) / 2 - oy, (cols - 1) / 2 - ox
+        (ty, tx), (x, y, width, height) = self.roi_offset_yx, self.action_roi
+        return y - ty + (height - 1) / 2, x - tx + (width - 1) / 2
 
     @property
     def is_feedback(self) -> bool:
@@ -159,23 +161,19 @@ class FrameContext:
 
 
 def _camera_roi(settings: Any) -> dict[str, Any]:
-    """``is_roi``, ``roi_offset_yx`` and ``sensor_shape`` from a header's ``settings``
-    (``roi``: ``{"offset_x", "offset_y", ...}`` or null; ``sensor_shape``: ``[rows, cols]``)."""
+    """``roi_offset_yx`` from a header's ``settings``: none without a ``roi`` (the default,
+    (0, 0)), the ``roi``'s ``(offset_y, offset_x)``, or None for a null or malformed one."""
     if not isinstance(settings, Mapping) or "roi" not in settings:
         return {}
-    roi, sensor = settings.get("roi"), settings.get("sensor_shape")
-    offset = None
+    roi = settings.get("roi")
     if isinstance(roi, Mapping) and _counts(roi.get("offset_y"), roi.get("offset_x")):
-        offset = (int(roi["offset_y"]), int(roi["offset_x"]))
-    shape = None
-    if isinstance(sensor, list | tuple) and len(sensor) == 2 and _counts(*sensor, least=1):
-        shape = (int(sensor[0]), int(sensor[1]))
-    return {"is_roi": True, "roi_offset_yx": offset, "sensor_shape": shape}
+        return {"roi_offset_yx": (int(roi["offset_y"]), int(roi["offset_x"]))}
+    return {"roi_offset_yx": None}
 
 
-def _counts(*values: Any, least: int = 0) -> bool:
-    """Whether every value is an int (not a bool) >= ``least``."""
-    return all(isinstance(v, int) and not isinstance(v, bool) and v >= least for v in values)
+def _counts(*values: Any) -> bool:
+    """Whether every value is an int (not a bool) >= 0."""
+    return all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
 
 
 def position_key(index: Mapping[str, int], x_um: float | None, y_um: float | None) -> str:
@@ -253,7 +251,7 @@ class FeatureTracker:
             )
         else:
             edge = np.full(n, np.nan)
-        axis = ctx.optical_centre_yx()  # a ROI frame's: on the sensor, not the frame's centre
+        axis = ctx.aim_yx()  # where centring aims: the action's frames' centre
         if axis is not None:
             centre = np.hypot(cent[:, 0] - axis[0], cent[:, 1] - axis[1])
         else:

@@ -103,6 +103,14 @@ def known_camera_settings(now: Mapping[str, Any]) -> dict[str, Any]:
     return known
 
 
+def roi_box(roi: Any) -> tuple[int, int, int, int] | None:
+    """``(offset_x, offset_y, width, height)`` of a ``useq.CameraROI``; None for none or an
+    empty one (not known)."""
+    if not isinstance(roi, useq.CameraROI) or roi.width < 1 or roi.height < 1:
+        return None
+    return roi.offset_x, roi.offset_y, roi.width, roi.height
+
+
 class SettingsInEffect:
     """The exposure, channel, stage position (``x_pos``, ``y_pos``, ``z_pos``) and camera ROI
     the running acquisition's events leave in effect, as far as known: what the events added
@@ -327,6 +335,8 @@ class FeedbackController:
         image = getattr(frame, "image", None)
         shape = tuple(image.shape[:2]) if image is not None else (0, 0)
         ctx = FrameContext.from_measurements(measurements, shape)
+        # the action's events set no ROI and run after those queued: they keep this one
+        ctx.action_roi = roi_box(self._settings.expected().get("roi"))
         self.frames_seen += 1
         if ctx.is_feedback:  # fallback reaction clock: the first frame an action produced
             self._started(int(ctx.index[FEEDBACK_INDEX_KEY]), ctx.acquired, "frameReady")

@@ -86,7 +86,8 @@ def read_frames_jsonl(path: Path) -> list[dict[str, Any]]:
 def record_settings(record: Mapping[str, Any]) -> dict[str, Any]:
     """A frame record's ``settings``: ``channel``, ``channel_group`` (text) and
     ``exposure_ms`` (a finite number > 0), None for each one it lacks or that is not one
-    (recordings from before frames.jsonl held them have none)."""
+    (recordings from before frames.jsonl held them have none); and a camera ROI frame's
+    ``roi`` (``{"offset_x", "offset_y", "width", "height"}``, None where not one)."""
     given = record.get("settings")
     given = given if isinstance(given, Mapping) else {}
     out: dict[str, Any] = {}
@@ -98,6 +99,11 @@ def record_settings(record: Mapping[str, Any]) -> dict[str, Any]:
     if (isinstance(exposure, int | float) and not isinstance(exposure, bool)
             and math.isfinite(exposure) and exposure > 0):
         out["exposure_ms"] = float(exposure)
+    if "roi" in given:  # a camera ROI frame's; null (not known) where not one
+        roi, keys = given["roi"], ("offset_x", "offset_y", "width", "height")
+        box: list[Any] = [roi.get(k) for k in keys] if isinstance(roi, Mapping) else []
+        ok = len(box) == 4 and all(type(v) is int and v >= 0 for v in box) and min(box[2:]) > 0
+        out["roi"] = dict(zip(keys, box, strict=True)) if ok else None
     return out
 
 

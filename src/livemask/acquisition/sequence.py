@@ -385,10 +385,13 @@ def release_iteration_caches() -> None:
     """Empty useq's memos of the axes of the sequences it has iterated.
 
     useq keeps every time point of each sequence it iterates, keyed by the sequence (a new
-    uid for each), until the process ends: about 0.4 MB per 10,000. Safe while a sequence
-    is being iterated (useq takes its axes before the first event; a position's own
-    sequence is looked up again and recomputed). Does nothing (logs at debug) where useq
-    has no such caches."""
+    uid for each), until the process ends: about 0.4 MB per 10,000. While a sequence is
+    being iterated, emptying them only costs recomputation (useq takes its axes before the
+    first event; a position's own sequence is looked up again), except for random points
+    without a seed in a position's own sequence, which useq would draw anew: the chunked
+    path seeds them (:func:`_random_points_seeded`), and the service empties the memos only
+    when its one acquisition has ended. Does nothing (logs at debug) where useq has no
+    such caches."""
     try:
         module = importlib.import_module("useq._iter_sequence")
     except ImportError:

@@ -677,12 +677,13 @@ async def test_a_hung_camera_leaves_control_answering_and_the_service_closes(
     from livemask.acquisition.core import devices_left_loaded
     from livemask.acquisition.simulated.devices import SimCamera
 
-    release = threading.Event()
+    release, hung = threading.Event(), threading.Event()
     snaps = itertools.count()
     real_snap = SimCamera.snap
 
     def hanging_snap(self: SimCamera, buffer: Any) -> Any:
         if next(snaps) >= 3:
+            hung.set()
             release.wait(60)
         return real_snap(self, buffer)
 
@@ -697,7 +698,8 @@ async def test_a_hung_camera_leaves_control_answering_and_the_service_closes(
         while svc.pipeline.counters.counts["acquired"] < 3:
             assert time.monotonic() < deadline, "the first frames never came"
             await asyncio.sleep(0.05)
-        await asyncio.sleep(0.3)  # the fourth snap hangs now
+        # the fourth snap hangs now (synchronized: it starts once frame 3 is published)
+        assert await asyncio.to_thread(hung.wait, 20), "the fourth snap never started"
         with pytest.raises(ControlError, match=r"did not return within 1 s") as info:
             await control(svc, "set", exposure_ms=20)
         assert info.value.code == "invalid_state"

@@ -37,8 +37,12 @@ async def _collect(sub: AsyncSubscriber, kinds: list[dict[str, Any]]) -> None:
             kinds.append(dict(msg.header))
 
 
-def _kinds(events: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [e for e in events if e["kind"] == kind]
+def _kinds(
+    events: list[dict[str, Any]], kind: str, index: dict[str, int] | None = None
+) -> list[dict[str, Any]]:
+    """The events of ``kind`` (of the imaging event ``index`` if given)."""
+    return [e for e in events
+            if e["kind"] == kind and (index is None or e.get("index") == index)]
 
 
 @asynccontextmanager
@@ -60,60 +64,64 @@ async def _started(
             collector.cancel()
 
 
+T3 = {"t": 3}  # the imaging event whose snap hangs
+
+
 async def test_a_hung_snap_is_reported_and_its_end_too(monkeypatch: pytest.MonkeyPatch) -> None:
     """Before, a snap that hung left status saying running with frames frozen, for ever:
-    no event, no log line, no last_error."""
+    no event, no log line, no last_error. (A margin of 3 s: a loaded machine's normal
+    events, up to ~0.6 s, are no stall; the hung one waits until released.)"""
     from livemask.acquisition.simulated.devices import SimCamera
 
-    monkeypatch.setattr(source_module, "STALL_MARGIN_S", 0.3)
+    monkeypatch.setattr(source_module, "STALL_MARGIN_S", 3.0)
     release = threading.Event()
     snaps = itertools.count()
     real_snap = SimCamera.snap
 
     def hanging_snap(self: SimCamera, buffer: Any) -> Any:
         if next(snaps) == 3:
-            release.wait(20)
+            release.wait(60)
         return real_snap(self, buffer)
 
     monkeypatch.setattr(SimCamera, "snap", hanging_snap)
     events: list[dict[str, Any]] = []
     try:
         async with _started({"interval": 0.0, "loops": 8}, events) as svc:
-            await _until(lambda: _kinds(events, "acquisition_stalled"))
+            await _until(lambda: _kinds(events, "acquisition_stalled", T3), 20)
             status = svc.status()
             assert status["state"] == "running" and status["frames_acquired"] == 3
             assert status["stalled_s"] is not None and status["stalled_s"] >= 0
             await asyncio.sleep(0.3)
             assert svc.status()["stalled_s"] > 0
             assert "acquisition stalled" in (svc.last_error or "")
-            (stalled,) = _kinds(events, "acquisition_stalled")
-            assert stalled["index"] == {"t": 3}
-            assert stalled["waited_s"] > stalled["limit_s"] > 0.3
+            (stalled,) = _kinds(events, "acquisition_stalled", T3)
+            assert stalled["waited_s"] > stalled["limit_s"] > 3.0
             assert "has not returned" in stalled["detail"] and "stop" in stalled["detail"]
             release.set()
-            await _until(lambda: _kinds(events, "acquisition_finished"))
+            await _until(lambda: _kinds(events, "acquisition_finished"), 20)
             assert svc.status()["stalled_s"] is None
             assert svc.status()["frames_acquired"] == 8  # frames continued
     finally:
         release.set()
-    (resumed,) = _kinds(events, "acquisition_resumed")
-    assert resumed["index"] == {"t": 3} and resumed["stalled_s"] > 0
-    assert resumed["waited_s"] > resumed["stalled_s"]
-    assert len(_kinds(events, "acquisition_stalled")) == 1
+    (resumed,) = _kinds(events, "acquisition_resumed", T3)
+    assert resumed["stalled_s"] > 0 and resumed["waited_s"] > resumed["stalled_s"]
+    assert len(_kinds(events, "acquisition_stalled", T3)) == 1  # reported once
     assert _kinds(events, "acquisition_finished")[0]["error"] is None
 
 
 async def test_the_wait_between_time_points_is_not_a_stall(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(source_module, "STALL_MARGIN_S", 0.3)
+    """The 3 s wait before the second time point is twice the margin: counted, it would be
+    a stall; a loaded machine's normal events (up to ~0.6 s) stay well within it."""
+    monkeypatch.setattr(source_module, "STALL_MARGIN_S", 1.5)
     events: list[dict[str, Any]] = []
-    async with _started({"interval": 1.0, "loops": 3}, events) as svc:
+    async with _started({"interval": 3.0, "loops": 2}, events) as svc:
         stalled_s: list[Any] = []
         while not _kinds(events, "acquisition_finished"):
             stalled_s.append(svc.status()["stalled_s"])
             await asyncio.sleep(0.05)
-        assert svc.status()["frames_acquired"] == 3
+        assert svc.status()["frames_acquired"] == 2
     assert not _kinds(events, "acquisition_stalled")
     assert set(stalled_s) == {None} and svc.last_error is None
 

@@ -20,6 +20,7 @@ import json
 import math
 import numbers
 import re
+from collections.abc import Callable
 from datetime import timedelta
 from types import UnionType
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
@@ -337,14 +338,25 @@ def _known_keys(model: type[BaseModel]) -> set[str]:
     return known
 
 
-def _unknown_fields(model: Any, data: Any, where: str, annotation: Any = None) -> list[str]:
-    if isinstance(model, (list, tuple)) and isinstance(data, (list, tuple)):
-        if len(model) != len(data):
-            return []
-        return [p for i, (m, d) in enumerate(zip(model, data, strict=True))
-                for p in _unknown_fields(m, d, f"{where}[{i}]")]
+def _per_item(
+    model: Any, data: Any, where: str, visit: Callable[[Any, Any, str], list[str]]
+) -> list[str] | None:
+    """``visit``'s problems for each item where the validated ``model`` and the ``data``
+    given for it are lists (a multi-phase time plan's phases given as a list too); none
+    where their lengths differ; None where they are not lists."""
     if isinstance(model, useq.MultiPhaseTimePlan) and isinstance(data, (list, tuple)):
-        return _unknown_fields(list(model.phases), data, where)  # phases given as a list
+        model = list(model.phases)
+    if not (isinstance(model, (list, tuple)) and isinstance(data, (list, tuple))):
+        return None
+    if len(model) != len(data):
+        return []
+    return [p for i, (m, d) in enumerate(zip(model, data, strict=True))
+            for p in visit(m, d, f"{where}[{i}]")]
+
+
+def _unknown_fields(model: Any, data: Any, where: str, annotation: Any = None) -> list[str]:
+    if (items := _per_item(model, data, where, _unknown_fields)) is not None:
+        return items
     if not isinstance(model, BaseModel) or not isinstance(data, dict):
         return []
     members = _union_members(annotation)
@@ -491,13 +503,8 @@ def check_types(model: BaseModel, data: Any, what: str) -> None:
 
 def _wrong_types(model: Any, data: Any, where: str) -> list[str]:
     """:func:`check_types`' problems, walking ``model`` and the ``data`` given for it."""
-    if isinstance(model, (list, tuple)) and isinstance(data, (list, tuple)):
-        if len(model) != len(data):
-            return []
-        return [p for i, (m, d) in enumerate(zip(model, data, strict=True))
-                for p in _wrong_types(m, d, f"{where}[{i}]")]
-    if isinstance(model, useq.MultiPhaseTimePlan) and isinstance(data, (list, tuple)):
-        return _wrong_types(list(model.phases), data, where)  # phases given as a list
+    if (items := _per_item(model, data, where, _wrong_types)) is not None:
+        return items
     if not isinstance(model, BaseModel) or not isinstance(data, dict):
         return []
     fields = _fields_by_key(type(model))

@@ -74,13 +74,16 @@ async def test_a_hung_snap_is_reported_and_its_end_too(monkeypatch: pytest.Monke
     from livemask.acquisition.simulated.devices import SimCamera
 
     monkeypatch.setattr(source_module, "STALL_MARGIN_S", 3.0)
-    release = threading.Event()
+    release, resume_seen = threading.Event(), threading.Event()
     snaps = itertools.count()
     real_snap = SimCamera.snap
 
     def hanging_snap(self: SimCamera, buffer: Any) -> Any:
-        if next(snaps) == 3:
+        n = next(snaps)
+        if n == 3:
             release.wait(60)
+        elif n == 4:  # the run goes on once the stall's end was reported: a run that ends
+            resume_seen.wait(20)  # first reports no resume (as documented), a race here
         return real_snap(self, buffer)
 
     monkeypatch.setattr(SimCamera, "snap", hanging_snap)
@@ -98,11 +101,14 @@ async def test_a_hung_snap_is_reported_and_its_end_too(monkeypatch: pytest.Monke
             assert stalled["waited_s"] > stalled["limit_s"] > 3.0
             assert "has not returned" in stalled["detail"] and "stop" in stalled["detail"]
             release.set()
+            await _until(lambda: _kinds(events, "acquisition_resumed", T3), 20)
+            resume_seen.set()
             await _until(lambda: _kinds(events, "acquisition_finished"), 20)
             assert svc.status()["stalled_s"] is None
             assert svc.status()["frames_acquired"] == 8  # frames continued
     finally:
         release.set()
+        resume_seen.set()
     (resumed,) = _kinds(events, "acquisition_resumed", T3)
     assert resumed["stalled_s"] > 0 and resumed["waited_s"] > resumed["stalled_s"]
     assert len(_kinds(events, "acquisition_stalled", T3)) == 1  # reported once

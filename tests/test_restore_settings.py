@@ -47,6 +47,14 @@ async def start(svc: Service) -> None:
     await until(lambda: svc.pipeline.counters.counts["acquired"] >= 1, svc)
 
 
+def burst_at_first_frame(frames: int) -> dict[str, Any]:
+    """A rule that fires once, at t = 0: ``frames`` 50 ms frames 1 s apart, not centred."""
+    return {"name": "burst50", "max_fires": 1,
+            "when": {"values": [{"path": "index.t", "eq": 0}]},
+            "action": {"burst": {"frames": frames, "interval_s": 1.0, "centre": False,
+                                 "exposure_ms": 50.0}}}
+
+
 def planned(seen: list[tuple[dict[str, int], float]]) -> list[float]:
     return [ms for index, ms in seen if not {"fb", "ext"} & set(index)]
 
@@ -76,10 +84,7 @@ async def test_an_action_on_an_enqueued_frame_puts_back_the_plans_exposure() -> 
 async def test_an_enqueue_during_a_burst_puts_back_the_plans_exposure() -> None:
     """Hunt: an enqueue while a 50 ms burst still ran took the burst's exposure as the one
     in effect (the burst's restore was not known to it) and put 50 ms back after it."""
-    rule = {"name": "burst50", "max_fires": 1,
-            "when": {"values": [{"path": "index.t", "eq": 0}]},
-            "action": {"burst": {"frames": 3, "interval_s": 1.0, "centre": False,
-                                 "exposure_ms": 50.0}}}
+    rule = burst_at_first_frame(3)
     async with Service(config(rule)) as svc:
         seen = exposures_per_frame(svc)
         await start(svc)
@@ -96,10 +101,7 @@ async def test_an_enqueue_during_a_burst_puts_back_the_plans_exposure() -> None:
 async def test_a_set_exposure_during_a_burst_holds_after_its_restore() -> None:
     """The service queues the set exposure after the feedback action's restore event (it
     knows it from the shared tracker): the planned frames after the burst take it."""
-    rule = {"name": "burst50", "max_fires": 1,
-            "when": {"values": [{"path": "index.t", "eq": 0}]},
-            "action": {"burst": {"frames": 2, "interval_s": 1.0, "centre": False,
-                                 "exposure_ms": 50.0}}}
+    rule = burst_at_first_frame(2)
     async with Service(config(rule)) as svc:
         seen = exposures_per_frame(svc)
         await start(svc)

@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from livemask.acquisition.simulated.nuclei import NucleiSample
 from livemask.analysis.measure import measure_objects
+from livemask.analysis.metrics import matched_pairs
 from livemask.analysis.tracking import PositionTrackers, TrackerParams
 
 __all__ = [
@@ -59,65 +59,12 @@ DIVISION_WINDOW = 2  # frames either side of the true division
 
 
 def match_ids(truth: np.ndarray, pred: np.ndarray, iou: float = 0.5) -> dict[int, int]:
-    """Predicted label -> truth label, one-to-one, for pairs with IoU >= ``iou``.
-
-    The matching is optimal as in :func:`livemask.analysis.metrics.match_instances` (most
-    matches, then the largest summed IoU): at IoU exactly 0.5 one truth may tie with two
-    predictions (a nucleus split into equal halves) and gets only one of them.
-    Labels may be any integer dtype (0 = background, no negative labels).
-    """
-    t_ids, t_idx, t_area = _compact_labels(np.asarray(truth).ravel())
-    p_ids, p_idx, p_area = _compact_labels(np.asarray(pred).ravel())
-    both = (t_idx >= 0) & (p_idx >= 0)
-    if not both.any():
-        return {}
-    width = p_ids.size
-    keys, inter = np.unique(t_idx[both] * width + p_idx[both], return_counts=True)
-    ti, pi = keys // width, keys % width
-    score = inter / (t_area[ti] + p_area[pi] - inter)
-    ok = score >= iou
-    ti, pi, score = ti[ok], pi[ok], score[ok]
-    if ti.size == 0:
-        return {}
-    rows, cols = _assign(ti, pi, score)
-    return {int(p_ids[c]): int(t_ids[r]) for r, c in zip(rows, cols, strict=True)}
-
-
-def _compact_labels(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(nonzero label ids present, 0-based index into them per pixel or -1, area per id)."""
-    if flat.dtype.kind not in "iub":
-        raise ValueError(f"labels must be integers, got dtype {flat.dtype}")
-    if flat.size and flat.min() < 0:
-        raise ValueError("labels must be >= 0 (0 = background)")
-    top = int(flat.max()) if flat.size else 0
-    if top <= 4 * flat.size + 1024:  # small ids (the usual case): a histogram, no sort
-        counts = np.bincount(flat.astype(np.int64), minlength=top + 1)
-        counts[0] = 0
-        ids = np.flatnonzero(counts)
-        lut = np.full(top + 1, -1, dtype=np.int64)
-        lut[ids] = np.arange(ids.size)
-        return ids, lut[flat], counts[ids].astype(np.float64)
-    ids, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
-    idx = inverse.reshape(-1).astype(np.int64)
-    if ids.size and ids[0] == 0:
-        ids, counts, idx = ids[1:], counts[1:], idx - 1
-    return ids, idx, counts.astype(np.float64)
-
-
-def _assign(
-    rows: np.ndarray, cols: np.ndarray, score: np.ndarray
-) -> tuple[list[int], list[int]]:
-    """One-to-one pairs among candidate (row, col) pairs: most pairs, then largest score."""
-    if np.unique(rows).size == rows.size and np.unique(cols).size == cols.size:
-        return rows.tolist(), cols.tolist()  # no ties (always so above IoU 0.5)
-    r_ids, r_inv = np.unique(rows, return_inverse=True)
-    c_ids, c_inv = np.unique(cols, return_inverse=True)
-    weight = np.zeros((r_ids.size, c_ids.size))
-    # each pair is worth 1 plus a tie-break below 1/n: more pairs always win
-    weight[r_inv, c_inv] = 1.0 + score / (2.0 * min(r_ids.size, c_ids.size))
-    ri, ci = linear_sum_assignment(weight, maximize=True)
-    hit = weight[ri, ci] > 0
-    return r_ids[ri[hit]].tolist(), c_ids[ci[hit]].tolist()
+    """Predicted label -> truth label, one-to-one, for pairs with IoU >= ``iou``: the
+    matching of :func:`livemask.analysis.metrics.match_instances` (most matches, then the
+    largest summed IoU), so at IoU exactly 0.5 a truth that ties with two predictions (a
+    nucleus split into equal halves) gets only one of them. Labels may be any integer dtype
+    (0 = background, no negative labels)."""
+    return {p: t for t, p in matched_pairs(truth, pred, iou_threshold=iou)}
 
 
 @dataclass

@@ -3,8 +3,10 @@
 Starts ``livemask serve`` on the simulated microscope in its own process (512×512, the
 shipped nuclei model, free-run, a subscriber here taking every measurements message), samples
 the service's resident memory (VmRSS from /proc) every ``--every`` seconds, and prints JSON:
-the samples, RSS one minute in (after warm-up) and at the end, the largest, and the growth
-from the one-minute mark to the end in percent.
+the samples, RSS one minute in (after warm-up) and at the end, the largest, the growth
+from the one-minute mark to the end in percent, and the growth from the median of the
+second minute's samples to the median of the last minute's (two single samples move with
+the ±2 % that RSS wanders from one sample to the next; the medians do not).
 
     python benchmarks/memory_run.py --minutes 10 --fps 5 --json benchmarks/results/memory-10min.json
     python benchmarks/memory_run.py --minutes 10 --free \
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +41,12 @@ def rss_mb(pid: int) -> float | None:
     except OSError:
         return None
     return None
+
+
+def median_of(samples: list[tuple[float, float]], start: float, stop: float) -> float | None:
+    """Median RSS (MiB) of the samples taken in ``[start, stop)`` seconds; None if none."""
+    values = [v for t, v in samples if start <= t < stop]
+    return round(statistics.median(values), 1) if values else None
 
 
 def main() -> None:
@@ -102,6 +111,9 @@ def main() -> None:
     log.close()
     after_warmup = [v for t, v in samples if t >= 60]
     first, last = (after_warmup[0], after_warmup[-1]) if after_warmup else (None, None)
+    end = max((t for t, _ in samples), default=0.0)
+    second_minute = median_of(samples, 60.0, 120.0)
+    last_minute = median_of(samples, max(120.0, end - 60.0), end + 1.0)
     result = {
         "benchmark": "benchmarks/memory_run.py",
         "cpu_count": os.cpu_count(),
@@ -119,6 +131,11 @@ def main() -> None:
         "rss_mb_max": max((v for _, v in samples), default=None),
         "growth_after_1_min_percent": round(100 * (last - first) / first, 2)
         if first and last else None,
+        "rss_mb_median_second_minute": second_minute,
+        "rss_mb_median_last_minute": last_minute,
+        "growth_of_minute_medians_percent": round(
+            100 * (last_minute - second_minute) / second_minute, 2)
+        if second_minute and last_minute else None,
         "samples": samples,
     }
     text = json.dumps(result, indent=1)

@@ -902,21 +902,17 @@ def evaluate(
     from rich.table import Table
 
     from livemask import evaluation as ev
-    from livemask.inference.models import load_model_card
     from livemask.offline import load_segmenter
 
     _setup_logging(quiet=True)
     if (images is None) != (masks is None):
         _fail(ValueError("give both --images and --masks, or neither"))
     try:
+        grains = _one_task(model) == "grains"
         if images is not None and masks is not None:
             pairs = ev.load_folder(images, masks)
             name = f"{images}"
         elif holdout in ("live", "varied"):
-            tasks = {load_model_card(m).task for m in model}
-            if len(tasks) > 1:
-                raise ValueError("compare models of one task at a time (nuclei or grains)")
-            grains = tasks == {"grains"}
             make = {
                 ("live", False): ev.live_holdout, ("varied", False): ev.varied_holdout,
                 ("live", True): ev.grain_live_holdout, ("varied", True): ev.grain_varied_holdout,
@@ -932,7 +928,7 @@ def evaluate(
     cols = ["model", "F1@0.5", "precision", "recall", "F1 0.5-0.9", "mean IoU",
             "count err", "ms model", "ms post"]
     grain_cols = (["area err", "area bias", "1/N_A err", "ASTM ΔG", "diam. KS"]
-                  if results[0].area_biases else [])
+                  if any(r.area_biases for r in results) else [])
     for c in cols + grain_cols:
         table.add_column(c, justify="right", no_wrap=c == "model")
     if grain_cols:
@@ -952,13 +948,29 @@ def evaluate(
         _write_json(json_out, [r.as_dict() for r in results])
 
 
+def _one_task(model: list[str]) -> str:
+    """The task shared by all ``--model``s; ValueError naming each model's task if they
+    differ (their scores would not be comparable)."""
+    from livemask.inference.models import load_model_card
+
+    tasks = {m: load_model_card(m).task for m in model}
+    if len(set(tasks.values())) > 1:
+        named = ", ".join(f"{m} ({t})" for m, t in tasks.items())
+        raise ValueError(f"compare models of one task at a time: {named}; run evaluate once "
+                         "per task")
+    return str(next(iter(tasks.values())))
+
+
 def _grain_cells(d: dict[str, Any]) -> list[str]:
-    """The grain columns of the evaluate table ("-" where undefined; ΔG names the images
-    left out of it because nothing was predicted in them)."""
+    """The grain columns of the evaluate table ("-" where undefined or for a model without
+    grain figures; ΔG names the images left out of it because nothing was predicted in
+    them)."""
 
     def fmt(x: float | None, spec: str) -> str:
         return "-" if x is None else format(x, spec)
 
+    if "astm_g_error" not in d:
+        return ["-"] * 5
     g = fmt(d["astm_g_error"], ".2f")
     if d["g_undefined"]:
         g += f" ({d['g_undefined']} img no grain)"

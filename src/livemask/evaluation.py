@@ -33,6 +33,10 @@ MASK_EXTENSIONS = (".ome.tif", ".ome.tiff", ".tif", ".tiff", ".png")
 #: What may follow an image's stem in its mask's name ("" only when masks are elsewhere).
 MASK_SUFFIXES = ("", "_mask", "_masks", "_labels", "_label", "_seg")
 
+#: Grain masks: 0-valued lines up to this wide (px) are grain boundaries, filled from the
+#: nearest grain before scoring; wider 0 areas (pores, a substrate) are left as drawn.
+BOUNDARY_LINE_MAX_PX = 4
+
 Pair = tuple[np.ndarray, np.ndarray]
 
 
@@ -191,6 +195,44 @@ def _grain_errors(result: Evaluation, truth: np.ndarray, labels: np.ndarray) -> 
         store.append(table.equivalent_diameter_um[table.inside])
 
 
+def fill_boundary_lines(
+    truth: np.ndarray, max_width_px: float = BOUNDARY_LINE_MAX_PX
+) -> np.ndarray:
+    """A grain mask with its thin 0-valued boundary lines given to the nearest grain.
+
+    Annotations often draw grain boundaries as 0-valued lines; the grain models predict a
+    full tessellation (every pixel to its nearest grain, ``labels_from_boundaries``), so
+    the truth is completed the same way before it is compared. Only 0 pixels in lines up to
+    ``max_width_px`` wide are filled: 0 areas that hold a disc wider than that (pores, the
+    substrate around particles) keep their pixels, so no grain grows into them.
+    """
+    zeros = truth == 0
+    if not zeros.any() or zeros.all():
+        return truth
+    radius = max_width_px / 2
+    to_grain, index = ndimage.distance_transform_edt(zeros, return_indices=True)
+    core = to_grain > radius  # centres of discs of 0s wider than a line
+    wide = ndimage.distance_transform_edt(~core) <= radius if core.any() else core
+    thin = zeros & ~wide
+    return np.where(thin, truth[tuple(index)], truth)
+
+
+def _warn_boundary_network(labels: np.ndarray, path: Path) -> None:
+    """Warn when one of the largest objects of a mask is a thin network spanning the image:
+    grain boundaries drawn with a non-zero value, which makes them all one object."""
+    ids, sizes = np.unique(labels[labels != 0], return_counts=True)
+    for i in ids[np.argsort(sizes)[-3:]]:
+        obj = labels == i
+        rows, cols = np.flatnonzero(obj.any(axis=1)), np.flatnonzero(obj.any(axis=0))
+        spans = (rows[-1] - rows[0] + 1 >= 0.9 * obj.shape[0]
+                 and cols[-1] - cols[0] + 1 >= 0.9 * obj.shape[1])
+        if spans and ndimage.distance_transform_edt(obj).max() <= BOUNDARY_LINE_MAX_PX / 2:
+            log.warning(
+                "mask %s: object %d is a thin network across the image (%d px): are grain "
+                "boundaries drawn with a non-zero value? They are scored as one object; draw "
+                "boundaries as 0 (or give a full tessellation)", path, i, int(obj.sum()))
+
+
 def _as_instances(mask: np.ndarray, path: Path) -> np.ndarray:
     """The instance labels of a mask file: integer labels >= 0, or a binary mask split into
     connected components; ValueError naming the file for anything else."""
@@ -324,6 +366,7 @@ def load_folder(images: Path, masks: Path) -> list[Pair]:
             raise ValueError(f"{img_path} has shape {image.shape}; evaluate takes one 2-D "
                              "image (y, x) per mask: save each plane as a file of its own")
         mask = _as_instances(_single_plane(read_image(mask_path)), mask_path)
+        _warn_boundary_network(mask, mask_path)
         if image.shape != mask.shape:
             raise ValueError(f"{img_path.name}: image {image.shape} and mask {mask.shape} differ")
         pairs.append((image, mask))
@@ -337,9 +380,11 @@ def evaluate(
 
     The first image's size is checked (:meth:`Segmenter.check_frame`: a model whose output
     is not what its card says, e.g. logits, is refused) and that image is segmented once
-    untimed, so one-off start-up costs are not counted.
+    untimed, so one-off start-up costs are not counted. For grain models the truth's thin
+    0-valued boundary lines are first given to the nearest grain (:func:`fill_boundary_lines`).
     """
     pairs = list(pairs)
+    grains = segmenter.card.task == "grains"
     if pairs:
         first = pairs[0][0]
         segmenter.check_frame((int(first.shape[-2]), int(first.shape[-1])))
@@ -355,12 +400,14 @@ def evaluate(
         t2 = time.perf_counter()
         t_pred += t1 - t0
         t_post += t2 - t1
+        if grains:
+            truth = fill_boundary_lines(truth)
         for thr in IOU_THRESHOLDS:
             per_iou[thr].append(match_instances(truth, labels, iou_threshold=thr))
         n_true = int(len(np.unique(truth)) - (1 if (truth == 0).any() else 0))
         n_pred = int(len(np.unique(labels)) - (1 if (labels == 0).any() else 0))
         result.count_errors.append(abs(n_pred - n_true) / max(n_true, 1))
-        if segmenter.card.task == "grains":
+        if grains:
             _grain_errors(result, truth, labels)
         result.images += 1
     if result.images == 0:

@@ -89,8 +89,9 @@ def read_image_file(path: Path) -> ImageFile:
 
 
 def _read_tiff(tif: tifffile.TiffFile, path: Path) -> ImageFile:
-    """:func:`read_image_file` for an open TIFF: its position series stacked (axis P)."""
-    from livemask.acquisition.tiff_stack import position_series, tiff_cut
+    """:func:`read_image_file` for an open TIFF: its position series stacked (axis P); a
+    file stored MinIsWhite inverted (``tiff_stack.white_level``), as ``replay`` reads it."""
+    from livemask.acquisition.tiff_stack import min_is_black, position_series, tiff_cut, white_level
 
     cut = tiff_cut(tif, path)  # tifffile may then give one plane of a stack
     if cut is not None:
@@ -105,11 +106,12 @@ def _read_tiff(tif: tifffile.TiffFile, path: Path) -> ImageFile:
                     "save the others as files of their own to segment them", path,
                     len(every), shapes)
     axes = str(series[0].axes).upper()
-    data = _series_array(tif, path, 0)
+    white = white_level(getattr(series[0], "keyframe", None) or tif.pages.first, path)
+    data = min_is_black(_series_array(tif, path, 0), white)
     if len(series) > 1:  # one series per stage position: a position axis, as replay does
         at = 1 if axes[:1] == "T" and len(axes) > 2 else 0  # time points outermost
-        data = np.stack([data, *(_series_array(tif, path, k) for k in range(1, len(series)))],
-                        axis=at)
+        rest = (min_is_black(_series_array(tif, path, k), white) for k in range(1, len(series)))
+        data = np.stack([data, *rest], axis=at)
         axes = f"{axes[:at]}P{axes[at:]}"
         log.info("%s: its %d image series are segmented as positions: axis P of the labels "
                  "(shape %s, axes %s)", path, len(series), data.shape, axes)

@@ -20,6 +20,7 @@ from rich.text import Text
 
 from livemask.analysis.metrics import MatchResult, aggregate, match_instances
 from livemask.client.subscriber import AsyncSubscriber, Subscriber
+from livemask.dashboard.state import published_unit
 from livemask.errors import ProtocolError
 from livemask.protocol import Message
 
@@ -79,24 +80,46 @@ def _fmt(value: Any, spec: str = ".1f") -> str:
     return str(value)
 
 
-def _grain_rows(grains: dict[str, Any]) -> list[tuple[str, str]]:
+class Units:
+    """The units sizes are shown in: those the service publishes (its status ``units``),
+    px and px² where the pixel size is not calibrated (µm values are then pixel values)."""
+
+    def __init__(self, units: Any = None) -> None:
+        self.length = published_unit(units, "equivalent_diameter_um", "µm")
+        self.area = published_unit(units, "area_um2", "µm²")
+        self.calibrated = self.length != "px"
+        #: grains per mm², or per 10⁶ px² (the same number) without a calibration
+        self.density = "grains/mm²" if self.calibrated else "grains/10⁶ px²"
+
+
+def _astm_g(stats: dict[str, Any], units: Units) -> str:
+    """The ASTM G numbers of grain statistics (none without a pixel size: G needs µm)."""
+    if not units.calibrated and stats.get("astm_g_planimetric") is None:
+        return "ASTM G - (no pixel size)"
+    return (f"ASTM G {_fmt(stats.get('astm_g_planimetric'), '.2f')} planimetric, "
+            f"{_fmt(stats.get('astm_g_intercept'), '.2f')} intercept")
+
+
+def _scan_tiles(scan: dict[str, Any]) -> str:
+    """"4 tiles", and the tiles that skipped analysis (not in the statistics) where any."""
+    skipped = scan.get("tiles_skipped")
+    return f"{_fmt(scan.get('tiles'))} tiles" + (f", {skipped} skipped" if skipped else "")
+
+
+def _grain_rows(grains: dict[str, Any], units: Units | None = None) -> list[tuple[str, str]]:
     """The view's rows for a grains model's statistics (``measurements.grains``): sizes of
     the grains inside the field (those cut by its edge count half in N_A, see grains.md)."""
     tile, scan = grains.get("tile") or {}, grains.get("cumulative") or {}
-
-    def g(stats: dict[str, Any]) -> str:
-        return (f"ASTM G {_fmt(stats.get('astm_g_planimetric'), '.2f')} planimetric, "
-                f"{_fmt(stats.get('astm_g_intercept'), '.2f')} intercept")
-
+    u = units or Units()
     return [
         ("grains", f"{_fmt(tile.get('count_inside'))} inside, "
                    f"{_fmt(tile.get('count_edge'))} cut by the edge"),
-        ("mean area", f"{_fmt(tile.get('mean_area_um2'))} µm² (grains inside), "
-                      f"{_fmt(tile.get('n_a_per_mm2'), '.0f')} grains/mm²"),
-        ("tile", g(tile)),
-        (f"scan ({_fmt(scan.get('tiles'))} tiles)",
-         f"{g(scan)}; mean area {_fmt(scan.get('mean_area_um2'))} µm², "
-         f"{_fmt(scan.get('n_a_per_mm2'), '.0f')} grains/mm²"),
+        ("mean area", f"{_fmt(tile.get('mean_area_um2'))} {u.area} (grains inside), "
+                      f"{_fmt(tile.get('n_a_per_mm2'), '.0f')} {u.density}"),
+        ("tile", _astm_g(tile, u)),
+        (f"scan ({_scan_tiles(scan)})",
+         f"{_astm_g(scan, u)}; mean area {_fmt(scan.get('mean_area_um2'))} {u.area}, "
+         f"{_fmt(scan.get('n_a_per_mm2'), '.0f')} {u.density}"),
     ]
 
 
@@ -220,14 +243,15 @@ class ConsoleView:
         top.add_row("state", f"{state}, model {st.get('model', '?')} on "
                     f"{st.get('backend', '?')}")
         top.add_row("frame", f"{m.get('frame_id', '-')}  index {m.get('index', {})}")
+        units = Units(st.get("units"))
         grains = m.get("grains")
         if isinstance(grains, dict):
-            for row in _grain_rows(grains):
+            for row in _grain_rows(grains, units):
                 top.add_row(*row)
         else:
             top.add_row("nuclei", _fmt(summary.get("count")))
-            top.add_row("mean area", f"{_fmt(summary.get('mean_area_px'))} px  "
-                        f"({_fmt(summary.get('mean_area_um2'))} µm²)")
+            top.add_row("mean area", f"{_fmt(summary.get('mean_area_px'))} px" + (
+                f"  ({_fmt(summary.get('mean_area_um2'))} µm²)" if units.calibrated else ""))
             top.add_row("mean intensity", _fmt(summary.get("mean_intensity")))
         top.add_row("rate", f"{_fmt(self.fps())} frames/s")
         top.add_row("latency e2e", f"p50 {_fmt(lat.get('p50'))} ms, p99 {_fmt(lat.get('p99'))} ms")
@@ -241,7 +265,7 @@ class ConsoleView:
             top.add_row("vs truth", f"F1@0.5 {total.f1:.3f} (P {total.precision:.3f}, "
                         f"R {total.recall:.3f}) over {self.score.frames_scored} frames")
         objects = Table(title="largest objects", expand=False)
-        for col in ("label", "area µm²", "centroid (y, x)", "mean int."):
+        for col in ("label", f"area {units.area}", "centroid (y, x)", "mean int."):
             objects.add_column(col, justify="right")
         objs = sorted(m.get("objects") or [], key=lambda o: -o.get("area_px", 0))[:5]
         for o in objs:
@@ -271,16 +295,18 @@ class ConsoleView:
         summary = m.get("summary") or {}
         lat = (st.get("latency_ms") or {}).get("end_to_end") or {}
         grains = m.get("grains")
+        units = Units(st.get("units"))
         if isinstance(grains, dict):  # inside grains: those cut by the edge are no sizes
             tile, scan = grains.get("tile") or {}, grains.get("cumulative") or {}
+            g = (f"scan G {_fmt(scan.get('astm_g_planimetric'), '.2f')}" if units.calibrated
+                 else "scan G - (no pixel size)")
             what = (f"{_fmt(tile.get('count_inside'))} grains inside (+"
                     f"{_fmt(tile.get('count_edge'))} cut by the edge), mean area "
-                    f"{_fmt(tile.get('mean_area_um2'))} µm², scan G "
-                    f"{_fmt(scan.get('astm_g_planimetric'), '.2f')} over "
-                    f"{_fmt(scan.get('tiles'))} tiles")
+                    f"{_fmt(tile.get('mean_area_um2'))} {units.area}, {g} over "
+                    f"{_scan_tiles(scan)}")
         else:
             what = (f"{_fmt(summary.get('count'))} objects, "
-                    f"mean area {_fmt(summary.get('mean_area_um2'))} µm²")
+                    f"mean area {_fmt(summary.get('mean_area_um2'))} {units.area}")
         line = (
             f"frame {m.get('frame_id', '-')}: {what}, {_fmt(self.fps())} frames/s, "
             f"e2e p99 {_fmt(lat.get('p99'))} ms, acquired {st.get('frames_acquired', 0)} / "

@@ -46,6 +46,7 @@ from livemask.acquisition.pixel_size import check_square, tiff_pixel_size, um_pe
 from livemask.acquisition.source import DoneCallback, FeedThreadSource, FrameCallback, RawFrame
 from livemask.acquisition.tiff_stack import (
     TIFF_SUFFIXES,
+    MinIsBlack,
     PositionSeries,
     TiffCut,
     TiffPlanes,
@@ -54,6 +55,7 @@ from livemask.acquisition.tiff_stack import (
     tiff_axes,
     tiff_cut,
     tiff_data,
+    white_level,
 )
 from livemask.analysis.normalize import image_problem
 from livemask.errors import AcquisitionError, ReplayError
@@ -455,7 +457,9 @@ def _open_tiff(path: Path) -> ReplayStack:
         _check(path, shape, np.dtype(series.dtype), axes)
         found = tiff_pixel_size(tif, path=path)  # as `livemask segment` reads it
         pixel, pixel_from = found if found is not None else (None, "")
-        arrays = [tiff_data(tif, path, k, shape) for k in range(len(all_series))]
+        # a MinIsWhite file: read inverted, as segment does
+        white = white_level(getattr(series, "keyframe", None) or tif.pages.first, path)
+        arrays = [tiff_data(tif, path, k, shape, white) for k in range(len(all_series))]
         data: Any = arrays[0]
         if len(arrays) > 1:  # an OME-TIFF of several positions: one series each
             at = 1 if axes[:1] == ["t"] else 0  # the time points outermost, as acquired
@@ -484,7 +488,10 @@ def _open_cut_tiff(tif: Any, path: Path, cut: TiffCut) -> ReplayStack:
     first = tif.pages.first
     shape = (*cut.lead, int(first.imagelength), int(first.imagewidth))
     dtype = np.dtype(first.dtype)
-    planes = TiffPlanes("the file's", shape, dtype, cut.read, cut.complete)
+    planes: Any = TiffPlanes("the file's", shape, dtype, cut.read, cut.complete)
+    white = white_level(first, path)
+    if white is not None:  # a MinIsWhite file: read inverted, as segment does
+        planes = MinIsBlack(planes, white)
     axes = tiff_axes(path, cut.letters, shape)
     found = tiff_pixel_size(tif, path=path)
     pixel, pixel_from = found if found is not None else (None, "")

@@ -3,6 +3,8 @@
 :func:`tiff_planes` reads one image series of a TIFF a plane at a time (a compressed or
 scattered page is decoded when its frame is read; a corrupt page is one unreadable plane), and
 :func:`tiff_data` picks how to read a series (memory-mapped, plane by plane, or whole).
+:func:`white_level` and :func:`min_is_black` turn a file stored MinIsWhite (0 is white) into
+the usual bright-is-signal values, in every reader of TIFF frames.
 :func:`tiff_cut` finds a TIFF cut short (truncated: its IFD chain or a page's data run past
 the end of the file, or it has fewer planes than its own metadata names) and reads the
 planes before the cut; :func:`readable_frames` counts the complete frames of series read
@@ -27,8 +29,9 @@ from livemask.errors import ReplayError
 log = logging.getLogger("livemask")
 
 __all__ = [
-    "TIFF_SUFFIXES", "PositionSeries", "TiffCut", "TiffPlanes", "position_series",
-    "readable_frames", "tiff_axes", "tiff_cut", "tiff_data", "tiff_planes",
+    "MIN_IS_WHITE", "TIFF_SUFFIXES", "MinIsBlack", "PositionSeries", "TiffCut", "TiffPlanes",
+    "min_is_black", "position_series", "readable_frames", "tiff_axes", "tiff_cut", "tiff_data",
+    "tiff_planes", "white_level",
 ]
 
 
@@ -36,6 +39,66 @@ __all__ = [
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
 
 _TIFF_AXES = {"T": "t", "Z": "z", "C": "c"}
+
+#: TIFF PhotometricInterpretation 0, MinIsWhite: 0 is white and 2**BitsPerSample - 1 black
+#: (scanned documents, some SEM and EBSD software), inverted contrast for the models.
+MIN_IS_WHITE = 0
+
+
+def white_level(page: Any, path: Path) -> int | None:
+    """For a TIFF stored MinIsWhite (``page``: tifffile's first page of the series read):
+    the value its planes are inverted from (2 ** BitsPerSample - 1: 255 for 8 bits, 4095
+    for 12, 65535 for 16), so that they read as a viewer shows them (:func:`min_is_black`),
+    logged; None for any other TIFF. :class:`ReplayError` (a ValueError) where that is not
+    sound: floating-point or signed pixels, whose white has no fixed value."""
+    if int(getattr(page, "photometric", -1)) != MIN_IS_WHITE:
+        return None
+    dtype = np.dtype(page.dtype)
+    if dtype.kind == "b":  # bilevel
+        level = 1
+    elif dtype.kind == "u":
+        level = 2 ** min(int(page.bitspersample), 8 * dtype.itemsize) - 1
+    else:
+        raise ReplayError(
+            f"{path} is stored MinIsWhite (TIFF PhotometricInterpretation 0: 0 is white) with "
+            f"{dtype} pixels, whose white has no fixed value to invert from; invert it and "
+            "save it as MinIsBlack (e.g. Fiji: Edit > Invert, then save as TIFF), or save "
+            "it as unsigned integers")
+    log.warning("%s is stored MinIsWhite (TIFF PhotometricInterpretation 0: 0 is white): its "
+                "values are inverted (%d - value) so that bright is signal, as a viewer shows "
+                "it; intensities are of the inverted image", path, level)
+    return level
+
+
+def min_is_black(plane: np.ndarray, white: int | None) -> np.ndarray:
+    """``plane`` of a MinIsWhite TIFF (``white``: :func:`white_level`) as MinIsBlack values:
+    ``white - value``, in its dtype; unchanged where ``white`` is None."""
+    if white is None:
+        return plane
+    values = np.asarray(plane)
+    if values.dtype.kind == "b":
+        return np.logical_not(values)
+    return (white - np.minimum(values, white)).astype(values.dtype, copy=False)
+
+
+class MinIsBlack:
+    """An array-like of MinIsWhite planes (a memory map, :class:`TiffPlanes`) read as
+    MinIsBlack values (:func:`min_is_black`) plane by plane; its other attributes are the
+    wrapped one's."""
+
+    def __init__(self, data: Any, white: int) -> None:
+        self._data = data
+        self.white = white
+        self.shape = tuple(int(n) for n in data.shape)
+        self.dtype = np.dtype(data.dtype)
+
+    def __getitem__(self, where: Any) -> np.ndarray:
+        return min_is_black(np.asarray(self._data[where]), self.white)
+
+    def __getattr__(self, name: str) -> Any:  # e.g. TiffPlanes.complete
+        if name == "_data":  # (not set yet, e.g. while copied)
+            raise AttributeError(name)
+        return getattr(self._data, name)
 
 
 class PositionSeries:
@@ -417,10 +480,17 @@ def readable_frames(path: Path, data: Any) -> int | None:
     return readable
 
 
-def tiff_data(tif: Any, path: Path, k: int, shape: tuple[int, ...]) -> Any:
+def tiff_data(tif: Any, path: Path, k: int, shape: tuple[int, ...],
+              white: int | None = None) -> Any:
     """Series ``k`` of ``tif``: memory-mapped where it is uncompressed and contiguous, else
     read a plane at a time (:func:`tiff_planes`: a corrupt plane is then one unreadable
-    frame), else read whole."""
+    frame), else read whole; read as MinIsBlack (:class:`MinIsBlack`) where ``white`` (the
+    file's :func:`white_level`) is given."""
+    data = _tiff_data(tif, path, k, shape)
+    return data if white is None else MinIsBlack(data, white)
+
+
+def _tiff_data(tif: Any, path: Path, k: int, shape: tuple[int, ...]) -> Any:
     import tifffile
 
     try:

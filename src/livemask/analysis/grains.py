@@ -246,11 +246,13 @@ def _summary(
     test_area_um2: float,
     crossings: int,
     line_length_um: float,
+    pixel_size_known: bool = True,
 ) -> dict[str, Any]:
-    """The statistics dict shared by single fields and the accumulator."""
+    """The statistics dict shared by single fields and the accumulator; the ASTM G numbers
+    are None where the pixel size is not known (G needs a real length scale)."""
     n_a = n_equivalent / (test_area_um2 * 1e-6) if test_area_um2 > 0 else 0.0
     mean_intercept = line_length_um / crossings if crossings > 0 else None
-    return {
+    out: dict[str, Any] = {
         "count": int(count),
         "count_inside": int(sizes.n),
         "count_edge": int(count - sizes.n),
@@ -271,6 +273,9 @@ def _summary(
         ),
         "histogram": sizes.histogram,
     }
+    if not pixel_size_known:
+        out["astm_g_planimetric"] = out["astm_g_intercept"] = None
+    return out
 
 
 def grain_statistics(
@@ -279,6 +284,7 @@ def grain_statistics(
     *,
     line_step_px: int = 1,
     edges_um: tuple[float, ...] = HISTOGRAM_EDGES_UM,
+    pixel_size_known: bool = True,
 ) -> dict[str, Any]:
     """Grain size statistics of one field (JSON-friendly; None where undefined).
 
@@ -288,6 +294,9 @@ def grain_statistics(
     ``mean_equivalent_diameter_um`` / ``median_equivalent_diameter_um`` (grains inside),
     ``intercept_count``, ``test_line_length_um``, ``mean_intercept_um``,
     ``astm_g_intercept``, ``histogram`` (``edges_um``, ``counts`` of inside grains).
+
+    ``pixel_size_known=False`` (``pixel_size_um`` is a placeholder, e.g. 1.0 on a rig
+    without a calibration: the µm values are pixel values): both ASTM G numbers are None.
     """
     table = grain_table(labels, pixel_size_um)
     crossings, length_px = intercept_count(labels, line_step_px=line_step_px)
@@ -299,6 +308,7 @@ def grain_statistics(
         test_area_um2=h * w * float(pixel_size_um) ** 2,
         crossings=crossings,
         line_length_um=length_px * float(pixel_size_um),
+        pixel_size_known=pixel_size_known,
     )
 
 
@@ -361,6 +371,11 @@ class CumulativeGrainStats:
     given the stage position of each tile's centre, a tile that overlaps one already added
     by more than ``MAX_OVERLAP`` of its area is left out (counted in ``tiles_overlapping``).
     Tiles without a position are all pooled.
+
+    ``tiles_skipped`` (in the summary too) counts the scan's tiles that never reached
+    :meth:`add` (frames that skipped analysis in free-run mode): whoever feeds the tiles
+    sets it. ``pixel_size_known=False``: the ASTM G numbers and their interval are None
+    (see :func:`grain_statistics`).
     """
 
     #: Largest fraction of a tile's area that may overlap earlier tiles: stage jitter, and a
@@ -368,16 +383,19 @@ class CumulativeGrainStats:
     MAX_OVERLAP = 0.05
 
     def __init__(
-        self, *, line_step_px: int = 1, edges_um: tuple[float, ...] = HISTOGRAM_EDGES_UM
+        self, *, line_step_px: int = 1, edges_um: tuple[float, ...] = HISTOGRAM_EDGES_UM,
+        pixel_size_known: bool = True,
     ) -> None:
         self.line_step_px = line_step_px
         self.edges_um = edges_um
+        self.pixel_size_known = pixel_size_known
         self.reset()
 
     def reset(self) -> None:
         """Forget all tiles."""
         self.tiles = 0
         self.tiles_overlapping = 0
+        self.tiles_skipped = 0
         self._footprints = np.empty((64, 4))  # x0, y0, x1, y1 µm of the pooled tiles
         self._placed = 0  # rows of _footprints in use
         self.count = 0
@@ -475,9 +493,11 @@ class CumulativeGrainStats:
             test_area_um2=self.test_area_um2,
             crossings=self.crossings,
             line_length_um=self.line_length_um,
+            pixel_size_known=self.pixel_size_known,
         )
         out["tiles"] = self.tiles
         out["tiles_overlapping"] = self.tiles_overlapping
+        out["tiles_skipped"] = self.tiles_skipped
         out["mean_equivalent_diameter_ci95_um"] = self._diameter.ci95()
-        out["astm_g_planimetric_ci95"] = self._tile_g.ci95()
+        out["astm_g_planimetric_ci95"] = self._tile_g.ci95() if self.pixel_size_known else None
         return out

@@ -17,7 +17,8 @@ from typing import Any
 
 from livemask.protocol import Message
 
-__all__ = ["DashboardState", "event_summary", "status_rates", "summary_point"]
+__all__ = ["DashboardState", "event_summary", "published_unit", "status_rates",
+           "summary_point"]
 
 #: Status fields not forwarded to browsers (large or of no use there).
 _STATUS_DROP = ("units", "core", "t", "arrays", "v", "topic")
@@ -29,6 +30,14 @@ _TEXT_MAX = 200
 RATE_WINDOW_S = 2.0
 #: No status for this long, and for three of its usual intervals: the service is gone.
 STALE_S = 3.0
+
+
+def published_unit(units: Any, key: str, default: str) -> str:
+    """The unit the service publishes for the measurement ``key`` (its status ``units``),
+    without its note: ``"px²"`` for ``area_um2`` where the pixel size is not calibrated
+    (the µm values are then pixel values); ``default`` where it does not say."""
+    unit = units.get(key) if isinstance(units, dict) else None
+    return unit.split(" (", 1)[0] if isinstance(unit, str) and unit else default
 
 
 def summary_point(header: dict[str, Any]) -> list[Any]:
@@ -151,6 +160,9 @@ class DashboardState:
                 self.grains_changed = True
         elif topic == "status":
             cur = {k: v for k, v in header.items() if k not in _STATUS_DROP}
+            units = header.get("units")  # (sizes in px where the pixel size is not known)
+            cur["length_unit"] = published_unit(units, "equivalent_diameter_um", "µm")
+            cur["area_unit"] = published_unit(units, "area_um2", "µm²")
             if self.status is not None and cur.get("uptime_s", 0) < self.status.get("uptime_s", 0):
                 self._rate_base.clear()  # the service restarted: frame ids start again at 0,
                 self.last_image_id = None  # so the old run's kept frames must go, or the

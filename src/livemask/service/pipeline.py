@@ -139,7 +139,10 @@ class Pipeline:
         self._analyse_pool = ThreadPoolExecutor(1, thread_name_prefix="livemask-analyse")
         self._tasks: list[asyncio.Task[None]] = []
         self._next_id = 0
-        self.grains = CumulativeGrainStats() if segmenter.card.task == "grains" else None
+        self.grains = (CumulativeGrainStats(pixel_size_known=pixel_size_known)
+                       if segmenter.card.task == "grains" else None)
+        #: grain tiles that skipped analysis (free-run), per acquisition (set on the loop)
+        self._tiles_skipped: dict[int, int] = {}
         # object tracking (set by the Service when tracking.enabled); analysing thread only
         self.tracker: PositionTrackers | None = None
         # acquisitions begun (begin_acquisition); each frame carries the number it arrived in
@@ -291,7 +294,23 @@ class Pipeline:
         self._started(frame)
         frame.skipped = True
         self.counters.incr("skipped")
+        if self.grains is not None:
+            self._grain_tile_skipped(frame)
         self._to_publish.put_nowait(frame)
+
+    def _grain_tile_skipped(self, frame: Frame) -> None:
+        """Count a grain tile left out of its acquisition's statistics; warn at the first."""
+        n = self._tiles_skipped.get(frame.acquisition, 0) + 1
+        self._tiles_skipped[frame.acquisition] = n
+        if n == 1:
+            xy = _stage_xy(frame.position)
+            at = f"stage ({xy[0]:.1f}, {xy[1]:.1f}) um" if xy is not None else frame.index
+            log.warning(
+                "grains: frame %d at %s skipped analysis (free-run mode: the camera is ahead "
+                "of the pipeline), so this tile is left out of the scan's grain statistics "
+                "(counted in grains.cumulative.tiles_skipped; further skips are only "
+                "counted). For a scan, set acquisition.mode: pipelined (or synchronized): "
+                "every tile is then analysed", frame.frame_id, at)
 
     # ------------------------------------------------------------ stages
     async def _next_waiting(self) -> Frame:
@@ -379,8 +398,20 @@ class Pipeline:
         frames reach the feedback hook. Frames of the earlier acquisition still in flight
         (a stop followed at once by a start) finish with the earlier statistics and tracks,
         and their measurements are published but do not drive feedback: actions decided on
-        them would land in the new acquisition."""
+        them would land in the new acquisition.
+
+        With grain statistics in free-run mode, warns that tiles that skip analysis are
+        left out of them."""
         self.acquisition += 1
+        for old in [a for a in self._tiles_skipped if a < self.acquisition - 1]:
+            del self._tiles_skipped[old]  # (the one before may still have frames in flight)
+        if self.grains is not None and self.mode == "free-run":
+            log.warning(
+                "grains: acquisition %d runs in free-run mode, where frames skip analysis "
+                "while the camera is ahead of the pipeline: skipped tiles are left out of the "
+                "scan's grain statistics (counted in grains.cumulative.tiles_skipped). For a "
+                "tile scan set acquisition.mode: pipelined (or synchronized), in which every "
+                "frame is analysed", self.acquisition)
 
     def _warn_overlap(self, frame: Frame) -> None:
         """Say that a grain tile was left out of the cumulative statistics (overlap)."""
@@ -410,8 +441,12 @@ class Pipeline:
                 self.tracker.reset()
         if self.grains is not None:
             overlapping = self.grains.tiles_overlapping
+            # the tiles of this acquisition skipped so far (counted on the loop at intake)
+            self.grains.tiles_skipped = self._tiles_skipped.get(frame.acquisition, 0)
+            self.grains.pixel_size_known = self.pixel_size_known  # (no G without it)
             frame.grains = {
-                "tile": grain_statistics(labels, frame.pixel_size_um),
+                "tile": grain_statistics(labels, frame.pixel_size_um,
+                                         pixel_size_known=self.pixel_size_known),
                 "cumulative": self.grains.add(
                     labels, frame.pixel_size_um,
                     centre_um=_stage_xy(frame.position) if self.pixel_size_known else None),

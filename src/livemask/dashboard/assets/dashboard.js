@@ -165,8 +165,16 @@
   }
 
   // ------------------------------------------------------------ status and events
+  // sizes are in the units the service publishes (status units): px where the pixel size is
+  // not calibrated (its µm values are then pixel values)
+  function lengthUnit() { return (S.status && S.status.length_unit) || "µm"; }
+  function areaUnit() { return (S.status && S.status.area_unit) || "µm²"; }
+  function calibrated() { return lengthUnit() !== "px"; }
+
   function setStatus(st, rates, dash, silent) {
+    const units = `${lengthUnit()} ${areaUnit()}`;
     S.status = st; S.rates = rates || {}; if (dash) S.dashboard = dash;
+    if (`${lengthUnit()} ${areaUnit()}` !== units) { S.dirty = true; schedule(); } // titles
     // rates are null while the service is silent, and unknown while the server is gone
     const stale = S.offline ? "service unreachable"
       : silent !== null && silent !== undefined ? `no status for ${silent.toFixed(0)} s` : null;
@@ -193,7 +201,8 @@
        `${st.frames_analysed} / ${st.frames_skipped} / ${st.frames_failed}`],
       ["queues infer / analyse / publish", `${q.infer ?? "–"} / ${q.analyse ?? "–"} / ${q.publish ?? "–"}`],
       ["model", `${st.model} (${st.backend}, ${st.device})`],
-      ["pixel size", `${fmt(st.pixel_size_um)} µm`],
+      ["pixel size", calibrated() ? `${fmt(st.pixel_size_um)} µm`
+        : "not calibrated (sizes in px)"],
       ["uptime", `${fmt(st.uptime_s, 0)} s`],
     ];
     if (st.feedback) {
@@ -345,7 +354,7 @@
     let first = counts.findIndex((c) => c > 0), last = counts.length - 1;
     while (last >= 0 && counts[last] === 0) last--;
     ctx.fillStyle = COLORS.axis;
-    ctx.fillText("equivalent diameter (µm), inside grains", L, 11);
+    ctx.fillText(`equivalent diameter (${lengthUnit()}), inside grains`, L, 11);
     if (first < 0) { ctx.fillText("no grains yet", L, h / 2); return; }
     first = Math.max(0, first - 1); last = Math.min(counts.length - 1, last + 1);
     const lx0 = Math.log10(edges[first]), lx1 = Math.log10(edges[last + 1]);
@@ -396,15 +405,19 @@
     drawHistogram($("plot-hist"), g);
     const c = g.cumulative || {}, t = g.tile || {};
     const ci = (v) => (v ? ` (95% ${fmt(v[0])}–${fmt(v[1])})` : "");
+    // G needs a real length scale: the service publishes none without a pixel size
+    const G = (v) => (v === null && !calibrated() ? "– (no pixel size)" : fmt(v, 2));
+    const len = lengthUnit(), area = areaUnit();
+    const skipped = c.tiles_skipped ? ` (${c.tiles_skipped} skipped analysis: not in the statistics)` : "";
     fillKv($("astm"), [
-      ["ASTM G planimetric (all tiles)", `${fmt(c.astm_g_planimetric, 2)}${ci(c.astm_g_planimetric_ci95)}`],
-      ["ASTM G intercept (all tiles)", fmt(c.astm_g_intercept, 2)],
-      ["ASTM G planimetric (this tile)", fmt(t.astm_g_planimetric, 2)],
-      ["tiles", c.tiles],
+      ["ASTM G planimetric (all tiles)", `${G(c.astm_g_planimetric)}${ci(c.astm_g_planimetric_ci95)}`],
+      ["ASTM G intercept (all tiles)", G(c.astm_g_intercept)],
+      ["ASTM G planimetric (this tile)", G(t.astm_g_planimetric)],
+      ["tiles", `${c.tiles ?? "–"}${skipped}`],
       ["grains (inside / cut by edge)", `${c.count_inside ?? "–"} / ${c.count_edge ?? "–"}`],
-      ["mean equivalent diameter", `${fmt(c.mean_equivalent_diameter_um)} µm${ci(c.mean_equivalent_diameter_ci95_um)}`],
-      ["mean area", `${fmt(c.mean_area_um2)} µm²`],
-      ["mean intercept", `${fmt(c.mean_intercept_um)} µm`],
+      ["mean equivalent diameter", `${fmt(c.mean_equivalent_diameter_um)} ${len}${ci(c.mean_equivalent_diameter_ci95_um)}`],
+      ["mean area", `${fmt(c.mean_area_um2)} ${area}`],
+      ["mean intercept", `${fmt(c.mean_intercept_um)} ${len}`],
     ]);
   }
 
@@ -421,7 +434,7 @@
     if (S.dirty) {
       S.dirty = false;
       drawSeries($("plot-count"), 2, COLORS.count, "object count");
-      drawSeries($("plot-area"), 3, COLORS.area, "mean area (µm²)");
+      drawSeries($("plot-area"), 3, COLORS.area, `mean area (${areaUnit()})`);
       drawSeries($("plot-intensity"), 4, COLORS.intensity, "mean intensity (ADU)");
       renderGrains();
     }

@@ -45,8 +45,13 @@ def test_z_is_compared_when_its_move_raised() -> None:
         {"x_um": None, "y_um": None, "z_um": 13.5},
         {"commanded": {"z_um": 10.0}, "read": {"z_um": 13.5}},
     )
-    # the move raised but the drive got there after all: nothing to report
+    # within a z-stack's step of the target: still not there (the XY bound does not apply)
     assert frame_position(event, {"position": {"z": 10.5}}, z_failed=True) == (
+        {"x_um": None, "y_um": None, "z_um": 10.5},
+        {"commanded": {"z_um": 10.0}, "read": {"z_um": 10.5}},
+    )
+    # the move raised but the drive got there after all: nothing to report
+    assert frame_position(event, {"position": {"z": 10.01}}, z_failed=True) == (
         {"x_um": None, "y_um": None, "z_um": 10.0}, None)
     # the drive cannot say where it is either: the frame's Z is unknown
     assert frame_position(event, {"position": {}}, z_failed=True) == (

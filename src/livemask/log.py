@@ -1,7 +1,7 @@
 """Logging setup: one named logger ``livemask``, configured from the environment.
 
 ``LIVEMASK_LOG_LEVEL`` (default INFO) and ``LIVEMASK_LOG_FILE`` (default: stderr).
-pymmcore-plus' own logger goes to the same place at ``LIVEMASK_MM_LOG_LEVEL`` (default
+pymmcore-plus' own loggers go to the same place at ``LIVEMASK_MM_LOG_LEVEL`` (default
 WARNING: it reports hardware faults such as a failed snap or channel change only there).
 A bad value of any of them is a :class:`~livemask.errors.ConfigError` naming the variable.
 """
@@ -214,6 +214,11 @@ def http_logger(client_errors: tuple[type[BaseException], ...] = ()) -> logging.
     return logger
 
 
+#: pymmcore-plus' loggers: its own, and its modules' (``logging.getLogger(__name__)``, e.g.
+#: UniMMCore's device manager, which logs a Python device's failed ``initialize`` there).
+HARDWARE_LOGGER_NAMES = ("pymmcore-plus", "pymmcore_plus")
+
+
 def route_hardware_log() -> None:
     """Route pymmcore-plus' log through ours, once :func:`setup_logging` has run.
 
@@ -222,8 +227,15 @@ def route_hardware_log() -> None:
     handlers = logging.getLogger(LOGGER_NAME).handlers
     if not handlers:
         return
-    mm = logging.getLogger("pymmcore-plus")
-    mm.setLevel(env_level("LIVEMASK_MM_LOG_LEVEL", "WARNING"))
+    level = env_level("LIVEMASK_MM_LOG_LEVEL", "WARNING")
+    for name in HARDWARE_LOGGER_NAMES:
+        _route(logging.getLogger(name), handlers, level)
+
+
+def _route(mm: logging.Logger, handlers: list[logging.Handler], level: int) -> None:
+    """Send ``mm``'s records (``level`` and above) to ``handlers`` only, filtered by a
+    :class:`HardwareLogFilter`."""
+    mm.setLevel(level)
     for handler in list(mm.handlers):
         if handler not in handlers:
             mm.removeHandler(handler)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pymmcore_plus import CMMCorePlus, DeviceType
+from pymmcore_plus import CMMCorePlus, DeviceInitializationState, DeviceType
 from pymmcore_plus.experimental.unicore import UniMMCore
 
 from livemask.errors import AcquisitionError, ConfigError
@@ -103,11 +103,12 @@ def open_core(cfg_path: str | Path, *, core: CoreKind = "auto") -> CMMCorePlus:
                     else " and that Micro-Manager is installed (mmcore install)")
             raise AcquisitionError(
                 f"could not load Micro-Manager config {str(path)!r} into "
-                f"{type(mmc).__name__}: {exc}; check hardware.config_file (and "
-                f"hardware.core){hint}"
+                f"{type(mmc).__name__}: {str(exc).rstrip()}{_root_cause(exc)}; check "
+                f"hardware.config_file (and hardware.core){hint}"
             ) from exc
     _OPEN_CORES.add(mmc)
     try:
+        _check_initialized(mmc, path)
         _check_camera(mmc, path)
     except AcquisitionError:
         close_core(mmc, timeout_s=0.0)
@@ -118,6 +119,46 @@ def open_core(cfg_path: str | Path, *, core: CoreKind = "auto") -> CMMCorePlus:
     if logger.isEnabledFor(logging.INFO):
         logger.info("opened %s from %s: %s", type(mmc).__name__, path, describe_core(mmc))
     return mmc
+
+
+def _root_cause(exc: BaseException) -> str:
+    """``" (cause: ...)"`` naming the innermost ``__cause__`` of ``exc`` where its message
+    does not say it already: UniMMCore reports a Python device module that fails to import
+    as "not ... an importable python module", the missing package only in the chain."""
+    cause = exc
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    text, message = str(cause).strip(), str(exc)
+    missing = cause.name if isinstance(cause, ImportError) else None  # the module not found
+    if cause is exc or text in message or (missing and repr(missing) in message):
+        return ""
+    return f" (cause: {type(cause).__name__}: {text})"
+
+
+def _check_initialized(mmc: CMMCorePlus, path: Path) -> None:
+    """Refuse a rig with a device whose initialisation failed: UniMMCore logs a Python
+    device's exception and loads the rest, and every frame of that camera would be missing."""
+    for label in mmc.getLoadedDevices():
+        if (mmc.getDeviceType(label) != DeviceType.Core and mmc.getDeviceInitializationState(
+                label) == DeviceInitializationState.InitializationFailed):
+            raise AcquisitionError(
+                f"device {label!r} of Micro-Manager config {str(path)!r} failed to "
+                f"initialize: {_init_error(mmc, label)}; check the device (connected, powered, "
+                "its driver or SDK installed) and its settings in hardware.config_file"
+            )
+
+
+def _init_error(mmc: CMMCorePlus, label: str) -> str:
+    """The exception a Python device's ``initialize`` raised, which pymmcore-plus 0.18
+    keeps (its ``_initialized_``), else where to find it."""
+    devices = getattr(mmc, "_pydevices", None)
+    try:
+        state = devices[label]._initialized_ if devices is not None else None
+    except Exception:  # another pymmcore-plus version, or a C++ device
+        state = None
+    if isinstance(state, BaseException):
+        return f"{type(state).__name__}: {state}"
+    return "see the log (pymmcore_plus) for its error"
 
 
 def _check_is_file(path: Path) -> None:
@@ -314,6 +355,7 @@ def describe_core(mmc: CMMCorePlus) -> dict[str, Any]:
         "pixel_size_um": mmc.getPixelSizeUm(),
         "xy_stage": mmc.getXYStageDevice(),
         "focus": mmc.getFocusDevice(),
+        "autofocus": mmc.getAutoFocusDevice(),
         "shutter": mmc.getShutterDevice(),
         "auto_shutter": mmc.getAutoShutter(),
         "channel_group": group,

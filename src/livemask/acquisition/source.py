@@ -114,6 +114,9 @@ class FrameSource(Protocol):
 
 #: A stage read back farther than this from the commanded position did not get there (µm).
 STAGE_TOLERANCE_UM = 2.0
+#: After a Z move that raised, a focus read back farther than this from the commanded Z did
+#: not get there (µm): a z-stack's steps are often 1 µm or less, well within the XY bound.
+Z_FAILED_TOLERANCE_UM = 0.05
 
 
 def frame_position(
@@ -127,8 +130,9 @@ def frame_position(
     commanded x or y is more than ``STAGE_TOLERANCE_UM`` off, the read-back value replaces
     it, and the mismatch ``{"commanded": {...}, "read": {...}}`` is returned too. Z is
     compared only if its move raised (``z_failed``): autofocus and focus locks move it
-    away from the commanded value on purpose. A failed Z move without a read-back places
-    the frame at an unknown Z (None).
+    away from the commanded value on purpose. After a failed Z move a read-back more than
+    ``Z_FAILED_TOLERANCE_UM`` off replaces the commanded Z (a z-stack's 1 µm steps are within
+    the XY bound); without a read-back the frame is at an unknown Z (None).
     """
     position = {"x_um": event.x_pos, "y_um": event.y_pos, "z_um": event.z_pos}
     read_meta = meta.get("position") if isinstance(meta, dict) else None
@@ -145,7 +149,8 @@ def frame_position(
                 commanded[axis], read[axis] = want, None
                 position[axis] = None
             continue
-        if abs(float(got) - want) > STAGE_TOLERANCE_UM:
+        bound = Z_FAILED_TOLERANCE_UM if axis == "z_um" else STAGE_TOLERANCE_UM
+        if abs(float(got) - want) > bound:
             commanded[axis], read[axis] = want, float(got)
             position[axis] = float(got)
     if not read:

@@ -115,6 +115,41 @@ def _z_planned(seq: useq.MDASequence, what: str) -> str | None:
     return None
 
 
+def _xy_planned(seq: useq.MDASequence, what: str) -> str | None:
+    """What of ``seq`` moves the XY stage (its ``grid_plan``, a position's ``x`` or ``y``,
+    in positions' own sequences too), named for an error message, or None."""
+    if seq.grid_plan is not None:
+        return f"{what}.grid_plan"
+    for i, pos in enumerate(seq.stage_positions):
+        where = f"{what}.stage_positions[{i}]"
+        if pos.x is not None or pos.y is not None:
+            return f"{where}.{'x' if pos.x is not None else 'y'}"
+        if pos.sequence is not None and (
+                inner := _xy_planned(pos.sequence, f"{where}.sequence")):
+            return inner
+    return None
+
+
+def _autofocus_plans(seq: useq.MDASequence, what: str) -> list[tuple[str, Any]]:
+    """``seq``'s autofocus plans (positions' own sequences' too), each with its name for an
+    error message."""
+    found: list[tuple[str, Any]] = []
+    if seq.autofocus_plan is not None:
+        found.append((f"{what}.autofocus_plan", seq.autofocus_plan))
+    for i, pos in enumerate(seq.stage_positions):
+        if pos.sequence is not None:
+            found.extend(_autofocus_plans(
+                pos.sequence, f"{what}.stage_positions[{i}].sequence"))
+    return found
+
+
+#: How errors name the configured sequence when the config does not set it.
+DEFAULT_SEQUENCE_NAME = (
+    "livemask's default sequence (acquisition.sequence is not set; set it to a sequence for "
+    "this rig, or give start a sequence)"
+)
+
+
 def build_segmenter(
     config: ServiceConfig, frame_shape: tuple[int, int] | None = None,
     card: ModelCard | None = None,
@@ -227,8 +262,7 @@ class Service:
         card = await asyncio.to_thread(load_model_card, cfg.model.path or cfg.model.name)
         if self.source is None:
             self.source = await asyncio.to_thread(self._open_microscope)
-            # the configured sequence against the rig now, not at the first `start`
-            self._check_sequence_on_rig(cfg.acquisition.mda_sequence())
+            self._check_configured_sequence()
         elif (connect := getattr(self.source, "connect", None)) is not None:
             # e.g. a ReplaySource: its frames come here, and where the recorded run began
             # another acquisition, so does the replay
@@ -452,6 +486,18 @@ class Service:
         )
         if any(e.z_pos is not None for e in events):
             self._check_focus("feedback action: its z positions")
+        if any(e.x_pos is not None or e.y_pos is not None for e in events):
+            self._check_xy_stage("feedback action: its x/y positions")  # centre, move
+
+    def _check_events_xy_and_autofocus(self, events: Sequence[useq.MDAEvent]) -> None:
+        """:meth:`_check_xy_stage` for enqueued events' x/y positions, :meth:`_check_autofocus`
+        for their hardware autofocus actions (``events[i]`` names the event)."""
+        self._check_xy_stage(next(
+            (f"events[{i}].{'x_pos' if e.x_pos is not None else 'y_pos'}"
+             for i, e in enumerate(events) if e.x_pos is not None or e.y_pos is not None),
+            None))
+        self._check_autofocus([(f"events[{i}].action", e.action) for i, e in enumerate(events)
+                               if isinstance(e.action, useq.HardwareAutofocus)])
 
     def _inject_feedback(self, events: list[useq.MDAEvent]) -> int:
         if self.source is None or not self._acquiring:
@@ -609,7 +655,7 @@ class Service:
         Long time plans are iterated in chunks (:func:`iter_events`), so any number of
         time points starts at once and holds no list of them. Errors name a given
         ``sequence`` as ``sequence`` (the control argument), the config's by its path."""
-        what = "acquisition.sequence" if sequence is None else "sequence"
+        what = self._configured_sequence_name() if sequence is None else "sequence"
         seq = sequence or self.config.acquisition.mda_sequence()
         if isinstance(self.source, MicroscopeSource):
             # pymmcore-plus fills in a grid's field of view only for a sequence it runs
@@ -681,6 +727,24 @@ class Service:
         self._check_on_rig(what, channels, exposures, properties)
         self._check_binning(what, properties)
         self._check_focus(_z_planned(seq, what))
+        self._check_xy_stage(_xy_planned(seq, what))
+        self._check_autofocus(_autofocus_plans(seq, what))
+
+    def _configured_sequence_name(self) -> str:
+        """How errors name the config's sequence: ``acquisition.sequence`` where the config
+        sets it, else :data:`DEFAULT_SEQUENCE_NAME` (not the user's: say whose it is)."""
+        if "sequence" in self.config.acquisition.model_fields_set:
+            return "acquisition.sequence"
+        return DEFAULT_SEQUENCE_NAME
+
+    def _check_configured_sequence(self) -> None:
+        """The config's sequence against the rig at start-up, not at the first ``start``:
+        one the config sets always; livemask's default only when autostart runs it (a rig
+        without its 'DAPI' preset is fine for a service driven by ``start`` requests and
+        ``enqueue``; a ``start`` without a sequence is checked then)."""
+        acq = self.config.acquisition
+        if "sequence" in acq.model_fields_set or acq.autostart:
+            self._check_sequence_on_rig(acq.mda_sequence(), self._configured_sequence_name())
 
     def _check_binning(self, what: str, properties: Sequence[Any]) -> None:
         """ConfigError, while the service records, for properties that set the camera's
@@ -710,6 +774,40 @@ class Service:
                 "be taken at the same focus); set a focus device (Core-Focus) in "
                 "hardware.config_file, or leave z out"
             )
+
+    def _check_xy_stage(self, where: str | None) -> None:
+        """ConfigError for x/y positions or a grid (``where`` names them; None: there are
+        none) on a rig without an XY stage: pymmcore-plus would skip the moves and take
+        every position at the same place."""
+        if where is None or not isinstance(self.source, MicroscopeSource):
+            return
+        if self.core_info.get("xy_stage") == "":  # as opened (core.getXYStageDevice())
+            raise ConfigError(
+                f"{where}: the rig has no XY stage, so x and y cannot move (every position "
+                "would be imaged at the same place); set an XY stage (Core-XYStage) in "
+                "hardware.config_file, or leave x/y (and grid plans) out"
+            )
+
+    def _check_autofocus(self, plans: Sequence[tuple[str, Any]]) -> None:
+        """ConfigError for an autofocus plan or action (``(name, plan)``) on a rig without
+        an autofocus device, or whose ``autofocus_device_name`` is no device of the rig:
+        pymmcore-plus would skip the autofocus with a warning in its log (or fail it)."""
+        if not plans or not isinstance(self.source, MicroscopeSource):
+            return
+        devices = self.core_info.get("devices") or []
+        for where, plan in plans:
+            problems = []
+            if self.core_info.get("autofocus") == "":  # as opened (getAutoFocusDevice())
+                problems.append("the rig has no autofocus device, so the autofocus would be "
+                                "skipped: set one (Core-AutoFocus) in hardware.config_file")
+            name = getattr(plan, "autofocus_device_name", None)
+            if name and name not in devices:
+                problems.append(
+                    f"autofocus_device_name {name!r} is not a device of the rig (devices: "
+                    f"{', '.join(devices) or 'none'}): give the label of its autofocus "
+                    "offset drive as hardware.config_file loads it")
+            if problems:
+                raise ConfigError(f"{where}: {'; '.join(problems)}; or leave the autofocus out")
 
     def check_rule_channels(self, specs: Sequence[RuleSpec], what: str) -> None:
         """ConfigError for a declarative rule whose action names a channel preset the
@@ -971,6 +1069,7 @@ class Service:
         self._check_binning("events", properties)  # as the roi above: one frame shape
         self._check_focus(next((f"events[{i}].z_pos" for i, e in enumerate(events)
                                 if e.z_pos is not None), None))
+        self._check_events_xy_and_autofocus(events)
         self._check_rois(events)
         if self._acquiring:
             try:

@@ -189,13 +189,16 @@ def open_stack(path: str | Path) -> ReplayStack:
     p = Path(path)
     if not p.exists():
         raise ReplayError(f"{p} does not exist; give a recording folder, an OME-Zarr or a TIFF")
-    from livemask.recording.reader import find_recording
+    from livemask.recording.reader import find_recording, several_recordings
 
     if find_recording(p) is not None:
         return _with_metadata_named(p, _open_recording)
     if p.is_dir():
         if (p / "zarr.json").is_file() or (p / ".zattrs").is_file() or (p / ".zarray").is_file():
             return _with_metadata_named(p, _open_zarr)
+        several = several_recordings(p)
+        if several is not None:
+            raise ReplayError(several)
         raise ReplayError(
             f"{p} is a folder but neither a livemask recording (run-… with images.ome.zarr) "
             "nor a zarr group/array; give a run folder, an OME-Zarr or a TIFF file"

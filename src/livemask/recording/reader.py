@@ -18,7 +18,7 @@ from livemask.recording.writer import IMAGES, LABELS_NAME, PIXEL_SIZE_CALIBRATED
 
 __all__ = [
     "FrameRecords", "MappedSequence", "Recording", "find_recording", "open_recording",
-    "read_frames_jsonl", "record_settings",
+    "read_frames_jsonl", "record_settings", "several_recordings",
 ]
 
 log = logging.getLogger("livemask")
@@ -68,9 +68,30 @@ def find_recording(path: Path) -> Path | None:
         return path.parent
     if _is_run(path):
         return path
-    runs = sorted(p for p in path.glob("run-*") if _is_run(p)) if path.is_dir() else []
-    runs = [p for p in runs if (p / IMAGES / "0").is_dir()] or runs  # "0": its first frame
+    runs = _runs(path)
     return runs[-1] if len(runs) == 1 else None
+
+
+def _runs(path: Path) -> list[Path]:
+    """The run folders in the folder ``path`` that recorded frames (all of them where none
+    did), sorted by name."""
+    runs = sorted(p for p in path.glob("run-*") if _is_run(p)) if path.is_dir() else []
+    return [p for p in runs if (p / IMAGES / "0").is_dir()] or runs  # "0": its first frame
+
+
+#: Most run folders named in the error for a folder of several.
+RUNS_NAMED = 5
+
+
+def several_recordings(path: Path) -> str | None:
+    """The error for a folder ``path`` of several runs (which one to read?), else None."""
+    runs = [] if _is_run(Path(path)) else _runs(Path(path))
+    if len(runs) < 2:
+        return None
+    names = ", ".join(p.name for p in runs[:RUNS_NAMED])
+    more = f" and {len(runs) - RUNS_NAMED} more" if len(runs) > RUNS_NAMED else ""
+    return (f"{path} holds {len(runs)} recordings ({names}{more}): give one of them, e.g. "
+            f"{runs[-1]}")
 
 
 def read_frames_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -238,12 +259,27 @@ def _no_frames(run: Path, complete: bool) -> str:
             "recorded frames")
 
 
+def _pixel_size(attrs: Mapping[str, Any]) -> float | None:
+    """The recording's pixel size: its OME scale, or (a recorder killed between making the
+    arrays and adding their OME metadata) the ``livemask`` attribute; ``KeyError`` when
+    it has neither (damaged metadata)."""
+    value = attrs.get("livemask", {}).get("pixel_size_um")
+    if "ome" not in attrs and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    scale = attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]
+    return float(scale["scale"][-1]) if scale.get("type") == "scale" else None
+
+
 def open_recording(path: str | Path) -> Recording:
     """Open a run folder written by :class:`~livemask.recording.Recorder`; ``ReplayError``
-    when it is none, or holds no frames (a run stopped before its first frame)."""
+    when it is none, holds no frames (a run stopped before its first frame), or is a folder
+    of several runs."""
     import zarr
 
     run = find_recording(Path(path))
+    several = several_recordings(Path(path)) if run is None else None
+    if several is not None:
+        raise ReplayError(several)
     if run is None:
         raise ReplayError(
             f"{path} is not a livemask recording (no {IMAGES} with frames.jsonl beside it); "
@@ -269,7 +305,6 @@ def open_recording(path: str | Path) -> Recording:
         ids = [f.get("frame_id") for f in frames]
     _warn_unlisted(run, int(images.shape[0]), ids,
                    bool(attrs.get("livemask", {}).get("complete")))
-    scale = attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]
-    pixel = float(scale["scale"][-1]) if scale.get("type") == "scale" else None
+    pixel = _pixel_size(attrs)
     calibrated = attrs.get("livemask", {}).get(PIXEL_SIZE_CALIBRATED) is not False
     return Recording(run, images, labels, frames, pixel, attrs, calibrated)

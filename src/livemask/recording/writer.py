@@ -3,7 +3,9 @@
 One run folder holds::
 
     images.ome.zarr/            OME-Zarr 0.5 (zarr v3) image, axes (t, y, x), µm pixel size
-                                (made at start, with ``livemask.complete: false``)
+                                (the group made at start, with ``livemask.complete: false``;
+                                its OME metadata added with the arrays, so a run of no
+                                frames is a plain zarr group, not an image without data)
         0/                      the frames, shape (T, Y, X), one chunk (1, Y, X) per frame
                                 (made with the first frame: a run of no frames has none)
         labels/masks/0/         instance labels of the same shape (0 = background; all 0 when
@@ -38,7 +40,9 @@ written (``rows_stored``), and the frames whose rows were lost are counted.
 Write errors (a full disk, a folder made read-only) never stop the service: the frame is
 counted as rejected, the first error of a run of them goes to ``on_error`` (the service
 publishes it as an ``error`` event), and writing resumes by itself when the disk does. A run
-of errors lasts, file by file, until the file that failed is written again. A run
+of errors lasts, file by file, until the file that failed is written again; an
+``events.jsonl`` line that could not be written waits (up to ``MAX_PENDING_EVENTS``) and is
+written, in order, with the next event or after the next frame's line. A run
 folder deleted or moved while recording stops the recording (zarr would silently re-create
 its folders and the side files would be lost): the rest of the run is not recorded, and the
 recording is not marked complete.
@@ -214,6 +218,7 @@ class _Counts:
     events: int = 0
     rows: int = 0
     rows_lost: int = 0  # frames whose measurement rows could not be written
+    events_lost: int = 0  # events.jsonl lines not kept while it could not be written
     errors: deque[str] = field(default_factory=lambda: deque(maxlen=5))  # the last ones
     errors_total: int = 0
 
@@ -226,6 +231,20 @@ ERROR_LOG_EVERY = 100
 CLOSE_BACKLOG_WARN_S = 2.0
 #: ... or when they are more than this many MB.
 CLOSE_BACKLOG_WARN_MB = 256.0
+
+
+#: Most events.jsonl lines kept while the file cannot be written (a full disk), to be written
+#: when it can again (≈ 300 B each); later ones are counted, and one line says how many.
+MAX_PENDING_EVENTS = 10_000
+#: The ``kind`` of that line.
+EVENTS_NOT_RECORDED = "events_not_recorded"
+
+
+@dataclass
+class _EventGap:
+    """In the events.jsonl backlog: where ``count`` lines were not kept."""
+
+    count: int = 0
 
 
 _STOP = object()
@@ -289,6 +308,8 @@ class Recorder:
         self._frames_fh: BlockFile | None = None
         self._events_fh: BlockFile | None = None
         self._csv_fh: BlockFile | None = None
+        # events.jsonl lines not written yet (a write failed), oldest first
+        self._pending_events: deque[str | _EventGap] = deque()
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> Recorder:
@@ -354,12 +375,15 @@ class Recorder:
         c = self.counts
         rows_lost = (f"; the measurement rows of {c.rows_lost} frame(s) could not be written "
                      "(rows_stored: false in frames.jsonl)" if c.rows_lost else "")
+        lost = c.events_lost + self._events_waiting()
+        events_lost = f"; {lost} event(s) not in events.jsonl" if lost else ""
         log.log(
             logging.WARNING if c.rejected or c.errors_total or c.rows_lost else logging.INFO,
             "recording closed: %d frames written (%d analysed, %d skipped, %d failed, "
-            "%d rejected) of %s acquired, %d measurement rows, in %s%s",
+            "%d rejected) of %s acquired, %d measurement rows, in %s%s%s",
             c.written, c.analysed, c.skipped, c.failed, c.rejected,
             "?" if frames_acquired is None else frames_acquired, c.rows, self.path, rows_lost,
+            events_lost,
         )
 
     def _log_backlog_at_close(self) -> None:
@@ -536,14 +560,14 @@ class Recorder:
                         self.path, self.counts.errors_total)
 
     def _create_group(self) -> Any:
-        """The image group, with its OME and ``livemask`` attributes (``complete: false``),
-        made at start: a run that stops before its first frame is still a recording."""
+        """The image group, with its ``livemask`` attributes (``complete: false``), made at
+        start: a run that stops before its first frame is still a recording. Its OME
+        attributes come with the arrays (:meth:`_create_arrays`): OME-Zarr tools would find
+        an image whose data is missing."""
         import zarr
 
-        root = zarr.open_group(self.path / IMAGES, mode="w", zarr_format=3, attributes=(
-            ome_image_attributes(self.pixel_size_um, calibrated=self.pixel_size_calibrated)
-            | {"livemask": self._summary_attrs(complete=False)}))
-        return root
+        return zarr.open_group(self.path / IMAGES, mode="w", zarr_format=3, attributes={
+            "livemask": self._summary_attrs(complete=False)})
 
     def _create_arrays(self, image: np.ndarray) -> None:
         from zarr.codecs import BloscCodec
@@ -576,6 +600,10 @@ class Recorder:
             masks_array = masks.create_array("0", shape=shape, chunks=chunks, dtype="int32",
                                              fill_value=0, dimension_names=("t", "y", "x"),
                                              compressors=codec)
+        # the image's OME metadata once its data is there (a reader takes the pixel size
+        # from livemask.pixel_size_um in a recording killed before this)
+        root.update_attributes(ome_image_attributes(
+            self.pixel_size_um, calibrated=self.pixel_size_calibrated))
         # all or nothing: a failure above leaves them unset, and the next frame tries again
         # (before, a failed labels array left images written without labels, never complete)
         self._images, self._masks = images, masks_array
@@ -648,6 +676,8 @@ class Recorder:
             assert self._frames_fh is not None
             self._frames_fh.write(json.dumps(rec, default=_jsonable) + "\n")
             self._wrote("frames.jsonl", "writing")
+            if self._pending_events:  # the disk took a line: the events waiting may fit
+                self._write_pending_events()
         except Exception as exc:  # the reader knows a frame by its line: it is lost
             self._error(f"frames.jsonl line of frame {fid}", exc, part="frames.jsonl")
             if stored:
@@ -714,14 +744,55 @@ class Recorder:
         return True
 
     def _write_event(self, header: dict[str, Any]) -> None:
+        """Write an events.jsonl line after those still waiting (a line that cannot be
+        written waits, and is tried again with the next event or frame)."""
         if self._lost is not None or self._events_fh is None:
             return
-        try:
-            self._events_fh.write(json.dumps(header, default=_jsonable) + "\n")
-            self.counts.events += 1
-        except Exception as exc:
-            self._error("events.jsonl", exc)
+        self._keep_event(json.dumps(header, default=_jsonable) + "\n")
+        self._write_pending_events()
+
+    def _keep_event(self, line: str) -> None:
+        """Add ``line`` to the events waiting; past ``MAX_PENDING_EVENTS`` only count it."""
+        pending = self._pending_events
+        if len(pending) < MAX_PENDING_EVENTS:
+            pending.append(line)
             return
+        gap = pending[-1]
+        if not isinstance(gap, _EventGap):
+            gap = _EventGap()
+            pending.append(gap)
+            log.warning("recorder (%s): %d events wait for events.jsonl; later ones are "
+                        "counted, not kept, until it can be written again",
+                        self.path, MAX_PENDING_EVENTS)
+        gap.count += 1
+        self.counts.events_lost += 1
+
+    def _events_waiting(self) -> int:
+        """How many event lines wait to be written (those not kept not counted)."""
+        return sum(isinstance(item, str) for item in self._pending_events)
+
+    def _write_pending_events(self) -> None:
+        """Write the events waiting, oldest first, until one fails (it and the later ones
+        wait for the next try)."""
+        pending, fh = self._pending_events, self._events_fh
+        if self._lost is not None or fh is None:
+            return
+        while pending:
+            item = pending[0]
+            line = item if isinstance(item, str) else _gap_line(item.count)
+            try:
+                fh.write(line)
+            except Exception as exc:
+                self._error(f"events.jsonl ({len(pending)} event line(s) wait)", exc,
+                            part="events.jsonl")
+                return
+            pending.popleft()
+            if isinstance(item, str):
+                self.counts.events += 1
+            else:
+                log.warning("recorder (%s): %d event(s) that came while events.jsonl could not "
+                            "be written are not recorded (an %r line marks where)",
+                            self.path, item.count, EVENTS_NOT_RECORDED)
         self._wrote("events.jsonl")
 
     def _summary_attrs(self, *, complete: bool) -> dict[str, Any]:
@@ -757,6 +828,10 @@ class Recorder:
 
     def _finish(self) -> None:
         self._check_folder()
+        self._write_pending_events()
+        if self._pending_events and self._lost is None:
+            log.warning("recorder (%s): %d event line(s) could not be written to events.jsonl "
+                        "and are lost", self.path, self._events_waiting())
         synced = True
         for fh in self._side_files():
             try:
@@ -778,6 +853,15 @@ class Recorder:
             except Exception as exc:
                 self._error("closing", exc)
         self._frames_fh = self._events_fh = self._csv_fh = None
+
+
+def _gap_line(count: int) -> str:
+    """The events.jsonl line standing for ``count`` events that were not kept."""
+    return json.dumps({
+        "kind": EVENTS_NOT_RECORDED, "count": count,
+        "detail": f"{count} event(s) are missing here: they came while events.jsonl could not "
+                  f"be written and {MAX_PENDING_EVENTS} others already waited",
+    }) + "\n"
 
 
 def _jsonable(value: Any) -> Any:

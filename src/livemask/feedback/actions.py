@@ -13,11 +13,14 @@ measurements); stage positions are µm.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, get_args
 
+import numpy as np
 import useq
 
 from livemask.acquisition.mode import Mode
@@ -290,38 +293,82 @@ class EventPlanner:
         return float(x) + a * dcol + b * drow, float(y) + c * dcol + d * drow
 
 
+def plain_action(action: Any) -> Any:
+    """``action`` with its numbers as plain Python ``int`` / ``float`` (a rule that computes
+    them with numpy gives ``np.int64``, ``np.float32``, ...) and a ``centre_yx`` given as a
+    list or numpy array as a tuple; anything else as it is (bools, ``np.bool_`` and other
+    values that are no numbers are refused as invalid later). The same action when nothing
+    changes."""
+    if not isinstance(action, ACTION_TYPES):
+        return action
+    made: Any = action  # (a dataclass instance)
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(made):
+        value = getattr(made, f.name)
+        new = _plain(value)
+        if isinstance(value, list | tuple) or (isinstance(value, np.ndarray) and value.ndim):
+            items = tuple(_plain(v) for v in value)  # centre_yx
+            same = type(value) is tuple and all(a is b for a, b in zip(items, value, strict=True))
+            new = value if same else items
+        if new is not value:
+            changes[f.name] = new
+    return dataclasses.replace(made, **changes) if changes else action
+
+
+def _plain(value: Any) -> Any:
+    """A number (a numpy scalar too) as a plain ``int`` / ``float``; a ``str`` subclass
+    (``np.str_``) as a ``str``; bools and other values as they are."""
+    if type(value) in (int, float, str, bool) or value is None:
+        return value
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
+
+
 def frame_count(action: Any) -> int:
     """Frames (MDA events) ``action`` asks for, without building them (0: none)."""
+    action = plain_action(action)
     if isinstance(action, ZStack):
         ok = _positive(action.range_um) and _positive(action.step_um)
         return zstack_planes(action.range_um, action.step_um) if ok else 0
     frames = getattr(action, "frames", 1)
-    if not isinstance(action, _Frames) or not isinstance(frames, int) or isinstance(frames, bool):
+    if not isinstance(action, _Frames) or not _count(frames, 0):
         return 0  # (a bad count is refused by to_events)
-    return frames
+    return int(frames)
 
 
 def duration_s(action: Any) -> float:
     """How long ``action``'s frames hold the microscope by their spacing alone:
     ``(frames - 1) × interval_s`` (0 for actions without an interval)."""
+    action = plain_action(action)
     if not isinstance(action, Burst | Revisit) or not _positive(action.interval_s):
         return 0.0
     return max(frame_count(action) - 1, 0) * float(action.interval_s)
 
 
+def _number(value: Any) -> bool:
+    """Whether ``value`` is a real number (a numpy one too), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _positive(value: Any) -> bool:
     """Whether ``value`` is a finite number > 0."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf
+    return _number(value) and 0 < value < math.inf
 
 
 def _finite(value: Any) -> bool:
     """Whether ``value`` is a finite number (not a bool)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return _number(value) and math.isfinite(value)
 
 
 def _count(value: Any, least: int) -> bool:
-    """Whether ``value`` is an int (not a bool) >= ``least``."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+    """Whether ``value`` is an integer (a numpy one too; not a bool) >= ``least``."""
+    return (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            and int(value) >= least)
 
 
 def _invalid(action: Any, what: str, value: Any, fix: str) -> ActionError:
@@ -449,6 +496,7 @@ def to_events(
     Raises :class:`ActionError` when the action cannot be done from this frame (no stage
     position to centre from, unknown position index, ...) or is invalid (``invalid_action``).
     """
+    action = plain_action(action)
     if isinstance(action, SkipPosition | SetMode | Stop):
         _check_other(action, ctx, planner)
         return []

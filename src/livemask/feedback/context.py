@@ -17,6 +17,7 @@ import numbers
 from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -145,19 +146,49 @@ class FrameContext:
     def from_measurements(
         cls, message: Mapping[str, Any], image_shape: tuple[int, ...] = (0, 0)
     ) -> FrameContext:
-        """Build from a ``measurements`` message header (as published or received)."""
+        """Build from a ``measurements`` message header (as published or received).
+
+        The context holds a read-only view of it (:func:`read_only`): the service records
+        and serves the same message, so a rule that writes into ``objects``, ``summary`` or
+        ``measurements`` raises (TypeError, AttributeError) instead of changing them."""
+        view = read_only(message)
         return cls(
-            frame_id=int(message.get("frame_id", -1)),
-            index=dict(message.get("index") or {}),
-            position=dict(message.get("position") or {}),
-            t=dict(message.get("t") or {}),
-            summary=dict(message.get("summary") or {}),
-            objects=list(message.get("objects") or []),
-            measurements=message,
+            frame_id=int(view.get("frame_id", -1)),
+            index=view.get("index") or _EMPTY,
+            position=view.get("position") or _EMPTY,
+            t=view.get("t") or _EMPTY,
+            summary=view.get("summary") or _EMPTY,
+            objects=view.get("objects") or (),
+            measurements=view,
             image_shape=(int(image_shape[0]), int(image_shape[1])),
-            pixel_size_um=float(message.get("pixel_size_um") or 1.0),
-            **_camera_roi(message.get("settings")),
+            pixel_size_um=float(view.get("pixel_size_um") or 1.0),
+            **_camera_roi(view.get("settings")),
         )
+
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+#: Value types :func:`read_only` passes as they are.
+_IMMUTABLE = (int, float, str, bool, type(None))
+
+
+def read_only(value: Any) -> Any:
+    """A read-only view of a message value: each mapping a ``MappingProxyType`` (of a copy
+    of its top level, holding the views of its values), each list or tuple a tuple of
+    views, each numpy array a read-only view of it (its data not copied); other values as
+    they are. ``dict(view)`` gives a (shallow) copy to change."""
+    kind = type(value)
+    if kind in _IMMUTABLE:
+        return value
+    if kind is dict or isinstance(value, Mapping):
+        return MappingProxyType(
+            {k: v if type(v) in _IMMUTABLE else read_only(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple([v if type(v) in _IMMUTABLE else read_only(v) for v in value])
+    if kind is np.ndarray:
+        view = value.view()
+        view.flags.writeable = False
+        return view
+    return value
 
 
 def _camera_roi(settings: Any) -> dict[str, Any]:

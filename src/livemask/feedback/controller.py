@@ -284,8 +284,9 @@ class FeedbackController:
         it. The service's tracker (``settings``) it has already: the service queues what
         keeps it after the restore events still queued. Without one, a restore event still
         queued would put the older exposure back after its action: an event that takes no
-        image and sets this one follows it."""
-        self.guard.note_exposure(float(exposure_ms))
+        image and sets this one follows it. A planned frame the runner has taken but not
+        started yet (waiting for its time point) runs with it too: its light is re-charged."""
+        self.guard.exposure_set(float(exposure_ms))
         if not self._own_settings:
             return
         self._settings.values["exposure"] = float(exposure_ms)
@@ -441,6 +442,7 @@ class FeedbackController:
         """``core.mda.events.eventStarted`` handler (MDA runner thread): the reaction clock,
         the exposure the dose ledger charges the planned events, and (without the
         service's tracker) the settings in effect."""
+        self.guard.event_started()  # set up with the exposure in effect from here on
         if self._own_settings:
             self._follow(event)
         meta = event.metadata.get(METADATA_KEY) if event.metadata else None

@@ -30,6 +30,7 @@ from livemask.feedback.actions import (
     ActionError,
     EventPlanner,
     event_json,
+    plain_action,
     to_events,
 )
 from livemask.feedback.context import FeatureTracker, FrameContext, position_key
@@ -245,6 +246,7 @@ class RuleEngine:
     def _decide(
         self, slot: RuleSlot, action: Any, ctx: FrameContext, target: dict[str, Any] | None
     ) -> Decision:
+        action = plain_action(action)  # numpy numbers as int / float: checked and published
         d = self._decision(slot, action, ctx, target)
         if not isinstance(action, ACTION_TYPES):
             d.violation = Violation(

@@ -48,7 +48,7 @@ def reduce_value(value: Any, how: str) -> float | None:
             value, bool
         ) else None
     if how == "length":
-        return float(len(value)) if isinstance(value, list | tuple | dict) else None
+        return float(len(value)) if isinstance(value, list | tuple | Mapping) else None
     if not (
         isinstance(value, list | tuple)
         and len(value) == 2
@@ -258,6 +258,12 @@ def load_user_rule(spec: RuleSpec) -> Rule:
         rule = obj(**spec.params)
     except TypeError as exc:
         raise ConfigError(f"{where}: calling it with params {spec.params} failed: {exc}") from None
+    except Exception as exc:  # e.g. the factory's own check of its params: a config error
+        log.debug("%s: its factory raised", where, exc_info=True)
+        raise ConfigError(
+            f"{where}: calling it with params {spec.params} failed: "
+            f"{type(exc).__name__}: {exc}; change the params (or fix the factory)"
+        ) from None
     if not callable(getattr(rule, "evaluate", None)):
         raise ConfigError(
             f"{where}: {attr}(**params) returned {type(rule).__name__}, which has no "

@@ -4,7 +4,8 @@
 (stage travel range, Z range and Z-stack span, frames per action, frames added per minute,
 light dose per stage position) and keeps the ledgers those limits need. The light-dose
 ledger counts ``exposure_ms × frames`` of every planned event issued at a position
-(:meth:`record_planned`, called from the MDA runner thread) and of every accepted action
+(:meth:`record_planned`, called from the MDA runner thread; a ``set`` exposure before the
+event starts corrects it, :meth:`exposure_set`) and of every accepted action
 (:meth:`commit`). Thread-safe.
 """
 
@@ -48,11 +49,15 @@ class SafetyGuard:
         self._added: deque[tuple[float, int]] = deque()  # (time, frames) of accepted actions
         self.dose_ms: dict[str, float] = {}
         self.last_exposure_ms = DEFAULT_EXPOSURE_MS
+        #: the planned event taken last, if it gives no exposure and has not started: its
+        #: position and the exposure it was charged (a ``set`` before it starts changes it)
+        self._unstarted: tuple[str, float] | None = None
 
     def reset(self) -> None:
         """A new acquisition: clear the dose ledger (the per-minute window stays)."""
         with self._lock:
             self.dose_ms.clear()
+            self._unstarted = None
 
     def exposure_of(self, event: useq.MDAEvent) -> float:
         """The event's exposure, or the last known one when it keeps the current exposure."""
@@ -64,12 +69,35 @@ class SafetyGuard:
         with self._lock:
             self.last_exposure_ms = float(exposure_ms)
 
+    def exposure_set(self, exposure_ms: float) -> None:
+        """The camera's exposure was set outside any event (the ``set`` command; any
+        thread): what events that give none are charged from now on, and what the planned
+        event already taken but not started yet (:meth:`event_started`) runs with, if it
+        gives none (in a time-lapse the runner takes it, then waits for its start time):
+        its charge is corrected by the difference."""
+        with self._lock:
+            self.last_exposure_ms = float(exposure_ms)
+            if self._unstarted is not None:
+                key, charged = self._unstarted
+                self.dose_ms[key] = self.dose_ms.get(key, 0.0) + self.last_exposure_ms - charged
+                self._unstarted = (key, self.last_exposure_ms)
+
+    def event_started(self) -> None:
+        """An event starts (the MDA runner's ``eventStarted``; runner thread): the planned
+        event taken last, if it is this one, is set up with the exposure in effect now."""
+        with self._lock:
+            self._unstarted = None
+
     def record_planned(self, event: useq.MDAEvent, key: str) -> None:
-        """Count a planned event's light at position ``key`` (any thread): its own exposure,
-        else the one in effect (the last one set or noted)."""
+        """Count a planned event's light at position ``key`` as the runner takes it (any
+        thread): its own exposure, else the one in effect (the last one set or noted;
+        corrected by :meth:`exposure_set` until the event starts)."""
         with self._lock:
             if event.exposure is not None:
                 self.last_exposure_ms = float(event.exposure)
+                self._unstarted = None
+            else:
+                self._unstarted = (key, self.last_exposure_ms)
             self.dose_ms[key] = self.dose_ms.get(key, 0.0) + self.last_exposure_ms
 
     def dose_snapshot(self, top: int | None = None) -> dict[str, float]:

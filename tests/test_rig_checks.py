@@ -21,7 +21,7 @@ from livemask.config import parse_config
 from livemask.errors import AcquisitionError, ConfigError, ControlError
 from livemask.service.app import Service
 from tests.conftest import make_config
-from tests.test_service import collect_run, control, enqueue_and_watch
+from tests.test_service import control, enqueue_and_watch
 
 SIM = "livemask.acquisition.simulated.devices"
 NO_XY = "the rig has no XY stage.*Core-XYStage.*hardware\\.config_file, or leave x/y"
@@ -103,20 +103,32 @@ async def test_xy_positions_and_grids_are_refused_on_a_rig_without_an_xy_stage(
 
 
 async def test_feedback_moves_are_refused_on_a_rig_without_an_xy_stage(tmp_path: Path) -> None:
-    """A move needs the trigger's stage position, which no frame has where x/y are refused;
-    events with x/y that a feedback action makes are refused too (``invalid_action``: the
-    engine's ``check_events``), as a channel the rig lacks is."""
-    rule = {"name": "go", "when": {"values": [{"path": "summary.count", "ge": 0}]},
-            "max_fires": 1, "action": {"move": {"x_um": 100.0, "y_um": 0.0}}}
+    """A rule whose action moves x/y (move, centre, a centring burst or zstack) is refused
+    when the rules load, in the config and by the ``rules`` command: before, it was taken
+    and then every fire was refused with advice (give stage positions) the rig refuses
+    (review). Events with x/y that a feedback action makes are refused too (the engine's
+    ``check_events``: ``invalid_action``), as a channel the rig lacks is."""
+    when = {"values": [{"path": "summary.count", "ge": 0}]}
+    moving = {"move": {"x_um": 100.0, "y_um": 0.0}}
     cfg = _config(_rig(tmp_path, xy=False),
-                  acquisition={"sequence": {"time_plan": {"interval": 0.0, "loops": 3}}},
-                  feedback={"rules": [rule]})
-    async with Service(cfg) as svc:
-        got = await collect_run(svc, ("event",))
+                  feedback={"rules": [{"name": "go", "when": when, "action": moving}]})
+    with pytest.raises(ConfigError, match=r"feedback\.rules\[0\] \('go'\): its move action "
+                       r"moves the XY stage, and the rig has none.*Core-XYStage"):
+        async with Service(cfg):
+            pass
+    still = {"name": "still", "when": when, "action": {"burst": {"frames": 2, "centre": False}}}
+    cfg = _config(_rig(tmp_path, xy=False), feedback={"rules": [still]})
+    async with Service(cfg) as svc:  # a burst that does not centre needs no XY stage
+        for action, kind in ((moving, "move"), ({"burst": {"frames": 2}}, "burst"),
+                             ({"centre": {}}, "centre"),
+                             ({"zstack": {"range_um": 2, "step_um": 1, "centre": True}},
+                              "zstack")):
+            with pytest.raises(ControlError, match=rf"invalid_args.*rules\[1\] \('new'\): "
+                               rf"its {kind} action moves the XY stage"):
+                await control(svc, "rules", rules=[
+                    still, {"name": "new", "when": when, "action": action}])
         with pytest.raises(ConfigError, match=rf"feedback action: its x/y positions: {NO_XY}"):
             svc._check_feedback_events([useq.MDAEvent(x_pos=100.0, y_pos=0.0)])
-    kinds = [m.header["kind"] for m in got["event"]]
-    assert "feedback_action" not in kinds and "feedback_refused" in kinds
 
 
 # ------------------------------------------------------------------ 2: failed Z move

@@ -748,6 +748,8 @@ class Recorder:
         written waits, and is tried again with the next event or frame)."""
         if self._lost is not None or self._events_fh is None:
             return
+        if self._pending_events:  # the waiting lines first: the disk may take them now
+            self._write_pending_events()
         self._keep_event(json.dumps(header, default=_jsonable) + "\n")
         self._write_pending_events()
 

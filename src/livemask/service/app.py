@@ -143,6 +143,18 @@ def _autofocus_plans(seq: useq.MDASequence, what: str) -> list[tuple[str, Any]]:
     return found
 
 
+#: The feedback actions that can move the XY stage (a burst and a zstack when they centre).
+_XY_ACTIONS = ("centre", "move", "burst", "zstack")
+
+
+def _moves_xy(action: Any, kind: str) -> bool:
+    """Whether ``action`` (an ``ActionSpec``) is a ``kind`` action that moves x/y."""
+    spec = getattr(action, kind, None)
+    if spec is None:
+        return False
+    return kind in ("centre", "move") or bool(getattr(spec, "centre", False))
+
+
 #: How errors name the configured sequence when the config does not set it.
 DEFAULT_SEQUENCE_NAME = (
     "livemask's default sequence (acquisition.sequence is not set; set it to a sequence for "
@@ -454,7 +466,7 @@ class Service:
         """Create the rule engine and hook it to the pipeline and the MDA runner."""
         if not self.config.feedback.enabled:
             return
-        self.check_rule_channels(self.config.feedback.rules, "feedback.rules")
+        self.check_rules_on_rig(self.config.feedback.rules, "feedback.rules")
         mda = getattr(getattr(self.source, "core", None), "mda", None)
         self.feedback = FeedbackController(
             self.config.feedback,
@@ -809,19 +821,30 @@ class Service:
             if problems:
                 raise ConfigError(f"{where}: {'; '.join(problems)}; or leave the autofocus out")
 
-    def check_rule_channels(self, specs: Sequence[RuleSpec], what: str) -> None:
+    def check_rules_on_rig(self, specs: Sequence[RuleSpec], what: str) -> None:
         """ConfigError for a declarative rule whose action names a channel preset the
         microscope does not define, or an ``exposure_ms`` outside its camera's limits
-        (pymmcore-plus would warn and take the frames anyway), as ``enqueue`` checks; the
-        error names the rule (``what[i] ('name')``)."""
+        (pymmcore-plus would warn and take the frames anyway), as ``enqueue`` checks, or
+        moves the XY stage on a rig without one (every fire would be refused); the error
+        names the rule (``what[i] ('name')``)."""
         for i, spec in enumerate(specs):
+            where = f"{what}[{i}] ({spec.name!r})"
             params = [p for action in spec.actions
                       for p in action.model_dump().values() if isinstance(p, dict)]
             channels = [useq.Channel.model_validate({"config": p["channel"]})
                         for p in params if p.get("channel")]
             exposures = [float(p["exposure_ms"]) for p in params
                          if p.get("exposure_ms") is not None]
-            self._check_on_rig(f"{what}[{i}] ({spec.name!r})", channels, exposures)
+            self._check_on_rig(where, channels, exposures)
+            moving = next((kind for action in spec.actions
+                           for kind in _XY_ACTIONS if _moves_xy(action, kind)), None)
+            if moving is not None and isinstance(self.source, MicroscopeSource) and (
+                    self.core_info.get("xy_stage") == ""):
+                raise ConfigError(
+                    f"{where}: its {moving} action moves the XY stage, and the rig has none "
+                    "(every fire would be refused); set an XY stage (Core-XYStage) in "
+                    "hardware.config_file, or leave the action out (burst and zstack: "
+                    "centre: false)")
 
     def _start_events(
         self, events: Any, detail: dict[str, Any], count: int,

@@ -301,7 +301,7 @@ class CommandHandler:
             specs = [_useq(RuleSpec, r, f"rules[{i}]") for i, r in enumerate(a.rules)]
             self._check_user_rules(specs)
             try:
-                self.service.check_rule_channels(specs, "rules")
+                self.service.check_rules_on_rig(specs, "rules")
             except ConfigError as exc:
                 raise CommandError("invalid_args", str(exc)) from None
             names = [s.name for s in specs]

@@ -1,5 +1,6 @@
 """Grain statistics in live use: tiles skipped in free-run mode, MinIsWhite TIFFs read
-inverted, and no µm labels nor ASTM G numbers without a pixel size."""
+inverted (not masks nor ImageJ files, whose MinIsWhite is an inverting LUT), and no µm labels
+nor ASTM G numbers without a pixel size."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from livemask.analysis.grains import CumulativeGrainStats, grain_statistics
 from livemask.dashboard.server import DashboardServer
 from livemask.dashboard.state import DashboardState
 from livemask.errors import ReplayError
+from livemask.evaluation import evaluate, load_folder
 from livemask.offline import load_segmenter, read_image_file, segment_file
 from livemask.protocol import Message
 from livemask.service.app import Service
@@ -77,8 +79,9 @@ async def _scan(pipe: Pipeline, tiles: list[np.ndarray]) -> dict[str, Any]:
 async def test_free_run_scan_warns_and_counts_the_tiles_it_leaves_out(
     livemask_log: list[logging.LogRecord],
 ) -> None:
-    """A 16-tile free-run scan pooled 4 tiles, silently: now the acquisition warns as it
-    begins, the first skipped tile is warned about, and the skipped tiles are counted."""
+    """A 16-tile free-run scan pooled 4 tiles, silently: now the first skipped tile is
+    warned about (not the start: an acquisition of one frame skips none), and the skipped
+    tiles are counted."""
     tiles = _grain_tiles(6)
     pipe, _ = _grain_pipeline("free-run")
     cumulative = await _scan(pipe, tiles)
@@ -87,11 +90,10 @@ async def test_free_run_scan_warns_and_counts_the_tiles_it_leaves_out(
     assert cumulative["tiles_skipped"] == skipped
     assert cumulative["tiles"] + cumulative["tiles_skipped"] == len(tiles)
     warnings = [r.getMessage() for r in livemask_log if r.levelno == logging.WARNING]
-    begun = [w for w in warnings if "runs in free-run mode" in w]
-    assert len(begun) == 1 and "acquisition.mode: pipelined" in begun[0]
     first_skip = [w for w in warnings if "skipped analysis" in w and "frame " in w]
     assert len(first_skip) == 1, warnings  # once per acquisition, the others counted
     assert "left out of the scan's grain statistics" in first_skip[0]
+    assert "acquisition.mode: pipelined" in first_skip[0]
 
 
 async def test_a_pipelined_scan_pools_every_tile_without_a_warning(
@@ -169,7 +171,9 @@ def test_replay_reads_a_min_is_white_tiff_as_a_viewer_shows_it(
         stack.close()
 
 
-def test_a_float_min_is_white_tiff_is_refused_saying_what_to_do(tmp_path: Path) -> None:
+def test_a_float_min_is_white_tiff_not_from_imagej_is_refused_saying_what_to_do(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "white.tif"
     tifffile.imwrite(path, np.ones((2, 32, 32), np.float32), photometric="miniswhite")
     with pytest.raises(ReplayError, match=r"MinIsWhite .* save it as MinIsBlack"):
@@ -186,6 +190,81 @@ def test_min_is_black_tiffs_read_as_before(tmp_path: Path) -> None:
     stack = open_stack(path)
     try:
         assert np.array_equal(stack.plane(0), image)
+    finally:
+        stack.close()
+
+
+@pytest.mark.parametrize("imagej", [False, True])
+@pytest.mark.parametrize("kind", ["binary", "labels"])
+def test_a_min_is_white_mask_is_evaluated_as_its_min_is_black_twin(
+    tmp_path: Path, kind: str, imagej: bool,
+) -> None:
+    """A mask's stored values are its labels: an ImageJ binary mask with an inverting LUT
+    (objects 255, stored MinIsWhite) had objects and background swapped."""
+    image, labels = _nuclei()
+    mask = (labels > 0).astype(np.uint8) * 255 if kind == "binary" else labels.astype(np.uint16)
+    scores, masks = [], []
+    for photometric in ("minisblack", "miniswhite"):
+        images, masks_dir = tmp_path / photometric / "images", tmp_path / photometric / "masks"
+        images.mkdir(parents=True)
+        masks_dir.mkdir()
+        tifffile.imwrite(images / "a.tif", image)
+        tifffile.imwrite(masks_dir / "a.tif", mask, photometric=photometric, imagej=imagej)
+        ((_, truth),) = load_folder(images, masks_dir)
+        masks.append(truth)
+        result = evaluate(load_segmenter("nuclei_classical", threads=1), [(image, truth)], "x")
+        scores.append({k: v for k, v in result.as_dict().items() if not k.endswith("_ms")})
+    assert np.array_equal(masks[0] > 0, labels > 0) and np.array_equal(masks[0], masks[1])
+    assert scores[0]["f1_iou50"] > 0.5 and scores[0] == scores[1]
+
+
+def _imagej_inverted_lut(path: Path, frames: np.ndarray) -> None:
+    """``frames`` saved by ImageJ shown with an inverting LUT: the stored values are the
+    measurement, PhotometricInterpretation 0 the LUT."""
+    tifffile.imwrite(path, frames, imagej=True, photometric="miniswhite")
+    with tifffile.TiffFile(path) as tif:
+        assert tif.is_imagej and tif.pages.first.photometric == 0
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_segment_reads_an_imagej_inverted_lut_tiff_with_its_stored_values(
+    tmp_path: Path, dtype: type, livemask_log: list[logging.LogRecord],
+) -> None:
+    """Fluorescence saved by ImageJ with an inverting LUT read inverted (nucleus 3000 read
+    62535), and as float32 was refused."""
+    image = _nuclei()[0].astype(dtype)
+    normal, lut = tmp_path / "normal.tif", tmp_path / "lut.tif"
+    tifffile.imwrite(normal, image, imagej=True)
+    _imagej_inverted_lut(lut, image)
+    read = read_image_file(lut).data
+    assert read.dtype == image.dtype and np.array_equal(read, image)
+    assert any("lut.tif is an ImageJ file with an inverting LUT" in r.getMessage()
+               and r.levelno == logging.INFO for r in livemask_log)
+    assert not any("inverted" in r.getMessage() for r in livemask_log
+                   if r.levelno >= logging.WARNING)
+    for path in (normal, lut):
+        segment_file(path, tmp_path / f"{path.stem}_labels.tif", model="nuclei_classical")
+    labels = [tifffile.imread(tmp_path / f"{p}_labels.tif") for p in ("normal", "lut")]
+    assert labels[0].max() > 3 and np.array_equal(labels[0], labels[1])
+
+
+@pytest.mark.parametrize("layout", ["plain", "cut short"])
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_replay_reads_an_imagej_inverted_lut_tiff_with_its_stored_values(
+    tmp_path: Path, layout: str, dtype: type,
+) -> None:
+    rng = np.random.default_rng(5)
+    frames = rng.integers(100, 3000, (6, 40, 48)).astype(dtype)
+    path = tmp_path / "lut.tif"
+    _imagej_inverted_lut(path, frames)
+    if layout == "cut short":
+        raw = path.read_bytes()
+        path.write_bytes(raw[:int(len(raw) * 0.6)])
+    stack = open_stack(path)
+    try:
+        assert stack.frames >= 3
+        for i in range(stack.frames):
+            assert np.array_equal(stack.plane(i), frames[i]), i
     finally:
         stack.close()
 

@@ -44,6 +44,7 @@ import logging
 import math
 import os
 import platform
+import re
 import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -141,9 +142,9 @@ class BenchSettings:
     prefault_frames: int = 8  # pipeline.prefault_frames of the pipeline run
 
     def __post_init__(self) -> None:
-        if self.size < 16 or self.frames < 2:
-            raise ConfigError(f"bench needs --size >= 16 and --frames >= 2 (got {self.size}, "
-                              f"{self.frames})")
+        if not 16 <= self.size <= 16384 or self.frames < 2:
+            raise ConfigError(f"bench needs --size 16 to 16384 and --frames >= 2 (got "
+                              f"{self.size}, {self.frames})")
         if self.interval_s < 0 or self.exposure_ms < 0:
             raise ConfigError("--interval and --exposure-ms must be >= 0")
         if self.camera_fps is not None:
@@ -151,6 +152,7 @@ class BenchSettings:
                 raise ConfigError("--camera-fps must be > 0")
             if self.interval_s:
                 raise ConfigError("give --camera-fps or --interval, not both")
+        self._check_interval()
         if self.latency_warmup_s < 0:
             raise ConfigError(f"--latency-warmup-s must be >= 0 (got {self.latency_warmup_s})")
         if self.gc_threshold < 100:
@@ -161,6 +163,18 @@ class BenchSettings:
             raise ConfigError(f"--stage-threads must be one or two (got {self.stage_threads!r})")
         if self.queue_size < 1:
             raise ConfigError(f"--queue-size must be >= 1 (got {self.queue_size})")
+
+    def _check_interval(self) -> None:
+        """The pipeline run's interval must fit a time plan (checked before any stage runs)."""
+        from livemask.config import MAX_INTERVAL_S
+
+        if self.event_interval_s <= MAX_INTERVAL_S:
+            return
+        if self.camera_fps:
+            raise ConfigError(f"--camera-fps must be at least one frame in 999,999,999 days "
+                              f"(1/{MAX_INTERVAL_S:.0f}), got {self.camera_fps:g}")
+        raise ConfigError(f"--interval must be at most {MAX_INTERVAL_S:.0f} s (999,999,999 "
+                          f"days), got {self.interval_s:g}")
 
     @property
     def event_interval_s(self) -> float:
@@ -373,28 +387,47 @@ def _subscriber(address: str) -> Iterator[SubscriberProcess]:
 
 # ---------------------------------------------------------------- the three runs
 def service_config(settings: BenchSettings, sample: str = "nuclei") -> ServiceConfig:
-    """The service configuration of the pipeline run (also used to build the model)."""
+    """The service configuration of the pipeline run (also used to build the model); an
+    error names the bench flag to change."""
     from livemask.config import parse_config
 
     model_key = "path" if Path(settings.model).suffix.lower() in (".yaml", ".yml") else "name"
-    return parse_config(
-        {
-            "hardware": {"config_file": str(settings.config_file())},
-            "simulation": {"sample": sample, "seed": settings.seed,
-                           "sensor_shape_px": list(settings.shape), "truth": False},
-            "acquisition": {"mode": settings.mode, "autostart": False},
-            "model": {model_key: settings.model, "backend": settings.backend,
-                      "threads": settings.threads},
-            "publish": {"pub_address": "tcp://127.0.0.1:*",
-                        "control_address": "tcp://127.0.0.1:*", "heartbeat_s": 0.5},
-            "pipeline": {"queue_size": settings.queue_size,
-                         "stage_threads": settings.stage_threads,
-                         "gc_freeze": settings.gc_freeze, "gc_threshold": settings.gc_threshold,
-                         "prefault_frames": settings.prefault_frames},
-            "dashboard": {"enabled": settings.dashboard, "port": 0},
-        },
-        source="bench settings",
-    )
+    data = {
+        "hardware": {"config_file": str(settings.config_file())},
+        "simulation": {"sample": sample, "seed": settings.seed,
+                       "sensor_shape_px": list(settings.shape), "truth": False},
+        "acquisition": {"mode": settings.mode, "autostart": False},
+        "model": {model_key: settings.model, "backend": settings.backend,
+                  "threads": settings.threads},
+        "publish": {"pub_address": "tcp://127.0.0.1:*",
+                    "control_address": "tcp://127.0.0.1:*", "heartbeat_s": 0.5},
+        "pipeline": {"queue_size": settings.queue_size,
+                     "stage_threads": settings.stage_threads,
+                     "gc_freeze": settings.gc_freeze, "gc_threshold": settings.gc_threshold,
+                     "prefault_frames": settings.prefault_frames},
+        "dashboard": {"enabled": settings.dashboard, "port": 0},
+    }
+    try:
+        return parse_config(data, source="bench settings")
+    except ConfigError as exc:
+        raise ConfigError(_as_flags(str(exc))) from None
+
+
+#: The config keys :func:`service_config` sets from ``livemask bench`` flags, as the flags.
+_FLAG_OF_KEY = {
+    "simulation.sensor_shape_px": "--size", "model.backend": "--backend",
+    "model.threads": "--threads", "model.path": "--model", "model.name": "--model",
+    "acquisition.mode": "--mode", "pipeline.queue_size": "--queue-size",
+    "pipeline.stage_threads": "--stage-threads", "pipeline.gc_threshold": "--gc-threshold",
+    "pipeline.prefault_frames": "--prefault-frames",
+}
+#: One of those keys in an error, with the index of a tuple's item (``sensor_shape_px.0``).
+_KEY_IN_ERROR = re.compile("(" + "|".join(map(re.escape, _FLAG_OF_KEY)) + r")(?:\.\d+)?")
+
+
+def _as_flags(message: str) -> str:
+    """``message`` with the config keys bench sets from its flags replaced by the flags."""
+    return _KEY_IN_ERROR.sub(lambda m: _FLAG_OF_KEY[m[1]], message)
 
 
 def measure_inference(

@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
-# Ctrl-C while Python imports (a second or more before a command runs): one line, exit 130
+
+def _stop_signals_interrupt() -> None:
+    """SIGTERM and SIGHUP raise ``KeyboardInterrupt`` as SIGINT does, where they still have
+    their default action (which ends the process without a word: 143): through the imports
+    below and on, until a command's own handlers replace them."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            if signal.getsignal(sig) is signal.SIG_DFL:
+                signal.signal(sig, signal.default_int_handler)
+        except ValueError:  # imported outside the main thread: no handlers there
+            return
+
+
+_stop_signals_interrupt()
+
+# Ctrl-C (or SIGTERM, SIGHUP) while Python imports (a second or more before a command runs):
+# one line, exit 130
 try:
     import asyncio
     import contextlib
@@ -15,7 +32,6 @@ try:
     import math
     import os
     import select
-    import signal
     import subprocess
     import tempfile
     from collections.abc import Callable, Iterator
@@ -26,7 +42,14 @@ try:
     from pydantic import ValidationError
 
     from livemask.acquisition.mode import Mode
-    from livemask.config import DEFAULT_SEQUENCE, MAX_THREADS, DashboardConfig, check_address
+    from livemask.config import (
+        DEFAULT_SEQUENCE,
+        MAX_INTERVAL_S,
+        MAX_THREADS,
+        DashboardConfig,
+        check_address,
+        same_endpoint,
+    )
     from livemask.errors import ConfigError, LivemaskError
     from livemask.log import setup_logging
     from livemask.protocol import INT64_MAX
@@ -231,9 +254,6 @@ def _dashboard_field(name: str) -> Callable[[Any], Any]:
 #: SSH session it was started from closing.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-#: Longest ``--interval`` (s): what a time plan's interval can hold (999,999,999 days).
-MAX_INTERVAL_S = 999_999_999 * 86_400.0
-
 
 def _plan_interval(value: float | None) -> float | None:
     """Callback: a finite interval a time plan can hold (the range check already ran)."""
@@ -279,14 +299,27 @@ def _apply_service_flags(
     cfg: Any, *, pub: str | None, control: str | None, mode: str | None, record: Path | None
 ) -> None:
     """The flags ``serve`` and ``replay`` share, over the loaded config."""
-    if pub:
-        cfg.publish.pub_address = pub
-    if control:
-        cfg.publish.control_address = control
+    if pub or control:
+        _set_endpoints(cfg, pub, control)
     if mode:
         cfg.acquisition.mode = mode
     if record is not None:  # absolute: a reused config.yaml of the run records here too
         cfg.record.enabled, cfg.record.path = True, record.expanduser().absolute()
+
+
+def _set_endpoints(cfg: Any, pub: str | None, control: str | None) -> None:
+    """``--pub`` / ``--control`` over the config's; one endpoint for both sockets is refused,
+    naming the flag or key each came from (``ConfigError``)."""
+    pub_address = pub or cfg.publish.pub_address
+    control_address = control or cfg.publish.control_address
+    if same_endpoint(pub_address, control_address):
+        first = "--pub" if pub else "publish.pub_address"
+        second = "--control" if control else "publish.control_address"
+        raise ConfigError(f"{first} and {second} are both {pub_address!r}; give each socket "
+                          "its own endpoint (e.g. ports 5555 and 5556)")
+    # both at once: one at a time could pass through a clash (--pub B --control A over A, B)
+    cfg.publish = cfg.publish.model_copy(
+        update={"pub_address": pub_address, "control_address": control_address})
 
 
 def _time_lapse(cfg: Any, frames: int | None, interval: float | None) -> None:
@@ -511,7 +544,7 @@ def replay(
         help="A livemask recording (run folder), an OME-Zarr image or a TIFF stack.")],
     config: ConfigOpt = None,
     interval: Annotated[float | None, typer.Option(
-        min=0, callback=_finite,
+        min=0, callback=_plan_interval,
         help="Seconds between frames (default: the recorded timing, else 0.1).")] = None,
     pub: PubOpt = None,
     control: ControlOpt = None,

@@ -23,8 +23,10 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -46,6 +48,8 @@ PREFAULT_BYTES_PER_PX = 4
 #: Bytes per world pixel the simulated grain sample holds (measured with tracemalloc: 12.6
 #: kept, 28 at the peak while it is built); its world is at least twice the sensor a side.
 GRAIN_WORLD_BYTES_PER_PX = 28
+#: Longest time-lapse interval (s): what a time plan's interval can hold (999,999,999 days).
+MAX_INTERVAL_S = 999_999_999 * 86_400.0
 
 DEFAULT_SEQUENCE: dict[str, Any] = {
     "time_plan": {"interval": 0.1, "loops": 170},
@@ -71,6 +75,13 @@ def check_address(value: str) -> str:
             "tcp://127.0.0.1:5555 (port * picks a free one), or ipc://PATH"
         )
     return value
+
+
+def same_endpoint(first: str, second: str) -> bool:
+    """Whether two endpoints are one: the same text, unless the port is picked at bind
+    (``*`` or 0), where each socket gets its own."""
+    m = _ADDRESS.fullmatch(first)
+    return first == second and not (m is not None and m["port"] in ("*", "0"))
 
 
 class _Section(BaseModel):
@@ -197,6 +208,15 @@ class ModelConfig(_Section):
             )
         return self
 
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Without ``name`` when ``path`` is set (the default name is not the model): a
+        dump (a recording's config.yaml) loads again."""
+        data: dict[str, Any] = handler(self)
+        if self.path is not None:
+            data.pop("name", None)
+        return data
+
 
 class AnalysisConfig(_Section):
     """Post-processing from model output to instances; None means the model card's value."""
@@ -227,6 +247,16 @@ class PublishConfig(_Section):
     @classmethod
     def _valid_address(cls, value: str) -> str:
         return check_address(value)
+
+    @model_validator(mode="after")
+    def _distinct_endpoints(self) -> PublishConfig:
+        if same_endpoint(self.pub_address, self.control_address):
+            raise ValueError(
+                f"publish.pub_address and publish.control_address are both "
+                f"{self.pub_address!r}; give each socket its own endpoint (e.g. ports 5555 "
+                "and 5556)"
+            )
+        return self
 
 
 class PipelineConfig(_Section):

@@ -356,7 +356,8 @@ def folder_pairs(images: Path, masks: Path) -> list[tuple[Path, Path]]:
 def load_folder(images: Path, masks: Path) -> list[Pair]:
     """Read every image/mask pair (2-D, grayscale) of two folders. Images get the checks
     of ``segment`` (:func:`~livemask.offline.check_image`: colour is refused, not averaged);
-    leading axes of length 1 are dropped from images and masks ((1, H, W) is one plane)."""
+    leading axes of length 1 are dropped from images and masks ((1, H, W) is one plane).
+    Masks give their stored values: a MinIsWhite one is not inverted, as images are."""
     pairs = []
     for img_path, mask_path in folder_pairs(images, masks):
         file = read_image_file(img_path)
@@ -365,7 +366,9 @@ def load_folder(images: Path, masks: Path) -> list[Pair]:
         if image.ndim != 2:
             raise ValueError(f"{img_path} has shape {image.shape}; evaluate takes one 2-D "
                              "image (y, x) per mask: save each plane as a file of its own")
-        mask = _as_instances(_single_plane(read_image(mask_path)), mask_path)
+        # a mask's stored values are its labels, MinIsWhite (an ImageJ binary mask) or not
+        stored = read_image(mask_path, invert_min_is_white=False)
+        mask = _as_instances(_single_plane(stored), mask_path)
         _warn_boundary_network(mask, mask_path)
         if image.shape != mask.shape:
             raise ValueError(f"{img_path.name}: image {image.shape} and mask {mask.shape} differ")

@@ -58,16 +58,21 @@ class ImageFile:
     pixel_size_from: str = ""
 
 
-def read_image(path: Path) -> np.ndarray:
+def read_image(path: Path, *, invert_min_is_white: bool = True) -> np.ndarray:
     """An image file as an array: TIFF with tifffile, other formats (PNG, …) with
-    scikit-image. ValueError naming the file if it cannot be read."""
-    return read_image_file(path).data
+    scikit-image. ValueError naming the file if it cannot be read. Masks and label images
+    are read with ``invert_min_is_white=False`` (see :func:`read_image_file`)."""
+    return read_image_file(path, invert_min_is_white=invert_min_is_white).data
 
 
-def read_image_file(path: Path) -> ImageFile:
+def read_image_file(path: Path, *, invert_min_is_white: bool = True) -> ImageFile:
     """An image file with its axes and pixel size where the file has them (TIFF, BigTIFF
     included: OME, ImageJ or resolution tags); ValueError naming the file if it cannot be
     read (a TIFF's: naming a corrupt plane, or saying that the file is cut short).
+
+    An image TIFF stored MinIsWhite (not an ImageJ one) is read inverted, as ``replay``
+    reads it (``tiff_stack.white_level``); with ``invert_min_is_white=False`` (masks and
+    label images, whose stored values are the labels) every TIFF gives its stored values.
 
     A TIFF of several image series of one shape and pixel type (an OME-TIFF with one series
     per stage position, as ``livemask replay`` reads it) gives them all, stacked along a
@@ -80,7 +85,7 @@ def read_image_file(path: Path) -> ImageFile:
     try:
         if path.suffix.lower() in TIFF_SUFFIXES:
             with tifffile.TiffFile(path) as tif:
-                return _read_tiff(tif, path)
+                return _read_tiff(tif, path, invert_min_is_white)
         return ImageFile(np.asarray(io.imread(path)))
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise  # the OS's message names the file
@@ -88,9 +93,10 @@ def read_image_file(path: Path) -> ImageFile:
         raise ValueError(f"{path} cannot be read as an image: {exc}") from exc
 
 
-def _read_tiff(tif: tifffile.TiffFile, path: Path) -> ImageFile:
+def _read_tiff(tif: tifffile.TiffFile, path: Path, invert_min_is_white: bool) -> ImageFile:
     """:func:`read_image_file` for an open TIFF: its position series stacked (axis P); a
-    file stored MinIsWhite inverted (``tiff_stack.white_level``), as ``replay`` reads it."""
+    file stored MinIsWhite inverted where ``invert_min_is_white`` (not an ImageJ file:
+    ``tiff_stack.white_level``), as ``replay`` reads it."""
     from livemask.acquisition.tiff_stack import min_is_black, position_series, tiff_cut, white_level
 
     cut = tiff_cut(tif, path)  # tifffile may then give one plane of a stack
@@ -106,7 +112,9 @@ def _read_tiff(tif: tifffile.TiffFile, path: Path) -> ImageFile:
                     "save the others as files of their own to segment them", path,
                     len(every), shapes)
     axes = str(series[0].axes).upper()
-    white = white_level(getattr(series[0], "keyframe", None) or tif.pages.first, path)
+    page = getattr(series[0], "keyframe", None) or tif.pages.first
+    white = (white_level(page, path, imagej=bool(tif.is_imagej)) if invert_min_is_white
+             else None)
     data = min_is_black(_series_array(tif, path, 0), white)
     if len(series) > 1:  # one series per stage position: a position axis, as replay does
         at = 1 if axes[:1] == "T" and len(axes) > 2 else 0  # time points outermost

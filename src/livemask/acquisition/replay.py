@@ -460,8 +460,9 @@ def _open_tiff(path: Path) -> ReplayStack:
         _check(path, shape, np.dtype(series.dtype), axes)
         found = tiff_pixel_size(tif, path=path)  # as `livemask segment` reads it
         pixel, pixel_from = found if found is not None else (None, "")
-        # a MinIsWhite file: read inverted, as segment does
-        white = white_level(getattr(series, "keyframe", None) or tif.pages.first, path)
+        # a MinIsWhite file: read inverted, as segment does (not an ImageJ one: a LUT)
+        white = white_level(getattr(series, "keyframe", None) or tif.pages.first, path,
+                            imagej=bool(tif.is_imagej))
         arrays = [tiff_data(tif, path, k, shape, white) for k in range(len(all_series))]
         data: Any = arrays[0]
         if len(arrays) > 1:  # an OME-TIFF of several positions: one series each
@@ -492,7 +493,7 @@ def _open_cut_tiff(tif: Any, path: Path, cut: TiffCut) -> ReplayStack:
     shape = (*cut.lead, int(first.imagelength), int(first.imagewidth))
     dtype = np.dtype(first.dtype)
     planes: Any = TiffPlanes("the file's", shape, dtype, cut.read, cut.complete)
-    white = white_level(first, path)
+    white = white_level(first, path, imagej=bool(tif.is_imagej))
     if white is not None:  # a MinIsWhite file: read inverted, as segment does
         planes = MinIsBlack(planes, white)
     axes = tiff_axes(path, cut.letters, shape)
@@ -611,7 +612,7 @@ class ReplaySource(FeedThreadSource):
                 if i >= stack.frames or self._stop.is_set():
                     break
                 delay = t0 + self._due(i) - time.monotonic()
-                if delay > 0 and self._stop.wait(delay):
+                if delay > 0 and self._stopped_within(delay):
                     break
                 try:  # (a recording's position and index are read from frames.jsonl)
                     image = stack.plane(i)
@@ -645,6 +646,17 @@ class ReplaySource(FeedThreadSource):
             error = f"{type(exc).__name__}: {exc}"
         finally:
             self._end(feed, on_done, error or self._unreadable_error())
+
+    def _stopped_within(self, delay_s: float) -> bool:
+        """Whether :meth:`stop` came within ``delay_s`` seconds, waited in slices that a
+        thread's wait takes (at most ``threading.TIMEOUT_MAX``, about 292 years on Linux: a
+        longer one raised OverflowError)."""
+        end = time.monotonic() + delay_s
+        while delay_s > 0:
+            if self._stop.wait(min(delay_s, threading.TIMEOUT_MAX)):
+                return True
+            delay_s = end - time.monotonic()
+        return False
 
     def _begin_acquisition(self, i: int, number: int) -> bool:
         """Frame ``i`` is the first of the recorded acquisition ``number``: have the service

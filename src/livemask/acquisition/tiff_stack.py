@@ -3,8 +3,9 @@
 :func:`tiff_planes` reads one image series of a TIFF a plane at a time (a compressed or
 scattered page is decoded when its frame is read; a corrupt page is one unreadable plane), and
 :func:`tiff_data` picks how to read a series (memory-mapped, plane by plane, or whole).
-:func:`white_level` and :func:`min_is_black` turn a file stored MinIsWhite (0 is white) into
-the usual bright-is-signal values, in every reader of TIFF frames.
+:func:`white_level` and :func:`min_is_black` turn an image stored MinIsWhite (0 is white) into
+the usual bright-is-signal values, in every reader of TIFF frames (not of masks or labels, whose
+stored values are the labels, nor of ImageJ files, whose MinIsWhite is an inverting LUT).
 :func:`tiff_cut` finds a TIFF cut short (truncated: its IFD chain or a page's data run past
 the end of the file, or it has fewer planes than its own metadata names) and reads the
 planes before the cut; :func:`readable_frames` counts the complete frames of series read
@@ -41,17 +42,25 @@ TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
 _TIFF_AXES = {"T": "t", "Z": "z", "C": "c"}
 
 #: TIFF PhotometricInterpretation 0, MinIsWhite: 0 is white and 2**BitsPerSample - 1 black
-#: (scanned documents, some SEM and EBSD software), inverted contrast for the models.
+#: (scanned documents, some SEM and EBSD software), inverted contrast for the models. ImageJ
+#: writes it for an image shown with an inverting LUT: there it is a display setting only.
 MIN_IS_WHITE = 0
 
 
-def white_level(page: Any, path: Path) -> int | None:
+def white_level(page: Any, path: Path, *, imagej: bool = False) -> int | None:
     """For a TIFF stored MinIsWhite (``page``: tifffile's first page of the series read):
     the value its planes are inverted from (2 ** BitsPerSample - 1: 255 for 8 bits, 4095
     for 12, 65535 for 16), so that they read as a viewer shows them (:func:`min_is_black`),
-    logged; None for any other TIFF. :class:`ReplayError` (a ValueError) where that is not
-    sound: floating-point or signed pixels, whose white has no fixed value."""
+    logged; None for any other TIFF, and for an ImageJ file (``imagej``: tifffile's
+    ``is_imagej``), whose MinIsWhite is an inverting LUT over the measured values (logged).
+    :class:`ReplayError` (a ValueError) where inverting is not sound: floating-point or
+    signed pixels, whose white has no fixed value."""
     if int(getattr(page, "photometric", -1)) != MIN_IS_WHITE:
+        return None
+    if imagej:
+        log.info("%s is an ImageJ file with an inverting LUT (stored MinIsWhite, TIFF "
+                 "PhotometricInterpretation 0): a display setting only; its stored values "
+                 "are used", path)
         return None
     dtype = np.dtype(page.dtype)
     if dtype.kind == "b":  # bilevel

@@ -13,6 +13,7 @@ import itertools
 import json
 import time
 from collections import OrderedDict, deque
+from pathlib import PurePath
 from typing import Any
 
 from livemask.protocol import Message
@@ -108,7 +109,8 @@ def event_summary(header: dict[str, Any]) -> dict[str, Any]:
         if kind == "frame_failed" and h.get("frame_id") is not None:
             text = f"frame {h['frame_id']}: {text}"
     elif kind == "service_started":
-        model = ((h.get("config") or {}).get("model") or {}).get("name")
+        m = (h.get("config") or {}).get("model") or {}
+        model = m.get("name") or (PurePath(str(m["path"])).stem if m.get("path") else None)
         text = f"model {model}" if model else "service started"
     else:
         text = ", ".join(f"{k}={_short(v)}" for k, v in h.items() if k not in _EVENT_SKIP)

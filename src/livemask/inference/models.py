@@ -246,6 +246,10 @@ class ModelCard(BaseModel):
         return (base / self.file).resolve()
 
 
+#: Where a model card's path is given (errors name both: the caller may be either).
+_WHERE_CARD = "model.path in a config, --model on the command line"
+
+
 def load_model_card(name_or_path: str | Path) -> ModelCard:
     """Load a shipped model by name (``nuclei``) or any card by path."""
     path = Path(name_or_path)
@@ -255,9 +259,9 @@ def load_model_card(name_or_path: str | Path) -> ModelCard:
         if not path.is_file():
             known = ", ".join(c.name for c in list_models()) or "none"
             raise ModelError(f"unknown model {str(name_or_path)!r}; shipped models: {known} "
-                             "(or set model.path to your own model card .yaml)")
+                             f"(or give your own model card .yaml: {_WHERE_CARD})")
     if not path.is_file():
-        raise ModelError(f"model card {path} does not exist; check model.path")
+        raise ModelError(f"model card {path} does not exist; check the path ({_WHERE_CARD})")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:

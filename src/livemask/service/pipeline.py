@@ -398,20 +398,10 @@ class Pipeline:
         frames reach the feedback hook. Frames of the earlier acquisition still in flight
         (a stop followed at once by a start) finish with the earlier statistics and tracks,
         and their measurements are published but do not drive feedback: actions decided on
-        them would land in the new acquisition.
-
-        With grain statistics in free-run mode, warns that tiles that skip analysis are
-        left out of them."""
+        them would land in the new acquisition."""
         self.acquisition += 1
         for old in [a for a in self._tiles_skipped if a < self.acquisition - 1]:
             del self._tiles_skipped[old]  # (the one before may still have frames in flight)
-        if self.grains is not None and self.mode == "free-run":
-            log.warning(
-                "grains: acquisition %d runs in free-run mode, where frames skip analysis "
-                "while the camera is ahead of the pipeline: skipped tiles are left out of the "
-                "scan's grain statistics (counted in grains.cumulative.tiles_skipped). For a "
-                "tile scan set acquisition.mode: pipelined (or synchronized), in which every "
-                "frame is analysed", self.acquisition)
 
     def _warn_overlap(self, frame: Frame) -> None:
         """Say that a grain tile was left out of the cumulative statistics (overlap)."""

@@ -108,6 +108,29 @@ def test_the_filled_truth_is_the_tessellation_the_lines_were_cut_from() -> None:
     assert (filled != labels).mean() < 0.005  # only where the lines erased a sliver
 
 
+def test_junctions_of_four_px_lines_are_filled_and_a_pore_is_kept() -> None:
+    """Where 4-px lines meet (or a line runs diagonally) a disc wider than a line fits: those
+    blobs were kept as pores, 2,051 px of a Voronoi tessellation's lines, and a perfect
+    prediction scored F1@0.9 0.95 (review)."""
+    from scipy import ndimage
+
+    from livemask.analysis.metrics import match_instances
+
+    rng = np.random.default_rng(1)
+    seeds = np.zeros((256, 256), bool)
+    seeds[rng.integers(0, 256, 60), rng.integers(0, 256, 60)] = True
+    _, nearest = ndimage.distance_transform_edt(~seeds, return_indices=True)
+    labels = ndimage.label(seeds)[0][tuple(nearest)].astype(np.int32)
+    lines = ndimage.binary_dilation(find_boundaries(labels, mode="thick"))  # ~4 px wide
+    cut = np.where(lines, 0, labels)
+    filled = fill_boundary_lines(cut)
+    assert (filled == 0).sum() < 0.05 * (cut == 0).sum()
+    assert match_instances(filled, labels, iou_threshold=0.9).f1 == 1.0
+    pore = np.ones((40, 40), np.int32)
+    pore[10:22, 10:22] = 0
+    assert (fill_boundary_lines(pore) == 0).sum() >= 0.9 * 144  # (its corners go)
+
+
 def test_particles_on_a_substrate_do_not_grow_into_it() -> None:
     yy, xx = np.mgrid[:100, :100]
     mask = np.zeros((100, 100), np.int32)

@@ -204,7 +204,10 @@ def fill_boundary_lines(
     full tessellation (every pixel to its nearest grain, ``labels_from_boundaries``), so
     the truth is completed the same way before it is compared. Only 0 pixels in lines up to
     ``max_width_px`` wide are filled: 0 areas that hold a disc wider than that (pores, the
-    substrate around particles) keep their pixels, so no grain grows into them.
+    substrate around particles) keep their pixels, so no grain grows into them; but a 0
+    area left that small (at most π·w² pixels: where lines meet, or a diagonal line, holds
+    such a disc) is filled too. A pore's corners, which no such disc covers, go to the grain
+    around it.
     """
     zeros = truth == 0
     if not zeros.any() or zeros.all():
@@ -213,6 +216,11 @@ def fill_boundary_lines(
     to_grain, index = ndimage.distance_transform_edt(zeros, return_indices=True)
     core = to_grain > radius  # centres of discs of 0s wider than a line
     wide = ndimage.distance_transform_edt(~core) <= radius if core.any() else core
+    if wide.any():  # a junction or a diagonal stretch of line is no pore
+        blobs, n = ndimage.label(wide)
+        small = np.bincount(blobs.ravel(), minlength=n + 1) <= np.pi * max_width_px ** 2
+        small[0] = False
+        wide &= ~small[blobs]
     thin = zeros & ~wide
     return np.where(thin, truth[tuple(index)], truth)
 

@@ -46,7 +46,13 @@ from livemask.feedback.actions import (
     ZStack,
     to_events,
 )
-from livemask.feedback.context import FEATURES, FeatureTracker, FrameContext
+from livemask.feedback.context import (
+    FEATURES,
+    FeatureTracker,
+    FrameContext,
+    ReadOnlyDict,
+    ReadOnlyList,
+)
 from livemask.feedback.controller import FeedbackController
 from livemask.feedback.engine import Decision, PlannedEvents, RuleEngine
 from livemask.feedback.rules import DeclarativeRule, Rule, RuleSlot, load_user_rule
@@ -69,6 +75,8 @@ __all__ = [
     "LimitsSpec",
     "MoveTo",
     "PlannedEvents",
+    "ReadOnlyDict",
+    "ReadOnlyList",
     "Revisit",
     "Rule",
     "RuleEngine",

@@ -8,22 +8,28 @@ stream, i.e. stage position, grid tile, channel and plane (``mean_intensity_chan
 integrated intensities; intensities relative to each frame's median object signal), pairing
 objects by nearest centroid (within ``match_radius_px``, one-to-one: objects that share their
 nearest previous object, e.g. a merge that splits, get none). Pure numpy/scipy.
+
+:func:`read_only_copy` copies a message into :class:`ReadOnlyDict` / :class:`ReadOnlyList`
+(dicts and lists that refuse changes): what user rules are given
+(:meth:`FrameContext.read_only_view`), so that they cannot change the recorded message.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from collections import OrderedDict, deque
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, NoReturn, SupportsIndex, TypeVar, cast
 
 import numpy as np
 from scipy.spatial import cKDTree
 
 from livemask.analysis.tracking import signal_intensities
+
+_T = TypeVar("_T")
 
 #: Index key that marks frames produced by feedback actions (value: the action id).
 FEEDBACK_INDEX_KEY = "fb"
@@ -144,51 +150,188 @@ class FrameContext:
 
     @classmethod
     def from_measurements(
-        cls, message: Mapping[str, Any], image_shape: tuple[int, ...] = (0, 0)
+        cls,
+        message: Mapping[str, Any],
+        image_shape: tuple[int, ...] = (0, 0),
+        *,
+        read_only: bool = False,
     ) -> FrameContext:
         """Build from a ``measurements`` message header (as published or received).
 
-        The context holds a read-only view of it (:func:`read_only`): the service records
-        and serves the same message, so a rule that writes into ``objects``, ``summary`` or
-        ``measurements`` raises (TypeError, AttributeError) instead of changing them."""
-        view = read_only(message)
+        The context holds the message as it is (``index`` ... ``summary`` and the list of
+        ``objects`` are shallow copies of its parts). With ``read_only`` it holds a
+        read-only copy of it instead (:func:`read_only_copy`), so that code that writes
+        into ``objects``, ``summary`` or ``measurements`` raises instead of changing what
+        is recorded and served: it costs a copy of the message on every frame, which the
+        engine makes only for user rules (:meth:`read_only_view`)."""
+        if read_only:
+            view = read_only_copy(message)
+            return cls._of(view, image_shape, index=view.get("index") or ReadOnlyDict(),
+                           position=view.get("position") or ReadOnlyDict(),
+                           t=view.get("t") or ReadOnlyDict(),
+                           summary=view.get("summary") or ReadOnlyDict(),
+                           objects=view.get("objects") or ReadOnlyList())
+        return cls._of(message, image_shape, index=dict(message.get("index") or {}),
+                       position=dict(message.get("position") or {}),
+                       t=dict(message.get("t") or {}),
+                       summary=dict(message.get("summary") or {}),
+                       objects=list(message.get("objects") or []))
+
+    @classmethod
+    def _of(
+        cls, message: Mapping[str, Any], image_shape: tuple[int, ...], **parts: Any
+    ) -> FrameContext:
+        """A context of ``message`` with its ``parts`` (index, position, t, summary, objects)."""
         return cls(
-            frame_id=int(view.get("frame_id", -1)),
-            index=view.get("index") or _EMPTY,
-            position=view.get("position") or _EMPTY,
-            t=view.get("t") or _EMPTY,
-            summary=view.get("summary") or _EMPTY,
-            objects=view.get("objects") or (),
-            measurements=view,
+            frame_id=int(message.get("frame_id", -1)),
+            measurements=message,
             image_shape=(int(image_shape[0]), int(image_shape[1])),
-            pixel_size_um=float(view.get("pixel_size_um") or 1.0),
-            **_camera_roi(view.get("settings")),
+            pixel_size_um=float(message.get("pixel_size_um") or 1.0),
+            **parts,
+            **_camera_roi(message.get("settings")),
+        )
+
+    def read_only_view(self) -> FrameContext:
+        """A copy of this context whose message (``measurements`` and the parts of it in
+        ``index``, ``position``, ``t``, ``summary``, ``objects``) and ``features`` are
+        read-only copies (:func:`read_only_copy`): what user rules are given. A part that
+        is read-only already is kept as it is."""
+        memo: dict[int, Any] = {}  # objects in both ``measurements`` and ``objects``: once
+        return replace(
+            self,
+            measurements=read_only_copy(self.measurements, memo),
+            index=read_only_copy(self.index, memo),
+            position=read_only_copy(self.position, memo),
+            t=read_only_copy(self.t, memo),
+            summary=read_only_copy(self.summary, memo),
+            objects=read_only_copy(self.objects, memo),
+            features=_read_only_features(self.features),
         )
 
 
-_EMPTY: Mapping[str, Any] = MappingProxyType({})
-#: Value types :func:`read_only` passes as they are.
-_IMMUTABLE = (int, float, str, bool, type(None))
+#: How the mutating operators are written, for the error message.
+_SPELLED = {"__setitem__": "x[...] = ...", "__delitem__": "del x[...]", "__ior__": "|=",
+            "__iadd__": "+=", "__imul__": "*="}
 
 
-def read_only(value: Any) -> Any:
-    """A read-only view of a message value: each mapping a ``MappingProxyType`` (of a copy
-    of its top level, holding the views of its values), each list or tuple a tuple of
-    views, each numpy array a read-only view of it (its data not copied); other values as
-    they are. ``dict(view)`` gives a (shallow) copy to change."""
+def _refusing(kind: str, name: str, copy_hint: str) -> Callable[..., NoReturn]:
+    """A method ``name`` of a read-only ``kind`` that raises TypeError saying how to copy."""
+    what = _SPELLED.get(name, f"{name}()")
+
+    def refuse(self: Any, *args: Any, **kwargs: Any) -> NoReturn:
+        raise TypeError(
+            f"{what} on a read-only {kind} x: rules are given a read-only copy of the "
+            "frame's measurements and features (the service records and publishes them); "
+            f"change a copy: {copy_hint}, or copy.deepcopy(x) to copy the values in it too"
+        )
+
+    refuse.__name__ = name
+    return refuse
+
+
+def _read_only(kind: str, copy_hint: str, *names: str) -> Callable[[type[_T]], type[_T]]:
+    """Class decorator: each method in ``names`` raises TypeError (see :func:`_refusing`)."""
+
+    def decorate(cls: type[_T]) -> type[_T]:
+        for name in names:
+            setattr(cls, name, _refusing(kind, name, copy_hint))
+        return cls
+
+    return decorate
+
+
+@_read_only("dict", "dict(x)", "__setitem__", "__delitem__", "__ior__", "pop", "popitem",
+            "clear", "update", "setdefault")
+class ReadOnlyDict(dict[Any, Any]):
+    """A ``dict`` whose mutating methods raise TypeError: a part of a message rules read
+    (see :func:`read_only_copy`). It is a dict for everything else (``isinstance``, JSON,
+    ``==``, ``|``, ``{**o}``); ``dict(o)``, ``o.copy()``, ``copy.copy`` and pickling give
+    a plain dict, ``copy.deepcopy`` a plain dict of plain copies of its values."""
+
+    __slots__ = ()
+
+    def __copy__(self) -> dict[Any, Any]:
+        return dict(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[Any, Any]:
+        out: dict[Any, Any] = {}
+        memo[id(self)] = out
+        for k, v in self.items():
+            out[copy.deepcopy(k, memo)] = copy.deepcopy(v, memo)
+        return out
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
+        return dict, (dict(self),)
+
+
+@_read_only("list", "list(x)", "__setitem__", "__delitem__", "__iadd__", "__imul__",
+            "append", "extend", "insert", "pop", "remove", "clear", "sort", "reverse")
+class ReadOnlyList(list[Any]):
+    """A ``list`` whose mutating methods raise TypeError (see :class:`ReadOnlyDict`):
+    ``list(x)``, ``x + [...]``, slices, ``copy.copy`` and pickling give a plain list,
+    ``copy.deepcopy`` a plain list of plain copies."""
+
+    __slots__ = ()
+
+    def __copy__(self) -> list[Any]:
+        return list(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
+        out: list[Any] = []
+        memo[id(self)] = out
+        out.extend(copy.deepcopy(v, memo) for v in self)
+        return out
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
+        return list, (list(self),)
+
+
+#: Value types :func:`read_only_copy` passes as they are.
+_IMMUTABLE = frozenset({int, float, str, bool, type(None), ReadOnlyDict, ReadOnlyList})
+
+
+def read_only_copy(value: Any, memo: dict[int, Any] | None = None) -> Any:
+    """A read-only copy of a message value: each mapping a :class:`ReadOnlyDict` and each
+    list a :class:`ReadOnlyList` (a tuple a tuple) of read-only copies of its values, each
+    numpy array a read-only view of it (its data not copied); other values (and ones that
+    are read-only already) as they are. ``memo`` (id -> copy): a mapping met again is
+    copied once."""
     kind = type(value)
     if kind in _IMMUTABLE:
         return value
-    if kind is dict or isinstance(value, Mapping):
-        return MappingProxyType(
-            {k: v if type(v) in _IMMUTABLE else read_only(v) for k, v in value.items()})
-    if isinstance(value, list | tuple):
-        return tuple([v if type(v) in _IMMUTABLE else read_only(v) for v in value])
-    if kind is np.ndarray:
+    if kind is dict:  # (the usual types first: isinstance of an ABC takes longer)
+        return _read_only_mapping(value, memo)
+    if kind is list or kind is tuple or isinstance(value, list | tuple):
+        items = [v if type(v) in _IMMUTABLE else read_only_copy(v, memo) for v in value]
+        return ReadOnlyList(items) if isinstance(value, list) else tuple(items)
+    if isinstance(value, Mapping):
+        return _read_only_mapping(value, memo)
+    if isinstance(value, np.ndarray):
         view = value.view()
         view.flags.writeable = False
         return view
     return value
+
+
+def _read_only_features(features: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """A read-only copy of per-object features (numbers and None only: a C copy each)."""
+    if type(features) is ReadOnlyList:
+        return features
+    return ReadOnlyList([f if type(f) is ReadOnlyDict else ReadOnlyDict(f) for f in features])
+
+
+def _read_only_mapping(value: Mapping[Any, Any], memo: dict[int, Any] | None) -> ReadOnlyDict:
+    """:func:`read_only_copy` of a mapping: a (C) copy, then its values that can change
+    replaced by read-only copies of them."""
+    if memo is not None and (done := memo.get(id(value))) is not None:
+        return cast(ReadOnlyDict, done)
+    out = ReadOnlyDict(value)
+    for k, v in value.items():
+        if type(v) not in _IMMUTABLE:
+            dict.__setitem__(out, k, read_only_copy(v, memo))
+    if memo is not None:
+        memo[id(value)] = out
+    return out
 
 
 def _camera_roi(settings: Any) -> dict[str, Any]:

@@ -271,8 +271,10 @@ class FeedbackController:
 
     def acquisition_finished(self) -> None:
         """Report actions whose events never ran (the acquisition ended first); rules no
-        longer run (on the last frames of the run, still being analysed)."""
+        longer run (on the last frames of the run, still being analysed). The dose ledger
+        stays as it is: an idle ``set`` exposure re-charges no frame."""
         self._running = False
+        self.guard.finished()
         self._restoring.clear()
         for d in list(self._pending.values()):
             self._publish_action(d, None, "not_started")

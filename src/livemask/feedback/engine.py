@@ -19,7 +19,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import useq
@@ -180,6 +180,12 @@ class RuleEngine:
     ) -> list[Decision]:
         """Run every rule on one analysed frame; one decision per action asked for.
 
+        Declarative rules get ``ctx`` as it is (they only read it); user rules (their own
+        code) a read-only copy of its message and features
+        (:meth:`~FrameContext.read_only_view`), made only when one runs, so that one that
+        writes into it fails alone instead of changing what is recorded, published and
+        seen by the next rules.
+
         ``apply`` (the controller's) carries out each decision before the next is made, and
         may still refuse it (set ``violation``); only then does an accepted action count in
         the ledgers (frames per minute, light dose) and in its rule's ``actions``."""
@@ -191,9 +197,14 @@ class RuleEngine:
         if not any(s.enabled for s in self.slots):
             return []
         decisions: list[Decision] = []
+        view: FrameContext | None = None  # what user rules see, made for the first of them
         for slot in self.slots:
+            seen = ctx
+            if slot.kind == "user" and slot.enabled and slot.sees(ctx):
+                view = view if view is not None else ctx.read_only_view()
+                seen = replace(view)  # (an attribute it rebinds stays its own)
             try:
-                actions = slot.evaluate(ctx)
+                actions = slot.evaluate(seen)
             except ActionError as exc:  # it fired, but its action cannot be made here
                 d = self._decision(slot, None, ctx, None)
                 d.violation = Violation(exc.reason, str(exc))

@@ -4,7 +4,9 @@ A rule is any object with a ``name`` and ``evaluate(ctx) -> iterable of actions`
 every analysed frame it subscribes to (``applies_to``), keeps whatever state it likes, and may
 define ``reset()`` (called when an acquisition starts). Rules must be quick: they run on the
 service's event loop right after a frame's measurements are published, and in synchronized
-mode the next event waits for them.
+mode the next event waits for them. A user rule is given a read-only copy of the frame's
+message and features (:meth:`~.context.FrameContext.read_only_view`), declarative rules the
+context as it is.
 
 :class:`DeclarativeRule` implements the YAML rules of :class:`~.spec.RuleSpec`; user rules
 are loaded from ``"package.module:factory"`` with :func:`load_user_rule`. :class:`RuleSlot`
@@ -353,27 +355,29 @@ class RuleSlot:
         if spec.max_fires is not None and self.fired >= spec.max_fires:
             return []
         key = scope_key(ctx, spec.scope)
+        acquired = ctx.acquired  # (read before the rule runs: it may rebind ``ctx.t``)
         last = self._last_fire.get(key)
         if last is not None:
             last[1] += 1
-            if ctx.acquired - last[0] < -CLOCK_STEP_S:  # the wall clock was set back:
-                last[0] = ctx.acquired  # the cooldown restarts here instead of lasting that long
-            if ctx.acquired - last[0] < spec.cooldown_s or last[1] <= spec.cooldown_frames:
+            if acquired - last[0] < -CLOCK_STEP_S:  # the wall clock was set back:
+                last[0] = acquired  # the cooldown restarts here instead of lasting that long
+            if acquired - last[0] < spec.cooldown_s or last[1] <= spec.cooldown_frames:
                 return []
             del self._last_fire[key]  # its cooldown is over: nothing to remember
         try:
             actions = as_actions(self.rule.evaluate(ctx))
         except ActionError:  # it fired, but its action cannot be made: a refused fire
-            self._fire(key, ctx)
+            self._fire(key, acquired)
             raise
         if actions:
-            self._fire(key, ctx)
+            self._fire(key, acquired)
         return actions
 
-    def _fire(self, key: str, ctx: FrameContext) -> None:
-        """Count a fire (toward ``max_fires``; refused or not) and start its cooldown."""
+    def _fire(self, key: str, acquired: float) -> None:
+        """Count a fire (toward ``max_fires``; refused or not) at the trigger's ``acquired``
+        time and start its cooldown."""
         self.fired += 1
-        self._last_fire[key] = [ctx.acquired, 0.0]
+        self._last_fire[key] = [acquired, 0.0]
 
     def describe(self) -> dict[str, Any]:
         """Name, kind and counters for the status."""

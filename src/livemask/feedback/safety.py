@@ -5,7 +5,8 @@
 light dose per stage position) and keeps the ledgers those limits need. The light-dose
 ledger counts ``exposure_ms × frames`` of every planned event issued at a position
 (:meth:`record_planned`, called from the MDA runner thread; a ``set`` exposure before the
-event starts corrects it, :meth:`exposure_set`) and of every accepted action
+event starts corrects it while the acquisition runs, :meth:`exposure_set`,
+:meth:`finished`) and of every accepted action
 (:meth:`commit`). Thread-safe.
 """
 
@@ -52,12 +53,23 @@ class SafetyGuard:
         #: the planned event taken last, if it gives no exposure and has not started: its
         #: position and the exposure it was charged (a ``set`` before it starts changes it)
         self._unstarted: tuple[str, float] | None = None
+        #: whether an acquisition runs (from :meth:`reset` to :meth:`finished`; a guard
+        #: that is not told, as one used on its own, counts as in one)
+        self._acquiring = True
 
     def reset(self) -> None:
         """A new acquisition: clear the dose ledger (the per-minute window stays)."""
         with self._lock:
             self.dose_ms.clear()
             self._unstarted = None
+            self._acquiring = True
+
+    def finished(self) -> None:
+        """The acquisition has ended: its ledger stays as it is (the ``set`` command no
+        longer re-charges a planned event that a stop left taken but never started)."""
+        with self._lock:
+            self._unstarted = None
+            self._acquiring = False
 
     def exposure_of(self, event: useq.MDAEvent) -> float:
         """The event's exposure, or the last known one when it keeps the current exposure."""
@@ -74,7 +86,7 @@ class SafetyGuard:
         thread): what events that give none are charged from now on, and what the planned
         event already taken but not started yet (:meth:`event_started`) runs with, if it
         gives none (in a time-lapse the runner takes it, then waits for its start time):
-        its charge is corrected by the difference."""
+        its charge is corrected by the difference, while the acquisition runs."""
         with self._lock:
             self.last_exposure_ms = float(exposure_ms)
             if self._unstarted is not None:
@@ -96,7 +108,7 @@ class SafetyGuard:
             if event.exposure is not None:
                 self.last_exposure_ms = float(event.exposure)
                 self._unstarted = None
-            else:
+            elif self._acquiring:  # (not one the runner takes as the acquisition ends)
                 self._unstarted = (key, self.last_exposure_ms)
             self.dose_ms[key] = self.dose_ms.get(key, 0.0) + self.last_exposure_ms
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from livemask.acquisition.simulated import SIMULATED_CFG
 from livemask.config import ServiceConfig, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +27,7 @@ def free_tcp_address() -> str:
 def make_config(**sections: Any) -> ServiceConfig:
     """A test config: simulated hardware, random ports, a short sequence, truth on."""
     data: dict[str, Any] = {
-        "hardware": {"config_file": str(ROOT / "hardware" / "simulated.cfg")},
+        "hardware": {"config_file": str(SIMULATED_CFG)},
         "simulation": {"truth": True, "seed": 3},
         "acquisition": {
             "autostart": False,

@@ -85,8 +85,6 @@ def test_gc_measurements_policy_removes_the_collections() -> None:
 async def test_grain_scan_compares_the_live_statistics_with_the_truth(tmp_path: Path) -> None:
     scan = _load("grain_scan")
     text = (BENCHMARKS.parent / "configs" / "simulated-grains.yaml").read_text(encoding="utf-8")
-    text = text.replace("../hardware/simulated.cfg",
-                        str(BENCHMARKS.parent / "hardware" / "simulated.cfg"))
     text = text.replace("rows: 4", "rows: 1").replace("columns: 4", "columns: 2")
     config = tmp_path / "two-tiles.yaml"
     config.write_text(text, encoding="utf-8")

@@ -17,6 +17,7 @@ import pytest
 import tifffile
 from typer.testing import CliRunner
 
+from livemask.acquisition.simulated import SIMULATED_CFG
 from livemask.acquisition.simulated.nuclei import NucleiSample
 from livemask.analysis.metrics import match_instances
 from livemask.cli import _address, app
@@ -334,7 +335,8 @@ def test_train_forest_without_the_train_extra_says_what_to_install(
     monkeypatch.setitem(sys.modules, "skl2onnx", None)
     result = runner.invoke(app, ["train", "nuclei-rf", "--quick", "--out", str(tmp_path)])
     assert result.exit_code == 2, result.output
-    assert "install the train extra: pip install -e '.[train]'" in _flat(result.output)
+    assert ("install the train extra: pip install 'livemask[train]' (in a checkout: pip "
+            "install -e '.[train]')") in _flat(result.output)
 
 
 @pytest.mark.parametrize("args", [
@@ -584,7 +586,7 @@ def test_serve_frames_turns_an_interval_and_duration_plan_into_loops(
 
     monkeypatch.setattr(cli, "_serve", fake_serve)
     config = tmp_path / "c.yaml"
-    config.write_text(f"hardware: {{config_file: {ROOT / 'hardware' / 'simulated.cfg'}}}\n"
+    config.write_text(f"hardware: {{config_file: {SIMULATED_CFG}}}\n"
                       "acquisition:\n  sequence:\n    time_plan: {interval: 0.5, duration: 60}\n")
     result = runner.invoke(app, ["serve", "--config", str(config), "--frames", "7"])
     assert result.exit_code == 0, result.output
@@ -614,7 +616,7 @@ def _seen_configs(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
 def _config_with_sequence(tmp_path: Path, sequence: str) -> Path:
     config = tmp_path / "c.yaml"
-    config.write_text(f"hardware: {{config_file: {ROOT / 'hardware' / 'simulated.cfg'}}}\n"
+    config.write_text(f"hardware: {{config_file: {SIMULATED_CFG}}}\n"
                       f"acquisition:\n  sequence: {sequence}\n")
     return config
 

@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from livemask import cli
 from livemask.acquisition.replay import ReplaySource, open_stack
+from livemask.acquisition.simulated import SIMULATED_CFG
 from livemask.bench import BenchSettings, service_config
 from livemask.config import load_config
 from livemask.errors import ConfigError, ModelError
@@ -63,7 +64,7 @@ def test_a_model_path_config_loads_again_from_its_dump(tmp_path: Path) -> None:
     it said both were set."""
     card = _own_card(tmp_path)
     own = tmp_path / "own.yaml"
-    own.write_text(f"hardware: {{config_file: {ROOT / 'hardware' / 'simulated.cfg'}}}\n"
+    own.write_text(f"hardware: {{config_file: {SIMULATED_CFG}}}\n"
                    "model: {path: nuclei.yaml}\n")
     cfg, again = _round_trip(own, tmp_path / "dump.yaml")
     assert "name" not in cfg.model_dump()["model"]

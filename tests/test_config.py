@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from livemask.acquisition.simulated import SIMULATED_CFG
 from livemask.config import load_config, parse_config
 from livemask.errors import ConfigError
 from tests.conftest import ROOT
@@ -21,7 +22,7 @@ def test_defaults_are_valid() -> None:
 
 def test_shipped_config_resolves_hardware_path() -> None:
     cfg = load_config(ROOT / "configs" / "simulated-nuclei.yaml")
-    assert cfg.hardware.config_file.resolve() == (ROOT / "hardware" / "simulated.cfg").resolve()
+    assert cfg.hardware.config_file == SIMULATED_CFG
 
 
 @pytest.mark.parametrize(

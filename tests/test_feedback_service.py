@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import useq
 
+from livemask.acquisition.simulated import SIMULATED_CFG
 from livemask.client import ControlClient, Subscriber
 from livemask.config import load_config
 from livemask.errors import ControlError
@@ -488,7 +489,7 @@ async def test_a_rig_without_pixel_size_measures_in_pixels_and_refuses_centring(
     with the simulator's 0.65 µm per pixel."""
     import livemask.service.app as app
 
-    cfg_text = (ROOT / "hardware" / "simulated.cfg").read_text()
+    cfg_text = SIMULATED_CFG.read_text()
     rig = tmp_path / "uncalibrated.cfg"
     rig.write_text("\n".join(line for line in cfg_text.splitlines() if "PixelSize" not in line))
     monkeypatch.setattr(app, "uses_simulated_devices", lambda path: False)  # a "real" rig

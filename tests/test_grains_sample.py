@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from skimage.measure import label as connected_label
 from skimage.segmentation import find_boundaries
 
 from livemask.acquisition.core import close_core, open_core
+from livemask.acquisition.simulated import SIMULATED_CFG
 from livemask.acquisition.simulated import world as world_module
 from livemask.acquisition.simulated.grains import (
     GrainParams,
@@ -24,7 +24,7 @@ from livemask.acquisition.simulated.nuclei import NucleiParams
 from livemask.acquisition.simulated.world import SAMPLES, configure_world
 from livemask.errors import ConfigError
 
-CFG = Path(__file__).resolve().parents[1] / "hardware" / "simulated.cfg"
+CFG = SIMULATED_CFG
 WORLD = (768, 768)
 SHAPE = (256, 256)
 ORIGIN = (100.0, 600.0)  # crosses the world's right edge: exercises the wrap

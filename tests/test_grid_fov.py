@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,10 +14,11 @@ from pymmcore_plus import CMMCorePlus
 
 from livemask.acquisition.core import close_core, open_core
 from livemask.acquisition.sequence import iter_events, with_field_of_view
+from livemask.acquisition.simulated import SIMULATED_CFG
 from livemask.acquisition.simulated.world import configure_world
 from livemask.acquisition.source import MicroscopeSource, RawFrame
 
-CFG = Path(__file__).resolve().parents[1] / "hardware" / "simulated.cfg"
+CFG = SIMULATED_CFG
 
 
 @pytest.fixture

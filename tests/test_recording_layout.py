@@ -14,13 +14,14 @@ import zarr
 from typer.testing import CliRunner
 
 from livemask.acquisition.replay import open_stack
+from livemask.acquisition.simulated import SIMULATED_CFG
 from livemask.analysis.measure import UNITS
 from livemask.cli import app
 from livemask.errors import ReplayError
 from livemask.recording import Recorder, find_recording, open_recording
 from livemask.recording.writer import IMAGES
 from livemask.service.app import Service
-from tests.conftest import ROOT, make_config
+from tests.conftest import make_config
 from tests.test_recording import _frame, _run_dir, _wait
 
 runner = CliRunner()
@@ -188,7 +189,7 @@ async def test_a_simulated_rig_without_a_pixel_size_preset_records_in_micrometre
     """Before, the core warned "measurements stay in pixels" while the service measured, and
     recorded, at the simulated world's 0.65 µm (data-analyst hunt). No frame is acquired:
     the recording is also one of no frames, complete at close."""
-    cfg_text = (ROOT / "hardware" / "simulated.cfg").read_text(encoding="utf-8")
+    cfg_text = SIMULATED_CFG.read_text(encoding="utf-8")
     rig = tmp_path / "uncal.cfg"
     rig.write_text("\n".join(x for x in cfg_text.splitlines() if "PixelSize" not in x),
                    encoding="utf-8")

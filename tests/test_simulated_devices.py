@@ -1,4 +1,4 @@
-"""The simulated microscope through a real pymmcore-plus UniMMCore and hardware/simulated.cfg."""
+"""The simulated microscope through a real pymmcore-plus UniMMCore and the packaged .cfg."""
 
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ from pymmcore_plus.experimental.unicore import UniMMCore
 from scipy import ndimage
 
 from livemask.acquisition.core import close_core, describe_core, open_core
+from livemask.acquisition.simulated import SIMULATED_CFG
 from livemask.acquisition.simulated.devices import SimZStage
 from livemask.acquisition.simulated.world import SimulatedWorld, configure_world, get_world
 from livemask.errors import AcquisitionError, ConfigError
 
-CFG = Path(__file__).resolve().parents[1] / "hardware" / "simulated.cfg"
+CFG = SIMULATED_CFG
 PIXEL_UM = 0.65
 OFFSET_ADU = 100.0
 

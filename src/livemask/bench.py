@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from livemask.acquisition.mode import Mode
+from livemask.acquisition.simulated import SIMULATED_CFG
 from livemask.child_process import PipedProcess
 from livemask.cpu_usage import CpuSnapshot, cpu_report
 from livemask.errors import ConfigError, LivemaskError
@@ -108,7 +109,6 @@ CPU_SNAPSHOT_S = 0.5
 #: Distinct pre-rendered frames at most, and their memory budget (images only).
 POOL_MAX = 32
 POOL_BYTES = 128 * 2**20
-_ROOT = Path(__file__).resolve().parents[2]
 
 
 class BenchError(LivemaskError, RuntimeError):
@@ -187,17 +187,13 @@ class BenchSettings:
         return (self.size, self.size)
 
     def config_file(self) -> Path:
-        """The simulated microscope's Micro-Manager config."""
-        candidates = [self.hardware_cfg] if self.hardware_cfg else [
-            Path("hardware/simulated.cfg"), _ROOT / "hardware" / "simulated.cfg"
-        ]
-        for path in candidates:
-            if path is not None and path.is_file():
-                return path.resolve()
-        raise ConfigError(
-            f"simulated microscope config not found (tried {', '.join(map(str, candidates))}); "
-            "run from the livemask checkout or pass --hardware hardware/simulated.cfg"
-        )
+        """The simulated microscope's Micro-Manager config (the packaged one by default)."""
+        path = self.hardware_cfg or SIMULATED_CFG
+        if path.is_file():
+            return path.resolve()
+        fix = ("set BenchSettings.hardware_cfg to an existing .cfg, or to None for the packaged "
+               "simulated rig") if self.hardware_cfg else "reinstall livemask"
+        raise ConfigError(f"simulated microscope config {str(path)!r} not found; {fix}")
 
 
 # ---------------------------------------------------------------- machine and memory

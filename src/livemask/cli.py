@@ -864,7 +864,8 @@ def train(
     force: Annotated[bool, typer.Option(
         "--force", help="Allow --out to be the shipped models folder (overwrites them).")] = False,
 ) -> None:
-    r"""Train a model on the simulator (needs the train extra: pip install -e '.\[train]')."""
+    r"""Train a model on the simulator (needs the train extra: pip install 'livemask\[train]';
+    in a checkout: pip install -e '.\[train]')."""
     _setup_logging()
     # SIGTERM ends a run like Ctrl-C: the output folder is left as it was
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -887,7 +888,8 @@ def _train(task: str, out: Path | None, iterations: int | None, minutes: float |
         except ImportError as exc:
             msg = str(exc)
             if "train extra" not in msg:
-                msg += "; install the train extra: pip install -e '.[train]'"
+                msg += ("; install the train extra: pip install 'livemask[train]' (in a "
+                        "checkout: pip install -e '.[train]')")
             _fail(ImportError(msg))
         if iterations is not None or minutes is not None:
             log.warning("%s is a random forest: --iterations and --minutes do not apply and "
@@ -903,7 +905,8 @@ def _train(task: str, out: Path | None, iterations: int | None, minutes: float |
         from livemask.training.cli import train_model
         from livemask.training.train import TrainSettings
     except ImportError as exc:
-        _fail(ImportError(f"{exc}; install the train extra: pip install -e '.[train]'"))
+        _fail(ImportError(f"{exc}; install the train extra: pip install 'livemask[train]' "
+                          "(in a checkout: pip install -e '.[train]')"))
     base = (TrainSettings(iterations=20, pool_size=16, refresh_every=10, seed=seed, task=task)
             if quick else TrainSettings(seed=seed, task=task))
     settings = dataclasses.replace(
@@ -916,7 +919,10 @@ def _train(task: str, out: Path | None, iterations: int | None, minutes: float |
                            force=force)
     except LivemaskError as exc:
         _fail(exc)
-    typer.echo(f"wrote {card}; copy it and its .onnx into src/livemask/models/ to ship it")
+    from livemask.inference.models import MODELS_DIR
+
+    typer.echo(f"wrote {card}; set model.path to it in a config, or copy it and its .onnx "
+               f"into {MODELS_DIR} to ship it")
 
 
 @app.command()

@@ -33,6 +33,7 @@ from pydantic import (
 from livemask.acquisition.mode import Mode
 from livemask.acquisition.plan_input import validate_model
 from livemask.acquisition.sequence import check_sequence
+from livemask.acquisition.simulated import SIMULATED_CFG
 from livemask.errors import ConfigError
 from livemask.feedback.spec import FeedbackConfig
 from livemask.protocol import INT64_MAX, INT64_MIN, fits_64_bits
@@ -92,8 +93,9 @@ class HardwareConfig(_Section):
     """Which Micro-Manager configuration to load, and into which core."""
 
     config_file: Path = Field(
-        default=Path("hardware/simulated.cfg"),
-        description="Micro-Manager .cfg file; relative paths are resolved against the YAML file.",
+        default=SIMULATED_CFG,
+        description="Micro-Manager .cfg file (default: the packaged simulated rig); relative "
+        "paths are resolved against the YAML file, else the working directory.",
     )
     core: Literal["auto", "unicore", "cmmcore"] = Field(
         default="auto",
@@ -651,7 +653,7 @@ def load_config(path: str | Path | None) -> ServiceConfig:
     if p.is_dir():
         raise ConfigError(
             f"config path {p} is a directory; pass a YAML file to --config "
-            "(e.g. configs/simulated-nuclei.yaml)"
+            "(e.g. configs/simulated-nuclei.yaml in a livemask checkout)"
         )
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist; pass an existing YAML file to --config")

@@ -1,9 +1,10 @@
 """Open a Micro-Manager core from a ``.cfg`` file and describe it.
 
 ``open_core`` picks the core class: pymmcore-plus' ``UniMMCore`` for configs with
-``#py `` lines (Python devices such as the simulated microscope, see
-``hardware/simulated.cfg``), ``CMMCorePlus`` for a real rig's config, which needs an
-installed Micro-Manager (``mmcore install`` or ``MICROMANAGER_PATH``).
+``#py `` lines (Python devices such as the simulated microscope, see the packaged
+``simulated.cfg``, ``livemask.acquisition.simulated.SIMULATED_CFG``), ``CMMCorePlus`` for a
+real rig's config, which needs an installed Micro-Manager (``mmcore install`` or
+``MICROMANAGER_PATH``).
 """
 
 from __future__ import annotations

@@ -271,7 +271,7 @@ def load_model_card(name_or_path: str | Path) -> ModelCard:
         raise ModelError(
             f"{path} is not a model card (it has no 'name' field; found: {keys or 'nothing'}); "
             "give a shipped model name (see `livemask models`) or a model card .yaml like "
-            "src/livemask/models/nuclei.yaml"
+            f"{MODELS_DIR / 'nuclei.yaml'}"
         )
     try:
         card = ModelCard.model_validate(data)

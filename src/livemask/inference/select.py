@@ -37,10 +37,10 @@ BACKEND_NAMES: tuple[str, ...] = ("tensorrt", "torch", "onnxruntime")
 BACKEND_CHOICES: tuple[str, ...] = ("auto", *BACKEND_NAMES)
 
 INSTALL_HINTS: dict[str, str] = {
-    "tensorrt": "install TensorRT and a CUDA build of torch with pip install -e '.[gpu]' on a "
-    "machine with an NVIDIA GPU and driver",
-    "torch": "install a CUDA build of torch with pip install -e '.[torch]' on a machine with "
-    "an NVIDIA GPU and driver",
+    "tensorrt": "install TensorRT and a CUDA build of torch with pip install 'livemask[gpu]' "
+    "(in a checkout: pip install -e '.[gpu]') on a machine with an NVIDIA GPU and driver",
+    "torch": "install a CUDA build of torch with pip install 'livemask[torch]' (in a checkout: "
+    "pip install -e '.[torch]') on a machine with an NVIDIA GPU and driver",
     "onnxruntime": "install onnxruntime (or onnxruntime-gpu for its CUDA provider)",
 }
 

@@ -60,8 +60,9 @@ log = logging.getLogger("livemask")
 ENGINE_RECIPE = 2
 
 INSTALL_HINT = (
-    "install the gpu extra (pip install -e '.[gpu]': tensorrt and a CUDA build of torch) on a "
-    "machine with an NVIDIA GPU and driver, or set model.backend: auto"
+    "install the gpu extra (tensorrt and a CUDA build of torch) with pip install "
+    "'livemask[gpu]' (in a checkout: pip install -e '.[gpu]') on a machine with an NVIDIA GPU "
+    "and driver, or set model.backend: auto"
 )
 
 Shape3 = tuple[int, int, int]
@@ -358,7 +359,8 @@ def onnx_to_fp16(data: bytes) -> bytes:
         from onnx import TensorProto, helper, numpy_helper
     except ImportError as exc:
         raise BackendUnavailable(f"fp16 TensorRT engines need the onnx package ({exc}); "
-                                 "install it with pip install -e '.[gpu]'") from None
+                                 "install it with pip install 'livemask[gpu]' (in a "
+                                 "checkout: pip install -e '.[gpu]')") from None
     model = onnx.load_from_string(data)
     graph = model.graph
     unknown = sorted({n.op_type for n in graph.node} - _FP16_OPS)

@@ -11,7 +11,8 @@ exactly is refused with :class:`~livemask.errors.ModelError`, never run wrong.
 On CUDA the network runs in fp16 and channels-last. With ``cuda_graphs`` a shape seen a
 second time is captured into a CUDA graph and replayed from then on (up to ``max_graphs``
 shapes, least recently used dropped first); a shape seen once runs eagerly. Requires the
-``torch`` extra (``pip install -e '.[torch]'``; a CUDA build of torch for ``device="cuda"``).
+``torch`` extra (``pip install 'livemask[torch]'``, in a checkout ``pip install -e
+'.[torch]'``; a CUDA build of torch for ``device="cuda"``).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def import_torch() -> ModuleType:
     except ImportError as exc:
         raise BackendUnavailable(
             f"the torch backend needs PyTorch ({exc}); install it with "
-            "pip install -e '.[torch]' or set model.backend: auto"
+            "pip install 'livemask[torch]' (in a checkout: pip install -e '.[torch]') or set "
+            "model.backend: auto"
         ) from None
     return torch
 
@@ -87,7 +89,8 @@ def unet_from_onnx(path: str | Path, card: ModelCard | None = None) -> nn.Module
     except ImportError as exc:
         raise BackendUnavailable(
             f"the torch backend reads ONNX weights with the onnx package ({exc}); "
-            "install it with pip install -e '.[torch]'"
+            "install it with pip install 'livemask[torch]' (in a checkout: pip install -e "
+            "'.[torch]')"
         ) from None
     torch = import_torch()
     from torch import nn

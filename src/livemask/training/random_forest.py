@@ -260,7 +260,8 @@ def require_train_extra() -> None:
         import skl2onnx  # noqa: F401
         import sklearn  # noqa: F401
     except ImportError as exc:
-        raise ImportError(f"{exc}; install the train extra: pip install -e '.[train]'") from None
+        raise ImportError(f"{exc}; install the train extra: pip install 'livemask[train]' "
+                          "(in a checkout: pip install -e '.[train]')") from None
 
 
 def compact_tree_ensemble(model: Any) -> Any:

@@ -1,7 +1,8 @@
 """pymmcore-plus Python devices of the simulated microscope.
 
-``hardware/simulated.cfg`` loads these into a ``UniMMCore`` with ``#py pyDevice`` lines;
-pymmcore-plus instantiates them without arguments, so they share state through
+The packaged ``simulated.cfg`` (``livemask.acquisition.simulated.SIMULATED_CFG``) loads
+these into a ``UniMMCore`` with ``#py pyDevice`` lines; pymmcore-plus instantiates them
+without arguments, so they share state through
 :func:`~livemask.acquisition.simulated.world.get_world` (looked up on every call, so
 :func:`~livemask.acquisition.simulated.world.configure_world` takes effect at once).
 

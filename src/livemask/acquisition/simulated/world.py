@@ -1,10 +1,11 @@
 """The process-wide state of the simulated microscope, shared by its Python devices.
 
-pymmcore-plus instantiates the devices of ``hardware/simulated.cfg`` itself (no
-arguments), so they find their common state through :func:`get_world`. The service
-(or a test) calls :func:`configure_world` *before* loading the config to choose the
-sample, seed and sensor; calling it again replaces the world (devices look it up on
-every call, so already loaded devices follow).
+pymmcore-plus instantiates the devices of the packaged ``simulated.cfg``
+(``livemask.acquisition.simulated.SIMULATED_CFG``) itself (no arguments), so they find their
+common state through :func:`get_world`. The service (or a test) calls
+:func:`configure_world` *before* loading the config to choose the sample, seed and sensor;
+calling it again replaces the world (devices look it up on every call, so already loaded
+devices follow).
 
 Conventions
 -----------

@@ -422,7 +422,7 @@ async def test_an_endless_time_lapse_starts_at_once_and_stops(service: Service) 
     async with AsyncSubscriber(service.publisher.bound_address, ("measurements",)) as sub:
         await asyncio.sleep(0.3)  # slow joiner
         reply = await control(service, "start", sequence=endless)
-        assert reply == {"started": True, "events": 10**12}
+        assert reply == {"started": True, "events": 10**12, "acquisition": 1}
         got = [await sub.recv(timeout_s=10.0) for _ in range(3)]
     assert [m.header["index"]["t"] for m in got if m is not None] == [0, 1, 2]
     assert (await control(service, "stop")) == {"stopped": True, "still_running": False}
@@ -871,7 +871,8 @@ async def test_an_enqueue_while_the_acquisition_ends_runs_in_a_new_one() -> None
         assert not enqueue.done()  # waits for the end
         svc._on_acquisition_done = report_done  # type: ignore[method-assign]
         report_done(held[0])
-        assert await asyncio.wait_for(enqueue, 10) == {"enqueued": 1, "started": True}
+        assert await asyncio.wait_for(enqueue, 10) == {
+            "enqueued": 1, "started": True, "acquisition": svc.pipeline.acquisition}
         frames = []
         while len(frames) < 2 and time.monotonic() < deadline:
             msg = await sub.recv(timeout_s=0.1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any
@@ -31,7 +32,16 @@ def _plain(obj: Any) -> Any:
 #: How long :meth:`ControlClient.stop` waits for its reply by default (s).
 STOP_TIMEOUT_S = 30.0
 #: Commands that change nothing, or nothing more when repeated: resent after a timeout.
-REPEATABLE = frozenset({"status", "snapshot", "stop"})
+REPEATABLE = frozenset({"status", "snapshot"})
+#: Commands tried again on a fresh socket while no connection took them, but never resent
+#: once sent: a ``stop`` resent behind a slow one stopped the acquisition another client
+#: had started meanwhile (``stop(acquisition=n)`` stops only acquisition n).
+RETRIED_UNTIL_SENT = frozenset({"stop"})
+#: The form of an address, for errors.
+ADDRESS_FORM = (
+    "give tcp://HOST:PORT (e.g. tcp://127.0.0.1:5556) or ipc://PATH; `livemask serve` "
+    "prints its addresses as it starts ('serving: pub tcp://..., control tcp://...')"
+)
 
 
 def safe_to_repeat(cmd: str, args: Mapping[str, Any]) -> bool:
@@ -39,18 +49,47 @@ def safe_to_repeat(cmd: str, args: Mapping[str, Any]) -> bool:
     return cmd in REPEATABLE or (cmd == "rules" and not args)
 
 
+def check_timeout(value: float, name: str = "timeout_s") -> float:
+    """``value`` if it is a finite number of seconds > 0; else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+            math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be > 0 and finite (seconds), got {value!r}")
+    return value
+
+
+def connect_or_explain(sock: zmq.Socket[Any], address: str, argument: str = "address") -> None:
+    """Connect ``sock`` to ``address``; for an address ZeroMQ refuses, close ``sock`` and
+    raise a ValueError naming ``argument`` and the form expected."""
+    try:
+        if not isinstance(address, str):
+            raise TypeError(f"{type(address).__name__}, not str")
+        allow_ipv6(sock, address)
+        sock.connect(address)
+    except (zmq.ZMQError, TypeError) as exc:
+        sock.close(linger=0)
+        why = zmq.strerror(exc.errno or 0) if isinstance(exc, zmq.ZMQError) else str(exc)
+        raise ValueError(
+            f"{argument} {address!r} is not an address to connect to ({why}): {ADDRESS_FORM}"
+        ) from None
+
+
 class ControlClient:
     """Blocking client of the control channel (REQ socket, Lazy Pirate pattern).
 
-    Each request waits ``timeout_s`` for its reply; when none comes the socket is thrown
-    away and, for a request that is safe to repeat (``status``, ``snapshot``, ``stop``,
-    ``rules`` without arguments), resent on a fresh one, up to ``retries`` attempts in all;
-    then :class:`ControlTimeout` is raised. Other requests (``start``, ``enqueue``, ``set``,
-    ``rules`` that change the rules) are sent once: the service answers one request at a
-    time, so a reply late behind a slow one (a ``stop`` waiting for a long exposure) would
-    otherwise have the request run twice. After a :class:`ControlTimeout` such a request
-    may still have been executed: check ``status``. An ``ok: false`` reply raises
-    :class:`ControlError` with the service's code and message. Not thread-safe.
+    Each request waits ``timeout_s`` (finite, > 0) for its reply; when none comes the
+    socket is thrown away and, for a request that is safe to repeat (``status``,
+    ``snapshot``, ``rules`` without arguments), resent on a fresh one, up to ``retries``
+    attempts in all; then :class:`ControlTimeout` is raised. Other requests (``start``,
+    ``stop``, ``enqueue``, ``set``, ``rules`` that change the rules) are sent once: the
+    service answers one request at a time, so a reply late behind a slow one (a ``stop``
+    waiting for a long exposure) would otherwise have the request run twice, and a second
+    ``stop`` would stop whatever runs when it is handled, e.g. an acquisition another
+    client started meanwhile (``stop(acquisition=n)`` stops only acquisition ``n``). A
+    ``stop`` is tried again only while no connection takes it. After a
+    :class:`ControlTimeout` such a request may still have been executed: check
+    ``status``. An ``ok: false`` reply raises :class:`ControlError` with the service's
+    code and message. ``address`` is ``tcp://HOST:PORT`` or ``ipc://PATH`` (a
+    ValueError otherwise). Not thread-safe.
     """
 
     def __init__(
@@ -61,14 +100,18 @@ class ControlClient:
         retries: int = 3,
         context: zmq.Context[Any] | None = None,
     ) -> None:
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        check_timeout(timeout_s)
         if retries < 1:
             raise ValueError(f"retries must be >= 1, got {retries}")
         self.address = address
         self.timeout_s = timeout_s
         self.retries = retries
         self._context = context if context is not None else zmq.Context.instance()
+        # refuse a malformed address now, not at the first request (the socket is
+        # connected for each attempt: Lazy Pirate)
+        trial = self._context.socket(zmq.REQ)
+        connect_or_explain(trial, address)
+        trial.close(linger=0)
         self._socket: zmq.Socket[Any] | None = None
         self._last_id = 0
         self._closed = False
@@ -78,8 +121,7 @@ class ControlClient:
             sock = self._context.socket(zmq.REQ)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.IMMEDIATE, 1)  # writable only once connected to the service
-            allow_ipv6(sock, self.address)
-            sock.connect(self.address)
+            connect_or_explain(sock, self.address)
             self._socket = sock
         return self._socket
 
@@ -93,9 +135,7 @@ class ControlClient:
         ``timeout_s`` per attempt (default: the client's)."""
         if self._closed:
             raise RuntimeError("control client is closed")
-        wait_s = self.timeout_s if timeout_s is None else timeout_s
-        if wait_s <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {wait_s}")
+        wait_s = self.timeout_s if timeout_s is None else check_timeout(timeout_s)
         self._last_id += 1
         req_id = self._last_id
         payload = protocol.encode_request(req_id, cmd, args)
@@ -103,9 +143,12 @@ class ControlClient:
         # no connection within the client's own timeout: no service there (a long wait, as
         # stop's 30 s, is for a service that is slow to answer, not for one that is absent)
         connect_ms = max(1, round(min(wait_s, self.timeout_s) * 1000))
-        attempts = self.retries if safe_to_repeat(cmd, args) else 1
+        resend = safe_to_repeat(cmd, args)
+        attempts = self.retries if resend or cmd in RETRIED_UNTIL_SENT else 1
         sent = False
+        tried = 0
         for attempt in range(1, attempts + 1):
+            tried = attempt
             sock = self._connect()
             try:
                 raw = None
@@ -140,16 +183,18 @@ class ControlClient:
                     attempts,
                 )
             self._drop_socket()  # Lazy Pirate: retry on a fresh socket
+            if sent and not resend:
+                break  # (it may still run: not sent twice)
         if not sent:
             raise ControlTimeout(
-                f"no connection to {self.address} for {cmd!r} after {attempts} attempt(s) of "
+                f"no connection to {self.address} for {cmd!r} after {tried} attempt(s) of "
                 f"{connect_ms / 1000:g} s: no service there; check that `livemask serve` is "
                 "running and that its --control address matches this one"
             )
-        maybe_run = "" if attempts > 1 else (
+        maybe_run = "" if resend else (
             f"; {cmd!r} is not resent, and the service may still run it: check status")
         raise ControlTimeout(
-            f"no reply to {cmd!r} from {self.address} after {attempts} attempt(s) of "
+            f"no reply to {cmd!r} from {self.address} after {tried} attempt(s) of "
             f"{wait_s:g} s; check that `livemask serve` is running and that its "
             "--control address matches this one (or raise the timeout; a service still "
             "starting, opening the rig and warming up its model, answers requests only "
@@ -168,13 +213,19 @@ class ControlClient:
             return self.request("start")
         return self.request("start", sequence=_plain(sequence))
 
-    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> Any:
-        """Stop the running acquisition. Waits up to ``timeout_s`` (or the client's timeout,
-        if longer) for the reply: the service waits for the frame being taken, at least
-        5 s or two exposures and 1 s, before it answers ``still_running``. A service that
-        is not there is given up on after the client's ``timeout_s`` per attempt, as for
-        any request."""
-        return self.request("stop", timeout_s=max(timeout_s, self.timeout_s))
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S, *, acquisition: int | None = None) -> Any:
+        """Stop the running acquisition; with ``acquisition`` (its number, as in
+        ``acquisition_started``), only if that one is running: the reply then also has
+        ``acquisition``, the running (or last) one's number. Waits up to ``timeout_s`` (or
+        the client's timeout, if longer) for the reply: the service waits for the frame
+        being taken, at least 5 s or two exposures and 1 s, before it answers
+        ``still_running``. Sent once (see the class): after a :class:`ControlTimeout`
+        check ``status``, or stop again with ``acquisition``. A service that is not there
+        is given up on after the client's ``timeout_s`` per attempt, as for any request."""
+        wait_s = max(check_timeout(timeout_s), self.timeout_s)
+        if acquisition is None:
+            return self.request("stop", timeout_s=wait_s)
+        return self.request("stop", timeout_s=wait_s, acquisition=acquisition)
 
     def enqueue(self, events: Iterable[Mapping[str, Any] | Any]) -> Any:
         """Append ``useq.MDAEvent`` s (or their JSON dicts) to the running acquisition."""

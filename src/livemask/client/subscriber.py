@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator, Iterable, Iterator
 from types import TracebackType
 from typing import Any, cast
@@ -11,8 +13,8 @@ import zmq
 import zmq.asyncio
 
 from livemask import protocol
+from livemask.client.control import connect_or_explain
 from livemask.protocol import Message
-from livemask.transport._sockets import allow_ipv6
 
 __all__ = ["DEFAULT_SUB_ADDRESS", "DEFAULT_TOPICS", "AsyncSubscriber", "Subscriber"]
 
@@ -30,9 +32,36 @@ _ITER_POLL_S = 0.25  # how often iteration wakes up to notice close()
 
 
 def _timeout_ms(timeout_s: float | None) -> int | None:
+    """``timeout_s`` in ms for a poll; None waits for ever. ValueError for NaN or infinity."""
     if timeout_s is None:
         return None
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not (
+            math.isfinite(timeout_s)):
+        raise ValueError(
+            f"timeout_s must be a finite number of seconds, or None to wait for ever; "
+            f"got {timeout_s!r}")
     return max(0, round(timeout_s * 1000))
+
+
+def _cancelling() -> bool:
+    """Whether the running task has been asked to cancel (``task.cancel()``)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _topic_tuple(topics: Iterable[str] | None) -> tuple[str, ...]:
+    """``topics`` as a tuple; a single str is one topic (not its letters)."""
+    if topics is None:
+        return ()
+    if isinstance(topics, str):
+        return (topics,)
+    out = tuple(topics)
+    for topic in out:
+        if not isinstance(topic, str):
+            raise TypeError(
+                f"topics must be topic names (str), e.g. ('measurements', 'status'); "
+                f"got {topic!r} in {topics!r}")
+    return out
 
 
 class _SubscriberBase:
@@ -51,26 +80,33 @@ class _SubscriberBase:
         if rcvhwm is None:
             rcvhwm = LATEST_ONLY_RCVHWM if latest_only else DEFAULT_RCVHWM
         self.address = address
-        self.topics: tuple[str, ...] = tuple(topics or ())
+        self.topics: tuple[str, ...] = _topic_tuple(topics)
+        self._all_topics = not self.topics
         self.latest_only = latest_only
         self.rcvhwm = rcvhwm
         self.received: dict[str, int] = {}
         self.gaps: dict[str, int] = {}
         self.skipped_latest = 0
         self.last_seq: dict[str, int] = {}
-        sock = context.socket(zmq.SUB)
+        prefixes = [topic.encode("ascii") for topic in self.topics or ("",)]  # (before
+        sock = context.socket(zmq.SUB)  # the socket: a non-ASCII topic leaks none)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, rcvhwm)
-        for topic in self.topics or ("",):
-            sock.setsockopt(zmq.SUBSCRIBE, topic.encode("ascii"))
-        allow_ipv6(sock, address)
-        sock.connect(address)
+        for prefix in prefixes:
+            sock.setsockopt(zmq.SUBSCRIBE, prefix)
+        connect_or_explain(sock, address)  # (closes it on failure)
         self._socket = sock
 
     @property
     def closed(self) -> bool:
         """True once :meth:`close` was called."""
         return self._socket is None
+
+    @property
+    def all_topics(self) -> bool:
+        """True for a subscriber of every topic (``topics`` None or empty): its
+        :attr:`topics` stays ``()``."""
+        return self._all_topics
 
     def _track(self, msg: Message) -> Message:
         """Count ``msg`` and add any jump in its topic's ``seq`` to :attr:`gaps`."""
@@ -105,10 +141,11 @@ class _SubscriberBase:
         """Also receive ``topic`` (it takes a moment to reach the publisher: slow joiner).
 
         Missed messages of ``topic`` are counted from the first one received after this.
+        A subscriber of all topics receives it already: nothing changes.
         """
         if self._socket is None:
             raise RuntimeError("subscriber is closed")
-        if topic not in self.topics:
+        if not self._all_topics and topic not in self.topics:
             self._socket.setsockopt(zmq.SUBSCRIBE, topic.encode("ascii"))
             self.topics += (topic,)
             self.last_seq.pop(topic, None)
@@ -117,9 +154,16 @@ class _SubscriberBase:
         """Stop receiving ``topic``; messages already on their way still arrive.
 
         ``seq`` tracking of ``topic`` restarts: what was published meanwhile is no gap.
+        ValueError on a subscriber of all topics (``topics`` None or empty).
         """
         if self._socket is None:
             raise RuntimeError("subscriber is closed")
+        if self._all_topics:
+            raise ValueError(
+                f"cannot unsubscribe {topic!r} from a subscriber of all topics (topics=None "
+                "or empty): ZeroMQ prefix subscriptions cannot exclude one topic from all; "
+                "subscribe to the topics you want instead, e.g. topics=('measurements', "
+                "'event')")
         if topic in self.topics:
             self._socket.setsockopt(zmq.UNSUBSCRIBE, topic.encode("ascii"))
             self.topics = tuple(t for t in self.topics if t != topic)
@@ -143,14 +187,17 @@ class _SubscriberBase:
 class Subscriber(_SubscriberBase):
     """Blocking SUB client of the livemask stream.
 
-    Subscribes to ``topics`` (all topics when empty or None) and decodes each message
+    Subscribes to ``topics`` (a str is one topic; all topics when empty or None: then
+    :attr:`all_topics` is true, :meth:`subscribe` changes nothing and :meth:`unsubscribe`
+    raises ValueError) and decodes each message
     with its arrays as zero-copy views. ``gaps[topic]`` counts messages missed (jumps in
     ``seq``), ``received[topic]`` those received. With ``latest_only=True`` each
     :meth:`recv` drains the queue and returns only the newest message (for viewers that
     must not lag); the others are counted in ``skipped_latest``. ``rcvhwm``: messages held
     while the caller does not read (:data:`DEFAULT_RCVHWM`, :data:`LATEST_ONLY_RCVHWM`
     with ``latest_only``; a ``frame`` plus ``labels`` pair is 24 MB at 2048²); more are
-    dropped and show as ``gaps``. Not thread-safe.
+    dropped and show as ``gaps``. ``address``: ``tcp://HOST:PORT`` or ``ipc://PATH`` (a
+    ValueError otherwise). Not thread-safe.
     """
 
     def __init__(
@@ -169,7 +216,8 @@ class Subscriber(_SubscriberBase):
         self._poller.register(self._socket, zmq.POLLIN)
 
     def recv(self, timeout_s: float | None = 1.0) -> Message | None:
-        """The next message, or None after ``timeout_s`` seconds (None: wait forever).
+        """The next message, or None after ``timeout_s`` seconds (None: wait forever;
+        NaN or infinity: ValueError).
 
         Raises :class:`ProtocolError` for a malformed message.
         """
@@ -213,7 +261,12 @@ class Subscriber(_SubscriberBase):
 
 
 class AsyncSubscriber(_SubscriberBase):
-    """asyncio SUB client with the same semantics as :class:`Subscriber`."""
+    """asyncio SUB client with the same semantics as :class:`Subscriber`.
+
+    Closing it (from another task) while a task waits in :meth:`recv` or iterates ends
+    that wait: ``recv`` returns None and iteration stops; cancelling the waiting task
+    still raises ``CancelledError`` in it.
+    """
 
     _socket: zmq.asyncio.Socket | None
 
@@ -230,15 +283,24 @@ class AsyncSubscriber(_SubscriberBase):
         super().__init__(address, topics, latest_only, rcvhwm, ctx)
 
     async def recv(self, timeout_s: float | None = 1.0) -> Message | None:
-        """The next message, or None after ``timeout_s`` seconds (None: wait forever)."""
+        """The next message, or None after ``timeout_s`` seconds (None: wait forever) or
+        when the subscriber is closed meanwhile."""
         sock = self._socket
         if sock is None:
             raise RuntimeError("subscriber is closed")
-        if not await sock.poll(_timeout_ms(timeout_s)):  # POLLIN; returns the event mask
-            return None
-        frames = await sock.recv_multipart(copy=False)
-        msg = self._track(protocol.decode(frames))
-        return await self._adrain(msg) if self.latest_only else msg
+        timeout_ms = _timeout_ms(timeout_s)
+        try:
+            if not await sock.poll(timeout_ms):  # POLLIN; returns the event mask
+                return None
+            frames = await sock.recv_multipart(copy=False)
+            msg = self._track(protocol.decode(frames))
+            return await self._adrain(msg) if self.latest_only else msg
+        except (asyncio.CancelledError, zmq.ZMQError):
+            # closing the socket cancels the futures awaited on it (pyzmq): that is the
+            # end of the stream, not a cancellation of the task waiting here
+            if self._socket is None and not _cancelling():
+                return None
+            raise
 
     async def _adrain(self, first: Message) -> Message:
         sock = self._socket

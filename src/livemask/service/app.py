@@ -1109,7 +1109,8 @@ class Service:
         positions = {int(e.index["p"]) for e in events if "p" in e.index}
         self._start_events(events, {"enqueued": len(events)}, len(events), exposures,
                            positions=positions)
-        return {"enqueued": len(events), "started": True}
+        return {"enqueued": len(events), "started": True,
+                "acquisition": self.pipeline.acquisition}
 
     async def _restore_after(self, events: list[useq.MDAEvent]) -> useq.MDAEvent | None:
         """An event that takes no image and puts back the exposure, channel, stage position
@@ -1355,6 +1356,7 @@ class Service:
             "stalled_s": self._stalled_s(),
             "last_frame_error": pipe.last_failure if pipe else None,
             "acquisitions_finished": self.acquisitions_finished,
+            "acquisition": pipe.acquisition if pipe and pipe.acquisition else None,
             "metrics_url": self.metrics.url if self.metrics is not None else None,
             "dashboard_url": self.dashboard.url if self.dashboard is not None else None,
             "publisher": self.publisher.counters(),

@@ -83,6 +83,15 @@ class RulesArgs(_Args):
     )
 
 
+class StopArgs(_Args):
+    """``stop``: the running acquisition; with ``acquisition``, only if it is that one."""
+
+    acquisition: Annotated[int, Strict()] | None = Field(
+        default=None, ge=1,
+        description="the number of the acquisition to stop (as in acquisition_started)",
+    )
+
+
 class SnapshotArgs(_Args):
     """``snapshot``: the latest results; ``arrays`` adds base64 image and labels."""
 
@@ -202,15 +211,23 @@ class CommandHandler:
             raise CommandError("invalid_args", str(exc)) from None
         except AcquisitionError as exc:  # e.g. the last one's thread still exiting
             raise CommandError("invalid_state", str(exc)) from None
-        return {"started": True, "events": events}
+        return {"started": True, "events": events,
+                "acquisition": self.service.pipeline.acquisition}
 
     async def stop(self, args: dict[str, Any]) -> Any:
-        """Stop the running acquisition."""
-        _validate(NoArgs, args, "stop")
-        was_running = self.service.acquiring
-        await self.service.stop_acquisition()
+        """Stop the running acquisition; with ``acquisition``, only if it is that one (a
+        stop sent again, late, must not stop the next one another client started)."""
+        a: StopArgs = _validate(StopArgs, args, "stop")
+        svc = self.service
+        was_running = svc.acquiring
+        pipe = getattr(svc, "pipeline", None)
+        number = (pipe.acquisition if pipe is not None else 0) or None  # running or last
+        if a.acquisition is not None and a.acquisition != number:
+            return {"stopped": False, "still_running": was_running, "acquisition": number}
+        await svc.stop_acquisition()
         # still running: the runner is stuck in a device call (the log says which)
-        return {"stopped": was_running, "still_running": self.service.acquiring}
+        reply = {"stopped": was_running, "still_running": svc.acquiring}
+        return reply if a.acquisition is None else {**reply, "acquisition": number}
 
     async def enqueue(self, args: dict[str, Any]) -> Any:
         """Add events to the running acquisition, or start one made of them."""

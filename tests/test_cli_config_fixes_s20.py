@@ -1,6 +1,7 @@
 """Session 20 fixes: a recording's config.yaml of a model.path run loads again, interval
 bounds (replay, bench), errors naming what the command takes, one endpoint for both sockets,
-SIGTERM/SIGHUP while the command line imports."""
+SIGTERM/SIGHUP while the command line imports; review C: one endpoint written two ways, the
+packaged simulated rig in configs and dumps, signal setup in the entry point only, nohup."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ import yaml
 from typer.testing import CliRunner
 
 from livemask import cli
+from livemask.acquisition.core import open_core
 from livemask.acquisition.replay import ReplaySource, open_stack
 from livemask.acquisition.simulated import SIMULATED_CFG
 from livemask.bench import BenchSettings, service_config
@@ -223,9 +226,27 @@ def test_serve_pub_flag_on_the_control_endpoint_names_both(tmp_path: Path) -> No
 
 
 # ------------------------------------------------------------------ (5) signals at start
-def _signalled_in_import(signum: int, module: str) -> subprocess.CompletedProcess[str]:
-    """``python -m livemask serve`` that sends itself ``signum`` when ``module`` is first
-    imported: a ``kill`` (or a closed terminal) at that point of its start-up."""
+def _console_script_entry() -> tuple[str, str]:
+    """The module and function of the ``livemask`` console script in pyproject.toml."""
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        entry: str = tomllib.load(f)["project"]["scripts"]["livemask"]
+    module, _, function = entry.partition(":")
+    return module, function
+
+
+#: How each launcher runs the command line: ``python -m livemask``, the console script.
+_LAUNCH = {
+    "python -m": "runpy.run_module('livemask', run_name='__main__', alter_sys=True)",
+    "console script": "from {0} import {1}; sys.exit({1}())".format(*_console_script_entry()),
+}
+
+
+def _signalled_in_import(
+    signum: int, module: str, launch: str = "python -m"
+) -> subprocess.CompletedProcess[str]:
+    """``livemask serve`` (``launch``: ``python -m`` or the console script's entry) that
+    sends itself ``signum`` when ``module`` is first imported: a ``kill`` (or a closed
+    terminal) at that point of its start-up."""
     argv = ["livemask", "serve", "--config", str(ROOT / "configs" / "simulated-nuclei.yaml"),
             "--pub", free_tcp_address(), "--control", free_tcp_address()]
     script = "\n".join([
@@ -236,7 +257,7 @@ def _signalled_in_import(signum: int, module: str) -> subprocess.CompletedProces
         f"            os.kill(os.getpid(), {int(signum)})",
         "sys.meta_path.insert(0, Signal())",
         f"sys.argv = {argv!r}",
-        "runpy.run_module('livemask', run_name='__main__', alter_sys=True)",
+        _LAUNCH[launch],
     ])
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=60, cwd=ROOT)
@@ -248,22 +269,26 @@ def _signalled_in_import(signum: int, module: str) -> subprocess.CompletedProces
     "livemask.service.limits",  # imported by serve, before it handles signals itself
 ])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("launch", list(_LAUNCH))
 def test_sigterm_or_sighup_while_importing_exits_130_with_one_line(
-    signum: int, module: str
+    signum: int, module: str, launch: str
 ) -> None:
     """Before, they ended the process by the signal (143, 129) without a word, where
     Ctrl-C printed "livemask: interrupted" and exited 130."""
-    run = _signalled_in_import(signum, module)
+    run = _signalled_in_import(signum, module, launch)
     assert run.returncode == 130, (run.returncode, run.stderr)
     assert "Traceback" not in run.stderr
     assert "livemask: interrupted" in run.stderr.splitlines()
 
 
-def test_an_ignored_sighup_stays_ignored() -> None:
-    """``nohup livemask serve``: SIGHUP is left ignored (only default actions change)."""
+def test_an_ignored_sighup_stays_ignored_by_the_entry_point() -> None:
+    """``nohup livemask``: the entry point leaves SIGHUP ignored (only default actions
+    change; serve's own handling: test_nohup_serve_keeps_running_after_sighup)."""
+    from livemask import _entry
+
     before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        cli._stop_signals_interrupt()
+        _entry.stop_signals_interrupt()
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGHUP, before)
@@ -308,3 +333,216 @@ def test_the_dashboard_names_a_model_given_by_path_from_its_service_started() ->
     assert event_summary(header)["text"] == "model grains"
     named = parse_config({"model": {"name": "nuclei"}}).model_dump(mode="json")
     assert event_summary({"kind": "service_started", "config": named})["text"] == "model nuclei"
+
+
+# ------------------------------------------------------------------ (6) review C
+# one endpoint written two ways
+@pytest.mark.parametrize(("pub", "control"), [
+    ("ipc://svc.sock", "ipc://./svc.sock"),
+    ("ipc://svc.sock", "ipc://{cwd}/svc.sock"),
+    ("tcp://localhost:{port}", "tcp://127.0.0.1:{port}"),
+    ("tcp://*:{port}", "tcp://127.0.0.1:{port}"),
+    ("tcp://0.0.0.0:{port}", "tcp://127.0.0.1:{port}"),
+    ("tcp://127.0.0.1:0{port}", "tcp://127.0.0.1:{port}"),
+    ("tcp://[::]:{port}", "tcp://127.0.0.1:{port}"),
+])
+def test_one_endpoint_written_two_ways_is_refused_naming_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pub: str, control: str
+) -> None:
+    """Before, only the same text was refused: a second ipc bind took the path over (the
+    service published into nothing) and tcp failed at bind, asking whether another
+    livemask serve was running."""
+    monkeypatch.chdir(tmp_path)
+    port = free_tcp_address().rpartition(":")[2]
+    pub, control = (a.format(cwd=tmp_path, port=port) for a in (pub, control))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"publish: {{pub_address: '{pub}', control_address: '{control}'}}\n")
+    with pytest.raises(ConfigError, match=r"publish\.pub_address and publish\.control_address "
+                                          r"are one endpoint \(.*its own endpoint"):
+        load_config(cfg)
+    result = runner.invoke(cli.app, ["serve", "--pub", pub, "--control", control])
+    assert result.exit_code == 2
+    assert "--pub and --control are" in _flat(result.output)
+
+
+def _binds_both(pub: str, control: str) -> bool:
+    """Whether a PUB and a ROUTER socket bind these endpoints side by side (real libzmq)."""
+    import zmq
+
+    from livemask.transport._sockets import bind_or_explain
+
+    ctx = zmq.Context.instance()
+    first, second = ctx.socket(zmq.PUB), ctx.socket(zmq.ROUTER)
+    try:
+        bind_or_explain(first, pub, "PUB", "--pub")
+        bind_or_explain(second, control, "control", "--control")
+        return True
+    except ConfigError as exc:
+        assert "Address already in use" in str(exc)
+        return False
+    finally:
+        first.close(linger=0)
+        second.close(linger=0)
+
+
+@pytest.mark.parametrize(("pub", "control"), [
+    ("tcp://localhost:{port}", "tcp://127.0.0.1:{port}"),
+    ("tcp://*:{port}", "tcp://127.0.0.1:{port}"),
+    ("tcp://127.0.0.1:{port}", "tcp://0.0.0.0:{port}"),
+    ("tcp://127.0.0.1:00{port}", "tcp://127.0.0.1:{port}"),
+    ("tcp://127.0.0.1:{port}", "tcp://127.0.0.1:{other}"),
+    ("tcp://127.0.0.1:{port}", "tcp://127.0.0.2:{port}"),
+])
+def test_same_endpoint_is_what_libzmq_cannot_bind_twice(pub: str, control: str) -> None:
+    from livemask.config import same_endpoint
+
+    port, other = (free_tcp_address().rpartition(":")[2] for _ in range(2))
+    pub, control = (a.format(port=port, other=other) for a in (pub, control))
+    assert same_endpoint(pub, control) is not _binds_both(pub, control)
+
+
+@pytest.mark.parametrize(("pub", "control"), [
+    ("tcp://127.0.0.1:5555", "tcp://[::1]:5555"),  # two address families: both bind
+    ("tcp://*:5555", "tcp://[::1]:5555"),
+    ("tcp://127.0.0.1:*", "tcp://localhost:*"),  # each its own port
+    ("tcp://127.0.0.1:0", "tcp://127.0.0.1:0"),
+    ("ipc://*", "ipc://*"),
+    ("ipc://a.sock", "ipc://b.sock"),
+])
+def test_distinct_endpoints_still_load(pub: str, control: str) -> None:
+    from livemask.config import parse_config
+
+    publish = parse_config({"publish": {"pub_address": pub, "control_address": control}})
+    assert publish.publish.control_address == control
+
+
+# the simulated rig's .cfg in the package
+def test_a_config_naming_the_old_simulated_cfg_says_where_it_is(tmp_path: Path) -> None:
+    """Configs and recordings made before the rig moved into the package name
+    ../hardware/simulated.cfg: before, "does not exist; check hardware.config_file" only."""
+    (tmp_path / "configs").mkdir()
+    old = tmp_path / "configs" / "old.yaml"
+    old.write_text("hardware:\n  config_file: ../hardware/simulated.cfg\n")
+    result = runner.invoke(cli.app, ["serve", "-c", str(old), "--pub", free_tcp_address(),
+                                     "--control", free_tcp_address()])
+    assert result.exit_code == 2
+    said = _flat(result.output)
+    assert "does not exist; check hardware.config_file" in said
+    assert "part of the livemask package now: delete hardware.config_file" in said
+    assert _flat(repr(str(SIMULATED_CFG))) in said
+    with pytest.raises(ConfigError, match=r"does not exist; check hardware\.config_file$"):
+        open_core(tmp_path / "rig.cfg")  # another missing .cfg: no such hint
+
+
+def test_a_dump_leaves_out_the_packaged_rig_and_keeps_an_own_one(tmp_path: Path) -> None:
+    """Before, a dump (a recording's config.yaml) pinned this install's site-packages path
+    of the packaged rig: after a venv rebuild, or on another machine, it did not exist."""
+    from livemask.config import parse_config
+
+    dumped = parse_config({}).model_dump(mode="json")
+    assert "config_file" not in dumped["hardware"]
+    assert parse_config(dumped).hardware.config_file == SIMULATED_CFG
+    own = tmp_path / "rig.cfg"
+    shutil.copy(SIMULATED_CFG, own)
+    kept = parse_config({"hardware": {"config_file": str(own)}}).model_dump(mode="json")
+    assert kept["hardware"]["config_file"] == str(own)
+
+
+# signal handling belongs to the entry point
+def test_importing_the_cli_leaves_the_signal_handlers_alone() -> None:
+    """Before, importing livemask.cli (tests, notebooks, CliRunner users) made SIGTERM and
+    SIGHUP raise KeyboardInterrupt in that process."""
+    script = ("import signal, livemask.cli\n"
+              "print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL,"
+              " signal.getsignal(signal.SIGHUP) is signal.SIG_DFL)")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert run.stdout.split() == ["True", "True"], run.stderr
+
+
+_SPAWNING_SCRIPT = """\
+import multiprocessing, sys, time
+from livemask.cli import main  # as the console script's module did
+
+def child(ready):
+    ready.set()
+    time.sleep(60)
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    p = ctx.Process(target=child, args=(ready,), daemon=True)
+    p.start()
+    assert ready.wait(60)
+    p.terminate()
+    p.join(30)
+    print("exitcode", p.exitcode)
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_spawned_child_of_a_cli_importer_ends_by_sigterm(tmp_path: Path) -> None:
+    """Before, the child re-imported livemask.cli and terminate() made it print a
+    KeyboardInterrupt traceback and exit 1 (bench's SubscriberProcess), not -15."""
+    script = tmp_path / "spawner.py"
+    script.write_text(_SPAWNING_SCRIPT)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=80, cwd=ROOT)
+    assert run.stdout.split() == ["exitcode", str(-signal.SIGTERM)], run.stderr
+    assert "KeyboardInterrupt" not in run.stderr
+
+
+# nohup: an ignored SIGHUP stays ignored
+def _ignore_sighup() -> None:
+    """preexec_fn: start the child as ``nohup`` does."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+@pytest.mark.timeout(120)
+def test_nohup_serve_keeps_running_after_sighup(tmp_path: Path) -> None:
+    """Before, serve installed its SIGHUP handler regardless: ``nohup livemask serve``
+    stopped when its terminal closed."""
+    from livemask.client import Subscriber
+
+    pub = free_tcp_address()
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "livemask", "serve", "--config",
+             str(ROOT / "configs" / "simulated-nuclei.yaml"), "--pub", pub,
+             "--control", free_tcp_address(), "--frames", "100000"],
+            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, preexec_fn=_ignore_sighup)
+    try:
+        with Subscriber(pub, ("measurements",)) as sub:
+            assert _measurements(sub, proc, 1), log.read_text()
+            proc.send_signal(signal.SIGHUP)
+            assert _measurements(sub, proc, 10), log.read_text()  # still serving
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert text.count("shutting down") == 1 and "livemask stopped" in text
+
+
+def _measurements(sub: Any, proc: subprocess.Popen[bytes], count: int) -> bool:
+    """Whether ``count`` measurements messages come while ``proc`` runs (60 s at most)."""
+    deadline = time.monotonic() + 60
+    while count and time.monotonic() < deadline and proc.poll() is None:
+        count -= sub.recv(timeout_s=0.5) is not None
+    return count == 0
+
+
+def test_serve_and_dashboard_leave_an_ignored_stop_signal_ignored() -> None:
+    before = {sig: signal.getsignal(sig) for sig in cli.STOP_SIGNALS}
+    try:
+        for sig in cli.STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        assert cli._stop_signals() == (signal.SIGINT,)  # (a shell's background job)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        assert cli._stop_signals() == (signal.SIGINT, signal.SIGHUP)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

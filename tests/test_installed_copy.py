@@ -73,7 +73,9 @@ def test_serve_without_a_config_runs_and_its_recording_reruns_elsewhere(
     tmp_path: Path
 ) -> None:
     """``serve`` with no config in a folder without ``hardware/``; the run's recorded
-    ``config.yaml`` names the rig by its full path, so it runs again from another folder."""
+    ``config.yaml`` runs again from another folder. It leaves out the packaged rig (before, it
+    named this install's path, gone after a venv rebuild or on another machine): the rig of
+    the install that runs it is used."""
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir()
     second.mkdir()
@@ -81,7 +83,7 @@ def test_serve_without_a_config_runs_and_its_recording_reruns_elsewhere(
     assert run.returncode == 0, run.stderr
     (recorded,) = (first / "rec").glob("run-*/config.yaml")
     hardware = yaml.safe_load(recorded.read_text(encoding="utf-8"))["hardware"]
-    assert Path(hardware["config_file"]) == SIMULATED_CFG
+    assert "config_file" not in hardware
     again = _serve(second, "--config", str(recorded))
     assert again.returncode == 0, again.stderr
     assert "livemask stopped" in again.stderr

@@ -1,5 +1,5 @@
-"""``python -m livemask`` runs the command line."""
+"""``python -m livemask`` runs the command line (as the ``livemask`` console script)."""
 
-from livemask.cli import main
+from livemask._entry import main
 
 main()

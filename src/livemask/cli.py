@@ -5,23 +5,9 @@ from __future__ import annotations
 import signal
 import sys
 
-
-def _stop_signals_interrupt() -> None:
-    """SIGTERM and SIGHUP raise ``KeyboardInterrupt`` as SIGINT does, where they still have
-    their default action (which ends the process without a word: 143): through the imports
-    below and on, until a command's own handlers replace them."""
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        try:
-            if signal.getsignal(sig) is signal.SIG_DFL:
-                signal.signal(sig, signal.default_int_handler)
-        except ValueError:  # imported outside the main thread: no handlers there
-            return
-
-
-_stop_signals_interrupt()
-
-# Ctrl-C (or SIGTERM, SIGHUP) while Python imports (a second or more before a command runs):
-# one line, exit 130
+# Ctrl-C while Python imports (a second or more before a command runs): one line, exit 130;
+# SIGTERM and SIGHUP too where the entry point (livemask._entry) set them up: importing this
+# module changes no signal handler
 try:
     import asyncio
     import contextlib
@@ -48,6 +34,7 @@ try:
         MAX_THREADS,
         DashboardConfig,
         check_address,
+        one_endpoint_message,
         same_endpoint,
     )
     from livemask.errors import ConfigError, LivemaskError
@@ -255,6 +242,14 @@ def _dashboard_field(name: str) -> Callable[[Any], Any]:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+def _stop_signals() -> tuple[signal.Signals, ...]:
+    """The ``STOP_SIGNALS`` to handle: SIGTERM and SIGHUP stay ignored where they are
+    (``nohup livemask serve`` ignores SIGHUP); SIGINT is always handled (a shell ignores
+    it in its background jobs, which ``kill -INT`` still stops in order)."""
+    return tuple(sig for sig in STOP_SIGNALS
+                 if sig == signal.SIGINT or signal.getsignal(sig) is not signal.SIG_IGN)
+
+
 def _plan_interval(value: float | None) -> float | None:
     """Callback: a finite interval a time plan can hold (the range check already ran)."""
     value = _finite(value)
@@ -315,8 +310,7 @@ def _set_endpoints(cfg: Any, pub: str | None, control: str | None) -> None:
     if same_endpoint(pub_address, control_address):
         first = "--pub" if pub else "publish.pub_address"
         second = "--control" if control else "publish.control_address"
-        raise ConfigError(f"{first} and {second} are both {pub_address!r}; give each socket "
-                          "its own endpoint (e.g. ports 5555 and 5556)")
+        raise ConfigError(one_endpoint_message(first, pub_address, second, control_address))
     # both at once: one at a time could pass through a clash (--pub B --control A over A, B)
     cfg.publish = cfg.publish.model_copy(
         update={"pub_address": pub_address, "control_address": control_address})
@@ -483,14 +477,15 @@ async def _serve(
     stop = interrupts.stop
     if viewer is not None:
         interrupts.before_quit = viewer.quit
+    signals = _stop_signals()
     try:
-        with _interrupted_until_handled():
+        with _interrupted_until_handled(signals):
             if viewer is not None and (early := _connect_address(cfg.publish.pub_address)):
                 viewer.start(early)  # (it imports while we do)
             from livemask.service.app import Service
 
         loop = asyncio.get_running_loop()
-        for sig in STOP_SIGNALS:
+        for sig in signals:
             loop.add_signal_handler(sig, interrupts)
         if viewer is not None and viewer.process is not None:
             await viewer.wait_ready(VIEWER_READY_S, stop)
@@ -512,11 +507,12 @@ async def _serve(
 
 
 @contextlib.contextmanager
-def _interrupted_until_handled() -> Iterator[None]:
-    """Until ``_serve`` installs its handlers: SIGINT, SIGTERM and SIGHUP raise
-    ``KeyboardInterrupt`` at once (even in an import), so ``finally`` stops the view and serve
-    exits 130 (SIGTERM's default action killed it, 143, and left the view running)."""
-    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in STOP_SIGNALS}
+def _interrupted_until_handled(signals: tuple[signal.Signals, ...]) -> Iterator[None]:
+    """Until ``_serve`` installs its handlers: ``signals`` (SIGINT, SIGTERM and SIGHUP but
+    ignored ones) raise ``KeyboardInterrupt`` at once (even in an import), so ``finally``
+    stops the view and serve exits 130 (SIGTERM's default action killed it, 143, and left the
+    view running)."""
+    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in signals}
     try:
         yield  # (then the event loop's handlers replace these)
     except BaseException:
@@ -622,7 +618,7 @@ def dashboard_cmd(
     async def _run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in STOP_SIGNALS:
+        for sig in _stop_signals():
             loop.add_signal_handler(sig, stop.set)
         async with server:
             typer.echo(f"dashboard of {connect}: {server.url}  (Ctrl-C stops)")

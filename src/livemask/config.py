@@ -79,10 +79,60 @@ def check_address(value: str) -> str:
 
 
 def same_endpoint(first: str, second: str) -> bool:
-    """Whether two endpoints are one: the same text, unless the port is picked at bind
-    (``*`` or 0), where each socket gets its own."""
-    m = _ADDRESS.fullmatch(first)
-    return first == second and not (m is not None and m["port"] in ("*", "0"))
+    """Whether two endpoints are one as libzmq binds them: tcp ports equal as numbers on
+    hosts that overlap (:func:`_same_tcp_host`), ipc paths naming one file (relative ones
+    from the working directory), else the same text. A port or ipc path picked at bind
+    (``*`` or 0) is each socket's own."""
+    a, b = _ADDRESS.fullmatch(first), _ADDRESS.fullmatch(second)
+    if a is not None and b is not None and a["port"] and b["port"]:  # both tcp
+        if "*" in (a["port"], b["port"]) or int(a["port"]) == 0:
+            return False
+        return int(a["port"]) == int(b["port"]) and _same_tcp_host(a[1], b[1])
+    if first.startswith("ipc://") and second.startswith("ipc://"):
+        return _same_ipc_path(first.removeprefix("ipc://"), second.removeprefix("ipc://"))
+    return first == second
+
+
+def one_endpoint_message(first_key: str, first: str, second_key: str, second: str) -> str:
+    """The error for two sockets given one endpoint (:func:`same_endpoint`), naming the
+    keys or flags (and both spellings where they differ)."""
+    what = f"both {first!r}" if first == second else f"one endpoint ({first!r}, {second!r})"
+    return (f"{first_key} and {second_key} are {what}; give each socket its own endpoint "
+            "(e.g. ports 5555 and 5556)")
+
+
+def _same_ipc_path(first: str, second: str) -> bool:
+    """Whether two ipc endpoint paths are one socket file (``*``: a new file each)."""
+    if "*" in (first, second):
+        return False
+    if first.startswith("@") or second.startswith("@"):  # Linux abstract names: no file
+        return first == second
+    return os.path.realpath(first) == os.path.realpath(second)
+
+
+def _same_tcp_host(first: str, second: str) -> bool:
+    """Whether binding one port on both hosts clashes: the same host (``localhost`` is
+    127.0.0.1, as libzmq resolves it without IPv6), or a wildcard covering the other
+    (``*`` and 0.0.0.0 all IPv4 hosts, ``[::]`` every host)."""
+    one, two = _tcp_host(first), _tcp_host(second)
+    if one == two or "::" in (one, two):
+        return True
+    ipv4_any = {"*", "0.0.0.0"}
+    return (one in ipv4_any and ":" not in two) or (two in ipv4_any and ":" not in one)
+
+
+def _tcp_host(host: str) -> str:
+    """A bind host in one spelling: lower case, IP literals in their short form (without
+    IPv6 brackets), ``localhost`` as 127.0.0.1."""
+    import ipaddress
+
+    host = host.lower().removeprefix("[").removesuffix("]")
+    if host == "localhost":
+        return "127.0.0.1"
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:  # a host or interface name
+        return host
 
 
 class _Section(BaseModel):
@@ -105,6 +155,16 @@ class HardwareConfig(_Section):
     pixel_size_um: float | None = Field(
         default=None, gt=0, description="Overrides the core's pixel size calibration (µm/px)."
     )
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Without ``config_file`` when it is the packaged simulated rig: a dump (a
+        recording's config.yaml) runs on the rig of whichever install loads it, not on a
+        path into this one's site-packages."""
+        data: dict[str, Any] = handler(self)
+        if os.path.realpath(self.config_file) == str(SIMULATED_CFG):
+            data.pop("config_file", None)
+        return data
 
 
 class SimulationConfig(_Section):
@@ -253,11 +313,9 @@ class PublishConfig(_Section):
     @model_validator(mode="after")
     def _distinct_endpoints(self) -> PublishConfig:
         if same_endpoint(self.pub_address, self.control_address):
-            raise ValueError(
-                f"publish.pub_address and publish.control_address are both "
-                f"{self.pub_address!r}; give each socket its own endpoint (e.g. ports 5555 "
-                "and 5556)"
-            )
+            raise ValueError(one_endpoint_message(
+                "publish.pub_address", self.pub_address,
+                "publish.control_address", self.control_address))
         return self
 
 
@@ -327,9 +385,13 @@ class TrackingConfig(_Section):
         default=20.0, gt=0, description="Longest link between frames (px, grows with sqrt(gap))."
     )
     max_gap_frames: int = Field(
-        default=3, ge=0, description="Analysed frames a track may miss and still be re-linked."
+        default=3, ge=0, description="Analysed frames a track may miss and still be re-linked "
+        "(gap_penalty * max_gap_frames < 1)."
     )
-    gap_penalty: float = Field(default=0.25, ge=0, description="Link cost per missed frame.")
+    gap_penalty: float = Field(
+        default=0.25, ge=0,
+        description="Link cost per missed frame (shrinks the reach by sqrt(1 - it * missed)).",
+    )
     area_weight: float = Field(default=0.0, ge=0, description="Link cost per |ln(area ratio)|.")
     division: bool = Field(default=True, description="Detect divisions (parent/daughters).")
     division_distance_px: float | None = Field(
@@ -359,6 +421,22 @@ class TrackingConfig(_Section):
         if not 0 < value[0] < value[1]:
             raise ValueError("give [low, high] with 0 < low < high, e.g. [0.3, 1.6]")
         return value
+
+    @model_validator(mode="after")
+    def _gap_can_link(self) -> TrackingConfig:
+        """A track that missed ``1 / gap_penalty`` frames could never link again."""
+        penalty, frames = self.gap_penalty, self.max_gap_frames
+        if penalty * frames >= 1:
+            from livemask.analysis.tracking import largest_gap_frames
+
+            raise ValueError(
+                f"tracking.gap_penalty ({penalty}) * tracking.max_gap_frames ({frames}) must "
+                "be < 1: the link cost grows by gap_penalty per missed frame, so a track that "
+                "missed 1/gap_penalty frames can never be re-linked; set "
+                f"tracking.max_gap_frames to at most {largest_gap_frames(penalty)} or "
+                f"tracking.gap_penalty below {1 / frames:.4g}"
+            )
+        return self
 
 
 class RecordConfig(_Section):

@@ -175,8 +175,20 @@ def _check_is_file(path: Path) -> None:
         )
     if not path.is_file():
         raise ConfigError(
-            f"Micro-Manager config file {str(path)!r} does not exist; check hardware.config_file"
+            f"Micro-Manager config file {str(path)!r} does not exist; check "
+            f"hardware.config_file{_moved_simulated_rig(path)}"
         )
+
+
+def _moved_simulated_rig(path: Path) -> str:
+    """For a missing ``simulated.cfg`` (configs and recordings made before it moved from
+    hardware/ into the package): where the simulated rig's .cfg is now."""
+    if path.name != "simulated.cfg":
+        return ""
+    from livemask.acquisition.simulated import SIMULATED_CFG
+
+    return (" (the simulated rig's .cfg is part of the livemask package now: delete "
+            f"hardware.config_file to use it, or set it to {str(SIMULATED_CFG)!r})")
 
 
 def close_core(mmc: CMMCorePlus, *, timeout_s: float = 5.0) -> None:

@@ -12,20 +12,28 @@ units of that radius, is::
 
     (d / R)**2 + area_weight * |ln(area ratio)| + gap_penalty * missed - 1
 
-and only pairs with a negative cost are candidates. Minimising the summed cost over a
-one-to-one matching with zero cost for "not linked" is the usual LAP with a birth/death
-cost (linking beats not linking exactly when it is cheaper than the radius). Isolated
-one-to-one candidate pairs (most of them) are linked without the solver; only the rest go to
-``linear_sum_assignment``. Candidate pairs come from a k-d tree, so the cost grows with the
-number of nearby pairs, not with ``tracks x objects``.
+and only pairs with a negative cost are candidates (``missed``: analysed frames the track
+went without an object). Minimising the summed cost over a one-to-one matching with zero
+cost for "not linked" is the usual LAP with a birth/death cost (linking beats not linking
+exactly when it is cheaper than the radius). Isolated one-to-one candidate pairs (most of
+them) are linked without the solver; the rest go to ``linear_sum_assignment``, in one matrix
+when at most ``_DENSE_MAX`` tracks and objects are ambiguous, else per connected component
+of the candidate graph (the optimum of a block-diagonal problem is the union of the blocks'
+optima; the small components, nearly all, are solved together by trying every permutation).
+Candidate pairs come from a k-d tree, so the time grows with the number of objects and the
+crowding, not with ``tracks x objects``.
 
 Gap closing: a track that finds no object stays alive for ``max_gap_frames`` analysed
-frames and can be linked again (with ``gap_penalty`` per missed frame); after that it is
-dropped, so memory stays bounded by the objects in view.
+frames and can be linked again; after that it is dropped, so memory stays bounded by the
+objects in view. With ``gap_penalty`` per missed frame (which prefers recently seen tracks)
+its reach is ``R * sqrt(1 - gap_penalty * missed)`` (``area_weight`` 0), so
+``gap_penalty * max_gap_frames`` must be < 1 (:class:`TrackerParams` refuses more: such a
+track could never link again).
 
 Divisions: an object that started no link (a birth) near a track is a daughter when, with a
 sister, the pair looks like a split of that track's last object: the sister is either the
-object the track just linked to, or another birth; both daughters lie within
+object the track just linked to (when it lies within the division reach), or another
+birth; both daughters lie within
 ``division_distance_px * sqrt(dt)`` of the parent, their midpoint within half that, each
 has ``division_area_ratio`` (low, high) of the parent's area and the smaller has at least
 ``daughter_area_similarity`` of the larger's area, and (when mean intensities are given
@@ -53,10 +61,13 @@ import math
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import permutations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 if TYPE_CHECKING:
@@ -69,6 +80,7 @@ __all__ = [
     "TrackStep",
     "Tracker",
     "TrackerParams",
+    "largest_gap_frames",
     "signal_intensities",
 ]
 
@@ -79,6 +91,19 @@ TRACK_UNITS: dict[str, str] = {"track_id": "1", "parent_track_id": "1"}
 #: The MDA index axis along which a stream's frames follow each other (every other key tells
 #: the stream, as for ``publish.frame_every``).
 TIME_AXIS = "t"
+
+
+def largest_gap_frames(gap_penalty: float) -> int:
+    """The largest ``max_gap_frames`` with ``gap_penalty * max_gap_frames < 1`` (a track that
+    missed ``1 / gap_penalty`` frames could never link: its cost is never negative)."""
+    if gap_penalty <= 0:
+        raise ValueError("any max_gap_frames is allowed without a gap penalty")
+    frames = max(math.ceil(1.0 / gap_penalty) - 1, 0)
+    while gap_penalty * (frames + 1) < 1:  # float rounding of 1 / gap_penalty
+        frames += 1
+    while frames and gap_penalty * frames >= 1:
+        frames -= 1
+    return frames
 
 
 @dataclass(frozen=True)
@@ -103,6 +128,12 @@ class TrackerParams:
             raise ValueError(f"max_gap_frames must be >= 0, got {self.max_gap_frames}")
         if self.gap_penalty < 0 or self.area_weight < 0:
             raise ValueError("gap_penalty and area_weight must be >= 0")
+        if self.gap_penalty * self.max_gap_frames >= 1:
+            raise ValueError(
+                f"gap_penalty * max_gap_frames must be < 1 (a track that missed 1/gap_penalty "
+                f"frames can never link), got {self.gap_penalty} * {self.max_gap_frames}: give "
+                f"max_gap_frames at most {largest_gap_frames(self.gap_penalty)} or gap_penalty "
+                f"below {1 / self.max_gap_frames:.4g}")
         if self.division_distance_px is not None and self.division_distance_px <= 0:
             raise ValueError(f"division_distance_px must be > 0, got {self.division_distance_px}")
         if not 0 < lo < hi:
@@ -295,22 +326,7 @@ class Tracker:
         ti, oj, cost = ti[ok], oj[ok], cost[ok]
         if ti.size == 0:
             return _EMPTY_I, _EMPTY_I
-        # isolated one-to-one candidates need no solver
-        row_n = np.bincount(ti, minlength=len(tr))
-        col_n = np.bincount(oj, minlength=area.size)
-        alone = (row_n[ti] == 1) & (col_n[oj] == 1)
-        out_t, out_o = [ti[alone]], [oj[alone]]
-        rest = ~alone
-        if rest.any():
-            rows, r_inv = np.unique(ti[rest], return_inverse=True)
-            cols, c_inv = np.unique(oj[rest], return_inverse=True)
-            sub = np.zeros((rows.size, cols.size))
-            sub[r_inv, c_inv] = cost[rest]
-            ri, ci = linear_sum_assignment(sub)
-            hit = sub[ri, ci] < 0
-            out_t.append(rows[ri[hit]])
-            out_o.append(cols[ci[hit]])
-        return np.concatenate(out_t), np.concatenate(out_o)
+        return _assign(ti, oj, cost)
 
     def _divisions(
         self,
@@ -342,13 +358,15 @@ class Tracker:
         candidates: list[tuple[float, int, int, int]] = []
         for k in np.flatnonzero([len(b) > 0 for b in near]).tolist():
             objs = [int(births[i]) for i in near[k]]
-            if obj_of_track[k] >= 0:
-                objs.append(int(obj_of_track[k]))  # the object this track just linked to
+            py, px = tr.yx[k].tolist()
+            r_k = float(reach[k])
+            linked_to = int(obj_of_track[k])  # the object this track just linked to, if near
+            if linked_to >= 0 and math.hypot(yx_l[linked_to][0] - py,
+                                             yx_l[linked_to][1] - px) <= r_k:
+                objs.append(linked_to)
             if len(objs) < 2:
                 continue
-            py, px = tr.yx[k].tolist()
             pa = float(tr.area[k])
-            r_k = float(reach[k])
             p_int = peak_l[k]
             check_int = max_int is not None and p_int == p_int and p_int > 0  # not NaN
             for i, a in enumerate(objs):
@@ -379,6 +397,106 @@ class Tracker:
             used_objs.update((a, b))
             accepted.append((k, a, b))
         return accepted
+
+
+def _assign(ti: np.ndarray, oj: np.ndarray, cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Minimum-cost one-to-one links among candidate pairs (all costs < 0; 0: not linked).
+
+    Isolated one-to-one pairs link at once. The rest go to ``linear_sum_assignment`` in one
+    matrix when it has at most ``_DENSE_MAX`` rows and columns; a larger one is cut into the
+    connected components of the candidate graph (the optimum of a block-diagonal problem is
+    the union of the blocks' optima), so the time grows with the crowding, not with the
+    number of ambiguous pairs squared.
+    """
+    row_n = np.bincount(ti)
+    col_n = np.bincount(oj)
+    alone = (row_n[ti] == 1) & (col_n[oj] == 1)
+    out_t, out_o = [ti[alone]], [oj[alone]]
+    rest = ~alone
+    if rest.any():
+        rows, r_inv = np.unique(ti[rest], return_inverse=True)
+        cols, c_inv = np.unique(oj[rest], return_inverse=True)
+        if max(rows.size, cols.size) <= _DENSE_MAX:
+            sub = np.zeros((rows.size, cols.size))
+            sub[r_inv, c_inv] = cost[rest]
+            ri, ci = linear_sum_assignment(sub)
+            hit = sub[ri, ci] < 0
+            ri, ci = ri[hit], ci[hit]
+        else:
+            ri, ci = _assign_components(r_inv, c_inv, cost[rest], rows.size, cols.size)
+        out_t.append(rows[ri])
+        out_o.append(cols[ci])
+    return np.concatenate(out_t), np.concatenate(out_o)
+
+
+_DENSE_MAX = 256  # ambiguous tracks or objects solved in one matrix (faster below ~300)
+_BRUTE_MAX = 4  # components up to this many rows and columns: all permutations (24 at 4)
+_PERMS = {k: np.array(list(permutations(range(k))), np.intp) for k in range(1, _BRUTE_MAX + 1)}
+
+
+def _assign_components(
+    r_inv: np.ndarray, c_inv: np.ndarray, cost: np.ndarray, nr: int, nc: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Optimal links (rows, columns) of an ``nr x nc`` sparse problem, per connected component.
+
+    Components of up to ``_BRUTE_MAX`` rows and columns (nearly all) are solved together by
+    trying every permutation (vectorised), larger ones by ``linear_sum_assignment`` each.
+    """
+    graph = csr_matrix((np.ones(cost.size, bool), (r_inv, nr + c_inv)), shape=(nr + nc,) * 2)
+    n_comp, label = connected_components(graph, directed=False)
+    r_comp, c_comp = label[:nr], label[nr:]
+    r_rank, c_rank = _rank_in_group(r_comp), _rank_in_group(c_comp)
+    size = np.maximum(np.bincount(r_comp, minlength=n_comp), np.bincount(c_comp, minlength=n_comp))
+    e_comp = r_comp[r_inv]
+    out_r: list[np.ndarray] = [_EMPTY_I]
+    out_c: list[np.ndarray] = [_EMPTY_I]
+    for k in np.unique(size).tolist():  # components of k rows or columns, together
+        comps = np.flatnonzero(size == k)
+        batch = np.full(n_comp, -1, np.intp)
+        batch[comps] = np.arange(comps.size)
+        edges = np.flatnonzero(batch[e_comp] >= 0)
+        cube = np.zeros((comps.size, k, k))
+        cube[batch[e_comp[edges]], r_rank[r_inv[edges]], c_rank[c_inv[edges]]] = cost[edges]
+        row_of = np.full((comps.size, k), -1, np.intp)
+        col_of = np.full((comps.size, k), -1, np.intp)
+        in_r = np.flatnonzero(batch[r_comp] >= 0)
+        in_c = np.flatnonzero(batch[c_comp] >= 0)
+        row_of[batch[r_comp[in_r]], r_rank[in_r]] = in_r
+        col_of[batch[c_comp[in_c]], c_rank[in_c]] = in_c
+        b, ri, ci = _solve_cube(cube)
+        out_r.append(row_of[b, ri])
+        out_c.append(col_of[b, ci])
+    return np.concatenate(out_r), np.concatenate(out_c)
+
+
+def _rank_in_group(group: np.ndarray) -> np.ndarray:
+    """Each element's position among the elements of its group (in index order)."""
+    order = np.argsort(group, kind="stable")
+    sorted_group = group[order]
+    start = np.flatnonzero(np.r_[True, sorted_group[1:] != sorted_group[:-1]])
+    first = np.repeat(start, np.diff(np.r_[start, group.size]))
+    rank = np.empty(group.size, np.intp)
+    rank[order] = np.arange(group.size) - first
+    return rank
+
+
+def _solve_cube(cube: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Optimal links of a stack of (k, k) cost matrices (0: not linked): (matrix, row, col)."""
+    n, k, _ = cube.shape
+    if k <= _BRUTE_MAX:
+        perms = _PERMS[k]  # (P, k): row i links column perm[i]
+        totals = cube[:, np.arange(k), perms].sum(axis=2)  # (n, P)
+        ci = perms[np.argmin(totals, axis=1)]  # (n, k)
+        b = np.repeat(np.arange(n), k)
+        ri = np.tile(np.arange(k), n)
+        ci = ci.reshape(-1)
+    else:
+        found = [linear_sum_assignment(m) for m in cube]
+        b = np.repeat(np.arange(n), [r.size for r, _ in found])
+        ri = np.concatenate([r for r, _ in found])
+        ci = np.concatenate([c for _, c in found])
+    hit = cube[b, ri, ci] < 0
+    return b[hit], ri[hit], ci[hit]
 
 
 class PositionTrackers:

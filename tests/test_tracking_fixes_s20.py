@@ -3,6 +3,8 @@ the division reach of the object a parent linked to."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
@@ -84,22 +86,38 @@ def _dense(ti: np.ndarray, oj: np.ndarray, cost: np.ndarray) -> set[tuple[int, i
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("dense_max", [0, 256])
+@pytest.mark.parametrize(("side", "cut"), [(400.0, False), (700.0, True)])
 def test_per_component_links_equal_one_dense_assignment(
-    seed: int, dense_max: int, monkeypatch: pytest.MonkeyPatch
+    seed: int, dense_max: int, side: float, cut: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """At 800 nuclei in 400² px (one component holds most: solved in one matrix) and in
+    700² px (components of up to ~50: cut, the larger ones by the solver one by one)."""
     monkeypatch.setattr(tracking, "_DENSE_MAX", dense_max)
     rng = np.random.default_rng(seed)
-    ti, oj, cost = _candidates(rng, 800, 400.0, 20.0)  # ~45 nuclei per 100 x 100 px
+    ti, oj, cost = _candidates(rng, 800, side, 20.0)
     rows = np.bincount(ti)
     assert rows.max() > tracking._BRUTE_MAX  # some components go to the solver one by one
+    paths: list[bool] = []
+    real = tracking._assign_components
+
+    def spy(*args: Any) -> Any:
+        found = real(*args)
+        paths.append(found is not None)
+        return found
+
+    monkeypatch.setattr(tracking, "_assign_components", spy)
     t, o = tracking._assign(ti, oj, cost)
+    assert paths == [cut]
     assert np.unique(t).size == t.size and np.unique(o).size == o.size
     assert set(zip(t.tolist(), o.tolist(), strict=True)) == _dense(ti, oj, cost)
 
 
-def test_crowded_field_track_ids_equal_a_dense_solver(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("side", [300.0, 600.0])
+def test_crowded_field_track_ids_equal_a_dense_solver(
+    side: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rng = np.random.default_rng(5)
-    yx = rng.uniform(0, 300, (600, 2))
+    yx = rng.uniform(0, side, (600, 2))
     frames = []
     for _ in range(6):
         yx = yx + rng.normal(0, 4, yx.shape)

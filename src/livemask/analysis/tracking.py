@@ -406,7 +406,8 @@ def _assign(ti: np.ndarray, oj: np.ndarray, cost: np.ndarray) -> tuple[np.ndarra
     matrix when it has at most ``_DENSE_MAX`` rows and columns; a larger one is cut into the
     connected components of the candidate graph (the optimum of a block-diagonal problem is
     the union of the blocks' optima), so the time grows with the crowding, not with the
-    number of ambiguous pairs squared.
+    number of ambiguous pairs squared; unless one component holds more than half of them
+    (a crowded field: cutting gains nothing and costs its fixed ~1 ms).
     """
     row_n = np.bincount(ti)
     col_n = np.bincount(oj)
@@ -416,14 +417,17 @@ def _assign(ti: np.ndarray, oj: np.ndarray, cost: np.ndarray) -> tuple[np.ndarra
     if rest.any():
         rows, r_inv = np.unique(ti[rest], return_inverse=True)
         cols, c_inv = np.unique(oj[rest], return_inverse=True)
-        if max(rows.size, cols.size) <= _DENSE_MAX:
+        cut = None
+        if max(rows.size, cols.size) > _DENSE_MAX:
+            cut = _assign_components(r_inv, c_inv, cost[rest], rows.size, cols.size)
+        if cut is None:
             sub = np.zeros((rows.size, cols.size))
             sub[r_inv, c_inv] = cost[rest]
             ri, ci = linear_sum_assignment(sub)
             hit = sub[ri, ci] < 0
             ri, ci = ri[hit], ci[hit]
         else:
-            ri, ci = _assign_components(r_inv, c_inv, cost[rest], rows.size, cols.size)
+            ri, ci = cut
         out_t.append(rows[ri])
         out_o.append(cols[ci])
     return np.concatenate(out_t), np.concatenate(out_o)
@@ -436,8 +440,9 @@ _PERMS = {k: np.array(list(permutations(range(k))), np.intp) for k in range(1, _
 
 def _assign_components(
     r_inv: np.ndarray, c_inv: np.ndarray, cost: np.ndarray, nr: int, nc: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Optimal links (rows, columns) of an ``nr x nc`` sparse problem, per connected component.
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Optimal links (rows, columns) of an ``nr x nc`` sparse problem, per connected component;
+    None where one component has more than half the rows or columns (one matrix is faster).
 
     Components of up to ``_BRUTE_MAX`` rows and columns (nearly all) are solved together by
     trying every permutation (vectorised), larger ones by ``linear_sum_assignment`` each.
@@ -445,8 +450,10 @@ def _assign_components(
     graph = csr_matrix((np.ones(cost.size, bool), (r_inv, nr + c_inv)), shape=(nr + nc,) * 2)
     n_comp, label = connected_components(graph, directed=False)
     r_comp, c_comp = label[:nr], label[nr:]
-    r_rank, c_rank = _rank_in_group(r_comp), _rank_in_group(c_comp)
     size = np.maximum(np.bincount(r_comp, minlength=n_comp), np.bincount(c_comp, minlength=n_comp))
+    if 2 * int(size.max()) > max(nr, nc):
+        return None
+    r_rank, c_rank = _rank_in_group(r_comp), _rank_in_group(c_comp)
     e_comp = r_comp[r_inv]
     out_r: list[np.ndarray] = [_EMPTY_I]
     out_c: list[np.ndarray] = [_EMPTY_I]

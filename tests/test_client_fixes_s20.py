@@ -228,7 +228,8 @@ def _unclosed_socket_warnings(make: Callable[[], Any]) -> list[str]:
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1:48510", "http://127.0.0.1:48510",
-                                     "tcp://127.0.0.1"])
+                                     "tcp://127.0.0.1", "tcp://127.0.0.1:115086",
+                                     "tcp://127.0.0.1:0", "tcp://127.0.0.1:*"])
 @pytest.mark.parametrize("client", [ControlClient, Subscriber, AsyncSubscriber])
 def test_a_malformed_address_is_a_value_error_naming_the_form(
     address: str, client: Callable[[str], Any]

@@ -63,14 +63,28 @@ def connect_or_explain(sock: zmq.Socket[Any], address: str, argument: str = "add
     try:
         if not isinstance(address, str):
             raise TypeError(f"{type(address).__name__}, not str")
+        _check_form(address)
         allow_ipv6(sock, address)
         sock.connect(address)
-    except (zmq.ZMQError, TypeError) as exc:
+    except (zmq.ZMQError, TypeError, ValueError) as exc:
         sock.close(linger=0)
         why = zmq.strerror(exc.errno or 0) if isinstance(exc, zmq.ZMQError) else str(exc)
         raise ValueError(
             f"{argument} {address!r} is not an address to connect to ({why}): {ADDRESS_FORM}"
         ) from None
+
+
+def _check_form(address: str) -> None:
+    """ValueError for what libzmq would take but cannot reach a service: a TCP port 0, ``*``
+    or above 65535 (libzmq wraps it: 115086 connects to 49550); ipc and inproc (a publisher
+    in this process) are left to libzmq."""
+    if address.startswith(("ipc://", "inproc://")):
+        return
+    if not address.startswith("tcp://"):
+        raise ValueError("not tcp://, ipc:// or inproc://")
+    port = address.rpartition(":")[2]
+    if not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"port {port!r} is not 1 to 65535")
 
 
 class ControlClient:

@@ -333,6 +333,12 @@ def _time_lapse(cfg: Any, frames: int | None, interval: float | None) -> None:
         raise typer.BadParameter(
             "the sequence has no time plan to set the interval of; give --frames N too, to "
             "add a time-lapse of N time points", param_hint="'--interval'")
+    order = "".join(cfg.acquisition.mda_sequence().axis_order)
+    if "t" not in order:  # (useq would run the sequence without its time plan)
+        raise typer.BadParameter(
+            f"the sequence's axis_order '{order}' leaves out 't', so a time plan would be "
+            "ignored; add 't' to acquisition.sequence.axis_order",
+            param_hint=f"'{'--frames' if frames is not None else '--interval'}'")
     default = {"interval": DEFAULT_SEQUENCE["time_plan"]["interval"]}
     plan = dict(given if given is not None else default)
     if frames is not None:

@@ -27,6 +27,7 @@ from datetime import timedelta
 from typing import Any
 
 import useq
+from pydantic import PrivateAttr
 
 from livemask.acquisition.plan_input import check_input, check_types
 
@@ -128,13 +129,36 @@ def _z_extent(plan: useq.ZTopBottom | useq.ZRangeAround | useq.ZAboveBelow) -> f
     return abs(plan.above) + abs(plan.below)
 
 
+#: The field of each letter of ``axis_order``: useq iterates only the axes it names.
+_AXIS_FIELDS = (("t", "time_plan"), ("p", "stage_positions"), ("g", "grid_plan"),
+                ("c", "channels"), ("z", "z_plan"))
+
+
+def check_axis_order(seq: useq.MDASequence, what: str = "sequence") -> None:
+    """Raise ``ValueError`` for a plan whose axis letter ``axis_order`` leaves out (useq
+    silently skips it: ``axis_order: pcz`` with a time plan runs one time point), naming
+    both ways out. Positions' own sequences are checked too."""
+    order = "".join(str(axis) for axis in seq.axis_order)
+    for axis, field in _AXIS_FIELDS:
+        value = getattr(seq, field)
+        is_set = bool(value) if field in ("channels", "stage_positions") else value is not None
+        if is_set and axis not in order:
+            raise ValueError(
+                f"{what}.axis_order: '{order}' leaves out '{axis}', so {field} would be "
+                f"ignored; add '{axis}' to axis_order or remove {field}")
+    for i, position in enumerate(seq.stage_positions):
+        if position.sequence is not None:
+            check_axis_order(position.sequence, f"{what}.stage_positions[{i}].sequence")
+
+
 def check_sequence(seq: useq.MDASequence, data: Any, what: str = "sequence") -> None:
     """The checks a sequence from a config or a client gets: :func:`check_input` and
-    :func:`check_types` on the ``data`` it was validated from, :func:`check_timing`,
-    :func:`check_z_plans`, :func:`check_size` and no ``setup`` event; ``ValueError`` naming
-    what."""
+    :func:`check_types` on the ``data`` it was validated from, :func:`check_axis_order`,
+    :func:`check_timing`, :func:`check_z_plans`, :func:`check_size` and no ``setup``
+    event; ``ValueError`` naming what."""
     check_input(seq, data, what)
     check_types(seq, data, what)
+    check_axis_order(seq, what)
     check_timing(seq)
     check_z_plans(seq, what)
     check_size(seq, what, fov_needed=False)
@@ -290,7 +314,7 @@ def _chunkable(seq: useq.MDASequence) -> bool:
         return False
     others = _other_sizes(seq)
     used = [str(axis) for axis in seq.axis_order if axis == _TIME or str(axis) in others]
-    if used[0] != _TIME:
+    if not used or used[0] != _TIME:  # (no 't' in axis_order: useq runs no time plan)
         return False
     return all(p.sequence is None or p.sequence.time_plan is None for p in seq.stage_positions)
 
@@ -388,10 +412,10 @@ def release_iteration_caches() -> None:
     uid for each), until the process ends: about 0.4 MB per 10,000. While a sequence is
     being iterated, emptying them only costs recomputation (useq takes its axes before the
     first event; a position's own sequence is looked up again), except for random points
-    without a seed in a position's own sequence, which useq would draw anew: the chunked
-    path seeds them (:func:`_random_points_seeded`), and the service empties the memos only
-    when its one acquisition has ended. Does nothing (logs at debug) where useq has no
-    such caches."""
+    without a seed or with ``order: random`` in a position's own sequence, which useq would
+    draw anew: the chunked path draws them once (:func:`_random_points_fixed`), and the
+    service empties the memos only when its one acquisition has ended. Does nothing (logs
+    at debug) where useq has no such caches."""
     try:
         module = importlib.import_module("useq._iter_sequence")
     except ImportError:
@@ -424,7 +448,7 @@ def _chunked(
     plan = seq.time_plan
     assert isinstance(plan, _SINGLE_PHASE)
     interval = plan.interval
-    fixed = _random_points_seeded(seq)
+    fixed = _random_points_fixed(seq)
     full: useq.MDASequence | None = None
     for start in range(0, n, chunk):
         if n - start < chunk:
@@ -461,22 +485,52 @@ def _renumbered(
         yield i == 0, event.model_copy(update=update)
 
 
-def _random_points_seeded(seq: useq.MDASequence) -> useq.MDASequence:
-    """``seq`` with a seed drawn once for each random-points grid plan that has none (its
-    own, and its positions' sequences'): useq draws the points on each pass over a sequence,
-    so every chunk would image other points than the one before."""
+def _random_points_fixed(seq: useq.MDASequence) -> useq.MDASequence:
+    """``seq`` with its random-points grid plans (its own, and its positions' sequences')
+    drawn once for every chunk (:func:`_points_drawn_once`). A changed position's sequence
+    gets a new uid: useq's memos take sequences equal in their fields as one."""
     update: dict[str, Any] = {}
-    plan = seq.grid_plan
-    if isinstance(plan, useq.RandomPoints) and plan.random_seed is None:
-        update["grid_plan"] = plan.model_copy(update={"random_seed": secrets.randbits(32)})
+    plan = _points_drawn_once(seq.grid_plan)
+    if plan is not seq.grid_plan:
+        update["grid_plan"] = plan
     positions = [
-        p.model_copy(update={"sequence": _random_points_seeded(p.sequence)})
+        p.model_copy(update={"sequence": _random_points_fixed(p.sequence)})
         if p.sequence is not None else p
         for p in seq.stage_positions
     ]
-    if any(a is not b for a, b in zip(positions, seq.stage_positions, strict=True)):
+    if any(a.sequence is not b.sequence
+           for a, b in zip(positions, seq.stage_positions, strict=True)):
         update["stage_positions"] = positions
-    return seq.model_copy(update=update) if update else seq
+    return seq.replace(**update) if update else seq
+
+
+def _points_drawn_once(plan: Any) -> Any:
+    """``plan`` as every chunk must iterate it, where it is random points: with a seed
+    drawn now where it has none (useq draws the points on each pass), and with
+    ``order: random`` in the order of one pass of useq's, kept (useq shuffles them again,
+    unseeded, on each pass). Any other plan as it is."""
+    if not isinstance(plan, useq.RandomPoints):
+        return plan
+    if plan.random_seed is None:
+        plan = plan.model_copy(update={"random_seed": secrets.randbits(32)})
+    if plan.order != useq.TraversalOrder.RANDOM or isinstance(plan, _PointsInFixedOrder):
+        return plan
+    fixed = _PointsInFixedOrder.model_construct(
+        _fields_set=plan.model_fields_set,
+        **{name: getattr(plan, name) for name in type(plan).model_fields})
+    fixed._points = tuple((p.x, p.y) for p in plan)  # (one pass: useq's own order)
+    return fixed
+
+
+class _PointsInFixedOrder(useq.RandomPoints):
+    """Random points that give the same points in the same order on every pass (the
+    fields are the plan's, ``order: random`` included: this is what it drew once)."""
+
+    _points: tuple[tuple[float, float], ...] = PrivateAttr(default=())
+
+    def __iter__(self) -> Iterator[useq.RelativePosition]:  # type: ignore[override]
+        for i, (x, y) in enumerate(self._points):
+            yield useq.RelativePosition(x=x, y=y, name=f"{i:04d}")  # (as useq names them)
 
 
 def _keep_shutter_across_chunks(

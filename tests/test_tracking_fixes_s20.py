@@ -86,15 +86,18 @@ def _dense(ti: np.ndarray, oj: np.ndarray, cost: np.ndarray) -> set[tuple[int, i
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("dense_max", [0, 256])
-@pytest.mark.parametrize(("side", "cut"), [(400.0, False), (700.0, True)])
+@pytest.mark.parametrize(("n", "side", "cut"),
+                         [(800, 400.0, False), (800, 700.0, True), (1400, 560.0, True)])
 def test_per_component_links_equal_one_dense_assignment(
-    seed: int, dense_max: int, side: float, cut: bool, monkeypatch: pytest.MonkeyPatch
+    seed: int, dense_max: int, n: int, side: float, cut: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """At 800 nuclei in 400² px (one component holds most: solved in one matrix) and in
-    700² px (components of up to ~50: cut, the larger ones by the solver one by one)."""
+    """At 800 nuclei in 400² px (one component holds nearly all: solved in one matrix), in
+    700² px (components of up to ~50: cut, the larger ones by the solver one by one) and
+    1,400 in 560² px (more than 1,000 ambiguous: cut though one component holds most)."""
     monkeypatch.setattr(tracking, "_DENSE_MAX", dense_max)
     rng = np.random.default_rng(seed)
-    ti, oj, cost = _candidates(rng, 800, side, 20.0)
+    ti, oj, cost = _candidates(rng, n, side, 20.0)
     rows = np.bincount(ti)
     assert rows.max() > tracking._BRUTE_MAX  # some components go to the solver one by one
     paths: list[bool] = []

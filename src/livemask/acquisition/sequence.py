@@ -529,6 +529,9 @@ class _PointsInFixedOrder(useq.RandomPoints):
     _points: tuple[tuple[float, float], ...] = PrivateAttr(default=())
 
     def __iter__(self) -> Iterator[useq.RelativePosition]:  # type: ignore[override]
+        if not self._points:  # (a copy useq re-validated, e.g. ``replace``: useq's own draw)
+            yield from super().__iter__()
+            return
         for i, (x, y) in enumerate(self._points):
             yield useq.RelativePosition(x=x, y=y, name=f"{i:04d}")  # (as useq names them)
 

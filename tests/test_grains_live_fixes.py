@@ -147,6 +147,21 @@ def test_segment_reads_a_min_is_white_tiff_as_a_viewer_shows_it(
     assert labels[0].max() > 3 and np.array_equal(labels[0], labels[1])
 
 
+def _assert_replays(path: Path, frames: np.ndarray, *, cut_short: bool) -> None:
+    """``open_stack`` of ``path`` (first cut to 60 % of its bytes if asked) reads at least
+    3 planes, each equal to ``frames``' one."""
+    if cut_short:
+        raw = path.read_bytes()
+        path.write_bytes(raw[:int(len(raw) * 0.6)])
+    stack = open_stack(path)
+    try:
+        assert stack.frames >= 3
+        for i in range(stack.frames):
+            assert np.array_equal(stack.plane(i), frames[i]), i
+    finally:
+        stack.close()
+
+
 @pytest.mark.parametrize("layout", ["plain", "zlib", "cut short"])
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
 def test_replay_reads_a_min_is_white_tiff_as_a_viewer_shows_it(
@@ -159,16 +174,7 @@ def test_replay_reads_a_min_is_white_tiff_as_a_viewer_shows_it(
     path = tmp_path / "white.tif"
     options: dict[str, Any] = {"compression": "zlib"} if layout == "zlib" else {}
     tifffile.imwrite(path, _min_is_white(frames), photometric="miniswhite", **options)
-    if layout == "cut short":
-        raw = path.read_bytes()
-        path.write_bytes(raw[:int(len(raw) * 0.6)])
-    stack = open_stack(path)
-    try:
-        assert stack.frames >= 3
-        for i in range(stack.frames):
-            assert np.array_equal(stack.plane(i), frames[i]), i
-    finally:
-        stack.close()
+    _assert_replays(path, frames, cut_short=layout == "cut short")
 
 
 def test_a_float_min_is_white_tiff_not_from_imagej_is_refused_saying_what_to_do(
@@ -257,16 +263,7 @@ def test_replay_reads_an_imagej_inverted_lut_tiff_with_its_stored_values(
     frames = rng.integers(100, 3000, (6, 40, 48)).astype(dtype)
     path = tmp_path / "lut.tif"
     _imagej_inverted_lut(path, frames)
-    if layout == "cut short":
-        raw = path.read_bytes()
-        path.write_bytes(raw[:int(len(raw) * 0.6)])
-    stack = open_stack(path)
-    try:
-        assert stack.frames >= 3
-        for i in range(stack.frames):
-            assert np.array_equal(stack.plane(i), frames[i]), i
-    finally:
-        stack.close()
+    _assert_replays(path, frames, cut_short=layout == "cut short")
 
 
 # ---------------------------------------------------------------- 3. no pixel size

@@ -89,12 +89,9 @@ def test_a_disk_that_fills_twice_is_announced_twice_and_events_catch_up(
     assert len(open_recording(run).frames) == 9
 
 
-def test_events_past_the_cap_are_counted_in_one_line_in_their_place(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """What waits for events.jsonl is bounded: past the cap, events are counted and one
-    line says how many are missing, where they were; the order of the others is kept."""
-    monkeypatch.setattr(writer_module, "MAX_PENDING_EVENTS", 3)
+def _events_disk_full(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Make events.jsonl writes fail as on a full disk while ``flag[0]`` is True (returned,
+    True at first); other files write as usual."""
     real_write = BlockFile.write
     full = [True]
 
@@ -104,6 +101,16 @@ def test_events_past_the_cap_are_counted_in_one_line_in_their_place(
         real_write(self, text)
 
     monkeypatch.setattr(BlockFile, "write", events_full)
+    return full
+
+
+def test_events_past_the_cap_are_counted_in_one_line_in_their_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What waits for events.jsonl is bounded: past the cap, events are counted and one
+    line says how many are missing, where they were; the order of the others is kept."""
+    monkeypatch.setattr(writer_module, "MAX_PENDING_EVENTS", 3)
+    full = _events_disk_full(monkeypatch)
     errors: list[str] = []
     run = tmp_path / "run"
     rec = Recorder(run, pixel_size_um=0.65, units=UNITS, on_error=errors.append).start()
@@ -133,15 +140,7 @@ def test_an_event_after_the_disk_recovered_is_written_although_the_backlog_was_f
     """With the backlog exactly full, the next event came after the disk had room again:
     it was counted as lost before the waiting lines were tried (review)."""
     monkeypatch.setattr(writer_module, "MAX_PENDING_EVENTS", 3)
-    real_write = BlockFile.write
-    full = [True]
-
-    def events_full(self: BlockFile, text: str) -> None:
-        if self.path.name == "events.jsonl" and full[0]:
-            raise OSError(28, "No space left on device")
-        real_write(self, text)
-
-    monkeypatch.setattr(BlockFile, "write", events_full)
+    full = _events_disk_full(monkeypatch)
     run = tmp_path / "run"
     rec = Recorder(run, pixel_size_um=0.65, units=UNITS).start()
     for n in range(3):
@@ -158,15 +157,7 @@ def test_events_still_waiting_at_close_are_written_then(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No frame after the disk recovered: close writes what waits."""
-    real_write = BlockFile.write
-    full = [True]
-
-    def events_full(self: BlockFile, text: str) -> None:
-        if self.path.name == "events.jsonl" and full[0]:
-            raise OSError(28, "No space left on device")
-        real_write(self, text)
-
-    monkeypatch.setattr(BlockFile, "write", events_full)
+    full = _events_disk_full(monkeypatch)
     run = tmp_path / "run"
     rec = Recorder(run, pixel_size_um=0.65, units=UNITS).start()
     rec.on_event({"kind": "test", "n": 0})

@@ -6,6 +6,7 @@ packaged simulated rig in configs and dumps, signal setup in the entry point onl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import sys
 import threading
 import time
 import tomllib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -294,30 +296,38 @@ def test_an_ignored_sighup_stays_ignored_by_the_entry_point() -> None:
         signal.signal(signal.SIGHUP, before)
 
 
-@pytest.mark.timeout(90)
-def test_sigterm_once_serving_still_stops_in_order(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _serving(
+    log: Path, frames: int, preexec_fn: Callable[[], None] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], Any]]:
+    """``python -m livemask serve`` of the simulated nuclei config for ``frames`` frames
+    (output to ``log``) and a measurements subscriber of it; killed if still running at
+    the end."""
     from livemask.client import Subscriber
 
     pub = free_tcp_address()
-    log = tmp_path / "serve.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "livemask", "serve", "--config",
              str(ROOT / "configs" / "simulated-nuclei.yaml"), "--pub", pub,
-             "--control", free_tcp_address(), "--frames", "1000"],
-            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+             "--control", free_tcp_address(), "--frames", str(frames)],
+            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, preexec_fn=preexec_fn)
     try:
         with Subscriber(pub, ("measurements",)) as sub:
-            msg, deadline = None, time.monotonic() + 60
-            while msg is None and time.monotonic() < deadline and proc.poll() is None:
-                msg = sub.recv(timeout_s=0.5)
-        assert msg is not None, log.read_text()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0, log.read_text()
+            yield proc, sub
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.timeout(90)
+def test_sigterm_once_serving_still_stops_in_order(tmp_path: Path) -> None:
+    log = tmp_path / "serve.log"
+    with _serving(log, 1000) as (proc, sub):
+        assert _measurements(sub, proc, 1), log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()
     assert "livemask stopped" in log.read_text()
 
 
@@ -502,27 +512,13 @@ def _ignore_sighup() -> None:
 def test_nohup_serve_keeps_running_after_sighup(tmp_path: Path) -> None:
     """Before, serve installed its SIGHUP handler regardless: ``nohup livemask serve``
     stopped when its terminal closed."""
-    from livemask.client import Subscriber
-
-    pub = free_tcp_address()
     log = tmp_path / "serve.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "livemask", "serve", "--config",
-             str(ROOT / "configs" / "simulated-nuclei.yaml"), "--pub", pub,
-             "--control", free_tcp_address(), "--frames", "100000"],
-            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, preexec_fn=_ignore_sighup)
-    try:
-        with Subscriber(pub, ("measurements",)) as sub:
-            assert _measurements(sub, proc, 1), log.read_text()
-            proc.send_signal(signal.SIGHUP)
-            assert _measurements(sub, proc, 10), log.read_text()  # still serving
+    with _serving(log, 100000, preexec_fn=_ignore_sighup) as (proc, sub):
+        assert _measurements(sub, proc, 1), log.read_text()
+        proc.send_signal(signal.SIGHUP)
+        assert _measurements(sub, proc, 10), log.read_text()  # still serving
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, log.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     text = log.read_text()
     assert text.count("shutting down") == 1 and "livemask stopped" in text
 

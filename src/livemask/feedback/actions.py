@@ -343,8 +343,8 @@ def frame_count(action: Any) -> int:
 
 def duration_s(action: Any) -> float:
     """How long ``action``'s frames hold the microscope by their spacing alone:
-    ``(frames - 1) × interval_s`` (0 for actions without an interval)."""
-    action = plain_action(action)
+    ``(frames - 1) × interval_s`` (0 for actions without an interval; numpy numbers too:
+    :func:`frame_count` and ``_positive`` take them)."""
     if not isinstance(action, Burst | Revisit) or not _positive(action.interval_s):
         return 0.0
     return max(frame_count(action) - 1, 0) * float(action.interval_s)

@@ -45,6 +45,7 @@ KEY_ARGS: dict[str, Any] = {
     "compute_capability": (9, 0),
     "profile": EngineProfile(),
     "precision": "fp16",
+    "output_name": "probabilities",
 }
 
 
@@ -78,6 +79,7 @@ def test_engine_cache_key_is_stable() -> None:
         {"profile": EngineProfile(opt_shape=(1, 1024, 1024))},
         {"profile": EngineProfile(min_shape=(1, 64, 64))},
         {"precision": "fp32"},
+        {"output_name": "logits"},  # before: missing, so another output reused the engine
         {"workspace_mb": 4096},
         {"recipe": ENGINE_RECIPE + 1},
     ],
@@ -597,12 +599,14 @@ def test_tensorrt_load_builds_once_then_reuses_the_cached_engine(
     expected = engine_cache_key(
         model_sha256=file_sha256(card.onnx_path), trt_version="10.99.0", gpu_name="Fake GPU",
         compute_capability=(8, 9), profile=first.profile, precision="fp16",
+        output_name="probabilities",
     )
     assert first.engine_key == expected
     engine_file = tmp_path / f"{expected}.engine"
     assert engine_file.read_bytes() == b"plan"
     meta = json.loads(engine_file.with_suffix(".json").read_text())
     assert meta["gpu_name"] == "Fake GPU" and meta["model"] == "nuclei"
+    assert meta["output_name"] == "probabilities"
 
     second = TensorRTBackend(cache_dir=tmp_path, max_batch=2)
     second.load(card)

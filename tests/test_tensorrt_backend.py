@@ -9,6 +9,7 @@ python/src (pyCore.cpp, pyOnnx.cpp); they check livemask's calls, not TensorRT.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -146,7 +147,7 @@ def test_profile_derived_from_the_card() -> None:
     # the engine cache key follows the card's profile
     keys = {engine_cache_key(model_sha256="a" * 64, trt_version="10", gpu_name="g",
                              compute_capability=(9, 0), precision="fp16",
-                             profile=EngineProfile.for_card(c))
+                             output_name="probabilities", profile=EngineProfile.for_card(c))
             for c in (_card(), odd, _card(max_batch=8))}
     assert len(keys) == 3
 
@@ -367,6 +368,68 @@ def test_only_the_cards_output_is_built(fake: Any, tmp_path: Path) -> None:
     calls["outputs"] = ["logits", "scores"]
     with pytest.raises(ModelError, match=r"one named 'probabilities'"):
         backend._build(_card())
+
+
+def _two_output_model() -> Any:
+    """A 3×3 convolution (1 → 2 channels) with two outputs: ``logits`` and their sigmoid,
+    ``probabilities``."""
+    w = numpy_helper.from_array(np.ones((2, 1, 3, 3), np.float32), "w")
+    out = ["N", 2, "H", "W"]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["image", "w"], ["logits"], pads=[1, 1, 1, 1]),
+         helper.make_node("Sigmoid", ["logits"], ["probabilities"])],
+        "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, "H", "W"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, out),
+         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, out)], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _two_output_card(tmp_path: Path, output_name: str) -> ModelCard:
+    if not (tmp_path / "two.onnx").exists():
+        onnx.save(_two_output_model(), tmp_path / "two.onnx")
+    card = _card(file="two.onnx", output_name=output_name)
+    card.card_path = tmp_path / "two.yaml"
+    return card
+
+
+def test_the_engine_key_follows_the_cards_output(fake: Any, tmp_path: Path) -> None:
+    """Before: the key left out the output kept, so naming the other output of a
+    two-output network reused the engine built for the first (GPU review)."""
+    calls = fake()
+    loaded: dict[str, TensorRTBackend] = {}
+    for name in ("logits", "probabilities"):
+        calls["outputs"] = ["logits", "probabilities"]
+        backend = TensorRTBackend(cache_dir=tmp_path / "engines")
+        backend.load(_two_output_card(tmp_path, name))
+        assert backend.built, name  # each output gets its own engine
+        assert [t.name for t in calls["network"].outputs] == [name]
+        loaded[name] = backend
+    assert loaded["logits"].engine_key != loaded["probabilities"].engine_key
+    for name, backend in loaded.items():
+        meta = tmp_path / "engines" / f"{backend.engine_key}.json"
+        assert json.loads(meta.read_text())["output_name"] == name
+    again = TensorRTBackend(cache_dir=tmp_path / "engines")
+    again.load(_two_output_card(tmp_path, "logits"))
+    assert not again.built and again.engine_key == loaded["logits"].engine_key
+
+
+def test_an_engine_computing_another_output_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A cached engine whose one output is not the card's output_name (an engine cached
+    under an older key) is refused with what to delete, not run as probabilities."""
+    engine = SimpleNamespace(num_io_tensors=2, get_tensor_name=["image", "logits"].__getitem__,
+                             get_tensor_mode=lambda n: "INPUT" if n == "image" else "OUTPUT")
+    trt = _fake_trt({})
+    trt.TensorIOMode = SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
+    trt.Runtime = lambda logger: SimpleNamespace(deserialize_cuda_engine=lambda data: engine)
+    monkeypatch.setattr(tb, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(tb, "import_torch_cuda", _fake_torch)
+    monkeypatch.setattr(TensorRTBackend, "_build", lambda self, card: b"plan")
+    backend = TensorRTBackend(cache_dir=tmp_path)
+    with pytest.raises(ModelError, match=r"computes output 'logits', not 'probabilities' "
+                                         r"\(the card's output_name\): delete"):
+        backend.load(_two_output_card(tmp_path, "probabilities"))
 
 
 def test_the_model_hash_covers_external_weights(tmp_path: Path) -> None:

@@ -11,12 +11,13 @@ clears ``BuilderFlag.TF32`` (on by default), so fp32 means fp32.
 
 Cache: the serialized engine is stored as ``<cache_dir>/<key>.engine``, ``key`` =
 :func:`engine_cache_key` (sha256 of the model file's sha256, the TensorRT version, the GPU's
-name and compute capability, the profile shapes and the precision), next to a ``<key>.json``
-that spells those inputs out. The timing cache is one file per TensorRT version and GPU. A
-second start with the same key deserializes the engine instead of building it. The directory
-is ``$LIVEMASK_CACHE_DIR/engines``, else ``$XDG_CACHE_HOME/livemask/engines`` (default
-``~/.cache/livemask/engines``). A cache that cannot be written (read-only, full disk) is logged
-as a warning and the freshly built engine is used anyway.
+name and compute capability, the profile shapes, the precision and the output kept), next
+to a ``<key>.json`` that spells those inputs out. The timing cache is one file per TensorRT
+version and GPU. A second start with the same key deserializes the engine instead of building
+it. The directory is ``$LIVEMASK_CACHE_DIR/engines``, else
+``$XDG_CACHE_HOME/livemask/engines`` (default ``~/.cache/livemask/engines``). A cache that
+cannot be written (read-only, full disk) is logged as a warning and the freshly built engine
+is used anyway.
 
 Run: PyTorch is the CUDA memory and stream provider (no second CUDA binding): one
 ``torch.cuda.Stream``, device buffers pre-allocated for the profile's largest input and output
@@ -46,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from livemask.errors import BackendUnavailable, ModelError
-from livemask.inference.model_checks import ModelIO, check_onnx_model
+from livemask.inference.model_checks import ModelIO, check_onnx_model, chosen_output
 from livemask.inference.models import ModelCard
 from livemask.inference.tiling import needs_tiling, plan_tiles
 
@@ -57,7 +58,8 @@ log = logging.getLogger("livemask")
 
 #: Bumped when the way livemask builds engines changes, so old cached engines are not reused.
 #: 2: fp32 engines without TF32; Resize/Upsample scales kept fp32 in the TensorRT 11 fp16 model.
-ENGINE_RECIPE = 2
+#: 3: only the card's output is built, so its name is part of the key (older keys lacked it).
+ENGINE_RECIPE = 3
 
 INSTALL_HINT = (
     "install the gpu extra (tensorrt and a CUDA build of torch) with pip install "
@@ -213,6 +215,7 @@ def engine_cache_key(
     compute_capability: tuple[int, int],
     profile: EngineProfile,
     precision: str,
+    output_name: str,
     workspace_mb: int = 1024,
     recipe: int = ENGINE_RECIPE,
 ) -> str:
@@ -220,8 +223,9 @@ def engine_cache_key(
 
     A pure function of its arguments: the model's sha256 (its external data included, see
     :func:`onnx_sha256`), the TensorRT version, the GPU name and compute capability, the
-    optimisation profile, the precision (``fp16``/``fp32``), the builder's workspace (it
-    limits the tactics TensorRT may choose) and livemask's build recipe version.
+    optimisation profile, the precision (``fp16``/``fp32``), the name of the one output
+    the engine keeps (the card's ``output_name``: the others are pruned), the builder's
+    workspace (it limits the tactics TensorRT may choose) and livemask's build recipe version.
     """
     fields = {
         "model_sha256": model_sha256,
@@ -230,6 +234,7 @@ def engine_cache_key(
         "compute_capability": [int(compute_capability[0]), int(compute_capability[1])],
         "profile": {k: list(v) for k, v in asdict(profile).items()},
         "precision": precision,
+        "output_name": output_name,
         "workspace_mb": int(workspace_mb),
         "recipe": recipe,
     }
@@ -531,6 +536,7 @@ class TensorRTBackend:
         self._stream: Any = None
         self._input = ""
         self._output = ""
+        self._kept_output = ""  # the output the engine keeps (set by load)
         self._last_shape: tuple[int, ...] | None = None
         self._dev_in: torch.Tensor | None = None
         self._dev_out: torch.Tensor | None = None
@@ -559,6 +565,7 @@ class TensorRTBackend:
             profile = profile.pinned((n, h, w))
         profile.validate(card.size_multiple)
         self.profile, self._size_multiple = profile, card.size_multiple
+        self._kept_output = self._kept_output_name(card, io)
         key_fields: dict[str, Any] = {
             "model_sha256": onnx_sha256(card.onnx_path),
             "trt_version": str(trt.__version__),
@@ -566,6 +573,7 @@ class TensorRTBackend:
             "compute_capability": self.compute_capability,
             "profile": profile,
             "precision": self.precision,
+            "output_name": self._kept_output,
             "workspace_mb": self.workspace_bytes >> 20,
         }
         key = engine_cache_key(**key_fields)
@@ -608,6 +616,12 @@ class TensorRTBackend:
         log.info("tensorrt: %s on %s (sm_%d%d), %s, profile %s..%s", card.name,
                  self.device_name, *self.compute_capability, self.precision,
                  profile.min_shape, profile.max_shape)
+
+    @staticmethod
+    def _kept_output_name(card: ModelCard, io: ModelIO | None) -> str:
+        """The output the engine keeps: the one named ``output_name``, else the only one."""
+        spec = chosen_output(card, io) if io is not None else None
+        return spec.name if spec is not None else card.output_name
 
     def _loaded_profile(self) -> EngineProfile:
         if self.profile is None:
@@ -688,6 +702,11 @@ class TensorRTBackend:
                              f"{outputs}; the TensorRT backend runs models with one of each: "
                              "re-export with only the probability output, or use "
                              "model.backend: onnxruntime")
+        if self._kept_output and outputs[0] != self._kept_output:
+            raise ModelError(f"the engine {self.cache.engine_path(self.engine_key or '')} for "
+                             f"{card.name} computes output {outputs[0]!r}, not "
+                             f"{self._kept_output!r} (the card's output_name): delete that "
+                             "file so that the engine is built again")
         self._input, self._output = inputs[0], outputs[0]
         context = engine.create_execution_context()
         if context is None:

@@ -5,8 +5,9 @@ The shipped models are ONNX files only, so :func:`unet_from_onnx` reads the ONNX
 sigmoid (``ProbabilityModel``). The architecture (levels, channel counts, output channels) is
 read from the initializer shapes, checked against the graph's operators and against the
 card's ``architecture`` text, and finally the converted network is run next to ONNX Runtime on
-a small random input (:func:`verify_against_onnxruntime`): a model that does not convert
-exactly is refused with :class:`~livemask.errors.ModelError`, never run wrong.
+a small random input, of the model's fixed size where its ONNX declares one
+(:func:`verify_against_onnxruntime`; fp16 models get an fp16 tolerance): a model that does
+not convert exactly is refused with :class:`~livemask.errors.ModelError`, never run wrong.
 
 On CUDA the network runs in fp16 and channels-last. With ``cuda_graphs`` a shape seen a
 second time is captured into a CUDA graph and replayed from then on (up to ``max_graphs``
@@ -28,7 +29,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from livemask.errors import BackendUnavailable, ModelError
-from livemask.inference.model_checks import ModelIO, check_onnx_model
+from livemask.inference.model_checks import (
+    Dim,
+    ModelIO,
+    check_onnx_model,
+    io_from_session,
+)
 from livemask.inference.models import ModelCard
 
 if TYPE_CHECKING:
@@ -217,36 +223,102 @@ def unet_from_onnx(path: str | Path, card: ModelCard | None = None) -> nn.Module
     return ProbabilityModel(net).eval()
 
 
-def verify_against_onnxruntime(
-    module: nn.Module, onnx_path: str | Path, *, size: int = 64, atol: float = 1e-4, seed: int = 0,
-    output: str | None = None,
-) -> float:
-    """Run ``module`` (CPU, fp32) and ONNX Runtime on one random input; the max difference.
-    ``output`` names the ONNX output compared (the card's ``output_name``; None: the first).
+#: Largest difference allowed between the converted module (fp32) and ONNX Runtime on an
+#: fp32 model: rounding in a different order of operations only.
+FP32_ATOL = 1e-4
+#: The same for a model whose input or weights are fp16. fp16 keeps 11 significant bits
+#: (rounding step 4.9e-4 just below 1), so ONNX Runtime's fp16 output alone is off by up to
+#: 2.4e-4, and a runtime that also keeps activations in fp16 rounds again after each of the
+#: U-Net's ~20 layers. The output is sigmoid probabilities in [0, 1], so 1e-2 is 1% of its
+#: range: far above fp16 rounding, far below what a wrong conversion gives (0.1 to 1).
+FP16_ATOL = 1e-2
 
-    Raises ModelError when it exceeds ``atol``.
-    """
+
+def _check_input_shape(declared: tuple[Dim, ...] | None, size: int,
+                       size_multiple: int) -> tuple[int, int, int, int]:
+    """The (N, 1, H, W) test input: the model's fixed batch, height and width where it
+    declares them, else a batch of 1 and ``size`` rounded up to ``size_multiple``."""
+    m = max(1, size_multiple)
+    free = (1, 1, -(-size // m) * m, -(-size // m) * m)
+    if declared is None or len(declared) != 4:
+        return free
+    n, _, h, w = (d if isinstance(d, int) and d > 0 else f
+                  for d, f in zip(declared, free, strict=True))
+    return int(n), 1, int(h), int(w)
+
+
+def _is_fp16(onnx_path: str | Path, input_dtype: str) -> bool:
+    """Whether the ONNX model takes fp16 input or keeps fp16 weights."""
+    if input_dtype == "float16":
+        return True
+    import onnx
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception:  # DecodeError and friends: ONNX Runtime read it, so take it as fp32
+        return False
+    return any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+
+
+def _ort_session(onnx_path: str | Path) -> Any:
+    """A one-thread CPU ONNX Runtime session, or ModelError naming what to do."""
     import onnxruntime as ort
 
-    torch = import_torch()
-    x = np.random.default_rng(seed).random((1, 1, size, size), dtype=np.float32)
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    first = session.get_inputs()[0]
-    x_in = x.astype(np.float16) if first.type == "tensor(float16)" else x
+    try:
+        return ort.InferenceSession(str(onnx_path), options,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ModelError(f"{onnx_path}: ONNX Runtime cannot load the model to check the torch "
+                         f"conversion ({exc}); fix the model file") from None
+
+
+def verify_against_onnxruntime(
+    module: nn.Module, onnx_path: str | Path, *, size: int = 64, atol: float | None = None,
+    seed: int = 0, output: str | None = None, size_multiple: int = 1,
+) -> float:
+    """Run ``module`` (CPU, fp32) and ONNX Runtime on one random input; the max difference.
+
+    The input has the model's fixed batch, height and width where its ONNX declares them,
+    else a batch of 1 and ``size`` rounded up to ``size_multiple``. ``output`` names the
+    ONNX output compared (the card's ``output_name``; None: the first). ``atol`` defaults
+    to :data:`FP32_ATOL`, or :data:`FP16_ATOL` when the model's input or weights are fp16
+    (the module then gets the same fp16-rounded input as ONNX Runtime).
+
+    Raises ModelError when the difference exceeds ``atol`` or ONNX Runtime cannot run it.
+    """
+    torch = import_torch()
+    session = _ort_session(onnx_path)
+    spec = io_from_session(session).inputs[0]
+    shape = _check_input_shape(spec.shape, size, size_multiple)
+    x = np.random.default_rng(seed).random(shape, dtype=np.float32)
+    fp16 = _is_fp16(onnx_path, spec.dtype)
+    x_in = x.astype(np.float16) if spec.dtype == "float16" else x
+    x = np.asarray(x_in, dtype=np.float32)  # the module sees what ONNX Runtime sees
     names = [o.name for o in session.get_outputs()]
     name = output if output in names else names[0]
-    expected = np.asarray(session.run([name], {first.name: x_in})[0], dtype=np.float32)
+    try:
+        result = session.run([name], {spec.name: x_in})[0]
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ModelError(
+            f"{onnx_path}: ONNX Runtime cannot run the model on a {shape} test input to check "
+            f"the torch conversion ({exc}); fix the model (or its card's size_multiple), or "
+            "run it with model.backend: onnxruntime"
+        ) from None
+    expected = np.asarray(result, dtype=np.float32)
     with torch.no_grad():
         got = module(torch.from_numpy(x)).numpy()
     if got.shape != np.shape(expected):
         raise ModelError(f"{onnx_path}: torch output {got.shape} but ONNX output "
                          f"{np.shape(expected)}")
     diff = float(np.max(np.abs(got - expected)))
-    if not diff <= atol:
+    limit = atol if atol is not None else FP16_ATOL if fp16 else FP32_ATOL
+    if not diff <= limit:
+        kind = "an fp16" if fp16 else "an fp32"
         raise ModelError(f"{onnx_path}: the torch conversion differs from ONNX Runtime by "
-                         f"{diff:.2e} (> {atol:.0e}); use model.backend: onnxruntime")
+                         f"{diff:.2e} (> {limit:.0e}, allowed for {kind} model); use "
+                         "model.backend: onnxruntime")
     return diff
 
 
@@ -372,8 +444,9 @@ class TorchBackend:
         check_onnx_model(card)  # dtype, rank, channels vs the card
         module = unet_from_onnx(card.onnx_path, card)
         if self.verify:
-            self.max_difference = verify_against_onnxruntime(module, card.onnx_path,
-                                                             output=card.output_name)
+            self.max_difference = verify_against_onnxruntime(
+                module, card.onnx_path, output=card.output_name,
+                size_multiple=card.size_multiple)
         dtype = torch.float16 if self.fp16 else torch.float32
         module = module.to(device=self._dev, dtype=dtype)
         if self.channels_last:

@@ -21,6 +21,14 @@ For the stall watchdog, :attr:`FocusTolerantEngine.watch` says which imaging eve
 runner is inside and since when: set when its set-up begins (after the time plan's wait),
 ended when it is torn down (after its frame).
 
+A camera exposure set from another thread while the runner snaps (the service's ``set
+exposure_ms``) used to land mid-snap: pymmcore-plus reads the exposure for the frame's
+metadata just after the snap, so the frame was labelled with the new exposure although it
+was exposed with the old. The engine holds :attr:`FocusTolerantEngine.snap_lock` from before
+each snap until its metadata is read; whoever sets the exposure holds it too (see
+:meth:`livemask.acquisition.source.MicroscopeSource.set_exposure`), so a set waits for the
+snap in progress and takes effect from the next one.
+
 pymmcore-plus 0.18.1 puts the camera's ROI into its summary metadata only; the engine adds it
 to each frame's metadata (``roi``, read just after the snap), so that a frame taken with a
 ROI can be placed on the sensor (see :func:`livemask.acquisition.source.frame_roi`).
@@ -29,7 +37,9 @@ ROI can be placed on the sensor (see :func:`livemask.acquisition.source.frame_ro
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 import useq
@@ -41,6 +51,7 @@ from livemask.log import is_power_of_ten
 
 if TYPE_CHECKING:
     from pymmcore_plus import CMMCorePlus
+    from pymmcore_plus.mda._protocol import PImagePayload
     from pymmcore_plus.metadata import FrameMetaV1, PropertyValue
 
 log = logging.getLogger("livemask")
@@ -107,6 +118,12 @@ class FocusTolerantEngine(MDAEngine):
     _roi: tuple[int, int, int, int] | None = None
     _roi_unread: bool = True
 
+    def __init__(self, mmc: CMMCorePlus, **kwargs: Any) -> None:
+        super().__init__(mmc, **kwargs)
+        #: Held from before each snap until its frame's metadata (exposure included) is
+        #: read; a camera setting changed from another thread must hold it too.
+        self.snap_lock = threading.RLock()
+
     def setup_sequence(self, sequence: useq.MDASequence) -> Any:
         """``MDAEngine.setup_sequence``, with the warning counts of a new acquisition."""
         self.busy_errors = self.z_failures = 0
@@ -135,6 +152,16 @@ class FocusTolerantEngine(MDAEngine):
                     dict(event.index), self.busy_errors, exc,
                 )
             self.busy_error = str(exc) or type(exc).__name__
+
+    def exec_single_event(self, event: useq.MDAEvent) -> Iterator[PImagePayload | None]:
+        """``MDAEngine.exec_single_event`` with the snap and the read-back of its metadata
+        under :attr:`snap_lock`; the frames are handed on once it is released."""
+        with self.snap_lock:
+            payloads = list(super().exec_single_event(event))
+        # not ``yield from`` (ruff's UP028): the runner's send("cancel") on a stop would
+        # reach the list's iterator, which has no send (AttributeError ended the run)
+        for payload in payloads:  # noqa: UP028
+            yield payload
 
     def get_frame_metadata(
         self,

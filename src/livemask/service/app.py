@@ -547,7 +547,8 @@ class Service:
             "settings": (
                 "settings_mismatch",
                 "the frame was taken with another exposure or channel than its event "
-                "commanded (a failed setting; the log has pymmcore-plus' reason)",
+                "commanded (a setting that failed, whose reason pymmcore-plus logged, or a "
+                "camera that rounds the exposure); the frame carries the read-back settings",
             ),
             "busy": (
                 "device_busy",

@@ -260,7 +260,12 @@ def _plan_interval(value: float | None) -> float | None:
 
 
 def _fail_run(problem: str) -> None:
-    """Exit 1: the run went to its end, but not every frame was handled."""
+    """Exit 1: the run went to its end, but not every frame was handled. Printed, and
+    logged too where the log goes to a file (``LIVEMASK_LOG_FILE``), not to the console."""
+    from livemask.log import logs_to_stderr
+
+    if not logs_to_stderr():
+        log.error("exit code 1: %s", problem)
     typer.secho(f"error: {problem}", err=True, fg=typer.colors.RED)
     raise typer.Exit(1)
 
@@ -314,6 +319,18 @@ def _set_endpoints(cfg: Any, pub: str | None, control: str | None) -> None:
     # both at once: one at a time could pass through a clash (--pub B --control A over A, B)
     cfg.publish = cfg.publish.model_copy(
         update={"pub_address": pub_address, "control_address": control_address})
+
+
+def _check_own_ports(cfg: Any, *, pub: str | None, control: str | None,
+                     dashboard: str | None = None) -> None:
+    """The config's port check (:func:`livemask.config.check_own_ports`) again once the
+    flags are applied, naming the flags that set a clashing port (``ConfigError``)."""
+    from livemask.config import check_own_ports
+
+    flags = {"publish.pub_address": ("--pub", pub),
+             "publish.control_address": ("--control", control),
+             "dashboard.port": ("--dashboard", dashboard)}
+    check_own_ports(cfg, {key: flag for key, (flag, value) in flags.items() if value})
 
 
 def _time_lapse(cfg: Any, frames: int | None, interval: float | None) -> None:
@@ -403,6 +420,7 @@ def serve(
             cfg.dashboard.enabled, cfg.dashboard.address, cfg.dashboard.port = True, host, port
         if frames is not None or interval is not None:
             _time_lapse(cfg, frames, interval)
+        _check_own_ports(cfg, pub=pub, control=control, dashboard=dashboard)
     except (LivemaskError, ValueError) as exc:
         _fail(exc)
     code = 0
@@ -574,6 +592,7 @@ def replay(
         cfg.simulation.truth = False
         cfg.acquisition.autostart = True
         cfg.acquisition.sequence = {"time_plan": {"interval": 0, "loops": stack.frames}}
+        _check_own_ports(cfg, pub=pub, control=control)
     except (LivemaskError, ValueError) as exc:
         _fail(exc)
     if interval is None and stack.times is None:

@@ -101,6 +101,54 @@ def one_endpoint_message(first_key: str, first: str, second_key: str, second: st
             "(e.g. ports 5555 and 5556)")
 
 
+#: The ZeroMQ endpoints' keys (checked against each other by ``PublishConfig``).
+_ZMQ_KEYS = frozenset({"publish.pub_address", "publish.control_address"})
+
+
+def check_own_ports(cfg: ServiceConfig, given: dict[str, str] | None = None) -> None:
+    """``ConfigError`` when the metrics or dashboard server would bind a TCP port that
+    another of the service's endpoints binds (one port on the same host, or a wildcard
+    covering it): its bind would fail with a bare "Address already in use". ``given`` names
+    the flag that set a key, e.g. ``{"dashboard.port": "--dashboard"}``."""
+    problem = own_port_clash(cfg, given or {})
+    if problem is not None:
+        raise ConfigError(problem)
+
+
+def own_port_clash(cfg: ServiceConfig, given: dict[str, str]) -> str | None:
+    """The message for the first clash :func:`check_own_ports` refuses, or None."""
+    listeners = _tcp_listeners(cfg)
+    for i, (key, host, port, shown) in enumerate(listeners):
+        for other, other_host, other_port, other_shown in listeners[i + 1 :]:
+            if {key, other} <= _ZMQ_KEYS or port != other_port:
+                continue
+            if _same_tcp_host(host, other_host):
+                return (
+                    f"{given.get(key, key)} and {given.get(other, other)} are one TCP port "
+                    f"({shown}, {other_shown}); give each its own port (0 picks a free one "
+                    "for metrics.port and dashboard.port)"
+                )
+    return None
+
+
+def _tcp_listeners(cfg: ServiceConfig) -> list[tuple[str, str, int, str]]:
+    """(key, host, port, as given) of each TCP port the service binds that is known
+    beforehand (not ``*`` or 0): its ZeroMQ sockets, and the metrics and dashboard servers
+    when they are enabled."""
+    out = []
+    for name, section in (("metrics", cfg.metrics), ("dashboard", cfg.dashboard)):
+        if section.enabled and section.port:
+            host = section.address or "*"  # "": every IPv4 interface
+            shown = f"[{host}]" if ":" in host else host
+            out.append((f"{name}.port", host, section.port, f"{shown}:{section.port}"))
+    for key in ("pub_address", "control_address"):
+        address = getattr(cfg.publish, key)
+        m = _ADDRESS.fullmatch(address)
+        if m is not None and m["port"] not in (None, "*") and int(m["port"]):
+            out.append((f"publish.{key}", m[1], int(m["port"]), address))
+    return out
+
+
 def _same_ipc_path(first: str, second: str) -> bool:
     """Whether two ipc endpoint paths are one socket file (``*``: a new file each)."""
     if "*" in (first, second):
@@ -716,7 +764,8 @@ def parse_config(
         cfg = ServiceConfig.model_validate(data or {})
     except ValidationError as exc:
         raise ConfigError(f"invalid {source}:\n{_format_errors(exc)}") from None
-    problem = int_out_of_range(cfg.model_dump(), "") or _check_prefault_memory(cfg)
+    problem = (int_out_of_range(cfg.model_dump(), "") or _check_prefault_memory(cfg)
+               or own_port_clash(cfg, {}))
     if problem is not None:
         raise ConfigError(f"invalid {source}:\n  {problem}")
     _resolve_paths(cfg, base_dir)

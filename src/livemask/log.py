@@ -9,6 +9,7 @@ A bad value of any of them is a :class:`~livemask.errors.ConfigError` naming the
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
 import sys
 import time
@@ -49,17 +50,30 @@ def env_level(variable: str, default: str) -> int:
 
 
 def _log_handler() -> logging.Handler:
-    """A handler writing to ``LIVEMASK_LOG_FILE`` (appended), else to stderr."""
+    """A handler writing to ``LIVEMASK_LOG_FILE`` (appended; reopened when the file is moved
+    or removed, as logrotate does), else to stderr."""
     path = os.environ.get("LIVEMASK_LOG_FILE")
     if not path:
         return _StderrHandler()
     try:
-        return logging.FileHandler(path)
+        return logging.handlers.WatchedFileHandler(path)
     except OSError as exc:
         raise ConfigError(
             f"LIVEMASK_LOG_FILE={path!r} cannot be opened for writing ({exc.strerror or exc}); "
             "give a file in an existing, writable folder, or unset it to log to stderr"
         ) from None
+
+
+def logs_to_stderr() -> bool:
+    """Whether the ``livemask`` log reaches stderr (no ``LIVEMASK_LOG_FILE``, or logging not
+    set up: Python's last-resort handler): what a command prints there as well need not be
+    logged twice."""
+    handlers = logging.getLogger(LOGGER_NAME).handlers
+    return not handlers or any(
+        isinstance(h, _StderrHandler)
+        or (isinstance(h, logging.StreamHandler) and h.stream in (sys.stderr, sys.__stderr__))
+        for h in handlers
+    )
 
 
 def setup_logging(*, quiet: bool = False) -> logging.Logger:

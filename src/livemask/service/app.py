@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
 import useq
+import yaml
 
 from livemask import __version__
 from livemask.acquisition.engine import EventWatch
@@ -895,6 +896,14 @@ class Service:
         self._event("acquisition_started", {
             **detail, "mode": self.pipeline.mode, "acquisition": self.pipeline.acquisition,
         })
+        self._log_started(detail)
+
+    def _log_started(self, detail: dict[str, Any]) -> None:
+        """An INFO line for the acquisition just begun: its number, events and mode."""
+        replayed = detail.get("replayed_acquisition")
+        log.info("acquisition %s started: %s event(s) planned, %s mode%s",
+                 self.pipeline.acquisition, detail.get("events"), self.pipeline.mode,
+                 "" if replayed is None else f" (replaying recorded acquisition {replayed})")
 
     def _on_recorded_acquisition(self, number: int, frames: int) -> bool:
         """Replay thread: its next frame is the first of the recorded acquisition ``number``
@@ -1024,6 +1033,22 @@ class Service:
             self._last_error = report["error"]
             self._event("error", {"detail": report["error"]})
         self._event("acquisition_finished", report)
+        self._log_finished(report)
+
+    def _log_finished(self, report: dict[str, Any]) -> None:
+        """A line for the acquisition that ended: INFO, or WARNING with its error."""
+        number = report["acquisition"]
+        frames = int(self.pipeline.counters.counts["acquired"] - self._acquired_at_start)
+        summary = (f"{frames} frame(s) in {report['duration_s']:g} s, "
+                   f"{report['frames_missing']} missing")
+        if report["error"]:
+            log.warning("acquisition %s ended with an error (%s): %s",
+                        number, summary, report["error"])
+        elif self._stop_requested:
+            log.info("acquisition %s stopped: %s, %d enqueued event(s) not run",
+                     number, summary, report["events_not_run"])
+        else:
+            log.info("acquisition %s finished: %s", number, summary)
 
     @property
     def last_error(self) -> str | None:
@@ -1345,7 +1370,7 @@ class Service:
             "acquiring": self._acquiring,
             "pending_events": int(getattr(self.source, "pending_events", 0)),
             "mode": pipe.mode if pipe else self.config.acquisition.mode,
-            "model": pipe.segmenter.card.name if pipe else self.config.model.name,
+            "model": pipe.segmenter.card.name if pipe else self._configured_model_name(),
             "backend": pipe.segmenter.backend.name if pipe else None,
             "device": pipe.segmenter.backend.device if pipe else None,
             "simulated": self.simulated,
@@ -1366,6 +1391,19 @@ class Service:
             "feedback": self.feedback.report() if self.feedback is not None else None,
             "recording": self.recorder.report() if self.recorder is not None else None,
         }
+
+    def _configured_model_name(self) -> str | None:
+        """The model's name before it is loaded: the shipped model's, or the ``name`` of the
+        card at ``model.path`` (None while that cannot be read: the start says why)."""
+        path = self.config.model.path
+        if path is None:
+            return self.config.model.name
+        try:
+            card = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return None
+        name = card.get("name") if isinstance(card, dict) else None
+        return name if isinstance(name, str) else None
 
     def _check_stall(self) -> None:
         """Heartbeat: report an imaging event that has taken longer than its limit (the

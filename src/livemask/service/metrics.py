@@ -12,8 +12,10 @@ pointing there, any other path with 404 (``start_http_server`` answers every pat
 status snapshot is taken on the service's event loop (the pipeline's counters and latency
 windows belong to it), with a timeout, so a scrape never races the pipeline and a stuck
 loop never hangs the scraper: such a scrape is answered 503, so Prometheus' ``up`` drops to
-0. A client that connects and sends nothing is dropped after ``client_timeout_s``, and at
-most ``max_connections`` are served at once (each holds a thread).
+0. A client that has not sent its whole request (line and headers) within
+``client_timeout_s`` of connecting is dropped, however it trickles bytes, and at most
+``max_connections`` are served at once (each holds a thread); refused connections are
+logged as a WARNING, at most once a minute.
 
 Exposed (all prefixed ``livemask_``):
 
@@ -52,10 +54,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import errno
+import io
 import logging
 import socket
 import socketserver
 import threading
+import time
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -76,11 +80,14 @@ PERCENTILES = (("p50", "50"), ("p95", "95"), ("p99", "99"))
 #: The service's states (``status.state``) and modes; the current one is 1, the others 0.
 STATES = ("starting", "idle", "running", "stopping", "closed")
 MODES: tuple[str, ...] = typing.get_args(Mode)
-#: Seconds a metrics client may stay silent (before its request, or while reading) before
-#: it is dropped: an idle connection held its thread for ever.
+#: Seconds a metrics client has, from connecting, to send its request line and headers
+#: before it is dropped: an idle connection, or one sending a byte every few seconds, held
+#: its thread for ever.
 CLIENT_TIMEOUT_S = 10.0
 #: Connections served at once (one thread each); more are closed at once.
 MAX_CONNECTIONS = 32
+#: Seconds between two warnings about refused connections (the others are counted).
+REFUSED_WARNING_EVERY_S = 60.0
 
 #: A status with every field that gives a metric family: :meth:`StatusCollector.describe`
 #: names the families from it without reading the service.
@@ -312,8 +319,9 @@ class MetricsServer:
     """The ``/metrics`` HTTP endpoint of one service, with its own registry.
 
     ``port=0`` picks a free port; :attr:`url` tells which. :meth:`close` stops the server
-    thread and releases the port. A client silent for ``client_timeout_s`` is dropped; at
-    most ``max_connections`` are served at once, more are closed unanswered.
+    thread and releases the port. A client that has not sent its request within
+    ``client_timeout_s`` is dropped; at most ``max_connections`` are served at once, more
+    are closed unanswered (a rate-limited WARNING).
     """
 
     def __init__(
@@ -412,19 +420,24 @@ class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True
     block_on_close = False  # close() does not wait for a client that stays connected
     max_connections = MAX_CONNECTIONS
+    client_timeout_s = CLIENT_TIMEOUT_S
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._active = 0
         self._active_lock = threading.Lock()
+        self._refused = 0  # since the last warning
+        self._warned_at: float | None = None
         super().__init__(*args, **kwargs)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._active_lock:
-            if self._active >= self.max_connections:
-                log.debug("metrics: %d connections open; closing a new one", self._active)
-                self.shutdown_request(request)
-                return
-            self._active += 1
+            full = self._active >= self.max_connections
+            if not full:
+                self._active += 1
+        if full:
+            self.shutdown_request(request)
+            self._warn_refused()
+            return
         try:
             super().process_request(request, client_address)
         except BaseException:  # the thread did not start
@@ -441,12 +454,66 @@ class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
         with self._active_lock:
             self._active -= 1
 
+    def _warn_refused(self) -> None:
+        """A WARNING for a refused connection, at most once per ``REFUSED_WARNING_EVERY_S``
+        (the server's own thread: no lock needed); those in between are counted."""
+        self._refused += 1
+        now, last = time.monotonic(), self._warned_at
+        if last is not None and now - last < REFUSED_WARNING_EVERY_S:
+            return
+        since = "" if last is None else f" in the last {now - last:.0f} s"
+        log.warning(
+            "metrics: refused %d connection(s)%s: %d are served at once at most, each until "
+            "its client has sent its request (at most %.0f s); scrapes may fail while clients "
+            "hold connections open",
+            self._refused, since, self.max_connections, self.client_timeout_s,
+        )
+        self._refused, self._warned_at = 0, now
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A socket's reads, each given only the time left until ``deadline`` (monotonic
+    seconds; None: the socket's own timeout): a per-read timeout alone lets a client that
+    sends a byte every few seconds hold the connection for ever."""
+
+    def __init__(self, sock: socket.socket, deadline: float | None) -> None:
+        super().__init__()
+        self._sock = sock
+        self.deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the client did not send its request in time")
+            self._sock.settimeout(left)
+        return self._sock.recv_into(buffer)
+
 
 class _QuietHandler(WSGIRequestHandler):
-    """No access line on stderr per scrape; a client silent for ``timeout`` seconds is
-    dropped without a traceback (``timeout`` None held its thread for ever)."""
+    """No access line on stderr per scrape; a client that has not sent its request line and
+    headers ``timeout`` seconds after connecting is dropped without a traceback (``timeout``
+    None held its thread for ever; a per-read timeout, a client trickling bytes)."""
 
     timeout = CLIENT_TIMEOUT_S
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # the socket's own reader: replaced (the socket stays open)
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        self._reader = _DeadlineReader(self.connection, deadline)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def parse_request(self) -> bool:
+        """Parse the request line and headers, then lift the deadline (the answer is sent
+        with the per-operation ``timeout``)."""
+        parsed = super().parse_request()
+        self._reader.deadline = None
+        self.connection.settimeout(self.timeout)
+        return parsed
 
     def handle(self) -> None:
         try:
@@ -466,7 +533,8 @@ def _bind(
     server_class = type(
         "_MetricsServer",
         (_ThreadingServer,),
-        {"address_family": family, "max_connections": max_connections},
+        {"address_family": family, "max_connections": max_connections,
+         "client_timeout_s": client_timeout_s},
     )
     handler_class = type("_Handler", (_QuietHandler,), {"timeout": client_timeout_s})
     return make_server(address, port, app, server_class=server_class, handler_class=handler_class)

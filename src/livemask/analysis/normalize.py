@@ -8,8 +8,9 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = [
-    "MIN_SIDE_PX", "SATURATED_MIN_PX", "fill_non_finite", "grey_level", "image_problem",
-    "iqr_sigma", "noise_sigma", "percentile_normalize", "unsaturated",
+    "MIN_SIDE_PX", "OBJECT_MIN_NOISE", "OUTLIER_RATIO", "SATURATED_MIN_PX", "fill_non_finite",
+    "grey_level", "image_problem", "iqr_sigma", "noise_sigma", "outlier_level",
+    "percentile_normalize", "unsaturated",
 ]
 
 #: Fewest pixels the percentile estimate is taken over; the stride shrinks to keep at least this.
@@ -21,6 +22,19 @@ IQR_PER_SIGMA = 1.349
 #: Fewest sampled pixels exactly at the sample's maximum that make a saturated plateau
 #: (see :func:`unsaturated`).
 SATURATED_MIN_PX = 4
+
+#: The top of the range (above the ``low`` percentile) may be at most this many times the
+#: median object pixel; sampled pixels brighter than that are outliers (see
+#: :func:`outlier_level`). Of 1,500 simulated training fields, 99.9 % stay within 14 and
+#: all within 28 (the nuclei card's *Bright debris*).
+OUTLIER_RATIO = 20.0
+
+#: Object pixels are more than this many noise levels (at least grey levels) above the
+#: median pixel (see :func:`outlier_level`).
+OBJECT_MIN_NOISE = 5.0
+
+#: Fewest sampled object pixels whose median is a reference for :func:`outlier_level`.
+_MIN_OBJECT_PX = 20
 
 #: Smallest height and width of an image that is segmented (and replayed).
 MIN_SIDE_PX = 2
@@ -69,7 +83,11 @@ def percentile_normalize(
     unless ``clip`` is true ([0, 1]) or a (low, high) range the result is clipped to.
     With ``exclude_saturated`` the percentiles (and the noise) are taken over the sampled
     pixels below a saturated plateau (:func:`unsaturated`): saturated debris or hot pixels
-    do not become the top of the range. When the ``high`` percentile equals the ``low`` one
+    do not become the top of the range; and where the ``high`` percentile is above
+    :func:`outlier_level` (more than :data:`OUTLIER_RATIO` times the median object pixel),
+    it is taken over the pixels at or below that level: bright debris that is not
+    saturated does not become the top either.
+    When the ``high`` percentile equals the ``low`` one
     (a few objects on a black background) the brightest pixel maps to 1 (with
     ``min_span_noise``, for integer pixels, only when it is that many grey levels above the
     background); a flat image gives zeros.
@@ -102,7 +120,8 @@ def percentile_normalize(
         sample = _strided_sample(arr, subsample)
     if exclude_saturated:
         sample = unsaturated(sample)
-    if min_span_noise is None:
+        lo, hi, sigma = _outlier_free_range(sample, low, high, grey_level(arr.dtype))
+    elif min_span_noise is None:
         lo, hi = (float(v) for v in np.percentile(sample, (low, high)))
         sigma = 0.0
     else:  # the quartiles in the same pass: the noise at no extra sort
@@ -220,6 +239,42 @@ def unsaturated(sample: np.ndarray) -> np.ndarray:
     if SATURATED_MIN_PX <= n_top < flat.size:
         return flat[~at_top]
     return flat
+
+
+def _outlier_free_range(
+    sample: np.ndarray, low: float, high: float, step: float
+) -> tuple[float, float, float]:
+    """The ``low`` and ``high`` percentiles of ``sample`` and its noise (:func:`iqr_sigma`),
+    the ``high`` one over the pixels at or below :func:`outlier_level` where it is above."""
+    lo, q1, median, q3, hi = (float(v) for v in np.percentile(sample, (low, 25, 50, 75, high)))
+    sigma = float(iqr_sigma(q1, q3))
+    level = outlier_level(sample, lo, median, sigma, step)
+    if level is not None and hi > level:
+        hi = float(np.percentile(sample[sample <= level], high))
+    return lo, hi, sigma
+
+
+def outlier_level(
+    sample: np.ndarray, lo: float, median: float, sigma: float, step: float = 0.0
+) -> float | None:
+    """The level above which pixels of ``sample`` are far brighter than its objects, or None.
+
+    Object pixels are those more than :data:`OBJECT_MIN_NOISE` × max(``sigma``, ``step``)
+    above the ``median`` pixel (``step``: the grey level, for a background clipped to one
+    value); the level is ``lo`` + :data:`OUTLIER_RATIO` × (their median − ``lo``). None
+    where fewer than a few pixels are objects or the noise and the step are both 0.
+    """
+    floor = median + OBJECT_MIN_NOISE * max(sigma, step)
+    if not floor > median:
+        return None
+    flat = np.asarray(sample).reshape(-1)
+    objects = flat[flat > floor]
+    if objects.size < _MIN_OBJECT_PX:
+        return None
+    reference = float(np.median(objects))
+    if not reference > lo:
+        return None
+    return lo + OUTLIER_RATIO * (reference - lo)
 
 
 def grey_level(dtype: np.dtype[Any]) -> float:

@@ -91,22 +91,24 @@ def test_a_set_right_after_a_snap_waits_for_its_read_back(
     assert run.mismatches == []
 
 
-def test_a_set_after_the_events_own_exposure_is_no_failed_setting(
+def test_a_set_during_the_set_up_of_an_event_with_its_own_exposure_waits_for_its_snap(
     core: CMMCorePlus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A set between an event's exposure and its snap: the frame is taken with the set
-    exposure and says so. Before, a ``settings_mismatch`` called it a failed setting; one
-    that did fail (a later event's exposure the camera refuses) is still reported."""
+    """An event that sets its own exposure (an ``enqueue``d event's, a feedback action's)
+    keeps it: a set that comes between the event's exposure and its snap waits for the snap.
+    Before, it landed there and the frame was taken with the set exposure (a concurrent
+    client took 21 of 177 enqueued frames at its exposure). A setting that does fail (a
+    later event's exposure the camera refuses) is still a mismatch."""
     run = _Run(core)
     real_wait = core.waitForSystem  # the end of each event's set-up, before its snap
-    waits: list[None] = []
+    setter: list[threading.Thread] = []
 
     def wait_for_system() -> None:
-        if not waits:
-            setter = threading.Thread(target=run.source.set_exposure, args=(40.0,))
-            setter.start()
-            setter.join(10)
-        waits.append(None)
+        if not setter:
+            setter.append(threading.Thread(target=run.source.set_exposure, args=(40.0,)))
+            setter[0].start()
+            setter[0].join(0.3)
+            assert setter[0].is_alive(), "the set did not wait for the snap"
         real_wait()
 
     real_set = SimCamera.set_exposure
@@ -118,8 +120,29 @@ def test_a_set_after_the_events_own_exposure_is_no_failed_setting(
 
     monkeypatch.setattr(core, "waitForSystem", wait_for_system)
     monkeypatch.setattr(SimCamera, "set_exposure", refuse_25)
-    assert run.run(_events(10.0, 25.0)) == [40.0, 40.0]
+    run.on_frame = lambda frame: setter[0].join(10)  # the set lands before the next event
+    assert run.run(_events(10.0, 25.0)) == [10.0, 40.0]
     assert run.mismatches == [("settings", {"exposure_ms": {"commanded": 25.0, "read": 40.0}})]
+
+
+def test_a_failed_set_up_releases_the_snap_lock(
+    core: CMMCorePlus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A set-up that raises (here: the run's end) must not leave the lock held: a later
+    set would wait forever."""
+    engine = FocusTolerantEngine(core)
+
+    def broken(*_: Any) -> None:
+        raise RuntimeError("stage fault")
+
+    monkeypatch.setattr(engine, "setup_single_event", broken)
+    with pytest.raises(RuntimeError, match="stage fault"):
+        engine.setup_event(_events(10.0)[0])
+    taken = threading.Thread(target=lambda: engine.snap_lock.acquire() and
+                             engine.snap_lock.release())
+    taken.start()
+    taken.join(5)
+    assert not taken.is_alive()
 
 
 async def test_a_set_during_a_long_snap_times_out_lands_late_and_labels_truly(

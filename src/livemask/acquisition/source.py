@@ -388,8 +388,6 @@ class MicroscopeSource(FeedThreadSource):
         self._stuck = False  # a stop waited for the runner in vain
         self._exposure_ms = 0.0  # of the last frame (pymmcore-plus' frame metadata)
         self._set_exposure_ms = 0.0  # the last set_exposure
-        #: the event in progress (its watch) when set_exposure last took effect, and the value
-        self._set_in_event: tuple[EventWatch | None, float] | None = None
         #: What the camera does now, for status: ``image_shape``, ``exposure_ms`` and
         #: ``channel`` of the last frame (a ROI, exposure or preset change shows there), of
         #: the core after a run (pymmcore-plus may restore the settings from before it), or
@@ -422,7 +420,7 @@ class MicroscopeSource(FeedThreadSource):
         position, off = frame_position(event, meta, z_failed=self._engine.z_failed)
         self._report_mismatch("stage", event, off)
         preset = self._preset(event.channel) if event.channel is not None else None
-        settings_off = self._not_set_by_us(settings_mismatch(event, meta, preset))
+        settings_off = settings_mismatch(event, meta, preset)
         self._report_mismatch("settings", event, settings_off)
         channel_failed = settings_off is not None and "channel" in settings_off
         if channel_failed:  # the rig is at no known preset until an event sets one
@@ -451,22 +449,6 @@ class MicroscopeSource(FeedThreadSource):
             feed.frame_started()
             feed.frame_done()
             raise
-
-    def _not_set_by_us(self, off: dict[str, Any] | None) -> dict[str, Any] | None:
-        """``off`` without an exposure mismatch that :meth:`set_exposure` made (it took effect
-        after this event set its own exposure, before the snap): the frame was taken with the
-        exposure set, and says so; nothing failed."""
-        set_in = self._set_in_event
-        exposure = off.get("exposure_ms") if off is not None else None
-        if off is None or exposure is None or set_in is None:
-            return off
-        watch, value = set_in
-        read = exposure["read"]
-        if watch is None or watch is not self._engine.watch or (
-                abs(read - value) > EXPOSURE_TOLERANCE * max(value, 1.0)):
-            return off
-        rest = {k: v for k, v in off.items() if k != "exposure_ms"}
-        return rest or None
 
     def _report_mismatch(
         self, kind: str, event: useq.MDAEvent, off: dict[str, Any] | None
@@ -588,7 +570,8 @@ class MicroscopeSource(FeedThreadSource):
     def set_exposure(self, exposure_ms: float) -> None:
         """Set the camera exposure; ``ValueError`` with the camera's reason if it refuses the
         value. Waits for the snap in progress (the engine's snap lock), which keeps the
-        exposure it was taken with: the change takes effect from the next snap."""
+        exposure it was taken with, and for an event that sets its own exposure from its
+        set-up to its snap: the change takes effect from the next snap."""
         with self._engine.snap_lock:
             try:
                 self.core.setExposure(exposure_ms)
@@ -597,7 +580,6 @@ class MicroscopeSource(FeedThreadSource):
                     f"camera {self.core.getCameraDevice()!r} refused exposure "
                     f"{exposure_ms:g} ms: {exc}"
                 ) from exc
-            self._set_in_event = (self._engine.watch, float(exposure_ms))
         self.camera_now = {**self.camera_now, "exposure_ms": float(exposure_ms)}
         self._set_exposure_ms = float(exposure_ms)
 

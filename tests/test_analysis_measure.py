@@ -68,6 +68,7 @@ def test_disc_and_single_pixel() -> None:
         "touches_edge": False,
         "local_background": 1.0,
         "corrected_intensity": 0.0,
+        "saturated_px": None,  # a float image: no known saturation level
     }
 
 
@@ -155,6 +156,7 @@ def test_intensities_and_summary() -> None:
         "total_intensity": 1600.0,
         "foreground_fraction": 0.4,
         "background_mean": 5.0,
+        "saturated_objects": None,
     }
 
 
@@ -216,6 +218,7 @@ def test_empty_labels() -> None:
         "total_intensity": 0.0,
         "foreground_fraction": 0.0,
         "background_mean": 3.0,
+        "saturated_objects": 0,  # uint16: the level is known, and no object reaches it
     }
     json.dumps(summary, allow_nan=False)
 

@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from livemask.acquisition.simulated.nuclei import random_field  # noqa: E402
-from livemask.analysis.measure import measure_objects  # noqa: E402
+from livemask.analysis.measure import measure_objects, saturation_level  # noqa: E402
 from livemask.analysis.metrics import aggregate, match_instances  # noqa: E402
 from livemask.analysis.normalize import percentile_normalize  # noqa: E402
 from livemask.inference import torch_analysis  # noqa: E402
@@ -85,7 +85,8 @@ def _analyse_equals_exact(ta: TorchAnalysis, fg: np.ndarray, seeds: np.ndarray,
     """analyse() (fixed steps) returns what the exact labels plus measure() return."""
     f, s = torch.from_numpy(fg), torch.from_numpy(seeds)
     img = ta.upload(image)
-    labels, objects, summary = ta.analyse(f, s, img, params, pixel_size_um=0.5)
+    labels, objects, summary = ta.analyse(f, s, img, params, pixel_size_um=0.5,
+                                          saturation=saturation_level(image.dtype))
     exact, n = ta.labels_from_probabilities(
         f, s, foreground_threshold=params.foreground_threshold,
         seed_threshold=params.seed_threshold, min_area_px=params.min_area_px,

@@ -27,7 +27,7 @@ TABLE_COLUMNS = (
     "plane", "label", "area_px", "area_um2", "centroid_y", "centroid_x", "bbox_min_row",
     "bbox_min_col", "bbox_max_row", "bbox_max_col", "mean_intensity", "integrated_intensity",
     "equivalent_diameter_um", "eccentricity", "touches_edge", "local_background",
-    "corrected_intensity",
+    "corrected_intensity", "saturated_px",
 )
 
 
@@ -68,7 +68,8 @@ def read_image(path: Path, *, invert_min_is_white: bool = True) -> np.ndarray:
 def read_image_file(path: Path, *, invert_min_is_white: bool = True) -> ImageFile:
     """An image file with its axes and pixel size where the file has them (TIFF, BigTIFF
     included: OME, ImageJ or resolution tags); ValueError naming the file if it cannot be
-    read (a TIFF's: naming a corrupt plane, or saying that the file is cut short).
+    read (a TIFF's: the codec and package it needs, missing planes and the file they are in,
+    the file cut short; :class:`UnreadablePlane` naming a corrupt plane).
 
     An image TIFF stored MinIsWhite (not an ImageJ one) is read inverted, as ``replay``
     reads it (``tiff_stack.white_level``); with ``invert_min_is_white=False`` (masks and
@@ -89,6 +90,8 @@ def read_image_file(path: Path, *, invert_min_is_white: bool = True) -> ImageFil
         return ImageFile(np.asarray(io.imread(path)))
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise  # the OS's message names the file
+    except UnreadablePlane as exc:  # (segment adds what to do)
+        raise UnreadablePlane(f"{path} cannot be read as an image: {exc}") from exc
     except Exception as exc:  # each reader has its own errors for a corrupt file
         raise ValueError(f"{path} cannot be read as an image: {exc}") from exc
 
@@ -97,15 +100,29 @@ def _read_tiff(tif: tifffile.TiffFile, path: Path, invert_min_is_white: bool) ->
     """:func:`read_image_file` for an open TIFF: its position series stacked (axis P); a
     file stored MinIsWhite inverted where ``invert_min_is_white`` (not an ImageJ file:
     ``tiff_stack.white_level``), as ``replay`` reads it."""
-    from livemask.acquisition.tiff_stack import min_is_black, position_series, tiff_cut, white_level
+    from livemask.acquisition.tiff_stack import (
+        decoder_problem,
+        min_is_black,
+        missing_pages,
+        position_series,
+        tiff_cut,
+        white_level,
+    )
 
+    undecodable = decoder_problem(tif)  # e.g. LZW without imagecodecs: every plane
+    if undecodable is not None:
+        raise ValueError(f"it is {undecodable}")
     cut = tiff_cut(tif, path)  # tifffile may then give one plane of a stack
     if cut is not None:
-        raise ValueError(_cut_short(cut.complete, cut.total))
+        raise ValueError(_cut_short(cut.complete, cut.total, cut.axes_unknown()))
     every = list(tif.series)
     if not every:
         raise ValueError("it holds no image series")
     series, shapes = position_series(every)
+    for k in range(len(series)):  # tifffile reads pages in a missing file as zeros
+        missing = missing_pages(tif, path, k)
+        if missing is not None:
+            raise ValueError(missing)
     if shapes is not None:
         log.warning("%s holds %d image series of different shapes or types (%s); only the "
                     "first is segmented (series of one shape are segmented as positions): "
@@ -131,18 +148,24 @@ def _read_tiff(tif: tifffile.TiffFile, path: Path, invert_min_is_white: bool) ->
     )
 
 
+class UnreadablePlane(ValueError):
+    """A plane of a TIFF cannot be read (it is corrupt, or no decoder here takes it); the
+    message names it."""
+
+
 def _series_array(tif: tifffile.TiffFile, path: Path, k: int) -> np.ndarray:
-    """Series ``k`` of ``tif`` as an array; ValueError naming the plane that is corrupt, or
-    saying that the file is cut short, where that is why it cannot be read."""
+    """Series ``k`` of ``tif`` as an array; :class:`UnreadablePlane` naming the plane that
+    cannot be read, or ValueError saying that the file is cut short, where that is why."""
     try:
         return np.asarray(tif.series[k].asarray())
     except Exception as exc:  # zlib, imagecodecs, tifffile: each has its own errors
-        raise ValueError(_why_unreadable(tif, path, k) or str(exc)) from exc
+        raise _why_unreadable(tif, path, k) or ValueError(str(exc)) from exc
 
 
-def _why_unreadable(tif: tifffile.TiffFile, path: Path, k: int) -> str | None:
-    """Why series ``k`` of ``tif`` cannot be read: a plane that is corrupt, or the file cut
-    short (found plane by plane); None when that does not find it."""
+def _why_unreadable(tif: tifffile.TiffFile, path: Path, k: int) -> ValueError | None:
+    """Why series ``k`` of ``tif`` cannot be read: a plane that cannot be
+    (:class:`UnreadablePlane`), or the file cut short (found plane by plane); None when
+    that does not find it."""
     from livemask.acquisition.tiff_stack import tiff_planes
     from livemask.errors import ReplayError
 
@@ -153,23 +176,24 @@ def _why_unreadable(tif: tifffile.TiffFile, path: Path, k: int) -> str | None:
     if planes is None:
         return None
     if planes.complete < planes.planes:
-        return _cut_short(planes.complete, planes.planes)
+        return ValueError(_cut_short(planes.complete, planes.planes))
     lead = planes.shape[:-2]
     for j in range(planes.planes):
         try:
             planes[tuple(int(n) for n in np.unravel_index(j, lead))]
         except ReplayError as exc:
-            return (f"{exc}; segment reads every plane of a file: save the others as a file "
-                    "of their own to segment them")
+            return UnreadablePlane(str(exc))
     return None
 
 
-def _cut_short(complete: int, total: int | None) -> str:
-    """Why a TIFF cut short (truncated) is refused: ``complete`` of its ``total`` planes."""
+def _cut_short(complete: int, total: int | None, unknown: str | None = None) -> str:
+    """Why a TIFF cut short (truncated) is refused: ``complete`` of its ``total`` planes;
+    ``unknown``: why its planes cannot be told apart (``TiffCut.axes_unknown``)."""
     of = (f"{complete} of its {total} planes are complete in the file" if total is not None
           else f"its first {complete} planes are complete (it does not say how many it had)")
+    lost = f", and {unknown}" if unknown is not None else ""
     return (f"it is cut short (truncated: its writer did not finish, or it was copied in "
-            f"part): only {of}; copy it again or give the complete file")
+            f"part): only {of}{lost}; copy it again or give the complete file")
 
 
 def _colour_problem(image: ImageFile) -> str | None:
@@ -298,7 +322,11 @@ def segment_file(
     both are written: an error leaves neither half-written.
     """
     check_outputs(input_path, output, table)
-    image = read_stack_file(input_path)
+    try:
+        image = read_stack_file(input_path)
+    except UnreadablePlane as exc:
+        raise ValueError(f"{exc}; segment reads every plane of a file: save the others as a "
+                         "file of their own to segment them") from exc
     stack = image.data
     planes = stack.reshape(-1, *stack.shape[-2:])
     scale = pixel_size_um if pixel_size_um is not None else image.pixel_size_um
@@ -336,6 +364,7 @@ def segment_file(
                     "touches_edge": o["touches_edge"],
                     "local_background": o["local_background"],
                     "corrected_intensity": o["corrected_intensity"],
+                    "saturated_px": o["saturated_px"],
                 })
     labels_tmp = _temporary(output)
     table_tmp = _temporary(table) if table is not None else None

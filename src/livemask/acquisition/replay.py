@@ -20,7 +20,8 @@ A frame that cannot be read (it is corrupt: a TIFF page that does not decode, a 
 chunk; or, in a livemask recording, its zarr chunk file is missing, where zarr would silently
 hand back a frame of zeros) is skipped with a warning; the others are replayed, and the
 acquisition ends with an error that counts the skipped frames. A compressed TIFF is read a
-page at a time as the frames play (not all at open); a TIFF cut short replays the frames
+page at a time as the frames play (not all at open); one whose compression has no decoder
+here is refused at open, naming the package it needs; a TIFF cut short replays the frames
 before the cut, with a warning. Other zarr arrays may leave out chunks that hold only the
 fill value (zarr's default), so a missing chunk file there is read as the fill value, as zarr
 intends.
@@ -50,6 +51,7 @@ from livemask.acquisition.tiff_stack import (
     PositionSeries,
     TiffCut,
     TiffPlanes,
+    decoder_problem,
     position_series,
     readable_frames,
     tiff_axes,
@@ -390,32 +392,45 @@ def _open_zarr(path: Path) -> ReplayStack:
 
 
 def _zarr_pixel_size(path: Path, ms: dict[str, Any], dataset: dict[str, Any]) -> float | None:
-    """The x pixel size (µm) of an OME-Zarr dataset's scale, None where it has none or its x
-    axis has no unit (NGFF allows none: the scale is then not known to be a size, as
-    livemask writes an uncalibrated recording's); warns where its y size differs
-    (measurements assume square pixels)."""
+    """The x pixel size (µm) of an OME-Zarr dataset: its scale times the multiscale's own
+    (``multiscales[0].coordinateTransformations``, applied after every dataset's), None
+    where neither has one or its x axis has no unit (NGFF allows none: the scale is then
+    not known to be a size, as livemask writes an uncalibrated recording's); warns where
+    its y size differs (measurements assume square pixels)."""
     axes = [a if isinstance(a, dict) else {} for a in ms.get("axes", [])]
-    for tr in dataset.get("coordinateTransformations", []):
-        if tr.get("type") != "scale":
-            continue
-        if not axes or "unit" not in axes[-1]:
-            raw = float(tr["scale"][-1])
-            if not (math.isfinite(raw) and raw > 0):
-                return raw  # not a size at all: ReplayStack warns so
-            log.info("%s: its OME-Zarr x axis has no unit: its scale is not taken as a pixel "
-                     "size", path)
-            return None
-        unit = str(axes[-1]["unit"])
-        factor = um_per_unit(unit, path, "OME-Zarr scale")
-        if factor is None:
-            return None
-        pixel = float(tr["scale"][-1]) * factor
-        if len(tr["scale"]) >= 2 and math.isfinite(pixel) and pixel > 0:
-            y_unit = str(axes[-2].get("unit", unit)) if len(axes) >= 2 else unit
-            y_factor = um_per_unit(y_unit, path, "OME-Zarr scale (y)")
-            if y_factor is not None:
-                check_square(path, pixel, float(tr["scale"][-2]) * y_factor, "OME-Zarr scale")
-        return pixel
+    scale, overall = _scale_of(dataset), _scale_of(ms)
+    if scale is None:  # (NGFF requires one per dataset)
+        scale, overall = overall, None
+    if scale is None:
+        return None
+    if overall is not None and len(overall) == len(scale):
+        scale = [d * m for d, m in zip(scale, overall, strict=True)]
+    if not axes or "unit" not in axes[-1]:
+        raw = scale[-1]
+        if not (math.isfinite(raw) and raw > 0):
+            return raw  # not a size at all: ReplayStack warns so
+        log.info("%s: its OME-Zarr x axis has no unit: its scale is not taken as a pixel "
+                 "size", path)
+        return None
+    unit = str(axes[-1]["unit"])
+    factor = um_per_unit(unit, path, "OME-Zarr scale")
+    if factor is None:
+        return None
+    pixel = scale[-1] * factor
+    if len(scale) >= 2 and math.isfinite(pixel) and pixel > 0:
+        y_unit = str(axes[-2].get("unit", unit)) if len(axes) >= 2 else unit
+        y_factor = um_per_unit(y_unit, path, "OME-Zarr scale (y)")
+        if y_factor is not None:
+            check_square(path, pixel, scale[-2] * y_factor, "OME-Zarr scale")
+    return pixel
+
+
+def _scale_of(node: dict[str, Any]) -> list[float] | None:
+    """The ``scale`` of the first scale transform in ``node``'s ``coordinateTransformations``
+    (an NGFF dataset or multiscale), None where it has none."""
+    for tr in node.get("coordinateTransformations") or []:
+        if tr.get("type") == "scale":
+            return [float(v) for v in tr["scale"]]
     return None
 
 
@@ -427,6 +442,9 @@ def _open_tiff(path: Path) -> ReplayStack:
     except Exception as exc:
         raise ReplayError(f"{path} cannot be read as TIFF: {exc}") from None
     try:
+        undecodable = decoder_problem(tif)  # e.g. LZW without imagecodecs: every frame
+        if undecodable is not None:
+            raise ReplayError(f"{path} is {undecodable}")
         cut = tiff_cut(tif, path)  # tifffile's series may then be one plane of a stack
         if cut is not None and cut.images == 1:
             stack = _open_cut_tiff(tif, path, cut)
@@ -500,6 +518,12 @@ def _open_cut_tiff(tif: Any, path: Path, cut: TiffCut) -> ReplayStack:
     found = tiff_pixel_size(tif, path=path)
     pixel, pixel_from = found if found is not None else (None, "")
     log.warning("%s is %s; replaying those", path, cut.why())
+    unknown = cut.axes_unknown()
+    if unknown is not None:  # e.g. OME-XML written at the end: channels, z, positions?
+        log.warning("%s: %s; its planes are replayed as time points, one stream: where they "
+                    "are channels, z planes or positions, they are mixed in it (tracks and "
+                    "per-frame results across them mean nothing): copy it again or give the "
+                    "complete file", path, unknown)
     return _planes(path, "tiff", planes, axes, pixel, pixel_from, cut.complete)
 
 
@@ -551,6 +575,7 @@ class ReplaySource(FeedThreadSource):
         self.unreadable = 0
         self.first_unreadable: Exception | None = None
         self._in_a_row = 0
+        self._played = 0
         self._read_errors = RepeatedErrors(log)
         self._feed: EventFeed | None = None
         self._thread: threading.Thread | None = None
@@ -606,6 +631,7 @@ class ReplaySource(FeedThreadSource):
         stack = self.stack
         t0 = time.monotonic()
         self.unreadable, self.first_unreadable, self._in_a_row = 0, None, 0
+        self._played = 0  # frames of this run handed over
         playing: int | None = None  # the recorded acquisition of the frames played
         try:
             for i, _event in enumerate(feed):
@@ -641,6 +667,7 @@ class ReplaySource(FeedThreadSource):
                 self.on_frame(RawFrame(image, event, time.time(), pos, None, origin=feed,
                                        pixel_size_um=pixel_size, settings=settings))
                 self.emitted += 1
+                self._played += 1
         except Exception as exc:  # any other fault ends the replay like a camera fault
             log.exception("replay of %s failed", stack.path)
             error = f"{type(exc).__name__}: {exc}"
@@ -695,6 +722,10 @@ class ReplaySource(FeedThreadSource):
         """The acquisition's error when frames were skipped, else None."""
         if not self.unreadable:
             return None
+        if not self._played:
+            return (f"none of its frames could be read: {self.unreadable} of "
+                    f"{self.stack.frames} frame(s) were skipped and none was replayed. First: "
+                    f"{self.first_unreadable}")
         return (f"{self.unreadable} of {self.stack.frames} frame(s) could not be read and were "
                 f"skipped; the others were replayed. First: {self.first_unreadable}")
 

@@ -16,8 +16,10 @@ same-shaped series as stage positions. Used by ``livemask replay``
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +33,8 @@ log = logging.getLogger("livemask")
 
 __all__ = [
     "MIN_IS_WHITE", "TIFF_SUFFIXES", "MinIsBlack", "PositionSeries", "TiffCut", "TiffPlanes",
-    "min_is_black", "position_series", "readable_frames", "tiff_axes", "tiff_cut", "tiff_data",
-    "tiff_planes", "white_level",
+    "decoder_needed", "decoder_problem", "min_is_black", "missing_pages", "position_series",
+    "readable_frames", "tiff_axes", "tiff_cut", "tiff_data", "tiff_planes", "white_level",
 ]
 
 
@@ -161,8 +163,54 @@ class TiffPlanes:
         except ReplayError:
             raise
         except Exception as exc:  # zlib, imagecodecs, tifffile: each has its own errors
+            needs = decoder_needed(exc)
+            if needs is not None:  # intact, but not decodable here
+                raise ReplayError(f"{self.name} plane {j} is {needs}") from None
             raise ReplayError(f"{self.name} plane {j} is corrupt ({type(exc).__name__}: "
                               f"{exc})") from None
+
+
+#: tifffile's error for a codec it has no decoder for ("<COMPRESSION.LZW: 5> requires the
+#: 'imagecodecs' package"), raised when a page is decoded
+_NEEDS_PACKAGE = re.compile(r"<(COMPRESSION|PREDICTOR)\.(\w+): \d+> requires the '([\w.-]+)' "
+                            r"package")
+
+
+def decoder_needed(exc: BaseException) -> str | None:
+    """For tifffile's error that a page's codec has no decoder here (it "requires the 'X'
+    package"): what to install, e.g. "compressed with LZW, which needs the 'imagecodecs'
+    package (pip install imagecodecs)"; None for other errors (a corrupt page)."""
+    found = _NEEDS_PACKAGE.search(str(exc))
+    if found is None:
+        return None
+    kind, codec, package = found.groups()
+    what = (f"compressed with {codec}" if kind == "COMPRESSION"
+            else f"stored with the {codec} predictor")
+    if importlib.util.find_spec(package) is not None:  # installed, without that codec
+        return (f"{what}, which the installed {package!r} package cannot decode (a build "
+                f"without it: pip install -U {package})")
+    return f"{what}, which needs the {package!r} package (pip install {package})"
+
+
+def decoder_problem(tif: Any) -> str | None:
+    """Why the open TIFF ``tif`` cannot be decoded here, from its first page's compression
+    and predictor (cheap: no pixel is read): e.g. "compressed with LZW, which needs the
+    'imagecodecs' package (pip install imagecodecs)"; None when tifffile can decode it."""
+    import tifffile
+
+    page = tif.pages.first
+    for codecs, key in ((tifffile.TIFF.DECOMPRESSORS, int(page.compression)),
+                        (tifffile.TIFF.UNPREDICTORS, int(page.predictor))):
+        if key == 1:  # none
+            continue
+        try:
+            codecs[key]
+        except KeyError as exc:
+            why = str(exc.args[0]) if exc.args else str(exc)
+            return decoder_needed(ValueError(why)) or (
+                f"stored in a form tifffile cannot decode ({why}); save it uncompressed or "
+                "with zlib or LZW compression")
+    return None
 
 
 def tiff_planes(tif: Any, path: Path, k: int) -> TiffPlanes | None:
@@ -186,14 +234,56 @@ def tiff_planes(tif: Any, path: Path, k: int) -> TiffPlanes | None:
     def read(j: int) -> np.ndarray:
         page = series[j]
         if page is None:
-            raise ReplayError(f"{name} plane {j} is missing (its metadata names a page that "
-                              "is not in the file)")
+            raise ReplayError(f"{name} plane {j} is missing: {_where_missing(tif, path)}")
         return np.asarray(page.asarray()).reshape(rows, cols)
 
     size, complete = path.stat().st_size, planes  # pages from the first cut off on: cut short
     while complete and not _whole(series[complete - 1], size):
         complete -= 1
     return TiffPlanes(name, shape, series.dtype, read, complete)
+
+
+def missing_pages(tif: Any, path: Path, k: int) -> str | None:
+    """Why series ``k`` of the open TIFF ``tif`` is not all in the file: the planes its
+    metadata names that are not (a multi-file OME-TIFF whose other file is missing, which
+    tifffile would read as zeros) and the file they are in; None when every page is there."""
+    series = tif.series[k]
+    gone = [j for j in range(len(series)) if series[j] is None]
+    if not gone:
+        return None
+    name = f"the file's series {k}," if len(tif.series) > 1 else "the file's"
+    shown = ", ".join(str(j) for j in gone[:5]) + (", …" if len(gone) > 5 else "")
+    return (f"{name} planes {shown} ({len(gone)} of {len(series)}) are missing: "
+            f"{_where_missing(tif, path)}")
+
+
+def _where_missing(tif: Any, path: Path) -> str:
+    """Where the pages that the metadata of ``tif`` names, and that are not in it, are:
+    the files of a multi-file OME-TIFF that are not beside it, and what to do."""
+    files = _missing_companions(tif, path)
+    if not files:
+        return "its metadata names pages that are not in the file"
+    listed = ", ".join(files)
+    return (f"its OME metadata names pages of {listed}, which "
+            f"{'is' if len(files) == 1 else 'are'} not in {path.parent}: copy {listed} "
+            f"beside {path.name}")
+
+
+def _missing_companions(tif: Any, path: Path) -> list[str]:
+    """The files a multi-file OME-TIFF's XML names (``UUID FileName``) that are not beside
+    ``path``, in its order; [] for other files."""
+    from xml.etree import ElementTree
+
+    text = str(tif.pages.first.description or "")
+    if not text.lstrip().startswith("<") or "OME" not in text[:1000]:
+        return []
+    try:
+        root = ElementTree.fromstring(text)
+    except ElementTree.ParseError:
+        return []
+    names = (e.get("FileName") for e in root.iter() if str(e.tag).endswith("UUID"))
+    gone = [n for n in dict.fromkeys(names) if n and not (path.parent / n).is_file()]
+    return gone
 
 
 def _truncated_planes(tif: Any, path: Path, k: int, offset: int) -> TiffPlanes:
@@ -232,6 +322,9 @@ class TiffCut:
     total: int | None  # planes it names; None: the file does not say
     images: int  # image series (positions) its metadata names
     read: Callable[[int], np.ndarray]  # plane j (j < complete), (rows, cols)
+    #: its first page's ImageDescription (OME-XML, ImageJ's or tifffile's metadata) lay
+    #: past the cut: what its planes are is not known
+    metadata_lost: bool = False
 
     def why(self, noun: str = "frames") -> str:
         """What is wrong, e.g. "cut short (truncated: …): only its first 2 of 8 frames are
@@ -240,6 +333,15 @@ class TiffCut:
         unknown = "" if self.total is not None else " (it does not say how many it had)"
         return ("cut short (truncated: its writer did not finish, or it was copied in part): "
                 f"only its first {self.complete}{of} {noun} are complete{unknown}")
+
+    def axes_unknown(self) -> str | None:
+        """Why its planes cannot be told apart, where its metadata was cut off and it has
+        several ("its metadata … lay past the cut: …"); None otherwise."""
+        if not self.metadata_lost or self.complete < 2:
+            return None
+        return ("its metadata (its ImageDescription, written at its end: OME-XML or ImageJ's) "
+                f"lay past the cut, so what its {self.complete} planes are (time points, "
+                "channels, z planes or positions) is not known")
 
 
 @dataclass(frozen=True)
@@ -356,6 +458,28 @@ def _found(tif: Any, size: int) -> tuple[int, int | None]:
     return n, after if after and after + tif.tiff.tagnosize > size else None
 
 
+def _description_cut(tif: Any, size: int) -> bool:
+    """Whether the first page's ImageDescription (tag 270) lies past the end of the file,
+    as its IFD names it (tifffile then drops it, with OME-XML written at the end of a file
+    that was cut short)."""
+    import struct
+
+    fh, tiff = tif.filehandle, tif.tiff
+    fh.seek(tif.pages.first.offset)
+    raw = fh.read(tiff.tagnosize)
+    if len(raw) < tiff.tagnosize:
+        return False
+    count = int(struct.unpack(tiff.tagnoformat, raw)[0])
+    entries = fh.read(count * tiff.tagsize)
+    for i in range(len(entries) // tiff.tagsize):
+        code, _, n, value = struct.unpack(
+            tiff.tagheaderformat, entries[i * tiff.tagsize:(i + 1) * tiff.tagsize])
+        if code == 270:  # ASCII: n bytes, inline up to the offset size
+            at = int(struct.unpack(tiff.offsetformat, value)[0])
+            return n > tiff.tagoffsetthreshold and at + n > size
+    return False
+
+
 def _whole(page: Any, size: int) -> bool:
     """Whether a page's data lie in the file (sparse segments of offset and size 0 do; a
     page that is missing is not cut off)."""
@@ -383,6 +507,7 @@ def _block(tif: Any, n: int, total: int | None, dangling: int | None) -> int | N
 
 def tiff_cut(tif: Any, path: Path) -> TiffCut | None:
     """The open TIFF ``tif`` cut short: its IFD chain points past its end, a page's data
+    or its first page's ImageDescription (OME-XML written last: ``TiffCut.metadata_lost``)
     lie past it, or it has fewer complete planes than its own metadata (ImageJ, OME-XML,
     tifffile's shape) names; None when it is whole (or is not one image of grayscale pages,
     or the check fails: tifffile then reads it as before)."""
@@ -400,6 +525,7 @@ def _tiff_cut(tif: Any, path: Path) -> TiffCut | None:
     rows, cols = int(first.imagelength), int(first.imagewidth)
     size = int(tif.filehandle.size)
     n, dangling = _found(tif, size)
+    lost = _description_cut(tif, size)
     declared = (_imagej_declared(tif) or _ome_declared(tif, path)
                 or _shaped_declared(tif, rows, cols, dangling is not None))
     if declared is not None and declared.total < n:
@@ -415,7 +541,7 @@ def _tiff_cut(tif: Any, path: Path) -> TiffCut | None:
         complete = n
         while complete and not _whole(tif.pages[complete - 1], size):
             complete -= 1
-        if total is None and dangling is None and complete == n:
+        if total is None and dangling is None and complete == n and not lost:
             return None
         read = _paged(tif, rows, cols)
     if total is not None and complete >= total:
@@ -424,7 +550,7 @@ def _tiff_cut(tif: Any, path: Path) -> TiffCut | None:
         declared = _Declared((total or complete,), "I", 1, total or complete)
     kept = [(k, a) for k, a in zip(declared.lead, declared.letters, strict=True) if k > 1]
     return TiffCut(tuple(k for k, _ in kept), "".join(a for _, a in kept), complete, total,
-                   declared.images, read)
+                   declared.images, read, lost)
 
 
 def _mapped(tif: Any, path: Path, start: int, complete: int, rows: int,

@@ -17,6 +17,11 @@ Each object's local background is the mean of the pixels around it that are not 
 stays out), in its bounding box grown by :data:`BACKGROUND_MARGIN_PX` (one slice per object):
 the background a gradient or vignetting leaves there, where the frame's ``background_mean``
 is one value for the whole field.
+
+An object's ``saturated_px`` counts its pixels at or above the camera's saturation level
+(:func:`saturation_level`: the dtype's maximum for integer frames, 65535 for uint16;
+unknown, None, for float frames): its intensities are then too low, by an unknown amount.
+Only the labelled pixels are compared, once.
 """
 
 from __future__ import annotations
@@ -28,13 +33,17 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BACKGROUND_GUARD_PX", "BACKGROUND_MARGIN_PX", "UM_SIGNIFICANT_DIGITS", "UNITS",
-           "ObjectSums", "local_backgrounds", "measure_objects", "objects_from_sums",
-           "units_in_pixels"]
+__all__ = ["BACKGROUND_GUARD_PX", "BACKGROUND_MARGIN_PX", "INTENSITY_SIGNIFICANT_DIGITS",
+           "UM_SIGNIFICANT_DIGITS", "UNITS", "ObjectSums", "local_backgrounds",
+           "measure_objects", "objects_from_sums", "saturation_level", "units_in_pixels"]
 
 #: µm values keep at least this many significant digits when rounded (``decimals`` places
 #: alone would erase them at electron-microscope pixel sizes).
 UM_SIGNIFICANT_DIGITS = 6
+#: Intensities keep at least this many significant digits when rounded: float frames in
+#: small units (1e-5 per count) kept none at ``decimals`` places; camera counts of 1 and
+#: more keep their ``decimals`` places as before.
+INTENSITY_SIGNIFICANT_DIGITS = 5
 #: An object's local background comes from the unlabelled pixels within this many pixels of
 #: its bounding box.
 BACKGROUND_MARGIN_PX = 10
@@ -55,6 +64,7 @@ UNITS: dict[str, str] = {
     "equivalent_diameter_um": "µm",
     "eccentricity": "1",
     "touches_edge": "bool",
+    "saturated_px": "px",
 }
 
 
@@ -72,6 +82,13 @@ def units_in_pixels(units: Mapping[str, str]) -> dict[str, str]:
             for key, unit in units.items()}
 
 
+def saturation_level(dtype: np.dtype[Any] | type) -> float | None:
+    """The camera's saturation level for frames of ``dtype``: the dtype's maximum for
+    integer pixels (65535 for uint16), None (unknown) for float ones."""
+    dt = np.dtype(dtype)
+    return float(np.iinfo(dt).max) if np.issubdtype(dt, np.integer) else None
+
+
 def measure_objects(
     labels: np.ndarray,
     image: np.ndarray,
@@ -79,6 +96,7 @@ def measure_objects(
     pixel_size_um: float = 1.0,
     decimals: int | None = 4,
     background_margin_px: int = BACKGROUND_MARGIN_PX,
+    saturation: float | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Measure every labelled object of ``labels`` on ``image``.
 
@@ -91,13 +109,16 @@ def measure_objects(
     ``local_background`` (see :func:`local_backgrounds`: ``background_margin_px`` around the
     box, :data:`BACKGROUND_GUARD_PX` from every object) and ``corrected_intensity``
     (``integrated_intensity`` less ``local_background`` per pixel; both None without a
-    background pixel there). ``summary``
+    background pixel there) and ``saturated_px`` (pixels at or above ``saturation``, by
+    default :func:`saturation_level` of the image's dtype; None where that is None). ``summary``
     has ``count``, ``mean_area_px``, ``median_area_px``, ``mean_area_um2``,
-    ``mean_intensity`` (mean over objects), ``total_intensity``, ``foreground_fraction``
-    and ``background_mean``; undefined values are None. Intensities leave NaN/infinite
-    pixels out (an object without a finite pixel has ``mean_intensity`` None). Floats are
-    rounded to ``decimals`` places, µm values to at least :data:`UM_SIGNIFICANT_DIGITS`
-    significant digits (None keeps full precision). Units are in :data:`UNITS`.
+    ``mean_intensity`` (mean over objects), ``total_intensity``, ``foreground_fraction``,
+    ``background_mean`` and ``saturated_objects`` (objects with a saturated pixel); undefined
+    values are None. Intensities leave NaN/infinite pixels out (an object without a finite
+    pixel has ``mean_intensity`` None). Floats are rounded to ``decimals`` places, µm values
+    to at least :data:`UM_SIGNIFICANT_DIGITS` and intensities to at least
+    :data:`INTENSITY_SIGNIFICANT_DIGITS` significant digits (None keeps full precision).
+    Units are in :data:`UNITS`.
     """
     lab = np.asarray(labels)
     img = np.asarray(image)
@@ -111,6 +132,7 @@ def measure_objects(
         raise ValueError(f"pixel_size_um must be > 0, got {pixel_size_um}")
     if background_margin_px < 1:
         raise ValueError(f"background_margin_px must be >= 1, got {background_margin_px}")
+    level = saturation_level(img.dtype) if saturation is None else float(saturation)
 
     width = lab.shape[1]
     flat = lab.ravel()
@@ -131,7 +153,8 @@ def measure_objects(
         total_sum = float(values.sum(dtype=np.float64))
         bad_fg = bad[np.take(flat, bad) != 0]
     if fg_px.size == 0:
-        return [], _summary_empty(total_sum / n_finite if n_finite else None, decimals)
+        return [], _summary_empty(total_sum / n_finite if n_finite else None, decimals,
+                                  saturation_known=level is not None)
 
     # Runs: maximal stretches of one label along a row, found on the foreground pixels
     # (flat indices ascending). All geometry comes from the runs, which are ~10x fewer
@@ -141,7 +164,8 @@ def measure_objects(
     if int(run_ids.min()) < 0:
         raise ValueError("labels must be >= 0 (0 = background)")
 
-    fg_values = np.take(values, fg_px).astype(np.float64, copy=False)
+    fg_raw = np.take(values, fg_px)
+    fg_values = fg_raw.astype(np.float64, copy=False)
     fg_sum = float(fg_values.sum())
     # the labelled NaN/inf pixels as positions in fg_px (their ids: ids_at_px there)
     fg_bad = None if bad_fg is None else np.searchsorted(fg_px, bad_fg)
@@ -174,6 +198,10 @@ def measure_objects(
 
     a = area[ids]
     intensity_sum = np.bincount(ids_at_px, weights=fg_values, minlength=n_bins)[ids]
+    saturated = None
+    if level is not None:  # the labelled pixels at the level: few, or none (most frames)
+        at_level = _at_or_above(fg_raw, level)
+        saturated = np.bincount(np.take(ids_at_px, at_level), minlength=n_bins)[ids]
     n_valid = None  # per object: pixels with a finite value (None: all of them)
     if fg_bad is not None and fg_bad.size:
         n_valid = a - np.bincount(np.take(ids_at_px, fg_bad), minlength=n_bins)[ids]
@@ -200,6 +228,7 @@ def measure_objects(
         labels=out_ids, area=a, s_r=s_r, s_c=s_c, s_rr=s_rr, s_cc=s_cc, s_rc=s_rc,
         intensity=intensity_sum, bbox=bbox, n_finite=n_valid,
         local_background=local_backgrounds(lab, img, bbox, background_margin_px, finite),
+        saturated=saturated,
     )
     return objects_from_sums(
         sums, shape=lab.shape, n_fg=int(fg_px.size), background_mean=background_mean,
@@ -216,7 +245,8 @@ class ObjectSums:
     image over the object and ``bbox`` (n, 4) ``[min_row, min_col, max_row + 1, max_col + 1]``.
     ``n_finite``, if given, counts the object's pixels with a finite image value (the mean
     intensity's divisor; ``intensity`` must then sum those pixels only); None: all of them.
-    ``local_background`` holds :func:`local_backgrounds` (NaN: none there).
+    ``local_background`` holds :func:`local_backgrounds` (NaN: none there). ``saturated``,
+    if given, counts the object's pixels at or above the saturation level (None: unknown).
     """
 
     labels: np.ndarray
@@ -230,6 +260,7 @@ class ObjectSums:
     bbox: np.ndarray
     local_background: np.ndarray
     n_finite: np.ndarray | None = None
+    saturated: np.ndarray | None = None
 
 
 def local_backgrounds(
@@ -289,7 +320,8 @@ def objects_from_sums(
     n_px = h * w
     a = np.asarray(sums.area, dtype=np.float64)
     if a.size == 0:
-        return [], _summary_empty(background_mean, decimals)
+        return [], _summary_empty(background_mean, decimals,
+                                  saturation_known=sums.saturated is not None)
     s_r, s_c = np.asarray(sums.s_r, np.float64), np.asarray(sums.s_c, np.float64)
     s_rr, s_cc = np.asarray(sums.s_rr, np.float64), np.asarray(sums.s_cc, np.float64)
     s_rc = np.asarray(sums.s_rc, np.float64)
@@ -335,8 +367,14 @@ def objects_from_sums(
         return result
 
     um: list[list[float]] = _round_significant(np.stack([area_um2, eq_diam_um]), decimals).tolist()
+    # intensities: significant digits too (float frames in small units kept none)
+    adu: list[list[float]] = _round_significant(
+        np.stack([mean_intensity, intensity_sum, local_bg, corrected]), decimals,
+        INTENSITY_SIGNIFICANT_DIGITS).tolist()
+    n_saturated: list[int | None] = ([None] * len(out_ids) if sums.saturated is None else
+                                     np.asarray(sums.saturated, dtype=np.int64).tolist())
 
-    means: list[Any] = r(mean_intensity)
+    means: list[Any] = adu[0]
     if has_mean is not None and not has_mean.all():
         means = [m if ok else None for m, ok in zip(means, has_mean.tolist(), strict=True)]
         mean_of_means = float(mean_intensity[has_mean].mean()) if has_mean.any() else None
@@ -357,8 +395,9 @@ def objects_from_sums(
             "touches_edge": te,
             "local_background": lb,
             "corrected_intensity": ci,
+            "saturated_px": sp,
         }
-        for lbl, ar, aum, y, x, bb, mi, ii, ed, ec, te, lb, ci in zip(
+        for lbl, ar, aum, y, x, bb, mi, ii, ed, ec, te, lb, ci, sp in zip(
             out_ids,
             a.astype(np.int64).tolist(),
             um[0],
@@ -366,12 +405,13 @@ def objects_from_sums(
             r(cx),
             bbox,
             means,
-            r(intensity_sum),
+            adu[1],
             um[1],
             r(eccentricity),
             edge,
-            _or_none(r(local_bg)),
-            _or_none(r(corrected)),
+            _or_none(adu[2]),
+            _or_none(adu[3]),
+            n_saturated,
             strict=True,
         )
     ]
@@ -380,11 +420,14 @@ def objects_from_sums(
         "count": len(objects),
         "mean_area_px": _round(float(a.mean()), decimals),
         "median_area_px": _round(float(np.median(a)), decimals),
-        "mean_area_um2": _round(float(area_um2.mean()), decimals, significant=True),
-        "mean_intensity": _round(mean_of_means, decimals),
-        "total_intensity": _round(float(intensity_sum.sum()), decimals),
+        "mean_area_um2": _round(float(area_um2.mean()), decimals, digits=UM_SIGNIFICANT_DIGITS),
+        "mean_intensity": _round(mean_of_means, decimals, digits=INTENSITY_SIGNIFICANT_DIGITS),
+        "total_intensity": _round(float(intensity_sum.sum()), decimals,
+                                  digits=INTENSITY_SIGNIFICANT_DIGITS),
         "foreground_fraction": _round(n_fg / n_px, decimals),
-        "background_mean": _round(background_mean, decimals),
+        "background_mean": _round(background_mean, decimals, digits=INTENSITY_SIGNIFICANT_DIGITS),
+        "saturated_objects": (None if sums.saturated is None
+                              else int(np.count_nonzero(sums.saturated))),
     }
     return objects, summary
 
@@ -426,14 +469,28 @@ def _runs(
     return row, col, length, run_ids
 
 
+def _at_or_above(values: np.ndarray, level: float) -> np.ndarray:
+    """Indices of ``values`` at or above ``level``; integer values are compared in their own
+    dtype (a float level would convert them all to float64 first: 7 times slower)."""
+    if not np.issubdtype(values.dtype, np.integer):
+        return np.flatnonzero(values >= level)
+    info = np.iinfo(values.dtype)
+    if level > info.max:
+        return np.zeros(0, dtype=np.intp)
+    return np.flatnonzero(values >= max(math.ceil(level), int(info.min)))
+
+
 def _sum_squares_below(n: np.ndarray) -> np.ndarray:
     """0² + 1² + ... + (n - 1)², exactly (integer arrays)."""
     result: np.ndarray = (n - 1) * n * (2 * n - 1) // 6
     return result
 
 
-def _summary_empty(background_mean: float | None, decimals: int | None) -> dict[str, Any]:
-    """Summary of a frame without objects: zero counts, None for undefined means."""
+def _summary_empty(
+    background_mean: float | None, decimals: int | None, *, saturation_known: bool
+) -> dict[str, Any]:
+    """Summary of a frame without objects: zero counts, None for undefined means (and for
+    ``saturated_objects`` where the saturation level is not known)."""
     return {
         "count": 0,
         "mean_area_px": None,
@@ -442,26 +499,28 @@ def _summary_empty(background_mean: float | None, decimals: int | None) -> dict[
         "mean_intensity": None,
         "total_intensity": 0.0,
         "foreground_fraction": 0.0,
-        "background_mean": _round(background_mean, decimals),
+        "background_mean": _round(background_mean, decimals, digits=INTENSITY_SIGNIFICANT_DIGITS),
+        "saturated_objects": 0 if saturation_known else None,
     }
 
 
-def _round(x: float | None, decimals: int | None, *, significant: bool = False) -> float | None:
-    """Round ``x`` to ``decimals`` places (``significant``: or to
-    :data:`UM_SIGNIFICANT_DIGITS` significant digits, whichever keeps more); None and
-    non-finite values become None."""
+def _round(x: float | None, decimals: int | None, *, digits: int | None = None) -> float | None:
+    """Round ``x`` to ``decimals`` places (or to ``digits`` significant digits, whichever
+    keeps more); None and non-finite values become None."""
     if x is None or not math.isfinite(x):
         return None
     if decimals is None:
         return float(x)
-    if significant and x != 0:
-        decimals = max(decimals, UM_SIGNIFICANT_DIGITS - 1 - math.floor(math.log10(abs(x))))
+    if digits is not None and x != 0:
+        decimals = max(decimals, digits - 1 - math.floor(math.log10(abs(x))))
     return round(x, decimals)
 
 
-def _round_significant(x: np.ndarray, decimals: int | None) -> np.ndarray:
-    """``x`` rounded to ``decimals`` places or to :data:`UM_SIGNIFICANT_DIGITS` significant
-    digits, whichever keeps more (None: unrounded)."""
+def _round_significant(
+    x: np.ndarray, decimals: int | None, digits: int = UM_SIGNIFICANT_DIGITS
+) -> np.ndarray:
+    """``x`` rounded to ``decimals`` places or to ``digits`` significant digits, whichever
+    keeps more (None: unrounded; NaN stays NaN)."""
     if decimals is None:
         return x
     if decimals < 0:  # (whole tens and more): no place count to raise
@@ -470,7 +529,7 @@ def _round_significant(x: np.ndarray, decimals: int | None) -> np.ndarray:
     np.log10(scale, out=scale, where=scale > 0)  # zeros stay 0: ``decimals`` places
     np.floor(scale, out=scale)
     # places kept: at least ``decimals``; 10**places stays finite
-    np.subtract(UM_SIGNIFICANT_DIGITS - 1, scale, out=scale)
+    np.subtract(digits - 1, scale, out=scale)
     np.clip(scale, decimals, 300, out=scale)
     np.power(10.0, scale, out=scale)
     result: np.ndarray = np.rint(x * scale)

@@ -16,7 +16,8 @@ with data-parallel operations only:
   (:func:`livemask.analysis.instances.labels_from_probabilities`) on almost every object,
   which ``tests/test_torch_analysis.py`` checks with the object F1;
 - measurements: per-object sums with ``index_add_`` / ``scatter_reduce_`` in float64, local
-  backgrounds from summed-area tables of the unlabelled pixels, then the CPU's
+  backgrounds from summed-area tables of the unlabelled pixels, saturated pixels per object
+  (given the camera's saturation level) with one more count, then the CPU's
   :func:`livemask.analysis.measure.objects_from_sums` builds the same dicts.
 
 :meth:`TorchAnalysis.analyse` (the pipeline's path) runs all of it as four stages of fixed
@@ -457,6 +458,7 @@ class TorchAnalysis:
         *,
         pixel_size_um: float = 1.0,
         decimals: int | None = 4,
+        saturation: float | None = None,
     ) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, Any]]:
         """Labels (int32, on the host), objects and summary for one frame, as
         :meth:`labels_from_probabilities` then ``measure_objects``, in stages of fixed steps and
@@ -476,12 +478,17 @@ class TorchAnalysis:
         one by one, each continued until it has converged, so results never depend on the
         step counts.
 
+        ``saturation``: the camera's saturation level (``image`` is float32 whatever the
+        camera's pixel type: pass :func:`livemask.analysis.measure.saturation_level` of the
+        frame's dtype for ``measure_objects``' ``saturated_px``); None: unknown, and
+        ``saturated_px`` and the summary's ``saturated_objects`` are None.
+
         The inputs must be complete (:meth:`Segmenter.infer` synchronises before it returns):
         on CUDA this runs on its own stream.
         """
         with self._on_stream():
-            return self._analyse(foreground, seeds, image, params,
-                                 pixel_size_um=pixel_size_um, decimals=decimals)
+            return self._analyse(foreground, seeds, image, params, pixel_size_um=pixel_size_um,
+                                 decimals=decimals, saturation=saturation)
 
     def _on_stream(self) -> Any:
         """Context: run on the analysis stream (CUDA), else nothing to do."""
@@ -511,6 +518,7 @@ class TorchAnalysis:
         *,
         pixel_size_um: float,
         decimals: int | None,
+        saturation: float | None,
     ) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, Any]]:
         h, w = foreground.shape
         key = (h, w, *params.key(self.levels))
@@ -523,11 +531,23 @@ class TorchAnalysis:
         n, n_fg, total, fg_sum = values[3:]
         n, n_fg = int(n), int(n_fg)
         local_bg = self._local_backgrounds(labels, image, boxes[1:n + 1], BACKGROUND_MARGIN_PX)
+        saturated = (None if saturation is None else
+                     self._saturated(labels, image, n, saturation).cpu().numpy())
         objects, summary = _objects(
             sums[1:n + 1].cpu().numpy(), boxes[1:n + 1].cpu().numpy(), local_bg.cpu().numpy(),
             shape=(h, w), n_fg=n_fg, total=total, fg_sum=fg_sum, pixel_size_um=pixel_size_um,
-            decimals=decimals)
+            decimals=decimals, saturated=saturated)
         return labels.cpu().numpy(), objects, summary
+
+    def _saturated(
+        self, labels: torch.Tensor, image: torch.Tensor, n: int, level: float
+    ) -> torch.Tensor:
+        """Pixels of objects 1..``n`` of ``labels`` at or above ``level`` in ``image``
+        (int32, n): one count over the frame, the other pixels in ``_count``'s spare bins."""
+        flat = labels.reshape(-1)
+        hit = (image.reshape(-1) >= level) & (flat > 0)
+        at_level = self._torch.where(hit, flat, self._torch.zeros_like(flat))
+        return self._count(at_level, n + 1)[1:]
 
     def _local_backgrounds(
         self, labels: torch.Tensor, image: torch.Tensor, boxes: torch.Tensor, margin_px: int,
@@ -767,15 +787,17 @@ def _objects(
     fg_sum: float,
     pixel_size_um: float,
     decimals: int | None,
+    saturated: np.ndarray | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """``measure_objects`` output from per-object sums (rows: objects 1..n; columns: area,
-    Σr, Σc, Σr², Σc², Σrc, Σintensity), boxes (r0, c0, r1, c1) and local backgrounds."""
+    Σr, Σc, Σr², Σc², Σrc, Σintensity), boxes (r0, c0, r1, c1), local backgrounds and
+    saturated pixels (None: level unknown)."""
     n_px = shape[0] * shape[1]
     background_mean = (total - fg_sum) / (n_px - n_fg) if n_px > n_fg else None
     object_sums = ObjectSums(
         labels=np.arange(1, len(sums) + 1), area=sums[:, 0], s_r=sums[:, 1], s_c=sums[:, 2],
         s_rr=sums[:, 3], s_cc=sums[:, 4], s_rc=sums[:, 5], intensity=sums[:, 6], bbox=bbox,
-        local_background=local_background,
+        local_background=local_background, saturated=saturated,
     )
     return objects_from_sums(object_sums, shape=shape, n_fg=n_fg, background_mean=background_mean,
                              pixel_size_um=pixel_size_um, decimals=decimals)

@@ -103,13 +103,15 @@ OME_VERSION = "0.5"
 #: ``fb`` (last, so that the older columns keep their positions) is the feedback action that
 #: took the frame (``livemask.feedback.context.FEEDBACK_INDEX_KEY``), empty for planned ones;
 #: after it (added later still) the channel preset and exposure the frame was taken with, then
-#: (later again) the object's local background and background-corrected intensity.
+#: (later again) the object's local background and background-corrected intensity, and last
+#: its saturated pixels (empty where the saturation level is unknown: float frames).
 CSV_COLUMNS: tuple[str, ...] = (
     "frame_id", "acquisition", "time_s", "t", "p", "c", "z", "g", "x_um", "y_um", "z_um",
     "label", "track_id", "parent_track_id", "area_px", "area_um2", "centroid_y", "centroid_x",
     "bbox_min_row", "bbox_min_col", "bbox_max_row", "bbox_max_col",
     "mean_intensity", "integrated_intensity", "equivalent_diameter_um", "eccentricity",
     "touches_edge", "fb", "channel", "exposure_ms", "local_background", "corrected_intensity",
+    "saturated_px",
 )
 _INDEX_AXES = ("t", "p", "c", "z", "g", "fb")
 _SPLIT = {"centroid_yx": ("centroid_y", "centroid_x"),

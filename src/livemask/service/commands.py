@@ -25,6 +25,7 @@ from livemask.feedback.spec import MAX_RULES, RuleSpec
 from livemask.protocol import format_validation_error
 
 if TYPE_CHECKING:
+    from livemask.acquisition.replay import ReplaySource
     from livemask.service.app import Service
 
 
@@ -197,8 +198,16 @@ class CommandHandler:
         return self.service.status()
 
     async def start(self, args: dict[str, Any]) -> Any:
-        """Start an acquisition."""
+        """Start an acquisition (in a replay: the file's frames, without a sequence)."""
         a: StartArgs = _validate(StartArgs, args, "start")
+        replay = self._replay()
+        if replay is not None and a.sequence is not None:
+            raise CommandError(
+                "invalid_args",
+                "start: a replay plays the file's frames and cannot run a sequence (its "
+                "channels, positions and time plan would be ignored); send start without "
+                "a sequence, or run the sequence on a service that drives the microscope "
+                "(livemask serve)")
         seq = None
         if a.sequence is not None:  # (seconds for 100,000 positions: off the event loop)
             seq = await asyncio.to_thread(_checked_sequence, a.sequence)
@@ -211,8 +220,17 @@ class CommandHandler:
             raise CommandError("invalid_args", str(exc)) from None
         except AcquisitionError as exc:  # e.g. the last one's thread still exiting
             raise CommandError("invalid_state", str(exc)) from None
+        if replay is not None:  # one frame per event, at most the file's
+            events = min(events, replay.stack.frames)
         return {"started": True, "events": events,
                 "acquisition": self.service.pipeline.acquisition}
+
+    def _replay(self) -> ReplaySource | None:
+        """The service's source where it replays stored frames, else None."""
+        from livemask.acquisition.replay import ReplaySource
+
+        source = getattr(self.service, "source", None)
+        return source if isinstance(source, ReplaySource) else None
 
     async def stop(self, args: dict[str, Any]) -> Any:
         """Stop the running acquisition; with ``acquisition``, only if it is that one (a

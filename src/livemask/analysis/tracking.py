@@ -50,8 +50,10 @@ greedily, best midpoint first, each object and parent once.
 :class:`PositionTrackers` keeps one :class:`Tracker` per image stream: the stage position
 (MDA index ``p``; without one, the stage position rounded to a grid) with every other MDA
 index key but ``t`` (grid tile ``g``, channel ``c``, plane ``z``, feedback action ``fb``, a
-client's own key such as ``ext``), with track ids unique across all of them, and writes the
-results into the measurement dicts.
+client's own key such as ``ext``) and the frame's pixel geometry (:func:`frame_geometry`:
+pixel size, camera ROI offset and image shape, so a binning, objective or ROI change starts
+new tracks rather than linking other objects by their pixel positions), with track ids
+unique across all of them, and writes the results into the measurement dicts.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import permutations
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -80,6 +82,8 @@ __all__ = [
     "TrackStep",
     "Tracker",
     "TrackerParams",
+    "camera_roi_offset",
+    "frame_geometry",
     "largest_gap_frames",
     "signal_intensities",
 ]
@@ -91,6 +95,42 @@ TRACK_UNITS: dict[str, str] = {"track_id": "1", "parent_track_id": "1"}
 #: The MDA index axis along which a stream's frames follow each other (every other key tells
 #: the stream, as for ``publish.frame_every``).
 TIME_AXIS = "t"
+#: Significant digits of a pixel size in a stream's key (:func:`frame_geometry`).
+PIXEL_SIZE_DIGITS = 6
+
+
+def camera_roi_offset(settings: Any) -> tuple[int, int] | None:
+    """The (row, col) offset of a frame's camera ROI from its header's ``settings``: (0, 0)
+    without a ``roi`` (the camera's image at open), the ``roi``'s ``(offset_y, offset_x)``,
+    or None for a null (not known) or malformed one."""
+    if not isinstance(settings, Mapping) or "roi" not in settings:
+        return (0, 0)
+    roi = settings.get("roi")
+    if not isinstance(roi, Mapping):
+        return None
+    y, x = roi.get("offset_y"), roi.get("offset_x")
+    if _count(y) and _count(x):
+        return (y, x)
+    return None
+
+
+def _count(value: Any) -> TypeGuard[int]:
+    """Whether ``value`` is an int (not a bool) >= 0."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def frame_geometry(
+    pixel_size_um: float | None, roi_offset_yx: tuple[int, int] | None, shape: Sequence[int]
+) -> tuple[Any, ...]:
+    """Where a frame's pixels lie on the sample, for a stream's key: its pixel size (to
+    :data:`PIXEL_SIZE_DIGITS` significant digits; None where not known), camera ROI offset
+    (:func:`camera_roi_offset`) and image shape (rows, cols). Frames of another geometry
+    (a binning, objective or ROI change) start new streams: their centroids and areas in
+    pixels do not compare with the old ones'."""
+    size = None
+    if pixel_size_um is not None and math.isfinite(float(pixel_size_um)):
+        size = float(f"{float(pixel_size_um):.{PIXEL_SIZE_DIGITS}g}")
+    return (size, roi_offset_yx, tuple(int(n) for n in shape[:2]))
 
 
 def largest_gap_frames(gap_penalty: float) -> int:
@@ -521,7 +561,9 @@ class PositionTrackers:
     to ``position_grid_um``) together with every other index key but ``t``: the grid tile
     ``g``, the channel ``c``, the plane ``z``, the feedback action ``fb`` and any key of a
     client's own (``ext``) when the index has them (each action's or client burst's frames
-    are a stream of their own: another channel, plane or a centred field). At most
+    are a stream of their own: another channel, plane or a centred field), and the frame's
+    pixel geometry (:func:`frame_geometry`) when given: after a binning, objective or camera
+    ROI change the same place is a new stream, whose objects get new track ids. At most
     ``max_positions`` streams are kept; the least recently used goes first (with a warning,
     once, when it still had live tracks).
     """
@@ -569,11 +611,17 @@ class PositionTrackers:
         self._ids = _Ids()
         self.dropped_live = 0
 
-    def key(self, index: Mapping[str, int], position: Mapping[str, float | None]) -> Hashable:
+    def key(
+        self,
+        index: Mapping[str, int],
+        position: Mapping[str, float | None],
+        geometry: Hashable = None,
+    ) -> Hashable:
         """The stream a frame belongs to: its position ``p`` (else its stage position) and
         every other index key but ``t``: grid tile ``g`` (a grid plan inside a position images
         other fields), channel ``c``, plane ``z``, the feedback action ``fb`` that took it
-        and keys of a client's own (``ext``), as ``publish.frame_every``'s streams."""
+        and keys of a client's own (``ext``), as ``publish.frame_every``'s streams; and its
+        pixel ``geometry`` (:func:`frame_geometry`; None: not told)."""
         if "p" in index:
             where: Hashable = ("p", int(index["p"]))
         else:
@@ -587,7 +635,7 @@ class PositionTrackers:
         rest = tuple(sorted(
             (str(k), int(v)) for k, v in index.items() if k not in (TIME_AXIS, "p")
         ))
-        return (where, rest)
+        return (where, rest, geometry)
 
     def tracker(self, key: Hashable) -> Tracker:
         """The tracker of stream ``key`` (created on first use)."""
@@ -622,6 +670,7 @@ class PositionTrackers:
         position: Mapping[str, float | None] | None = None,
         frame_id: int | None = None,
         exposure_ms: float | None = None,
+        geometry: Hashable = None,
     ) -> TrackStep:
         """Track one frame's measurements in place.
 
@@ -629,9 +678,10 @@ class PositionTrackers:
         every object dict and ``divisions`` (``[{"parent": id, "children": [a, b]}]``) and
         ``tracks_active`` to ``summary``. The time point is ``index["t"]``, else ``frame_id``.
         The division intensity rule gets :func:`signal_intensities` (``exposure_ms``: the
-        frame's camera exposure, when known).
+        frame's camera exposure, when known). ``geometry``: the frame's
+        :func:`frame_geometry` (part of its stream's key).
         """
-        tracker = self.tracker(self.key(index, position or {}))
+        tracker = self.tracker(self.key(index, position or {}, geometry))
         t = index.get(TIME_AXIS, frame_id)
         if objects:
             yx = np.array([o["centroid_yx"] for o in objects], dtype=np.float64)

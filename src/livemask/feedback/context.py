@@ -3,11 +3,14 @@
 :class:`FrameContext` is built once per analysed frame from the published measurements.
 :class:`FeatureTracker` adds derived per-object features, some relative to the frame
 (``area_rel``, ``mean_intensity_rel``) and some relative to the previous frame of the same
-stream, i.e. stage position, grid tile, channel and plane (``mean_intensity_change``,
-``area_change`` and their product ``integrated_change``, the ratio of background-subtracted
-integrated intensities; intensities relative to each frame's median object signal), pairing
-objects by nearest centroid (within ``match_radius_px``, one-to-one: objects that share their
-nearest previous object, e.g. a merge that splits, get none). Pure numpy/scipy.
+stream, i.e. stage position, grid tile, channel, plane and pixel geometry
+(``mean_intensity_change``, ``area_change`` and their product ``integrated_change``, the
+ratio of background-subtracted integrated intensities; intensities relative to each frame's
+median object signal), pairing objects by nearest centroid (within ``match_radius_px``,
+one-to-one: objects that share their nearest previous object, e.g. a merge that splits, get
+none). The pixel geometry is the pixel size, camera ROI offset and image shape: after a
+binning, objective or ROI change a stream starts again, with no previous frame. Pure
+numpy/scipy.
 
 :func:`read_only_copy` copies a message into :class:`ReadOnlyDict` / :class:`ReadOnlyList`
 (dicts and lists that refuse changes): what user rules are given
@@ -27,7 +30,7 @@ from typing import Any, NoReturn, SupportsIndex, TypeVar, cast
 import numpy as np
 from scipy.spatial import cKDTree
 
-from livemask.analysis.tracking import signal_intensities
+from livemask.analysis.tracking import camera_roi_offset, frame_geometry, signal_intensities
 
 _T = TypeVar("_T")
 
@@ -121,9 +124,14 @@ class FrameContext:
         """The stream for pairing objects across frames: the exact stage place (position
         index and x, y) and the frame's grid tile ``g``, channel ``c``, plane ``z`` and
         feedback action ``fb`` indices (as tracking's streams), so a channel or plane is
-        compared only with itself, and an action's frames only with that action's."""
+        compared only with itself, and an action's frames only with that action's; and its
+        pixel geometry (:func:`~livemask.analysis.tracking.frame_geometry`: pixel size,
+        camera ROI offset and image shape), so that pixel centroids and areas are compared
+        only between frames whose pixels lie alike on the sample (not across a binning,
+        objective or ROI change)."""
         x, y = self.position.get("x_um"), self.position.get("y_um")
         return (
+            frame_geometry(self.pixel_size_um, self.roi_offset_yx, self.image_shape),
             self.index.get("p"),
             None if x is None else round(float(x), 2),
             None if y is None else round(float(y), 2),
@@ -335,19 +343,10 @@ def _read_only_mapping(value: Mapping[Any, Any], memo: dict[int, Any] | None) ->
 
 
 def _camera_roi(settings: Any) -> dict[str, Any]:
-    """``roi_offset_yx`` from a header's ``settings``: none without a ``roi`` (the default,
-    (0, 0)), the ``roi``'s ``(offset_y, offset_x)``, or None for a null or malformed one."""
-    if not isinstance(settings, Mapping) or "roi" not in settings:
-        return {}
-    roi = settings.get("roi")
-    if isinstance(roi, Mapping) and _counts(roi.get("offset_y"), roi.get("offset_x")):
-        return {"roi_offset_yx": (int(roi["offset_y"]), int(roi["offset_x"]))}
-    return {"roi_offset_yx": None}
-
-
-def _counts(*values: Any) -> bool:
-    """Whether every value is an int (not a bool) >= 0."""
-    return all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
+    """``roi_offset_yx`` from a header's ``settings`` (:func:`camera_roi_offset`): (0, 0)
+    without a ``roi``, the ``roi``'s ``(offset_y, offset_x)``, or None for a null or
+    malformed one."""
+    return {"roi_offset_yx": camera_roi_offset(settings)}
 
 
 def position_key(index: Mapping[str, int], x_um: float | None, y_um: float | None) -> str:

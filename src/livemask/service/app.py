@@ -712,13 +712,19 @@ class Service:
         check_properties(self.source.properties, properties, what)
 
     def _check_rois(self, events: Sequence[useq.MDAEvent]) -> None:
-        """ConfigError for an empty roi, or one beyond the camera's image as the service
-        opened it (pymmcore-plus would only log the core's error and image the old region)."""
-        shape = self.core_info.get("image_shape")
+        """ConfigError for an empty roi, or one beyond the camera's image at the binning in
+        effect when its event runs: the binning now, or as the request's events set it (an
+        event's own properties are set before its roi; pymmcore-plus would only log the
+        core's error and image the old region)."""
+        from livemask.acquisition.properties import binning_set
+
+        binning = self._binning_now()
         for i, event in enumerate(events):
+            binning = binning_set(event.properties, self.core_info.get("camera")) or binning
             roi = event.roi
             if roi is None:
                 continue
+            shape = self._image_shape_binned(binning)
             where = (f"events[{i}].roi (offset_x {roi.offset_x}, offset_y {roi.offset_y}, "
                      f"width {roi.width}, height {roi.height})")
             if roi.width < 1 or roi.height < 1:
@@ -727,8 +733,35 @@ class Service:
                           or roi.offset_x + roi.width > shape[1]):
                 raise ConfigError(
                     f"{where} goes beyond the camera's {shape[1]}x{shape[0]} (width x height) "
-                    "image; keep offset + size within it"
+                    f"image{'' if binning is None else f' at binning {binning}'}; keep "
+                    "offset + size within it"
                 )
+
+    def _binning_now(self) -> int | None:
+        """The camera's binning factor now, as the core's property cache has it (no device
+        call: a running snap holds the camera); None where not known."""
+        from livemask.acquisition.properties import binning_factor
+
+        camera = self.core_info.get("camera")
+        if not camera or not isinstance(self.source, MicroscopeSource):
+            return None
+        if BINNING not in self.source.properties.properties.get(camera, {}):
+            return None
+        try:
+            return binning_factor(self.source.core.getPropertyFromCache(camera, BINNING))
+        except Exception:  # not in the cache: the ROI is checked against the image at open
+            return None
+
+    def _image_shape_binned(self, binning: int | None) -> tuple[int, int] | None:
+        """The camera's full image (rows, cols) at ``binning``: its image at open, scaled
+        by the binning then over ``binning`` (as opened where either is not known)."""
+        from livemask.acquisition.properties import binned_shape
+
+        shape = self.core_info.get("image_shape")
+        if not shape or not isinstance(self.source, MicroscopeSource):
+            return tuple(shape) if shape else None
+        at_open = self.source.properties.binning.get(self.core_info.get("camera") or "")
+        return binned_shape((int(shape[0]), int(shape[1])), at_open, binning)
 
     def _check_sequence_on_rig(
         self, seq: useq.MDASequence, what: str = "acquisition.sequence"

@@ -36,7 +36,12 @@ from livemask.acquisition.mode import Mode
 from livemask.acquisition.source import FrameSource, RawFrame
 from livemask.analysis.grains import CumulativeGrainStats, grain_statistics
 from livemask.analysis.measure import UNITS, units_in_pixels
-from livemask.analysis.tracking import TRACK_UNITS, PositionTrackers
+from livemask.analysis.tracking import (
+    TRACK_UNITS,
+    PositionTrackers,
+    camera_roi_offset,
+    frame_geometry,
+)
 from livemask.config import StageThreads
 from livemask.inference.segmenter import Segmenter
 from livemask.log import RepeatedErrors, is_power_of_ten
@@ -447,7 +452,9 @@ class Pipeline:
             self.tracker.apply(
                 frame.objects, frame.summary if frame.summary is not None else {},
                 index=frame.index, position=frame.position, frame_id=frame.frame_id,
-                exposure_ms=frame.settings.get("exposure_ms"),
+                exposure_ms=frame.settings.get("exposure_ms"), geometry=frame_geometry(
+                    frame.pixel_size_um, camera_roi_offset(frame.settings),
+                    frame.image.shape),
             )
         frame.labels = labels
 

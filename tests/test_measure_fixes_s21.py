@@ -161,3 +161,34 @@ def test_segment_table_keeps_small_float_intensities(tmp_path: Path) -> None:
             float(image[labels == int(row["label"])].astype(np.float64).mean()), rel=1e-4)
         assert row["local_background"] == "" or float(row["local_background"]) != 0.0
         assert row["saturated_px"] == ""  # a float frame: no known saturation level
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("exposure_ms, said", [(3000.0, True), (10.0, False)])
+async def test_the_service_says_once_per_acquisition_that_objects_saturate(
+    exposure_ms: float, said: bool
+) -> None:
+    """Before, a run at an exposure that saturated half the nuclei logged and published
+    nothing about it: ``saturated`` is sent once per acquisition, with the first frame's
+    count, and not for a run that does not saturate."""
+    from livemask.service.app import Service
+    from tests.conftest import make_config
+    from tests.test_service import collect_run
+
+    seq = {"time_plan": {"interval": 0.0, "loops": 3}, "channels": [
+        {"config": "DAPI", "exposure": exposure_ms}]}
+    cfg = make_config(simulation={"truth": False}, acquisition={
+        "sequence": seq, "mode": "synchronized"})
+    async with Service(cfg) as svc:
+        got = await collect_run(svc, ("event", "measurements"))
+    events = [m.header for m in got["event"] if m.header["kind"] == "saturated"]
+    counts = [m.header["summary"]["saturated_objects"] for m in got["measurements"]]
+    assert len(counts) == 3
+    if not said:
+        assert events == [] and counts == [0, 0, 0]
+        return
+    assert len(events) == 1 and all(n > 0 for n in counts)
+    first = next(m.header for m in got["measurements"]
+                 if m.header["frame_id"] == events[0]["frame_id"])
+    assert events[0]["objects"] == first["summary"]["saturated_objects"]
+    assert events[0]["level"] == 65535.0 and events[0]["acquisition"] == 1

@@ -52,6 +52,7 @@ RAW_FEATURES = (
     "corrected_intensity",
     "equivalent_diameter_um",
     "eccentricity",
+    "saturated_px",
 )
 #: Derived features added by :class:`FeatureTracker`.
 DERIVED_FEATURES = (

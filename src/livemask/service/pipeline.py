@@ -35,7 +35,7 @@ from typing import Any, Protocol
 from livemask.acquisition.mode import Mode
 from livemask.acquisition.source import FrameSource, RawFrame
 from livemask.analysis.grains import CumulativeGrainStats, grain_statistics
-from livemask.analysis.measure import UNITS, units_in_pixels
+from livemask.analysis.measure import UNITS, saturation_level, units_in_pixels
 from livemask.analysis.tracking import (
     TRACK_UNITS,
     PositionTrackers,
@@ -162,6 +162,7 @@ class Pipeline:
         # frames seen per stream (index but t) in the acquisition _streams_of, for frame_every
         self._stream_frames: dict[frozenset[tuple[str, int]], int] = {}
         self._streams_of = 0
+        self._saturation_said = 0  # the acquisition whose saturated objects were reported
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -563,6 +564,7 @@ class Pipeline:
         if frame.grains is not None:
             measurements["grains"] = frame.grains
         pub.publish("measurements", measurements)
+        self._check_saturation(frame)
         self.latest["labels"] = dict(base)
         self.latest["measurements"] = measurements
         self.last_analysed = frame
@@ -572,6 +574,30 @@ class Pipeline:
                 self.on_measurements(frame, measurements)
             except Exception as exc:  # feedback faults must not stop publishing
                 self._errors.error("feedback", f"feedback on frame {frame.frame_id} failed", exc)
+
+    def _check_saturation(self, frame: Frame) -> None:
+        """Say once per acquisition that objects have pixels at the camera's saturation
+        level: their intensities are too low (log warning and a ``saturated`` event)."""
+        n = (frame.summary or {}).get("saturated_objects")
+        if not n or frame.acquisition == self._saturation_said:
+            return
+        self._saturation_said = frame.acquisition
+        level = saturation_level(frame.image.dtype)
+        log.warning(
+            "frame %d (%s): %d object(s) have pixels at the camera's saturation level (%g): "
+            "their intensities are too low; shorten the exposure (exposure_ms) or the "
+            "illumination. Said once per acquisition; saturated_px counts each object's",
+            frame.frame_id, frame.index, n, level)
+        try:
+            self.publish_event("saturated", {
+                "frame_id": frame.frame_id, "index": dict(frame.index),
+                "acquisition": frame.acquisition, "objects": n, "level": level,
+                "detail": "objects of this frame have pixels at the camera's saturation "
+                          "level: their intensities are too low (sent once per acquisition; "
+                          "each object's saturated_px counts them)",
+            })
+        except Exception as exc:  # reporting must not lose the frame
+            self._errors.error("event", "publishing saturated failed", exc)
 
     def units(self) -> dict[str, str]:
         """The unit of each per-object field (tracking's too, when on); in px where the pixel

@@ -109,3 +109,25 @@ def test_empty_fields_scores_the_card_with_and_without_its_noise_floor() -> None
     assert shipped == {"f1": 1.0, "true": 0, "found": 0, "false": 0, "missed": 0}  # none, rightly
     assert 3 < spans[0] <= spans[1] < 10  # camera noise only: a few noise levels
     assert plain["true"] == 0 and plain["false"] == plain["found"] > 0  # phantoms
+
+
+def test_dim_bright_makes_a_share_of_the_nuclei_dimmer(capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/dim_bright.py (the nuclei card's dim/bright table), one field per case:
+    the same half of the nuclei, 10 times dimmer, about 10 times less above the background."""
+    script = _load("dim_bright")
+    card = load_model_card("nuclei")
+    seg = Segmenter(card, load_backend("onnxruntime", card, threads=1))
+    plain = script.score(seg, script.Case.parse("1x0.5@10"), fields=1)
+    dim = script.score(seg, script.Case.parse("10x0.5@10"), fields=1)
+    assert plain["dim_true"] == dim["dim_true"] > 20
+    assert dim["dim_above_background"] == pytest.approx(plain["dim_above_background"] / 10,
+                                                        rel=0.3)
+    assert dim["dim_normalised"] < 0.5 * plain["dim_normalised"]
+    assert plain["f1"] > 0.95 and dim["dim_recall"] <= plain["dim_recall"]
+    script.main(["--fields", "1", "10x0.5@10"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:3] == script.HEADER.splitlines()
+    assert lines[3] == script.row(script.Case(10.0, 0.5, 10.0), dim)
+    with pytest.raises(SystemExit):
+        script.main(["1:10"])
+    assert "RATIOxSHARE@EXPOSURE_MS" in capsys.readouterr().err

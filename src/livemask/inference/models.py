@@ -39,7 +39,10 @@ class Normalization(BaseModel):
         default=False, strict=True,
         description="Take the percentiles over the pixels below a saturated plateau (at "
         "least 4 sampled pixels exactly at the frame's maximum), so saturated debris does "
-        "not become the top of the range.")
+        "not become the top of the range; and where the high percentile is more than 20 "
+        "times the median object pixel (both from the low percentile; object pixels: more "
+        "than 5 noise levels above the median pixel), take it over the pixels at or below "
+        "that level, so bright debris that is not saturated does not either.")
 
     @model_validator(mode="after")
     def _low_below_high(self) -> Normalization:

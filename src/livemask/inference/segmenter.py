@@ -244,8 +244,9 @@ class Segmenter:
         *, pixel_size_um: float = 1.0,
     ) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, Any]]:
         """The pipeline's analysis stage: (labels, objects, summary) from :meth:`infer`'s
-        output; on the device path labelling and measuring run on the GPU."""
-        from livemask.analysis.measure import measure_objects
+        output; on the device path labelling and measuring run on the GPU (given the
+        saturation level of ``image``'s pixel type, as ``measure_objects`` takes it)."""
+        from livemask.analysis.measure import measure_objects, saturation_level
 
         p = self.post
         if isinstance(probabilities, DeviceProbabilities):
@@ -255,7 +256,8 @@ class Segmenter:
             ta = self._device
             assert ta is not None
             return ta.analyse(probs[0], probs[1], probabilities.image, self._label_params(),
-                              pixel_size_um=pixel_size_um)
+                              pixel_size_um=pixel_size_um,
+                              saturation=saturation_level(image.dtype))
         labels = without_non_finite(self.labels(probabilities), image)
         objects, summary = measure_objects(labels, image, pixel_size_um=pixel_size_um)
         return labels, objects, summary

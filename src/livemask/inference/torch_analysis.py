@@ -5,8 +5,10 @@ and measuring them on the CPU costs more than the model itself at 2048×2048 (ab
 on two cores, see docs/performance.md). This module does the same work on the device,
 with data-parallel operations only:
 
-- percentile normalisation: ``torch.quantile`` on the same strided sample as
-  :func:`livemask.analysis.normalize.percentile_normalize`;
+- percentile normalisation: the same strided sample, percentiles (float64, interpolated as
+  ``np.percentile``), saturated plateau and outlier rule as
+  :func:`livemask.analysis.normalize.percentile_normalize`, so the model's input is the
+  CPU path's;
 - connected components (4-connectivity): max-label propagation (the maximum of each
   pixel's 4-neighbourhood from shifted views, restricted to the mask) with pointer jumping;
 - marker-controlled watershed: seeds grow into the foreground level by level of the
@@ -46,7 +48,10 @@ from livemask.analysis.measure import (
     objects_from_sums,
 )
 from livemask.analysis.normalize import (
+    _MIN_OBJECT_PX,
     _MIN_SAMPLE_PX,
+    OBJECT_MIN_NOISE,
+    OUTLIER_RATIO,
     SATURATED_MIN_PX,
     grey_level,
     iqr_sigma,
@@ -272,37 +277,40 @@ class TorchAnalysis:
         clip: tuple[float, float] | None = None, exclude_saturated: bool = False,
     ) -> torch.Tensor:
         """Percentile normalisation as ``percentile_normalize`` (same strided sample, the
-        same linear interpolation as ``np.percentile``, the same noise floor, clip and
-        saturated plateau; capturable: no host round trip). ``grey_level``: the camera's
-        smallest step (1 for integer pixels, 0 for float ones)."""
+        same linear interpolation as ``np.percentile`` in float64, the same noise floor,
+        clip, saturated plateau and outlier rule; capturable: no host round trip).
+        ``grey_level``: the camera's smallest step (1 for integer pixels, 0 for float ones)."""
         torch = self._torch
         stride = subsample
         while stride > 1 and image.numel() // stride**2 < _MIN_SAMPLE_PX:
             stride -= 1
-        ordered = image[::stride, ::stride].reshape(-1).sort().values
-        count: Tensor | None = None
+        # float64, as np.percentile computes the percentiles of integer pixels
+        ordered = image[::stride, ::stride].reshape(-1).double().sort().values
+        n = ordered.numel()
+        count = torch.full((), n, dtype=torch.long, device=ordered.device)
         if exclude_saturated:  # as unsaturated: the sorted values below the plateau
-            n = ordered.numel()
             n_top = (ordered == ordered[-1]).sum()
             plateau = (n_top >= SATURATED_MIN_PX) & (n_top < n)
-            count = torch.where(plateau, n - n_top, torch.full_like(n_top, n))
+            count = torch.where(plateau, n - n_top, count)
 
         def pct(q: float) -> Tensor:
-            return _percentile(ordered, q) if count is None else _percentile_of(
-                ordered, count, q)
+            return _percentile_of(ordered, count, q)
 
         lo, hi = pct(low), pct(high)
+        sigma: Tensor = iqr_sigma(pct(25.0), pct(75.0))  # as noise_sigma
+        if exclude_saturated:  # as _outlier_free_range
+            hi = _outlier_free_top(ordered, count, lo, pct(50.0), hi, sigma, grey_level, high)
         span = hi - lo
-        if min_span_noise is not None:  # as noise_sigma: the interquartile range / 1.349
-            sigma = iqr_sigma(pct(25.0), pct(75.0))
+        if min_span_noise is not None:
             span = torch.maximum(span, min_span_noise * sigma)
         # as percentile_normalize: a few objects on a black background reach the top
-        top = image.max() - lo
+        top = image.max().double() - lo
         if min_span_noise is not None:  # only a top of that many grey levels
             top = torch.where(top >= min_span_noise * grey_level, top, torch.zeros_like(top))
         span = torch.where(span > 0, span, top)
         scale = torch.where(span > 0, 1.0 / span.clamp_min(1e-30), torch.zeros_like(span))
-        out = (image - lo) * scale
+        # float32 pixels less lo, times 1 / span, each rounded to float32 (as on the CPU)
+        out = (image - lo.float()) * scale.float()
         return out if clip is None else out.clamp(clip[0], clip[1])
 
     # ------------------------------------------------------------ labelling
@@ -754,26 +762,53 @@ class TorchAnalysis:
         return sums, boxes
 
 
-def _percentile(ordered: Tensor, q: float) -> Tensor:
-    """The ``q`` percentile of sorted values, interpolated linearly (``np.percentile``)."""
-    pos = q / 100.0 * (ordered.numel() - 1)
-    below = min(int(pos), ordered.numel() - 1)
-    above = min(below + 1, ordered.numel() - 1)
-    frac = pos - below
-    return ordered[below] + (ordered[above] - ordered[below]) * frac
-
-
-def _percentile_of(ordered: Tensor, count: Tensor, q: float) -> Tensor:
-    """:func:`_percentile` of the first ``count`` (a tensor) sorted values, without a host
-    round trip: the positions are computed on the device."""
-    pos = (count - 1).double() * (q / 100.0)  # float64, as np.percentile's index
-    below = pos.floor().long()
-    above = (below + 1).clamp_max(count - 1)
+def _percentile_of(ordered: Tensor, count: Tensor, q: float, start: Any = 0) -> Tensor:
+    """The ``q`` percentile of the sorted values ``ordered[start:count]`` (``start`` and
+    ``count`` may be tensors) as ``np.percentile`` computes it, without a host round trip:
+    the positions are computed on the device. An empty range gives a meaningless value."""
+    size = count - start
+    pos = (size - 1).double() * (q / 100.0)  # float64, as np.percentile's index
+    below = pos.floor().clamp_min(0)
     frac = (pos - below).to(ordered.dtype)
+    first = (below.long() + start).clamp(0, ordered.numel() - 1)
+    last = (first + 1).clamp_max(count - 1).clamp(0, ordered.numel() - 1)
     # index_select: a 0-d index tensor in ordered[...] would be read back to the host
-    a = ordered.index_select(0, below.view(1))[0]
-    b = ordered.index_select(0, above.view(1))[0]
-    return a + (b - a) * frac
+    a = ordered.index_select(0, first.view(1))[0]
+    b = ordered.index_select(0, last.view(1))[0]
+    return _lerp(a, b, frac)
+
+
+def _lerp(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
+    """``a`` + (``b`` - ``a``) ``t`` rounded as numpy's percentile rounds it (from ``b``
+    where ``t`` >= 0.5), so that the device's percentiles equal the CPU's exactly."""
+    diff = b - a
+    return (a + diff * t).where(t < 0.5, b - diff * (1 - t))
+
+
+def _outlier_free_top(
+    ordered: Tensor, count: Tensor, lo: Tensor, median: Tensor, hi: Tensor, sigma: Tensor,
+    step: float, high: float,
+) -> Tensor:
+    """``hi``, or where it is above ``outlier_level`` the ``high`` percentile of the values
+    at or below that level: ``_outlier_free_range`` on the sorted values ``ordered[:count]``
+    (tensors on the device, no host round trip)."""
+    floor = median + OBJECT_MIN_NOISE * sigma.clamp_min(step)
+    # object pixels: ordered[start:count], those above the floor (right: as flat > floor)
+    start = _count_at_or_below(ordered, floor).clamp_max(count)
+    reference = _percentile_of(ordered, count, 50.0, start)  # np.median of those pixels
+    level = lo + OUTLIER_RATIO * (reference - lo)
+    acts = ((floor > median) & (count - start >= _MIN_OBJECT_PX) & (reference > lo)
+            & (hi > level))
+    below = _count_at_or_below(ordered, level).where(acts, count)
+    return _percentile_of(ordered, below, high)
+
+
+def _count_at_or_below(ordered: Tensor, value: Tensor) -> Tensor:
+    """How many of the sorted values ``ordered`` are at or below ``value`` (0-d tensors)."""
+    import torch
+
+    found: Tensor = torch.searchsorted(ordered, value.view(1).to(ordered.dtype), right=True)
+    return found[0]
 
 
 def _objects(

@@ -91,14 +91,15 @@ def test_a_set_right_after_a_snap_waits_for_its_read_back(
     assert run.mismatches == []
 
 
-def test_a_set_during_the_set_up_of_an_event_with_its_own_exposure_waits_for_its_snap(
+def test_an_event_keeps_its_own_exposure_when_a_set_lands_during_its_set_up(
     core: CMMCorePlus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An event that sets its own exposure (an ``enqueue``d event's, a feedback action's)
-    keeps it: a set that comes between the event's exposure and its snap waits for the snap.
-    Before, it landed there and the frame was taken with the set exposure (a concurrent
-    client took 21 of 177 enqueued frames at its exposure). A setting that does fail (a
-    later event's exposure the camera refuses) is still a mismatch."""
+    keeps it: a set that lands between the event's exposure and its snap does not wait for
+    the idle camera (no lock through set-ups, moves or autofocus), and the event's exposure
+    is set again before its snap. Before, its frame was taken with the set exposure (a
+    concurrent client took 21 of 177 enqueued frames at its exposure). A setting that does
+    fail (a later event's exposure the camera refuses) is still a mismatch."""
     run = _Run(core)
     real_wait = core.waitForSystem  # the end of each event's set-up, before its snap
     setter: list[threading.Thread] = []
@@ -107,8 +108,8 @@ def test_a_set_during_the_set_up_of_an_event_with_its_own_exposure_waits_for_its
         if not setter:
             setter.append(threading.Thread(target=run.source.set_exposure, args=(40.0,)))
             setter[0].start()
-            setter[0].join(0.3)
-            assert setter[0].is_alive(), "the set did not wait for the snap"
+            setter[0].join(5)
+            assert not setter[0].is_alive(), "the set waited although no snap ran"
         real_wait()
 
     real_set = SimCamera.set_exposure
@@ -120,29 +121,27 @@ def test_a_set_during_the_set_up_of_an_event_with_its_own_exposure_waits_for_its
 
     monkeypatch.setattr(core, "waitForSystem", wait_for_system)
     monkeypatch.setattr(SimCamera, "set_exposure", refuse_25)
-    run.on_frame = lambda frame: setter[0].join(10)  # the set lands before the next event
-    assert run.run(_events(10.0, 25.0)) == [10.0, 40.0]
-    assert run.mismatches == [("settings", {"exposure_ms": {"commanded": 25.0, "read": 40.0}})]
+    assert run.run(_events(10.0, 25.0)) == [10.0, 10.0]
+    assert run.mismatches == [("settings", {"exposure_ms": {"commanded": 25.0, "read": 10.0}})]
 
 
-def test_a_failed_set_up_releases_the_snap_lock(
+def test_a_set_during_an_event_without_its_own_exposure_takes_its_frame(
     core: CMMCorePlus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A set-up that raises (here: the run's end) must not leave the lock held: a later
-    set would wait forever."""
-    engine = FocusTolerantEngine(core)
+    """An event that sets no exposure (a planned frame of a plan without channels) is taken
+    with a set that lands during its set-up, and says so: the set is not undone."""
+    run = _Run(core)
+    real_wait = core.waitForSystem
+    done: list[None] = []
 
-    def broken(*_: Any) -> None:
-        raise RuntimeError("stage fault")
+    def wait_for_system() -> None:
+        if not done:
+            done.append(None)
+            run.source.set_exposure(40.0)
+        real_wait()
 
-    monkeypatch.setattr(engine, "setup_single_event", broken)
-    with pytest.raises(RuntimeError, match="stage fault"):
-        engine.setup_event(_events(10.0)[0])
-    taken = threading.Thread(target=lambda: engine.snap_lock.acquire() and
-                             engine.snap_lock.release())
-    taken.start()
-    taken.join(5)
-    assert not taken.is_alive()
+    monkeypatch.setattr(core, "waitForSystem", wait_for_system)
+    assert run.run(_events(None, None)) == [40.0, 40.0]
 
 
 async def test_a_set_during_a_long_snap_times_out_lands_late_and_labels_truly(
@@ -243,3 +242,23 @@ def test_a_stop_while_frames_flow_ends_the_run_without_an_error(core: CMMCorePlu
     finally:
         run.source.stop()
     assert done == [None]
+
+
+async def test_a_stop_is_tried_while_earlier_device_calls_are_stuck() -> None:
+    """Sets that wait for a long snap are given up on after their timeout and count as
+    stuck calls; at four of them every call was refused, ``stop`` included, so a stop
+    during a long exposure did nothing. A call that bounds its own wait (``bounded``) is
+    tried."""
+    from livemask.errors import HardwareTimeout
+    from livemask.service.hardware_calls import MAX_STUCK_CALLS, call_hardware
+
+    release = threading.Event()
+    try:
+        for _ in range(MAX_STUCK_CALLS):
+            with pytest.raises(HardwareTimeout, match="did not return"):
+                await call_hardware(release.wait, 30, what="a set", timeout_s=0.05)
+        with pytest.raises(HardwareTimeout, match="not tried"):
+            await call_hardware(lambda: "set", what="another set")
+        assert await call_hardware(lambda: "stopped", what="a stop", bounded=True) == "stopped"
+    finally:
+        release.set()

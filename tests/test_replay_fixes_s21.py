@@ -1,9 +1,11 @@
-"""Replay and ``segment`` of compressed TIFFs (a decoder that is missing named as such), a
-multi-file OME-TIFF without its other file, OME-XML cut off a TIFF cut short, the pixel
-size of an OME-Zarr's multiscale, and ``start`` with a sequence in a replay."""
+"""Replay and ``segment`` of compressed TIFFs (a decoder that is missing named as such, zstd
+too), a TIFF without pages, a multi-file OME-TIFF without its other file (a long ImageJ
+stack not read page by page for it), OME-XML cut off a TIFF cut short, the pixel size of an
+OME-Zarr's multiscale, and ``start`` with a sequence in a replay (a time plan alone taken)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import sys
@@ -51,8 +53,9 @@ def _play(path: Path) -> tuple[int, list[str | None]]:
 
 
 def _without_imagecodecs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """tifffile as without the imagecodecs package: its pure-Python codecs only (zlib,
-    zstd, …; no LZW, no JPEG), and imagecodecs not importable."""
+    """tifffile as without the imagecodecs package: its own codecs only (zlib, lzma,
+    packbits; zstd only from Python 3.14, whose ``compression.zstd`` it imports when a page
+    is decoded; no LZW, no JPEG), and imagecodecs not importable."""
     import tifffile._imagecodecs as fallback
     import tifffile.tifffile as module
 
@@ -102,6 +105,43 @@ def test_a_missing_decoder_is_named_at_open_not_called_corrupt(
     with pytest.raises(ValueError, match=rf"lzw\.tif cannot be read as an image: it is {need}$"):
         segment_file(src, tmp_path / "labels.tif")
     assert not (tmp_path / "labels.tif").exists()
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 14), reason="Python 3.14 decodes zstd itself")
+def test_zstd_without_imagecodecs_is_named_at_open_and_when_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: open passed (tifffile hands out its own zstd decoder, which imports Python
+    3.14's compression.zstd when called) and every plane was "corrupt
+    (ModuleNotFoundError: No module named 'compression')"."""
+    src = tmp_path / "zstd.tif"
+    tifffile.imwrite(src, _nuclei(2, 32), photometric="minisblack", compression="zstd")
+    stack = open_stack(src)  # with imagecodecs
+    _without_imagecodecs(monkeypatch)
+    need = r"which needs the 'imagecodecs' package \(pip install imagecodecs\)$"
+    with pytest.raises(ReplayError, match=r"the file's plane 1 is compressed with a codec "
+                       r"that tifffile has no working decoder for here \(No module named "
+                       rf"'compression'\), {need}"):
+        stack.plane(1)
+    stack.close()
+    with pytest.raises(ReplayError, match=rf"zstd\.tif is compressed with ZSTD, {need}"):
+        open_stack(src)
+    with pytest.raises(ValueError, match=r"zstd\.tif cannot be read as an image: it is "
+                       rf"compressed with ZSTD, {need}"):
+        segment_file(src, tmp_path / "labels.tif")
+    assert not (tmp_path / "labels.tif").exists()
+
+
+def test_a_tiff_without_pages_is_said_to_hold_no_image(tmp_path: Path) -> None:
+    """Before: "... cannot be read as a TIFF stack (is it corrupt or cut short?): 0" and
+    "... cannot be read as an image: 0" (the IndexError of its missing first page)."""
+    src = tmp_path / "nopage.tif"
+    src.write_bytes(b"II*\x00\x08\x00\x00\x00")  # a header whose first page is missing
+    with pytest.raises(ReplayError, match=r"nopage\.tif holds no image series$"):
+        open_stack(src)
+    with pytest.raises(ValueError, match=r"nopage\.tif cannot be read as an image: it holds "
+                       r"no image series$"):
+        segment_file(src, tmp_path / "labels.tif")
 
 
 def test_a_plane_without_a_decoder_is_named_so_when_read(
@@ -203,6 +243,30 @@ def test_segment_refuses_a_multi_file_ome_tiff_whose_other_file_is_missing(
     stack.close()
 
 
+def test_a_long_imagej_stack_is_read_without_loading_every_page(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, the check for pages of a missing companion file loaded every page's IFD of
+    an ImageJ stack (tifffile reads it from its first page): 10-50x slower to read."""
+    import tifffile.tifffile as module
+
+    data = np.arange(400 * 8 * 8, dtype=np.uint16).reshape(400, 8, 8)
+    src = tmp_path / "ij.tif"
+    tifffile.imwrite(src, data, imagej=True, metadata={"axes": "TYX"})
+    loaded: list[int] = []
+    for cls in (module.TiffPage, module.TiffFrame):
+        init = cls.__init__
+
+        def counted(self: Any, *args: Any, _init: Any = init, **kwargs: Any) -> None:
+            loaded.append(1)
+            _init(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__init__", counted)
+    image = read_image_file(src)
+    np.testing.assert_array_equal(image.data, data)
+    assert len(loaded) < 20  # (the first and last pages; 400 and more before)
+
+
 # ------------------------------------------------------------------ OME-XML cut off
 def _ome_cut(path: Path, keep: float | int) -> None:
     """A 2-position OME-TIFF (t 2, c 2, z 2 each: tifffile writes its OME-XML at the end)
@@ -283,11 +347,25 @@ def _ports(count: int) -> list[int]:
     raise AssertionError("no free loopback ports in 48250-48374")
 
 
-async def test_a_replay_refuses_start_with_a_sequence_and_counts_its_frames(
-    tmp_path: Path,
+async def _start_and_play(svc: Service, **args: Any) -> tuple[Any, int]:
+    """``start`` with ``args`` in a replay: its reply and the frames it played."""
+    before = svc.pipeline.counters.counts["acquired"]
+    reply = await control(svc, "start", **args)
+    for _ in range(400):  # (a few frames: well within this)
+        if not svc.acquiring:
+            break
+        await asyncio.sleep(0.02)
+    assert not svc.acquiring
+    return reply, svc.pipeline.counters.counts["acquired"] - before
+
+
+async def test_a_replay_takes_a_time_plan_and_refuses_the_rest_of_a_sequence(
+    tmp_path: Path, livemask_log: list[logging.LogRecord]
 ) -> None:
-    """Before: start with channels and a time plan of 2 loops replied events 2 and played
-    the file's frames anyway; loops 500 replied events 500 for a 3-frame file."""
+    """A time plan's loops limit the frames a replay plays (as before 2026-11-29, when a
+    sequence was refused outright, saying its time plan would be ignored); channels,
+    positions, z, grid and autofocus plans are refused, named; events are at most the
+    file's frames (loops 500 replied events 500 for a 3-frame file)."""
     src = tmp_path / "s.tif"
     tifffile.imwrite(src, _nuclei(3, 32), photometric="minisblack", metadata={"axes": "TYX"})
     pub, ctl = _ports(2)
@@ -297,11 +375,27 @@ async def test_a_replay_refuses_start_with_a_sequence_and_counts_its_frames(
         acquisition={"sequence": {"time_plan": {"interval": 0, "loops": 500}}})
     async with Service(cfg, source=ReplaySource(open_stack(src), interval_s=0.0)) as svc:
         sequence = {"channels": [{"config": "Cy5", "exposure": 5}],
+                    "z_plan": {"range": 2, "step": 1},
                     "time_plan": {"interval": 1, "loops": 2}}
-        with pytest.raises(ControlError, match=r"start: a replay plays the file's frames and "
-                           r"cannot run a sequence .*send start without a sequence") as info:
+        with pytest.raises(ControlError, match=(
+                r"start: a replay plays the file's frames and cannot run a sequence's "
+                r"channels and a z plan \(sequence\.channels, sequence\.z_plan\), which it "
+                r"would ignore; remove them \(a time plan alone is taken: its loops limit "
+                r"the frames played\), send start without a sequence")) as info:
             await control(svc, "start", sequence=sequence)
         assert info.value.code == "invalid_args"
         assert not svc.acquiring and svc.pipeline.counters.counts["acquired"] == 0
-        reply = await control(svc, "start")
-        assert reply["started"] is True and reply["events"] == 3
+        for refused in ({"stage_positions": [{"x": 1, "y": 2}]},
+                        {"grid_plan": {"rows": 2, "columns": 1}}):
+            with pytest.raises(ControlError, match=rf"sequence\.{next(iter(refused))}\)"):
+                await control(svc, "start", sequence=refused)
+        reply, played = await _start_and_play(
+            svc, sequence={"time_plan": {"interval": 1, "loops": 2}})
+        assert (reply["events"], played) == (2, 2)
+        assert any("the time plan's interval is not used" in r.getMessage()
+                   for r in livemask_log)
+        reply, played = await _start_and_play(
+            svc, sequence={"time_plan": {"interval": 0, "loops": 500}})
+        assert (reply["events"], played) == (3, 3)
+        reply, played = await _start_and_play(svc)  # the config's: 500 loops
+        assert (reply["events"], played) == (3, 3)

@@ -25,12 +25,13 @@ A camera exposure set from another thread while the runner snaps (the service's 
 exposure_ms``) used to land mid-snap: pymmcore-plus reads the exposure for the frame's
 metadata just after the snap, so the frame was labelled with the new exposure although it
 was exposed with the old. The engine holds :attr:`FocusTolerantEngine.snap_lock` from before
-each snap until its metadata is read, and for an event that sets its own exposure (an
-``enqueue``d event's, a feedback action's) from the start of its set-up (else a set landing
-between the event's exposure and its snap would take its frame with another exposure);
-whoever sets the exposure holds it too (see
-:meth:`livemask.acquisition.source.MicroscopeSource.set_exposure`), so a set waits for the
-snap in progress and takes effect from the next one.
+each snap until its metadata is read; whoever sets the exposure holds it too (see
+:meth:`livemask.acquisition.source.MicroscopeSource.set_exposure`) and marks
+:attr:`FocusTolerantEngine.exposure_overridden`, so a set waits for the snap in progress and
+takes effect from the next one. An event that sets its own exposure (an ``enqueue``d event's,
+a feedback action's) keeps it: where a set landed after its set-up, its exposure is set again
+just before its snap (the lock is not held through set-ups, stage moves or autofocus, which
+would make sets wait on an idle camera).
 
 pymmcore-plus 0.18.1 puts the camera's ROI into its summary metadata only; the engine adds it
 to each frame's metadata (``roi``, read just after the snap), so that a frame taken with a
@@ -126,7 +127,9 @@ class FocusTolerantEngine(MDAEngine):
         #: Held from before each snap until its frame's metadata (exposure included) is
         #: read; a camera setting changed from another thread must hold it too.
         self.snap_lock = threading.RLock()
-        self._held_from_setup = False  # snap_lock taken by setup_event (own exposure)
+        #: Set (under :attr:`snap_lock`) by whoever sets the exposure from another thread;
+        #: cleared when an event's set-up begins.
+        self.exposure_overridden = False
 
     def setup_sequence(self, sequence: useq.MDASequence) -> Any:
         """``MDAEngine.setup_sequence``, with the warning counts of a new acquisition."""
@@ -135,19 +138,8 @@ class FocusTolerantEngine(MDAEngine):
 
     def setup_event(self, event: useq.MDAEvent) -> None:
         """``MDAEngine.setup_event`` (pymmcore-plus 0.18.1), with the wait for the devices
-        logged and remembered when it times out; :attr:`watch` starts here. An event that
-        sets its own exposure holds :attr:`snap_lock` from here to its snap."""
-        if event.exposure is not None:
-            self.snap_lock.acquire()
-            self._held_from_setup = True
-        try:
-            self._setup_event(event)
-        except BaseException:  # SkipEvent, or a fault that ends the run: no snap follows
-            self._release_setup_hold()
-            raise
-
-    def _setup_event(self, event: useq.MDAEvent) -> None:
-        """The set-up itself (see :meth:`setup_event`)."""
+        logged and remembered when it times out; :attr:`watch` starts here."""
+        self.exposure_overridden = False
         self.watch = EventWatch(event) if takes_image(event) else None
         self.z_failed = False
         self.busy_error = None
@@ -171,12 +163,12 @@ class FocusTolerantEngine(MDAEngine):
 
     def exec_single_event(self, event: useq.MDAEvent) -> Iterator[PImagePayload | None]:
         """``MDAEngine.exec_single_event`` with the snap and the read-back of its metadata
-        under :attr:`snap_lock`; the frames are handed on once it is released."""
-        try:
-            with self.snap_lock:
-                payloads = list(super().exec_single_event(event))
-        finally:
-            self._release_setup_hold()
+        under :attr:`snap_lock` (the event's own exposure set again first where a set
+        landed since its set-up); the frames are handed on once it is released."""
+        with self.snap_lock:
+            if self.exposure_overridden and event.exposure is not None:
+                self._exposure_again(event.exposure)
+            payloads = list(super().exec_single_event(event))
         # not ``yield from`` (ruff's UP028): the runner's send("cancel") on a stop would
         # reach the list's iterator, which has no send (AttributeError ended the run)
         for payload in payloads:  # noqa: UP028
@@ -203,16 +195,19 @@ class FocusTolerantEngine(MDAEngine):
 
     def teardown_event(self, event: useq.MDAEvent) -> None:
         """End :attr:`watch` (its frame, if any, has been emitted), then tear down."""
-        self._release_setup_hold()  # (an event without a single snap: an action, a sequence)
         if (watch := self.watch) is not None:
             watch.end()
         super().teardown_event(event)
 
-    def _release_setup_hold(self) -> None:
-        """Release :attr:`snap_lock` where :meth:`setup_event` took it (runner thread)."""
-        if self._held_from_setup:
-            self._held_from_setup = False
-            self.snap_lock.release()
+    def _exposure_again(self, exposure_ms: float) -> None:
+        """Set the event's own exposure again (a set from another thread replaced it after
+        the event's set-up); a failure is logged, as pymmcore-plus' set-up does."""
+        self.exposure_overridden = False
+        try:
+            self.mmcore.setExposure(exposure_ms)
+        except Exception as exc:  # the frame's read-back and settings_mismatch tell
+            log.warning("could not set the event's exposure %g ms again before its snap: %s",
+                        exposure_ms, exc)
 
     def _execute_autofocus(self, action: HardwareAutofocus) -> float:  # pymmcore-plus 0.18.1
         try:

@@ -570,8 +570,8 @@ class MicroscopeSource(FeedThreadSource):
     def set_exposure(self, exposure_ms: float) -> None:
         """Set the camera exposure; ``ValueError`` with the camera's reason if it refuses the
         value. Waits for the snap in progress (the engine's snap lock), which keeps the
-        exposure it was taken with, and for an event that sets its own exposure from its
-        set-up to its snap: the change takes effect from the next snap."""
+        exposure it was taken with: the change takes effect from the next snap, except for
+        an event that sets its own exposure (set again before its snap)."""
         with self._engine.snap_lock:
             try:
                 self.core.setExposure(exposure_ms)
@@ -580,6 +580,7 @@ class MicroscopeSource(FeedThreadSource):
                     f"camera {self.core.getCameraDevice()!r} refused exposure "
                     f"{exposure_ms:g} ms: {exc}"
                 ) from exc
+            self._engine.exposure_overridden = True
         self.camera_now = {**self.camera_now, "exposure_ms": float(exposure_ms)}
         self._set_exposure_ms = float(exposure_ms)
 

@@ -178,14 +178,24 @@ _NEEDS_PACKAGE = re.compile(r"<(COMPRESSION|PREDICTOR)\.(\w+): \d+> requires the
 
 def decoder_needed(exc: BaseException) -> str | None:
     """For tifffile's error that a page's codec has no decoder here (it "requires the 'X'
-    package"): what to install, e.g. "compressed with LZW, which needs the 'imagecodecs'
+    package", or its own fallback decoder needs a module this Python lacks: zstd before
+    Python 3.14): what to install, e.g. "compressed with LZW, which needs the 'imagecodecs'
     package (pip install imagecodecs)"; None for other errors (a corrupt page)."""
+    if isinstance(exc, ImportError):  # (tifffile's zstd without imagecodecs: compression.zstd)
+        return _install(f"compressed with a codec that tifffile has no working decoder for "
+                        f"here ({exc})", "imagecodecs")
     found = _NEEDS_PACKAGE.search(str(exc))
     if found is None:
         return None
     kind, codec, package = found.groups()
     what = (f"compressed with {codec}" if kind == "COMPRESSION"
             else f"stored with the {codec} predictor")
+    return _install(what, package)
+
+
+def _install(what: str, package: str) -> str:
+    """``what`` (how the file is stored), "which needs ``package``" and how to install it
+    (upgrade it where it is installed, without that codec)."""
     if importlib.util.find_spec(package) is not None:  # installed, without that codec
         return (f"{what}, which the installed {package!r} package cannot decode (a build "
                 f"without it: pip install -U {package})")
@@ -195,22 +205,53 @@ def decoder_needed(exc: BaseException) -> str | None:
 def decoder_problem(tif: Any) -> str | None:
     """Why the open TIFF ``tif`` cannot be decoded here, from its first page's compression
     and predictor (cheap: no pixel is read): e.g. "compressed with LZW, which needs the
-    'imagecodecs' package (pip install imagecodecs)"; None when tifffile can decode it."""
+    'imagecodecs' package (pip install imagecodecs)"; None when tifffile can decode it, and
+    for a file without pages (the caller says it holds no image)."""
     import tifffile
 
-    page = tif.pages.first
+    try:
+        page = tif.pages.first
+    except IndexError:  # no page (its message is "0")
+        return None
     for codecs, key in ((tifffile.TIFF.DECOMPRESSORS, int(page.compression)),
                         (tifffile.TIFF.UNPREDICTORS, int(page.predictor))):
         if key == 1:  # none
             continue
         try:
-            codecs[key]
+            codec = codecs[key]
         except KeyError as exc:
             why = str(exc.args[0]) if exc.args else str(exc)
             return decoder_needed(ValueError(why)) or (
                 f"stored in a form tifffile cannot decode ({why}); save it uncompressed or "
                 "with zlib or LZW compression")
+        if codecs is tifffile.TIFF.DECOMPRESSORS and _fallback_lacks_module(codec):
+            return _install(f"compressed with {_compression_name(key)}", "imagecodecs")
     return None
+
+
+def _fallback_lacks_module(codec: Any) -> bool:
+    """Whether ``codec`` is one of tifffile's own (pure-Python) decoders whose module this
+    Python lacks (its zstd needs ``compression.zstd``, Python 3.14+): it raises ImportError
+    on every page. Tried on no data; other codecs are not called."""
+    if getattr(codec, "__module__", "") != "tifffile._imagecodecs":
+        return False
+    try:
+        codec(b"")
+    except ImportError:
+        return True
+    except Exception:  # (no data: the codec's own error, e.g. zlib.error)
+        return False
+    return False
+
+
+def _compression_name(key: int) -> str:
+    """tifffile's name of TIFF compression ``key`` (e.g. ZSTD), else the number."""
+    import tifffile
+
+    try:
+        return str(tifffile.COMPRESSION(key).name)
+    except ValueError:
+        return f"compression {key}"
 
 
 def tiff_planes(tif: Any, path: Path, k: int) -> TiffPlanes | None:
@@ -246,9 +287,17 @@ def tiff_planes(tif: Any, path: Path, k: int) -> TiffPlanes | None:
 def missing_pages(tif: Any, path: Path, k: int) -> str | None:
     """Why series ``k`` of the open TIFF ``tif`` is not all in the file: the planes its
     metadata names that are not (a multi-file OME-TIFF whose other file is missing, which
-    tifffile would read as zeros) and the file they are in; None when every page is there."""
+    tifffile would read as zeros) and the file they are in; None when every page is there.
+
+    Only a series whose pages tifffile lists one by one (an OME-TIFF's: None for a page not
+    in the file) can miss any: one that its first page stands for (an ImageJ or contiguous
+    stack, whose pages follow it in the file) is not read page by page, which would load
+    every page's IFD (seconds for 20,000 planes)."""
     series = tif.series[k]
-    gone = [j for j in range(len(series)) if series[j] is None]
+    listed = getattr(series, "_pages", None)  # (tifffile's list, as it built the series)
+    if not isinstance(listed, list) or len(listed) != len(series):
+        return None
+    gone = [j for j, page in enumerate(listed) if page is None]
     if not gone:
         return None
     name = f"the file's series {k}," if len(tif.series) > 1 else "the file's"

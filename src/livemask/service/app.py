@@ -245,6 +245,8 @@ class Service:
         self._planned_exposure: PlannedExposure | None = None
         self._plan_exposures: list[float] = []
         self._exposure_order = InRequestOrder()  # set exposure_ms calls, newest wins
+        # (exposure, announced) of a set that landed while a newer one was on its way
+        self._exposure_landed: tuple[float, bool] | None = None
         # what enqueue and feedback actions put back after their events
         self._settings = SettingsInEffect()
         # the ended acquisition's acquisition_finished, until its last frames are through
@@ -1117,7 +1119,7 @@ class Service:
         if self.source is not None and self._acquiring:
             try:
                 await call_hardware(self.source.stop, what="stopping the acquisition",
-                                    timeout_s=120.0)  # it bounds its own wait
+                                    timeout_s=120.0, bounded=True)  # it bounds its own wait
             except HardwareTimeout as exc:  # the runner stays stuck; status says acquiring
                 log.error("%s", exc)
             # the runner's on_done arrives via call_soon_threadsafe; let it run
@@ -1284,9 +1286,11 @@ class Service:
 
         Sets given up on (the camera busy in a long snap) return late, in any order once
         it frees: they run in request order (:class:`InRequestOrder`), one whose turn
-        comes after a newer set took effect is skipped, and a late one is announced (and
-        planned) only while no newer set took effect. So the camera, ``status`` and the
-        last ``setting_changed`` end with the newest exposure the camera accepted."""
+        comes after a newer set took effect is skipped, and one that lands (late or not) is
+        planned, and a late one announced, only where no newer set was requested since (the
+        newer one planned its own; should it fail, it plans and announces the landed one).
+        So the camera, ``status`` and the last ``setting_changed`` end with the newest
+        exposure the camera accepted, and no planned frame goes back to an older one."""
         if self.source is None:
             raise AcquisitionError("no frame source")
         if self._acquiring and len(self._plan_exposures) > 1:
@@ -1309,10 +1313,12 @@ class Service:
                 log.warning("the camera exposure %g ms, set after its timeout, was replaced "
                             "by a newer set exposure_ms", exposure_ms)
                 return
-            if planned is not None:
-                planned.set(exposure_ms)
-            self._exposure_set(exposure_ms)
-            self._event("setting_changed", {"exposure_ms": exposure_ms, "late": True})
+            if ticket != order.issued:  # a newer set, planned already, is on its way
+                log.warning("the camera exposure %g ms, set after its timeout, is not "
+                            "planned: a newer set exposure_ms follows", exposure_ms)
+                self._exposure_landed = (exposure_ms, False)  # planned if that one fails
+                return
+            self._plan_landed(planned, exposure_ms, announce=True)
 
         try:
             await call_hardware(
@@ -1321,9 +1327,13 @@ class Service:
                 on_late_result=late,
             )
         except BaseException as exc:
-            if (planned is not None and ticket == order.issued
-                    and order.applied == applied_before):  # an older set landed: late() plans it
-                planned.set(before)
+            if ticket == order.issued and order.applied == applied_before:
+                if planned is not None:
+                    planned.set(before)
+            elif ticket == order.issued and self._exposure_landed is not None:
+                # an older set landed meanwhile and left the plan to this one: plan it
+                landed, announced = self._exposure_landed
+                self._plan_landed(planned, landed, announce=not announced)
             if isinstance(exc, Superseded):
                 raise AcquisitionError(
                     f"exposure_ms {exposure_ms:g} was not set: a newer set exposure_ms took "
@@ -1333,8 +1343,24 @@ class Service:
             raise AcquisitionError(
                 f"exposure_ms {exposure_ms:g} was replaced at once by a newer set "
                 "exposure_ms, which stays")
-        if planned is not None:  # an older set that landed late meanwhile planned its own
+        if ticket != order.issued:  # a newer set, planned already, is on its way
+            self._exposure_landed = (exposure_ms, True)  # (apply_settings announces it)
+            return
+        self._exposure_landed = None
+        if planned is not None:  # (again: an older set may have landed meanwhile)
             planned.set(exposure_ms)
+
+    def _plan_landed(
+        self, planned: PlannedExposure | None, exposure_ms: float, *, announce: bool
+    ) -> None:
+        """Plan ``exposure_ms``, the newest that took effect, once no newer set is on its
+        way; ``announce``: announce it too (a set that landed after its timeout)."""
+        self._exposure_landed = None
+        if planned is not None:
+            planned.set(exposure_ms)
+        if announce:
+            self._exposure_set(exposure_ms)
+            self._event("setting_changed", {"exposure_ms": exposure_ms, "late": True})
 
     def _exposure_set(self, exposure_ms: float) -> None:
         """A ``set exposure_ms``: the planned frames run with it from now on, also after the
@@ -1359,7 +1385,9 @@ class Service:
     # ------------------------------------------------------------ reporting
     def _event(self, kind: str, detail: dict[str, Any]) -> None:
         """Publish (and record) one event; never raises: a detail field that cannot be
-        encoded is sent as null and named in ``not_encoded``, so the event still goes out."""
+        encoded is sent as null and named in ``not_encoded``, so the event still goes out
+        (where the header still cannot be, e.g. fields nesting too deeply together: its
+        scalar fields and ``t``, every other field named in ``not_encoded``)."""
         header = {"kind": kind, "t": {"sent": time.time()}, **detail}
         try:
             header["seq"] = self.publisher.publish("event", header)
@@ -1367,26 +1395,37 @@ class Service:
             log.debug("event %s not published: publisher closed", kind)
         except ProtocolError as exc:
             log.error("event %s: %s; sent without those fields", kind, exc)
-            header = self._encodable(header)
-            with contextlib.suppress(RuntimeError, ProtocolError):
-                header["seq"] = self.publisher.publish("event", header)
+            for scalars_only in (False, True):
+                header = self._encodable(header, scalars_only=scalars_only)
+                try:
+                    header["seq"] = self.publisher.publish("event", header)
+                    break
+                except RuntimeError:
+                    break
+                except ProtocolError as again:  # (fields nesting too deeply together)
+                    log.error("event %s: %s; %s", kind, again, "not published" if scalars_only
+                              else "sending its scalar fields only")
         if self.recorder is not None:
             self.recorder.on_event(header)
 
     @staticmethod
-    def _encodable(header: dict[str, Any]) -> dict[str, Any]:
-        """``header`` with each field JSON cannot carry set to None, named in not_encoded."""
-        out: dict[str, Any] = {}
-        bad: list[str] = []
+    def _encodable(header: dict[str, Any], *, scalars_only: bool = False) -> dict[str, Any]:
+        """``header`` with each field JSON cannot carry (tested as it sits in the header,
+        one level down) set to None, named in not_encoded; ``scalars_only``: also each field
+        but ``t`` that is not a number, string, boolean or null."""
+        bad = list(header.get("not_encoded") or [])
         for key, value in header.items():
-            try:
-                dumps_json(value)
-            except ProtocolError:
-                out[key] = None
+            if key == "not_encoded" or key in bad:
+                continue
+            if scalars_only and key != "t" and not isinstance(
+                    value, str | int | float | bool | None):
                 bad.append(key)
-            else:
-                out[key] = value
-        return {**out, "not_encoded": bad}
+                continue
+            try:
+                dumps_json({key: value})
+            except ProtocolError:
+                bad.append(key)
+        return {**{k: None if k in bad else v for k, v in header.items()}, "not_encoded": bad}
 
     def next_seq(self) -> dict[str, int]:
         """The seq the next message of each topic will get (0 for a topic not sent yet)."""

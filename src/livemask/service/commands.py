@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 from typing import TYPE_CHECKING, Annotated, Any
 
 import useq
@@ -22,11 +23,13 @@ from livemask.config import int_out_of_range
 from livemask.errors import AcquisitionError, CommandError, ConfigError
 from livemask.feedback.context import FEEDBACK_INDEX_KEY
 from livemask.feedback.spec import MAX_RULES, RuleSpec
-from livemask.protocol import format_validation_error
+from livemask.protocol import format_validation_error, nested_too_deeply
 
 if TYPE_CHECKING:
     from livemask.acquisition.replay import ReplaySource
     from livemask.service.app import Service
+
+log = logging.getLogger("livemask")
 
 
 class _Args(BaseModel):
@@ -99,22 +102,30 @@ class SnapshotArgs(_Args):
     arrays: StrictBool = False  # true/false only: "no" or "false" read as true before
 
 
-def _parse(model: type[BaseModel], data: dict[str, Any], what: str, prefix: str) -> Any:
-    """Validate ``data``; an invalid_args error names every wrong field."""
+def _parse(
+    model: type[BaseModel], data: dict[str, Any], what: str, prefix: str,
+    fields: str = "", empty: str | None = None,
+) -> Any:
+    """Validate ``data``; an invalid_args error names every wrong field (``fields`` before
+    each path; ``empty``: the label of an error of the whole value, None: none)."""
     try:
         return validate_model(model, data)
     except ValidationError as exc:
-        problems = format_validation_error(exc, empty=what)
+        problems = format_validation_error(exc, empty=empty, prefix=fields)
         raise CommandError("invalid_args", f"{prefix}{problems}") from None
     except ValueError as exc:  # a library's own validator failed (validate_model)
         raise CommandError("invalid_args", f"{prefix}{what}: {exc}") from None
 
 
 def _validate(model: type[_Args], args: dict[str, Any], cmd: str) -> Any:
-    return _parse(model, args, "args", f"{cmd}: ")
+    """The command's arguments, named ``args.<name>`` (``rules: args.rules: ...``, not
+    ``rules: rules: ...``)."""
+    return _parse(model, args, "args", f"{cmd}: ", fields="args.", empty="args")
 
 
 def _useq(model: type[BaseModel], data: dict[str, Any], what: str) -> Any:
+    """``data`` as ``model``; errors ``invalid <what>: <field>: ...``, one of the whole
+    value ``invalid <what>: ...`` (not ``invalid rules[0]: rules[0]: ...``)."""
     return _parse(model, data, what, f"invalid {what}: ")
 
 
@@ -188,6 +199,9 @@ class CommandHandler:
         # no command takes an integer beyond 64 bits: replies, events and the rig could not
         # carry it (a start with loops 10**20 used to run with no acquisition_started)
         problem = int_out_of_range(args, "args")
+        # nor an argument nested deeper than events can echo (a start with a sequence 300
+        # levels deep failed with internal, one 252 deep never got its acquisition_started)
+        problem = problem or nested_too_deeply(args)
         if problem is not None:
             raise CommandError("invalid_args", f"{cmd}: {problem}")
         return await handler(args)
@@ -198,19 +212,15 @@ class CommandHandler:
         return self.service.status()
 
     async def start(self, args: dict[str, Any]) -> Any:
-        """Start an acquisition (in a replay: the file's frames, without a sequence)."""
+        """Start an acquisition (in a replay: the file's frames, as many as a sequence's
+        time plan plans, at most the file's)."""
         a: StartArgs = _validate(StartArgs, args, "start")
         replay = self._replay()
-        if replay is not None and a.sequence is not None:
-            raise CommandError(
-                "invalid_args",
-                "start: a replay plays the file's frames and cannot run a sequence (its "
-                "channels, positions and time plan would be ignored); send start without "
-                "a sequence, or run the sequence on a service that drives the microscope "
-                "(livemask serve)")
         seq = None
         if a.sequence is not None:  # (seconds for 100,000 positions: off the event loop)
             seq = await asyncio.to_thread(_checked_sequence, a.sequence)
+            if replay is not None:
+                _check_replay_sequence(seq)
         if self.service.acquiring:
             raise CommandError("invalid_state", "an acquisition is running; send 'stop' first")
         await self.service.last_run_exited()
@@ -353,8 +363,43 @@ class CommandHandler:
         if specs is not None:
             try:
                 fb.set_rules(specs)
-            except ConfigError as exc:
-                raise CommandError("invalid_args", f"rules: {exc}") from None
+            except ConfigError as exc:  # ("rules[0] ('w'): ..." names the argument already)
+                named = str(exc).startswith("rules")
+                raise CommandError("invalid_args", str(exc) if named else f"rules: {exc}") from None
         for name, on in (a.enabled or {}).items():
             fb.set_enabled(name, on)
         return fb.report()["rules"]
+
+
+#: The parts of a sequence a replay cannot run (it plays the file's frames): field, name
+_NOT_REPLAYED = (("channels", "channels"), ("stage_positions", "stage positions"),
+                 ("z_plan", "a z plan"), ("grid_plan", "a grid plan"),
+                 ("autofocus_plan", "an autofocus plan"))
+
+
+def _check_replay_sequence(seq: useq.MDASequence) -> None:
+    """invalid_args for a ``start`` sequence in a replay with parts it cannot run (channels,
+    positions, z, grid, autofocus: they would be ignored); a time plan alone limits the
+    frames played (its loops), and a warning says where its interval is not used."""
+    parts = [(field, name) for field, name in _NOT_REPLAYED if getattr(seq, field)]
+    if parts:
+        names = " and ".join(name for _, name in parts)
+        fields = ", ".join(f"sequence.{field}" for field, _ in parts)
+        raise CommandError(
+            "invalid_args",
+            f"start: a replay plays the file's frames and cannot run a sequence's {names} "
+            f"({fields}), which it would ignore; remove "
+            f"{'it' if len(parts) == 1 else 'them'} (a time plan alone is taken: its loops "
+            "limit the frames played), send start without a sequence, or run the sequence "
+            "on a service that drives the microscope (livemask serve)")
+    if _paced(seq.time_plan):
+        log.warning("start in a replay: the time plan's interval is not used; frames play at "
+                    "the replay's own pace (livemask replay --interval, else the recorded "
+                    "timing), its loops limit how many")
+
+
+def _paced(plan: Any) -> bool:
+    """Whether a useq time plan (or a phase of a multi-phase one) has an interval above 0."""
+    phases = getattr(plan, "phases", None) or ([plan] if plan is not None else [])
+    intervals = (getattr(phase, "interval", None) for phase in phases)
+    return any(i is not None and i.total_seconds() > 0 for i in intervals)

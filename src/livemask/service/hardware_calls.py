@@ -89,12 +89,15 @@ async def call_hardware(
     what: str,
     timeout_s: float | None = None,
     on_late_result: Callable[[T], None] | None = None,
+    bounded: bool = False,
 ) -> T:
     """``fn(*args)`` on a daemon thread; its result, its exception, or HardwareTimeout
     after ``timeout_s`` (default :data:`HARDWARE_TIMEOUT_S`). ``on_late_result`` gets the
-    result of a call given up on that returned after all (on the loop)."""
+    result of a call given up on that returned after all (on the loop). ``bounded``: the
+    call bounds its own wait (a stop), so it is tried even while earlier calls are stuck
+    (e.g. sets waiting for a long snap)."""
     timeout_s = HARDWARE_TIMEOUT_S if timeout_s is None else timeout_s
-    if calls_still_stuck() and len(_given_up) >= MAX_STUCK_CALLS:
+    if not bounded and calls_still_stuck() and len(_given_up) >= MAX_STUCK_CALLS:
         raise HardwareTimeout(
             f"{what} not tried: {len(_given_up)} earlier device calls have not returned "
             "(a device is hung, e.g. a camera in a snap that never ends); check the hardware"

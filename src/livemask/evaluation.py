@@ -431,10 +431,11 @@ def evaluate(
 
 
 def write_card(path: Path, card: dict[str, Any]) -> None:
-    """Write a model card as YAML with a pointer to its markdown description."""
+    """Write a model card as YAML, headed by a pointer to its markdown description
+    (``NAME.md`` beside it, as the shipped models have), or to docs/models.md if none."""
     import yaml
 
-    header = f"# Model card: see {card['name']}.md for the full description.\n"
+    header = _card_header(path, str(card["name"]))
     text = yaml.safe_dump(card, sort_keys=False, allow_unicode=True, width=100)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:  # written next to the card and renamed: an interruption leaves the old card
@@ -442,6 +443,14 @@ def write_card(path: Path, card: dict[str, Any]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _card_header(path: Path, name: str) -> str:
+    """The card's first line: the ``NAME.md`` beside it if there is one (a trained card
+    has none), else the fields' description in livemask's docs."""
+    if (path.parent / f"{name}.md").is_file():
+        return f"# Model card: see {name}.md for the full description.\n"
+    return f"# Model card of {name}: its fields are described in livemask's docs/models.md.\n"
 
 
 def write_card_metrics(

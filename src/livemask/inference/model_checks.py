@@ -22,7 +22,9 @@ only some frames have) is caught on the first real run: the :class:`Segmenter` c
 batch against the model's fixed input dimensions before running it
 (:func:`check_batch_input`) and each result's shape after (:func:`check_batch_output`),
 starting at its warm-up, which also runs a test image and checks that the output is
-probabilities in [0, 1] (:func:`check_output_range`), not logits.
+probabilities in [0, 1] (:func:`check_output_range`), not logits, and for a tiled frame runs
+it as a batch of each size the frame sends (:func:`batch_error` if one tile runs but not a
+batch of them).
 """
 
 from __future__ import annotations
@@ -41,9 +43,12 @@ from livemask.inference.models import METHOD_CHANNELS, ModelCard
 log = logging.getLogger("livemask")
 
 __all__ = [
+    "BATCH_ONE_FIX",
     "FLOAT_TYPES",
     "ModelIO",
     "TensorSpec",
+    "batch_error",
+    "batch_one_hint",
     "channels_needed",
     "check_batch_input",
     "check_batch_output",
@@ -208,6 +213,12 @@ def channels_needed(method: str) -> tuple[int, str]:
     return METHOD_CHANNELS.get(method, (1, "probabilities"))
 
 
+def _channels_last(shape: tuple[Dim, ...], channels: int) -> bool:
+    """Whether a rank-4 ``shape`` reads as (N, H, W, C) with C = ``channels``: its last
+    axis is fixed at ``channels`` and its second is not."""
+    return len(shape) == 4 and shape[3] == channels and shape[1] != channels
+
+
 def _input_problems(card: ModelCard, io: ModelIO) -> list[str]:
     if not io.inputs:
         return ["it has no input; expected one float32 (N, 1, H, W) image input"]
@@ -228,6 +239,12 @@ def _input_problems(card: ModelCard, io: ModelIO) -> list[str]:
                         "re-export the model with a batch and a channel axis")
         return problems
     n, c, h, w = spec.shape
+    if _channels_last(spec.shape, 1):  # not "a fixed width 1": an (N, H, W, 1) input
+        problems.append(f"{what} is channels-last (N, H, W, C): livemask needs NCHW and feeds "
+                        "(N, 1, H, W); transpose it: re-export the model with an (N, 1, H, W) "
+                        "input (e.g. a first Transpose with perm [0, 2, 3, 1] to the network's "
+                        "(N, H, W, 1))")
+        return problems
     if isinstance(c, int) and c != 1:
         problems.append(f"{what} has {_count(c, 'channel')}, expected 1 channel (N, 1, H, W): "
                         "livemask feeds single-channel (grey) images; re-export the model for "
@@ -265,6 +282,8 @@ def _output_problems(card: ModelCard, io: ModelIO) -> list[str]:
         return ["it has no output; expected one (N, C, H, W) probability output"]
     problems = []
     spec = chosen_output(card, io)
+    if spec is None and _split_outputs(card, io):
+        return [_split_text(card, io)]
     if spec is None:
         names = ", ".join(repr(o.name) for o in io.outputs)
         return [f"it has {len(io.outputs)} outputs ({names}) and none is named "
@@ -281,7 +300,16 @@ def _output_problems(card: ModelCard, io: ModelIO) -> list[str]:
                         "one probability map per card output, the size of the input")
         return problems
     c = spec.shape[1]
-    if isinstance(c, int) and card.outputs and c != len(card.outputs):
+    want = len(card.outputs)
+    if card.outputs and _channels_last(spec.shape, want):
+        problems.append(f"{what} is channels-last (N, H, W, C): livemask needs NCHW, "
+                        f"(N, {want}, H, W) with one channel per output the card lists "
+                        f"({', '.join(card.outputs)}); transpose it: re-export the model with "
+                        "a last Transpose with perm [0, 3, 1, 2]")
+        return problems
+    if isinstance(c, int) and card.outputs and c != want and _split_outputs(card, io):
+        problems.append(_split_text(card, io))
+    elif isinstance(c, int) and card.outputs and c != want:
         problems.append(f"{what} has {_count(c, 'channel')}, expected {len(card.outputs)}, "
                         f"one per output the card lists ({', '.join(card.outputs)}): fix the "
                         "card's outputs or re-export the model")
@@ -299,6 +327,24 @@ def _output_problems(card: ModelCard, io: ModelIO) -> list[str]:
                         "input's batch, height and width; re-export the model with matching "
                         "(dynamic) axes")
     return problems
+
+
+def _split_outputs(card: ModelCard, io: ModelIO) -> bool:
+    """Whether the model has one single-channel (N, 1, H, W) output per card output (e.g.
+    foreground and seeds apart), where livemask reads one (N, C, H, W) output."""
+    want = len(card.outputs)
+    return want > 1 and len(io.outputs) == want and all(
+        o.shape is not None and len(o.shape) == 4 and o.shape[1] == 1 for o in io.outputs)
+
+
+def _split_text(card: ModelCard, io: ModelIO) -> str:
+    names = ", ".join(repr(o.name) for o in io.outputs)
+    want = len(card.outputs)
+    return (f"it has {want} outputs ({names}) of 1 channel each, one per output the card "
+            f"lists ({', '.join(card.outputs)}), but livemask runs one output with all the "
+            f"channels: concatenate them into one (N, C, H, W) output, (N, {want}, H, W) in "
+            f"the order of the card's outputs (a Concat on axis 1), named as the card's "
+            f"output_name ({card.output_name!r}), and re-export the model")
 
 
 def check_model_io(card: ModelCard, io: ModelIO) -> None:
@@ -355,7 +401,9 @@ def check_batch_input(
                      "tile at a time) or re-export the model with a dynamic batch axis")
     elif "batch" in bad:  # whole frames run as a batch of 1: no card setting fits
         fixes.append("re-export the model with a dynamic batch axis")
-    if bad != ["batch"]:
+    if "height" in bad or "width" in bad:
+        fixes.append(_fixed_size_fix(declared, shape))
+    elif bad != ["batch"]:
         fixes.append("re-export the model with dynamic height and width axes")
     raise ModelError(
         f"{_where(card)} takes inputs of fixed shape {io.inputs[0].shape_text()}, but "
@@ -363,6 +411,44 @@ def check_batch_input(
         f"{' and '.join(bad)}: frames are padded to a multiple of size_multiple {m}, and "
         f"frames larger than the {t} px tile run as tiles of at most {t} px in batches of up "
         f"to max_batch {card.max_batch}): {'; '.join(fixes)}"
+    )
+
+
+def _fixed_size_fix(declared: tuple[Dim, ...], shape: tuple[int, ...]) -> str:
+    """What to do about a fixed input height or width that a batch does not have."""
+    fixed = " and ".join(f"{axis} {d}" for axis, d in (("height", declared[2]),
+                                                       ("width", declared[3]))
+                         if isinstance(d, int))
+    return (f"this model has a fixed input {fixed}, but livemask runs frames padded whole or "
+            f"as tiles whose size depends on the frame ({shape[2]}×{shape[3]} here; tile_px "
+            "sets only the largest tile, so setting it to the model's size does not make "
+            "every frame fit): re-export the model with dynamic height and width axes")
+
+
+#: What to do about a model that runs one tile but not a batch of them.
+BATCH_ONE_FIX = ("set max_batch: 1 in the card (frames larger than the tile then run one tile "
+                 "at a time), or re-export the model with a real dynamic batch axis (no "
+                 "reshape or view to a batch of 1 inside, such as a traced x.view(1, ...))")
+
+
+def batch_one_hint() -> str:
+    """The sentence a backend appends to a failed run of several tiles when the first of
+    them runs alone."""
+    return f". The first of these tiles runs alone (a batch of 1): {BATCH_ONE_FIX}"
+
+
+def batch_error(
+    card: ModelCard, shape: tuple[int, ...], frame: tuple[int, int] | None, tiles: int,
+    cause: Exception,
+) -> ModelError:
+    """The ModelError for a model that ran a batch of 1 but failed on ``shape`` (a batch
+    of several tiles) with ``cause``."""
+    reason = str(cause).removesuffix(batch_one_hint())
+    return ModelError(
+        f"{_where(card)} runs one tile but not a batch of {shape[0]} (a test batch of shape "
+        f"{tuple(shape)})"
+        f"{_frame_text(frame)}, which runs as {_count(tiles, 'tile')} in batches of up to "
+        f"max_batch {card.max_batch}: {BATCH_ONE_FIX}. The batch failed with: {reason}"
     )
 
 

@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from livemask.analysis.boundaries import MIN_EDGE_AREA_PX
 from livemask.errors import ModelError
@@ -194,6 +201,22 @@ class ModelCard(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     card_path: Path | None = Field(default=None, exclude=True)
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_text(cls, value: Any) -> Any:
+        """A number (YAML ``version: 1.0`` or ``2``) as its text: ``"1.0"``, ``"2"``."""
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        return value
+
+    @field_validator(
+        "normalization", "postprocessing", "training", "metrics", "parameters", mode="before"
+    )
+    @classmethod
+    def _empty_section(cls, value: Any) -> Any:
+        """An empty section (YAML ``metrics:`` with nothing under it is null): its defaults."""
+        return {} if value is None else value
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:

@@ -10,6 +10,7 @@ import onnxruntime as ort
 from livemask.errors import ModelError
 from livemask.inference.model_checks import (
     ModelIO,
+    batch_one_hint,
     check_model_io,
     chosen_output,
     io_from_session,
@@ -84,7 +85,7 @@ class OnnxRuntimeBackend:
         except Exception as exc:  # onnxruntime's own errors (e.g. Concat of mismatched sizes)
             raise ModelError(
                 f"ONNX Runtime failed to run {self._what} on a batch of shape {x.shape}: "
-                f"{exc}{self._size_hint(x)}"
+                f"{exc}{self._batch_hint(x) or self._size_hint(x)}"
             ) from None
         return np.asarray(out, dtype=np.float32)
 
@@ -96,6 +97,18 @@ class OnnxRuntimeBackend:
             options.log_severity_level = 4
         (out,) = self._session.run([self._output], {self._input: x}, options)
         return np.asarray(out)
+
+    def _batch_hint(self, x: np.ndarray) -> str:
+        """After a failed run of several tiles: advice on max_batch if the first of them
+        runs alone (the network fixes its batch at 1 inside), else "". Only runs on
+        failure."""
+        if x.shape[0] < 2:
+            return ""
+        try:
+            self._run_session(x[:1], quiet=True)
+        except Exception:  # fails alone too: not about the batch
+            return ""
+        return batch_one_hint()
 
     def _size_hint(self, x: np.ndarray) -> str:
         """After a failed run: advice on size_multiple if the model runs the same batch

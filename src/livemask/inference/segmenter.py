@@ -9,8 +9,10 @@ import numpy as np
 
 from livemask.analysis.instances import labels_from_probabilities
 from livemask.analysis.normalize import percentile_normalize
+from livemask.errors import ModelError
 from livemask.inference.backend import Backend
 from livemask.inference.model_checks import (
+    batch_error,
     check_batch_input,
     check_batch_output,
     check_output_range,
@@ -191,9 +193,11 @@ class Segmenter:
 
     def check_frame(self, shape: tuple[int, int]) -> tuple[int, int]:
         """Check, with one model run, that the model takes frames of ``shape`` and returns
-        what its card says (:meth:`check_output`); ModelError if not. Returns the size the
-        backend gets (the frame padded to ``size_multiple``, or a tile). Offline commands
-        run only this; :meth:`warmup` runs it first."""
+        what its card says (:meth:`check_output`), and with one more per batch size above 1
+        that a tiled frame sends, that it runs such batches (:meth:`_check_batches`);
+        ModelError if not. Returns the size the backend gets (the frame padded to
+        ``size_multiple``, or a tile). Offline commands run only this; :meth:`warmup` runs
+        it first."""
         plan = self.tile_plan(shape)
         if plan is not None:
             size = plan.tile_shape
@@ -204,7 +208,48 @@ class Segmenter:
         for n in sorted(set(plan.batch_sizes) if plan is not None else {1}):
             self._check_input((n, 1, *size), frame)  # every batch shape this frame sends
         self.check_output((int(size[0]), int(size[1])), frame)
+        if plan is not None:
+            self._check_batches(plan, (int(size[0]), int(size[1])), frame)
         return int(size[0]), int(size[1])
+
+    def _check_batches(
+        self, plan: TilePlan, size: tuple[int, int], frame: tuple[int, int]
+    ) -> None:
+        """Run the test image as a batch of each size above 1 that ``plan`` sends (a model
+        that fixes its batch at 1 inside, e.g. a traced ``x.view(1, ...)``, runs one tile
+        but no batch); ModelError saying to set max_batch: 1 if one fails. Small tiles
+        where the model takes them, so this costs little beside :meth:`check_output`."""
+        sizes = sorted(set(plan.batch_sizes) - {1})
+        if not sizes:
+            return
+        probe = self._batch_probe_size(size, frame)
+        one = self._normalize(probe_image(probe))[None, None]
+        for n in sizes:
+            batch = np.repeat(one, n, axis=0)
+            try:
+                self._run(batch, frame)
+            except ModelError as exc:
+                raise batch_error(self.card, batch.shape, frame, plan.count, exc) from None
+
+    def _batch_probe_size(
+        self, size: tuple[int, int], frame: tuple[int, int]
+    ) -> tuple[int, int]:
+        """A small tile (64 px, rounded up to ``size_multiple``) for the batch checks if the
+        model declares no fixed height or width and runs it alone, else the tile ``size``."""
+        io = getattr(self.backend, "model_io", None)
+        dims = io.inputs[0].shape if io is not None and io.inputs else None
+        if dims is not None and len(dims) == 4 and any(isinstance(d, int) for d in dims[2:]):
+            return size  # a fixed height or width: only the tile fits
+        m = self.card.size_multiple
+        side = -(-64 // m) * m
+        small = (min(size[0], side), min(size[1], side))
+        if small == size:
+            return size
+        try:
+            self._run(self._normalize(probe_image(small))[None, None], frame)
+        except ModelError:  # the network needs larger inputs: use the tile
+            return size
+        return small
 
     def check_output(
         self, size: tuple[int, int], frame: tuple[int, int] | None = None

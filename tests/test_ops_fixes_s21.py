@@ -100,9 +100,35 @@ def test_an_own_port_clash_is_refused_naming_both_keys(
     sections: dict[str, Any], keys: tuple[str, str]
 ) -> None:
     """Before, the second bind failed at start with a bare "Address already in use"."""
+    from livemask.config import check_own_ports
+
     message = rf"{re.escape(keys[0])} and {re.escape(keys[1])} are one TCP port"
     with pytest.raises(ConfigError, match=message):
-        make_config(**sections)
+        check_own_ports(make_config(**sections))
+
+
+async def test_the_service_refuses_an_own_port_clash_before_binding() -> None:
+    """A config built in Python (not through ``serve``) is checked when the service starts."""
+    cfg = make_config(metrics={"enabled": True, "port": 48389},
+                      publish={"pub_address": "tcp://127.0.0.1:48389"})
+    with pytest.raises(ConfigError, match=r"metrics\.port and publish\.pub_address"):
+        async with Service(cfg):
+            pass
+
+
+def test_a_clash_in_the_file_that_a_flag_removes_is_no_error(tmp_path: Path) -> None:
+    """Before, the file's clash was refused when it loaded, before ``serve --pub`` moved the
+    PUB socket off the metrics port."""
+    from livemask import cli
+    from livemask.config import load_config
+
+    config = tmp_path / "c.yaml"
+    config.write_text("metrics: {enabled: true, port: 48388}\n"
+                      "publish: {pub_address: 'tcp://127.0.0.1:48388'}\n")
+    cfg = load_config(config)
+    cli._apply_service_flags(cfg, pub="tcp://127.0.0.1:48387", control=None, mode=None,
+                             record=None)
+    cli._check_own_ports(cfg, pub="tcp://127.0.0.1:48387", control=None)
 
 
 @pytest.mark.parametrize("sections", [
@@ -113,7 +139,9 @@ def test_an_own_port_clash_is_refused_naming_both_keys(
     {"metrics": {"enabled": True, "port": 0}, "dashboard": {"enabled": True, "port": 0}},
 ])
 def test_ports_that_do_not_clash_pass(sections: dict[str, Any]) -> None:
-    make_config(**sections)
+    from livemask.config import check_own_ports
+
+    check_own_ports(make_config(**sections))
 
 
 def test_a_clash_set_by_flags_names_the_flags() -> None:

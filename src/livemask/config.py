@@ -764,8 +764,8 @@ def parse_config(
         cfg = ServiceConfig.model_validate(data or {})
     except ValidationError as exc:
         raise ConfigError(f"invalid {source}:\n{_format_errors(exc)}") from None
-    problem = (int_out_of_range(cfg.model_dump(), "") or _check_prefault_memory(cfg)
-               or own_port_clash(cfg, {}))
+    # (own ports are checked where the service starts: serve's flags may move them apart)
+    problem = int_out_of_range(cfg.model_dump(), "") or _check_prefault_memory(cfg)
     if problem is not None:
         raise ConfigError(f"invalid {source}:\n  {problem}")
     _resolve_paths(cfg, base_dir)

@@ -30,7 +30,7 @@ from livemask.acquisition.sequence import (
     with_field_of_view,
 )
 from livemask.acquisition.source import FrameSource, MicroscopeSource, RawFrame
-from livemask.config import ServiceConfig, physical_memory_bytes
+from livemask.config import ServiceConfig, check_own_ports, physical_memory_bytes
 from livemask.errors import (
     AcquisitionEnding,
     AcquisitionError,
@@ -269,6 +269,7 @@ class Service:
         """Bind sockets, load the model and the microscope, start the stages."""
         self._loop = asyncio.get_running_loop()
         cfg = self.config
+        check_own_ports(cfg)  # before any bind: a clash would fail as "Address already in use"
         self.publisher.start()
         self.control.start()
         self._start_metrics()  # early too: a port in use fails before hardware and recording

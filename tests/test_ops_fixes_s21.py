@@ -350,3 +350,22 @@ def test_the_log_file_is_reopened_after_it_was_moved(
     assert "after the rotation" in path.read_text()
     assert "after the rotation" not in (tmp_path / "rot.log.1").read_text()
     assert "before the rotation" in (tmp_path / "rot.log.1").read_text()
+
+
+@pytest.mark.parametrize("other", [
+    {"publish": {"pub_address": "tcp://127.0.0.1:48386"}},
+    {"metrics": {"enabled": True, "port": 48386, "address": "0.0.0.0"}},
+])
+def test_a_dashboard_on_ipv6_any_does_not_clash_with_ipv4_listeners(
+    other: dict[str, Any]
+) -> None:
+    """The dashboard binds ``::`` IPv6-only (``socket.create_server``), so an IPv4 listener
+    on its port is no clash (it was refused); on ``::1`` or with metrics on ``::`` it is."""
+    from livemask.config import check_own_ports
+
+    check_own_ports(make_config(dashboard={"enabled": True, "port": 48386, "address": "::"},
+                                **other))
+    with pytest.raises(ConfigError, match="one TCP port"):
+        check_own_ports(make_config(
+            dashboard={"enabled": True, "port": 48385, "address": "::"},
+            metrics={"enabled": True, "port": 48385, "address": "::"}))

@@ -122,7 +122,8 @@ def own_port_clash(cfg: ServiceConfig, given: dict[str, str]) -> str | None:
         for other, other_host, other_port, other_shown in listeners[i + 1 :]:
             if {key, other} <= _ZMQ_KEYS or port != other_port:
                 continue
-            if _same_tcp_host(host, other_host):
+            if _same_tcp_host(host, other_host) and not _v6_only_apart(
+                    (key, host), (other, other_host)):
                 return (
                     f"{given.get(key, key)} and {given.get(other, other)} are one TCP port "
                     f"({shown}, {other_shown}); give each its own port (0 picks a free one "
@@ -167,6 +168,16 @@ def _same_tcp_host(first: str, second: str) -> bool:
         return True
     ipv4_any = {"*", "0.0.0.0"}
     return (one in ipv4_any and ":" not in two) or (two in ipv4_any and ":" not in one)
+
+
+def _v6_only_apart(first: tuple[str, str], second: tuple[str, str]) -> bool:
+    """Whether one of two (key, host) listeners is the dashboard on ``::``, which binds IPv6
+    only (``socket.create_server`` sets IPV6_V6ONLY), and the other is on an IPv4 host:
+    they do not clash (metrics and ZeroMQ on ``::`` take IPv4 too)."""
+    for (key, host), (_, other) in ((first, second), (second, first)):
+        if key == "dashboard.port" and _tcp_host(host) == "::":
+            return ":" not in _tcp_host(other)
+    return False
 
 
 def _tcp_host(host: str) -> str:

@@ -10,6 +10,7 @@ import logging
 import re
 import select
 import socket
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -324,9 +325,38 @@ def test_refused_connections_are_a_rate_limited_warning(
             held.close()
     warnings = [r for r in livemask_log if r.levelno == logging.WARNING
                 and "refused" in r.getMessage()]
-    assert len(warnings) == 1  # one line, not one per connection
+    assert len(warnings) == 2  # the first at once, the rest counted and said at close
     assert "refused 1 connection(s)" in warnings[0].getMessage()
     assert "1 are served at once at most" in warnings[0].getMessage()
+    assert "refused 2 connection(s) in the last" in warnings[1].getMessage()
+
+
+def test_refusals_after_a_warning_are_said_when_the_interval_has_passed(
+    livemask_log: list[logging.LogRecord], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, refusals after the first warning were said only if another came a minute
+    later: a burst was reported as one."""
+    import livemask.service.metrics as metrics
+
+    monkeypatch.setattr(metrics, "REFUSED_WARNING_EVERY_S", 1.0)
+    with MetricsServer(lambda: STATUS, port=0, max_connections=1) as server:
+        held = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        try:
+            for _ in range(4):
+                with (
+                    socket.create_connection(("127.0.0.1", server.port), timeout=10) as extra,
+                    contextlib.suppress(ConnectionResetError, BrokenPipeError),
+                ):
+                    assert extra.recv(1) == b""
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and sum(
+                    "refused" in r.getMessage() for r in livemask_log) < 2:
+                time.sleep(0.05)
+        finally:
+            held.close()
+        said = [r.getMessage() for r in livemask_log if "refused" in r.getMessage()]
+    assert len(said) >= 2 and "refused 1 connection(s)" in said[0]
+    assert "refused 3 connection(s) in the last" in said[1]
 
 
 # ------------------------------------------------------------------ (5) log rotation

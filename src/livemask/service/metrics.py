@@ -383,6 +383,7 @@ class MetricsServer:
         server.server_close()
         if thread is not None:
             thread.join(timeout_s)
+        server.say_refused(now_anyway=True)  # (counted since the last warning)
 
     def __enter__(self) -> MetricsServer:
         return self.start()
@@ -456,10 +457,24 @@ class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
 
     def _warn_refused(self) -> None:
         """A WARNING for a refused connection, at most once per ``REFUSED_WARNING_EVERY_S``
-        (the server's own thread: no lock needed); those in between are counted."""
+        (the server's own thread: no lock needed); those in between are counted, and said
+        when the interval has passed (:meth:`service_actions`) or the server closes."""
         self._refused += 1
+        self.say_refused()
+
+    def service_actions(self) -> None:
+        """Each turn of ``serve_forever`` (~0.5 s): say refusals counted meanwhile, once the
+        interval since the last warning has passed."""
+        super().service_actions()
+        if self._refused:
+            self.say_refused()
+
+    def say_refused(self, *, now_anyway: bool = False) -> None:
+        """Log the refusals counted since the last warning, unless one was logged less
+        than ``REFUSED_WARNING_EVERY_S`` ago (``now_anyway``: at close)."""
         now, last = time.monotonic(), self._warned_at
-        if last is not None and now - last < REFUSED_WARNING_EVERY_S:
+        if not self._refused or (
+                not now_anyway and last is not None and now - last < REFUSED_WARNING_EVERY_S):
             return
         since = "" if last is None else f" in the last {now - last:.0f} s"
         log.warning(

@@ -20,7 +20,7 @@ from livemask.acquisition.properties import (
     check_properties,
     property_table,
 )
-from livemask.acquisition.source import RawFrame
+from livemask.acquisition.source import MicroscopeSource, RawFrame
 from livemask.analysis.tracking import PositionTrackers
 from livemask.errors import ConfigError, ControlError
 from livemask.feedback.context import FeatureTracker, FrameContext
@@ -223,3 +223,24 @@ async def test_a_roi_is_checked_against_the_image_at_its_binning(tmp_path: Path)
     assert back[-1]["settings"]["roi"] == {"offset_x": 40, "offset_y": 40, "width": 50,
                                            "height": 50}
     assert back[-1]["pixel_size_um"] == pytest.approx(0.65)
+
+
+async def test_a_run_that_changed_the_binning_ends_without_a_roi_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pymmcore-plus puts back the ROI from before the run (the full image at binning 1)
+    after a run whose event set ``Binning`` 2 (properties stay): it logged an ERROR "ROI
+    (0, 0, 128, 128) exceeds sensor bounds (64x64)" at the end of every such run. The full
+    image at the new binning is kept, without an error."""
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    async with Service(_config(tmp_path)) as svc:
+        meas, _ = await _enqueue_and_collect(svc, [
+            {"index": {"t": 0}}, {"index": {"t": 1}, "properties": [BIN2]}])
+        assert isinstance(svc.source, MicroscopeSource)
+        core = svc.source.core
+        assert [m["pixel_size_um"] for m in meas] == [0.65, 1.3]
+        assert list(core.getROI()) == [0, 0, 64, 64]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []

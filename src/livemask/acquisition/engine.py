@@ -209,6 +209,29 @@ class FocusTolerantEngine(MDAEngine):
             log.warning("could not set the event's exposure %g ms again before its snap: %s",
                         exposure_ms, exc)
 
+    def _restore_initial_state(self) -> None:  # pymmcore-plus 0.18.1
+        """pymmcore-plus' restore of the state before the run, with the camera ROI put back
+        only where it fits the camera's image now: a run that changed the binning (an
+        event's ``properties``, which stay) made pymmcore-plus log an ERROR ("ROI ...
+        exceeds sensor bounds") at the end of every such run; the full image is kept then."""
+        state = self._initial_state
+        roi = state.pop("roi", None) if isinstance(state, dict) else None
+        super()._restore_initial_state()
+        if roi is None:
+            return
+        try:
+            self.mmcore.clearROI()
+            width, height = self.mmcore.getImageWidth(), self.mmcore.getImageHeight()
+            x, y, w, h = (int(v) for v in roi)
+            if x + w > width or y + h > height:
+                log.info("the camera ROI from before the run (%s) does not fit its image now "
+                         "(%dx%d: the binning changed): the full image is kept", roi, width,
+                         height)
+            elif (x, y, w, h) != (0, 0, width, height):
+                self.mmcore.setROI(x, y, w, h)
+        except Exception as exc:  # as pymmcore-plus' own restore steps: logged, not fatal
+            log.warning("could not restore the camera ROI from before the run: %s", exc)
+
     def _execute_autofocus(self, action: HardwareAutofocus) -> float:  # pymmcore-plus 0.18.1
         try:
             return float(super()._execute_autofocus(action))

@@ -244,3 +244,18 @@ async def test_a_run_that_changed_the_binning_ends_without_a_roi_error(
         assert list(core.getROI()) == [0, 0, 64, 64]
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == []
+
+
+def test_a_pixel_size_that_wobbles_in_its_last_digits_keeps_one_stream() -> None:
+    """A zoom's reading of 0.65 and 0.65 * (1 + 1e-6) frame by frame split the stream in two
+    (rounded to 6 digits: two keys) and the objects swapped track ids every frame; a real
+    change (binning: x2) still starts a new stream."""
+    from livemask.analysis.tracking import frame_geometry
+
+    shape = (64, 64)
+    base = frame_geometry(0.65, (0, 0), shape)
+    for wobble in (1 + 1e-6, 1 - 1e-6, 1 + 4e-3):
+        assert frame_geometry(0.65 * wobble, (0, 0), shape) == base
+    assert frame_geometry(0.6500005 * (1 + 4e-16), (0, 0), shape) == frame_geometry(
+        0.6500005 * (1 - 4e-16), (0, 0), shape)  # on a 6-digit rounding boundary
+    assert frame_geometry(1.3, (0, 0), shape) != base

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -95,8 +96,36 @@ TRACK_UNITS: dict[str, str] = {"track_id": "1", "parent_track_id": "1"}
 #: The MDA index axis along which a stream's frames follow each other (every other key tells
 #: the stream, as for ``publish.frame_every``).
 TIME_AXIS = "t"
-#: Significant digits of a pixel size in a stream's key (:func:`frame_geometry`).
-PIXEL_SIZE_DIGITS = 6
+#: Pixel sizes within this relative difference are one geometry in a stream's key
+#: (:func:`frame_geometry`): a binning or objective change is a step of at least ~25 %,
+#: while a zoom's or magnifier's reading may wobble in its last digits from frame to frame.
+PIXEL_SIZE_TOLERANCE = 0.01
+
+
+class _PixelSizes:
+    """The pixel sizes seen so far, each standing for those within
+    :data:`PIXEL_SIZE_TOLERANCE` of it (the first one seen), so that a reading that wobbles
+    (or a calibration on a rounding boundary) keeps one key. Thread-safe; the oldest of
+    more than :attr:`MAX` is forgotten."""
+
+    MAX = 256
+
+    def __init__(self) -> None:
+        self._seen: list[float] = []
+        self._lock = threading.Lock()
+
+    def key(self, size: float) -> float:
+        with self._lock:
+            for seen in self._seen:
+                if abs(size - seen) <= PIXEL_SIZE_TOLERANCE * seen:
+                    return seen
+            if len(self._seen) >= self.MAX:
+                del self._seen[0]
+            self._seen.append(size)
+            return size
+
+
+_PIXEL_SIZES = _PixelSizes()
 
 
 def camera_roi_offset(settings: Any) -> tuple[int, int] | None:
@@ -122,14 +151,14 @@ def _count(value: Any) -> TypeGuard[int]:
 def frame_geometry(
     pixel_size_um: float | None, roi_offset_yx: tuple[int, int] | None, shape: Sequence[int]
 ) -> tuple[Any, ...]:
-    """Where a frame's pixels lie on the sample, for a stream's key: its pixel size (to
-    :data:`PIXEL_SIZE_DIGITS` significant digits; None where not known), camera ROI offset
-    (:func:`camera_roi_offset`) and image shape (rows, cols). Frames of another geometry
-    (a binning, objective or ROI change) start new streams: their centroids and areas in
-    pixels do not compare with the old ones'."""
+    """Where a frame's pixels lie on the sample, for a stream's key: its pixel size (the
+    first one seen within :data:`PIXEL_SIZE_TOLERANCE` of it; None where not known), camera
+    ROI offset (:func:`camera_roi_offset`) and image shape (rows, cols). Frames of another
+    geometry (a binning, objective or ROI change) start new streams: their centroids and
+    areas in pixels do not compare with the old ones'."""
     size = None
     if pixel_size_um is not None and math.isfinite(float(pixel_size_um)):
-        size = float(f"{float(pixel_size_um):.{PIXEL_SIZE_DIGITS}g}")
+        size = _PIXEL_SIZES.key(float(pixel_size_um))
     return (size, roi_offset_yx, tuple(int(n) for n in shape[:2]))
 
 

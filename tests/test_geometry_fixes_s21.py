@@ -181,9 +181,12 @@ def test_a_typed_value_is_checked_also_with_other_properties_of_the_device() -> 
     )
     check_properties(table, [("Cam", "Mode", "fast"), ("Cam", "Binning", 4)], "events")
     check_properties(table, [("Cam", "Gain", "2")], "events")
-    with pytest.raises(ConfigError, match=r"'4' is text.* give 4$"):
+    with pytest.raises(ConfigError, match=r"'2' is text.* give 2$"):
+        check_properties(table, [("Cam", "Mode", "fast"), ("Cam", "Binning", "2")], "events")
+    # the value converted is no allowed one either: no advice to give it (it was "give 4")
+    with pytest.raises(ConfigError, match=r"'4' is text.* give one of them$"):
         check_properties(table, [("Cam", "Mode", "fast"), ("Cam", "Binning", "4")], "events")
-    with pytest.raises(ConfigError, match=r"'Mode' .*: 1 is a int, .*takes text.* give '1'$"):
+    with pytest.raises(ConfigError, match=r"'Mode' .*: 1 is an int, .*takes text.* give one "):
         check_properties(table, [("Cam", "Mode", 1)], "events")
     with pytest.raises(ConfigError, match=r"'slowest' is not an allowed value"):
         check_properties(table, [("Cam", "Mode", "slowest")], "events")

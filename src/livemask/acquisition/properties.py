@@ -244,8 +244,9 @@ def _check_type(value: Any, typed: tuple[Any, ...], where: str) -> None:
     if isinstance(value, int | float) if numeric else isinstance(value, str):
         return
     right = _as_type(value, kind)
-    given = "text" if isinstance(value, str) else f"a {type(value).__name__}"
-    give = repr(right) if right is not None else "one of them"
+    name = type(value).__name__
+    given = "text" if isinstance(value, str) else f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+    give = repr(right) if right is not None and right in typed else "one of them"
     raise ConfigError(
         f"{where}: {value!r} is {given}, but the device takes {TYPE_WORDS[kind]} (allowed: "
         f"{', '.join(repr(v) for v in typed)}) and compares values with their type, so it "

@@ -288,6 +288,23 @@ def test_device_path_hands_non_finite_images_to_the_host_path() -> None:
     assert abs(seg.analyse(out, holed)[2]["count"] - clean) <= 2 and clean >= 5
 
 
+@pytest.mark.parametrize("dtype", [np.uint32, np.int32, np.float64])
+def test_device_path_hands_frames_float32_cannot_hold_to_the_host_path(
+    dtype: type[np.generic],
+) -> None:
+    """32-bit integer and float64 pixels are not exact in float32, where the device path
+    normalises: a uint32 field on a 2**30 offset came out up to 0.17 off the host path's
+    model input (which subtracts the offset in float64). They take the host path."""
+    card = load_model_card("nuclei")
+    backend = TorchBackend(threads=1, device="cpu")
+    backend.load(card)
+    seg = Segmenter(card, backend, device_resident=True)
+    image, _ = random_field(np.random.default_rng(6), (96, 96))
+    wide = image.astype(dtype) + (2**30 if dtype == np.uint32 else 0)
+    assert not isinstance(seg.infer(wide), DeviceProbabilities)
+    assert isinstance(seg.infer(image.astype(np.uint16)), DeviceProbabilities)
+
+
 def test_device_path_refused_for_cpu_backends() -> None:
     card = load_model_card("nuclei")
     with pytest.raises(ValueError, match="only the torch backend"):

@@ -264,9 +264,12 @@ class Segmenter:
     def infer(self, image: np.ndarray) -> np.ndarray | DeviceProbabilities:
         """The pipeline's inference stage: :meth:`predict`, or on the device path the
         upload, normalisation and model run on the GPU (whole frame, no tiling), finished
-        (synchronised) when it returns. Feed the result to :meth:`analyse`."""
+        (synchronised) when it returns. Feed the result to :meth:`analyse`. Frames of
+        pixels float32 cannot hold exactly (32-bit integers, float64) and frames with
+        non-finite pixels take the host path, which normalises them in float64."""
         ta = self._device
-        if ta is None or (image.dtype.kind == "f" and not np.isfinite(image).all()):
+        if ta is None or not _exact_in_float32(image.dtype) or (
+                image.dtype.kind == "f" and not np.isfinite(image).all()):
             return self.predict(image)  # (the host path leaves non-finite pixels out)
         torch = ta._torch
         norm = self.card.normalization
@@ -310,6 +313,12 @@ class Segmenter:
     def segment(self, image: np.ndarray) -> np.ndarray:
         """Instance labels for one 2-D image."""
         return without_non_finite(self.labels(self.predict(image)), image)
+
+
+def _exact_in_float32(dtype: np.dtype[Any]) -> bool:
+    """Whether float32 holds every pixel of ``dtype`` exactly (integers of up to 16 bits,
+    float32): the device path's normalisation works in float32."""
+    return dtype == np.float32 or (dtype.kind in "uib" and dtype.itemsize <= 2)
 
 
 def without_non_finite(labels: np.ndarray, image: np.ndarray) -> np.ndarray:

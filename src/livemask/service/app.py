@@ -245,8 +245,11 @@ class Service:
         self._planned_exposure: PlannedExposure | None = None
         self._plan_exposures: list[float] = []
         self._exposure_order = InRequestOrder()  # set exposure_ms calls, newest wins
-        # (exposure, announced) of a set that landed while a newer one was on its way
-        self._exposure_landed: tuple[float, bool] | None = None
+        # the plan (this run's) and its exposure as the sets that took effect left it, and
+        # (ticket, exposure, its plan, late) of the newest set that took effect, until no
+        # newer one can land (then it is planned, and announced where late)
+        self._exposure_plan: tuple[PlannedExposure | None, float | None] = (None, None)
+        self._exposure_landed: tuple[int, float, PlannedExposure | None, bool] | None = None
         # what enqueue and feedback actions put back after their events
         self._settings = SettingsInEffect()
         # the ended acquisition's acquisition_finished, until its last frames are through
@@ -1286,12 +1289,14 @@ class Service:
         """Set the camera's exposure (and the running plan's), or raise.
 
         Sets given up on (the camera busy in a long snap) return late, in any order once
-        it frees: they run in request order (:class:`InRequestOrder`), one whose turn
-        comes after a newer set took effect is skipped, and one that lands (late or not) is
-        planned, and a late one announced, only where no newer set was requested since (the
-        newer one planned its own; should it fail, it plans and announces the landed one).
-        So the camera, ``status`` and the last ``setting_changed`` end with the newest
-        exposure the camera accepted, and no planned frame goes back to an older one."""
+        it frees: they run in request order (:class:`InRequestOrder`), and one whose turn
+        comes after a newer set took effect is skipped. The newest set that took effect
+        (late or not) is planned, and announced where late, once no newer set can still
+        land (each newer one failed, in time or late, or was refused before it ran); until
+        then a newer set being waited for keeps its own in the plan, else the plan stays as
+        the sets that took effect left it. So the camera, ``status`` and the last
+        ``setting_changed`` end with the newest exposure the camera accepted, and no planned
+        frame goes back to an older one."""
         if self.source is None:
             raise AcquisitionError("no frame source")
         if self._acquiring and len(self._plan_exposures) > 1:
@@ -1303,65 +1308,82 @@ class Service:
                 "want")
         order = self._exposure_order
         ticket = order.ticket()
-        applied_before = order.applied
         # the planned events first (else the runner may take the next one meanwhile
         # and put its own exposure back); undone if the camera refuses or hangs
         planned = self._planned_exposure if self._acquiring else None
         before = planned.set(exposure_ms) if planned is not None else None
+        if self._exposure_plan[0] is not planned:  # the first set of this run (or none)
+            self._exposure_plan = (planned, before)
 
-        def late(_: object) -> None:
-            if ticket != order.applied:  # a newer set took effect since: it decides
-                log.warning("the camera exposure %g ms, set after its timeout, was replaced "
-                            "by a newer set exposure_ms", exposure_ms)
-                return
-            if ticket != order.issued:  # a newer set, planned already, is on its way
-                log.warning("the camera exposure %g ms, set after its timeout, is not "
-                            "planned: a newer set exposure_ms follows", exposure_ms)
-                self._exposure_landed = (exposure_ms, False)  # planned if that one fails
-                return
-            self._plan_landed(planned, exposure_ms, announce=True)
+        def late(took_effect: bool) -> None:  # a call given up on ended after all
+            if took_effect:
+                self._exposure_took_effect(ticket, exposure_ms, planned, late=True)
+            self._exposure_settle(ticket)
 
         try:
-            await call_hardware(
-                order.call, ticket, self.source.set_exposure, exposure_ms,
+            await order.run(
+                ticket, self.source.set_exposure, exposure_ms,
                 what=f"setting the camera exposure to {exposure_ms:g} ms",
-                on_late_result=late,
+                on_late_end=late,
             )
         except BaseException as exc:
-            if ticket == order.issued and order.applied == applied_before:
-                if planned is not None:
-                    planned.set(before)
-            elif ticket == order.issued and self._exposure_landed is not None:
-                # an older set landed meanwhile and left the plan to this one: plan it
-                landed, announced = self._exposure_landed
-                self._plan_landed(planned, landed, announce=not announced)
+            self._exposure_settle(ticket)
             if isinstance(exc, Superseded):
                 raise AcquisitionError(
                     f"exposure_ms {exposure_ms:g} was not set: a newer set exposure_ms took "
                     "effect first, and stays") from None
             raise
+        self._exposure_took_effect(ticket, exposure_ms, planned, late=False)
+        self._exposure_settle(ticket)
         if ticket != order.applied:  # a newer set took effect right after: it stays
             raise AcquisitionError(
                 f"exposure_ms {exposure_ms:g} was replaced at once by a newer set "
                 "exposure_ms, which stays")
-        if ticket != order.issued:  # a newer set, planned already, is on its way
-            self._exposure_landed = (exposure_ms, True)  # (apply_settings announces it)
-            return
-        self._exposure_landed = None
-        if planned is not None:  # (again: an older set may have landed meanwhile)
-            planned.set(exposure_ms)
 
-    def _plan_landed(
-        self, planned: PlannedExposure | None, exposure_ms: float, *, announce: bool
+    def _exposure_took_effect(
+        self, ticket: int, exposure_ms: float, planned: PlannedExposure | None, *, late: bool
     ) -> None:
-        """Plan ``exposure_ms``, the newest that took effect, once no newer set is on its
-        way; ``announce``: announce it too (a set that landed after its timeout)."""
-        self._exposure_landed = None
-        if planned is not None:
-            planned.set(exposure_ms)
-        if announce:
-            self._exposure_set(exposure_ms)
-            self._event("setting_changed", {"exposure_ms": exposure_ms, "late": True})
+        """A set's camera call took effect: the newest that did, unless a newer one did
+        since (that one decides). ``late``: after its timeout (else the reply announces it)."""
+        if ticket != self._exposure_order.applied:
+            if late:
+                log.warning("the camera exposure %g ms, set after its timeout, was replaced "
+                            "by a newer set exposure_ms", exposure_ms)
+            return
+        if late and not self._exposure_order.settled():
+            log.warning("the camera exposure %g ms, set after its timeout, is not planned "
+                        "while a newer set exposure_ms may still take effect", exposure_ms)
+        self._exposure_landed = (ticket, exposure_ms, planned, late)
+
+    def _exposure_settle(self, ticket: int) -> None:
+        """After ``ticket``'s call ended or was given up on: once no set can still land
+        over the newest that took effect, plan (and announce) that one; else, ``ticket``
+        being the newest request, the plan goes back to what the sets that took effect
+        left (a newer request still waited for keeps its own)."""
+        order = self._exposure_order
+        if order.settled():
+            self._plan_landed()
+        elif ticket == order.issued:
+            plan, exposure = self._exposure_plan
+            if plan is not None:
+                plan.set(exposure)
+
+    def _plan_landed(self) -> None:
+        """Plan the newest set that took effect, now that no newer one can land (where it
+        took effect during this plan; else the plan goes back to what it was), and announce
+        it where it landed late."""
+        plan, exposure = self._exposure_plan
+        landed, self._exposure_landed = self._exposure_landed, None
+        if landed is not None:
+            _, landed_ms, landed_plan, late = landed
+            if landed_plan is plan:
+                exposure = landed_ms
+                self._exposure_plan = (plan, exposure)
+            if late:
+                self._exposure_set(landed_ms)
+                self._event("setting_changed", {"exposure_ms": landed_ms, "late": True})
+        if plan is not None:
+            plan.set(exposure)
 
     def _exposure_set(self, exposure_ms: float) -> None:
         """A ``set exposure_ms``: the planned frames run with it from now on, also after the

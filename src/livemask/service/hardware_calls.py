@@ -9,9 +9,10 @@ the call on a daemon thread of its own and gives up waiting after ``timeout_s`` 
 :class:`HardwareTimeout`: the service answers, and can exit, while the device stays stuck.
 A call given up on that returns later is logged; :func:`calls_still_stuck` tells whether
 one never did. While :data:`MAX_STUCK_CALLS` such calls still run, new ones are refused at
-once (each would leave another thread blocked on the hung device). Calls given up on may
-land in any order when the device frees: :class:`InRequestOrder` keeps an older value of a
-setting from landing after a newer one.
+once (each would leave another thread blocked on the hung device). A call given up on that
+ends later goes to ``on_late_result`` or ``on_late_error``. Calls given up on may land in any
+order when the device frees: :class:`InRequestOrder` keeps an older value of a setting from
+landing after a newer one, and knows which requests may still take effect.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ class Superseded(AcquisitionError):
     """A call of :class:`InRequestOrder` skipped: a later request's call took effect first."""
 
 
+class GivenUp(HardwareTimeout):
+    """:func:`call_hardware` stopped waiting for a call that still runs: it may still take
+    effect (its late end goes to ``on_late_result`` or ``on_late_error``)."""
+
+
 class InRequestOrder:
     """Calls that set one device setting take effect in the order they were requested.
 
@@ -54,17 +60,56 @@ class InRequestOrder:
     after a later ticket's call took effect is skipped. So the setting ends with the
     newest requested value that the device accepted. (Skipping beats re-applying the
     newest after an older one landed: no extra device call, nothing to undo.)
+    Run through :meth:`run`, :attr:`pending` holds the tickets whose call may still take
+    effect, and :meth:`settled` tells when the newest that took effect is final.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.issued = 0  # the newest ticket handed out
         self.applied = 0  # the newest ticket whose call took effect
+        self.pending: set[int] = set()  # tickets whose call may still take effect (loop)
 
     def ticket(self) -> int:
         """The next ticket (in request order)."""
         self.issued += 1
+        self.pending.add(self.issued)
         return self.issued
+
+    def settled(self) -> bool:
+        """Whether no pending call can still take effect over :attr:`applied` (nor is
+        :attr:`applied`'s own end still to come)."""
+        return not any(ticket >= self.applied for ticket in self.pending)
+
+    async def run(
+        self,
+        ticket: int,
+        fn: Callable[..., T],
+        *args: object,
+        what: str,
+        on_late_end: Callable[[bool], None],
+    ) -> T:
+        """:meth:`call` through :func:`call_hardware`. The ticket leaves :attr:`pending`
+        when the call returns or fails, or is refused before it ran; one given up on (or
+        cancelled) stays until it ends after all: then ``on_late_end(took_effect)``."""
+
+        def late_end(took_effect: bool) -> None:
+            self.pending.discard(ticket)
+            on_late_end(took_effect)
+
+        may_land = False
+        try:
+            return await call_hardware(
+                self.call, ticket, fn, *args, what=what,
+                on_late_result=lambda _: late_end(True),
+                on_late_error=lambda _: late_end(False),
+            )
+        except (GivenUp, asyncio.CancelledError):
+            may_land = True  # (its late end comes through late_end)
+            raise
+        finally:
+            if not may_land:
+                self.pending.discard(ticket)
 
     def call(self, ticket: int, fn: Callable[..., T], *args: object) -> T:
         """``fn(*args)``, or :class:`Superseded` where a later ticket's call took effect
@@ -90,10 +135,13 @@ async def call_hardware(
     timeout_s: float | None = None,
     on_late_result: Callable[[T], None] | None = None,
     bounded: bool = False,
+    on_late_error: Callable[[BaseException], None] | None = None,
 ) -> T:
-    """``fn(*args)`` on a daemon thread; its result, its exception, or HardwareTimeout
+    """``fn(*args)`` on a daemon thread; its result, its exception, or :class:`GivenUp`
     after ``timeout_s`` (default :data:`HARDWARE_TIMEOUT_S`). ``on_late_result`` gets the
-    result of a call given up on that returned after all (on the loop). ``bounded``: the
+    result of a call given up on (or whose awaiting was cancelled) that returned after all,
+    ``on_late_error`` the exception of one that failed after all (on the loop; not where the
+    loop closed first); HardwareTimeout at once where too many calls are stuck. ``bounded``: the
     call bounds its own wait (a stop), so it is tried even while earlier calls are stuck
     (e.g. sets waiting for a long snap)."""
     timeout_s = HARDWARE_TIMEOUT_S if timeout_s is None else timeout_s
@@ -109,6 +157,8 @@ async def call_hardware(
         if future.cancelled():  # given up on: say how it ended after all
             if error is not None:
                 log.warning("%s failed after its %g s timeout: %s", what, timeout_s, error)
+                if on_late_error is not None:
+                    on_late_error(error)
             else:
                 log.warning("%s returned after its %g s timeout (it took effect)", what,
                             timeout_s)
@@ -135,7 +185,7 @@ async def call_hardware(
         if future.done() and not future.cancelled():  # the call's own TimeoutError
             raise
         _given_up.append(thread)
-        raise HardwareTimeout(
+        raise GivenUp(
             f"{what} did not return within {timeout_s:g} s: the device is busy or hung "
             "(e.g. a camera snap that never returns; the change may still take effect "
             "when it answers); check the hardware"

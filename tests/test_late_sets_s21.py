@@ -222,3 +222,28 @@ async def test_a_request_refused_before_its_call_ran_is_no_longer_pending(
         release.set()
     await _until(lambda: ends == [True], "the late end was not handed on")
     assert not order.pending and order.settled() and order.applied == stuck
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("newer", [None, 20000.0])
+async def test_a_late_set_of_an_earlier_acquisition_is_not_announced_in_the_next(
+    monkeypatch: pytest.MonkeyPatch, newer: float | None
+) -> None:
+    """A set given up on in acquisition 1 that lands while acquisition 2 runs (whose
+    events set their own exposure; with or without a newer set of its own that fails late)
+    was announced (``setting_changed`` 5 ms, late) although every frame of acquisition 2
+    was taken at 10 ms and status said 10: it is logged only."""
+    gates = {5.0: threading.Event()}
+    async with _running(monkeypatch, gates) as (svc, sub):
+        with pytest.raises(ControlError, match=r"did not return"):
+            await control(svc, "set", exposure_ms=5.0)
+        await control(svc, "stop")
+        await _until(lambda: not svc._acquiring, "not stopped")
+        await control(svc, "start")
+        if newer is not None:
+            with pytest.raises(ControlError, match=r"did not return"):
+                await control(svc, "set", exposure_ms=newer)
+        gates[5.0].set()
+        await _settled(svc)
+        assert await _frames_taken_with(svc) == (10.0, 10.0)
+        assert await _announced(svc, sub) == []

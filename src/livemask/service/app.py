@@ -1369,9 +1369,11 @@ class Service:
                 plan.set(exposure)
 
     def _plan_landed(self) -> None:
-        """Plan the newest set that took effect, now that no newer one can land (where it
-        took effect during this plan; else the plan goes back to what it was), and announce
-        it where it landed late."""
+        """Plan the newest set that took effect, now that no newer one can land, and
+        announce it where it landed late: where it took effect during this plan, or while
+        none runs (the camera keeps it); one that took effect during another acquisition's
+        run (set in an earlier one) is neither (the plan goes back to what it was: the
+        running acquisition's events keep their exposure), only logged."""
         plan, exposure = self._exposure_plan
         landed, self._exposure_landed = self._exposure_landed, None
         if landed is not None:
@@ -1379,9 +1381,15 @@ class Service:
             if landed_plan is plan:
                 exposure = landed_ms
                 self._exposure_plan = (plan, exposure)
-            if late:
+            running = self._planned_exposure if self._acquiring else None
+            if late and (running is None or running is landed_plan):
                 self._exposure_set(landed_ms)
                 self._event("setting_changed", {"exposure_ms": landed_ms, "late": True})
+            elif late:
+                log.warning("the camera exposure %g ms, set after its timeout, took effect "
+                            "once the acquisition it was set for had ended: not planned or "
+                            "announced (the running acquisition's events set their own)",
+                            landed_ms)
         if plan is not None:
             plan.set(exposure)
 

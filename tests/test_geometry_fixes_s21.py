@@ -4,6 +4,7 @@ will be taken with."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -118,13 +119,17 @@ async def test_change_features_compare_frames_of_one_pixel_geometry() -> None:
 
 
 def test_the_stage_key_holds_the_pixel_geometry() -> None:
+    from livemask.feedback.context import FeatureTracker
+
+    features = FeatureTracker()
+
     def key(pixel_size_um: float, settings: dict[str, Any], shape: tuple[int, int]) -> Any:
         message = {"index": {"t": 0}, "position": {"x_um": 1.0, "y_um": 2.0},
                    "pixel_size_um": pixel_size_um, "settings": settings}
-        return FrameContext.from_measurements(message, shape).stage_key
+        return features._stream(FrameContext.from_measurements(message, shape))
 
     base = key(0.65, {}, (64, 64))
-    assert base == key(0.65 * (1 + 1e-9), {}, (64, 64))  # rounding noise: the same
+    assert base == key(0.65 * (1 + 1e-6), {}, (64, 64))  # a wobbling reading: the same
     assert base != key(1.3, {}, (64, 64))
     assert base != key(0.65, ROI, (64, 64))
     assert base != key(0.65, {}, (32, 64))
@@ -253,12 +258,32 @@ def test_a_pixel_size_that_wobbles_in_its_last_digits_keeps_one_stream() -> None
     """A zoom's reading of 0.65 and 0.65 * (1 + 1e-6) frame by frame split the stream in two
     (rounded to 6 digits: two keys) and the objects swapped track ids every frame; a real
     change (binning: x2) still starts a new stream."""
-    from livemask.analysis.tracking import frame_geometry
+    from livemask.analysis.tracking import PositionTrackers, frame_geometry
 
-    shape = (64, 64)
-    base = frame_geometry(0.65, (0, 0), shape)
-    for wobble in (1 + 1e-6, 1 - 1e-6, 1 + 4e-3):
-        assert frame_geometry(0.65 * wobble, (0, 0), shape) == base
-    assert frame_geometry(0.6500005 * (1 + 4e-16), (0, 0), shape) == frame_geometry(
-        0.6500005 * (1 - 4e-16), (0, 0), shape)  # on a 6-digit rounding boundary
-    assert frame_geometry(1.3, (0, 0), shape) != base
+    trackers = PositionTrackers()
+    index, shape = {"t": 0, "p": 0}, (64, 64)
+
+    def key(size: float) -> object:
+        return trackers.key(index, {}, frame_geometry(size, (0, 0), shape))
+
+    base = key(0.65)
+    for wobble in (1 + 1e-6, 1 - 1e-6, 1 + 4e-3, 1 - 4e-3):
+        assert key(0.65 * wobble) == base
+    assert key(1.3) != base
+
+
+def test_a_slow_drift_of_the_pixel_size_does_not_flip_between_keys() -> None:
+    """With the first size seen as a fixed anchor, a zoom drifting past 1 % with reading
+    noise flipped between two keys (24 switches back over 400 frames): a stream keeps the
+    size it has until a frame is more than 1 % off it, so it moves on once and stays."""
+    from livemask.analysis.tracking import StreamPixelSizes
+
+    sizes = StreamPixelSizes()
+    rng = np.random.default_rng(0)
+    drift = np.linspace(0.65, 0.67, 400) * (1 + rng.uniform(-1e-3, 1e-3, 400))
+    keys = [sizes.geometry("s", (float(v), (0, 0), (64, 64)))[0] for v in drift]
+    switches = sum(a != b for a, b in itertools.pairwise(keys))
+    assert 1 <= switches <= 3  # 0.65 -> 0.67 is 3 %: a new size at most every 1 %
+    assert len(set(keys)) == switches + 1  # never back to an earlier one
+    other = StreamPixelSizes()  # another tracker's: what this one saw does not matter
+    assert other.geometry("s", (0.6564, (0, 0), (64, 64)))[0] == 0.6564

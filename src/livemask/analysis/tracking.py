@@ -102,30 +102,40 @@ TIME_AXIS = "t"
 PIXEL_SIZE_TOLERANCE = 0.01
 
 
-class _PixelSizes:
-    """The pixel sizes seen so far, each standing for those within
-    :data:`PIXEL_SIZE_TOLERANCE` of it (the first one seen), so that a reading that wobbles
-    (or a calibration on a rounding boundary) keeps one key. Thread-safe; the oldest of
-    more than :attr:`MAX` is forgotten."""
+class StreamPixelSizes:
+    """Each stream's pixel size in its key: the one its frames started with, kept while
+    they stay within :data:`PIXEL_SIZE_TOLERANCE` of it (so a reading that wobbles in its
+    last digits, or drifts slowly, keeps one stream: no key flips back and forth at an
+    edge), a new one where a frame is further off. Per owner (a tracker, the feedback
+    features), thread-safe; the least recently seen of more than ``max_streams`` streams is
+    forgotten."""
 
-    MAX = 256
-
-    def __init__(self) -> None:
-        self._seen: list[float] = []
+    def __init__(self, max_streams: int = 4096) -> None:
+        self._sizes: OrderedDict[Hashable, float] = OrderedDict()
+        self._max = max_streams
         self._lock = threading.Lock()
 
-    def key(self, size: float) -> float:
+    def geometry(self, stream: Hashable, geometry: tuple[Any, ...]) -> tuple[Any, ...]:
+        """``geometry`` (:func:`frame_geometry`) of a frame of ``stream`` with the pixel size
+        the stream keeps."""
+        size, roi, shape = geometry
+        if size is None:
+            return geometry
+        base = (stream, roi, shape)
         with self._lock:
-            for seen in self._seen:
-                if abs(size - seen) <= PIXEL_SIZE_TOLERANCE * seen:
-                    return seen
-            if len(self._seen) >= self.MAX:
-                del self._seen[0]
-            self._seen.append(size)
-            return size
+            kept = self._sizes.get(base)
+            if kept is not None and abs(size - kept) <= PIXEL_SIZE_TOLERANCE * kept:
+                size = kept
+            else:
+                self._sizes[base] = size
+            self._sizes.move_to_end(base)
+            while len(self._sizes) > self._max:
+                self._sizes.popitem(last=False)
+        return (size, roi, shape)
 
-
-_PIXEL_SIZES = _PixelSizes()
+    def clear(self) -> None:
+        with self._lock:
+            self._sizes.clear()
 
 
 def camera_roi_offset(settings: Any) -> tuple[int, int] | None:
@@ -151,14 +161,15 @@ def _count(value: Any) -> TypeGuard[int]:
 def frame_geometry(
     pixel_size_um: float | None, roi_offset_yx: tuple[int, int] | None, shape: Sequence[int]
 ) -> tuple[Any, ...]:
-    """Where a frame's pixels lie on the sample, for a stream's key: its pixel size (the
-    first one seen within :data:`PIXEL_SIZE_TOLERANCE` of it; None where not known), camera
-    ROI offset (:func:`camera_roi_offset`) and image shape (rows, cols). Frames of another
-    geometry (a binning, objective or ROI change) start new streams: their centroids and
-    areas in pixels do not compare with the old ones'."""
+    """Where a frame's pixels lie on the sample, for a stream's key: its pixel size (None
+    where not known; :class:`StreamPixelSizes` keeps a stream's within
+    :data:`PIXEL_SIZE_TOLERANCE`), camera ROI offset (:func:`camera_roi_offset`) and image
+    shape (rows, cols). Frames of another geometry (a binning, objective or ROI change)
+    start new streams: their centroids and areas in pixels do not compare with the old
+    ones'."""
     size = None
     if pixel_size_um is not None and math.isfinite(float(pixel_size_um)):
-        size = _PIXEL_SIZES.key(float(pixel_size_um))
+        size = float(pixel_size_um)
     return (size, roi_offset_yx, tuple(int(n) for n in shape[:2]))
 
 
@@ -611,6 +622,7 @@ class PositionTrackers:
         self.position_grid_um = position_grid_um
         self._ids = _Ids()
         self._trackers: OrderedDict[Hashable, Tracker] = OrderedDict()
+        self._pixel_sizes = StreamPixelSizes()
         #: Streams dropped while they still had live tracks (their objects get new ids).
         self.dropped_live = 0
 
@@ -638,6 +650,7 @@ class PositionTrackers:
         """Drop every tracker; ids start again at 1 (call when an acquisition starts)."""
         self._trackers.clear()
         self._ids = _Ids()
+        self._pixel_sizes.clear()
         self.dropped_live = 0
 
     def key(
@@ -664,6 +677,8 @@ class PositionTrackers:
         rest = tuple(sorted(
             (str(k), int(v)) for k, v in index.items() if k not in (TIME_AXIS, "p")
         ))
+        if isinstance(geometry, tuple) and len(geometry) == 3:
+            geometry = self._pixel_sizes.geometry((where, rest), geometry)
         return (where, rest, geometry)
 
     def tracker(self, key: Hashable) -> Tracker:

@@ -30,7 +30,12 @@ from typing import Any, NoReturn, SupportsIndex, TypeVar, cast
 import numpy as np
 from scipy.spatial import cKDTree
 
-from livemask.analysis.tracking import camera_roi_offset, frame_geometry, signal_intensities
+from livemask.analysis.tracking import (
+    StreamPixelSizes,
+    camera_roi_offset,
+    frame_geometry,
+    signal_intensities,
+)
 
 _T = TypeVar("_T")
 
@@ -398,10 +403,18 @@ class FeatureTracker:
         self.baseline_frames = max(1, int(baseline_frames))
         self._places = places
         self._previous: OrderedDict[tuple[Any, ...], deque[_Previous]] = OrderedDict()
+        self._pixel_sizes = StreamPixelSizes(places)
 
     def reset(self) -> None:
         """Forget all previous frames (a new acquisition)."""
         self._previous.clear()
+        self._pixel_sizes.clear()
+
+    def _stream(self, ctx: FrameContext) -> tuple[Any, ...]:
+        """``ctx.stage_key`` with the pixel size its stream keeps (within 1 %: a wobbling
+        reading keeps one stream; :class:`~livemask.analysis.tracking.StreamPixelSizes`)."""
+        geometry, *place = ctx.stage_key
+        return (self._pixel_sizes.geometry(tuple(place), geometry), *place)
 
     def compute(self, ctx: FrameContext) -> list[dict[str, float | None]]:
         """Fill and return ``ctx.features`` (one dict per object, in table order)."""
@@ -409,7 +422,7 @@ class FeatureTracker:
         n = len(objs)
         if n == 0:
             ctx.features = []
-            self._remember(ctx.stage_key, np.zeros((0, 2)), np.zeros(0), np.zeros(0))
+            self._remember(self._stream(ctx), np.zeros((0, 2)), np.zeros(0), np.zeros(0))
             return ctx.features
         cent = np.array([o.get("centroid_yx") or (math.nan, math.nan) for o in objs], float)
         area = np.array([float(o.get("area_px") or 0) for o in objs])
@@ -432,8 +445,9 @@ class FeatureTracker:
             centre = np.full(n, np.nan)
         # changes are of the signal relative to the frame's median object signal, so that
         # global intensity drift, bleaching and exposure changes cancel out
-        change_i, change_a, change_int = self._changes(ctx.stage_key, cent, intensity_rel, area)
-        self._remember(ctx.stage_key, cent, intensity_rel, area)
+        stream = self._stream(ctx)
+        change_i, change_a, change_int = self._changes(stream, cent, intensity_rel, area)
+        self._remember(stream, cent, intensity_rel, area)
         features: list[dict[str, float | None]] = []
         for k, o in enumerate(objs):
             f: dict[str, float | None] = {name: _raw(o.get(name)) for name in RAW_FEATURES}

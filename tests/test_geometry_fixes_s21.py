@@ -287,3 +287,20 @@ def test_a_slow_drift_of_the_pixel_size_does_not_flip_between_keys() -> None:
     assert len(set(keys)) == switches + 1  # never back to an earlier one
     other = StreamPixelSizes()  # another tracker's: what this one saw does not matter
     assert other.geometry("s", (0.6564, (0, 0), (64, 64)))[0] == 0.6564
+
+
+async def test_a_run_that_lowered_the_binning_ends_with_the_full_image(tmp_path: Path) -> None:
+    """After a run at binning 2 (its ROI: the full 64 x 64 image then), a run that set
+    Binning 1 had pymmcore-plus put back (0, 0, 64, 64), which fits the 128 x 128 image:
+    the next run's frames were a corner crop. A ROI is put back only at its binning."""
+    bin1 = ["Camera", "Binning", "1"]
+    async with Service(_config(tmp_path)) as svc:
+        assert isinstance(svc.source, MicroscopeSource)
+        core = svc.source.core
+        await _enqueue_and_collect(svc, [{"index": {"t": 0}, "properties": [BIN2]}])
+        assert list(core.getROI()) == [0, 0, 64, 64]
+        await _enqueue_and_collect(svc, [{"index": {"t": 0}, "properties": [bin1]}])
+        assert list(core.getROI()) == [0, 0, 128, 128]
+        core.setROI(8, 8, 32, 32)  # a ROI of the user's at binning 1 is put back
+        await _enqueue_and_collect(svc, [{"index": {"t": 0}}])
+        assert list(core.getROI()) == [8, 8, 32, 32]

@@ -120,6 +120,7 @@ class FocusTolerantEngine(MDAEngine):
     #: The camera's ROI for the event set up last (read at its first frame: an event's
     #: frames share one), and whether it is still to be read.
     _roi: tuple[int, int, int, int] | None = None
+    _binning_at_start: str | None = None  # the camera's Binning when the run's state was taken
     _roi_unread: bool = True
 
     def __init__(self, mmc: CMMCorePlus, **kwargs: Any) -> None:
@@ -209,24 +210,45 @@ class FocusTolerantEngine(MDAEngine):
             log.warning("could not set the event's exposure %g ms again before its snap: %s",
                         exposure_ms, exc)
 
+    def _capture_state(self) -> Any:  # pymmcore-plus 0.18.1
+        """pymmcore-plus' state before the run, with the camera's binning (see
+        :meth:`_restore_initial_state`)."""
+        state = super()._capture_state()
+        self._binning_at_start = None
+        try:
+            camera = self.mmcore.getCameraDevice()
+            if camera and self.mmcore.hasProperty(camera, "Binning"):
+                self._binning_at_start = str(self.mmcore.getProperty(camera, "Binning"))
+        except Exception:  # no binning known: the ROI is put back where it fits
+            pass
+        return state
+
     def _restore_initial_state(self) -> None:  # pymmcore-plus 0.18.1
         """pymmcore-plus' restore of the state before the run, with the camera ROI put back
-        only where it fits the camera's image now: a run that changed the binning (an
-        event's ``properties``, which stay) made pymmcore-plus log an ERROR ("ROI ...
-        exceeds sensor bounds") at the end of every such run; the full image is kept then."""
+        only at the binning it was set at (an event's ``properties``, which stay, may have
+        changed it): pymmcore-plus put it back anyway, which logged an ERROR ("ROI ...
+        exceeds sensor bounds") after a binning increase and left a corner crop after a
+        decrease; the full image is kept then."""
         state = self._initial_state
-        roi = state.pop("roi", None) if isinstance(state, dict) else None
+        if not isinstance(state, dict):
+            super()._restore_initial_state()
+            return
+        roi = state.pop("roi", None)
+        binning, self._binning_at_start = self._binning_at_start, None
         super()._restore_initial_state()
         if roi is None:
             return
         try:
+            camera = self.mmcore.getCameraDevice()
+            now = (str(self.mmcore.getProperty(camera, "Binning"))
+                   if binning is not None and camera else None)
             self.mmcore.clearROI()
             width, height = self.mmcore.getImageWidth(), self.mmcore.getImageHeight()
             x, y, w, h = (int(v) for v in roi)
-            if x + w > width or y + h > height:
-                log.info("the camera ROI from before the run (%s) does not fit its image now "
-                         "(%dx%d: the binning changed): the full image is kept", roi, width,
-                         height)
+            if now != binning or x + w > width or y + h > height:
+                log.info("the camera ROI from before the run (%s) was set at another binning "
+                         "(%s, now %s): the full image (%dx%d) is kept", roi, binning, now,
+                         width, height)
             elif (x, y, w, h) != (0, 0, width, height):
                 self.mmcore.setROI(x, y, w, h)
         except Exception as exc:  # as pymmcore-plus' own restore steps: logged, not fatal

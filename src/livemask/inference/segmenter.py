@@ -317,8 +317,9 @@ class Segmenter:
 
 def _exact_in_float32(dtype: np.dtype[Any]) -> bool:
     """Whether float32 holds every pixel of ``dtype`` exactly (integers of up to 16 bits,
-    float32): the device path's normalisation works in float32."""
-    return dtype == np.float32 or (dtype.kind in "uib" and dtype.itemsize <= 2)
+    float16 and float32): the device path's normalisation works in float32."""
+    return (dtype.kind == "f" and dtype.itemsize <= 4) or (
+        dtype.kind in "uib" and dtype.itemsize <= 2)
 
 
 def without_non_finite(labels: np.ndarray, image: np.ndarray) -> np.ndarray:

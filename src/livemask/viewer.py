@@ -80,6 +80,14 @@ def _fmt(value: Any, spec: str = ".1f") -> str:
     return str(value)
 
 
+def _fmt_intensity(value: Any) -> str:
+    """An intensity: tenths of ADU from 100 on, else 4 significant digits (a float
+    frame's 0.004057 is not 0.0)."""
+    if isinstance(value, float) and abs(value) < 100:
+        return format(value, ".4g")
+    return _fmt(value)
+
+
 class Units:
     """The units sizes are shown in: those the service publishes (its status ``units``),
     px and px² where the pixel size is not calibrated (µm values are then pixel values)."""
@@ -250,9 +258,9 @@ class ConsoleView:
                 top.add_row(*row)
         else:
             top.add_row("nuclei", _fmt(summary.get("count")))
-            top.add_row("mean area", f"{_fmt(summary.get('mean_area_px'))} px" + (
+            top.add_row("mean area", f"{_fmt(summary.get('mean_area_px'))} px²" + (
                 f"  ({_fmt(summary.get('mean_area_um2'))} µm²)" if units.calibrated else ""))
-            top.add_row("mean intensity", _fmt(summary.get("mean_intensity")))
+            top.add_row("mean intensity", _fmt_intensity(summary.get("mean_intensity")))
         top.add_row("rate", f"{_fmt(self.fps())} frames/s")
         top.add_row("latency e2e", f"p50 {_fmt(lat.get('p50'))} ms, p99 {_fmt(lat.get('p99'))} ms")
         top.add_row(
@@ -271,7 +279,7 @@ class ConsoleView:
         for o in objs:
             cy, cx = o.get("centroid_yx", [0, 0])
             objects.add_row(str(o.get("label")), _fmt(o.get("area_um2")),
-                            f"{cy:.0f}, {cx:.0f}", _fmt(o.get("mean_intensity")))
+                            f"{cy:.0f}, {cx:.0f}", _fmt_intensity(o.get("mean_intensity")))
         end = self.end_line()
         hint = f"\n{end}" if end else ""
         if self.nothing_yet():

@@ -141,7 +141,8 @@ def encode_preview(preview: Preview, meta: dict[str, Any] | None = None) -> byte
         "width": w,
         "height": h,
         "step": preview.step,
-        "stretch": [round(preview.stretch[0], 3), round(preview.stretch[1], 3)],
+        # significant digits, not decimals: a float frame's 0.00406 is not 0.004
+        "stretch": [float(f"{v:.6g}") for v in preview.stretch],
         "outline": preview.outline is not None,
     }
     head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()

@@ -16,7 +16,10 @@ Keeping the service fast:
   unsubscribed and the publisher does not even send them to the dashboard;
 - that frame is decimated once (:func:`make_preview`, ~0.5 ms for 512×512) and offered to
   every browser; each browser has a one-image slot that a newer image replaces, so a slow
-  browser gets fewer images and never stalls the others or the loop.
+  browser gets fewer images and never stalls the others or the loop. A page that
+  acknowledges its images (the shipped one does) gets the next only once it has the one
+  before: over a slow link the socket's buffers would otherwise fill with images that are
+  seconds old by the time they arrive.
 
 In the service (``dashboard.enabled``) it runs on the service's event loop; ``livemask
 dashboard --connect`` runs it on its own for a service elsewhere. Routes: ``/`` (the page),
@@ -84,6 +87,11 @@ WS_HEARTBEAT_S = 20.0
 #: Seconds a browser may take no data at all while there is some to send before it is
 #: dropped (one that never reads fills the socket's buffers; its connection is aborted).
 WS_SEND_TIMEOUT_S = 30.0
+#: Seconds to wait for a page's acknowledgement of an image before sending the next anyway
+#: (a page that announced acknowledgements but stopped sending them is not left without).
+ACK_TIMEOUT_S = 5.0
+#: Images sent to an acknowledging page and not acknowledged yet, at most.
+IMAGES_IN_FLIGHT = 1
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
          b"Content-Length: 49\r\nRetry-After: 10\r\nConnection: close\r\n\r\n"
          b"too many connections to the livemask dashboard\r\n\r\n")
@@ -163,7 +171,11 @@ def _unsent(transport: asyncio.BaseTransport | None) -> int:
 
 
 class _Browser:
-    """One connected WebSocket: a bounded queue of JSON texts and a one-image slot."""
+    """One connected WebSocket: a bounded queue of JSON texts and a one-image slot.
+
+    A browser that acknowledges images (:meth:`acked`) has at most
+    :data:`IMAGES_IN_FLIGHT` sent and not acknowledged; one that never does gets them as
+    fast as its connection takes them (older clients)."""
 
     def __init__(
         self, ws: web.WebSocketResponse, peer: str,
@@ -178,6 +190,9 @@ class _Browser:
         self.images_sent = 0
         self.images_replaced = 0
         self.wants_images = True  # false while the page is hidden or its image is paused
+        self.acks = False  # it acknowledges every image it gets
+        self.unacked = 0  # images sent and not acknowledged yet
+        self._sent_at = 0.0  # monotonic time the last image was sent
         self.task: asyncio.Task[None] | None = None
 
     def send_text(self, text: str) -> None:
@@ -193,20 +208,47 @@ class _Browser:
         self.image = data
         self.wake.set()
 
+    def acked(self) -> None:
+        """The page has an image: it may get the next (and acknowledges from now on)."""
+        self.acks = True
+        self.unacked = max(0, self.unacked - 1)
+        self.wake.set()
+
+    def _image_held(self) -> bool:
+        """An image waits for the page's acknowledgement of those in flight."""
+        return self.image is not None and self.acks and self.unacked >= IMAGES_IN_FLIGHT
+
+    async def _wait(self) -> None:
+        """Until there is something to send; an image held for an acknowledgement goes
+        after :data:`ACK_TIMEOUT_S` without it."""
+        if not self._image_held():
+            await self.wake.wait()
+            return
+        left = self._sent_at + ACK_TIMEOUT_S - time.monotonic()
+        try:
+            await asyncio.wait_for(self.wake.wait(), max(left, 0.0))
+        except TimeoutError:
+            log.debug("dashboard: browser %s acknowledged no image for %g s: sending the "
+                      "next anyway", self.peer, ACK_TIMEOUT_S)
+            self.unacked = 0
+
     async def pump(self) -> None:
-        """Send what is queued, newest image last, as fast as the browser takes it; drop
-        the browser when it takes nothing for :data:`WS_SEND_TIMEOUT_S`."""
+        """Send what is queued, newest image last, as fast as the browser takes it (and,
+        for one that acknowledges images, as fast as it acknowledges them); drop the
+        browser when it takes nothing for :data:`WS_SEND_TIMEOUT_S`."""
         try:
             while not self.ws.closed:
-                await self.wake.wait()
+                await self._wait()
                 self.wake.clear()
                 while self.texts:
                     await asyncio.wait_for(self.ws.send_str(self.texts.popleft()),
                                            WS_SEND_TIMEOUT_S)
-                if self.image is not None:
+                if self.image is not None and not self._image_held():
                     data, self.image = self.image, None
                     await asyncio.wait_for(self.ws.send_bytes(data), WS_SEND_TIMEOUT_S)
                     self.images_sent += 1
+                    self.unacked += 1
+                    self._sent_at = time.monotonic()
         except TimeoutError:
             log.info("dashboard: browser %s took no data for %g s: dropped", self.peer,
                      WS_SEND_TIMEOUT_S)
@@ -405,10 +447,23 @@ class DashboardServer:
             if msg is None:
                 continue
             out = self._take(msg)
+            if self.state.take_restart():
+                self._restarted()
+                if out is not None and out["type"] == "event":
+                    out = None  # (in the hello's events)
             if out is not None and self.browsers:
                 if out["type"] == "status":
                     out = {**out, "dashboard": self.report()}
                 self._broadcast(out)
+
+    def _restarted(self) -> None:
+        """The service restarted: no image of its old run for anyone (a page opened now
+        would get it as the newest), and every page starts again from a fresh hello."""
+        self._last_image = None
+        hello = self.state.hello(self._config())
+        for browser in self.browsers:
+            browser.image = None
+            browser.send_json(hello)
 
     async def _images(self) -> None:
         """While a browser watches: read every ``frame`` and ``labels`` message as it comes
@@ -575,28 +630,42 @@ class DashboardServer:
         return web.Response(body=dumps_json(body), content_type="application/json")
 
     def _update_watched(self) -> None:
-        """Sample frames only while some browser shows them."""
+        """Read frames only while some browser shows them. When none does, the last image
+        goes too: the frames that come meanwhile are not read, so it would not stay the
+        newest (a page opened later got an earlier acquisition's image)."""
         if any(b.wants_images for b in self.browsers):
             self._watched.set()
         elif self._watched.is_set():
             self._watched.clear()
             self.state.reset_frames()
+            self._last_image = None
 
     def _from_browser(self, browser: _Browser, text: str) -> None:
-        """``{"type": "view", "images": bool}``: the page is hidden/shown or its image paused.
-        Anything else is ignored."""
+        """``{"type": "view", "images": bool, "ack": bool}``: the page is hidden/shown or
+        its image paused (and whether it acknowledges images); ``{"type": "ack"}``: it has
+        an image. Anything else is ignored."""
         try:
             msg = json.loads(text)
         except (ValueError, RecursionError):  # not JSON, or nested past Python's parser
             return
-        if isinstance(msg, dict) and msg.get("type") == "view":
-            images = msg.get("images", True)
-            if not isinstance(images, bool):  # e.g. "false", which bool() takes for true
-                return
-            browser.wants_images = images
-            if browser.wants_images and self._last_image is not None:
-                browser.offer_image(self._last_image)
-            self._update_watched()
+        if not isinstance(msg, dict):
+            return
+        if msg.get("type") == "ack":
+            browser.acked()
+        elif msg.get("type") == "view":
+            self._view(browser, msg)
+
+    def _view(self, browser: _Browser, msg: dict[str, Any]) -> None:
+        """Take a page's ``view`` message (see :meth:`_from_browser`)."""
+        images = msg.get("images", True)
+        if not isinstance(images, bool):  # e.g. "false", which bool() takes for true
+            return
+        if msg.get("ack") is True:
+            browser.acks = True
+        shown, browser.wants_images = browser.wants_images, images
+        if images and not shown and self._last_image is not None:
+            browser.offer_image(self._last_image)  # shown again: the newest image at once
+        self._update_watched()
 
     async def _websocket(self, request: web.Request) -> web.StreamResponse:
         origin = request.headers.get("Origin")

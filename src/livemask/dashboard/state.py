@@ -18,8 +18,8 @@ from typing import Any
 
 from livemask.protocol import Message
 
-__all__ = ["DashboardState", "event_summary", "published_unit", "status_rates",
-           "summary_point"]
+__all__ = ["DashboardState", "event_summary", "published_unit", "significant",
+           "status_rates", "summary_point"]
 
 #: Status fields not forwarded to browsers (large or of no use there).
 _STATUS_DROP = ("units", "core", "t", "arrays", "v", "topic")
@@ -51,11 +51,15 @@ def summary_point(header: dict[str, Any]) -> list[Any]:
     if area is None:
         area = summary.get("mean_area_px")
     return [header.get("frame_id"), round(float(t), 4), summary.get("count"),
-            _round(area), _round(summary.get("mean_intensity"))]
+            significant(area), significant(summary.get("mean_intensity"))]
 
 
-def _round(value: Any, digits: int = 3) -> Any:
-    return round(float(value), digits) if isinstance(value, int | float) else None
+def significant(value: Any, digits: int = 6) -> float | None:
+    """``value`` to ``digits`` significant digits (None when it is not a number): decimal
+    places would round the intensities of float frames (0.00406) to nothing."""
+    if not isinstance(value, int | float):
+        return None
+    return float(f"{float(value):.{digits}g}")
 
 
 def status_rates(prev: dict[str, Any] | None, cur: dict[str, Any]) -> dict[str, float | None]:
@@ -145,6 +149,8 @@ class DashboardState:
         self.last_analysed_at = time.monotonic()
         self._keep = keep_frames
         self._rate_base: deque[dict[str, Any]] = deque(maxlen=256)
+        self.restarted = False  # the service restarted; not yet told (take_restart)
+        self._uptime_s = 0.0  # of the last status of this run: less in the next, a restart
 
     # ------------------------------------------------------------ intake
     def add(self, msg: Message) -> dict[str, Any] | None:
@@ -165,11 +171,10 @@ class DashboardState:
             units = header.get("units")  # (sizes in px where the pixel size is not known)
             cur["length_unit"] = published_unit(units, "equivalent_diameter_um", "µm")
             cur["area_unit"] = published_unit(units, "area_um2", "µm²")
-            if self.status is not None and cur.get("uptime_s", 0) < self.status.get("uptime_s", 0):
-                self._rate_base.clear()  # the service restarted: frame ids start again at 0,
-                self.last_image_id = None  # so the old run's kept frames must go, or the
-                self.reset_frames()  # newest id would pick them (service_started missed)
-                self._status_gaps.clear()  # and may send its heartbeat at another interval
+            uptime = float(cur.get("uptime_s") or 0.0)
+            if uptime < self._uptime_s:
+                self._restart()  # (service_started missed)
+            self._uptime_s = uptime
             self.rates = status_rates(self._base_for(cur), cur)
             self._rate_base.append(cur)
             self.status = cur
@@ -180,8 +185,7 @@ class DashboardState:
             return self.status_message()
         elif topic == "event":
             if header.get("kind") == "service_started":
-                self.last_image_id = None
-                self.reset_frames()
+                self._restart()
             if header.get("kind") == "acquisition_started":
                 self.grains = None  # cumulative statistics restart with the acquisition
                 self.grains_changed = True
@@ -194,6 +198,29 @@ class DashboardState:
             self._keep_newest(self.labels, int(header["frame_id"]), msg)
             self.last_analysed_at = time.monotonic()
         return None
+
+    def _restart(self) -> None:
+        """The service restarted: forget its old run. Frame ids start again at 0, so the
+        kept frames must go (the newest id would pick them); its plot points, summary and
+        grain statistics (maybe in other units) are not the new run's; the heartbeat may
+        come at another interval. :meth:`take_restart` tells it once."""
+        self._rate_base.clear()
+        self._status_gaps.clear()
+        self.last_image_id = None
+        self.reset_frames()
+        self.series.clear()
+        self.pending.clear()
+        self.summary = self.grains = None
+        self.grains_changed = False
+        self.measured_frame_id = None
+        self._uptime_s = 0.0  # (the new run's first status is no second restart)
+        self.restarted = True
+
+    def take_restart(self) -> bool:
+        """Whether the service restarted since the last call (browsers then need a fresh
+        :meth:`hello`)."""
+        restarted, self.restarted = self.restarted, False
+        return restarted
 
     def _base_for(self, cur: dict[str, Any]) -> dict[str, Any] | None:
         """The newest kept status at least ``RATE_WINDOW_S`` older than ``cur`` (the

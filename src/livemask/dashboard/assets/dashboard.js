@@ -27,7 +27,9 @@
   }
   function sendView() { // a hidden tab or a paused image costs the service nothing
     if (socket && socket.readyState === WebSocket.OPEN) {
-      socket.send(JSON.stringify({ type: "view", images: wantsImages() }));
+      // ack: this page acknowledges every image, and gets the next only then (over a slow
+      // link the server's socket buffers would otherwise fill with old images)
+      socket.send(JSON.stringify({ type: "view", images: wantsImages(), ack: true }));
     }
   }
   function connect() {
@@ -35,7 +37,7 @@
     const ws = new WebSocket(`${proto}//${location.host}/ws`);
     ws.binaryType = "arraybuffer";
     socket = ws;
-    ws.onopen = () => { setConn(true); retryMs = 500; if (!wantsImages()) sendView(); };
+    ws.onopen = () => { setConn(true); retryMs = 500; sendView(); };
     ws.onclose = () => {
       setConn(false);
       // embedded in the service, the server went with it: do not go on showing its last
@@ -47,8 +49,12 @@
     };
     ws.onmessage = (ev) => {
       try {
-        if (typeof ev.data === "string") onJson(JSON.parse(ev.data));
-        else onImage(ev.data);
+        if (typeof ev.data === "string") {
+          onJson(JSON.parse(ev.data));
+        } else {
+          if (ws.readyState === WebSocket.OPEN) ws.send('{"type":"ack"}'); // got it: next one
+          onImage(ev.data);
+        }
       } catch (err) {
         console.error("livemask dashboard: bad message", err);
       }
@@ -64,7 +70,8 @@
   // ------------------------------------------------------------ JSON messages
   function onJson(m) {
     switch (m.type) {
-      case "hello":
+      case "hello": // first, and again when the service restarted: nothing of before is live
+        clearImage();
         S.config = m.config;
         S.points = m.points || [];
         S.events = m.events || [];
@@ -102,12 +109,24 @@
       $("count").textContent = String(summary.count);
       // the image may show an older frame than the newest measured one: say whose count
       $("count-label").textContent = known ? `objects in frame ${frameId}` : "objects";
+    } else if (!summary) { // none yet (e.g. the service restarted): no count of before
+      $("count").textContent = "–";
+      $("count-label").textContent = "objects";
     }
     if (known) $("count").dataset.frameId = frameId;
+    else delete $("count").dataset.frameId;
   }
 
   // ------------------------------------------------------------ images
   let imageData = null;
+  function clearImage() {
+    S.image = null;
+    S.imageDirty = false;
+    const canvas = $("frame");
+    canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+    $("frame-id").textContent = "–";
+    $("frame-meta").textContent = "waiting for a frame…";
+  }
   function onImage(buf) {
     const u8 = new Uint8Array(buf);
     if (u8[0] !== 76 || u8[1] !== 77 || u8[2] !== 68 || u8[3] !== 49) return; // "LMD1"

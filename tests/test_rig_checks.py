@@ -219,6 +219,7 @@ async def test_autofocus_is_refused_on_a_rig_without_an_autofocus_device(
         with pytest.raises(ControlError, match=r"autofocus_plan: autofocus_device_name "
                            r"'PFSOffset' is not a device of the rig \(devices: .*'?Z"):
             await control(svc, "start", sequence={
+                "time_plan": {"interval": 0.0, "loops": 2},
                 "autofocus_plan": {**af, "autofocus_device_name": "PFSOffset"}})
         assert (await control(svc, "status"))["acquisitions_finished"] == 0
     cfg = _config(_rig(tmp_path), acquisition={"sequence": {

@@ -115,7 +115,7 @@ RIGHT = [
     {"z_plan": {"absolute": [1, 2.5]}},
     {"stage_positions": {"plate": "96-well", "a1_center_xy": [0, 0],
                          "selected_wells": [[0], [0]]}},
-    {"metadata": {"anything": True, "goes": "10"}},
+    {"metadata": {"anything": True, "goes": "10"}, "time_plan": {"interval": 1, "loops": 2}},
     # a plate's rotation: useq converts an angle with its unit or a rotation matrix
     *({"stage_positions": {"plate": "96-well", "a1_center_xy": [0, 0], "rotation": r,
                            "selected_wells": 0}}

@@ -1,21 +1,24 @@
 """Service configuration: pydantic models loaded from YAML.
 
 Every field has a default, so an empty file (or section) is a valid configuration. A
-leading ``~`` in a path is the home folder; relative paths (``hardware.config_file``,
-``model.path``, ``record.path``) are resolved against the YAML file's folder. The YAML
-loader reads ``5e-2`` as a number (YAML 1.2), as people write it.
+leading ``~`` in a path is the home folder (a ``~`` alone is YAML's null: refused there);
+relative paths (``hardware.config_file``, ``model.path``, ``record.path``) are resolved
+against the YAML file's folder. The YAML loader reads ``5e-2`` as a number (YAML 1.2), as
+people write it, and :func:`dump_yaml` quotes text that looks like one.
 Errors name the field to change, e.g. ``acquisition.mode: Input should be 'free-run' ...``.
 """
 
 from __future__ import annotations
 
+import difflib
 import operator
 import os
 import re
 from collections.abc import Collection, Iterable, Iterator
 from itertools import chain, compress
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import useq
 import yaml
@@ -35,7 +38,7 @@ from livemask.acquisition.plan_input import validate_model
 from livemask.acquisition.sequence import check_sequence
 from livemask.acquisition.simulated import SIMULATED_CFG
 from livemask.errors import ConfigError
-from livemask.feedback.spec import FeedbackConfig
+from livemask.feedback.spec import FeedbackConfig, RuleSpec
 from livemask.protocol import INT64_MAX, INT64_MIN, fits_64_bits
 
 StageThreads = Literal["one", "two"]
@@ -215,6 +218,17 @@ class HardwareConfig(_Section):
         default=None, gt=0, description="Overrides the core's pixel size calibration (µm/px)."
     )
 
+    @field_validator("config_file", mode="before")
+    @classmethod
+    def _file_given(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError(
+                "no file given (an empty value, or ~ alone: YAML's null, not your home "
+                "folder); give the Micro-Manager .cfg file's path, or leave the line out to "
+                "run the packaged simulated rig"
+            )
+        return value
+
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         """Without ``config_file`` when it is the packaged simulated rig: a dump (a
@@ -319,6 +333,20 @@ class ModelConfig(_Section):
         "and measure it there (livemask.inference.torch_analysis); false: copy the model "
         "output to the host and use the CPU post-processing.",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _shipped_name(cls, value: str) -> str:
+        """A card (``.yaml``) in ``name`` would be looked up from the working directory, not
+        the YAML file's folder: it belongs in ``path``. (Other paths are refused where the
+        model is loaded, with what to do for a model file.)"""
+        if Path(value).suffix.lower() in (".yaml", ".yml"):
+            raise ValueError(
+                f"{value!r} is a model card file; model.name takes a shipped model's name "
+                "(see `livemask models`): put the card's path in model.path instead "
+                "(relative to the YAML file)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _name_or_path(self) -> ModelConfig:
@@ -537,10 +565,22 @@ class ServiceConfig(_Section):
     @classmethod
     def _empty_sections(cls, data: Any) -> Any:
         """A section given with no fields (``model:``, all its lines commented out: YAML's
-        null) is an empty one: every field keeps its default."""
-        if isinstance(data, dict):
-            return {k: {} if v is None and k in cls.model_fields else v for k, v in data.items()}
+        null) is an empty one: every field keeps its default; so do the nested sections and
+        lists of :data:`_NULL_IS_DEFAULT` (``feedback.rules:`` with every rule commented
+        out)."""
+        if not isinstance(data, dict):
+            return data
+        data = {k: {} if v is None and k in cls.model_fields else v for k, v in data.items()}
+        for section, keys in _NULL_IS_DEFAULT.items():
+            given = data.get(section)
+            if isinstance(given, dict):
+                data[section] = {k: v for k, v in given.items() if v is not None or k not in keys}
         return data
+
+
+#: Fields inside a section whose null means their default, as for a section (a null
+#: where a value is needed is an error otherwise).
+_NULL_IS_DEFAULT = {"acquisition": ("sequence",), "feedback": ("rules", "limits")}
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -571,6 +611,22 @@ _EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0
 _UniqueKeyLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+.0123456789")
 )
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    """``yaml.SafeDumper`` that quotes strings :class:`_UniqueKeyLoader` would read as
+    numbers (``'1e3'``): PyYAML alone writes them plain, as YAML 1.1 text."""
+
+
+_ConfigDumper.add_implicit_resolver(
+    "tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+.0123456789")
+)
+
+
+def dump_yaml(data: Any) -> str:
+    """``data`` (a dumped config) as YAML text that :func:`load_config` reads back as it
+    is: a text value such as a rule named ``'1e1'`` stays text."""
+    return yaml.dump(data, Dumper=_ConfigDumper, sort_keys=False, allow_unicode=True)
 
 
 class _DuplicateKey(yaml.YAMLError):
@@ -730,8 +786,76 @@ def _format_errors(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"  {where}: {err['msg']}")
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = _unknown_field(err["loc"])
+        lines.append(f"  {where}: {msg}")
     return "\n".join(lines)
+
+
+def _unknown_field(loc: tuple[Any, ...]) -> str:
+    """``unknown field (did you mean 'x'? known: ...)`` for the key at ``loc``, as a key no
+    plan knows is named inside ``acquisition.sequence``."""
+    known = sorted(_fields_at(loc[:-1]))
+    if not known:
+        return "unknown field"
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown field ({hint}known: {', '.join(known)})"
+
+
+def _fields_at(loc: tuple[Any, ...]) -> set[str]:
+    """The field names of the model the config holds at ``loc`` (union members as pydantic
+    names them in a location, e.g. ``Compare``), or none where that is not one model."""
+    kinds: list[Any] = [ServiceConfig]
+    for part in loc:
+        kinds = [inner for kind in kinds for inner in _inside(kind, part)]
+    models = {m for kind in kinds for m in _models_of(kind)}
+    if len(models) != 1:
+        return set()
+    (model,) = models
+    return set(model.model_fields) | _OTHER_KEYS.get(model, set())
+
+
+#: Keys a model takes besides its fields (a rule's ``action``: one of ``actions``).
+_OTHER_KEYS: dict[type[BaseModel], set[str]] = {RuleSpec: {"action"}}
+
+
+def _inside(kind: Any, part: Any) -> list[Any]:
+    """The types that location ``part`` leads to from a value of type ``kind``."""
+    found: list[Any] = []
+    for member in _members(kind):
+        if isinstance(member, type) and issubclass(member, BaseModel):
+            if isinstance(part, str) and part in member.model_fields:
+                found.append(member.model_fields[part].annotation)
+            elif isinstance(part, str) and _union_tag(part) == member.__name__:
+                found.append(member)
+        elif get_origin(member) in (list, tuple) and isinstance(part, int):
+            args = [a for a in get_args(member) if a is not Ellipsis]
+            found += args[part:part + 1] if len(args) > 1 else args
+        elif get_origin(member) is dict and isinstance(part, str):
+            found.append(get_args(member)[1])
+    return found
+
+
+def _union_tag(part: str) -> str | None:
+    """The model a location part names as a union's member (``Compare``,
+    ``function-after[_some(), Compare]``), or None."""
+    name = re.search(r"(\w+)\]*$", part)
+    return name[1] if name else None
+
+
+def _members(kind: Any) -> list[Any]:
+    """``kind`` itself, or the members of a union (``X | None``) or ``Annotated``."""
+    if get_origin(kind) in (Union, UnionType, Annotated):
+        args = get_args(kind)[:1] if get_origin(kind) is Annotated else get_args(kind)
+        return [m for arg in args for m in _members(arg)]
+    return [kind]
+
+
+def _models_of(kind: Any) -> list[type[BaseModel]]:
+    """The pydantic models among ``kind``'s union members."""
+    return [m for m in _members(kind) if isinstance(m, type) and issubclass(m, BaseModel)]
 
 
 def _expand(path: Path) -> Path:
@@ -807,4 +931,35 @@ def load_config(path: str | Path | None) -> ServiceConfig:
         raise ConfigError(f"{p} is not valid YAML: {exc}") from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{p} must contain a mapping of sections (hardware:, acquisition:, ...)")
+    if "~" in text and (key := _bare_tilde_path(text)) is not None:
+        raise ConfigError(
+            f"invalid {p}:\n  {key}: ~ alone is YAML's null (no path), not your home folder; "
+            "quote it ('~/...'), write the path, or leave the line out for the default"
+        )
     return parse_config(data, base_dir=p.parent, source=str(p))
+
+
+#: Path fields whose null is their default (a dump writes ``path: null``), so a ``~``
+#: written there would silently be no path at all.
+_NULLABLE_PATHS = (("model", "path"), ("record", "path"))
+
+
+def _bare_tilde_path(text: str) -> str | None:
+    """The first of :data:`_NULLABLE_PATHS` written as a plain ``~`` in the YAML ``text``
+    (read without error before), as ``section.key``, or None."""
+    root = yaml.compose(text, Loader=_UniqueKeyLoader)
+    for section, key in _NULLABLE_PATHS:
+        node = _child(_child(root, section), key)
+        if isinstance(node, yaml.ScalarNode) and node.value == "~" and node.style is None:
+            return f"{section}.{key}"
+    return None
+
+
+def _child(node: yaml.Node | None, key: str) -> yaml.Node | None:
+    """The value node of ``key`` in a YAML mapping node, or None."""
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    for key_node, value_node in node.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.value == key:
+            return value_node
+    return None

@@ -154,8 +154,8 @@ def check_axis_order(seq: useq.MDASequence, what: str = "sequence") -> None:
 def check_sequence(seq: useq.MDASequence, data: Any, what: str = "sequence") -> None:
     """The checks a sequence from a config or a client gets: :func:`check_input` and
     :func:`check_types` on the ``data`` it was validated from, :func:`check_axis_order`,
-    :func:`check_timing`, :func:`check_z_plans`, :func:`check_size` and no ``setup``
-    event; ``ValueError`` naming what."""
+    :func:`check_timing`, :func:`check_z_plans`, :func:`check_size`, no ``setup``
+    event and some events planned; ``ValueError`` naming what."""
     check_input(seq, data, what)
     check_types(seq, data, what)
     check_axis_order(seq, what)
@@ -168,6 +168,21 @@ def check_sequence(seq: useq.MDASequence, data: Any, what: str = "sequence") -> 
             "events one by one); put its settings on the sequence's channels, or enqueue "
             "them as an event first"
         )
+    _check_plans_events(seq, what)
+
+
+def _check_plans_events(seq: useq.MDASequence, what: str) -> None:
+    """``ValueError`` for a sequence with no plan that makes events (useq runs none: the
+    acquisition would end at once, as if it had run). Each plan makes at least one event
+    (an empty z plan is refused before)."""
+    plans = (seq.time_plan, seq.grid_plan, seq.z_plan)
+    if seq.stage_positions or seq.channels or any(p is not None for p in plans):
+        return
+    raise ValueError(
+        f"{what} plans no events (no time_plan, stage_positions, grid_plan, channels or "
+        "z_plan), so the acquisition would end at once; give at least one, e.g. "
+        "time_plan: {interval: 1, loops: 10}"
+    )
 
 
 def time_points(seq: useq.MDASequence) -> int:
@@ -295,16 +310,45 @@ _SHRINK = {
 
 
 def event_count(seq: useq.MDASequence) -> int:
-    """Events ``seq`` plans: the product of its axis sizes, counted from the plans.
+    """Events ``seq`` plans, counted from the plans without walking the time plan: every
+    time point's tiles, channels and planes, those of positions' own sub-sequences too.
 
-    Like ``math.prod(seq.sizes.values())`` without walking the time plan. More than run
-    where useq skips events (e.g. z stacks only every n-th time point), fewer where
-    positions carry sub-sequences (grids) or hardware autofocus adds events."""
-    others = _other_sizes(seq)
+    More than run where useq skips events (a channel's ``acquire_every`` or
+    ``do_stack: false``), fewer where hardware autofocus adds events."""
     t = time_points(seq)
-    if not t and not others:
+    if not t and not _other_sizes(seq):
         return 0
-    return max(t, 1) * math.prod(others.values())
+    return max(t, 1) * _events_per_time_point(seq)
+
+
+def _events_per_time_point(seq: useq.MDASequence) -> int:
+    """Events of one time point of ``seq`` as useq iterates them: a position with a
+    sub-sequence takes the events of its sub-sequence (time points too) once for each of
+    the parent's tiles, channels and planes that useq keeps for it (its ``_should_skip``:
+    only the first of an axis the sub-sequence plans itself)."""
+    grid, channels, planes = _grid_size(seq.grid_plan), len(seq.channels), _z_size(seq.z_plan)
+    base = max(grid, 1) * max(channels, 1) * max(planes, 1)
+    if all(p.sequence is None for p in seq.stage_positions):
+        return base * max(len(seq.stage_positions), 1)
+    total = 0
+    for position in seq.stage_positions:
+        sub = position.sequence
+        if sub is None:
+            total += base
+            continue
+        if sub.autofocus_plan is None:  # (useq keeps every parent event for one with one)
+            plans = any(p is not None for p in (sub.grid_plan, sub.z_plan, sub.time_plan))
+            channels_kept = 1 if not plans or sub.channels else channels
+            grid_kept = 1 if sub.grid_plan is not None else grid
+            planes_kept = 1 if sub.z_plan is not None else planes
+        else:
+            grid_kept, channels_kept, planes_kept = grid, channels, planes
+        outer = max(grid_kept, 1) * max(channels_kept, 1) * max(planes_kept, 1)
+        has_axes = (sub.time_plan is not None or sub.stage_positions or sub.z_plan is not None
+                    or sub.channels or sub.grid_plan is not None)
+        inner = _events_per_time_point(sub) * max(time_points(sub), 1) if has_axes else 1
+        total += outer * inner
+    return total
 
 
 def _chunkable(seq: useq.MDASequence) -> bool:

@@ -54,8 +54,8 @@ class ActionError(ValueError):
 class _Frames:
     """Settings shared by actions that acquire frames (keyword-only: ``Burst(frames=4)``)."""
 
-    channel: str | None = None  # channel preset (None: keep the current one)
-    exposure_ms: float | None = None  # None: keep the current one
+    channel: str | None = None  # channel preset (None: the triggering frame's)
+    exposure_ms: float | None = None  # None: the triggering frame's
 
     kind: ClassVar[str] = ""
 
@@ -121,7 +121,8 @@ class SetChannel(_Frames):
 
 @dataclass(frozen=True, kw_only=True)
 class Revisit(_Frames):
-    """Image planned position ``position`` (None: the triggering frame's) again now."""
+    """Image planned position ``position`` again now (None: the triggering frame's own, at
+    its tile and plane; another: at its ``stage_positions`` coordinates, without a ``g``)."""
 
     position: int | None = None
     frames: int = 1
@@ -193,10 +194,11 @@ class EventPlanner:
     ``runner_clock`` returns the MDA runner's event clock (s), against which
     ``min_start_time`` is measured; without it, intervals are not enforced.
     ``positions`` maps planned ``p`` indices to their ``(x, y, z)`` (filled as the planned
-    events are issued); ``plan_positions``: every ``p`` index of the acquisition's plan
-    (None: not known), which ``skip`` may name; ``plan_coordinates``: the plan's stage
-    position of each ``p`` (known before it is first visited: the light-dose ledger charges
-    an action's frames at the planned field they overlap).
+    events are issued: where the last one issued there was, a tile or plane of it);
+    ``plan_positions``: every ``p`` index of the acquisition's plan (None: not known), which
+    ``skip`` may name; ``plan_coordinates``: the plan's stage position of each ``p`` (known
+    before it is first visited: the light-dose ledger charges an action's frames at the
+    planned field they overlap; a revisit of another position images there).
     """
 
     pixel_to_stage: tuple[tuple[float, float], tuple[float, float]] | None = (
@@ -506,6 +508,7 @@ def to_events(
     interval = 0.0
     zs: list[float | None] | None = None
     extra_index: list[dict[str, int]] | None = None
+    elsewhere: int | None = None  # the ``p`` a revisit of another position images
     if isinstance(action, Burst):
         frames, interval = action.frames, action.interval_s
         if action.centre_yx is not None:
@@ -550,13 +553,7 @@ def to_events(
     elif isinstance(action, SetChannel):
         frames = action.frames
     elif isinstance(action, Revisit):
-        p = action.position if action.position is not None else ctx.index.get("p")
-        if p is None or int(p) not in planner.positions:
-            raise ActionError(
-                "unknown_position",
-                f"cannot revisit position {p}: not a planned stage position seen so far",
-            )
-        x, y, z = planner.positions[int(p)]
+        (x, y, z), elsewhere = _revisit_place(action, ctx, planner)
         frames, interval = action.frames, action.interval_s
     else:
         raise ActionError("unknown_action", f"not a feedback action: {action!r}")
@@ -568,26 +565,72 @@ def to_events(
                 f"{action.kind}: stage {axis} target {value!r} is not a finite number",
             )
     t0 = planner.runner_clock() if (planner.runner_clock and interval > 0) else None
+    settings = _camera_settings(action, ctx)
     events = []
     for i in range(frames):
         idx = _index(ctx, action_id, **(extra_index[i] if extra_index else {}))
-        if isinstance(action, Revisit) and action.position is not None:
-            idx["p"] = int(action.position)
+        if elsewhere is not None:  # another position: its own index, no tile of the trigger's
+            idx.pop("g", None)
+            idx["p"] = elsewhere
         kwargs: dict[str, Any] = {
             "index": idx,
             "x_pos": x,
             "y_pos": y,
             "z_pos": zs[i] if zs is not None else z,
             "metadata": {METADATA_KEY: {"action_id": action_id, "rule": rule, "frame": i}},
+            **settings,
         }
-        if action.channel is not None:
-            kwargs["channel"] = {"config": action.channel}
-        if action.exposure_ms is not None:
-            kwargs["exposure"] = action.exposure_ms
         if t0 is not None and i > 0:
             kwargs["min_start_time"] = t0 + i * interval
         events.append(useq.MDAEvent(**kwargs))
     return events
+
+
+def _revisit_place(
+    action: Revisit, ctx: FrameContext, planner: EventPlanner
+) -> tuple[tuple[float | None, float | None, float | None], int | None]:
+    """Where a revisit images, and the ``p`` of the position it images when that is not the
+    triggering frame's own (None: its own).
+
+    Its own position (a planned trigger): the trigger's place, its tile and plane, as it was
+    imaged. Another position (or a trigger made by an action): that position's coordinates
+    in the plan (its ``stage_positions`` entry); an axis the plan gives it none on: where
+    its last planned frame issued was."""
+    own = ctx.index.get("p")
+    p = action.position if action.position is not None else own
+    if p is None or int(p) not in planner.positions:
+        raise ActionError(
+            "unknown_position",
+            f"cannot revisit position {p}: not a planned stage position seen so far",
+        )
+    if own is not None and int(p) == int(own) and not ctx.is_feedback:
+        where = ctx.position
+        return (where.get("x_um"), where.get("y_um"), where.get("z_um")), None
+    planned = planner.plan_coordinates.get(int(p), (None, None, None))
+    issued = planner.positions[int(p)]
+    x, y, z = (a if a is not None else b for a, b in zip(planned, issued, strict=True))
+    return (x, y, z), int(p)
+
+
+def _camera_settings(action: _Frames, ctx: FrameContext) -> dict[str, Any]:
+    """``channel`` and ``exposure`` of an action's events: the action's, else the
+    triggering frame's (its ``settings``), so that its frames are taken as the trigger was
+    in every mode, not with whatever the planned frames run meanwhile left in effect."""
+    given = ctx.measurements.get("settings") if isinstance(ctx.measurements, Mapping) else None
+    trigger = given if isinstance(given, Mapping) else {}
+    out: dict[str, Any] = {}
+    preset, group = trigger.get("channel"), trigger.get("channel_group")
+    if action.channel is not None:
+        out["channel"] = {"config": action.channel}
+    elif isinstance(preset, str) and preset:
+        out["channel"] = {"config": preset,
+                          **({"group": group} if isinstance(group, str) and group else {})}
+    exposure: Any = trigger.get("exposure_ms")
+    if action.exposure_ms is not None:
+        out["exposure"] = action.exposure_ms
+    elif _positive(exposure):
+        out["exposure"] = float(exposure)
+    return out
 
 
 def _check_move_back(ctx: FrameContext, **targets: float | None) -> None:

@@ -297,6 +297,7 @@ class RuleEngine:
         stage x, y. Planned frames are keyed the same way (``p<i>``, else x, y)."""
         field_um = self._field_um(ctx)
         positions = self.planner.known_positions()
+        planned = self.planner.plan_coordinates
         keys: list[str] = []
         memo: dict[tuple[Any, ...], str] = {}  # an action's frames are mostly at one place
         for ev in events:
@@ -304,7 +305,8 @@ class RuleEngine:
             place = (p, ev.x_pos, ev.y_pos)
             if place not in memo:
                 memo[place] = _dose_key(
-                    None if p is None else int(p), ev.x_pos, ev.y_pos, ctx, positions, field_um)
+                    None if p is None else int(p), ev.x_pos, ev.y_pos, ctx, positions, field_um,
+                    planned.get(int(p)) if p is not None else None)
             keys.append(memo[place])
         return keys
 
@@ -325,16 +327,19 @@ def _dose_key(
     ctx: FrameContext,
     positions: dict[int, tuple[float | None, float | None, float | None]],
     field_um: tuple[float, float] | None,
+    planned: tuple[float | None, ...] | None = None,
 ) -> str:
     """The ledger key of a frame at stage ``(x, y)`` with position index ``p`` (see
-    :meth:`RuleEngine._dose_keys`)."""
+    :meth:`RuleEngine._dose_keys`); ``planned``: ``p``'s coordinates in the plan, where it
+    counts too (a revisit images there; its last issued tile may be a field away)."""
     here = (ctx.position.get("x_um"), ctx.position.get("y_um"), None)
     home = positions.get(p) if p is not None else None
     if p is not None and home is None and p == ctx.index.get("p"):
         home = here
     if x is None or y is None or not math.isfinite(x + y):
         return f"p{p}" if p is not None else ctx.position_key  # wherever the stage is
-    if p is not None and home is not None and _overlaps(x, y, home, field_um):
+    if p is not None and any(h is not None and _overlaps(x, y, h, field_um)
+                             for h in (home, planned)):
         return f"p{p}"
     near = [
         (abs(x - pos[0]) + abs(y - pos[1]), i)  # type: ignore[operator]

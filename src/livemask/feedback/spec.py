@@ -157,9 +157,12 @@ class Target(_Spec):
 # ------------------------------------------------------------------ actions
 class _FrameSettings(_Spec):
     channel: str | None = Field(
-        default=None, description="channel preset of the core's channel group (None: keep)"
+        default=None,
+        description="channel preset of the core's channel group (None: the triggering frame's)",
     )
-    exposure_ms: float | None = Field(default=None, gt=0, le=MAX_EXPOSURE_MS)
+    exposure_ms: float | None = Field(
+        default=None, gt=0, le=MAX_EXPOSURE_MS,
+        description="camera exposure (None: the triggering frame's)")
 
 
 class BurstSpec(_FrameSettings):

@@ -64,10 +64,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import yaml
 
 from livemask import __version__
 from livemask.analysis.measure import units_in_pixels
+from livemask.config import dump_yaml
 from livemask.errors import RecordingError
 from livemask.log import RepeatedErrors
 from livemask.recording.files import BlockFile, folder_id, folder_lost
@@ -324,10 +324,8 @@ class Recorder:
                 )
             self.path.mkdir(parents=True, exist_ok=True)
             if self.config is not None:
-                (self.path / "config.yaml").write_text(
-                    yaml.safe_dump(self.config, sort_keys=False, allow_unicode=True),
-                    encoding="utf-8",
-                )
+                (self.path / "config.yaml").write_text(dump_yaml(self.config),
+                                                       encoding="utf-8")
             (self.path / "units.json").write_text(json.dumps(
                 self._units_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
             self._frames_fh = BlockFile(self.path / "frames.jsonl")

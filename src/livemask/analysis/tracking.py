@@ -103,31 +103,38 @@ PIXEL_SIZE_TOLERANCE = 0.01
 
 
 class StreamPixelSizes:
-    """Each stream's pixel size in its key: the one its frames started with, kept while
-    they stay within :data:`PIXEL_SIZE_TOLERANCE` of it (so a reading that wobbles in its
-    last digits, or drifts slowly, keeps one stream: no key flips back and forth at an
-    edge), a new one where a frame is further off. Per owner (a tracker, the feedback
-    features), thread-safe; the least recently seen of more than ``max_streams`` streams is
-    forgotten."""
+    """Each stream's pixel size in its key. A frame whose reading is within
+    :data:`PIXEL_SIZE_TOLERANCE` of the last reading of a size the stream has had (the
+    nearest) keeps that size's key, and moves its last reading along: a reading that
+    wobbles in its last digits or drifts slowly keeps one stream, and a return to an
+    earlier size (a magnifier switched back) continues that size's stream; a jump of more
+    than that starts a new one. Per owner (a tracker, the feedback features), thread-safe;
+    the least recently seen of more than ``max_streams`` streams is forgotten (size it as
+    the owner's own stream limit)."""
 
     def __init__(self, max_streams: int = 4096) -> None:
-        self._sizes: OrderedDict[Hashable, float] = OrderedDict()
+        #: per stream: [key size, last reading] of each size it has had
+        self._sizes: OrderedDict[Hashable, list[list[float]]] = OrderedDict()
         self._max = max_streams
         self._lock = threading.Lock()
 
     def geometry(self, stream: Hashable, geometry: tuple[Any, ...]) -> tuple[Any, ...]:
         """``geometry`` (:func:`frame_geometry`) of a frame of ``stream`` with the pixel size
-        the stream keeps."""
+        the stream keeps for it."""
         size, roi, shape = geometry
         if size is None:
             return geometry
         base = (stream, roi, shape)
         with self._lock:
-            kept = self._sizes.get(base)
-            if kept is not None and abs(size - kept) <= PIXEL_SIZE_TOLERANCE * kept:
-                size = kept
+            sizes = self._sizes.setdefault(base, [])
+            near = [s for s in sizes if abs(size - s[1]) <= PIXEL_SIZE_TOLERANCE * s[1]]
+            if near:
+                entry = min(near, key=lambda s: abs(size - s[1]))
+                entry[1] = size
+                size = entry[0]
             else:
-                self._sizes[base] = size
+                sizes.append([size, size])
+                del sizes[:-8]  # (a stream's last 8 sizes)
             self._sizes.move_to_end(base)
             while len(self._sizes) > self._max:
                 self._sizes.popitem(last=False)
@@ -622,7 +629,7 @@ class PositionTrackers:
         self.position_grid_um = position_grid_um
         self._ids = _Ids()
         self._trackers: OrderedDict[Hashable, Tracker] = OrderedDict()
-        self._pixel_sizes = StreamPixelSizes()
+        self._pixel_sizes = StreamPixelSizes(max(4096, max_positions))
         #: Streams dropped while they still had live tracks (their objects get new ids).
         self.dropped_live = 0
 

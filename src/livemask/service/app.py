@@ -1369,11 +1369,11 @@ class Service:
                 plan.set(exposure)
 
     def _plan_landed(self) -> None:
-        """Plan the newest set that took effect, now that no newer one can land, and
-        announce it where it landed late: where it took effect during this plan, or while
-        none runs (the camera keeps it); one that took effect during another acquisition's
-        run (set in an earlier one) is neither (the plan goes back to what it was: the
-        running acquisition's events keep their exposure), only logged."""
+        """Plan the newest set that took effect, now that no newer one can land (into the
+        plan it was set in, if that one still runs), and announce it where it landed late
+        and the camera still has it: not where the end of the run it landed in put the
+        exposure from before the run back (pymmcore-plus' restore), nor where the running
+        acquisition's events set their own exposures (another run's than it was set in)."""
         plan, exposure = self._exposure_plan
         landed, self._exposure_landed = self._exposure_landed, None
         if landed is not None:
@@ -1381,17 +1381,27 @@ class Service:
             if landed_plan is plan:
                 exposure = landed_ms
                 self._exposure_plan = (plan, exposure)
-            running = self._planned_exposure if self._acquiring else None
-            if late and (running is None or running is landed_plan):
+            reason = self._not_in_effect(landed_ms, landed_plan) if late else None
+            if late and reason is None:
                 self._exposure_set(landed_ms)
                 self._event("setting_changed", {"exposure_ms": landed_ms, "late": True})
             elif late:
                 log.warning("the camera exposure %g ms, set after its timeout, took effect "
-                            "once the acquisition it was set for had ended: not planned or "
-                            "announced (the running acquisition's events set their own)",
-                            landed_ms)
+                            "but is not announced: %s", landed_ms, reason)
         if plan is not None:
             plan.set(exposure)
+
+    def _not_in_effect(
+        self, landed_ms: float, landed_plan: PlannedExposure | None
+    ) -> str | None:
+        """Why a late set's exposure is no longer the camera's, else None."""
+        running = self._planned_exposure if self._acquiring else None
+        if running is not None and running is not landed_plan and self._plan_exposures:
+            return "the running acquisition's events set their own exposures"
+        now = getattr(self.source, "camera_now", {}).get("exposure_ms")
+        if isinstance(now, int | float) and not math.isclose(now, landed_ms, rel_tol=0.02):
+            return f"the camera is at {now:g} ms again (e.g. restored when the run ended)"
+        return None
 
     def _exposure_set(self, exposure_ms: float) -> None:
         """A ``set exposure_ms``: the planned frames run with it from now on, also after the

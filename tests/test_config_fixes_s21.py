@@ -141,12 +141,31 @@ def test_quoted_tilde_and_null_paths_still_load(tmp_path: Path,
 def test_a_sequence_that_plans_no_events_is_refused(sequence: dict[str, Any]) -> None:
     """Before, it ran an acquisition of 0 events and `serve --exit-when-done` exited 0."""
     assert len(list(useq.MDASequence.model_validate(sequence))) == 0
-    with pytest.raises(ConfigError, match=r"acquisition\.sequence: .*sequence plans no events"
-                       r" \(no time_plan, stage_positions, grid_plan, channels or z_plan\)"):
-        parse_config({"acquisition": {"sequence": sequence}})
     with pytest.raises(CommandError, match=r"invalid sequence: sequence plans no events") as e:
         _checked_sequence(sequence)
     assert e.value.code == "invalid_args"
+
+
+@pytest.mark.timeout(60)
+async def test_a_configured_sequence_without_events_is_refused_where_it_runs() -> None:
+    """A config's sequence is checked for events where it runs (autostart, a bare start),
+    not when the file loads: ``serve --frames`` adds its time plan afterwards, and a
+    config that does not autostart need not plan anything (review F: both were refused)."""
+    from livemask import cli
+    from livemask.service.app import Service
+    from tests.conftest import make_config
+    from tests.test_acquisition_end import control
+
+    cfg = parse_config({"acquisition": {"autostart": False, "sequence": {"metadata": {"a": 1}}}})
+    cli._time_lapse(cfg, 3, None)  # serve --frames 3
+    assert cfg.acquisition.sequence["time_plan"]["loops"] == 3
+    async with Service(make_config(acquisition={"sequence": {"metadata": {"a": 1}}})) as svc:
+        with pytest.raises(Exception, match=r"acquisition\.sequence plans no events"):
+            await control(svc, "start")
+    with pytest.raises(ConfigError, match=r"acquisition\.sequence plans no events"):
+        async with Service(make_config(acquisition={
+                "autostart": True, "sequence": {"metadata": {"a": 1}}})):
+            pass
 
 
 @pytest.mark.parametrize("sequence", [

@@ -177,11 +177,34 @@ async def test_a_page_opened_late_gets_no_image_older_than_unread_frames(
         await ws.send_json({"type": "view", "images": False})  # hidden: frames not read
         assert await _until(lambda: not dashboard._watched.is_set())
         newer = next(fids) + 10
+        publisher.publish("event", {"kind": "acquisition_started", "acquisition": 2,
+                                    "t": {"sent": time.time()}})
+        assert await _until(lambda: dashboard._last_image is None)
         for fid in range(old["frame_id"] + 1, newer):  # the next acquisition, unread
             _publish_frame(publisher, fid)
         async with _connect(dashboard) as late:
             first = await _first_image(late, lambda: _publish_frame(publisher, newer))
-    assert first["frame_id"] == newer
+    assert first["frame_id"] > old["frame_id"]  # one of the new acquisition's
+
+
+async def test_a_page_that_reconnects_while_nothing_runs_gets_the_last_image(
+    dashboard: DashboardServer, publisher: ZmqPublisher
+) -> None:
+    """Review F: dropping the last image whenever no page watched left a page that
+    reloaded (or whose connection blipped) after a run with no image until the next run."""
+    fids = iter(range(10_000))
+    async with _connect(dashboard) as ws:
+        old = await _first_image(ws, lambda: _publish_frame(publisher, next(fids)))
+    assert await _until(lambda: not dashboard._watched.is_set())
+    async with _connect(dashboard) as again:
+        deadline = time.monotonic() + 10
+        header = None
+        while header is None and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                msg = await again.receive(timeout=0.2)
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    header = decode_preview(msg.data)[0]
+    assert header is not None and header["frame_id"] == old["frame_id"]
 
 
 # ---------------------------------------------------------------- in a real browser

@@ -109,12 +109,16 @@ async def test_an_action_without_settings_images_with_the_triggers_channel_and_e
 
 
 def test_an_action_that_names_a_channel_keeps_the_triggers_exposure() -> None:
-    """The setting an action does not give is the trigger's too, not the one in effect."""
+    """The setting an action does not give is the trigger's too, not the one in effect;
+    but not the trigger's exposure for another channel (review F: GFP taken at DAPI's 10 ms
+    in every mode, where pipelined runs had taken it at GFP's 40)."""
     ctx = FrameContext.from_measurements(_message(
         {"t": 0, "p": 0}, (0.0, 0.0, 0.0),
         {"channel": "DAPI", "channel_group": "Filters", "exposure_ms": 10.0}), (64, 64))
     (ev,) = to_events(Revisit(channel="GFP"), ctx, EventPlanner(positions={0: (0, 0, 0)}))
-    assert ev.channel is not None and ev.channel.config == "GFP" and ev.exposure == 10.0
+    assert ev.channel is not None and ev.channel.config == "GFP" and ev.exposure is None
+    (ev,) = to_events(Revisit(channel="DAPI"), ctx, EventPlanner(positions={0: (0, 0, 0)}))
+    assert ev.exposure == 10.0  # its own channel: the trigger's exposure
     (ev,) = to_events(Revisit(exposure_ms=30.0), ctx, EventPlanner(positions={0: (0, 0, 0)}))
     assert ev.channel is not None and (ev.channel.group, ev.channel.config) == (
         "Filters", "DAPI")

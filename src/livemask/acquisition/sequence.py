@@ -151,11 +151,15 @@ def check_axis_order(seq: useq.MDASequence, what: str = "sequence") -> None:
             check_axis_order(position.sequence, f"{what}.stage_positions[{i}].sequence")
 
 
-def check_sequence(seq: useq.MDASequence, data: Any, what: str = "sequence") -> None:
+def check_sequence(
+    seq: useq.MDASequence, data: Any, what: str = "sequence", *, events: bool = True
+) -> None:
     """The checks a sequence from a config or a client gets: :func:`check_input` and
     :func:`check_types` on the ``data`` it was validated from, :func:`check_axis_order`,
     :func:`check_timing`, :func:`check_z_plans`, :func:`check_size`, no ``setup``
-    event and some events planned; ``ValueError`` naming what."""
+    event and (``events``) some events planned (:func:`check_plans_events`: a config's
+    sequence gets that where it runs, since ``serve --frames`` adds its time plan later);
+    ``ValueError`` naming what."""
     check_input(seq, data, what)
     check_types(seq, data, what)
     check_axis_order(seq, what)
@@ -168,10 +172,11 @@ def check_sequence(seq: useq.MDASequence, data: Any, what: str = "sequence") -> 
             "events one by one); put its settings on the sequence's channels, or enqueue "
             "them as an event first"
         )
-    _check_plans_events(seq, what)
+    if events:
+        check_plans_events(seq, what)
 
 
-def _check_plans_events(seq: useq.MDASequence, what: str) -> None:
+def check_plans_events(seq: useq.MDASequence, what: str) -> None:
     """``ValueError`` for a sequence with no plan that makes events (useq runs none: the
     acquisition would end at once, as if it had run). Each plan makes at least one event
     (an empty z plan is refused before)."""

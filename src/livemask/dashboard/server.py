@@ -447,6 +447,9 @@ class DashboardServer:
             if msg is None:
                 continue
             out = self._take(msg)
+            if (msg.topic == "event" and msg.header.get("kind") == "acquisition_started"
+                    and not self._watched.is_set()):
+                self._last_image = None  # its frames are not read: the old one is no newest
             if self.state.take_restart():
                 self._restarted()
                 if out is not None and out["type"] == "event":
@@ -630,15 +633,15 @@ class DashboardServer:
         return web.Response(body=dumps_json(body), content_type="application/json")
 
     def _update_watched(self) -> None:
-        """Read frames only while some browser shows them. When none does, the last image
-        goes too: the frames that come meanwhile are not read, so it would not stay the
-        newest (a page opened later got an earlier acquisition's image)."""
+        """Read frames only while some browser shows them. The last image stays for a page
+        that reconnects (a reload, a network blip) until an acquisition starts unwatched:
+        its frames are not read, so the old image would not be the newest (a page opened
+        later got an earlier acquisition's image)."""
         if any(b.wants_images for b in self.browsers):
             self._watched.set()
         elif self._watched.is_set():
             self._watched.clear()
             self.state.reset_frames()
-            self._last_image = None
 
     def _from_browser(self, browser: _Browser, text: str) -> None:
         """``{"type": "view", "images": bool, "ack": bool}``: the page is hidden/shown or

@@ -615,7 +615,9 @@ def _revisit_place(
 def _camera_settings(action: _Frames, ctx: FrameContext) -> dict[str, Any]:
     """``channel`` and ``exposure`` of an action's events: the action's, else the
     triggering frame's (its ``settings``), so that its frames are taken as the trigger was
-    in every mode, not with whatever the planned frames run meanwhile left in effect."""
+    in every mode, not with whatever the planned frames run meanwhile left in effect; but
+    not the trigger's exposure for another channel than the trigger's (it is that
+    channel's: the action should give ``exposure_ms``)."""
     given = ctx.measurements.get("settings") if isinstance(ctx.measurements, Mapping) else None
     trigger = given if isinstance(given, Mapping) else {}
     out: dict[str, Any] = {}
@@ -626,9 +628,10 @@ def _camera_settings(action: _Frames, ctx: FrameContext) -> dict[str, Any]:
         out["channel"] = {"config": preset,
                           **({"group": group} if isinstance(group, str) and group else {})}
     exposure: Any = trigger.get("exposure_ms")
+    other_channel = action.channel is not None and action.channel != preset
     if action.exposure_ms is not None:
         out["exposure"] = action.exposure_ms
-    elif _positive(exposure):
+    elif _positive(exposure) and not other_channel:  # (the trigger's is another channel's)
         out["exposure"] = float(exposure)
     return out
 

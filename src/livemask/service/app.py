@@ -23,6 +23,7 @@ from livemask.acquisition.engine import EventWatch
 from livemask.acquisition.feed import PlannedExposure
 from livemask.acquisition.mode import Mode
 from livemask.acquisition.sequence import (
+    check_plans_events,
     event_count,
     iter_events,
     release_iteration_caches,
@@ -770,10 +771,16 @@ class Service:
         return binned_shape((int(shape[0]), int(shape[1])), at_open, binning)
 
     def _check_sequence_on_rig(
-        self, seq: useq.MDASequence, what: str = "acquisition.sequence"
+        self, seq: useq.MDASequence, what: str = "acquisition.sequence", *, events: bool = True
     ) -> None:
         """:meth:`_check_on_rig` for the channels, channel exposures and stage positions'
-        properties of ``seq`` (``what`` names it in errors)."""
+        properties of ``seq`` (``what`` names it in errors); with ``events``, that it plans
+        some (:func:`check_plans_events`)."""
+        if events:
+            try:
+                check_plans_events(seq, what)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         channels = sequence_channels(seq)
         exposures = [c.exposure for c in channels if c.exposure is not None]
         properties = _position_properties(seq)
@@ -797,7 +804,8 @@ class Service:
         ``enqueue``; a ``start`` without a sequence is checked then)."""
         acq = self.config.acquisition
         if "sequence" in acq.model_fields_set or acq.autostart:
-            self._check_sequence_on_rig(acq.mda_sequence(), self._configured_sequence_name())
+            self._check_sequence_on_rig(acq.mda_sequence(), self._configured_sequence_name(),
+                                        events=acq.autostart)
 
     def _check_binning(self, what: str, properties: Sequence[Any]) -> None:
         """ConfigError, while the service records, for properties that set the camera's

@@ -29,13 +29,15 @@ _SEQUENCE = {"channels": [{"config": "DAPI", "exposure": 10.0}],
 
 @asynccontextmanager
 async def _running(
-    monkeypatch: pytest.MonkeyPatch, gates: dict[float, threading.Event]
+    monkeypatch: pytest.MonkeyPatch, gates: dict[float, threading.Event], *,
+    sequence: dict[str, Any] = _SEQUENCE, start: bool = True,
 ) -> AsyncIterator[tuple[Service, AsyncSubscriber]]:
-    """A running free-run acquisition, subscribed to events, whose camera waits in
-    ``set_exposure(ms)`` for ``gates[ms]`` (the camera busy in a long snap)."""
+    """A running free-run acquisition of ``sequence`` (``start``: else idle), subscribed
+    to events, whose camera waits in ``set_exposure(ms)`` for ``gates[ms]`` (the camera
+    busy in a long snap)."""
     monkeypatch.setattr(hardware_calls, "HARDWARE_TIMEOUT_S", 0.3)
     cfg = make_config(simulation={"truth": False},
-                      acquisition={"sequence": _SEQUENCE, "mode": "free-run"})
+                      acquisition={"sequence": sequence, "mode": "free-run"})
     async with Service(cfg) as svc, AsyncSubscriber(
         svc.publisher.bound_address, ("event", "status")
     ) as sub:
@@ -51,7 +53,8 @@ async def _running(
             real_set(exposure_ms)
 
         monkeypatch.setattr(source, "set_exposure", set_exposure)
-        await control(svc, "start")
+        if start:
+            await control(svc, "start")
         try:
             yield svc, sub
         finally:
@@ -257,41 +260,20 @@ async def test_a_late_set_in_effect_in_a_run_without_exposures_of_its_own_is_ann
     """A set given up on (in acquisition 1, or while idle) that lands while a run whose
     events set no exposure runs: every frame is taken with it, so it is announced (and
     kept for restore events), as the camera and status say; a first fix only logged it."""
-    monkeypatch.setattr(hardware_calls, "HARDWARE_TIMEOUT_S", 0.3)
+    gates = {5.0: threading.Event()}
     seq = {"time_plan": {"interval": 0.05, "loops": 100_000}}  # no channel exposure
-    cfg = make_config(simulation={"truth": False},
-                      acquisition={"sequence": seq, "mode": "free-run"},
-                      publish={"heartbeat_s": 0.2})
-    gate = threading.Event()
-    async with Service(cfg) as svc, AsyncSubscriber(
-        svc.publisher.bound_address, ("event", "status")
-    ) as sub:
-        assert (await sub.recv(timeout_s=10)) is not None
-        source = svc.source
-        assert isinstance(source, MicroscopeSource)
-        real = source.set_exposure
-
-        def set_exposure(ms: float) -> None:
-            if ms == 5.0:
-                gate.wait(30)
-            real(ms)
-
-        monkeypatch.setattr(source, "set_exposure", set_exposure)
-        try:
-            if given_up_in == "acquisition 1":
-                await control(svc, "start")
-            with pytest.raises(ControlError, match="did not return"):
-                await control(svc, "set", exposure_ms=5.0)
-            if given_up_in == "acquisition 1":
-                await control(svc, "stop")
-                await _until(lambda: not svc._acquiring, "not stopped")
-            await control(svc, "start")
-        finally:
-            gate.set()
+    async with _running(monkeypatch, gates, sequence=seq,
+                        start=given_up_in == "acquisition 1") as (svc, sub):
+        with pytest.raises(ControlError, match="did not return"):
+            await control(svc, "set", exposure_ms=5.0)
+        if given_up_in == "acquisition 1":
+            await control(svc, "stop")
+            await _until(lambda: not svc._acquiring, "not stopped")
+        await control(svc, "start")
+        gates[5.0].set()
         await _settled(svc)
         assert await _announced(svc, sub) == [(5.0, True)]
         assert svc._settings.values.get("exposure") == 5.0
-        await control(svc, "stop")
 
 
 @pytest.mark.timeout(90)
@@ -301,39 +283,21 @@ async def test_a_late_set_undone_by_the_end_of_its_run_is_not_announced(
     """5 ms lands in acquisition 1 while a newer set (20,000 ms) is still given up on; the
     run is stopped and pymmcore-plus puts the exposure from before it back (10 ms); the
     newer one then fails late. 5 ms was announced although the camera was at 10."""
-    monkeypatch.setattr(hardware_calls, "HARDWARE_TIMEOUT_S", 0.3)
+    gates = {5.0: threading.Event(), 20000.0: threading.Event()}
     seq = {"channels": [{"config": "DAPI", "exposure": 10.0}],
            "time_plan": {"interval": 0.05, "loops": 100_000}}
-    cfg = make_config(simulation={"truth": False},
-                      acquisition={"sequence": seq, "mode": "free-run"},
-                      publish={"heartbeat_s": 0.2})
-    g5, g20 = threading.Event(), threading.Event()
-    async with Service(cfg) as svc, AsyncSubscriber(
-        svc.publisher.bound_address, ("event", "status")
-    ) as sub:
-        assert (await sub.recv(timeout_s=10)) is not None
+    async with _running(monkeypatch, gates, sequence=seq) as (svc, sub):
         source = svc.source
         assert isinstance(source, MicroscopeSource)
-        real = source.set_exposure
-
-        def set_exposure(ms: float) -> None:
-            (g5 if ms == 5.0 else g20).wait(30)
-            real(ms)
-
-        monkeypatch.setattr(source, "set_exposure", set_exposure)
-        try:
-            await control(svc, "start")
-            for ms in (5.0, 20000.0):
-                with pytest.raises(ControlError, match="did not return"):
-                    await control(svc, "set", exposure_ms=ms)
-            g5.set()
-            await _until(lambda: source.core.getExposure() == 5.0, "5 ms did not land")
-            await control(svc, "stop")
-            await _until(lambda: not svc._acquiring, "not stopped")
-            await _until(lambda: source.core.getExposure() == 10.0, "not restored")
-        finally:
-            g5.set()
-            g20.set()
+        for ms in gates:
+            with pytest.raises(ControlError, match="did not return"):
+                await control(svc, "set", exposure_ms=ms)
+        gates[5.0].set()
+        await _until(lambda: source.core.getExposure() == 5.0, "5 ms did not land")
+        await control(svc, "stop")
+        await _until(lambda: not svc._acquiring, "not stopped")
+        await _until(lambda: source.core.getExposure() == 10.0, "not restored")
+        gates[20000.0].set()
         await _settled(svc)
         assert await _announced(svc, sub) == []
         assert (await control(svc, "status"))["core"]["exposure_ms"] == 10.0

@@ -306,3 +306,22 @@ def test_float_intensities_keep_their_significant_digits() -> None:
     text = console.export_text()
     assert "0.004057" in text and "0.004099" in text
     assert "100.0 px²" in text
+
+
+async def test_a_run_started_while_watched_then_hidden_leaves_no_old_image(
+    dashboard: DashboardServer, publisher: ZmqPublisher
+) -> None:
+    """Review H: acquisition 2 started while a page watched, and the page hid before any of
+    its frames was read: the last image (acquisition 1's) was kept, and a page opened
+    while acquisition 2 ran got it as the newest."""
+    fids = iter(range(10_000))
+    async with _connect(dashboard) as ws:
+        old = await _first_image(ws, lambda: _publish_frame(publisher, next(fids)))
+        publisher.publish("event", {"kind": "acquisition_started", "acquisition": 2,
+                                    "t": {"sent": time.time()}})
+        assert await _until(lambda: dashboard._last_image is None)
+        await ws.send_json({"type": "view", "images": False})
+        assert await _until(lambda: not dashboard._watched.is_set())
+    async with _connect(dashboard) as late:
+        first = await _first_image(late, lambda: _publish_frame(publisher, next(fids) + 50))
+    assert first["frame_id"] > old["frame_id"]

@@ -301,3 +301,38 @@ async def test_a_late_set_undone_by_the_end_of_its_run_is_not_announced(
         await _settled(svc)
         assert await _announced(svc, sub) == []
         assert (await control(svc, "status"))["core"]["exposure_ms"] == 10.0
+
+
+@pytest.mark.timeout(90)
+async def test_a_late_set_in_its_own_run_is_announced_after_the_next_frame_came(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review H: a set landing in its own run (whose events set their own exposure) was
+    planned, so every later frame took it, but not announced when the runner's next frame
+    (at the plan's 10 ms, the plan having gone back while the set was given up on) came
+    before the loop handled the late end: the camera's last frame said 10."""
+    import time
+
+    gates = {5.0: threading.Event()}
+    seq = {"channels": [{"config": "DAPI", "exposure": 10.0}],
+           "time_plan": {"interval": 0.0, "loops": 100_000}}
+    async with _running(monkeypatch, gates, sequence=seq) as (svc, sub):
+        source = svc.source
+        assert isinstance(source, MicroscopeSource)
+        order = svc._exposure_order
+        real_call = order.call
+
+        def call(ticket: int, fn: Callable[..., Any], *args: object) -> Any:
+            result = real_call(ticket, fn, *args)
+            deadline = time.monotonic() + 2  # the loop late by a frame: 10 ms comes first
+            while source.camera_now.get("exposure_ms") != 10.0 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            return result
+
+        monkeypatch.setattr(order, "call", call)
+        with pytest.raises(ControlError, match="did not return"):
+            await control(svc, "set", exposure_ms=5.0)
+        gates[5.0].set()
+        await _settled(svc)
+        assert await _frames_taken_with(svc) == (5.0, 5.0)
+        assert await _announced(svc, sub) == [(5.0, True)]

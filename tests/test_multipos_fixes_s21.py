@@ -251,3 +251,25 @@ async def test_start_reports_the_events_the_run_takes() -> None:
         got = await collect_run(svc, ("frame", "event"))
     (started,) = [m.header for m in got["event"] if m.header["kind"] == "acquisition_started"]
     assert started["events"] == len(got["frame"]) == 2 * (2 + 3 * 2)
+
+
+@pytest.mark.parametrize("mode", ["synchronized", "pipelined"])
+async def test_an_action_naming_another_channel_takes_that_channels_planned_exposure(
+    mode: str,
+) -> None:
+    """Review H: a rule on the DAPI frame (10 ms) whose action names GFP (planned at
+    40 ms) without exposure_ms took GFP at whatever the last event left: DAPI's 10 ms."""
+    seq = {"axis_order": "tpc", "stage_positions": [{"x": 0.0, "y": 0.0, "z": 0.0}],
+           "time_plan": {"interval": 0, "loops": 3},
+           "channels": [{"config": "DAPI", "exposure": 10.0},
+                        {"config": "GFP", "exposure": 40.0}]}
+    rule = {"name": "g", "max_fires": 1,
+            "when": {"values": [{"path": "index.t", "eq": 0}, {"path": "index.c", "eq": 0}]},
+            "action": {"channel": {"channel": "GFP", "frames": 2}}}
+    cfg = make_config(simulation={"sensor_shape_px": [256, 256]},
+                      acquisition={"sequence": seq, "mode": mode}, feedback={"rules": [rule]})
+    async with Service(cfg) as svc:
+        got = await collect_run(svc, ("measurements", "event"))
+    fb = [(h["settings"].get("channel"), h["settings"].get("exposure_ms"))
+          for h in (m.header for m in got["measurements"]) if "fb" in h["index"]]
+    assert fb == [("GFP", 40.0), ("GFP", 40.0)]

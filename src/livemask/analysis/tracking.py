@@ -132,6 +132,8 @@ class StreamPixelSizes:
                 entry = min(near, key=lambda s: abs(size - s[1]))
                 entry[1] = size
                 size = entry[0]
+                sizes.remove(entry)  # the most recently seen last: the oldest go first
+                sizes.append(entry)
             else:
                 sizes.append([size, size])
                 del sizes[:-8]  # (a stream's last 8 sizes)

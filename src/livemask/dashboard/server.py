@@ -447,9 +447,8 @@ class DashboardServer:
             if msg is None:
                 continue
             out = self._take(msg)
-            if (msg.topic == "event" and msg.header.get("kind") == "acquisition_started"
-                    and not self._watched.is_set()):
-                self._last_image = None  # its frames are not read: the old one is no newest
+            if msg.topic == "event" and msg.header.get("kind") == "acquisition_started":
+                self._last_image = None  # the last run's: not the newest once this one runs
             if self.state.take_restart():
                 self._restarted()
                 if out is not None and out["type"] == "event":
@@ -634,9 +633,9 @@ class DashboardServer:
 
     def _update_watched(self) -> None:
         """Read frames only while some browser shows them. The last image stays for a page
-        that reconnects (a reload, a network blip) until an acquisition starts unwatched:
-        its frames are not read, so the old image would not be the newest (a page opened
-        later got an earlier acquisition's image)."""
+        that reconnects (a reload, a network blip) until an acquisition starts: its frames
+        may not be read, so the old image would not be the newest (a page opened later got
+        an earlier acquisition's image)."""
         if any(b.wants_images for b in self.browsers):
             self._watched.set()
         elif self._watched.is_set():

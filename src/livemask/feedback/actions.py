@@ -214,16 +214,21 @@ class EventPlanner:
     plan_coordinates: dict[int, tuple[float | None, float | None, float | None]] = field(
         default_factory=dict
     )
+    #: the exposure (ms) the plan gives each channel preset that has one
+    channel_exposures: dict[str, float] = field(default_factory=dict)
 
     def start_plan(
         self,
         positions: Collection[int] | None,
         coordinates: Mapping[int, Sequence[float | None]] | None = None,
+        channel_exposures: Mapping[str, float] | None = None,
     ) -> None:
         """A new acquisition plans ``positions`` (``p`` indices; None: not known) at
-        ``coordinates`` (``p`` -> ``(x, y[, z])`` µm; None: not known); the positions seen
-        in an earlier acquisition are forgotten."""
+        ``coordinates`` (``p`` -> ``(x, y[, z])`` µm; None: not known), its channels with
+        ``channel_exposures`` (preset -> ms); the positions seen in an earlier acquisition
+        are forgotten."""
         self.positions.clear()
+        self.channel_exposures = dict(channel_exposures or {})
         self.plan_positions = frozenset(positions) if positions is not None else None
         self.plan_coordinates = {
             int(p): (xyz[0], xyz[1], xyz[2] if len(xyz) > 2 else None)
@@ -565,7 +570,7 @@ def to_events(
                 f"{action.kind}: stage {axis} target {value!r} is not a finite number",
             )
     t0 = planner.runner_clock() if (planner.runner_clock and interval > 0) else None
-    settings = _camera_settings(action, ctx)
+    settings = _camera_settings(action, ctx, planner)
     events = []
     for i in range(frames):
         idx = _index(ctx, action_id, **(extra_index[i] if extra_index else {}))
@@ -612,12 +617,14 @@ def _revisit_place(
     return (x, y, z), int(p)
 
 
-def _camera_settings(action: _Frames, ctx: FrameContext) -> dict[str, Any]:
+def _camera_settings(
+    action: _Frames, ctx: FrameContext, planner: EventPlanner | None = None
+) -> dict[str, Any]:
     """``channel`` and ``exposure`` of an action's events: the action's, else the
     triggering frame's (its ``settings``), so that its frames are taken as the trigger was
-    in every mode, not with whatever the planned frames run meanwhile left in effect; but
-    not the trigger's exposure for another channel than the trigger's (it is that
-    channel's: the action should give ``exposure_ms``)."""
+    in every mode, not with whatever the planned frames run meanwhile left in effect; for
+    another channel than the trigger's, the exposure the plan gives that channel (none
+    where the plan gives it none: the action should give ``exposure_ms``)."""
     given = ctx.measurements.get("settings") if isinstance(ctx.measurements, Mapping) else None
     trigger = given if isinstance(given, Mapping) else {}
     out: dict[str, Any] = {}
@@ -631,7 +638,11 @@ def _camera_settings(action: _Frames, ctx: FrameContext) -> dict[str, Any]:
     other_channel = action.channel is not None and action.channel != preset
     if action.exposure_ms is not None:
         out["exposure"] = action.exposure_ms
-    elif _positive(exposure) and not other_channel:  # (the trigger's is another channel's)
+    elif other_channel:  # (the trigger's exposure is its own channel's)
+        planned = planner.channel_exposures.get(str(action.channel)) if planner else None
+        if planned is not None:
+            out["exposure"] = float(planned)
+    elif _positive(exposure):
         out["exposure"] = float(exposure)
     return out
 

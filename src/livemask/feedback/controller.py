@@ -245,14 +245,17 @@ class FeedbackController:
     def wrap_planned(
         self, events: Iterable[useq.MDAEvent], positions: Collection[int] | None = None,
         coordinates: Mapping[int, Sequence[float | None]] | None = None,
+        channel_exposures: Mapping[str, float] | None = None,
     ) -> PlannedEvents:
         """Wrap a new acquisition's planned events (skips, positions, dose ledger);
         ``positions``: every ``p`` index they have (None: not known), which ``skip`` may
         name; ``coordinates``: their stage ``(x, y, z)`` µm where known (an action's frames
-        there count at that position before it is first visited). The positions seen in an
-        earlier acquisition are forgotten."""
+        there count at that position before it is first visited); ``channel_exposures``:
+        the plan's exposure of each channel preset (an action naming another channel than
+        its trigger's takes it). The positions seen in an earlier acquisition are
+        forgotten."""
         planner = self.engine.planner
-        planner.start_plan(positions, coordinates)
+        planner.start_plan(positions, coordinates, channel_exposures)
         self._planned = PlannedEvents(events, guard=self.guard, planner=planner)
         return self._planned
 

@@ -699,7 +699,9 @@ class Service:
         exposures = {c.exposure for c in sequence_channels(seq) if c.exposure is not None}
         return self._start_events(
             events, detail, count, exposures, positions=range(len(seq.stage_positions)),
-            coordinates={i: (p.x, p.y, p.z) for i, p in enumerate(seq.stage_positions)})
+            coordinates={i: (p.x, p.y, p.z) for i, p in enumerate(seq.stage_positions)},
+            channel_exposures={str(c.config): float(c.exposure) for c in sequence_channels(seq)
+                               if c.exposure is not None})
 
     def _check_on_rig(
         self, what: str, channels: Sequence[Any] = (), exposures: Sequence[float] = (),
@@ -899,11 +901,14 @@ class Service:
         self, events: Any, detail: dict[str, Any], count: int,
         plan_exposures: set[float] | None = None, *, positions: Collection[int] | None = None,
         coordinates: Mapping[int, Sequence[float | None]] | None = None,
+        channel_exposures: Mapping[str, float] | None = None,
     ) -> int:
         """Start an acquisition of ``events``; ``plan_exposures``: the exposures its channels
         set (a ``set exposure_ms`` while it runs replaces them, when there is one);
         ``positions``: the ``p`` indices it plans (for feedback ``skip``; None: unknown);
-        ``coordinates``: their stage (x, y, z) µm (for feedback's dose ledger)."""
+        ``coordinates``: their stage (x, y, z) µm (for feedback's dose ledger);
+        ``channel_exposures``: the plan's exposure of each channel preset (for feedback
+        actions naming another channel than their trigger's)."""
         if self.source is None:
             raise AcquisitionError("no frame source")
         if self.state in ("stopping", "closed"):
@@ -920,7 +925,8 @@ class Service:
         events = self._planned_exposure  # before the feedback's ledger sees them
         if self.feedback is not None:
             self.feedback.acquisition_started()
-            events = self.feedback.wrap_planned(events, positions, coordinates)
+            events = self.feedback.wrap_planned(events, positions, coordinates,
+                                                channel_exposures)
         self.pipeline.begin_acquisition()  # before any of its frames can arrive
         self.source.start(
             iter(events),
@@ -1404,7 +1410,9 @@ class Service:
     ) -> str | None:
         """Why a late set's exposure is no longer the camera's, else None."""
         running = self._planned_exposure if self._acquiring else None
-        if running is not None and running is not landed_plan and self._plan_exposures:
+        if running is not None and running is landed_plan:
+            return None  # its own run: planned, so every later frame takes it
+        if running is not None and self._plan_exposures:
             return "the running acquisition's events set their own exposures"
         now = getattr(self.source, "camera_now", {}).get("exposure_ms")
         if isinstance(now, int | float) and not math.isclose(now, landed_ms, rel_tol=0.02):

@@ -325,3 +325,27 @@ async def test_a_run_started_while_watched_then_hidden_leaves_no_old_image(
     async with _connect(dashboard) as late:
         first = await _first_image(late, lambda: _publish_frame(publisher, next(fids) + 50))
     assert first["frame_id"] > old["frame_id"]
+
+
+def test_a_restart_seen_in_the_uptime_keeps_the_new_runs_first_points() -> None:
+    """Review F: where ``service_started`` was missed, the uptime going down tells the
+    restart, but the new run's measurements that came before its first status were wiped
+    with the old run's (0 of 8 kept, no summary)."""
+    from livemask.dashboard.state import DashboardState
+    from livemask.protocol import Message
+
+    def message(topic: str, **header: Any) -> Message:
+        return Message(topic, {"topic": topic, **header}, {})
+
+    now = time.time()
+    state = DashboardState()
+    state.add(message("measurements", frame_id=40, t={"acquired": now - 30},
+                      summary={"count": 3}))  # the old run's
+    state.add(message("status", uptime_s=500.0, frames_acquired=1000, t={"sent": now - 29}))
+    for fid in range(8):  # the new run's, before its first status
+        state.add(message("measurements", frame_id=fid, t={"acquired": now - 1 + fid / 10},
+                          summary={"count": 5}))
+    state.add(message("status", uptime_s=1.5, frames_acquired=8, t={"sent": now}))
+    assert state.take_restart()
+    assert [p[0] for p in state.series] == list(range(8))  # (hello + the next update)
+    assert state.hello({})["summary"] == {"count": 5}

@@ -172,8 +172,10 @@ class DashboardState:
             cur["length_unit"] = published_unit(units, "equivalent_diameter_um", "µm")
             cur["area_unit"] = published_unit(units, "area_um2", "µm²")
             uptime = float(cur.get("uptime_s") or 0.0)
-            if uptime < self._uptime_s:
-                self._restart()  # (service_started missed)
+            if uptime < self._uptime_s:  # (service_started missed)
+                sent = (header.get("t") or {}).get("sent")
+                self._restart(started_at=float(sent) - uptime
+                              if isinstance(sent, int | float) else None)
             self._uptime_s = uptime
             self.rates = status_rates(self._base_for(cur), cur)
             self._rate_base.append(cur)
@@ -199,20 +201,28 @@ class DashboardState:
             self.last_analysed_at = time.monotonic()
         return None
 
-    def _restart(self) -> None:
+    def _restart(self, started_at: float | None = None) -> None:
         """The service restarted: forget its old run. Frame ids start again at 0, so the
         kept frames must go (the newest id would pick them); its plot points, summary and
         grain statistics (maybe in other units) are not the new run's; the heartbeat may
-        come at another interval. :meth:`take_restart` tells it once."""
+        come at another interval. ``started_at`` (wall clock; known where a status showed
+        the restart): points acquired since are the new run's and stay. :meth:`take_restart`
+        tells it once."""
         self._rate_base.clear()
         self._status_gaps.clear()
         self.last_image_id = None
         self.reset_frames()
+        new = [p for p in self.series if started_at is not None and p[1] >= started_at]
         self.series.clear()
-        self.pending.clear()
-        self.summary = self.grains = None
+        self.series.extend(new)
+        kept = {id(p) for p in new}
+        self.pending = deque((p for p in self.pending if id(p) in kept),
+                             maxlen=self.pending.maxlen)
+        if not new or self.measured_frame_id != new[-1][0]:
+            self.summary = None
+            self.measured_frame_id = None
+        self.grains = None
         self.grains_changed = False
-        self.measured_frame_id = None
         self._uptime_s = 0.0  # (the new run's first status is no second restart)
         self.restarted = True
 

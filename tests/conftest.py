@@ -112,3 +112,17 @@ def raw_socket() -> Iterator[Any]:
     yield make
     for s in socks:
         s.close(linger=0)
+
+
+@pytest.fixture
+def fresh_logging(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our logger and pymmcore-plus' as if :func:`setup_logging` had never run (restored after;
+    propagating, so that pytest does not attach its capture handlers to them)."""
+    ours, mm = logging.getLogger("livemask"), logging.getLogger("pymmcore-plus")
+    for logger in (ours, mm):
+        monkeypatch.setattr(logger, "handlers", [])
+        monkeypatch.setattr(logger, "level", logger.level)
+        monkeypatch.setattr(logger, "propagate", True)
+    monkeypatch.setattr(mm, "filters", list(mm.filters))
+    for name in ("LIVEMASK_LOG_LEVEL", "LIVEMASK_MM_LOG_LEVEL", "LIVEMASK_LOG_FILE"):
+        monkeypatch.delenv(name, raising=False)

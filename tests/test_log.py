@@ -71,20 +71,6 @@ def test_power_of_ten_back_off() -> None:
     assert not is_power_of_ten(0) and not is_power_of_ten(20) and is_power_of_ten(10**7)
 
 
-@pytest.fixture
-def fresh_logging(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Our logger and pymmcore-plus' as if :func:`setup_logging` had never run (restored after;
-    propagating, so that pytest does not attach its capture handlers to them)."""
-    ours, mm = logging.getLogger("livemask"), logging.getLogger("pymmcore-plus")
-    for logger in (ours, mm):
-        monkeypatch.setattr(logger, "handlers", [])
-        monkeypatch.setattr(logger, "level", logger.level)
-        monkeypatch.setattr(logger, "propagate", True)
-    monkeypatch.setattr(mm, "filters", list(mm.filters))
-    for name in ("LIVEMASK_LOG_LEVEL", "LIVEMASK_MM_LOG_LEVEL", "LIVEMASK_LOG_FILE"):
-        monkeypatch.delenv(name, raising=False)
-
-
 @pytest.mark.parametrize(("variable", "value"), [
     ("LIVEMASK_LOG_LEVEL", "verbose"), ("LIVEMASK_MM_LOG_LEVEL", "loud"),
     ("LIVEMASK_LOG_LEVEL", "-5"), ("LIVEMASK_LOG_FILE", "/nonexistent/dir/log.txt"),

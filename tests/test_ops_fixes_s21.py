@@ -232,19 +232,6 @@ async def test_acquisitions_that_finish_or_are_stopped_are_logged(
     assert len(info) == 4 and not _messages(livemask_log, logging.WARNING)
 
 
-@pytest.fixture
-def fresh_logging(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Our logger as if :func:`setup_logging` had never run (restored after)."""
-    ours, mm = logging.getLogger("livemask"), logging.getLogger("pymmcore-plus")
-    for logger in (ours, mm):
-        monkeypatch.setattr(logger, "handlers", [])
-        monkeypatch.setattr(logger, "level", logger.level)
-        monkeypatch.setattr(logger, "propagate", True)
-    monkeypatch.setattr(mm, "filters", list(mm.filters))
-    for name in ("LIVEMASK_LOG_LEVEL", "LIVEMASK_MM_LOG_LEVEL", "LIVEMASK_LOG_FILE"):
-        monkeypatch.delenv(name, raising=False)
-
-
 def test_the_exit_reason_is_logged_to_the_log_file(
     fresh_logging: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
@@ -306,6 +293,19 @@ def test_a_client_trickling_its_request_is_dropped_at_the_deadline() -> None:
         assert "livemask_frames_acquired_total" in _scrape(str(server.url))
 
 
+def _refused(port: int, times: int, request: bytes = b"") -> None:
+    """Open ``times`` connections (sending ``request``) that the server, its one
+    connection held already, closes unanswered."""
+    for _ in range(times):
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as extra,
+            contextlib.suppress(ConnectionResetError, BrokenPipeError),
+        ):
+            if request:
+                extra.sendall(request)
+            assert extra.recv(1) == b""  # refused: closed unanswered
+
+
 def test_refused_connections_are_a_rate_limited_warning(
     livemask_log: list[logging.LogRecord],
 ) -> None:
@@ -314,13 +314,7 @@ def test_refused_connections_are_a_rate_limited_warning(
     with MetricsServer(lambda: STATUS, port=0, max_connections=1) as server:
         held = socket.create_connection(("127.0.0.1", server.port), timeout=10)
         try:
-            for _ in range(3):
-                with (
-                    socket.create_connection(("127.0.0.1", server.port), timeout=10) as extra,
-                    contextlib.suppress(ConnectionResetError, BrokenPipeError),
-                ):
-                    extra.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
-                    assert extra.recv(1) == b""  # refused: closed unanswered
+            _refused(server.port, 3, b"GET /metrics HTTP/1.0\r\n\r\n")
         finally:
             held.close()
     warnings = [r for r in livemask_log if r.levelno == logging.WARNING
@@ -342,12 +336,7 @@ def test_refusals_after_a_warning_are_said_when_the_interval_has_passed(
     with MetricsServer(lambda: STATUS, port=0, max_connections=1) as server:
         held = socket.create_connection(("127.0.0.1", server.port), timeout=10)
         try:
-            for _ in range(4):
-                with (
-                    socket.create_connection(("127.0.0.1", server.port), timeout=10) as extra,
-                    contextlib.suppress(ConnectionResetError, BrokenPipeError),
-                ):
-                    assert extra.recv(1) == b""
+            _refused(server.port, 4)
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and sum(
                     "refused" in r.getMessage() for r in livemask_log) < 2:

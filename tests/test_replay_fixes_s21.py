@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import pytest
 import tifffile
-import useq
 
 from livemask.acquisition.replay import ReplaySource, open_stack
 from livemask.acquisition.simulated.nuclei import NucleiSample
@@ -26,7 +25,7 @@ from livemask.offline import read_image_file, segment_file
 from livemask.service.app import Service
 from tests.conftest import make_config
 from tests.test_acquisition_end import control
-from tests.test_recording import _wait
+from tests.test_replay_runs import play_all
 
 
 def _nuclei(frames: int, size: int = 96) -> np.ndarray:
@@ -41,14 +40,7 @@ def _nuclei(frames: int, size: int = 96) -> np.ndarray:
 
 def _play(path: Path) -> tuple[int, list[str | None]]:
     """How many frames a replay of ``path`` hands over, and its end (error or None)."""
-    source = ReplaySource(open_stack(path), interval_s=0.0)
-    got: list[Any] = []
-    done: list[str | None] = []
-    source.connect(got.append)
-    source.start([useq.MDAEvent()] * source.stack.frames, mode="free-run",
-                 on_done=done.append)
-    _wait(lambda: bool(done))
-    source.close()
+    got, done = play_all(ReplaySource(open_stack(path), interval_s=0.0))
     return len(got), done
 
 

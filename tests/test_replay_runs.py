@@ -29,8 +29,8 @@ def _record(tmp_path: Path, pixel_sizes: list[float], acquisitions: list[int]) -
     return tmp_path / "run"
 
 
-def _played(source: ReplaySource) -> list[RawFrame]:
-    """Every frame ``source`` plays of its whole stack."""
+def play_all(source: ReplaySource) -> tuple[list[RawFrame], list[str | None]]:
+    """Play ``source``'s whole stack: the frames it hands over and its end (error or None)."""
     got: list[RawFrame] = []
     done: list[str | None] = []
     source.connect(got.append)
@@ -38,6 +38,12 @@ def _played(source: ReplaySource) -> list[RawFrame]:
                  on_done=done.append)
     _wait(lambda: bool(done))
     source.close()
+    return got, done
+
+
+def _played(source: ReplaySource) -> list[RawFrame]:
+    """Every frame ``source`` plays of its whole stack (which ends without an error)."""
+    got, done = play_all(source)
     assert done == [None]
     return got
 

@@ -10,7 +10,6 @@ Errors name the field to change, e.g. ``acquisition.mode: Input should be 'free-
 
 from __future__ import annotations
 
-import difflib
 import operator
 import os
 import re
@@ -34,7 +33,7 @@ from pydantic import (
 )
 
 from livemask.acquisition.mode import Mode
-from livemask.acquisition.plan_input import validate_model
+from livemask.acquisition.plan_input import unknown_field_text, validate_model
 from livemask.acquisition.sequence import check_sequence
 from livemask.acquisition.simulated import SIMULATED_CFG
 from livemask.errors import ConfigError
@@ -113,13 +112,7 @@ def check_own_ports(cfg: ServiceConfig, given: dict[str, str] | None = None) -> 
     another of the service's endpoints binds (one port on the same host, or a wildcard
     covering it): its bind would fail with a bare "Address already in use". ``given`` names
     the flag that set a key, e.g. ``{"dashboard.port": "--dashboard"}``."""
-    problem = own_port_clash(cfg, given or {})
-    if problem is not None:
-        raise ConfigError(problem)
-
-
-def own_port_clash(cfg: ServiceConfig, given: dict[str, str]) -> str | None:
-    """The message for the first clash :func:`check_own_ports` refuses, or None."""
+    given = given or {}
     listeners = _tcp_listeners(cfg)
     for i, (key, host, port, shown) in enumerate(listeners):
         for other, other_host, other_port, other_shown in listeners[i + 1 :]:
@@ -127,12 +120,11 @@ def own_port_clash(cfg: ServiceConfig, given: dict[str, str]) -> str | None:
                 continue
             if _same_tcp_host(host, other_host) and not _v6_only_apart(
                     (key, host), (other, other_host)):
-                return (
+                raise ConfigError(
                     f"{given.get(key, key)} and {given.get(other, other)} are one TCP port "
                     f"({shown}, {other_shown}); give each its own port (0 picks a free one "
                     "for metrics.port and dashboard.port)"
                 )
-    return None
 
 
 def _tcp_listeners(cfg: ServiceConfig) -> list[tuple[str, str, int, str]]:
@@ -796,12 +788,8 @@ def _format_errors(exc: ValidationError) -> str:
 def _unknown_field(loc: tuple[Any, ...]) -> str:
     """``unknown field (did you mean 'x'? known: ...)`` for the key at ``loc``, as a key no
     plan knows is named inside ``acquisition.sequence``."""
-    known = sorted(_fields_at(loc[:-1]))
-    if not known:
-        return "unknown field"
-    close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"unknown field ({hint}known: {', '.join(known)})"
+    known = _fields_at(loc[:-1])
+    return unknown_field_text(loc[-1], known) if known else "unknown field"
 
 
 def _fields_at(loc: tuple[Any, ...]) -> set[str]:

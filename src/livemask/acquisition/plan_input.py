@@ -294,11 +294,11 @@ def _tied(prefix: tuple[Any, ...], given: Any, branches: list[list[Any]]) -> lis
 def _unknown_key_error(loc: tuple[Any, ...], key: Any, known: set[str], value: Any
                        ) -> dict[str, Any]:
     """A line error for a key no model knows, suggesting the closest known one."""
-    return {"type": PydanticCustomError("unknown_field", _unknown(key, known)),
+    return {"type": PydanticCustomError("unknown_field", unknown_field_text(key, known)),
             "loc": loc, "input": value}
 
 
-def _unknown(key: Any, known: set[str], meant: str | None = None) -> str:
+def unknown_field_text(key: Any, known: set[str], meant: str | None = None) -> str:
     """``unknown field (did you mean 'x'? known: ...)``, with ``meant`` as 'x' where given."""
     close = [meant] if meant else difflib.get_close_matches(str(key), sorted(known), n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
@@ -370,8 +370,9 @@ def _unknown_fields(model: Any, data: Any, where: str, annotation: Any = None) -
     # a null for a key the model takes is "not given", not a typo: a grid_plan position as
     # useq dumps it has grid_row: null (what ControlClient.start sends)
     given = [key for key in data if not (data[key] is None and key in _known_keys(type(model)))]
-    problems = [f"{where}.{key}: {_unknown(key, known & set(fields), _typo_of(key, members))}"
-                for key in given if key not in known]
+    problems = [
+        f"{where}.{key}: {unknown_field_text(key, known & set(fields), _typo_of(key, members))}"
+        for key in given if key not in known]
     for name, field in fields.items():
         key = name if name in data else field.alias
         if key in data:
@@ -456,7 +457,7 @@ def _member_problems(model: type[BaseModel], data: dict[Any, Any], where: str) -
         return _unknown_fields(instance, data, where)
     fields = set(model.model_fields)
     known = _known_keys(model)
-    return problems + [f"{where}.{key}: {_unknown(key, fields, meant)}"
+    return problems + [f"{where}.{key}: {unknown_field_text(key, fields, meant)}"
                        for key in data if key not in known
                        for meant in [_GRID_TYPOS.get(key) if _GRID_TYPOS.get(key) in fields
                                      else None]]

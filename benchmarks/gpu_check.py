@@ -40,6 +40,59 @@ def _median_ms(fn: Any, sync: Any, repeats: int) -> float:
     return round(float(np.median(times)), 3)
 
 
+def ta_of(seg: Any) -> Any:
+    """The segmenter's device analysis (present on the device path)."""
+    assert seg._device is not None
+    return seg._device
+
+
+def _normalisation_parity(gpu: Any, cpu: Any, ta: Any, rng: Any) -> dict[str, Any]:
+    """Device vs host on frames that exercise the normalisation's special rules: a bright
+    debris disc (the rule that takes the high percentile below 20 x the median object
+    pixel), saturated nuclei (the saturated plateau, ``saturated_px``) and 8-bit and float
+    frames. Per case: the largest difference of the model input, label F1 between the
+    paths, and the saturated pixels and objects each path reports."""
+    from livemask.acquisition.simulated.nuclei import random_field
+    from livemask.analysis.metrics import match_instances
+
+    norm = gpu.card.normalization
+    image, truth = random_field(rng, (512, 512))
+    yy, xx = np.ogrid[:512, :512]
+    debris = image.astype(np.float64)
+    debris[(yy - 256) ** 2 + (xx - 256) ** 2 <= 20 ** 2] += 40000
+    saturated = image.copy()
+    for label in range(1, 4):
+        saturated[truth == label] = np.iinfo(np.uint16).max
+    scaled = image.astype(np.float64) / max(float(image.max()), 1.0)
+    cases = {
+        "clean_uint16": image,
+        "debris_disc_r20_plus40k": debris.clip(0, 65535).astype(np.uint16),
+        "three_saturated_nuclei": saturated,
+        "uint8": (scaled * 255).astype(np.uint8),
+        "float32": scaled.astype(np.float32),
+    }
+    out: dict[str, Any] = {}
+    for name, frame in cases.items():
+        _, batch = ta.preprocess(frame, norm.low, norm.high, gpu.card.size_multiple,
+                                 min_span_noise=norm.min_span_noise, clip=norm.clip_range,
+                                 exclude_saturated=norm.exclude_saturated)
+        host_input = cpu._normalize(frame)
+        device_input = batch[0, 0, :512, :512].float().cpu().numpy()
+        lab_gpu, obj_gpu, sum_gpu = gpu.analyse(gpu.infer(frame), frame, pixel_size_um=0.65)
+        lab_cpu, obj_cpu, sum_cpu = cpu.analyse(cpu.predict(frame), frame, pixel_size_um=0.65)
+        out[name] = {
+            "input_max_abs_diff": round(float(np.abs(device_input - host_input).max()), 6),
+            "labels_f1": round(match_instances(lab_cpu, lab_gpu).f1, 4),
+            "f1_vs_truth_gpu": round(match_instances(truth, lab_gpu).f1, 4),
+            "f1_vs_truth_cpu": round(match_instances(truth, lab_cpu).f1, 4),
+            "saturated_px_gpu": sum(int(o.get("saturated_px") or 0) for o in obj_gpu),
+            "saturated_px_cpu": sum(int(o.get("saturated_px") or 0) for o in obj_cpu),
+            "saturated_objects_gpu": sum_gpu.get("saturated_objects"),
+            "saturated_objects_cpu": sum_cpu.get("saturated_objects"),
+        }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=2048)
@@ -80,6 +133,8 @@ def main() -> None:
         gpu_vs_cpu.append(match_instances(lab_cpu, lab_gpu))
         gpu_vs_truth.append(match_instances(truth, lab_gpu))
         cpu_vs_truth.append(match_instances(truth, lab_cpu))
+
+    parity = _normalisation_parity(gpu, cpu, ta_of(gpu), np.random.default_rng(1))
 
     # per-stage times at the benchmark size, on one realistic frame
     from livemask.bench import BenchSettings, prerender
@@ -185,6 +240,7 @@ def main() -> None:
         "labels_gpu_vs_cpu_mean_iou": round(g_c.mean_matched_iou, 4),
         "f1_vs_truth_gpu_path": round(g_t.f1, 4),
         "f1_vs_truth_cpu_path": round(c_t.f1, 4),
+        "parity_device_vs_host": parity,
         "objects_in_check": g_t.n_true,
         "frame_px": side,
         "objects_in_timed_frame": len(state["objects"]),

@@ -47,6 +47,9 @@ _IMAGE_PACKAGES = """
 ON_THE_IMAGE = frozenset(_IMAGE_PACKAGES.split())
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 EXTRA = ("py-spy",)
+#: Remote-storage packages pip resolves along (s3fs and its AWS client, 20 MB): livemask
+#: never imports them, and with them the wheels no longer fit the device's 64 MiB transfer.
+NOT_NEEDED = frozenset({"s3fs", "aiobotocore", "botocore", "jmespath", "aioitertools"})
 
 
 def normalise(name: str) -> str:
@@ -81,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         args.dest.mkdir(parents=True, exist_ok=True)
         for old in args.dest.glob("*.whl"):
             old.unlink()
-        kept = [w for w in sorted(Path(tmp).glob("*.whl")) if wheel_name(w) not in ON_THE_IMAGE]
+        kept = [w for w in sorted(Path(tmp).glob("*.whl"))
+                if wheel_name(w) not in ON_THE_IMAGE | NOT_NEEDED]
         for wheel in kept:
             wheel.rename(args.dest / wheel.name)
     total = sum((args.dest / w.name).stat().st_size for w in kept) / 2**20

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -147,6 +148,7 @@ class TorchAnalysis:
         self._graphs: dict[tuple[Any, ...], _CapturedCall] = {}
         self._no_graph: set[tuple[Any, ...]] = set()
         self._pinned: dict[tuple[Any, ...], tuple[Tensor, Any]] = {}
+        self._levels: dict[float, Tensor] = {}  # saturation levels on the device
         self._shapes: OrderedDict[tuple[int, int], None] = OrderedDict()
         self._lock = threading.Lock()
         # analysis gets its own CUDA stream, so that a frame's labelling and the next
@@ -514,7 +516,8 @@ class TorchAnalysis:
         key = (*shape, *params.key(self.levels))
         zeros = torch.zeros(shape, dtype=torch.float32, device=self.device)
         with self._on_stream():
-            self._run(("all", *key), self._all_stages, [zeros, zeros, zeros], key)
+            self._run(("all", *key), self._all_stages,
+                      [zeros, zeros, zeros, self._level(None)], key)
             self._stream.synchronize()  # type: ignore[union-attr]
 
     def _analyse(
@@ -530,32 +533,52 @@ class TorchAnalysis:
     ) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, Any]]:
         h, w = foreground.shape
         key = (h, w, *params.key(self.levels))
-        labels, head, sums, boxes = self._run(
-            ("all", *key), self._all_stages, [foreground, seeds, image], key)
+        level = self._level(saturation)
+        labels, head, rows = self._run(
+            ("all", *key), self._all_stages, [foreground, seeds, image, level], key)
         values = head.tolist()
         if not all(values[:3]):  # a fixed step count fell short: go stage by stage
             labels, head, sums, boxes = self._stage_by_stage(foreground, seeds, image, key)
+            rows = self._object_rows(labels, image, sums, boxes, level)
             values = head.tolist()
         n, n_fg, total, fg_sum = values[3:]
         n, n_fg = int(n), int(n_fg)
-        local_bg = self._local_backgrounds(labels, image, boxes[1:n + 1], BACKGROUND_MARGIN_PX)
-        saturated = (None if saturation is None else
-                     self._saturated(labels, image, n, saturation).cpu().numpy())
+        # one copy of the objects' rows and one of the labels: each torch call gives up the
+        # GIL and must win it back from the service's other threads
+        table = rows[1:n + 1].cpu().numpy()
         objects, summary = _objects(
-            sums[1:n + 1].cpu().numpy(), boxes[1:n + 1].cpu().numpy(), local_bg.cpu().numpy(),
+            table[:, :7], table[:, 7:11].astype(np.int64), table[:, 11],
             shape=(h, w), n_fg=n_fg, total=total, fg_sum=fg_sum, pixel_size_um=pixel_size_um,
-            decimals=decimals, saturated=saturated)
+            decimals=decimals,
+            saturated=None if saturation is None else table[:, 12].astype(np.int64))
         return labels.cpu().numpy(), objects, summary
 
-    def _saturated(
-        self, labels: torch.Tensor, image: torch.Tensor, n: int, level: float
+    def _level(self, saturation: float | None) -> torch.Tensor:
+        """The saturation level as a 0-d float32 tensor on the device (an input of the
+        analysis graph; +inf where unknown: no pixel reaches it), one per level."""
+        level = math.inf if saturation is None else float(saturation)
+        tensor = self._levels.get(level)
+        if tensor is None:
+            tensor = self._torch.full((), level, dtype=self._torch.float32, device=self.device)
+            with self._lock:
+                self._levels[level] = tensor
+        return tensor
+
+    def _object_rows(
+        self, labels: torch.Tensor, image: torch.Tensor, sums: torch.Tensor,
+        boxes: torch.Tensor, level: torch.Tensor,
     ) -> torch.Tensor:
-        """Pixels of objects 1..``n`` of ``labels`` at or above ``level`` in ``image``
-        (int32, n): one count over the frame, the other pixels in ``_count``'s spare bins."""
+        """Every bin's row, float64 (bins, 13): the 7 sums, the box (4), the local
+        background and the pixels at or above ``level``; computed for all bins, used and
+        not, so that the shapes are fixed and the work joins the analysis graph."""
+        torch = self._torch
+        local_bg = self._local_backgrounds(labels, image, boxes, BACKGROUND_MARGIN_PX)
         flat = labels.reshape(-1)
         hit = (image.reshape(-1) >= level) & (flat > 0)
-        at_level = self._torch.where(hit, flat, self._torch.zeros_like(flat))
-        return self._count(at_level, n + 1)[1:]
+        at_level = torch.where(hit, flat, torch.zeros_like(flat))
+        saturated = self._count(at_level, sums.shape[0])
+        return torch.cat([sums, boxes.to(torch.float64), local_bg[:, None],
+                          saturated[:, None].to(torch.float64)], 1)
 
     def _local_backgrounds(
         self, labels: torch.Tensor, image: torch.Tensor, boxes: torch.Tensor, margin_px: int,
@@ -575,25 +598,27 @@ class TorchAnalysis:
         tables[0, 1:, 1:] = torch.where(unlabelled, image.to(torch.float64), 0.0)
         tables[1, 1:, 1:] = unlabelled.to(torch.float64)
         tables = tables.cumsum(1).cumsum(2)
-        r0 = (boxes[:, 0] - margin_px).clamp(min=0)
-        c0 = (boxes[:, 1] - margin_px).clamp(min=0)
-        r1 = (boxes[:, 2] + margin_px).clamp(max=h)
-        c1 = (boxes[:, 3] + margin_px).clamp(max=w)
+        # (clamped on both sides: an unused bin's box is (big, big, 0, 0))
+        r0 = (boxes[:, 0] - margin_px).clamp(0, h)
+        c0 = (boxes[:, 1] - margin_px).clamp(0, w)
+        r1 = (boxes[:, 2] + margin_px).clamp(0, h)
+        c1 = (boxes[:, 3] + margin_px).clamp(0, w)
         total = tables[:, r1, c1] - tables[:, r0, c1] - tables[:, r1, c0] + tables[:, r0, c0]
         return torch.where(total[1] > 0, total[0] / total[1].clamp(min=1), float("nan"))
 
     def _all_stages(
         self, foreground: torch.Tensor, seeds: torch.Tensor, image: torch.Tensor,
-        key: tuple[Any, ...],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The stages back to back (one CUDA graph): labels, head, sums, boxes, with the
-        three convergence flags first in the head."""
+        level: torch.Tensor, key: tuple[Any, ...],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The stages back to back (one CUDA graph): labels, head (the three convergence
+        flags first) and the objects' rows (:meth:`_object_rows`)."""
         fg, _seed, lab, seed_ok = self._seed_stage(foreground, seeds, key)
         lab, grow_ok = self._grow_stage(lab, fg, seeds, key)
         rest, rest_lab, rest_ok = self._rest_stage(lab, fg, key)
         labels, head, sums, boxes = self._measure_stage(lab, rest, rest_lab, image, key)
+        rows = self._object_rows(labels, image, sums, boxes, level)
         flags = self._torch.stack([seed_ok, grow_ok, rest_ok]).to(head.dtype)
-        return labels, self._torch.cat([flags, head]), sums, boxes
+        return labels, self._torch.cat([flags, head]), rows
 
     def _stage_by_stage(
         self, foreground: torch.Tensor, seeds: torch.Tensor, image: torch.Tensor,

@@ -538,10 +538,31 @@ class Pipeline:
         return bool(self.frame_every) and seen % self.frame_every == 0
 
     def _publish(self, frame: Frame) -> None:
+        """Send the frame's messages. An analysed frame's ``measurements`` go first: on one
+        connection a subscriber receives in order, so a feedback client or dashboard then
+        has them without waiting behind the image and labels buffers (at 2048² uint16 with
+        int32 labels, 24 MB: 12-14 ms on loopback). ``frame``, ``truth`` and ``labels``
+        follow; clients pair the topics by ``frame_id``."""
         frame.stamp("published")
         base = frame.header()
         self._to_sinks(frame)
         pub = self.publisher
+        analysed = not frame.skipped and frame.error is None
+        measurements: dict[str, Any] | None = None
+        if analysed:
+            measurements = {
+                **base,
+                "pixel_size_um": frame.pixel_size_um,
+                "summary": frame.summary,
+                "objects": frame.objects,
+            }
+            if frame.grains is not None:
+                measurements["grains"] = frame.grains
+            try:
+                pub.publish("measurements", measurements)
+            except Exception as exc:  # the image and labels still go out; then it counts
+                self._publish_measurements_failed(frame, base, exc)
+                raise
         if self._image_due(frame) or frame.skipped:
             head = {**base, "skipped": frame.skipped}
             pub.publish("frame", head, {"image": frame.image})
@@ -553,17 +574,8 @@ class Pipeline:
         if frame.error is not None:
             pub.publish("event", {**base, "kind": "frame_failed", "detail": frame.error})
             return
-        assert frame.labels is not None
+        assert frame.labels is not None and measurements is not None
         pub.publish("labels", dict(base), {"labels": frame.labels})
-        measurements = {
-            **base,
-            "pixel_size_um": frame.pixel_size_um,
-            "summary": frame.summary,
-            "objects": frame.objects,
-        }
-        if frame.grains is not None:
-            measurements["grains"] = frame.grains
-        pub.publish("measurements", measurements)
         self._check_saturation(frame)
         self.latest["labels"] = dict(base)
         self.latest["measurements"] = measurements
@@ -574,6 +586,23 @@ class Pipeline:
                 self.on_measurements(frame, measurements)
             except Exception as exc:  # feedback faults must not stop publishing
                 self._errors.error("feedback", f"feedback on frame {frame.frame_id} failed", exc)
+
+    def _publish_measurements_failed(
+        self, frame: Frame, base: dict[str, Any], exc: Exception
+    ) -> None:
+        """``measurements`` could not be sent: send the image (when due) and labels anyway,
+        as before measurements went first; the caller re-raises, so the frame counts as a
+        failed publish and the error names it."""
+        pub = self.publisher
+        with contextlib.suppress(Exception):
+            if self._image_due(frame):
+                head = {**base, "skipped": False}
+                pub.publish("frame", head, {"image": frame.image})
+                self.latest["frame"] = head
+            if frame.truth is not None:
+                pub.publish("truth", dict(base), {"labels": frame.truth})
+            if frame.labels is not None:
+                pub.publish("labels", dict(base), {"labels": frame.labels})
 
     def _check_saturation(self, frame: Frame) -> None:
         """Say once per acquisition that objects have pixels at the camera's saturation

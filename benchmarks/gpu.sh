@@ -14,6 +14,8 @@
 #   bench-gpu-512.json         livemask bench, 512x512, torch backend
 #   host-ceiling-2048-50fps.json  the same service on this host's CPUs with the GPU stages
 #                              replaced by waits (benchmarks/host_ceiling.py): host side alone
+#   gpu-contention-2048.json   the analysis' parts alone and beside a running model
+#                              (benchmarks/gpu_contention.py)
 #   pyspy-gil-2048.{txt,json}  with py-spy on the PATH: GIL samples per thread of a 2048²
 #                              bench (summary by benchmarks/gil_profile.py)
 # Needs livemask importable (pip install -e '.[torch]' with a CUDA build of torch) and a GPU.
@@ -60,6 +62,8 @@ step bench-2048-one 40 "$py" -m livemask bench --backend torch --size 2048 --fra
     --threads 8 --exposure-ms 10 --stage-threads one --json "$out/bench-gpu-2048-one.json"
 step bench-2048-free 35 "$py" -m livemask bench --backend torch --size 2048 --frames 120 \
     --threads 8 --exposure-ms 10 --mode free-run --json "$out/bench-gpu-2048-free.json"
+step contention 50 "$py" benchmarks/gpu_contention.py --size 2048 \
+    --json "$out/gpu-contention-2048.json"
 # Who holds the GIL in the 2048² pipeline (py-spy samples only the GIL holder with --gil);
 # optional: needs py-spy on the PATH and permission to trace a child process.
 if command -v py-spy >/dev/null 2>&1; then

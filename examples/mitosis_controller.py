@@ -114,7 +114,7 @@ def main() -> None:
     ) as ctl:
         if args.disable_rule:
             ctl.request("rules", enabled={name: False for name in args.disable_rule})
-        shape = (512, 512)
+        shape: tuple[int, int] | None = None
         while deadline is None or time.monotonic() < deadline:
             msg = sub.recv(timeout_s=1.0)
             if msg is None:
@@ -122,6 +122,8 @@ def main() -> None:
             if msg.topic == "frame":  # learn the image size
                 height, width = msg.arrays["image"].shape[:2]
                 shape = (int(height), int(width))
+                continue
+            if shape is None:  # (a frame's measurements come just before its image)
                 continue
             events = controller.on_measurements(dict(msg.header), shape)
             if events:

@@ -140,9 +140,14 @@ async def test_a_restart_sends_every_page_a_fresh_hello(
     dashboard: DashboardServer, publisher: ZmqPublisher
 ) -> None:
     async with _connect(dashboard) as ws:
-        for fid in range(3):
-            _publish_frame(publisher, fid, count=128)
-        update = await _next_json(ws, "update")
+        fids = iter(range(10_000))
+        deadline = time.monotonic() + 20
+        while True:  # until the dashboard's subscription is through (slow joiner)
+            assert time.monotonic() < deadline, "no update message"
+            _publish_frame(publisher, next(fids), count=128)
+            with contextlib.suppress(AssertionError):
+                update = await _next_json(ws, "update", timeout_s=0.3)
+                break
         assert update["summary"]["count"] == 128
         publisher.publish("event", {"kind": "service_started", "t": {"sent": time.time()}})
         hello = await _next_json(ws, "hello")

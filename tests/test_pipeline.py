@@ -266,6 +266,64 @@ async def test_no_frame_is_inferred_only_to_wait_behind_a_busy_analysis() -> Non
     assert pipe.counters.snapshot()["frames_skipped"] == 1
 
 
+async def test_analysis_takes_the_next_inferred_frame_while_the_event_loop_is_busy() -> None:
+    """The inference thread hands each frame straight to the analysis thread, which takes
+    the next one as soon as it is free. Before, every frame went back through the event
+    loop between the stages, so a busy loop (a long callback, a slow publish) left analysis
+    idle: here frame 1's analysis would have waited for the end of the loop's 0.5 s."""
+    pipe, pub, _ = _pipeline(mode="pipelined", queue_size=2)
+    started: list[tuple[int, float]] = []
+    real_analyse = pipe.segmenter.analyse
+
+    def timed_analyse(probabilities: np.ndarray, image: np.ndarray, **kwargs: object) -> object:
+        started.append((int(image[0, 0]), time.monotonic()))
+        time.sleep(0.1)
+        return real_analyse(probabilities, image, **kwargs)  # type: ignore[arg-type]
+
+    pipe.segmenter.analyse = timed_analyse  # type: ignore[assignment,method-assign]
+    pipe.start()
+    for i in (0, 1):
+        raw = _raw(i)
+        raw.image[0, 0] = i
+        pipe.submit(raw)
+    await _until(lambda: len(started) == 1 and pipe.queue_depths()["analyse"] == 1)
+    time.sleep(0.5)  # the event loop is busy
+    loop_free = time.monotonic()
+    assert [i for i, _ in started] == [0, 1]
+    assert started[1][1] - started[0][1] < 0.3  # frame 1 began when frame 0 ended
+    assert started[1][1] < loop_free
+    assert await pipe.drain(10.0)
+    await pipe.close()
+    assert [m.header["frame_id"] for m in pub.by_topic("measurements")] == [0, 1]
+
+
+async def test_the_pacing_hold_reads_the_analysis_threads_own_state() -> None:
+    """The analysis thread may have taken a frame before its note to the event loop runs.
+    A first version read the loop's copy of that state ("idle"), so the next frame was
+    inferred at once, only to wait behind the whole analysis (review). The hold now reads
+    the threads' state, and ends as soon as analysis finishes."""
+    pipe, _, _ = _pipeline()
+    for _ in range(5):
+        pipe._infer_times.add(0.005)
+        pipe._analyse_times.add(0.5)
+    with pipe._handover_lock:  # the analysis thread took a frame just now; no note yet
+        pipe._analysing, pipe._analysis_started = True, time.monotonic()
+    took = time.monotonic()
+    with pytest.raises(TimeoutError):  # held: analysis is predicted busy for ~0.5 s
+        await asyncio.wait_for(pipe._until_analysis_can_take(), 0.15)
+    loop = asyncio.get_running_loop()
+
+    def finished() -> None:  # as the analysis thread does when it finishes
+        with pipe._handover_lock:
+            pipe._analysing = False
+        loop.call_soon_threadsafe(pipe._analysis_idle.set)
+
+    loop.call_later(0.05, finished)
+    await asyncio.wait_for(pipe._until_analysis_can_take(), 5)
+    assert time.monotonic() - took < 0.45  # released when analysis finished, not at 0.5 s
+    await pipe.close()
+
+
 @pytest.mark.parametrize("analysis_ms", [[60], [40, 60, 80]])
 async def test_with_analysis_the_slower_stage_frames_reach_it_just_in_time(
     analysis_ms: list[int], monkeypatch: pytest.MonkeyPatch,
@@ -497,3 +555,34 @@ async def test_frame_every_keeps_a_bounded_number_of_streams(
     assert len(pipe._stream_frames) == 3
     # the planned stream was forgotten (5 actions came between): its t=1 counts as a first
     assert {"t": 1, "p": 0} in [m.header["index"] for m in pub.by_topic("frame")]
+
+
+async def test_a_message_that_cannot_be_sent_does_not_keep_the_frames_others() -> None:
+    """Measurements go first: when they cannot be encoded the image and labels still go,
+    and when the labels cannot be sent after the measurements went out, feedback and
+    ``latest`` take the measurements as sent (an external controller may already act on
+    them); either frame counts as a failed publish (review)."""
+    from livemask.protocol import ProtocolError
+
+    pipe, pub, _ = _pipeline(mode="pipelined", queue_size=2)
+    real = pub.publish
+
+    def publish(topic: str, header: Any, arrays: Any = None) -> int:
+        if (topic, header.get("frame_id")) in (("measurements", 1), ("labels", 2)):
+            raise ProtocolError(f"cannot encode {topic}")
+        return real(topic, header, arrays)
+
+    pub.publish = publish  # type: ignore[method-assign]
+    fed: list[int] = []
+    pipe.on_measurements = lambda frame, _m: fed.append(frame.frame_id)
+    pipe.start()
+    for i in range(4):
+        pipe.submit(_raw(i))
+    assert await pipe.drain(10.0)
+    await pipe.close()
+    sent = {(m.topic, int(m.header["frame_id"])) for m in pub.messages}
+    assert ("frame", 1) in sent and ("labels", 1) in sent and ("measurements", 1) not in sent
+    assert ("measurements", 2) in sent and ("frame", 2) in sent and ("labels", 2) not in sent
+    assert fed == [0, 2, 3]
+    counts = pipe.counters.counts
+    assert counts["published"] == 2 and counts["publish_failed"] == 2

@@ -499,10 +499,11 @@ def run_naive(
                 t["analysed"] = time.time()
                 base = {"frame_id": i, "t": t, "index": {"t": i},
                         "position": {"x_um": None, "y_um": None, "z_um": None}}
-                pub.publish("frame", {**base, "skipped": False}, {"image": image})
-                pub.publish("labels", base, {"labels": labels})
+                # in the service's order: measurements first, then the image and labels
                 pub.publish("measurements", {**base, "pixel_size_um": px,
                                              "summary": summary, "objects": objects})
+                pub.publish("frame", {**base, "skipped": False}, {"image": image})
+                pub.publish("labels", base, {"labels": labels})
             wall = time.time() - t0
             got = sub.finish(n)
     finally:

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -60,6 +61,14 @@ TIME_AXIS = "t"
 #: Streams whose frame counts ``publish.frame_every`` keeps (the least recently seen go
 #: first: such a stream starts counting again, its next frame published), as tracking's.
 MAX_STREAMS = 4096
+
+
+def _to_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
+    """``fn(*args)`` on the event loop, from a stage thread; nothing once the loop has
+    closed (a frame still in a stage thread when the service stopped: close() gave it to
+    the sinks)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn, *args)
 
 
 def _stage_xy(position: dict[str, Any] | None) -> tuple[float, float] | None:
@@ -131,12 +140,19 @@ class Pipeline:
         self._have_frame = asyncio.Event()
         # one inferred frame waiting at most: when analysis is the slower stage (GPU at 2048²)
         # a longer queue only adds latency; frames are skipped at intake instead, and the
-        # next frame is taken for inference only once analysis has taken the waiting one
-        self._to_analyse: asyncio.Queue[Frame] = asyncio.Queue(maxsize=1)
+        # next frame is taken for inference only once analysis has taken the waiting one.
+        # The inference thread hands each frame straight to the analysis thread's queue (no
+        # round trip through the event loop between the stages, nor between two analyses):
+        # Under the lock, changed together by the stage threads: frames handed over and not
+        # yet taken by analysis; whether analysis has a frame, and since when (monotonic).
+        # The loop reads them there; its events only wake it.
+        self._for_analysis = 0
+        self._analysing = False
+        self._analysis_started = 0.0
+        self._handover_lock = threading.Lock()
+        self._closing = False  # close() has begun: no more hand-overs, outcomes not counted
         self._analysis_took = asyncio.Event()  # set each time analysis takes a frame
-        self._analysis_idle = asyncio.Event()  # set while analysis has no frame
-        self._analysis_idle.set()
-        self._analysis_started = 0.0  # time.monotonic() when analysis took its frame
+        self._analysis_idle = asyncio.Event()  # set each time analysis finishes one
         self._infer_times = RecentDurations()
         self._analyse_times = RecentDurations()
         self._to_publish: asyncio.Queue[Frame] = asyncio.Queue()
@@ -169,7 +185,6 @@ class Pipeline:
         """Start the stage tasks on the running loop."""
         self._tasks = [
             asyncio.create_task(self._infer_loop(), name="livemask-infer"),
-            asyncio.create_task(self._analyse_loop(), name="livemask-analyse"),
             asyncio.create_task(self._publish_loop(), name="livemask-publish"),
         ]
 
@@ -184,6 +199,7 @@ class Pipeline:
 
     async def close(self) -> None:
         """Cancel the stages and shut the executors down."""
+        self._closing = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -224,7 +240,7 @@ class Pipeline:
         """Frames waiting in front of each stage."""
         return {
             "infer": len(self._waiting),
-            "analyse": self._to_analyse.qsize(),
+            "analyse": self._for_analysis,
             "publish": self._to_publish.qsize(),
         }
 
@@ -353,15 +369,82 @@ class Pipeline:
                 self._analysis_done(frame, failure)
                 continue
             took = time.monotonic()
-            try:
-                frame.probabilities = await loop.run_in_executor(
-                    self._infer_pool, self.segmenter.infer, frame.image
-                )
+            error = await loop.run_in_executor(
+                self._infer_pool, self._infer_and_hand_over, frame, loop
+            )
+            if error is None:
                 self._infer_times.add(time.monotonic() - took)
-            except Exception as exc:  # a model fault fails this frame, not the service
-                self._fail(frame, "inference", exc)
+                continue
+            self._fail(frame, "inference", error)  # a model fault fails this frame only
+            self._hand_over(frame, loop)  # (through analysis' queue: frames stay in order)
+
+    def _infer_and_hand_over(
+        self, frame: Frame, loop: asyncio.AbstractEventLoop
+    ) -> Exception | None:
+        """Inference thread: infer, then queue the frame for the analysis thread at once;
+        a failure is returned instead (the loop counts it, then hands the frame over)."""
+        try:
+            frame.probabilities = self.segmenter.infer(frame.image)
+        except Exception as exc:
             frame.stamp("inferred")
-            await self._to_analyse.put(frame)
+            return exc
+        frame.stamp("inferred")
+        self._hand_over(frame, loop)
+        return None
+
+    def _hand_over(self, frame: Frame, loop: asyncio.AbstractEventLoop) -> None:
+        """Queue ``frame`` for the analysis thread (from either thread); not once the
+        pipeline is closing (close() gives the sinks the frame, not analysed)."""
+        if self._closing:
+            return
+        with self._handover_lock:
+            self._for_analysis += 1
+        try:
+            self._analyse_pool.submit(self._analyse_in_thread, frame, loop)
+        except RuntimeError:  # the executor has shut down (closing): as above
+            with self._handover_lock:
+                self._for_analysis -= 1
+
+    def _analyse_in_thread(self, frame: Frame, loop: asyncio.AbstractEventLoop) -> None:
+        """Analysis thread: analyse (unless inference failed) and hand the outcome to the
+        loop; the thread then takes the next queued frame without waiting for the loop."""
+        started = time.monotonic()
+        with self._handover_lock:
+            self._for_analysis -= 1
+            self._analysing, self._analysis_started = True, started
+        _to_loop(loop, self._analysis_began)
+        failure: tuple[str, Exception] | None = None
+        seconds: float | None = None
+        if frame.error is None:
+            try:
+                self._analyse(frame)
+                seconds = time.monotonic() - started
+            except Exception as exc:
+                failure = ("analysis", exc)
+        with self._handover_lock:
+            self._analysing = False
+        _to_loop(loop, self._analysis_finished, frame, failure, seconds)
+
+    def _analysis_began(self) -> None:
+        """(Loop) analysis took a frame: wake the inference stage's wait."""
+        self._analysis_took.set()
+
+    def _analysis_finished(
+        self, frame: Frame, failure: tuple[str, Exception] | None, seconds: float | None
+    ) -> None:
+        """(Loop) analysis finished ``frame`` (in ``seconds``, None if it did not run);
+        ignored once the pipeline is closing: the frame is not published then."""
+        if self._closing:
+            return
+        if seconds is not None:
+            self._analyse_times.add(seconds)
+        self._analysis_idle.set()  # (a wake-up: the waiter reads the state under the lock)
+        self._analysis_done(frame, failure)
+
+    def _analysis_state(self) -> tuple[int, bool, float]:
+        """(frames handed over, not yet taken; analysis has a frame; since when)."""
+        with self._handover_lock:
+            return self._for_analysis, self._analysing, self._analysis_started
 
     async def _until_analysis_can_take(self) -> None:
         """Wait until a frame inferred now would find analysis (about) free.
@@ -371,17 +454,27 @@ class Pipeline:
         will have by then. Then, when analysis is the slower stage, until one model time
         before analysis is predicted to be free (``livemask.service.pacing``): the frame
         comes out of the model as analysis takes it, so it waits for neither."""
-        while not self._to_analyse.empty():  # (analysis may not have woken to take it yet)
-            self._analysis_took.clear()
-            await self._analysis_took.wait()
-        if self._analysis_idle.is_set():
+        while True:
+            self._analysis_took.clear()  # (before reading: a take after it sets it again)
+            waiting, busy, started = self._analysis_state()
+            if waiting == 0:
+                break
+            await self._analysis_took.wait()  # (analysis may not have woken to take it yet)
+        if not busy:
             return
         hold = hold_before_inference(
-            time.monotonic(), self._analysis_started, self._infer_times, self._analyse_times
+            time.monotonic(), started, self._infer_times, self._analyse_times
         )
-        if hold > 0:  # released early if analysis finishes sooner than predicted
+        if hold <= 0:
+            return
+        # released early if analysis finishes sooner than predicted
+        deadline = time.monotonic() + hold
+        while (left := deadline - time.monotonic()) > 0:
+            self._analysis_idle.clear()
+            if not self._analysis_state()[1]:
+                return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._analysis_idle.wait(), hold)
+                await asyncio.wait_for(self._analysis_idle.wait(), left)
 
     def _infer_then_analyse(self, frame: Frame) -> tuple[str, Exception] | None:
         """Both stages in the calling (worker) thread; the failed stage and its error."""
@@ -459,23 +552,6 @@ class Pipeline:
             )
         frame.labels = labels
 
-    async def _analyse_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            self._analysis_idle.set()
-            frame = await self._to_analyse.get()
-            self._analysis_idle.clear()
-            self._analysis_took.set()
-            self._analysis_started = time.monotonic()
-            failure: tuple[str, Exception] | None = None
-            if frame.error is None:
-                try:
-                    await loop.run_in_executor(self._analyse_pool, self._analyse, frame)
-                    self._analyse_times.add(time.monotonic() - self._analysis_started)
-                except Exception as exc:
-                    failure = ("analysis", exc)
-            self._analysis_done(frame, failure)
-
     def _analysis_done(self, frame: Frame, failure: tuple[str, Exception] | None) -> None:
         """Count the frame's outcome and queue it for publishing (on the loop)."""
         if failure is not None:
@@ -542,40 +618,37 @@ class Pipeline:
         connection a subscriber receives in order, so a feedback client or dashboard then
         has them without waiting behind the image and labels buffers (at 2048² uint16 with
         int32 labels, 24 MB: 12-14 ms on loopback). ``frame``, ``truth`` and ``labels``
-        follow; clients pair the topics by ``frame_id``."""
+        follow; clients pair the topics by ``frame_id``. Where a message cannot be sent
+        the others still go, and the frame counts as a failed publish (the error raised);
+        once its measurements are out, feedback and ``latest`` take them as sent."""
         frame.stamp("published")
         base = frame.header()
         self._to_sinks(frame)
         pub = self.publisher
-        analysed = not frame.skipped and frame.error is None
-        measurements: dict[str, Any] | None = None
-        if analysed:
-            measurements = {
-                **base,
-                "pixel_size_um": frame.pixel_size_um,
-                "summary": frame.summary,
-                "objects": frame.objects,
-            }
-            if frame.grains is not None:
-                measurements["grains"] = frame.grains
-            try:
-                pub.publish("measurements", measurements)
-            except Exception as exc:  # the image and labels still go out; then it counts
-                self._publish_measurements_failed(frame, base, exc)
-                raise
-        if self._image_due(frame) or frame.skipped:
-            head = {**base, "skipped": frame.skipped}
-            pub.publish("frame", head, {"image": frame.image})
-            self.latest["frame"] = head
-        if frame.truth is not None:
-            pub.publish("truth", dict(base), {"labels": frame.truth})
-        if frame.skipped:
+        if frame.skipped or frame.error is not None:
+            if self._image_due(frame) or frame.skipped:
+                head = {**base, "skipped": frame.skipped}
+                pub.publish("frame", head, {"image": frame.image})
+                self.latest["frame"] = head
+            if frame.truth is not None:
+                pub.publish("truth", dict(base), {"labels": frame.truth})
+            if frame.error is not None:
+                pub.publish("event", {**base, "kind": "frame_failed", "detail": frame.error})
             return
-        if frame.error is not None:
-            pub.publish("event", {**base, "kind": "frame_failed", "detail": frame.error})
-            return
-        assert frame.labels is not None and measurements is not None
-        pub.publish("labels", dict(base), {"labels": frame.labels})
+        measurements: dict[str, Any] = {
+            **base,
+            "pixel_size_um": frame.pixel_size_um,
+            "summary": frame.summary,
+            "objects": frame.objects,
+        }
+        if frame.grains is not None:
+            measurements["grains"] = frame.grains
+        try:
+            pub.publish("measurements", measurements)
+        except Exception:
+            self._send_arrays(frame, base)  # the image and labels still go out
+            raise
+        failed = self._send_arrays(frame, base)
         self._check_saturation(frame)
         self.latest["labels"] = dict(base)
         self.latest["measurements"] = measurements
@@ -586,23 +659,31 @@ class Pipeline:
                 self.on_measurements(frame, measurements)
             except Exception as exc:  # feedback faults must not stop publishing
                 self._errors.error("feedback", f"feedback on frame {frame.frame_id} failed", exc)
+        if failed is not None:
+            raise failed
 
-    def _publish_measurements_failed(
-        self, frame: Frame, base: dict[str, Any], exc: Exception
-    ) -> None:
-        """``measurements`` could not be sent: send the image (when due) and labels anyway,
-        as before measurements went first; the caller re-raises, so the frame counts as a
-        failed publish and the error names it."""
+    def _send_arrays(self, frame: Frame, base: dict[str, Any]) -> Exception | None:
+        """An analysed frame's ``frame`` (when due), ``truth`` and ``labels`` messages,
+        each sent even if one before it failed; the first error, if any."""
         pub = self.publisher
-        with contextlib.suppress(Exception):
-            if self._image_due(frame):
-                head = {**base, "skipped": False}
-                pub.publish("frame", head, {"image": frame.image})
-                self.latest["frame"] = head
-            if frame.truth is not None:
-                pub.publish("truth", dict(base), {"labels": frame.truth})
-            if frame.labels is not None:
-                pub.publish("labels", dict(base), {"labels": frame.labels})
+        failed: Exception | None = None
+        sends: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+        if self._image_due(frame):
+            head = {**base, "skipped": False}
+            sends.append(("frame", head, {"image": frame.image}))
+        if frame.truth is not None:
+            sends.append(("truth", dict(base), {"labels": frame.truth}))
+        if frame.labels is not None:
+            sends.append(("labels", dict(base), {"labels": frame.labels}))
+        for topic, header, arrays in sends:
+            try:
+                pub.publish(topic, header, arrays)
+            except Exception as exc:
+                failed = failed or exc
+                continue
+            if topic == "frame":
+                self.latest["frame"] = header
+        return failed
 
     def _check_saturation(self, frame: Frame) -> None:
         """Say once per acquisition that objects have pixels at the camera's saturation

@@ -584,5 +584,31 @@ async def test_a_message_that_cannot_be_sent_does_not_keep_the_frames_others() -
     assert ("frame", 1) in sent and ("labels", 1) in sent and ("measurements", 1) not in sent
     assert ("measurements", 2) in sent and ("frame", 2) in sent and ("labels", 2) not in sent
     assert fed == [0, 2, 3]
+    assert pipe.latest["labels"]["frame_id"] == 3
     counts = pipe.counters.counts
     assert counts["published"] == 2 and counts["publish_failed"] == 2
+
+
+async def test_a_failed_frame_whose_image_cannot_be_sent_still_says_it_failed() -> None:
+    """A frame whose inference failed: its image could not be sent, and the frame_failed
+    event (and truth) were then never sent either (review)."""
+    from livemask.protocol import ProtocolError
+
+    pipe, pub, _ = _pipeline(mode="pipelined", queue_size=2, fail_every=2)
+    real = pub.publish
+
+    def publish(topic: str, header: Any, arrays: Any = None) -> int:
+        if topic == "frame" and header.get("frame_id") == 1:
+            raise ProtocolError("cannot encode frame")
+        return real(topic, header, arrays)
+
+    pub.publish = publish  # type: ignore[method-assign]
+    pipe.start()
+    for i in range(3):
+        pipe.submit(_raw(i))
+    assert await pipe.drain(10.0)
+    await pipe.close()
+    failed = [m.header["frame_id"] for m in pub.by_topic("event")
+              if m.header["kind"] == "frame_failed"]
+    assert failed == [1]
+    assert pipe.counters.counts["publish_failed"] == 1

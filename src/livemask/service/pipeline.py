@@ -142,7 +142,7 @@ class Pipeline:
         # a longer queue only adds latency; frames are skipped at intake instead, and the
         # next frame is taken for inference only once analysis has taken the waiting one.
         # The inference thread hands each frame straight to the analysis thread's queue (no
-        # round trip through the event loop between the stages, nor between two analyses):
+        # round trip through the event loop between the stages, nor between two analyses).
         # Under the lock, changed together by the stage threads: frames handed over and not
         # yet taken by analysis; whether analysis has a frame, and since when (monotonic).
         # The loop reads them there; its events only wake it.
@@ -626,14 +626,11 @@ class Pipeline:
         self._to_sinks(frame)
         pub = self.publisher
         if frame.skipped or frame.error is not None:
-            if self._image_due(frame) or frame.skipped:
-                head = {**base, "skipped": frame.skipped}
-                pub.publish("frame", head, {"image": frame.image})
-                self.latest["frame"] = head
-            if frame.truth is not None:
-                pub.publish("truth", dict(base), {"labels": frame.truth})
+            failed = self._send_arrays(frame, base)
             if frame.error is not None:
                 pub.publish("event", {**base, "kind": "frame_failed", "detail": frame.error})
+            if failed is not None:
+                raise failed
             return
         measurements: dict[str, Any] = {
             **base,
@@ -650,7 +647,6 @@ class Pipeline:
             raise
         failed = self._send_arrays(frame, base)
         self._check_saturation(frame)
-        self.latest["labels"] = dict(base)
         self.latest["measurements"] = measurements
         self.last_analysed = frame
         self.latency.add(frame)
@@ -663,17 +659,17 @@ class Pipeline:
             raise failed
 
     def _send_arrays(self, frame: Frame, base: dict[str, Any]) -> Exception | None:
-        """An analysed frame's ``frame`` (when due), ``truth`` and ``labels`` messages,
-        each sent even if one before it failed; the first error, if any."""
+        """The frame's ``frame`` (when due, or skipped), ``truth`` and ``labels`` (when
+        analysed) messages, each sent even if one before it failed; the first error."""
         pub = self.publisher
         failed: Exception | None = None
         sends: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
-        if self._image_due(frame):
-            head = {**base, "skipped": False}
+        if self._image_due(frame) or frame.skipped:
+            head = {**base, "skipped": frame.skipped}
             sends.append(("frame", head, {"image": frame.image}))
         if frame.truth is not None:
             sends.append(("truth", dict(base), {"labels": frame.truth}))
-        if frame.labels is not None:
+        if frame.labels is not None and frame.error is None and not frame.skipped:
             sends.append(("labels", dict(base), {"labels": frame.labels}))
         for topic, header, arrays in sends:
             try:
@@ -681,8 +677,8 @@ class Pipeline:
             except Exception as exc:
                 failed = failed or exc
                 continue
-            if topic == "frame":
-                self.latest["frame"] = header
+            if topic in ("frame", "labels"):
+                self.latest[topic] = header
         return failed
 
     def _check_saturation(self, frame: Frame) -> None:

@@ -29,7 +29,16 @@ from typing import Any
 import numpy as np
 
 
-def _median_ms(fn: Any, sync: Any, repeats: int) -> float:
+def write_record(record: dict[str, Any], path: Path | None) -> None:
+    """Print ``record`` as JSON and write it to ``path`` (if given)."""
+    text = json.dumps(record, indent=2)
+    print(text)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n", encoding="utf-8")
+
+
+def median_ms(fn: Any, sync: Any, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         sync()
@@ -182,10 +191,10 @@ def main() -> None:
     ta._run = counted  # type: ignore[method-assign]
     analyse()
     ta._run = run  # type: ignore[method-assign]
-    stages = {name: _median_ms(fn, sync, args.repeats) for name, fn in
+    stages = {name: median_ms(fn, sync, args.repeats) for name, fn in
               [("upload_normalize", upload), ("model", model), ("analyse", analyse)]}
-    stages["labels_exact_loops"] = _median_ms(labels_exact, sync, 5)
-    whole = _median_ms(lambda: gpu.analyse(gpu.infer(frame), frame, pixel_size_um=0.65),
+    stages["labels_exact_loops"] = median_ms(labels_exact, sync, 5)
+    whole = median_ms(lambda: gpu.analyse(gpu.infer(frame), frame, pixel_size_um=0.65),
                        sync, args.repeats)
 
     # The same analysis while another thread keeps the GIL busy (as the camera, the event
@@ -204,14 +213,14 @@ def main() -> None:
     hog = threading.Thread(target=busy, daemon=True)
     hog.start()
     try:
-        analyse_busy = _median_ms(analyse, sync, args.repeats)
-        exact_busy = _median_ms(labels_exact, sync, 5)
+        analyse_busy = median_ms(analyse, sync, args.repeats)
+        exact_busy = median_ms(labels_exact, sync, 5)
     finally:
         stop.set()
         hog.join()
         sys.setswitchinterval(interval)
     cpu_times = {
-        "cpu_analyse_ms": _median_ms(
+        "cpu_analyse_ms": median_ms(
             lambda: cpu.analyse(state["p"].cpu().numpy(), frame, pixel_size_um=0.65),
             lambda: None, 5),
     }
@@ -254,11 +263,7 @@ def main() -> None:
         if on_gpu else None,
         "runtimes": runtimes,
     }
-    text = json.dumps(record, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n", encoding="utf-8")
+    write_record(record, args.json)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ Writes one JSON record (``--json``) and prints it. ``--device cpu``: a dry run.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import threading
 import time
@@ -30,17 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-
-def _median_ms(fn: Any, sync: Any, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t) * 1e3)
-    return round(float(np.median(times)), 3)
+from gpu_check import median_ms, write_record  # (benchmarks/ is on sys.path: the scripts' folder)
 
 
 class _Inference:
@@ -153,12 +142,12 @@ def main() -> None:
              ("analyse", analyse)]
     timings: dict[str, dict[str, float]] = {}
     for name, fn in parts:
-        row = {"idle": _median_ms(fn, sync if name != "analyse" else lambda: None,
+        row = {"idle": median_ms(fn, sync if name != "analyse" else lambda: None,
                                   args.repeats)}
         for mode, fps in (("with_inference", None), ("with_paced_inference", args.paced_fps)):
             with _Inference(seg, other, fps) as bg:
                 t = time.perf_counter()
-                row[mode] = _median_ms(fn, lambda: None, args.repeats)
+                row[mode] = median_ms(fn, lambda: None, args.repeats)
                 row[f"{mode}_calls_per_s"] = round(bg.calls / (time.perf_counter() - t), 1)
         timings[name] = row
         print(name, row, flush=True)
@@ -194,11 +183,7 @@ def main() -> None:
         "ms_median": timings,
         "eager_profile": table.splitlines(),
     }
-    text = json.dumps(record, indent=1)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n", encoding="utf-8")
+    write_record(record, args.json)
 
 
 if __name__ == "__main__":

@@ -612,3 +612,33 @@ async def test_a_failed_frame_whose_image_cannot_be_sent_still_says_it_failed() 
               if m.header["kind"] == "frame_failed"]
     assert failed == [1]
     assert pipe.counters.counts["publish_failed"] == 1
+
+
+async def test_a_base_exception_in_the_analysis_thread_fails_only_its_frame(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A BaseException (not an Exception) escaping the analysis thread's job vanished
+    with the future nobody reads, and left analysis marked busy with the frame never
+    published (re-review): now the frame fails, the next ones flow, and the log says so."""
+
+    class Interrupted(BaseException):
+        pass
+
+    pipe, pub, _ = _pipeline(mode="pipelined", queue_size=2)
+    real_analyse = pipe.segmenter.analyse
+    calls = itertools.count()
+
+    def analyse(probabilities: np.ndarray, image: np.ndarray, **kwargs: object) -> object:
+        if next(calls) == 1:
+            raise Interrupted
+        return real_analyse(probabilities, image, **kwargs)  # type: ignore[arg-type]
+
+    pipe.segmenter.analyse = analyse  # type: ignore[assignment,method-assign]
+    pipe.start()
+    for i in range(3):
+        pipe.submit(_raw(i))
+    assert await pipe.drain(10.0)
+    await pipe.close()
+    assert [m.header["frame_id"] for m in pub.by_topic("measurements")] == [0, 2]
+    assert pipe.counters.counts["failed"] == 1
+    assert "the analysis thread failed: Interrupted" in caplog.text

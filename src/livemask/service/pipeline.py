@@ -30,7 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 from livemask.acquisition.mode import Mode
@@ -69,6 +69,12 @@ def _to_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: An
     the sinks)."""
     with contextlib.suppress(RuntimeError):
         loop.call_soon_threadsafe(fn, *args)
+
+
+def _log_thread_fault(future: Future[None]) -> None:
+    """Log what escaped a stage thread's job (its future is not read otherwise)."""
+    if not future.cancelled() and (exc := future.exception()) is not None:
+        log.error("the analysis thread failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
 
 
 def _stage_xy(position: dict[str, Any] | None) -> tuple[float, float] | None:
@@ -400,10 +406,12 @@ class Pipeline:
         with self._handover_lock:
             self._for_analysis += 1
         try:
-            self._analyse_pool.submit(self._analyse_in_thread, frame, loop)
+            future = self._analyse_pool.submit(self._analyse_in_thread, frame, loop)
         except RuntimeError:  # the executor has shut down (closing): as above
             with self._handover_lock:
                 self._for_analysis -= 1
+            return
+        future.add_done_callback(_log_thread_fault)
 
     def _analyse_in_thread(self, frame: Frame, loop: asyncio.AbstractEventLoop) -> None:
         """Analysis thread: analyse (unless inference failed) and hand the outcome to the
@@ -415,15 +423,21 @@ class Pipeline:
         _to_loop(loop, self._analysis_began)
         failure: tuple[str, Exception] | None = None
         seconds: float | None = None
-        if frame.error is None:
-            try:
-                self._analyse(frame)
-                seconds = time.monotonic() - started
-            except Exception as exc:
-                failure = ("analysis", exc)
-        with self._handover_lock:
-            self._analysing = False
-        _to_loop(loop, self._analysis_finished, frame, failure, seconds)
+        ended = False
+        try:
+            if frame.error is None:
+                try:
+                    self._analyse(frame)
+                    seconds = time.monotonic() - started
+                except Exception as exc:
+                    failure = ("analysis", exc)
+            ended = True
+        finally:  # (also past a BaseException: the frame still reaches publishing, failed)
+            if not ended:
+                failure = ("analysis", RuntimeError("the analysis thread was interrupted"))
+            with self._handover_lock:
+                self._analysing = False
+            _to_loop(loop, self._analysis_finished, frame, failure, seconds)
 
     def _analysis_began(self) -> None:
         """(Loop) analysis took a frame: wake the inference stage's wait."""

@@ -355,7 +355,7 @@ async def test_snapshot_arrays_are_the_last_frame_encoded_once(
          "stage_positions[0].x: -inf is not a finite number"),
         # a wrong type inside the sequence used to answer `internal` (TypeError)
         ("start", {"sequence": {"time_plan": {"interval": {"a": 1}, "loops": 2}}},
-         "invalid_args", "invalid sequence: sequence: a value has the wrong type or size ("
+         "invalid_args", "invalid sequence: a value has the wrong type or size ("
          "'a' is an invalid keyword argument"),
     ],
 )

@@ -107,14 +107,16 @@ def _parse(
     fields: str = "", empty: str | None = None,
 ) -> Any:
     """Validate ``data``; an invalid_args error names every wrong field (``fields`` before
-    each path; ``empty``: the label of an error of the whole value, None: none)."""
+    each path; ``empty``: the label of an error of the whole value, None: none). A
+    library's own error names ``what`` unless ``prefix`` already ends with it."""
     try:
         return validate_model(model, data)
     except ValidationError as exc:
         problems = format_validation_error(exc, empty=empty, prefix=fields)
         raise CommandError("invalid_args", f"{prefix}{problems}") from None
     except ValueError as exc:  # a library's own validator failed (validate_model)
-        raise CommandError("invalid_args", f"{prefix}{what}: {exc}") from None
+        named = "" if prefix.endswith(f"{what}: ") else f"{what}: "
+        raise CommandError("invalid_args", f"{prefix}{named}{exc}") from None
 
 
 def _validate(model: type[_Args], args: dict[str, Any], cmd: str) -> Any:

@@ -451,10 +451,7 @@ def restore_event(
     """An event that takes no image and puts back the exposure and/or channel that
     ``events`` (one action's) change: ``exposure_ms`` / ``channel`` in effect before them.
 
-    None when the events change neither: none sets one, or each sets the one in effect
-    already (an action that takes the triggering frame's channel and exposure, as actions
-    do by default: putting them back would be one more event and one more
-    ``setExposure`` for nothing). pymmcore-plus sets an event's channel and exposure
+    None when the events change neither. pymmcore-plus sets an event's channel and exposure
     before it runs it, also for a ``CustomAction`` (which takes no image), and keeps them
     for the following events that give none: without this event the planned frames after
     the action would be taken with the action's settings. Raises :class:`ActionError`
@@ -462,12 +459,8 @@ def restore_event(
     """
     if not events:
         return None
-    changes_exposure = any(
-        e.exposure is not None
-        and (exposure_ms is None or not math.isclose(e.exposure, exposure_ms, rel_tol=1e-9))
-        for e in events
-    )
-    changes_channel = any(e.channel is not None and e.channel != channel for e in events)
+    changes_exposure = any(e.exposure is not None for e in events)
+    changes_channel = any(e.channel is not None for e in events)
     if not (changes_exposure or changes_channel):
         return None
     for changed, known, what, fix in (

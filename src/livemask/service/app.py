@@ -1214,11 +1214,11 @@ class Service:
         if back_roi and "roi" not in known:
             known.update(await self._roi_now(self.source))
         exposure, channel = known.get("exposure"), known.get("channel")
-        # a setting whose value before the events is not known is not put back
-        put_back = [e.model_copy(update={"exposure": e.exposure if exposure is not None else None,
-                                         "channel": e.channel if channel is not None else None})
-                    for e in events]
-        back = restore_event(put_back, exposure, channel)
+        changed = useq.MDAEvent(  # what restore_event is to put back: the known settings
+            exposure=exposure if any(e.exposure is not None for e in events) else None,
+            channel=channel if any(e.channel is not None for e in events) else None,
+        )
+        back = restore_event([changed], exposure, channel)
         if back is not None:  # not a feedback action's (no action_id to report)
             back = back.model_copy(update={"metadata": {}})
         position = {a: known[a] for a in axes if known.get(a) is not None}

@@ -130,3 +130,23 @@ def test_a_tag_keeps_the_feedback_metadata_and_the_restores_apply_in_order() -> 
     assert settings.event_started(first) == first.metadata[RESTORE_TAG_KEY]
     settings.started(first.metadata[RESTORE_TAG_KEY])
     assert settings.expected()["exposure"] == 20.0
+
+
+async def test_a_set_exposure_during_a_burst_at_the_triggers_exposure_holds() -> None:
+    """A burst at its trigger's own exposure (an action's default) is still queued when the
+    user sets another exposure: the later planned frames take the set one. An attempt to
+    drop the burst's restore event (its settings are the ones in effect) left the service
+    nothing to queue the set exposure behind, and every later frame ran at the old
+    exposure (review of 68df493, reverted)."""
+    rule = {"name": "burst", "max_fires": 1,
+            "when": {"values": [{"path": "index.t", "eq": 0}]},
+            "action": {"burst": {"frames": 3, "interval_s": 0.5, "centre": False}}}
+    async with Service(config(rule)) as svc:
+        seen = exposures_per_frame(svc)
+        await start(svc)
+        await until(lambda: any("fb" in index for index, _ in seen), svc)
+        at = len(seen)
+        await control(svc, "set", exposure_ms=15.0)
+        await until(lambda: not svc.acquiring, svc)
+    after = planned(seen[at:])
+    assert after and all(ms == 15.0 for ms in after), seen

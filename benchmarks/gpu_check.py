@@ -150,8 +150,7 @@ def main() -> None:
 
     side = args.size
     frame = prerender(BenchSettings(size=side, frames=2))[0].image
-    ta = gpu._device
-    assert ta is not None
+    ta = ta_of(gpu)
     dev = ta.device
 
     def sync() -> None:

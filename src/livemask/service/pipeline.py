@@ -392,9 +392,9 @@ class Pipeline:
         try:
             frame.probabilities = self.segmenter.infer(frame.image)
         except Exception as exc:
-            frame.stamp("inferred")
             return exc
-        frame.stamp("inferred")
+        finally:
+            frame.stamp("inferred")
         self._hand_over(frame, loop)
         return None
 

@@ -247,3 +247,31 @@ async def test_z_positions_are_refused_on_a_rig_without_a_focus_device(tmp_path:
     with pytest.raises(ConfigError, match=r"acquisition\.sequence\.z_plan: the rig has no"):
         async with Service(cfg):
             pass
+
+
+async def test_a_wobbling_pixel_size_is_no_change_but_a_drift_past_one_percent_is() -> None:
+    """A zoom's reading that wobbles in its last digits sent a pixel_size_changed event (and
+    a warning) at nearly every frame (changes of 1e-9 counted); now a change is announced
+    once it is more than 1 % from the size announced last, and every frame is still
+    measured with its own size."""
+    pub = MemoryPublisher()
+    pipe = Pipeline(Segmenter(ModelCard(name="fake", file="none.onnx"), ThresholdBackend()),
+                    pub, mode="synchronized", pixel_size_um=0.65, core_pixel_size_um=0.65)
+    pipe.start()
+    image = np.full((64, 64), 100, np.uint16)
+    image[10:20, 10:20] = 1000
+    wobble = [0.65 * f for f in (1 + 1e-6, 1 - 1e-6, 1 + 4e-3, 1 - 4e-3, 1 + 1e-9)]
+    drift = [0.65 * 1.004**k for k in range(1, 5)]  # 1.2 %, 1.6 % past the start at k = 3, 4
+    sizes = [*wobble, *drift, 1.3, 1.3 * (1 + 1e-7)]
+    for i, core_px in enumerate(sizes):
+        pipe.submit(RawFrame(image, useq.MDAEvent(index={"t": i}), time.time(), {}, None,
+                             pixel_size_um=core_px))
+    await pipe.drain(5.0)
+    await pipe.close()
+    meas = [m.header for m in pub.by_topic("measurements")]
+    assert [m["pixel_size_um"] for m in meas] == pytest.approx(sizes, rel=1e-12)
+    changes = [(e.header["from"], e.header["to"], e.header["frame_id"])
+               for e in pub.by_topic("event") if e.header["kind"] == "pixel_size_changed"]
+    assert changes == [(0.65, pytest.approx(drift[2]), 7),
+                       (pytest.approx(drift[2]), 1.3, 9)]
+    assert pipe.frame_pixel_size_um == pytest.approx(sizes[-1], rel=1e-12)

@@ -38,6 +38,7 @@ from livemask.acquisition.source import FrameSource, RawFrame
 from livemask.analysis.grains import CumulativeGrainStats, grain_statistics
 from livemask.analysis.measure import UNITS, saturation_level, units_in_pixels
 from livemask.analysis.tracking import (
+    PIXEL_SIZE_TOLERANCE,
     TRACK_UNITS,
     PositionTrackers,
     camera_roi_offset,
@@ -128,6 +129,8 @@ class Pipeline:
         self.core_pixel_size_um = core_pixel_size_um
         #: The pixel size of the last frame that arrived (µm), for status
         self.frame_pixel_size_um = pixel_size_um
+        #: The pixel size the last ``pixel_size_changed`` event announced (or the one at open)
+        self._announced_pixel_size_um = pixel_size_um
         self._core_pixel_missing = False  # the last frame had no pixel size from the core
         #: Publishes a service event (kind, fields): the service sets its own, which also
         #: records it; by default straight to the publisher
@@ -266,7 +269,9 @@ class Pipeline:
             pixel_size_um=self._pixel_size(raw),
         )
         self._next_id += 1
-        if not math.isclose(frame.pixel_size_um, self.frame_pixel_size_um, rel_tol=1e-9):
+        self.frame_pixel_size_um = frame.pixel_size_um
+        if not math.isclose(frame.pixel_size_um, self._announced_pixel_size_um,
+                            rel_tol=PIXEL_SIZE_TOLERANCE):
             self._pixel_size_changed(frame)
         self.counters.incr("acquired")
         if self.sinks:
@@ -297,8 +302,12 @@ class Pipeline:
         return self.pixel_size_um * (core_px / reference)
 
     def _pixel_size_changed(self, frame: Frame) -> None:
-        """Say once per change that a frame's pixel size differs from the last frame's."""
-        before, self.frame_pixel_size_um = self.frame_pixel_size_um, frame.pixel_size_um
+        """Say once per change that a frame's pixel size differs from the one announced last
+        by more than :data:`PIXEL_SIZE_TOLERANCE` (a zoom's reading that wobbles in its last
+        digits, or drifts by less, is no change: each frame is measured with its own
+        anyway)."""
+        before, self._announced_pixel_size_um = (self._announced_pixel_size_um,
+                                                 frame.pixel_size_um)
         log.warning(
             "frame %d (%s): the pixel size changed from %.4g to %.4g um (the camera's "
             "binning or the objective changed); its measurements use the new one",

@@ -614,26 +614,32 @@ async def test_a_failed_frame_whose_image_cannot_be_sent_still_says_it_failed() 
     assert pipe.counters.counts["publish_failed"] == 1
 
 
-async def test_a_base_exception_in_the_analysis_thread_fails_only_its_frame(
-    caplog: pytest.LogCaptureFixture,
+@STAGE_THREADS
+@pytest.mark.parametrize("stage", ["inference", "analysis"])
+async def test_a_base_exception_in_a_stage_thread_fails_only_its_frame(
+    stage_threads: StageThreads, stage: str, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A BaseException (not an Exception) escaping the analysis thread's job vanished
-    with the future nobody reads, and left analysis marked busy with the frame never
-    published (re-review): now the frame fails, the next ones flow, and the log says so."""
+    """A BaseException (not an Exception, e.g. a model's ``sys.exit``) escaping the analysis
+    thread's job left analysis marked busy with its frame never published (re-review);
+    escaping inference (or with stage threads ``one`` either stage) it ended the loop's
+    inference task, and every later frame waited forever. Now the frame fails, named by
+    the exception, and the next ones flow."""
 
     class Interrupted(BaseException):
         pass
 
-    pipe, pub, _ = _pipeline(mode="pipelined", queue_size=2)
-    real_analyse = pipe.segmenter.analyse
+    pipe, pub, _ = _pipeline(mode="pipelined", queue_size=2, stage_threads=stage_threads)
     calls = itertools.count()
+    owner: Any = pipe.segmenter if stage == "analysis" else pipe.segmenter.backend
+    name = "analyse" if stage == "analysis" else "run"
+    real = getattr(owner, name)
 
-    def analyse(probabilities: np.ndarray, image: np.ndarray, **kwargs: object) -> object:
+    def second_call_interrupted(*args: Any, **kwargs: Any) -> Any:
         if next(calls) == 1:
-            raise Interrupted
-        return real_analyse(probabilities, image, **kwargs)  # type: ignore[arg-type]
+            raise Interrupted("stop here")
+        return real(*args, **kwargs)
 
-    pipe.segmenter.analyse = analyse  # type: ignore[assignment,method-assign]
+    setattr(owner, name, second_call_interrupted)
     pipe.start()
     for i in range(3):
         pipe.submit(_raw(i))
@@ -641,4 +647,7 @@ async def test_a_base_exception_in_the_analysis_thread_fails_only_its_frame(
     await pipe.close()
     assert [m.header["frame_id"] for m in pub.by_topic("measurements")] == [0, 2]
     assert pipe.counters.counts["failed"] == 1
-    assert "the analysis thread failed: Interrupted" in caplog.text
+    (failed,) = [m.header for m in pub.by_topic("event") if m.header["kind"] == "frame_failed"]
+    assert failed["frame_id"] == 1
+    assert failed["detail"] == f"{stage} failed: Interrupted: stop here"
+    assert f"frame 1: {stage} failed: Interrupted: stop here" in caplog.text

@@ -395,12 +395,14 @@ class Pipeline:
 
     def _infer_and_hand_over(
         self, frame: Frame, loop: asyncio.AbstractEventLoop
-    ) -> Exception | None:
+    ) -> BaseException | None:
         """Inference thread: infer, then queue the frame for the analysis thread at once;
-        a failure is returned instead (the loop counts it, then hands the frame over)."""
+        a failure is returned instead (the loop counts it, then hands the frame over).
+        A BaseException too (e.g. a model's ``sys.exit``): raised out of the job, it ended
+        the loop's inference task and every later frame waited forever."""
         try:
             frame.probabilities = self.segmenter.infer(frame.image)
-        except Exception as exc:
+        except BaseException as exc:
             return exc
         finally:
             frame.stamp("inferred")
@@ -430,20 +432,15 @@ class Pipeline:
             self._for_analysis -= 1
             self._analysing, self._analysis_started = True, started
         _to_loop(loop, self._analysis_began)
-        failure: tuple[str, Exception] | None = None
+        failure: tuple[str, BaseException] | None = None
         seconds: float | None = None
-        ended = False
         try:
             if frame.error is None:
-                try:
-                    self._analyse(frame)
-                    seconds = time.monotonic() - started
-                except Exception as exc:
-                    failure = ("analysis", exc)
-            ended = True
-        finally:  # (also past a BaseException: the frame still reaches publishing, failed)
-            if not ended:
-                failure = ("analysis", RuntimeError("the analysis thread was interrupted"))
+                self._analyse(frame)
+                seconds = time.monotonic() - started
+        except BaseException as exc:  # (a BaseException too: its frame fails, named by it)
+            failure = ("analysis", exc)
+        finally:
             with self._handover_lock:
                 self._analysing = False
             _to_loop(loop, self._analysis_finished, frame, failure, seconds)
@@ -453,7 +450,7 @@ class Pipeline:
         self._analysis_took.set()
 
     def _analysis_finished(
-        self, frame: Frame, failure: tuple[str, Exception] | None, seconds: float | None
+        self, frame: Frame, failure: tuple[str, BaseException] | None, seconds: float | None
     ) -> None:
         """(Loop) analysis finished ``frame`` (in ``seconds``, None if it did not run);
         ignored once the pipeline is closing: the frame is not published then."""
@@ -499,17 +496,18 @@ class Pipeline:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._analysis_idle.wait(), left)
 
-    def _infer_then_analyse(self, frame: Frame) -> tuple[str, Exception] | None:
-        """Both stages in the calling (worker) thread; the failed stage and its error."""
+    def _infer_then_analyse(self, frame: Frame) -> tuple[str, BaseException] | None:
+        """Both stages in the calling (worker) thread; the failed stage and its error (a
+        BaseException too: raised out of the job, it ended the inference task)."""
         try:
             frame.probabilities = self.segmenter.infer(frame.image)
-        except Exception as exc:  # a model fault fails this frame, not the service
+        except BaseException as exc:  # a model fault fails this frame, not the service
             return "inference", exc
         finally:
             frame.stamp("inferred")
         try:
             self._analyse(frame)
-        except Exception as exc:
+        except BaseException as exc:
             return "analysis", exc
         return None
 
@@ -575,7 +573,9 @@ class Pipeline:
             )
         frame.labels = labels
 
-    def _analysis_done(self, frame: Frame, failure: tuple[str, Exception] | None) -> None:
+    def _analysis_done(
+        self, frame: Frame, failure: tuple[str, BaseException] | None
+    ) -> None:
         """Count the frame's outcome and queue it for publishing (on the loop)."""
         if failure is not None:
             self._fail(frame, *failure)
@@ -585,7 +585,7 @@ class Pipeline:
         frame.stamp("analysed")
         self._to_publish.put_nowait(frame)
 
-    def _fail(self, frame: Frame, stage: str, exc: Exception) -> None:
+    def _fail(self, frame: Frame, stage: str, exc: BaseException) -> None:
         frame.error = f"{stage} failed: {type(exc).__name__}: {exc}"
         self.last_failure = f"frame {frame.frame_id}: {frame.error}"
         self.counters.incr("failed")

@@ -52,8 +52,11 @@ class MitosisController:
         self.reactions_ms: list[float] = []
         self.log: list[dict[str, Any]] = []  # one entry per burst sent
 
-    def on_measurements(self, header: dict[str, Any], shape: tuple[int, int]) -> list[dict]:
-        """Events to enqueue because of this measurements message (usually none)."""
+    def on_measurements(
+        self, header: dict[str, Any], shape: tuple[int, int] | None = None
+    ) -> list[dict]:
+        """Events to enqueue because of this measurements message (usually none), of a
+        frame of ``shape`` (rows, columns; default: the message's own ``image_shape``)."""
         index = header.get("index") or {}
         if EXT_KEY in index:  # one of our burst frames: note the reaction time once
             started = self.pending.pop(int(index[EXT_KEY]), None)
@@ -109,23 +112,17 @@ def main() -> None:
 
     controller = MitosisController(burst_frames=args.frames)
     deadline = None if args.duration_s is None else time.monotonic() + args.duration_s
-    with Subscriber(args.pub, topics=("measurements", "frame")) as sub, ControlClient(
+    with Subscriber(args.pub, topics=("measurements",)) as sub, ControlClient(
         args.control
     ) as ctl:
         if args.disable_rule:
             ctl.request("rules", enabled={name: False for name in args.disable_rule})
-        shape: tuple[int, int] | None = None
         while deadline is None or time.monotonic() < deadline:
             msg = sub.recv(timeout_s=1.0)
             if msg is None:
                 continue
-            if msg.topic == "frame":  # learn the image size
-                height, width = msg.arrays["image"].shape[:2]
-                shape = (int(height), int(width))
-                continue
-            if shape is None:  # (a frame's measurements come just before its image)
-                continue
-            events = controller.on_measurements(dict(msg.header), shape)
+            # (the frame's size comes with its measurements: image_shape)
+            events = controller.on_measurements(dict(msg.header))
             if events:
                 reply = ctl.enqueue(events)
                 print(f"frame {msg.header['frame_id']}: burst {controller.sent} at "

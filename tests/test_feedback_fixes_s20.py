@@ -563,3 +563,18 @@ def test_a_user_rule_factory_that_raises_is_a_config_error(
     with pytest.raises(ConfigError, match=r"ValueError: n must be >= 1"):  # the `rules` path
         eng.set_rules([type(eng.config.rules[0]).model_validate(rule)])
     assert [s.name for s in eng.slots] == ["v"]  # nothing changed
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_from_measurements_takes_the_image_size_from_the_message(read_only: bool) -> None:
+    """A client of ``measurements`` alone had no image size (the example controller took
+    the last ``frame`` message's, one frame off after a binning change): the message now
+    says its frame's; a shape given still wins, and a message without one gives (0, 0)."""
+    message = {**_message(), "image_shape": [48, 80]}
+    assert FrameContext.from_measurements(message, read_only=read_only).image_shape == (48, 80)
+    assert FrameContext.from_measurements(message, (8, 9), read_only=read_only).image_shape \
+        == (8, 9)
+    for bad in (None, [48], [48.0, 80], [True, 2], [-1, 5], "48x80"):
+        message = {**_message(), "image_shape": bad}
+        assert FrameContext.from_measurements(message, read_only=read_only).image_shape \
+            == (0, 0)

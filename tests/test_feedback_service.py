@@ -231,7 +231,8 @@ async def test_external_controller_enqueues_and_sees_its_events_run() -> None:
                         continue
                     header = dict(msg.header)
                     seen.append(header)
-                    ctrl.on_measurements(header, (512, 512))  # features, reaction bookkeeping
+                    assert header["image_shape"] == [512, 512]
+                    ctrl.on_measurements(header)  # features, reaction bookkeeping
                     if not sent and header["index"].get("p") == 0:
                         # a burst centred on this frame's first object, as the controller
                         # would send it for a mitosis

@@ -129,6 +129,8 @@ async def test_measurements_use_each_frames_pixel_size_after_binning(
             svc, [{}, {"properties": [BIN2]}, {}])
         status = await control(svc, "status")
     assert [m["pixel_size_um"] for m in meas] == pytest.approx(sizes)
+    # each frame's own image size: a centroid is placed in the image it was found in
+    assert [m["image_shape"] for m in meas] == [[128, 128], [64, 64], [64, 64]]
     for m in meas:
         obj = m["objects"][0]
         assert obj["area_um2"] == pytest.approx(obj["area_px"] * m["pixel_size_um"] ** 2,

@@ -501,6 +501,7 @@ def run_naive(
                         "position": {"x_um": None, "y_um": None, "z_um": None}}
                 # in the service's order: measurements first, then the image and labels
                 pub.publish("measurements", {**base, "pixel_size_um": px,
+                                             "image_shape": list(image.shape[:2]),
                                              "summary": summary, "objects": objects})
                 pub.publish("frame", {**base, "skipped": False}, {"image": image})
                 pub.publish("labels", base, {"labels": labels})

@@ -166,11 +166,13 @@ class FrameContext:
     def from_measurements(
         cls,
         message: Mapping[str, Any],
-        image_shape: tuple[int, ...] = (0, 0),
+        image_shape: tuple[int, ...] | None = None,
         *,
         read_only: bool = False,
     ) -> FrameContext:
-        """Build from a ``measurements`` message header (as published or received).
+        """Build from a ``measurements`` message header (as published or received), of a
+        frame of ``image_shape`` (rows, columns; default: the message's ``image_shape``,
+        else (0, 0): unknown).
 
         The context holds the message as it is (``index`` ... ``summary`` and the list of
         ``objects`` are shallow copies of its parts). With ``read_only`` it holds a
@@ -193,9 +195,11 @@ class FrameContext:
 
     @classmethod
     def _of(
-        cls, message: Mapping[str, Any], image_shape: tuple[int, ...], **parts: Any
+        cls, message: Mapping[str, Any], image_shape: tuple[int, ...] | None, **parts: Any
     ) -> FrameContext:
         """A context of ``message`` with its ``parts`` (index, position, t, summary, objects)."""
+        if image_shape is None:
+            image_shape = _shape_of(message.get("image_shape"))
         return cls(
             frame_id=int(message.get("frame_id", -1)),
             measurements=message,
@@ -346,6 +350,15 @@ def _read_only_mapping(value: Mapping[Any, Any], memo: dict[int, Any] | None) ->
     if memo is not None:
         memo[id(value)] = out
     return out
+
+
+def _shape_of(value: Any) -> tuple[int, int]:
+    """A header's ``image_shape`` as (rows, columns); (0, 0) (unknown) where it has none or
+    a malformed one (a message from before the field, or not the service's)."""
+    if (isinstance(value, list | tuple) and len(value) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value)):
+        return int(value[0]), int(value[1])
+    return 0, 0
 
 
 def _camera_roi(settings: Any) -> dict[str, Any]:

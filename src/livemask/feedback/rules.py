@@ -69,7 +69,7 @@ def reduce_value(value: Any, how: str) -> float | None:
 #: The fields of a ``measurements`` message (docs/protocol.md); a message may carry more.
 MESSAGE_FIELDS = frozenset({
     "v", "topic", "seq", "arrays", "t", "frame_id", "index", "acquisition", "position",
-    "settings", "pixel_size_um", "summary", "objects", "grains",
+    "settings", "pixel_size_um", "image_shape", "summary", "objects", "grains",
 })
 #: Fields that hold no ``[low, high]`` interval anywhere below them.
 NO_INTERVALS = frozenset(MESSAGE_FIELDS - {"objects", "grains"})

@@ -658,6 +658,7 @@ class Pipeline:
         measurements: dict[str, Any] = {
             **base,
             "pixel_size_um": frame.pixel_size_um,
+            "image_shape": [int(n) for n in frame.image.shape[:2]],
             "summary": frame.summary,
             "objects": frame.objects,
         }

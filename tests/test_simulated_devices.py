@@ -519,3 +519,41 @@ def test_z_positions_without_a_focus_device_are_failed_moves(
                      + [useq.MDAEvent(index={"t": 1})])
     assert failed == [True, True, True, False]  # a frame without a z position is fine
     assert "no focus device (Core-Focus)" in caplog.text and engine.z_failures == 3
+
+
+def test_the_engine_sets_the_exposure_only_where_it_changes(open_sim: OpenSim) -> None:
+    """pymmcore-plus set the camera's exposure at every event that has one: each frame of a
+    sequence whose channel sets one, and a feedback action's frames and the event that
+    restores after them, although it was in effect already (on some cameras a set stops and
+    re-arms the acquisition); the frames still say what they were taken with."""
+    from livemask.acquisition.engine import FocusTolerantEngine
+
+    core, _ = open_sim()
+    # (events that hardware sequencing merges set their exposure once anyway)
+    core.register_mda_engine(FocusTolerantEngine(core, use_hardware_sequencing=False))
+    core.setExposure(5.0)
+    real_set = core.setExposure
+    sets: list[float] = []
+
+    def counting_set(*args: Any) -> None:
+        sets.append(float(args[-1]))
+        real_set(*args)
+
+    core.setExposure = counting_set  # type: ignore[method-assign,assignment]
+    taken: list[float] = []
+    core.mda.events.frameReady.connect(
+        lambda image, event, meta: taken.append(float(meta["exposure_ms"])))
+    plan = [10.0, 10.0, 10.0, 20.0, 20.0, 10.0]
+    core.mda.run([useq.MDAEvent(index={"t": t}, exposure=ms) for t, ms in enumerate(plan)])
+    assert sets == [10.0, 20.0, 10.0, 5.0]  # (and 5.0: the state before the run, put back)
+    assert taken == plan
+
+    def unreadable() -> float:
+        raise RuntimeError("camera does not answer")
+
+    core.getExposure = unreadable  # type: ignore[method-assign]
+    sets.clear()
+    engine = core.mda.engine
+    assert isinstance(engine, FocusTolerantEngine)
+    engine.setup_single_event(useq.MDAEvent(exposure=10.0))
+    assert sets == [10.0]  # not known to be in effect: set, as before

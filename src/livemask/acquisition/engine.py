@@ -41,6 +41,7 @@ ROI can be placed on the sensor (see :func:`livemask.acquisition.source.frame_ro
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -161,6 +162,26 @@ class FocusTolerantEngine(MDAEngine):
                     dict(event.index), self.busy_errors, exc,
                 )
             self.busy_error = str(exc) or type(exc).__name__
+
+    def setup_single_event(self, event: useq.MDAEvent) -> None:
+        """``MDAEngine.setup_single_event``, without the camera's ``setExposure`` where the
+        event's exposure is in effect already (as the core reads it): pymmcore-plus sets it
+        at every event that has one (each frame of a sequence whose channels set exposures,
+        and a feedback action's frames and the event that restores after them), and on
+        some cameras a set stops and re-arms the acquisition. Its channel preset is set
+        only on a change already (pymmcore-plus' own check)."""
+        if event.exposure is not None and self._exposure_in_effect(event.exposure):
+            event = event.model_copy(update={"exposure": None})
+        super().setup_single_event(event)
+
+    def _exposure_in_effect(self, exposure_ms: float) -> bool:
+        """Whether the camera's exposure (the core's reading) is ``exposure_ms`` already;
+        False where it cannot be read (then it is set, as before)."""
+        try:
+            return math.isclose(float(self.mmcore.getExposure()), float(exposure_ms),
+                                rel_tol=1e-9, abs_tol=1e-9)
+        except Exception:  # no camera, or it does not answer: set it, and let that tell
+            return False
 
     def exec_single_event(self, event: useq.MDAEvent) -> Iterator[PImagePayload | None]:
         """``MDAEngine.exec_single_event`` with the snap and the read-back of its metadata

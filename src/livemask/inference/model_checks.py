@@ -23,8 +23,9 @@ batch against the model's fixed input dimensions before running it
 (:func:`check_batch_input`) and each result's shape after (:func:`check_batch_output`),
 starting at its warm-up, which also runs a test image and checks that the output is
 probabilities in [0, 1] (:func:`check_output_range`), not logits, and for a tiled frame runs
-it as a batch of each size the frame sends (:func:`batch_error` if one tile runs but not a
-batch of them).
+different test tiles as a batch of each size the frame sends (:func:`batch_error` if one tile
+runs but not a batch of them, :func:`batch_dependence_error` if a tile's output in the batch
+is not its output alone).
 """
 
 from __future__ import annotations
@@ -44,9 +45,11 @@ log = logging.getLogger("livemask")
 
 __all__ = [
     "BATCH_ONE_FIX",
+    "BATCH_TOLERANCE",
     "FLOAT_TYPES",
     "ModelIO",
     "TensorSpec",
+    "batch_dependence_error",
     "batch_error",
     "batch_one_hint",
     "channels_needed",
@@ -449,6 +452,37 @@ def batch_error(
         f"{tuple(shape)})"
         f"{_frame_text(frame)}, which runs as {_count(tiles, 'tile')} in batches of up to "
         f"max_batch {card.max_batch}: {BATCH_ONE_FIX}. The batch failed with: {reason}"
+    )
+
+
+#: How far a tile's probabilities in a batch may differ from its probabilities alone. fp16
+#: backends (torch CUDA fp16, TensorRT FP16) pick other kernels for other batch sizes and
+#: differ by up to ~1e-2 (the torch backend's FP16_ATOL; float32 ONNX Runtime: 0 for the
+#: shipped nuclei model). A model that normalises over its batch shifts the first test
+#: tile's probabilities by far more (the test tiles' means differ by ~0.4 after
+#: normalisation, as an empty and a crowded tile of one frame do): measured ~0.1 for a bare
+#: mean over the batch before a Sigmoid, ~0.4 for BatchNorm in training mode. 0.05 is 5x the
+#: fp16 noise and half the weakest of those.
+BATCH_TOLERANCE = 0.05
+
+
+def batch_dependence_error(
+    card: ModelCard, shape: tuple[int, ...], frame: tuple[int, int] | None, tiles: int,
+    difference: float,
+) -> ModelError:
+    """The ModelError for a model whose output for a test tile in a batch of ``shape``
+    differs from its output for the tile alone by up to ``difference``."""
+    return ModelError(
+        f"{_where(card)} gives a tile other probabilities in a batch of {shape[0]} than alone "
+        f"(they differ by up to {difference:.3g}, more than the {BATCH_TOLERANCE:g} allowed, "
+        f"in a test batch of shape {tuple(shape)} of different tiles){_frame_text(frame)}, "
+        f"which runs as {_count(tiles, 'tile')} in batches of up to max_batch "
+        f"{card.max_batch}: the model's output for a tile depends on the other tiles in its "
+        "batch (it normalises over the batch, e.g. BatchNorm exported in training mode or a "
+        "mean over the batch axis), so tiled frames would get wrong masks. To fix it, set "
+        "max_batch: 1 in the card (frames larger than the tile then run one tile at a time), "
+        "or re-export the model in eval mode (model.eval() before torch.onnx.export, so that "
+        "BatchNorm uses its running statistics)"
     )
 
 

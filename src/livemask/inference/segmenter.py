@@ -12,6 +12,8 @@ from livemask.analysis.normalize import percentile_normalize
 from livemask.errors import ModelError
 from livemask.inference.backend import Backend
 from livemask.inference.model_checks import (
+    BATCH_TOLERANCE,
+    batch_dependence_error,
     batch_error,
     check_batch_input,
     check_batch_output,
@@ -194,10 +196,10 @@ class Segmenter:
     def check_frame(self, shape: tuple[int, int]) -> tuple[int, int]:
         """Check, with one model run, that the model takes frames of ``shape`` and returns
         what its card says (:meth:`check_output`), and with one more per batch size above 1
-        that a tiled frame sends, that it runs such batches (:meth:`_check_batches`);
-        ModelError if not. Returns the size the backend gets (the frame padded to
-        ``size_multiple``, or a tile). Offline commands run only this; :meth:`warmup` runs
-        it first."""
+        that a tiled frame sends, that it runs such batches and gives a tile in them the
+        output it gives it alone (:meth:`_check_batches`); ModelError if not. Returns the
+        size the backend gets (the frame padded to ``size_multiple``, or a tile). Offline
+        commands run only this; :meth:`warmup` runs it first."""
         plan = self.tile_plan(shape)
         if plan is not None:
             size = plan.tile_shape
@@ -207,59 +209,73 @@ class Segmenter:
         frame = (int(shape[0]), int(shape[1]))
         for n in sorted(set(plan.batch_sizes) if plan is not None else {1}):
             self._check_input((n, 1, *size), frame)  # every batch shape this frame sends
-        self.check_output((int(size[0]), int(size[1])), frame)
+        run_size = (int(size[0]), int(size[1]))
+        out = self.check_output(run_size, frame)
         if plan is not None:
-            self._check_batches(plan, (int(size[0]), int(size[1])), frame)
-        return int(size[0]), int(size[1])
+            self._check_batches(plan, run_size, frame, out)
+        return run_size
 
     def _check_batches(
-        self, plan: TilePlan, size: tuple[int, int], frame: tuple[int, int]
+        self, plan: TilePlan, size: tuple[int, int], frame: tuple[int, int],
+        tile_out: np.ndarray,
     ) -> None:
-        """Run the test image as a batch of each size above 1 that ``plan`` sends (a model
-        that fixes its batch at 1 inside, e.g. a traced ``x.view(1, ...)``, runs one tile
-        but no batch); ModelError saying to set max_batch: 1 if one fails. Small tiles
-        where the model takes them, so this costs little beside :meth:`check_output`."""
+        """Run different test tiles (:func:`probe_tiles`) as a batch of each size above 1
+        that ``plan`` sends; ModelError saying to set max_batch: 1 if a batch fails (a model
+        that fixes its batch at 1 inside, e.g. a traced ``x.view(1, ...)``, runs one tile but
+        no batch) or if the first tile's output in it differs from its output alone by more
+        than :data:`BATCH_TOLERANCE` (a model that normalises over its batch, e.g. BatchNorm
+        exported in training mode: identical tiles would hide it). ``tile_out``: the output
+        :meth:`check_output` got for the test image of ``size``. Small tiles where the model
+        takes them, so this costs little beside :meth:`check_output`."""
         sizes = sorted(set(plan.batch_sizes) - {1})
         if not sizes:
             return
-        probe = self._batch_probe_size(size, frame)
-        one = self._normalize(probe_image(probe))[None, None]
+        first, alone = self._batch_probe(size, frame, tile_out)
+        tiles = probe_tiles(first, max(sizes))
         for n in sizes:
-            batch = np.repeat(one, n, axis=0)
+            batch = tiles[:n]
             try:
-                self._run(batch, frame)
+                out = self._run(batch, frame)
             except ModelError as exc:
                 raise batch_error(self.card, batch.shape, frame, plan.count, exc) from None
+            difference = float(np.max(np.abs(out[0] - alone[0])))
+            if not difference <= BATCH_TOLERANCE:  # NaN in the batch only: dependent too
+                raise batch_dependence_error(self.card, batch.shape, frame, plan.count,
+                                             difference)
 
-    def _batch_probe_size(
-        self, size: tuple[int, int], frame: tuple[int, int]
-    ) -> tuple[int, int]:
-        """A small tile (64 px, rounded up to ``size_multiple``) for the batch checks if the
-        model declares no fixed height or width and runs it alone, else the tile ``size``."""
+    def _batch_probe(
+        self, size: tuple[int, int], frame: tuple[int, int], tile_out: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The test tile (H, W, normalised) for the batch checks and the model's output for
+        it alone: a small tile (64 px, rounded up to ``size_multiple``) if the model declares
+        no fixed height or width and runs it alone, else the test image of the tile ``size``
+        (its output ``tile_out``, from :meth:`check_output`)."""
         io = getattr(self.backend, "model_io", None)
         dims = io.inputs[0].shape if io is not None and io.inputs else None
-        if dims is not None and len(dims) == 4 and any(isinstance(d, int) for d in dims[2:]):
-            return size  # a fixed height or width: only the tile fits
+        fixed = dims is not None and len(dims) == 4 and any(
+            isinstance(d, int) for d in dims[2:])  # a fixed height or width: only the tile fits
         m = self.card.size_multiple
         side = -(-64 // m) * m
         small = (min(size[0], side), min(size[1], side))
-        if small == size:
-            return size
-        try:
-            self._run(self._normalize(probe_image(small))[None, None], frame)
-        except ModelError:  # the network needs larger inputs: use the tile
-            return size
-        return small
+        if not fixed and small != size:
+            tile = self._normalize(probe_image(small))
+            try:
+                return tile, self._run(tile[None, None], frame)
+            except ModelError:  # the network needs larger inputs: use the tile
+                pass
+        return self._normalize(probe_image(size)), tile_out
 
     def check_output(
         self, size: tuple[int, int], frame: tuple[int, int] | None = None
-    ) -> None:
+    ) -> np.ndarray:
         """Run :func:`probe_image` of ``size`` (H, W, a size the model takes) through the
         card's normalisation and the model once; ModelError unless the output has the shape
-        the card says and holds probabilities in [0, 1]. One model call."""
+        the card says and holds probabilities in [0, 1]. One model call; returns its output
+        (1, C, H, W)."""
         batch = self._normalize(probe_image(size))[None, None]
         out = self._run(batch, frame)
         check_output_range(self.card, out, batch.shape, frame)
+        return out
 
     def infer(self, image: np.ndarray) -> np.ndarray | DeviceProbabilities:
         """The pipeline's inference stage: :meth:`predict`, or on the device path the
@@ -354,3 +370,23 @@ def probe_image(shape: tuple[int, int]) -> np.ndarray:
     image += np.linspace(100.0, 400.0, w, dtype=np.float32)[None, :]
     np.add(image, 1500.0, out=image, where=rows[:, None] & cols[None, :])
     return np.clip(image, 0, 65535).astype(np.uint16)
+
+
+#: (gain, offset) of the test tiles after the first (:func:`probe_tiles`), in turn.
+_TILE_LEVELS = ((-1.0, 1.0), (0.5, 0.5), (1.5, 0.25))
+
+
+def probe_tiles(tile: np.ndarray, n: int) -> np.ndarray:
+    """``n`` different test tiles (n, 1, H, W) float32: ``tile`` (a normalised
+    :func:`probe_image`, mostly dim) first, then copies of it flipped and rolled, inverted
+    or brightened (:data:`_TILE_LEVELS`), as the tiles of one frame differ in content and
+    brightness. Identical tiles would hide a model that normalises over its batch (each
+    tile's batch statistics would be its own); these shift the first tile's by ~0.4."""
+    h, w = tile.shape
+    tiles = [tile]
+    for i in range(1, n):
+        gain, offset = _TILE_LEVELS[(i - 1) % len(_TILE_LEVELS)]
+        moved = np.roll(tile[:, ::-1] if i % 2 else tile[::-1], (i * h // 5, i * w // 7),
+                        axis=(0, 1))
+        tiles.append(gain * moved + offset)
+    return np.stack(tiles)[:, None].astype(np.float32, copy=False)

@@ -207,3 +207,24 @@ def _first_big_int(value: Any, at: str) -> str | None:
         if found:
             return found
     return None
+
+
+@pytest.mark.parametrize("depth", [250, 300])
+def test_a_config_sequence_nested_too_deeply_is_refused_at_load(depth: int) -> None:
+    """A config sequence nested ~250 levels deep (e.g. in its metadata) loaded, and then
+    ``start`` replied ``internal``: its acquisition_started event could not be encoded. The
+    request path refused such a sequence already (200 levels); the config now does too."""
+    from livemask.protocol import MAX_NESTING
+
+    def nested(levels: int) -> Any:
+        value: Any = 1
+        for _ in range(levels):
+            value = {"a": value}
+        return value
+
+    sequence = {"time_plan": {"interval": 0, "loops": 2}, "metadata": nested(depth)}
+    with pytest.raises(ConfigError, match=rf"acquisition\.sequence: .*more than {MAX_NESTING} "
+                                          "levels deep"):
+        parse_config({"acquisition": {"sequence": sequence}})
+    ok = {"time_plan": {"interval": 0, "loops": 2}, "metadata": nested(MAX_NESTING - 2)}
+    assert parse_config({"acquisition": {"sequence": ok}}).acquisition.sequence == ok

@@ -38,7 +38,7 @@ from livemask.acquisition.sequence import check_sequence
 from livemask.acquisition.simulated import SIMULATED_CFG
 from livemask.errors import ConfigError
 from livemask.feedback.spec import FeedbackConfig, RuleSpec
-from livemask.protocol import INT64_MAX, INT64_MIN, fits_64_bits
+from livemask.protocol import INT64_MAX, INT64_MIN, MAX_NESTING, fits_64_bits, nesting_depth
 
 StageThreads = Literal["one", "two"]
 SensorSide = Annotated[int, Field(ge=16, le=16384)]
@@ -292,6 +292,11 @@ class AcquisitionConfig(_Section):
     @field_validator("sequence")
     @classmethod
     def _valid_sequence(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if nesting_depth(value, MAX_NESTING + 1) > MAX_NESTING:  # (as a request's arguments)
+            raise ValueError(
+                f"nests objects and arrays more than {MAX_NESTING} levels deep (e.g. in its "
+                f"metadata); give it at most {MAX_NESTING} levels: `start` echoes the "
+                "sequence in its acquisition_started event, which cannot encode it")
         seq = validate_model(useq.MDASequence, value)
         check_sequence(seq, value, events=False)  # (checked where it runs: see app.py)
         return value

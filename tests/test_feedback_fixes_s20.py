@@ -574,6 +574,9 @@ def test_from_measurements_takes_the_image_size_from_the_message(read_only: bool
     assert FrameContext.from_measurements(message, read_only=read_only).image_shape == (48, 80)
     assert FrameContext.from_measurements(message, (8, 9), read_only=read_only).image_shape \
         == (8, 9)
+    in_process = {**_message(), "image_shape": (np.int64(48), np.uint16(80))}  # (numpy ints)
+    assert FrameContext.from_measurements(in_process, read_only=read_only).image_shape \
+        == (48, 80)
     for bad in (None, [48], [48.0, 80], [True, 2], [-1, 5], "48x80"):
         message = {**_message(), "image_shape": bad}
         assert FrameContext.from_measurements(message, read_only=read_only).image_shape \

@@ -557,3 +557,26 @@ def test_the_engine_sets_the_exposure_only_where_it_changes(open_sim: OpenSim) -
     assert isinstance(engine, FocusTolerantEngine)
     engine.setup_single_event(useq.MDAEvent(exposure=10.0))
     assert sets == [10.0]  # not known to be in effect: set, as before
+
+
+@pytest.mark.parametrize("sequencing", [False, True])
+def test_an_events_exposure_wins_over_its_channel_presets(
+    open_sim: OpenSim, sequencing: bool
+) -> None:
+    """The first version of the check above read the exposure before the channel preset
+    was set: a preset that carries an exposure (``Camera,Exposure``) then won over the
+    event's own, and every GFP frame was taken at the preset's 40 ms (review)."""
+    from livemask.acquisition.engine import FocusTolerantEngine
+
+    core, _ = open_sim()
+    core.defineConfig("Channel", "DAPI", "Camera", "Exposure", "20")
+    core.defineConfig("Channel", "GFP", "Camera", "Exposure", "40")
+    core.register_mda_engine(FocusTolerantEngine(core, use_hardware_sequencing=sequencing))
+    taken: list[tuple[str, float]] = []
+    core.mda.events.frameReady.connect(
+        lambda image, event, meta: taken.append((event.channel.config,
+                                                 float(meta["exposure_ms"]))))
+    core.mda.run(useq.MDASequence(time_plan={"interval": 0, "loops": 2},
+                                  channels=[{"config": "DAPI", "exposure": 50},
+                                            {"config": "GFP", "exposure": 50}]))
+    assert taken == [("DAPI", 50.0), ("GFP", 50.0)] * 2

@@ -123,6 +123,8 @@ class FocusTolerantEngine(MDAEngine):
     _roi: tuple[int, int, int, int] | None = None
     _binning_at_start: str | None = None  # the camera's Binning when the run's state was taken
     _roi_unread: bool = True
+    #: The single event's exposure while it is set up (set after its channel preset)
+    _event_exposure: float | None = None
 
     def __init__(self, mmc: CMMCorePlus, **kwargs: Any) -> None:
         super().__init__(mmc, **kwargs)
@@ -164,15 +166,33 @@ class FocusTolerantEngine(MDAEngine):
             self.busy_error = str(exc) or type(exc).__name__
 
     def setup_single_event(self, event: useq.MDAEvent) -> None:
-        """``MDAEngine.setup_single_event``, without the camera's ``setExposure`` where the
-        event's exposure is in effect already (as the core reads it): pymmcore-plus sets it
-        at every event that has one (each frame of a sequence whose channels set exposures,
-        and a feedback action's frames and the event that restores after them), and on
-        some cameras a set stops and re-arms the acquisition. Its channel preset is set
-        only on a change already (pymmcore-plus' own check)."""
-        if event.exposure is not None and self._exposure_in_effect(event.exposure):
-            event = event.model_copy(update={"exposure": None})
-        super().setup_single_event(event)
+        """``MDAEngine.setup_single_event``, with the event's exposure set only where the
+        camera's (as the core reads it once the event's channel preset is set) differs:
+        pymmcore-plus sets it at every single event that has one (each frame of a sequence
+        whose channels set exposures, a feedback action's frames and the event that
+        restores after them), and on some cameras a set stops and re-arms the acquisition.
+        Its channel preset is set only on a change already (pymmcore-plus' own check)."""
+        if event.exposure is None:
+            super().setup_single_event(event)
+            return
+        self._event_exposure = event.exposure
+        try:  # set in :meth:`_set_event_channel`, where pymmcore-plus sets it: channel first
+            super().setup_single_event(event.model_copy(update={"exposure": None}))
+        finally:
+            self._event_exposure = None
+
+    def _set_event_channel(self, event: useq.MDAEvent) -> None:  # pymmcore-plus 0.18.1
+        """The event's channel preset, then (a single event's) exposure unless the camera
+        has it already: read after the preset, which may set an exposure of its own (a
+        preset with ``Camera,Exposure``, or one that switches ``Core,Camera``)."""
+        super()._set_event_channel(event)
+        exposure, self._event_exposure = self._event_exposure, None
+        if exposure is None or self._exposure_in_effect(exposure):
+            return
+        try:
+            self.mmcore.setExposure(exposure)
+        except Exception as exc:  # as pymmcore-plus' set-up: the frame's read-back tells
+            log.warning("Failed to set exposure. %s", exc)
 
     def _exposure_in_effect(self, exposure_ms: float) -> bool:
         """Whether the camera's exposure (the core's reading) is ``exposure_ms`` already;

@@ -355,10 +355,11 @@ def _read_only_mapping(value: Mapping[Any, Any], memo: dict[int, Any] | None) ->
 def _shape_of(value: Any) -> tuple[int, int]:
     """A header's ``image_shape`` as (rows, columns); (0, 0) (unknown) where it has none or
     a malformed one (a message from before the field, or not the service's)."""
-    if (isinstance(value, list | tuple) and len(value) == 2
-            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value)):
-        return int(value[0]), int(value[1])
-    return 0, 0
+    if not (isinstance(value, list | tuple) and len(value) == 2 and all(
+            isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in value)):
+        return 0, 0
+    rows, columns = int(value[0]), int(value[1])  # (numpy integers too: built in-process)
+    return (rows, columns) if rows >= 0 and columns >= 0 else (0, 0)
 
 
 def _camera_roi(settings: Any) -> dict[str, Any]:

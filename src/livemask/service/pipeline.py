@@ -310,15 +310,15 @@ class Pipeline:
                                                  frame.pixel_size_um)
         log.warning(
             "frame %d (%s): the pixel size changed from %.4g to %.4g um (the camera's "
-            "binning or the objective changed); its measurements use the new one",
-            frame.frame_id, frame.index, before, frame.pixel_size_um)
+            "binning, the objective or a zoom changed); each frame's measurements use its "
+            "own", frame.frame_id, frame.index, before, frame.pixel_size_um)
         try:
             self.publish_event("pixel_size_changed", {
                 "from": before, "to": frame.pixel_size_um, "frame_id": frame.frame_id,
                 "index": dict(frame.index), "acquisition": frame.acquisition,
-                "detail": "this frame's pixel size differs from the last frame's (the "
-                          "camera's binning or the objective changed): its µm values use "
-                          "the new one",
+                "detail": "this frame's pixel size differs by more than 1 % from the one "
+                          "announced last ('from': the camera's binning, the objective or "
+                          "a zoom changed); each frame's µm values use its own",
             })
         except Exception as exc:  # reporting must not lose the frame
             self._errors.error("event", "publishing pixel_size_changed failed", exc)
@@ -398,8 +398,9 @@ class Pipeline:
     ) -> BaseException | None:
         """Inference thread: infer, then queue the frame for the analysis thread at once;
         a failure is returned instead (the loop counts it, then hands the frame over).
-        A BaseException too (e.g. a model's ``sys.exit``): raised out of the job, it ended
-        the loop's inference task and every later frame waited forever."""
+        A BaseException too: a custom one raised out of the job ended the loop's inference
+        task (every later frame waited forever), and a model's ``sys.exit`` ended the
+        service; as in any Python thread, it ends this job only (the frame fails)."""
         try:
             frame.probabilities = self.segmenter.infer(frame.image)
         except BaseException as exc:

@@ -651,3 +651,51 @@ async def test_a_base_exception_in_a_stage_thread_fails_only_its_frame(
     assert failed["frame_id"] == 1
     assert failed["detail"] == f"{stage} failed: Interrupted: stop here"
     assert f"frame 1: {stage} failed: Interrupted: stop here" in caplog.text
+
+
+async def test_a_frame_without_t_is_the_next_time_point_of_its_stream() -> None:
+    """An enqueued event without an index shares a stream with the planned frames at its
+    position, and was tracked at its frame id, another clock: dt = 41 time points made the
+    search radius 6.4x, its far-away object took the track's id, and the nucleus back in
+    place at the next planned frame got a new one (hunt). Now it is the stream's next time
+    point (dt = 1: a radius of 20 px)."""
+    from livemask.analysis.tracking import PositionTrackers
+
+    pipe, pub, _ = _pipeline(mode="synchronized")
+    pipe.tracker = PositionTrackers()
+    pipe.start()
+
+    def raw(index: dict[str, int], col: int) -> RawFrame:
+        image = np.full((64, 320), 100, np.uint16)
+        image[20:30, col:col + 10] = 1000
+        return RawFrame(image, useq.MDAEvent(index=index), time.time(), {}, None)
+
+    for k in range(40):  # another stream (channel 1) first: frame ids run ahead of t
+        pipe.submit(raw({"t": k, "c": 1}, 150))
+    for t in range(3):
+        pipe.submit(raw({"t": t}, 20))
+    pipe.submit(raw({}, 120))  # enqueued without an index: 100 px away
+    pipe.submit(raw({"t": 3}, 21))  # the nucleus, back in place
+    assert await pipe.drain(10.0)
+    await pipe.close()
+    ids = [m.header["objects"][0]["track_id"] for m in pub.by_topic("measurements")[40:]]
+    assert ids[0] == ids[1] == ids[2] == ids[4]  # one track, across the index-less frame
+    assert ids[3] != ids[0]  # the far object is another one
+
+
+async def test_a_sequences_index_keys_are_plain_strings(caplog: pytest.LogCaptureFixture) -> None:
+    """A sequence's events have useq ``Axis`` keys: the saturation warning printed the index
+    as ``{<Axis.TIME: 't'>: 0, <Axis.CHANNEL: 'c'>: 0}`` (hunt)."""
+    pipe, pub, _ = _pipeline(mode="synchronized")
+    pipe.begin_acquisition()  # (the warning is said once per acquisition)
+    pipe.start()
+    event = next(iter(useq.MDASequence(time_plan={"interval": 0, "loops": 1},
+                                       channels=["DAPI"])))
+    image = np.full((64, 64), 100, np.uint16)
+    image[10:20, 10:20] = 65535  # saturated: the warning names the frame's index
+    with caplog.at_level(logging.WARNING, logger="livemask"):
+        pipe.submit(RawFrame(image, event, time.time(), {}, None))
+        assert await pipe.drain(5.0)
+    await pipe.close()
+    assert len(pub.by_topic("measurements")) == 1
+    assert "{'t': 0, 'c': 0}" in caplog.text and "Axis" not in caplog.text

@@ -721,7 +721,6 @@ class PositionTrackers:
         *,
         index: Mapping[str, int],
         position: Mapping[str, float | None] | None = None,
-        frame_id: int | None = None,
         exposure_ms: float | None = None,
         geometry: Hashable = None,
     ) -> TrackStep:
@@ -729,13 +728,16 @@ class PositionTrackers:
 
         Adds ``track_id`` and ``parent_track_id`` (None unless the track is a daughter) to
         every object dict and ``divisions`` (``[{"parent": id, "children": [a, b]}]``) and
-        ``tracks_active`` to ``summary``. The time point is ``index["t"]``, else ``frame_id``.
+        ``tracks_active`` to ``summary``. The time point is ``index["t"]``, else the stream's
+        next one (its last + 1: a frame without ``t``, e.g. an enqueued event without an
+        index, can share a stream with frames that have one, so the frame id, another
+        clock, made its ``dt`` and search radius huge).
         The division intensity rule gets :func:`signal_intensities` (``exposure_ms``: the
         frame's camera exposure, when known). ``geometry``: the frame's
         :func:`frame_geometry` (part of its stream's key).
         """
         tracker = self.tracker(self.key(index, position or {}, geometry))
-        t = index.get(TIME_AXIS, frame_id)
+        t = index.get(TIME_AXIS)  # (None: the stream's last + 1)
         if objects:
             yx = np.array([o["centroid_yx"] for o in objects], dtype=np.float64)
             area = np.array([o["area_px"] for o in objects], dtype=np.float64)

@@ -259,7 +259,8 @@ class Pipeline:
         frame = Frame(
             frame_id=self._next_id,
             image=raw.image,
-            index={k: int(v) for k, v in raw.event.index.items()},
+            # plain str keys: a sequence's are useq Axis members (``<Axis.TIME: 't'>`` in logs)
+            index={str(k): int(v) for k, v in raw.event.index.items()},
             position=raw.position,
             settings=raw.settings,
             t={"acquired": raw.acquired, "received": time.time()},
@@ -567,7 +568,7 @@ class Pipeline:
         if self.tracker is not None and frame.objects is not None:
             self.tracker.apply(
                 frame.objects, frame.summary if frame.summary is not None else {},
-                index=frame.index, position=frame.position, frame_id=frame.frame_id,
+                index=frame.index, position=frame.position,
                 exposure_ms=frame.settings.get("exposure_ms"), geometry=frame_geometry(
                     frame.pixel_size_um, camera_roi_offset(frame.settings),
                     frame.image.shape),

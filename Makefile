@@ -42,7 +42,8 @@ train: $(TEST_STAMP)
 
 ## bench: inference, naive loop and full service fps + latency (see docs/performance.md)
 bench: $(RUN_STAMP)
-	$(BIN)/livemask bench --json benchmarks/results/bench-cpu-512.json
+	mkdir -p benchmarks/results/local
+	$(BIN)/livemask bench --json benchmarks/results/local/bench-cpu-512.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -164,6 +164,45 @@ def test_paced_camera_run_analyses_every_frame_it_can() -> None:
     assert r["latency_warmup_s"] == 0.1 and 1 <= r["latency_frames"] < r["frames_analysed"]
     assert r["latency_ms_with_warmup"]["end_to_end"]["p50"] is not None
     assert r["fps"] > 0 and r["memory_mb"]["rss"] > 0
+    # frames over their span from the first acquired to the last published: never above
+    # the camera (12 / 0.5 s read 24.6 frames/s beside a camera at 24.0 before)
+    assert r["fps"] <= r["camera_fps"] + 0.01
+    assert r["camera_fps_requested"] == pytest.approx(25.0)
+    assert r["camera_rate_held"] is (r["camera_fps"] >= bench.CAMERA_RATE_HELD * 25.0)
+
+
+@pytest.mark.timeout(120)
+def test_a_camera_that_waits_for_a_slow_model_is_not_said_to_hold_its_rate(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """In pipelined mode the camera waits for the model, so no frame skips: docs told
+    users that ``frames_skipped`` 0 meant the rate was sustained, and a 4 frames/s model
+    at --camera-fps 50 looked like it (hunt). The record and the log now say it was not,
+    and the pipeline run's time-outs follow the model's pace (``frame_s``)."""
+    import logging
+
+    real_predict = Segmenter.predict
+
+    def slow_predict(self: Segmenter, image: np.ndarray) -> np.ndarray:
+        time.sleep(0.25)
+        return real_predict(self, image)
+
+    timeouts: list[float | None] = []
+    real_config = bench.service_config
+
+    def config(*args: Any, frame_timeout_s: float | None = None) -> Any:
+        timeouts.append(frame_timeout_s)
+        return real_config(*args, frame_timeout_s=frame_timeout_s)
+
+    monkeypatch.setattr(Segmenter, "predict", slow_predict)
+    monkeypatch.setattr(bench, "service_config", config)
+    settings = bench.BenchSettings(size=64, frames=4, camera_fps=50, exposure_ms=1.0)
+    with caplog.at_level(logging.WARNING, logger="livemask"):
+        r = bench.run_pipeline(settings, bench.prerender(settings), frame_s=2.5)
+    assert r["mode"] == "pipelined" and r["frames_skipped"] == 0
+    assert r["camera_fps"] < 10 and r["camera_rate_held"] is False
+    assert "not the 50 asked for" in caplog.text
+    assert timeouts == [bench.SLOW_FRAME_FACTOR * 2.5]  # 25 s: above the service's 10 s
 
 
 @pytest.mark.timeout(120)

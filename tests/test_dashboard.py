@@ -111,7 +111,7 @@ def test_state_pairs_frames_with_labels_and_batches_points() -> None:
     update = state.update()
     assert update is not None and update["type"] == "update"
     assert [p[0] for p in update["points"]] == [1, 2]
-    assert update["points"][1] == [2, 102.0, 12, 5.0, 300.0]
+    assert update["points"][1] == [2, 102.0, 12, 5.0, 300.0, ""]
     assert state.update() is None  # nothing new
     hello = state.hello({"x": 1})
     assert hello["type"] == "hello" and len(hello["points"]) == 2
@@ -740,3 +740,46 @@ async def test_a_dashboard_port_in_use_is_named() -> None:
         server = DashboardServer("tcp://127.0.0.1:5555", port=port)
         with pytest.raises(ConfigError, match=r"Choose another dashboard\.port"):
             await server.start()
+
+
+def test_each_stream_is_a_series_of_its_own() -> None:
+    """The plots drew every frame on one line: two channels at other exposures (or several
+    positions) made a zigzag (hunt). Each point now says its stream: its index but t."""
+    from livemask.dashboard.state import stream_label, summary_point
+
+    assert stream_label({"t": 3}) == "" and stream_label(None) == ""
+    assert stream_label({"t": 3, "p": 1, "c": 0}) == "c0 p1"
+    assert stream_label({"t": 0, "p": 0, "fb": 2}) == "fb2 p0"
+    points = [summary_point({"frame_id": i, "t": {"acquired": float(i)},
+                             "index": {"t": i // 2, "c": i % 2},
+                             "summary": {"count": 10, "mean_intensity": 200.0 + 20 * (i % 2)}})
+              for i in range(4)]
+    assert [p[5] for p in points] == ["c0", "c1", "c0", "c1"]
+
+
+async def test_the_plots_draw_a_series_per_channel_in_a_browser(browser: Any) -> None:
+    """Two channels at other exposures were one zigzag line in each plot; now the page
+    draws a series for each (``window.livemaskStats.series``), with no page error."""
+    cfg = make_config(
+        dashboard={"enabled": True, "port": 0},
+        simulation={"truth": False},
+        acquisition={"mode": "free-run", "sequence": {
+            "time_plan": {"interval": 0.1, "loops": 60},
+            "channels": [{"config": "DAPI", "exposure": 5}, {"config": "GFP", "exposure": 20}],
+        }},
+    )
+    async with Service(cfg) as svc:
+        url = svc.status()["dashboard_url"]
+        assert url is not None and svc.dashboard is not None
+        for _ in range(100):  # its subscriber is connected (slow joiner)
+            if svc.dashboard.state.status is not None:
+                break
+            await asyncio.sleep(0.02)
+        svc.start_acquisition(None)
+        page = await browser.new_page(viewport={"width": 1400, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        await page.goto(url)
+        await page.wait_for_function("() => window.livemaskStats.series === 2", timeout=20000)
+        await page.close()
+    assert not errors, errors

@@ -292,7 +292,7 @@ def test_float_intensities_keep_their_significant_digits() -> None:
     point = summary_point({"frame_id": 1, "t": {"acquired": 5.0},
                            "summary": {"count": 2, "mean_area_px": 12.5,
                                        "mean_intensity": 0.0040574}})
-    assert point == [1, 5.0, 2, 12.5, 0.0040574]
+    assert point == [1, 5.0, 2, 12.5, 0.0040574, ""]
     assert summary_point({"summary": {"mean_intensity": 1234.5678}})[4] == 1234.57
     image = np.linspace(0.0039, 0.0042, 64 * 64, dtype=np.float32).reshape(64, 64)
     pv = make_preview(image)

@@ -42,8 +42,10 @@ def published_unit(units: Any, key: str, default: str) -> str:
 
 
 def summary_point(header: dict[str, Any]) -> list[Any]:
-    """``[frame_id, t_acquired, count, mean_area_um2, mean_intensity]`` of a measurements
-    header (``mean_area_px`` when no µm² value; ``None`` for what is missing)."""
+    """``[frame_id, t_acquired, count, mean_area_um2, mean_intensity, stream]`` of a
+    measurements header (``mean_area_px`` when no µm² value; ``None`` for what is missing);
+    ``stream`` (:func:`stream_label`) keeps the positions, channels and planes of a run
+    apart in the plots."""
     summary = header.get("summary") or {}
     stamps = header.get("t") or {}
     t = stamps.get("acquired") or stamps.get("published") or time.time()
@@ -51,7 +53,17 @@ def summary_point(header: dict[str, Any]) -> list[Any]:
     if area is None:
         area = summary.get("mean_area_px")
     return [header.get("frame_id"), round(float(t), 4), summary.get("count"),
-            significant(area), significant(summary.get("mean_intensity"))]
+            significant(area), significant(summary.get("mean_intensity")),
+            stream_label(header.get("index"))]
+
+
+def stream_label(index: Any) -> str:
+    """The frame's stream as a short label: its MDA index keys but ``t``, e.g. ``"c1 p0"``
+    (``""`` for a time-lapse alone): frames of several positions, channels or planes (and a
+    feedback burst's, ``fb``) are plotted as a series each, not as one zigzag."""
+    if not isinstance(index, dict):
+        return ""
+    return " ".join(f"{key}{value}" for key, value in sorted(index.items()) if key != "t")
 
 
 def significant(value: Any, digits: int = 6) -> float | None:

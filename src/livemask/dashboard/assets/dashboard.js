@@ -318,19 +318,26 @@
     return { ctx, w: cw, h: ch };
   }
 
+  // a series per stream (position, channel, plane: the point's 6th item), told apart by dashes
+  const DASHES = [[], [5, 3], [1.5, 2.5], [8, 3, 2, 3]];
+
   function drawSeries(canvas, col, color, title) {
     const { ctx, w, h } = prepare(canvas);
     const L = 46, R = 8, T = 16, B = 16;
     const pts = S.points;
     const tLast = pts.length ? pts[pts.length - 1][1] : 0;
-    const xs = [], ys = [];
+    const xs = [], ys = [], streams = new Map();
     for (const p of pts) {
       const x = p[1] - tLast;
       if (x < -PLOT_WINDOW_S || p[col] === null || p[col] === undefined) continue;
       xs.push(x); ys.push(p[col]);
+      const key = p[5] || "";
+      if (!streams.has(key)) streams.set(key, []);
+      streams.get(key).push(xs.length - 1);
     }
     ctx.fillStyle = COLORS.axis;
-    ctx.fillText(title, L, 11);
+    ctx.fillText(streams.size > 1 ? `${title} (${streams.size} series)` : title, L, 11);
+    window.livemaskStats.series = streams.size;
     const last = ys.length ? ys[ys.length - 1] : null;
     ctx.textAlign = "right";
     ctx.fillStyle = color;
@@ -355,12 +362,25 @@
     ctx.textAlign = "center";
     for (const v of niceTicks(xlo, xhi, 5)) ctx.fillText(`${fmt(v, 0)} s`, X(v), h - 3);
     ctx.textAlign = "left";
-    ctx.strokeStyle = color; ctx.lineWidth = 1.5; ctx.beginPath();
-    for (let i = 0; i < xs.length; i++) {
-      if (i === 0) ctx.moveTo(X(xs[i]), Y(ys[i])); else ctx.lineTo(X(xs[i]), Y(ys[i]));
+    ctx.strokeStyle = color; ctx.fillStyle = color; ctx.lineWidth = 1.5;
+    let k = 0;
+    for (const [key, idx] of streams) {
+      ctx.setLineDash(DASHES[k % DASHES.length]);
+      ctx.beginPath();
+      idx.forEach((i, n) => {
+        if (n === 0) ctx.moveTo(X(xs[i]), Y(ys[i])); else ctx.lineTo(X(xs[i]), Y(ys[i]));
+      });
+      ctx.stroke();
+      if (idx.length === 1) ctx.fillRect(X(xs[idx[0]]) - 2, Y(ys[idx[0]]) - 2, 4, 4);
+      if (streams.size > 1 && k < 8) {  // the stream's label at its newest point
+        const newest = idx[idx.length - 1];
+        ctx.textAlign = "right";
+        ctx.fillText(key || "t", Math.max(L + 20, X(xs[newest]) - 3), Y(ys[newest]) - 3);
+        ctx.textAlign = "left";
+      }
+      k++;
     }
-    ctx.stroke();
-    if (xs.length === 1) { ctx.fillStyle = color; ctx.fillRect(X(xs[0]) - 2, Y(ys[0]) - 2, 4, 4); }
+    ctx.setLineDash([]);
   }
 
   function drawHistogram(canvas, grains) {

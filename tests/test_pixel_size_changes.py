@@ -168,21 +168,31 @@ def test_the_source_reads_the_frames_pixel_size_from_its_metadata() -> None:
         assert frame_pixel_size(meta) is None
 
 
-async def test_the_pipeline_scales_the_cores_pixel_size_and_reports_changes() -> None:
-    """An override (0.5 where the core said 0.65 at open) scales the core's value for each
-    frame; a frame without one is measured with the pixel size at open; each change is
-    one event."""
+async def _frames_at_pixel_sizes(
+    sizes: list[float | None], *, pixel_size_um: float
+) -> tuple[Pipeline, MemoryPublisher]:
+    """A pipeline (its pixel size ``pixel_size_um`` where the core said 0.65 at open) after
+    one frame per core pixel size of ``sizes``, each with a 100 px object."""
     pub = MemoryPublisher()
     pipe = Pipeline(Segmenter(ModelCard(name="fake", file="none.onnx"), ThresholdBackend()),
-                    pub, mode="synchronized", pixel_size_um=0.5, core_pixel_size_um=0.65)
+                    pub, mode="synchronized", pixel_size_um=pixel_size_um,
+                    core_pixel_size_um=0.65)
     pipe.start()
     image = np.full((64, 64), 100, np.uint16)
     image[10:20, 10:20] = 1000
-    for i, core_px in enumerate([0.65, 1.3, 1.3, None, 0.65]):
+    for i, core_px in enumerate(sizes):
         pipe.submit(RawFrame(image, useq.MDAEvent(index={"t": i}), time.time(), {}, None,
                              pixel_size_um=core_px))
     await pipe.drain(5.0)
     await pipe.close()
+    return pipe, pub
+
+
+async def test_the_pipeline_scales_the_cores_pixel_size_and_reports_changes() -> None:
+    """An override (0.5 where the core said 0.65 at open) scales the core's value for each
+    frame; a frame without one is measured with the pixel size at open; each change is
+    one event."""
+    pipe, pub = await _frames_at_pixel_sizes([0.65, 1.3, 1.3, None, 0.65], pixel_size_um=0.5)
     meas = [m.header for m in pub.by_topic("measurements")]
     assert [m["pixel_size_um"] for m in meas] == pytest.approx([0.5, 1.0, 1.0, 0.5, 0.5])
     assert meas[1]["objects"][0]["area_um2"] == pytest.approx(100 * 1.0)
@@ -256,20 +266,10 @@ async def test_a_wobbling_pixel_size_is_no_change_but_a_drift_past_one_percent_i
     a warning) at nearly every frame (changes of 1e-9 counted); now a change is announced
     once it is more than 1 % from the size announced last, and every frame is still
     measured with its own size."""
-    pub = MemoryPublisher()
-    pipe = Pipeline(Segmenter(ModelCard(name="fake", file="none.onnx"), ThresholdBackend()),
-                    pub, mode="synchronized", pixel_size_um=0.65, core_pixel_size_um=0.65)
-    pipe.start()
-    image = np.full((64, 64), 100, np.uint16)
-    image[10:20, 10:20] = 1000
     wobble = [0.65 * f for f in (1 + 1e-6, 1 - 1e-6, 1 + 4e-3, 1 - 4e-3, 1 + 1e-9)]
     drift = [0.65 * 1.004**k for k in range(1, 5)]  # 1.2 %, 1.6 % past the start at k = 3, 4
     sizes = [*wobble, *drift, 1.3, 1.3 * (1 + 1e-7)]
-    for i, core_px in enumerate(sizes):
-        pipe.submit(RawFrame(image, useq.MDAEvent(index={"t": i}), time.time(), {}, None,
-                             pixel_size_um=core_px))
-    await pipe.drain(5.0)
-    await pipe.close()
+    pipe, pub = await _frames_at_pixel_sizes(sizes, pixel_size_um=0.65)
     meas = [m.header for m in pub.by_topic("measurements")]
     assert [m["pixel_size_um"] for m in meas] == pytest.approx(sizes, rel=1e-12)
     changes = [(e.header["from"], e.header["to"], e.header["frame_id"])

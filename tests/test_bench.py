@@ -40,6 +40,14 @@ def test_settings_are_validated() -> None:
         bench.BenchSettings(interval_s=0.1, camera_fps=10)
     with pytest.raises(ConfigError, match="camera-fps"):
         bench.BenchSettings(camera_fps=0)
+    # a frame every 5 ms at a 10 ms exposure: the camera could not, and the bench blamed
+    # the pipeline (review)
+    with pytest.raises(ConfigError, match=r"--camera-fps 200 asks for a frame every 5 ms.*"
+                                          r"exposed for 10 ms \(--exposure-ms\)"):
+        bench.BenchSettings(camera_fps=200, exposure_ms=10)
+    with pytest.raises(ConfigError, match=r"--interval 0.002 asks"):
+        bench.BenchSettings(interval_s=0.002, exposure_ms=5)
+    assert bench.BenchSettings(camera_fps=100, exposure_ms=10).event_interval_s == 0.01
     with pytest.raises(ConfigError, match="--stage-threads"):
         bench.BenchSettings(stage_threads="three")
     with pytest.raises(ConfigError, match="--gc-threshold"):

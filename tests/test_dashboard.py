@@ -749,7 +749,7 @@ def test_each_stream_is_a_series_of_its_own() -> None:
 
     assert stream_label({"t": 3}) == "" and stream_label(None) == ""
     assert stream_label({"t": 3, "p": 1, "c": 0}) == "c0 p1"
-    assert stream_label({"t": 0, "p": 0, "fb": 2}) == "fb2 p0"
+    assert stream_label({"t": 0, "p": 0, "fb": 2}) == "fb p0"  # one series for every action
     points = [summary_point({"frame_id": i, "t": {"acquired": float(i)},
                              "index": {"t": i // 2, "c": i % 2},
                              "summary": {"count": 10, "mean_intensity": 200.0 + 20 * (i % 2)}})

@@ -493,3 +493,17 @@ def test_an_exposure_change_makes_no_division_when_the_exposure_is_given() -> No
         half = None if exposure_ms is None else exposure_ms / 2
         trackers.apply(objects, summary, index={"t": 3}, exposure_ms=half)
         assert len(summary["divisions"]) == found
+
+
+def test_frames_without_t_count_the_frames_since_the_streams_last() -> None:
+    """A stream of frames without ``t`` in free-run mode: 2 of 3 frames skip analysis and
+    the object moves 10 px a camera frame. Counted as the stream's last + 1 (the first fix
+    for mixed streams), dt stayed 1 and the track got a new id at every analysed frame
+    (review); with the frames since its last (frame ids), dt is 3: one track."""
+    trackers = PositionTrackers()
+    ids = []
+    for frame_id in range(0, 30, 3):  # the analysed frames; the others skipped
+        objs = [{"label": 1, "centroid_yx": [100.0, 20.0 + 10 * frame_id], "area_px": 100}]
+        trackers.apply(objs, {}, index={}, frame_id=frame_id)
+        ids.append(objs[0]["track_id"])
+    assert ids == [ids[0]] * 10

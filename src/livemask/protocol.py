@@ -53,6 +53,7 @@ __all__ = [
     "parse_reply",
     "parse_request",
     "peek_request_id",
+    "plain_index",
     "request_id",
     "validate_request",
 ]
@@ -347,6 +348,12 @@ def format_validation_error(
     if len(errors) > MAX_LISTED_ERRORS:
         lines.append(f"and {len(errors) - MAX_LISTED_ERRORS} more")
     return "; ".join(lines)
+
+
+def plain_index(index: Mapping[Any, Any]) -> dict[str, int]:
+    """An MDA event's ``index`` with plain ``str`` keys and ``int`` values: the keys of a
+    sequence's events are useq ``Axis`` members, which logs print as ``<Axis.TIME: 't'>``."""
+    return {str(key): int(value) for key, value in index.items()}
 
 
 #: Most levels of JSON objects and arrays one request argument may nest: its value is echoed

@@ -53,6 +53,7 @@ from pymmcore_plus.mda import MDAEngine
 from useq import HardwareAutofocus
 
 from livemask.log import is_power_of_ten
+from livemask.protocol import plain_index
 
 if TYPE_CHECKING:
     from pymmcore_plus import CMMCorePlus
@@ -161,7 +162,7 @@ class FocusTolerantEngine(MDAEngine):
                     "A device is still busy after its time-out at event %s (the frame is "
                     "taken anyway and may show the device moving; core.setTimeoutMs sets the "
                     "time-out; %d time(s) so far): %s",
-                    dict(event.index), self.busy_errors, exc,
+                    plain_index(event.index), self.busy_errors, exc,
                 )
             self.busy_error = str(exc) or type(exc).__name__
 

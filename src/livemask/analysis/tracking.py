@@ -290,6 +290,14 @@ class Tracker:
         self._ids = ids or _Ids()
         self._tracks = _Tracks()
         self._last_t: int | None = None
+        #: The frame id of the frame linked last, where the caller gives one
+        #: (:meth:`PositionTrackers.apply`: the clock of frames without ``t``)
+        self.last_frame_id: int | None = None
+
+    @property
+    def last_t(self) -> int | None:
+        """The time point of the frame linked last (None before the first)."""
+        return self._last_t
 
     def __len__(self) -> int:
         """Live tracks (seen in the last frame or waiting in a gap)."""
@@ -299,6 +307,7 @@ class Tracker:
         """Forget every track (ids keep counting up)."""
         self._tracks = _Tracks()
         self._last_t = None
+        self.last_frame_id = None
 
     # ------------------------------------------------------------------ update
     def update(
@@ -310,8 +319,10 @@ class Tracker:
     ) -> TrackStep:
         """Link one frame's objects (centroids (n, 2) in px, areas (n,) in px) at time ``t``.
 
-        ``t`` is the time-point index (MDA ``t``); it may jump (frames that skipped analysis)
-        and must not go back; None means the frame after the last one. ``intensities`` (mean
+        ``t`` is the time-point index (MDA ``t``); it may jump (frames that skipped analysis);
+        None means the frame after the last one. A ``t`` at or before the last (a feedback
+        burst's frames share their trigger's; a frame without ``t`` in a planned stream can
+        run ahead of its next ``t``) is linked as one time point on. ``intensities`` (mean
         intensity per object) feed the division intensity rule; without them it is skipped.
         """
         yx = np.asarray(centroids_yx, dtype=np.float64).reshape(-1, 2)
@@ -721,6 +732,7 @@ class PositionTrackers:
         *,
         index: Mapping[str, int],
         position: Mapping[str, float | None] | None = None,
+        frame_id: int | None = None,
         exposure_ms: float | None = None,
         geometry: Hashable = None,
     ) -> TrackStep:
@@ -728,16 +740,23 @@ class PositionTrackers:
 
         Adds ``track_id`` and ``parent_track_id`` (None unless the track is a daughter) to
         every object dict and ``divisions`` (``[{"parent": id, "children": [a, b]}]``) and
-        ``tracks_active`` to ``summary``. The time point is ``index["t"]``, else the stream's
-        next one (its last + 1: a frame without ``t``, e.g. an enqueued event without an
-        index, can share a stream with frames that have one, so the frame id, another
-        clock, made its ``dt`` and search radius huge).
+        ``tracks_active`` to ``summary``. The time point is ``index["t"]``; without one, the
+        stream's last time point + the frames since its last frame (``frame_id``s; +1 where
+        not given): frames that skipped analysis count, and a frame without ``t`` in a
+        planned stream (an enqueued event without an index shares the stream at its
+        position) is one time point on, where its frame id alone, another clock, made its
+        ``dt`` and search radius huge.
         The division intensity rule gets :func:`signal_intensities` (``exposure_ms``: the
         frame's camera exposure, when known). ``geometry``: the frame's
         :func:`frame_geometry` (part of its stream's key).
         """
         tracker = self.tracker(self.key(index, position or {}, geometry))
-        t = index.get(TIME_AXIS)  # (None: the stream's last + 1)
+        t = index.get(TIME_AXIS)
+        if t is None and tracker.last_t is not None:
+            since = (1 if frame_id is None or tracker.last_frame_id is None
+                     else frame_id - tracker.last_frame_id)
+            t = tracker.last_t + max(1, since)
+        tracker.last_frame_id = frame_id
         if objects:
             yx = np.array([o["centroid_yx"] for o in objects], dtype=np.float64)
             area = np.array([o["area_px"] for o in objects], dtype=np.float64)

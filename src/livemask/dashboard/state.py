@@ -59,11 +59,14 @@ def summary_point(header: dict[str, Any]) -> list[Any]:
 
 def stream_label(index: Any) -> str:
     """The frame's stream as a short label: its MDA index keys but ``t``, e.g. ``"c1 p0"``
-    (``""`` for a time-lapse alone): frames of several positions, channels or planes (and a
-    feedback burst's, ``fb``) are plotted as a series each, not as one zigzag."""
+    (``""`` for a time-lapse alone): frames of several positions, channels or planes are
+    plotted as a series each, not as one zigzag. Feedback actions' frames (``fb``, a number
+    per action) are one series per position and channel (``"c0 fb p0"``), not one per
+    action."""
     if not isinstance(index, dict):
         return ""
-    return " ".join(f"{key}{value}" for key, value in sorted(index.items()) if key != "t")
+    return " ".join(key if key == "fb" else f"{key}{value}"
+                    for key, value in sorted(index.items()) if key != "t")
 
 
 def significant(value: Any, digits: int = 6) -> float | None:

@@ -51,7 +51,7 @@ from livemask.feedback.spec import RuleSpec
 from livemask.inference.models import ModelCard, load_model_card
 from livemask.inference.segmenter import Segmenter
 from livemask.inference.select import load_backend
-from livemask.protocol import TOPICS, dumps_json
+from livemask.protocol import TOPICS, dumps_json, plain_index
 from livemask.service.commands import CommandHandler
 from livemask.service.gc_policy import GcMonitor, GcPolicy
 from livemask.service.hardware_calls import (
@@ -531,7 +531,7 @@ class Service:
 
     def _on_missing_frame(self, event: useq.MDAEvent) -> None:
         """Runner thread: an image event delivered no frame (pymmcore-plus only logs it)."""
-        self._from_thread(self._frame_missing, dict(event.index))
+        self._from_thread(self._frame_missing, plain_index(event.index))
 
     def _frame_missing(self, index: dict[str, int]) -> None:
         self.pipeline.counters.incr("missing")
@@ -565,7 +565,8 @@ class Service:
                 "each such frame)",
             ),
         }[kind]
-        self._from_thread(self._event, name, {"index": dict(event.index), **off, "detail": detail})
+        self._from_thread(self._event, name,
+                          {"index": plain_index(event.index), **off, "detail": detail})
 
     def _recording_failed(self, message: str) -> None:
         """The recorder could not write (the first error of a run of them): say so."""
@@ -1021,7 +1022,8 @@ class Service:
         try:
             restore = self._settings.event_started(event)
         except Exception:  # bookkeeping must not stop the acquisition
-            log.exception("tracking the settings of event %s failed", dict(event.index))
+            log.exception("tracking the settings of event %s failed",
+                          plain_index(event.index))
             return
         if restore is not None:
             self._from_thread(self._settings.started, restore)
@@ -1554,9 +1556,9 @@ class Service:
             self._stalled = None
             waited = (watch.ended or now) - watch.started
             log.warning("Acquisition resumed: imaging event %s ended after %.1f s",
-                        json.dumps(dict(watch.event.index)), waited)
+                        json.dumps(plain_index(watch.event.index)), waited)
             self._event("acquisition_resumed", {
-                "index": dict(watch.event.index), "waited_s": round(waited, 3),
+                "index": plain_index(watch.event.index), "waited_s": round(waited, 3),
                 "stalled_s": round(max(waited - limit, 0.0), 3),
             })
         if current is None or current[0].ended is not None:
@@ -1566,7 +1568,7 @@ class Service:
         if waited <= limit:
             return
         self._stalled = current
-        index = dict(watch.event.index)
+        index = plain_index(watch.event.index)
         detail = (
             f"imaging event {json.dumps(index)} has not delivered its frame after "
             f"{waited:.1f} s (limit {limit:.1f} s): the camera or a device call has not "

@@ -47,6 +47,7 @@ from livemask.analysis.tracking import (
 from livemask.config import StageThreads
 from livemask.inference.segmenter import Segmenter
 from livemask.log import RepeatedErrors, is_power_of_ten
+from livemask.protocol import plain_index
 from livemask.service.frames import Frame
 from livemask.service.pacing import RecentDurations, hold_before_inference
 from livemask.service.stats import LatencyWindow, PipelineCounters
@@ -259,8 +260,7 @@ class Pipeline:
         frame = Frame(
             frame_id=self._next_id,
             image=raw.image,
-            # plain str keys: a sequence's are useq Axis members (``<Axis.TIME: 't'>`` in logs)
-            index={str(k): int(v) for k, v in raw.event.index.items()},
+            index=plain_index(raw.event.index),
             position=raw.position,
             settings=raw.settings,
             t={"acquired": raw.acquired, "received": time.time()},
@@ -568,7 +568,7 @@ class Pipeline:
         if self.tracker is not None and frame.objects is not None:
             self.tracker.apply(
                 frame.objects, frame.summary if frame.summary is not None else {},
-                index=frame.index, position=frame.position,
+                index=frame.index, position=frame.position, frame_id=frame.frame_id,
                 exposure_ms=frame.settings.get("exposure_ms"), geometry=frame_geometry(
                     frame.pixel_size_um, camera_roi_offset(frame.settings),
                     frame.image.shape),

@@ -364,7 +364,7 @@
     ctx.textAlign = "left";
     ctx.strokeStyle = color; ctx.fillStyle = color; ctx.lineWidth = 1.5;
     let k = 0;
-    for (const [key, idx] of streams) {
+    for (const idx of streams.values()) {
       ctx.setLineDash(DASHES[k % DASHES.length]);
       ctx.beginPath();
       idx.forEach((i, n) => {
@@ -372,15 +372,20 @@
       });
       ctx.stroke();
       if (idx.length === 1) ctx.fillRect(X(xs[idx[0]]) - 2, Y(ys[idx[0]]) - 2, 4, 4);
-      if (streams.size > 1 && k < 8) {  // the stream's label at its newest point
-        const newest = idx[idx.length - 1];
-        ctx.textAlign = "right";
-        ctx.fillText(key || "t", Math.max(L + 20, X(xs[newest]) - 3), Y(ys[newest]) - 3);
-        ctx.textAlign = "left";
-      }
       k++;
     }
     ctx.setLineDash([]);
+    if (streams.size < 2) return;
+    // labels at the newest points of the (at most 8) most recently imaged series, where
+    // those are in view past the axis ("t": the frames indexed by time alone)
+    const newest = [...streams].map(([key, idx]) => [key, idx[idx.length - 1]])
+      .sort((a, b) => xs[b[1]] - xs[a[1]]).slice(0, 8);
+    ctx.textAlign = "right";
+    for (const [key, i] of newest) {
+      const x = X(xs[i]) - 3;
+      if (x > L + 40) ctx.fillText(key || "t", x, Y(ys[i]) - 3);
+    }
+    ctx.textAlign = "left";
   }
 
   function drawHistogram(canvas, grains) {

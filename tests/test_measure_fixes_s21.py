@@ -191,4 +191,6 @@ async def test_the_service_says_once_per_acquisition_that_objects_saturate(
     first = next(m.header for m in got["measurements"]
                  if m.header["frame_id"] == events[0]["frame_id"])
     assert events[0]["objects"] == first["summary"]["saturated_objects"]
-    assert events[0]["level"] == 65535.0 and events[0]["acquisition"] == 1
+    assert events[0]["acquisition"] == 1
+    level = events[0]["level"]  # an integer on the wire, as the docs say (65535.0 before)
+    assert level == 65535 and type(level) is int

@@ -507,6 +507,32 @@ async def test_frame_every_keeps_every_nth_frame_of_each_channel_and_plane() -> 
     assert len(pub.by_topic("measurements")) == 8  # every frame is still analysed
 
 
+async def test_frame_every_picks_by_frame_order_when_frames_skip() -> None:
+    """In free-run mode a skipped frame is published at once, ahead of earlier frames still
+    in the model: frame_every counted frames as they were published, so the skipped frame
+    took the turn of an earlier one, and a stream's first frame (GFP t 0) never sent its
+    image (hunt). Now each frame's turn is its place in its stream."""
+    card = ModelCard(name="fake", file="none.onnx")
+    pub = MemoryPublisher()
+    pipe = Pipeline(Segmenter(card, ThresholdBackend(delay_s=0.05)), pub, mode="free-run",
+                    queue_size=1, frame_every=2)
+    pipe.start()
+    for t in range(6):
+        for c in range(2):
+            raw = _raw(t)
+            raw.event = useq.MDAEvent(index={"t": t, "c": c})
+            pipe.submit(raw)
+            if t == c == 0:
+                await asyncio.sleep(0.02)  # the model takes frame 0; the rest come at once
+    assert await pipe.drain(10.0)
+    await pipe.close()
+    assert pipe.counters.counts["skipped"] > 0
+    skipped = {m.header["frame_id"] for m in pub.by_topic("frame") if m.header["skipped"]}
+    sent = {m.header["frame_id"] for m in pub.by_topic("frame")}
+    # frame ids: t * 2 + c; every 2nd frame of each channel (t 0, 2, 4), and every skipped one
+    assert sent == {0, 1, 4, 5, 8, 9} | skipped
+
+
 async def _published_every_2nd(
     indices: list[dict[str, int]],
 ) -> tuple[Pipeline, MemoryPublisher]:

@@ -1384,3 +1384,39 @@ async def test_a_metrics_port_in_use_fails_before_the_hardware_and_the_recording
                 pass
     assert svc.source is None  # the rig was not opened
     assert not (tmp_path / "rec").exists() or not any((tmp_path / "rec").iterdir())
+
+
+async def test_status_heartbeats_go_out_while_the_service_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The heartbeat began only once start-up had finished: a slow model warm-up (or a
+    TensorRT engine build of minutes) looked like a service that is gone, and the
+    documented state ``starting`` never reached a client (hunt)."""
+    from livemask.inference.segmenter import Segmenter
+
+    real_warmup = Segmenter.warmup
+
+    def slow_warmup(self: Segmenter, shape: tuple[int, int]) -> None:
+        time.sleep(1.5)
+        real_warmup(self, shape)
+
+    monkeypatch.setattr(Segmenter, "warmup", slow_warmup)
+    cfg = make_config(acquisition={"autostart": False}, publish={"heartbeat_s": 0.2})
+    svc = Service(cfg)
+    starting = asyncio.create_task(svc.start())
+    try:
+        while svc.publisher._socket is None:  # bound at the very start of start-up
+            await asyncio.sleep(0.01)
+        states: list[str] = []
+        async with AsyncSubscriber(svc.publisher.bound_address, ("status",)) as sub:
+            while "idle" not in states:
+                msg = await sub.recv(timeout_s=5.0)
+                assert msg is not None, states
+                states.append(msg.header["state"])
+        await starting
+    finally:
+        if not starting.done():
+            starting.cancel()
+        await svc.close()
+    assert states.count("starting") >= 3, states  # 1.5 s of warm-up at 0.2 s heartbeats
+    assert states[-1] == "idle"

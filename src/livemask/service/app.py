@@ -275,6 +275,9 @@ class Service:
         cfg = self.config
         check_own_ports(cfg)  # before any bind: a clash would fail as "Address already in use"
         self.publisher.start()
+        # status heartbeats from now on (state "starting"): a model's warm-up, or a TensorRT
+        # engine build of minutes, must not look like a service that is gone
+        self._tasks = [asyncio.create_task(self._heartbeat(), name="livemask-heartbeat")]
         self.control.start()
         self._start_metrics()  # early too: a port in use fails before hardware and recording
         await self._start_dashboard()  # early: its subscriber joins before the first events
@@ -327,10 +330,7 @@ class Service:
         self._start_recording()
         self.gc_policy.apply()  # everything long-lived exists by now
         self.gc_monitor.start()
-        self._tasks = [
-            asyncio.create_task(self.control.serve(), name="livemask-control"),
-            asyncio.create_task(self._heartbeat(), name="livemask-heartbeat"),
-        ]
+        self._tasks.append(asyncio.create_task(self.control.serve(), name="livemask-control"))
         self.state = "idle"
         log.info(
             "livemask %s serving: pub %s, control %s, model %s (%s), %s stage thread(s)",
@@ -343,6 +343,7 @@ class Service:
         )
         units = self.pipeline.report()["units"]
         self._event("service_started", {"units": units, "config": cfg.model_dump(mode="json")})
+        self._publish_status()  # idle now (the heartbeat's next one may be a second away)
         if cfg.acquisition.autostart and self._stop is not None and self._stop.is_set():
             log.info("not starting the acquisition (acquisition.autostart): a stop was "
                      "requested during start-up")

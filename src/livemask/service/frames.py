@@ -24,6 +24,8 @@ class Frame:
     t: dict[str, float] = field(default_factory=dict)  # stage timestamps, epoch seconds
     truth: np.ndarray | None = None
     skipped: bool = False
+    #: Whether ``publish.frame_every`` publishes its image (decided at intake, in frame order)
+    image_due: bool = True
     probabilities: Any = None  # model output: ndarray, or DeviceProbabilities on a GPU
     labels: np.ndarray | None = None
     objects: list[dict[str, Any]] | None = None

@@ -270,6 +270,9 @@ class Pipeline:
             pixel_size_um=self._pixel_size(raw),
         )
         self._next_id += 1
+        # (at intake, in frame order: decided when publishing, a skipped frame, published at
+        # once, took the turn of an earlier frame still in the model)
+        frame.image_due = self._image_due(frame)
         self.frame_pixel_size_um = frame.pixel_size_um
         if not math.isclose(frame.pixel_size_um, self._announced_pixel_size_um,
                             rel_tol=PIXEL_SIZE_TOLERANCE):
@@ -690,7 +693,7 @@ class Pipeline:
         pub = self.publisher
         failed: Exception | None = None
         sends: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
-        if self._image_due(frame) or frame.skipped:
+        if frame.image_due or frame.skipped:
             head = {**base, "skipped": frame.skipped}
             sends.append(("frame", head, {"image": frame.image}))
         if frame.truth is not None:
@@ -715,6 +718,8 @@ class Pipeline:
             return
         self._saturation_said = frame.acquisition
         level = saturation_level(frame.image.dtype)
+        if level is not None and level.is_integer():
+            level = int(level)  # (an integer pixel type's maximum: 65535, not 65535.0)
         log.warning(
             "frame %d (%s): %d object(s) have pixels at the camera's saturation level (%g): "
             "their intensities are too low; shorten the exposure (exposure_ms) or the "

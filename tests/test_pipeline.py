@@ -725,3 +725,25 @@ async def test_a_sequences_index_keys_are_plain_strings(caplog: pytest.LogCaptur
     await pipe.close()
     assert len(pub.by_topic("measurements")) == 1
     assert "{'t': 0, 'c': 0}" in caplog.text and "Axis" not in caplog.text
+
+
+async def test_a_grain_tile_that_is_one_big_region_is_reported(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A blank or off-specimen field (or an SEM data bar) segments as one huge "grain":
+    pooled with one real tile it moved ASTM G by a whole unit, without a word (hunt)."""
+    from livemask.analysis.grains import CumulativeGrainStats
+
+    pipe, _, _ = _pipeline(mode="synchronized")
+    pipe.grains = CumulativeGrainStats()
+    pipe.start()
+    big = np.full((64, 64), 100, np.uint16)
+    big[:40, :] = 1000  # one region: 62 % of the tile
+    with caplog.at_level(logging.WARNING, logger="livemask"):
+        pipe.submit(_raw(0))  # two small objects: nothing to say
+        assert await pipe.drain(5.0)
+        assert "one region covers" not in caplog.text
+        pipe.submit(RawFrame(big, useq.MDAEvent(index={"t": 1}), time.time(), {}, None))
+        assert await pipe.drain(5.0)
+    await pipe.close()
+    assert "frame 1: one region covers 62 % of the tile" in caplog.text

@@ -580,3 +580,24 @@ def test_an_events_exposure_wins_over_its_channel_presets(
                                   channels=[{"config": "DAPI", "exposure": 50},
                                             {"config": "GFP", "exposure": 50}]))
     assert taken == [("DAPI", 50.0), ("GFP", 50.0)] * 2
+
+
+@pytest.mark.parametrize("sample", ["grains", "nuclei"])
+def test_a_field_past_the_simulated_worlds_edge_is_reported_once(
+    sample: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The world wraps at its edges: a 3x3 scan of 2048² tiles showed five tiles twice and
+    pooled their grains again, without a word (hunt). Now the first such field warns."""
+    import logging
+
+    world = configure_world(sample, seed=1, sensor_shape=(64, 64))
+    half_um = (world.sample.params.world_shape_px[1] - 64) * world.pixel_size_um / 2
+    with caplog.at_level(logging.WARNING, logger="livemask"):
+        for x in (0.0, half_um - 1, -half_um + 1):  # inside: silent
+            world.set_xy_um(x, 0.0)
+            world.expose(1.0)
+        assert "past the edge" not in caplog.text
+        for x in (half_um + 50, half_um + 100):
+            world.set_xy_um(x, 0.0)
+            world.expose(1.0)
+    assert caplog.text.count("past the edge of the simulated world") == 1

@@ -225,6 +225,7 @@ class Service:
         self.acquisitions_finished = 0
         self._acquisition_started = 0.0
         self._acquired_at_start = 0  # the acquired-frames counter when the acquisition began
+        self._counts_at_start: dict[str, int] = {}  # every counter then
         self._missing_at_start = 0  # the missing-frames counter when it began
         self._stop_requested = False  # stop_acquisition was called for the running one
         self._last_error: str | None = None
@@ -946,6 +947,7 @@ class Service:
         ``acquisition_started`` (``detail`` first)."""
         counts = self.pipeline.counters.counts
         self._acquired_at_start, self._missing_at_start = counts["acquired"], counts["missing"]
+        self._counts_at_start = dict(counts)
         self._stalled = None
         self._acquisition_started = time.time()
         self._event("acquisition_started", {
@@ -1094,8 +1096,14 @@ class Service:
     def _log_finished(self, report: dict[str, Any]) -> None:
         """A line for the acquisition that ended: INFO, or WARNING with its error."""
         number = report["acquisition"]
-        frames = int(self.pipeline.counters.counts["acquired"] - self._acquired_at_start)
-        summary = (f"{frames} frame(s) in {report['duration_s']:g} s, "
+        counts = self.pipeline.counters.counts
+
+        def since_start(name: str) -> int:
+            return int(counts[name] - self._counts_at_start.get(name, 0))
+
+        summary = (f"{since_start('acquired')} frame(s) in {report['duration_s']:g} s "
+                   f"({since_start('analysed')} analysed, {since_start('skipped')} skipped "
+                   f"analysis, {since_start('failed')} failed), "
                    f"{report['frames_missing']} missing")
         if report["error"]:
             log.warning("acquisition %s ended with an error (%s): %s",

@@ -33,6 +33,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
+import numpy as np
+
 from livemask.acquisition.mode import Mode
 from livemask.acquisition.source import FrameSource, RawFrame
 from livemask.analysis.grains import CumulativeGrainStats, grain_statistics
@@ -60,6 +62,8 @@ log = logging.getLogger("livemask")
 #: grid tile, channel and plane; the frames of a feedback action, ``fb``, or of enqueued
 #: events with a key of the client's own, e.g. ``ext``, are streams of their own).
 TIME_AXIS = "t"
+#: A grain tile where one region covers more than this fraction is reported (a warning).
+BIG_REGION_FRACTION = 0.25
 #: Streams whose frame counts ``publish.frame_every`` keeps (the least recently seen go
 #: first: such a stream starts counting again, its next frame published), as tracking's.
 MAX_STREAMS = 4096
@@ -174,6 +178,7 @@ class Pipeline:
                        if segmenter.card.task == "grains" else None)
         #: grain tiles that skipped analysis (free-run), per acquisition (set on the loop)
         self._tiles_skipped: dict[int, int] = {}
+        self._big_regions = 0  # grain tiles with one region over BIG_REGION_FRACTION
         # object tracking (set by the Service when tracking.enabled); analysing thread only
         self.tracker: PositionTrackers | None = None
         # acquisitions begun (begin_acquisition); each frame carries the number it arrived in
@@ -528,6 +533,28 @@ class Pipeline:
         for old in [a for a in self._tiles_skipped if a < self.acquisition - 1]:
             del self._tiles_skipped[old]  # (the one before may still have frames in flight)
 
+    def _check_one_big_region(self, frame: Frame, labels: np.ndarray) -> None:
+        """Warn (the 1st, 10th, 100th, ... time) when one region covers more than
+        :data:`BIG_REGION_FRACTION` of a grain tile: an empty or off-specimen field, or an
+        SEM data bar, segments as one huge "grain" that the statistics count with its area
+        (a blank tile pooled with one real one moved ASTM G by a whole unit)."""
+        if labels.size == 0 or int(labels.min()) < 0:
+            return
+        areas = np.bincount(labels.ravel())
+        areas[0] = 0  # (unlabelled pixels, if any, are no region)
+        largest = int(areas.max()) / labels.size
+        if largest <= BIG_REGION_FRACTION:
+            return
+        self._big_regions += 1
+        if is_power_of_ten(self._big_regions):
+            log.warning(
+                "grains: frame %d: one region covers %.0f %% of the tile, and counts as one "
+                "grain in its statistics and the cumulative ones: an empty or off-specimen "
+                "field, a data bar (SEM), or grains too large for this magnification (ASTM "
+                "sizing wants at least ~50 grains a field). Image within the specimen, crop "
+                "data bars, or lower the magnification (%d such tile(s) so far)",
+                frame.frame_id, 100 * largest, self._big_regions)
+
     def _warn_overlap(self, frame: Frame) -> None:
         """Say that a grain tile was left out of the cumulative statistics (overlap)."""
         n = self.grains.tiles_overlapping if self.grains is not None else 0
@@ -568,6 +595,7 @@ class Pipeline:
             }
             if self.grains.tiles_overlapping > overlapping:
                 self._warn_overlap(frame)
+            self._check_one_big_region(frame, labels)
         if self.tracker is not None and frame.objects is not None:
             self.tracker.apply(
                 frame.objects, frame.summary if frame.summary is not None else {},

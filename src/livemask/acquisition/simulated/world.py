@@ -34,6 +34,7 @@ path: ``popNextImage`` hands out a *copy* of the ring-buffer slot).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import zlib
@@ -48,6 +49,8 @@ from livemask.errors import ConfigError
 
 from .grains import GrainParams, GrainSample
 from .nuclei import NucleiParams, NucleiSample, RenderResult
+
+log = logging.getLogger("livemask")
 
 __all__ = [
     "CHANNEL_GAINS",
@@ -132,6 +135,7 @@ class SimulatedWorld:
         self.channel = "DAPI"
         self.frames = 0
         self._last: tuple[np.ndarray, TruthRecord] | None = None
+        self._wrap_said = False  # a field past the world's edge was reported
         self._history: deque[TruthRecord] = deque(maxlen=max(1, truth_history))
 
     # ------------------------------------------------------------- hardware
@@ -169,6 +173,25 @@ class SimulatedWorld:
             x / self.pixel_size_um + ww / 2 - shape[1] / 2,
         )
 
+    def _say_if_wrapped(self, origin: tuple[float, float]) -> None:
+        """Warn once when a field reaches past the world's edge: the world wraps there, so
+        the field shows features imaged elsewhere again (a scan wider than the world counts
+        its grains or nuclei twice, silently)."""
+        wh, ww = self.sample.params.world_shape_px
+        sh, sw = self.sensor_shape
+        if 0 <= origin[0] <= wh - sh and 0 <= origin[1] <= ww - sw:
+            return
+        self._wrap_said = True
+        px = self.pixel_size_um
+        log.warning(
+            "simulated microscope: the field at stage (%.1f, %.1f) um reaches past the edge of "
+            "the simulated world (%.0f x %.0f um, centred on (0, 0): twice the sensor, at "
+            "least 2048 px a side), which wraps there: it shows features imaged elsewhere "
+            "again, and a scan wider than the world counts them twice. Keep stage positions "
+            "within +/- %.0f um in x and %.0f um in y (said once)",
+            self.xy_um[0], self.xy_um[1], ww * px, wh * px,
+            (ww - sw) * px / 2, (wh - sh) * px / 2)
+
     # ------------------------------------------------------------- imaging
     def expose(self, exposure_ms: float) -> _Frame:
         """Advance sample time and image the field of view (full sensor)."""
@@ -179,6 +202,8 @@ class SimulatedWorld:
             light = CHANNEL_GAINS[self.channel] * float(self.shutter_open)
             defocus = self.z_um - self.focus_z_um
             origin = self._origin(self.xy_um, self.sensor_shape)
+            if not self._wrap_said:
+                self._say_if_wrapped(origin)
             result = self.sample.render(
                 origin, self.sensor_shape, exposure_ms=exposure_ms * light, defocus_um=defocus
             )

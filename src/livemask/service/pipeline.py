@@ -355,8 +355,9 @@ class Pipeline:
                 "grains: frame %d at %s skipped analysis (free-run mode: the camera is ahead "
                 "of the pipeline), so this tile is left out of the scan's grain statistics "
                 "(counted in grains.cumulative.tiles_skipped; further skips are only "
-                "counted). For a scan, set acquisition.mode: pipelined (or synchronized): "
-                "every tile is then analysed", frame.frame_id, at)
+                "counted; in a time-lapse at one position it is a repeat view of a field "
+                "pooled already, and nothing is lost). For a scan, set acquisition.mode: "
+                "pipelined (or synchronized): every tile is then analysed", frame.frame_id, at)
 
     # ------------------------------------------------------------ stages
     async def _next_waiting(self) -> Frame:

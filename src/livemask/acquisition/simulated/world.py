@@ -329,6 +329,10 @@ def configure_world(
         )
     if not isinstance(params, kind):
         raise ConfigError(f"sample {sample!r} needs {kind.__name__}, got {type(params).__name__}")
+    wh, ww = params.world_shape_px
+    if wh * ww > 4096 * 4096:  # (a 4096² sensor's 8192² world: about a minute, no word)
+        log.info("building the simulated %s world, %d x %d px (twice the sensor): this "
+                 "takes a while at this size", sample, ww, wh)
     world = SimulatedWorld(
         GrainSample(params, seed=seed)
         if isinstance(params, GrainParams)

@@ -363,3 +363,16 @@ def test_a_stop_signal_while_a_message_is_shown_loses_nothing(
         signal.signal(signal.SIGTERM, previous)
     assert view.messages == 8 and view.measurements is not None
     assert view.measurements["frame_id"] == 7
+
+
+def test_view_says_the_service_is_starting_not_that_its_acquisition_finished() -> None:
+    """Status heartbeats now come during start-up (``starting``, ``acquiring`` false): the
+    view said "acquisition finished: Ctrl-C stops the service" through a whole warm-up
+    (review)."""
+    from livemask.viewer import STARTING_LINE
+
+    view = ConsoleView()
+    view.update(Message("status", {"state": "starting", "acquiring": False}, {}))
+    assert view.end_line() == STARTING_LINE
+    view.update(Message("status", {"state": "idle", "acquiring": False}, {}))
+    assert view.end_line() == FINISHED_HINT

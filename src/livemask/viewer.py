@@ -135,6 +135,8 @@ FINISHED_HINT = (
     "acquisition finished: Ctrl-C stops the service; `start` over the control channel runs it "
     "again"
 )
+#: Said while the service starts (opens the microscope, loads and warms up the model).
+STARTING_LINE = "the service is starting: opening the microscope and warming up the model"
 #: Said last, after the final counts, when the last status said the service was stopping
 #: (it still sends its last frames then), or once a stopping service went quiet.
 STOPPED_LINE = "the service stopped"
@@ -198,6 +200,8 @@ class ConsoleView:
         or the acquisition (:data:`FINISHED_HINT`); None while it acquires."""
         if self.stopping():
             return STOPPED_LINE if self.over or self.silent_s() is not None else None
+        if self.status.get("state") == "starting":  # (heartbeats come during start-up)
+            return STARTING_LINE
         return None if self.status.get("acquiring", True) else FINISHED_HINT
 
     def stopping(self) -> bool:

@@ -344,12 +344,15 @@ class Service:
         )
         units = self.pipeline.report()["units"]
         self._event("service_started", {"units": units, "config": cfg.model_dump(mode="json")})
-        self._publish_status()  # idle now (the heartbeat's next one may be a second away)
         if cfg.acquisition.autostart and self._stop is not None and self._stop.is_set():
             log.info("not starting the acquisition (acquisition.autostart): a stop was "
                      "requested during start-up")
         elif cfg.acquisition.autostart:
             self.start_acquisition(None)
+        try:  # started (the heartbeat's next status may be a second away)
+            self._publish_status()
+        except Exception:  # as the heartbeat's: logged, the service runs
+            log.exception("status after start-up failed")
 
     def _start_metrics(self) -> None:
         """Serve the Prometheus endpoint (metrics.enabled); ``status`` copes with no

@@ -178,7 +178,8 @@ class Pipeline:
                        if segmenter.card.task == "grains" else None)
         #: grain tiles that skipped analysis (free-run), per acquisition (set on the loop)
         self._tiles_skipped: dict[int, int] = {}
-        self._big_regions = 0  # grain tiles with one region over BIG_REGION_FRACTION
+        self._big_regions = 0  # grain tiles with one region over BIG_REGION_FRACTION, ...
+        self._big_regions_of = 0  # ... in this acquisition
         # object tracking (set by the Service when tracking.enabled); analysing thread only
         self.tracker: PositionTrackers | None = None
         # acquisitions begun (begin_acquisition); each frame carries the number it arrived in
@@ -355,8 +356,9 @@ class Pipeline:
                 "grains: frame %d at %s skipped analysis (free-run mode: the camera is ahead "
                 "of the pipeline), so this tile is left out of the scan's grain statistics "
                 "(counted in grains.cumulative.tiles_skipped; further skips are only "
-                "counted; in a time-lapse at one position it is a repeat view of a field "
-                "pooled already, and nothing is lost). For a scan, set acquisition.mode: "
+                "counted; in a time-lapse at one position, with its stage position and pixel "
+                "size known, it is a repeat view of a field pooled already, and nothing is "
+                "lost). For a scan, set acquisition.mode: "
                 "pipelined (or synchronized): every tile is then analysed", frame.frame_id, at)
 
     # ------------------------------------------------------------ stages
@@ -539,18 +541,24 @@ class Pipeline:
         :data:`BIG_REGION_FRACTION` of a grain tile: an empty or off-specimen field, or an
         SEM data bar, segments as one huge "grain" that the statistics count with its area
         (a blank tile pooled with one real one moved ASTM G by a whole unit)."""
-        if labels.size == 0 or int(labels.min()) < 0:
+        try:
+            if labels.size == 0 or int(labels.max()) > 4 * labels.size:  # (sparse ids)
+                return
+            areas = np.bincount(labels.ravel().astype(np.intp, copy=False))
+        except (ValueError, TypeError, MemoryError):  # (negative ids): a warning, no more
             return
-        areas = np.bincount(labels.ravel())
         areas[0] = 0  # (unlabelled pixels, if any, are no region)
         largest = int(areas.max()) / labels.size
         if largest <= BIG_REGION_FRACTION:
             return
+        if frame.acquisition != self._big_regions_of:  # counted per acquisition
+            self._big_regions_of, self._big_regions = frame.acquisition, 0
         self._big_regions += 1
         if is_power_of_ten(self._big_regions):
             log.warning(
                 "grains: frame %d: one region covers %.0f %% of the tile, and counts as one "
-                "grain in its statistics and the cumulative ones: an empty or off-specimen "
+                "grain in its statistics (and the cumulative ones, where pooled): an empty "
+                "or off-specimen "
                 "field, a data bar (SEM), or grains too large for this magnification (ASTM "
                 "sizing wants at least ~50 grains a field). Image within the specimen, crop "
                 "data bars, or lower the magnification (%d such tile(s) so far)",
@@ -746,9 +754,9 @@ class Pipeline:
         if not n or frame.acquisition == self._saturation_said:
             return
         self._saturation_said = frame.acquisition
-        level = saturation_level(frame.image.dtype)
-        if level is not None and level.is_integer():
-            level = int(level)  # (an integer pixel type's maximum: 65535, not 65535.0)
+        level: float | int | None = saturation_level(frame.image.dtype)
+        if np.issubdtype(frame.image.dtype, np.integer):  # 65535, not 65535.0 (uint64 too)
+            level = int(np.iinfo(frame.image.dtype).max)
         log.warning(
             "frame %d (%s): %d object(s) have pixels at the camera's saturation level (%g): "
             "their intensities are too low; shorten the exposure (exposure_ms) or the "

@@ -35,7 +35,8 @@ MAX_SUBSCRIPTION_BYTES = 256
 #: is disconnected, so idle connections cannot use up the service's file descriptors.
 #: libzmq answers PINGs in its own I/O thread: a client only misses them when its receive
 #: queue has been full that long (it reconnects by itself; the missed messages show as
-#: ``seq`` gaps).
+#: ``seq`` gaps), and then only while the TCP path has room for the PING: a stalled client
+#: of large messages (images) is not dropped, and holds up to ``sndhwm`` of them here.
 HEARTBEAT_S = 10.0
 
 

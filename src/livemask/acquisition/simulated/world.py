@@ -35,6 +35,7 @@ path: ``popNextImage`` hands out a *copy* of the ring-buffer slot).
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import zlib
@@ -179,7 +180,8 @@ class SimulatedWorld:
         its grains or nuclei twice, silently)."""
         wh, ww = self.sample.params.world_shape_px
         sh, sw = self.sensor_shape
-        if 0 <= origin[0] <= wh - sh and 0 <= origin[1] <= ww - sw:
+        slack = 0.5  # (a field exactly at the edge: float error, grains round to whole px)
+        if -slack <= origin[0] <= wh - sh + slack and -slack <= origin[1] <= ww - sw + slack:
             return
         self._wrap_said = True
         px = self.pixel_size_um
@@ -188,9 +190,9 @@ class SimulatedWorld:
             "the simulated world (%.0f x %.0f um, centred on (0, 0): twice the sensor, at "
             "least 2048 px a side), which wraps there: it shows features imaged elsewhere "
             "again, and a scan wider than the world counts them twice. Keep stage positions "
-            "within +/- %.0f um in x and %.0f um in y (said once)",
+            "within +/- %.1f um in x and %.1f um in y (said once)",
             self.xy_um[0], self.xy_um[1], ww * px, wh * px,
-            (ww - sw) * px / 2, (wh - sh) * px / 2)
+            math.floor((ww - sw) * px * 5) / 10, math.floor((wh - sh) * px * 5) / 10)
 
     # ------------------------------------------------------------- imaging
     def expose(self, exposure_ms: float) -> _Frame:
@@ -330,9 +332,9 @@ def configure_world(
     if not isinstance(params, kind):
         raise ConfigError(f"sample {sample!r} needs {kind.__name__}, got {type(params).__name__}")
     wh, ww = params.world_shape_px
-    if wh * ww > 4096 * 4096:  # (a 4096² sensor's 8192² world: about a minute, no word)
-        log.info("building the simulated %s world, %d x %d px (twice the sensor): this "
-                 "takes a while at this size", sample, ww, wh)
+    if isinstance(params, GrainParams) and wh * ww >= 4096 * 4096:  # (8192²: a minute)
+        log.info("building the simulated grains world, %d x %d px (rows x columns): this "
+                 "takes a while at this size", wh, ww)
     world = SimulatedWorld(
         GrainSample(params, seed=seed)
         if isinstance(params, GrainParams)

@@ -209,17 +209,19 @@
     const fps = S.rates.analysed_fps;
     $("fps").textContent = fps === null || fps === undefined ? "–" : fps.toFixed(1);
     if (!st) return;
-    $("model").textContent = `${st.model} · ${st.backend} (${st.device}) · ${st.mode}`;
+    // (while the service starts its status has no backend and no frame counts yet)
+    const backend = st.backend ?? "loading", device = st.device ?? "–";
+    $("model").textContent = `${st.model} · ${backend} (${device}) · ${st.mode}`;
     const q = st.queues || {};
     const rows = [
       ["state", `${st.state}${st.acquiring ? " (acquiring)" : ""}, ${st.mode}`],
       ["fps acquired / analysed",
        `${fmt(S.rates.acquired_fps, 1)} / ${fmt(S.rates.analysed_fps, 1)}`],
-      ["frames acquired", st.frames_acquired],
+      ["frames acquired", st.frames_acquired ?? "–"],
       ["analysed / skipped / failed",
-       `${st.frames_analysed} / ${st.frames_skipped} / ${st.frames_failed}`],
+       `${st.frames_analysed ?? "–"} / ${st.frames_skipped ?? "–"} / ${st.frames_failed ?? "–"}`],
       ["queues infer / analyse / publish", `${q.infer ?? "–"} / ${q.analyse ?? "–"} / ${q.publish ?? "–"}`],
-      ["model", `${st.model} (${st.backend}, ${st.device})`],
+      ["model", `${st.model} (${backend}, ${device})`],
       ["pixel size", calibrated() ? `${fmt(st.pixel_size_um)} µm`
         : "not calibrated (sizes in px)"],
       ["uptime", `${fmt(st.uptime_s, 0)} s`],

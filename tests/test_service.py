@@ -1405,7 +1405,7 @@ async def test_status_heartbeats_go_out_while_the_service_starts(
     svc = Service(cfg)
     starting = asyncio.create_task(svc.start())
     try:
-        while svc.publisher._socket is None:  # bound at the very start of start-up
+        while not svc.publisher.started:  # bound at the very start of start-up
             await asyncio.sleep(0.01)
         states: list[str] = []
         async with AsyncSubscriber(svc.publisher.bound_address, ("status",)) as sub:
@@ -1420,3 +1420,36 @@ async def test_status_heartbeats_go_out_while_the_service_starts(
         await svc.close()
     assert states.count("starting") >= 3, states  # 1.5 s of warm-up at 0.2 s heartbeats
     assert states[-1] == "idle"
+
+
+async def test_a_start_up_that_fails_says_why_to_subscribers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Subscribers saw ``starting`` heartbeats that just stopped when start-up failed (e.g.
+    a model that fails its warm-up): now an ``error`` event and a last status with the
+    reason reach them before the sockets close (review)."""
+    from livemask.errors import ModelError
+    from livemask.inference.segmenter import Segmenter
+
+    def failing_warmup(self: Segmenter, shape: tuple[int, int]) -> None:
+        time.sleep(0.8)  # (the subscriber joins meanwhile)
+        raise ModelError("the model returned logits, not probabilities")
+
+    monkeypatch.setattr(Segmenter, "warmup", failing_warmup)
+    cfg = make_config(acquisition={"autostart": False}, publish={"heartbeat_s": 0.2})
+    svc = Service(cfg)
+    entering = asyncio.create_task(svc.__aenter__())
+    got: list[Message] = []
+    while not svc.publisher.started:
+        await asyncio.sleep(0.01)
+    async with AsyncSubscriber(svc.publisher.bound_address, ("status", "event")) as sub:
+        with pytest.raises(ModelError, match="logits"):
+            await entering
+        while (msg := await sub.recv(timeout_s=1.0)) is not None:
+            got.append(msg)
+    errors = [m.header for m in got if m.topic == "event" and m.header["kind"] == "error"]
+    assert [e["detail"] for e in errors] == [
+        "start-up failed: ModelError: the model returned logits, not probabilities"]
+    last_status = [m.header for m in got if m.topic == "status"][-1]
+    assert last_status["last_error"] == errors[0]["detail"]
+    assert last_status["state"] == "starting"

@@ -262,10 +262,27 @@ class Service:
     async def __aenter__(self) -> Service:
         try:
             await self.start()
-        except BaseException:
-            await self.close(graceful=False)  # release whatever was opened before the failure
+        except BaseException as exc:
+            said = isinstance(exc, Exception) and self._say_start_failed(exc)
+            # release whatever was opened before the failure (giving subscribers the
+            # error and the last status, where they were sent)
+            await self.close(graceful=said)
             raise
         return self
+
+    def _say_start_failed(self, exc: Exception) -> bool:
+        """Publish why start-up failed (an ``error`` event and a last status with it as
+        ``last_error``): subscribers saw ``starting`` heartbeats, which would otherwise just
+        stop. False where the publisher never started."""
+        if not self.publisher.started:  # (the failure was in binding it, or before)
+            return False
+        self._last_error = f"start-up failed: {type(exc).__name__}: {exc}"
+        self._event("error", {"detail": self._last_error, "source": "start-up"})
+        try:
+            self._publish_status()
+        except Exception:  # the event said it: best effort
+            log.exception("the status after a failed start-up could not be sent")
+        return True
 
     async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         await self.close(graceful=exc_type is None)

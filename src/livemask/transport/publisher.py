@@ -145,6 +145,11 @@ class ZmqPublisher:
         """The actual endpoint (resolves ``tcp://127.0.0.1:*`` to its port)."""
         return bound_endpoint(self._socket, "publisher")
 
+    @property
+    def started(self) -> bool:
+        """Whether the socket is bound (:meth:`start`) and not closed."""
+        return self._socket is not None
+
     def publish(
         self,
         topic: str,

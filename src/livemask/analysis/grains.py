@@ -285,6 +285,7 @@ def grain_statistics(
     line_step_px: int = 1,
     edges_um: tuple[float, ...] = HISTOGRAM_EDGES_UM,
     pixel_size_known: bool = True,
+    table: GrainTable | None = None,
 ) -> dict[str, Any]:
     """Grain size statistics of one field (JSON-friendly; None where undefined).
 
@@ -297,8 +298,11 @@ def grain_statistics(
 
     ``pixel_size_known=False`` (``pixel_size_um`` is a placeholder, e.g. 1.0 on a rig
     without a calibration: the µm values are pixel values): both ASTM G numbers are None.
+    ``table``: :func:`grain_table` of ``labels`` at ``pixel_size_um``, where the caller has
+    it already (one pass over the labels less).
     """
-    table = grain_table(labels, pixel_size_um)
+    if table is None:
+        table = grain_table(labels, pixel_size_um)
     crossings, length_px = intercept_count(labels, line_step_px=line_step_px)
     h, w = np.asarray(labels).shape
     return _summary(
@@ -426,9 +430,12 @@ class CumulativeGrainStats:
         labels: np.ndarray,
         pixel_size_um: float,
         centre_um: tuple[float, float] | None = None,
+        *,
+        table: GrainTable | None = None,
     ) -> dict[str, Any]:
         """Add one tile's labels, its stage centre (x, y µm) where known; return the
-        cumulative statistics. A tile overlapping earlier ones is left out (see the class)."""
+        cumulative statistics. A tile overlapping earlier ones is left out (see the class).
+        ``table``: the tile's :func:`grain_table`, where the caller has it already."""
         h, w = np.asarray(labels).shape
         if centre_um is not None:
             half_w, half_h = w * pixel_size_um / 2, h * pixel_size_um / 2
@@ -442,7 +449,8 @@ class CumulativeGrainStats:
                                                    np.empty_like(self._footprints)])
             self._footprints[self._placed] = footprint
             self._placed += 1
-        table = grain_table(labels, pixel_size_um)
+        if table is None:
+            table = grain_table(labels, pixel_size_um)
         crossings, length_px = intercept_count(labels, line_step_px=self.line_step_px)
         area = h * w * float(pixel_size_um) ** 2
         n_eq = planimetric_count(table)

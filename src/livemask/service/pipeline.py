@@ -37,7 +37,12 @@ import numpy as np
 
 from livemask.acquisition.mode import Mode
 from livemask.acquisition.source import FrameSource, RawFrame
-from livemask.analysis.grains import CumulativeGrainStats, grain_statistics
+from livemask.analysis.grains import (
+    CumulativeGrainStats,
+    GrainTable,
+    grain_statistics,
+    grain_table,
+)
 from livemask.analysis.measure import UNITS, saturation_level, units_in_pixels
 from livemask.analysis.tracking import (
     PIXEL_SIZE_TOLERANCE,
@@ -536,19 +541,15 @@ class Pipeline:
         for old in [a for a in self._tiles_skipped if a < self.acquisition - 1]:
             del self._tiles_skipped[old]  # (the one before may still have frames in flight)
 
-    def _check_one_big_region(self, frame: Frame, labels: np.ndarray) -> None:
+    def _check_one_big_region(self, frame: Frame, table: GrainTable, pixels: int) -> None:
         """Warn (the 1st, 10th, 100th, ... time) when one region covers more than
         :data:`BIG_REGION_FRACTION` of a grain tile: an empty or off-specimen field, or an
         SEM data bar, segments as one huge "grain" that the statistics count with its area
-        (a blank tile pooled with one real one moved ASTM G by a whole unit)."""
-        try:
-            if labels.size == 0 or int(labels.max()) > 4 * labels.size:  # (sparse ids)
-                return
-            areas = np.bincount(labels.ravel().astype(np.intp, copy=False))
-        except (ValueError, TypeError, MemoryError):  # (negative ids): a warning, no more
+        (a blank tile pooled with one real one moved ASTM G by a whole unit). ``table``: the
+        tile's :func:`grain_table`; ``pixels``: its size."""
+        if len(table) == 0 or pixels == 0:
             return
-        areas[0] = 0  # (unlabelled pixels, if any, are no region)
-        largest = int(areas.max()) / labels.size
+        largest = int(table.area_px.max()) / pixels  # (label 0 is no region: not in it)
         if largest <= BIG_REGION_FRACTION:
             return
         if frame.acquisition != self._big_regions_of:  # counted per acquisition
@@ -595,16 +596,17 @@ class Pipeline:
             # the tiles of this acquisition skipped so far (counted on the loop at intake)
             self.grains.tiles_skipped = self._tiles_skipped.get(frame.acquisition, 0)
             self.grains.pixel_size_known = self.pixel_size_known  # (no G without it)
+            table = grain_table(labels, frame.pixel_size_um)  # (one pass, for all three)
             frame.grains = {
-                "tile": grain_statistics(labels, frame.pixel_size_um,
+                "tile": grain_statistics(labels, frame.pixel_size_um, table=table,
                                          pixel_size_known=self.pixel_size_known),
                 "cumulative": self.grains.add(
-                    labels, frame.pixel_size_um,
+                    labels, frame.pixel_size_um, table=table,
                     centre_um=_stage_xy(frame.position) if self.pixel_size_known else None),
             }
             if self.grains.tiles_overlapping > overlapping:
                 self._warn_overlap(frame)
-            self._check_one_big_region(frame, labels)
+            self._check_one_big_region(frame, table, labels.size)
         if self.tracker is not None and frame.objects is not None:
             self.tracker.apply(
                 frame.objects, frame.summary if frame.summary is not None else {},

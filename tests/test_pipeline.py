@@ -90,11 +90,13 @@ class RecordingSource:
         pass
 
 
-def _raw(i: int) -> RawFrame:
+def _raw(i: int, index: dict[str, int] | None = None) -> RawFrame:
+    """Frame ``i`` (two objects), its event's index ``{"t": i}`` unless ``index`` is given."""
     image = np.full((64, 64), 100, np.uint16)
     image[10:20, 10:20] = 1000  # one bright square of 100 px
     image[40:50, 30:45] = 800  # one bright rectangle of 150 px
-    return RawFrame(image, useq.MDAEvent(index={"t": i}), time.time(), {"x_um": 0.0}, None)
+    event = useq.MDAEvent(index={"t": i} if index is None else index)
+    return RawFrame(image, event, time.time(), {"x_um": 0.0}, None)
 
 
 STAGE_THREADS = pytest.mark.parametrize("stage_threads", ["one", "two"])
@@ -497,9 +499,7 @@ async def test_frame_every_keeps_every_nth_frame_of_each_channel_and_plane() -> 
     pipe.start()
     for t in range(4):
         for c in range(2):
-            raw = _raw(t)
-            raw.event = useq.MDAEvent(index={"t": t, "c": c})
-            pipe.submit(raw)
+            pipe.submit(_raw(t, {"t": t, "c": c}))
     assert await pipe.drain(10.0)
     await pipe.close()
     shown = [(m.header["index"]["t"], m.header["index"]["c"]) for m in pub.by_topic("frame")]
@@ -519,9 +519,7 @@ async def test_frame_every_picks_by_frame_order_when_frames_skip() -> None:
     pipe.start()
     for t in range(6):
         for c in range(2):
-            raw = _raw(t)
-            raw.event = useq.MDAEvent(index={"t": t, "c": c})
-            pipe.submit(raw)
+            pipe.submit(_raw(t, {"t": t, "c": c}))
             if t == c == 0:
                 await asyncio.sleep(0.02)  # the model takes frame 0; the rest come at once
     assert await pipe.drain(10.0)
@@ -543,9 +541,7 @@ async def _published_every_2nd(
                     frame_every=2)
     pipe.start()
     for i, index in enumerate(indices):
-        raw = _raw(i)
-        raw.event = useq.MDAEvent(index=index)
-        pipe.submit(raw)
+        pipe.submit(_raw(i, index))
     assert await pipe.drain(10.0)
     await pipe.close()
     return pipe, pub

@@ -40,6 +40,7 @@ try:
     from livemask.errors import ConfigError, LivemaskError
     from livemask.log import setup_logging
     from livemask.protocol import INT64_MAX
+    from livemask.roi import ROI_FORMAT, Roi
 except KeyboardInterrupt:
     if "--ready-fd" not in sys.argv:  # (serve --view's view: serve says it)
         print("livemask: interrupted", file=sys.stderr, flush=True)
@@ -843,6 +844,15 @@ def segment(
     table: Annotated[Path | None, typer.Option(
         callback=_output_file_like("objects.csv"),
         help="Write measurements CSV here.")] = None,
+    grains: Annotated[Path | None, typer.Option(
+        callback=_output_file_like("grains.json"),
+        help="Write grain size statistics (ASTM E112 G, N_A, intercepts, size "
+        "distribution) of each plane and of all planes pooled here (JSON; grains models)."
+    )] = None,
+    roi: Annotated[Roi | None, typer.Option(
+        parser=_roi, metavar=ROI_FORMAT,
+        help="Segment and measure only this rectangle (px; e.g. a micrograph without its "
+        "data bar); labels are 0 outside it.")] = None,
     pixel_size_um: Annotated[float | None, typer.Option(
         callback=_positive,
         help="µm per pixel for the µm columns (default: the file's, else 1).")] = None,
@@ -853,14 +863,39 @@ def segment(
 
     _setup_logging()
     try:
-        done = segment_file(input, output, model=model, table=table,
+        done = segment_file(input, output, model=model, table=table, grains=grains, roi=roi,
                             pixel_size_um=pixel_size_um, threads=threads)
     except (LivemaskError, OSError, ValueError) as exc:
         _fail(exc)
     axes = f", axes {done.axes}" if done.axes else ""
     planes = f"{done.planes} plane" + ("s" if done.planes != 1 else "")
+    also = [str(p) for p in (table, grains) if p is not None]
     typer.echo(f"wrote {output} (labels of shape {done.shape}{axes}; {planes})"
-               + (f" and {table}" if table else ""))
+               + (f" and {' and '.join(also)}" if also else ""))
+    if done.grains is not None:
+        typer.echo(_grains_line(done.grains))
+
+
+def _roi(text: str) -> Roi:
+    """Parser of ``--roi``: a :class:`Roi`, or the reason it is not one."""
+    try:
+        return Roi.parse(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _grains_line(stats: dict[str, Any]) -> str:
+    """One line of ``segment --grains``'s pooled statistics for the terminal."""
+
+    def value(key: str, unit: str = "", digits: int = 2) -> str:
+        v = stats.get(key)
+        return "n/a" if v is None else f"{v:.{digits}f}{unit}"
+
+    return (f"grains: {stats['count']} ({stats['count_inside']} inside) in "
+            f"{stats['tiles']} field(s); N_A {value('n_a_per_mm2', '/mm²', 1)}, "
+            f"mean diameter {value('mean_equivalent_diameter_um', ' µm')}, mean intercept "
+            f"{value('mean_intercept_um', ' µm')}, ASTM G {value('astm_g_planimetric')} "
+            f"(planimetric), {value('astm_g_intercept')} (intercept)")
 
 
 @app.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import os
@@ -14,12 +15,20 @@ import numpy as np
 import tifffile
 
 from livemask.acquisition.pixel_size import tiff_pixel_size
+from livemask.analysis.grains import (
+    BIG_REGION_FRACTION,
+    CumulativeGrainStats,
+    grain_statistics,
+    grain_table,
+    largest_region_fraction,
+)
 from livemask.analysis.measure import measure_objects
 from livemask.analysis.normalize import image_problem
 from livemask.errors import ConfigError
 from livemask.inference.models import load_model_card
 from livemask.inference.segmenter import Segmenter
 from livemask.inference.select import load_backend
+from livemask.roi import ROI_FORMAT, Roi
 
 log = logging.getLogger("livemask")
 
@@ -262,6 +271,8 @@ class Segmented:
     shape: tuple[int, ...]
     #: tifffile's axes of the labels (``"TPYX"``: P, the file's image series); None: not known
     axes: str | None = None
+    #: the pooled grain statistics (``--grains``); None: not asked for
+    grains: dict[str, Any] | None = None
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -272,27 +283,33 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve()
 
 
-def check_outputs(input_path: Path, output: Path, table: Path | None) -> None:
-    """ValueError, before anything is read or written, if ``output`` (``-o``) or ``table``
-    (``--table``) cannot be written: not a TIFF name, the input file, a folder, or both
-    one file; then makes their folders."""
+#: What each of segment's outputs holds, by its option.
+_OUTPUTS = {"-o": "the label TIFF (-o)", "--table": "the measurements CSV (--table)",
+            "--grains": "the grain statistics JSON (--grains)"}
+
+
+def check_outputs(input_path: Path, output: Path, table: Path | None,
+                  grains: Path | None = None) -> None:
+    """ValueError, before anything is read or written, if ``output`` (``-o``), ``table``
+    (``--table``) or ``grains`` (``--grains``) cannot be written: not a TIFF name, the input
+    file, a folder, or two of them one file; then makes their folders."""
     if output.suffix.lower() not in LABEL_SUFFIXES:
         raise ValueError(f"-o {output}: labels are written as an int32 TIFF; give an output "
                          "file name ending in .tif or .tiff")
-    for option, path in (("-o", output), ("--table", table)):
-        if path is None:
-            continue
+    named = [(o, p) for o, p in (("-o", output), ("--table", table), ("--grains", grains))
+             if p is not None]
+    for k, (option, path) in enumerate(named):
         if _same_file(path, input_path):
             raise ValueError(f"{option} {path} is the input image, which it would overwrite; "
                              f"give {option} another file name")
         if path.is_dir():
             raise ValueError(f"{option} {path} is a folder; give a file path in it")
-    if table is not None and _same_file(table, output):
-        raise ValueError(f"--table {table} is also the label TIFF (-o); give the measurements "
-                         "CSV another file name")
-    for path in (output, table):
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
+        for other, before in named[:k]:
+            if _same_file(path, before):
+                raise ValueError(f"{option} {path} is also {_OUTPUTS[other]}; give "
+                                 f"{option} another file name")
+    for _, path in named:
+        path.parent.mkdir(parents=True, exist_ok=True)
 
 
 def _temporary(path: Path) -> Path:
@@ -306,22 +323,28 @@ def segment_file(
     *,
     model: str = "nuclei",
     table: Path | None = None,
+    grains: Path | None = None,
+    roi: Roi | None = None,
     pixel_size_um: float | None = None,
     threads: int = 2,
 ) -> Segmented:
     """Segment every plane of ``input_path``; write labels of the input's shape (a TIFF;
-    a TIFF's position series add an axis P, see :func:`read_image_file`) and a CSV
-    (``plane`` counts the planes in C order).
+    a TIFF's position series add an axis P, see :func:`read_image_file`), a CSV of the
+    objects (``plane`` counts the planes in C order) and, for a grains model, the grain
+    statistics of each plane and of all planes pooled as fields of one specimen (JSON).
 
-    ``pixel_size_um`` (µm per pixel, for the CSV's µm columns and the labels' OME
+    ``roi``: only that rectangle of each plane is segmented and measured (labels 0
+    outside; the CSV's coordinates are the input's; the grain statistics' test area is the
+    rectangle), e.g. a micrograph without its data bar.
+    ``pixel_size_um`` (µm per pixel, for the µm columns and values and the labels' OME
     metadata): None takes the file's (OME, ImageJ or TIFF resolution in cm/mm/µm), else 1
-    (and none in the labels). NaN/infinite pixels get label 0, and so do objects lying
-    mostly on them (``Segmenter.segment``, see
+    (none in the labels, and no ASTM G numbers). NaN/infinite pixels get label 0, and so do
+    objects lying mostly on them (``Segmenter.segment``, see
     :func:`livemask.inference.segmenter.without_non_finite`). The outputs are checked first
     (:func:`check_outputs`) and written beside their places, then renamed into them once
-    both are written: an error leaves neither half-written.
+    all are written: an error leaves none half-written.
     """
-    check_outputs(input_path, output, table)
+    check_outputs(input_path, output, table, grains)
     try:
         image = read_stack_file(input_path)
     except UnreadablePlane as exc:
@@ -329,45 +352,43 @@ def segment_file(
                          "file of their own to segment them") from exc
     stack = image.data
     planes = stack.reshape(-1, *stack.shape[-2:])
+    if roi is not None:
+        roi.check((int(planes.shape[1]), int(planes.shape[2])))
+    region = roi.slices if roi is not None else (slice(None), slice(None))
     scale = pixel_size_um if pixel_size_um is not None else image.pixel_size_um
-    if table is not None:
-        pixel_size_um = _log_pixel_size(input_path, pixel_size_um, image)
     seg = load_segmenter(model, threads)
-    seg.check_frame((int(planes.shape[1]), int(planes.shape[2])))  # refuses e.g. logits
+    if grains is not None and seg.card.task != "grains":
+        raise ValueError(f"--grains sizes grains, and model {model!r} segments "
+                         f"{seg.card.task}: give a grains model (grains, grains_rf or "
+                         "grains_classical), or leave out --grains")
+    if table is not None or grains is not None:
+        pixel_size_um = _log_pixel_size(input_path, pixel_size_um, image)
+    crop_shape = planes[0][region].shape
+    seg.check_frame((int(crop_shape[0]), int(crop_shape[1])))  # refuses e.g. logits
     labels = np.zeros(planes.shape, dtype=np.int32)
     rows: list[dict[str, object]] = []
+    sizes = (GrainReport(input_path, seg.card.name, pixel_size_um or 1.0, scale is not None,
+                         roi) if grains is not None else None)
     for i, plane in enumerate(planes):
         where = f"{input_path}" + (f" plane {i}" if len(planes) > 1 else "")
-        finite = np.isfinite(plane) if plane.dtype.kind == "f" else None
-        bad = 0 if finite is None else plane.size - np.count_nonzero(finite)
-        if 0 < bad < plane.size:  # none finite: segment raises below
+        crop = plane[region]
+        finite = np.isfinite(crop) if crop.dtype.kind == "f" else None
+        bad = 0 if finite is None else crop.size - np.count_nonzero(finite)
+        if 0 < bad < crop.size:  # none finite: segment raises below
             log.warning("%s: %d NaN/infinite pixels, filled from their nearest finite "
                         "neighbours for the model, then label 0 (left out of the measurements)",
                         where, bad)
         try:
-            labels[i] = seg.segment(plane)
+            labels[i][region] = seg.segment(crop)
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
         if table is not None:
-            objects, _ = measure_objects(labels[i], plane, pixel_size_um=pixel_size_um or 1.0)
-            for o in objects:
-                cy, cx = o["centroid_yx"]
-                b = o["bbox"]
-                rows.append({
-                    "plane": i, "label": o["label"], "area_px": o["area_px"],
-                    "area_um2": o["area_um2"], "centroid_y": cy, "centroid_x": cx,
-                    "bbox_min_row": b[0], "bbox_min_col": b[1], "bbox_max_row": b[2],
-                    "bbox_max_col": b[3], "mean_intensity": o["mean_intensity"],
-                    "integrated_intensity": o["integrated_intensity"],
-                    "equivalent_diameter_um": o["equivalent_diameter_um"],
-                    "eccentricity": o["eccentricity"],
-                    "touches_edge": o["touches_edge"],
-                    "local_background": o["local_background"],
-                    "corrected_intensity": o["corrected_intensity"],
-                    "saturated_px": o["saturated_px"],
-                })
+            rows.extend(_object_rows(i, labels[i][region], crop, pixel_size_um or 1.0, roi))
+        if sizes is not None:
+            sizes.add(where, labels[i][region])
     labels_tmp = _temporary(output)
     table_tmp = _temporary(table) if table is not None else None
+    grains_tmp = _temporary(grains) if grains is not None else None
     try:
         write_labels(labels_tmp, labels.reshape(stack.shape), image.axes, scale)
         if table is not None and table_tmp is not None:
@@ -375,13 +396,87 @@ def segment_file(
                 writer = csv.DictWriter(fh, fieldnames=TABLE_COLUMNS)
                 writer.writeheader()
                 writer.writerows(rows)
-            os.replace(table_tmp, table)
+        if grains is not None and grains_tmp is not None and sizes is not None:
+            grains_tmp.write_text(json.dumps(sizes.report(), indent=2) + "\n",
+                                  encoding="utf-8")
+        for tmp, path in ((table_tmp, table), (grains_tmp, grains)):
+            if tmp is not None and path is not None:
+                os.replace(tmp, path)
         os.replace(labels_tmp, output)
     finally:
-        for tmp in (labels_tmp, table_tmp):
+        for tmp in (labels_tmp, table_tmp, grains_tmp):
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
-    return Segmented(len(planes), tuple(stack.shape), image.axes)
+    return Segmented(len(planes), tuple(stack.shape), image.axes,
+                     grains=sizes.pooled.summary() if sizes is not None else None)
+
+
+def _object_rows(plane: int, labels: np.ndarray, image: np.ndarray, pixel_size_um: float,
+                 roi: Roi | None) -> list[dict[str, object]]:
+    """The CSV rows of one plane's objects (``labels`` of ``image``, a ``roi`` of the plane
+    where given: its coordinates are moved to the plane's)."""
+    dy, dx = (roi.y, roi.x) if roi is not None else (0, 0)
+    objects, _ = measure_objects(labels, image, pixel_size_um=pixel_size_um)
+    rows: list[dict[str, object]] = []
+    for o in objects:
+        cy, cx = o["centroid_yx"]
+        b = o["bbox"]
+        rows.append({
+            "plane": plane, "label": o["label"], "area_px": o["area_px"],
+            "area_um2": o["area_um2"], "centroid_y": cy + dy, "centroid_x": cx + dx,
+            "bbox_min_row": b[0] + dy, "bbox_min_col": b[1] + dx, "bbox_max_row": b[2] + dy,
+            "bbox_max_col": b[3] + dx, "mean_intensity": o["mean_intensity"],
+            "integrated_intensity": o["integrated_intensity"],
+            "equivalent_diameter_um": o["equivalent_diameter_um"],
+            "eccentricity": o["eccentricity"],
+            "touches_edge": o["touches_edge"],
+            "local_background": o["local_background"],
+            "corrected_intensity": o["corrected_intensity"],
+            "saturated_px": o["saturated_px"],
+        })
+    return rows
+
+
+class GrainReport:
+    """The grain statistics ``segment --grains`` writes: each plane's, and all planes pooled
+    as fields of one specimen (:class:`CumulativeGrainStats`, without positions: every
+    plane is pooled)."""
+
+    def __init__(self, input_path: Path, model: str, pixel_size_um: float,
+                 pixel_size_known: bool, roi: Roi | None) -> None:
+        self.input_path, self.model, self.roi = input_path, model, roi
+        self.pixel_size_um, self.pixel_size_known = pixel_size_um, pixel_size_known
+        self.planes: list[dict[str, Any]] = []
+        self.pooled = CumulativeGrainStats(pixel_size_known=pixel_size_known)
+
+    def add(self, where: str, labels: np.ndarray) -> None:
+        """Add one plane's grain labels (the region analysed); warn where one region covers
+        more than :data:`BIG_REGION_FRACTION` of it."""
+        table = grain_table(labels, self.pixel_size_um)
+        largest = largest_region_fraction(table, labels.size)
+        if largest > BIG_REGION_FRACTION:
+            log.warning("%s: one region covers %.0f %% of the %s, and counts as one grain in "
+                        "the grain statistics: a data bar (SEM), an empty or off-specimen "
+                        "field, or grains too large for this magnification (ASTM sizing wants "
+                        "at least ~50 grains a field). Leave data bars out with --roi %s",
+                        where, 100 * largest, "region (--roi)" if self.roi else "image",
+                        ROI_FORMAT)
+        stats = grain_statistics(labels, self.pixel_size_um, table=table,
+                                 pixel_size_known=self.pixel_size_known)
+        self.planes.append({"plane": len(self.planes), **stats})
+        self.pooled.add(labels, self.pixel_size_um, table=table)
+
+    def report(self) -> dict[str, Any]:
+        """JSON-friendly: where the values come from, ``planes`` and ``pooled``."""
+        return {
+            "input": str(self.input_path),
+            "model": self.model,
+            "pixel_size_um": self.pixel_size_um,
+            "pixel_size_known": self.pixel_size_known,
+            "roi": self.roi.as_dict() if self.roi is not None else None,
+            "planes": self.planes,
+            "pooled": self.pooled.summary(),
+        }
 
 
 def _ome_axes(axes: str | None, ndim: int) -> str | None:

@@ -58,6 +58,7 @@ from scipy import stats
 from livemask.analysis.boundaries import edge_values
 
 __all__ = [
+    "BIG_REGION_FRACTION",
     "HISTOGRAM_EDGES_UM",
     "CumulativeGrainStats",
     "GrainTable",
@@ -66,6 +67,7 @@ __all__ = [
     "grain_statistics",
     "grain_table",
     "intercept_count",
+    "largest_region_fraction",
     "planimetric_count",
     "size_histogram",
 ]
@@ -73,6 +75,10 @@ __all__ = [
 #: Fixed log-spaced bins of equivalent diameter (µm): 0.1 µm to 10 mm, 10 per decade.
 #: Diameters outside fall into the first or last bin.
 HISTOGRAM_EDGES_UM: tuple[float, ...] = tuple(float(10.0**e) for e in np.linspace(-1, 4, 51))
+
+#: A field where one region covers more than this fraction of the image is not a grain
+#: field: an empty or off-specimen field, or an SEM data bar, segments as one huge "grain".
+BIG_REGION_FRACTION = 0.25
 
 
 @dataclass(frozen=True)
@@ -135,6 +141,14 @@ def grain_table(labels: np.ndarray, pixel_size_um: float) -> GrainTable:
         touches_edge=touches,
         corners=corners,
     )
+
+
+def largest_region_fraction(table: GrainTable, pixels: int) -> float:
+    """The fraction of a field of ``pixels`` pixels that its largest grain covers (0 for
+    no grain); above :data:`BIG_REGION_FRACTION` the field is not a grain field."""
+    if len(table) == 0 or pixels <= 0:
+        return 0.0
+    return int(table.area_px.max()) / pixels
 
 
 def planimetric_count(table: GrainTable) -> float:

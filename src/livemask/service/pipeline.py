@@ -38,10 +38,12 @@ import numpy as np
 from livemask.acquisition.mode import Mode
 from livemask.acquisition.source import FrameSource, RawFrame
 from livemask.analysis.grains import (
+    BIG_REGION_FRACTION,
     CumulativeGrainStats,
     GrainTable,
     grain_statistics,
     grain_table,
+    largest_region_fraction,
 )
 from livemask.analysis.measure import UNITS, saturation_level, units_in_pixels
 from livemask.analysis.tracking import (
@@ -67,8 +69,6 @@ log = logging.getLogger("livemask")
 #: grid tile, channel and plane; the frames of a feedback action, ``fb``, or of enqueued
 #: events with a key of the client's own, e.g. ``ext``, are streams of their own).
 TIME_AXIS = "t"
-#: A grain tile where one region covers more than this fraction is reported (a warning).
-BIG_REGION_FRACTION = 0.25
 #: Streams whose frame counts ``publish.frame_every`` keeps (the least recently seen go
 #: first: such a stream starts counting again, its next frame published), as tracking's.
 MAX_STREAMS = 4096
@@ -547,9 +547,7 @@ class Pipeline:
         SEM data bar, segments as one huge "grain" that the statistics count with its area
         (a blank tile pooled with one real one moved ASTM G by a whole unit). ``table``: the
         tile's :func:`grain_table`; ``pixels``: its size."""
-        if len(table) == 0 or pixels == 0:
-            return
-        largest = int(table.area_px.max()) / pixels  # (label 0 is no region: not in it)
+        largest = largest_region_fraction(table, pixels)  # (label 0 is no region)
         if largest <= BIG_REGION_FRACTION:
             return
         if frame.acquisition != self._big_regions_of:  # counted per acquisition

@@ -35,10 +35,11 @@ lint: $(TEST_STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy
 
-## train: reproduce the shipped U-Nets from the simulator (about 30 min each on 2 cores)
+## train: reproduce the shipped U-Nets from the simulator with their cards' budgets (about
+## 15 and 35 min on 2 cores)
 train: $(TEST_STAMP)
-	$(BIN)/livemask train nuclei --out runs/nuclei
-	$(BIN)/livemask train grains --out runs/grains
+	$(BIN)/livemask train nuclei --iterations 6000 --minutes 15 --out runs/nuclei
+	$(BIN)/livemask train grains --minutes 35 --out runs/grains
 
 ## bench: inference, naive loop and full service fps + latency (see docs/performance.md)
 bench: $(RUN_STAMP)

@@ -22,7 +22,7 @@ try:
     import tempfile
     from collections.abc import Callable, Iterator
     from pathlib import Path
-    from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
+    from typing import TYPE_CHECKING, Annotated, Any, NoReturn, ParamSpec, TypeVar
 
     import typer
     from pydantic import ValidationError
@@ -33,6 +33,7 @@ try:
         MAX_INTERVAL_S,
         MAX_THREADS,
         DashboardConfig,
+        ServiceConfig,
         check_address,
         one_endpoint_message,
         same_endpoint,
@@ -41,6 +42,8 @@ try:
     from livemask.log import setup_logging
     from livemask.protocol import INT64_MAX
     from livemask.roi import ROI_FORMAT, Roi
+    if TYPE_CHECKING:
+        from livemask.acquisition.replay import ReplayStack
 except KeyboardInterrupt:
     if "--ready-fd" not in sys.argv:  # (serve --view's view: serve says it)
         print("livemask: interrupted", file=sys.stderr, flush=True)
@@ -587,6 +590,8 @@ def replay(
     try:
         cfg = load_config(config)
         stack = open_stack(path)
+        if config is None:
+            cfg = _as_recorded(cfg, stack)
         _apply_service_flags(cfg, pub=pub, control=control, mode=mode, record=record)
         # the config's, else the file's; a recording of an uncalibrated rig has none
         cfg.hardware.pixel_size_um = replay_pixel_size(stack, cfg.hardware.pixel_size_um)
@@ -611,6 +616,29 @@ def replay(
         source.close()
     if problem is not None:
         _fail_run(problem)
+
+
+def _as_recorded(cfg: ServiceConfig, stack: ReplayStack) -> ServiceConfig:
+    """The config of a replay without ``--config``: for a livemask recording, its
+    ``config.yaml``'s model, analysis, tracking and acquisition mode (how its frames were
+    analysed: a grain scan by a grains model, every tile), else ``cfg``."""
+    from livemask.config import load_analysis_config
+
+    recorded = stack.path / "config.yaml"
+    if stack.kind != "recording" or not recorded.is_file():
+        return cfg
+    again = "; or give --config with the model and mode to analyse it with"
+    try:
+        as_recorded = load_analysis_config(recorded)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}{again}") from None
+    card = as_recorded.model.path
+    if card is not None and not card.is_file():
+        raise ConfigError(f"the recording was analysed with the model card {card}, which is "
+                          f"not here (its {recorded}): copy it there{again}")
+    log.info("replaying as recorded (%s): model %s, acquisition mode %s; --config chooses "
+             "others", recorded, card or as_recorded.model.name, as_recorded.acquisition.mode)
+    return as_recorded
 
 
 @app.command("dashboard")

@@ -905,6 +905,36 @@ def load_config(path: str | Path | None) -> ServiceConfig:
     if path is None:
         return parse_config({})
     p = Path(path)
+    data = _read_config_file(p)
+    return parse_config(data, base_dir=p.parent, source=str(p))
+
+
+#: What a replay without ``--config`` takes from a recording's ``config.yaml``: how its
+#: frames were analysed (section: its keys, None for all of them).
+ANALYSIS_SECTIONS: dict[str, tuple[str, ...] | None] = {
+    "model": None, "analysis": None, "tracking": None,
+    "acquisition": ("mode", "frame_timeout_s"),
+}
+
+
+def load_analysis_config(path: Path) -> ServiceConfig:
+    """The :data:`ANALYSIS_SECTIONS` of the config file at ``path`` (a recording's
+    ``config.yaml``), everything else the defaults: its hardware, addresses, recording and
+    feedback are of the rig it ran on. ConfigError as :func:`load_config`'s."""
+    data = _read_config_file(path) or {}
+    kept: dict[str, Any] = {}
+    for section, keys in ANALYSIS_SECTIONS.items():
+        value = data.get(section)
+        if isinstance(value, dict) and keys is not None:
+            value = {k: v for k, v in value.items() if k in keys}
+        if value is not None:
+            kept[section] = value
+    return parse_config(kept, base_dir=path.parent, source=str(path))
+
+
+def _read_config_file(p: Path) -> dict[str, Any] | None:
+    """The mapping of sections in the YAML config file ``p`` (None: empty); ConfigError
+    saying what to change when it cannot be read."""
     if p.is_dir():
         raise ConfigError(
             f"config path {p} is a directory; pass a YAML file to --config "
@@ -929,7 +959,7 @@ def load_config(path: str | Path | None) -> ServiceConfig:
             f"invalid {p}:\n  {key}: ~ alone is YAML's null (no path), not your home folder; "
             "quote it ('~/...'), write the path, or leave the line out for the default"
         )
-    return parse_config(data, base_dir=p.parent, source=str(p))
+    return data
 
 
 #: Path fields whose null is their default (a dump writes ``path: null``), so a ``~``

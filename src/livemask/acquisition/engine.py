@@ -44,7 +44,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 import useq
@@ -135,6 +135,12 @@ class FocusTolerantEngine(MDAEngine):
         #: Set (under :attr:`snap_lock`) by whoever sets the exposure from another thread;
         #: cleared when an event's set-up begins.
         self.exposure_overridden = False
+        #: The exposure a ``set`` since the runner took a planned event gives it (the
+        #: runner takes an event before waiting for its start time, which may be minutes in
+        #: a time-lapse); None: the event's own. The service's :class:`PlannedExposure`.
+        self.planned_exposure: Callable[[useq.MDAEvent], float | None] | None = None
+        #: (event, the exposure its set-up commanded), for :meth:`commanded_exposure`
+        self._commanded: tuple[useq.MDAEvent, float] | None = None
 
     def setup_sequence(self, sequence: useq.MDASequence) -> Any:
         """``MDAEngine.setup_sequence``, with the warning counts of a new acquisition."""
@@ -173,10 +179,12 @@ class FocusTolerantEngine(MDAEngine):
         whose channels set exposures, a feedback action's frames and the event that
         restores after them), and on some cameras a set stops and re-arms the acquisition.
         Its channel preset is set only on a change already (pymmcore-plus' own check)."""
-        if event.exposure is None:
+        exposure = self._exposure_of(event)
+        self._commanded = None if exposure is None else (event, exposure)
+        if exposure is None:
             super().setup_single_event(event)
             return
-        self._event_exposure = event.exposure
+        self._event_exposure = exposure
         try:  # set in :meth:`_set_event_channel`, where pymmcore-plus sets it: channel first
             super().setup_single_event(event.model_copy(update={"exposure": None}))
         finally:
@@ -195,6 +203,23 @@ class FocusTolerantEngine(MDAEngine):
         except Exception as exc:  # as pymmcore-plus' set-up: the frame's read-back tells
             log.warning("Failed to set exposure. %s", exc)
 
+    def _exposure_of(self, event: useq.MDAEvent) -> float | None:
+        """The exposure ``event`` is taken with: the newest ``set``'s for a planned event
+        that sets one (:attr:`planned_exposure`), else its own (None: the camera's)."""
+        if event.exposure is None:
+            return None
+        hook = self.planned_exposure
+        now = hook(event) if hook is not None else None
+        return float(event.exposure) if now is None else now
+
+    def commanded_exposure(self, event: useq.MDAEvent) -> float | None:
+        """The exposure the set-up of ``event`` (the one running) commanded, which a
+        ``set`` since the runner took it may have changed from ``event.exposure``."""
+        commanded = self._commanded
+        if commanded is not None and commanded[0] is event:
+            return commanded[1]
+        return None if event.exposure is None else float(event.exposure)
+
     def _exposure_in_effect(self, exposure_ms: float) -> bool:
         """Whether the camera's exposure (the core's reading) is ``exposure_ms`` already;
         False where it cannot be read (then it is set, as before)."""
@@ -209,8 +234,9 @@ class FocusTolerantEngine(MDAEngine):
         under :attr:`snap_lock` (the event's own exposure set again first where a set
         landed since its set-up); the frames are handed on once it is released."""
         with self.snap_lock:
-            if self.exposure_overridden and event.exposure is not None:
-                self._exposure_again(event.exposure)
+            if self.exposure_overridden and (exposure := self._exposure_of(event)) is not None:
+                self._commanded = (event, exposure)
+                self._exposure_again(exposure)
             payloads = list(super().exec_single_event(event))
         # not ``yield from`` (ruff's UP028): the runner's send("cancel") on a stop would
         # reach the list's iterator, which has no send (AttributeError ended the run)

@@ -244,13 +244,21 @@ class PlannedExposure(Iterator[useq.MDAEvent]):
     pymmcore-plus sets each event's own exposure (a channel's) before its snap, so a camera
     exposure set during a run lasted one frame. Once :meth:`set` is called, every later
     event that carries an exposure carries that one; events without one keep the camera's.
+    The runner takes an event before it waits for the event's start time (a time-lapse's
+    interval, or the look-ahead of hardware sequencing): :meth:`exposure_now` gives the
+    engine the newest set's exposure for such an event at its set-up.
     ``__next__`` runs on the runner thread, :meth:`set` on the event loop.
     """
+
+    #: Events given out that :meth:`exposure_now` still knows as planned ones (the runner
+    #: holds one, and pymmcore-plus' sequencing looks one ahead).
+    GIVEN_KEPT = 16
 
     def __init__(self, events: Iterable[useq.MDAEvent]) -> None:
         self._events = iter(events)
         self._lock = threading.Lock()
         self._exposure_ms: float | None = None
+        self._given: deque[useq.MDAEvent] = deque(maxlen=self.GIVEN_KEPT)
 
     def set(self, exposure_ms: float | None) -> float | None:
         """Give every later planned event that sets an exposure ``exposure_ms`` instead
@@ -266,4 +274,16 @@ class PlannedExposure(Iterator[useq.MDAEvent]):
             exposure = self._exposure_ms
         if exposure is not None and event.exposure is not None and event.exposure != exposure:
             event = event.model_copy(update={"exposure": exposure})
+        with self._lock:
+            self._given.append(event)
         return event
+
+    def exposure_now(self, event: useq.MDAEvent) -> float | None:
+        """The exposure a planned ``event`` this plan gave out is to be taken with: the
+        newest :meth:`set`'s, also one that came after the runner took it; None for other
+        events (enqueued, feedback), events without an exposure, or no set."""
+        with self._lock:
+            exposure = self._exposure_ms
+            if exposure is None or event.exposure is None:
+                return None
+            return exposure if any(e is event for e in self._given) else None

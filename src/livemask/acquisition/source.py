@@ -232,19 +232,21 @@ EXPOSURE_TOLERANCE = 0.02
 
 
 def settings_mismatch(
-    event: useq.MDAEvent, meta: Any, preset: dict[str, str] | None
+    event: useq.MDAEvent, meta: Any, preset: dict[str, str] | None,
+    exposure_ms: float | None = None,
 ) -> dict[str, Any] | None:
     """What of the event's exposure and channel the frame was not taken with, or None.
 
     pymmcore-plus' frame metadata has the exposure used (``exposure_ms``) and the current
     values of the channel group's properties (``property_values``); a setting that failed
     is only a warning in its log. ``preset`` is the channel preset's property values
-    (``"Device-Property": value``)."""
+    (``"Device-Property": value``); ``exposure_ms``: the exposure commanded where it is not
+    the event's own (a planned event after a ``set``), else None."""
     if not isinstance(meta, dict):
         return None
     off: dict[str, Any] = {}
     used = meta.get("exposure_ms")
-    want = event.exposure
+    want = exposure_ms if exposure_ms is not None else event.exposure
     if (want is not None and isinstance(used, int | float) and math.isfinite(used)
             and abs(used - want) > EXPOSURE_TOLERANCE * max(want, 1.0)):
         off["exposure_ms"] = {"commanded": want, "read": float(used)}
@@ -420,7 +422,8 @@ class MicroscopeSource(FeedThreadSource):
         position, off = frame_position(event, meta, z_failed=self._engine.z_failed)
         self._report_mismatch("stage", event, off)
         preset = self._preset(event.channel) if event.channel is not None else None
-        settings_off = settings_mismatch(event, meta, preset)
+        settings_off = settings_mismatch(event, meta, preset,
+                                         self._engine.commanded_exposure(event))
         self._report_mismatch("settings", event, settings_off)
         channel_failed = settings_off is not None and "channel" in settings_off
         if channel_failed:  # the rig is at no known preset until an event sets one
@@ -566,6 +569,13 @@ class MicroscopeSource(FeedThreadSource):
         if not self.running:
             raise AcquisitionEnding("the acquisition has ended; the events were not added")
         return self._feed.inject(events)
+
+    def follow_planned_exposure(
+        self, exposure_now: Callable[[useq.MDAEvent], float | None] | None
+    ) -> None:
+        """Take planned events with the exposure ``exposure_now`` gives at their set-up
+        (:meth:`PlannedExposure.exposure_now`; None: their own)."""
+        self._engine.planned_exposure = exposure_now
 
     def set_exposure(self, exposure_ms: float) -> None:
         """Set the camera exposure; ``ValueError`` with the camera's reason if it refuses the

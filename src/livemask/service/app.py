@@ -943,6 +943,8 @@ class Service:
             ready()
         self._report_finished()  # the last run's, if its frames are still going through
         self._planned_exposure = PlannedExposure(events)
+        if isinstance(self.source, MicroscopeSource):  # (a replay has no camera)
+            self.source.follow_planned_exposure(self._planned_exposure.exposure_now)
         self._plan_exposures = sorted(plan_exposures or ())
         self._settings.reset(**self._camera_settings())
         events = self._planned_exposure  # before the feedback's ledger sees them

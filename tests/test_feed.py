@@ -238,3 +238,33 @@ def test_planned_exposure_replaces_the_events_own_from_when_it_is_set() -> None:
     assert [next(planned).exposure for _ in range(2)] == [None, 30.0]  # none: the camera's
     assert planned.set(None) == 30.0  # undone (the camera refused the value)
     assert next(planned).exposure == 10.0
+
+
+def _burst(n: int, interval_s: float) -> list[useq.MDAEvent]:
+    """A feedback burst's events: offsets from its first frame from the second on."""
+    return [useq.MDAEvent(index={"fb": 1, "t": i},
+                          min_start_time=i * interval_s if i else None) for i in range(n)]
+
+
+def test_a_batch_timed_from_first_is_timed_from_when_its_first_event_is_taken() -> None:
+    """Two bursts decided at once: the second waits behind the first, and its intervals
+    count from its own first frame. Before, both were timed from when they were decided,
+    so the second's times had passed when it ran, and its frames came back to back."""
+    now = [100.0]
+    feed = EventFeed(_events(1), clock=lambda: now[0])
+    feed.inject(_burst(3, 0.5), timed_from_first=True)
+    feed.inject(_burst(3, 0.5), timed_from_first=True)
+    feed.inject([useq.MDAEvent(min_start_time=7.0)])  # an enqueue's: on the runner's clock
+    times = []
+    for _ in range(7):
+        times.append(next(feed).min_start_time)
+        now[0] += 0.6  # each frame takes a little longer than the interval
+    assert times[:3] == [None, 100.5, 101.0]
+    assert times[3:6] == [None, pytest.approx(102.3), pytest.approx(102.8)]
+    assert times[6] == 7.0
+
+
+def test_offsets_are_dropped_without_a_clock() -> None:
+    feed = EventFeed([])
+    feed.inject(_burst(2, 0.5), timed_from_first=True)
+    assert [e.min_start_time for e in feed] == [None, None]

@@ -370,12 +370,12 @@ def test_centring_without_a_calibrated_pixel_size_is_refused() -> None:
     assert (ev.x_pos, ev.y_pos) == (100.0, 200.0)  # actions that do not centre still run
 
 
-def test_burst_events_are_spaced_on_the_runner_clock() -> None:
-    planner = EventPlanner.for_pixel_size(1.0, runner_clock=lambda: 42.0)
+def test_burst_events_are_spaced_from_their_first_frame() -> None:
+    planner = EventPlanner.for_pixel_size(1.0)
     events = to_events(
         Burst(frames=3, interval_s=0.5, exposure_ms=20.0, channel="GFP"), ctx([]), planner
     )
-    assert [e.min_start_time for e in events] == [None, 42.5, 43.0]
+    assert [e.min_start_time for e in events] == [None, 0.5, 1.0]  # (EventFeed times them)
     assert all(e.exposure == 20.0 and e.channel and e.channel.config == "GFP" for e in events)
     assert all((e.x_pos, e.y_pos, e.z_pos) == (100.0, 200.0, 0.0) for e in events)
 

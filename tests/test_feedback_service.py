@@ -696,3 +696,23 @@ async def test_a_user_rules_bad_actions_are_refused_on_the_rig_and_the_others_ru
     (done,) = by_kind(got, "feedback_action")
     assert done["rule"] == "after" and done["frame_id"] == refused[0]["frame_id"]
     assert len(got["measurements"]) == 8 + 1
+
+
+async def test_a_second_burst_keeps_its_intervals() -> None:
+    """Two targets of one frame (max_targets 2): the second burst runs after the first and
+    its frames are still interval_s apart. Before, both bursts were timed from the decision,
+    so the second one's times had passed and its frames came back to back (0.2-0.4 s apart
+    for 0.5 s; controller hunt)."""
+    rule = {**BURST_RULE, "max_targets": 2,
+            "action": {"burst": {"frames": 3, "interval_s": 0.4, "centre": True}}}
+    async with Service(feedback_config([rule], mode="synchronized")) as svc:
+        got = await collect_run(svc, ("measurements", "event"))
+    actions = by_kind(got, "feedback_action")
+    assert len(actions) == 2
+    meas = [m.header for m in got["measurements"]]
+    for action in actions:
+        burst = sorted((h for h in meas if h["index"].get("fb") == action["action_id"]),
+                       key=lambda h: h["frame_id"])
+        acquired = [h["t"]["acquired"] for h in burst]
+        assert len(acquired) == 3
+        assert all(b - a >= 0.37 for a, b in itertools.pairwise(acquired)), acquired

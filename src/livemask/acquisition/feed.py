@@ -69,6 +69,14 @@ class _Reports:
         self.count = delivered
 
 
+@dataclass
+class _TimedBatch:
+    """Events injected ``timed_from_first``: when the first of them was taken (runner
+    clock, s; None: not yet)."""
+
+    start: float | None = None
+
+
 class EventFeed(Iterator[useq.MDAEvent]):
     """Planned events plus injected ones (injected first), consumed one at a time."""
 
@@ -79,9 +87,14 @@ class EventFeed(Iterator[useq.MDAEvent]):
         mode: Mode = "free-run",
         sync_timeout_s: float = 10.0,
         on_missing: Callable[[useq.MDAEvent], None] | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self._planned = iter(planned)
         self._injected: deque[useq.MDAEvent] = deque()
+        #: the runner's event clock (s), which ``min_start_time`` is measured on; None: the
+        #: start times of batches injected ``timed_from_first`` are not kept
+        self._clock = clock
+        self._timed: dict[int, _TimedBatch] = {}  # id of an injected event -> its batch
         self._cond = threading.Condition()
         self._closed = False
         self._planned_done = False
@@ -150,7 +163,7 @@ class EventFeed(Iterator[useq.MDAEvent]):
                 raise StopIteration
             self._check_delivery()
             if self._injected:
-                event = self._injected.popleft()
+                event = self._timed_start(self._injected.popleft())
                 if not is_service_event(event):
                     self._counted -= 1
             else:
@@ -167,6 +180,21 @@ class EventFeed(Iterator[useq.MDAEvent]):
                 self._awaiting, self._delivered_before = event, self.delivered
             return event
 
+    def _timed_start(self, event: useq.MDAEvent) -> useq.MDAEvent:
+        """``event`` with its ``min_start_time`` on the runner's clock where it was injected
+        ``timed_from_first`` (an offset from its batch's first event, taken now if it is
+        that one); else as it is (lock held)."""
+        batch = self._timed.pop(id(event), None)
+        if batch is None:
+            return event
+        if batch.start is None:
+            batch.start = self._clock() if self._clock is not None else 0.0
+        if event.min_start_time is None:
+            return event
+        if self._clock is None:  # (an offset read as a time would not wait)
+            return event.model_copy(update={"min_start_time": None})
+        return event.model_copy(update={"min_start_time": batch.start + event.min_start_time})
+
     def _check_delivery(self) -> None:
         """Count the last image event as missing if no frame came of it (runner thread)."""
         event, self._awaiting = self._awaiting, None
@@ -179,8 +207,11 @@ class EventFeed(Iterator[useq.MDAEvent]):
             except Exception:  # a reporting fault must not stop the acquisition
                 log.exception("reporting a missing frame failed")
 
-    def inject(self, events: Iterable[useq.MDAEvent]) -> int:
+    def inject(self, events: Iterable[useq.MDAEvent], *, timed_from_first: bool = False) -> int:
         """Queue events to run before the remaining planned ones; returns how many.
+        ``timed_from_first``: their ``min_start_time`` are offsets (s) from when the first
+        of them is taken (a feedback burst's intervals hold even when it waits behind other
+        events), not times on the runner's clock.
 
         :class:`AcquisitionEnding` once the runner has taken the last event or the feed is
         closed (nothing would run them), :class:`AcquisitionError` past
@@ -200,6 +231,9 @@ class EventFeed(Iterator[useq.MDAEvent]):
                     "(status: pending_events)"
                 )
             self._injected.extend(items)
+            if timed_from_first:
+                batch = _TimedBatch()
+                self._timed.update((id(e), batch) for e in items)
             self._counted += counted
             self._cond.notify_all()
         return len(items)
@@ -235,6 +269,7 @@ class EventFeed(Iterator[useq.MDAEvent]):
             self.not_run += self._counted
             self._counted = 0
             self._injected.clear()
+            self._timed.clear()
             self._cond.notify_all()
 
 

@@ -735,7 +735,7 @@ class ReplaySource(FeedThreadSource):
         "bursts, skipped visits); run feedback against the microscope, or turn feedback off"
     )
 
-    def inject(self, events: Iterable[useq.MDAEvent]) -> int:
+    def inject(self, events: Iterable[useq.MDAEvent], *, timed_from_first: bool = False) -> int:
         """A replay cannot acquire new events."""
         raise AcquisitionError(self.cannot_acquire)
 

@@ -87,8 +87,9 @@ class FrameSource(Protocol):
         in ``pipelined`` mode for :meth:`frame_started`, in ``synchronized`` mode for
         :meth:`frame_done`."""
 
-    def inject(self, events: Iterable[useq.MDAEvent]) -> int:
-        """Add events to the running acquisition."""
+    def inject(self, events: Iterable[useq.MDAEvent], *, timed_from_first: bool = False) -> int:
+        """Add events to the running acquisition (``timed_from_first``: their
+        ``min_start_time`` are offsets from when the first of them is taken)."""
 
     def frame_started(self, origin: object | None = None) -> None:
         """Report that one frame left the inference queue (taken by the model or skipped;
@@ -504,7 +505,8 @@ class MicroscopeSource(FeedThreadSource):
         self._stuck = False
         self._reported.clear()
         self._feed = EventFeed(events, mode=mode, sync_timeout_s=self._sync_timeout_s,
-                               on_missing=self._on_missing)
+                               on_missing=self._on_missing,
+                               clock=self.core.mda.event_seconds_elapsed)
         self._on_done = on_done
         self._thread = threading.Thread(
             target=self._run, args=(self._feed,), name="livemask-mda", daemon=True
@@ -561,14 +563,15 @@ class MicroscopeSource(FeedThreadSource):
         except Exception as exc:  # status keeps the last frame's settings
             log.warning("could not read the camera's settings after the run: %s", exc)
 
-    def inject(self, events: Iterable[useq.MDAEvent]) -> int:
+    def inject(self, events: Iterable[useq.MDAEvent], *, timed_from_first: bool = False) -> int:
         """Queue events on the running acquisition (:class:`AcquisitionEnding` once it has
-        ended, though the service may not have been told yet)."""
+        ended, though the service may not have been told yet); ``timed_from_first``: see
+        :meth:`EventFeed.inject`."""
         if self._feed is None:
             raise AcquisitionError("no acquisition is running")
         if not self.running:
             raise AcquisitionEnding("the acquisition has ended; the events were not added")
-        return self._feed.inject(events)
+        return self._feed.inject(events, timed_from_first=timed_from_first)
 
     def follow_planned_exposure(
         self, exposure_now: Callable[[useq.MDAEvent], float | None] | None

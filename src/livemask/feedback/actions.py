@@ -5,7 +5,7 @@ Actions are small frozen dataclasses. Those that acquire (:class:`Burst`, :class
 that the service injects into the running acquisition ahead of the remaining planned
 events; :class:`SkipPosition`, :class:`SetMode` and :class:`Stop` change the acquisition
 itself. :func:`to_events` does the conversion, given the triggering frame's context and an
-:class:`EventPlanner` (pixel-to-stage geometry, the runner's clock, known positions).
+:class:`EventPlanner` (pixel-to-stage geometry, known positions).
 
 Pixel positions are ``(row, col)`` in the triggering frame (as ``centroid_yx`` in the
 measurements); stage positions are µm.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, get_args
 
@@ -191,8 +191,10 @@ class EventPlanner:
     None where the rig's pixel size is not calibrated (centring is then refused).
     ``matrix_pixel_size_um``: the pixel size it holds for; a frame of another one (the
     camera's binning or the objective changed) scales it (None: used as given).
-    ``runner_clock`` returns the MDA runner's event clock (s), against which
-    ``min_start_time`` is measured; without it, intervals are not enforced.
+    An action's frames at an interval carry ``min_start_time`` as offsets (s) from its
+    first frame, which the service injects ``timed_from_first`` (the event feed puts them
+    on the runner's clock when that frame is taken: a burst queued behind another keeps
+    its intervals).
     ``positions`` maps planned ``p`` indices to their ``(x, y, z)`` (filled as the planned
     events are issued: where the last one issued there was, a tile or plane of it);
     ``plan_positions``: every ``p`` index of the acquisition's plan (None: not known), which
@@ -205,7 +207,6 @@ class EventPlanner:
         (1.0, 0.0),
         (0.0, 1.0),
     )
-    runner_clock: Callable[[], float] | None = None
     positions: dict[int, tuple[float | None, float | None, float | None]] = field(
         default_factory=dict
     )
@@ -569,7 +570,6 @@ def to_events(
                 "invalid_action",
                 f"{action.kind}: stage {axis} target {value!r} is not a finite number",
             )
-    t0 = planner.runner_clock() if (planner.runner_clock and interval > 0) else None
     settings = _camera_settings(action, ctx, planner)
     events = []
     for i in range(frames):
@@ -585,8 +585,8 @@ def to_events(
             "metadata": {METADATA_KEY: {"action_id": action_id, "rule": rule, "frame": i}},
             **settings,
         }
-        if t0 is not None and i > 0:
-            kwargs["min_start_time"] = t0 + i * interval
+        if interval > 0 and i > 0:  # from the first frame (EventFeed.inject)
+            kwargs["min_start_time"] = i * interval
         events.append(useq.MDAEvent(**kwargs))
     return events
 

@@ -181,7 +181,6 @@ class FeedbackController:
         publish: Publish,
         set_mode: Callable[[str], None] | None = None,
         stop: Callable[[], None] | None = None,
-        runner_clock: Callable[[], float] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
         latency_window: int = 2000,
         camera_settings: Callable[[], Mapping[str, Any]] | None = None,
@@ -203,11 +202,9 @@ class FeedbackController:
         matrix = config.pixel_to_stage
         # for the pixel size at open: centring scales it by each frame's (binning, objective)
         planner = (
-            EventPlanner(pixel_to_stage=matrix, runner_clock=runner_clock,
-                         matrix_pixel_size_um=pixel_size_um)
+            EventPlanner(pixel_to_stage=matrix, matrix_pixel_size_um=pixel_size_um)
             if matrix is not None
-            else EventPlanner.for_pixel_size(pixel_size_um, runner_clock=runner_clock,
-                                             matrix_pixel_size_um=pixel_size_um)
+            else EventPlanner.for_pixel_size(pixel_size_um, matrix_pixel_size_um=pixel_size_um)
         )
         self.guard = SafetyGuard(config.limits)
         self.engine = RuleEngine(

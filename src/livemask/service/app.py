@@ -505,7 +505,6 @@ class Service:
             publish=self._event,
             set_mode=lambda mode: self._spawn(self.apply_settings(mode=mode)),  # type: ignore[arg-type]
             stop=lambda: self._spawn(self.stop_acquisition()),
-            runner_clock=getattr(mda, "event_seconds_elapsed", None),
             loop=self._loop,
             check_events=self._check_feedback_events,
             cannot_acquire=getattr(self.source, "cannot_acquire", None),  # e.g. a replay
@@ -542,9 +541,10 @@ class Service:
                                if isinstance(e.action, useq.HardwareAutofocus)])
 
     def _inject_feedback(self, events: list[useq.MDAEvent]) -> int:
+        """Queue a feedback action's events (their intervals count from its first frame)."""
         if self.source is None or not self._acquiring:
             raise AcquisitionError("no acquisition is running")
-        return self.source.inject(events)
+        return self.source.inject(events, timed_from_first=True)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

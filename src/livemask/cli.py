@@ -82,6 +82,29 @@ def _address(value: str | None) -> str | None:
         raise typer.BadParameter(str(exc)) from None
 
 
+def _service_address(value: str | None) -> str | None:
+    """Callback: the address of a running service's socket to connect to (``watch --pub``,
+    ``dashboard --connect``): one ZeroMQ can connect to, not a port a bind picks (``*``,
+    0)."""
+    from livemask.client.control import ADDRESS_FORM, check_connect_form
+
+    value = _address(value)
+    if value is None:
+        return None
+    port = value.rpartition(":")[2]
+    if value.startswith("tcp://") and port in ("*", "0"):
+        raise typer.BadParameter(
+            f"{value}: port {port} picks a free port when the service binds; give the port "
+            "it bound, which its log says (\"serving: pub tcp://...\"), e.g. "
+            "tcp://127.0.0.1:5555")
+    try:
+        check_connect_form(value)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{value} is not an address to connect to ({exc}): "
+                                 f"{ADDRESS_FORM}") from None
+    return value
+
+
 def _finite(value: float | None) -> float | None:
     """Callback: reject inf and nan (the range check already ran)."""
     if value is not None and not math.isfinite(value):
@@ -645,7 +668,7 @@ def _as_recorded(cfg: ServiceConfig, stack: ReplayStack) -> ServiceConfig:
 @_exit_130_when_interrupted
 def dashboard_cmd(
     connect: Annotated[str, typer.Option(
-        callback=_address, help="The service's PUB address.")] = (
+        callback=_service_address, help="The service's PUB address.")] = (
         "tcp://127.0.0.1:5555"),
     listen: Annotated[str, typer.Option(
         metavar="HOST:PORT", help="Where to serve the page; anything but loopback is public."
@@ -836,7 +859,7 @@ def _serve_gone(fd: int | None) -> Callable[[], bool] | None:
 @app.command()
 def watch(
     pub: Annotated[str, typer.Option(
-        callback=_address, help="The service's PUB address.")] = "tcp://127.0.0.1:5555",
+        callback=_service_address, help="The service's PUB address.")] = "tcp://127.0.0.1:5555",
     truth: Annotated[bool, typer.Option("--truth", help="Score labels against truth.")] = False,
     duration: Annotated[float | None, typer.Option(
         callback=_positive, help="Stop after this many seconds.")] = None,

@@ -67,6 +67,25 @@ _ADDRESS = re.compile(
 )
 
 
+def _blank(value: Any) -> bool:
+    """Whether a path given in a config is an empty or all-blank string (``Path("")`` is
+    the current folder: a path the user did not mean)."""
+    return isinstance(value, str) and not value.strip()
+
+
+def check_host(value: str) -> str:
+    """An HTTP interface to bind (``metrics.address``, ``dashboard.address``): a host name
+    or IP address; an IPv6 one may be written in brackets (``[::1]``), as in ZeroMQ
+    addresses. ValueError for a URL or an empty value."""
+    host = value.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or "://" in host or "/" in host or any(c.isspace() for c in host):
+        raise ValueError(f"{value!r} is not an interface: give a host name or IP address "
+                         "(e.g. 127.0.0.1, ::1 or 0.0.0.0), without a scheme or port")
+    return host
+
+
 def check_address(value: str) -> str:
     """``value`` if it is a ZeroMQ endpoint livemask can bind, else ``ValueError``.
 
@@ -213,7 +232,7 @@ class HardwareConfig(_Section):
     @field_validator("config_file", mode="before")
     @classmethod
     def _file_given(cls, value: Any) -> Any:
-        if value is None:
+        if value is None or _blank(value):
             raise ValueError(
                 "no file given (an empty value, or ~ alone: YAML's null, not your home "
                 "folder); give the Micro-Manager .cfg file's path, or leave the line out to "
@@ -345,6 +364,14 @@ class ModelConfig(_Section):
             )
         return value
 
+    @field_validator("path", mode="before")
+    @classmethod
+    def _card_given(cls, value: Any) -> Any:
+        if _blank(value):
+            raise ValueError("an empty path; give your model card's (.yaml) path, or leave "
+                             "the line out for model.name's shipped model")
+        return value
+
     @model_validator(mode="after")
     def _name_or_path(self) -> ModelConfig:
         if self.path is not None and "name" in self.model_fields_set:
@@ -444,6 +471,11 @@ class MetricsConfig(_Section):
     )
     port: int = Field(default=9108, ge=0, le=65535, description="TCP port; 0 picks a free one.")
 
+    @field_validator("address")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        return check_host(value)
+
 
 class DashboardConfig(_Section):
     """The web dashboard (``docs/dashboard.md``), off by default."""
@@ -453,6 +485,11 @@ class DashboardConfig(_Section):
         default="127.0.0.1", description="Interface to bind; anything but loopback is public."
     )
     port: int = Field(default=8080, ge=0, le=65535, description="TCP port; 0 picks a free one.")
+
+    @field_validator("address")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        return check_host(value)
     update_hz: float = Field(
         default=5.0, gt=0, le=30, description="Most image and plot updates per second."
     )
@@ -534,6 +571,14 @@ class RecordConfig(_Section):
     )
     labels: bool = Field(default=True, description="Record the instance labels.")
     measurements: bool = Field(default=True, description="Write measurements.csv.")
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _folder_given(cls, value: Any) -> Any:
+        if _blank(value):
+            raise ValueError("an empty path (it would record beside the YAML file); give "
+                             "the folder, or leave the line out for ./recordings")
+        return value
     max_queue_mb: float = Field(
         default=2048.0, gt=0,
         description="Warn when more than this waits to be written (nothing is dropped).",
@@ -906,7 +951,9 @@ def load_config(path: str | Path | None) -> ServiceConfig:
         return parse_config({})
     p = Path(path)
     data = _read_config_file(p)
-    return parse_config(data, base_dir=p.parent, source=str(p))
+    # a pipe (``-c <(envsubst < t.yaml)``, /dev/stdin): relative paths from the working folder
+    base = p.parent if p.is_file() else Path.cwd()
+    return parse_config(data, base_dir=base, source=str(p))
 
 
 #: What a replay without ``--config`` takes from a recording's ``config.yaml``: how its
@@ -940,7 +987,7 @@ def _read_config_file(p: Path) -> dict[str, Any] | None:
             f"config path {p} is a directory; pass a YAML file to --config "
             "(e.g. configs/simulated-nuclei.yaml in a livemask checkout)"
         )
-    if not p.is_file():
+    if not p.exists():
         raise ConfigError(f"config file {p} does not exist; pass an existing YAML file to --config")
     try:
         text = p.read_text(encoding="utf-8")

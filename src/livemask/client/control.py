@@ -63,7 +63,7 @@ def connect_or_explain(sock: zmq.Socket[Any], address: str, argument: str = "add
     try:
         if not isinstance(address, str):
             raise TypeError(f"{type(address).__name__}, not str")
-        _check_form(address)
+        check_connect_form(address)
         allow_ipv6(sock, address)
         sock.connect(address)
     except (zmq.ZMQError, TypeError, ValueError) as exc:
@@ -74,7 +74,7 @@ def connect_or_explain(sock: zmq.Socket[Any], address: str, argument: str = "add
         ) from None
 
 
-def _check_form(address: str) -> None:
+def check_connect_form(address: str) -> None:
     """ValueError for what libzmq would take but cannot reach a service: a TCP port 0, ``*``
     or above 65535 (libzmq wraps it: 115086 connects to 49550); ipc and inproc (a publisher
     in this process) are left to libzmq."""

@@ -1,0 +1,58 @@
+"""Config inputs a deployment gives (ops hunt): a config from a pipe, blank paths, and
+interfaces written as in ZeroMQ addresses."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from pathlib import Path
+
+import pytest
+
+from livemask.config import load_config, parse_config
+from livemask.errors import ConfigError
+
+
+def test_a_config_from_a_pipe_loads_with_paths_from_the_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``serve -c <(envsubst < t.yaml)``: before, "config file /dev/fd/63 does not exist"."""
+    fifo = tmp_path / "config.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(
+        target=fifo.write_text, args=("record:\n  path: recs\nmodel:\n  threads: 1\n",))
+    writer.start()
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    cfg = load_config(fifo)
+    writer.join(5)
+    assert cfg.model.threads == 1
+    assert cfg.record.path == work / "recs"  # not beside the pipe
+
+
+@pytest.mark.parametrize(("section", "key", "says"), [
+    ("record", "path", "an empty path (it would record beside the YAML file)"),
+    ("model", "path", "an empty path; give your model card"),
+    ("hardware", "config_file", "no file given"),
+])
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_a_blank_path_is_refused(section: str, key: str, says: str, blank: str) -> None:
+    """Before, ``record.path: ''`` recorded beside the config file without a word (and
+    ``' '`` into a folder named " ")."""
+    with pytest.raises(ConfigError, match=rf"(?s){section}\.{key}.*{re.escape(says)}"):
+        parse_config({section: {key: blank}})
+
+
+@pytest.mark.parametrize("section", ["metrics", "dashboard"])
+def test_an_interface_may_be_bracketed_ipv6_but_not_a_url(section: str) -> None:
+    """Before, ``[::1]`` (as the docs write IPv6 in ZeroMQ addresses) failed only when the
+    port was bound ("Name or service not known")."""
+    assert getattr(parse_config({section: {"address": "[::1]"}}), section).address == "::1"
+    assert getattr(parse_config({section: {"address": "0.0.0.0"}}), section).address == (
+        "0.0.0.0")
+    with pytest.raises(ConfigError, match=rf"(?s){section}\.address.*without a scheme"):
+        parse_config({section: {"address": "tcp://127.0.0.1"}})
+    with pytest.raises(ConfigError, match=rf"{section}\.address"):
+        parse_config({section: {"address": ""}})

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from livemask import protocol
 from livemask.errors import CommandError, ProtocolError
-from livemask.transport._sockets import bind_or_explain, bound_endpoint
+from livemask.transport._sockets import IpcFile, bind_or_explain, bound_endpoint
 from livemask.transport.publisher import HEARTBEAT_S, set_heartbeat
 
 __all__ = ["DEFAULT_CONTROL_ADDRESS", "ControlServer", "Handler"]
@@ -71,6 +71,7 @@ class ControlServer:
         self._handler = handler
         self._context = context
         self._socket: zmq.asyncio.Socket | None = None
+        self._ipc_file: IpcFile | None = None
         self._closed = False
         self.requests = 0
         self.errors = 0
@@ -89,7 +90,7 @@ class ControlServer:
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
         sock.setsockopt(zmq.RCVHWM, MAX_QUEUED_REQUESTS)
         set_heartbeat(sock, self.heartbeat_s)
-        bind_or_explain(
+        self._ipc_file = bind_or_explain(
             sock, self.address, "control server", "--control or publish.control_address"
         )
         self._socket = sock
@@ -167,11 +168,15 @@ class ControlServer:
             )
 
     def close(self) -> None:
-        """Close the socket; idempotent."""
+        """Close the socket, and remove the socket file of an ``ipc://PATH`` address (unless
+        bound anew since); idempotent."""
         self._closed = True
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
+        if self._ipc_file is not None:
+            self._ipc_file.remove()
+            self._ipc_file = None
 
 
 def _split(frames: list[zmq.Frame]) -> tuple[list[bytes], bytes | None]:

@@ -12,7 +12,7 @@ import zmq
 
 from livemask import protocol
 from livemask.protocol import Message
-from livemask.transport._sockets import bind_or_explain, bound_endpoint
+from livemask.transport._sockets import IpcFile, bind_or_explain, bound_endpoint
 
 __all__ = [
     "CLOSE_LINGER_S", "DEFAULT_PUB_ADDRESS", "HEARTBEAT_S", "MAX_SUBSCRIPTION_BYTES",
@@ -112,6 +112,7 @@ class ZmqPublisher:
         self._context = context
         self._own_context: zmq.Context[Any] | None = None
         self._socket: zmq.Socket[Any] | None = None
+        self._ipc_file: IpcFile | None = None
         self._closed = False
         self._seq: dict[str, int] = {}
         self.sent: dict[str, int] = {}
@@ -133,7 +134,8 @@ class ZmqPublisher:
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_BYTES)
         set_heartbeat(sock, self.heartbeat_s)
         try:
-            bind_or_explain(sock, self.address, "publisher", "--pub or publish.pub_address")
+            self._ipc_file = bind_or_explain(
+                sock, self.address, "publisher", "--pub or publish.pub_address")
         except BaseException:
             self._term_own_context()
             raise
@@ -189,11 +191,15 @@ class ZmqPublisher:
         ``linger_s`` 0 (the default, for an error path) discards unsent messages at once; a
         graceful close passes :data:`CLOSE_LINGER_S`: then, with the publisher's own
         context, it blocks until the queued messages are sent or that time is up, unless
-        ``wait`` is False (call :meth:`wait_sent` later, e.g. off the event loop)."""
+        ``wait`` is False (call :meth:`wait_sent` later, e.g. off the event loop). The
+        socket file of an ``ipc://PATH`` address is removed (unless bound anew since)."""
         self._closed = True
         if self._socket is not None:
             self._socket.close(linger=max(0, round(linger_s * 1000)))
             self._socket = None
+        if self._ipc_file is not None:
+            self._ipc_file.remove()
+            self._ipc_file = None
         if wait:
             self.wait_sent()
 

@@ -1,5 +1,5 @@
 """Operations fixes (s22): a second service on live ipc addresses, ipc socket files left
-behind on close."""
+behind on close; the standalone dashboard's bind errors and a failed start's port."""
 
 from __future__ import annotations
 
@@ -14,11 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from livemask.cli import app as cli_app
 from livemask.client import ControlClient, Subscriber
+from livemask.dashboard.server import DashboardServer
 from livemask.errors import ConfigError
 from livemask.transport import ControlServer, ZmqPublisher
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_tcp_address
 
 
 # ------------------------------------------------------------------ (1) ipc takeover
@@ -146,3 +149,37 @@ def test_a_control_server_removes_its_ipc_file_on_close(
     monkeypatch.chdir(ROOT)
     server.close()
     assert not (short_dir / "ctl.sock").exists()
+
+
+# ------------------------------------------------------------------ (2) standalone dashboard
+@pytest.mark.parametrize("address", ["127.0.0.1", "192.0.2.1"])  # port taken; not ours
+def test_standalone_dashboard_bind_errors_name_listen(address: str) -> None:
+    """Before, ``livemask dashboard`` said "Choose another dashboard.port / --dashboard
+    HOST:PORT" (``serve``'s key and flag); its option is ``--listen``."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1] if address == "127.0.0.1" else 0
+        result = CliRunner().invoke(cli_app, ["dashboard", "--connect", free_tcp_address(),
+                                              "--listen", f"{address}:{port}"])
+    text = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code != 0, text
+    assert f"cannot serve the dashboard on {address}:{port}" in text
+    assert "Choose another --listen HOST:PORT" in text, text
+    assert "--dashboard" not in text and "dashboard.port" not in text
+
+
+async def test_a_dashboard_that_fails_after_binding_frees_its_port() -> None:
+    """Before, a subscriber that refused the pub address left the HTTP port bound (and the
+    aiohttp runner set up) until the process ended: a second start on it failed."""
+    server = DashboardServer("tcp://127.0.0.1:0", port=0)  # no port 0 to connect to
+    with pytest.raises(ValueError, match=r"not an address to connect to"):
+        await server.start()
+    assert server.port != 0 and server.url is None
+    with socket.create_server(("127.0.0.1", server.port)):  # the port is free again
+        pass
+    publisher = ZmqPublisher("tcp://127.0.0.1:*").start()
+    try:
+        async with DashboardServer(publisher.bound_address, port=server.port) as again:
+            assert again.url == f"http://127.0.0.1:{server.port}/"
+    finally:
+        publisher.close()
+    await server.close()  # still idempotent after a failed start

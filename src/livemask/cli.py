@@ -688,7 +688,7 @@ def dashboard_cmd(
     try:
         host, port = parse_listen(listen)
         server = DashboardServer(connect, address=host, port=port, update_hz=update_hz,
-                                 max_image_px=max_image_px)
+                                 max_image_px=max_image_px, hint="--listen HOST:PORT")
     except LivemaskError as exc:
         _fail(exc)
 

@@ -125,14 +125,16 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _bind_advice(exc: OSError) -> str:
+def _bind_advice(exc: OSError, hint: str | None = None) -> str:
     """What to change when binding the dashboard failed with ``exc``: the address when it
-    does not resolve or is not this machine's, else the port."""
+    does not resolve or is not this machine's, else the port; ``hint`` names the option
+    that sets them (None: ``livemask serve``'s key and flag)."""
     if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
-        return ("Choose another dashboard.address / --dashboard HOST:PORT: an address of "
-                "this machine, e.g. 127.0.0.1 (loopback) or 0.0.0.0 (every interface)")
-    return ("Choose another dashboard.port / --dashboard HOST:PORT (port 0 picks a free "
-            "one)")
+        where = hint or "dashboard.address / --dashboard HOST:PORT"
+        return (f"Choose another {where}: an address of this machine, e.g. 127.0.0.1 "
+                "(loopback) or 0.0.0.0 (every interface)")
+    where = hint or "dashboard.port / --dashboard HOST:PORT"
+    return f"Choose another {where} (port 0 picks a free one)"
 
 
 def _csp(host: str) -> str:
@@ -281,7 +283,9 @@ class DashboardServer:
     """Serve the dashboard of the stream published at ``pub_address``.
 
     ``port=0`` picks a free port (:attr:`url` tells which). Use ``await start()`` and
-    ``await close()``, or ``async with``.
+    ``await close()``, or ``async with``. ``hint`` names the option that sets the address
+    and port in the errors of a failed bind (None: ``livemask serve``'s, ``dashboard.port /
+    --dashboard HOST:PORT``; ``livemask dashboard`` gives ``--listen HOST:PORT``).
     """
 
     def __init__(
@@ -293,6 +297,7 @@ class DashboardServer:
         update_hz: float = 5.0,
         max_image_px: int = 512,
         title: str = "livemask",
+        hint: str | None = None,
     ) -> None:
         if not (math.isfinite(update_hz) and update_hz > 0):
             raise ConfigError(f"dashboard.update_hz must be a finite number > 0, got {update_hz}")
@@ -304,6 +309,7 @@ class DashboardServer:
         self.update_hz = update_hz
         self.max_image_px = max_image_px
         self.title = title
+        self.hint = hint
         self.state = DashboardState()
         self.browsers: set[_Browser] = set()
         self.images_encoded = 0
@@ -339,12 +345,12 @@ class DashboardServer:
             # (not a web.SockSite: it has no way to refuse connections past a number)
             self._listener = await asyncio.get_running_loop().create_server(
                 self._connection, sock=self._sock, backlog=64)
-        except BaseException:
-            await runner.cleanup()
+            self._sub = AsyncSubscriber(self.pub_address, ("measurements", "status", "event"),
+                                        rcvhwm=1000)
+        except BaseException:  # e.g. a pub_address the subscriber refuses
+            await self._release(runner)
             raise
         self._runner = runner
-        self._sub = AsyncSubscriber(self.pub_address, ("measurements", "status", "event"),
-                                    rcvhwm=1000)
         self._tasks = [
             asyncio.create_task(self._read(self._sub), name="livemask-dashboard-sub"),
             asyncio.create_task(self._updates(), name="livemask-dashboard-updates"),
@@ -352,6 +358,17 @@ class DashboardServer:
         ]
         log.info("dashboard: %s (data from %s)", self.url, self.pub_address)
         return self
+
+    async def _release(self, runner: web.AppRunner) -> None:
+        """Undo a :meth:`start` that failed part way: the listener, the HTTP port and the
+        runner, so that the port is free again."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        await runner.cleanup()
 
     def _connection(self) -> asyncio.BaseProtocol:
         """The protocol of a new connection: aiohttp's, or a 503 past MAX_CONNECTIONS."""
@@ -373,7 +390,7 @@ class DashboardServer:
         except OSError as exc:
             raise ConfigError(
                 f"cannot serve the dashboard on {self.address}:{self.port}: {exc}. "
-                f"{_bind_advice(exc)}"
+                f"{_bind_advice(exc, self.hint)}"
             ) from exc
         self.port = int(sock.getsockname()[1])
         return sock

@@ -1,8 +1,10 @@
 """Operations fixes (s22): a second service on live ipc addresses, ipc socket files left
-behind on close; the standalone dashboard's bind errors and a failed start's port."""
+behind on close; the standalone dashboard's bind errors and a failed start's port; the
+recording's health in the Prometheus metrics."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -10,18 +12,22 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from livemask.cli import app as cli_app
 from livemask.client import ControlClient, Subscriber
 from livemask.dashboard.server import DashboardServer
 from livemask.errors import ConfigError
+from livemask.service.metrics import MetricsServer
 from livemask.transport import ControlServer, ZmqPublisher
 from tests.conftest import ROOT, free_tcp_address
+from tests.test_metrics import STATUS, _scrape, exposition, samples
 
 
 # ------------------------------------------------------------------ (1) ipc takeover
@@ -183,3 +189,105 @@ async def test_a_dashboard_that_fails_after_binding_frees_its_port() -> None:
     finally:
         publisher.close()
     await server.close()  # still idempotent after a failed start
+
+
+# ------------------------------------------------------------------ (3) recording metrics
+def test_recording_health_families_from_a_status_snapshot() -> None:
+    """Before, ``status.recording`` and ``status.last_error`` gave no metric at all."""
+    recording = {"path": "/data/run", "frames_written": 30, "frames_analysed": 30,
+                 "frames_skipped": 0, "frames_failed": 0, "frames_rejected": 12,
+                 "frames_queued": 3, "queued_mb": 1.5, "measurement_rows": 400,
+                 "frames_rows_lost": 2, "errors": ["x"], "errors_total": 14,
+                 "failing": True, "stopped": None}
+    got = samples(exposition(lambda: {**STATUS, "recording": recording,
+                                      "last_error": "recording to /data/run: full"}))
+    for name, value in (("recording_enabled", 1), ("recording_failing", 1),
+                        ("recording_stopped", 0), ("recording_frames_queued", 3),
+                        ("recording_queued_bytes", 1.5 * 2**20),
+                        ("recording_frames_written_total", 30),
+                        ("recording_frames_rejected_total", 12),
+                        ("recording_frames_rows_lost_total", 2),
+                        ("recording_measurement_rows_total", 400),
+                        ("recording_errors_total", 14), ("last_error_present", 1)):
+        assert got[(f"livemask_{name}", ())] == value, name
+    families = {f.name: f.type for f in text_string_to_metric_families(
+        exposition(lambda: {**STATUS, "recording": recording}))}
+    assert families["livemask_recording_frames_rejected"] == "counter"
+    assert families["livemask_recording_failing"] == "gauge"
+    off = samples(exposition(lambda: {**STATUS, "recording": None, "last_error": None}))
+    assert off[("livemask_recording_enabled", ())] == 0
+    assert off[("livemask_last_error_present", ())] == 0
+    assert not [k for k in off if k[0].startswith("livemask_recording_")
+                and k[0] != "livemask_recording_enabled"]
+    with MetricsServer(lambda: {**STATUS, "recording": recording}, port=0) as server:
+        assert server.url is not None  # named by describe(): a restricted scrape gets it
+        assert samples(_scrape(server.url + "?name[]=livemask_recording_failing")) == {
+            ("livemask_recording_failing", ()): 1.0}
+
+
+# The service records until the disk is full (the kernel's file-size limit of 1 byte from
+# then on: every write fails), its metrics served over HTTP; the test scrapes them.
+_DISK_FILLS_SCRIPT = r"""
+import asyncio, json, resource, signal, sys
+from livemask.service.app import Service
+from tests.conftest import make_config
+
+async def main() -> None:
+    cfg = make_config(record={"enabled": True, "path": sys.argv[1]},
+                      metrics={"enabled": True, "port": 0},
+                      acquisition={"sequence": {"time_plan": {"interval": 0.05,
+                                                              "loops": 100000}}})
+    async with Service(cfg) as svc:
+        svc.start_acquisition(None)
+        while svc.recorder.report()["frames_written"] < 3:
+            await asyncio.sleep(0.05)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit: EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1, resource.RLIM_INFINITY))
+        print(json.dumps({"metrics": svc.metrics.url,
+                          "control": svc.control.bound_address}), flush=True)
+        await asyncio.sleep(120)
+
+asyncio.run(main())
+"""
+
+
+def _metrics_until(url: str, done: Callable[[dict[Any, float]], bool]) -> dict[Any, float]:
+    """Scrape ``url`` until ``done`` holds for the samples (at most 30 s)."""
+    deadline = time.monotonic() + 30
+    while True:
+        got = samples(_scrape(url))
+        if done(got) or time.monotonic() > deadline:
+            return got
+        time.sleep(0.2)
+
+
+@pytest.mark.timeout(120)
+def test_a_full_disk_shows_in_the_metrics(tmp_path: Path) -> None:
+    """Before, ``/metrics`` of a service whose disk was full looked healthy: frames rejected,
+    ``status.recording.failing`` true and ``status.last_error`` set, none of it exported."""
+    log = tmp_path / "child.log"  # (its writes fail too once the disk is full)
+    with log.open("wb") as err:
+        proc = subprocess.Popen([sys.executable, "-c", _DISK_FILLS_SCRIPT, str(tmp_path)],
+                                stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, log.read_text()
+        where = json.loads(line)
+        got = _metrics_until(where["metrics"], lambda g: g.get(
+            ("livemask_recording_frames_rejected_total", ()), 0) >= 3)
+        with ControlClient(where["control"], timeout_s=10) as client:
+            status = client.status()
+        recording = status["recording"]
+        assert recording["failing"] is True and status["last_error"] is not None
+        assert got[("livemask_recording_enabled", ())] == 1
+        assert got[("livemask_recording_failing", ())] == 1
+        assert got[("livemask_last_error_present", ())] == 1
+        assert got[("livemask_recording_stopped", ())] == 0
+        assert got[("livemask_recording_frames_rejected_total", ())] >= 3
+        assert 3 <= got[("livemask_recording_frames_written_total", ())] \
+            <= recording["frames_written"]
+        assert 1 <= got[("livemask_recording_errors_total", ())] <= recording["errors_total"]
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)

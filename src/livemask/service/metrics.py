@@ -33,6 +33,12 @@ uptime_seconds                           gauge
 acquisitions_finished_total              counter
 gc_collections_total                     counter  generation (0, 1, 2)
 gc_pause_seconds_total                   counter  generation (0, 1, 2)
+recording_{enabled,failing,stopped}      gauge    (1 or 0)
+recording_{frames_queued,queued_bytes}   gauge
+recording_{frames_written,               counter
+frames_rejected,frames_rows_lost,
+measurement_rows,errors}_total
+last_error_present                       gauge    (1 while status.last_error is set)
 state                                    gauge    state (1 for the current one, else 0)
 mode                                     gauge    mode (1 for the current one, else 0)
 info                                     info     version, model, backend, device
@@ -46,7 +52,9 @@ pipeline's latency window (the most recent 2000 analysed frames), the same figur
 ``status.latency_ms``: a gauge with a ``percentile`` label, not a summary, because the window
 has no running sum and count (``quantile`` is reserved for summaries). State and mode change
 while the service runs, so they are gauges of their own; ``info`` keeps the labels that do
-not change (a join on it stays valid).
+not change (a join on it stays valid). ``recording_*`` are ``status.recording``'s figures
+(only ``recording_enabled``, 0, while the service does not record): a full disk shows as
+``recording_failing`` 1 and ``recording_frames_rejected_total`` rising.
 """
 
 from __future__ import annotations
@@ -89,12 +97,26 @@ MAX_CONNECTIONS = 32
 #: Seconds between two warnings about refused connections (the others are counted).
 REFUSED_WARNING_EVERY_S = 60.0
 
+#: ``status.recording`` counters exported as ``livemask_recording_<name>_total``, with
+#: what each counts (the recording's own: from its start).
+RECORDING_COUNTERS = (
+    ("frames_written", "Frames the recording stored."),
+    ("frames_rejected", "Frames the recording could not store (a full disk, a deleted "
+                        "folder, another frame shape)."),
+    ("frames_rows_lost", "Analysed frames whose measurement rows could not be written."),
+    ("measurement_rows", "Rows written to the recording's measurements.csv."),
+    ("errors", "Write errors of the recording."),
+)
+
 #: A status with every field that gives a metric family: :meth:`StatusCollector.describe`
 #: names the families from it without reading the service.
 _EVERY_FAMILY: dict[str, Any] = {
     **{f"frames_{name}": 0 for name in FRAME_COUNTERS},
     "acquiring": False, "uptime_s": 0.0, "acquisitions_finished": 0,
     "gc": {"collections": {}}, "state": STATES[0], "mode": MODES[0],
+    "recording": {"failing": False, "stopped": None, "frames_queued": 0, "queued_mb": 0.0,
+                  **{name: 0 for name, _ in RECORDING_COUNTERS}, "errors_total": 0},
+    "last_error": None,
 }
 
 StatusFn = Callable[[], Mapping[str, Any]]
@@ -174,6 +196,17 @@ def metric_families(status: Mapping[str, Any]) -> list[Any]:
             )
         )
     out.extend(_gc_families(status.get("gc")))
+    if "recording" in status:
+        out.extend(_recording_families(status["recording"]))
+    if "last_error" in status:
+        out.append(
+            GaugeMetricFamily(
+                f"{PREFIX}_last_error_present",
+                "1 while the service reports an acquisition or recording error "
+                "(status.last_error).",
+                value=float(status["last_error"] is not None),
+            )
+        )
     out.extend(_one_hot("state", "The service's state: 1 for the current one.", status, STATES))
     out.extend(_one_hot("mode", "The acquisition mode: 1 for the current one.", status, MODES))
     info = {
@@ -202,6 +235,36 @@ def _latency_family(latency_ms: Mapping[str, Any] | None) -> Any:
             if value is not None:
                 latency.add_metric([str(stage), percentile], float(value) / 1e3)
     return latency
+
+
+def _recording_families(report: Mapping[str, Any] | None) -> list[Any]:
+    """The recording's health (``status.recording``): whether it records, fails or has
+    stopped, its queue and its counters (only ``recording_enabled`` while not recording)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    def gauge(name: str, doc: str, value: float) -> Any:
+        return GaugeMetricFamily(f"{PREFIX}_recording_{name}", doc, value=value)
+
+    out = [gauge("enabled", "1 while the service records (record.enabled).",
+                 float(report is not None))]
+    if report is None:
+        return out
+    out += [
+        gauge("failing", "1 while a file of the recording fails to be written (e.g. a full "
+              "disk); frames are rejected meanwhile.", float(bool(report.get("failing")))),
+        gauge("stopped", "1 once the recording has stopped for good (its folder was deleted "
+              "or moved).", float(report.get("stopped") is not None)),
+        gauge("frames_queued", "Frames waiting to be written.",
+              float(report.get("frames_queued") or 0)),
+        gauge("queued_bytes", "Bytes of the frames waiting to be written (to 0.1 MiB).",
+              float(report.get("queued_mb") or 0) * 2**20),
+    ]
+    for name, doc in RECORDING_COUNTERS:
+        value = report.get(f"{name}_total" if name == "errors" else name)
+        if value is not None:
+            out.append(CounterMetricFamily(f"{PREFIX}_recording_{name}", doc,
+                                           value=float(value)))
+    return out
 
 
 def _one_hot(name: str, doc: str, status: Mapping[str, Any], known: tuple[str, ...]) -> list[Any]:

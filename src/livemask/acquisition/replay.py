@@ -214,6 +214,20 @@ def open_stack(path: str | Path) -> ReplayStack:
     )
 
 
+def _no_frames_listed(run: Path, on_axis: int) -> str:
+    """Why a recording whose frames.jsonl lists no stored frame cannot be replayed, and,
+    where its images hold frames all the same, how to replay those."""
+    if on_axis == 0:
+        return f"recording {run} holds no frames"
+    listing = run / "frames.jsonl"
+    why = ("has no frames.jsonl" if not listing.is_file()
+           else "its frames.jsonl lists none of them")
+    return (f"recording {run} holds {on_axis} frame(s) on its t axis, but {why} (a "
+            "recorder stopped hard, e.g. a power cut, before writing it?): replay the "
+            f"images alone with `livemask replay {run / 'images.ome.zarr'}` (without each "
+            "frame's recorded index, stage position and timing)")
+
+
 def _with_metadata_named(path: Path, opener: Callable[[Path], ReplayStack]) -> ReplayStack:
     """``opener(path)``; damaged or unexpected zarr metadata becomes a ReplayError that
     names the folder (zarr and the OME keys raise KeyError, ValueError, ... without it)."""
@@ -293,7 +307,7 @@ def _open_recording(path: Path) -> ReplayStack:
             n = r.get("acquisition")
             numbers.append(n if type(n) is int and n >= 0 else -1)  # -1: not recorded
     if not kept:
-        raise ReplayError(f"recording {rec.path} holds no frames")
+        raise ReplayError(_no_frames_listed(rec.path, int(rec.images.shape[0])))
     images = rec.images
     # a recording of a rig without calibration: its scale and frame sizes are placeholders
     calibrated = rec.pixel_size_calibrated

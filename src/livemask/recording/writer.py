@@ -51,6 +51,7 @@ recording is not marked complete.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import logging
@@ -146,6 +147,15 @@ def column_units(units: Mapping[str, str], *, calibrated: bool = True) -> dict[s
 MAX_ATTRIBUTE_FRAMES = 20_000
 
 
+def _what_to_do(exc: OSError) -> str:
+    """What a user does about a recording's write error ``exc``."""
+    if exc.errno == errno.ENOSPC:
+        return "free space on its disk, or choose a folder on another disk"
+    if exc.errno == errno.EDQUOT:
+        return "free space within your disk quota, or choose another folder"
+    return "make the folder writable, or choose a writable folder"
+
+
 def new_run_dir(parent: Path, now: float | None = None) -> Path:
     """Create and return a new, empty ``parent/run-YYYYmmdd-HHMMSS`` folder (``-2``, ``-3``,
     ... if taken). Created at once, so two services recording into ``parent`` in the same
@@ -167,8 +177,7 @@ def new_run_dir(parent: Path, now: float | None = None) -> Path:
             return path
     except OSError as exc:
         raise RecordingError(
-            f"cannot record to {parent}: {exc}; choose a writable folder (record.path or "
-            "--record)"
+            f"cannot record to {parent}: {exc}; {_what_to_do(exc)} (record.path or --record)"
         ) from None
     raise RecordingError(f"cannot record to {parent}: 10,000 runs started in one second")
 
@@ -257,7 +266,8 @@ class Recorder:
 
     ``on_frame`` and ``on_event`` never block and never raise for I/O problems: those are
     logged and counted (``report()["errors"]``), and the first of a run of them is handed to
-    ``on_error`` (called on the writer thread). Use ``start()`` before and ``close()`` after.
+    ``on_error`` (called on the writer thread), the end of the run to ``on_resumed`` (with
+    the write errors so far). Use ``start()`` before and ``close()`` after.
     """
 
     def __init__(
@@ -272,6 +282,7 @@ class Recorder:
         measurements: bool = True,
         max_queue_mb: float = 2048.0,
         on_error: Callable[[str], None] | None = None,
+        on_resumed: Callable[[int], None] | None = None,
     ) -> None:
         if pixel_size_um <= 0:
             raise RecordingError(f"pixel_size_um must be > 0, got {pixel_size_um}")
@@ -295,6 +306,7 @@ class Recorder:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._on_error = on_error
+        self._on_resumed = on_resumed
         # the parts (files) whose last write failed; on_error was told when the first failed
         self._failing: set[str] = set()
         self._frame_write_s: float | None = None  # recent seconds per frame written
@@ -339,8 +351,8 @@ class Recorder:
         except OSError as exc:
             self._close_files()
             raise RecordingError(
-                f"cannot record to {self.path}: {exc}; choose a writable folder "
-                "(record.path or --record)"
+                f"cannot record to {self.path}: {exc}; {_what_to_do(exc)} (record.path or "
+                "--record)"
             ) from None
         self._folder_id = folder_id(self.path)
         self._thread = threading.Thread(target=self._run, name="livemask-recorder", daemon=True)
@@ -537,6 +549,10 @@ class Recorder:
         failed was written again (:meth:`_wrote`)."""
         msg = f"{what}: {type(exc).__name__}: {exc}"
         c = self.counts
+        if isinstance(exc, OSError) and part != "folder":  # (a lost folder stops it)
+            msg += (f"; {_what_to_do(exc)}: until it can write, the recording loses what "
+                    "it cannot write (counted in status.recording) and goes on by itself "
+                    "once it can (event recording_resumed)")
         c.errors.append(msg)
         c.errors_total += 1
         errno = f"errno {getattr(exc, 'errno', '')}"  # a full disk and a lost folder differ
@@ -558,6 +574,11 @@ class Recorder:
         if not self._failing:
             log.warning("recorder (%s): writing again (%d write errors so far)",
                         self.path, self.counts.errors_total)
+            if self._on_resumed is not None:
+                try:
+                    self._on_resumed(self.counts.errors_total)
+                except Exception:
+                    log.exception("recorder: reporting that it writes again failed")
 
     def _create_group(self) -> Any:
         """The image group, with its ``livemask`` attributes (``complete: false``), made at

@@ -472,6 +472,7 @@ class Service:
             measurements=rec.measurements,
             max_queue_mb=rec.max_queue_mb,
             on_error=lambda message: self._from_thread(self._recording_failed, message),
+            on_resumed=lambda errors: self._from_thread(self._recording_resumed, errors),
         ).start()
         self.pipeline.sinks.append(self.recorder)
         log.info("recording to %s", self.recorder.path)
@@ -595,6 +596,11 @@ class Service:
         path = self.recorder.path if self.recorder is not None else "?"
         self._last_error = f"recording to {path}: {message}"
         self._event("error", {"detail": self._last_error, "source": "recording"})
+
+    def _recording_resumed(self, errors_total: int) -> None:
+        """The recorder writes again after a run of write errors (space was freed)."""
+        path = self.recorder.path if self.recorder is not None else "?"
+        self._event("recording_resumed", {"path": str(path), "errors_total": errors_total})
 
     def _on_camera_frame(self, raw: RawFrame) -> None:
         """Camera thread → event loop hand-off; never blocks the camera."""

@@ -131,6 +131,26 @@ def test_change_features_pair_objects_across_frames_at_one_position() -> None:
     assert eng.evaluate(ctx(objs, p=1, t=1)) == []
 
 
+def test_a_division_is_found_by_its_daughters_parent_track() -> None:
+    """The tracker's ids are features (a rule over them was refused at load: "unknown
+    object feature 'parent_track_id'"; controller hunt); an object without one (tracking
+    off, or no division) never matches."""
+    rule = {"name": "born", "when": {"objects": {"where": {"parent_track_id": {"ge": 1}}}},
+            "target": {"min": "track_id"}, "action": {"centre": {}}}
+    eng = engine([rule])
+    objs = field()
+    assert eng.evaluate(ctx(objs)) == []  # no track ids at all
+    for k, o in enumerate(objs):
+        o["track_id"], o["parent_track_id"] = k + 1, None
+    assert eng.evaluate(ctx(objs)) == []
+    objs[6]["track_id"], objs[6]["parent_track_id"] = 12, 3
+    objs[2]["track_id"], objs[2]["parent_track_id"] = 11, 3
+    (d,) = eng.evaluate(ctx(objs))
+    assert d.target is not None and d.target["track_id"] == 11
+    assert isinstance(d.action, Centre)
+    assert d.action.centre_yx == tuple(objs[2]["centroid_yx"])
+
+
 def test_relative_features_and_summary_values() -> None:
     rule = {
         "name": "bright-small",
@@ -805,3 +825,27 @@ def test_signal_is_above_each_objects_local_background() -> None:
     feats = engine([]).tracker.compute(ctx(objs))
     assert [f["signal"] for f in feats] == [300.0, 300.0, 300.0]
     assert [f["mean_intensity_rel"] for f in feats] == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize(("rule_part", "where"), [
+    ({"when": {"values": [{"path": "summary.count", "gt": True}]}, "action": {"stop": True}},
+     "when.values.0.gt"),
+    ({"when": {"values": [{"path": "summary.count", "lt": "300"}]}, "action": {"stop": True}},
+     "when.values.0.lt"),
+    ({"when": {"values": [{"path": "summary.count", "gt": 1}]},
+      "action": {"burst": {"frames": True, "centre": False}}}, "actions.0.burst.frames"),
+    ({"when": {"objects": {"where": {"area_px": {"gt": 1}}, "match": {"ge": True}}},
+      "action": {"stop": True}}, "when.objects.match"),
+])
+def test_a_bool_or_text_is_no_number_in_a_rule(rule_part: dict[str, Any], where: str) -> None:
+    """As enqueue, start and set refuse them; before, ``gt: true`` was read as 1, ``lt:
+    "300"`` as 300 and ``frames: true`` (YAML ``frames: yes``) ran one frame (controller
+    hunt)."""
+    from livemask.config import parse_config
+    from livemask.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"feedback\.rules\.0\.{re.escape(where)}"):
+        parse_config({"feedback": {"rules": [{"name": "r", **rule_part}]}})
+    ok = {"when": {"values": [{"path": "summary.count", "gt": 1, "lt": 2.5}]},
+          "action": {"burst": {"frames": 2, "interval_s": 1, "centre": False}}}
+    parse_config({"feedback": {"rules": [{"name": "r", **ok}]}})  # ints for floats: fine

@@ -58,7 +58,11 @@ RAW_FEATURES = (
     "equivalent_diameter_um",
     "eccentricity",
     "saturated_px",
+    "track_id",  # (with tracking on: tracking.enabled)
+    "parent_track_id",  # (with tracking on: the mother's track, or none)
 )
+#: Features an object has only where tracking is on (a target without tracking has none).
+TRACK_FEATURES = ("track_id", "parent_track_id")
 #: Derived features added by :class:`FeatureTracker`.
 DERIVED_FEATURES = (
     "centroid_y",
@@ -464,7 +468,9 @@ class FeatureTracker:
         self._remember(stream, cent, intensity_rel, area)
         features: list[dict[str, float | None]] = []
         for k, o in enumerate(objs):
-            f: dict[str, float | None] = {name: _raw(o.get(name)) for name in RAW_FEATURES}
+            f: dict[str, float | None] = {
+                name: _raw(o.get(name)) for name in RAW_FEATURES
+                if name in o or name not in TRACK_FEATURES}
             f.update(
                 centroid_y=_opt(cent[k, 0]),
                 centroid_x=_opt(cent[k, 1]),

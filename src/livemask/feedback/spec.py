@@ -21,12 +21,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
 
 from livemask.acquisition.mode import Mode
 
 #: The longest exposure (ms) an action may ask for (as the ``set`` command allows).
 MAX_EXPOSURE_MS = 60_000.0
+
+
+#: A 2 × 2 matrix of numbers (``feedback.pixel_to_stage``).
+_Matrix = tuple[tuple[StrictFloat, StrictFloat], tuple[StrictFloat, StrictFloat]]
 
 
 class _Spec(BaseModel):
@@ -36,12 +40,12 @@ class _Spec(BaseModel):
 class Compare(_Spec):
     """Thresholds a value must meet (all that are given); a missing value never matches."""
 
-    gt: float | None = None
-    ge: float | None = None
-    lt: float | None = None
-    le: float | None = None
-    eq: float | None = None
-    ne: float | None = None
+    gt: StrictFloat | None = None
+    ge: StrictFloat | None = None
+    lt: StrictFloat | None = None
+    le: StrictFloat | None = None
+    eq: StrictFloat | None = None
+    ne: StrictFloat | None = None
 
     @model_validator(mode="after")
     def _some(self) -> Compare:
@@ -160,7 +164,7 @@ class _FrameSettings(_Spec):
         default=None,
         description="channel preset of the core's channel group (None: the triggering frame's)",
     )
-    exposure_ms: float | None = Field(
+    exposure_ms: StrictFloat | None = Field(
         default=None, gt=0, le=MAX_EXPOSURE_MS,
         description="camera exposure (None: the triggering frame's)")
 
@@ -168,25 +172,25 @@ class _FrameSettings(_Spec):
 class BurstSpec(_FrameSettings):
     """``frames`` frames, ``interval_s`` apart, at the (optionally centred) position."""
 
-    frames: int = Field(default=5, ge=1, le=10_000)
-    interval_s: float = Field(default=0.0, ge=0)
+    frames: StrictInt = Field(default=5, ge=1, le=10_000)
+    interval_s: StrictFloat = Field(default=0.0, ge=0)
     centre: bool = Field(default=True, description="centre the target object first")
 
 
 class CentreSpec(_FrameSettings):
     """Move the stage to centre the target object and take ``frames`` frames."""
 
-    frames: int = Field(default=1, ge=1, le=10_000)
+    frames: StrictInt = Field(default=1, ge=1, le=10_000)
 
 
 class MoveSpec(_FrameSettings):
     """Move to an absolute (x_um, y_um) or by (dx_um, dy_um) and take ``frames`` frames."""
 
-    x_um: float | None = None
-    y_um: float | None = None
-    dx_um: float | None = None
-    dy_um: float | None = None
-    frames: int = Field(default=1, ge=1, le=10_000)
+    x_um: StrictFloat | None = None
+    y_um: StrictFloat | None = None
+    dx_um: StrictFloat | None = None
+    dy_um: StrictFloat | None = None
+    frames: StrictInt = Field(default=1, ge=1, le=10_000)
 
     @model_validator(mode="after")
     def _where(self) -> MoveSpec:
@@ -200,8 +204,8 @@ class MoveSpec(_FrameSettings):
 class ZStackSpec(_FrameSettings):
     """A Z-stack of ``range_um`` (centred on the frame's Z) in steps of ``step_um``."""
 
-    range_um: float = Field(gt=0)
-    step_um: float = Field(gt=0)
+    range_um: StrictFloat = Field(gt=0)
+    step_um: StrictFloat = Field(gt=0)
     centre: bool = False
 
     @model_validator(mode="after")
@@ -219,14 +223,14 @@ class ZStackSpec(_FrameSettings):
 class ChannelSpec(_FrameSettings):
     """``frames`` frames at this position with another channel and/or exposure."""
 
-    frames: int = Field(default=1, ge=1, le=10_000)
+    frames: StrictInt = Field(default=1, ge=1, le=10_000)
 
 
 class SkipSpec(_Spec):
     """Drop the planned events of a position (default: the triggering frame's)."""
 
-    position: int | None = Field(default=None, ge=0, description="`p` index; None: this one")
-    visits: int | None = Field(
+    position: StrictInt | None = Field(default=None, ge=0, description="`p` index; None: this one")
+    visits: StrictInt | None = Field(
         default=None, ge=1, description="planned visits to drop; None: the rest of the run"
     )
 
@@ -234,11 +238,11 @@ class SkipSpec(_Spec):
 class RevisitSpec(_Spec):
     """Image a planned position (default: the triggering frame's) again now."""
 
-    position: int | None = Field(default=None, ge=0)
-    frames: int = Field(default=1, ge=1, le=10_000)
-    interval_s: float = Field(default=0.0, ge=0)
+    position: StrictInt | None = Field(default=None, ge=0)
+    frames: StrictInt = Field(default=1, ge=1, le=10_000)
+    interval_s: StrictFloat = Field(default=0.0, ge=0)
     channel: str | None = None
-    exposure_ms: float | None = Field(default=None, gt=0, le=MAX_EXPOSURE_MS)
+    exposure_ms: StrictFloat | None = Field(default=None, gt=0, le=MAX_EXPOSURE_MS)
 
 
 class ActionSpec(_Spec):
@@ -283,22 +287,24 @@ class RuleSpec(_Spec):
     params: dict[str, Any] = Field(default_factory=dict)
     actions: list[ActionSpec] = Field(default_factory=list)
     target: Target | None = None
-    max_targets: int = Field(
+    max_targets: StrictInt = Field(
         default=1,
         ge=1,
         description="act on up to N matching objects per frame (best first by `target`), "
         "one set of actions each",
     )
-    persist_frames: int = Field(
+    persist_frames: StrictInt = Field(
         default=1, ge=1, description="consecutive matching frames (in scope) before firing"
     )
-    cooldown_s: float = Field(default=0.0, ge=0, description="no firing again within (s)")
-    cooldown_frames: int = Field(default=0, ge=0, description="no firing again within N frames")
+    cooldown_s: StrictFloat = Field(default=0.0, ge=0, description="no firing again within (s)")
+    cooldown_frames: StrictInt = Field(
+        default=0, ge=0, description="no firing again within N frames")
     scope: Literal["position", "global"] = Field(
         default="position",
         description="position: persistence and cooldown per stage position; global: one count",
     )
-    max_fires: int | None = Field(default=None, ge=1, description="fire at most N times per run")
+    max_fires: StrictInt | None = Field(
+        default=None, ge=1, description="fire at most N times per run")
 
     @model_validator(mode="before")
     @classmethod
@@ -322,28 +328,28 @@ class RuleSpec(_Spec):
 class LimitsSpec(_Spec):
     """Safety limits; an action that would break one is refused (and the refusal published)."""
 
-    stage_x_range_um: tuple[float, float] | None = Field(
+    stage_x_range_um: tuple[StrictFloat, StrictFloat] | None = Field(
         default=None, description="allowed stage X [min, max] (µm); None: unchecked"
     )
-    stage_y_range_um: tuple[float, float] | None = None
-    z_range_um: tuple[float, float] | None = Field(
+    stage_y_range_um: tuple[StrictFloat, StrictFloat] | None = None
+    z_range_um: tuple[StrictFloat, StrictFloat] | None = Field(
         default=None, description="allowed absolute Z [min, max] (µm); None: unchecked"
     )
-    max_z_range_um: float | None = Field(
+    max_z_range_um: StrictFloat | None = Field(
         default=50.0, gt=0, description="largest Z-stack span (µm)"
     )
-    max_added_frames_per_minute: int | None = Field(
+    max_added_frames_per_minute: StrictInt | None = Field(
         default=120, ge=0, description="frames added by feedback in any 60 s window"
     )
-    max_frames_per_action: int = Field(default=200, ge=1)
-    max_action_duration_s: float = Field(
+    max_frames_per_action: StrictInt = Field(default=200, ge=1)
+    max_action_duration_s: StrictFloat = Field(
         default=600.0,
         gt=0,
         description="longest an action may hold the microscope by its frame spacing: "
         "(frames - 1) x interval_s of a burst or revisit (s); the planned events wait "
         "meanwhile",
     )
-    light_dose_budget_ms: float | None = Field(
+    light_dose_budget_ms: StrictFloat | None = Field(
         default=None,
         gt=0,
         description="per stage position: sum of exposure_ms x frames (planned and added) "
@@ -370,15 +376,15 @@ class FeedbackConfig(_Spec):
     enabled: bool = Field(default=True, description="evaluate rules (the `rules` command too)")
     rules: list[RuleSpec] = Field(default_factory=list, max_length=MAX_RULES)
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
-    pixel_to_stage: tuple[tuple[float, float], tuple[float, float]] | None = Field(
+    pixel_to_stage: _Matrix | None = Field(
         default=None,
         description="[[dx/dcol, dx/drow], [dy/dcol, dy/drow]] in µm per pixel (the Micro-"
         "Manager pixel affine); None: pixel size, image axes = stage axes",
     )
-    match_radius_px: float = Field(
+    match_radius_px: StrictFloat = Field(
         default=8.0, gt=0, description="max centroid shift to pair objects across frames"
     )
-    baseline_frames: int = Field(
+    baseline_frames: StrictInt = Field(
         default=1,
         ge=1,
         le=20,

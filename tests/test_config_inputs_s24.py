@@ -56,3 +56,27 @@ def test_an_interface_may_be_bracketed_ipv6_but_not_a_url(section: str) -> None:
         parse_config({section: {"address": "tcp://127.0.0.1"}})
     with pytest.raises(ConfigError, match=rf"{section}\.address"):
         parse_config({section: {"address": ""}})
+
+
+def test_dev_stdin_redirected_from_a_file_takes_paths_from_that_files_folder(
+    tmp_path: Path,
+) -> None:
+    """``-c /dev/stdin < conf/t.yaml``: relative paths as for ``-c conf/t.yaml`` (review:
+    the first version took them from /dev, recording to /dev/recs)."""
+    import subprocess
+    import sys
+
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "t.yaml").write_text("record:\n  path: recs\n", encoding="utf-8")
+    with (conf / "t.yaml").open("rb") as stdin:
+        out = subprocess.run(
+            [sys.executable, "-c", "from livemask.config import load_config; "
+             "print(load_config('/dev/stdin').record.path)"],
+            stdin=stdin, capture_output=True, text=True, cwd=tmp_path, check=True)
+    assert out.stdout.strip() == str(conf / "recs")
+
+
+def test_an_interface_with_a_port_is_refused() -> None:
+    with pytest.raises(ConfigError, match="without a scheme or port"):
+        parse_config({"metrics": {"address": "127.0.0.1:80"}})

@@ -268,3 +268,18 @@ def test_offsets_are_dropped_without_a_clock() -> None:
     feed = EventFeed([])
     feed.inject(_burst(2, 0.5), timed_from_first=True)
     assert [e.min_start_time for e in feed] == [None, None]
+
+
+def test_a_set_undone_after_the_runner_took_an_event_gives_it_its_own_back() -> None:
+    """The camera refused the set (or it timed out) and the plan went back to the events'
+    own: an event taken meanwhile carries the refused value, and is set up with its own
+    (review: it kept the refused 20 ms, and the frame read as a settings mismatch)."""
+    plan = PlannedExposure([useq.MDAEvent(index={"t": t}, exposure=10.0) for t in range(3)])
+    first = next(plan)
+    assert plan.exposure_now(first) == 10.0
+    plan.set(20.0)
+    taken = next(plan)  # taken while the set is on its way
+    assert taken.exposure == 20.0 and plan.exposure_now(taken) == 20.0
+    plan.set(None)  # undone: the camera refused 20 ms
+    assert plan.exposure_now(taken) == 10.0
+    assert plan.exposure_now(useq.MDAEvent(exposure=50.0)) is None  # not the plan's

@@ -193,7 +193,7 @@ async def test_a_dashboard_that_fails_after_binding_frees_its_port() -> None:
 
 # ------------------------------------------------------------------ (3) recording metrics
 def test_recording_health_families_from_a_status_snapshot() -> None:
-    """Before, ``status.recording`` and ``status.last_error`` gave no metric at all."""
+    """Before, ``status.recording`` gave no metric at all."""
     recording = {"path": "/data/run", "frames_written": 30, "frames_analysed": 30,
                  "frames_skipped": 0, "frames_failed": 0, "frames_rejected": 12,
                  "frames_queued": 3, "queued_mb": 1.5, "measurement_rows": 400,
@@ -208,7 +208,7 @@ def test_recording_health_families_from_a_status_snapshot() -> None:
                         ("recording_frames_rejected_total", 12),
                         ("recording_frames_rows_lost_total", 2),
                         ("recording_measurement_rows_total", 400),
-                        ("recording_errors_total", 14), ("last_error_present", 1)):
+                        ("recording_errors_total", 14)):
         assert got[(f"livemask_{name}", ())] == value, name
     families = {f.name: f.type for f in text_string_to_metric_families(
         exposition(lambda: {**STATUS, "recording": recording}))}
@@ -216,7 +216,6 @@ def test_recording_health_families_from_a_status_snapshot() -> None:
     assert families["livemask_recording_failing"] == "gauge"
     off = samples(exposition(lambda: {**STATUS, "recording": None, "last_error": None}))
     assert off[("livemask_recording_enabled", ())] == 0
-    assert off[("livemask_last_error_present", ())] == 0
     assert not [k for k in off if k[0].startswith("livemask_recording_")
                 and k[0] != "livemask_recording_enabled"]
     with MetricsServer(lambda: {**STATUS, "recording": recording}, port=0) as server:
@@ -282,7 +281,6 @@ def test_a_full_disk_shows_in_the_metrics(tmp_path: Path) -> None:
         assert recording["failing"] is True and status["last_error"] is not None
         assert got[("livemask_recording_enabled", ())] == 1
         assert got[("livemask_recording_failing", ())] == 1
-        assert got[("livemask_last_error_present", ())] == 1
         assert got[("livemask_recording_stopped", ())] == 0
         assert got[("livemask_recording_frames_rejected_total", ())] >= 3
         assert 3 <= got[("livemask_recording_frames_written_total", ())] \

@@ -106,3 +106,19 @@ def test_a_recordings_model_card_that_is_not_here_is_named(tmp_path: Path) -> No
     assert result.exit_code == 2, result.output
     out = " ".join(result.output.split())
     assert f"model card {gone}" in out and "give --config" in out
+
+
+def test_the_recording_rigs_backend_and_threads_are_not_taken(tmp_path: Path) -> None:
+    """A recording made on the GPU rig (backend tensorrt) replays on a laptop: the model's
+    name is the recording's, the backend and threads this machine's defaults (review:
+    copying the whole model section made such a replay exit 2)."""
+    run = asyncio.run(_record_grain_scan(tmp_path / "live"))
+    recorded = _config_of(run)
+    recorded["model"] = {"name": "grains", "backend": "tensorrt", "threads": 7,
+                         "device_analysis": False}
+    (run / "config.yaml").write_text(yaml.safe_dump(recorded), encoding="utf-8")
+    result = runner.invoke(app, _replay(run, tmp_path / "again"))
+    assert result.exit_code == 0, result.output
+    used = _config_of(_run_dir(tmp_path / "again"))
+    assert used["model"] == {"name": "grains", "path": None, "backend": "auto",
+                             "threads": 2, "device_analysis": True}

@@ -10,6 +10,7 @@ Errors name the field to change, e.g. ``acquisition.mode: Input should be 'free-
 
 from __future__ import annotations
 
+import ipaddress
 import operator
 import os
 import re
@@ -73,6 +74,15 @@ def _blank(value: Any) -> bool:
     return isinstance(value, str) and not value.strip()
 
 
+def _ipv6(host: str) -> bool:
+    """Whether ``host`` is an IPv6 address (which has colons of its own)."""
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def check_host(value: str) -> str:
     """An HTTP interface to bind (``metrics.address``, ``dashboard.address``): a host name
     or IP address; an IPv6 one may be written in brackets (``[::1]``), as in ZeroMQ
@@ -80,7 +90,9 @@ def check_host(value: str) -> str:
     host = value.strip()
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    if not host or "://" in host or "/" in host or any(c.isspace() for c in host):
+    if ":" in host and not _ipv6(host):  # a port (127.0.0.1:80) or a scheme
+        host = ""
+    if not host or "/" in host or any(c.isspace() for c in host):
         raise ValueError(f"{value!r} is not an interface: give a host name or IP address "
                          "(e.g. 127.0.0.1, ::1 or 0.0.0.0), without a scheme or port")
     return host
@@ -951,15 +963,18 @@ def load_config(path: str | Path | None) -> ServiceConfig:
         return parse_config({})
     p = Path(path)
     data = _read_config_file(p)
-    # a pipe (``-c <(envsubst < t.yaml)``, /dev/stdin): relative paths from the working folder
-    base = p.parent if p.is_file() else Path.cwd()
+    # relative paths from the YAML file's folder (/dev/stdin redirected from a file: that
+    # file's), from the working folder for a pipe (``-c <(envsubst < t.yaml)``)
+    real = Path(os.path.realpath(p))
+    base = real.parent if real.is_file() else Path.cwd()
     return parse_config(data, base_dir=base, source=str(p))
 
 
 #: What a replay without ``--config`` takes from a recording's ``config.yaml``: how its
 #: frames were analysed (section: its keys, None for all of them).
 ANALYSIS_SECTIONS: dict[str, tuple[str, ...] | None] = {
-    "model": None, "analysis": None, "tracking": None,
+    "model": ("name", "path"),  # not its backend or threads: those are the rig's
+    "analysis": None, "tracking": None,
     "acquisition": ("mode", "frame_timeout_s"),
 }
 

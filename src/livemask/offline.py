@@ -455,12 +455,13 @@ class GrainReport:
         table = grain_table(labels, self.pixel_size_um)
         largest = largest_region_fraction(table, labels.size)
         if largest > BIG_REGION_FRACTION:
+            fix = ("choose a --roi within the specimen" if self.roi
+                   else f"leave data bars out with --roi {ROI_FORMAT}")
             log.warning("%s: one region covers %.0f %% of the %s, and counts as one grain in "
                         "the grain statistics: a data bar (SEM), an empty or off-specimen "
                         "field, or grains too large for this magnification (ASTM sizing wants "
-                        "at least ~50 grains a field). Leave data bars out with --roi %s",
-                        where, 100 * largest, "region (--roi)" if self.roi else "image",
-                        ROI_FORMAT)
+                        "at least ~50 grains a field); %s", where, 100 * largest,
+                        "region (--roi)" if self.roi else "image", fix)
         stats = grain_statistics(labels, self.pixel_size_um, table=table,
                                  pixel_size_known=self.pixel_size_known)
         self.planes.append({"plane": len(self.planes), **stats})

@@ -293,7 +293,8 @@ class PlannedExposure(Iterator[useq.MDAEvent]):
         self._events = iter(events)
         self._lock = threading.Lock()
         self._exposure_ms: float | None = None
-        self._given: deque[useq.MDAEvent] = deque(maxlen=self.GIVEN_KEPT)
+        #: the events given out, each with its own exposure (before a set replaced it)
+        self._given: deque[tuple[useq.MDAEvent, float | None]] = deque(maxlen=self.GIVEN_KEPT)
 
     def set(self, exposure_ms: float | None) -> float | None:
         """Give every later planned event that sets an exposure ``exposure_ms`` instead
@@ -305,20 +306,22 @@ class PlannedExposure(Iterator[useq.MDAEvent]):
 
     def __next__(self) -> useq.MDAEvent:
         event = next(self._events)
+        own = event.exposure
         with self._lock:
             exposure = self._exposure_ms
-        if exposure is not None and event.exposure is not None and event.exposure != exposure:
+        if exposure is not None and own is not None and own != exposure:
             event = event.model_copy(update={"exposure": exposure})
         with self._lock:
-            self._given.append(event)
+            self._given.append((event, own))
         return event
 
     def exposure_now(self, event: useq.MDAEvent) -> float | None:
         """The exposure a planned ``event`` this plan gave out is to be taken with: the
-        newest :meth:`set`'s, also one that came after the runner took it; None for other
-        events (enqueued, feedback), events without an exposure, or no set."""
+        newest :meth:`set`'s, also one that came after the runner took it, else (a set
+        undone since) its own; None for other events (enqueued, feedback) and events
+        without an exposure."""
         with self._lock:
-            exposure = self._exposure_ms
-            if exposure is None or event.exposure is None:
+            own = next((o for e, o in self._given if e is event), None)
+            if own is None:
                 return None
-            return exposure if any(e is event for e in self._given) else None
+            return own if self._exposure_ms is None else self._exposure_ms

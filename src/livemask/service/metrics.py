@@ -38,7 +38,6 @@ recording_{frames_queued,queued_bytes}   gauge
 recording_{frames_written,               counter
 frames_rejected,frames_rows_lost,
 measurement_rows,errors}_total
-last_error_present                       gauge    (1 while status.last_error is set)
 state                                    gauge    state (1 for the current one, else 0)
 mode                                     gauge    mode (1 for the current one, else 0)
 info                                     info     version, model, backend, device
@@ -116,7 +115,6 @@ _EVERY_FAMILY: dict[str, Any] = {
     "gc": {"collections": {}}, "state": STATES[0], "mode": MODES[0],
     "recording": {"failing": False, "stopped": None, "frames_queued": 0, "queued_mb": 0.0,
                   **{name: 0 for name, _ in RECORDING_COUNTERS}, "errors_total": 0},
-    "last_error": None,
 }
 
 StatusFn = Callable[[], Mapping[str, Any]]
@@ -198,15 +196,6 @@ def metric_families(status: Mapping[str, Any]) -> list[Any]:
     out.extend(_gc_families(status.get("gc")))
     if "recording" in status:
         out.extend(_recording_families(status["recording"]))
-    if "last_error" in status:
-        out.append(
-            GaugeMetricFamily(
-                f"{PREFIX}_last_error_present",
-                "1 while the service reports an acquisition or recording error "
-                "(status.last_error).",
-                value=float(status["last_error"] is not None),
-            )
-        )
     out.extend(_one_hot("state", "The service's state: 1 for the current one.", status, STATES))
     out.extend(_one_hot("mode", "The acquisition mode: 1 for the current one.", status, MODES))
     info = {

@@ -80,3 +80,22 @@ def test_dev_stdin_redirected_from_a_file_takes_paths_from_that_files_folder(
 def test_an_interface_with_a_port_is_refused() -> None:
     with pytest.raises(ConfigError, match="without a scheme or port"):
         parse_config({"metrics": {"address": "127.0.0.1:80"}})
+
+
+@pytest.mark.parametrize(("text", "where"), [
+    ("feedback:\n  rules:\n    - name: on\n      when: {values: [{path: summary.count, gt: 1}]}"
+     "\n      action: {stop: true}\n", "feedback.rules.0.name:"),
+    ("feedback:\n  rules:\n    - name: r\n      use: 'x.y:z'\n      params: {on: {a: 1}}\n",
+     "feedback.rules.0.params.true (a key):"),
+])
+def test_a_yaml_boolean_word_where_text_belongs_says_to_quote_it(
+    tmp_path: Path, text: str, where: str
+) -> None:
+    """``name: on`` is YAML 1.1's true: before, "Input should be a valid string" (and a key
+    ``on:`` was named ``1``), without saying why (controller hunt)."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert where in str(err.value)
+    assert "as the boolean true; quote the text (e.g. 'on')" in str(err.value)

@@ -843,6 +843,12 @@ def _format_errors(exc: ValidationError) -> str:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = _unknown_field(err["loc"])
+        elif err["type"] == "string_type" and isinstance(err.get("input"), bool):
+            read = str(err["input"]).lower()
+            if err["loc"][-1:] == ("[key]",):  # (pydantic names a key True by its hash, 1)
+                where = ".".join(str(p) for p in err["loc"][:-2]) + f".{read} (a key)"
+            msg += (f": YAML reads an unquoted on, off, yes, no, true or false as the boolean "
+                    f"{read}; quote the text (e.g. 'on')")
         lines.append(f"  {where}: {msg}")
     return "\n".join(lines)
 

@@ -81,3 +81,60 @@ def test_a_full_disk_says_what_to_do_and_its_end_is_reported(
     assert rec.report()["failing"] is False
     assert resumed == [rec.counts.errors_total] and resumed[0] >= 1
     rec.close(frames_acquired=2)
+
+
+def test_a_replay_records_where_each_frame_came_from(tmp_path: Path) -> None:
+    """Re-analysing a time-lapse as fast as the model goes (``--interval 0``) renumbered the
+    stored frames and gave them the replay's clock: nothing in the new recording led back to
+    the original frame or its time (recording hunt). Now every frame says both: headers,
+    frames.jsonl and measurements.csv."""
+    import asyncio
+    import csv
+    import json
+
+    from typer.testing import CliRunner
+
+    from livemask.cli import app
+    from livemask.recording import open_recording
+    from livemask.service.app import Service
+    from tests.conftest import make_config
+    from tests.test_recording import _run_dir, _run_to_end
+
+    async def live() -> Path:
+        cfg = make_config(
+            simulation={"sensor_shape_px": [128, 128], "truth": False},
+            record={"enabled": True, "path": str(tmp_path / "live")},
+            acquisition={"mode": "free-run",
+                         "sequence": {"time_plan": {"interval": 0.4, "loops": 4}}})
+        async with Service(cfg) as svc:
+            svc.start_acquisition(None)
+            await _run_to_end(svc)
+        return _run_dir(tmp_path / "live")
+
+    run = asyncio.run(live())
+    original = open_recording(run).frames
+    start = original[0]["t"]["acquired"]
+    result = CliRunner().invoke(app, [
+        "replay", str(run), "--interval", "0", "--exit-when-done", "--mode", "synchronized",
+        "--pub", "tcp://127.0.0.1:*", "--control", "tcp://127.0.0.1:*",
+        "--record", str(tmp_path / "again")])
+    assert result.exit_code == 0, result.output
+    again_run = _run_dir(tmp_path / "again")
+    again = [json.loads(line) for line in (again_run / "frames.jsonl").open()]
+    assert [f["replayed_from"]["frame_id"] for f in again] == [
+        f["frame_id"] for f in original]
+    for new, old in zip(again, original, strict=True):
+        assert new["replayed_from"]["time_s"] == pytest.approx(
+            old["t"]["acquired"] - start, abs=1e-5)
+    assert original[-1]["t"]["acquired"] - start > 1.1  # 3 intervals of 0.4 s
+    assert again[-1]["t"]["acquired"] - again[0]["t"]["acquired"] < 1.0  # replayed faster
+    with (again_run / "measurements.csv").open(encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and {int(r["replayed_frame_id"]) for r in rows} <= {
+        f["frame_id"] for f in original}
+    by_id = {f["replayed_from"]["frame_id"]: f["replayed_from"]["time_s"] for f in again}
+    for r in rows:
+        assert float(r["replayed_time_s"]) == pytest.approx(
+            by_id[int(r["replayed_frame_id"])], abs=1e-4)
+    live_rows = list(csv.DictReader((run / "measurements.csv").open(encoding="utf-8")))
+    assert live_rows and all(r["replayed_frame_id"] == "" for r in live_rows)

@@ -98,6 +98,9 @@ class ReplayStack:
     #: each frame's recorded channel and exposure (``RawFrame.settings``; a recording's,
     #: from frames.jsonl), else None
     settings: Sequence[dict[str, Any]] | None = None
+    #: each frame's ``frame_id`` in the recording replayed, else None (a file's frames are
+    #: its planes in order)
+    source_ids: Sequence[int] | None = None
     close: Callable[[], None] = field(default=lambda: None)
 
     def __post_init__(self) -> None:
@@ -106,6 +109,14 @@ class ReplayStack:
             log.warning("%s: its metadata gives a pixel size of %s µm, which is not a size; "
                         "ignored (set hardware.pixel_size_um in the config)", self.path, px)
             self.pixel_size_um = None
+
+    def replayed_from(self, i: int) -> dict[str, Any]:
+        """Where frame ``i`` comes from: its ``frame_id`` in the recording (a file's plane
+        number) and ``time_s``, its recorded time since the file's first frame (None where
+        the file has no times): a re-analysis joins its results back to the original run
+        with them, whatever its own timing."""
+        return {"frame_id": int(self.source_ids[i]) if self.source_ids is not None else i,
+                "time_s": round(float(self.times[i]), 6) if self.times is not None else None}
 
     def index(self, i: int) -> dict[str, int]:
         """The MDA index of frame ``i``."""
@@ -339,6 +350,7 @@ def _open_recording(path: Path) -> ReplayStack:
         acquisitions=MappedSequence(
             len(kept), lambda i: int(acquisitions[i]) if acquisitions[i] >= 0 else None),
         settings=MappedSequence(len(kept), lambda i: record_settings(records(i))),
+        source_ids=MappedSequence(len(kept), lambda i: int(ids[i])),
     )
 
 
@@ -679,7 +691,8 @@ class ReplaySource(FeedThreadSource):
                 assert self.on_frame is not None
                 feed.frame_delivered()
                 self.on_frame(RawFrame(image, event, time.time(), pos, None, origin=feed,
-                                       pixel_size_um=pixel_size, settings=settings))
+                                       pixel_size_um=pixel_size, settings=settings,
+                                       replayed_from=stack.replayed_from(i)))
                 self.emitted += 1
                 self._played += 1
         except Exception as exc:  # any other fault ends the replay like a camera fault

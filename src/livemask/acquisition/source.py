@@ -34,7 +34,7 @@ class RawFrame:
     """A frame as it leaves the camera thread."""
 
     __slots__ = ("acquired", "event", "image", "origin", "pixel_size_um", "position",
-                 "settings", "truth")
+                 "replayed_from", "settings", "truth")
 
     def __init__(
         self,
@@ -46,6 +46,7 @@ class RawFrame:
         origin: object | None = None,
         pixel_size_um: float | None = None,
         settings: dict[str, Any] | None = None,
+        replayed_from: dict[str, Any] | None = None,
     ) -> None:
         self.image = image
         self.origin = origin  # what delivered it (the acquisition's event feed), for frame_done
@@ -58,6 +59,8 @@ class RawFrame:
         #: what the camera took it with (:func:`frame_settings`, and :func:`frame_roi` for a
         #: frame of a camera ROI); the event's when not given
         self.settings = settings if settings is not None else frame_settings(event)
+        #: a replayed frame's place in the file it came from (``ReplayStack.replayed_from``)
+        self.replayed_from = replayed_from
 
 
 FrameCallback = Callable[[RawFrame], None]

@@ -104,15 +104,16 @@ OME_VERSION = "0.5"
 #: ``fb`` (last, so that the older columns keep their positions) is the feedback action that
 #: took the frame (``livemask.feedback.context.FEEDBACK_INDEX_KEY``), empty for planned ones;
 #: after it (added later still) the channel preset and exposure the frame was taken with, then
-#: (later again) the object's local background and background-corrected intensity, and last
-#: its saturated pixels (empty where the saturation level is unknown: float frames).
+#: (later again) the object's local background and background-corrected intensity, then
+#: its saturated pixels (empty where the saturation level is unknown: float frames), and last
+#: a replayed frame's frame id and time in the file replayed (empty for live frames).
 CSV_COLUMNS: tuple[str, ...] = (
     "frame_id", "acquisition", "time_s", "t", "p", "c", "z", "g", "x_um", "y_um", "z_um",
     "label", "track_id", "parent_track_id", "area_px", "area_um2", "centroid_y", "centroid_x",
     "bbox_min_row", "bbox_min_col", "bbox_max_row", "bbox_max_col",
     "mean_intensity", "integrated_intensity", "equivalent_diameter_um", "eccentricity",
     "touches_edge", "fb", "channel", "exposure_ms", "local_background", "corrected_intensity",
-    "saturated_px",
+    "saturated_px", "replayed_frame_id", "replayed_time_s",
 )
 _INDEX_AXES = ("t", "p", "c", "z", "g", "fb")
 _SPLIT = {"centroid_yx": ("centroid_y", "centroid_x"),
@@ -135,7 +136,11 @@ def column_units(units: Mapping[str, str], *, calibrated: bool = True) -> dict[s
            "x_um": "µm", "y_um": "µm", "z_um": "µm", "track_id": "1", "parent_track_id": "1",
            "channel": "text (the channel preset the frame was taken with; empty where unknown)",
            "exposure_ms": "ms (the camera exposure the frame was taken with; empty where "
-                          "unknown)"}
+                          "unknown)",
+           "replayed_frame_id": "1 (a replayed frame's frame_id in the recording replayed, "
+                                "or its plane number in a file; empty for live frames)",
+           "replayed_time_s": "s (a replayed frame's recorded time since the first frame "
+                              "of the file replayed; empty for live frames or no times)"}
     for key, unit in (units if calibrated else units_in_pixels(units)).items():
         for col in _SPLIT.get(key, (key,)):
             out[col] = unit
@@ -438,6 +443,8 @@ class Recorder:
             "settings": {**NO_SETTINGS, **frame.settings},  # channel, channel_group, exposure_ms
             "pixel_size_um": frame.pixel_size_um,  # each frame's (the zarr's scale: at open)
             "t": dict(frame.t),
+            **({"replayed_from": dict(frame.replayed_from)}
+               if frame.replayed_from is not None else {}),
             "analysed": analysed,
             "skipped": frame.skipped,
             "failed": frame.error is not None,
@@ -743,6 +750,8 @@ class Recorder:
             **{k: ("" if v is None else v) for k, v in rec["position"].items()},
             **{k: ("" if v is None else v) for k, v in rec["settings"].items()
                if k in ("channel", "exposure_ms")},
+            **{f"replayed_{k}": ("" if v is None else v)
+               for k, v in (rec.get("replayed_from") or {}).items()},
         }
         try:
             block = io.StringIO()

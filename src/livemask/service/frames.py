@@ -37,6 +37,8 @@ class Frame:
     pixel_size_um: float = 1.0  # µm per pixel of this frame (its measurements use it)
     #: what the camera took it with: channel (preset), channel_group, exposure_ms
     settings: dict[str, Any] = field(default_factory=dict)
+    #: a replayed frame's ``frame_id`` and ``time_s`` in the file it came from; None: live
+    replayed_from: dict[str, Any] | None = None
 
     def stamp(self, stage: str) -> None:
         """Record the time at which ``stage`` finished with this frame."""
@@ -51,6 +53,8 @@ class Frame:
             "index": dict(self.index),
             "position": dict(self.position),
             "settings": self.settings_fields(),
+            **({"replayed_from": dict(self.replayed_from)}
+               if self.replayed_from is not None else {}),
         }
 
     def settings_fields(self) -> dict[str, Any]:

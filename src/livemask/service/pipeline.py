@@ -279,6 +279,7 @@ class Pipeline:
             origin=raw.origin,
             acquisition=self.acquisition,
             pixel_size_um=self._pixel_size(raw),
+            replayed_from=raw.replayed_from,
         )
         self._next_id += 1
         # (at intake, in frame order: decided when publishing, a skipped frame, published at

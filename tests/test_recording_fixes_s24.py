@@ -138,3 +138,45 @@ def test_a_replay_records_where_each_frame_came_from(tmp_path: Path) -> None:
             by_id[int(r["replayed_frame_id"])], abs=1e-4)
     live_rows = list(csv.DictReader((run / "measurements.csv").open(encoding="utf-8")))
     assert live_rows and all(r["replayed_frame_id"] == "" for r in live_rows)
+
+
+def test_the_rows_of_a_frame_whose_line_was_lost_are_taken_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A disk that takes the rows but not the frame's frames.jsonl line: the frame is not
+    in the recording, and neither are its rows now (before, they stayed as rows of no frame,
+    counted in measurement_rows), and the closing line's "rows_stored: false in frames.jsonl"
+    counts only frames whose line says so (before: 97 counted, 3 lines had it)."""
+    import csv
+
+    from livemask.recording.files import BlockFile
+    from tests.test_recording import _wait
+
+    real_write = BlockFile.write
+    lines_fail = [False]
+
+    def no_room_for_lines(self: BlockFile, text: str) -> None:
+        if lines_fail[0] and self.path.name in ("frames.jsonl", "measurements.csv"):
+            if self.path.name == "frames.jsonl" or not text.startswith("0,"):  # (frame 0)
+                raise OSError(28, "No space left on device")
+        real_write(self, text)
+
+    monkeypatch.setattr(BlockFile, "write", no_room_for_lines)
+    run = tmp_path / "run"
+    rec = Recorder(run, pixel_size_um=0.5).start()
+    image = np.ones((16, 16), np.uint16)
+    lines_fail[0] = True
+    rec.on_frame(_frame(0, image))  # rows written, line refused
+    rec.on_frame(_frame(1, image))  # rows and line refused
+    _wait(lambda: rec.counts.written + rec.counts.rejected == 2)
+    lines_fail[0] = False
+    rec.on_frame(_frame(2, image))
+    _wait(lambda: rec.counts.written + rec.counts.rejected == 3)
+    c = rec.counts
+    assert (c.written, c.rejected, c.rows, c.rows_lost) == (1, 2, 2, 0)
+    with caplog.at_level("WARNING", logger="livemask"):
+        rec.close(frames_acquired=3)
+    with (run / "measurements.csv").open(encoding="utf-8") as fh:
+        assert [r["frame_id"] for r in csv.DictReader(fh)] == ["2", "2"]
+    assert "rows_stored: false" not in caplog.text
+    assert "2 rejected" in caplog.text

@@ -41,6 +41,18 @@ class BlockFile:
             raise
         self._size = self._file.tell()
 
+    @property
+    def size(self) -> int:
+        """Bytes written so far (whole blocks)."""
+        return self._size
+
+    def cut(self, size: int) -> None:
+        """Take back what was written after ``size`` bytes (a block that belongs to a
+        record that could not be written); ``OSError`` if it cannot."""
+        os.ftruncate(self._file.fileno(), size)
+        self._file.seek(size)
+        self._size = size
+
     def linked(self) -> bool:
         """Whether the file still has a name on disk (not deleted while open)."""
         try:

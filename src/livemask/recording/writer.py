@@ -699,6 +699,7 @@ class Recorder:
                                "detail": rec["error"], "t": rec["t"]})
         # its measurements stand, even if its image could not be stored; written before its
         # line, which says whether they were (None: the frame has no rows to write)
+        csv_before, rows_before = self._csv_size(), self.counts.rows
         rec["rows_stored"] = None if item.objects is None else self._write_rows(rec, item.objects)
         try:
             assert self._frames_fh is not None
@@ -711,6 +712,7 @@ class Recorder:
             if stored:
                 self.counts.rejected += 1
             stored = rec["stored"] = False
+            self._take_back_rows(rec, csv_before, rows_before)
         if stored:
             c = self.counts
             c.written += 1
@@ -733,6 +735,28 @@ class Recorder:
         with self._lock:
             self._queued_frames -= 1
             self._queued_bytes -= item.nbytes
+
+    def _csv_size(self) -> int | None:
+        """The size of measurements.csv now (None: not written)."""
+        return self._csv_fh.size if self._csv_fh is not None else None
+
+    def _take_back_rows(self, rec: dict[str, Any], csv_size: int | None, rows: int) -> None:
+        """A frame whose frames.jsonl line could not be written is not in the recording
+        (counted in ``rejected``): its rows, written before, are taken back out of
+        measurements.csv (else they would be rows of no frame), and it is no frame whose
+        rows alone were lost (``rows_lost`` counts frames whose line says so)."""
+        if rec["rows_stored"] is False:
+            self.counts.rows_lost -= 1
+        if self._csv_fh is None or csv_size is None or self.counts.rows == rows:
+            return
+        try:
+            self._csv_fh.cut(csv_size)
+        except OSError as exc:  # the rows stay: counted, and said
+            log.warning("recorder (%s): the measurement rows of frame %s, whose frames.jsonl "
+                        "line could not be written, stay in measurements.csv (%s)",
+                        self.path, rec["frame_id"], exc)
+            return
+        self.counts.rows = rows
 
     def _write_rows(self, rec: dict[str, Any], objects: list[dict[str, Any]]) -> bool:
         """A frame's measurement rows, written as one block (all of them or none); whether

@@ -236,14 +236,15 @@ def _warn_unlisted(run: Path, frames: int, ids: Any, complete: bool) -> None:
         log.warning("%s: the last %d frame(s) on the t axis have no readable line in "
                     "frames.jsonl and are not read: the recording is still being written, or "
                     "its recorder was stopped hard (SIGKILL, crash, power cut) before writing "
-                    "them or could not write them (e.g. a full disk: see its log)",
+                    "them, or could not write them or its closing attributes (e.g. a full "
+                    "disk: see its log)",
                     run, missing)
     elif not complete:
         log.warning("%s: %d frame(s) on the t axis have no readable line in frames.jsonl "
-                    "and are not read: the recording is not complete, so its recorder was "
-                    "probably stopped hard (SIGKILL, crash, power cut) before writing them "
-                    "(or it could not write them, e.g. a full disk: see its log; or a line "
-                    "is damaged)", run, missing)
+                    "and are not read: the recording is not marked complete, so its recorder "
+                    "was stopped hard (SIGKILL, crash, power cut) before writing them, or it "
+                    "could not write them and its closing attributes (e.g. a full disk: see "
+                    "its log), or a line is damaged", run, missing)
     else:
         log.warning("%s: %d frame(s) on the t axis have no readable line in frames.jsonl "
                     "(the recorder could not write it, e.g. a full disk: see its log; or the "

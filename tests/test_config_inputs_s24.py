@@ -33,7 +33,7 @@ def test_a_config_from_a_pipe_loads_with_paths_from_the_working_folder(
 
 
 @pytest.mark.parametrize(("section", "key", "says"), [
-    ("record", "path", "an empty path (it would record beside the YAML file)"),
+    ("record", "path", "an empty path; it would record beside the YAML file"),
     ("model", "path", "an empty path; give your model card"),
     ("hardware", "config_file", "no file given"),
 ])

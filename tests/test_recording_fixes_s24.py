@@ -156,9 +156,10 @@ def test_the_rows_of_a_frame_whose_line_was_lost_are_taken_back(
     lines_fail = [False]
 
     def no_room_for_lines(self: BlockFile, text: str) -> None:
-        if lines_fail[0] and self.path.name in ("frames.jsonl", "measurements.csv"):
-            if self.path.name == "frames.jsonl" or not text.startswith("0,"):  # (frame 0)
-                raise OSError(28, "No space left on device")
+        refused = self.path.name == "frames.jsonl" or (  # frame 0's rows are taken
+            self.path.name == "measurements.csv" and not text.startswith("0,"))
+        if lines_fail[0] and refused:
+            raise OSError(28, "No space left on device")
         real_write(self, text)
 
     monkeypatch.setattr(BlockFile, "write", no_room_for_lines)

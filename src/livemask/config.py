@@ -74,6 +74,13 @@ def _blank(value: Any) -> bool:
     return isinstance(value, str) and not value.strip()
 
 
+def _not_blank(value: Any, what_to_do: str) -> Any:
+    """``value``; ValueError "an empty path; ``what_to_do``" for a blank one."""
+    if _blank(value):
+        raise ValueError(f"an empty path; {what_to_do}")
+    return value
+
+
 def _ipv6(host: str) -> bool:
     """Whether ``host`` is an IPv6 address (which has colons of its own)."""
     try:
@@ -379,10 +386,8 @@ class ModelConfig(_Section):
     @field_validator("path", mode="before")
     @classmethod
     def _card_given(cls, value: Any) -> Any:
-        if _blank(value):
-            raise ValueError("an empty path; give your model card's (.yaml) path, or leave "
-                             "the line out for model.name's shipped model")
-        return value
+        return _not_blank(value, "give your model card's (.yaml) path, or leave the line out "
+                                 "for model.name's shipped model")
 
     @model_validator(mode="after")
     def _name_or_path(self) -> ModelConfig:
@@ -584,17 +589,16 @@ class RecordConfig(_Section):
     labels: bool = Field(default=True, description="Record the instance labels.")
     measurements: bool = Field(default=True, description="Write measurements.csv.")
 
-    @field_validator("path", mode="before")
-    @classmethod
-    def _folder_given(cls, value: Any) -> Any:
-        if _blank(value):
-            raise ValueError("an empty path (it would record beside the YAML file); give "
-                             "the folder, or leave the line out for ./recordings")
-        return value
     max_queue_mb: float = Field(
         default=2048.0, gt=0,
         description="Warn when more than this waits to be written (nothing is dropped).",
     )
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _folder_given(cls, value: Any) -> Any:
+        return _not_blank(value, "it would record beside the YAML file: give the folder, or "
+                                 "leave the line out for ./recordings")
 
 
 class ServiceConfig(_Section):

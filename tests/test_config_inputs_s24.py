@@ -99,3 +99,13 @@ def test_a_yaml_boolean_word_where_text_belongs_says_to_quote_it(
         load_config(path)
     assert where in str(err.value)
     assert "as the boolean true; quote the text (e.g. 'on')" in str(err.value)
+
+
+def test_a_linked_config_takes_paths_from_the_links_folder(tmp_path: Path) -> None:
+    """As before the pipe support (review: a first version resolved links to their
+    target's folder, moving recordings without a word)."""
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "rig").mkdir()
+    (tmp_path / "shared" / "live.yaml").write_text("record:\n  path: recs\n", encoding="utf-8")
+    (tmp_path / "rig" / "live.yaml").symlink_to(tmp_path / "shared" / "live.yaml")
+    assert load_config(tmp_path / "rig" / "live.yaml").record.path == tmp_path / "rig" / "recs"

@@ -122,3 +122,22 @@ def test_the_recording_rigs_backend_and_threads_are_not_taken(tmp_path: Path) ->
     used = _config_of(_run_dir(tmp_path / "again"))
     assert used["model"] == {"name": "grains", "path": None, "backend": "auto",
                              "threads": 2, "device_analysis": True}
+
+
+def test_a_recording_without_its_config_says_it_takes_the_defaults(tmp_path: Path) -> None:
+    """New-feature hunt: a recording whose config.yaml was lost replayed with the nuclei
+    model in free-run mode without a word."""
+    run = asyncio.run(_record_grain_scan(tmp_path / "live"))
+    (run / "config.yaml").unlink()
+    result = runner.invoke(app, _replay(run, tmp_path / "again"))
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert "has no config.yaml, which says how it was analysed" in out
+    assert "(model nuclei, acquisition mode free-run)" in out
+
+
+def test_the_log_names_the_mode_given(tmp_path: Path) -> None:
+    run = asyncio.run(_record_grain_scan(tmp_path / "live"))
+    result = runner.invoke(app, _replay(run, tmp_path / "again", "--mode", "pipelined"))
+    assert result.exit_code == 0, result.output
+    assert "model grains, acquisition mode pipelined" in " ".join(result.output.split())

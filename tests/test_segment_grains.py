@@ -59,7 +59,7 @@ def test_roi_leaves_out_a_data_bar_and_sizes_the_grains_like_the_truth(
     report = json.loads(grains.read_text())
     want = grain_statistics(truth[:keep], PIXEL_UM)
     pooled = report["pooled"]
-    assert done.grains == pooled
+    assert done.grains == report
     assert report["roi"] == {"x": 0, "y": 0, "width": 512, "height": keep}
     assert report["pixel_size_known"] is True and report["pixel_size_um"] == PIXEL_UM
     assert pooled["test_area_mm2"] == pytest.approx(512 * keep * PIXEL_UM**2 * 1e-6)
@@ -191,3 +191,41 @@ def test_cli_prints_the_pooled_grain_sizes(tmp_path: Path) -> None:
     bad = CliRunner().invoke(app, ["segment", str(src), "-o", str(tmp_path / "m.tif"),
                                    "--roi", "0,0,512"])
     assert bad.exit_code == 2 and "X,Y,WIDTH,HEIGHT" in bad.output
+
+
+def test_holes_small_fields_and_no_pixel_size_are_said(
+    tmp_path: Path, livemask_log: list[logging.LogRecord]
+) -> None:
+    """New-feature hunt: NaN pixels were counted in the test area (G 0.5 off); a 2 x 2 px
+    region printed G 17 with only the data-bar warning; without a pixel size the printed
+    line said µm and /mm² for pixel values."""
+    image, _ = _field(3, 256)
+    holes = image.astype(np.float32)
+    holes[:, 200:] = np.nan
+    src = tmp_path / "holes.tif"
+    tifffile.imwrite(src, holes)
+    with pytest.raises(ValueError, match=r"NaN/infinite pixels in the region sized"):
+        segment_file(src, tmp_path / "l.tif", model="grains", grains=tmp_path / "g.json",
+                     pixel_size_um=PIXEL_UM, threads=1)
+    segment_file(src, tmp_path / "l.tif", model="grains", grains=tmp_path / "g.json",
+                 roi=Roi(0, 0, 200, 256), pixel_size_um=PIXEL_UM, threads=1)  # the finite part
+    segment_file(src, tmp_path / "s.tif", model="grains", grains=tmp_path / "s.json",
+                 roi=Roi(10, 10, 40, 40), pixel_size_um=PIXEL_UM, threads=1)
+    assert "ASTM E112 sizing wants at least ~50 a field" in _messages(livemask_log)
+    plain = tmp_path / "plain.tif"
+    tifffile.imwrite(plain, image)
+    result = CliRunner().invoke(app, ["segment", str(plain), "-o", str(tmp_path / "p.tif"),
+                                      "--model", "grains", "--grains",
+                                      str(tmp_path / "p.json"), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("grains:"))
+    assert " px, mean intercept" in line and "µm," not in line and "/mm²" not in line
+    assert line.endswith("; no pixel size: give --pixel-size-um for µm and G")
+
+
+def test_a_non_grains_model_is_refused_before_anything_is_read_or_made(tmp_path: Path) -> None:
+    src, _ = _micrograph(tmp_path, bar=False)
+    with pytest.raises(ValueError, match="give a grains model"):
+        segment_file(src, tmp_path / "new" / "l.tif", model="nuclei",
+                     grains=tmp_path / "new" / "g.json")
+    assert not (tmp_path / "new").exists()

@@ -614,7 +614,7 @@ def replay(
         cfg = load_config(config)
         stack = open_stack(path)
         if config is None:
-            cfg = _as_recorded(cfg, stack)
+            cfg = _as_recorded(cfg, stack, mode)
         _apply_service_flags(cfg, pub=pub, control=control, mode=mode, record=record)
         # the config's, else the file's; a recording of an uncalibrated rig has none
         cfg.hardware.pixel_size_um = replay_pixel_size(stack, cfg.hardware.pixel_size_um)
@@ -641,14 +641,21 @@ def replay(
         _fail_run(problem)
 
 
-def _as_recorded(cfg: ServiceConfig, stack: ReplayStack) -> ServiceConfig:
+def _as_recorded(cfg: ServiceConfig, stack: ReplayStack, mode: str | None) -> ServiceConfig:
     """The config of a replay without ``--config``: for a livemask recording, its
     ``config.yaml``'s model, analysis, tracking and acquisition mode (how its frames were
-    analysed: a grain scan by a grains model, every tile), else ``cfg``."""
+    analysed: a grain scan by a grains model, every tile), else ``cfg``. ``mode``: the
+    ``--mode`` given, which overrides the recorded one."""
     from livemask.config import load_analysis_config
 
+    if stack.kind != "recording":
+        return cfg
     recorded = stack.path / "config.yaml"
-    if stack.kind != "recording" or not recorded.is_file():
+    if not recorded.is_file():
+        log.warning("%s has no config.yaml, which says how it was analysed: it is analysed "
+                    "with the defaults (model %s, acquisition mode %s); give --config with "
+                    "its model and mode (a grain scan: model grains, mode synchronized)",
+                    stack.path, cfg.model.name, mode or cfg.acquisition.mode)
         return cfg
     again = "; or give --config with the model and mode to analyse it with"
     try:
@@ -660,7 +667,8 @@ def _as_recorded(cfg: ServiceConfig, stack: ReplayStack) -> ServiceConfig:
         raise ConfigError(f"the recording was analysed with the model card {card}, which is "
                           f"not here (its {recorded}): copy it there{again}")
     log.info("replaying as recorded (%s): model %s, acquisition mode %s; --config chooses "
-             "others", recorded, card or as_recorded.model.name, as_recorded.acquisition.mode)
+             "others", recorded, card or as_recorded.model.name,
+             mode or as_recorded.acquisition.mode)
     return as_recorded
 
 
@@ -935,18 +943,24 @@ def _roi(text: str) -> Roi:
         raise typer.BadParameter(str(exc)) from None
 
 
-def _grains_line(stats: dict[str, Any]) -> str:
-    """One line of ``segment --grains``'s pooled statistics for the terminal."""
+def _grains_line(report: dict[str, Any]) -> str:
+    """One line of ``segment --grains``'s pooled statistics for the terminal (``report``:
+    the JSON it wrote)."""
 
     def value(key: str, unit: str = "", digits: int = 2) -> str:
         v = stats.get(key)
         return "n/a" if v is None else f"{v:.{digits}f}{unit}"
 
+    known = bool(report.get("pixel_size_known"))
+    stats = report["pooled"]
+    # without a pixel size the values are in pixels (grains per 10^6 px: per megapixel)
+    area, length = (("/mm²", " µm") if known else (" per megapixel", " px"))
     return (f"grains: {stats['count']} ({stats['count_inside']} inside) in "
-            f"{stats['tiles']} field(s); N_A {value('n_a_per_mm2', '/mm²', 1)}, "
-            f"mean diameter {value('mean_equivalent_diameter_um', ' µm')}, mean intercept "
-            f"{value('mean_intercept_um', ' µm')}, ASTM G {value('astm_g_planimetric')} "
-            f"(planimetric), {value('astm_g_intercept')} (intercept)")
+            f"{stats['tiles']} field(s); N_A {value('n_a_per_mm2', area, 1)}, "
+            f"mean diameter {value('mean_equivalent_diameter_um', length)}, mean intercept "
+            f"{value('mean_intercept_um', length)}, ASTM G {value('astm_g_planimetric')} "
+            f"(planimetric), {value('astm_g_intercept')} (intercept)"
+            + ("" if known else "; no pixel size: give --pixel-size-um for µm and G"))
 
 
 @app.command()

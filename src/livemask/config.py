@@ -973,11 +973,17 @@ def load_config(path: str | Path | None) -> ServiceConfig:
         return parse_config({})
     p = Path(path)
     data = _read_config_file(p)
-    # relative paths from the YAML file's folder (/dev/stdin redirected from a file: that
-    # file's), from the working folder for a pipe (``-c <(envsubst < t.yaml)``)
+    return parse_config(data, base_dir=_base_dir(p), source=str(p))
+
+
+def _base_dir(p: Path) -> Path:
+    """Where relative paths in the config file ``p`` are from: its folder (a link's own, not
+    its target's); for /dev/stdin or /dev/fd/N, the folder of the file they read, else (a
+    pipe: ``-c <(envsubst < t.yaml)``, a FIFO) the working folder."""
+    if p.is_file() and not str(p.absolute()).startswith(("/dev/", "/proc/")):
+        return p.parent
     real = Path(os.path.realpath(p))
-    base = real.parent if real.is_file() else Path.cwd()
-    return parse_config(data, base_dir=base, source=str(p))
+    return real.parent if real.is_file() else Path.cwd()
 
 
 #: What a replay without ``--config`` takes from a recording's ``config.yaml``: how its

@@ -271,7 +271,8 @@ class Segmented:
     shape: tuple[int, ...]
     #: tifffile's axes of the labels (``"TPYX"``: P, the file's image series); None: not known
     axes: str | None = None
-    #: the pooled grain statistics (``--grains``); None: not asked for
+    #: the grain statistics written (``--grains``: :meth:`GrainReport.report`); None: not
+    #: asked for
     grains: dict[str, Any] | None = None
 
 
@@ -344,6 +345,12 @@ def segment_file(
     (:func:`check_outputs`) and written beside their places, then renamed into them once
     all are written: an error leaves none half-written.
     """
+    if grains is not None:  # before anything is read or written
+        task = load_model_card(model).task
+        if task != "grains":
+            raise ValueError(f"--grains sizes grains, and model {model!r} segments {task}: "
+                             "give a grains model (grains, grains_rf or grains_classical), "
+                             "or leave out --grains")
     check_outputs(input_path, output, table, grains)
     try:
         image = read_stack_file(input_path)
@@ -357,10 +364,6 @@ def segment_file(
     region = roi.slices if roi is not None else (slice(None), slice(None))
     scale = pixel_size_um if pixel_size_um is not None else image.pixel_size_um
     seg = load_segmenter(model, threads)
-    if grains is not None and seg.card.task != "grains":
-        raise ValueError(f"--grains sizes grains, and model {model!r} segments "
-                         f"{seg.card.task}: give a grains model (grains, grains_rf or "
-                         "grains_classical), or leave out --grains")
     if table is not None or grains is not None:
         pixel_size_um = _log_pixel_size(input_path, pixel_size_um, image)
     crop_shape = planes[0][region].shape
@@ -374,6 +377,10 @@ def segment_file(
         crop = plane[region]
         finite = np.isfinite(crop) if crop.dtype.kind == "f" else None
         bad = 0 if finite is None else crop.size - np.count_nonzero(finite)
+        if 0 < bad < crop.size and sizes is not None:  # the test area would have holes
+            raise ValueError(f"{where}: {bad} NaN/infinite pixels in the region sized: grain "
+                             "statistics need a field without holes (their test area and "
+                             "lines would count them); give a --roi within the finite part")
         if 0 < bad < crop.size:  # none finite: segment raises below
             log.warning("%s: %d NaN/infinite pixels, filled from their nearest finite "
                         "neighbours for the model, then label 0 (left out of the measurements)",
@@ -408,7 +415,7 @@ def segment_file(
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
     return Segmented(len(planes), tuple(stack.shape), image.axes,
-                     grains=sizes.pooled.summary() if sizes is not None else None)
+                     grains=sizes.report() if sizes is not None else None)
 
 
 def _object_rows(plane: int, labels: np.ndarray, image: np.ndarray, pixel_size_um: float,
@@ -437,6 +444,10 @@ def _object_rows(plane: int, labels: np.ndarray, image: np.ndarray, pixel_size_u
     return rows
 
 
+#: Fewest grains a field should have for ASTM E112 sizing (fewer: a warning).
+MIN_GRAINS = 50
+
+
 class GrainReport:
     """The grain statistics ``segment --grains`` writes: each plane's, and all planes pooled
     as fields of one specimen (:class:`CumulativeGrainStats`, without positions: every
@@ -462,6 +473,11 @@ class GrainReport:
                         "field, or grains too large for this magnification (ASTM sizing wants "
                         "at least ~50 grains a field); %s", where, 100 * largest,
                         "region (--roi)" if self.roi else "image", fix)
+        if len(table) < MIN_GRAINS:
+            log.warning("%s: %d grain(s) in the %s: ASTM E112 sizing wants at least ~%d a "
+                        "field, so its G numbers say little; image a larger field or pool "
+                        "more fields", where, len(table),
+                        "region (--roi)" if self.roi else "image", MIN_GRAINS)
         stats = grain_statistics(labels, self.pixel_size_um, table=table,
                                  pixel_size_known=self.pixel_size_known)
         self.planes.append({"plane": len(self.planes), **stats})

@@ -98,9 +98,9 @@ class ReplayStack:
     #: each frame's recorded channel and exposure (``RawFrame.settings``; a recording's,
     #: from frames.jsonl), else None
     settings: Sequence[dict[str, Any]] | None = None
-    #: each frame's ``frame_id`` in the recording replayed, else None (a file's frames are
-    #: its planes in order)
-    source_ids: Sequence[int] | None = None
+    #: a recording's frames: where each comes from (:meth:`replayed_from`), else None (a
+    #: file's frames are its planes in order)
+    sources: Sequence[dict[str, Any]] | None = None
     close: Callable[[], None] = field(default=lambda: None)
 
     def __post_init__(self) -> None:
@@ -112,10 +112,13 @@ class ReplayStack:
 
     def replayed_from(self, i: int) -> dict[str, Any]:
         """Where frame ``i`` comes from: its ``frame_id`` in the recording (a file's plane
-        number) and ``time_s``, its recorded time since the file's first frame (None where
-        the file has no times): a re-analysis joins its results back to the original run
-        with them, whatever its own timing."""
-        return {"frame_id": int(self.source_ids[i]) if self.source_ids is not None else i,
+        number) and ``time_s``, its recorded time there (a recording's: since it started, as
+        its CSV's ``time_s``; a file's: since its first frame; None where it has none); a
+        replay's recording gives its own frames' origin on. A re-analysis joins its results
+        back to the original run with them, whatever its own timing."""
+        if self.sources is not None:
+            return dict(self.sources[i])
+        return {"frame_id": i,
                 "time_s": round(float(self.times[i]), 6) if self.times is not None else None}
 
     def index(self, i: int) -> dict[str, int]:
@@ -225,18 +228,24 @@ def open_stack(path: str | Path) -> ReplayStack:
     )
 
 
-def _no_frames_listed(run: Path, on_axis: int) -> str:
-    """Why a recording whose frames.jsonl lists no stored frame cannot be replayed, and,
-    where its images hold frames all the same, how to replay those."""
+def _no_frames_listed(run: Path, on_axis: int, listed: int) -> str:
+    """Why a recording whose frame records (``listed`` of them) name no stored frame cannot
+    be replayed, and, where its images hold ``on_axis`` frames all the same, how to replay
+    those."""
     if on_axis == 0:
         return f"recording {run} holds no frames"
+    if listed:
+        return (f"recording {run} lists {listed} frame(s), none of them stored (their "
+                "frames.jsonl lines say stored: false: e.g. a full disk; see events.jsonl "
+                "and the service's log)")
     listing = run / "frames.jsonl"
     why = ("has no frames.jsonl" if not listing.is_file()
            else "its frames.jsonl lists none of them")
+    array = run / "images.ome.zarr" / "0"
     return (f"recording {run} holds {on_axis} frame(s) on its t axis, but {why} (a "
             "recorder stopped hard, e.g. a power cut, before writing it?): replay the "
-            f"images alone with `livemask replay {run / 'images.ome.zarr'}` (without each "
-            "frame's recorded index, stage position and timing)")
+            f"images alone with `livemask replay {array}` (without each frame's recorded "
+            "index, stage position, timing and pixel size)")
 
 
 def _with_metadata_named(path: Path, opener: Callable[[Path], ReplayStack]) -> ReplayStack:
@@ -318,7 +327,8 @@ def _open_recording(path: Path) -> ReplayStack:
             n = r.get("acquisition")
             numbers.append(n if type(n) is int and n >= 0 else -1)  # -1: not recorded
     if not kept:
-        raise ReplayError(_no_frames_listed(rec.path, int(rec.images.shape[0])))
+        raise ReplayError(_no_frames_listed(rec.path, int(rec.images.shape[0]),
+                                            len(rec.frames)))
     images = rec.images
     # a recording of a rig without calibration: its scale and frame sizes are placeholders
     calibrated = rec.pixel_size_calibrated
@@ -328,6 +338,8 @@ def _open_recording(path: Path) -> ReplayStack:
     times = None if np.isnan(at).any() else MappedSequence(len(at), lambda i: float(at[i] - at[0]))
     acquisitions = np.asarray(numbers, np.int64)
     records = _LastRecord(lambda i: rec.frames[kept[i]])
+    begun = rec.attributes.get("livemask", {}).get("started_at")  # the CSV's time_s origin
+    started = float(begun) if isinstance(begun, int | float) else float(at[0])
 
     # recordings made before every chunk was written (an all-zero frame had none) unchecked
     every_chunk = bool(rec.attributes.get("livemask", {}).get(EVERY_CHUNK_WRITTEN))
@@ -350,8 +362,19 @@ def _open_recording(path: Path) -> ReplayStack:
         acquisitions=MappedSequence(
             len(kept), lambda i: int(acquisitions[i]) if acquisitions[i] >= 0 else None),
         settings=MappedSequence(len(kept), lambda i: record_settings(records(i))),
-        source_ids=MappedSequence(len(kept), lambda i: int(ids[i])),
+        sources=MappedSequence(len(kept), lambda i: _source(records(i), int(ids[i]),
+                                                            float(at[i]) - started)),
     )
+
+
+def _source(record: dict[str, Any], frame_id: int, time_s: float) -> dict[str, Any]:
+    """Where a recorded frame comes from: the frame of the run it was replayed from, where
+    the recording is of a replay (its record's ``replayed_from``), else itself (its
+    ``frame_id``, its ``time_s`` since the recording started; None where not recorded)."""
+    earlier = record.get("replayed_from")
+    if isinstance(earlier, dict):
+        return {"frame_id": earlier.get("frame_id"), "time_s": earlier.get("time_s")}
+    return {"frame_id": frame_id, "time_s": round(time_s, 6) if math.isfinite(time_s) else None}
 
 
 class _LastRecord:

@@ -158,7 +158,9 @@ def _what_to_do(exc: OSError) -> str:
         return "free space on its disk, or choose a folder on another disk"
     if exc.errno == errno.EDQUOT:
         return "free space within your disk quota, or choose another folder"
-    return "make the folder writable, or choose a writable folder"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "make the folder writable, or choose a writable folder"
+    return "check the disk and the folder, or choose another folder"
 
 
 def new_run_dir(parent: Path, now: float | None = None) -> Path:
@@ -699,20 +701,22 @@ class Recorder:
                                "detail": rec["error"], "t": rec["t"]})
         # its measurements stand, even if its image could not be stored; written before its
         # line, which says whether they were (None: the frame has no rows to write)
-        csv_before, rows_before = self._csv_size(), self.counts.rows
+        before = (self._csv_size(), self.counts.rows, self.counts.rows_lost)
         rec["rows_stored"] = None if item.objects is None else self._write_rows(rec, item.objects)
+        line = False
         try:
             assert self._frames_fh is not None
             self._frames_fh.write(json.dumps(rec, default=_jsonable) + "\n")
+            line = True
             self._wrote("frames.jsonl", "writing")
-            if self._pending_events:  # the disk took a line: the events waiting may fit
-                self._write_pending_events()
         except Exception as exc:  # the reader knows a frame by its line: it is lost
             self._error(f"frames.jsonl line of frame {fid}", exc, part="frames.jsonl")
             if stored:
                 self.counts.rejected += 1
             stored = rec["stored"] = False
-            self._take_back_rows(rec, csv_before, rows_before)
+            self._take_back_rows(rec, *before)
+        if line and self._pending_events:  # the disk took a line: the events waiting may fit
+            self._write_pending_events()
         if stored:
             c = self.counts
             c.written += 1
@@ -740,13 +744,14 @@ class Recorder:
         """The size of measurements.csv now (None: not written)."""
         return self._csv_fh.size if self._csv_fh is not None else None
 
-    def _take_back_rows(self, rec: dict[str, Any], csv_size: int | None, rows: int) -> None:
+    def _take_back_rows(self, rec: dict[str, Any], csv_size: int | None, rows: int,
+                        rows_lost: int) -> None:
         """A frame whose frames.jsonl line could not be written is not in the recording
         (counted in ``rejected``): its rows, written before, are taken back out of
         measurements.csv (else they would be rows of no frame), and it is no frame whose
-        rows alone were lost (``rows_lost`` counts frames whose line says so)."""
-        if rec["rows_stored"] is False:
-            self.counts.rows_lost -= 1
+        rows alone were lost (``rows_lost`` counts frames whose line says so). ``csv_size``,
+        ``rows``, ``rows_lost``: as before its rows were written."""
+        self.counts.rows_lost = rows_lost
         if self._csv_fh is None or csv_size is None or self.counts.rows == rows:
             return
         try:
@@ -757,6 +762,7 @@ class Recorder:
                         self.path, rec["frame_id"], exc)
             return
         self.counts.rows = rows
+        rec["rows_stored"] = False  # (the closing attributes' record of it)
 
     def _write_rows(self, rec: dict[str, Any], objects: list[dict[str, Any]]) -> bool:
         """A frame's measurement rows, written as one block (all of them or none); whether

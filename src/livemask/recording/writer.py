@@ -160,6 +160,8 @@ def _what_to_do(exc: OSError) -> str:
         return "free space within your disk quota, or choose another folder"
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return "make the folder writable, or choose a writable folder"
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):  # a file in the way
+        return "choose a writable folder (a file is in the path's way)"
     return "check the disk and the folder, or choose another folder"
 
 

@@ -98,7 +98,7 @@ def test_a_yaml_boolean_word_where_text_belongs_says_to_quote_it(
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert where in str(err.value)
-    assert "as the boolean true; quote the text (e.g. 'on')" in str(err.value)
+    assert "as the boolean true; quote text (e.g. 'on'), or give a number" in str(err.value)
 
 
 def test_a_linked_config_takes_paths_from_the_links_folder(tmp_path: Path) -> None:
@@ -109,3 +109,11 @@ def test_a_linked_config_takes_paths_from_the_links_folder(tmp_path: Path) -> No
     (tmp_path / "shared" / "live.yaml").write_text("record:\n  path: recs\n", encoding="utf-8")
     (tmp_path / "rig" / "live.yaml").symlink_to(tmp_path / "shared" / "live.yaml")
     assert load_config(tmp_path / "rig" / "live.yaml").record.path == tmp_path / "rig" / "recs"
+
+
+def test_a_yaml_boolean_word_where_a_number_belongs_says_so_too(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("feedback:\n  rules:\n    - name: r\n      when: {values: [{path: "
+                    "summary.count, gt: yes}]}\n      action: {stop: true}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"when\.values\.0\.gt: .*as the boolean true"):
+        load_config(path)

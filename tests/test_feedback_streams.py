@@ -219,3 +219,24 @@ def test_the_protocol_names_every_field_of_the_feedback_events() -> None:
     for absent in ("reaction_ms", "reaction_from", "started", "t_started"):
         assert absent not in refusal and f"`{absent}`" in row
     assert re.search(r"since it last got through", row)
+
+
+async def test_a_rule_over_track_ids_without_tracking_is_warned_about(
+    livemask_log: list[Any],
+) -> None:
+    """Objects have track ids only with tracking on: such a rule would never fire, silently
+    (review)."""
+    rule = {"name": "born", "when": {"objects": {"where": {"parent_track_id": {"ge": 1}}}},
+            "action": {"mode": "synchronized"}}
+    config = make_config(acquisition={"autostart": False}, feedback={"rules": [rule]})
+    async with Service(config):
+        pass
+    text = "\n".join(r.getMessage() for r in livemask_log)
+    assert "feedback.rules[0] ('born') uses parent_track_id, which objects have only with " \
+           "tracking on" in text
+    config = make_config(acquisition={"autostart": False}, feedback={"rules": [rule]},
+                         tracking={"enabled": True})
+    livemask_log.clear()
+    async with Service(config):
+        pass
+    assert "only with tracking on" not in "\n".join(r.getMessage() for r in livemask_log)

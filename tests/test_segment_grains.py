@@ -229,3 +229,11 @@ def test_a_non_grains_model_is_refused_before_anything_is_read_or_made(tmp_path:
         segment_file(src, tmp_path / "new" / "l.tif", model="nuclei",
                      grains=tmp_path / "new" / "g.json")
     assert not (tmp_path / "new").exists()
+
+
+def test_the_grain_statistics_are_not_written_under_an_image_or_table_name(
+    tmp_path: Path,
+) -> None:
+    src, _ = _micrograph(tmp_path, bar=False)
+    with pytest.raises(ValueError, match=r"--grains .*g\.tif: the grain statistics are JSON"):
+        segment_file(src, tmp_path / "l.tif", model="grains", grains=tmp_path / "g.tif")

@@ -840,6 +840,10 @@ def _entries_to_walk(item: dict[Any, Any] | list[Any] | tuple[Any, ...]) -> Iter
     return ((k, v) for k, v in entries if type(v) is int and not fits_64_bits(v))
 
 
+#: Error types where a YAML boolean word (``on``, ``yes``) was read for text or a number.
+_TEXT_OR_NUMBER = frozenset({"string_type", "int_type", "float_type"})
+
+
 def _format_errors(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
@@ -847,12 +851,12 @@ def _format_errors(exc: ValidationError) -> str:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = _unknown_field(err["loc"])
-        elif err["type"] == "string_type" and isinstance(err.get("input"), bool):
+        elif err["type"] in _TEXT_OR_NUMBER and isinstance(err.get("input"), bool):
             read = str(err["input"]).lower()
             if err["loc"][-1:] == ("[key]",):  # (pydantic names a key True by its hash, 1)
                 where = ".".join(str(p) for p in err["loc"][:-2]) + f".{read} (a key)"
             msg += (f": YAML reads an unquoted on, off, yes, no, true or false as the boolean "
-                    f"{read}; quote the text (e.g. 'on')")
+                    f"{read}; quote text (e.g. 'on'), or give a number")
         lines.append(f"  {where}: {msg}")
     return "\n".join(lines)
 

@@ -297,6 +297,9 @@ def check_outputs(input_path: Path, output: Path, table: Path | None,
     if output.suffix.lower() not in LABEL_SUFFIXES:
         raise ValueError(f"-o {output}: labels are written as an int32 TIFF; give an output "
                          "file name ending in .tif or .tiff")
+    if grains is not None and grains.suffix.lower() in (*LABEL_SUFFIXES, ".csv"):
+        raise ValueError(f"--grains {grains}: the grain statistics are JSON; give a file "
+                         "name ending in .json")
     named = [(o, p) for o, p in (("-o", output), ("--table", table), ("--grains", grains))
              if p is not None]
     for k, (option, path) in enumerate(named):

@@ -40,6 +40,7 @@ from livemask.errors import (
     ProtocolError,
 )
 from livemask.feedback.actions import restore_event
+from livemask.feedback.context import TRACK_FEATURES
 from livemask.feedback.controller import (
     BINNING,
     FeedbackController,
@@ -916,6 +917,7 @@ class Service:
             exposures = [float(p["exposure_ms"]) for p in params
                          if p.get("exposure_ms") is not None]
             self._check_on_rig(where, channels, exposures)
+            self._warn_track_features(where, spec)
             moving = next((kind for action in spec.actions
                            for kind in _XY_ACTIONS if _moves_xy(action, kind)), None)
             if moving is not None and isinstance(self.source, MicroscopeSource) and (
@@ -925,6 +927,21 @@ class Service:
                     "(every fire would be refused); set an XY stage (Core-XYStage) in "
                     "hardware.config_file, or leave the action out (burst and zstack: "
                     "centre: false)")
+
+    def _warn_track_features(self, where: str, spec: RuleSpec) -> None:
+        """Warn where a rule tests the tracker's ids (``track_id``, ``parent_track_id``)
+        while tracking is off: objects then have none, and the rule never fires."""
+        if self.config.tracking.enabled:
+            return
+        objects = spec.when.objects if spec.when is not None else None
+        target = spec.target
+        used = {*(objects.where if objects is not None else {}),
+                *((target.max, target.min) if target is not None else ())}
+        named = sorted(used & set(TRACK_FEATURES))
+        if named:
+            log.warning("%s uses %s, which objects have only with tracking on "
+                        "(tracking.enabled: true): as it is, the rule never fires",
+                        where, " and ".join(named))
 
     def _start_events(
         self, events: Any, detail: dict[str, Any], count: int,

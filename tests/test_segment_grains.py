@@ -49,8 +49,10 @@ def _messages(records: list[logging.LogRecord]) -> str:
 def test_roi_leaves_out_a_data_bar_and_sizes_the_grains_like_the_truth(
     tmp_path: Path, livemask_log: list[logging.LogRecord]
 ) -> None:
-    """Without --roi the bar took over the image's contrast (2 regions, ASTM G ≈ 1); the
-    rectangle above it gives G within 0.3 of the truth's over the same rectangle."""
+    """The rectangle above the bar gives G within 0.3 of the truth's over the same
+    rectangle. (Without --roi the bar took over the image's contrast, 2 regions, ASTM G ≈
+    1, until the grains card left saturated plateaus out of its normalisation; it is still
+    counted as a grain, and its area in the test area, without --roi.)"""
     src, truth = _micrograph(tmp_path)
     keep = 512 - BAR_ROWS
     out, grains = tmp_path / "labels.tif", tmp_path / "grains.json"
@@ -71,11 +73,21 @@ def test_roi_leaves_out_a_data_bar_and_sizes_the_grains_like_the_truth(
     assert len(np.unique(labels[:keep])) > 100
     assert "one region covers" not in _messages(livemask_log)
 
-    whole = tmp_path / "whole.json"
-    segment_file(src, tmp_path / "whole.tif", model="grains", grains=whole,
+
+
+def test_an_off_specimen_area_is_said_to_be_one_big_region(
+    tmp_path: Path, livemask_log: list[logging.LogRecord]
+) -> None:
+    """An area with no grains (off the specimen, a flat data panel) segments as one region
+    that the statistics count as a grain: warned about, naming --roi."""
+    image, _ = _field(3, 512)
+    image[200:, :] = int(np.median(image))  # 60 % of the field: no structure
+    src = tmp_path / "off.tif"
+    tifffile.imwrite(src, image)
+    segment_file(src, tmp_path / "l.tif", model="grains", grains=tmp_path / "g.json",
                  pixel_size_um=PIXEL_UM, threads=1)
     assert "one region covers" in _messages(livemask_log)
-    assert "--roi X,Y,WIDTH,HEIGHT" in _messages(livemask_log)
+    assert "leave data bars out with --roi X,Y,WIDTH,HEIGHT" in _messages(livemask_log)
 
 
 def test_planes_are_reported_one_by_one_and_pooled(tmp_path: Path) -> None:
@@ -237,3 +249,23 @@ def test_the_grain_statistics_are_not_written_under_an_image_or_table_name(
     src, _ = _micrograph(tmp_path, bar=False)
     with pytest.raises(ValueError, match=r"--grains .*g\.tif: the grain statistics are JSON"):
         segment_file(src, tmp_path / "l.tif", model="grains", grains=tmp_path / "g.tif")
+
+
+@pytest.mark.parametrize("model", ["grains", "grains_rf"])
+def test_a_scale_bar_inside_the_image_does_not_take_its_contrast(
+    tmp_path: Path, model: str
+) -> None:
+    """New-feature hunt: a bright bar over 0.3 % of the image took the normalisation's
+    99.8th percentile, and the image came out as 2 regions (G 1.1 against 8.7); the grains
+    cards now leave saturated plateaus out of the percentiles."""
+    image, truth = _field(4, 512)
+    image[470:480, 350:480] = 60000  # a scale bar, brighter than anything else
+    src = tmp_path / "bar.tif"
+    tifffile.imwrite(src, image)
+    grains = tmp_path / "g.json"
+    segment_file(src, tmp_path / "l.tif", model=model, grains=grains,
+                 pixel_size_um=PIXEL_UM, threads=1)
+    pooled = json.loads(grains.read_text())["pooled"]
+    want = grain_statistics(truth, PIXEL_UM)
+    assert abs(pooled["astm_g_planimetric"] - want["astm_g_planimetric"]) < 0.4
+    assert pooled["count"] > 100

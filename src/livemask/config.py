@@ -502,17 +502,17 @@ class DashboardConfig(_Section):
         default="127.0.0.1", description="Interface to bind; anything but loopback is public."
     )
     port: int = Field(default=8080, ge=0, le=65535, description="TCP port; 0 picks a free one.")
-
-    @field_validator("address")
-    @classmethod
-    def _host(cls, value: str) -> str:
-        return check_host(value)
     update_hz: float = Field(
         default=5.0, gt=0, le=30, description="Most image and plot updates per second."
     )
     max_image_px: int = Field(
         default=512, ge=64, le=4096, description="Longest side of the image sent to browsers."
     )
+
+    @field_validator("address")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        return check_host(value)
 
 
 class TrackingConfig(_Section):
@@ -588,7 +588,6 @@ class RecordConfig(_Section):
     )
     labels: bool = Field(default=True, description="Record the instance labels.")
     measurements: bool = Field(default=True, description="Write measurements.csv.")
-
     max_queue_mb: float = Field(
         default=2048.0, gt=0,
         description="Warn when more than this waits to be written (nothing is dropped).",

@@ -946,13 +946,13 @@ def _roi(text: str) -> Roi:
 def _grains_line(report: dict[str, Any]) -> str:
     """One line of ``segment --grains``'s pooled statistics for the terminal (``report``:
     the JSON it wrote)."""
+    known = bool(report.get("pixel_size_known"))
+    stats = report["pooled"]
 
     def value(key: str, unit: str = "", digits: int = 2) -> str:
         v = stats.get(key)
         return "n/a" if v is None else f"{v:.{digits}f}{unit}"
 
-    known = bool(report.get("pixel_size_known"))
-    stats = report["pooled"]
     # without a pixel size the values are in pixels (grains per 10^6 px: per megapixel)
     area, length = (("/mm²", " µm") if known else (" per megapixel", " px"))
     return (f"grains: {stats['count']} ({stats['count_inside']} inside) in "

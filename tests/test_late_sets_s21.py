@@ -289,11 +289,19 @@ async def test_a_late_set_undone_by_the_end_of_its_run_is_not_announced(
     async with _running(monkeypatch, gates, sequence=seq) as (svc, sub):
         source = svc.source
         assert isinstance(source, MicroscopeSource)
+        landed: list[float] = []  # (the camera's reading may be back at the plan's 10 ms
+        gated = source.set_exposure  # by the next event's set-up before a poll sees 5)
+
+        def set_and_note(exposure_ms: float) -> None:
+            gated(exposure_ms)
+            landed.append(exposure_ms)
+
+        monkeypatch.setattr(source, "set_exposure", set_and_note)
         for ms in gates:
             with pytest.raises(ControlError, match="did not return"):
                 await control(svc, "set", exposure_ms=ms)
         gates[5.0].set()
-        await _until(lambda: source.core.getExposure() == 5.0, "5 ms did not land")
+        await _until(lambda: 5.0 in landed, "5 ms did not land")
         await control(svc, "stop")
         await _until(lambda: not svc._acquiring, "not stopped")
         await _until(lambda: source.core.getExposure() == 10.0, "not restored")

@@ -461,3 +461,18 @@ def test_cards_set_the_edge_minimum_of_the_segmenter() -> None:
     assert seg.labels(boundary).max() == truth.max()  # every strip kept
     seg.post = seg.post.model_copy(update={"min_edge_area_px": 30})
     assert seg.labels(boundary).max() < truth.max()
+
+
+def test_a_field_measured_once_gives_the_statistics_measured_afresh() -> None:
+    """grain_field is read once per tile for the tile's and the cumulative statistics (the
+    service and segment --grains); with it they equal those measured from the labels."""
+    from livemask.analysis.grains import CumulativeGrainStats, grain_field, grain_statistics
+
+    labels = GrainSample(GrainParams(world_shape_px=(256, 256)), seed=1).render(
+        (0.0, 0.0), (128, 128)).labels
+    field = grain_field(labels, 0.5)
+    assert grain_statistics(labels, 0.5, field=field) == grain_statistics(labels, 0.5)
+    shared, fresh = CumulativeGrainStats(), CumulativeGrainStats()
+    assert shared.add(labels, 0.5, field=field) == fresh.add(labels, 0.5)
+    with pytest.raises(ValueError, match="test lines are every 1 px, not every 2 px"):
+        grain_statistics(labels, 0.5, line_step_px=2, field=field)

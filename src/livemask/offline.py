@@ -18,8 +18,8 @@ from livemask.acquisition.pixel_size import tiff_pixel_size
 from livemask.analysis.grains import (
     BIG_REGION_FRACTION,
     CumulativeGrainStats,
+    grain_field,
     grain_statistics,
-    grain_table,
     largest_region_fraction,
 )
 from livemask.analysis.measure import measure_objects
@@ -396,6 +396,7 @@ def segment_file(
             rows.extend(_object_rows(i, labels[i][region], crop, pixel_size_um or 1.0, roi))
         if sizes is not None:
             sizes.add(where, labels[i][region])
+    report = sizes.report() if sizes is not None else None
     labels_tmp = _temporary(output)
     table_tmp = _temporary(table) if table is not None else None
     grains_tmp = _temporary(grains) if grains is not None else None
@@ -406,9 +407,8 @@ def segment_file(
                 writer = csv.DictWriter(fh, fieldnames=TABLE_COLUMNS)
                 writer.writeheader()
                 writer.writerows(rows)
-        if grains is not None and grains_tmp is not None and sizes is not None:
-            grains_tmp.write_text(json.dumps(sizes.report(), indent=2) + "\n",
-                                  encoding="utf-8")
+        if grains_tmp is not None and report is not None:
+            grains_tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         for tmp, path in ((table_tmp, table), (grains_tmp, grains)):
             if tmp is not None and path is not None:
                 os.replace(tmp, path)
@@ -417,8 +417,7 @@ def segment_file(
         for tmp in (labels_tmp, table_tmp, grains_tmp):
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
-    return Segmented(len(planes), tuple(stack.shape), image.axes,
-                     grains=sizes.report() if sizes is not None else None)
+    return Segmented(len(planes), tuple(stack.shape), image.axes, grains=report)
 
 
 def _object_rows(plane: int, labels: np.ndarray, image: np.ndarray, pixel_size_um: float,
@@ -466,7 +465,8 @@ class GrainReport:
     def add(self, where: str, labels: np.ndarray) -> None:
         """Add one plane's grain labels (the region analysed); warn where one region covers
         more than :data:`BIG_REGION_FRACTION` of it."""
-        table = grain_table(labels, self.pixel_size_um)
+        field = grain_field(labels, self.pixel_size_um)
+        table = field.table
         largest = largest_region_fraction(table, labels.size)
         if largest > BIG_REGION_FRACTION:
             fix = ("choose a --roi within the specimen" if self.roi
@@ -481,10 +481,10 @@ class GrainReport:
                         "field, so its G numbers say little; image a larger field or pool "
                         "more fields", where, len(table),
                         "region (--roi)" if self.roi else "image", MIN_GRAINS)
-        stats = grain_statistics(labels, self.pixel_size_um, table=table,
+        stats = grain_statistics(labels, self.pixel_size_um, field=field,
                                  pixel_size_known=self.pixel_size_known)
         self.planes.append({"plane": len(self.planes), **stats})
-        self.pooled.add(labels, self.pixel_size_um, table=table)
+        self.pooled.add(labels, self.pixel_size_um, field=field)
 
     def report(self) -> dict[str, Any]:
         """JSON-friendly: where the values come from, ``planes`` and ``pooled``."""

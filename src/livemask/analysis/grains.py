@@ -61,9 +61,11 @@ __all__ = [
     "BIG_REGION_FRACTION",
     "HISTOGRAM_EDGES_UM",
     "CumulativeGrainStats",
+    "GrainField",
     "GrainTable",
     "astm_g_intercept",
     "astm_g_planimetric",
+    "grain_field",
     "grain_statistics",
     "grain_table",
     "intercept_count",
@@ -149,6 +151,36 @@ def largest_region_fraction(table: GrainTable, pixels: int) -> float:
     if len(table) == 0 or pixels <= 0:
         return 0.0
     return int(table.area_px.max()) / pixels
+
+
+@dataclass(frozen=True)
+class GrainField:
+    """One field's grains (:func:`grain_table`) and its test lines' boundary crossings
+    (:func:`intercept_count`), measured once for :func:`grain_statistics` and
+    :meth:`CumulativeGrainStats.add` of the same field (:func:`grain_field`)."""
+
+    table: GrainTable
+    crossings: int
+    line_length_px: int
+    line_step_px: int
+
+
+def grain_field(labels: np.ndarray, pixel_size_um: float, *,
+                line_step_px: int = 1) -> GrainField:
+    """The :class:`GrainField` of ``labels`` at ``pixel_size_um``."""
+    crossings, length_px = intercept_count(labels, line_step_px=line_step_px)
+    return GrainField(grain_table(labels, pixel_size_um), crossings, length_px, line_step_px)
+
+
+def _field_of(labels: np.ndarray, pixel_size_um: float, line_step_px: int,
+              field: GrainField | None) -> GrainField:
+    """``field`` where the caller measured it (with these test lines), else measured now."""
+    if field is None:
+        return grain_field(labels, pixel_size_um, line_step_px=line_step_px)
+    if field.line_step_px != line_step_px:
+        raise ValueError(f"the field's test lines are every {field.line_step_px} px, not "
+                         f"every {line_step_px} px")
+    return field
 
 
 def planimetric_count(table: GrainTable) -> float:
@@ -299,7 +331,7 @@ def grain_statistics(
     line_step_px: int = 1,
     edges_um: tuple[float, ...] = HISTOGRAM_EDGES_UM,
     pixel_size_known: bool = True,
-    table: GrainTable | None = None,
+    field: GrainField | None = None,
 ) -> dict[str, Any]:
     """Grain size statistics of one field (JSON-friendly; None where undefined).
 
@@ -312,20 +344,19 @@ def grain_statistics(
 
     ``pixel_size_known=False`` (``pixel_size_um`` is a placeholder, e.g. 1.0 on a rig
     without a calibration: the µm values are pixel values): both ASTM G numbers are None.
-    ``table``: :func:`grain_table` of ``labels`` at ``pixel_size_um``, where the caller has
-    it already (one pass over the labels less).
+    ``field``: :func:`grain_field` of ``labels`` at ``pixel_size_um``, where the caller has
+    it already (two passes over the labels less).
     """
-    if table is None:
-        table = grain_table(labels, pixel_size_um)
-    crossings, length_px = intercept_count(labels, line_step_px=line_step_px)
+    field = _field_of(labels, pixel_size_um, line_step_px, field)
+    table = field.table
     h, w = np.asarray(labels).shape
     return _summary(
         sizes=_Sizes.of(table.area_um2[table.inside], edges_um),
         count=len(table),
         n_equivalent=planimetric_count(table),
         test_area_um2=h * w * float(pixel_size_um) ** 2,
-        crossings=crossings,
-        line_length_um=length_px * float(pixel_size_um),
+        crossings=field.crossings,
+        line_length_um=field.line_length_px * float(pixel_size_um),
         pixel_size_known=pixel_size_known,
     )
 
@@ -445,11 +476,11 @@ class CumulativeGrainStats:
         pixel_size_um: float,
         centre_um: tuple[float, float] | None = None,
         *,
-        table: GrainTable | None = None,
+        field: GrainField | None = None,
     ) -> dict[str, Any]:
         """Add one tile's labels, its stage centre (x, y µm) where known; return the
         cumulative statistics. A tile overlapping earlier ones is left out (see the class).
-        ``table``: the tile's :func:`grain_table`, where the caller has it already."""
+        ``field``: the tile's :func:`grain_field`, where the caller has it already."""
         h, w = np.asarray(labels).shape
         if centre_um is not None:
             half_w, half_h = w * pixel_size_um / 2, h * pixel_size_um / 2
@@ -463,9 +494,8 @@ class CumulativeGrainStats:
                                                    np.empty_like(self._footprints)])
             self._footprints[self._placed] = footprint
             self._placed += 1
-        if table is None:
-            table = grain_table(labels, pixel_size_um)
-        crossings, length_px = intercept_count(labels, line_step_px=self.line_step_px)
+        field = _field_of(labels, pixel_size_um, self.line_step_px, field)
+        table, crossings, length_px = field.table, field.crossings, field.line_length_px
         area = h * w * float(pixel_size_um) ** 2
         n_eq = planimetric_count(table)
         self.tiles += 1

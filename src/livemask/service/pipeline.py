@@ -41,8 +41,8 @@ from livemask.analysis.grains import (
     BIG_REGION_FRACTION,
     CumulativeGrainStats,
     GrainTable,
+    grain_field,
     grain_statistics,
-    grain_table,
     largest_region_fraction,
 )
 from livemask.analysis.measure import UNITS, saturation_level, units_in_pixels
@@ -595,17 +595,17 @@ class Pipeline:
             # the tiles of this acquisition skipped so far (counted on the loop at intake)
             self.grains.tiles_skipped = self._tiles_skipped.get(frame.acquisition, 0)
             self.grains.pixel_size_known = self.pixel_size_known  # (no G without it)
-            table = grain_table(labels, frame.pixel_size_um)  # (one pass, for all three)
+            field = grain_field(labels, frame.pixel_size_um)  # (measured once, for all three)
             frame.grains = {
-                "tile": grain_statistics(labels, frame.pixel_size_um, table=table,
+                "tile": grain_statistics(labels, frame.pixel_size_um, field=field,
                                          pixel_size_known=self.pixel_size_known),
                 "cumulative": self.grains.add(
-                    labels, frame.pixel_size_um, table=table,
+                    labels, frame.pixel_size_um, field=field,
                     centre_um=_stage_xy(frame.position) if self.pixel_size_known else None),
             }
             if self.grains.tiles_overlapping > overlapping:
                 self._warn_overlap(frame)
-            self._check_one_big_region(frame, table, labels.size)
+            self._check_one_big_region(frame, field.table, labels.size)
         if self.tracker is not None and frame.objects is not None:
             self.tracker.apply(
                 frame.objects, frame.summary if frame.summary is not None else {},

@@ -36,8 +36,7 @@ class BlockFile:
                 data = data[written or 0:]
         except OSError:
             with contextlib.suppress(OSError):  # cut off the part that was written
-                os.ftruncate(self._file.fileno(), self._size)
-                self._file.seek(self._size)
+                self.cut(self._size)
             raise
         self._size = self._file.tell()
 

@@ -139,8 +139,9 @@ def column_units(units: Mapping[str, str], *, calibrated: bool = True) -> dict[s
                           "unknown)",
            "replayed_frame_id": "1 (a replayed frame's frame_id in the recording replayed, "
                                 "or its plane number in a file; empty for live frames)",
-           "replayed_time_s": "s (a replayed frame's recorded time since the first frame "
-                              "of the file replayed; empty for live frames or no times)"}
+           "replayed_time_s": "s (a replayed frame's time in the file replayed: a "
+                              "recording's time_s, a file's since its first frame; empty "
+                              "for live frames or no times)"}
     for key, unit in (units if calibrated else units_in_pixels(units)).items():
         for col in _SPLIT.get(key, (key,)):
             out[col] = unit

@@ -130,7 +130,7 @@ class DeclarativeRule:
         #: the target object of each action of the last evaluate (parallel to its result)
         self.targets: list[dict[str, Any] | None] = []
         objects = self.when.objects
-        for feat in [*(objects.where if objects else {}), *self._target_features()]:
+        for feat in spec.object_features():
             if feat not in FEATURES:
                 raise ConfigError(
                     f"rule {spec.name!r}: unknown object feature {feat!r}; known: "
@@ -152,12 +152,6 @@ class DeclarativeRule:
             problem = value_path_problem(test)
             if problem is not None:
                 log.warning("feedback rule %r: when.values[%d]: %s", spec.name, i, problem)
-
-    def _target_features(self) -> list[str]:
-        t = self.spec.target
-        if t is None:
-            return []
-        return [f for f in (t.max, t.min) if f is not None]
 
     def reset(self) -> None:
         """Forget persistence counts (a new acquisition)."""

@@ -324,6 +324,16 @@ class RuleSpec(_Spec):
             raise ValueError(f"rule {self.name!r}: a `when` rule needs `action` or `actions`")
         return self
 
+    def object_features(self) -> list[str]:
+        """The object features the rule names: its ``when.objects.where`` tests, then its
+        ``target``'s ``max`` / ``min``."""
+        objects = self.when.objects if self.when is not None else None
+        target = self.target
+        named = [*(objects.where if objects is not None else {})]
+        if target is not None:
+            named += [f for f in (target.max, target.min) if f is not None]
+        return named
+
 
 class LimitsSpec(_Spec):
     """Safety limits; an action that would break one is refused (and the refusal published)."""

@@ -933,11 +933,7 @@ class Service:
         while tracking is off: objects then have none, and the rule never fires."""
         if self.config.tracking.enabled:
             return
-        objects = spec.when.objects if spec.when is not None else None
-        target = spec.target
-        used = {*(objects.where if objects is not None else {}),
-                *((target.max, target.min) if target is not None else ())}
-        named = sorted(used & set(TRACK_FEATURES))
+        named = sorted(set(spec.object_features()) & set(TRACK_FEATURES))
         if named:
             log.warning("%s uses %s, which objects have only with tracking on "
                         "(tracking.enabled: true): as it is, the rule never fires",

@@ -229,8 +229,10 @@ async def test_service_serves_metrics_that_match_its_status() -> None:
             assert got[(f"livemask_frames_{name}_total", ())] == status[f"frames_{name}"], name
         assert status["frames_acquired"] == 12
         # PUB drops silently: before, an always-empty "dropped" count claimed to report them
-        assert set(status["publisher"]) == {"sent", "next_seq"}
+        assert set(status["publisher"]) == {"sent", "next_seq", "sndhwm"}
         assert "dropped" not in text
+        assert got[("livemask_publish_queue_limit_messages", ())] \
+            == status["publisher"]["sndhwm"]
         for topic in ("frame", "labels", "measurements", "truth"):
             assert (
                 got[("livemask_messages_published_total", (("topic", topic),))]

@@ -429,6 +429,12 @@ class PublishConfig(_Section):
     sndhwm: int = Field(
         default=200, ge=1, le=C_INT_MAX, description="PUB high-water mark (messages)."
     )
+    max_queued_mb: float = Field(
+        default=512.0, ge=0,
+        description="At most this many MB of messages queued for one subscriber that does "
+        "not read (e.g. a stalled viewer): the high-water mark is lowered to fit the "
+        "camera's frame size (at least 4 messages); 0: sndhwm alone.",
+    )
     heartbeat_s: float = Field(
         default=1.0, ge=0.05, description="Status interval (at least 0.05 s)."
     )

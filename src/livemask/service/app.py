@@ -64,7 +64,7 @@ from livemask.service.hardware_calls import (
 from livemask.service.pipeline import Pipeline
 from livemask.service.prefault import Prefault, prefault_frame_memory
 from livemask.transport.control_server import ControlServer
-from livemask.transport.publisher import CLOSE_LINGER_S, ZmqPublisher
+from livemask.transport.publisher import CLOSE_LINGER_S, ZmqPublisher, queue_hwm
 
 if TYPE_CHECKING:
     from livemask.dashboard.server import DashboardServer
@@ -317,6 +317,7 @@ class Service:
         # of the opened camera or the given source (a replay), so the first frame does not
         # pay for a shape the model has not seen yet
         frame_shape = self._frame_shape()
+        self._limit_publish_queue(frame_shape)
         segmenter = await asyncio.to_thread(build_segmenter, cfg, frame_shape, card)
         self._segmenter = segmenter  # released by close(), also when the warm-up fails
         await asyncio.to_thread(segmenter.warmup, frame_shape)
@@ -383,6 +384,21 @@ class Service:
         self.metrics = MetricsServer(
             self.status, address=cfg.address, port=cfg.port, loop=self._loop
         ).start()
+
+    def _limit_publish_queue(self, frame_shape: tuple[int, int]) -> None:
+        """Lower the PUB high-water mark so that a subscriber that stops reading pins at most
+        ``publish.max_queued_mb`` of frames this size (the frames' own arrays: 2 GB and more
+        at 2048² with the default 200 messages); before the first frame, as the rebind
+        makes subscribers connected by then reconnect."""
+        cfg = self.config.publish
+        hwm = queue_hwm(cfg.sndhwm, cfg.max_queued_mb, frame_shape)
+        if self.publisher.limit_queue(hwm):
+            log.info("publish: at most %d messages queued per subscriber at %d×%d "
+                     "(publish.max_queued_mb %g; publish.sndhwm %d)", hwm, frame_shape[1],
+                     frame_shape[0], cfg.max_queued_mb, cfg.sndhwm)
+        elif hwm < self.publisher.sndhwm:
+            log.warning("publish.max_queued_mb is not applied on %s (inproc:// and ipc://* "
+                        "keep publish.sndhwm, %d messages)", cfg.pub_address, cfg.sndhwm)
 
     def _shorten_switch_interval(self) -> None:
         """On the GPU path the stage threads mostly launch kernels and wait for the device:

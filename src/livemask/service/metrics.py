@@ -162,6 +162,13 @@ def metric_families(status: Mapping[str, Any]) -> list[Any]:
     for topic, n in sorted((publisher.get("sent") or {}).items()):
         sent.add_metric([str(topic)], float(n))
     out.append(sent)
+    if publisher.get("sndhwm") is not None:
+        out.append(GaugeMetricFamily(
+            f"{PREFIX}_publish_queue_limit_messages",
+            "Messages queued at most for one subscriber that does not read (the PUB "
+            "high-water mark, from publish.sndhwm and publish.max_queued_mb).",
+            value=float(publisher["sndhwm"]),
+        ))
     queues = GaugeMetricFamily(
         f"{PREFIX}_queue_depth", "Frames waiting in front of each stage.", labels=["stage"]
     )

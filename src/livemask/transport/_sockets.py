@@ -55,7 +55,7 @@ def bind_or_explain(
     replaced. Returns the socket file an ``ipc://PATH`` bind made (None for other
     transports and ``ipc://*``, whose file libzmq removes itself), to remove on close."""
     allow_ipv6(sock, address)
-    path = _ipc_path(address)
+    path = ipc_path(address)
     if path is not None and _ipc_listener_alive(path):
         sock.close(linger=0)
         raise ConfigError(_bind_message(
@@ -67,7 +67,7 @@ def bind_or_explain(
         sock.close(linger=0)
         raise ConfigError(_bind_message(
             address, what, hint, str(exc), in_use=exc.errno == zmq.EADDRINUSE)) from exc
-    return _bound_ipc_file(path)
+    return bound_ipc_file(path)
 
 
 def _bind_message(address: str, what: str, hint: str, error: str, *, in_use: bool) -> str:
@@ -80,7 +80,7 @@ def _bind_message(address: str, what: str, hint: str, error: str, *, in_use: boo
             "tcp://127.0.0.1:5566; port * picks a free one).")
 
 
-def _ipc_path(address: str) -> str | None:
+def ipc_path(address: str) -> str | None:
     """The absolute file path of an ``ipc://PATH`` endpoint; None for other transports,
     ``ipc://*`` (a new file each bind) and Linux abstract names (``ipc://@NAME``, no file:
     libzmq refuses a second bind of those itself)."""
@@ -111,7 +111,7 @@ def _ipc_listener_alive(path: str) -> bool:
     return True
 
 
-def _bound_ipc_file(path: str | None) -> IpcFile | None:
+def bound_ipc_file(path: str | None) -> IpcFile | None:
     """The :class:`IpcFile` just bound at ``path`` (None: not an ipc file, or gone)."""
     if path is None:
         return None

@@ -11,12 +11,20 @@ import numpy as np
 import zmq
 
 from livemask import protocol
+from livemask.errors import ConfigError
 from livemask.protocol import Message
-from livemask.transport._sockets import IpcFile, bind_or_explain, bound_endpoint
+from livemask.transport._sockets import (
+    IpcFile,
+    bind_or_explain,
+    bound_endpoint,
+    bound_ipc_file,
+    ipc_path,
+)
 
 __all__ = [
-    "CLOSE_LINGER_S", "DEFAULT_PUB_ADDRESS", "HEARTBEAT_S", "MAX_SUBSCRIPTION_BYTES",
-    "MemoryPublisher", "Publisher", "ZmqPublisher", "set_heartbeat",
+    "CLOSE_LINGER_S", "DEFAULT_PUB_ADDRESS", "HEARTBEAT_S", "LARGEST_BYTES_PER_PIXEL",
+    "MAX_SUBSCRIPTION_BYTES", "MIN_QUEUE_HWM", "MemoryPublisher", "Publisher", "ZmqPublisher",
+    "queue_hwm", "set_heartbeat",
 ]
 
 DEFAULT_PUB_ADDRESS = "tcp://127.0.0.1:5555"
@@ -38,6 +46,27 @@ MAX_SUBSCRIPTION_BYTES = 256
 #: ``seq`` gaps), and then only while the TCP path has room for the PING: a stalled client
 #: of large messages (images) is not dropped, and holds up to ``sndhwm`` of them here.
 HEARTBEAT_S = 10.0
+#: The largest message of a frame, per pixel: its ``labels`` (and ``truth``) are int32, and a
+#: camera image is at most 4 bytes a pixel (uint16 in practice: then this overstates it).
+LARGEST_BYTES_PER_PIXEL = 4
+#: The fewest messages a subscriber may have queued whatever ``publish.max_queued_mb`` says:
+#: under that a reader that keeps up but takes a frame's messages in a burst loses some.
+MIN_QUEUE_HWM = 4
+#: How long :meth:`ZmqPublisher.limit_queue` retries binding its endpoint again (libzmq
+#: releases an unbound TCP port from its I/O thread, within milliseconds).
+REBIND_TIMEOUT_S = 2.0
+
+
+def queue_hwm(sndhwm: int, max_queued_mb: float, frame_shape: tuple[int, int]) -> int:
+    """The high-water mark (messages per subscriber) that keeps what one stalled subscriber
+    pins within ``max_queued_mb`` MB of frames of ``frame_shape``, counting every message as
+    large as a frame's largest (:data:`LARGEST_BYTES_PER_PIXEL`); at most ``sndhwm``, at
+    least :data:`MIN_QUEUE_HWM`; ``max_queued_mb`` 0: ``sndhwm``."""
+    if max_queued_mb <= 0:
+        return sndhwm
+    largest = max(1, frame_shape[0] * frame_shape[1] * LARGEST_BYTES_PER_PIXEL)
+    fits = int(max_queued_mb * 1e6 // largest)
+    return min(sndhwm, max(MIN_QUEUE_HWM, fits))
 
 
 @runtime_checkable
@@ -175,15 +204,54 @@ class ZmqPublisher:
         self.sent[topic] = self.sent.get(topic, 0) + 1
         return seq
 
+    def limit_queue(self, sndhwm: int) -> bool:
+        """Lower the high-water mark to ``sndhwm`` messages per subscriber; True where it
+        was lowered.
+
+        libzmq gives each connection its listener's options as they were at bind time, so
+        the socket is unbound and bound again at the same endpoint: a subscriber connected
+        before is disconnected and reconnects by itself (≈ 0.2 s on loopback; what is sent
+        meanwhile it misses, as ``seq`` gaps). ``inproc://`` and ``ipc://*`` endpoints are
+        left as they are (an in-process subscriber would not come back; ``*`` names a new
+        file each bind). Raises ConfigError where the endpoint was taken meanwhile."""
+        if self._socket is None:
+            raise RuntimeError("publisher is not started (or closed); call start() first")
+        if sndhwm >= self.sndhwm or self.address.startswith("inproc://") \
+                or self.address == "ipc://*":
+            return False
+        endpoint = self.bound_address
+        self._socket.unbind(endpoint)
+        self._socket.setsockopt(zmq.SNDHWM, sndhwm)
+        deadline = time.monotonic() + REBIND_TIMEOUT_S
+        while True:
+            try:
+                self._socket.bind(endpoint)
+                break
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                    raise ConfigError(
+                        f"cannot bind the publisher to {endpoint!r} again (to lower its "
+                        f"high-water mark to {sndhwm} messages for publish.max_queued_mb): "
+                        f"{exc}. Another process took the address meanwhile: choose another "
+                        "with --pub or publish.pub_address, or set publish.max_queued_mb "
+                        "to 0") from exc
+                time.sleep(0.005)
+        self.sndhwm = sndhwm
+        if self._ipc_file is not None:  # the bind made a new socket file
+            self._ipc_file = bound_ipc_file(ipc_path(self.address))
+        return True
+
     def next_seq(self, topic: str) -> int:
         """The ``seq`` the next message on ``topic`` will get."""
         return self._seq.get(topic, 0)
 
-    def counters(self) -> dict[str, dict[str, int]]:
-        """``{"sent": {topic: n}, "next_seq": {topic: n}}``: ``sent`` counts messages handed
-        to the socket, not messages every subscriber got (PUB drops silently); ``next_seq``
-        lists every topic (0: none sent yet), so a late joiner finds each it subscribes to."""
-        return {"sent": dict(self.sent), "next_seq": _every_topic(self._seq)}
+    def counters(self) -> dict[str, Any]:
+        """``{"sent": {topic: n}, "next_seq": {topic: n}, "sndhwm": n}``: ``sent`` counts
+        messages handed to the socket, not messages every subscriber got (PUB drops
+        silently); ``next_seq`` lists every topic (0: none sent yet), so a late joiner finds
+        each it subscribes to; ``sndhwm`` is the messages queued per subscriber at most."""
+        return {"sent": dict(self.sent), "next_seq": _every_topic(self._seq),
+                "sndhwm": self.sndhwm}
 
     def close(self, *, linger_s: float = 0.0, wait: bool = True) -> None:
         """Close the socket. Idempotent.

@@ -108,17 +108,29 @@ def open_core(cfg_path: str | Path, *, core: CoreKind = "auto") -> CMMCorePlus:
                 f"hardware.config_file (and hardware.core){hint}"
             ) from exc
     _OPEN_CORES.add(mmc)
+    step = "checking the loaded devices"
     try:
         _check_initialized(mmc, path)
         _check_camera(mmc, path)
+        _check_presets(mmc, path)
+        step = "setting up the shutter (Core-Shutter)"
+        _setup_shutter(mmc)
+        step = "setting up the pixel size"
+        _ensure_pixel_size(mmc)
+        _check_simulated_pixel_size(mmc)
+        step = "reading the core's state"
+        if logger.isEnabledFor(logging.INFO):
+            logger.info("opened %s from %s: %s", type(mmc).__name__, path, describe_core(mmc))
     except AcquisitionError:
         close_core(mmc, timeout_s=0.0)
         raise
-    _setup_shutter(mmc)
-    _ensure_pixel_size(mmc)
-    _check_simulated_pixel_size(mmc)
-    if logger.isEnabledFor(logging.INFO):
-        logger.info("opened %s from %s: %s", type(mmc).__name__, path, describe_core(mmc))
+    except Exception as exc:  # a device that raises: say where, with the rig's file
+        close_core(mmc, timeout_s=0.0)
+        raise AcquisitionError(
+            f"Micro-Manager config {str(path)!r} loaded, but {step} failed: "
+            f"{type(exc).__name__}: {str(exc).rstrip()}; check that device and its lines "
+            "in hardware.config_file"
+        ) from exc
     return mmc
 
 
@@ -314,6 +326,13 @@ def _check_camera(mmc: CMMCorePlus, path: Path) -> None:
             "load a camera device and set it with 'Property,Core,Camera,<label>' in "
             "hardware.config_file"
         )
+    kind = mmc.getDeviceType(camera)
+    if kind != DeviceType.Camera:
+        raise AcquisitionError(
+            f"Micro-Manager config {str(path)!r} sets Core-Camera to {camera!r}, a "
+            f"{DeviceType(kind).name} device, not a camera: set 'Property,Core,Camera,"
+            f"<label>' to one of {_labels(mmc, DeviceType.Camera)} in hardware.config_file"
+        )
     components = mmc.getNumberOfComponents()
     if components > 1:
         raise AcquisitionError(
@@ -321,6 +340,37 @@ def _check_camera(mmc: CMMCorePlus, path: Path) -> None:
             "segments single-channel images: set the camera to a grey pixel type (e.g. its "
             "PixelType property) in hardware.config_file, or use a monochrome camera"
         )
+    pixel_bytes = mmc.getBytesPerPixel()
+    if pixel_bytes not in (1, 2, 4):  # pymmcore-plus cannot describe 64-bit grey images
+        raise AcquisitionError(
+            f"camera {camera!r} delivers {8 * pixel_bytes}-bit pixels; livemask takes 8-, "
+            "16- and 32-bit grey images: set the camera to such a pixel type (e.g. its "
+            "PixelType property) in hardware.config_file"
+        )
+
+
+def _labels(mmc: CMMCorePlus, kind: DeviceType) -> str:
+    """The loaded devices of ``kind``, for a message (``none loaded`` where there is none)."""
+    found = list(mmc.getLoadedDevicesOfType(kind))
+    return ", ".join(repr(label) for label in found) if found else "none loaded"
+
+
+def _check_presets(mmc: CMMCorePlus, path: Path) -> None:
+    """Refuse a configuration preset that names a device not loaded (a typo in a
+    ``ConfigGroup`` line): Micro-Manager loads it, then every use of its group fails,
+    reading the current channel included."""
+    loaded = set(mmc.getLoadedDevices())
+    for group in mmc.getAvailableConfigGroups():
+        for preset in mmc.getAvailableConfigs(group):
+            for device, prop, value in mmc.getConfigData(group, preset):
+                if device not in loaded:
+                    raise AcquisitionError(
+                        f"Micro-Manager config {str(path)!r}: preset {preset!r} of group "
+                        f"{group!r} sets {device}-{prop} to {value!r}, but no device "
+                        f"{device!r} is loaded (loaded: {', '.join(sorted(loaded))}); fix "
+                        f"the 'ConfigGroup,{group},{preset},{device},...' line in "
+                        "hardware.config_file"
+                    )
 
 
 def _check_simulated_pixel_size(mmc: CMMCorePlus) -> None:

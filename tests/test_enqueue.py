@@ -154,6 +154,9 @@ def test_the_pending_limit_counts_no_service_event() -> None:
     ({"index": {"fb": 5}}, r"index\.fb: reserved for the frames of feedback actions"),
     ({"index": {"p": 0, "ext": -2}}, r"index\.ext: -2 is negative"),
     ({"index": {"t": -1}}, r"index\.t: -1 is negative"),
+    # the service's own events' names: not counted against the 100,000 pending events
+    ({"action": {"type": "custom", "name": "livemask-x"}},
+     r"action\.name: 'livemask-x': names starting with 'livemask-' are reserved"),
 ])
 async def test_enqueue_refuses_wrong_types_and_index_keys(
     event: dict[str, Any], field: str

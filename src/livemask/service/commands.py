@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import useq
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, ValidationError
 
+from livemask.acquisition.feed import SERVICE_ACTION_PREFIX
 from livemask.acquisition.mode import Mode
 from livemask.acquisition.plan_input import check_input, validate_model
 from livemask.acquisition.sequence import check_sequence
@@ -168,6 +169,18 @@ def _check_index(event: useq.MDAEvent, what: str) -> None:
                 "invalid_args", f"invalid {what}.index.{key}: {value} is negative; give >= 0")
 
 
+def _check_action(event: useq.MDAEvent, what: str) -> None:
+    """invalid_args for a custom action named as the service's own events are: those are
+    not counted against the pending-event limit nor reported as not run."""
+    action = event.action
+    if isinstance(action, useq.CustomAction) and action.name.startswith(SERVICE_ACTION_PREFIX):
+        raise CommandError(
+            "invalid_args",
+            f"invalid {what}.action.name: {action.name!r}: names starting with "
+            f"{SERVICE_ACTION_PREFIX!r} are reserved for the service's own events; choose "
+            "another name")
+
+
 def _encode_array(array: Any) -> dict[str, Any]:
     return {
         "dtype": array.dtype.str,
@@ -273,6 +286,7 @@ class CommandHandler:
         for i, (event, data) in enumerate(zip(events, a.events, strict=True)):
             _check_event_types(data, f"events[{i}]")
             _check_index(event, f"events[{i}]")
+            _check_action(event, f"events[{i}]")
         try:
             return await self.service.enqueue(events)
         except ConfigError as exc:

@@ -123,11 +123,14 @@ def bound_ipc_file(path: str | None) -> IpcFile | None:
 
 
 def bound_endpoint(sock: zmq.Socket[Any] | None, what: str) -> str:
-    """The actual endpoint of a bound socket (resolves ``tcp://127.0.0.1:*``)."""
+    """The actual endpoint of a bound socket (resolves ``tcp://127.0.0.1:*``; an
+    ``ipc://`` file's path made absolute, so that clients in other folders can use it)."""
     if sock is None:
         raise RuntimeError(f"{what} is not started; call start() first")
     endpoint = sock.getsockopt(zmq.LAST_ENDPOINT)
-    return endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)
+    text = endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)
+    path = ipc_path(text)
+    return text if path is None else f"ipc://{path}"
 
 
 def local_connect_address(bound: str) -> str:

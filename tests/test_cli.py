@@ -594,6 +594,32 @@ def test_serve_frames_turns_an_interval_and_duration_plan_into_loops(
     assert plan.loops == 7 and plan.interval.total_seconds() == 0.5
 
 
+def test_serve_frames_keeps_the_interval_of_a_duration_and_loops_plan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """{duration: 60, loops: 7} (10 s apart) with --frames 3 made 3 time points 30 s apart:
+    a quick test run stretched to the whole duration (biologist hunt)."""
+    from livemask import cli
+
+    seen: list[Any] = []
+
+    async def fake_serve(cfg: Any, **kwargs: Any) -> None:
+        seen.append(cfg.acquisition.mda_sequence())
+
+    monkeypatch.setattr(cli, "_serve", fake_serve)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"hardware: {{config_file: {SIMULATED_CFG}}}\n"
+                      "acquisition:\n  sequence:\n    time_plan: {duration: 60, loops: 7}\n")
+    result = runner.invoke(app, ["serve", "--config", str(config), "--frames", "3"])
+    assert result.exit_code == 0, result.output
+    plan = seen[0].time_plan
+    assert plan.loops == 3 and plan.interval.total_seconds() == 10.0
+    result = runner.invoke(app, ["serve", "--config", str(config), "--frames", "3",
+                                 "--interval", "2"])
+    assert result.exit_code == 0, result.output
+    assert seen[1].time_plan.interval.total_seconds() == 2.0
+
+
 @pytest.mark.parametrize("value", ["nan", "inf", "0", "-5", "70000"])
 def test_bench_refuses_a_bad_exposure_before_rendering(value: str) -> None:
     result = runner.invoke(app, ["bench", "--exposure-ms", value, "--frames", "4"])

@@ -536,6 +536,21 @@ def test_a_duration_with_an_interval_of_0_is_refused(data: dict, where: str) -> 
     check_sequence(useq.MDASequence.model_validate(fast), fast)
 
 
+@pytest.mark.parametrize(("data", "where"), [
+    ({"time_plan": {"duration": 60, "loops": 1}}, "time_plan loops"),
+    ({"stage_positions": [{"x": 0, "y": 0, "sequence": {
+        "time_plan": {"duration": 0, "loops": 1}}}]},
+     r"stage_positions\[0\]\.sequence\.time_plan loops"),
+])
+def test_a_duration_with_one_time_point_is_refused(data: dict, where: str) -> None:
+    """useq spaces the time points duration / (loops - 1): the acquisition failed with a
+    ZeroDivisionError traceback (biologist hunt)."""
+    seq = useq.MDASequence.model_validate(data)
+    with pytest.raises(ValueError, match=rf"{where} must be >= 2 with a duration.*loops: 1 "
+                       "without a duration"):
+        check_sequence(seq, data)
+
+
 @pytest.mark.parametrize("where", ["sequence", "position"])
 def test_random_points_stay_the_same_across_chunks(where: str) -> None:
     """Review: useq draws random points on each pass over a sequence, and a long time plan is

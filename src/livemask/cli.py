@@ -360,6 +360,14 @@ def _check_own_ports(cfg: Any, *, pub: str | None, control: str | None,
     check_own_ports(cfg, {key: flag for key, (flag, value) in flags.items() if value})
 
 
+def _duration_interval(plan: dict[str, Any]) -> float:
+    """The interval (s) of a duration-and-loops time plan (as the config gave it)."""
+    import useq
+
+    return useq.TDurationLoops.model_validate(
+        {"duration": plan["duration"], "loops": plan["loops"]}).interval.total_seconds()
+
+
 def _time_lapse(cfg: Any, frames: int | None, interval: float | None) -> None:
     """Apply ``serve --frames/--interval`` to the sequence's time plan, checked like the
     config file (``ConfigError``) and refused, naming the flag, where they do not apply."""
@@ -385,6 +393,10 @@ def _time_lapse(cfg: Any, frames: int | None, interval: float | None) -> None:
             param_hint=f"'{'--frames' if frames is not None else '--interval'}'")
     default = {"interval": DEFAULT_SEQUENCE["time_plan"]["interval"]}
     plan = dict(given if given is not None else default)
+    if frames is not None and "interval" not in plan and "duration" in plan:
+        # duration and loops: keep their interval, not the duration (N frames over the
+        # whole duration would stretch a quick test run to the full time-lapse)
+        plan["interval"] = _duration_interval(plan)
     if frames is not None:
         plan["loops"] = frames
     if interval is not None:

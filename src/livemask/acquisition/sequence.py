@@ -64,6 +64,11 @@ def check_timing(seq: useq.MDASequence, what: str = "") -> None:
                 f"{what}time_plan interval must be > 0 s with a duration (the time points are "
                 "the duration divided by the interval); for frames as fast as the camera "
                 "goes, give loops (the number of time points) with interval 0 instead")
+        if "duration" in fields and "loops" in fields and phase.loops < 2:
+            raise ValueError(
+                f"{what}time_plan loops must be >= 2 with a duration (the time points span "
+                "the duration: interval = duration / (loops - 1)); for one time point give "
+                "loops: 1 without a duration")
     for i, position in enumerate(seq.stage_positions):
         if position.sequence is not None:
             check_timing(position.sequence, f"{what}stage_positions[{i}].sequence.")

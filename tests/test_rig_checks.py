@@ -128,7 +128,7 @@ async def test_feedback_moves_are_refused_on_a_rig_without_an_xy_stage(tmp_path:
                 await control(svc, "rules", rules=[
                     still, {"name": "new", "when": when, "action": action}])
         with pytest.raises(ConfigError, match=rf"feedback action: its x/y positions: {NO_XY}"):
-            svc._check_feedback_events([useq.MDAEvent(x_pos=100.0, y_pos=0.0)])
+            svc.rig_checks.check_feedback_events([useq.MDAEvent(x_pos=100.0, y_pos=0.0)])
 
 
 # ------------------------------------------------------------------ 2: failed Z move

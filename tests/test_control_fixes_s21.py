@@ -160,7 +160,7 @@ async def test_a_late_set_exposure_is_not_planned_while_a_newer_set_is_on_its_wa
                 await control(svc, "set", exposure_ms=50.0)
             monkeypatch.setattr(hardware_calls, "HARDWARE_TIMEOUT_S", 30.0)
             newer = asyncio.ensure_future(control(svc, "set", exposure_ms=60.0))
-            await _until(lambda: svc._exposure_order.issued == 2, "set 60 was not issued")
+            await _until(lambda: svc.exposure.order.issued == 2, "set 60 was not issued")
             gates[50.0].set()  # 50 lands (late); 60 takes its turn at the camera
             assert await asyncio.to_thread(at_camera.wait, 10), "set 60 did not run"
             counters = svc.pipeline.counters

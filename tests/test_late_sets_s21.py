@@ -65,7 +65,7 @@ async def _running(
 
 async def _settled(svc: Service) -> None:
     """Every set's camera call ended, and its end was handled on the loop."""
-    await _until(lambda: not svc._exposure_order.pending, "a set never ended")
+    await _until(lambda: not svc.exposure.order.pending, "a set never ended")
 
 
 async def _announced(svc: Service, sub: AsyncSubscriber) -> list[tuple[float, bool]]:
@@ -109,7 +109,7 @@ async def test_a_late_set_is_planned_and_announced_after_a_newer_set_refused_at_
         await _settled(svc)
         assert await _frames_taken_with(svc) == (5.0, 5.0)  # before: 10, 10
         assert await _announced(svc, sub) == [(5.0, True)]  # before: none
-        assert svc._exposure_landed is None
+        assert svc.exposure.landed is None
 
 
 async def test_a_late_set_is_planned_and_announced_after_a_newer_set_fails_late(
@@ -138,7 +138,7 @@ async def test_a_late_set_is_planned_and_announced_after_a_newer_set_failed_firs
     gates = {5.0: threading.Event()}
     newer_failed = threading.Event()
     async with _running(monkeypatch, gates) as (svc, sub):
-        order = svc._exposure_order
+        order = svc.exposure.order
         real_call = order.call
 
         def call(ticket: int, fn: Callable[..., Any], *args: object) -> Any:
@@ -170,7 +170,7 @@ async def test_an_older_set_ending_after_a_newer_one_took_effect_is_ignored(
     call then comes: skipped, and its late end neither plans nor announces anything."""
     gate = threading.Event()
     async with _running(monkeypatch, {}) as (svc, sub):
-        order = svc._exposure_order
+        order = svc.exposure.order
         real_call = order.call
 
         def call(ticket: int, fn: Callable[..., Any], *args: object) -> Any:
@@ -327,7 +327,7 @@ async def test_a_late_set_in_its_own_run_is_announced_after_the_next_frame_came(
     async with _running(monkeypatch, gates, sequence=seq) as (svc, sub):
         source = svc.source
         assert isinstance(source, MicroscopeSource)
-        order = svc._exposure_order
+        order = svc.exposure.order
         real_call = order.call
 
         def call(ticket: int, fn: Callable[..., Any], *args: object) -> Any:

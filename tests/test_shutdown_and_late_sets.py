@@ -163,7 +163,7 @@ async def test_a_refused_set_does_not_undo_an_older_set_that_landed_meanwhile(
             real_set(exposure_ms)
 
         monkeypatch.setattr(source, "set_exposure", set_exposure)
-        order = svc._exposure_order
+        order = svc.exposure.order
         real_ticket = order.ticket
 
         def ticket() -> int:  # the camera frees once the newer set has its turn number

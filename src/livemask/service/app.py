@@ -20,7 +20,6 @@ import yaml
 
 from livemask import __version__
 from livemask.acquisition.engine import EventWatch
-from livemask.acquisition.feed import PlannedExposure
 from livemask.acquisition.mode import Mode
 from livemask.acquisition.sequence import (
     event_count,
@@ -51,11 +50,10 @@ from livemask.inference.segmenter import Segmenter
 from livemask.inference.select import load_backend
 from livemask.protocol import TOPICS, dumps_json, plain_index
 from livemask.service.commands import CommandHandler
+from livemask.service.exposure import CameraExposure
 from livemask.service.gc_policy import GcMonitor, GcPolicy
 from livemask.service.hardware_calls import (
     HARDWARE_TIMEOUT_S,
-    InRequestOrder,
-    Superseded,
     call_hardware,
 )
 from livemask.service.pipeline import Pipeline
@@ -172,17 +170,12 @@ class Service:
         self.recorder: Recorder | None = None
         self.prefault: Prefault | None = None  # frame-sized memory touched at start
         self._segmenter: Segmenter | None = None  # its backend is released at close
-        # the running acquisition's planned events, and the exposures its channels set
-        self._planned_exposure: PlannedExposure | None = None
-        self._plan_exposures: list[float] = []
-        self._exposure_order = InRequestOrder()  # set exposure_ms calls, newest wins
-        # the plan (this run's) and its exposure as the sets that took effect left it, and
-        # (ticket, exposure, its plan, late) of the newest set that took effect, until no
-        # newer one can land (then it is planned, and announced where late)
-        self._exposure_plan: tuple[PlannedExposure | None, float | None] = (None, None)
-        self._exposure_landed: tuple[int, float, PlannedExposure | None, bool] | None = None
         # what enqueue and feedback actions put back after their events
         self._settings = SettingsInEffect()
+        #: ``set exposure_ms``: the camera's and the running plan's (events published through
+        #: ``_event`` as it is at each call)
+        self.exposure = CameraExposure(
+            self, self._settings, lambda kind, detail: self._event(kind, detail))
         # the ended acquisition's acquisition_finished, until its last frames are through
         self._pending_finish: dict[str, Any] | None = None
         self._finish_task: asyncio.Task[None] | None = None
@@ -681,12 +674,11 @@ class Service:
         if ready is not None:  # e.g. the last run's thread still exiting: change nothing
             ready()
         self._report_finished()  # the last run's, if its frames are still going through
-        self._planned_exposure = PlannedExposure(events)
+        planned = self.exposure.begin_run(events, plan_exposures)
         if isinstance(self.source, MicroscopeSource):  # (a replay has no camera)
-            self.source.follow_planned_exposure(self._planned_exposure.exposure_now)
-        self._plan_exposures = sorted(plan_exposures or ())
+            self.source.follow_planned_exposure(planned.exposure_now)
         self._settings.reset(**self._camera_settings())
-        events = self._planned_exposure  # before the feedback's ledger sees them
+        events = planned  # before the feedback's ledger sees them
         if self.feedback is not None:
             self.feedback.acquisition_started()
             events = self.feedback.wrap_planned(events, positions, coordinates,
@@ -1044,9 +1036,9 @@ class Service:
             raise ValueError(f"mode {mode!r}: give one of {', '.join(get_args(Mode))}")
         changed: dict[str, Any] = {}
         if exposure_ms is not None:
-            await self._set_camera_exposure(exposure_ms)
+            await self.exposure.set(exposure_ms)
             changed["exposure_ms"] = exposure_ms
-            self._exposure_set(exposure_ms)
+            self.exposure.hold(exposure_ms)
         if mode is not None:
             self.pipeline.mode = mode
             if self.source is not None:
@@ -1054,146 +1046,6 @@ class Service:
             changed["mode"] = mode
         self._event("setting_changed", changed)
         return changed
-
-    async def _set_camera_exposure(self, exposure_ms: float) -> None:
-        """Set the camera's exposure (and the running plan's), or raise.
-
-        Sets given up on (the camera busy in a long snap) return late, in any order once
-        it frees: they run in request order (:class:`InRequestOrder`), and one whose turn
-        comes after a newer set took effect is skipped. The newest set that took effect
-        (late or not) is planned, and announced where late, once no newer set can still
-        land (each newer one failed, in time or late, or was refused before it ran); until
-        then a newer set being waited for keeps its own in the plan, else the plan stays as
-        the sets that took effect left it. So the camera, ``status`` and the last
-        ``setting_changed`` end with the newest exposure the camera accepted, and no planned
-        frame goes back to an older one."""
-        if self.source is None:
-            raise AcquisitionError("no frame source")
-        if self._acquiring and len(self._plan_exposures) > 1:
-            shown = ", ".join(f"{e:g}" for e in self._plan_exposures)
-            raise ValueError(
-                f"the running sequence's channels (or the events that started it) set "
-                f"their own exposures ({shown} ms); exposure_ms would give all of them "
-                f"{exposure_ms:g} ms: stop, and start a sequence with the exposures you "
-                "want")
-        order = self._exposure_order
-        ticket = order.ticket()
-        # the planned events first (else the runner may take the next one meanwhile
-        # and put its own exposure back); undone if the camera refuses or hangs
-        planned = self._planned_exposure if self._acquiring else None
-        before = planned.set(exposure_ms) if planned is not None else None
-        if self._exposure_plan[0] is not planned:  # the first set of this run (or none)
-            self._exposure_plan = (planned, before)
-
-        def late(took_effect: bool) -> None:  # a call given up on ended after all
-            if took_effect:
-                self._exposure_took_effect(ticket, exposure_ms, planned, late=True)
-            self._exposure_settle(ticket)
-
-        try:
-            await order.run(
-                ticket, self.source.set_exposure, exposure_ms,
-                what=f"setting the camera exposure to {exposure_ms:g} ms",
-                on_late_end=late,
-            )
-        except BaseException as exc:
-            self._exposure_settle(ticket)
-            if isinstance(exc, Superseded):
-                raise AcquisitionError(
-                    f"exposure_ms {exposure_ms:g} was not set: a newer set exposure_ms took "
-                    "effect first, and stays") from None
-            raise
-        self._exposure_took_effect(ticket, exposure_ms, planned, late=False)
-        self._exposure_settle(ticket)
-        if ticket != order.applied:  # a newer set took effect right after: it stays
-            raise AcquisitionError(
-                f"exposure_ms {exposure_ms:g} was replaced at once by a newer set "
-                "exposure_ms, which stays")
-
-    def _exposure_took_effect(
-        self, ticket: int, exposure_ms: float, planned: PlannedExposure | None, *, late: bool
-    ) -> None:
-        """A set's camera call took effect: the newest that did, unless a newer one did
-        since (that one decides). ``late``: after its timeout (else the reply announces it)."""
-        if ticket != self._exposure_order.applied:
-            if late:
-                log.warning("the camera exposure %g ms, set after its timeout, was replaced "
-                            "by a newer set exposure_ms", exposure_ms)
-            return
-        if late and not self._exposure_order.settled():
-            log.warning("the camera exposure %g ms, set after its timeout, is not planned "
-                        "while a newer set exposure_ms may still take effect", exposure_ms)
-        self._exposure_landed = (ticket, exposure_ms, planned, late)
-
-    def _exposure_settle(self, ticket: int) -> None:
-        """After ``ticket``'s call ended or was given up on: once no set can still land
-        over the newest that took effect, plan (and announce) that one; else, ``ticket``
-        being the newest request, the plan goes back to what the sets that took effect
-        left (a newer request still waited for keeps its own)."""
-        order = self._exposure_order
-        if order.settled():
-            self._plan_landed()
-        elif ticket == order.issued:
-            plan, exposure = self._exposure_plan
-            if plan is not None:
-                plan.set(exposure)
-
-    def _plan_landed(self) -> None:
-        """Plan the newest set that took effect, now that no newer one can land (into the
-        plan it was set in, if that one still runs), and announce it where it landed late
-        and the camera still has it: not where the end of the run it landed in put the
-        exposure from before the run back (pymmcore-plus' restore), nor where the running
-        acquisition's events set their own exposures (another run's than it was set in)."""
-        plan, exposure = self._exposure_plan
-        landed, self._exposure_landed = self._exposure_landed, None
-        if landed is not None:
-            _, landed_ms, landed_plan, late = landed
-            if landed_plan is plan:
-                exposure = landed_ms
-                self._exposure_plan = (plan, exposure)
-            reason = self._not_in_effect(landed_ms, landed_plan) if late else None
-            if late and reason is None:
-                self._exposure_set(landed_ms)
-                self._event("setting_changed", {"exposure_ms": landed_ms, "late": True})
-            elif late:
-                log.warning("the camera exposure %g ms, set after its timeout, took effect "
-                            "but is not announced: %s", landed_ms, reason)
-        if plan is not None:
-            plan.set(exposure)
-
-    def _not_in_effect(
-        self, landed_ms: float, landed_plan: PlannedExposure | None
-    ) -> str | None:
-        """Why a late set's exposure is no longer the camera's, else None."""
-        running = self._planned_exposure if self._acquiring else None
-        if running is not None and running is landed_plan:
-            return None  # its own run: planned, so every later frame takes it
-        if running is not None and self._plan_exposures:
-            return "the running acquisition's events set their own exposures"
-        now = getattr(self.source, "camera_now", {}).get("exposure_ms")
-        if isinstance(now, int | float) and not math.isclose(now, landed_ms, rel_tol=0.02):
-            return f"the camera is at {now:g} ms again (e.g. restored when the run ended)"
-        return None
-
-    def _exposure_set(self, exposure_ms: float) -> None:
-        """A ``set exposure_ms``: the planned frames run with it from now on, also after the
-        restore events of enqueued events and feedback actions still queued (an event that
-        takes no image and sets this exposure is queued after them)."""
-        self._settings.values["exposure"] = float(exposure_ms)
-        if self.feedback is not None:
-            self.feedback.exposure_set(exposure_ms)
-        if not self._acquiring or self.source is None or not any(
-                "exposure" in v for v in list(self._settings.pending.values())):
-            return
-        event = self._settings.tag(useq.MDAEvent(
-            exposure=float(exposure_ms), action=useq.CustomAction(name="livemask-set-exposure")))
-        try:
-            self.source.inject([event])
-            self._settings.queued(event)
-        except Exception as exc:  # ending (nothing left to restore), or a full queue
-            log.warning("the exposure just set (%g ms) could not be queued after the restore "
-                        "events of added events, which may put the older one back: %s",
-                        exposure_ms, exc)
 
     # ------------------------------------------------------------ reporting
     def _event(self, kind: str, detail: dict[str, Any]) -> None:

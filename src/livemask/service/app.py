@@ -37,12 +37,10 @@ from livemask.errors import (
     HardwareTimeout,
     ProtocolError,
 )
-from livemask.feedback.actions import restore_event
 from livemask.feedback.controller import (
     FeedbackController,
     SettingsInEffect,
     known_camera_settings,
-    sets_binning,
 )
 from livemask.feedback.spec import RuleSpec
 from livemask.inference.models import ModelCard, load_model_card
@@ -58,6 +56,8 @@ from livemask.service.hardware_calls import (
 )
 from livemask.service.pipeline import Pipeline
 from livemask.service.prefault import Prefault, prefault_frame_memory
+from livemask.service.restore import RESTORE_ACTION as RESTORE_ACTION
+from livemask.service.restore import restore_after
 from livemask.service.rig_checks import RigChecks
 from livemask.transport.control_server import ControlServer
 from livemask.transport.publisher import CLOSE_LINGER_S, ZmqPublisher, queue_hwm
@@ -77,9 +77,6 @@ GPU_SWITCH_INTERVAL_S = 0.0005
 #: How long a ``start`` (or an ``enqueue`` that starts a run) waits for the last run's
 #: ``acquisition_finished`` (its last frames still in the pipeline) before it sends it early.
 FINISH_WAIT_S = 1.0
-#: The custom action of the events that put back what events enqueued into a run changed
-#: (feedback actions' restore events have the same).
-RESTORE_ACTION = "livemask-restore-settings"
 
 
 def uses_simulated_devices(cfg_path: Path) -> bool:
@@ -911,9 +908,10 @@ class Service:
     async def enqueue(self, events: list[useq.MDAEvent]) -> dict[str, Any]:
         """Add events to the running acquisition, to run before its remaining planned
         events and followed by one that puts back the settings they change
-        (:meth:`_restore_after`), or start a new one made of them (also when the running
-        one has taken its last event and is ending: they would never run). Refused for a
-        source that cannot acquire (a replay), idle too: it would play recorded frames."""
+        (:func:`~livemask.service.restore.restore_after`), or start a new one made of them
+        (also when the running one has taken its last event and is ending: they would never
+        run). Refused for a source that cannot acquire (a replay), idle too: it would play
+        recorded frames."""
         if self.source is None:
             raise AcquisitionError("no frame source")
         if getattr(self.source, "cannot_acquire", None):
@@ -923,7 +921,7 @@ class Service:
         self.rig_checks.check_enqueued(events)
         if self._acquiring:
             try:
-                restore = await self._restore_after(events)
+                restore = await restore_after(self.source, self._settings, events)
                 self.source.inject([*events, *([restore] if restore is not None else [])])
                 if restore is not None:
                     self._settings.queued(restore)
@@ -938,84 +936,6 @@ class Service:
                            positions=positions)
         return {"enqueued": len(events), "started": True,
                 "acquisition": self.pipeline.acquisition}
-
-    async def _restore_after(self, events: list[useq.MDAEvent]) -> useq.MDAEvent | None:
-        """An event that takes no image and puts back the exposure, channel, stage position
-        (x, y, z) and camera ROI that ``events``, added to the running acquisition, change,
-        as they will be before ``events`` run, once the restore events still queued (of
-        earlier enqueues and feedback actions: :class:`SettingsInEffect`, shared with the
-        feedback controller) have run (pymmcore-plus keeps an event's settings, its
-        ROI too, for the following events that give none, and sets them also for an event
-        that takes no image); None when they change none. A setting not known (e.g. a
-        channel group with no preset set at the start) is not put back, nor a ROI where
-        ``events`` change the binning (their ROI's pixels are not the old one's); their
-        ``properties`` stay in effect (a property's old value is not known)."""
-        if not isinstance(self.source, MicroscopeSource):
-            return None
-        known = self._settings.expected()
-        axes = [a for a in ("x_pos", "y_pos", "z_pos")
-                if any(getattr(e, a) is not None for e in events)]
-        if missing := [a for a in axes if a not in known]:
-            known.update(await self._stage_now(self.source, missing))
-        back_roi = any(e.roi is not None for e in events) and not any(
-            sets_binning(e.properties) for e in events)
-        if back_roi and "roi" not in known:
-            known.update(await self._roi_now(self.source))
-        exposure, channel = known.get("exposure"), known.get("channel")
-        changed = useq.MDAEvent(  # what restore_event is to put back: the known settings
-            exposure=exposure if any(e.exposure is not None for e in events) else None,
-            channel=channel if any(e.channel is not None for e in events) else None,
-        )
-        back = restore_event([changed], exposure, channel)
-        if back is not None:  # not a feedback action's (no action_id to report)
-            back = back.model_copy(update={"metadata": {}})
-        position = {a: known[a] for a in axes if known.get(a) is not None}
-        if back_roi and known.get("roi") is not None:
-            position["roi"] = known["roi"]
-        if back is None and not position:
-            return None
-        if back is None:
-            back = useq.MDAEvent(action=useq.CustomAction(name=RESTORE_ACTION))
-        return self._settings.tag(
-            back.model_copy(update={**position, "index": events[0].index}))
-
-    @staticmethod
-    async def _roi_now(source: MicroscopeSource) -> dict[str, useq.CameraROI]:
-        """``{"roi": the camera's ROI}`` as read from the core now (its full image where none
-        is set); empty where the read fails (logged). Read only for an ``enqueue`` with a
-        ``roi`` into a run none of whose events has set one yet: then it is the run's."""
-        def read() -> useq.CameraROI:
-            x, y, width, height = (int(v) for v in source.core.getROI())
-            return useq.CameraROI(offset_x=x, offset_y=y, width=width, height=height)
-
-        try:
-            return {"roi": await call_hardware(read, what="reading the camera's ROI")}
-        except Exception as exc:  # the events still run; their ROI stays in effect after them
-            log.warning("enqueue: the camera's ROI could not be read (%s); the enqueued "
-                        "events' roi stays in effect after them", exc)
-            return {}
-
-    @staticmethod
-    async def _stage_now(source: MicroscopeSource, axes: list[str]) -> dict[str, float]:
-        """The stage's ``axes`` (``x_pos``, ``y_pos``, ``z_pos``) as read from the core now,
-        where it has those stages; none where the read fails (logged)."""
-        core = source.core
-
-        def read() -> dict[str, float]:
-            out: dict[str, float] = {}
-            if {"x_pos", "y_pos"} & set(axes) and core.getXYStageDevice():
-                x, y = core.getXYPosition()
-                out.update(x_pos=float(x), y_pos=float(y))
-            if "z_pos" in axes and core.getFocusDevice():
-                out["z_pos"] = float(core.getPosition())
-            return {a: v for a, v in out.items() if a in axes and math.isfinite(v)}
-
-        try:
-            return await call_hardware(read, what="reading the stage position")
-        except Exception as exc:  # the events still run; the stage stays where they leave it
-            log.warning("enqueue: the stage position could not be read (%s); the enqueued "
-                        "events' stage moves are not undone after them", exc)
-            return {}
 
     async def _until_ended(self, timeout_s: float = HARDWARE_TIMEOUT_S) -> None:
         """Wait for an ending acquisition to be reported finished (pymmcore-plus may be

@@ -281,3 +281,16 @@ async def test_the_default_sequence_is_checked_only_when_it_is_used(tmp_path: Pa
         async with Service(_default_sequence_config(rig, autostart=False, sequence=given)):
             pass
 
+
+
+# ------------------------------------------------------------------ s25: SLM
+async def test_an_slm_image_is_refused_on_a_rig_without_an_slm() -> None:
+    """pymmcore-plus logged "No SLM device found" and took the frame without the pattern:
+    a photostimulation that silently never happened (hardware and client hunts)."""
+    async with Service(make_config()) as svc:
+        assert svc.core_info["slm"] == ""  # the simulated rig has none
+        image = {"data": [[0, 1], [1, 0]]}
+        with pytest.raises(ControlError, match=r"invalid_args.*events\[1\]\.slm_image: the rig "
+                           r"has no SLM.*Core-SLM"):
+            await control(svc, "enqueue", events=[{}, {"slm_image": image}])
+        assert not svc.acquiring and svc.acquisitions_finished == 0

@@ -419,6 +419,7 @@ def describe_core(mmc: CMMCorePlus) -> dict[str, Any]:
         "xy_stage": mmc.getXYStageDevice(),
         "focus": mmc.getFocusDevice(),
         "autofocus": mmc.getAutoFocusDevice(),
+        "slm": mmc.getSLMDevice(),
         "shutter": mmc.getShutterDevice(),
         "auto_shutter": mmc.getAutoShutter(),
         "channel_group": group,

@@ -164,6 +164,20 @@ class RigChecks:
             None))
         self.check_autofocus([(f"events[{i}].action", e.action) for i, e in enumerate(events)
                               if isinstance(e.action, useq.HardwareAutofocus)])
+        self.check_slm(next((f"events[{i}].slm_image" for i, e in enumerate(events)
+                             if e.slm_image is not None), None))
+
+    def check_slm(self, where: str | None) -> None:
+        """ConfigError for an SLM image (``where`` names it; None: there is none) on a rig
+        without an SLM: pymmcore-plus would log "No SLM device found" and take the frame
+        without the pattern (a photostimulation that never happens)."""
+        if where is None or not isinstance(self._owner.source, MicroscopeSource):
+            return
+        if self._owner.core_info.get("slm") == "":  # as opened (core.getSLMDevice())
+            raise ConfigError(
+                f"{where}: the rig has no SLM, so the pattern would not be shown; set an SLM "
+                "device (Core-SLM) in hardware.config_file, or leave slm_image out"
+            )
 
     def check_on_rig(
         self, what: str, channels: Sequence[Any] = (), exposures: Sequence[float] = (),

@@ -297,12 +297,23 @@ class SimulationConfig(_Section):
         description="nuclei: chance per nucleus and sample step to start mitosis "
         "(default: the simulator's 0.004; the smart-mitosis demo uses 0.00015).",
     )
+    turnover_per_step: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="nuclei: chance per interphase nucleus and sample step to leave the "
+        "sample (default 0: the population grows to its cap and divisions then stop, after "
+        "about 2,000 steps at the default division rate; e.g. 0.0015 keeps it dividing at "
+        "its starting density).",
+    )
 
     def sample_overrides(self) -> dict[str, Any]:
         """Sample parameters this config changes from the simulator's defaults."""
-        if self.sample == "nuclei" and self.division_rate_per_step is not None:
-            return {"division_rate_per_step": self.division_rate_per_step}
-        return {}
+        if self.sample != "nuclei":
+            return {}
+        given = {"division_rate_per_step": self.division_rate_per_step,
+                 "turnover_per_step": self.turnover_per_step}
+        return {name: value for name, value in given.items() if value is not None}
 
 
 class AcquisitionConfig(_Section):

@@ -41,6 +41,11 @@ class NucleiParams:
     division_rate_per_step: float = 0.004
     mitosis_steps: int = 4
     max_population_factor: float = 1.6
+    # chance per interphase nucleus and step to leave the sample (cell death, or out of the
+    # focal plane): 0 lets the population grow to its cap, after which divisions stop (about
+    # 2,000 steps at the default division rate); above 0 births and losses balance, at a
+    # population of max_population × (1 − turnover / division rate)
+    turnover_per_step: float = 0.0
     background: float = 0.06  # relative to a unit-brightness nucleus
     illumination_min: float = 0.55  # darkest corner of the excitation field (1.0 = brightest)
     drift_amplitude: float = 0.15  # slow intensity variation over time (fraction)
@@ -219,6 +224,10 @@ class NucleiSample:
         nu.mitosis = np.maximum(nu.mitosis - 1, 0)
         if ending.any():
             self.nuclei = nu = self._divide(ending)
+        if p.turnover_per_step > 0:  # (no random draw without: the same sample as before)
+            leaving = (nu.mitosis == 0) & (rng.random(len(nu)) < p.turnover_per_step)
+            if leaving.any():
+                self.nuclei = nu = nu.take(np.flatnonzero(~leaving))
         # interphase nuclei may start mitosis: condense and brighten
         crowd = max(0.0, 1.0 - len(nu) / self.max_population)
         big = np.sqrt(nu.ry * nu.rx) > p.radius_px * 0.9

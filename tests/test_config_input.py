@@ -44,7 +44,8 @@ def _write(tmp_path: Path, text: str) -> Path:
          ["simulation.steps_per_frame", "less than or equal to 1000"]),
         # useq's before-validator raised TypeError: a traceback, naming no field
         ("acquisition:\n  sequence:\n    time_plan: {interval: {a: 1}, loops: 2}\n",
-         ["acquisition.sequence", "a value has the wrong type or size", "'a' is an invalid"]),
+         ["acquisition.sequence", "time_plan: a value has the wrong type or size",
+          "'a' is an invalid"]),
     ],
 )
 def test_integers_are_bounded_at_load(tmp_path: Path, text: str, needles: list[str]) -> None:

@@ -189,8 +189,8 @@ async def test_rules_errors_do_not_repeat_their_prefix() -> None:
                 "action": {"burst": {"frames": 2, "interval_s": 0.05}}}
         cases = [
             ([rule] * 101, "rules: args.rules: List should have at most 100 items"),
-            ([{"name": "bad"}], "invalid rules[0]: Value error, rule 'bad': give either"),
-            ([{"name": "b", "when": {}}], "invalid rules[0]: when: Value error, give"),
+            ([{"name": "bad"}], "invalid rules[0]: rule 'bad': give either"),
+            ([{"name": "b", "when": {}}], "invalid rules[0]: when: give"),
             ([{**rule, "action": {"zstack": {"range_um": 1000, "step_um": 1}}}],
              "rules[0] ('w'): zstack of 1001 frames"),
         ]

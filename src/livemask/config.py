@@ -39,7 +39,14 @@ from livemask.acquisition.sequence import check_sequence
 from livemask.acquisition.simulated import SIMULATED_CFG
 from livemask.errors import ConfigError
 from livemask.feedback.spec import FeedbackConfig, RuleSpec
-from livemask.protocol import INT64_MAX, INT64_MIN, MAX_NESTING, fits_64_bits, nesting_depth
+from livemask.protocol import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_NESTING,
+    fits_64_bits,
+    nesting_depth,
+    plain_message,
+)
 
 StageThreads = Literal["one", "two"]
 SensorSide = Annotated[int, Field(ge=16, le=16384)]
@@ -864,7 +871,7 @@ def _format_errors(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
+        msg = plain_message(err["msg"])
         if err["type"] == "extra_forbidden":
             msg = _unknown_field(err["loc"])
         elif err["type"] in _TEXT_OR_NUMBER and isinstance(err.get("input"), bool):

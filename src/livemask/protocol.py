@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, compress, repeat
@@ -54,6 +55,7 @@ __all__ = [
     "parse_request",
     "peek_request_id",
     "plain_index",
+    "plain_message",
     "request_id",
     "validate_request",
 ]
@@ -328,6 +330,16 @@ MAX_LISTED_ERRORS = 10
 MAX_ERROR_MESSAGE_CHARS = 2000
 
 
+_ENUM_REPR = re.compile(r"<\w+\.\w+: ('[^']*'|-?\d+)>")
+
+
+def plain_message(msg: str) -> str:
+    """A pydantic error message as a sentence for people: without the ``Value error, `` a
+    validator's own text gets, and with enum members as their values (useq's axis order
+    error lists ``<Axis.TIME: 't'>``)."""
+    return _ENUM_REPR.sub(r"\1", msg.removeprefix("Value error, "))
+
+
 def format_validation_error(
     exc: ValidationError, *, empty: str | None = "(request)", prefix: str = "",
     with_input: bool = False,
@@ -344,7 +356,7 @@ def format_validation_error(
         got = f" (got {err.get('input')!r:.60})" if with_input else ""
         path = prefix + loc if loc else empty
         head = "" if path is None else f"{path}: "
-        lines.append(f"{head}{err.get('msg', 'invalid')}{got}")
+        lines.append(f"{head}{plain_message(err.get('msg', 'invalid'))}{got}")
     if len(errors) > MAX_LISTED_ERRORS:
         lines.append(f"and {len(errors) - MAX_LISTED_ERRORS} more")
     return "; ".join(lines)

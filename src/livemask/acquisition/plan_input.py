@@ -20,7 +20,7 @@ import json
 import math
 import numbers
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from types import UnionType
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
@@ -45,9 +45,26 @@ def validate_model(model: type[_Model], data: Any) -> _Model:
     try:
         return model.model_validate(_copied(data))
     except (TypeError, OverflowError) as exc:
-        raise ValueError(f"a value has the wrong type or size ({exc})") from None
+        where = _raising_field(model, data)
+        raise ValueError(f"{where}a value has the wrong type or size ({exc})") from None
     except ValidationError as exc:
         raise _union_errors_explained(exc, model, data) from None
+
+
+def _raising_field(model: type[BaseModel], data: Any) -> str:
+    """``"name: "`` of the first field of ``data`` (a mapping) that raises a ``TypeError`` or
+    ``OverflowError`` validated on its own (a library's before-validator: pydantic gives
+    those no location); ``""`` where none does alone."""
+    if not isinstance(data, Mapping):
+        return ""
+    for name, value in data.items():
+        try:
+            model.model_validate(_copied({name: value}))
+        except (TypeError, OverflowError):
+            return f"{name}: "
+        except (ValueError, ValidationError):  # (other problems: reported once this is mended)
+            continue
+    return ""
 
 
 def _copied(data: Any) -> Any:

@@ -21,6 +21,7 @@ from pydantic import (
 
 from livemask.analysis.boundaries import MIN_EDGE_AREA_PX
 from livemask.errors import ModelError
+from livemask.protocol import plain_message
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
@@ -304,7 +305,7 @@ def load_model_card(name_or_path: str | Path) -> ModelCard:
     except ValidationError as exc:
         fields = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or '(card)'}: "
-            + e["msg"].removeprefix("Value error, ")  # a validator's own sentence
+            + plain_message(e["msg"])  # a validator's own sentence
             for e in exc.errors()
         )
         raise ModelError(f"invalid model card {path}: {fields}") from None

@@ -415,8 +415,11 @@ def service_config(
                            else {"frame_timeout_s": frame_timeout_s})},
         "model": {model_key: settings.model, "backend": settings.backend,
                   "threads": settings.threads},
+        # the subscriber takes every message (its own queue holds 100,000): the service's
+        # queue as the naive loop's (200), not lowered to a memory budget (30 at 2048²)
         "publish": {"pub_address": "tcp://127.0.0.1:*",
-                    "control_address": "tcp://127.0.0.1:*", "heartbeat_s": 0.5},
+                    "control_address": "tcp://127.0.0.1:*", "heartbeat_s": 0.5,
+                    "max_queued_mb": 0},
         "pipeline": {"queue_size": settings.queue_size,
                      "stage_threads": settings.stage_threads,
                      "gc_freeze": settings.gc_freeze, "gc_threshold": settings.gc_threshold,

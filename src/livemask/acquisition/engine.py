@@ -1,11 +1,14 @@
-"""The MDA engine livemask runs: pymmcore-plus' own, with a failed Z move or a device
-busy past its time-out not fatal.
+"""The MDA engine livemask runs: pymmcore-plus' own, with a failed stage move or a device
+busy past its time-out not fatal, and failed moves remembered.
 
 pymmcore-plus' ``MDAEngine`` logs a failed XY move, channel or exposure change and snaps
 anyway, but lets a Z stage that raises end the whole acquisition: one serial time-out of the
-focus drive would stop a night-long time-lapse. :class:`FocusTolerantEngine` treats a failed
-Z move like a failed XY move: logged, the frame taken anyway, and the failure remembered so
-that the frame is placed at the Z read back and a ``stage_mismatch`` is reported (see
+focus drive would stop a night-long time-lapse. It also reads the XY stage outside its
+``try`` for an event that gives x or y only, so a stage that cannot be read ended the run.
+:class:`FocusTolerantEngine` treats a failed Z or XY move alike: logged, the frame taken
+anyway, and the failure remembered (:attr:`~FocusTolerantEngine.z_failed`,
+:attr:`~FocusTolerantEngine.xy_failed`) so that the frame is placed where the stage reads
+back (nowhere where it cannot be read) and a ``stage_mismatch`` is reported (see
 :func:`livemask.acquisition.source.frame_position`).
 
 Likewise a device still busy after the core's time-out (``waitForSystem``, after every
@@ -103,19 +106,22 @@ class EventWatch:
 
 
 class FocusTolerantEngine(MDAEngine):
-    """``MDAEngine`` whose failed Z moves and device time-outs are logged instead of ending
-    the acquisition."""
+    """``MDAEngine`` whose failed stage moves and device time-outs are logged instead of
+    ending the acquisition, and whose failed moves are remembered for the event's frames."""
 
-    #: Whether the Z move of the event set up last raised (read it for that event's
+    #: Whether the Z (XY) move of the event set up last raised (read it for that event's
     #: frames: the runner emits them before it sets up the next event).
     z_failed: bool = False
+    xy_failed: bool = False
     #: The core's message if a device was still busy after its time-out when the event set
     #: up last was ready to snap, else None (read it for that event's frames).
     busy_error: str | None = None
-    #: Events at which a device was still busy, and failed Z moves, so far (their warnings
-    #: are logged the 1st, 10th, 100th, ... time: a failing device warns at every event).
+    #: Events at which a device was still busy, and failed Z and XY moves, so far (their
+    #: warnings are logged the 1st, 10th, 100th, ... time: a failing device warns at every
+    #: event).
     busy_errors: int = 0
     z_failures: int = 0
+    xy_failures: int = 0
     #: The imaging event set up last, or None when that one takes no image (read from
     #: other threads: replaced, never changed, apart from its ``ended``).
     watch: EventWatch | None = None
@@ -144,7 +150,7 @@ class FocusTolerantEngine(MDAEngine):
 
     def setup_sequence(self, sequence: useq.MDASequence) -> Any:
         """``MDAEngine.setup_sequence``, with the warning counts of a new acquisition."""
-        self.busy_errors = self.z_failures = 0
+        self.busy_errors = self.z_failures = self.xy_failures = 0
         return super().setup_sequence(sequence)
 
     def setup_event(self, event: useq.MDAEvent) -> None:
@@ -152,7 +158,7 @@ class FocusTolerantEngine(MDAEngine):
         logged and remembered when it times out; :attr:`watch` starts here."""
         self.exposure_overridden = False
         self.watch = EventWatch(event) if takes_image(event) else None
-        self.z_failed = False
+        self.z_failed = self.xy_failed = False
         self.busy_error = None
         self._roi_unread = True
         if isinstance(event, SequencedEvent):
@@ -344,3 +350,39 @@ class FocusTolerantEngine(MDAEngine):
                             "the Z the stage reads back; %d time(s) so far): %s", event.z_pos,
                             self.z_failures, exc)
             self.z_failed = True
+
+    def _set_event_xy_position(self, event: useq.MDAEvent) -> None:  # pymmcore-plus 0.18.1
+        """pymmcore-plus' XY move (skipped where the stage was last commanded there), with a
+        failure logged, counted and remembered in :attr:`xy_failed`, as a failed Z move:
+        pymmcore-plus logged a move that raised and the frame was placed at the commanded
+        position even where the stage could not be read back; and it read the stage outside
+        its ``try`` for an event that gives x or y only, so a stage that could not be read
+        ended the whole acquisition."""
+        want_x, want_y = event.x_pos, event.y_pos
+        if want_x is None and want_y is None:
+            return
+        core = self.mmcore
+        try:
+            if not core.getXYStageDevice():
+                # pymmcore-plus warns and skips the move: every position was one field
+                raise RuntimeError("the configuration has no XY stage (Core-XYStage); set one "
+                                   "in the .cfg to image x/y positions")
+            last: dict[str | None, tuple[float, float]] = getattr(
+                core, "_last_xy_position", {})  # what pymmcore-plus' core last commanded
+            last_x, last_y = last.get(None) or (None, None)
+            if (not self.force_set_xy_position
+                    and (want_x is None or want_x == last_x)
+                    and (want_y is None or want_y == last_y)):
+                return
+            if want_x is None or want_y is None:  # the other axis stays where it is
+                now_x, now_y = core.getXYPosition()
+                want_x = now_x if want_x is None else want_x
+                want_y = now_y if want_y is None else want_y
+            core.setXYPosition(want_x, want_y)
+        except Exception as exc:  # the device's error (CMMError, RuntimeError, ...)
+            self.xy_failures += 1
+            if is_power_of_ten(self.xy_failures):
+                log.warning("Failed to set XY position to (%s, %s) um (the frame is taken "
+                            "anyway, at the position the stage reads back; %d time(s) so "
+                            "far): %s", event.x_pos, event.y_pos, self.xy_failures, exc)
+            self.xy_failed = True

@@ -124,7 +124,7 @@ Z_FAILED_TOLERANCE_UM = 0.05
 
 
 def frame_position(
-    event: useq.MDAEvent, meta: Any = None, *, z_failed: bool = False
+    event: useq.MDAEvent, meta: Any = None, *, z_failed: bool = False, xy_failed: bool = False
 ) -> tuple[dict[str, float | None], dict[str, Any] | None]:
     """Where a frame was taken, and the mismatch if a stage was not where commanded.
 
@@ -136,7 +136,9 @@ def frame_position(
     compared only if its move raised (``z_failed``): autofocus and focus locks move it
     away from the commanded value on purpose. After a failed Z move a read-back more than
     ``Z_FAILED_TOLERANCE_UM`` off replaces the commanded Z (a z-stack's 1 µm steps are within
-    the XY bound); without a read-back the frame is at an unknown Z (None).
+    the XY bound). After a failed move (``z_failed``, ``xy_failed``: livemask's engine says)
+    a commanded axis without a read-back is at an unknown place: None, and a mismatch whose
+    ``read`` is None on it.
     """
     position = {"x_um": event.x_pos, "y_um": event.y_pos, "z_um": event.z_pos}
     read_meta = meta.get("position") if isinstance(meta, dict) else None
@@ -149,7 +151,8 @@ def frame_position(
         if want is None:
             continue
         if not isinstance(got, int | float) or not math.isfinite(got):
-            if axis == "z_um":  # the move raised and the stage cannot say where it is
+            move_failed = z_failed if axis == "z_um" else xy_failed
+            if move_failed:  # the move raised and the stage cannot say where it is
                 commanded[axis], read[axis] = want, None
                 position[axis] = None
             continue
@@ -423,7 +426,8 @@ class MicroscopeSource(FeedThreadSource):
         acquired = time.time()
         feed = self._feed
         truth = self._truth_lookup(image) if self._truth_lookup else None
-        position, off = frame_position(event, meta, z_failed=self._engine.z_failed)
+        position, off = frame_position(event, meta, z_failed=self._engine.z_failed,
+                                       xy_failed=self._engine.xy_failed)
         self._report_mismatch("stage", event, off)
         preset = self._preset(event.channel) if event.channel is not None else None
         settings_off = settings_mismatch(event, meta, preset,

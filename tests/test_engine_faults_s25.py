@@ -1,12 +1,13 @@
 """Hardware faults pymmcore-plus' engine only logs, or lets end the run (session 25's hunt):
 an XY stage that can neither move nor be read placed its frames at the commanded position
 with no ``stage_mismatch``; a position that gives x or y only, on such a stage, ended the
-whole acquisition."""
+whole acquisition; an event property the device refused was only logged."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,11 +17,12 @@ from pymmcore_plus import CMMCorePlus
 from livemask.acquisition.core import close_core, open_core
 from livemask.acquisition.engine import FocusTolerantEngine
 from livemask.acquisition.simulated import SIMULATED_CFG
-from livemask.acquisition.simulated.devices import SimXYStage
+from livemask.acquisition.simulated.devices import SimCamera, SimXYStage
 from livemask.acquisition.simulated.world import configure_world
 from livemask.acquisition.source import frame_position
 from livemask.service.app import Service
 from tests.conftest import make_config
+from tests.test_rig_checks import _config, _rig
 from tests.test_service import collect_run, enqueue_and_watch
 
 
@@ -143,3 +145,68 @@ def test_failed_xy_moves_are_counted_and_logged_at_1_10_100_times(
     assert failed == [True] * 12 + [False]  # an event without x/y moves nothing
     assert engine.xy_failures == 12
     assert caplog.text.count("Failed to set XY position") == 2  # the 1st and the 10th
+
+
+# ------------------------------------------------------------------ 3: refused property
+class GainCamera(SimCamera):
+    """The simulated camera with an EM gain the device refuses above 1 (EM mode off)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._gain = 1
+        self.register_property("EMGain", default_value=1, limits=(1, 300),
+                               getter=GainCamera._get_gain, setter=GainCamera._set_gain)
+
+    def _get_gain(self) -> int:
+        return self._gain
+
+    def _set_gain(self, value: Any) -> None:
+        if float(value) > 1:
+            raise RuntimeError("EMGain: EM output amplifier not selected")
+        self._gain = int(float(value))
+
+
+async def test_an_event_property_the_device_refuses_is_reported_once(tmp_path: Path) -> None:
+    """Before: only pymmcore-plus' log said so; no event, error null."""
+    cfg = _config(_rig(tmp_path, camera="tests.test_engine_faults_s25,GainCamera"))
+    gain = [["Camera", "EMGain", value] for value in ("200", "250", "1")]
+    async with Service(cfg) as svc:
+        frames, events = await enqueue_and_watch(svc, [{"properties": [g]} for g in gain])
+        now = svc.source.core.getProperty("Camera", "EMGain")  # type: ignore[union-attr]
+    assert len(frames) == 3 and float(now) == 1.0
+    assert events[-1]["kind"] == "acquisition_finished" and events[-1]["error"] is None
+    (mismatch,) = [e for e in events if e["kind"] == "settings_mismatch"]  # once per property
+    assert mismatch["properties"] == {"Camera-EMGain": {
+        "commanded": "200", "error": "EMGain: EM output amplifier not selected"}}
+
+
+def test_the_engine_keeps_each_refused_property_for_its_events_frames(
+    sim_core: CMMCorePlus,
+) -> None:
+    """A property set and a stage ``Position`` (set by a move) alike; an event whose
+    properties the devices take has none."""
+    core = sim_core
+    engine = core.mda.engine
+    assert isinstance(engine, FocusTolerantEngine)
+    real_set = core.setProperty
+
+    def shutter_jammed(device: str, prop: str, value: Any) -> None:
+        if (device, prop, str(value)) == ("Shutter", "State", "0"):
+            raise RuntimeError("shutter jammed open")
+        real_set(device, prop, value)
+
+    def drive_offline(*args: Any) -> None:
+        raise RuntimeError("Z: controller offline")
+
+    core.setProperty = shutter_jammed  # type: ignore[method-assign,assignment]
+    core.setPosition = drive_offline  # type: ignore[method-assign,assignment]
+    seen: list[dict[tuple[str, str], tuple[Any, str]]] = []
+    core.mda.events.frameReady.connect(
+        lambda image, event, meta: seen.append(engine.property_errors))
+    core.mda.run([
+        useq.MDAEvent(properties=[("Shutter", "State", "0"), ("Z", "Position", 3.0)]),
+        useq.MDAEvent(properties=[("Shutter", "State", "1")]),
+        useq.MDAEvent(),
+    ])
+    assert seen == [{("Shutter", "State"): ("0", "shutter jammed open"),
+                     ("Z", "Position"): (3.0, "Z: controller offline")}, {}, {}]

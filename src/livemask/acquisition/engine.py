@@ -1,5 +1,5 @@
 """The MDA engine livemask runs: pymmcore-plus' own, with a failed stage move or a device
-busy past its time-out not fatal, and failed moves remembered.
+busy past its time-out not fatal, and failed moves and event properties remembered.
 
 pymmcore-plus' ``MDAEngine`` logs a failed XY move, channel or exposure change and snaps
 anyway, but lets a Z stage that raises end the whole acquisition: one serial time-out of the
@@ -10,6 +10,10 @@ anyway, and the failure remembered (:attr:`~FocusTolerantEngine.z_failed`,
 :attr:`~FocusTolerantEngine.xy_failed`) so that the frame is placed where the stage reads
 back (nowhere where it cannot be read) and a ``stage_mismatch`` is reported (see
 :func:`livemask.acquisition.source.frame_position`).
+
+An event's ``properties`` that a device refuses pymmcore-plus only logs; the engine keeps
+each refusal (:attr:`FocusTolerantEngine.property_errors`) for that event's frames, for
+which the source reports a ``settings_mismatch``.
 
 Likewise a device still busy after the core's time-out (``waitForSystem``, after every
 event's set-up; the core raises "Wait for device ... timed out"): the engine logs it, keeps
@@ -47,10 +51,11 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import useq
+from pymmcore_plus import DeviceType, Keyword
 from pymmcore_plus.core import SequencedEvent
 from pymmcore_plus.mda import MDAEngine
 from useq import HardwareAutofocus
@@ -107,7 +112,8 @@ class EventWatch:
 
 class FocusTolerantEngine(MDAEngine):
     """``MDAEngine`` whose failed stage moves and device time-outs are logged instead of
-    ending the acquisition, and whose failed moves are remembered for the event's frames."""
+    ending the acquisition, and whose failed moves and event properties are remembered for
+    the event's frames."""
 
     #: Whether the Z (XY) move of the event set up last raised (read it for that event's
     #: frames: the runner emits them before it sets up the next event).
@@ -147,10 +153,18 @@ class FocusTolerantEngine(MDAEngine):
         self.planned_exposure: Callable[[useq.MDAEvent], float | None] | None = None
         #: (event, the exposure its set-up commanded), for :meth:`commanded_exposure`
         self._commanded: tuple[useq.MDAEvent, float] | None = None
+        #: The event ``properties`` the event set up last could not set: (device,
+        #: property) → (the value commanded, the device's error); read it for that event's
+        #: frames. Replaced, never changed in place (the source reads it).
+        self.property_errors: dict[tuple[str, str], tuple[Any, str]] = {}
+        #: Refusals so far in this acquisition, per (device, property), for the log's
+        #: back-off
+        self._property_failures: dict[tuple[str, str], int] = {}
 
     def setup_sequence(self, sequence: useq.MDASequence) -> Any:
         """``MDAEngine.setup_sequence``, with the warning counts of a new acquisition."""
         self.busy_errors = self.z_failures = self.xy_failures = 0
+        self._property_failures = {}
         return super().setup_sequence(sequence)
 
     def setup_event(self, event: useq.MDAEvent) -> None:
@@ -159,6 +173,7 @@ class FocusTolerantEngine(MDAEngine):
         self.exposure_overridden = False
         self.watch = EventWatch(event) if takes_image(event) else None
         self.z_failed = self.xy_failed = False
+        self.property_errors = {}
         self.busy_error = None
         self._roi_unread = True
         if isinstance(event, SequencedEvent):
@@ -386,3 +401,32 @@ class FocusTolerantEngine(MDAEngine):
                             "anyway, at the position the stage reads back; %d time(s) so "
                             "far): %s", event.x_pos, event.y_pos, self.xy_failures, exc)
             self.xy_failed = True
+
+    def _set_event_properties(  # pymmcore-plus 0.18.1
+        self, properties: Sequence[useq.PropertyTuple]
+    ) -> None:
+        """pymmcore-plus' setting of an event's ``properties`` (a stage's ``Position`` by a
+        move), with each the device refuses logged and kept in :attr:`property_errors` for
+        the event's frames (pymmcore-plus only logged it, at every event)."""
+        core = self.mmcore
+        for dev, prop, value in properties:
+            try:
+                kind = core.getDeviceType(dev) if prop == Keyword.Position else None
+                if kind == DeviceType.XYStage:
+                    if not isinstance(value, list | tuple):
+                        raise TypeError(f"an XY stage's Position takes [x, y], not {value!r}")
+                    x, y, *_ = value
+                    core.setXYPosition(dev, float(x), float(y))
+                elif kind == DeviceType.Stage:
+                    core.setPosition(dev, float(value))
+                else:
+                    core.setProperty(dev, prop, value)
+            except Exception as exc:  # the device's error: the frame is taken anyway
+                key = (str(dev), str(prop))
+                count = self._property_failures[key] = self._property_failures.get(key, 0) + 1
+                if is_power_of_ten(count):
+                    log.warning("Failed to set property %s of device %s to %r (the frame is "
+                                "taken anyway; %d time(s) so far): %s", prop, dev, value,
+                                count, exc)
+                self.property_errors = {
+                    **self.property_errors, key: (value, str(exc) or type(exc).__name__)}

@@ -116,6 +116,16 @@ class FrameSource(Protocol):
         """Stop and release the hardware."""
 
 
+def _plain_value(value: Any) -> Any:
+    """An event property's value as JSON takes it (a number, a string, a list of them; other
+    objects as their text)."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, list | tuple):
+        return [_plain_value(v) for v in value]
+    return str(value)
+
+
 #: A stage read back farther than this from the commanded position did not get there (µm).
 STAGE_TOLERANCE_UM = 2.0
 #: After a Z move that raised, a focus read back farther than this from the commanded Z did
@@ -372,10 +382,11 @@ class MicroscopeSource(FeedThreadSource):
         delivered no frame: pymmcore-plus only logs a failed snap. ``on_mismatch`` with
         ``("stage" | "settings" | "busy", event, what differs)`` for frames taken away from
         their event's commanded position (:func:`frame_position`), with another exposure or
-        channel than it asked for (:func:`settings_mismatch`), or while a device was still
-        busy after its time-out (``{"error": the core's message}``): pymmcore-plus only logs
-        a failed move or setting, and snaps anyway; so does livemask's engine after a
-        time-out."""
+        channel than it asked for (:func:`settings_mismatch`) or without an event property
+        the device refused (``{"properties": {"Device-Property": {"commanded", "error"}}}``),
+        or while a device was still busy after its time-out (``{"error": the core's
+        message}``): pymmcore-plus only logs a failed move or setting, and snaps anyway; so
+        does livemask's engine after a time-out."""
         from livemask.acquisition.core import exposure_limits
         from livemask.acquisition.properties import property_table
 
@@ -433,6 +444,9 @@ class MicroscopeSource(FeedThreadSource):
         settings_off = settings_mismatch(event, meta, preset,
                                          self._engine.commanded_exposure(event))
         self._report_mismatch("settings", event, settings_off)
+        for (device, prop), (value, error) in self._engine.property_errors.items():
+            self._report_mismatch("settings", event, {"properties": {
+                f"{device}-{prop}": {"commanded": _plain_value(value), "error": error}}})
         channel_failed = settings_off is not None and "channel" in settings_off
         if channel_failed:  # the rig is at no known preset until an event sets one
             self._channel_now = None
@@ -466,11 +480,15 @@ class MicroscopeSource(FeedThreadSource):
     ) -> None:
         """Report each distinct mismatch once per acquisition (a stuck filter wheel would
         otherwise report every other frame of a two-channel run); a stage's once per
-        commanded position and axes (its read-back differs by noise on every frame)."""
+        commanded position and axes (its read-back differs by noise on every frame); a
+        refused event property once per property (the value commanded and the device's
+        message may differ from event to event)."""
         if off is None or self._on_mismatch is None:
             return
         if kind == "stage":
             what: Any = {"commanded": off.get("commanded"), "axes": sorted(off.get("read", {}))}
+        elif kind == "settings" and "properties" in off:
+            what = {"properties": sorted(off["properties"])}
         else:
             what = off
         key = kind + json.dumps(what, sort_keys=True)

@@ -178,6 +178,7 @@ async def test_an_event_property_the_device_refuses_is_reported_once(tmp_path: P
     (mismatch,) = [e for e in events if e["kind"] == "settings_mismatch"]  # once per property
     assert mismatch["properties"] == {"Camera-EMGain": {
         "commanded": "200", "error": "EMGain: EM output amplifier not selected"}}
+    assert "property" in mismatch["detail"]
 
 
 def test_the_engine_keeps_each_refused_property_for_its_events_frames(

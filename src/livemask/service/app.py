@@ -490,7 +490,7 @@ class Service:
             ),
             "settings": (
                 "settings_mismatch",
-                "the frame was taken with another exposure or channel than its event "
+                "the frame was taken with another exposure, channel or property than its event "
                 "commanded (a setting that failed, whose reason pymmcore-plus logged, or a "
                 "camera that rounds the exposure); the frame carries the read-back settings",
             ),

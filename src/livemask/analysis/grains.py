@@ -71,7 +71,9 @@ __all__ = [
     "intercept_count",
     "largest_region_fraction",
     "planimetric_count",
+    "roi_centre_offset",
     "size_histogram",
+    "tile_footprint",
 ]
 
 #: Fixed log-spaced bins of equivalent diameter (µm): 0.1 µm to 10 mm, 10 per decade.
@@ -390,6 +392,42 @@ class _Moments:
         return [self.mean - half, self.mean + half]
 
 
+def tile_footprint(
+    stage_xy_um: tuple[float, float],
+    shape: tuple[int, int],
+    pixel_to_stage: tuple[tuple[float, float], tuple[float, float]],
+    centre_offset_px: tuple[float, float] = (0.0, 0.0),
+) -> tuple[float, float, float, float]:
+    """The stage rectangle ``(x0, y0, x1, y1)`` (µm) that a tile of ``shape`` (rows, cols)
+    covers, for :meth:`CumulativeGrainStats.add`.
+
+    ``stage_xy_um`` is the stage position, the centre of the camera's full image;
+    ``centre_offset_px`` (rows, cols) how far the tile's centre lies from there (a camera
+    ROI's: :func:`roi_centre_offset`); ``pixel_to_stage`` maps pixels to the stage,
+    ``((dx/dcol, dx/drow), (dy/dcol, dy/drow))`` µm per pixel (``feedback.pixel_to_stage``
+    scaled to the tile's pixel size, or the pixel size on the diagonal). A camera rotated
+    against the stage gives the bounding rectangle of the tile (exact for a flip or a
+    quarter turn)."""
+    (a, b), (c, d) = pixel_to_stage
+    drow, dcol = centre_offset_px
+    cx = float(stage_xy_um[0]) + a * dcol + b * drow
+    cy = float(stage_xy_um[1]) + c * dcol + d * drow
+    h, w = shape
+    half_x = (abs(a) * w + abs(b) * h) / 2
+    half_y = (abs(c) * w + abs(d) * h) / 2
+    return (cx - half_x, cy - half_y, cx + half_x, cy + half_y)
+
+
+def roi_centre_offset(
+    roi_offset_yx: tuple[int, int], shape: tuple[int, int], full_shape: tuple[int, int]
+) -> tuple[float, float]:
+    """How far (rows, cols) the centre of a camera ROI of ``shape`` at ``roi_offset_yx``
+    (its top-left pixel) lies from the centre of the camera's full image of
+    ``full_shape``, where the stage position is."""
+    return (roi_offset_yx[0] + shape[0] / 2 - full_shape[0] / 2,
+            roi_offset_yx[1] + shape[1] / 2 - full_shape[1] / 2)
+
+
 #: The cumulative medians come from counts in log bins this wide (relative ±0.05 % around
 #: each bin's centre), 1e-6 to 1e9 µm²: memory and time per tile do not grow with the scan.
 _MEDIAN_BIN_LOG = math.log(1.001)
@@ -417,9 +455,11 @@ class CumulativeGrainStats:
     (over tiles, ASTM E112 Section 15).
 
     Overlapping tiles would count grains twice and narrow the confidence intervals falsely:
-    given the stage position of each tile's centre, a tile that overlaps one already added
-    by more than ``MAX_OVERLAP`` of its area is left out (counted in ``tiles_overlapping``).
-    Tiles without a position are all pooled.
+    given where each tile lies on the stage (its centre, or its :func:`tile_footprint`), a
+    tile that shares more than ``MAX_OVERLAP`` of the smaller one's area with a tile already
+    added is left out (counted in ``tiles_overlapping``): a small tile (a camera ROI) wholly
+    inside an earlier big one, and a big one over earlier small ones alike. Tiles without a
+    position are all pooled.
 
     ``tiles_skipped`` (in the summary too) counts the scan's tiles that never reached
     :meth:`add` (frames that skipped analysis in free-run mode): whoever feeds the tiles
@@ -427,8 +467,8 @@ class CumulativeGrainStats:
     (see :func:`grain_statistics`).
     """
 
-    #: Largest fraction of a tile's area that may overlap earlier tiles: stage jitter, and a
-    #: pixel size a few per cent off the one the stage grid was laid out with.
+    #: Largest fraction of the smaller tile's area that two tiles may share: stage jitter,
+    #: and a pixel size a few per cent off the one the stage grid was laid out with.
     MAX_OVERLAP = 0.05
 
     def __init__(
@@ -459,8 +499,9 @@ class CumulativeGrainStats:
         self._median_counts = np.zeros(_MEDIAN_BINS, dtype=np.int64)
 
     def overlap(self, footprint: tuple[float, float, float, float]) -> float:
-        """The largest fraction of ``footprint`` (x0, y0, x1, y1 µm) that a tile already
-        added covers."""
+        """The largest fraction of the smaller tile's area that ``footprint`` (x0, y0, x1,
+        y1 µm) shares with a tile already added: 1 where either lies wholly inside the
+        other."""
         if not self._placed:
             return 0.0
         x0, y0, x1, y1 = footprint
@@ -468,7 +509,9 @@ class CumulativeGrainStats:
         dx = np.minimum(seen[:, 2], x1) - np.maximum(seen[:, 0], x0)
         dy = np.minimum(seen[:, 3], y1) - np.maximum(seen[:, 1], y0)
         shared = np.clip(dx, 0, None) * np.clip(dy, 0, None)
-        return float(shared.max()) / max((x1 - x0) * (y1 - y0), 1e-12)
+        areas = (seen[:, 2] - seen[:, 0]) * (seen[:, 3] - seen[:, 1])
+        smaller = np.maximum(np.minimum(areas, (x1 - x0) * (y1 - y0)), 1e-12)
+        return float((shared / smaller).max())
 
     def add(
         self,
@@ -477,15 +520,20 @@ class CumulativeGrainStats:
         centre_um: tuple[float, float] | None = None,
         *,
         field: GrainField | None = None,
+        footprint_um: tuple[float, float, float, float] | None = None,
     ) -> dict[str, Any]:
-        """Add one tile's labels, its stage centre (x, y µm) where known; return the
-        cumulative statistics. A tile overlapping earlier ones is left out (see the class).
+        """Add one tile's labels and where it lies on the stage, where known: its
+        ``footprint_um`` (x0, y0, x1, y1 µm; :func:`tile_footprint`), else its centre
+        ``centre_um`` (x, y µm; image axes along the stage's); return the cumulative
+        statistics. A tile overlapping earlier ones is left out (see the class).
         ``field``: the tile's :func:`grain_field`, where the caller has it already."""
         h, w = np.asarray(labels).shape
-        if centre_um is not None:
-            half_w, half_h = w * pixel_size_um / 2, h * pixel_size_um / 2
-            cx, cy = centre_um
-            footprint = (cx - half_w, cy - half_h, cx + half_w, cy + half_h)
+        if footprint_um is None and centre_um is not None:
+            px = float(pixel_size_um)
+            footprint_um = tile_footprint(centre_um, (h, w), ((px, 0.0), (0.0, px)))
+        if footprint_um is not None:
+            x0, y0, x1, y1 = (float(v) for v in footprint_um)
+            footprint = (x0, y0, x1, y1)
             if self.overlap(footprint) > self.MAX_OVERLAP:
                 self.tiles_overlapping += 1
                 return self.summary()

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
@@ -86,6 +87,7 @@ __all__ = [
     "camera_roi_offset",
     "frame_geometry",
     "largest_gap_frames",
+    "pixel_to_stage_at",
     "signal_intensities",
 ]
 
@@ -180,6 +182,32 @@ def frame_geometry(
     if pixel_size_um is not None and math.isfinite(float(pixel_size_um)):
         size = float(pixel_size_um)
     return (size, roi_offset_yx, tuple(int(n) for n in shape[:2]))
+
+
+#: Pixels to stage, ``((dx/dcol, dx/drow), (dy/dcol, dy/drow))`` µm per pixel
+#: (``feedback.pixel_to_stage``).
+PixelToStage = tuple[tuple[float, float], tuple[float, float]]
+
+
+def pixel_to_stage_at(
+    matrix: PixelToStage | None, matrix_pixel_size_um: float | None, pixel_size_um: Any
+) -> PixelToStage | None:
+    """``matrix``, given for ``matrix_pixel_size_um`` (the pixel size at open), for a frame
+    of ``pixel_size_um``: scaled by their ratio (the camera's binning or the objective
+    changed), where both are known and positive; as given otherwise (None: None). Feedback
+    centring and the grain tiles' stage footprints map pixels to the stage with it."""
+    if (matrix is None or matrix_pixel_size_um is None or pixel_size_um == matrix_pixel_size_um
+            or not (_positive(matrix_pixel_size_um) and _positive(pixel_size_um))):
+        return matrix
+    k = float(pixel_size_um) / float(matrix_pixel_size_um)
+    (a, b), (c, d) = matrix
+    return (a * k, b * k), (c * k, d * k)
+
+
+def _positive(value: Any) -> bool:
+    """Whether ``value`` is a finite number > 0 (not a bool)."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and 0 < float(value) < math.inf)
 
 
 def largest_gap_frames(gap_penalty: float) -> int:

@@ -24,6 +24,7 @@ import numpy as np
 import useq
 
 from livemask.acquisition.mode import Mode
+from livemask.analysis.tracking import pixel_to_stage_at
 from livemask.feedback.context import FEEDBACK_INDEX_KEY, FrameContext
 from livemask.feedback.spec import MAX_EXPOSURE_MS
 
@@ -254,14 +255,8 @@ class EventPlanner:
     ) -> tuple[tuple[float, float], tuple[float, float]] | None:
         """``pixel_to_stage`` for ``ctx``'s frame: scaled by its pixel size over
         ``matrix_pixel_size_um``, where both are known."""
-        matrix, reference = self.pixel_to_stage, self.matrix_pixel_size_um
-        px = ctx.pixel_size_um
-        if (matrix is None or reference is None or px == reference
-                or not (_positive(reference) and _positive(px))):
-            return matrix
-        k = float(px) / float(reference)
-        (a, b), (c, d) = matrix
-        return (a * k, b * k), (c * k, d * k)
+        return pixel_to_stage_at(self.pixel_to_stage, self.matrix_pixel_size_um,
+                                 ctx.pixel_size_um)
 
     def centred(
         self, ctx: FrameContext, centre_yx: tuple[float, float]

@@ -261,6 +261,10 @@ class Service:
         )
         self.pipeline.source = self.source
         self.pipeline.publish_event = self._event  # (recorded too)
+        # where a grain tile of a camera ROI lies: from the camera's image at open
+        shape = self.core_info.get("image_shape")
+        self.pipeline.camera_shape = (int(shape[0]), int(shape[1])) if shape else None
+        self.pipeline.pixel_to_stage = cfg.feedback.pixel_to_stage
         if cfg.tracking.enabled:
             from livemask.analysis.tracking import PositionTrackers
 

@@ -34,6 +34,9 @@ class Frame:
     error: str | None = None
     origin: object | None = None  # RawFrame.origin: handed back with frame_done
     acquisition: int = 0  # Pipeline.acquisition when the frame arrived
+    #: frames of its acquisition that skipped analysis before it (free-run grain tiles;
+    #: counted when inference takes it)
+    skipped_before: int = 0
     pixel_size_um: float = 1.0  # µm per pixel of this frame (its measurements use it)
     #: what the camera took it with: channel (preset), channel_group, exposure_ms
     settings: dict[str, Any] = field(default_factory=dict)

@@ -44,14 +44,18 @@ from livemask.analysis.grains import (
     grain_field,
     grain_statistics,
     largest_region_fraction,
+    roi_centre_offset,
+    tile_footprint,
 )
 from livemask.analysis.measure import UNITS, saturation_level, units_in_pixels
 from livemask.analysis.tracking import (
     PIXEL_SIZE_TOLERANCE,
     TRACK_UNITS,
+    PixelToStage,
     PositionTrackers,
     camera_roi_offset,
     frame_geometry,
+    pixel_to_stage_at,
 )
 from livemask.config import StageThreads
 from livemask.inference.segmenter import Segmenter
@@ -183,6 +187,14 @@ class Pipeline:
                        if segmenter.card.task == "grains" else None)
         #: grain tiles that skipped analysis (free-run), per acquisition (set on the loop)
         self._tiles_skipped: dict[int, int] = {}
+        #: Where a grain tile lies on the stage (set by the service): the camera's full
+        #: image (rows, cols) when the rig was opened, whose centre the stage position is
+        #: and from which a camera ROI's offset counts (None: not known; a tile of a camera
+        #: ROI then has no place), and ``feedback.pixel_to_stage`` for ``pixel_size_um``
+        #: (None: that pixel size, image axes along the stage's)
+        self.camera_shape: tuple[int, int] | None = None
+        self.pixel_to_stage: PixelToStage | None = None
+        self._unplaced_said = False  # a grain tile of a camera ROI had no place (warned once)
         self._big_regions = 0  # grain tiles with one region over BIG_REGION_FRACTION, ...
         self._big_regions_of = 0  # ... in this acquisition
         # object tracking (set by the Service when tracking.enabled); analysing thread only
@@ -382,6 +394,9 @@ class Pipeline:
                 self._skip(self._waiting.popleft())
         self._skipped_since_take = 0
         frame = self._waiting.popleft()
+        # every frame that skips analysis is older than every frame still waiting (both
+        # leave from the left): the count now is of the frames before this one, for good
+        frame.skipped_before = self._tiles_skipped.get(frame.acquisition, 0)
         self._started(frame)
         return frame
 
@@ -570,13 +585,66 @@ class Pipeline:
         if is_power_of_ten(n):  # the same field again and again: 1, 10, 100, ... times
             log.warning(
                 "grains: frame %d at %s overlaps a tile already pooled by more than %.0f %% "
-                "of its area; it is left out of the cumulative statistics (%d tile(s) so "
-                "far), which would count its grains twice. The same field imaged again (a "
-                "time-lapse, channels or z-planes at one position) pools once; for a scan, "
-                "use a grid_plan with overlap 0 and check that the pixel size matches the "
-                "stage (hardware.pixel_size_um)",
+                "of the smaller one's area; it is left out of the cumulative statistics (%d "
+                "tile(s) so far), which would count its grains twice. The same field imaged "
+                "again (a time-lapse, channels or z-planes at one position) pools once, and so "
+                "does a camera ROI within a field; for a scan, use a grid_plan with overlap "
+                "0 and check that the pixel size matches the stage (hardware.pixel_size_um)",
                 frame.frame_id, frame.position, 100 * CumulativeGrainStats.MAX_OVERLAP, n,
             )
+
+    def _grain_footprint(
+        self, frame: Frame, shape: tuple[int, ...]
+    ) -> tuple[float, float, float, float] | None:
+        """Where the frame's grain tile lies on the stage (x0, y0, x1, y1 µm), None where
+        not known (no stage position or pixel-size calibration, or a camera ROI that cannot
+        be placed: pooled without the overlap check). The stage position is the centre of
+        the camera's full image (:attr:`camera_shape`); a camera ROI's tile is moved from
+        there by its offset, through the pixel-to-stage mapping feedback centring uses
+        (:func:`~livemask.analysis.tracking.pixel_to_stage_at`)."""
+        xy = _stage_xy(frame.position)
+        if xy is None or not self.pixel_size_known:
+            return None
+        px = frame.pixel_size_um
+        matrix = pixel_to_stage_at(self.pixel_to_stage, self.pixel_size_um, px)
+        if matrix is None:
+            matrix = ((px, 0.0), (0.0, px))
+        rows, cols = int(shape[0]), int(shape[1])
+        offset = (0.0, 0.0)  # a frame of the camera's image at open: centred on the stage
+        if "roi" in frame.settings:
+            offset_or_none = self._roi_centre_offset(frame, (rows, cols))
+            if offset_or_none is None:
+                if not self._unplaced_said:
+                    self._unplaced_said = True
+                    log.warning(
+                        "grains: frame %d was taken with a camera ROI (%s) that cannot be "
+                        "placed on the stage (the camera's image at open is not known, the "
+                        "ROI is not, or the pixel size changed since the rig was opened), so "
+                        "its tile is pooled without the overlap check (said once)",
+                        frame.frame_id, frame.settings.get("roi"))
+                return None
+            offset = offset_or_none
+        return tile_footprint(xy, (rows, cols), matrix, offset)
+
+    def _roi_centre_offset(
+        self, frame: Frame, shape: tuple[int, int]
+    ) -> tuple[float, float] | None:
+        """How far (rows, cols) the centre of the frame's camera ROI lies from the centre of
+        the camera's full image; None where not known."""
+        roi = camera_roi_offset(frame.settings)
+        full = self.camera_shape
+        if roi is None or full is None:
+            return None
+        if math.isclose(frame.pixel_size_um, self.pixel_size_um, rel_tol=PIXEL_SIZE_TOLERANCE):
+            return roi_centre_offset(roi, shape, (int(full[0]), int(full[1])))
+        # another pixel size than at open: the whole image at another binning is centred;
+        # an ROI's offset is in pixels of a full image of a size not known here (a binning
+        # scales it, an objective change does not)
+        ratio = self.pixel_size_um / frame.pixel_size_um
+        if roi == (0, 0) and all(abs(n - f * ratio) <= 1 for n, f in zip(shape, full,
+                                                                        strict=True)):
+            return (0.0, 0.0)
+        return None
 
     def _analyse(self, frame: Frame) -> None:
         assert frame.probabilities is not None
@@ -592,8 +660,9 @@ class Pipeline:
                 self.tracker.reset()
         if self.grains is not None:
             overlapping = self.grains.tiles_overlapping
-            # the tiles of this acquisition skipped so far (counted on the loop at intake)
-            self.grains.tiles_skipped = self._tiles_skipped.get(frame.acquisition, 0)
+            # the tiles of this acquisition that skipped analysis before this one (counted
+            # when inference took it: later skips are of later frames)
+            self.grains.tiles_skipped = frame.skipped_before
             self.grains.pixel_size_known = self.pixel_size_known  # (no G without it)
             field = grain_field(labels, frame.pixel_size_um)  # (measured once, for all three)
             frame.grains = {
@@ -601,7 +670,7 @@ class Pipeline:
                                          pixel_size_known=self.pixel_size_known),
                 "cumulative": self.grains.add(
                     labels, frame.pixel_size_um, field=field,
-                    centre_um=_stage_xy(frame.position) if self.pixel_size_known else None),
+                    footprint_um=self._grain_footprint(frame, labels.shape)),
             }
             if self.grains.tiles_overlapping > overlapping:
                 self._warn_overlap(frame)

@@ -194,3 +194,27 @@ async def test_tiles_skipped_counts_the_frames_before_the_tile() -> None:
                 for h in measured if h.get("grains")]
     assert pipe.counters.snapshot()["frames_skipped"] == 5
     assert analysed == [(0, 1, 0), (6, 2, 5)]
+
+
+# ------------------------------------------------------------ 3: thresholds of a grains card
+def test_a_seed_threshold_for_a_grains_card_is_warned_about(
+    livemask_log: list[logging.LogRecord],
+) -> None:
+    """A boundary-label card has no seed map: ``analysis.seed_threshold`` was ignored
+    silently. Its ``foreground_threshold`` override still applies (the boundary cut)."""
+    from livemask.service.app import build_segmenter
+    from tests.conftest import make_config
+
+    cfg = make_config(model={"name": "grains_classical"},
+                      analysis={"seed_threshold": 0.3, "foreground_threshold": 0.6})
+    seg = build_segmenter(cfg)
+    assert seg.post.foreground_threshold == 0.6
+    said = [r.getMessage() for r in livemask_log if r.levelno == logging.WARNING]
+    assert len(said) == 1 and "analysis.seed_threshold (0.3) has no effect" in said[0]
+    assert "boundary-probability cut" in said[0]
+    livemask_log.clear()
+    build_segmenter(make_config(model={"name": "grains_classical"},
+                                analysis={"foreground_threshold": 0.6}))
+    build_segmenter(make_config(model={"name": "nuclei_classical"},
+                                analysis={"seed_threshold": 0.3}))
+    assert not [r for r in livemask_log if r.levelno >= logging.WARNING]

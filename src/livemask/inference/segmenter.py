@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +28,24 @@ if TYPE_CHECKING:
     import torch
 
     from livemask.inference.torch_analysis import LabelParams, TorchAnalysis
+
+
+log = logging.getLogger("livemask")
+
+
+def postprocessing_for(card: ModelCard, overrides: Mapping[str, Any]) -> PostProcessing:
+    """``card``'s post-processing with ``overrides`` (the config's ``analysis.*`` values that
+    are set). A boundary-label card (the grains models) has no seed map: a
+    ``seed_threshold`` given for it has no effect, and is warned about; its
+    ``foreground_threshold`` is the boundary-probability cut (pixels below it are grain)."""
+    if card.postprocessing.method == "boundary-label" and "seed_threshold" in overrides:
+        log.warning(
+            "analysis.seed_threshold (%g) has no effect with model %s: a boundary-label "
+            "(grains) card has no seed map. Its analysis.foreground_threshold (card %g) is "
+            "the boundary-probability cut: pixels below it are grain, so raising it merges "
+            "neighbouring grains and lowering it splits them (docs/configuration.md)",
+            overrides["seed_threshold"], card.name, card.postprocessing.foreground_threshold)
+    return card.postprocessing.model_copy(update=dict(overrides))
 
 
 @dataclass

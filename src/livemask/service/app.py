@@ -44,7 +44,7 @@ from livemask.feedback.controller import (
 )
 from livemask.feedback.spec import RuleSpec
 from livemask.inference.models import ModelCard, load_model_card
-from livemask.inference.segmenter import Segmenter
+from livemask.inference.segmenter import Segmenter, postprocessing_for
 from livemask.inference.select import load_backend
 from livemask.protocol import TOPICS, dumps_json, plain_index
 from livemask.service.commands import CommandHandler
@@ -101,7 +101,7 @@ def build_segmenter(
                            frame_shape=frame_shape,
                            device_analysis=config.model.device_analysis)
     overrides = {k: v for k, v in config.analysis.model_dump().items() if v is not None}
-    post = card.postprocessing.model_copy(update=overrides)
+    post = postprocessing_for(card, overrides)  # (warns of a setting the card ignores)
     return Segmenter(card, backend, post,
                      device_resident=None if config.model.device_analysis else False)
 

@@ -95,6 +95,8 @@ class EventFeed(Iterator[useq.MDAEvent]):
         #: start times of batches injected ``timed_from_first`` are not kept
         self._clock = clock
         self._timed: dict[int, _TimedBatch] = {}  # id of an injected event -> its batch
+        #: ids of the injected events issued last (the runner may look an event ahead)
+        self._issued_injected: deque[int] = deque(maxlen=16)
         self._cond = threading.Condition()
         self._closed = False
         self._planned_done = False
@@ -164,6 +166,7 @@ class EventFeed(Iterator[useq.MDAEvent]):
             self._check_delivery()
             if self._injected:
                 event = self._timed_start(self._injected.popleft())
+                self._issued_injected.append(id(event))
                 if not is_service_event(event):
                     self._counted -= 1
             else:
@@ -179,6 +182,10 @@ class EventFeed(Iterator[useq.MDAEvent]):
                 self.image_events_issued += 1
                 self._awaiting, self._delivered_before = event, self.delivered
             return event
+
+    def was_injected(self, event: useq.MDAEvent) -> bool:
+        """Whether ``event``, issued lately, was injected (not one of the plan's)."""
+        return id(event) in self._issued_injected
 
     def _timed_start(self, event: useq.MDAEvent) -> useq.MDAEvent:
         """``event`` with its ``min_start_time`` on the runner's clock where it was injected

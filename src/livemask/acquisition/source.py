@@ -241,6 +241,9 @@ def frame_roi(
 #: An imaging event that has not delivered its frame this long (s) past its exposure, or
 #: 3 × its exposure if longer, is reported as stalled (see ``event_in_progress``).
 STALL_MARGIN_S = 30.0
+#: A time point of the plan that starts this much (s) after its planned time is reported
+#: (``behind_schedule``): its events take longer than the interval.
+BEHIND_SCHEDULE_S = 1.0
 
 
 MismatchCallback = Callable[[str, useq.MDAEvent, dict[str, Any]], None]
@@ -404,6 +407,7 @@ class MicroscopeSource(FeedThreadSource):
         self._on_missing = on_missing
         self._on_mismatch = on_mismatch
         self._reported: set[str] = set()  # mismatches reported in this acquisition
+        self._time_point_at: float | None = None  # min_start_time of the plan's last event
         self._presets: dict[tuple[str, str], dict[str, str]] = {}  # (group, preset) → props
         self._stuck = False  # a stop waited for the runner in vain
         self._exposure_ms = 0.0  # of the last frame (pymmcore-plus' frame metadata)
@@ -432,6 +436,26 @@ class MicroscopeSource(FeedThreadSource):
         if event.properties and any((str(pv.device_name), str(pv.property_name))
                                     in self._channel_props for pv in event.properties):
             self._channel_now = None
+        self._check_schedule(event)
+
+    def _check_schedule(self, event: useq.MDAEvent) -> None:
+        """Report (``schedule``, once per acquisition) a time point of the plan that starts
+        more than :data:`BEHIND_SCHEDULE_S` after its planned time: the events of each time
+        point take longer than the interval, and the runner, which only waits for events
+        that are early, runs on behind the plan without a word. Only the first event of a
+        time point counts (a multi-position or multi-channel time point's later events start
+        later by design), and not injected events (``enqueue``, feedback)."""
+        planned = event.min_start_time
+        feed = self._feed
+        if not planned or planned == self._time_point_at or feed is None \
+                or feed.was_injected(event):
+            return
+        self._time_point_at = planned
+        started = self.core.mda.event_seconds_elapsed()
+        if started - planned > BEHIND_SCHEDULE_S:
+            self._report_mismatch("schedule", event, {
+                "planned_s": round(planned, 3), "started_s": round(started, 3),
+                "late_s": round(started - planned, 3)})
 
     def _frame_ready(self, image: np.ndarray, event: useq.MDAEvent, meta: Any = None) -> None:
         acquired = time.time()
@@ -485,8 +509,10 @@ class MicroscopeSource(FeedThreadSource):
         message may differ from event to event)."""
         if off is None or self._on_mismatch is None:
             return
-        if kind == "stage":
-            what: Any = {"commanded": off.get("commanded"), "axes": sorted(off.get("read", {}))}
+        if kind == "schedule":  # once per acquisition: it is late from then on
+            what: Any = None
+        elif kind == "stage":
+            what = {"commanded": off.get("commanded"), "axes": sorted(off.get("read", {}))}
         elif kind == "settings" and "properties" in off:
             what = {"properties": sorted(off["properties"])}
         else:
@@ -529,6 +555,7 @@ class MicroscopeSource(FeedThreadSource):
         self.ready_to_start()
         self._stuck = False
         self._reported.clear()
+        self._time_point_at = None
         self._feed = EventFeed(events, mode=mode, sync_timeout_s=self._sync_timeout_s,
                                on_missing=self._on_missing,
                                clock=self.core.mda.event_seconds_elapsed)

@@ -484,7 +484,8 @@ class Service:
     def _on_mismatch(self, kind: str, event: useq.MDAEvent, off: dict[str, Any]) -> None:
         """Runner thread: a frame was not taken as its event commanded (pymmcore-plus only
         logs a failed move or setting): ``stage_mismatch``, ``settings_mismatch`` or
-        ``device_busy``."""
+        ``device_busy``; or its time point started late: ``behind_schedule`` (also
+        logged: nothing else says it)."""
         name, detail = {
             "stage": (
                 "stage_mismatch",
@@ -498,6 +499,14 @@ class Service:
                 "commanded (a setting that failed, whose reason pymmcore-plus logged, or a "
                 "camera that rounds the exposure); the frame carries the read-back settings",
             ),
+            "schedule": (
+                "behind_schedule",
+                "the acquisition runs behind its time plan: a time point took longer than the "
+                "interval (exposures, stage moves, autofocus; in synchronized or pipelined "
+                "mode also the model and analysis the camera waits for), and the next ones "
+                "start as soon as they can; frames keep their real times (t.acquired). "
+                "Lengthen time_plan.interval, shorten the exposure, or use free-run mode",
+            ),
             "busy": (
                 "device_busy",
                 "a device was still busy after the core's time-out when the frame was taken; "
@@ -505,6 +514,10 @@ class Service:
                 "each such frame)",
             ),
         }[kind]
+        if kind == "schedule":
+            log.warning("time point %s started %.1f s after its planned time (%s s into the "
+                        "run): %s", plain_index(event.index), off["late_s"],
+                        off["planned_s"], detail.split(": ", 1)[1])
         self._from_thread(self._event, name,
                           {"index": plain_index(event.index), **off, "detail": detail})
 

@@ -599,25 +599,14 @@ def test_serve_frames_keeps_the_interval_of_a_duration_and_loops_plan(
 ) -> None:
     """{duration: 60, loops: 7} (10 s apart) with --frames 3 made 3 time points 30 s apart:
     a quick test run stretched to the whole duration (biologist hunt)."""
-    from livemask import cli
-
-    seen: list[Any] = []
-
-    async def fake_serve(cfg: Any, **kwargs: Any) -> None:
-        seen.append(cfg.acquisition.mda_sequence())
-
-    monkeypatch.setattr(cli, "_serve", fake_serve)
-    config = tmp_path / "c.yaml"
-    config.write_text(f"hardware: {{config_file: {SIMULATED_CFG}}}\n"
-                      "acquisition:\n  sequence:\n    time_plan: {duration: 60, loops: 7}\n")
-    result = runner.invoke(app, ["serve", "--config", str(config), "--frames", "3"])
-    assert result.exit_code == 0, result.output
-    plan = seen[0].time_plan
-    assert plan.loops == 3 and plan.interval.total_seconds() == 10.0
-    result = runner.invoke(app, ["serve", "--config", str(config), "--frames", "3",
-                                 "--interval", "2"])
-    assert result.exit_code == 0, result.output
-    assert seen[1].time_plan.interval.total_seconds() == 2.0
+    seen = _seen_configs(monkeypatch)
+    config = _config_with_sequence(tmp_path, "{time_plan: {duration: 60, loops: 7}}")
+    for flags in (["--frames", "3"], ["--frames", "3", "--interval", "2"]):
+        result = runner.invoke(app, ["serve", "--config", str(config), *flags])
+        assert result.exit_code == 0, result.output
+    plans = [cfg.acquisition.mda_sequence().time_plan for cfg in seen]
+    assert plans[0].loops == 3 and plans[0].interval.total_seconds() == 10.0
+    assert plans[1].loops == 3 and plans[1].interval.total_seconds() == 2.0
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "0", "-5", "70000"])

@@ -49,6 +49,9 @@ class ActionError(ValueError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+        #: the action that could not be made, as its rule gives it, where known: published
+        #: in the refusal's ``action``
+        self.action: SpecAction | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -692,6 +695,32 @@ def action_from_spec(spec: Mapping[str, Any], target_yx: tuple[float, float] | N
     if kind == "stop":
         return Stop()
     raise ActionError("unknown_action", f"unknown action {kind!r}")  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class SpecAction:
+    """A declarative rule's action that could not be made (e.g. ``no_target``: nothing to
+    centre on), as the rule gives it: what its refusal publishes as ``action``."""
+
+    fields: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        """The action's kind (``burst``, ...)."""
+        return str(self.fields["kind"])
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready form: ``{"kind": ..., **the rule's fields}``."""
+        return dict(self.fields)
+
+
+def spec_action(spec: Mapping[str, Any]) -> SpecAction:
+    """One ``ActionSpec`` (as a dict) as a :class:`SpecAction`: ``{"kind": ..., **its
+    fields as the rule gives them}``."""
+    (kind, params), = ((k, v) for k, v in spec.items() if v is not None and v is not False)
+    if isinstance(params, Mapping):
+        return SpecAction({"kind": kind, **params})
+    return SpecAction({"kind": kind} if kind == "stop" else {"kind": kind, kind: params})
 
 
 def _no_target(what: str, fix: str = "use centre: false, or ") -> ActionError:

@@ -4,7 +4,9 @@ The service creates one :class:`FeedbackController` and hands it, for each analy
 the frame and its published measurements (:meth:`on_measurements`, on the event loop, right
 after the ``measurements`` message went out and, in synchronized mode, before the next event
 is released). Accepted actions that acquire are injected into the acquisition's event feed,
-ahead of the remaining planned events; ``skip`` / ``mode`` / ``stop`` act at once.
+ahead of the remaining planned events; ``skip`` / ``mode`` / ``stop`` act at once (a
+``stop`` after actions of its own fire that queued events ends the plan only: their events
+run, then the acquisition ends by itself).
 
 Every decision is published on ``event``: ``feedback_action`` (with ``reaction_ms``) or
 ``feedback_refused``. ``reaction_ms`` runs from the triggering frame's ``t.acquired`` to the
@@ -332,8 +334,12 @@ class FeedbackController:
     # ------------------------------------------------------------ per frame
     def on_measurements(self, frame: Any, measurements: dict[str, Any]) -> None:
         """Evaluate the rules on one analysed frame and apply the decisions (event loop)."""
-        if not self.config.enabled or not self._running:
-            return  # no acquisition runs: the last frames of a finished one act no more
+        if not self.config.enabled:
+            return
+        if not self._running:  # no acquisition runs: the last frames of a finished one act
+            if self._pending:  # no more; but a stop let its fire's actions run first:
+                self._clock_only(measurements)  # their reaction clock still runs
+            return
         t0 = time.perf_counter()
         image = getattr(frame, "image", None)
         shape = tuple(image.shape[:2]) if image is not None else (0, 0)
@@ -345,6 +351,12 @@ class FeedbackController:
             self._started(int(ctx.index[FEEDBACK_INDEX_KEY]), ctx.acquired, "frameReady")
         self.engine.evaluate(ctx, apply=self._apply)
         self.eval_ms.append((time.perf_counter() - t0) * 1e3)
+
+    def _clock_only(self, measurements: dict[str, Any]) -> None:
+        """The fallback reaction clock on a frame no rule sees (after a ``stop``)."""
+        ctx = FrameContext.from_measurements(measurements, (0, 0))
+        if ctx.is_feedback:
+            self._started(int(ctx.index[FEEDBACK_INDEX_KEY]), ctx.acquired, "frameReady")
 
     def _apply(self, d: Decision) -> None:
         """Carry out one decision (the engine's ``apply``); a late refusal sets
@@ -403,7 +415,10 @@ class FeedbackController:
                     raise ValueError("this service cannot stop the acquisition")
                 if self._planned is not None:  # no further planned event, even in the
                     self._planned.close()  # instant before the stop below takes effect
-                self._stop()
+                if self._planned is None or not self._fire_queued(d):
+                    self._stop()
+                # else the actions before it in this fire (a list runs in order) take their
+                # frames first: with the plan ended, the run ends once the queue is empty
                 self._running = False  # the run is over: no more actions
         except Exception as exc:
             d.violation = Violation("not_applicable", str(exc))
@@ -412,6 +427,12 @@ class FeedbackController:
         self.accepted += 1
         self._accepted_here(d)
         self._publish_action(d, time.time(), "applied")
+
+    def _fire_queued(self, d: Decision) -> bool:
+        """Whether actions of ``d``'s fire (its rule, on its frame) before it queued events
+        that have not started yet."""
+        return any(p.rule == d.rule and p.frame_id == d.frame_id and p.action_id < d.action_id
+                   for p in self._pending.values())
 
     def _accepted_here(self, d: Decision) -> None:
         """The rule got through at this place: its next refusal there is news again."""

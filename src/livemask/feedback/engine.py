@@ -71,12 +71,16 @@ class Decision:
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready fields for the ``feedback_action`` / ``feedback_refused`` event."""
-        describe = getattr(self.action, "describe", None)
+        action, describe = self.action, getattr(self.action, "describe", None)
+        if callable(describe):
+            action = describe()
+        elif action is not None:  # what a user rule returned that is no action
+            action = repr(action)
         out: dict[str, Any] = {
             "action_id": self.action_id,
             "frame_id": self.frame_id,
             "rule": self.rule,
-            "action": describe() if callable(describe) else repr(self.action),
+            "action": action,
             "events": [event_json(e) for e in self.events],
             **({"restore": event_json(self.restore)} if self.restore is not None else {}),
             "index": dict(self.index),
@@ -194,8 +198,7 @@ class RuleEngine:
             return []
         # with every rule off too: the baselines stay current for when one is switched on
         self.tracker.compute(ctx)
-        if not any(s.enabled for s in self.slots):
-            return []
+        # (and rules switched off count the frame toward their cooldown_frames)
         decisions: list[Decision] = []
         view: FrameContext | None = None  # what user rules see, made for the first of them
         for slot in self.slots:
@@ -206,7 +209,8 @@ class RuleEngine:
             try:
                 actions = slot.evaluate(seen)
             except ActionError as exc:  # it fired, but its action cannot be made here
-                d = self._decision(slot, None, ctx, None)
+                # (a declarative rule's: the action as the rule gives it; else none)
+                d = self._decision(slot, exc.action, ctx, None)
                 d.violation = Violation(exc.reason, str(exc))
                 d.decided = self._wall_clock()
                 self._settle(slot, d, apply)

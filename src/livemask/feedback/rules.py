@@ -25,9 +25,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from livemask.errors import ConfigError
-from livemask.feedback.actions import ACTION_TYPES, ActionError, action_from_spec
+from livemask.feedback.actions import ACTION_TYPES, ActionError, action_from_spec, spec_action
 from livemask.feedback.context import FEATURES, FrameContext
-from livemask.feedback.spec import Compare, RuleSpec, ValueTest
+from livemask.feedback.spec import ActionSpec, Compare, RuleSpec, ValueTest
 
 log = logging.getLogger("livemask")
 
@@ -70,6 +70,7 @@ def reduce_value(value: Any, how: str) -> float | None:
 MESSAGE_FIELDS = frozenset({
     "v", "topic", "seq", "arrays", "t", "frame_id", "index", "acquisition", "position",
     "settings", "pixel_size_um", "image_shape", "summary", "objects", "grains",
+    "replayed_from",
 })
 #: Fields that hold no ``[low, high]`` interval anywhere below them.
 NO_INTERVALS = frozenset(MESSAGE_FIELDS - {"objects", "grains"})
@@ -158,6 +159,11 @@ class DeclarativeRule:
         self._streak.clear()
         self.targets = []
 
+    def switched_on(self) -> None:
+        """The rule was switched back on: the frames it did not see while off broke every
+        streak (``persist_frames`` counts consecutive frames)."""
+        self._streak.clear()
+
     def matching_objects(self, ctx: FrameContext) -> list[int]:
         """Indices of the objects that pass every ``where`` test."""
         cond = self.when.objects
@@ -218,7 +224,7 @@ class DeclarativeRule:
         self.targets = []
         chosen = self.pick(ctx, hits)
         if not chosen:
-            return [action_from_spec(a.model_dump(), None) for a in self.spec.actions]
+            return [_make(a, None) for a in self.spec.actions]
         actions: list[Any] = []
         for i in chosen:
             f = ctx.features[i]
@@ -226,9 +232,20 @@ class DeclarativeRule:
             target_yx = (cy, cx) if cy is not None and cx is not None else None
             target = target_of(ctx, i, len(hits))
             for a in self.spec.actions:
-                actions.append(action_from_spec(a.model_dump(), target_yx))
+                actions.append(_make(a, target_yx))
                 self.targets.append(target)
         return actions
+
+
+def _make(action: ActionSpec, target_yx: tuple[float, float] | None) -> Any:
+    """The action of ``action``; an ActionError raised names it (``spec_action``)."""
+    spec = action.model_dump()
+    try:
+        return action_from_spec(spec, target_yx)
+    except ActionError as exc:
+        if exc.action is None:
+            exc.action = spec_action(spec)
+        raise
 
 
 def load_user_rule(spec: RuleSpec) -> Rule:
@@ -310,13 +327,25 @@ class RuleSlot:
     def __init__(self, spec: RuleSpec, rule: Rule | None = None) -> None:
         self.spec = spec
         self.rule: Rule = rule if rule is not None else build_rule(spec)
-        self.enabled = spec.enabled
+        self._enabled = spec.enabled
         # counters of the current (or last) acquisition: reset when one starts
         self.fired = 0  # times the rule returned actions
         self.actions = 0  # actions carried out (accepted and applied or injected)
         self.refused = 0  # actions refused (by a limit, or when applied)
         self.errors = 0  # exceptions raised by the rule
         self._last_fire: dict[str, list[float]] = {}  # key -> [acquired time, frames since]
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the rule is evaluated. Switched from off to on, a declarative rule's
+        ``persist_frames`` streaks start again (the frames it did not see broke them)."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, on: bool) -> None:
+        if on and not self._enabled and isinstance(self.rule, DeclarativeRule):
+            self.rule.switched_on()
+        self._enabled = on
 
     @property
     def name(self) -> str:
@@ -344,13 +373,17 @@ class RuleSlot:
     def evaluate(self, ctx: FrameContext) -> list[Any]:
         """The rule's actions for this frame, after enabled/applies_to/cooldown/max_fires."""
         spec = self.spec
-        if not self.enabled or not self.sees(ctx):
+        if not self.sees(ctx):
+            return []
+        key = scope_key(ctx, spec.scope)
+        last = self._last_fire.get(key)
+        if not self._enabled:  # off: its frames still count toward ``cooldown_frames``
+            if last is not None:  # (as the time toward ``cooldown_s`` goes on)
+                last[1] += 1
             return []
         if spec.max_fires is not None and self.fired >= spec.max_fires:
             return []
-        key = scope_key(ctx, spec.scope)
         acquired = ctx.acquired  # (read before the rule runs: it may rebind ``ctx.t``)
-        last = self._last_fire.get(key)
         if last is not None:
             last[1] += 1
             if acquired - last[0] < -CLOCK_STEP_S:  # the wall clock was set back:

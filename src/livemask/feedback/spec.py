@@ -415,8 +415,9 @@ class FeedbackConfig(_Spec):
 
 def check_rule_limits(rules: list[RuleSpec], limits: LimitsSpec, what: str) -> None:
     """ValueError for a declarative rule whose action breaks a limit on every fire:
-    too long (``max_action_duration_s``), too many frames (``max_frames_per_action``) or a
-    Z-stack spanning more than ``max_z_range_um``."""
+    too long (``max_action_duration_s``), too many frames (``max_frames_per_action``, or
+    more than ``max_added_frames_per_minute`` allows in any minute) or a Z-stack spanning
+    more than ``max_z_range_um``."""
     check_rule_durations(rules, limits, what)
     for i, rule in enumerate(rules):
         for action in rule.actions:
@@ -426,8 +427,8 @@ def check_rule_limits(rules: list[RuleSpec], limits: LimitsSpec, what: str) -> N
 
 
 def _action_over_limits(action: ActionSpec, limits: LimitsSpec) -> str | None:
-    """What makes ``action`` break ``max_frames_per_action`` or ``max_z_range_um`` (None:
-    nothing)."""
+    """What makes ``action`` break ``max_frames_per_action``, ``max_added_frames_per_minute``
+    or ``max_z_range_um`` on every fire (None: nothing)."""
     from livemask.feedback.actions import zstack_planes
 
     kind, frames, span = "", 0, 0.0
@@ -442,6 +443,14 @@ def _action_over_limits(action: ActionSpec, limits: LimitsSpec) -> str | None:
         return (
             f"{kind} of {frames} frames, more than feedback.limits.max_frames_per_action "
             f"({limits.max_frames_per_action}): every fire would be refused; lower "
+            f"{'zstack.range_um or raise zstack.step_um' if kind == 'zstack' else kind + '.frames'}"
+            ", or raise the limit"
+        )
+    per_minute = limits.max_added_frames_per_minute
+    if per_minute is not None and frames > per_minute:
+        return (
+            f"{kind} of {frames} frames, more than feedback.limits.max_added_frames_per_minute "
+            f"({per_minute}): every fire would be refused; lower "
             f"{'zstack.range_um or raise zstack.step_um' if kind == 'zstack' else kind + '.frames'}"
             ", or raise the limit"
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +24,10 @@ from livemask.transport.publisher import (
     queue_hwm,
 )
 from tests.conftest import make_config
+from tests.test_ops_fixes_s24 import short_dir
 from tests.test_service import collect_run
+
+__all__ = ["short_dir"]  # (a fixture of test_ops_fixes_s24, used here)
 
 
 def test_the_high_water_mark_fits_the_budget_to_the_frame_size() -> None:
@@ -122,3 +126,23 @@ async def test_no_budget_keeps_publish_sndhwm() -> None:
     cfg = make_config(publish={"max_queued_mb": 0, "sndhwm": 150})
     async with Service(cfg) as svc:
         assert svc.status()["publisher"]["sndhwm"] == 150
+
+
+@pytest.mark.parametrize("address", ["ipc://pub.sock", "ipc://./pub.sock"])
+def test_a_relative_ipc_address_is_bound_again(
+    address: str, short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rebind unbound the absolute path status reports: libzmq matches an ipc unbind
+    only as bound, so a service on a relative ipc path with a large camera failed to
+    start (review)."""
+    monkeypatch.chdir(short_dir)
+    with ZmqPublisher(address, sndhwm=200, heartbeat_s=0) as pub:
+        assert pub.limit_queue(5)
+        assert pub.bound_address == f"ipc://{short_dir / 'pub.sock'}"
+        ctx = zmq.Context()
+        try:
+            sub = _stalled_subscriber(ctx, pub.bound_address)
+            _until_connected(pub, sub)
+            sub.close()
+        finally:
+            ctx.term()

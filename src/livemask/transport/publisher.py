@@ -219,23 +219,26 @@ class ZmqPublisher:
         if sndhwm >= self.sndhwm or self.address.startswith("inproc://") \
                 or self.address == "ipc://*":
             return False
-        endpoint = self.bound_address
-        self._socket.unbind(endpoint)
-        self._socket.setsockopt(zmq.SNDHWM, sndhwm)
+        # as bound (libzmq unbinds an ipc path only as it was written, relative or not)
+        endpoint = self._socket.getsockopt(zmq.LAST_ENDPOINT).decode()
         deadline = time.monotonic() + REBIND_TIMEOUT_S
-        while True:
-            try:
-                self._socket.bind(endpoint)
-                break
-            except zmq.ZMQError as exc:
-                if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
-                    raise ConfigError(
-                        f"cannot bind the publisher to {endpoint!r} again (to lower its "
-                        f"high-water mark to {sndhwm} messages for publish.max_queued_mb): "
-                        f"{exc}. Another process took the address meanwhile: choose another "
-                        "with --pub or publish.pub_address, or set publish.max_queued_mb "
-                        "to 0") from exc
-                time.sleep(0.005)
+        try:
+            self._socket.unbind(endpoint)
+            self._socket.setsockopt(zmq.SNDHWM, sndhwm)
+            while True:
+                try:
+                    self._socket.bind(endpoint)
+                    break
+                except zmq.ZMQError as exc:
+                    if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.005)
+        except zmq.ZMQError as exc:
+            raise ConfigError(
+                f"cannot bind the publisher to {endpoint!r} again (to lower its high-water "
+                f"mark to {sndhwm} messages for publish.max_queued_mb): {exc}; choose "
+                "another address with --pub or publish.pub_address (another process may "
+                "have taken it meanwhile), or set publish.max_queued_mb to 0") from exc
         self.sndhwm = sndhwm
         if self._ipc_file is not None:  # the bind made a new socket file
             self._ipc_file = bound_ipc_file(ipc_path(self.address))

@@ -95,8 +95,9 @@ class EventFeed(Iterator[useq.MDAEvent]):
         #: start times of batches injected ``timed_from_first`` are not kept
         self._clock = clock
         self._timed: dict[int, _TimedBatch] = {}  # id of an injected event -> its batch
-        #: ids of the injected events issued last (the runner may look an event ahead)
-        self._issued_injected: deque[int] = deque(maxlen=16)
+        #: the injected events issued last (the runner may look an event ahead; kept, not
+        #: their ids, which a later event may reuse)
+        self._issued_injected: deque[useq.MDAEvent] = deque(maxlen=16)
         self._cond = threading.Condition()
         self._closed = False
         self._planned_done = False
@@ -166,7 +167,7 @@ class EventFeed(Iterator[useq.MDAEvent]):
             self._check_delivery()
             if self._injected:
                 event = self._timed_start(self._injected.popleft())
-                self._issued_injected.append(id(event))
+                self._issued_injected.append(event)
                 if not is_service_event(event):
                     self._counted -= 1
             else:
@@ -185,7 +186,7 @@ class EventFeed(Iterator[useq.MDAEvent]):
 
     def was_injected(self, event: useq.MDAEvent) -> bool:
         """Whether ``event``, issued lately, was injected (not one of the plan's)."""
-        return id(event) in self._issued_injected
+        return any(event is issued for issued in self._issued_injected)
 
     def _timed_start(self, event: useq.MDAEvent) -> useq.MDAEvent:
         """``event`` with its ``min_start_time`` on the runner's clock where it was injected

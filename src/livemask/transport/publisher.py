@@ -220,7 +220,8 @@ class ZmqPublisher:
                 or self.address == "ipc://*":
             return False
         # as bound (libzmq unbinds an ipc path only as it was written, relative or not)
-        endpoint = self._socket.getsockopt(zmq.LAST_ENDPOINT).decode()
+        raw = self._socket.getsockopt(zmq.LAST_ENDPOINT)
+        endpoint = raw.decode() if isinstance(raw, bytes) else str(raw)
         deadline = time.monotonic() + REBIND_TIMEOUT_S
         try:
             self._socket.unbind(endpoint)

@@ -293,4 +293,12 @@ async def test_an_slm_image_is_refused_on_a_rig_without_an_slm() -> None:
         with pytest.raises(ControlError, match=r"invalid_args.*events\[1\]\.slm_image: the rig "
                            r"has no SLM.*Core-SLM"):
             await control(svc, "enqueue", events=[{}, {"slm_image": image}])
+        # a device named: it must be an SLM the rig loads (the camera is none)
+        with pytest.raises(ControlError, match=r"events\[0\]\.slm_image\.device: 'Camera' is "
+                           r"not an SLM of the rig \(SLMs: none\)"):
+            await control(svc, "enqueue", events=[{"slm_image": {**image, "device": "Camera"}}])
         assert not svc.acquiring and svc.acquisitions_finished == 0
+        # a rig that loads an SLM but sets no Core-SLM takes an image that names it (review)
+        svc.core_info = {**svc.core_info, "slms": ["SLM1"]}
+        svc.rig_checks.check_slm([("events[0].slm_image",
+                                   useq.SLMImage(data=[[0, 1]], device="SLM1"))])

@@ -420,6 +420,7 @@ def describe_core(mmc: CMMCorePlus) -> dict[str, Any]:
         "focus": mmc.getFocusDevice(),
         "autofocus": mmc.getAutoFocusDevice(),
         "slm": mmc.getSLMDevice(),
+        "slms": list(mmc.getLoadedDevicesOfType(DeviceType.SLM)),
         "shutter": mmc.getShutterDevice(),
         "auto_shutter": mmc.getAutoShutter(),
         "channel_group": group,

@@ -164,20 +164,29 @@ class RigChecks:
             None))
         self.check_autofocus([(f"events[{i}].action", e.action) for i, e in enumerate(events)
                               if isinstance(e.action, useq.HardwareAutofocus)])
-        self.check_slm(next((f"events[{i}].slm_image" for i, e in enumerate(events)
-                             if e.slm_image is not None), None))
+        self.check_slm([(f"events[{i}].slm_image", e.slm_image) for i, e in enumerate(events)
+                        if e.slm_image is not None])
 
-    def check_slm(self, where: str | None) -> None:
-        """ConfigError for an SLM image (``where`` names it; None: there is none) on a rig
-        without an SLM: pymmcore-plus would log "No SLM device found" and take the frame
-        without the pattern (a photostimulation that never happens)."""
-        if where is None or not isinstance(self._owner.source, MicroscopeSource):
+    def check_slm(self, images: Sequence[tuple[str, Any]]) -> None:
+        """ConfigError for an SLM image (``(name, image)``) that no SLM would show: none
+        named (``device``) on a rig without Core-SLM, or a device the rig does not load.
+        pymmcore-plus would log "No SLM device found" and take the frame without the
+        pattern (a photostimulation that never happens)."""
+        if not images or not isinstance(self._owner.source, MicroscopeSource):
             return
-        if self._owner.core_info.get("slm") == "":  # as opened (core.getSLMDevice())
-            raise ConfigError(
-                f"{where}: the rig has no SLM, so the pattern would not be shown; set an SLM "
-                "device (Core-SLM) in hardware.config_file, or leave slm_image out"
-            )
+        slms = self._owner.core_info.get("slms") or []
+        for where, image in images:
+            device = getattr(image, "device", None)
+            if device and device not in slms:
+                raise ConfigError(
+                    f"{where}.device: {device!r} is not an SLM of the rig (SLMs: "
+                    f"{', '.join(slms) or 'none'}); give the label of its SLM, or leave "
+                    "device out to use Core-SLM")
+            if not device and self._owner.core_info.get("slm") == "":  # getSLMDevice()
+                raise ConfigError(
+                    f"{where}: the rig has no SLM (Core-SLM), so the pattern would not be "
+                    "shown; set one in hardware.config_file, name a loaded SLM in its "
+                    "device, or leave slm_image out")
 
     def check_on_rig(
         self, what: str, channels: Sequence[Any] = (), exposures: Sequence[float] = (),

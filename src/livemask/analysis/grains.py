@@ -405,17 +405,20 @@ def tile_footprint(
     ``centre_offset_px`` (rows, cols) how far the tile's centre lies from there (a camera
     ROI's: :func:`roi_centre_offset`); ``pixel_to_stage`` maps pixels to the stage,
     ``((dx/dcol, dx/drow), (dy/dcol, dy/drow))`` µm per pixel (``feedback.pixel_to_stage``
-    scaled to the tile's pixel size, or the pixel size on the diagonal). A camera rotated
-    against the stage gives the bounding rectangle of the tile (exact for a flip or a
-    quarter turn)."""
+    scaled to the tile's pixel size, or the pixel size on the diagonal). The rectangle has
+    the tile's own width and height, along the stage axis its columns (rows) run closest
+    to: exact for a flip or a quarter turn; for a camera a few degrees off the stage, a
+    grid laid out along the stage axes then tiles without overlaps (the tile's bounding
+    box would overlap its neighbours by more than :data:`MAX_OVERLAP` from 3.5°)."""
     (a, b), (c, d) = pixel_to_stage
     drow, dcol = centre_offset_px
     cx = float(stage_xy_um[0]) + a * dcol + b * drow
     cy = float(stage_xy_um[1]) + c * dcol + d * drow
     h, w = shape
-    half_x = (abs(a) * w + abs(b) * h) / 2
-    half_y = (abs(c) * w + abs(d) * h) / 2
-    return (cx - half_x, cy - half_y, cx + half_x, cy + half_y)
+    width, height = math.hypot(a, c) * w, math.hypot(b, d) * h  # along columns, rows
+    if abs(a) < abs(b):  # columns run closer to the stage's y: a quarter turn
+        width, height = height, width
+    return (cx - width / 2, cy - height / 2, cx + width / 2, cy + height / 2)
 
 
 def roi_centre_offset(

@@ -15,7 +15,8 @@ import pytest
 import useq
 from pydantic import ValidationError
 
-from livemask.errors import ConfigError
+from livemask.acquisition.feed import EventFeed
+from livemask.errors import AcquisitionEnding, ConfigError
 from livemask.feedback import FeedbackConfig
 from livemask.feedback.rules import DeclarativeRule, value_path_problem
 from livemask.feedback.spec import RuleSpec, ValueTest
@@ -30,10 +31,10 @@ LAST_LOOK = {"name": "last-look", "when": ALWAYS, "max_fires": 1,
 
 # ------------------------------------------------------------------ 1: burst, then stop
 def _stopping(rules: list[dict[str, Any]]) -> tuple[Any, ...]:
-    stops: list[bool] = []
+    stops: list[Any] = []  # True: stopped; a list: to end once those events have run
     ctl, injected, published = controller(
         rules, {"stage_x_range_um": [-100, 100]}, stop=lambda: stops.append(True),
-        loop=asyncio.get_running_loop())
+        finish_with=stops.append, loop=asyncio.get_running_loop())
     planned = ctl.wrap_planned(iter([useq.MDAEvent(index={"t": t, "p": 0}) for t in range(5)]))
     assert next(planned).index == {"t": 0, "p": 0}  # the triggering frame's event
     return ctl, injected, published, stops, planned
@@ -44,8 +45,9 @@ async def test_a_stop_after_a_burst_in_one_fire_lets_the_burst_run() -> None:
     frame(ctl, 0)
     (events,) = injected  # the burst's 3 frames are queued ...
     assert [e.index.get("fb") for e in events] == [1, 1, 1]
-    assert stops == []  # ... and not cancelled: the run is not stopped,
-    with pytest.raises(StopIteration):  # but the plan has ended
+    # ... and not cancelled: the run ends once they (and nothing else queued) have run
+    assert len(stops) == 1 and [id(e) for e in stops[0]] == [id(e) for e in events]
+    with pytest.raises(StopIteration):  # and the plan has ended
         next(planned)
     ((kind, stop),) = published
     assert kind == "feedback_action" and stop["action"] == {"kind": "stop"}
@@ -80,6 +82,22 @@ async def test_a_stop_of_another_rule_still_cancels_the_queued_actions() -> None
     ctl, injected, _, stops, _ = _stopping([burst, stop])
     frame(ctl, 0)
     assert len(injected) == 1 and stops == [True]
+
+
+def test_the_feed_ends_once_the_kept_events_have_run() -> None:
+    """Review: the stop only ended the plan, so everything queued ran first (a client's
+    enqueue backlog of up to 100,000 events, other rules' bursts, events enqueued
+    later), and a queue that never drained never stopped."""
+    feed = EventFeed(iter([useq.MDAEvent(index={"t": t}) for t in range(5)]))
+    backlog = [useq.MDAEvent(index={"ext": i}) for i in range(3)]
+    burst = [useq.MDAEvent(index={"fb": 1, "t": 0}) for _ in range(2)]
+    feed.inject(backlog)
+    feed.inject(burst)
+    feed.finish_with(burst)
+    assert list(feed) == burst  # the backlog dropped, no planned event after
+    assert feed.not_run == 3 and feed.pending == 0
+    with pytest.raises(AcquisitionEnding):
+        feed.inject([useq.MDAEvent()])
 
 
 async def test_the_service_takes_the_last_look_before_it_stops() -> None:

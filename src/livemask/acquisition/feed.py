@@ -101,6 +101,7 @@ class EventFeed(Iterator[useq.MDAEvent]):
         self._cond = threading.Condition()
         self._closed = False
         self._planned_done = False
+        self._finishing = False  # finish_with: the run ends once the injected queue is empty
         self.mode: Mode = mode
         self.sync_timeout_s = sync_timeout_s
         self.issued = 0
@@ -171,7 +172,7 @@ class EventFeed(Iterator[useq.MDAEvent]):
                 if not is_service_event(event):
                     self._counted -= 1
             else:
-                nxt = next(self._planned, None)
+                nxt = None if self._finishing else next(self._planned, None)
                 if nxt is None:
                     self._planned_done = True
                     raise StopIteration
@@ -227,7 +228,7 @@ class EventFeed(Iterator[useq.MDAEvent]):
         items = list(events)
         counted = sum(not is_service_event(e) for e in items)
         with self._cond:
-            if self._closed or self._planned_done:
+            if self._closed or self._planned_done or self._finishing:
                 raise AcquisitionEnding(
                     "the acquisition has taken its last event and is ending; the events were "
                     "not added"
@@ -267,6 +268,23 @@ class EventFeed(Iterator[useq.MDAEvent]):
         """Switch the mode while running."""
         with self._cond:
             self.mode = mode
+            self._cond.notify_all()
+
+    def finish_with(self, keep: Iterable[useq.MDAEvent]) -> None:
+        """End the acquisition once the injected events ``keep`` still waiting have run: the
+        other injected events waiting are dropped (counted in ``not_run``, the service's own
+        not), no planned event follows and no more are taken (``inject`` raises
+        :class:`AcquisitionEnding`)."""
+        with self._cond:
+            ids = {id(e) for e in keep}
+            dropped = [e for e in self._injected if id(e) not in ids]
+            self._injected = deque(e for e in self._injected if id(e) in ids)
+            lost = sum(not is_service_event(e) for e in dropped)
+            self.not_run += lost
+            self._counted -= lost
+            for event in dropped:
+                self._timed.pop(id(event), None)
+            self._finishing = True
             self._cond.notify_all()
 
     def close(self) -> None:

@@ -636,6 +636,12 @@ class MicroscopeSource(FeedThreadSource):
             raise AcquisitionEnding("the acquisition has ended; the events were not added")
         return self._feed.inject(events, timed_from_first=timed_from_first)
 
+    def finish_with(self, events: Iterable[useq.MDAEvent]) -> None:
+        """End the running acquisition once ``events`` (queued by :meth:`inject`) have run,
+        dropping the other queued events (see :meth:`EventFeed.finish_with`)."""
+        if self._feed is not None:
+            self._feed.finish_with(events)
+
     def follow_planned_exposure(
         self, exposure_now: Callable[[useq.MDAEvent], float | None] | None
     ) -> None:

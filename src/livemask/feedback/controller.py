@@ -183,6 +183,7 @@ class FeedbackController:
         publish: Publish,
         set_mode: Callable[[str], None] | None = None,
         stop: Callable[[], None] | None = None,
+        finish_with: Callable[[list[useq.MDAEvent]], None] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
         latency_window: int = 2000,
         camera_settings: Callable[[], Mapping[str, Any]] | None = None,
@@ -197,6 +198,9 @@ class FeedbackController:
         ``camera_settings`` (optional: the camera's settings as the service knows them
         without a device call, ``exposure_ms``, ``channel``), read when an acquisition
         starts; without either the settings are known only from the events that set them.
+        ``finish_with`` (optional) ends the acquisition once the given queued events have
+        run, dropping the others (a ``stop`` after actions of its own fire); without it such
+        a stop cancels them too.
         ``check_events``
         (optional) raises for an action's events that the microscope cannot run as given
         (a channel preset it lacks, an exposure beyond its camera's limits): refused."""
@@ -219,6 +223,7 @@ class FeedbackController:
         self._publish = publish
         self._set_mode = set_mode
         self._stop = stop
+        self._finish_with = finish_with
         self._loop = loop
         self._planned: PlannedEvents | None = None
         self._pending: dict[int, Decision] = {}
@@ -415,10 +420,13 @@ class FeedbackController:
                     raise ValueError("this service cannot stop the acquisition")
                 if self._planned is not None:  # no further planned event, even in the
                     self._planned.close()  # instant before the stop below takes effect
-                if self._planned is None or not self._fire_queued(d):
+                fire = self._fire_queued(d)
+                if fire and self._finish_with is not None:
+                    # the actions before it in this fire (a list runs in order) take their
+                    # frames first; everything else queued is dropped, as by a stop
+                    self._finish_with(fire)
+                else:
                     self._stop()
-                # else the actions before it in this fire (a list runs in order) take their
-                # frames first: with the plan ended, the run ends once the queue is empty
                 self._running = False  # the run is over: no more actions
         except Exception as exc:
             d.violation = Violation("not_applicable", str(exc))
@@ -428,11 +436,12 @@ class FeedbackController:
         self._accepted_here(d)
         self._publish_action(d, time.time(), "applied")
 
-    def _fire_queued(self, d: Decision) -> bool:
-        """Whether actions of ``d``'s fire (its rule, on its frame) before it queued events
-        that have not started yet."""
-        return any(p.rule == d.rule and p.frame_id == d.frame_id and p.action_id < d.action_id
-                   for p in self._pending.values())
+    def _fire_queued(self, d: Decision) -> list[useq.MDAEvent]:
+        """The queued events (restore events too) of the actions of ``d``'s fire (its rule,
+        on its frame) before it that have not started yet."""
+        return [e for p in self._pending.values()
+                if p.rule == d.rule and p.frame_id == d.frame_id and p.action_id < d.action_id
+                for e in (*p.events, *([p.restore] if p.restore is not None else []))]
 
     def _accepted_here(self, d: Decision) -> None:
         """The rule got through at this place: its next refusal there is news again."""

@@ -447,6 +447,7 @@ class Service:
             publish=self._event,
             set_mode=lambda mode: self._spawn(self.apply_settings(mode=mode)),  # type: ignore[arg-type]
             stop=lambda: self._spawn(self.stop_acquisition()),
+            finish_with=getattr(self.source, "finish_with", None),
             loop=self._loop,
             check_events=self.rig_checks.check_feedback_events,
             cannot_acquire=getattr(self.source, "cannot_acquire", None),  # e.g. a replay

@@ -29,3 +29,15 @@ def test_a_bind_address_is_refused_where_a_service_is_connected_to(
     assert result.exit_code == 2, result.output
     assert why in " ".join(result.output.replace("│", " ").split())
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", [["watch", "--duration", "0.2", "--pub"],
+                                     ["dashboard", "--listen", "127.0.0.1:0", "--connect"]])
+def test_a_malformed_address_is_not_told_to_use_a_binds_port(command: list[str]) -> None:
+    """'127.0.0.1:5555' was told "(port * picks a free one)", which these flags then refuse
+    (newcomer hunt)."""
+    result = runner.invoke(app, [*command, "127.0.0.1:5555"])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.replace("│", " ").split())
+    assert "'127.0.0.1:5555' is not a valid address: give tcp://HOST:PORT" in text
+    assert "*" not in text

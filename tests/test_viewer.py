@@ -376,3 +376,43 @@ def test_view_says_the_service_is_starting_not_that_its_acquisition_finished() -
     assert view.end_line() == STARTING_LINE
     view.update(Message("status", {"state": "idle", "acquiring": False}, {}))
     assert view.end_line() == FINISHED_HINT
+
+
+def test_watch_truth_says_when_the_service_publishes_none() -> None:
+    """watch --truth on a service started without --truth showed no score and no word why
+    (newcomer hunt): the README shows the two --truth as independent options."""
+    import threading
+
+    import zmq
+
+    from livemask.protocol import encode
+    from livemask.viewer import NO_TRUTH, watch
+
+    ctx = zmq.Context.instance()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+
+    def publish() -> None:
+        seq = 0
+        while not stop.wait(0.05):
+            pub.send_multipart(encode("status", {"seq": seq, "state": "running",
+                                                 "truth": False}))
+            pub.send_multipart(encode("measurements", {"frame_id": seq, "seq": seq,
+                                                       "summary": {"count": 7}}))
+            seq += 1
+
+    thread = threading.Thread(target=publish)
+    thread.start()
+    try:
+        view = watch(f"tcp://127.0.0.1:{port}", truth=True, duration_s=1.0)
+    finally:
+        stop.set()
+        thread.join()
+        pub.close()
+    assert view.truth_unavailable
+    assert f"vs truth: {NO_TRUTH}" in view.summary_line()
+    console = Console(record=True, width=200)
+    console.print(view.render())
+    assert "livemask serve --truth" in console.export_text()

@@ -88,9 +88,12 @@ def _service_address(value: str | None) -> str | None:
     0)."""
     from livemask.client.control import ADDRESS_FORM, check_connect_form
 
-    value = _address(value)
     if value is None:
         return None
+    try:
+        value = check_address(value)
+    except ValueError:  # (its text offers port *, which a connect cannot take)
+        raise typer.BadParameter(f"{value!r} is not a valid address: {ADDRESS_FORM}") from None
     port = value.rpartition(":")[2]
     if value.startswith("tcp://") and port in ("*", "0"):
         raise typer.BadParameter(

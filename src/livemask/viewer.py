@@ -149,6 +149,11 @@ STALE_S = 3.0
 NOTHING_YET_S = 5.0
 
 
+#: What ``watch --truth`` shows where the service publishes no truth.
+NO_TRUTH = ("none: the service publishes no truth (start it with livemask serve --truth; "
+            "simulated microscope only)")
+
+
 class ConsoleView:
     """Keeps the latest state of the stream and renders it as rich tables."""
 
@@ -168,6 +173,8 @@ class ConsoleView:
         self.bad_messages = 0  # that could not be decoded or made no sense (left out)
         self.started_at = time.monotonic()
         self.over = False  # the view has taken its last message (set as it ends)
+        #: truth was asked for (``--truth``) but the service publishes none
+        self.truth_unavailable = False
 
     def update(self, msg: Message) -> None:
         """Fold one message into the view; one that makes no sense is counted and left out."""
@@ -276,6 +283,8 @@ class ConsoleView:
         if total is not None:
             top.add_row("vs truth", f"F1@0.5 {total.f1:.3f} (P {total.precision:.3f}, "
                         f"R {total.recall:.3f}) over {self.score.frames_scored} frames")
+        elif self.truth_unavailable:
+            top.add_row("vs truth", NO_TRUTH)
         objects = Table(title="largest objects", expand=False)
         for col in ("label", f"area {units.area}", "centroid (y, x)", "mean int."):
             objects.add_column(col, justify="right")
@@ -327,6 +336,8 @@ class ConsoleView:
         total = self.score.total()
         if total is not None:
             line += f", F1@0.5 vs truth {total.f1:.3f}"
+        elif self.truth_unavailable:
+            line += f", vs truth: {NO_TRUTH}"
         silent = self.silent_s()
         if silent is not None and not self.stopping():  # (stopping: it stopped, as said)
             line += f" (no status for {silent:.0f} s: the service is gone or unreachable)"
@@ -454,11 +465,13 @@ def _receive(sub: Subscriber, view: ConsoleView, timeout_s: float) -> bool:
 
 def _keep_truth(sub: Subscriber, view: ConsoleView) -> bool:
     """Whether to go on taking labels for the truth score: not once the status says the
-    service publishes no truth (a rig that is not simulated), as label images cost."""
+    service publishes no truth (a rig that is not simulated, or a simulated one without
+    ``simulation.truth``), as label images cost."""
     if view.status.get("truth") is not False:
         return True
     for topic in ("labels", "truth"):
         sub.unsubscribe(topic)
+    view.truth_unavailable = True  # said in the view: the score would just be missing
     return False
 
 

@@ -19,10 +19,12 @@ and in synchronized mode the next planned event has been released by then.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from typing import Any
 
 from livemask.client import ControlClient, Subscriber
+from livemask.errors import ControlError
 from livemask.feedback import EventPlanner, FeatureTracker, FrameContext
 from livemask.feedback.actions import ActionError
 
@@ -117,10 +119,16 @@ def main() -> None:
     ) as ctl:
         if args.disable_rule:
             ctl.request("rules", enabled={name: False for name in args.disable_rule})
+        hint_at: float | None = time.monotonic() + 5.0  # say so when nothing comes
         while deadline is None or time.monotonic() < deadline:
             msg = sub.recv(timeout_s=1.0)
             if msg is None:
+                if hint_at is not None and time.monotonic() > hint_at:
+                    hint_at = None
+                    print(f"no measurements from {args.pub} after 5 s: is `livemask serve` "
+                          "running there, with feedback or frames to analyse?", file=sys.stderr)
                 continue
+            hint_at = None
             # (the frame's size comes with its measurements: image_shape)
             events = controller.on_measurements(dict(msg.header))
             if events:
@@ -135,4 +143,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        pass
+    except ControlError as exc:  # refused, or no reply (ControlTimeout): one line, not a trace
+        sys.exit(f"error: {exc}")

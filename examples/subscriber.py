@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 from livemask.client import Subscriber
@@ -12,7 +13,7 @@ from livemask.client import Subscriber
 
 def main(address: str = "tcp://127.0.0.1:5555") -> None:
     with Subscriber(address, topics=("measurements", "event")) as sub:
-        for msg in sub:
+        for msg in sub.messages():  # (says so when nothing comes)
             h = msg.header
             if msg.topic == "event":
                 print("event:", h["kind"])
@@ -23,4 +24,5 @@ def main(address: str = "tcp://127.0.0.1:5555") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: the way to end it
+        main(*sys.argv[1:])

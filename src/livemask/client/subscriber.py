@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import sys
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from types import TracebackType
 from typing import Any, cast
@@ -232,6 +234,13 @@ class Subscriber(_SubscriberBase):
 
     def __iter__(self) -> Iterator[Message]:
         """Yield messages until the subscriber is closed."""
+        return self.messages(silent_hint_s=math.inf)
+
+    def messages(self, *, silent_hint_s: float = 5.0) -> Iterator[Message]:
+        """Iterate as ``for msg in sub``, saying once on stderr when nothing has come for
+        ``silent_hint_s`` seconds (no service there, or not at this address): a script
+        that waits in silence looks hung."""
+        deadline: float | None = time.monotonic() + silent_hint_s
         while self._socket is not None:
             try:
                 msg = self.recv(timeout_s=_ITER_POLL_S)
@@ -240,7 +249,13 @@ class Subscriber(_SubscriberBase):
                     return
                 raise
             if msg is not None:
+                deadline = None
                 yield msg
+            elif deadline is not None and time.monotonic() > deadline:
+                deadline = None
+                print(f"no messages from {self.address} after {silent_hint_s:g} s: is a "
+                      "service running there (livemask serve), and is this its "
+                      "publish.pub_address?", file=sys.stderr)
 
     def close(self) -> None:
         """Close the socket; idempotent."""

@@ -29,7 +29,7 @@ from typing import Any
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory_run import rss_mb  # noqa: E402
+from memory_run import rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,6 +6,8 @@ division or lineage tracking."""
 
 from __future__ import annotations
 
+import pytest
+
 from livemask.acquisition.simulated.nuclei import NucleiParams, NucleiSample
 from livemask.config import parse_config
 from tests.conftest import make_config
@@ -36,3 +38,20 @@ def test_the_config_passes_turnover_to_the_nuclei_sample() -> None:
     assert cfg.simulation.sample_overrides() == {"turnover_per_step": 0.0015}
     grains = parse_config({"simulation": {"sample": "grains", "turnover_per_step": 0.1}})
     assert grains.simulation.sample_overrides() == {}
+
+
+def test_the_lineage_of_a_sample_that_divides_for_ever_is_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With turnover the mitosis log and the lineage grew by every division (≈ 35 MB an
+    hour at 10 frames/s in the default world): the newest LINEAGE_KEPT are kept."""
+    from livemask.acquisition.simulated import nuclei
+
+    monkeypatch.setattr(nuclei, "LINEAGE_KEPT", 20)
+    sample = NucleiSample(NucleiParams(world_shape_px=(512, 512), turnover_per_step=0.0015),
+                          seed=1)
+    for _ in range(1500):
+        sample.step()
+    assert 20 <= len(sample.mitosis_log) <= 40 and 40 <= len(sample.parent_of) <= 80
+    newest = max(sample.parent_of)  # the last daughter's id is kept
+    assert sample.parent_of[newest] in {r.nucleus_id for r in sample.mitosis_log}

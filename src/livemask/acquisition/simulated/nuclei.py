@@ -66,6 +66,10 @@ class NucleiParams:
     bright_fraction: float = 0.0  # small, very bright condensed nuclei (e.g. mitoses)
 
 
+#: The mitoses a sample keeps in its log (and lineage) at least; at most twice as many.
+LINEAGE_KEPT = 100_000
+
+
 @dataclass
 class _Nuclei:
     """Structure-of-arrays state of all nuclei."""
@@ -133,9 +137,11 @@ class NucleiSample:
         self._illum_phase = self.rng.uniform(0, 2 * np.pi, size=4)
         self._drift_phase = float(self.rng.uniform(0, 2 * np.pi))
         self._relax(iterations=8)
-        #: every mitosis started so far (ground truth for feedback experiments)
+        #: every mitosis started so far (ground truth for feedback experiments; the newest
+        #: :data:`LINEAGE_KEPT` where more: with turnover a sample divides for ever)
         self.mitosis_log: list[MitosisRecord] = []
         #: lineage: persistent id of each daughter -> id of the nucleus it divided from
+        #: (the newest :data:`LINEAGE_KEPT` pairs of daughters where more)
         self.parent_of: dict[int, int] = {}
 
     # ------------------------------------------------------------------ state
@@ -245,6 +251,15 @@ class NucleiSample:
                     )
                 )
         self._relax(iterations=1)
+        self._trim_lineage()
+
+    def _trim_lineage(self) -> None:
+        """Keep the newest :data:`LINEAGE_KEPT` mitoses (and their daughters' parents) once
+        twice that many are held: a long run with turnover would grow by ≈ 35 MB an hour."""
+        if len(self.mitosis_log) > 2 * LINEAGE_KEPT:
+            del self.mitosis_log[:-LINEAGE_KEPT]
+        if len(self.parent_of) > 4 * LINEAGE_KEPT:
+            self.parent_of = dict(list(self.parent_of.items())[-2 * LINEAGE_KEPT:])
 
     def _divide(self, ending: np.ndarray) -> _Nuclei:
         nu = self.nuclei

@@ -43,7 +43,7 @@ def test_the_config_passes_turnover_to_the_nuclei_sample() -> None:
 def test_the_lineage_of_a_sample_that_divides_for_ever_is_bounded(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """With turnover the mitosis log and the lineage grew by every division (≈ 35 MB an
+    """With turnover the mitosis log and the lineage grew by every division (≈ 45 MB an
     hour at 10 frames/s in the default world): the newest LINEAGE_KEPT are kept."""
     from livemask.acquisition.simulated import nuclei
 

@@ -222,25 +222,60 @@ def test_a_seed_threshold_for_a_grains_card_is_warned_about(
     assert not [r for r in livemask_log if r.levelno >= logging.WARNING]
 
 
-@pytest.mark.parametrize("degrees", [4.0, 10.0])
-def test_a_grid_of_a_slightly_rotated_camera_pools_every_tile(degrees: float) -> None:
-    """A 3 x 3 grid laid out along the stage axes (pymmcore-plus' field of view: width x
-    pixel size) with a camera a few degrees off: each tile's bounding box overlapped its
-    neighbours by over 5 % from 3.5°, and 4 of 9 tiles were dropped (review); they share
-    0.2 % (4°) to 1.2 % (10°) of their area."""
-    px, t = 0.65, math.radians(degrees)
-    matrix = ((px * math.cos(t), -px * math.sin(t)), (px * math.sin(t), px * math.cos(t)))
-    labels = np.zeros((512, 512), np.int32)
+def _rotated(degrees: float, px: float = 0.65) -> tuple[tuple[float, float], ...]:
+    t = math.radians(degrees)
+    return ((px * math.cos(t), -px * math.sin(t)), (px * math.sin(t), px * math.cos(t)))
+
+
+def _true_overlap(degrees: float, shift_um: tuple[float, float], side_um: float) -> float:
+    """The shared fraction of two squares of one rotation, ``shift_um`` apart on the
+    stage, by sampling one of them (its points in the other's frame)."""
+    t = math.radians(degrees)
+    rot = np.array([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]])
+    pts = np.random.default_rng(0).uniform(-0.5, 0.5, (200_000, 2)) * side_um
+    other = (pts @ rot.T + shift_um) @ rot  # the points on the stage, in the first's frame
+    return float((np.abs(other) <= side_um / 2).all(axis=1).mean())
+
+
+@pytest.mark.parametrize("degrees", [0.0, 4.0, 10.0, 30.0, 45.0, 90.0, 180.0])
+def test_the_overlap_of_a_rotated_cameras_tiles_is_exact(degrees: float) -> None:
+    """A grid laid out along the stage axes with the camera rotated against it: the
+    bounding box dropped 4 of 9 tiles from 3.5° on (review), an axis-aligned tile of its own
+    size saw none of the real overlap from 20° on (review); in the camera's axes it is
+    exact."""
+    px, side = 0.65, 512
+    fov = side * px
+    labels = np.zeros((side, side), np.int32)
     labels[10:50, 10:50], labels[100:200, 100:200] = 1, 2
-    stats, fov = CumulativeGrainStats(), 512 * px
+    stats = CumulativeGrainStats()
+    stats.add(labels, px, footprint_um=tile_footprint((0.0, 0.0), (side, side),
+                                                      _rotated(degrees)))
+    neighbour = tile_footprint((fov, 0.0), (side, side), _rotated(degrees))
+    assert stats.overlap(neighbour) == pytest.approx(
+        _true_overlap(degrees, (fov, 0.0), fov), abs=0.01)
+    # within MAX_OVERLAP (5 %) it is pooled, above it left out, as the real overlap says
+    stats.add(labels, px, footprint_um=neighbour)
+    assert stats.tiles_overlapping == int(_true_overlap(degrees, (fov, 0.0), fov) > 0.05)
+
+
+def test_a_grid_along_a_rotated_cameras_own_axes_pools_every_tile() -> None:
+    """A 45° camera whose grid steps along its own columns and rows: the tiles touch and
+    share nothing (the bounding boxes shared 8.6 %)."""
+    px, side = 0.65, 512
+    matrix = _rotated(45.0)
+    stats = CumulativeGrainStats()
+    labels = np.zeros((side, side), np.int32)
+    labels[100:200, 100:200] = 1
     for i in range(3):
-        for j in range(3):
-            stats.add(labels, px, footprint_um=tile_footprint((i * fov, j * fov), (512, 512),
-                                                              matrix))
+        for j in range(3):  # i columns and j rows of the camera's image away, on the stage
+            x = matrix[0][0] * side * i + matrix[0][1] * side * j
+            y = matrix[1][0] * side * i + matrix[1][1] * side * j
+            stats.add(labels, px, footprint_um=tile_footprint((x, y), (side, side), matrix))
     assert stats.tiles_overlapping == 0 and stats.summary()["tiles"] == 9
 
 
 def test_a_quarter_turned_camera_places_a_tile_of_its_own_size() -> None:
-    """Rows run along the stage's x: a 100-row, 300-column tile is 100 px wide in x."""
-    x0, y0, x1, y1 = tile_footprint((0.0, 0.0), (100, 300), ((0.0, 1.0), (1.0, 0.0)))
-    assert (x1 - x0, y1 - y0) == (100.0, 300.0)
+    """Rows run along the stage's x: a 100-row, 300-column tile is 300 px along its
+    columns and 100 along its rows, wherever they point."""
+    u0, v0, u1, v1 = tile_footprint((0.0, 0.0), (100, 300), ((0.0, 1.0), (1.0, 0.0)))
+    assert (u1 - u0, v1 - v0) == (300.0, 100.0)

@@ -398,27 +398,27 @@ def tile_footprint(
     pixel_to_stage: tuple[tuple[float, float], tuple[float, float]],
     centre_offset_px: tuple[float, float] = (0.0, 0.0),
 ) -> tuple[float, float, float, float]:
-    """The stage rectangle ``(x0, y0, x1, y1)`` (µm) that a tile of ``shape`` (rows, cols)
-    covers, for :meth:`CumulativeGrainStats.add`.
+    """The rectangle ``(u0, v0, u1, v1)`` (µm) that a tile of ``shape`` (rows, cols)
+    covers, in the camera's axes, for :meth:`CumulativeGrainStats.add`.
 
     ``stage_xy_um`` is the stage position, the centre of the camera's full image;
     ``centre_offset_px`` (rows, cols) how far the tile's centre lies from there (a camera
     ROI's: :func:`roi_centre_offset`); ``pixel_to_stage`` maps pixels to the stage,
     ``((dx/dcol, dx/drow), (dy/dcol, dy/drow))`` µm per pixel (``feedback.pixel_to_stage``
-    scaled to the tile's pixel size, or the pixel size on the diagonal). The rectangle has
-    the tile's own width and height, along the stage axis its columns (rows) run closest
-    to: exact for a flip or a quarter turn; for a camera a few degrees off the stage, a
-    grid laid out along the stage axes then tiles without overlaps (the tile's bounding
-    box would overlap its neighbours by more than :data:`MAX_OVERLAP` from 3.5°)."""
+    scaled to the tile's pixel size, or the pixel size on the diagonal). The tile's centre
+    on the stage is projected onto the directions its columns (``u``) and rows (``v``) run
+    in: tiles of one camera, rotated or mirrored against the stage as it may be, are then
+    rectangles along the same axes, and their overlaps are exact (with the camera along the
+    stage, ``u, v`` are the stage's ``x, y``)."""
     (a, b), (c, d) = pixel_to_stage
     drow, dcol = centre_offset_px
     cx = float(stage_xy_um[0]) + a * dcol + b * drow
     cy = float(stage_xy_um[1]) + c * dcol + d * drow
-    h, w = shape
-    width, height = math.hypot(a, c) * w, math.hypot(b, d) * h  # along columns, rows
-    if abs(a) < abs(b):  # columns run closer to the stage's y: a quarter turn
-        width, height = height, width
-    return (cx - width / 2, cy - height / 2, cx + width / 2, cy + height / 2)
+    col_um, row_um = math.hypot(a, c), math.hypot(b, d)  # one pixel's width and height
+    u = (cx * a + cy * c) / col_um  # the centre along the columns' direction
+    v = (cx * b + cy * d) / row_um  # and along the rows'
+    half_w, half_h = col_um * shape[1] / 2, row_um * shape[0] / 2
+    return (u - half_w, v - half_h, u + half_w, v + half_h)
 
 
 def roi_centre_offset(
@@ -488,7 +488,7 @@ class CumulativeGrainStats:
         self.tiles = 0
         self.tiles_overlapping = 0
         self.tiles_skipped = 0
-        self._footprints = np.empty((64, 4))  # x0, y0, x1, y1 µm of the pooled tiles
+        self._footprints = np.empty((64, 4))  # u0, v0, u1, v1 µm of the pooled tiles
         self._placed = 0  # rows of _footprints in use
         self.count = 0
         self.n_equivalent = 0.0
@@ -502,18 +502,18 @@ class CumulativeGrainStats:
         self._median_counts = np.zeros(_MEDIAN_BINS, dtype=np.int64)
 
     def overlap(self, footprint: tuple[float, float, float, float]) -> float:
-        """The largest fraction of the smaller tile's area that ``footprint`` (x0, y0, x1,
-        y1 µm) shares with a tile already added: 1 where either lies wholly inside the
-        other."""
+        """The largest fraction of the smaller tile's area that ``footprint`` (u0, v0, u1,
+        v1 µm: :func:`tile_footprint`) shares with a tile already added: 1 where either lies
+        wholly inside the other."""
         if not self._placed:
             return 0.0
-        x0, y0, x1, y1 = footprint
+        u0, v0, u1, v1 = footprint
         seen = self._footprints[: self._placed]
-        dx = np.minimum(seen[:, 2], x1) - np.maximum(seen[:, 0], x0)
-        dy = np.minimum(seen[:, 3], y1) - np.maximum(seen[:, 1], y0)
-        shared = np.clip(dx, 0, None) * np.clip(dy, 0, None)
+        du = np.minimum(seen[:, 2], u1) - np.maximum(seen[:, 0], u0)
+        dv = np.minimum(seen[:, 3], v1) - np.maximum(seen[:, 1], v0)
+        shared = np.clip(du, 0, None) * np.clip(dv, 0, None)
         areas = (seen[:, 2] - seen[:, 0]) * (seen[:, 3] - seen[:, 1])
-        smaller = np.maximum(np.minimum(areas, (x1 - x0) * (y1 - y0)), 1e-12)
+        smaller = np.maximum(np.minimum(areas, (u1 - u0) * (v1 - v0)), 1e-12)
         return float((shared / smaller).max())
 
     def add(
@@ -526,7 +526,7 @@ class CumulativeGrainStats:
         footprint_um: tuple[float, float, float, float] | None = None,
     ) -> dict[str, Any]:
         """Add one tile's labels and where it lies on the stage, where known: its
-        ``footprint_um`` (x0, y0, x1, y1 µm; :func:`tile_footprint`), else its centre
+        ``footprint_um`` (u0, v0, u1, v1 µm; :func:`tile_footprint`), else its centre
         ``centre_um`` (x, y µm; image axes along the stage's); return the cumulative
         statistics. A tile overlapping earlier ones is left out (see the class).
         ``field``: the tile's :func:`grain_field`, where the caller has it already."""
@@ -535,8 +535,8 @@ class CumulativeGrainStats:
             px = float(pixel_size_um)
             footprint_um = tile_footprint(centre_um, (h, w), ((px, 0.0), (0.0, px)))
         if footprint_um is not None:
-            x0, y0, x1, y1 = (float(v) for v in footprint_um)
-            footprint = (x0, y0, x1, y1)
+            u0, v0, u1, v1 = (float(x) for x in footprint_um)
+            footprint = (u0, v0, u1, v1)
             if self.overlap(footprint) > self.MAX_OVERLAP:
                 self.tiles_overlapping += 1
                 return self.summary()

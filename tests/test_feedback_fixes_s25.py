@@ -84,6 +84,30 @@ async def test_a_stop_of_another_rule_still_cancels_the_queued_actions() -> None
     assert len(injected) == 1 and stops == [True]
 
 
+async def test_a_stop_after_a_channel_burst_puts_the_settings_back_first() -> None:
+    """Review: finish_with was given the restore event the controller made, not the tagged
+    copy it queued, so the copy was dropped: the camera stayed at GFP 80 ms after the run."""
+    feed = EventFeed(iter([useq.MDAEvent(index={"t": t, "p": 0}, channel={"config": "DAPI"},
+                                         exposure=10.0) for t in range(5)]))
+    rule = {"name": "gfp", "when": ALWAYS, "max_fires": 1,
+            "actions": [{"channel": {"channel": "GFP", "exposure_ms": 80.0, "frames": 2}},
+                        {"stop": True}]}
+    stops: list[bool] = []
+    ctl, _, _ = controller(
+        [rule], inject=lambda ev: feed.inject(ev, timed_from_first=True),
+        stop=lambda: stops.append(True), finish_with=feed.finish_with,
+        loop=asyncio.get_running_loop())
+    feed._planned = ctl.wrap_planned(feed._planned)  # as the service wraps its plan
+    ctl.on_event_started(next(feed))  # the triggering frame's event
+    frame(ctl, 0)
+    rest = list(feed)  # what runs after the stop
+    assert stops == []
+    assert [(e.exposure, e.channel.config if e.channel else None) for e in rest] == [
+        (80.0, "GFP"), (80.0, "GFP"), (10.0, "DAPI")]  # the burst, then its restore
+    assert isinstance(rest[-1].action, useq.CustomAction)
+    assert feed.not_run == 0
+
+
 def test_the_feed_ends_once_the_kept_events_have_run() -> None:
     """Review: the stop only ended the plan, so everything queued ran first (a client's
     enqueue backlog of up to 100,000 events, other rules' bursts, events enqueued

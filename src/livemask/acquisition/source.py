@@ -94,6 +94,10 @@ class FrameSource(Protocol):
         """Add events to the running acquisition (``timed_from_first``: their
         ``min_start_time`` are offsets from when the first of them is taken)."""
 
+    def finish_with(self, events: Iterable[useq.MDAEvent]) -> None:
+        """End the running acquisition once ``events`` (queued by :meth:`inject`) have run,
+        dropping the other queued events (a feedback ``stop`` after actions of its fire)."""
+
     def frame_started(self, origin: object | None = None) -> None:
         """Report that one frame left the inference queue (taken by the model or skipped;
         may release the next event, see ``start``)."""
@@ -292,6 +296,12 @@ class FeedThreadSource:
     def running(self) -> bool:
         """Whether an acquisition runs: its thread is alive and has not ended it."""
         return self._thread is not None and self._thread.is_alive() and not self._ended
+
+    def finish_with(self, events: Iterable[useq.MDAEvent]) -> None:
+        """End the running acquisition once ``events`` (queued by :meth:`inject`) have run,
+        dropping the other queued events (see :meth:`EventFeed.finish_with`)."""
+        if self._feed is not None:
+            self._feed.finish_with(events)
 
     @property
     def pending_events(self) -> int:
@@ -635,12 +645,6 @@ class MicroscopeSource(FeedThreadSource):
         if not self.running:
             raise AcquisitionEnding("the acquisition has ended; the events were not added")
         return self._feed.inject(events, timed_from_first=timed_from_first)
-
-    def finish_with(self, events: Iterable[useq.MDAEvent]) -> None:
-        """End the running acquisition once ``events`` (queued by :meth:`inject`) have run,
-        dropping the other queued events (see :meth:`EventFeed.finish_with`)."""
-        if self._feed is not None:
-            self._feed.finish_with(events)
 
     def follow_planned_exposure(
         self, exposure_now: Callable[[useq.MDAEvent], float | None] | None

@@ -391,9 +391,10 @@ class FeedbackController:
                 self._refuse(d)
                 return
             restore = self._settings.tag(d.restore) if d.restore is not None else None
+            d.queued = [*d.events, *([restore] if restore is not None else [])]
             self._pending[d.action_id] = d
             try:
-                self._inject([*d.events, *([restore] if restore is not None else [])])
+                self._inject(d.queued)
             except Exception as exc:  # e.g. the acquisition has just ended
                 self._pending.pop(d.action_id, None)
                 d.violation = Violation("not_acquiring", f"could not inject the events: {exc}")
@@ -441,7 +442,7 @@ class FeedbackController:
         on its frame) before it that have not started yet."""
         return [e for p in self._pending.values()
                 if p.rule == d.rule and p.frame_id == d.frame_id and p.action_id < d.action_id
-                for e in (*p.events, *([p.restore] if p.restore is not None else []))]
+                for e in p.queued]
 
     def _accepted_here(self, d: Decision) -> None:
         """The rule got through at this place: its next refusal there is news again."""

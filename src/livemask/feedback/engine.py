@@ -60,6 +60,9 @@ class Decision:
     #: an event without an image after ``events`` that puts back the exposure / channel
     #: they change (set by the controller)
     restore: useq.MDAEvent | None = None
+    #: the very events queued on the acquisition (``events`` and the restore event as
+    #: tagged for the settings tracker; set by the controller)
+    queued: list[useq.MDAEvent] = field(default_factory=list)
     violation: Violation | None = None
     target: dict[str, Any] | None = None
     decided: float = 0.0  # epoch s

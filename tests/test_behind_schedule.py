@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import useq
 
 from livemask.acquisition.simulated.world import get_world
 from livemask.client import AsyncSubscriber
@@ -76,3 +78,69 @@ async def test_a_plan_delayed_by_enqueued_events_is_not_late() -> None:
                 assert msg is not None, kinds
                 kinds.append(msg.header["kind"])
     assert "behind_schedule" not in kinds
+
+
+class _Clocked:
+    """A MicroscopeSource's schedule check alone, on a clock of our own (review cases)."""
+
+    def __init__(self) -> None:
+        from livemask.acquisition.source import MicroscopeSource
+
+        self.now = 0.0
+        self.reports: list[int] = []
+        self.injected: list[useq.MDAEvent] = []
+        src = MicroscopeSource.__new__(MicroscopeSource)
+        src._feed = SimpleNamespace(was_injected=lambda e: any(e is i for i in self.injected))
+        src.core = SimpleNamespace(mda=SimpleNamespace(event_seconds_elapsed=lambda: self.now))
+        src._time_point_at, src._injected_since, src._late_excused_s = None, None, 0.0
+        src._report_mismatch = lambda kind, ev, off: self.reports.append(ev.index["t"])
+        self.src = src
+
+    def planned(self, t: int, at: float, *, reset: bool = False) -> None:
+        self.now = at
+        self.src._check_schedule(useq.MDAEvent(index={"t": t}, min_start_time=float(t),
+                                               reset_event_timer=reset))
+
+    def inject(self, at: float) -> None:
+        event = useq.MDAEvent(index={"fb": 1})
+        self.injected.append(event)
+        self.now = at
+        self.src._check_schedule(event)
+
+
+def test_a_plan_that_caught_up_after_a_burst_is_reported_when_it_falls_behind() -> None:
+    """The excuse for a burst stayed for the rest of the run: a plan 3.5 s behind later
+    was never reported."""
+    c = _Clocked()
+    c.planned(1, 1.0)
+    c.inject(1.1)  # a 3 s burst
+    c.planned(2, 4.1)  # late by the burst's time only
+    for t in range(3, 10):
+        c.planned(t, float(t))  # caught up
+    assert c.reports == []
+    c.planned(10, 13.5)  # now the plan itself
+    assert c.reports == [10]
+
+
+def test_small_actions_every_time_point_do_not_hide_a_plan_that_cannot_keep_up() -> None:
+    """Each 50 ms feedback frame reset the excuse to the whole lateness: a plan taking 1.5 s
+    per 1 s interval was never reported."""
+    c, now = _Clocked(), 0.0
+    for t in range(1, 8):
+        now = max(now, float(t))
+        c.planned(t, now)
+        now += 1.5
+        c.inject(now)
+        now += 0.05
+    assert c.reports and c.reports[0] <= 4
+
+
+def test_each_positions_clock_is_its_own() -> None:
+    """p before t: useq restarts the event clock at each position's first time point; its
+    t=1 has the min_start_time the last position's t=1 had, and was skipped."""
+    c = _Clocked()
+    c.planned(0, 0.0)
+    c.planned(1, 1.0)
+    c.planned(0, 0.0, reset=True)
+    c.planned(1, 3.5)
+    assert c.reports == [1]

@@ -418,8 +418,9 @@ class MicroscopeSource(FeedThreadSource):
         self._on_mismatch = on_mismatch
         self._reported: set[str] = set()  # mismatches reported in this acquisition
         self._time_point_at: float | None = None  # min_start_time of the plan's last event
-        self._injected_ran = False  # injected events ran since the plan's last time point
-        self._late_excused_s = 0.0  # how late the plan was right after them
+        #: when the injected events running since the plan's last event began (event clock)
+        self._injected_since: float | None = None
+        self._late_excused_s = 0.0  # lateness that injected events caused, not the plan
         self._presets: dict[tuple[str, str], dict[str, str]] = {}  # (group, preset) → props
         self._stuck = False  # a stop waited for the runner in vain
         self._exposure_ms = 0.0  # of the last frame (pymmcore-plus' frame metadata)
@@ -456,26 +457,30 @@ class MicroscopeSource(FeedThreadSource):
         point take longer than the interval, and the runner, which only waits for events
         that are early, runs on behind the plan without a word. Only the first event of a
         time point counts (a multi-position or multi-channel time point's later events start
-        later by design), and not injected events (``enqueue``, feedback); the delay a time
-        point has right after injected events ran is theirs, and only what the plan adds to
-        it counts (a feedback burst would otherwise report a plan it only delayed)."""
+        later by design), and not injected events (``enqueue``, feedback), nor the time they
+        took: that is excused, until the plan has caught up with it."""
         feed = self._feed
         if feed is None:
             return
+        now = self.core.mda.event_seconds_elapsed()
+        if event.reset_event_timer:  # a new clock (each position's time-lapse, p before t)
+            self._time_point_at, self._injected_since, self._late_excused_s = None, None, 0.0
         if feed.was_injected(event):
-            self._injected_ran = True
+            if self._injected_since is None:
+                self._injected_since = now
             return
+        if self._injected_since is not None:  # the injected events ran until now
+            self._late_excused_s += max(now - self._injected_since, 0.0)
+            self._injected_since = None
         planned = event.min_start_time
         if not planned or planned == self._time_point_at:
             return
         self._time_point_at = planned
-        started = self.core.mda.event_seconds_elapsed()
-        late = started - planned
-        if self._injected_ran:
-            self._injected_ran, self._late_excused_s = False, max(late, 0.0)
-        elif late - self._late_excused_s > BEHIND_SCHEDULE_S:
+        late = now - planned
+        self._late_excused_s = min(self._late_excused_s, max(late, 0.0))  # caught up since
+        if late - self._late_excused_s > BEHIND_SCHEDULE_S:
             self._report_mismatch("schedule", event, {
-                "planned_s": round(planned, 3), "started_s": round(started, 3),
+                "planned_s": round(planned, 3), "started_s": round(now, 3),
                 "late_s": round(late, 3)})
 
     def _frame_ready(self, image: np.ndarray, event: useq.MDAEvent, meta: Any = None) -> None:
@@ -576,7 +581,7 @@ class MicroscopeSource(FeedThreadSource):
         self.ready_to_start()
         self._stuck = False
         self._reported.clear()
-        self._time_point_at, self._injected_ran, self._late_excused_s = None, False, 0.0
+        self._time_point_at, self._injected_since, self._late_excused_s = None, None, 0.0
         self._feed = EventFeed(events, mode=mode, sync_timeout_s=self._sync_timeout_s,
                                on_missing=self._on_missing,
                                clock=self.core.mda.event_seconds_elapsed)

@@ -55,3 +55,10 @@ def test_the_lineage_of_a_sample_that_divides_for_ever_is_bounded(
     assert 20 <= len(sample.mitosis_log) <= 40 and 40 <= len(sample.parent_of) <= 80
     newest = max(sample.parent_of)  # the last daughter's id is kept
     assert sample.parent_of[newest] in {r.nucleus_id for r in sample.mitosis_log}
+    # a step's new daughters are listed for whoever follows the lineage step by step
+    # (tracking_eval counted them from the lineage's length, which a trim shortens)
+    seen: list[int] = []
+    while not seen:
+        sample.step()
+        seen = sample.new_daughters
+    assert len(seen) % 2 == 0 and all(d in sample.parent_of for d in seen)

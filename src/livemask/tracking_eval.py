@@ -184,9 +184,8 @@ def simulate(
     records: list[SimFrame] = []
     division_at: dict[int, int] = {}
     for k in range(frames):
-        known = len(sample.parent_of)
         sample.step()
-        for daughter in list(sample.parent_of)[known:]:
+        for daughter in sample.new_daughters:
             division_at[daughter] = k
         for pos in range(positions):
             origin = ORIGINS[pos]

@@ -254,8 +254,9 @@ class Subscriber(_SubscriberBase):
             elif deadline is not None and time.monotonic() > deadline:
                 deadline = None
                 print(f"no messages from {self.address} after {silent_hint_s:g} s: is a "
-                      "service running there (livemask serve), and is this its "
-                      "publish.pub_address?", file=sys.stderr)
+                      "service running there (livemask serve), is this its "
+                      "publish.pub_address, and is an acquisition running (an idle "
+                      "service sends only status)?", file=sys.stderr)
 
     def close(self) -> None:
         """Close the socket; idempotent."""

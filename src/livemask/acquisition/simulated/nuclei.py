@@ -66,8 +66,9 @@ class NucleiParams:
     bright_fraction: float = 0.0  # small, very bright condensed nuclei (e.g. mitoses)
 
 
-#: The mitoses a sample keeps in its log (and lineage) at least; at most twice as many.
-LINEAGE_KEPT = 100_000
+#: The mitoses a sample keeps in its log (and lineage) at least; at most twice as many
+#: (≈ 19 MB then).
+LINEAGE_KEPT = 20_000
 
 
 @dataclass
@@ -143,6 +144,9 @@ class NucleiSample:
         #: lineage: persistent id of each daughter -> id of the nucleus it divided from
         #: (the newest :data:`LINEAGE_KEPT` pairs of daughters where more)
         self.parent_of: dict[int, int] = {}
+        #: the daughters the last :meth:`step` made (ids), for whoever follows the lineage
+        #: step by step
+        self.new_daughters: list[int] = []
 
     # ------------------------------------------------------------------ state
     def _spawn(self, n: int) -> _Nuclei:
@@ -217,6 +221,7 @@ class NucleiSample:
         p, rng, nu = self.params, self.rng, self.nuclei
         n = len(nu)
         self.step_count += 1
+        self.new_daughters = []
         moving = nu.mitosis == 0
         nu.y += rng.normal(0, p.motion_px_per_step, n) * moving
         nu.x += rng.normal(0, p.motion_px_per_step, n) * moving
@@ -282,6 +287,7 @@ class NucleiSample:
             d.texture_offset = self.rng.integers(0, _TEXTURE_SIZE, (k, 2))
             d.mitosis = np.zeros(k, dtype=np.int64)
             self.parent_of.update(zip(d.ids.tolist(), parents.ids.tolist(), strict=True))
+            self.new_daughters.extend(d.ids.tolist())
             daughters.append(d)
         return _Nuclei.concat([keep, *daughters])
 

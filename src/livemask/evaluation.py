@@ -20,7 +20,7 @@ from scipy import ndimage
 
 from livemask.acquisition.simulated.nuclei import NucleiSample, random_field
 from livemask.analysis.metrics import MatchResult, aggregate, match_instances
-from livemask.inference.segmenter import Segmenter
+from livemask.inference.segmenter import Segmenter, without_non_finite
 from livemask.offline import check_image, read_image, read_image_file
 
 log = logging.getLogger("livemask")
@@ -379,7 +379,9 @@ def load_folder(images: Path, masks: Path) -> list[Pair]:
         mask = _as_instances(_single_plane(stored), mask_path)
         _warn_boundary_network(mask, mask_path)
         if image.shape != mask.shape:
-            raise ValueError(f"{img_path.name}: image {image.shape} and mask {mask.shape} differ")
+            raise ValueError(
+                f"image {img_path} {image.shape} and its mask {mask_path} {mask.shape} differ "
+                "in size (y, x): give the mask drawn on this image, at its full size")
         pairs.append((image, mask))
     return pairs
 
@@ -407,7 +409,7 @@ def evaluate(
         t0 = time.perf_counter()
         probs = segmenter.predict(image)
         t1 = time.perf_counter()
-        labels = segmenter.labels(probs)
+        labels = without_non_finite(segmenter.labels(probs), image)  # as segment gives
         t2 = time.perf_counter()
         t_pred += t1 - t0
         t_post += t2 - t1

@@ -944,10 +944,22 @@ def segment(
     axes = f", axes {done.axes}" if done.axes else ""
     planes = f"{done.planes} plane" + ("s" if done.planes != 1 else "")
     also = [str(p) for p in (table, grains) if p is not None]
+    # an output written to stdout (--table /dev/stdout | ...) gets nothing else there
+    err = any(_is_stdout(p) for p in (output, table, grains) if p is not None)
     typer.echo(f"wrote {output} (labels of shape {done.shape}{axes}; {planes})"
-               + (f" and {' and '.join(also)}" if also else ""))
+               + (f" and {' and '.join(also)}" if also else ""), err=err)
     if done.grains is not None:
-        typer.echo(_grains_line(done.grains))
+        typer.echo(_grains_line(done.grains), err=err)
+
+
+def _is_stdout(path: Path) -> bool:
+    """Whether ``path`` is this process's standard output (``/dev/stdout``, or the pipe or
+    file it leads to)."""
+    try:
+        here, out = os.stat(path), os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError):  # no such file, or no stdout
+        return False
+    return (here.st_dev, here.st_ino) == (out.st_dev, out.st_ino)
 
 
 def _roi(text: str) -> Roi:

@@ -21,7 +21,7 @@ from scipy import ndimage
 from livemask.acquisition.simulated.nuclei import NucleiSample, random_field
 from livemask.analysis.metrics import MatchResult, aggregate, match_instances
 from livemask.inference.segmenter import Segmenter, without_non_finite
-from livemask.offline import check_image, read_image, read_image_file
+from livemask.offline import check_image, is_zarr, read_image, read_image_file, zarr_not_read
 
 log = logging.getLogger("livemask")
 
@@ -300,6 +300,16 @@ def _single_plane(data: np.ndarray) -> np.ndarray:
     return data
 
 
+def _warn_zarr(folder: Path) -> None:
+    """Warn about OME-Zarr stores in ``folder``: evaluate reads image files only, so they
+    are skipped (a folder would otherwise be left out without a word)."""
+    stores = sorted(p.name for p in folder.iterdir() if not _hidden(p) and is_zarr(p))
+    if stores:
+        log.warning("%d OME-Zarr store(s) in %s skipped (%s): each is %s", len(stores),
+                    folder, ", ".join(stores[:5]) + (", ..." if len(stores) > 5 else ""),
+                    zarr_not_read())
+
+
 def folder_pairs(images: Path, masks: Path) -> list[tuple[Path, Path]]:
     """Pair every image in ``images`` with its mask in ``masks`` (same stem, common suffixes;
     names and extensions compared case-insensitively).
@@ -317,6 +327,8 @@ def folder_pairs(images: Path, masks: Path) -> list[tuple[Path, Path]]:
     same = images.resolve() == masks.resolve()
     suffixes = tuple(s for s in MASK_SUFFIXES if s) if same else MASK_SUFFIXES
     mask_files = {p.name.lower(): p for p in masks.iterdir() if p.is_file() and not _hidden(p)}
+    for folder in (images,) if same else (images, masks):
+        _warn_zarr(folder)
     found = []
     image_of: dict[Path, Path] = {}  # mask -> the image it pairs with
     named_like_masks = 0

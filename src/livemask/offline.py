@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
 import os
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import tifffile
 
-from livemask.acquisition.pixel_size import tiff_pixel_size
+from livemask.acquisition.pixel_size import tiff_pixel_size_xy
 from livemask.analysis.grains import (
     BIG_REGION_FRACTION,
     CumulativeGrainStats,
@@ -65,6 +68,9 @@ class ImageFile:
     #: µm per pixel (x) from the file's metadata, and where it was found; None: none
     pixel_size_um: float | None = None
     pixel_size_from: str = ""
+    #: µm per pixel along y where the file gives one (non-square pixels keep it: the
+    #: labels' OME metadata records it); None: none (square, or no pixel size)
+    pixel_size_y_um: float | None = None
 
 
 def read_image(path: Path, *, invert_min_is_white: bool = True) -> np.ndarray:
@@ -78,7 +84,10 @@ def read_image_file(path: Path, *, invert_min_is_white: bool = True) -> ImageFil
     """An image file with its axes and pixel size where the file has them (TIFF, BigTIFF
     included: OME, ImageJ or resolution tags); ValueError naming the file if it cannot be
     read (a TIFF's: the codec and package it needs, missing planes and the file they are in,
-    the file cut short; :class:`UnreadablePlane` naming a corrupt plane).
+    the file cut short; :class:`UnreadablePlane` naming a corrupt plane). A palette PNG
+    gives its grey values where its palette is grey, else its colours (refused as colour by
+    :func:`check_image`); read with ``invert_min_is_white=False`` (a mask), its stored
+    indices (:func:`_palette_png`).
 
     An image TIFF stored MinIsWhite (not an ImageJ one) is read inverted, as ``replay``
     reads it (``tiff_stack.white_level``); with ``invert_min_is_white=False`` (masks and
@@ -88,7 +97,7 @@ def read_image_file(path: Path, *, invert_min_is_white: bool = True) -> ImageFil
     per stage position, as ``livemask replay`` reads it) gives them all, stacked along a
     position axis ``P``: after the time axis when the series start with one (``TPYX``),
     else first (``PZYX``, ``PYX``). Series that differ: the first, with a warning."""
-    from skimage import io
+    from skimage import io as skio
 
     from livemask.acquisition.tiff_stack import TIFF_SUFFIXES
 
@@ -96,13 +105,43 @@ def read_image_file(path: Path, *, invert_min_is_white: bool = True) -> ImageFil
         if path.suffix.lower() in TIFF_SUFFIXES:
             with tifffile.TiffFile(path) as tif:
                 return _read_tiff(tif, path, invert_min_is_white)
-        return ImageFile(np.asarray(io.imread(path)))
+        indexed = _palette_png(path, stored=not invert_min_is_white)
+        if indexed is not None:
+            return ImageFile(indexed)
+        return ImageFile(np.asarray(skio.imread(path)))
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise  # the OS's message names the file
     except UnreadablePlane as exc:  # (segment adds what to do)
         raise UnreadablePlane(f"{path} cannot be read as an image: {exc}") from exc
     except Exception as exc:  # each reader has its own errors for a corrupt file
         raise ValueError(f"{path} cannot be read as an image: {exc}") from exc
+
+
+def _palette_png(path: Path, *, stored: bool) -> np.ndarray | None:
+    """A palette (indexed, PIL mode ``P``) PNG's pixels: its stored indices where ``stored``
+    (masks and label images: the indices are the labels, the palette only colours them), or
+    for an image the grey values where the palette is grey at every index used (R = G = B),
+    e.g. an 8-bit grayscale image saved with a grey LUT; None for any other file, and for an
+    image with a colour palette (read as colour: segment refuses it)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            if im.format != "PNG" or im.mode != "P":
+                return None
+            indices = np.asarray(im)
+            palette = im.getpalette("RGB") or []
+    except (UnidentifiedImageError, OSError):
+        return None  # the other reader says why
+    if stored:
+        return indices
+    colours = np.zeros((256, 3), dtype=np.uint8)
+    given = np.asarray(palette[: 3 * 256], dtype=np.uint8).reshape(-1, 3)
+    colours[: len(given)] = given
+    used = colours[np.unique(indices)]
+    if not ((used[:, 0] == used[:, 1]) & (used[:, 1] == used[:, 2])).all():
+        return None
+    return colours[:, 0][indices]
 
 
 def _read_tiff(tif: tifffile.TiffFile, path: Path, invert_min_is_white: bool) -> ImageFile:
@@ -149,11 +188,12 @@ def _read_tiff(tif: tifffile.TiffFile, path: Path, invert_min_is_white: bool) ->
         axes = f"{axes[:at]}P{axes[at:]}"
         log.info("%s: its %d image series are segmented as positions: axis P of the labels "
                  "(shape %s, axes %s)", path, len(series), data.shape, axes)
-    pixel = tiff_pixel_size(tif, path=path)  # as `livemask replay` reads it
+    pixel = tiff_pixel_size_xy(tif, path=path)  # as `livemask replay` reads it
     return ImageFile(
         data, axes=axes, axes_named=bool(tif.is_ome or tif.is_imagej),
         pixel_size_um=pixel[0] if pixel else None,
-        pixel_size_from=pixel[1] if pixel else "",
+        pixel_size_from=pixel[2] if pixel else "",
+        pixel_size_y_um=pixel[1] if pixel else None,
     )
 
 
@@ -235,9 +275,30 @@ def check_image(path: Path, image: ImageFile) -> None:
         raise ValueError(f"{path} {problem}")
 
 
+def zarr_not_read(path: str = "PATH") -> str:
+    """What an OME-Zarr ``path`` is and what to do with it: ``segment`` and ``evaluate``
+    do not read one."""
+    return ("an OME-Zarr (Zarr) image, which segment and evaluate do not read (they take "
+            "image files: TIFF, PNG, JPEG): export its planes as a TIFF (e.g. in Python: "
+            f"tifffile.imwrite('img.tif', zarr.open_group('{path}')['0'][:]); or Fiji, "
+            f"napari), or run it through the service as if from the camera with `livemask "
+            f"replay {path}` (a livemask recording too)")
+
+
+def is_zarr(path: Path) -> bool:
+    """Whether ``path`` is a Zarr store (OME-Zarr): a folder named ``*.zarr``, or one with
+    Zarr metadata (``zarr.json``, ``.zgroup``, ``.zarray``)."""
+    if not path.is_dir():
+        return False
+    return path.name.lower().endswith(".zarr") or any(
+        (path / name).is_file() for name in ("zarr.json", ".zgroup", ".zarray"))
+
+
 def read_stack_file(path: Path) -> ImageFile:
     """:func:`read_image_file`, checked for segmentation: a grayscale image or stack
     (..., H, W); ValueError for colour images and stacks and unusable shapes or dtypes."""
+    if is_zarr(path):
+        raise IsADirectoryError(f"input {path} is {zarr_not_read(str(path))}")
     if path.is_dir():
         raise IsADirectoryError(f"input {path} is a folder; give one image file (a TIFF "
                                 "stack, PNG or JPEG): segment takes one file per run")
@@ -294,7 +355,7 @@ def check_outputs(input_path: Path, output: Path, table: Path | None,
     """ValueError, before anything is read or written, if ``output`` (``-o``), ``table``
     (``--table``) or ``grains`` (``--grains``) cannot be written: not a TIFF name, the input
     file, a folder, or two of them one file; then makes their folders."""
-    if output.suffix.lower() not in LABEL_SUFFIXES:
+    if output.suffix.lower() not in LABEL_SUFFIXES and not _not_regular(output):
         raise ValueError(f"-o {output}: labels are written as an int32 TIFF; give an output "
                          "file name ending in .tif or .tiff")
     if grains is not None and grains.suffix.lower() in (*LABEL_SUFFIXES, ".csv"):
@@ -319,6 +380,87 @@ def check_outputs(input_path: Path, output: Path, table: Path | None,
 def _temporary(path: Path) -> Path:
     """A file beside ``path`` to write first (same folder: renamed into place at once)."""
     return path.with_name(f".tmp-{os.getpid()}-{path.name}")
+
+
+def _link_hops(path: Path) -> list[Path]:
+    """``path`` (absolute) and each path its symbolic links lead to, in turn (at most 40)."""
+    hops = [Path(os.path.abspath(path))]
+    while hops[-1].is_symlink() and len(hops) <= 40:
+        try:
+            link = os.readlink(hops[-1])
+        except OSError:
+            break
+        here = hops[-1]
+        hops.append(Path(os.path.normpath(os.path.join(os.path.realpath(here.parent), link))))
+    return hops
+
+
+def _through_proc(path: Path) -> bool:
+    """Whether ``path`` (or a link it leads through) names a process's open file:
+    ``/dev/stdout``, ``/dev/fd/N``, ``/proc/self/fd/N`` (a pipe, a terminal, or a file a
+    shell opened, perhaps to append to)."""
+    return any(Path(os.path.realpath(hop.parent)).parts[1:2] == ("proc",)
+               for hop in _link_hops(path))
+
+
+def _not_regular(path: Path) -> bool:
+    """Whether ``path`` exists (links followed) and is no regular file (a FIFO, a terminal,
+    ``/dev/null``, ``/dev/stdout``), or names a process's open file (:func:`_through_proc`).
+    Such a path is written directly, never replaced."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return True
+    except OSError:  # none yet (or a link to none): a file is made
+        return False
+    return _through_proc(path)
+
+
+@dataclass
+class _Output:
+    """Where one of segment's outputs goes: ``tmp`` is written, then renamed onto
+    ``target`` (``path``, or the file the link ``path`` leads to: the link stays); with
+    ``tmp`` None, ``data`` is written to ``path`` directly once all are made (``append``:
+    opened to append, as a FIFO, a terminal or a shell's redirection (``>>``) of
+    ``/dev/stdout`` wants, not truncated)."""
+
+    path: Path
+    target: Path
+    tmp: Path | None
+    append: bool = False
+    data: bytes | None = None
+
+    @classmethod
+    def at(cls, path: Path) -> _Output:
+        """How ``path`` is written: a regular file (or none yet) through a file beside it,
+        renamed into place; a link to one through a file beside the file it leads to
+        (directly where that folder cannot be written); anything else (a FIFO, a device,
+        ``/dev/stdout``) directly, never replaced by a file."""
+        if _not_regular(path):
+            return cls(path, path, None, append=True)
+        if not path.is_symlink():
+            return cls(path, path, _temporary(path))
+        target = Path(os.path.realpath(path))
+        if not os.access(target.parent, os.W_OK):
+            return cls(path, path, None)
+        return cls(path, target, _temporary(target))
+
+    def write(self, make: Callable[[BinaryIO], object]) -> None:
+        """``make`` the output into its file beside the target, or into ``data``."""
+        if self.tmp is not None:
+            with self.tmp.open("wb") as fh:
+                make(fh)
+            return
+        buffer = io.BytesIO()
+        make(buffer)
+        self.data = buffer.getvalue()
+
+    def commit(self) -> None:
+        """Put the output in place: rename its file onto the target, or write ``data``."""
+        if self.tmp is not None:
+            os.replace(self.tmp, self.target)
+        elif self.data is not None:
+            with self.path.open("ab" if self.append else "wb") as fh:
+                fh.write(self.data)
 
 
 def segment_file(
@@ -346,7 +488,9 @@ def segment_file(
     objects lying mostly on them (``Segmenter.segment``, see
     :func:`livemask.inference.segmenter.without_non_finite`). The outputs are checked first
     (:func:`check_outputs`) and written beside their places, then renamed into them once
-    all are written: an error leaves none half-written.
+    all are written: an error leaves none half-written. A symbolic link stays: the file it
+    leads to is replaced so; a FIFO, a device or a process's open file (``/dev/stdout``) is
+    written into directly, last, never replaced (:class:`_Output`).
     """
     if grains is not None:  # before anything is read or written
         task = load_model_card(model).task
@@ -366,6 +510,7 @@ def segment_file(
         roi.check((int(planes.shape[1]), int(planes.shape[2])))
     region = roi.slices if roi is not None else (slice(None), slice(None))
     scale = pixel_size_um if pixel_size_um is not None else image.pixel_size_um
+    scale_y = image.pixel_size_y_um if pixel_size_um is None else None  # given: square
     seg = load_segmenter(model, threads)
     if table is not None or grains is not None:
         pixel_size_um = _log_pixel_size(input_path, pixel_size_um, image)
@@ -397,26 +542,30 @@ def segment_file(
         if sizes is not None:
             sizes.add(where, labels[i][region])
     report = sizes.report() if sizes is not None else None
-    labels_tmp = _temporary(output)
-    table_tmp = _temporary(table) if table is not None else None
-    grains_tmp = _temporary(grains) if grains is not None else None
+    labels_out = _Output.at(output)
+    table_out = _Output.at(table) if table is not None else None
+    grains_out = _Output.at(grains) if grains is not None else None
     try:
-        write_labels(labels_tmp, labels.reshape(stack.shape), image.axes, scale)
-        if table is not None and table_tmp is not None:
-            with table_tmp.open("w", newline="", encoding="utf-8") as fh:
-                writer = csv.DictWriter(fh, fieldnames=TABLE_COLUMNS)
-                writer.writeheader()
-                writer.writerows(rows)
-        if grains_tmp is not None and report is not None:
-            grains_tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        for tmp, path in ((table_tmp, table), (grains_tmp, grains)):
-            if tmp is not None and path is not None:
-                os.replace(tmp, path)
-        os.replace(labels_tmp, output)
+        labels_out.write(lambda fh: write_labels(fh, labels.reshape(stack.shape), image.axes,
+                                                 scale, scale_y))
+        if table_out is not None:
+            text = io.StringIO(newline="")
+            writer = csv.DictWriter(text, fieldnames=TABLE_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+            table_out.write(lambda fh: fh.write(text.getvalue().encode("utf-8")))
+        if grains_out is not None and report is not None:
+            grains_text = json.dumps(report, indent=2) + "\n"
+            grains_out.write(lambda fh: fh.write(grains_text.encode("utf-8")))
+        # renamed into place first (the labels last), then written directly: a FIFO's
+        # reader or a pipe gets its output once everything else is in place
+        ordered = [o for o in (table_out, grains_out, labels_out) if o is not None]
+        for out in sorted(ordered, key=lambda o: o.tmp is None):
+            out.commit()
     finally:
-        for tmp in (labels_tmp, table_tmp, grains_tmp):
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
+        for made in (labels_out, table_out, grains_out):
+            if made is not None and made.tmp is not None:
+                made.tmp.unlink(missing_ok=True)
     return Segmented(len(planes), tuple(stack.shape), image.axes, grains=report)
 
 
@@ -514,11 +663,12 @@ def _ome_axes(axes: str | None, ndim: int) -> str | None:
 _OME_TYPES = {"P": "stage position"}
 
 
-def write_labels(path: Path, labels: np.ndarray, axes: str | None,
-                 pixel_size_um: float | None) -> None:
-    """``labels`` as a zlib OME-TIFF with the input's ``axes`` and pixel size (µm, square),
-    so that Fiji (Bio-Formats) and napari open it with both; a plain TIFF where OME cannot
-    name the axes (two of one kind), with an INFO line."""
+def write_labels(path: Path | BinaryIO, labels: np.ndarray, axes: str | None,
+                 pixel_size_um: float | None, pixel_size_y_um: float | None = None) -> None:
+    """``labels`` as a zlib OME-TIFF with the input's ``axes`` and pixel size (µm; x, and
+    y where given, else square), so that Fiji (Bio-Formats) and napari open it with both; a
+    plain TIFF where OME cannot name the axes (two of one kind), with an INFO line.
+    ``path``: a file name, or a seekable binary file (e.g. ``io.BytesIO``)."""
     metadata: dict[str, Any] = {}
     ome_axes = _ome_axes(axes, labels.ndim)
     if ome_axes is not None:
@@ -527,14 +677,18 @@ def write_labels(path: Path, labels: np.ndarray, axes: str | None,
         if types:
             metadata["TypeDescription"] = types
     if pixel_size_um is not None:
+        y_um = pixel_size_y_um if pixel_size_y_um is not None else pixel_size_um
         metadata.update(PhysicalSizeX=pixel_size_um, PhysicalSizeXUnit="µm",
-                        PhysicalSizeY=pixel_size_um, PhysicalSizeYUnit="µm")
+                        PhysicalSizeY=y_um, PhysicalSizeYUnit="µm")
     try:
         tifffile.imwrite(path, labels, ome=True, metadata=metadata,
                          photometric="minisblack", compression="zlib")
     except (tifffile.OmeXmlError, ValueError) as exc:
         log.info("%s: labels of axes %s written as a plain TIFF, without axes or pixel size "
                  "(OME-TIFF cannot hold them: %s)", path, ome_axes, exc)
+        if not isinstance(path, Path):  # a file: start again
+            path.seek(0)
+            path.truncate()
         tifffile.imwrite(path, labels, photometric="minisblack", compression="zlib")
 
 

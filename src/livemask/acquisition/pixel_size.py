@@ -15,7 +15,8 @@ from typing import Any
 
 log = logging.getLogger("livemask")
 
-__all__ = ["SQUARE_TOLERANCE", "UM_PER_UNIT", "check_square", "tiff_pixel_size", "um_per_unit"]
+__all__ = ["SQUARE_TOLERANCE", "UM_PER_UNIT", "check_square", "tiff_pixel_size",
+           "tiff_pixel_size_xy", "um_per_unit"]
 
 #: µm per unit of the length units found in OME(-Zarr), ImageJ and TIFF metadata (lower case;
 #: "µm" with the micro sign U+00B5 and with the Greek mu U+03BC, which OME writers use too).
@@ -68,7 +69,17 @@ def tiff_pixel_size(
     from x, a warning says that measurements use the x size (:func:`check_square`). Plain
     resolution tags are often a print setting; in inches they are ignored, in cm/mm/µm they
     count, and both commands log where the size came from. ``path``: for the log (default:
-    the file's name)."""
+    the file's name). :func:`tiff_pixel_size_xy` gives the y size too."""
+    found = tiff_pixel_size_xy(tif, resolution_tags=resolution_tags, path=path)
+    return None if found is None else (found[0], found[2])
+
+
+def tiff_pixel_size_xy(
+    tif: Any, *, resolution_tags: bool = True, path: object = None
+) -> tuple[float, float | None, str] | None:
+    """:func:`tiff_pixel_size` with the y size: (x µm, y µm, where found); y is None where
+    the file gives no usable y size (then take the pixels as square). Warns as
+    :func:`tiff_pixel_size` does where y differs from x."""
     path = path if path is not None else getattr(tif, "filename", tif)
     found: list[tuple[float, float | None, str]] = []
     try:
@@ -82,7 +93,8 @@ def tiff_pixel_size(
     for x_um, y_um, source in found:
         if math.isfinite(x_um) and x_um > 0:
             check_square(path, x_um, y_um, source)
-            return x_um, source
+            usable = y_um is not None and math.isfinite(y_um) and y_um > 0
+            return x_um, y_um if usable else None, source
     return None
 
 

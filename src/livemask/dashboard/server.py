@@ -82,6 +82,10 @@ MAX_CONNECTIONS = 64
 #: still sending its request headers (aiohttp's keep-alive timeout; its default, 3630 s,
 #: let idle connections pile up).
 KEEPALIVE_S = 10.0
+#: Seconds at most between two messages to the pages: while nothing else goes out, an
+#: ``{"type": "alive"}``. A page that hears nothing for 3 of them (3 s at least) says so
+#: (the service with its embedded dashboard frozen, a hung loop, a dropped tunnel).
+ALIVE_S = 1.0
 #: WebSocket ping interval (s); a browser that does not answer within half of it is dropped.
 WS_HEARTBEAT_S = 20.0
 #: Seconds a browser may take no data at all while there is some to send before it is
@@ -323,6 +327,7 @@ class DashboardServer:
         self._sub: AsyncSubscriber | None = None
         self._image_sub: AsyncSubscriber | None = None
         self._watched = asyncio.Event()  # set while a browser wants images
+        self._told_at = 0.0  # monotonic time of the last message to every page
         self.samples = 0  # times the image subscriber subscribed to frame and labels
         self._loopback = _is_loopback(address)
 
@@ -536,17 +541,25 @@ class DashboardServer:
                 sub.unsubscribe(topic)
 
     async def _updates(self) -> None:
-        """At most ``update_hz`` times a second: the new summary points and grain stats."""
+        """At most ``update_hz`` times a second: the new summary points and grain stats;
+        at least every :data:`ALIVE_S`, something (a page hearing nothing says so)."""
         period = 1.0 / self.update_hz
+        tick = min(period, ALIVE_S / 2)
+        updated_at = -period
         while True:
             if self.browsers:
-                update = self.state.update()
-                if update is not None:
-                    self._broadcast(update)
-                stale = self.state.stale_message()  # the service went silent: say so
-                if stale is not None:
-                    self._broadcast({**stale, "dashboard": self.report()})
-            await asyncio.sleep(period)
+                now = time.monotonic()
+                if now - updated_at >= period - tick / 10:
+                    updated_at = now
+                    update = self.state.update()
+                    if update is not None:
+                        self._broadcast(update)
+                    stale = self.state.stale_message()  # the service went silent: say so
+                    if stale is not None:
+                        self._broadcast({**stale, "dashboard": self.report()})
+                if time.monotonic() - self._told_at >= ALIVE_S:  # idle, yet alive
+                    self._broadcast({"type": "alive"})
+            await asyncio.sleep(tick)
 
     def _send_image(self, frame: Message, labels: Message | None) -> None:
         """Decimate ``frame`` (outlines of ``labels``) once and offer it to every browser."""
@@ -572,6 +585,7 @@ class DashboardServer:
                 browser.offer_image(data)
 
     def _broadcast(self, obj: dict[str, Any]) -> None:
+        self._told_at = time.monotonic()
         text = dumps_json(obj).decode("utf-8")
         for browser in self.browsers:
             browser.send_text(text)
@@ -597,7 +611,8 @@ class DashboardServer:
 
     def _config(self) -> dict[str, Any]:
         return {"version": __version__, "title": self.title, "update_hz": self.update_hz,
-                "max_image_px": self.max_image_px, "source": self.pub_address}
+                "max_image_px": self.max_image_px, "source": self.pub_address,
+                "keepalive_s": ALIVE_S}
 
     # ------------------------------------------------------------ HTTP
     @web.middleware
@@ -638,6 +653,7 @@ class DashboardServer:
             "config": self._config(),
             "status": s.status,
             "silent_s": s.silent_s(),  # set when no status came for a while: service gone
+            "waiting_s": s.waiting_s(),  # set when no status came at all since the start
             "rates": s.status_message()["rates"],
             "summary": s.summary,
             "frame_id": s.measured_frame_id,

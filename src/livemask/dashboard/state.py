@@ -31,6 +31,10 @@ _TEXT_MAX = 200
 RATE_WINDOW_S = 2.0
 #: No status for this long, and for three of its usual intervals: the service is gone.
 STALE_S = 3.0
+#: The heartbeat interval assumed while neither the status says it (``heartbeat_s``) nor
+#: an interval between two statuses has been measured (services publish every 1 s by
+#: default; ``publish.heartbeat_s`` may be longer: no "silent" for those after one status).
+UNKNOWN_HEARTBEAT_S = 5.0
 
 
 def published_unit(units: Any, key: str, default: str) -> str:
@@ -58,15 +62,16 @@ def summary_point(header: dict[str, Any]) -> list[Any]:
 
 
 def stream_label(index: Any) -> str:
-    """The frame's stream as a short label: its MDA index keys but ``t``, e.g. ``"c1 p0"``
-    (``""`` for a time-lapse alone): frames of several positions, channels or planes are
-    plotted as a series each, not as one zigzag. Feedback actions' frames (``fb``, a number
-    per action) are one series per position and channel (``"c0 fb p0"``), not one per
-    action."""
+    """The frame's stream as a short label: its MDA index keys but ``t`` and ``g``, e.g.
+    ``"c1 p0"`` (``""`` for a time-lapse alone): frames of several positions, channels or
+    planes are plotted as a series each, not as one zigzag; the tiles of a grid scan
+    (``g``) are one series, not one per tile. Feedback actions' frames (``fb``, a number
+    per action; they carry no ``c``) are one series per position (``"fb p1"``; and plane, for
+    a Z-stack action's), not one per action."""
     if not isinstance(index, dict):
         return ""
     return " ".join(key if key == "fb" else f"{key}{value}"
-                    for key, value in sorted(index.items()) if key != "t")
+                    for key, value in sorted(index.items()) if key not in ("t", "g"))
 
 
 def significant(value: Any, digits: int = 6) -> float | None:
@@ -104,8 +109,8 @@ def event_summary(header: dict[str, Any]) -> dict[str, Any]:
     kind = str(header.get("kind", "?"))
     stamps = header.get("t") or {}
     t = stamps.get("sent") or stamps.get("published") or time.time()
-    level = "error" if kind in ("error", "frame_failed") else (
-        "warn" if kind == "feedback_refused" else "info")
+    level = "error" if kind in ("error", "frame_failed", "acquisition_stalled") else (
+        "warn" if kind in ("feedback_refused", "frame_missing") else "info")
     h = header
     if kind == "acquisition_started":
         n = h.get("events")
@@ -113,8 +118,11 @@ def event_summary(header: dict[str, Any]) -> dict[str, Any]:
         if h.get("enqueued") is not None:
             text = f"{h['enqueued']} enqueued events, {h.get('mode', '?')}"
     elif kind == "acquisition_finished":
-        text = f"after {h.get('duration_s', '?')} s" + (
-            f", error: {h['error']}" if h.get("error") else "")
+        missing, not_run = h.get("frames_missing"), h.get("events_not_run")
+        text = (f"after {h.get('duration_s', '?')} s"
+                + (f", {missing} frames missing" if missing else "")
+                + (f", {not_run} events not run" if not_run else "")
+                + (f", error: {h['error']}" if h.get("error") else ""))
         level = "error" if h.get("error") else level
     elif kind == "feedback_action":
         action = h.get("action") or {}
@@ -153,6 +161,7 @@ class DashboardState:
         # an outage is not)
         self._status_gaps: deque[float] = deque(maxlen=5)
         self._stale_told_at: float | None = None  # when browsers were last told "silent"
+        self.started_at = time.monotonic()  # (no status since: "waiting" after STALE_S)
         self.rates: dict[str, float | None] = status_rates(None, {})
         self.summary: dict[str, Any] | None = None
         self.grains: dict[str, Any] | None = None
@@ -263,21 +272,38 @@ class DashboardState:
             store.popitem(last=False)
 
     # ------------------------------------------------------------ output
+    def heartbeat_s(self) -> float:
+        """The service's status interval: as its status says (``heartbeat_s``), else the
+        smallest of the last measured intervals, else :data:`UNKNOWN_HEARTBEAT_S`."""
+        said = (self.status or {}).get("heartbeat_s")
+        if isinstance(said, int | float) and not isinstance(said, bool) and said > 0:
+            return float(said)
+        return min(self._status_gaps, default=UNKNOWN_HEARTBEAT_S)
+
     def silent_s(self) -> float | None:
         """Seconds since the last status when the service has gone silent (no status for
-        ``STALE_S`` and three of its intervals), else None."""
+        ``STALE_S`` and three of its intervals, :meth:`heartbeat_s`), else None."""
         if self.status_at is None:
             return None
         quiet = time.monotonic() - self.status_at
-        every = min(self._status_gaps, default=1.0)
-        return quiet if quiet > max(STALE_S, 3 * every) else None
+        return quiet if quiet > max(STALE_S, 3 * self.heartbeat_s()) else None
+
+    def waiting_s(self) -> float | None:
+        """Seconds since the dashboard started while no status has come at all, once that
+        is more than ``STALE_S`` (a service not (yet) there, or a mistyped address), else
+        None."""
+        if self.status_at is not None:
+            return None
+        waited = time.monotonic() - self.started_at
+        return waited if waited > STALE_S else None
 
     def status_message(self) -> dict[str, Any]:
-        """``{"type": "status", "status", "rates", "silent_s"}`` (``silent_s``: see
-        :meth:`silent_s`; the status and rates are then the last ones received)."""
+        """``{"type": "status", "status", "rates", "silent_s", "waiting_s"}``
+        (``silent_s``: see :meth:`silent_s`; the status and rates are then the last ones
+        received; ``waiting_s``: see :meth:`waiting_s`)."""
         silent = self.silent_s()
         return {"type": "status", "status": self.status, "rates": self.current_rates(silent),
-                "silent_s": silent}
+                "silent_s": silent, "waiting_s": self.waiting_s()}
 
     def current_rates(self, silent: float | None = None) -> dict[str, float | None] | None:
         """The frame rates, or None while the service is silent (``silent``: if known)."""
@@ -286,9 +312,10 @@ class DashboardState:
         return self.rates if silent is None else None
 
     def stale_message(self) -> dict[str, Any] | None:
-        """The status message to push while the service is silent: when it has just gone
-        silent, then once a second (its ``silent_s`` counts up on the page)."""
-        if self.silent_s() is None:
+        """The status message to push while the service is silent (or no status came yet,
+        :meth:`waiting_s`): when it has just gone silent, then once a second (its
+        ``silent_s`` or ``waiting_s`` counts up on the page)."""
+        if self.silent_s() is None and self.waiting_s() is None:
             return None
         now = time.monotonic()
         if self._stale_told_at is not None and now - self._stale_told_at < 1.0:
@@ -323,6 +350,7 @@ class DashboardState:
             "status": self.status,
             "rates": self.current_rates(silent),
             "silent_s": silent,
+            "waiting_s": self.waiting_s(),
         }
 
     def pick_frame(self, *, stale_s: float = 1.0) -> tuple[Message, Message | None] | None:

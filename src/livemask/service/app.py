@@ -1042,6 +1042,7 @@ class Service:
             "state": self.state,
             "version": __version__,
             "uptime_s": round(time.monotonic() - self._started_monotonic, 3),
+            "heartbeat_s": self.config.publish.heartbeat_s,
             "acquiring": self._acquiring,
             "pending_events": int(getattr(self.source, "pending_events", 0)),
             "mode": pipe.mode if pipe else self.config.acquisition.mode,

@@ -17,11 +17,24 @@
     config: null, points: [], summary: null, grains: null, status: null, rates: null,
     dashboard: null, events: [], shown: [], dirty: true, image: null, imageDirty: false,
     offline: false, // the WebSocket closed: the dashboard server (and the service?) is gone
+    silent: null, // seconds without a status, as the server says (the service went silent)
+    quiet: null, // seconds without any message from the server, once that is too long
+    waiting: null, // seconds the server has waited for the service's first status
   };
 
   // ------------------------------------------------------------ connection
   let retryMs = 500;
   let socket = null;
+  // The server sends something at least every config.keepalive_s (1 s): a page that hears
+  // nothing for 3 of those (3 s at least) says so (a frozen service or server, a hung
+  // loop, a dropped tunnel: the WebSocket does not close then), and after DROP_AFTER_MS
+  // it drops the socket and connects again.
+  const DROP_AFTER_MS = 30000;
+  let lastDataAt = performance.now();
+  function quietAfterMs() {
+    const every = S.config && S.config.keepalive_s > 0 ? S.config.keepalive_s : 1;
+    return Math.max(3000, 3000 * every);
+  }
   function wantsImages() {
     return !document.hidden && $("show-image").checked;
   }
@@ -37,8 +50,11 @@
     const ws = new WebSocket(`${proto}//${location.host}/ws`);
     ws.binaryType = "arraybuffer";
     socket = ws;
+    lastDataAt = performance.now(); // (the connect itself gets DROP_AFTER_MS too)
     ws.onopen = () => { setConn(true); retryMs = 500; sendView(); };
     ws.onclose = () => {
+      if (socket !== ws) return; // (dropped for silence: already reconnecting)
+      socket = null;
       setConn(false);
       // embedded in the service, the server went with it: do not go on showing its last
       // state and rates as if live (greyed out until the next hello)
@@ -48,6 +64,8 @@
       retryMs = Math.min(retryMs * 2, 5000);
     };
     ws.onmessage = (ev) => {
+      lastDataAt = performance.now();
+      if (S.quiet !== null) { S.quiet = null; setConn(true); showState(); }
       try {
         if (typeof ev.data === "string") {
           onJson(JSON.parse(ev.data));
@@ -59,6 +77,31 @@
         console.error("livemask dashboard: bad message", err);
       }
     };
+  }
+
+  function checkQuiet() { // once a second: has the server gone quiet?
+    if (!socket) return; // closed: onclose said so, and reconnects
+    const quietMs = performance.now() - lastDataAt;
+    if (quietMs >= DROP_AFTER_MS) { // connect again (close() alone may wait for the dead peer)
+      const ws = socket;
+      socket = null;
+      ws.onclose = ws.onmessage = ws.onopen = null;
+      try { ws.close(); } catch (err) { /* (already closing) */ }
+      S.quiet = null;
+      setConn(false);
+      S.offline = true;
+      showState();
+      setTimeout(connect, 0);
+      return;
+    }
+    if (socket.readyState !== WebSocket.OPEN) return; // connecting: nothing heard yet
+    if (quietMs >= quietAfterMs()) {
+      S.quiet = quietMs / 1000;
+      const el = $("conn");
+      el.textContent = "no data";
+      el.className = "badge off";
+      showState();
+    }
   }
 
   function setConn(live) {
@@ -79,7 +122,7 @@
         S.offline = false;
         $("source").textContent = `${m.config.source} · livemask ${m.config.version}`;
         setSummary(m.summary, m.frame_id);
-        setStatus(m.status || null, m.rates, null, m.silent_s);
+        setStatus(m.status || null, m.rates, null, m.silent_s, m.waiting_s);
         renderEvents();
         break;
       case "update":
@@ -89,7 +132,9 @@
         setSummary(m.summary, m.frame_id);
         break;
       case "status":
-        setStatus(m.status, m.rates, m.dashboard, m.silent_s);
+        setStatus(m.status, m.rates, m.dashboard, m.silent_s, m.waiting_s);
+        break;
+      case "alive": // the server's keep-alive (lastDataAt is set)
         break;
       case "event":
         S.events.push(m.event);
@@ -190,24 +235,13 @@
   function areaUnit() { return (S.status && S.status.area_unit) || "µm²"; }
   function calibrated() { return lengthUnit() !== "px"; }
 
-  function setStatus(st, rates, dash, silent) {
+  function setStatus(st, rates, dash, silent, waiting) {
     const units = `${lengthUnit()} ${areaUnit()}`;
     S.status = st; S.rates = rates || {}; if (dash) S.dashboard = dash;
     if (`${lengthUnit()} ${areaUnit()}` !== units) { S.dirty = true; schedule(); } // titles
-    // rates are null while the service is silent, and unknown while the server is gone
-    const stale = S.offline ? "service unreachable"
-      : silent !== null && silent !== undefined ? `no status for ${silent.toFixed(0)} s` : null;
-    document.body.classList.toggle("stale", stale !== null);
-    const state = $("state");
-    if (stale !== null) {  // no status for a while, or no server: the service may be gone
-      state.textContent = stale;
-      state.className = "badge stale";
-    } else {
-      state.textContent = !st ? "–" : st.acquiring ? "acquiring" : st.state;
-      state.className = "badge" + (st && st.acquiring ? " running" : "");
-    }
-    const fps = S.rates.analysed_fps;
-    $("fps").textContent = fps === null || fps === undefined ? "–" : fps.toFixed(1);
+    S.silent = silent === undefined ? null : silent;
+    S.waiting = waiting === undefined ? null : waiting;
+    showState();
     if (!st) return;
     // (while the service starts its status has no backend and no frame counts yet)
     const backend = st.backend ?? "loading", device = st.device ?? "–";
@@ -252,6 +286,29 @@
         row.insertCell().textContent = t;
       }
     }
+  }
+
+  // the state badge, the frame rate and the greying out: stale while the server is gone,
+  // says nothing (quiet) or the service is silent
+  function showState() {
+    const st = S.status;
+    const stale = S.offline ? "service unreachable"
+      : S.quiet !== null ? `no data from the dashboard for ${S.quiet.toFixed(0)} s`
+      : S.silent !== null ? `no status for ${S.silent.toFixed(0)} s`
+      : S.waiting !== null ? `no status from ${S.config ? S.config.source : "the service"} ` +
+        `yet (${S.waiting.toFixed(0)} s)` : null;
+    document.body.classList.toggle("stale", stale !== null);
+    const state = $("state");
+    if (stale !== null) {  // no status for a while, or no server: the service may be gone
+      state.textContent = stale;
+      state.className = "badge stale";
+    } else {
+      state.textContent = !st ? "–" : st.acquiring ? "acquiring" : st.state;
+      state.className = "badge" + (st && st.acquiring ? " running" : "");
+    }
+    // rates are null while the service is silent, and not live while the server is quiet
+    const fps = stale === null ? S.rates.analysed_fps : null;
+    $("fps").textContent = fps === null || fps === undefined ? "–" : fps.toFixed(1);
   }
 
   function renderEvents() {
@@ -491,6 +548,7 @@
     while (S.shown.length && now - S.shown[0] > 2000) S.shown.shift();
     const text = (S.shown.length / 2).toFixed(1);
     if ($("view-fps").textContent !== text) $("view-fps").textContent = text;
+    checkQuiet();
   }, 1000);
   $("show-outlines").addEventListener("change", () => { S.imageDirty = true; schedule(); });
   $("show-image").addEventListener("change", sendView);

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -145,14 +147,12 @@ def test_rate_is_not_shown_once_measurements_stop(monkeypatch: pytest.MonkeyPatc
     assert view.fps() is None and "- frames/s" in view.summary_line()
 
 
-def test_watch_leaves_out_malformed_messages_and_goes_on() -> None:
-    """One message that is not livemask's protocol ended ``watch`` with a traceback."""
+@contextlib.contextmanager
+def _publishing(parts_of: Callable[[int], list[list[bytes]]]) -> Iterator[str]:
+    """A PUB on a free loopback port sending ``parts_of(seq)`` every 50 ms; its address."""
     import threading
 
     import zmq
-
-    from livemask.protocol import encode
-    from livemask.viewer import watch
 
     ctx = zmq.Context.instance()
     pub = ctx.socket(zmq.PUB)
@@ -163,19 +163,30 @@ def test_watch_leaves_out_malformed_messages_and_goes_on() -> None:
     def publish() -> None:
         seq = 0
         while not stop.wait(0.05):
-            pub.send_multipart([b"status", b"{not json"])
-            header = {"frame_id": seq, "seq": seq, "summary": {"count": 7}}
-            pub.send_multipart(encode("measurements", header))
+            for parts in parts_of(seq):
+                pub.send_multipart(parts)
             seq += 1
 
     thread = threading.Thread(target=publish)
     thread.start()
     try:
-        view = watch(f"tcp://127.0.0.1:{port}", duration_s=1.5)
+        yield f"tcp://127.0.0.1:{port}"
     finally:
         stop.set()
         thread.join()
         pub.close()
+
+
+def test_watch_leaves_out_malformed_messages_and_goes_on() -> None:
+    """One message that is not livemask's protocol ended ``watch`` with a traceback."""
+    from livemask.protocol import encode
+    from livemask.viewer import watch
+
+    with _publishing(lambda seq: [
+        [b"status", b"{not json"],
+        encode("measurements", {"frame_id": seq, "seq": seq, "summary": {"count": 7}}),
+    ]) as address:
+        view = watch(address, duration_s=1.5)
     assert view.bad_messages >= 1 and view.messages >= 1
     assert view.measurements is not None and view.measurements["summary"]["count"] == 7
 
@@ -381,36 +392,14 @@ def test_view_says_the_service_is_starting_not_that_its_acquisition_finished() -
 def test_watch_truth_says_when_the_service_publishes_none() -> None:
     """watch --truth on a service started without --truth showed no score and no word why
     (newcomer hunt): the README shows the two --truth as independent options."""
-    import threading
-
-    import zmq
-
     from livemask.protocol import encode
     from livemask.viewer import NO_TRUTH, watch
 
-    ctx = zmq.Context.instance()
-    pub = ctx.socket(zmq.PUB)
-    pub.setsockopt(zmq.LINGER, 0)
-    port = pub.bind_to_random_port("tcp://127.0.0.1")
-    stop = threading.Event()
-
-    def publish() -> None:
-        seq = 0
-        while not stop.wait(0.05):
-            pub.send_multipart(encode("status", {"seq": seq, "state": "running",
-                                                 "truth": False}))
-            pub.send_multipart(encode("measurements", {"frame_id": seq, "seq": seq,
-                                                       "summary": {"count": 7}}))
-            seq += 1
-
-    thread = threading.Thread(target=publish)
-    thread.start()
-    try:
-        view = watch(f"tcp://127.0.0.1:{port}", truth=True, duration_s=1.0)
-    finally:
-        stop.set()
-        thread.join()
-        pub.close()
+    with _publishing(lambda seq: [
+        encode("status", {"seq": seq, "state": "running", "truth": False}),
+        encode("measurements", {"frame_id": seq, "seq": seq, "summary": {"count": 7}}),
+    ]) as address:
+        view = watch(address, truth=True, duration_s=1.0)
     assert view.truth_unavailable
     assert f"vs truth: {NO_TRUTH}" in view.summary_line()
     console = Console(record=True, width=200)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import os
 import re
@@ -292,3 +293,24 @@ def test_evaluate_warns_about_the_ome_zarr_stores_it_skips(
     assert f"1 OME-Zarr store(s) in {images} skipped (b.ome.zarr)" in said
     assert f"1 OME-Zarr store(s) in {masks} skipped (b.ome.zarr)" in said
     assert "livemask replay" in said
+
+
+def test_a_json_report_is_appended_to_an_open_file_and_kept_behind_a_link(
+    tmp_path: Path,
+) -> None:
+    """evaluate --json /dev/stdout >> log.json truncated the log (opened for writing), and a
+    --json link was written in place rather than its file replaced whole."""
+    from livemask.cli import _write_json
+
+    log_path = tmp_path / "log.json"
+    with log_path.open("a") as log_file:
+        log_file.write("earlier\n")
+        log_file.flush()
+        _write_json(Path(f"/proc/self/fd/{log_file.fileno()}"), {"f1": 0.9})
+    assert log_path.read_text() == 'earlier\n{\n  "f1": 0.9\n}\n'
+    real = tmp_path / "real.json"
+    real.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    _write_json(link, {"f1": 0.8})
+    assert link.is_symlink() and json.loads(real.read_text()) == {"f1": 0.8}

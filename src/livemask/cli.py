@@ -164,19 +164,24 @@ def _written_in_place(path: Path) -> bool:
 
 def _write_json(path: Path, data: Any, option: str = "--json") -> None:
     """Write ``data`` as indented JSON to ``path`` (a temporary file beside it, renamed: an
-    interruption leaves no half file; written through where :func:`_written_in_place`); an
+    interruption leaves no half file; beside the file a link leads to, the link kept; into a
+    FIFO, a device or ``/dev/stdout`` directly, appending); an
     error is one line naming ``option`` (exit 2)."""
     import json
 
+    from livemask.offline import not_regular_file
+
     text = json.dumps(data, indent=2) + "\n"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # a link stays a link: the file it leads to is replaced
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        if _written_in_place(path):
-            with path.open("w", encoding="utf-8") as fh:
+        if not_regular_file(path):  # a FIFO, a device, /dev/stdout: appended to (>> of a
+            with path.open("a", encoding="utf-8") as fh:  # shell stays whole), not replaced
                 fh.write(text)
             return
         tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except OSError as exc:
         _fail(OSError(f"cannot write {option} {path}: {exc.strerror or exc}; "
                       "choose a writable file"))

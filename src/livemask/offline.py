@@ -355,7 +355,7 @@ def check_outputs(input_path: Path, output: Path, table: Path | None,
     """ValueError, before anything is read or written, if ``output`` (``-o``), ``table``
     (``--table``) or ``grains`` (``--grains``) cannot be written: not a TIFF name, the input
     file, a folder, or two of them one file; then makes their folders."""
-    if output.suffix.lower() not in LABEL_SUFFIXES and not _not_regular(output):
+    if output.suffix.lower() not in LABEL_SUFFIXES and not not_regular_file(output):
         raise ValueError(f"-o {output}: labels are written as an int32 TIFF; give an output "
                          "file name ending in .tif or .tiff")
     if grains is not None and grains.suffix.lower() in (*LABEL_SUFFIXES, ".csv"):
@@ -403,7 +403,7 @@ def _through_proc(path: Path) -> bool:
                for hop in _link_hops(path))
 
 
-def _not_regular(path: Path) -> bool:
+def not_regular_file(path: Path) -> bool:
     """Whether ``path`` exists (links followed) and is no regular file (a FIFO, a terminal,
     ``/dev/null``, ``/dev/stdout``), or names a process's open file (:func:`_through_proc`).
     Such a path is written directly, never replaced."""
@@ -435,7 +435,7 @@ class _Output:
         renamed into place; a link to one through a file beside the file it leads to
         (directly where that folder cannot be written); anything else (a FIFO, a device,
         ``/dev/stdout``) directly, never replaced by a file."""
-        if _not_regular(path):
+        if not_regular_file(path):
             return cls(path, path, None, append=True)
         if not path.is_symlink():
             return cls(path, path, _temporary(path))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -205,3 +206,41 @@ def test_the_rows_of_a_frame_whose_line_was_lost_are_taken_back(
         assert [r["frame_id"] for r in csv.DictReader(fh)] == ["2", "2"]
     assert "rows_stored: false" not in caplog.text
     assert "2 rejected" in caplog.text
+
+
+async def test_the_service_publishes_and_records_a_recordings_error_and_its_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service's side of a full disk that frees up (session 24 checked it by hand): one
+    ``error`` event naming the recording, then one ``recording_resumed``, both published and
+    in events.jsonl, and the frames before and after it recorded."""
+    from livemask.recording import open_recording
+    from livemask.recording.files import BlockFile
+    from livemask.service.app import Service
+    from tests.conftest import make_config
+    from tests.test_service import collect_run
+
+    real_write = BlockFile.write
+    lost = tuple(f'{{"frame_id": {i},' for i in (3, 4, 5))  # the disk is full for these
+
+    def frames_on_a_full_disk(self: BlockFile, text: str) -> None:
+        if self.path.name == "frames.jsonl" and text.startswith(lost):
+            raise OSError(28, "No space left on device")
+        real_write(self, text)
+
+    monkeypatch.setattr(BlockFile, "write", frames_on_a_full_disk)
+    cfg = make_config(record={"enabled": True, "path": str(tmp_path)},
+                      acquisition={"sequence": {"time_plan": {"interval": 0.0, "loops": 9}}})
+    async with Service(cfg) as svc:
+        got = await collect_run(svc, ("event",))
+        await asyncio.sleep(0.5)  # the writer thread's last lines
+    kinds = [m.header["kind"] for m in got["event"]]
+    errors = [m.header for m in got["event"] if m.header["kind"] == "error"]
+    assert len(errors) == 1 and "recording to" in errors[0]["detail"]
+    assert kinds.count("recording_resumed") == 1
+    assert kinds.index("error") < kinds.index("recording_resumed")
+    run = next(tmp_path.glob("run-*"))
+    recorded = [json.loads(line)["kind"]
+                for line in (run / "events.jsonl").read_text().splitlines()]
+    assert "error" in recorded and "recording_resumed" in recorded
+    assert open_recording(run).images.shape[0] == 9

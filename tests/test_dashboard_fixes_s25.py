@@ -215,3 +215,31 @@ async def test_service_status_says_its_heartbeat() -> None:
 
     async with Service(make_config(publish={"heartbeat_s": 2.5})) as service:
         assert service.status()["heartbeat_s"] == 2.5
+
+
+async def test_each_image_is_announced_with_its_size(
+    dashboard: DashboardServer, publisher: ZmqPublisher
+) -> None:
+    """Over a slow link nothing else reaches the page while an image arrives: a page that
+    knew of no image coming called a healthy dashboard stale after 3 s, and dropped it after
+    30 s, before a 300 KB image at 8 kB/s had ever arrived (review)."""
+    from tests.test_dashboard_fixes_s21 import _connect, _publish_frame
+
+    async with _connect(dashboard) as ws:
+        await ws.send_json({"type": "view", "images": True, "ack": True})
+        announced: int | None = None
+        fid = 0
+        deadline = time.monotonic() + 10
+        while True:
+            assert time.monotonic() < deadline, "no image"
+            _publish_frame(publisher, fid)
+            fid += 1
+            with contextlib.suppress(TimeoutError):
+                msg = await ws.receive(timeout=0.1)
+                if msg.type == aiohttp.WSMsgType.TEXT and msg.json()["type"] == "image":
+                    announced = msg.json()["bytes"]
+                    image = await ws.receive(timeout=5)  # the very next message
+                    assert image.type == aiohttp.WSMsgType.BINARY
+                    assert len(image.data) == announced
+                    break
+                assert msg.type == aiohttp.WSMsgType.TEXT, "an image came unannounced"

@@ -251,6 +251,10 @@ class _Browser:
                                            WS_SEND_TIMEOUT_S)
                 if self.image is not None and not self._image_held():
                     data, self.image = self.image, None
+                    # announced: over a slow link the page hears nothing else while an
+                    # image arrives, and must not take that for a frozen server
+                    await asyncio.wait_for(self.ws.send_str(
+                        f'{{"type": "image", "bytes": {len(data)}}}'), WS_SEND_TIMEOUT_S)
                     await asyncio.wait_for(self.ws.send_bytes(data), WS_SEND_TIMEOUT_S)
                     self.images_sent += 1
                     self.unacked += 1

@@ -29,11 +29,27 @@
   // nothing for 3 of those (3 s at least) says so (a frozen service or server, a hung
   // loop, a dropped tunnel: the WebSocket does not close then), and after DROP_AFTER_MS
   // it drops the socket and connects again.
+  // An image the server announced ({"type": "image", "bytes": N}) may take long over a
+  // slow link, and nothing else comes meanwhile: it gets 3 times what it should take at the
+  // link's rate as measured on the images before (at first SLOW_LINK_BPS, a slow mobile
+  // link).
   const DROP_AFTER_MS = 30000;
+  const SLOW_LINK_BPS = 8000;
   let lastDataAt = performance.now();
+  let incoming = null; // the image announced and not received yet: {bytes, at}
+  let linkBps = null; // bytes per second of the last image that took a while
   function quietAfterMs() {
     const every = S.config && S.config.keepalive_s > 0 ? S.config.keepalive_s : 1;
-    return Math.max(3000, 3000 * every);
+    const quiet = Math.max(3000, 3000 * every);
+    if (!incoming) return quiet;
+    return Math.max(quiet, 3000 * incoming.bytes / (linkBps || SLOW_LINK_BPS));
+  }
+  function imageArrived(bytes) {
+    if (incoming) {
+      const ms = performance.now() - incoming.at;
+      if (ms > 200) linkBps = (1000 * bytes) / ms; // (a fast link: the default stays unused)
+    }
+    incoming = null;
   }
   function wantsImages() {
     return !document.hidden && $("show-image").checked;
@@ -55,6 +71,7 @@
     ws.onclose = () => {
       if (socket !== ws) return; // (dropped for silence: already reconnecting)
       socket = null;
+      incoming = null;
       setConn(false);
       // embedded in the service, the server went with it: do not go on showing its last
       // state and rates as if live (greyed out until the next hello)
@@ -71,6 +88,7 @@
           onJson(JSON.parse(ev.data));
         } else {
           if (ws.readyState === WebSocket.OPEN) ws.send('{"type":"ack"}'); // got it: next one
+          imageArrived(ev.data.byteLength);
           onImage(ev.data);
         }
       } catch (err) {
@@ -82,12 +100,14 @@
   function checkQuiet() { // once a second: has the server gone quiet?
     if (!socket) return; // closed: onclose said so, and reconnects
     const quietMs = performance.now() - lastDataAt;
-    if (quietMs >= DROP_AFTER_MS) { // connect again (close() alone may wait for the dead peer)
+    if (quietMs >= Math.max(DROP_AFTER_MS, 2 * quietAfterMs())) { // connect again (close()
+      // alone may wait for the dead peer)
       const ws = socket;
       socket = null;
       ws.onclose = ws.onmessage = ws.onopen = null;
       try { ws.close(); } catch (err) { /* (already closing) */ }
       S.quiet = null;
+      incoming = null;
       setConn(false);
       S.offline = true;
       showState();
@@ -135,6 +155,9 @@
         setStatus(m.status, m.rates, m.dashboard, m.silent_s, m.waiting_s);
         break;
       case "alive": // the server's keep-alive (lastDataAt is set)
+        break;
+      case "image": // an image of m.bytes comes next: give it time over a slow link
+        incoming = { bytes: m.bytes, at: performance.now() };
         break;
       case "event":
         S.events.push(m.event);

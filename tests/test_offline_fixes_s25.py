@@ -314,3 +314,32 @@ def test_a_json_report_is_appended_to_an_open_file_and_kept_behind_a_link(
     link.symlink_to(real)
     _write_json(link, {"f1": 0.8})
     assert link.is_symlink() and json.loads(real.read_text()) == {"f1": 0.8}
+
+
+def test_a_table_to_a_reader_that_goes_away_ends_quietly(tmp_path: Path) -> None:
+    """segment --table /dev/stdout | head -1 ended with "error: [Errno 32] Broken pipe" and
+    exit 2 (review)."""
+    image = NucleiSample(seed=1).render((0.0, 0.0), (512, 512), exposure_ms=10.0).image
+    tifffile.imwrite(tmp_path / "in.tif", np.stack([image] * 8))  # a CSV of ≈ 110 KB: more
+    # than a pipe holds, so the write meets the reader gone
+    cmd = (f"{sys.executable} -m livemask segment {tmp_path / 'in.tif'} "
+           f"-o {tmp_path / 'out.tif'} --table /dev/stdout | head -1")
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True,
+                          text=True, timeout=120)
+    assert done.stdout.startswith("plane,"), done.stdout
+    assert "Broken pipe" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out.tif").exists()
+
+
+def test_a_grey_palette_png_with_transparency_is_refused_as_grey_and_alpha(
+    tmp_path: Path,
+) -> None:
+    palette = [v for g in range(0, 256, 16) for v in (g, g, g)]
+    im = Image.fromarray(np.arange(64 * 64, dtype=np.uint8).reshape(64, 64) % 16, mode="P")
+    im.putpalette(palette)
+    im.save(tmp_path / "grey.png", transparency=0)
+    from livemask.offline import check_image, read_image_file
+
+    with pytest.raises(ValueError, match="alpha"):
+        check_image(tmp_path / "grey.png", read_image_file(tmp_path / "grey.png"))

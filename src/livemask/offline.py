@@ -131,10 +131,13 @@ def _palette_png(path: Path, *, stored: bool) -> np.ndarray | None:
                 return None
             indices = np.asarray(im)
             palette = im.getpalette("RGB") or []
+            transparent = "transparency" in im.info
     except (UnidentifiedImageError, OSError):
         return None  # the other reader says why
     if stored:
         return indices
+    if transparent:  # grey and alpha: refused as such (check_image), as an LA PNG is
+        return None
     colours = np.zeros((256, 3), dtype=np.uint8)
     given = np.asarray(palette[: 3 * 256], dtype=np.uint8).reshape(-1, 3)
     colours[: len(given)] = given
@@ -459,8 +462,11 @@ class _Output:
         if self.tmp is not None:
             os.replace(self.tmp, self.target)
         elif self.data is not None:
-            with self.path.open("ab" if self.append else "wb") as fh:
-                fh.write(self.data)
+            try:
+                with self.path.open("ab" if self.append else "wb") as fh:
+                    fh.write(self.data)
+            except BrokenPipeError:  # the reader went away (`| head`): as a Unix filter,
+                pass  # end quietly
 
 
 def segment_file(

@@ -315,27 +315,28 @@ class RigChecks:
         """ConfigError for z positions (``where`` names them; None: there are none) on a
         rig without a focus device: pymmcore-plus would skip the moves and take every
         plane at one focus."""
-        if where is None or not isinstance(self._owner.source, MicroscopeSource):
-            return
-        if self._owner.core_info.get("focus") == "":  # as opened (core.getFocusDevice())
-            raise ConfigError(
-                f"{where}: the rig has no focus device, so z cannot move (every plane would "
-                "be taken at the same focus); set a focus device (Core-Focus) in "
-                "hardware.config_file, or leave z out"
-            )
+        self._require_device(
+            where, "focus", "the rig has no focus device, so z cannot move (every plane would "
+            "be taken at the same focus); set a focus device (Core-Focus) in "
+            "hardware.config_file, or leave z out")
 
     def check_xy_stage(self, where: str | None) -> None:
         """ConfigError for x/y positions or a grid (``where`` names them; None: there are
         none) on a rig without an XY stage: pymmcore-plus would skip the moves and take
         every position at the same place."""
+        self._require_device(
+            where, "xy_stage", "the rig has no XY stage, so x and y cannot move (every "
+            "position would be imaged at the same place); set an XY stage (Core-XYStage) in "
+            "hardware.config_file, or leave x/y (and grid plans) out")
+
+    def _require_device(self, where: str | None, role: str, problem: str) -> None:
+        """ConfigError ``where: problem`` when something (``where``; None: nothing) needs
+        the rig's ``role`` device (a key of ``core_info``, as the core had it when the rig
+        was opened: no device call) and the rig has none."""
         if where is None or not isinstance(self._owner.source, MicroscopeSource):
             return
-        if self._owner.core_info.get("xy_stage") == "":  # as opened (core.getXYStageDevice())
-            raise ConfigError(
-                f"{where}: the rig has no XY stage, so x and y cannot move (every position "
-                "would be imaged at the same place); set an XY stage (Core-XYStage) in "
-                "hardware.config_file, or leave x/y (and grid plans) out"
-            )
+        if self._owner.core_info.get(role) == "":
+            raise ConfigError(f"{where}: {problem}")
 
     def check_autofocus(self, plans: Sequence[tuple[str, Any]]) -> None:
         """ConfigError for an autofocus plan or action (``(name, plan)``) on a rig without

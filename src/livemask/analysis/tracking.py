@@ -88,6 +88,7 @@ __all__ = [
     "frame_geometry",
     "largest_gap_frames",
     "pixel_to_stage_at",
+    "positive_number",
     "signal_intensities",
 ]
 
@@ -197,15 +198,15 @@ def pixel_to_stage_at(
     changed), where both are known and positive; as given otherwise (None: None). Feedback
     centring and the grain tiles' stage footprints map pixels to the stage with it."""
     if (matrix is None or matrix_pixel_size_um is None or pixel_size_um == matrix_pixel_size_um
-            or not (_positive(matrix_pixel_size_um) and _positive(pixel_size_um))):
+            or not (positive_number(matrix_pixel_size_um) and positive_number(pixel_size_um))):
         return matrix
     k = float(pixel_size_um) / float(matrix_pixel_size_um)
     (a, b), (c, d) = matrix
     return (a * k, b * k), (c * k, d * k)
 
 
-def _positive(value: Any) -> bool:
-    """Whether ``value`` is a finite number > 0 (not a bool)."""
+def positive_number(value: Any) -> bool:
+    """Whether ``value`` is a finite real number > 0 (a numpy one too; not a bool)."""
     return (isinstance(value, numbers.Real) and not isinstance(value, bool)
             and 0 < float(value) < math.inf)
 

@@ -24,7 +24,7 @@ import numpy as np
 import useq
 
 from livemask.acquisition.mode import Mode
-from livemask.analysis.tracking import pixel_to_stage_at
+from livemask.analysis.tracking import pixel_to_stage_at, positive_number
 from livemask.feedback.context import FEEDBACK_INDEX_KEY, FrameContext
 from livemask.feedback.spec import MAX_EXPOSURE_MS
 
@@ -339,7 +339,7 @@ def frame_count(action: Any) -> int:
     """Frames (MDA events) ``action`` asks for, without building them (0: none)."""
     action = plain_action(action)
     if isinstance(action, ZStack):
-        ok = _positive(action.range_um) and _positive(action.step_um)
+        ok = positive_number(action.range_um) and positive_number(action.step_um)
         return zstack_planes(action.range_um, action.step_um) if ok else 0
     frames = getattr(action, "frames", 1)
     if not isinstance(action, _Frames) or not _count(frames, 0):
@@ -350,8 +350,8 @@ def frame_count(action: Any) -> int:
 def duration_s(action: Any) -> float:
     """How long ``action``'s frames hold the microscope by their spacing alone:
     ``(frames - 1) × interval_s`` (0 for actions without an interval; numpy numbers too:
-    :func:`frame_count` and ``_positive`` take them)."""
-    if not isinstance(action, Burst | Revisit) or not _positive(action.interval_s):
+    :func:`frame_count` and ``positive_number`` take them)."""
+    if not isinstance(action, Burst | Revisit) or not positive_number(action.interval_s):
         return 0.0
     return max(frame_count(action) - 1, 0) * float(action.interval_s)
 
@@ -359,11 +359,6 @@ def duration_s(action: Any) -> float:
 def _number(value: Any) -> bool:
     """Whether ``value`` is a real number (a numpy one too), not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _positive(value: Any) -> bool:
-    """Whether ``value`` is a finite number > 0."""
-    return _number(value) and 0 < value < math.inf
 
 
 def _finite(value: Any) -> bool:
@@ -387,7 +382,7 @@ def _check_frames(action: Any) -> None:
     if not isinstance(action, _Frames):
         return
     if isinstance(action, ZStack) and not (
-        _positive(action.range_um) and _positive(action.step_um)
+        positive_number(action.range_um) and positive_number(action.step_um)
     ):
         raise ActionError(
             "invalid_action",
@@ -401,7 +396,7 @@ def _check_frames(action: Any) -> None:
     if not _finite(interval) or interval < 0:
         raise _invalid(action, "interval_s", interval, "give a finite interval_s >= 0")
     exposure = action.exposure_ms
-    if exposure is not None and not (_positive(exposure) and exposure <= MAX_EXPOSURE_MS):
+    if exposure is not None and not (positive_number(exposure) and exposure <= MAX_EXPOSURE_MS):
         raise _invalid(action, "exposure_ms", exposure,
                        f"give a finite exposure_ms > 0 and <= {MAX_EXPOSURE_MS:g}")
     if action.channel is not None and not (isinstance(action.channel, str) and action.channel):
@@ -640,7 +635,7 @@ def _camera_settings(
         planned = planner.channel_exposures.get(str(action.channel)) if planner else None
         if planned is not None:
             out["exposure"] = float(planned)
-    elif _positive(exposure):
+    elif positive_number(exposure):
         out["exposure"] = float(exposure)
     return out
 

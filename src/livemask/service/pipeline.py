@@ -596,7 +596,8 @@ class Pipeline:
     def _grain_footprint(
         self, frame: Frame, shape: tuple[int, ...]
     ) -> tuple[float, float, float, float] | None:
-        """Where the frame's grain tile lies on the stage (x0, y0, x1, y1 µm), None where
+        """Where the frame's grain tile lies (u0, v0, u1, v1 µm, the camera's axes:
+        :func:`~livemask.analysis.grains.tile_footprint`), None where
         not known (no stage position or pixel-size calibration, or a camera ROI that cannot
         be placed: pooled without the overlap check). The stage position is the centre of
         the camera's full image (:attr:`camera_shape`); a camera ROI's tile is moved from
